@@ -1,0 +1,67 @@
+//! Generated protobuf messages and gRPC stubs for every protocol kiln speaks.
+//!
+//! This is the only crate that runs code generation. The BuildKit-compatible
+//! edge (`pb`, `moby.*`, `fsutil.types`) keeps BuildKit's package names and
+//! field numbers; `kiln.*` are the internal service-to-service protocols.
+//! No logic lives here.
+
+#![allow(clippy::all, missing_docs)]
+
+/// LLB: `pb.Op`, `pb.Definition` and friends.
+pub mod pb {
+    tonic::include_proto!("pb");
+}
+
+/// fsutil's file metadata and transfer packets.
+pub mod fsutil {
+    pub mod types {
+        tonic::include_proto!("fsutil.types");
+    }
+}
+
+/// gRPC health checking, served on client sessions.
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
+}
+
+pub mod moby {
+    pub mod filesync {
+        pub mod v1 {
+            tonic::include_proto!("moby.filesync.v1");
+        }
+    }
+    pub mod buildkit {
+        pub mod v1 {
+            tonic::include_proto!("moby.buildkit.v1");
+            pub mod types {
+                tonic::include_proto!("moby.buildkit.v1.types");
+            }
+            pub mod frontend {
+                tonic::include_proto!("moby.buildkit.v1.frontend");
+            }
+        }
+    }
+}
+
+pub mod kiln {
+    pub mod frontend {
+        pub mod v1 {
+            tonic::include_proto!("kiln.frontend.v1");
+        }
+    }
+    pub mod session {
+        pub mod v1 {
+            tonic::include_proto!("kiln.session.v1");
+        }
+    }
+    pub mod worker {
+        pub mod v1 {
+            tonic::include_proto!("kiln.worker.v1");
+        }
+    }
+    pub mod exporter {
+        pub mod v1 {
+            tonic::include_proto!("kiln.exporter.v1");
+        }
+    }
+}
