@@ -1,1 +1,13 @@
-//! (placeholder)
+//! OCI image types and layer handling for kiln: manifests, indexes, image configs (serde),
+//! layer tars with overlay whiteouts, compression, digests and OCI-layout / docker-archive
+//! tar writers.
+//!
+//! This crate is pure: no tokio, no network. Everything here is synchronous; async callers
+//! run the heavy functions (tar, compression, hashing) on `spawn_blocking`.
+
+mod image;
+
+pub use image::{
+    ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,
+    EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, media_types,
+};
