@@ -1,1 +1,99 @@
-//! (placeholder)
+//! Client sessions: the back-channel a build uses to reach files and
+//! credentials on the client, and the fsutil file-transfer protocol.
+//!
+//! A client (`kiln` or BuildKit's `buildctl`) opens `Control.Session`, a
+//! bidirectional stream of `BytesMessage`s that carries one HTTP/2
+//! connection; the client serves gRPC on it (FileSync, FileSend, Health) and
+//! the daemon is the gRPC client ([`hijack`]). Files move with the fsutil
+//! DiffCopy packet protocol ([`filesync`]). Services other than the solver
+//! reach a session through the solver's `SessionBroker` ([`SessionClient`]).
+//!
+//! This crate does not own sessions (the solver does) and knows nothing of
+//! builds.
+
+pub mod attachable;
+pub mod dial;
+pub mod filesync;
+pub mod hijack;
+pub mod raw;
+
+mod client;
+
+pub use client::{SessionClient, SyncOptions};
+
+use std::path::PathBuf;
+
+/// gRPC metadata keys of the Control.Session call (BuildKit's names).
+pub mod headers {
+    pub const SESSION_UUID: &str = "x-docker-expose-session-uuid";
+    pub const SESSION_NAME: &str = "x-docker-expose-session-name";
+    pub const SESSION_SHAREDKEY: &str = "x-docker-expose-session-sharedkey";
+    pub const SESSION_METHOD: &str = "x-docker-expose-session-grpc-method";
+    /// FileSync.DiffCopy: which of the client's local dirs to send.
+    pub const DIR_NAME: &str = "dir-name";
+    pub const INCLUDE_PATTERNS: &str = "include-patterns";
+    pub const EXCLUDE_PATTERNS: &str = "exclude-patterns";
+    pub const FOLLOW_PATHS: &str = "followpaths";
+    /// FileSend.DiffCopy: which exporter of the request this output belongs to.
+    pub const EXPORTER_ID: &str = "buildkit-attachable-exporter-id";
+}
+
+/// gRPC methods a session may expose.
+pub mod methods {
+    pub const FILESYNC_DIFFCOPY: &str = "/moby.filesync.v1.FileSync/DiffCopy";
+    pub const FILESEND_DIFFCOPY: &str = "/moby.filesync.v1.FileSend/DiffCopy";
+    pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid address {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("session call {method}: {status}")]
+    Call { method: String, status: tonic::Status },
+    #[error("file transfer: {0}")]
+    Protocol(String),
+    #[error("error from peer: {0}")]
+    Peer(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid pattern {pattern:?}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("path {0:?} escapes the destination")]
+    Escape(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::Call { status, .. } => tonic::Status::new(status.code(), e.to_string()),
+            Error::Address { .. } | Error::Pattern { .. } | Error::Escape(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            Error::Connect { .. } => tonic::Status::unavailable(e.to_string()),
+            _ => tonic::Status::internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! What a client exposes on its session: its local dirs (FileSync), a place
+//! for exports (FileSend) and a health check. Used by `kiln build`.
+
+use crate::filesync::{self, Filter, PacketConn};
+use crate::{headers, hijack, raw::RawCodec, Error};
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_proto::fsutil::types::Packet;
+use kiln_proto::health::{health_server, HealthCheckRequest, HealthCheckResponse};
+use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, BytesMessage as ControlBytes};
+use kiln_proto::moby::filesync::v1::{file_sync_server, BytesMessage};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{http, Body, BoxFuture, StdError};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Where the output of one exporter goes on the client.
+#[derive(Debug, Clone)]
+pub enum OutputTarget {
+    /// `local`: a directory, filled with the fsutil protocol.
+    Dir(PathBuf),
+    /// `tar`, `oci`, `docker`: a file (`-` = standard output).
+    File(PathBuf),
+}
+
+/// The client's side of a session.
+#[derive(Debug, Clone, Default)]
+pub struct Attachables {
+    /// local dirs by name ("context", "dockerfile")
+    pub dirs: BTreeMap<String, PathBuf>,
+    /// export targets by exporter index
+    pub outputs: BTreeMap<u32, OutputTarget>,
+}
+
+fn md_values(req_md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
+    req_md
+        .get_all(key)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split('\n').map(str::to_string).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+struct ServerConn<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    rx: Streaming<Packet>,
+}
+
+impl PacketConn for ServerConn<Packet> {
+    async fn send(&mut self, p: Packet) -> Result<(), Error> {
+        self.tx.send(Ok(p)).await.map_err(|_| Error::Protocol("peer went away".into()))
+    }
+    async fn recv(&mut self) -> Result<Option<Packet>, Error> {
+        self.rx.message().await.map_err(|status| Error::Call { method: "FileSync/DiffCopy".into(), status })
+    }
+}
+
+#[derive(Clone)]
+struct FileSync {
+    dirs: Arc<BTreeMap<String, PathBuf>>,
+}
+
+#[tonic::async_trait]
+impl file_sync_server::FileSync for FileSync {
+    type DiffCopyStream = ReceiverStream<Result<Packet, Status>>;
+    type TarStreamStream = ReceiverStream<Result<Packet, Status>>;
+
+    async fn diff_copy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::DiffCopyStream>, Status> {
+        let md = request.metadata();
+        let name = md_values(md, headers::DIR_NAME).into_iter().next().unwrap_or_default();
+        let dir = self
+            .dirs
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no local directory named {name:?} in this session")))?;
+        let filter = Filter::new(&md_values(md, headers::INCLUDE_PATTERNS), &md_values(md, headers::EXCLUDE_PATTERNS))
+            .map_err(Status::from)?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut conn = ServerConn { tx: tx.clone(), rx: request.into_inner() };
+        tokio::spawn(async move {
+            if let Err(e) = filesync::send(&mut conn, &dir, &filter).await {
+                let _ = tx
+                    .send(Ok(Packet {
+                        r#type: kiln_proto::fsutil::types::packet::PacketType::PacketErr as i32,
+                        data: e.to_string().into_bytes(),
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn tar_stream(&self, _request: Request<Streaming<Packet>>) -> Result<Response<Self::TarStreamStream>, Status> {
+        Err(Status::unimplemented("tar stream transfers are not supported; use DiffCopy"))
+    }
+}
+
+struct Health;
+
+#[tonic::async_trait]
+impl health_server::Health for Health {
+    async fn check(&self, _r: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+        Ok(Response::new(HealthCheckResponse { status: 1 }))
+    }
+}
+
+/// FileSend carries fsutil packets for directory exports and
+/// `BytesMessage`s for file exports under one method, so it is served with
+/// the raw codec.
+#[derive(Clone)]
+struct FileSend {
+    outputs: Arc<BTreeMap<u32, OutputTarget>>,
+}
+
+impl tonic::server::NamedService for FileSend {
+    const NAME: &'static str = "moby.filesync.v1.FileSend";
+}
+
+struct RawConn {
+    tx: mpsc::Sender<Result<Bytes, Status>>,
+    rx: Streaming<Bytes>,
+}
+
+impl PacketConn for RawConn {
+    async fn send(&mut self, p: Packet) -> Result<(), Error> {
+        self.tx.send(Ok(Bytes::from(p.encode_to_vec()))).await.map_err(|_| Error::Protocol("peer went away".into()))
+    }
+    async fn recv(&mut self) -> Result<Option<Packet>, Error> {
+        match self.rx.message().await {
+            Ok(Some(b)) => Packet::decode(b).map(Some).map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
+            Ok(None) => Ok(None),
+            Err(status) => Err(Error::Call { method: "FileSend/DiffCopy".into(), status }),
+        }
+    }
+}
+
+async fn receive_output(target: OutputTarget, mut conn: RawConn) -> Result<(), Error> {
+    match target {
+        OutputTarget::Dir(dir) => {
+            filesync::receive(&mut conn, &dir).await?;
+        }
+        OutputTarget::File(path) => {
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if path.as_os_str() == "-" {
+                Box::new(tokio::io::stdout())
+            } else {
+                let tmp = path.with_extension("kiln-partial");
+                Box::new(tokio::fs::File::create(&tmp).await.map_err(Error::io("create", &tmp))?)
+            };
+            while let Some(b) = conn.rx.message().await.map_err(|status| Error::Call { method: "FileSend/DiffCopy".into(), status })? {
+                let m = BytesMessage::decode(b).map_err(|e| Error::Protocol(format!("bad message: {e}")))?;
+                out.write_all(&m.data).await.map_err(Error::io("write", &path))?;
+            }
+            out.flush().await.map_err(Error::io("write", &path))?;
+            drop(out);
+            if path.as_os_str() != "-" {
+                let tmp = path.with_extension("kiln-partial");
+                tokio::fs::rename(&tmp, &path).await.map_err(Error::io("rename", &path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl tonic::server::StreamingService<Bytes> for FileSend {
+    type Response = Bytes;
+    type ResponseStream = ReceiverStream<Result<Bytes, Status>>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let outputs = self.outputs.clone();
+        Box::pin(async move {
+            let id: u32 = md_values(request.metadata(), headers::EXPORTER_ID)
+                .first()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let target = outputs
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no export target for exporter {id}")))?;
+            let (tx, rx) = mpsc::channel(64);
+            let conn = RawConn { tx: tx.clone(), rx: request.into_inner() };
+            tokio::spawn(async move {
+                if let Err(e) = receive_output(target, conn).await {
+                    tracing::error!("receiving export: {e}");
+                    let _ = tx.send(Err(Status::from(e))).await;
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for FileSend
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move {
+            if req.uri().path() != crate::methods::FILESEND_DIFFCOPY {
+                return Ok(Status::unimplemented("unknown method").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            Ok(grpc.streaming(svc, req).await)
+        })
+    }
+}
+
+/// A running session; dropping it ends the session.
+pub struct SessionHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens `Control.Session` on `control` and serves `att` on it.
+pub async fn attach(
+    control: tonic::transport::Channel,
+    session_id: &str,
+    name: &str,
+    shared_key: &str,
+    att: Attachables,
+) -> Result<SessionHandle, Error> {
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(64);
+    let outbound = ReceiverStream::new(out_rx).map(|data| ControlBytes { data: data.to_vec() });
+    let mut req = Request::new(outbound);
+    let md = req.metadata_mut();
+    let put = |md: &mut tonic::metadata::MetadataMap, k: &'static str, v: &str| {
+        if let Ok(v) = v.parse() {
+            md.append(k, v);
+        }
+    };
+    put(md, headers::SESSION_UUID, session_id);
+    put(md, headers::SESSION_NAME, name);
+    put(md, headers::SESSION_SHAREDKEY, shared_key);
+    for m in [crate::methods::FILESYNC_DIFFCOPY, crate::methods::FILESEND_DIFFCOPY, crate::methods::HEALTH_CHECK] {
+        put(md, headers::SESSION_METHOD, m);
+    }
+    let resp = ControlClient::new(control)
+        .session(req)
+        .await
+        .map_err(|status| Error::Call { method: "Control/Session".into(), status })?;
+    let incoming = resp.into_inner().map(|r| r.map(|m| Bytes::from(m.data)));
+    let conn = hijack::join(incoming, out_tx);
+    let router = tonic::transport::Server::builder()
+        .add_service(file_sync_server::FileSyncServer::new(FileSync { dirs: Arc::new(att.dirs) }))
+        .add_service(FileSend { outputs: Arc::new(att.outputs) })
+        .add_service(health_server::HealthServer::new(Health));
+    let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) }).chain(futures::stream::pending());
+    let task = tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming(incoming).await {
+            tracing::debug!("session server ended: {e}");
+        }
+    });
+    Ok(SessionHandle { task })
+}

@@ -1,0 +1,149 @@
+//! Reaching a client session from any kiln service, through the solver's
+//! `SessionBroker`.
+
+use crate::filesync::{self, Filter, PacketConn, ReceiveStats};
+use crate::{headers, methods, Error};
+use kiln_proto::fsutil::types::Packet;
+use kiln_proto::kiln::session::v1::{session_broker_client::SessionBrokerClient, ForwardFrame};
+use kiln_proto::moby::filesync::v1::BytesMessage;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// Options of a FileSync transfer.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    pub include_patterns: Vec<String>,
+    pub exclude_patterns: Vec<String>,
+    pub follow_paths: Vec<String>,
+}
+
+/// A handle on one client session.
+#[derive(Clone, Debug)]
+pub struct SessionClient {
+    broker: Channel,
+    session_id: String,
+}
+
+/// One forwarded call: frames out, frames in.
+struct Forwarded {
+    method: &'static str,
+    tx: Option<mpsc::Sender<ForwardFrame>>,
+    rx: tonic::Streaming<ForwardFrame>,
+}
+
+impl Forwarded {
+    async fn send_bytes(&mut self, message: Vec<u8>) -> Result<(), Error> {
+        let tx = self.tx.as_ref().ok_or_else(|| Error::Protocol("send after close".into()))?;
+        tx.send(ForwardFrame { message, has_message: true, ..Default::default() })
+            .await
+            .map_err(|_| Error::Protocol(format!("{}: session call closed", self.method)))
+    }
+    async fn recv_bytes(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        loop {
+            match self.rx.message().await {
+                Ok(Some(f)) if f.has_message => return Ok(Some(f.message)),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(None),
+                Err(status) => return Err(Error::Call { method: self.method.into(), status }),
+            }
+        }
+    }
+}
+
+impl PacketConn for Forwarded {
+    async fn send(&mut self, p: Packet) -> Result<(), Error> {
+        self.send_bytes(p.encode_to_vec()).await
+    }
+    async fn recv(&mut self) -> Result<Option<Packet>, Error> {
+        match self.recv_bytes().await? {
+            None => Ok(None),
+            Some(b) => Packet::decode(b.as_slice())
+                .map(Some)
+                .map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
+        }
+    }
+}
+
+impl SessionClient {
+    pub fn new(broker: Channel, session_id: String) -> Self {
+        SessionClient { broker, session_id }
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    async fn open(&self, method: &'static str, metadata: BTreeMap<String, String>) -> Result<Forwarded, Error> {
+        let (tx, rx) = mpsc::channel(32);
+        tx.send(ForwardFrame {
+            session_id: self.session_id.clone(),
+            method: method.to_string(),
+            metadata,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| Error::Protocol("forward channel closed".into()))?;
+        let resp = SessionBrokerClient::new(self.broker.clone())
+            .max_decoding_message_size(64 << 20)
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| Error::Call { method: method.into(), status })?;
+        Ok(Forwarded { method, tx: Some(tx), rx: resp.into_inner() })
+    }
+
+    /// FileSync.DiffCopy: make `dest` mirror the client's local dir `name`.
+    pub async fn sync_dir(&self, name: &str, dest: &Path, opts: &SyncOptions) -> Result<ReceiveStats, Error> {
+        let mut md = BTreeMap::new();
+        md.insert(headers::DIR_NAME.to_string(), name.to_string());
+        // several values of one key travel newline-separated
+        if !opts.include_patterns.is_empty() {
+            md.insert(headers::INCLUDE_PATTERNS.into(), opts.include_patterns.join("\n"));
+        }
+        if !opts.exclude_patterns.is_empty() {
+            md.insert(headers::EXCLUDE_PATTERNS.into(), opts.exclude_patterns.join("\n"));
+        }
+        if !opts.follow_paths.is_empty() {
+            md.insert(headers::FOLLOW_PATHS.into(), opts.follow_paths.join("\n"));
+        }
+        let mut conn = self.open(methods::FILESYNC_DIFFCOPY, md).await?;
+        let stats = filesync::receive(&mut conn, dest).await?;
+        conn.tx = None;
+        Ok(stats)
+    }
+
+    fn exporter_md(exporter_id: u32) -> BTreeMap<String, String> {
+        let mut md = BTreeMap::new();
+        md.insert(headers::EXPORTER_ID.to_string(), exporter_id.to_string());
+        md
+    }
+
+    /// FileSend.DiffCopy with fsutil packets (the `local` exporter).
+    pub async fn send_dir(&self, exporter_id: u32, src: &Path) -> Result<(), Error> {
+        let mut conn = self.open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id)).await?;
+        filesync::send(&mut conn, src, &Filter::default()).await?;
+        conn.tx = None;
+        while conn.recv_bytes().await?.is_some() {}
+        Ok(())
+    }
+
+    /// FileSend.DiffCopy with raw `BytesMessage` chunks (tarball exporters).
+    pub async fn send_file(&self, exporter_id: u32, mut r: impl AsyncRead + Unpin + Send + 'static) -> Result<(), Error> {
+        let mut conn = self.open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id)).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).await.map_err(Error::io("read", "export stream"))?;
+            if n == 0 {
+                break;
+            }
+            conn.send_bytes(BytesMessage { data: buf[..n].to_vec() }.encode_to_vec()).await?;
+        }
+        conn.tx = None;
+        while conn.recv_bytes().await?.is_some() {}
+        Ok(())
+    }
+}

@@ -1,0 +1,613 @@
+//! The fsutil DiffCopy protocol: a sender walks a tree and sends one STAT
+//! packet per entry (ids in walk order, an empty STAT ends the list); the
+//! receiver compares with what it already has, sends REQ for the files it
+//! needs, gets their bytes as DATA packets (an empty DATA ends a file) and
+//! closes with FIN, which the sender answers with FIN.
+//!
+//! `Stat.mode` carries Go's `os.FileMode` bits and `modTime` nanoseconds,
+//! as on the wire of BuildKit clients.
+
+use crate::Error;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use kiln_proto::fsutil::types::{packet::PacketType, Packet, Stat};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DATA_CHUNK: usize = 32 * 1024;
+
+/// One side of a DiffCopy call.
+pub trait PacketConn: Send {
+    fn send(&mut self, p: Packet) -> impl std::future::Future<Output = Result<(), Error>> + Send;
+    /// `None` when the peer closed the stream.
+    fn recv(&mut self) -> impl std::future::Future<Output = Result<Option<Packet>, Error>> + Send;
+}
+
+/// Go `os.FileMode` bits used by fsutil.
+pub mod gomode {
+    pub const DIR: u32 = 1 << 31;
+    pub const SYMLINK: u32 = 1 << 27;
+    pub const DEVICE: u32 = 1 << 26;
+    pub const NAMED_PIPE: u32 = 1 << 25;
+    pub const SOCKET: u32 = 1 << 24;
+    pub const SETUID: u32 = 1 << 23;
+    pub const SETGID: u32 = 1 << 22;
+    pub const CHAR_DEVICE: u32 = 1 << 21;
+    pub const STICKY: u32 = 1 << 20;
+    pub const TYPE: u32 = DIR | SYMLINK | NAMED_PIPE | SOCKET | DEVICE | CHAR_DEVICE;
+
+    /// Unix `st_mode` to Go `FileMode`.
+    pub fn from_unix(m: u32) -> u32 {
+        let mut g = m & 0o777;
+        match m & libc::S_IFMT {
+            libc::S_IFDIR => g |= DIR,
+            libc::S_IFLNK => g |= SYMLINK,
+            libc::S_IFCHR => g |= DEVICE | CHAR_DEVICE,
+            libc::S_IFBLK => g |= DEVICE,
+            libc::S_IFIFO => g |= NAMED_PIPE,
+            libc::S_IFSOCK => g |= SOCKET,
+            _ => {}
+        }
+        if m & libc::S_ISUID != 0 {
+            g |= SETUID;
+        }
+        if m & libc::S_ISGID != 0 {
+            g |= SETGID;
+        }
+        if m & libc::S_ISVTX != 0 {
+            g |= STICKY;
+        }
+        g
+    }
+
+    /// Permission bits (with setuid/setgid/sticky) of a Go `FileMode`, in unix form.
+    pub fn unix_perm(g: u32) -> u32 {
+        let mut m = g & 0o777;
+        if g & SETUID != 0 {
+            m |= libc::S_ISUID;
+        }
+        if g & SETGID != 0 {
+            m |= libc::S_ISGID;
+        }
+        if g & STICKY != 0 {
+            m |= libc::S_ISVTX;
+        }
+        m
+    }
+}
+
+/// Which paths of a tree take part in a transfer (relative, `/`-separated).
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    include: Option<GlobSet>,
+    exclude: Option<(GlobSet, Vec<(bool, GlobSet)>)>,
+}
+
+fn glob(p: &str) -> Result<GlobSet, Error> {
+    let p = p.trim_start_matches('/').trim_end_matches('/');
+    let mut b = GlobSetBuilder::new();
+    for pat in [p.to_string(), format!("{p}/**")] {
+        let g = globset::GlobBuilder::new(&pat)
+            .literal_separator(true)
+            .build()
+            .map_err(|source| Error::Pattern { pattern: p.into(), source })?;
+        b.add(g);
+    }
+    b.build().map_err(|source| Error::Pattern { pattern: p.into(), source })
+}
+
+impl Filter {
+    /// Include patterns select paths (and everything under them); exclude
+    /// patterns follow .dockerignore rules (`!` re-includes, last match wins).
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self, Error> {
+        let include = if include.is_empty() {
+            None
+        } else {
+            let mut b = GlobSetBuilder::new();
+            for p in include {
+                let p = p.trim_start_matches('/').trim_end_matches('/');
+                for pat in [p.to_string(), format!("{p}/**")] {
+                    b.add(
+                        Glob::new(&pat).map_err(|source| Error::Pattern { pattern: p.into(), source })?,
+                    );
+                }
+            }
+            Some(b.build().map_err(|source| Error::Pattern { pattern: String::new(), source })?)
+        };
+        let exclude = if exclude.is_empty() {
+            None
+        } else {
+            let mut rules = Vec::new();
+            for p in exclude {
+                let (negate, p) = match p.strip_prefix('!') {
+                    Some(rest) => (true, rest),
+                    None => (false, p.as_str()),
+                };
+                rules.push((negate, glob(p)?));
+            }
+            Some((GlobSet::empty(), rules))
+        };
+        Ok(Filter { include, exclude })
+    }
+
+    fn excluded(&self, rel: &str) -> bool {
+        let Some((_, rules)) = &self.exclude else { return false };
+        let mut out = false;
+        for (negate, set) in rules {
+            if set.is_match(rel) {
+                out = !negate;
+            }
+        }
+        out
+    }
+
+    /// Whether an entry is sent. Directories that lead to an included path
+    /// are sent so the included path has its parents.
+    pub fn matches(&self, rel: &str, is_dir: bool) -> bool {
+        if self.excluded(rel) {
+            // a directory with a re-included child is still walked
+            return is_dir && self.has_reinclude();
+        }
+        match &self.include {
+            None => true,
+            Some(set) => set.is_match(rel) || (is_dir && self.include_below(rel)),
+        }
+    }
+
+    fn has_reinclude(&self) -> bool {
+        self.exclude.as_ref().is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
+    }
+
+    fn include_below(&self, _rel: &str) -> bool {
+        // Conservative: walk directories; files decide.
+        true
+    }
+}
+
+fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
+    Stat {
+        path: rel.to_string(),
+        mode: gomode::from_unix(md.mode()),
+        uid: md.uid(),
+        gid: md.gid(),
+        size: if md.is_file() { md.len() as i64 } else { 0 },
+        mod_time: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        linkname: link.unwrap_or_default(),
+        devmajor: 0,
+        devminor: 0,
+        xattrs: BTreeMap::new(),
+    }
+}
+
+/// Walks `src` in fsutil order (lexical per directory, a directory before its
+/// contents) and returns (relative path, stat) for every entry that passes.
+fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
+    let mut out = Vec::new();
+    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    let mut it = walkdir::WalkDir::new(src).min_depth(1).sort_by_file_name().into_iter();
+    while let Some(entry) = it.next() {
+        let entry = entry.map_err(|e| Error::Io {
+            op: "walk",
+            path: src.to_path_buf(),
+            source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk loop")),
+        })?;
+        let rel = entry.path().strip_prefix(src).unwrap_or(entry.path());
+        let rel_s = rel.to_string_lossy().to_string();
+        let md = entry.path().symlink_metadata().map_err(Error::io("stat", entry.path()))?;
+        if !filter.matches(&rel_s, md.is_dir()) {
+            if md.is_dir() {
+                it.skip_current_dir();
+            }
+            continue;
+        }
+        let mut link = None;
+        if md.file_type().is_symlink() {
+            let t = std::fs::read_link(entry.path()).map_err(Error::io("readlink", entry.path()))?;
+            link = Some(t.to_string_lossy().to_string());
+        } else if md.is_file() && md.nlink() > 1 {
+            let key = (md.dev(), md.ino());
+            if let Some(first) = inodes.get(&key) {
+                link = Some(first.clone());
+            } else {
+                inodes.insert(key, rel_s.clone());
+            }
+        }
+        let mut st = stat_of(&rel_s, &md, link.clone());
+        if md.is_file() && link.is_some() {
+            st.size = 0;
+        }
+        out.push((entry.path().to_path_buf(), st));
+    }
+    // Drop directories that ended up empty only because of an include filter.
+    if filter.include.is_some() {
+        let keep: HashSet<String> = out
+            .iter()
+            .filter(|(_, s)| s.mode & gomode::DIR == 0)
+            .flat_map(|(_, s)| {
+                let mut v = vec![s.path.clone()];
+                let mut p = Path::new(&s.path).parent();
+                while let Some(pp) = p {
+                    if pp.as_os_str().is_empty() {
+                        break;
+                    }
+                    v.push(pp.to_string_lossy().to_string());
+                    p = pp.parent();
+                }
+                v
+            })
+            .collect();
+        out.retain(|(_, s)| {
+            s.mode & gomode::DIR == 0 || keep.contains(&s.path) || filter.include.as_ref().is_some_and(|i| i.is_match(&s.path))
+        });
+    }
+    Ok(out)
+}
+
+/// Sends the tree at `src` to a receiver on `conn`.
+pub async fn send(conn: &mut impl PacketConn, src: &Path, filter: &Filter) -> Result<(), Error> {
+    let src_owned = src.to_path_buf();
+    let filter_owned = filter.clone();
+    let entries = tokio::task::spawn_blocking(move || walk(&src_owned, &filter_owned))
+        .await
+        .map_err(|e| Error::Protocol(format!("walk task: {e}")))??;
+    for (id, (_, st)) in entries.iter().enumerate() {
+        conn.send(Packet { r#type: PacketType::PacketStat as i32, stat: Some(st.clone()), id: id as u32, data: vec![] })
+            .await?;
+    }
+    conn.send(Packet { r#type: PacketType::PacketStat as i32, ..Default::default() }).await?;
+    loop {
+        let Some(p) = conn.recv().await? else {
+            return Ok(());
+        };
+        match PacketType::try_from(p.r#type) {
+            Ok(PacketType::PacketReq) => {
+                let (path, _) = entries
+                    .get(p.id as usize)
+                    .ok_or_else(|| Error::Protocol(format!("request for unknown file id {}", p.id)))?;
+                let mut f = tokio::fs::File::open(path).await.map_err(Error::io("open", path))?;
+                let mut buf = vec![0u8; DATA_CHUNK];
+                loop {
+                    let n = f.read(&mut buf).await.map_err(Error::io("read", path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    conn.send(Packet { r#type: PacketType::PacketData as i32, id: p.id, data: buf[..n].to_vec(), stat: None })
+                        .await?;
+                }
+                conn.send(Packet { r#type: PacketType::PacketData as i32, id: p.id, ..Default::default() }).await?;
+            }
+            Ok(PacketType::PacketFin) => {
+                conn.send(Packet { r#type: PacketType::PacketFin as i32, ..Default::default() }).await?;
+                return Ok(());
+            }
+            Ok(PacketType::PacketErr) => {
+                return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
+            }
+            _ => return Err(Error::Protocol(format!("unexpected packet type {} from receiver", p.r#type))),
+        }
+    }
+}
+
+/// Joins a relative wire path onto `dest`, refusing anything that would
+/// leave it.
+pub fn contained(dest: &Path, rel: &str) -> Result<PathBuf, Error> {
+    let mut out = dest.to_path_buf();
+    let mut depth = 0usize;
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(n) => {
+                out.push(n);
+                depth += 1;
+            }
+            Component::CurDir => {}
+            _ => return Err(Error::Escape(rel.to_string())),
+        }
+    }
+    if depth == 0 {
+        return Err(Error::Escape(rel.to_string()));
+    }
+    Ok(out)
+}
+
+fn same_file(md: &std::fs::Metadata, st: &Stat) -> bool {
+    md.is_file()
+        && md.len() as i64 == st.size
+        && md.mtime() * 1_000_000_000 + md.mtime_nsec() == st.mod_time
+        && gomode::from_unix(md.mode()) == st.mode
+        && md.uid() == st.uid
+        && md.gid() == st.gid
+}
+
+fn set_meta(path: &Path, st: &Stat, is_link: bool) -> Result<(), Error> {
+    let _ = nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(nix::unistd::Uid::from_raw(st.uid)),
+        Some(nix::unistd::Gid::from_raw(st.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
+    if !is_link {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(gomode::unix_perm(st.mode)))
+            .map_err(Error::io("chmod", path))?;
+    }
+    let ts = nix::sys::time::TimeSpec::new(st.mod_time.div_euclid(1_000_000_000), st.mod_time.rem_euclid(1_000_000_000));
+    let _ = nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    );
+    Ok(())
+}
+
+/// What a receive did, for progress and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReceiveStats {
+    pub entries: usize,
+    /// files whose content was transferred
+    pub transferred: usize,
+    pub bytes: u64,
+    pub removed: usize,
+}
+
+/// Makes `dest` mirror the sender's tree, asking only for files whose
+/// metadata differs from what `dest` already holds.
+pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveStats, Error> {
+    tokio::fs::create_dir_all(dest).await.map_err(Error::io("mkdir", dest))?;
+    let mut stats: Vec<Stat> = Vec::new();
+    loop {
+        let p = conn.recv().await?.ok_or_else(|| Error::Protocol("stream closed before the file list ended".into()))?;
+        match PacketType::try_from(p.r#type) {
+            Ok(PacketType::PacketStat) => match p.stat {
+                None => break,
+                Some(st) => stats.push(st),
+            },
+            Ok(PacketType::PacketErr) => return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string())),
+            _ => return Err(Error::Protocol(format!("unexpected packet type {} in file list", p.r#type))),
+        }
+    }
+    let dest_owned = dest.to_path_buf();
+    let (wanted, mut result, stats) = tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
+        .await
+        .map_err(|e| Error::Protocol(format!("prepare task: {e}")))??;
+    for id in &wanted {
+        conn.send(Packet { r#type: PacketType::PacketReq as i32, id: *id, ..Default::default() }).await?;
+    }
+    let mut open: HashMap<u32, (tokio::fs::File, PathBuf)> = HashMap::new();
+    let mut pending: HashSet<u32> = wanted.iter().copied().collect();
+    while !pending.is_empty() {
+        let p = conn.recv().await?.ok_or_else(|| Error::Protocol("stream closed during file data".into()))?;
+        match PacketType::try_from(p.r#type) {
+            Ok(PacketType::PacketData) => {
+                let st = stats.get(p.id as usize).ok_or_else(|| Error::Protocol(format!("data for unknown id {}", p.id)))?;
+                if !pending.contains(&p.id) {
+                    return Err(Error::Protocol(format!("data for file {} that was not requested", st.path)));
+                }
+                let target = contained(dest, &st.path)?;
+                if !open.contains_key(&p.id) {
+                    let tmp = target.with_file_name(format!(
+                        ".kiln-recv-{}",
+                        target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+                    ));
+                    let f = tokio::fs::File::create(&tmp).await.map_err(Error::io("create", &tmp))?;
+                    open.insert(p.id, (f, tmp));
+                }
+                if p.data.is_empty() {
+                    let (mut f, tmp) = open.remove(&p.id).expect("file was opened above");
+                    f.flush().await.map_err(Error::io("write", &tmp))?;
+                    drop(f);
+                    let st2 = st.clone();
+                    let target2 = target.clone();
+                    tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                        set_meta(&tmp, &st2, false)?;
+                        std::fs::rename(&tmp, &target2).map_err(Error::io("rename", &target2))
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+                    pending.remove(&p.id);
+                    result.transferred += 1;
+                } else {
+                    let (f, tmp) = open.get_mut(&p.id).expect("file was opened above");
+                    f.write_all(&p.data).await.map_err(Error::io("write", tmp.clone()))?;
+                    result.bytes += p.data.len() as u64;
+                }
+            }
+            Ok(PacketType::PacketErr) => return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string())),
+            _ => return Err(Error::Protocol(format!("unexpected packet type {} during file data", p.r#type))),
+        }
+    }
+    // hardlinks and directory metadata once all contents are in place
+    let dest_owned = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || finish(&dest_owned, &stats))
+        .await
+        .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+    conn.send(Packet { r#type: PacketType::PacketFin as i32, ..Default::default() }).await?;
+    // wait for the sender's FIN (or the end of the stream)
+    while let Some(p) = conn.recv().await? {
+        if p.r#type == PacketType::PacketFin as i32 {
+            break;
+        }
+    }
+    Ok(result)
+}
+
+/// Brings the tree to the sender's shape except for file contents: removes
+/// what is gone, creates dirs and symlinks, and lists the files to request.
+fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec<Stat>), Error> {
+    let mut result = ReceiveStats { entries: stats.len(), ..Default::default() };
+    let wanted_paths: HashSet<PathBuf> = stats.iter().map(|s| PathBuf::from(&s.path)).collect();
+    // remove entries that the sender no longer has
+    let mut stale = Vec::new();
+    for e in walkdir::WalkDir::new(dest).min_depth(1).contents_first(true) {
+        let e = e.map_err(|e| Error::Io { op: "walk", path: dest.to_path_buf(), source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk")) })?;
+        let rel = e.path().strip_prefix(dest).unwrap_or(e.path()).to_path_buf();
+        if !wanted_paths.contains(&rel) {
+            stale.push(e.path().to_path_buf());
+        }
+    }
+    for p in stale {
+        let md = p.symlink_metadata();
+        let r = match md {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(_) => continue,
+        };
+        r.map_err(Error::io("remove", &p))?;
+        result.removed += 1;
+    }
+    let mut wanted = Vec::new();
+    for (id, st) in stats.iter().enumerate() {
+        let target = contained(dest, &st.path)?;
+        let existing = target.symlink_metadata().ok();
+        let kind = st.mode & gomode::TYPE;
+        if kind == gomode::DIR {
+            if let Some(m) = &existing {
+                if !m.is_dir() {
+                    std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
+                }
+            }
+            if !target.is_dir() {
+                std::fs::create_dir(&target).map_err(Error::io("mkdir", &target))?;
+            }
+        } else if kind == gomode::SYMLINK {
+            if let Some(m) = &existing {
+                if m.is_dir() {
+                    std::fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
+                } else {
+                    std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
+                }
+            }
+            std::os::unix::fs::symlink(&st.linkname, &target).map_err(Error::io("symlink", &target))?;
+            set_meta(&target, st, true)?;
+        } else if kind == 0 {
+            if !st.linkname.is_empty() {
+                continue; // hardlink, made in finish()
+            }
+            match &existing {
+                Some(m) if same_file(m, st) => {}
+                Some(m) => {
+                    if m.is_dir() {
+                        std::fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
+                    }
+                    wanted.push(id as u32);
+                }
+                None => wanted.push(id as u32),
+            }
+        } else {
+            // devices, fifos, sockets are not part of build contexts
+            tracing::debug!("skipping special file {}", st.path);
+        }
+    }
+    Ok((wanted, result, stats))
+}
+
+fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
+    for st in stats {
+        let kind = st.mode & gomode::TYPE;
+        if kind == 0 && !st.linkname.is_empty() {
+            let target = contained(dest, &st.path)?;
+            let source = contained(dest, &st.linkname)?;
+            let _ = std::fs::remove_file(&target);
+            std::fs::hard_link(&source, &target).map_err(Error::io("link", &target))?;
+        }
+    }
+    // directory metadata last, deepest first, so writes inside don't touch mtimes afterwards
+    for st in stats.iter().rev() {
+        if st.mode & gomode::TYPE == gomode::DIR {
+            let target = contained(dest, &st.path)?;
+            set_meta(&target, st, false)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    struct ChanConn {
+        tx: mpsc::Sender<Packet>,
+        rx: mpsc::Receiver<Packet>,
+    }
+
+    impl PacketConn for ChanConn {
+        async fn send(&mut self, p: Packet) -> Result<(), Error> {
+            self.tx.send(p).await.map_err(|_| Error::Protocol("closed".into()))
+        }
+        async fn recv(&mut self) -> Result<Option<Packet>, Error> {
+            Ok(self.rx.recv().await)
+        }
+    }
+
+    fn pair() -> (ChanConn, ChanConn) {
+        let (a_tx, a_rx) = mpsc::channel(64);
+        let (b_tx, b_rx) = mpsc::channel(64);
+        (ChanConn { tx: a_tx, rx: b_rx }, ChanConn { tx: b_tx, rx: a_rx })
+    }
+
+    async fn transfer(src: &Path, dest: &Path, filter: Filter) -> ReceiveStats {
+        let (mut a, mut b) = pair();
+        let src = src.to_path_buf();
+        let sender = tokio::spawn(async move { send(&mut a, &src, &filter).await });
+        let stats = receive(&mut b, dest).await.expect("receive");
+        sender.await.expect("join").expect("send");
+        stats
+    }
+
+    #[tokio::test]
+    async fn second_sync_transfers_only_the_changed_file() {
+        let src = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(src.path().join("a/b")).expect("mkdir");
+        for i in 0..20 {
+            std::fs::write(src.path().join(format!("a/b/f{i}")), format!("content {i}")).expect("write");
+        }
+        std::os::unix::fs::symlink("a/b/f1", src.path().join("link")).expect("symlink");
+        let s1 = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert_eq!(s1.transferred, 20);
+        assert_eq!(std::fs::read_to_string(dest.path().join("a/b/f7")).expect("read"), "content 7");
+        assert_eq!(std::fs::read_link(dest.path().join("link")).expect("readlink"), Path::new("a/b/f1"));
+
+        std::fs::write(src.path().join("a/b/f3"), "changed!").expect("write");
+        std::fs::remove_file(src.path().join("a/b/f4")).expect("rm");
+        let s2 = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert_eq!(s2.transferred, 1);
+        assert_eq!(s2.removed, 1);
+        assert_eq!(std::fs::read_to_string(dest.path().join("a/b/f3")).expect("read"), "changed!");
+        assert!(!dest.path().join("a/b/f4").exists());
+    }
+
+    #[tokio::test]
+    async fn exclude_patterns_with_reinclude() {
+        let src = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(src.path().join("logs")).expect("mkdir");
+        std::fs::write(src.path().join("logs/a.log"), "x").expect("write");
+        std::fs::write(src.path().join("logs/keep.log"), "x").expect("write");
+        std::fs::write(src.path().join("main.rs"), "x").expect("write");
+        let f = Filter::new(&[], &["logs/*.log".into(), "!logs/keep.log".into()]).expect("filter");
+        transfer(src.path(), dest.path(), f).await;
+        assert!(dest.path().join("main.rs").exists());
+        assert!(dest.path().join("logs/keep.log").exists());
+        assert!(!dest.path().join("logs/a.log").exists());
+    }
+
+    #[test]
+    fn paths_never_escape() {
+        let d = Path::new("/tmp/x");
+        assert!(contained(d, "../etc/passwd").is_err());
+        assert!(contained(d, "/etc/passwd").is_err());
+        assert!(contained(d, "a/../../b").is_err());
+        assert_eq!(contained(d, "a/b").expect("ok"), Path::new("/tmp/x/a/b"));
+    }
+
+    #[test]
+    fn go_modes() {
+        assert_eq!(gomode::from_unix(libc::S_IFDIR | 0o755), gomode::DIR | 0o755);
+        assert_eq!(gomode::from_unix(libc::S_IFREG | 0o4755), gomode::SETUID | 0o755);
+        assert_eq!(gomode::unix_perm(gomode::SETUID | 0o755), 0o4755);
+    }
+}
