@@ -5,8 +5,15 @@
 //! This crate is pure: no tokio, no network. Everything here is synchronous; async callers
 //! run the heavy functions (tar, compression, hashing) on `spawn_blocking`.
 
+mod compress;
+pub mod digest;
+mod error;
 mod image;
+pub mod layer;
+pub mod layout;
 
+pub use compress::{Compression, compress_layer};
+pub use error::Error;
 pub use image::{
     ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,
     EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, media_types,

@@ -1,0 +1,78 @@
+//! sha256 digests of byte streams.
+
+use std::io::{self, Write};
+
+use sha2::{Digest as _, Sha256};
+
+/// "sha256:<hex>" of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The hex part of a "sha256:<hex>" digest, checked to be 64 lowercase hex chars.
+pub fn hex_part(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
+/// Write adapter that hashes (sha256) and counts everything written through it.
+pub struct DigestWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W> DigestWriter<W> {
+    pub fn new(inner: W) -> Self {
+        DigestWriter {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// Returns the inner writer, the "sha256:<hex>" digest and the byte count.
+    pub fn finish(self) -> (W, String, u64) {
+        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        (self.inner, digest, self.size)
+    }
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_writer_hashes_and_counts() {
+        let mut w = DigestWriter::new(Vec::new());
+        w.write_all(b"hello ").expect("write");
+        w.write_all(b"world").expect("write");
+        let (inner, digest, size) = w.finish();
+        assert_eq!(inner, b"hello world");
+        assert_eq!(size, 11);
+        assert_eq!(
+            digest,
+            "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        assert_eq!(digest, sha256(b"hello world"));
+        assert!(hex_part(&digest).is_some());
+        assert!(hex_part("sha256:../../etc").is_none());
+    }
+}

@@ -1,0 +1,816 @@
+//! Layer tars: applying them onto a directory (with whiteouts), producing them from an
+//! overlayfs upper dir or a whole tree, and detecting their compression.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag};
+use nix::sys::time::TimeVal;
+
+use crate::Error;
+
+/// Prefix of a whiteout entry: `.wh.NAME` deletes NAME from lower layers.
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+/// Opaque-dir marker: hides everything lower layers put in the directory.
+pub const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
+
+const OVERLAY_OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+
+/// Apply an uncompressed layer tar onto `root`.
+///
+/// `.wh.NAME` deletes NAME, `.wh..wh..opq` empties the directory of everything this layer
+/// did not write; hardlinks, symlinks, devices, modes, uid/gid, mtimes and xattrs are kept.
+/// No entry may escape `root`: `..` components and symlinked parent directories are errors
+/// naming the entry; absolute entry names and hardlink targets are taken relative to `root`.
+pub fn apply(reader: impl Read, root: &Path) -> Result<(), Error> {
+    let mut archive = tar::Archive::new(reader);
+    let mut written: HashSet<PathBuf> = HashSet::new();
+    let mut dir_times: Vec<(PathBuf, u64)> = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(|source| Error::ReadLayer { source })?;
+    for entry in entries {
+        let mut entry = entry.map_err(|source| Error::ReadLayer { source })?;
+        let raw = entry
+            .path()
+            .map_err(|source| Error::ReadLayer { source })?
+            .into_owned();
+        let name = raw.display().to_string();
+        let rel = clean_path(&raw).ok_or_else(|| Error::UnsafeEntry {
+            entry: name.clone(),
+            reason: "path has a `..` component",
+        })?;
+        if rel.as_os_str().is_empty() {
+            // The root itself ("./"): keep the existing root's metadata.
+            continue;
+        }
+        let apply_err = |source: io::Error| Error::ApplyEntry {
+            entry: name.clone(),
+            source,
+        };
+        let parent = prepare_parent(root, &rel, &name, &mut written)?;
+        let file_name = rel
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+
+        if file_name == WHITEOUT_OPAQUE {
+            clear_opaque(&parent, &written).map_err(apply_err)?;
+            continue;
+        }
+        if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(Error::UnsafeEntry {
+                    entry: name,
+                    reason: "malformed whiteout",
+                });
+            }
+            remove_any(&parent.join(hidden)).map_err(apply_err)?;
+            continue;
+        }
+
+        let path = root.join(&rel);
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let mode = header.mode().map_err(apply_err)? & 0o7777;
+        let uid = header.uid().map_err(apply_err)?;
+        let gid = header.gid().map_err(apply_err)?;
+        let mtime = header.mtime().map_err(apply_err)?;
+        let xattrs = pax_xattrs(&mut entry).map_err(apply_err)?;
+        let existing = fs::symlink_metadata(&path).ok();
+
+        if kind.is_dir() {
+            match &existing {
+                Some(m) if m.is_dir() => {}
+                Some(_) => {
+                    remove_any(&path).map_err(apply_err)?;
+                    fs::create_dir(&path).map_err(apply_err)?;
+                }
+                None => fs::create_dir(&path).map_err(apply_err)?,
+            }
+            written.insert(path.clone());
+            set_owner_mode_xattrs(&path, uid, gid, Some(mode), &xattrs).map_err(apply_err)?;
+            dir_times.push((path, mtime));
+            continue;
+        }
+
+        if existing.is_some() {
+            remove_any(&path).map_err(apply_err)?;
+        }
+        if kind.is_hard_link() {
+            let target = entry
+                .link_name()
+                .map_err(apply_err)?
+                .ok_or_else(|| Error::UnsafeEntry {
+                    entry: name.clone(),
+                    reason: "hardlink without target",
+                })?
+                .into_owned();
+            let target_rel = clean_path(&target).ok_or_else(|| Error::UnsafeEntry {
+                entry: name.clone(),
+                reason: "hardlink target has a `..` component",
+            })?;
+            check_parent(root, &target_rel, &name)?;
+            let target_path = root.join(&target_rel);
+            if target_rel.as_os_str().is_empty()
+                || fs::symlink_metadata(&target_path)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
+            {
+                return Err(Error::UnsafeEntry {
+                    entry: name,
+                    reason: "hardlink target is a directory",
+                });
+            }
+            fs::hard_link(&target_path, &path).map_err(apply_err)?;
+            written.insert(path);
+            continue;
+        }
+        if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .map_err(apply_err)?
+                .ok_or_else(|| Error::UnsafeEntry {
+                    entry: name.clone(),
+                    reason: "symlink without target",
+                })?
+                .into_owned();
+            std::os::unix::fs::symlink(&target, &path).map_err(apply_err)?;
+            set_owner_mode_xattrs(&path, uid, gid, None, &xattrs).map_err(apply_err)?;
+            set_times(&path, mtime).map_err(apply_err)?;
+            written.insert(path);
+            continue;
+        }
+        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            let (sflag, dev) = if kind.is_fifo() {
+                (SFlag::S_IFIFO, 0)
+            } else {
+                let major = header.device_major().map_err(apply_err)?.unwrap_or(0);
+                let minor = header.device_minor().map_err(apply_err)?.unwrap_or(0);
+                let flag = if kind.is_character_special() {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
+                (flag, nix::sys::stat::makedev(major.into(), minor.into()))
+            };
+            nix::sys::stat::mknod(&path, sflag, Mode::from_bits_truncate(0o600), dev)
+                .map_err(|e| apply_err(io::Error::from(e)))?;
+        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            let mut f = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(apply_err)?;
+            io::copy(&mut entry, &mut f).map_err(apply_err)?;
+        } else {
+            // pax/gnu metadata entries are consumed by the tar crate; anything else is skipped.
+            continue;
+        }
+        set_owner_mode_xattrs(&path, uid, gid, Some(mode), &xattrs).map_err(apply_err)?;
+        set_times(&path, mtime).map_err(apply_err)?;
+        written.insert(path);
+    }
+    // Directory mtimes last: creating children changes them.
+    for (path, mtime) in dir_times.iter().rev() {
+        set_times(path, *mtime).map_err(|source| Error::ApplyEntry {
+            entry: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// A relative path of only normal components; `None` when it has a `..`.
+/// Leading `/` and `.` components are dropped.
+fn clean_path(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            Component::ParentDir => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Make sure every parent of `rel` under `root` is a real directory (creating missing ones),
+/// never following a symlink. Returns the parent's path.
+fn prepare_parent(
+    root: &Path,
+    rel: &Path,
+    entry: &str,
+    written: &mut HashSet<PathBuf>,
+) -> Result<PathBuf, Error> {
+    let mut cur = root.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for c in parent.components() {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Error::UnsafeEntry {
+                        entry: entry.to_string(),
+                        reason: "parent directory is a symlink",
+                    });
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::UnsafeEntry {
+                        entry: entry.to_string(),
+                        reason: "parent is not a directory",
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&cur).map_err(|source| Error::ApplyEntry {
+                        entry: entry.to_string(),
+                        source,
+                    })?;
+                    fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(
+                        |source| Error::ApplyEntry {
+                            entry: entry.to_string(),
+                            source,
+                        },
+                    )?;
+                    written.insert(cur.clone());
+                }
+                Err(source) => {
+                    return Err(Error::ApplyEntry {
+                        entry: entry.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(cur)
+}
+
+/// Like `prepare_parent` but creates nothing: every parent must already be a real directory.
+fn check_parent(root: &Path, rel: &Path, entry: &str) -> Result<(), Error> {
+    let mut cur = root.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for c in parent.components() {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::UnsafeEntry {
+                        entry: entry.to_string(),
+                        reason: "hardlink target parent is not a real directory",
+                    });
+                }
+                Err(source) => {
+                    return Err(Error::ApplyEntry {
+                        entry: entry.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove everything under `dir` that this layer did not write (`written` holds the
+/// absolute paths this layer created).
+fn clear_opaque(dir: &Path, written: &HashSet<PathBuf>) -> io::Result<()> {
+    for child in fs::read_dir(dir)? {
+        let child = child?.path();
+        if written.contains(&child) {
+            if fs::symlink_metadata(&child)?.is_dir() {
+                clear_opaque(&child, written)?;
+            }
+        } else {
+            remove_any(&child)?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove a file, symlink or whole directory tree; missing is fine.
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+            {
+                out.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn set_owner_mode_xattrs(
+    path: &Path,
+    uid: u64,
+    gid: u64,
+    mode: Option<u32>,
+    xattrs: &[(String, Vec<u8>)],
+) -> io::Result<()> {
+    let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other("uid/gid out of range"));
+    std::os::unix::fs::lchown(path, Some(id(uid)?), Some(id(gid)?))?;
+    // chmod after chown: chown clears setuid/setgid bits.
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    for (name, value) in xattrs {
+        xattr::set(path, name, value)?;
+    }
+    Ok(())
+}
+
+fn set_times(path: &Path, mtime: u64) -> io::Result<()> {
+    let secs = i64::try_from(mtime).unwrap_or(i64::MAX);
+    let tv = TimeVal::new(secs, 0);
+    nix::sys::stat::lutimes(path, &tv, &tv).map_err(io::Error::from)
+}
+
+/// Write the diff in an overlayfs upper dir as a layer tar: a char device 0/0 becomes
+/// `.wh.NAME`, a directory with the xattr `trusted.overlay.opaque=y` (or `user.overlay.opaque`)
+/// gets a `DIR/.wh..wh..opq` entry. Entries are sorted; hardlinks within the dir are kept.
+pub fn diff_overlay_upper(upper: &Path, w: impl Write) -> Result<(), Error> {
+    write_tree(upper, w, true)
+}
+
+/// Tar a whole tree (sorted entries, hardlinks kept, xattrs as PAX records).
+pub fn tar_dir(root: &Path, w: impl Write) -> Result<(), Error> {
+    write_tree(root, w, false)
+}
+
+fn write_tree(root: &Path, w: impl Write, overlay: bool) -> Result<(), Error> {
+    let mut builder = tar::Builder::new(w);
+    builder.follow_symlinks(false);
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .min_depth(1)
+        .sort_by_file_name();
+    for item in walker {
+        let item = item.map_err(|e| Error::WalkDir {
+            path: e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.to_path_buf()),
+            source: e.into(),
+        })?;
+        let path = item.path();
+        let rel = path.strip_prefix(root).unwrap_or(path).to_path_buf();
+        let tar_err = |source: io::Error| Error::WriteTarEntry {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = fs::symlink_metadata(path).map_err(tar_err)?;
+        let ft = meta.file_type();
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        header.set_mode(meta.mode() & 0o7777);
+
+        use std::os::unix::fs::FileTypeExt;
+        if overlay && ft.is_char_device() && meta.rdev() == 0 {
+            let name = rel
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{name}"));
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            h.set_mtime(meta.mtime().max(0) as u64);
+            builder
+                .append_data(&mut h, &wh, io::empty())
+                .map_err(tar_err)?;
+            continue;
+        }
+
+        let xattrs = read_xattrs(path).map_err(tar_err)?;
+        let opaque = overlay
+            && ft.is_dir()
+            && xattrs
+                .iter()
+                .any(|(k, v)| OVERLAY_OPAQUE_XATTRS.contains(&k.as_str()) && v == b"y");
+        let kept: Vec<(String, Vec<u8>)> = xattrs
+            .into_iter()
+            .filter(|(k, _)| !(k.starts_with("trusted.overlay.") || k.starts_with("user.overlay.")))
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+            .collect();
+        if !kept.is_empty() {
+            builder
+                .append_pax_extensions(kept.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(tar_err)?;
+        }
+
+        if ft.is_dir() {
+            header.set_size(0);
+            builder
+                .append_data(&mut header, &rel, io::empty())
+                .map_err(tar_err)?;
+            if opaque {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(0);
+                h.set_mode(0o644);
+                h.set_mtime(meta.mtime().max(0) as u64);
+                builder
+                    .append_data(&mut h, rel.join(WHITEOUT_OPAQUE), io::empty())
+                    .map_err(tar_err)?;
+            }
+            continue;
+        }
+        if !ft.is_dir() && meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = links.get(&key) {
+                header.set_entry_type(tar::EntryType::Link);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, &rel, first)
+                    .map_err(tar_err)?;
+                continue;
+            }
+            links.insert(key, rel.clone());
+        }
+        if ft.is_symlink() {
+            let target = fs::read_link(path).map_err(tar_err)?;
+            header.set_size(0);
+            builder
+                .append_link(&mut header, &rel, &target)
+                .map_err(tar_err)?;
+        } else if ft.is_file() {
+            let f = File::open(path).map_err(tar_err)?;
+            header.set_size(meta.len());
+            builder.append_data(&mut header, &rel, f).map_err(tar_err)?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let rdev = meta.rdev();
+            header.set_size(0);
+            header
+                .set_device_major(nix::sys::stat::major(rdev) as u32)
+                .map_err(tar_err)?;
+            header
+                .set_device_minor(nix::sys::stat::minor(rdev) as u32)
+                .map_err(tar_err)?;
+            builder
+                .append_data(&mut header, &rel, io::empty())
+                .map_err(tar_err)?;
+        } else if ft.is_fifo() {
+            header.set_size(0);
+            builder
+                .append_data(&mut header, &rel, io::empty())
+                .map_err(tar_err)?;
+        }
+        // sockets are not representable in a layer; skipped like docker does.
+    }
+    builder
+        .into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(|source| Error::WriteTarEntry {
+            path: root.to_path_buf(),
+            source,
+        })
+}
+
+fn read_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        if let Some(value) = xattr::get(path, &name)? {
+            out.push((name.to_string_lossy().into_owned(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Detect gzip / zstd / plain by magic bytes and return a decompressing reader.
+/// zstd is recognised but not supported (an error).
+pub fn decompress(r: impl Read + Send + 'static) -> Result<Box<dyn Read + Send>, Error> {
+    let mut buf = BufReader::with_capacity(64 * 1024, r);
+    let head = buf
+        .fill_buf()
+        .map_err(|source| Error::DetectCompression { source })?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(buf)))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Err(Error::UnsupportedCompression { kind: "zstd" })
+    } else {
+        Ok(Box::new(buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    enum E<'a> {
+        Dir(&'a str, u32),
+        File(&'a str, &'a [u8], u32, u64),
+        Symlink(&'a str, &'a str),
+        Hardlink(&'a str, &'a str),
+    }
+
+    /// Build a tar, writing names raw so `..` and absolute names survive.
+    fn build(entries: &[E]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o777);
+            h.set_uid(0);
+            h.set_gid(0);
+            let (name, data): (&str, &[u8]) = match e {
+                E::Dir(n, mode) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(*mode);
+                    (n, b"")
+                }
+                E::File(n, d, mode, uid) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_uid(*uid);
+                    h.set_gid(*uid);
+                    (n, d)
+                }
+                E::Symlink(n, t) | E::Hardlink(n, t) => {
+                    h.set_entry_type(if matches!(e, E::Symlink(..)) {
+                        tar::EntryType::Symlink
+                    } else {
+                        tar::EntryType::Link
+                    });
+                    h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+                    (n, b"")
+                }
+            };
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_000_000);
+            h.set_cksum();
+            b.append(&h, data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = walkdir::WalkDir::new(dir)
+            .min_depth(1)
+            .into_iter()
+            .map(|e| {
+                e.expect("walk")
+                    .path()
+                    .strip_prefix(dir)
+                    .expect("prefix")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn apply_handles_whiteouts_opaque_dirs_and_links() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        let base = build(&[
+            E::Dir("a", 0o755),
+            E::File("a/keep", b"k", 0o644, 0),
+            E::File("a/old", b"o", 0o644, 0),
+            E::Dir("b", 0o755),
+            E::File("b/x", b"x", 0o644, 0),
+            E::Dir("b/sub", 0o755),
+            E::File("b/sub/deep", b"d", 0o644, 0),
+            E::Dir("c", 0o755),
+            E::File("c/y", b"y", 0o644, 0),
+            E::File("d", b"old d", 0o644, 0),
+        ]);
+        apply(&base[..], r).expect("apply base");
+        assert_eq!(
+            fs::metadata(r.join("b")).expect("b").mtime(),
+            1_000_000,
+            "dir mtime set last"
+        );
+        let layer = build(&[
+            E::File("a/.wh.old", b"", 0o644, 0),
+            E::File("b/first", b"1", 0o644, 0),
+            E::File("b/.wh..wh..opq", b"", 0o644, 0),
+            E::File("b/new", b"n", 0o644, 0),
+            E::File(".wh.c", b"", 0o644, 0),
+            E::File("./d", b"new d", 0o4750, 1000),
+            E::Symlink("l", "/etc/passwd"),
+            E::Hardlink("h", "d"),
+            E::File("/abs/file", b"abs", 0o600, 0),
+        ]);
+        apply(&layer[..], r).expect("apply layer");
+        assert_eq!(
+            names(r),
+            [
+                "a", "a/keep", "abs", "abs/file", "b", "b/first", "b/new", "d", "h", "l"
+            ]
+        );
+        let d = fs::metadata(r.join("d")).expect("d");
+        assert_eq!(fs::read(r.join("d")).expect("read d"), b"new d");
+        assert_eq!(d.mode() & 0o7777, 0o4750, "setuid kept after chown");
+        assert_eq!((d.uid(), d.gid()), (1000, 1000));
+        assert_eq!(d.mtime(), 1_000_000);
+        assert_eq!(d.nlink(), 2);
+        assert_eq!(fs::metadata(r.join("h")).expect("h").ino(), d.ino());
+        assert_eq!(
+            fs::read_link(r.join("l")).expect("l"),
+            Path::new("/etc/passwd")
+        );
+    }
+
+    fn assert_unsafe(entries: &[E], setup: &[E]) {
+        let root = tempfile::tempdir().expect("tempdir");
+        let inner = root.path().join("root");
+        fs::create_dir(&inner).expect("mkdir");
+        apply(&build(setup)[..], &inner).expect("setup");
+        let err = apply(&build(entries)[..], &inner).expect_err("must be rejected");
+        assert!(matches!(err, Error::UnsafeEntry { .. }), "{err:?}");
+        assert!(!root.path().join("x").exists());
+    }
+
+    #[test]
+    fn apply_rejects_dotdot_entries() {
+        assert_unsafe(&[E::File("../x", b"evil", 0o644, 0)], &[]);
+        assert_unsafe(
+            &[E::File("a/../../x", b"evil", 0o644, 0)],
+            &[E::Dir("a", 0o755)],
+        );
+    }
+
+    #[test]
+    fn apply_rejects_writes_through_symlinked_parent() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("outside");
+        let layer = build(&[
+            E::Symlink("a", outside.path().to_str().expect("utf8")),
+            E::File("a/passwd", b"evil", 0o644, 0),
+        ]);
+        let err = apply(&layer[..], root.path()).expect_err("must be rejected");
+        match err {
+            Error::UnsafeEntry { entry, .. } => assert_eq!(entry, "a/passwd"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!outside.path().join("passwd").exists());
+        // the classic form: a -> /etc
+        assert_unsafe(
+            &[
+                E::Symlink("a", "/etc"),
+                E::File("a/passwd", b"evil", 0o644, 0),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn apply_rejects_hardlinks_outside_root() {
+        assert_unsafe(&[E::Hardlink("h", "../../etc/passwd")], &[]);
+        // an absolute target is root-relative: /etc/passwd does not exist under root
+        let root = tempfile::tempdir().expect("tempdir");
+        let err = apply(&build(&[E::Hardlink("h", "/etc/passwd")])[..], root.path())
+            .expect_err("no such file in root");
+        assert!(matches!(err, Error::ApplyEntry { .. }), "{err:?}");
+        // a hardlink through a symlinked dir is refused
+        assert_unsafe(
+            &[E::Symlink("e", "/etc"), E::Hardlink("h", "e/passwd")],
+            &[],
+        );
+    }
+
+    #[test]
+    fn diff_overlay_upper_emits_whiteouts() {
+        let upper = tempfile::tempdir().expect("upper");
+        let u = upper.path();
+        fs::write(u.join("f"), b"file").expect("f");
+        fs::hard_link(u.join("f"), u.join("f2")).expect("f2");
+        nix::sys::stat::mknod(
+            &u.join("gone"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            0,
+        )
+        .expect("mknod whiteout");
+        fs::create_dir(u.join("o")).expect("o");
+        xattr::set(u.join("o"), "trusted.overlay.opaque", b"y").expect("setxattr");
+        fs::write(u.join("o/n"), b"n").expect("o/n");
+        std::os::unix::fs::symlink("f", u.join("s")).expect("s");
+
+        let mut out = Vec::new();
+        diff_overlay_upper(u, &mut out).expect("diff");
+        let mut ar = tar::Archive::new(&out[..]);
+        let got: Vec<(String, tar::EntryType, Option<String>)> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.path().expect("path").display().to_string(),
+                    e.header().entry_type(),
+                    e.link_name()
+                        .expect("link")
+                        .map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        use tar::EntryType as T;
+        assert_eq!(
+            got,
+            vec![
+                ("f".into(), T::Regular, None),
+                ("f2".into(), T::Link, Some("f".into())),
+                (".wh.gone".into(), T::Regular, None),
+                ("o".into(), T::Directory, None),
+                ("o/.wh..wh..opq".into(), T::Regular, None),
+                ("o/n".into(), T::Regular, None),
+                ("s".into(), T::Symlink, Some("f".into())),
+            ]
+        );
+
+        // Applying the diff onto a lower tree gives overlay semantics.
+        let lower = tempfile::tempdir().expect("lower");
+        let l = lower.path();
+        fs::write(l.join("gone"), b"x").expect("gone");
+        fs::create_dir(l.join("o")).expect("o");
+        fs::write(l.join("o/hidden"), b"h").expect("hidden");
+        apply(&out[..], l).expect("apply diff");
+        assert_eq!(names(l), ["f", "f2", "o", "o/n", "s"]);
+        assert!(
+            xattr::get(l.join("o"), "trusted.overlay.opaque")
+                .expect("getxattr")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn tar_dir_round_trips_through_apply() {
+        let src = tempfile::tempdir().expect("src");
+        let s = src.path();
+        fs::create_dir_all(s.join("usr/bin")).expect("mkdir");
+        fs::write(s.join("usr/bin/tool"), b"#!/bin/sh\n").expect("tool");
+        fs::set_permissions(s.join("usr/bin/tool"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        xattr::set(s.join("usr/bin/tool"), "user.kiln", b"v").expect("xattr");
+        std::os::unix::fs::symlink("usr/bin", s.join("bin")).expect("symlink");
+        nix::unistd::mkfifo(&s.join("fifo"), Mode::from_bits_truncate(0o644)).expect("fifo");
+        let mut out = Vec::new();
+        tar_dir(s, &mut out).expect("tar");
+        let dst = tempfile::tempdir().expect("dst");
+        apply(&out[..], dst.path()).expect("apply");
+        assert_eq!(names(dst.path()), names(s));
+        let m = fs::metadata(dst.path().join("usr/bin/tool")).expect("tool");
+        assert_eq!(m.mode() & 0o777, 0o755);
+        assert_eq!(
+            xattr::get(dst.path().join("usr/bin/tool"), "user.kiln").expect("getxattr"),
+            Some(b"v".to_vec())
+        );
+        assert_eq!(
+            fs::read_link(dst.path().join("bin")).expect("link"),
+            Path::new("usr/bin")
+        );
+    }
+
+    #[test]
+    fn decompress_detects_gzip_and_plain() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"payload").expect("gz");
+        let gz = gz.finish().expect("gz");
+        let mut s = String::new();
+        decompress(io::Cursor::new(gz))
+            .expect("gz")
+            .read_to_string(&mut s)
+            .expect("read");
+        assert_eq!(s, "payload");
+        let mut s = String::new();
+        decompress(io::Cursor::new(b"plain".to_vec()))
+            .expect("plain")
+            .read_to_string(&mut s)
+            .expect("read");
+        assert_eq!(s, "plain");
+        assert!(matches!(
+            decompress(io::Cursor::new(vec![0x28, 0xb5, 0x2f, 0xfd, 0])),
+            Err(Error::UnsupportedCompression { .. })
+        ));
+    }
+}
