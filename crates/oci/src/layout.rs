@@ -224,3 +224,214 @@ fn append_bytes<W: Write>(
             source,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Compression, ImageConfig, Manifest, Platform, RootFs, compress_layer, digest};
+    use std::fs;
+    use std::process::Command;
+
+    struct Built {
+        _dir: tempfile::TempDir,
+        layer: Descriptor,
+        layer_path: std::path::PathBuf,
+        config: Vec<u8>,
+        config_desc: Descriptor,
+        manifest: Vec<u8>,
+        manifest_desc: Descriptor,
+    }
+
+    fn build_image() -> Built {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("etc")).expect("mkdir");
+        fs::write(tree.join("etc/hello"), b"hello from kiln\n").expect("write");
+        let tar_path = dir.path().join("layer.tar");
+        crate::layer::tar_dir(&tree, fs::File::create(&tar_path).expect("create")).expect("tar");
+        let blobs = dir.path().join("blobs");
+        fs::create_dir(&blobs).expect("mkdir");
+        let (diff_id, layer) = compress_layer(&tar_path, &blobs, Compression::Gzip).expect("gzip");
+        let layer_path = blobs.join(layer.digest.trim_start_matches("sha256:"));
+        let platform = Platform::new("linux", "amd64", None);
+        let cfg = ImageConfig {
+            architecture: platform.architecture.clone(),
+            os: platform.os.clone(),
+            rootfs: RootFs {
+                type_: "layers".into(),
+                diff_ids: vec![diff_id],
+            },
+            ..Default::default()
+        };
+        let config = serde_json::to_vec(&cfg).expect("config");
+        let config_desc = Descriptor {
+            media_type: media_types::OCI_CONFIG.into(),
+            digest: digest::sha256(&config),
+            size: config.len() as u64,
+            ..Default::default()
+        };
+        let m = Manifest {
+            schema_version: 2,
+            media_type: Some(media_types::OCI_MANIFEST.into()),
+            config: config_desc.clone(),
+            layers: vec![layer.clone()],
+            annotations: None,
+        };
+        let manifest = serde_json::to_vec(&m).expect("manifest");
+        let manifest_desc = Descriptor {
+            media_type: media_types::OCI_MANIFEST.into(),
+            digest: digest::sha256(&manifest),
+            size: manifest.len() as u64,
+            platform: Some(platform),
+            ..Default::default()
+        };
+        Built {
+            _dir: dir,
+            layer,
+            layer_path,
+            config,
+            config_desc,
+            manifest,
+            manifest_desc,
+        }
+    }
+
+    fn tool(name: &str) -> Option<std::path::PathBuf> {
+        let p = Path::new("/usr/bin").join(name);
+        p.exists().then_some(p)
+    }
+
+    #[test]
+    fn oci_layout_tar_is_read_by_umoci_and_skopeo() {
+        let img = build_image();
+        let out = tempfile::tempdir().expect("out");
+        let tar_path = out.path().join("image.tar");
+        let mut w =
+            OciLayoutWriter::new(fs::File::create(&tar_path).expect("create")).expect("new");
+        w.add_blob_file(&img.layer, &img.layer_path).expect("layer");
+        w.add_blob_bytes(&img.config_desc.digest, &img.config)
+            .expect("config");
+        w.add_blob_bytes(&img.manifest_desc.digest, &img.manifest)
+            .expect("manifest");
+        w.finish(vec![index_entry(
+            &img.manifest_desc,
+            Some("docker.io/library/kiln-test:v1"),
+        )])
+        .expect("finish");
+
+        // Structure check with our own reader.
+        let mut ar = tar::Archive::new(fs::File::open(&tar_path).expect("open"));
+        let extracted = out.path().join("layout");
+        ar.unpack(&extracted).expect("unpack");
+        assert_eq!(
+            fs::read_to_string(extracted.join("oci-layout")).expect("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#
+        );
+        let index: Index =
+            serde_json::from_slice(&fs::read(extracted.join("index.json")).expect("index"))
+                .expect("parse index");
+        let ann = index.manifests[0].annotations.clone().expect("annotations");
+        assert_eq!(ann[ANNOTATION_REF_NAME], "v1");
+        assert_eq!(
+            ann[ANNOTATION_CONTAINERD_IMAGE_NAME],
+            "docker.io/library/kiln-test:v1"
+        );
+        for d in [&img.layer, &img.config_desc, &img.manifest_desc] {
+            let blob = fs::read(
+                extracted
+                    .join("blobs/sha256")
+                    .join(hex_part(&d.digest).expect("hex")),
+            )
+            .expect("blob");
+            assert_eq!(digest::sha256(&blob), d.digest);
+        }
+
+        if let Some(umoci) = tool("umoci") {
+            let o = Command::new(umoci)
+                .arg("ls")
+                .arg("--layout")
+                .arg(&extracted)
+                .output()
+                .expect("umoci");
+            assert!(
+                o.status.success(),
+                "umoci ls: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(String::from_utf8_lossy(&o.stdout).contains("v1"));
+        } else {
+            eprintln!("umoci missing: skipped");
+        }
+        if let Some(skopeo) = tool("skopeo") {
+            let o = Command::new(skopeo)
+                .arg("inspect")
+                .arg(format!("oci-archive:{}", tar_path.display()))
+                .output()
+                .expect("skopeo");
+            assert!(
+                o.status.success(),
+                "skopeo: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+            assert_eq!(v["Digest"], img.manifest_desc.digest.as_str());
+            assert_eq!(v["Layers"][0], img.layer.digest.as_str());
+        } else {
+            eprintln!("skopeo missing: skipped");
+        }
+    }
+
+    #[test]
+    fn docker_archive_is_read_by_skopeo() {
+        let img = build_image();
+        let out = tempfile::tempdir().expect("out");
+        let tar_path = out.path().join("docker.tar");
+        let mut w =
+            DockerArchiveWriter::new(fs::File::create(&tar_path).expect("create")).expect("new");
+        w.add_blob_file(&img.layer, &img.layer_path).expect("layer");
+        w.add_blob_bytes(&img.config_desc.digest, &img.config)
+            .expect("config");
+        w.add_blob_bytes(&img.manifest_desc.digest, &img.manifest)
+            .expect("manifest");
+        w.finish(
+            &img.manifest_desc,
+            &img.config_desc.digest,
+            std::slice::from_ref(&img.layer.digest),
+            &["kiln-test:latest".to_string()],
+        )
+        .expect("finish");
+
+        let mut ar = tar::Archive::new(fs::File::open(&tar_path).expect("open"));
+        let extracted = out.path().join("x");
+        ar.unpack(&extracted).expect("unpack");
+        let m: serde_json::Value = serde_json::from_slice(
+            &fs::read(extracted.join("manifest.json")).expect("manifest.json"),
+        )
+        .expect("json");
+        assert_eq!(m[0]["RepoTags"][0], "kiln-test:latest");
+        let cfg_path = m[0]["Config"].as_str().expect("Config");
+        assert_eq!(
+            fs::read(extracted.join(cfg_path)).expect("config"),
+            img.config
+        );
+
+        if let Some(skopeo) = tool("skopeo") {
+            let o = Command::new(skopeo)
+                .arg("inspect")
+                .arg("--config")
+                .arg(format!("docker-archive:{}", tar_path.display()))
+                .output()
+                .expect("skopeo");
+            assert!(
+                o.status.success(),
+                "skopeo: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+            let ours: serde_json::Value = serde_json::from_slice(&img.config).expect("config json");
+            assert_eq!(v["rootfs"], ours["rootfs"]);
+        } else {
+            eprintln!("skopeo missing: skipped");
+        }
+    }
+}
