@@ -1,0 +1,366 @@
+//! Line-level parsing: parser directives, comments, continuation lines,
+//! instruction keywords, leading `--flags` and heredoc bodies. The result is a
+//! flat list of [`Node`]s; typing them is `instructions.rs`'s job.
+
+use crate::Error;
+
+/// Parser directives from the top of the file (`# syntax=`, `# escape=`, `# check=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directives {
+    pub syntax: Option<String>,
+    /// The escape character: `\` (default) or `` ` ``.
+    pub escape: char,
+    pub check: Option<String>,
+}
+
+impl Default for Directives {
+    fn default() -> Self {
+        Directives {
+            syntax: None,
+            escape: '\\',
+            check: None,
+        }
+    }
+}
+
+/// A here-document attached to a RUN/COPY/ADD line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heredoc {
+    /// The delimiter word (`EOF` in `<<EOF`), quotes removed.
+    pub name: String,
+    /// The body exactly as written, one `\n` after every line.
+    pub data: String,
+    /// False when the delimiter was quoted (`<<"EOF"`, `<<'EOF'`): no expansion.
+    pub expand: bool,
+    /// `<<-EOF`: leading tabs are stripped from body lines.
+    pub chomp: bool,
+}
+
+impl Heredoc {
+    /// The body with `<<-` tab stripping applied.
+    pub fn content(&self) -> String {
+        if !self.chomp {
+            return self.data.clone();
+        }
+        let mut out = String::with_capacity(self.data.len());
+        for line in self.data.split_inclusive('\n') {
+            out.push_str(line.trim_start_matches('\t'));
+        }
+        out
+    }
+}
+
+/// One instruction as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// The instruction keyword, lowercased (`run`, `copy`, ...).
+    pub keyword: String,
+    /// The keyword as written (for error messages).
+    pub keyword_original: String,
+    /// Leading `--name[=value]` words with quotes removed, in order.
+    pub flags: Vec<String>,
+    /// Everything after the keyword and flags, trimmed.
+    pub args: String,
+    /// The logical line (continuations joined, heredoc bodies excluded).
+    pub original: String,
+    pub heredocs: Vec<Heredoc>,
+    /// 1-based first line of the instruction.
+    pub start_line: usize,
+    /// 1-based last line (including continuation lines and heredoc bodies).
+    pub end_line: usize,
+}
+
+/// A parsed Dockerfile before typing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ast {
+    pub directives: Directives,
+    pub nodes: Vec<Node>,
+}
+
+fn is_comment(line: &str) -> bool {
+    line.trim_start().starts_with('#')
+}
+
+fn is_blank(line: &str) -> bool {
+    line.trim().is_empty()
+}
+
+/// If `line` ends with the escape char followed only by spaces/tabs, return it
+/// without that tail.
+fn strip_continuation(line: &str, escape: char) -> Option<&str> {
+    let trimmed = line.trim_end_matches([' ', '\t']);
+    trimmed.strip_suffix(escape)
+}
+
+/// Parses `# key=value`; None when the line is not directive-shaped.
+fn parse_directive(line: &str) -> Option<(String, String)> {
+    let rest = line.trim_start().strip_prefix('#')?;
+    let (key, value) = rest.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty()
+        || !key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        || !key.chars().all(|c| c.is_ascii_alphanumeric())
+    {
+        return None;
+    }
+    Some((key.to_ascii_lowercase(), value.trim().to_string()))
+}
+
+/// Parses `src` into directives and nodes.
+pub fn parse_ast(src: &str) -> Result<Ast, Error> {
+    let lines: Vec<&str> = src
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect();
+    let mut directives = Directives::default();
+    let mut i = 0;
+
+    // Directives: only at the very top; the first other line ends them.
+    let mut seen: Vec<String> = Vec::new();
+    while i < lines.len() {
+        let Some((key, value)) = parse_directive(lines[i]) else {
+            break;
+        };
+        let line = i + 1;
+        match key.as_str() {
+            "syntax" | "escape" | "check" => {}
+            _ => break,
+        }
+        if seen.contains(&key) {
+            return Err(Error::InvalidDirective {
+                line,
+                name: key.clone(),
+                reason: format!("only one {key} parser directive can be used"),
+            });
+        }
+        match key.as_str() {
+            "syntax" => directives.syntax = Some(value),
+            "check" => directives.check = Some(value),
+            _ => {
+                directives.escape = match value.as_str() {
+                    "\\" => '\\',
+                    "`" => '`',
+                    _ => {
+                        return Err(Error::InvalidDirective {
+                            line,
+                            name: key.clone(),
+                            reason: format!(
+                                "invalid escape token '{value}' does not match ` or \\"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        seen.push(key);
+        i += 1;
+    }
+
+    let escape = directives.escape;
+    let mut nodes = Vec::new();
+    while i < lines.len() {
+        let first = lines[i];
+        if is_blank(first) || is_comment(first) {
+            i += 1;
+            continue;
+        }
+        let start_line = i + 1;
+        let mut end_line = start_line;
+        let mut logical = String::new();
+        let first = first.trim_start();
+        match strip_continuation(first, escape) {
+            Some(head) => {
+                logical.push_str(head);
+                i += 1;
+                // Continuation: comments and blank lines are skipped.
+                loop {
+                    let Some(line) = lines.get(i) else { break };
+                    if is_comment(line) || is_blank(line) {
+                        i += 1;
+                        continue;
+                    }
+                    end_line = i + 1;
+                    i += 1;
+                    match strip_continuation(line, escape) {
+                        Some(part) => logical.push_str(part),
+                        None => {
+                            logical.push_str(line);
+                            break;
+                        }
+                    }
+                }
+            }
+            None => {
+                logical.push_str(first);
+                i += 1;
+            }
+        }
+        let logical = logical.trim().to_string();
+        if logical.is_empty() {
+            continue;
+        }
+        let (keyword_original, rest) = match logical.find(char::is_whitespace) {
+            Some(pos) => (&logical[..pos], logical[pos..].trim_start()),
+            None => (logical.as_str(), ""),
+        };
+        let keyword = keyword_original.to_ascii_lowercase();
+        let (flags, args) = if keyword == "onbuild" {
+            (Vec::new(), rest.to_string())
+        } else {
+            extract_flags(rest)
+        };
+
+        let mut heredocs = Vec::new();
+        if matches!(keyword.as_str(), "run" | "copy" | "add") {
+            for (name, expand, chomp) in heredoc_markers(&args) {
+                let mut data = String::new();
+                let mut found = false;
+                while i < lines.len() {
+                    let line = lines[i];
+                    i += 1;
+                    end_line = i;
+                    let cmp = if chomp {
+                        line.trim_start_matches('\t')
+                    } else {
+                        line
+                    };
+                    if cmp == name {
+                        found = true;
+                        break;
+                    }
+                    data.push_str(line);
+                    data.push('\n');
+                }
+                if !found {
+                    return Err(Error::UnterminatedHeredoc {
+                        line: start_line,
+                        delimiter: name,
+                    });
+                }
+                heredocs.push(Heredoc {
+                    name,
+                    data,
+                    expand,
+                    chomp,
+                });
+            }
+        }
+
+        nodes.push(Node {
+            keyword,
+            keyword_original: keyword_original.to_string(),
+            flags,
+            args,
+            original: logical.clone(),
+            heredocs,
+            start_line,
+            end_line,
+        });
+    }
+    Ok(Ast { directives, nodes })
+}
+
+/// Splits leading `--flag[=value]` words (quotes removed) off `rest`.
+/// A bare `--` ends the flags and is dropped.
+fn extract_flags(rest: &str) -> (Vec<String>, String) {
+    let mut flags = Vec::new();
+    let mut s = rest.trim_start();
+    while s.starts_with("--") {
+        let mut word = String::new();
+        let mut quote: Option<char> = None;
+        let mut end = s.len();
+        for (idx, c) in s.char_indices() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => word.push(c),
+                None if c == '"' || c == '\'' => quote = Some(c),
+                None if c.is_whitespace() => {
+                    end = idx;
+                    break;
+                }
+                None => word.push(c),
+            }
+        }
+        s = s[end..].trim_start();
+        if word == "--" {
+            break;
+        }
+        flags.push(word);
+    }
+    (flags, s.to_string())
+}
+
+/// Finds `<<EOF`, `<<-EOF`, `<<"EOF"`, `<<'EOF'` words in order:
+/// (name, expand, chomp).
+pub(crate) fn heredoc_markers(args: &str) -> Vec<(String, bool, bool)> {
+    let mut out = Vec::new();
+    for word in args.split_whitespace() {
+        if let Some(m) = heredoc_marker(word) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Parses one word as a heredoc marker.
+pub(crate) fn heredoc_marker(word: &str) -> Option<(String, bool, bool)> {
+    let rest = word.strip_prefix("<<")?;
+    if rest.starts_with('<') {
+        return None;
+    }
+    let (chomp, rest) = match rest.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let (name, expand) = if let Some(inner) = rest
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .or_else(|| rest.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')))
+    {
+        (inner, false)
+    } else {
+        (rest, true)
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return None;
+    }
+    Some((name.to_string(), expand, chomp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_flags_and_continuations() {
+        let ast = parse_ast(
+            "# syntax=docker/dockerfile:1\n\nFROM busybox\n# c\nRUN a \\\n  # inner\n\n  b\ncopy --from=x --chown=\"1:2\" a b\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            ast.directives.syntax.as_deref(),
+            Some("docker/dockerfile:1")
+        );
+        assert_eq!(ast.nodes.len(), 3);
+        assert_eq!(ast.nodes[1].args, "a   b");
+        assert_eq!((ast.nodes[1].start_line, ast.nodes[1].end_line), (5, 8));
+        assert_eq!(ast.nodes[2].keyword, "copy");
+        assert_eq!(ast.nodes[2].flags, vec!["--from=x", "--chown=1:2"]);
+        assert_eq!(ast.nodes[2].args, "a b");
+    }
+
+    #[test]
+    fn heredoc_bodies() {
+        let ast = parse_ast("FROM a\nRUN <<-EOT cat\n\techo hi\n\tEOT\nRUN x\n").expect("parse");
+        let run = &ast.nodes[1];
+        assert_eq!(run.heredocs[0].data, "\techo hi\n");
+        assert_eq!(run.heredocs[0].content(), "echo hi\n");
+        assert!(run.heredocs[0].chomp && run.heredocs[0].expand);
+        assert_eq!((run.start_line, run.end_line), (2, 4));
+        assert_eq!(ast.nodes[2].start_line, 5);
+    }
+}

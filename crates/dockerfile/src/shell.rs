@@ -1,0 +1,526 @@
+//! Shell-word expansion as BuildKit's `frontend/dockerfile/shell` lexer does it:
+//! `$v ${v} ${v:-w} ${v-w} ${v:+w} ${v+w} ${v:?w} ${v?w}`, single and double
+//! quotes, and escapes with the Dockerfile's escape character.
+
+use std::collections::BTreeMap;
+
+use crate::Error;
+
+/// Where variable values come from.
+pub trait EnvLookup {
+    fn lookup(&self, key: &str) -> Option<String>;
+}
+
+impl EnvLookup for BTreeMap<String, String> {
+    fn lookup(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+impl EnvLookup for [(String, String)] {
+    fn lookup(&self, key: &str) -> Option<String> {
+        self.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+impl EnvLookup for Vec<(String, String)> {
+    fn lookup(&self, key: &str) -> Option<String> {
+        self.as_slice().lookup(key)
+    }
+}
+
+/// The word lexer. `Lex::new(escape)` gives BuildKit's default behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lex {
+    escape: char,
+    raw_quotes: bool,
+    skip_unset_env: bool,
+}
+
+impl Lex {
+    pub fn new(escape: char) -> Self {
+        Lex {
+            escape,
+            raw_quotes: false,
+            skip_unset_env: false,
+        }
+    }
+
+    /// Keep quote characters in the output (used for progress names).
+    pub fn raw_quotes(mut self, on: bool) -> Self {
+        self.raw_quotes = on;
+        self
+    }
+
+    /// Leave references to unset variables as written instead of expanding them to "".
+    pub fn skip_unset_env(mut self, on: bool) -> Self {
+        self.skip_unset_env = on;
+        self
+    }
+
+    /// Expands one word: quotes removed, escapes applied, variables substituted.
+    pub fn process_word(
+        &self,
+        word: &str,
+        env: &(impl EnvLookup + ?Sized),
+    ) -> Result<String, Error> {
+        let mut w = Word::new(self, word, env);
+        let (out, _) = w.process_until(None, false)?;
+        Ok(out)
+    }
+
+    /// Expands and splits into words on unquoted whitespace (EXPOSE and friends).
+    pub fn process_words(
+        &self,
+        word: &str,
+        env: &(impl EnvLookup + ?Sized),
+    ) -> Result<Vec<String>, Error> {
+        let mut w = Word::new(self, word, env);
+        let (_, words) = w.process_until(None, true)?;
+        Ok(words)
+    }
+}
+
+struct Word<'a, E: EnvLookup + ?Sized> {
+    lex: &'a Lex,
+    chars: Vec<char>,
+    pos: usize,
+    env: &'a E,
+    original: &'a str,
+}
+
+/// Accumulates words for `process_words`.
+#[derive(Default)]
+struct Words {
+    words: Vec<String>,
+    cur: String,
+    in_word: bool,
+}
+
+impl Words {
+    fn add_char(&mut self, c: char) {
+        if c.is_whitespace() && self.in_word {
+            self.words.push(std::mem::take(&mut self.cur));
+            self.in_word = false;
+        } else if !c.is_whitespace() {
+            self.cur.push(c);
+            self.in_word = true;
+        }
+    }
+    fn add_raw(&mut self, s: &str) {
+        self.cur.push_str(s);
+        self.in_word = true;
+    }
+    fn add_str(&mut self, s: &str) {
+        for c in s.chars() {
+            self.add_char(c);
+        }
+    }
+    fn finish(mut self) -> Vec<String> {
+        if self.in_word {
+            self.words.push(self.cur);
+        }
+        self.words
+    }
+}
+
+impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
+    fn new(lex: &'a Lex, word: &'a str, env: &'a E) -> Self {
+        Word {
+            lex,
+            chars: word.chars().collect(),
+            pos: 0,
+            env,
+            original: word,
+        }
+    }
+
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+
+    fn next(&mut self) -> Option<char> {
+        let c = self.peek();
+        if c.is_some() {
+            self.pos += 1;
+        }
+        c
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Expand {
+            word: self.original.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Processes until `stop` (consumed) or the end.
+    fn process_until(
+        &mut self,
+        stop: Option<char>,
+        split: bool,
+    ) -> Result<(String, Vec<String>), Error> {
+        let mut out = String::new();
+        let mut words = Words::default();
+        loop {
+            let Some(c) = self.peek() else {
+                if let Some(s) = stop {
+                    return Err(self.err(format!(
+                        "unexpected end of statement while looking for matching {s}"
+                    )));
+                }
+                break;
+            };
+            if Some(c) == stop {
+                self.next();
+                break;
+            }
+            match c {
+                '\'' => {
+                    let s = self.single_quote()?;
+                    out.push_str(&s);
+                    words.add_raw(&s);
+                }
+                '"' => {
+                    let s = self.double_quote()?;
+                    out.push_str(&s);
+                    words.add_raw(&s);
+                }
+                '$' => {
+                    let s = self.dollar()?;
+                    out.push_str(&s);
+                    words.add_str(&s);
+                }
+                _ if c == self.lex.escape => {
+                    self.next();
+                    match self.next() {
+                        None => {}
+                        Some(n) => {
+                            out.push(n);
+                            words.add_raw(&n.to_string());
+                        }
+                    }
+                }
+                _ => {
+                    self.next();
+                    out.push(c);
+                    words.add_char(c);
+                }
+            }
+        }
+        Ok((out, if split { words.finish() } else { Vec::new() }))
+    }
+
+    fn single_quote(&mut self) -> Result<String, Error> {
+        self.next();
+        let mut s = String::new();
+        if self.lex.raw_quotes {
+            s.push('\'');
+        }
+        loop {
+            match self.next() {
+                None => {
+                    return Err(self.err(
+                        "unexpected end of statement while looking for matching single-quote",
+                    ));
+                }
+                Some('\'') => break,
+                Some(c) => s.push(c),
+            }
+        }
+        if self.lex.raw_quotes {
+            s.push('\'');
+        }
+        Ok(s)
+    }
+
+    fn double_quote(&mut self) -> Result<String, Error> {
+        self.next();
+        let mut s = String::new();
+        if self.lex.raw_quotes {
+            s.push('"');
+        }
+        loop {
+            match self.peek() {
+                None => {
+                    return Err(self.err(
+                        "unexpected end of statement while looking for matching double-quote",
+                    ));
+                }
+                Some('"') => {
+                    self.next();
+                    break;
+                }
+                Some('$') => {
+                    let v = self.dollar()?;
+                    s.push_str(&v);
+                }
+                Some(c) if c == self.lex.escape => {
+                    self.next();
+                    match self.peek() {
+                        None => {}
+                        Some(n) if n == '"' || n == '$' || n == self.lex.escape => {
+                            self.next();
+                            s.push(n);
+                        }
+                        Some(_) => s.push(c),
+                    }
+                }
+                Some(c) => {
+                    self.next();
+                    s.push(c);
+                }
+            }
+        }
+        if self.lex.raw_quotes {
+            s.push('"');
+        }
+        Ok(s)
+    }
+
+    fn name(&mut self) -> String {
+        let mut name = String::new();
+        while let Some(c) = self.peek() {
+            if name.is_empty() && c.is_ascii_digit() {
+                while let Some(d) = self.peek().filter(|d| d.is_ascii_digit()) {
+                    self.next();
+                    name.push(d);
+                }
+                return name;
+            }
+            if name.is_empty() && matches!(c, '@' | '*' | '#' | '?' | '-' | '$' | '!' | '0') {
+                self.next();
+                return c.to_string();
+            }
+            if !(c.is_alphanumeric() || c == '_') {
+                break;
+            }
+            self.next();
+            name.push(c);
+        }
+        name
+    }
+
+    fn dollar(&mut self) -> Result<String, Error> {
+        self.next(); // '$'
+        if self.peek() != Some('{') {
+            let name = self.name();
+            if name.is_empty() {
+                return Ok("$".to_string());
+            }
+            return Ok(match self.env.lookup(&name) {
+                Some(v) => v,
+                None if self.lex.skip_unset_env => format!("${name}"),
+                None => String::new(),
+            });
+        }
+        self.next(); // '{'
+        let name = self.name();
+        if name.is_empty() {
+            return Err(self.err("bad substitution"));
+        }
+        let value = self.env.lookup(&name);
+        match self.next() {
+            Some('}') => Ok(match value {
+                Some(v) => v,
+                None if self.lex.skip_unset_env => format!("${{{name}}}"),
+                None => String::new(),
+            }),
+            Some(':') => {
+                let modifier = self.next();
+                let (word, _) = self.process_until(Some('}'), false)?;
+                let set_nonempty = value.as_deref().is_some_and(|v| !v.is_empty());
+                match modifier {
+                    Some('-') => Ok(if set_nonempty {
+                        value.unwrap_or_default()
+                    } else {
+                        word
+                    }),
+                    Some('+') => Ok(if set_nonempty { word } else { String::new() }),
+                    Some('?') => {
+                        if set_nonempty {
+                            Ok(value.unwrap_or_default())
+                        } else if word.is_empty() {
+                            Err(self.err(format!("{name}: is not allowed to be unset")))
+                        } else {
+                            Err(self.err(format!("{name}: {word}")))
+                        }
+                    }
+                    Some(m) => {
+                        Err(self.err(format!("unsupported modifier (:{m}) in substitution")))
+                    }
+                    None => Err(self.err("missing '}'")),
+                }
+            }
+            Some(m @ ('-' | '+' | '?')) => {
+                let (word, _) = self.process_until(Some('}'), false)?;
+                match m {
+                    '-' => Ok(value.unwrap_or(word)),
+                    '+' => Ok(if value.is_some() { word } else { String::new() }),
+                    _ => match value {
+                        Some(v) => Ok(v),
+                        None if word.is_empty() => {
+                            Err(self.err(format!("{name}: is not allowed to be unset")))
+                        }
+                        None => Err(self.err(format!("{name}: {word}"))),
+                    },
+                }
+            }
+            Some(m) => Err(self.err(format!("unsupported modifier ({m}) in substitution"))),
+            None => Err(self.err("missing '}'")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Vec<(String, String)> {
+        [
+            ("A", "a"),
+            ("B", "b c"),
+            ("EMPTY", ""),
+            ("X_1", "x1"),
+            ("DIR", "/srv"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn render(r: Result<String, Error>) -> String {
+        match r {
+            Ok(s) => s,
+            Err(e) => format!("ERR {e}"),
+        }
+    }
+
+    #[test]
+    fn process_word_table() {
+        let lex = Lex::new('\\');
+        let cases: &[(&str, &str)] = &[
+            ("plain", "plain"),
+            ("", ""),
+            ("$A", "a"),
+            ("${A}", "a"),
+            ("x$A", "xa"),
+            ("$A$A", "aa"),
+            ("${A}x", "ax"),
+            ("$Ax", ""),
+            ("$X_1", "x1"),
+            ("$UNSET", ""),
+            ("${UNSET}", ""),
+            ("$", "$"),
+            ("a$", "a$"),
+            ("$/x", "$/x"),
+            ("$1", ""),
+            ("${A:-d}", "a"),
+            ("${UNSET:-d}", "d"),
+            ("${EMPTY:-d}", "d"),
+            ("${A-d}", "a"),
+            ("${UNSET-d}", "d"),
+            ("${EMPTY-d}", ""),
+            ("${A:+r}", "r"),
+            ("${UNSET:+r}", ""),
+            ("${EMPTY:+r}", ""),
+            ("${A+r}", "r"),
+            ("${EMPTY+r}", "r"),
+            ("${UNSET+r}", ""),
+            ("${UNSET:-$A}", "a"),
+            ("${UNSET:-${DIR}/x}", "/srv/x"),
+            ("${UNSET:-a b}", "a b"),
+            ("${A:?msg}", "a"),
+            (
+                "${UNSET:?need it}",
+                "ERR failed to process \"${UNSET:?need it}\": UNSET: need it",
+            ),
+            (
+                "${UNSET?}",
+                "ERR failed to process \"${UNSET?}\": UNSET: is not allowed to be unset",
+            ),
+            ("${EMPTY?x}", ""),
+            ("${A", "ERR failed to process \"${A\": missing '}'"),
+            (
+                "${A:-x",
+                "ERR failed to process \"${A:-x\": unexpected end of statement while looking for matching }",
+            ),
+            ("${}", "ERR failed to process \"${}\": bad substitution"),
+            (
+                "${A%x}",
+                "ERR failed to process \"${A%x}\": unsupported modifier (%) in substitution",
+            ),
+            ("'$A'", "$A"),
+            ("'a b'", "a b"),
+            ("\"$A\"", "a"),
+            ("\"$B\"", "b c"),
+            ("\"a'b\"", "a'b"),
+            ("'a\"b'", "a\"b"),
+            ("\\$A", "$A"),
+            ("\\\\", "\\"),
+            ("a\\ b", "a b"),
+            ("\"\\$A\"", "$A"),
+            ("\"\\\"\"", "\""),
+            ("\"\\n\"", "\\n"),
+            (
+                "\"a",
+                "ERR failed to process \"\\\"a\": unexpected end of statement while looking for matching double-quote",
+            ),
+            (
+                "'a",
+                "ERR failed to process \"'a\": unexpected end of statement while looking for matching single-quote",
+            ),
+            ("trailing\\", "trailing"),
+            ("${DIR}/'${A}'", "/srv/${A}"),
+            ("\u{e9}$A\u{e9}", "\u{e9}"),
+            ("\u{e9}${A}\u{e9}", "\u{e9}a\u{e9}"),
+        ];
+        let mut failures = Vec::new();
+        for (word, want) in cases {
+            let got = render(lex.process_word(word, &env()));
+            if &got != want {
+                failures.push(format!("word {word:?}: want {want:?} got {got:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn escape_backtick_and_modes() {
+        let env = env();
+        let tick = Lex::new('`');
+        assert_eq!(render(tick.process_word("`$A", &env)), "$A");
+        assert_eq!(render(tick.process_word("C:\\dir\\$A", &env)), "C:\\dir\\a");
+        assert_eq!(render(tick.process_word("\"``\"", &env)), "`");
+        let raw = Lex::new('\\').raw_quotes(true).skip_unset_env(true);
+        assert_eq!(
+            render(raw.process_word("echo \"$A $NOPE\" '${B}' ${NOPE}", &env)),
+            "echo \"a $NOPE\" '${B}' ${NOPE}"
+        );
+    }
+
+    #[test]
+    fn process_words_table() {
+        let lex = Lex::new('\\');
+        let cases: &[(&str, &[&str])] = &[
+            ("a b", &["a", "b"]),
+            ("  a   b  ", &["a", "b"]),
+            ("$B", &["b", "c"]),
+            ("\"$B\"", &["b c"]),
+            ("'x y' z", &["x y", "z"]),
+            ("a\\ b", &["a b"]),
+            ("", &[]),
+        ];
+        for (word, want) in cases {
+            let got = lex.process_words(word, &env()).expect("process_words");
+            assert_eq!(
+                got,
+                want.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "word {word:?}"
+            );
+        }
+    }
+}
