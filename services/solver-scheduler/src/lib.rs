@@ -1,1 +1,94 @@
-//! (placeholder)
+//! solver-scheduler: the daemon's front door and brain.
+//!
+//! It serves `moby.buildkit.v1.Control` to clients, owns their sessions
+//! (forwarding calls to them for other services through `SessionBroker`),
+//! serves `LLBBridge` to frontends, loads LLB definitions into vertex
+//! graphs, runs each vertex once on a worker (independent vertices in
+//! parallel, results reused by cache key) and hands results to the exporter.
+//!
+//! It never touches files or registries itself: workers, frontends and the
+//! exporter are peers reached through the small traits in [`peer`], whose
+//! real implementations are gRPC clients (`grpc::client`).
+
+pub mod build;
+pub mod grpc;
+pub mod peer;
+pub mod progress;
+pub mod session;
+pub mod solve;
+
+pub use build::{BuildRequest, Solver};
+
+use std::time::Duration;
+
+/// How the solver is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a build waits for the client's session to attach.
+    pub session_wait: Duration,
+    /// Worker platforms reported by ListWorkers, e.g. "linux/amd64".
+    pub platforms: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", default_arch())] }
+    }
+}
+
+/// GOARCH-style name of this machine's architecture.
+pub fn default_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "s390x" => "s390x",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid definition: {0}")]
+    Definition(#[from] kiln_llb::Error),
+    #[error("definition refers to a vertex it does not contain: {0}")]
+    MissingVertex(String),
+    #[error("no build with id {0:?}")]
+    UnknownBuild(String),
+    #[error("no session {0:?} attached")]
+    NoSession(String),
+    #[error("no result with id {0:?} in this build")]
+    UnknownRef(String),
+    #[error("unsupported exporter {0:?}")]
+    UnknownExporter(String),
+    #[error("frontend {frontend}: {message}")]
+    Frontend { frontend: String, message: String, code: tonic::Code },
+    #[error("{message}")]
+    Vertex { name: String, message: String, code: tonic::Code },
+    #[error("export to {exporter}: {message}")]
+    Export { exporter: String, message: String },
+    #[error("worker: {0}")]
+    Worker(String),
+    #[error("resolve image config for {reference}: {message}")]
+    Resolve { reference: String, message: String },
+    #[error("session: {0}")]
+    Session(#[from] kiln_session::Error),
+    #[error("build cancelled")]
+    Cancelled,
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::Definition(_) | Error::MissingVertex(_) | Error::UnknownExporter(_) => tonic::Code::InvalidArgument,
+            Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
+            Error::NoSession(_) => tonic::Code::FailedPrecondition,
+            Error::Frontend { code, .. } | Error::Vertex { code, .. } => *code,
+            Error::Cancelled => tonic::Code::Cancelled,
+            Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
+            Error::Resolve { .. } => tonic::Code::NotFound,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

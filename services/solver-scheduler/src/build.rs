@@ -1,0 +1,227 @@
+//! Builds: one Solve request from a client, from frontend to export.
+
+use crate::peer::{ExportJob, Exporter, Frontend, Worker};
+use crate::progress::{now, Progress};
+use crate::session::SessionManager;
+use crate::solve::{self, ResultCache};
+use crate::{Config, Error};
+use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
+use kiln_proto::pb;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// One exporter of a build request.
+#[derive(Debug, Clone, Default)]
+pub struct ExporterSpec {
+    pub r#type: String,
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// A client's Solve, in domain terms.
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    pub id: String,
+    pub session_id: String,
+    pub definition: Option<pb::Definition>,
+    pub frontend: String,
+    pub frontend_attrs: BTreeMap<String, String>,
+    pub exporters: Vec<ExporterSpec>,
+}
+
+/// A build in flight.
+pub struct Build {
+    pub id: String,
+    pub session_id: String,
+    pub no_cache: bool,
+    pub progress: Progress,
+    /// results handed to the frontend, by id
+    refs: Mutex<HashMap<String, String>>,
+}
+
+impl Build {
+    pub fn add_ref(&self, worker_ref: String) -> String {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(mut m) = self.refs.lock() {
+            m.insert(id.clone(), worker_ref);
+        }
+        id
+    }
+    pub fn worker_ref(&self, id: &str) -> Result<String, Error> {
+        self.refs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .ok_or_else(|| Error::UnknownRef(id.to_string()))
+    }
+}
+
+/// The solver: builds, sessions, the result cache and the peers.
+pub struct Solver<W, F, E> {
+    pub config: Config,
+    pub sessions: Arc<SessionManager>,
+    builds: Mutex<HashMap<String, Arc<Build>>>,
+    builds_changed: Notify,
+    cache: Arc<ResultCache>,
+    pub worker: Arc<W>,
+    frontend: Arc<F>,
+    exporter: Arc<E>,
+}
+
+const IMAGE_CONFIG_KEY: &str = "containerimage.config";
+
+impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
+    pub fn new(config: Config, worker: W, frontend: F, exporter: E) -> Self {
+        Solver {
+            config,
+            sessions: Arc::new(SessionManager::default()),
+            builds: Mutex::new(HashMap::new()),
+            builds_changed: Notify::new(),
+            cache: Arc::new(ResultCache::default()),
+            worker: Arc::new(worker),
+            frontend: Arc::new(frontend),
+            exporter: Arc::new(exporter),
+        }
+    }
+
+    fn register(&self, req: &BuildRequest) -> Arc<Build> {
+        let no_cache = req.frontend_attrs.contains_key("no-cache");
+        let b = Arc::new(Build {
+            id: req.id.clone(),
+            session_id: req.session_id.clone(),
+            no_cache,
+            progress: Progress::default(),
+            refs: Mutex::new(HashMap::new()),
+        });
+        if let Ok(mut m) = self.builds.lock() {
+            m.insert(req.id.clone(), b.clone());
+        }
+        self.builds_changed.notify_waiters();
+        b
+    }
+
+    /// The build with `id`, waiting a little for a Solve that is about to
+    /// register it (clients call Status and Solve concurrently).
+    pub async fn build(&self, id: &str, wait: Duration) -> Result<Arc<Build>, Error> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.builds_changed.notified();
+            if let Some(b) = self.builds.lock().ok().and_then(|m| m.get(id).cloned()) {
+                return Ok(b);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::UnknownBuild(id.to_string()));
+            }
+        }
+    }
+
+    /// Runs a whole build: frontend, solve, exporters.
+    pub async fn solve(self: &Arc<Self>, req: BuildRequest) -> Result<BTreeMap<String, String>, Error> {
+        let build = self.register(&req);
+        let r = self.run_build(&build, &req).await;
+        build.progress.close();
+        let this = self.clone();
+        let id = req.id.clone();
+        tokio::spawn(async move {
+            // late Status subscribers still get the whole history
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if let Ok(mut m) = this.builds.lock() {
+                m.remove(&id);
+            }
+        });
+        r
+    }
+
+    async fn run_build(&self, build: &Arc<Build>, req: &BuildRequest) -> Result<BTreeMap<String, String>, Error> {
+        let (definition, metadata) = if req.frontend.is_empty() {
+            (req.definition.clone().unwrap_or_default(), BTreeMap::new())
+        } else {
+            let out = self.frontend.solve(&build.id, &req.frontend, &req.frontend_attrs, &req.session_id).await?;
+            (out.definition, out.metadata)
+        };
+        let result = self.solve_definition(build, &definition).await?;
+        let image_config = metadata.get(IMAGE_CONFIG_KEY).cloned().unwrap_or_else(|| default_image_config(&self.config));
+        let mut response = BTreeMap::new();
+        for (i, exp) in req.exporters.iter().enumerate() {
+            let name = match exp.r#type.as_str() {
+                "image" => "exporting to image".to_string(),
+                "oci" | "docker" => format!("exporting to {} image format", exp.r#type),
+                "local" => "exporting to client directory".to_string(),
+                "tar" => "exporting to client tarball".to_string(),
+                other => return Err(Error::UnknownExporter(other.to_string())),
+            };
+            let vdigest = export_vertex_digest(&build.id, i);
+            let mut pv = ProgressVertex { digest: vdigest.clone(), name, started: Some(now()), ..Default::default() };
+            build.progress.vertex(pv.clone());
+            let pb = build.clone();
+            let vd = vdigest.clone();
+            let status: Arc<dyn Fn(String) + Send + Sync> =
+                Arc::new(move |s: String| pb.progress.log(&vd, 1, format!("{s}\n").into_bytes()));
+            let r = self
+                .exporter
+                .export(
+                    ExportJob {
+                        build_id: build.id.clone(),
+                        session_id: req.session_id.clone(),
+                        worker: self.worker.address(),
+                        r#ref: result.clone(),
+                        r#type: exp.r#type.clone(),
+                        attrs: exp.attrs.clone(),
+                        image_config: image_config.clone(),
+                        index: i as u32,
+                    },
+                    status,
+                )
+                .await;
+            pv.completed = Some(now());
+            match r {
+                Ok(resp) => {
+                    build.progress.vertex(pv);
+                    response.extend(resp);
+                }
+                Err(e) => {
+                    pv.error = e.to_string();
+                    build.progress.vertex(pv);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// Solves a definition within a build (also used by LLBBridge.Solve).
+    pub async fn solve_definition(&self, build: &Arc<Build>, def: &pb::Definition) -> Result<String, Error> {
+        solve::solve(self.worker.clone(), self.cache.clone(), build.clone(), def).await
+    }
+
+    pub fn frontend(&self) -> &F {
+        &self.frontend
+    }
+
+    pub fn exporter(&self) -> &E {
+        &self.exporter
+    }
+}
+
+/// Progress id of the export step `index` of a build.
+fn export_vertex_digest(build_id: &str, index: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("export:{build_id}:{index}").as_bytes());
+    format!("sha256:{}", h.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn default_image_config(config: &Config) -> Vec<u8> {
+    let platform = config.platforms.first().cloned().unwrap_or_default();
+    let mut parts = platform.split('/');
+    let os = parts.next().unwrap_or("linux");
+    let arch = parts.next().unwrap_or("amd64");
+    serde_json::json!({
+        "architecture": arch,
+        "os": os,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    })
+    .to_string()
+    .into_bytes()
+}

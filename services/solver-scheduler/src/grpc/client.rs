@@ -1,0 +1,171 @@
+//! The solver's peers over gRPC.
+
+use crate::peer::{self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs};
+use crate::Error;
+use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
+use kiln_proto::kiln::frontend::v1::{frontend_client::FrontendClient, FrontendRequest};
+use kiln_proto::kiln::worker::v1::{self as wk, worker_client::WorkerClient};
+use kiln_proto::pb;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+const MAX_MESSAGE: usize = 64 << 20;
+
+fn status_error(what: &str, s: tonic::Status) -> Error {
+    Error::Vertex { name: what.to_string(), message: s.message().to_string(), code: s.code() }
+}
+
+/// A worker-executor reached over gRPC.
+#[derive(Clone)]
+pub struct GrpcWorker {
+    address: String,
+    client: WorkerClient<Channel>,
+}
+
+impl GrpcWorker {
+    pub fn new(address: String, channel: Channel) -> Self {
+        GrpcWorker {
+            address,
+            client: WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+        }
+    }
+}
+
+impl peer::Worker for GrpcWorker {
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn run(&self, op: RunOp, events: Arc<dyn Fn(RunEvent) + Send + Sync>) -> Result<RunOutputs, Error> {
+        let mut client = self.client.clone();
+        let name = op.name.clone();
+        let mut stream = client
+            .run(wk::RunRequest {
+                build_id: op.build_id,
+                session_id: op.session_id,
+                op: op.op_bytes,
+                digest: op.digest,
+                inputs: op.inputs,
+                name: op.name,
+            })
+            .await
+            .map_err(|s| status_error(&name, s))?
+            .into_inner();
+        let mut outputs = None;
+        while let Some(ev) = stream.message().await.map_err(|s| status_error(&name, s))? {
+            match ev.event {
+                Some(wk::run_event::Event::Log(l)) => events(RunEvent::Log { stream: l.stream, data: l.data }),
+                Some(wk::run_event::Event::Outputs(o)) => {
+                    outputs = Some(RunOutputs { refs: o.refs, content_keys: o.content_keys })
+                }
+                Some(wk::run_event::Event::Progress(_)) | None => {}
+            }
+        }
+        outputs.ok_or_else(|| Error::Worker(format!("{name}: worker ended the run without outputs")))
+    }
+
+    async fn read_file(&self, r: &str, path: &str) -> Result<Vec<u8>, Error> {
+        let mut req = tonic::Request::new(wk::ReadFileRequest { r#ref: r.to_string(), path: path.to_string() });
+        req.set_timeout(Duration::from_secs(60));
+        let resp = self.client.clone().read_file(req).await.map_err(|s| Error::Worker(s.message().to_string()))?;
+        Ok(resp.into_inner().data)
+    }
+}
+
+/// A frontend-gateway reached over gRPC.
+#[derive(Clone)]
+pub struct GrpcFrontend {
+    client: FrontendClient<Channel>,
+}
+
+impl GrpcFrontend {
+    pub fn new(channel: Channel) -> Self {
+        GrpcFrontend { client: FrontendClient::new(channel).max_decoding_message_size(MAX_MESSAGE) }
+    }
+}
+
+impl peer::Frontend for GrpcFrontend {
+    async fn solve(
+        &self,
+        build_id: &str,
+        frontend: &str,
+        attrs: &BTreeMap<String, String>,
+        session_id: &str,
+    ) -> Result<FrontendOutput, Error> {
+        let resp = self
+            .client
+            .clone()
+            .solve(FrontendRequest {
+                build_id: build_id.to_string(),
+                frontend: frontend.to_string(),
+                attrs: attrs.clone(),
+                session_id: session_id.to_string(),
+            })
+            .await
+            .map_err(|s| Error::Frontend { frontend: frontend.to_string(), message: s.message().to_string(), code: s.code() })?
+            .into_inner();
+        Ok(FrontendOutput { definition: resp.definition.unwrap_or_default(), metadata: resp.metadata })
+    }
+}
+
+/// A registry-exporter reached over gRPC.
+#[derive(Clone)]
+pub struct GrpcExporter {
+    client: ExporterClient<Channel>,
+}
+
+impl GrpcExporter {
+    pub fn new(channel: Channel) -> Self {
+        GrpcExporter { client: ExporterClient::new(channel).max_decoding_message_size(MAX_MESSAGE) }
+    }
+}
+
+impl peer::Exporter for GrpcExporter {
+    async fn resolve(&self, reference: &str, platform: Option<pb::Platform>) -> Result<ResolvedImage, Error> {
+        let mut req = tonic::Request::new(ex::ResolveRequest { r#ref: reference.to_string(), platform });
+        req.set_timeout(Duration::from_secs(120));
+        let r = self
+            .client
+            .clone()
+            .resolve_image_config(req)
+            .await
+            .map_err(|s| Error::Resolve { reference: reference.to_string(), message: s.message().to_string() })?
+            .into_inner();
+        Ok(ResolvedImage { reference: r.r#ref, digest: r.digest, config: r.config })
+    }
+
+    async fn export(&self, job: ExportJob, status: Arc<dyn Fn(String) + Send + Sync>) -> Result<BTreeMap<String, String>, Error> {
+        let exporter = job.r#type.clone();
+        let mut stream = self
+            .client
+            .clone()
+            .export(ex::ExportRequest {
+                build_id: job.build_id,
+                session_id: job.session_id,
+                worker: job.worker,
+                r#ref: job.r#ref,
+                r#type: job.r#type,
+                attrs: job.attrs,
+                image_config: job.image_config,
+                index: job.index as i32,
+            })
+            .await
+            .map_err(|s| Error::Export { exporter: exporter.clone(), message: s.message().to_string() })?
+            .into_inner();
+        let mut response = None;
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => match ev.event {
+                    Some(ex::export_event::Event::Status(s)) => status(s),
+                    Some(ex::export_event::Event::Done(d)) => response = Some(d.response),
+                    None => {}
+                },
+                Ok(None) => break,
+                Err(s) => return Err(Error::Export { exporter, message: s.message().to_string() }),
+            }
+        }
+        response.ok_or_else(|| Error::Export { exporter, message: "exporter ended without a result".into() })
+    }
+}

@@ -1,0 +1,12 @@
+//! The gRPC edge of the solver: `Control` and `SessionBroker` and
+//! `LLBBridge` servers, and clients for the worker, frontend and exporter
+//! peers. The only module that names tonic or generated types.
+
+pub mod client;
+mod convert;
+pub mod server;
+
+pub use server::{bridge_server, broker_server, control_server};
+
+/// gRPC metadata key carrying the build id on LLBBridge calls.
+pub const BUILD_ID_KEY: &str = "kiln-build-id";

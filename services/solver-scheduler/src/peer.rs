@@ -1,0 +1,92 @@
+//! The solver's peers, as the solver sees them. The real implementations
+//! are gRPC clients in `grpc::client`.
+
+use crate::Error;
+use kiln_proto::pb;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Something a running op reports.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    Log { stream: i64, data: Vec<u8> },
+}
+
+/// One op to run on a worker.
+#[derive(Debug, Clone)]
+pub struct RunOp {
+    pub build_id: String,
+    pub session_id: String,
+    pub digest: String,
+    pub op_bytes: Vec<u8>,
+    pub inputs: Vec<String>,
+    pub name: String,
+}
+
+/// What a worker produced for an op.
+#[derive(Debug, Clone, Default)]
+pub struct RunOutputs {
+    pub refs: Vec<String>,
+    pub content_keys: Vec<String>,
+}
+
+pub trait Worker: Send + Sync + 'static {
+    /// gRPC address other services use to reach this worker.
+    fn address(&self) -> String;
+    fn run(
+        &self,
+        op: RunOp,
+        events: Arc<dyn Fn(RunEvent) + Send + Sync>,
+    ) -> impl Future<Output = Result<RunOutputs, Error>> + Send;
+    fn read_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+}
+
+/// A frontend's answer.
+#[derive(Debug, Clone, Default)]
+pub struct FrontendOutput {
+    pub definition: pb::Definition,
+    pub metadata: BTreeMap<String, Vec<u8>>,
+}
+
+pub trait Frontend: Send + Sync + 'static {
+    fn solve(
+        &self,
+        build_id: &str,
+        frontend: &str,
+        attrs: &BTreeMap<String, String>,
+        session_id: &str,
+    ) -> impl Future<Output = Result<FrontendOutput, Error>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportJob {
+    pub build_id: String,
+    pub session_id: String,
+    pub worker: String,
+    pub r#ref: String,
+    pub r#type: String,
+    pub attrs: BTreeMap<String, String>,
+    pub image_config: Vec<u8>,
+    pub index: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    pub reference: String,
+    pub digest: String,
+    pub config: Vec<u8>,
+}
+
+pub trait Exporter: Send + Sync + 'static {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: Option<pb::Platform>,
+    ) -> impl Future<Output = Result<ResolvedImage, Error>> + Send;
+    fn export(
+        &self,
+        job: ExportJob,
+        status: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, Error>> + Send;
+}
