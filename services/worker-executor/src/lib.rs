@@ -1,1 +1,340 @@
-//! (placeholder)
+//! worker-executor: the kiln worker. It holds filesystem snapshots (overlayfs layers on
+//! local disk), runs single LLB ops on them (image and local sources, exec through runc,
+//! file ops) and exports snapshots as layer blobs or whole-filesystem tars.
+//!
+//! It is not a solver: it never sees a whole build graph, caches nothing by op digest and
+//! knows nothing of exporters or frontends. Callers hand it one op plus the refs
+//! (snapshot ids) of the op's inputs and get back one ref per output. The only module that
+//! names tonic or the generated `kiln.worker.v1` types is [`grpc`].
+
+pub mod error;
+pub mod fscopy;
+pub mod grpc;
+pub mod layers;
+pub mod ops;
+pub mod rootpath;
+pub mod runc;
+pub mod snapshot;
+pub mod users;
+
+pub use error::{Error, Result};
+pub use kiln_llb::pb;
+pub use snapshot::LayerBlob;
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Worker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State directory: snapshots, content store, local-source dirs, runc state.
+    pub root: PathBuf,
+    /// Address of solver-scheduler's SessionBroker, used to reach client sessions
+    /// (`unix:///path`, `tcp://host:port`).
+    pub broker: String,
+    /// Registry hosts, mirrors and plain-http settings for image pulls.
+    pub registry: kiln_registry::RegistryConfig,
+    /// The runc binary (default "runc" on PATH).
+    pub runc: PathBuf,
+}
+
+impl Config {
+    /// A config with defaults for everything but the state directory.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Config {
+            root: root.into(),
+            broker: String::new(),
+            registry: kiln_registry::RegistryConfig::default(),
+            runc: PathBuf::from("runc"),
+        }
+    }
+}
+
+/// Something that happened while an op ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Output of a process: stream 1 = stdout, 2 = stderr.
+    Log { stream: i64, data: Vec<u8> },
+    /// Progress of a named sub-task (e.g. a layer download).
+    Progress {
+        id: String,
+        current: i64,
+        total: i64,
+        completed: bool,
+    },
+}
+
+/// One op to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub build_id: String,
+    /// The client session that local sources are synced from.
+    pub session_id: String,
+    /// A short name for logs ("[2/3] RUN echo hi").
+    pub name: String,
+    pub op: pb::Op,
+    /// One ref per `op.inputs` entry; `None` is scratch.
+    pub inputs: Vec<Option<String>>,
+}
+
+/// The worker core. Cheap to share behind an `Arc`.
+pub struct Worker {
+    config: Config,
+    id: String,
+    store: snapshot::Store,
+    registry: kiln_registry::Client,
+    /// Serializes image pulls so a base is fetched and unpacked once.
+    pull_lock: tokio::sync::Mutex<()>,
+    /// Serializes layer blob computation (memoized in snapshot meta).
+    layers_lock: tokio::sync::Mutex<()>,
+    /// One lock per persistent local-source dir.
+    local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("root", &self.config.root)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Opens the worker's state under `config.root`, creating it when missing.
+    pub fn new(config: Config) -> Result<Worker> {
+        let root = &config.root;
+        for d in [
+            root.join("content/blobs/sha256"),
+            root.join("local"),
+            root.join("tmp"),
+            root.join("image-layers"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
+        }
+        let root = std::fs::canonicalize(root).map_err(Error::io("canonicalize", root))?;
+        let config = Config { root, ..config };
+        let store = snapshot::Store::open(&config.root)?;
+        let id_file = config.root.join("worker-id");
+        let id = match std::fs::read_to_string(&id_file) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                snapshot::write_atomic(&id_file, id.as_bytes())?;
+                id
+            }
+        };
+        let registry = kiln_registry::Client::new(config.registry.clone()).map_err(|source| {
+            Error::Registry {
+                reference: "client".into(),
+                source,
+            }
+        })?;
+        Ok(Worker {
+            config,
+            id,
+            store,
+            registry,
+            pull_lock: tokio::sync::Mutex::new(()),
+            layers_lock: tokio::sync::Mutex::new(()),
+            local_locks: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A stable id for this worker (kept in `<root>/worker-id`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Platforms this worker can run.
+    pub fn platforms(&self) -> Vec<kiln_oci::Platform> {
+        vec![kiln_oci::Platform::new("linux", host_arch(), None)]
+    }
+
+    pub fn store(&self) -> &snapshot::Store {
+        &self.store
+    }
+
+    /// Runs one op; `events` receives process output and progress while it runs.
+    /// Returns one ref per output (`None` = scratch). Dropping the future cancels the op
+    /// (a running container is killed).
+    pub async fn run(
+        &self,
+        req: RunRequest,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Vec<Option<String>>> {
+        ops::run_op(self, req, events).await
+    }
+
+    /// Reads a file inside a ref's filesystem (the path cannot escape the root).
+    pub async fn read_file(&self, r: Option<&str>, path: &str) -> Result<Vec<u8>> {
+        let top = r.map(str::to_string);
+        let path = path.to_string();
+        let w = self.blocking_store();
+        tokio::task::spawn_blocking(move || {
+            let m = w.mount_ro(top.as_deref())?;
+            let p =
+                rootpath::resolve(m.path(), &path, true).map_err(Error::io("resolve", &path))?;
+            let data = std::fs::read(&p).map_err(Error::io("read", &path))?;
+            m.unmount()?;
+            Ok(data)
+        })
+        .await?
+    }
+
+    /// The layer blobs of a ref's chain, root first (computed and memoized on first use).
+    pub async fn layers(&self, r: Option<&str>, compression: &str) -> Result<Vec<LayerBlob>> {
+        layers::layers(self, r, compression).await
+    }
+
+    /// The file of a blob in the content store.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| Error::InvalidDigest {
+                digest: digest.to_string(),
+            })?;
+        Ok(self.config.root.join("content/blobs/sha256").join(hex))
+    }
+
+    /// Streams a blob in 64 KiB chunks.
+    pub async fn read_blob(&self, digest: &str) -> Result<mpsc::Receiver<Result<Bytes>>> {
+        use tokio::io::AsyncReadExt;
+        let path = self.blob_path(digest)?;
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::BlobNotFound {
+                    digest: digest.to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "open",
+                    path,
+                    source: e,
+                });
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 64 * 1024];
+                let item = match f.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(Bytes::from(buf))
+                    }
+                    Err(e) => Err(Error::Io {
+                        op: "read",
+                        path: path.clone(),
+                        source: e,
+                    }),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Streams a ref's whole filesystem as an uncompressed tar.
+    pub async fn export_fs(&self, r: Option<&str>) -> Result<mpsc::Receiver<Result<Bytes>>> {
+        let top = r.map(str::to_string);
+        let store = self.blocking_store();
+        let m = tokio::task::spawn_blocking(move || store.mount_ro(top.as_deref())).await??;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut w = layers::ChannelWriter::new(tx.clone());
+            let res = kiln_oci::layer::tar_dir(m.path(), &mut w)
+                .map_err(|source| Error::Layer {
+                    digest: "export".into(),
+                    source,
+                })
+                .and_then(|()| w.flush_chunk());
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(e));
+            }
+            drop(m);
+        });
+        Ok(rx)
+    }
+
+    /// A handle on the snapshot store usable from blocking threads.
+    fn blocking_store(&self) -> snapshot::Store {
+        self.store.clone()
+    }
+
+    fn local_lock(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = match self.local_locks.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(dir.to_path_buf()).or_default().clone()
+    }
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use crate::snapshot::Kind;
+
+    pub fn worker() -> (tempfile::TempDir, Worker) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let w = Worker::new(Config::new(tmp.path().join("root"))).expect("worker");
+        (tmp, w)
+    }
+
+    /// Commits a snapshot whose diff is filled by `fill`.
+    pub fn snapshot(w: &Worker, parent: Option<&str>, fill: impl FnOnce(&Path)) -> String {
+        let st = w.store().prepare().expect("prepare");
+        fill(&st.diff());
+        w.store()
+            .commit(st, parent, Kind::Built, None)
+            .expect("commit")
+    }
+
+    /// A busybox rootfs (static busybox from the host) with /etc/passwd and /etc/group.
+    pub fn busybox(w: &Worker) -> String {
+        snapshot(w, None, |d| {
+            std::fs::create_dir_all(d.join("bin")).expect("mkdir");
+            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+            std::fs::copy("/bin/busybox", d.join("bin/busybox")).expect("copy busybox");
+            let list = std::process::Command::new("/bin/busybox")
+                .arg("--list")
+                .output()
+                .expect("busybox --list");
+            for name in String::from_utf8_lossy(&list.stdout).lines() {
+                if name != "busybox" {
+                    std::os::unix::fs::symlink("busybox", d.join("bin").join(name))
+                        .expect("symlink");
+                }
+            }
+            std::fs::write(
+                d.join("etc/passwd"),
+                "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\n",
+            )
+            .expect("passwd");
+            std::fs::write(d.join("etc/group"), "root:x:0:\nalice:x:1001:\n").expect("group");
+        })
+    }
+}

@@ -1,0 +1,71 @@
+//! Conversions between the worker core's types and `kiln.worker.v1` messages.
+
+use crate::{Event, LayerBlob, RunRequest, pb};
+use kiln_proto::kiln::worker::v1 as wpb;
+use prost::Message;
+
+/// A wire ref: empty = scratch.
+pub fn ref_from_wire(r: &str) -> Option<String> {
+    (!r.is_empty()).then(|| r.to_string())
+}
+
+pub fn ref_to_wire(r: Option<String>) -> String {
+    r.unwrap_or_default()
+}
+
+pub fn run_request(r: wpb::RunRequest) -> Result<RunRequest, crate::Error> {
+    let op = pb::Op::decode(r.op.as_slice())?;
+    Ok(RunRequest {
+        build_id: r.build_id,
+        session_id: r.session_id,
+        name: r.name,
+        op,
+        inputs: r.inputs.iter().map(|i| ref_from_wire(i)).collect(),
+    })
+}
+
+pub fn event(e: Event) -> wpb::RunEvent {
+    let ev = match e {
+        Event::Log { stream, data } => wpb::run_event::Event::Log(wpb::Log { stream, data }),
+        Event::Progress {
+            id,
+            current,
+            total,
+            completed,
+        } => wpb::run_event::Event::Progress(wpb::Progress {
+            id,
+            current,
+            total,
+            completed,
+        }),
+    };
+    wpb::RunEvent { event: Some(ev) }
+}
+
+pub fn outputs(refs: Vec<Option<String>>) -> wpb::RunEvent {
+    wpb::RunEvent {
+        event: Some(wpb::run_event::Event::Outputs(wpb::Outputs {
+            refs: refs.into_iter().map(ref_to_wire).collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn layer(l: LayerBlob) -> wpb::Layer {
+    wpb::Layer {
+        media_type: l.descriptor.media_type,
+        digest: l.descriptor.digest,
+        size: l.descriptor.size as i64,
+        diff_id: l.diff_id,
+    }
+}
+
+pub fn platform(p: kiln_oci::Platform) -> pb::Platform {
+    pb::Platform {
+        architecture: p.architecture,
+        os: p.os,
+        variant: p.variant.unwrap_or_default(),
+        os_version: String::new(),
+        os_features: Vec::new(),
+    }
+}

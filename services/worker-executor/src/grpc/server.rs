@@ -1,0 +1,164 @@
+//! The generated `Worker` trait implemented over the core.
+
+use super::convert;
+use crate::Worker;
+use bytes::Bytes;
+use futures::Stream;
+use kiln_proto::kiln::worker::v1 as wpb;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+pub struct WorkerService {
+    core: Arc<Worker>,
+}
+
+impl WorkerService {
+    pub fn new(core: Arc<Worker>) -> Self {
+        WorkerService { core }
+    }
+}
+
+/// A response stream fed by a task; the task is aborted when the client goes away.
+pub struct TaskStream<T> {
+    rx: mpsc::Receiver<Result<T, Status>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl<T> Stream for TaskStream<T> {
+    type Item = Result<T, Status>;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl<T> Drop for TaskStream<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn chunks(mut rx: mpsc::Receiver<crate::Result<Bytes>>) -> TaskStream<wpb::Chunk> {
+    let (tx, out) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            let msg = item
+                .map(|b| wpb::Chunk { data: b.to_vec() })
+                .map_err(Status::from);
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    TaskStream {
+        rx: out,
+        task: task.abort_handle(),
+    }
+}
+
+#[tonic::async_trait]
+impl wpb::worker_server::Worker for WorkerService {
+    async fn info(
+        &self,
+        _: Request<wpb::InfoRequest>,
+    ) -> Result<Response<wpb::InfoResponse>, Status> {
+        Ok(Response::new(wpb::InfoResponse {
+            id: self.core.id().to_string(),
+            platforms: self
+                .core
+                .platforms()
+                .into_iter()
+                .map(convert::platform)
+                .collect(),
+            labels: [(
+                "org.mobyproject.buildkit.worker.executor".to_string(),
+                "oci".to_string(),
+            )]
+            .into(),
+        }))
+    }
+
+    type RunStream = TaskStream<wpb::RunEvent>;
+
+    async fn run(
+        &self,
+        req: Request<wpb::RunRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        let req = convert::run_request(req.into_inner())?;
+        let core = self.core.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let task = tokio::spawn(async move {
+            let (etx, mut erx) = mpsc::channel(64);
+            let fwd_tx = tx.clone();
+            let fwd = tokio::spawn(async move {
+                while let Some(ev) = erx.recv().await {
+                    if fwd_tx.send(Ok(convert::event(ev))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let res = core.run(req, etx).await;
+            let _ = fwd.await;
+            let msg = res.map(convert::outputs).map_err(Status::from);
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(TaskStream {
+            rx,
+            task: task.abort_handle(),
+        }))
+    }
+
+    async fn read_file(
+        &self,
+        req: Request<wpb::ReadFileRequest>,
+    ) -> Result<Response<wpb::ReadFileResponse>, Status> {
+        let req = req.into_inner();
+        let data = self
+            .core
+            .read_file(convert::ref_from_wire(&req.r#ref).as_deref(), &req.path)
+            .await?;
+        Ok(Response::new(wpb::ReadFileResponse { data }))
+    }
+
+    async fn layers(
+        &self,
+        req: Request<wpb::LayersRequest>,
+    ) -> Result<Response<wpb::LayersResponse>, Status> {
+        let req = req.into_inner();
+        let layers = self
+            .core
+            .layers(
+                convert::ref_from_wire(&req.r#ref).as_deref(),
+                &req.compression,
+            )
+            .await?;
+        Ok(Response::new(wpb::LayersResponse {
+            layers: layers.into_iter().map(convert::layer).collect(),
+        }))
+    }
+
+    type ReadBlobStream = TaskStream<wpb::Chunk>;
+
+    async fn read_blob(
+        &self,
+        req: Request<wpb::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let rx = self.core.read_blob(&req.into_inner().digest).await?;
+        Ok(Response::new(chunks(rx)))
+    }
+
+    type ExportFsStream = TaskStream<wpb::Chunk>;
+
+    async fn export_fs(
+        &self,
+        req: Request<wpb::ExportFsRequest>,
+    ) -> Result<Response<Self::ExportFsStream>, Status> {
+        let rx = self
+            .core
+            .export_fs(convert::ref_from_wire(&req.into_inner().r#ref).as_deref())
+            .await?;
+        Ok(Response::new(chunks(rx)))
+    }
+}

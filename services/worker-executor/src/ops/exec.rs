@@ -1,0 +1,461 @@
+//! Exec ops: mount the inputs, write a runc bundle, run it, commit the writable mounts.
+
+use crate::error::{Error, Result};
+use crate::ops::input_ref;
+use crate::pb::{self, MountType, NetMode};
+use crate::runc::{self, ExtraMount, ProcessSpec, Runc};
+use crate::snapshot::{Kind, Mounted, Staging, Store};
+use crate::{Event, Worker, rootpath, users};
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// A mount whose writes become an output snapshot.
+struct Writable {
+    output: i64,
+    parent: Option<String>,
+    staging: Staging,
+    mounted: Mounted,
+}
+
+/// Everything mounted for one exec; dropping it unmounts and discards.
+struct Prepared {
+    writable: Vec<Writable>,
+    /// Keeps read-only mounts alive for the run.
+    _readonly: Vec<Mounted>,
+    rootfs: PathBuf,
+    /// Index into `writable` of the root mount, when it has an upper.
+    root_writable: Option<usize>,
+    /// Paths (relative to the rootfs) that did not exist before the run: mount stubs.
+    stubs: Vec<PathBuf>,
+    bundle: tempfile::TempDir,
+}
+
+/// The first missing component of `dest` inside `root`, and every path below it down to
+/// `dest` (relative to root, shallowest first).
+fn missing_components(root: &Path, dest: &str) -> Vec<PathBuf> {
+    let mut rel = PathBuf::new();
+    let mut out = Vec::new();
+    for c in Path::new(dest).components() {
+        if let std::path::Component::Normal(n) = c {
+            rel.push(n);
+            if !out.is_empty() || std::fs::symlink_metadata(root.join(&rel)).is_err() {
+                out.push(rel.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Removes mount stubs from an upper dir: entries that did not exist before the run and are
+/// now empty dirs or empty files; then copied-up parents left empty by that.
+fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
+    let mut sorted: Vec<&PathBuf> = stubs.iter().collect();
+    sorted.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    sorted.dedup();
+    for rel in &sorted {
+        let p = upper.join(rel);
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let _ = if md.is_dir() {
+            std::fs::remove_dir(&p)
+        } else if md.is_file() && md.len() == 0 {
+            std::fs::remove_file(&p)
+        } else {
+            Ok(())
+        };
+    }
+    for rel in &sorted {
+        let mut parent = rel.parent();
+        while let Some(par) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            let p = upper.join(par);
+            let empty = std::fs::read_dir(&p)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            let opaque = xattr_opaque(&p);
+            if !empty || opaque || std::fs::remove_dir(&p).is_err() {
+                break;
+            }
+            parent = par.parent();
+        }
+    }
+}
+
+fn xattr_opaque(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 8];
+    #[allow(unsafe_code)]
+    // SAFETY: c is a valid NUL-terminated path and buf is a writable buffer of the given size.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n > 0
+}
+
+fn resolv_conf() -> Vec<u8> {
+    std::fs::read("/etc/resolv.conf")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| b"nameserver 8.8.8.8\nnameserver 8.8.4.4\n".to_vec())
+}
+
+fn prepare(
+    store: &Store,
+    tmp: &Path,
+    cache_root: &Path,
+    e: &pb::ExecOp,
+    inputs: &[Option<String>],
+) -> Result<Prepared> {
+    let meta = e
+        .meta
+        .as_ref()
+        .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    let bundle = tempfile::Builder::new()
+        .prefix("exec-")
+        .tempdir_in(tmp)
+        .map_err(Error::io("create bundle", tmp))?;
+    let mut p = Prepared {
+        writable: Vec::new(),
+        _readonly: Vec::new(),
+        rootfs: PathBuf::new(),
+        root_writable: None,
+        stubs: Vec::new(),
+        bundle,
+    };
+    let mut extra = Vec::new();
+    let mut mounts: Vec<&pb::Mount> = e.mounts.iter().collect();
+    mounts.sort_by_key(|m| m.dest != "/");
+    for m in mounts {
+        let is_root = m.dest == "/";
+        match MountType::try_from(m.mount_type).unwrap_or(MountType::Bind) {
+            MountType::Bind => {
+                let parent = input_ref(inputs, m.input)?;
+                let path = if m.output >= 0 || !m.readonly {
+                    let staging = store.prepare()?;
+                    let mounted = store.mount_rw(parent.as_deref(), &staging)?;
+                    let path = mounted.path().to_path_buf();
+                    if is_root {
+                        p.root_writable = Some(p.writable.len());
+                    }
+                    p.writable.push(Writable {
+                        output: m.output,
+                        parent,
+                        staging,
+                        mounted,
+                    });
+                    path
+                } else {
+                    let mounted = store.mount_ro(parent.as_deref())?;
+                    let path = mounted.path().to_path_buf();
+                    p._readonly.push(mounted);
+                    path
+                };
+                if is_root {
+                    p.rootfs = path;
+                } else {
+                    let source = rootpath::resolve(&path, &m.selector, true)
+                        .map_err(Error::io("resolve", &m.selector))?;
+                    extra.push(ExtraMount::Bind {
+                        dest: m.dest.clone(),
+                        source,
+                        readonly: m.readonly,
+                    });
+                }
+            }
+            MountType::Tmpfs => extra.push(ExtraMount::Tmpfs {
+                dest: m.dest.clone(),
+                size: m.tmpfs_opt.map(|t| t.size),
+            }),
+            MountType::Cache => {
+                let id = m
+                    .cache_opt
+                    .as_ref()
+                    .map(|c| c.id.clone())
+                    .unwrap_or_else(|| m.dest.clone());
+                let dir = cache_root.join(hex::encode(sha2::Sha256::digest(id.as_bytes())));
+                std::fs::create_dir_all(&dir).map_err(Error::io("create cache mount", &dir))?;
+                extra.push(ExtraMount::Bind {
+                    dest: m.dest.clone(),
+                    source: dir,
+                    readonly: false,
+                });
+            }
+            MountType::Secret | MountType::Ssh => {
+                let optional = m
+                    .secret_opt
+                    .as_ref()
+                    .map(|s| s.optional)
+                    .or(m.ssh_opt.as_ref().map(|s| s.optional));
+                if optional != Some(true) {
+                    return Err(Error::UnsupportedOp(format!(
+                        "secret/ssh mount at {}",
+                        m.dest
+                    )));
+                }
+            }
+        }
+    }
+    if p.rootfs.as_os_str().is_empty() {
+        return Err(Error::InvalidOp("exec has no root mount".into()));
+    }
+    let identity = users::resolve_user(&p.rootfs, &meta.user)?;
+    for dest in runc::SYSTEM_MOUNTS
+        .iter()
+        .copied()
+        .chain(extra.iter().map(ExtraMount::dest))
+    {
+        p.stubs.extend(missing_components(&p.rootfs, dest));
+    }
+    let resolv = p.bundle.path().join("resolv.conf");
+    std::fs::write(&resolv, resolv_conf()).map_err(Error::io("write", &resolv))?;
+    let hosts = p.bundle.path().join("hosts");
+    let mut hosts_data = runc::HOSTS.to_string();
+    for h in &meta.extra_hosts {
+        hosts_data.push_str(&format!("{}\t{}\n", h.ip, h.host));
+    }
+    std::fs::write(&hosts, hosts_data).map_err(Error::io("write", &hosts))?;
+    let spec = runc::spec(&ProcessSpec {
+        args: meta.args.clone(),
+        env: meta.env.clone(),
+        cwd: meta.cwd.clone(),
+        identity,
+        hostname: meta.hostname.clone(),
+        isolated_network: e.network == NetMode::None as i32,
+        rootfs: p.rootfs.clone(),
+        readonly_rootfs: p.root_writable.is_none(),
+        mounts: extra,
+        resolv_conf: resolv,
+        hosts,
+    })?;
+    let config = p.bundle.path().join("config.json");
+    spec.save(&config)
+        .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
+    Ok(p)
+}
+
+fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
+    let n = p
+        .writable
+        .iter()
+        .map(|w| w.output + 1)
+        .max()
+        .unwrap_or(0)
+        .max(0) as usize;
+    let mut outputs = vec![None; n];
+    for (i, w) in p.writable.into_iter().enumerate() {
+        w.mounted.unmount()?;
+        if Some(i) == p.root_writable {
+            remove_stubs(&w.staging.diff(), &p.stubs);
+        }
+        if w.output >= 0 {
+            let id = store.commit(w.staging, w.parent.as_deref(), Kind::Built, None)?;
+            outputs[w.output as usize] = Some(id);
+        }
+    }
+    Ok(outputs)
+}
+
+pub async fn run(
+    w: &Worker,
+    e: &pb::ExecOp,
+    inputs: &[Option<String>],
+    events: &mpsc::Sender<Event>,
+) -> Result<Vec<Option<String>>> {
+    let meta = e
+        .meta
+        .clone()
+        .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    let store = w.store().clone();
+    let root = w.config().root.clone();
+    let (e2, inputs2) = (e.clone(), inputs.to_vec());
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare(
+            &store,
+            &root.join("tmp"),
+            &root.join("cache-mounts"),
+            &e2,
+            &inputs2,
+        )
+    })
+    .await??;
+    let runc = Runc {
+        binary: w.config().runc.clone(),
+        state: w.config().root.join("runc"),
+    };
+    let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
+    let code = runc.run(&id, prepared.bundle.path(), events).await?;
+    let valid = if meta.valid_exit_codes.is_empty() {
+        vec![0]
+    } else {
+        meta.valid_exit_codes.clone()
+    };
+    if !valid.contains(&code) {
+        return Err(Error::ExitCode {
+            args: meta.args.join(" "),
+            code,
+        });
+    }
+    let store = w.store().clone();
+    tokio::task::spawn_blocking(move || finish(&store, prepared)).await?
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pb::{self, op::Op};
+    use crate::testutil;
+    use crate::{Event, RunRequest, Worker};
+    use tokio::sync::mpsc;
+
+    fn exec_op(script: &str, user: &str, valid: Vec<i32>) -> pb::Op {
+        pb::Op {
+            inputs: vec![pb::Input {
+                digest: "sha256:root".into(),
+                index: 0,
+            }],
+            op: Some(Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    env: vec!["PATH=/bin".into()],
+                    cwd: "/".into(),
+                    user: user.into(),
+                    valid_exit_codes: valid,
+                    ..Default::default()
+                }),
+                mounts: vec![pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    async fn run(
+        w: &Worker,
+        root: &str,
+        op: pb::Op,
+    ) -> (crate::Result<Vec<Option<String>>>, Vec<Event>) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let collect = tokio::spawn(async move {
+            let mut v = Vec::new();
+            while let Some(e) = rx.recv().await {
+                v.push(e);
+            }
+            v
+        });
+        let req = RunRequest {
+            build_id: "b".into(),
+            session_id: String::new(),
+            name: "test".into(),
+            op,
+            inputs: vec![Some(root.to_string())],
+        };
+        let res = w.run(req, tx).await;
+        (res, collect.await.expect("collect"))
+    }
+
+    #[tokio::test]
+    async fn run_writes_diff_without_mount_stubs_and_streams_output() {
+        let (_tmp, w) = testutil::worker();
+        let root = testutil::busybox(&w);
+        let (res, events) = run(
+            &w,
+            &root,
+            exec_op(
+                "echo hi > /out.txt; echo out; echo err >&2; cat /etc/hosts",
+                "",
+                vec![],
+            ),
+        )
+        .await;
+        let outs = res.expect("run");
+        let out = outs[0].clone().expect("output ref");
+        let diff = w.store().diff_dir(&out);
+        assert_eq!(
+            std::fs::read_to_string(diff.join("out.txt")).expect("out.txt"),
+            "hi\n"
+        );
+        for stub in ["etc/hosts", "etc/resolv.conf", "proc", "dev", "sys", "etc"] {
+            assert!(
+                std::fs::symlink_metadata(diff.join(stub)).is_err(),
+                "stub {stub} left in the diff"
+            );
+        }
+        assert_eq!(
+            w.store().meta(&out).expect("meta").parent.as_deref(),
+            Some(root.as_str())
+        );
+        let logs = |s: i64| -> String {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Log { stream, data } if *stream == s => {
+                        Some(String::from_utf8_lossy(data).into_owned())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(logs(1).starts_with("out\n"), "stdout: {:?}", logs(1));
+        assert!(
+            logs(1).contains("127.0.0.1\tlocalhost buildkitsandbox"),
+            "stdout: {:?}",
+            logs(1)
+        );
+        assert_eq!(logs(2), "err\n");
+    }
+
+    #[tokio::test]
+    async fn failing_process_reports_buildkit_error_and_valid_exit_codes_pass() {
+        let (_tmp, w) = testutil::worker();
+        let root = testutil::busybox(&w);
+        let (res, _) = run(&w, &root, exec_op("exit 3", "", vec![])).await;
+        let err = res.expect_err("exit 3 must fail");
+        assert_eq!(
+            err.to_string(),
+            r#"process "/bin/sh -c exit 3" did not complete successfully: exit code: 3"#
+        );
+        let (res, _) = run(&w, &root, exec_op("exit 3", "", vec![0, 3])).await;
+        assert!(res.expect("valid exit code")[0].is_some());
+    }
+
+    #[tokio::test]
+    async fn user_by_name_comes_from_rootfs_passwd() {
+        let (_tmp, w) = testutil::worker();
+        let root = testutil::busybox(&w);
+        let (res, events) = run(
+            &w,
+            &root,
+            exec_op("echo $(id -u):$(id -g)", "alice", vec![]),
+        )
+        .await;
+        res.expect("run as alice");
+        let out: Vec<u8> = events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Log { stream: 1, data } => Some(data),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&out), "1000:1001\n");
+        let (res, _) = run(&w, &root, exec_op("true", "nobody", vec![])).await;
+        assert!(
+            res.expect_err("unknown user")
+                .to_string()
+                .contains("nobody")
+        );
+    }
+}

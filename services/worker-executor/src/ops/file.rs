@@ -1,0 +1,399 @@
+//! File ops: mkdir, mkfile, rm, copy and symlink actions on a mounted view of the input with
+//! a fresh upper, so the change is captured as a diff. Every path is resolved inside its
+//! root ([`rootpath`]): `..` and absolute symlinks never leave it.
+
+use crate::error::{Error, Result};
+use crate::fscopy::{self, CopyOpts};
+use crate::pb::{self, file_action::Action, user_opt::User};
+use crate::snapshot::{Kind, Mounted, Staging, Store};
+use crate::{Worker, rootpath, users};
+use nix::sys::time::TimeSpec;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A mutable view: a staging snapshot over `parent`, mounted.
+struct WorkView {
+    parent: Option<String>,
+    staging: Staging,
+    mounted: Mounted,
+}
+
+impl WorkView {
+    fn new(store: &Store, parent: Option<String>) -> Result<WorkView> {
+        let staging = store.prepare()?;
+        let mounted = store.mount_rw(parent.as_deref(), &staging)?;
+        Ok(WorkView {
+            parent,
+            staging,
+            mounted,
+        })
+    }
+
+    fn commit(self, store: &Store) -> Result<String> {
+        self.mounted.unmount()?;
+        store.commit(self.staging, self.parent.as_deref(), Kind::Built, None)
+    }
+}
+
+enum ActionResult {
+    Working(WorkView),
+    Committed(String),
+}
+
+pub async fn run(
+    w: &Worker,
+    f: &pb::FileOp,
+    inputs: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let store = w.store().clone();
+    let (f, inputs) = (f.clone(), inputs.to_vec());
+    tokio::task::spawn_blocking(move || run_blocking(&store, &f, &inputs)).await?
+}
+
+fn run_blocking(
+    store: &Store,
+    f: &pb::FileOp,
+    inputs: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let n_in = inputs.len() as i64;
+    let mut uses = vec![0usize; f.actions.len()];
+    for a in &f.actions {
+        for idx in [a.input, a.secondary_input] {
+            if idx >= n_in {
+                if let Some(u) = uses.get_mut((idx - n_in) as usize) {
+                    *u += 1;
+                }
+            }
+        }
+    }
+    let mut results: Vec<Option<ActionResult>> = Vec::new();
+    let mut outputs: Vec<Option<String>> = Vec::new();
+    for (k, a) in f.actions.iter().enumerate() {
+        let prior = |idx: i64| -> Result<usize> {
+            let j = (idx - n_in) as usize;
+            if j >= k {
+                return Err(Error::InvalidOp(format!(
+                    "action {k} refers to later action {j}"
+                )));
+            }
+            Ok(j)
+        };
+        // The view this action writes to.
+        let view = if a.input < n_in {
+            WorkView::new(store, super::input_ref(inputs, a.input)?)?
+        } else {
+            let j = prior(a.input)?;
+            uses[j] -= 1;
+            match results[j].take() {
+                Some(ActionResult::Working(v)) if uses[j] == 0 => v,
+                Some(ActionResult::Working(v)) => {
+                    let id = v.commit(store)?;
+                    results[j] = Some(ActionResult::Committed(id.clone()));
+                    WorkView::new(store, Some(id))?
+                }
+                Some(ActionResult::Committed(id)) => {
+                    results[j] = Some(ActionResult::Committed(id.clone()));
+                    WorkView::new(store, Some(id))?
+                }
+                None => {
+                    return Err(Error::InvalidOp(format!(
+                        "action {k}: result of action {j} already consumed"
+                    )));
+                }
+            }
+        };
+        // The root a copy reads from.
+        let mut secondary_mount = None;
+        let secondary: Option<PathBuf> = if a.secondary_input < 0 {
+            None
+        } else if a.secondary_input < n_in {
+            let m = store.mount_ro(super::input_ref(inputs, a.secondary_input)?.as_deref())?;
+            let p = m.path().to_path_buf();
+            secondary_mount = Some(m);
+            Some(p)
+        } else {
+            let j = prior(a.secondary_input)?;
+            uses[j] = uses[j].saturating_sub(1);
+            match &results[j] {
+                Some(ActionResult::Working(v)) => Some(v.mounted.path().to_path_buf()),
+                Some(ActionResult::Committed(id)) => {
+                    let m = store.mount_ro(Some(id))?;
+                    let p = m.path().to_path_buf();
+                    secondary_mount = Some(m);
+                    Some(p)
+                }
+                None => {
+                    return Err(Error::InvalidOp(format!(
+                        "action {k}: result of action {j} already consumed"
+                    )));
+                }
+            }
+        };
+        apply(view.mounted.path(), secondary.as_deref(), a)?;
+        drop(secondary_mount);
+        if a.output >= 0 {
+            let id = view.commit(store)?;
+            let o = a.output as usize;
+            if outputs.len() <= o {
+                outputs.resize(o + 1, None);
+            }
+            outputs[o] = Some(id.clone());
+            results.push(Some(ActionResult::Committed(id)));
+        } else {
+            results.push(Some(ActionResult::Working(view)));
+        }
+    }
+    Ok(outputs)
+}
+
+fn abs(p: &str) -> String {
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("/{p}")
+    }
+}
+
+fn timestamp(t: i64) -> Option<i64> {
+    (t >= 0).then_some(t)
+}
+
+/// Resolves a ChownOpt in `root` (the destination rootfs).
+fn owner(root: &Path, o: Option<&pb::ChownOpt>) -> Result<Option<(u32, u32)>> {
+    let Some(o) = o else { return Ok(None) };
+    let mut ids: Option<(u32, u32)> = None;
+    if let Some(u) = o.user.as_ref().and_then(|u| u.user.as_ref()) {
+        ids = Some(match u {
+            User::ById(id) => (*id, *id),
+            User::ByName(n) => {
+                let id = users::resolve_user(root, &n.name)?;
+                (id.uid, id.gid)
+            }
+        });
+    }
+    if let Some(g) = o.group.as_ref().and_then(|g| g.user.as_ref()) {
+        let gid = match g {
+            User::ById(id) => *id,
+            User::ByName(n) => users::lookup_gid(root, &n.name)?,
+        };
+        ids = Some((ids.map(|i| i.0).unwrap_or(0), gid));
+    }
+    Ok(ids)
+}
+
+fn times_of(path: &Path, ts: Option<i64>) -> std::io::Result<(TimeSpec, TimeSpec)> {
+    match ts {
+        Some(t) => Ok(fscopy::timespec(t)),
+        None => {
+            let md = std::fs::symlink_metadata(path)?;
+            Ok((
+                TimeSpec::new(md.atime(), md.atime_nsec()),
+                TimeSpec::new(md.mtime(), md.mtime_nsec()),
+            ))
+        }
+    }
+}
+
+/// mkdir -p inside `root` for an already resolved path; created dirs get mode/owner/times.
+fn mkdir_all(
+    root: &Path,
+    target: &Path,
+    mode: u32,
+    own: Option<(u32, u32)>,
+    ts: Option<i64>,
+) -> std::io::Result<()> {
+    let rel = target
+        .strip_prefix(root)
+        .map_err(|_| std::io::Error::other("path outside root"))?;
+    let mut cur = root.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(md) if md.is_dir() => continue,
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "not a directory",
+                ));
+            }
+            Err(_) => {
+                std::fs::create_dir(&cur)?;
+                let t = times_of(&cur, ts)?;
+                fscopy::set_meta(&cur, own.unwrap_or((0, 0)), Some(mode), t)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expands a wildcard path inside `root`; returns in-root absolute paths, sorted.
+fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
+    let mut bases = vec![String::new()];
+    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let mut next = Vec::new();
+        if has_glob(comp) {
+            let m = globset::GlobBuilder::new(comp)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::file("copy", pattern, e))?
+                .compile_matcher();
+            for b in &bases {
+                let dir = rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
+                    .map_err(|e| Error::file("copy", pattern, e))?;
+                let Ok(rd) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                let mut names: Vec<String> = rd
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                next.extend(
+                    names
+                        .into_iter()
+                        .filter(|n| m.is_match(n))
+                        .map(|n| format!("{b}/{n}")),
+                );
+            }
+        } else {
+            next = bases.into_iter().map(|b| format!("{b}/{comp}")).collect();
+        }
+        bases = next;
+    }
+    let mut out: Vec<String> = bases
+        .into_iter()
+        .map(|b| if b.is_empty() { "/".to_string() } else { b })
+        .filter(|b| {
+            rootpath::resolve(root, b, false)
+                .map(|p| std::fs::symlink_metadata(p).is_ok())
+                .unwrap_or(false)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Applies one action to the view at `root`.
+pub fn apply(root: &Path, secondary: Option<&Path>, a: &pb::FileAction) -> Result<()> {
+    fn io<'a>(action: &'static str, path: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
+        move |e| Error::file(action, path, e)
+    }
+    match a.action.as_ref() {
+        None => Err(Error::InvalidOp("file action has no body".into())),
+        Some(Action::Mkdir(m)) => {
+            let p = rootpath::resolve(root, &abs(&m.path), true).map_err(io("mkdir", &m.path))?;
+            let own = owner(root, m.owner.as_ref())?;
+            let mode = (m.mode as u32) & 0o7777;
+            if m.make_parents {
+                mkdir_all(root, &p, mode, own, timestamp(m.timestamp)).map_err(io("mkdir", &m.path))
+            } else {
+                std::fs::create_dir(&p).map_err(io("mkdir", &m.path))?;
+                let t = times_of(&p, timestamp(m.timestamp)).map_err(io("mkdir", &m.path))?;
+                fscopy::set_meta(&p, own.unwrap_or((0, 0)), Some(mode), t)
+                    .map_err(io("mkdir", &m.path))
+            }
+        }
+        Some(Action::Mkfile(m)) => {
+            let p = rootpath::resolve(root, &abs(&m.path), true).map_err(io("mkfile", &m.path))?;
+            let own = owner(root, m.owner.as_ref())?;
+            std::fs::write(&p, &m.data).map_err(io("mkfile", &m.path))?;
+            let t = times_of(&p, timestamp(m.timestamp)).map_err(io("mkfile", &m.path))?;
+            fscopy::set_meta(&p, own.unwrap_or((0, 0)), Some((m.mode as u32) & 0o7777), t)
+                .map_err(io("mkfile", &m.path))
+        }
+        Some(Action::Rm(r)) => {
+            let paths = if r.allow_wildcard && has_glob(&r.path) {
+                glob(root, &abs(&r.path))?
+            } else {
+                vec![abs(&r.path)]
+            };
+            for path in paths {
+                let p = rootpath::resolve(root, &path, false).map_err(io("rm", &r.path))?;
+                let res = match std::fs::symlink_metadata(&p) {
+                    Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p),
+                    Ok(_) => std::fs::remove_file(&p),
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && r.allow_not_found => {}
+                    Err(e) => return Err(Error::file("rm", &r.path, e)),
+                    Ok(()) => {}
+                }
+            }
+            Ok(())
+        }
+        Some(Action::Symlink(s)) => {
+            let p = rootpath::resolve(root, &abs(&s.newpath), false)
+                .map_err(io("symlink", &s.newpath))?;
+            std::os::unix::fs::symlink(&s.oldpath, &p).map_err(io("symlink", &s.newpath))?;
+            let own = owner(root, s.owner.as_ref())?;
+            let t = times_of(&p, timestamp(s.timestamp)).map_err(io("symlink", &s.newpath))?;
+            fscopy::set_meta(&p, own.unwrap_or((0, 0)), None, t).map_err(io("symlink", &s.newpath))
+        }
+        Some(Action::Copy(c)) => copy(root, secondary, c),
+    }
+}
+
+fn copy(root: &Path, secondary: Option<&Path>, c: &pb::FileActionCopy) -> Result<()> {
+    let empty = tempfile::tempdir().map_err(|e| Error::file("copy", &c.src, e))?;
+    let src_root = secondary.unwrap_or(empty.path());
+    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let srcs = if c.allow_wildcard && has_glob(&c.src) {
+        let m = glob(src_root, &abs(&c.src))?;
+        if m.is_empty() && !c.allow_empty_wildcard {
+            return Err(Error::file("copy", &c.src, "no matches found"));
+        }
+        m
+    } else {
+        vec![abs(&c.src)]
+    };
+    let own = owner(root, c.owner.as_ref())?;
+    let opts = CopyOpts {
+        owner: own,
+        mode: (c.mode >= 0).then_some(c.mode as u32),
+        timestamp: timestamp(c.timestamp),
+    };
+    let dest_is_dir_hint = c.dest.ends_with('/') || c.dest.ends_with("/.");
+    for src in srcs {
+        let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
+        let src_md = std::fs::symlink_metadata(&src_path)
+            .map_err(|e| Error::file("copy", &src, format!("not found: {e}")))?;
+        let mut dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
+        if dest_is_dir_hint && c.create_dest_path {
+            mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
+        }
+        let dst_md = std::fs::metadata(&dst).ok();
+        let src_is_dir = src_md.is_dir();
+        if (!c.dir_copy_contents && src_is_dir && dst_md.is_some())
+            || (!src_is_dir && dst_md.as_ref().is_some_and(|m| m.is_dir()))
+        {
+            let base = Path::new(&src)
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            dst.push(base);
+        }
+        let target = if src_is_dir && !c.dir_copy_contents {
+            Some(dst.as_path())
+        } else {
+            dst.parent()
+        };
+        if let Some(t) = target.filter(|t| t.starts_with(root)) {
+            if c.create_dest_path {
+                mkdir_all(root, t, 0o755, own, opts.timestamp).map_err(err)?;
+            } else if !t.exists() && t != dst.as_path() {
+                return Err(Error::file(
+                    "copy",
+                    &c.dest,
+                    "destination directory does not exist",
+                ));
+            }
+        }
+        fscopy::copy_entry(&src_path, &dst, &opts).map_err(err)?;
+    }
+    Ok(())
+}

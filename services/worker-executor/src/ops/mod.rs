@@ -1,0 +1,52 @@
+//! The one dispatch point for LLB ops: `run_op(op, inputs) -> outputs`.
+
+pub mod exec;
+pub mod file;
+pub mod source;
+
+use crate::error::{Error, Result};
+use crate::pb::op::Op;
+use crate::{Event, RunRequest, Worker};
+use tokio::sync::mpsc;
+
+/// Runs one op on refs of its inputs; returns one ref per output (`None` = scratch).
+pub async fn run_op(
+    w: &Worker,
+    req: RunRequest,
+    events: mpsc::Sender<Event>,
+) -> Result<Vec<Option<String>>> {
+    if req.inputs.len() != req.op.inputs.len() {
+        return Err(Error::InputCount {
+            want: req.op.inputs.len(),
+            got: req.inputs.len(),
+        });
+    }
+    for id in req.inputs.iter().flatten() {
+        w.store().meta(id)?;
+    }
+    match &req.op.op {
+        Some(Op::Source(s)) => Ok(vec![
+            source::run(w, s, req.op.platform.as_ref(), &req.session_id, &events).await?,
+        ]),
+        Some(Op::Exec(e)) => exec::run(w, e, &req.inputs, &events).await,
+        Some(Op::File(f)) => file::run(w, f, &req.inputs).await,
+        Some(Op::Merge(_)) => Err(Error::UnsupportedOp("merge".into())),
+        Some(Op::Diff(_)) => Err(Error::UnsupportedOp("diff".into())),
+        Some(Op::Build(_)) => Err(Error::UnsupportedOp("build".into())),
+        Some(Op::Passthrough(_)) => Err(Error::UnsupportedOp("passthrough".into())),
+        None => Err(Error::InvalidOp("op has no body".into())),
+    }
+}
+
+/// The ref of input `index` (`-1` or out of range handled by the caller as scratch).
+pub(crate) fn input_ref(inputs: &[Option<String>], index: i64) -> Result<Option<String>> {
+    if index < 0 {
+        return Ok(None);
+    }
+    inputs.get(index as usize).cloned().ok_or_else(|| {
+        Error::InvalidOp(format!(
+            "input index {index} out of range ({} inputs)",
+            inputs.len()
+        ))
+    })
+}

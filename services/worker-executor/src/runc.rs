@@ -1,0 +1,341 @@
+//! The executor: an OCI runtime bundle (config.json from `oci-spec`) run with the `runc`
+//! binary, stdout/stderr streamed line by line.
+
+use crate::Event;
+use crate::error::{Error, Result};
+use crate::users::Identity;
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_HOSTNAME: &str = "buildkitsandbox";
+pub const HOSTS: &str =
+    "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
+/// An extra mount inside the container.
+#[derive(Debug, Clone)]
+pub enum ExtraMount {
+    Bind {
+        dest: String,
+        source: PathBuf,
+        readonly: bool,
+    },
+    Tmpfs {
+        dest: String,
+        size: Option<i64>,
+    },
+}
+
+impl ExtraMount {
+    pub fn dest(&self) -> &str {
+        match self {
+            ExtraMount::Bind { dest, .. } | ExtraMount::Tmpfs { dest, .. } => dest,
+        }
+    }
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub identity: Identity,
+    pub hostname: String,
+    /// A fresh, empty network namespace (NetMode NONE) instead of the host's.
+    pub isolated_network: bool,
+    pub rootfs: PathBuf,
+    pub readonly_rootfs: bool,
+    pub mounts: Vec<ExtraMount>,
+    pub resolv_conf: PathBuf,
+    pub hosts: PathBuf,
+}
+
+fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(|e| Error::Spec(e.to_string()))
+}
+
+/// The mount destinations every container gets (they need stubs in a bare rootfs).
+pub const SYSTEM_MOUNTS: &[&str] = &["/proc", "/dev", "/sys", "/etc/resolv.conf", "/etc/hosts"];
+
+/// Builds the OCI runtime config for `p`.
+pub fn spec(p: &ProcessSpec) -> Result<Spec> {
+    let se = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
+    use Capability::*;
+    let caps: oci_spec::runtime::Capabilities = [
+        Chown,
+        DacOverride,
+        Fsetid,
+        Fowner,
+        Mknod,
+        NetRaw,
+        Setgid,
+        Setuid,
+        Setfcap,
+        Setpcap,
+        NetBindService,
+        SysChroot,
+        Kill,
+        AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    let mut env = p.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    let cwd = if p.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        p.cwd.clone()
+    };
+    let mut user = UserBuilder::default()
+        .uid(p.identity.uid)
+        .gid(p.identity.gid);
+    if !p.identity.additional_gids.is_empty() {
+        user = user.additional_gids(p.identity.additional_gids.clone());
+    }
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(p.args.clone())
+        .env(env)
+        .cwd(cwd)
+        .user(user.build().map_err(se)?)
+        .capabilities(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps)
+                .build()
+                .map_err(se)?,
+        )
+        .no_new_privileges(true)
+        .build()
+        .map_err(se)?;
+
+    let mut mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        mount(
+            "/etc/resolv.conf",
+            "bind",
+            &p.resolv_conf.to_string_lossy(),
+            &["rbind", "rw"],
+        )?,
+        mount(
+            "/etc/hosts",
+            "bind",
+            &p.hosts.to_string_lossy(),
+            &["rbind", "rw"],
+        )?,
+    ];
+    for m in &p.mounts {
+        mounts.push(match m {
+            ExtraMount::Bind {
+                dest,
+                source,
+                readonly,
+            } => mount(
+                dest,
+                "bind",
+                &source.to_string_lossy(),
+                &["rbind", if *readonly { "ro" } else { "rw" }],
+            )?,
+            ExtraMount::Tmpfs { dest, size } => {
+                let size = size.filter(|s| *s > 0).map(|s| format!("size={s}"));
+                let mut opts = vec!["nosuid", "nodev", "mode=1777"];
+                if let Some(s) = &size {
+                    opts.push(s);
+                }
+                mount(dest, "tmpfs", "tmpfs", &opts)?
+            }
+        });
+    }
+
+    let mut ns_types = vec![
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+    ];
+    if p.isolated_network {
+        ns_types.push(LinuxNamespaceType::Network);
+    }
+    let namespaces = ns_types
+        .into_iter()
+        .map(|t| LinuxNamespaceBuilder::default().typ(t).build().map_err(se))
+        .collect::<Result<Vec<_>>>()?;
+    let defaults = oci_spec::runtime::Linux::default();
+    let mut linux = LinuxBuilder::default().namespaces(namespaces);
+    if let Some(m) = defaults.masked_paths() {
+        linux = linux.masked_paths(m.clone());
+    }
+    if let Some(r) = defaults.readonly_paths() {
+        linux = linux.readonly_paths(r.clone());
+    }
+    let linux = linux.build().map_err(se)?;
+
+    let mut spec = Spec::default();
+    spec.set_process(Some(process));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(&p.rootfs)
+            .readonly(p.readonly_rootfs)
+            .build()
+            .map_err(se)?,
+    ));
+    spec.set_hostname(Some(if p.hostname.is_empty() {
+        DEFAULT_HOSTNAME.to_string()
+    } else {
+        p.hostname.clone()
+    }));
+    spec.set_mounts(Some(mounts));
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+/// Runs bundles with the runc binary.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    /// runc's `--root` state directory (private to this worker).
+    pub state: PathBuf,
+}
+
+/// Kills and deletes a container that is still around when its run is abandoned.
+struct ContainerGuard<'a> {
+    runc: &'a Runc,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for ContainerGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for args in [
+            vec!["kill", self.id.as_str(), "KILL"],
+            vec!["delete", "-f", self.id.as_str()],
+        ] {
+            let _ = std::process::Command::new(&self.runc.binary)
+                .arg("--root")
+                .arg(&self.runc.state)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event>) {
+    let mut r = BufReader::new(r);
+    loop {
+        let mut line = Vec::new();
+        match r.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                // Keep reading even when nobody listens, so the process never blocks on a pipe.
+                let _ = events.send(Event::Log { stream, data: line }).await;
+            }
+        }
+    }
+}
+
+impl Runc {
+    /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
+    pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
+        std::fs::create_dir_all(&self.state).map_err(Error::io("create", &self.state))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.state)
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| Error::RuncStart {
+            runc: self.binary.clone(),
+            source,
+        })?;
+        let mut guard = ContainerGuard {
+            runc: self,
+            id: id.to_string(),
+            armed: true,
+        };
+        let out = child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(pump(o, 1, events.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(pump(e, 2, events.clone())));
+        let status = child.wait().await.map_err(|source| Error::RuncStart {
+            runc: self.binary.clone(),
+            source,
+        })?;
+        for h in [out, err].into_iter().flatten() {
+            let _ = h.await;
+        }
+        guard.armed = false;
+        drop(guard);
+        // 128+signal like a shell when the process was killed.
+        Ok(status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        }))
+    }
+}

@@ -1,0 +1,205 @@
+//! Users and groups from a root filesystem's /etc/passwd and /etc/group.
+
+use crate::error::{Error, Result};
+use crate::rootpath;
+use std::path::Path;
+
+/// Who a process runs as, or who owns a file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+struct GroupEntry {
+    name: String,
+    gid: u32,
+    members: Vec<String>,
+}
+
+fn read_in_root(root: &Path, file: &str) -> String {
+    rootpath::resolve(root, file, true)
+        .ok()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
+fn passwd(root: &Path) -> Vec<PasswdEntry> {
+    read_in_root(root, "/etc/passwd")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 4 {
+                return None;
+            }
+            Some(PasswdEntry {
+                name: f[0].to_string(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn groups(root: &Path) -> Vec<GroupEntry> {
+    read_in_root(root, "/etc/group")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 3 {
+                return None;
+            }
+            let members = f.get(3).map(|m| {
+                m.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            });
+            Some(GroupEntry {
+                name: f[0].to_string(),
+                gid: f[2].parse().ok()?,
+                members: members.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The uid of `name` (a user name or a number) in `root`'s /etc/passwd.
+pub fn lookup_uid(root: &Path, name: &str) -> Result<u32> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    passwd(root)
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.uid)
+        .ok_or_else(|| Error::User {
+            user: name.to_string(),
+            reason: "no matching entries in passwd file".into(),
+        })
+}
+
+/// The gid of `name` (a group name or a number) in `root`'s /etc/group.
+pub fn lookup_gid(root: &Path, name: &str) -> Result<u32> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    groups(root)
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.gid)
+        .ok_or_else(|| Error::User {
+            user: name.to_string(),
+            reason: "no matching entries in group file".into(),
+        })
+}
+
+/// Resolves an exec user spec: "", "name", "uid", "name:group", "uid:gid". Empty is root.
+pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity> {
+    if spec.is_empty() {
+        return Ok(Identity::default());
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let entries = passwd(root);
+    let entry = match user.parse::<u32>() {
+        Ok(uid) => entries.iter().find(|e| e.uid == uid),
+        Err(_) => Some(
+            entries
+                .iter()
+                .find(|e| e.name == user)
+                .ok_or_else(|| Error::User {
+                    user: user.to_string(),
+                    reason: "no matching entries in passwd file".into(),
+                })?,
+        ),
+    };
+    let uid = match entry {
+        Some(e) => e.uid,
+        None => user.parse().unwrap_or(0),
+    };
+    let mut id = Identity {
+        uid,
+        gid: entry.map(|e| e.gid).unwrap_or(0),
+        additional_gids: Vec::new(),
+    };
+    match group {
+        Some(g) => id.gid = lookup_gid(root, g)?,
+        None => {
+            if let Some(e) = entry {
+                id.additional_gids = groups(root)
+                    .into_iter()
+                    .filter(|g| g.members.iter().any(|m| *m == e.name) && g.gid != id.gid)
+                    .map(|g| g.gid)
+                    .collect();
+            }
+        }
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_ids_and_groups() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(tmp.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            tmp.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\n",
+        )
+        .expect("write");
+        std::fs::write(
+            tmp.path().join("etc/group"),
+            "root:x:0:\nalice:x:1001:\nwheel:x:10:alice\n",
+        )
+        .expect("write");
+        let r = |s: &str| resolve_user(tmp.path(), s);
+        assert_eq!(r("").expect("empty"), Identity::default());
+        assert_eq!(
+            r("alice").expect("alice"),
+            Identity {
+                uid: 1000,
+                gid: 1001,
+                additional_gids: vec![10]
+            }
+        );
+        assert_eq!(r("1000").expect("uid").gid, 1001);
+        assert_eq!(
+            r("2000").expect("unknown uid"),
+            Identity {
+                uid: 2000,
+                gid: 0,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            r("alice:wheel").expect("group"),
+            Identity {
+                uid: 1000,
+                gid: 10,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            r("5:6").expect("ids"),
+            Identity {
+                uid: 5,
+                gid: 6,
+                additional_gids: vec![]
+            }
+        );
+        assert!(r("bob").is_err());
+    }
+}
