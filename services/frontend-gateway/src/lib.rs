@@ -1,1 +1,569 @@
-//! (placeholder)
+//! frontend-gateway: runs frontends. A frontend turns a build request (for
+//! `dockerfile.v0`: a Dockerfile plus build args) into an LLB definition and
+//! result metadata such as the image config.
+//!
+//! The frontend reaches the solver only through [`Bridge`] (BuildKit's
+//! LLBBridge): it asks the solver to fetch the Dockerfile from the client's
+//! session, reads it back, and resolves base image configs. It never executes
+//! ops and never talks to a worker, registry or client session directly.
+//!
+//! `grpc` is the only module that names tonic or generated gRPC types:
+//! [`grpc::server`] serves `kiln.frontend.v1.Frontend`, and
+//! [`grpc::client::GrpcBridge`] is the [`Bridge`] over a solver channel.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use kiln_llb::{DefinitionBuilder, pb};
+use kiln_oci::{ImageConfig, Platform};
+
+pub mod dockerfile2llb;
+pub mod grpc;
+
+/// The only frontend served so far.
+pub const DOCKERFILE_FRONTEND: &str = "dockerfile.v0";
+/// Result metadata key holding the image config JSON.
+pub const META_IMAGE_CONFIG: &str = "containerimage.config";
+/// Client-side local directory holding the Dockerfile.
+const DOCKERFILE_LOCAL: &str = "dockerfile";
+const DEFAULT_FILENAME: &str = "Dockerfile";
+
+/// A build request addressed to a frontend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrontendRequest {
+    /// Sent back with every bridge call so the solver knows which build asks.
+    pub build_id: String,
+    /// Frontend name, e.g. `dockerfile.v0`.
+    pub frontend: String,
+    /// Frontend options (`filename`, `target`, `platform`, `build-arg:NAME`, ...).
+    pub attrs: BTreeMap<String, String>,
+    /// The client session the sources (Dockerfile, context) are read from.
+    pub session_id: String,
+}
+
+/// What a frontend returns: the definition to solve and result metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrontendOutput {
+    pub definition: pb::Definition,
+    /// e.g. [`META_IMAGE_CONFIG`] -> image config JSON.
+    pub metadata: BTreeMap<String, Vec<u8>>,
+}
+
+/// An image config resolved by the solver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedConfig {
+    /// Manifest digest (`sha256:...`) the reference resolved to.
+    pub digest: String,
+    /// Raw image config JSON.
+    pub config: Vec<u8>,
+    /// Canonical reference (e.g. `docker.io/library/busybox:latest`); empty
+    /// when the solver did not say.
+    pub canonical_ref: String,
+}
+
+/// How a bridge call failed, as far as the caller needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeErrorKind {
+    /// The file or image does not exist.
+    NotFound,
+    /// The solver rejected the request (bad definition, bad reference).
+    InvalidArgument,
+    /// The solver could not be reached.
+    Unavailable,
+    /// The call ran past its deadline.
+    DeadlineExceeded,
+    /// Anything else the solver reported.
+    Failed,
+}
+
+/// A failed bridge call, with the solver's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BridgeError {
+    pub kind: BridgeErrorKind,
+    pub message: String,
+}
+
+/// The solver as seen by a frontend (BuildKit's LLBBridge). Every call names
+/// the build it is made for.
+pub trait Bridge: Send + Sync + 'static {
+    /// Solves `definition` and returns the ref id of its result.
+    fn solve(
+        &self,
+        build_id: &str,
+        definition: pb::Definition,
+    ) -> impl Future<Output = Result<String, BridgeError>> + Send;
+
+    /// Reads the file at `path` inside the result `reference`.
+    fn read_file(
+        &self,
+        build_id: &str,
+        reference: &str,
+        path: &str,
+    ) -> impl Future<Output = Result<Vec<u8>, BridgeError>> + Send;
+
+    /// Resolves an image reference to its manifest digest and config for `platform`.
+    fn resolve_image_config(
+        &self,
+        build_id: &str,
+        reference: &str,
+        platform: &Platform,
+    ) -> impl Future<Output = Result<ResolvedConfig, BridgeError>> + Send;
+}
+
+/// Why a frontend request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("frontend {frontend:?} is not supported (only {DOCKERFILE_FRONTEND})")]
+    UnsupportedFrontend { frontend: String },
+    #[error("invalid platform {value:?}: expected os/arch[/variant]")]
+    InvalidPlatform { value: String },
+    #[error("load Dockerfile {filename} from session {session_id}")]
+    LoadDockerfile {
+        filename: String,
+        session_id: String,
+        #[source]
+        source: BridgeError,
+    },
+    #[error("load Dockerfile {filename}: the solver returned no result ref")]
+    MissingDockerfileRef { filename: String },
+    #[error("read Dockerfile {filename}")]
+    ReadDockerfile {
+        filename: String,
+        #[source]
+        source: BridgeError,
+    },
+    /// The converter's message names the Dockerfile line (`Dockerfile:LINE`).
+    #[error(transparent)]
+    Convert { source: dockerfile2llb::Error },
+    #[error("encode image config")]
+    EncodeImageConfig {
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Serves frontend requests, reaching the solver through `B`.
+pub struct Gateway<B> {
+    bridge: B,
+}
+
+impl<B: Bridge> Gateway<B> {
+    pub fn new(bridge: B) -> Self {
+        Gateway { bridge }
+    }
+
+    /// Runs the requested frontend.
+    #[tracing::instrument(skip_all, fields(build_id = %req.build_id, frontend = %req.frontend))]
+    pub async fn solve(&self, req: FrontendRequest) -> Result<FrontendOutput, Error> {
+        match req.frontend.as_str() {
+            DOCKERFILE_FRONTEND => self.solve_dockerfile(&req).await,
+            other => Err(Error::UnsupportedFrontend {
+                frontend: other.to_string(),
+            }),
+        }
+    }
+
+    async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
+        let opts = convert_options(req)?;
+        let dockerfile = self.load_dockerfile(req, &opts.filename).await?;
+        let resolver = BridgeResolver {
+            bridge: &self.bridge,
+            build_id: &req.build_id,
+        };
+        let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
+            .await
+            .map_err(|source| Error::Convert { source })?;
+        let config = serde_json::to_vec(&converted.image_config)
+            .map_err(|source| Error::EncodeImageConfig { source })?;
+        Ok(FrontendOutput {
+            definition: converted.definition,
+            metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
+        })
+    }
+
+    /// Has the solver sync the client's `dockerfile` local dir, then reads the file.
+    async fn load_dockerfile(
+        &self,
+        req: &FrontendRequest,
+        filename: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let definition = dockerfile_source_definition(&req.session_id, filename);
+        let reference = self
+            .bridge
+            .solve(&req.build_id, definition)
+            .await
+            .map_err(|source| Error::LoadDockerfile {
+                filename: filename.to_string(),
+                session_id: req.session_id.clone(),
+                source,
+            })?;
+        if reference.is_empty() {
+            return Err(Error::MissingDockerfileRef {
+                filename: filename.to_string(),
+            });
+        }
+        self.bridge
+            .read_file(&req.build_id, &reference, filename)
+            .await
+            .map_err(|source| Error::ReadDockerfile {
+                filename: filename.to_string(),
+                source,
+            })
+    }
+}
+
+/// Maps `dockerfile.v0` attrs onto converter options.
+fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptions, Error> {
+    let attr = |k: &str| req.attrs.get(k).filter(|v| !v.is_empty());
+    let platform = match attr("platform") {
+        Some(value) => parse_platform(value)?,
+        None => default_platform(),
+    };
+    let build_args = req
+        .attrs
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("build-arg:")
+                .map(|name| (name.to_string(), v.clone()))
+        })
+        .collect();
+    Ok(dockerfile2llb::ConvertOptions {
+        target: attr("target").cloned(),
+        build_args,
+        platform,
+        session_id: req.session_id.clone(),
+        filename: attr("filename")
+            .map_or(DEFAULT_FILENAME, String::as_str)
+            .to_string(),
+    })
+}
+
+/// `os/arch[/variant]`; of a comma-separated list only the first is used.
+fn parse_platform(value: &str) -> Result<Platform, Error> {
+    let first = value.split(',').next().unwrap_or_default().trim();
+    let parts: Vec<&str> = first.split('/').collect();
+    match parts.as_slice() {
+        [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform::new(os, arch, None)),
+        [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
+            Ok(Platform::new(os, arch, Some(variant)))
+        }
+        _ => Err(Error::InvalidPlatform {
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// linux on the architecture kiln runs on, named the OCI way.
+pub fn default_platform() -> Platform {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    Platform::new("linux", arch, None)
+}
+
+/// A definition with a single local source reading the Dockerfile (and its
+/// ignore files) from the client's `dockerfile` dir.
+fn dockerfile_source_definition(session_id: &str, filename: &str) -> pb::Definition {
+    let include = serde_json::Value::from(vec![
+        filename.to_string(),
+        format!("{filename}.dockerignore"),
+        ".dockerignore".to_string(),
+    ])
+    .to_string();
+    let attrs = BTreeMap::from([
+        ("local.session".to_string(), session_id.to_string()),
+        (
+            "local.sharedkeyhint".to_string(),
+            DOCKERFILE_LOCAL.to_string(),
+        ),
+        ("local.includepattern".to_string(), include),
+    ]);
+    let op = pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: format!("local://{DOCKERFILE_LOCAL}"),
+            attrs,
+        })),
+        ..Default::default()
+    };
+    let metadata = pb::OpMetadata {
+        description: BTreeMap::from([(
+            "llb.customname".to_string(),
+            "[internal] load build definition from Dockerfile".to_string(),
+        )]),
+        caps: BTreeMap::from([
+            ("source.local".to_string(), true),
+            ("source.local.includepatterns".to_string(), true),
+            ("source.local.sharedkeyhint".to_string(), true),
+            ("source.local.sessionid".to_string(), true),
+        ]),
+        ..Default::default()
+    };
+    let mut builder = DefinitionBuilder::new();
+    let result = builder.add(op, metadata);
+    builder.finish(Some(result))
+}
+
+/// Resolves `FROM` images for the converter through the bridge.
+struct BridgeResolver<'a, B> {
+    bridge: &'a B,
+    build_id: &'a str,
+}
+
+impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
+    async fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<dockerfile2llb::ResolvedImage, String> {
+        let resolved = self
+            .bridge
+            .resolve_image_config(self.build_id, reference, platform)
+            .await
+            .map_err(|e| format!("resolve image config for {reference}: {e}"))?;
+        let config: ImageConfig = serde_json::from_slice(&resolved.config)
+            .map_err(|e| format!("parse image config of {reference}: {e}"))?;
+        Ok(dockerfile2llb::ResolvedImage {
+            canonical_ref: if resolved.canonical_ref.is_empty() {
+                reference.to_string()
+            } else {
+                resolved.canonical_ref
+            },
+            digest: resolved.digest,
+            config,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records every call; serves one Dockerfile and the busybox config.
+    #[derive(Default)]
+    struct FakeBridge {
+        dockerfile: Vec<u8>,
+        solved: Mutex<Vec<(String, pb::Definition)>>,
+        reads: Mutex<Vec<(String, String, String)>>,
+        resolves: Mutex<Vec<(String, String, Platform)>>,
+    }
+
+    const BUSYBOX_CONFIG: &str = r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:aaaa"]}}"#;
+
+    impl Bridge for FakeBridge {
+        async fn solve(
+            &self,
+            build_id: &str,
+            definition: pb::Definition,
+        ) -> Result<String, BridgeError> {
+            self.solved
+                .lock()
+                .expect("lock")
+                .push((build_id.into(), definition));
+            Ok("ref-1".into())
+        }
+
+        async fn read_file(
+            &self,
+            build_id: &str,
+            reference: &str,
+            path: &str,
+        ) -> Result<Vec<u8>, BridgeError> {
+            self.reads
+                .lock()
+                .expect("lock")
+                .push((build_id.into(), reference.into(), path.into()));
+            if reference == "ref-1" && path == "Dockerfile" {
+                Ok(self.dockerfile.clone())
+            } else {
+                Err(BridgeError {
+                    kind: BridgeErrorKind::NotFound,
+                    message: format!("open {path}: no such file or directory"),
+                })
+            }
+        }
+
+        async fn resolve_image_config(
+            &self,
+            build_id: &str,
+            reference: &str,
+            platform: &Platform,
+        ) -> Result<ResolvedConfig, BridgeError> {
+            self.resolves.lock().expect("lock").push((
+                build_id.into(),
+                reference.into(),
+                platform.clone(),
+            ));
+            Ok(ResolvedConfig {
+                digest: "sha256:53ac7b30790c6a5d02bdec3263363b09b0a3ed2102917dbc2f97a1b2e98143e9"
+                    .into(),
+                config: BUSYBOX_CONFIG.as_bytes().to_vec(),
+                canonical_ref: "docker.io/library/busybox:latest".into(),
+            })
+        }
+    }
+
+    fn request(attrs: &[(&str, &str)]) -> FrontendRequest {
+        FrontendRequest {
+            build_id: "build-7".into(),
+            frontend: DOCKERFILE_FRONTEND.into(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            session_id: "sess-1".into(),
+        }
+    }
+
+    fn run<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn attrs_map_onto_convert_options() {
+        let req = request(&[
+            ("target", "test"),
+            ("build-arg:VERSION", "1.2"),
+            ("build-arg:EMPTY", ""),
+            ("platform", "linux/arm64/v8"),
+            ("filename", "ci/Dockerfile.ci"),
+            ("no-cache", ""),
+        ]);
+        let opts = convert_options(&req).expect("valid attrs");
+        assert_eq!(opts.target.as_deref(), Some("test"));
+        assert_eq!(
+            opts.build_args,
+            BTreeMap::from([
+                ("EMPTY".to_string(), String::new()),
+                ("VERSION".to_string(), "1.2".to_string())
+            ])
+        );
+        assert_eq!(opts.platform, Platform::new("linux", "arm64", Some("v8")));
+        assert_eq!(opts.filename, "ci/Dockerfile.ci");
+        assert_eq!(opts.session_id, "sess-1");
+    }
+
+    #[test]
+    fn defaults_are_dockerfile_and_host_platform() {
+        let opts = convert_options(&request(&[])).expect("no attrs is valid");
+        assert_eq!(opts.filename, "Dockerfile");
+        assert_eq!(opts.target, None);
+        assert_eq!(opts.platform.os, "linux");
+        let want = if cfg!(target_arch = "x86_64") {
+            "amd64"
+        } else {
+            "arm64"
+        };
+        assert_eq!(opts.platform.architecture, want);
+    }
+
+    #[test]
+    fn malformed_platform_is_rejected() {
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d"] {
+            match convert_options(&request(&[("platform", bad)])) {
+                Err(Error::InvalidPlatform { value }) => assert_eq!(value, bad),
+                other => panic!("{bad}: expected InvalidPlatform, got {:?}", other.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn dockerfile_is_loaded_through_a_local_source_with_the_build_id() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM busybox\nRUN echo hi\n".to_vec(),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        // Whatever the converter does with it, the Dockerfile must have been fetched first.
+        let _ = run(gateway.solve(request(&[])));
+
+        let solved = gateway.bridge.solved.lock().expect("lock");
+        assert_eq!(solved.len(), 1);
+        let (build_id, def) = &solved[0];
+        assert_eq!(build_id, "build-7");
+        let graph = kiln_llb::load(def).expect("valid definition");
+        assert_eq!(graph.vertices.len(), 1);
+        let Some(pb::op::Op::Source(src)) = &graph.vertices[0].op.op else {
+            panic!("expected a source op, got {:?}", graph.vertices[0].op);
+        };
+        assert_eq!(src.identifier, "local://dockerfile");
+        assert_eq!(src.attrs["local.session"], "sess-1");
+        assert_eq!(src.attrs["local.sharedkeyhint"], "dockerfile");
+        assert_eq!(
+            src.attrs["local.includepattern"],
+            r#"["Dockerfile","Dockerfile.dockerignore",".dockerignore"]"#
+        );
+        assert_eq!(
+            *gateway.bridge.reads.lock().expect("lock"),
+            [(
+                "build-7".to_string(),
+                "ref-1".to_string(),
+                "Dockerfile".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn missing_dockerfile_names_the_file() {
+        let gateway = Gateway::new(FakeBridge::default());
+        let err = run(gateway.solve(request(&[("filename", "Containerfile")])))
+            .expect_err("no such file");
+        match &err {
+            Error::ReadDockerfile { filename, source } => {
+                assert_eq!(filename, "Containerfile");
+                assert_eq!(source.kind, BridgeErrorKind::NotFound);
+            }
+            other => panic!("expected ReadDockerfile, got {other:?}"),
+        }
+        let solved = gateway.bridge.solved.lock().expect("lock");
+        let graph = kiln_llb::load(&solved[0].1).expect("valid definition");
+        let Some(pb::op::Op::Source(src)) = &graph.vertices[0].op.op else {
+            panic!("expected a source op");
+        };
+        assert_eq!(
+            src.attrs["local.includepattern"],
+            r#"["Containerfile","Containerfile.dockerignore",".dockerignore"]"#
+        );
+    }
+
+    #[test]
+    fn other_frontends_are_refused_without_bridge_calls() {
+        let gateway = Gateway::new(FakeBridge::default());
+        let mut req = request(&[]);
+        req.frontend = "gateway.v0".into();
+        assert!(matches!(
+            run(gateway.solve(req)),
+            Err(Error::UnsupportedFrontend { .. })
+        ));
+        assert!(gateway.bridge.solved.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn resolver_parses_the_config_and_keeps_the_build_id() {
+        use dockerfile2llb::ImageResolver as _;
+        let bridge = FakeBridge::default();
+        let resolver = BridgeResolver {
+            bridge: &bridge,
+            build_id: "build-7",
+        };
+        let platform = Platform::new("linux", "amd64", None);
+        let img = run(resolver.resolve("busybox", &platform)).expect("resolves");
+        assert_eq!(img.canonical_ref, "docker.io/library/busybox:latest");
+        assert!(img.digest.starts_with("sha256:53ac7b30"));
+        assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
+        assert_eq!(
+            *bridge.resolves.lock().expect("lock"),
+            [("build-7".to_string(), "busybox".to_string(), platform)]
+        );
+    }
+}
