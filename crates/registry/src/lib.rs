@@ -1,1 +1,16 @@
-//! (placeholder)
+//! OCI distribution client for kiln: image references with Docker normalisation, per-host
+//! registry settings (mirrors, plain http), resolving a tag to a platform manifest and config,
+//! streamed blob pulls with digest verification, and blob/manifest pushes.
+//!
+//! It is not a content store: callers decide where blobs live. It does not unpack layers
+//! (see kiln-oci).
+
+mod client;
+mod config;
+mod error;
+mod reference;
+
+pub use client::{Client, Credentials, Resolved};
+pub use config::{HostConfig, RegistryConfig, is_loopback};
+pub use error::Error;
+pub use reference::{DOCKER_HUB, DOCKER_HUB_API_HOST, Reference};

@@ -1,0 +1,854 @@
+//! The OCI distribution HTTP client: resolve, pull and push with mirrors, bearer tokens and
+//! basic auth, retries on 5xx/429.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_oci::{Descriptor, Index, Manifest, Platform, media_types};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::reference::{DOCKER_HUB, DOCKER_HUB_API_HOST};
+use crate::{Error, Reference, RegistryConfig};
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json";
+const MAX_MANIFEST: usize = 8 << 20;
+const MAX_CONFIG: usize = 32 << 20;
+const TRIES: u32 = 3;
+
+/// Username/password lookup for a registry host ("docker.io", "127.0.0.1:5000").
+pub type Credentials = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
+
+/// A resolved image: the platform manifest and its raw config JSON.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The reference, pinned to `manifest_digest`.
+    pub reference: Reference,
+    /// Digest of the platform-specific manifest.
+    pub manifest_digest: String,
+    pub manifest: Manifest,
+    /// Media type and raw bytes of the manifest as served.
+    pub manifest_media_type: String,
+    pub manifest_bytes: Vec<u8>,
+    /// Raw config JSON bytes.
+    pub config: Vec<u8>,
+}
+
+/// Where requests for a registry go: mirrors first (pulls only), then the registry.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    /// "http://127.0.0.1:5000"
+    base: String,
+    /// The host key for config, tokens and credentials.
+    host: String,
+    insecure: bool,
+}
+
+/// OCI distribution client. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    http_insecure: reqwest::Client,
+    config: RegistryConfig,
+    tokens: Arc<Mutex<HashMap<(String, String), String>>>,
+    credentials: Option<Credentials>,
+}
+
+enum Auth {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+impl Client {
+    pub fn new(config: RegistryConfig) -> Result<Self, Error> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(30))
+                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        };
+        let http = builder()
+            .build()
+            .map_err(|source| Error::BuildClient { source })?;
+        let http_insecure = builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .map_err(|source| Error::BuildClient { source })?;
+        Ok(Client {
+            http,
+            http_insecure,
+            config,
+            tokens: Arc::default(),
+            credentials: None,
+        })
+    }
+
+    /// Use `creds` for basic auth and for token requests.
+    pub fn with_credentials(mut self, creds: Credentials) -> Self {
+        self.credentials = Some(creds);
+        self
+    }
+
+    fn endpoint(&self, host: &str) -> Endpoint {
+        let (scheme_given, bare) = match host.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest.trim_end_matches('/')),
+            None => (None, host),
+        };
+        let api_host = if bare == DOCKER_HUB {
+            DOCKER_HUB_API_HOST
+        } else {
+            bare
+        };
+        let scheme = scheme_given.unwrap_or(if self.config.is_http(bare) {
+            "http"
+        } else {
+            "https"
+        });
+        Endpoint {
+            base: format!("{scheme}://{api_host}"),
+            host: bare.to_string(),
+            insecure: self.config.host(bare).map(|h| h.insecure).unwrap_or(false),
+        }
+    }
+
+    /// Mirrors of `r.registry` then the registry itself.
+    fn pull_endpoints(&self, r: &Reference) -> Vec<Endpoint> {
+        let mut eps: Vec<Endpoint> = self
+            .config
+            .host(&r.registry)
+            .map(|h| h.mirrors.iter().map(|m| self.endpoint(m)).collect())
+            .unwrap_or_default();
+        eps.push(self.endpoint(&r.registry));
+        eps
+    }
+
+    /// tag or digest -> (index ->) platform manifest -> config. Tries mirrors first.
+    pub async fn resolve(&self, r: &Reference, platform: &Platform) -> Result<Resolved, Error> {
+        let mut last = None;
+        for ep in self.pull_endpoints(r) {
+            match self.resolve_at(&ep, r, platform).await {
+                Ok(res) => return Ok(res),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.base, reference = %r, error = %e, "resolve failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+    }
+
+    async fn resolve_at(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        platform: &Platform,
+    ) -> Result<Resolved, Error> {
+        let (mut media_type, mut bytes) = self.get_manifest(ep, r, r.object()).await?;
+        let mut digest = sha256(&bytes);
+        if let Some(want) = &r.digest
+            && *want != digest
+        {
+            return Err(Error::DigestMismatch {
+                what: "manifest",
+                reference: r.to_string(),
+                expected: want.clone(),
+                actual: digest,
+            });
+        }
+        if media_types::is_index(&media_type) {
+            let index: Index =
+                serde_json::from_slice(&bytes).map_err(|source| Error::DecodeManifest {
+                    reference: r.to_string(),
+                    source,
+                })?;
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
+                .ok_or_else(|| Error::NoMatchingPlatform {
+                    reference: r.to_string(),
+                    platform: format_platform(platform),
+                })?;
+            let (mt, b) = self.get_manifest(ep, r, &chosen.digest).await?;
+            let got = sha256(&b);
+            if got != chosen.digest {
+                return Err(Error::DigestMismatch {
+                    what: "manifest",
+                    reference: r.to_string(),
+                    expected: chosen.digest.clone(),
+                    actual: got,
+                });
+            }
+            media_type = mt;
+            bytes = b;
+            digest = got;
+        }
+        if !media_types::is_manifest(&media_type) {
+            return Err(Error::UnsupportedMediaType {
+                reference: r.to_string(),
+                media_type,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| Error::DecodeManifest {
+                reference: r.to_string(),
+                source,
+            })?;
+        let config = self
+            .get_small_blob(ep, r, &manifest.config.digest, MAX_CONFIG)
+            .await?;
+        Ok(Resolved {
+            reference: r.with_digest(&digest),
+            manifest_digest: digest,
+            manifest,
+            manifest_media_type: media_type,
+            manifest_bytes: bytes,
+            config,
+        })
+    }
+
+    /// GET a manifest; returns (media type, bytes). The media type comes from the body's
+    /// `mediaType` or else the Content-Type header.
+    async fn get_manifest(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        object: &str,
+    ) -> Result<(String, Vec<u8>), Error> {
+        let url = format!("{}/v2/{}/manifests/{}", ep.base, r.repository, object);
+        let scope = pull_scope(r);
+        let resp = self
+            .send(ep, &scope, Method::GET, &url, &|rb| {
+                rb.header(ACCEPT, MANIFEST_ACCEPT)
+            })
+            .await?;
+        let resp = expect_status(resp, "GET", &url, &[StatusCode::OK]).await?;
+        let header_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
+            .unwrap_or_default();
+        let bytes = read_limited(resp, &url, MAX_MANIFEST).await?;
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+            manifests: Option<serde_json::Value>,
+        }
+        let peek: Peek =
+            serde_json::from_slice(&bytes).map_err(|source| Error::DecodeManifest {
+                reference: r.to_string(),
+                source,
+            })?;
+        let media_type = match peek.media_type {
+            Some(mt) if !mt.is_empty() => mt,
+            _ if media_types::is_index(&header_type) || media_types::is_manifest(&header_type) => {
+                header_type
+            }
+            _ if peek.manifests.is_some() => media_types::OCI_INDEX.to_string(),
+            _ => media_types::OCI_MANIFEST.to_string(),
+        };
+        Ok((media_type, bytes))
+    }
+
+    async fn get_small_blob(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        digest: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository, digest);
+        let resp = self
+            .send(ep, &pull_scope(r), Method::GET, &url, &|rb| rb)
+            .await?;
+        let resp = expect_status(resp, "GET", &url, &[StatusCode::OK]).await?;
+        let bytes = read_limited(resp, &url, limit).await?;
+        let got = sha256(&bytes);
+        if got != digest {
+            return Err(Error::DigestMismatch {
+                what: "blob",
+                reference: r.to_string(),
+                expected: digest.to_string(),
+                actual: got,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Download a blob to `dest` (streamed through `dest.tmp`, renamed on success), verifying
+    /// digest and size. Tries mirrors first.
+    pub async fn fetch_blob(
+        &self,
+        r: &Reference,
+        desc: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), Error> {
+        let mut last = None;
+        for ep in self.pull_endpoints(r) {
+            match self.fetch_blob_at(&ep, r, desc, dest).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.base, digest = %desc.digest, error = %e, "blob fetch failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+    }
+
+    async fn fetch_blob_at(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        desc: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), Error> {
+        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository, desc.digest);
+        let resp = self
+            .send(ep, &pull_scope(r), Method::GET, &url, &|rb| rb)
+            .await?;
+        let resp = expect_status(resp, "GET", &url, &[StatusCode::OK]).await?;
+        let tmp = tmp_path(dest);
+        let werr = |source| Error::WriteBlob {
+            path: tmp.clone(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(werr)?;
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let mut stream = resp.bytes_stream();
+        let result: Result<(), Error> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|source| Error::Request {
+                    method: "GET".into(),
+                    url: url.clone(),
+                    source,
+                })?;
+                size += chunk.len() as u64;
+                if size > desc.size {
+                    break;
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(werr)?;
+            }
+            file.flush().await.map_err(werr)?;
+            file.sync_all().await.map_err(werr)?;
+            Ok(())
+        }
+        .await;
+        drop(file);
+        let actual_digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let check = result.and_then(|()| {
+            if size != desc.size || actual_digest != desc.digest {
+                Err(Error::BlobMismatch {
+                    digest: desc.digest.clone(),
+                    expected_size: desc.size,
+                    actual_size: size,
+                    actual_digest,
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = check {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|source| Error::WriteBlob {
+                path: dest.to_path_buf(),
+                source,
+            })
+    }
+
+    /// HEAD the blob on the registry itself (not mirrors).
+    pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool, Error> {
+        self.blob_exists_scoped(r, digest, &pull_scope(r)).await
+    }
+
+    async fn blob_exists_scoped(
+        &self,
+        r: &Reference,
+        digest: &str,
+        scope: &str,
+    ) -> Result<bool, Error> {
+        let ep = self.endpoint(&r.registry);
+        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository, digest);
+        let resp = self.send(&ep, scope, Method::HEAD, &url, &|rb| rb).await?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => expect_status(resp, "HEAD", &url, &[]).await.map(|_| false),
+        }
+    }
+
+    /// Streamed monolithic upload of the blob file `src` (HEAD first; skipped when present).
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        desc: &Descriptor,
+        src: &Path,
+    ) -> Result<(), Error> {
+        let scope = push_scope(r);
+        if self.blob_exists_scoped(r, &desc.digest, &scope).await? {
+            return Ok(());
+        }
+        let ep = self.endpoint(&r.registry);
+        let start = format!("{}/v2/{}/blobs/uploads/", ep.base, r.repository);
+        let resp = self
+            .send(&ep, &scope, Method::POST, &start, &|rb| {
+                rb.header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let resp = expect_status(resp, "POST", &start, &[StatusCode::ACCEPTED]).await?;
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::UploadLocation {
+                reference: r.to_string(),
+                digest: desc.digest.clone(),
+            })?;
+        let base = Url::parse(&start).map_err(|_| Error::Url { url: start.clone() })?;
+        let mut put = base.join(location).map_err(|_| Error::Url {
+            url: location.to_string(),
+        })?;
+        put.query_pairs_mut().append_pair("digest", &desc.digest);
+        let put = put.to_string();
+        let src_path: PathBuf = src.to_path_buf();
+        let size = desc.size;
+        // The body is re-opened per attempt so retries stream the file again.
+        let file = std::fs::File::open(&src_path).map_err(|source| Error::ReadBlob {
+            path: src_path.clone(),
+            source,
+        })?;
+        let file = Mutex::new(Some(file));
+        let resp = self
+            .send(&ep, &scope, Method::PUT, &put, &|rb| {
+                let f = file
+                    .lock()
+                    .ok()
+                    .and_then(|mut g| g.take())
+                    .or_else(|| std::fs::File::open(&src_path).ok());
+                let rb = rb
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, size);
+                match f {
+                    Some(f) => {
+                        let stream =
+                            tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(f));
+                        rb.body(reqwest::Body::wrap_stream(stream))
+                    }
+                    None => rb,
+                }
+            })
+            .await?;
+        expect_status(
+            resp,
+            "PUT",
+            &put,
+            &[StatusCode::CREATED, StatusCode::NO_CONTENT],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// PUT a manifest under the reference's tag (or digest). Returns the manifest digest.
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<String, Error> {
+        let digest = sha256(&bytes);
+        let ep = self.endpoint(&r.registry);
+        let object = r.tag.as_deref().unwrap_or(&digest);
+        let url = format!("{}/v2/{}/manifests/{}", ep.base, r.repository, object);
+        let body = bytes::Bytes::from(bytes);
+        let resp = self
+            .send(&ep, &push_scope(r), Method::PUT, &url, &|rb| {
+                rb.header(CONTENT_TYPE, media_type).body(body.clone())
+            })
+            .await?;
+        expect_status(
+            resp,
+            "PUT",
+            &url,
+            &[StatusCode::CREATED, StatusCode::OK, StatusCode::ACCEPTED],
+        )
+        .await?;
+        Ok(digest)
+    }
+
+    /// Send with auth and retries: 5xx/429/connection errors are retried (3 tries, backoff);
+    /// a 401 runs the bearer-token or basic-auth flow once.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        method: Method,
+        url: &str,
+        build: &(dyn Fn(RequestBuilder) -> RequestBuilder + Sync),
+    ) -> Result<Response, Error> {
+        let http = if ep.insecure {
+            &self.http_insecure
+        } else {
+            &self.http
+        };
+        let key = (ep.host.clone(), scope.to_string());
+        let mut authed_once = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut rb = build(http.request(method.clone(), url));
+            let cached = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned());
+            if let Some(auth) = cached {
+                rb = rb.header(AUTHORIZATION, auth);
+            }
+            let result = rb.send().await;
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(source) => {
+                    if attempt < TRIES && (source.is_connect() || source.is_timeout()) {
+                        backoff(attempt).await;
+                        continue;
+                    }
+                    return Err(Error::Request {
+                        method: method.to_string(),
+                        url: url.to_string(),
+                        source,
+                    });
+                }
+            };
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !authed_once {
+                authed_once = true;
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                let header = match challenge {
+                    Some(Auth::Bearer {
+                        realm,
+                        service,
+                        scope: challenge_scope,
+                    }) => Some(
+                        self.fetch_token(
+                            ep,
+                            &realm,
+                            service.as_deref(),
+                            challenge_scope.as_deref().unwrap_or(scope),
+                        )
+                        .await?,
+                    ),
+                    Some(Auth::Basic) => self.basic_header(&ep.host),
+                    None => None,
+                };
+                match header {
+                    Some(h) => {
+                        if let Ok(mut t) = self.tokens.lock() {
+                            t.insert(key.clone(), h);
+                        }
+                        attempt -= 1;
+                        continue;
+                    }
+                    None => return Ok(resp),
+                }
+            }
+            if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                && attempt < TRIES
+            {
+                backoff(attempt).await;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    fn basic_header(&self, host: &str) -> Option<String> {
+        use base64_lite::encode;
+        let (user, pass) = self.credentials.as_ref()?(host)?;
+        Some(format!(
+            "Basic {}",
+            encode(format!("{user}:{pass}").as_bytes())
+        ))
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, Error> {
+        let http = if ep.insecure {
+            &self.http_insecure
+        } else {
+            &self.http
+        };
+        let mut url = Url::parse(realm).map_err(|_| Error::Url {
+            url: realm.to_string(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scope.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut rb = http.get(url);
+        if let Some(h) = self.basic_header(&ep.host) {
+            rb = rb.header(AUTHORIZATION, h);
+        }
+        let terr = |source| Error::Token {
+            realm: realm.to_string(),
+            source,
+        };
+        let resp = rb
+            .send()
+            .await
+            .map_err(terr)?
+            .error_for_status()
+            .map_err(terr)?;
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let body: TokenResponse = resp.json().await.map_err(terr)?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::TokenMissing {
+                realm: realm.to_string(),
+            })?;
+        Ok(format!("Bearer {token}"))
+    }
+}
+
+fn pull_scope(r: &Reference) -> String {
+    format!("repository:{}:pull", r.repository)
+}
+
+fn push_scope(r: &Reference) -> String {
+    format!("repository:{}:pull,push", r.repository)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn tmp_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+fn format_platform(p: &Platform) -> String {
+    match &p.variant {
+        Some(v) => format!("{}/{}/{}", p.os, p.architecture, v),
+        None => format!("{}/{}", p.os, p.architecture),
+    }
+}
+
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(
+        200 * 2u64.pow(attempt.saturating_sub(1)),
+    ))
+    .await;
+}
+
+async fn expect_status(
+    resp: Response,
+    method: &str,
+    url: &str,
+    ok: &[StatusCode],
+) -> Result<Response, Error> {
+    let status = resp.status();
+    if ok.contains(&status) {
+        return Ok(resp);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    Err(Error::Status {
+        method: method.to_string(),
+        url: url.to_string(),
+        status: status.as_u16(),
+        body: body.chars().take(512).collect(),
+    })
+}
+
+async fn read_limited(resp: Response, url: &str, limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|source| Error::Request {
+            method: "GET".into(),
+            url: url.to_string(),
+            source,
+        })?;
+        if out.len() + chunk.len() > limit {
+            return Err(Error::TooLarge {
+                url: url.to_string(),
+                limit,
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Parse `Bearer realm="..",service="..",scope=".."` or `Basic realm=".."`.
+fn parse_challenge(header: &str) -> Option<Auth> {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    let mut params: HashMap<String, String> = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() || chars.next().is_none() {
+            break;
+        }
+        let value: String = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut v = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            v.push(n);
+                        }
+                    }
+                    '"' => break,
+                    c => v.push(c),
+                }
+            }
+            v
+        } else {
+            std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                .collect::<String>()
+                .trim()
+                .to_string()
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Some(Auth::Bearer {
+            realm: params.remove("realm")?,
+            service: params.remove("service"),
+            scope: params.remove("scope"),
+        })
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        Some(Auth::Basic)
+    } else {
+        None
+    }
+}
+
+/// Standard base64 (RFC 4648 with padding) for basic-auth headers.
+mod base64_lite {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(input: &[u8]) -> String {
+        let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+        for chunk in input.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenge() {
+        let h = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#;
+        match parse_challenge(h) {
+            Some(Auth::Bearer {
+                realm,
+                service,
+                scope,
+            }) => {
+                assert_eq!(realm, "https://auth.docker.io/token");
+                assert_eq!(service.as_deref(), Some("registry.docker.io"));
+                assert_eq!(scope.as_deref(), Some("repository:library/busybox:pull"));
+            }
+            _ => panic!("not bearer"),
+        }
+        assert!(matches!(
+            parse_challenge(r#"Basic realm="r""#),
+            Some(Auth::Basic)
+        ));
+        assert!(parse_challenge("Negotiate").is_none());
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64_lite::encode(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64_lite::encode(b"a"), "YQ==");
+        assert_eq!(base64_lite::encode(b"ab"), "YWI=");
+    }
+
+    #[test]
+    fn endpoints_prefer_mirrors_and_http_for_loopback() {
+        let cfg: RegistryConfig = toml::from_str(
+            r#"
+            ["docker.io"]
+            mirrors = ["127.0.0.1:5000", "https://mirror.example"]
+            ["reg.local:80"]
+            http = true
+            "#,
+        )
+        .expect("toml");
+        let c = Client::new(cfg).expect("client");
+        let r = Reference::parse("busybox").expect("ref");
+        let bases: Vec<String> = c.pull_endpoints(&r).into_iter().map(|e| e.base).collect();
+        assert_eq!(
+            bases,
+            [
+                "http://127.0.0.1:5000",
+                "https://mirror.example",
+                "https://registry-1.docker.io"
+            ]
+        );
+        assert_eq!(c.endpoint("reg.local:80").base, "http://reg.local:80");
+        assert_eq!(c.endpoint("localhost:5000").base, "http://localhost:5000");
+        assert_eq!(c.endpoint("ghcr.io").base, "https://ghcr.io");
+    }
+}

@@ -1,0 +1,281 @@
+//! Push/resolve/fetch against a real `docker-registry` (distribution) on loopback.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kiln_oci::{Descriptor, Index, Manifest, Platform, digest::sha256, media_types};
+use kiln_registry::{Client, HostConfig, Reference, RegistryConfig};
+
+const BIN: &str = "/usr/bin/docker-registry";
+
+struct Registry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_registry() -> Option<Registry> {
+    if !Path::new(BIN).exists() {
+        eprintln!("{BIN} missing: skipped");
+        return None;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("config");
+    let child = Command::new(BIN)
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn registry");
+    let reg = Registry {
+        child,
+        addr,
+        _dir: dir,
+    };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&reg.addr).await.is_ok() {
+            return Some(reg);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("registry did not start on {}", reg.addr);
+}
+
+struct Image {
+    layer: Descriptor,
+    layer_bytes: Vec<u8>,
+    config: Vec<u8>,
+    config_desc: Descriptor,
+    manifest: Vec<u8>,
+}
+
+fn image(arch: &str, content: &[u8]) -> Image {
+    let layer_bytes = content.to_vec();
+    let layer = Descriptor {
+        media_type: media_types::OCI_LAYER.into(),
+        digest: sha256(&layer_bytes),
+        size: layer_bytes.len() as u64,
+        ..Default::default()
+    };
+    let config = format!(
+        r#"{{"architecture":"{arch}","os":"linux","config":{{"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        layer.digest
+    )
+    .into_bytes();
+    let config_desc = Descriptor {
+        media_type: media_types::OCI_CONFIG.into(),
+        digest: sha256(&config),
+        size: config.len() as u64,
+        ..Default::default()
+    };
+    let manifest = serde_json::to_vec(&Manifest {
+        schema_version: 2,
+        media_type: Some(media_types::OCI_MANIFEST.into()),
+        config: config_desc.clone(),
+        layers: vec![layer.clone()],
+        annotations: None,
+    })
+    .expect("manifest");
+    Image {
+        layer,
+        layer_bytes,
+        config,
+        config_desc,
+        manifest,
+    }
+}
+
+async fn push(client: &Client, r: &Reference, img: &Image, dir: &Path) -> String {
+    let layer_path = dir.join(img.layer.digest.replace(':', "-"));
+    std::fs::write(&layer_path, &img.layer_bytes).expect("layer file");
+    let config_path = dir.join(img.config_desc.digest.replace(':', "-"));
+    std::fs::write(&config_path, &img.config).expect("config file");
+    client
+        .push_blob(r, &img.layer, &layer_path)
+        .await
+        .expect("push layer");
+    client
+        .push_blob(r, &img.config_desc, &config_path)
+        .await
+        .expect("push config");
+    client
+        .push_manifest(r, media_types::OCI_MANIFEST, img.manifest.clone())
+        .await
+        .expect("push manifest")
+}
+
+#[tokio::test]
+async fn push_resolve_fetch_round_trip() {
+    let Some(reg) = start_registry().await else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    let client = Client::new(RegistryConfig::default()).expect("client");
+    let r = Reference::parse(&format!("{}/kiln/test:v1", reg.addr)).expect("ref");
+    let img = image("amd64", &b"layer bytes ".repeat(50_000));
+
+    let digest = push(&client, &r, &img, work.path()).await;
+    assert_eq!(digest, sha256(&img.manifest));
+    assert!(
+        client
+            .blob_exists(&r, &img.layer.digest)
+            .await
+            .expect("head")
+    );
+    assert!(
+        !client
+            .blob_exists(&r, &sha256(b"nope"))
+            .await
+            .expect("head missing")
+    );
+    // pushing again skips existing blobs and succeeds
+    push(&client, &r, &img, work.path()).await;
+
+    let resolved = client
+        .resolve(&r, &Platform::new("linux", "amd64", None))
+        .await
+        .expect("resolve");
+    assert_eq!(resolved.manifest_digest, digest);
+    assert_eq!(resolved.config, img.config);
+    assert_eq!(resolved.manifest.layers, vec![img.layer.clone()]);
+    assert_eq!(resolved.reference.digest.as_deref(), Some(digest.as_str()));
+
+    // by digest too
+    let pinned = Reference::parse(&format!("{}/kiln/test@{digest}", reg.addr)).expect("pinned");
+    let again = client
+        .resolve(&pinned, &Platform::new("linux", "amd64", None))
+        .await
+        .expect("by digest");
+    assert_eq!(again.manifest_digest, digest);
+
+    let dest = work.path().join("fetched");
+    client
+        .fetch_blob(&r, &img.layer, &dest)
+        .await
+        .expect("fetch");
+    assert_eq!(std::fs::read(&dest).expect("read"), img.layer_bytes);
+
+    // a wrong expected digest is refused and leaves no file
+    let mut wrong = img.layer.clone();
+    wrong.size += 1;
+    let bad = work.path().join("bad");
+    let err = client
+        .fetch_blob(&r, &wrong, &bad)
+        .await
+        .expect_err("size mismatch");
+    assert!(
+        matches!(err, kiln_registry::Error::BlobMismatch { .. }),
+        "{err}"
+    );
+    assert!(!bad.exists());
+    assert!(!work.path().join("bad.tmp").exists());
+}
+
+#[tokio::test]
+async fn index_is_resolved_to_the_platform_and_mirrors_are_tried_first() {
+    let Some(reg) = start_registry().await else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    let client = Client::new(RegistryConfig::default()).expect("client");
+    let amd = image("amd64", b"amd64 layer");
+    let arm = image("arm64", b"arm64 layer");
+    let by_digest = |img: &Image| {
+        Reference::parse(&format!(
+            "{}/library/busybox@{}",
+            reg.addr,
+            sha256(&img.manifest)
+        ))
+        .expect("ref")
+    };
+    let amd_digest = push(&client, &by_digest(&amd), &amd, work.path()).await;
+    let arm_digest = push(&client, &by_digest(&arm), &arm, work.path()).await;
+    let entry = |digest: &str, img: &Image, arch: &str, variant: Option<&str>| Descriptor {
+        media_type: media_types::OCI_MANIFEST.into(),
+        digest: digest.to_string(),
+        size: img.manifest.len() as u64,
+        platform: Some(Platform::new("linux", arch, variant)),
+        ..Default::default()
+    };
+    let index = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type: Some(media_types::OCI_INDEX.into()),
+        manifests: vec![
+            entry(&amd_digest, &amd, "amd64", None),
+            entry(&arm_digest, &arm, "arm64", Some("v8")),
+        ],
+        annotations: None,
+    })
+    .expect("index");
+    let tagged = Reference::parse(&format!("{}/library/busybox:latest", reg.addr)).expect("ref");
+    client
+        .push_manifest(&tagged, media_types::OCI_INDEX, index)
+        .await
+        .expect("push index");
+
+    let got = client
+        .resolve(&tagged, &Platform::new("linux", "arm64", None))
+        .await
+        .expect("arm64");
+    assert_eq!(got.manifest_digest, arm_digest);
+    assert_eq!(got.config, arm.config);
+    let err = client
+        .resolve(&tagged, &Platform::new("linux", "s390x", None))
+        .await
+        .expect_err("no s390x");
+    assert!(
+        matches!(err, kiln_registry::Error::NoMatchingPlatform { .. }),
+        "{err}"
+    );
+
+    // docker.io/library/busybox through a loopback mirror (docker.io itself is unreachable)
+    let mut cfg = RegistryConfig::default();
+    cfg.hosts.insert(
+        "docker.io".into(),
+        HostConfig {
+            mirrors: vec![reg.addr.clone()],
+            ..Default::default()
+        },
+    );
+    let mirrored = Client::new(cfg).expect("client");
+    let hub = Reference::parse("busybox").expect("busybox");
+    let got = mirrored
+        .resolve(&hub, &Platform::new("linux", "amd64", None))
+        .await
+        .expect("via mirror");
+    assert_eq!(got.manifest_digest, amd_digest);
+    assert_eq!(
+        got.reference.to_string(),
+        format!("docker.io/library/busybox:latest@{amd_digest}")
+    );
+    let dest = work.path().join("layer");
+    mirrored
+        .fetch_blob(&hub, &amd.layer, &dest)
+        .await
+        .expect("blob via mirror");
+    assert_eq!(std::fs::read(&dest).expect("read"), b"amd64 layer");
+}
