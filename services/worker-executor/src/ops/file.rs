@@ -397,3 +397,142 @@ fn copy(root: &Path, secondary: Option<&Path>, c: &pb::FileActionCopy) -> Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::pb::{self, file_action::Action, op::Op};
+    use crate::testutil;
+    use crate::{RunRequest, Worker};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    fn action(input: i64, secondary: i64, output: i64, a: Action) -> pb::FileAction {
+        pb::FileAction { input, secondary_input: secondary, output, action: Some(a) }
+    }
+
+    fn copy(src: &str, dest: &str) -> pb::FileActionCopy {
+        pb::FileActionCopy {
+            src: src.into(),
+            dest: dest.into(),
+            mode: -1,
+            timestamp: -1,
+            create_dest_path: true,
+            follow_symlink: true,
+            ..Default::default()
+        }
+    }
+
+    async fn run(w: &Worker, inputs: Vec<Option<String>>, actions: Vec<pb::FileAction>) -> crate::Result<Option<String>> {
+        let op = pb::Op {
+            inputs: inputs.iter().map(|_| pb::Input { digest: "sha256:x".into(), index: 0 }).collect(),
+            op: Some(Op::File(pb::FileOp { actions })),
+            ..Default::default()
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let req = RunRequest { build_id: "b".into(), session_id: String::new(), name: "f".into(), op, inputs };
+        Ok(w.run(req, tx).await?.into_iter().next().flatten())
+    }
+
+    fn base(w: &Worker) -> String {
+        testutil::snapshot(w, None, |d| {
+            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+            std::fs::write(d.join("etc/passwd"), "root:x:0:0::/:/bin/sh\nalice:x:1000:1001::/:/bin/sh\n").expect("w");
+            std::fs::write(d.join("a.txt"), "a").expect("w");
+            std::os::unix::fs::symlink("/tmp", d.join("link")).expect("symlink");
+        })
+    }
+
+    #[tokio::test]
+    async fn mkdir_mkfile_copy_rm_capture_a_diff_with_whiteouts() {
+        let (_tmp, w) = testutil::worker();
+        let dest = base(&w);
+        let src = testutil::snapshot(&w, None, |d| {
+            std::fs::create_dir_all(d.join("src/sub")).expect("mkdir");
+            std::fs::write(d.join("src/sub/f"), "f").expect("w");
+            std::fs::write(d.join("one.txt"), "1").expect("w");
+        });
+        let mut chown = copy("/src", "/x/");
+        chown.owner = Some(pb::ChownOpt {
+            user: Some(pb::UserOpt { user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt { name: "alice".into(), input: 0 })) }),
+            group: None,
+        });
+        let mut wild = copy("/*.txt", "/y/");
+        wild.allow_wildcard = true;
+        let out = run(
+            &w,
+            vec![Some(dest.clone()), Some(src)],
+            vec![
+                action(0, -1, -1, Action::Mkdir(pb::FileActionMkDir { path: "/x".into(), mode: 0o755, make_parents: true, timestamp: -1, owner: None })),
+                action(2, -1, -1, Action::Mkfile(pb::FileActionMkFile { path: "/x/new".into(), mode: 0o600, data: b"new".to_vec(), timestamp: 1_000_000_000, owner: None })),
+                action(3, 1, -1, Action::Copy(chown)),
+                action(4, 1, -1, Action::Copy(wild)),
+                action(5, -1, -1, Action::Rm(pb::FileActionRm { path: "/a.txt".into(), ..Default::default() })),
+                action(6, -1, 0, Action::Symlink(pb::FileActionSymlink { oldpath: "new".into(), newpath: "/x/ln".into(), timestamp: -1, owner: None })),
+            ],
+        )
+        .await
+        .expect("file op")
+        .expect("output");
+        let diff = w.store().diff_dir(&out);
+        assert_eq!(std::fs::read_to_string(diff.join("x/new")).expect("mkfile"), "new");
+        let md = std::fs::metadata(diff.join("x/new")).expect("stat");
+        assert_eq!((md.mode() & 0o777, md.mtime()), (0o600, 1));
+        let copied = std::fs::metadata(diff.join("x/src/sub/f")).expect("copied");
+        assert_eq!((copied.uid(), copied.gid()), (1000, 1001));
+        assert_eq!(std::fs::read_to_string(diff.join("y/one.txt")).expect("wildcard"), "1");
+        assert!(std::fs::symlink_metadata(diff.join("a.txt")).expect("whiteout").file_type().is_char_device());
+        assert_eq!(std::fs::read_link(diff.join("x/ln")).expect("symlink"), std::path::Path::new("new"));
+        // the chain above the base holds the whole result
+        let chain = w.store().chain(Some(&out)).expect("chain");
+        assert_eq!(chain.last().map(|m| m.id.clone()), Some(dest));
+
+        let layers = w.layers(Some(&out), "gzip").await.expect("layers");
+        assert_eq!(layers.len(), chain.len());
+        let top = layers.last().expect("top layer");
+        assert_eq!(top.descriptor.media_type, kiln_oci::media_types::OCI_LAYER_GZIP);
+        let f = std::fs::File::open(w.blob_path(&top.descriptor.digest).expect("path")).expect("blob");
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        let names: Vec<String> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| e.expect("entry").path().expect("path").to_string_lossy().trim_end_matches('/').to_string())
+            .collect();
+        for want in [".wh.a.txt", "x/new", "x/src/sub/f", "x/ln", "y/one.txt"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        assert_eq!(w.layers(Some(&out), "gzip").await.expect("memoized"), layers);
+    }
+
+    #[tokio::test]
+    async fn copy_cannot_escape_the_roots() {
+        let (_tmp, w) = testutil::worker();
+        let dest = base(&w);
+        let src = testutil::snapshot(&w, None, |d| {
+            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+            std::fs::write(d.join("etc/passwd"), "inside").expect("w");
+            std::os::unix::fs::symlink("/etc", d.join("evil")).expect("symlink");
+            std::os::unix::fs::symlink("../../../../../../etc", d.join("up")).expect("symlink");
+        });
+        let out = run(
+            &w,
+            vec![Some(dest), Some(src.clone())],
+            vec![
+                action(0, 1, -1, Action::Copy(copy("/evil/passwd", "/got-abs"))),
+                action(2, 1, -1, Action::Copy(copy("../../../../up/passwd", "/got-rel"))),
+                action(3, 1, -1, Action::Copy(copy("/etc/passwd", "../../../../../escaped"))),
+                action(4, 1, 0, Action::Copy(copy("/etc/passwd", "/link/through-symlink"))),
+            ],
+        )
+        .await
+        .expect("file op")
+        .expect("output");
+        let diff = w.store().diff_dir(&out);
+        assert_eq!(std::fs::read_to_string(diff.join("got-abs")).expect("abs"), "inside");
+        assert_eq!(std::fs::read_to_string(diff.join("got-rel")).expect("rel"), "inside");
+        assert_eq!(std::fs::read_to_string(diff.join("escaped")).expect("clamped"), "inside");
+        assert_eq!(std::fs::read_to_string(diff.join("tmp/through-symlink")).expect("in root"), "inside");
+        assert!(!std::path::Path::new("/tmp/through-symlink").exists());
+
+        let missing = run(&w, vec![None, Some(src)], vec![action(0, 1, 0, Action::Copy(copy("/../../etc/hostname", "/h")))]).await;
+        assert!(missing.is_err(), "host /etc/hostname must not be reachable");
+    }
+}
