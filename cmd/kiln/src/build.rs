@@ -1,0 +1,211 @@
+//! `kiln build`: buildctl's flags, plus `kiln build [DIR]`.
+
+use crate::progress::{Mode, Printer};
+use anyhow::{bail, Context};
+use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, Exporter, SolveRequest, StatusRequest};
+use kiln_session::attachable::{self, Attachables, OutputTarget};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// Frontend to use (dockerfile.v0)
+    #[arg(long)]
+    frontend: Option<String>,
+    /// Local directory exposed to the build: NAME=PATH (context, dockerfile)
+    #[arg(long = "local", value_name = "NAME=PATH")]
+    locals: Vec<String>,
+    /// Frontend option: KEY=VALUE (target=, build-arg:K=V, filename=, platform=)
+    #[arg(long = "opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
+    /// Output: type=local|tar|oci|docker|image,dest=PATH,name=REF,push=true
+    #[arg(long = "output", short = 'o')]
+    outputs: Vec<String>,
+    /// Progress output: auto, plain, tty
+    #[arg(long, default_value = "auto")]
+    progress: String,
+    /// Do not use cached results
+    #[arg(long)]
+    no_cache: bool,
+    /// Write the exporter's response (image digest, ...) as JSON to this file
+    #[arg(long)]
+    metadata_file: Option<PathBuf>,
+    /// Dockerfile path (short form)
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+    /// Build argument (short form): KEY=VALUE
+    #[arg(long = "build-arg")]
+    build_args: Vec<String>,
+    /// Target stage (short form)
+    #[arg(long)]
+    target: Option<String>,
+    /// Image name to give the result, as --output type=image,name=TAG (short form)
+    #[arg(long, short = 't')]
+    tag: Vec<String>,
+    /// Context directory: `kiln build DIR` is the short form of
+    /// `--frontend dockerfile.v0 --local context=DIR --local dockerfile=DIR`
+    dir: Option<PathBuf>,
+}
+
+fn split_kv(s: &str, what: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => bail!("invalid {what} {s:?}: expected KEY=VALUE"),
+    }
+}
+
+/// Parses `type=local,dest=out` (CSV; quoted fields allowed).
+fn parse_output(s: &str) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+    let mut attrs = BTreeMap::new();
+    for field in split_csv(s) {
+        let (k, v) = split_kv(&field, "output field")?;
+        attrs.insert(k, v);
+    }
+    let ty = attrs.remove("type").with_context(|| format!("output {s:?} has no type="))?;
+    Ok((ty, attrs))
+}
+
+fn split_csv(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
+    // short form
+    if let Some(dir) = args.dir.take() {
+        if args.frontend.is_none() {
+            args.frontend = Some("dockerfile.v0".into());
+        }
+        let dir = dir.to_string_lossy().to_string();
+        if !args.locals.iter().any(|l| l.starts_with("context=")) {
+            args.locals.push(format!("context={dir}"));
+        }
+        if !args.locals.iter().any(|l| l.starts_with("dockerfile=")) {
+            args.locals.push(format!("dockerfile={dir}"));
+        }
+    }
+    if let Some(file) = &args.file {
+        let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        args.locals.retain(|l| !l.starts_with("dockerfile="));
+        args.locals.push(format!("dockerfile={}", parent.display()));
+        if let Some(name) = file.file_name() {
+            args.opts.push(format!("filename={}", name.to_string_lossy()));
+        }
+    }
+    for b in &args.build_args {
+        args.opts.push(format!("build-arg:{b}"));
+    }
+    if let Some(t) = &args.target {
+        args.opts.push(format!("target={t}"));
+    }
+    if !args.tag.is_empty() {
+        args.outputs.push(format!("type=image,\"name={}\"", args.tag.join(",")));
+    }
+    let Some(frontend) = args.frontend.clone() else {
+        bail!("nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR) or a directory");
+    };
+
+    let mut att = Attachables::default();
+    for l in &args.locals {
+        let (name, path) = split_kv(l, "--local")?;
+        let path = PathBuf::from(&path);
+        let path = path.canonicalize().with_context(|| format!("local {name}: {}", path.display()))?;
+        if !path.is_dir() {
+            bail!("local {name}: {} is not a directory", path.display());
+        }
+        att.dirs.insert(name, path);
+    }
+    let mut frontend_attrs = BTreeMap::new();
+    for o in &args.opts {
+        let (k, v) = split_kv(o, "--opt")?;
+        frontend_attrs.insert(k, v);
+    }
+    if args.no_cache {
+        frontend_attrs.insert("no-cache".into(), String::new());
+    }
+    let mut exporters = Vec::new();
+    for (i, o) in args.outputs.iter().enumerate() {
+        let (ty, mut attrs) = parse_output(o)?;
+        let dest = attrs.remove("dest");
+        match ty.as_str() {
+            "local" => {
+                let d = dest.with_context(|| "output type=local needs dest=DIR")?;
+                std::fs::create_dir_all(&d).with_context(|| format!("create {d}"))?;
+                att.outputs.insert(i as u32, OutputTarget::Dir(PathBuf::from(d)));
+            }
+            "tar" | "oci" | "docker" => {
+                let d = dest.with_context(|| format!("output type={ty} needs dest=FILE (or dest=-)"))?;
+                att.outputs.insert(i as u32, OutputTarget::File(PathBuf::from(d)));
+            }
+            "image" | "registry" => {
+                if ty == "registry" {
+                    attrs.insert("push".into(), "true".into());
+                }
+            }
+            other => bail!("unknown output type {other:?} (local, tar, oci, docker, image, registry)"),
+        }
+        let ty = if ty == "registry" { "image".to_string() } else { ty };
+        exporters.push(Exporter { r#type: ty, attrs });
+    }
+
+    let channel = kiln_session::dial::connect(addr).await?;
+    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let build_ref = uuid::Uuid::new_v4().simple().to_string();
+    let shared_key = att.dirs.get("context").map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+    let _session = attachable::attach(channel.clone(), &session_id, "kiln", &shared_key, att)
+        .await
+        .with_context(|| format!("open session with {addr}"))?;
+
+    let mode = Mode::parse(&args.progress)?;
+    let mut status_client = ControlClient::new(channel.clone());
+    let status_ref = build_ref.clone();
+    let printer = tokio::spawn(async move {
+        let mut p = Printer::new(mode);
+        match status_client.status(StatusRequest { r#ref: status_ref }).await {
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                while let Ok(Some(msg)) = s.message().await {
+                    p.update(msg);
+                }
+            }
+            Err(e) => eprintln!("progress unavailable: {}", e.message()),
+        }
+        p.finish();
+    });
+
+    let req = SolveRequest {
+        r#ref: build_ref,
+        session: session_id,
+        frontend,
+        frontend_attrs,
+        exporters,
+        ..Default::default()
+    };
+    let result = ControlClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+        .solve(req)
+        .await;
+    let _ = printer.await;
+    let resp = match result {
+        Ok(r) => r.into_inner(),
+        Err(s) => bail!("failed to solve: {}", s.message()),
+    };
+    if let Some(f) = &args.metadata_file {
+        let json = serde_json::to_string_pretty(&resp.exporter_response)?;
+        std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Build progress on the terminal, in BuildKit's `plain` format or as a
+//! compact live `tty` view.
+
+use kiln_proto::moby::buildkit::v1::StatusResponse;
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Tty,
+    Quiet,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> anyhow::Result<Mode> {
+        Ok(match s {
+            "plain" => Mode::Plain,
+            "tty" => Mode::Tty,
+            "quiet" => Mode::Quiet,
+            "auto" => {
+                if std::io::stderr().is_terminal() {
+                    Mode::Tty
+                } else {
+                    Mode::Plain
+                }
+            }
+            other => anyhow::bail!("unknown progress mode {other:?} (auto, plain, tty, quiet)"),
+        })
+    }
+}
+
+#[derive(Default, Clone)]
+struct VertexState {
+    number: usize,
+    name: String,
+    started: Option<f64>,
+    completed: Option<f64>,
+    cached: bool,
+    error: String,
+    printed_header: bool,
+    printed_end: bool,
+    last_log: String,
+}
+
+fn secs(t: &prost_types::Timestamp) -> f64 {
+    t.seconds as f64 + t.nanos as f64 / 1e9
+}
+
+pub struct Printer {
+    mode: Mode,
+    vertices: HashMap<String, VertexState>,
+    order: Vec<String>,
+    current: Option<String>,
+    partial: HashMap<String, String>,
+    start: Instant,
+    drawn_lines: usize,
+}
+
+impl Printer {
+    pub fn new(mode: Mode) -> Self {
+        Printer {
+            mode,
+            vertices: HashMap::new(),
+            order: Vec::new(),
+            current: None,
+            partial: HashMap::new(),
+            start: Instant::now(),
+            drawn_lines: 0,
+        }
+    }
+
+    fn state(&mut self, digest: &str) -> &mut VertexState {
+        if !self.vertices.contains_key(digest) {
+            self.order.push(digest.to_string());
+            let number = self.order.len();
+            self.vertices.insert(digest.to_string(), VertexState { number, ..Default::default() });
+        }
+        self.vertices.get_mut(digest).expect("inserted above")
+    }
+
+    fn switch_to(&mut self, out: &mut impl Write, digest: &str) {
+        if self.current.as_deref() != Some(digest) {
+            if self.current.is_some() {
+                let _ = writeln!(out);
+            }
+            self.current = Some(digest.to_string());
+            let v = self.state(digest);
+            if v.printed_header {
+                let _ = writeln!(out, "#{} {}", v.number, v.name);
+            }
+        }
+    }
+
+    pub fn update(&mut self, msg: StatusResponse) {
+        for v in msg.vertexes {
+            let st = self.state(&v.digest);
+            if !v.name.is_empty() {
+                st.name = v.name.clone();
+            }
+            if let Some(t) = &v.started {
+                st.started.get_or_insert(secs(t));
+            }
+            if let Some(t) = &v.completed {
+                st.completed = Some(secs(t));
+            }
+            st.cached |= v.cached;
+            if !v.error.is_empty() {
+                st.error = v.error.clone();
+            }
+            if self.mode == Mode::Plain {
+                self.plain_vertex(&v.digest);
+            }
+        }
+        for l in msg.logs {
+            let text = String::from_utf8_lossy(&l.msg).to_string();
+            let buf = self.partial.entry(l.vertex.clone()).or_default();
+            buf.push_str(&text);
+            let mut lines = Vec::new();
+            while let Some(i) = buf.find('\n') {
+                lines.push(buf[..i].to_string());
+                buf.drain(..=i);
+            }
+            let ts = secs(l.timestamp.as_ref().unwrap_or(&prost_types::Timestamp::default()));
+            for line in lines {
+                self.log_line(&l.vertex, ts, &line);
+            }
+        }
+        if self.mode == Mode::Tty {
+            self.draw(false);
+        }
+    }
+
+    fn plain_vertex(&mut self, digest: &str) {
+        let mut err = std::io::stderr().lock();
+        let v = self.state(digest).clone();
+        if v.started.is_none() && !v.cached {
+            return;
+        }
+        if !v.printed_header {
+            if self.current.is_some() {
+                let _ = writeln!(err);
+            }
+            let _ = writeln!(err, "#{} {}", v.number, v.name);
+            self.current = Some(digest.to_string());
+            self.state(digest).printed_header = true;
+        }
+        if v.completed.is_some() && !v.printed_end {
+            self.switch_to(&mut err, digest);
+            if v.cached {
+                let _ = writeln!(err, "#{} CACHED", v.number);
+            } else if !v.error.is_empty() {
+                let _ = writeln!(err, "#{} ERROR: {}", v.number, v.error);
+            } else {
+                let d = v.completed.unwrap_or(0.0) - v.started.unwrap_or(0.0);
+                let _ = writeln!(err, "#{} DONE {:.1}s", v.number, d.max(0.0));
+            }
+            self.state(digest).printed_end = true;
+        }
+    }
+
+    fn log_line(&mut self, digest: &str, ts: f64, line: &str) {
+        let v = self.state(digest);
+        v.last_log = line.to_string();
+        let started = v.started.unwrap_or(ts);
+        if self.mode == Mode::Plain {
+            let mut err = std::io::stderr().lock();
+            self.switch_to(&mut err, digest);
+            let n = self.state(digest).number;
+            let _ = writeln!(err, "#{} {:.3} {}", n, (ts - started).max(0.0), line);
+        }
+    }
+
+    fn draw(&mut self, last: bool) {
+        let mut err = std::io::stderr().lock();
+        if self.drawn_lines > 0 {
+            let _ = write!(err, "\x1b[{}A", self.drawn_lines);
+        }
+        let done = self.vertices.values().filter(|v| v.completed.is_some()).count();
+        let mut lines = vec![format!(
+            "[+] Building {:.1}s ({}/{}){}",
+            self.start.elapsed().as_secs_f64(),
+            done,
+            self.vertices.len(),
+            if last { " FINISHED" } else { "" }
+        )];
+        for d in &self.order {
+            let v = &self.vertices[d];
+            let status = if v.cached {
+                "CACHED".to_string()
+            } else if !v.error.is_empty() {
+                "ERROR".to_string()
+            } else if let (Some(s), Some(c)) = (v.started, v.completed) {
+                format!("{:.1}s", c - s)
+            } else if v.started.is_some() {
+                "...".to_string()
+            } else {
+                continue;
+            };
+            lines.push(format!(" => {:<60} {}", truncate(&v.name, 60), status));
+            if v.completed.is_none() && !v.last_log.is_empty() {
+                lines.push(format!(" => => {}", truncate(&v.last_log, 70)));
+            }
+        }
+        for l in &lines {
+            let _ = writeln!(err, "\x1b[2K{l}");
+        }
+        self.drawn_lines = lines.len();
+    }
+
+    pub fn finish(&mut self) {
+        match self.mode {
+            Mode::Tty => {
+                self.draw(true);
+                let errors: Vec<VertexState> = self.vertices.values().filter(|v| !v.error.is_empty()).cloned().collect();
+                for v in errors {
+                    eprintln!("------\n > {}:\n------\n{}", v.name, v.error);
+                }
+            }
+            Mode::Plain => {
+                let errors: Vec<VertexState> = self.vertices.values().filter(|v| !v.error.is_empty()).cloned().collect();
+                for v in errors {
+                    eprintln!("------\n > {}:\n------", v.name);
+                }
+            }
+            Mode::Quiet => {}
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let t: String = s.chars().take(n.saturating_sub(1)).collect();
+        format!("{t}…")
+    }
+}
