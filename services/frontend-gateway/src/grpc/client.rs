@@ -134,3 +134,209 @@ impl Bridge for GrpcBridge {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use kiln_proto::moby::buildkit::v1::frontend::{
+        PingRequest, PongResponse, ReadFileResponse, ResolveImageConfigResponse,
+        Result as BridgeResult, SolveResponse,
+        llb_bridge_server::{LlbBridge, LlbBridgeServer},
+    };
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// (method, kiln-build-id header, grpc-timeout header present)
+    type Seen = Arc<Mutex<Vec<(&'static str, Option<String>, bool)>>>;
+
+    struct FakeSolver {
+        seen: Seen,
+    }
+
+    impl FakeSolver {
+        fn record<T>(&self, method: &'static str, req: &Request<T>) {
+            let id = req
+                .metadata()
+                .get(BUILD_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let timeout = req.metadata().get("grpc-timeout").is_some();
+            self.seen.lock().expect("lock").push((method, id, timeout));
+        }
+    }
+
+    #[tonic::async_trait]
+    impl LlbBridge for FakeSolver {
+        async fn resolve_image_config(
+            &self,
+            req: Request<ResolveImageConfigRequest>,
+        ) -> Result<Response<ResolveImageConfigResponse>, Status> {
+            self.record("resolve", &req);
+            let r = req.into_inner();
+            let platform = r.platform.unwrap_or_default();
+            Ok(Response::new(ResolveImageConfigResponse {
+                digest: "sha256:abc".into(),
+                config: format!("{}/{}", platform.os, platform.architecture).into_bytes(),
+                r#ref: format!("docker.io/library/{}:latest", r.r#ref),
+            }))
+        }
+
+        async fn solve(
+            &self,
+            req: Request<SolveRequest>,
+        ) -> Result<Response<SolveResponse>, Status> {
+            self.record("solve", &req);
+            let ops = req.into_inner().definition.map_or(0, |d| d.def.len());
+            Ok(Response::new(SolveResponse {
+                r#ref: String::new(),
+                result: Some(BridgeResult {
+                    result: Some(result::Result::Ref(
+                        kiln_proto::moby::buildkit::v1::frontend::Ref {
+                            id: format!("ref-{ops}"),
+                            def: None,
+                        },
+                    )),
+                    metadata: Default::default(),
+                }),
+            }))
+        }
+
+        async fn read_file(
+            &self,
+            req: Request<ReadFileRequest>,
+        ) -> Result<Response<ReadFileResponse>, Status> {
+            self.record("read_file", &req);
+            let r = req.into_inner();
+            if r.file_path != "Dockerfile" {
+                return Err(Status::not_found(format!(
+                    "open {}: no such file",
+                    r.file_path
+                )));
+            }
+            Ok(Response::new(ReadFileResponse {
+                data: format!("from {}", r.r#ref).into_bytes(),
+            }))
+        }
+
+        async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PongResponse>, Status> {
+            Ok(Response::new(PongResponse::default()))
+        }
+    }
+
+    async fn start_solver(seen: Seen) -> Channel {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LlbBridgeServer::new(FakeSolver { seen }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    #[tokio::test]
+    async fn every_call_carries_the_build_id_and_only_solve_has_no_deadline() {
+        let seen = Seen::default();
+        let bridge = GrpcBridge::new(start_solver(seen.clone()).await);
+
+        let def = pb::Definition {
+            def: vec![vec![], vec![]],
+            ..Default::default()
+        };
+        assert_eq!(bridge.solve("b-1", def).await.expect("solve"), "ref-2");
+        assert_eq!(
+            bridge
+                .read_file("b-1", "ref-2", "Dockerfile")
+                .await
+                .expect("read"),
+            b"from ref-2"
+        );
+        let resolved = bridge
+            .resolve_image_config("b-1", "busybox", &Platform::new("linux", "arm64", None))
+            .await
+            .expect("resolve");
+        assert_eq!(resolved.config, b"linux/arm64");
+        assert_eq!(resolved.canonical_ref, "docker.io/library/busybox:latest");
+        assert_eq!(resolved.digest, "sha256:abc");
+
+        let id = Some("b-1".to_string());
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            [
+                ("solve", id.clone(), false),
+                ("read_file", id.clone(), true),
+                ("resolve", id, true)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn solver_status_becomes_a_bridge_error() {
+        let bridge = GrpcBridge::new(start_solver(Seen::default()).await);
+        let err = bridge
+            .read_file("b-1", "ref-1", "Missing")
+            .await
+            .expect_err("not found");
+        assert_eq!(err.kind, BridgeErrorKind::NotFound);
+        assert!(
+            err.message.contains("open Missing: no such file"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[tokio::test]
+    async fn frontend_server_maps_errors_to_status() {
+        use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
+
+        let gateway = Arc::new(crate::Gateway::new(GrpcBridge::new(
+            start_solver(Seen::default()).await,
+        )));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::grpc::server(gateway))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = FrontendClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+
+        let status = client
+            .solve(FrontendRequest {
+                build_id: "b-1".into(),
+                frontend: "gateway.v0".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("unsupported frontend");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+        let status = client
+            .solve(FrontendRequest {
+                build_id: "b-1".into(),
+                frontend: crate::DOCKERFILE_FRONTEND.into(),
+                attrs: [("filename".to_string(), "Missing".to_string())].into(),
+                session_id: "s".into(),
+            })
+            .await
+            .expect_err("no such Dockerfile");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(
+            status.message().starts_with("read Dockerfile Missing: "),
+            "{}",
+            status.message()
+        );
+    }
+}
