@@ -1,0 +1,87 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Errors of exporter operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("create registry client")]
+    RegistryClient { source: kiln_registry::Error },
+    #[error("parse image reference {reference:?}")]
+    ParseReference {
+        reference: String,
+        source: kiln_registry::Error,
+    },
+    #[error("resolve image {reference}")]
+    ResolveImage {
+        reference: String,
+        source: kiln_registry::Error,
+    },
+    #[error("unknown exporter type {kind:?}")]
+    UnknownExporter { kind: String },
+    #[error("invalid exporter attribute {key}={value:?}")]
+    InvalidAttr { key: String, value: String },
+    #[error("decode image config from the frontend")]
+    DecodeImageConfig { source: serde_json::Error },
+    #[error("encode {what}")]
+    EncodeJson {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("connect to worker {addr}")]
+    DialWorker {
+        addr: String,
+        source: kiln_session::Error,
+    },
+    #[error("connect to session broker {addr}")]
+    DialBroker {
+        addr: String,
+        source: kiln_session::Error,
+    },
+    #[error("worker {op} {target}: {message}")]
+    Worker {
+        op: &'static str,
+        target: String,
+        message: String,
+    },
+    #[error(
+        "layer {digest} from worker has digest {actual} and size {size}, expected size {expected_size}"
+    )]
+    LayerMismatch {
+        digest: String,
+        actual: String,
+        size: u64,
+        expected_size: u64,
+    },
+    #[error("{op}")]
+    Session {
+        op: &'static str,
+        source: kiln_session::Error,
+    },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{op}")]
+    Oci {
+        op: &'static str,
+        source: kiln_oci::Error,
+    },
+    #[error("push blob {digest} to {reference}")]
+    PushBlob {
+        reference: String,
+        digest: String,
+        source: kiln_registry::Error,
+    },
+    #[error("push manifest to {reference}")]
+    PushManifest {
+        reference: String,
+        source: kiln_registry::Error,
+    },
+    #[error("background task for {op} failed")]
+    Join {
+        op: &'static str,
+        source: tokio::task::JoinError,
+    },
+}

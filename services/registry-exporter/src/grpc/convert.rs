@@ -1,0 +1,154 @@
+//! Conversions between generated protobuf types and the exporter's domain types.
+
+use kiln_proto::kiln::exporter::v1 as xpb;
+use kiln_proto::kiln::worker::v1 as wpb;
+use kiln_proto::pb;
+use tonic::{Code, Status};
+
+use crate::{Error, ExportRequest, LayerBlob};
+
+pub fn platform_from_pb(p: Option<pb::Platform>) -> Option<kiln_oci::Platform> {
+    let p = p?;
+    if p.os.is_empty() && p.architecture.is_empty() {
+        return None;
+    }
+    Some(kiln_oci::Platform {
+        architecture: p.architecture,
+        os: if p.os.is_empty() {
+            "linux".to_string()
+        } else {
+            p.os
+        },
+        variant: (!p.variant.is_empty()).then_some(p.variant),
+        os_version: (!p.os_version.is_empty()).then_some(p.os_version),
+        os_features: (!p.os_features.is_empty()).then_some(p.os_features),
+    })
+}
+
+pub fn platform_to_pb(p: &kiln_oci::Platform) -> pb::Platform {
+    pb::Platform {
+        architecture: p.architecture.clone(),
+        os: p.os.clone(),
+        variant: p.variant.clone().unwrap_or_default(),
+        os_version: p.os_version.clone().unwrap_or_default(),
+        os_features: p.os_features.clone().unwrap_or_default(),
+    }
+}
+
+pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
+    ExportRequest {
+        build_id: r.build_id,
+        session_id: r.session_id,
+        worker: r.worker,
+        reference: r.r#ref,
+        kind: r.r#type,
+        attrs: r.attrs.into_iter().collect(),
+        image_config: r.image_config,
+        index: u32::try_from(r.index).unwrap_or(0),
+    }
+}
+
+pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
+    xpb::ExportRequest {
+        build_id: r.build_id.clone(),
+        session_id: r.session_id.clone(),
+        worker: r.worker.clone(),
+        r#ref: r.reference.clone(),
+        r#type: r.kind.clone(),
+        attrs: r.attrs.clone().into_iter().collect(),
+        image_config: r.image_config.clone(),
+        index: i32::try_from(r.index).unwrap_or(i32::MAX),
+    }
+}
+
+pub fn layer_from_pb(l: wpb::Layer) -> LayerBlob {
+    LayerBlob {
+        descriptor: kiln_oci::Descriptor {
+            media_type: l.media_type,
+            digest: l.digest,
+            size: u64::try_from(l.size).unwrap_or(0),
+            ..Default::default()
+        },
+        diff_id: l.diff_id,
+    }
+}
+
+fn registry_code(e: &kiln_registry::Error) -> Code {
+    use kiln_registry::Error as R;
+    match e {
+        R::ParseReference { .. } => Code::InvalidArgument,
+        R::NoMatchingPlatform { .. } => Code::NotFound,
+        R::Status { status: 404, .. } => Code::NotFound,
+        R::Status {
+            status: 401 | 403, ..
+        } => Code::PermissionDenied,
+        R::DigestMismatch { .. } | R::BlobMismatch { .. } => Code::DataLoss,
+        _ => Code::Unavailable,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::ParseReference { .. }
+            | Error::UnknownExporter { .. }
+            | Error::InvalidAttr { .. }
+            | Error::DecodeImageConfig { .. } => Code::InvalidArgument,
+            Error::ResolveImage { source, .. }
+            | Error::PushBlob { source, .. }
+            | Error::PushManifest { source, .. } => registry_code(source),
+            Error::DialWorker { .. } | Error::DialBroker { .. } | Error::Worker { .. } => {
+                Code::Unavailable
+            }
+            Error::Session { .. } => Code::Unavailable,
+            Error::LayerMismatch { .. } => Code::DataLoss,
+            Error::RegistryClient { .. }
+            | Error::EncodeJson { .. }
+            | Error::Io { .. }
+            | Error::Oci { .. }
+            | Error::Join { .. } => Code::Internal,
+        };
+        Status::new(code, error_chain(&e))
+    }
+}
+
+/// "a: b: c" from an error and its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_per_variant() {
+        let s: Status = Error::UnknownExporter { kind: "zip".into() }.into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("zip"));
+        let s: Status = Error::ResolveImage {
+            reference: "docker.io/library/x:latest".into(),
+            source: kiln_registry::Error::NoMatchingPlatform {
+                reference: "x".into(),
+                platform: "linux/s390x".into(),
+            },
+        }
+        .into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("linux/s390x"), "{}", s.message());
+    }
+
+    #[test]
+    fn platform_round_trip() {
+        let p = kiln_oci::Platform::new("linux", "arm", Some("v7"));
+        assert_eq!(platform_from_pb(Some(platform_to_pb(&p))), Some(p));
+        assert_eq!(platform_from_pb(Some(pb::Platform::default())), None);
+    }
+}

@@ -1,0 +1,129 @@
+//! The generated `Exporter` trait implemented over the core.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_proto::kiln::exporter::v1 as xpb;
+use kiln_proto::kiln::exporter::v1::exporter_server::Exporter as ExporterRpc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::client::GrpcWorker;
+use super::convert;
+use crate::{ClientSink, Error, Exporter};
+
+pub struct ExporterService {
+    core: Arc<Exporter>,
+}
+
+impl ExporterService {
+    pub fn new(core: Arc<Exporter>) -> Self {
+        ExporterService { core }
+    }
+}
+
+/// The client session, dialled only for exporters that send output to the client.
+enum Sink {
+    Session(kiln_session::SessionClient),
+    None,
+}
+
+impl ClientSink for Sink {
+    async fn send_file(&self, exporter_id: u32, file: tokio::fs::File) -> Result<(), Error> {
+        match self {
+            Sink::Session(s) => ClientSink::send_file(s, exporter_id, file).await,
+            Sink::None => Ok(()),
+        }
+    }
+    async fn send_dir(&self, exporter_id: u32, dir: &Path) -> Result<(), Error> {
+        match self {
+            Sink::Session(s) => ClientSink::send_dir(s, exporter_id, dir).await,
+            Sink::None => Ok(()),
+        }
+    }
+}
+
+fn status_event(s: String) -> xpb::ExportEvent {
+    xpb::ExportEvent {
+        event: Some(xpb::export_event::Event::Status(s)),
+    }
+}
+
+#[tonic::async_trait]
+impl ExporterRpc for ExporterService {
+    async fn resolve_image_config(
+        &self,
+        request: Request<xpb::ResolveRequest>,
+    ) -> Result<Response<xpb::ResolveResponse>, Status> {
+        let req = request.into_inner();
+        let resolved = self
+            .core
+            .resolve_image_config(&req.r#ref, convert::platform_from_pb(req.platform))
+            .await?;
+        Ok(Response::new(xpb::ResolveResponse {
+            r#ref: resolved.reference,
+            digest: resolved.digest,
+            config: resolved.config,
+        }))
+    }
+
+    type ExportStream = ReceiverStream<Result<xpb::ExportEvent, Status>>;
+
+    async fn export(
+        &self,
+        request: Request<xpb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let req = convert::export_request_from_pb(request.into_inner());
+        let core = self.core.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let span = tracing::info_span!("export", build_id = %req.build_id, kind = %req.kind);
+            let _ = span;
+            let result = async {
+                let worker = GrpcWorker::connect(&req.worker).await?;
+                let sink = if req.kind == "image" {
+                    Sink::None
+                } else {
+                    let broker = &core.config().broker;
+                    let channel = kiln_session::dial::connect(broker)
+                        .await
+                        .map_err(|source| Error::DialBroker {
+                            addr: broker.clone(),
+                            source,
+                        })?;
+                    Sink::Session(kiln_session::SessionClient::new(
+                        channel,
+                        req.session_id.clone(),
+                    ))
+                };
+                let (ptx, mut prx) = mpsc::channel::<String>(16);
+                let run = async move {
+                    let ptx = ptx;
+                    core.export(&req, &worker, &sink, &ptx).await
+                };
+                let forward = async {
+                    while let Some(s) = prx.recv().await {
+                        let _ = tx.send(Ok(status_event(s))).await;
+                    }
+                };
+                let (res, ()) = tokio::join!(run, forward);
+                res
+            }
+            .await;
+            let msg = match result {
+                Ok(response) => Ok(xpb::ExportEvent {
+                    event: Some(xpb::export_event::Event::Done(xpb::Done {
+                        response: response.into_iter().collect(),
+                    })),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "export failed");
+                    Err(Status::from(e))
+                }
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
