@@ -76,10 +76,12 @@ pub fn apply(reader: impl Read, root: &Path) -> Result<(), Error> {
         let path = root.join(&rel);
         let header = entry.header().clone();
         let kind = header.entry_type();
-        let mode = header.mode().map_err(apply_err)? & 0o7777;
-        let uid = header.uid().map_err(apply_err)?;
-        let gid = header.gid().map_err(apply_err)?;
-        let mtime = header.mtime().map_err(apply_err)?;
+        // Blank numeric fields read as 0, like Go's archive/tar.
+        let default_mode = if kind.is_dir() { 0o755 } else { 0o644 };
+        let mode = header.mode().unwrap_or(default_mode) & 0o7777;
+        let uid = header.uid().unwrap_or(0);
+        let gid = header.gid().unwrap_or(0);
+        let mtime = header.mtime().unwrap_or(0);
         let xattrs = pax_xattrs(&mut entry).map_err(apply_err)?;
         let existing = fs::symlink_metadata(&path).ok();
 

@@ -271,3 +271,316 @@ fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, default: bool) -> bool
         _ => default,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use kiln_oci::{Descriptor, digest::sha256, media_types};
+
+    fn fs_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "etc", std::io::empty()).expect("dir");
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(6);
+        b.append_data(&mut h, "etc/hello", &b"hello\n"[..])
+            .expect("file");
+        b.into_inner().expect("tar")
+    }
+
+    struct FakeWorker {
+        fs: Vec<u8>,
+        blob: Vec<u8>,
+        layer: LayerBlob,
+    }
+
+    impl FakeWorker {
+        fn new() -> Self {
+            let fs = fs_tar();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&fs).expect("gzip");
+            let blob = gz.finish().expect("gzip");
+            let layer = LayerBlob {
+                descriptor: Descriptor {
+                    media_type: media_types::OCI_LAYER_GZIP.into(),
+                    digest: sha256(&blob),
+                    size: blob.len() as u64,
+                    ..Default::default()
+                },
+                diff_id: sha256(&fs),
+            };
+            FakeWorker { fs, blob, layer }
+        }
+    }
+
+    fn one_chunk_stream(data: Vec<u8>) -> ByteStream {
+        Box::pin(futures::stream::iter(vec![Ok(Bytes::from(data))]))
+    }
+
+    impl WorkerFs for FakeWorker {
+        async fn layers(
+            &self,
+            reference: &str,
+            _compression: &str,
+        ) -> Result<Vec<LayerBlob>, Error> {
+            assert_eq!(reference, "ref1");
+            Ok(vec![self.layer.clone()])
+        }
+        async fn read_blob(&self, digest: &str) -> Result<ByteStream, Error> {
+            assert_eq!(digest, self.layer.descriptor.digest);
+            Ok(one_chunk_stream(self.blob.clone()))
+        }
+        async fn export_fs(&self, _reference: &str) -> Result<ByteStream, Error> {
+            Ok(one_chunk_stream(self.fs.clone()))
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeSink {
+        files: Mutex<Vec<(u32, Vec<u8>)>>,
+        dirs: Mutex<Vec<(u32, Vec<String>)>>,
+    }
+
+    impl ClientSink for FakeSink {
+        async fn send_file(
+            &self,
+            exporter_id: u32,
+            mut file: tokio::fs::File,
+        ) -> Result<(), Error> {
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::new();
+            file.read_to_end(&mut buf).await.expect("read");
+            self.files.lock().expect("lock").push((exporter_id, buf));
+            Ok(())
+        }
+        async fn send_dir(&self, exporter_id: u32, dir: &Path) -> Result<(), Error> {
+            let mut names: Vec<String> = walkdir_names(dir);
+            names.sort();
+            let content = std::fs::read_to_string(dir.join("etc/hello")).expect("hello");
+            names.push(content);
+            self.dirs.lock().expect("lock").push((exporter_id, names));
+            Ok(())
+        }
+    }
+
+    fn walkdir_names(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).expect("ls") {
+            let p = e.expect("entry").path();
+            out.push(p.strip_prefix(dir).expect("prefix").display().to_string());
+            if p.is_dir() {
+                for c in walkdir_names(&p) {
+                    out.push(format!(
+                        "{}/{c}",
+                        p.file_name().expect("name").to_string_lossy()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn exporter(work: &Path, registry: RegistryConfig) -> Exporter {
+        Exporter::new(Config {
+            registry,
+            broker: String::new(),
+            work_dir: work.join("work"),
+        })
+        .expect("exporter")
+    }
+
+    fn request(kind: &str, reference: &str, attrs: &[(&str, &str)]) -> ExportRequest {
+        ExportRequest {
+            reference: reference.into(),
+            kind: kind.into(),
+            attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            image_config: br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["cat","/etc/hello"]},"history":[{"created_by":"COPY hello"}]}"#.to_vec(),
+            index: 2,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn oci_export_sends_a_layout_skopeo_can_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = exporter(dir.path(), RegistryConfig::default());
+        let (w, sink) = (FakeWorker::new(), FakeSink::default());
+        let (ptx, _prx) = mpsc::channel(64);
+        let resp = ex
+            .export(
+                &request("oci", "ref1", &[("name", "kiln/t:v1")]),
+                &w,
+                &sink,
+                &ptx,
+            )
+            .await
+            .expect("export");
+        let files = sink.files.lock().expect("lock").clone();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, 2);
+        let tar_path = dir.path().join("out.tar");
+        std::fs::write(&tar_path, &files[0].1).expect("write");
+        let mut ar = tar::Archive::new(&files[0].1[..]);
+        let layout = dir.path().join("layout");
+        ar.unpack(&layout).expect("unpack");
+        let index: kiln_oci::Index =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+                .expect("json");
+        assert_eq!(index.manifests[0].digest, resp["containerimage.digest"]);
+        let ann = index.manifests[0].annotations.clone().expect("annotations");
+        assert_eq!(
+            ann[kiln_oci::ANNOTATION_CONTAINERD_IMAGE_NAME],
+            "docker.io/kiln/t:v1"
+        );
+        assert_eq!(ann[kiln_oci::ANNOTATION_REF_NAME], "v1");
+        let cfg_digest = &resp["containerimage.config.digest"];
+        let cfg: kiln_oci::ImageConfig = serde_json::from_slice(
+            &std::fs::read(layout.join("blobs/sha256").join(&cfg_digest[7..])).expect("config"),
+        )
+        .expect("config json");
+        assert_eq!(cfg.rootfs.diff_ids, vec![w.layer.diff_id.clone()]);
+        assert!(
+            !dir.path()
+                .join("work")
+                .read_dir()
+                .expect("ls")
+                .any(|_| true),
+            "temp dir removed"
+        );
+
+        if Path::new("/usr/bin/skopeo").exists() {
+            let o = std::process::Command::new("/usr/bin/skopeo")
+                .arg("inspect")
+                .arg(format!("oci-archive:{}", tar_path.display()))
+                .output()
+                .expect("skopeo");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+            assert_eq!(v["Digest"], resp["containerimage.digest"].as_str());
+        }
+    }
+
+    #[tokio::test]
+    async fn local_and_tar_exports_send_the_filesystem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = exporter(dir.path(), RegistryConfig::default());
+        let (w, sink) = (FakeWorker::new(), FakeSink::default());
+        let (ptx, _prx) = mpsc::channel(64);
+        ex.export(&request("local", "ref1", &[]), &w, &sink, &ptx)
+            .await
+            .expect("local");
+        assert_eq!(
+            sink.dirs.lock().expect("lock").clone(),
+            vec![(
+                2,
+                vec![
+                    "etc".to_string(),
+                    "etc/hello".to_string(),
+                    "hello\n".to_string()
+                ]
+            )]
+        );
+        ex.export(&request("tar", "ref1", &[]), &w, &sink, &ptx)
+            .await
+            .expect("tar");
+        ex.export(&request("tar", "", &[]), &w, &sink, &ptx)
+            .await
+            .expect("scratch tar");
+        let files = sink.files.lock().expect("lock").clone();
+        assert_eq!(files[0].1, w.fs);
+        assert_eq!(files[1].1, vec![0u8; 1024]);
+        let err = ex
+            .export(&request("zip", "ref1", &[]), &w, &sink, &ptx)
+            .await
+            .expect_err("unknown");
+        assert!(matches!(err, Error::UnknownExporter { .. }));
+    }
+
+    #[tokio::test]
+    async fn image_export_pushes_to_a_registry() {
+        let bin = Path::new("/usr/bin/docker-registry");
+        if !bin.exists() {
+            eprintln!("docker-registry missing: skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("config");
+        let mut child = std::process::Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("registry");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let ex = exporter(dir.path(), RegistryConfig::default());
+        let (w, sink) = (FakeWorker::new(), FakeSink::default());
+        let (ptx, _prx) = mpsc::channel(64);
+        let names = format!("{addr}/kiln/app:v1,{addr}/kiln/app:v2");
+        let result = ex
+            .export(
+                &request(
+                    "image",
+                    "ref1",
+                    &[
+                        ("name", &names),
+                        ("push", "true"),
+                        ("oci-mediatypes", "false"),
+                    ],
+                ),
+                &w,
+                &sink,
+                &ptx,
+            )
+            .await;
+        let resolved = match &result {
+            Ok(_) => {
+                ex.resolve_image_config(&format!("{addr}/kiln/app:v2"), None)
+                    .await
+            }
+            Err(_) => Err(Error::UnknownExporter {
+                kind: String::new(),
+            }),
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let resp = result.expect("export image");
+        assert_eq!(resp["image.name"], names);
+        let resolved = resolved.expect("resolve pushed image");
+        assert_eq!(resolved.digest, resp["containerimage.digest"]);
+        assert_eq!(resolved.reference, format!("{addr}/kiln/app:v2"));
+        let cfg: kiln_oci::ImageConfig = serde_json::from_slice(&resolved.config).expect("config");
+        assert_eq!(cfg.rootfs.diff_ids, vec![w.layer.diff_id.clone()]);
+        assert_eq!(
+            cfg.config.cmd,
+            Some(vec!["cat".to_string(), "/etc/hello".to_string()])
+        );
+        assert!(sink.files.lock().expect("lock").is_empty());
+    }
+}
