@@ -1,1 +1,276 @@
-//! End-to-end tests live in tests/.
+//! Test harness for end-to-end tests: a real registry seeded with busybox,
+//! real `kilnd` daemons (all-in-one or one process per service) and the real
+//! `kiln` client, run as separate processes in a temp dir.
+//!
+//! `make test` starts one registry for the whole run and passes it in
+//! `KILN_TEST_REGISTRY`; run alone, a test starts its own.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Directory holding the `kilnd` and `kiln` binaries.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("KILN_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug"))
+}
+
+struct OwnRegistry {
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for OwnRegistry {
+    fn drop(&mut self) {
+        let _ = Command::new("sh").arg(repo_root().join("scripts/registry.sh")).arg("stop").arg(self._dir.path()).status();
+    }
+}
+
+static OWN_REGISTRY: OnceLock<Option<OwnRegistry>> = OnceLock::new();
+
+/// `HOST:PORT` of a registry holding `library/busybox:latest`.
+pub fn registry() -> String {
+    if let Ok(r) = std::env::var("KILN_TEST_REGISTRY") {
+        return r;
+    }
+    let own = OWN_REGISTRY.get_or_init(|| {
+        let dir = tempfile::tempdir().ok()?;
+        let out = Command::new("sh").arg(repo_root().join("scripts/registry.sh")).arg("start").arg(dir.path()).output().ok()?;
+        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ok = Command::new("sh").arg(repo_root().join("scripts/seed-busybox.sh")).arg(&addr).status().ok()?.success();
+        ok.then_some(OwnRegistry { addr, _dir: dir })
+    });
+    own.as_ref().map(|r| r.addr.clone()).expect("could not start a test registry (scripts/registry.sh)")
+}
+
+/// How the daemon is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// one `kilnd` hosting all four services
+    AllInOne,
+    /// one `kilnd --role X` per service, talking gRPC over unix sockets
+    Split,
+}
+
+/// Running daemon process(es) with their own state dir.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // unmount anything a killed worker left mounted under the state dir
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .status();
+    }
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("kilnd exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("kilnd did not listen on {} in time: {}", path.display(), std::fs::read_to_string(log).unwrap_or_default())
+}
+
+impl Daemon {
+    pub fn start(topology: Topology) -> Result<Daemon> {
+        let reg = registry();
+        let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
+        let config = dir.path().join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+            ),
+        )?;
+        let kilnd = bin_dir().join("kilnd");
+        let sock = |n: &str| dir.path().join(format!("{n}.sock"));
+        let mut children = Vec::new();
+        let spawn = |args: &[String], log_name: &str| -> Result<(Child, PathBuf)> {
+            let log = dir.path().join(log_name);
+            let child = Command::new(&kilnd)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()
+                .with_context(|| format!("start {}", kilnd.display()))?;
+            Ok((child, log))
+        };
+        let root = dir.path().join("root");
+        let common = |addr: &Path, role: Option<&str>, extra: &[String]| -> Vec<String> {
+            let mut v = vec![
+                "--config".to_string(),
+                config.display().to_string(),
+                "--root".into(),
+                root.join(role.unwrap_or("all")).display().to_string(),
+                "--addr".into(),
+                format!("unix://{}", addr.display()),
+            ];
+            if let Some(r) = role {
+                v.push("--role".into());
+                v.push(r.into());
+            }
+            v.extend_from_slice(extra);
+            v
+        };
+        match topology {
+            Topology::AllInOne => {
+                let s = sock("kilnd");
+                let (mut c, log) = spawn(&common(&s, None, &[]), "kilnd.log")?;
+                wait_for_socket(&s, &mut c, &log)?;
+                children.push(c);
+            }
+            Topology::Split => {
+                let solver = format!("unix://{}", sock("solver").display());
+                let peer = |flag: &str, name: &str| [format!("--{flag}"), format!("unix://{}", sock(name).display())];
+                for role in ["worker-executor", "frontend-gateway", "registry-exporter"] {
+                    let s = sock(role);
+                    let (mut c, log) = spawn(&common(&s, Some(role), &["--solver-addr".into(), solver.clone()]), &format!("{role}.log"))?;
+                    wait_for_socket(&s, &mut c, &log)?;
+                    children.push(c);
+                }
+                let mut extra = Vec::new();
+                extra.extend(peer("worker-addr", "worker-executor"));
+                extra.extend(peer("frontend-addr", "frontend-gateway"));
+                extra.extend(peer("exporter-addr", "registry-exporter"));
+                let s = sock("solver");
+                let (mut c, log) = spawn(&common(&s, Some("solver-scheduler"), &extra), "solver-scheduler.log")?;
+                wait_for_socket(&s, &mut c, &log)?;
+                children.push(c);
+            }
+        }
+        let addr = match topology {
+            Topology::AllInOne => format!("unix://{}", sock("kilnd").display()),
+            Topology::Split => format!("unix://{}", sock("solver").display()),
+        };
+        Ok(Daemon { dir, addr, children })
+    }
+
+    /// Runs `kiln ARGS` against this daemon in `cwd`.
+    pub fn kiln(&self, cwd: &Path, args: &[&str]) -> Result<Output> {
+        let out = Command::new(bin_dir().join("kiln"))
+            .arg("--addr")
+            .arg(&self.addr)
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .context("run kiln")?;
+        Ok(out)
+    }
+
+    /// Runs `kiln build` and fails with its output unless it succeeded.
+    pub fn build(&self, cwd: &Path, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["build", "--progress", "plain"];
+        full.extend_from_slice(args);
+        let out = self.kiln(cwd, &full)?;
+        if !out.status.success() {
+            bail!(
+                "kiln build failed ({}):\n{}\n--- daemon logs ---\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Everything the daemon processes logged.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    s.push_str(&format!("== {} ==\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default()));
+                }
+            }
+        }
+        s
+    }
+}
+
+/// A build context in a temp dir.
+pub struct Context {
+    pub dir: tempfile::TempDir,
+}
+
+impl Context {
+    pub fn new(dockerfile: &str) -> Result<Context> {
+        let dir = tempfile::Builder::new().prefix("kiln-ctx-").tempdir()?;
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile)?;
+        Ok(Context { dir })
+    }
+
+    pub fn file(&self, rel: &str, content: &str) -> Result<&Self> {
+        let p = self.dir.path().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(p, content)?;
+        Ok(self)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The standard dockerfile.v0 flags for a context dir.
+pub fn dockerfile_args() -> Vec<&'static str> {
+    vec!["--frontend", "dockerfile.v0", "--local", "context=.", "--local", "dockerfile=."]
+}
+
+/// Reads one file out of a tar archive.
+pub fn tar_entry(archive: &Path, name: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(std::fs::File::open(archive)?);
+    for e in a.entries()? {
+        let mut e = e?;
+        let p = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+        if p == name {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v)?;
+            return Ok(v);
+        }
+    }
+    bail!("{name} not in {}", archive.display())
+}
+
+/// Names of all entries in a tar archive.
+pub fn tar_names(archive: &Path) -> Result<Vec<String>> {
+    let mut a = tar::Archive::new(std::fs::File::open(archive)?);
+    let mut v = Vec::new();
+    for e in a.entries()? {
+        let e = e?;
+        v.push(e.path()?.to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string());
+    }
+    Ok(v)
+}
+
+/// Runs a command and returns stdout, failing with stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}

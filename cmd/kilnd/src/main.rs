@@ -1,1 +1,203 @@
-fn main() {}
+//! `kilnd`: the kiln daemon. With no `--role` it hosts all four services in
+//! one process; `--role NAME` runs one of them, pointed at its peers.
+//!
+//! All-in-one layout: the client API (Control) listens on `--addr`; the
+//! internal services (SessionBroker, LLBBridge, Worker, Frontend, Exporter)
+//! listen on `<root>/internal.sock`, and the services reach each other there
+//! over real gRPC, exactly as they do across hosts.
+
+mod config;
+mod serve;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    FrontendGateway,
+    SolverScheduler,
+    WorkerExecutor,
+    RegistryExporter,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "kilnd", version, about = "The kiln build daemon")]
+struct Args {
+    /// Listening address (unix:///path or tcp://host:port)
+    #[arg(long)]
+    addr: Option<String>,
+    /// State directory
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Config file (TOML, buildkitd.toml keys)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run one service only
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+    /// solver-scheduler address (for the other roles)
+    #[arg(long)]
+    solver_addr: Option<String>,
+    /// worker-executor address (for solver-scheduler)
+    #[arg(long)]
+    worker_addr: Option<String>,
+    /// frontend-gateway address (for solver-scheduler)
+    #[arg(long)]
+    frontend_addr: Option<String>,
+    /// registry-exporter address (for solver-scheduler)
+    #[arg(long)]
+    exporter_addr: Option<String>,
+    /// Log filter, e.g. info or kiln=debug
+    #[arg(long, env = "KILN_LOG", default_value = "info")]
+    log: String,
+}
+
+const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
+const DEFAULT_ROOT: &str = "/var/lib/kiln";
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Err(e) = run(args).await {
+        eprintln!("kilnd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Settings {
+    addr: String,
+    root: PathBuf,
+    file: config::FileConfig,
+    peers: config::Peers,
+}
+
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(p) => config::load(p)?,
+        None => config::FileConfig::default(),
+    };
+    let addr = args
+        .addr
+        .clone()
+        .or_else(|| file.grpc.address.first().cloned())
+        .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+    let root = args.root.clone().or_else(|| file.root.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let mut peers = file.peers.clone();
+    peers.solver = args.solver_addr.clone().or(peers.solver);
+    peers.worker = args.worker_addr.clone().or(peers.worker);
+    peers.frontend = args.frontend_addr.clone().or(peers.frontend);
+    peers.exporter = args.exporter_addr.clone().or(peers.exporter);
+    Ok(Settings { addr, root, file, peers })
+}
+
+fn need(v: &Option<String>, flag: &str, role: &str) -> anyhow::Result<String> {
+    v.clone().with_context(|| format!("--role {role} needs {flag} (or [peers] in the config)"))
+}
+
+fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_executor::Worker>> {
+    let mut c = worker_executor::Config::new(s.root.join("worker"));
+    c.broker = broker;
+    c.registry = s.file.registry.clone();
+    if let Some(b) = &s.file.worker.oci.binary {
+        c.runc = b.clone();
+    }
+    Ok(Arc::new(worker_executor::Worker::new(c).context("start worker")?))
+}
+
+fn exporter_core(s: &Settings, broker: String) -> anyhow::Result<Arc<registry_exporter::Exporter>> {
+    let c = registry_exporter::Config {
+        registry: s.file.registry.clone(),
+        broker,
+        work_dir: s.root.join("exporter"),
+    };
+    std::fs::create_dir_all(&c.work_dir).with_context(|| format!("create {}", c.work_dir.display()))?;
+    Ok(Arc::new(registry_exporter::Exporter::new(c).context("start exporter")?))
+}
+
+async fn frontend_core(solver: &str) -> anyhow::Result<Arc<frontend_gateway::Gateway<frontend_gateway::grpc::client::GrpcBridge>>> {
+    let ch = kiln_session::dial::connect(solver).await?;
+    Ok(Arc::new(frontend_gateway::Gateway::new(frontend_gateway::grpc::client::GrpcBridge::new(ch))))
+}
+
+async fn solver_core(
+    worker: &str,
+    frontend: &str,
+    exporter: &str,
+) -> anyhow::Result<Arc<serve::Solver>> {
+    use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend, GrpcWorker};
+    let w = GrpcWorker::new(worker.to_string(), kiln_session::dial::connect(worker).await?);
+    let f = GrpcFrontend::new(kiln_session::dial::connect(frontend).await?);
+    let e = GrpcExporter::new(kiln_session::dial::connect(exporter).await?);
+    Ok(Arc::new(solver_scheduler::Solver::new(solver_scheduler::Config::default(), w, f, e)))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let s = settings(&args)?;
+    std::fs::create_dir_all(&s.root).with_context(|| format!("create {}", s.root.display()))?;
+    let shutdown = serve::shutdown_signal();
+    match args.role {
+        None => {
+            let internal = format!("unix://{}", s.root.join("internal.sock").display());
+            let solver = solver_core(&internal, &internal, &internal).await?;
+            let worker = worker_core(&s, internal.clone())?;
+            let exporter = exporter_core(&s, internal.clone())?;
+            let frontend = frontend_core(&internal).await?;
+            let internal_router = tonic::transport::Server::builder()
+                .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
+                .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
+                .add_service(worker_executor::grpc::server(worker))
+                .add_service(frontend_gateway::grpc::server::server(frontend))
+                .add_service(registry_exporter::grpc::server(exporter));
+            let public_router = tonic::transport::Server::builder()
+                .add_service(solver_scheduler::grpc::control_server(solver.clone()));
+            tracing::info!("kilnd all-in-one listening on {} (root {})", s.addr, s.root.display());
+            let (a, b) = tokio::join!(
+                serve::serve(internal_router, &internal, shutdown.clone()),
+                serve::serve(public_router, &s.addr, shutdown.clone()),
+            );
+            a?;
+            b?;
+        }
+        Some(Role::SolverScheduler) => {
+            let role = "solver-scheduler";
+            let solver = solver_core(
+                &need(&s.peers.worker, "--worker-addr", role)?,
+                &need(&s.peers.frontend, "--frontend-addr", role)?,
+                &need(&s.peers.exporter, "--exporter-addr", role)?,
+            )
+            .await?;
+            let router = tonic::transport::Server::builder()
+                .add_service(solver_scheduler::grpc::control_server(solver.clone()))
+                .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
+                .add_service(solver_scheduler::grpc::bridge_server(solver));
+            tracing::info!("kilnd {role} listening on {}", s.addr);
+            serve::serve(router, &s.addr, shutdown).await?;
+        }
+        Some(Role::WorkerExecutor) => {
+            let worker = worker_core(&s, need(&s.peers.solver, "--solver-addr", "worker-executor")?)?;
+            let router = tonic::transport::Server::builder().add_service(worker_executor::grpc::server(worker));
+            tracing::info!("kilnd worker-executor listening on {}", s.addr);
+            serve::serve(router, &s.addr, shutdown).await?;
+        }
+        Some(Role::FrontendGateway) => {
+            let frontend = frontend_core(&need(&s.peers.solver, "--solver-addr", "frontend-gateway")?).await?;
+            let router = tonic::transport::Server::builder().add_service(frontend_gateway::grpc::server::server(frontend));
+            tracing::info!("kilnd frontend-gateway listening on {}", s.addr);
+            serve::serve(router, &s.addr, shutdown).await?;
+        }
+        Some(Role::RegistryExporter) => {
+            let exporter = exporter_core(&s, need(&s.peers.solver, "--solver-addr", "registry-exporter")?)?;
+            let router = tonic::transport::Server::builder().add_service(registry_exporter::grpc::server(exporter));
+            tracing::info!("kilnd registry-exporter listening on {}", s.addr);
+            serve::serve(router, &s.addr, shutdown).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+# kiln — the two commands: `make demo` and `make test`. Both install what
+# they need (Debian packages) when it is missing.
+
+CARGO ?= cargo
+PROFILE_DIR := target/debug
+BIN := $(PROFILE_DIR)
+DEMO_DIR ?= /tmp/kiln-demo
+
+.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean
+
+all: build
+
+deps:
+	@sh scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins --tests
+
+# Unit tests, then the integration tests against a real registry, real
+# kilnd/kiln binaries, real runc and overlayfs.
+test: build
+	sh scripts/test.sh
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Build everything, start a registry seeded with busybox and an all-in-one
+# kilnd mirroring docker.io to it, then build examples/hello to an OCI image
+# tarball and a local directory.
+demo: build
+	sh scripts/demo.sh "$(DEMO_DIR)"
+
+demo-stop:
+	sh scripts/demo.sh "$(DEMO_DIR)" stop
+
+clean:
+	$(CARGO) clean

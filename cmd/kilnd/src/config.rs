@@ -1,0 +1,85 @@
+//! kilnd.toml: buildkitd.toml's keys for what kiln supports, plus `[peers]`
+//! for running one service alone.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// State directory (snapshots, content, cache).
+    pub root: Option<PathBuf>,
+    #[serde(default)]
+    pub grpc: Grpc,
+    /// `[registry."docker.io"] mirrors = [...]`, `http = true`, `insecure = true`
+    #[serde(default)]
+    pub registry: kiln_registry::RegistryConfig,
+    #[serde(default)]
+    pub worker: Worker,
+    /// Addresses of the other services when running one `--role`.
+    #[serde(default)]
+    pub peers: Peers,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grpc {
+    #[serde(default)]
+    pub address: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Worker {
+    #[serde(default)]
+    pub oci: OciWorker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciWorker {
+    /// runc binary
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Peers {
+    pub solver: Option<String>,
+    pub worker: Option<String>,
+    pub frontend: Option<String>,
+    pub exporter: Option<String>,
+}
+
+pub fn load(path: &std::path::Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buildkitd_style_config_parses() {
+        let c: FileConfig = toml::from_str(
+            r#"
+root = "/tmp/kiln"
+[grpc]
+address = ["unix:///tmp/kiln.sock"]
+[registry."docker.io"]
+mirrors = ["127.0.0.1:5000"]
+[registry."127.0.0.1:5000"]
+http = true
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.root.as_deref(), Some(std::path::Path::new("/tmp/kiln")));
+        assert_eq!(c.grpc.address, vec!["unix:///tmp/kiln.sock".to_string()]);
+        assert_eq!(c.registry.hosts["docker.io"].mirrors, vec!["127.0.0.1:5000".to_string()]);
+        assert!(c.registry.hosts["127.0.0.1:5000"].http);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("rooot = \"/x\"").is_err());
+    }
+}

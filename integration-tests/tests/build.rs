@@ -1,0 +1,246 @@
+//! `kiln build` end to end: real kilnd, real runc, overlayfs and a real
+//! registry, in both topologies.
+
+use kiln_integration_tests::{dockerfile_args, run, tar_entry, tar_names, Context, Daemon, Topology};
+use std::process::Command;
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = dockerfile_args();
+    v.extend_from_slice(extra);
+    v
+}
+
+const MULTISTAGE: &str = r#"
+FROM busybox AS builder
+ARG MSG=default
+RUN mkdir -p /build && echo "built $MSG" > /build/out.txt
+RUN ["/bin/sh", "-c", "echo exec-form > /build/exec.txt"]
+
+FROM busybox
+WORKDIR /app
+COPY src/ ./src/
+COPY top.txt .
+COPY --from=builder /build/out.txt /build/exec.txt /app/
+RUN rm /bin/ls && cat /app/out.txt /app/top.txt > /app/joined.txt
+CMD ["cat", "/app/joined.txt"]
+"#;
+
+fn multistage_context() -> Context {
+    let c = Context::new(MULTISTAGE).expect("context");
+    c.file("top.txt", "top\n").expect("write");
+    c.file("src/a/b.txt", "nested\n").expect("write");
+    c
+}
+
+fn check_multistage_rootfs(out: &std::path::Path) {
+    let read = |p: &str| std::fs::read_to_string(out.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("app/out.txt"), "built from-arg\n");
+    assert_eq!(read("app/exec.txt"), "exec-form\n");
+    assert_eq!(read("app/src/a/b.txt"), "nested\n");
+    assert_eq!(read("app/joined.txt"), "built from-arg\ntop\n");
+    // base image content is there, deletions (whiteouts) are applied
+    assert!(out.join("bin/busybox").exists());
+    assert!(out.join("bin/sh").symlink_metadata().is_ok());
+    assert!(out.join("bin/ls").symlink_metadata().is_err(), "rm /bin/ls must be applied");
+    // what the runtime injected does not leak
+    assert!(!out.join("etc/hosts").exists(), "/etc/hosts stub leaked into the rootfs");
+    assert!(!out.join("etc/resolv.conf").exists(), "/etc/resolv.conf stub leaked into the rootfs");
+    // nothing from the other stage that was not copied
+    assert!(!out.join("build").exists());
+}
+
+fn multistage_to_local(topology: Topology) {
+    let d = Daemon::start(topology).expect("daemon");
+    let c = multistage_context();
+    d.build(c.path(), &args(&["--opt", "build-arg:MSG=from-arg", "--output", "type=local,dest=out"])).expect("build");
+    check_multistage_rootfs(&c.path().join("out"));
+}
+
+#[test]
+fn multistage_build_to_local_dir_all_in_one() {
+    multistage_to_local(Topology::AllInOne);
+}
+
+#[test]
+fn multistage_build_to_local_dir_split_services() {
+    multistage_to_local(Topology::Split);
+}
+
+#[test]
+fn tar_output_holds_the_same_rootfs() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = multistage_context();
+    d.build(c.path(), &args(&["--opt", "build-arg:MSG=from-arg", "--output", "type=tar,dest=out.tar"])).expect("build");
+    let tar = c.path().join("out.tar");
+    assert_eq!(tar_entry(&tar, "app/joined.txt").expect("entry"), b"built from-arg\ntop\n");
+    let names = tar_names(&tar).expect("names");
+    assert!(names.iter().any(|n| n == "bin/busybox"));
+    assert!(!names.iter().any(|n| n == "bin/ls"));
+    assert!(!names.iter().any(|n| n == "etc/hosts"));
+    assert!(!names.iter().any(|n| n.contains(".wh.")));
+}
+
+#[test]
+fn oci_tarball_has_the_image_config_and_is_accepted_by_skopeo_and_umoci() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new(
+        r#"
+FROM busybox
+ENV GREETING=hi PATH2=/x
+WORKDIR /srv/app
+COPY hello.txt .
+USER user
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["cat hello.txt"]
+"#,
+    )
+    .expect("context");
+    c.file("hello.txt", "hello\n").expect("write");
+    d.build(c.path(), &args(&["--output", "type=oci,dest=img.tar,name=kiln.test/hello:1"])).expect("build");
+    let tar = c.path().join("img.tar");
+
+    let inspect = run(Command::new("skopeo").arg("inspect").arg("--config").arg(format!("oci-archive:{}", tar.display())))
+        .expect("skopeo inspect --config");
+    let cfg: serde_json::Value = serde_json::from_str(&inspect).expect("config json");
+    let conf = &cfg["config"];
+    let env: Vec<String> = conf["Env"].as_array().expect("env").iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+    assert!(env.contains(&"GREETING=hi".to_string()), "{env:?}");
+    assert!(env.iter().any(|e| e.starts_with("PATH=")), "base image PATH kept: {env:?}");
+    assert_eq!(conf["WorkingDir"], "/srv/app");
+    assert_eq!(conf["User"], "user");
+    assert_eq!(conf["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert_eq!(conf["Cmd"], serde_json::json!(["cat hello.txt"]));
+    assert_eq!(cfg["os"], "linux");
+    let history = cfg["history"].as_array().expect("history");
+    assert!(history.len() >= 5, "history per instruction: {history:?}");
+    let non_empty = history.iter().filter(|h| h["empty_layer"] != true).count();
+    let diff_ids = cfg["rootfs"]["diff_ids"].as_array().expect("diff_ids").len();
+    assert_eq!(non_empty, diff_ids, "history entries with layers match diff_ids");
+
+    // the manifest and layers are valid for skopeo
+    run(Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", tar.display()))).expect("skopeo inspect");
+    // umoci unpacks it and the rootfs is right
+    let layout = c.path().join("layout");
+    std::fs::create_dir_all(&layout).expect("mkdir");
+    run(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&layout)).expect("untar");
+    let bundle = c.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:kiln.test/hello:1", layout.display()))
+        .arg(&bundle))
+    .or_else(|_| {
+        run(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:1", layout.display())).arg(&bundle))
+    })
+    .expect("umoci unpack");
+    assert_eq!(std::fs::read_to_string(bundle.join("rootfs/srv/app/hello.txt")).expect("read"), "hello\n");
+}
+
+#[test]
+fn target_option_builds_only_the_named_stage() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new(
+        r#"
+FROM busybox AS base
+RUN echo base > /base.txt
+
+FROM base AS test
+RUN echo test > /test.txt
+
+FROM busybox
+RUN exit 1
+"#,
+    )
+    .expect("context");
+    d.build(c.path(), &args(&["--opt", "target=test", "--output", "type=local,dest=out"])).expect("build");
+    assert_eq!(std::fs::read_to_string(c.path().join("out/test.txt")).expect("read"), "test\n");
+    assert_eq!(std::fs::read_to_string(c.path().join("out/base.txt")).expect("read"), "base\n");
+}
+
+#[test]
+fn scratch_image_with_copied_files_only() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new("FROM scratch\nCOPY a.txt /a.txt\nCOPY dir /dir\n").expect("context");
+    c.file("a.txt", "a\n").expect("write");
+    c.file("dir/x/y.txt", "y\n").expect("write");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let out = c.path().join("out");
+    let mut names: Vec<String> = std::fs::read_dir(&out).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["a.txt", "dir"]);
+    assert_eq!(std::fs::read_to_string(out.join("dir/x/y.txt")).expect("read"), "y\n");
+}
+
+#[test]
+fn run_as_user_from_the_image_passwd() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new("FROM busybox\nUSER user\nRUN id -u > /tmp/uid && id -g > /tmp/gid\n").expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    assert_eq!(std::fs::read_to_string(c.path().join("out/tmp/uid")).expect("read"), "1000\n");
+    assert_eq!(std::fs::read_to_string(c.path().join("out/tmp/gid")).expect("read"), "1000\n");
+}
+
+#[test]
+fn failing_run_reports_exit_code_and_dockerfile_line() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new("FROM busybox\n\nRUN echo before\nRUN echo oops >&2; exit 7\n").expect("context");
+    let mut a = vec!["build", "--progress", "plain"];
+    a.extend(dockerfile_args());
+    let out = d.kiln(c.path(), &a).expect("kiln");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exit code: 7"), "{err}");
+    assert!(err.contains("oops"), "the step's output is shown: {err}");
+    assert!(err.contains("exit 7"), "the failing command is named: {err}");
+}
+
+#[test]
+fn unknown_instruction_names_the_line() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new("FROM busybox\nRUN true\nFROBNICATE now\n").expect("context");
+    let mut a = vec!["build", "--progress", "plain"];
+    a.extend(dockerfile_args());
+    let out = d.kiln(c.path(), &a).expect("kiln");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("frobnicate"), "{err}");
+    assert!(err.contains(":3"), "line 3 is named: {err}");
+}
+
+#[test]
+fn short_form_builds_the_directory_and_prints_plain_progress() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = Context::new("FROM busybox\nRUN echo short-form-ran\n").expect("context");
+    let out = d.build(c.path(), &["."]).expect("build");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("short-form-ran"), "{err}");
+    assert!(err.contains("#1 "), "{err}");
+    assert!(err.contains("DONE"), "{err}");
+    // the second build reuses every step
+    let out = d.build(c.path(), &["."]).expect("build");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CACHED"), "{err}");
+    assert!(!err.contains("short-form-ran"), "cached step must not run again: {err}");
+}
+
+#[test]
+fn pushed_image_can_be_pulled_by_the_next_build() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let reg = kiln_integration_tests::registry();
+    let name = format!("{reg}/kiln-it/pushed:{}", std::process::id());
+    let c = Context::new("FROM busybox\nRUN echo layer-one > /one.txt\nCMD [\"cat\", \"/one.txt\"]\n").expect("context");
+    let out_arg = format!("type=image,name={name},push=true");
+    d.build(c.path(), &args(&["--output", &out_arg, "--metadata-file", "md.json"])).expect("build");
+    let md: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.path().join("md.json")).expect("md")).expect("json");
+    let digest = md["containerimage.digest"].as_str().expect("digest").to_string();
+    assert!(digest.starts_with("sha256:"));
+    let inspect = run(Command::new("skopeo").args(["inspect", "--tls-verify=false"]).arg(format!("docker://{name}")))
+        .expect("skopeo inspect");
+    let v: serde_json::Value = serde_json::from_str(&inspect).expect("json");
+    assert_eq!(v["Digest"], digest);
+
+    let c2 = Context::new(&format!("FROM {name}\nRUN cat /one.txt > /two.txt\n")).expect("context");
+    d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    assert_eq!(std::fs::read_to_string(c2.path().join("out/two.txt")).expect("read"), "layer-one\n");
+}

@@ -1,0 +1,20 @@
+#!/bin/sh
+# Installs what building and testing kiln needs, when missing (Debian).
+set -eu
+need=""
+have() { command -v "$1" >/dev/null 2>&1; }
+have protoc || need="$need protobuf-compiler"
+[ -e /usr/include/google/protobuf/timestamp.proto ] || need="$need libprotobuf-dev"
+have runc || need="$need runc"
+[ -x /usr/bin/docker-registry ] || need="$need docker-registry"
+[ -x /bin/busybox ] || need="$need busybox-static"
+have skopeo || need="$need skopeo"
+have umoci || need="$need umoci"
+have curl || need="$need curl"
+if [ -n "$need" ]; then
+  echo "installing:$need"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+fi
