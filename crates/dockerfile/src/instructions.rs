@@ -599,11 +599,11 @@ fn parse_copy(node: &Node, is_add: bool) -> Result<Copy, Error> {
     let mut source_contents = Vec::new();
     let mut heredocs = node.heredocs.iter();
     for s in srcs {
-        if heredoc_marker(&s).is_some() {
-            if let Some(h) = heredocs.next() {
-                source_contents.push(h.clone());
-                continue;
-            }
+        if heredoc_marker(&s).is_some()
+            && let Some(h) = heredocs.next()
+        {
+            source_contents.push(h.clone());
+            continue;
         }
         sources.push(s);
     }

@@ -173,8 +173,7 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
                 logical.push_str(head);
                 i += 1;
                 // Continuation: comments and blank lines are skipped.
-                loop {
-                    let Some(line) = lines.get(i) else { break };
+                while let Some(line) = lines.get(i) {
                     if is_comment(line) || is_blank(line) {
                         i += 1;
                         continue;

@@ -38,6 +38,7 @@ pub struct Lex {
     escape: char,
     raw_quotes: bool,
     skip_unset_env: bool,
+    skip_quotes: bool,
 }
 
 impl Lex {
@@ -46,6 +47,7 @@ impl Lex {
             escape,
             raw_quotes: false,
             skip_unset_env: false,
+            skip_quotes: false,
         }
     }
 
@@ -58,6 +60,12 @@ impl Lex {
     /// Leave references to unset variables as written instead of expanding them to "".
     pub fn skip_unset_env(mut self, on: bool) -> Self {
         self.skip_unset_env = on;
+        self
+    }
+
+    /// Treat quotes as ordinary characters (heredoc bodies).
+    pub fn skip_quotes(mut self, on: bool) -> Self {
+        self.skip_quotes = on;
         self
     }
 
@@ -179,6 +187,11 @@ impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
                 break;
             }
             match c {
+                '\'' | '"' if self.lex.skip_quotes => {
+                    self.next();
+                    out.push(c);
+                    words.add_char(c);
+                }
                 '\'' => {
                     let s = self.single_quote()?;
                     out.push_str(&s);
@@ -495,6 +508,11 @@ mod tests {
         assert_eq!(render(tick.process_word("`$A", &env)), "$A");
         assert_eq!(render(tick.process_word("C:\\dir\\$A", &env)), "C:\\dir\\a");
         assert_eq!(render(tick.process_word("\"``\"", &env)), "`");
+        let heredoc = Lex::new('\\').skip_quotes(true);
+        assert_eq!(
+            render(heredoc.process_word("echo \"$A\" '$A' \\$A", &env)),
+            "echo \"a\" 'a' $A"
+        );
         let raw = Lex::new('\\').raw_quotes(true).skip_unset_env(true);
         assert_eq!(
             render(raw.process_word("echo \"$A $NOPE\" '${B}' ${NOPE}", &env)),

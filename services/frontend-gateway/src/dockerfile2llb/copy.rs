@@ -1,0 +1,313 @@
+//! COPY / ADD (local sources) -> one FileOp with a chain of copy actions, and
+//! WORKDIR -> a mkdir FileOp.
+
+use std::collections::BTreeSet;
+
+use kiln_dockerfile::{Command, Copy, Lex};
+use kiln_llb::pb;
+
+use super::ops::{OpId, Ops, metadata};
+use super::run::uppercase_cmd;
+use super::stage::{StageState, chown_opt, clean_path, dest_path, normalize_workdir};
+use super::{Error, line_of};
+
+/// Where COPY reads from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CopySource {
+    /// The build context.
+    Context,
+    /// Another stage's (or image's) state; None is scratch.
+    State(Option<OpId>),
+}
+
+/// `--chmod`: octal gives a mode, a symbolic spec (`u=rwx,go=rx`) a mode string.
+fn parse_chmod(spec: &str) -> Option<(i32, String)> {
+    if spec.chars().all(|c| c.is_ascii_digit()) {
+        return match u32::from_str_radix(spec, 8) {
+            Ok(m) if m <= 0o7777 => i32::try_from(m).ok().map(|m| (m, String::new())),
+            _ => None,
+        };
+    }
+    let valid = spec.split(',').all(|clause| {
+        let who_end = clause
+            .find(|c: char| !"ugoa".contains(c))
+            .unwrap_or(clause.len());
+        let rest = &clause[who_end..];
+        let mut chars = rest.chars();
+        matches!(chars.next(), Some('+' | '-' | '=')) && chars.all(|c| "rwxXstugo+-=".contains(c))
+    });
+    valid.then(|| (0, spec.to_string()))
+}
+
+fn is_url(src: &str) -> bool {
+    src.starts_with("http://") || src.starts_with("https://") || src.starts_with("git@")
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch(
+    ops: &mut Ops,
+    lex: &Lex,
+    st: &mut StageState,
+    copy: &Copy,
+    is_add: bool,
+    source: CopySource,
+    ctx_paths: &mut BTreeSet<String>,
+    cmd: &Command,
+) -> Result<(), Error> {
+    let line = line_of(cmd);
+    let kw = if is_add { "ADD" } else { "COPY" };
+    let invalid = |reason: String| Error::InvalidInstruction {
+        line,
+        instruction: kw.to_string(),
+        reason,
+    };
+    if let Some(src) = copy.sources.iter().find(|s| is_url(s)) {
+        return Err(Error::Unsupported {
+            line,
+            feature: format!("{kw} from a URL or git repository ({src})"),
+        });
+    }
+    if copy.checksum.is_some() {
+        return Err(invalid(
+            "checksum can't be specified for local sources".to_string(),
+        ));
+    }
+    if copy.parents {
+        return Err(Error::Unsupported {
+            line,
+            feature: format!("{kw} --parents"),
+        });
+    }
+    let (mode, mode_str) = match &copy.chmod {
+        Some(spec) => parse_chmod(spec).ok_or_else(|| {
+            invalid(format!(
+                "invalid chmod parameter: '{spec}'. it should be octal string and between 0 and 07777"
+            ))
+        })?,
+        None => (-1, String::new()),
+    };
+    let dest = dest_path(&st.cwd, &copy.dest);
+
+    // Inputs: the destination state first, then each distinct source.
+    let mut inputs: Vec<OpId> = Vec::new();
+    let dest_input: i64 = match st.state {
+        Some(id) => {
+            inputs.push(id);
+            0
+        }
+        None => -1,
+    };
+    let index_of = |inputs: &mut Vec<OpId>, id: Option<OpId>| -> i64 {
+        match id {
+            None => -1,
+            Some(id) => {
+                let pos = match inputs.iter().position(|i| *i == id) {
+                    Some(p) => p,
+                    None => {
+                        inputs.push(id);
+                        inputs.len() - 1
+                    }
+                };
+                i64::try_from(pos).unwrap_or(i64::MAX)
+            }
+        }
+    };
+    let src_state = match source {
+        CopySource::Context => Some(ops.context()),
+        CopySource::State(s) => s,
+    };
+    let owner = copy.chown.as_deref().and_then(|c| chown_opt(c, dest_input));
+
+    // (secondary input, copy action) per source.
+    let mut planned: Vec<(i64, pb::FileActionCopy)> = Vec::new();
+    for src in &copy.sources {
+        let secondary = index_of(&mut inputs, src_state);
+        planned.push((
+            secondary,
+            pb::FileActionCopy {
+                src: clean_path(src),
+                dest: dest.clone(),
+                owner: owner.clone(),
+                mode,
+                follow_symlink: true,
+                dir_copy_contents: true,
+                attempt_unpack_docker_compatibility: is_add && copy.unpack != Some(false),
+                create_dest_path: true,
+                allow_wildcard: true,
+                allow_empty_wildcard: true,
+                timestamp: -1,
+                exclude_patterns: copy.exclude.clone(),
+                mode_str: mode_str.clone(),
+                ..Default::default()
+            },
+        ));
+        if matches!(source, CopySource::Context) {
+            ctx_paths.insert(clean_path(src));
+        }
+    }
+    let heredoc_lex = Lex::new('\\').skip_quotes(true);
+    for doc in &copy.source_contents {
+        let mut data = doc.content();
+        if doc.expand {
+            data = heredoc_lex
+                .process_word(&data, &st.env)
+                .map_err(|e| Error::Expand { line, source: e })?;
+        }
+        let path = clean_path(&doc.name);
+        let file = ops.push(
+            pb::Op {
+                constraints: Some(pb::WorkerConstraints::default()),
+                op: Some(pb::op::Op::File(pb::FileOp {
+                    actions: vec![pb::FileAction {
+                        input: -1,
+                        secondary_input: -1,
+                        output: 0,
+                        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                            path: path.clone(),
+                            mode: 0o644,
+                            data: data.into_bytes(),
+                            owner: None,
+                            timestamp: -1,
+                        })),
+                    }],
+                })),
+                ..Default::default()
+            },
+            Vec::new(),
+            metadata(
+                &[("llb.customname", "[internal] preparing inline document")],
+                &["file.base"],
+            ),
+            Some((cmd.location.start_line, cmd.location.end_line)),
+        );
+        let secondary = index_of(&mut inputs, Some(file));
+        planned.push((
+            secondary,
+            pb::FileActionCopy {
+                src: path,
+                dest: dest.clone(),
+                owner: owner.clone(),
+                mode,
+                create_dest_path: true,
+                timestamp: -1,
+                mode_str: mode_str.clone(),
+                ..Default::default()
+            },
+        ));
+    }
+    if planned.is_empty() {
+        return Err(invalid(format!("{kw} requires at least two arguments")));
+    }
+
+    let n_inputs = i64::try_from(inputs.len()).unwrap_or(i64::MAX);
+    let last = planned.len() - 1;
+    let actions = planned
+        .into_iter()
+        .enumerate()
+        .map(|(k, (secondary, action))| pb::FileAction {
+            input: if k == 0 {
+                dest_input
+            } else {
+                n_inputs + i64::try_from(k - 1).unwrap_or(0)
+            },
+            secondary_input: secondary,
+            output: if k == last { 0 } else { -1 },
+            action: Some(pb::file_action::Action::Copy(action)),
+        })
+        .collect();
+
+    let name_text = lex
+        .process_word(&cmd.original, &st.env)
+        .unwrap_or_else(|_| cmd.original.clone());
+    let progress = st.progress_name(&uppercase_cmd(&name_text));
+    let id = ops.push(
+        pb::Op {
+            constraints: Some(pb::WorkerConstraints::default()),
+            op: Some(pb::op::Op::File(pb::FileOp { actions })),
+            ..Default::default()
+        },
+        inputs,
+        metadata(&[("llb.customname", progress.as_str())], &["file.base"]),
+        Some((cmd.location.start_line, cmd.location.end_line)),
+    );
+    st.state = Some(id);
+
+    let mut msg = kw.to_string();
+    if let Some(c) = &copy.chown {
+        msg.push_str(&format!(" --chown={c}"));
+    }
+    if let Some(c) = &copy.chmod {
+        msg.push_str(&format!(" --chmod={c}"));
+    }
+    for s in &copy.sources {
+        msg.push(' ');
+        msg.push_str(s);
+    }
+    for d in &copy.source_contents {
+        msg.push_str(&format!(" <<{}", d.name));
+    }
+    msg.push(' ');
+    msg.push_str(&copy.dest);
+    st.commit(msg, true);
+    Ok(())
+}
+
+/// WORKDIR: set the dir and create it (mkdir -p, owned by USER when set).
+pub(crate) fn workdir(
+    ops: &mut Ops,
+    lex: &Lex,
+    st: &mut StageState,
+    path: &str,
+    cmd: &Command,
+) -> Result<(), Error> {
+    let wd = normalize_workdir(&st.cwd, path);
+    st.cwd = wd.clone();
+    st.image.config.working_dir = wd.clone();
+    if wd == "/" {
+        st.commit_empty(format!("WORKDIR {wd}"));
+        return Ok(());
+    }
+    let mut inputs = Vec::new();
+    let input = match st.state {
+        Some(id) => {
+            inputs.push(id);
+            0
+        }
+        None => -1,
+    };
+    let owner = chown_opt(&st.user.clone(), input);
+    let name_text = lex
+        .process_word(&cmd.original, &st.env)
+        .unwrap_or_else(|_| cmd.original.clone());
+    let progress = st.progress_name(&uppercase_cmd(&name_text));
+    let id = ops.push(
+        pb::Op {
+            constraints: Some(pb::WorkerConstraints::default()),
+            op: Some(pb::op::Op::File(pb::FileOp {
+                actions: vec![pb::FileAction {
+                    input,
+                    secondary_input: -1,
+                    output: 0,
+                    action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                        path: wd.clone(),
+                        mode: 0o755,
+                        make_parents: true,
+                        owner,
+                        timestamp: -1,
+                    })),
+                }],
+            })),
+            ..Default::default()
+        },
+        inputs,
+        metadata(&[("llb.customname", progress.as_str())], &["file.base"]),
+        Some((cmd.location.start_line, cmd.location.end_line)),
+    );
+    st.state = Some(id);
+    st.commit(format!("WORKDIR {wd}"), false);
+    // WORKDIR adds a layer but BuildKit records it without the " # buildkit" suffix.
+    if let Some(h) = st.image.history.last_mut() {
+        h.empty_layer = None;
+    }
+    Ok(())
+}

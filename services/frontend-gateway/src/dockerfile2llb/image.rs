@@ -1,0 +1,314 @@
+//! Instructions that only change the image config (ENV, LABEL, USER, CMD,
+//! ENTRYPOINT, EXPOSE, VOLUME, STOPSIGNAL, SHELL, MAINTAINER, HEALTHCHECK,
+//! ONBUILD) and their history entries.
+
+use std::collections::BTreeMap;
+
+use kiln_dockerfile::{CommandLine, Healthcheck, KeyValue};
+use kiln_oci::EmptyObject;
+
+use super::stage::{StageState, go_quote_list};
+
+/// What went wrong, for [`super::Error::InvalidInstruction`].
+pub(crate) type Reason = String;
+
+/// The stage's shell (SHELL or `/bin/sh -c`) with `args` joined.
+pub(crate) fn with_shell(st: &StageState, args: &[String]) -> Vec<String> {
+    let mut out = match &st.image.config.shell {
+        Some(shell) if !shell.is_empty() => shell.clone(),
+        _ => vec!["/bin/sh".to_string(), "-c".to_string()],
+    };
+    out.push(args.join(" "));
+    out
+}
+
+pub(crate) fn command_args(st: &StageState, cmd: &CommandLine) -> Vec<String> {
+    match cmd {
+        CommandLine::Exec(v) => v.clone(),
+        CommandLine::Shell(s) => with_shell(st, std::slice::from_ref(s)),
+    }
+}
+
+pub(crate) fn env(st: &mut StageState, kvs: &[KeyValue]) {
+    let mut msg = String::from("ENV");
+    for kv in kvs {
+        msg.push_str(&format!(" {}={}", kv.key, kv.value));
+        st.add_env(&kv.key, &kv.value);
+        st.add_image_env(&kv.key, &kv.value);
+    }
+    st.commit_empty(msg);
+}
+
+pub(crate) fn label(st: &mut StageState, kvs: &[KeyValue]) {
+    let mut msg = String::from("LABEL");
+    let labels = st.image.config.labels.get_or_insert_with(BTreeMap::new);
+    for kv in kvs {
+        labels.insert(kv.key.clone(), kv.value.clone());
+        msg.push_str(&format!(" {}={}", kv.key, kv.value));
+    }
+    st.commit_empty(msg);
+}
+
+pub(crate) fn user(st: &mut StageState, user: &str) {
+    st.user = user.to_string();
+    st.image.config.user = user.to_string();
+    st.commit_empty(format!("USER {user}"));
+}
+
+pub(crate) fn cmd(st: &mut StageState, cmd: &CommandLine) {
+    let args = command_args(st, cmd);
+    st.image.config.cmd = Some(args.clone());
+    st.image
+        .config
+        .extra
+        .insert("ArgsEscaped".to_string(), serde_json::Value::Bool(true));
+    st.cmd_set = true;
+    st.commit_empty(format!("CMD {}", go_quote_list(&args)));
+}
+
+pub(crate) fn entrypoint(st: &mut StageState, cmd: &CommandLine) {
+    let args = command_args(st, cmd);
+    st.image.config.entrypoint = Some(args.clone());
+    if !st.cmd_set {
+        st.image.config.cmd = None;
+    }
+    st.commit_empty(format!("ENTRYPOINT {}", go_quote_list(&args)));
+}
+
+/// Docker's port specs: `80`, `80/tcp`, `53/udp`, `8000-8002/tcp`.
+pub(crate) fn parse_ports(specs: &[String]) -> Result<Vec<String>, Reason> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let (ports, proto) = match spec.split_once('/') {
+            Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+            None => (spec.as_str(), "tcp".to_string()),
+        };
+        if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+            return Err(format!("invalid proto: {proto}"));
+        }
+        // An ip:hostPort:containerPort form keeps only the container port.
+        let ports = ports.rsplit(':').next().unwrap_or(ports);
+        let parse = |s: &str| -> Result<u16, Reason> {
+            s.parse::<u16>()
+                .map_err(|_| format!("invalid containerPort: {s}"))
+        };
+        let (start, end) = match ports.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(ports)?;
+                (p, p)
+            }
+        };
+        if end < start {
+            return Err(format!(
+                "invalid range specified for container port: {ports}"
+            ));
+        }
+        for p in start..=end {
+            out.push(format!("{p}/{proto}"));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+pub(crate) fn expose(st: &mut StageState, specs: &[String]) -> Result<(), Reason> {
+    let ports = parse_ports(specs)?;
+    let exposed = st
+        .image
+        .config
+        .exposed_ports
+        .get_or_insert_with(BTreeMap::new);
+    for p in &ports {
+        exposed.insert(p.clone(), EmptyObject {});
+    }
+    st.commit_empty(format!("EXPOSE [{}]", ports.join(" ")));
+    Ok(())
+}
+
+pub(crate) fn volume(st: &mut StageState, volumes: &[String]) -> Result<(), Reason> {
+    let map = st.image.config.volumes.get_or_insert_with(BTreeMap::new);
+    for v in volumes {
+        if v.is_empty() {
+            return Err("VOLUME specified can not be an empty string".to_string());
+        }
+        map.insert(v.clone(), EmptyObject {});
+    }
+    st.commit_empty(format!("VOLUME [{}]", volumes.join(" ")));
+    Ok(())
+}
+
+const SIGNALS: &[&str] = &[
+    "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL",
+    "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP",
+    "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ", "UNUSED",
+];
+
+/// Accepts numbers, `SIGTERM`/`TERM`, and `RTMIN+n`/`RTMAX-n` like moby/sys/signal.
+pub(crate) fn valid_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return n > 0 && n < 65;
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    SIGNALS.contains(&name)
+        || name == "RTMIN"
+        || name == "RTMAX"
+        || name
+            .strip_prefix("RTMIN+")
+            .or_else(|| name.strip_prefix("RTMAX-"))
+            .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n <= 30))
+}
+
+pub(crate) fn stop_signal(st: &mut StageState, signal: &str) -> Result<(), Reason> {
+    if !valid_signal(signal) {
+        return Err(format!("Invalid signal: {signal}"));
+    }
+    st.image.config.stop_signal = Some(signal.to_string());
+    st.commit_empty(format!("STOPSIGNAL {signal}"));
+    Ok(())
+}
+
+pub(crate) fn shell(st: &mut StageState, shell: &[String]) {
+    st.image.config.shell = Some(shell.to_vec());
+    st.commit_empty(format!("SHELL [{}]", shell.join(" ")));
+}
+
+pub(crate) fn maintainer(st: &mut StageState, who: &str) {
+    st.image.author = Some(who.to_string());
+    st.commit_empty(format!("MAINTAINER {who}"));
+}
+
+/// Go duration strings (`30s`, `1m30s`, `500ms`) in nanoseconds.
+pub(crate) fn parse_duration(s: &str) -> Result<i64, Reason> {
+    let bad = || format!("invalid duration {s:?}");
+    if s == "0" {
+        return Ok(0);
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += n * mult;
+        rest = &rest[unit_end..];
+    }
+    Ok(total as i64)
+}
+
+pub(crate) fn healthcheck(st: &mut StageState, hc: &Healthcheck) -> Result<(), Reason> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("Test".to_string(), serde_json::json!(hc.test));
+    for (key, value) in [
+        ("Interval", &hc.interval),
+        ("Timeout", &hc.timeout),
+        ("StartPeriod", &hc.start_period),
+        ("StartInterval", &hc.start_interval),
+    ] {
+        if let Some(v) = value {
+            let ns = parse_duration(v)?;
+            if ns != 0 && ns < 1_000_000 {
+                return Err(format!("{key} in HEALTHCHECK cannot be less than 1ms"));
+            }
+            if ns != 0 {
+                obj.insert(key.to_string(), serde_json::json!(ns));
+            }
+        }
+    }
+    if let Some(r) = hc.retries.filter(|r| *r > 0) {
+        obj.insert("Retries".to_string(), serde_json::json!(r));
+    }
+    let test = go_quote_list(&hc.test);
+    st.image.config.healthcheck = Some(serde_json::Value::Object(obj));
+    st.commit_empty(format!("HEALTHCHECK &{{{test} ...}}"));
+    Ok(())
+}
+
+pub(crate) fn onbuild(st: &mut StageState, expression: &str) {
+    st.image
+        .config
+        .on_build
+        .get_or_insert_with(Vec::new)
+        .push(expression.to_string());
+}
+
+/// `|N K=V ... args` as BuildKit's runCommandString.
+pub(crate) fn run_command_string(st: &StageState, args: &[String]) -> String {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (key, value) in &st.build_args {
+        let v = st
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .or_else(|| value.clone())
+            .unwrap_or_default();
+        match pairs.iter_mut().find(|(k, _)| k == key) {
+            Some(p) => p.1 = v,
+            None => pairs.push((key.clone(), v)),
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if !pairs.is_empty() {
+        parts.push(format!("|{}", pairs.len()));
+        parts.extend(pairs.into_iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    parts.extend(args.iter().cloned());
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        let s = |v: &[&str]| parse_ports(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(s(&["8080/tcp"]), Ok(vec!["8080/tcp".to_string()]));
+        assert_eq!(s(&["80"]), Ok(vec!["80/tcp".to_string()]));
+        assert_eq!(
+            s(&["53/UDP", "80"]),
+            Ok(vec!["53/udp".to_string(), "80/tcp".to_string()])
+        );
+        assert_eq!(s(&["7000-7002"]).map(|v| v.len()), Ok(3));
+        assert!(s(&["x"]).is_err());
+        assert!(s(&["80/foo"]).is_err());
+        assert!(s(&["9-8"]).is_err());
+    }
+
+    #[test]
+    fn signals_and_durations() {
+        assert!(
+            valid_signal("SIGTERM")
+                && valid_signal("term")
+                && valid_signal("9")
+                && valid_signal("SIGRTMIN+3")
+        );
+        assert!(!valid_signal("SIGFOO") && !valid_signal("0") && !valid_signal(""));
+        assert_eq!(parse_duration("30s"), Ok(30_000_000_000));
+        assert_eq!(parse_duration("1m30s"), Ok(90_000_000_000));
+        assert_eq!(parse_duration("500ms"), Ok(500_000_000));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! The op arena: ops are recorded as they are dispatched, with inputs naming
+//! other arena entries, and marshalled at the end in BuildKit's order
+//! (depth-first post-order from the result), so stages that are never used
+//! emit nothing and the build context source can carry the follow-paths of
+//! every COPY.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_llb::{DefinitionBuilder, pb};
+
+/// A handle on an op recorded in [`Ops`]; its output 0 is the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct OpId(usize);
+
+#[derive(Debug)]
+enum Kind {
+    Op(Box<pb::Op>),
+    /// The main build context (`local://context`), built in [`Ops::finish`].
+    Context,
+}
+
+#[derive(Debug)]
+struct Node {
+    kind: Kind,
+    inputs: Vec<OpId>,
+    metadata: pb::OpMetadata,
+    /// Dockerfile lines (start, end) the op comes from.
+    lines: Option<(usize, usize)>,
+}
+
+/// What the build context source needs to know.
+pub(crate) struct ContextSource {
+    pub session_id: String,
+    /// Paths (absolute, from COPY/ADD sources) the build reads from the context.
+    pub paths: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Ops {
+    nodes: Vec<Node>,
+    context: Option<OpId>,
+}
+
+/// Metadata with a description map and caps.
+pub(crate) fn metadata(description: &[(&str, &str)], caps: &[&str]) -> pb::OpMetadata {
+    pb::OpMetadata {
+        description: description
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        caps: caps.iter().map(|c| (c.to_string(), true)).collect(),
+        ..Default::default()
+    }
+}
+
+impl Ops {
+    /// Records `op` (its `inputs` field is filled in at the end from `inputs`).
+    pub(crate) fn push(
+        &mut self,
+        op: pb::Op,
+        inputs: Vec<OpId>,
+        metadata: pb::OpMetadata,
+        lines: Option<(usize, usize)>,
+    ) -> OpId {
+        self.nodes.push(Node {
+            kind: Kind::Op(Box::new(op)),
+            inputs,
+            metadata,
+            lines,
+        });
+        OpId(self.nodes.len() - 1)
+    }
+
+    /// The identifier of a recorded source op ("" for other ops).
+    pub(crate) fn source_identifier(&self, id: OpId) -> String {
+        match &self.nodes[id.0].kind {
+            Kind::Op(op) => match &op.op {
+                Some(pb::op::Op::Source(s)) => s.identifier.clone(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        }
+    }
+
+    /// Replaces the `llb.customname` of a recorded op.
+    pub(crate) fn set_custom_name(&mut self, id: OpId, name: &str) {
+        self.nodes[id.0]
+            .metadata
+            .description
+            .insert("llb.customname".to_string(), name.to_string());
+    }
+
+    /// The (single, shared) build context source.
+    pub(crate) fn context(&mut self) -> OpId {
+        if let Some(id) = self.context {
+            return id;
+        }
+        self.nodes.push(Node {
+            kind: Kind::Context,
+            inputs: Vec::new(),
+            metadata: metadata(
+                &[("llb.customname", "[internal] load build context")],
+                &[
+                    "source.local",
+                    "source.local.followpaths",
+                    "source.local.sessionid",
+                    "source.local.sharedkeyhint",
+                ],
+            ),
+            lines: None,
+        });
+        let id = OpId(self.nodes.len() - 1);
+        self.context = Some(id);
+        id
+    }
+
+    /// Marshals everything reachable from `result` into a Definition.
+    pub(crate) fn finish(
+        mut self,
+        result: Option<OpId>,
+        context: ContextSource,
+        source_info: pb::SourceInfo,
+    ) -> pb::Definition {
+        let mut builder = DefinitionBuilder::new();
+        let Some(result) = result else {
+            return builder.finish(None);
+        };
+        let source_index = builder.add_source_info(source_info);
+        let mut done: BTreeMap<usize, pb::Input> = BTreeMap::new();
+        // Iterative post-order DFS: (node, next input to visit).
+        let mut stack: Vec<(usize, usize)> = vec![(result.0, 0)];
+        while let Some((id, next)) = stack.pop() {
+            if done.contains_key(&id) {
+                continue;
+            }
+            let inputs = &self.nodes[id].inputs;
+            if let Some(input) = inputs.get(next) {
+                let input = input.0;
+                stack.push((id, next + 1));
+                if !done.contains_key(&input) {
+                    stack.push((input, 0));
+                }
+                continue;
+            }
+            let node = &mut self.nodes[id];
+            let mut op = match &mut node.kind {
+                Kind::Op(op) => std::mem::take(op.as_mut()),
+                Kind::Context => context_op(&context),
+            };
+            op.inputs = node
+                .inputs
+                .iter()
+                .filter_map(|i| done.get(&i.0).cloned())
+                .collect();
+            let locations = match node.lines {
+                Some((start, end)) => vec![pb::Location {
+                    source_index,
+                    ranges: vec![pb::Range {
+                        start: Some(pb::Position {
+                            line: i32::try_from(start).unwrap_or(i32::MAX),
+                            character: 0,
+                        }),
+                        end: Some(pb::Position {
+                            line: i32::try_from(end).unwrap_or(i32::MAX),
+                            character: 0,
+                        }),
+                    }],
+                }],
+                None => Vec::new(),
+            };
+            let input =
+                builder.add_with_locations(op, std::mem::take(&mut node.metadata), locations);
+            done.insert(id, input);
+        }
+        let result = done.get(&result.0).cloned();
+        builder.finish(result)
+    }
+}
+
+fn context_op(context: &ContextSource) -> pb::Op {
+    let mut attrs = BTreeMap::new();
+    // BuildKit's normalizeContextPaths: "/" anywhere means the whole context.
+    if !context.paths.is_empty() && !context.paths.contains("/") {
+        let paths: Vec<String> = context
+            .paths
+            .iter()
+            .map(|p| p.trim_start_matches('/').to_string())
+            .collect();
+        attrs.insert(
+            "local.followpaths".to_string(),
+            serde_json::to_string(&paths).unwrap_or_else(|_| "[]".to_string()),
+        );
+    }
+    if !context.session_id.is_empty() {
+        attrs.insert("local.session".to_string(), context.session_id.clone());
+    }
+    attrs.insert("local.sharedkeyhint".to_string(), "context".to_string());
+    pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: "local://context".to_string(),
+            attrs,
+        })),
+        ..Default::default()
+    }
+}
