@@ -5,16 +5,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("create registry client")]
-    RegistryClient { source: kiln_registry::Error },
+    RegistryClient { source: Box<kiln_registry::Error> },
     #[error("parse image reference {reference:?}")]
     ParseReference {
         reference: String,
-        source: kiln_registry::Error,
+        source: Box<kiln_registry::Error>,
     },
     #[error("resolve image {reference}")]
     ResolveImage {
         reference: String,
-        source: kiln_registry::Error,
+        source: Box<kiln_registry::Error>,
     },
     #[error("unknown exporter type {kind:?}")]
     UnknownExporter { kind: String },
@@ -30,12 +30,12 @@ pub enum Error {
     #[error("connect to worker {addr}")]
     DialWorker {
         addr: String,
-        source: kiln_session::Error,
+        source: Box<kiln_session::Error>,
     },
     #[error("connect to session broker {addr}")]
     DialBroker {
         addr: String,
-        source: kiln_session::Error,
+        source: Box<kiln_session::Error>,
     },
     #[error("worker {op} {target}: {message}")]
     Worker {
@@ -55,7 +55,7 @@ pub enum Error {
     #[error("{op}")]
     Session {
         op: &'static str,
-        source: kiln_session::Error,
+        source: Box<kiln_session::Error>,
     },
     #[error("{op} {path}")]
     Io {
@@ -72,12 +72,12 @@ pub enum Error {
     PushBlob {
         reference: String,
         digest: String,
-        source: kiln_registry::Error,
+        source: Box<kiln_registry::Error>,
     },
     #[error("push manifest to {reference}")]
     PushManifest {
         reference: String,
-        source: kiln_registry::Error,
+        source: Box<kiln_registry::Error>,
     },
     #[error("background task for {op} failed")]
     Join {

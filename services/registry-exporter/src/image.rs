@@ -282,7 +282,7 @@ pub(crate) async fn push(
 ) -> Result<(), Error> {
     let r = kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
         reference: name.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     for desc in image
         .layers
@@ -295,7 +295,7 @@ pub(crate) async fn push(
             .map_err(|source| Error::PushBlob {
                 reference: r.to_string(),
                 digest: desc.digest.clone(),
-                source,
+                source: Box::new(source),
             })?;
     }
     registry
@@ -303,7 +303,7 @@ pub(crate) async fn push(
         .await
         .map_err(|source| Error::PushManifest {
             reference: r.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(())
 }

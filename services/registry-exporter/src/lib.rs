@@ -73,7 +73,7 @@ impl ClientSink for kiln_session::SessionClient {
             .await
             .map_err(|source| Error::Session {
                 op: "send file",
-                source,
+                source: Box::new(source),
             })
     }
     async fn send_dir(&self, exporter_id: u32, dir: &Path) -> Result<(), Error> {
@@ -81,7 +81,7 @@ impl ClientSink for kiln_session::SessionClient {
             .await
             .map_err(|source| Error::Session {
                 op: "send directory",
-                source,
+                source: Box::new(source),
             })
     }
 }
@@ -123,8 +123,11 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn new(config: Config) -> Result<Self, Error> {
-        let registry = kiln_registry::Client::new(config.registry.clone())
-            .map_err(|source| Error::RegistryClient { source })?;
+        let registry = kiln_registry::Client::new(config.registry.clone()).map_err(|source| {
+            Error::RegistryClient {
+                source: Box::new(source),
+            }
+        })?;
         Ok(Exporter { config, registry })
     }
 
@@ -144,7 +147,7 @@ impl Exporter {
     ) -> Result<ResolvedConfig, Error> {
         let r = Reference::parse(reference).map_err(|source| Error::ParseReference {
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let platform = platform.unwrap_or_else(host_platform);
         let resolved = self
@@ -153,7 +156,7 @@ impl Exporter {
             .await
             .map_err(|source| Error::ResolveImage {
                 reference: r.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         let mut canonical = r.clone();
         canonical.digest = None;

@@ -25,7 +25,7 @@ impl GrpcWorker {
                 .await
                 .map_err(|source| Error::DialWorker {
                     addr: addr.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         Ok(Self::new(addr, channel))
     }

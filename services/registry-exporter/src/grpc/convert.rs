@@ -135,10 +135,10 @@ mod tests {
         assert!(s.message().contains("zip"));
         let s: Status = Error::ResolveImage {
             reference: "docker.io/library/x:latest".into(),
-            source: kiln_registry::Error::NoMatchingPlatform {
+            source: Box::new(kiln_registry::Error::NoMatchingPlatform {
                 reference: "x".into(),
                 platform: "linux/s390x".into(),
-            },
+            }),
         }
         .into();
         assert_eq!(s.code(), Code::NotFound);

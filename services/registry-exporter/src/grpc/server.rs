@@ -90,7 +90,7 @@ impl ExporterRpc for ExporterService {
                         .await
                         .map_err(|source| Error::DialBroker {
                             addr: broker.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                     Sink::Session(kiln_session::SessionClient::new(
                         channel,
