@@ -19,3 +19,15 @@ pub fn server(core: Arc<crate::Exporter>) -> ExporterServer<ExporterService> {
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
+
+/// Serve the Exporter on `addr` until `shutdown` completes.
+pub async fn serve(
+    core: Arc<crate::Exporter>,
+    addr: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(server(core))
+        .serve_with_shutdown(addr, shutdown)
+        .await
+}
