@@ -209,15 +209,15 @@ impl Daemon {
 }
 
 /// A build context in a temp dir.
-pub struct Context {
+pub struct BuildContext {
     pub dir: tempfile::TempDir,
 }
 
-impl Context {
-    pub fn new(dockerfile: &str) -> Result<Context> {
+impl BuildContext {
+    pub fn new(dockerfile: &str) -> Result<BuildContext> {
         let dir = tempfile::Builder::new().prefix("kiln-ctx-").tempdir()?;
         std::fs::write(dir.path().join("Dockerfile"), dockerfile)?;
-        Ok(Context { dir })
+        Ok(BuildContext { dir })
     }
 
     pub fn file(&self, rel: &str, content: &str) -> Result<&Self> {
