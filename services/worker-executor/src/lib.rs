@@ -7,6 +7,7 @@
 //! (snapshot ids) of the op's inputs and get back one ref per output. The only module that
 //! names tonic or the generated `kiln.worker.v1` types is [`grpc`].
 
+pub mod contenthash;
 pub mod error;
 pub mod fscopy;
 pub mod grpc;

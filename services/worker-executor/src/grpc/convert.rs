@@ -42,11 +42,13 @@ pub fn event(e: Event) -> wpb::RunEvent {
     wpb::RunEvent { event: Some(ev) }
 }
 
-pub fn outputs(refs: Vec<Option<String>>) -> wpb::RunEvent {
+/// The outputs of a run, with the content key recorded in each output's
+/// snapshot (empty where the definition determines the content).
+pub fn outputs(refs: Vec<Option<String>>, content_keys: Vec<String>) -> wpb::RunEvent {
     wpb::RunEvent {
         event: Some(wpb::run_event::Event::Outputs(wpb::Outputs {
             refs: refs.into_iter().map(ref_to_wire).collect(),
-            ..Default::default()
+            content_keys,
         })),
     }
 }

@@ -101,7 +101,20 @@ impl wpb::worker_server::Worker for WorkerService {
             });
             let res = core.run(req, etx).await;
             let _ = fwd.await;
-            let msg = res.map(convert::outputs).map_err(Status::from);
+            let msg = res
+                .map(|refs| {
+                    let keys = refs
+                        .iter()
+                        .map(|r| {
+                            r.as_deref()
+                                .and_then(|id| core.store().meta(id).ok())
+                                .and_then(|m| m.content_key)
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    convert::outputs(refs, keys)
+                })
+                .map_err(Status::from);
             let _ = tx.send(msg).await;
         });
         Ok(Response::new(TaskStream {

@@ -214,9 +214,10 @@ pub async fn local(
         .map_err(sess)?;
     let store = w.store().clone();
     tokio::task::spawn_blocking(move || {
-        let st = store.prepare()?;
+        let mut st = store.prepare()?;
         fscopy::copy_entry(&dir, &st.diff(), &fscopy::CopyOpts::default())
             .map_err(Error::io("copy local dir", &dir))?;
+        st.content_key = Some(crate::contenthash::tree(&st.diff())?);
         store.commit(st, None, Kind::Local, None)
     })
     .await?

@@ -46,6 +46,10 @@ pub struct Meta {
     /// Memoized layer blobs of this snapshot's diff by compression; `None` = empty diff.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub layers: BTreeMap<String, Option<LayerBlob>>,
+    /// Digest of the content (see `contenthash`) where the op's definition
+    /// does not determine it (local sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_key: Option<String>,
 }
 
 /// A snapshot being written: its `diff` dir is an overlay upper (or a plain dir).
@@ -54,6 +58,8 @@ pub struct Staging {
     id: String,
     dir: PathBuf,
     committed: bool,
+    /// recorded in the snapshot's metadata at commit
+    pub content_key: Option<String>,
 }
 
 impl Staging {
@@ -126,6 +132,7 @@ impl Store {
             id,
             dir,
             committed: false,
+            content_key: None,
         };
         for d in [st.diff(), st.work()] {
             std::fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
@@ -151,6 +158,7 @@ impl Store {
             kind,
             blob,
             layers: BTreeMap::new(),
+            content_key: staging.content_key.take(),
         };
         let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
             id: meta.id.clone(),
