@@ -514,6 +514,75 @@ mod tests {
     }
 
     #[test]
+    fn dockerfile_becomes_a_definition_and_image_config() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM busybox\nRUN echo hi > /hi\nCMD [\"cat\", \"/hi\"]\n".to_vec(),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[("platform", "linux/amd64")]))).expect("converts");
+
+        let graph = kiln_llb::load(&out.definition).expect("valid definition");
+        let identifiers: Vec<&str> = graph
+            .vertices
+            .iter()
+            .filter_map(|v| match &v.op.op {
+                Some(pb::op::Op::Source(s)) => Some(s.identifier.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            identifiers.iter().any(|i| i
+                .starts_with("docker-image://docker.io/library/busybox:latest@sha256:53ac7b30")),
+            "{identifiers:?}"
+        );
+        let Some(pb::op::Op::Exec(exec)) = &graph.result_vertex().expect("result").op.op else {
+            panic!("the last RUN is the result");
+        };
+        let args = &exec.meta.as_ref().expect("meta").args;
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("echo hi > /hi"),
+            "{args:?}"
+        );
+
+        let config: ImageConfig =
+            serde_json::from_slice(&out.metadata[META_IMAGE_CONFIG]).expect("image config JSON");
+        assert_eq!(
+            config.config.cmd,
+            Some(vec!["cat".to_string(), "/hi".to_string()])
+        );
+        assert!(
+            config.config.env.iter().any(|e| e.starts_with("PATH=")),
+            "{:?}",
+            config.config.env
+        );
+
+        let resolves = gateway.bridge.resolves.lock().expect("lock");
+        assert!(
+            !resolves.is_empty(),
+            "FROM busybox is resolved through the bridge"
+        );
+        assert!(
+            resolves
+                .iter()
+                .all(|(id, _, p)| id == "build-7" && p.architecture == "amd64")
+        );
+    }
+
+    #[test]
+    fn dockerfile_error_names_the_line() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM busybox\nNOSUCHINSTRUCTION x\n".to_vec(),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let err = run(gateway.solve(request(&[]))).expect_err("invalid Dockerfile");
+        assert!(matches!(err, Error::Convert { .. }), "{err:?}");
+        assert!(err.to_string().contains("Dockerfile:2"), "{err}");
+    }
+
+    #[test]
     fn missing_dockerfile_names_the_file() {
         let gateway = Gateway::new(FakeBridge::default());
         let err = run(gateway.solve(request(&[("filename", "Containerfile")])))
