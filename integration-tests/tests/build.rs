@@ -245,3 +245,30 @@ fn pushed_image_can_be_pulled_by_the_next_build() {
     d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
     assert_eq!(std::fs::read_to_string(c2.path().join("out/two.txt")).expect("read"), "layer-one\n");
 }
+
+#[test]
+fn unchanged_context_is_cached_and_a_changed_file_reruns_only_what_reads_it() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox\nRUN echo base-$((2+3)) > /base\nCOPY input.txt /input.txt\nRUN cat /input.txt > /copy-$((1+1)).txt\n",
+    )
+    .expect("context");
+    c.file("input.txt", "v1\n").expect("write");
+    let build = |dest: &str| {
+        let o = format!("type=local,dest={dest}");
+        let out = d.build(c.path(), &args(&["--output", &o])).expect("build");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let first = build("out1");
+    assert!(first.contains("base-5"), "{first}");
+    // same content, new mtime: everything is reused
+    c.file("input.txt", "v1\n").expect("write");
+    let second = build("out2");
+    assert_eq!(second.matches("CACHED").count(), 4, "FROM, RUN, COPY, RUN all cached:\n{second}");
+    assert_eq!(std::fs::read_to_string(c.path().join("out2/copy-2.txt")).expect("read"), "v1\n");
+    // a changed file re-runs the COPY and what follows, not the RUN before it
+    c.file("input.txt", "v2\n").expect("write");
+    let third = build("out3");
+    assert_eq!(third.matches("CACHED").count(), 2, "FROM and the first RUN cached:\n{third}");
+    assert_eq!(std::fs::read_to_string(c.path().join("out3/copy-2.txt")).expect("read"), "v2\n");
+}

@@ -111,6 +111,21 @@ pub fn vertex_name(op: &pb::Op, md: &pb::OpMetadata) -> String {
     }
 }
 
+/// The part of an op's cache key that comes from its definition: the op
+/// without its input digests (inputs count through their own cache keys) and
+/// without attributes that name the client session rather than content.
+fn definition_key(op: &pb::Op) -> String {
+    use prost::Message;
+    let mut op = op.clone();
+    op.inputs.iter_mut().for_each(|i| i.digest.clear());
+    if let Some(OpKind::Source(s)) = &mut op.op {
+        for k in ["local.session", "local.unique", "local.sharedkeyhint"] {
+            s.attrs.remove(k);
+        }
+    }
+    sha(&[&hex_encode(&op.encode_to_vec())])
+}
+
 fn is_local_source(op: &pb::Op) -> bool {
     matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("local://"))
 }
@@ -157,7 +172,8 @@ pub async fn solve<W: Worker>(
                 done_inputs.push(r?);
             }
             let input_digests: Vec<String> = v.op.inputs.iter().map(|i| i.digest.clone()).collect();
-            let mut parts: Vec<&str> = vec![v.digest.as_str()];
+            let def_key = definition_key(&v.op);
+            let mut parts: Vec<&str> = vec![def_key.as_str()];
             for (_, key) in &done_inputs {
                 parts.push(key.as_str());
             }
@@ -214,7 +230,7 @@ pub async fn solve<W: Worker>(
             build.progress.vertex(pv);
             let keys: Vec<String> = (0..outputs.refs.len())
                 .map(|i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
-                    Some(ck) => sha(&[v.digest.as_str(), ck.as_str()]),
+                    Some(ck) => sha(&[def_key.as_str(), ck.as_str()]),
                     // content unknown: nothing downstream may be reused
                     None if is_local_source(&v.op) => sha(&[&uuid::Uuid::new_v4().to_string()]),
                     None => sha(&[key.as_str(), &i.to_string()]),
