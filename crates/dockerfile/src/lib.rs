@@ -12,6 +12,7 @@
 //! ```
 
 mod instructions;
+mod mount;
 mod parser;
 mod shell;
 
@@ -19,6 +20,7 @@ pub use instructions::{
     ArgDecl, Command, CommandLine, Copy, Dockerfile, Healthcheck, Instruction, KeyValue, Location,
     Run, Stage, parse,
 };
+pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_size};
 pub use parser::{Ast, Directives, Heredoc, Node, parse_ast};
 pub use shell::{EnvLookup, Lex};
 

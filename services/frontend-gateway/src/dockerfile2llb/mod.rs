@@ -10,6 +10,7 @@
 
 mod copy;
 mod image;
+mod mount;
 mod ops;
 mod reference;
 mod run;
@@ -337,58 +338,75 @@ pub async fn convert<R: ImageResolver>(
         _ => df.stages.len() - 1,
     };
 
-    // COPY --from dependencies (stage by name or index, else an image).
+    // COPY --from and RUN --mount from= dependencies (stage by name or index, else an image).
     let mut deps: Vec<Vec<From>> = vec![Vec::new(); df.stages.len()];
-    let mut copy_from: BTreeMap<(usize, usize), From> = BTreeMap::new();
+    let mut cmd_sources: BTreeMap<(usize, usize), Vec<Option<(String, From)>>> = BTreeMap::new();
     let mut image_by_ref: BTreeMap<String, usize> = BTreeMap::new();
+    let mut has_mounts = false;
     for (i, stage) in df.stages.iter().enumerate() {
         for (c, cmd) in stage.commands.iter().enumerate() {
-            let from = match &cmd.instruction {
-                Instruction::Copy(copy) => copy.from.clone(),
-                Instruction::Onbuild(..) => None,
-                _ => None,
-            };
-            let Some(from) = from else { continue };
-            let dep = if let Ok(index) = from.parse::<usize>() {
-                if index >= df.stages.len() {
-                    return Err(Error::InvalidStageIndex {
-                        line: line_of(cmd),
-                        index: from,
-                    });
+            let line = line_of(cmd);
+            let froms: Vec<Option<String>> = match &cmd.instruction {
+                Instruction::Copy(copy) => vec![copy.from.clone()],
+                Instruction::Run(run) if !run.mounts.is_empty() => {
+                    has_mounts = true;
+                    run.mounts
+                        .iter()
+                        .map(|m| {
+                            kiln_dockerfile::parse_mount(m)
+                                .map(|m| m.from)
+                                .map_err(|reason| Error::InvalidInstruction {
+                                    line,
+                                    instruction: "RUN".to_string(),
+                                    reason,
+                                })
+                        })
+                        .collect::<Result<_, _>>()?
                 }
-                From::Stage(index)
-            } else if from.starts_with('-') && from[1..].parse::<usize>().is_ok() {
-                return Err(Error::InvalidStageIndex {
-                    line: line_of(cmd),
-                    index: from,
-                });
-            } else if let Some(&j) = names.get(&from.to_ascii_lowercase()) {
-                From::Stage(j)
-            } else {
-                let reference =
-                    reference::normalize(&from).map_err(|reason| Error::InvalidReference {
-                        line: line_of(cmd),
-                        reference: from.clone(),
-                        reason,
-                    })?;
-                let idx = match image_by_ref.get(&reference) {
-                    Some(&k) => k,
-                    None => {
-                        images.push(ImageUse {
-                            reference: reference.clone(),
-                            platform: opts.platform.clone(),
-                            line: line_of(cmd),
-                            command: String::new(),
-                            resolved: None,
-                        });
-                        image_by_ref.insert(reference, images.len() - 1);
-                        images.len() - 1
-                    }
-                };
-                From::Image(idx)
+                _ => continue,
             };
-            deps[i].push(dep);
-            copy_from.insert((i, c), dep);
+            let mut resolved = Vec::new();
+            for from in froms {
+                let Some(from) = from else {
+                    resolved.push(None);
+                    continue;
+                };
+                let dep = if let Ok(index) = from.parse::<usize>() {
+                    if index >= df.stages.len() {
+                        return Err(Error::InvalidStageIndex { line, index: from });
+                    }
+                    From::Stage(index)
+                } else if from.starts_with('-') && from[1..].parse::<usize>().is_ok() {
+                    return Err(Error::InvalidStageIndex { line, index: from });
+                } else if let Some(&j) = names.get(&from.to_ascii_lowercase()) {
+                    From::Stage(j)
+                } else {
+                    let reference =
+                        reference::normalize(&from).map_err(|reason| Error::InvalidReference {
+                            line,
+                            reference: from.clone(),
+                            reason,
+                        })?;
+                    let idx = match image_by_ref.get(&reference) {
+                        Some(&k) => k,
+                        None => {
+                            images.push(ImageUse {
+                                reference: reference.clone(),
+                                platform: opts.platform.clone(),
+                                line,
+                                command: String::new(),
+                                resolved: None,
+                            });
+                            image_by_ref.insert(reference, images.len() - 1);
+                            images.len() - 1
+                        }
+                    };
+                    From::Image(idx)
+                };
+                deps[i].push(dep);
+                resolved.push(Some((from, dep)));
+            }
+            cmd_sources.insert((i, c), resolved);
         }
     }
 
@@ -417,7 +435,7 @@ pub async fn convert<R: ImageResolver>(
         }
     }
 
-    let single_state = df.stages.len() + image_by_ref.len() == 1;
+    let single_state = df.stages.len() + image_by_ref.len() == 1 && !has_mounts;
     let mut ops = Ops::default();
 
     // Resolve images (in Dockerfile order).
@@ -559,32 +577,31 @@ pub async fn convert<R: ImageResolver>(
         }
 
         for (c, cmd) in stage.commands.iter().enumerate() {
-            let source = match copy_from.get(&(i, c)) {
-                None => CopySource::Context,
-                Some(From::Stage(j)) => {
-                    if *j >= i {
-                        let from = match &cmd.instruction {
-                            Instruction::Copy(copy) => copy.from.clone().unwrap_or_default(),
-                            _ => String::new(),
-                        };
-                        return Err(Error::StageNotDefinedYet {
-                            line: line_of(cmd),
-                            from,
-                            stage: st.display_name.clone(),
-                        });
+            let mut sources = Vec::new();
+            for from in cmd_sources.get(&(i, c)).into_iter().flatten() {
+                sources.push(match from {
+                    None => CopySource::Context,
+                    Some((from, From::Stage(j))) => {
+                        if *j >= i {
+                            return Err(Error::StageNotDefinedYet {
+                                line: line_of(cmd),
+                                from: from.clone(),
+                                stage: st.display_name.clone(),
+                            });
+                        }
+                        CopySource::State(states[*j].as_ref().and_then(|s| s.state))
                     }
-                    CopySource::State(states[*j].as_ref().and_then(|s| s.state))
-                }
-                Some(From::Image(k)) => {
-                    CopySource::State(images[*k].resolved.as_ref().and_then(|r| r.0))
-                }
-            };
+                    Some((_, From::Image(k))) => {
+                        CopySource::State(images[*k].resolved.as_ref().and_then(|r| r.0))
+                    }
+                });
+            }
             dispatch(
                 &mut ops,
                 &lex,
                 &mut st,
                 cmd,
-                source,
+                &sources,
                 &opts.build_args,
                 &global_args,
                 &mut ctx_paths,
@@ -634,7 +651,7 @@ fn dispatch(
     lex: &Lex,
     st: &mut StageState,
     cmd: &Command,
-    source: CopySource,
+    sources: &[CopySource],
     build_args: &BTreeMap<String, String>,
     global_args: &[(String, String)],
     ctx_paths: &mut BTreeSet<String>,
@@ -650,8 +667,11 @@ fn dispatch(
         reason,
     };
     match &instruction {
-        Instruction::Run(r) => run::dispatch(ops, lex, st, r, cmd)?,
-        Instruction::Copy(c) => copy::dispatch(ops, lex, st, c, false, source, ctx_paths, cmd)?,
+        Instruction::Run(r) => run::dispatch(ops, lex, st, r, sources, ctx_paths, cmd)?,
+        Instruction::Copy(c) => {
+            let source = sources.first().copied().unwrap_or(CopySource::Context);
+            copy::dispatch(ops, lex, st, c, false, source, ctx_paths, cmd)?
+        }
         Instruction::Add(c) => {
             copy::dispatch(ops, lex, st, c, true, CopySource::Context, ctx_paths, cmd)?
         }

@@ -126,7 +126,9 @@ impl Ops {
             return builder.finish(None);
         };
         let source_index = builder.add_source_info(source_info);
+        // Pass 1: post-order walk computing every op (inputs filled) and digest.
         let mut done: BTreeMap<usize, pb::Input> = BTreeMap::new();
+        let mut order: Vec<(usize, pb::Op, String)> = Vec::new();
         // Iterative post-order DFS: (node, next input to visit).
         let mut stack: Vec<(usize, usize)> = vec![(result.0, 0)];
         while let Some((id, next)) = stack.pop() {
@@ -152,7 +154,26 @@ impl Ops {
                 .iter()
                 .filter_map(|i| done.get(&i.0).cloned())
                 .collect();
-            let locations = match node.lines {
+            let dgst = kiln_llb::digest(&kiln_llb::marshal_op(&op));
+            done.insert(
+                id,
+                pb::Input {
+                    digest: dgst.clone(),
+                    index: 0,
+                },
+            );
+            order.push((id, op, dgst));
+        }
+        // BuildKit keeps the metadata of the last visit of a repeated op.
+        let mut last_meta: BTreeMap<String, usize> = BTreeMap::new();
+        for (id, _, dgst) in &order {
+            last_meta.insert(dgst.clone(), *id);
+        }
+        // Pass 2: add in order.
+        for (id, op, dgst) in order {
+            let meta_from = last_meta.get(&dgst).copied().unwrap_or(id);
+            let metadata = self.nodes[meta_from].metadata.clone();
+            let locations = match self.nodes[id].lines {
                 Some((start, end)) => vec![pb::Location {
                     source_index,
                     ranges: vec![pb::Range {
@@ -168,9 +189,7 @@ impl Ops {
                 }],
                 None => Vec::new(),
             };
-            let input =
-                builder.add_with_locations(op, std::mem::take(&mut node.metadata), locations);
-            done.insert(id, input);
+            builder.add_with_locations(op, metadata, locations);
         }
         let result = done.get(&result.0).cloned();
         builder.finish(result)

@@ -1,7 +1,12 @@
 //! RUN -> ExecOp (root mount on the stage state, env/cwd/user from the stage).
 
-use kiln_dockerfile::{Command, CommandLine, Lex, Run};
+use std::collections::BTreeSet;
+
+use kiln_dockerfile::{Command, CommandLine, Lex, Run, parse_mount};
 use kiln_llb::pb;
+
+use super::copy::CopySource;
+use super::mount::{self, ExecMounts};
 
 use super::image::{run_command_string, with_shell};
 use super::ops::{Ops, metadata};
@@ -38,14 +43,24 @@ pub(crate) fn dispatch(
     lex: &Lex,
     st: &mut StageState,
     run: &Run,
+    sources: &[CopySource],
+    ctx_paths: &mut BTreeSet<String>,
     cmd: &Command,
 ) -> Result<(), Error> {
     let line = line_of(cmd);
-    if !run.mounts.is_empty() {
-        return Err(Error::Unsupported {
-            line,
-            feature: "RUN --mount".to_string(),
-        });
+    let lines = (cmd.location.start_line, cmd.location.end_line);
+    let mut specs = Vec::new();
+    for raw in &run.mounts {
+        let expanded = lex
+            .process_word(raw, &st.env)
+            .map_err(|e| Error::Expand { line, source: e })?;
+        specs.push(
+            parse_mount(&expanded).map_err(|reason| Error::InvalidInstruction {
+                line,
+                instruction: "RUN".to_string(),
+                reason,
+            })?,
+        );
     }
     if !run.devices.is_empty() {
         return Err(Error::Unsupported {
@@ -78,7 +93,15 @@ pub(crate) fn dispatch(
     };
 
     let mut customname = cmd.original.clone();
-    let mut extra_mount: Option<(pb::Mount, super::ops::OpId)> = None;
+    let mut mounts = ExecMounts::default();
+    mounts.ordinary.push((
+        pb::Mount {
+            dest: "/".to_string(),
+            output: 0,
+            ..Default::default()
+        },
+        st.state,
+    ));
     let args: Vec<String> = match (&run.cmd, run.heredocs.first()) {
         (CommandLine::Shell(s), Some(first)) if is_single_heredoc(s) => {
             customname.push_str(&format!(" ({})", summarize_heredoc(&first.data)));
@@ -113,16 +136,15 @@ pub(crate) fn dispatch(
                     ),
                     Some((cmd.location.start_line, cmd.location.end_line)),
                 );
-                extra_mount = Some((
+                mounts.ordinary.push((
                     pb::Mount {
-                        input: 1,
                         selector: "/".to_string(),
                         dest: "/dev/pipes/".to_string(),
                         output: -1,
                         readonly: true,
                         ..Default::default()
                     },
-                    file,
+                    Some(file),
                 ));
                 with_shell(st, &[format!("/dev/pipes/{}", first.name)])
             } else {
@@ -148,32 +170,22 @@ pub(crate) fn dispatch(
         .unwrap_or(customname);
     let progress = st.progress_name(&uppercase_cmd(&expanded));
 
-    let mut inputs = Vec::new();
-    let root_input = match st.state {
-        Some(id) => {
-            inputs.push(id);
-            0
-        }
-        None => -1,
-    };
-    let mut mounts = vec![pb::Mount {
-        input: root_input,
-        dest: "/".to_string(),
-        output: 0,
-        ..Default::default()
-    }];
-    if let Some((mut m, id)) = extra_mount {
-        m.input = i64::try_from(inputs.len()).unwrap_or(i64::MAX);
-        inputs.push(id);
-        mounts.push(m);
+    mount::add(ops, st, &specs, sources, ctx_paths, lines, &mut mounts);
+    let mut env = st.env.clone();
+    for (k, v) in &mounts.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
     }
+    let secret_env = std::mem::take(&mut mounts.secret_env);
+    let mount_caps = std::mem::take(&mut mounts.caps);
+    let (inputs, mounts) = mount::layout(mounts);
     let op = pb::Op {
         platform: Some(st.pb_platform()),
         constraints: Some(pb::WorkerConstraints::default()),
         op: Some(pb::op::Op::Exec(pb::ExecOp {
             meta: Some(pb::Meta {
                 args: args.clone(),
-                env: st.env_list(),
+                env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
                 cwd: st.cwd.clone(),
                 user: st.user.clone(),
                 remove_mount_stubs_recursive: true,
@@ -182,6 +194,7 @@ pub(crate) fn dispatch(
             mounts,
             network: network as i32,
             security: security as i32,
+            secretenv: secret_env,
             ..Default::default()
         })),
         ..Default::default()
@@ -197,6 +210,7 @@ pub(crate) fn dispatch(
     if security != pb::SecurityMode::Sandbox {
         caps.push("exec.meta.security");
     }
+    caps.extend(mount_caps);
     let md = metadata(
         &[
             ("com.docker.dockerfile.v1.command", cmd.original.as_str()),
@@ -204,12 +218,7 @@ pub(crate) fn dispatch(
         ],
         &caps,
     );
-    let id = ops.push(
-        op,
-        inputs,
-        md,
-        Some((cmd.location.start_line, cmd.location.end_line)),
-    );
+    let id = ops.push(op, inputs, md, Some(lines));
     st.state = Some(id);
     let history = format!("RUN {}", run_command_string(st, &args));
     st.commit(history, true);

@@ -80,10 +80,6 @@ impl StageState {
         self.env.push((key.to_string(), value.to_string()));
     }
 
-    pub(crate) fn env_list(&self) -> Vec<String> {
-        self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
-    }
-
     /// Image config env: replace in place or append (BuildKit's addEnv).
     pub(crate) fn add_image_env(&mut self, key: &str, value: &str) {
         let entry = format!("{key}={value}");
@@ -302,6 +298,6 @@ mod tests {
         st.cmd_total = 12;
         st.display_name = "builder".into();
         assert_eq!(st.progress_name("RUN x"), "[builder  1/12] RUN x");
-        assert_eq!(st.env_list(), vec![format!("PATH={DEFAULT_PATH}")]);
+        assert_eq!(st.env, vec![("PATH".to_string(), DEFAULT_PATH.to_string())]);
     }
 }
