@@ -192,6 +192,8 @@ fn failing_run_reports_exit_code_and_dockerfile_line() {
     assert!(err.contains("exit code: 7"), "{err}");
     assert!(err.contains("oops"), "the step's output is shown: {err}");
     assert!(err.contains("exit 7"), "the failing command is named: {err}");
+    assert!(err.contains("Dockerfile:4"), "the Dockerfile line is named: {err}");
+    assert!(err.contains(">>> RUN echo oops"), "the failing line is shown: {err}");
 }
 
 #[test]

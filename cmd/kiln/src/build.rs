@@ -7,6 +7,9 @@ use kiln_session::attachable::{self, Attachables, OutputTarget};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// gRPC trailer in which kilnd sends the source lines of a failed step.
+const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
+
 #[derive(clap::Args, Debug)]
 pub struct BuildArgs {
     /// Frontend to use (dockerfile.v0)
@@ -201,7 +204,12 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     let _ = printer.await;
     let resp = match result {
         Ok(r) => r.into_inner(),
-        Err(s) => bail!("failed to solve: {}", s.message()),
+        Err(s) => {
+            if let Some(src) = s.metadata().get_bin(ERROR_SOURCE_KEY).and_then(|v| v.to_bytes().ok()) {
+                eprintln!("{}", String::from_utf8_lossy(&src));
+            }
+            bail!("failed to solve: {}", s.message())
+        }
     };
     if let Some(f) = &args.metadata_file {
         let json = serde_json::to_string_pretty(&resp.exporter_response)?;

@@ -65,7 +65,13 @@ pub enum Error {
     #[error("frontend {frontend}: {message}")]
     Frontend { frontend: String, message: String, code: tonic::Code },
     #[error("{message}")]
-    Vertex { name: String, message: String, code: tonic::Code },
+    Vertex {
+        name: String,
+        message: String,
+        code: tonic::Code,
+        /// the source lines (e.g. of the Dockerfile) the vertex came from
+        snippet: Option<String>,
+    },
     #[error("export to {exporter}: {message}")]
     Export { exporter: String, message: String },
     #[error("worker: {0}")]
@@ -78,8 +84,16 @@ pub enum Error {
     Cancelled,
 }
 
+/// gRPC trailer carrying the source lines of a failed step (binary value).
+pub const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
+        if let Error::Vertex { snippet: Some(snippet), message, code, .. } = &e {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert_bin(ERROR_SOURCE_KEY, tonic::metadata::MetadataValue::from_bytes(snippet.as_bytes()));
+            return tonic::Status::with_metadata(*code, message.clone(), md);
+        }
         let code = match &e {
             Error::Definition(_) | Error::MissingVertex(_) | Error::UnknownExporter(_) => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,

@@ -58,12 +58,37 @@ struct Failure {
     name: String,
     message: String,
     code: tonic::Code,
+    snippet: Option<String>,
 }
 
 impl From<Failure> for Error {
     fn from(f: Failure) -> Self {
-        Error::Vertex { name: f.name, message: f.message, code: f.code }
+        Error::Vertex { name: f.name, message: f.message, code: f.code, snippet: f.snippet }
     }
+}
+
+/// The source lines a vertex came from, BuildKit style:
+/// `Dockerfile:4`, a rule, the lines around it with `>>>` marking the
+/// vertex's lines, a rule.
+pub fn source_snippet(graph: &kiln_llb::Graph, digest: &str) -> Option<String> {
+    let source = graph.source.as_ref()?;
+    let loc = graph.locations(digest).first()?;
+    let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
+    let range = loc.ranges.first()?;
+    let (start, end) = (range.start.as_ref()?.line, range.end.as_ref().map(|p| p.line).unwrap_or(0));
+    let end = end.max(start);
+    let text = String::from_utf8_lossy(&info.data);
+    let lines: Vec<&str> = text.lines().collect();
+    let first = (start - 2).max(1);
+    let last = (end + 2).min(lines.len() as i32);
+    let mut out = format!("{}:{}\n--------------------\n", info.filename, if start == end { start.to_string() } else { format!("{start}-{end}") });
+    for n in first..=last {
+        let line = lines.get((n - 1) as usize).copied().unwrap_or("");
+        let mark = if n >= start && n <= end { ">>>" } else { "   " };
+        out.push_str(&format!(" {n:>3} | {mark} {line}\n"));
+    }
+    out.push_str("--------------------");
+    Some(out)
 }
 
 type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
@@ -143,7 +168,13 @@ pub async fn solve<W: Worker>(
         return Ok(String::new());
     };
     let mut futs: HashMap<String, VertexFuture> = HashMap::new();
+    let snippets: HashMap<String, String> = graph
+        .vertices
+        .iter()
+        .filter_map(|v| source_snippet(&graph, &v.digest).map(|s| (v.digest.clone(), s)))
+        .collect();
     for v in graph.vertices {
+        let snippet = snippets.get(&v.digest).cloned();
         let inputs: Vec<(VertexFuture, i64)> = v
             .op
             .inputs
@@ -224,7 +255,7 @@ pub async fn solve<W: Worker>(
                     };
                     pv.error = message.clone();
                     build.progress.vertex(pv);
-                    return Err(Failure { name, message, code });
+                    return Err(Failure { name, message, code, snippet });
                 }
             };
             build.progress.vertex(pv);

@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 const MAX_MESSAGE: usize = 64 << 20;
 
 fn status_error(what: &str, s: tonic::Status) -> Error {
-    Error::Vertex { name: what.to_string(), message: s.message().to_string(), code: s.code() }
+    Error::Vertex { name: what.to_string(), message: s.message().to_string(), code: s.code(), snippet: None }
 }
 
 /// A worker-executor reached over gRPC.
