@@ -274,3 +274,29 @@ fn unchanged_context_is_cached_and_a_changed_file_reruns_only_what_reads_it() {
     assert_eq!(third.matches("CACHED").count(), 2, "FROM and the first RUN cached:\n{third}");
     assert_eq!(std::fs::read_to_string(c.path().join("out3/copy-2.txt")).expect("read"), "v2\n");
 }
+
+#[test]
+fn docker_tarball_is_loadable_with_repo_tags_and_several_outputs_in_one_build() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new("FROM busybox\nRUN echo docker > /d.txt\nCMD [\"cat\", \"/d.txt\"]\n").expect("context");
+    d.build(
+        c.path(),
+        &args(&[
+            "--output",
+            "type=docker,dest=img.docker.tar,name=kiln.test/docker:1",
+            "--output",
+            "type=local,dest=rootfs",
+        ]),
+    )
+    .expect("build");
+    let tar = c.path().join("img.docker.tar");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&tar_entry(&tar, "manifest.json").expect("manifest.json")).expect("json");
+    let tags = manifest[0]["RepoTags"].as_array().expect("RepoTags");
+    assert!(tags.iter().any(|t| t.as_str().is_some_and(|t| t.ends_with("kiln.test/docker:1"))), "{tags:?}");
+    let cfg = run(Command::new("skopeo").args(["inspect", "--config"]).arg(format!("docker-archive:{}", tar.display())))
+        .expect("skopeo inspect docker-archive");
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).expect("json");
+    assert_eq!(cfg["config"]["Cmd"], serde_json::json!(["cat", "/d.txt"]));
+    assert_eq!(std::fs::read_to_string(c.path().join("rootfs/d.txt")).expect("read"), "docker\n");
+}
