@@ -253,6 +253,29 @@ pub fn parse(src: &str) -> Result<Dockerfile, Error> {
     })
 }
 
+/// Parses a single non-FROM instruction, e.g. an ONBUILD trigger (`RUN echo hi`).
+pub fn parse_command(src: &str, escape: char) -> Result<Command, Error> {
+    let ast = parse_ast(src)?;
+    let [node] = ast.nodes.as_slice() else {
+        return Err(Error::InvalidInstruction {
+            line: 1,
+            instruction: "ONBUILD".to_string(),
+            reason: "trigger should be a single expression".to_string(),
+        });
+    };
+    if node.keyword == "from" {
+        return Err(invalid(node, "FROM isn't allowed as an ONBUILD trigger"));
+    }
+    Ok(Command {
+        instruction: parse_instruction(node, escape)?,
+        original: node.original.clone(),
+        location: Location {
+            start_line: node.start_line,
+            end_line: node.end_line,
+        },
+    })
+}
+
 fn invalid(node: &Node, reason: impl Into<String>) -> Error {
     Error::InvalidInstruction {
         line: node.start_line,
@@ -1214,6 +1237,16 @@ mod tests {
             failures.len(),
             failures.join("\n")
         );
+    }
+
+    #[test]
+    fn single_commands() {
+        let c = parse_command("COPY trigger.txt /t", '\\').expect("parse");
+        assert_eq!(show(&c.instruction), r#"COPY ["trigger.txt"] -> "/t""#);
+        assert_eq!(c.original, "COPY trigger.txt /t");
+        assert!(parse_command("RUN a\nRUN b", '\\').is_err());
+        assert!(parse_command("FROM x", '\\').is_err());
+        assert!(parse_command("", '\\').is_err());
     }
 
     #[test]

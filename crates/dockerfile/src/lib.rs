@@ -18,7 +18,7 @@ mod shell;
 
 pub use instructions::{
     ArgDecl, Command, CommandLine, Copy, Dockerfile, Healthcheck, Instruction, KeyValue, Location,
-    Run, Stage, parse,
+    Run, Stage, parse, parse_command,
 };
 pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_size};
 pub use parser::{Ast, Directives, Heredoc, Node, parse_ast};

@@ -163,6 +163,9 @@ enum From {
     Image(usize),
 }
 
+/// A `from=` as written and what it names; None reads the build context.
+type NamedFrom = Option<(String, From)>;
+
 /// An image to resolve: normalised reference, platform, line for errors.
 #[derive(Debug)]
 struct ImageUse {
@@ -340,7 +343,7 @@ pub async fn convert<R: ImageResolver>(
 
     // COPY --from and RUN --mount from= dependencies (stage by name or index, else an image).
     let mut deps: Vec<Vec<From>> = vec![Vec::new(); df.stages.len()];
-    let mut cmd_sources: BTreeMap<(usize, usize), Vec<Option<(String, From)>>> = BTreeMap::new();
+    let mut cmd_sources: BTreeMap<(usize, usize), Vec<NamedFrom>> = BTreeMap::new();
     let mut image_by_ref: BTreeMap<String, usize> = BTreeMap::new();
     let mut has_mounts = false;
     for (i, stage) in df.stages.iter().enumerate() {
@@ -576,6 +579,34 @@ pub async fn convert<R: ImageResolver>(
             st.cmd_total = cmd_total;
         }
 
+        // ONBUILD triggers of the base (image config or parent stage) run first.
+        let triggers = st.image.config.on_build.take().unwrap_or_default();
+        st.cmd_total += triggers.len();
+        st.onbuild = true;
+        for trigger in &triggers {
+            let mut cmd =
+                kiln_dockerfile::parse_command(trigger, df.directives.escape).map_err(|e| {
+                    Error::InvalidInstruction {
+                        line: stage.location.start_line,
+                        instruction: "ONBUILD".to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            cmd.location = stage.location;
+            let sources = trigger_sources(&cmd, &names, &states, i)?;
+            dispatch(
+                &mut ops,
+                &lex,
+                &mut st,
+                &cmd,
+                &sources,
+                &opts.build_args,
+                &global_args,
+                &mut ctx_paths,
+            )?;
+        }
+        st.onbuild = false;
+
         for (c, cmd) in stage.commands.iter().enumerate() {
             let mut sources = Vec::new();
             for from in cmd_sources.get(&(i, c)).into_iter().flatten() {
@@ -642,6 +673,56 @@ pub async fn convert<R: ImageResolver>(
         definition,
         image_config,
     })
+}
+
+/// Sources of an ONBUILD trigger's COPY --from / RUN --mount from=: only
+/// stages already built are supported.
+fn trigger_sources(
+    cmd: &Command,
+    names: &BTreeMap<String, usize>,
+    states: &[Option<StageState>],
+    current: usize,
+) -> Result<Vec<CopySource>, Error> {
+    let line = line_of(cmd);
+    let froms: Vec<Option<String>> = match &cmd.instruction {
+        Instruction::Copy(c) => vec![c.from.clone()],
+        Instruction::Run(r) => r
+            .mounts
+            .iter()
+            .map(|m| kiln_dockerfile::parse_mount(m).map(|m| m.from))
+            .collect::<Result<_, _>>()
+            .map_err(|reason| Error::InvalidInstruction {
+                line,
+                instruction: "RUN".to_string(),
+                reason,
+            })?,
+        _ => return Ok(Vec::new()),
+    };
+    froms
+        .into_iter()
+        .map(|from| {
+            let Some(from) = from else {
+                return Ok(CopySource::Context);
+            };
+            let index = from
+                .parse::<usize>()
+                .ok()
+                .or_else(|| names.get(&from.to_ascii_lowercase()).copied());
+            match index {
+                Some(j) if j < current => match &states[j] {
+                    Some(s) => Ok(CopySource::State(s.state)),
+                    None => Err(Error::Unsupported {
+                        line,
+                        feature: format!("ONBUILD reading from unbuilt stage {from:?}"),
+                    }),
+                },
+                _ => Err(Error::Unsupported {
+                    line,
+                    feature: format!("ONBUILD reading from {from:?}"),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Dispatches one instruction of a stage.

@@ -29,6 +29,8 @@ pub(crate) struct StageState {
     pub cmd_total: usize,
     /// A CMD was given in this stage (ENTRYPOINT then keeps it).
     pub cmd_set: bool,
+    /// An ONBUILD trigger is being dispatched (progress names say so).
+    pub onbuild: bool,
 }
 
 impl StageState {
@@ -64,6 +66,7 @@ impl StageState {
             cmd_index: 0,
             cmd_total: 0,
             cmd_set: false,
+            onbuild: false,
         };
         for (k, v) in env {
             st.add_env(&k, &v);
@@ -107,10 +110,11 @@ impl StageState {
             out.push_str(&self.display_name);
             out.push(' ');
         }
-        out.push_str(&format!(
-            "{:>width$}/{}] {text}",
-            self.cmd_index, self.cmd_total
-        ));
+        out.push_str(&format!("{:>width$}/{}] ", self.cmd_index, self.cmd_total));
+        if self.onbuild {
+            out.push_str("ONBUILD ");
+        }
+        out.push_str(text);
         out
     }
 

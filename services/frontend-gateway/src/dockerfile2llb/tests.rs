@@ -163,6 +163,12 @@ async fn check_fixture(name: &str) {
     let convert_json = read_json(&dir.join("convert.json"));
 
     let mut opts = options();
+    if let Some(p) = convert_json["target_platform"]
+        .as_str()
+        .filter(|p| !p.starts_with("implicit"))
+    {
+        opts.platform = parse_platform(p).expect("fixture platform");
+    }
     if let Some(t) = convert_json["target"].as_str() {
         opts.target = Some(t.to_string());
     }
@@ -310,6 +316,39 @@ async fn fixture_run_mount_secret_ssh() {
 #[tokio::test]
 async fn fixture_run_mount_bind_from() {
     check_fixture("df-run-mount-bind-from").await;
+}
+
+#[tokio::test]
+async fn fixture_platform_args() {
+    check_fixture("df-platform-args").await;
+}
+
+#[tokio::test]
+async fn fixture_onbuild_stage() {
+    check_fixture("df-onbuild-stage").await;
+}
+
+#[tokio::test]
+async fn fixture_onbuild_image() {
+    check_fixture("df-onbuild-image").await;
+}
+
+#[tokio::test]
+#[ignore = "not implemented yet"]
+async fn fixture_copy_link() {
+    check_fixture("df-copy-link").await;
+}
+
+#[tokio::test]
+#[ignore = "not implemented yet"]
+async fn fixture_copy_exclude_parents() {
+    check_fixture("df-copy-exclude-parents").await;
+}
+
+#[tokio::test]
+#[ignore = "not implemented yet"]
+async fn fixture_add_local_and_remote() {
+    check_fixture("df-add-local-and-remote").await;
 }
 
 #[tokio::test]
