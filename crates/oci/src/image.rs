@@ -71,7 +71,23 @@ pub struct Platform {
     pub os_features: Option<Vec<String>>,
 }
 
+/// GOARCH-style name of the architecture kiln was built for (`amd64`, `arm64`, ...).
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 impl Platform {
+    /// linux on the architecture kiln runs on.
+    pub fn host() -> Self {
+        Platform::new("linux", host_architecture(), None)
+    }
+
     pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Self {
         Platform {
             architecture: architecture.to_string(),

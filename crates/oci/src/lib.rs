@@ -16,5 +16,6 @@ pub use compress::{Compression, compress_layer};
 pub use error::Error;
 pub use image::{
     ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,
-    EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, media_types,
+    EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, host_architecture,
+    media_types,
 };

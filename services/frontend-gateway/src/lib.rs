@@ -256,14 +256,7 @@ fn parse_platform(value: &str) -> Result<Platform, Error> {
 
 /// linux on the architecture kiln runs on, named the OCI way.
 pub fn default_platform() -> Platform {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    Platform::new("linux", arch, None)
+    Platform::host()
 }
 
 /// A definition with a single local source reading the Dockerfile (and its

@@ -244,14 +244,7 @@ impl Exporter {
 
 /// The platform of this host in OCI terms.
 pub fn host_platform() -> Platform {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    Platform::new("linux", arch, None)
+    Platform::host()
 }
 
 fn names(attrs: &BTreeMap<String, String>) -> Vec<String> {

@@ -32,21 +32,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", default_arch())] }
+        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", kiln_oci::host_architecture())] }
     }
 }
 
-/// GOARCH-style name of this machine's architecture.
-pub fn default_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "s390x" => "s390x",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

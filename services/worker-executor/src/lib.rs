@@ -156,7 +156,7 @@ impl Worker {
 
     /// Platforms this worker can run.
     pub fn platforms(&self) -> Vec<kiln_oci::Platform> {
-        vec![kiln_oci::Platform::new("linux", host_arch(), None)]
+        vec![kiln_oci::Platform::host()]
     }
 
     pub fn store(&self) -> &snapshot::Store {
@@ -283,14 +283,6 @@ impl Worker {
             Err(poisoned) => poisoned.into_inner(),
         };
         map.entry(dir.to_path_buf()).or_default().clone()
-    }
-}
-
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
     }
 }
 
