@@ -39,8 +39,35 @@ fn parse_chmod(spec: &str) -> Option<(i32, String)> {
     valid.then(|| (0, spec.to_string()))
 }
 
-fn is_url(src: &str) -> bool {
-    src.starts_with("http://") || src.starts_with("https://") || src.starts_with("git@")
+fn is_http(src: &str) -> bool {
+    (src.starts_with("http://") || src.starts_with("https://")) && !is_git(src)
+}
+
+fn is_git(src: &str) -> bool {
+    src.starts_with("git@")
+        || src.starts_with("git://")
+        || src.starts_with("ssh://")
+        || ((src.starts_with("http://") || src.starts_with("https://"))
+            && (src.ends_with(".git") || src.contains(".git#")))
+}
+
+/// The file name an HTTP source is saved as (BuildKit: base of the URL path).
+fn http_filename(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.find('/').map_or("", |p| &rest[p..]);
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    match path.trim_end_matches('/').rsplit('/').next() {
+        Some(base) if !base.is_empty() && base != "." => base.to_string(),
+        _ => "__unnamed__".to_string(),
+    }
+}
+
+fn file_op(actions: Vec<pb::FileAction>) -> pb::Op {
+    pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::File(pb::FileOp { actions })),
+        ..Default::default()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -55,28 +82,36 @@ pub(crate) fn dispatch(
     cmd: &Command,
 ) -> Result<(), Error> {
     let line = line_of(cmd);
+    let lines = (cmd.location.start_line, cmd.location.end_line);
     let kw = if is_add { "ADD" } else { "COPY" };
     let invalid = |reason: String| Error::InvalidInstruction {
         line,
         instruction: kw.to_string(),
         reason,
     };
-    if let Some(src) = copy.sources.iter().find(|s| is_url(s)) {
+    if let Some(src) = copy.sources.iter().find(|s| is_git(s)) {
+        if !is_add {
+            return Err(invalid("source can't be a git ref for COPY".to_string()));
+        }
         return Err(Error::Unsupported {
             line,
-            feature: format!("{kw} from a URL or git repository ({src})"),
+            feature: format!("ADD from a git repository ({src})"),
         });
+    }
+    if !is_add && copy.sources.iter().any(|s| is_http(s)) {
+        return Err(invalid("source can't be a URL for COPY".to_string()));
     }
     if copy.checksum.is_some() {
-        return Err(invalid(
-            "checksum can't be specified for local sources".to_string(),
-        ));
-    }
-    if copy.parents {
-        return Err(Error::Unsupported {
-            line,
-            feature: format!("{kw} --parents"),
-        });
+        if copy.sources.len() != 1 {
+            return Err(invalid(
+                "checksum can't be specified for multiple sources".to_string(),
+            ));
+        }
+        if !is_http(&copy.sources[0]) {
+            return Err(invalid(
+                "checksum can't be specified for non-HTTP(S) sources".to_string(),
+            ));
+        }
     }
     let (mode, mode_str) = match &copy.chmod {
         Some(spec) => parse_chmod(spec).ok_or_else(|| {
@@ -87,10 +122,18 @@ pub(crate) fn dispatch(
         None => (-1, String::new()),
     };
     let dest = dest_path(&st.cwd, &copy.dest);
+    let link = copy.link && copy.chmod.is_none();
 
-    // Inputs: the destination state first, then each distinct source.
+    let name_text = lex
+        .process_word(&cmd.original, &st.env)
+        .unwrap_or_else(|_| cmd.original.clone());
+    let name = uppercase_cmd(&name_text);
+    let progress = st.progress_name(&name);
+
+    // Inputs: the destination state first (scratch for --link), then each distinct source.
     let mut inputs: Vec<OpId> = Vec::new();
-    let dest_input: i64 = match st.state {
+    let base = if link { None } else { st.state };
+    let dest_input: i64 = match base {
         Some(id) => {
             inputs.push(id);
             0
@@ -112,20 +155,80 @@ pub(crate) fn dispatch(
             }
         }
     };
-    let src_state = match source {
-        CopySource::Context => Some(ops.context()),
-        CopySource::State(s) => s,
-    };
     let owner = copy.chown.as_deref().and_then(|c| chown_opt(c, dest_input));
 
     // (secondary input, copy action) per source.
     let mut planned: Vec<(i64, pb::FileActionCopy)> = Vec::new();
     for src in &copy.sources {
+        if is_http(src) {
+            let filename = http_filename(src);
+            let mut attrs = std::collections::BTreeMap::new();
+            if let Some(sum) = &copy.checksum {
+                attrs.insert("http.checksum".to_string(), sum.clone());
+            }
+            attrs.insert("http.filename".to_string(), filename.clone());
+            let mut caps = vec!["source.http"];
+            if copy.checksum.is_some() {
+                caps.push("source.http.checksum");
+            }
+            let http = ops.push(
+                pb::Op {
+                    constraints: Some(pb::WorkerConstraints::default()),
+                    op: Some(pb::op::Op::Source(pb::SourceOp {
+                        identifier: src.clone(),
+                        attrs,
+                    })),
+                    ..Default::default()
+                },
+                Vec::new(),
+                metadata(
+                    &[
+                        ("com.docker.dockerfile.v1.command", ""),
+                        ("llb.customname", progress.as_str()),
+                    ],
+                    &caps,
+                ),
+                Some(lines),
+            );
+            let secondary = index_of(&mut inputs, Some(http));
+            planned.push((
+                secondary,
+                pb::FileActionCopy {
+                    src: clean_path(&filename),
+                    dest: dest.clone(),
+                    owner: owner.clone(),
+                    mode,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    mode_str: mode_str.clone(),
+                    ..Default::default()
+                },
+            ));
+            continue;
+        }
+        let src_state = match source {
+            CopySource::Context => Some(ops.context()),
+            CopySource::State(s) => s,
+        };
         let secondary = index_of(&mut inputs, src_state);
+        let (src_path, include) = if copy.parents {
+            match src.split_once("/./") {
+                Some((parent, pattern)) => (
+                    clean_path(parent),
+                    vec![clean_path(pattern).trim_start_matches('/').to_string()],
+                ),
+                None => (
+                    "/".to_string(),
+                    vec![clean_path(src).trim_start_matches('/').to_string()],
+                ),
+            }
+        } else {
+            (clean_path(src), Vec::new())
+        };
         planned.push((
             secondary,
             pb::FileActionCopy {
-                src: clean_path(src),
+                src: src_path,
                 dest: dest.clone(),
                 owner: owner.clone(),
                 mode,
@@ -136,13 +239,17 @@ pub(crate) fn dispatch(
                 allow_wildcard: true,
                 allow_empty_wildcard: true,
                 timestamp: -1,
+                include_patterns: include,
                 exclude_patterns: copy.exclude.clone(),
                 mode_str: mode_str.clone(),
                 ..Default::default()
             },
         ));
-        if matches!(source, CopySource::Context) {
-            ctx_paths.insert(clean_path(src));
+        match source {
+            CopySource::Context => {
+                ctx_paths.insert(clean_path(src));
+            }
+            CopySource::State(_) => {}
         }
     }
     let heredoc_lex = Lex::new('\\').skip_quotes(true);
@@ -155,30 +262,24 @@ pub(crate) fn dispatch(
         }
         let path = clean_path(&doc.name);
         let file = ops.push(
-            pb::Op {
-                constraints: Some(pb::WorkerConstraints::default()),
-                op: Some(pb::op::Op::File(pb::FileOp {
-                    actions: vec![pb::FileAction {
-                        input: -1,
-                        secondary_input: -1,
-                        output: 0,
-                        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                            path: path.clone(),
-                            mode: 0o644,
-                            data: data.into_bytes(),
-                            owner: None,
-                            timestamp: -1,
-                        })),
-                    }],
+            file_op(vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                    path: path.clone(),
+                    mode: 0o644,
+                    data: data.into_bytes(),
+                    owner: None,
+                    timestamp: -1,
                 })),
-                ..Default::default()
-            },
+            }]),
             Vec::new(),
             metadata(
                 &[("llb.customname", "[internal] preparing inline document")],
                 &["file.base"],
             ),
-            Some((cmd.location.start_line, cmd.location.end_line)),
+            Some(lines),
         );
         let secondary = index_of(&mut inputs, Some(file));
         planned.push((
@@ -216,23 +317,44 @@ pub(crate) fn dispatch(
         })
         .collect();
 
-    let name_text = lex
-        .process_word(&cmd.original, &st.env)
-        .unwrap_or_else(|_| cmd.original.clone());
-    let progress = st.progress_name(&uppercase_cmd(&name_text));
-    let id = ops.push(
-        pb::Op {
-            constraints: Some(pb::WorkerConstraints::default()),
-            op: Some(pb::op::Op::File(pb::FileOp { actions })),
-            ..Default::default()
-        },
-        inputs,
-        metadata(&[("llb.customname", progress.as_str())], &["file.base"]),
-        Some((cmd.location.start_line, cmd.location.end_line)),
-    );
-    st.state = Some(id);
+    let mut file_md = metadata(&[("llb.customname", progress.as_str())], &["file.base"]);
+    if link {
+        file_md.progress_group = Some(pb::ProgressGroup {
+            id: format!("link-{}-{}", lines.0, st.cmd_index),
+            name: progress.clone(),
+            weak: true,
+        });
+    }
+    let id = ops.push(file_op(actions), inputs, file_md, Some(lines));
+    st.state = match (link, st.state) {
+        (true, Some(base)) => {
+            let link_name = st.progress_name_again(&format!("LINK {name}"));
+            let mut md = metadata(&[("llb.customname", link_name.as_str())], &["mergeop"]);
+            md.progress_group = Some(pb::ProgressGroup {
+                id: format!("link-{}-{}", lines.0, st.cmd_index),
+                name: progress.clone(),
+                weak: false,
+            });
+            Some(ops.push(
+                pb::Op {
+                    constraints: Some(pb::WorkerConstraints::default()),
+                    op: Some(pb::op::Op::Merge(pb::MergeOp {
+                        inputs: vec![pb::MergeInput { input: 0 }, pb::MergeInput { input: 1 }],
+                    })),
+                    ..Default::default()
+                },
+                vec![base, id],
+                md,
+                Some(lines),
+            ))
+        }
+        _ => Some(id),
+    };
 
     let mut msg = kw.to_string();
+    if copy.parents {
+        msg.push_str(" --parents");
+    }
     if let Some(c) = &copy.chown {
         msg.push_str(&format!(" --chown={c}"));
     }

@@ -104,6 +104,14 @@ impl StageState {
             return text.to_string();
         }
         self.cmd_index += 1;
+        self.progress_name_again(text)
+    }
+
+    /// Like [`StageState::progress_name`] for the current step (no advance).
+    pub(crate) fn progress_name_again(&self, text: &str) -> String {
+        if self.cmd_total == 0 {
+            return text.to_string();
+        }
         let width = self.cmd_total.to_string().len();
         let mut out = "[".to_string();
         if !self.display_name.is_empty() {

@@ -334,19 +334,16 @@ async fn fixture_onbuild_image() {
 }
 
 #[tokio::test]
-#[ignore = "not implemented yet"]
 async fn fixture_copy_link() {
     check_fixture("df-copy-link").await;
 }
 
 #[tokio::test]
-#[ignore = "not implemented yet"]
 async fn fixture_copy_exclude_parents() {
     check_fixture("df-copy-exclude-parents").await;
 }
 
 #[tokio::test]
-#[ignore = "not implemented yet"]
 async fn fixture_add_local_and_remote() {
     check_fixture("df-add-local-and-remote").await;
 }
@@ -802,4 +799,48 @@ async fn source_locations_point_at_dockerfile_lines() {
     let ranges = &source.locations[&exec.digest].locations[0].ranges[0];
     assert_eq!(ranges.start.as_ref().map(|p| p.line), Some(3));
     assert_eq!(ranges.end.as_ref().map(|p| p.line), Some(4));
+}
+
+/// Converting mangled Dockerfiles returns errors, never panics.
+#[tokio::test]
+async fn mangled_dockerfiles_never_panic() {
+    let dir = fixtures_dir().join("dockerfile");
+    let mut samples = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("fixture dir") {
+        let path = entry.expect("entry").path().join("Dockerfile");
+        samples.push(std::fs::read_to_string(path).expect("Dockerfile"));
+    }
+    samples.sort();
+    let resolver = FakeResolver::new();
+    let mut seed: u64 = 42;
+    for sample in &samples {
+        let chars: Vec<char> = sample.chars().collect();
+        for _ in 0..40 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut mangled = chars.clone();
+            let at = (seed >> 33) as usize % mangled.len().max(1);
+            match seed % 4 {
+                0 => {
+                    mangled.truncate(at);
+                }
+                1 => {
+                    if at < mangled.len() {
+                        mangled.remove(at);
+                    }
+                }
+                2 => mangled.insert(
+                    at.min(mangled.len()),
+                    ['$', '{', '"', '\\', '\n', '-'][(seed >> 40) as usize % 6],
+                ),
+                _ => {
+                    let tail: Vec<char> = mangled.split_off(at.min(mangled.len()));
+                    mangled.extend(tail.iter().rev());
+                }
+            }
+            let text: String = mangled.into_iter().collect();
+            let _ = convert(text.as_bytes(), &options(), &resolver).await;
+        }
+    }
 }
