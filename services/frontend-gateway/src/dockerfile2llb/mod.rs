@@ -205,21 +205,6 @@ fn format_platform(p: &kiln_oci::Platform) -> String {
     }
 }
 
-/// The platform kiln itself runs on (BUILDPLATFORM).
-fn build_platform() -> kiln_oci::Platform {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        other => other,
-    };
-    kiln_oci::Platform::new("linux", arch, None)
-}
-
 fn set_arg(args: &mut Vec<(String, String)>, key: &str, value: &str) {
     args.retain(|(k, _)| k != key);
     args.push((key.to_string(), value.to_string()));
@@ -255,7 +240,7 @@ pub async fn convert<R: ImageResolver>(
     let lex = Lex::new(df.directives.escape);
 
     // Global (meta) ARGs, usable in FROM.
-    let mut global_args = platform_args(&opts.platform, &build_platform());
+    let mut global_args = platform_args(&opts.platform, &kiln_oci::Platform::host());
     for cmd in &df.meta_args {
         if let Instruction::Arg(decls) = &cmd.instruction {
             for d in decls {
