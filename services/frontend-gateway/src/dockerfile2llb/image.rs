@@ -215,31 +215,97 @@ pub(crate) fn parse_duration(s: &str) -> Result<i64, Reason> {
     Ok(total as i64)
 }
 
+/// Go's `time.Duration.String()`.
+pub(crate) fn go_duration(ns: i64) -> String {
+    if ns == 0 {
+        return "0s".to_string();
+    }
+    let neg = ns < 0;
+    let u = ns.unsigned_abs();
+    let frac = |v: u64, unit: u64| -> String {
+        let whole = v / unit;
+        let rest = v % unit;
+        if rest == 0 {
+            return whole.to_string();
+        }
+        let digits = unit.to_string().len() - 1;
+        let f = format!("{rest:0digits$}");
+        format!("{whole}.{}", f.trim_end_matches('0'))
+    };
+    let out = if u < 1_000 {
+        format!("{u}ns")
+    } else if u < 1_000_000 {
+        format!("{}\u{b5}s", frac(u, 1_000))
+    } else if u < 1_000_000_000 {
+        format!("{}ms", frac(u, 1_000_000))
+    } else {
+        let h = u / 3_600_000_000_000;
+        let m = (u / 60_000_000_000) % 60;
+        let sec = u % 60_000_000_000;
+        let mut out = String::new();
+        if h > 0 {
+            out.push_str(&format!("{h}h"));
+        }
+        if h > 0 || m > 0 {
+            out.push_str(&format!("{m}m"));
+        }
+        out.push_str(&format!("{}s", frac(sec, 1_000_000_000)));
+        out
+    };
+    if neg { format!("-{out}") } else { out }
+}
+
+/// Go's `%q` of an integer: a quoted rune literal.
+fn go_quote_rune(n: u32) -> String {
+    let body = match char::from_u32(n) {
+        Some('\'') => "\\'".to_string(),
+        Some('\\') => "\\\\".to_string(),
+        Some('\u{7}') => "\\a".to_string(),
+        Some('\u{8}') => "\\b".to_string(),
+        Some('\u{c}') => "\\f".to_string(),
+        Some('\n') => "\\n".to_string(),
+        Some('\r') => "\\r".to_string(),
+        Some('\t') => "\\t".to_string(),
+        Some('\u{b}') => "\\v".to_string(),
+        Some(c) if !c.is_control() => c.to_string(),
+        _ if n < 0x80 => format!("\\x{n:02x}"),
+        _ => format!("\\u{n:04x}"),
+    };
+    format!("'{body}'")
+}
+
 pub(crate) fn healthcheck(st: &mut StageState, hc: &Healthcheck) -> Result<(), Reason> {
     let mut obj = serde_json::Map::new();
     obj.insert("Test".to_string(), serde_json::json!(hc.test));
+    let mut durations = Vec::new();
     for (key, value) in [
         ("Interval", &hc.interval),
         ("Timeout", &hc.timeout),
         ("StartPeriod", &hc.start_period),
         ("StartInterval", &hc.start_interval),
     ] {
-        if let Some(v) = value {
-            let ns = parse_duration(v)?;
-            if ns != 0 && ns < 1_000_000 {
-                return Err(format!("{key} in HEALTHCHECK cannot be less than 1ms"));
-            }
-            if ns != 0 {
-                obj.insert(key.to_string(), serde_json::json!(ns));
-            }
+        let ns = match value {
+            Some(v) => parse_duration(v)?,
+            None => 0,
+        };
+        if ns != 0 && ns < 1_000_000 {
+            return Err(format!("{key} in HEALTHCHECK cannot be less than 1ms"));
         }
+        if ns != 0 {
+            obj.insert(key.to_string(), serde_json::json!(ns));
+        }
+        durations.push(format!("\"{}\"", go_duration(ns)));
     }
     if let Some(r) = hc.retries.filter(|r| *r > 0) {
         obj.insert("Retries".to_string(), serde_json::json!(r));
     }
     let test = go_quote_list(&hc.test);
+    let retries = go_quote_rune(hc.retries.unwrap_or(0));
     st.image.config.healthcheck = Some(serde_json::Value::Object(obj));
-    st.commit_empty(format!("HEALTHCHECK &{{{test} ...}}"));
+    st.commit_empty(format!(
+        "HEALTHCHECK &{{{test} {} {retries}}}",
+        durations.join(" ")
+    ));
     Ok(())
 }
 
@@ -310,5 +376,19 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(500_000_000));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("").is_err());
+        for (ns, want) in [
+            (0, "0s"),
+            (30_000_000_000, "30s"),
+            (90_000_000_000, "1m30s"),
+            (3_600_000_000_000, "1h0m0s"),
+            (1_500_000_000, "1.5s"),
+            (500_000_000, "500ms"),
+            (1_500, "1.5\u{b5}s"),
+            (7, "7ns"),
+        ] {
+            assert_eq!(go_duration(ns), want);
+        }
+        assert_eq!(go_quote_rune(3), "'\\x03'");
+        assert_eq!(go_quote_rune(65), "'A'");
     }
 }

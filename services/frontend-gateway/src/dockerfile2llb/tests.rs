@@ -672,6 +672,10 @@ async fn metadata_instructions() {
         Some(serde_json::json!({"Test": ["CMD-SHELL", "true"], "Interval": 30_000_000_000i64}))
     );
     assert_eq!(cfg.on_build, Some(strs(&["RUN echo child"])));
+    assert_eq!(
+        c.image_config.history[6].created_by.as_deref(),
+        Some(r#"HEALTHCHECK &{["CMD-SHELL" "true"] "30s" "0s" "0s" "0s" '\x00'}"#)
+    );
     let empties: Vec<Option<bool>> = c.image_config.history[1..]
         .iter()
         .map(|h| h.empty_layer)
