@@ -85,6 +85,34 @@ fn split_csv(s: &str) -> Vec<String> {
     out
 }
 
+/// `--opt context:NAME=local:X` names a session local dir. When X is not a
+/// `--local` name but a directory, expose it as the local `NAME` (buildctl
+/// users pass `--local X=DIR` themselves; both forms work).
+fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
+    let local_names: Vec<String> = args
+        .locals
+        .iter()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n.to_string()))
+        .collect();
+    let mut added = Vec::new();
+    for o in &mut args.opts {
+        let Some((key, value)) = o.split_once('=') else { continue };
+        let (Some(name), Some(dir)) = (key.strip_prefix("context:"), value.strip_prefix("local:")) else {
+            continue;
+        };
+        if local_names.iter().any(|n| n == dir) {
+            continue;
+        }
+        if local_names.iter().any(|n| n == name) {
+            bail!("--opt {o}: a --local named {name:?} already exists");
+        }
+        added.push(format!("{name}={dir}"));
+        *o = format!("context:{name}=local:{name}");
+    }
+    args.locals.extend(added);
+    Ok(())
+}
+
 pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     // short form
     if let Some(dir) = args.dir.take() {
@@ -119,6 +147,8 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     let Some(frontend) = args.frontend.clone() else {
         bail!("nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR) or a directory");
     };
+
+    expose_named_context_dirs(&mut args)?;
 
     let mut att = Attachables::default();
     for l in &args.locals {

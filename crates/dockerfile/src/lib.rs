@@ -11,11 +11,13 @@
 //! assert_eq!(df.stages[0].name.as_deref(), Some("base"));
 //! ```
 
+mod dockerignore;
 mod instructions;
 mod mount;
 mod parser;
 mod shell;
 
+pub use dockerignore::{IgnoreMatcher, parse_dockerignore};
 pub use instructions::{
     ArgDecl, Command, CommandLine, Copy, Dockerfile, Healthcheck, Instruction, KeyValue, Location,
     Run, Stage, parse, parse_command,

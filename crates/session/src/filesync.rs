@@ -155,6 +155,12 @@ impl Filter {
         }
     }
 
+    /// An excluded directory that is only walked because a `!` pattern may
+    /// re-include something below it: it is sent only if something inside is.
+    fn walked_for_reinclude(&self, rel: &str, is_dir: bool) -> bool {
+        is_dir && self.has_reinclude() && self.excluded(rel)
+    }
+
     fn has_reinclude(&self) -> bool {
         self.exclude.as_ref().is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
     }
@@ -184,6 +190,7 @@ fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
 /// contents) and returns (relative path, stat) for every entry that passes.
 fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
     let mut out = Vec::new();
+    let mut lazy_dirs: HashSet<String> = HashSet::new();
     let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
     let mut it = walkdir::WalkDir::new(src).min_depth(1).sort_by_file_name().into_iter();
     while let Some(entry) = it.next() {
@@ -200,6 +207,9 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
                 it.skip_current_dir();
             }
             continue;
+        }
+        if filter.walked_for_reinclude(&rel_s, md.is_dir()) {
+            lazy_dirs.insert(rel_s.clone());
         }
         let mut link = None;
         if md.file_type().is_symlink() {
@@ -218,6 +228,22 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
             st.size = 0;
         }
         out.push((entry.path().to_path_buf(), st));
+    }
+    // Drop excluded directories that were walked for a re-include but hold
+    // nothing that is sent (BuildKit's fsutil emits such parents lazily).
+    if !lazy_dirs.is_empty() {
+        let mut needed: HashSet<String> = HashSet::new();
+        for (_, s) in out.iter().filter(|(_, s)| !lazy_dirs.contains(&s.path)) {
+            let mut p = Path::new(&s.path).parent();
+            while let Some(pp) = p {
+                if pp.as_os_str().is_empty() {
+                    break;
+                }
+                needed.insert(pp.to_string_lossy().to_string());
+                p = pp.parent();
+            }
+        }
+        out.retain(|(_, s)| !lazy_dirs.contains(&s.path) || needed.contains(&s.path));
     }
     // Drop directories that ended up empty only because of an include filter.
     if filter.include.is_some() {
@@ -593,6 +619,45 @@ mod tests {
         assert!(dest.path().join("main.rs").exists());
         assert!(dest.path().join("logs/keep.log").exists());
         assert!(!dest.path().join("logs/a.log").exists());
+    }
+
+    #[tokio::test]
+    async fn excluded_dir_is_sent_only_for_its_reincluded_children() {
+        let src = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        for f in ["node_modules/a/x.js", "node_modules/keep.md", "cache/c.bin", "src/main.rs"] {
+            let p = src.path().join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, "x").expect("write");
+        }
+        let f = Filter::new(
+            &[],
+            &["node_modules".into(), "cache".into(), "!node_modules/keep.md".into()],
+        )
+        .expect("filter");
+        transfer(src.path(), dest.path(), f).await;
+        assert!(dest.path().join("src/main.rs").exists());
+        assert!(dest.path().join("node_modules/keep.md").exists());
+        assert!(!dest.path().join("node_modules/a").exists(), "excluded subdir leaked");
+        // walked because of the re-include, but nothing in it is sent
+        assert!(!dest.path().join("cache").exists(), "excluded dir sent empty");
+    }
+
+    #[tokio::test]
+    async fn double_star_and_leading_slash_patterns() {
+        let src = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        for f in ["a/b/c.tmp", "top.tmp", "a/keep.txt", "root.txt"] {
+            let p = src.path().join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, "x").expect("write");
+        }
+        let f = Filter::new(&[], &["**/*.tmp".into(), "/root.txt".into()]).expect("filter");
+        transfer(src.path(), dest.path(), f).await;
+        assert!(!dest.path().join("a/b/c.tmp").exists());
+        assert!(!dest.path().join("top.tmp").exists());
+        assert!(!dest.path().join("root.txt").exists());
+        assert!(dest.path().join("a/keep.txt").exists());
     }
 
     #[test]

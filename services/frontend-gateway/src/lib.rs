@@ -27,6 +27,9 @@ pub const META_IMAGE_CONFIG: &str = "containerimage.config";
 /// Client-side local directory holding the Dockerfile.
 const DOCKERFILE_LOCAL: &str = "dockerfile";
 const DEFAULT_FILENAME: &str = "Dockerfile";
+/// Client-side local directory holding the build context.
+const CONTEXT_LOCAL: &str = "context";
+const DOCKERIGNORE: &str = ".dockerignore";
 
 /// A build request addressed to a frontend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,6 +139,8 @@ pub enum Error {
     /// The converter's message names the Dockerfile line (`Dockerfile:LINE`).
     #[error(transparent)]
     Convert { source: dockerfile2llb::Error },
+    #[error("invalid option context:{name}: {reason}")]
+    InvalidNamedContext { name: String, reason: String },
     #[error("encode image config")]
     EncodeImageConfig {
         #[source]
@@ -165,8 +170,14 @@ impl<B: Bridge> Gateway<B> {
     }
 
     async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
-        let opts = convert_options(req)?;
-        let dockerfile = self.load_dockerfile(req, &opts.filename).await?;
+        let mut opts = convert_options(req)?;
+        let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
+        if let Some(ignore) = self
+            .load_dockerignore(req, &reference, &opts.filename)
+            .await
+        {
+            opts.excludes = kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
+        }
         let resolver = BridgeResolver {
             bridge: &self.bridge,
             build_id: &req.build_id,
@@ -182,12 +193,47 @@ impl<B: Bridge> Gateway<B> {
         })
     }
 
-    /// Has the solver sync the client's `dockerfile` local dir, then reads the file.
+    /// The ignore file, as BuildKit finds it: `<Dockerfile>.dockerignore` next
+    /// to the Dockerfile, else `.dockerignore` at the root of the build
+    /// context. None when neither exists.
+    async fn load_dockerignore(
+        &self,
+        req: &FrontendRequest,
+        dockerfile_ref: &str,
+        filename: &str,
+    ) -> Option<Vec<u8>> {
+        let own = format!("{filename}.dockerignore");
+        if let Ok(data) = self
+            .bridge
+            .read_file(&req.build_id, dockerfile_ref, &own)
+            .await
+        {
+            return Some(data);
+        }
+        let definition = local_source_definition(
+            &req.session_id,
+            CONTEXT_LOCAL,
+            &format!("{CONTEXT_LOCAL}:{DOCKERIGNORE}"),
+            &[DOCKERIGNORE.to_string()],
+            &format!("[internal] load {DOCKERIGNORE}"),
+        );
+        let reference = self.bridge.solve(&req.build_id, definition).await.ok()?;
+        if reference.is_empty() {
+            return None;
+        }
+        self.bridge
+            .read_file(&req.build_id, &reference, DOCKERIGNORE)
+            .await
+            .ok()
+    }
+
+    /// Has the solver sync the client's `dockerfile` local dir, then reads the
+    /// file; returns its contents and the ref of the synced dir.
     async fn load_dockerfile(
         &self,
         req: &FrontendRequest,
         filename: &str,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<(Vec<u8>, String), Error> {
         let definition = dockerfile_source_definition(&req.session_id, filename);
         let reference = self
             .bridge
@@ -203,13 +249,15 @@ impl<B: Bridge> Gateway<B> {
                 filename: filename.to_string(),
             });
         }
-        self.bridge
+        let data = self
+            .bridge
             .read_file(&req.build_id, &reference, filename)
             .await
             .map_err(|source| Error::ReadDockerfile {
                 filename: filename.to_string(),
                 source,
-            })
+            })?;
+        Ok((data, reference))
     }
 }
 
@@ -228,7 +276,21 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
                 .map(|name| (name.to_string(), v.clone()))
         })
         .collect();
+    let mut named_contexts = BTreeMap::new();
+    for (k, v) in &req.attrs {
+        if let Some(name) = k.strip_prefix("context:") {
+            let ctx = dockerfile2llb::NamedContext::parse(v).map_err(|reason| {
+                Error::InvalidNamedContext {
+                    name: name.to_string(),
+                    reason,
+                }
+            })?;
+            named_contexts.insert(name.to_string(), ctx);
+        }
+    }
     Ok(dockerfile2llb::ConvertOptions {
+        named_contexts,
+        excludes: Vec::new(),
         target: attr("target").cloned(),
         build_args,
         platform,
@@ -260,35 +322,45 @@ pub fn default_platform() -> Platform {
 }
 
 /// A definition with a single local source reading the Dockerfile (and its
-/// ignore files) from the client's `dockerfile` dir.
+/// own ignore file) from the client's `dockerfile` dir.
 fn dockerfile_source_definition(session_id: &str, filename: &str) -> pb::Definition {
-    let include = serde_json::Value::from(vec![
-        filename.to_string(),
-        format!("{filename}.dockerignore"),
-        ".dockerignore".to_string(),
-    ])
-    .to_string();
+    local_source_definition(
+        session_id,
+        DOCKERFILE_LOCAL,
+        DOCKERFILE_LOCAL,
+        &[filename.to_string(), format!("{filename}.dockerignore")],
+        "[internal] load build definition from Dockerfile",
+    )
+}
+
+/// A definition with a single local source syncing only `include` of the
+/// client's local dir `name`.
+fn local_source_definition(
+    session_id: &str,
+    name: &str,
+    shared_key_hint: &str,
+    include: &[String],
+    progress_name: &str,
+) -> pb::Definition {
+    let include = serde_json::Value::from(include.to_vec()).to_string();
     let attrs = BTreeMap::from([
         ("local.session".to_string(), session_id.to_string()),
         (
             "local.sharedkeyhint".to_string(),
-            DOCKERFILE_LOCAL.to_string(),
+            shared_key_hint.to_string(),
         ),
         ("local.includepattern".to_string(), include),
     ]);
     let op = pb::Op {
         constraints: Some(pb::WorkerConstraints::default()),
         op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: format!("local://{DOCKERFILE_LOCAL}"),
+            identifier: format!("local://{name}"),
             attrs,
         })),
         ..Default::default()
     };
     let metadata = pb::OpMetadata {
-        description: BTreeMap::from([(
-            "llb.customname".to_string(),
-            "[internal] load build definition from Dockerfile".to_string(),
-        )]),
+        description: BTreeMap::from([("llb.customname".to_string(), progress_name.to_string())]),
         caps: BTreeMap::from([
             ("source.local".to_string(), true),
             ("source.local.includepatterns".to_string(), true),
@@ -343,6 +415,9 @@ mod tests {
     #[derive(Default)]
     struct FakeBridge {
         dockerfile: Vec<u8>,
+        /// (ref, path) -> contents served besides the Dockerfile; solves
+        /// return ref-1, ref-2, ... in order.
+        files: BTreeMap<(String, String), Vec<u8>>,
         solved: Mutex<Vec<(String, pb::Definition)>>,
         reads: Mutex<Vec<(String, String, String)>>,
         resolves: Mutex<Vec<(String, String, Platform)>>,
@@ -356,11 +431,9 @@ mod tests {
             build_id: &str,
             definition: pb::Definition,
         ) -> Result<String, BridgeError> {
-            self.solved
-                .lock()
-                .expect("lock")
-                .push((build_id.into(), definition));
-            Ok("ref-1".into())
+            let mut solved = self.solved.lock().expect("lock");
+            solved.push((build_id.into(), definition));
+            Ok(format!("ref-{}", solved.len()))
         }
 
         async fn read_file(
@@ -375,6 +448,8 @@ mod tests {
                 .push((build_id.into(), reference.into(), path.into()));
             if reference == "ref-1" && path == "Dockerfile" {
                 Ok(self.dockerfile.clone())
+            } else if let Some(data) = self.files.get(&(reference.to_string(), path.to_string())) {
+                Ok(data.clone())
             } else {
                 Err(BridgeError {
                     kind: BridgeErrorKind::NotFound,
@@ -481,7 +556,6 @@ mod tests {
         let _ = run(gateway.solve(request(&[])));
 
         let solved = gateway.bridge.solved.lock().expect("lock");
-        assert_eq!(solved.len(), 1);
         let (build_id, def) = &solved[0];
         assert_eq!(build_id, "build-7");
         let graph = kiln_llb::load(def).expect("valid definition");
@@ -494,15 +568,15 @@ mod tests {
         assert_eq!(src.attrs["local.sharedkeyhint"], "dockerfile");
         assert_eq!(
             src.attrs["local.includepattern"],
-            r#"["Dockerfile","Dockerfile.dockerignore",".dockerignore"]"#
+            r#"["Dockerfile","Dockerfile.dockerignore"]"#
         );
         assert_eq!(
-            *gateway.bridge.reads.lock().expect("lock"),
-            [(
+            gateway.bridge.reads.lock().expect("lock")[0],
+            (
                 "build-7".to_string(),
                 "ref-1".to_string(),
                 "Dockerfile".to_string()
-            )]
+            )
         );
     }
 
@@ -594,8 +668,132 @@ mod tests {
         };
         assert_eq!(
             src.attrs["local.includepattern"],
-            r#"["Containerfile","Containerfile.dockerignore",".dockerignore"]"#
+            r#"["Containerfile","Containerfile.dockerignore"]"#
         );
+    }
+
+    /// The build context source op of a converted definition.
+    fn context_source(def: &pb::Definition) -> pb::SourceOp {
+        let graph = kiln_llb::load(def).expect("valid definition");
+        graph
+            .vertices
+            .iter()
+            .find_map(|v| match &v.op.op {
+                Some(pb::op::Op::Source(s)) if s.identifier == "local://context" => Some(s.clone()),
+                _ => None,
+            })
+            .expect("a local://context source")
+    }
+
+    const COPY_ALL: &[u8] = b"FROM busybox\nCOPY . /app/\n";
+
+    #[test]
+    fn context_dockerignore_becomes_exclude_patterns() {
+        let bridge = FakeBridge {
+            dockerfile: COPY_ALL.to_vec(),
+            // ref-2 is the context's .dockerignore load
+            files: BTreeMap::from([(
+                ("ref-2".to_string(), ".dockerignore".to_string()),
+                b"# comment\n/node_modules\n**/*.log\n!keep.log\n".to_vec(),
+            )]),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[]))).expect("converts");
+        let ctx = context_source(&out.definition);
+        assert_eq!(
+            ctx.attrs["local.excludepatterns"],
+            r#"["node_modules","**/*.log","!keep.log"]"#
+        );
+        let solved = gateway.bridge.solved.lock().expect("lock");
+        let graph = kiln_llb::load(&solved[1].1).expect("valid definition");
+        let Some(pb::op::Op::Source(src)) = &graph.vertices[0].op.op else {
+            panic!("expected a source op");
+        };
+        assert_eq!(src.identifier, "local://context");
+        assert_eq!(src.attrs["local.includepattern"], r#"[".dockerignore"]"#);
+    }
+
+    #[test]
+    fn dockerfile_specific_ignore_file_wins() {
+        let bridge = FakeBridge {
+            dockerfile: COPY_ALL.to_vec(),
+            files: BTreeMap::from([
+                (
+                    ("ref-1".to_string(), "Dockerfile.dockerignore".to_string()),
+                    b"only-this\n".to_vec(),
+                ),
+                (
+                    ("ref-2".to_string(), ".dockerignore".to_string()),
+                    b"not-this\n".to_vec(),
+                ),
+            ]),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[]))).expect("converts");
+        assert_eq!(
+            context_source(&out.definition).attrs["local.excludepatterns"],
+            r#"["only-this"]"#
+        );
+    }
+
+    #[test]
+    fn no_ignore_file_means_no_exclude_patterns() {
+        let bridge = FakeBridge {
+            dockerfile: COPY_ALL.to_vec(),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[]))).expect("converts");
+        assert!(
+            !context_source(&out.definition)
+                .attrs
+                .contains_key("local.excludepatterns")
+        );
+    }
+
+    #[test]
+    fn copying_an_ignored_path_names_the_dockerignore() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM busybox\nCOPY secret.txt /\n".to_vec(),
+            files: BTreeMap::from([(
+                ("ref-2".to_string(), ".dockerignore".to_string()),
+                b"secret.txt\n".to_vec(),
+            )]),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let err = run(gateway.solve(request(&[]))).expect_err("ignored source");
+        let msg = err.to_string();
+        assert!(msg.contains("Dockerfile:2"), "{msg}");
+        assert!(msg.contains("excluded by .dockerignore"), "{msg}");
+    }
+
+    #[test]
+    fn named_contexts_are_parsed() {
+        let opts = convert_options(&request(&[
+            ("context:src", "local:srcdir"),
+            ("context:base", "docker-image://busybox:1"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            opts.named_contexts,
+            BTreeMap::from([
+                (
+                    "base".to_string(),
+                    dockerfile2llb::NamedContext::Image("busybox:1".to_string())
+                ),
+                (
+                    "src".to_string(),
+                    dockerfile2llb::NamedContext::Local("srcdir".to_string())
+                ),
+            ])
+        );
+        assert!(matches!(
+            convert_options(&request(&[("context:x", "git://nope")])),
+            Err(Error::InvalidNamedContext { .. })
+        ));
     }
 
     #[test]

@@ -62,6 +62,10 @@ fn http_filename(url: &str) -> String {
     }
 }
 
+fn has_wildcard(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
 fn file_op(actions: Vec<pb::FileAction>) -> pb::Op {
     pb::Op {
         constraints: Some(pb::WorkerConstraints::default()),
@@ -79,6 +83,7 @@ pub(crate) fn dispatch(
     is_add: bool,
     source: CopySource,
     ctx_paths: &mut BTreeSet<String>,
+    ignore: &kiln_dockerfile::IgnoreMatcher,
     cmd: &Command,
 ) -> Result<(), Error> {
     let line = line_of(cmd);
@@ -121,6 +126,19 @@ pub(crate) fn dispatch(
         })?,
         None => (-1, String::new()),
     };
+    if matches!(source, CopySource::Context) && !ignore.is_empty() {
+        // A source the .dockerignore removes from the context can only fail;
+        // say why now instead of a bare "not found" from the worker.
+        for src in copy.sources.iter().filter(|s| !is_http(s)) {
+            let path = clean_path(src);
+            if !has_wildcard(&path) && ignore.excluded(&path) && !ignore.may_reinclude_below(&path)
+            {
+                return Err(invalid(format!(
+                    "failed to compute cache key: {path:?}: not found: the path is excluded by .dockerignore"
+                )));
+            }
+        }
+    }
     let dest = dest_path(&st.cwd, &copy.dest);
     let link = copy.link && copy.chmod.is_none();
 

@@ -39,6 +39,44 @@ pub struct ConvertOptions {
     pub session_id: String,
     /// The Dockerfile's name, recorded in the definition's source map.
     pub filename: String,
+    /// `.dockerignore` patterns, sent as the build context's
+    /// `local.excludepatterns` so excluded files never leave the client.
+    pub excludes: Vec<String>,
+    /// Named contexts (`context:NAME=...`): replace `FROM NAME` and
+    /// `COPY --from=NAME` when NAME is not a stage.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+/// What a named context (`--opt context:NAME=VALUE`) points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `local:DIR`: the client's local dir named DIR.
+    Local(String),
+    /// `docker-image://REF`: an image.
+    Image(String),
+}
+
+impl NamedContext {
+    /// Parses the value of a `context:NAME` option.
+    pub fn parse(value: &str) -> Result<NamedContext, String> {
+        if let Some(dir) = value.strip_prefix("local:") {
+            if dir.is_empty() {
+                return Err(format!("invalid named context {value:?}: empty local name"));
+            }
+            return Ok(NamedContext::Local(dir.to_string()));
+        }
+        if let Some(reference) = value.strip_prefix("docker-image://") {
+            if reference.is_empty() {
+                return Err(format!(
+                    "invalid named context {value:?}: empty image reference"
+                ));
+            }
+            return Ok(NamedContext::Image(reference.to_string()));
+        }
+        Err(format!(
+            "unsupported named context {value:?}: expected local:NAME or docker-image://REF"
+        ))
+    }
 }
 
 /// A resolved base image.
@@ -121,13 +159,17 @@ pub enum Error {
     },
     #[error("Dockerfile:{line}: {feature} is not supported yet")]
     Unsupported { line: usize, feature: String },
+    #[error("invalid SOURCE_DATE_EPOCH {value:?}: expected seconds since 1970-01-01")]
+    InvalidSourceDateEpoch { value: String },
 }
 
 impl Error {
     /// The Dockerfile line the error points at, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
-            Error::Empty | Error::TargetNotFound { .. } => None,
+            Error::Empty | Error::TargetNotFound { .. } | Error::InvalidSourceDateEpoch { .. } => {
+                None
+            }
             Error::Parse(e) => e.line(),
             Error::Expand { line, .. }
             | Error::BlankBaseName { line, .. }
@@ -150,6 +192,8 @@ pub(crate) fn line_of(cmd: &Command) -> usize {
 #[derive(Debug, Clone)]
 enum Base {
     Scratch,
+    /// A named local context (index into `locals`).
+    Local(usize),
     /// An earlier stage, by index.
     Stage(usize),
     /// An image (index into `images`).
@@ -161,6 +205,8 @@ enum Base {
 enum From {
     Stage(usize),
     Image(usize),
+    /// A named local context (index into `locals`).
+    Local(usize),
 }
 
 /// A `from=` as written and what it names; None reads the build context.
@@ -263,6 +309,7 @@ pub async fn convert<R: ImageResolver>(
 
     // Plan stages: bases, names, platforms.
     let mut images: Vec<ImageUse> = Vec::new();
+    let mut locals: Vec<String> = Vec::new();
     let mut bases: Vec<Base> = Vec::new();
     let mut platforms: Vec<Option<kiln_oci::Platform>> = Vec::new();
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
@@ -292,11 +339,18 @@ pub async fn convert<R: ImageResolver>(
             }
             None => None,
         };
+        let named = opts.named_contexts.get(&base);
         let kind = if let Some(&j) = names.get(&base) {
             Base::Stage(j)
-        } else if base.eq_ignore_ascii_case("scratch") {
+        } else if let Some(NamedContext::Local(dir)) = named {
+            Base::Local(local_index(&mut locals, dir))
+        } else if base.eq_ignore_ascii_case("scratch") && named.is_none() {
             Base::Scratch
         } else {
+            let base = match named {
+                Some(NamedContext::Image(r)) => r.clone(),
+                _ => base.clone(),
+            };
             let reference =
                 reference::normalize(&base).map_err(|reason| Error::InvalidReference {
                     line,
@@ -368,9 +422,15 @@ pub async fn convert<R: ImageResolver>(
                     return Err(Error::InvalidStageIndex { line, index: from });
                 } else if let Some(&j) = names.get(&from.to_ascii_lowercase()) {
                     From::Stage(j)
+                } else if let Some(NamedContext::Local(dir)) = opts.named_contexts.get(&from) {
+                    From::Local(local_index(&mut locals, dir))
                 } else {
+                    let image = match opts.named_contexts.get(&from) {
+                        Some(NamedContext::Image(r)) => r.clone(),
+                        _ => from.clone(),
+                    };
                     let reference =
-                        reference::normalize(&from).map_err(|reason| Error::InvalidReference {
+                        reference::normalize(&image).map_err(|reason| Error::InvalidReference {
                             line,
                             reference: from.clone(),
                             reason,
@@ -411,7 +471,7 @@ pub async fn convert<R: ImageResolver>(
             Base::Image(k) => {
                 needed_images.insert(k);
             }
-            Base::Scratch => {}
+            Base::Scratch | Base::Local(_) => {}
         }
         for d in &deps[i] {
             match *d {
@@ -419,6 +479,7 @@ pub async fn convert<R: ImageResolver>(
                 From::Image(k) => {
                     needed_images.insert(k);
                 }
+                From::Local(_) => {}
             }
         }
     }
@@ -491,6 +552,13 @@ pub async fn convert<R: ImageResolver>(
     // Dispatch reachable stages in order.
     let mut states: Vec<Option<StageState>> = vec![None; df.stages.len()];
     let mut ctx_paths = BTreeSet::new();
+    let ignore = kiln_dockerfile::IgnoreMatcher::new(&opts.excludes);
+    let mut local_ops: BTreeMap<usize, OpId> = BTreeMap::new();
+    let mut local_op = |ops: &mut Ops, k: usize| -> OpId {
+        *local_ops
+            .entry(k)
+            .or_insert_with(|| ops.named_local(&locals[k], &opts.session_id))
+    };
     for i in 0..df.stages.len() {
         if !reachable[i] {
             continue;
@@ -515,6 +583,16 @@ pub async fn convert<R: ImageResolver>(
             })
             .count();
         let mut st = match bases[i] {
+            Base::Local(k) => {
+                let platform = platforms[i]
+                    .clone()
+                    .unwrap_or_else(|| opts.platform.clone());
+                StageState::new(
+                    Some(local_op(&mut ops, k)),
+                    empty_image(&platform),
+                    platform,
+                )
+            }
             Base::Scratch => {
                 let platform = platforms[i]
                     .clone()
@@ -588,6 +666,7 @@ pub async fn convert<R: ImageResolver>(
                 &opts.build_args,
                 &global_args,
                 &mut ctx_paths,
+                &ignore,
             )?;
         }
         st.onbuild = false;
@@ -610,6 +689,7 @@ pub async fn convert<R: ImageResolver>(
                     Some((_, From::Image(k))) => {
                         CopySource::State(images[*k].resolved.as_ref().and_then(|r| r.0))
                     }
+                    Some((_, From::Local(k))) => CopySource::State(Some(local_op(&mut ops, *k))),
                 });
             }
             dispatch(
@@ -621,6 +701,7 @@ pub async fn convert<R: ImageResolver>(
                 &opts.build_args,
                 &global_args,
                 &mut ctx_paths,
+                &ignore,
             )?;
         }
         states[i] = Some(st);
@@ -635,6 +716,29 @@ pub async fn convert<R: ImageResolver>(
     image_config.variant = opts.platform.variant.clone().filter(|v| !v.is_empty());
     image_config.rootfs = kiln_oci::RootFs::default();
     image_config.created = None;
+    if let Some(epoch) = opts
+        .build_args
+        .get("SOURCE_DATE_EPOCH")
+        .filter(|v| !v.is_empty())
+    {
+        let secs: i64 = epoch
+            .trim()
+            .parse()
+            .map_err(|_| Error::InvalidSourceDateEpoch {
+                value: epoch.clone(),
+            })?;
+        let created = rfc3339_utc(secs);
+        // BuildKit clamps history to the epoch and stamps what this build added.
+        for h in &mut image_config.history {
+            if h.created
+                .as_ref()
+                .is_none_or(|c| c.as_str() > created.as_str())
+            {
+                h.created = Some(created.clone());
+            }
+        }
+        image_config.created = Some(created);
+    }
 
     let filename = if opts.filename.is_empty() {
         "Dockerfile".to_string()
@@ -646,6 +750,7 @@ pub async fn convert<R: ImageResolver>(
         ContextSource {
             session_id: opts.session_id.clone(),
             paths: ctx_paths,
+            excludes: opts.excludes.clone(),
         },
         pb::SourceInfo {
             filename,
@@ -658,6 +763,38 @@ pub async fn convert<R: ImageResolver>(
         definition,
         image_config,
     })
+}
+
+fn local_index(locals: &mut Vec<String>, dir: &str) -> usize {
+    match locals.iter().position(|l| l == dir) {
+        Some(k) => k,
+        None => {
+            locals.push(dir.to_string());
+            locals.len() - 1
+        }
+    }
+}
+
+/// `secs` since the Unix epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
+fn rfc3339_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Sources of an ONBUILD trigger's COPY --from / RUN --mount from=: only
@@ -721,6 +858,7 @@ fn dispatch(
     build_args: &BTreeMap<String, String>,
     global_args: &[(String, String)],
     ctx_paths: &mut BTreeSet<String>,
+    ignore: &kiln_dockerfile::IgnoreMatcher,
 ) -> Result<(), Error> {
     let line = line_of(cmd);
     let mut instruction = cmd.instruction.clone();
@@ -736,11 +874,19 @@ fn dispatch(
         Instruction::Run(r) => run::dispatch(ops, lex, st, r, sources, ctx_paths, cmd)?,
         Instruction::Copy(c) => {
             let source = sources.first().copied().unwrap_or(CopySource::Context);
-            copy::dispatch(ops, lex, st, c, false, source, ctx_paths, cmd)?
+            copy::dispatch(ops, lex, st, c, false, source, ctx_paths, ignore, cmd)?
         }
-        Instruction::Add(c) => {
-            copy::dispatch(ops, lex, st, c, true, CopySource::Context, ctx_paths, cmd)?
-        }
+        Instruction::Add(c) => copy::dispatch(
+            ops,
+            lex,
+            st,
+            c,
+            true,
+            CopySource::Context,
+            ctx_paths,
+            ignore,
+            cmd,
+        )?,
         Instruction::Workdir(p) => copy::workdir(ops, lex, st, p, cmd)?,
         Instruction::Env(kvs) => image::env(st, kvs),
         Instruction::Arg(decls) => arg(lex, st, decls, build_args, global_args, line)?,

@@ -33,6 +33,8 @@ pub(crate) struct ContextSource {
     pub session_id: String,
     /// Paths (absolute, from COPY/ADD sources) the build reads from the context.
     pub paths: BTreeSet<String>,
+    /// `.dockerignore` patterns (`local.excludepatterns`).
+    pub excludes: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +116,37 @@ impl Ops {
         id
     }
 
+    /// A named local context (`context:NAME=local:DIR`): the client's dir DIR.
+    pub(crate) fn named_local(&mut self, dir: &str, session_id: &str) -> OpId {
+        let mut attrs = BTreeMap::new();
+        if !session_id.is_empty() {
+            attrs.insert("local.session".to_string(), session_id.to_string());
+        }
+        attrs.insert("local.sharedkeyhint".to_string(), dir.to_string());
+        let op = pb::Op {
+            constraints: Some(pb::WorkerConstraints::default()),
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{dir}"),
+                attrs,
+            })),
+            ..Default::default()
+        };
+        let name = format!("[context {dir}] load from client");
+        self.push(
+            op,
+            Vec::new(),
+            metadata(
+                &[("llb.customname", name.as_str())],
+                &[
+                    "source.local",
+                    "source.local.sessionid",
+                    "source.local.sharedkeyhint",
+                ],
+            ),
+            None,
+        )
+    }
+
     /// Marshals everything reachable from `result` into a Definition.
     pub(crate) fn finish(
         mut self,
@@ -145,6 +178,11 @@ impl Ops {
                 continue;
             }
             let node = &mut self.nodes[id];
+            if matches!(node.kind, Kind::Context) && !context.excludes.is_empty() {
+                node.metadata
+                    .caps
+                    .insert("source.local.excludepatterns".to_string(), true);
+            }
             let mut op = match &mut node.kind {
                 Kind::Op(op) => std::mem::take(op.as_mut()),
                 Kind::Context => context_op(&context),
@@ -208,6 +246,12 @@ fn context_op(context: &ContextSource) -> pb::Op {
         attrs.insert(
             "local.followpaths".to_string(),
             serde_json::to_string(&paths).unwrap_or_else(|_| "[]".to_string()),
+        );
+    }
+    if !context.excludes.is_empty() {
+        attrs.insert(
+            "local.excludepatterns".to_string(),
+            serde_json::to_string(&context.excludes).unwrap_or_else(|_| "[]".to_string()),
         );
     }
     if !context.session_id.is_empty() {

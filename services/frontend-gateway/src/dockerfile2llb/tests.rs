@@ -848,3 +848,72 @@ async fn mangled_dockerfiles_never_panic() {
         }
     }
 }
+
+#[tokio::test]
+async fn named_local_context_replaces_from_and_copy_from() {
+    let mut opts = options();
+    opts.session_id = "sess".to_string();
+    opts.named_contexts =
+        BTreeMap::from([("src".to_string(), NamedContext::Local("srcdir".to_string()))]);
+    let (_, g) = run(
+        "FROM busybox\nCOPY --from=src /a.txt /a.txt\nFROM src AS second\nCOPY --from=0 /a.txt /b.txt\n",
+        &opts,
+    )
+    .await
+    .expect("converts");
+    let srcs = sources(&g);
+    assert_eq!(
+        srcs.iter().filter(|s| *s == "local://srcdir").count(),
+        1,
+        "one shared source for both uses: {srcs:?}"
+    );
+    assert!(!srcs.iter().any(|s| s == "local://context"), "{srcs:?}");
+}
+
+#[tokio::test]
+async fn named_image_context_replaces_the_base_image() {
+    let mut opts = options();
+    opts.named_contexts = BTreeMap::from([(
+        "alpine".to_string(),
+        NamedContext::Image("busybox:latest".to_string()),
+    )]);
+    let resolver = FakeResolver::new();
+    convert(b"FROM alpine\nRUN true\n", &opts, &resolver)
+        .await
+        .expect("converts");
+    assert_eq!(resolver.calls(), ["docker.io/library/busybox:latest"]);
+}
+
+#[tokio::test]
+async fn source_date_epoch_sets_created_times() {
+    let mut opts = options();
+    opts.build_args = BTreeMap::from([("SOURCE_DATE_EPOCH".to_string(), "1700000000".to_string())]);
+    let (conv, _) = run("FROM busybox\nENV A=1\nRUN true\n", &opts)
+        .await
+        .expect("converts");
+    let img = conv.image_config;
+    assert_eq!(img.created.as_deref(), Some("2023-11-14T22:13:20Z"));
+    assert!(!img.history.is_empty());
+    for h in &img.history {
+        let c = h.created.as_deref().expect("history created");
+        assert!(c <= "2023-11-14T22:13:20Z", "{c}");
+    }
+    assert_eq!(
+        img.history.last().and_then(|h| h.created.as_deref()),
+        Some("2023-11-14T22:13:20Z")
+    );
+
+    opts.build_args
+        .insert("SOURCE_DATE_EPOCH".to_string(), "soon".to_string());
+    assert!(matches!(
+        run("FROM busybox\n", &opts).await,
+        Err(Error::InvalidSourceDateEpoch { .. })
+    ));
+}
+
+#[test]
+fn rfc3339_of_epochs() {
+    assert_eq!(super::rfc3339_utc(0), "1970-01-01T00:00:00Z");
+    assert_eq!(super::rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+    assert_eq!(super::rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
+}

@@ -82,6 +82,7 @@ impl From<Error> for Status {
         let code = match &e {
             Error::UnsupportedFrontend { .. }
             | Error::InvalidPlatform { .. }
+            | Error::InvalidNamedContext { .. }
             | Error::Convert { .. } => Code::InvalidArgument,
             Error::LoadDockerfile { source, .. } | Error::ReadDockerfile { source, .. } => {
                 bridge_code(source.kind)

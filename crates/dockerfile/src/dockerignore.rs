@@ -1,0 +1,319 @@
+//! `.dockerignore` files: reading them the way BuildKit's `dockerignore.ReadAll`
+//! does, and matching paths the way its `patternmatcher` does (Go
+//! `filepath.Match` per path component plus `**`, a pattern also matching
+//! everything below what it matches, `!` re-includes, last match wins).
+//!
+//! The frontend sends the patterns to the client as `local.excludepatterns`;
+//! the client's file sender applies them. The matcher here lets the frontend
+//! tell a user that a COPY source they name is excluded.
+
+/// Parses a `.dockerignore` into patterns: `#` comment lines and blank lines
+/// dropped, whitespace trimmed, each pattern cleaned (`./a/../b` -> `b`) and
+/// made relative (leading `/` removed), `!` kept in front.
+pub fn parse_dockerignore(text: &str) -> Vec<String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut pattern = line.trim();
+        if pattern.is_empty() {
+            continue;
+        }
+        let invert = pattern.starts_with('!');
+        if invert {
+            pattern = pattern[1..].trim();
+        }
+        let mut cleaned = String::new();
+        if !pattern.is_empty() {
+            cleaned = clean(pattern);
+            if cleaned.len() > 1 && cleaned.starts_with('/') {
+                cleaned.remove(0);
+            }
+        }
+        out.push(if invert {
+            format!("!{cleaned}")
+        } else {
+            cleaned
+        });
+    }
+    out
+}
+
+/// Go's `filepath.Clean` for `/`-separated paths.
+fn clean(p: &str) -> String {
+    let rooted = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !rooted {
+                    parts.push("..");
+                }
+            }
+            s => parts.push(s),
+        }
+    }
+    let joined = parts.join("/");
+    match (rooted, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".to_string(),
+        (false, false) => joined,
+    }
+}
+
+/// One pattern: its path components and whether it re-includes.
+#[derive(Debug, Clone)]
+struct Pattern {
+    segments: Vec<String>,
+    exclusion: bool,
+}
+
+/// Decides whether a context path is excluded by a list of patterns.
+#[derive(Debug, Clone, Default)]
+pub struct IgnoreMatcher {
+    patterns: Vec<Pattern>,
+}
+
+impl IgnoreMatcher {
+    /// Patterns as [`parse_dockerignore`] returns them.
+    pub fn new(patterns: &[String]) -> Self {
+        let patterns = patterns
+            .iter()
+            .filter_map(|p| {
+                let (exclusion, body) = match p.strip_prefix('!') {
+                    Some(rest) => (true, rest),
+                    None => (false, p.as_str()),
+                };
+                let body = clean(body);
+                let body = body.trim_start_matches('/');
+                if body.is_empty() || body == "." {
+                    return None;
+                }
+                Some(Pattern {
+                    segments: body.split('/').map(str::to_string).collect(),
+                    exclusion,
+                })
+            })
+            .collect();
+        IgnoreMatcher { patterns }
+    }
+
+    /// Whether there are no patterns.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `path` (relative or absolute, `/`-separated) is excluded: the
+    /// last pattern matching it or one of its parents decides.
+    pub fn excluded(&self, path: &str) -> bool {
+        let path = clean(path);
+        let segs: Vec<&str> = path
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        if segs.is_empty() {
+            return false;
+        }
+        let mut out = false;
+        for p in &self.patterns {
+            let hit = (1..=segs.len()).any(|n| match_segments(&p.segments, &segs[..n]));
+            if hit {
+                out = !p.exclusion;
+            }
+        }
+        out
+    }
+
+    /// Whether some `!` pattern could re-include a path below `dir`, so an
+    /// excluded `dir` may still have content.
+    pub fn may_reinclude_below(&self, dir: &str) -> bool {
+        let dir = clean(dir);
+        let segs: Vec<&str> = dir
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        self.patterns
+            .iter()
+            .filter(|p| p.exclusion)
+            .any(|p| prefix_may_match(&p.segments, &segs))
+    }
+}
+
+/// Whether some path starting with `segs` could match `pattern`.
+fn prefix_may_match(pattern: &[String], segs: &[&str]) -> bool {
+    match (pattern.first(), segs.first()) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(p), Some(_)) if p == "**" => {
+            prefix_may_match(&pattern[1..], segs) || prefix_may_match(pattern, &segs[1..])
+        }
+        (Some(p), Some(s)) => match_component(p, s) && prefix_may_match(&pattern[1..], &segs[1..]),
+    }
+}
+
+/// Matches whole path components; a `**` component matches zero or more.
+fn match_segments(pattern: &[String], segs: &[&str]) -> bool {
+    match pattern.first() {
+        None => segs.is_empty(),
+        Some(p) if p == "**" => {
+            (0..=segs.len()).any(|skip| match_segments(&pattern[1..], &segs[skip..]))
+        }
+        Some(p) => match segs.first() {
+            Some(s) => match_component(p, s) && match_segments(&pattern[1..], &segs[1..]),
+            None => false,
+        },
+    }
+}
+
+/// Go `filepath.Match` for one component: `*`, `?`, `[...]` / `[^...]` with
+/// ranges, `\` escapes. A malformed class never matches.
+fn match_component(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    match_from(&p, &n)
+}
+
+fn match_from(p: &[char], n: &[char]) -> bool {
+    let Some(&c) = p.first() else {
+        return n.is_empty();
+    };
+    match c {
+        '*' => (0..=n.len()).any(|k| match_from(&p[1..], &n[k..])),
+        '?' => !n.is_empty() && match_from(&p[1..], &n[1..]),
+        '[' => {
+            let Some(&ch) = n.first() else { return false };
+            match match_class(&p[1..], ch) {
+                Some((ok, used)) => ok && match_from(&p[1 + used..], &n[1..]),
+                None => false,
+            }
+        }
+        '\\' if p.len() > 1 => n.first() == Some(&p[1]) && match_from(&p[2..], &n[1..]),
+        _ => n.first() == Some(&c) && match_from(&p[1..], &n[1..]),
+    }
+}
+
+/// Matches `ch` against a class body (after `[`); returns (matched, chars
+/// consumed including the closing `]`), None when the class is malformed.
+fn match_class(p: &[char], ch: char) -> Option<(bool, usize)> {
+    let mut i = 0;
+    let negate = matches!(p.first(), Some('^') | Some('!'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    loop {
+        let c = *p.get(i)?;
+        if c == ']' && !first {
+            return Some((matched != negate, i + 1));
+        }
+        first = false;
+        let lo = if c == '\\' {
+            i += 1;
+            *p.get(i)?
+        } else {
+            c
+        };
+        i += 1;
+        let hi = if p.get(i) == Some(&'-') && p.get(i + 1).is_some_and(|c| *c != ']') {
+            i += 1;
+            let h = if p[i] == '\\' {
+                i += 1;
+                *p.get(i)?
+            } else {
+                p[i]
+            };
+            i += 1;
+            h
+        } else {
+            lo
+        };
+        if lo <= ch && ch <= hi {
+            matched = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_cleans_and_skips_comments() {
+        let got = parse_dockerignore(
+            "\u{feff}# comment\n\n  node_modules  \n/abs/path\n./rel/../x\n! keep.txt\n!/root.md\n*.log\n",
+        );
+        assert_eq!(
+            got,
+            [
+                "node_modules",
+                "abs/path",
+                "x",
+                "!keep.txt",
+                "!root.md",
+                "*.log"
+            ]
+        );
+    }
+
+    fn m(patterns: &[&str]) -> IgnoreMatcher {
+        IgnoreMatcher::new(&patterns.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn data_driven_matches() {
+        // (patterns, path, excluded)
+        let cases: &[(&[&str], &str, bool)] = &[
+            (&["a"], "a", true),
+            (&["a"], "a/b/c", true),
+            (&["a"], "b/a", false),
+            (&["*.log"], "x.log", true),
+            (&["*.log"], "d/x.log", false),
+            (&["*/*.log"], "d/x.log", true),
+            (&["**/*.log"], "x.log", true),
+            (&["**/*.log"], "d/e/x.log", true),
+            (&["d/**"], "d/e/f", true),
+            (&["d/**/x"], "d/x", true),
+            (&["d/**/x"], "d/a/b/x", true),
+            (&["?.txt"], "a.txt", true),
+            (&["?.txt"], "ab.txt", false),
+            (&["[a-c].txt"], "b.txt", true),
+            (&["[^a-c].txt"], "b.txt", false),
+            (&["[^a-c].txt"], "z.txt", true),
+            (&["\\*"], "*", true),
+            (&["\\*"], "a", false),
+            (&["*", "!keep"], "keep", false),
+            (&["*", "!keep"], "other", true),
+            (&["dir", "!dir/keep"], "dir/keep", false),
+            (&["dir", "!dir/keep"], "dir/drop", true),
+            (&["!x", "x"], "x", true),
+            (&["a/b"], "a", false),
+            (&["/lead"], "lead", true),
+            (&["*"], "", false),
+        ];
+        for (patterns, path, want) in cases {
+            assert_eq!(
+                m(patterns).excluded(path),
+                *want,
+                "{patterns:?} on {path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reinclude_below_an_excluded_dir_is_detected() {
+        let ign = m(&["dir", "!dir/keep"]);
+        assert!(ign.excluded("dir"));
+        assert!(ign.may_reinclude_below("dir"));
+        assert!(!ign.may_reinclude_below("other"));
+        assert!(m(&["**", "!**/*.go"]).may_reinclude_below("a/b"));
+        assert!(!m(&["dir"]).may_reinclude_below("dir"));
+    }
+}
