@@ -27,6 +27,8 @@ pub enum Error {
         what: &'static str,
         source: serde_json::Error,
     },
+    #[error("invalid layer options {spec:?}")]
+    InvalidLayerSpec { spec: String },
     #[error("invalid digest {digest:?}")]
     InvalidDigest { digest: String },
 }

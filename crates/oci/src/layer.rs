@@ -349,15 +349,26 @@ fn set_times(path: &Path, mtime: u64) -> io::Result<()> {
 /// `.wh.NAME`, a directory with the xattr `trusted.overlay.opaque=y` (or `user.overlay.opaque`)
 /// gets a `DIR/.wh..wh..opq` entry. Entries are sorted; hardlinks within the dir are kept.
 pub fn diff_overlay_upper(upper: &Path, w: impl Write) -> Result<(), Error> {
-    write_tree(upper, w, true)
+    write_tree(upper, w, true, None)
+}
+
+/// [`diff_overlay_upper`] with every mtime later than `clamp` set to `clamp`
+/// (BuildKit's `rewrite-timestamp` with `SOURCE_DATE_EPOCH`).
+pub fn diff_overlay_upper_clamped(
+    upper: &Path,
+    w: impl Write,
+    clamp: Option<u64>,
+) -> Result<(), Error> {
+    write_tree(upper, w, true, clamp)
 }
 
 /// Tar a whole tree (sorted entries, hardlinks kept, xattrs as PAX records).
 pub fn tar_dir(root: &Path, w: impl Write) -> Result<(), Error> {
-    write_tree(root, w, false)
+    write_tree(root, w, false, None)
 }
 
-fn write_tree(root: &Path, w: impl Write, overlay: bool) -> Result<(), Error> {
+fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> Result<(), Error> {
+    let clamp = clamp.unwrap_or(u64::MAX);
     let mut builder = tar::Builder::new(w);
     builder.follow_symlinks(false);
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
@@ -384,6 +395,8 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool) -> Result<(), Error> {
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
         header.set_mode(meta.mode() & 0o7777);
+        let mtime = (meta.mtime().max(0) as u64).min(clamp);
+        header.set_mtime(mtime);
 
         use std::os::unix::fs::FileTypeExt;
         if overlay && ft.is_char_device() && meta.rdev() == 0 {
@@ -397,7 +410,7 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool) -> Result<(), Error> {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(0);
             h.set_mode(0o644);
-            h.set_mtime(meta.mtime().max(0) as u64);
+            h.set_mtime(mtime);
             builder
                 .append_data(&mut h, &wh, io::empty())
                 .map_err(tar_err)?;
@@ -431,7 +444,7 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool) -> Result<(), Error> {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(0);
                 h.set_mode(0o644);
-                h.set_mtime(meta.mtime().max(0) as u64);
+                h.set_mtime(mtime);
                 builder
                     .append_data(&mut h, rel.join(WHITEOUT_OPAQUE), io::empty())
                     .map_err(tar_err)?;
@@ -506,7 +519,6 @@ fn read_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Detect gzip / zstd / plain by magic bytes and return a decompressing reader.
-/// zstd is recognised but not supported (an error).
 pub fn decompress(r: impl Read + Send + 'static) -> Result<Box<dyn Read + Send>, Error> {
     let mut buf = BufReader::with_capacity(64 * 1024, r);
     let head = buf
@@ -515,7 +527,9 @@ pub fn decompress(r: impl Read + Send + 'static) -> Result<Box<dyn Read + Send>,
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::read::MultiGzDecoder::new(buf)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Err(Error::UnsupportedCompression { kind: "zstd" })
+        zstd::stream::read::Decoder::with_buffer(buf)
+            .map(|d| Box::new(d) as Box<dyn Read + Send>)
+            .map_err(|source| Error::DetectCompression { source })
     } else {
         Ok(Box::new(buf))
     }
@@ -810,9 +824,38 @@ mod tests {
             .read_to_string(&mut s)
             .expect("read");
         assert_eq!(s, "plain");
-        assert!(matches!(
-            decompress(io::Cursor::new(vec![0x28, 0xb5, 0x2f, 0xfd, 0])),
-            Err(Error::UnsupportedCompression { .. })
-        ));
+        let z = zstd::encode_all(&b"zpayload"[..], 3).expect("zstd");
+        let mut s = String::new();
+        decompress(io::Cursor::new(z))
+            .expect("zstd")
+            .read_to_string(&mut s)
+            .expect("read");
+        assert_eq!(s, "zpayload");
+    }
+
+    #[test]
+    fn clamped_diff_has_no_mtime_after_the_epoch() {
+        let src = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(src.path().join("d")).expect("mkdir");
+        fs::write(src.path().join("d/new"), b"x").expect("write");
+        fs::write(src.path().join("old"), b"y").expect("write");
+        set_times(&src.path().join("old"), 1000).expect("utimes");
+        let mut out = Vec::new();
+        diff_overlay_upper_clamped(src.path(), &mut out, Some(5000)).expect("tar");
+        let mut a = tar::Archive::new(&out[..]);
+        let mut times = Vec::new();
+        for e in a.entries().expect("entries") {
+            let e = e.expect("entry");
+            let p = e.path().expect("path").display().to_string();
+            times.push((p, e.header().mtime().expect("mtime")));
+        }
+        assert_eq!(
+            times,
+            vec![
+                ("d".to_string(), 5000),
+                ("d/new".to_string(), 5000),
+                ("old".to_string(), 1000)
+            ]
+        );
     }
 }

@@ -12,7 +12,10 @@ mod image;
 pub mod layer;
 pub mod layout;
 
-pub use compress::{Compression, compress_layer};
+pub use compress::{
+    Compression, LayerOptions, ParallelGzEncoder, compress_layer, compress_stream, recompress_blob,
+    write_layer_blob,
+};
 pub use error::Error;
 pub use image::{
     ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +25,9 @@ application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json";
 const MAX_MANIFEST: usize = 8 << 20;
 const MAX_CONFIG: usize = 32 << 20;
-const TRIES: u32 = 3;
+const TRIES: u32 = 4;
+/// Blobs larger than this are uploaded in PATCH chunks of this size.
+const CHUNK_SIZE: u64 = 64 << 20;
 
 /// Username/password lookup for a registry host ("docker.io", "127.0.0.1:5000").
 pub type Credentials = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
@@ -54,14 +57,30 @@ struct Endpoint {
     insecure: bool,
 }
 
+/// What a blob push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// HEAD found the blob in the repository: nothing sent.
+    Exists,
+    /// Mounted from another repository of the same registry: nothing sent.
+    Mounted,
+    /// Uploaded in one PUT.
+    Uploaded,
+    /// Uploaded in PATCH chunks and a closing PUT.
+    UploadedChunked,
+}
+
 /// OCI distribution client. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     http_insecure: reqwest::Client,
+    /// Clients trusting the CA certificates configured for a host.
+    per_host: Arc<HashMap<String, reqwest::Client>>,
     config: RegistryConfig,
     tokens: Arc<Mutex<HashMap<(String, String), String>>>,
     credentials: Option<Credentials>,
+    uploads: Arc<AtomicU64>,
 }
 
 enum Auth {
@@ -88,18 +107,75 @@ impl Client {
             .danger_accept_invalid_certs(true)
             .build()
             .map_err(|source| Error::BuildClient { source })?;
+        let mut per_host = HashMap::new();
+        for (host, hc) in &config.hosts {
+            if hc.ca.is_empty() {
+                continue;
+            }
+            let mut certs = Vec::new();
+            for path in &hc.ca {
+                let pem = std::fs::read(path).map_err(|source| Error::ReadCa {
+                    host: host.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
+                let found = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                    Error::ParseCa {
+                        host: host.clone(),
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                certs.extend(found);
+            }
+            let client = builder()
+                .tls_certs_merge(certs)
+                .build()
+                .map_err(|source| Error::BuildClient { source })?;
+            per_host.insert(host.clone(), client);
+        }
         Ok(Client {
             http,
             http_insecure,
+            per_host: Arc::new(per_host),
             config,
             tokens: Arc::default(),
             credentials: None,
+            uploads: Arc::default(),
         })
     }
 
+    /// A client for which `host` is insecure (TLS certificates not verified), as BuildKit's
+    /// `registry.insecure=true` push option.
+    pub fn with_insecure_host(&self, host: &str) -> Self {
+        let mut c = self.clone();
+        c.config
+            .hosts
+            .entry(host.to_string())
+            .or_default()
+            .insecure = true;
+        c
+    }
+
+    /// Blobs this client (and its clones) sent to registries (PUT or PATCH uploads,
+    /// not HEAD hits or mounts).
+    pub fn uploads(&self) -> u64 {
+        self.uploads.load(Ordering::Relaxed)
+    }
+
+    fn http_for(&self, ep: &Endpoint) -> &reqwest::Client {
+        if ep.insecure {
+            &self.http_insecure
+        } else {
+            self.per_host.get(&ep.host).unwrap_or(&self.http)
+        }
+    }
+
     /// Use `creds` for basic auth and for token requests.
+    /// Tokens are not shared with the client this one was made from.
     pub fn with_credentials(mut self, creds: Credentials) -> Self {
         self.credentials = Some(creds);
+        self.tokens = Arc::default();
         self
     }
 
@@ -399,41 +475,100 @@ impl Client {
         }
     }
 
-    /// Streamed monolithic upload of the blob file `src` (HEAD first; skipped when present).
+    /// Upload a blob from the file `src` unless the repository already has it (HEAD).
     pub async fn push_blob(
         &self,
         r: &Reference,
         desc: &Descriptor,
         src: &Path,
-    ) -> Result<(), Error> {
-        let scope = push_scope(r);
+    ) -> Result<PushOutcome, Error> {
+        self.push_blob_from(r, desc, src, None).await
+    }
+
+    /// Push a blob: skipped when HEAD finds it; mounted from `mount_from` (another repository
+    /// of the same registry that has it) when the registry allows; else uploaded in one PUT,
+    /// or in PATCH chunks for large blobs. The file is streamed, never read whole.
+    pub async fn push_blob_from(
+        &self,
+        r: &Reference,
+        desc: &Descriptor,
+        src: &Path,
+        mount_from: Option<&Reference>,
+    ) -> Result<PushOutcome, Error> {
+        let scope = match mount_from {
+            Some(from) if from.registry == r.registry && from.repository != r.repository => {
+                format!("{} repository:{}:pull", push_scope(r), from.repository)
+            }
+            _ => push_scope(r),
+        };
         if self.blob_exists_scoped(r, &desc.digest, &scope).await? {
-            return Ok(());
+            return Ok(PushOutcome::Exists);
         }
         let ep = self.endpoint(&r.registry);
-        let start = format!("{}/v2/{}/blobs/uploads/", ep.base, r.repository);
+        let mut start = format!("{}/v2/{}/blobs/uploads/", ep.base, r.repository);
+        if let Some(from) = mount_from
+            && from.registry == r.registry
+            && from.repository != r.repository
+        {
+            start.push_str(&format!(
+                "?mount={}&from={}",
+                desc.digest, from.repository
+            ));
+        }
         let resp = self
             .send(&ep, &scope, Method::POST, &start, &|rb| {
                 rb.header(CONTENT_LENGTH, 0)
             })
             .await?;
-        let resp = expect_status(resp, "POST", &start, &[StatusCode::ACCEPTED]).await?;
-        let location = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Error::UploadLocation {
-                reference: r.to_string(),
-                digest: desc.digest.clone(),
-            })?;
-        let base = Url::parse(&start).map_err(|_| Error::Url { url: start.clone() })?;
-        let mut put = base.join(location).map_err(|_| Error::Url {
-            url: location.to_string(),
-        })?;
-        put.query_pairs_mut().append_pair("digest", &desc.digest);
-        let put = put.to_string();
+        let resp = expect_status(
+            resp,
+            "POST",
+            &start,
+            &[StatusCode::ACCEPTED, StatusCode::CREATED],
+        )
+        .await?;
+        if resp.status() == StatusCode::CREATED {
+            return Ok(PushOutcome::Mounted);
+        }
+        let mut location = self.location(&resp, &start, r, &desc.digest)?;
         let src_path: PathBuf = src.to_path_buf();
         let size = desc.size;
+        self.uploads.fetch_add(1, Ordering::Relaxed);
+        if size > CHUNK_SIZE {
+            let mut offset = 0u64;
+            while offset < size {
+                let len = CHUNK_SIZE.min(size - offset);
+                let chunk = read_chunk(&src_path, offset, len).await?;
+                let range = format!("{}-{}", offset, offset + len - 1);
+                let url = location.clone();
+                let resp = self
+                    .send(&ep, &scope, Method::PATCH, &url, &|rb| {
+                        rb.header(CONTENT_TYPE, "application/octet-stream")
+                            .header(CONTENT_LENGTH, len)
+                            .header("Content-Range", range.as_str())
+                            .body(chunk.clone())
+                    })
+                    .await?;
+                let resp = expect_status(resp, "PATCH", &url, &[StatusCode::ACCEPTED]).await?;
+                location = self.location(&resp, &url, r, &desc.digest)?;
+                offset += len;
+            }
+            let put = with_digest(&location, &desc.digest)?;
+            let resp = self
+                .send(&ep, &scope, Method::PUT, &put, &|rb| {
+                    rb.header(CONTENT_LENGTH, 0)
+                })
+                .await?;
+            expect_status(
+                resp,
+                "PUT",
+                &put,
+                &[StatusCode::CREATED, StatusCode::NO_CONTENT],
+            )
+            .await?;
+            return Ok(PushOutcome::UploadedChunked);
+        }
+        let put = with_digest(&location, &desc.digest)?;
         // The body is re-opened per attempt so retries stream the file again.
         let file = std::fs::File::open(&src_path).map_err(|source| Error::ReadBlob {
             path: src_path.clone(),
@@ -452,8 +587,10 @@ impl Client {
                     .header(CONTENT_LENGTH, size);
                 match f {
                     Some(f) => {
-                        let stream =
-                            tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(f));
+                        let stream = tokio_util::io::ReaderStream::with_capacity(
+                            tokio::fs::File::from_std(f),
+                            1 << 20,
+                        );
                         rb.body(reqwest::Body::wrap_stream(stream))
                     }
                     None => rb,
@@ -467,7 +604,34 @@ impl Client {
             &[StatusCode::CREATED, StatusCode::NO_CONTENT],
         )
         .await?;
-        Ok(())
+        Ok(PushOutcome::Uploaded)
+    }
+
+    /// The absolute upload URL from a response's Location header.
+    fn location(
+        &self,
+        resp: &Response,
+        request_url: &str,
+        r: &Reference,
+        digest: &str,
+    ) -> Result<String, Error> {
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::UploadLocation {
+                reference: r.to_string(),
+                digest: digest.to_string(),
+            })?;
+        let base = Url::parse(request_url).map_err(|_| Error::Url {
+            url: request_url.to_string(),
+        })?;
+        Ok(base
+            .join(location)
+            .map_err(|_| Error::Url {
+                url: location.to_string(),
+            })?
+            .to_string())
     }
 
     /// PUT a manifest under the reference's tag (or digest). Returns the manifest digest.
@@ -507,11 +671,7 @@ impl Client {
         url: &str,
         build: &(dyn Fn(RequestBuilder) -> RequestBuilder + Sync),
     ) -> Result<Response, Error> {
-        let http = if ep.insecure {
-            &self.http_insecure
-        } else {
-            &self.http
-        };
+        let http = self.http_for(ep);
         let key = (ep.host.clone(), scope.to_string());
         let mut authed_once = false;
         let mut attempt = 0;
@@ -599,11 +759,7 @@ impl Client {
         service: Option<&str>,
         scope: &str,
     ) -> Result<String, Error> {
-        let http = if ep.insecure {
-            &self.http_insecure
-        } else {
-            &self.http
-        };
+        let http = self.http_for(ep);
         let mut url = Url::parse(realm).map_err(|_| Error::Url {
             url: realm.to_string(),
         })?;
@@ -645,6 +801,29 @@ impl Client {
             })?;
         Ok(format!("Bearer {token}"))
     }
+}
+
+fn with_digest(location: &str, digest: &str) -> Result<String, Error> {
+    let mut url = Url::parse(location).map_err(|_| Error::Url {
+        url: location.to_string(),
+    })?;
+    url.query_pairs_mut().append_pair("digest", digest);
+    Ok(url.to_string())
+}
+
+async fn read_chunk(path: &Path, offset: u64, len: u64) -> Result<bytes::Bytes, Error> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let rerr = |source| Error::ReadBlob {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = tokio::fs::File::open(path).await.map_err(rerr)?;
+    f.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(rerr)?;
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+    f.read_exact(&mut buf).await.map_err(rerr)?;
+    Ok(bytes::Bytes::from(buf))
 }
 
 fn pull_scope(r: &Reference) -> String {

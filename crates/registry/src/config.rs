@@ -1,6 +1,7 @@
 //! Per-registry settings, as in kilnd.toml's `[registry."host"]` tables.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,9 @@ pub struct HostConfig {
     /// Accept invalid TLS certificates from this host.
     #[serde(default)]
     pub insecure: bool,
+    /// PEM files of CA certificates trusted for this host, in addition to the system roots.
+    #[serde(default)]
+    pub ca: Vec<PathBuf>,
 }
 
 impl RegistryConfig {
@@ -66,6 +70,8 @@ mod tests {
             http = true
             [registry."reg.example:443"]
             insecure = true
+            [registry."tls.local:5000"]
+            ca = ["/etc/kiln/ca.pem"]
             "#,
         )
         .expect("toml");
@@ -73,6 +79,10 @@ mod tests {
         assert_eq!(r.hosts["docker.io"].mirrors, ["127.0.0.1:5000"]);
         assert!(r.hosts["127.0.0.1:5000"].http);
         assert!(r.hosts["reg.example:443"].insecure);
+        assert_eq!(
+            r.hosts["tls.local:5000"].ca,
+            [PathBuf::from("/etc/kiln/ca.pem")]
+        );
         assert!(!r.is_http("reg.example:443"));
         assert!(r.is_http("localhost:5001"));
         assert!(r.is_http("127.0.0.2"));

@@ -67,6 +67,18 @@ pub enum Error {
     ReadBlob { path: PathBuf, source: io::Error },
     #[error("upload of {digest} to {reference}: registry gave no upload location")]
     UploadLocation { reference: String, digest: String },
+    #[error("read CA certificates {path} for {host}")]
+    ReadCa {
+        host: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("CA certificates {path} for {host}")]
+    ParseCa {
+        host: String,
+        path: PathBuf,
+        source: reqwest::Error,
+    },
     #[error("invalid url {url}")]
     Url { url: String },
 }

@@ -1,22 +1,24 @@
-//! Layer blobs of a snapshot chain: image layers keep their original blob; built snapshots
-//! are turned into a compressed layer tar from their overlay upper dir (memoized in meta).
+//! Layer blobs of a snapshot chain: image layers keep their original blob (or are
+//! recompressed with `force`); built snapshots are turned into a compressed layer blob
+//! streamed straight from their overlay upper dir (memoized in meta by the layer options).
+//! Layers of one chain are compressed in parallel on blocking threads; gzip and zstd are
+//! themselves multi-threaded (see `kiln_oci::write_layer_blob`).
 
 use crate::Worker;
 use crate::error::{Error, Result};
-use crate::snapshot::LayerBlob;
+use crate::snapshot::{LayerBlob, Meta};
 use bytes::Bytes;
+use kiln_oci::{Compression, LayerOptions};
 use std::io::Write;
 use std::path::Path;
 use tokio::sync::mpsc;
 
 const CHUNK: usize = 64 * 1024;
 
-fn compression(name: &str) -> Result<(String, kiln_oci::Compression)> {
-    match name {
-        "" | "gzip" => Ok(("gzip".into(), kiln_oci::Compression::Gzip)),
-        "uncompressed" => Ok(("uncompressed".into(), kiln_oci::Compression::Uncompressed)),
-        other => Err(Error::Compression(other.to_string())),
-    }
+/// Parse the `compression` field of a Layers request: a compression name or a
+/// `kiln_oci::LayerOptions` spec (`zstd;level=9;force;epoch=N`).
+fn layer_options(spec: &str) -> Result<LayerOptions> {
+    LayerOptions::parse(spec).map_err(|_| Error::Compression(spec.to_string()))
 }
 
 fn dir_is_empty(dir: &Path) -> Result<bool> {
@@ -26,52 +28,90 @@ fn dir_is_empty(dir: &Path) -> Result<bool> {
         .is_none())
 }
 
+/// What to do for one snapshot of the chain.
+enum Plan {
+    Ready(Option<LayerBlob>),
+    /// index into the chain; computed on a worker thread
+    Compute(usize),
+}
+
 pub(crate) async fn layers(
     w: &Worker,
     r: Option<&str>,
-    compression_name: &str,
+    compression_spec: &str,
 ) -> Result<Vec<LayerBlob>> {
-    let (key, comp) = compression(compression_name)?;
+    let options = layer_options(compression_spec)?;
+    let key = options.spec();
     let _guard = w.layers_lock.lock().await;
     let store = w.store.clone();
-    let root = w.config.root.clone();
+    let blobs = w.config.root.join("content/blobs/sha256");
     let top = r.map(str::to_string);
     tokio::task::spawn_blocking(move || {
         let mut chain = store.chain(top.as_deref())?;
         chain.reverse();
+        let plans: Vec<Plan> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
+                (_, Some(memo)) => Plan::Ready(memo.clone()),
+                (Some(b), None)
+                    if !options.force
+                        || Compression::from_media_type(&b.descriptor.media_type)
+                            == options.compression =>
+                {
+                    Plan::Ready(Some(b.clone()))
+                }
+                _ => Plan::Compute(i),
+            })
+            .collect();
+        let todo: Vec<usize> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Compute(i) => Some(*i),
+                Plan::Ready(_) => None,
+            })
+            .collect();
+        // a few layers at once; each one already uses every core for compression
+        let mut computed: Vec<(usize, Result<Option<LayerBlob>>)> = Vec::new();
+        for batch in todo.chunks(4) {
+            let results: Vec<(usize, Result<Option<LayerBlob>>)> = std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|&i| {
+                        let meta = &chain[i];
+                        let (store, blobs) = (&store, &blobs);
+                        (i, s.spawn(move || compute(store, meta, blobs, &options)))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(i, h)| {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(Error::Compression("layer thread panicked".into()))
+                        });
+                        (i, r)
+                    })
+                    .collect()
+            });
+            computed.extend(results);
+        }
         let mut out = Vec::new();
-        for mut meta in chain {
-            if let Some(b) = &meta.blob {
-                out.push(b.clone());
-                continue;
-            }
-            if let Some(memo) = meta.layers.get(&key) {
-                out.extend(memo.clone());
-                continue;
-            }
-            let diff = store.diff_dir(&meta.id);
-            let blob = if dir_is_empty(&diff)? {
-                None
-            } else {
-                let tar = root
-                    .join("tmp")
-                    .join(format!("{}.tar", uuid::Uuid::new_v4()));
-                let res = write_diff_tar(&diff, &tar).and_then(|()| {
-                    kiln_oci::compress_layer(&tar, &root.join("content/blobs/sha256"), comp)
-                        .map_err(|source| Error::Layer {
-                            digest: format!("snapshot {}", meta.id),
-                            source,
-                        })
-                });
-                let _ = std::fs::remove_file(&tar);
-                let (diff_id, descriptor) = res?;
-                Some(LayerBlob {
-                    descriptor,
-                    diff_id,
-                })
+        let mut computed = computed.into_iter();
+        for plan in plans {
+            let blob = match plan {
+                Plan::Ready(b) => b,
+                Plan::Compute(i) => {
+                    let (j, res) = computed
+                        .next()
+                        .ok_or_else(|| Error::Compression("layer result missing".into()))?;
+                    debug_assert_eq!(i, j);
+                    let blob = res?;
+                    let mut meta = chain[i].clone();
+                    meta.layers.insert(key.clone(), blob.clone());
+                    store.update_meta(&meta)?;
+                    blob
+                }
             };
-            meta.layers.insert(key.clone(), blob.clone());
-            store.update_meta(&meta)?;
             out.extend(blob);
         }
         Ok(out)
@@ -79,22 +119,39 @@ pub(crate) async fn layers(
     .await?
 }
 
-fn write_diff_tar(diff: &Path, tar: &Path) -> Result<()> {
-    let f = std::fs::File::create(tar).map_err(Error::io("create", tar))?;
-    let mut bw = std::io::BufWriter::new(f);
-    kiln_oci::layer::diff_overlay_upper(diff, &mut bw).map_err(|source| Error::Layer {
-        digest: format!("diff of {}", diff.display()),
+/// The layer blob of one snapshot: its base blob recompressed (force), or its overlay diff
+/// tarred and compressed in one stream; `None` for an empty diff.
+fn compute(
+    store: &crate::snapshot::Store,
+    meta: &Meta,
+    blobs: &Path,
+    options: &LayerOptions,
+) -> Result<Option<LayerBlob>> {
+    let layer_err = |source| Error::Layer {
+        digest: format!("snapshot {}", meta.id),
         source,
-    })?;
-    bw.flush().map_err(Error::io("write", tar))?;
-    bw.into_inner()
-        .map_err(|e| Error::Io {
-            op: "write",
-            path: tar.to_path_buf(),
-            source: e.into_error(),
-        })?
-        .sync_all()
-        .map_err(Error::io("sync", tar))
+    };
+    if let Some(b) = &meta.blob {
+        let src = blobs.join(b.descriptor.digest.trim_start_matches("sha256:"));
+        let (diff_id, descriptor) =
+            kiln_oci::recompress_blob(&src, blobs, options).map_err(layer_err)?;
+        return Ok(Some(LayerBlob {
+            descriptor,
+            diff_id,
+        }));
+    }
+    let diff = store.diff_dir(&meta.id);
+    if dir_is_empty(&diff)? {
+        return Ok(None);
+    }
+    let (diff_id, descriptor) = kiln_oci::write_layer_blob(blobs, options, |w| {
+        kiln_oci::layer::diff_overlay_upper_clamped(&diff, w, options.clamp_mtime)
+    })
+    .map_err(layer_err)?;
+    Ok(Some(LayerBlob {
+        descriptor,
+        diff_id,
+    }))
 }
 
 /// A blocking `Write` that sends 64 KiB chunks into a channel (for streaming tars).
