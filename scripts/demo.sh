@@ -38,7 +38,7 @@ $kiln build --progress plain --frontend dockerfile.v0 \
   --output type=oci,dest="$dir/hello.oci.tar",name=kiln.local/hello:latest \
   --output type=local,dest="$dir/hello-rootfs"
 end=$(date +%s.%N)
-echo "cold build: $(echo "$end - $start" | bc 2>/dev/null || python3 -c "print(round($end-$start,2))")s"
+echo "cold build: $(python3 -c "print(round($end-$start,2))")s"
 start=$(date +%s.%N)
 $kiln build --progress plain examples/hello
 end=$(date +%s.%N)
