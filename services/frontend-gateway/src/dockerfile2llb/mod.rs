@@ -871,7 +871,10 @@ fn dispatch(
         reason,
     };
     match &instruction {
-        Instruction::Run(r) => run::dispatch(ops, lex, st, r, sources, ctx_paths, cmd)?,
+        Instruction::Run(r) => {
+            let proxy = run::proxy_env(build_args);
+            run::dispatch(ops, lex, st, r, sources, ctx_paths, proxy, cmd)?
+        }
         Instruction::Copy(c) => {
             let source = sources.first().copied().unwrap_or(CopySource::Context);
             copy::dispatch(ops, lex, st, c, false, source, ctx_paths, ignore, cmd)?

@@ -1,6 +1,6 @@
 //! RUN -> ExecOp (root mount on the stage state, env/cwd/user from the stage).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_dockerfile::{Command, CommandLine, Lex, Run, parse_mount};
 use kiln_llb::pb;
@@ -38,6 +38,28 @@ pub(crate) fn uppercase_cmd(s: &str) -> String {
     }
 }
 
+/// BuildKit's predefined proxy ARGs: given as build args (any case), they
+/// reach RUN through `Meta.proxy_env` without an ARG and stay out of the
+/// image config, history and cache key.
+pub(crate) fn proxy_env(build_args: &BTreeMap<String, String>) -> Option<pb::ProxyEnv> {
+    let mut pe = pb::ProxyEnv::default();
+    let mut any = false;
+    for (k, v) in build_args {
+        let slot = match k.to_ascii_lowercase().as_str() {
+            "http_proxy" => &mut pe.http_proxy,
+            "https_proxy" => &mut pe.https_proxy,
+            "ftp_proxy" => &mut pe.ftp_proxy,
+            "no_proxy" => &mut pe.no_proxy,
+            "all_proxy" => &mut pe.all_proxy,
+            _ => continue,
+        };
+        *slot = v.clone();
+        any = true;
+    }
+    any.then_some(pe)
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch(
     ops: &mut Ops,
     lex: &Lex,
@@ -45,6 +67,7 @@ pub(crate) fn dispatch(
     run: &Run,
     sources: &[CopySource],
     ctx_paths: &mut BTreeSet<String>,
+    proxy_env: Option<pb::ProxyEnv>,
     cmd: &Command,
 ) -> Result<(), Error> {
     let line = line_of(cmd);
@@ -189,6 +212,7 @@ pub(crate) fn dispatch(
                 cwd: st.cwd.clone(),
                 user: st.user.clone(),
                 remove_mount_stubs_recursive: true,
+                proxy_env,
                 ..Default::default()
             }),
             mounts,

@@ -917,3 +917,38 @@ fn rfc3339_of_epochs() {
     assert_eq!(super::rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
     assert_eq!(super::rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
 }
+
+#[tokio::test]
+async fn proxy_build_args_become_proxy_env_not_env() {
+    let mut opts = options();
+    opts.build_args = BTreeMap::from([
+        ("HTTP_PROXY".to_string(), "http://p:3128".to_string()),
+        ("no_proxy".to_string(), "localhost".to_string()),
+    ]);
+    let (conv, g) = run("FROM busybox\nRUN true\n", &opts)
+        .await
+        .expect("converts");
+    let meta = &exec_metas(&g)[0];
+    let pe = meta.proxy_env.as_ref().expect("proxy env");
+    assert_eq!(pe.http_proxy, "http://p:3128");
+    assert_eq!(pe.no_proxy, "localhost");
+    assert!(
+        !meta
+            .env
+            .iter()
+            .any(|e| e.contains("PROXY") || e.contains("proxy"))
+    );
+    assert!(
+        !conv
+            .image_config
+            .config
+            .env
+            .iter()
+            .any(|e| e.to_ascii_lowercase().contains("proxy"))
+    );
+
+    let (_, g) = run("FROM busybox\nRUN true\n", &options())
+        .await
+        .expect("converts");
+    assert!(exec_metas(&g)[0].proxy_env.is_none());
+}

@@ -1,0 +1,424 @@
+//! Dockerfile conformance: every case under `integration-tests/conformance/<group>/<case>/`
+//! is built by one real all-in-one `kilnd` per group and checked on the
+//! exported filesystem (`type=local`), the image config (`type=oci`, read
+//! back from the tarball: index → manifest → config) or the error message.
+//!
+//! A case dir is the build context (copied to a temp dir without `expect.txt`)
+//! plus `expect.txt`, one directive per line (`#` comments):
+//!
+//! ```text
+//! arg --opt build-arg:A=1        extra `kiln build` argument(s), whitespace-separated
+//! file /app/a.txt = hello\n      exact contents (\n \t \\ escapes)
+//! file /app/a.txt ~ hel          contents contain
+//! exists /p   absent /p          presence (symlinks not followed)
+//! mode /p 0755                   permission bits
+//! owner /p 1000:1000             uid:gid
+//! link /p -> target              symlink target
+//! ls /dir = a b c                exact directory entries (sorted)
+//! config /config/Env has "A=1"   JSON pointer into the image config; `-1` = last item
+//! config /config/Cmd = ["sh"]    ... equals this JSON
+//! config /config/User absent     ... missing or null
+//! error ~ unknown instruction    the build must fail and stderr contain this
+//! ```
+//!
+//! Each group test collects every failing case and reports them all at the end.
+
+use kiln_integration_tests::{dockerfile_args, Daemon, Topology};
+use serde_json::Value;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn conformance_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")
+}
+
+#[derive(Debug)]
+enum Check {
+    FileEq(String, String),
+    FileHas(String, String),
+    Exists(String),
+    Absent(String),
+    Mode(String, u32),
+    Owner(String, u32, u32),
+    Link(String, String),
+    Ls(String, Vec<String>),
+    ConfigEq(String, Value),
+    ConfigHas(String, Value),
+    ConfigAbsent(String),
+    Error(String),
+}
+
+#[derive(Debug, Default)]
+struct Case {
+    dir: PathBuf,
+    args: Vec<String>,
+    checks: Vec<Check>,
+}
+
+impl Case {
+    fn needs_fs(&self) -> bool {
+        self.checks.iter().any(|c| {
+            !matches!(c, Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..) | Check::Error(..))
+        })
+    }
+    fn needs_config(&self) -> bool {
+        self.checks.iter().any(|c| matches!(c, Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..)))
+    }
+    fn expected_error(&self) -> Option<&str> {
+        self.checks.iter().find_map(|c| match c {
+            Check::Error(s) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\\' {
+            match it.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('\\') => out.push('\\'),
+                Some(o) => {
+                    out.push('\\');
+                    out.push(o);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn parse_expect(dir: &Path) -> Result<Case, String> {
+    let text = std::fs::read_to_string(dir.join("expect.txt")).map_err(|e| format!("read expect.txt: {e}"))?;
+    let mut case = Case { dir: dir.to_path_buf(), ..Default::default() };
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("expect.txt:{}: cannot parse {line:?}", n + 1);
+        let (verb, rest) = line.split_once(' ').ok_or_else(bad)?;
+        let rest = rest.trim();
+        let path_and = |sep: &str| -> Result<(String, String), String> {
+            let (p, v) = rest.split_once(sep).ok_or_else(bad)?;
+            Ok((p.trim().to_string(), v.trim_start().to_string()))
+        };
+        let json = |v: &str| serde_json::from_str::<Value>(v).map_err(|e| format!("{}: {e}", bad()));
+        let check = match verb {
+            "arg" => {
+                case.args.extend(rest.split_whitespace().map(str::to_string));
+                continue;
+            }
+            "file" if rest.contains(" = ") => {
+                let (p, v) = path_and(" = ")?;
+                Check::FileEq(p, unescape(&v))
+            }
+            "file" => {
+                let (p, v) = path_and(" ~ ")?;
+                Check::FileHas(p, unescape(&v))
+            }
+            "exists" => Check::Exists(rest.to_string()),
+            "absent" => Check::Absent(rest.to_string()),
+            "mode" => {
+                let (p, m) = path_and(" ")?;
+                Check::Mode(p, u32::from_str_radix(&m, 8).map_err(|_| bad())?)
+            }
+            "owner" => {
+                let (p, o) = path_and(" ")?;
+                let (u, g) = o.split_once(':').ok_or_else(bad)?;
+                Check::Owner(p, u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?)
+            }
+            "link" => {
+                let (p, t) = path_and(" -> ")?;
+                Check::Link(p, t)
+            }
+            "ls" => {
+                let (p, v) = path_and(" =")?;
+                let mut names: Vec<String> = v.split_whitespace().map(str::to_string).collect();
+                names.sort();
+                Check::Ls(p, names)
+            }
+            "config" if rest.ends_with(" absent") => Check::ConfigAbsent(rest.trim_end_matches(" absent").to_string()),
+            "config" if rest.contains(" has ") => {
+                let (p, v) = path_and(" has ")?;
+                Check::ConfigHas(p, json(&v)?)
+            }
+            "config" => {
+                let (p, v) = path_and(" = ")?;
+                Check::ConfigEq(p, json(&v)?)
+            }
+            "error" => Check::Error(unescape(rest.strip_prefix("~").ok_or_else(bad)?.trim())),
+            _ => return Err(bad()),
+        };
+        case.checks.push(check);
+    }
+    if case.checks.is_empty() {
+        return Err("expect.txt has no checks".into());
+    }
+    Ok(case)
+}
+
+/// JSON pointer where a negative array index counts from the end (`-1` = last).
+fn pointer<'a>(v: &'a Value, ptr: &str) -> Option<&'a Value> {
+    let mut cur = v;
+    for seg in ptr.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        cur = match cur {
+            Value::Object(m) => m.get(&seg)?,
+            Value::Array(a) => match seg.strip_prefix('-') {
+                Some(back) => a.get(a.len().checked_sub(back.parse::<usize>().ok()?)?)?,
+                None => a.get(seg.parse::<usize>().ok()?)?,
+            },
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn copy_context(src: &Path, dst: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let name = e.file_name();
+        if name == "expect.txt" {
+            continue;
+        }
+        let to = dst.join(&name);
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            copy_context(&e.path(), &to)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path())?, &to)?;
+        } else {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
+}
+
+/// The image config inside an OCI layout tarball.
+fn oci_config(tar_path: &Path) -> Result<Value, String> {
+    use std::io::Read;
+    let mut files = std::collections::BTreeMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(tar_path).map_err(|e| e.to_string())?);
+    for e in a.entries().map_err(|e| e.to_string())? {
+        let mut e = e.map_err(|e| e.to_string())?;
+        let p = e.path().map_err(|e| e.to_string())?.to_string_lossy().trim_start_matches("./").to_string();
+        let mut v = Vec::new();
+        e.read_to_end(&mut v).map_err(|e| e.to_string())?;
+        files.insert(p, v);
+    }
+    let blob = |digest: &str| -> Result<Value, String> {
+        let p = format!("blobs/{}", digest.replacen(':', "/", 1));
+        let data = files.get(&p).ok_or_else(|| format!("{p} not in the oci tarball"))?;
+        serde_json::from_slice(data).map_err(|e| format!("{p}: {e}"))
+    };
+    let index: Value =
+        serde_json::from_slice(files.get("index.json").ok_or("no index.json")?).map_err(|e| e.to_string())?;
+    let mut desc = pointer(&index, "/manifests/0").ok_or("empty index")?.clone();
+    // follow nested indexes down to a manifest
+    loop {
+        let digest = desc["digest"].as_str().ok_or("descriptor without digest")?.to_string();
+        let doc = blob(&digest)?;
+        if let Some(m) = pointer(&doc, "/manifests/0") {
+            desc = m.clone();
+            continue;
+        }
+        let cfg = doc["config"]["digest"].as_str().ok_or("manifest without config")?.to_string();
+        return blob(&cfg);
+    }
+}
+
+fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
+    let work = tempfile::Builder::new().prefix("kiln-conf-").tempdir().map_err(|e| e.to_string())?;
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
+    copy_context(&case.dir, &ctx).map_err(|e| format!("copy context: {e}"))?;
+    let out_dir = work.path().join("out");
+    let out_tar = work.path().join("out.tar");
+    let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
+    args.extend(dockerfile_args().iter().map(|s| s.to_string()));
+    args.extend(case.args.iter().cloned());
+    if case.needs_fs() {
+        args.push("--output".into());
+        args.push(format!("type=local,dest={}", out_dir.display()));
+    }
+    if case.needs_config() {
+        args.push("--output".into());
+        args.push(format!("type=oci,dest={}", out_tar.display()));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.kiln(&ctx, &argv).map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let tail = |s: &str| -> String {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(12)..].join("\n    ")
+    };
+    if let Some(want) = case.expected_error() {
+        if out.status.success() {
+            return Err(format!("build succeeded, expected an error containing {want:?}"));
+        }
+        if !stderr.contains(want) {
+            return Err(format!("error does not contain {want:?}:\n    {}", tail(&stderr)));
+        }
+        return Ok(());
+    }
+    if !out.status.success() {
+        return Err(format!("build failed:\n    {}", tail(&stderr)));
+    }
+    let config = if case.needs_config() { Some(oci_config(&out_tar)?) } else { None };
+    let mut problems = Vec::new();
+    let fs = |p: &str| out_dir.join(p.trim_start_matches('/'));
+    for check in &case.checks {
+        let problem = match check {
+            Check::FileEq(p, want) => match std::fs::read_to_string(fs(p)) {
+                Ok(got) if &got == want => None,
+                Ok(got) => Some(format!("{p}: got {got:?}, want {want:?}")),
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::FileHas(p, want) => match std::fs::read_to_string(fs(p)) {
+                Ok(got) if got.contains(want.as_str()) => None,
+                Ok(got) => Some(format!("{p}: {got:?} does not contain {want:?}")),
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::Exists(p) => fs(p).symlink_metadata().is_err().then(|| format!("{p} does not exist")),
+            Check::Absent(p) => fs(p).symlink_metadata().is_ok().then(|| format!("{p} exists")),
+            Check::Mode(p, want) => match fs(p).symlink_metadata() {
+                Ok(m) if m.permissions().mode() & 0o7777 == *want => None,
+                Ok(m) => Some(format!("{p}: mode {:o}, want {want:o}", m.permissions().mode() & 0o7777)),
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::Owner(p, u, g) => match fs(p).symlink_metadata() {
+                Ok(m) if m.uid() == *u && m.gid() == *g => None,
+                Ok(m) => Some(format!("{p}: owner {}:{}, want {u}:{g}", m.uid(), m.gid())),
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::Link(p, want) => match std::fs::read_link(fs(p)) {
+                Ok(t) if t == Path::new(want) => None,
+                Ok(t) => Some(format!("{p}: links to {}, want {want}", t.display())),
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::Ls(p, want) => match std::fs::read_dir(fs(p)) {
+                Ok(rd) => {
+                    let mut got: Vec<String> =
+                        rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+                    got.sort();
+                    (&got != want).then(|| format!("ls {p}: got {got:?}, want {want:?}"))
+                }
+                Err(e) => Some(format!("{p}: {e}")),
+            },
+            Check::ConfigEq(ptr, want) => {
+                let got = config.as_ref().and_then(|c| pointer(c, ptr));
+                (got != Some(want)).then(|| format!("config {ptr}: got {got:?}, want {want}"))
+            }
+            Check::ConfigHas(ptr, want) => {
+                let got = config.as_ref().and_then(|c| pointer(c, ptr));
+                let ok = match (got, want) {
+                    (Some(Value::Array(a)), w) => a.contains(w),
+                    (Some(Value::Object(m)), Value::String(k)) => m.contains_key(k),
+                    _ => false,
+                };
+                (!ok).then(|| format!("config {ptr}: {got:?} does not have {want}"))
+            }
+            Check::ConfigAbsent(ptr) => {
+                let got = config.as_ref().and_then(|c| pointer(c, ptr));
+                got.filter(|v| !v.is_null()).map(|v| format!("config {ptr}: expected absent, got {v}"))
+            }
+            Check::Error(_) => None,
+        };
+        problems.extend(problem);
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if let Some(c) = config.as_ref().filter(|_| problems.iter().any(|p| p.starts_with("config "))) {
+        problems.push(format!("image config: {c}"));
+    }
+    Err(problems.join("\n    "))
+}
+
+fn run_group(group: &str) {
+    let dir = conformance_dir().join(group);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no cases in {}", dir.display());
+    // KILN_CONFORMANCE_CASE=substring runs only the matching cases (debugging).
+    if let Ok(only) = std::env::var("KILN_CONFORMANCE_CASE") {
+        names.retain(|n| n.contains(&only));
+    }
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let mut failures = Vec::new();
+    for name in &names {
+        let result = parse_expect(&dir.join(name)).and_then(|case| run_case(&d, &case));
+        match result {
+            Ok(()) => eprintln!("ok    {group}/{name}"),
+            Err(e) => {
+                eprintln!("FAIL  {group}/{name}");
+                failures.push(format!("{group}/{name}:\n    {e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} {group} cases failed:\n\n{}\n",
+        failures.len(),
+        names.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn conformance_parser() {
+    run_group("parser");
+}
+
+#[test]
+fn conformance_expansion() {
+    run_group("expansion");
+}
+
+#[test]
+fn conformance_args() {
+    run_group("args");
+}
+
+#[test]
+fn conformance_stages() {
+    run_group("stages");
+}
+
+#[test]
+fn conformance_metadata() {
+    run_group("metadata");
+}
+
+#[test]
+fn conformance_copy() {
+    run_group("copy");
+}
+
+#[test]
+fn conformance_dockerignore() {
+    run_group("dockerignore");
+}
+
+#[test]
+fn conformance_contexts() {
+    run_group("contexts");
+}
+
+#[test]
+fn conformance_errors() {
+    run_group("errors");
+}
