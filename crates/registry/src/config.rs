@@ -36,9 +36,14 @@ impl RegistryConfig {
         self.hosts.get(host)
     }
 
-    /// Whether `host` is spoken to over plain http: configured so, or a loopback address.
+    /// Whether `host` is spoken to over plain http: configured so, or a loopback address
+    /// with no TLS settings (`ca`, `insecure`).
     pub fn is_http(&self, host: &str) -> bool {
-        self.host(host).map(|h| h.http).unwrap_or(false) || is_loopback(host)
+        match self.host(host) {
+            Some(h) if h.http => true,
+            Some(h) if !h.ca.is_empty() || h.insecure => false,
+            _ => is_loopback(host),
+        }
     }
 }
 
@@ -85,6 +90,7 @@ mod tests {
         );
         assert!(!r.is_http("reg.example:443"));
         assert!(r.is_http("localhost:5001"));
+        assert!(!r.is_http("tls.local:5000"));
         assert!(r.is_http("127.0.0.2"));
         assert!(r.is_http("[::1]:80"));
         assert!(!r.is_http("docker.io"));

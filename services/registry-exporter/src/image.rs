@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use futures::StreamExt;
-use kiln_oci::{Descriptor, History, ImageConfig, Manifest, Platform, RootFs, digest, media_types};
+use kiln_oci::{
+    Compression, Descriptor, History, ImageConfig, LayerOptions, Manifest, Platform, RootFs,
+    digest, media_types,
+};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -43,6 +46,9 @@ impl MediaTypes {
         }
     }
     fn layer(self, given: &str) -> String {
+        if given.ends_with("zstd") {
+            return media_types::OCI_LAYER_ZSTD.into();
+        }
         let gzip = given.ends_with("gzip");
         match (self, gzip) {
             (MediaTypes::Oci, true) => media_types::OCI_LAYER_GZIP.into(),
@@ -189,6 +195,90 @@ pub fn assemble_image(
     })
 }
 
+/// The layer options of an image/oci/docker export from BuildKit's attrs: `compression`,
+/// `compression-level`, `force-compression`, and `rewrite-timestamp` with
+/// `source-date-epoch`.
+pub fn layer_options(attrs: &BTreeMap<String, String>) -> Result<LayerOptions, Error> {
+    let invalid = |key: &str| Error::InvalidAttr {
+        key: key.to_string(),
+        value: attrs.get(key).cloned().unwrap_or_default(),
+    };
+    let name = attrs.get("compression").map(String::as_str).unwrap_or("gzip");
+    let compression = Compression::from_name(name).ok_or_else(|| invalid("compression"))?;
+    let mut o = LayerOptions::new(compression);
+    if let Some(l) = attrs.get("compression-level").filter(|l| !l.is_empty()) {
+        o.level = Some(l.parse().map_err(|_| invalid("compression-level"))?);
+    }
+    o.force = bool_attr(attrs, "force-compression", false);
+    if bool_attr(attrs, "rewrite-timestamp", false) {
+        o.clamp_mtime = source_date_epoch(attrs)?;
+    }
+    // the same validation the worker applies
+    LayerOptions::parse(&o.spec()).map_err(|_| invalid("compression-level"))?;
+    Ok(o)
+}
+
+/// `SOURCE_DATE_EPOCH` for this export: the exporter attr `source-date-epoch`, else the
+/// frontend's `build-arg:SOURCE_DATE_EPOCH` when the solver forwards it.
+pub fn source_date_epoch(attrs: &BTreeMap<String, String>) -> Result<Option<u64>, Error> {
+    for key in ["source-date-epoch", "build-arg:SOURCE_DATE_EPOCH"] {
+        if let Some(v) = attrs.get(key).filter(|v| !v.is_empty()) {
+            return v.trim().parse().map(Some).map_err(|_| Error::InvalidAttr {
+                key: key.to_string(),
+                value: v.clone(),
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// The image config JSON with `created` and every history entry's `created` set to `epoch`
+/// (RFC 3339, UTC). An empty config becomes this host's default config.
+pub fn with_epoch(image_config: &[u8], epoch: u64) -> Result<Vec<u8>, Error> {
+    let mut v: serde_json::Value = if image_config.is_empty() {
+        let p = host_platform();
+        serde_json::json!({"architecture": p.architecture, "os": p.os})
+    } else {
+        serde_json::from_slice(image_config)
+            .map_err(|source| Error::DecodeImageConfig { source })?
+    };
+    let ts = serde_json::Value::String(rfc3339(epoch));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("created".into(), ts.clone());
+        if let Some(h) = obj.get_mut("history").and_then(|h| h.as_array_mut()) {
+            for entry in h.iter_mut().filter_map(|e| e.as_object_mut()) {
+                entry.insert("created".into(), ts.clone());
+            }
+        }
+    }
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson {
+        what: "image config",
+        source,
+    })
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+fn rfc3339(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let rem = epoch % 86_400;
+    // civil_from_days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Fetch the ref's layers from the worker into `tmp/blobs` and assemble the image.
 pub(crate) async fn build(
     req: &ExportRequest,
@@ -201,15 +291,12 @@ pub(crate) async fn build(
         Some(_) if bool_attr(&req.attrs, "oci-mediatypes", true) => MediaTypes::Oci,
         Some(_) => MediaTypes::Docker,
     };
-    let compression = req
-        .attrs
-        .get("compression")
-        .map(String::as_str)
-        .unwrap_or("gzip");
+    let options = layer_options(&req.attrs)?;
+    let epoch = source_date_epoch(&req.attrs)?;
     let layers = if req.reference.is_empty() {
         Vec::new()
     } else {
-        worker.layers(&req.reference, compression).await?
+        worker.layers(&req.reference, &options.spec()).await?
     };
     let blob_dir = tmp.join("blobs");
     tokio::fs::create_dir_all(&blob_dir)
@@ -228,7 +315,11 @@ pub(crate) async fn build(
         ));
         fetch_layer(worker, &layer.descriptor, &blob_dir).await?;
     }
-    let image = assemble_image(&req.image_config, &layers, media, &blob_dir)?;
+    let image_config = match epoch {
+        Some(e) => with_epoch(&req.image_config, e)?,
+        None => req.image_config.clone(),
+    };
+    let image = assemble_image(&image_config, &layers, media, &blob_dir)?;
     let config_path = image.blob_path(&image.config_desc.digest);
     tokio::fs::write(&config_path, &image.config)
         .await
@@ -274,38 +365,98 @@ async fn fetch_layer(
     Ok(())
 }
 
-/// Push the image's blobs (existing ones skipped) and manifest to `name`.
-pub(crate) async fn push(
-    registry: &kiln_registry::Client,
-    name: &str,
-    image: &AssembledImage,
-) -> Result<(), Error> {
-    let r = kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
-        reference: name.to_string(),
-        source: Box::new(source),
-    })?;
-    for desc in image
-        .layers
-        .iter()
-        .chain(std::iter::once(&image.config_desc))
-    {
-        registry
-            .push_blob(&r, desc, &image.blob_path(&desc.digest))
-            .await
-            .map_err(|source| Error::PushBlob {
-                reference: r.to_string(),
-                digest: desc.digest.clone(),
-                source: Box::new(source),
-            })?;
+/// `name` without its tag, pinned to `digest` (`push-by-digest`).
+pub(crate) fn digest_name(name: &str, digest: &str) -> String {
+    match kiln_registry::Reference::parse(name) {
+        Ok(mut r) => {
+            r.tag = None;
+            r.digest = Some(digest.to_string());
+            r.to_string()
+        }
+        Err(_) => format!("{name}@{digest}"),
     }
-    registry
-        .push_manifest(&r, &image.manifest_desc.media_type, image.manifest.clone())
-        .await
-        .map_err(|source| Error::PushManifest {
-            reference: r.to_string(),
+}
+
+/// Blob counts of a push.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pushed {
+    pub uploaded: usize,
+    pub existed: usize,
+    pub mounted: usize,
+}
+
+/// Blobs pushed at once.
+const PUSH_CONCURRENCY: usize = 4;
+
+/// Push the image to every name: blobs (HEAD first, then a mount from a repository pushed
+/// before on the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), then the
+/// manifest under the tag, or only by digest with `by_digest`.
+pub(crate) async fn push_all(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    image: &AssembledImage,
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+    use kiln_registry::PushOutcome;
+    let mut done: Vec<kiln_registry::Reference> = Vec::new();
+    let mut counts = Pushed::default();
+    for name in names {
+        let mut r = kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
+            reference: name.to_string(),
             source: Box::new(source),
         })?;
-    Ok(())
+        if by_digest {
+            r.tag = None;
+        }
+        r.digest = None;
+        let _ = progress.try_send(format!("pushing {r}"));
+        let from = done.iter().find(|d| d.registry == r.registry && d.repository != r.repository);
+        let blobs: Vec<&Descriptor> = image
+            .layers
+            .iter()
+            .chain(std::iter::once(&image.config_desc))
+            .collect();
+        // owned futures: the export task must stay Send for any lifetime
+        let jobs: Vec<_> = blobs
+            .into_iter()
+            .map(|desc| {
+                let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
+                let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
+                async move {
+                    registry
+                        .push_blob_from(&r, &desc, &path, from.as_ref())
+                        .await
+                        .map_err(|source| Error::PushBlob {
+                            reference: r.to_string(),
+                            digest: desc.digest.clone(),
+                            source: Box::new(source),
+                        })
+                }
+            })
+            .collect();
+        let outcomes: Vec<PushOutcome> = stream::iter(jobs)
+            .buffer_unordered(PUSH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for o in outcomes {
+            match o {
+                PushOutcome::Exists => counts.existed += 1,
+                PushOutcome::Mounted => counts.mounted += 1,
+                PushOutcome::Uploaded | PushOutcome::UploadedChunked => counts.uploaded += 1,
+            }
+        }
+        registry
+            .push_manifest(&r, &image.manifest_desc.media_type, image.manifest.clone())
+            .await
+            .map_err(|source| Error::PushManifest {
+                reference: r.to_string(),
+                source: Box::new(source),
+            })?;
+        done.push(r);
+    }
+    Ok(counts)
 }
 
 #[cfg(test)]
@@ -398,6 +549,41 @@ mod tests {
         assert_eq!(cfg["os"], "linux");
         let m: Manifest = serde_json::from_slice(&scratch.manifest).expect("manifest");
         assert!(m.layers.is_empty());
+    }
+
+    #[test]
+    fn epoch_sets_created_and_history_and_layer_options_follow_attrs() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        let cfg = with_epoch(FRONTEND_CONFIG.as_bytes(), 1_700_000_000).expect("epoch");
+        let cfg: ImageConfig = serde_json::from_slice(&cfg).expect("config");
+        assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert!(cfg.history.iter().all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z")));
+        let attrs = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let o = layer_options(&attrs(&[
+            ("compression", "zstd"),
+            ("compression-level", "12"),
+            ("force-compression", "true"),
+            ("rewrite-timestamp", "true"),
+            ("source-date-epoch", "42"),
+        ]))
+        .expect("options");
+        assert_eq!(o.spec(), "zstd;level=12;force;epoch=42");
+        assert_eq!(layer_options(&attrs(&[])).expect("default").spec(), "gzip");
+        assert!(layer_options(&attrs(&[("compression", "lz4")])).is_err());
+        assert!(layer_options(&attrs(&[("compression", "gzip"), ("compression-level", "12")])).is_err());
+        assert_eq!(
+            source_date_epoch(&attrs(&[("build-arg:SOURCE_DATE_EPOCH", "7")])).expect("epoch"),
+            Some(7)
+        );
+        assert!(source_date_epoch(&attrs(&[("source-date-epoch", "soon")])).is_err());
+        assert_eq!(
+            digest_name("127.0.0.1:5000/a/b:v1", "sha256:abc"),
+            "127.0.0.1:5000/a/b@sha256:abc"
+        );
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub trait ClientSink: Send + Sync {
         exporter_id: u32,
         dir: &Path,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// The client's registry credentials for `host` (session Auth attachable); `None` when
+    /// it has none.
+    fn credentials(&self, host: &str) -> impl Future<Output = Option<(String, String)>> + Send {
+        let _ = host;
+        async { None }
+    }
 }
 
 impl ClientSink for kiln_session::SessionClient {
@@ -114,6 +120,9 @@ pub struct ResolvedConfig {
     /// Raw config JSON.
     pub config: Vec<u8>,
 }
+
+/// How long a push waits for the client session to answer a credentials request.
+const CREDENTIALS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The exporter core.
 pub struct Exporter {
@@ -170,6 +179,46 @@ impl Exporter {
         })
     }
 
+    /// The registry client for a push to `names`: with the client's session credentials for
+    /// each registry host and, with `insecure`, TLS verification off for those hosts.
+    async fn push_client(
+        &self,
+        names: &[String],
+        client: &impl ClientSink,
+        insecure: bool,
+    ) -> Result<kiln_registry::Client, Error> {
+        let mut hosts: Vec<String> = Vec::new();
+        for n in names {
+            let r = Reference::parse(n).map_err(|source| Error::ParseReference {
+                reference: n.clone(),
+                source: Box::new(source),
+            })?;
+            if !hosts.contains(&r.registry) {
+                hosts.push(r.registry);
+            }
+        }
+        let mut creds = BTreeMap::new();
+        let mut registry = self.registry.clone();
+        for host in &hosts {
+            let asked = tokio::time::timeout(CREDENTIALS_TIMEOUT, client.credentials(host)).await;
+            match asked {
+                Ok(Some(c)) => {
+                    creds.insert(host.clone(), c);
+                }
+                Ok(None) => {}
+                Err(_) => tracing::warn!(host, "session did not answer the credentials request"),
+            }
+            if insecure {
+                registry = registry.with_insecure_host(host);
+            }
+        }
+        if !creds.is_empty() {
+            let creds = std::sync::Arc::new(creds);
+            registry = registry.with_credentials(std::sync::Arc::new(move |h: &str| creds.get(h).cloned()));
+        }
+        Ok(registry)
+    }
+
     /// Run one export. Status lines go to `progress`; returns the exporter response map.
     pub async fn export(
         &self,
@@ -200,14 +249,30 @@ impl Exporter {
                 let names = names(&req.attrs);
                 match req.kind.as_str() {
                     "image" => {
+                        let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
                         if !names.is_empty() {
-                            response.insert("image.name".into(), names.join(","));
+                            let shown: Vec<String> = if by_digest {
+                                names
+                                    .iter()
+                                    .map(|n| image::digest_name(n, &image.manifest_desc.digest))
+                                    .collect()
+                            } else {
+                                names.clone()
+                            };
+                            response.insert("image.name".into(), shown.join(","));
                         }
                         if bool_attr(&req.attrs, "push", false) {
-                            for name in &names {
-                                let _ = progress.try_send(format!("pushing {name}"));
-                                image::push(&self.registry, name, &image).await?;
-                            }
+                            let registry = self
+                                .push_client(&names, client, bool_attr(&req.attrs, "registry.insecure", false))
+                                .await?;
+                            let pushed = image::push_all(&registry, &names, &image, by_digest, progress).await?;
+                            let _ = progress.try_send(format!(
+                                "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
+                                names.len(),
+                                pushed.uploaded,
+                                pushed.existed,
+                                pushed.mounted
+                            ));
                         }
                     }
                     kind => {

@@ -42,6 +42,12 @@ impl ClientSink for Sink {
             Sink::None => Ok(()),
         }
     }
+    async fn credentials(&self, host: &str) -> Option<(String, String)> {
+        match self {
+            Sink::Session(s) => ClientSink::credentials(s, host).await,
+            Sink::None => None,
+        }
+    }
 }
 
 fn status_event(s: String) -> xpb::ExportEvent {
@@ -82,7 +88,10 @@ impl ExporterRpc for ExporterService {
             let _ = span;
             let result = async {
                 let worker = GrpcWorker::connect(&req.worker).await?;
-                let sink = if req.kind == "image" {
+                // image pushes ask the session for registry credentials
+                let needs_session = req.kind != "image"
+                    || req.attrs.get("push").is_some_and(|v| v == "true" || v == "1");
+                let sink = if !needs_session || req.session_id.is_empty() {
                     Sink::None
                 } else {
                     let broker = &core.config().broker;

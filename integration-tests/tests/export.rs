@@ -1,0 +1,256 @@
+//! Image export and push end to end: a real all-in-one kilnd and Debian's docker-registry
+//! with TLS from a self-signed CA, zstd layers read by skopeo, reproducible digests and
+//! push-by-digest.
+
+use anyhow::{bail, Context, Result};
+use kiln_integration_tests::{bin_dir, dockerfile_args, run, BuildContext};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A docker-registry with its own config, data and access log.
+struct Registry {
+    addr: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl Registry {
+    /// `extra` is YAML appended under `http:` (indented) and at top level via `top`.
+    fn start(http_extra: &str, top: &str) -> Result<Registry> {
+        let dir = tempfile::Builder::new().prefix("kiln-reg-").tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{http_extra}{top}",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start docker-registry")?;
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("registry did not start: {}", std::fs::read_to_string(dir.path().join("registry.log"))?);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Registry { addr, dir, child })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Blob uploads the registry saw: PATCHes and PUTs to upload sessions (access log).
+    fn uploads(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| (l.contains("\"PUT /v2/") || l.contains("\"PATCH /v2/")) && l.contains("/blobs/uploads/"))
+            .count()
+    }
+}
+
+/// An all-in-one kilnd with a given kilnd.toml, and a `kiln` runner with its own HOME.
+struct Kilnd {
+    dir: tempfile::TempDir,
+    addr: String,
+    child: Child,
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .status();
+    }
+}
+
+impl Kilnd {
+    fn start(toml: &str) -> Result<Kilnd> {
+        let dir = tempfile::Builder::new().prefix("kiln-exp-").tempdir()?;
+        let config = dir.path().join("kilnd.toml");
+        std::fs::write(&config, toml)?;
+        let sock = dir.path().join("kilnd.sock");
+        let log = dir.path().join("kilnd.log");
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--addr")
+            .arg(format!("unix://{}", sock.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start kilnd")?;
+        let start = Instant::now();
+        while !sock.exists() {
+            if let Some(st) = child.try_wait()? {
+                bail!("kilnd exited {st}: {}", std::fs::read_to_string(&log)?);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("kilnd did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Kilnd { addr: format!("unix://{}", sock.display()), dir, child })
+    }
+
+    /// `kiln build` of the context with `output`, HOME set to `home`.
+    fn build(&self, ctx: &Path, output: &str, home: &Path) -> Result<Output> {
+        let mut args = vec!["--addr", &self.addr, "build", "--progress", "plain"];
+        args.extend(dockerfile_args());
+        args.extend(["--output", output, "--metadata-file", "meta.json"]);
+        let out = Command::new(bin_dir().join("kiln")).args(&args).current_dir(ctx).env("HOME", home).output()?;
+        Ok(out)
+    }
+
+    fn build_ok(&self, ctx: &Path, output: &str, home: &Path) -> Result<serde_json::Value> {
+        let out = self.build(ctx, output, home)?;
+        if !out.status.success() {
+            bail!(
+                "kiln build failed: {}\n--- kilnd ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+            );
+        }
+        Ok(serde_json::from_slice(&std::fs::read(ctx.join("meta.json"))?)?)
+    }
+}
+
+fn context() -> BuildContext {
+    let c = BuildContext::new("FROM scratch\nCOPY hello.txt /etc/hello.txt\nCOPY data/ /data/\n").expect("context");
+    c.file("hello.txt", "hello from kiln\n").expect("write");
+    c.file("data/a.txt", &"some text to compress\n".repeat(200)).expect("write");
+    c
+}
+
+fn skopeo_inspect(target: &str, extra: &[&str]) -> Result<serde_json::Value> {
+    let out = run(Command::new("skopeo").arg("inspect").args(extra).arg(target))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn make_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_key = dir.join("ca.key");
+    let ca = dir.join("ca.pem");
+    let key = dir.join("srv.key");
+    let csr = dir.join("srv.csr");
+    let cert = dir.join("srv.pem");
+    let ext = dir.join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+    let p = |s: &Path| s.display().to_string();
+    run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kiln test CA"]).args(["-keyout", &p(&ca_key), "-out", &p(&ca)]))?;
+    run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).args(["-keyout", &p(&key), "-out", &p(&csr)]))?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .args(["-in", &p(&csr), "-CA", &p(&ca), "-CAkey", &p(&ca_key), "-out", &p(&cert), "-extfile", &p(&ext)]))?;
+    Ok((ca, cert, key))
+}
+
+#[test]
+fn push_to_tls_registry_with_ca_from_kilnd_toml() -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let (ca, cert, key) = make_certs(certs.path())?;
+    let reg = Registry::start(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()), "")?;
+    let ctx = context();
+    let home = tempfile::tempdir()?;
+    let name = format!("{}/kiln/tls:v1", reg.addr);
+
+    // without the CA the certificate is not trusted; registry.insecure=true skips verification
+    let plain = Kilnd::start("")?;
+    let out = plain.build(ctx.path(), &format!("type=image,name={name},push=true"), home.path())?;
+    assert!(!out.status.success(), "push to an untrusted TLS registry succeeded");
+    plain.build_ok(ctx.path(), &format!("type=image,name={name},push=true,registry.insecure=true"), home.path())?;
+
+    let d = Kilnd::start(&format!("[registry.\"{}\"]\nca = [\"{}\"]\n", reg.addr, ca.display()))?;
+    let meta = d.build_ok(ctx.path(), &format!("type=image,name={name},push=true"), home.path())?;
+    let v = skopeo_inspect(&format!("docker://{name}"), &["--cert-dir", &certs.path().display().to_string()])
+        .or_else(|_| skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false"]))?;
+    assert_eq!(v["Digest"], meta["containerimage.digest"]);
+    Ok(())
+}
+
+#[test]
+fn zstd_layers_are_read_by_skopeo() -> Result<()> {
+    let reg = Registry::start("", "")?;
+    let d = Kilnd::start("")?;
+    let ctx = context();
+    let home = tempfile::tempdir()?;
+    let name = format!("{}/kiln/zstd:v1", reg.addr);
+    let meta = d.build_ok(ctx.path(), &format!("type=image,name={name},push=true,compression=zstd,compression-level=9"), home.path())?;
+    let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{name}")))?;
+    let manifest: serde_json::Value = serde_json::from_str(&raw)?;
+    let layers = manifest["layers"].as_array().context("layers")?;
+    assert!(!layers.is_empty());
+    for l in layers {
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    }
+    let out_dir = tempfile::tempdir()?;
+    let oci = out_dir.path().join("oci");
+    run(Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .arg(format!("oci:{}:v1", oci.display())))?;
+    let v = skopeo_inspect(&format!("oci:{}:v1", oci.display()), &[])?;
+    assert_eq!(v["Digest"], meta["containerimage.digest"]);
+    // the zstd blob decompresses to a tar holding the copied file
+    let blob = oci.join("blobs/sha256").join(&layers[0]["digest"].as_str().context("digest")?[7..]);
+    let tar = run(Command::new("sh").arg("-c").arg(format!("zstd -dc {} | tar -tf -", blob.display())))?;
+    assert!(tar.contains("etc/hello.txt"), "{tar}");
+    Ok(())
+}
+
+#[test]
+fn two_clean_builds_give_the_same_digest_with_source_date_epoch() -> Result<()> {
+    let ctx = context();
+    let home = tempfile::tempdir()?;
+    let output = "type=oci,dest=out.tar,source-date-epoch=1700000000,rewrite-timestamp=true";
+    let a = Kilnd::start("")?.build_ok(ctx.path(), output, home.path())?;
+    let b = Kilnd::start("")?.build_ok(ctx.path(), output, home.path())?;
+    assert_eq!(a["containerimage.digest"], b["containerimage.digest"]);
+    let v = skopeo_inspect(&format!("oci-archive:{}", ctx.path().join("out.tar").display()), &[])?;
+    assert_eq!(v["Created"], "2023-11-14T22:13:20Z");
+    Ok(())
+}
+
+#[test]
+fn push_by_digest_creates_no_tag() -> Result<()> {
+    let reg = Registry::start("", "")?;
+    let d = Kilnd::start("")?;
+    let ctx = context();
+    let home = tempfile::tempdir()?;
+    let meta = d.build_ok(ctx.path(), &format!("type=image,name={}/kiln/bydigest:v1,push=true,push-by-digest=true", reg.addr), home.path())?;
+    let digest = meta["containerimage.digest"].as_str().context("digest")?;
+    assert_eq!(meta["image.name"], format!("{}/kiln/bydigest@{digest}", reg.addr));
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/kiln/bydigest@{digest}", reg.addr)))?;
+    let m: serde_json::Value = serde_json::from_str(&raw)?;
+    assert_eq!(m["schemaVersion"], 2);
+    let tags = run(Command::new("curl").arg("-s").arg(format!("http://{}/v2/kiln/bydigest/tags/list", reg.addr)))?;
+    assert!(!tags.contains("v1"), "{tags}");
+    Ok(())
+}
