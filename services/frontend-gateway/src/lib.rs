@@ -178,6 +178,25 @@ impl<B: Bridge> Gateway<B> {
         {
             opts.excludes = kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
         }
+        // Named local contexts honour their own .dockerignore, as in BuildKit.
+        let dirs: Vec<String> = opts
+            .named_contexts
+            .values()
+            .filter_map(|c| match c {
+                dockerfile2llb::NamedContext::Local(dir) => Some(dir.clone()),
+                dockerfile2llb::NamedContext::Image(_) => None,
+            })
+            .collect();
+        for dir in dirs {
+            if opts.local_excludes.contains_key(&dir) {
+                continue;
+            }
+            if let Some(ignore) = self.load_context_dockerignore(req, &dir).await {
+                let patterns =
+                    kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
+                opts.local_excludes.insert(dir, patterns);
+            }
+        }
         let resolver = BridgeResolver {
             bridge: &self.bridge,
             build_id: &req.build_id,
@@ -210,12 +229,26 @@ impl<B: Bridge> Gateway<B> {
         {
             return Some(data);
         }
+        self.load_context_dockerignore(req, CONTEXT_LOCAL).await
+    }
+
+    /// `.dockerignore` at the root of the client's local dir `local`.
+    async fn load_context_dockerignore(
+        &self,
+        req: &FrontendRequest,
+        local: &str,
+    ) -> Option<Vec<u8>> {
+        let progress = if local == CONTEXT_LOCAL {
+            format!("[internal] load {DOCKERIGNORE}")
+        } else {
+            format!("[context {local}] load {DOCKERIGNORE}")
+        };
         let definition = local_source_definition(
             &req.session_id,
-            CONTEXT_LOCAL,
-            &format!("{CONTEXT_LOCAL}:{DOCKERIGNORE}"),
+            local,
+            &format!("{local}:{DOCKERIGNORE}"),
             &[DOCKERIGNORE.to_string()],
-            &format!("[internal] load {DOCKERIGNORE}"),
+            &progress,
         );
         let reference = self.bridge.solve(&req.build_id, definition).await.ok()?;
         if reference.is_empty() {
@@ -291,6 +324,7 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
     Ok(dockerfile2llb::ConvertOptions {
         named_contexts,
         excludes: Vec::new(),
+        local_excludes: BTreeMap::new(),
         target: attr("target").cloned(),
         build_args,
         platform,
@@ -768,6 +802,33 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("Dockerfile:2"), "{msg}");
         assert!(msg.contains("excluded by .dockerignore"), "{msg}");
+    }
+
+    #[test]
+    fn named_local_context_gets_its_own_dockerignore() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM scratch\nCOPY --from=extra / /e/\n".to_vec(),
+            // ref-2: the main context's .dockerignore (absent), ref-3: extradir's
+            files: BTreeMap::from([(
+                ("ref-3".to_string(), ".dockerignore".to_string()),
+                b"secret\n".to_vec(),
+            )]),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[("context:extra", "local:extradir")])))
+            .expect("converts");
+        let graph = kiln_llb::load(&out.definition).expect("valid definition");
+        let src = graph
+            .vertices
+            .iter()
+            .find_map(|v| match &v.op.op {
+                Some(pb::op::Op::Source(s)) if s.identifier == "local://extradir" => Some(s),
+                _ => None,
+            })
+            .expect("local://extradir source");
+        assert_eq!(src.attrs["local.excludepatterns"], r#"["secret"]"#);
+        assert_eq!(src.attrs["local.sharedkeyhint"], "extradir");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct ConvertOptions {
     /// Named contexts (`context:NAME=...`): replace `FROM NAME` and
     /// `COPY --from=NAME` when NAME is not a stage.
     pub named_contexts: BTreeMap<String, NamedContext>,
+    /// `.dockerignore` patterns of named local contexts, by local dir name.
+    pub local_excludes: BTreeMap<String, Vec<String>>,
 }
 
 /// What a named context (`--opt context:NAME=VALUE`) points at.
@@ -555,9 +557,13 @@ pub async fn convert<R: ImageResolver>(
     let ignore = kiln_dockerfile::IgnoreMatcher::new(&opts.excludes);
     let mut local_ops: BTreeMap<usize, OpId> = BTreeMap::new();
     let mut local_op = |ops: &mut Ops, k: usize| -> OpId {
-        *local_ops
-            .entry(k)
-            .or_insert_with(|| ops.named_local(&locals[k], &opts.session_id))
+        *local_ops.entry(k).or_insert_with(|| {
+            let excludes = opts
+                .local_excludes
+                .get(&locals[k])
+                .map_or(&[][..], Vec::as_slice);
+            ops.named_local(&locals[k], &opts.session_id, excludes)
+        })
     };
     for i in 0..df.stages.len() {
         if !reachable[i] {

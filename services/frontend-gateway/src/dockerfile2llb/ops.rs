@@ -117,8 +117,20 @@ impl Ops {
     }
 
     /// A named local context (`context:NAME=local:DIR`): the client's dir DIR.
-    pub(crate) fn named_local(&mut self, dir: &str, session_id: &str) -> OpId {
+    pub(crate) fn named_local(&mut self, dir: &str, session_id: &str, excludes: &[String]) -> OpId {
         let mut attrs = BTreeMap::new();
+        let mut caps = vec![
+            "source.local",
+            "source.local.sessionid",
+            "source.local.sharedkeyhint",
+        ];
+        if !excludes.is_empty() {
+            attrs.insert(
+                "local.excludepatterns".to_string(),
+                serde_json::to_string(excludes).unwrap_or_else(|_| "[]".to_string()),
+            );
+            caps.insert(1, "source.local.excludepatterns");
+        }
         if !session_id.is_empty() {
             attrs.insert("local.session".to_string(), session_id.to_string());
         }
@@ -135,14 +147,7 @@ impl Ops {
         self.push(
             op,
             Vec::new(),
-            metadata(
-                &[("llb.customname", name.as_str())],
-                &[
-                    "source.local",
-                    "source.local.sessionid",
-                    "source.local.sharedkeyhint",
-                ],
-            ),
+            metadata(&[("llb.customname", name.as_str())], &caps),
             None,
         )
     }
