@@ -111,6 +111,7 @@ CMD ["cat hello.txt"]
     assert_eq!(conf["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
     assert_eq!(conf["Cmd"], serde_json::json!(["cat hello.txt"]));
     assert_eq!(cfg["os"], "linux");
+    assert!(cfg["created"].as_str().is_some_and(|c| c.starts_with("20")), "created is the build time: {cfg}");
     let history = cfg["history"].as_array().expect("history");
     assert!(history.len() >= 5, "history per instruction: {history:?}");
     let non_empty = history.iter().filter(|h| h["empty_layer"] != true).count();

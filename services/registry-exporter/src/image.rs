@@ -232,6 +232,34 @@ pub fn source_date_epoch(attrs: &BTreeMap<String, String>) -> Result<Option<u64>
     Ok(None)
 }
 
+fn now_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The image config JSON with `created` and the history entries that have no
+/// `created` yet (the steps of this build) set to `now`, as BuildKit does
+/// without SOURCE_DATE_EPOCH; entries of the base image keep theirs.
+pub fn with_build_time(image_config: &[u8], now: u64) -> Result<Vec<u8>, Error> {
+    if image_config.is_empty() {
+        return with_epoch(image_config, now);
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    let ts = serde_json::Value::String(rfc3339(now));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("created".into(), ts.clone());
+        if let Some(h) = obj.get_mut("history").and_then(|h| h.as_array_mut()) {
+            for entry in h.iter_mut().filter_map(|e| e.as_object_mut()) {
+                entry.entry("created").or_insert_with(|| ts.clone());
+            }
+        }
+    }
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson { what: "image config", source })
+}
+
 /// The image config JSON with `created` and every history entry's `created` set to `epoch`
 /// (RFC 3339, UTC). An empty config becomes this host's default config.
 pub fn with_epoch(image_config: &[u8], epoch: u64) -> Result<Vec<u8>, Error> {
@@ -317,7 +345,7 @@ pub(crate) async fn build(
     }
     let image_config = match epoch {
         Some(e) => with_epoch(&req.image_config, e)?,
-        None => req.image_config.clone(),
+        None => with_build_time(&req.image_config, now_epoch())?,
     };
     let image = assemble_image(&image_config, &layers, media, &blob_dir)?;
     let config_path = image.blob_path(&image.config_desc.digest);
@@ -549,6 +577,18 @@ mod tests {
         assert_eq!(cfg["os"], "linux");
         let m: Manifest = serde_json::from_slice(&scratch.manifest).expect("manifest");
         assert!(m.layers.is_empty());
+    }
+
+    #[test]
+    fn build_time_fills_only_missing_created() {
+        let cfg = with_build_time(FRONTEND_CONFIG.as_bytes(), 1_700_000_000).expect("time");
+        let cfg: ImageConfig = serde_json::from_slice(&cfg).expect("json");
+        assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert!(cfg.history.iter().all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z")));
+        let base = r#"{"architecture":"amd64","os":"linux","history":[{"created":"2000-01-01T00:00:00Z","created_by":"base"},{"created_by":"RUN x"}]}"#;
+        let cfg: ImageConfig = serde_json::from_slice(&with_build_time(base.as_bytes(), 1_700_000_000).expect("time")).expect("json");
+        assert_eq!(cfg.history[0].created.as_deref(), Some("2000-01-01T00:00:00Z"), "base history keeps its time");
+        assert_eq!(cfg.history[1].created.as_deref(), Some("2023-11-14T22:13:20Z"));
     }
 
     #[test]
