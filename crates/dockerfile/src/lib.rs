@@ -16,6 +16,8 @@ mod instructions;
 mod mount;
 mod parser;
 mod shell;
+#[cfg(test)]
+mod tests;
 
 pub use dockerignore::{IgnoreMatcher, parse_dockerignore};
 pub use instructions::{
