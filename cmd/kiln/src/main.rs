@@ -2,6 +2,7 @@
 //! or a `buildkitd`, with `buildctl`'s flags.
 
 mod build;
+mod du;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,10 @@ struct Cli {
 enum Command {
     /// Build a Dockerfile or an LLB definition
     Build(build::BuildArgs),
+    /// Show the build cache's disk usage
+    Du(du::DuArgs),
+    /// Remove build cache
+    Prune(du::PruneArgs),
     /// Show daemon and worker information
     Debug {
         #[command(subcommand)]
@@ -48,6 +53,8 @@ async fn main() {
     let addr = daemon_addr(cli.addr);
     let r = match cli.command {
         Command::Build(args) => build::run(&addr, args).await,
+        Command::Du(args) => du::du(&addr, args).await,
+        Command::Prune(args) => du::prune(&addr, args).await,
         Command::Debug { what } => debug(&addr, what).await,
     };
     if let Err(e) = r {

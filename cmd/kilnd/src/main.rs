@@ -127,6 +127,7 @@ async fn frontend_core(solver: &str) -> anyhow::Result<Arc<frontend_gateway::Gat
 }
 
 async fn solver_core(
+    s: &Settings,
     worker: &str,
     frontend: &str,
     exporter: &str,
@@ -135,7 +136,12 @@ async fn solver_core(
     let w = GrpcWorker::new(worker.to_string(), kiln_session::dial::connect(worker).await?);
     let f = GrpcFrontend::new(kiln_session::dial::connect(frontend).await?);
     let e = GrpcExporter::new(kiln_session::dial::connect(exporter).await?);
-    Ok(Arc::new(solver_scheduler::Solver::new(solver_scheduler::Config::default(), w, f, e)))
+    let config = solver_scheduler::Config {
+        // the result cache survives restarts (and kill -9: redb commits are atomic)
+        cache_db: Some(s.root.join("solver").join("cache.redb")),
+        ..Default::default()
+    };
+    Ok(Arc::new(solver_scheduler::Solver::new(config, w, f, e).context("start solver")?))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -145,7 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
         None => {
             let internal = format!("unix://{}", s.root.join("internal.sock").display());
-            let solver = solver_core(&internal, &internal, &internal).await?;
+            let solver = solver_core(&s, &internal, &internal, &internal).await?;
             let worker = worker_core(&s, internal.clone())?;
             let exporter = exporter_core(&s, internal.clone())?;
             let frontend = frontend_core(&internal).await?;
@@ -168,6 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(Role::SolverScheduler) => {
             let role = "solver-scheduler";
             let solver = solver_core(
+                &s,
                 &need(&s.peers.worker, "--worker-addr", role)?,
                 &need(&s.peers.frontend, "--frontend-addr", role)?,
                 &need(&s.peers.exporter, "--exporter-addr", role)?,

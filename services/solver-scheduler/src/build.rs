@@ -3,11 +3,13 @@
 use crate::peer::{ExportJob, Exporter, Frontend, Worker};
 use crate::progress::{now, Progress};
 use crate::session::SessionManager;
-use crate::solve::{self, ResultCache};
+use crate::cache::{unix_nanos, CacheRecord, CacheStore, MemoryStore, RedbStore};
+use crate::solve::{self, Cache};
 use crate::{Config, Error};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -28,6 +30,8 @@ pub struct BuildRequest {
     pub frontend: String,
     pub frontend_attrs: BTreeMap<String, String>,
     pub exporters: Vec<ExporterSpec>,
+    /// entitlements the client asked for (network.host, security.insecure)
+    pub entitlements: Vec<String>,
 }
 
 /// A build in flight.
@@ -35,12 +39,31 @@ pub struct Build {
     pub id: String,
     pub session_id: String,
     pub no_cache: bool,
+    pub entitlements: Vec<String>,
     pub progress: Progress,
+    /// unix nanoseconds
+    pub started: i64,
+    /// false once the build has ended
+    pub active: AtomicBool,
     /// results handed to the frontend, by id
     refs: Mutex<HashMap<String, String>>,
 }
 
 impl Build {
+    /// A build of `req`, starting now.
+    pub fn new(req: &BuildRequest, no_cache: bool) -> Build {
+        Build {
+            id: req.id.clone(),
+            session_id: req.session_id.clone(),
+            no_cache,
+            entitlements: req.entitlements.clone(),
+            progress: Progress::default(),
+            started: unix_nanos(),
+            active: AtomicBool::new(true),
+            refs: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub fn add_ref(&self, worker_ref: String) -> String {
         let id = uuid::Uuid::new_v4().simple().to_string();
         if let Ok(mut m) = self.refs.lock() {
@@ -63,7 +86,7 @@ pub struct Solver<W, F, E> {
     pub sessions: Arc<SessionManager>,
     builds: Mutex<HashMap<String, Arc<Build>>>,
     builds_changed: Notify,
-    cache: Arc<ResultCache>,
+    cache: Arc<Cache>,
     pub worker: Arc<W>,
     frontend: Arc<F>,
     exporter: Arc<E>,
@@ -72,13 +95,24 @@ pub struct Solver<W, F, E> {
 const IMAGE_CONFIG_KEY: &str = "containerimage.config";
 
 impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
-    pub fn new(config: Config, worker: W, frontend: F, exporter: E) -> Self {
+    /// A solver whose result cache lives in `config.cache_db` (in memory
+    /// when unset).
+    pub fn new(config: Config, worker: W, frontend: F, exporter: E) -> Result<Self, Error> {
+        let store: Arc<dyn CacheStore> = match &config.cache_db {
+            Some(path) => Arc::new(RedbStore::open(path)?),
+            None => Arc::new(MemoryStore::default()),
+        };
+        Ok(Self::with_store(config, store, worker, frontend, exporter))
+    }
+
+    /// A solver over a given cache store.
+    pub fn with_store(config: Config, store: Arc<dyn CacheStore>, worker: W, frontend: F, exporter: E) -> Self {
         Solver {
             config,
             sessions: Arc::new(SessionManager::default()),
             builds: Mutex::new(HashMap::new()),
             builds_changed: Notify::new(),
-            cache: Arc::new(ResultCache::default()),
+            cache: Arc::new(Cache::new(store)),
             worker: Arc::new(worker),
             frontend: Arc::new(frontend),
             exporter: Arc::new(exporter),
@@ -87,13 +121,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     fn register(&self, req: &BuildRequest) -> Arc<Build> {
         let no_cache = req.frontend_attrs.contains_key("no-cache");
-        let b = Arc::new(Build {
-            id: req.id.clone(),
-            session_id: req.session_id.clone(),
-            no_cache,
-            progress: Progress::default(),
-            refs: Mutex::new(HashMap::new()),
-        });
+        let b = Arc::new(Build::new(req, no_cache));
         if let Ok(mut m) = self.builds.lock() {
             m.insert(req.id.clone(), b.clone());
         }
@@ -116,21 +144,66 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         }
     }
 
-    /// Runs a whole build: frontend, solve, exporters.
+    /// Runs a whole build: frontend, solve, exporters. Dropping the future
+    /// cancels the build: its vertices stop unless another build shares them.
     pub async fn solve(self: &Arc<Self>, req: BuildRequest) -> Result<BTreeMap<String, String>, Error> {
         let build = self.register(&req);
-        let r = self.run_build(&build, &req).await;
-        build.progress.close();
-        let this = self.clone();
-        let id = req.id.clone();
-        tokio::spawn(async move {
-            // late Status subscribers still get the whole history
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            if let Ok(mut m) = this.builds.lock() {
-                m.remove(&id);
+        let _end = BuildEnd { solver: self.clone(), build: build.clone() };
+        self.run_build(&build, &req).await
+    }
+
+    /// Unix nanoseconds before which no running build started (now when
+    /// none runs): results older than this are not in use.
+    fn oldest_active_build(&self) -> i64 {
+        let now = unix_nanos();
+        self.builds
+            .lock()
+            .map(|m| {
+                m.values().filter(|b| b.active.load(Ordering::SeqCst)).map(|b| b.started).min().unwrap_or(now).min(now)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Cache records with their sizes (measured on the worker).
+    pub async fn disk_usage(&self) -> Result<Vec<CacheRecord>, Error> {
+        let mut records = self.cache.with_store(|s| s.list()).await?;
+        let refs: Vec<String> = records.iter().flat_map(|r| r.refs.iter()).filter(|r| !r.is_empty()).cloned().collect();
+        if refs.is_empty() {
+            return Ok(records);
+        }
+        let usage = self.worker.usage(&refs).await?;
+        let sizes: HashMap<String, i64> = usage.snapshots.into_iter().map(|s| (s.r#ref, s.size)).collect();
+        for r in &mut records {
+            let size: i64 = r.refs.iter().filter_map(|x| sizes.get(x)).sum();
+            if r.size != Some(size) {
+                r.size = Some(size);
+                let (id, store) = (r.id.clone(), self.cache.store().clone());
+                let _ = tokio::task::spawn_blocking(move || store.set_size(&id, size)).await;
             }
-        });
-        r
+        }
+        records.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        Ok(records)
+    }
+
+    /// Removes cache records not used for `keep_duration` (every record not
+    /// in use when `None`), then asks the worker to delete the snapshots no
+    /// remaining record reaches. Returns the removed records.
+    pub async fn prune(&self, keep_duration: Option<Duration>) -> Result<Vec<CacheRecord>, Error> {
+        let in_use_from = self.oldest_active_build();
+        let cutoff = match keep_duration {
+            Some(d) => in_use_from.min(unix_nanos() - d.as_nanos() as i64),
+            None => in_use_from,
+        };
+        let records = self.disk_usage().await?;
+        let (gone, kept): (Vec<CacheRecord>, Vec<CacheRecord>) = records.into_iter().partition(|r| r.last_used < cutoff);
+        for r in &gone {
+            let id = r.id.clone();
+            self.cache.with_store(move |s| s.remove(&id)).await?;
+        }
+        let keep: Vec<String> = kept.iter().flat_map(|r| r.refs.iter()).filter(|r| !r.is_empty()).cloned().collect();
+        let removed = self.worker.prune(&keep, in_use_from).await?;
+        tracing::info!(records = gone.len(), snapshots = removed.snapshots.len(), "pruned");
+        Ok(gone)
     }
 
     async fn run_build(&self, build: &Arc<Build>, req: &BuildRequest) -> Result<BTreeMap<String, String>, Error> {
@@ -201,6 +274,31 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     pub fn exporter(&self) -> &E {
         &self.exporter
+    }
+}
+
+/// Ends a build when its Solve finishes or is dropped: closes its progress
+/// and forgets it a minute later (late Status subscribers still get the
+/// whole history).
+struct BuildEnd<W: Worker, F: Frontend, E: Exporter> {
+    solver: Arc<Solver<W, F, E>>,
+    build: Arc<Build>,
+}
+
+impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
+    fn drop(&mut self) {
+        self.build.active.store(false, Ordering::SeqCst);
+        self.build.progress.close();
+        let solver = self.solver.clone();
+        let id = self.build.id.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Ok(mut m) = solver.builds.lock() {
+                    m.remove(&id);
+                }
+            });
+        }
     }
 }
 

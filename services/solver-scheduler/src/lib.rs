@@ -11,6 +11,7 @@
 //! real implementations are gRPC clients (`grpc::client`).
 
 pub mod build;
+pub mod cache;
 pub mod grpc;
 pub mod peer;
 pub mod progress;
@@ -28,11 +29,14 @@ pub struct Config {
     pub session_wait: Duration,
     /// Worker platforms reported by ListWorkers, e.g. "linux/amd64".
     pub platforms: Vec<String>,
+    /// The result cache database (redb); `None` keeps the cache in memory
+    /// (lost on restart).
+    pub cache_db: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", kiln_oci::host_architecture())] }
+        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", kiln_oci::host_architecture())], cache_db: None }
     }
 }
 
@@ -71,6 +75,14 @@ pub enum Error {
     Session(#[from] kiln_session::Error),
     #[error("build cancelled")]
     Cancelled,
+    #[error("cache store {op}: {source}")]
+    CacheStore {
+        op: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("cache record {id}: {message}")]
+    CacheRecord { id: String, message: String },
 }
 
 /// gRPC trailer carrying the source lines of a failed step (binary value).
@@ -90,6 +102,7 @@ impl From<Error> for tonic::Status {
             Error::Frontend { code, .. } | Error::Vertex { code, .. } => *code,
             Error::Cancelled => tonic::Code::Cancelled,
             Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
+            Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,
             Error::Resolve { .. } => tonic::Code::NotFound,
         };
         tonic::Status::new(code, e.to_string())

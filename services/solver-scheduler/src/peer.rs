@@ -22,6 +22,7 @@ pub struct RunOp {
     pub op_bytes: Vec<u8>,
     pub inputs: Vec<String>,
     pub name: String,
+    pub entitlements: Vec<String>,
 }
 
 /// What a worker produced for an op.
@@ -40,6 +41,39 @@ pub trait Worker: Send + Sync + 'static {
         events: Arc<dyn Fn(RunEvent) + Send + Sync>,
     ) -> impl Future<Output = Result<RunOutputs, Error>> + Send;
     fn read_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    /// Digest of the content at `selectors` in ref `r`.
+    fn checksum(&self, r: &str, selectors: &[Selector]) -> impl Future<Output = Result<String, Error>> + Send;
+    /// Whether each ref (with its parent chain) is still held.
+    fn exists(&self, refs: &[String]) -> impl Future<Output = Result<Vec<bool>, Error>> + Send;
+    /// Disk usage of the given snapshots (all when empty).
+    fn usage(&self, refs: &[String]) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+    /// Removes snapshots created before `before` (unix ns) that `keep` does not reach.
+    fn prune(&self, keep: &[String], before: i64) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+}
+
+/// A path an op reads from one of its inputs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Selector {
+    pub path: String,
+    pub wildcard: bool,
+    pub follow_links: bool,
+}
+
+/// One snapshot's disk usage.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotUsage {
+    pub r#ref: String,
+    pub parent: String,
+    pub kind: String,
+    pub size: i64,
+    pub created: i64,
+}
+
+/// Snapshots (listed or removed) and content-store bytes.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerUsage {
+    pub snapshots: Vec<SnapshotUsage>,
+    pub blobs_size: i64,
 }
 
 /// A frontend's answer.

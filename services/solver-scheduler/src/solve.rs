@@ -8,7 +8,8 @@
 //! digest the worker reports.
 
 use crate::build::Build;
-use crate::peer::{RunEvent, RunOp, RunOutputs, Worker};
+use crate::cache::{unix_nanos, CacheRecord, CacheStore};
+use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
 use crate::progress::now;
 use crate::Error;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -16,21 +17,100 @@ use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-/// Results of vertices that ran before, by cache key.
-#[derive(Default)]
-pub struct ResultCache {
-    entries: Mutex<HashMap<String, Arc<Done>>>,
+/// The result cache: records in a [`CacheStore`], vertices running now
+/// (shared by every build that needs the same cache key) and memoized
+/// content checksums (snapshots are immutable).
+pub struct Cache {
+    store: Arc<dyn CacheStore>,
+    inflight: Mutex<HashMap<String, Weak<InFlight>>>,
+    checksums: Mutex<HashMap<(String, Vec<Selector>), String>>,
 }
 
-impl ResultCache {
-    fn get(&self, key: &str) -> Option<Arc<Done>> {
-        self.entries.lock().ok().and_then(|m| m.get(key).cloned())
+/// A vertex being computed; dropped (and its task aborted) when no build
+/// waits for it any more.
+struct InFlight {
+    fut: Shared<BoxFuture<'static, Result<Outcome, Failure>>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
     }
-    fn put(&self, key: String, d: Arc<Done>) {
-        if let Ok(mut m) = self.entries.lock() {
-            m.insert(key, d);
+}
+
+#[derive(Clone)]
+struct Outcome {
+    done: Arc<Done>,
+    cached: bool,
+}
+
+impl Cache {
+    pub fn new(store: Arc<dyn CacheStore>) -> Self {
+        Cache { store, inflight: Mutex::new(HashMap::new()), checksums: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn store(&self) -> &Arc<dyn CacheStore> {
+        &self.store
+    }
+
+    /// Runs `f` on the store in a blocking thread (redb commits fsync).
+    pub async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn CacheStore) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| Error::Worker(format!("cache store task: {e}")))?
+    }
+
+    /// Joins the computation of `key` if one is running, else starts `start`.
+    /// Returns the shared computation and whether this caller started it.
+    fn join(
+        &self,
+        key: &str,
+        start: impl FnOnce() -> BoxFuture<'static, Result<Outcome, Failure>>,
+    ) -> (Arc<InFlight>, bool) {
+        let mut map = match self.inflight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(f) = map.get(key).and_then(Weak::upgrade) {
+            return (f, false);
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let handle = tokio::spawn(start());
+        let task = handle.abort_handle();
+        let fut = async move {
+            handle.await.unwrap_or_else(|e| {
+                Err(Failure {
+                    name: String::new(),
+                    message: if e.is_cancelled() { "build cancelled".into() } else { format!("vertex task: {e}") },
+                    code: tonic::Code::Cancelled,
+                    snippet: None,
+                })
+            })
+        }
+        .boxed()
+        .shared();
+        let f = Arc::new(InFlight { fut, task });
+        map.insert(key.to_string(), Arc::downgrade(&f));
+        (f, true)
+    }
+
+    fn memo(&self, r: &str, sel: &[Selector]) -> Option<String> {
+        self.checksums.lock().ok()?.get(&(r.to_string(), sel.to_vec())).cloned()
+    }
+
+    fn remember(&self, r: &str, sel: &[Selector], digest: &str) {
+        if let Ok(mut m) = self.checksums.lock() {
+            if m.len() > 10_000 {
+                m.clear();
+            }
+            m.insert((r.to_string(), sel.to_vec()), digest.to_string());
         }
     }
 }
@@ -155,11 +235,246 @@ fn is_local_source(op: &pb::Op) -> bool {
     matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("local://"))
 }
 
+fn abs_path(p: &str) -> String {
+    if p.starts_with('/') { p.to_string() } else { format!("/{p}") }
+}
+
+/// Per input of `op`: the paths the op reads from it, when it reads only
+/// those paths (copy sources, read-only bind mounts with a selector); `None`
+/// when it depends on the whole input.
+pub fn input_selectors(op: &pb::Op) -> Vec<Option<Vec<Selector>>> {
+    let n = op.inputs.len();
+    let mut whole = vec![false; n];
+    let mut sel: Vec<Vec<Selector>> = vec![Vec::new(); n];
+    let slot = |i: i64| usize::try_from(i).ok().filter(|i| *i < n);
+    match &op.op {
+        Some(OpKind::File(f)) => {
+            for a in &f.actions {
+                if let Some(i) = slot(a.input) {
+                    whole[i] = true;
+                }
+                if let Some(i) = slot(a.secondary_input) {
+                    match &a.action {
+                        Some(pb::file_action::Action::Copy(c)) => sel[i].push(Selector {
+                            path: abs_path(&c.src),
+                            wildcard: c.allow_wildcard,
+                            follow_links: c.follow_symlink,
+                        }),
+                        _ => whole[i] = true,
+                    }
+                }
+            }
+        }
+        Some(OpKind::Exec(e)) => {
+            for m in &e.mounts {
+                let Some(i) = slot(m.input) else { continue };
+                let bind = m.mount_type == pb::MountType::Bind as i32;
+                if bind && m.readonly && m.output < 0 && !m.selector.is_empty() && m.selector != "/" {
+                    sel[i].push(Selector { path: abs_path(&m.selector), wildcard: false, follow_links: true });
+                } else {
+                    whole[i] = true;
+                }
+            }
+        }
+        _ => whole.iter_mut().for_each(|w| *w = true),
+    }
+    whole
+        .into_iter()
+        .zip(sel)
+        .map(|(w, mut s)| {
+            if w || s.is_empty() {
+                None
+            } else {
+                s.sort();
+                s.dedup();
+                Some(s)
+            }
+        })
+        .collect()
+}
+
+/// What one vertex needs to run, owned so it can run in its own task.
+struct Step<W> {
+    worker: Arc<W>,
+    cache: Arc<Cache>,
+    build: Arc<Build>,
+    digest: String,
+    op: pb::Op,
+    op_bytes: Vec<u8>,
+    name: String,
+    ignore_cache: bool,
+    /// look results up (false with --no-cache / ignore_cache)
+    lookup: bool,
+    inputs: Vec<(String, String)>,
+    def_key: String,
+    key: String,
+    snippet: Option<String>,
+    pv: ProgressVertex,
+}
+
+impl<W: Worker> Step<W> {
+    fn fail(&self, message: String, code: tonic::Code) -> Failure {
+        Failure { name: self.name.clone(), message, code, snippet: self.snippet.clone() }
+    }
+
+    fn store_err(&self, e: Error) -> Failure {
+        self.fail(e.to_string(), tonic::Code::Internal)
+    }
+
+    /// A record that may be used: its refs still exist on the worker.
+    /// A record whose refs are gone is removed.
+    async fn usable(&self, key: &str) -> Result<Option<CacheRecord>, Failure> {
+        let k = key.to_string();
+        let Some(rec) = self.cache.with_store(move |s| s.get(&k)).await.map_err(|e| self.store_err(e))? else {
+            return Ok(None);
+        };
+        let refs: Vec<String> = rec.refs.iter().filter(|r| !r.is_empty()).cloned().collect();
+        let present = if refs.is_empty() {
+            true
+        } else {
+            match self.worker.exists(&refs).await {
+                Ok(v) => v.len() == refs.len() && v.iter().all(|x| *x),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cache hit not verified; running the step");
+                    return Ok(None);
+                }
+            }
+        };
+        if !present {
+            tracing::info!(key, record = %rec.id, "cached result is gone from the worker; dropping the record");
+            let id = rec.id.clone();
+            self.cache.with_store(move |s| s.remove(&id)).await.map_err(|e| self.store_err(e))?;
+            return Ok(None);
+        }
+        Ok(Some(rec))
+    }
+
+    /// The content key: like the fast key, but inputs the op reads only at
+    /// some paths count through a checksum of those paths. `None` when the
+    /// op reads every input whole.
+    async fn content_key(&self) -> Result<Option<String>, Failure> {
+        let sels = input_selectors(&self.op);
+        if sels.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut parts = vec![self.def_key.clone()];
+        for ((r, key), sel) in self.inputs.iter().zip(sels) {
+            match sel {
+                Some(sel) if !r.is_empty() => {
+                    let digest = match self.cache.memo(r, &sel) {
+                        Some(d) => d,
+                        None => {
+                            let d = self
+                                .worker
+                                .checksum(r, &sel)
+                                .await
+                                .map_err(|e| self.fail(format!("failed to compute cache key: {e}"), tonic::Code::Unknown))?;
+                            self.cache.remember(r, &sel, &d);
+                            d
+                        }
+                    };
+                    parts.push(format!("content:{digest}"));
+                }
+                _ => parts.push(key.clone()),
+            }
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        Ok(Some(sha(&refs)))
+    }
+
+    fn hit(&self, rec: CacheRecord) -> Outcome {
+        Outcome {
+            done: Arc::new(Done {
+                outputs: RunOutputs { refs: rec.refs, content_keys: vec![] },
+                keys: rec.output_keys,
+            }),
+            cached: true,
+        }
+    }
+
+    /// Looks the vertex up (fast key, then content key) and runs it on a miss.
+    async fn execute(self) -> Result<Outcome, Failure> {
+        if self.lookup {
+            if let Some(rec) = self.usable(&self.key).await? {
+                let id = rec.id.clone();
+                self.cache.with_store(move |s| s.touch(&id)).await.map_err(|e| self.store_err(e))?;
+                return Ok(self.hit(rec));
+            }
+        }
+        let content_key = if self.ignore_cache { None } else { self.content_key().await? };
+        if self.lookup {
+            if let Some(ck) = &content_key {
+                if let Some(rec) = self.usable(ck).await? {
+                    let (id, key) = (rec.id.clone(), self.key.clone());
+                    self.cache.with_store(move |s| s.link(&id, &key)).await.map_err(|e| self.store_err(e))?;
+                    return Ok(self.hit(rec));
+                }
+            }
+        }
+        let build = self.build.clone();
+        build.progress.vertex(self.pv.clone());
+        let vdigest = self.digest.clone();
+        let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
+            RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
+        });
+        let outputs = self
+            .worker
+            .run(
+                RunOp {
+                    build_id: self.build.id.clone(),
+                    session_id: self.build.session_id.clone(),
+                    digest: self.digest.clone(),
+                    op_bytes: self.op_bytes.clone(),
+                    inputs: self.inputs.iter().map(|(r, _)| r.clone()).collect(),
+                    name: self.name.clone(),
+                    entitlements: self.build.entitlements.clone(),
+                },
+                events,
+            )
+            .await
+            .map_err(|e| match e {
+                Error::Vertex { message, code, .. } => self.fail(message, code),
+                other => self.fail(other.to_string(), tonic::Code::Unknown),
+            })?;
+        let base = content_key.clone().unwrap_or_else(|| self.key.clone());
+        let local = is_local_source(&self.op);
+        let keys: Vec<String> = (0..outputs.refs.len())
+            .map(|i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
+                Some(ck) => sha(&[self.def_key.as_str(), ck.as_str()]),
+                // content unknown: nothing downstream may be reused
+                None if local => sha(&[&uuid::Uuid::new_v4().to_string()]),
+                None => sha(&[base.as_str(), &i.to_string()]),
+            })
+            .collect();
+        if !self.ignore_cache && !local {
+            let now = unix_nanos();
+            let mut links = vec![self.key.clone()];
+            links.extend(content_key.filter(|ck| *ck != self.key));
+            let rec = CacheRecord {
+                id: base,
+                worker: self.worker.address(),
+                refs: outputs.refs.clone(),
+                output_keys: keys.clone(),
+                links,
+                description: self.name.clone(),
+                created: now,
+                last_used: now,
+                usage_count: 1,
+                size: None,
+            };
+            if let Err(e) = self.cache.with_store(move |s| s.put(&rec)).await {
+                tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
+            }
+        }
+        Ok(Outcome { done: Arc::new(Done { outputs, keys }), cached: false })
+    }
+}
+
 /// Solves `def` for `build` and returns the worker ref of its result
 /// (empty for scratch).
 pub async fn solve<W: Worker>(
     worker: Arc<W>,
-    cache: Arc<ResultCache>,
+    cache: Arc<Cache>,
     build: Arc<Build>,
     def: &pb::Definition,
 ) -> Result<String, Error> {
@@ -209,7 +524,8 @@ pub async fn solve<W: Worker>(
                 parts.push(key.as_str());
             }
             let key = sha(&parts);
-            let cacheable = !v.metadata.ignore_cache && !build.no_cache && !is_local_source(&v.op);
+            let local = is_local_source(&v.op);
+            let lookup = !v.metadata.ignore_cache && !build.no_cache && !local;
             let started = now();
             let mut pv = ProgressVertex {
                 digest: v.digest.clone(),
@@ -218,60 +534,45 @@ pub async fn solve<W: Worker>(
                 started: Some(started),
                 ..Default::default()
             };
-            if cacheable {
-                if let Some(hit) = cache.get(&key) {
-                    pv.cached = true;
-                    pv.completed = Some(now());
-                    build.progress.vertex(pv);
-                    return Ok(hit);
-                }
-            }
-            build.progress.vertex(pv.clone());
-            let progress_build = build.clone();
-            let vdigest = v.digest.clone();
-            let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
-                RunEvent::Log { stream, data } => progress_build.progress.log(&vdigest, stream, data),
-            });
-            let run = worker
-                .run(
-                    RunOp {
-                        build_id: build.id.clone(),
-                        session_id: build.session_id.clone(),
-                        digest: v.digest.clone(),
-                        op_bytes: v.bytes.clone(),
-                        inputs: done_inputs.iter().map(|(r, _)| r.clone()).collect(),
-                        name: name.clone(),
-                    },
-                    events,
-                )
-                .await;
-            pv.completed = Some(now());
-            let outputs = match run {
-                Ok(o) => o,
-                Err(e) => {
-                    let (message, code) = match &e {
-                        Error::Vertex { message, code, .. } => (message.clone(), *code),
-                        other => (other.to_string(), tonic::Code::Unknown),
-                    };
-                    pv.error = message.clone();
-                    build.progress.vertex(pv);
-                    return Err(Failure { name, message, code, snippet });
-                }
+            let step = Step {
+                worker,
+                cache: cache.clone(),
+                build: build.clone(),
+                digest: v.digest.clone(),
+                op: v.op.clone(),
+                op_bytes: v.bytes.clone(),
+                name: name.clone(),
+                ignore_cache: v.metadata.ignore_cache,
+                lookup,
+                inputs: done_inputs,
+                def_key,
+                key: key.clone(),
+                snippet: snippet.clone(),
+                pv: pv.clone(),
             };
-            build.progress.vertex(pv);
-            let keys: Vec<String> = (0..outputs.refs.len())
-                .map(|i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
-                    Some(ck) => sha(&[def_key.as_str(), ck.as_str()]),
-                    // content unknown: nothing downstream may be reused
-                    None if is_local_source(&v.op) => sha(&[&uuid::Uuid::new_v4().to_string()]),
-                    None => sha(&[key.as_str(), &i.to_string()]),
-                })
-                .collect();
-            let done = Arc::new(Done { outputs, keys });
-            if !v.metadata.ignore_cache {
-                cache.put(key, done.clone());
+            // identical vertices of concurrent builds run once; vertices
+            // that must not be shared run in this build's own task
+            let (flight, leader) = if lookup {
+                cache.join(&key, move || step.execute().boxed())
+            } else {
+                cache.join(&format!("unshared:{}", uuid::Uuid::new_v4()), move || step.execute().boxed())
+            };
+            let res = flight.fut.clone().await;
+            pv.completed = Some(now());
+            match res {
+                Ok(o) => {
+                    pv.cached = o.cached || !leader;
+                    build.progress.vertex(pv);
+                    Ok(o.done)
+                }
+                Err(mut f) => {
+                    pv.error = f.message.clone();
+                    build.progress.vertex(pv);
+                    f.name = name;
+                    f.snippet = snippet;
+                    Err(f)
+                }
             }
-            Ok(done)
         }
         .boxed()
         .shared();
@@ -284,4 +585,258 @@ pub async fn solve<W: Worker>(
     drop(futs);
     let done = fut.await.map_err(Error::from)?;
     Ok(done.output(result.index).0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::BuildRequest;
+    use crate::cache::{MemoryStore, RedbStore};
+    use crate::peer::WorkerUsage;
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// A worker whose "context" is a map of files; exec ops sleep a little.
+    #[derive(Default)]
+    struct FakeWorker {
+        files: Mutex<BTreeMap<String, String>>,
+        refs: Mutex<HashSet<String>>,
+        runs: Mutex<Vec<String>>,
+        checksums: AtomicUsize,
+        cancelled: AtomicUsize,
+    }
+
+    struct CountDrop<'a>(&'a AtomicUsize, bool);
+    impl Drop for CountDrop<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Worker for FakeWorker {
+        fn address(&self) -> String {
+            "fake".into()
+        }
+        async fn run(&self, op: RunOp, _events: Arc<dyn Fn(RunEvent) + Send + Sync>) -> Result<RunOutputs, Error> {
+            use prost::Message;
+            let decoded = pb::Op::decode(op.op_bytes.as_slice()).expect("op");
+            self.runs.lock().expect("lock").push(op.name.clone());
+            let mut content_keys = vec![];
+            if is_local_source(&decoded) {
+                content_keys.push(format!("{:?}", self.files.lock().expect("lock")));
+            }
+            if matches!(decoded.op, Some(OpKind::Exec(_))) {
+                let mut guard = CountDrop(&self.cancelled, false);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                guard.1 = true;
+            }
+            let r = uuid::Uuid::new_v4().to_string();
+            self.refs.lock().expect("lock").insert(r.clone());
+            Ok(RunOutputs { refs: vec![r], content_keys })
+        }
+        async fn read_file(&self, _r: &str, _path: &str) -> Result<Vec<u8>, Error> {
+            Ok(vec![])
+        }
+        async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {
+            self.checksums.fetch_add(1, Ordering::SeqCst);
+            let files = self.files.lock().expect("lock");
+            let parts: Vec<String> = selectors.iter().map(|s| format!("{}={:?}", s.path, files.get(&s.path))).collect();
+            Ok(sha(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
+        }
+        async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
+            let held = self.refs.lock().expect("lock");
+            Ok(refs.iter().map(|r| held.contains(r)).collect())
+        }
+        async fn usage(&self, _refs: &[String]) -> Result<WorkerUsage, Error> {
+            Ok(WorkerUsage::default())
+        }
+        async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
+            Ok(WorkerUsage::default())
+        }
+    }
+
+    impl FakeWorker {
+        fn runs(&self) -> Vec<String> {
+            self.runs.lock().expect("lock").clone()
+        }
+        /// the runs from index `from` on, sorted (independent vertices run in any order)
+        fn runs_from(&self, from: usize) -> Vec<String> {
+            let mut v = self.runs()[from..].to_vec();
+            v.sort();
+            v
+        }
+        fn set(&self, path: &str, content: &str) {
+            self.files.lock().expect("lock").insert(path.into(), content.into());
+        }
+    }
+
+    fn named(name: &str) -> pb::OpMetadata {
+        pb::OpMetadata { description: [("llb.customname".to_string(), name.to_string())].into(), ..Default::default() }
+    }
+
+    fn source(b: &mut kiln_llb::DefinitionBuilder, id: &str, name: &str) -> pb::Input {
+        let op = pb::Op {
+            op: Some(OpKind::Source(pb::SourceOp { identifier: id.into(), attrs: Default::default() })),
+            ..Default::default()
+        };
+        b.add(op, named(name))
+    }
+
+    /// FROM base; COPY a.txt /; RUN cmd
+    fn copy_then_run(cmd: &str) -> pb::Definition {
+        let mut b = kiln_llb::DefinitionBuilder::new();
+        let base = source(&mut b, "docker-image://docker.io/library/busybox:latest", "base");
+        let ctx = source(&mut b, "local://context", "context");
+        let copy = pb::Op {
+            inputs: vec![base, ctx],
+            op: Some(OpKind::File(pb::FileOp {
+                actions: vec![pb::FileAction {
+                    input: 0,
+                    secondary_input: 1,
+                    output: 0,
+                    action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
+                        src: "/a.txt".into(),
+                        dest: "/a.txt".into(),
+                        mode: -1,
+                        ..Default::default()
+                    })),
+                }],
+            })),
+            ..Default::default()
+        };
+        let copied = b.add(copy, named("copy"));
+        let exec = pb::Op {
+            inputs: vec![copied],
+            op: Some(OpKind::Exec(pb::ExecOp {
+                meta: Some(pb::Meta { args: vec!["sh".into(), "-c".into(), cmd.into()], cwd: "/".into(), ..Default::default() }),
+                mounts: vec![pb::Mount { input: 0, dest: "/".into(), output: 0, ..Default::default() }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let out = b.add(exec, named("run"));
+        b.finish(Some(out))
+    }
+
+    fn build(id: &str, no_cache: bool) -> Arc<Build> {
+        Arc::new(Build::new(&BuildRequest { id: id.into(), ..Default::default() }, no_cache))
+    }
+
+    async fn solve_once(w: &Arc<FakeWorker>, cache: &Arc<Cache>, def: &pb::Definition, no_cache: bool) -> String {
+        solve(w.clone(), cache.clone(), build(&uuid::Uuid::new_v4().to_string(), no_cache), def)
+            .await
+            .expect("solve")
+    }
+
+    #[tokio::test]
+    async fn copy_stays_cached_when_a_file_it_does_not_read_changes() {
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        w.set("/b.txt", "b");
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let def = copy_then_run("cat /a.txt");
+        let first = solve_once(&w, &cache, &def, false).await;
+        assert_eq!(w.runs_from(0), ["base", "context", "copy", "run"]);
+        w.set("/b.txt", "changed");
+        let second = solve_once(&w, &cache, &def, false).await;
+        assert_eq!(second, first, "same result ref");
+        assert_eq!(w.runs()[4..], ["context"], "only the context is synced again");
+        // the content match was linked: the same context again needs no checksum
+        let before = w.checksums.load(Ordering::SeqCst);
+        solve_once(&w, &cache, &def, false).await;
+        assert_eq!(w.checksums.load(Ordering::SeqCst), before);
+        // the file the COPY reads changes: COPY and RUN run again
+        w.set("/a.txt", "new");
+        solve_once(&w, &cache, &def, false).await;
+        assert_eq!(w.runs()[6..], ["context", "copy", "run"]);
+        // --no-cache runs everything
+        solve_once(&w, &cache, &def, true).await;
+        assert_eq!(w.runs_from(9), ["base", "context", "copy", "run"]);
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_restart_and_gone_refs_rerun() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let db = tmp.path().join("cache.redb");
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        let def = copy_then_run("true");
+        {
+            let cache = Arc::new(Cache::new(Arc::new(RedbStore::open(&db).expect("open"))));
+            solve_once(&w, &cache, &def, false).await;
+        }
+        let cache = Arc::new(Cache::new(Arc::new(RedbStore::open(&db).expect("reopen"))));
+        solve_once(&w, &cache, &def, false).await;
+        assert_eq!(w.runs()[4..], ["context"], "cached across a reopen");
+        // the worker lost its snapshots: the steps run again and the stale records go
+        w.refs.lock().expect("lock").clear();
+        solve_once(&w, &cache, &def, false).await;
+        assert_eq!(w.runs_from(5), ["base", "context", "copy", "run"]);
+        let records = cache.store().list().expect("list");
+        assert_eq!(records.len(), 3, "base, copy, run: {records:?}");
+    }
+
+    #[tokio::test]
+    async fn identical_steps_of_concurrent_builds_run_once() {
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let def = copy_then_run("sleep 1");
+        let (a, b) = tokio::join!(solve_once(&w, &cache, &def, false), solve_once(&w, &cache, &def, false));
+        assert_eq!(a, b);
+        let runs = w.runs();
+        assert_eq!(runs.iter().filter(|r| *r == "run").count(), 1, "{runs:?}");
+        assert_eq!(runs.iter().filter(|r| *r == "context").count(), 2, "local sources are per build: {runs:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_build_stops_its_steps_unless_shared() {
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let def = copy_then_run("sleep 1");
+        // alone: dropping the build stops the RUN
+        let r = tokio::time::timeout(Duration::from_millis(100), solve_once(&w, &cache, &def, false)).await;
+        assert!(r.is_err());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(w.cancelled.load(Ordering::SeqCst), 1, "the RUN was stopped");
+        // shared: the other build still gets the result
+        let w2 = w.clone();
+        let c2 = cache.clone();
+        let d2 = def.clone();
+        let keeper = tokio::spawn(async move { solve_once(&w2, &c2, &d2, false).await });
+        let r = tokio::time::timeout(Duration::from_millis(100), solve_once(&w, &cache, &def, false)).await;
+        assert!(r.is_err());
+        keeper.await.expect("the other build finishes");
+        assert_eq!(w.cancelled.load(Ordering::SeqCst), 1, "the shared RUN was not stopped");
+        assert_eq!(w.runs().iter().filter(|r| *r == "run").count(), 2);
+    }
+
+    #[test]
+    fn selectors_cover_copy_sources_and_read_only_bind_mounts() {
+        let def = copy_then_run("true");
+        let g = kiln_llb::load(&def).expect("load");
+        let copy = g.vertices.iter().find(|v| matches!(v.op.op, Some(OpKind::File(_)))).expect("copy");
+        let sels = input_selectors(&copy.op);
+        assert_eq!(sels.len(), 2);
+        assert!(sels[0].is_none(), "the destination is read whole");
+        assert_eq!(sels[1].as_ref().map(|s| s[0].path.as_str()), Some("/a.txt"));
+        let exec = pb::Op {
+            inputs: vec![pb::Input::default(), pb::Input::default()],
+            op: Some(OpKind::Exec(pb::ExecOp {
+                mounts: vec![
+                    pb::Mount { input: 0, dest: "/".into(), output: 0, ..Default::default() },
+                    pb::Mount { input: 1, dest: "/src".into(), selector: "/app".into(), readonly: true, output: -1, ..Default::default() },
+                ],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let sels = input_selectors(&exec);
+        assert!(sels[0].is_none());
+        assert_eq!(sels[1].as_ref().map(|s| s[0].path.as_str()), Some("/app"));
+    }
 }

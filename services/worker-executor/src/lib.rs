@@ -10,6 +10,7 @@
 pub mod contenthash;
 pub mod error;
 pub mod fscopy;
+pub mod gc;
 pub mod grpc;
 pub mod layers;
 pub mod ops;
@@ -186,6 +187,20 @@ impl Worker {
             let data = std::fs::read(&p).map_err(Error::io("read", &path))?;
             m.unmount()?;
             Ok(data)
+        })
+        .await?
+    }
+
+    /// Digest of what `selectors` reach in a ref's filesystem (see
+    /// [`contenthash::paths`]).
+    pub async fn checksum(&self, r: Option<&str>, selectors: Vec<contenthash::Selector>) -> Result<String> {
+        let top = r.map(str::to_string);
+        let store = self.blocking_store();
+        tokio::task::spawn_blocking(move || {
+            let m = store.mount_ro(top.as_deref())?;
+            let digest = contenthash::paths(m.path(), &selectors);
+            m.unmount()?;
+            digest
         })
         .await?
     }

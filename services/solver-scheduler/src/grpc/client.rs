@@ -1,6 +1,6 @@
 //! The solver's peers over gRPC.
 
-use crate::peer::{self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs};
+use crate::peer::{self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs, Selector, SnapshotUsage, WorkerUsage};
 use crate::Error;
 use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
 use kiln_proto::kiln::frontend::v1::{frontend_client::FrontendClient, FrontendRequest};
@@ -49,6 +49,7 @@ impl peer::Worker for GrpcWorker {
                 digest: op.digest,
                 inputs: op.inputs,
                 name: op.name,
+                entitlements: op.entitlements,
             })
             .await
             .map_err(|s| status_error(&name, s))?
@@ -72,6 +73,44 @@ impl peer::Worker for GrpcWorker {
         let resp = self.client.clone().read_file(req).await.map_err(|s| Error::Worker(s.message().to_string()))?;
         Ok(resp.into_inner().data)
     }
+
+    async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
+        let mut req = tonic::Request::new(wk::ChecksumRequest {
+            r#ref: r.to_string(),
+            selectors: selectors
+                .iter()
+                .map(|s| wk::ChecksumSelector { path: s.path.clone(), wildcard: s.wildcard, follow_links: s.follow_links })
+                .collect(),
+        });
+        req.set_timeout(Duration::from_secs(600));
+        let resp = self.client.clone().checksum(req).await.map_err(|s| Error::Worker(format!("checksum {r}: {}", s.message())))?;
+        Ok(resp.into_inner().digest)
+    }
+
+    async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
+        let mut req = tonic::Request::new(wk::ExistsRequest { refs: refs.to_vec() });
+        req.set_timeout(Duration::from_secs(30));
+        let resp = self.client.clone().exists(req).await.map_err(|s| Error::Worker(format!("exists: {}", s.message())))?;
+        Ok(resp.into_inner().exists)
+    }
+
+    async fn usage(&self, refs: &[String]) -> Result<WorkerUsage, Error> {
+        let mut req = tonic::Request::new(wk::UsageRequest { refs: refs.to_vec() });
+        req.set_timeout(Duration::from_secs(600));
+        let r = self.client.clone().usage(req).await.map_err(|s| Error::Worker(format!("usage: {}", s.message())))?.into_inner();
+        Ok(WorkerUsage { snapshots: r.snapshots.into_iter().map(snapshot_usage).collect(), blobs_size: r.blobs_size })
+    }
+
+    async fn prune(&self, keep: &[String], before: i64) -> Result<WorkerUsage, Error> {
+        let mut req = tonic::Request::new(wk::PruneRequest { keep: keep.to_vec(), before });
+        req.set_timeout(Duration::from_secs(600));
+        let r = self.client.clone().prune(req).await.map_err(|s| Error::Worker(format!("prune: {}", s.message())))?.into_inner();
+        Ok(WorkerUsage { snapshots: r.removed.into_iter().map(snapshot_usage).collect(), blobs_size: r.blobs_removed_size })
+    }
+}
+
+fn snapshot_usage(s: wk::SnapshotUsage) -> SnapshotUsage {
+    SnapshotUsage { r#ref: s.r#ref, parent: s.parent, kind: s.kind, size: s.size, created: s.created }
 }
 
 /// A frontend-gateway reached over gRPC.

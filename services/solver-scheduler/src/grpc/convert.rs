@@ -1,7 +1,8 @@
 //! Conversions between generated types and the solver's domain types.
 
 use crate::build::{BuildRequest, ExporterSpec};
-use kiln_proto::moby::buildkit::v1::SolveRequest;
+use crate::cache::CacheRecord;
+use kiln_proto::moby::buildkit::v1::{SolveRequest, UsageRecord};
 
 pub fn build_request(r: SolveRequest) -> BuildRequest {
     let mut exporters: Vec<ExporterSpec> = r
@@ -19,5 +20,24 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
         frontend: r.frontend,
         frontend_attrs: r.frontend_attrs,
         exporters,
+        entitlements: r.entitlements,
+    }
+}
+
+fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: unix_nanos.div_euclid(1_000_000_000), nanos: unix_nanos.rem_euclid(1_000_000_000) as i32 }
+}
+
+/// A cache record as `du`/`prune` report it.
+pub fn usage_record(r: &CacheRecord) -> UsageRecord {
+    UsageRecord {
+        id: r.id.trim_start_matches("sha256:").to_string(),
+        size: r.size.unwrap_or(0),
+        created_at: Some(timestamp(r.created)),
+        last_used_at: Some(timestamp(r.last_used)),
+        usage_count: r.usage_count,
+        description: r.description.clone(),
+        record_type: "regular".into(),
+        ..Default::default()
     }
 }

@@ -37,19 +37,40 @@ pub fn control_server<W: Worker, F: Frontend, E: Exporter>(
         .max_encoding_message_size(64 << 20)
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn first_md(md: &tonic::metadata::MetadataMap, key: &str) -> String {
     md.get(key).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 #[tonic::async_trait]
 impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlService<W, F, E> {
-    async fn disk_usage(&self, _r: Request<ctl::DiskUsageRequest>) -> Result<Response<ctl::DiskUsageResponse>, Status> {
-        Ok(Response::new(ctl::DiskUsageResponse { record: vec![] }))
+    async fn disk_usage(&self, r: Request<ctl::DiskUsageRequest>) -> Result<Response<ctl::DiskUsageResponse>, Status> {
+        let age_limit = r.into_inner().age_limit;
+        let now = crate::cache::unix_nanos();
+        let records = self.solver.disk_usage().await.map_err(Status::from)?;
+        let record = records
+            .iter()
+            .filter(|r| age_limit <= 0 || now - r.last_used <= age_limit)
+            .map(convert::usage_record)
+            .collect();
+        Ok(Response::new(ctl::DiskUsageResponse { record }))
     }
 
     type PruneStream = BoxStream<ctl::UsageRecord>;
-    async fn prune(&self, _r: Request<ctl::PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
-        Ok(Response::new(Box::pin(futures::stream::empty())))
+    async fn prune(&self, r: Request<ctl::PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
+        let r = r.into_inner();
+        let keep = (r.keep_duration > 0).then(|| Duration::from_nanos(r.keep_duration as u64));
+        let removed = self.solver.prune(keep).await.map_err(Status::from)?;
+        let out: Vec<Result<ctl::UsageRecord, Status>> = removed.iter().map(|r| Ok(convert::usage_record(r))).collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(out))))
     }
 
     async fn solve(&self, request: Request<ctl::SolveRequest>) -> Result<Response<ctl::SolveResponse>, Status> {
@@ -58,10 +79,10 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             return Err(Status::invalid_argument("solve request has no ref"));
         }
         let solver = self.solver.clone();
-        // the build runs to completion even if this call is dropped midway
-        let r = tokio::spawn(async move { solver.solve(req).await })
-            .await
-            .map_err(|e| Status::internal(format!("build task: {e}")))?;
+        // a client that goes away (this call is dropped) cancels its build
+        let task = tokio::spawn(async move { solver.solve(req).await });
+        let _cancel = AbortOnDrop(task.abort_handle());
+        let r = task.await.map_err(|e| Status::internal(format!("build task: {e}")))?;
         match r {
             Ok(resp) => Ok(Response::new(ctl::SolveResponse { exporter_response: resp })),
             Err(e) => Err(Status::from(e)),

@@ -174,4 +174,66 @@ impl wpb::worker_server::Worker for WorkerService {
             .await?;
         Ok(Response::new(chunks(rx)))
     }
+
+    async fn checksum(
+        &self,
+        req: Request<wpb::ChecksumRequest>,
+    ) -> Result<Response<wpb::ChecksumResponse>, Status> {
+        let req = req.into_inner();
+        let selectors = req
+            .selectors
+            .into_iter()
+            .map(|s| crate::contenthash::Selector {
+                path: s.path,
+                wildcard: s.wildcard,
+                follow_links: s.follow_links,
+            })
+            .collect();
+        let digest = self
+            .core
+            .checksum(convert::ref_from_wire(&req.r#ref).as_deref(), selectors)
+            .await?;
+        Ok(Response::new(wpb::ChecksumResponse { digest }))
+    }
+
+    async fn exists(
+        &self,
+        req: Request<wpb::ExistsRequest>,
+    ) -> Result<Response<wpb::ExistsResponse>, Status> {
+        let exists = self.core.exists(&req.into_inner().refs);
+        Ok(Response::new(wpb::ExistsResponse { exists }))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<wpb::UsageRequest>,
+    ) -> Result<Response<wpb::UsageResponse>, Status> {
+        let u = self.core.usage(&req.into_inner().refs).await?;
+        Ok(Response::new(wpb::UsageResponse {
+            snapshots: u.snapshots.iter().map(snapshot_usage).collect(),
+            blobs_size: u.blobs_size,
+        }))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<wpb::PruneRequest>,
+    ) -> Result<Response<wpb::PruneResponse>, Status> {
+        let req = req.into_inner();
+        let u = self.core.prune(&req.keep, req.before).await?;
+        Ok(Response::new(wpb::PruneResponse {
+            removed: u.snapshots.iter().map(snapshot_usage).collect(),
+            blobs_removed_size: u.blobs_size,
+        }))
+    }
+}
+
+fn snapshot_usage(s: &crate::gc::SnapshotUsage) -> wpb::SnapshotUsage {
+    wpb::SnapshotUsage {
+        r#ref: s.id.clone(),
+        parent: s.parent.clone().unwrap_or_default(),
+        kind: s.kind_name().to_string(),
+        size: s.size,
+        created: s.created,
+    }
 }

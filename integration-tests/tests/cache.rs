@@ -1,0 +1,280 @@
+//! The build cache end to end: persistence across daemon restarts and
+//! crashes, content checksums of only the paths a step reads, deduplication
+//! of concurrent builds, and `kiln du` / `kiln prune`.
+
+use kiln_integration_tests::{bin_dir, dockerfile_args, registry, BuildContext};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// An all-in-one kilnd on a state dir that outlives it, so a second daemon
+/// can start on the same root.
+struct Kilnd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Kilnd {
+    fn start() -> Kilnd {
+        let dir = tempfile::Builder::new().prefix("kiln-cache-it-").tempdir().expect("tmp");
+        let reg = registry();
+        std::fs::write(
+            dir.path().join("kilnd.toml"),
+            format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"),
+        )
+        .expect("config");
+        let mut k = Kilnd { dir, child: None, starts: 0 };
+        k.spawn();
+        k
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("kilnd.sock")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.sock());
+        self.starts += 1;
+        let log = self.dir.path().join(format!("kilnd-{}.log", self.starts));
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(self.dir.path().join("kilnd.toml"))
+            .arg("--root")
+            .arg(self.root())
+            .arg("--addr")
+            .arg(format!("unix://{}", self.sock().display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start kilnd");
+        let start = Instant::now();
+        while !self.sock().exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("kilnd exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "kilnd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops the daemon: SIGTERM when `graceful`, else SIGKILL.
+    fn stop(&mut self, graceful: bool) {
+        if let Some(mut c) = self.child.take() {
+            if graceful {
+                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                let start = Instant::now();
+                while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, graceful: bool) {
+        self.stop(graceful);
+        self.spawn();
+    }
+
+    fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("kiln"));
+        c.arg("--addr").arg(format!("unix://{}", self.sock().display())).args(args).current_dir(cwd);
+        c
+    }
+
+    /// `kiln build --progress plain` of the Dockerfile in `ctx`; returns stderr.
+    fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let mut args = vec!["build", "--progress", "plain"];
+        args.extend(dockerfile_args());
+        args.extend_from_slice(extra);
+        let out = self.kiln(ctx, &args).output().expect("run kiln");
+        self.check(out, "kiln build")
+    }
+
+    fn check(&self, out: Output, what: &str) -> String {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{what} failed:\n{err}\n{}\n--- daemon logs ---\n{}", String::from_utf8_lossy(&out.stdout), self.logs());
+        err
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("kilnd-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n== restart ==\n")
+    }
+
+    fn snapshots(&self) -> usize {
+        std::fs::read_dir(self.root().join("worker/snapshots")).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        self.stop(false);
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .status();
+    }
+}
+
+fn out_arg(dir: &Path) -> String {
+    format!("type=local,dest={}", dir.display())
+}
+
+/// The `#N` number of the vertex whose name contains `needle`.
+fn step_number(progress: &str, needle: &str) -> Option<String> {
+    progress.lines().find_map(|l| {
+        let rest = l.strip_prefix('#')?;
+        let (n, text) = rest.split_once(' ')?;
+        (text.starts_with('[') && text.contains(needle)).then(|| n.to_string())
+    })
+}
+
+fn is_cached(progress: &str, needle: &str) -> bool {
+    step_number(progress, needle).is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
+}
+
+#[test]
+fn cache_survives_a_daemon_restart() {
+    let mut d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt && echo restart-step-$((40+2))\n").expect("ctx");
+    c.file("a.txt", "one\n").expect("write");
+    let outs = tempfile::tempdir().expect("tmp");
+    let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert!(first.contains("restart-step-42"), "{first}");
+    d.restart(true);
+    let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    for step in ["FROM", "COPY", "RUN"] {
+        assert!(is_cached(&second, step), "{step} cached after a restart:\n{second}");
+    }
+    assert!(!second.contains("restart-step-42"), "{second}");
+    assert_eq!(std::fs::read_to_string(outs.path().join("2/b.txt")).expect("read"), "one\n");
+}
+
+#[test]
+fn kill_9_during_a_run_then_restart_reruns_the_interrupted_step() {
+    let mut d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nRUN echo before > /before\nRUN sleep 5 && echo done > /slow && echo slow-step-$((40+2))\n").expect("ctx");
+    // warm the base and the first RUN, so only the slow RUN is in flight at the kill
+    let warm = BuildContext::new("FROM busybox\nRUN echo before > /before\n").expect("ctx");
+    d.build(warm.path(), &[]);
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("kiln");
+    // wait until the slow RUN runs
+    let start = Instant::now();
+    let running = d.root().join("worker/staging");
+    loop {
+        let staged = std::fs::read_dir(&running).map(|r| r.count()).unwrap_or(0);
+        if staged > 0 && start.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "slow step never started:\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.stop(false);
+    let out = client.wait_with_output().expect("kiln");
+    assert!(!out.status.success(), "the build was interrupted");
+    d.spawn();
+    let outs = tempfile::tempdir().expect("tmp");
+    let again = d.build(c.path(), &["--output", &out_arg(outs.path())]);
+    assert!(is_cached(&again, "echo before"), "the step done before the crash is cached:\n{again}");
+    assert!(!is_cached(&again, "sleep 5"), "the interrupted step runs again:\n{again}");
+    assert!(again.contains("slow-step-42"), "{again}");
+    assert_eq!(std::fs::read_to_string(outs.path().join("slow")).expect("read"), "done\n");
+    assert_eq!(std::fs::read_to_string(outs.path().join("before")).expect("read"), "before\n");
+    // and the store is consistent: a third build hits everything
+    let third = d.build(c.path(), &[]);
+    assert!(is_cached(&third, "sleep 5"), "{third}");
+}
+
+#[test]
+fn changing_a_file_the_copy_does_not_read_keeps_the_copy_cached() {
+    let d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt && echo copy-consumer-$((40+2))\n").expect("ctx");
+    c.file("a.txt", "a\n").expect("write");
+    c.file("other.txt", "1\n").expect("write");
+    let outs = tempfile::tempdir().expect("tmp");
+    let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert!(first.contains("copy-consumer-42"), "{first}");
+    c.file("other.txt", "2\n").expect("write");
+    let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    assert!(is_cached(&second, "COPY"), "COPY a.txt cached when other.txt changed:\n{second}");
+    assert!(is_cached(&second, "RUN"), "{second}");
+    assert!(!second.contains("copy-consumer-42"), "{second}");
+    // the mode of the copied file is part of its checksum
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(c.path().join("a.txt"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let third = d.build(c.path(), &["--output", &out_arg(&outs.path().join("3"))]);
+    assert!(!is_cached(&third, "COPY"), "mode change re-runs the COPY:\n{third}");
+    assert_eq!(std::fs::read_to_string(outs.path().join("3/b.txt")).expect("read"), "a\n");
+}
+
+#[test]
+fn concurrent_identical_builds_run_the_slow_step_once() {
+    let d = Kilnd::start();
+    // pull the base first so both builds reach the slow RUN together
+    let warm = BuildContext::new("FROM busybox\nRUN true\n").expect("ctx");
+    d.build(warm.path(), &[]);
+    let c = BuildContext::new("FROM busybox\nRUN sleep 2 && echo shared-step-$((40+2))\n").expect("ctx");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let timed = |cmd: &mut Command| {
+        let start = Instant::now();
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("kiln");
+        (start, child)
+    };
+    let all = Instant::now();
+    let (s1, c1) = timed(&mut d.kiln(c.path(), &args));
+    let (s2, c2) = timed(&mut d.kiln(c.path(), &args));
+    let o1 = c1.wait_with_output().expect("kiln");
+    let t1 = s1.elapsed();
+    let o2 = c2.wait_with_output().expect("kiln");
+    let t2 = s2.elapsed();
+    let wall = all.elapsed();
+    let e1 = d.check(o1, "first build");
+    let e2 = d.check(o2, "second build");
+    let ran = [&e1, &e2].iter().filter(|e| e.contains("shared-step-42")).count();
+    assert_eq!(ran, 1, "exactly one build ran the step:\n{e1}\n----\n{e2}");
+    assert!(wall < t1 + t2, "builds overlapped: wall {wall:?}, each {t1:?} + {t2:?}");
+    assert!(wall < Duration::from_secs(4), "the 2 s step ran once, not twice in a row: {wall:?}");
+}
+
+#[test]
+fn du_lists_records_and_prune_empties_them() {
+    let d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nRUN head -c 300000 /dev/zero > /big\n").expect("ctx");
+    d.build(c.path(), &[]);
+    let du = |d: &Kilnd| {
+        let out = d.kiln(c.path(), &["du"]).output().expect("du");
+        assert!(out.status.success(), "du: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let listed = du(&d);
+    let rows: Vec<&str> = listed.lines().skip(1).take_while(|l| !l.starts_with("Reclaimable")).collect();
+    assert!(rows.len() >= 2, "base and RUN records:\n{listed}");
+    assert!(listed.lines().next().is_some_and(|h| h.starts_with("ID") && h.contains("RECLAIMABLE") && h.contains("LAST ACCESSED")), "{listed}");
+    assert!(rows.iter().any(|r| r.contains("kB")), "the RUN's 300 kB show up:\n{listed}");
+    let before = d.snapshots();
+    assert!(before >= 2);
+    let out = d.kiln(c.path(), &["prune"]).output().expect("prune");
+    assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    let pruned = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(pruned.contains("Total:"), "{pruned}");
+    let after = du(&d);
+    assert_eq!(after.lines().skip(1).take_while(|l| !l.starts_with("Reclaimable")).count(), 0, "{after}");
+    assert!(after.contains("Total:\t\t0B"), "{after}");
+    assert_eq!(d.snapshots(), 0, "the worker removed the snapshots");
+    // the next build runs again and is correct
+    let again = d.build(c.path(), &[]);
+    assert!(!is_cached(&again, "RUN"), "{again}");
+}

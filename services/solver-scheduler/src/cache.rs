@@ -1,0 +1,345 @@
+//! The result cache: which worker refs hold the outputs of a vertex with a
+//! given cache key.
+//!
+//! A [`CacheRecord`] is one result (a vertex run once). Several cache keys
+//! may lead to it: the definition ("fast") key of the run that produced it,
+//! its content key, and fast keys of later builds that matched it by
+//! content. [`CacheStore`] is the storage seam; [`RedbStore`] keeps records
+//! in a redb database (crash-safe: every change is one committed
+//! transaction, so a killed daemon leaves either the whole record or none),
+//! [`MemoryStore`] keeps them in memory for tests.
+
+use crate::Error;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One cached result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CacheRecord {
+    /// Record id (the first key it was stored under).
+    pub id: String,
+    /// Address of the worker holding the refs.
+    pub worker: String,
+    /// One worker ref per output (empty = scratch).
+    pub refs: Vec<String>,
+    /// One cache key per output, what downstream vertices key on.
+    pub output_keys: Vec<String>,
+    /// Every cache key leading to this record.
+    pub links: Vec<String>,
+    /// The vertex name, for `du`.
+    pub description: String,
+    /// Unix nanoseconds.
+    pub created: i64,
+    pub last_used: i64,
+    pub usage_count: i64,
+    /// Bytes of the output snapshots' own diffs, once measured.
+    pub size: Option<i64>,
+}
+
+/// Unix nanoseconds now.
+pub fn unix_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Storage of cache records and the keys leading to them.
+pub trait CacheStore: Send + Sync + 'static {
+    /// The record a key leads to.
+    fn get(&self, key: &str) -> Result<Option<CacheRecord>, Error>;
+    /// Stores `record` (by its id) and makes every key in `record.links`
+    /// lead to it, in one transaction.
+    fn put(&self, record: &CacheRecord) -> Result<(), Error>;
+    /// Adds `key` to the links of record `id` and bumps its use.
+    fn link(&self, id: &str, key: &str) -> Result<(), Error>;
+    /// Marks record `id` used now.
+    fn touch(&self, id: &str) -> Result<(), Error>;
+    /// Removes record `id` and every key leading to it.
+    fn remove(&self, id: &str) -> Result<(), Error>;
+    /// Every record.
+    fn list(&self) -> Result<Vec<CacheRecord>, Error>;
+    /// Records the measured size of record `id`.
+    fn set_size(&self, id: &str, size: i64) -> Result<(), Error>;
+}
+
+/// Cache records in memory (tests, or a daemon without a state dir).
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<(BTreeMap<String, CacheRecord>, HashMap<String, String>)>,
+}
+
+impl MemoryStore {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, CacheRecord>, &mut HashMap<String, String>) -> T) -> T {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (records, keys) = &mut *g;
+        f(records, keys)
+    }
+}
+
+impl CacheStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<CacheRecord>, Error> {
+        Ok(self.with(|r, k| k.get(key).and_then(|id| r.get(id)).cloned()))
+    }
+    fn put(&self, record: &CacheRecord) -> Result<(), Error> {
+        self.with(|r, k| {
+            for l in &record.links {
+                k.insert(l.clone(), record.id.clone());
+            }
+            r.insert(record.id.clone(), record.clone());
+        });
+        Ok(())
+    }
+    fn link(&self, id: &str, key: &str) -> Result<(), Error> {
+        self.with(|r, k| {
+            if let Some(rec) = r.get_mut(id) {
+                if !rec.links.iter().any(|l| l == key) {
+                    rec.links.push(key.to_string());
+                }
+                rec.last_used = unix_nanos();
+                rec.usage_count += 1;
+                k.insert(key.to_string(), id.to_string());
+            }
+        });
+        Ok(())
+    }
+    fn touch(&self, id: &str) -> Result<(), Error> {
+        self.with(|r, _| {
+            if let Some(rec) = r.get_mut(id) {
+                rec.last_used = unix_nanos();
+                rec.usage_count += 1;
+            }
+        });
+        Ok(())
+    }
+    fn remove(&self, id: &str) -> Result<(), Error> {
+        self.with(|r, k| {
+            if let Some(rec) = r.remove(id) {
+                for l in rec.links {
+                    if k.get(&l).is_some_and(|x| x == id) {
+                        k.remove(&l);
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<CacheRecord>, Error> {
+        Ok(self.with(|r, _| r.values().cloned().collect()))
+    }
+    fn set_size(&self, id: &str, size: i64) -> Result<(), Error> {
+        self.with(|r, _| {
+            if let Some(rec) = r.get_mut(id) {
+                rec.size = Some(size);
+            }
+        });
+        Ok(())
+    }
+}
+
+const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
+const KEYS: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("keys");
+
+/// Cache records in a redb database file.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+fn db_err(op: &'static str) -> impl Fn(redb::Error) -> Error {
+    move |source| Error::CacheStore { op, source: Box::new(source) }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<CacheRecord, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::CacheRecord { id: id.to_string(), message: e.to_string() })
+}
+
+fn encode(rec: &CacheRecord) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(rec).map_err(|e| Error::CacheRecord { id: rec.id.clone(), message: e.to_string() })
+}
+
+impl RedbStore {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<RedbStore, Error> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::CacheStore { op: "create dir", source: Box::new(e.into()) })?;
+        }
+        let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
+        let s = RedbStore { db };
+        s.write("create tables", |_, _| Ok(()))?;
+        Ok(s)
+    }
+
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>, &mut redb::Table<&str, &str>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let e = db_err(op);
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let out = {
+            let mut records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let mut keys = txn.open_table(KEYS).map_err(|x| e(x.into()))?;
+            f(&mut records, &mut keys)?
+        };
+        txn.commit().map_err(|x| e(x.into()))?;
+        Ok(out)
+    }
+
+    fn update(&self, op: &'static str, id: &str, f: impl FnOnce(&mut CacheRecord, &mut redb::Table<&str, &str>) -> Result<(), Error>) -> Result<(), Error> {
+        use redb::ReadableTable;
+        let e = db_err(op);
+        self.write(op, |records, keys| {
+            let rec = match records.get(id).map_err(|x| e(x.into()))? {
+                Some(v) => decode(id, v.value())?,
+                None => return Ok(()),
+            };
+            let mut rec = rec;
+            f(&mut rec, keys)?;
+            records.insert(id, encode(&rec)?.as_slice()).map_err(|x| e(x.into()))?;
+            Ok(())
+        })
+    }
+}
+
+impl CacheStore for RedbStore {
+    fn get(&self, key: &str) -> Result<Option<CacheRecord>, Error> {
+        use redb::ReadableDatabase;
+        let e = db_err("read");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let keys = txn.open_table(KEYS).map_err(|x| e(x.into()))?;
+        let Some(id) = keys.get(key).map_err(|x| e(x.into()))?.map(|v| v.value().to_string()) else {
+            return Ok(None);
+        };
+        let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+        match records.get(id.as_str()).map_err(|x| e(x.into()))? {
+            Some(v) => decode(&id, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, record: &CacheRecord) -> Result<(), Error> {
+        let e = db_err("put");
+        let bytes = encode(record)?;
+        self.write("put", |records, keys| {
+            records.insert(record.id.as_str(), bytes.as_slice()).map_err(|x| e(x.into()))?;
+            for l in &record.links {
+                keys.insert(l.as_str(), record.id.as_str()).map_err(|x| e(x.into()))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn link(&self, id: &str, key: &str) -> Result<(), Error> {
+        let e = db_err("link");
+        self.update("link", id, |rec, keys| {
+            if !rec.links.iter().any(|l| l == key) {
+                rec.links.push(key.to_string());
+            }
+            rec.last_used = unix_nanos();
+            rec.usage_count += 1;
+            keys.insert(key, id).map_err(|x| e(x.into()))?;
+            Ok(())
+        })
+    }
+
+    fn touch(&self, id: &str) -> Result<(), Error> {
+        self.update("touch", id, |rec, _| {
+            rec.last_used = unix_nanos();
+            rec.usage_count += 1;
+            Ok(())
+        })
+    }
+
+    fn remove(&self, id: &str) -> Result<(), Error> {
+        use redb::ReadableTable;
+        let e = db_err("remove");
+        self.write("remove", |records, keys| {
+            let rec = match records.remove(id).map_err(|x| e(x.into()))? {
+                Some(v) => decode(id, v.value())?,
+                None => return Ok(()),
+            };
+            for l in &rec.links {
+                let points_here = keys.get(l.as_str()).map_err(|x| e(x.into()))?.is_some_and(|v| v.value() == id);
+                if points_here {
+                    keys.remove(l.as_str()).map_err(|x| e(x.into()))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn list(&self) -> Result<Vec<CacheRecord>, Error> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let e = db_err("list");
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for item in records.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = item.map_err(|x| e(x.into()))?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn set_size(&self, id: &str, size: i64) -> Result<(), Error> {
+        self.update("set size", id, |rec, _| {
+            rec.size = Some(size);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, links: &[&str]) -> CacheRecord {
+        CacheRecord {
+            id: id.into(),
+            worker: "w".into(),
+            refs: vec!["r1".into()],
+            output_keys: vec!["o1".into()],
+            links: links.iter().map(|s| s.to_string()).collect(),
+            created: 1,
+            last_used: 1,
+            ..Default::default()
+        }
+    }
+
+    fn exercise(s: &dyn CacheStore) {
+        assert_eq!(s.get("k1").expect("get"), None);
+        s.put(&record("k1", &["k1", "c1"])).expect("put");
+        assert_eq!(s.get("c1").expect("get").map(|r| r.refs), Some(vec!["r1".to_string()]));
+        s.link("k1", "k2").expect("link");
+        let r = s.get("k2").expect("get").expect("linked");
+        assert_eq!((r.id.as_str(), r.usage_count, r.links.len()), ("k1", 1, 3));
+        s.set_size("k1", 42).expect("size");
+        assert_eq!(s.list().expect("list").first().and_then(|r| r.size), Some(42));
+        s.put(&record("x", &["x"])).expect("put");
+        s.remove("k1").expect("remove");
+        for k in ["k1", "k2", "c1"] {
+            assert_eq!(s.get(k).expect("get"), None, "{k} gone with its record");
+        }
+        assert_eq!(s.list().expect("list").len(), 1);
+    }
+
+    #[test]
+    fn memory_store_links_and_removes() {
+        exercise(&MemoryStore::default());
+    }
+
+    #[test]
+    fn redb_store_links_removes_and_persists() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("solver/cache.redb");
+        {
+            let s = RedbStore::open(&path).expect("open");
+            exercise(&s);
+        }
+        let s = RedbStore::open(&path).expect("reopen");
+        assert_eq!(s.get("x").expect("get").map(|r| r.id), Some("x".to_string()), "records survive a reopen");
+    }
+}

@@ -1,0 +1,206 @@
+//! Snapshot existence, disk usage and pruning: what the solver's cache
+//! records need from the worker. The worker keeps no cache index itself;
+//! the solver says which refs are still wanted.
+
+use crate::error::{Error, Result};
+use crate::snapshot::{Kind, Meta};
+use crate::Worker;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Disk usage of one snapshot's own diff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotUsage {
+    pub id: String,
+    pub parent: Option<String>,
+    pub kind: Kind,
+    /// bytes on disk (allocated blocks) of the snapshot's diff
+    pub size: i64,
+    /// unix nanoseconds of the commit
+    pub created: i64,
+}
+
+/// Snapshots (listed or removed) and content-store bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub snapshots: Vec<SnapshotUsage>,
+    pub blobs_size: i64,
+}
+
+fn created(dir: &Path) -> i64 {
+    std::fs::metadata(dir.join("meta.json"))
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Allocated bytes under `dir`, each inode once.
+fn disk_size(dir: &Path) -> i64 {
+    let mut seen = HashSet::new();
+    let mut total = 0i64;
+    for e in walkdir::WalkDir::new(dir).into_iter().filter_map(|e| e.ok()) {
+        let Ok(md) = e.path().symlink_metadata() else { continue };
+        if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
+            continue;
+        }
+        total += (md.blocks() * 512) as i64;
+    }
+    total
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Image => "image",
+        Kind::Built => "built",
+        Kind::Local => "local",
+    }
+}
+
+impl SnapshotUsage {
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind)
+    }
+}
+
+impl Worker {
+    /// Whether each ref and its whole parent chain are committed here.
+    pub fn exists(&self, refs: &[String]) -> Vec<bool> {
+        refs.iter().map(|r| self.store().chain(Some(r)).is_ok()).collect()
+    }
+
+    fn all_metas(&self) -> Result<Vec<Meta>> {
+        let dir = self.config().root.join("snapshots");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(Error::io("read dir", &dir))? {
+            let e = e.map_err(Error::io("read dir", &dir))?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            match self.store().meta(&id) {
+                Ok(m) => out.push(m),
+                Err(err) => tracing::warn!(snapshot = %id, error = %err, "skipping unreadable snapshot"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn blobs_dir(&self) -> std::path::PathBuf {
+        self.config().root.join("content/blobs/sha256")
+    }
+
+    /// Disk usage of `refs` (every snapshot when empty) and of the blob store.
+    pub async fn usage(&self, refs: &[String]) -> Result<Usage> {
+        let metas: Vec<Meta> = if refs.is_empty() {
+            self.all_metas()?
+        } else {
+            refs.iter().filter_map(|r| self.store().meta(r).ok()).collect()
+        };
+        let store = self.store().clone();
+        let blobs = self.blobs_dir();
+        tokio::task::spawn_blocking(move || {
+            let snapshots = metas
+                .into_iter()
+                .map(|m| SnapshotUsage {
+                    size: disk_size(&store.diff_dir(&m.id)),
+                    created: created(&store.dir(&m.id)),
+                    id: m.id,
+                    parent: m.parent,
+                    kind: m.kind,
+                })
+                .collect();
+            Ok(Usage { snapshots, blobs_size: disk_size(&blobs) })
+        })
+        .await?
+    }
+
+    /// Removes every snapshot committed before `before` (unix ns; 0 = now)
+    /// that neither `keep` nor a newer snapshot reaches through its parents,
+    /// and blobs no remaining snapshot names. A snapshot is first renamed
+    /// into `staging/` (cleared at start), so a crash never leaves half of
+    /// one visible. Returns what was removed.
+    pub async fn prune(&self, keep: &[String], before: i64) -> Result<Usage> {
+        let before = if before <= 0 { i64::MAX } else { before };
+        let metas = self.all_metas()?;
+        let store = self.store().clone();
+        let root = self.config().root.clone();
+        let blobs = self.blobs_dir();
+        let keep: Vec<String> = keep.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let by_id: HashMap<&str, &Meta> = metas.iter().map(|m| (m.id.as_str(), m)).collect();
+            let mut live: HashSet<String> = HashSet::new();
+            let roots = keep.iter().cloned().chain(metas.iter().filter(|m| created(&store.dir(&m.id)) >= before).map(|m| m.id.clone()));
+            for r in roots {
+                let mut next = Some(r);
+                while let Some(id) = next {
+                    if !live.insert(id.clone()) {
+                        break;
+                    }
+                    next = by_id.get(id.as_str()).and_then(|m| m.parent.clone());
+                }
+            }
+            let mut removed = Vec::new();
+            for m in metas.iter().filter(|m| !live.contains(&m.id)) {
+                let dir = store.dir(&m.id);
+                let usage = SnapshotUsage {
+                    id: m.id.clone(),
+                    parent: m.parent.clone(),
+                    kind: m.kind,
+                    size: disk_size(&store.diff_dir(&m.id)),
+                    created: created(&dir),
+                };
+                let gone = root.join("staging").join(format!("pruned-{}", m.id));
+                std::fs::rename(&dir, &gone).map_err(Error::io("prune snapshot", &dir))?;
+                std::fs::remove_dir_all(&gone).map_err(Error::io("remove", &gone))?;
+                removed.push(usage);
+            }
+            let mut wanted: HashSet<String> = HashSet::new();
+            for m in metas.iter().filter(|m| live.contains(&m.id)) {
+                wanted.extend(m.blob.iter().map(|b| b.descriptor.digest.to_string()));
+                wanted.extend(m.layers.values().flatten().map(|b| b.descriptor.digest.to_string()));
+            }
+            let mut blobs_removed = 0i64;
+            if let Ok(rd) = std::fs::read_dir(&blobs) {
+                for e in rd.flatten() {
+                    let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+                    let Ok(md) = e.metadata() else { continue };
+                    let mtime = md.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64);
+                    if wanted.contains(&digest) || mtime.is_none_or(|t| t >= before) {
+                        continue;
+                    }
+                    if std::fs::remove_file(e.path()).is_ok() {
+                        blobs_removed += (md.blocks() * 512) as i64;
+                    }
+                }
+            }
+            Ok(Usage { snapshots: removed, blobs_size: blobs_removed })
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::{snapshot, worker};
+
+    #[tokio::test]
+    async fn prune_keeps_what_kept_refs_reach_and_removes_the_rest() {
+        let (_tmp, w) = worker();
+        let base = snapshot(&w, None, |d| std::fs::write(d.join("base"), vec![1u8; 10_000]).expect("write"));
+        let kept = snapshot(&w, Some(&base), |d| std::fs::write(d.join("kept"), "k").expect("write"));
+        let dropped = snapshot(&w, Some(&base), |d| std::fs::write(d.join("gone"), vec![2u8; 20_000]).expect("write"));
+        assert_eq!(w.exists(&[kept.clone(), dropped.clone(), "nope".into()]), [true, true, false]);
+        let u = w.usage(&[]).await.expect("usage");
+        assert_eq!(u.snapshots.len(), 3);
+        assert!(u.snapshots.iter().find(|s| s.id == dropped).expect("listed").size >= 20_000);
+        // everything is newer than `before`: nothing goes
+        let none = w.prune(&[], 1).await.expect("prune");
+        assert!(none.snapshots.is_empty());
+        let removed = w.prune(&[kept.clone()], 0).await.expect("prune");
+        assert_eq!(removed.snapshots.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), [dropped.clone()]);
+        assert_eq!(w.exists(&[kept.clone(), base.clone(), dropped]), [true, true, false]);
+        let all = w.prune(&[], 0).await.expect("prune all");
+        assert_eq!(all.snapshots.len(), 2);
+        assert_eq!(w.exists(&[kept]), [false]);
+    }
+}
