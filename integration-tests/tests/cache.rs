@@ -278,3 +278,50 @@ fn du_lists_records_and_prune_empties_them() {
     let again = d.build(c.path(), &[]);
     assert!(!is_cached(&again, "RUN"), "{again}");
 }
+
+/// Processes whose command line is exactly `args`.
+fn processes(args: &[&str]) -> usize {
+    let want: Vec<u8> = args.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .map(|d| d.flatten().filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want)).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_goes_away_stops_its_running_step() {
+    let d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nRUN sleep 47 && echo never\n").expect("ctx");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let mut client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("kiln");
+    let start = Instant::now();
+    while processes(&["sleep", "47"]) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the step never started:\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    let stopped = Instant::now();
+    while processes(&["sleep", "47"]) > 0 {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "the step still runs after its client left:\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // nothing was cached for the stopped step
+    let again = BuildContext::new("FROM busybox\nRUN echo quick\n").expect("ctx");
+    d.build(again.path(), &[]);
+    let out = d.kiln(c.path(), &["du"]).output().expect("du");
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!listed.contains("sleep 47"), "{listed}");
+}
+
+#[test]
+fn prune_keep_duration_keeps_recent_records() {
+    let d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nRUN echo kept > /kept\n").expect("ctx");
+    d.build(c.path(), &[]);
+    let out = d.kiln(c.path(), &["prune", "--keep-duration", "1h"]).output().expect("prune");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Total:\t0B"), "{}", String::from_utf8_lossy(&out.stdout));
+    let again = d.build(c.path(), &[]);
+    assert!(is_cached(&again, "RUN"), "records used within the hour survive:\n{again}");
+}
