@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pb/ops.proto",
         "fsutil/types/wire.proto",
         "moby/filesync/v1/filesync.proto",
+        "moby/secrets/v1/secrets.proto",
         "moby/buildkit/v1/types/worker.proto",
         "moby/buildkit/v1/control.proto",
         "moby/buildkit/v1/frontend/gateway.proto",

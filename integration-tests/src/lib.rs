@@ -94,13 +94,19 @@ fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
 
 impl Daemon {
     pub fn start(topology: Topology) -> Result<Daemon> {
+        Daemon::start_with_config(topology, "")
+    }
+
+    /// Like `start`, with `extra` TOML keys placed at the top of kilnd.toml
+    /// (e.g. `insecure-entitlements = ["network.host"]`).
+    pub fn start_with_config(topology: Topology, extra: &str) -> Result<Daemon> {
         let reg = registry();
         let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
         let config = dir.path().join("kilnd.toml");
         std::fs::write(
             &config,
             format!(
-                "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+                "{extra}\n[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
             ),
         )?;
         let kilnd = bin_dir().join("kilnd");

@@ -3,7 +3,7 @@
 use crate::progress::{Mode, Printer};
 use anyhow::{bail, Context};
 use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, Exporter, SolveRequest, StatusRequest};
-use kiln_session::attachable::{self, Attachables, OutputTarget};
+use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -30,6 +30,12 @@ pub struct BuildArgs {
     /// Do not use cached results
     #[arg(long)]
     no_cache: bool,
+    /// Secret exposed to the build: id=ID,src=PATH or id=ID,env=VAR (id=ID alone reads $ID)
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
+    secrets: Vec<String>,
+    /// Entitlement to grant the build: network.host, security.insecure
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    allow: Vec<String>,
     /// Write the exporter's response (image digest, ...) as JSON to this file
     #[arg(long)]
     metadata_file: Option<PathBuf>,
@@ -66,6 +72,25 @@ fn parse_output(s: &str) -> anyhow::Result<(String, BTreeMap<String, String>)> {
     }
     let ty = attrs.remove("type").with_context(|| format!("output {s:?} has no type="))?;
     Ok((ty, attrs))
+}
+
+/// Parses `id=foo,src=path` / `id=foo,env=VAR` (buildctl's --secret).
+fn parse_secret(s: &str) -> anyhow::Result<(String, SecretSource)> {
+    let mut id = None;
+    let mut source = None;
+    for field in split_csv(s) {
+        let (k, v) = split_kv(&field, "secret field")?;
+        match k.as_str() {
+            "id" => id = Some(v),
+            "src" | "source" => source = Some(SecretSource::File(PathBuf::from(v))),
+            "env" => source = Some(SecretSource::Env(v)),
+            "type" if v == "file" || v == "env" => {}
+            other => bail!("invalid --secret {s:?}: unknown field {other:?}"),
+        }
+    }
+    let id = id.with_context(|| format!("invalid --secret {s:?}: no id="))?;
+    let source = source.unwrap_or_else(|| SecretSource::Env(id.clone()));
+    Ok((id, source))
 }
 
 fn split_csv(s: &str) -> Vec<String> {
@@ -160,6 +185,15 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         }
         att.dirs.insert(name, path);
     }
+    for sec in &args.secrets {
+        let (id, source) = parse_secret(sec)?;
+        att.secrets.insert(id, source);
+    }
+    for e in &args.allow {
+        if !matches!(e.as_str(), "network.host" | "security.insecure") {
+            bail!("invalid --allow {e:?}: expected network.host or security.insecure");
+        }
+    }
     let mut frontend_attrs = BTreeMap::new();
     for o in &args.opts {
         let (k, v) = split_kv(o, "--opt")?;
@@ -224,6 +258,7 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         frontend,
         frontend_attrs,
         exporters,
+        entitlements: args.allow.clone(),
         ..Default::default()
     };
     let result = ControlClient::new(channel)

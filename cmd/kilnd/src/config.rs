@@ -16,6 +16,9 @@ pub struct FileConfig {
     pub registry: kiln_registry::RegistryConfig,
     #[serde(default)]
     pub worker: Worker,
+    /// Entitlements builds may ask for with `--allow`: "network.host", "security.insecure".
+    #[serde(default, rename = "insecure-entitlements")]
+    pub insecure_entitlements: Vec<String>,
     /// Addresses of the other services when running one `--role`.
     #[serde(default)]
     pub peers: Peers,
@@ -76,6 +79,9 @@ http = true
         assert_eq!(c.grpc.address, vec!["unix:///tmp/kiln.sock".to_string()]);
         assert_eq!(c.registry.hosts["docker.io"].mirrors, vec!["127.0.0.1:5000".to_string()]);
         assert!(c.registry.hosts["127.0.0.1:5000"].http);
+        assert!(c.insecure_entitlements.is_empty());
+        let c: FileConfig = toml::from_str("insecure-entitlements = [\"network.host\", \"security.insecure\"]\n").expect("parses");
+        assert_eq!(c.insecure_entitlements, vec!["network.host".to_string(), "security.insecure".to_string()]);
     }
 
     #[test]

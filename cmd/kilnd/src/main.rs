@@ -108,6 +108,12 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     if let Some(b) = &s.file.worker.oci.binary {
         c.runc = b.clone();
     }
+    for e in &s.file.insecure_entitlements {
+        if !matches!(e.as_str(), "network.host" | "security.insecure") {
+            anyhow::bail!("insecure-entitlements: unknown entitlement {e:?} (network.host, security.insecure)");
+        }
+    }
+    c.insecure_entitlements = s.file.insecure_entitlements.clone();
     Ok(Arc::new(worker_executor::Worker::new(c).context("start worker")?))
 }
 

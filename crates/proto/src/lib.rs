@@ -40,6 +40,11 @@ pub mod moby {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
             }
         }
+        pub mod secrets {
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.secrets.v1");
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! What a client exposes on its session: its local dirs (FileSync), a place
-//! for exports (FileSend) and a health check. Used by `kiln build`.
+//! for exports (FileSend), build secrets (Secrets) and a health check. Used by
+//! `kiln build`.
 
 use crate::filesync::{self, Filter, PacketConn};
 use crate::{headers, hijack, raw::RawCodec, Error};
@@ -8,6 +9,7 @@ use futures::StreamExt;
 use kiln_proto::fsutil::types::Packet;
 use kiln_proto::health::{health_server, HealthCheckRequest, HealthCheckResponse};
 use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, BytesMessage as ControlBytes};
+use kiln_proto::moby::buildkit::secrets::v1::{secrets_server, GetSecretRequest, GetSecretResponse};
 use kiln_proto::moby::filesync::v1::{file_sync_server, BytesMessage};
 use prost::Message;
 use std::collections::BTreeMap;
@@ -28,6 +30,32 @@ pub enum OutputTarget {
     File(PathBuf),
 }
 
+/// Where the value of a build secret comes from on the client.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    /// `src=PATH`: the file's contents, read when the build asks.
+    File(PathBuf),
+    /// `env=VAR`: an environment variable of the client.
+    Env(String),
+}
+
+impl SecretSource {
+    /// Reads the secret now; `None` when the file or variable does not exist.
+    pub fn read(&self) -> Result<Option<Vec<u8>>, Error> {
+        match self {
+            SecretSource::File(p) => match std::fs::read(p) {
+                Ok(d) => Ok(Some(d)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::Io { op: "read secret", path: p.clone(), source: e }),
+            },
+            SecretSource::Env(v) => Ok(std::env::var_os(v).map(|v| {
+                use std::os::unix::ffi::OsStringExt;
+                v.into_vec()
+            })),
+        }
+    }
+}
+
 /// The client's side of a session.
 #[derive(Debug, Clone, Default)]
 pub struct Attachables {
@@ -35,6 +63,8 @@ pub struct Attachables {
     pub dirs: BTreeMap<String, PathBuf>,
     /// export targets by exporter index
     pub outputs: BTreeMap<u32, OutputTarget>,
+    /// build secrets by id (`--secret id=ID,src=PATH|env=VAR`)
+    pub secrets: BTreeMap<String, SecretSource>,
 }
 
 fn md_values(req_md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
@@ -99,6 +129,21 @@ impl file_sync_server::FileSync for FileSync {
 
     async fn tar_stream(&self, _request: Request<Streaming<Packet>>) -> Result<Response<Self::TarStreamStream>, Status> {
         Err(Status::unimplemented("tar stream transfers are not supported; use DiffCopy"))
+    }
+}
+
+struct Secrets {
+    secrets: Arc<BTreeMap<String, SecretSource>>,
+}
+
+#[tonic::async_trait]
+impl secrets_server::Secrets for Secrets {
+    async fn get_secret(&self, request: Request<GetSecretRequest>) -> Result<Response<GetSecretResponse>, Status> {
+        let id = request.into_inner().id;
+        let not_found = || Status::not_found(format!("secret {id} not found"));
+        let src = self.secrets.get(&id).ok_or_else(not_found)?;
+        let data = src.read().map_err(Status::from)?.ok_or_else(not_found)?;
+        Ok(Response::new(GetSecretResponse { data }))
     }
 }
 
@@ -253,7 +298,12 @@ pub async fn attach(
     put(md, headers::SESSION_UUID, session_id);
     put(md, headers::SESSION_NAME, name);
     put(md, headers::SESSION_SHAREDKEY, shared_key);
-    for m in [crate::methods::FILESYNC_DIFFCOPY, crate::methods::FILESEND_DIFFCOPY, crate::methods::HEALTH_CHECK] {
+    for m in [
+        crate::methods::FILESYNC_DIFFCOPY,
+        crate::methods::FILESEND_DIFFCOPY,
+        crate::methods::HEALTH_CHECK,
+        crate::methods::SECRETS_GETSECRET,
+    ] {
         put(md, headers::SESSION_METHOD, m);
     }
     let resp = ControlClient::new(control)
@@ -265,6 +315,7 @@ pub async fn attach(
     let router = tonic::transport::Server::builder()
         .add_service(file_sync_server::FileSyncServer::new(FileSync { dirs: Arc::new(att.dirs) }))
         .add_service(FileSend { outputs: Arc::new(att.outputs) })
+        .add_service(secrets_server::SecretsServer::new(Secrets { secrets: Arc::new(att.secrets) }))
         .add_service(health_server::HealthServer::new(Health));
     let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) }).chain(futures::stream::pending());
     let task = tokio::spawn(async move {

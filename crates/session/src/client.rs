@@ -79,21 +79,43 @@ impl SessionClient {
     }
 
     async fn open(&self, method: &'static str, metadata: BTreeMap<String, String>) -> Result<Forwarded, Error> {
+        self.open_with(method, metadata, None).await
+    }
+
+    /// Opens a forwarded call whose first frame already carries `first`. A unary
+    /// method answers (and so sends headers) only once its request stream has
+    /// ended, so for those the sending side is closed right away.
+    async fn open_with(
+        &self,
+        method: &'static str,
+        metadata: BTreeMap<String, String>,
+        first: Option<Vec<u8>>,
+    ) -> Result<Forwarded, Error> {
+        let unary = first.is_some();
         let (tx, rx) = mpsc::channel(32);
         tx.send(ForwardFrame {
             session_id: self.session_id.clone(),
             method: method.to_string(),
             metadata,
+            has_message: first.is_some(),
+            message: first.unwrap_or_default(),
             ..Default::default()
         })
         .await
         .map_err(|_| Error::Protocol("forward channel closed".into()))?;
+        // drop (not just leave unmoved) the sender, so the request stream ends now
+        let tx = if unary {
+            drop(tx);
+            None
+        } else {
+            Some(tx)
+        };
         let resp = SessionBrokerClient::new(self.broker.clone())
             .max_decoding_message_size(64 << 20)
             .forward(ReceiverStream::new(rx))
             .await
             .map_err(|status| Error::Call { method: method.into(), status })?;
-        Ok(Forwarded { method, tx: Some(tx), rx: resp.into_inner() })
+        Ok(Forwarded { method, tx, rx: resp.into_inner() })
     }
 
     /// FileSync.DiffCopy: make `dest` mirror the client's local dir `name`.
@@ -114,6 +136,28 @@ impl SessionClient {
         let stats = filesync::receive(&mut conn, dest).await?;
         conn.tx = None;
         Ok(stats)
+    }
+
+    /// Secrets.GetSecret: the value of the client's secret `id`; `None` when the
+    /// client does not have it.
+    pub async fn get_secret(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
+        use kiln_proto::moby::buildkit::secrets::v1::{GetSecretRequest, GetSecretResponse};
+        let req = GetSecretRequest { id: id.to_string(), annotations: BTreeMap::new() };
+        let mut conn = match self.open_with(methods::SECRETS_GETSECRET, BTreeMap::new(), Some(req.encode_to_vec())).await {
+            Ok(c) => c,
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        conn.tx = None;
+        let first = match conn.recv_bytes().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(Error::Protocol(format!("secret {id}: no response"))),
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let resp = GetSecretResponse::decode(first.as_slice())
+            .map_err(|e| Error::Protocol(format!("secret {id}: bad response: {e}")))?;
+        Ok(Some(resp.data))
     }
 
     fn exporter_md(exporter_id: u32) -> BTreeMap<String, String> {

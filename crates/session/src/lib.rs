@@ -43,6 +43,7 @@ pub mod methods {
     pub const FILESYNC_DIFFCOPY: &str = "/moby.filesync.v1.FileSync/DiffCopy";
     pub const FILESEND_DIFFCOPY: &str = "/moby.filesync.v1.FileSend/DiffCopy";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+    pub const SECRETS_GETSECRET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -75,6 +75,14 @@ pub enum Error {
         path: String,
         reason: String,
     },
+    #[error("entitlement {entitlement}: {reason}")]
+    Entitlement { entitlement: String, reason: String },
+    #[error("secret {id}: {reason}")]
+    Secret { id: String, reason: String },
+    #[error("git source {remote}: {reason}")]
+    Git { remote: String, reason: String },
+    #[error("http source {url}: {reason}")]
+    Http { url: String, reason: String },
     #[error("invalid digest {digest:?}")]
     InvalidDigest { digest: String },
     #[error("blob {digest} not found")]
@@ -120,6 +128,9 @@ impl From<Error> for tonic::Status {
                 Status::failed_precondition(msg)
             }
             Error::Registry { .. } | Error::Session { .. } => Status::unavailable(msg),
+            Error::Entitlement { .. } => Status::permission_denied(msg),
+            Error::Git { .. } | Error::Http { .. } => Status::failed_precondition(msg),
+            Error::Secret { .. } => Status::failed_precondition(msg),
             _ => Status::internal(msg),
         }
     }

@@ -1,18 +1,175 @@
-//! Copying file trees with their metadata (owner, mode, times, symlinks, devices).
+//! Copying file trees with their metadata (owner, mode, times, symlinks, devices,
+//! hard links), with include/exclude patterns and chmod-style mode strings.
 
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Overrides applied to every copied entry.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CopyOpts {
     pub owner: Option<(u32, u32)>,
     pub mode: Option<u32>,
+    /// A chmod-style mode ("755", "u+x,go-w"), applied to each entry's own mode.
+    pub mode_str: Option<ModeStr>,
     /// Nanoseconds since the epoch for atime and mtime.
     pub timestamp: Option<i64>,
+    /// Which entries below the copied directory are copied.
+    pub filter: Option<Filter>,
+    /// Replace an existing directory by a non-directory (and the reverse)
+    /// instead of failing.
+    pub always_replace: bool,
+}
+
+/// Include/exclude patterns over paths relative to the copy source
+/// (`**` crosses directories; an exclude starting with `!` re-includes).
+#[derive(Debug, Clone)]
+pub struct Filter {
+    include: Option<globset::GlobSet>,
+    exclude: Vec<(globset::GlobMatcher, bool)>,
+}
+
+fn glob(p: &str) -> io::Result<globset::GlobMatcher> {
+    let p = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+    globset::GlobBuilder::new(p)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+impl Filter {
+    /// `None` when there are no patterns.
+    pub fn new(include: &[String], exclude: &[String]) -> io::Result<Option<Filter>> {
+        if include.is_empty() && exclude.is_empty() {
+            return Ok(None);
+        }
+        let include = if include.is_empty() {
+            None
+        } else {
+            let mut b = globset::GlobSetBuilder::new();
+            for p in include {
+                let p = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+                b.add(
+                    globset::GlobBuilder::new(p)
+                        .literal_separator(true)
+                        .build()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                );
+            }
+            Some(b.build().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?)
+        };
+        let exclude = exclude
+            .iter()
+            .map(|p| match p.strip_prefix('!') {
+                Some(rest) => glob(rest).map(|g| (g, false)),
+                None => glob(p).map(|g| (g, true)),
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Some(Filter { include, exclude }))
+    }
+
+    /// Is `rel` (or one of its parents) excluded?
+    fn excluded(&self, rel: &Path) -> bool {
+        let mut out = false;
+        for (g, excl) in &self.exclude {
+            if rel.ancestors().any(|a| !a.as_os_str().is_empty() && g.is_match(a)) {
+                out = *excl;
+            }
+        }
+        out
+    }
+
+    /// Is `rel` (or one of its parents) included?
+    fn included(&self, rel: &Path) -> bool {
+        match &self.include {
+            None => true,
+            Some(s) => rel.ancestors().any(|a| !a.as_os_str().is_empty() && s.is_match(a)),
+        }
+    }
+}
+
+/// One clause of a mode string: who (ugo bits), op, what.
+#[derive(Debug, Clone, PartialEq)]
+enum Clause {
+    Abs(u32),
+    Sym { who: u32, op: char, perm: u32, cond_x: bool },
+}
+
+/// A parsed chmod mode string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModeStr(Vec<Clause>);
+
+impl ModeStr {
+    pub fn parse(s: &str) -> io::Result<ModeStr> {
+        let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("invalid mode {s:?}"));
+        if !s.is_empty() && s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return u32::from_str_radix(s, 8).map(|m| ModeStr(vec![Clause::Abs(m & 0o7777)])).map_err(|_| bad());
+        }
+        let mut out = Vec::new();
+        for clause in s.split(',') {
+            let opi = clause.find(['+', '-', '=']).ok_or_else(bad)?;
+            let (who_s, rest) = clause.split_at(opi);
+            let mut who = 0;
+            for c in who_s.chars() {
+                who |= match c {
+                    'u' => 0o4700,
+                    'g' => 0o2070,
+                    'o' => 0o1007,
+                    'a' => 0o7777,
+                    _ => return Err(bad()),
+                };
+            }
+            if who == 0 {
+                who = 0o7777;
+            }
+            let mut chars = rest.chars();
+            let op = chars.next().ok_or_else(bad)?;
+            let (mut perm, mut cond_x) = (0, false);
+            for c in chars {
+                perm |= match c {
+                    'r' => 0o444,
+                    'w' => 0o222,
+                    'x' => 0o111,
+                    'X' => {
+                        cond_x = true;
+                        0
+                    }
+                    's' => 0o6000,
+                    't' => 0o1000,
+                    _ => return Err(bad()),
+                };
+            }
+            out.push(Clause::Sym { who, op, perm, cond_x });
+        }
+        Ok(ModeStr(out))
+    }
+
+    /// The mode after applying the string to `mode` (of a directory when `is_dir`).
+    pub fn apply(&self, mode: u32, is_dir: bool) -> u32 {
+        let mut m = mode & 0o7777;
+        for c in &self.0 {
+            match c {
+                Clause::Abs(a) => m = *a,
+                Clause::Sym { who, op, perm, cond_x } => {
+                    let mut p = *perm;
+                    if *cond_x && (is_dir || m & 0o111 != 0) {
+                        p |= 0o111;
+                    }
+                    let bits = p & who;
+                    match op {
+                        '+' => m |= bits,
+                        '-' => m &= !bits,
+                        _ => m = (m & !who) | bits,
+                    }
+                }
+            }
+        }
+        m
+    }
 }
 
 fn nix_io(e: nix::Error) -> io::Error {
@@ -53,13 +210,46 @@ pub fn timespec(nanos: i64) -> (TimeSpec, TimeSpec) {
 }
 
 /// Copies `src` (file, symlink, device or whole directory) to `dst`. An existing directory
-/// at `dst` is merged into; any other existing entry is replaced.
+/// at `dst` is merged into; any other existing entry is replaced (a directory replaced by
+/// a non-directory, or the reverse, only with `always_replace`). Files hard-linked to each
+/// other inside `src` stay hard-linked in `dst`.
 pub fn copy_entry(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<()> {
+    let mut links = HashMap::new();
+    copy_rec(src, dst, Path::new(""), opts, &mut links).map(|_| ())
+}
+
+/// Copies one entry; returns false when the filter left it (and everything below) out.
+fn copy_rec(
+    src: &Path,
+    dst: &Path,
+    rel: &Path,
+    opts: &CopyOpts,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<bool> {
     let md = std::fs::symlink_metadata(src)?;
     let ft = md.file_type();
+    let filtered = !rel.as_os_str().is_empty() && opts.filter.is_some();
+    if filtered {
+        if let Some(f) = &opts.filter {
+            if f.excluded(rel) || (!ft.is_dir() && !f.included(rel)) {
+                return Ok(false);
+            }
+        }
+    }
     let existing = std::fs::symlink_metadata(dst).ok();
     if let Some(e) = &existing {
         if !(ft.is_dir() && e.is_dir()) {
+            if e.is_dir() != ft.is_dir() && !opts.always_replace {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "cannot replace {} {} with a {}",
+                        if e.is_dir() { "directory" } else { "file" },
+                        dst.display(),
+                        if ft.is_dir() { "directory" } else { "file" }
+                    ),
+                ));
+            }
             if e.is_dir() {
                 std::fs::remove_dir_all(dst)?;
             } else {
@@ -68,18 +258,33 @@ pub fn copy_entry(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<()> {
         }
     }
     if ft.is_dir() {
-        if !dst.is_dir() {
+        let created = !dst.is_dir();
+        if created {
             std::fs::create_dir(dst)?;
         }
         let mut names: Vec<_> = std::fs::read_dir(src)?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<io::Result<_>>()?;
         names.sort();
+        let mut any = false;
         for n in names {
-            copy_entry(&src.join(&n), &dst.join(&n), opts)?;
+            any |= copy_rec(&src.join(&n), &dst.join(&n), &rel.join(&n), opts, links)?;
+        }
+        // with include patterns, a directory is kept only when it holds something
+        // included or is itself included
+        if filtered && created && !any && opts.filter.as_ref().is_some_and(|f| !f.included(rel)) {
+            std::fs::remove_dir(dst)?;
+            return Ok(false);
         }
     } else if ft.is_symlink() {
         std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
+    } else if ft.is_file() && md.nlink() > 1 {
+        if let Some(first) = links.get(&(md.dev(), md.ino())) {
+            std::fs::hard_link(first, dst)?;
+            return Ok(true);
+        }
+        std::fs::copy(src, dst)?;
+        links.insert((md.dev(), md.ino()), dst.to_path_buf());
     } else if ft.is_file() {
         std::fs::copy(src, dst)?;
     } else {
@@ -93,7 +298,10 @@ pub fn copy_entry(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<()> {
         .map_err(nix_io)?;
     }
     let owner = opts.owner.unwrap_or((md.uid(), md.gid()));
-    let mode = opts.mode.or(Some(md.mode()));
+    let mode = match &opts.mode_str {
+        Some(ms) => Some(ms.apply(md.mode(), ft.is_dir())),
+        None => opts.mode.or(Some(md.mode())),
+    };
     let times = match opts.timestamp {
         Some(t) => timespec(t),
         None => (
@@ -101,7 +309,8 @@ pub fn copy_entry(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<()> {
             TimeSpec::new(md.mtime(), md.mtime_nsec()),
         ),
     };
-    set_meta(dst, owner, mode, times)
+    set_meta(dst, owner, mode, times)?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -120,6 +329,7 @@ mod tests {
             owner: Some((7, 8)),
             mode: Some(0o600),
             timestamp: Some(1_000_000_000),
+            ..Default::default()
         };
         copy_entry(&src, &dst, &opts).expect("copy");
         assert_eq!(
@@ -135,5 +345,59 @@ mod tests {
             (md.uid(), md.gid(), md.mode() & 0o7777, md.mtime()),
             (7, 8, 0o600, 1)
         );
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn mode_strings_follow_chmod() {
+        let m = |s: &str, mode: u32, dir: bool| ModeStr::parse(s).expect("parse").apply(mode, dir);
+        assert_eq!(m("755", 0o600, false), 0o755);
+        assert_eq!(m("u+x", 0o644, false), 0o744);
+        assert_eq!(m("go-r", 0o644, false), 0o600);
+        assert_eq!(m("+x", 0o644, false), 0o755);
+        assert_eq!(m("a=r", 0o755, false), 0o444);
+        assert_eq!(m("u=rwx,g=rx,o=", 0o600, false), 0o750);
+        assert_eq!(m("a+X", 0o644, false), 0o644);
+        assert_eq!(m("a+X", 0o644, true), 0o755);
+        assert!(ModeStr::parse("q+x").is_err());
+    }
+
+    #[test]
+    fn filters_hardlinks_and_replace_policy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("a/deep")).expect("mkdir");
+        std::fs::create_dir_all(src.join("b")).expect("mkdir");
+        std::fs::write(src.join("a/deep/x.go"), "x").expect("w");
+        std::fs::write(src.join("a/y.txt"), "y").expect("w");
+        std::fs::write(src.join("b/z.go"), "z").expect("w");
+        std::fs::write(src.join("b/skip.go"), "s").expect("w");
+        std::fs::hard_link(src.join("a/y.txt"), src.join("b/y-link")).expect("link");
+        let dst = tmp.path().join("dst");
+        let opts = CopyOpts {
+            filter: Filter::new(&["**/*.go".into(), "**/y*".into()], &["b/skip.go".into()]).expect("filter"),
+            ..Default::default()
+        };
+        copy_entry(&src, &dst, &opts).expect("copy");
+        assert!(dst.join("a/deep/x.go").exists());
+        assert!(dst.join("b/z.go").exists());
+        assert!(!dst.join("b/skip.go").exists());
+        let (a, b) = (
+            std::fs::metadata(dst.join("a/y.txt")).expect("y"),
+            std::fs::metadata(dst.join("b/y-link")).expect("link"),
+        );
+        assert_eq!(a.ino(), b.ino(), "hard link preserved");
+
+        // a file over a directory needs always_replace
+        let f = tmp.path().join("f");
+        std::fs::write(&f, "f").expect("w");
+        assert!(copy_entry(&f, &dst.join("a"), &CopyOpts::default()).is_err());
+        let opts = CopyOpts { always_replace: true, ..Default::default() };
+        copy_entry(&f, &dst.join("a"), &opts).expect("replace");
+        assert!(dst.join("a").is_file());
     }
 }

@@ -7,6 +7,7 @@
 //! (snapshot ids) of the op's inputs and get back one ref per output. The only module that
 //! names tonic or the generated `kiln.worker.v1` types is [`grpc`].
 
+pub mod cachemount;
 pub mod contenthash;
 pub mod error;
 pub mod fscopy;
@@ -17,6 +18,7 @@ pub mod ops;
 pub mod rootpath;
 pub mod runc;
 pub mod snapshot;
+pub mod untar;
 pub mod users;
 
 pub use error::{Error, Result};
@@ -41,6 +43,9 @@ pub struct Config {
     pub registry: kiln_registry::RegistryConfig,
     /// The runc binary (default "runc" on PATH).
     pub runc: PathBuf,
+    /// Entitlements this worker may grant when a build asks for them
+    /// (`network.host`, `security.insecure`; kilnd.toml `insecure-entitlements`).
+    pub insecure_entitlements: Vec<String>,
 }
 
 impl Config {
@@ -51,6 +56,7 @@ impl Config {
             broker: String::new(),
             registry: kiln_registry::RegistryConfig::default(),
             runc: PathBuf::from("runc"),
+            insecure_entitlements: Vec::new(),
         }
     }
 }
@@ -80,6 +86,8 @@ pub struct RunRequest {
     pub op: pb::Op,
     /// One ref per `op.inputs` entry; `None` is scratch.
     pub inputs: Vec<Option<String>>,
+    /// Entitlements the build request was granted by its client.
+    pub entitlements: Vec<String>,
 }
 
 /// The worker core. Cheap to share behind an `Arc`.
@@ -92,6 +100,8 @@ pub struct Worker {
     pull_lock: tokio::sync::Mutex<()>,
     /// Serializes layer blob computation (memoized in snapshot meta).
     layers_lock: tokio::sync::Mutex<()>,
+    /// Persistent `type=cache` mount dirs.
+    cache_mounts: cachemount::CacheMounts,
     /// One lock per persistent local-source dir.
     local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -136,13 +146,14 @@ impl Worker {
             }
         })?;
         Ok(Worker {
-            config,
             id,
             store,
             registry,
             pull_lock: tokio::sync::Mutex::new(()),
             layers_lock: tokio::sync::Mutex::new(()),
+            cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             local_locks: std::sync::Mutex::new(HashMap::new()),
+            config,
         })
     }
 

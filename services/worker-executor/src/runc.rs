@@ -47,8 +47,10 @@ pub struct ProcessSpec {
     pub cwd: String,
     pub identity: Identity,
     pub hostname: String,
-    /// A fresh, empty network namespace (NetMode NONE) instead of the host's.
+    /// A fresh network namespace with only loopback (NetMode NONE) instead of the host's.
     pub isolated_network: bool,
+    /// `security.insecure`: every capability, no masked or read-only paths, writable /sys.
+    pub privileged: bool,
     pub rootfs: PathBuf,
     pub readonly_rootfs: bool,
     pub mounts: Vec<ExtraMount>,
@@ -66,6 +68,63 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount>
         .map_err(|e| Error::Spec(e.to_string()))
 }
 
+/// Every Linux capability with its number, for privileged (`security.insecure`) runs.
+const ALL_CAPS: &[(&str, u32)] = &[
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_DAC_READ_SEARCH", 2),
+    ("CAP_FOWNER", 3),
+    ("CAP_FSETID", 4),
+    ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_SETPCAP", 8),
+    ("CAP_LINUX_IMMUTABLE", 9),
+    ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_NET_BROADCAST", 11),
+    ("CAP_NET_ADMIN", 12),
+    ("CAP_NET_RAW", 13),
+    ("CAP_IPC_LOCK", 14),
+    ("CAP_IPC_OWNER", 15),
+    ("CAP_SYS_MODULE", 16),
+    ("CAP_SYS_RAWIO", 17),
+    ("CAP_SYS_CHROOT", 18),
+    ("CAP_SYS_PTRACE", 19),
+    ("CAP_SYS_PACCT", 20),
+    ("CAP_SYS_ADMIN", 21),
+    ("CAP_SYS_BOOT", 22),
+    ("CAP_SYS_NICE", 23),
+    ("CAP_SYS_RESOURCE", 24),
+    ("CAP_SYS_TIME", 25),
+    ("CAP_SYS_TTY_CONFIG", 26),
+    ("CAP_MKNOD", 27),
+    ("CAP_LEASE", 28),
+    ("CAP_AUDIT_WRITE", 29),
+    ("CAP_AUDIT_CONTROL", 30),
+    ("CAP_SETFCAP", 31),
+    ("CAP_MAC_OVERRIDE", 32),
+    ("CAP_MAC_ADMIN", 33),
+    ("CAP_SYSLOG", 34),
+    ("CAP_WAKE_ALARM", 35),
+    ("CAP_BLOCK_SUSPEND", 36),
+    ("CAP_AUDIT_READ", 37),
+    ("CAP_PERFMON", 38),
+    ("CAP_BPF", 39),
+    ("CAP_CHECKPOINT_RESTORE", 40),
+];
+
+/// The capability bounding set of this process (what a privileged step may get).
+fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
 /// The mount destinations every container gets (they need stubs in a bare rootfs).
 pub const SYSTEM_MOUNTS: &[&str] = &["/proc", "/dev", "/sys", "/etc/resolv.conf", "/etc/hosts"];
 
@@ -73,7 +132,7 @@ pub const SYSTEM_MOUNTS: &[&str] = &["/proc", "/dev", "/sys", "/etc/resolv.conf"
 pub fn spec(p: &ProcessSpec) -> Result<Spec> {
     let se = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
     use Capability::*;
-    let caps: oci_spec::runtime::Capabilities = [
+    let default_caps = [
         Chown,
         DacOverride,
         Fsetid,
@@ -88,9 +147,17 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         SysChroot,
         Kill,
         AuditWrite,
-    ]
-    .into_iter()
-    .collect();
+    ];
+    let caps: oci_spec::runtime::Capabilities = if p.privileged {
+        let bounding = bounding_set();
+        ALL_CAPS
+            .iter()
+            .filter(|(_, bit)| bounding & (1u64 << bit) != 0)
+            .filter_map(|(c, _)| c.trim_start_matches("CAP_").parse::<Capability>().ok())
+            .collect()
+    } else {
+        default_caps.into_iter().collect()
+    };
     let mut env = p.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
@@ -120,7 +187,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
                 .build()
                 .map_err(se)?,
         )
-        .no_new_privileges(true)
+        .no_new_privileges(!p.privileged)
         .build()
         .map_err(se)?;
 
@@ -161,7 +228,11 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
             "/sys",
             "sysfs",
             "sysfs",
-            &["nosuid", "noexec", "nodev", "ro"],
+            if p.privileged {
+                &["nosuid", "noexec", "nodev", "rw"]
+            } else {
+                &["nosuid", "noexec", "nodev", "ro"]
+            },
         )?,
         mount(
             "/etc/resolv.conf",
@@ -214,11 +285,16 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         .collect::<Result<Vec<_>>>()?;
     let defaults = oci_spec::runtime::Linux::default();
     let mut linux = LinuxBuilder::default().namespaces(namespaces);
-    if let Some(m) = defaults.masked_paths() {
-        linux = linux.masked_paths(m.clone());
-    }
-    if let Some(r) = defaults.readonly_paths() {
-        linux = linux.readonly_paths(r.clone());
+    if p.privileged {
+        // the builder starts from the default masked/readonly lists
+        linux = linux.masked_paths(Vec::new()).readonly_paths(Vec::new());
+    } else {
+        if let Some(m) = defaults.masked_paths() {
+            linux = linux.masked_paths(m.clone());
+        }
+        if let Some(r) = defaults.readonly_paths() {
+            linux = linux.readonly_paths(r.clone());
+        }
     }
     let linux = linux.build().map_err(se)?;
 
@@ -337,5 +413,50 @@ impl Runc {
             use std::os::unix::process::ExitStatusExt;
             128 + status.signal().unwrap_or(0)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileged_spec_has_every_capability_and_no_masked_paths() {
+        let mut p = ProcessSpec {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: String::new(),
+            identity: Identity::default(),
+            hostname: String::new(),
+            isolated_network: true,
+            privileged: false,
+            rootfs: PathBuf::from("/r"),
+            readonly_rootfs: false,
+            mounts: vec![],
+            resolv_conf: PathBuf::from("/b/resolv.conf"),
+            hosts: PathBuf::from("/b/hosts"),
+        };
+        let s = spec(&p).expect("spec");
+        let linux = s.linux().as_ref().expect("linux");
+        assert!(linux.masked_paths().as_ref().is_some_and(|m| !m.is_empty()));
+        let ns = linux.namespaces().as_ref().expect("namespaces");
+        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none()));
+        let caps = |s: &Spec| {
+            s.process()
+                .as_ref()
+                .and_then(|p| p.capabilities().as_ref())
+                .and_then(|c| c.effective().clone())
+                .map(|c| c.len())
+                .unwrap_or(0)
+        };
+        assert_eq!(caps(&s), 14);
+        p.privileged = true;
+        p.isolated_network = false;
+        let s = spec(&p).expect("spec");
+        assert_eq!(caps(&s) as u32, bounding_set().count_ones().min(ALL_CAPS.len() as u32));
+        let linux = s.linux().as_ref().expect("linux");
+        assert!(linux.masked_paths().as_ref().is_none_or(|m| m.is_empty()));
+        let ns = linux.namespaces().as_ref().expect("namespaces");
+        assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
     }
 }

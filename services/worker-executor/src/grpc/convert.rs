@@ -21,6 +21,7 @@ pub fn run_request(r: wpb::RunRequest) -> Result<RunRequest, crate::Error> {
         name: r.name,
         op,
         inputs: r.inputs.iter().map(|i| ref_from_wire(i)).collect(),
+        entitlements: r.entitlements,
     })
 }
 

@@ -1,14 +1,151 @@
 //! Exec ops: mount the inputs, write a runc bundle, run it, commit the writable mounts.
 
+use crate::cachemount::{Lease, Sharing};
 use crate::error::{Error, Result};
 use crate::ops::input_ref;
-use crate::pb::{self, MountType, NetMode};
+use crate::pb::{self, MountType, NetMode, SecurityMode};
 use crate::runc::{self, ExtraMount, ProcessSpec, Runc};
 use crate::snapshot::{Kind, Mounted, Staging, Store};
-use crate::{Event, Worker, rootpath, users};
-use sha2::Digest;
+use crate::{Event, RunRequest, Worker, fscopy, rootpath, users};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
+
+pub const ENTITLEMENT_NETWORK_HOST: &str = "network.host";
+pub const ENTITLEMENT_SECURITY_INSECURE: &str = "security.insecure";
+
+/// Fails unless both the worker's config and the build request grant `entitlement`.
+fn check_entitlement(w: &Worker, granted: &[String], entitlement: &str) -> Result<()> {
+    if !w
+        .config()
+        .insecure_entitlements
+        .iter()
+        .any(|e| e == entitlement)
+    {
+        return Err(Error::Entitlement {
+            entitlement: entitlement.to_string(),
+            reason: "not allowed by build daemon configuration".into(),
+        });
+    }
+    if !granted.iter().any(|e| e == entitlement) {
+        return Err(Error::Entitlement {
+            entitlement: entitlement.to_string(),
+            reason: "not granted by the build request (--allow)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Secret values of one exec, fetched from the client session. Never logged.
+#[derive(Default)]
+struct Secrets {
+    /// by mount index; `None` = optional and missing
+    files: HashMap<usize, Option<Vec<u8>>>,
+    /// `NAME=value` entries for the process environment
+    env: Vec<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(..)")
+    }
+}
+
+impl Secrets {
+    fn is_empty(&self) -> bool {
+        self.files.values().all(Option::is_none) && self.env.is_empty()
+    }
+}
+
+async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<Secrets> {
+    let mut out = Secrets::default();
+    let wanted_files: Vec<(usize, &pb::SecretOpt)> = e
+        .mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.mount_type == MountType::Secret as i32)
+        .filter_map(|(i, m)| m.secret_opt.as_ref().map(|s| (i, s)))
+        .collect();
+    if wanted_files.is_empty() && e.secretenv.is_empty() {
+        return Ok(out);
+    }
+    let secret_err = |id: &str, reason: String| Error::Secret {
+        id: id.to_string(),
+        reason,
+    };
+    let client = if session_id.is_empty() {
+        None
+    } else {
+        let ch = kiln_session::dial::connect(&w.config().broker)
+            .await
+            .map_err(|e| secret_err("*", e.to_string()))?;
+        Some(kiln_session::SessionClient::new(ch, session_id.to_string()))
+    };
+    let mut cache: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    let mut get = async |id: &str, optional: bool| -> Result<Option<Vec<u8>>> {
+        if !cache.contains_key(id) {
+            tracing::debug!(id, "fetching secret");
+            let v = match &client {
+                Some(c) => c
+                    .get_secret(id)
+                    .await
+                    .map_err(|e| secret_err(id, e.to_string()))?,
+                None => None,
+            };
+            tracing::debug!(id, found = v.is_some(), "fetched secret");
+            cache.insert(id.to_string(), v);
+        }
+        match cache.get(id).cloned().flatten() {
+            Some(v) => Ok(Some(v)),
+            None if optional => Ok(None),
+            None => Err(secret_err(id, "not found".into())),
+        }
+    };
+    for (i, s) in wanted_files {
+        let v = get(&s.id, s.optional).await?;
+        out.files.insert(i, v);
+    }
+    for se in &e.secretenv {
+        if let Some(v) = get(&se.id, se.optional).await? {
+            let v = String::from_utf8(v)
+                .map_err(|_| secret_err(&se.id, "not valid UTF-8 for an env secret".into()))?;
+            out.env.push(format!("{}={v}", se.name));
+        }
+    }
+    Ok(out)
+}
+
+/// A tmpfs mounted over a directory (the bundle, when it holds secrets); unmounted on drop.
+struct TmpfsGuard {
+    path: PathBuf,
+}
+
+impl TmpfsGuard {
+    fn mount(path: &Path) -> Result<TmpfsGuard> {
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some("mode=0700,size=16m"),
+        )
+        .map_err(|source| Error::Mount {
+            target: path.to_path_buf(),
+            source,
+        })?;
+        Ok(TmpfsGuard {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %self.path.display(), error = %e, "unmount secrets tmpfs");
+        }
+    }
+}
 
 /// A mount whose writes become an output snapshot.
 struct Writable {
@@ -28,6 +165,10 @@ struct Prepared {
     root_writable: Option<usize>,
     /// Paths (relative to the rootfs) that did not exist before the run: mount stubs.
     stubs: Vec<PathBuf>,
+    /// Cache mount dirs in use by this run.
+    _leases: Vec<Lease>,
+    /// A tmpfs over the bundle when it holds secrets (dropped before `bundle`).
+    _bundle_tmpfs: Option<TmpfsGuard>,
     bundle: tempfile::TempDir,
 }
 
@@ -111,9 +252,10 @@ fn resolv_conf() -> Vec<u8> {
 fn prepare(
     store: &Store,
     tmp: &Path,
-    cache_root: &Path,
     e: &pb::ExecOp,
     inputs: &[Option<String>],
+    mut leases: HashMap<usize, Lease>,
+    secrets: Secrets,
 ) -> Result<Prepared> {
     let meta = e
         .meta
@@ -123,18 +265,25 @@ fn prepare(
         .prefix("exec-")
         .tempdir_in(tmp)
         .map_err(Error::io("create bundle", tmp))?;
+    let bundle_tmpfs = if secrets.is_empty() {
+        None
+    } else {
+        Some(TmpfsGuard::mount(bundle.path())?)
+    };
     let mut p = Prepared {
         writable: Vec::new(),
         _readonly: Vec::new(),
         rootfs: PathBuf::new(),
         root_writable: None,
         stubs: Vec::new(),
+        _leases: Vec::new(),
+        _bundle_tmpfs: bundle_tmpfs,
         bundle,
     };
     let mut extra = Vec::new();
-    let mut mounts: Vec<&pb::Mount> = e.mounts.iter().collect();
-    mounts.sort_by_key(|m| m.dest != "/");
-    for m in mounts {
+    let mut mounts: Vec<(usize, &pb::Mount)> = e.mounts.iter().enumerate().collect();
+    mounts.sort_by_key(|(_, m)| m.dest != "/");
+    for (index, m) in mounts {
         let is_root = m.dest == "/";
         match MountType::try_from(m.mount_type).unwrap_or(MountType::Bind) {
             MountType::Bind => {
@@ -176,30 +325,48 @@ fn prepare(
                 size: m.tmpfs_opt.map(|t| t.size),
             }),
             MountType::Cache => {
-                let id = m
-                    .cache_opt
-                    .as_ref()
-                    .map(|c| c.id.clone())
-                    .unwrap_or_else(|| m.dest.clone());
-                let dir = cache_root.join(hex::encode(sha2::Sha256::digest(id.as_bytes())));
-                std::fs::create_dir_all(&dir).map_err(Error::io("create cache mount", &dir))?;
+                let lease = leases
+                    .remove(&index)
+                    .ok_or_else(|| Error::InvalidOp(format!("cache mount {} not acquired", m.dest)))?;
+                if lease.fresh() && m.input >= 0 {
+                    // seed a new cache from the mount's input (`from=`, or the
+                    // frontend's mkdir carrying uid/gid/mode)
+                    let base = input_ref(inputs, m.input)?;
+                    let src = store.mount_ro(base.as_deref())?;
+                    let from = rootpath::resolve(src.path(), &m.selector, true)
+                        .map_err(Error::io("resolve", &m.selector))?;
+                    if std::fs::symlink_metadata(&from).is_ok_and(|md| md.is_dir()) {
+                        fscopy::copy_entry(&from, lease.dir(), &fscopy::CopyOpts::default())
+                            .map_err(Error::io("seed cache mount", lease.dir()))?;
+                    }
+                    src.unmount()?;
+                }
                 extra.push(ExtraMount::Bind {
                     dest: m.dest.clone(),
-                    source: dir,
-                    readonly: false,
+                    source: lease.dir().to_path_buf(),
+                    readonly: m.readonly,
+                });
+                p._leases.push(lease);
+            }
+            MountType::Secret => {
+                let opt = m.secret_opt.clone().unwrap_or_default();
+                let Some(Some(data)) = secrets.files.get(&index) else {
+                    continue; // optional and missing
+                };
+                let file = p.bundle.path().join(format!("secret-{index}"));
+                write_secret(&file, data, &opt).map_err(|e| Error::Secret {
+                    id: opt.id.clone(),
+                    reason: e.to_string(),
+                })?;
+                extra.push(ExtraMount::Bind {
+                    dest: m.dest.clone(),
+                    source: file,
+                    readonly: true,
                 });
             }
-            MountType::Secret | MountType::Ssh => {
-                let optional = m
-                    .secret_opt
-                    .as_ref()
-                    .map(|s| s.optional)
-                    .or(m.ssh_opt.as_ref().map(|s| s.optional));
-                if optional != Some(true) {
-                    return Err(Error::UnsupportedOp(format!(
-                        "secret/ssh mount at {}",
-                        m.dest
-                    )));
+            MountType::Ssh => {
+                if !m.ssh_opt.as_ref().is_some_and(|s| s.optional) {
+                    return Err(Error::UnsupportedOp(format!("ssh mount at {}", m.dest)));
                 }
             }
         }
@@ -223,13 +390,16 @@ fn prepare(
         hosts_data.push_str(&format!("{}\t{}\n", h.ip, h.host));
     }
     std::fs::write(&hosts, hosts_data).map_err(Error::io("write", &hosts))?;
+    let mut env = meta.env.clone();
+    env.extend(secrets.env.iter().cloned());
     let spec = runc::spec(&ProcessSpec {
         args: meta.args.clone(),
-        env: meta.env.clone(),
+        env,
         cwd: meta.cwd.clone(),
         identity,
         hostname: meta.hostname.clone(),
         isolated_network: e.network == NetMode::None as i32,
+        privileged: e.security == SecurityMode::Insecure as i32,
         rootfs: p.rootfs.clone(),
         readonly_rootfs: p.root_writable.is_none(),
         mounts: extra,
@@ -240,6 +410,25 @@ fn prepare(
     spec.save(&config)
         .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
     Ok(p)
+}
+
+/// Writes a secret file with the mount's owner and mode (on the bundle's tmpfs).
+fn write_secret(path: &Path, data: &[u8], opt: &pb::SecretOpt) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    drop(f);
+    std::os::unix::fs::lchown(path, Some(opt.uid), Some(opt.gid))?;
+    let mode = if opt.mode == 0 { 0o400 } else { opt.mode & 0o7777 };
+    std::fs::set_permissions(
+        path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+    )
 }
 
 fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
@@ -267,24 +456,46 @@ fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
 pub async fn run(
     w: &Worker,
     e: &pb::ExecOp,
-    inputs: &[Option<String>],
+    req: &RunRequest,
     events: &mpsc::Sender<Event>,
 ) -> Result<Vec<Option<String>>> {
+    let inputs = &req.inputs;
     let meta = e
         .meta
         .clone()
         .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    if e.network == NetMode::Host as i32 {
+        check_entitlement(w, &req.entitlements, ENTITLEMENT_NETWORK_HOST)?;
+    }
+    if e.security == SecurityMode::Insecure as i32 {
+        check_entitlement(w, &req.entitlements, ENTITLEMENT_SECURITY_INSECURE)?;
+    }
+    let secrets = fetch_secrets(w, e, &req.session_id).await?;
+    let mut leases = HashMap::new();
+    for (i, m) in e.mounts.iter().enumerate() {
+        if m.mount_type != MountType::Cache as i32 {
+            continue;
+        }
+        let opt = m.cache_opt.clone().unwrap_or_default();
+        let id = if opt.id.is_empty() {
+            m.dest.clone()
+        } else {
+            opt.id
+        };
+        let sharing = match pb::CacheSharingOpt::try_from(opt.sharing) {
+            Ok(pb::CacheSharingOpt::Private) => Sharing::Private,
+            Ok(pb::CacheSharingOpt::Locked) => Sharing::Locked,
+            _ => Sharing::Shared,
+        };
+        let base = input_ref(inputs, m.input)?;
+        let base = base.map(|b| format!("{b}:{}", m.selector));
+        leases.insert(i, w.cache_mounts.acquire(&id, base.as_deref(), sharing).await?);
+    }
     let store = w.store().clone();
     let root = w.config().root.clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(
-            &store,
-            &root.join("tmp"),
-            &root.join("cache-mounts"),
-            &e2,
-            &inputs2,
-        )
+        prepare(&store, &root.join("tmp"), &e2, &inputs2, leases, secrets)
     })
     .await??;
     let runc = Runc {
@@ -361,6 +572,7 @@ mod tests {
             name: "test".into(),
             op,
             inputs: vec![Some(root.to_string())],
+            entitlements: Vec::new(),
         };
         let res = w.run(req, tx).await;
         (res, collect.await.expect("collect"))
@@ -457,5 +669,37 @@ mod tests {
                 .to_string()
                 .contains("nobody")
         );
+    }
+
+    #[tokio::test]
+    async fn insecure_exec_is_privileged_only_when_entitled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut cfg = crate::Config::new(tmp.path().join("root"));
+        cfg.insecure_entitlements = vec!["security.insecure".into()];
+        let w = Worker::new(cfg).expect("worker");
+        let root = testutil::busybox(&w);
+        let mut op = exec_op("mkdir -p /m && mount -t tmpfs none /m && umount /m", "", vec![]);
+        if let Some(Op::Exec(e)) = op.op.as_mut() {
+            e.security = pb::SecurityMode::Insecure as i32;
+        }
+        let (res, _) = run(&w, &root, op.clone()).await;
+        assert!(res.expect_err("request did not allow it").to_string().contains("security.insecure"));
+        let (tx, mut rx) = mpsc::channel(64);
+        let req = RunRequest {
+            build_id: "b".into(),
+            session_id: String::new(),
+            name: "test".into(),
+            op,
+            inputs: vec![Some(root.clone())],
+            entitlements: vec!["security.insecure".into()],
+        };
+        let res = w.run(req, tx).await;
+        let mut logs = Vec::new();
+        while let Ok(Event::Log { data, .. }) = rx.try_recv() {
+            logs.extend(data);
+        }
+        res.unwrap_or_else(|e| panic!("privileged run: {e}: {}", String::from_utf8_lossy(&logs)));
+        let (res, _) = run(&w, &root, exec_op("mkdir -p /m && mount -t tmpfs none /m", "", vec![])).await;
+        assert!(res.is_err(), "a sandboxed step cannot mount");
     }
 }

@@ -129,7 +129,37 @@ fn run_blocking(
                 }
             }
         };
-        apply(view.mounted.path(), secondary.as_deref(), a)?;
+        // a user name looked up in another input's /etc/passwd (NamedUserOpt.input)
+        let mut user_mount = None;
+        let user_root: Option<PathBuf> = match named_user_input(a) {
+            Some(idx) if idx >= 0 && idx != a.input => {
+                if idx < n_in {
+                    let m = store.mount_ro(super::input_ref(inputs, idx)?.as_deref())?;
+                    let p = m.path().to_path_buf();
+                    user_mount = Some(m);
+                    Some(p)
+                } else {
+                    match results.get(prior(idx)?).and_then(|r| r.as_ref()) {
+                        Some(ActionResult::Working(v)) => Some(v.mounted.path().to_path_buf()),
+                        Some(ActionResult::Committed(id)) => {
+                            let m = store.mount_ro(Some(id))?;
+                            let p = m.path().to_path_buf();
+                            user_mount = Some(m);
+                            Some(p)
+                        }
+                        None => None,
+                    }
+                }
+            }
+            _ => None,
+        };
+        apply_with_users(
+            view.mounted.path(),
+            secondary.as_deref(),
+            user_root.as_deref(),
+            a,
+        )?;
+        drop(user_mount);
         drop(secondary_mount);
         if a.output >= 0 {
             let id = view.commit(store)?;
@@ -277,8 +307,38 @@ fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The input index of a by-name owner of `a`, if any.
+fn named_user_input(a: &pb::FileAction) -> Option<i64> {
+    let owner = match a.action.as_ref()? {
+        Action::Copy(c) => c.owner.as_ref(),
+        Action::Mkdir(m) => m.owner.as_ref(),
+        Action::Mkfile(m) => m.owner.as_ref(),
+        Action::Symlink(s) => s.owner.as_ref(),
+        Action::Rm(_) => None,
+    }?;
+    [owner.user.as_ref(), owner.group.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|u| match &u.user {
+            Some(User::ByName(n)) => Some(n.input),
+            _ => None,
+        })
+}
+
 /// Applies one action to the view at `root`.
 pub fn apply(root: &Path, secondary: Option<&Path>, a: &pb::FileAction) -> Result<()> {
+    apply_with_users(root, secondary, None, a)
+}
+
+/// Applies one action; user and group names resolve in `users_root` when given
+/// (else in `root`).
+pub fn apply_with_users(
+    root: &Path,
+    secondary: Option<&Path>,
+    users_root: Option<&Path>,
+    a: &pb::FileAction,
+) -> Result<()> {
+    let user_db = users_root.unwrap_or(root);
     fn io<'a>(action: &'static str, path: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
         move |e| Error::file(action, path, e)
     }
@@ -286,7 +346,7 @@ pub fn apply(root: &Path, secondary: Option<&Path>, a: &pb::FileAction) -> Resul
         None => Err(Error::InvalidOp("file action has no body".into())),
         Some(Action::Mkdir(m)) => {
             let p = rootpath::resolve(root, &abs(&m.path), true).map_err(io("mkdir", &m.path))?;
-            let own = owner(root, m.owner.as_ref())?;
+            let own = owner(user_db, m.owner.as_ref())?;
             let mode = (m.mode as u32) & 0o7777;
             if m.make_parents {
                 mkdir_all(root, &p, mode, own, timestamp(m.timestamp)).map_err(io("mkdir", &m.path))
@@ -299,7 +359,7 @@ pub fn apply(root: &Path, secondary: Option<&Path>, a: &pb::FileAction) -> Resul
         }
         Some(Action::Mkfile(m)) => {
             let p = rootpath::resolve(root, &abs(&m.path), true).map_err(io("mkfile", &m.path))?;
-            let own = owner(root, m.owner.as_ref())?;
+            let own = owner(user_db, m.owner.as_ref())?;
             std::fs::write(&p, &m.data).map_err(io("mkfile", &m.path))?;
             let t = times_of(&p, timestamp(m.timestamp)).map_err(io("mkfile", &m.path))?;
             fscopy::set_meta(&p, own.unwrap_or((0, 0)), Some((m.mode as u32) & 0o7777), t)
@@ -330,18 +390,29 @@ pub fn apply(root: &Path, secondary: Option<&Path>, a: &pb::FileAction) -> Resul
             let p = rootpath::resolve(root, &abs(&s.newpath), false)
                 .map_err(io("symlink", &s.newpath))?;
             std::os::unix::fs::symlink(&s.oldpath, &p).map_err(io("symlink", &s.newpath))?;
-            let own = owner(root, s.owner.as_ref())?;
+            let own = owner(user_db, s.owner.as_ref())?;
             let t = times_of(&p, timestamp(s.timestamp)).map_err(io("symlink", &s.newpath))?;
             fscopy::set_meta(&p, own.unwrap_or((0, 0)), None, t).map_err(io("symlink", &s.newpath))
         }
-        Some(Action::Copy(c)) => copy(root, secondary, c),
+        Some(Action::Copy(c)) => copy(root, secondary, user_db, c),
     }
 }
 
-fn copy(root: &Path, secondary: Option<&Path>, c: &pb::FileActionCopy) -> Result<()> {
+fn copy(
+    root: &Path,
+    secondary: Option<&Path>,
+    user_db: &Path,
+    c: &pb::FileActionCopy,
+) -> Result<()> {
     let empty = tempfile::tempdir().map_err(|e| Error::file("copy", &c.src, e))?;
     let src_root = secondary.unwrap_or(empty.path());
     let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    for req in &c.required_paths {
+        let p = rootpath::resolve(src_root, &abs(req), false).map_err(err)?;
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Err(Error::file("copy", req, "required path not found"));
+        }
+    }
     let srcs = if c.allow_wildcard && has_glob(&c.src) {
         let m = glob(src_root, &abs(&c.src))?;
         if m.is_empty() && !c.allow_empty_wildcard {
@@ -351,17 +422,33 @@ fn copy(root: &Path, secondary: Option<&Path>, c: &pb::FileActionCopy) -> Result
     } else {
         vec![abs(&c.src)]
     };
-    let own = owner(root, c.owner.as_ref())?;
+    let own = owner(user_db, c.owner.as_ref())?;
+    let mode_str = if c.mode_str.is_empty() {
+        None
+    } else {
+        Some(fscopy::ModeStr::parse(&c.mode_str).map_err(err)?)
+    };
     let opts = CopyOpts {
         owner: own,
         mode: (c.mode >= 0).then_some(c.mode as u32),
+        mode_str,
         timestamp: timestamp(c.timestamp),
+        filter: fscopy::Filter::new(&c.include_patterns, &c.exclude_patterns).map_err(err)?,
+        always_replace: c.always_replace_existing_dest_paths,
     };
     let dest_is_dir_hint = c.dest.ends_with('/') || c.dest.ends_with("/.");
     for src in srcs {
         let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
         let src_md = std::fs::symlink_metadata(&src_path)
             .map_err(|e| Error::file("copy", &src, format!("not found: {e}")))?;
+        if c.attempt_unpack_docker_compatibility && src_md.is_file() {
+            if let Some(kind) = crate::untar::archive_kind(&src_path).map_err(err)? {
+                let dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
+                mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
+                crate::untar::unpack(&src_path, kind, root, &dst, &opts).map_err(err)?;
+                continue;
+            }
+        }
         let mut dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
         if dest_is_dir_hint && c.create_dest_path {
             mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
@@ -428,7 +515,7 @@ mod tests {
             ..Default::default()
         };
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let req = RunRequest { build_id: "b".into(), session_id: String::new(), name: "f".into(), op, inputs };
+        let req = RunRequest { build_id: "b".into(), session_id: String::new(), name: "f".into(), op, inputs, entitlements: Vec::new() };
         Ok(w.run(req, tx).await?.into_iter().next().flatten())
     }
 

@@ -2,6 +2,7 @@
 
 pub mod exec;
 pub mod file;
+pub mod merge;
 pub mod source;
 
 use crate::error::{Error, Result};
@@ -28,10 +29,10 @@ pub async fn run_op(
         Some(Op::Source(s)) => Ok(vec![
             source::run(w, s, req.op.platform.as_ref(), &req.session_id, &events).await?,
         ]),
-        Some(Op::Exec(e)) => exec::run(w, e, &req.inputs, &events).await,
+        Some(Op::Exec(e)) => exec::run(w, e, &req, &events).await,
         Some(Op::File(f)) => file::run(w, f, &req.inputs).await,
-        Some(Op::Merge(_)) => Err(Error::UnsupportedOp("merge".into())),
-        Some(Op::Diff(_)) => Err(Error::UnsupportedOp("diff".into())),
+        Some(Op::Merge(m)) => merge::merge(w, m, &req.inputs).await,
+        Some(Op::Diff(d)) => merge::diff(w, d, &req.inputs).await,
         Some(Op::Build(_)) => Err(Error::UnsupportedOp("build".into())),
         Some(Op::Passthrough(_)) => Err(Error::UnsupportedOp("passthrough".into())),
         None => Err(Error::InvalidOp("op has no body".into())),

@@ -1,5 +1,6 @@
 //! Source ops: `docker-image://` (pulled with kiln-registry, one snapshot per layer, cached
-//! by chain id) and `local://` (synced from the client session, copied into a snapshot).
+//! by chain id), `local://` (synced from the client session, copied into a snapshot),
+//! `git://` (fetched with the `git` CLI) and `http(s)://` (one downloaded file).
 
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Kind, LayerBlob};
@@ -19,6 +20,10 @@ pub async fn run(
         image(w, r, platform, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
         local(w, name, &s.attrs, session_id).await.map(Some)
+    } else if let Some(rest) = s.identifier.strip_prefix("git://") {
+        git(w, rest, &s.attrs).await.map(Some)
+    } else if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
+        http(w, &s.identifier, &s.attrs).await.map(Some)
     } else {
         Err(Error::UnsupportedSource {
             identifier: s.identifier.clone(),
@@ -221,4 +226,234 @@ pub async fn local(
         store.commit(st, None, Kind::Local, None)
     })
     .await?
+}
+
+/// Runs `git ARGS` in `dir` with no user or system config and no prompts.
+fn git_cmd(dir: &std::path::Path, home: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", home)
+        .env("GIT_PROTOCOL_FROM_USER", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::Git {
+            remote: String::new(),
+            reason: format!("run git: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Git {
+            remote: String::new(),
+            reason: format!(
+                "git {}: {}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn is_commit_sha(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Clones `rest` (`host/path.git#ref:subdir`; `git.fullurl` gives the URL with its
+/// scheme) at one ref or commit into a snapshot.
+pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Result<String> {
+    let (remote_part, fragment) = rest.split_once('#').unwrap_or((rest, ""));
+    let (git_ref, subdir) = fragment.split_once(':').unwrap_or((fragment, ""));
+    let remote = attrs
+        .get("git.fullurl")
+        .filter(|u| !u.is_empty())
+        .map(|u| u.split_once('#').map_or(u.as_str(), |(u, _)| u).to_string())
+        .unwrap_or_else(|| format!("https://{remote_part}"));
+    let keep_git_dir = attrs.get("git.keepgitdir").is_some_and(|v| v == "true");
+    let checksum = attrs.get("git.checksum").cloned().unwrap_or_default();
+    let (git_ref, subdir) = (git_ref.to_string(), subdir.to_string());
+    let store = w.store().clone();
+    let tmp_root = w.config().root.join("tmp");
+    let err_remote = remote.clone();
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        let with_remote = |e: Error| match e {
+            Error::Git { reason, .. } => Error::Git {
+                remote: err_remote.clone(),
+                reason,
+            },
+            other => other,
+        };
+        let home = tempfile::Builder::new()
+            .prefix("git-home-")
+            .tempdir_in(&tmp_root)
+            .map_err(Error::io("create", &tmp_root))?;
+        let mut st = store.prepare()?;
+        let work = home.path().join("checkout");
+        std::fs::create_dir(&work).map_err(Error::io("create", &work))?;
+        let g = |args: &[&str]| git_cmd(&work, home.path(), args).map_err(with_remote);
+        g(&["init", "-q"])?;
+        g(&["remote", "add", "origin", &remote])?;
+        let want = if git_ref.is_empty() { "HEAD" } else { git_ref.as_str() };
+        let shallow = g(&["fetch", "-q", "--depth", "1", "--no-tags", "origin", want]);
+        if shallow.is_err() {
+            if !is_commit_sha(want) {
+                shallow?;
+            }
+            // servers that refuse a commit by id: fetch everything and pick it
+            g(&["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"])?;
+            g(&["checkout", "-q", want])?;
+        } else {
+            g(&["checkout", "-q", "FETCH_HEAD"])?;
+        }
+        let commit = g(&["rev-parse", "HEAD"])?;
+        if !checksum.is_empty() && !commit.starts_with(&checksum) {
+            return Err(Error::Git {
+                remote: err_remote.clone(),
+                reason: format!("expected checksum {checksum} but got {commit}"),
+            });
+        }
+        if is_commit_sha(want) && !commit.starts_with(want) {
+            return Err(Error::Git {
+                remote: err_remote.clone(),
+                reason: format!("fetched {commit} instead of {want}"),
+            });
+        }
+        if keep_git_dir {
+            // a branch name for the checkout, as BuildKit leaves it
+            if !git_ref.is_empty() && !is_commit_sha(&git_ref) {
+                let _ = g(&["checkout", "-q", "-B", git_ref.trim_start_matches("refs/heads/")]);
+            }
+        } else {
+            let dot_git = work.join(".git");
+            std::fs::remove_dir_all(&dot_git).map_err(Error::io("remove", &dot_git))?;
+        }
+        let src = if subdir.is_empty() {
+            work.clone()
+        } else {
+            let p = crate::rootpath::resolve(&work, &subdir, true)
+                .map_err(Error::io("resolve", &subdir))?;
+            if !p.is_dir() {
+                return Err(Error::Git {
+                    remote: err_remote.clone(),
+                    reason: format!("subdir {subdir} not found"),
+                });
+            }
+            p
+        };
+        fscopy::copy_entry(&src, &st.diff(), &fscopy::CopyOpts::default())
+            .map_err(Error::io("copy checkout", &src))?;
+        st.content_key = Some(format!("git:{commit}:{keep_git_dir}:{subdir}"));
+        store.commit(st, None, Kind::Built, None)
+    })
+    .await?
+}
+
+/// Downloads one file into a snapshot: `http.filename` (default: the last path
+/// segment), `http.perm` (octal, default 0600), `http.uid`/`http.gid`, verified
+/// against `http.checksum` (sha256:...) when given.
+pub async fn http(w: &Worker, url: &str, attrs: &BTreeMap<String, String>) -> Result<String> {
+    let herr = |reason: String| Error::Http {
+        url: url.to_string(),
+        reason,
+    };
+    let filename = attrs
+        .get("http.filename")
+        .filter(|f| !f.is_empty())
+        .cloned()
+        .unwrap_or_else(|| {
+            let path = url.split(['?', '#']).next().unwrap_or(url);
+            let rest = path.split_once("://").map_or(path, |(_, r)| r);
+            match rest.split_once('/') {
+                Some((_, p)) => p
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .filter(|b| !b.is_empty())
+                    .unwrap_or("index")
+                    .to_string(),
+                None => "index".to_string(),
+            }
+        });
+    if filename.contains('/') || filename == ".." || filename == "." {
+        return Err(herr(format!("invalid filename {filename:?}")));
+    }
+    let parse_num = |k: &str, radix: u32| -> Result<Option<u32>> {
+        attrs
+            .get(k)
+            .filter(|v| !v.is_empty())
+            .map(|v| u32::from_str_radix(v, radix).map_err(|_| herr(format!("invalid {k} {v:?}"))))
+            .transpose()
+    };
+    let perm = parse_num("http.perm", 8)?.unwrap_or(0o600);
+    let uid = parse_num("http.uid", 10)?.unwrap_or(0);
+    let gid = parse_num("http.gid", 10)?.unwrap_or(0);
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| herr(e.to_string()))?;
+    let mut resp = client
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| herr(e.to_string()))?;
+    let mtime = resp
+        .headers()
+        .get(reqwest::header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(httpdate_to_unix);
+    let mut st = w.store().prepare()?;
+    let path = st.diff().join(&filename);
+    let mut hasher = sha2::Sha256::new();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).map_err(Error::io("create", &path))?;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| herr(e.to_string()))? {
+            hasher.update(&chunk);
+            f.write_all(&chunk).map_err(Error::io("write", &path))?;
+        }
+    }
+    let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+    if let Some(want) = attrs.get("http.checksum").filter(|c| !c.is_empty()) {
+        if *want != digest {
+            return Err(herr(format!(
+                "digest mismatch {digest}: expected {want}"
+            )));
+        }
+    }
+    let times = match mtime {
+        Some(t) => fscopy::timespec(t * 1_000_000_000),
+        None => fscopy::timespec(0),
+    };
+    fscopy::set_meta(&path, (uid, gid), Some(perm), times).map_err(Error::io("chmod", &path))?;
+    st.content_key = Some(format!("http:{digest}:{filename}:{perm:o}:{uid}:{gid}"));
+    let store = w.store().clone();
+    tokio::task::spawn_blocking(move || store.commit(st, None, Kind::Built, None)).await?
+}
+
+/// Parses an RFC 7231 date ("Sun, 06 Nov 1994 08:49:37 GMT") to unix seconds.
+fn httpdate_to_unix(s: &str) -> Option<i64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, mon, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| m == mon)? as i64
+        + 1;
+    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let t: Vec<i64> = time.split(':').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let [h, mi, se] = t.as_slice() else { return None };
+    // days from civil (Howard Hinnant)
+    let (y2, m2) = if month <= 2 { (y - 1, month + 9) } else { (y, month - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + h * 3600 + mi * 60 + se)
 }

@@ -1,0 +1,234 @@
+//! The worker end to end: RUN mounts (cache, tmpfs, secret), network modes,
+//! entitlements and escape attempts, with a real kilnd, runc and overlayfs.
+
+use kiln_integration_tests::{dockerfile_args, BuildContext, Daemon, Topology};
+use std::path::Path;
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = dockerfile_args();
+    v.extend_from_slice(extra);
+    v
+}
+
+fn read(out: &Path, p: &str) -> String {
+    std::fs::read_to_string(out.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+/// Every regular file under `dir` whose contents contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() {
+                if let Ok(data) = std::fs::read(&p) {
+                    if data.windows(needle.len()).any(|w| w == needle) {
+                        hits.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn cache_mount_persists_across_builds_and_never_lands_in_the_image() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let df = |n: &str| {
+        format!(
+            "FROM busybox\n\
+             RUN --mount=type=cache,target=/cache,id=counter \
+             sh -c 'echo {n} > /dev/null; c=$(cat /cache/n 2>/dev/null || echo 0); echo $((c+1)) > /cache/n; cp /cache/n /seen'\n\
+             RUN --mount=type=cache,target=/owned,uid=1000,gid=1000,mode=0750 stat -c '%u:%g:%a' /owned > /perm\n\
+             RUN --mount=type=cache,target=/priv,sharing=private,id=counter cat /priv/n > /private-seen\n\
+             RUN --mount=type=cache,target=/ro,id=counter,readonly sh -c 'cat /ro/n > /ro-seen; ! touch /ro/x 2>/dev/null'\n"
+        )
+    };
+    let c = BuildContext::new(&df("first")).expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out1"])).expect("build 1");
+    let out1 = c.path().join("out1");
+    assert_eq!(read(&out1, "seen"), "1\n");
+    assert_eq!(read(&out1, "perm"), "1000:1000:750\n");
+    assert_eq!(read(&out1, "private-seen"), "1\n");
+    assert_eq!(read(&out1, "ro-seen"), "1\n");
+    for m in ["cache", "owned", "priv", "ro"] {
+        assert!(out1.join(m).symlink_metadata().is_err(), "/{m} mount point leaked into the image");
+    }
+    // a different step (not a cache hit) sees what the first build left in the cache
+    std::fs::write(c.path().join("Dockerfile"), df("second")).expect("write");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out2"])).expect("build 2");
+    assert_eq!(read(&c.path().join("out2"), "seen"), "2\n");
+}
+
+#[test]
+fn tmpfs_mount_has_its_size_and_leaves_nothing_behind() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox\n\
+         RUN --mount=type=tmpfs,target=/scratch,size=2m sh -c 'echo data > /scratch/f && df -k /scratch | tail -n 1 | awk \"{print \\$2}\" > /size && grep \" /scratch \" /proc/mounts | cut -d\" \" -f3 > /fstype'\n",
+    )
+    .expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "size"), "2048\n");
+    assert_eq!(read(&out, "fstype"), "tmpfs\n");
+    assert!(out.join("scratch").symlink_metadata().is_err(), "tmpfs mount point leaked");
+}
+
+const SECRET: &str = "s3cr3t-file-value-8d1f";
+const ENV_SECRET: &str = "s3cr3t-env-value-77aa";
+
+#[test]
+fn secrets_reach_the_step_as_file_and_env_but_never_the_image_or_logs() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox\n\
+         RUN --mount=type=secret,id=tok,uid=1000,mode=0440 sh -c 'stat -c \"%u %a\" /run/secrets/tok > /secret-meta; wc -c < /run/secrets/tok > /secret-len; sha256sum /run/secrets/tok | cut -c1-64 > /secret-sum'\n\
+         RUN --mount=type=secret,id=envtok,env=TOKEN sh -c 'echo ${#TOKEN} > /env-len'\n\
+         RUN --mount=type=secret,id=absent sh -c 'test ! -e /run/secrets/absent && echo ok > /optional'\n",
+    )
+    .expect("context");
+    // outside the context, which is synced to the daemon
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = secret_dir.path().join("secret.txt");
+    std::fs::write(&secret_file, SECRET).expect("write secret");
+    let secret_arg = format!("id=tok,src={}", secret_file.display());
+    let out = {
+        let mut cmd_args = args(&["--output", "type=local,dest=out", "--secret", &secret_arg, "--secret", "id=envtok,env=KILN_TEST_ENV_SECRET"]);
+        cmd_args.insert(0, "--progress");
+        cmd_args.insert(1, "plain");
+        cmd_args.insert(0, "build");
+        std::process::Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+            .arg("--addr")
+            .arg(&d.addr)
+            .args(&cmd_args)
+            .current_dir(c.path())
+            .env("KILN_TEST_ENV_SECRET", ENV_SECRET)
+            .output()
+            .expect("run kiln")
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "build failed: {stderr}\n{}", d.logs());
+    let o = c.path().join("out");
+    assert_eq!(read(&o, "secret-meta"), "1000 440\n");
+    assert_eq!(read(&o, "secret-len"), format!("{}\n", SECRET.len()));
+    let sum = {
+        use std::process::Command;
+        let s = Command::new("sha256sum").arg(&secret_file).output().expect("sha256sum");
+        String::from_utf8_lossy(&s.stdout)[..64].to_string()
+    };
+    assert_eq!(read(&o, "secret-sum").trim(), sum);
+    assert_eq!(read(&o, "env-len"), format!("{}\n", ENV_SECRET.len()));
+    assert_eq!(read(&o, "optional"), "ok\n");
+    assert!(o.join("run/secrets").symlink_metadata().is_err(), "secret mount point leaked");
+    for v in [SECRET, ENV_SECRET] {
+        assert!(files_containing(&o, v.as_bytes()).is_empty(), "secret in the image");
+        assert!(!stderr.contains(v), "secret in the client output");
+        assert!(!d.logs().contains(v), "secret in the daemon logs");
+        // nothing the daemon keeps on disk (snapshots, cache, tmp) holds it
+        let state = d.dir.path().join("root");
+        assert!(files_containing(&state, v.as_bytes()).is_empty(), "secret stored by the daemon");
+    }
+
+    // a required secret the client does not have fails the step
+    let c2 = BuildContext::new("FROM busybox\nRUN --mount=type=secret,id=missing,required=true cat /run/secrets/missing\n")
+        .expect("context");
+    let err = d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect_err("missing secret must fail");
+    assert!(err.to_string().contains("secret missing: not found"), "{err}");
+}
+
+/// A plain HTTP server on the host's loopback, answering "host-side".
+struct HostHttp {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl HostHttp {
+    fn start() -> HostHttp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("index.html"), "host-side\n").expect("write");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed().as_secs() < 10, "http server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        HostHttp { child, port, _dir: dir }
+    }
+}
+
+impl Drop for HostHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn network_none_has_only_loopback_and_default_is_the_host_network() {
+    let http = HostHttp::start();
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(&format!(
+        "FROM busybox\n\
+         RUN --network=none sh -c 'mkdir -p /www && echo in-sandbox > /www/index.html && httpd -p 127.0.0.1:8099 -h /www && sleep 0.3; wget -q -O /loopback http://127.0.0.1:8099/index.html; if wget -q -O - http://127.0.0.1:{p}/ ; then echo reached > /none-host; else echo blocked > /none-host; fi; rm -rf /www'\n\
+         RUN wget -q -O /default-host http://127.0.0.1:{p}/\n",
+        p = http.port
+    ))
+    .expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "loopback"), "in-sandbox\n", "loopback is up in the sandbox");
+    assert_eq!(read(&out, "none-host"), "blocked\n", "the host is unreachable with --network=none");
+    assert_eq!(read(&out, "default-host"), "host-side\n");
+}
+
+#[test]
+fn host_network_and_insecure_need_entitlements_from_daemon_and_request() {
+    let df = "FROM busybox\nRUN --network=host true\n";
+    let insecure = "FROM busybox\nRUN --security=insecure sh -c 'mkdir -p /m && mount -t tmpfs none /m && umount /m && rmdir /m && grep CapEff /proc/self/status > /caps'\n";
+    // daemon does not allow
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(df).expect("context");
+    let err = d.build(c.path(), &args(&["--allow", "network.host"])).expect_err("daemon config must refuse");
+    assert!(err.to_string().contains("network.host"), "{err}");
+    drop(d);
+
+    let d = Daemon::start_with_config(Topology::AllInOne, "insecure-entitlements = [\"network.host\", \"security.insecure\"]")
+        .expect("daemon");
+    let err = d.build(c.path(), &args(&[])).expect_err("request without --allow must be refused");
+    assert!(err.to_string().contains("network.host"), "{err}");
+    d.build(c.path(), &args(&["--allow", "network.host"])).expect("both grant network.host");
+
+    let c = BuildContext::new(insecure).expect("context");
+    let err = d.build(c.path(), &args(&["--allow", "network.host"])).expect_err("insecure needs its own entitlement");
+    assert!(err.to_string().contains("security.insecure"), "{err}");
+    d.build(c.path(), &args(&["--allow", "security.insecure", "--output", "type=local,dest=out"])).expect("privileged run");
+    // every capability the daemon itself may hold
+    let bounding = std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:").map(|v| v.trim().to_string()))
+        .expect("CapBnd");
+    assert_eq!(read(&c.path().join("out"), "caps").split_whitespace().last(), Some(bounding.as_str()));
+
+    // a sandboxed step cannot mount
+    let c = BuildContext::new("FROM busybox\nRUN mkdir -p /m && mount -t tmpfs none /m\n").expect("context");
+    d.build(c.path(), &args(&[])).expect_err("sandbox must not mount");
+}
