@@ -325,3 +325,29 @@ fn prune_keep_duration_keeps_recent_records() {
     let again = d.build(c.path(), &[]);
     assert!(is_cached(&again, "RUN"), "records used within the hour survive:\n{again}");
 }
+
+#[test]
+fn kill_9_at_many_moments_leaves_a_consistent_cache() {
+    let mut d = Kilnd::start();
+    let c = BuildContext::new(
+        "FROM busybox\nCOPY a.txt /a.txt\nRUN sleep 0.3 && cat /a.txt > /one\nRUN sleep 0.3 && cat /one /one > /two\nRUN sleep 0.3 && cat /two /a.txt > /three\n",
+    )
+    .expect("ctx");
+    c.file("a.txt", "a\n").expect("write");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    // kill the daemon at different points of the build, from the start to the last step
+    for i in 0..8u64 {
+        let mut client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("kiln");
+        std::thread::sleep(Duration::from_millis(150 + i * 150));
+        d.restart(false);
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    let outs = tempfile::tempdir().expect("tmp");
+    d.build(c.path(), &["--output", &out_arg(outs.path())]);
+    let read = |f: &str| std::fs::read_to_string(outs.path().join(f)).expect("read");
+    assert_eq!((read("one"), read("two"), read("three")), ("a\n".into(), "a\na\n".into(), "a\na\na\n".into()));
+    let again = d.build(c.path(), &[]);
+    assert_eq!(again.lines().filter(|l| l.ends_with(" CACHED")).count(), 5, "FROM, COPY and three RUNs:\n{again}");
+}

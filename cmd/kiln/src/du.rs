@@ -82,7 +82,7 @@ fn ago(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn print_table(records: &[UsageRecord]) {
-    println!("{:<66}\t{:<12}\t{:<10}\t{}", "ID", "RECLAIMABLE", "SIZE", "LAST ACCESSED");
+    println!("{:<66}\t{:<12}\t{:<10}\tLAST ACCESSED", "ID", "RECLAIMABLE", "SIZE");
     for r in records {
         println!("{:<66}\t{:<12}\t{:<10}\t{}", r.id, !r.in_use, human_size(r.size), ago(r.last_used_at.as_ref()));
     }

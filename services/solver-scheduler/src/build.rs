@@ -181,7 +181,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 let _ = tokio::task::spawn_blocking(move || store.set_size(&id, size)).await;
             }
         }
-        records.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        records.sort_by_key(|r| std::cmp::Reverse(r.last_used));
         Ok(records)
     }
 

@@ -394,22 +394,21 @@ impl<W: Worker> Step<W> {
 
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
     async fn execute(self) -> Result<Outcome, Failure> {
-        if self.lookup {
-            if let Some(rec) = self.usable(&self.key).await? {
-                let id = rec.id.clone();
-                self.cache.with_store(move |s| s.touch(&id)).await.map_err(|e| self.store_err(e))?;
-                return Ok(self.hit(rec));
-            }
+        if self.lookup
+            && let Some(rec) = self.usable(&self.key).await?
+        {
+            let id = rec.id.clone();
+            self.cache.with_store(move |s| s.touch(&id)).await.map_err(|e| self.store_err(e))?;
+            return Ok(self.hit(rec));
         }
         let content_key = if self.ignore_cache { None } else { self.content_key().await? };
-        if self.lookup {
-            if let Some(ck) = &content_key {
-                if let Some(rec) = self.usable(ck).await? {
-                    let (id, key) = (rec.id.clone(), self.key.clone());
-                    self.cache.with_store(move |s| s.link(&id, &key)).await.map_err(|e| self.store_err(e))?;
-                    return Ok(self.hit(rec));
-                }
-            }
+        if self.lookup
+            && let Some(ck) = &content_key
+            && let Some(rec) = self.usable(ck).await?
+        {
+            let (id, key) = (rec.id.clone(), self.key.clone());
+            self.cache.with_store(move |s| s.link(&id, &key)).await.map_err(|e| self.store_err(e))?;
+            return Ok(self.hit(rec));
         }
         let build = self.build.clone();
         build.progress.vertex(self.pv.clone());

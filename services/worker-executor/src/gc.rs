@@ -196,8 +196,8 @@ mod tests {
         // everything is newer than `before`: nothing goes
         let none = w.prune(&[], 1).await.expect("prune");
         assert!(none.snapshots.is_empty());
-        let removed = w.prune(&[kept.clone()], 0).await.expect("prune");
-        assert_eq!(removed.snapshots.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), [dropped.clone()]);
+        let removed = w.prune(std::slice::from_ref(&kept), 0).await.expect("prune");
+        assert_eq!(removed.snapshots.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), std::slice::from_ref(&dropped));
         assert_eq!(w.exists(&[kept.clone(), base.clone(), dropped]), [true, true, false]);
         let all = w.prune(&[], 0).await.expect("prune all");
         assert_eq!(all.snapshots.len(), 2);
