@@ -232,3 +232,88 @@ fn host_network_and_insecure_need_entitlements_from_daemon_and_request() {
     let c = BuildContext::new("FROM busybox\nRUN mkdir -p /m && mount -t tmpfs none /m\n").expect("context");
     d.build(c.path(), &args(&[])).expect_err("sandbox must not mount");
 }
+
+/// A tar archive with raw entry names and link targets (no sanitising).
+fn crafted_tar(entries: &[(&str, u8, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, data) in entries {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[108..115].copy_from_slice(b"0000000");
+        h[116..123].copy_from_slice(b"0000000");
+        let size = if *kind == b'0' { data.len() } else { 0 };
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = *kind;
+        if *kind == b'2' || *kind == b'1' {
+            h[157..157 + data.len()].copy_from_slice(data.as_bytes());
+        }
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| *b as u32).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        if size > 0 {
+            out.extend_from_slice(data.as_bytes());
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn copy_and_add_escapes_are_contained() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let tag = format!("kiln-escape-{}", std::process::id());
+    let host_probe = format!("/tmp/{tag}");
+    let c = BuildContext::new(&format!(
+        "FROM busybox AS base\n\
+         RUN rm -rf /var && mkdir -p /host-var-{tag} && ln -s /host-var-{tag} /var && ln -s /tmp/{tag}-abs /abs\n\
+         FROM base\n\
+         COPY evil/passwd /got-abs\n\
+         COPY up /got-up\n\
+         COPY inside.txt /var/planted\n\
+         COPY inside.txt /abs/planted\n\
+         RUN --mount=type=tmpfs,target=/var/mnt/deep --mount=type=cache,target=/abs/cache cat /var/planted > /via-run && ls /host-var-{tag} > /listing\n"
+    ))
+    .expect("context");
+    c.file("etc/passwd", "context passwd\n").expect("write");
+    c.file("inside.txt", "inside\n").expect("write");
+    std::os::unix::fs::symlink("/etc", c.path().join("evil")).expect("symlink");
+    std::os::unix::fs::symlink("../../../../../../etc/passwd", c.path().join("up")).expect("symlink");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "got-abs"), "context passwd\n", "an absolute symlink in the context resolves in the context");
+    assert_eq!(read(&out, "got-up"), "context passwd\n", "`..` in a symlink stops at the context root");
+    assert_eq!(read(&out, format!("host-var-{tag}/planted").as_str()), "inside\n", "/var -> /host-var resolves in the rootfs");
+    assert_eq!(read(&out, format!("tmp/{tag}-abs/planted").as_str()), "inside\n");
+    assert_eq!(read(&out, "via-run"), "inside\n");
+    assert!(read(&out, "listing").contains("planted"));
+    assert!(!Path::new(&format!("/host-var-{tag}")).exists(), "written on the host");
+    assert!(!out.join(format!("host-var-{tag}/mnt")).exists(), "mount stub under a symlinked parent left behind");
+    assert!(!Path::new(&format!("/tmp/{tag}-abs")).exists(), "written on the host");
+
+    // ADD of crafted archives: `..` entries, entries through a symlink to /, hard links out
+    for (name, tar) in [
+        ("dotdot", crafted_tar(&[(&format!("../../../../../../tmp/{tag}-dotdot"), b'0', "x")])),
+        ("via-link", crafted_tar(&[("root", b'2', "/"), (&format!("root/tmp/{tag}-link"), b'0', "x")])),
+        ("hardlink", crafted_tar(&[("hl", b'1', "../../../../etc/passwd")])),
+    ] {
+        let c = BuildContext::new(&format!("FROM busybox\nADD {name}.tar /x/\n")).expect("context");
+        std::fs::write(c.path().join(format!("{name}.tar")), tar).expect("write tar");
+        let res = d.build(c.path(), &args(&["--output", "type=local,dest=out"]));
+        assert!(res.is_err(), "{name}: a tar entry outside the destination must fail the build");
+    }
+    for suffix in ["dotdot", "link"] {
+        assert!(!Path::new(&format!("{host_probe}-{suffix}")).exists(), "{suffix} escaped to the host");
+    }
+    // a well-formed archive is unpacked
+    let c = BuildContext::new("FROM busybox\nADD ok.tar /x/\n").expect("context");
+    std::fs::write(c.path().join("ok.tar"), crafted_tar(&[("d/f.txt", b'0', "hello"), ("d/l", b'2', "/etc/passwd")])).expect("tar");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build ok.tar");
+    assert_eq!(read(&c.path().join("out"), "x/d/f.txt"), "hello");
+    assert_eq!(std::fs::read_link(c.path().join("out/x/d/l")).expect("link"), Path::new("/etc/passwd"));
+}

@@ -173,19 +173,43 @@ struct Prepared {
 }
 
 /// The first missing component of `dest` inside `root`, and every path below it down to
-/// `dest` (relative to root, shallowest first).
+/// `dest` (relative to root, shallowest first). `dest` is resolved inside the root first
+/// (as runc does), so a symlinked parent such as `/var -> /host-var` never reaches the
+/// host.
 fn missing_components(root: &Path, dest: &str) -> Vec<PathBuf> {
-    let mut rel = PathBuf::new();
+    let Ok(resolved) = rootpath::resolve(root, dest, true) else {
+        return Vec::new();
+    };
+    let Ok(rel) = resolved.strip_prefix(root) else {
+        return Vec::new();
+    };
+    let mut cur = PathBuf::new();
     let mut out = Vec::new();
-    for c in Path::new(dest).components() {
+    for c in rel.components() {
         if let std::path::Component::Normal(n) = c {
-            rel.push(n);
-            if !out.is_empty() || std::fs::symlink_metadata(root.join(&rel)).is_err() {
-                out.push(rel.clone());
+            cur.push(n);
+            if !out.is_empty() || std::fs::symlink_metadata(root.join(&cur)).is_err() {
+                out.push(cur.clone());
             }
         }
     }
     out
+}
+
+/// True when no component of `rel` below `base` is a symlink (so `base.join(rel)` stays
+/// under `base`).
+fn no_symlink_parents(base: &Path, rel: &Path) -> bool {
+    let mut cur = base.to_path_buf();
+    let n = rel.components().count();
+    for (i, c) in rel.components().enumerate() {
+        cur.push(c);
+        if i + 1 < n
+            && std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// Removes mount stubs from an upper dir: entries that did not exist before the run and are
@@ -195,6 +219,9 @@ fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
     sorted.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     sorted.dedup();
     for rel in &sorted {
+        if !no_symlink_parents(upper, rel) {
+            continue;
+        }
         let p = upper.join(rel);
         let Ok(md) = std::fs::symlink_metadata(&p) else {
             continue;
@@ -210,6 +237,9 @@ fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
     for rel in &sorted {
         let mut parent = rel.parent();
         while let Some(par) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            if !no_symlink_parents(upper, par) {
+                break;
+            }
             let p = upper.join(par);
             let empty = std::fs::read_dir(&p)
                 .map(|mut d| d.next().is_none())
