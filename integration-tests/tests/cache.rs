@@ -126,6 +126,20 @@ impl Drop for Kilnd {
     }
 }
 
+/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
+fn parse_size(s: &str) -> f64 {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let mult = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other:?} in {s:?}"),
+    };
+    n.parse::<f64>().expect("number") * mult
+}
+
 fn out_arg(dir: &Path) -> String {
     format!("type=local,dest={}", dir.display())
 }
@@ -266,6 +280,17 @@ fn du_lists_records_and_prune_empties_them() {
     assert!(rows.iter().any(|r| r.contains("kB")), "the RUN's 300 kB show up:\n{listed}");
     let before = d.snapshots();
     assert!(before >= 2);
+    // the sizes add up to what the worker holds on disk
+    let total = listed.lines().find_map(|l| l.strip_prefix("Total:")).expect("total").trim().to_string();
+    let on_disk: f64 = ["snapshots", "content"]
+        .iter()
+        .map(|sub| {
+            let out = Command::new("du").arg("-s").arg("--block-size=1").arg(d.root().join("worker").join(sub)).output().expect("du");
+            String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|n| n.parse::<f64>().ok()).expect("du size")
+        })
+        .sum();
+    let listed_bytes = parse_size(&total);
+    assert!((listed_bytes - on_disk).abs() <= on_disk * 0.01, "kiln du total {total} vs {on_disk} bytes on disk:\n{listed}");
     let out = d.kiln(c.path(), &["prune"]).output().expect("prune");
     assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
     let pruned = String::from_utf8_lossy(&out.stdout).to_string();

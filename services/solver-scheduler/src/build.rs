@@ -80,6 +80,18 @@ impl Build {
     }
 }
 
+/// What `du` reports.
+#[derive(Debug, Clone, Default)]
+pub struct CacheUsage {
+    /// cache records, most recently used first
+    pub records: Vec<CacheRecord>,
+    /// snapshots no record names, and whether a record's snapshot sits on
+    /// them (then they go only with that record)
+    pub snapshots: Vec<(crate::peer::SnapshotUsage, bool)>,
+    /// bytes of layer blobs on the worker
+    pub blobs_size: i64,
+}
+
 /// The solver: builds, sessions, the result cache and the peers.
 pub struct Solver<W, F, E> {
     pub config: Config,
@@ -166,15 +178,20 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     /// Cache records with their sizes (measured on the worker).
     pub async fn disk_usage(&self) -> Result<Vec<CacheRecord>, Error> {
+        Ok(self.usage().await?.records)
+    }
+
+    /// Everything the build cache holds on the worker: cache records (each
+    /// sized by its output snapshots' own diffs), the snapshots no record
+    /// names (image layers under them, local-source copies, intermediate
+    /// file-op results) and the layer blobs, so the sizes add up to the
+    /// worker's disk use.
+    pub async fn usage(&self) -> Result<CacheUsage, Error> {
         let mut records = self.cache.with_store(|s| s.list()).await?;
-        let refs: Vec<String> = records.iter().flat_map(|r| r.refs.iter()).filter(|r| !r.is_empty()).cloned().collect();
-        if refs.is_empty() {
-            return Ok(records);
-        }
-        let usage = self.worker.usage(&refs).await?;
-        let sizes: HashMap<String, i64> = usage.snapshots.into_iter().map(|s| (s.r#ref, s.size)).collect();
+        let usage = self.worker.usage(&[]).await?;
+        let sizes: HashMap<&str, i64> = usage.snapshots.iter().map(|s| (s.r#ref.as_str(), s.size)).collect();
         for r in &mut records {
-            let size: i64 = r.refs.iter().filter_map(|x| sizes.get(x)).sum();
+            let size: i64 = r.refs.iter().filter_map(|x| sizes.get(x.as_str())).sum();
             if r.size != Some(size) {
                 r.size = Some(size);
                 let (id, store) = (r.id.clone(), self.cache.store().clone());
@@ -182,7 +199,23 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             }
         }
         records.sort_by_key(|r| std::cmp::Reverse(r.last_used));
-        Ok(records)
+        let named: std::collections::HashSet<&str> = records.iter().flat_map(|r| r.refs.iter().map(String::as_str)).collect();
+        let parents: HashMap<&str, &str> = usage.snapshots.iter().map(|s| (s.r#ref.as_str(), s.parent.as_str())).collect();
+        // snapshots under a record's refs stay as long as the record does
+        let mut reachable = std::collections::HashSet::new();
+        for r in &named {
+            let mut next = parents.get(r).copied();
+            while let Some(p) = next.filter(|p| !p.is_empty() && reachable.insert(p.to_string())) {
+                next = parents.get(p).copied();
+            }
+        }
+        let snapshots = usage
+            .snapshots
+            .iter()
+            .filter(|s| !named.contains(s.r#ref.as_str()))
+            .map(|s| (s.clone(), reachable.contains(&s.r#ref)))
+            .collect();
+        Ok(CacheUsage { records, snapshots, blobs_size: usage.blobs_size })
     }
 
     /// Removes cache records not used for `keep_duration` (every record not

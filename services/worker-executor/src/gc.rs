@@ -15,7 +15,7 @@ pub struct SnapshotUsage {
     pub id: String,
     pub parent: Option<String>,
     pub kind: Kind,
-    /// bytes on disk (allocated blocks) of the snapshot's diff
+    /// bytes on disk (allocated blocks) of the snapshot: its diff and metadata
     pub size: i64,
     /// unix nanoseconds of the commit
     pub created: i64,
@@ -37,11 +37,20 @@ fn created(dir: &Path) -> i64 {
         .unwrap_or(0)
 }
 
-/// Allocated bytes under `dir`, each inode once.
+/// Allocated bytes of `dir` and everything under it, each inode once.
 fn disk_size(dir: &Path) -> i64 {
+    size_from(dir, 0)
+}
+
+/// Allocated bytes of the entries under `dir` (not `dir` itself).
+fn contents_size(dir: &Path) -> i64 {
+    size_from(dir, 1)
+}
+
+fn size_from(dir: &Path, min_depth: usize) -> i64 {
     let mut seen = HashSet::new();
     let mut total = 0i64;
-    for e in walkdir::WalkDir::new(dir).into_iter().filter_map(|e| e.ok()) {
+    for e in walkdir::WalkDir::new(dir).min_depth(min_depth).into_iter().filter_map(|e| e.ok()) {
         let Ok(md) = e.path().symlink_metadata() else { continue };
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
             continue;
@@ -102,14 +111,14 @@ impl Worker {
             let snapshots = metas
                 .into_iter()
                 .map(|m| SnapshotUsage {
-                    size: disk_size(&store.diff_dir(&m.id)),
+                    size: disk_size(&store.dir(&m.id)),
                     created: created(&store.dir(&m.id)),
                     id: m.id,
                     parent: m.parent,
                     kind: m.kind,
                 })
                 .collect();
-            Ok(Usage { snapshots, blobs_size: disk_size(&blobs) })
+            Ok(Usage { snapshots, blobs_size: contents_size(&blobs) })
         })
         .await?
     }
@@ -146,7 +155,7 @@ impl Worker {
                     id: m.id.clone(),
                     parent: m.parent.clone(),
                     kind: m.kind,
-                    size: disk_size(&store.diff_dir(&m.id)),
+                    size: disk_size(&store.dir(&m.id)),
                     created: created(&dir),
                 };
                 let gone = root.join("staging").join(format!("pruned-{}", m.id));

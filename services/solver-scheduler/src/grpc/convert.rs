@@ -41,3 +41,19 @@ pub fn usage_record(r: &CacheRecord) -> UsageRecord {
         ..Default::default()
     }
 }
+
+/// A snapshot no cache record names, as `du` reports it.
+pub fn snapshot_record(s: &crate::peer::SnapshotUsage, shared: bool) -> UsageRecord {
+    UsageRecord {
+        id: s.r#ref.clone(),
+        size: s.size,
+        parent: s.parent.clone(),
+        parents: if s.parent.is_empty() { vec![] } else { vec![s.parent.clone()] },
+        created_at: Some(timestamp(s.created)),
+        last_used_at: Some(timestamp(s.created)),
+        description: format!("{} snapshot", s.kind),
+        record_type: if s.kind == "local" { "source.local".into() } else { "regular".into() },
+        shared,
+        ..Default::default()
+    }
+}

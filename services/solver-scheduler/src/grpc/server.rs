@@ -55,12 +55,24 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
     async fn disk_usage(&self, r: Request<ctl::DiskUsageRequest>) -> Result<Response<ctl::DiskUsageResponse>, Status> {
         let age_limit = r.into_inner().age_limit;
         let now = crate::cache::unix_nanos();
-        let records = self.solver.disk_usage().await.map_err(Status::from)?;
-        let record = records
+        let usage = self.solver.usage().await.map_err(Status::from)?;
+        let mut record: Vec<ctl::UsageRecord> = usage
+            .records
             .iter()
             .filter(|r| age_limit <= 0 || now - r.last_used <= age_limit)
             .map(convert::usage_record)
             .collect();
+        record.extend(usage.snapshots.iter().map(|(s, shared)| convert::snapshot_record(s, *shared)));
+        if usage.blobs_size > 0 {
+            record.push(ctl::UsageRecord {
+                id: "content-store".into(),
+                size: usage.blobs_size,
+                description: "layer blobs".into(),
+                record_type: "regular".into(),
+                shared: true,
+                ..Default::default()
+            });
+        }
         Ok(Response::new(ctl::DiskUsageResponse { record }))
     }
 
