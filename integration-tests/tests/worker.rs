@@ -317,3 +317,59 @@ fn copy_and_add_escapes_are_contained() {
     assert_eq!(read(&c.path().join("out"), "x/d/f.txt"), "hello");
     assert_eq!(std::fs::read_link(c.path().join("out/x/d/l")).expect("link"), Path::new("/etc/passwd"));
 }
+
+#[test]
+fn copy_link_chmod_exclude_and_add_url_with_checksum() {
+    let http = HostHttp::start();
+    let body = "host-side\n";
+    let sum = {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '{}' | sha256sum | cut -c1-64", body.replace('\n', "\\n")))
+            .output()
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(&format!(
+        "FROM busybox\n\
+         RUN echo base > /base.txt\n\
+         COPY --link a.txt /linked/a.txt\n\
+         COPY --chmod=u+x,go-w run.sh /run.sh\n\
+         COPY --exclude=*.skip dir/ /dir/\n\
+         ADD --checksum=sha256:{sum} http://127.0.0.1:{p}/index.html /dl/\n\
+         RUN cat /base.txt /linked/a.txt > /after-link && stat -c %a /run.sh > /run-mode && stat -c %a /dl/index.html > /dl-mode\n",
+        p = http.port
+    ))
+    .expect("context");
+    c.file("a.txt", "linked\n").expect("write");
+    c.file("run.sh", "#!/bin/sh\n").expect("write");
+    c.file("dir/keep.txt", "keep\n").expect("write");
+    c.file("dir/drop.skip", "drop\n").expect("write");
+    c.file("dir/sub/also.skip", "drop\n").expect("write");
+    std::fs::set_permissions(c.path().join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "after-link"), "base\nlinked\n", "COPY --link merged onto the base");
+    assert_eq!(read(&out, "run-mode"), "744\n");
+    assert_eq!(read(&out, "dir/keep.txt"), "keep\n");
+    assert!(!out.join("dir/drop.skip").exists(), "--exclude");
+    // as with BuildKit's pattern matcher, `*` does not cross directories
+    assert_eq!(read(&out, "dir/sub/also.skip"), "drop\n");
+    assert_eq!(read(&out, "dl/index.html"), body);
+    assert_eq!(read(&out, "dl-mode"), "600\n");
+
+    // a wrong checksum fails the step
+    let c2 = BuildContext::new(&format!(
+        "FROM busybox\nADD --checksum=sha256:{} http://127.0.0.1:{}/index.html /dl/\n",
+        "0".repeat(64),
+        http.port
+    ))
+    .expect("context");
+    let err = d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect_err("checksum mismatch");
+    assert!(err.to_string().contains("digest mismatch"), "{err}");
+
+    // the linked layer exports as an image too
+    d.build(c.path(), &args(&["--output", "type=oci,dest=img.tar,name=kiln-it/link:1"])).expect("oci export");
+    assert!(c.path().join("img.tar").metadata().expect("img.tar").len() > 0);
+}
