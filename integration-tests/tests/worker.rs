@@ -373,3 +373,27 @@ fn copy_link_chmod_exclude_and_add_url_with_checksum() {
     d.build(c.path(), &args(&["--output", "type=oci,dest=img.tar,name=kiln-it/link:1"])).expect("oci export");
     assert!(c.path().join("img.tar").metadata().expect("img.tar").len() > 0);
 }
+
+#[test]
+fn cache_mount_seeded_from_a_stage_and_secrets_in_split_services() {
+    let d = Daemon::start(Topology::Split).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox AS seed\n\
+         RUN mkdir -p /seed && echo seeded > /seed/s.txt\n\
+         FROM busybox\n\
+         RUN --mount=type=cache,target=/c,from=seed,source=/seed sh -c 'cat /c/s.txt > /from-seed; echo more >> /c/s.txt'\n\
+         RUN --mount=type=cache,target=/c2,from=seed,source=/seed,id=other cat /c2/s.txt > /second\n\
+         RUN --mount=type=secret,id=tok,target=/tok cat /tok > /dev/null && echo ok > /secret-ok\n",
+    )
+    .expect("context");
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(secret_dir.path().join("tok"), SECRET).expect("write");
+    let arg = format!("id=tok,src={}", secret_dir.path().join("tok").display());
+    d.build(c.path(), &args(&["--output", "type=local,dest=out", "--secret", &arg])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "from-seed"), "seeded\n");
+    assert_eq!(read(&out, "second"), "seeded\n", "another cache id is seeded afresh");
+    assert_eq!(read(&out, "secret-ok"), "ok\n");
+    assert!(out.join("c").symlink_metadata().is_err() && out.join("tok").symlink_metadata().is_err());
+    assert!(files_containing(&out, SECRET.as_bytes()).is_empty());
+}
