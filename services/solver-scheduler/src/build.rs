@@ -273,7 +273,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                         worker: self.worker.address(),
                         r#ref: result.clone(),
                         r#type: exp.r#type.clone(),
-                        attrs: exp.attrs.clone(),
+                        attrs: exporter_attrs(&exp.attrs, &req.frontend_attrs),
                         image_config: image_config.clone(),
                         index: i as u32,
                     },
@@ -355,4 +355,29 @@ fn default_image_config(config: &Config) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
+}
+
+/// An exporter's attrs plus what the build's frontend attrs imply for it:
+/// `build-arg:SOURCE_DATE_EPOCH` becomes `source-date-epoch`, as in BuildKit.
+fn exporter_attrs(attrs: &BTreeMap<String, String>, frontend_attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut out = attrs.clone();
+    if let Some(epoch) = frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH").filter(|v| !v.is_empty()) {
+        out.entry("source-date-epoch".to_string()).or_insert_with(|| epoch.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod exporter_attr_tests {
+    use super::*;
+
+    #[test]
+    fn source_date_epoch_build_arg_reaches_the_exporter() {
+        let fe: BTreeMap<String, String> = [("build-arg:SOURCE_DATE_EPOCH".to_string(), "42".to_string())].into();
+        let out = exporter_attrs(&BTreeMap::new(), &fe);
+        assert_eq!(out.get("source-date-epoch").map(String::as_str), Some("42"));
+        // an explicit exporter attr wins
+        let own: BTreeMap<String, String> = [("source-date-epoch".to_string(), "7".to_string())].into();
+        assert_eq!(exporter_attrs(&own, &fe).get("source-date-epoch").map(String::as_str), Some("7"));
+    }
 }
