@@ -6,7 +6,7 @@ PROFILE_DIR := target/debug
 BIN := $(PROFILE_DIR)
 DEMO_DIR ?= /tmp/kiln-demo
 
-.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean
+.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean bench
 
 all: build
 
@@ -33,6 +33,12 @@ demo: build
 
 demo-stop:
 	sh scripts/demo.sh "$(DEMO_DIR)" stop
+
+# Side-by-side benchmark against docker's BuildKit / buildah (bench/README.md).
+# `make bench QUICK=1`: one repetition, smaller inputs.
+QUICK ?=
+bench:
+	QUICK=$(QUICK) sh bench/run.sh
 
 clean:
 	$(CARGO) clean

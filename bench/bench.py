@@ -1,0 +1,831 @@
+#!/usr/bin/env python3
+"""kiln side-by-side benchmark (issue 7).
+
+Runs the same generated Dockerfiles and contexts through kiln and every peer
+builder present on the machine (docker's BuildKit via a dockerd the bench
+starts itself, Debian's buildah, a buildctl+buildkitd pair named by BUILDCTL
+and BUILDKIT_HOST), in the same run, interleaved rep by rep, and prints per
+scenario each builder's median/min/max and kiln's ratio to each peer, marked
+against the issue's targets. Writes the same markdown to bench/results/<date>.md.
+
+Not a test: figures are wall-clock times on a shared machine.
+"""
+
+import argparse
+import datetime
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# no single command may take longer (a hung build becomes a failed cell)
+BUILD_TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "0") or 0) or (150 if os.environ.get("QUICK") else 900)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ratio kiln / BuildKit targets from issue 7 (scenario key -> max ratio)
+TARGETS = {
+    "1 cold build": 0.8,
+    "2 no-op rebuild": 0.5,
+    "3 one-file-change rebuild": 0.3,
+    "4 8 parallel 1 s stages": 0.7,
+    "5a 50 chained RUN, cold": 0.6,
+    "5b 50 chained RUN, cached": 0.5,
+    "6a export ~1 GiB to OCI tarball (gzip)": 0.6,
+    "6b push ~1 GiB to local registry": 0.6,
+    "7 16 concurrent builds": 0.7,
+    "8a daemon peak RSS over 2 (MiB)": 0.3,
+    "8b daemon peak RSS over 7 (MiB)": 0.3,
+    "8c daemon idle RSS before 2 (MiB)": 0.3,
+    "8d daemon idle RSS after 7 (MiB)": 0.3,
+}
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, env=None, check=True, timeout=1800, quiet=True):
+    """Runs cmd (list); returns (seconds, CompletedProcess). Raises on failure if check."""
+    timeout = min(timeout, BUILD_TIMEOUT)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)}\ntimed out after {timeout:.0f} s (hung)") from None
+    dt = time.monotonic() - t0
+    if check and p.returncode != 0:
+        tail = (p.stderr or b"").decode(errors="replace")[-1500:]
+        out = (p.stdout or b"").decode(errors="replace")[-500:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{tail}\n{out}\nexit {p.returncode}")
+    return dt, p
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(pred, secs, what):
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def umount_under(path):
+    """Lazily unmounts every mount under path (deepest first)."""
+    try:
+        with open("/proc/mounts") as f:
+            mps = [line.split()[1] for line in f]
+    except OSError:
+        return
+    for mp in sorted((m for m in mps if m.startswith(path.rstrip("/") + "/") or m == path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+
+
+def rm_tree(path):
+    umount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def proc_mem(pid):
+    """(VmHWM, VmRSS) in KiB of one process, or (0, 0) when gone."""
+    hwm = rss = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return hwm, rss
+
+
+def reset_hwm(pid):
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def children(pid):
+    """pids of direct children of pid."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            out = [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- builders
+
+
+class Builder:
+    name = "?"
+    is_buildkit = False
+    note = ""
+
+    def build(self, d, tag, args=None, timeout=1800):
+        """Builds d/Dockerfile with context d; returns seconds."""
+        raise NotImplementedError
+
+    def reset(self):
+        """Empties every cache (cold start)."""
+        raise NotImplementedError
+
+    def daemon_pids(self):
+        return []
+
+    def export_oci(self, d, tag, dest):
+        raise NotImplementedError
+
+    def push(self, d, tag, ref):
+        raise NotImplementedError
+
+    def stop(self):
+        pass
+
+    def mem_reset(self):
+        for p in self.daemon_pids():
+            reset_hwm(p)
+
+    def mem_read(self):
+        hwm = rss = 0
+        for p in self.daemon_pids():
+            h, r = proc_mem(p)
+            hwm += h
+            rss += r
+        return hwm, rss
+
+
+class Kiln(Builder):
+    name = "kiln"
+
+    def __init__(self, tmp, reg):
+        self.tmp = os.path.join(tmp, "kiln")
+        os.makedirs(self.tmp, exist_ok=True)
+        self.reg = reg
+        bindir = os.environ.get("BENCH_KILN_BIN_DIR", os.path.join(REPO, "target/release"))
+        self.kiln = os.path.join(bindir, "kiln")
+        self.kilnd = os.path.join(bindir, "kilnd")
+        self.gen = 0
+        self.proc = None
+        self.logf = None
+        self.start()
+
+    def start(self):
+        self.gen += 1
+        self.root = os.path.join(self.tmp, f"root{self.gen}")
+        self.sock = os.path.join(self.tmp, f"kilnd{self.gen}.sock")
+        cfg = os.path.join(self.tmp, "kilnd.toml")
+        with open(cfg, "w") as f:
+            f.write(
+                f'root = "{self.root}"\n[grpc]\naddress = ["unix://{self.sock}"]\n'
+                f'[registry."docker.io"]\nmirrors = ["{self.reg}"]\n'
+                f'[registry."{self.reg}"]\nhttp = true\n'
+            )
+        self.logf = open(os.path.join(self.tmp, "kilnd.log"), "ab")
+        self.proc = subprocess.Popen([self.kilnd, "--config", cfg], stdout=self.logf, stderr=self.logf)
+        wait_for(lambda: os.path.exists(self.sock), 30, "kilnd socket")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.logf:
+            self.logf.close()
+        rm_tree(self.root)
+
+    def reset(self):
+        self.stop()
+        self.start()
+
+    def daemon_pids(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def _build(self, d, outputs, args=None, timeout=1800):
+        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "quiet",
+               "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}"]
+        for k, v in (args or {}).items():
+            cmd += ["--opt", f"build-arg:{k}={v}"]
+        for o in outputs:
+            cmd += ["--output", o]
+        return run(cmd, timeout=timeout)[0]
+
+    def build(self, d, tag, args=None, timeout=1800):
+        # type=image without push: the image (compressed layers, manifest,
+        # config) is assembled, as docker/buildah commit to their image store.
+        # BENCH_KILN_OUTPUT=none: solve only (no exporter), to see the exporter's share.
+        if os.environ.get("BENCH_KILN_OUTPUT") == "none":
+            return self._build(d, [], args, timeout)
+        return self._build(d, [f"type=image,name={tag}"], args, timeout)
+
+    def export_oci(self, d, tag, dest):
+        return self._build(d, [f"type=oci,dest={dest},name={tag}"])
+
+    def push(self, d, tag, ref):
+        return self._build(d, [f"type=image,name={ref},push=true"])
+
+
+class Docker(Builder):
+    name = "docker"
+    is_buildkit = True
+
+    def __init__(self, tmp, reg):
+        self.dir = os.path.join(tmp, "docker")
+        os.makedirs(self.dir, exist_ok=True)
+        self.sock = os.path.join(self.dir, "docker.sock")
+        self.docker = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="1",
+                        DOCKER_CONFIG=os.path.join(self.dir, "config"))
+        self.logf = open(os.path.join(self.dir, "dockerd.log"), "ab")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", os.path.join(self.dir, "data"),
+             "--exec-root", os.path.join(self.dir, "exec"), "-H", f"unix://{self.sock}",
+             "--pidfile", os.path.join(self.dir, "dockerd.pid"),
+             "--bridge=none", "--iptables=false", "--ip6tables=false",
+             "--registry-mirror", f"http://{reg}", "--insecure-registry", reg],
+            stdout=self.logf, stderr=self.logf, start_new_session=True)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dockerd exited {self.proc.returncode}; log {self.dir}/dockerd.log")
+            return run([self.docker, "info"], env=self.env, check=False, timeout=30)[1].returncode == 0
+
+        wait_for(up, 60, "dockerd")
+        out = run([self.docker, "version", "--format", "{{.Server.Version}}"], env=self.env)[1]
+        self.note = f"dockerd {out.stdout.decode().strip()} (BuildKit built in), --bridge=none, builds with --network host"
+
+    def _docker(self, *a, timeout=1800):
+        return run([self.docker, *a], env=self.env, timeout=timeout)
+
+    def build(self, d, tag, args=None, timeout=1800):
+        cmd = ["build", "--network", "host", "-q", "-t", tag]
+        for k, v in (args or {}).items():
+            cmd += ["--build-arg", f"{k}={v}"]
+        return self._docker(*cmd, d, timeout=timeout)[0]
+
+    def reset(self):
+        self._docker("builder", "prune", "-af")
+        ids = self._docker("images", "-aq")[1].stdout.decode().split()
+        if ids:
+            run([self.docker, "rmi", "-f", *sorted(set(ids))], env=self.env, check=False)
+        self._docker("builder", "prune", "-af")
+
+    def daemon_pids(self):
+        # BuildKit runs inside dockerd; containerd is dockerd's child (managed).
+        if self.proc.poll() is not None:
+            return []
+        return [self.proc.pid] + [c for c in children(self.proc.pid) if _comm(c) == "containerd"]
+
+    def export_oci(self, d, tag, dest):
+        # docker 20.10's built-in BuildKit has no oci exporter (only local/tar
+        # and its image store), so: cached build to the store + `docker save | gzip`.
+        t = self.build(d, tag)
+        t0 = time.monotonic()
+        with open(dest, "wb") as out:
+            save = subprocess.Popen([self.docker, "save", tag], env=self.env, stdout=subprocess.PIPE)
+            gz = subprocess.run(["gzip", "-c"], stdin=save.stdout, stdout=out)
+            save.stdout.close()
+            if save.wait() != 0 or gz.returncode != 0:
+                raise RuntimeError("docker save | gzip failed")
+        return t + time.monotonic() - t0
+
+    def push(self, d, tag, ref):
+        t = self.build(d, ref)
+        return t + self._docker("push", "-q", ref)[0]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logf.close()
+        rm_tree(self.dir)
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Buildah(Builder):
+    name = "buildah"
+
+    def __init__(self, tmp, reg):
+        self.dir = os.path.join(tmp, "buildah")
+        os.makedirs(self.dir, exist_ok=True)
+        conf = os.path.join(self.dir, "registries.conf")
+        with open(conf, "w") as f:
+            f.write('unqualified-search-registries = ["docker.io"]\n'
+                    '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+                    f'[[registry.mirror]]\nlocation = "{reg}"\ninsecure = true\n'
+                    f'[[registry]]\nlocation = "{reg}"\ninsecure = true\n')
+        self.env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=conf)
+        self.base = ["buildah", "--root", os.path.join(self.dir, "root"), "--runroot",
+                     os.path.join(self.dir, "run"), "--storage-driver", os.environ.get("BUILDAH_STORAGE", "overlay")]
+        v = run(["buildah", "--version"])[1].stdout.decode().strip()
+        self.note = f"{v}, --storage-driver {self.base[-1]}, bud --layers --isolation chroot --network host (daemonless: no RSS)"
+
+    def build(self, d, tag, args=None, timeout=1800):
+        cmd = self.base + ["bud", "--layers", "--isolation", "chroot", "--network", "host", "-q", "-t", tag]
+        for k, v in (args or {}).items():
+            cmd += ["--build-arg", f"{k}={v}"]
+        return run(cmd + ["-f", os.path.join(d, "Dockerfile"), d], env=self.env, timeout=timeout)[0]
+
+    def reset(self):
+        run(self.base + ["rm", "-a"], env=self.env, check=False)
+        run(self.base + ["rmi", "-af"], env=self.env, check=False)
+
+    def export_oci(self, d, tag, dest):
+        t = self.build(d, tag)
+        return t + run(self.base + ["push", "--compression-format", "gzip", tag, f"oci-archive:{dest}"], env=self.env)[0]
+
+    def push(self, d, tag, ref):
+        t = self.build(d, ref)
+        return t + run(self.base + ["push", "--tls-verify=false", ref, f"docker://{ref}"], env=self.env)[0]
+
+    def stop(self):
+        self.reset()
+        rm_tree(self.dir)
+
+
+class Buildctl(Builder):
+    name = "buildctl"
+    is_buildkit = True
+
+    def __init__(self, tmp, reg):
+        self.bin = os.environ["BUILDCTL"]
+        self.addr = os.environ["BUILDKIT_HOST"]
+        self.pid = int(os.environ.get("BUILDKITD_PID", "0") or 0)
+        self.note = (f"{self.bin} --addr {self.addr} (buildkitd is yours; its config must mirror docker.io "
+                     f"to {reg}; set BUILDKITD_PID for RSS)")
+
+    def _build(self, d, outputs, args=None, timeout=1800):
+        cmd = [self.bin, "--addr", self.addr, "build", "--progress", "quiet", "--frontend", "dockerfile.v0",
+               "--local", f"context={d}", "--local", f"dockerfile={d}"]
+        for k, v in (args or {}).items():
+            cmd += ["--opt", f"build-arg:{k}={v}"]
+        for o in outputs:
+            cmd += ["--output", o]
+        return run(cmd, timeout=timeout)[0]
+
+    def build(self, d, tag, args=None, timeout=1800):
+        return self._build(d, [f"type=image,name={tag}"], args, timeout)
+
+    def export_oci(self, d, tag, dest):
+        return self._build(d, [f"type=oci,dest={dest},name={tag}"])
+
+    def push(self, d, tag, ref):
+        return self._build(d, [f"type=image,name={ref},push=true,registry.insecure=true"])
+
+    def reset(self):
+        run([self.bin, "--addr", self.addr, "prune", "--all"], check=False)
+
+    def daemon_pids(self):
+        return [self.pid] if self.pid else []
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def gen_inputs(tmp, q):
+    """Generates every scenario's Dockerfile and context; returns {name: dir}."""
+    rnd = random.Random(7)
+    d = {}
+    # 1 cold: a few RUN and COPY steps
+    c = d["cold"] = os.path.join(tmp, "in/cold")
+    for i in range(20):
+        write(f"{c}/src/f{i}.txt", f"file {i}\n" * 200)
+    write(f"{c}/app.sh", "#!/bin/sh\necho app\n")
+    write(f"{c}/Dockerfile",
+          "FROM busybox\nRUN mkdir -p /app && echo one > /app/one\nCOPY src/ /app/src/\n"
+          "RUN cat /app/src/* | wc -l > /app/lines\nCOPY app.sh /app/\n"
+          "RUN chmod +x /app/app.sh && /app/app.sh > /app/out\nRUN ls -la /app > /app/listing\n")
+    # 2/3 big context: 10,000 files ~200 MB (quick: 1,000 files ~20 MB)
+    nfiles, total = (1000, 20 << 20) if q else (10000, 200 << 20)
+    c = d["big"] = os.path.join(tmp, "in/big")
+    per = total // nfiles
+    chunk = os.urandom(per * 64)  # sliced so files differ but generation is fast
+    for i in range(nfiles):
+        p = f"{c}/ctx/d{i % 100:02d}/f{i:05d}.bin"
+        if i < 100:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        off = rnd.randrange(0, len(chunk) - per)
+        with open(p, "wb") as f:
+            f.write(i.to_bytes(4, "little") + chunk[off:off + per - 4])
+    write(f"{c}/Dockerfile", "FROM busybox\nCOPY ctx/ /ctx/\nRUN find /ctx -type f | wc -l > /count && du -sk /ctx > /size\n")
+    # 4 parallel stages
+    c = d["par"] = os.path.join(tmp, "in/par")
+    df = ""
+    for i in range(8):
+        df += f"FROM busybox AS s{i}\nARG BUST\nRUN echo $BUST > /dev/null && sleep 1 && echo {i} > /out{i}\n\n"
+    df += "FROM busybox\n" + "".join(f"COPY --from=s{i} /out{i} /out/{i}\n" for i in range(8))
+    write(f"{c}/Dockerfile", df)
+    # 5 fifty chained RUN echo
+    c = d["chain"] = os.path.join(tmp, "in/chain")
+    write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(f"RUN echo step {i} >> /steps\n" for i in range(50)))
+    # 6 ~1 GiB image (quick: ~64 MiB): half random, half compressible, 4 layers
+    mib = 64 if q else 1024
+    c = d["big-image"] = os.path.join(tmp, "in/big-image")
+    q4 = mib // 4
+    write(f"{c}/Dockerfile",
+          "FROM busybox\n"
+          f"RUN head -c {q4}m /dev/urandom > /r1\n"
+          f"RUN head -c {q4}m /dev/urandom > /r2\n"
+          f"RUN yes 'kiln bench compressible line 0123456789' | head -c {q4}m > /t1\n"
+          f"RUN seq 1 100000000 | head -c {q4}m > /t2\n")
+    # 7 concurrency: one Dockerfile built 16 times at once
+    c = d["conc"] = os.path.join(tmp, "in/conc")
+    for i in range(50):
+        write(f"{c}/src/f{i}.txt", f"line {i}\n" * 100)
+    write(f"{c}/Dockerfile",
+          "FROM busybox\nCOPY src/ /src/\nRUN cat /src/* | sort > /sorted\nRUN sleep 0.5 && md5sum /sorted > /sum\n"
+          "RUN for i in $(seq 1 200); do echo $i; done > /n\n")
+    return d
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+class Bench:
+    def __init__(self, builders, inputs, reps, quick, tmp, reg):
+        self.b = builders
+        self.inp = inputs
+        self.reps = reps
+        self.quick = quick
+        self.tmp = tmp
+        self.reg = reg
+        self.results = {}  # scenario -> builder -> [values] or error str
+        self.units = {}
+        self.extra = []  # markdown sections appended verbatim
+
+    def record(self, scen, b, val, unit="s"):
+        self.units[scen] = unit
+        r = self.results.setdefault(scen, {}).setdefault(b.name, [])
+        if isinstance(r, list):
+            r.append(val)
+
+    def fail(self, scen, b, err):
+        log(f"{scen}: {b.name} failed: {err}")
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("exit ")]
+        reason = lines[-1] if len(lines) > 1 else str(err).strip().splitlines()[-1]
+        reason = re.sub(r"/tmp/kiln-bench-[^ ]*/", "…/", reason).replace("|", "/")
+        self.results.setdefault(scen, {})[b.name] = "**failed**: " + reason[:100]
+
+    def each(self, scen, fn):
+        """fn(builder, rep) -> value or None; interleaved rep by rep."""
+        for rep in range(self.reps):
+            for b in self.b:
+                if isinstance(self.results.get(scen, {}).get(b.name), str):
+                    continue
+                try:
+                    v = fn(b, rep)
+                    if v is not None:
+                        self.record(scen, b, v)
+                        log(f"{scen} rep {rep + 1}: {b.name} {v:.2f}s")
+                except Exception as e:  # noqa: BLE001 - a builder failing is a result
+                    self.fail(scen, b, e)
+
+    def s1_cold(self):
+        d = self.inp["cold"]
+
+        def f(b, rep):
+            b.reset()
+            return b.build(d, "bench/cold")
+        self.each("1 cold build", f)
+
+    def s2_s3_big(self):
+        d = self.inp["big"]
+        changed = os.path.join(d, "ctx/d00/f00000.bin")
+        for b in self.b:  # prime (not timed), from a cold cache
+            try:
+                b.reset()
+                b.build(d, "bench/big")
+            except Exception as e:  # noqa: BLE001
+                self.fail("2 no-op rebuild", b, e)
+        for b in self.b:
+            time.sleep(2)
+            b.mem_reset()
+        self.idle_after("8c daemon idle RSS before 2 (MiB)")
+        self.each("2 no-op rebuild", lambda b, rep: b.build(d, "bench/big"))
+        self.peak("8a daemon peak RSS over 2 (MiB)")
+
+        def f(b, rep):
+            return b.build(d, "bench/big")
+        for rep in range(self.reps):
+            with open(changed, "ab") as fh:  # same change for every builder
+                fh.write(f"change {rep} {time.time_ns()}\n".encode())
+            saved, self.reps = self.reps, 1
+            try:
+                self.each("3 one-file-change rebuild", f)
+            finally:
+                self.reps = saved
+
+    def s4_par(self):
+        d = self.inp["par"]
+        for b in self.b:
+            try:
+                b.build(d, "bench/par", {"BUST": "prime"})
+            except Exception as e:  # noqa: BLE001
+                self.fail("4 8 parallel 1 s stages", b, e)
+        self.each("4 8 parallel 1 s stages",
+                  lambda b, rep: b.build(d, "bench/par", {"BUST": f"r{rep}-{time.time_ns()}"}))
+
+    def s5_chain(self):
+        d = self.inp["chain"]
+
+        def cold(b, rep):
+            b.reset()
+            return b.build(d, "bench/chain")
+        self.each("5a 50 chained RUN, cold", cold)
+        self.each("5b 50 chained RUN, cached", lambda b, rep: b.build(d, "bench/chain"))
+
+    def s6_export(self):
+        script = os.path.join(REPO, "bench/export/run.sh")
+        if os.path.exists(script):
+            log("scenario 6 delegated to bench/export/run.sh")
+            env = dict(os.environ, BENCH_TMP=self.tmp, BENCH_REGISTRY=self.reg, BENCH_REPS=str(self.reps),
+                       QUICK="1" if self.quick else "", BENCH_BUILDERS=" ".join(b.name for b in self.b))
+            for b in self.b:
+                if isinstance(b, Kiln):
+                    env.update(KILN=b.kiln, KILN_HOST=f"unix://{b.sock}")
+                if isinstance(b, Docker):
+                    env.update(DOCKER=b.docker, DOCKER_HOST=f"unix://{b.sock}")
+            p = subprocess.run(["sh", script], env=env, stdout=subprocess.PIPE, stderr=sys.stderr)
+            self.extra.append("### 6 export (bench/export/run.sh)\n\n" + p.stdout.decode(errors="replace")
+                              + ("" if p.returncode == 0 else f"\n(bench/export/run.sh exited {p.returncode})\n"))
+            return
+        d = self.inp["big-image"]
+        out = os.path.join(self.tmp, "export")
+        os.makedirs(out, exist_ok=True)
+        for b in self.b:  # prime: the image content is built once, export is what is timed
+            try:
+                b.build(d, "bench/bigimg", timeout=3600)
+            except Exception as e:  # noqa: BLE001
+                self.fail("6a export ~1 GiB to OCI tarball (gzip)", b, e)
+                self.fail("6b push ~1 GiB to local registry", b, e)
+
+        def tarball(b, rep):
+            dest = os.path.join(out, f"{b.name}.tar")
+            try:
+                return b.export_oci(d, "bench/bigimg", dest)
+            finally:
+                if os.path.exists(dest):
+                    log(f"  {b.name} tarball {os.path.getsize(dest) >> 20} MiB")
+                    os.unlink(dest)
+        self.each("6a export ~1 GiB to OCI tarball (gzip)", tarball)
+
+        def push(b, rep):
+            # a fresh registry per push, so no builder finds blobs already there
+            rdir = os.path.join(self.tmp, f"pushreg-{b.name}-{rep}")
+            addr = subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "start", rdir],
+                                  stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+            try:
+                return b.push(d, "bench/bigimg", f"{addr}/bench/bigimg:{rep}")
+            finally:
+                subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "stop", rdir])
+                time.sleep(0.3)
+                shutil.rmtree(rdir, ignore_errors=True)
+        self.each("6b push ~1 GiB to local registry", push)
+
+    def s7_conc(self):
+        d = self.inp["conc"]
+        n = 16
+        scen = "7 16 concurrent builds"
+        peaks = {}
+
+        def f(b, rep):
+            b.reset()
+            time.sleep(1)
+            b.mem_reset()
+            t0 = time.monotonic()
+            stop = threading.Event()
+            hw = [0]
+
+            def sample():  # kiln restarts per cold rep, so sample as well as VmHWM
+                while not stop.is_set():
+                    hw[0] = max(hw[0], b.mem_read()[1])
+                    time.sleep(0.05)
+            th = threading.Thread(target=sample)
+            th.start()
+            try:
+                with ThreadPoolExecutor(n) as ex:
+                    futs = [ex.submit(b.build, d, f"bench/conc{i}") for i in range(n)]
+                    for fu in futs:
+                        fu.result()
+            finally:
+                stop.set()
+                th.join()
+            dt = time.monotonic() - t0
+            pk = max(hw[0], b.mem_read()[0])
+            peaks[b.name] = max(peaks.get(b.name, 0), pk)
+            return dt
+        self.each(scen, f)
+        for b in self.b:
+            if b.daemon_pids() and b.name in peaks:
+                self.record("8b daemon peak RSS over 7 (MiB)", b, peaks[b.name] / 1024, "MiB")
+        self.idle_after("8d daemon idle RSS after 7 (MiB)")
+
+    def idle_after(self, scen):
+        time.sleep(3)
+        for b in self.b:
+            if b.daemon_pids():
+                self.record(scen, b, b.mem_read()[1] / 1024, "MiB")
+                log(f"{scen}: {b.name} {b.mem_read()[1] / 1024:.0f} MiB")
+
+    def peak(self, scen):
+        for b in self.b:
+            if b.daemon_pids():
+                self.record(scen, b, b.mem_read()[0] / 1024, "MiB")
+
+    # ------------------------------------------------------------ report
+
+    def table(self):
+        names = [b.name for b in self.b]
+        peers = [b for b in self.b if b.name != "kiln"]
+        hdr = ["scenario"] + [f"{n} median (min–max)" for n in names]
+        hdr += [f"kiln/{p.name}" for p in peers] + ["target"]
+        lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+        for scen in sorted(self.results, key=lambda s: (s.split()[0])):
+            res = self.results[scen]
+            unit = self.units.get(scen, "s")
+            row = [scen]
+            for n in names:
+                v = res.get(n)
+                if isinstance(v, list) and v:
+                    fmt = "{:.0f}" if unit == "MiB" else "{:.2f}"
+                    u = "" if unit == "MiB" else " s"
+                    row.append(f"{fmt.format(statistics.median(v))}{u} ({fmt.format(min(v))}–{fmt.format(max(v))})")
+                elif isinstance(v, str):
+                    row.append(v)
+                else:
+                    row.append("–")
+            k = res.get("kiln")
+            tgt = TARGETS.get(scen)
+            for p in peers:
+                v = res.get(p.name)
+                if isinstance(k, list) and k and isinstance(v, list) and v and statistics.median(v) > 0:
+                    r = statistics.median(k) / statistics.median(v)
+                    mark = ""
+                    if tgt is not None and p.is_buildkit_ref:
+                        mark = " ✅" if r <= tgt else " ❌ miss"
+                    row.append(f"{r:.2f}{mark}")
+                else:
+                    row.append("–")
+            row.append(f"≤ {tgt}" if tgt is not None else "")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("QUICK")))
+    ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "0") or 0))
+    ap.add_argument("--peers", default=os.environ.get("BENCH_PEERS", "docker,buildah,buildctl"),
+                    help="comma list of peers to try (docker, buildah, buildctl)")
+    ap.add_argument("--scenarios", default=os.environ.get("BENCH_SCENARIOS", "1,2,4,5,6,7"),
+                    help="comma list (2 also runs 3 and 8a; 7 also runs 8b/8c)")
+    a = ap.parse_args()
+    global BUILD_TIMEOUT
+    if a.quick and not os.environ.get("BENCH_TIMEOUT"):
+        BUILD_TIMEOUT = 150
+    reps = a.reps or (1 if a.quick else 5)
+    peers_wanted = a.peers.split(",")
+    scen = a.scenarios.split(",")
+
+    tmp = tempfile.mkdtemp(prefix="kiln-bench-", dir=os.environ.get("BENCH_TMP_PARENT"))
+    log(f"work dir {tmp} ({'QUICK, ' if a.quick else ''}{reps} rep(s))")
+    builders = []
+    notes = []
+    regdir = os.path.join(tmp, "registry")
+    try:
+        reg = subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "start", regdir],
+                             stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+        subprocess.run(["sh", os.path.join(REPO, "scripts/seed-busybox.sh"), reg], check=True,
+                       stdout=subprocess.DEVNULL)
+        log(f"registry {reg} seeded with busybox")
+        builders.append(Kiln(tmp, reg))
+        kout = ("no --output (solve only)" if os.environ.get("BENCH_KILN_OUTPUT") == "none"
+                else "--output type=image,name=… (image assembled, not pushed)")
+        notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, fresh --root for every cold run, "
+                     f"`kiln build --progress quiet` {kout}")
+        if "docker" in peers_wanted:
+            try:
+                if not shutil.which("dockerd"):
+                    raise RuntimeError("dockerd not installed")
+                builders.append(Docker(tmp, reg))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"docker: NOT USED — dockerd could not run here: {str(e).splitlines()[0]}")
+                log(notes[-1])
+        # QUICK keeps to 5 minutes: buildah (slow on chained RUN) only when it is
+        # the only peer, unless BENCH_PEERS names it.
+        skip_buildah = a.quick and any(b.name == "docker" for b in builders) and not os.environ.get("BENCH_PEERS")
+        if skip_buildah and shutil.which("buildah"):
+            notes.append("buildah: skipped in QUICK mode (docker's BuildKit ran); BENCH_PEERS=docker,buildah adds it")
+        if "buildah" in peers_wanted and shutil.which("buildah") and not skip_buildah:
+            try:
+                builders.append(Buildah(tmp, reg))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"buildah: NOT USED — {str(e).splitlines()[0]}")
+        if "buildctl" in peers_wanted and os.environ.get("BUILDCTL") and os.environ.get("BUILDKIT_HOST"):
+            builders.append(Buildctl(tmp, reg))
+        bk = [b for b in builders if b.is_buildkit]
+        for b in builders:
+            # targets are kiln / BuildKit; with no BuildKit peer, read them against buildah
+            b.is_buildkit_ref = b.is_buildkit or (not bk and b.name == "buildah")
+            if b.note:
+                notes.append(f"{b.name}: {b.note}")
+        if not bk:
+            notes.append("no BuildKit peer could run: targets are read against buildah instead")
+        if len(builders) < 2:
+            log("no peer builder available; kiln figures only")
+
+        inputs = gen_inputs(tmp, a.quick)
+        log("inputs generated")
+        bench = Bench(builders, inputs, reps, a.quick, tmp, reg)
+        t0 = time.monotonic()
+        steps = [("1", bench.s1_cold), ("2", bench.s2_s3_big), ("4", bench.s4_par), ("5", bench.s5_chain),
+                 ("7", bench.s7_conc), ("6", bench.s6_export)]
+        for key, fn in steps:
+            if key in scen:
+                log(f"== scenario {key}")
+                fn()
+        elapsed = time.monotonic() - t0
+
+        rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                             stdout=subprocess.PIPE).stdout.decode().strip()
+        notes.insert(0, f"kiln tree: {rev or '?'} (binaries built by bench/run.sh from the working tree)")
+        host = subprocess.run(["uname", "-r"], stdout=subprocess.PIPE).stdout.decode().strip()
+        load = open("/proc/loadavg").read().split()[:3]
+        now = datetime.datetime.now()
+        md = [f"# kiln bench {now:%Y-%m-%d %H:%M} {'(QUICK)' if a.quick else ''}", "",
+              f"{reps} repetition(s) per scenario, builders interleaved rep by rep; wall-clock seconds "
+              f"(RSS in MiB). Host: {os.cpu_count()} CPUs, kernel {host}, load average at end {' '.join(load)}; "
+              f"scenarios took {elapsed / 60:.1f} min.",
+              "The machine is shared with other engineers compiling: figures are noisy; read the ratios, "
+              "not the absolute times.", "",
+              "Ratios are kiln / peer (median over median); ✅/❌ mark BuildKit peers against issue 7's targets.", ""]
+        md += [f"- {n}" for n in notes]
+        md += ["", bench.table(), ""]
+        if a.quick:
+            md += ["QUICK: 1,000-file ~20 MB context for 2/3, ~64 MiB image for 6.", ""]
+        md += bench.extra
+        text = "\n".join(md) + "\n"
+        print(text)
+        rdir = os.path.join(REPO, "bench/results")
+        os.makedirs(rdir, exist_ok=True)
+        path = os.path.join(rdir, f"{now:%Y-%m-%d}{'-quick' if a.quick else ''}.md")
+        with open(path, "w") as f:
+            f.write(text)
+        log(f"wrote {path}")
+    finally:
+        for b in builders:
+            try:
+                b.stop()
+            except Exception as e:  # noqa: BLE001
+                log(f"stopping {b.name}: {e}")
+        subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "stop", regdir])
+        time.sleep(0.5)
+        if not os.environ.get("BENCH_KEEP"):
+            rm_tree(tmp)
+
+
+if __name__ == "__main__":
+    main()
