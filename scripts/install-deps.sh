@@ -11,6 +11,7 @@ have runc || need="$need runc"
 have skopeo || need="$need skopeo"
 have umoci || need="$need umoci"
 have curl || need="$need curl"
+have htpasswd || need="$need apache2-utils"
 if [ -n "$need" ]; then
   echo "installing:$need"
   SUDO=""

@@ -242,3 +242,38 @@ fn push_by_digest_creates_no_tag() -> Result<()> {
     assert!(!tags.contains("v1"), "{tags}");
     Ok(())
 }
+
+#[test]
+fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let htpasswd = dir.path().join("htpasswd");
+    let entry = run(Command::new("htpasswd").args(["-Bbn", "kiln", "s3cret"]))?;
+    std::fs::write(&htpasswd, entry)?;
+    let reg = Registry::start("", &format!("auth:\n  htpasswd:\n    realm: kiln\n    path: {}\n", htpasswd.display()))?;
+    let d = Kilnd::start(&format!("[registry.\"{}\"]\nhttp = true\n", reg.addr))?;
+    let ctx = context();
+    let name = format!("{}/auth/img:1", reg.addr);
+    let output = format!("type=image,name={name},push=true");
+
+    // no credentials on the client: the registry refuses the push
+    let nobody = tempfile::tempdir()?;
+    let out = d.build(ctx.path(), &output, nobody.path())?;
+    assert!(!out.status.success(), "push without credentials must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") || err.to_lowercase().contains("unauthorized"), "{err}");
+
+    // credentials in ~/.docker/config.json of the client: the push works, and
+    // the daemon never saw them in its config
+    let home = tempfile::tempdir()?;
+    std::fs::create_dir_all(home.path().join(".docker"))?;
+    let auth = run(Command::new("sh").arg("-c").arg("printf kiln:s3cret | base64"))?;
+    std::fs::write(
+        home.path().join(".docker/config.json"),
+        format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{}\"}}}}}}", reg.addr, auth.trim()),
+    )?;
+    let meta = d.build_ok(ctx.path(), &output, home.path())?;
+    let digest = meta["containerimage.digest"].as_str().context("digest")?.to_string();
+    let v = skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false", "--creds", "kiln:s3cret"])?;
+    assert_eq!(v["Digest"], digest);
+    Ok(())
+}

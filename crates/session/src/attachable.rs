@@ -10,6 +10,7 @@ use kiln_proto::fsutil::types::Packet;
 use kiln_proto::health::{health_server, HealthCheckRequest, HealthCheckResponse};
 use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, BytesMessage as ControlBytes};
 use kiln_proto::moby::buildkit::secrets::v1::{secrets_server, GetSecretRequest, GetSecretResponse};
+use kiln_proto::moby::sshforward::v1 as sshpb;
 use kiln_proto::moby::filesync::v1::{file_sync_server, BytesMessage};
 use prost::Message;
 use std::collections::BTreeMap;
@@ -65,6 +66,8 @@ pub struct Attachables {
     pub outputs: BTreeMap<u32, OutputTarget>,
     /// build secrets by id (`--secret id=ID,src=PATH|env=VAR`)
     pub secrets: BTreeMap<String, SecretSource>,
+    /// SSH agent sockets by id (`--ssh default=$SSH_AUTH_SOCK`)
+    pub ssh: BTreeMap<String, PathBuf>,
 }
 
 fn md_values(req_md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
@@ -144,6 +147,70 @@ impl secrets_server::Secrets for Secrets {
         let src = self.secrets.get(&id).ok_or_else(not_found)?;
         let data = src.read().map_err(Status::from)?.ok_or_else(not_found)?;
         Ok(Response::new(GetSecretResponse { data }))
+    }
+}
+
+struct Ssh {
+    agents: Arc<BTreeMap<String, PathBuf>>,
+}
+
+impl Ssh {
+    fn agent(&self, id: &str) -> Result<PathBuf, Status> {
+        let id = if id.is_empty() { "default" } else { id };
+        self.agents.get(id).cloned().ok_or_else(|| Status::not_found(format!("no ssh agent {id} in this session")))
+    }
+}
+
+#[tonic::async_trait]
+impl sshpb::ssh_server::Ssh for Ssh {
+    async fn check_agent(
+        &self,
+        request: Request<sshpb::CheckAgentRequest>,
+    ) -> Result<Response<sshpb::CheckAgentResponse>, Status> {
+        let path = self.agent(&request.into_inner().id)?;
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| Status::unavailable(format!("ssh agent {}: {e}", path.display())))?;
+        Ok(Response::new(sshpb::CheckAgentResponse {}))
+    }
+
+    type ForwardAgentStream = ReceiverStream<Result<sshpb::BytesMessage, Status>>;
+
+    async fn forward_agent(
+        &self,
+        request: Request<Streaming<sshpb::BytesMessage>>,
+    ) -> Result<Response<Self::ForwardAgentStream>, Status> {
+        let id = md_values(request.metadata(), headers::SSH_ID).into_iter().next().unwrap_or_default();
+        let path = self.agent(&id)?;
+        let conn = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| Status::unavailable(format!("ssh agent {}: {e}", path.display())))?;
+        let (mut rd, mut wr) = conn.into_split();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if wr.write_all(&m.data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(Ok(sshpb::BytesMessage { data: buf[..n].to_vec() })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -303,6 +370,9 @@ pub async fn attach(
         crate::methods::FILESEND_DIFFCOPY,
         crate::methods::HEALTH_CHECK,
         crate::methods::SECRETS_GETSECRET,
+        crate::methods::SSH_CHECKAGENT,
+        crate::methods::SSH_FORWARDAGENT,
+        crate::methods::AUTH_CREDENTIALS,
     ] {
         put(md, headers::SESSION_METHOD, m);
     }
@@ -316,6 +386,8 @@ pub async fn attach(
         .add_service(file_sync_server::FileSyncServer::new(FileSync { dirs: Arc::new(att.dirs) }))
         .add_service(FileSend { outputs: Arc::new(att.outputs) })
         .add_service(secrets_server::SecretsServer::new(Secrets { secrets: Arc::new(att.secrets) }))
+        .add_service(sshpb::ssh_server::SshServer::new(Ssh { agents: Arc::new(att.ssh) }))
+        .add_service(kiln_proto::moby::filesync::v1::auth_server::AuthServer::new(crate::auth::Auth))
         .add_service(health_server::HealthServer::new(Health));
     let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) }).chain(futures::stream::pending());
     let task = tokio::spawn(async move {

@@ -160,6 +160,88 @@ impl SessionClient {
         Ok(Some(resp.data))
     }
 
+    /// Auth.Credentials: the client's (username, secret) for a registry host; `None` when
+    /// it has none or does not serve Auth.
+    pub async fn credentials(&self, host: &str) -> Result<Option<(String, String)>, Error> {
+        use kiln_proto::moby::filesync::v1::{CredentialsRequest, CredentialsResponse};
+        let req = CredentialsRequest { host: host.to_string() };
+        let absent = |code: tonic::Code| matches!(code, tonic::Code::NotFound | tonic::Code::Unimplemented);
+        let mut conn = match self.open_with(methods::AUTH_CREDENTIALS, BTreeMap::new(), Some(req.encode_to_vec())).await {
+            Ok(c) => c,
+            Err(Error::Call { status, .. }) if absent(status.code()) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        conn.tx = None;
+        let first = match conn.recv_bytes().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(Error::Call { status, .. }) if absent(status.code()) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let resp = CredentialsResponse::decode(first.as_slice())
+            .map_err(|e| Error::Protocol(format!("credentials for {host}: bad response: {e}")))?;
+        if resp.username.is_empty() && resp.secret.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((resp.username, resp.secret)))
+    }
+
+    /// SSH.CheckAgent: whether the client has ssh agent `id`.
+    pub async fn check_ssh_agent(&self, id: &str) -> Result<bool, Error> {
+        use kiln_proto::moby::sshforward::v1::CheckAgentRequest;
+        let req = CheckAgentRequest { id: id.to_string() };
+        let mut conn = match self.open_with(methods::SSH_CHECKAGENT, BTreeMap::new(), Some(req.encode_to_vec())).await {
+            Ok(c) => c,
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        conn.tx = None;
+        match conn.recv_bytes().await {
+            Ok(Some(_)) => Ok(true),
+            Ok(None) => Err(Error::Protocol(format!("ssh agent {id}: no response"))),
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// SSH.ForwardAgent: pipes one connection to the client's ssh agent `id` until
+    /// either side closes.
+    pub async fn forward_ssh_agent(&self, id: &str, conn: tokio::net::UnixStream) -> Result<(), Error> {
+        use kiln_proto::moby::sshforward::v1::BytesMessage as SshBytes;
+        use tokio::io::AsyncWriteExt;
+        let mut md = BTreeMap::new();
+        md.insert(headers::SSH_ID.to_string(), id.to_string());
+        let mut fwd = self.open(methods::SSH_FORWARDAGENT, md).await?;
+        let tx = fwd.tx.take().ok_or_else(|| Error::Protocol("ssh forward closed".into()))?;
+        let (mut rd, mut wr) = conn.into_split();
+        let up = tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let frame = kiln_proto::kiln::session::v1::ForwardFrame {
+                            message: SshBytes { data: buf[..n].to_vec() }.encode_to_vec(),
+                            has_message: true,
+                            ..Default::default()
+                        };
+                        if tx.send(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        while let Some(b) = fwd.recv_bytes().await? {
+            let m = SshBytes::decode(b.as_slice()).map_err(|e| Error::Protocol(format!("ssh forward: {e}")))?;
+            if wr.write_all(&m.data).await.is_err() {
+                break;
+            }
+        }
+        up.abort();
+        Ok(())
+    }
+
     fn exporter_md(exporter_id: u32) -> BTreeMap<String, String> {
         let mut md = BTreeMap::new();
         md.insert(headers::EXPORTER_ID.to_string(), exporter_id.to_string());

@@ -12,6 +12,7 @@
 //! builds.
 
 pub mod attachable;
+pub mod auth;
 pub mod dial;
 pub mod filesync;
 pub mod hijack;
@@ -36,6 +37,8 @@ pub mod headers {
     pub const FOLLOW_PATHS: &str = "followpaths";
     /// FileSend.DiffCopy: which exporter of the request this output belongs to.
     pub const EXPORTER_ID: &str = "buildkit-attachable-exporter-id";
+    /// SSH.ForwardAgent: which of the client's agents to reach.
+    pub const SSH_ID: &str = "buildkit.ssh.id";
 }
 
 /// gRPC methods a session may expose.
@@ -44,6 +47,9 @@ pub mod methods {
     pub const FILESEND_DIFFCOPY: &str = "/moby.filesync.v1.FileSend/DiffCopy";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
     pub const SECRETS_GETSECRET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
+    pub const SSH_CHECKAGENT: &str = "/moby.sshforward.v1.SSH/CheckAgent";
+    pub const SSH_FORWARDAGENT: &str = "/moby.sshforward.v1.SSH/ForwardAgent";
+    pub const AUTH_CREDENTIALS: &str = "/moby.filesync.v1.Auth/Credentials";
 }
 
 #[derive(Debug, thiserror::Error)]

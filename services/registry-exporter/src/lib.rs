@@ -90,6 +90,15 @@ impl ClientSink for kiln_session::SessionClient {
                 source: Box::new(source),
             })
     }
+    async fn credentials(&self, host: &str) -> Option<(String, String)> {
+        match kiln_session::SessionClient::credentials(self, host).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(host, "asking the client for credentials: {e}");
+                None
+            }
+        }
+    }
 }
 
 /// One export request (the domain form of `kiln.exporter.v1.ExportRequest`).
