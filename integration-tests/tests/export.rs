@@ -277,3 +277,41 @@ fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
     assert_eq!(v["Digest"], digest);
     Ok(())
 }
+
+#[test]
+fn a_rebuild_that_changes_nothing_uploads_no_layer() -> Result<()> {
+    let reg = Registry::start("", "")?;
+    let d = Kilnd::start(&format!("[registry.\"{}\"]\nhttp = true\n", reg.addr))?;
+    let ctx = context();
+    let name = format!("{}/noop/img:1", reg.addr);
+    let output = format!("type=image,name={name},push=true");
+    let home = tempfile::tempdir()?;
+    d.build_ok(ctx.path(), &output, home.path())?;
+    let log_path = reg._dir.path().join("registry.log");
+    // the access log shows the digest URL-encoded (sha256%3A...): match its hex part
+    let uploads = |log: &str, digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        log.lines().filter(|l| l.contains("method=PUT") && l.contains("blobs/uploads") && l.contains(hex)).count()
+    };
+    let first_log = std::fs::read_to_string(&log_path)?;
+    let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{name}")))?;
+    let manifest: serde_json::Value = serde_json::from_str(&raw)?;
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_string))
+        .collect();
+    assert!(!layers.is_empty());
+    for l in &layers {
+        assert_eq!(uploads(&first_log, l), 1, "the first push uploads layer {l} once");
+    }
+
+    d.build_ok(ctx.path(), &output, home.path())?;
+    let second_log = std::fs::read_to_string(&log_path)?;
+    let new_part = &second_log[first_log.len()..];
+    for l in &layers {
+        assert_eq!(uploads(new_part, l), 0, "layer {l} was uploaded again:\n{new_part}");
+    }
+    Ok(())
+}
