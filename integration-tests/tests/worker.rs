@@ -397,3 +397,77 @@ fn cache_mount_seeded_from_a_stage_and_secrets_in_split_services() {
     assert!(out.join("c").symlink_metadata().is_err() && out.join("tok").symlink_metadata().is_err());
     assert!(files_containing(&out, SECRET.as_bytes()).is_empty());
 }
+
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ssh_mount_forwards_the_clients_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let _agent = Agent(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent"),
+    );
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 10, "ssh-agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let key = dir.path().join("key");
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test-key", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(ok.success());
+    let add = std::process::Command::new("ssh-add").arg(&key).env("SSH_AUTH_SOCK", &sock).output().expect("ssh-add");
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let host_list = std::process::Command::new("ssh-add").arg("-l").env("SSH_AUTH_SOCK", &sock).output().expect("ssh-add -l");
+    let host_list = String::from_utf8_lossy(&host_list.stdout).to_string();
+    assert!(host_list.contains("kiln-test-key"));
+
+    // the host's ssh-add, run inside the step with its own loader and libraries
+    let c = BuildContext::new(
+        "FROM busybox\n\
+         RUN --mount=type=bind,source=sshbin,target=/sshbin --mount=type=ssh \
+         sh -c '/sshbin/ld.so --library-path /sshbin /sshbin/ssh-add -l > /keys'\n",
+    )
+    .expect("context");
+    let bin = c.path().join("sshbin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::copy("/usr/bin/ssh-add", bin.join("ssh-add")).expect("copy ssh-add");
+    std::fs::copy("/lib64/ld-linux-x86-64.so.2", bin.join("ld.so")).expect("copy loader");
+    let ldd = std::process::Command::new("ldd").arg("/usr/bin/ssh-add").output().expect("ldd");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some((name, rest)) = line.trim().split_once(" => ") {
+            let path = rest.split_whitespace().next().unwrap_or_default();
+            if path.starts_with('/') {
+                std::fs::copy(path, bin.join(name)).expect("copy library");
+            }
+        }
+    }
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ssh_arg = format!("default={}", sock.display());
+    d.build(c.path(), &args(&["--output", "type=local,dest=out", "--ssh", &ssh_arg])).expect("build");
+    let out = c.path().join("out");
+    assert_eq!(read(&out, "keys"), host_list, "the step lists the client's keys");
+    assert!(out.join("run/buildkit").symlink_metadata().is_err(), "agent socket stub leaked");
+
+    // a required agent the client does not forward fails the step
+    let c2 = BuildContext::new("FROM busybox\nRUN --mount=type=ssh,required=true true\n").expect("context");
+    let err = d.build(c2.path(), &args(&[])).expect_err("no agent");
+    assert!(err.to_string().contains("ssh agent default"), "{err}");
+}

@@ -33,6 +33,9 @@ pub struct BuildArgs {
     /// Secret exposed to the build: id=ID,src=PATH or id=ID,env=VAR (id=ID alone reads $ID)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
+    /// SSH agent exposed to the build: default (=$SSH_AUTH_SOCK) or ID=SOCKET
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    ssh: Vec<String>,
     /// Entitlement to grant the build: network.host, security.insecure
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
     allow: Vec<String>,
@@ -188,6 +191,17 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     for sec in &args.secrets {
         let (id, source) = parse_secret(sec)?;
         att.secrets.insert(id, source);
+    }
+    for s in &args.ssh {
+        let (id, path) = match s.split_once('=') {
+            Some((id, p)) => (id.to_string(), PathBuf::from(p)),
+            None => {
+                let sock = std::env::var_os("SSH_AUTH_SOCK")
+                    .with_context(|| format!("--ssh {s}: SSH_AUTH_SOCK is not set"))?;
+                (s.clone(), PathBuf::from(sock))
+            }
+        };
+        att.ssh.insert(id, path);
     }
     for e in &args.allow {
         if !matches!(e.as_str(), "network.host" | "security.insecure") {

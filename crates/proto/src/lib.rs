@@ -25,6 +25,11 @@ pub mod health {
 }
 
 pub mod moby {
+    pub mod sshforward {
+        pub mod v1 {
+            tonic::include_proto!("moby.sshforward.v1");
+        }
+    }
     pub mod filesync {
         pub mod v1 {
             tonic::include_proto!("moby.filesync.v1");

@@ -77,6 +77,8 @@ pub enum Error {
     },
     #[error("entitlement {entitlement}: {reason}")]
     Entitlement { entitlement: String, reason: String },
+    #[error("ssh agent {id}: {reason}")]
+    SshAgent { id: String, reason: String },
     #[error("secret {id}: {reason}")]
     Secret { id: String, reason: String },
     #[error("git source {remote}: {reason}")]
@@ -130,7 +132,7 @@ impl From<Error> for tonic::Status {
             Error::Registry { .. } | Error::Session { .. } => Status::unavailable(msg),
             Error::Entitlement { .. } => Status::permission_denied(msg),
             Error::Git { .. } | Error::Http { .. } => Status::failed_precondition(msg),
-            Error::Secret { .. } => Status::failed_precondition(msg),
+            Error::Secret { .. } | Error::SshAgent { .. } => Status::failed_precondition(msg),
             _ => Status::internal(msg),
         }
     }

@@ -115,6 +115,102 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
     Ok(out)
 }
 
+/// SSH agent sockets of one exec: each connection to a socket is forwarded to the
+/// client's agent through the session. The accept loops stop when this drops.
+struct SshAgents {
+    sockets: HashMap<usize, PathBuf>,
+    tasks: Vec<tokio::task::AbortHandle>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for SshAgents {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshAgents> {
+    let mut out = SshAgents {
+        sockets: HashMap::new(),
+        tasks: Vec::new(),
+        _dir: None,
+    };
+    let wanted: Vec<(usize, pb::SshOpt)> = e
+        .mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.mount_type == MountType::Ssh as i32)
+        .map(|(i, m)| (i, m.ssh_opt.clone().unwrap_or_default()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    let ssh_err = |id: &str, reason: String| Error::SshAgent {
+        id: id.to_string(),
+        reason,
+    };
+    let client = if session_id.is_empty() {
+        None
+    } else {
+        let ch = kiln_session::dial::connect(&w.config().broker)
+            .await
+            .map_err(|e| ssh_err("*", e.to_string()))?;
+        Some(kiln_session::SessionClient::new(ch, session_id.to_string()))
+    };
+    let tmp = w.config().root.join("tmp");
+    let dir = tempfile::Builder::new()
+        .prefix("ssh-")
+        .tempdir_in(&tmp)
+        .map_err(Error::io("create", &tmp))?;
+    for (i, opt) in wanted {
+        let id = if opt.id.is_empty() {
+            "default".to_string()
+        } else {
+            opt.id.clone()
+        };
+        let present = match &client {
+            Some(c) => c
+                .check_ssh_agent(&id)
+                .await
+                .map_err(|e| ssh_err(&id, e.to_string()))?,
+            None => false,
+        };
+        let Some(client) = client.clone().filter(|_| present) else {
+            if opt.optional {
+                continue;
+            }
+            return Err(ssh_err(&id, "no agent in the client session (kiln build --ssh)".into()));
+        };
+        let path = dir.path().join(format!("agent-{i}.sock"));
+        let listener = tokio::net::UnixListener::bind(&path).map_err(Error::io("listen", &path))?;
+        std::os::unix::fs::lchown(&path, Some(opt.uid), Some(opt.gid))
+            .map_err(Error::io("chown", &path))?;
+        let mode = if opt.mode == 0 { 0o600 } else { opt.mode & 0o7777 };
+        std::fs::set_permissions(
+            &path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+        )
+        .map_err(Error::io("chmod", &path))?;
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                let (client, id) = (client.clone(), id.clone());
+                conns.spawn(async move {
+                    if let Err(e) = client.forward_ssh_agent(&id, conn).await {
+                        tracing::debug!(id, error = %e, "ssh agent forward");
+                    }
+                });
+            }
+        });
+        out.tasks.push(task.abort_handle());
+        out.sockets.insert(i, path);
+    }
+    out._dir = Some(dir);
+    Ok(out)
+}
+
 /// A tmpfs mounted over a directory (the bundle, when it holds secrets); unmounted on drop.
 struct TmpfsGuard {
     path: PathBuf,
@@ -286,6 +382,7 @@ fn prepare(
     inputs: &[Option<String>],
     mut leases: HashMap<usize, Lease>,
     secrets: Secrets,
+    ssh_sockets: HashMap<usize, PathBuf>,
 ) -> Result<Prepared> {
     let meta = e
         .meta
@@ -395,9 +492,14 @@ fn prepare(
                 });
             }
             MountType::Ssh => {
-                if !m.ssh_opt.as_ref().is_some_and(|s| s.optional) {
-                    return Err(Error::UnsupportedOp(format!("ssh mount at {}", m.dest)));
-                }
+                let Some(sock) = ssh_sockets.get(&index) else {
+                    continue; // optional and absent
+                };
+                extra.push(ExtraMount::Bind {
+                    dest: m.dest.clone(),
+                    source: sock.clone(),
+                    readonly: false,
+                });
             }
         }
     }
@@ -501,6 +603,8 @@ pub async fn run(
         check_entitlement(w, &req.entitlements, ENTITLEMENT_SECURITY_INSECURE)?;
     }
     let secrets = fetch_secrets(w, e, &req.session_id).await?;
+    let agents = ssh_agents(w, e, &req.session_id).await?;
+    let ssh_sockets = agents.sockets.clone();
     let mut leases = HashMap::new();
     for (i, m) in e.mounts.iter().enumerate() {
         if m.mount_type != MountType::Cache as i32 {
@@ -525,7 +629,7 @@ pub async fn run(
     let root = w.config().root.clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&store, &root.join("tmp"), &e2, &inputs2, leases, secrets)
+        prepare(&store, &root.join("tmp"), &e2, &inputs2, leases, secrets, ssh_sockets)
     })
     .await??;
     let runc = Runc {
@@ -534,6 +638,7 @@ pub async fn run(
     };
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
     let code = runc.run(&id, prepared.bundle.path(), events).await?;
+    drop(agents);
     let valid = if meta.valid_exit_codes.is_empty() {
         vec![0]
     } else {
