@@ -622,4 +622,58 @@ mod tests {
         let missing = run(&w, vec![None, Some(src)], vec![action(0, 1, 0, Action::Copy(copy("/../../etc/hostname", "/h")))]).await;
         assert!(missing.is_err(), "host /etc/hostname must not be reachable");
     }
+
+    #[tokio::test]
+    async fn owner_names_from_another_input_required_paths_mode_strings_and_unpack() {
+        let (_tmp, w) = testutil::worker();
+        let dest = base(&w);
+        let users = testutil::snapshot(&w, None, |d| {
+            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+            std::fs::write(d.join("etc/passwd"), "bob:x:4242:4343::/:/bin/sh\n").expect("w");
+            std::fs::write(d.join("etc/group"), "bob:x:4343:\n").expect("w");
+        });
+        let src = testutil::snapshot(&w, None, |d| {
+            std::fs::write(d.join("f.sh"), "x").expect("w");
+            let mut t = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            h.set_mode(0o640);
+            h.set_cksum();
+            t.append_data(&mut h, "inner/file", &b"hi"[..]).expect("append");
+            std::fs::write(d.join("a.tar"), t.into_inner().expect("tar")).expect("w");
+        });
+        let mut by_name = copy("/f.sh", "/f.sh");
+        by_name.owner = Some(pb::ChownOpt {
+            user: Some(pb::UserOpt { user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt { name: "bob".into(), input: 2 })) }),
+            group: None,
+        });
+        by_name.mode_str = "u+x,go=".into();
+        by_name.required_paths = vec!["/f.sh".into()];
+        let mut unpack = copy("/a.tar", "/x/");
+        unpack.attempt_unpack_docker_compatibility = true;
+        let mut keep_tar = copy("/a.tar", "/kept.tar");
+        keep_tar.attempt_unpack_docker_compatibility = false;
+        let out = run(
+            &w,
+            vec![Some(dest.clone()), Some(src.clone()), Some(users)],
+            vec![
+                action(0, 1, -1, Action::Copy(by_name)),
+                action(3, 1, -1, Action::Copy(unpack)),
+                action(4, 1, 0, Action::Copy(keep_tar)),
+            ],
+        )
+        .await
+        .expect("file op")
+        .expect("output");
+        let diff = w.store().diff_dir(&out);
+        let md = std::fs::metadata(diff.join("f.sh")).expect("f.sh");
+        assert_eq!((md.uid(), md.gid(), md.mode() & 0o777), (4242, 4343, 0o700));
+        assert_eq!(std::fs::read_to_string(diff.join("x/inner/file")).expect("unpacked"), "hi");
+        assert!(diff.join("kept.tar").is_file());
+
+        let mut missing = copy("/f.sh", "/g");
+        missing.required_paths = vec!["/nope".into()];
+        let err = run(&w, vec![Some(dest), Some(src)], vec![action(0, 1, 0, Action::Copy(missing))]).await;
+        assert!(err.expect_err("required path").to_string().contains("required path not found"));
+    }
 }
