@@ -103,6 +103,39 @@ def rm_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+# scenario 6b pushes here: one loopback port for the whole run (so kilnd's config
+# can name it), its storage emptied between pushes so no builder finds blobs there.
+PUSH_REG = f"127.0.0.1:{free_port()}"
+
+
+class PushRegistry:
+    def __init__(self, tmp):
+        self.dir = os.path.join(tmp, "pushreg")
+        self.proc = None
+
+    def start(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(os.path.join(self.dir, "data"))
+        cfg = os.path.join(self.dir, "config.yml")
+        with open(cfg, "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                    f"    rootdirectory: {self.dir}/data\nhttp:\n  addr: {PUSH_REG}\n")
+        self.log = open(os.path.join(self.dir, "registry.log"), "ab")
+        self.proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", cfg], stdout=self.log, stderr=self.log)
+
+        def up():
+            return subprocess.run(["curl", "-fsS", f"http://{PUSH_REG}/v2/"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode == 0
+        wait_for(up, 20, "push registry")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def proc_mem(pid):
     """(VmHWM, VmRSS) in KiB of one process, or (0, 0) when gone."""
     hwm = rss = 0
@@ -203,6 +236,7 @@ class Kiln(Builder):
                 f'root = "{self.root}"\n[grpc]\naddress = ["unix://{self.sock}"]\n'
                 f'[registry."docker.io"]\nmirrors = ["{self.reg}"]\n'
                 f'[registry."{self.reg}"]\nhttp = true\n'
+                f'[registry."{PUSH_REG}"]\nhttp = true\n'
             )
         self.logf = open(os.path.join(self.tmp, "kilnd.log"), "ab")
         self.proc = subprocess.Popen([self.kilnd, "--config", cfg], stdout=self.logf, stderr=self.logf)
@@ -578,9 +612,10 @@ class Bench:
         self.each("5b 50 chained RUN, cached", lambda b, rep: b.build(d, "bench/chain"))
 
     def s6_export(self):
+        self.s6_side_by_side()
         script = os.path.join(REPO, "bench/export/run.sh")
         if os.path.exists(script):
-            log("scenario 6 delegated to bench/export/run.sh")
+            log("scenario 6: also bench/export/run.sh (kiln's export throughput)")
             env = dict(os.environ, BENCH_TMP=self.tmp, BENCH_REGISTRY=self.reg, BENCH_REPS=str(self.reps),
                        QUICK="1" if self.quick else "", BENCH_BUILDERS=" ".join(b.name for b in self.b))
             for b in self.b:
@@ -588,10 +623,13 @@ class Bench:
                     env.update(KILN=b.kiln, KILN_HOST=f"unix://{b.sock}")
                 if isinstance(b, Docker):
                     env.update(DOCKER=b.docker, DOCKER_HOST=f"unix://{b.sock}")
-            p = subprocess.run(["sh", script], env=env, stdout=subprocess.PIPE, stderr=sys.stderr)
-            self.extra.append("### 6 export (bench/export/run.sh)\n\n" + p.stdout.decode(errors="replace")
+            size = "64" if self.quick else "1024"
+            p = subprocess.run(["sh", script, size], env=env, stdout=subprocess.PIPE, stderr=sys.stderr)
+            self.extra.append(f"### 6 export throughput, kiln only (bench/export/run.sh {size})\n\n"
+                              + p.stdout.decode(errors="replace")
                               + ("" if p.returncode == 0 else f"\n(bench/export/run.sh exited {p.returncode})\n"))
-            return
+
+    def s6_side_by_side(self):
         d = self.inp["big-image"]
         out = os.path.join(self.tmp, "export")
         os.makedirs(out, exist_ok=True)
@@ -613,16 +651,13 @@ class Bench:
         self.each("6a export ~1 GiB to OCI tarball (gzip)", tarball)
 
         def push(b, rep):
-            # a fresh registry per push, so no builder finds blobs already there
-            rdir = os.path.join(self.tmp, f"pushreg-{b.name}-{rep}")
-            addr = subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "start", rdir],
-                                  stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+            # an empty registry per push, so no builder finds blobs already there
+            pr = PushRegistry(self.tmp)
+            pr.start()
             try:
-                return b.push(d, "bench/bigimg", f"{addr}/bench/bigimg:{rep}")
+                return b.push(d, "bench/bigimg", f"{PUSH_REG}/bench/bigimg:{rep}")
             finally:
-                subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "stop", rdir])
-                time.sleep(0.3)
-                shutil.rmtree(rdir, ignore_errors=True)
+                pr.stop()
         self.each("6b push ~1 GiB to local registry", push)
 
     def s7_conc(self):
