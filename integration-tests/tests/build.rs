@@ -87,6 +87,7 @@ fn oci_tarball_has_the_image_config_and_is_accepted_by_skopeo_and_umoci() {
         r#"
 FROM busybox
 ENV GREETING=hi PATH2=/x
+RUN true
 WORKDIR /srv/app
 COPY hello.txt .
 USER user

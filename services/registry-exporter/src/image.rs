@@ -232,6 +232,36 @@ pub fn source_date_epoch(attrs: &BTreeMap<String, String>) -> Result<Option<u64>
     Ok(None)
 }
 
+/// Marks as `empty_layer` the history entries whose snapshot had an empty
+/// diff, as BuildKit's exporter does: `empty[i]` is the i-th snapshot of the
+/// chain, paired in order with the history entries that claim a layer. When
+/// the two do not line up the history is left as it is.
+pub fn mark_empty_layers(image_config: &[u8], empty: &[bool]) -> Result<Vec<u8>, Error> {
+    if !empty.iter().any(|e| *e) || image_config.is_empty() {
+        return Ok(image_config.to_vec());
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    if let Some(h) = v.get_mut("history").and_then(|h| h.as_array_mut()) {
+        let claims: Vec<usize> = h
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.get("empty_layer").and_then(|x| x.as_bool()) != Some(true))
+            .map(|(i, _)| i)
+            .collect();
+        if claims.len() == empty.len() {
+            for (i, is_empty) in claims.into_iter().zip(empty) {
+                if *is_empty {
+                    if let Some(o) = h[i].as_object_mut() {
+                        o.insert("empty_layer".into(), serde_json::Value::Bool(true));
+                    }
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson { what: "image config", source })
+}
+
 fn now_epoch() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -250,7 +280,8 @@ pub fn with_build_time(image_config: &[u8], now: u64) -> Result<Vec<u8>, Error> 
         serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
     let ts = serde_json::Value::String(rfc3339(now));
     if let Some(obj) = v.as_object_mut() {
-        obj.insert("created".into(), ts.clone());
+        // a frontend that chose a time (SOURCE_DATE_EPOCH) keeps it
+        obj.entry("created").or_insert_with(|| ts.clone());
         if let Some(h) = obj.get_mut("history").and_then(|h| h.as_array_mut()) {
             for entry in h.iter_mut().filter_map(|e| e.as_object_mut()) {
                 entry.entry("created").or_insert_with(|| ts.clone());
@@ -321,11 +352,15 @@ pub(crate) async fn build(
     };
     let options = layer_options(&req.attrs)?;
     let epoch = source_date_epoch(&req.attrs)?;
-    let layers = if req.reference.is_empty() {
+    let chain = if req.reference.is_empty() {
         Vec::new()
     } else {
         worker.layers(&req.reference, &options.spec()).await?
     };
+    // snapshots with an empty diff have no blob (an empty digest here); the
+    // history entries they stand for become empty_layer
+    let empty: Vec<bool> = chain.iter().map(|l| l.descriptor.digest.is_empty()).collect();
+    let layers: Vec<LayerBlob> = chain.into_iter().filter(|l| !l.descriptor.digest.is_empty()).collect();
     let blob_dir = tmp.join("blobs");
     tokio::fs::create_dir_all(&blob_dir)
         .await
@@ -347,6 +382,7 @@ pub(crate) async fn build(
         Some(e) => with_epoch(&req.image_config, e)?,
         None => with_build_time(&req.image_config, now_epoch())?,
     };
+    let image_config = mark_empty_layers(&image_config, &empty)?;
     let image = assemble_image(&image_config, &layers, media, &blob_dir)?;
     let config_path = image.blob_path(&image.config_desc.digest);
     tokio::fs::write(&config_path, &image.config)
@@ -577,6 +613,17 @@ mod tests {
         assert_eq!(cfg["os"], "linux");
         let m: Manifest = serde_json::from_slice(&scratch.manifest).expect("manifest");
         assert!(m.layers.is_empty());
+    }
+
+    #[test]
+    fn empty_snapshots_mark_their_history_entry_empty() {
+        let cfg = r#"{"architecture":"amd64","os":"linux","history":[{"created_by":"base"},{"created_by":"ENV x","empty_layer":true},{"created_by":"RUN true"},{"created_by":"RUN echo > /f"}]}"#;
+        let out: ImageConfig = serde_json::from_slice(&mark_empty_layers(cfg.as_bytes(), &[false, true, false]).expect("mark")).expect("json");
+        let flags: Vec<Option<bool>> = out.history.iter().map(|h| h.empty_layer).collect();
+        assert_eq!(flags, vec![None, Some(true), Some(true), None]);
+        // misaligned history is left alone
+        let same = mark_empty_layers(cfg.as_bytes(), &[true, false]).expect("mark");
+        assert_eq!(same, serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(cfg).expect("json")).expect("enc"));
     }
 
     #[test]

@@ -35,11 +35,13 @@ enum Plan {
     Compute(usize),
 }
 
-pub(crate) async fn layers(
+/// The layer blob of every snapshot of the chain of `r`, root first; `None`
+/// for a snapshot whose diff is empty.
+pub(crate) async fn layer_chain(
     w: &Worker,
     r: Option<&str>,
     compression_spec: &str,
-) -> Result<Vec<LayerBlob>> {
+) -> Result<Vec<Option<LayerBlob>>> {
     let options = layer_options(compression_spec)?;
     let key = options.spec();
     let _guard = w.layers_lock.lock().await;
@@ -112,11 +114,20 @@ pub(crate) async fn layers(
                     blob
                 }
             };
-            out.extend(blob);
+            out.push(blob);
         }
         Ok(out)
     })
     .await?
+}
+
+/// The non-empty layer blobs of the chain of `r`, root first.
+pub(crate) async fn layers(
+    w: &Worker,
+    r: Option<&str>,
+    compression_spec: &str,
+) -> Result<Vec<LayerBlob>> {
+    Ok(layer_chain(w, r, compression_spec).await?.into_iter().flatten().collect())
 }
 
 /// The layer blob of one snapshot: its base blob recompressed (force), or its overlay diff

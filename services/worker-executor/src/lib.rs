@@ -221,6 +221,11 @@ impl Worker {
         layers::layers(self, r, compression).await
     }
 
+    /// One entry per snapshot of the chain (root first), `None` for an empty diff.
+    pub async fn layer_chain(&self, r: Option<&str>, compression: &str) -> Result<Vec<Option<LayerBlob>>> {
+        layers::layer_chain(self, r, compression).await
+    }
+
     /// The file of a blob in the content store.
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         let hex = digest

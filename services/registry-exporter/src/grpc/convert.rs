@@ -61,6 +61,7 @@ pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
     }
 }
 
+/// An empty layer (a snapshot with an empty diff) comes back with an empty digest.
 pub fn layer_from_pb(l: wpb::Layer) -> LayerBlob {
     LayerBlob {
         descriptor: kiln_oci::Descriptor {

@@ -60,6 +60,7 @@ pub fn layer(l: LayerBlob) -> wpb::Layer {
         digest: l.descriptor.digest,
         size: l.descriptor.size as i64,
         diff_id: l.diff_id,
+        empty: false,
     }
 }
 

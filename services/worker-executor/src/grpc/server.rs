@@ -142,13 +142,19 @@ impl wpb::worker_server::Worker for WorkerService {
         let req = req.into_inner();
         let layers = self
             .core
-            .layers(
+            .layer_chain(
                 convert::ref_from_wire(&req.r#ref).as_deref(),
                 &req.compression,
             )
             .await?;
         Ok(Response::new(wpb::LayersResponse {
-            layers: layers.into_iter().map(convert::layer).collect(),
+            layers: layers
+                .into_iter()
+                .map(|l| match l {
+                    Some(l) => convert::layer(l),
+                    None => wpb::Layer { empty: true, ..Default::default() },
+                })
+                .collect(),
         }))
     }
 
