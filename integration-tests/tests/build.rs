@@ -304,3 +304,27 @@ fn docker_tarball_is_loadable_with_repo_tags_and_several_outputs_in_one_build() 
     assert_eq!(cfg["config"]["Cmd"], serde_json::json!(["cat", "/d.txt"]));
     assert_eq!(std::fs::read_to_string(c.path().join("rootfs/d.txt")).expect("read"), "docker\n");
 }
+
+#[test]
+fn an_unchanged_context_reuses_its_snapshot_instead_of_copying_it_again() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new("FROM busybox\nCOPY . /ctx\n").expect("context");
+    c.file("a.txt", "a\n").expect("write");
+    let local_snapshots = || {
+        let dir = d.dir.path().join("root/all/worker/snapshots");
+        std::fs::read_dir(&dir)
+            .expect("snapshots dir")
+            .filter(|e| {
+                let meta = e.as_ref().expect("entry").path().join("meta.json");
+                std::fs::read_to_string(meta).is_ok_and(|m| m.contains("\"local\""))
+            })
+            .count()
+    };
+    d.build(c.path(), &args(&[])).expect("build");
+    let after_first = local_snapshots();
+    d.build(c.path(), &args(&[])).expect("build");
+    assert_eq!(local_snapshots(), after_first, "an unchanged context must not add snapshots");
+    c.file("a.txt", "changed\n").expect("write");
+    d.build(c.path(), &args(&[])).expect("build");
+    assert_eq!(local_snapshots(), after_first + 1, "a changed context is a new snapshot");
+}

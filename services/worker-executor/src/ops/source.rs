@@ -219,11 +219,29 @@ pub async fn local(
         .map_err(sess)?;
     let store = w.store().clone();
     tokio::task::spawn_blocking(move || {
+        // an unchanged context reuses the snapshot of the last sync instead of
+        // copying the whole tree again
+        let key = crate::contenthash::tree(&dir)?;
+        let last = dir.with_extension("last");
+        if let Some(id) = std::fs::read_to_string(&last)
+            .ok()
+            .and_then(|s| s.split_once('\n').map(|(k, id)| (k.to_string(), id.trim().to_string())))
+            .filter(|(k, _)| *k == key)
+            .map(|(_, id)| id)
+        {
+            if store.meta(&id).is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str())) {
+                return Ok(id);
+            }
+        }
         let mut st = store.prepare()?;
         fscopy::copy_entry(&dir, &st.diff(), &fscopy::CopyOpts::default())
             .map_err(Error::io("copy local dir", &dir))?;
-        st.content_key = Some(crate::contenthash::tree(&st.diff())?);
-        store.commit(st, None, Kind::Local, None)
+        st.content_key = Some(key.clone());
+        let id = store.commit(st, None, Kind::Local, None)?;
+        let tmp = last.with_extension("last.tmp");
+        std::fs::write(&tmp, format!("{key}\n{id}\n")).map_err(Error::io("write", &tmp))?;
+        std::fs::rename(&tmp, &last).map_err(Error::io("rename", &last))?;
+        Ok(id)
     })
     .await?
 }
