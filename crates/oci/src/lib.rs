@@ -20,5 +20,5 @@ pub use error::Error;
 pub use image::{
     ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,
     EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, host_architecture,
-    media_types,
+    media_types, rfc3339,
 };

@@ -318,24 +318,7 @@ pub fn with_epoch(image_config: &[u8], epoch: u64) -> Result<Vec<u8>, Error> {
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 fn rfc3339(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let rem = epoch % 86_400;
-    // civil_from_days (H. Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    kiln_oci::rfc3339(i64::try_from(epoch).unwrap_or(i64::MAX))
 }
 
 /// Fetch the ref's layers from the worker into `tmp/blobs` and assemble the image.
