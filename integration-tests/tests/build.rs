@@ -328,3 +328,17 @@ fn an_unchanged_context_reuses_its_snapshot_instead_of_copying_it_again() {
     d.build(c.path(), &args(&[])).expect("build");
     assert_eq!(local_snapshots(), after_first + 1, "a changed context is a new snapshot");
 }
+
+#[test]
+fn fifty_chained_runs_stack_fifty_layers() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let mut df = String::from("FROM busybox\n");
+    for i in 0..50 {
+        df.push_str(&format!("RUN echo step-{i} >> /log\n"));
+    }
+    let c = BuildContext::new(&df).expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    let log = std::fs::read_to_string(c.path().join("out/log")).expect("read");
+    assert_eq!(log.lines().count(), 50);
+    assert_eq!(log.lines().last(), Some("step-49"));
+}

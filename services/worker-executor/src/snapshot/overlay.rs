@@ -63,6 +63,48 @@ pub struct Upper<'a> {
 /// * no lowers, an upper: the upper directory itself (nothing to merge);
 /// * one lower, no upper: a read-only bind mount of that lower;
 /// * otherwise an overlay mount (read-only when there is no upper).
+/// Longest overlay option string passed straight to mount(2); the kernel
+/// copies one page of it.
+const MAX_MOUNT_DATA: usize = 3500;
+
+/// Mounts an overlay whose lowers are named by links `0`, `1`, ... in a
+/// scratch dir next to `target`, with `mount(8)` run in that dir so the
+/// relative names resolve there. The links are removed once mounted (the
+/// mount holds the directories themselves).
+fn mount_with_short_lowers(target: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>, flags: MsFlags) -> Result<()> {
+    let links = target.with_extension("lowers");
+    std::fs::create_dir_all(&links).map_err(Error::io("create lower links", &links))?;
+    let mut names = Vec::with_capacity(lowers.len());
+    for (i, l) in lowers.iter().enumerate() {
+        let name = format!("{i:x}");
+        std::os::unix::fs::symlink(l, links.join(&name)).map_err(Error::io("link lower", l))?;
+        names.push(name);
+    }
+    let mut data = format!("lowerdir={}", names.join(":"));
+    if let Some(u) = upper {
+        data.push_str(&format!(",upperdir={},workdir={}", u.diff.display(), u.work.display()));
+    }
+    data.push_str(",index=off");
+    if flags.contains(MsFlags::MS_RDONLY) {
+        data.push_str(",ro");
+    }
+    let out = std::process::Command::new("mount")
+        .current_dir(&links)
+        .args(["-t", "overlay", "overlay", "-o", &data])
+        .arg(target)
+        .output();
+    let _ = std::fs::remove_dir_all(&links);
+    let out = out.map_err(Error::io("run mount", target))?;
+    if !out.status.success() {
+        return Err(Error::Mount {
+            target: target.to_path_buf(),
+            source: nix::errno::Errno::EINVAL,
+        })
+        .inspect_err(|_| tracing::warn!("mount(8) of {}: {}", target.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
 pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Result<Mounted> {
     if lowers.is_empty() {
         if let Some(u) = upper {
@@ -124,16 +166,56 @@ pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Re
                 None => flags |= MsFlags::MS_RDONLY,
             }
             data.push_str(",index=off");
-            nix::mount::mount(
-                Some("overlay"),
-                &target,
-                Some("overlay"),
-                flags,
-                Some(data.as_str()),
-            )
-            .map_err(merr)?;
+            if data.len() > MAX_MOUNT_DATA {
+                // Mount options must fit in one page: name the lowers by short
+                // relative links instead (as containerd and docker do).
+                mount_with_short_lowers(&target, lowers, upper, flags)?;
+            } else {
+                nix::mount::mount(
+                    Some("overlay"),
+                    &target,
+                    Some("overlay"),
+                    flags,
+                    Some(data.as_str()),
+                )
+                .map_err(merr)?;
+            }
             m.mounted = true;
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_too_long_for_one_page_of_options_still_mounts() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        // long paths, like deep state dirs: 120 lowers * ~90 bytes is over a page
+        let base = tmp.path().join("a-rather-long-state-directory-name-to-make-paths-long/snapshots");
+        let mut lowers = Vec::new();
+        for i in 0..120 {
+            let d = base.join(format!("{:036}", i)).join("diff");
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join(format!("f{i}")), format!("{i}")).expect("write");
+            lowers.push(d);
+        }
+        lowers.reverse(); // top first
+        let upper = tmp.path().join("up");
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&upper).expect("mkdir");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        let mnt = tmp.path().join("mnt");
+        let m = mount(&mnt, &lowers, Some(Upper { diff: &upper, work: &work })).expect("mount");
+        assert_eq!(std::fs::read_to_string(m.path.join("f0")).expect("bottom layer"), "0");
+        assert_eq!(std::fs::read_to_string(m.path.join("f119")).expect("top layer"), "119");
+        std::fs::write(m.path.join("new"), "x").expect("write through the overlay");
+        drop(m);
+        assert!(upper.join("new").exists(), "writes land in the upper");
+        // read-only, no upper
+        let m = mount(&mnt, &lowers, None).expect("mount ro");
+        assert!(std::fs::write(m.path.join("nope"), "x").is_err());
+    }
 }
