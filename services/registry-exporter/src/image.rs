@@ -611,12 +611,14 @@ mod tests {
 
     #[test]
     fn build_time_fills_only_missing_created() {
+        // a created time the frontend chose is kept
         let cfg = with_build_time(FRONTEND_CONFIG.as_bytes(), 1_700_000_000).expect("time");
         let cfg: ImageConfig = serde_json::from_slice(&cfg).expect("json");
-        assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(cfg.created.as_deref(), Some("2000-01-01T00:00:00Z"));
         assert!(cfg.history.iter().all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z")));
         let base = r#"{"architecture":"amd64","os":"linux","history":[{"created":"2000-01-01T00:00:00Z","created_by":"base"},{"created_by":"RUN x"}]}"#;
         let cfg: ImageConfig = serde_json::from_slice(&with_build_time(base.as_bytes(), 1_700_000_000).expect("time")).expect("json");
+        assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"), "a missing created is the build time");
         assert_eq!(cfg.history[0].created.as_deref(), Some("2000-01-01T00:00:00Z"), "base history keeps its time");
         assert_eq!(cfg.history[1].created.as_deref(), Some("2023-11-14T22:13:20Z"));
     }
