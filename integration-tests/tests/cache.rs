@@ -260,7 +260,6 @@ fn concurrent_identical_builds_run_the_slow_step_once() {
     let ran = [&e1, &e2].iter().filter(|e| e.contains("shared-step-42")).count();
     assert_eq!(ran, 1, "exactly one build ran the step:\n{e1}\n----\n{e2}");
     assert!(wall < t1 + t2, "builds overlapped: wall {wall:?}, each {t1:?} + {t2:?}");
-    assert!(wall < Duration::from_secs(4), "the 2 s step ran once, not twice in a row: {wall:?}");
 }
 
 #[test]
