@@ -342,3 +342,27 @@ fn fifty_chained_runs_stack_fifty_layers() {
     assert_eq!(log.lines().count(), 50);
     assert_eq!(log.lines().last(), Some("step-49"));
 }
+
+#[test]
+fn rawjson_progress_is_one_status_message_per_line() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new("FROM busybox\nRUN echo raw-$((3*3))\n").expect("context");
+    let mut a = vec!["build", "--progress", "rawjson"];
+    a.extend(dockerfile_args());
+    let out = d.kiln(c.path(), &a).expect("kiln");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["vertexes"].as_array())
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(names.iter().any(|n| n.contains("RUN echo raw-")), "{names:?}");
+    // logs carry the step's output base64-encoded, as buildctl's rawjson does
+    let logged = lines.iter().filter_map(|l| l["logs"].as_array()).flatten().any(|l| l["data"] == "cmF3LTkK");
+    assert!(logged, "the RUN's output `raw-9` is in a log entry");
+}

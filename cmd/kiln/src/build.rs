@@ -24,7 +24,7 @@ pub struct BuildArgs {
     /// Output: type=local|tar|oci|docker|image,dest=PATH,name=REF,push=true
     #[arg(long = "output", short = 'o')]
     outputs: Vec<String>,
-    /// Progress output: auto, plain, tty
+    /// Progress output: auto, plain, tty, rawjson, quiet
     #[arg(long, default_value = "auto")]
     progress: String,
     /// Do not use cached results

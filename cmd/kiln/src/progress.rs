@@ -11,6 +11,8 @@ pub enum Mode {
     Plain,
     Tty,
     Quiet,
+    /// each Status message as one JSON line on stderr, with buildctl's field names
+    RawJson,
 }
 
 impl Mode {
@@ -19,6 +21,7 @@ impl Mode {
             "plain" => Mode::Plain,
             "tty" => Mode::Tty,
             "quiet" => Mode::Quiet,
+            "rawjson" => Mode::RawJson,
             "auto" => {
                 if std::io::stderr().is_terminal() {
                     Mode::Tty
@@ -26,7 +29,7 @@ impl Mode {
                     Mode::Plain
                 }
             }
-            other => anyhow::bail!("unknown progress mode {other:?} (auto, plain, tty, quiet)"),
+            other => anyhow::bail!("unknown progress mode {other:?} (auto, plain, tty, rawjson, quiet)"),
         })
     }
 }
@@ -94,6 +97,10 @@ impl Printer {
     }
 
     pub fn update(&mut self, msg: StatusResponse) {
+        if self.mode == Mode::RawJson {
+            eprintln!("{}", raw_json(&msg));
+            return;
+        }
         for v in msg.vertexes {
             let st = self.state(&v.digest);
             if !v.name.is_empty() {
@@ -224,7 +231,7 @@ impl Printer {
                     eprintln!("------\n > {}:\n------", v.name);
                 }
             }
-            Mode::Quiet => {}
+            Mode::Quiet | Mode::RawJson => {}
         }
     }
 }
@@ -235,5 +242,121 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         let t: String = s.chars().take(n.saturating_sub(1)).collect();
         format!("{t}…")
+    }
+}
+
+fn rfc3339_nanos(t: &prost_types::Timestamp) -> String {
+    // prost's Display prints RFC 3339 with the fraction it needs
+    t.to_string()
+}
+
+/// One Status message as JSON, with the field names buildctl's rawjson uses
+/// (`vertexes`, `statuses`, `logs` with base64 `data`, `warnings`).
+pub fn raw_json(msg: &StatusResponse) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(rfc3339_nanos);
+    let mut out = Map::new();
+    if !msg.vertexes.is_empty() {
+        let v: Vec<Value> = msg
+            .vertexes
+            .iter()
+            .map(|v| {
+                let mut o = Map::new();
+                o.insert("digest".into(), json!(v.digest));
+                if !v.inputs.is_empty() {
+                    o.insert("inputs".into(), json!(v.inputs));
+                }
+                o.insert("name".into(), json!(v.name));
+                if let Some(t) = ts(&v.started) {
+                    o.insert("started".into(), json!(t));
+                }
+                if let Some(t) = ts(&v.completed) {
+                    o.insert("completed".into(), json!(t));
+                }
+                if v.cached {
+                    o.insert("cached".into(), json!(true));
+                }
+                if !v.error.is_empty() {
+                    o.insert("error".into(), json!(v.error));
+                }
+                Value::Object(o)
+            })
+            .collect();
+        out.insert("vertexes".into(), Value::Array(v));
+    }
+    if !msg.statuses.is_empty() {
+        let v: Vec<Value> = msg
+            .statuses
+            .iter()
+            .map(|s| {
+                json!({"id": s.id, "vertex": s.vertex, "name": s.name, "current": s.current,
+                       "total": s.total, "timestamp": ts(&s.timestamp), "started": ts(&s.started),
+                       "completed": ts(&s.completed)})
+            })
+            .collect();
+        out.insert("statuses".into(), Value::Array(v));
+    }
+    if !msg.logs.is_empty() {
+        let v: Vec<Value> = msg
+            .logs
+            .iter()
+            .map(|l| json!({"vertex": l.vertex, "stream": l.stream, "data": base64(&l.msg), "timestamp": ts(&l.timestamp)}))
+            .collect();
+        out.insert("logs".into(), Value::Array(v));
+    }
+    if !msg.warnings.is_empty() {
+        let v: Vec<Value> = msg
+            .warnings
+            .iter()
+            .map(|w| json!({"vertex": w.vertex, "level": w.level, "short": base64(&w.short), "url": w.url}))
+            .collect();
+        out.insert("warnings".into(), Value::Array(v));
+    }
+    Value::Object(out)
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                s.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::moby::buildkit::v1::{Vertex, VertexLog};
+
+    #[test]
+    fn rawjson_uses_buildctl_field_names() {
+        let msg = StatusResponse {
+            vertexes: vec![Vertex {
+                digest: "sha256:ab".into(),
+                name: "[1/2] RUN true".into(),
+                cached: true,
+                started: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5 }),
+                ..Default::default()
+            }],
+            logs: vec![VertexLog { vertex: "sha256:ab".into(), stream: 1, msg: b"hi\n".to_vec(), ..Default::default() }],
+            ..Default::default()
+        };
+        let v = raw_json(&msg);
+        assert_eq!(v["vertexes"][0]["digest"], "sha256:ab");
+        assert_eq!(v["vertexes"][0]["cached"], true);
+        assert!(v["vertexes"][0]["started"].as_str().is_some_and(|s| s.starts_with("2023-11-14T22:13:20")));
+        assert_eq!(v["logs"][0]["data"], "aGkK");
+        assert!(v.get("statuses").is_none());
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
     }
 }
