@@ -275,6 +275,14 @@ fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
     let digest = meta["containerimage.digest"].as_str().context("digest")?.to_string();
     let v = skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false", "--creds", "kiln:s3cret"])?;
     assert_eq!(v["Digest"], digest);
+
+    // pulling it back (FROM the private image) also takes the client's credentials:
+    // the frontend's resolve and the worker's pull both ask the session
+    let pull = BuildContext::new(&format!("FROM {name}\n")).expect("context");
+    let out = d.build(pull.path(), "type=local,dest=rootfs", nobody.path())?;
+    assert!(!out.status.success(), "pull without credentials must fail");
+    d.build_ok(pull.path(), "type=local,dest=rootfs", home.path())?;
+    assert_eq!(std::fs::read_to_string(pull.path().join("rootfs/etc/hello.txt"))?, "hello from kiln\n");
     Ok(())
 }
 

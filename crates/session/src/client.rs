@@ -69,6 +69,30 @@ impl PacketConn for Forwarded {
     }
 }
 
+/// How long a service waits for a client to answer a credentials request.
+const CREDENTIALS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The client's registry credentials for `host`, asked through the broker at
+/// `broker`; `None` when there is no session, no entry or no answer in time.
+pub async fn credentials_via(broker: &str, session_id: &str, host: &str) -> Option<(String, String)> {
+    if session_id.is_empty() || broker.is_empty() {
+        return None;
+    }
+    let channel = crate::dial::connect(broker).await.ok()?;
+    let client = SessionClient::new(channel, session_id.to_string());
+    match tokio::time::timeout(CREDENTIALS_TIMEOUT, client.credentials(host)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(host, "asking the client for registry credentials: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(host, "the client did not answer a registry credentials request");
+            None
+        }
+    }
+}
+
 impl SessionClient {
     pub fn new(broker: Channel, session_id: String) -> Self {
         SessionClient { broker, session_id }

@@ -20,7 +20,7 @@ pub mod raw;
 
 mod client;
 
-pub use client::{SessionClient, SyncOptions};
+pub use client::{credentials_via, SessionClient, SyncOptions};
 
 use std::path::PathBuf;
 

@@ -163,13 +163,32 @@ impl Exporter {
         reference: &str,
         platform: Option<Platform>,
     ) -> Result<ResolvedConfig, Error> {
+        self.resolve_image_config_as(reference, platform, None).await
+    }
+
+    /// As [`Exporter::resolve_image_config`], authenticating with `credentials`
+    /// (the client's, for the reference's registry) when given.
+    pub async fn resolve_image_config_as(
+        &self,
+        reference: &str,
+        platform: Option<Platform>,
+        credentials: Option<(String, String)>,
+    ) -> Result<ResolvedConfig, Error> {
         let r = Reference::parse(reference).map_err(|source| Error::ParseReference {
             reference: reference.to_string(),
             source: Box::new(source),
         })?;
         let platform = platform.unwrap_or_else(host_platform);
-        let resolved = self
-            .registry
+        let registry = match credentials {
+            Some(c) => {
+                let host = r.registry.clone();
+                self.registry
+                    .clone()
+                    .with_credentials(std::sync::Arc::new(move |h: &str| (h == host).then(|| c.clone())))
+            }
+            None => self.registry.clone(),
+        };
+        let resolved = registry
             .resolve(&r, &platform)
             .await
             .map_err(|source| Error::ResolveImage {

@@ -113,10 +113,12 @@ pub struct ResolvedImage {
 }
 
 pub trait Exporter: Send + Sync + 'static {
+    /// `session_id` is the build's client session, asked for registry credentials.
     fn resolve(
         &self,
         reference: &str,
         platform: Option<pb::Platform>,
+        session_id: &str,
     ) -> impl Future<Output = Result<ResolvedImage, Error>> + Send;
     fn export(
         &self,

@@ -129,6 +129,7 @@ impl ExporterClient {
             .resolve_image_config(xpb::ResolveRequest {
                 r#ref: reference.to_string(),
                 platform: platform.map(convert::platform_to_pb),
+                session_id: String::new(),
             })
             .await?
             .into_inner();

@@ -63,9 +63,11 @@ impl ExporterRpc for ExporterService {
         request: Request<xpb::ResolveRequest>,
     ) -> Result<Response<xpb::ResolveResponse>, Status> {
         let req = request.into_inner();
+        let host = kiln_registry::Reference::parse(&req.r#ref).map(|r| r.registry).unwrap_or_default();
+        let credentials = kiln_session::credentials_via(&self.core.config().broker, &req.session_id, &host).await;
         let resolved = self
             .core
-            .resolve_image_config(&req.r#ref, convert::platform_from_pb(req.platform))
+            .resolve_image_config_as(&req.r#ref, convert::platform_from_pb(req.platform), credentials)
             .await?;
         Ok(Response::new(xpb::ResolveResponse {
             r#ref: resolved.reference,

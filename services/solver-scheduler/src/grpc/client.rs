@@ -162,8 +162,12 @@ impl GrpcExporter {
 }
 
 impl peer::Exporter for GrpcExporter {
-    async fn resolve(&self, reference: &str, platform: Option<pb::Platform>) -> Result<ResolvedImage, Error> {
-        let mut req = tonic::Request::new(ex::ResolveRequest { r#ref: reference.to_string(), platform });
+    async fn resolve(&self, reference: &str, platform: Option<pb::Platform>, session_id: &str) -> Result<ResolvedImage, Error> {
+        let mut req = tonic::Request::new(ex::ResolveRequest {
+            r#ref: reference.to_string(),
+            platform,
+            session_id: session_id.to_string(),
+        });
         req.set_timeout(Duration::from_secs(120));
         let r = self
             .client

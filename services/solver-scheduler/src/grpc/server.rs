@@ -270,7 +270,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let started = crate::progress::now();
         let name = format!("[internal] load metadata for {}", r.r#ref);
         let digest = format!("sha256:{}", hex_sha(&format!("resolve:{}:{}", build.id, r.r#ref)));
-        let res = self.solver.exporter().resolve(&r.r#ref, r.platform).await;
+        let res = self.solver.exporter().resolve(&r.r#ref, r.platform, &build.session_id).await;
         build.progress.vertex(ctl::Vertex {
             digest,
             name,

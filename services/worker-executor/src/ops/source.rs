@@ -17,7 +17,7 @@ pub async fn run(
     events: &mpsc::Sender<Event>,
 ) -> Result<Option<String>> {
     if let Some(r) = s.identifier.strip_prefix("docker-image://") {
-        image(w, r, platform, events).await
+        image(w, r, platform, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
         local(w, name, &s.attrs, session_id).await.map(Some)
     } else if let Some(rest) = s.identifier.strip_prefix("git://") {
@@ -61,6 +61,7 @@ pub async fn image(
     w: &Worker,
     r: &str,
     platform: Option<&pb::Platform>,
+    session_id: &str,
     events: &mpsc::Sender<Event>,
 ) -> Result<Option<String>> {
     let reg = |source| Error::Registry {
@@ -70,7 +71,17 @@ pub async fn image(
     let reference = kiln_registry::Reference::parse(r).map_err(reg)?;
     let plat = oci_platform(platform);
     let _pull = w.pull_lock.lock().await;
-    let resolved = w.registry.resolve(&reference, &plat).await.map_err(reg)?;
+    // a private registry: the client's credentials, asked through its session
+    let registry = match kiln_session::credentials_via(&w.config().broker, session_id, &reference.registry).await {
+        Some(c) => {
+            let host = reference.registry.clone();
+            w.registry
+                .clone()
+                .with_credentials(std::sync::Arc::new(move |h: &str| (h == host).then(|| c.clone())))
+        }
+        None => w.registry.clone(),
+    };
+    let resolved = registry.resolve(&reference, &plat).await.map_err(reg)?;
     let ids = diff_ids(&resolved.config).ok_or_else(|| Error::Image {
         reference: r.to_string(),
         reason: "config has no rootfs.diff_ids".into(),
@@ -114,8 +125,7 @@ pub async fn image(
                 })
                 .await;
             let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-            let res = w
-                .registry
+            let res = registry
                 .fetch_blob(&reference, &desc, &tmp)
                 .await
                 .map_err(reg);
