@@ -5,7 +5,7 @@
 //! `make test` starts one registry for the whole run and passes it in
 //! `KILN_TEST_REGISTRY`; run alone, a test starts its own.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -17,7 +17,9 @@ fn repo_root() -> PathBuf {
 
 /// Directory holding the `kilnd` and `kiln` binaries.
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("KILN_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug"))
+    std::env::var_os("KILN_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
 struct OwnRegistry {
@@ -27,7 +29,11 @@ struct OwnRegistry {
 
 impl Drop for OwnRegistry {
     fn drop(&mut self) {
-        let _ = Command::new("sh").arg(repo_root().join("scripts/registry.sh")).arg("stop").arg(self._dir.path()).status();
+        let _ = Command::new("sh")
+            .arg(repo_root().join("scripts/registry.sh"))
+            .arg("stop")
+            .arg(self._dir.path())
+            .status();
     }
 }
 
@@ -40,12 +46,24 @@ pub fn registry() -> String {
     }
     let own = OWN_REGISTRY.get_or_init(|| {
         let dir = tempfile::tempdir().ok()?;
-        let out = Command::new("sh").arg(repo_root().join("scripts/registry.sh")).arg("start").arg(dir.path()).output().ok()?;
+        let out = Command::new("sh")
+            .arg(repo_root().join("scripts/registry.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .ok()?;
         let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let ok = Command::new("sh").arg(repo_root().join("scripts/seed-busybox.sh")).arg(&addr).status().ok()?.success();
+        let ok = Command::new("sh")
+            .arg(repo_root().join("scripts/seed-busybox.sh"))
+            .arg(&addr)
+            .status()
+            .ok()?
+            .success();
         ok.then_some(OwnRegistry { addr, _dir: dir })
     });
-    own.as_ref().map(|r| r.addr.clone()).expect("could not start a test registry (scripts/registry.sh)")
+    own.as_ref()
+        .map(|r| r.addr.clone())
+        .expect("could not start a test registry (scripts/registry.sh)")
 }
 
 /// How the daemon is laid out.
@@ -73,7 +91,10 @@ impl Drop for Daemon {
         // unmount anything a killed worker left mounted under the state dir
         let _ = Command::new("sh")
             .arg("-c")
-            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
             .status();
     }
 }
@@ -85,11 +106,18 @@ fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
-            bail!("kilnd exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "kilnd exited with {st}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("kilnd did not listen on {} in time: {}", path.display(), std::fs::read_to_string(log).unwrap_or_default())
+    bail!(
+        "kilnd did not listen on {} in time: {}",
+        path.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
 }
 
 impl Daemon {
@@ -148,10 +176,18 @@ impl Daemon {
             }
             Topology::Split => {
                 let solver = format!("unix://{}", sock("solver").display());
-                let peer = |flag: &str, name: &str| [format!("--{flag}"), format!("unix://{}", sock(name).display())];
+                let peer = |flag: &str, name: &str| {
+                    [
+                        format!("--{flag}"),
+                        format!("unix://{}", sock(name).display()),
+                    ]
+                };
                 for role in ["worker-executor", "frontend-gateway", "registry-exporter"] {
                     let s = sock(role);
-                    let (mut c, log) = spawn(&common(&s, Some(role), &["--solver-addr".into(), solver.clone()]), &format!("{role}.log"))?;
+                    let (mut c, log) = spawn(
+                        &common(&s, Some(role), &["--solver-addr".into(), solver.clone()]),
+                        &format!("{role}.log"),
+                    )?;
                     wait_for_socket(&s, &mut c, &log)?;
                     children.push(c);
                 }
@@ -160,7 +196,10 @@ impl Daemon {
                 extra.extend(peer("frontend-addr", "frontend-gateway"));
                 extra.extend(peer("exporter-addr", "registry-exporter"));
                 let s = sock("solver");
-                let (mut c, log) = spawn(&common(&s, Some("solver-scheduler"), &extra), "solver-scheduler.log")?;
+                let (mut c, log) = spawn(
+                    &common(&s, Some("solver-scheduler"), &extra),
+                    "solver-scheduler.log",
+                )?;
                 wait_for_socket(&s, &mut c, &log)?;
                 children.push(c);
             }
@@ -169,7 +208,11 @@ impl Daemon {
             Topology::AllInOne => format!("unix://{}", sock("kilnd").display()),
             Topology::Split => format!("unix://{}", sock("solver").display()),
         };
-        Ok(Daemon { dir, addr, children })
+        Ok(Daemon {
+            dir,
+            addr,
+            children,
+        })
     }
 
     /// Runs `kiln ARGS` against this daemon in `cwd`.
@@ -206,7 +249,11 @@ impl Daemon {
         if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
             for e in rd.flatten() {
                 if e.path().extension().is_some_and(|x| x == "log") {
-                    s.push_str(&format!("== {} ==\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default()));
+                    s.push_str(&format!(
+                        "== {} ==\n{}\n",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    ));
                 }
             }
         }
@@ -242,7 +289,14 @@ impl BuildContext {
 
 /// The standard dockerfile.v0 flags for a context dir.
 pub fn dockerfile_args() -> Vec<&'static str> {
-    vec!["--frontend", "dockerfile.v0", "--local", "context=.", "--local", "dockerfile=."]
+    vec![
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        "context=.",
+        "--local",
+        "dockerfile=.",
+    ]
 }
 
 /// Reads one file out of a tar archive.
@@ -251,7 +305,11 @@ pub fn tar_entry(archive: &Path, name: &str) -> Result<Vec<u8>> {
     let mut a = tar::Archive::new(std::fs::File::open(archive)?);
     for e in a.entries()? {
         let mut e = e?;
-        let p = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+        let p = e
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
         if p == name {
             let mut v = Vec::new();
             e.read_to_end(&mut v)?;
@@ -267,7 +325,13 @@ pub fn tar_names(archive: &Path) -> Result<Vec<String>> {
     let mut v = Vec::new();
     for e in a.entries()? {
         let e = e?;
-        v.push(e.path()?.to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string());
+        v.push(
+            e.path()?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .trim_end_matches('/')
+                .to_string(),
+        );
     }
     Ok(v)
 }

@@ -1,7 +1,9 @@
 //! `kiln build` end to end: real kilnd, real runc, overlayfs and a real
 //! registry, in both topologies.
 
-use kiln_integration_tests::{dockerfile_args, run, tar_entry, tar_names, BuildContext, Daemon, Topology};
+use kiln_integration_tests::{
+    BuildContext, Daemon, Topology, dockerfile_args, run, tar_entry, tar_names,
+};
 use std::process::Command;
 
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -33,7 +35,8 @@ fn multistage_context() -> BuildContext {
 }
 
 fn check_multistage_rootfs(out: &std::path::Path) {
-    let read = |p: &str| std::fs::read_to_string(out.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let read =
+        |p: &str| std::fs::read_to_string(out.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(read("app/out.txt"), "built from-arg\n");
     assert_eq!(read("app/exec.txt"), "exec-form\n");
     assert_eq!(read("app/src/a/b.txt"), "nested\n");
@@ -41,10 +44,19 @@ fn check_multistage_rootfs(out: &std::path::Path) {
     // base image content is there, deletions (whiteouts) are applied
     assert!(out.join("bin/busybox").exists());
     assert!(out.join("bin/sh").symlink_metadata().is_ok());
-    assert!(out.join("bin/ls").symlink_metadata().is_err(), "rm /bin/ls must be applied");
+    assert!(
+        out.join("bin/ls").symlink_metadata().is_err(),
+        "rm /bin/ls must be applied"
+    );
     // what the runtime injected does not leak
-    assert!(!out.join("etc/hosts").exists(), "/etc/hosts stub leaked into the rootfs");
-    assert!(!out.join("etc/resolv.conf").exists(), "/etc/resolv.conf stub leaked into the rootfs");
+    assert!(
+        !out.join("etc/hosts").exists(),
+        "/etc/hosts stub leaked into the rootfs"
+    );
+    assert!(
+        !out.join("etc/resolv.conf").exists(),
+        "/etc/resolv.conf stub leaked into the rootfs"
+    );
     // nothing from the other stage that was not copied
     assert!(!out.join("build").exists());
 }
@@ -52,7 +64,16 @@ fn check_multistage_rootfs(out: &std::path::Path) {
 fn multistage_to_local(topology: Topology) {
     let d = Daemon::start(topology).expect("daemon");
     let c = multistage_context();
-    d.build(c.path(), &args(&["--opt", "build-arg:MSG=from-arg", "--output", "type=local,dest=out"])).expect("build");
+    d.build(
+        c.path(),
+        &args(&[
+            "--opt",
+            "build-arg:MSG=from-arg",
+            "--output",
+            "type=local,dest=out",
+        ]),
+    )
+    .expect("build");
     check_multistage_rootfs(&c.path().join("out"));
 }
 
@@ -70,9 +91,21 @@ fn multistage_build_to_local_dir_split_services() {
 fn tar_output_holds_the_same_rootfs() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let c = multistage_context();
-    d.build(c.path(), &args(&["--opt", "build-arg:MSG=from-arg", "--output", "type=tar,dest=out.tar"])).expect("build");
+    d.build(
+        c.path(),
+        &args(&[
+            "--opt",
+            "build-arg:MSG=from-arg",
+            "--output",
+            "type=tar,dest=out.tar",
+        ]),
+    )
+    .expect("build");
     let tar = c.path().join("out.tar");
-    assert_eq!(tar_entry(&tar, "app/joined.txt").expect("entry"), b"built from-arg\ntop\n");
+    assert_eq!(
+        tar_entry(&tar, "app/joined.txt").expect("entry"),
+        b"built from-arg\ntop\n"
+    );
     let names = tar_names(&tar).expect("names");
     assert!(names.iter().any(|n| n == "bin/busybox"));
     assert!(!names.iter().any(|n| n == "bin/ls"));
@@ -97,34 +130,66 @@ CMD ["cat hello.txt"]
     )
     .expect("context");
     c.file("hello.txt", "hello\n").expect("write");
-    d.build(c.path(), &args(&["--output", "type=oci,dest=img.tar,name=kiln.test/hello:1"])).expect("build");
+    d.build(
+        c.path(),
+        &args(&["--output", "type=oci,dest=img.tar,name=kiln.test/hello:1"]),
+    )
+    .expect("build");
     let tar = c.path().join("img.tar");
 
-    let inspect = run(Command::new("skopeo").arg("inspect").arg("--config").arg(format!("oci-archive:{}", tar.display())))
-        .expect("skopeo inspect --config");
+    let inspect = run(Command::new("skopeo")
+        .arg("inspect")
+        .arg("--config")
+        .arg(format!("oci-archive:{}", tar.display())))
+    .expect("skopeo inspect --config");
     let cfg: serde_json::Value = serde_json::from_str(&inspect).expect("config json");
     let conf = &cfg["config"];
-    let env: Vec<String> = conf["Env"].as_array().expect("env").iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+    let env: Vec<String> = conf["Env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|v| v.as_str().unwrap_or("").to_string())
+        .collect();
     assert!(env.contains(&"GREETING=hi".to_string()), "{env:?}");
-    assert!(env.iter().any(|e| e.starts_with("PATH=")), "base image PATH kept: {env:?}");
+    assert!(
+        env.iter().any(|e| e.starts_with("PATH=")),
+        "base image PATH kept: {env:?}"
+    );
     assert_eq!(conf["WorkingDir"], "/srv/app");
     assert_eq!(conf["User"], "user");
     assert_eq!(conf["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
     assert_eq!(conf["Cmd"], serde_json::json!(["cat hello.txt"]));
     assert_eq!(cfg["os"], "linux");
-    assert!(cfg["created"].as_str().is_some_and(|c| c.starts_with("20")), "created is the build time: {cfg}");
+    assert!(
+        cfg["created"].as_str().is_some_and(|c| c.starts_with("20")),
+        "created is the build time: {cfg}"
+    );
     let history = cfg["history"].as_array().expect("history");
     assert!(history.len() >= 5, "history per instruction: {history:?}");
     let non_empty = history.iter().filter(|h| h["empty_layer"] != true).count();
-    let diff_ids = cfg["rootfs"]["diff_ids"].as_array().expect("diff_ids").len();
-    assert_eq!(non_empty, diff_ids, "history entries with layers match diff_ids");
+    let diff_ids = cfg["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .len();
+    assert_eq!(
+        non_empty, diff_ids,
+        "history entries with layers match diff_ids"
+    );
 
     // the manifest and layers are valid for skopeo
-    run(Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", tar.display()))).expect("skopeo inspect");
+    run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", tar.display())))
+    .expect("skopeo inspect");
     // umoci unpacks it and the rootfs is right
     let layout = c.path().join("layout");
     std::fs::create_dir_all(&layout).expect("mkdir");
-    run(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&layout)).expect("untar");
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&layout))
+    .expect("untar");
     let bundle = c.path().join("bundle");
     run(Command::new("umoci")
         .arg("unpack")
@@ -132,10 +197,17 @@ CMD ["cat hello.txt"]
         .arg(format!("{}:kiln.test/hello:1", layout.display()))
         .arg(&bundle))
     .or_else(|_| {
-        run(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:1", layout.display())).arg(&bundle))
+        run(Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!("{}:1", layout.display()))
+            .arg(&bundle))
     })
     .expect("umoci unpack");
-    assert_eq!(std::fs::read_to_string(bundle.join("rootfs/srv/app/hello.txt")).expect("read"), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/srv/app/hello.txt")).expect("read"),
+        "hello\n"
+    );
 }
 
 #[test]
@@ -154,9 +226,19 @@ RUN exit 1
 "#,
     )
     .expect("context");
-    d.build(c.path(), &args(&["--opt", "target=test", "--output", "type=local,dest=out"])).expect("build");
-    assert_eq!(std::fs::read_to_string(c.path().join("out/test.txt")).expect("read"), "test\n");
-    assert_eq!(std::fs::read_to_string(c.path().join("out/base.txt")).expect("read"), "base\n");
+    d.build(
+        c.path(),
+        &args(&["--opt", "target=test", "--output", "type=local,dest=out"]),
+    )
+    .expect("build");
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/test.txt")).expect("read"),
+        "test\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/base.txt")).expect("read"),
+        "base\n"
+    );
 }
 
 #[test]
@@ -165,27 +247,44 @@ fn scratch_image_with_copied_files_only() {
     let c = BuildContext::new("FROM scratch\nCOPY a.txt /a.txt\nCOPY dir /dir\n").expect("context");
     c.file("a.txt", "a\n").expect("write");
     c.file("dir/x/y.txt", "y\n").expect("write");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let out = c.path().join("out");
-    let mut names: Vec<String> = std::fs::read_dir(&out).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().to_string()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
     names.sort();
     assert_eq!(names, vec!["a.txt", "dir"]);
-    assert_eq!(std::fs::read_to_string(out.join("dir/x/y.txt")).expect("read"), "y\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join("dir/x/y.txt")).expect("read"),
+        "y\n"
+    );
 }
 
 #[test]
 fn run_as_user_from_the_image_passwd() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
-    let c = BuildContext::new("FROM busybox\nUSER user\nRUN id -u > /tmp/uid && id -g > /tmp/gid\n").expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
-    assert_eq!(std::fs::read_to_string(c.path().join("out/tmp/uid")).expect("read"), "1000\n");
-    assert_eq!(std::fs::read_to_string(c.path().join("out/tmp/gid")).expect("read"), "1000\n");
+    let c =
+        BuildContext::new("FROM busybox\nUSER user\nRUN id -u > /tmp/uid && id -g > /tmp/gid\n")
+            .expect("context");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/tmp/uid")).expect("read"),
+        "1000\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/tmp/gid")).expect("read"),
+        "1000\n"
+    );
 }
 
 #[test]
 fn failing_run_reports_exit_code_and_dockerfile_line() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
-    let c = BuildContext::new("FROM busybox\n\nRUN echo before\nRUN echo oops >&2; exit 7\n").expect("context");
+    let c = BuildContext::new("FROM busybox\n\nRUN echo before\nRUN echo oops >&2; exit 7\n")
+        .expect("context");
     let mut a = vec!["build", "--progress", "plain"];
     a.extend(dockerfile_args());
     let out = d.kiln(c.path(), &a).expect("kiln");
@@ -193,9 +292,18 @@ fn failing_run_reports_exit_code_and_dockerfile_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exit code: 7"), "{err}");
     assert!(err.contains("oops"), "the step's output is shown: {err}");
-    assert!(err.contains("exit 7"), "the failing command is named: {err}");
-    assert!(err.contains("Dockerfile:4"), "the Dockerfile line is named: {err}");
-    assert!(err.contains(">>> RUN echo oops"), "the failing line is shown: {err}");
+    assert!(
+        err.contains("exit 7"),
+        "the failing command is named: {err}"
+    );
+    assert!(
+        err.contains("Dockerfile:4"),
+        "the Dockerfile line is named: {err}"
+    );
+    assert!(
+        err.contains(">>> RUN echo oops"),
+        "the failing line is shown: {err}"
+    );
 }
 
 #[test]
@@ -225,7 +333,10 @@ fn short_form_builds_the_directory_and_prints_plain_progress() {
     let out = d.build(c.path(), &["."]).expect("build");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CACHED"), "{err}");
-    assert!(!err.contains("short-2-ran"), "cached step must not run again: {err}");
+    assert!(
+        !err.contains("short-2-ran"),
+        "cached step must not run again: {err}"
+    );
 }
 
 #[test]
@@ -233,21 +344,39 @@ fn pushed_image_can_be_pulled_by_the_next_build() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let reg = kiln_integration_tests::registry();
     let name = format!("{reg}/kiln-it/pushed:{}", std::process::id());
-    let c = BuildContext::new("FROM busybox\nRUN echo layer-one > /one.txt\nCMD [\"cat\", \"/one.txt\"]\n").expect("context");
+    let c = BuildContext::new(
+        "FROM busybox\nRUN echo layer-one > /one.txt\nCMD [\"cat\", \"/one.txt\"]\n",
+    )
+    .expect("context");
     let out_arg = format!("type=image,name={name},push=true");
-    d.build(c.path(), &args(&["--output", &out_arg, "--metadata-file", "md.json"])).expect("build");
+    d.build(
+        c.path(),
+        &args(&["--output", &out_arg, "--metadata-file", "md.json"]),
+    )
+    .expect("build");
     let md: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(c.path().join("md.json")).expect("md")).expect("json");
-    let digest = md["containerimage.digest"].as_str().expect("digest").to_string();
+        serde_json::from_str(&std::fs::read_to_string(c.path().join("md.json")).expect("md"))
+            .expect("json");
+    let digest = md["containerimage.digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
     assert!(digest.starts_with("sha256:"));
-    let inspect = run(Command::new("skopeo").args(["inspect", "--tls-verify=false"]).arg(format!("docker://{name}")))
-        .expect("skopeo inspect");
+    let inspect = run(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{name}")))
+    .expect("skopeo inspect");
     let v: serde_json::Value = serde_json::from_str(&inspect).expect("json");
     assert_eq!(v["Digest"], digest);
 
-    let c2 = BuildContext::new(&format!("FROM {name}\nRUN cat /one.txt > /two.txt\n")).expect("context");
-    d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
-    assert_eq!(std::fs::read_to_string(c2.path().join("out/two.txt")).expect("read"), "layer-one\n");
+    let c2 =
+        BuildContext::new(&format!("FROM {name}\nRUN cat /one.txt > /two.txt\n")).expect("context");
+    d.build(c2.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
+    assert_eq!(
+        std::fs::read_to_string(c2.path().join("out/two.txt")).expect("read"),
+        "layer-one\n"
+    );
 }
 
 #[test]
@@ -266,23 +395,42 @@ fn unchanged_context_is_cached_and_a_changed_file_reruns_only_what_reads_it() {
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     let first = build("out1");
-    assert!(!first.contains("CACHED"), "a fresh daemon has nothing cached: {first}");
+    assert!(
+        !first.contains("CACHED"),
+        "a fresh daemon has nothing cached: {first}"
+    );
     // same content, new mtime: everything is reused
     c.file("input.txt", "v1\n").expect("write");
     let second = build("out2");
-    assert_eq!(second.matches("CACHED").count(), 4, "FROM, RUN, COPY, RUN all cached:\n{second}");
-    assert_eq!(std::fs::read_to_string(outs.path().join("out2/copy-2.txt")).expect("read"), "v1\n");
+    assert_eq!(
+        second.matches("CACHED").count(),
+        4,
+        "FROM, RUN, COPY, RUN all cached:\n{second}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("out2/copy-2.txt")).expect("read"),
+        "v1\n"
+    );
     // a changed file re-runs the COPY and what follows, not the RUN before it
     c.file("input.txt", "v2\n").expect("write");
     let third = build("out3");
-    assert_eq!(third.matches("CACHED").count(), 2, "FROM and the first RUN cached:\n{third}");
-    assert_eq!(std::fs::read_to_string(outs.path().join("out3/copy-2.txt")).expect("read"), "v2\n");
+    assert_eq!(
+        third.matches("CACHED").count(),
+        2,
+        "FROM and the first RUN cached:\n{third}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("out3/copy-2.txt")).expect("read"),
+        "v2\n"
+    );
 }
 
 #[test]
 fn docker_tarball_is_loadable_with_repo_tags_and_several_outputs_in_one_build() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
-    let c = BuildContext::new("FROM busybox\nRUN echo docker > /d.txt\nCMD [\"cat\", \"/d.txt\"]\n").expect("context");
+    let c =
+        BuildContext::new("FROM busybox\nRUN echo docker > /d.txt\nCMD [\"cat\", \"/d.txt\"]\n")
+            .expect("context");
     d.build(
         c.path(),
         &args(&[
@@ -295,14 +443,25 @@ fn docker_tarball_is_loadable_with_repo_tags_and_several_outputs_in_one_build() 
     .expect("build");
     let tar = c.path().join("img.docker.tar");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&tar_entry(&tar, "manifest.json").expect("manifest.json")).expect("json");
+        serde_json::from_slice(&tar_entry(&tar, "manifest.json").expect("manifest.json"))
+            .expect("json");
     let tags = manifest[0]["RepoTags"].as_array().expect("RepoTags");
-    assert!(tags.iter().any(|t| t.as_str().is_some_and(|t| t.ends_with("kiln.test/docker:1"))), "{tags:?}");
-    let cfg = run(Command::new("skopeo").args(["inspect", "--config"]).arg(format!("docker-archive:{}", tar.display())))
-        .expect("skopeo inspect docker-archive");
+    assert!(
+        tags.iter().any(|t| t
+            .as_str()
+            .is_some_and(|t| t.ends_with("kiln.test/docker:1"))),
+        "{tags:?}"
+    );
+    let cfg = run(Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("docker-archive:{}", tar.display())))
+    .expect("skopeo inspect docker-archive");
     let cfg: serde_json::Value = serde_json::from_str(&cfg).expect("json");
     assert_eq!(cfg["config"]["Cmd"], serde_json::json!(["cat", "/d.txt"]));
-    assert_eq!(std::fs::read_to_string(c.path().join("rootfs/d.txt")).expect("read"), "docker\n");
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("rootfs/d.txt")).expect("read"),
+        "docker\n"
+    );
 }
 
 #[test]
@@ -323,10 +482,18 @@ fn an_unchanged_context_reuses_its_snapshot_instead_of_copying_it_again() {
     d.build(c.path(), &args(&[])).expect("build");
     let after_first = local_snapshots();
     d.build(c.path(), &args(&[])).expect("build");
-    assert_eq!(local_snapshots(), after_first, "an unchanged context must not add snapshots");
+    assert_eq!(
+        local_snapshots(),
+        after_first,
+        "an unchanged context must not add snapshots"
+    );
     c.file("a.txt", "changed\n").expect("write");
     d.build(c.path(), &args(&[])).expect("build");
-    assert_eq!(local_snapshots(), after_first + 1, "a changed context is a new snapshot");
+    assert_eq!(
+        local_snapshots(),
+        after_first + 1,
+        "a changed context is a new snapshot"
+    );
 }
 
 #[test]
@@ -337,7 +504,8 @@ fn fifty_chained_runs_stack_fifty_layers() {
         df.push_str(&format!("RUN echo step-{i} >> /log\n"));
     }
     let c = BuildContext::new(&df).expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let log = std::fs::read_to_string(c.path().join("out/log")).expect("read");
     assert_eq!(log.lines().count(), 50);
     assert_eq!(log.lines().last(), Some("step-49"));
@@ -350,7 +518,11 @@ fn rawjson_progress_is_one_status_message_per_line() {
     let mut a = vec!["build", "--progress", "rawjson"];
     a.extend(dockerfile_args());
     let out = d.kiln(c.path(), &a).expect("kiln");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -361,8 +533,15 @@ fn rawjson_progress_is_one_status_message_per_line() {
         .flatten()
         .filter_map(|v| v["name"].as_str())
         .collect();
-    assert!(names.iter().any(|n| n.contains("RUN echo raw-")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("RUN echo raw-")),
+        "{names:?}"
+    );
     // logs carry the step's output base64-encoded, as buildctl's rawjson does
-    let logged = lines.iter().filter_map(|l| l["logs"].as_array()).flatten().any(|l| l["data"] == "cmF3LTkK");
+    let logged = lines
+        .iter()
+        .filter_map(|l| l["logs"].as_array())
+        .flatten()
+        .any(|l| l["data"] == "cmF3LTkK");
     assert!(logged, "the RUN's output `raw-9` is in a log entry");
 }

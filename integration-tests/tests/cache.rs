@@ -2,7 +2,7 @@
 //! crashes, content checksums of only the paths a step reads, deduplication
 //! of concurrent builds, and `kiln du` / `kiln prune`.
 
-use kiln_integration_tests::{bin_dir, dockerfile_args, registry, BuildContext};
+use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, registry};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,14 +17,21 @@ struct Kilnd {
 
 impl Kilnd {
     fn start() -> Kilnd {
-        let dir = tempfile::Builder::new().prefix("kiln-cache-it-").tempdir().expect("tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-cache-it-")
+            .tempdir()
+            .expect("tmp");
         let reg = registry();
         std::fs::write(
             dir.path().join("kilnd.toml"),
             format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"),
         )
         .expect("config");
-        let mut k = Kilnd { dir, child: None, starts: 0 };
+        let mut k = Kilnd {
+            dir,
+            child: None,
+            starts: 0,
+        };
         k.spawn();
         k
     }
@@ -55,9 +62,15 @@ impl Kilnd {
         let start = Instant::now();
         while !self.sock().exists() {
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("kilnd exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "kilnd exited with {st}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "kilnd did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "kilnd did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.child = Some(child);
@@ -67,9 +80,14 @@ impl Kilnd {
     fn stop(&mut self, graceful: bool) {
         if let Some(mut c) = self.child.take() {
             if graceful {
-                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .status();
                 let start = Instant::now();
-                while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(10) {
+                while c.try_wait().ok().flatten().is_none()
+                    && start.elapsed() < Duration::from_secs(10)
+                {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
@@ -85,7 +103,10 @@ impl Kilnd {
 
     fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(bin_dir().join("kiln"));
-        c.arg("--addr").arg(format!("unix://{}", self.sock().display())).args(args).current_dir(cwd);
+        c.arg("--addr")
+            .arg(format!("unix://{}", self.sock().display()))
+            .args(args)
+            .current_dir(cwd);
         c
     }
 
@@ -100,19 +121,29 @@ impl Kilnd {
 
     fn check(&self, out: Output, what: &str) -> String {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{what} failed:\n{err}\n{}\n--- daemon logs ---\n{}", String::from_utf8_lossy(&out.stdout), self.logs());
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{err}\n{}\n--- daemon logs ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            self.logs()
+        );
         err
     }
 
     fn logs(&self) -> String {
         (1..=self.starts)
-            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("kilnd-{i}.log"))).unwrap_or_default())
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("kilnd-{i}.log")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n== restart ==\n")
     }
 
     fn snapshots(&self) -> usize {
-        std::fs::read_dir(self.root().join("worker/snapshots")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.root().join("worker/snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -121,7 +152,10 @@ impl Drop for Kilnd {
         self.stop(false);
         let _ = Command::new("sh")
             .arg("-c")
-            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
             .status();
     }
 }
@@ -154,13 +188,17 @@ fn step_number(progress: &str, needle: &str) -> Option<String> {
 }
 
 fn is_cached(progress: &str, needle: &str) -> bool {
-    step_number(progress, needle).is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
+    step_number(progress, needle)
+        .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
 }
 
 #[test]
 fn cache_survives_a_daemon_restart() {
     let mut d = Kilnd::start();
-    let c = BuildContext::new("FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt && echo restart-step-$((40+2))\n").expect("ctx");
+    let c = BuildContext::new(
+        "FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt && echo restart-step-$((40+2))\n",
+    )
+    .expect("ctx");
     c.file("a.txt", "one\n").expect("write");
     let outs = tempfile::tempdir().expect("tmp");
     let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
@@ -168,10 +206,16 @@ fn cache_survives_a_daemon_restart() {
     d.restart(true);
     let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
     for step in ["FROM", "COPY", "RUN"] {
-        assert!(is_cached(&second, step), "{step} cached after a restart:\n{second}");
+        assert!(
+            is_cached(&second, step),
+            "{step} cached after a restart:\n{second}"
+        );
     }
     assert!(!second.contains("restart-step-42"), "{second}");
-    assert_eq!(std::fs::read_to_string(outs.path().join("2/b.txt")).expect("read"), "one\n");
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("2/b.txt")).expect("read"),
+        "one\n"
+    );
 }
 
 #[test]
@@ -183,7 +227,12 @@ fn kill_9_during_a_run_then_restart_reruns_the_interrupted_step() {
     d.build(warm.path(), &[]);
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
-    let client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("kiln");
+    let client = d
+        .kiln(c.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
     // wait until the slow RUN runs
     let start = Instant::now();
     let running = d.root().join("worker/staging");
@@ -192,7 +241,11 @@ fn kill_9_during_a_run_then_restart_reruns_the_interrupted_step() {
         if staged > 0 && start.elapsed() > Duration::from_secs(2) {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "slow step never started:\n{}", d.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "slow step never started:\n{}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     d.stop(false);
@@ -201,11 +254,23 @@ fn kill_9_during_a_run_then_restart_reruns_the_interrupted_step() {
     d.spawn();
     let outs = tempfile::tempdir().expect("tmp");
     let again = d.build(c.path(), &["--output", &out_arg(outs.path())]);
-    assert!(is_cached(&again, "echo before"), "the step done before the crash is cached:\n{again}");
-    assert!(!is_cached(&again, "sleep 5"), "the interrupted step runs again:\n{again}");
+    assert!(
+        is_cached(&again, "echo before"),
+        "the step done before the crash is cached:\n{again}"
+    );
+    assert!(
+        !is_cached(&again, "sleep 5"),
+        "the interrupted step runs again:\n{again}"
+    );
     assert!(again.contains("slow-step-42"), "{again}");
-    assert_eq!(std::fs::read_to_string(outs.path().join("slow")).expect("read"), "done\n");
-    assert_eq!(std::fs::read_to_string(outs.path().join("before")).expect("read"), "before\n");
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("slow")).expect("read"),
+        "done\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("before")).expect("read"),
+        "before\n"
+    );
     // and the store is consistent: a third build hits everything
     let third = d.build(c.path(), &[]);
     assert!(is_cached(&third, "sleep 5"), "{third}");
@@ -222,15 +287,28 @@ fn changing_a_file_the_copy_does_not_read_keeps_the_copy_cached() {
     assert!(first.contains("copy-consumer-42"), "{first}");
     c.file("other.txt", "2\n").expect("write");
     let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
-    assert!(is_cached(&second, "COPY"), "COPY a.txt cached when other.txt changed:\n{second}");
+    assert!(
+        is_cached(&second, "COPY"),
+        "COPY a.txt cached when other.txt changed:\n{second}"
+    );
     assert!(is_cached(&second, "RUN"), "{second}");
     assert!(!second.contains("copy-consumer-42"), "{second}");
     // the mode of the copied file is part of its checksum
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(c.path().join("a.txt"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(
+        c.path().join("a.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
     let third = d.build(c.path(), &["--output", &out_arg(&outs.path().join("3"))]);
-    assert!(!is_cached(&third, "COPY"), "mode change re-runs the COPY:\n{third}");
-    assert_eq!(std::fs::read_to_string(outs.path().join("3/b.txt")).expect("read"), "a\n");
+    assert!(
+        !is_cached(&third, "COPY"),
+        "mode change re-runs the COPY:\n{third}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("3/b.txt")).expect("read"),
+        "a\n"
+    );
 }
 
 #[test]
@@ -239,12 +317,17 @@ fn concurrent_identical_builds_run_the_slow_step_once() {
     // pull the base first so both builds reach the slow RUN together
     let warm = BuildContext::new("FROM busybox\nRUN true\n").expect("ctx");
     d.build(warm.path(), &[]);
-    let c = BuildContext::new("FROM busybox\nRUN sleep 2 && echo shared-step-$((40+2))\n").expect("ctx");
+    let c = BuildContext::new("FROM busybox\nRUN sleep 2 && echo shared-step-$((40+2))\n")
+        .expect("ctx");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
     let timed = |cmd: &mut Command| {
         let start = Instant::now();
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("kiln");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln");
         (start, child)
     };
     let all = Instant::now();
@@ -257,9 +340,15 @@ fn concurrent_identical_builds_run_the_slow_step_once() {
     let wall = all.elapsed();
     let e1 = d.check(o1, "first build");
     let e2 = d.check(o2, "second build");
-    let ran = [&e1, &e2].iter().filter(|e| e.contains("shared-step-42")).count();
+    let ran = [&e1, &e2]
+        .iter()
+        .filter(|e| e.contains("shared-step-42"))
+        .count();
     assert_eq!(ran, 1, "exactly one build ran the step:\n{e1}\n----\n{e2}");
-    assert!(wall < t1 + t2, "builds overlapped: wall {wall:?}, each {t1:?} + {t2:?}");
+    assert!(
+        wall < t1 + t2,
+        "builds overlapped: wall {wall:?}, each {t1:?} + {t2:?}"
+    );
 }
 
 #[test]
@@ -269,33 +358,78 @@ fn du_lists_records_and_prune_empties_them() {
     d.build(c.path(), &[]);
     let du = |d: &Kilnd| {
         let out = d.kiln(c.path(), &["du"]).output().expect("du");
-        assert!(out.status.success(), "du: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "du: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let listed = du(&d);
-    let rows: Vec<&str> = listed.lines().skip(1).take_while(|l| !l.starts_with("Reclaimable")).collect();
+    let rows: Vec<&str> = listed
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("Reclaimable"))
+        .collect();
     assert!(rows.len() >= 2, "base and RUN records:\n{listed}");
-    assert!(listed.lines().next().is_some_and(|h| h.starts_with("ID") && h.contains("RECLAIMABLE") && h.contains("LAST ACCESSED")), "{listed}");
-    assert!(rows.iter().any(|r| r.contains("kB")), "the RUN's 300 kB show up:\n{listed}");
+    assert!(
+        listed.lines().next().is_some_and(|h| h.starts_with("ID")
+            && h.contains("RECLAIMABLE")
+            && h.contains("LAST ACCESSED")),
+        "{listed}"
+    );
+    assert!(
+        rows.iter().any(|r| r.contains("kB")),
+        "the RUN's 300 kB show up:\n{listed}"
+    );
     let before = d.snapshots();
     assert!(before >= 2);
     // the sizes add up to what the worker holds on disk
-    let total = listed.lines().find_map(|l| l.strip_prefix("Total:")).expect("total").trim().to_string();
+    let total = listed
+        .lines()
+        .find_map(|l| l.strip_prefix("Total:"))
+        .expect("total")
+        .trim()
+        .to_string();
     let on_disk: f64 = ["snapshots", "content"]
         .iter()
         .map(|sub| {
-            let out = Command::new("du").arg("-s").arg("--block-size=1").arg(d.root().join("worker").join(sub)).output().expect("du");
-            String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|n| n.parse::<f64>().ok()).expect("du size")
+            let out = Command::new("du")
+                .arg("-s")
+                .arg("--block-size=1")
+                .arg(d.root().join("worker").join(sub))
+                .output()
+                .expect("du");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+                .expect("du size")
         })
         .sum();
     let listed_bytes = parse_size(&total);
-    assert!((listed_bytes - on_disk).abs() <= on_disk * 0.01, "kiln du total {total} vs {on_disk} bytes on disk:\n{listed}");
+    assert!(
+        (listed_bytes - on_disk).abs() <= on_disk * 0.01,
+        "kiln du total {total} vs {on_disk} bytes on disk:\n{listed}"
+    );
     let out = d.kiln(c.path(), &["prune"]).output().expect("prune");
-    assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prune: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pruned = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(pruned.contains("Total:"), "{pruned}");
     let after = du(&d);
-    assert_eq!(after.lines().skip(1).take_while(|l| !l.starts_with("Reclaimable")).count(), 0, "{after}");
+    assert_eq!(
+        after
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("Reclaimable"))
+            .count(),
+        0,
+        "{after}"
+    );
     assert!(after.contains("Total:\t\t0B"), "{after}");
     assert_eq!(d.snapshots(), 0, "the worker removed the snapshots");
     // the next build runs again and is correct
@@ -307,7 +441,11 @@ fn du_lists_records_and_prune_empties_them() {
 fn processes(args: &[&str]) -> usize {
     let want: Vec<u8> = args.iter().flat_map(|a| a.bytes().chain([0])).collect();
     std::fs::read_dir("/proc")
-        .map(|d| d.flatten().filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want)).count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -317,17 +455,30 @@ fn a_client_that_goes_away_stops_its_running_step() {
     let c = BuildContext::new("FROM busybox\nRUN sleep 47 && echo never\n").expect("ctx");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
-    let mut client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("kiln");
+    let mut client = d
+        .kiln(c.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln");
     let start = Instant::now();
     while processes(&["sleep", "47"]) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the step never started:\n{}", d.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the step never started:\n{}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = client.kill();
     let _ = client.wait();
     let stopped = Instant::now();
     while processes(&["sleep", "47"]) > 0 {
-        assert!(stopped.elapsed() < Duration::from_secs(10), "the step still runs after its client left:\n{}", d.logs());
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the step still runs after its client left:\n{}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // nothing was cached for the stopped step
@@ -343,11 +494,25 @@ fn prune_keep_duration_keeps_recent_records() {
     let d = Kilnd::start();
     let c = BuildContext::new("FROM busybox\nRUN echo kept > /kept\n").expect("ctx");
     d.build(c.path(), &[]);
-    let out = d.kiln(c.path(), &["prune", "--keep-duration", "1h"]).output().expect("prune");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Total:\t0B"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = d
+        .kiln(c.path(), &["prune", "--keep-duration", "1h"])
+        .output()
+        .expect("prune");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Total:\t0B"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let again = d.build(c.path(), &[]);
-    assert!(is_cached(&again, "RUN"), "records used within the hour survive:\n{again}");
+    assert!(
+        is_cached(&again, "RUN"),
+        "records used within the hour survive:\n{again}"
+    );
 }
 
 #[test]
@@ -362,7 +527,12 @@ fn kill_9_at_many_moments_leaves_a_consistent_cache() {
     args.extend(dockerfile_args());
     // kill the daemon at different points of the build, from the start to the last step
     for i in 0..8u64 {
-        let mut client = d.kiln(c.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("kiln");
+        let mut client = d
+            .kiln(c.path(), &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kiln");
         std::thread::sleep(Duration::from_millis(150 + i * 150));
         d.restart(false);
         let _ = client.kill();
@@ -371,7 +541,14 @@ fn kill_9_at_many_moments_leaves_a_consistent_cache() {
     let outs = tempfile::tempdir().expect("tmp");
     d.build(c.path(), &["--output", &out_arg(outs.path())]);
     let read = |f: &str| std::fs::read_to_string(outs.path().join(f)).expect("read");
-    assert_eq!((read("one"), read("two"), read("three")), ("a\n".into(), "a\na\n".into(), "a\na\na\n".into()));
+    assert_eq!(
+        (read("one"), read("two"), read("three")),
+        ("a\n".into(), "a\na\n".into(), "a\na\na\n".into())
+    );
     let again = d.build(c.path(), &[]);
-    assert_eq!(again.lines().filter(|l| l.ends_with(" CACHED")).count(), 5, "FROM, COPY and three RUNs:\n{again}");
+    assert_eq!(
+        again.lines().filter(|l| l.ends_with(" CACHED")).count(),
+        5,
+        "FROM, COPY and three RUNs:\n{again}"
+    );
 }

@@ -23,7 +23,7 @@
 //!
 //! Each group test collects every failing case and reports them all at the end.
 
-use kiln_integration_tests::{dockerfile_args, Daemon, Topology};
+use kiln_integration_tests::{Daemon, Topology, dockerfile_args};
 use serde_json::Value;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -58,11 +58,22 @@ struct Case {
 impl Case {
     fn needs_fs(&self) -> bool {
         self.checks.iter().any(|c| {
-            !matches!(c, Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..) | Check::Error(..))
+            !matches!(
+                c,
+                Check::ConfigEq(..)
+                    | Check::ConfigHas(..)
+                    | Check::ConfigAbsent(..)
+                    | Check::Error(..)
+            )
         })
     }
     fn needs_config(&self) -> bool {
-        self.checks.iter().any(|c| matches!(c, Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..)))
+        self.checks.iter().any(|c| {
+            matches!(
+                c,
+                Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..)
+            )
+        })
     }
     fn expected_error(&self) -> Option<&str> {
         self.checks.iter().find_map(|c| match c {
@@ -95,8 +106,12 @@ fn unescape(s: &str) -> String {
 }
 
 fn parse_expect(dir: &Path) -> Result<Case, String> {
-    let text = std::fs::read_to_string(dir.join("expect.txt")).map_err(|e| format!("read expect.txt: {e}"))?;
-    let mut case = Case { dir: dir.to_path_buf(), ..Default::default() };
+    let text = std::fs::read_to_string(dir.join("expect.txt"))
+        .map_err(|e| format!("read expect.txt: {e}"))?;
+    let mut case = Case {
+        dir: dir.to_path_buf(),
+        ..Default::default()
+    };
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -109,10 +124,12 @@ fn parse_expect(dir: &Path) -> Result<Case, String> {
             let (p, v) = rest.split_once(sep).ok_or_else(bad)?;
             Ok((p.trim().to_string(), v.trim_start().to_string()))
         };
-        let json = |v: &str| serde_json::from_str::<Value>(v).map_err(|e| format!("{}: {e}", bad()));
+        let json =
+            |v: &str| serde_json::from_str::<Value>(v).map_err(|e| format!("{}: {e}", bad()));
         let check = match verb {
             "arg" => {
-                case.args.extend(rest.split_whitespace().map(str::to_string));
+                case.args
+                    .extend(rest.split_whitespace().map(str::to_string));
                 continue;
             }
             "file" if rest.contains(" = ") => {
@@ -132,7 +149,11 @@ fn parse_expect(dir: &Path) -> Result<Case, String> {
             "owner" => {
                 let (p, o) = path_and(" ")?;
                 let (u, g) = o.split_once(':').ok_or_else(bad)?;
-                Check::Owner(p, u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?)
+                Check::Owner(
+                    p,
+                    u.parse().map_err(|_| bad())?,
+                    g.parse().map_err(|_| bad())?,
+                )
             }
             "link" => {
                 let (p, t) = path_and(" -> ")?;
@@ -144,7 +165,9 @@ fn parse_expect(dir: &Path) -> Result<Case, String> {
                 names.sort();
                 Check::Ls(p, names)
             }
-            "config" if rest.ends_with(" absent") => Check::ConfigAbsent(rest.trim_end_matches(" absent").to_string()),
+            "config" if rest.ends_with(" absent") => {
+                Check::ConfigAbsent(rest.trim_end_matches(" absent").to_string())
+            }
             "config" if rest.contains(" has ") => {
                 let (p, v) = path_and(" has ")?;
                 Check::ConfigHas(p, json(&v)?)
@@ -209,34 +232,52 @@ fn oci_config(tar_path: &Path) -> Result<Value, String> {
     let mut a = tar::Archive::new(std::fs::File::open(tar_path).map_err(|e| e.to_string())?);
     for e in a.entries().map_err(|e| e.to_string())? {
         let mut e = e.map_err(|e| e.to_string())?;
-        let p = e.path().map_err(|e| e.to_string())?.to_string_lossy().trim_start_matches("./").to_string();
+        let p = e
+            .path()
+            .map_err(|e| e.to_string())?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
         let mut v = Vec::new();
         e.read_to_end(&mut v).map_err(|e| e.to_string())?;
         files.insert(p, v);
     }
     let blob = |digest: &str| -> Result<Value, String> {
         let p = format!("blobs/{}", digest.replacen(':', "/", 1));
-        let data = files.get(&p).ok_or_else(|| format!("{p} not in the oci tarball"))?;
+        let data = files
+            .get(&p)
+            .ok_or_else(|| format!("{p} not in the oci tarball"))?;
         serde_json::from_slice(data).map_err(|e| format!("{p}: {e}"))
     };
-    let index: Value =
-        serde_json::from_slice(files.get("index.json").ok_or("no index.json")?).map_err(|e| e.to_string())?;
-    let mut desc = pointer(&index, "/manifests/0").ok_or("empty index")?.clone();
+    let index: Value = serde_json::from_slice(files.get("index.json").ok_or("no index.json")?)
+        .map_err(|e| e.to_string())?;
+    let mut desc = pointer(&index, "/manifests/0")
+        .ok_or("empty index")?
+        .clone();
     // follow nested indexes down to a manifest
     loop {
-        let digest = desc["digest"].as_str().ok_or("descriptor without digest")?.to_string();
+        let digest = desc["digest"]
+            .as_str()
+            .ok_or("descriptor without digest")?
+            .to_string();
         let doc = blob(&digest)?;
         if let Some(m) = pointer(&doc, "/manifests/0") {
             desc = m.clone();
             continue;
         }
-        let cfg = doc["config"]["digest"].as_str().ok_or("manifest without config")?.to_string();
+        let cfg = doc["config"]["digest"]
+            .as_str()
+            .ok_or("manifest without config")?
+            .to_string();
         return blob(&cfg);
     }
 }
 
 fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
-    let work = tempfile::Builder::new().prefix("kiln-conf-").tempdir().map_err(|e| e.to_string())?;
+    let work = tempfile::Builder::new()
+        .prefix("kiln-conf-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let ctx = work.path().join("ctx");
     std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
     copy_context(&case.dir, &ctx).map_err(|e| format!("copy context: {e}"))?;
@@ -262,17 +303,26 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
     };
     if let Some(want) = case.expected_error() {
         if out.status.success() {
-            return Err(format!("build succeeded, expected an error containing {want:?}"));
+            return Err(format!(
+                "build succeeded, expected an error containing {want:?}"
+            ));
         }
         if !stderr.contains(want) {
-            return Err(format!("error does not contain {want:?}:\n    {}", tail(&stderr)));
+            return Err(format!(
+                "error does not contain {want:?}:\n    {}",
+                tail(&stderr)
+            ));
         }
         return Ok(());
     }
     if !out.status.success() {
         return Err(format!("build failed:\n    {}", tail(&stderr)));
     }
-    let config = if case.needs_config() { Some(oci_config(&out_tar)?) } else { None };
+    let config = if case.needs_config() {
+        Some(oci_config(&out_tar)?)
+    } else {
+        None
+    };
     let mut problems = Vec::new();
     let fs = |p: &str| out_dir.join(p.trim_start_matches('/'));
     for check in &case.checks {
@@ -287,11 +337,20 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
                 Ok(got) => Some(format!("{p}: {got:?} does not contain {want:?}")),
                 Err(e) => Some(format!("{p}: {e}")),
             },
-            Check::Exists(p) => fs(p).symlink_metadata().is_err().then(|| format!("{p} does not exist")),
-            Check::Absent(p) => fs(p).symlink_metadata().is_ok().then(|| format!("{p} exists")),
+            Check::Exists(p) => fs(p)
+                .symlink_metadata()
+                .is_err()
+                .then(|| format!("{p} does not exist")),
+            Check::Absent(p) => fs(p)
+                .symlink_metadata()
+                .is_ok()
+                .then(|| format!("{p} exists")),
             Check::Mode(p, want) => match fs(p).symlink_metadata() {
                 Ok(m) if m.permissions().mode() & 0o7777 == *want => None,
-                Ok(m) => Some(format!("{p}: mode {:o}, want {want:o}", m.permissions().mode() & 0o7777)),
+                Ok(m) => Some(format!(
+                    "{p}: mode {:o}, want {want:o}",
+                    m.permissions().mode() & 0o7777
+                )),
                 Err(e) => Some(format!("{p}: {e}")),
             },
             Check::Owner(p, u, g) => match fs(p).symlink_metadata() {
@@ -306,8 +365,10 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
             },
             Check::Ls(p, want) => match std::fs::read_dir(fs(p)) {
                 Ok(rd) => {
-                    let mut got: Vec<String> =
-                        rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+                    let mut got: Vec<String> = rd
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .collect();
                     got.sort();
                     (&got != want).then(|| format!("ls {p}: got {got:?}, want {want:?}"))
                 }
@@ -328,7 +389,8 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
             }
             Check::ConfigAbsent(ptr) => {
                 let got = config.as_ref().and_then(|c| pointer(c, ptr));
-                got.filter(|v| !v.is_null()).map(|v| format!("config {ptr}: expected absent, got {v}"))
+                got.filter(|v| !v.is_null())
+                    .map(|v| format!("config {ptr}: expected absent, got {v}"))
             }
             Check::Error(_) => None,
         };
@@ -337,7 +399,10 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
     if problems.is_empty() {
         return Ok(());
     }
-    if let Some(c) = config.as_ref().filter(|_| problems.iter().any(|p| p.starts_with("config "))) {
+    if let Some(c) = config
+        .as_ref()
+        .filter(|_| problems.iter().any(|p| p.starts_with("config ")))
+    {
         problems.push(format!("image config: {c}"));
     }
     Err(problems.join("\n    "))

@@ -2,8 +2,8 @@
 //! with TLS from a self-signed CA, zstd layers read by skopeo, reproducible digests and
 //! push-by-digest.
 
-use anyhow::{bail, Context, Result};
-use kiln_integration_tests::{bin_dir, dockerfile_args, run, BuildContext};
+use anyhow::{Context, Result, bail};
+use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +23,11 @@ impl Drop for Registry {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Registry {
@@ -50,11 +54,18 @@ impl Registry {
         let start = Instant::now();
         while std::net::TcpStream::connect(&addr).is_err() {
             if start.elapsed() > Duration::from_secs(10) {
-                bail!("registry did not start: {}", std::fs::read_to_string(dir.path().join("registry.log"))?);
+                bail!(
+                    "registry did not start: {}",
+                    std::fs::read_to_string(dir.path().join("registry.log"))?
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Registry { addr, _dir: dir, child })
+        Ok(Registry {
+            addr,
+            _dir: dir,
+            child,
+        })
     }
 }
 
@@ -71,7 +82,10 @@ impl Drop for Kilnd {
         let _ = self.child.wait();
         let _ = Command::new("sh")
             .arg("-c")
-            .arg(format!("grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
             .status();
     }
 }
@@ -104,7 +118,11 @@ impl Kilnd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Kilnd { addr: format!("unix://{}", sock.display()), dir, child })
+        Ok(Kilnd {
+            addr: format!("unix://{}", sock.display()),
+            dir,
+            child,
+        })
     }
 
     /// `kiln build` of the context with `output`, HOME set to `home`.
@@ -112,7 +130,11 @@ impl Kilnd {
         let mut args = vec!["--addr", &self.addr, "build", "--progress", "plain"];
         args.extend(dockerfile_args());
         args.extend(["--output", output, "--metadata-file", "meta.json"]);
-        let out = Command::new(bin_dir().join("kiln")).args(&args).current_dir(ctx).env("HOME", home).output()?;
+        let out = Command::new(bin_dir().join("kiln"))
+            .args(&args)
+            .current_dir(ctx)
+            .env("HOME", home)
+            .output()?;
         Ok(out)
     }
 
@@ -125,19 +147,26 @@ impl Kilnd {
                 std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
             );
         }
-        Ok(serde_json::from_slice(&std::fs::read(ctx.join("meta.json"))?)?)
+        Ok(serde_json::from_slice(&std::fs::read(
+            ctx.join("meta.json"),
+        )?)?)
     }
 }
 
 fn context() -> BuildContext {
-    let c = BuildContext::new("FROM scratch\nCOPY hello.txt /etc/hello.txt\nCOPY data/ /data/\n").expect("context");
+    let c = BuildContext::new("FROM scratch\nCOPY hello.txt /etc/hello.txt\nCOPY data/ /data/\n")
+        .expect("context");
     c.file("hello.txt", "hello from kiln\n").expect("write");
-    c.file("data/a.txt", &"some text to compress\n".repeat(200)).expect("write");
+    c.file("data/a.txt", &"some text to compress\n".repeat(200))
+        .expect("write");
     c
 }
 
 fn skopeo_inspect(target: &str, extra: &[&str]) -> Result<serde_json::Value> {
-    let out = run(Command::new("skopeo").arg("inspect").args(extra).arg(target))?;
+    let out = run(Command::new("skopeo")
+        .arg("inspect")
+        .args(extra)
+        .arg(target))?;
     Ok(serde_json::from_str(&out)?)
 }
 
@@ -150,11 +179,43 @@ fn make_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let ext = dir.join("ext.cnf");
     std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
     let p = |s: &Path| s.display().to_string();
-    run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kiln test CA"]).args(["-keyout", &p(&ca_key), "-out", &p(&ca)]))?;
-    run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).args(["-keyout", &p(&key), "-out", &p(&csr)]))?;
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kiln test CA",
+        ])
+        .args(["-keyout", &p(&ca_key), "-out", &p(&ca)]))?;
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-keyout", &p(&key), "-out", &p(&csr)]))?;
     run(Command::new("openssl")
         .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-        .args(["-in", &p(&csr), "-CA", &p(&ca), "-CAkey", &p(&ca_key), "-out", &p(&cert), "-extfile", &p(&ext)]))?;
+        .args([
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&ca),
+            "-CAkey",
+            &p(&ca_key),
+            "-out",
+            &p(&cert),
+            "-extfile",
+            &p(&ext),
+        ]))?;
     Ok((ca, cert, key))
 }
 
@@ -162,21 +223,50 @@ fn make_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
 fn push_to_tls_registry_with_ca_from_kilnd_toml() -> Result<()> {
     let certs = tempfile::tempdir()?;
     let (ca, cert, key) = make_certs(certs.path())?;
-    let reg = Registry::start(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()), "")?;
+    let reg = Registry::start(
+        &format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ),
+        "",
+    )?;
     let ctx = context();
     let home = tempfile::tempdir()?;
     let name = format!("{}/kiln/tls:v1", reg.addr);
 
     // without the CA the certificate is not trusted; registry.insecure=true skips verification
     let plain = Kilnd::start("")?;
-    let out = plain.build(ctx.path(), &format!("type=image,name={name},push=true"), home.path())?;
-    assert!(!out.status.success(), "push to an untrusted TLS registry succeeded");
-    plain.build_ok(ctx.path(), &format!("type=image,name={name},push=true,registry.insecure=true"), home.path())?;
+    let out = plain.build(
+        ctx.path(),
+        &format!("type=image,name={name},push=true"),
+        home.path(),
+    )?;
+    assert!(
+        !out.status.success(),
+        "push to an untrusted TLS registry succeeded"
+    );
+    plain.build_ok(
+        ctx.path(),
+        &format!("type=image,name={name},push=true,registry.insecure=true"),
+        home.path(),
+    )?;
 
-    let d = Kilnd::start(&format!("[registry.\"{}\"]\nca = [\"{}\"]\n", reg.addr, ca.display()))?;
-    let meta = d.build_ok(ctx.path(), &format!("type=image,name={name},push=true"), home.path())?;
-    let v = skopeo_inspect(&format!("docker://{name}"), &["--cert-dir", &certs.path().display().to_string()])
-        .or_else(|_| skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false"]))?;
+    let d = Kilnd::start(&format!(
+        "[registry.\"{}\"]\nca = [\"{}\"]\n",
+        reg.addr,
+        ca.display()
+    ))?;
+    let meta = d.build_ok(
+        ctx.path(),
+        &format!("type=image,name={name},push=true"),
+        home.path(),
+    )?;
+    let v = skopeo_inspect(
+        &format!("docker://{name}"),
+        &["--cert-dir", &certs.path().display().to_string()],
+    )
+    .or_else(|_| skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false"]))?;
     assert_eq!(v["Digest"], meta["containerimage.digest"]);
     Ok(())
 }
@@ -188,13 +278,22 @@ fn zstd_layers_are_read_by_skopeo() -> Result<()> {
     let ctx = context();
     let home = tempfile::tempdir()?;
     let name = format!("{}/kiln/zstd:v1", reg.addr);
-    let meta = d.build_ok(ctx.path(), &format!("type=image,name={name},push=true,compression=zstd,compression-level=9"), home.path())?;
-    let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{name}")))?;
+    let meta = d.build_ok(
+        ctx.path(),
+        &format!("type=image,name={name},push=true,compression=zstd,compression-level=9"),
+        home.path(),
+    )?;
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{name}")))?;
     let manifest: serde_json::Value = serde_json::from_str(&raw)?;
     let layers = manifest["layers"].as_array().context("layers")?;
     assert!(!layers.is_empty());
     for l in layers {
-        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
     }
     let out_dir = tempfile::tempdir()?;
     let oci = out_dir.path().join("oci");
@@ -205,8 +304,12 @@ fn zstd_layers_are_read_by_skopeo() -> Result<()> {
     let v = skopeo_inspect(&format!("oci:{}:v1", oci.display()), &[])?;
     assert_eq!(v["Digest"], meta["containerimage.digest"]);
     // the zstd blob decompresses to a tar holding the copied file
-    let blob = oci.join("blobs/sha256").join(&layers[0]["digest"].as_str().context("digest")?[7..]);
-    let tar = run(Command::new("sh").arg("-c").arg(format!("zstd -dc {} | tar -tf -", blob.display())))?;
+    let blob = oci
+        .join("blobs/sha256")
+        .join(&layers[0]["digest"].as_str().context("digest")?[7..]);
+    let tar = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("zstd -dc {} | tar -tf -", blob.display())))?;
     assert!(tar.contains("etc/hello.txt"), "{tar}");
     Ok(())
 }
@@ -219,7 +322,10 @@ fn two_clean_builds_give_the_same_digest_with_source_date_epoch() -> Result<()> 
     let a = Kilnd::start("")?.build_ok(ctx.path(), output, home.path())?;
     let b = Kilnd::start("")?.build_ok(ctx.path(), output, home.path())?;
     assert_eq!(a["containerimage.digest"], b["containerimage.digest"]);
-    let v = skopeo_inspect(&format!("oci-archive:{}", ctx.path().join("out.tar").display()), &[])?;
+    let v = skopeo_inspect(
+        &format!("oci-archive:{}", ctx.path().join("out.tar").display()),
+        &[],
+    )?;
     assert_eq!(v["Created"], "2023-11-14T22:13:20Z");
     Ok(())
 }
@@ -230,15 +336,27 @@ fn push_by_digest_creates_no_tag() -> Result<()> {
     let d = Kilnd::start("")?;
     let ctx = context();
     let home = tempfile::tempdir()?;
-    let meta = d.build_ok(ctx.path(), &format!("type=image,name={}/kiln/bydigest:v1,push=true,push-by-digest=true", reg.addr), home.path())?;
+    let meta = d.build_ok(
+        ctx.path(),
+        &format!(
+            "type=image,name={}/kiln/bydigest:v1,push=true,push-by-digest=true",
+            reg.addr
+        ),
+        home.path(),
+    )?;
     let digest = meta["containerimage.digest"].as_str().context("digest")?;
-    assert_eq!(meta["image.name"], format!("{}/kiln/bydigest@{digest}", reg.addr));
+    assert_eq!(
+        meta["image.name"],
+        format!("{}/kiln/bydigest@{digest}", reg.addr)
+    );
     let raw = run(Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{}/kiln/bydigest@{digest}", reg.addr)))?;
     let m: serde_json::Value = serde_json::from_str(&raw)?;
     assert_eq!(m["schemaVersion"], 2);
-    let tags = run(Command::new("curl").arg("-s").arg(format!("http://{}/v2/kiln/bydigest/tags/list", reg.addr)))?;
+    let tags = run(Command::new("curl")
+        .arg("-s")
+        .arg(format!("http://{}/v2/kiln/bydigest/tags/list", reg.addr)))?;
     assert!(!tags.contains("v1"), "{tags}");
     Ok(())
 }
@@ -249,7 +367,13 @@ fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
     let htpasswd = dir.path().join("htpasswd");
     let entry = run(Command::new("htpasswd").args(["-Bbn", "kiln", "s3cret"]))?;
     std::fs::write(&htpasswd, entry)?;
-    let reg = Registry::start("", &format!("auth:\n  htpasswd:\n    realm: kiln\n    path: {}\n", htpasswd.display()))?;
+    let reg = Registry::start(
+        "",
+        &format!(
+            "auth:\n  htpasswd:\n    realm: kiln\n    path: {}\n",
+            htpasswd.display()
+        ),
+    )?;
     let d = Kilnd::start(&format!("[registry.\"{}\"]\nhttp = true\n", reg.addr))?;
     let ctx = context();
     let name = format!("{}/auth/img:1", reg.addr);
@@ -260,20 +384,35 @@ fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
     let out = d.build(ctx.path(), &output, nobody.path())?;
     assert!(!out.status.success(), "push without credentials must fail");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("401") || err.to_lowercase().contains("unauthorized"), "{err}");
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
 
     // credentials in ~/.docker/config.json of the client: the push works, and
     // the daemon never saw them in its config
     let home = tempfile::tempdir()?;
     std::fs::create_dir_all(home.path().join(".docker"))?;
-    let auth = run(Command::new("sh").arg("-c").arg("printf kiln:s3cret | base64"))?;
+    let auth = run(Command::new("sh")
+        .arg("-c")
+        .arg("printf kiln:s3cret | base64"))?;
     std::fs::write(
         home.path().join(".docker/config.json"),
-        format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{}\"}}}}}}", reg.addr, auth.trim()),
+        format!(
+            "{{\"auths\":{{\"{}\":{{\"auth\":\"{}\"}}}}}}",
+            reg.addr,
+            auth.trim()
+        ),
     )?;
     let meta = d.build_ok(ctx.path(), &output, home.path())?;
-    let digest = meta["containerimage.digest"].as_str().context("digest")?.to_string();
-    let v = skopeo_inspect(&format!("docker://{name}"), &["--tls-verify=false", "--creds", "kiln:s3cret"])?;
+    let digest = meta["containerimage.digest"]
+        .as_str()
+        .context("digest")?
+        .to_string();
+    let v = skopeo_inspect(
+        &format!("docker://{name}"),
+        &["--tls-verify=false", "--creds", "kiln:s3cret"],
+    )?;
     assert_eq!(v["Digest"], digest);
 
     // pulling it back (FROM the private image) also takes the client's credentials:
@@ -282,7 +421,10 @@ fn push_with_basic_auth_uses_the_clients_docker_config() -> Result<()> {
     let out = d.build(pull.path(), "type=local,dest=rootfs", nobody.path())?;
     assert!(!out.status.success(), "pull without credentials must fail");
     d.build_ok(pull.path(), "type=local,dest=rootfs", home.path())?;
-    assert_eq!(std::fs::read_to_string(pull.path().join("rootfs/etc/hello.txt"))?, "hello from kiln\n");
+    assert_eq!(
+        std::fs::read_to_string(pull.path().join("rootfs/etc/hello.txt"))?,
+        "hello from kiln\n"
+    );
     Ok(())
 }
 
@@ -299,10 +441,14 @@ fn a_rebuild_that_changes_nothing_uploads_no_layer() -> Result<()> {
     // the access log shows the digest URL-encoded (sha256%3A...): match its hex part
     let uploads = |log: &str, digest: &str| {
         let hex = digest.trim_start_matches("sha256:");
-        log.lines().filter(|l| l.contains("method=PUT") && l.contains("blobs/uploads") && l.contains(hex)).count()
+        log.lines()
+            .filter(|l| l.contains("method=PUT") && l.contains("blobs/uploads") && l.contains(hex))
+            .count()
     };
     let first_log = std::fs::read_to_string(&log_path)?;
-    let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{name}")))?;
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{name}")))?;
     let manifest: serde_json::Value = serde_json::from_str(&raw)?;
     let layers: Vec<String> = manifest["layers"]
         .as_array()
@@ -312,14 +458,22 @@ fn a_rebuild_that_changes_nothing_uploads_no_layer() -> Result<()> {
         .collect();
     assert!(!layers.is_empty());
     for l in &layers {
-        assert_eq!(uploads(&first_log, l), 1, "the first push uploads layer {l} once");
+        assert_eq!(
+            uploads(&first_log, l),
+            1,
+            "the first push uploads layer {l} once"
+        );
     }
 
     d.build_ok(ctx.path(), &output, home.path())?;
     let second_log = std::fs::read_to_string(&log_path)?;
     let new_part = &second_log[first_log.len()..];
     for l in &layers {
-        assert_eq!(uploads(new_part, l), 0, "layer {l} was uploaded again:\n{new_part}");
+        assert_eq!(
+            uploads(new_part, l),
+            0,
+            "layer {l} was uploaded again:\n{new_part}"
+        );
     }
     Ok(())
 }

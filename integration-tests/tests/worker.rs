@@ -1,7 +1,7 @@
 //! The worker end to end: RUN mounts (cache, tmpfs, secret), network modes,
 //! entitlements and escape attempts, with a real kilnd, runc and overlayfs.
 
-use kiln_integration_tests::{dockerfile_args, BuildContext, Daemon, Topology};
+use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args};
 use std::path::Path;
 
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -19,10 +19,14 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
-            let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             if md.is_dir() {
                 stack.push(p);
             } else if md.is_file() {
@@ -51,18 +55,23 @@ fn cache_mount_persists_across_builds_and_never_lands_in_the_image() {
         )
     };
     let c = BuildContext::new(&df("first")).expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out1"])).expect("build 1");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out1"]))
+        .expect("build 1");
     let out1 = c.path().join("out1");
     assert_eq!(read(&out1, "seen"), "1\n");
     assert_eq!(read(&out1, "perm"), "1000:1000:750\n");
     assert_eq!(read(&out1, "private-seen"), "1\n");
     assert_eq!(read(&out1, "ro-seen"), "1\n");
     for m in ["cache", "owned", "priv", "ro"] {
-        assert!(out1.join(m).symlink_metadata().is_err(), "/{m} mount point leaked into the image");
+        assert!(
+            out1.join(m).symlink_metadata().is_err(),
+            "/{m} mount point leaked into the image"
+        );
     }
     // a different step (not a cache hit) sees what the first build left in the cache
     std::fs::write(c.path().join("Dockerfile"), df("second")).expect("write");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out2"])).expect("build 2");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out2"]))
+        .expect("build 2");
     assert_eq!(read(&c.path().join("out2"), "seen"), "2\n");
 }
 
@@ -74,11 +83,15 @@ fn tmpfs_mount_has_its_size_and_leaves_nothing_behind() {
          RUN --mount=type=tmpfs,target=/scratch,size=2m sh -c 'echo data > /scratch/f && df -k /scratch | tail -n 1 | awk \"{print \\$2}\" > /size && grep \" /scratch \" /proc/mounts | cut -d\" \" -f3 > /fstype'\n",
     )
     .expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let out = c.path().join("out");
     assert_eq!(read(&out, "size"), "2048\n");
     assert_eq!(read(&out, "fstype"), "tmpfs\n");
-    assert!(out.join("scratch").symlink_metadata().is_err(), "tmpfs mount point leaked");
+    assert!(
+        out.join("scratch").symlink_metadata().is_err(),
+        "tmpfs mount point leaked"
+    );
 }
 
 const SECRET: &str = "s3cr3t-file-value-8d1f";
@@ -100,7 +113,14 @@ fn secrets_reach_the_step_as_file_and_env_but_never_the_image_or_logs() {
     std::fs::write(&secret_file, SECRET).expect("write secret");
     let secret_arg = format!("id=tok,src={}", secret_file.display());
     let out = {
-        let mut cmd_args = args(&["--output", "type=local,dest=out", "--secret", &secret_arg, "--secret", "id=envtok,env=KILN_TEST_ENV_SECRET"]);
+        let mut cmd_args = args(&[
+            "--output",
+            "type=local,dest=out",
+            "--secret",
+            &secret_arg,
+            "--secret",
+            "id=envtok,env=KILN_TEST_ENV_SECRET",
+        ]);
         cmd_args.insert(0, "--progress");
         cmd_args.insert(1, "plain");
         cmd_args.insert(0, "build");
@@ -120,27 +140,46 @@ fn secrets_reach_the_step_as_file_and_env_but_never_the_image_or_logs() {
     assert_eq!(read(&o, "secret-len"), format!("{}\n", SECRET.len()));
     let sum = {
         use std::process::Command;
-        let s = Command::new("sha256sum").arg(&secret_file).output().expect("sha256sum");
+        let s = Command::new("sha256sum")
+            .arg(&secret_file)
+            .output()
+            .expect("sha256sum");
         String::from_utf8_lossy(&s.stdout)[..64].to_string()
     };
     assert_eq!(read(&o, "secret-sum").trim(), sum);
     assert_eq!(read(&o, "env-len"), format!("{}\n", ENV_SECRET.len()));
     assert_eq!(read(&o, "optional"), "ok\n");
-    assert!(o.join("run/secrets").symlink_metadata().is_err(), "secret mount point leaked");
+    assert!(
+        o.join("run/secrets").symlink_metadata().is_err(),
+        "secret mount point leaked"
+    );
     for v in [SECRET, ENV_SECRET] {
-        assert!(files_containing(&o, v.as_bytes()).is_empty(), "secret in the image");
+        assert!(
+            files_containing(&o, v.as_bytes()).is_empty(),
+            "secret in the image"
+        );
         assert!(!stderr.contains(v), "secret in the client output");
         assert!(!d.logs().contains(v), "secret in the daemon logs");
         // nothing the daemon keeps on disk (snapshots, cache, tmp) holds it
         let state = d.dir.path().join("root");
-        assert!(files_containing(&state, v.as_bytes()).is_empty(), "secret stored by the daemon");
+        assert!(
+            files_containing(&state, v.as_bytes()).is_empty(),
+            "secret stored by the daemon"
+        );
     }
 
     // a required secret the client does not have fails the step
-    let c2 = BuildContext::new("FROM busybox\nRUN --mount=type=secret,id=missing,required=true cat /run/secrets/missing\n")
-        .expect("context");
-    let err = d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect_err("missing secret must fail");
-    assert!(err.to_string().contains("secret missing: not found"), "{err}");
+    let c2 = BuildContext::new(
+        "FROM busybox\nRUN --mount=type=secret,id=missing,required=true cat /run/secrets/missing\n",
+    )
+    .expect("context");
+    let err = d
+        .build(c2.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect_err("missing secret must fail");
+    assert!(
+        err.to_string().contains("secret missing: not found"),
+        "{err}"
+    );
 }
 
 /// A plain HTTP server on the host's loopback, answering "host-side".
@@ -159,7 +198,13 @@ impl HostHttp {
             l.local_addr().expect("addr").port()
         };
         let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -170,7 +215,11 @@ impl HostHttp {
             assert!(start.elapsed().as_secs() < 10, "http server did not start");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        HostHttp { child, port, _dir: dir }
+        HostHttp {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 }
 
@@ -192,10 +241,19 @@ fn network_none_has_only_loopback_and_default_is_the_host_network() {
         p = http.port
     ))
     .expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let out = c.path().join("out");
-    assert_eq!(read(&out, "loopback"), "in-sandbox\n", "loopback is up in the sandbox");
-    assert_eq!(read(&out, "none-host"), "blocked\n", "the host is unreachable with --network=none");
+    assert_eq!(
+        read(&out, "loopback"),
+        "in-sandbox\n",
+        "loopback is up in the sandbox"
+    );
+    assert_eq!(
+        read(&out, "none-host"),
+        "blocked\n",
+        "the host is unreachable with --network=none"
+    );
     assert_eq!(read(&out, "default-host"), "host-side\n");
 }
 
@@ -206,31 +264,57 @@ fn host_network_and_insecure_need_entitlements_from_daemon_and_request() {
     // daemon does not allow
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let c = BuildContext::new(df).expect("context");
-    let err = d.build(c.path(), &args(&["--allow", "network.host"])).expect_err("daemon config must refuse");
+    let err = d
+        .build(c.path(), &args(&["--allow", "network.host"]))
+        .expect_err("daemon config must refuse");
     assert!(err.to_string().contains("network.host"), "{err}");
     drop(d);
 
-    let d = Daemon::start_with_config(Topology::AllInOne, "insecure-entitlements = [\"network.host\", \"security.insecure\"]")
-        .expect("daemon");
-    let err = d.build(c.path(), &args(&[])).expect_err("request without --allow must be refused");
+    let d = Daemon::start_with_config(
+        Topology::AllInOne,
+        "insecure-entitlements = [\"network.host\", \"security.insecure\"]",
+    )
+    .expect("daemon");
+    let err = d
+        .build(c.path(), &args(&[]))
+        .expect_err("request without --allow must be refused");
     assert!(err.to_string().contains("network.host"), "{err}");
-    d.build(c.path(), &args(&["--allow", "network.host"])).expect("both grant network.host");
+    d.build(c.path(), &args(&["--allow", "network.host"]))
+        .expect("both grant network.host");
 
     let c = BuildContext::new(insecure).expect("context");
-    let err = d.build(c.path(), &args(&["--allow", "network.host"])).expect_err("insecure needs its own entitlement");
+    let err = d
+        .build(c.path(), &args(&["--allow", "network.host"]))
+        .expect_err("insecure needs its own entitlement");
     assert!(err.to_string().contains("security.insecure"), "{err}");
-    d.build(c.path(), &args(&["--allow", "security.insecure", "--output", "type=local,dest=out"])).expect("privileged run");
+    d.build(
+        c.path(),
+        &args(&[
+            "--allow",
+            "security.insecure",
+            "--output",
+            "type=local,dest=out",
+        ]),
+    )
+    .expect("privileged run");
     // every capability the daemon itself may hold
     let bounding = std::fs::read_to_string("/proc/self/status")
         .expect("status")
         .lines()
         .find_map(|l| l.strip_prefix("CapBnd:").map(|v| v.trim().to_string()))
         .expect("CapBnd");
-    assert_eq!(read(&c.path().join("out"), "caps").split_whitespace().last(), Some(bounding.as_str()));
+    assert_eq!(
+        read(&c.path().join("out"), "caps")
+            .split_whitespace()
+            .last(),
+        Some(bounding.as_str())
+    );
 
     // a sandboxed step cannot mount
-    let c = BuildContext::new("FROM busybox\nRUN mkdir -p /m && mount -t tmpfs none /m\n").expect("context");
-    d.build(c.path(), &args(&[])).expect_err("sandbox must not mount");
+    let c = BuildContext::new("FROM busybox\nRUN mkdir -p /m && mount -t tmpfs none /m\n")
+        .expect("context");
+    d.build(c.path(), &args(&[]))
+        .expect_err("sandbox must not mount");
 }
 
 /// A tar archive with raw entry names and link targets (no sanitising).
@@ -283,39 +367,91 @@ fn copy_and_add_escapes_are_contained() {
     c.file("etc/passwd", "context passwd\n").expect("write");
     c.file("inside.txt", "inside\n").expect("write");
     std::os::unix::fs::symlink("/etc", c.path().join("evil")).expect("symlink");
-    std::os::unix::fs::symlink("../../../../../../etc/passwd", c.path().join("up")).expect("symlink");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    std::os::unix::fs::symlink("../../../../../../etc/passwd", c.path().join("up"))
+        .expect("symlink");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let out = c.path().join("out");
-    assert_eq!(read(&out, "got-abs"), "context passwd\n", "an absolute symlink in the context resolves in the context");
-    assert_eq!(read(&out, "got-up"), "context passwd\n", "`..` in a symlink stops at the context root");
-    assert_eq!(read(&out, format!("host-var-{tag}/planted").as_str()), "inside\n", "/var -> /host-var resolves in the rootfs");
-    assert_eq!(read(&out, format!("tmp/{tag}-abs/planted").as_str()), "inside\n");
+    assert_eq!(
+        read(&out, "got-abs"),
+        "context passwd\n",
+        "an absolute symlink in the context resolves in the context"
+    );
+    assert_eq!(
+        read(&out, "got-up"),
+        "context passwd\n",
+        "`..` in a symlink stops at the context root"
+    );
+    assert_eq!(
+        read(&out, format!("host-var-{tag}/planted").as_str()),
+        "inside\n",
+        "/var -> /host-var resolves in the rootfs"
+    );
+    assert_eq!(
+        read(&out, format!("tmp/{tag}-abs/planted").as_str()),
+        "inside\n"
+    );
     assert_eq!(read(&out, "via-run"), "inside\n");
     assert!(read(&out, "listing").contains("planted"));
-    assert!(!Path::new(&format!("/host-var-{tag}")).exists(), "written on the host");
-    assert!(!out.join(format!("host-var-{tag}/mnt")).exists(), "mount stub under a symlinked parent left behind");
-    assert!(!Path::new(&format!("/tmp/{tag}-abs")).exists(), "written on the host");
+    assert!(
+        !Path::new(&format!("/host-var-{tag}")).exists(),
+        "written on the host"
+    );
+    assert!(
+        !out.join(format!("host-var-{tag}/mnt")).exists(),
+        "mount stub under a symlinked parent left behind"
+    );
+    assert!(
+        !Path::new(&format!("/tmp/{tag}-abs")).exists(),
+        "written on the host"
+    );
 
     // ADD of crafted archives: `..` entries, entries through a symlink to /, hard links out
     for (name, tar) in [
-        ("dotdot", crafted_tar(&[(&format!("../../../../../../tmp/{tag}-dotdot"), b'0', "x")])),
-        ("via-link", crafted_tar(&[("root", b'2', "/"), (&format!("root/tmp/{tag}-link"), b'0', "x")])),
-        ("hardlink", crafted_tar(&[("hl", b'1', "../../../../etc/passwd")])),
+        (
+            "dotdot",
+            crafted_tar(&[(&format!("../../../../../../tmp/{tag}-dotdot"), b'0', "x")]),
+        ),
+        (
+            "via-link",
+            crafted_tar(&[
+                ("root", b'2', "/"),
+                (&format!("root/tmp/{tag}-link"), b'0', "x"),
+            ]),
+        ),
+        (
+            "hardlink",
+            crafted_tar(&[("hl", b'1', "../../../../etc/passwd")]),
+        ),
     ] {
         let c = BuildContext::new(&format!("FROM busybox\nADD {name}.tar /x/\n")).expect("context");
         std::fs::write(c.path().join(format!("{name}.tar")), tar).expect("write tar");
         let res = d.build(c.path(), &args(&["--output", "type=local,dest=out"]));
-        assert!(res.is_err(), "{name}: a tar entry outside the destination must fail the build");
+        assert!(
+            res.is_err(),
+            "{name}: a tar entry outside the destination must fail the build"
+        );
     }
     for suffix in ["dotdot", "link"] {
-        assert!(!Path::new(&format!("{host_probe}-{suffix}")).exists(), "{suffix} escaped to the host");
+        assert!(
+            !Path::new(&format!("{host_probe}-{suffix}")).exists(),
+            "{suffix} escaped to the host"
+        );
     }
     // a well-formed archive is unpacked
     let c = BuildContext::new("FROM busybox\nADD ok.tar /x/\n").expect("context");
-    std::fs::write(c.path().join("ok.tar"), crafted_tar(&[("d/f.txt", b'0', "hello"), ("d/l", b'2', "/etc/passwd")])).expect("tar");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build ok.tar");
+    std::fs::write(
+        c.path().join("ok.tar"),
+        crafted_tar(&[("d/f.txt", b'0', "hello"), ("d/l", b'2', "/etc/passwd")]),
+    )
+    .expect("tar");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build ok.tar");
     assert_eq!(read(&c.path().join("out"), "x/d/f.txt"), "hello");
-    assert_eq!(std::fs::read_link(c.path().join("out/x/d/l")).expect("link"), Path::new("/etc/passwd"));
+    assert_eq!(
+        std::fs::read_link(c.path().join("out/x/d/l")).expect("link"),
+        Path::new("/etc/passwd")
+    );
 }
 
 #[test]
@@ -325,7 +461,10 @@ fn copy_link_chmod_exclude_and_add_url_with_checksum() {
     let sum = {
         let out = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("printf '{}' | sha256sum | cut -c1-64", body.replace('\n', "\\n")))
+            .arg(format!(
+                "printf '{}' | sha256sum | cut -c1-64",
+                body.replace('\n', "\\n")
+            ))
             .output()
             .expect("sha256sum");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -347,10 +486,19 @@ fn copy_link_chmod_exclude_and_add_url_with_checksum() {
     c.file("dir/keep.txt", "keep\n").expect("write");
     c.file("dir/drop.skip", "drop\n").expect("write");
     c.file("dir/sub/also.skip", "drop\n").expect("write");
-    std::fs::set_permissions(c.path().join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"])).expect("build");
+    std::fs::set_permissions(
+        c.path().join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .expect("chmod");
+    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect("build");
     let out = c.path().join("out");
-    assert_eq!(read(&out, "after-link"), "base\nlinked\n", "COPY --link merged onto the base");
+    assert_eq!(
+        read(&out, "after-link"),
+        "base\nlinked\n",
+        "COPY --link merged onto the base"
+    );
     assert_eq!(read(&out, "run-mode"), "744\n");
     assert_eq!(read(&out, "dir/keep.txt"), "keep\n");
     assert!(!out.join("dir/drop.skip").exists(), "--exclude");
@@ -366,11 +514,17 @@ fn copy_link_chmod_exclude_and_add_url_with_checksum() {
         http.port
     ))
     .expect("context");
-    let err = d.build(c2.path(), &args(&["--output", "type=local,dest=out"])).expect_err("checksum mismatch");
+    let err = d
+        .build(c2.path(), &args(&["--output", "type=local,dest=out"]))
+        .expect_err("checksum mismatch");
     assert!(err.to_string().contains("digest mismatch"), "{err}");
 
     // the linked layer exports as an image too
-    d.build(c.path(), &args(&["--output", "type=oci,dest=img.tar,name=kiln-it/link:1"])).expect("oci export");
+    d.build(
+        c.path(),
+        &args(&["--output", "type=oci,dest=img.tar,name=kiln-it/link:1"]),
+    )
+    .expect("oci export");
     assert!(c.path().join("img.tar").metadata().expect("img.tar").len() > 0);
 }
 
@@ -389,12 +543,22 @@ fn cache_mount_seeded_from_a_stage_and_secrets_in_split_services() {
     let secret_dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(secret_dir.path().join("tok"), SECRET).expect("write");
     let arg = format!("id=tok,src={}", secret_dir.path().join("tok").display());
-    d.build(c.path(), &args(&["--output", "type=local,dest=out", "--secret", &arg])).expect("build");
+    d.build(
+        c.path(),
+        &args(&["--output", "type=local,dest=out", "--secret", &arg]),
+    )
+    .expect("build");
     let out = c.path().join("out");
     assert_eq!(read(&out, "from-seed"), "seeded\n");
-    assert_eq!(read(&out, "second"), "seeded\n", "another cache id is seeded afresh");
+    assert_eq!(
+        read(&out, "second"),
+        "seeded\n",
+        "another cache id is seeded afresh"
+    );
     assert_eq!(read(&out, "secret-ok"), "ok\n");
-    assert!(out.join("c").symlink_metadata().is_err() && out.join("tok").symlink_metadata().is_err());
+    assert!(
+        out.join("c").symlink_metadata().is_err() && out.join("tok").symlink_metadata().is_err()
+    );
     assert!(files_containing(&out, SECRET.as_bytes()).is_empty());
 }
 
@@ -433,9 +597,21 @@ fn ssh_mount_forwards_the_clients_agent() {
         .status()
         .expect("ssh-keygen");
     assert!(ok.success());
-    let add = std::process::Command::new("ssh-add").arg(&key).env("SSH_AUTH_SOCK", &sock).output().expect("ssh-add");
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
-    let host_list = std::process::Command::new("ssh-add").arg("-l").env("SSH_AUTH_SOCK", &sock).output().expect("ssh-add -l");
+    let add = std::process::Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .expect("ssh-add");
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let host_list = std::process::Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .expect("ssh-add -l");
     let host_list = String::from_utf8_lossy(&host_list.stdout).to_string();
     assert!(host_list.contains("kiln-test-key"));
 
@@ -450,7 +626,10 @@ fn ssh_mount_forwards_the_clients_agent() {
     std::fs::create_dir_all(&bin).expect("mkdir");
     std::fs::copy("/usr/bin/ssh-add", bin.join("ssh-add")).expect("copy ssh-add");
     std::fs::copy("/lib64/ld-linux-x86-64.so.2", bin.join("ld.so")).expect("copy loader");
-    let ldd = std::process::Command::new("ldd").arg("/usr/bin/ssh-add").output().expect("ldd");
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/ssh-add")
+        .output()
+        .expect("ldd");
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         if let Some((name, rest)) = line.trim().split_once(" => ") {
             let path = rest.split_whitespace().next().unwrap_or_default();
@@ -461,13 +640,25 @@ fn ssh_mount_forwards_the_clients_agent() {
     }
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let ssh_arg = format!("default={}", sock.display());
-    d.build(c.path(), &args(&["--output", "type=local,dest=out", "--ssh", &ssh_arg])).expect("build");
+    d.build(
+        c.path(),
+        &args(&["--output", "type=local,dest=out", "--ssh", &ssh_arg]),
+    )
+    .expect("build");
     let out = c.path().join("out");
-    assert_eq!(read(&out, "keys"), host_list, "the step lists the client's keys");
-    assert!(out.join("run/buildkit").symlink_metadata().is_err(), "agent socket stub leaked");
+    assert_eq!(
+        read(&out, "keys"),
+        host_list,
+        "the step lists the client's keys"
+    );
+    assert!(
+        out.join("run/buildkit").symlink_metadata().is_err(),
+        "agent socket stub leaked"
+    );
 
     // a required agent the client does not forward fails the step
-    let c2 = BuildContext::new("FROM busybox\nRUN --mount=type=ssh,required=true true\n").expect("context");
+    let c2 = BuildContext::new("FROM busybox\nRUN --mount=type=ssh,required=true true\n")
+        .expect("context");
     let err = d.build(c2.path(), &args(&[])).expect_err("no agent");
     assert!(err.to_string().contains("ssh agent default"), "{err}");
 }

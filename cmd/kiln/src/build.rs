@@ -1,8 +1,10 @@
 //! `kiln build`: buildctl's flags, plus `kiln build [DIR]`.
 
 use crate::progress::{Mode, Printer};
-use anyhow::{bail, Context};
-use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, Exporter, SolveRequest, StatusRequest};
+use anyhow::{Context, bail};
+use kiln_proto::moby::buildkit::v1::{
+    Exporter, SolveRequest, StatusRequest, control_client::ControlClient,
+};
 use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,7 +75,9 @@ fn parse_output(s: &str) -> anyhow::Result<(String, BTreeMap<String, String>)> {
         let (k, v) = split_kv(&field, "output field")?;
         attrs.insert(k, v);
     }
-    let ty = attrs.remove("type").with_context(|| format!("output {s:?} has no type="))?;
+    let ty = attrs
+        .remove("type")
+        .with_context(|| format!("output {s:?} has no type="))?;
     Ok((ty, attrs))
 }
 
@@ -124,8 +128,11 @@ fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
         .collect();
     let mut added = Vec::new();
     for o in &mut args.opts {
-        let Some((key, value)) = o.split_once('=') else { continue };
-        let (Some(name), Some(dir)) = (key.strip_prefix("context:"), value.strip_prefix("local:")) else {
+        let Some((key, value)) = o.split_once('=') else {
+            continue;
+        };
+        let (Some(name), Some(dir)) = (key.strip_prefix("context:"), value.strip_prefix("local:"))
+        else {
             continue;
         };
         if local_names.iter().any(|n| n == dir) {
@@ -156,11 +163,15 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(file) = &args.file {
-        let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let parent = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
         args.locals.retain(|l| !l.starts_with("dockerfile="));
         args.locals.push(format!("dockerfile={}", parent.display()));
         if let Some(name) = file.file_name() {
-            args.opts.push(format!("filename={}", name.to_string_lossy()));
+            args.opts
+                .push(format!("filename={}", name.to_string_lossy()));
         }
     }
     for b in &args.build_args {
@@ -170,10 +181,13 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         args.opts.push(format!("target={t}"));
     }
     if !args.tag.is_empty() {
-        args.outputs.push(format!("type=image,\"name={}\"", args.tag.join(",")));
+        args.outputs
+            .push(format!("type=image,\"name={}\"", args.tag.join(",")));
     }
     let Some(frontend) = args.frontend.clone() else {
-        bail!("nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR) or a directory");
+        bail!(
+            "nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR) or a directory"
+        );
     };
 
     expose_named_context_dirs(&mut args)?;
@@ -182,7 +196,9 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     for l in &args.locals {
         let (name, path) = split_kv(l, "--local")?;
         let path = PathBuf::from(&path);
-        let path = path.canonicalize().with_context(|| format!("local {name}: {}", path.display()))?;
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("local {name}: {}", path.display()))?;
         if !path.is_dir() {
             bail!("local {name}: {} is not a directory", path.display());
         }
@@ -224,27 +240,40 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
             "local" => {
                 let d = dest.with_context(|| "output type=local needs dest=DIR")?;
                 std::fs::create_dir_all(&d).with_context(|| format!("create {d}"))?;
-                att.outputs.insert(i as u32, OutputTarget::Dir(PathBuf::from(d)));
+                att.outputs
+                    .insert(i as u32, OutputTarget::Dir(PathBuf::from(d)));
             }
             "tar" | "oci" | "docker" => {
-                let d = dest.with_context(|| format!("output type={ty} needs dest=FILE (or dest=-)"))?;
-                att.outputs.insert(i as u32, OutputTarget::File(PathBuf::from(d)));
+                let d =
+                    dest.with_context(|| format!("output type={ty} needs dest=FILE (or dest=-)"))?;
+                att.outputs
+                    .insert(i as u32, OutputTarget::File(PathBuf::from(d)));
             }
             "image" | "registry" => {
                 if ty == "registry" {
                     attrs.insert("push".into(), "true".into());
                 }
             }
-            other => bail!("unknown output type {other:?} (local, tar, oci, docker, image, registry)"),
+            other => {
+                bail!("unknown output type {other:?} (local, tar, oci, docker, image, registry)")
+            }
         }
-        let ty = if ty == "registry" { "image".to_string() } else { ty };
+        let ty = if ty == "registry" {
+            "image".to_string()
+        } else {
+            ty
+        };
         exporters.push(Exporter { r#type: ty, attrs });
     }
 
     let channel = kiln_session::dial::connect(addr).await?;
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let build_ref = uuid::Uuid::new_v4().simple().to_string();
-    let shared_key = att.dirs.get("context").map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+    let shared_key = att
+        .dirs
+        .get("context")
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
     let _session = attachable::attach(channel.clone(), &session_id, "kiln", &shared_key, att)
         .await
         .with_context(|| format!("open session with {addr}"))?;
@@ -254,7 +283,10 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     let status_ref = build_ref.clone();
     let printer = tokio::spawn(async move {
         let mut p = Printer::new(mode);
-        match status_client.status(StatusRequest { r#ref: status_ref }).await {
+        match status_client
+            .status(StatusRequest { r#ref: status_ref })
+            .await
+        {
             Ok(resp) => {
                 let mut s = resp.into_inner();
                 while let Ok(Some(msg)) = s.message().await {
@@ -284,7 +316,11 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     let resp = match result {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            if let Some(src) = s.metadata().get_bin(ERROR_SOURCE_KEY).and_then(|v| v.to_bytes().ok()) {
+            if let Some(src) = s
+                .metadata()
+                .get_bin(ERROR_SOURCE_KEY)
+                .and_then(|v| v.to_bytes().ok())
+            {
                 eprintln!("{}", String::from_utf8_lossy(&src));
             }
             bail!("failed to solve: {}", s.message())

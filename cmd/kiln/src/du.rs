@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use clap::Args;
-use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, DiskUsageRequest, PruneRequest, UsageRecord};
+use kiln_proto::moby::buildkit::v1::{
+    DiskUsageRequest, PruneRequest, UsageRecord, control_client::ControlClient,
+};
 use std::time::{Duration, SystemTime};
 
 #[derive(Args, Debug)]
@@ -42,7 +44,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             'h' => 3_600,
             'm' => 60,
             's' => 1,
-            _ => return Err(format!("invalid duration unit {c:?} in {s:?} (use d, h, m, s)")),
+            _ => {
+                return Err(format!(
+                    "invalid duration unit {c:?} in {s:?} (use d, h, m, s)"
+                ));
+            }
         };
     }
     if !num.is_empty() {
@@ -64,13 +70,21 @@ pub fn human_size(n: i64) -> String {
         return format!("{n}B");
     }
     let num = format!("{v:.2}");
-    format!("{}{}", num.trim_end_matches('0').trim_end_matches('.'), units[i])
+    format!(
+        "{}{}",
+        num.trim_end_matches('0').trim_end_matches('.'),
+        units[i]
+    )
 }
 
 fn ago(ts: Option<&prost_types::Timestamp>) -> String {
     let Some(ts) = ts else { return String::new() };
-    let t = SystemTime::UNIX_EPOCH + Duration::new(ts.seconds.max(0) as u64, ts.nanos.max(0) as u32);
-    let s = SystemTime::now().duration_since(t).unwrap_or_default().as_secs();
+    let t =
+        SystemTime::UNIX_EPOCH + Duration::new(ts.seconds.max(0) as u64, ts.nanos.max(0) as u32);
+    let s = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or_default()
+        .as_secs();
     let h = match s {
         0 => "Less than a second".to_string(),
         1..=59 => format!("{s} seconds"),
@@ -82,9 +96,18 @@ fn ago(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn print_table(records: &[UsageRecord]) {
-    println!("{:<66}\t{:<12}\t{:<10}\tLAST ACCESSED", "ID", "RECLAIMABLE", "SIZE");
+    println!(
+        "{:<66}\t{:<12}\t{:<10}\tLAST ACCESSED",
+        "ID", "RECLAIMABLE", "SIZE"
+    );
     for r in records {
-        println!("{:<66}\t{:<12}\t{:<10}\t{}", r.id, !r.in_use, human_size(r.size), ago(r.last_used_at.as_ref()));
+        println!(
+            "{:<66}\t{:<12}\t{:<10}\t{}",
+            r.id,
+            !r.in_use,
+            human_size(r.size),
+            ago(r.last_used_at.as_ref())
+        );
     }
 }
 
@@ -106,7 +129,12 @@ fn print_verbose(records: &[UsageRecord]) {
 
 pub async fn du(addr: &str, args: DuArgs) -> anyhow::Result<()> {
     let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
-    let records = c.disk_usage(DiskUsageRequest::default()).await.context("disk usage")?.into_inner().record;
+    let records = c
+        .disk_usage(DiskUsageRequest::default())
+        .await
+        .context("disk usage")?
+        .into_inner()
+        .record;
     if args.verbose {
         print_verbose(&records);
     } else {
@@ -126,7 +154,11 @@ pub async fn prune(addr: &str, args: PruneArgs) -> anyhow::Result<()> {
         None => 0,
     };
     let mut stream = c
-        .prune(PruneRequest { all: args.all, keep_duration, ..Default::default() })
+        .prune(PruneRequest {
+            all: args.all,
+            keep_duration,
+            ..Default::default()
+        })
         .await
         .context("prune")?
         .into_inner();
@@ -139,7 +171,10 @@ pub async fn prune(addr: &str, args: PruneArgs) -> anyhow::Result<()> {
     } else if !removed.is_empty() {
         print_table(&removed);
     }
-    println!("Total:\t{}", human_size(removed.iter().map(|r| r.size).sum()));
+    println!(
+        "Total:\t{}",
+        human_size(removed.iter().map(|r| r.size).sum())
+    );
     Ok(())
 }
 

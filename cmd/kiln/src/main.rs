@@ -64,21 +64,42 @@ async fn main() {
 }
 
 async fn debug(addr: &str, what: DebugCommand) -> anyhow::Result<()> {
-    use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, InfoRequest, ListWorkersRequest};
+    use kiln_proto::moby::buildkit::v1::{
+        InfoRequest, ListWorkersRequest, control_client::ControlClient,
+    };
     let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
     match what {
         DebugCommand::Info => {
-            let v = c.info(InfoRequest {}).await?.into_inner().buildkit_version.unwrap_or_default();
+            let v = c
+                .info(InfoRequest {})
+                .await?
+                .into_inner()
+                .buildkit_version
+                .unwrap_or_default();
             println!("BuildKit: {} {} {}", v.package, v.version, v.revision);
         }
         DebugCommand::Workers => {
-            let w = c.list_workers(ListWorkersRequest { filter: vec![] }).await?.into_inner();
+            let w = c
+                .list_workers(ListWorkersRequest { filter: vec![] })
+                .await?
+                .into_inner();
             println!("ID\tPLATFORMS");
             for r in w.record {
                 let p: Vec<String> = r
                     .platforms
                     .iter()
-                    .map(|p| format!("{}/{}{}", p.os, p.architecture, if p.variant.is_empty() { String::new() } else { format!("/{}", p.variant) }))
+                    .map(|p| {
+                        format!(
+                            "{}/{}{}",
+                            p.os,
+                            p.architecture,
+                            if p.variant.is_empty() {
+                                String::new()
+                            } else {
+                                format!("/{}", p.variant)
+                            }
+                        )
+                    })
                     .collect();
                 println!("{}\t{}", r.id, p.join(","));
             }

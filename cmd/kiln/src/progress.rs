@@ -29,7 +29,9 @@ impl Mode {
                     Mode::Plain
                 }
             }
-            other => anyhow::bail!("unknown progress mode {other:?} (auto, plain, tty, rawjson, quiet)"),
+            other => {
+                anyhow::bail!("unknown progress mode {other:?} (auto, plain, tty, rawjson, quiet)")
+            }
         })
     }
 }
@@ -78,7 +80,13 @@ impl Printer {
         if !self.vertices.contains_key(digest) {
             self.order.push(digest.to_string());
             let number = self.order.len();
-            self.vertices.insert(digest.to_string(), VertexState { number, ..Default::default() });
+            self.vertices.insert(
+                digest.to_string(),
+                VertexState {
+                    number,
+                    ..Default::default()
+                },
+            );
         }
         self.vertices.get_mut(digest).expect("inserted above")
     }
@@ -129,7 +137,11 @@ impl Printer {
                 lines.push(buf[..i].to_string());
                 buf.drain(..=i);
             }
-            let ts = secs(l.timestamp.as_ref().unwrap_or(&prost_types::Timestamp::default()));
+            let ts = secs(
+                l.timestamp
+                    .as_ref()
+                    .unwrap_or(&prost_types::Timestamp::default()),
+            );
             for line in lines {
                 self.log_line(&l.vertex, ts, &line);
             }
@@ -184,7 +196,11 @@ impl Printer {
         if self.drawn_lines > 0 {
             let _ = write!(err, "\x1b[{}A", self.drawn_lines);
         }
-        let done = self.vertices.values().filter(|v| v.completed.is_some()).count();
+        let done = self
+            .vertices
+            .values()
+            .filter(|v| v.completed.is_some())
+            .count();
         let mut lines = vec![format!(
             "[+] Building {:.1}s ({}/{}){}",
             self.start.elapsed().as_secs_f64(),
@@ -220,13 +236,23 @@ impl Printer {
         match self.mode {
             Mode::Tty => {
                 self.draw(true);
-                let errors: Vec<VertexState> = self.vertices.values().filter(|v| !v.error.is_empty()).cloned().collect();
+                let errors: Vec<VertexState> = self
+                    .vertices
+                    .values()
+                    .filter(|v| !v.error.is_empty())
+                    .cloned()
+                    .collect();
                 for v in errors {
                     eprintln!("------\n > {}:\n------\n{}", v.name, v.error);
                 }
             }
             Mode::Plain => {
-                let errors: Vec<VertexState> = self.vertices.values().filter(|v| !v.error.is_empty()).cloned().collect();
+                let errors: Vec<VertexState> = self
+                    .vertices
+                    .values()
+                    .filter(|v| !v.error.is_empty())
+                    .cloned()
+                    .collect();
                 for v in errors {
                     eprintln!("------\n > {}:\n------", v.name);
                 }
@@ -253,7 +279,7 @@ fn rfc3339_nanos(t: &prost_types::Timestamp) -> String {
 /// One Status message as JSON, with the field names buildctl's rawjson uses
 /// (`vertexes`, `statuses`, `logs` with base64 `data`, `warnings`).
 pub fn raw_json(msg: &StatusResponse) -> serde_json::Value {
-    use serde_json::{json, Map, Value};
+    use serde_json::{Map, Value, json};
     let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(rfc3339_nanos);
     let mut out = Map::new();
     if !msg.vertexes.is_empty() {
@@ -319,7 +345,11 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -344,16 +374,28 @@ mod tests {
                 digest: "sha256:ab".into(),
                 name: "[1/2] RUN true".into(),
                 cached: true,
-                started: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5 }),
+                started: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 5,
+                }),
                 ..Default::default()
             }],
-            logs: vec![VertexLog { vertex: "sha256:ab".into(), stream: 1, msg: b"hi\n".to_vec(), ..Default::default() }],
+            logs: vec![VertexLog {
+                vertex: "sha256:ab".into(),
+                stream: 1,
+                msg: b"hi\n".to_vec(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let v = raw_json(&msg);
         assert_eq!(v["vertexes"][0]["digest"], "sha256:ab");
         assert_eq!(v["vertexes"][0]["cached"], true);
-        assert!(v["vertexes"][0]["started"].as_str().is_some_and(|s| s.starts_with("2023-11-14T22:13:20")));
+        assert!(
+            v["vertexes"][0]["started"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("2023-11-14T22:13:20"))
+        );
         assert_eq!(v["logs"][0]["data"], "aGkK");
         assert!(v.get("statuses").is_none());
         assert_eq!(base64(b"ab"), "YWI=");

@@ -53,7 +53,8 @@ pub struct Peers {
 }
 
 pub fn load(path: &std::path::Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("read config {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("read config {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
 }
 
@@ -77,11 +78,19 @@ http = true
         .expect("parses");
         assert_eq!(c.root.as_deref(), Some(std::path::Path::new("/tmp/kiln")));
         assert_eq!(c.grpc.address, vec!["unix:///tmp/kiln.sock".to_string()]);
-        assert_eq!(c.registry.hosts["docker.io"].mirrors, vec!["127.0.0.1:5000".to_string()]);
+        assert_eq!(
+            c.registry.hosts["docker.io"].mirrors,
+            vec!["127.0.0.1:5000".to_string()]
+        );
         assert!(c.registry.hosts["127.0.0.1:5000"].http);
         assert!(c.insecure_entitlements.is_empty());
-        let c: FileConfig = toml::from_str("insecure-entitlements = [\"network.host\", \"security.insecure\"]\n").expect("parses");
-        assert_eq!(c.insecure_entitlements, vec!["network.host".to_string(), "security.insecure".to_string()]);
+        let c: FileConfig =
+            toml::from_str("insecure-entitlements = [\"network.host\", \"security.insecure\"]\n")
+                .expect("parses");
+        assert_eq!(
+            c.insecure_entitlements,
+            vec!["network.host".to_string(), "security.insecure".to_string()]
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ const DEFAULT_ROOT: &str = "/var/lib/kiln";
 async fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -88,17 +90,27 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         .clone()
         .or_else(|| file.grpc.address.first().cloned())
         .unwrap_or_else(|| DEFAULT_ADDR.to_string());
-    let root = args.root.clone().or_else(|| file.root.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let root = args
+        .root
+        .clone()
+        .or_else(|| file.root.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     let mut peers = file.peers.clone();
     peers.solver = args.solver_addr.clone().or(peers.solver);
     peers.worker = args.worker_addr.clone().or(peers.worker);
     peers.frontend = args.frontend_addr.clone().or(peers.frontend);
     peers.exporter = args.exporter_addr.clone().or(peers.exporter);
-    Ok(Settings { addr, root, file, peers })
+    Ok(Settings {
+        addr,
+        root,
+        file,
+        peers,
+    })
 }
 
 fn need(v: &Option<String>, flag: &str, role: &str) -> anyhow::Result<String> {
-    v.clone().with_context(|| format!("--role {role} needs {flag} (or [peers] in the config)"))
+    v.clone()
+        .with_context(|| format!("--role {role} needs {flag} (or [peers] in the config)"))
 }
 
 fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_executor::Worker>> {
@@ -110,11 +122,15 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     }
     for e in &s.file.insecure_entitlements {
         if !matches!(e.as_str(), "network.host" | "security.insecure") {
-            anyhow::bail!("insecure-entitlements: unknown entitlement {e:?} (network.host, security.insecure)");
+            anyhow::bail!(
+                "insecure-entitlements: unknown entitlement {e:?} (network.host, security.insecure)"
+            );
         }
     }
     c.insecure_entitlements = s.file.insecure_entitlements.clone();
-    Ok(Arc::new(worker_executor::Worker::new(c).context("start worker")?))
+    Ok(Arc::new(
+        worker_executor::Worker::new(c).context("start worker")?,
+    ))
 }
 
 fn exporter_core(s: &Settings, broker: String) -> anyhow::Result<Arc<registry_exporter::Exporter>> {
@@ -123,13 +139,20 @@ fn exporter_core(s: &Settings, broker: String) -> anyhow::Result<Arc<registry_ex
         broker,
         work_dir: s.root.join("exporter"),
     };
-    std::fs::create_dir_all(&c.work_dir).with_context(|| format!("create {}", c.work_dir.display()))?;
-    Ok(Arc::new(registry_exporter::Exporter::new(c).context("start exporter")?))
+    std::fs::create_dir_all(&c.work_dir)
+        .with_context(|| format!("create {}", c.work_dir.display()))?;
+    Ok(Arc::new(
+        registry_exporter::Exporter::new(c).context("start exporter")?,
+    ))
 }
 
-async fn frontend_core(solver: &str) -> anyhow::Result<Arc<frontend_gateway::Gateway<frontend_gateway::grpc::client::GrpcBridge>>> {
+async fn frontend_core(
+    solver: &str,
+) -> anyhow::Result<Arc<frontend_gateway::Gateway<frontend_gateway::grpc::client::GrpcBridge>>> {
     let ch = kiln_session::dial::connect(solver).await?;
-    Ok(Arc::new(frontend_gateway::Gateway::new(frontend_gateway::grpc::client::GrpcBridge::new(ch))))
+    Ok(Arc::new(frontend_gateway::Gateway::new(
+        frontend_gateway::grpc::client::GrpcBridge::new(ch),
+    )))
 }
 
 async fn solver_core(
@@ -139,7 +162,10 @@ async fn solver_core(
     exporter: &str,
 ) -> anyhow::Result<Arc<serve::Solver>> {
     use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend, GrpcWorker};
-    let w = GrpcWorker::new(worker.to_string(), kiln_session::dial::connect(worker).await?);
+    let w = GrpcWorker::new(
+        worker.to_string(),
+        kiln_session::dial::connect(worker).await?,
+    );
     let f = GrpcFrontend::new(kiln_session::dial::connect(frontend).await?);
     let e = GrpcExporter::new(kiln_session::dial::connect(exporter).await?);
     let config = solver_scheduler::Config {
@@ -147,7 +173,9 @@ async fn solver_core(
         cache_db: Some(s.root.join("solver").join("cache.redb")),
         ..Default::default()
     };
-    Ok(Arc::new(solver_scheduler::Solver::new(config, w, f, e).context("start solver")?))
+    Ok(Arc::new(
+        solver_scheduler::Solver::new(config, w, f, e).context("start solver")?,
+    ))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -169,7 +197,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .add_service(registry_exporter::grpc::server(exporter));
             let public_router = tonic::transport::Server::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()));
-            tracing::info!("kilnd all-in-one listening on {} (root {})", s.addr, s.root.display());
+            tracing::info!(
+                "kilnd all-in-one listening on {} (root {})",
+                s.addr,
+                s.root.display()
+            );
             let (a, b) = tokio::join!(
                 serve::serve(internal_router, &internal, shutdown.clone()),
                 serve::serve(public_router, &s.addr, shutdown.clone()),
@@ -194,20 +226,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
             serve::serve(router, &s.addr, shutdown).await?;
         }
         Some(Role::WorkerExecutor) => {
-            let worker = worker_core(&s, need(&s.peers.solver, "--solver-addr", "worker-executor")?)?;
-            let router = tonic::transport::Server::builder().add_service(worker_executor::grpc::server(worker));
+            let worker = worker_core(
+                &s,
+                need(&s.peers.solver, "--solver-addr", "worker-executor")?,
+            )?;
+            let router = tonic::transport::Server::builder()
+                .add_service(worker_executor::grpc::server(worker));
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
             serve::serve(router, &s.addr, shutdown).await?;
         }
         Some(Role::FrontendGateway) => {
-            let frontend = frontend_core(&need(&s.peers.solver, "--solver-addr", "frontend-gateway")?).await?;
-            let router = tonic::transport::Server::builder().add_service(frontend_gateway::grpc::server::server(frontend));
+            let frontend =
+                frontend_core(&need(&s.peers.solver, "--solver-addr", "frontend-gateway")?).await?;
+            let router = tonic::transport::Server::builder()
+                .add_service(frontend_gateway::grpc::server::server(frontend));
             tracing::info!("kilnd frontend-gateway listening on {}", s.addr);
             serve::serve(router, &s.addr, shutdown).await?;
         }
         Some(Role::RegistryExporter) => {
-            let exporter = exporter_core(&s, need(&s.peers.solver, "--solver-addr", "registry-exporter")?)?;
-            let router = tonic::transport::Server::builder().add_service(registry_exporter::grpc::server(exporter));
+            let exporter = exporter_core(
+                &s,
+                need(&s.peers.solver, "--solver-addr", "registry-exporter")?,
+            )?;
+            let router = tonic::transport::Server::builder()
+                .add_service(registry_exporter::grpc::server(exporter));
             tracing::info!("kilnd registry-exporter listening on {}", s.addr);
             serve::serve(router, &s.addr, shutdown).await?;
         }

@@ -30,10 +30,11 @@ mod futures_shutdown {
 pub fn shutdown_signal() -> Shutdown {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -48,20 +49,30 @@ pub async fn serve(router: Router, addr: &str, shutdown: Shutdown) -> anyhow::Re
     match Addr::parse(addr)? {
         Addr::Unix(path) => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
             }
             let _ = std::fs::remove_file(&path);
-            let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listen on {}", path.display()))?;
+            let l = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("listen on {}", path.display()))?;
             router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown.wait())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    shutdown.wait(),
+                )
                 .await
                 .with_context(|| format!("serve {addr}"))?;
             let _ = std::fs::remove_file(&path);
         }
         Addr::Tcp(hostport) => {
-            let l = tokio::net::TcpListener::bind(&hostport).await.with_context(|| format!("listen on {hostport}"))?;
+            let l = tokio::net::TcpListener::bind(&hostport)
+                .await
+                .with_context(|| format!("listen on {hostport}"))?;
             router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), shutdown.wait())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    shutdown.wait(),
+                )
                 .await
                 .with_context(|| format!("serve {addr}"))?;
         }

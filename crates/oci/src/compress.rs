@@ -232,8 +232,8 @@ pub fn write_layer_blob(
                 (gz.finish().map_err(err)?, Some(diff_id))
             }
             Compression::Zstd => {
-                let mut enc =
-                    zstd::stream::write::Encoder::new(blob, options.effective_level()).map_err(err)?;
+                let mut enc = zstd::stream::write::Encoder::new(blob, options.effective_level())
+                    .map_err(err)?;
                 let threads = threads();
                 if threads > 1 {
                     enc.multithread(threads as u32).map_err(err)?;
@@ -419,8 +419,8 @@ pub fn compress_stream(
             gz.finish().map_err(err)?
         }
         Compression::Zstd => {
-            let mut enc =
-                zstd::stream::write::Encoder::new(counted, options.effective_level()).map_err(err)?;
+            let mut enc = zstd::stream::write::Encoder::new(counted, options.effective_level())
+                .map_err(err)?;
             if threads() > 1 {
                 enc.multithread(threads() as u32).map_err(err)?;
             }
@@ -531,7 +531,9 @@ mod tests {
         again.write_all(&data).expect("write");
         assert_eq!(again.finish().expect("finish"), blob);
         // empty input is a valid empty gzip
-        let empty = ParallelGzEncoder::new(Vec::new(), 6).finish().expect("empty");
+        let empty = ParallelGzEncoder::new(Vec::new(), 6)
+            .finish()
+            .expect("empty");
         assert_eq!(unpack(empty), Vec::<u8>::new());
     }
 
@@ -577,7 +579,13 @@ mod tests {
             LayerOptions::parse("").expect("empty"),
             LayerOptions::default()
         );
-        for bad in ["brotli", "gzip;level=10", "zstd;level=0", "gzip;what", "gzip;epoch=x"] {
+        for bad in [
+            "brotli",
+            "gzip;level=10",
+            "zstd;level=0",
+            "gzip;what",
+            "gzip;epoch=x",
+        ] {
             assert!(LayerOptions::parse(bad).is_err(), "{bad}");
         }
     }

@@ -149,11 +149,7 @@ impl Client {
     /// `registry.insecure=true` push option.
     pub fn with_insecure_host(&self, host: &str) -> Self {
         let mut c = self.clone();
-        c.config
-            .hosts
-            .entry(host.to_string())
-            .or_default()
-            .insecure = true;
+        c.config.hosts.entry(host.to_string()).or_default().insecure = true;
         c
     }
 
@@ -510,10 +506,7 @@ impl Client {
             && from.registry == r.registry
             && from.repository != r.repository
         {
-            start.push_str(&format!(
-                "?mount={}&from={}",
-                desc.digest, from.repository
-            ));
+            start.push_str(&format!("?mount={}&from={}", desc.digest, from.repository));
         }
         let resp = self
             .send(&ep, &scope, Method::POST, &start, &|rb| {

@@ -3,15 +3,17 @@
 //! `kiln build`.
 
 use crate::filesync::{self, Filter, PacketConn};
-use crate::{headers, hijack, raw::RawCodec, Error};
+use crate::{Error, headers, hijack, raw::RawCodec};
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_proto::fsutil::types::Packet;
-use kiln_proto::health::{health_server, HealthCheckRequest, HealthCheckResponse};
-use kiln_proto::moby::buildkit::v1::{control_client::ControlClient, BytesMessage as ControlBytes};
-use kiln_proto::moby::buildkit::secrets::v1::{secrets_server, GetSecretRequest, GetSecretResponse};
+use kiln_proto::health::{HealthCheckRequest, HealthCheckResponse, health_server};
+use kiln_proto::moby::buildkit::secrets::v1::{
+    GetSecretRequest, GetSecretResponse, secrets_server,
+};
+use kiln_proto::moby::buildkit::v1::{BytesMessage as ControlBytes, control_client::ControlClient};
+use kiln_proto::moby::filesync::v1::{BytesMessage, file_sync_server};
 use kiln_proto::moby::sshforward::v1 as sshpb;
-use kiln_proto::moby::filesync::v1::{file_sync_server, BytesMessage};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::{http, Body, BoxFuture, StdError};
+use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Where the output of one exporter goes on the client.
@@ -47,7 +49,11 @@ impl SecretSource {
             SecretSource::File(p) => match std::fs::read(p) {
                 Ok(d) => Ok(Some(d)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::Io { op: "read secret", path: p.clone(), source: e }),
+                Err(e) => Err(Error::Io {
+                    op: "read secret",
+                    path: p.clone(),
+                    source: e,
+                }),
             },
             SecretSource::Env(v) => Ok(std::env::var_os(v).map(|v| {
                 use std::os::unix::ffi::OsStringExt;
@@ -87,10 +93,16 @@ struct ServerConn<T> {
 
 impl PacketConn for ServerConn<Packet> {
     async fn send(&mut self, p: Packet) -> Result<(), Error> {
-        self.tx.send(Ok(p)).await.map_err(|_| Error::Protocol("peer went away".into()))
+        self.tx
+            .send(Ok(p))
+            .await
+            .map_err(|_| Error::Protocol("peer went away".into()))
     }
     async fn recv(&mut self) -> Result<Option<Packet>, Error> {
-        self.rx.message().await.map_err(|status| Error::Call { method: "FileSync/DiffCopy".into(), status })
+        self.rx.message().await.map_err(|status| Error::Call {
+            method: "FileSync/DiffCopy".into(),
+            status,
+        })
     }
 }
 
@@ -104,18 +116,28 @@ impl file_sync_server::FileSync for FileSync {
     type DiffCopyStream = ReceiverStream<Result<Packet, Status>>;
     type TarStreamStream = ReceiverStream<Result<Packet, Status>>;
 
-    async fn diff_copy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::DiffCopyStream>, Status> {
+    async fn diff_copy(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::DiffCopyStream>, Status> {
         let md = request.metadata();
-        let name = md_values(md, headers::DIR_NAME).into_iter().next().unwrap_or_default();
-        let dir = self
-            .dirs
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("no local directory named {name:?} in this session")))?;
-        let filter = Filter::new(&md_values(md, headers::INCLUDE_PATTERNS), &md_values(md, headers::EXCLUDE_PATTERNS))
-            .map_err(Status::from)?;
+        let name = md_values(md, headers::DIR_NAME)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let dir = self.dirs.get(&name).cloned().ok_or_else(|| {
+            Status::not_found(format!("no local directory named {name:?} in this session"))
+        })?;
+        let filter = Filter::new(
+            &md_values(md, headers::INCLUDE_PATTERNS),
+            &md_values(md, headers::EXCLUDE_PATTERNS),
+        )
+        .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(64);
-        let mut conn = ServerConn { tx: tx.clone(), rx: request.into_inner() };
+        let mut conn = ServerConn {
+            tx: tx.clone(),
+            rx: request.into_inner(),
+        };
         tokio::spawn(async move {
             if let Err(e) = filesync::send(&mut conn, &dir, &filter).await {
                 let _ = tx
@@ -130,8 +152,13 @@ impl file_sync_server::FileSync for FileSync {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn tar_stream(&self, _request: Request<Streaming<Packet>>) -> Result<Response<Self::TarStreamStream>, Status> {
-        Err(Status::unimplemented("tar stream transfers are not supported; use DiffCopy"))
+    async fn tar_stream(
+        &self,
+        _request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::TarStreamStream>, Status> {
+        Err(Status::unimplemented(
+            "tar stream transfers are not supported; use DiffCopy",
+        ))
     }
 }
 
@@ -141,7 +168,10 @@ struct Secrets {
 
 #[tonic::async_trait]
 impl secrets_server::Secrets for Secrets {
-    async fn get_secret(&self, request: Request<GetSecretRequest>) -> Result<Response<GetSecretResponse>, Status> {
+    async fn get_secret(
+        &self,
+        request: Request<GetSecretRequest>,
+    ) -> Result<Response<GetSecretResponse>, Status> {
         let id = request.into_inner().id;
         let not_found = || Status::not_found(format!("secret {id} not found"));
         let src = self.secrets.get(&id).ok_or_else(not_found)?;
@@ -157,7 +187,10 @@ struct Ssh {
 impl Ssh {
     fn agent(&self, id: &str) -> Result<PathBuf, Status> {
         let id = if id.is_empty() { "default" } else { id };
-        self.agents.get(id).cloned().ok_or_else(|| Status::not_found(format!("no ssh agent {id} in this session")))
+        self.agents
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no ssh agent {id} in this session")))
     }
 }
 
@@ -180,7 +213,10 @@ impl sshpb::ssh_server::Ssh for Ssh {
         &self,
         request: Request<Streaming<sshpb::BytesMessage>>,
     ) -> Result<Response<Self::ForwardAgentStream>, Status> {
-        let id = md_values(request.metadata(), headers::SSH_ID).into_iter().next().unwrap_or_default();
+        let id = md_values(request.metadata(), headers::SSH_ID)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let path = self.agent(&id)?;
         let conn = tokio::net::UnixStream::connect(&path)
             .await
@@ -203,7 +239,13 @@ impl sshpb::ssh_server::Ssh for Ssh {
                 match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        if tx.send(Ok(sshpb::BytesMessage { data: buf[..n].to_vec() })).await.is_err() {
+                        if tx
+                            .send(Ok(sshpb::BytesMessage {
+                                data: buf[..n].to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -218,7 +260,10 @@ struct Health;
 
 #[tonic::async_trait]
 impl health_server::Health for Health {
-    async fn check(&self, _r: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+    async fn check(
+        &self,
+        _r: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
         Ok(Response::new(HealthCheckResponse { status: 1 }))
     }
 }
@@ -242,13 +287,21 @@ struct RawConn {
 
 impl PacketConn for RawConn {
     async fn send(&mut self, p: Packet) -> Result<(), Error> {
-        self.tx.send(Ok(Bytes::from(p.encode_to_vec()))).await.map_err(|_| Error::Protocol("peer went away".into()))
+        self.tx
+            .send(Ok(Bytes::from(p.encode_to_vec())))
+            .await
+            .map_err(|_| Error::Protocol("peer went away".into()))
     }
     async fn recv(&mut self) -> Result<Option<Packet>, Error> {
         match self.rx.message().await {
-            Ok(Some(b)) => Packet::decode(b).map(Some).map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
+            Ok(Some(b)) => Packet::decode(b)
+                .map(Some)
+                .map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
             Ok(None) => Ok(None),
-            Err(status) => Err(Error::Call { method: "FileSend/DiffCopy".into(), status }),
+            Err(status) => Err(Error::Call {
+                method: "FileSend/DiffCopy".into(),
+                status,
+            }),
         }
     }
 }
@@ -259,21 +312,34 @@ async fn receive_output(target: OutputTarget, mut conn: RawConn) -> Result<(), E
             filesync::receive(&mut conn, &dir).await?;
         }
         OutputTarget::File(path) => {
-            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if path.as_os_str() == "-" {
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if path.as_os_str() == "-"
+            {
                 Box::new(tokio::io::stdout())
             } else {
                 let tmp = path.with_extension("kiln-partial");
-                Box::new(tokio::fs::File::create(&tmp).await.map_err(Error::io("create", &tmp))?)
+                Box::new(
+                    tokio::fs::File::create(&tmp)
+                        .await
+                        .map_err(Error::io("create", &tmp))?,
+                )
             };
-            while let Some(b) = conn.rx.message().await.map_err(|status| Error::Call { method: "FileSend/DiffCopy".into(), status })? {
-                let m = BytesMessage::decode(b).map_err(|e| Error::Protocol(format!("bad message: {e}")))?;
-                out.write_all(&m.data).await.map_err(Error::io("write", &path))?;
+            while let Some(b) = conn.rx.message().await.map_err(|status| Error::Call {
+                method: "FileSend/DiffCopy".into(),
+                status,
+            })? {
+                let m = BytesMessage::decode(b)
+                    .map_err(|e| Error::Protocol(format!("bad message: {e}")))?;
+                out.write_all(&m.data)
+                    .await
+                    .map_err(Error::io("write", &path))?;
             }
             out.flush().await.map_err(Error::io("write", &path))?;
             drop(out);
             if path.as_os_str() != "-" {
                 let tmp = path.with_extension("kiln-partial");
-                tokio::fs::rename(&tmp, &path).await.map_err(Error::io("rename", &path))?;
+                tokio::fs::rename(&tmp, &path)
+                    .await
+                    .map_err(Error::io("rename", &path))?;
             }
         }
     }
@@ -297,7 +363,10 @@ impl tonic::server::StreamingService<Bytes> for FileSend {
                 .cloned()
                 .ok_or_else(|| Status::not_found(format!("no export target for exporter {id}")))?;
             let (tx, rx) = mpsc::channel(64);
-            let conn = RawConn { tx: tx.clone(), rx: request.into_inner() };
+            let conn = RawConn {
+                tx: tx.clone(),
+                rx: request.into_inner(),
+            };
             tokio::spawn(async move {
                 if let Err(e) = receive_output(target, conn).await {
                     tracing::error!("receiving export: {e}");
@@ -318,7 +387,10 @@ where
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -354,7 +426,9 @@ pub async fn attach(
     att: Attachables,
 ) -> Result<SessionHandle, Error> {
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(64);
-    let outbound = ReceiverStream::new(out_rx).map(|data| ControlBytes { data: data.to_vec() });
+    let outbound = ReceiverStream::new(out_rx).map(|data| ControlBytes {
+        data: data.to_vec(),
+    });
     let mut req = Request::new(outbound);
     let md = req.metadata_mut();
     let put = |md: &mut tonic::metadata::MetadataMap, k: &'static str, v: &str| {
@@ -379,17 +453,31 @@ pub async fn attach(
     let resp = ControlClient::new(control)
         .session(req)
         .await
-        .map_err(|status| Error::Call { method: "Control/Session".into(), status })?;
+        .map_err(|status| Error::Call {
+            method: "Control/Session".into(),
+            status,
+        })?;
     let incoming = resp.into_inner().map(|r| r.map(|m| Bytes::from(m.data)));
     let conn = hijack::join(incoming, out_tx);
     let router = tonic::transport::Server::builder()
-        .add_service(file_sync_server::FileSyncServer::new(FileSync { dirs: Arc::new(att.dirs) }))
-        .add_service(FileSend { outputs: Arc::new(att.outputs) })
-        .add_service(secrets_server::SecretsServer::new(Secrets { secrets: Arc::new(att.secrets) }))
-        .add_service(sshpb::ssh_server::SshServer::new(Ssh { agents: Arc::new(att.ssh) }))
-        .add_service(kiln_proto::moby::filesync::v1::auth_server::AuthServer::new(crate::auth::Auth))
+        .add_service(file_sync_server::FileSyncServer::new(FileSync {
+            dirs: Arc::new(att.dirs),
+        }))
+        .add_service(FileSend {
+            outputs: Arc::new(att.outputs),
+        })
+        .add_service(secrets_server::SecretsServer::new(Secrets {
+            secrets: Arc::new(att.secrets),
+        }))
+        .add_service(sshpb::ssh_server::SshServer::new(Ssh {
+            agents: Arc::new(att.ssh),
+        }))
+        .add_service(
+            kiln_proto::moby::filesync::v1::auth_server::AuthServer::new(crate::auth::Auth),
+        )
         .add_service(health_server::HealthServer::new(Health));
-    let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) }).chain(futures::stream::pending());
+    let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) })
+        .chain(futures::stream::pending());
     let task = tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming(incoming).await {
             tracing::debug!("session server ended: {e}");

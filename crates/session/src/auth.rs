@@ -5,9 +5,9 @@
 
 use base64::Engine as _;
 use kiln_proto::moby::filesync::v1::{
-    auth_server, CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
+    CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
     GetTokenAuthorityRequest, GetTokenAuthorityResponse, VerifyTokenAuthorityRequest,
-    VerifyTokenAuthorityResponse,
+    VerifyTokenAuthorityResponse, auth_server,
 };
 use std::path::PathBuf;
 use tonic::{Request, Response, Status};
@@ -28,22 +28,54 @@ pub fn docker_config_path() -> Option<PathBuf> {
 pub fn credentials_from_config(config: &[u8], host: &str) -> Option<(String, String)> {
     let v: serde_json::Value = serde_json::from_slice(config).ok()?;
     let auths = v.get("auths")?.as_object()?;
-    let hub = matches!(host, "docker.io" | "registry-1.docker.io" | "index.docker.io");
+    let hub = matches!(
+        host,
+        "docker.io" | "registry-1.docker.io" | "index.docker.io"
+    );
     let keys: Vec<String> = if hub {
-        vec![DOCKER_HUB_AUTH_KEY.to_string(), "docker.io".into(), "index.docker.io".into()]
+        vec![
+            DOCKER_HUB_AUTH_KEY.to_string(),
+            "docker.io".into(),
+            "index.docker.io".into(),
+        ]
     } else {
-        vec![host.to_string(), format!("https://{host}"), format!("http://{host}")]
+        vec![
+            host.to_string(),
+            format!("https://{host}"),
+            format!("http://{host}"),
+        ]
     };
     let entry = keys.iter().find_map(|k| {
-        auths.get(k).or_else(|| auths.get(&format!("{k}/"))).or_else(|| {
-            auths.iter().find(|(name, _)| name.trim_end_matches('/').trim_end_matches("/v1").trim_end_matches("/v2") == k).map(|(_, e)| e)
-        })
+        auths
+            .get(k)
+            .or_else(|| auths.get(&format!("{k}/")))
+            .or_else(|| {
+                auths
+                    .iter()
+                    .find(|(name, _)| {
+                        name.trim_end_matches('/')
+                            .trim_end_matches("/v1")
+                            .trim_end_matches("/v2")
+                            == k
+                    })
+                    .map(|(_, e)| e)
+            })
     })?;
-    if let Some(token) = entry.get("identitytoken").and_then(|t| t.as_str()).filter(|t| !t.is_empty()) {
+    if let Some(token) = entry
+        .get("identitytoken")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+    {
         return Some((String::new(), token.to_string()));
     }
-    if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()).filter(|a| !a.is_empty()) {
-        let raw = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
+    if let Some(auth) = entry
+        .get("auth")
+        .and_then(|a| a.as_str())
+        .filter(|a| !a.is_empty())
+    {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .ok()?;
         let s = String::from_utf8(raw).ok()?;
         let (u, p) = s.split_once(':')?;
         return Some((u.to_string(), p.to_string()));
@@ -58,7 +90,10 @@ pub(crate) struct Auth;
 
 #[tonic::async_trait]
 impl auth_server::Auth for Auth {
-    async fn credentials(&self, request: Request<CredentialsRequest>) -> Result<Response<CredentialsResponse>, Status> {
+    async fn credentials(
+        &self,
+        request: Request<CredentialsRequest>,
+    ) -> Result<Response<CredentialsResponse>, Status> {
         let host = request.into_inner().host;
         let found = docker_config_path()
             .and_then(|p| std::fs::read(p).ok())
@@ -67,8 +102,13 @@ impl auth_server::Auth for Auth {
         Ok(Response::new(CredentialsResponse { username, secret }))
     }
 
-    async fn fetch_token(&self, _r: Request<FetchTokenRequest>) -> Result<Response<FetchTokenResponse>, Status> {
-        Err(Status::unimplemented("token fetching on the client is not supported; use Credentials"))
+    async fn fetch_token(
+        &self,
+        _r: Request<FetchTokenRequest>,
+    ) -> Result<Response<FetchTokenResponse>, Status> {
+        Err(Status::unimplemented(
+            "token fetching on the client is not supported; use Credentials",
+        ))
     }
 
     async fn get_token_authority(
@@ -97,11 +137,26 @@ mod tests {
             "https://index.docker.io/v1/":{"auth":"aHViOmh1YnB3"},
             "https://reg.example/v1/":{"username":"u2","password":"p2"},
             "tok.example":{"identitytoken":"T"}}}"#;
-        assert_eq!(credentials_from_config(cfg, "127.0.0.1:5000"), Some(("user".into(), "pa:ss".into())));
-        assert_eq!(credentials_from_config(cfg, "docker.io"), Some(("hub".into(), "hubpw".into())));
-        assert_eq!(credentials_from_config(cfg, "registry-1.docker.io"), Some(("hub".into(), "hubpw".into())));
-        assert_eq!(credentials_from_config(cfg, "reg.example"), Some(("u2".into(), "p2".into())));
-        assert_eq!(credentials_from_config(cfg, "tok.example"), Some((String::new(), "T".into())));
+        assert_eq!(
+            credentials_from_config(cfg, "127.0.0.1:5000"),
+            Some(("user".into(), "pa:ss".into()))
+        );
+        assert_eq!(
+            credentials_from_config(cfg, "docker.io"),
+            Some(("hub".into(), "hubpw".into()))
+        );
+        assert_eq!(
+            credentials_from_config(cfg, "registry-1.docker.io"),
+            Some(("hub".into(), "hubpw".into()))
+        );
+        assert_eq!(
+            credentials_from_config(cfg, "reg.example"),
+            Some(("u2".into(), "p2".into()))
+        );
+        assert_eq!(
+            credentials_from_config(cfg, "tok.example"),
+            Some((String::new(), "T".into()))
+        );
         assert_eq!(credentials_from_config(cfg, "other:5000"), None);
         assert_eq!(credentials_from_config(b"not json", "x"), None);
     }

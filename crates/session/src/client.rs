@@ -2,9 +2,9 @@
 //! `SessionBroker`.
 
 use crate::filesync::{self, Filter, PacketConn, ReceiveStats};
-use crate::{headers, methods, Error};
+use crate::{Error, headers, methods};
 use kiln_proto::fsutil::types::Packet;
-use kiln_proto::kiln::session::v1::{session_broker_client::SessionBrokerClient, ForwardFrame};
+use kiln_proto::kiln::session::v1::{ForwardFrame, session_broker_client::SessionBrokerClient};
 use kiln_proto::moby::filesync::v1::BytesMessage;
 use prost::Message;
 use std::collections::BTreeMap;
@@ -38,10 +38,17 @@ struct Forwarded {
 
 impl Forwarded {
     async fn send_bytes(&mut self, message: Vec<u8>) -> Result<(), Error> {
-        let tx = self.tx.as_ref().ok_or_else(|| Error::Protocol("send after close".into()))?;
-        tx.send(ForwardFrame { message, has_message: true, ..Default::default() })
-            .await
-            .map_err(|_| Error::Protocol(format!("{}: session call closed", self.method)))
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("send after close".into()))?;
+        tx.send(ForwardFrame {
+            message,
+            has_message: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| Error::Protocol(format!("{}: session call closed", self.method)))
     }
     async fn recv_bytes(&mut self) -> Result<Option<Vec<u8>>, Error> {
         loop {
@@ -49,7 +56,12 @@ impl Forwarded {
                 Ok(Some(f)) if f.has_message => return Ok(Some(f.message)),
                 Ok(Some(_)) => continue,
                 Ok(None) => return Ok(None),
-                Err(status) => return Err(Error::Call { method: self.method.into(), status }),
+                Err(status) => {
+                    return Err(Error::Call {
+                        method: self.method.into(),
+                        status,
+                    });
+                }
             }
         }
     }
@@ -74,7 +86,11 @@ const CREDENTIALS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// The client's registry credentials for `host`, asked through the broker at
 /// `broker`; `None` when there is no session, no entry or no answer in time.
-pub async fn credentials_via(broker: &str, session_id: &str, host: &str) -> Option<(String, String)> {
+pub async fn credentials_via(
+    broker: &str,
+    session_id: &str,
+    host: &str,
+) -> Option<(String, String)> {
     if session_id.is_empty() || broker.is_empty() {
         return None;
     }
@@ -87,7 +103,10 @@ pub async fn credentials_via(broker: &str, session_id: &str, host: &str) -> Opti
             None
         }
         Err(_) => {
-            tracing::warn!(host, "the client did not answer a registry credentials request");
+            tracing::warn!(
+                host,
+                "the client did not answer a registry credentials request"
+            );
             None
         }
     }
@@ -102,7 +121,11 @@ impl SessionClient {
         &self.session_id
     }
 
-    async fn open(&self, method: &'static str, metadata: BTreeMap<String, String>) -> Result<Forwarded, Error> {
+    async fn open(
+        &self,
+        method: &'static str,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Forwarded, Error> {
         self.open_with(method, metadata, None).await
     }
 
@@ -138,20 +161,38 @@ impl SessionClient {
             .max_decoding_message_size(64 << 20)
             .forward(ReceiverStream::new(rx))
             .await
-            .map_err(|status| Error::Call { method: method.into(), status })?;
-        Ok(Forwarded { method, tx, rx: resp.into_inner() })
+            .map_err(|status| Error::Call {
+                method: method.into(),
+                status,
+            })?;
+        Ok(Forwarded {
+            method,
+            tx,
+            rx: resp.into_inner(),
+        })
     }
 
     /// FileSync.DiffCopy: make `dest` mirror the client's local dir `name`.
-    pub async fn sync_dir(&self, name: &str, dest: &Path, opts: &SyncOptions) -> Result<ReceiveStats, Error> {
+    pub async fn sync_dir(
+        &self,
+        name: &str,
+        dest: &Path,
+        opts: &SyncOptions,
+    ) -> Result<ReceiveStats, Error> {
         let mut md = BTreeMap::new();
         md.insert(headers::DIR_NAME.to_string(), name.to_string());
         // several values of one key travel newline-separated
         if !opts.include_patterns.is_empty() {
-            md.insert(headers::INCLUDE_PATTERNS.into(), opts.include_patterns.join("\n"));
+            md.insert(
+                headers::INCLUDE_PATTERNS.into(),
+                opts.include_patterns.join("\n"),
+            );
         }
         if !opts.exclude_patterns.is_empty() {
-            md.insert(headers::EXCLUDE_PATTERNS.into(), opts.exclude_patterns.join("\n"));
+            md.insert(
+                headers::EXCLUDE_PATTERNS.into(),
+                opts.exclude_patterns.join("\n"),
+            );
         }
         if !opts.follow_paths.is_empty() {
             md.insert(headers::FOLLOW_PATHS.into(), opts.follow_paths.join("\n"));
@@ -166,17 +207,31 @@ impl SessionClient {
     /// client does not have it.
     pub async fn get_secret(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
         use kiln_proto::moby::buildkit::secrets::v1::{GetSecretRequest, GetSecretResponse};
-        let req = GetSecretRequest { id: id.to_string(), annotations: BTreeMap::new() };
-        let mut conn = match self.open_with(methods::SECRETS_GETSECRET, BTreeMap::new(), Some(req.encode_to_vec())).await {
+        let req = GetSecretRequest {
+            id: id.to_string(),
+            annotations: BTreeMap::new(),
+        };
+        let mut conn = match self
+            .open_with(
+                methods::SECRETS_GETSECRET,
+                BTreeMap::new(),
+                Some(req.encode_to_vec()),
+            )
+            .await
+        {
             Ok(c) => c,
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
         conn.tx = None;
         let first = match conn.recv_bytes().await {
             Ok(Some(b)) => b,
             Ok(None) => return Err(Error::Protocol(format!("secret {id}: no response"))),
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
         let resp = GetSecretResponse::decode(first.as_slice())
@@ -188,9 +243,19 @@ impl SessionClient {
     /// it has none or does not serve Auth.
     pub async fn credentials(&self, host: &str) -> Result<Option<(String, String)>, Error> {
         use kiln_proto::moby::filesync::v1::{CredentialsRequest, CredentialsResponse};
-        let req = CredentialsRequest { host: host.to_string() };
-        let absent = |code: tonic::Code| matches!(code, tonic::Code::NotFound | tonic::Code::Unimplemented);
-        let mut conn = match self.open_with(methods::AUTH_CREDENTIALS, BTreeMap::new(), Some(req.encode_to_vec())).await {
+        let req = CredentialsRequest {
+            host: host.to_string(),
+        };
+        let absent =
+            |code: tonic::Code| matches!(code, tonic::Code::NotFound | tonic::Code::Unimplemented);
+        let mut conn = match self
+            .open_with(
+                methods::AUTH_CREDENTIALS,
+                BTreeMap::new(),
+                Some(req.encode_to_vec()),
+            )
+            .await
+        {
             Ok(c) => c,
             Err(Error::Call { status, .. }) if absent(status.code()) => return Ok(None),
             Err(e) => return Err(e),
@@ -214,9 +279,18 @@ impl SessionClient {
     pub async fn check_ssh_agent(&self, id: &str) -> Result<bool, Error> {
         use kiln_proto::moby::sshforward::v1::CheckAgentRequest;
         let req = CheckAgentRequest { id: id.to_string() };
-        let mut conn = match self.open_with(methods::SSH_CHECKAGENT, BTreeMap::new(), Some(req.encode_to_vec())).await {
+        let mut conn = match self
+            .open_with(
+                methods::SSH_CHECKAGENT,
+                BTreeMap::new(),
+                Some(req.encode_to_vec()),
+            )
+            .await
+        {
             Ok(c) => c,
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => return Ok(false),
+            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
+                return Ok(false);
+            }
             Err(e) => return Err(e),
         };
         conn.tx = None;
@@ -230,13 +304,20 @@ impl SessionClient {
 
     /// SSH.ForwardAgent: pipes one connection to the client's ssh agent `id` until
     /// either side closes.
-    pub async fn forward_ssh_agent(&self, id: &str, conn: tokio::net::UnixStream) -> Result<(), Error> {
+    pub async fn forward_ssh_agent(
+        &self,
+        id: &str,
+        conn: tokio::net::UnixStream,
+    ) -> Result<(), Error> {
         use kiln_proto::moby::sshforward::v1::BytesMessage as SshBytes;
         use tokio::io::AsyncWriteExt;
         let mut md = BTreeMap::new();
         md.insert(headers::SSH_ID.to_string(), id.to_string());
         let mut fwd = self.open(methods::SSH_FORWARDAGENT, md).await?;
-        let tx = fwd.tx.take().ok_or_else(|| Error::Protocol("ssh forward closed".into()))?;
+        let tx = fwd
+            .tx
+            .take()
+            .ok_or_else(|| Error::Protocol("ssh forward closed".into()))?;
         let (mut rd, mut wr) = conn.into_split();
         let up = tokio::spawn(async move {
             let mut buf = vec![0u8; 32 * 1024];
@@ -245,7 +326,10 @@ impl SessionClient {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let frame = kiln_proto::kiln::session::v1::ForwardFrame {
-                            message: SshBytes { data: buf[..n].to_vec() }.encode_to_vec(),
+                            message: SshBytes {
+                                data: buf[..n].to_vec(),
+                            }
+                            .encode_to_vec(),
                             has_message: true,
                             ..Default::default()
                         };
@@ -257,7 +341,8 @@ impl SessionClient {
             }
         });
         while let Some(b) = fwd.recv_bytes().await? {
-            let m = SshBytes::decode(b.as_slice()).map_err(|e| Error::Protocol(format!("ssh forward: {e}")))?;
+            let m = SshBytes::decode(b.as_slice())
+                .map_err(|e| Error::Protocol(format!("ssh forward: {e}")))?;
             if wr.write_all(&m.data).await.is_err() {
                 break;
             }
@@ -274,7 +359,9 @@ impl SessionClient {
 
     /// FileSend.DiffCopy with fsutil packets (the `local` exporter).
     pub async fn send_dir(&self, exporter_id: u32, src: &Path) -> Result<(), Error> {
-        let mut conn = self.open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id)).await?;
+        let mut conn = self
+            .open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id))
+            .await?;
         filesync::send(&mut conn, src, &Filter::default()).await?;
         conn.tx = None;
         while conn.recv_bytes().await?.is_some() {}
@@ -282,15 +369,30 @@ impl SessionClient {
     }
 
     /// FileSend.DiffCopy with raw `BytesMessage` chunks (tarball exporters).
-    pub async fn send_file(&self, exporter_id: u32, mut r: impl AsyncRead + Unpin + Send + 'static) -> Result<(), Error> {
-        let mut conn = self.open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id)).await?;
+    pub async fn send_file(
+        &self,
+        exporter_id: u32,
+        mut r: impl AsyncRead + Unpin + Send + 'static,
+    ) -> Result<(), Error> {
+        let mut conn = self
+            .open(methods::FILESEND_DIFFCOPY, Self::exporter_md(exporter_id))
+            .await?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = r.read(&mut buf).await.map_err(Error::io("read", "export stream"))?;
+            let n = r
+                .read(&mut buf)
+                .await
+                .map_err(Error::io("read", "export stream"))?;
             if n == 0 {
                 break;
             }
-            conn.send_bytes(BytesMessage { data: buf[..n].to_vec() }.encode_to_vec()).await?;
+            conn.send_bytes(
+                BytesMessage {
+                    data: buf[..n].to_vec(),
+                }
+                .encode_to_vec(),
+            )
+            .await?;
         }
         conn.tx = None;
         while conn.recv_bytes().await?.is_some() {}

@@ -17,7 +17,10 @@ impl Addr {
     pub fn parse(addr: &str) -> Result<Self, Error> {
         if let Some(p) = addr.strip_prefix("unix://") {
             if p.is_empty() {
-                return Err(Error::Address { addr: addr.into(), reason: "empty socket path".into() });
+                return Err(Error::Address {
+                    addr: addr.into(),
+                    reason: "empty socket path".into(),
+                });
             }
             return Ok(Addr::Unix(PathBuf::from(p)));
         }
@@ -38,19 +41,24 @@ impl Addr {
 pub async fn connect(addr: &str) -> Result<Channel, Error> {
     match Addr::parse(addr)? {
         Addr::Tcp(host) => {
-            let ep = Endpoint::from_shared(format!("http://{host}"))
-                .map_err(|e| Error::Address { addr: addr.into(), reason: e.to_string() })?;
+            let ep =
+                Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
+                    addr: addr.into(),
+                    reason: e.to_string(),
+                })?;
             Ok(ep.connect_lazy())
         }
         Addr::Unix(path) => {
             let ep = Endpoint::from_static("http://kiln.sock");
-            Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(s))
-                }
-            })))
+            Ok(
+                ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(s))
+                    }
+                })),
+            )
         }
     }
 }

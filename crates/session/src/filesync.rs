@@ -9,7 +9,7 @@
 
 use crate::Error;
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use kiln_proto::fsutil::types::{packet::PacketType, Packet, Stat};
+use kiln_proto::fsutil::types::{Packet, Stat, packet::PacketType};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -91,10 +91,16 @@ fn glob(p: &str) -> Result<GlobSet, Error> {
         let g = globset::GlobBuilder::new(&pat)
             .literal_separator(true)
             .build()
-            .map_err(|source| Error::Pattern { pattern: p.into(), source })?;
+            .map_err(|source| Error::Pattern {
+                pattern: p.into(),
+                source,
+            })?;
         b.add(g);
     }
-    b.build().map_err(|source| Error::Pattern { pattern: p.into(), source })
+    b.build().map_err(|source| Error::Pattern {
+        pattern: p.into(),
+        source,
+    })
 }
 
 impl Filter {
@@ -108,12 +114,16 @@ impl Filter {
             for p in include {
                 let p = p.trim_start_matches('/').trim_end_matches('/');
                 for pat in [p.to_string(), format!("{p}/**")] {
-                    b.add(
-                        Glob::new(&pat).map_err(|source| Error::Pattern { pattern: p.into(), source })?,
-                    );
+                    b.add(Glob::new(&pat).map_err(|source| Error::Pattern {
+                        pattern: p.into(),
+                        source,
+                    })?);
                 }
             }
-            Some(b.build().map_err(|source| Error::Pattern { pattern: String::new(), source })?)
+            Some(b.build().map_err(|source| Error::Pattern {
+                pattern: String::new(),
+                source,
+            })?)
         };
         let exclude = if exclude.is_empty() {
             None
@@ -132,7 +142,9 @@ impl Filter {
     }
 
     fn excluded(&self, rel: &str) -> bool {
-        let Some((_, rules)) = &self.exclude else { return false };
+        let Some((_, rules)) = &self.exclude else {
+            return false;
+        };
         let mut out = false;
         for (negate, set) in rules {
             if set.is_match(rel) {
@@ -162,7 +174,9 @@ impl Filter {
     }
 
     fn has_reinclude(&self) -> bool {
-        self.exclude.as_ref().is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
+        self.exclude
+            .as_ref()
+            .is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
     }
 
     fn include_below(&self, _rel: &str) -> bool {
@@ -192,16 +206,24 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
     let mut out = Vec::new();
     let mut lazy_dirs: HashSet<String> = HashSet::new();
     let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
-    let mut it = walkdir::WalkDir::new(src).min_depth(1).sort_by_file_name().into_iter();
+    let mut it = walkdir::WalkDir::new(src)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter();
     while let Some(entry) = it.next() {
         let entry = entry.map_err(|e| Error::Io {
             op: "walk",
             path: src.to_path_buf(),
-            source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk loop")),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("walk loop")),
         })?;
         let rel = entry.path().strip_prefix(src).unwrap_or(entry.path());
         let rel_s = rel.to_string_lossy().to_string();
-        let md = entry.path().symlink_metadata().map_err(Error::io("stat", entry.path()))?;
+        let md = entry
+            .path()
+            .symlink_metadata()
+            .map_err(Error::io("stat", entry.path()))?;
         if !filter.matches(&rel_s, md.is_dir()) {
             if md.is_dir() {
                 it.skip_current_dir();
@@ -213,7 +235,8 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
         }
         let mut link = None;
         if md.file_type().is_symlink() {
-            let t = std::fs::read_link(entry.path()).map_err(Error::io("readlink", entry.path()))?;
+            let t =
+                std::fs::read_link(entry.path()).map_err(Error::io("readlink", entry.path()))?;
             link = Some(t.to_string_lossy().to_string());
         } else if md.is_file() && md.nlink() > 1 {
             let key = (md.dev(), md.ino());
@@ -264,7 +287,9 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
             })
             .collect();
         out.retain(|(_, s)| {
-            s.mode & gomode::DIR == 0 || keep.contains(&s.path) || filter.include.as_ref().is_some_and(|i| i.is_match(&s.path))
+            s.mode & gomode::DIR == 0
+                || keep.contains(&s.path)
+                || filter.include.as_ref().is_some_and(|i| i.is_match(&s.path))
         });
     }
     Ok(out)
@@ -278,39 +303,69 @@ pub async fn send(conn: &mut impl PacketConn, src: &Path, filter: &Filter) -> Re
         .await
         .map_err(|e| Error::Protocol(format!("walk task: {e}")))??;
     for (id, (_, st)) in entries.iter().enumerate() {
-        conn.send(Packet { r#type: PacketType::PacketStat as i32, stat: Some(st.clone()), id: id as u32, data: vec![] })
-            .await?;
+        conn.send(Packet {
+            r#type: PacketType::PacketStat as i32,
+            stat: Some(st.clone()),
+            id: id as u32,
+            data: vec![],
+        })
+        .await?;
     }
-    conn.send(Packet { r#type: PacketType::PacketStat as i32, ..Default::default() }).await?;
+    conn.send(Packet {
+        r#type: PacketType::PacketStat as i32,
+        ..Default::default()
+    })
+    .await?;
     loop {
         let Some(p) = conn.recv().await? else {
             return Ok(());
         };
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketReq) => {
-                let (path, _) = entries
-                    .get(p.id as usize)
-                    .ok_or_else(|| Error::Protocol(format!("request for unknown file id {}", p.id)))?;
-                let mut f = tokio::fs::File::open(path).await.map_err(Error::io("open", path))?;
+                let (path, _) = entries.get(p.id as usize).ok_or_else(|| {
+                    Error::Protocol(format!("request for unknown file id {}", p.id))
+                })?;
+                let mut f = tokio::fs::File::open(path)
+                    .await
+                    .map_err(Error::io("open", path))?;
                 let mut buf = vec![0u8; DATA_CHUNK];
                 loop {
                     let n = f.read(&mut buf).await.map_err(Error::io("read", path))?;
                     if n == 0 {
                         break;
                     }
-                    conn.send(Packet { r#type: PacketType::PacketData as i32, id: p.id, data: buf[..n].to_vec(), stat: None })
-                        .await?;
+                    conn.send(Packet {
+                        r#type: PacketType::PacketData as i32,
+                        id: p.id,
+                        data: buf[..n].to_vec(),
+                        stat: None,
+                    })
+                    .await?;
                 }
-                conn.send(Packet { r#type: PacketType::PacketData as i32, id: p.id, ..Default::default() }).await?;
+                conn.send(Packet {
+                    r#type: PacketType::PacketData as i32,
+                    id: p.id,
+                    ..Default::default()
+                })
+                .await?;
             }
             Ok(PacketType::PacketFin) => {
-                conn.send(Packet { r#type: PacketType::PacketFin as i32, ..Default::default() }).await?;
+                conn.send(Packet {
+                    r#type: PacketType::PacketFin as i32,
+                    ..Default::default()
+                })
+                .await?;
                 return Ok(());
             }
             Ok(PacketType::PacketErr) => {
                 return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
             }
-            _ => return Err(Error::Protocol(format!("unexpected packet type {} from receiver", p.r#type))),
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected packet type {} from receiver",
+                    p.r#type
+                )));
+            }
         }
     }
 }
@@ -354,10 +409,16 @@ fn set_meta(path: &Path, st: &Stat, is_link: bool) -> Result<(), Error> {
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     );
     if !is_link {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(gomode::unix_perm(st.mode)))
-            .map_err(Error::io("chmod", path))?;
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(gomode::unix_perm(st.mode)),
+        )
+        .map_err(Error::io("chmod", path))?;
     }
-    let ts = nix::sys::time::TimeSpec::new(st.mod_time.div_euclid(1_000_000_000), st.mod_time.rem_euclid(1_000_000_000));
+    let ts = nix::sys::time::TimeSpec::new(
+        st.mod_time.div_euclid(1_000_000_000),
+        st.mod_time.rem_euclid(1_000_000_000),
+    );
     let _ = nix::sys::stat::utimensat(
         nix::fcntl::AT_FDCWD,
         path,
@@ -381,43 +442,74 @@ pub struct ReceiveStats {
 /// Makes `dest` mirror the sender's tree, asking only for files whose
 /// metadata differs from what `dest` already holds.
 pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveStats, Error> {
-    tokio::fs::create_dir_all(dest).await.map_err(Error::io("mkdir", dest))?;
+    tokio::fs::create_dir_all(dest)
+        .await
+        .map_err(Error::io("mkdir", dest))?;
     let mut stats: Vec<Stat> = Vec::new();
     loop {
-        let p = conn.recv().await?.ok_or_else(|| Error::Protocol("stream closed before the file list ended".into()))?;
+        let p = conn
+            .recv()
+            .await?
+            .ok_or_else(|| Error::Protocol("stream closed before the file list ended".into()))?;
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketStat) => match p.stat {
                 None => break,
                 Some(st) => stats.push(st),
             },
-            Ok(PacketType::PacketErr) => return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string())),
-            _ => return Err(Error::Protocol(format!("unexpected packet type {} in file list", p.r#type))),
+            Ok(PacketType::PacketErr) => {
+                return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
+            }
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected packet type {} in file list",
+                    p.r#type
+                )));
+            }
         }
     }
     let dest_owned = dest.to_path_buf();
-    let (wanted, mut result, stats) = tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
-        .await
-        .map_err(|e| Error::Protocol(format!("prepare task: {e}")))??;
+    let (wanted, mut result, stats) =
+        tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
+            .await
+            .map_err(|e| Error::Protocol(format!("prepare task: {e}")))??;
     for id in &wanted {
-        conn.send(Packet { r#type: PacketType::PacketReq as i32, id: *id, ..Default::default() }).await?;
+        conn.send(Packet {
+            r#type: PacketType::PacketReq as i32,
+            id: *id,
+            ..Default::default()
+        })
+        .await?;
     }
     let mut open: HashMap<u32, (tokio::fs::File, PathBuf)> = HashMap::new();
     let mut pending: HashSet<u32> = wanted.iter().copied().collect();
     while !pending.is_empty() {
-        let p = conn.recv().await?.ok_or_else(|| Error::Protocol("stream closed during file data".into()))?;
+        let p = conn
+            .recv()
+            .await?
+            .ok_or_else(|| Error::Protocol("stream closed during file data".into()))?;
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketData) => {
-                let st = stats.get(p.id as usize).ok_or_else(|| Error::Protocol(format!("data for unknown id {}", p.id)))?;
+                let st = stats
+                    .get(p.id as usize)
+                    .ok_or_else(|| Error::Protocol(format!("data for unknown id {}", p.id)))?;
                 if !pending.contains(&p.id) {
-                    return Err(Error::Protocol(format!("data for file {} that was not requested", st.path)));
+                    return Err(Error::Protocol(format!(
+                        "data for file {} that was not requested",
+                        st.path
+                    )));
                 }
                 let target = contained(dest, &st.path)?;
                 if !open.contains_key(&p.id) {
                     let tmp = target.with_file_name(format!(
                         ".kiln-recv-{}",
-                        target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+                        target
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default()
                     ));
-                    let f = tokio::fs::File::create(&tmp).await.map_err(Error::io("create", &tmp))?;
+                    let f = tokio::fs::File::create(&tmp)
+                        .await
+                        .map_err(Error::io("create", &tmp))?;
                     open.insert(p.id, (f, tmp));
                 }
                 if p.data.is_empty() {
@@ -436,12 +528,21 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                     result.transferred += 1;
                 } else {
                     let (f, tmp) = open.get_mut(&p.id).expect("file was opened above");
-                    f.write_all(&p.data).await.map_err(Error::io("write", tmp.clone()))?;
+                    f.write_all(&p.data)
+                        .await
+                        .map_err(Error::io("write", tmp.clone()))?;
                     result.bytes += p.data.len() as u64;
                 }
             }
-            Ok(PacketType::PacketErr) => return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string())),
-            _ => return Err(Error::Protocol(format!("unexpected packet type {} during file data", p.r#type))),
+            Ok(PacketType::PacketErr) => {
+                return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
+            }
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected packet type {} during file data",
+                    p.r#type
+                )));
+            }
         }
     }
     // hardlinks and directory metadata once all contents are in place
@@ -449,7 +550,11 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
     tokio::task::spawn_blocking(move || finish(&dest_owned, &stats))
         .await
         .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
-    conn.send(Packet { r#type: PacketType::PacketFin as i32, ..Default::default() }).await?;
+    conn.send(Packet {
+        r#type: PacketType::PacketFin as i32,
+        ..Default::default()
+    })
+    .await?;
     // wait for the sender's FIN (or the end of the stream)
     while let Some(p) = conn.recv().await? {
         if p.r#type == PacketType::PacketFin as i32 {
@@ -462,13 +567,29 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
 /// Brings the tree to the sender's shape except for file contents: removes
 /// what is gone, creates dirs and symlinks, and lists the files to request.
 fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec<Stat>), Error> {
-    let mut result = ReceiveStats { entries: stats.len(), ..Default::default() };
+    let mut result = ReceiveStats {
+        entries: stats.len(),
+        ..Default::default()
+    };
     let wanted_paths: HashSet<PathBuf> = stats.iter().map(|s| PathBuf::from(&s.path)).collect();
     // remove entries that the sender no longer has
     let mut stale = Vec::new();
-    for e in walkdir::WalkDir::new(dest).min_depth(1).contents_first(true) {
-        let e = e.map_err(|e| Error::Io { op: "walk", path: dest.to_path_buf(), source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk")) })?;
-        let rel = e.path().strip_prefix(dest).unwrap_or(e.path()).to_path_buf();
+    for e in walkdir::WalkDir::new(dest)
+        .min_depth(1)
+        .contents_first(true)
+    {
+        let e = e.map_err(|e| Error::Io {
+            op: "walk",
+            path: dest.to_path_buf(),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("walk")),
+        })?;
+        let rel = e
+            .path()
+            .strip_prefix(dest)
+            .unwrap_or(e.path())
+            .to_path_buf();
         if !wanted_paths.contains(&rel) {
             stale.push(e.path().to_path_buf());
         }
@@ -505,7 +626,8 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
                     std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
                 }
             }
-            std::os::unix::fs::symlink(&st.linkname, &target).map_err(Error::io("symlink", &target))?;
+            std::os::unix::fs::symlink(&st.linkname, &target)
+                .map_err(Error::io("symlink", &target))?;
             set_meta(&target, st, true)?;
         } else if kind == 0 {
             if !st.linkname.is_empty() {
@@ -561,7 +683,10 @@ mod tests {
 
     impl PacketConn for ChanConn {
         async fn send(&mut self, p: Packet) -> Result<(), Error> {
-            self.tx.send(p).await.map_err(|_| Error::Protocol("closed".into()))
+            self.tx
+                .send(p)
+                .await
+                .map_err(|_| Error::Protocol("closed".into()))
         }
         async fn recv(&mut self) -> Result<Option<Packet>, Error> {
             Ok(self.rx.recv().await)
@@ -571,7 +696,10 @@ mod tests {
     fn pair() -> (ChanConn, ChanConn) {
         let (a_tx, a_rx) = mpsc::channel(64);
         let (b_tx, b_rx) = mpsc::channel(64);
-        (ChanConn { tx: a_tx, rx: b_rx }, ChanConn { tx: b_tx, rx: a_rx })
+        (
+            ChanConn { tx: a_tx, rx: b_rx },
+            ChanConn { tx: b_tx, rx: a_rx },
+        )
     }
 
     async fn transfer(src: &Path, dest: &Path, filter: Filter) -> ReceiveStats {
@@ -589,20 +717,30 @@ mod tests {
         let dest = tempfile::tempdir().expect("tmp");
         std::fs::create_dir_all(src.path().join("a/b")).expect("mkdir");
         for i in 0..20 {
-            std::fs::write(src.path().join(format!("a/b/f{i}")), format!("content {i}")).expect("write");
+            std::fs::write(src.path().join(format!("a/b/f{i}")), format!("content {i}"))
+                .expect("write");
         }
         std::os::unix::fs::symlink("a/b/f1", src.path().join("link")).expect("symlink");
         let s1 = transfer(src.path(), dest.path(), Filter::default()).await;
         assert_eq!(s1.transferred, 20);
-        assert_eq!(std::fs::read_to_string(dest.path().join("a/b/f7")).expect("read"), "content 7");
-        assert_eq!(std::fs::read_link(dest.path().join("link")).expect("readlink"), Path::new("a/b/f1"));
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("a/b/f7")).expect("read"),
+            "content 7"
+        );
+        assert_eq!(
+            std::fs::read_link(dest.path().join("link")).expect("readlink"),
+            Path::new("a/b/f1")
+        );
 
         std::fs::write(src.path().join("a/b/f3"), "changed!").expect("write");
         std::fs::remove_file(src.path().join("a/b/f4")).expect("rm");
         let s2 = transfer(src.path(), dest.path(), Filter::default()).await;
         assert_eq!(s2.transferred, 1);
         assert_eq!(s2.removed, 1);
-        assert_eq!(std::fs::read_to_string(dest.path().join("a/b/f3")).expect("read"), "changed!");
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("a/b/f3")).expect("read"),
+            "changed!"
+        );
         assert!(!dest.path().join("a/b/f4").exists());
     }
 
@@ -625,22 +763,37 @@ mod tests {
     async fn excluded_dir_is_sent_only_for_its_reincluded_children() {
         let src = tempfile::tempdir().expect("tmp");
         let dest = tempfile::tempdir().expect("tmp");
-        for f in ["node_modules/a/x.js", "node_modules/keep.md", "cache/c.bin", "src/main.rs"] {
+        for f in [
+            "node_modules/a/x.js",
+            "node_modules/keep.md",
+            "cache/c.bin",
+            "src/main.rs",
+        ] {
             let p = src.path().join(f);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(p, "x").expect("write");
         }
         let f = Filter::new(
             &[],
-            &["node_modules".into(), "cache".into(), "!node_modules/keep.md".into()],
+            &[
+                "node_modules".into(),
+                "cache".into(),
+                "!node_modules/keep.md".into(),
+            ],
         )
         .expect("filter");
         transfer(src.path(), dest.path(), f).await;
         assert!(dest.path().join("src/main.rs").exists());
         assert!(dest.path().join("node_modules/keep.md").exists());
-        assert!(!dest.path().join("node_modules/a").exists(), "excluded subdir leaked");
+        assert!(
+            !dest.path().join("node_modules/a").exists(),
+            "excluded subdir leaked"
+        );
         // walked because of the re-include, but nothing in it is sent
-        assert!(!dest.path().join("cache").exists(), "excluded dir sent empty");
+        assert!(
+            !dest.path().join("cache").exists(),
+            "excluded dir sent empty"
+        );
     }
 
     #[tokio::test]
@@ -671,8 +824,14 @@ mod tests {
 
     #[test]
     fn go_modes() {
-        assert_eq!(gomode::from_unix(libc::S_IFDIR | 0o755), gomode::DIR | 0o755);
-        assert_eq!(gomode::from_unix(libc::S_IFREG | 0o4755), gomode::SETUID | 0o755);
+        assert_eq!(
+            gomode::from_unix(libc::S_IFDIR | 0o755),
+            gomode::DIR | 0o755
+        );
+        assert_eq!(
+            gomode::from_unix(libc::S_IFREG | 0o4755),
+            gomode::SETUID | 0o755
+        );
         assert_eq!(gomode::unix_perm(gomode::SETUID | 0o755), 0o4755);
     }
 }

@@ -18,13 +18,21 @@ pub struct Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -72,7 +80,11 @@ where
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if outgoing.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    if outgoing
+                        .send(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -90,10 +102,14 @@ pub async fn channel(conn: Conn) -> Result<tonic::transport::Channel, crate::Err
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let c = slot.lock().ok().and_then(|mut g| g.take());
             async move {
-                c.map(hyper_util::rt::TokioIo::new)
-                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "session is closed"))
+                c.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotConnected, "session is closed")
+                })
             }
         }))
         .await
-        .map_err(|source| crate::Error::Connect { addr: "session".into(), source })
+        .map_err(|source| crate::Error::Connect {
+            addr: "session".into(),
+            source,
+        })
 }

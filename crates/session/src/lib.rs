@@ -20,7 +20,7 @@ pub mod raw;
 
 mod client;
 
-pub use client::{credentials_via, SessionClient, SyncOptions};
+pub use client::{SessionClient, SyncOptions, credentials_via};
 
 use std::path::PathBuf;
 
@@ -63,7 +63,10 @@ pub enum Error {
         source: tonic::transport::Error,
     },
     #[error("session call {method}: {status}")]
-    Call { method: String, status: tonic::Status },
+    Call {
+        method: String,
+        status: tonic::Status,
+    },
     #[error("file transfer: {0}")]
     Protocol(String),
     #[error("error from peer: {0}")]
@@ -86,7 +89,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
     }

@@ -2,8 +2,8 @@
 //! be forwarded without knowing its message types.
 
 use bytes::{Buf, BufMut, Bytes};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawCodec;
@@ -49,12 +49,15 @@ pub async fn call(
     let path = http::uri::PathAndQuery::try_from(method)
         .map_err(|e| crate::Error::Protocol(format!("bad method {method:?}: {e}")))?;
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| crate::Error::Call { method: method.into(), status: Status::unavailable(e.to_string()) })?;
+    grpc.ready().await.map_err(|e| crate::Error::Call {
+        method: method.into(),
+        status: Status::unavailable(e.to_string()),
+    })?;
     let mut req = tonic::Request::new(outbound);
     for (k, v) in metadata {
-        let Ok(key) = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()) else { continue };
+        let Ok(key) = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()) else {
+            continue;
+        };
         for part in v.split('\n') {
             if let Ok(val) = part.parse() {
                 req.metadata_mut().append(key.clone(), val);
@@ -64,6 +67,9 @@ pub async fn call(
     let resp = grpc
         .streaming(req, path, RawCodec)
         .await
-        .map_err(|status| crate::Error::Call { method: method.into(), status })?;
+        .map_err(|status| crate::Error::Call {
+            method: method.into(),
+            status,
+        })?;
     Ok(resp.into_inner())
 }

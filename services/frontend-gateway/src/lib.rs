@@ -816,8 +816,8 @@ mod tests {
             ..Default::default()
         };
         let gateway = Gateway::new(bridge);
-        let out = run(gateway.solve(request(&[("context:extra", "local:extradir")])))
-            .expect("converts");
+        let out =
+            run(gateway.solve(request(&[("context:extra", "local:extradir")]))).expect("converts");
         let graph = kiln_llb::load(&out.definition).expect("valid definition");
         let src = graph
             .vertices

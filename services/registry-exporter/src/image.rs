@@ -203,7 +203,10 @@ pub fn layer_options(attrs: &BTreeMap<String, String>) -> Result<LayerOptions, E
         key: key.to_string(),
         value: attrs.get(key).cloned().unwrap_or_default(),
     };
-    let name = attrs.get("compression").map(String::as_str).unwrap_or("gzip");
+    let name = attrs
+        .get("compression")
+        .map(String::as_str)
+        .unwrap_or("gzip");
     let compression = Compression::from_name(name).ok_or_else(|| invalid("compression"))?;
     let mut o = LayerOptions::new(compression);
     if let Some(l) = attrs.get("compression-level").filter(|l| !l.is_empty()) {
@@ -240,8 +243,8 @@ pub fn mark_empty_layers(image_config: &[u8], empty: &[bool]) -> Result<Vec<u8>,
     if !empty.iter().any(|e| *e) || image_config.is_empty() {
         return Ok(image_config.to_vec());
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    let mut v: serde_json::Value = serde_json::from_slice(image_config)
+        .map_err(|source| Error::DecodeImageConfig { source })?;
     if let Some(h) = v.get_mut("history").and_then(|h| h.as_array_mut()) {
         let claims: Vec<usize> = h
             .iter()
@@ -259,7 +262,10 @@ pub fn mark_empty_layers(image_config: &[u8], empty: &[bool]) -> Result<Vec<u8>,
             }
         }
     }
-    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson { what: "image config", source })
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson {
+        what: "image config",
+        source,
+    })
 }
 
 fn now_epoch() -> u64 {
@@ -276,8 +282,8 @@ pub fn with_build_time(image_config: &[u8], now: u64) -> Result<Vec<u8>, Error> 
     if image_config.is_empty() {
         return with_epoch(image_config, now);
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    let mut v: serde_json::Value = serde_json::from_slice(image_config)
+        .map_err(|source| Error::DecodeImageConfig { source })?;
     let ts = serde_json::Value::String(rfc3339(now));
     if let Some(obj) = v.as_object_mut() {
         // a frontend that chose a time (SOURCE_DATE_EPOCH) keeps it
@@ -288,7 +294,10 @@ pub fn with_build_time(image_config: &[u8], now: u64) -> Result<Vec<u8>, Error> 
             }
         }
     }
-    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson { what: "image config", source })
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson {
+        what: "image config",
+        source,
+    })
 }
 
 /// The image config JSON with `created` and every history entry's `created` set to `epoch`
@@ -342,8 +351,14 @@ pub(crate) async fn build(
     };
     // snapshots with an empty diff have no blob (an empty digest here); the
     // history entries they stand for become empty_layer
-    let empty: Vec<bool> = chain.iter().map(|l| l.descriptor.digest.is_empty()).collect();
-    let layers: Vec<LayerBlob> = chain.into_iter().filter(|l| !l.descriptor.digest.is_empty()).collect();
+    let empty: Vec<bool> = chain
+        .iter()
+        .map(|l| l.descriptor.digest.is_empty())
+        .collect();
+    let layers: Vec<LayerBlob> = chain
+        .into_iter()
+        .filter(|l| !l.descriptor.digest.is_empty())
+        .collect();
     let blob_dir = tmp.join("blobs");
     tokio::fs::create_dir_all(&blob_dir)
         .await
@@ -450,16 +465,19 @@ pub(crate) async fn push_all(
     let mut done: Vec<kiln_registry::Reference> = Vec::new();
     let mut counts = Pushed::default();
     for name in names {
-        let mut r = kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
-            reference: name.to_string(),
-            source: Box::new(source),
-        })?;
+        let mut r =
+            kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
+                reference: name.to_string(),
+                source: Box::new(source),
+            })?;
         if by_digest {
             r.tag = None;
         }
         r.digest = None;
         let _ = progress.try_send(format!("pushing {r}"));
-        let from = done.iter().find(|d| d.registry == r.registry && d.repository != r.repository);
+        let from = done
+            .iter()
+            .find(|d| d.registry == r.registry && d.repository != r.repository);
         let blobs: Vec<&Descriptor> = image
             .layers
             .iter()
@@ -601,12 +619,19 @@ mod tests {
     #[test]
     fn empty_snapshots_mark_their_history_entry_empty() {
         let cfg = r#"{"architecture":"amd64","os":"linux","history":[{"created_by":"base"},{"created_by":"ENV x","empty_layer":true},{"created_by":"RUN true"},{"created_by":"RUN echo > /f"}]}"#;
-        let out: ImageConfig = serde_json::from_slice(&mark_empty_layers(cfg.as_bytes(), &[false, true, false]).expect("mark")).expect("json");
+        let out: ImageConfig = serde_json::from_slice(
+            &mark_empty_layers(cfg.as_bytes(), &[false, true, false]).expect("mark"),
+        )
+        .expect("json");
         let flags: Vec<Option<bool>> = out.history.iter().map(|h| h.empty_layer).collect();
         assert_eq!(flags, vec![None, Some(true), Some(true), None]);
         // misaligned history is left alone
         let same = mark_empty_layers(cfg.as_bytes(), &[true, false]).expect("mark");
-        assert_eq!(same, serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(cfg).expect("json")).expect("enc"));
+        assert_eq!(
+            same,
+            serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(cfg).expect("json"))
+                .expect("enc")
+        );
     }
 
     #[test]
@@ -615,12 +640,29 @@ mod tests {
         let cfg = with_build_time(FRONTEND_CONFIG.as_bytes(), 1_700_000_000).expect("time");
         let cfg: ImageConfig = serde_json::from_slice(&cfg).expect("json");
         assert_eq!(cfg.created.as_deref(), Some("2000-01-01T00:00:00Z"));
-        assert!(cfg.history.iter().all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z")));
+        assert!(
+            cfg.history
+                .iter()
+                .all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z"))
+        );
         let base = r#"{"architecture":"amd64","os":"linux","history":[{"created":"2000-01-01T00:00:00Z","created_by":"base"},{"created_by":"RUN x"}]}"#;
-        let cfg: ImageConfig = serde_json::from_slice(&with_build_time(base.as_bytes(), 1_700_000_000).expect("time")).expect("json");
-        assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"), "a missing created is the build time");
-        assert_eq!(cfg.history[0].created.as_deref(), Some("2000-01-01T00:00:00Z"), "base history keeps its time");
-        assert_eq!(cfg.history[1].created.as_deref(), Some("2023-11-14T22:13:20Z"));
+        let cfg: ImageConfig =
+            serde_json::from_slice(&with_build_time(base.as_bytes(), 1_700_000_000).expect("time"))
+                .expect("json");
+        assert_eq!(
+            cfg.created.as_deref(),
+            Some("2023-11-14T22:13:20Z"),
+            "a missing created is the build time"
+        );
+        assert_eq!(
+            cfg.history[0].created.as_deref(),
+            Some("2000-01-01T00:00:00Z"),
+            "base history keeps its time"
+        );
+        assert_eq!(
+            cfg.history[1].created.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
     }
 
     #[test]
@@ -631,9 +673,15 @@ mod tests {
         let cfg = with_epoch(FRONTEND_CONFIG.as_bytes(), 1_700_000_000).expect("epoch");
         let cfg: ImageConfig = serde_json::from_slice(&cfg).expect("config");
         assert_eq!(cfg.created.as_deref(), Some("2023-11-14T22:13:20Z"));
-        assert!(cfg.history.iter().all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z")));
+        assert!(
+            cfg.history
+                .iter()
+                .all(|h| h.created.as_deref() == Some("2023-11-14T22:13:20Z"))
+        );
         let attrs = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
-            kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         let o = layer_options(&attrs(&[
             ("compression", "zstd"),
@@ -646,7 +694,13 @@ mod tests {
         assert_eq!(o.spec(), "zstd;level=12;force;epoch=42");
         assert_eq!(layer_options(&attrs(&[])).expect("default").spec(), "gzip");
         assert!(layer_options(&attrs(&[("compression", "lz4")])).is_err());
-        assert!(layer_options(&attrs(&[("compression", "gzip"), ("compression-level", "12")])).is_err());
+        assert!(
+            layer_options(&attrs(&[
+                ("compression", "gzip"),
+                ("compression-level", "12")
+            ]))
+            .is_err()
+        );
         assert_eq!(
             source_date_epoch(&attrs(&[("build-arg:SOURCE_DATE_EPOCH", "7")])).expect("epoch"),
             Some(7)

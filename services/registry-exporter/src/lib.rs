@@ -163,7 +163,8 @@ impl Exporter {
         reference: &str,
         platform: Option<Platform>,
     ) -> Result<ResolvedConfig, Error> {
-        self.resolve_image_config_as(reference, platform, None).await
+        self.resolve_image_config_as(reference, platform, None)
+            .await
     }
 
     /// As [`Exporter::resolve_image_config`], authenticating with `credentials`
@@ -184,17 +185,20 @@ impl Exporter {
                 let host = r.registry.clone();
                 self.registry
                     .clone()
-                    .with_credentials(std::sync::Arc::new(move |h: &str| (h == host).then(|| c.clone())))
+                    .with_credentials(std::sync::Arc::new(move |h: &str| {
+                        (h == host).then(|| c.clone())
+                    }))
             }
             None => self.registry.clone(),
         };
-        let resolved = registry
-            .resolve(&r, &platform)
-            .await
-            .map_err(|source| Error::ResolveImage {
-                reference: r.to_string(),
-                source: Box::new(source),
-            })?;
+        let resolved =
+            registry
+                .resolve(&r, &platform)
+                .await
+                .map_err(|source| Error::ResolveImage {
+                    reference: r.to_string(),
+                    source: Box::new(source),
+                })?;
         let mut canonical = r.clone();
         canonical.digest = None;
         if canonical.tag.is_none() {
@@ -242,7 +246,8 @@ impl Exporter {
         }
         if !creds.is_empty() {
             let creds = std::sync::Arc::new(creds);
-            registry = registry.with_credentials(std::sync::Arc::new(move |h: &str| creds.get(h).cloned()));
+            registry = registry
+                .with_credentials(std::sync::Arc::new(move |h: &str| creds.get(h).cloned()));
         }
         Ok(registry)
     }
@@ -291,9 +296,15 @@ impl Exporter {
                         }
                         if bool_attr(&req.attrs, "push", false) {
                             let registry = self
-                                .push_client(&names, client, bool_attr(&req.attrs, "registry.insecure", false))
+                                .push_client(
+                                    &names,
+                                    client,
+                                    bool_attr(&req.attrs, "registry.insecure", false),
+                                )
                                 .await?;
-                            let pushed = image::push_all(&registry, &names, &image, by_digest, progress).await?;
+                            let pushed =
+                                image::push_all(&registry, &names, &image, by_digest, progress)
+                                    .await?;
                             let _ = progress.try_send(format!(
                                 "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
                                 names.len(),

@@ -1,9 +1,9 @@
 //! Builds: one Solve request from a client, from frontend to export.
 
+use crate::cache::{CacheRecord, CacheStore, MemoryStore, RedbStore, unix_nanos};
 use crate::peer::{ExportJob, Exporter, Frontend, Worker};
-use crate::progress::{now, Progress};
+use crate::progress::{Progress, now};
 use crate::session::SessionManager;
-use crate::cache::{unix_nanos, CacheRecord, CacheStore, MemoryStore, RedbStore};
 use crate::solve::{self, Cache};
 use crate::{Config, Error};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
@@ -118,7 +118,13 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     }
 
     /// A solver over a given cache store.
-    pub fn with_store(config: Config, store: Arc<dyn CacheStore>, worker: W, frontend: F, exporter: E) -> Self {
+    pub fn with_store(
+        config: Config,
+        store: Arc<dyn CacheStore>,
+        worker: W,
+        frontend: F,
+        exporter: E,
+    ) -> Self {
         Solver {
             config,
             sessions: Arc::new(SessionManager::default()),
@@ -158,9 +164,15 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     /// Runs a whole build: frontend, solve, exporters. Dropping the future
     /// cancels the build: its vertices stop unless another build shares them.
-    pub async fn solve(self: &Arc<Self>, req: BuildRequest) -> Result<BTreeMap<String, String>, Error> {
+    pub async fn solve(
+        self: &Arc<Self>,
+        req: BuildRequest,
+    ) -> Result<BTreeMap<String, String>, Error> {
         let build = self.register(&req);
-        let _end = BuildEnd { solver: self.clone(), build: build.clone() };
+        let _end = BuildEnd {
+            solver: self.clone(),
+            build: build.clone(),
+        };
         self.run_build(&build, &req).await
     }
 
@@ -171,7 +183,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         self.builds
             .lock()
             .map(|m| {
-                m.values().filter(|b| b.active.load(Ordering::SeqCst)).map(|b| b.started).min().unwrap_or(now).min(now)
+                m.values()
+                    .filter(|b| b.active.load(Ordering::SeqCst))
+                    .map(|b| b.started)
+                    .min()
+                    .unwrap_or(now)
+                    .min(now)
             })
             .unwrap_or(0)
     }
@@ -189,7 +206,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     pub async fn usage(&self) -> Result<CacheUsage, Error> {
         let mut records = self.cache.with_store(|s| s.list()).await?;
         let usage = self.worker.usage(&[]).await?;
-        let sizes: HashMap<&str, i64> = usage.snapshots.iter().map(|s| (s.r#ref.as_str(), s.size)).collect();
+        let sizes: HashMap<&str, i64> = usage
+            .snapshots
+            .iter()
+            .map(|s| (s.r#ref.as_str(), s.size))
+            .collect();
         for r in &mut records {
             let size: i64 = r.refs.iter().filter_map(|x| sizes.get(x.as_str())).sum();
             if r.size != Some(size) {
@@ -199,8 +220,15 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             }
         }
         records.sort_by_key(|r| std::cmp::Reverse(r.last_used));
-        let named: std::collections::HashSet<&str> = records.iter().flat_map(|r| r.refs.iter().map(String::as_str)).collect();
-        let parents: HashMap<&str, &str> = usage.snapshots.iter().map(|s| (s.r#ref.as_str(), s.parent.as_str())).collect();
+        let named: std::collections::HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.refs.iter().map(String::as_str))
+            .collect();
+        let parents: HashMap<&str, &str> = usage
+            .snapshots
+            .iter()
+            .map(|s| (s.r#ref.as_str(), s.parent.as_str()))
+            .collect();
         // snapshots under a record's refs stay as long as the record does
         let mut reachable = std::collections::HashSet::new();
         for r in &named {
@@ -215,7 +243,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .filter(|s| !named.contains(s.r#ref.as_str()))
             .map(|s| (s.clone(), reachable.contains(&s.r#ref)))
             .collect();
-        Ok(CacheUsage { records, snapshots, blobs_size: usage.blobs_size })
+        Ok(CacheUsage {
+            records,
+            snapshots,
+            blobs_size: usage.blobs_size,
+        })
     }
 
     /// Removes cache records not used for `keep_duration` (every record not
@@ -228,26 +260,51 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             None => in_use_from,
         };
         let records = self.disk_usage().await?;
-        let (gone, kept): (Vec<CacheRecord>, Vec<CacheRecord>) = records.into_iter().partition(|r| r.last_used < cutoff);
+        let (gone, kept): (Vec<CacheRecord>, Vec<CacheRecord>) =
+            records.into_iter().partition(|r| r.last_used < cutoff);
         for r in &gone {
             let id = r.id.clone();
             self.cache.with_store(move |s| s.remove(&id)).await?;
         }
-        let keep: Vec<String> = kept.iter().flat_map(|r| r.refs.iter()).filter(|r| !r.is_empty()).cloned().collect();
+        let keep: Vec<String> = kept
+            .iter()
+            .flat_map(|r| r.refs.iter())
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .collect();
         let removed = self.worker.prune(&keep, in_use_from).await?;
-        tracing::info!(records = gone.len(), snapshots = removed.snapshots.len(), "pruned");
+        tracing::info!(
+            records = gone.len(),
+            snapshots = removed.snapshots.len(),
+            "pruned"
+        );
         Ok(gone)
     }
 
-    async fn run_build(&self, build: &Arc<Build>, req: &BuildRequest) -> Result<BTreeMap<String, String>, Error> {
+    async fn run_build(
+        &self,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+    ) -> Result<BTreeMap<String, String>, Error> {
         let (definition, metadata) = if req.frontend.is_empty() {
             (req.definition.clone().unwrap_or_default(), BTreeMap::new())
         } else {
-            let out = self.frontend.solve(&build.id, &req.frontend, &req.frontend_attrs, &req.session_id).await?;
+            let out = self
+                .frontend
+                .solve(
+                    &build.id,
+                    &req.frontend,
+                    &req.frontend_attrs,
+                    &req.session_id,
+                )
+                .await?;
             (out.definition, out.metadata)
         };
         let result = self.solve_definition(build, &definition).await?;
-        let image_config = metadata.get(IMAGE_CONFIG_KEY).cloned().unwrap_or_else(|| default_image_config(&self.config));
+        let image_config = metadata
+            .get(IMAGE_CONFIG_KEY)
+            .cloned()
+            .unwrap_or_else(|| default_image_config(&self.config));
         let mut response = BTreeMap::new();
         for (i, exp) in req.exporters.iter().enumerate() {
             let name = match exp.r#type.as_str() {
@@ -258,7 +315,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 other => return Err(Error::UnknownExporter(other.to_string())),
             };
             let vdigest = export_vertex_digest(&build.id, i);
-            let mut pv = ProgressVertex { digest: vdigest.clone(), name, started: Some(now()), ..Default::default() };
+            let mut pv = ProgressVertex {
+                digest: vdigest.clone(),
+                name,
+                started: Some(now()),
+                ..Default::default()
+            };
             build.progress.vertex(pv.clone());
             let pb = build.clone();
             let vd = vdigest.clone();
@@ -297,7 +359,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     }
 
     /// Solves a definition within a build (also used by LLBBridge.Solve).
-    pub async fn solve_definition(&self, build: &Arc<Build>, def: &pb::Definition) -> Result<String, Error> {
+    pub async fn solve_definition(
+        &self,
+        build: &Arc<Build>,
+        def: &pb::Definition,
+    ) -> Result<String, Error> {
         solve::solve(self.worker.clone(), self.cache.clone(), build.clone(), def).await
     }
 
@@ -339,7 +405,10 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
 fn export_vertex_digest(build_id: &str, index: usize) -> String {
     use sha2::{Digest, Sha256};
     let h = Sha256::digest(format!("export:{build_id}:{index}").as_bytes());
-    format!("sha256:{}", h.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "sha256:{}",
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }
 
 fn default_image_config(config: &Config) -> Vec<u8> {
@@ -359,10 +428,17 @@ fn default_image_config(config: &Config) -> Vec<u8> {
 
 /// An exporter's attrs plus what the build's frontend attrs imply for it:
 /// `build-arg:SOURCE_DATE_EPOCH` becomes `source-date-epoch`, as in BuildKit.
-fn exporter_attrs(attrs: &BTreeMap<String, String>, frontend_attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+fn exporter_attrs(
+    attrs: &BTreeMap<String, String>,
+    frontend_attrs: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut out = attrs.clone();
-    if let Some(epoch) = frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH").filter(|v| !v.is_empty()) {
-        out.entry("source-date-epoch".to_string()).or_insert_with(|| epoch.clone());
+    if let Some(epoch) = frontend_attrs
+        .get("build-arg:SOURCE_DATE_EPOCH")
+        .filter(|v| !v.is_empty())
+    {
+        out.entry("source-date-epoch".to_string())
+            .or_insert_with(|| epoch.clone());
     }
     out
 }
@@ -373,11 +449,18 @@ mod exporter_attr_tests {
 
     #[test]
     fn source_date_epoch_build_arg_reaches_the_exporter() {
-        let fe: BTreeMap<String, String> = [("build-arg:SOURCE_DATE_EPOCH".to_string(), "42".to_string())].into();
+        let fe: BTreeMap<String, String> =
+            [("build-arg:SOURCE_DATE_EPOCH".to_string(), "42".to_string())].into();
         let out = exporter_attrs(&BTreeMap::new(), &fe);
         assert_eq!(out.get("source-date-epoch").map(String::as_str), Some("42"));
         // an explicit exporter attr wins
-        let own: BTreeMap<String, String> = [("source-date-epoch".to_string(), "7".to_string())].into();
-        assert_eq!(exporter_attrs(&own, &fe).get("source-date-epoch").map(String::as_str), Some("7"));
+        let own: BTreeMap<String, String> =
+            [("source-date-epoch".to_string(), "7".to_string())].into();
+        assert_eq!(
+            exporter_attrs(&own, &fe)
+                .get("source-date-epoch")
+                .map(String::as_str),
+            Some("7")
+        );
     }
 }

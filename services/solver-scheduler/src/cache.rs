@@ -41,7 +41,10 @@ pub struct CacheRecord {
 
 /// Unix nanoseconds now.
 pub fn unix_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Storage of cache records and the keys leading to them.
@@ -70,7 +73,10 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, CacheRecord>, &mut HashMap<String, String>) -> T) -> T {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, CacheRecord>, &mut HashMap<String, String>) -> T,
+    ) -> T {
         let mut g = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -149,22 +155,34 @@ pub struct RedbStore {
 }
 
 fn db_err(op: &'static str) -> impl Fn(redb::Error) -> Error {
-    move |source| Error::CacheStore { op, source: Box::new(source) }
+    move |source| Error::CacheStore {
+        op,
+        source: Box::new(source),
+    }
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<CacheRecord, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::CacheRecord { id: id.to_string(), message: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| Error::CacheRecord {
+        id: id.to_string(),
+        message: e.to_string(),
+    })
 }
 
 fn encode(rec: &CacheRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(rec).map_err(|e| Error::CacheRecord { id: rec.id.clone(), message: e.to_string() })
+    serde_json::to_vec(rec).map_err(|e| Error::CacheRecord {
+        id: rec.id.clone(),
+        message: e.to_string(),
+    })
 }
 
 impl RedbStore {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<RedbStore, Error> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::CacheStore { op: "create dir", source: Box::new(e.into()) })?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::CacheStore {
+                op: "create dir",
+                source: Box::new(e.into()),
+            })?;
         }
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
         let s = RedbStore { db };
@@ -188,7 +206,12 @@ impl RedbStore {
         Ok(out)
     }
 
-    fn update(&self, op: &'static str, id: &str, f: impl FnOnce(&mut CacheRecord, &mut redb::Table<&str, &str>) -> Result<(), Error>) -> Result<(), Error> {
+    fn update(
+        &self,
+        op: &'static str,
+        id: &str,
+        f: impl FnOnce(&mut CacheRecord, &mut redb::Table<&str, &str>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         use redb::ReadableTable;
         let e = db_err(op);
         self.write(op, |records, keys| {
@@ -198,7 +221,9 @@ impl RedbStore {
             };
             let mut rec = rec;
             f(&mut rec, keys)?;
-            records.insert(id, encode(&rec)?.as_slice()).map_err(|x| e(x.into()))?;
+            records
+                .insert(id, encode(&rec)?.as_slice())
+                .map_err(|x| e(x.into()))?;
             Ok(())
         })
     }
@@ -210,7 +235,11 @@ impl CacheStore for RedbStore {
         let e = db_err("read");
         let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
         let keys = txn.open_table(KEYS).map_err(|x| e(x.into()))?;
-        let Some(id) = keys.get(key).map_err(|x| e(x.into()))?.map(|v| v.value().to_string()) else {
+        let Some(id) = keys
+            .get(key)
+            .map_err(|x| e(x.into()))?
+            .map(|v| v.value().to_string())
+        else {
             return Ok(None);
         };
         let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
@@ -224,9 +253,12 @@ impl CacheStore for RedbStore {
         let e = db_err("put");
         let bytes = encode(record)?;
         self.write("put", |records, keys| {
-            records.insert(record.id.as_str(), bytes.as_slice()).map_err(|x| e(x.into()))?;
+            records
+                .insert(record.id.as_str(), bytes.as_slice())
+                .map_err(|x| e(x.into()))?;
             for l in &record.links {
-                keys.insert(l.as_str(), record.id.as_str()).map_err(|x| e(x.into()))?;
+                keys.insert(l.as_str(), record.id.as_str())
+                    .map_err(|x| e(x.into()))?;
             }
             Ok(())
         })
@@ -262,7 +294,10 @@ impl CacheStore for RedbStore {
                 None => return Ok(()),
             };
             for l in &rec.links {
-                let points_here = keys.get(l.as_str()).map_err(|x| e(x.into()))?.is_some_and(|v| v.value() == id);
+                let points_here = keys
+                    .get(l.as_str())
+                    .map_err(|x| e(x.into()))?
+                    .is_some_and(|v| v.value() == id);
                 if points_here {
                     keys.remove(l.as_str()).map_err(|x| e(x.into()))?;
                 }
@@ -312,12 +347,18 @@ mod tests {
     fn exercise(s: &dyn CacheStore) {
         assert_eq!(s.get("k1").expect("get"), None);
         s.put(&record("k1", &["k1", "c1"])).expect("put");
-        assert_eq!(s.get("c1").expect("get").map(|r| r.refs), Some(vec!["r1".to_string()]));
+        assert_eq!(
+            s.get("c1").expect("get").map(|r| r.refs),
+            Some(vec!["r1".to_string()])
+        );
         s.link("k1", "k2").expect("link");
         let r = s.get("k2").expect("get").expect("linked");
         assert_eq!((r.id.as_str(), r.usage_count, r.links.len()), ("k1", 1, 3));
         s.set_size("k1", 42).expect("size");
-        assert_eq!(s.list().expect("list").first().and_then(|r| r.size), Some(42));
+        assert_eq!(
+            s.list().expect("list").first().and_then(|r| r.size),
+            Some(42)
+        );
         s.put(&record("x", &["x"])).expect("put");
         s.remove("k1").expect("remove");
         for k in ["k1", "k2", "c1"] {
@@ -340,6 +381,10 @@ mod tests {
             exercise(&s);
         }
         let s = RedbStore::open(&path).expect("reopen");
-        assert_eq!(s.get("x").expect("get").map(|r| r.id), Some("x".to_string()), "records survive a reopen");
+        assert_eq!(
+            s.get("x").expect("get").map(|r| r.id),
+            Some("x".to_string()),
+            "records survive a reopen"
+        );
     }
 }

@@ -36,10 +36,13 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { session_wait: Duration::from_secs(10), platforms: vec![format!("linux/{}", kiln_oci::host_architecture())], cache_db: None }
+        Config {
+            session_wait: Duration::from_secs(10),
+            platforms: vec![format!("linux/{}", kiln_oci::host_architecture())],
+            cache_db: None,
+        }
     }
 }
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,7 +59,11 @@ pub enum Error {
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
     #[error("frontend {frontend}: {message}")]
-    Frontend { frontend: String, message: String, code: tonic::Code },
+    Frontend {
+        frontend: String,
+        message: String,
+        code: tonic::Code,
+    },
     #[error("{message}")]
     Vertex {
         name: String,
@@ -90,13 +97,24 @@ pub const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if let Error::Vertex { snippet: Some(snippet), message, code, .. } = &e {
+        if let Error::Vertex {
+            snippet: Some(snippet),
+            message,
+            code,
+            ..
+        } = &e
+        {
             let mut md = tonic::metadata::MetadataMap::new();
-            md.insert_bin(ERROR_SOURCE_KEY, tonic::metadata::MetadataValue::from_bytes(snippet.as_bytes()));
+            md.insert_bin(
+                ERROR_SOURCE_KEY,
+                tonic::metadata::MetadataValue::from_bytes(snippet.as_bytes()),
+            );
             return tonic::Status::with_metadata(*code, message.clone(), md);
         }
         let code = match &e {
-            Error::Definition(_) | Error::MissingVertex(_) | Error::UnknownExporter(_) => tonic::Code::InvalidArgument,
+            Error::Definition(_) | Error::MissingVertex(_) | Error::UnknownExporter(_) => {
+                tonic::Code::InvalidArgument
+            }
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
             Error::NoSession(_) => tonic::Code::FailedPrecondition,
             Error::Frontend { code, .. } | Error::Vertex { code, .. } => *code,

@@ -40,15 +40,24 @@ pub trait Worker: Send + Sync + 'static {
         op: RunOp,
         events: Arc<dyn Fn(RunEvent) + Send + Sync>,
     ) -> impl Future<Output = Result<RunOutputs, Error>> + Send;
-    fn read_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    fn read_file(&self, r: &str, path: &str)
+    -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
     /// Digest of the content at `selectors` in ref `r`.
-    fn checksum(&self, r: &str, selectors: &[Selector]) -> impl Future<Output = Result<String, Error>> + Send;
+    fn checksum(
+        &self,
+        r: &str,
+        selectors: &[Selector],
+    ) -> impl Future<Output = Result<String, Error>> + Send;
     /// Whether each ref (with its parent chain) is still held.
     fn exists(&self, refs: &[String]) -> impl Future<Output = Result<Vec<bool>, Error>> + Send;
     /// Disk usage of the given snapshots (all when empty).
     fn usage(&self, refs: &[String]) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
     /// Removes snapshots created before `before` (unix ns) that `keep` does not reach.
-    fn prune(&self, keep: &[String], before: i64) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+    fn prune(
+        &self,
+        keep: &[String],
+        before: i64,
+    ) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
 }
 
 /// A path an op reads from one of its inputs.

@@ -24,12 +24,20 @@ impl Progress {
     }
 
     pub fn vertex(&self, v: Vertex) {
-        self.push(StatusResponse { vertexes: vec![v], ..Default::default() });
+        self.push(StatusResponse {
+            vertexes: vec![v],
+            ..Default::default()
+        });
     }
 
     pub fn log(&self, vertex: &str, stream: i64, msg: Vec<u8>) {
         self.push(StatusResponse {
-            logs: vec![VertexLog { vertex: vertex.to_string(), timestamp: Some(now()), stream, msg }],
+            logs: vec![VertexLog {
+                vertex: vertex.to_string(),
+                timestamp: Some(now()),
+                stream,
+                msg,
+            }],
             ..Default::default()
         });
     }

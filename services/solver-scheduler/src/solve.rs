@@ -7,11 +7,11 @@
 //! definition does not determine (local sources) are keyed by the content
 //! digest the worker reports.
 
+use crate::Error;
 use crate::build::Build;
-use crate::cache::{unix_nanos, CacheRecord, CacheStore};
+use crate::cache::{CacheRecord, CacheStore, unix_nanos};
 use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
 use crate::progress::now;
-use crate::Error;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
@@ -49,7 +49,11 @@ struct Outcome {
 
 impl Cache {
     pub fn new(store: Arc<dyn CacheStore>) -> Self {
-        Cache { store, inflight: Mutex::new(HashMap::new()), checksums: Mutex::new(HashMap::new()) }
+        Cache {
+            store,
+            inflight: Mutex::new(HashMap::new()),
+            checksums: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn CacheStore> {
@@ -88,7 +92,11 @@ impl Cache {
             handle.await.unwrap_or_else(|e| {
                 Err(Failure {
                     name: String::new(),
-                    message: if e.is_cancelled() { "build cancelled".into() } else { format!("vertex task: {e}") },
+                    message: if e.is_cancelled() {
+                        "build cancelled".into()
+                    } else {
+                        format!("vertex task: {e}")
+                    },
                     code: tonic::Code::Cancelled,
                     snippet: None,
                 })
@@ -102,7 +110,11 @@ impl Cache {
     }
 
     fn memo(&self, r: &str, sel: &[Selector]) -> Option<String> {
-        self.checksums.lock().ok()?.get(&(r.to_string(), sel.to_vec())).cloned()
+        self.checksums
+            .lock()
+            .ok()?
+            .get(&(r.to_string(), sel.to_vec()))
+            .cloned()
     }
 
     fn remember(&self, r: &str, sel: &[Selector], digest: &str) {
@@ -143,7 +155,12 @@ struct Failure {
 
 impl From<Failure> for Error {
     fn from(f: Failure) -> Self {
-        Error::Vertex { name: f.name, message: f.message, code: f.code, snippet: f.snippet }
+        Error::Vertex {
+            name: f.name,
+            message: f.message,
+            code: f.code,
+            snippet: f.snippet,
+        }
     }
 }
 
@@ -155,13 +172,24 @@ pub fn source_snippet(graph: &kiln_llb::Graph, digest: &str) -> Option<String> {
     let loc = graph.locations(digest).first()?;
     let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
     let range = loc.ranges.first()?;
-    let (start, end) = (range.start.as_ref()?.line, range.end.as_ref().map(|p| p.line).unwrap_or(0));
+    let (start, end) = (
+        range.start.as_ref()?.line,
+        range.end.as_ref().map(|p| p.line).unwrap_or(0),
+    );
     let end = end.max(start);
     let text = String::from_utf8_lossy(&info.data);
     let lines: Vec<&str> = text.lines().collect();
     let first = (start - 2).max(1);
     let last = (end + 2).min(lines.len() as i32);
-    let mut out = format!("{}:{}\n--------------------\n", info.filename, if start == end { start.to_string() } else { format!("{start}-{end}") });
+    let mut out = format!(
+        "{}:{}\n--------------------\n",
+        info.filename,
+        if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        }
+    );
     for n in first..=last {
         let line = lines.get((n - 1) as usize).copied().unwrap_or("");
         let mark = if n >= start && n <= end { ">>>" } else { "   " };
@@ -194,7 +222,11 @@ pub fn vertex_name(op: &pb::Op, md: &pb::OpMetadata) -> String {
     }
     match &op.op {
         Some(OpKind::Source(s)) => s.identifier.clone(),
-        Some(OpKind::Exec(e)) => e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default(),
+        Some(OpKind::Exec(e)) => e
+            .meta
+            .as_ref()
+            .map(|m| m.args.join(" "))
+            .unwrap_or_default(),
         Some(OpKind::File(f)) => {
             let kinds: Vec<&str> = f
                 .actions
@@ -236,7 +268,11 @@ fn is_local_source(op: &pb::Op) -> bool {
 }
 
 fn abs_path(p: &str) -> String {
-    if p.starts_with('/') { p.to_string() } else { format!("/{p}") }
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("/{p}")
+    }
 }
 
 /// Per input of `op`: the paths the op reads from it, when it reads only
@@ -269,8 +305,13 @@ pub fn input_selectors(op: &pb::Op) -> Vec<Option<Vec<Selector>>> {
             for m in &e.mounts {
                 let Some(i) = slot(m.input) else { continue };
                 let bind = m.mount_type == pb::MountType::Bind as i32;
-                if bind && m.readonly && m.output < 0 && !m.selector.is_empty() && m.selector != "/" {
-                    sel[i].push(Selector { path: abs_path(&m.selector), wildcard: false, follow_links: true });
+                if bind && m.readonly && m.output < 0 && !m.selector.is_empty() && m.selector != "/"
+                {
+                    sel[i].push(Selector {
+                        path: abs_path(&m.selector),
+                        wildcard: false,
+                        follow_links: true,
+                    });
                 } else {
                     whole[i] = true;
                 }
@@ -314,7 +355,12 @@ struct Step<W> {
 
 impl<W: Worker> Step<W> {
     fn fail(&self, message: String, code: tonic::Code) -> Failure {
-        Failure { name: self.name.clone(), message, code, snippet: self.snippet.clone() }
+        Failure {
+            name: self.name.clone(),
+            message,
+            code,
+            snippet: self.snippet.clone(),
+        }
     }
 
     fn store_err(&self, e: Error) -> Failure {
@@ -325,7 +371,12 @@ impl<W: Worker> Step<W> {
     /// A record whose refs are gone is removed.
     async fn usable(&self, key: &str) -> Result<Option<CacheRecord>, Failure> {
         let k = key.to_string();
-        let Some(rec) = self.cache.with_store(move |s| s.get(&k)).await.map_err(|e| self.store_err(e))? else {
+        let Some(rec) = self
+            .cache
+            .with_store(move |s| s.get(&k))
+            .await
+            .map_err(|e| self.store_err(e))?
+        else {
             return Ok(None);
         };
         let refs: Vec<String> = rec.refs.iter().filter(|r| !r.is_empty()).cloned().collect();
@@ -343,7 +394,10 @@ impl<W: Worker> Step<W> {
         if !present {
             tracing::info!(key, record = %rec.id, "cached result is gone from the worker; dropping the record");
             let id = rec.id.clone();
-            self.cache.with_store(move |s| s.remove(&id)).await.map_err(|e| self.store_err(e))?;
+            self.cache
+                .with_store(move |s| s.remove(&id))
+                .await
+                .map_err(|e| self.store_err(e))?;
             return Ok(None);
         }
         Ok(Some(rec))
@@ -364,11 +418,12 @@ impl<W: Worker> Step<W> {
                     let digest = match self.cache.memo(r, &sel) {
                         Some(d) => d,
                         None => {
-                            let d = self
-                                .worker
-                                .checksum(r, &sel)
-                                .await
-                                .map_err(|e| self.fail(format!("failed to compute cache key: {e}"), tonic::Code::Unknown))?;
+                            let d = self.worker.checksum(r, &sel).await.map_err(|e| {
+                                self.fail(
+                                    format!("failed to compute cache key: {e}"),
+                                    tonic::Code::Unknown,
+                                )
+                            })?;
                             self.cache.remember(r, &sel, &d);
                             d
                         }
@@ -385,7 +440,10 @@ impl<W: Worker> Step<W> {
     fn hit(&self, rec: CacheRecord) -> Outcome {
         Outcome {
             done: Arc::new(Done {
-                outputs: RunOutputs { refs: rec.refs, content_keys: vec![] },
+                outputs: RunOutputs {
+                    refs: rec.refs,
+                    content_keys: vec![],
+                },
                 keys: rec.output_keys,
             }),
             cached: true,
@@ -398,16 +456,26 @@ impl<W: Worker> Step<W> {
             && let Some(rec) = self.usable(&self.key).await?
         {
             let id = rec.id.clone();
-            self.cache.with_store(move |s| s.touch(&id)).await.map_err(|e| self.store_err(e))?;
+            self.cache
+                .with_store(move |s| s.touch(&id))
+                .await
+                .map_err(|e| self.store_err(e))?;
             return Ok(self.hit(rec));
         }
-        let content_key = if self.ignore_cache { None } else { self.content_key().await? };
+        let content_key = if self.ignore_cache {
+            None
+        } else {
+            self.content_key().await?
+        };
         if self.lookup
             && let Some(ck) = &content_key
             && let Some(rec) = self.usable(ck).await?
         {
             let (id, key) = (rec.id.clone(), self.key.clone());
-            self.cache.with_store(move |s| s.link(&id, &key)).await.map_err(|e| self.store_err(e))?;
+            self.cache
+                .with_store(move |s| s.link(&id, &key))
+                .await
+                .map_err(|e| self.store_err(e))?;
             return Ok(self.hit(rec));
         }
         let build = self.build.clone();
@@ -438,12 +506,14 @@ impl<W: Worker> Step<W> {
         let base = content_key.clone().unwrap_or_else(|| self.key.clone());
         let local = is_local_source(&self.op);
         let keys: Vec<String> = (0..outputs.refs.len())
-            .map(|i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
-                Some(ck) => sha(&[self.def_key.as_str(), ck.as_str()]),
-                // content unknown: nothing downstream may be reused
-                None if local => sha(&[&uuid::Uuid::new_v4().to_string()]),
-                None => sha(&[base.as_str(), &i.to_string()]),
-            })
+            .map(
+                |i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
+                    Some(ck) => sha(&[self.def_key.as_str(), ck.as_str()]),
+                    // content unknown: nothing downstream may be reused
+                    None if local => sha(&[&uuid::Uuid::new_v4().to_string()]),
+                    None => sha(&[base.as_str(), &i.to_string()]),
+                },
+            )
             .collect();
         if !self.ignore_cache && !local {
             let now = unix_nanos();
@@ -465,7 +535,10 @@ impl<W: Worker> Step<W> {
                 tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
             }
         }
-        Ok(Outcome { done: Arc::new(Done { outputs, keys }), cached: false })
+        Ok(Outcome {
+            done: Arc::new(Done { outputs, keys }),
+            cached: false,
+        })
     }
 }
 
@@ -489,17 +562,16 @@ pub async fn solve<W: Worker>(
         .collect();
     for v in graph.vertices {
         let snippet = snippets.get(&v.digest).cloned();
-        let inputs: Vec<(VertexFuture, i64)> = v
-            .op
-            .inputs
-            .iter()
-            .map(|i| {
-                futs.get(&i.digest)
-                    .cloned()
-                    .map(|f| (f, i.index))
-                    .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
-            })
-            .collect::<Result<_, _>>()?;
+        let inputs: Vec<(VertexFuture, i64)> =
+            v.op.inputs
+                .iter()
+                .map(|i| {
+                    futs.get(&i.digest)
+                        .cloned()
+                        .map(|f| (f, i.index))
+                        .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
+                })
+                .collect::<Result<_, _>>()?;
         let worker = worker.clone();
         let cache = cache.clone();
         let build = build.clone();
@@ -554,7 +626,9 @@ pub async fn solve<W: Worker>(
             let (flight, leader) = if lookup {
                 cache.join(&key, move || step.execute().boxed())
             } else {
-                cache.join(&format!("unshared:{}", uuid::Uuid::new_v4()), move || step.execute().boxed())
+                cache.join(&format!("unshared:{}", uuid::Uuid::new_v4()), move || {
+                    step.execute().boxed()
+                })
             };
             let res = flight.fut.clone().await;
             pv.completed = Some(now());
@@ -619,7 +693,11 @@ mod tests {
         fn address(&self) -> String {
             "fake".into()
         }
-        async fn run(&self, op: RunOp, _events: Arc<dyn Fn(RunEvent) + Send + Sync>) -> Result<RunOutputs, Error> {
+        async fn run(
+            &self,
+            op: RunOp,
+            _events: Arc<dyn Fn(RunEvent) + Send + Sync>,
+        ) -> Result<RunOutputs, Error> {
             use prost::Message;
             let decoded = pb::Op::decode(op.op_bytes.as_slice()).expect("op");
             self.runs.lock().expect("lock").push(op.name.clone());
@@ -634,7 +712,10 @@ mod tests {
             }
             let r = uuid::Uuid::new_v4().to_string();
             self.refs.lock().expect("lock").insert(r.clone());
-            Ok(RunOutputs { refs: vec![r], content_keys })
+            Ok(RunOutputs {
+                refs: vec![r],
+                content_keys,
+            })
         }
         async fn read_file(&self, _r: &str, _path: &str) -> Result<Vec<u8>, Error> {
             Ok(vec![])
@@ -642,7 +723,10 @@ mod tests {
         async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {
             self.checksums.fetch_add(1, Ordering::SeqCst);
             let files = self.files.lock().expect("lock");
-            let parts: Vec<String> = selectors.iter().map(|s| format!("{}={:?}", s.path, files.get(&s.path))).collect();
+            let parts: Vec<String> = selectors
+                .iter()
+                .map(|s| format!("{}={:?}", s.path, files.get(&s.path)))
+                .collect();
             Ok(sha(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
         }
         async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
@@ -668,17 +752,26 @@ mod tests {
             v
         }
         fn set(&self, path: &str, content: &str) {
-            self.files.lock().expect("lock").insert(path.into(), content.into());
+            self.files
+                .lock()
+                .expect("lock")
+                .insert(path.into(), content.into());
         }
     }
 
     fn named(name: &str) -> pb::OpMetadata {
-        pb::OpMetadata { description: [("llb.customname".to_string(), name.to_string())].into(), ..Default::default() }
+        pb::OpMetadata {
+            description: [("llb.customname".to_string(), name.to_string())].into(),
+            ..Default::default()
+        }
     }
 
     fn source(b: &mut kiln_llb::DefinitionBuilder, id: &str, name: &str) -> pb::Input {
         let op = pb::Op {
-            op: Some(OpKind::Source(pb::SourceOp { identifier: id.into(), attrs: Default::default() })),
+            op: Some(OpKind::Source(pb::SourceOp {
+                identifier: id.into(),
+                attrs: Default::default(),
+            })),
             ..Default::default()
         };
         b.add(op, named(name))
@@ -687,7 +780,11 @@ mod tests {
     /// FROM base; COPY a.txt /; RUN cmd
     fn copy_then_run(cmd: &str) -> pb::Definition {
         let mut b = kiln_llb::DefinitionBuilder::new();
-        let base = source(&mut b, "docker-image://docker.io/library/busybox:latest", "base");
+        let base = source(
+            &mut b,
+            "docker-image://docker.io/library/busybox:latest",
+            "base",
+        );
         let ctx = source(&mut b, "local://context", "context");
         let copy = pb::Op {
             inputs: vec![base, ctx],
@@ -710,8 +807,17 @@ mod tests {
         let exec = pb::Op {
             inputs: vec![copied],
             op: Some(OpKind::Exec(pb::ExecOp {
-                meta: Some(pb::Meta { args: vec!["sh".into(), "-c".into(), cmd.into()], cwd: "/".into(), ..Default::default() }),
-                mounts: vec![pb::Mount { input: 0, dest: "/".into(), output: 0, ..Default::default() }],
+                meta: Some(pb::Meta {
+                    args: vec!["sh".into(), "-c".into(), cmd.into()],
+                    cwd: "/".into(),
+                    ..Default::default()
+                }),
+                mounts: vec![pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }],
                 ..Default::default()
             })),
             ..Default::default()
@@ -721,13 +827,29 @@ mod tests {
     }
 
     fn build(id: &str, no_cache: bool) -> Arc<Build> {
-        Arc::new(Build::new(&BuildRequest { id: id.into(), ..Default::default() }, no_cache))
+        Arc::new(Build::new(
+            &BuildRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+            no_cache,
+        ))
     }
 
-    async fn solve_once(w: &Arc<FakeWorker>, cache: &Arc<Cache>, def: &pb::Definition, no_cache: bool) -> String {
-        solve(w.clone(), cache.clone(), build(&uuid::Uuid::new_v4().to_string(), no_cache), def)
-            .await
-            .expect("solve")
+    async fn solve_once(
+        w: &Arc<FakeWorker>,
+        cache: &Arc<Cache>,
+        def: &pb::Definition,
+        no_cache: bool,
+    ) -> String {
+        solve(
+            w.clone(),
+            cache.clone(),
+            build(&uuid::Uuid::new_v4().to_string(), no_cache),
+            def,
+        )
+        .await
+        .expect("solve")
     }
 
     #[tokio::test]
@@ -742,7 +864,11 @@ mod tests {
         w.set("/b.txt", "changed");
         let second = solve_once(&w, &cache, &def, false).await;
         assert_eq!(second, first, "same result ref");
-        assert_eq!(w.runs()[4..], ["context"], "only the context is synced again");
+        assert_eq!(
+            w.runs()[4..],
+            ["context"],
+            "only the context is synced again"
+        );
         // the content match was linked: the same context again needs no checksum
         let before = w.checksums.load(Ordering::SeqCst);
         solve_once(&w, &cache, &def, false).await;
@@ -784,11 +910,18 @@ mod tests {
         w.set("/a.txt", "a");
         let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
         let def = copy_then_run("sleep 1");
-        let (a, b) = tokio::join!(solve_once(&w, &cache, &def, false), solve_once(&w, &cache, &def, false));
+        let (a, b) = tokio::join!(
+            solve_once(&w, &cache, &def, false),
+            solve_once(&w, &cache, &def, false)
+        );
         assert_eq!(a, b);
         let runs = w.runs();
         assert_eq!(runs.iter().filter(|r| *r == "run").count(), 1, "{runs:?}");
-        assert_eq!(runs.iter().filter(|r| *r == "context").count(), 2, "local sources are per build: {runs:?}");
+        assert_eq!(
+            runs.iter().filter(|r| *r == "context").count(),
+            2,
+            "local sources are per build: {runs:?}"
+        );
     }
 
     #[tokio::test]
@@ -798,7 +931,11 @@ mod tests {
         let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
         let def = copy_then_run("sleep 1");
         // alone: dropping the build stops the RUN
-        let r = tokio::time::timeout(Duration::from_millis(100), solve_once(&w, &cache, &def, false)).await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            solve_once(&w, &cache, &def, false),
+        )
+        .await;
         assert!(r.is_err());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(w.cancelled.load(Ordering::SeqCst), 1, "the RUN was stopped");
@@ -807,10 +944,18 @@ mod tests {
         let c2 = cache.clone();
         let d2 = def.clone();
         let keeper = tokio::spawn(async move { solve_once(&w2, &c2, &d2, false).await });
-        let r = tokio::time::timeout(Duration::from_millis(100), solve_once(&w, &cache, &def, false)).await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            solve_once(&w, &cache, &def, false),
+        )
+        .await;
         assert!(r.is_err());
         keeper.await.expect("the other build finishes");
-        assert_eq!(w.cancelled.load(Ordering::SeqCst), 1, "the shared RUN was not stopped");
+        assert_eq!(
+            w.cancelled.load(Ordering::SeqCst),
+            1,
+            "the shared RUN was not stopped"
+        );
         assert_eq!(w.runs().iter().filter(|r| *r == "run").count(), 2);
     }
 
@@ -818,7 +963,11 @@ mod tests {
     fn selectors_cover_copy_sources_and_read_only_bind_mounts() {
         let def = copy_then_run("true");
         let g = kiln_llb::load(&def).expect("load");
-        let copy = g.vertices.iter().find(|v| matches!(v.op.op, Some(OpKind::File(_)))).expect("copy");
+        let copy = g
+            .vertices
+            .iter()
+            .find(|v| matches!(v.op.op, Some(OpKind::File(_))))
+            .expect("copy");
         let sels = input_selectors(&copy.op);
         assert_eq!(sels.len(), 2);
         assert!(sels[0].is_none(), "the destination is read whole");
@@ -827,8 +976,20 @@ mod tests {
             inputs: vec![pb::Input::default(), pb::Input::default()],
             op: Some(OpKind::Exec(pb::ExecOp {
                 mounts: vec![
-                    pb::Mount { input: 0, dest: "/".into(), output: 0, ..Default::default() },
-                    pb::Mount { input: 1, dest: "/src".into(), selector: "/app".into(), readonly: true, output: -1, ..Default::default() },
+                    pb::Mount {
+                        input: 0,
+                        dest: "/".into(),
+                        output: 0,
+                        ..Default::default()
+                    },
+                    pb::Mount {
+                        input: 1,
+                        dest: "/src".into(),
+                        selector: "/app".into(),
+                        readonly: true,
+                        output: -1,
+                        ..Default::default()
+                    },
                 ],
                 ..Default::default()
             })),

@@ -146,13 +146,22 @@ mod tests {
         );
         drop((a, b));
         let l = locked.await.expect("locked");
-        assert_eq!(std::fs::read_to_string(l.dir().join("f")).expect("kept"), "1");
+        assert_eq!(
+            std::fs::read_to_string(l.dir().join("f")).expect("kept"),
+            "1"
+        );
         drop(l);
         // the same id seeded from another base is another cache
-        let other = c.acquire("x", Some("base"), Sharing::Shared).await.expect("o");
+        let other = c
+            .acquire("x", Some("base"), Sharing::Shared)
+            .await
+            .expect("o");
         assert!(other.fresh());
         drop(p);
         let p2 = c.acquire("x", None, Sharing::Private).await.expect("p2");
-        assert!(p2.dir().join("f").exists(), "private reuses a free instance");
+        assert!(
+            p2.dir().join("f").exists(),
+            "private reuses a free instance"
+        );
     }
 }

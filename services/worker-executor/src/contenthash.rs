@@ -35,16 +35,25 @@ pub struct Selector {
 pub fn paths(root: &Path, selectors: &[Selector]) -> Result<String> {
     let mut h = Sha256::new();
     for sel in selectors {
-        let full = if sel.path.starts_with('/') { sel.path.clone() } else { format!("/{}", sel.path) };
+        let full = if sel.path.starts_with('/') {
+            sel.path.clone()
+        } else {
+            format!("/{}", sel.path)
+        };
         h.update(b"selector\0");
         h.update(full.as_bytes());
         h.update([0, sel.wildcard as u8, sel.follow_links as u8]);
-        let matches = if sel.wildcard && has_glob(&full) { glob(root, &full)? } else { vec![full] };
+        let matches = if sel.wildcard && has_glob(&full) {
+            glob(root, &full)?
+        } else {
+            vec![full]
+        };
         for m in matches {
             h.update(b"match\0");
             h.update(m.as_bytes());
             h.update([0]);
-            let p = crate::rootpath::resolve(root, &m, sel.follow_links).map_err(Error::io("resolve", &m))?;
+            let p = crate::rootpath::resolve(root, &m, sel.follow_links)
+                .map_err(Error::io("resolve", &m))?;
             match p.symlink_metadata() {
                 Ok(_) => hash_tree(&mut h, &p, 0)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.update(b"missing\0"),
@@ -77,15 +86,23 @@ fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
         for b in &bases {
             let dir = crate::rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
                 .map_err(Error::io("resolve", b))?;
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
-            let mut names: Vec<String> =
-                rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| m.is_match(n)).collect();
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| m.is_match(n))
+                .collect();
             names.sort();
             next.extend(names.into_iter().map(|n| format!("{b}/{n}")));
         }
         bases = next;
     }
-    let mut out: Vec<String> = bases.into_iter().map(|b| if b.is_empty() { "/".to_string() } else { b }).collect();
+    let mut out: Vec<String> = bases
+        .into_iter()
+        .map(|b| if b.is_empty() { "/".to_string() } else { b })
+        .collect();
     out.sort();
     Ok(out)
 }
@@ -93,22 +110,46 @@ fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
 /// Feeds every entry at and below `root` (from `min_depth`) into `h`.
 fn hash_tree(h: &mut Sha256, root: &Path, min_depth: usize) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    for entry in walkdir::WalkDir::new(root).min_depth(min_depth).follow_root_links(false).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(root)
+        .min_depth(min_depth)
+        .follow_root_links(false)
+        .sort_by_file_name()
+    {
         let entry = entry.map_err(|e| {
-            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
-            Error::io("walk", path)(e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk loop")))
+            let path = e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.to_path_buf());
+            Error::io("walk", path)(
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("walk loop")),
+            )
         })?;
         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
-        let md = entry.path().symlink_metadata().map_err(Error::io("stat", entry.path()))?;
+        let md = entry
+            .path()
+            .symlink_metadata()
+            .map_err(Error::io("stat", entry.path()))?;
         h.update(rel.as_os_str().as_encoded_bytes());
         h.update([0]);
-        h.update(format!("{:o} {} {} {}", md.mode(), md.uid(), md.gid(), if md.is_file() { md.len() } else { 0 }).as_bytes());
+        h.update(
+            format!(
+                "{:o} {} {} {}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                if md.is_file() { md.len() } else { 0 }
+            )
+            .as_bytes(),
+        );
         h.update([0]);
         if md.file_type().is_symlink() {
-            let t = std::fs::read_link(entry.path()).map_err(Error::io("readlink", entry.path()))?;
+            let t =
+                std::fs::read_link(entry.path()).map_err(Error::io("readlink", entry.path()))?;
             h.update(t.as_os_str().as_encoded_bytes());
         } else if md.is_file() {
-            let mut f = std::fs::File::open(entry.path()).map_err(Error::io("open", entry.path()))?;
+            let mut f =
+                std::fs::File::open(entry.path()).map_err(Error::io("open", entry.path()))?;
             loop {
                 let n = f.read(&mut buf).map_err(Error::io("read", entry.path()))?;
                 if n == 0 {
@@ -127,7 +168,11 @@ mod tests {
     use super::*;
 
     fn sel(path: &str, wildcard: bool) -> Selector {
-        Selector { path: path.into(), wildcard, follow_links: true }
+        Selector {
+            path: path.into(),
+            wildcard,
+            follow_links: true,
+        }
     }
 
     #[test]
@@ -147,9 +192,17 @@ mod tests {
         assert_eq!(one(&[sel("*.txt", true)]), kw);
         // same content rewritten (new mtime): unchanged
         write("a.txt", "a");
-        assert_eq!(one(&[sel("a.txt", false)]), k, "relative and absolute paths agree");
+        assert_eq!(
+            one(&[sel("a.txt", false)]),
+            k,
+            "relative and absolute paths agree"
+        );
         // mode change: changed
-        std::fs::set_permissions(a.path().join("a.txt"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::set_permissions(
+            a.path().join("a.txt"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
         let k2 = one(&[sel("/a.txt", false)]);
         assert_ne!(k2, k);
         // a new match of the wildcard: changed
@@ -157,9 +210,16 @@ mod tests {
         assert_ne!(one(&[sel("*.txt", true)]), kw);
         // a symlink counts by its target unless followed
         std::os::unix::fs::symlink("a.txt", a.path().join("l")).expect("symlink");
-        let nofollow = Selector { path: "/l".into(), wildcard: false, follow_links: false };
+        let nofollow = Selector {
+            path: "/l".into(),
+            wildcard: false,
+            follow_links: false,
+        };
         assert_eq!(one(&[sel("/l", false)]), one(&[sel("/l", false)]));
-        assert_ne!(one(std::slice::from_ref(&nofollow)), one(&[sel("/a.txt", false)]));
+        assert_ne!(
+            one(std::slice::from_ref(&nofollow)),
+            one(&[sel("/a.txt", false)])
+        );
         // a missing path has a digest, and creating it changes it
         let missing = one(&[sel("/nope", false)]);
         write("nope", "");
@@ -169,7 +229,11 @@ mod tests {
         let outside = one(&[sel("/esc", false)]);
         std::fs::create_dir(a.path().join("etc")).expect("mkdir");
         write("etc/hostname", "inside");
-        assert_ne!(one(&[sel("/esc", false)]), outside, "reads <root>/etc/hostname");
+        assert_ne!(
+            one(&[sel("/esc", false)]),
+            outside,
+            "reads <root>/etc/hostname"
+        );
     }
 
     #[test]

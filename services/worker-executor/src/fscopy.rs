@@ -33,7 +33,10 @@ pub struct Filter {
 }
 
 fn glob(p: &str) -> io::Result<globset::GlobMatcher> {
-    let p = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+    let p = p
+        .trim_start_matches("./")
+        .trim_start_matches('/')
+        .trim_end_matches('/');
     globset::GlobBuilder::new(p)
         .literal_separator(true)
         .build()
@@ -52,7 +55,10 @@ impl Filter {
         } else {
             let mut b = globset::GlobSetBuilder::new();
             for p in include {
-                let p = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+                let p = p
+                    .trim_start_matches("./")
+                    .trim_start_matches('/')
+                    .trim_end_matches('/');
                 b.add(
                     globset::GlobBuilder::new(p)
                         .literal_separator(true)
@@ -60,7 +66,10 @@ impl Filter {
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
                 );
             }
-            Some(b.build().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?)
+            Some(
+                b.build()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            )
         };
         let exclude = exclude
             .iter()
@@ -76,7 +85,10 @@ impl Filter {
     fn excluded(&self, rel: &Path) -> bool {
         let mut out = false;
         for (g, excl) in &self.exclude {
-            if rel.ancestors().any(|a| !a.as_os_str().is_empty() && g.is_match(a)) {
+            if rel
+                .ancestors()
+                .any(|a| !a.as_os_str().is_empty() && g.is_match(a))
+            {
                 out = *excl;
             }
         }
@@ -87,7 +99,9 @@ impl Filter {
     fn included(&self, rel: &Path) -> bool {
         match &self.include {
             None => true,
-            Some(s) => rel.ancestors().any(|a| !a.as_os_str().is_empty() && s.is_match(a)),
+            Some(s) => rel
+                .ancestors()
+                .any(|a| !a.as_os_str().is_empty() && s.is_match(a)),
         }
     }
 }
@@ -96,7 +110,12 @@ impl Filter {
 #[derive(Debug, Clone, PartialEq)]
 enum Clause {
     Abs(u32),
-    Sym { who: u32, op: char, perm: u32, cond_x: bool },
+    Sym {
+        who: u32,
+        op: char,
+        perm: u32,
+        cond_x: bool,
+    },
 }
 
 /// A parsed chmod mode string.
@@ -107,7 +126,9 @@ impl ModeStr {
     pub fn parse(s: &str) -> io::Result<ModeStr> {
         let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("invalid mode {s:?}"));
         if !s.is_empty() && s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-            return u32::from_str_radix(s, 8).map(|m| ModeStr(vec![Clause::Abs(m & 0o7777)])).map_err(|_| bad());
+            return u32::from_str_radix(s, 8)
+                .map(|m| ModeStr(vec![Clause::Abs(m & 0o7777)]))
+                .map_err(|_| bad());
         }
         let mut out = Vec::new();
         for clause in s.split(',') {
@@ -143,7 +164,12 @@ impl ModeStr {
                     _ => return Err(bad()),
                 };
             }
-            out.push(Clause::Sym { who, op, perm, cond_x });
+            out.push(Clause::Sym {
+                who,
+                op,
+                perm,
+                cond_x,
+            });
         }
         Ok(ModeStr(out))
     }
@@ -154,7 +180,12 @@ impl ModeStr {
         for c in &self.0 {
             match c {
                 Clause::Abs(a) => m = *a,
-                Clause::Sym { who, op, perm, cond_x } => {
+                Clause::Sym {
+                    who,
+                    op,
+                    perm,
+                    cond_x,
+                } => {
                     let mut p = *perm;
                     if *cond_x && (is_dir || m & 0o111 != 0) {
                         p |= 0o111;
@@ -379,7 +410,8 @@ mod more_tests {
         std::fs::hard_link(src.join("a/y.txt"), src.join("b/y-link")).expect("link");
         let dst = tmp.path().join("dst");
         let opts = CopyOpts {
-            filter: Filter::new(&["**/*.go".into(), "**/y*".into()], &["b/skip.go".into()]).expect("filter"),
+            filter: Filter::new(&["**/*.go".into(), "**/y*".into()], &["b/skip.go".into()])
+                .expect("filter"),
             ..Default::default()
         };
         copy_entry(&src, &dst, &opts).expect("copy");
@@ -396,7 +428,10 @@ mod more_tests {
         let f = tmp.path().join("f");
         std::fs::write(&f, "f").expect("w");
         assert!(copy_entry(&f, &dst.join("a"), &CopyOpts::default()).is_err());
-        let opts = CopyOpts { always_replace: true, ..Default::default() };
+        let opts = CopyOpts {
+            always_replace: true,
+            ..Default::default()
+        };
         copy_entry(&f, &dst.join("a"), &opts).expect("replace");
         assert!(dst.join("a").is_file());
     }

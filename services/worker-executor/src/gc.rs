@@ -2,9 +2,9 @@
 //! records need from the worker. The worker keeps no cache index itself;
 //! the solver says which refs are still wanted.
 
+use crate::Worker;
 use crate::error::{Error, Result};
 use crate::snapshot::{Kind, Meta};
-use crate::Worker;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -50,8 +50,14 @@ fn contents_size(dir: &Path) -> i64 {
 fn size_from(dir: &Path, min_depth: usize) -> i64 {
     let mut seen = HashSet::new();
     let mut total = 0i64;
-    for e in walkdir::WalkDir::new(dir).min_depth(min_depth).into_iter().filter_map(|e| e.ok()) {
-        let Ok(md) = e.path().symlink_metadata() else { continue };
+    for e in walkdir::WalkDir::new(dir)
+        .min_depth(min_depth)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
             continue;
         }
@@ -77,7 +83,9 @@ impl SnapshotUsage {
 impl Worker {
     /// Whether each ref and its whole parent chain are committed here.
     pub fn exists(&self, refs: &[String]) -> Vec<bool> {
-        refs.iter().map(|r| self.store().chain(Some(r)).is_ok()).collect()
+        refs.iter()
+            .map(|r| self.store().chain(Some(r)).is_ok())
+            .collect()
     }
 
     fn all_metas(&self) -> Result<Vec<Meta>> {
@@ -88,7 +96,9 @@ impl Worker {
             let id = e.file_name().to_string_lossy().into_owned();
             match self.store().meta(&id) {
                 Ok(m) => out.push(m),
-                Err(err) => tracing::warn!(snapshot = %id, error = %err, "skipping unreadable snapshot"),
+                Err(err) => {
+                    tracing::warn!(snapshot = %id, error = %err, "skipping unreadable snapshot")
+                }
             }
         }
         Ok(out)
@@ -103,7 +113,9 @@ impl Worker {
         let metas: Vec<Meta> = if refs.is_empty() {
             self.all_metas()?
         } else {
-            refs.iter().filter_map(|r| self.store().meta(r).ok()).collect()
+            refs.iter()
+                .filter_map(|r| self.store().meta(r).ok())
+                .collect()
         };
         let store = self.store().clone();
         let blobs = self.blobs_dir();
@@ -118,7 +130,10 @@ impl Worker {
                     kind: m.kind,
                 })
                 .collect();
-            Ok(Usage { snapshots, blobs_size: contents_size(&blobs) })
+            Ok(Usage {
+                snapshots,
+                blobs_size: contents_size(&blobs),
+            })
         })
         .await?
     }
@@ -138,7 +153,12 @@ impl Worker {
         tokio::task::spawn_blocking(move || {
             let by_id: HashMap<&str, &Meta> = metas.iter().map(|m| (m.id.as_str(), m)).collect();
             let mut live: HashSet<String> = HashSet::new();
-            let roots = keep.iter().cloned().chain(metas.iter().filter(|m| created(&store.dir(&m.id)) >= before).map(|m| m.id.clone()));
+            let roots = keep.iter().cloned().chain(
+                metas
+                    .iter()
+                    .filter(|m| created(&store.dir(&m.id)) >= before)
+                    .map(|m| m.id.clone()),
+            );
             for r in roots {
                 let mut next = Some(r);
                 while let Some(id) = next {
@@ -166,14 +186,23 @@ impl Worker {
             let mut wanted: HashSet<String> = HashSet::new();
             for m in metas.iter().filter(|m| live.contains(&m.id)) {
                 wanted.extend(m.blob.iter().map(|b| b.descriptor.digest.to_string()));
-                wanted.extend(m.layers.values().flatten().map(|b| b.descriptor.digest.to_string()));
+                wanted.extend(
+                    m.layers
+                        .values()
+                        .flatten()
+                        .map(|b| b.descriptor.digest.to_string()),
+                );
             }
             let mut blobs_removed = 0i64;
             if let Ok(rd) = std::fs::read_dir(&blobs) {
                 for e in rd.flatten() {
                     let digest = format!("sha256:{}", e.file_name().to_string_lossy());
                     let Ok(md) = e.metadata() else { continue };
-                    let mtime = md.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64);
+                    let mtime = md
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_nanos() as i64);
                     if wanted.contains(&digest) || mtime.is_none_or(|t| t >= before) {
                         continue;
                     }
@@ -182,7 +211,10 @@ impl Worker {
                     }
                 }
             }
-            Ok(Usage { snapshots: removed, blobs_size: blobs_removed })
+            Ok(Usage {
+                snapshots: removed,
+                blobs_size: blobs_removed,
+            })
         })
         .await?
     }
@@ -195,19 +227,48 @@ mod tests {
     #[tokio::test]
     async fn prune_keeps_what_kept_refs_reach_and_removes_the_rest() {
         let (_tmp, w) = worker();
-        let base = snapshot(&w, None, |d| std::fs::write(d.join("base"), vec![1u8; 10_000]).expect("write"));
-        let kept = snapshot(&w, Some(&base), |d| std::fs::write(d.join("kept"), "k").expect("write"));
-        let dropped = snapshot(&w, Some(&base), |d| std::fs::write(d.join("gone"), vec![2u8; 20_000]).expect("write"));
-        assert_eq!(w.exists(&[kept.clone(), dropped.clone(), "nope".into()]), [true, true, false]);
+        let base = snapshot(&w, None, |d| {
+            std::fs::write(d.join("base"), vec![1u8; 10_000]).expect("write")
+        });
+        let kept = snapshot(&w, Some(&base), |d| {
+            std::fs::write(d.join("kept"), "k").expect("write")
+        });
+        let dropped = snapshot(&w, Some(&base), |d| {
+            std::fs::write(d.join("gone"), vec![2u8; 20_000]).expect("write")
+        });
+        assert_eq!(
+            w.exists(&[kept.clone(), dropped.clone(), "nope".into()]),
+            [true, true, false]
+        );
         let u = w.usage(&[]).await.expect("usage");
         assert_eq!(u.snapshots.len(), 3);
-        assert!(u.snapshots.iter().find(|s| s.id == dropped).expect("listed").size >= 20_000);
+        assert!(
+            u.snapshots
+                .iter()
+                .find(|s| s.id == dropped)
+                .expect("listed")
+                .size
+                >= 20_000
+        );
         // everything is newer than `before`: nothing goes
         let none = w.prune(&[], 1).await.expect("prune");
         assert!(none.snapshots.is_empty());
-        let removed = w.prune(std::slice::from_ref(&kept), 0).await.expect("prune");
-        assert_eq!(removed.snapshots.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), std::slice::from_ref(&dropped));
-        assert_eq!(w.exists(&[kept.clone(), base.clone(), dropped]), [true, true, false]);
+        let removed = w
+            .prune(std::slice::from_ref(&kept), 0)
+            .await
+            .expect("prune");
+        assert_eq!(
+            removed
+                .snapshots
+                .iter()
+                .map(|s| s.id.clone())
+                .collect::<Vec<_>>(),
+            std::slice::from_ref(&dropped)
+        );
+        assert_eq!(
+            w.exists(&[kept.clone(), base.clone(), dropped]),
+            [true, true, false]
+        );
         let all = w.prune(&[], 0).await.expect("prune all");
         assert_eq!(all.snapshots.len(), 2);
         assert_eq!(w.exists(&[kept]), [false]);

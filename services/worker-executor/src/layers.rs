@@ -127,7 +127,11 @@ pub(crate) async fn layers(
     r: Option<&str>,
     compression_spec: &str,
 ) -> Result<Vec<LayerBlob>> {
-    Ok(layer_chain(w, r, compression_spec).await?.into_iter().flatten().collect())
+    Ok(layer_chain(w, r, compression_spec)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 /// The layer blob of one snapshot: its base blob recompressed (force), or its overlay diff

@@ -204,7 +204,11 @@ impl Worker {
 
     /// Digest of what `selectors` reach in a ref's filesystem (see
     /// [`contenthash::paths`]).
-    pub async fn checksum(&self, r: Option<&str>, selectors: Vec<contenthash::Selector>) -> Result<String> {
+    pub async fn checksum(
+        &self,
+        r: Option<&str>,
+        selectors: Vec<contenthash::Selector>,
+    ) -> Result<String> {
         let top = r.map(str::to_string);
         let store = self.blocking_store();
         tokio::task::spawn_blocking(move || {
@@ -222,7 +226,11 @@ impl Worker {
     }
 
     /// One entry per snapshot of the chain (root first), `None` for an empty diff.
-    pub async fn layer_chain(&self, r: Option<&str>, compression: &str) -> Result<Vec<Option<LayerBlob>>> {
+    pub async fn layer_chain(
+        &self,
+        r: Option<&str>,
+        compression: &str,
+    ) -> Result<Vec<Option<LayerBlob>>> {
         layers::layer_chain(self, r, compression).await
     }
 

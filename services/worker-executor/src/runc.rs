@@ -440,7 +440,10 @@ mod tests {
         let linux = s.linux().as_ref().expect("linux");
         assert!(linux.masked_paths().as_ref().is_some_and(|m| !m.is_empty()));
         let ns = linux.namespaces().as_ref().expect("namespaces");
-        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none()));
+        assert!(
+            ns.iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
+        );
         let caps = |s: &Spec| {
             s.process()
                 .as_ref()
@@ -453,7 +456,10 @@ mod tests {
         p.privileged = true;
         p.isolated_network = false;
         let s = spec(&p).expect("spec");
-        assert_eq!(caps(&s) as u32, bounding_set().count_ones().min(ALL_CAPS.len() as u32));
+        assert_eq!(
+            caps(&s) as u32,
+            bounding_set().count_ones().min(ALL_CAPS.len() as u32)
+        );
         let linux = s.linux().as_ref().expect("linux");
         assert!(linux.masked_paths().as_ref().is_none_or(|m| m.is_empty()));
         let ns = linux.namespaces().as_ref().expect("namespaces");

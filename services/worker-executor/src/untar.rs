@@ -30,7 +30,13 @@ fn is_tar_header(b: &[u8]) -> bool {
     let sum: u32 = b[..512]
         .iter()
         .enumerate()
-        .map(|(i, &c)| if (148..156).contains(&i) { 32 } else { c as u32 })
+        .map(|(i, &c)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                c as u32
+            }
+        })
         .sum();
     stored == Some(sum) && b[0] != 0
 }
@@ -38,7 +44,9 @@ fn is_tar_header(b: &[u8]) -> bool {
 /// `Some` when `path` is a tar archive Docker's ADD would unpack.
 pub fn archive_kind(path: &Path) -> io::Result<Option<ArchiveKind>> {
     let mut head = Vec::with_capacity(512);
-    std::fs::File::open(path)?.take(512).read_to_end(&mut head)?;
+    std::fs::File::open(path)?
+        .take(512)
+        .read_to_end(&mut head)?;
     if head.starts_with(&[0x1f, 0x8b]) {
         let mut inner = Vec::with_capacity(512);
         let f = std::fs::File::open(path)?;
@@ -75,7 +83,10 @@ fn clean_rel(p: &Path) -> Option<PathBuf> {
 fn escape(p: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("archive entry {} points outside the destination", p.display()),
+        format!(
+            "archive entry {} points outside the destination",
+            p.display()
+        ),
     )
 }
 
@@ -132,9 +143,9 @@ pub fn unpack(
                 continue;
             }
             tar::EntryType::Symlink => {
-                let link = e
-                    .link_name()?
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "symlink without target"))?;
+                let link = e.link_name()?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "symlink without target")
+                })?;
                 // stored as is: inside the container an absolute target means the
                 // container's root, and every later resolution happens in the root
                 std::os::unix::fs::symlink(link.as_ref(), &target)?;
@@ -142,7 +153,9 @@ pub fn unpack(
             tar::EntryType::Link => {
                 let link = e
                     .link_name()?
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "hard link without target"))?
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "hard link without target")
+                    })?
                     .into_owned();
                 let lrel = clean_rel(&link).ok_or_else(|| escape(&link))?;
                 let lpath = rootpath::resolve(
@@ -187,10 +200,9 @@ pub fn unpack(
 }
 
 fn set_entry_meta(p: &Path, h: &tar::Header, opts: &CopyOpts) -> io::Result<()> {
-    let owner = opts.owner.unwrap_or((
-        h.uid().unwrap_or(0) as u32,
-        h.gid().unwrap_or(0) as u32,
-    ));
+    let owner = opts
+        .owner
+        .unwrap_or((h.uid().unwrap_or(0) as u32, h.gid().unwrap_or(0) as u32));
     let mode = h.mode().unwrap_or(0o644);
     let is_dir = h.entry_type().is_dir();
     let mode = match &opts.mode_str {
@@ -233,7 +245,11 @@ mod tests {
                 name[..path.len()].copy_from_slice(path.as_bytes());
             }
             h.set_cksum();
-            let body: &[u8] = if matches!(et, tar::EntryType::Regular) { data.as_bytes() } else { &[] };
+            let body: &[u8] = if matches!(et, tar::EntryType::Regular) {
+                data.as_bytes()
+            } else {
+                &[]
+            };
             b.append(&h, body).expect("append");
         }
         b.into_inner().expect("tar")
@@ -260,22 +276,57 @@ mod tests {
         };
         let src = tmp.path().join("good.tar.gz");
         std::fs::write(&src, gz).expect("w");
-        assert_eq!(archive_kind(&src).expect("kind"), Some(ArchiveKind::GzipTar));
-        unpack(&src, ArchiveKind::GzipTar, &root, &dst, &CopyOpts::default()).expect("unpack");
-        assert_eq!(std::fs::read_to_string(dst.join("a/b.txt")).expect("b"), "b");
-        assert_eq!(std::fs::read_link(dst.join("abs-link")).expect("link"), Path::new("/etc"));
+        assert_eq!(
+            archive_kind(&src).expect("kind"),
+            Some(ArchiveKind::GzipTar)
+        );
+        unpack(
+            &src,
+            ArchiveKind::GzipTar,
+            &root,
+            &dst,
+            &CopyOpts::default(),
+        )
+        .expect("unpack");
+        assert_eq!(
+            std::fs::read_to_string(dst.join("a/b.txt")).expect("b"),
+            "b"
+        );
+        assert_eq!(
+            std::fs::read_link(dst.join("abs-link")).expect("link"),
+            Path::new("/etc")
+        );
 
         for (name, bad) in [
-            ("dotdot", tar_with(&[("../../escaped", tar::EntryType::Regular, "x")])),
-            ("through-link", tar_with(&[("abs-link/passwd", tar::EntryType::Regular, "pwned")])),
-            ("hardlink-out", tar_with(&[("hl", tar::EntryType::Link, "../etc/passwd")])),
+            (
+                "dotdot",
+                tar_with(&[("../../escaped", tar::EntryType::Regular, "x")]),
+            ),
+            (
+                "through-link",
+                tar_with(&[("abs-link/passwd", tar::EntryType::Regular, "pwned")]),
+            ),
+            (
+                "hardlink-out",
+                tar_with(&[("hl", tar::EntryType::Link, "../etc/passwd")]),
+            ),
         ] {
             let src = tmp.path().join(format!("{name}.tar"));
             std::fs::write(&src, bad).expect("w");
-            assert_eq!(archive_kind(&src).expect("kind"), Some(ArchiveKind::Tar), "{name}");
-            assert!(unpack(&src, ArchiveKind::Tar, &root, &dst, &CopyOpts::default()).is_err(), "{name} must fail");
+            assert_eq!(
+                archive_kind(&src).expect("kind"),
+                Some(ArchiveKind::Tar),
+                "{name}"
+            );
+            assert!(
+                unpack(&src, ArchiveKind::Tar, &root, &dst, &CopyOpts::default()).is_err(),
+                "{name} must fail"
+            );
         }
-        assert_eq!(std::fs::read_to_string(root.join("etc/passwd")).expect("passwd"), "orig");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/passwd")).expect("passwd"),
+            "orig"
+        );
         assert!(!tmp.path().join("escaped").exists());
         let plain = tmp.path().join("plain.txt");
         std::fs::write(&plain, "not an archive").expect("w");

@@ -63,11 +63,18 @@ impl ExporterRpc for ExporterService {
         request: Request<xpb::ResolveRequest>,
     ) -> Result<Response<xpb::ResolveResponse>, Status> {
         let req = request.into_inner();
-        let host = kiln_registry::Reference::parse(&req.r#ref).map(|r| r.registry).unwrap_or_default();
-        let credentials = kiln_session::credentials_via(&self.core.config().broker, &req.session_id, &host).await;
+        let host = kiln_registry::Reference::parse(&req.r#ref)
+            .map(|r| r.registry)
+            .unwrap_or_default();
+        let credentials =
+            kiln_session::credentials_via(&self.core.config().broker, &req.session_id, &host).await;
         let resolved = self
             .core
-            .resolve_image_config_as(&req.r#ref, convert::platform_from_pb(req.platform), credentials)
+            .resolve_image_config_as(
+                &req.r#ref,
+                convert::platform_from_pb(req.platform),
+                credentials,
+            )
             .await?;
         Ok(Response::new(xpb::ResolveResponse {
             r#ref: resolved.reference,
@@ -92,7 +99,10 @@ impl ExporterRpc for ExporterService {
                 let worker = GrpcWorker::connect(&req.worker).await?;
                 // image pushes ask the session for registry credentials
                 let needs_session = req.kind != "image"
-                    || req.attrs.get("push").is_some_and(|v| v == "true" || v == "1");
+                    || req
+                        .attrs
+                        .get("push")
+                        .is_some_and(|v| v == "true" || v == "1");
                 let sink = if !needs_session || req.session_id.is_empty() {
                     Sink::None
                 } else {

@@ -1,9 +1,12 @@
 //! The solver's peers over gRPC.
 
-use crate::peer::{self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs, Selector, SnapshotUsage, WorkerUsage};
 use crate::Error;
+use crate::peer::{
+    self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs, Selector,
+    SnapshotUsage, WorkerUsage,
+};
 use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
-use kiln_proto::kiln::frontend::v1::{frontend_client::FrontendClient, FrontendRequest};
+use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
 use kiln_proto::kiln::worker::v1::{self as wk, worker_client::WorkerClient};
 use kiln_proto::pb;
 use std::collections::BTreeMap;
@@ -14,7 +17,12 @@ use tonic::transport::Channel;
 const MAX_MESSAGE: usize = 64 << 20;
 
 fn status_error(what: &str, s: tonic::Status) -> Error {
-    Error::Vertex { name: what.to_string(), message: s.message().to_string(), code: s.code(), snippet: None }
+    Error::Vertex {
+        name: what.to_string(),
+        message: s.message().to_string(),
+        code: s.code(),
+        snippet: None,
+    }
 }
 
 /// A worker-executor reached over gRPC.
@@ -28,7 +36,9 @@ impl GrpcWorker {
     pub fn new(address: String, channel: Channel) -> Self {
         GrpcWorker {
             address,
-            client: WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+            client: WorkerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         }
     }
 }
@@ -38,7 +48,11 @@ impl peer::Worker for GrpcWorker {
         self.address.clone()
     }
 
-    async fn run(&self, op: RunOp, events: Arc<dyn Fn(RunEvent) + Send + Sync>) -> Result<RunOutputs, Error> {
+    async fn run(
+        &self,
+        op: RunOp,
+        events: Arc<dyn Fn(RunEvent) + Send + Sync>,
+    ) -> Result<RunOutputs, Error> {
         let mut client = self.client.clone();
         let name = op.name.clone();
         let mut stream = client
@@ -57,20 +71,35 @@ impl peer::Worker for GrpcWorker {
         let mut outputs = None;
         while let Some(ev) = stream.message().await.map_err(|s| status_error(&name, s))? {
             match ev.event {
-                Some(wk::run_event::Event::Log(l)) => events(RunEvent::Log { stream: l.stream, data: l.data }),
+                Some(wk::run_event::Event::Log(l)) => events(RunEvent::Log {
+                    stream: l.stream,
+                    data: l.data,
+                }),
                 Some(wk::run_event::Event::Outputs(o)) => {
-                    outputs = Some(RunOutputs { refs: o.refs, content_keys: o.content_keys })
+                    outputs = Some(RunOutputs {
+                        refs: o.refs,
+                        content_keys: o.content_keys,
+                    })
                 }
                 Some(wk::run_event::Event::Progress(_)) | None => {}
             }
         }
-        outputs.ok_or_else(|| Error::Worker(format!("{name}: worker ended the run without outputs")))
+        outputs
+            .ok_or_else(|| Error::Worker(format!("{name}: worker ended the run without outputs")))
     }
 
     async fn read_file(&self, r: &str, path: &str) -> Result<Vec<u8>, Error> {
-        let mut req = tonic::Request::new(wk::ReadFileRequest { r#ref: r.to_string(), path: path.to_string() });
+        let mut req = tonic::Request::new(wk::ReadFileRequest {
+            r#ref: r.to_string(),
+            path: path.to_string(),
+        });
         req.set_timeout(Duration::from_secs(60));
-        let resp = self.client.clone().read_file(req).await.map_err(|s| Error::Worker(s.message().to_string()))?;
+        let resp = self
+            .client
+            .clone()
+            .read_file(req)
+            .await
+            .map_err(|s| Error::Worker(s.message().to_string()))?;
         Ok(resp.into_inner().data)
     }
 
@@ -79,38 +108,83 @@ impl peer::Worker for GrpcWorker {
             r#ref: r.to_string(),
             selectors: selectors
                 .iter()
-                .map(|s| wk::ChecksumSelector { path: s.path.clone(), wildcard: s.wildcard, follow_links: s.follow_links })
+                .map(|s| wk::ChecksumSelector {
+                    path: s.path.clone(),
+                    wildcard: s.wildcard,
+                    follow_links: s.follow_links,
+                })
                 .collect(),
         });
         req.set_timeout(Duration::from_secs(600));
-        let resp = self.client.clone().checksum(req).await.map_err(|s| Error::Worker(format!("checksum {r}: {}", s.message())))?;
+        let resp = self
+            .client
+            .clone()
+            .checksum(req)
+            .await
+            .map_err(|s| Error::Worker(format!("checksum {r}: {}", s.message())))?;
         Ok(resp.into_inner().digest)
     }
 
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
-        let mut req = tonic::Request::new(wk::ExistsRequest { refs: refs.to_vec() });
+        let mut req = tonic::Request::new(wk::ExistsRequest {
+            refs: refs.to_vec(),
+        });
         req.set_timeout(Duration::from_secs(30));
-        let resp = self.client.clone().exists(req).await.map_err(|s| Error::Worker(format!("exists: {}", s.message())))?;
+        let resp = self
+            .client
+            .clone()
+            .exists(req)
+            .await
+            .map_err(|s| Error::Worker(format!("exists: {}", s.message())))?;
         Ok(resp.into_inner().exists)
     }
 
     async fn usage(&self, refs: &[String]) -> Result<WorkerUsage, Error> {
-        let mut req = tonic::Request::new(wk::UsageRequest { refs: refs.to_vec() });
+        let mut req = tonic::Request::new(wk::UsageRequest {
+            refs: refs.to_vec(),
+        });
         req.set_timeout(Duration::from_secs(600));
-        let r = self.client.clone().usage(req).await.map_err(|s| Error::Worker(format!("usage: {}", s.message())))?.into_inner();
-        Ok(WorkerUsage { snapshots: r.snapshots.into_iter().map(snapshot_usage).collect(), blobs_size: r.blobs_size })
+        let r = self
+            .client
+            .clone()
+            .usage(req)
+            .await
+            .map_err(|s| Error::Worker(format!("usage: {}", s.message())))?
+            .into_inner();
+        Ok(WorkerUsage {
+            snapshots: r.snapshots.into_iter().map(snapshot_usage).collect(),
+            blobs_size: r.blobs_size,
+        })
     }
 
     async fn prune(&self, keep: &[String], before: i64) -> Result<WorkerUsage, Error> {
-        let mut req = tonic::Request::new(wk::PruneRequest { keep: keep.to_vec(), before });
+        let mut req = tonic::Request::new(wk::PruneRequest {
+            keep: keep.to_vec(),
+            before,
+        });
         req.set_timeout(Duration::from_secs(600));
-        let r = self.client.clone().prune(req).await.map_err(|s| Error::Worker(format!("prune: {}", s.message())))?.into_inner();
-        Ok(WorkerUsage { snapshots: r.removed.into_iter().map(snapshot_usage).collect(), blobs_size: r.blobs_removed_size })
+        let r = self
+            .client
+            .clone()
+            .prune(req)
+            .await
+            .map_err(|s| Error::Worker(format!("prune: {}", s.message())))?
+            .into_inner();
+        Ok(WorkerUsage {
+            snapshots: r.removed.into_iter().map(snapshot_usage).collect(),
+            blobs_size: r.blobs_removed_size,
+        })
     }
 }
 
 fn snapshot_usage(s: wk::SnapshotUsage) -> SnapshotUsage {
-    SnapshotUsage { r#ref: s.r#ref, parent: s.parent, kind: s.kind, size: s.size, created: s.created }
+    SnapshotUsage {
+        r#ref: s.r#ref,
+        parent: s.parent,
+        kind: s.kind,
+        size: s.size,
+        created: s.created,
+    }
 }
 
 /// A frontend-gateway reached over gRPC.
@@ -121,7 +195,9 @@ pub struct GrpcFrontend {
 
 impl GrpcFrontend {
     pub fn new(channel: Channel) -> Self {
-        GrpcFrontend { client: FrontendClient::new(channel).max_decoding_message_size(MAX_MESSAGE) }
+        GrpcFrontend {
+            client: FrontendClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
+        }
     }
 }
 
@@ -143,9 +219,16 @@ impl peer::Frontend for GrpcFrontend {
                 session_id: session_id.to_string(),
             })
             .await
-            .map_err(|s| Error::Frontend { frontend: frontend.to_string(), message: s.message().to_string(), code: s.code() })?
+            .map_err(|s| Error::Frontend {
+                frontend: frontend.to_string(),
+                message: s.message().to_string(),
+                code: s.code(),
+            })?
             .into_inner();
-        Ok(FrontendOutput { definition: resp.definition.unwrap_or_default(), metadata: resp.metadata })
+        Ok(FrontendOutput {
+            definition: resp.definition.unwrap_or_default(),
+            metadata: resp.metadata,
+        })
     }
 }
 
@@ -157,12 +240,19 @@ pub struct GrpcExporter {
 
 impl GrpcExporter {
     pub fn new(channel: Channel) -> Self {
-        GrpcExporter { client: ExporterClient::new(channel).max_decoding_message_size(MAX_MESSAGE) }
+        GrpcExporter {
+            client: ExporterClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
+        }
     }
 }
 
 impl peer::Exporter for GrpcExporter {
-    async fn resolve(&self, reference: &str, platform: Option<pb::Platform>, session_id: &str) -> Result<ResolvedImage, Error> {
+    async fn resolve(
+        &self,
+        reference: &str,
+        platform: Option<pb::Platform>,
+        session_id: &str,
+    ) -> Result<ResolvedImage, Error> {
         let mut req = tonic::Request::new(ex::ResolveRequest {
             r#ref: reference.to_string(),
             platform,
@@ -174,12 +264,23 @@ impl peer::Exporter for GrpcExporter {
             .clone()
             .resolve_image_config(req)
             .await
-            .map_err(|s| Error::Resolve { reference: reference.to_string(), message: s.message().to_string() })?
+            .map_err(|s| Error::Resolve {
+                reference: reference.to_string(),
+                message: s.message().to_string(),
+            })?
             .into_inner();
-        Ok(ResolvedImage { reference: r.r#ref, digest: r.digest, config: r.config })
+        Ok(ResolvedImage {
+            reference: r.r#ref,
+            digest: r.digest,
+            config: r.config,
+        })
     }
 
-    async fn export(&self, job: ExportJob, status: Arc<dyn Fn(String) + Send + Sync>) -> Result<BTreeMap<String, String>, Error> {
+    async fn export(
+        &self,
+        job: ExportJob,
+        status: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> Result<BTreeMap<String, String>, Error> {
         let exporter = job.r#type.clone();
         let mut stream = self
             .client
@@ -195,7 +296,10 @@ impl peer::Exporter for GrpcExporter {
                 index: job.index as i32,
             })
             .await
-            .map_err(|s| Error::Export { exporter: exporter.clone(), message: s.message().to_string() })?
+            .map_err(|s| Error::Export {
+                exporter: exporter.clone(),
+                message: s.message().to_string(),
+            })?
             .into_inner();
         let mut response = None;
         loop {
@@ -206,9 +310,17 @@ impl peer::Exporter for GrpcExporter {
                     None => {}
                 },
                 Ok(None) => break,
-                Err(s) => return Err(Error::Export { exporter, message: s.message().to_string() }),
+                Err(s) => {
+                    return Err(Error::Export {
+                        exporter,
+                        message: s.message().to_string(),
+                    });
+                }
             }
         }
-        response.ok_or_else(|| Error::Export { exporter, message: "exporter ended without a result".into() })
+        response.ok_or_else(|| Error::Export {
+            exporter,
+            message: "exporter ended without a result".into(),
+        })
     }
 }

@@ -8,10 +8,16 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
     let mut exporters: Vec<ExporterSpec> = r
         .exporters
         .into_iter()
-        .map(|e| ExporterSpec { r#type: e.r#type, attrs: e.attrs })
+        .map(|e| ExporterSpec {
+            r#type: e.r#type,
+            attrs: e.attrs,
+        })
         .collect();
     if exporters.is_empty() && !r.exporter_deprecated.is_empty() {
-        exporters.push(ExporterSpec { r#type: r.exporter_deprecated, attrs: r.exporter_attrs_deprecated });
+        exporters.push(ExporterSpec {
+            r#type: r.exporter_deprecated,
+            attrs: r.exporter_attrs_deprecated,
+        });
     }
     BuildRequest {
         id: r.r#ref,
@@ -25,7 +31,10 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
 }
 
 fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: unix_nanos.div_euclid(1_000_000_000), nanos: unix_nanos.rem_euclid(1_000_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: unix_nanos.div_euclid(1_000_000_000),
+        nanos: unix_nanos.rem_euclid(1_000_000_000) as i32,
+    }
 }
 
 /// A cache record as `du`/`prune` report it.
@@ -48,11 +57,19 @@ pub fn snapshot_record(s: &crate::peer::SnapshotUsage, shared: bool) -> UsageRec
         id: s.r#ref.clone(),
         size: s.size,
         parent: s.parent.clone(),
-        parents: if s.parent.is_empty() { vec![] } else { vec![s.parent.clone()] },
+        parents: if s.parent.is_empty() {
+            vec![]
+        } else {
+            vec![s.parent.clone()]
+        },
         created_at: Some(timestamp(s.created)),
         last_used_at: Some(timestamp(s.created)),
         description: format!("{} snapshot", s.kind),
-        record_type: if s.kind == "local" { "source.local".into() } else { "regular".into() },
+        record_type: if s.kind == "local" {
+            "source.local".into()
+        } else {
+            "regular".into()
+        },
         shared,
         ..Default::default()
     }

@@ -1,13 +1,13 @@
 //! Control, SessionBroker and LLBBridge servers.
 
-use super::{convert, BUILD_ID_KEY};
+use super::{BUILD_ID_KEY, convert};
+use crate::Error;
 use crate::build::Solver;
 use crate::peer::{Exporter, Frontend, Worker};
 use crate::session::Session;
-use crate::Error;
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln_proto::kiln::session::v1::{session_broker_server, ForwardFrame};
+use kiln_proto::kiln::session::v1::{ForwardFrame, session_broker_server};
 use kiln_proto::moby::buildkit::v1::frontend::{
     self as fe, llb_bridge_server, result::Result as FeResult,
 };
@@ -47,12 +47,18 @@ impl Drop for AbortOnDrop {
 }
 
 fn first_md(md: &tonic::metadata::MetadataMap, key: &str) -> String {
-    md.get(key).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+    md.get(key)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tonic::async_trait]
 impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlService<W, F, E> {
-    async fn disk_usage(&self, r: Request<ctl::DiskUsageRequest>) -> Result<Response<ctl::DiskUsageResponse>, Status> {
+    async fn disk_usage(
+        &self,
+        r: Request<ctl::DiskUsageRequest>,
+    ) -> Result<Response<ctl::DiskUsageResponse>, Status> {
         let age_limit = r.into_inner().age_limit;
         let now = crate::cache::unix_nanos();
         let usage = self.solver.usage().await.map_err(Status::from)?;
@@ -62,7 +68,12 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             .filter(|r| age_limit <= 0 || now - r.last_used <= age_limit)
             .map(convert::usage_record)
             .collect();
-        record.extend(usage.snapshots.iter().map(|(s, shared)| convert::snapshot_record(s, *shared)));
+        record.extend(
+            usage
+                .snapshots
+                .iter()
+                .map(|(s, shared)| convert::snapshot_record(s, *shared)),
+        );
         if usage.blobs_size > 0 {
             record.push(ctl::UsageRecord {
                 id: "content-store".into(),
@@ -77,15 +88,24 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
     }
 
     type PruneStream = BoxStream<ctl::UsageRecord>;
-    async fn prune(&self, r: Request<ctl::PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
+    async fn prune(
+        &self,
+        r: Request<ctl::PruneRequest>,
+    ) -> Result<Response<Self::PruneStream>, Status> {
         let r = r.into_inner();
         let keep = (r.keep_duration > 0).then(|| Duration::from_nanos(r.keep_duration as u64));
         let removed = self.solver.prune(keep).await.map_err(Status::from)?;
-        let out: Vec<Result<ctl::UsageRecord, Status>> = removed.iter().map(|r| Ok(convert::usage_record(r))).collect();
+        let out: Vec<Result<ctl::UsageRecord, Status>> = removed
+            .iter()
+            .map(|r| Ok(convert::usage_record(r)))
+            .collect();
         Ok(Response::new(Box::pin(futures::stream::iter(out))))
     }
 
-    async fn solve(&self, request: Request<ctl::SolveRequest>) -> Result<Response<ctl::SolveResponse>, Status> {
+    async fn solve(
+        &self,
+        request: Request<ctl::SolveRequest>,
+    ) -> Result<Response<ctl::SolveResponse>, Status> {
         let req = convert::build_request(request.into_inner());
         if req.id.is_empty() {
             return Err(Status::invalid_argument("solve request has no ref"));
@@ -94,17 +114,28 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         // a client that goes away (this call is dropped) cancels its build
         let task = tokio::spawn(async move { solver.solve(req).await });
         let _cancel = AbortOnDrop(task.abort_handle());
-        let r = task.await.map_err(|e| Status::internal(format!("build task: {e}")))?;
+        let r = task
+            .await
+            .map_err(|e| Status::internal(format!("build task: {e}")))?;
         match r {
-            Ok(resp) => Ok(Response::new(ctl::SolveResponse { exporter_response: resp })),
+            Ok(resp) => Ok(Response::new(ctl::SolveResponse {
+                exporter_response: resp,
+            })),
             Err(e) => Err(Status::from(e)),
         }
     }
 
     type StatusStream = BoxStream<ctl::StatusResponse>;
-    async fn status(&self, request: Request<ctl::StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+    async fn status(
+        &self,
+        request: Request<ctl::StatusRequest>,
+    ) -> Result<Response<Self::StatusStream>, Status> {
         let id = request.into_inner().r#ref;
-        let build = self.solver.build(&id, Duration::from_secs(30)).await.map_err(Status::from)?;
+        let build = self
+            .solver
+            .build(&id, Duration::from_secs(30))
+            .await
+            .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut from = 0;
@@ -125,7 +156,10 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
     }
 
     type SessionStream = BoxStream<ctl::BytesMessage>;
-    async fn session(&self, request: Request<Streaming<ctl::BytesMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<ctl::BytesMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let md = request.metadata();
         let id = first_md(md, headers::SESSION_UUID);
         if id.is_empty() {
@@ -149,7 +183,12 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         let attach_id = id.clone();
         tokio::spawn(async move {
             match kiln_session::hijack::channel(conn).await {
-                Ok(channel) => attach_sessions.insert(Session { id: attach_id, name, shared_key, channel }),
+                Ok(channel) => attach_sessions.insert(Session {
+                    id: attach_id,
+                    name,
+                    shared_key,
+                    channel,
+                }),
                 Err(e) => tracing::warn!("session {attach_id}: {e}"),
             }
         });
@@ -157,7 +196,10 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         Ok(Response::new(Box::pin(out)))
     }
 
-    async fn list_workers(&self, _r: Request<ctl::ListWorkersRequest>) -> Result<Response<ctl::ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _r: Request<ctl::ListWorkersRequest>,
+    ) -> Result<Response<ctl::ListWorkersResponse>, Status> {
         let platforms = self
             .solver
             .config
@@ -176,14 +218,21 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         Ok(Response::new(ctl::ListWorkersResponse {
             record: vec![types::WorkerRecord {
                 id: self.solver.worker.address(),
-                labels: [("org.mobyproject.buildkit.worker.executor".to_string(), "oci".to_string())].into(),
+                labels: [(
+                    "org.mobyproject.buildkit.worker.executor".to_string(),
+                    "oci".to_string(),
+                )]
+                .into(),
                 platforms,
                 ..Default::default()
             }],
         }))
     }
 
-    async fn info(&self, _r: Request<ctl::InfoRequest>) -> Result<Response<ctl::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _r: Request<ctl::InfoRequest>,
+    ) -> Result<Response<ctl::InfoResponse>, Status> {
         Ok(Response::new(ctl::InfoResponse {
             buildkit_version: Some(types::BuildkitVersion {
                 package: "kiln".into(),
@@ -208,22 +257,28 @@ pub fn broker_server<W: Worker, F: Frontend, E: Exporter>(
 }
 
 #[tonic::async_trait]
-impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker for BrokerService<W, F, E> {
+impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker
+    for BrokerService<W, F, E>
+{
     type ForwardStream = BoxStream<ForwardFrame>;
 
-    async fn forward(&self, request: Request<Streaming<ForwardFrame>>) -> Result<Response<Self::ForwardStream>, Status> {
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardFrame>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("forward stream closed before its first frame"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("forward stream closed before its first frame")
+        })?;
         let session = self
             .solver
             .sessions
             .get(&first.session_id, self.solver.config.session_wait)
             .await
             .ok_or_else(|| Status::from(Error::NoSession(first.session_id.clone())))?;
-        let first_msg = first.has_message.then(|| Bytes::from(first.message.clone()));
+        let first_msg = first
+            .has_message
+            .then(|| Bytes::from(first.message.clone()));
         let rest = inbound.filter_map(|f| async move {
             match f {
                 Ok(f) if f.has_message => Some(Bytes::from(f.message)),
@@ -231,10 +286,21 @@ impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker f
             }
         });
         let outbound = futures::stream::iter(first_msg).chain(rest);
-        let responses = kiln_session::raw::call(session.channel.clone(), &first.method, &first.metadata, outbound)
-            .await
-            .map_err(Status::from)?;
-        let out = responses.map(|r| r.map(|b| ForwardFrame { message: b.to_vec(), has_message: true, ..Default::default() }));
+        let responses = kiln_session::raw::call(
+            session.channel.clone(),
+            &first.method,
+            &first.metadata,
+            outbound,
+        )
+        .await
+        .map_err(Status::from)?;
+        let out = responses.map(|r| {
+            r.map(|b| ForwardFrame {
+                message: b.to_vec(),
+                has_message: true,
+                ..Default::default()
+            })
+        });
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -255,7 +321,10 @@ pub fn bridge_server<W: Worker, F: Frontend, E: Exporter>(
 impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
     async fn build<T>(&self, r: &Request<T>) -> Result<Arc<crate::build::Build>, Status> {
         let id = first_md(r.metadata(), BUILD_ID_KEY);
-        self.solver.build(&id, Duration::from_secs(1)).await.map_err(Status::from)
+        self.solver
+            .build(&id, Duration::from_secs(1))
+            .await
+            .map_err(Status::from)
     }
 }
 
@@ -269,50 +338,93 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let r = request.into_inner();
         let started = crate::progress::now();
         let name = format!("[internal] load metadata for {}", r.r#ref);
-        let digest = format!("sha256:{}", hex_sha(&format!("resolve:{}:{}", build.id, r.r#ref)));
-        let res = self.solver.exporter().resolve(&r.r#ref, r.platform, &build.session_id).await;
+        let digest = format!(
+            "sha256:{}",
+            hex_sha(&format!("resolve:{}:{}", build.id, r.r#ref))
+        );
+        let res = self
+            .solver
+            .exporter()
+            .resolve(&r.r#ref, r.platform, &build.session_id)
+            .await;
         build.progress.vertex(ctl::Vertex {
             digest,
             name,
             started: Some(started),
             completed: Some(crate::progress::now()),
-            error: res.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            error: res
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
             ..Default::default()
         });
         let res = res.map_err(Status::from)?;
-        Ok(Response::new(fe::ResolveImageConfigResponse { digest: res.digest, config: res.config, r#ref: res.reference }))
-    }
-
-    async fn solve(&self, request: Request<fe::SolveRequest>) -> Result<Response<fe::SolveResponse>, Status> {
-        let build = self.build(&request).await?;
-        let def = request.into_inner().definition.unwrap_or_default();
-        let worker_ref = self.solver.solve_definition(&build, &def).await.map_err(Status::from)?;
-        let id = build.add_ref(worker_ref);
-        Ok(Response::new(fe::SolveResponse {
-            r#ref: String::new(),
-            result: Some(fe::Result { result: Some(FeResult::Ref(fe::Ref { id, def: None })), metadata: Default::default() }),
+        Ok(Response::new(fe::ResolveImageConfigResponse {
+            digest: res.digest,
+            config: res.config,
+            r#ref: res.reference,
         }))
     }
 
-    async fn read_file(&self, request: Request<fe::ReadFileRequest>) -> Result<Response<fe::ReadFileResponse>, Status> {
+    async fn solve(
+        &self,
+        request: Request<fe::SolveRequest>,
+    ) -> Result<Response<fe::SolveResponse>, Status> {
+        let build = self.build(&request).await?;
+        let def = request.into_inner().definition.unwrap_or_default();
+        let worker_ref = self
+            .solver
+            .solve_definition(&build, &def)
+            .await
+            .map_err(Status::from)?;
+        let id = build.add_ref(worker_ref);
+        Ok(Response::new(fe::SolveResponse {
+            r#ref: String::new(),
+            result: Some(fe::Result {
+                result: Some(FeResult::Ref(fe::Ref { id, def: None })),
+                metadata: Default::default(),
+            }),
+        }))
+    }
+
+    async fn read_file(
+        &self,
+        request: Request<fe::ReadFileRequest>,
+    ) -> Result<Response<fe::ReadFileResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
         let worker_ref = build.worker_ref(&r.r#ref).map_err(Status::from)?;
-        let mut data = self.solver.worker.read_file(&worker_ref, &r.file_path).await.map_err(Status::from)?;
+        let mut data = self
+            .solver
+            .worker
+            .read_file(&worker_ref, &r.file_path)
+            .await
+            .map_err(Status::from)?;
         if let Some(range) = r.range {
             let start = (range.offset.max(0) as usize).min(data.len());
-            let end = if range.length > 0 { (start + range.length as usize).min(data.len()) } else { data.len() };
+            let end = if range.length > 0 {
+                (start + range.length as usize).min(data.len())
+            } else {
+                data.len()
+            };
             data = data[start..end].to_vec();
         }
         Ok(Response::new(fe::ReadFileResponse { data }))
     }
 
-    async fn ping(&self, _r: Request<fe::PingRequest>) -> Result<Response<fe::PongResponse>, Status> {
+    async fn ping(
+        &self,
+        _r: Request<fe::PingRequest>,
+    ) -> Result<Response<fe::PongResponse>, Status> {
         Ok(Response::new(fe::PongResponse::default()))
     }
 }
 
 fn hex_sha(s: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

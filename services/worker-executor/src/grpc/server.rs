@@ -152,7 +152,10 @@ impl wpb::worker_server::Worker for WorkerService {
                 .into_iter()
                 .map(|l| match l {
                     Some(l) => convert::layer(l),
-                    None => wpb::Layer { empty: true, ..Default::default() },
+                    None => wpb::Layer {
+                        empty: true,
+                        ..Default::default()
+                    },
                 })
                 .collect(),
         }))

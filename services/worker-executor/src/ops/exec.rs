@@ -181,13 +181,20 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
             if opt.optional {
                 continue;
             }
-            return Err(ssh_err(&id, "no agent in the client session (kiln build --ssh)".into()));
+            return Err(ssh_err(
+                &id,
+                "no agent in the client session (kiln build --ssh)".into(),
+            ));
         };
         let path = dir.path().join(format!("agent-{i}.sock"));
         let listener = tokio::net::UnixListener::bind(&path).map_err(Error::io("listen", &path))?;
         std::os::unix::fs::lchown(&path, Some(opt.uid), Some(opt.gid))
             .map_err(Error::io("chown", &path))?;
-        let mode = if opt.mode == 0 { 0o600 } else { opt.mode & 0o7777 };
+        let mode = if opt.mode == 0 {
+            0o600
+        } else {
+            opt.mode & 0o7777
+        };
         std::fs::set_permissions(
             &path,
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
@@ -299,9 +306,7 @@ fn no_symlink_parents(base: &Path, rel: &Path) -> bool {
     let n = rel.components().count();
     for (i, c) in rel.components().enumerate() {
         cur.push(c);
-        if i + 1 < n
-            && std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink())
-        {
+        if i + 1 < n && std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
             return false;
         }
     }
@@ -452,9 +457,9 @@ fn prepare(
                 size: m.tmpfs_opt.map(|t| t.size),
             }),
             MountType::Cache => {
-                let lease = leases
-                    .remove(&index)
-                    .ok_or_else(|| Error::InvalidOp(format!("cache mount {} not acquired", m.dest)))?;
+                let lease = leases.remove(&index).ok_or_else(|| {
+                    Error::InvalidOp(format!("cache mount {} not acquired", m.dest))
+                })?;
                 if lease.fresh() && m.input >= 0 {
                     // seed a new cache from the mount's input (`from=`, or the
                     // frontend's mkdir carrying uid/gid/mode)
@@ -556,7 +561,11 @@ fn write_secret(path: &Path, data: &[u8], opt: &pb::SecretOpt) -> std::io::Resul
     f.write_all(data)?;
     drop(f);
     std::os::unix::fs::lchown(path, Some(opt.uid), Some(opt.gid))?;
-    let mode = if opt.mode == 0 { 0o400 } else { opt.mode & 0o7777 };
+    let mode = if opt.mode == 0 {
+        0o400
+    } else {
+        opt.mode & 0o7777
+    };
     std::fs::set_permissions(
         path,
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
@@ -623,13 +632,26 @@ pub async fn run(
         };
         let base = input_ref(inputs, m.input)?;
         let base = base.map(|b| format!("{b}:{}", m.selector));
-        leases.insert(i, w.cache_mounts.acquire(&id, base.as_deref(), sharing).await?);
+        leases.insert(
+            i,
+            w.cache_mounts
+                .acquire(&id, base.as_deref(), sharing)
+                .await?,
+        );
     }
     let store = w.store().clone();
     let root = w.config().root.clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&store, &root.join("tmp"), &e2, &inputs2, leases, secrets, ssh_sockets)
+        prepare(
+            &store,
+            &root.join("tmp"),
+            &e2,
+            &inputs2,
+            leases,
+            secrets,
+            ssh_sockets,
+        )
     })
     .await??;
     let runc = Runc {
@@ -813,12 +835,20 @@ mod tests {
         cfg.insecure_entitlements = vec!["security.insecure".into()];
         let w = Worker::new(cfg).expect("worker");
         let root = testutil::busybox(&w);
-        let mut op = exec_op("mkdir -p /m && mount -t tmpfs none /m && umount /m", "", vec![]);
+        let mut op = exec_op(
+            "mkdir -p /m && mount -t tmpfs none /m && umount /m",
+            "",
+            vec![],
+        );
         if let Some(Op::Exec(e)) = op.op.as_mut() {
             e.security = pb::SecurityMode::Insecure as i32;
         }
         let (res, _) = run(&w, &root, op.clone()).await;
-        assert!(res.expect_err("request did not allow it").to_string().contains("security.insecure"));
+        assert!(
+            res.expect_err("request did not allow it")
+                .to_string()
+                .contains("security.insecure")
+        );
         let (tx, mut rx) = mpsc::channel(64);
         let req = RunRequest {
             build_id: "b".into(),
@@ -834,7 +864,12 @@ mod tests {
             logs.extend(data);
         }
         res.unwrap_or_else(|e| panic!("privileged run: {e}: {}", String::from_utf8_lossy(&logs)));
-        let (res, _) = run(&w, &root, exec_op("mkdir -p /m && mount -t tmpfs none /m", "", vec![])).await;
+        let (res, _) = run(
+            &w,
+            &root,
+            exec_op("mkdir -p /m && mount -t tmpfs none /m", "", vec![]),
+        )
+        .await;
         assert!(res.is_err(), "a sandboxed step cannot mount");
     }
 }

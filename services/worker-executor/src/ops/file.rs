@@ -493,7 +493,12 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     fn action(input: i64, secondary: i64, output: i64, a: Action) -> pb::FileAction {
-        pb::FileAction { input, secondary_input: secondary, output, action: Some(a) }
+        pb::FileAction {
+            input,
+            secondary_input: secondary,
+            output,
+            action: Some(a),
+        }
     }
 
     fn copy(src: &str, dest: &str) -> pb::FileActionCopy {
@@ -508,21 +513,42 @@ mod tests {
         }
     }
 
-    async fn run(w: &Worker, inputs: Vec<Option<String>>, actions: Vec<pb::FileAction>) -> crate::Result<Option<String>> {
+    async fn run(
+        w: &Worker,
+        inputs: Vec<Option<String>>,
+        actions: Vec<pb::FileAction>,
+    ) -> crate::Result<Option<String>> {
         let op = pb::Op {
-            inputs: inputs.iter().map(|_| pb::Input { digest: "sha256:x".into(), index: 0 }).collect(),
+            inputs: inputs
+                .iter()
+                .map(|_| pb::Input {
+                    digest: "sha256:x".into(),
+                    index: 0,
+                })
+                .collect(),
             op: Some(Op::File(pb::FileOp { actions })),
             ..Default::default()
         };
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let req = RunRequest { build_id: "b".into(), session_id: String::new(), name: "f".into(), op, inputs, entitlements: Vec::new() };
+        let req = RunRequest {
+            build_id: "b".into(),
+            session_id: String::new(),
+            name: "f".into(),
+            op,
+            inputs,
+            entitlements: Vec::new(),
+        };
         Ok(w.run(req, tx).await?.into_iter().next().flatten())
     }
 
     fn base(w: &Worker) -> String {
         testutil::snapshot(w, None, |d| {
             std::fs::create_dir_all(d.join("etc")).expect("mkdir");
-            std::fs::write(d.join("etc/passwd"), "root:x:0:0::/:/bin/sh\nalice:x:1000:1001::/:/bin/sh\n").expect("w");
+            std::fs::write(
+                d.join("etc/passwd"),
+                "root:x:0:0::/:/bin/sh\nalice:x:1000:1001::/:/bin/sh\n",
+            )
+            .expect("w");
             std::fs::write(d.join("a.txt"), "a").expect("w");
             std::os::unix::fs::symlink("/tmp", d.join("link")).expect("symlink");
         })
@@ -539,7 +565,12 @@ mod tests {
         });
         let mut chown = copy("/src", "/x/");
         chown.owner = Some(pb::ChownOpt {
-            user: Some(pb::UserOpt { user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt { name: "alice".into(), input: 0 })) }),
+            user: Some(pb::UserOpt {
+                user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt {
+                    name: "alice".into(),
+                    input: 0,
+                })),
+            }),
             group: None,
         });
         let mut wild = copy("/*.txt", "/y/");
@@ -548,26 +579,80 @@ mod tests {
             &w,
             vec![Some(dest.clone()), Some(src)],
             vec![
-                action(0, -1, -1, Action::Mkdir(pb::FileActionMkDir { path: "/x".into(), mode: 0o755, make_parents: true, timestamp: -1, owner: None })),
-                action(2, -1, -1, Action::Mkfile(pb::FileActionMkFile { path: "/x/new".into(), mode: 0o600, data: b"new".to_vec(), timestamp: 1_000_000_000, owner: None })),
+                action(
+                    0,
+                    -1,
+                    -1,
+                    Action::Mkdir(pb::FileActionMkDir {
+                        path: "/x".into(),
+                        mode: 0o755,
+                        make_parents: true,
+                        timestamp: -1,
+                        owner: None,
+                    }),
+                ),
+                action(
+                    2,
+                    -1,
+                    -1,
+                    Action::Mkfile(pb::FileActionMkFile {
+                        path: "/x/new".into(),
+                        mode: 0o600,
+                        data: b"new".to_vec(),
+                        timestamp: 1_000_000_000,
+                        owner: None,
+                    }),
+                ),
                 action(3, 1, -1, Action::Copy(chown)),
                 action(4, 1, -1, Action::Copy(wild)),
-                action(5, -1, -1, Action::Rm(pb::FileActionRm { path: "/a.txt".into(), ..Default::default() })),
-                action(6, -1, 0, Action::Symlink(pb::FileActionSymlink { oldpath: "new".into(), newpath: "/x/ln".into(), timestamp: -1, owner: None })),
+                action(
+                    5,
+                    -1,
+                    -1,
+                    Action::Rm(pb::FileActionRm {
+                        path: "/a.txt".into(),
+                        ..Default::default()
+                    }),
+                ),
+                action(
+                    6,
+                    -1,
+                    0,
+                    Action::Symlink(pb::FileActionSymlink {
+                        oldpath: "new".into(),
+                        newpath: "/x/ln".into(),
+                        timestamp: -1,
+                        owner: None,
+                    }),
+                ),
             ],
         )
         .await
         .expect("file op")
         .expect("output");
         let diff = w.store().diff_dir(&out);
-        assert_eq!(std::fs::read_to_string(diff.join("x/new")).expect("mkfile"), "new");
+        assert_eq!(
+            std::fs::read_to_string(diff.join("x/new")).expect("mkfile"),
+            "new"
+        );
         let md = std::fs::metadata(diff.join("x/new")).expect("stat");
         assert_eq!((md.mode() & 0o777, md.mtime()), (0o600, 1));
         let copied = std::fs::metadata(diff.join("x/src/sub/f")).expect("copied");
         assert_eq!((copied.uid(), copied.gid()), (1000, 1001));
-        assert_eq!(std::fs::read_to_string(diff.join("y/one.txt")).expect("wildcard"), "1");
-        assert!(std::fs::symlink_metadata(diff.join("a.txt")).expect("whiteout").file_type().is_char_device());
-        assert_eq!(std::fs::read_link(diff.join("x/ln")).expect("symlink"), std::path::Path::new("new"));
+        assert_eq!(
+            std::fs::read_to_string(diff.join("y/one.txt")).expect("wildcard"),
+            "1"
+        );
+        assert!(
+            std::fs::symlink_metadata(diff.join("a.txt"))
+                .expect("whiteout")
+                .file_type()
+                .is_char_device()
+        );
+        assert_eq!(
+            std::fs::read_link(diff.join("x/ln")).expect("symlink"),
+            std::path::Path::new("new")
+        );
         // the chain above the base holds the whole result
         let chain = w.store().chain(Some(&out)).expect("chain");
         assert_eq!(chain.last().map(|m| m.id.clone()), Some(dest));
@@ -575,18 +660,35 @@ mod tests {
         let layers = w.layers(Some(&out), "gzip").await.expect("layers");
         assert_eq!(layers.len(), chain.len());
         let top = layers.last().expect("top layer");
-        assert_eq!(top.descriptor.media_type, kiln_oci::media_types::OCI_LAYER_GZIP);
-        let f = std::fs::File::open(w.blob_path(&top.descriptor.digest).expect("path")).expect("blob");
+        assert_eq!(
+            top.descriptor.media_type,
+            kiln_oci::media_types::OCI_LAYER_GZIP
+        );
+        let f =
+            std::fs::File::open(w.blob_path(&top.descriptor.digest).expect("path")).expect("blob");
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
         let names: Vec<String> = ar
             .entries()
             .expect("entries")
-            .map(|e| e.expect("entry").path().expect("path").to_string_lossy().trim_end_matches('/').to_string())
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .to_string_lossy()
+                    .trim_end_matches('/')
+                    .to_string()
+            })
             .collect();
         for want in [".wh.a.txt", "x/new", "x/src/sub/f", "x/ln", "y/one.txt"] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
-        assert_eq!(w.layers(Some(&out), "gzip").await.expect("memoized"), layers);
+        assert_eq!(
+            w.layers(Some(&out), "gzip").await.expect("memoized"),
+            layers
+        );
     }
 
     #[tokio::test]
@@ -604,22 +706,59 @@ mod tests {
             vec![Some(dest), Some(src.clone())],
             vec![
                 action(0, 1, -1, Action::Copy(copy("/evil/passwd", "/got-abs"))),
-                action(2, 1, -1, Action::Copy(copy("../../../../up/passwd", "/got-rel"))),
-                action(3, 1, -1, Action::Copy(copy("/etc/passwd", "../../../../../escaped"))),
-                action(4, 1, 0, Action::Copy(copy("/etc/passwd", "/link/through-symlink"))),
+                action(
+                    2,
+                    1,
+                    -1,
+                    Action::Copy(copy("../../../../up/passwd", "/got-rel")),
+                ),
+                action(
+                    3,
+                    1,
+                    -1,
+                    Action::Copy(copy("/etc/passwd", "../../../../../escaped")),
+                ),
+                action(
+                    4,
+                    1,
+                    0,
+                    Action::Copy(copy("/etc/passwd", "/link/through-symlink")),
+                ),
             ],
         )
         .await
         .expect("file op")
         .expect("output");
         let diff = w.store().diff_dir(&out);
-        assert_eq!(std::fs::read_to_string(diff.join("got-abs")).expect("abs"), "inside");
-        assert_eq!(std::fs::read_to_string(diff.join("got-rel")).expect("rel"), "inside");
-        assert_eq!(std::fs::read_to_string(diff.join("escaped")).expect("clamped"), "inside");
-        assert_eq!(std::fs::read_to_string(diff.join("tmp/through-symlink")).expect("in root"), "inside");
+        assert_eq!(
+            std::fs::read_to_string(diff.join("got-abs")).expect("abs"),
+            "inside"
+        );
+        assert_eq!(
+            std::fs::read_to_string(diff.join("got-rel")).expect("rel"),
+            "inside"
+        );
+        assert_eq!(
+            std::fs::read_to_string(diff.join("escaped")).expect("clamped"),
+            "inside"
+        );
+        assert_eq!(
+            std::fs::read_to_string(diff.join("tmp/through-symlink")).expect("in root"),
+            "inside"
+        );
         assert!(!std::path::Path::new("/tmp/through-symlink").exists());
 
-        let missing = run(&w, vec![None, Some(src)], vec![action(0, 1, 0, Action::Copy(copy("/../../etc/hostname", "/h")))]).await;
+        let missing = run(
+            &w,
+            vec![None, Some(src)],
+            vec![action(
+                0,
+                1,
+                0,
+                Action::Copy(copy("/../../etc/hostname", "/h")),
+            )],
+        )
+        .await;
         assert!(missing.is_err(), "host /etc/hostname must not be reachable");
     }
 
@@ -639,12 +778,18 @@ mod tests {
             h.set_size(2);
             h.set_mode(0o640);
             h.set_cksum();
-            t.append_data(&mut h, "inner/file", &b"hi"[..]).expect("append");
+            t.append_data(&mut h, "inner/file", &b"hi"[..])
+                .expect("append");
             std::fs::write(d.join("a.tar"), t.into_inner().expect("tar")).expect("w");
         });
         let mut by_name = copy("/f.sh", "/f.sh");
         by_name.owner = Some(pb::ChownOpt {
-            user: Some(pb::UserOpt { user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt { name: "bob".into(), input: 2 })) }),
+            user: Some(pb::UserOpt {
+                user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt {
+                    name: "bob".into(),
+                    input: 2,
+                })),
+            }),
             group: None,
         });
         by_name.mode_str = "u+x,go=".into();
@@ -668,12 +813,24 @@ mod tests {
         let diff = w.store().diff_dir(&out);
         let md = std::fs::metadata(diff.join("f.sh")).expect("f.sh");
         assert_eq!((md.uid(), md.gid(), md.mode() & 0o777), (4242, 4343, 0o700));
-        assert_eq!(std::fs::read_to_string(diff.join("x/inner/file")).expect("unpacked"), "hi");
+        assert_eq!(
+            std::fs::read_to_string(diff.join("x/inner/file")).expect("unpacked"),
+            "hi"
+        );
         assert!(diff.join("kept.tar").is_file());
 
         let mut missing = copy("/f.sh", "/g");
         missing.required_paths = vec!["/nope".into()];
-        let err = run(&w, vec![Some(dest), Some(src)], vec![action(0, 1, 0, Action::Copy(missing))]).await;
-        assert!(err.expect_err("required path").to_string().contains("required path not found"));
+        let err = run(
+            &w,
+            vec![Some(dest), Some(src)],
+            vec![action(0, 1, 0, Action::Copy(missing))],
+        )
+        .await;
+        assert!(
+            err.expect_err("required path")
+                .to_string()
+                .contains("required path not found")
+        );
     }
 }

@@ -148,7 +148,12 @@ fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
         #[allow(unsafe_code)]
         // SAFETY: all pointers are valid for the given lengths; names are NUL-terminated.
         let len = unsafe {
-            libc::lgetxattr(cs.as_ptr(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len())
+            libc::lgetxattr(
+                cs.as_ptr(),
+                cname.as_ptr(),
+                val.as_mut_ptr().cast(),
+                val.len(),
+            )
         };
         if len < 0 {
             continue;
@@ -156,7 +161,13 @@ fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
         #[allow(unsafe_code)]
         // SAFETY: as above; val holds `len` initialised bytes.
         let rc = unsafe {
-            libc::lsetxattr(cd.as_ptr(), cname.as_ptr(), val.as_ptr().cast(), len as usize, 0)
+            libc::lsetxattr(
+                cd.as_ptr(),
+                cname.as_ptr(),
+                val.as_ptr().cast(),
+                len as usize,
+                0,
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());

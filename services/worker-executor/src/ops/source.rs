@@ -72,15 +72,20 @@ pub async fn image(
     let plat = oci_platform(platform);
     let _pull = w.pull_lock.lock().await;
     // a private registry: the client's credentials, asked through its session
-    let registry = match kiln_session::credentials_via(&w.config().broker, session_id, &reference.registry).await {
-        Some(c) => {
-            let host = reference.registry.clone();
-            w.registry
-                .clone()
-                .with_credentials(std::sync::Arc::new(move |h: &str| (h == host).then(|| c.clone())))
-        }
-        None => w.registry.clone(),
-    };
+    let registry =
+        match kiln_session::credentials_via(&w.config().broker, session_id, &reference.registry)
+            .await
+        {
+            Some(c) => {
+                let host = reference.registry.clone();
+                w.registry
+                    .clone()
+                    .with_credentials(std::sync::Arc::new(move |h: &str| {
+                        (h == host).then(|| c.clone())
+                    }))
+            }
+            None => w.registry.clone(),
+        };
     let resolved = registry.resolve(&reference, &plat).await.map_err(reg)?;
     let ids = diff_ids(&resolved.config).ok_or_else(|| Error::Image {
         reference: r.to_string(),
@@ -235,11 +240,17 @@ pub async fn local(
         let last = dir.with_extension("last");
         if let Some(id) = std::fs::read_to_string(&last)
             .ok()
-            .and_then(|s| s.split_once('\n').map(|(k, id)| (k.to_string(), id.trim().to_string())))
+            .and_then(|s| {
+                s.split_once('\n')
+                    .map(|(k, id)| (k.to_string(), id.trim().to_string()))
+            })
             .filter(|(k, _)| *k == key)
             .map(|(_, id)| id)
         {
-            if store.meta(&id).is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str())) {
+            if store
+                .meta(&id)
+                .is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str()))
+            {
                 return Ok(id);
             }
         }
@@ -322,14 +333,24 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
         let g = |args: &[&str]| git_cmd(&work, home.path(), args).map_err(with_remote);
         g(&["init", "-q"])?;
         g(&["remote", "add", "origin", &remote])?;
-        let want = if git_ref.is_empty() { "HEAD" } else { git_ref.as_str() };
+        let want = if git_ref.is_empty() {
+            "HEAD"
+        } else {
+            git_ref.as_str()
+        };
         let shallow = g(&["fetch", "-q", "--depth", "1", "--no-tags", "origin", want]);
         if shallow.is_err() {
             if !is_commit_sha(want) {
                 shallow?;
             }
             // servers that refuse a commit by id: fetch everything and pick it
-            g(&["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"])?;
+            g(&[
+                "fetch",
+                "-q",
+                "--tags",
+                "origin",
+                "+refs/heads/*:refs/remotes/origin/*",
+            ])?;
             g(&["checkout", "-q", want])?;
         } else {
             g(&["checkout", "-q", "FETCH_HEAD"])?;
@@ -350,7 +371,12 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
         if keep_git_dir {
             // a branch name for the checkout, as BuildKit leaves it
             if !git_ref.is_empty() && !is_commit_sha(&git_ref) {
-                let _ = g(&["checkout", "-q", "-B", git_ref.trim_start_matches("refs/heads/")]);
+                let _ = g(&[
+                    "checkout",
+                    "-q",
+                    "-B",
+                    git_ref.trim_start_matches("refs/heads/"),
+                ]);
             }
         } else {
             let dot_git = work.join(".git");
@@ -446,9 +472,7 @@ pub async fn http(w: &Worker, url: &str, attrs: &BTreeMap<String, String>) -> Re
     let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
     if let Some(want) = attrs.get("http.checksum").filter(|c| !c.is_empty()) {
         if *want != digest {
-            return Err(herr(format!(
-                "digest mismatch {digest}: expected {want}"
-            )));
+            return Err(herr(format!("digest mismatch {digest}: expected {want}")));
         }
     }
     let times = match mtime {
@@ -474,10 +498,19 @@ fn httpdate_to_unix(s: &str) -> Option<i64> {
     .position(|m| m == mon)? as i64
         + 1;
     let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let t: Vec<i64> = time.split(':').map(|x| x.parse().ok()).collect::<Option<_>>()?;
-    let [h, mi, se] = t.as_slice() else { return None };
+    let t: Vec<i64> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, mi, se] = t.as_slice() else {
+        return None;
+    };
     // days from civil (Howard Hinnant)
-    let (y2, m2) = if month <= 2 { (y - 1, month + 9) } else { (y, month - 3) };
+    let (y2, m2) = if month <= 2 {
+        (y - 1, month + 9)
+    } else {
+        (y, month - 3)
+    };
     let era = y2.div_euclid(400);
     let yoe = y2 - era * 400;
     let doy = (153 * m2 + 2) / 5 + d - 1;
@@ -513,18 +546,28 @@ mod tests {
     fn wait_port(port: u16) {
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed().as_secs() < 10, "server on {port} did not start");
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "server on {port} did not start"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 
-    async fn source(w: &Worker, identifier: &str, attrs: BTreeMap<String, String>) -> crate::Result<String> {
+    async fn source(
+        w: &Worker,
+        identifier: &str,
+        attrs: BTreeMap<String, String>,
+    ) -> crate::Result<String> {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
             name: "src".into(),
             op: pb::Op {
-                op: Some(Op::Source(pb::SourceOp { identifier: identifier.into(), attrs })),
+                op: Some(Op::Source(pb::SourceOp {
+                    identifier: identifier.into(),
+                    attrs,
+                })),
                 ..Default::default()
             },
             inputs: vec![],
@@ -544,7 +587,11 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "t@t")
             .output()
             .expect("git");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -563,11 +610,25 @@ mod tests {
         std::fs::write(work.join("sub/a.txt"), "second").expect("w");
         git(&work, &["commit", "-q", "-am", "two"]);
         std::fs::create_dir_all(&base).expect("mkdir");
-        git(tmp.path(), &["clone", "-q", "--bare", work.to_str().expect("utf8"), base.join("repo.git").to_str().expect("utf8")]);
+        git(
+            tmp.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().expect("utf8"),
+                base.join("repo.git").to_str().expect("utf8"),
+            ],
+        );
         let port = free_port();
         let _daemon = Server(
             Command::new("git")
-                .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+                .args([
+                    "daemon",
+                    "--reuseaddr",
+                    "--export-all",
+                    "--listen=127.0.0.1",
+                ])
                 .arg(format!("--port={port}"))
                 .arg(format!("--base-path={}", base.display()))
                 .arg(&base)
@@ -586,21 +647,55 @@ mod tests {
             m
         };
         let ident = format!("git://127.0.0.1:{port}/repo.git");
-        let r = source(&w, &format!("{ident}#main"), attrs(&[])).await.expect("clone main");
+        let r = source(&w, &format!("{ident}#main"), attrs(&[]))
+            .await
+            .expect("clone main");
         let d = w.store().diff_dir(&r);
-        assert_eq!(std::fs::read_to_string(d.join("sub/a.txt")).expect("a"), "second");
+        assert_eq!(
+            std::fs::read_to_string(d.join("sub/a.txt")).expect("a"),
+            "second"
+        );
         assert!(!d.join(".git").exists(), ".git dropped by default");
 
-        let r = source(&w, &format!("{ident}#{first}:sub"), attrs(&[("git.keepgitdir", "true")])).await.expect("by commit");
+        let r = source(
+            &w,
+            &format!("{ident}#{first}:sub"),
+            attrs(&[("git.keepgitdir", "true")]),
+        )
+        .await
+        .expect("by commit");
         let d = w.store().diff_dir(&r);
-        assert_eq!(std::fs::read_to_string(d.join("a.txt")).expect("subdir"), "first");
+        assert_eq!(
+            std::fs::read_to_string(d.join("a.txt")).expect("subdir"),
+            "first"
+        );
 
-        let r = source(&w, &format!("{ident}#main"), attrs(&[("git.keepgitdir", "true")])).await.expect("keep");
+        let r = source(
+            &w,
+            &format!("{ident}#main"),
+            attrs(&[("git.keepgitdir", "true")]),
+        )
+        .await
+        .expect("keep");
         assert!(w.store().diff_dir(&r).join(".git").is_dir());
 
-        let err = source(&w, &format!("{ident}#main"), attrs(&[("git.checksum", &first[..12])])).await;
-        assert!(err.expect_err("checksum of another commit").to_string().contains("expected checksum"));
-        let ok = source(&w, &format!("{ident}#{first}"), attrs(&[("git.checksum", &first[..12])])).await;
+        let err = source(
+            &w,
+            &format!("{ident}#main"),
+            attrs(&[("git.checksum", &first[..12])]),
+        )
+        .await;
+        assert!(
+            err.expect_err("checksum of another commit")
+                .to_string()
+                .contains("expected checksum")
+        );
+        let ok = source(
+            &w,
+            &format!("{ident}#{first}"),
+            attrs(&[("git.checksum", &first[..12])]),
+        )
+        .await;
         assert!(ok.is_ok(), "{ok:?}");
     }
 
@@ -613,7 +708,13 @@ mod tests {
         let port = free_port();
         let _srv = Server(
             Command::new("python3")
-                .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+                .args([
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    &port.to_string(),
+                ])
                 .current_dir(&www)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -630,7 +731,13 @@ mod tests {
         let f = w.store().diff_dir(&r).join("data.bin");
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(&f).expect("file");
-        assert_eq!((md.mode() & 0o777, std::fs::read_to_string(&f).expect("read")), (0o600, "payload".to_string()));
+        assert_eq!(
+            (
+                md.mode() & 0o777,
+                std::fs::read_to_string(&f).expect("read")
+            ),
+            (0o600, "payload".to_string())
+        );
         assert!(md.mtime() > 0, "Last-Modified kept");
 
         let attrs = BTreeMap::from([
@@ -644,12 +751,20 @@ mod tests {
         let md = std::fs::metadata(w.store().diff_dir(&r).join("renamed")).expect("renamed");
         assert_eq!((md.mode() & 0o777, md.uid(), md.gid()), (0o755, 1000, 1001));
 
-        let bad = BTreeMap::from([("http.checksum".to_string(), format!("sha256:{}", "0".repeat(64)))]);
+        let bad = BTreeMap::from([(
+            "http.checksum".to_string(),
+            format!("sha256:{}", "0".repeat(64)),
+        )]);
         let err = source(&w, &url, bad).await.expect_err("checksum mismatch");
         assert!(err.to_string().contains("digest mismatch"), "{err}");
         let escape = BTreeMap::from([("http.filename".to_string(), "../x".to_string())]);
         assert!(source(&w, &url, escape).await.is_err());
-        let missing = source(&w, &format!("http://127.0.0.1:{port}/nope"), BTreeMap::new()).await;
+        let missing = source(
+            &w,
+            &format!("http://127.0.0.1:{port}/nope"),
+            BTreeMap::new(),
+        )
+        .await;
         assert!(missing.is_err());
     }
 }

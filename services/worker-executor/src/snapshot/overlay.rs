@@ -71,7 +71,12 @@ const MAX_MOUNT_DATA: usize = 3500;
 /// scratch dir next to `target`, with `mount(8)` run in that dir so the
 /// relative names resolve there. The links are removed once mounted (the
 /// mount holds the directories themselves).
-fn mount_with_short_lowers(target: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>, flags: MsFlags) -> Result<()> {
+fn mount_with_short_lowers(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper: Option<Upper<'_>>,
+    flags: MsFlags,
+) -> Result<()> {
     let links = target.with_extension("lowers");
     std::fs::create_dir_all(&links).map_err(Error::io("create lower links", &links))?;
     let mut names = Vec::with_capacity(lowers.len());
@@ -82,7 +87,11 @@ fn mount_with_short_lowers(target: &Path, lowers: &[PathBuf], upper: Option<Uppe
     }
     let mut data = format!("lowerdir={}", names.join(":"));
     if let Some(u) = upper {
-        data.push_str(&format!(",upperdir={},workdir={}", u.diff.display(), u.work.display()));
+        data.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.diff.display(),
+            u.work.display()
+        ));
     }
     data.push_str(",index=off");
     if flags.contains(MsFlags::MS_RDONLY) {
@@ -100,7 +109,13 @@ fn mount_with_short_lowers(target: &Path, lowers: &[PathBuf], upper: Option<Uppe
             target: target.to_path_buf(),
             source: nix::errno::Errno::EINVAL,
         })
-        .inspect_err(|_| tracing::warn!("mount(8) of {}: {}", target.display(), String::from_utf8_lossy(&out.stderr)));
+        .inspect_err(|_| {
+            tracing::warn!(
+                "mount(8) of {}: {}",
+                target.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     }
     Ok(())
 }
@@ -194,7 +209,9 @@ mod tests {
     fn a_chain_too_long_for_one_page_of_options_still_mounts() {
         let tmp = tempfile::tempdir().expect("tmp");
         // long paths, like deep state dirs: 120 lowers * ~90 bytes is over a page
-        let base = tmp.path().join("a-rather-long-state-directory-name-to-make-paths-long/snapshots");
+        let base = tmp
+            .path()
+            .join("a-rather-long-state-directory-name-to-make-paths-long/snapshots");
         let mut lowers = Vec::new();
         for i in 0..120 {
             let d = base.join(format!("{:036}", i)).join("diff");
@@ -208,9 +225,23 @@ mod tests {
         std::fs::create_dir_all(&upper).expect("mkdir");
         std::fs::create_dir_all(&work).expect("mkdir");
         let mnt = tmp.path().join("mnt");
-        let m = mount(&mnt, &lowers, Some(Upper { diff: &upper, work: &work })).expect("mount");
-        assert_eq!(std::fs::read_to_string(m.path.join("f0")).expect("bottom layer"), "0");
-        assert_eq!(std::fs::read_to_string(m.path.join("f119")).expect("top layer"), "119");
+        let m = mount(
+            &mnt,
+            &lowers,
+            Some(Upper {
+                diff: &upper,
+                work: &work,
+            }),
+        )
+        .expect("mount");
+        assert_eq!(
+            std::fs::read_to_string(m.path.join("f0")).expect("bottom layer"),
+            "0"
+        );
+        assert_eq!(
+            std::fs::read_to_string(m.path.join("f119")).expect("top layer"),
+            "119"
+        );
         std::fs::write(m.path.join("new"), "x").expect("write through the overlay");
         drop(m);
         assert!(upper.join("new").exists(), "writes land in the upper");
