@@ -29,12 +29,11 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
             };
             if md.is_dir() {
                 stack.push(p);
-            } else if md.is_file() {
-                if let Ok(data) = std::fs::read(&p) {
-                    if data.windows(needle.len()).any(|w| w == needle) {
-                        hits.push(p.display().to_string());
-                    }
-                }
+            } else if md.is_file()
+                && let Ok(data) = std::fs::read(&p)
+                && data.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
             }
         }
     }

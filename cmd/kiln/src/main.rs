@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build a Dockerfile or an LLB definition
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Show the build cache's disk usage
     Du(du::DuArgs),
     /// Remove build cache
@@ -52,7 +52,7 @@ async fn main() {
     let cli = Cli::parse();
     let addr = daemon_addr(cli.addr);
     let r = match cli.command {
-        Command::Build(args) => build::run(&addr, args).await,
+        Command::Build(args) => build::run(&addr, *args).await,
         Command::Du(args) => du::du(&addr, args).await,
         Command::Prune(args) => du::prune(&addr, args).await,
         Command::Debug { what } => debug(&addr, what).await,

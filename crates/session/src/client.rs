@@ -146,7 +146,6 @@ impl SessionClient {
             metadata,
             has_message: first.is_some(),
             message: first.unwrap_or_default(),
-            ..Default::default()
         })
         .await
         .map_err(|_| Error::Protocol("forward channel closed".into()))?;

@@ -499,7 +499,7 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                     )));
                 }
                 let target = contained(dest, &st.path)?;
-                if !open.contains_key(&p.id) {
+                if let std::collections::hash_map::Entry::Vacant(e) = open.entry(p.id) {
                     let tmp = target.with_file_name(format!(
                         ".kiln-recv-{}",
                         target
@@ -510,7 +510,7 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                     let f = tokio::fs::File::create(&tmp)
                         .await
                         .map_err(Error::io("create", &tmp))?;
-                    open.insert(p.id, (f, tmp));
+                    e.insert((f, tmp));
                 }
                 if p.data.is_empty() {
                     let (mut f, tmp) = open.remove(&p.id).expect("file was opened above");
@@ -610,10 +610,10 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
         let existing = target.symlink_metadata().ok();
         let kind = st.mode & gomode::TYPE;
         if kind == gomode::DIR {
-            if let Some(m) = &existing {
-                if !m.is_dir() {
-                    std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
-                }
+            if let Some(m) = &existing
+                && !m.is_dir()
+            {
+                std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
             }
             if !target.is_dir() {
                 std::fs::create_dir(&target).map_err(Error::io("mkdir", &target))?;

@@ -254,10 +254,8 @@ pub fn mark_empty_layers(image_config: &[u8], empty: &[bool]) -> Result<Vec<u8>,
             .collect();
         if claims.len() == empty.len() {
             for (i, is_empty) in claims.into_iter().zip(empty) {
-                if *is_empty {
-                    if let Some(o) = h[i].as_object_mut() {
-                        o.insert("empty_layer".into(), serde_json::Value::Bool(true));
-                    }
+                if *is_empty && let Some(o) = h[i].as_object_mut() {
+                    o.insert("empty_layer".into(), serde_json::Value::Bool(true));
                 }
             }
         }

@@ -25,8 +25,11 @@ pub enum Sharing {
 #[derive(Debug)]
 pub struct CacheMounts {
     root: PathBuf,
-    instances: std::sync::Mutex<HashMap<(String, usize), Arc<RwLock<()>>>>,
+    instances: std::sync::Mutex<Instances>,
 }
+
+/// Locks of the cache-mount instances, by (cache key, instance number).
+type Instances = HashMap<(String, usize), Arc<RwLock<()>>>;
 
 #[derive(Debug)]
 enum Hold {

@@ -216,10 +216,10 @@ pub fn set_meta(
 ) -> io::Result<()> {
     std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))?;
     let md = std::fs::symlink_metadata(path)?;
-    if !md.file_type().is_symlink() {
-        if let Some(m) = mode {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m & 0o7777))?;
-        }
+    if !md.file_type().is_symlink()
+        && let Some(m) = mode
+    {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m & 0o7777))?;
     }
     nix::sys::stat::utimensat(
         nix::fcntl::AT_FDCWD,
@@ -260,32 +260,31 @@ fn copy_rec(
     let md = std::fs::symlink_metadata(src)?;
     let ft = md.file_type();
     let filtered = !rel.as_os_str().is_empty() && opts.filter.is_some();
-    if filtered {
-        if let Some(f) = &opts.filter {
-            if f.excluded(rel) || (!ft.is_dir() && !f.included(rel)) {
-                return Ok(false);
-            }
-        }
+    if filtered
+        && let Some(f) = &opts.filter
+        && (f.excluded(rel) || (!ft.is_dir() && !f.included(rel)))
+    {
+        return Ok(false);
     }
     let existing = std::fs::symlink_metadata(dst).ok();
-    if let Some(e) = &existing {
-        if !(ft.is_dir() && e.is_dir()) {
-            if e.is_dir() != ft.is_dir() && !opts.always_replace {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "cannot replace {} {} with a {}",
-                        if e.is_dir() { "directory" } else { "file" },
-                        dst.display(),
-                        if ft.is_dir() { "directory" } else { "file" }
-                    ),
-                ));
-            }
-            if e.is_dir() {
-                std::fs::remove_dir_all(dst)?;
-            } else {
-                std::fs::remove_file(dst)?;
-            }
+    if let Some(e) = &existing
+        && !(ft.is_dir() && e.is_dir())
+    {
+        if e.is_dir() != ft.is_dir() && !opts.always_replace {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "cannot replace {} {} with a {}",
+                    if e.is_dir() { "directory" } else { "file" },
+                    dst.display(),
+                    if ft.is_dir() { "directory" } else { "file" }
+                ),
+            ));
+        }
+        if e.is_dir() {
+            std::fs::remove_dir_all(dst)?;
+        } else {
+            std::fs::remove_file(dst)?;
         }
     }
     if ft.is_dir() {

@@ -30,7 +30,7 @@ fn dir_is_empty(dir: &Path) -> Result<bool> {
 
 /// What to do for one snapshot of the chain.
 enum Plan {
-    Ready(Option<LayerBlob>),
+    Ready(Box<Option<LayerBlob>>),
     /// index into the chain; computed on a worker thread
     Compute(usize),
 }
@@ -55,13 +55,13 @@ pub(crate) async fn layer_chain(
             .iter()
             .enumerate()
             .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
-                (_, Some(memo)) => Plan::Ready(memo.clone()),
+                (_, Some(memo)) => Plan::Ready(Box::new(memo.clone())),
                 (Some(b), None)
                     if !options.force
                         || Compression::from_media_type(&b.descriptor.media_type)
                             == options.compression =>
                 {
-                    Plan::Ready(Some(b.clone()))
+                    Plan::Ready(Box::new(Some(b.clone())))
                 }
                 _ => Plan::Compute(i),
             })
@@ -101,7 +101,7 @@ pub(crate) async fn layer_chain(
         let mut computed = computed.into_iter();
         for plan in plans {
             let blob = match plan {
-                Plan::Ready(b) => b,
+                Plan::Ready(b) => *b,
                 Plan::Compute(i) => {
                     let (j, res) = computed
                         .next()

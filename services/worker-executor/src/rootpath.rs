@@ -27,10 +27,9 @@ pub fn resolve(root: &Path, path: &str, follow_final: bool) -> io::Result<PathBu
             Ok(md) if md.file_type().is_symlink() && (!is_last || follow_final) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Other,
-                        format!("too many symlinks resolving {path}"),
-                    ));
+                    return Err(io::Error::other(format!(
+                        "too many symlinks resolving {path}"
+                    )));
                 }
                 let target = std::fs::read_link(&candidate)?;
                 if target.is_absolute() {

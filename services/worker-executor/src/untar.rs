@@ -69,10 +69,8 @@ fn clean_rel(p: &Path) -> Option<PathBuf> {
     for c in p.components() {
         match c {
             Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
+            Component::ParentDir if !out.pop() => {
+                return None;
             }
             _ => {}
         }
@@ -125,13 +123,13 @@ pub fn unpack(
         }
         let h = e.header().clone();
         let et = h.entry_type();
-        if let Ok(md) = std::fs::symlink_metadata(&target) {
-            if !(et.is_dir() && md.is_dir()) {
-                if md.is_dir() {
-                    std::fs::remove_dir_all(&target)?;
-                } else {
-                    std::fs::remove_file(&target)?;
-                }
+        if let Ok(md) = std::fs::symlink_metadata(&target)
+            && !(et.is_dir() && md.is_dir())
+        {
+            if md.is_dir() {
+                std::fs::remove_dir_all(&target)?;
+            } else {
+                std::fs::remove_file(&target)?;
             }
         }
         match et {

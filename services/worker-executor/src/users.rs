@@ -138,7 +138,7 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity> {
             if let Some(e) = entry {
                 id.additional_gids = groups(root)
                     .into_iter()
-                    .filter(|g| g.members.iter().any(|m| *m == e.name) && g.gid != id.gid)
+                    .filter(|g| g.members.contains(&e.name) && g.gid != id.gid)
                     .map(|g| g.gid)
                     .collect();
             }

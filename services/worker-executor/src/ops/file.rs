@@ -59,10 +59,10 @@ fn run_blocking(
     let mut uses = vec![0usize; f.actions.len()];
     for a in &f.actions {
         for idx in [a.input, a.secondary_input] {
-            if idx >= n_in {
-                if let Some(u) = uses.get_mut((idx - n_in) as usize) {
-                    *u += 1;
-                }
+            if idx >= n_in
+                && let Some(u) = uses.get_mut((idx - n_in) as usize)
+            {
+                *u += 1;
             }
         }
     }
@@ -441,13 +441,14 @@ fn copy(
         let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
         let src_md = std::fs::symlink_metadata(&src_path)
             .map_err(|e| Error::file("copy", &src, format!("not found: {e}")))?;
-        if c.attempt_unpack_docker_compatibility && src_md.is_file() {
-            if let Some(kind) = crate::untar::archive_kind(&src_path).map_err(err)? {
-                let dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
-                mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
-                crate::untar::unpack(&src_path, kind, root, &dst, &opts).map_err(err)?;
-                continue;
-            }
+        if c.attempt_unpack_docker_compatibility
+            && src_md.is_file()
+            && let Some(kind) = crate::untar::archive_kind(&src_path).map_err(err)?
+        {
+            let dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
+            mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
+            crate::untar::unpack(&src_path, kind, root, &dst, &opts).map_err(err)?;
+            continue;
         }
         let mut dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
         if dest_is_dir_hint && c.create_dest_path {

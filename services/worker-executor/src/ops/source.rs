@@ -112,11 +112,11 @@ pub async fn image(
             .root
             .join("image-layers")
             .join(cid.trim_start_matches("sha256:"));
-        if let Ok(id) = std::fs::read_to_string(&index) {
-            if store.meta(id.trim()).is_ok_and(|m| m.parent == parent) {
-                parent = Some(id.trim().to_string());
-                continue;
-            }
+        if let Ok(id) = std::fs::read_to_string(&index)
+            && store.meta(id.trim()).is_ok_and(|m| m.parent == parent)
+        {
+            parent = Some(id.trim().to_string());
+            continue;
         }
         let blob = w.blob_path(&desc.digest)?;
         if !blob.exists() {
@@ -246,13 +246,11 @@ pub async fn local(
             })
             .filter(|(k, _)| *k == key)
             .map(|(_, id)| id)
-        {
-            if store
+            && store
                 .meta(&id)
                 .is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str()))
-            {
-                return Ok(id);
-            }
+        {
+            return Ok(id);
         }
         let mut st = store.prepare()?;
         fscopy::copy_entry(&dir, &st.diff(), &fscopy::CopyOpts::default())
@@ -470,10 +468,10 @@ pub async fn http(w: &Worker, url: &str, attrs: &BTreeMap<String, String>) -> Re
         }
     }
     let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
-    if let Some(want) = attrs.get("http.checksum").filter(|c| !c.is_empty()) {
-        if *want != digest {
-            return Err(herr(format!("digest mismatch {digest}: expected {want}")));
-        }
+    if let Some(want) = attrs.get("http.checksum").filter(|c| !c.is_empty())
+        && *want != digest
+    {
+        return Err(herr(format!("digest mismatch {digest}: expected {want}")));
     }
     let times = match mtime {
         Some(t) => fscopy::timespec(t * 1_000_000_000),

@@ -56,13 +56,6 @@ pub struct Upper<'a> {
     pub work: &'a Path,
 }
 
-/// Mounts `lowers` (top first) with an optional writable `upper` under a fresh mountpoint
-/// in `mnt_dir`.
-///
-/// * no lowers, no upper: an empty directory;
-/// * no lowers, an upper: the upper directory itself (nothing to merge);
-/// * one lower, no upper: a read-only bind mount of that lower;
-/// * otherwise an overlay mount (read-only when there is no upper).
 /// Longest overlay option string passed straight to mount(2); the kernel
 /// copies one page of it.
 const MAX_MOUNT_DATA: usize = 3500;
@@ -120,15 +113,22 @@ fn mount_with_short_lowers(
     Ok(())
 }
 
+/// Mounts `lowers` (top first) with an optional writable `upper` under a fresh mountpoint
+/// in `mnt_dir`.
+///
+/// * no lowers, no upper: an empty directory;
+/// * no lowers, an upper: the upper directory itself (nothing to merge);
+/// * one lower, no upper: a read-only bind mount of that lower;
+/// * otherwise an overlay mount (read-only when there is no upper).
 pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Result<Mounted> {
-    if lowers.is_empty() {
-        if let Some(u) = upper {
-            return Ok(Mounted {
-                path: u.diff.to_path_buf(),
-                mounted: false,
-                owned_dir: false,
-            });
-        }
+    if lowers.is_empty()
+        && let Some(u) = upper
+    {
+        return Ok(Mounted {
+            path: u.diff.to_path_buf(),
+            mounted: false,
+            owned_dir: false,
+        });
     }
     let target = mnt_dir.join(uuid::Uuid::new_v4().to_string());
     std::fs::create_dir_all(&target).map_err(Error::io("create mountpoint", &target))?;
