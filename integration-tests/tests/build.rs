@@ -327,6 +327,14 @@ fn short_form_builds_the_directory_and_prints_plain_progress() {
     let out = d.build(c.path(), &["."]).expect("build");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("short-2-ran"), "{err}");
+    // the base layer's download shows as a byte-progress line of the FROM step
+    assert!(
+        err.lines().any(|l| l.starts_with('#')
+            && l.contains("sha256:")
+            && l.contains(" / ")
+            && l.ends_with(" done")),
+        "layer download progress: {err}"
+    );
     assert!(err.contains("#1 "), "{err}");
     assert!(err.contains("DONE"), "{err}");
     // the second build reuses every step

@@ -128,6 +128,21 @@ impl Printer {
                 self.plain_vertex(&v.digest);
             }
         }
+        if self.mode == Mode::Plain {
+            for st in msg.statuses.iter().filter(|s| s.completed.is_some()) {
+                let mut err = std::io::stderr().lock();
+                self.switch_to(&mut err, &st.vertex);
+                let n = self.state(&st.vertex).number;
+                let _ = writeln!(
+                    err,
+                    "#{} {} {} / {} done",
+                    n,
+                    st.name,
+                    human_bytes(st.current),
+                    human_bytes(st.total)
+                );
+            }
+        }
         for l in msg.logs {
             let text = String::from_utf8_lossy(&l.msg).to_string();
             let buf = self.partial.entry(l.vertex.clone()).or_default();
@@ -260,6 +275,17 @@ impl Printer {
             Mode::Quiet | Mode::RawJson => {}
         }
     }
+}
+
+/// Sizes as BuildKit prints them: decimal units, two decimals (`1.09MB`).
+fn human_bytes(n: i64) -> String {
+    let n = n.max(0) as f64;
+    for (unit, size) in [("GB", 1e9), ("MB", 1e6), ("kB", 1e3)] {
+        if n >= size {
+            return format!("{:.2}{unit}", n / size);
+        }
+    }
+    format!("{n}B")
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -400,5 +426,7 @@ mod tests {
         assert!(v.get("statuses").is_none());
         assert_eq!(base64(b"ab"), "YWI=");
         assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(human_bytes(1_088_231), "1.09MB");
+        assert_eq!(human_bytes(512), "512B");
     }
 }

@@ -10,7 +10,17 @@ use std::sync::Arc;
 /// Something a running op reports.
 #[derive(Debug, Clone)]
 pub enum RunEvent {
-    Log { stream: i64, data: Vec<u8> },
+    Log {
+        stream: i64,
+        data: Vec<u8>,
+    },
+    /// byte progress of a named sub-task (a layer download, ...)
+    Progress {
+        id: String,
+        current: i64,
+        total: i64,
+        completed: bool,
+    },
 }
 
 /// One op to run on a worker.

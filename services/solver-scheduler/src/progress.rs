@@ -1,6 +1,6 @@
 //! Build progress as `StatusResponse`s, kept for late subscribers.
 
-use kiln_proto::moby::buildkit::v1::{StatusResponse, Vertex, VertexLog};
+use kiln_proto::moby::buildkit::v1::{StatusResponse, Vertex, VertexLog, VertexStatus};
 use std::sync::Mutex;
 use std::time::SystemTime;
 use tokio::sync::Notify;
@@ -37,6 +37,24 @@ impl Progress {
                 timestamp: Some(now()),
                 stream,
                 msg,
+            }],
+            ..Default::default()
+        });
+    }
+
+    /// Byte progress of a sub-task of `vertex` (e.g. a layer download).
+    pub fn status(&self, vertex: &str, id: String, current: i64, total: i64, completed: bool) {
+        let t = now();
+        self.push(StatusResponse {
+            statuses: vec![VertexStatus {
+                id: id.clone(),
+                vertex: vertex.to_string(),
+                name: id,
+                current,
+                total,
+                timestamp: Some(t),
+                started: Some(t),
+                completed: completed.then_some(t),
             }],
             ..Default::default()
         });

@@ -483,6 +483,14 @@ impl<W: Worker> Step<W> {
         let vdigest = self.digest.clone();
         let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
             RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
+            RunEvent::Progress {
+                id,
+                current,
+                total,
+                completed,
+            } => build
+                .progress
+                .status(&vdigest, id, current, total, completed),
         });
         let outputs = self
             .worker

@@ -81,7 +81,13 @@ impl peer::Worker for GrpcWorker {
                         content_keys: o.content_keys,
                     })
                 }
-                Some(wk::run_event::Event::Progress(_)) | None => {}
+                Some(wk::run_event::Event::Progress(p)) => events(RunEvent::Progress {
+                    id: p.id,
+                    current: p.current,
+                    total: p.total,
+                    completed: p.completed,
+                }),
+                None => {}
             }
         }
         outputs
