@@ -6,6 +6,11 @@ use kiln_integration_tests::{
 };
 use std::process::Command;
 
+fn read(path: impl AsRef<std::path::Path>) -> String {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = dockerfile_args();
     v.extend_from_slice(extra);
@@ -204,10 +209,7 @@ CMD ["cat hello.txt"]
             .arg(&bundle))
     })
     .expect("umoci unpack");
-    assert_eq!(
-        std::fs::read_to_string(bundle.join("rootfs/srv/app/hello.txt")).expect("read"),
-        "hello\n"
-    );
+    assert_eq!(read(bundle.join("rootfs/srv/app/hello.txt")), "hello\n");
 }
 
 #[test]
@@ -231,14 +233,8 @@ RUN exit 1
         &args(&["--opt", "target=test", "--output", "type=local,dest=out"]),
     )
     .expect("build");
-    assert_eq!(
-        std::fs::read_to_string(c.path().join("out/test.txt")).expect("read"),
-        "test\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(c.path().join("out/base.txt")).expect("read"),
-        "base\n"
-    );
+    assert_eq!(read(c.path().join("out/test.txt")), "test\n");
+    assert_eq!(read(c.path().join("out/base.txt")), "base\n");
 }
 
 #[test]
@@ -256,10 +252,7 @@ fn scratch_image_with_copied_files_only() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["a.txt", "dir"]);
-    assert_eq!(
-        std::fs::read_to_string(out.join("dir/x/y.txt")).expect("read"),
-        "y\n"
-    );
+    assert_eq!(read(out.join("dir/x/y.txt")), "y\n");
 }
 
 #[test]
@@ -270,14 +263,8 @@ fn run_as_user_from_the_image_passwd() {
             .expect("context");
     d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
         .expect("build");
-    assert_eq!(
-        std::fs::read_to_string(c.path().join("out/tmp/uid")).expect("read"),
-        "1000\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(c.path().join("out/tmp/gid")).expect("read"),
-        "1000\n"
-    );
+    assert_eq!(read(c.path().join("out/tmp/uid")), "1000\n");
+    assert_eq!(read(c.path().join("out/tmp/gid")), "1000\n");
 }
 
 #[test]
@@ -381,10 +368,7 @@ fn pushed_image_can_be_pulled_by_the_next_build() {
         BuildContext::new(&format!("FROM {name}\nRUN cat /one.txt > /two.txt\n")).expect("context");
     d.build(c2.path(), &args(&["--output", "type=local,dest=out"]))
         .expect("build");
-    assert_eq!(
-        std::fs::read_to_string(c2.path().join("out/two.txt")).expect("read"),
-        "layer-one\n"
-    );
+    assert_eq!(read(c2.path().join("out/two.txt")), "layer-one\n");
 }
 
 #[test]
@@ -415,10 +399,7 @@ fn unchanged_context_is_cached_and_a_changed_file_reruns_only_what_reads_it() {
         4,
         "FROM, RUN, COPY, RUN all cached:\n{second}"
     );
-    assert_eq!(
-        std::fs::read_to_string(outs.path().join("out2/copy-2.txt")).expect("read"),
-        "v1\n"
-    );
+    assert_eq!(read(outs.path().join("out2/copy-2.txt")), "v1\n");
     // a changed file re-runs the COPY and what follows, not the RUN before it
     c.file("input.txt", "v2\n").expect("write");
     let third = build("out3");
@@ -427,10 +408,7 @@ fn unchanged_context_is_cached_and_a_changed_file_reruns_only_what_reads_it() {
         2,
         "FROM and the first RUN cached:\n{third}"
     );
-    assert_eq!(
-        std::fs::read_to_string(outs.path().join("out3/copy-2.txt")).expect("read"),
-        "v2\n"
-    );
+    assert_eq!(read(outs.path().join("out3/copy-2.txt")), "v2\n");
 }
 
 #[test]
@@ -466,10 +444,7 @@ fn docker_tarball_is_loadable_with_repo_tags_and_several_outputs_in_one_build() 
     .expect("skopeo inspect docker-archive");
     let cfg: serde_json::Value = serde_json::from_str(&cfg).expect("json");
     assert_eq!(cfg["config"]["Cmd"], serde_json::json!(["cat", "/d.txt"]));
-    assert_eq!(
-        std::fs::read_to_string(c.path().join("rootfs/d.txt")).expect("read"),
-        "docker\n"
-    );
+    assert_eq!(read(c.path().join("rootfs/d.txt")), "docker\n");
 }
 
 #[test]
@@ -514,7 +489,7 @@ fn fifty_chained_runs_stack_fifty_layers() {
     let c = BuildContext::new(&df).expect("context");
     d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
         .expect("build");
-    let log = std::fs::read_to_string(c.path().join("out/log")).expect("read");
+    let log = read(c.path().join("out/log"));
     assert_eq!(log.lines().count(), 50);
     assert_eq!(log.lines().last(), Some("step-49"));
 }

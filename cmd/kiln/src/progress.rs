@@ -247,28 +247,21 @@ impl Printer {
         self.drawn_lines = lines.len();
     }
 
+    /// The steps that failed.
+    fn failed(&self) -> impl Iterator<Item = &VertexState> {
+        self.vertices.values().filter(|v| !v.error.is_empty())
+    }
+
     pub fn finish(&mut self) {
         match self.mode {
             Mode::Tty => {
                 self.draw(true);
-                let errors: Vec<VertexState> = self
-                    .vertices
-                    .values()
-                    .filter(|v| !v.error.is_empty())
-                    .cloned()
-                    .collect();
-                for v in errors {
+                for v in self.failed() {
                     eprintln!("------\n > {}:\n------\n{}", v.name, v.error);
                 }
             }
             Mode::Plain => {
-                let errors: Vec<VertexState> = self
-                    .vertices
-                    .values()
-                    .filter(|v| !v.error.is_empty())
-                    .cloned()
-                    .collect();
-                for v in errors {
+                for v in self.failed() {
                     eprintln!("------\n > {}:\n------", v.name);
                 }
             }

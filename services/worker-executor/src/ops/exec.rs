@@ -73,14 +73,9 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
         id: id.to_string(),
         reason,
     };
-    let client = if session_id.is_empty() {
-        None
-    } else {
-        let ch = kiln_session::dial::connect(&w.config().broker)
-            .await
-            .map_err(|e| secret_err("*", e.to_string()))?;
-        Some(kiln_session::SessionClient::new(ch, session_id.to_string()))
-    };
+    let client = session_client(w, session_id)
+        .await
+        .map_err(|e| secret_err("*", e.to_string()))?;
     let mut cache: HashMap<String, Option<Vec<u8>>> = HashMap::new();
     let mut get = async |id: &str, optional: bool| -> Result<Option<Vec<u8>>> {
         if !cache.contains_key(id) {
@@ -151,14 +146,9 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
         id: id.to_string(),
         reason,
     };
-    let client = if session_id.is_empty() {
-        None
-    } else {
-        let ch = kiln_session::dial::connect(&w.config().broker)
-            .await
-            .map_err(|e| ssh_err("*", e.to_string()))?;
-        Some(kiln_session::SessionClient::new(ch, session_id.to_string()))
-    };
+    let client = session_client(w, session_id)
+        .await
+        .map_err(|e| ssh_err("*", e.to_string()))?;
     let tmp = w.config().root.join("tmp");
     let dir = tempfile::Builder::new()
         .prefix("ssh-")
@@ -674,6 +664,22 @@ pub async fn run(
     }
     let store = w.store().clone();
     tokio::task::spawn_blocking(move || finish(&store, prepared)).await?
+}
+
+/// The build's client session, reached through the solver's broker; `None`
+/// when the op runs without a session.
+async fn session_client(
+    w: &Worker,
+    session_id: &str,
+) -> std::result::Result<Option<kiln_session::SessionClient>, kiln_session::Error> {
+    if session_id.is_empty() {
+        return Ok(None);
+    }
+    let ch = kiln_session::dial::connect(&w.config().broker).await?;
+    Ok(Some(kiln_session::SessionClient::new(
+        ch,
+        session_id.to_string(),
+    )))
 }
 
 #[cfg(test)]
