@@ -518,6 +518,12 @@ fn prepare(
     }
     std::fs::write(&hosts, hosts_data).map_err(Error::io("write", &hosts))?;
     let mut env = meta.env.clone();
+    env.extend(
+        meta.proxy_env
+            .as_ref()
+            .map(proxy_env_list)
+            .unwrap_or_default(),
+    );
     env.extend(secrets.env.iter().cloned());
     let spec = runc::spec(&ProcessSpec {
         args: meta.args.clone(),
@@ -680,6 +686,27 @@ async fn session_client(
         ch,
         session_id.to_string(),
     )))
+}
+
+/// `Meta.proxy_env` as process env: each set proxy in upper and lower case
+/// (build-arg proxies reach the step without being part of the image).
+fn proxy_env_list(p: &pb::ProxyEnv) -> Vec<String> {
+    [
+        ("HTTP_PROXY", &p.http_proxy),
+        ("HTTPS_PROXY", &p.https_proxy),
+        ("FTP_PROXY", &p.ftp_proxy),
+        ("NO_PROXY", &p.no_proxy),
+        ("ALL_PROXY", &p.all_proxy),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .flat_map(|(k, v)| {
+        [
+            format!("{k}={v}"),
+            format!("{}={v}", k.to_ascii_lowercase()),
+        ]
+    })
+    .collect()
 }
 
 #[cfg(test)]
