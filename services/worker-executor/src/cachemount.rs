@@ -91,6 +91,11 @@ impl CacheMounts {
         })
     }
 
+    /// Exclusive hold of instance `n` of `key` if nobody uses it (for pruning).
+    pub(crate) fn try_hold(&self, key: &str, n: usize) -> Option<OwnedRwLockWriteGuard<()>> {
+        self.lock_of(key, n).try_write_owned().ok()
+    }
+
     /// Takes cache `id` (with `base`, the ref it is seeded from, if any) for one run.
     pub async fn acquire(&self, id: &str, base: Option<&str>, sharing: Sharing) -> Result<Lease> {
         let name = match base {
@@ -98,6 +103,13 @@ impl CacheMounts {
             None => id.to_string(),
         };
         let key = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+        // the id, for `du` (the dir name is its digest)
+        let id_file = self.root.join(&key).join("id");
+        if !id_file.exists() {
+            std::fs::create_dir_all(self.root.join(&key))
+                .map_err(Error::io("create cache mount", &self.root))?;
+            std::fs::write(&id_file, id).map_err(Error::io("write cache mount id", &id_file))?;
+        }
         match sharing {
             Sharing::Shared => {
                 let l = self.lock_of(&key, 0).read_owned().await;

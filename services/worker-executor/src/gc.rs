@@ -1,6 +1,9 @@
 //! Snapshot existence, disk usage and pruning: what the solver's cache
 //! records need from the worker. The worker keeps no cache index itself;
 //! the solver says which refs are still wanted.
+//!
+//! Cache-mount instances (`RUN --mount=type=cache`) are listed and pruned
+//! alongside snapshots under ids `cachemount:<key>/<n>`.
 
 use crate::Worker;
 use crate::error::{Error, Result};
@@ -17,8 +20,64 @@ pub struct SnapshotUsage {
     pub kind: Kind,
     /// bytes on disk (allocated blocks) of the snapshot: its diff and metadata
     pub size: i64,
-    /// unix nanoseconds of the commit
+    /// unix nanoseconds of the commit (of the last change, for a cache mount)
     pub created: i64,
+    /// `Some(cache id)` when this is a cache-mount instance, not a snapshot
+    pub cache_mount: Option<String>,
+}
+
+/// Prefix of the ids of cache-mount instances.
+pub const CACHE_MOUNT_PREFIX: &str = "cachemount:";
+
+fn mtime(p: &Path) -> i64 {
+    std::fs::symlink_metadata(p)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Every cache-mount instance under `root` (`<key>/<n>/data`). The first
+/// instance of a key also counts the key dir itself and its `id` file, so
+/// the sizes add up to the dir's disk use.
+fn cache_mount_usage(root: &Path) -> Vec<SnapshotUsage> {
+    let mut out = Vec::new();
+    let Ok(keys) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for k in keys.flatten() {
+        let key = k.file_name().to_string_lossy().into_owned();
+        let kdir = k.path();
+        let id = std::fs::read_to_string(kdir.join("id")).unwrap_or_else(|_| key.clone());
+        let own: i64 = [kdir.clone(), kdir.join("id")]
+            .iter()
+            .filter_map(|p| std::fs::symlink_metadata(p).ok())
+            .map(|m| (m.blocks() * 512) as i64)
+            .sum();
+        let Ok(insts) = std::fs::read_dir(&kdir) else {
+            continue;
+        };
+        let mut first = true;
+        let mut ns: Vec<(usize, std::path::PathBuf)> = insts
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+            .collect();
+        ns.sort();
+        for (n, dir) in ns {
+            let data = dir.join("data");
+            out.push(SnapshotUsage {
+                id: format!("{CACHE_MOUNT_PREFIX}{key}/{n}"),
+                parent: None,
+                kind: Kind::Built,
+                size: disk_size(&dir) + if first { own } else { 0 },
+                created: mtime(&data).max(mtime(&dir)),
+                cache_mount: Some(id.clone()),
+            });
+            first = false;
+        }
+    }
+    out
 }
 
 /// Snapshots (listed or removed) and content-store bytes.
@@ -76,6 +135,9 @@ fn kind_name(k: Kind) -> &'static str {
 
 impl SnapshotUsage {
     pub fn kind_name(&self) -> &'static str {
+        if self.cache_mount.is_some() {
+            return "cachemount";
+        }
         kind_name(self.kind)
     }
 }
@@ -108,7 +170,12 @@ impl Worker {
         self.config().root.join("content/blobs/sha256")
     }
 
-    /// Disk usage of `refs` (every snapshot when empty) and of the blob store.
+    fn cache_mounts_dir(&self) -> std::path::PathBuf {
+        self.config().root.join("cache-mounts")
+    }
+
+    /// Disk usage of `refs` (every snapshot and cache-mount instance when
+    /// empty) and of the blob store.
     pub async fn usage(&self, refs: &[String]) -> Result<Usage> {
         let metas: Vec<Meta> = if refs.is_empty() {
             self.all_metas()?
@@ -119,8 +186,9 @@ impl Worker {
         };
         let store = self.store().clone();
         let blobs = self.blobs_dir();
+        let mounts = refs.is_empty().then(|| self.cache_mounts_dir());
         tokio::task::spawn_blocking(move || {
-            let snapshots = metas
+            let mut snapshots: Vec<SnapshotUsage> = metas
                 .into_iter()
                 .map(|m| SnapshotUsage {
                     size: disk_size(&store.dir(&m.id)),
@@ -128,8 +196,12 @@ impl Worker {
                     id: m.id,
                     parent: m.parent,
                     kind: m.kind,
+                    cache_mount: None,
                 })
                 .collect();
+            if let Some(dir) = mounts {
+                snapshots.extend(cache_mount_usage(&dir));
+            }
             Ok(Usage {
                 snapshots,
                 blobs_size: contents_size(&blobs),
@@ -142,8 +214,54 @@ impl Worker {
     /// that neither `keep` nor a newer snapshot reaches through its parents,
     /// and blobs no remaining snapshot names. A snapshot is first renamed
     /// into `staging/` (cleared at start), so a crash never leaves half of
-    /// one visible. Returns what was removed.
+    /// one visible. Cache-mount instances not in `keep` go too, unless a
+    /// running step holds them. Returns what was removed.
     pub async fn prune(&self, keep: &[String], before: i64) -> Result<Usage> {
+        let mut removed_mounts = self.prune_cache_mounts(keep).await?;
+        let mut u = self.prune_snapshots(keep, before).await?;
+        u.snapshots.append(&mut removed_mounts);
+        Ok(u)
+    }
+
+    async fn prune_cache_mounts(&self, keep: &[String]) -> Result<Vec<SnapshotUsage>> {
+        let root = self.cache_mounts_dir();
+        let staging = self.config().root.join("staging");
+        let listed = {
+            let r = root.clone();
+            tokio::task::spawn_blocking(move || cache_mount_usage(&r)).await?
+        };
+        let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
+        let mut removed = Vec::new();
+        for m in listed.into_iter().filter(|m| !keep.contains(m.id.as_str())) {
+            let Some((key, n)) =
+                m.id.strip_prefix(CACHE_MOUNT_PREFIX)
+                    .and_then(|s| s.split_once('/'))
+                    .and_then(|(k, n)| Some((k.to_string(), n.parse::<usize>().ok()?)))
+            else {
+                continue;
+            };
+            // a running step holds it: it stays
+            let Some(_hold) = self.cache_mounts.try_hold(&key, n) else {
+                continue;
+            };
+            let dir = root.join(&key).join(n.to_string());
+            let gone = staging.join(format!("pruned-cache-{key}-{n}"));
+            std::fs::rename(&dir, &gone).map_err(Error::io("prune cache mount", &dir))?;
+            std::fs::remove_dir_all(&gone).map_err(Error::io("remove", &gone))?;
+            // the key dir goes with its last instance
+            let kdir = root.join(&key);
+            let empty = std::fs::read_dir(&kdir)
+                .map(|d| d.flatten().all(|e| e.file_name() == "id"))
+                .unwrap_or(false);
+            if empty {
+                let _ = std::fs::remove_dir_all(&kdir);
+            }
+            removed.push(m);
+        }
+        Ok(removed)
+    }
+
+    async fn prune_snapshots(&self, keep: &[String], before: i64) -> Result<Usage> {
         let before = if before <= 0 { i64::MAX } else { before };
         let metas = self.all_metas()?;
         let store = self.store().clone();
@@ -177,6 +295,7 @@ impl Worker {
                     kind: m.kind,
                     size: disk_size(&store.dir(&m.id)),
                     created: created(&dir),
+                    cache_mount: None,
                 };
                 let gone = root.join("staging").join(format!("pruned-{}", m.id));
                 std::fs::rename(&dir, &gone).map_err(Error::io("prune snapshot", &dir))?;
@@ -272,5 +391,40 @@ mod tests {
         let all = w.prune(&[], 0).await.expect("prune all");
         assert_eq!(all.snapshots.len(), 2);
         assert_eq!(w.exists(&[kept]), [false]);
+    }
+
+    #[tokio::test]
+    async fn cache_mounts_are_listed_and_pruned_unless_held() {
+        use crate::cachemount::Sharing;
+        let (_tmp, w) = worker();
+        let lease = w
+            .cache_mounts
+            .acquire("/root/.cache", None, Sharing::Locked)
+            .await
+            .expect("acquire");
+        std::fs::write(lease.dir().join("f"), vec![3u8; 50_000]).expect("write");
+        let u = w.usage(&[]).await.expect("usage");
+        let m = u
+            .snapshots
+            .iter()
+            .find(|s| s.cache_mount.is_some())
+            .expect("cache mount listed");
+        assert_eq!(m.kind_name(), "cachemount");
+        assert_eq!(m.cache_mount.as_deref(), Some("/root/.cache"));
+        assert!(m.size >= 50_000, "{m:?}");
+        // held by a running step: it stays
+        let r = w.prune(&[], 0).await.expect("prune");
+        assert!(r.snapshots.is_empty());
+        drop(lease);
+        // kept by the caller: it stays
+        let r = w
+            .prune(std::slice::from_ref(&m.id), 0)
+            .await
+            .expect("prune");
+        assert!(r.snapshots.is_empty());
+        let r = w.prune(&[], 0).await.expect("prune");
+        assert_eq!(r.snapshots.len(), 1);
+        let u = w.usage(&[]).await.expect("usage");
+        assert!(u.snapshots.is_empty(), "{u:?}");
     }
 }
