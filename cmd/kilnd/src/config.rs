@@ -35,6 +35,46 @@ pub struct Grpc {
 pub struct Worker {
     #[serde(default)]
     pub oci: OciWorker,
+    /// `[worker.containerd]`: run exec steps as containerd tasks.
+    #[serde(default)]
+    pub containerd: ContainerdWorker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerdWorker {
+    #[serde(default)]
+    pub enabled: bool,
+    /// containerd's gRPC socket (a path, or `unix:///path`)
+    pub address: Option<String>,
+    /// containerd namespace (default "kiln")
+    pub namespace: Option<String>,
+    /// snapshotter (default "overlayfs")
+    pub snapshotter: Option<String>,
+}
+
+impl ContainerdWorker {
+    /// The worker's containerd settings, `None` unless enabled.
+    pub fn to_config(
+        &self,
+    ) -> anyhow::Result<Option<worker_executor::containerd::ContainerdConfig>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let address = self
+            .address
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("[worker.containerd] enabled needs an address"))?;
+        let address = address.strip_prefix("unix://").unwrap_or(address);
+        let mut c = worker_executor::containerd::ContainerdConfig::new(address);
+        if let Some(n) = &self.namespace {
+            c.namespace = n.clone();
+        }
+        if let Some(s) = &self.snapshotter {
+            c.snapshotter = s.clone();
+        }
+        Ok(Some(c))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +131,32 @@ http = true
             c.insecure_entitlements,
             vec!["network.host".to_string(), "security.insecure".to_string()]
         );
+    }
+
+    #[test]
+    fn containerd_worker_section_parses_with_defaults() {
+        let c: FileConfig = toml::from_str(
+            "[worker.containerd]\nenabled = true\naddress = \"unix:///run/c.sock\"\n",
+        )
+        .expect("parses");
+        let cc = c
+            .worker
+            .containerd
+            .to_config()
+            .expect("valid")
+            .expect("enabled");
+        assert_eq!(cc.address, std::path::Path::new("/run/c.sock"));
+        assert_eq!(
+            (cc.namespace.as_str(), cc.snapshotter.as_str()),
+            ("kiln", "overlayfs")
+        );
+        let c: FileConfig =
+            toml::from_str("[worker.containerd]\nenabled = true\n").expect("parses");
+        assert!(c.worker.containerd.to_config().is_err(), "address required");
+        let c: FileConfig =
+            toml::from_str("[worker.containerd]\naddress = \"/x\"\n").expect("parses");
+        assert!(c.worker.containerd.to_config().expect("valid").is_none());
+        assert!(toml::from_str::<FileConfig>("[worker.containerd]\nadress = \"/x\"\n").is_err());
     }
 
     #[test]

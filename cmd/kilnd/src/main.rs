@@ -128,6 +128,7 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
         }
     }
     c.insecure_entitlements = s.file.insecure_entitlements.clone();
+    c.containerd = s.file.worker.containerd.to_config()?;
     Ok(Arc::new(
         worker_executor::Worker::new(c).context("start worker")?,
     ))

@@ -65,6 +65,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("connect to containerd at {address}: {source}")]
+    ContainerdConnect {
+        address: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("containerd {op} {id}: {source}")]
+    Containerd {
+        op: &'static str,
+        id: String,
+        #[source]
+        source: tonic::Status,
+    },
     #[error("process {args:?} did not complete successfully: exit code: {code}")]
     ExitCode { args: String, code: i32 },
     #[error("unable to find user {user}: {reason}")]

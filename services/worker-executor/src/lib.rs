@@ -1,6 +1,7 @@
 //! worker-executor: the kiln worker. It holds filesystem snapshots (overlayfs layers on
-//! local disk), runs single LLB ops on them (image and local sources, exec through runc,
-//! file ops) and exports snapshots as layer blobs or whole-filesystem tars.
+//! local disk), runs single LLB ops on them (image and local sources, exec through runc or
+//! as containerd tasks (see [`containerd`]), file ops) and exports snapshots as layer blobs
+//! or whole-filesystem tars.
 //!
 //! It is not a solver: it never sees a whole build graph, caches nothing by op digest and
 //! knows nothing of exporters or frontends. Callers hand it one op plus the refs
@@ -8,6 +9,7 @@
 //! names tonic or the generated `kiln.worker.v1` types is [`grpc`].
 
 pub mod cachemount;
+pub mod containerd;
 pub mod contenthash;
 pub mod error;
 pub mod fscopy;
@@ -46,6 +48,9 @@ pub struct Config {
     /// Entitlements this worker may grant when a build asks for them
     /// (`network.host`, `security.insecure`; kilnd.toml `insecure-entitlements`).
     pub insecure_entitlements: Vec<String>,
+    /// Run exec steps as containerd tasks instead of with runc directly
+    /// (kilnd.toml `[worker.containerd]`).
+    pub containerd: Option<containerd::ContainerdConfig>,
 }
 
 impl Config {
@@ -57,6 +62,7 @@ impl Config {
             registry: kiln_registry::RegistryConfig::default(),
             runc: PathBuf::from("runc"),
             insecure_entitlements: Vec::new(),
+            containerd: None,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct Worker {
     cache_mounts: cachemount::CacheMounts,
     /// One lock per persistent local-source dir.
     local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where exec steps run: runc or containerd.
+    executor: ops::exec::Executor,
 }
 
 impl std::fmt::Debug for Worker {
@@ -153,6 +161,7 @@ impl Worker {
             layers_lock: tokio::sync::Mutex::new(()),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             local_locks: std::sync::Mutex::new(HashMap::new()),
+            executor: ops::exec::Executor::from_config(&config),
             config,
         })
     }

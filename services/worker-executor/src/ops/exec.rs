@@ -1,6 +1,8 @@
-//! Exec ops: mount the inputs, write a runc bundle, run it, commit the writable mounts.
+//! Exec ops: mount the inputs, write a runc bundle, run it (with runc, or as a containerd
+//! task), commit the writable mounts.
 
 use crate::cachemount::{Lease, Sharing};
+use crate::containerd::Containerd;
 use crate::error::{Error, Result};
 use crate::ops::input_ref;
 use crate::pb::{self, MountType, NetMode, SecurityMode};
@@ -10,6 +12,43 @@ use crate::{Event, RunRequest, Worker, fscopy, rootpath, users};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
+
+/// Where a prepared step runs. Everything else about an exec (mounts, spec, outputs) is
+/// the same for every executor.
+#[derive(Debug)]
+pub enum Executor {
+    /// `runc run` of the bundle, under `<root>/runc`.
+    Runc(Runc),
+    /// A containerd container and task (runc shim) with the bundle's spec.
+    Containerd(Containerd),
+}
+
+impl Executor {
+    pub fn from_config(config: &crate::Config) -> Executor {
+        match &config.containerd {
+            Some(c) => Executor::Containerd(Containerd::new(c.clone())),
+            None => Executor::Runc(Runc {
+                binary: config.runc.clone(),
+                state: config.root.join("runc"),
+            }),
+        }
+    }
+
+    /// Runs the bundle at `bundle` (its config.json is `spec`) as container `id`;
+    /// returns the exit code. Dropping the future kills and removes the container.
+    async fn run(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &oci_spec::runtime::Spec,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<i32> {
+        match self {
+            Executor::Runc(r) => r.run(id, bundle, events).await,
+            Executor::Containerd(c) => c.run(id, spec, bundle, events).await,
+        }
+    }
+}
 
 pub const ENTITLEMENT_NETWORK_HOST: &str = "network.host";
 pub const ENTITLEMENT_SECURITY_INSECURE: &str = "security.insecure";
@@ -263,6 +302,8 @@ struct Prepared {
     /// A tmpfs over the bundle when it holds secrets (dropped before `bundle`).
     _bundle_tmpfs: Option<TmpfsGuard>,
     bundle: tempfile::TempDir,
+    /// The runtime spec written to the bundle's config.json.
+    spec: oci_spec::runtime::Spec,
 }
 
 /// The first missing component of `dest` inside `root`, and every path below it down to
@@ -401,6 +442,7 @@ fn prepare(
         _leases: Vec::new(),
         _bundle_tmpfs: bundle_tmpfs,
         bundle,
+        spec: oci_spec::runtime::Spec::default(),
     };
     let mut extra = Vec::new();
     let mut mounts: Vec<(usize, &pb::Mount)> = e.mounts.iter().enumerate().collect();
@@ -542,6 +584,7 @@ fn prepare(
     let config = p.bundle.path().join("config.json");
     spec.save(&config)
         .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
+    p.spec = spec;
     Ok(p)
 }
 
@@ -650,12 +693,11 @@ pub async fn run(
         )
     })
     .await??;
-    let runc = Runc {
-        binary: w.config().runc.clone(),
-        state: w.config().root.join("runc"),
-    };
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
-    let code = runc.run(&id, prepared.bundle.path(), events).await?;
+    let code = w
+        .executor
+        .run(&id, prepared.bundle.path(), &prepared.spec, events)
+        .await?;
     drop(agents);
     let valid = if meta.valid_exit_codes.is_empty() {
         vec![0]

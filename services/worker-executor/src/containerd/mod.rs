@@ -1,0 +1,280 @@
+//! The containerd executor: an exec step runs as a containerd task (container + task with
+//! the `io.containerd.runc.v2` shim) instead of a direct `runc run`.
+//!
+//! The OCI runtime spec is the same one the runc executor writes (see [`crate::runc::spec`]);
+//! its root is the overlay mount kiln prepared, so containerd is given no rootfs mounts.
+//! stdout and stderr come back through two FIFOs created here and are streamed as
+//! [`Event::Log`] lines, as with runc. A run that is abandoned (the future dropped on
+//! cancel) kills the task and deletes the task and the container in the background.
+//!
+//! Every request carries the configured namespace in the `containerd-namespace` gRPC
+//! metadata. Snapshots are not kept in containerd: they stay in kiln's own store.
+
+mod fifo;
+
+use crate::Event;
+use crate::error::{Error, Result};
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteTaskRequest, KillRequest, StartRequest, WaitRequest, containers_client::ContainersClient,
+    tasks_client::TasksClient,
+};
+use containerd_client::tonic::transport::Channel;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The runtime shim every task runs with.
+pub const RUNTIME: &str = "io.containerd.runc.v2";
+/// Type URL containerd registers for an OCI runtime spec carried as JSON in an `Any`.
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+/// `[worker.containerd]` of kilnd.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket.
+    pub address: PathBuf,
+    /// containerd namespace for kiln's containers (default "kiln").
+    pub namespace: String,
+    /// Snapshotter named in containers (default "overlayfs"); kiln's own snapshot store
+    /// still holds every snapshot.
+    pub snapshotter: String,
+}
+
+impl ContainerdConfig {
+    /// A config for `address` with the default namespace and snapshotter.
+    pub fn new(address: impl Into<PathBuf>) -> Self {
+        ContainerdConfig {
+            address: address.into(),
+            namespace: "kiln".into(),
+            snapshotter: "overlayfs".into(),
+        }
+    }
+}
+
+/// Runs exec steps as containerd tasks. Connects on first use.
+#[derive(Debug)]
+pub struct Containerd {
+    config: ContainerdConfig,
+    channel: tokio::sync::OnceCell<Channel>,
+}
+
+fn cerr(op: &'static str, id: &str) -> impl FnOnce(tonic::Status) -> Error {
+    let id = id.to_string();
+    move |source| Error::Containerd { op, id, source }
+}
+
+/// Request with the namespace in its metadata.
+fn req<T>(namespace: &str, t: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(t);
+    if let Ok(v) = namespace.parse() {
+        r.metadata_mut().insert("containerd-namespace", v);
+    }
+    r
+}
+
+impl Containerd {
+    pub fn new(config: ContainerdConfig) -> Containerd {
+        Containerd {
+            config,
+            channel: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ContainerdConfig {
+        &self.config
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        let address = self.config.address.clone();
+        self.channel
+            .get_or_try_init(|| async move {
+                containerd_client::connect(&address)
+                    .await
+                    .map_err(|source| Error::ContainerdConnect { address, source })
+            })
+            .await
+            .cloned()
+    }
+
+    /// Runs `spec` as container `id`, streaming output as `Event::Log`; returns the exit
+    /// code. `fifo_dir` (an existing private dir, e.g. the bundle) holds the stdio FIFOs.
+    pub async fn run(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        fifo_dir: &Path,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<i32> {
+        let ch = self.channel().await?;
+        let ns = self.config.namespace.as_str();
+        let spec_json =
+            serde_json::to_vec(spec).map_err(|e| Error::Spec(format!("encode spec: {e}")))?;
+        let (stdout, stderr) = (fifo_dir.join("stdout"), fifo_dir.join("stderr"));
+        let out = fifo::Reader::spawn(&stdout, 1, events.clone())?;
+        let err = fifo::Reader::spawn(&stderr, 2, events.clone())?;
+        let mut guard = Cleanup {
+            channel: ch.clone(),
+            namespace: ns.to_string(),
+            id: id.to_string(),
+            container: false,
+            task: false,
+            fifos: vec![stdout.clone(), stderr.clone()],
+        };
+        let mut containers = ContainersClient::new(ch.clone());
+        let mut tasks = TasksClient::new(ch);
+        let container = Container {
+            id: id.to_string(),
+            runtime: Some(Runtime {
+                name: RUNTIME.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE_URL.into(),
+                value: spec_json,
+            }),
+            snapshotter: self.config.snapshotter.clone(),
+            ..Default::default()
+        };
+        containers
+            .create(req(
+                ns,
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+            ))
+            .await
+            .map_err(cerr("create container", id))?;
+        guard.container = true;
+        tasks
+            .create(req(
+                ns,
+                CreateTaskRequest {
+                    container_id: id.to_string(),
+                    stdout: stdout.to_string_lossy().into_owned(),
+                    stderr: stderr.to_string_lossy().into_owned(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map_err(cerr("create task", id))?;
+        guard.task = true;
+        tasks
+            .start(req(
+                ns,
+                StartRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                },
+            ))
+            .await
+            .map_err(cerr("start task", id))?;
+        let status = tasks
+            .wait(req(
+                ns,
+                WaitRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                },
+            ))
+            .await
+            .map_err(cerr("wait task", id))?
+            .into_inner()
+            .exit_status;
+        // the shim closes the FIFOs once it has copied everything the process wrote
+        out.finish().await;
+        err.finish().await;
+        tasks
+            .delete(req(
+                ns,
+                DeleteTaskRequest {
+                    container_id: id.to_string(),
+                },
+            ))
+            .await
+            .map_err(cerr("delete task", id))?;
+        guard.task = false;
+        containers
+            .delete(req(ns, DeleteContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(cerr("delete container", id))?;
+        guard.container = false;
+        Ok(status as i32)
+    }
+}
+
+/// Kills and deletes what a run created when the run is abandoned or fails half way.
+struct Cleanup {
+    channel: Channel,
+    namespace: String,
+    id: String,
+    container: bool,
+    task: bool,
+    fifos: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // a reader still blocked opening its FIFO (the shim never opened it) gets EOF
+        for f in &self.fifos {
+            fifo::unblock(f);
+        }
+        if !self.container && !self.task {
+            return;
+        }
+        let (ch, ns, id, task, container) = (
+            self.channel.clone(),
+            self.namespace.clone(),
+            self.id.clone(),
+            self.task,
+            self.container,
+        );
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(id, "no runtime to clean up containerd task");
+            return;
+        };
+        rt.spawn(async move {
+            let mut tasks = TasksClient::new(ch.clone());
+            if task {
+                let _ = tasks
+                    .kill(req(
+                        &ns,
+                        KillRequest {
+                            container_id: id.clone(),
+                            exec_id: String::new(),
+                            signal: libc::SIGKILL as u32,
+                            all: true,
+                        },
+                    ))
+                    .await;
+                let wait = tasks.wait(req(
+                    &ns,
+                    WaitRequest {
+                        container_id: id.clone(),
+                        exec_id: String::new(),
+                    },
+                ));
+                let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+                if let Err(e) = tasks
+                    .delete(req(
+                        &ns,
+                        DeleteTaskRequest {
+                            container_id: id.clone(),
+                        },
+                    ))
+                    .await
+                {
+                    tracing::warn!(id, error = %e, "delete abandoned containerd task");
+                }
+            }
+            if container
+                && let Err(e) = ContainersClient::new(ch)
+                    .delete(req(&ns, DeleteContainerRequest { id: id.clone() }))
+                    .await
+            {
+                tracing::warn!(id, error = %e, "delete abandoned containerd container");
+            }
+        });
+    }
+}
