@@ -13,8 +13,8 @@ pub mod layer;
 pub mod layout;
 
 pub use compress::{
-    Compression, LayerOptions, ParallelGzEncoder, compress_layer, compress_stream, recompress_blob,
-    write_layer_blob,
+    Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, compress_layer,
+    compress_stream, recompress_blob, write_layer_blob,
 };
 pub use error::Error;
 pub use image::{
