@@ -81,6 +81,8 @@ pub struct Client {
     tokens: Arc<Mutex<HashMap<(String, String), String>>>,
     credentials: Option<Credentials>,
     uploads: Arc<AtomicU64>,
+    /// Blobs larger than this go up in PATCH chunks of this size.
+    chunk_size: u64,
 }
 
 enum Auth {
@@ -142,6 +144,7 @@ impl Client {
             tokens: Arc::default(),
             credentials: None,
             uploads: Arc::default(),
+            chunk_size: CHUNK_SIZE,
         })
     }
 
@@ -151,6 +154,13 @@ impl Client {
         let mut c = self.clone();
         c.config.hosts.entry(host.to_string()).or_default().insecure = true;
         c
+    }
+
+    /// A client uploading blobs larger than `bytes` in PATCH chunks of `bytes` (default
+    /// 64 MiB; each chunk is streamed from the file, never held in memory).
+    pub fn with_chunk_size(mut self, bytes: u64) -> Self {
+        self.chunk_size = bytes.max(1);
+        self
     }
 
     /// Blobs this client (and its clones) sent to registries (PUT or PATCH uploads,
@@ -527,19 +537,30 @@ impl Client {
         let src_path: PathBuf = src.to_path_buf();
         let size = desc.size;
         self.uploads.fetch_add(1, Ordering::Relaxed);
-        if size > CHUNK_SIZE {
+        if size > self.chunk_size {
             let mut offset = 0u64;
             while offset < size {
-                let len = CHUNK_SIZE.min(size - offset);
-                let chunk = read_chunk(&src_path, offset, len).await?;
+                let len = self.chunk_size.min(size - offset);
+                // each attempt streams the range from the file again: no chunk in memory
+                let first = open_range(&src_path, offset)?;
+                let first = Mutex::new(Some(first));
                 let range = format!("{}-{}", offset, offset + len - 1);
                 let url = location.clone();
                 let resp = self
                     .send(&ep, &scope, Method::PATCH, &url, &|rb| {
-                        rb.header(CONTENT_TYPE, "application/octet-stream")
+                        let f = first
+                            .lock()
+                            .ok()
+                            .and_then(|mut g| g.take())
+                            .or_else(|| open_range(&src_path, offset).ok());
+                        let rb = rb
+                            .header(CONTENT_TYPE, "application/octet-stream")
                             .header(CONTENT_LENGTH, len)
-                            .header("Content-Range", range.as_str())
-                            .body(chunk.clone())
+                            .header("Content-Range", range.as_str());
+                        match f {
+                            Some(f) => rb.body(file_body(f, len)),
+                            None => rb,
+                        }
                     })
                     .await?;
                 let resp = expect_status(resp, "PATCH", &url, &[StatusCode::ACCEPTED]).await?;
@@ -579,13 +600,7 @@ impl Client {
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size);
                 match f {
-                    Some(f) => {
-                        let stream = tokio_util::io::ReaderStream::with_capacity(
-                            tokio::fs::File::from_std(f),
-                            1 << 20,
-                        );
-                        rb.body(reqwest::Body::wrap_stream(stream))
-                    }
+                    Some(f) => rb.body(file_body(f, size)),
                     None => rb,
                 }
             })
@@ -804,19 +819,23 @@ fn with_digest(location: &str, digest: &str) -> Result<String, Error> {
     Ok(url.to_string())
 }
 
-async fn read_chunk(path: &Path, offset: u64, len: u64) -> Result<bytes::Bytes, Error> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+/// The blob file at `path`, positioned at `offset`.
+fn open_range(path: &Path, offset: u64) -> Result<std::fs::File, Error> {
+    use std::io::Seek;
     let rerr = |source| Error::ReadBlob {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = tokio::fs::File::open(path).await.map_err(rerr)?;
-    f.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .map_err(rerr)?;
-    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-    f.read_exact(&mut buf).await.map_err(rerr)?;
-    Ok(bytes::Bytes::from(buf))
+    let mut f = std::fs::File::open(path).map_err(rerr)?;
+    f.seek(std::io::SeekFrom::Start(offset)).map_err(rerr)?;
+    Ok(f)
+}
+
+/// A request body streaming `len` bytes of `f` from its position, 1 MiB at a time.
+fn file_body(f: std::fs::File, len: u64) -> reqwest::Body {
+    use tokio::io::AsyncReadExt;
+    let r = tokio::fs::File::from_std(f).take(len);
+    reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(r, 1 << 20))
 }
 
 fn pull_scope(r: &Reference) -> String {

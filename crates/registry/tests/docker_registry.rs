@@ -279,3 +279,39 @@ async fn index_is_resolved_to_the_platform_and_mirrors_are_tried_first() {
         .expect("blob via mirror");
     assert_eq!(std::fs::read(&dest).expect("read"), b"amd64 layer");
 }
+
+#[tokio::test]
+async fn large_blobs_go_up_in_streamed_chunks() {
+    let Some(reg) = start_registry().await else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    // 100 KiB chunks: a 250 KiB + 3 bytes layer takes three PATCHes
+    let client = Client::new(RegistryConfig::default())
+        .expect("client")
+        .with_chunk_size(100 * 1024);
+    let r = Reference::parse(&format!("{}/kiln/chunked:v1", reg.addr)).expect("ref");
+    let content: Vec<u8> = (0..250 * 1024 + 3).map(|i| (i * 7 % 251) as u8).collect();
+    let img = image("amd64", &content);
+    let layer_path = work.path().join("layer");
+    std::fs::write(&layer_path, &img.layer_bytes).expect("layer file");
+    let outcome = client
+        .push_blob(&r, &img.layer, &layer_path)
+        .await
+        .expect("push layer");
+    assert_eq!(outcome, kiln_registry::PushOutcome::UploadedChunked);
+    let dest = work.path().join("fetched");
+    client
+        .fetch_blob(&r, &img.layer, &dest)
+        .await
+        .expect("fetch");
+    assert_eq!(std::fs::read(&dest).expect("read"), content);
+    // a small blob is one PUT
+    let small = work.path().join("config");
+    std::fs::write(&small, &img.config).expect("config file");
+    let outcome = client
+        .push_blob(&r, &img.config_desc, &small)
+        .await
+        .expect("push config");
+    assert_eq!(outcome, kiln_registry::PushOutcome::Uploaded);
+}
