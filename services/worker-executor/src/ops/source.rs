@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::snapshot::{self, Kind, LayerBlob};
 use crate::{Event, Worker, fscopy, pb};
+use futures::StreamExt;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
@@ -99,7 +100,8 @@ pub async fn image(
         });
     }
     let store = w.store().clone();
-    let mut parent: Option<String> = None;
+    // chain ids and cache index paths, bottom layer first
+    let mut chain: Vec<(kiln_oci::Descriptor, String, std::path::PathBuf)> = Vec::new();
     let mut chain_id: Option<String> = None;
     for (desc, diff_id) in layers.into_iter().zip(ids) {
         let cid = match &chain_id {
@@ -112,41 +114,38 @@ pub async fn image(
             .root
             .join("image-layers")
             .join(cid.trim_start_matches("sha256:"));
+        chain.push((desc, diff_id, index));
+    }
+    // missing blobs download up to PULL_CONCURRENCY at a time, ahead of the unpacking,
+    // which goes in order as each arrives
+    let mut fetches = Vec::new();
+    for (desc, _, index) in &chain {
+        let blob = w.blob_path(&desc.digest)?;
+        let needed = !blob.exists() && !index.exists();
+        let (registry, reference, desc) = (registry.clone(), reference.clone(), desc.clone());
+        let events = events.clone();
+        fetches.push(async move {
+            if needed {
+                fetch_layer(&registry, &reference, &desc, &blob, &events).await?;
+            }
+            Ok::<_, Error>(blob)
+        });
+    }
+    let mut fetched = futures::stream::iter(fetches).buffered(PULL_CONCURRENCY);
+    let mut parent: Option<String> = None;
+    for (desc, diff_id, index) in chain {
+        let blob = match fetched.next().await {
+            Some(b) => b?,
+            None => w.blob_path(&desc.digest)?,
+        };
         if let Ok(id) = std::fs::read_to_string(&index)
             && store.meta(id.trim()).is_ok_and(|m| m.parent == parent)
         {
             parent = Some(id.trim().to_string());
             continue;
         }
-        let blob = w.blob_path(&desc.digest)?;
         if !blob.exists() {
-            let total = desc.size as i64;
-            let _ = events
-                .send(Event::Progress {
-                    id: desc.digest.clone(),
-                    current: 0,
-                    total,
-                    completed: false,
-                })
-                .await;
-            let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-            let res = registry
-                .fetch_blob(&reference, &desc, &tmp)
-                .await
-                .map_err(reg);
-            if let Err(e) = res {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-            std::fs::rename(&tmp, &blob).map_err(Error::io("rename", &blob))?;
-            let _ = events
-                .send(Event::Progress {
-                    id: desc.digest.clone(),
-                    current: total,
-                    total,
-                    completed: true,
-                })
-                .await;
+            fetch_layer(&registry, &reference, &desc, &blob, events).await?;
         }
         let store = store.clone();
         let p = parent.clone();
@@ -176,6 +175,46 @@ pub async fn image(
         parent = Some(id);
     }
     Ok(parent)
+}
+
+/// Image layers downloaded at once by one pull.
+const PULL_CONCURRENCY: usize = 3;
+
+/// Downloads one layer blob to `blob` (through a temp file), with progress events.
+async fn fetch_layer(
+    registry: &kiln_registry::Client,
+    reference: &kiln_registry::Reference,
+    desc: &kiln_oci::Descriptor,
+    blob: &std::path::Path,
+    events: &mpsc::Sender<Event>,
+) -> Result<()> {
+    let total = desc.size as i64;
+    let _ = events
+        .send(Event::Progress {
+            id: desc.digest.clone(),
+            current: 0,
+            total,
+            completed: false,
+        })
+        .await;
+    let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
+    if let Err(source) = registry.fetch_blob(reference, desc, &tmp).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Registry {
+            reference: reference.to_string(),
+            source,
+        });
+    }
+    std::fs::rename(&tmp, blob).map_err(Error::io("rename", blob))?;
+    let _ = events
+        .send(Event::Progress {
+            id: desc.digest.clone(),
+            current: total,
+            total,
+            completed: true,
+        })
+        .await;
+    Ok(())
 }
 
 fn json_list(attrs: &BTreeMap<String, String>, key: &str) -> Result<Vec<String>> {
