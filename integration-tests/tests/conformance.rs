@@ -22,6 +22,11 @@
 //! ```
 //!
 //! Each group test collects every failing case and reports them all at the end.
+//!
+//! The `remote` group runs next to a loopback `git daemon`, a git smart-HTTP
+//! server and a plain HTTP server; `{{NAME}}` in a case's `Dockerfile` and
+//! `expect.txt` is replaced by [`Remotes::vars`] (`{{GIT}}`, `{{GIT_HTTP}}`,
+//! `{{HTTP}}`, `{{COMMIT1}}`, `{{COMMIT2}}`, `{{DATA_SHA256}}`).
 
 use kiln_integration_tests::{Daemon, Topology, dockerfile_args};
 use serde_json::Value;
@@ -105,9 +110,17 @@ fn unescape(s: &str) -> String {
     out
 }
 
-fn parse_expect(dir: &Path) -> Result<Case, String> {
+/// `{{NAME}}` → value for each var.
+fn substitute(text: &str, vars: &[(String, String)]) -> String {
+    vars.iter().fold(text.to_string(), |t, (k, v)| {
+        t.replace(&format!("{{{{{k}}}}}"), v)
+    })
+}
+
+fn parse_expect(dir: &Path, vars: &[(String, String)]) -> Result<Case, String> {
     let text = std::fs::read_to_string(dir.join("expect.txt"))
         .map_err(|e| format!("read expect.txt: {e}"))?;
+    let text = substitute(&text, vars);
     let mut case = Case {
         dir: dir.to_path_buf(),
         ..Default::default()
@@ -273,7 +286,7 @@ fn oci_config(tar_path: &Path) -> Result<Value, String> {
     }
 }
 
-fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
+fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), String> {
     let work = tempfile::Builder::new()
         .prefix("kiln-conf-")
         .tempdir()
@@ -281,6 +294,12 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
     let ctx = work.path().join("ctx");
     std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
     copy_context(&case.dir, &ctx).map_err(|e| format!("copy context: {e}"))?;
+    if !vars.is_empty() {
+        let df = ctx.join("Dockerfile");
+        let text = std::fs::read_to_string(&df).map_err(|e| format!("read Dockerfile: {e}"))?;
+        std::fs::write(&df, substitute(&text, vars))
+            .map_err(|e| format!("write Dockerfile: {e}"))?;
+    }
     let out_dir = work.path().join("out");
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
@@ -409,6 +428,15 @@ fn run_case(d: &Daemon, case: &Case) -> Result<(), String> {
 }
 
 fn run_group(group: &str) {
+    run_group_with(group, &[]);
+}
+
+fn run_group_with(group: &str, vars: &[(String, String)]) {
+    run_group_on(group, vars, "");
+}
+
+/// Runs a group on a daemon whose kilnd.toml starts with `daemon_config`.
+fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str) {
     let dir = conformance_dir().join(group);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -422,10 +450,10 @@ fn run_group(group: &str) {
     if let Ok(only) = std::env::var("KILN_CONFORMANCE_CASE") {
         names.retain(|n| n.contains(&only));
     }
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start_with_config(Topology::AllInOne, daemon_config).expect("daemon");
     let mut failures = Vec::new();
     for name in &names {
-        let result = parse_expect(&dir.join(name)).and_then(|case| run_case(&d, &case));
+        let result = parse_expect(&dir.join(name), vars).and_then(|case| run_case(&d, &case, vars));
         match result {
             Ok(()) => eprintln!("ok    {group}/{name}"),
             Err(e) => {
@@ -486,4 +514,210 @@ fn conformance_contexts() {
 #[test]
 fn conformance_errors() {
     run_group("errors");
+}
+
+#[test]
+fn conformance_run() {
+    // an agent for `--mount=type=ssh` cases (`arg --ssh default={{SSH_SOCK}}`)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let _agent = Child(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent"),
+    );
+    wait_for(|| sock.exists(), "ssh-agent");
+    let vars = [("SSH_SOCK".to_string(), sock.display().to_string())];
+    run_group_on(
+        "run",
+        &vars,
+        "insecure-entitlements = [\"network.host\", \"security.insecure\"]",
+    );
+}
+
+#[test]
+fn conformance_remote() {
+    let remotes = Remotes::start();
+    run_group_with("remote", &remotes.vars);
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed().as_secs() < 10, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn run_tool(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Loopback servers for the `remote` group: `git daemon` and git smart HTTP
+/// (`git http-backend` as CGI) serving `repo.git`, and a plain HTTP server.
+///
+/// `repo.git` (branch `main`, HEAD): commit 1 has `README` = `one\n`,
+/// `sub/a.txt` = `first\n` and tag `v1`; commit 2 changes `sub/a.txt` to
+/// `second\n` and adds `sub/link -> a.txt`. The HTTP root has `data.txt`
+/// (`payload\n`) and `files.tar` (holding `inner.txt`).
+struct Remotes {
+    _dir: tempfile::TempDir,
+    _servers: Vec<Child>,
+    vars: Vec<(String, String)>,
+}
+
+impl Remotes {
+    fn start() -> Remotes {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("work");
+        let base = dir.path().join("git");
+        let www = dir.path().join("www");
+        for d in [&work, &base, &www.join("cgi-bin")] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        let git = |args: &[&str]| run_tool(&work, "git", args);
+        git(&["init", "-q", "-b", "main"]);
+        std::fs::create_dir_all(work.join("sub")).expect("mkdir");
+        std::fs::write(work.join("README"), "one\n").expect("write");
+        std::fs::write(work.join("sub/a.txt"), "first\n").expect("write");
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "one"]);
+        git(&["tag", "v1"]);
+        let commit1 = git(&["rev-parse", "HEAD"]);
+        std::fs::write(work.join("sub/a.txt"), "second\n").expect("write");
+        std::os::unix::fs::symlink("a.txt", work.join("sub/link")).expect("symlink");
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "two"]);
+        let commit2 = git(&["rev-parse", "HEAD"]);
+        let bare = base.join("repo.git");
+        run_tool(
+            dir.path(),
+            "git",
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().expect("utf8"),
+                bare.to_str().expect("utf8"),
+            ],
+        );
+        run_tool(&bare, "git", &["config", "http.receivepack", "false"]);
+
+        std::fs::write(www.join("data.txt"), "payload\n").expect("write");
+        std::fs::write(dir.path().join("inner.txt"), "inside\n").expect("write");
+        run_tool(
+            dir.path(),
+            "tar",
+            &[
+                "-cf",
+                www.join("files.tar").to_str().expect("utf8"),
+                "inner.txt",
+            ],
+        );
+        let sha = run_tool(&www, "sha256sum", &["data.txt"]);
+        let sha = sha.split_whitespace().next().expect("sha").to_string();
+        let cgi = www.join("cgi-bin/git");
+        // python's CGI runs the script as nobody: trust the root-owned repo, keep HOME out
+        std::fs::write(
+            &cgi,
+            "#!/bin/sh\nexport HOME=/ XDG_CONFIG_HOME=/nonexistent GIT_CONFIG_COUNT=1 \
+             GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'\nexec git http-backend\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let git_port = free_port();
+        let daemon = Child(
+            std::process::Command::new("git")
+                .args([
+                    "daemon",
+                    "--reuseaddr",
+                    "--export-all",
+                    "--listen=127.0.0.1",
+                ])
+                .arg(format!("--port={git_port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg(&base)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("git daemon"),
+        );
+        let http_port = free_port();
+        let http = Child(
+            std::process::Command::new("python3")
+                .args(["-m", "http.server", "--cgi", "--bind", "127.0.0.1"])
+                .arg(http_port.to_string())
+                .current_dir(&www)
+                .env("GIT_PROJECT_ROOT", &base)
+                .env("GIT_HTTP_EXPORT_ALL", "1")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("python3 http.server"),
+        );
+        for port in [git_port, http_port] {
+            wait_for(
+                || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                "loopback server",
+            );
+        }
+        let vars = [
+            ("GIT", format!("git://127.0.0.1:{git_port}")),
+            (
+                "GIT_HTTP",
+                format!("http://127.0.0.1:{http_port}/cgi-bin/git"),
+            ),
+            ("HTTP", format!("http://127.0.0.1:{http_port}")),
+            ("COMMIT1", commit1),
+            ("COMMIT2", commit2),
+            ("DATA_SHA256", sha),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Remotes {
+            _dir: dir,
+            _servers: vec![daemon, http],
+            vars,
+        }
+    }
 }

@@ -131,7 +131,7 @@ impl Instruction {
     }
 
     /// Expands variables in place for the instructions BuildKit expands
-    /// (ENV, LABEL, COPY/ADD sources/dest/--chown/--chmod, WORKDIR, USER,
+    /// (ENV, LABEL, COPY/ADD sources/dest/--chown/--chmod/--checksum, WORKDIR, USER,
     /// EXPOSE, VOLUME, STOPSIGNAL). RUN, CMD, ENTRYPOINT, SHELL, ARG, ONBUILD,
     /// HEALTHCHECK and MAINTAINER are left alone (ARG defaults are expanded by
     /// the converter, which knows whether a build arg overrides them).
@@ -152,6 +152,9 @@ impl Instruction {
                     *v = lex.process_word(v, env)?;
                 }
                 if let Some(v) = &mut c.chmod {
+                    *v = lex.process_word(v, env)?;
+                }
+                if let Some(v) = &mut c.checksum {
                     *v = lex.process_word(v, env)?;
                 }
                 for s in &mut c.exclude {
@@ -1354,6 +1357,10 @@ mod tests {
                 r#"COPY ["/srv/a"] -> "/srv/b" chown=1:1"#,
             ),
             ("COPY --from=$A a b", r#"COPY ["a"] -> "b" from=$A"#),
+            (
+                "ADD --checksum=sha256:$A https://x/y /y",
+                r#"ADD ["https://x/y"] -> "/y" checksum=sha256:1"#,
+            ),
             ("EXPOSE $P", r#"EXPOSE ["80", "443"]"#),
             ("VOLUME $DIR", r#"VOLUME ["/srv"]"#),
             ("STOPSIGNAL ${SIG:-SIGKILL}", r#"STOPSIGNAL "SIGKILL""#),

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use kiln_dockerfile::{Command, Copy, Lex};
 use kiln_llb::pb;
 
+use super::git::GitRef;
 use super::ops::{OpId, Ops, metadata};
 use super::run::uppercase_cmd;
 use super::stage::{StageState, chown_opt, clean_path, dest_path, normalize_workdir};
@@ -44,11 +45,7 @@ fn is_http(src: &str) -> bool {
 }
 
 fn is_git(src: &str) -> bool {
-    src.starts_with("git@")
-        || src.starts_with("git://")
-        || src.starts_with("ssh://")
-        || ((src.starts_with("http://") || src.starts_with("https://"))
-            && (src.ends_with(".git") || src.contains(".git#")))
+    GitRef::parse(src).is_some()
 }
 
 /// The file name an HTTP source is saved as (BuildKit: base of the URL path).
@@ -94,14 +91,8 @@ pub(crate) fn dispatch(
         instruction: kw.to_string(),
         reason,
     };
-    if let Some(src) = copy.sources.iter().find(|s| is_git(s)) {
-        if !is_add {
-            return Err(invalid("source can't be a git ref for COPY".to_string()));
-        }
-        return Err(Error::Unsupported {
-            line,
-            feature: format!("ADD from a git repository ({src})"),
-        });
+    if !is_add && copy.sources.iter().any(|s| is_git(s)) {
+        return Err(invalid("source can't be a git ref for COPY".to_string()));
     }
     if !is_add && copy.sources.iter().any(|s| is_http(s)) {
         return Err(invalid("source can't be a URL for COPY".to_string()));
@@ -112,9 +103,9 @@ pub(crate) fn dispatch(
                 "checksum can't be specified for multiple sources".to_string(),
             ));
         }
-        if !is_http(&copy.sources[0]) {
+        if !is_http(&copy.sources[0]) && !is_git(&copy.sources[0]) {
             return Err(invalid(
-                "checksum can't be specified for non-HTTP(S) sources".to_string(),
+                "checksum can't be specified for non-HTTP(S) or git sources".to_string(),
             ));
         }
     }
@@ -129,7 +120,7 @@ pub(crate) fn dispatch(
     if matches!(source, CopySource::Context) && !ignore.is_empty() {
         // A source the .dockerignore removes from the context can only fail;
         // say why now instead of a bare "not found" from the worker.
-        for src in copy.sources.iter().filter(|s| !is_http(s)) {
+        for src in copy.sources.iter().filter(|s| !is_http(s) && !is_git(s)) {
             let path = clean_path(src);
             if !has_wildcard(&path) && ignore.excluded(&path) && !ignore.may_reinclude_below(&path)
             {
@@ -178,6 +169,26 @@ pub(crate) fn dispatch(
     // (secondary input, copy action) per source.
     let mut planned: Vec<(i64, pb::FileActionCopy)> = Vec::new();
     for src in &copy.sources {
+        if let Some(git) = GitRef::parse(src) {
+            let (op, caps) = git.source_op(copy.keep_git_dir, copy.checksum.as_deref());
+            let md = metadata(&[("llb.customname", progress.as_str())], &caps);
+            let repo = ops.push(op, Vec::new(), md, Some(lines));
+            let secondary = index_of(&mut inputs, Some(repo));
+            planned.push((
+                secondary,
+                pb::FileActionCopy {
+                    src: "/".to_string(),
+                    dest: dest.clone(),
+                    owner: owner.clone(),
+                    mode,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    mode_str: mode_str.clone(),
+                    ..Default::default()
+                },
+            ));
+            continue;
+        }
         if is_http(src) {
             let filename = http_filename(src);
             let mut attrs = std::collections::BTreeMap::new();

@@ -9,6 +9,7 @@
 //! marshalling order), `reference.rs` (image name normalisation).
 
 mod copy;
+mod git;
 mod image;
 mod mount;
 mod ops;
