@@ -75,10 +75,51 @@ pub enum Topology {
     Split,
 }
 
+/// Where the worker runs exec steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// runc run directly (the default)
+    Runc,
+    /// containerd tasks through the containerd at `address` (`[worker.containerd]`)
+    Containerd { address: String },
+}
+
+impl Backend {
+    /// The containerd backend on `KILN_TEST_CONTAINERD` (scripts/test.sh starts one).
+    /// `None` (skip) only when run by hand without `KILN_TEST_REGISTRY` either; under
+    /// `make test` a missing containerd is a failure, never a skip.
+    pub fn containerd() -> Option<Backend> {
+        match std::env::var("KILN_TEST_CONTAINERD") {
+            Ok(address) if !address.is_empty() => Some(Backend::Containerd { address }),
+            _ if std::env::var_os("KILN_TEST_REGISTRY").is_some() => {
+                panic!("KILN_TEST_CONTAINERD is not set (scripts/test.sh starts containerd)")
+            }
+            _ => {
+                eprintln!(
+                    "skipped: KILN_TEST_CONTAINERD not set (sh scripts/containerd.sh start DIR)"
+                );
+                None
+            }
+        }
+    }
+
+    /// The kilnd.toml section selecting this backend, with its own containerd namespace.
+    fn config(&self, namespace: &str) -> String {
+        match self {
+            Backend::Runc => String::new(),
+            Backend::Containerd { address } => format!(
+                "[worker.containerd]\nenabled = true\naddress = \"{address}\"\nnamespace = \"{namespace}\"\n"
+            ),
+        }
+    }
+}
+
 /// Running daemon process(es) with their own state dir.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub addr: String,
+    /// The containerd namespace of this daemon's containers (containerd backend only).
+    pub containerd_namespace: Option<String>,
     children: Vec<Child>,
 }
 
@@ -128,13 +169,27 @@ impl Daemon {
     /// Like `start`, with `extra` TOML keys placed at the top of kilnd.toml
     /// (e.g. `insecure-entitlements = ["network.host"]`).
     pub fn start_with_config(topology: Topology, extra: &str) -> Result<Daemon> {
+        Daemon::start_on(topology, &Backend::Runc, extra)
+    }
+
+    /// Like `start_with_config`, with exec steps running on `backend`.
+    pub fn start_on(topology: Topology, backend: &Backend, extra: &str) -> Result<Daemon> {
         let reg = registry();
         let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
         let config = dir.path().join("kilnd.toml");
+        let namespace = dir
+            .path()
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+            })
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "{extra}\n[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+                "{extra}\n[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n{}",
+                backend.config(&namespace)
             ),
         )?;
         let kilnd = bin_dir().join("kilnd");
@@ -211,6 +266,8 @@ impl Daemon {
         Ok(Daemon {
             dir,
             addr,
+            containerd_namespace: matches!(backend, Backend::Containerd { .. })
+                .then_some(namespace),
             children,
         })
     }
