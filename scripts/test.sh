@@ -4,11 +4,13 @@
 set -eu
 cd "$(dirname "$0")/.."
 work=$(mktemp -d /tmp/kiln-test.XXXXXX)
-cleanup() { sh scripts/registry.sh stop "$work/registry"; rm -rf "$work"; }
+cleanup() { sh scripts/registry.sh stop "$work/registry"; sh scripts/containerd.sh stop "$work/containerd"; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 reg=$(sh scripts/registry.sh start "$work/registry")
 sh scripts/seed-busybox.sh "$reg" >/dev/null
 export KILN_TEST_REGISTRY="$reg"
+ctrd=$(sh scripts/containerd.sh start "$work/containerd")
+export KILN_TEST_CONTAINERD="$ctrd"
 export KILN_BIN_DIR="$(pwd)/target/debug"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --test-threads 2
