@@ -22,6 +22,12 @@ pub struct CopyOpts {
     /// Replace an existing directory by a non-directory (and the reverse)
     /// instead of failing.
     pub always_replace: bool,
+    /// Hard-link regular files instead of copying them (falling back to a
+    /// copy when linking fails). Only for sources that are never rewritten
+    /// in place and destinations that are never written except through an
+    /// overlay; with no owner, mode or timestamp override (the link shares
+    /// the source's metadata).
+    pub link_files: bool,
 }
 
 /// Include/exclude patterns over paths relative to the copy source
@@ -246,7 +252,102 @@ pub fn timespec(nanos: i64) -> (TimeSpec, TimeSpec) {
 /// other inside `src` stay hard-linked in `dst`.
 pub fn copy_entry(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<()> {
     let mut links = HashMap::new();
-    copy_rec(src, dst, Path::new(""), opts, &mut links).map(|_| ())
+    copy_rec(src, dst, Path::new(""), opts, &mut links, &mut None).map(|_| ())
+}
+
+/// A regular file that [`copy_entry_deferred`] left as an empty placeholder.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    /// the placeholder
+    pub dst: PathBuf,
+    /// the file it stands for
+    pub src: PathBuf,
+    /// the inode `src` had when the placeholder was made
+    pub ino: u64,
+}
+
+/// [`copy_entry`], except that regular files are created empty (with their
+/// final owner, mode and times) and listed, for [`link_deferred`] to turn
+/// into hard links once the destination is no longer behind an overlay
+/// mount. The tree shape (parents, merges, replaced entries) is exactly the
+/// copy's. Options with an owner, mode or timestamp override copy as usual.
+pub fn copy_entry_deferred(src: &Path, dst: &Path, opts: &CopyOpts) -> io::Result<Vec<Deferred>> {
+    let mut links = HashMap::new();
+    let overrides = opts.owner.is_some()
+        || opts.mode.is_some()
+        || opts.mode_str.is_some()
+        || opts.timestamp.is_some();
+    let mut deferred = (!overrides).then(Vec::new);
+    copy_rec(src, dst, Path::new(""), opts, &mut links, &mut deferred)?;
+    Ok(deferred.unwrap_or_default())
+}
+
+/// What [`link_deferred`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStats {
+    pub linked: usize,
+    pub copied: usize,
+}
+
+/// Replaces the placeholders of [`copy_entry_deferred`] by hard links to
+/// their sources. Paths are mapped from where the copy saw them (`src_view`,
+/// `dst_view`: mount points) to the directories behind them (`src_real`,
+/// `dst_real`: a snapshot's diff and a staging upper dir, unmounted). A
+/// placeholder that is no longer an empty file (a later entry replaced it)
+/// is left alone; a source whose inode changed, or a link that fails
+/// (another filesystem, too many links), is copied instead.
+pub fn link_deferred(
+    items: &[Deferred],
+    (src_view, src_real): (&Path, &Path),
+    (dst_view, dst_real): (&Path, &Path),
+) -> io::Result<LinkStats> {
+    let outside = || io::Error::other("deferred path outside its view");
+    let mut stats = LinkStats::default();
+    let mut seen = std::collections::HashSet::new();
+    // the last placeholder of a path wins
+    for d in items.iter().rev() {
+        if !seen.insert(&d.dst) {
+            continue;
+        }
+        let dst = dst_real.join(d.dst.strip_prefix(dst_view).map_err(|_| outside())?);
+        let src = src_real.join(d.src.strip_prefix(src_view).map_err(|_| outside())?);
+        match std::fs::symlink_metadata(&dst) {
+            Ok(md) if md.is_file() && md.len() == 0 => {}
+            _ => continue,
+        }
+        let smd = std::fs::symlink_metadata(&src)?;
+        if !smd.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is no longer a file",
+                src.display()
+            )));
+        }
+        if smd.ino() == d.ino {
+            std::fs::remove_file(&dst)?;
+            match std::fs::hard_link(&src, &dst) {
+                Ok(()) => {
+                    stats.linked += 1;
+                    continue;
+                }
+                Err(e) => tracing::debug!("link {}: {e}; copying", dst.display()),
+            }
+        }
+        // copy the bytes, keeping the placeholder's metadata
+        let md = std::fs::symlink_metadata(&dst).ok();
+        std::fs::copy(&src, &dst)?;
+        let md = md.unwrap_or(smd);
+        set_meta(
+            &dst,
+            (md.uid(), md.gid()),
+            Some(md.mode()),
+            (
+                TimeSpec::new(md.atime(), md.atime_nsec()),
+                TimeSpec::new(md.mtime(), md.mtime_nsec()),
+            ),
+        )?;
+        stats.copied += 1;
+    }
+    Ok(stats)
 }
 
 /// Copies one entry; returns false when the filter left it (and everything below) out.
@@ -256,6 +357,7 @@ fn copy_rec(
     rel: &Path,
     opts: &CopyOpts,
     links: &mut HashMap<(u64, u64), PathBuf>,
+    deferred: &mut Option<Vec<Deferred>>,
 ) -> io::Result<bool> {
     let md = std::fs::symlink_metadata(src)?;
     let ft = md.file_type();
@@ -298,7 +400,14 @@ fn copy_rec(
         names.sort();
         let mut any = false;
         for n in names {
-            any |= copy_rec(&src.join(&n), &dst.join(&n), &rel.join(&n), opts, links)?;
+            any |= copy_rec(
+                &src.join(&n),
+                &dst.join(&n),
+                &rel.join(&n),
+                opts,
+                links,
+                deferred,
+            )?;
         }
         // with include patterns, a directory is kept only when it holds something
         // included or is itself included
@@ -308,6 +417,26 @@ fn copy_rec(
         }
     } else if ft.is_symlink() {
         std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
+    } else if ft.is_file()
+        && let Some(list) = deferred
+    {
+        // every path gets its own placeholder; linking them all to their
+        // sources keeps the sources' hard links
+        std::fs::File::create(dst)?;
+        list.push(Deferred {
+            dst: dst.to_path_buf(),
+            src: src.to_path_buf(),
+            ino: md.ino(),
+        });
+    } else if ft.is_file()
+        && opts.link_files
+        && opts.owner.is_none()
+        && opts.mode.is_none()
+        && opts.mode_str.is_none()
+        && opts.timestamp.is_none()
+        && std::fs::hard_link(src, dst).is_ok()
+    {
+        return Ok(true);
     } else if ft.is_file() && md.nlink() > 1 {
         if let Some(first) = links.get(&(md.dev(), md.ino())) {
             std::fs::hard_link(first, dst)?;
@@ -433,5 +562,70 @@ mod more_tests {
         };
         copy_entry(&f, &dst.join("a"), &opts).expect("replace");
         assert!(dst.join("a").is_file());
+    }
+
+    #[test]
+    fn deferred_copies_become_links_to_their_sources() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("d")).expect("mkdir");
+        std::fs::write(src.join("d/a"), "aaa").expect("w");
+        std::fs::write(src.join("b"), "bb").expect("w");
+        std::fs::hard_link(src.join("b"), src.join("b2")).expect("link");
+        std::os::unix::fs::symlink("b", src.join("l")).expect("symlink");
+        let dst = tmp.path().join("dst");
+        let mut items = copy_entry_deferred(&src, &dst, &CopyOpts::default()).expect("copy");
+        assert_eq!(items.len(), 3, "regular files only");
+        assert_eq!(std::fs::metadata(dst.join("d/a")).expect("stat").len(), 0);
+        // a later placeholder of the same path wins
+        items.push(Deferred {
+            dst: dst.join("d/a"),
+            src: src.join("b"),
+            ino: std::fs::metadata(src.join("b")).expect("stat").ino(),
+        });
+        std::fs::write(dst.join("d/a"), "").expect("w");
+        let stats = link_deferred(&items, (&src, &src), (&dst, &dst)).expect("link");
+        assert_eq!(
+            stats,
+            LinkStats {
+                linked: 3,
+                copied: 0
+            }
+        );
+        let ino = |p: PathBuf| std::fs::metadata(p).expect("stat").ino();
+        assert_eq!(ino(dst.join("d/a")), ino(src.join("b")));
+        assert_eq!(ino(dst.join("b2")), ino(src.join("b")), "hard links kept");
+        assert_eq!(
+            std::fs::read_link(dst.join("l")).expect("l"),
+            Path::new("b")
+        );
+        // an override copies as usual
+        let dst2 = tmp.path().join("dst2");
+        let opts = CopyOpts {
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        assert!(
+            copy_entry_deferred(&src, &dst2, &opts)
+                .expect("copy")
+                .is_empty()
+        );
+        assert_eq!(std::fs::read_to_string(dst2.join("d/a")).expect("r"), "aaa");
+        // link_files links unless an override asks for other metadata
+        let dst3 = tmp.path().join("dst3");
+        let opts = CopyOpts {
+            link_files: true,
+            ..Default::default()
+        };
+        copy_entry(&src, &dst3, &opts).expect("copy");
+        assert_eq!(ino(dst3.join("d/a")), ino(src.join("d/a")));
+        let dst4 = tmp.path().join("dst4");
+        let opts = CopyOpts {
+            link_files: true,
+            owner: Some((3, 4)),
+            ..Default::default()
+        };
+        copy_entry(&src, &dst4, &opts).expect("copy");
+        assert_ne!(ino(dst4.join("d/a")), ino(src.join("d/a")));
     }
 }

@@ -222,9 +222,11 @@ impl Worker {
         let store = self.blocking_store();
         tokio::task::spawn_blocking(move || {
             let m = store.mount_ro(top.as_deref())?;
-            let digest = contenthash::paths(m.path(), &selectors);
+            let digest = contenthash::paths_in(m.path(), &selectors, top.as_deref());
             m.unmount()?;
-            digest
+            let (digest, stats) = digest?;
+            tracing::debug!(target: "kiln_timing", ?stats, "checksum of {top:?}");
+            Ok(digest)
         })
         .await?
     }

@@ -30,9 +30,62 @@ impl WorkView {
     }
 
     fn commit(self, store: &Store) -> Result<String> {
+        self.commit_linking(store, None)
+    }
+
+    /// Commits, first turning the placeholders a deferred copy left in the
+    /// upper into hard links (once the overlay is unmounted, so the upper is
+    /// a plain directory again).
+    fn commit_linking(self, store: &Store, link: Option<&LinkPlan>) -> Result<String> {
+        let view = self.mounted.path().to_path_buf();
         self.mounted.unmount()?;
+        if let Some(plan) = link
+            && !plan.items.is_empty()
+        {
+            let started = std::time::Instant::now();
+            let upper = self.staging.diff();
+            let stats = fscopy::link_deferred(
+                &plan.items,
+                (&plan.src_view, &plan.src_real),
+                (&view, &upper),
+            )
+            .map_err(Error::io("link copied files", &upper))?;
+            tracing::debug!(
+                target: "kiln_timing",
+                "copy: {} files hard-linked, {} copied in {} ms",
+                stats.linked,
+                stats.copied,
+                started.elapsed().as_millis()
+            );
+        }
         store.commit(self.staging, self.parent.as_deref(), Kind::Built, None)
     }
+}
+
+/// A copy whose regular files are hard-linked from its source snapshot
+/// instead of copied: the source is one committed snapshot (immutable, no
+/// parent, so its diff dir is its whole view) and the action's result is
+/// committed right after it, so nothing writes into the new layer except
+/// through an overlay (whose copy-up leaves the shared inodes alone).
+struct LinkPlan {
+    src_view: PathBuf,
+    src_real: PathBuf,
+    items: Vec<fscopy::Deferred>,
+}
+
+/// The source snapshot's diff dir when action `a` may hard-link (see [`LinkPlan`]).
+fn link_source(store: &Store, a: &pb::FileAction, inputs: &[Option<String>]) -> Option<PathBuf> {
+    let n_in = inputs.len() as i64;
+    let Some(Action::Copy(c)) = a.action.as_ref() else {
+        return None;
+    };
+    let plain = c.owner.is_none() && c.mode < 0 && c.mode_str.is_empty() && c.timestamp < 0;
+    if !plain || a.input >= n_in || a.output < 0 || !(0..n_in).contains(&a.secondary_input) {
+        return None;
+    }
+    let id = inputs.get(a.secondary_input as usize)?.as_deref()?;
+    let meta = store.meta(id).ok()?;
+    meta.parent.is_none().then(|| store.diff_dir(id))
 }
 
 enum ActionResult {
@@ -153,16 +206,25 @@ fn run_blocking(
             }
             _ => None,
         };
-        apply_with_users(
+        let mut link = match (link_source(store, a, inputs), &secondary) {
+            (Some(src_real), Some(src_view)) => Some(LinkPlan {
+                src_view: src_view.clone(),
+                src_real,
+                items: Vec::new(),
+            }),
+            _ => None,
+        };
+        apply_deferring(
             view.mounted.path(),
             secondary.as_deref(),
             user_root.as_deref(),
             a,
+            link.as_mut().map(|l| &mut l.items),
         )?;
         drop(user_mount);
         drop(secondary_mount);
         if a.output >= 0 {
-            let id = view.commit(store)?;
+            let id = view.commit_linking(store, link.as_ref())?;
             let o = a.output as usize;
             if outputs.len() <= o {
                 outputs.resize(o + 1, None);
@@ -338,6 +400,18 @@ pub fn apply_with_users(
     users_root: Option<&Path>,
     a: &pb::FileAction,
 ) -> Result<()> {
+    apply_deferring(root, secondary, users_root, a, None)
+}
+
+/// [`apply_with_users`]; a copy with `deferred` leaves its regular files as
+/// placeholders listed there (see [`fscopy::copy_entry_deferred`]).
+fn apply_deferring(
+    root: &Path,
+    secondary: Option<&Path>,
+    users_root: Option<&Path>,
+    a: &pb::FileAction,
+    deferred: Option<&mut Vec<fscopy::Deferred>>,
+) -> Result<()> {
     let user_db = users_root.unwrap_or(root);
     fn io<'a>(action: &'static str, path: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
         move |e| Error::file(action, path, e)
@@ -394,7 +468,7 @@ pub fn apply_with_users(
             let t = times_of(&p, timestamp(s.timestamp)).map_err(io("symlink", &s.newpath))?;
             fscopy::set_meta(&p, own.unwrap_or((0, 0)), None, t).map_err(io("symlink", &s.newpath))
         }
-        Some(Action::Copy(c)) => copy(root, secondary, user_db, c),
+        Some(Action::Copy(c)) => copy(root, secondary, user_db, c, deferred),
     }
 }
 
@@ -403,6 +477,7 @@ fn copy(
     secondary: Option<&Path>,
     user_db: &Path,
     c: &pb::FileActionCopy,
+    mut deferred: Option<&mut Vec<fscopy::Deferred>>,
 ) -> Result<()> {
     let empty = tempfile::tempdir().map_err(|e| Error::file("copy", &c.src, e))?;
     let src_root = secondary.unwrap_or(empty.path());
@@ -435,12 +510,18 @@ fn copy(
         timestamp: timestamp(c.timestamp),
         filter: fscopy::Filter::new(&c.include_patterns, &c.exclude_patterns).map_err(err)?,
         always_replace: c.always_replace_existing_dest_paths,
+        link_files: false,
     };
     let dest_is_dir_hint = c.dest.ends_with('/') || c.dest.ends_with("/.");
     for src in srcs {
         let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
-        let src_md = std::fs::symlink_metadata(&src_path)
-            .map_err(|e| Error::file("copy", &src, format!("not found: {e}")))?;
+        let src_md = std::fs::symlink_metadata(&src_path).map_err(|e| match e.kind() {
+            // as users know it from BuildKit: the quoted path, then "not found"
+            std::io::ErrorKind::NotFound => {
+                Error::file("copy source", &format!("{src:?}"), "not found")
+            }
+            _ => Error::file("copy source", &format!("{src:?}"), e),
+        })?;
         if c.attempt_unpack_docker_compatibility
             && src_md.is_file()
             && let Some(kind) = crate::untar::archive_kind(&src_path).map_err(err)?
@@ -481,7 +562,12 @@ fn copy(
                 ));
             }
         }
-        fscopy::copy_entry(&src_path, &dst, &opts).map_err(err)?;
+        match deferred.as_deref_mut() {
+            Some(list) => {
+                list.extend(fscopy::copy_entry_deferred(&src_path, &dst, &opts).map_err(err)?)
+            }
+            None => fscopy::copy_entry(&src_path, &dst, &opts).map_err(err)?,
+        }
     }
     Ok(())
 }
@@ -833,5 +919,76 @@ mod tests {
                 .to_string()
                 .contains("required path not found")
         );
+    }
+
+    #[tokio::test]
+    async fn a_plain_copy_from_one_snapshot_hard_links_and_overlay_writes_leave_it_alone() {
+        let (_tmp, w) = testutil::worker();
+        let dest = base(&w);
+        let src = testutil::snapshot(&w, None, |d| {
+            std::fs::create_dir_all(d.join("ctx/sub")).expect("mkdir");
+            std::fs::write(d.join("ctx/sub/f"), "original").expect("w");
+            std::fs::write(d.join("ctx/g"), "g").expect("w");
+            std::fs::hard_link(d.join("ctx/g"), d.join("ctx/g2")).expect("link");
+            std::os::unix::fs::symlink("sub/f", d.join("ctx/l")).expect("symlink");
+        });
+        let mut c = copy("/ctx", "/ctx/");
+        c.dir_copy_contents = true;
+        let out = run(
+            &w,
+            vec![Some(dest.clone()), Some(src.clone())],
+            vec![action(0, 1, 0, Action::Copy(c))],
+        )
+        .await
+        .expect("copy")
+        .expect("output");
+        let (sd, od) = (w.store().diff_dir(&src), w.store().diff_dir(&out));
+        let ino = |p: std::path::PathBuf| std::fs::metadata(p).expect("stat").ino();
+        assert_eq!(
+            ino(od.join("ctx/sub/f")),
+            ino(sd.join("ctx/sub/f")),
+            "linked"
+        );
+        assert_eq!(ino(od.join("ctx/g")), ino(od.join("ctx/g2")), "links kept");
+        assert_eq!(
+            std::fs::read_link(od.join("ctx/l")).expect("symlink"),
+            std::path::Path::new("sub/f")
+        );
+        // a RUN-like write over the layer goes to a new upper (copy-up)
+        let st = w.store().prepare().expect("prepare");
+        let m = w.store().mount_rw(Some(&out), &st).expect("mount");
+        std::fs::write(m.path().join("ctx/sub/f"), "overwritten").expect("write");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.path().join("ctx/g"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"+"))
+            .expect("append");
+        m.unmount().expect("unmount");
+        for d in [&sd, &od] {
+            assert_eq!(
+                std::fs::read_to_string(d.join("ctx/sub/f")).expect("r"),
+                "original"
+            );
+            assert_eq!(std::fs::read_to_string(d.join("ctx/g2")).expect("r"), "g");
+        }
+        // a copy with an owner override copies bytes
+        let mut owned = copy("/ctx/g", "/owned");
+        owned.owner = Some(pb::ChownOpt {
+            user: Some(pb::UserOpt {
+                user: Some(pb::user_opt::User::ById(7)),
+            }),
+            group: None,
+        });
+        let out2 = run(
+            &w,
+            vec![Some(dest), Some(src)],
+            vec![action(0, 1, 0, Action::Copy(owned))],
+        )
+        .await
+        .expect("copy")
+        .expect("output");
+        let md = std::fs::metadata(w.store().diff_dir(&out2).join("owned")).expect("stat");
+        assert_ne!(md.ino(), ino(sd.join("ctx/g")));
+        assert_eq!((md.uid(), md.len()), (7, 1));
     }
 }

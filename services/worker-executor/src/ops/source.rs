@@ -264,20 +264,29 @@ pub async fn local(
         name: name.to_string(),
         source,
     };
+    // the digest table of the last sync is out of the registry while the
+    // directory changes; it goes back only once the new tree is hashed
+    let known = crate::contenthash::take_dir_sums(&dir);
+    let started = std::time::Instant::now();
     let channel = kiln_session::dial::connect(&w.config().broker)
         .await
         .map_err(sess)?;
-    kiln_session::SessionClient::new(channel, session.to_string())
+    let received = kiln_session::SessionClient::new(channel, session.to_string())
         .sync_dir(name, &dir, &opts)
         .await
         .map_err(sess)?;
+    let synced = started.elapsed();
     let store = w.store().clone();
+    let name = name.to_string();
     tokio::task::spawn_blocking(move || {
-        // an unchanged context reuses the snapshot of the last sync instead of
-        // copying the whole tree again
-        let key = crate::contenthash::tree(&dir)?;
+        use crate::contenthash;
+        let (key, hashed, sums) = contenthash::tree_cached(&dir, &known)?;
+        drop(known);
+        let sums = std::sync::Arc::new(sums);
+        let after_hash = started.elapsed();
+        // an unchanged context reuses the snapshot of the last sync
         let last = dir.with_extension("last");
-        if let Some(id) = std::fs::read_to_string(&last)
+        let reused = std::fs::read_to_string(&last)
             .ok()
             .and_then(|s| {
                 s.split_once('\n')
@@ -285,20 +294,51 @@ pub async fn local(
             })
             .filter(|(k, _)| *k == key)
             .map(|(_, id)| id)
-            && store
-                .meta(&id)
-                .is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str()))
-        {
-            return Ok(id);
-        }
-        let mut st = store.prepare()?;
-        fscopy::copy_entry(&dir, &st.diff(), &fscopy::CopyOpts::default())
-            .map_err(Error::io("copy local dir", &dir))?;
-        st.content_key = Some(key.clone());
-        let id = store.commit(st, None, Kind::Local, None)?;
-        let tmp = last.with_extension("last.tmp");
-        std::fs::write(&tmp, format!("{key}\n{id}\n")).map_err(Error::io("write", &tmp))?;
-        std::fs::rename(&tmp, &last).map_err(Error::io("rename", &last))?;
+            .filter(|id| {
+                store
+                    .meta(id)
+                    .is_ok_and(|m| m.content_key.as_deref() == Some(key.as_str()))
+            });
+        let (id, how) = match reused {
+            Some(id) => (id, "reused"),
+            None => {
+                // the synced dir's files are only ever replaced (a new inode
+                // renamed over the path), never rewritten, so the snapshot
+                // can share them: hard links, not copies
+                let mut st = store.prepare()?;
+                let opts = fscopy::CopyOpts {
+                    link_files: true,
+                    ..Default::default()
+                };
+                fscopy::copy_entry(&dir, &st.diff(), &opts)
+                    .map_err(Error::io("snapshot local dir", &dir))?;
+                st.content_key = Some(key.clone());
+                let id = store.commit(st, None, Kind::Local, None)?;
+                let tmp = last.with_extension("last.tmp");
+                std::fs::write(&tmp, format!("{key}\n{id}\n"))
+                    .map_err(Error::io("write", &tmp))?;
+                std::fs::rename(&tmp, &last).map_err(Error::io("rename", &last))?;
+                (id, "new, hard-linked")
+            }
+        };
+        contenthash::remember_snapshot(&id, sums.clone());
+        contenthash::put_dir_sums(&dir, sums);
+        tracing::debug!(
+            target: "kiln_timing",
+            "local source {name}: sync {} ms ({} entries, {} files / {} bytes received, {} removed), \
+             hash {} ms ({} files, {} read / {} bytes), snapshot {} ms ({})",
+            synced.as_millis(),
+            received.entries,
+            received.transferred,
+            received.bytes,
+            received.removed,
+            (after_hash - synced).as_millis(),
+            hashed.files,
+            hashed.read,
+            hashed.bytes_read,
+            (started.elapsed() - after_hash).as_millis(),
+            how,
+        );
         Ok(id)
     })
     .await?
