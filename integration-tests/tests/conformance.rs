@@ -19,6 +19,7 @@
 //! config /config/Cmd = ["sh"]    ... equals this JSON
 //! config /config/User absent     ... missing or null
 //! error ~ unknown instruction    the build must fail and stderr contain this
+//! log ~ built-in                 the build's stderr (progress) contains this
 //! ```
 //!
 //! Each group test collects every failing case and reports them all at the end.
@@ -51,6 +52,7 @@ enum Check {
     ConfigHas(String, Value),
     ConfigAbsent(String),
     Error(String),
+    Log(String),
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +71,7 @@ impl Case {
                     | Check::ConfigHas(..)
                     | Check::ConfigAbsent(..)
                     | Check::Error(..)
+                    | Check::Log(..)
             )
         })
     }
@@ -80,11 +83,15 @@ impl Case {
             )
         })
     }
-    fn expected_error(&self) -> Option<&str> {
-        self.checks.iter().find_map(|c| match c {
-            Check::Error(s) => Some(s.as_str()),
-            _ => None,
-        })
+    /// Every `error ~` text; the build must fail when there is one.
+    fn expected_errors(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::Error(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -190,6 +197,7 @@ fn parse_expect(dir: &Path, vars: &[(String, String)]) -> Result<Case, String> {
                 Check::ConfigEq(p, json(&v)?)
             }
             "error" => Check::Error(unescape(rest.strip_prefix("~").ok_or_else(bad)?.trim())),
+            "log" => Check::Log(unescape(rest.strip_prefix("~").ok_or_else(bad)?.trim())),
             _ => return Err(bad()),
         };
         case.checks.push(check);
@@ -320,15 +328,17 @@ fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), St
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(12)..].join("\n    ")
     };
-    if let Some(want) = case.expected_error() {
+    let errors = case.expected_errors();
+    if !errors.is_empty() {
         if out.status.success() {
             return Err(format!(
-                "build succeeded, expected an error containing {want:?}"
+                "build succeeded, expected an error containing {errors:?}"
             ));
         }
-        if !stderr.contains(want) {
+        let missing: Vec<&&str> = errors.iter().filter(|w| !stderr.contains(**w)).collect();
+        if !missing.is_empty() {
             return Err(format!(
-                "error does not contain {want:?}:\n    {}",
+                "error does not contain {missing:?}:\n    {}",
                 tail(&stderr)
             ));
         }
@@ -412,6 +422,8 @@ fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), St
                     .map(|v| format!("config {ptr}: expected absent, got {v}"))
             }
             Check::Error(_) => None,
+            Check::Log(want) => (!stderr.contains(want.as_str()))
+                .then(|| format!("output does not contain {want:?}:\n    {}", tail(&stderr))),
         };
         problems.extend(problem);
     }

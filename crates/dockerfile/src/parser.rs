@@ -8,6 +8,8 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Directives {
     pub syntax: Option<String>,
+    /// The line of the `# syntax=` directive (0 when there is none).
+    pub syntax_line: usize,
     /// The escape character: `\` (default) or `` ` ``.
     pub escape: char,
     pub check: Option<String>,
@@ -17,6 +19,7 @@ impl Default for Directives {
     fn default() -> Self {
         Directives {
             syntax: None,
+            syntax_line: 0,
             escape: '\\',
             check: None,
         }
@@ -134,7 +137,10 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
             });
         }
         match key.as_str() {
-            "syntax" => directives.syntax = Some(value),
+            "syntax" => {
+                directives.syntax = Some(value);
+                directives.syntax_line = line;
+            }
             "check" => directives.check = Some(value),
             _ => {
                 directives.escape = match value.as_str() {

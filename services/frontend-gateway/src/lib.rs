@@ -172,6 +172,21 @@ impl<B: Bridge> Gateway<B> {
     async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
         let mut opts = convert_options(req)?;
         let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
+        if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
+            // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
+            // (the Dockerfile's own source under that name; its sync is cached)
+            let include = std::slice::from_ref(&opts.filename);
+            let def = local_source_definition(
+                &req.session_id,
+                DOCKERFILE_LOCAL,
+                DOCKERFILE_LOCAL,
+                include,
+                &note,
+            );
+            if let Err(e) = self.bridge.solve(&req.build_id, def).await {
+                tracing::warn!("{note}: {e}");
+            }
+        }
         if let Some(ignore) = self
             .load_dockerignore(req, &reference, &opts.filename)
             .await

@@ -16,12 +16,15 @@ mod ops;
 mod reference;
 mod run;
 mod stage;
+mod syntax;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use kiln_dockerfile::{ArgDecl, Command, Instruction, Lex};
 use kiln_llb::pb;
+
+pub use syntax::syntax_note;
 
 use copy::CopySource;
 use ops::{ContextSource, OpId, Ops, metadata};
@@ -162,6 +165,14 @@ pub enum Error {
     },
     #[error("Dockerfile:{line}: {feature} is not supported yet")]
     Unsupported { line: usize, feature: String },
+    #[error(
+        "{origin}: external frontend images are not supported: {reference} (kiln builds only with its built-in Dockerfile frontend, which docker/dockerfile:<version> also selects)"
+    )]
+    ExternalFrontend {
+        origin: String,
+        line: Option<usize>,
+        reference: String,
+    },
     #[error("invalid SOURCE_DATE_EPOCH {value:?}: expected seconds since 1970-01-01")]
     InvalidSourceDateEpoch { value: String },
 }
@@ -174,6 +185,7 @@ impl Error {
                 None
             }
             Error::Parse(e) => e.line(),
+            Error::ExternalFrontend { line, .. } => *line,
             Error::Expand { line, .. }
             | Error::BlankBaseName { line, .. }
             | Error::InvalidPlatform { line, .. }
@@ -286,6 +298,7 @@ pub async fn convert<R: ImageResolver>(
     }
     let text = String::from_utf8_lossy(dockerfile);
     let df = kiln_dockerfile::parse(&text)?;
+    syntax::check(&df.directives, &opts.build_args)?;
     let lex = Lex::new(df.directives.escape);
 
     // Global (meta) ARGs, usable in FROM.
