@@ -24,6 +24,9 @@ pub mod grpc;
 pub const DOCKERFILE_FRONTEND: &str = "dockerfile.v0";
 /// Result metadata key holding the image config JSON.
 pub const META_IMAGE_CONFIG: &str = "containerimage.config";
+/// Result metadata key listing the platforms of a multi-platform result, as BuildKit's
+/// exptypes: `{"platforms":[{"id":"linux/amd64","platform":{...}}]}`.
+pub const META_PLATFORMS: &str = "refs.platforms";
 /// Client-side local directory holding the Dockerfile.
 const DOCKERFILE_LOCAL: &str = "dockerfile";
 const DEFAULT_FILENAME: &str = "Dockerfile";
@@ -48,8 +51,12 @@ pub struct FrontendRequest {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FrontendOutput {
     pub definition: pb::Definition,
-    /// e.g. [`META_IMAGE_CONFIG`] -> image config JSON.
+    /// e.g. [`META_IMAGE_CONFIG`] -> image config JSON; for a multi-platform result
+    /// [`META_PLATFORMS`] and `containerimage.config/<platform id>` per platform.
     pub metadata: BTreeMap<String, Vec<u8>>,
+    /// A multi-platform result: platform id (`linux/arm64`) -> its definition
+    /// (`definition` is then the first platform's). Empty for a single result.
+    pub refs: BTreeMap<String, pb::Definition>,
 }
 
 /// An image config resolved by the solver.
@@ -216,15 +223,46 @@ impl<B: Bridge> Gateway<B> {
             bridge: &self.bridge,
             build_id: &req.build_id,
         };
-        let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
-            .await
-            .map_err(|source| Error::Convert { source })?;
-        let config = serde_json::to_vec(&converted.image_config)
+        let platforms = target_platforms(req)?;
+        if platforms.len() < 2 {
+            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
+                .await
+                .map_err(|source| Error::Convert { source })?;
+            let config = serde_json::to_vec(&converted.image_config)
+                .map_err(|source| Error::EncodeImageConfig { source })?;
+            return Ok(FrontendOutput {
+                definition: converted.definition,
+                metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
+                refs: BTreeMap::new(),
+            });
+        }
+        // one solve per platform: TARGETPLATFORM and friends are that platform's,
+        // BUILDPLATFORM stays this host's
+        let mut out = FrontendOutput::default();
+        let mut listed = Vec::new();
+        for platform in platforms {
+            let id = platform_id(&platform);
+            let opts = dockerfile2llb::ConvertOptions {
+                platform: platform.clone(),
+                ..opts.clone()
+            };
+            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
+                .await
+                .map_err(|source| Error::Convert { source })?;
+            let config = serde_json::to_vec(&converted.image_config)
+                .map_err(|source| Error::EncodeImageConfig { source })?;
+            out.metadata
+                .insert(format!("{META_IMAGE_CONFIG}/{id}"), config);
+            if out.refs.is_empty() {
+                out.definition = converted.definition.clone();
+            }
+            out.refs.insert(id.clone(), converted.definition);
+            listed.push(serde_json::json!({"id": id, "platform": platform}));
+        }
+        let exptypes = serde_json::to_vec(&serde_json::json!({ "platforms": listed }))
             .map_err(|source| Error::EncodeImageConfig { source })?;
-        Ok(FrontendOutput {
-            definition: converted.definition,
-            metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
-        })
+        out.metadata.insert(META_PLATFORMS.to_string(), exptypes);
+        Ok(out)
     }
 
     /// The ignore file, as BuildKit finds it: `<Dockerfile>.dockerignore` next
@@ -348,6 +386,29 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
             .map_or(DEFAULT_FILENAME, String::as_str)
             .to_string(),
     })
+}
+
+/// The target platforms of a `platform` attr (a comma-separated list), duplicates
+/// dropped; empty when the attr is unset (the host's platform).
+fn target_platforms(req: &FrontendRequest) -> Result<Vec<Platform>, Error> {
+    let mut out: Vec<Platform> = Vec::new();
+    if let Some(value) = req.attrs.get("platform") {
+        for one in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let p = parse_platform(one)?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `os/arch[/variant]`, the id of a platform in `refs.platforms`.
+fn platform_id(p: &Platform) -> String {
+    match &p.variant {
+        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
+        _ => format!("{}/{}", p.os, p.architecture),
+    }
 }
 
 /// `os/arch[/variant]`; of a comma-separated list only the first is used.

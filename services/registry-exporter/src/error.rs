@@ -16,6 +16,10 @@ pub enum Error {
         reference: String,
         source: Box<kiln_registry::Error>,
     },
+    #[error(
+        "the docker exporter cannot export a multi-platform result (manifest list); use type=oci or type=image"
+    )]
+    DockerMultiPlatform,
     #[error("unknown exporter type {kind:?}")]
     UnknownExporter { kind: String },
     #[error("invalid exporter attribute {key}={value:?}")]

@@ -328,6 +328,71 @@ fn rfc3339(epoch: u64) -> String {
     kiln_oci::rfc3339(i64::try_from(epoch).unwrap_or(i64::MAX))
 }
 
+/// The media types an export uses (`oci-mediatypes`, default true).
+pub(crate) fn media_types_of(attrs: &BTreeMap<String, String>) -> MediaTypes {
+    if bool_attr(attrs, "oci-mediatypes", true) {
+        MediaTypes::Oci
+    } else {
+        MediaTypes::Docker
+    }
+}
+
+/// The images of a multi-platform result and the index listing them.
+#[derive(Clone, Debug)]
+pub struct AssembledIndex {
+    pub images: Vec<AssembledImage>,
+    /// The index JSON (OCI image index or Docker manifest list).
+    pub index: Vec<u8>,
+    pub desc: Descriptor,
+}
+
+impl AssembledIndex {
+    /// The exporter response: the index's digest and descriptor.
+    pub fn response(&self) -> BTreeMap<String, String> {
+        let mut r = BTreeMap::new();
+        r.insert("containerimage.digest".into(), self.desc.digest.clone());
+        if let Ok(json) = serde_json::to_vec(&self.desc) {
+            r.insert(
+                "containerimage.descriptor".into(),
+                base64::engine::general_purpose::STANDARD.encode(json),
+            );
+        }
+        r
+    }
+}
+
+/// An index with one entry per image, each carrying its platform.
+pub fn assemble_index(
+    images: Vec<AssembledImage>,
+    media: MediaTypes,
+) -> Result<AssembledIndex, Error> {
+    let media_type = match media {
+        MediaTypes::Oci => media_types::OCI_INDEX,
+        MediaTypes::Docker => media_types::DOCKER_MANIFEST_LIST,
+    };
+    let index = kiln_oci::Index {
+        schema_version: 2,
+        media_type: Some(media_type.to_string()),
+        manifests: images.iter().map(|i| i.manifest_desc.clone()).collect(),
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&index).map_err(|source| Error::EncodeJson {
+        what: "image index",
+        source,
+    })?;
+    let desc = Descriptor {
+        media_type: media_type.to_string(),
+        digest: digest::sha256(&bytes),
+        size: bytes.len() as u64,
+        ..Default::default()
+    };
+    Ok(AssembledIndex {
+        images,
+        index: bytes,
+        desc,
+    })
+}
+
 /// Fetch the ref's layers from the worker into `tmp/blobs` and assemble the image.
 pub(crate) async fn build(
     req: &ExportRequest,
@@ -335,11 +400,7 @@ pub(crate) async fn build(
     tmp: &Path,
     progress: &mpsc::Sender<String>,
 ) -> Result<AssembledImage, Error> {
-    let media = match req.attrs.get("oci-mediatypes") {
-        None => MediaTypes::Oci,
-        Some(_) if bool_attr(&req.attrs, "oci-mediatypes", true) => MediaTypes::Oci,
-        Some(_) => MediaTypes::Docker,
-    };
+    let media = media_types_of(&req.attrs);
     let options = layer_options(&req.attrs)?;
     let epoch = source_date_epoch(&req.attrs)?;
     let chain = if req.reference.is_empty() {
@@ -397,6 +458,10 @@ async fn fetch_layer(
     blob_dir: &Path,
 ) -> Result<(), Error> {
     let path = blob_dir.join(desc.digest.trim_start_matches("sha256:"));
+    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        // another platform of this export shares the layer
+        return Ok(());
+    }
     let werr = |source| Error::Io {
         op: "write layer blob",
         path: path.clone(),
@@ -458,8 +523,6 @@ pub(crate) async fn push_all(
     by_digest: bool,
     progress: &mpsc::Sender<String>,
 ) -> Result<Pushed, Error> {
-    use futures::stream::{self, StreamExt as _, TryStreamExt as _};
-    use kiln_registry::PushOutcome;
     let mut done: Vec<kiln_registry::Reference> = Vec::new();
     let mut counts = Pushed::default();
     for name in names {
@@ -476,42 +539,108 @@ pub(crate) async fn push_all(
         let from = done
             .iter()
             .find(|d| d.registry == r.registry && d.repository != r.repository);
-        let blobs: Vec<&Descriptor> = image
-            .layers
-            .iter()
-            .chain(std::iter::once(&image.config_desc))
-            .collect();
-        // owned futures: the export task must stay Send for any lifetime
-        let jobs: Vec<_> = blobs
-            .into_iter()
-            .map(|desc| {
-                let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
-                let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
-                async move {
-                    registry
-                        .push_blob_from(&r, &desc, &path, from.as_ref())
-                        .await
-                        .map_err(|source| Error::PushBlob {
-                            reference: r.to_string(),
-                            digest: desc.digest.clone(),
-                            source: Box::new(source),
-                        })
-                }
-            })
-            .collect();
-        let outcomes: Vec<PushOutcome> = stream::iter(jobs)
-            .buffer_unordered(PUSH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        for o in outcomes {
-            match o {
-                PushOutcome::Exists => counts.existed += 1,
-                PushOutcome::Mounted => counts.mounted += 1,
-                PushOutcome::Uploaded | PushOutcome::UploadedChunked => counts.uploaded += 1,
-            }
-        }
+        push_blobs(registry, &r, image, from, &mut counts).await?;
         registry
             .push_manifest(&r, &image.manifest_desc.media_type, image.manifest.clone())
+            .await
+            .map_err(|source| Error::PushManifest {
+                reference: r.to_string(),
+                source: Box::new(source),
+            })?;
+        done.push(r);
+    }
+    Ok(counts)
+}
+
+/// Push an image's layers and config to `r` (HEAD, mount from `from`, upload; up to
+/// `PUSH_CONCURRENCY` at once), counting what happened.
+async fn push_blobs(
+    registry: &kiln_registry::Client,
+    r: &kiln_registry::Reference,
+    image: &AssembledImage,
+    from: Option<&kiln_registry::Reference>,
+    counts: &mut Pushed,
+) -> Result<(), Error> {
+    use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+    use kiln_registry::PushOutcome;
+    // owned futures: the export task must stay Send for any lifetime
+    let jobs: Vec<_> = image
+        .layers
+        .iter()
+        .chain(std::iter::once(&image.config_desc))
+        .map(|desc| {
+            let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
+            let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
+            async move {
+                registry
+                    .push_blob_from(&r, &desc, &path, from.as_ref())
+                    .await
+                    .map_err(|source| Error::PushBlob {
+                        reference: r.to_string(),
+                        digest: desc.digest.clone(),
+                        source: Box::new(source),
+                    })
+            }
+        })
+        .collect();
+    let outcomes: Vec<PushOutcome> = stream::iter(jobs)
+        .buffer_unordered(PUSH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    for o in outcomes {
+        match o {
+            PushOutcome::Exists => counts.existed += 1,
+            PushOutcome::Mounted => counts.mounted += 1,
+            PushOutcome::Uploaded | PushOutcome::UploadedChunked => counts.uploaded += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Push a multi-platform image to every name: each platform's blobs and manifest (by
+/// digest), then the index under the tag (or only by digest with `by_digest`).
+pub(crate) async fn push_index(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    index: &AssembledIndex,
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    let mut done: Vec<kiln_registry::Reference> = Vec::new();
+    let mut counts = Pushed::default();
+    for name in names {
+        let mut r =
+            kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
+                reference: name.to_string(),
+                source: Box::new(source),
+            })?;
+        if by_digest {
+            r.tag = None;
+        }
+        r.digest = None;
+        let _ = progress.try_send(format!("pushing {r}"));
+        let from = done
+            .iter()
+            .find(|d| d.registry == r.registry && d.repository != r.repository)
+            .cloned();
+        let mut pinned = r.clone();
+        pinned.tag = None;
+        for image in &index.images {
+            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
+            registry
+                .push_manifest(
+                    &pinned,
+                    &image.manifest_desc.media_type,
+                    image.manifest.clone(),
+                )
+                .await
+                .map_err(|source| Error::PushManifest {
+                    reference: pinned.to_string(),
+                    source: Box::new(source),
+                })?;
+        }
+        registry
+            .push_manifest(&r, &index.desc.media_type, index.index.clone())
             .await
             .map_err(|source| Error::PushManifest {
                 reference: r.to_string(),

@@ -23,7 +23,7 @@ mod image;
 mod output;
 
 pub use error::Error;
-pub use image::{AssembledImage, LayerBlob, MediaTypes, assemble_image};
+pub use image::{AssembledImage, AssembledIndex, LayerBlob, MediaTypes, assemble_image};
 
 /// Settings of the exporter service.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +35,9 @@ pub struct Config {
     /// Scratch space for blobs and archives being exported.
     pub work_dir: PathBuf,
 }
+
+/// The bytes of a file sent to the client, read as they are produced.
+pub type FileData = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
 
 /// A stream of bytes from the worker.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
@@ -55,10 +58,11 @@ pub trait WorkerFs: Send + Sync {
 
 /// Where tarballs and directories go: the client session.
 pub trait ClientSink: Send + Sync {
+    /// Stream `data` to the client as one file (tarball exporters).
     fn send_file(
         &self,
         exporter_id: u32,
-        file: tokio::fs::File,
+        data: FileData,
     ) -> impl Future<Output = Result<(), Error>> + Send;
     fn send_dir(
         &self,
@@ -74,8 +78,8 @@ pub trait ClientSink: Send + Sync {
 }
 
 impl ClientSink for kiln_session::SessionClient {
-    async fn send_file(&self, exporter_id: u32, file: tokio::fs::File) -> Result<(), Error> {
-        kiln_session::SessionClient::send_file(self, exporter_id, file)
+    async fn send_file(&self, exporter_id: u32, data: FileData) -> Result<(), Error> {
+        kiln_session::SessionClient::send_file(self, exporter_id, data)
             .await
             .map_err(|source| Error::Session {
                 op: "send file",
@@ -117,6 +121,28 @@ pub struct ExportRequest {
     pub image_config: Vec<u8>,
     /// Index of this exporter in the client's request (`exporter-id`).
     pub index: u32,
+    /// A multi-platform result, in the frontend's order; when non-empty `reference` and
+    /// `image_config` are unused.
+    pub platforms: Vec<PlatformRef>,
+}
+
+/// One platform of a multi-platform result.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlatformRef {
+    /// `os/arch[/variant]`, e.g. "linux/arm64".
+    pub id: String,
+    /// The worker ref of its result; empty = scratch.
+    pub reference: String,
+    /// Its image config JSON.
+    pub image_config: Vec<u8>,
+}
+
+impl PlatformRef {
+    /// The directory name of this platform in local and tar outputs (`linux_arm64`), as
+    /// BuildKit names them.
+    pub fn dir_name(&self) -> String {
+        self.id.replace('/', "_")
+    }
 }
 
 /// A resolved image config.
@@ -276,6 +302,10 @@ impl Exporter {
                 source,
             })?;
         match req.kind.as_str() {
+            "image" | "oci" | "docker" if !req.platforms.is_empty() => {
+                self.export_multi(req, worker, client, progress, tmp.path())
+                    .await
+            }
             "image" | "oci" | "docker" => {
                 let image = image::build(req, worker, tmp.path(), progress).await?;
                 let mut response = image.response();
@@ -319,23 +349,33 @@ impl Exporter {
                             response.insert("image.name".into(), names.join(","));
                         }
                         let _ = progress.try_send(format!("sending {kind} tarball"));
-                        let file =
-                            output::write_archive(kind == "docker", &image, &names, tmp.path())
-                                .await?;
-                        client.send_file(req.index, file).await?;
+                        let stream = output::archive_stream(kind == "docker", &image, &names)?;
+                        client.send_file(req.index, stream).await?;
                     }
                 }
                 Ok(response)
             }
             "tar" => {
                 let _ = progress.try_send("sending filesystem tarball".to_string());
-                let file = output::fs_tar(worker, &req.reference, tmp.path()).await?;
-                client.send_file(req.index, file).await?;
+                if req.platforms.is_empty() {
+                    let stream = output::fs_tar_stream(worker, &req.reference).await?;
+                    client.send_file(req.index, stream).await?;
+                } else {
+                    let stream = output::fs_tar_multi(worker, &req.platforms).await?;
+                    client.send_file(req.index, stream).await?;
+                }
                 Ok(BTreeMap::new())
             }
             "local" => {
                 let _ = progress.try_send("copying files to client".to_string());
-                let dir = output::fs_dir(worker, &req.reference, tmp.path()).await?;
+                let dir = tmp.path().join("rootfs");
+                if req.platforms.is_empty() {
+                    output::fs_dir(worker, &req.reference, &dir).await?;
+                } else {
+                    for p in &req.platforms {
+                        output::fs_dir(worker, &p.reference, &dir.join(p.dir_name())).await?;
+                    }
+                }
                 client.send_dir(req.index, &dir).await?;
                 Ok(BTreeMap::new())
             }
@@ -343,6 +383,77 @@ impl Exporter {
                 kind: other.to_string(),
             }),
         }
+    }
+}
+
+impl Exporter {
+    /// An image index (or Docker manifest list) with one manifest per platform, pushed or
+    /// sent as an OCI layout; the docker tarball refuses it, as BuildKit's does.
+    async fn export_multi(
+        &self,
+        req: &ExportRequest,
+        worker: &impl WorkerFs,
+        client: &impl ClientSink,
+        progress: &mpsc::Sender<String>,
+        tmp: &Path,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        if req.kind == "docker" {
+            return Err(Error::DockerMultiPlatform);
+        }
+        let mut images = Vec::new();
+        for p in &req.platforms {
+            let _ = progress.try_send(format!("exporting {}", p.id));
+            let one = ExportRequest {
+                reference: p.reference.clone(),
+                image_config: p.image_config.clone(),
+                platforms: Vec::new(),
+                ..req.clone()
+            };
+            images.push(image::build(&one, worker, tmp, progress).await?);
+        }
+        let index = image::assemble_index(images, image::media_types_of(&req.attrs))?;
+        let mut response = index.response();
+        let names = names(&req.attrs);
+        if req.kind == "image" {
+            let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
+            if !names.is_empty() {
+                let shown: Vec<String> = if by_digest {
+                    names
+                        .iter()
+                        .map(|n| image::digest_name(n, &index.desc.digest))
+                        .collect()
+                } else {
+                    names.clone()
+                };
+                response.insert("image.name".into(), shown.join(","));
+            }
+            if bool_attr(&req.attrs, "push", false) {
+                let registry = self
+                    .push_client(
+                        &names,
+                        client,
+                        bool_attr(&req.attrs, "registry.insecure", false),
+                    )
+                    .await?;
+                let pushed =
+                    image::push_index(&registry, &names, &index, by_digest, progress).await?;
+                let _ = progress.try_send(format!(
+                    "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
+                    names.len(),
+                    pushed.uploaded,
+                    pushed.existed,
+                    pushed.mounted
+                ));
+            }
+        } else {
+            if !names.is_empty() {
+                response.insert("image.name".into(), names.join(","));
+            }
+            let _ = progress.try_send("sending oci tarball".to_string());
+            let stream = output::index_archive_stream(&index, &names)?;
+            client.send_file(req.index, stream).await?;
+        }
+        Ok(response)
     }
 }
 
@@ -449,11 +560,7 @@ mod tests {
     }
 
     impl ClientSink for FakeSink {
-        async fn send_file(
-            &self,
-            exporter_id: u32,
-            mut file: tokio::fs::File,
-        ) -> Result<(), Error> {
+        async fn send_file(&self, exporter_id: u32, mut file: FileData) -> Result<(), Error> {
             use tokio::io::AsyncReadExt;
             let mut buf = Vec::new();
             file.read_to_end(&mut buf).await.expect("read");

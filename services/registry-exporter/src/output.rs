@@ -1,60 +1,185 @@
-//! Tarball and directory outputs: OCI layout / docker-archive of an assembled image, and the
-//! worker's filesystem as a tar or an unpacked directory.
+//! Tarball and directory outputs: OCI layout / docker-archive of an assembled image (or an
+//! image index), and the worker's filesystem as a tar or an unpacked directory (one
+//! subdirectory per platform for multi-platform results). Tarballs are streamed to the
+//! client as they are written, through a bounded pipe.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use kiln_oci::layout::{DockerArchiveWriter, OciLayoutWriter, index_entry};
 use kiln_registry::Reference;
-use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::StreamReader;
 
-use crate::{AssembledImage, Error, WorkerFs};
+use crate::{AssembledImage, AssembledIndex, Error, FileData, PlatformRef, WorkerFs};
 
-/// Write the image as an OCI layout tar (or a docker-archive when `docker`) into `tmp` and
-/// open it for reading.
-pub(crate) async fn write_archive(
+/// The image as an OCI layout tar (or a docker-archive when `docker`), produced on a
+/// blocking thread as the client reads it: nothing is written to disk.
+pub(crate) fn archive_stream(
     docker: bool,
     image: &AssembledImage,
     names: &[String],
-    tmp: &Path,
-) -> Result<tokio::fs::File, Error> {
-    let path = tmp.join(if docker { "docker.tar" } else { "oci.tar" });
+) -> Result<FileData, Error> {
     let image = image.clone();
     let names = names.to_vec();
-    let out = path.clone();
-    tokio::task::spawn_blocking(move || write_archive_sync(docker, &image, &names, &out))
-        .await
-        .map_err(|source| Error::Join {
+    Ok(spawn_writer("write image archive", move |w| {
+        write_archive_sync(docker, &image, &names, w)
+    }))
+}
+
+/// A multi-platform image as an OCI layout tar: every platform's blobs, the index blob, and
+/// `index.json` naming the index, streamed as [`archive_stream`] does.
+pub(crate) fn index_archive_stream(
+    index: &AssembledIndex,
+    names: &[String],
+) -> Result<FileData, Error> {
+    let index = index.clone();
+    let names = names.to_vec();
+    Ok(spawn_writer("write image archive", move |w| {
+        let oci = |source| Error::Oci {
             op: "write image archive",
             source,
-        })??;
-    tokio::fs::File::open(&path)
-        .await
-        .map_err(|source| Error::Io {
-            op: "open image archive",
-            path,
-            source,
+        };
+        let mut a = OciLayoutWriter::new(w).map_err(oci)?;
+        for image in &index.images {
+            for l in &image.layers {
+                a.add_blob_file(l, &image.blob_path(&l.digest))
+                    .map_err(oci)?;
+            }
+            a.add_blob_bytes(&image.config_desc.digest, &image.config)
+                .map_err(oci)?;
+            a.add_blob_bytes(&image.manifest_desc.digest, &image.manifest)
+                .map_err(oci)?;
+        }
+        a.add_blob_bytes(&index.desc.digest, &index.index)
+            .map_err(oci)?;
+        a.finish(index_entries(&index.desc, &names)).map_err(oci)?;
+        Ok(())
+    }))
+}
+
+/// `index.json` entries for `desc`: one per name (annotated), or one bare entry.
+fn index_entries(desc: &kiln_oci::Descriptor, names: &[String]) -> Vec<kiln_oci::Descriptor> {
+    if names.is_empty() {
+        return vec![index_entry(desc, None)];
+    }
+    names
+        .iter()
+        .map(|n| {
+            let full = Reference::parse(n)
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| n.clone());
+            index_entry(desc, Some(&full))
         })
+        .collect()
+}
+
+/// Output chunks held between the writing thread and the client: 4 x 1 MiB.
+const PIPE_CHUNKS: usize = 4;
+const PIPE_CHUNK: usize = 1 << 20;
+
+/// A `Write` sending 1 MiB chunks into a bounded channel (blocking when the reader lags).
+struct ChannelWriter {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send_buf(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(PIPE_CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(PIPE_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= PIPE_CHUNK {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buf()
+    }
+}
+
+/// Run `produce` on a blocking thread writing into a pipe; the returned reader yields its
+/// bytes, then its error (if any) as a read error.
+fn spawn_writer(
+    op: &'static str,
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), Error> + Send + 'static,
+) -> FileData {
+    let (tx, rx) = mpsc::channel(PIPE_CHUNKS);
+    let err_tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(PIPE_CHUNK),
+        };
+        let result = produce(&mut w).and_then(|()| {
+            w.flush().map_err(|source| Error::Io {
+                op,
+                path: PathBuf::from("<client stream>"),
+                source,
+            })
+        });
+        if let Err(e) = result {
+            tracing::warn!("{op}: {e}");
+            let _ = err_tx.blocking_send(Err(std::io::Error::other(format!("{op}: {e}"))));
+        }
+    });
+    Box::new(StreamReader::new(ReceiverStream::new(rx)))
+}
+
+/// Reads an async byte stream from a blocking thread.
+struct BlockingStreamReader {
+    stream: crate::ByteStream,
+    handle: tokio::runtime::Handle,
+    chunk: Bytes,
+}
+
+impl Read for BlockingStreamReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.handle.block_on(self.stream.next()) {
+                Some(Ok(c)) => self.chunk = c,
+                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len());
+        out[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
 }
 
 fn write_archive_sync(
     docker: bool,
     image: &AssembledImage,
     names: &[String],
-    out: &Path,
+    w: &mut ChannelWriter,
 ) -> Result<(), Error> {
-    let file = std::fs::File::create(out).map_err(|source| Error::Io {
-        op: "create image archive",
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let w = std::io::BufWriter::new(file);
     let oci = |source| Error::Oci {
         op: "write image archive",
         source,
     };
     let parsed: Vec<Option<Reference>> = names.iter().map(|n| Reference::parse(n).ok()).collect();
-    let w = if docker {
+    if docker {
         let mut a = DockerArchiveWriter::new(w).map_err(oci)?;
         for l in &image.layers {
             a.add_blob_file(l, &image.blob_path(&l.digest))
@@ -80,7 +205,7 @@ fn write_archive_sync(
             &layer_digests,
             &tags,
         )
-        .map_err(oci)?
+        .map_err(oci)?;
     } else {
         let mut a = OciLayoutWriter::new(w).map_err(oci)?;
         for l in &image.layers {
@@ -106,73 +231,119 @@ fn write_archive_sync(
                 })
                 .collect()
         };
-        a.finish(entries).map_err(oci)?
-    };
-    w.into_inner()
-        .map_err(|e| Error::Io {
-            op: "flush image archive",
-            path: out.to_path_buf(),
-            source: e.into_error(),
-        })?
-        .sync_all()
-        .map_err(|source| Error::Io {
-            op: "sync image archive",
-            path: out.to_path_buf(),
-            source,
-        })
+        a.finish(entries).map_err(oci)?;
+    }
+    Ok(())
 }
 
-/// The ref's filesystem as a tar file in `tmp` (an empty tar for scratch), opened for reading.
-pub(crate) async fn fs_tar(
+/// The ref's filesystem as a tar stream straight from the worker (an empty tar for
+/// scratch).
+pub(crate) async fn fs_tar_stream(
     worker: &impl WorkerFs,
     reference: &str,
-    tmp: &Path,
-) -> Result<tokio::fs::File, Error> {
-    let path = tmp.join("fs.tar");
-    let werr = |source| Error::Io {
-        op: "write filesystem tar",
-        path: path.clone(),
-        source,
-    };
-    let mut file = tokio::fs::File::create(&path).await.map_err(werr)?;
+) -> Result<FileData, Error> {
     if reference.is_empty() {
         // two zero blocks: an empty tar
-        file.write_all(&[0u8; 1024]).await.map_err(werr)?;
-    } else {
-        let mut stream = worker.export_fs(reference).await?;
-        while let Some(chunk) = stream.next().await {
-            file.write_all(&chunk?).await.map_err(werr)?;
-        }
+        return Ok(Box::new(std::io::Cursor::new(vec![0u8; 1024])));
     }
-    file.flush().await.map_err(werr)?;
-    drop(file);
-    tokio::fs::File::open(&path)
-        .await
-        .map_err(|source| Error::Io {
-            op: "open filesystem tar",
-            path,
-            source,
-        })
+    let stream = worker
+        .export_fs(reference)
+        .await?
+        .map(|c| c.map_err(|e| std::io::Error::other(e.to_string())));
+    Ok(Box::new(StreamReader::new(stream)))
 }
 
-/// The ref's filesystem unpacked into `tmp/rootfs`.
+/// The filesystems of a multi-platform result as one tar with a top directory per
+/// platform (`linux_amd64/...`), streamed.
+pub(crate) async fn fs_tar_multi(
+    worker: &impl WorkerFs,
+    platforms: &[PlatformRef],
+) -> Result<FileData, Error> {
+    let mut sources = Vec::new();
+    for p in platforms {
+        let stream = if p.reference.is_empty() {
+            None
+        } else {
+            Some(worker.export_fs(&p.reference).await?)
+        };
+        sources.push((p.dir_name(), stream));
+    }
+    let handle = tokio::runtime::Handle::current();
+    Ok(spawn_writer("write filesystem tar", move |w| {
+        let werr = |source| Error::Io {
+            op: "write filesystem tar",
+            path: PathBuf::from("<client stream>"),
+            source,
+        };
+        let mut out = tar::Builder::new(w);
+        for (dir, stream) in sources {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            out.append_data(&mut h, format!("{dir}/"), std::io::empty())
+                .map_err(werr)?;
+            let Some(stream) = stream else { continue };
+            let reader = BlockingStreamReader {
+                stream,
+                handle: handle.clone(),
+                chunk: Bytes::new(),
+            };
+            let mut ar = tar::Archive::new(reader);
+            for entry in ar.entries().map_err(werr)? {
+                let mut entry = entry.map_err(werr)?;
+                let path = entry.path().map_err(werr)?.into_owned();
+                let mut h = entry.header().clone();
+                let name = Path::new(&dir).join(&path);
+                if let Some(link) = entry.link_name().map_err(werr)? {
+                    // hard links name a path in the archive: under the same directory
+                    let target = if h.entry_type() == tar::EntryType::Link {
+                        Path::new(&dir).join(link.as_ref())
+                    } else {
+                        link.into_owned()
+                    };
+                    out.append_link(&mut h, &name, &target).map_err(werr)?;
+                    continue;
+                }
+                out.append_data(&mut h, &name, &mut entry).map_err(werr)?;
+            }
+        }
+        out.finish().map_err(werr)?;
+        Ok(())
+    }))
+}
+
+/// The ref's filesystem unpacked into `dir`, streamed from the worker (no tar on disk).
 pub(crate) async fn fs_dir(
     worker: &impl WorkerFs,
     reference: &str,
-    tmp: &Path,
-) -> Result<PathBuf, Error> {
-    let file = fs_tar(worker, reference, tmp).await?.into_std().await;
-    let dir = tmp.join("rootfs");
-    let root = dir.clone();
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+    dir: &Path,
+) -> Result<(), Error> {
+    let root = dir.to_path_buf();
+    tokio::fs::create_dir_all(&root)
+        .await
+        .map_err(|source| Error::Io {
             op: "create output dir",
             path: root.clone(),
             source,
         })?;
-        kiln_oci::layer::apply(std::io::BufReader::new(file), &root).map_err(|source| Error::Oci {
-            op: "unpack filesystem",
-            source,
+    if reference.is_empty() {
+        return Ok(());
+    }
+    let stream = worker.export_fs(reference).await?;
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let reader = BlockingStreamReader {
+            stream,
+            handle,
+            chunk: Bytes::new(),
+        };
+        kiln_oci::layer::apply(std::io::BufReader::new(reader), &root).map_err(|source| {
+            Error::Oci {
+                op: "unpack filesystem",
+                source,
+            }
         })
     })
     .await
@@ -180,5 +351,5 @@ pub(crate) async fn fs_dir(
         op: "unpack filesystem",
         source,
     })??;
-    Ok(dir)
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Builds: one Solve request from a client, from frontend to export.
 
 use crate::cache::{CacheRecord, CacheStore, MemoryStore, RedbStore, unix_nanos};
-use crate::peer::{ExportJob, Exporter, Frontend, Worker};
+use crate::peer::{ExportJob, Exporter, Frontend, PlatformJob, Worker};
 use crate::progress::{Progress, now};
 use crate::session::SessionManager;
 use crate::solve::{self, Cache};
@@ -286,8 +286,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         build: &Arc<Build>,
         req: &BuildRequest,
     ) -> Result<BTreeMap<String, String>, Error> {
-        let (definition, metadata) = if req.frontend.is_empty() {
-            (req.definition.clone().unwrap_or_default(), BTreeMap::new())
+        let (definition, metadata, refs) = if req.frontend.is_empty() {
+            (
+                req.definition.clone().unwrap_or_default(),
+                BTreeMap::new(),
+                BTreeMap::new(),
+            )
         } else {
             let out = self
                 .frontend
@@ -298,9 +302,33 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                     &req.session_id,
                 )
                 .await?;
-            (out.definition, out.metadata)
+            (out.definition, out.metadata, out.refs)
         };
-        let result = self.solve_definition(build, &definition).await?;
+        // a multi-platform result: every platform solved (together), exported as one
+        let ordered = platform_order(&metadata, refs);
+        let solved = futures::future::try_join_all(
+            ordered
+                .iter()
+                .map(|(_, def)| self.solve_definition(build, def)),
+        )
+        .await?;
+        let platforms: Vec<PlatformJob> = ordered
+            .into_iter()
+            .zip(solved)
+            .map(|((id, _), r)| PlatformJob {
+                image_config: metadata
+                    .get(&format!("{IMAGE_CONFIG_KEY}/{id}"))
+                    .cloned()
+                    .unwrap_or_default(),
+                id,
+                r#ref: r,
+            })
+            .collect();
+        let result = if platforms.is_empty() {
+            self.solve_definition(build, &definition).await?
+        } else {
+            String::new()
+        };
         let image_config = metadata
             .get(IMAGE_CONFIG_KEY)
             .cloned()
@@ -338,6 +366,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                         attrs: exporter_attrs(&exp.attrs, &req.frontend_attrs),
                         image_config: image_config.clone(),
                         index: i as u32,
+                        platforms: platforms.clone(),
                     },
                     status,
                 )
@@ -409,6 +438,33 @@ fn export_vertex_digest(build_id: &str, index: usize) -> String {
         "sha256:{}",
         h.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
+}
+
+/// The definitions of a multi-platform result in the order of the frontend's
+/// `refs.platforms` list (`{"platforms":[{"id":..}]}`), then any it did not list.
+fn platform_order(
+    metadata: &BTreeMap<String, Vec<u8>>,
+    mut refs: BTreeMap<String, pb::Definition>,
+) -> Vec<(String, pb::Definition)> {
+    let listed: Vec<String> = metadata
+        .get("refs.platforms")
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| {
+            v.get("platforms")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|p| p.get("id")?.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for id in listed {
+        if let Some(def) = refs.remove(&id) {
+            out.push((id, def));
+        }
+    }
+    out.extend(refs);
+    out
 }
 
 fn default_image_config(config: &Config) -> Vec<u8> {

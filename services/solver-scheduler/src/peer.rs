@@ -100,6 +100,8 @@ pub struct WorkerUsage {
 pub struct FrontendOutput {
     pub definition: pb::Definition,
     pub metadata: BTreeMap<String, Vec<u8>>,
+    /// A multi-platform result: platform id -> definition (metadata `refs.platforms`).
+    pub refs: BTreeMap<String, pb::Definition>,
 }
 
 pub trait Frontend: Send + Sync + 'static {
@@ -122,6 +124,17 @@ pub struct ExportJob {
     pub attrs: BTreeMap<String, String>,
     pub image_config: Vec<u8>,
     pub index: u32,
+    /// A multi-platform result, in the frontend's order (`r#ref` is then unused).
+    pub platforms: Vec<PlatformJob>,
+}
+
+/// One platform of a multi-platform export.
+#[derive(Debug, Clone)]
+pub struct PlatformJob {
+    /// e.g. "linux/arm64"
+    pub id: String,
+    pub r#ref: String,
+    pub image_config: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]

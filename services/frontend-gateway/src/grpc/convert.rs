@@ -26,6 +26,7 @@ impl From<FrontendOutput> for proto::FrontendResult {
         proto::FrontendResult {
             definition: Some(o.definition),
             metadata: o.metadata,
+            refs: o.refs,
         }
     }
 }

@@ -5,7 +5,7 @@ use kiln_proto::kiln::worker::v1 as wpb;
 use kiln_proto::pb;
 use tonic::{Code, Status};
 
-use crate::{Error, ExportRequest, LayerBlob};
+use crate::{Error, ExportRequest, LayerBlob, PlatformRef};
 
 pub fn platform_from_pb(p: Option<pb::Platform>) -> Option<kiln_oci::Platform> {
     let p = p?;
@@ -45,6 +45,15 @@ pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
         attrs: r.attrs.into_iter().collect(),
         image_config: r.image_config,
         index: u32::try_from(r.index).unwrap_or(0),
+        platforms: r
+            .platforms
+            .into_iter()
+            .map(|p| PlatformRef {
+                id: p.id,
+                reference: p.r#ref,
+                image_config: p.image_config,
+            })
+            .collect(),
     }
 }
 
@@ -58,6 +67,15 @@ pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
         attrs: r.attrs.clone().into_iter().collect(),
         image_config: r.image_config.clone(),
         index: i32::try_from(r.index).unwrap_or(i32::MAX),
+        platforms: r
+            .platforms
+            .iter()
+            .map(|p| xpb::PlatformRef {
+                id: p.id.clone(),
+                r#ref: p.reference.clone(),
+                image_config: p.image_config.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -95,6 +113,7 @@ impl From<Error> for Status {
             | Error::UnknownExporter { .. }
             | Error::InvalidAttr { .. }
             | Error::DecodeImageConfig { .. } => Code::InvalidArgument,
+            Error::DockerMultiPlatform => Code::Unimplemented,
             Error::ResolveImage { source, .. }
             | Error::PushBlob { source, .. }
             | Error::PushManifest { source, .. } => registry_code(source),

@@ -30,7 +30,7 @@ enum Sink {
 }
 
 impl ClientSink for Sink {
-    async fn send_file(&self, exporter_id: u32, file: tokio::fs::File) -> Result<(), Error> {
+    async fn send_file(&self, exporter_id: u32, file: crate::FileData) -> Result<(), Error> {
         match self {
             Sink::Session(s) => ClientSink::send_file(s, exporter_id, file).await,
             Sink::None => Ok(()),

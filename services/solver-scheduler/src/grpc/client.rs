@@ -234,6 +234,7 @@ impl peer::Frontend for GrpcFrontend {
         Ok(FrontendOutput {
             definition: resp.definition.unwrap_or_default(),
             metadata: resp.metadata,
+            refs: resp.refs,
         })
     }
 }
@@ -300,6 +301,15 @@ impl peer::Exporter for GrpcExporter {
                 attrs: job.attrs,
                 image_config: job.image_config,
                 index: job.index as i32,
+                platforms: job
+                    .platforms
+                    .into_iter()
+                    .map(|p| ex::PlatformRef {
+                        id: p.id,
+                        r#ref: p.r#ref,
+                        image_config: p.image_config,
+                    })
+                    .collect(),
             })
             .await
             .map_err(|s| Error::Export {
