@@ -45,6 +45,20 @@ impl<W: Write> OciLayoutWriter<W> {
 
     /// Stream the blob file at `path` into `blobs/sha256/<hex>` (once per digest).
     pub fn add_blob_file(&mut self, desc: &Descriptor, path: &Path) -> Result<(), Error> {
+        if self.blobs.contains(&desc.digest) {
+            return Ok(());
+        }
+        let f = File::open(path).map_err(|source| Error::WriteLayout {
+            name: path.display().to_string(),
+            source,
+        })?;
+        self.add_blob_reader(desc, f)
+    }
+
+    /// Stream `desc.size` bytes of `r` into `blobs/sha256/<hex>` (once per digest). The
+    /// reader must yield exactly that many bytes (a short one fails the write; readers that
+    /// verify the digest fail it at their end).
+    pub fn add_blob_reader(&mut self, desc: &Descriptor, r: impl Read) -> Result<(), Error> {
         let name = self.blob_name(&desc.digest)?;
         if !self.blobs.insert(desc.digest.clone()) {
             return Ok(());
@@ -53,10 +67,13 @@ impl<W: Write> OciLayoutWriter<W> {
             name: name.clone(),
             source,
         };
-        let f = File::open(path).map_err(err)?;
         let mut h = file_header(desc.size);
+        let mut exact = ExactReader {
+            inner: r.take(desc.size),
+            left: desc.size,
+        };
         self.tar
-            .append_data(&mut h, &name, f.take(desc.size))
+            .append_data(&mut h, &name, &mut exact)
             .map_err(err)?;
         Ok(())
     }
@@ -166,6 +183,10 @@ impl<W: Write> DockerArchiveWriter<W> {
         self.inner.add_blob_bytes(digest, bytes)
     }
 
+    pub fn add_blob_reader(&mut self, desc: &Descriptor, r: impl Read) -> Result<(), Error> {
+        self.inner.add_blob_reader(desc, r)
+    }
+
     /// Write `manifest.json` and `index.json`. `repo_tags` are docker names ("name:tag");
     /// `manifest` is the image manifest's descriptor (its blob must have been added).
     pub fn finish(
@@ -200,6 +221,27 @@ impl<W: Write> DockerArchiveWriter<W> {
                 .collect()
         };
         self.inner.finish(entries)
+    }
+}
+
+/// Fails with `UnexpectedEof` when its reader ends before `left` bytes: a tar entry
+/// whose data is shorter than its header would corrupt the archive.
+struct ExactReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("blob ended {} bytes short", self.left),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
     }
 }
 
@@ -433,5 +475,41 @@ mod tests {
         } else {
             eprintln!("skopeo missing: skipped");
         }
+    }
+
+    #[test]
+    fn blob_readers_must_fill_the_entry() {
+        let data = b"layer bytes".repeat(100);
+        let desc = Descriptor {
+            media_type: media_types::OCI_LAYER.into(),
+            digest: digest::sha256(&data),
+            size: data.len() as u64,
+            ..Default::default()
+        };
+        let mut w = OciLayoutWriter::new(Vec::new()).expect("writer");
+        w.add_blob_reader(&desc, &data[..]).expect("full blob");
+        // the same digest again is skipped without reading
+        w.add_blob_reader(&desc, io::empty()).expect("dedup");
+        let tar = w.finish(Vec::new()).expect("finish");
+        let mut a = tar::Archive::new(&tar[..]);
+        let mut found = false;
+        for e in a.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            if e.path().expect("path").to_string_lossy()
+                == format!("blobs/sha256/{}", &desc.digest[7..])
+            {
+                let mut v = Vec::new();
+                e.read_to_end(&mut v).expect("read");
+                assert_eq!(v, data);
+                found = true;
+            }
+        }
+        assert!(found);
+
+        let mut w = OciLayoutWriter::new(Vec::new()).expect("writer");
+        let err = w
+            .add_blob_reader(&desc, &data[..10])
+            .expect_err("short blob");
+        assert!(matches!(err, Error::WriteLayout { .. }), "{err}");
     }
 }

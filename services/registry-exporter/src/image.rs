@@ -393,12 +393,15 @@ pub fn assemble_index(
     })
 }
 
-/// Fetch the ref's layers from the worker into `tmp/blobs` and assemble the image.
+/// Assemble the image of the request's ref; with `fetch_blobs` the layers are also copied
+/// from the worker into `tmp/blobs` (for a push), else they stay on the worker (tarballs
+/// stream them from there).
 pub(crate) async fn build(
     req: &ExportRequest,
     worker: &impl WorkerFs,
     tmp: &Path,
     progress: &mpsc::Sender<String>,
+    fetch_blobs: bool,
 ) -> Result<AssembledImage, Error> {
     let media = media_types_of(&req.attrs);
     let options = layer_options(&req.attrs)?;
@@ -426,7 +429,7 @@ pub(crate) async fn build(
             path: blob_dir.clone(),
             source,
         })?;
-    for (i, layer) in layers.iter().enumerate() {
+    for (i, layer) in layers.iter().enumerate().filter(|_| fetch_blobs) {
         let _ = progress.try_send(format!(
             "fetching layer {}/{} {}",
             i + 1,

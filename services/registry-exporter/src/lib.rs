@@ -307,7 +307,8 @@ impl Exporter {
                     .await
             }
             "image" | "oci" | "docker" => {
-                let image = image::build(req, worker, tmp.path(), progress).await?;
+                let push = req.kind == "image" && bool_attr(&req.attrs, "push", false);
+                let image = image::build(req, worker, tmp.path(), progress, push).await?;
                 let mut response = image.response();
                 let names = names(&req.attrs);
                 match req.kind.as_str() {
@@ -324,7 +325,7 @@ impl Exporter {
                             };
                             response.insert("image.name".into(), shown.join(","));
                         }
-                        if bool_attr(&req.attrs, "push", false) {
+                        if push {
                             let registry = self
                                 .push_client(
                                     &names,
@@ -349,7 +350,10 @@ impl Exporter {
                             response.insert("image.name".into(), names.join(","));
                         }
                         let _ = progress.try_send(format!("sending {kind} tarball"));
-                        let stream = output::archive_stream(kind == "docker", &image, &names)?;
+                        let blobs =
+                            output::open_blobs(worker, std::slice::from_ref(&image)).await?;
+                        let stream =
+                            output::archive_stream(kind == "docker", &image, &names, blobs)?;
                         client.send_file(req.index, stream).await?;
                     }
                 }
@@ -400,6 +404,7 @@ impl Exporter {
         if req.kind == "docker" {
             return Err(Error::DockerMultiPlatform);
         }
+        let push = req.kind == "image" && bool_attr(&req.attrs, "push", false);
         let mut images = Vec::new();
         for p in &req.platforms {
             let _ = progress.try_send(format!("exporting {}", p.id));
@@ -409,7 +414,7 @@ impl Exporter {
                 platforms: Vec::new(),
                 ..req.clone()
             };
-            images.push(image::build(&one, worker, tmp, progress).await?);
+            images.push(image::build(&one, worker, tmp, progress, push).await?);
         }
         let index = image::assemble_index(images, image::media_types_of(&req.attrs))?;
         let mut response = index.response();
@@ -427,7 +432,7 @@ impl Exporter {
                 };
                 response.insert("image.name".into(), shown.join(","));
             }
-            if bool_attr(&req.attrs, "push", false) {
+            if push {
                 let registry = self
                     .push_client(
                         &names,
@@ -450,7 +455,8 @@ impl Exporter {
                 response.insert("image.name".into(), names.join(","));
             }
             let _ = progress.try_send("sending oci tarball".to_string());
-            let stream = output::index_archive_stream(&index, &names)?;
+            let blobs = output::open_blobs(worker, &index.images).await?;
+            let stream = output::index_archive_stream(&index, &names, blobs)?;
             client.send_file(req.index, stream).await?;
         }
         Ok(response)

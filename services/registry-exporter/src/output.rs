@@ -3,13 +3,16 @@
 //! subdirectory per platform for multi-platform results). Tarballs are streamed to the
 //! client as they are written, through a bounded pipe.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use kiln_oci::Descriptor;
 use kiln_oci::layout::{DockerArchiveWriter, OciLayoutWriter, index_entry};
 use kiln_registry::Reference;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
@@ -22,12 +25,88 @@ pub(crate) fn archive_stream(
     docker: bool,
     image: &AssembledImage,
     names: &[String],
+    blobs: BlobStreams,
 ) -> Result<FileData, Error> {
     let image = image.clone();
     let names = names.to_vec();
+    let handle = tokio::runtime::Handle::current();
     Ok(spawn_writer("write image archive", move |w| {
-        write_archive_sync(docker, &image, &names, w)
+        let mut blobs = LayerSource { blobs, handle };
+        write_archive_sync(docker, &image, &names, &mut blobs, w)
     }))
+}
+
+/// Layer blobs being read from the worker, by digest.
+pub(crate) type BlobStreams = HashMap<String, (Descriptor, crate::ByteStream)>;
+
+/// Opens a ReadBlob stream per distinct layer of `images` (the worker sends a few chunks
+/// ahead of each; they are read one after the other as the tar is written).
+pub(crate) async fn open_blobs(
+    worker: &impl WorkerFs,
+    images: &[AssembledImage],
+) -> Result<BlobStreams, Error> {
+    let mut out = HashMap::new();
+    for l in images.iter().flat_map(|i| i.layers.iter()) {
+        if !out.contains_key(&l.digest) {
+            let stream = worker.read_blob(&l.digest).await?;
+            out.insert(l.digest.clone(), (l.clone(), stream));
+        }
+    }
+    Ok(out)
+}
+
+/// Where the archive writer takes layer bytes from.
+struct LayerSource {
+    blobs: BlobStreams,
+    handle: tokio::runtime::Handle,
+}
+
+impl LayerSource {
+    /// A reader of the layer's bytes that fails at its end unless digest and size match;
+    /// `None` when it was already taken (a layer shared by two platforms).
+    fn take(&mut self, digest: &str) -> Option<VerifyingReader<BlockingStreamReader>> {
+        let (desc, stream) = self.blobs.remove(digest)?;
+        Some(VerifyingReader {
+            inner: BlockingStreamReader {
+                stream,
+                handle: self.handle.clone(),
+                chunk: Bytes::new(),
+            },
+            hasher: Sha256::new(),
+            size: 0,
+            desc,
+        })
+    }
+}
+
+/// Checks the bytes it passes on against a descriptor, failing at the end on a mismatch.
+struct VerifyingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+    desc: Descriptor,
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+            if actual != self.desc.digest || self.size != self.desc.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "layer {} from the worker is {actual} ({} bytes), expected {} bytes",
+                        self.desc.digest, self.size, self.desc.size
+                    ),
+                ));
+            }
+            return Ok(0);
+        }
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
 }
 
 /// A multi-platform image as an OCI layout tar: every platform's blobs, the index blob, and
@@ -35,10 +114,13 @@ pub(crate) fn archive_stream(
 pub(crate) fn index_archive_stream(
     index: &AssembledIndex,
     names: &[String],
+    blobs: BlobStreams,
 ) -> Result<FileData, Error> {
     let index = index.clone();
     let names = names.to_vec();
+    let handle = tokio::runtime::Handle::current();
     Ok(spawn_writer("write image archive", move |w| {
+        let mut blobs = LayerSource { blobs, handle };
         let oci = |source| Error::Oci {
             op: "write image archive",
             source,
@@ -46,8 +128,9 @@ pub(crate) fn index_archive_stream(
         let mut a = OciLayoutWriter::new(w).map_err(oci)?;
         for image in &index.images {
             for l in &image.layers {
-                a.add_blob_file(l, &image.blob_path(&l.digest))
-                    .map_err(oci)?;
+                if let Some(r) = blobs.take(&l.digest) {
+                    a.add_blob_reader(l, r).map_err(oci)?;
+                }
             }
             a.add_blob_bytes(&image.config_desc.digest, &image.config)
                 .map_err(oci)?;
@@ -172,6 +255,7 @@ fn write_archive_sync(
     docker: bool,
     image: &AssembledImage,
     names: &[String],
+    blobs: &mut LayerSource,
     w: &mut ChannelWriter,
 ) -> Result<(), Error> {
     let oci = |source| Error::Oci {
@@ -182,8 +266,9 @@ fn write_archive_sync(
     if docker {
         let mut a = DockerArchiveWriter::new(w).map_err(oci)?;
         for l in &image.layers {
-            a.add_blob_file(l, &image.blob_path(&l.digest))
-                .map_err(oci)?;
+            if let Some(r) = blobs.take(&l.digest) {
+                a.add_blob_reader(l, r).map_err(oci)?;
+            }
         }
         a.add_blob_bytes(&image.config_desc.digest, &image.config)
             .map_err(oci)?;
@@ -209,8 +294,9 @@ fn write_archive_sync(
     } else {
         let mut a = OciLayoutWriter::new(w).map_err(oci)?;
         for l in &image.layers {
-            a.add_blob_file(l, &image.blob_path(&l.digest))
-                .map_err(oci)?;
+            if let Some(r) = blobs.take(&l.digest) {
+                a.add_blob_reader(l, r).map_err(oci)?;
+            }
         }
         a.add_blob_bytes(&image.config_desc.digest, &image.config)
             .map_err(oci)?;
