@@ -10,6 +10,10 @@ use std::time::{Duration, SystemTime};
 
 #[derive(Args, Debug)]
 pub struct DuArgs {
+    /// Only records matching this filter (id, type, description, parents,
+    /// inuse, shared, private, mutable, immutable, until); repeatable
+    #[arg(long, short)]
+    filter: Vec<String>,
     /// Show every field of each record
     #[arg(long, short)]
     verbose: bool,
@@ -20,6 +24,12 @@ pub struct PruneArgs {
     /// Keep records used within this duration (e.g. 24h, 90m, 1h30m)
     #[arg(long, value_parser = parse_duration)]
     keep_duration: Option<Duration>,
+    /// Keep this much data (MB, or a size with a unit: 10GB, 512MiB)
+    #[arg(long, value_parser = parse_storage)]
+    keep_storage: Option<i64>,
+    /// Only records matching this filter (as for du); repeatable
+    #[arg(long, short)]
+    filter: Vec<String>,
     /// Include records that a default prune keeps
     #[arg(long)]
     all: bool,
@@ -55,6 +65,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration {s:?} needs a unit (d, h, m, s)"));
     }
     Ok(Duration::from_secs(total))
+}
+
+/// `--keep-storage`: megabytes as buildctl takes them, or a size with a unit.
+pub fn parse_storage(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    if let Ok(mb) = t.parse::<f64>() {
+        return Ok((mb * 1e6) as i64);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: f64 = n.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" | "ki" => 1024.0,
+        "mib" | "mi" => 1024.0 * 1024.0,
+        "gib" | "gi" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    Ok((n * mult) as i64)
 }
 
 /// Decimal sizes as Docker prints them: `12.3MB`.
@@ -119,6 +154,9 @@ fn print_verbose(records: &[UsageRecord]) {
         println!("Reclaimable:\t{}", !r.in_use);
         println!("Shared:\t\t{}", r.shared);
         println!("Size:\t\t{}", human_size(r.size));
+        if !r.parents.is_empty() {
+            println!("Parents:\t{}", r.parents.join(";"));
+        }
         println!("Description:\t{}", r.description);
         println!("Usage count:\t{}", r.usage_count);
         println!("Last used:\t{}", ago(r.last_used_at.as_ref()));
@@ -130,7 +168,10 @@ fn print_verbose(records: &[UsageRecord]) {
 pub async fn du(addr: &str, args: DuArgs) -> anyhow::Result<()> {
     let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
     let records = c
-        .disk_usage(DiskUsageRequest::default())
+        .disk_usage(DiskUsageRequest {
+            filter: args.filter.clone(),
+            ..Default::default()
+        })
         .await
         .context("disk usage")?
         .into_inner()
@@ -142,6 +183,11 @@ pub async fn du(addr: &str, args: DuArgs) -> anyhow::Result<()> {
     }
     let total: i64 = records.iter().map(|r| r.size).sum();
     let reclaimable: i64 = records.iter().filter(|r| !r.in_use).map(|r| r.size).sum();
+    let shared: i64 = records.iter().filter(|r| r.shared).map(|r| r.size).sum();
+    if shared > 0 {
+        println!("Shared:\t\t{}", human_size(shared));
+        println!("Private:\t{}", human_size(total - shared));
+    }
     println!("Reclaimable:\t{}", human_size(reclaimable));
     println!("Total:\t\t{}", human_size(total));
     Ok(())
@@ -157,6 +203,8 @@ pub async fn prune(addr: &str, args: PruneArgs) -> anyhow::Result<()> {
         .prune(PruneRequest {
             all: args.all,
             keep_duration,
+            filter: args.filter.clone(),
+            reserved_space: args.keep_storage.unwrap_or(0),
             ..Default::default()
         })
         .await
@@ -191,5 +239,9 @@ mod tests {
         assert_eq!(human_size(512), "512B");
         assert_eq!(human_size(12_300_000), "12.3MB");
         assert_eq!(human_size(2_000), "2kB");
+        assert_eq!(parse_storage("10"), Ok(10_000_000));
+        assert_eq!(parse_storage("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_storage("1MiB"), Ok(1 << 20));
+        assert!(parse_storage("lots").is_err());
     }
 }

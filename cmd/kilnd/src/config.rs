@@ -81,6 +81,105 @@ impl ContainerdWorker {
 pub struct OciWorker {
     /// runc binary
     pub binary: Option<PathBuf>,
+    /// automatic build-cache GC (buildkitd's `gc`)
+    pub gc: Option<bool>,
+    /// limit of the default GC policy: MB as a number, or "10GB"
+    pub gckeepstorage: Option<SizeValue>,
+    /// `[[worker.oci.gcpolicy]]`, applied in order
+    #[serde(default)]
+    pub gcpolicy: Vec<GcPolicy>,
+    /// at most this many steps run at once, across builds
+    #[serde(rename = "max-parallelism")]
+    pub max_parallelism: Option<usize>,
+}
+
+/// A size: a number (its unit depends on the key) or a string with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Number(i64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self, number_unit: i64) -> anyhow::Result<i64> {
+        match self {
+            SizeValue::Number(n) => Ok(n * number_unit),
+            SizeValue::Text(t) => {
+                solver_scheduler::usage::parse_size(t).map_err(|e| anyhow::anyhow!(e))
+            }
+        }
+    }
+}
+
+/// A duration: seconds as a number, or "48h".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+/// One `[[worker.oci.gcpolicy]]`, with buildkitd's key names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GcPolicy {
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub filters: Vec<String>,
+    pub keep_duration: Option<DurationValue>,
+    /// bytes (older buildkitd name of reservedSpace)
+    pub keep_bytes: Option<SizeValue>,
+    pub reserved_space: Option<SizeValue>,
+    pub max_used_space: Option<SizeValue>,
+}
+
+impl OciWorker {
+    /// The GC policies the solver applies after builds, empty when GC is
+    /// off. `gc = true` without policies keeps everything under
+    /// `gckeepstorage` (default 10GB).
+    pub fn gc_policies(&self) -> anyhow::Result<Vec<solver_scheduler::usage::PruneOptions>> {
+        use solver_scheduler::usage::{Filter, PruneOptions};
+        if self.gc != Some(true) {
+            return Ok(vec![]);
+        }
+        if self.gcpolicy.is_empty() {
+            let keep = match &self.gckeepstorage {
+                Some(s) => s.bytes(1_000_000)?,
+                None => 10_000_000_000,
+            };
+            return Ok(vec![PruneOptions {
+                all: true,
+                keep_bytes: keep,
+                ..Default::default()
+            }]);
+        }
+        self.gcpolicy
+            .iter()
+            .map(|p| {
+                let limits = [&p.keep_bytes, &p.reserved_space, &p.max_used_space]
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.bytes(1))
+                    .collect::<anyhow::Result<Vec<i64>>>()?;
+                let keep_duration = match &p.keep_duration {
+                    None => None,
+                    Some(DurationValue::Seconds(s)) => Some(std::time::Duration::from_secs(*s)),
+                    Some(DurationValue::Text(t)) => Some(
+                        solver_scheduler::usage::parse_duration(t)
+                            .map_err(|e| anyhow::anyhow!("gcpolicy keepDuration: {e}"))?,
+                    ),
+                };
+                Ok(PruneOptions {
+                    filter: Filter::parse(&p.filters)?,
+                    all: p.all,
+                    keep_duration,
+                    keep_bytes: limits.into_iter().max().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -157,6 +256,50 @@ http = true
             toml::from_str("[worker.containerd]\naddress = \"/x\"\n").expect("parses");
         assert!(c.worker.containerd.to_config().expect("valid").is_none());
         assert!(toml::from_str::<FileConfig>("[worker.containerd]\nadress = \"/x\"\n").is_err());
+    }
+
+    #[test]
+    fn gc_policies_and_parallelism_read_buildkitd_keys() {
+        let c: FileConfig = toml::from_str(
+            r#"
+[worker.oci]
+gc = true
+max-parallelism = 2
+[[worker.oci.gcpolicy]]
+keepBytes = 512000000
+keepDuration = 172800
+filters = ["type==source.local", "type==exec.cachemount"]
+[[worker.oci.gcpolicy]]
+all = true
+keepBytes = "1GB"
+keepDuration = "48h"
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.worker.oci.max_parallelism, Some(2));
+        let p = c.worker.oci.gc_policies().expect("policies");
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].keep_bytes, 512_000_000);
+        assert_eq!(p[1].keep_bytes, 1_000_000_000);
+        assert!(p[1].all && !p[0].all);
+        assert_eq!(
+            p[0].keep_duration,
+            Some(std::time::Duration::from_secs(172_800))
+        );
+        assert_eq!(p[0].keep_duration, p[1].keep_duration);
+        let c: FileConfig =
+            toml::from_str("[worker.oci]\ngc = true\ngckeepstorage = 9000\n").expect("parses");
+        let p = c.worker.oci.gc_policies().expect("policies");
+        assert_eq!(p[0].keep_bytes, 9_000_000_000, "gckeepstorage is in MB");
+        let off: FileConfig =
+            toml::from_str("[worker.oci]\ngckeepstorage = 9000\n").expect("parses");
+        assert!(off.worker.oci.gc_policies().expect("policies").is_empty());
+        let bad: FileConfig = toml::from_str(
+            "[worker.oci]\ngc = true\n[[worker.oci.gcpolicy]]\nfilters = [\"colour==red\"]\n",
+        )
+        .expect("parses");
+        assert!(bad.worker.oci.gc_policies().is_err());
+        assert!(toml::from_str::<FileConfig>("[[worker.oci.gcpolicy]]\nkeepBites = 1\n").is_err());
     }
 
     #[test]

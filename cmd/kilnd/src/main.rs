@@ -172,6 +172,8 @@ async fn solver_core(
     let config = solver_scheduler::Config {
         // the result cache survives restarts (and kill -9: redb commits are atomic)
         cache_db: Some(s.root.join("solver").join("cache.redb")),
+        gc: s.file.worker.oci.gc_policies()?,
+        max_parallelism: s.file.worker.oci.max_parallelism,
         ..Default::default()
     };
     Ok(Arc::new(

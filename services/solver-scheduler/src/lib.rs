@@ -17,6 +17,7 @@ pub mod peer;
 pub mod progress;
 pub mod session;
 pub mod solve;
+pub mod usage;
 
 pub use build::{BuildRequest, Solver};
 
@@ -32,6 +33,12 @@ pub struct Config {
     /// The result cache database (redb); `None` keeps the cache in memory
     /// (lost on restart).
     pub cache_db: Option<std::path::PathBuf>,
+    /// GC policies applied, in order, after each build and every
+    /// `gc_interval` (none: no automatic GC)
+    pub gc: Vec<usage::PruneOptions>,
+    pub gc_interval: Duration,
+    /// at most this many steps run on workers at once, across builds
+    pub max_parallelism: Option<usize>,
 }
 
 impl Default for Config {
@@ -40,6 +47,9 @@ impl Default for Config {
             session_wait: Duration::from_secs(10),
             platforms: vec![format!("linux/{}", kiln_oci::host_architecture())],
             cache_db: None,
+            gc: vec![],
+            gc_interval: Duration::from_secs(60),
+            max_parallelism: None,
         }
     }
 }
@@ -88,6 +98,8 @@ pub enum Error {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error("filter {filter:?}: {message}")]
+    Filter { filter: String, message: String },
     #[error("cache record {id}: {message}")]
     CacheRecord { id: String, message: String },
 }
@@ -112,9 +124,10 @@ impl From<Error> for tonic::Status {
             return tonic::Status::with_metadata(*code, message.clone(), md);
         }
         let code = match &e {
-            Error::Definition(_) | Error::MissingVertex(_) | Error::UnknownExporter(_) => {
-                tonic::Code::InvalidArgument
-            }
+            Error::Definition(_)
+            | Error::MissingVertex(_)
+            | Error::UnknownExporter(_)
+            | Error::Filter { .. } => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
             Error::NoSession(_) => tonic::Code::FailedPrecondition,
             Error::Frontend { code, .. } | Error::Vertex { code, .. } => *code,

@@ -86,6 +86,8 @@ pub struct SnapshotUsage {
     pub kind: String,
     pub size: i64,
     pub created: i64,
+    /// the cache id of a cache mount
+    pub description: String,
 }
 
 /// Snapshots (listed or removed) and content-store bytes.

@@ -26,6 +26,8 @@ pub struct Cache {
     store: Arc<dyn CacheStore>,
     inflight: Mutex<HashMap<String, Weak<InFlight>>>,
     checksums: Mutex<HashMap<(String, Vec<Selector>), String>>,
+    /// `max-parallelism`: permits for steps running on workers
+    limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A vertex being computed; dropped (and its task aborted) when no build
@@ -53,7 +55,16 @@ impl Cache {
             store,
             inflight: Mutex::new(HashMap::new()),
             checksums: Mutex::new(HashMap::new()),
+            limit: None,
         }
+    }
+
+    /// At most `n` steps run on workers at once (cache lookups do not count).
+    pub fn with_parallelism(mut self, n: Option<usize>) -> Self {
+        self.limit = n
+            .filter(|n| *n > 0)
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn CacheStore> {
@@ -492,6 +503,12 @@ impl<W: Worker> Step<W> {
                 .progress
                 .status(&vdigest, id, current, total, completed),
         });
+        let _permit = match &self.cache.limit {
+            Some(s) => Some(s.clone().acquire_owned().await.map_err(|e| {
+                self.fail(format!("parallelism limit: {e}"), tonic::Code::Internal)
+            })?),
+            None => None,
+        };
         let outputs = self
             .worker
             .run(
@@ -686,6 +703,8 @@ mod tests {
         runs: Mutex<Vec<String>>,
         checksums: AtomicUsize,
         cancelled: AtomicUsize,
+        running: AtomicUsize,
+        max_running: AtomicUsize,
     }
 
     struct CountDrop<'a>(&'a AtomicUsize, bool);
@@ -709,6 +728,8 @@ mod tests {
             use prost::Message;
             let decoded = pb::Op::decode(op.op_bytes.as_slice()).expect("op");
             self.runs.lock().expect("lock").push(op.name.clone());
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
             let mut content_keys = vec![];
             if is_local_source(&decoded) {
                 content_keys.push(format!("{:?}", self.files.lock().expect("lock")));
@@ -718,6 +739,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 guard.1 = true;
             }
+            self.running.fetch_sub(1, Ordering::SeqCst);
             let r = uuid::Uuid::new_v4().to_string();
             self.refs.lock().expect("lock").insert(r.clone());
             Ok(RunOutputs {
@@ -965,6 +987,27 @@ mod tests {
             "the shared RUN was not stopped"
         );
         assert_eq!(w.runs().iter().filter(|r| *r == "run").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn max_parallelism_bounds_running_steps_across_builds() {
+        for (limit, want) in [(Some(1), 1), (None, 2)] {
+            let w = Arc::new(FakeWorker::default());
+            w.set("/a.txt", "a");
+            let cache =
+                Arc::new(Cache::new(Arc::new(MemoryStore::default())).with_parallelism(limit));
+            let (d1, d2) = (copy_then_run("sleep 1"), copy_then_run("sleep 2"));
+            tokio::join!(
+                solve_once(&w, &cache, &d1, false),
+                solve_once(&w, &cache, &d2, false)
+            );
+            assert_eq!(w.runs().iter().filter(|r| *r == "run").count(), 2);
+            assert_eq!(
+                w.max_running.load(Ordering::SeqCst),
+                want,
+                "limit {limit:?}"
+            );
+        }
     }
 
     #[test]

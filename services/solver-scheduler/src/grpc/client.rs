@@ -190,6 +190,7 @@ fn snapshot_usage(s: wk::SnapshotUsage) -> SnapshotUsage {
         kind: s.kind,
         size: s.size,
         created: s.created,
+        description: s.description,
     }
 }
 

@@ -1,8 +1,8 @@
 //! Conversions between generated types and the solver's domain types.
 
 use crate::build::{BuildRequest, ExporterSpec};
-use crate::cache::CacheRecord;
-use kiln_proto::moby::buildkit::v1::{SolveRequest, UsageRecord};
+use crate::usage::{Filter, PruneOptions, UsageItem};
+use kiln_proto::moby::buildkit::v1::{PruneRequest, SolveRequest, UsageRecord};
 
 pub fn build_request(r: SolveRequest) -> BuildRequest {
     let mut exporters: Vec<ExporterSpec> = r
@@ -37,40 +37,36 @@ fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
     }
 }
 
-/// A cache record as `du`/`prune` report it.
-pub fn usage_record(r: &CacheRecord) -> UsageRecord {
+/// A `du` item as `du`/`prune` report it.
+pub fn usage_record(r: &UsageItem) -> UsageRecord {
     UsageRecord {
-        id: r.id.trim_start_matches("sha256:").to_string(),
-        size: r.size.unwrap_or(0),
-        created_at: Some(timestamp(r.created)),
-        last_used_at: Some(timestamp(r.last_used)),
+        id: r.id.clone(),
+        mutable: r.mutable,
+        in_use: r.in_use,
+        size: r.size,
+        parent: r.parents.first().cloned().unwrap_or_default(),
+        parents: r.parents.clone(),
+        created_at: (r.created > 0).then(|| timestamp(r.created)),
+        last_used_at: (r.last_used > 0).then(|| timestamp(r.last_used)),
         usage_count: r.usage_count,
         description: r.description.clone(),
-        record_type: "regular".into(),
-        ..Default::default()
+        record_type: r.record_type.clone(),
+        shared: r.shared,
     }
 }
 
-/// A snapshot no cache record names, as `du` reports it.
-pub fn snapshot_record(s: &crate::peer::SnapshotUsage, shared: bool) -> UsageRecord {
-    UsageRecord {
-        id: s.r#ref.clone(),
-        size: s.size,
-        parent: s.parent.clone(),
-        parents: if s.parent.is_empty() {
-            vec![]
-        } else {
-            vec![s.parent.clone()]
-        },
-        created_at: Some(timestamp(s.created)),
-        last_used_at: Some(timestamp(s.created)),
-        description: format!("{} snapshot", s.kind),
-        record_type: if s.kind == "local" {
-            "source.local".into()
-        } else {
-            "regular".into()
-        },
-        shared,
-        ..Default::default()
-    }
+/// A client's prune request in domain terms: `keep-storage` is BuildKit's
+/// field 4 (`keepBytes`, now `reservedSpace`); `maxUsedSpace` is a limit too.
+pub fn prune_options(r: &PruneRequest) -> Result<PruneOptions, crate::Error> {
+    let limit = match (r.reserved_space, r.max_used_space) {
+        (a, b) if a > 0 && b > 0 => b.max(a),
+        (a, b) => a.max(b),
+    };
+    Ok(PruneOptions {
+        filter: Filter::parse(&r.filter)?,
+        all: r.all,
+        keep_duration: (r.keep_duration > 0)
+            .then(|| std::time::Duration::from_nanos(r.keep_duration as u64)),
+        keep_bytes: limit,
+    })
 }

@@ -5,6 +5,7 @@ use crate::Error;
 use crate::build::Solver;
 use crate::peer::{Exporter, Frontend, Worker};
 use crate::session::Session;
+use crate::usage::Filter;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_proto::kiln::session::v1::{ForwardFrame, session_broker_server};
@@ -59,31 +60,16 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         &self,
         r: Request<ctl::DiskUsageRequest>,
     ) -> Result<Response<ctl::DiskUsageResponse>, Status> {
-        let age_limit = r.into_inner().age_limit;
+        let r = r.into_inner();
+        let filter = Filter::parse(&r.filter).map_err(Status::from)?;
         let now = crate::cache::unix_nanos();
-        let usage = self.solver.usage().await.map_err(Status::from)?;
-        let mut record: Vec<ctl::UsageRecord> = usage
-            .records
+        let items = self.solver.usage().await.map_err(Status::from)?;
+        let record = items
             .iter()
-            .filter(|r| age_limit <= 0 || now - r.last_used <= age_limit)
+            .filter(|i| r.age_limit <= 0 || now - i.last_used <= r.age_limit)
+            .filter(|i| filter.matches(i, now))
             .map(convert::usage_record)
             .collect();
-        record.extend(
-            usage
-                .snapshots
-                .iter()
-                .map(|(s, shared)| convert::snapshot_record(s, *shared)),
-        );
-        if usage.blobs_size > 0 {
-            record.push(ctl::UsageRecord {
-                id: "content-store".into(),
-                size: usage.blobs_size,
-                description: "layer blobs".into(),
-                record_type: "regular".into(),
-                shared: true,
-                ..Default::default()
-            });
-        }
         Ok(Response::new(ctl::DiskUsageResponse { record }))
     }
 
@@ -93,8 +79,8 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         r: Request<ctl::PruneRequest>,
     ) -> Result<Response<Self::PruneStream>, Status> {
         let r = r.into_inner();
-        let keep = (r.keep_duration > 0).then(|| Duration::from_nanos(r.keep_duration as u64));
-        let removed = self.solver.prune(keep).await.map_err(Status::from)?;
+        let opts = convert::prune_options(&r).map_err(Status::from)?;
+        let removed = self.solver.prune(&opts).await.map_err(Status::from)?;
         let out: Vec<Result<ctl::UsageRecord, Status>> = removed
             .iter()
             .map(|r| Ok(convert::usage_record(r)))

@@ -242,6 +242,7 @@ fn snapshot_usage(s: &crate::gc::SnapshotUsage) -> wpb::SnapshotUsage {
         r#ref: s.id.clone(),
         parent: s.parent.clone().unwrap_or_default(),
         kind: s.kind_name().to_string(),
+        description: s.cache_mount.clone().unwrap_or_default(),
         size: s.size,
         created: s.created,
     }

@@ -1,0 +1,325 @@
+//! Managing and observing the build cache: `kiln du` filters and sizes that
+//! add up to the disk, cache mounts in du and prune, `kiln prune
+//! --keep-storage/--filter`, GC policies from kilnd.toml, `max-parallelism`,
+//! build history and `kiln build --explain-cache`.
+
+use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `kiln ARGS`, which must succeed; returns stdout.
+fn kiln_ok(d: &Daemon, cwd: &Path, args: &[&str]) -> String {
+    let out = d.kiln(cwd, args).expect("run kiln");
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed:\n{}\n--- daemon logs ---\n{}",
+        text(&out),
+        d.logs()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `kiln build --progress plain` with the dockerfile flags; returns stderr.
+fn build(d: &Daemon, ctx: &Path, extra: &[&str]) -> String {
+    let mut args = dockerfile_args();
+    args.extend_from_slice(extra);
+    let out = d.build(ctx, &args).expect("build");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn worker_root(d: &Daemon) -> PathBuf {
+    d.dir.path().join("root/all/worker")
+}
+
+/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
+fn parse_size(s: &str) -> f64 {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let mult = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other:?} in {s:?}"),
+    };
+    n.parse::<f64>().expect("number") * mult
+}
+
+fn du_total(listing: &str) -> f64 {
+    let total = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("Total:"))
+        .unwrap_or_else(|| panic!("no total in:\n{listing}"));
+    parse_size(total.trim())
+}
+
+/// Table rows of `kiln du` (between the header and the summary lines).
+fn rows(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .skip(1)
+        .take_while(|l| {
+            !["Shared:", "Private:", "Reclaimable:", "Total:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Allocated bytes under `dirs` (as `du -s --block-size=1`).
+fn disk_bytes(dirs: &[PathBuf]) -> f64 {
+    dirs.iter()
+        .filter(|d| d.exists())
+        .map(|d| {
+            let out = Command::new("du")
+                .arg("-s")
+                .arg("--block-size=1")
+                .arg(d)
+                .output()
+                .expect("du");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+                .expect("du size")
+        })
+        .sum()
+}
+
+fn store_dirs(d: &Daemon) -> Vec<PathBuf> {
+    ["snapshots", "content", "cache-mounts"]
+        .iter()
+        .map(|s| worker_root(d).join(s))
+        .collect()
+}
+
+/// The `#N` number of the vertex whose name contains `needle`.
+fn step_number(progress: &str, needle: &str) -> Option<String> {
+    progress.lines().find_map(|l| {
+        let rest = l.strip_prefix('#')?;
+        let (n, text) = rest.split_once(' ')?;
+        (text.starts_with('[') && text.contains(needle)).then(|| n.to_string())
+    })
+}
+
+fn is_cached(progress: &str, needle: &str) -> bool {
+    step_number(progress, needle)
+        .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
+}
+
+#[test]
+fn du_counts_cache_mounts_filters_records_and_adds_up_to_the_disk() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox\nRUN --mount=type=cache,target=/cache head -c 200000 /dev/urandom > /cache/blob\nRUN head -c 300000 /dev/zero > /big\n",
+    )
+    .expect("ctx");
+    build(&d, c.path(), &[]);
+    let all = kiln_ok(&d, c.path(), &["du"]);
+    let on_disk = disk_bytes(&store_dirs(&d));
+    let listed = du_total(&all);
+    assert!(
+        (listed - on_disk).abs() <= on_disk * 0.01,
+        "kiln du total {listed} vs {on_disk} bytes on disk:\n{all}"
+    );
+    // the cache mount is a record of its own type
+    let mounts = kiln_ok(&d, c.path(), &["du", "--filter", "type==exec.cachemount"]);
+    let mount_rows = rows(&mounts);
+    assert_eq!(mount_rows.len(), 1, "{mounts}");
+    assert!(mount_rows[0].contains("kB"), "200 kB of cache: {mounts}");
+    let verbose = kiln_ok(
+        &d,
+        c.path(),
+        &["du", "--verbose", "--filter", "type==exec.cachemount"],
+    );
+    assert!(
+        verbose.contains("exec.cachemount") && verbose.contains("/cache\""),
+        "{verbose}"
+    );
+    // the other filters select among the rest
+    let regular = kiln_ok(&d, c.path(), &["du", "--filter", "type==regular"]);
+    assert!(!regular.contains("cachemount"), "{regular}");
+    assert!(rows(&regular).len() >= 2, "{regular}");
+    let by_desc = kiln_ok(
+        &d,
+        c.path(),
+        &["du", "--filter", "description~=head -c 300000"],
+    );
+    assert_eq!(rows(&by_desc).len(), 1, "{by_desc}");
+    let id = rows(&by_desc)[0]
+        .split_whitespace()
+        .next()
+        .expect("id")
+        .to_string();
+    let by_id = kiln_ok(&d, c.path(), &["du", "--filter", &format!("id=={id}")]);
+    assert_eq!(rows(&by_id), rows(&by_desc), "{by_id}");
+    let bad = d
+        .kiln(c.path(), &["du", "--filter", "colour==red"])
+        .expect("kiln");
+    assert!(!bad.status.success(), "{}", text(&bad));
+    // prune only the cache mounts: the mount's dir goes, the records stay
+    let pruned = kiln_ok(
+        &d,
+        c.path(),
+        &["prune", "--filter", "type==exec.cachemount"],
+    );
+    assert_eq!(rows(&pruned).len(), 1, "{pruned}");
+    let left = kiln_ok(&d, c.path(), &["du"]);
+    assert!(!left.contains("cachemount:"), "{left}");
+    assert_eq!(
+        std::fs::read_dir(worker_root(&d).join("cache-mounts"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
+    let again = build(&d, c.path(), &[]);
+    assert!(is_cached(&again, "head -c 300000"), "{again}");
+    // a plain prune removes everything, cache mounts included
+    build(
+        &d,
+        c.path(),
+        &["--no-cache", "--output", "type=local,dest=out"],
+    );
+    kiln_ok(&d, c.path(), &["prune"]);
+    let empty = kiln_ok(&d, c.path(), &["du"]);
+    assert!(rows(&empty).is_empty(), "{empty}");
+    assert!(disk_bytes(&[worker_root(&d).join("cache-mounts")]) < 10_000.0);
+}
+
+#[test]
+fn prune_keep_storage_removes_least_recently_used_first() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let a = BuildContext::new("FROM busybox\nRUN head -c 500000 /dev/zero > /a\n").expect("ctx");
+    let b = BuildContext::new("FROM busybox\nRUN head -c 500001 /dev/zero > /b\n").expect("ctx");
+    build(&d, a.path(), &[]);
+    build(&d, b.path(), &[]);
+    let total = du_total(&kiln_ok(&d, a.path(), &["du"]));
+    // room for everything but a's RUN
+    let limit = (total - 300_000.0) as i64;
+    let pruned = kiln_ok(
+        &d,
+        a.path(),
+        &["prune", "--keep-storage", &format!("{limit}B")],
+    );
+    assert!(!rows(&pruned).is_empty(), "{pruned}");
+    let after = kiln_ok(&d, a.path(), &["du"]);
+    assert!(
+        du_total(&after) <= limit as f64,
+        "under {limit} after prune:\n{after}"
+    );
+    let rb = build(&d, b.path(), &[]);
+    assert!(
+        is_cached(&rb, "head -c 500001"),
+        "the recent build stays:\n{rb}"
+    );
+    let ra = build(&d, a.path(), &[]);
+    assert!(
+        !is_cached(&ra, "head -c 500000"),
+        "the least recently used RUN went:\n{ra}"
+    );
+    // a limit above the total prunes nothing
+    let none = kiln_ok(&d, a.path(), &["prune", "--keep-storage", "10GB"]);
+    assert!(rows(&none).is_empty(), "{none}");
+}
+
+/// du total of the store after one `RUN head -c 500000` build.
+fn one_build_size() -> f64 {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new("FROM busybox\nRUN head -c 500000 /dev/zero > /f0\n").expect("ctx");
+    build(&d, c.path(), &[]);
+    du_total(&kiln_ok(&d, c.path(), &["du"]))
+}
+
+#[test]
+fn gc_policy_keeps_the_store_under_its_limit() {
+    let one = one_build_size();
+    let limit = (one + 400_000.0) as i64;
+    let d = Daemon::start_with_config(
+        Topology::AllInOne,
+        &format!("[worker.oci]\ngc = true\n[[worker.oci.gcpolicy]]\nall = true\nkeepBytes = \"{limit}B\"\n"),
+    )
+    .expect("daemon");
+    let mut last = None;
+    for i in 1..=4 {
+        let c = BuildContext::new(&format!(
+            "FROM busybox\nRUN head -c 500000 /dev/zero > /f{i} && echo {i} > /n\n"
+        ))
+        .expect("ctx");
+        build(&d, c.path(), &[]);
+        last = Some((i, c));
+    }
+    let (i, c) = last.expect("built");
+    // GC runs after each build, in the background
+    let start = Instant::now();
+    let mut listing = kiln_ok(&d, c.path(), &["du"]);
+    while du_total(&listing) > limit as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "store still over {limit}:\n{listing}\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        listing = kiln_ok(&d, c.path(), &["du"]);
+    }
+    assert!(
+        du_total(&listing) > one * 0.5,
+        "the latest build's results are kept:\n{listing}"
+    );
+    let again = build(&d, c.path(), &["--output", "type=local,dest=out"]);
+    assert!(
+        is_cached(&again, &format!("echo {i}")),
+        "latest build still cached:\n{again}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/n")).expect("read"),
+        format!("{i}\n")
+    );
+    assert_eq!(
+        std::fs::metadata(c.path().join(format!("out/f{i}")))
+            .expect("f")
+            .len(),
+        500_000
+    );
+}
+
+#[test]
+fn max_parallelism_one_runs_one_step_at_a_time() {
+    let d = Daemon::start_with_config(Topology::AllInOne, "[worker.oci]\nmax-parallelism = 1\n")
+        .expect("daemon");
+    // three independent stages; each step appends start and end markers to
+    // a log in a shared cache mount
+    let step = |name: &str| {
+        format!(
+            "FROM busybox AS {name}\nRUN --mount=type=cache,id=plog,target=/m,sharing=shared echo start-{name} >> /m/log && sleep 1 && echo end-{name} >> /m/log && touch /done-{name}\n"
+        )
+    };
+    let c = BuildContext::new(&format!(
+        "{}{}{}FROM busybox\nCOPY --from=a /done-a /\nCOPY --from=b /done-b /\nCOPY --from=c /done-c /\nRUN --mount=type=cache,id=plog,target=/m,sharing=shared cp /m/log /log\n",
+        step("a"),
+        step("b"),
+        step("c")
+    ))
+    .expect("ctx");
+    build(&d, c.path(), &["--output", "type=local,dest=out"]);
+    let log = std::fs::read_to_string(c.path().join("out/log")).expect("log");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 6, "three steps ran:\n{log}");
+    for pair in lines.chunks(2) {
+        let (s, e) = (pair[0], pair[1]);
+        assert!(
+            s.strip_prefix("start-").is_some()
+                && e.strip_prefix("end-") == s.strip_prefix("start-"),
+            "steps overlapped (max-parallelism = 1):\n{log}"
+        );
+    }
+}
