@@ -26,6 +26,10 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 const MAX_MANIFEST: usize = 8 << 20;
 const MAX_CONFIG: usize = 32 << 20;
 const TRIES: u32 = 4;
+/// Downloads of one blob from one endpoint when its body breaks off.
+const BODY_TRIES: u32 = 2;
+/// The longest `Retry-After` (seconds) honoured before trying again.
+const MAX_RETRY_AFTER: u64 = 10;
 /// Blobs larger than this are uploaded in PATCH chunks of this size.
 const CHUNK_SIZE: u64 = 64 << 20;
 
@@ -383,11 +387,19 @@ impl Client {
     ) -> Result<(), Error> {
         let mut last = None;
         for ep in self.pull_endpoints(r) {
-            match self.fetch_blob_at(&ep, r, desc, dest).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::debug!(endpoint = %ep.base, digest = %desc.digest, error = %e, "blob fetch failed");
-                    last = Some(e);
+            for attempt in 1..=BODY_TRIES {
+                match self.fetch_blob_at(&ep, r, desc, dest).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::debug!(endpoint = %ep.base, digest = %desc.digest, error = %e, "blob fetch failed");
+                        // a body cut off mid-way is fetched again; anything else moves on
+                        let again = matches!(e, Error::Request { .. }) && attempt < BODY_TRIES;
+                        last = Some(e);
+                        if !again {
+                            break;
+                        }
+                        backoff(attempt).await;
+                    }
                 }
             }
         }
@@ -744,7 +756,18 @@ impl Client {
             if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
                 && attempt < TRIES
             {
-                backoff(attempt).await;
+                // a registry's Retry-After (seconds, capped) wins over our own backoff
+                let after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                match after {
+                    Some(secs) => {
+                        tokio::time::sleep(Duration::from_secs(secs.min(MAX_RETRY_AFTER))).await
+                    }
+                    None => backoff(attempt).await,
+                }
                 continue;
             }
             return Ok(resp);

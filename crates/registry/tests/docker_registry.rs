@@ -315,3 +315,68 @@ async fn large_blobs_go_up_in_streamed_chunks() {
         .expect("push config");
     assert_eq!(outcome, kiln_registry::PushOutcome::Uploaded);
 }
+
+/// A one-blob HTTP server that answers 503, then 429 (Retry-After: 0), then the blob;
+/// returns its address and a counter of requests seen.
+async fn flaky_server(blob: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let head = match n {
+                0 => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n".to_string(),
+                1 => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-length: 0\r\n"
+                    .to_string(),
+                _ => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n",
+                    blob.len()
+                ),
+            };
+            let _ = sock
+                .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+                .await;
+            if n >= 2 {
+                let _ = sock.write_all(&blob).await;
+            }
+            let _ = sock.shutdown().await;
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn pulls_retry_on_503_and_429() {
+    let blob = b"a layer that arrives on the third try".to_vec();
+    let (addr, seen) = flaky_server(blob.clone()).await;
+    let client = Client::new(RegistryConfig::default()).expect("client");
+    let r = Reference::parse(&format!("{addr}/kiln/flaky:v1")).expect("ref");
+    let desc = Descriptor {
+        media_type: media_types::OCI_LAYER.into(),
+        digest: sha256(&blob),
+        size: blob.len() as u64,
+        ..Default::default()
+    };
+    let work = tempfile::tempdir().expect("work");
+    let dest = work.path().join("blob");
+    client
+        .fetch_blob(&r, &desc, &dest)
+        .await
+        .expect("fetch after retries");
+    assert_eq!(std::fs::read(&dest).expect("read"), blob);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
