@@ -153,6 +153,7 @@ impl Worker {
                 source,
             }
         })?;
+        let executor = ops::exec::Executor::from_config(&config, &id);
         Ok(Worker {
             id,
             store,
@@ -161,7 +162,7 @@ impl Worker {
             layers_lock: tokio::sync::Mutex::new(()),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             local_locks: std::sync::Mutex::new(HashMap::new()),
-            executor: ops::exec::Executor::from_config(&config),
+            executor,
             config,
         })
     }

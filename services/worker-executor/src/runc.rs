@@ -368,6 +368,35 @@ async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event
 }
 
 impl Runc {
+    /// Kills and deletes containers a previous run of this worker left in its private
+    /// state dir (a crashed or killed kilnd never ran their guards).
+    pub fn reap(&self) {
+        if !self.state.exists() {
+            return;
+        }
+        let Ok(out) = std::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["list", "-q"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).lines().map(str::trim) {
+            if id.is_empty() {
+                continue;
+            }
+            tracing::info!(id, "removing a container left by an earlier run");
+            drop(ContainerGuard {
+                runc: self,
+                id: id.to_string(),
+                armed: true,
+            });
+        }
+    }
+
     /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
     pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
         std::fs::create_dir_all(&self.state).map_err(Error::io("create", &self.state))?;

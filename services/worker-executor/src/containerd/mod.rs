@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteTaskRequest, KillRequest, StartRequest, WaitRequest, containers_client::ContainersClient,
-    tasks_client::TasksClient,
+    DeleteTaskRequest, KillRequest, ListContainersRequest, StartRequest, WaitRequest,
+    containers_client::ContainersClient, tasks_client::TasksClient,
 };
 use containerd_client::tonic::transport::Channel;
 use std::path::{Path, PathBuf};
@@ -53,10 +53,15 @@ impl ContainerdConfig {
     }
 }
 
-/// Runs exec steps as containerd tasks. Connects on first use.
+/// Label naming the worker that created a container (its worker id).
+const WORKER_LABEL: &str = "kiln.worker";
+
+/// Runs exec steps as containerd tasks. Connects on first use, and then first removes
+/// the containers an earlier run of this worker left behind.
 #[derive(Debug)]
 pub struct Containerd {
     config: ContainerdConfig,
+    worker_id: String,
     channel: tokio::sync::OnceCell<Channel>,
 }
 
@@ -75,9 +80,11 @@ fn req<T>(namespace: &str, t: T) -> tonic::Request<T> {
 }
 
 impl Containerd {
-    pub fn new(config: ContainerdConfig) -> Containerd {
+    /// An executor for the worker `worker_id` (its containers carry that label).
+    pub fn new(config: ContainerdConfig, worker_id: &str) -> Containerd {
         Containerd {
             config,
+            worker_id: worker_id.to_string(),
             channel: tokio::sync::OnceCell::new(),
         }
     }
@@ -90,12 +97,43 @@ impl Containerd {
         let address = self.config.address.clone();
         self.channel
             .get_or_try_init(|| async move {
-                containerd_client::connect(&address)
+                let ch = containerd_client::connect(&address)
                     .await
-                    .map_err(|source| Error::ContainerdConnect { address, source })
+                    .map_err(|source| Error::ContainerdConnect { address, source })?;
+                self.reap(&ch).await;
+                Ok(ch)
             })
             .await
             .cloned()
+    }
+
+    /// Kills and deletes this worker's containers left by an earlier run (a crashed or
+    /// killed kilnd never ran their cleanup).
+    async fn reap(&self, ch: &Channel) {
+        let ns = &self.config.namespace;
+        let filter = format!("labels.\"{WORKER_LABEL}\"=={}", self.worker_id);
+        let listed = ContainersClient::new(ch.clone())
+            .list(req(
+                ns,
+                ListContainersRequest {
+                    filters: vec![filter],
+                },
+            ))
+            .await;
+        let containers = match listed {
+            Ok(r) => r.into_inner().containers,
+            Err(e) => {
+                tracing::warn!(error = %e, "list containerd containers");
+                return;
+            }
+        };
+        for c in containers {
+            tracing::info!(
+                id = c.id,
+                "removing a containerd container left by an earlier run"
+            );
+            remove(ch.clone(), ns.clone(), c.id, true, true).await;
+        }
     }
 
     /// Runs `spec` as container `id`, streaming output as `Event::Log`; returns the exit
@@ -135,6 +173,7 @@ impl Containerd {
                 value: spec_json,
             }),
             snapshotter: self.config.snapshotter.clone(),
+            labels: [(WORKER_LABEL.to_string(), self.worker_id.clone())].into(),
             ..Default::default()
         };
         containers
@@ -234,47 +273,51 @@ impl Drop for Cleanup {
             tracing::warn!(id, "no runtime to clean up containerd task");
             return;
         };
-        rt.spawn(async move {
-            let mut tasks = TasksClient::new(ch.clone());
-            if task {
-                let _ = tasks
-                    .kill(req(
-                        &ns,
-                        KillRequest {
-                            container_id: id.clone(),
-                            exec_id: String::new(),
-                            signal: libc::SIGKILL as u32,
-                            all: true,
-                        },
-                    ))
-                    .await;
-                let wait = tasks.wait(req(
-                    &ns,
-                    WaitRequest {
-                        container_id: id.clone(),
-                        exec_id: String::new(),
-                    },
-                ));
-                let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
-                if let Err(e) = tasks
-                    .delete(req(
-                        &ns,
-                        DeleteTaskRequest {
-                            container_id: id.clone(),
-                        },
-                    ))
-                    .await
-                {
-                    tracing::warn!(id, error = %e, "delete abandoned containerd task");
-                }
-            }
-            if container
-                && let Err(e) = ContainersClient::new(ch)
-                    .delete(req(&ns, DeleteContainerRequest { id: id.clone() }))
-                    .await
-            {
-                tracing::warn!(id, error = %e, "delete abandoned containerd container");
-            }
-        });
+        rt.spawn(remove(ch, ns, id, task, container));
+    }
+}
+
+/// Kills the task (when `task`) and deletes it and the container (when `container`).
+async fn remove(ch: Channel, ns: String, id: String, task: bool, container: bool) {
+    let mut tasks = TasksClient::new(ch.clone());
+    if task {
+        let _ = tasks
+            .kill(req(
+                &ns,
+                KillRequest {
+                    container_id: id.clone(),
+                    exec_id: String::new(),
+                    signal: libc::SIGKILL as u32,
+                    all: true,
+                },
+            ))
+            .await;
+        let wait = tasks.wait(req(
+            &ns,
+            WaitRequest {
+                container_id: id.clone(),
+                exec_id: String::new(),
+            },
+        ));
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        if let Err(e) = tasks
+            .delete(req(
+                &ns,
+                DeleteTaskRequest {
+                    container_id: id.clone(),
+                },
+            ))
+            .await
+            && e.code() != tonic::Code::NotFound
+        {
+            tracing::warn!(id, error = %e, "delete abandoned containerd task");
+        }
+    }
+    if container
+        && let Err(e) = ContainersClient::new(ch)
+            .delete(req(&ns, DeleteContainerRequest { id: id.clone() }))
+            .await
+    {
+        tracing::warn!(id, error = %e, "delete abandoned containerd container");
     }
 }

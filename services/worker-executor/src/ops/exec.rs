@@ -24,14 +24,29 @@ pub enum Executor {
 }
 
 impl Executor {
-    pub fn from_config(config: &crate::Config) -> Executor {
-        match &config.containerd {
-            Some(c) => Executor::Containerd(Containerd::new(c.clone())),
-            None => Executor::Runc(Runc {
-                binary: config.runc.clone(),
-                state: config.root.join("runc"),
-            }),
+    /// The executor `config` selects for the worker `worker_id`. Containers and bundles
+    /// an earlier run of this worker left behind are removed (containerd's on connect).
+    pub fn from_config(config: &crate::Config, worker_id: &str) -> Executor {
+        let executor = match &config.containerd {
+            Some(c) => Executor::Containerd(Containerd::new(c.clone(), worker_id)),
+            None => {
+                let runc = Runc {
+                    binary: config.runc.clone(),
+                    state: config.root.join("runc"),
+                };
+                runc.reap();
+                Executor::Runc(runc)
+            }
+        };
+        // bundles of steps a killed worker was running (their mounts are gone already:
+        // the snapshot store detached everything under the root when it opened)
+        let tmp = config.root.join("tmp");
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("exec-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
+        executor
     }
 
     /// Runs the bundle at `bundle` (its config.json is `spec`) as container `id`;

@@ -108,13 +108,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl Store {
-    /// Opens (creating) the store under `root` and discards unfinished snapshots.
+    /// Opens (creating) the store under `root` and discards unfinished snapshots, and
+    /// the mounts a killed worker left under `root`.
     pub fn open(root: &Path) -> Result<Store> {
         let s = Store {
             snapshots: root.join("snapshots"),
             staging: root.join("staging"),
             mnt: root.join("mnt"),
         };
+        overlay::unmount_all_under(root);
+        if let Ok(rd) = std::fs::read_dir(&s.mnt) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         if s.staging.exists() {
             std::fs::remove_dir_all(&s.staging).map_err(Error::io("clear staging", &s.staging))?;
         }

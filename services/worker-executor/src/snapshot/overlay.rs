@@ -49,6 +49,52 @@ impl Drop for Mounted {
     }
 }
 
+/// Mount points under `dir` in this mount namespace, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir) && m != dir)
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches every mount under `dir` (what a killed worker left mounted there).
+pub fn unmount_all_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        match nix::mount::umount2(&m, MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::info!(mount = %m.display(), "unmounted a mount left by an earlier run")
+            }
+            Err(e) => tracing::warn!(mount = %m.display(), error = %e, "unmount stale mount"),
+        }
+    }
+}
+
 /// A writable layer on top of the lowers: the overlay `upperdir` and its `workdir`.
 #[derive(Debug, Clone, Copy)]
 pub struct Upper<'a> {
@@ -204,6 +250,36 @@ pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/x\\04"), "/x\\04");
+    }
+
+    #[test]
+    fn stale_mounts_under_a_dir_are_detached_deepest_first() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outer = tmp.path().join("mnt/a b");
+        let inner = outer.join("in");
+        std::fs::create_dir_all(&outer).expect("mkdir");
+        for m in [&outer, &inner] {
+            if m == &inner {
+                std::fs::create_dir_all(m).expect("mkdir");
+            }
+            nix::mount::mount(
+                Some("tmpfs"),
+                m,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount tmpfs");
+        }
+        assert_eq!(mounts_under(tmp.path()), vec![inner.clone(), outer.clone()]);
+        unmount_all_under(tmp.path());
+        assert!(mounts_under(tmp.path()).is_empty());
+    }
 
     #[test]
     fn a_chain_too_long_for_one_page_of_options_still_mounts() {
