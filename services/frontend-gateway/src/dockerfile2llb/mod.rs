@@ -118,7 +118,7 @@ pub struct Converted {
 pub enum Error {
     #[error("the Dockerfile cannot be empty")]
     Empty,
-    #[error("{0}")]
+    #[error(transparent)]
     Parse(#[from] kiln_dockerfile::Error),
     #[error("Dockerfile:{line}: {source}")]
     Expand {
@@ -145,6 +145,8 @@ pub enum Error {
         from: String,
         stage: String,
     },
+    #[error("Dockerfile:{line}: circular dependency detected on stage: {stage}")]
+    CircularStage { line: usize, stage: String },
     #[error("Dockerfile:{line}: failed to parse stage name {reference:?}: {reason}")]
     InvalidReference {
         line: usize,
@@ -191,12 +193,44 @@ impl Error {
             | Error::InvalidPlatform { line, .. }
             | Error::InvalidStageIndex { line, .. }
             | Error::StageNotDefinedYet { line, .. }
+            | Error::CircularStage { line, .. }
             | Error::InvalidReference { line, .. }
             | Error::ResolveImage { line, .. }
             | Error::InvalidInstruction { line, .. }
             | Error::Unsupported { line, .. } => Some(*line),
         }
     }
+}
+
+/// A node on a cycle of the graph with `n` nodes and these edges, if any.
+fn find_cycle(n: usize, edges: impl Fn(usize) -> Vec<usize>) -> Option<usize> {
+    // 0 = unvisited, 1 = on the current path, 2 = done
+    let mut color = vec![0u8; n];
+    for start in 0..n {
+        if color[start] != 0 {
+            continue;
+        }
+        let mut stack = vec![(start, edges(start), 0usize)];
+        color[start] = 1;
+        while let Some((node, next, k)) = stack.last_mut() {
+            if let Some(&to) = next.get(*k) {
+                *k += 1;
+                match color.get(to) {
+                    Some(1) => return Some(to),
+                    Some(0) => {
+                        color[to] = 1;
+                        let e = edges(to);
+                        stack.push((to, e, 0));
+                    }
+                    _ => {}
+                }
+            } else {
+                color[*node] = 2;
+                stack.pop();
+            }
+        }
+    }
+    None
 }
 
 pub(crate) fn line_of(cmd: &Command) -> usize {
@@ -474,6 +508,27 @@ pub async fn convert<R: ImageResolver>(
         }
     }
 
+    // A stage that (through COPY --from, RUN --mount from= or FROM) needs itself.
+    let stage_edges = |i: usize| -> Vec<usize> {
+        let base = match bases[i] {
+            Base::Stage(j) => Some(j),
+            _ => None,
+        };
+        base.into_iter()
+            .chain(deps[i].iter().filter_map(|d| match d {
+                From::Stage(j) => Some(*j),
+                _ => None,
+            }))
+            .collect()
+    };
+    if let Some(i) = find_cycle(df.stages.len(), stage_edges) {
+        let stage = &df.stages[i];
+        return Err(Error::CircularStage {
+            line: stage.location.start_line,
+            stage: stage.name.clone().unwrap_or_else(|| format!("stage-{i}")),
+        });
+    }
+
     // Stages reachable from the target.
     let mut reachable = vec![false; df.stages.len()];
     let mut needed_images = BTreeSet::new();
@@ -701,7 +756,7 @@ pub async fn convert<R: ImageResolver>(
                             return Err(Error::StageNotDefinedYet {
                                 line: line_of(cmd),
                                 from: from.clone(),
-                                stage: st.display_name.clone(),
+                                stage: stage.name.clone().unwrap_or_else(|| format!("stage-{i}")),
                             });
                         }
                         CopySource::State(states[*j].as_ref().and_then(|s| s.state))

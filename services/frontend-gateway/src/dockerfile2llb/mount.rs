@@ -18,7 +18,7 @@ pub(crate) struct ExecMounts {
     /// Secret and SSH mounts, in declaration order (no inputs).
     pub special: Vec<pb::Mount>,
     pub secret_env: Vec<pb::SecretEnv>,
-    /// Extra env for the exec (SSH_AUTH_SOCK).
+    /// Extra env for the exec unless the stage sets it (SSH_AUTH_SOCK).
     pub env: Vec<(String, String)>,
     pub caps: BTreeSet<&'static str>,
 }
@@ -196,16 +196,11 @@ pub(crate) fn add(
             }
             MountType::Ssh => {
                 out.caps.insert("exec.mount.ssh");
-                let dest = match dest {
-                    Some(d) => d,
-                    None => {
-                        let d = format!("/run/buildkit/ssh_agent.{ssh_index}");
-                        if ssh_index == 0 {
-                            out.env.push(("SSH_AUTH_SOCK".to_string(), d.clone()));
-                        }
-                        d
-                    }
-                };
+                let dest = dest.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{ssh_index}"));
+                // the first ssh mount is the agent, wherever it is mounted
+                if ssh_index == 0 {
+                    out.env.push(("SSH_AUTH_SOCK".to_string(), dest.clone()));
+                }
                 ssh_index += 1;
                 out.special.push(pb::Mount {
                     input: -1,

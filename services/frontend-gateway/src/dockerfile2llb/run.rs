@@ -196,8 +196,10 @@ pub(crate) fn dispatch(
     mount::add(ops, st, &specs, sources, ctx_paths, lines, &mut mounts);
     let mut env = st.env.clone();
     for (k, v) in &mounts.env {
-        env.retain(|(key, _)| key != k);
-        env.push((k.clone(), v.clone()));
+        // an SSH_AUTH_SOCK the Dockerfile sets itself wins
+        if !env.iter().any(|(key, _)| key == k) {
+            env.push((k.clone(), v.clone()));
+        }
     }
     let secret_env = std::mem::take(&mut mounts.secret_env);
     let mount_caps = std::mem::take(&mut mounts.caps);
