@@ -60,7 +60,7 @@ mirrors = ["$REG"]
 [registry."$REG"]
 http = true
 EOF
-KILN_LOG=${KILN_LOG:-info,kiln_timing=debug} "$BIN/kilnd" --config "$TMP/kilnd.toml" > "$TMP/kilnd.log" 2>&1 &
+KILN_LOG=${KILN_LOG:-info,kiln_timing=debug} "$BIN/kilnd" --config "$TMP/kilnd.toml" >> "$TMP/kilnd.log" 2>&1 &
 KPID=$!
 for i in $(seq 1 100); do [ -S "$TMP/kilnd.sock" ] && break; sleep 0.1; done
 
@@ -72,10 +72,10 @@ build() {
 }
 now() { python3 -c 'import time; print(time.monotonic())'; }
 timed() {
-  t0=$(now); build; t1=$(now)
+  t0=$(now); build; t1=$(now); mark end
   python3 -c "print(f'{$t1 - $t0:.2f}')"
 }
-mark() { echo "=== $1" >> "$TMP/kilnd.log"; }
+mark() { echo "$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ) === $1" >> "$TMP/kilnd.log"; }
 
 echo "output: $OUT; $(find "$TMP/in/ctx" -type f | wc -l) files, $(du -sm "$TMP/in/ctx" | cut -f1) MB"
 mark prime
@@ -90,4 +90,4 @@ for r in $(seq 1 "$REPS"); do
   echo "one-file-change rebuild $r: $(timed) s"
 done
 echo "--- kilnd phase timings (kiln_timing)"
-grep -E '^===|kiln_timing' "$TMP/kilnd.log" | sed -E 's/^[^ ]+ +//' | tail -n 80
+sed 's/\x1b\[[0-9;]*m//g' "$TMP/kilnd.log" | grep -E '===|kiln_timing' | cut -c12-300 | tail -n 80

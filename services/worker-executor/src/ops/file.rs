@@ -131,6 +131,29 @@ fn run_blocking(
             }
             Ok(j)
         };
+        // a plain copy of a directory into a new or empty directory: the
+        // layer is built straight in a new upper, its files hard-linked
+        if let Some(src_real) = link_source(store, a, inputs)
+            && let Some(Action::Copy(c)) = a.action.as_ref()
+        {
+            let parent = super::input_ref(inputs, a.input)?;
+            let started = std::time::Instant::now();
+            if let Some(st) = direct_copy(store, parent.as_deref(), &src_real, c)? {
+                let id = store.commit(st, parent.as_deref(), Kind::Built, None)?;
+                tracing::debug!(
+                    target: "kiln_timing",
+                    "file action {k}: copied into a new upper with hard links in {} ms",
+                    started.elapsed().as_millis()
+                );
+                let o = a.output as usize;
+                if outputs.len() <= o {
+                    outputs.resize(o + 1, None);
+                }
+                outputs[o] = Some(id.clone());
+                results.push(Some(ActionResult::Committed(id)));
+                continue;
+            }
+        }
         // The view this action writes to.
         let view = if a.input < n_in {
             WorkView::new(store, super::input_ref(inputs, a.input)?)?
@@ -214,6 +237,7 @@ fn run_blocking(
             }),
             _ => None,
         };
+        let started = std::time::Instant::now();
         apply_deferring(
             view.mounted.path(),
             secondary.as_deref(),
@@ -223,6 +247,12 @@ fn run_blocking(
         )?;
         drop(user_mount);
         drop(secondary_mount);
+        tracing::debug!(
+            target: "kiln_timing",
+            "file action {k}: applied in {} ms ({} files deferred)",
+            started.elapsed().as_millis(),
+            link.as_ref().map_or(0, |l| l.items.len())
+        );
         if a.output >= 0 {
             let id = view.commit_linking(store, link.as_ref())?;
             let o = a.output as usize;
@@ -236,6 +266,107 @@ fn run_blocking(
         }
     }
     Ok(outputs)
+}
+
+/// The directories a direct copy makes, with their metadata in the parent
+/// view when they exist there.
+type DirPlan = Vec<(PathBuf, Option<std::fs::Metadata>)>;
+
+/// A copy of one directory's contents (`src_real`: an unmounted snapshot
+/// diff, see [`link_source`]) to a destination that is new, or an empty
+/// directory, in `parent`'s view: built without an overlay mount in a new
+/// upper. The destination's existing parents are created there with their
+/// metadata from `parent` (as the overlay's copy-up would), missing ones as
+/// `mkdir -p` would, and files are hard-linked. `None` when the copy has
+/// another shape (the overlay path handles it, errors included).
+fn direct_copy(
+    store: &Store,
+    parent: Option<&str>,
+    src_real: &Path,
+    c: &pb::FileActionCopy,
+) -> Result<Option<Staging>> {
+    if !c.dir_copy_contents
+        || (c.allow_wildcard && has_glob(&c.src))
+        || !c.required_paths.is_empty()
+        || !c.create_dest_path
+    {
+        return Ok(None);
+    }
+    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let Ok(src) = rootpath::resolve(src_real, &abs(&c.src), c.follow_symlink) else {
+        return Ok(None);
+    };
+    if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
+        return Ok(None);
+    }
+    let filter = fscopy::Filter::new(&c.include_patterns, &c.exclude_patterns).map_err(err)?;
+    // the destination and its parents in the parent's view
+    let ro = store.mount_ro(parent)?;
+    let plan =
+        (|| -> std::io::Result<Option<(PathBuf, Vec<(PathBuf, Option<std::fs::Metadata>)>)>> {
+            let dst = rootpath::resolve(ro.path(), &abs(&c.dest), true)?;
+            let rel = dst
+                .strip_prefix(ro.path())
+                .map_err(|_| std::io::Error::other("destination outside the root"))?
+                .to_path_buf();
+            if rel.as_os_str().is_empty() {
+                return Ok(None);
+            }
+            let mut dirs = Vec::new();
+            let mut so_far = PathBuf::new();
+            let mut missing = false;
+            for comp in rel.components() {
+                so_far.push(comp);
+                let md = if missing {
+                    None
+                } else {
+                    std::fs::symlink_metadata(ro.path().join(&so_far)).ok()
+                };
+                match md {
+                    Some(m) if m.is_dir() => dirs.push((so_far.clone(), Some(m))),
+                    Some(_) => return Ok(None),
+                    None => {
+                        missing = true;
+                        dirs.push((so_far.clone(), None));
+                    }
+                }
+            }
+            if !missing && std::fs::read_dir(&dst)?.next().is_some() {
+                return Ok(None);
+            }
+            Ok(Some((rel, dirs)))
+        })();
+    ro.unmount()?;
+    let Some((rel, dirs)) = plan.map_err(err)? else {
+        return Ok(None);
+    };
+    let st = store.prepare()?;
+    let upper = st.diff();
+    for (d, md) in &dirs {
+        let p = upper.join(d);
+        std::fs::create_dir(&p).map_err(err)?;
+        match md {
+            Some(m) => fscopy::set_meta(
+                &p,
+                (m.uid(), m.gid()),
+                Some(m.mode()),
+                (
+                    TimeSpec::new(m.atime(), m.atime_nsec()),
+                    TimeSpec::new(m.mtime(), m.mtime_nsec()),
+                ),
+            ),
+            None => times_of(&p, None).and_then(|t| fscopy::set_meta(&p, (0, 0), Some(0o755), t)),
+        }
+        .map_err(err)?;
+    }
+    let opts = CopyOpts {
+        filter,
+        always_replace: c.always_replace_existing_dest_paths,
+        link_files: true,
+        ..Default::default()
+    };
+    fscopy::copy_entry(&src, &upper.join(&rel), &opts).map_err(err)?;
+    Ok(Some(st))
 }
 
 fn abs(p: &str) -> String {
@@ -971,6 +1102,43 @@ mod tests {
             );
             assert_eq!(std::fs::read_to_string(d.join("ctx/g2")).expect("r"), "g");
         }
+        // into a directory that has files: through the overlay, files still linked
+        let mut into_etc = copy("/ctx", "/etc/");
+        into_etc.dir_copy_contents = true;
+        let out3 = run(
+            &w,
+            vec![Some(dest.clone()), Some(src.clone())],
+            vec![action(0, 1, 0, Action::Copy(into_etc))],
+        )
+        .await
+        .expect("copy")
+        .expect("output");
+        let ed = w.store().diff_dir(&out3);
+        assert_eq!(ino(ed.join("etc/sub/f")), ino(sd.join("ctx/sub/f")));
+        assert_eq!(ino(ed.join("etc/g2")), ino(sd.join("ctx/g")));
+        assert!(!ed.join("etc/passwd").exists(), "lower file not copied up");
+        let m = w.store().mount_ro(Some(&out3)).expect("mount");
+        assert!(m.path().join("etc/passwd").is_file());
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("etc/sub/f")).expect("r"),
+            "original"
+        );
+        m.unmount().expect("unmount");
+        // missing parents are made as mkdir -p makes them
+        let mut deep = copy("/ctx", "/new/deep/");
+        deep.dir_copy_contents = true;
+        let out4 = run(
+            &w,
+            vec![Some(dest.clone()), Some(src.clone())],
+            vec![action(0, 1, 0, Action::Copy(deep))],
+        )
+        .await
+        .expect("copy")
+        .expect("output");
+        let nd = w.store().diff_dir(&out4);
+        let md = std::fs::metadata(nd.join("new")).expect("new");
+        assert_eq!((md.mode() & 0o7777, md.uid()), (0o755, 0));
+        assert_eq!(ino(nd.join("new/deep/sub/f")), ino(sd.join("ctx/sub/f")));
         // a copy with an owner override copies bytes
         let mut owned = copy("/ctx/g", "/owned");
         owned.owner = Some(pb::ChownOpt {
