@@ -15,10 +15,10 @@ fn requested(
     directives: &kiln_dockerfile::Directives,
     build_args: &BTreeMap<String, String>,
 ) -> Option<(String, Option<usize>)> {
-    if let Some(r) = build_args.get(SYNTAX_ARG).map(|v| v.trim()) {
-        if !r.is_empty() {
-            return Some((r.to_string(), None));
-        }
+    if let Some(r) = build_args.get(SYNTAX_ARG).map(|v| v.trim())
+        && !r.is_empty()
+    {
+        return Some((r.to_string(), None));
     }
     let r = directives.syntax.as_deref().map(str::trim)?;
     (!r.is_empty()).then(|| (r.to_string(), Some(directives.syntax_line)))
