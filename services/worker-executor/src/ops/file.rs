@@ -302,40 +302,39 @@ fn direct_copy(
     let filter = fscopy::Filter::new(&c.include_patterns, &c.exclude_patterns).map_err(err)?;
     // the destination and its parents in the parent's view
     let ro = store.mount_ro(parent)?;
-    let plan =
-        (|| -> std::io::Result<Option<(PathBuf, Vec<(PathBuf, Option<std::fs::Metadata>)>)>> {
-            let dst = rootpath::resolve(ro.path(), &abs(&c.dest), true)?;
-            let rel = dst
-                .strip_prefix(ro.path())
-                .map_err(|_| std::io::Error::other("destination outside the root"))?
-                .to_path_buf();
-            if rel.as_os_str().is_empty() {
-                return Ok(None);
-            }
-            let mut dirs = Vec::new();
-            let mut so_far = PathBuf::new();
-            let mut missing = false;
-            for comp in rel.components() {
-                so_far.push(comp);
-                let md = if missing {
-                    None
-                } else {
-                    std::fs::symlink_metadata(ro.path().join(&so_far)).ok()
-                };
-                match md {
-                    Some(m) if m.is_dir() => dirs.push((so_far.clone(), Some(m))),
-                    Some(_) => return Ok(None),
-                    None => {
-                        missing = true;
-                        dirs.push((so_far.clone(), None));
-                    }
+    let plan = (|| -> std::io::Result<Option<(PathBuf, DirPlan)>> {
+        let dst = rootpath::resolve(ro.path(), &abs(&c.dest), true)?;
+        let rel = dst
+            .strip_prefix(ro.path())
+            .map_err(|_| std::io::Error::other("destination outside the root"))?
+            .to_path_buf();
+        if rel.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let mut dirs = Vec::new();
+        let mut so_far = PathBuf::new();
+        let mut missing = false;
+        for comp in rel.components() {
+            so_far.push(comp);
+            let md = if missing {
+                None
+            } else {
+                std::fs::symlink_metadata(ro.path().join(&so_far)).ok()
+            };
+            match md {
+                Some(m) if m.is_dir() => dirs.push((so_far.clone(), Some(m))),
+                Some(_) => return Ok(None),
+                None => {
+                    missing = true;
+                    dirs.push((so_far.clone(), None));
                 }
             }
-            if !missing && std::fs::read_dir(&dst)?.next().is_some() {
-                return Ok(None);
-            }
-            Ok(Some((rel, dirs)))
-        })();
+        }
+        if !missing && std::fs::read_dir(&dst)?.next().is_some() {
+            return Ok(None);
+        }
+        Ok(Some((rel, dirs)))
+    })();
     ro.unmount()?;
     let Some((rel, dirs)) = plan.map_err(err)? else {
         return Ok(None);
