@@ -952,3 +952,83 @@ async fn proxy_build_args_become_proxy_env_not_env() {
         .expect("converts");
     assert!(exec_metas(&g)[0].proxy_env.is_none());
 }
+
+#[tokio::test]
+async fn add_git_becomes_a_git_source_copied_from_its_root() {
+    let (_, g) = ok(
+        "FROM busybox\nADD --keep-git-dir=true --checksum=abc123 https://example.com/r.git#v1:sub /src\n",
+    )
+    .await;
+    let git: Vec<pb::SourceOp> = g
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op.op {
+            Some(pb::op::Op::Source(s)) if s.identifier.starts_with("git://") => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(git.len(), 1, "{:?}", sources(&g));
+    assert_eq!(git[0].identifier, "git://example.com/r.git#v1:sub");
+    assert_eq!(git[0].attrs["git.fullurl"], "https://example.com/r.git");
+    assert_eq!(git[0].attrs["git.keepgitdir"], "true");
+    assert_eq!(git[0].attrs["git.checksum"], "abc123");
+    let c = &copies(&g)[0];
+    assert_eq!((c.src.as_str(), c.dest.as_str()), ("/", "/src"));
+    assert!(c.create_dest_path && !c.dir_copy_contents);
+
+    let err = run(
+        "FROM busybox\nCOPY https://example.com/r.git /src\n",
+        &options(),
+    )
+    .await
+    .expect_err("COPY of a git ref");
+    assert!(err.to_string().contains("git ref for COPY"), "{err}");
+}
+
+#[tokio::test]
+async fn stage_cycles_are_errors() {
+    let err = run("FROM busybox AS a\nCOPY --from=a /x /y\n", &options())
+        .await
+        .expect_err("self reference");
+    assert!(
+        matches!(err, Error::CircularStage { ref stage, .. } if stage == "a"),
+        "{err}"
+    );
+    let err = run(
+        "FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n",
+        &options(),
+    )
+    .await
+    .expect_err("two-stage cycle");
+    assert!(matches!(err, Error::CircularStage { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn syntax_directive_other_than_dockerfile_is_refused() {
+    ok("# syntax=docker/dockerfile:1.7-labs\nFROM busybox\n").await;
+    let err = run("# syntax=example.com/fe:1\nFROM busybox\n", &options())
+        .await
+        .expect_err("external frontend");
+    assert_eq!(err.line(), Some(1));
+    assert!(err.to_string().contains("example.com/fe:1"), "{err}");
+}
+
+#[tokio::test]
+async fn ssh_auth_sock_is_the_first_ssh_mount_unless_set() {
+    let (_, g) =
+        ok("FROM busybox\nRUN --mount=type=ssh,target=/a.sock --mount=type=ssh,id=b true\n").await;
+    assert!(
+        exec_metas(&g)[0]
+            .env
+            .contains(&"SSH_AUTH_SOCK=/a.sock".to_string())
+    );
+    let (_, g) = ok("FROM busybox\nENV SSH_AUTH_SOCK=/mine\nRUN --mount=type=ssh true\n").await;
+    let env = &exec_metas(&g)[0].env;
+    assert!(env.contains(&"SSH_AUTH_SOCK=/mine".to_string()), "{env:?}");
+    assert_eq!(
+        env.iter()
+            .filter(|e| e.starts_with("SSH_AUTH_SOCK="))
+            .count(),
+        1
+    );
+}
