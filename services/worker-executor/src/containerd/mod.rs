@@ -4,8 +4,9 @@
 //! The OCI runtime spec is the same one the runc executor writes (see [`crate::runc::spec`]);
 //! its root is the overlay mount kiln prepared, so containerd is given no rootfs mounts.
 //! stdout and stderr come back through two FIFOs created here and are streamed as
-//! [`Event::Log`] lines, as with runc. A run that is abandoned (the future dropped on
-//! cancel) kills the task and deletes the task and the container in the background.
+//! [`Event::Log`] lines, as with runc. Once the process has exited and its output is
+//! drained the run returns and the task and container are deleted in the background; a
+//! run that is abandoned (the future dropped on cancel) kills the task first.
 //!
 //! Every request carries the configured namespace in the `containerd-namespace` gRPC
 //! metadata. Snapshots are not kept in containerd: they stay in kiln's own store.
@@ -132,7 +133,7 @@ impl Containerd {
                 id = c.id,
                 "removing a containerd container left by an earlier run"
             );
-            remove(ch.clone(), ns.clone(), c.id, true, true).await;
+            remove(ch.clone(), ns.clone(), c.id, TaskState::Running, true).await;
         }
     }
 
@@ -145,6 +146,7 @@ impl Containerd {
         fifo_dir: &Path,
         events: &mpsc::Sender<Event>,
     ) -> Result<i32> {
+        let t0 = std::time::Instant::now();
         let ch = self.channel().await?;
         let ns = self.config.namespace.as_str();
         let spec_json =
@@ -158,6 +160,7 @@ impl Containerd {
             id: id.to_string(),
             container: false,
             task: false,
+            exited: false,
             fifos: vec![stdout.clone(), stderr.clone()],
         };
         let mut containers = ContainersClient::new(ch.clone());
@@ -186,6 +189,7 @@ impl Containerd {
             .await
             .map_err(cerr("create container", id))?;
         guard.container = true;
+        let t_container = t0.elapsed();
         tasks
             .create(req(
                 ns,
@@ -199,6 +203,7 @@ impl Containerd {
             .await
             .map_err(cerr("create task", id))?;
         guard.task = true;
+        let t_task = t0.elapsed();
         tasks
             .start(req(
                 ns,
@@ -209,6 +214,7 @@ impl Containerd {
             ))
             .await
             .map_err(cerr("start task", id))?;
+        let t_start = t0.elapsed();
         let status = tasks
             .wait(req(
                 ns,
@@ -222,53 +228,60 @@ impl Containerd {
             .into_inner()
             .exit_status;
         // the shim closes the FIFOs once it has copied everything the process wrote
+        let t_wait = t0.elapsed();
         out.finish().await;
         err.finish().await;
-        tasks
-            .delete(req(
-                ns,
-                DeleteTaskRequest {
-                    container_id: id.to_string(),
-                },
-            ))
-            .await
-            .map_err(cerr("delete task", id))?;
-        guard.task = false;
-        containers
-            .delete(req(ns, DeleteContainerRequest { id: id.to_string() }))
-            .await
-            .map_err(cerr("delete container", id))?;
-        guard.container = false;
+        // the process is gone and its rootfs is kiln's own mount: the outputs can be
+        // committed while the task and container are deleted in the background
+        guard.exited = true;
+        tracing::debug!(
+            target: "kiln_timing",
+            "containerd task {id}: container {} ms, task {} ms, start {} ms, exited {} ms, drained {} ms",
+            t_container.as_millis(),
+            t_task.as_millis(),
+            t_start.as_millis(),
+            t_wait.as_millis(),
+            t0.elapsed().as_millis()
+        );
         Ok(status as i32)
     }
 }
 
-/// Kills and deletes what a run created when the run is abandoned or fails half way.
+/// Deletes what a run created, in the background: after the process exited, or when the
+/// run is abandoned or fails half way (then the task is killed first).
 struct Cleanup {
     channel: Channel,
     namespace: String,
     id: String,
     container: bool,
     task: bool,
+    /// The task's process has exited (no kill needed).
+    exited: bool,
     fifos: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        // a reader still blocked opening its FIFO (the shim never opened it) gets EOF
-        for f in &self.fifos {
-            fifo::unblock(f);
+        if !self.exited {
+            // a reader still blocked opening its FIFO (the shim never opened it) gets EOF
+            for f in &self.fifos {
+                fifo::unblock(f);
+            }
         }
         if !self.container && !self.task {
             return;
         }
-        let (ch, ns, id, task, container) = (
+        let (ch, ns, id, container) = (
             self.channel.clone(),
             self.namespace.clone(),
             self.id.clone(),
-            self.task,
             self.container,
         );
+        let task = match (self.task, self.exited) {
+            (false, _) => TaskState::None,
+            (true, false) => TaskState::Running,
+            (true, true) => TaskState::Exited,
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(id, "no runtime to clean up containerd task");
             return;
@@ -277,11 +290,19 @@ impl Drop for Cleanup {
     }
 }
 
-/// Kills the task (when `task`) and deletes it and the container (when `container`).
-async fn remove(ch: Channel, ns: String, id: String, task: bool, container: bool) {
+/// What is left of a container's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    None,
+    Running,
+    Exited,
+}
+
+/// Kills a running task, deletes the task and the container (when `container`).
+async fn remove(ch: Channel, ns: String, id: String, task: TaskState, container: bool) {
     let mut tasks = TasksClient::new(ch.clone());
-    if task {
-        let _ = tasks
+    if task == TaskState::Running {
+        let killed = tasks
             .kill(req(
                 &ns,
                 KillRequest {
@@ -292,6 +313,9 @@ async fn remove(ch: Channel, ns: String, id: String, task: bool, container: bool
                 },
             ))
             .await;
+        if let Err(e) = killed {
+            tracing::debug!(id, error = %e, "kill abandoned containerd task");
+        }
         let wait = tasks.wait(req(
             &ns,
             WaitRequest {
@@ -300,7 +324,9 @@ async fn remove(ch: Channel, ns: String, id: String, task: bool, container: bool
             },
         ));
         let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
-        if let Err(e) = tasks
+    }
+    if task != TaskState::None
+        && let Err(e) = tasks
             .delete(req(
                 &ns,
                 DeleteTaskRequest {
@@ -308,16 +334,138 @@ async fn remove(ch: Channel, ns: String, id: String, task: bool, container: bool
                 },
             ))
             .await
-            && e.code() != tonic::Code::NotFound
-        {
-            tracing::warn!(id, error = %e, "delete abandoned containerd task");
-        }
+        && e.code() != tonic::Code::NotFound
+    {
+        tracing::warn!(id, error = %e, "delete containerd task");
     }
     if container
         && let Err(e) = ContainersClient::new(ch)
             .delete(req(&ns, DeleteContainerRequest { id: id.clone() }))
             .await
     {
-        tracing::warn!(id, error = %e, "delete abandoned containerd container");
+        tracing::warn!(id, error = %e, "delete containerd container");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{self, op::Op};
+    use crate::{RunRequest, Worker, testutil};
+
+    /// A worker on the containerd at `KILN_TEST_CONTAINERD`; `None` (skip) only when run
+    /// by hand without `KILN_TEST_REGISTRY` either (under `make test` it must be there).
+    fn worker() -> Option<(tempfile::TempDir, Worker, ContainerdConfig)> {
+        let address = match std::env::var("KILN_TEST_CONTAINERD") {
+            Ok(a) if !a.is_empty() => a,
+            _ if std::env::var_os("KILN_TEST_REGISTRY").is_some() => {
+                panic!("KILN_TEST_CONTAINERD is not set (scripts/test.sh starts containerd)")
+            }
+            _ => return None,
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut cc = ContainerdConfig::new(address);
+        cc.namespace = format!("kiln-unit-{}", uuid::Uuid::new_v4().simple());
+        let mut cfg = crate::Config::new(tmp.path().join("root"));
+        cfg.containerd = Some(cc.clone());
+        let w = Worker::new(cfg).expect("worker");
+        Some((tmp, w, cc))
+    }
+
+    fn exec(root: &str, script: &str) -> RunRequest {
+        RunRequest {
+            build_id: "b".into(),
+            session_id: String::new(),
+            name: "test".into(),
+            op: pb::Op {
+                inputs: vec![pb::Input {
+                    digest: "sha256:root".into(),
+                    index: 0,
+                }],
+                op: Some(Op::Exec(pb::ExecOp {
+                    meta: Some(pb::Meta {
+                        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                        env: vec!["PATH=/bin".into()],
+                        cwd: "/".into(),
+                        ..Default::default()
+                    }),
+                    mounts: vec![pb::Mount {
+                        input: 0,
+                        dest: "/".into(),
+                        output: 0,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            inputs: vec![Some(root.to_string())],
+            entitlements: Vec::new(),
+        }
+    }
+
+    async fn containers(cc: &ContainerdConfig) -> Vec<String> {
+        let ch = containerd_client::connect(&cc.address)
+            .await
+            .expect("connect");
+        ContainersClient::new(ch)
+            .list(req(&cc.namespace, ListContainersRequest::default()))
+            .await
+            .expect("list")
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_step_runs_as_a_task_with_its_output_and_exit_code() {
+        let Some((_tmp, w, cc)) = worker() else {
+            return;
+        };
+        let root = testutil::busybox(&w);
+        let (tx, mut rx) = mpsc::channel(64);
+        let outs = w
+            .run(exec(&root, "echo out; echo err >&2; echo x > /f"), tx)
+            .await
+            .expect("run");
+        let diff = w.store().diff_dir(outs[0].as_deref().expect("output"));
+        assert_eq!(std::fs::read_to_string(diff.join("f")).expect("f"), "x\n");
+        let mut logs = [String::new(), String::new()];
+        while let Ok(Event::Log { stream, data }) = rx.try_recv() {
+            logs[stream as usize - 1].push_str(&String::from_utf8_lossy(&data));
+        }
+        assert_eq!(logs[0], "out\n");
+        assert_eq!(logs[1], "err\n");
+        let (tx, _rx) = mpsc::channel(64);
+        let err = w.run(exec(&root, "exit 7"), tx).await.expect_err("exit 7");
+        assert!(err.to_string().ends_with("exit code: 7"), "{err}");
+        let start = std::time::Instant::now();
+        while !containers(&cc).await.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(20), "containers left");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_step_leaves_no_container() {
+        let Some((_tmp, w, cc)) = worker() else {
+            return;
+        };
+        let root = testutil::busybox(&w);
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut run = Box::pin(w.run(exec(&root, "echo started; sleep 60"), tx));
+        tokio::select! {
+            r = &mut run => panic!("the step ended: {r:?}"),
+            e = rx.recv() => assert!(matches!(e, Some(Event::Log { .. }))),
+        }
+        assert_eq!(containers(&cc).await.len(), 1, "running as a container");
+        drop(run);
+        let start = std::time::Instant::now();
+        while !containers(&cc).await.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(20), "container left");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
