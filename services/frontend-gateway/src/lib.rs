@@ -181,12 +181,12 @@ impl<B: Bridge> Gateway<B> {
         let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
-            // (the Dockerfile's own source under that name; its sync is cached)
+            // (the Dockerfile alone, synced apart from the build's own copy)
             let include = std::slice::from_ref(&opts.filename);
             let def = local_source_definition(
                 &req.session_id,
                 DOCKERFILE_LOCAL,
-                DOCKERFILE_LOCAL,
+                "dockerfile-syntax",
                 include,
                 &note,
             );
