@@ -199,10 +199,23 @@ fn du_counts_cache_mounts_filters_records_and_adds_up_to_the_disk() {
 #[test]
 fn prune_keep_storage_removes_least_recently_used_first() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
-    let a = BuildContext::new("FROM busybox\nRUN head -c 500000 /dev/zero > /a\n").expect("ctx");
-    let b = BuildContext::new("FROM busybox\nRUN head -c 500001 /dev/zero > /b\n").expect("ctx");
-    build(&d, a.path(), &[]);
-    build(&d, b.path(), &[]);
+    // one context, two Dockerfiles
+    let ctx = BuildContext::new("").expect("ctx");
+    ctx.file(
+        "a.Dockerfile",
+        "FROM busybox\nRUN head -c 500000 /dev/zero > /a\n",
+    )
+    .expect("write");
+    ctx.file(
+        "b.Dockerfile",
+        "FROM busybox\nRUN head -c 500001 /dev/zero > /b\n",
+    )
+    .expect("write");
+    let (a, b) = (&ctx, &ctx);
+    let fa = ["--opt", "filename=a.Dockerfile"];
+    let fb = ["--opt", "filename=b.Dockerfile"];
+    build(&d, a.path(), &fa);
+    build(&d, b.path(), &fb);
     let total = du_total(&kiln_ok(&d, a.path(), &["du"]));
     // room for everything but a's RUN
     let limit = (total - 300_000.0) as i64;
@@ -217,12 +230,12 @@ fn prune_keep_storage_removes_least_recently_used_first() {
         du_total(&after) <= limit as f64,
         "under {limit} after prune:\n{after}"
     );
-    let rb = build(&d, b.path(), &[]);
+    let rb = build(&d, b.path(), &fb);
     assert!(
         is_cached(&rb, "head -c 500001"),
         "the recent build stays:\n{rb}"
     );
-    let ra = build(&d, a.path(), &[]);
+    let ra = build(&d, a.path(), &fa);
     assert!(
         !is_cached(&ra, "head -c 500000"),
         "the least recently used RUN went:\n{ra}"
@@ -249,16 +262,18 @@ fn gc_policy_keeps_the_store_under_its_limit() {
         &format!("[worker.oci]\ngc = true\n[[worker.oci.gcpolicy]]\nall = true\nkeepBytes = \"{limit}B\"\n"),
     )
     .expect("daemon");
-    let mut last = None;
-    for i in 1..=4 {
-        let c = BuildContext::new(&format!(
-            "FROM busybox\nRUN head -c 500000 /dev/zero > /f{i} && echo {i} > /n\n"
-        ))
-        .expect("ctx");
-        build(&d, c.path(), &[]);
-        last = Some((i, c));
+    // one context, a Dockerfile per build
+    let c = BuildContext::new("").expect("ctx");
+    let i = 4;
+    let file = |i: usize| format!("filename={i}.Dockerfile");
+    for i in 1..=i {
+        c.file(
+            &format!("{i}.Dockerfile"),
+            &format!("FROM busybox\nRUN head -c 500000 /dev/zero > /f{i} && echo {i} > /n\n"),
+        )
+        .expect("write");
+        build(&d, c.path(), &["--opt", &file(i)]);
     }
-    let (i, c) = last.expect("built");
     // GC runs after each build, in the background
     let start = Instant::now();
     let mut listing = kiln_ok(&d, c.path(), &["du"]);
@@ -275,7 +290,11 @@ fn gc_policy_keeps_the_store_under_its_limit() {
         du_total(&listing) > one * 0.5,
         "the latest build's results are kept:\n{listing}"
     );
-    let again = build(&d, c.path(), &["--output", "type=local,dest=out"]);
+    let again = build(
+        &d,
+        c.path(),
+        &["--opt", &file(i), "--output", "type=local,dest=out"],
+    );
     assert!(
         is_cached(&again, &format!("echo {i}")),
         "latest build still cached:\n{again}"
@@ -322,4 +341,112 @@ fn max_parallelism_one_runs_one_step_at_a_time() {
             "steps overlapped (max-parallelism = 1):\n{log}"
         );
     }
+}
+
+/// `kiln build --explain-cache` with the dockerfile flags; returns stderr.
+fn explain_build(d: &Daemon, ctx: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["--explain-cache"];
+    args.extend_from_slice(extra);
+    build(d, ctx, &args)
+}
+
+/// The `Cache misses:` section `--explain-cache` prints.
+fn misses(stderr: &str) -> String {
+    stderr
+        .split_once("Cache misses:")
+        .map(|(_, m)| m.to_string())
+        .unwrap_or_else(|| panic!("no explanation in:\n{stderr}"))
+}
+
+#[test]
+fn explain_cache_names_the_changed_file_mode_build_arg_and_base_digest() {
+    use std::os::unix::fs::PermissionsExt;
+    let reg = kiln_integration_tests::registry();
+    // a base image of our own, so its digest can change under the same tag
+    let repo = format!("library/explain-base-{}", std::process::id());
+    let copy = |format: &str| {
+        let st = Command::new("skopeo")
+            .args([
+                "copy",
+                "-q",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+            ])
+            .args(["--format", format])
+            .arg(format!("docker://{reg}/library/busybox:latest"))
+            .arg(format!("docker://{reg}/{repo}:latest"))
+            .status()
+            .expect("skopeo");
+        assert!(st.success(), "skopeo copy");
+    };
+    copy("oci");
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let name = repo.trim_start_matches("library/");
+    let c = BuildContext::new(&format!(
+        "FROM {name}\nARG GREETING=hi\nCOPY a.txt b.txt /\nRUN echo $GREETING > /greeting && cat /a.txt /b.txt\n"
+    ))
+    .expect("ctx");
+    c.file("a.txt", "a\n").expect("write");
+    c.file("b.txt", "b\n").expect("write");
+    c.file("unread.txt", "u\n").expect("write");
+    let greet = ["--opt", "build-arg:GREETING=hello"];
+    let first = explain_build(&d, c.path(), &greet);
+    assert!(
+        misses(&first).contains("no earlier run of this step is recorded"),
+        "{first}"
+    );
+    // nothing changed: every step cached
+    let same = explain_build(&d, c.path(), &greet);
+    assert!(same.contains("Cache misses: none"), "{same}");
+    // a file the COPY reads: content
+    c.file("a.txt", "A!\n").expect("write");
+    let content = misses(&explain_build(&d, c.path(), &greet));
+    assert!(
+        content.contains("file a.txt (context): content changed"),
+        "{content}"
+    );
+    assert!(!content.contains("file b.txt"), "{content}");
+    assert!(
+        content.contains("input \"[2/3] COPY a.txt b.txt /\" changed: file a.txt"),
+        "the RUN names the COPY and why it ran:\n{content}"
+    );
+    // mode
+    std::fs::set_permissions(
+        c.path().join("b.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let mode = misses(&explain_build(&d, c.path(), &greet));
+    assert!(
+        mode.contains("file b.txt (context): mode changed: 644 -> 600"),
+        "{mode}"
+    );
+    assert!(!mode.contains("content changed"), "{mode}");
+    // a build arg
+    let arg = misses(&explain_build(
+        &d,
+        c.path(),
+        &["--opt", "build-arg:GREETING=bye"],
+    ));
+    assert!(
+        arg.contains("build arg GREETING changed: \"hello\" -> \"bye\""),
+        "{arg}"
+    );
+    assert!(
+        !arg.contains("COPY a.txt b.txt /\n"),
+        "the COPY stayed cached:\n{arg}"
+    );
+    // the base image's digest
+    copy("v2s2");
+    let base = misses(&explain_build(
+        &d,
+        c.path(),
+        &["--opt", "build-arg:GREETING=bye"],
+    ));
+    assert!(
+        base.contains(&format!(
+            "base image docker.io/{repo}:latest digest changed: sha256:"
+        )),
+        "{base}"
+    );
 }

@@ -9,6 +9,58 @@ use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Frontend attr asking kilnd for cache-miss explanations.
+const EXPLAIN_CACHE_ATTR: &str = "explain-cache";
+/// Prefix of the log lines in which kilnd explains why a step ran.
+const EXPLAIN_PREFIX: &str = "explain-cache: ";
+
+/// The explanations of a build's steps, from its progress.
+#[derive(Default)]
+struct Explanations {
+    names: BTreeMap<String, String>,
+    /// vertex digest → reasons, in the order vertices first explained
+    order: Vec<String>,
+    reasons: BTreeMap<String, Vec<String>>,
+}
+
+impl Explanations {
+    fn update(&mut self, msg: &kiln_proto::moby::buildkit::v1::StatusResponse) {
+        for v in &msg.vertexes {
+            self.names.insert(v.digest.clone(), v.name.clone());
+        }
+        for l in &msg.logs {
+            let text = String::from_utf8_lossy(&l.msg);
+            for line in text.lines() {
+                if let Some(r) = line.strip_prefix(EXPLAIN_PREFIX) {
+                    if !self.reasons.contains_key(&l.vertex) {
+                        self.order.push(l.vertex.clone());
+                    }
+                    self.reasons
+                        .entry(l.vertex.clone())
+                        .or_default()
+                        .push(r.to_string());
+                }
+            }
+        }
+    }
+
+    /// `Cache misses:` and per step that ran, its name and reasons.
+    fn render(&self) -> String {
+        if self.order.is_empty() {
+            return "Cache misses: none (every step was cached)\n".into();
+        }
+        let mut out = String::from("Cache misses:\n");
+        for d in &self.order {
+            let name = self.names.get(d).map(String::as_str).unwrap_or(d);
+            out.push_str(&format!("  {name}\n"));
+            for r in self.reasons.get(d).into_iter().flatten() {
+                out.push_str(&format!("    - {r}\n"));
+            }
+        }
+        out
+    }
+}
+
 /// gRPC trailer in which kilnd sends the source lines of a failed step.
 const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
 
@@ -32,6 +84,10 @@ pub struct BuildArgs {
     /// Do not use cached results
     #[arg(long)]
     no_cache: bool,
+    /// Say, for every step that ran again, what changed since its last run
+    /// (build arg, context file, base image digest, input step)
+    #[arg(long)]
+    explain_cache: bool,
     /// Secret exposed to the build: id=ID,src=PATH or id=ID,env=VAR (id=ID alone reads $ID)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
@@ -229,6 +285,9 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         let (k, v) = split_kv(o, "--opt")?;
         frontend_attrs.insert(k, v);
     }
+    if args.explain_cache {
+        frontend_attrs.insert(EXPLAIN_CACHE_ATTR.into(), "true".into());
+    }
     if args.no_cache {
         frontend_attrs.insert("no-cache".into(), String::new());
     }
@@ -283,6 +342,7 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
     let status_ref = build_ref.clone();
     let printer = tokio::spawn(async move {
         let mut p = Printer::new(mode);
+        let mut misses = Explanations::default();
         match status_client
             .status(StatusRequest { r#ref: status_ref })
             .await
@@ -290,12 +350,14 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
             Ok(resp) => {
                 let mut s = resp.into_inner();
                 while let Ok(Some(msg)) = s.message().await {
+                    misses.update(&msg);
                     p.update(msg);
                 }
             }
             Err(e) => eprintln!("progress unavailable: {}", e.message()),
         }
         p.finish();
+        misses
     });
 
     let req = SolveRequest {
@@ -312,7 +374,10 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         .max_encoding_message_size(64 << 20)
         .solve(req)
         .await;
-    let _ = printer.await;
+    let misses = printer.await.unwrap_or_default();
+    if args.explain_cache {
+        eprint!("{}", misses.render());
+    }
     let resp = match result {
         Ok(r) => r.into_inner(),
         Err(s) => {

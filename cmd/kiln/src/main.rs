@@ -2,6 +2,7 @@
 //! or a `buildkitd`, with `buildctl`'s flags.
 
 mod build;
+mod debug;
 mod du;
 mod progress;
 
@@ -28,16 +29,8 @@ enum Command {
     /// Show daemon and worker information
     Debug {
         #[command(subcommand)]
-        what: DebugCommand,
+        what: debug::DebugCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum DebugCommand {
-    /// List the daemon's workers
-    Workers,
-    /// Show the daemon's version
-    Info,
 }
 
 /// The daemon address: --addr, then KILN_HOST (via clap), then
@@ -55,55 +48,10 @@ async fn main() {
         Command::Build(args) => build::run(&addr, *args).await,
         Command::Du(args) => du::du(&addr, args).await,
         Command::Prune(args) => du::prune(&addr, args).await,
-        Command::Debug { what } => debug(&addr, what).await,
+        Command::Debug { what } => debug::run(&addr, what).await,
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-}
-
-async fn debug(addr: &str, what: DebugCommand) -> anyhow::Result<()> {
-    use kiln_proto::moby::buildkit::v1::{
-        InfoRequest, ListWorkersRequest, control_client::ControlClient,
-    };
-    let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
-    match what {
-        DebugCommand::Info => {
-            let v = c
-                .info(InfoRequest {})
-                .await?
-                .into_inner()
-                .buildkit_version
-                .unwrap_or_default();
-            println!("BuildKit: {} {} {}", v.package, v.version, v.revision);
-        }
-        DebugCommand::Workers => {
-            let w = c
-                .list_workers(ListWorkersRequest { filter: vec![] })
-                .await?
-                .into_inner();
-            println!("ID\tPLATFORMS");
-            for r in w.record {
-                let p: Vec<String> = r
-                    .platforms
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{}/{}{}",
-                            p.os,
-                            p.architecture,
-                            if p.variant.is_empty() {
-                                String::new()
-                            } else {
-                                format!("/{}", p.variant)
-                            }
-                        )
-                    })
-                    .collect();
-                println!("{}\t{}", r.id, p.join(","));
-            }
-        }
-    }
-    Ok(())
 }

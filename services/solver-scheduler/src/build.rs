@@ -1,6 +1,7 @@
 //! Builds: one Solve request from a client, from frontend to export.
 
 use crate::cache::{CacheStore, MemoryStore, RedbStore, unix_nanos};
+use crate::history::{HistoryRecord, steps_from_progress};
 use crate::peer::{ExportJob, Exporter, Frontend, PlatformJob, Worker};
 use crate::progress::{Progress, now};
 use crate::session::SessionManager;
@@ -48,7 +49,16 @@ pub struct Build {
     pub active: AtomicBool,
     /// results handed to the frontend, by id
     refs: Mutex<HashMap<String, String>>,
+    /// the client asked for cache-miss explanations (`explain-cache` attr)
+    pub explain: bool,
+    /// names of the build's build args
+    pub build_args: std::collections::BTreeSet<String>,
+    /// the project this build belongs to, for step identities across builds
+    scope: Mutex<String>,
 }
+
+/// Frontend attr asking for cache-miss explanations.
+pub const EXPLAIN_CACHE_ATTR: &str = "explain-cache";
 
 impl Build {
     /// A build of `req`, starting now.
@@ -62,6 +72,28 @@ impl Build {
             started: unix_nanos(),
             active: AtomicBool::new(true),
             refs: Mutex::new(HashMap::new()),
+            explain: req
+                .frontend_attrs
+                .get(EXPLAIN_CACHE_ATTR)
+                .is_some_and(|v| v != "false" && v != "0"),
+            build_args: req
+                .frontend_attrs
+                .keys()
+                .filter_map(|k| k.strip_prefix("build-arg:"))
+                .map(str::to_string)
+                .collect(),
+            scope: Mutex::new(String::new()),
+        }
+    }
+
+    /// The project identity steps of this build are recorded under.
+    pub fn scope(&self) -> String {
+        self.scope.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn set_scope(&self, scope: String) {
+        if let Ok(mut s) = self.scope.lock() {
+            *s = scope;
         }
     }
 
@@ -170,7 +202,48 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             solver: self.clone(),
             build: build.clone(),
         };
-        self.run_build(&build, &req).await
+        let r = self.run_build(&build, &req).await;
+        self.record_history(&build, &req, &r).await;
+        r
+    }
+
+    async fn record_history(
+        &self,
+        build: &Build,
+        req: &BuildRequest,
+        r: &Result<BTreeMap<String, String>, Error>,
+    ) {
+        let rec = HistoryRecord {
+            r#ref: build.id.clone(),
+            frontend: req.frontend.clone(),
+            frontend_attrs: req.frontend_attrs.clone(),
+            created: build.started,
+            completed: unix_nanos(),
+            error: r.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            exporter_response: r.as_ref().cloned().unwrap_or_default(),
+            steps: steps_from_progress(&build.progress.all()),
+        };
+        if let Err(e) = self.cache.with_store(move |s| s.put_history(&rec)).await {
+            tracing::warn!(build = %build.id, error = %e, "build history not recorded");
+        }
+    }
+
+    /// Finished builds, oldest first.
+    pub async fn history(&self) -> Result<Vec<HistoryRecord>, Error> {
+        self.cache.with_store(|s| s.list_history()).await
+    }
+
+    /// Builds running now: (ref, started unix ns).
+    pub fn active_builds(&self) -> Vec<(String, i64)> {
+        self.builds
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|b| b.active.load(Ordering::SeqCst))
+                    .map(|b| (b.id.clone(), b.started))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Unix nanoseconds before which no running build started (now when
@@ -424,6 +497,23 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         build: &Arc<Build>,
         req: &BuildRequest,
     ) -> Result<BTreeMap<String, String>, Error> {
+        // steps are recorded per project: the client's session key (its
+        // context dir), the target and the Dockerfile name
+        let shared_key = if req.session_id.is_empty() {
+            String::new()
+        } else {
+            self.sessions
+                .get(&req.session_id, Duration::from_secs(1))
+                .await
+                .map(|s| s.shared_key)
+                .unwrap_or_default()
+        };
+        let attr = |k: &str| req.frontend_attrs.get(k).cloned().unwrap_or_default();
+        build.set_scope(format!(
+            "{shared_key}\0{}\0{}",
+            attr("target"),
+            attr("filename")
+        ));
         let (definition, metadata, refs) = if req.frontend.is_empty() {
             (
                 req.definition.clone().unwrap_or_default(),

@@ -10,6 +10,8 @@
 //! [`MemoryStore`] keeps them in memory for tests.
 
 use crate::Error;
+use crate::explain::StepRecord;
+use crate::history::{HISTORY_MAX, HistoryRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -64,12 +66,27 @@ pub trait CacheStore: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<CacheRecord>, Error>;
     /// Records the measured size of record `id`.
     fn set_size(&self, id: &str, size: i64) -> Result<(), Error>;
+    /// Stores a finished build, dropping the oldest beyond [`HISTORY_MAX`].
+    fn put_history(&self, rec: &HistoryRecord) -> Result<(), Error>;
+    /// Every stored build, oldest first.
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, Error>;
+    /// What went into a step's cache key the last time it ran, by the
+    /// step's stable identity (see `explain::shape`).
+    fn put_step(&self, shape: &str, rec: &StepRecord) -> Result<(), Error>;
+    fn get_step(&self, shape: &str) -> Result<Option<StepRecord>, Error>;
+}
+
+fn oldest_first(mut v: Vec<HistoryRecord>) -> Vec<HistoryRecord> {
+    v.sort_by(|a, b| (a.created, &a.r#ref).cmp(&(b.created, &b.r#ref)));
+    v
 }
 
 /// Cache records in memory (tests, or a daemon without a state dir).
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<(BTreeMap<String, CacheRecord>, HashMap<String, String>)>,
+    history: Mutex<BTreeMap<String, HistoryRecord>>,
+    steps: Mutex<HashMap<String, StepRecord>>,
 }
 
 impl MemoryStore {
@@ -144,10 +161,42 @@ impl CacheStore for MemoryStore {
         });
         Ok(())
     }
+    fn put_history(&self, rec: &HistoryRecord) -> Result<(), Error> {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.insert(rec.r#ref.clone(), rec.clone());
+        let all = oldest_first(h.values().cloned().collect());
+        for old in all.iter().take(all.len().saturating_sub(HISTORY_MAX)) {
+            h.remove(&old.r#ref);
+        }
+        Ok(())
+    }
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, Error> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(oldest_first(h.values().cloned().collect()))
+    }
+    fn put_step(&self, shape: &str, rec: &StepRecord) -> Result<(), Error> {
+        let mut s = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        s.insert(shape.to_string(), rec.clone());
+        Ok(())
+    }
+    fn get_step(&self, shape: &str) -> Result<Option<StepRecord>, Error> {
+        let s = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(s.get(shape).cloned())
+    }
 }
 
 const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
 const KEYS: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("keys");
+const HISTORY: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("history");
+const STEPS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("steps");
+
+fn json_err(what: &str, key: &str) -> impl Fn(serde_json::Error) -> Error {
+    let id = format!("{what} {key}");
+    move |e| Error::CacheRecord {
+        id: id.clone(),
+        message: e.to_string(),
+    }
+}
 
 /// Cache records in a redb database file.
 pub struct RedbStore {
@@ -187,7 +236,37 @@ impl RedbStore {
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
         let s = RedbStore { db };
         s.write("create tables", |_, _| Ok(()))?;
+        s.aux_write("create tables", HISTORY, |_| Ok(()))?;
+        s.aux_write("create tables", STEPS, |_| Ok(()))?;
         Ok(s)
+    }
+
+    fn aux_write(
+        &self,
+        op: &'static str,
+        table: redb::TableDefinition<&str, &[u8]>,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let e = db_err(op);
+        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut t = txn.open_table(table).map_err(|x| e(x.into()))?;
+            f(&mut t)?;
+        }
+        txn.commit().map_err(|x| e(x.into()))
+    }
+
+    fn aux_read<T>(
+        &self,
+        op: &'static str,
+        table: redb::TableDefinition<&str, &[u8]>,
+        f: impl FnOnce(&redb::ReadOnlyTable<&str, &[u8]>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        use redb::ReadableDatabase;
+        let e = db_err(op);
+        let txn = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let t = txn.open_table(table).map_err(|x| e(x.into()))?;
+        f(&t)
     }
 
     fn write<T>(
@@ -325,6 +404,69 @@ impl CacheStore for RedbStore {
             Ok(())
         })
     }
+
+    fn put_history(&self, rec: &HistoryRecord) -> Result<(), Error> {
+        use redb::{ReadableTable, ReadableTableMetadata};
+        let bytes = serde_json::to_vec(rec).map_err(json_err("history", &rec.r#ref))?;
+        let e = db_err("put history");
+        self.aux_write("put history", HISTORY, |t| {
+            t.insert(rec.r#ref.as_str(), bytes.as_slice())
+                .map_err(|x| e(x.into()))?;
+            let n = t.len().map_err(|x| e(x.into()))? as usize;
+            if n > HISTORY_MAX {
+                let mut all = Vec::new();
+                for item in t.iter().map_err(|x| e(x.into()))? {
+                    let (k, v) = item.map_err(|x| e(x.into()))?;
+                    if let Ok(r) = serde_json::from_slice::<HistoryRecord>(v.value()) {
+                        all.push(r);
+                    } else {
+                        all.push(HistoryRecord {
+                            r#ref: k.value().to_string(),
+                            ..Default::default()
+                        });
+                    }
+                }
+                for old in oldest_first(all).iter().take(n - HISTORY_MAX) {
+                    t.remove(old.r#ref.as_str()).map_err(|x| e(x.into()))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, Error> {
+        use redb::ReadableTable;
+        let e = db_err("list history");
+        self.aux_read("list history", HISTORY, |t| {
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|x| e(x.into()))? {
+                let (k, v) = item.map_err(|x| e(x.into()))?;
+                out.push(
+                    serde_json::from_slice(v.value()).map_err(json_err("history", k.value()))?,
+                );
+            }
+            Ok(oldest_first(out))
+        })
+    }
+
+    fn put_step(&self, shape: &str, rec: &StepRecord) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(rec).map_err(json_err("step", shape))?;
+        let e = db_err("put step");
+        self.aux_write("put step", STEPS, |t| {
+            t.insert(shape, bytes.as_slice()).map_err(|x| e(x.into()))?;
+            Ok(())
+        })
+    }
+
+    fn get_step(&self, shape: &str) -> Result<Option<StepRecord>, Error> {
+        let e = db_err("get step");
+        self.aux_read("get step", STEPS, |t| {
+            match t.get(shape).map_err(|x| e(x.into()))? {
+                Some(v) => Ok(serde_json::from_slice(v.value()).ok()),
+                None => Ok(None),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +507,24 @@ mod tests {
             assert_eq!(s.get(k).expect("get"), None, "{k} gone with its record");
         }
         assert_eq!(s.list().expect("list").len(), 1);
+        for i in 0..HISTORY_MAX + 2 {
+            s.put_history(&HistoryRecord {
+                r#ref: format!("b{i}"),
+                created: i as i64,
+                ..Default::default()
+            })
+            .expect("history");
+        }
+        let h = s.list_history().expect("list history");
+        assert_eq!(h.len(), HISTORY_MAX, "the oldest go");
+        assert_eq!(h[0].r#ref, "b2");
+        let step = StepRecord {
+            name: "RUN x".into(),
+            ..Default::default()
+        };
+        s.put_step("shape", &step).expect("put step");
+        assert_eq!(s.get_step("shape").expect("get"), Some(step));
+        assert_eq!(s.get_step("other").expect("get"), None);
     }
 
     #[test]
@@ -386,5 +546,7 @@ mod tests {
             Some("x".to_string()),
             "records survive a reopen"
         );
+        assert_eq!(s.list_history().expect("history").len(), HISTORY_MAX);
+        assert!(s.get_step("shape").expect("step").is_some());
     }
 }

@@ -12,7 +12,9 @@
 
 pub mod build;
 pub mod cache;
+pub mod explain;
 pub mod grpc;
+pub mod history;
 pub mod peer;
 pub mod progress;
 pub mod session;

@@ -58,6 +58,13 @@ pub trait Worker: Send + Sync + 'static {
         r: &str,
         selectors: &[Selector],
     ) -> impl Future<Output = Result<String, Error>> + Send;
+    /// Every entry `selectors` reach in ref `r`, with content digest, mode
+    /// and owner (for cache-miss explanations).
+    fn path_entries(
+        &self,
+        r: &str,
+        selectors: &[Selector],
+    ) -> impl Future<Output = Result<Vec<PathEntry>, Error>> + Send;
     /// Whether each ref (with its parent chain) is still held.
     fn exists(&self, refs: &[String]) -> impl Future<Output = Result<Vec<bool>, Error>> + Send;
     /// Disk usage of the given snapshots (all when empty).
@@ -76,6 +83,16 @@ pub struct Selector {
     pub path: String,
     pub wildcard: bool,
     pub follow_links: bool,
+}
+
+/// A file, directory or symlink an op reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathEntry {
+    pub path: String,
+    pub content: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// One snapshot's disk usage.

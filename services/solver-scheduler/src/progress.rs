@@ -60,6 +60,11 @@ impl Progress {
         });
     }
 
+    /// Every response so far.
+    pub fn all(&self) -> Vec<StatusResponse> {
+        self.state.lock().map(|s| s.0.clone()).unwrap_or_default()
+    }
+
     pub fn close(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.1 = true;

@@ -10,6 +10,7 @@
 use crate::Error;
 use crate::build::Build;
 use crate::cache::{CacheRecord, CacheStore, unix_nanos};
+use crate::explain::{FileFact, InputRecord, StepRecord};
 use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
 use crate::progress::now;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -144,6 +145,8 @@ impl Cache {
 pub struct Done {
     pub outputs: RunOutputs,
     pub keys: Vec<String>,
+    /// why the step ran in this build (empty when cached)
+    pub why: Vec<String>,
 }
 
 impl Done {
@@ -209,6 +212,9 @@ pub fn source_snippet(graph: &kiln_llb::Graph, digest: &str) -> Option<String> {
     out.push_str("--------------------");
     Some(out)
 }
+
+/// Prefix of the log lines that explain why a step ran (`--explain-cache`).
+pub const EXPLAIN_PREFIX: &str = "explain-cache: ";
 
 type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
 
@@ -362,6 +368,11 @@ struct Step<W> {
     key: String,
     snippet: Option<String>,
     pv: ProgressVertex,
+    /// the step's identity across builds (cache-miss explanations)
+    shape: String,
+    /// per input: name of the step that produced it, whether that is a
+    /// local source, and its first reason for running in this build
+    input_from: Vec<(String, bool, Option<String>)>,
 }
 
 impl<W: Worker> Step<W> {
@@ -456,8 +467,75 @@ impl<W: Worker> Step<W> {
                     content_keys: vec![],
                 },
                 keys: rec.output_keys,
+                why: vec![],
             }),
             cached: true,
+        }
+    }
+
+    /// What went into this step's cache key (see [`crate::explain`]); the
+    /// files it reads are listed only when the build asked for explanations.
+    async fn step_record(&self) -> StepRecord {
+        let sels = input_selectors(&self.op);
+        let mut inputs = Vec::new();
+        for (i, ((r, key), sel)) in self.inputs.iter().zip(sels).enumerate() {
+            let (from, from_local) = self
+                .input_from
+                .get(i)
+                .map(|x| (x.0.clone(), x.1))
+                .unwrap_or_default();
+            let content = sel
+                .as_ref()
+                .filter(|_| !r.is_empty())
+                .and_then(|s| self.cache.memo(r, s));
+            let list = sel.or_else(|| {
+                from_local.then(|| {
+                    vec![Selector {
+                        path: "/".into(),
+                        wildcard: false,
+                        follow_links: false,
+                    }]
+                })
+            });
+            let files = match list {
+                Some(sel) if self.build.explain && !r.is_empty() => {
+                    match self.worker.path_entries(r, &sel).await {
+                        Ok(entries) => Some(
+                            entries
+                                .into_iter()
+                                .map(|e| {
+                                    (
+                                        e.path,
+                                        FileFact {
+                                            content: e.content,
+                                            mode: e.mode,
+                                            uid: e.uid,
+                                            gid: e.gid,
+                                        },
+                                    )
+                                })
+                                .collect(),
+                        ),
+                        Err(e) => {
+                            tracing::warn!(vertex = %self.digest, error = %e, "paths not listed");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            inputs.push(InputRecord {
+                key: key.clone(),
+                from,
+                content,
+                files,
+            });
+        }
+        StepRecord {
+            name: self.name.clone(),
+            op: crate::explain::op_facts(&self.op),
+            inputs,
+            build_args: self.build.build_args.clone(),
         }
     }
 
@@ -491,6 +569,36 @@ impl<W: Worker> Step<W> {
         }
         let build = self.build.clone();
         build.progress.vertex(self.pv.clone());
+        let local = is_local_source(&self.op);
+        let (record, why) = if local {
+            (None, vec![])
+        } else {
+            let rec = self.step_record().await;
+            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+            let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            let mut why = if self.lookup {
+                crate::explain::explain(prev.as_ref(), &rec, &|i| {
+                    self.input_from.get(i).and_then(|x| x.2.clone())
+                })
+            } else {
+                vec!["cache lookups are off (--no-cache or ignore-cache)".to_string()]
+            };
+            if self.build.explain {
+                for w in &why {
+                    build.progress.log(
+                        &self.digest,
+                        2,
+                        format!("{EXPLAIN_PREFIX}{w}\n").into_bytes(),
+                    );
+                }
+            }
+            why.truncate(1);
+            (Some(rec), why)
+        };
         let vdigest = self.digest.clone();
         let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
             RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
@@ -528,8 +636,15 @@ impl<W: Worker> Step<W> {
                 Error::Vertex { message, code, .. } => self.fail(message, code),
                 other => self.fail(other.to_string(), tonic::Code::Unknown),
             })?;
+        if let Some(rec) = record {
+            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
+            {
+                tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
+            }
+        }
         let base = content_key.clone().unwrap_or_else(|| self.key.clone());
-        let local = is_local_source(&self.op);
         let keys: Vec<String> = (0..outputs.refs.len())
             .map(
                 |i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
@@ -561,7 +676,7 @@ impl<W: Worker> Step<W> {
             }
         }
         Ok(Outcome {
-            done: Arc::new(Done { outputs, keys }),
+            done: Arc::new(Done { outputs, keys, why }),
             cached: false,
         })
     }
@@ -585,8 +700,40 @@ pub async fn solve<W: Worker>(
         .iter()
         .filter_map(|v| source_snippet(&graph, &v.digest).map(|s| (v.digest.clone(), s)))
         .collect();
+    let scope = build.scope();
+    let names: HashMap<String, (String, bool)> = graph
+        .vertices
+        .iter()
+        .map(|v| {
+            // a local source is named by its local dir ("context")
+            let name = match &v.op.op {
+                Some(OpKind::Source(s)) if is_local_source(&v.op) => {
+                    s.identifier.trim_start_matches("local://").to_string()
+                }
+                _ => vertex_name(&v.op, &v.metadata),
+            };
+            (v.digest.clone(), (name, is_local_source(&v.op)))
+        })
+        .collect();
+    let shapes: HashMap<String, String> = graph
+        .vertices
+        .iter()
+        .map(|v| {
+            let name = names.get(&v.digest).map(|n| n.0.as_str()).unwrap_or("");
+            (
+                v.digest.clone(),
+                crate::explain::shape(&scope, &graph, &v.digest, &v.op, name),
+            )
+        })
+        .collect();
     for v in graph.vertices {
         let snippet = snippets.get(&v.digest).cloned();
+        let shape = shapes.get(&v.digest).cloned().unwrap_or_default();
+        let input_names: Vec<(String, bool)> =
+            v.op.inputs
+                .iter()
+                .map(|i| names.get(&i.digest).cloned().unwrap_or_default())
+                .collect();
         let inputs: Vec<(VertexFuture, i64)> =
             v.op.inputs
                 .iter()
@@ -604,14 +751,19 @@ pub async fn solve<W: Worker>(
         let fut = async move {
             let name = vertex_name(&v.op, &v.metadata);
             let mut done_inputs = Vec::new();
-            for r in futures::future::join_all(inputs.iter().map(|(f, idx)| {
+            let mut input_from = Vec::new();
+            for (r, (from, local)) in futures::future::join_all(inputs.iter().map(|(f, idx)| {
                 let f = f.clone();
                 let idx = *idx;
-                async move { f.await.map(|d| d.output(idx)) }
+                async move { f.await.map(|d| (d.output(idx), d.why.first().cloned())) }
             }))
             .await
+            .into_iter()
+            .zip(input_names)
             {
-                done_inputs.push(r?);
+                let (out, why) = r?;
+                done_inputs.push(out);
+                input_from.push((from, local, why));
             }
             let input_digests: Vec<String> = v.op.inputs.iter().map(|i| i.digest.clone()).collect();
             let def_key = definition_key(&v.op);
@@ -645,6 +797,8 @@ pub async fn solve<W: Worker>(
                 key: key.clone(),
                 snippet: snippet.clone(),
                 pv: pv.clone(),
+                shape,
+                input_from,
             };
             // identical vertices of concurrent builds run once; vertices
             // that must not be shared run in this build's own task
@@ -758,6 +912,25 @@ mod tests {
                 .map(|s| format!("{}={:?}", s.path, files.get(&s.path)))
                 .collect();
             Ok(sha(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
+        }
+        async fn path_entries(
+            &self,
+            _r: &str,
+            selectors: &[Selector],
+        ) -> Result<Vec<crate::peer::PathEntry>, Error> {
+            let files = self.files.lock().expect("lock");
+            Ok(selectors
+                .iter()
+                .filter_map(|s| {
+                    files.get(&s.path).map(|c| crate::peer::PathEntry {
+                        path: s.path.clone(),
+                        content: c.clone(),
+                        mode: 0o100644,
+                        uid: 0,
+                        gid: 0,
+                    })
+                })
+                .collect())
         }
         async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
             let held = self.refs.lock().expect("lock");
@@ -987,6 +1160,60 @@ mod tests {
             "the shared RUN was not stopped"
         );
         assert_eq!(w.runs().iter().filter(|r| *r == "run").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn explanations_name_the_changed_file_and_pass_it_downstream() {
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let def = copy_then_run("cat /a.txt");
+        let explaining = || {
+            Arc::new(Build::new(
+                &BuildRequest {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    frontend_attrs: [(
+                        crate::build::EXPLAIN_CACHE_ATTR.to_string(),
+                        "true".to_string(),
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                false,
+            ))
+        };
+        let lines = |b: &Build| -> Vec<String> {
+            b.progress
+                .all()
+                .iter()
+                .flat_map(|m| m.logs.iter())
+                .map(|l| String::from_utf8_lossy(&l.msg).trim_end().to_string())
+                .filter(|l| l.starts_with(EXPLAIN_PREFIX))
+                .collect()
+        };
+        let first = explaining();
+        solve(w.clone(), cache.clone(), first.clone(), &def)
+            .await
+            .expect("solve");
+        assert!(
+            lines(&first)
+                .iter()
+                .all(|l| l.ends_with("no earlier run of this step is recorded")),
+            "{:?}",
+            lines(&first)
+        );
+        w.set("/a.txt", "changed");
+        let second = explaining();
+        solve(w.clone(), cache.clone(), second.clone(), &def)
+            .await
+            .expect("solve");
+        assert_eq!(
+            lines(&second),
+            [
+                "explain-cache: file a.txt (context): content changed",
+                "explain-cache: input \"copy\" changed: file a.txt (context): content changed"
+            ]
+        );
     }
 
     #[tokio::test]

@@ -142,7 +142,121 @@ impl SnapshotUsage {
     }
 }
 
+/// One entry an op reads (see [`Worker::path_entries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathEntry {
+    pub path: String,
+    pub content: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn file_digest(p: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).map_err(Error::io("open", p))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io("read", p))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Every entry under `root` that `selectors` reach (a wildcard matches
+/// against paths under root), with content digests. Never leaves `root`.
+pub fn entries_under(
+    root: &Path,
+    selectors: &[crate::contenthash::Selector],
+) -> Result<Vec<PathEntry>> {
+    let mut out = std::collections::BTreeMap::new();
+    for sel in selectors {
+        let full = if sel.path.starts_with('/') {
+            sel.path.clone()
+        } else {
+            format!("/{}", sel.path)
+        };
+        let starts: Vec<String> = if sel.wildcard && full.contains(['*', '?', '[']) {
+            let m = globset::GlobBuilder::new(&full)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::InvalidOp(format!("pattern {full:?}: {e}")))?
+                .compile_matcher();
+            walkdir::WalkDir::new(root)
+                .min_depth(1)
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let rel = e.path().strip_prefix(root).ok()?;
+                    let p = format!("/{}", rel.to_string_lossy());
+                    m.is_match(&p).then_some(p)
+                })
+                .collect()
+        } else {
+            vec![full]
+        };
+        for start in starts {
+            let Ok(p) = crate::rootpath::resolve(root, &start, sel.follow_links) else {
+                continue;
+            };
+            if p.symlink_metadata().is_err() {
+                continue;
+            }
+            for e in walkdir::WalkDir::new(&p).into_iter().filter_map(|e| e.ok()) {
+                let Ok(md) = e.path().symlink_metadata() else {
+                    continue;
+                };
+                let rel = e.path().strip_prefix(root).unwrap_or(e.path());
+                let path = format!("/{}", rel.to_string_lossy());
+                let content = if md.file_type().is_file() {
+                    file_digest(e.path())?
+                } else if md.file_type().is_symlink() {
+                    std::fs::read_link(e.path())
+                        .map(|t| format!("link:{}", t.to_string_lossy()))
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                out.insert(
+                    path.clone(),
+                    PathEntry {
+                        path,
+                        content,
+                        mode: md.mode(),
+                        uid: md.uid(),
+                        gid: md.gid(),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
 impl Worker {
+    /// The entries of ref `r` that `selectors` reach, each with its content
+    /// digest, mode and owner: what a cache-miss explanation compares.
+    pub async fn path_entries(
+        &self,
+        r: Option<&str>,
+        selectors: Vec<crate::contenthash::Selector>,
+    ) -> Result<Vec<PathEntry>> {
+        let top = r.map(str::to_string);
+        let store = self.store().clone();
+        tokio::task::spawn_blocking(move || {
+            let m = store.mount_ro(top.as_deref())?;
+            let entries = entries_under(m.path(), &selectors);
+            m.unmount()?;
+            entries
+        })
+        .await?
+    }
+
     /// Whether each ref and its whole parent chain are committed here.
     pub fn exists(&self, refs: &[String]) -> Vec<bool> {
         refs.iter()
@@ -391,6 +505,40 @@ mod tests {
         let all = w.prune(&[], 0).await.expect("prune all");
         assert_eq!(all.snapshots.len(), 2);
         assert_eq!(w.exists(&[kept]), [false]);
+    }
+
+    #[test]
+    fn entries_list_what_selectors_reach_with_content_mode_and_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let r = tmp.path();
+        std::fs::create_dir_all(r.join("src/sub")).expect("mkdir");
+        std::fs::write(r.join("src/a.txt"), "a").expect("write");
+        std::fs::write(r.join("src/sub/b.txt"), "b").expect("write");
+        std::fs::write(r.join("other.txt"), "o").expect("write");
+        std::fs::set_permissions(r.join("src/a.txt"), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let sel = |p: &str, wildcard: bool| crate::contenthash::Selector {
+            path: p.into(),
+            wildcard,
+            follow_links: false,
+        };
+        let e = super::entries_under(r, &[sel("/src", false)]).expect("entries");
+        let paths: Vec<&str> = e.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(paths, ["/src", "/src/a.txt", "/src/sub", "/src/sub/b.txt"]);
+        let a = &e[1];
+        assert_eq!(a.mode & 0o777, 0o600);
+        assert!(a.content.starts_with("sha256:ca978112"), "{a:?}");
+        let w = super::entries_under(r, &[sel("/*.txt", true)]).expect("entries");
+        assert_eq!(
+            w.iter().map(|x| x.path.as_str()).collect::<Vec<_>>(),
+            ["/other.txt"]
+        );
+        assert!(
+            super::entries_under(r, &[sel("/missing", false)])
+                .expect("entries")
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -2,8 +2,8 @@
 
 use crate::Error;
 use crate::peer::{
-    self, ExportJob, FrontendOutput, ResolvedImage, RunEvent, RunOp, RunOutputs, Selector,
-    SnapshotUsage, WorkerUsage,
+    self, ExportJob, FrontendOutput, PathEntry, ResolvedImage, RunEvent, RunOp, RunOutputs,
+    Selector, SnapshotUsage, WorkerUsage,
 };
 use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
 use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
@@ -110,17 +110,7 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
-        let mut req = tonic::Request::new(wk::ChecksumRequest {
-            r#ref: r.to_string(),
-            selectors: selectors
-                .iter()
-                .map(|s| wk::ChecksumSelector {
-                    path: s.path.clone(),
-                    wildcard: s.wildcard,
-                    follow_links: s.follow_links,
-                })
-                .collect(),
-        });
+        let mut req = tonic::Request::new(checksum_request(r, selectors, false));
         req.set_timeout(Duration::from_secs(600));
         let resp = self
             .client
@@ -129,6 +119,29 @@ impl peer::Worker for GrpcWorker {
             .await
             .map_err(|s| Error::Worker(format!("checksum {r}: {}", s.message())))?;
         Ok(resp.into_inner().digest)
+    }
+
+    async fn path_entries(&self, r: &str, selectors: &[Selector]) -> Result<Vec<PathEntry>, Error> {
+        let mut req = tonic::Request::new(checksum_request(r, selectors, true));
+        req.set_timeout(Duration::from_secs(600));
+        let resp = self
+            .client
+            .clone()
+            .checksum(req)
+            .await
+            .map_err(|s| Error::Worker(format!("list paths of {r}: {}", s.message())))?;
+        Ok(resp
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| PathEntry {
+                path: e.path,
+                content: e.content,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+            })
+            .collect())
     }
 
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
@@ -339,5 +352,20 @@ impl peer::Exporter for GrpcExporter {
             exporter,
             message: "exporter ended without a result".into(),
         })
+    }
+}
+
+fn checksum_request(r: &str, selectors: &[Selector], entries: bool) -> wk::ChecksumRequest {
+    wk::ChecksumRequest {
+        r#ref: r.to_string(),
+        selectors: selectors
+            .iter()
+            .map(|s| wk::ChecksumSelector {
+                path: s.path.clone(),
+                wildcard: s.wildcard,
+                follow_links: s.follow_links,
+            })
+            .collect(),
+        entries,
     }
 }

@@ -1,8 +1,11 @@
 //! Conversions between generated types and the solver's domain types.
 
 use crate::build::{BuildRequest, ExporterSpec};
+use crate::history::HistoryRecord;
 use crate::usage::{Filter, PruneOptions, UsageItem};
-use kiln_proto::moby::buildkit::v1::{PruneRequest, SolveRequest, UsageRecord};
+use kiln_proto::moby::buildkit::v1::{
+    BuildHistoryRecord, BuildHistoryStep, HistoryError, PruneRequest, SolveRequest, UsageRecord,
+};
 
 pub fn build_request(r: SolveRequest) -> BuildRequest {
     let mut exporters: Vec<ExporterSpec> = r
@@ -30,7 +33,7 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
     }
 }
 
-fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
+pub fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: unix_nanos.div_euclid(1_000_000_000),
         nanos: unix_nanos.rem_euclid(1_000_000_000) as i32,
@@ -69,4 +72,38 @@ pub fn prune_options(r: &PruneRequest) -> Result<PruneOptions, crate::Error> {
             .then(|| std::time::Duration::from_nanos(r.keep_duration as u64)),
         keep_bytes: limit,
     })
+}
+
+/// A finished build as BuildKit's `BuildHistoryRecord` (with kiln's steps).
+pub fn history_record(h: &HistoryRecord) -> BuildHistoryRecord {
+    let ts = |n: i64| (n > 0).then(|| timestamp(n));
+    BuildHistoryRecord {
+        r#ref: h.r#ref.clone(),
+        frontend: h.frontend.clone(),
+        frontend_attrs: h.frontend_attrs.clone(),
+        error: (!h.error.is_empty()).then(|| HistoryError {
+            code: tonic::Code::Unknown as i32,
+            message: h.error.clone(),
+        }),
+        created_at: ts(h.created),
+        completed_at: ts(h.completed),
+        exporter_response: h.exporter_response.clone(),
+        generation: 0,
+        pinned: false,
+        num_cached_steps: h.cached_steps() as i32,
+        num_total_steps: h.steps.len() as i32,
+        num_completed_steps: h.completed_steps() as i32,
+        kiln_steps: h
+            .steps
+            .iter()
+            .map(|s| BuildHistoryStep {
+                digest: s.digest.clone(),
+                name: s.name.clone(),
+                cached: s.cached,
+                started: ts(s.started),
+                completed: ts(s.completed),
+                error: s.error.clone(),
+            })
+            .collect(),
+    }
 }

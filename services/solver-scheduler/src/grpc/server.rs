@@ -88,6 +88,52 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         Ok(Response::new(Box::pin(futures::stream::iter(out))))
     }
 
+    type ListenBuildHistoryStream = BoxStream<ctl::BuildHistoryEvent>;
+    /// Sends the running builds (`ActiveOnly`: STARTED events) or the
+    /// finished ones (COMPLETE events, oldest first; one with `Ref`), then
+    /// ends the stream.
+    async fn listen_build_history(
+        &self,
+        r: Request<ctl::BuildHistoryRequest>,
+    ) -> Result<Response<Self::ListenBuildHistoryStream>, Status> {
+        let r = r.into_inner();
+        let events: Vec<Result<ctl::BuildHistoryEvent, Status>> = if r.active_only {
+            self.solver
+                .active_builds()
+                .into_iter()
+                .filter(|(id, _)| r.r#ref.is_empty() || *id == r.r#ref)
+                .map(|(id, started)| {
+                    Ok(ctl::BuildHistoryEvent {
+                        r#type: ctl::BuildHistoryEventType::Started as i32,
+                        record: Some(ctl::BuildHistoryRecord {
+                            r#ref: id,
+                            created_at: Some(convert::timestamp(started)),
+                            ..Default::default()
+                        }),
+                    })
+                })
+                .collect()
+        } else {
+            let all = self.solver.history().await.map_err(Status::from)?;
+            if !r.r#ref.is_empty() && !all.iter().any(|h| h.r#ref == r.r#ref) {
+                return Err(Status::not_found(format!(
+                    "no build {:?} in the history",
+                    r.r#ref
+                )));
+            }
+            all.iter()
+                .filter(|h| r.r#ref.is_empty() || h.r#ref == r.r#ref)
+                .map(|h| {
+                    Ok(ctl::BuildHistoryEvent {
+                        r#type: ctl::BuildHistoryEventType::Complete as i32,
+                        record: Some(convert::history_record(h)),
+                    })
+                })
+                .collect()
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter(events))))
+    }
+
     async fn solve(
         &self,
         request: Request<ctl::SolveRequest>,

@@ -197,12 +197,27 @@ impl wpb::worker_server::Worker for WorkerService {
                 wildcard: s.wildcard,
                 follow_links: s.follow_links,
             })
-            .collect();
-        let digest = self
-            .core
-            .checksum(convert::ref_from_wire(&req.r#ref).as_deref(), selectors)
-            .await?;
-        Ok(Response::new(wpb::ChecksumResponse { digest }))
+            .collect::<Vec<_>>();
+        let r = convert::ref_from_wire(&req.r#ref);
+        let entries = if req.entries {
+            let e = self
+                .core
+                .path_entries(r.as_deref(), selectors.clone())
+                .await?;
+            e.into_iter()
+                .map(|e| wpb::PathEntry {
+                    path: e.path,
+                    content: e.content,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        let digest = self.core.checksum(r.as_deref(), selectors).await?;
+        Ok(Response::new(wpb::ChecksumResponse { digest, entries }))
     }
 
     async fn exists(

@@ -1,0 +1,222 @@
+//! `kiln debug`: daemon information and build history.
+//!
+//! The history comes from `Control.ListenBuildHistory` (BuildKit's RPC);
+//! the per-step detail of `kiln debug history REF` is kiln's extension of
+//! the record (`kilnSteps`), empty from a BuildKit daemon.
+
+use anyhow::Context;
+use clap::Subcommand;
+use kiln_proto::moby::buildkit::v1::{
+    BuildHistoryRecord, BuildHistoryRequest, InfoRequest, ListWorkersRequest,
+    control_client::ControlClient,
+};
+
+#[derive(Subcommand)]
+pub enum DebugCommand {
+    /// List the daemon's workers
+    Workers,
+    /// Show the daemon's version
+    Info,
+    /// List past builds: ref, start, duration, status, steps (total, cached, failed)
+    Histories,
+    /// Show one past build's steps, cached or how long each took
+    History {
+        /// the build's ref (a unique prefix is enough)
+        r#ref: String,
+    },
+}
+
+fn nanos(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map(|t| t.seconds * 1_000_000_000 + i64::from(t.nanos))
+        .unwrap_or(0)
+}
+
+/// `1.2s`, `3m4s`.
+pub fn duration(ns: i64) -> String {
+    let s = ns.max(0) as f64 / 1e9;
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else {
+        format!("{}m{}s", (s / 60.0) as i64, (s % 60.0) as i64)
+    }
+}
+
+/// `2026-11-27T05:40:28Z` (UTC).
+pub fn rfc3339(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // civil-from-days (proleptic Gregorian)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn status(r: &BuildHistoryRecord) -> &'static str {
+    match (&r.error, r.completed_at.is_some()) {
+        (Some(_), _) => "Error",
+        (None, true) => "Completed",
+        (None, false) => "Running",
+    }
+}
+
+async fn records(addr: &str, req: BuildHistoryRequest) -> anyhow::Result<Vec<BuildHistoryRecord>> {
+    let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+    let mut s = c
+        .listen_build_history(req)
+        .await
+        .context("build history")?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(ev) = s.message().await.context("build history")? {
+        out.extend(ev.record);
+    }
+    Ok(out)
+}
+
+pub async fn run(addr: &str, what: DebugCommand) -> anyhow::Result<()> {
+    match what {
+        DebugCommand::Info => {
+            let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+            let v = c
+                .info(InfoRequest {})
+                .await?
+                .into_inner()
+                .buildkit_version
+                .unwrap_or_default();
+            println!("BuildKit: {} {} {}", v.package, v.version, v.revision);
+        }
+        DebugCommand::Workers => {
+            let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+            let w = c
+                .list_workers(ListWorkersRequest { filter: vec![] })
+                .await?
+                .into_inner();
+            println!("ID\tPLATFORMS");
+            for r in w.record {
+                let p: Vec<String> = r
+                    .platforms
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}/{}{}",
+                            p.os,
+                            p.architecture,
+                            if p.variant.is_empty() {
+                                String::new()
+                            } else {
+                                format!("/{}", p.variant)
+                            }
+                        )
+                    })
+                    .collect();
+                println!("{}\t{}", r.id, p.join(","));
+            }
+        }
+        DebugCommand::Histories => {
+            let mut all = records(addr, BuildHistoryRequest::default()).await?;
+            all.extend(
+                records(
+                    addr,
+                    BuildHistoryRequest {
+                        active_only: true,
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            );
+            println!(
+                "{:<32}  {:<20}  {:>9}  {:<9}  {:>5}  {:>6}  {:>6}",
+                "REF", "STARTED", "DURATION", "STATUS", "STEPS", "CACHED", "FAILED"
+            );
+            for r in all.iter().rev() {
+                let (c, d) = (nanos(r.created_at.as_ref()), nanos(r.completed_at.as_ref()));
+                let failed = r.kiln_steps.iter().filter(|s| !s.error.is_empty()).count();
+                println!(
+                    "{:<32}  {:<20}  {:>9}  {:<9}  {:>5}  {:>6}  {:>6}",
+                    r.r#ref,
+                    rfc3339(c),
+                    if d > 0 { duration(d - c) } else { "-".into() },
+                    status(r),
+                    r.num_total_steps,
+                    r.num_cached_steps,
+                    failed
+                );
+            }
+        }
+        DebugCommand::History { r#ref } => {
+            let all = records(addr, BuildHistoryRequest::default()).await?;
+            let found: Vec<&BuildHistoryRecord> =
+                all.iter().filter(|r| r.r#ref.starts_with(&r#ref)).collect();
+            let r = match found.as_slice() {
+                [one] => *one,
+                [] => anyhow::bail!("no build {ref:?} in the history"),
+                _ => anyhow::bail!(
+                    "{ref:?} matches {} builds; give more of the ref",
+                    found.len()
+                ),
+            };
+            let (c, d) = (nanos(r.created_at.as_ref()), nanos(r.completed_at.as_ref()));
+            println!("Ref:\t\t{}", r.r#ref);
+            println!("Frontend:\t{}", r.frontend);
+            println!("Started:\t{}", rfc3339(c));
+            println!("Duration:\t{}", duration(d - c));
+            println!("Status:\t\t{}", status(r));
+            if let Some(e) = &r.error {
+                println!("Error:\t\t{}", e.message);
+            }
+            println!(
+                "Steps:\t\t{} ({} cached)",
+                r.num_total_steps, r.num_cached_steps
+            );
+            if let Some(digest) = r.exporter_response.get("containerimage.digest") {
+                println!("Image:\t\t{digest}");
+            }
+            println!();
+            for (i, s) in r.kiln_steps.iter().enumerate() {
+                let state = if !s.error.is_empty() {
+                    format!("ERROR: {}", s.error)
+                } else if s.cached {
+                    "CACHED".to_string()
+                } else {
+                    let (a, b) = (nanos(s.started.as_ref()), nanos(s.completed.as_ref()));
+                    if b > 0 {
+                        format!("DONE {}", duration(b - a))
+                    } else {
+                        "INCOMPLETE".to_string()
+                    }
+                };
+                println!("#{} {}\t{}", i + 1, s.name, state);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_rfc3339_and_durations() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(1_795_000_000 * 1_000_000_000),
+            "2026-11-18T11:06:40Z"
+        );
+        assert_eq!(duration(1_250_000_000), "1.2s");
+        assert_eq!(duration(185 * 1_000_000_000), "3m5s");
+    }
+}
