@@ -450,3 +450,199 @@ fn explain_cache_names_the_changed_file_mode_build_arg_and_base_digest() {
         "{base}"
     );
 }
+
+/// An all-in-one kilnd on a state dir that outlives it (to restart it).
+struct Restartable {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Restartable {
+    fn start() -> Restartable {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-admin-it-")
+            .tempdir()
+            .expect("tmp");
+        let reg = kiln_integration_tests::registry();
+        std::fs::write(
+            dir.path().join("kilnd.toml"),
+            format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"),
+        )
+        .expect("config");
+        let mut r = Restartable { dir, child: None };
+        r.spawn();
+        r
+    }
+
+    fn addr(&self) -> String {
+        format!("unix://{}", self.dir.path().join("k.sock").display())
+    }
+
+    fn spawn(&mut self) {
+        let sock = self.dir.path().join("k.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = self.dir.path().join("kilnd.log");
+        let mut child = Command::new(kiln_integration_tests::bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(self.dir.path().join("kilnd.toml"))
+            .arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--addr")
+            .arg(self.addr())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("kilnd");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                child.try_wait().ok().flatten().is_none(),
+                "kilnd exited: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "kilnd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+    }
+
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    fn kiln(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+            .arg("--addr")
+            .arg(self.addr())
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("kiln")
+    }
+}
+
+impl Drop for Restartable {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
+
+#[test]
+fn build_history_lists_builds_with_their_steps_across_a_restart() {
+    let mut d = Restartable::start();
+    let c = BuildContext::new("").expect("ctx");
+    c.file("ok.Dockerfile", "FROM busybox\nRUN echo hist > /h\n")
+        .expect("write");
+    c.file("bad.Dockerfile", "FROM busybox\nRUN false\n")
+        .expect("write");
+    let build = |d: &Restartable, file: &str| {
+        let mut args = vec!["build", "--progress", "plain"];
+        args.extend(dockerfile_args());
+        args.extend(["--opt", file]);
+        d.kiln(c.path(), &args)
+    };
+    for _ in 0..2 {
+        let out = build(&d, "filename=ok.Dockerfile");
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let bad = build(&d, "filename=bad.Dockerfile");
+    assert!(!bad.status.success());
+    d.restart();
+    let out = d.kiln(c.path(), &["debug", "histories"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<Vec<String>> = listing
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{listing}");
+    // newest first: REF STARTED DURATION STATUS STEPS CACHED FAILED
+    let col = |r: &[String], i: usize| r.get(i).cloned().unwrap_or_default();
+    assert_eq!(col(&rows[0], 3), "Error", "{listing}");
+    assert_eq!(col(&rows[0], 6), "1", "one failed step:\n{listing}");
+    assert_eq!(col(&rows[1], 3), "Completed", "{listing}");
+    let cached = |r: &[String]| col(r, 5).parse::<u32>().expect("cached");
+    let total = |r: &[String]| col(r, 4).parse::<u32>().expect("steps");
+    assert!(cached(&rows[1]) >= 2, "the rebuild was cached:\n{listing}");
+    assert!(
+        cached(&rows[2]) < total(&rows[2]) && cached(&rows[2]) < cached(&rows[1]),
+        "{listing}"
+    );
+    let detail = |r: &str| {
+        let out = d.kiln(c.path(), &["debug", "history", r]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let second = detail(&col(&rows[1], 0));
+    assert!(
+        second
+            .lines()
+            .any(|l| l.contains("RUN echo hist") && l.ends_with("CACHED")),
+        "{second}"
+    );
+    let first = detail(&col(&rows[2], 0));
+    assert!(
+        first
+            .lines()
+            .any(|l| l.contains("RUN echo hist") && l.contains("DONE")),
+        "{first}"
+    );
+    let failed = detail(&col(&rows[0], 0));
+    assert!(
+        failed
+            .lines()
+            .any(|l| l.contains("RUN false") && l.contains("ERROR")),
+        "{failed}"
+    );
+    let unknown = d.kiln(c.path(), &["debug", "history", "nope"]);
+    assert!(!unknown.status.success());
+}
+
+#[test]
+fn ten_concurrent_identical_builds_run_the_step_once() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c =
+        BuildContext::new("FROM busybox\nRUN sleep 1 && echo ten-way-$((40+2))\n").expect("ctx");
+    // pull the base first so every build reaches the RUN together
+    build(
+        &d,
+        BuildContext::new("FROM busybox\nRUN true\n")
+            .expect("ctx")
+            .path(),
+        &[],
+    );
+    let mut args: Vec<&str> = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| s.spawn(|| d.kiln(c.path(), &args).expect("kiln")))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("join")).collect()
+    });
+    for o in &outs {
+        assert!(o.status.success(), "{}\n{}", text(o), d.logs());
+    }
+    let ran = outs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("ten-way-42"))
+        .count();
+    assert_eq!(ran, 1, "exactly one build ran the step");
+}
