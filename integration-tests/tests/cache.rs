@@ -525,15 +525,16 @@ fn kill_9_at_many_moments_leaves_a_consistent_cache() {
     c.file("a.txt", "a\n").expect("write");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
-    // kill the daemon at different points of the build, from the start to the last step
-    for i in 0..8u64 {
+    // kill the daemon at different points of the build, from the start to
+    // the last step, twenty times (issue 6)
+    for i in 0..20u64 {
         let mut client = d
             .kiln(c.path(), &args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("kiln");
-        std::thread::sleep(Duration::from_millis(150 + i * 150));
+        std::thread::sleep(Duration::from_millis(150 + (i % 10) * 120));
         d.restart(false);
         let _ = client.kill();
         let _ = client.wait();
