@@ -272,10 +272,20 @@ fn definition_key(op: &pb::Op) -> String {
     use prost::Message;
     let mut op = op.clone();
     op.inputs.iter_mut().for_each(|i| i.digest.clear());
-    if let Some(OpKind::Source(s)) = &mut op.op {
-        for k in ["local.session", "local.unique", "local.sharedkeyhint"] {
-            s.attrs.remove(k);
+    match &mut op.op {
+        Some(OpKind::Source(s)) => {
+            for k in ["local.session", "local.unique", "local.sharedkeyhint"] {
+                s.attrs.remove(k);
+            }
         }
+        // proxy settings say how to reach the network, not what the step
+        // produces: changing them re-runs nothing
+        Some(OpKind::Exec(e)) => {
+            if let Some(m) = e.meta.as_mut() {
+                m.proxy_env = None;
+            }
+        }
+        _ => {}
     }
     sha(&[&hex_encode(&op.encode_to_vec())])
 }
@@ -1276,5 +1286,31 @@ mod tests {
         let sels = input_selectors(&exec);
         assert!(sels[0].is_none());
         assert_eq!(sels[1].as_ref().map(|s| s[0].path.as_str()), Some("/app"));
+    }
+
+    #[test]
+    fn proxy_settings_are_not_part_of_a_steps_definition_key() {
+        let exec = |proxy: Option<&str>| pb::Op {
+            op: Some(OpKind::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+                    proxy_env: proxy.map(|p| pb::ProxyEnv {
+                        http_proxy: p.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let base = definition_key(&exec(None));
+        assert_eq!(base, definition_key(&exec(Some("http://a:1"))));
+        assert_eq!(base, definition_key(&exec(Some("http://b:2"))));
+        let mut other = exec(None);
+        if let Some(OpKind::Exec(e)) = &mut other.op {
+            e.meta.as_mut().expect("meta").args[2] = "false".into();
+        }
+        assert_ne!(base, definition_key(&other), "the command still counts");
     }
 }
