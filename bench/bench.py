@@ -211,6 +211,14 @@ class Builder:
         return hwm, rss
 
 
+def kiln_output():
+    """BENCH_KILN_OUTPUT: uncompressed (default), gzip, zstd or none."""
+    out = os.environ.get("BENCH_KILN_OUTPUT", "") or "uncompressed"
+    if out not in ("uncompressed", "gzip", "zstd", "none"):
+        raise SystemExit(f"BENCH_KILN_OUTPUT={out}: expected uncompressed, gzip, zstd or none")
+    return out
+
+
 class Kiln(Builder):
     name = "kiln"
 
@@ -271,12 +279,17 @@ class Kiln(Builder):
         return run(cmd, timeout=timeout)[0]
 
     def build(self, d, tag, args=None, timeout=1800):
-        # type=image without push: the image (compressed layers, manifest,
-        # config) is assembled, as docker/buildah commit to their image store.
-        # BENCH_KILN_OUTPUT=none: solve only (no exporter), to see the exporter's share.
-        if os.environ.get("BENCH_KILN_OUTPUT") == "none":
+        # type=image without push: the image (layer blobs, config, manifest) is
+        # assembled, as docker/buildah commit to their image store. docker -t
+        # keeps its layers uncompressed (it tars each new layer once to get its
+        # diffID and never compresses it until a push), so kiln's layers are
+        # uncompressed here too (compression=uncompressed: each new layer is
+        # tarred once, hashed and stored as a blob). BENCH_KILN_OUTPUT=gzip|zstd
+        # compresses them instead; =none solves without an exporter.
+        out = kiln_output()
+        if out == "none":
             return self._build(d, [], args, timeout)
-        return self._build(d, [f"type=image,name={tag}"], args, timeout)
+        return self._build(d, [f"type=image,name={tag},compression={out}"], args, timeout)
 
     def export_oci(self, d, tag, dest):
         return self._build(d, [f"type=oci,dest={dest},name={tag}"])
@@ -777,8 +790,9 @@ def main():
                        stdout=subprocess.DEVNULL)
         log(f"registry {reg} seeded with busybox")
         builders.append(Kiln(tmp, reg))
-        kout = ("no --output (solve only)" if os.environ.get("BENCH_KILN_OUTPUT") == "none"
-                else "--output type=image,name=… (image assembled, not pushed)")
+        kout = ("no --output (solve only)" if kiln_output() == "none"
+                else f"--output type=image,name=\u2026,compression={kiln_output()} (image assembled, not pushed; "
+                     "docker -t stores uncompressed layers)")
         notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, fresh --root for every cold run, "
                      f"`kiln build --progress quiet` {kout}")
         if "docker" in peers_wanted:

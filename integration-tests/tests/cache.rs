@@ -553,3 +553,99 @@ fn kill_9_at_many_moments_leaves_a_consistent_cache() {
         "FROM, COPY and three RUNs:\n{again}"
     );
 }
+
+/// Sets a file's mtime without touching its content.
+fn set_mtime(p: &Path, secs: u64) {
+    std::fs::File::options()
+        .write(true)
+        .open(p)
+        .and_then(|f| f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs)))
+        .expect("set mtime");
+}
+
+#[test]
+fn mtime_only_changes_rerun_nothing_and_a_content_change_reruns_only_its_readers() {
+    let d = Kilnd::start();
+    let c = BuildContext::new(
+        "FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /a.out\nCOPY b.txt /b.txt\nRUN cat /a.txt /b.txt > /ab && echo readers-ran-$((40+2))\n",
+    )
+    .expect("ctx");
+    c.file("a.txt", "a\n").expect("write");
+    c.file("b.txt", "b\n").expect("write");
+    let outs = tempfile::tempdir().expect("tmp");
+    let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert!(first.contains("readers-ran-42"), "{first}");
+    // touch: new mtimes, same content, mode and owner
+    set_mtime(&c.path().join("a.txt"), 1_000_000);
+    set_mtime(&c.path().join("b.txt"), 2_000_000);
+    let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    for step in ["COPY a.txt", "cat /a.txt > /a.out", "COPY b.txt", "readers-ran"] {
+        assert!(
+            is_cached(&second, step),
+            "{step} cached after an mtime-only change:\n{second}"
+        );
+    }
+    assert!(!second.contains("readers-ran-42"), "{second}");
+    // a content change of b.txt: only what reads it runs again
+    c.file("b.txt", "B2\n").expect("write");
+    let third = d.build(c.path(), &["--output", &out_arg(&outs.path().join("3"))]);
+    assert!(is_cached(&third, "COPY a.txt"), "{third}");
+    assert!(is_cached(&third, "cat /a.txt > /a.out"), "{third}");
+    assert!(!is_cached(&third, "COPY b.txt"), "{third}");
+    assert!(third.contains("readers-ran-42"), "{third}");
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("3/ab")).expect("read"),
+        "a\nB2\n"
+    );
+}
+
+#[test]
+fn layers_built_before_a_context_change_keep_their_files() {
+    // the context snapshot and the COPY share inodes (hard links) with
+    // kilnd's synced copy of the context: later syncs and RUN writes must
+    // never reach the layers of earlier builds
+    let d = Kilnd::start();
+    let c = BuildContext::new(
+        "FROM busybox\nCOPY ctx/ /ctx/\nRUN cat /ctx/f > /seen && echo appended >> /ctx/f && chmod 600 /ctx/g\n",
+    )
+    .expect("ctx");
+    c.file("ctx/f", "v1\n").expect("write");
+    c.file("ctx/g", "g\n").expect("write");
+    let outs = tempfile::tempdir().expect("tmp");
+    let read = |n: &str, p: &str| std::fs::read_to_string(outs.path().join(n).join(p)).expect(p);
+    d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert_eq!(read("1", "seen"), "v1\n");
+    assert_eq!(read("1", "ctx/f"), "v1\nappended\n");
+    c.file("ctx/f", "v2\n").expect("write");
+    d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    assert_eq!(read("2", "seen"), "v2\n");
+    // back to the first content (new mtime): the first build's layers are
+    // reused, and they still hold what they held
+    c.file("ctx/f", "v1\n").expect("write");
+    let third = d.build(c.path(), &["--output", &out_arg(&outs.path().join("3"))]);
+    assert!(is_cached(&third, "COPY ctx/"), "{third}");
+    assert!(is_cached(&third, "cat /ctx/f"), "{third}");
+    assert_eq!(read("3", "seen"), "v1\n");
+    assert_eq!(read("3", "ctx/f"), "v1\nappended\n");
+    assert_eq!(read("3", "ctx/g"), "g\n");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(outs.path().join("3/ctx/g"))
+        .expect("g")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // and a build that only copies shows the context's files untouched by the RUN
+    let only_copy = BuildContext::new("FROM busybox\nCOPY ctx/ /ctx/\n").expect("ctx");
+    only_copy.file("ctx/f", "v1\n").expect("write");
+    only_copy.file("ctx/g", "g\n").expect("write");
+    d.build(
+        only_copy.path(),
+        &["--output", &out_arg(&outs.path().join("4"))],
+    );
+    assert_eq!(read("4", "ctx/f"), "v1\n");
+    let mode = std::fs::metadata(outs.path().join("4/ctx/g"))
+        .expect("g")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
