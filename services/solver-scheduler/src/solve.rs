@@ -549,6 +549,38 @@ impl<W: Worker> Step<W> {
         }
     }
 
+    /// On a hit in a build that asked for explanations: records the step
+    /// with the files it reads when its stored record has none (it last ran
+    /// without `--explain-cache`), so its next miss can name files.
+    async fn backfill_record(&self) {
+        if !self.build.explain || is_local_source(&self.op) {
+            return;
+        }
+        let sels = input_selectors(&self.op);
+        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+        let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let lacks = prev.is_none_or(|p| {
+            p.inputs.iter().enumerate().any(|(i, inp)| {
+                let reads = sels.get(i).is_some_and(Option::is_some)
+                    || self.input_from.get(i).is_some_and(|x| x.1);
+                reads && inp.files.is_none()
+            })
+        });
+        if !lacks {
+            return;
+        }
+        let rec = self.step_record().await;
+        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
+        {
+            tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
+        }
+    }
+
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
     async fn execute(self) -> Result<Outcome, Failure> {
         if self.lookup
@@ -559,6 +591,7 @@ impl<W: Worker> Step<W> {
                 .with_store(move |s| s.touch(&id))
                 .await
                 .map_err(|e| self.store_err(e))?;
+            self.backfill_record().await;
             return Ok(self.hit(rec));
         }
         let content_key = if self.ignore_cache {
@@ -575,6 +608,7 @@ impl<W: Worker> Step<W> {
                 .with_store(move |s| s.link(&id, &key))
                 .await
                 .map_err(|e| self.store_err(e))?;
+            self.backfill_record().await;
             return Ok(self.hit(rec));
         }
         let build = self.build.clone();
@@ -1217,6 +1251,24 @@ mod tests {
         solve(w.clone(), cache.clone(), second.clone(), &def)
             .await
             .expect("solve");
+        // a plain build (no file lists recorded), then an explaining build
+        // that is all cached records them, so the next miss names the file
+        w.set("/a.txt", "plain");
+        solve_once(&w, &cache, &def, false).await;
+        let cached = explaining();
+        solve(w.clone(), cache.clone(), cached.clone(), &def)
+            .await
+            .expect("solve");
+        assert!(lines(&cached).is_empty(), "{:?}", lines(&cached));
+        w.set("/a.txt", "again");
+        let third = explaining();
+        solve(w.clone(), cache.clone(), third.clone(), &def)
+            .await
+            .expect("solve");
+        assert_eq!(
+            lines(&third).first().map(String::as_str),
+            Some("explain-cache: file a.txt (context): content changed")
+        );
         assert_eq!(
             lines(&second),
             [
