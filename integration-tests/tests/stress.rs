@@ -61,11 +61,17 @@ fn lines_of(cmd: &mut Command) -> Vec<String> {
         .collect()
 }
 
-/// Everything the worker could have leaked, by kind; empty when clean.
-fn leaks(d: &Daemon, backend: &Backend, marker: &str) -> Vec<(&'static str, Vec<String>)> {
-    let worker: PathBuf = d.dir.path().join("root/all/worker");
+/// Everything the worker could have leaked, by kind; empty when clean. `dir` is the
+/// daemon's dir (its root is `dir/root/all`), `namespace` its containerd namespace.
+fn leaks(
+    dir: &Path,
+    backend: &Backend,
+    namespace: Option<&str>,
+    marker: &str,
+) -> Vec<(&'static str, Vec<String>)> {
+    let worker: PathBuf = dir.join("root/all/worker");
     let mut v = vec![
-        ("mounts", mounts_under(d.dir.path())),
+        ("mounts", mounts_under(dir)),
         ("processes", sleepers(marker)),
         ("staging snapshots", entries(&worker.join("staging"))),
         ("mountpoints", entries(&worker.join("mnt"))),
@@ -93,7 +99,7 @@ fn leaks(d: &Daemon, backend: &Backend, marker: &str) -> Vec<(&'static str, Vec<
             v.push(("runc containers", listed));
         }
         Backend::Containerd { address } => {
-            let ns = d.containerd_namespace.as_deref().expect("namespace");
+            let ns = namespace.expect("namespace");
             let ctr = |what: &str| {
                 lines_of(Command::new("ctr").args(["-a", address, "-n", ns, what, "ls", "-q"]))
             };
@@ -166,10 +172,11 @@ fn stress(backend: &Backend, marker: &'static str) {
     assert!(failed.is_empty(), "builds failed: {failed:?}\n{}", d.logs());
     // cancellation is asynchronous: give the worker a moment to clean up
     let start = Instant::now();
-    let mut left = leaks(&d, backend, marker);
+    let ns = d.containerd_namespace.as_deref();
+    let mut left = leaks(d.dir.path(), backend, ns, marker);
     while !left.is_empty() && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(200));
-        left = leaks(&d, backend, marker);
+        left = leaks(d.dir.path(), backend, ns, marker);
     }
     assert!(
         left.is_empty(),
@@ -187,5 +194,174 @@ fn concurrent_and_cancelled_builds_leak_nothing_on_runc() {
 fn concurrent_and_cancelled_builds_leak_nothing_on_containerd() {
     if let Some(b) = Backend::containerd() {
         stress(&b, "77.72");
+    }
+}
+
+/// A kilnd started by hand (the harness's `Daemon` cannot be killed and restarted on
+/// the same root). Killed, and whatever it left mounted detached, on drop.
+struct Kilnd {
+    child: std::process::Child,
+}
+
+impl Kilnd {
+    fn start(dir: &Path, config: &Path, n: usize) -> Kilnd {
+        let sock = dir.join("kilnd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = dir.join(format!("kilnd-{n}.log"));
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(config)
+            .arg("--root")
+            .arg(dir.join("root/all"))
+            .arg("--addr")
+            .arg(format!("unix://{}", sock.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("kilnd");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "kilnd exited: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "kilnd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Kilnd { child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn build(dir: &Path, dockerfile: &str, log: &Path) -> std::process::Child {
+    let c = dir.join(format!("ctx-{}", uuid_like()));
+    std::fs::create_dir_all(&c).expect("ctx");
+    std::fs::write(c.join("Dockerfile"), dockerfile).expect("Dockerfile");
+    let addr = format!("unix://{}", dir.join("kilnd.sock").display());
+    let mut args = vec!["--addr", addr.as_str(), "build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    Command::new(bin_dir().join("kiln"))
+        .args(&args)
+        .current_dir(&c)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("kiln")
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    )
+}
+
+/// kill -9 of kilnd in the middle of a step leaves a running container, its mounts and
+/// its bundle; the next kilnd on the same root removes all of it.
+fn restart_after_crash(backend: &Backend, marker: &str) {
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-crash-")
+        .tempdir()
+        .expect("tempdir");
+    let reg = kiln_integration_tests::registry();
+    let namespace = dir
+        .path()
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        })
+        .expect("name");
+    let mut config = format!(
+        "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+    );
+    let ns = match backend {
+        Backend::Runc => None,
+        Backend::Containerd { address } => {
+            config.push_str(&format!(
+                "[worker.containerd]\nenabled = true\naddress = \"{address}\"\nnamespace = \"{namespace}\"\n"
+            ));
+            Some(namespace.as_str())
+        }
+    };
+    let config_path = dir.path().join("kilnd.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let mut k = Kilnd::start(dir.path(), &config_path, 1);
+    let log = dir.path().join("kiln-1.log");
+    let mut client = build(
+        dir.path(),
+        &format!("FROM busybox\nRUN echo start-crash && sleep {marker}\n"),
+        &log,
+    );
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("start-crash\n")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the step did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    k.kill();
+    let _ = client.kill();
+    let _ = client.wait();
+    let left = leaks(dir.path(), backend, ns, marker);
+    assert!(
+        left.iter().any(|(kind, _)| *kind == "processes"),
+        "a killed kilnd leaves its step running: {left:?}"
+    );
+    let k2 = Kilnd::start(dir.path(), &config_path, 2);
+    // containerd's leftovers go when the worker first connects: run a step
+    let log = dir.path().join("kiln-2.log");
+    let st = build(dir.path(), "FROM busybox\nRUN true\n", &log)
+        .wait()
+        .expect("kiln");
+    assert!(
+        st.success(),
+        "build after restart: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let start = Instant::now();
+    let mut left = leaks(dir.path(), backend, ns, marker);
+    while !left.is_empty() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+        left = leaks(dir.path(), backend, ns, marker);
+    }
+    assert!(left.is_empty(), "left after a restart: {left:?}");
+    drop(k2);
+    for m in mounts_under(dir.path()).iter().rev() {
+        let _ = Command::new("umount").arg("-l").arg(m).status();
+    }
+}
+
+#[test]
+fn a_restarted_kilnd_removes_what_a_killed_one_left_on_runc() {
+    restart_after_crash(&Backend::Runc, "77.73");
+}
+
+#[test]
+fn a_restarted_kilnd_removes_what_a_killed_one_left_on_containerd() {
+    if let Some(b) = Backend::containerd() {
+        restart_after_crash(&b, "77.74");
     }
 }
