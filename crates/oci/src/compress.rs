@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -228,7 +228,7 @@ pub fn write_layer_blob(
     };
     let result = (|| {
         let file = File::create(&tmp).map_err(err)?;
-        let blob = DigestWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let blob = BlobWriter::spawn(file);
         let (blob, diff_id) = match options.compression {
             Compression::Gzip => {
                 let level = u32::try_from(options.effective_level()).unwrap_or(6);
@@ -255,13 +255,9 @@ pub fn write_layer_blob(
                 (blob, None)
             }
         };
-        let (inner, digest, size) = blob.finish();
+        let (file, digest, size) = blob.finish().map_err(err)?;
         let diff_id = diff_id.unwrap_or_else(|| digest.clone());
-        inner
-            .into_inner()
-            .map_err(|e| err(e.into_error()))?
-            .sync_all()
-            .map_err(err)?;
+        file.sync_all().map_err(err)?;
         Ok::<_, Error>((digest, size, diff_id))
     })();
     let (digest, size, diff_id) = match result {
@@ -282,6 +278,83 @@ pub fn write_layer_blob(
         ..Default::default()
     };
     Ok((diff_id, desc))
+}
+
+/// Bytes handed to the blob writer thread at a time.
+const BLOB_CHUNK: usize = 1 << 20;
+
+/// A `Write` handing 1 MiB chunks to a thread that hashes them and writes them to the blob
+/// file, so the blob digest and the file writes overlap with compression.
+struct BlobWriter {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    handle: Option<JoinHandle<io::Result<(File, String, u64)>>>,
+}
+
+impl BlobWriter {
+    fn spawn(file: File) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let handle = std::thread::spawn(move || {
+            let mut w = DigestWriter::new(file);
+            for chunk in rx {
+                w.write_all(&chunk)?;
+            }
+            Ok(w.finish())
+        });
+        BlobWriter {
+            buf: Vec::with_capacity(BLOB_CHUNK),
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOB_CHUNK));
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // the writer stopped: its error says why
+        self.tx = None;
+        match self.join() {
+            Err(e) => Err(e),
+            Ok(_) => Err(io::Error::other("blob writer stopped")),
+        }
+    }
+
+    fn join(&mut self) -> io::Result<(File, String, u64)> {
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| io::Error::other("blob writer thread panicked"))?,
+            None => Err(io::Error::other("blob writer already finished")),
+        }
+    }
+
+    /// Write what is left; returns the file, the blob's digest and size.
+    fn finish(mut self) -> io::Result<(File, String, u64)> {
+        self.send()?;
+        self.tx = None;
+        self.join()
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(BLOB_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= BLOB_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn threads() -> usize {
