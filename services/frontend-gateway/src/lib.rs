@@ -691,6 +691,54 @@ mod tests {
     }
 
     #[test]
+    fn platform_list_gives_one_definition_and_config_per_platform() {
+        let bridge = FakeBridge {
+            dockerfile: b"FROM scratch\nARG TARGETARCH\nENV ARCH=$TARGETARCH\n".to_vec(),
+            ..Default::default()
+        };
+        let gateway = Gateway::new(bridge);
+        let out = run(gateway.solve(request(&[(
+            "platform",
+            "linux/arm64, linux/amd64,linux/arm64",
+        )])))
+        .expect("converts");
+        assert_eq!(
+            out.refs.keys().collect::<Vec<_>>(),
+            vec!["linux/amd64", "linux/arm64"]
+        );
+        assert_eq!(out.definition, out.refs["linux/arm64"], "the first listed");
+        let listed: serde_json::Value =
+            serde_json::from_slice(&out.metadata[META_PLATFORMS]).expect("refs.platforms");
+        assert_eq!(
+            listed,
+            serde_json::json!({"platforms": [
+                {"id": "linux/arm64", "platform": {"architecture": "arm64", "os": "linux"}},
+                {"id": "linux/amd64", "platform": {"architecture": "amd64", "os": "linux"}},
+            ]})
+        );
+        for arch in ["amd64", "arm64"] {
+            let config: ImageConfig =
+                serde_json::from_slice(&out.metadata[&format!("{META_IMAGE_CONFIG}/linux/{arch}")])
+                    .expect("config");
+            assert_eq!(config.architecture, arch);
+            assert!(
+                config.config.env.contains(&format!("ARCH={arch}")),
+                "{:?}",
+                config.config.env
+            );
+        }
+        assert!(!out.metadata.contains_key(META_IMAGE_CONFIG));
+        // one platform is a plain result
+        let gateway = Gateway::new(FakeBridge {
+            dockerfile: b"FROM scratch\n".to_vec(),
+            ..Default::default()
+        });
+        let single = run(gateway.solve(request(&[("platform", "linux/arm64")]))).expect("one");
+        assert!(single.refs.is_empty());
+        assert!(single.metadata.contains_key(META_IMAGE_CONFIG));
+    }
+
+    #[test]
     fn dockerfile_becomes_a_definition_and_image_config() {
         let bridge = FakeBridge {
             dockerfile: b"FROM busybox\nRUN echo hi > /hi\nCMD [\"cat\", \"/hi\"]\n".to_vec(),
