@@ -437,6 +437,10 @@ pub struct ReceiveStats {
     pub transferred: usize,
     pub bytes: u64,
     pub removed: usize,
+    /// `false` only when the tree is as it was before: no entry was added,
+    /// removed or replaced, and no type, mode, owner, size, content or link
+    /// target changed (times may have)
+    pub changed: bool,
 }
 
 /// Makes `dest` mirror the sender's tree, asking only for files whose
@@ -603,13 +607,21 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
         };
         r.map_err(Error::io("remove", &p))?;
         result.removed += 1;
+        result.changed = true;
     }
     let mut wanted = Vec::new();
     for (id, st) in stats.iter().enumerate() {
         let target = contained(dest, &st.path)?;
         let existing = target.symlink_metadata().ok();
         let kind = st.mode & gomode::TYPE;
+        let same_owner = existing
+            .as_ref()
+            .is_some_and(|m| m.uid() == st.uid && m.gid() == st.gid);
         if kind == gomode::DIR {
+            let same = existing.as_ref().is_some_and(|m| {
+                m.is_dir() && gomode::from_unix(m.mode()) == st.mode && same_owner
+            });
+            result.changed |= !same;
             if let Some(m) = &existing
                 && !m.is_dir()
             {
@@ -619,6 +631,13 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
                 std::fs::create_dir(&target).map_err(Error::io("mkdir", &target))?;
             }
         } else if kind == gomode::SYMLINK {
+            let same = existing.as_ref().is_some_and(|m| {
+                m.file_type().is_symlink()
+                    && same_owner
+                    && std::fs::read_link(&target)
+                        .is_ok_and(|t| t.as_os_str() == std::ffi::OsStr::new(&st.linkname))
+            });
+            result.changed |= !same;
             if let Some(m) = &existing {
                 if m.is_dir() {
                     std::fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
@@ -631,6 +650,7 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
             set_meta(&target, st, true)?;
         } else if kind == 0 {
             if !st.linkname.is_empty() {
+                result.changed = true;
                 continue; // hardlink, made in finish()
             }
             match &existing {
@@ -643,6 +663,7 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
                 }
                 None => wanted.push(id as u32),
             }
+            result.changed |= wanted.last() == Some(&(id as u32));
         } else {
             // devices, fifos, sockets are not part of build contexts
             tracing::debug!("skipping special file {}", st.path);
@@ -732,9 +753,31 @@ mod tests {
             Path::new("a/b/f1")
         );
 
+        assert!(s1.changed);
+        // nothing changed, or only times: the receiver says so
+        let same = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert_eq!((same.transferred, same.changed), (0, false));
+        std::fs::set_permissions(
+            src.path().join("a/b"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .expect("chmod");
+        let dir_mode = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert_eq!((dir_mode.transferred, dir_mode.changed), (0, true));
+        std::fs::remove_file(src.path().join("link")).expect("rm");
+        std::os::unix::fs::symlink("a/b/f2", src.path().join("link")).expect("symlink");
+        let relinked = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert!(relinked.changed, "new symlink target");
+        assert!(
+            !transfer(src.path(), dest.path(), Filter::default())
+                .await
+                .changed
+        );
+
         std::fs::write(src.path().join("a/b/f3"), "changed!").expect("write");
         std::fs::remove_file(src.path().join("a/b/f4")).expect("rm");
         let s2 = transfer(src.path(), dest.path(), Filter::default()).await;
+        assert!(s2.changed);
         assert_eq!(s2.transferred, 1);
         assert_eq!(s2.removed, 1);
         assert_eq!(

@@ -51,6 +51,8 @@ type SumEntry = (Box<[u8]>, FileId, [u8; 32]);
 #[derive(Debug, Default, Clone)]
 pub struct FileSums {
     entries: Vec<SumEntry>,
+    /// the [`tree`] digest of the pass that made this table
+    tree: Option<String>,
 }
 
 impl FileSums {
@@ -61,6 +63,11 @@ impl FileSums {
             .ok()?;
         let (_, cached, sum) = &self.entries[i];
         (*cached == id).then_some(*sum)
+    }
+
+    /// The tree digest computed with this table ([`tree_cached`]).
+    pub fn tree_digest(&self) -> Option<&str> {
+        self.tree.as_deref()
     }
 
     pub fn len(&self) -> usize {
@@ -104,7 +111,10 @@ impl<'a> Hasher<'a> {
     fn finish(self) -> (String, HashStats, Option<FileSums>) {
         let out = self.out.map(|mut entries| {
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            FileSums { entries }
+            FileSums {
+                entries,
+                tree: None,
+            }
         });
         (
             format!("sha256:{}", hex::encode(self.h.finalize())),
@@ -213,7 +223,9 @@ pub fn tree_cached(root: &Path, known: &FileSums) -> Result<(String, HashStats, 
     let mut h = Hasher::new(Some(known), true);
     h.tree(root, root, 1)?;
     let (digest, stats, sums) = h.finish();
-    Ok((digest, stats, sums.unwrap_or_default()))
+    let mut sums = sums.unwrap_or_default();
+    sums.tree = Some(digest.clone());
+    Ok((digest, stats, sums))
 }
 
 /// The last table of every synced directory (taken out while it syncs).
@@ -478,6 +490,7 @@ mod tests {
         let (k1, s1, t1) = tree_cached(a.path(), &FileSums::default()).expect("hash");
         assert_eq!((s1.files, s1.read), (5, 5));
         assert_eq!(k1, tree(a.path()).expect("hash"), "same digest as uncached");
+        assert_eq!(t1.tree_digest(), Some(k1.as_str()));
         // nothing changed: nothing read, same digest
         let (k2, s2, t2) = tree_cached(a.path(), &t1).expect("hash");
         assert_eq!((k2.as_str(), s2.read), (k1.as_str(), 0));

@@ -280,9 +280,15 @@ pub async fn local(
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
         use crate::contenthash;
-        let (key, hashed, sums) = contenthash::tree_cached(&dir, &known)?;
-        drop(known);
-        let sums = std::sync::Arc::new(sums);
+        // the receiver wrote nothing that a digest covers: the tree is the
+        // one hashed after the last sync (only the receiver writes it)
+        let (key, hashed, sums) = match known.tree_digest() {
+            Some(d) if !received.changed => (d.to_string(), Default::default(), known),
+            _ => {
+                let (key, hashed, sums) = contenthash::tree_cached(&dir, &known)?;
+                (key, hashed, std::sync::Arc::new(sums))
+            }
+        };
         let after_hash = started.elapsed();
         // an unchanged context reuses the snapshot of the last sync
         let last = dir.with_extension("last");
@@ -325,13 +331,14 @@ pub async fn local(
         contenthash::put_dir_sums(&dir, sums);
         tracing::debug!(
             target: "kiln_timing",
-            "local source {name}: sync {} ms ({} entries, {} files / {} bytes received, {} removed), \
-             hash {} ms ({} files, {} read / {} bytes), snapshot {} ms ({})",
+            "local source {name}: sync {} ms ({} entries, {} files / {} bytes received, {} removed, \
+             changed {}), hash {} ms ({} files, {} read / {} bytes), snapshot {} ms ({})",
             synced.as_millis(),
             received.entries,
             received.transferred,
             received.bytes,
             received.removed,
+            received.changed,
             (after_hash - synced).as_millis(),
             hashed.files,
             hashed.read,
