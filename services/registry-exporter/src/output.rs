@@ -67,11 +67,7 @@ impl LayerSource {
     fn take(&mut self, digest: &str) -> Option<VerifyingReader<BlockingStreamReader>> {
         let (desc, stream) = self.blobs.remove(digest)?;
         Some(VerifyingReader {
-            inner: BlockingStreamReader {
-                stream,
-                handle: self.handle.clone(),
-                chunk: Bytes::new(),
-            },
+            inner: BlockingStreamReader::new(stream, &self.handle),
             hasher: Sha256::new(),
             size: 0,
             desc,
@@ -228,17 +224,36 @@ fn spawn_writer(
     Box::new(StreamReader::new(ReceiverStream::new(rx)))
 }
 
-/// Reads an async byte stream from a blocking thread.
+/// Reads an async byte stream from a blocking thread: a task on the runtime pulls the
+/// stream into a small bounded channel, the blocking side waits on that channel.
 struct BlockingStreamReader {
-    stream: crate::ByteStream,
-    handle: tokio::runtime::Handle,
+    rx: mpsc::Receiver<Result<Bytes, Error>>,
     chunk: Bytes,
+}
+
+impl BlockingStreamReader {
+    /// Starts pulling `stream` on `handle`'s runtime (a few chunks ahead of the reader).
+    fn new(mut stream: crate::ByteStream, handle: &tokio::runtime::Handle) -> Self {
+        let (tx, rx) = mpsc::channel(4);
+        handle.spawn(async move {
+            while let Some(item) = stream.next().await {
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        BlockingStreamReader {
+            rx,
+            chunk: Bytes::new(),
+        }
+    }
 }
 
 impl Read for BlockingStreamReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.handle.block_on(self.stream.next()) {
+            match self.rx.blocking_recv() {
                 Some(Ok(c)) => self.chunk = c,
                 Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
                 None => return Ok(0),
@@ -371,11 +386,7 @@ pub(crate) async fn fs_tar_multi(
             out.append_data(&mut h, format!("{dir}/"), std::io::empty())
                 .map_err(werr)?;
             let Some(stream) = stream else { continue };
-            let reader = BlockingStreamReader {
-                stream,
-                handle: handle.clone(),
-                chunk: Bytes::new(),
-            };
+            let reader = BlockingStreamReader::new(stream, &handle);
             let mut ar = tar::Archive::new(reader);
             for entry in ar.entries().map_err(werr)? {
                 let mut entry = entry.map_err(werr)?;
@@ -420,11 +431,7 @@ pub(crate) async fn fs_dir(
     let stream = worker.export_fs(reference).await?;
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let reader = BlockingStreamReader {
-            stream,
-            handle,
-            chunk: Bytes::new(),
-        };
+        let reader = BlockingStreamReader::new(stream, &handle);
         kiln_oci::layer::apply(std::io::BufReader::new(reader), &root).map_err(|source| {
             Error::Oci {
                 op: "unpack filesystem",
