@@ -638,6 +638,13 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
                         .is_ok_and(|t| t.as_os_str() == std::ffi::OsStr::new(&st.linkname))
             });
             result.changed |= !same;
+            if same
+                && existing
+                    .as_ref()
+                    .is_some_and(|m| mtime_ns(m) == st.mod_time)
+            {
+                continue; // already there, times included
+            }
             if let Some(m) = &existing {
                 if m.is_dir() {
                     std::fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
@@ -682,14 +689,29 @@ fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
             std::fs::hard_link(&source, &target).map_err(Error::io("link", &target))?;
         }
     }
-    // directory metadata last, deepest first, so writes inside don't touch mtimes afterwards
+    // directory metadata last, deepest first, so writes inside don't touch mtimes afterwards;
+    // a directory that already has it is left alone (no inode write)
     for st in stats.iter().rev() {
         if st.mode & gomode::TYPE == gomode::DIR {
             let target = contained(dest, &st.path)?;
+            let current = target.symlink_metadata().ok();
+            if current.is_some_and(|m| {
+                m.is_dir()
+                    && gomode::from_unix(m.mode()) == st.mode
+                    && m.uid() == st.uid
+                    && m.gid() == st.gid
+                    && mtime_ns(&m) == st.mod_time
+            }) {
+                continue;
+            }
             set_meta(&target, st, false)?;
         }
     }
     Ok(())
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
 #[cfg(test)]
@@ -754,9 +776,16 @@ mod tests {
         );
 
         assert!(s1.changed);
-        // nothing changed, or only times: the receiver says so
+        // nothing changed: the receiver says so and rewrites nothing
+        let link_ino = || {
+            std::fs::symlink_metadata(dest.path().join("link"))
+                .expect("link")
+                .ino()
+        };
+        let before = link_ino();
         let same = transfer(src.path(), dest.path(), Filter::default()).await;
         assert_eq!((same.transferred, same.changed), (0, false));
+        assert_eq!(link_ino(), before, "an unchanged symlink is kept");
         std::fs::set_permissions(
             src.path().join("a/b"),
             std::fs::Permissions::from_mode(0o700),
