@@ -528,3 +528,34 @@ fn rawjson_progress_is_one_status_message_per_line() {
         .any(|l| l["data"] == "cmF3LTkK");
     assert!(logged, "the RUN's output `raw-9` is in a log entry");
 }
+
+/// Two client dirs whose Dockerfiles have the same size and mtime: each build
+/// gets its own files (the worker keeps one copy per client dir, so a
+/// metadata-only comparison never mixes projects).
+#[test]
+fn two_projects_with_look_alike_files_each_build_their_own() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let one = BuildContext::new("FROM busybox\nRUN echo proj-one\n").expect("context");
+    let two = BuildContext::new("FROM busybox\nRUN echo proj-two\n").expect("context");
+    // same size, same mtime: only the content tells them apart
+    let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    for c in [&one, &two] {
+        std::fs::File::options()
+            .write(true)
+            .open(c.path().join("Dockerfile"))
+            .and_then(|f| f.set_modified(when))
+            .expect("set mtime");
+    }
+    for (c, want, other) in [
+        (&one, "proj-one", "proj-two"),
+        (&two, "proj-two", "proj-one"),
+    ] {
+        let out = d.build(c.path(), &["."]).expect("build");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("RUN echo {want}")), "{err}");
+        assert!(
+            !err.contains(other),
+            "built the other project's Dockerfile: {err}"
+        );
+    }
+}

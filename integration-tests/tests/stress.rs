@@ -119,15 +119,10 @@ fn stress(backend: &Backend, marker: &'static str) {
             let addr = addr.clone();
             std::thread::spawn(move || {
                 let cancel = i % 4 == 3;
-                // Dockerfiles of distinct sizes: the worker's incremental local sync keys
-                // its copy by source name only, so two same-size Dockerfiles written in
-                // the same mtime tick by different clients are taken as unchanged and one
-                // build gets the other's (reported; remove the padding once fixed)
-                let pad = format!("#{}\n", "x".repeat(i));
                 let df = if cancel {
-                    format!("{pad}FROM busybox\nRUN echo start-{i} && sleep {marker}\n")
+                    format!("FROM busybox\nRUN echo start-{i} && sleep {marker}\n")
                 } else {
-                    format!("{pad}FROM busybox\nRUN echo {i} > /a && sleep 0.2\nRUN cat /a > /b\n")
+                    format!("FROM busybox\nRUN echo {i} > /a && sleep 0.2\nRUN cat /a > /b\n")
                 };
                 let c = BuildContext::new(&df).expect("context");
                 let log = c.path().join("kiln.log");

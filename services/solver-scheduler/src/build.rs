@@ -55,6 +55,8 @@ pub struct Build {
     pub build_args: std::collections::BTreeSet<String>,
     /// the project this build belongs to, for step identities across builds
     scope: Mutex<String>,
+    /// the client session's shared key (its context dir)
+    shared_key: Mutex<String>,
 }
 
 /// Frontend attr asking for cache-miss explanations.
@@ -83,6 +85,7 @@ impl Build {
                 .map(str::to_string)
                 .collect(),
             scope: Mutex::new(String::new()),
+            shared_key: Mutex::new(String::new()),
         }
     }
 
@@ -95,6 +98,11 @@ impl Build {
         if let Ok(mut s) = self.scope.lock() {
             *s = scope;
         }
+    }
+
+    /// The client session's shared key, once the build has looked it up.
+    pub fn shared_key(&self) -> String {
+        self.shared_key.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     pub fn add_ref(&self, worker_ref: String) -> String {
@@ -508,6 +516,9 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 .map(|s| s.shared_key)
                 .unwrap_or_default()
         };
+        if let Ok(mut k) = build.shared_key.lock() {
+            k.clone_from(&shared_key);
+        }
         let attr = |k: &str| req.frontend_attrs.get(k).cloned().unwrap_or_default();
         build.set_scope(format!(
             "{shared_key}\0{}\0{}",

@@ -28,6 +28,8 @@ pub enum RunEvent {
 pub struct RunOp {
     pub build_id: String,
     pub session_id: String,
+    /// the client session's shared key (its context dir)
+    pub session_shared_key: String,
     pub digest: String,
     pub op_bytes: Vec<u8>,
     pub inputs: Vec<String>,

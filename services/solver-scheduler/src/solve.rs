@@ -667,6 +667,7 @@ impl<W: Worker> Step<W> {
                 RunOp {
                     build_id: self.build.id.clone(),
                     session_id: self.build.session_id.clone(),
+                    session_shared_key: self.build.shared_key(),
                     digest: self.digest.clone(),
                     op_bytes: self.op_bytes.clone(),
                     inputs: self.inputs.iter().map(|(r, _)| r.clone()).collect(),

@@ -87,6 +87,9 @@ pub struct RunRequest {
     pub build_id: String,
     /// The client session that local sources are synced from.
     pub session_id: String,
+    /// The client session's shared key (its context dir): the persistent
+    /// copy of a local source is kept per shared key.
+    pub session_shared_key: String,
     /// A short name for logs ("[2/3] RUN echo hi").
     pub name: String,
     pub op: pb::Op,

@@ -59,6 +59,7 @@ impl peer::Worker for GrpcWorker {
             .run(wk::RunRequest {
                 build_id: op.build_id,
                 session_id: op.session_id,
+                session_shared_key: op.session_shared_key,
                 op: op.op_bytes,
                 digest: op.digest,
                 inputs: op.inputs,

@@ -376,6 +376,7 @@ mod tests {
         RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "test".into(),
             op: pb::Op {
                 inputs: vec![pb::Input {

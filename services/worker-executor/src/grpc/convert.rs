@@ -18,6 +18,7 @@ pub fn run_request(r: wpb::RunRequest) -> Result<RunRequest, crate::Error> {
     Ok(RunRequest {
         build_id: r.build_id,
         session_id: r.session_id,
+        session_shared_key: r.session_shared_key,
         name: r.name,
         op,
         inputs: r.inputs.iter().map(|i| ref_from_wire(i)).collect(),

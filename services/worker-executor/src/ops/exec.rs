@@ -816,6 +816,7 @@ mod tests {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "test".into(),
             op,
             inputs: vec![Some(root.to_string())],
@@ -943,6 +944,7 @@ mod tests {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "test".into(),
             op,
             inputs: vec![Some(root.clone())],

@@ -750,6 +750,7 @@ mod tests {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "f".into(),
             op,
             inputs,

@@ -315,6 +315,7 @@ mod tests {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "m".into(),
             op: pb::Op {
                 inputs: (0..n)

@@ -27,7 +27,7 @@ pub async fn run_op(
     }
     match &req.op.op {
         Some(Op::Source(s)) => Ok(vec![
-            source::run(w, s, req.op.platform.as_ref(), &req.session_id, &events).await?,
+            source::run(w, s, req.op.platform.as_ref(), &req, &events).await?,
         ]),
         Some(Op::Exec(e)) => exec::run(w, e, &req, &events).await,
         Some(Op::File(f)) => file::run(w, f, &req.inputs).await,

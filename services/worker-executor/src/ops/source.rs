@@ -14,13 +14,16 @@ pub async fn run(
     w: &Worker,
     s: &pb::SourceOp,
     platform: Option<&pb::Platform>,
-    session_id: &str,
+    req: &crate::RunRequest,
     events: &mpsc::Sender<Event>,
 ) -> Result<Option<String>> {
+    let session_id = req.session_id.as_str();
     if let Some(r) = s.identifier.strip_prefix("docker-image://") {
         image(w, r, platform, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
-        local(w, name, &s.attrs, session_id).await.map(Some)
+        local(w, name, &s.attrs, session_id, &req.session_shared_key)
+            .await
+            .map(Some)
     } else if let Some(rest) = s.identifier.strip_prefix("git://") {
         git(w, rest, &s.attrs).await.map(Some)
     } else if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
@@ -232,6 +235,7 @@ pub async fn local(
     name: &str,
     attrs: &BTreeMap<String, String>,
     session_id: &str,
+    shared_key: &str,
 ) -> Result<String> {
     let session = attrs
         .get("local.session")
@@ -251,7 +255,9 @@ pub async fn local(
         .config()
         .root
         .join("local")
-        .join(sha256_hex(format!("{name}\0{hint}").as_bytes()));
+        // one persistent copy per client dir (the session's shared key):
+        // two projects never sync over each other's files
+        .join(sha256_hex(format!("{name}\0{hint}\0{shared_key}").as_bytes()));
     std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
     let lock = w.local_lock(&dir);
     let _guard = lock.lock().await;
@@ -646,6 +652,7 @@ mod tests {
         let req = RunRequest {
             build_id: "b".into(),
             session_id: String::new(),
+            session_shared_key: String::new(),
             name: "src".into(),
             op: pb::Op {
                 op: Some(Op::Source(pb::SourceOp {
