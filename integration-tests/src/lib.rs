@@ -130,13 +130,7 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
         // unmount anything a killed worker left mounted under the state dir
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-                self.dir.path().display()
-            ))
-            .status();
+        unmount_under(self.dir.path());
     }
 }
 
@@ -400,4 +394,31 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Detaches whatever is mounted under `dir`, deepest first: what a killed
+/// kilnd left behind.
+pub fn unmount_under(dir: &Path) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+            dir.display()
+        ))
+        .status();
+}
+
+/// The `#N` number, in plain progress, of the step whose name contains `needle`.
+pub fn step_number(progress: &str, needle: &str) -> Option<String> {
+    progress.lines().find_map(|l| {
+        let rest = l.strip_prefix('#')?;
+        let (n, text) = rest.split_once(' ')?;
+        (text.starts_with('[') && text.contains(needle)).then(|| n.to_string())
+    })
+}
+
+/// Whether the step whose name contains `needle` was CACHED in plain progress.
+pub fn is_cached(progress: &str, needle: &str) -> bool {
+    step_number(progress, needle)
+        .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
 }

@@ -2,7 +2,7 @@
 //! crashes, content checksums of only the paths a step reads, deduplication
 //! of concurrent builds, and `kiln du` / `kiln prune`.
 
-use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, registry};
+use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, is_cached, registry};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -150,13 +150,7 @@ impl Kilnd {
 impl Drop for Kilnd {
     fn drop(&mut self) {
         self.stop(false);
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-                self.dir.path().display()
-            ))
-            .status();
+        kiln_integration_tests::unmount_under(self.dir.path());
     }
 }
 
@@ -176,20 +170,6 @@ fn parse_size(s: &str) -> f64 {
 
 fn out_arg(dir: &Path) -> String {
     format!("type=local,dest={}", dir.display())
-}
-
-/// The `#N` number of the vertex whose name contains `needle`.
-fn step_number(progress: &str, needle: &str) -> Option<String> {
-    progress.lines().find_map(|l| {
-        let rest = l.strip_prefix('#')?;
-        let (n, text) = rest.split_once(' ')?;
-        (text.starts_with('[') && text.contains(needle)).then(|| n.to_string())
-    })
-}
-
-fn is_cached(progress: &str, needle: &str) -> bool {
-    step_number(progress, needle)
-        .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
 }
 
 #[test]
@@ -579,7 +559,12 @@ fn mtime_only_changes_rerun_nothing_and_a_content_change_reruns_only_its_readers
     set_mtime(&c.path().join("a.txt"), 1_000_000);
     set_mtime(&c.path().join("b.txt"), 2_000_000);
     let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
-    for step in ["COPY a.txt", "cat /a.txt > /a.out", "COPY b.txt", "readers-ran"] {
+    for step in [
+        "COPY a.txt",
+        "cat /a.txt > /a.out",
+        "COPY b.txt",
+        "readers-ran",
+    ] {
         assert!(
             is_cached(&second, step),
             "{step} cached after an mtime-only change:\n{second}"

@@ -3,7 +3,7 @@
 //! --keep-storage/--filter`, GC policies from kilnd.toml, `max-parallelism`,
 //! build history and `kiln build --explain-cache`.
 
-use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args};
+use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, is_cached};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -101,20 +101,6 @@ fn store_dirs(d: &Daemon) -> Vec<PathBuf> {
         .iter()
         .map(|s| worker_root(d).join(s))
         .collect()
-}
-
-/// The `#N` number of the vertex whose name contains `needle`.
-fn step_number(progress: &str, needle: &str) -> Option<String> {
-    progress.lines().find_map(|l| {
-        let rest = l.strip_prefix('#')?;
-        let (n, text) = rest.split_once(' ')?;
-        (text.starts_with('[') && text.contains(needle)).then(|| n.to_string())
-    })
-}
-
-fn is_cached(progress: &str, needle: &str) -> bool {
-    step_number(progress, needle)
-        .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
 }
 
 #[test]
@@ -534,13 +520,7 @@ impl Drop for Restartable {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-                self.dir.path().display()
-            ))
-            .status();
+        kiln_integration_tests::unmount_under(self.dir.path());
     }
 }
 
