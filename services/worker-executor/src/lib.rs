@@ -343,6 +343,35 @@ impl Worker {
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
+
+    /// An exec op running `script` with /bin/sh on input 0 as its rootfs.
+    pub fn exec_op(script: &str, user: &str, valid: Vec<i32>) -> crate::pb::Op {
+        crate::pb::Op {
+            inputs: vec![crate::pb::Input {
+                digest: "sha256:root".into(),
+                index: 0,
+            }],
+            op: Some(crate::pb::op::Op::Exec(crate::pb::ExecOp {
+                meta: Some(crate::pb::Meta {
+                    args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    env: vec!["PATH=/bin".into()],
+                    cwd: "/".into(),
+                    user: user.into(),
+                    valid_exit_codes: valid,
+                    ..Default::default()
+                }),
+                mounts: vec![crate::pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
     use crate::snapshot::Kind;
 
     pub fn worker() -> (tempfile::TempDir, Worker) {

@@ -350,7 +350,6 @@ async fn remove(ch: Channel, ns: String, id: String, task: TaskState, container:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::{self, op::Op};
     use crate::{RunRequest, Worker, testutil};
 
     /// A worker on the containerd at `KILN_TEST_CONTAINERD`; `None` (skip) only when run
@@ -378,28 +377,7 @@ mod tests {
             session_id: String::new(),
             session_shared_key: String::new(),
             name: "test".into(),
-            op: pb::Op {
-                inputs: vec![pb::Input {
-                    digest: "sha256:root".into(),
-                    index: 0,
-                }],
-                op: Some(Op::Exec(pb::ExecOp {
-                    meta: Some(pb::Meta {
-                        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                        env: vec!["PATH=/bin".into()],
-                        cwd: "/".into(),
-                        ..Default::default()
-                    }),
-                    mounts: vec![pb::Mount {
-                        input: 0,
-                        dest: "/".into(),
-                        output: 0,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                })),
-                ..Default::default()
-            },
+            op: crate::testutil::exec_op(script, "", Vec::new()),
             inputs: vec![Some(root.to_string())],
             entitlements: Vec::new(),
         }

@@ -773,33 +773,6 @@ mod tests {
     use crate::{Event, RunRequest, Worker};
     use tokio::sync::mpsc;
 
-    fn exec_op(script: &str, user: &str, valid: Vec<i32>) -> pb::Op {
-        pb::Op {
-            inputs: vec![pb::Input {
-                digest: "sha256:root".into(),
-                index: 0,
-            }],
-            op: Some(Op::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                    env: vec!["PATH=/bin".into()],
-                    cwd: "/".into(),
-                    user: user.into(),
-                    valid_exit_codes: valid,
-                    ..Default::default()
-                }),
-                mounts: vec![pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-            ..Default::default()
-        }
-    }
-
     async fn run(
         w: &Worker,
         root: &str,
@@ -833,7 +806,7 @@ mod tests {
         let (res, events) = run(
             &w,
             &root,
-            exec_op(
+            testutil::exec_op(
                 "echo hi > /out.txt; echo out; echo err >&2; cat /etc/hosts",
                 "",
                 vec![],
@@ -881,13 +854,13 @@ mod tests {
     async fn failing_process_reports_buildkit_error_and_valid_exit_codes_pass() {
         let (_tmp, w) = testutil::worker();
         let root = testutil::busybox(&w);
-        let (res, _) = run(&w, &root, exec_op("exit 3", "", vec![])).await;
+        let (res, _) = run(&w, &root, testutil::exec_op("exit 3", "", vec![])).await;
         let err = res.expect_err("exit 3 must fail");
         assert_eq!(
             err.to_string(),
             r#"process "/bin/sh -c exit 3" did not complete successfully: exit code: 3"#
         );
-        let (res, _) = run(&w, &root, exec_op("exit 3", "", vec![0, 3])).await;
+        let (res, _) = run(&w, &root, testutil::exec_op("exit 3", "", vec![0, 3])).await;
         assert!(res.expect("valid exit code")[0].is_some());
     }
 
@@ -898,7 +871,7 @@ mod tests {
         let (res, events) = run(
             &w,
             &root,
-            exec_op("echo $(id -u):$(id -g)", "alice", vec![]),
+            testutil::exec_op("echo $(id -u):$(id -g)", "alice", vec![]),
         )
         .await;
         res.expect("run as alice");
@@ -911,7 +884,7 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(String::from_utf8_lossy(&out), "1000:1001\n");
-        let (res, _) = run(&w, &root, exec_op("true", "nobody", vec![])).await;
+        let (res, _) = run(&w, &root, testutil::exec_op("true", "nobody", vec![])).await;
         assert!(
             res.expect_err("unknown user")
                 .to_string()
@@ -926,7 +899,7 @@ mod tests {
         cfg.insecure_entitlements = vec!["security.insecure".into()];
         let w = Worker::new(cfg).expect("worker");
         let root = testutil::busybox(&w);
-        let mut op = exec_op(
+        let mut op = testutil::exec_op(
             "mkdir -p /m && mount -t tmpfs none /m && umount /m",
             "",
             vec![],
@@ -959,7 +932,7 @@ mod tests {
         let (res, _) = run(
             &w,
             &root,
-            exec_op("mkdir -p /m && mount -t tmpfs none /m", "", vec![]),
+            testutil::exec_op("mkdir -p /m && mount -t tmpfs none /m", "", vec![]),
         )
         .await;
         assert!(res.is_err(), "a sandboxed step cannot mount");
