@@ -98,16 +98,18 @@ fn created(dir: &Path) -> i64 {
 
 /// Allocated bytes of `dir` and everything under it, each inode once.
 fn disk_size(dir: &Path) -> i64 {
-    size_from(dir, 0)
+    size_from(dir, 0, &mut HashSet::new())
 }
 
 /// Allocated bytes of the entries under `dir` (not `dir` itself).
 fn contents_size(dir: &Path) -> i64 {
-    size_from(dir, 1)
+    size_from(dir, 1, &mut HashSet::new())
 }
 
-fn size_from(dir: &Path, min_depth: usize) -> i64 {
-    let mut seen = HashSet::new();
+/// Allocated bytes under `dir`, skipping hard-linked inodes already in `seen`
+/// (snapshots share files with each other: context copies and plain COPYs
+/// are hard links).
+fn size_from(dir: &Path, min_depth: usize, seen: &mut HashSet<(u64, u64)>) -> i64 {
     let mut total = 0i64;
     for e in walkdir::WalkDir::new(dir)
         .min_depth(min_depth)
@@ -302,11 +304,18 @@ impl Worker {
         let blobs = self.blobs_dir();
         let mounts = refs.is_empty().then(|| self.cache_mounts_dir());
         tokio::task::spawn_blocking(move || {
+            // a file shared by several snapshots counts once, for the oldest
+            let mut metas: Vec<(i64, Meta)> = metas
+                .into_iter()
+                .map(|m| (created(&store.dir(&m.id)), m))
+                .collect();
+            metas.sort_by_key(|(c, _)| *c);
+            let mut seen = HashSet::new();
             let mut snapshots: Vec<SnapshotUsage> = metas
                 .into_iter()
-                .map(|m| SnapshotUsage {
-                    size: disk_size(&store.dir(&m.id)),
-                    created: created(&store.dir(&m.id)),
+                .map(|(created, m)| SnapshotUsage {
+                    size: size_from(&store.dir(&m.id), 0, &mut seen),
+                    created,
                     id: m.id,
                     parent: m.parent,
                     kind: m.kind,
@@ -456,6 +465,36 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use crate::testutil::{snapshot, worker};
+
+    #[tokio::test]
+    async fn files_shared_by_snapshots_count_once_in_usage() {
+        let (_tmp, w) = worker();
+        let a = snapshot(&w, None, |d| {
+            std::fs::write(d.join("big"), vec![7u8; 1 << 20]).expect("write")
+        });
+        let a_file = w.store().diff_dir(&a).join("big");
+        // b is created strictly later (timestamps are coarse)
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = snapshot(&w, None, |d| {
+            std::fs::hard_link(&a_file, d.join("big")).expect("link")
+        });
+        let u = w.usage(&[]).await.expect("usage");
+        let size = |id: &str| {
+            u.snapshots
+                .iter()
+                .find(|s| s.id == id)
+                .map(|s| s.size)
+                .expect("listed")
+        };
+        assert!(size(&a) >= 1 << 20, "the oldest holder counts the file");
+        assert!(
+            size(&b) < 1 << 20,
+            "the second holder does not count it again"
+        );
+        // each alone still owns its whole size
+        let alone = w.usage(std::slice::from_ref(&b)).await.expect("usage");
+        assert!(alone.snapshots[0].size >= 1 << 20);
+    }
 
     #[tokio::test]
     async fn prune_keeps_what_kept_refs_reach_and_removes_the_rest() {
