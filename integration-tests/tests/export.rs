@@ -544,3 +544,35 @@ fn gzip_layer_with_stored_random_blocks_unpacks_with_umoci() -> Result<()> {
     assert_eq!(std::fs::read(bundle.join("random.bin"))?, random);
     Ok(())
 }
+
+/// Several multi-MiB layers are streamed from the worker into the tarball one after the
+/// other (all at once they would share one HTTP/2 window and stall).
+#[test]
+fn oci_tarball_of_several_large_layers_streams_them_all() -> Result<()> {
+    let d = Kilnd::start(&format!(
+        "[registry.\"docker.io\"]\nmirrors = [\"{0}\"]\n[registry.\"{0}\"]\nhttp = true\n",
+        kiln_integration_tests::registry()
+    ))?;
+    let ctx = BuildContext::new(
+        "FROM busybox\n\
+         RUN head -c 6m /dev/urandom > /r1\n\
+         RUN head -c 6m /dev/urandom > /r2\n\
+         RUN head -c 6m /dev/urandom > /r3\n\
+         RUN head -c 6m /dev/urandom > /r4\n",
+    )?;
+    let home = tempfile::tempdir()?;
+    for kind in ["oci", "docker"] {
+        let dest = format!("{kind}.tar");
+        d.build_ok(
+            ctx.path(),
+            &format!("type={kind},dest={dest},name=kiln/layers:v1"),
+            home.path(),
+        )?;
+        let v = skopeo_inspect(
+            &format!("{kind}-archive:{}", ctx.path().join(&dest).display()),
+            &[],
+        )?;
+        assert_eq!(v["Layers"].as_array().context("layers")?.len(), 5, "{v}");
+    }
+    Ok(())
+}

@@ -69,7 +69,7 @@ impl<W: Write> OciLayoutWriter<W> {
         };
         let mut h = file_header(desc.size);
         let mut exact = ExactReader {
-            inner: r.take(desc.size),
+            inner: r,
             left: desc.size,
         };
         self.tar
@@ -224,8 +224,9 @@ impl<W: Write> DockerArchiveWriter<W> {
     }
 }
 
-/// Fails with `UnexpectedEof` when its reader ends before `left` bytes: a tar entry
-/// whose data is shorter than its header would corrupt the archive.
+/// Passes on exactly `left` bytes and reads its reader to its end (so a verifying reader
+/// sees the end): a reader shorter or longer than the tar header says fails, since either
+/// would corrupt the archive.
 struct ExactReader<R> {
     inner: R,
     left: u64,
@@ -238,6 +239,12 @@ impl<R: Read> Read for ExactReader<R> {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("blob ended {} bytes short", self.left),
+            ));
+        }
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "blob is longer than its descriptor says",
             ));
         }
         self.left -= n as u64;
@@ -511,5 +518,8 @@ mod tests {
             .add_blob_reader(&desc, &data[..10])
             .expect_err("short blob");
         assert!(matches!(err, Error::WriteLayout { .. }), "{err}");
+        let longer = [&data[..], b"!"].concat();
+        let mut w = OciLayoutWriter::new(Vec::new()).expect("writer");
+        assert!(w.add_blob_reader(&desc, &longer[..]).is_err(), "long blob");
     }
 }

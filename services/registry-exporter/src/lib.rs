@@ -350,11 +350,15 @@ impl Exporter {
                             response.insert("image.name".into(), names.join(","));
                         }
                         let _ = progress.try_send(format!("sending {kind} tarball"));
-                        let blobs =
-                            output::open_blobs(worker, std::slice::from_ref(&image)).await?;
-                        let stream =
-                            output::archive_stream(kind == "docker", &image, &names, blobs)?;
-                        client.send_file(req.index, stream).await?;
+                        let order = output::blob_order(std::slice::from_ref(&image));
+                        let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
+                        let stream = output::archive_stream(kind == "docker", &image, &names, rx)?;
+                        let (pumped, sent) = tokio::join!(
+                            output::pump_blobs(worker, &order, tx),
+                            client.send_file(req.index, stream)
+                        );
+                        sent?;
+                        pumped?;
                     }
                 }
                 Ok(response)
@@ -365,8 +369,14 @@ impl Exporter {
                     let stream = output::fs_tar_stream(worker, &req.reference).await?;
                     client.send_file(req.index, stream).await?;
                 } else {
-                    let stream = output::fs_tar_multi(worker, &req.platforms).await?;
-                    client.send_file(req.index, stream).await?;
+                    let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
+                    let stream = output::fs_tar_multi(&req.platforms, rx);
+                    let (pumped, sent) = tokio::join!(
+                        output::pump_fs(worker, &req.platforms, tx),
+                        client.send_file(req.index, stream)
+                    );
+                    sent?;
+                    pumped?;
                 }
                 Ok(BTreeMap::new())
             }
@@ -455,9 +465,15 @@ impl Exporter {
                 response.insert("image.name".into(), names.join(","));
             }
             let _ = progress.try_send("sending oci tarball".to_string());
-            let blobs = output::open_blobs(worker, &index.images).await?;
-            let stream = output::index_archive_stream(&index, &names, blobs)?;
-            client.send_file(req.index, stream).await?;
+            let order = output::blob_order(&index.images);
+            let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
+            let stream = output::index_archive_stream(&index, &names, rx)?;
+            let (pumped, sent) = tokio::join!(
+                output::pump_blobs(worker, &order, tx),
+                client.send_file(req.index, stream)
+            );
+            sent?;
+            pumped?;
         }
         Ok(response)
     }

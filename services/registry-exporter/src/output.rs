@@ -3,7 +3,6 @@
 //! subdirectory per platform for multi-platform results). Tarballs are streamed to the
 //! client as they are written, through a bounded pipe.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -20,57 +19,173 @@ use tokio_util::io::StreamReader;
 use crate::{AssembledImage, AssembledIndex, Error, FileData, PlatformRef, WorkerFs};
 
 /// The image as an OCI layout tar (or a docker-archive when `docker`), produced on a
-/// blocking thread as the client reads it: nothing is written to disk.
+/// blocking thread as the client reads it: nothing is written to disk. Layer bytes come
+/// from `feed`, which [`pump_blobs`] fills in [`blob_order`].
 pub(crate) fn archive_stream(
     docker: bool,
     image: &AssembledImage,
     names: &[String],
-    blobs: BlobStreams,
+    feed: FeedRx,
 ) -> Result<FileData, Error> {
     let image = image.clone();
     let names = names.to_vec();
-    let handle = tokio::runtime::Handle::current();
     Ok(spawn_writer("write image archive", move |w| {
-        let mut blobs = LayerSource { blobs, handle };
+        let mut blobs = LayerSource::new(feed);
         write_archive_sync(docker, &image, &names, &mut blobs, w)
     }))
 }
 
-/// Layer blobs being read from the worker, by digest.
-pub(crate) type BlobStreams = HashMap<String, (Descriptor, crate::ByteStream)>;
+/// Bytes of worker streams, one after the other: `Some(chunk)`, then `None` at the end of
+/// each stream; an error ends the feed.
+pub(crate) type FeedItem = Result<Option<Bytes>, String>;
+pub(crate) type FeedRx = mpsc::Receiver<FeedItem>;
 
-/// Opens a ReadBlob stream per distinct layer of `images` (the worker sends a few chunks
-/// ahead of each; they are read one after the other as the tar is written).
-pub(crate) async fn open_blobs(
+/// Chunks held between the worker streams and the writing thread.
+pub(crate) const FEED_CHUNKS: usize = 16;
+
+/// The distinct layers of `images`, in the order the archive writers add them.
+pub(crate) fn blob_order(images: &[AssembledImage]) -> Vec<Descriptor> {
+    let mut seen = std::collections::HashSet::new();
+    images
+        .iter()
+        .flat_map(|i| i.layers.iter())
+        .filter(|l| seen.insert(l.digest.clone()))
+        .cloned()
+        .collect()
+}
+
+/// Reads each blob of `order` from the worker, one stream at a time (several open streams
+/// would share one HTTP/2 connection window, and the unread ones would stall the one being
+/// read), into `tx`.
+pub(crate) async fn pump_blobs(
     worker: &impl WorkerFs,
-    images: &[AssembledImage],
-) -> Result<BlobStreams, Error> {
-    let mut out = HashMap::new();
-    for l in images.iter().flat_map(|i| i.layers.iter()) {
-        if !out.contains_key(&l.digest) {
-            let stream = worker.read_blob(&l.digest).await?;
-            out.insert(l.digest.clone(), (l.clone(), stream));
+    order: &[Descriptor],
+    tx: mpsc::Sender<FeedItem>,
+) -> Result<(), Error> {
+    for d in order {
+        let stream = match worker.read_blob(&d.digest).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return Err(e);
+            }
+        };
+        if !pump_one(stream, &tx).await? {
+            return Ok(());
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// As [`pump_blobs`] for the filesystems of `platforms` (scratch ones send nothing).
+pub(crate) async fn pump_fs(
+    worker: &impl WorkerFs,
+    platforms: &[PlatformRef],
+    tx: mpsc::Sender<FeedItem>,
+) -> Result<(), Error> {
+    for p in platforms.iter().filter(|p| !p.reference.is_empty()) {
+        let stream = match worker.export_fs(&p.reference).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return Err(e);
+            }
+        };
+        if !pump_one(stream, &tx).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Sends one stream and its end marker; false when the reader went away.
+async fn pump_one(
+    mut stream: crate::ByteStream,
+    tx: &mpsc::Sender<FeedItem>,
+) -> Result<bool, Error> {
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(Ok(Some(c))).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(tx.send(Ok(None)).await.is_ok())
+}
+
+/// One stream of a feed, read from a blocking thread; ends at the stream's end marker.
+struct FeedReader<'a> {
+    rx: &'a mut FeedRx,
+    chunk: Bytes,
+    done: bool,
+}
+
+impl<'a> FeedReader<'a> {
+    fn new(rx: &'a mut FeedRx) -> Self {
+        FeedReader {
+            rx,
+            chunk: Bytes::new(),
+            done: false,
+        }
+    }
+}
+
+impl Read for FeedReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(Some(c))) => self.chunk = c,
+                Some(Ok(None)) => self.done = true,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the worker stream ended early",
+                    ));
+                }
+            }
+        }
+        let n = out.len().min(self.chunk.len());
+        out[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
 }
 
 /// Where the archive writer takes layer bytes from.
 struct LayerSource {
-    blobs: BlobStreams,
-    handle: tokio::runtime::Handle,
+    feed: FeedRx,
+    taken: std::collections::HashSet<String>,
 }
 
 impl LayerSource {
+    fn new(feed: FeedRx) -> Self {
+        LayerSource {
+            feed,
+            taken: std::collections::HashSet::new(),
+        }
+    }
+
     /// A reader of the layer's bytes that fails at its end unless digest and size match;
     /// `None` when it was already taken (a layer shared by two platforms).
-    fn take(&mut self, digest: &str) -> Option<VerifyingReader<BlockingStreamReader>> {
-        let (desc, stream) = self.blobs.remove(digest)?;
+    fn take(&mut self, desc: &Descriptor) -> Option<VerifyingReader<FeedReader<'_>>> {
+        if !self.taken.insert(desc.digest.clone()) {
+            return None;
+        }
         Some(VerifyingReader {
-            inner: BlockingStreamReader::new(stream, &self.handle),
+            inner: FeedReader::new(&mut self.feed),
             hasher: Sha256::new(),
             size: 0,
-            desc,
+            desc: desc.clone(),
         })
     }
 }
@@ -110,13 +225,12 @@ impl<R: Read> Read for VerifyingReader<R> {
 pub(crate) fn index_archive_stream(
     index: &AssembledIndex,
     names: &[String],
-    blobs: BlobStreams,
+    feed: FeedRx,
 ) -> Result<FileData, Error> {
     let index = index.clone();
     let names = names.to_vec();
-    let handle = tokio::runtime::Handle::current();
     Ok(spawn_writer("write image archive", move |w| {
-        let mut blobs = LayerSource { blobs, handle };
+        let mut blobs = LayerSource::new(feed);
         let oci = |source| Error::Oci {
             op: "write image archive",
             source,
@@ -124,7 +238,7 @@ pub(crate) fn index_archive_stream(
         let mut a = OciLayoutWriter::new(w).map_err(oci)?;
         for image in &index.images {
             for l in &image.layers {
-                if let Some(r) = blobs.take(&l.digest) {
+                if let Some(r) = blobs.take(l) {
                     a.add_blob_reader(l, r).map_err(oci)?;
                 }
             }
@@ -281,7 +395,7 @@ fn write_archive_sync(
     if docker {
         let mut a = DockerArchiveWriter::new(w).map_err(oci)?;
         for l in &image.layers {
-            if let Some(r) = blobs.take(&l.digest) {
+            if let Some(r) = blobs.take(l) {
                 a.add_blob_reader(l, r).map_err(oci)?;
             }
         }
@@ -309,7 +423,7 @@ fn write_archive_sync(
     } else {
         let mut a = OciLayoutWriter::new(w).map_err(oci)?;
         for l in &image.layers {
-            if let Some(r) = blobs.take(&l.digest) {
+            if let Some(r) = blobs.take(l) {
                 a.add_blob_reader(l, r).map_err(oci)?;
             }
         }
@@ -356,28 +470,19 @@ pub(crate) async fn fs_tar_stream(
 
 /// The filesystems of a multi-platform result as one tar with a top directory per
 /// platform (`linux_amd64/...`), streamed.
-pub(crate) async fn fs_tar_multi(
-    worker: &impl WorkerFs,
-    platforms: &[PlatformRef],
-) -> Result<FileData, Error> {
-    let mut sources = Vec::new();
-    for p in platforms {
-        let stream = if p.reference.is_empty() {
-            None
-        } else {
-            Some(worker.export_fs(&p.reference).await?)
-        };
-        sources.push((p.dir_name(), stream));
-    }
-    let handle = tokio::runtime::Handle::current();
-    Ok(spawn_writer("write filesystem tar", move |w| {
+pub(crate) fn fs_tar_multi(platforms: &[PlatformRef], mut feed: FeedRx) -> FileData {
+    let sources: Vec<(String, bool)> = platforms
+        .iter()
+        .map(|p| (p.dir_name(), !p.reference.is_empty()))
+        .collect();
+    spawn_writer("write filesystem tar", move |w| {
         let werr = |source| Error::Io {
             op: "write filesystem tar",
             path: PathBuf::from("<client stream>"),
             source,
         };
         let mut out = tar::Builder::new(w);
-        for (dir, stream) in sources {
+        for (dir, has_fs) in sources {
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(tar::EntryType::Directory);
             h.set_mode(0o755);
@@ -385,9 +490,10 @@ pub(crate) async fn fs_tar_multi(
             h.set_mtime(0);
             out.append_data(&mut h, format!("{dir}/"), std::io::empty())
                 .map_err(werr)?;
-            let Some(stream) = stream else { continue };
-            let reader = BlockingStreamReader::new(stream, &handle);
-            let mut ar = tar::Archive::new(reader);
+            if !has_fs {
+                continue;
+            }
+            let mut ar = tar::Archive::new(FeedReader::new(&mut feed));
             for entry in ar.entries().map_err(werr)? {
                 let mut entry = entry.map_err(werr)?;
                 let path = entry.path().map_err(werr)?.into_owned();
@@ -405,10 +511,12 @@ pub(crate) async fn fs_tar_multi(
                 }
                 out.append_data(&mut h, &name, &mut entry).map_err(werr)?;
             }
+            // the rest of this stream (the tar's end blocks) up to its end marker
+            std::io::copy(&mut ar.into_inner(), &mut std::io::sink()).map_err(werr)?;
         }
         out.finish().map_err(werr)?;
         Ok(())
-    }))
+    })
 }
 
 /// The ref's filesystem unpacked into `dir`, streamed from the worker (no tar on disk).
