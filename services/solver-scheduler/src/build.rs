@@ -102,7 +102,10 @@ impl Build {
 
     /// The client session's shared key, once the build has looked it up.
     pub fn shared_key(&self) -> String {
-        self.shared_key.lock().map(|s| s.clone()).unwrap_or_default()
+        self.shared_key
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     pub fn add_ref(&self, worker_ref: String) -> String {
