@@ -559,3 +559,43 @@ fn two_projects_with_look_alike_files_each_build_their_own() {
         );
     }
 }
+
+#[test]
+fn annotations_from_output_attrs_reach_the_pushed_manifest() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let reg = kiln_integration_tests::registry();
+    let name = format!("{reg}/kiln-it/annotated:{}", std::process::id());
+    let c = BuildContext::new("FROM busybox\nRUN echo a > /a\n").expect("context");
+    let out_arg = format!(
+        "type=image,name={name},push=true,annotation.org.opencontainers.image.title=kiln-app,annotation-manifest[linux/s390x].other=no"
+    );
+    d.build(
+        c.path(),
+        &args(&["--output", &out_arg, "--metadata-file", "md.json"]),
+    )
+    .expect("build");
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{name}")))
+    .expect("skopeo inspect --raw");
+    let m: serde_json::Value = serde_json::from_str(&raw).expect("manifest");
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.title"], "kiln-app",
+        "{raw}"
+    );
+    assert!(
+        m["annotations"].get("other").is_none(),
+        "another platform's: {raw}"
+    );
+    let md: serde_json::Value =
+        serde_json::from_str(&read(c.path().join("md.json"))).expect("json");
+    let inspect = run(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{name}")))
+    .expect("skopeo inspect");
+    let v: serde_json::Value = serde_json::from_str(&inspect).expect("json");
+    assert_eq!(
+        v["Digest"], md["containerimage.digest"],
+        "the digest covers the annotations"
+    );
+}

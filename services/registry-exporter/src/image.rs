@@ -195,6 +195,136 @@ pub fn assemble_image(
     })
 }
 
+/// User annotations of an image export, from BuildKit's exporter attrs:
+/// `annotation.K=V` and `annotation-manifest.K=V` (on the image manifest),
+/// `annotation-manifest-descriptor.K=V` (on the manifest's descriptor in an
+/// index), `annotation-index.K=V` and `annotation-index-descriptor.K=V` (on a
+/// multi-platform index and its descriptor). A manifest key may name one
+/// platform: `annotation-manifest[linux/arm64].K=V`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Annotations {
+    /// (platform or none for all, key, value)
+    pub manifest: Vec<(Option<String>, String, String)>,
+    pub manifest_descriptor: Vec<(Option<String>, String, String)>,
+    pub index: BTreeMap<String, String>,
+    pub index_descriptor: BTreeMap<String, String>,
+}
+
+impl Annotations {
+    pub fn from_attrs(attrs: &BTreeMap<String, String>) -> Result<Annotations, Error> {
+        let mut a = Annotations::default();
+        for (k, v) in attrs {
+            let Some(rest) = k.strip_prefix("annotation") else {
+                continue;
+            };
+            let invalid = || Error::InvalidAttr {
+                key: k.clone(),
+                value: v.clone(),
+            };
+            let (kind, key) = match rest.split_once('.') {
+                Some((kind, key)) if !key.is_empty() => (kind, key.to_string()),
+                _ => return Err(invalid()),
+            };
+            let (kind, platform) = match kind.split_once('[') {
+                Some((kind, p)) => {
+                    let p = p
+                        .strip_suffix(']')
+                        .filter(|p| !p.is_empty())
+                        .ok_or_else(invalid)?;
+                    (kind, Some(p.to_string()))
+                }
+                None => (kind, None),
+            };
+            match (kind, platform) {
+                ("" | "-manifest", p) => a.manifest.push((p, key, v.clone())),
+                ("-manifest-descriptor", p) => a.manifest_descriptor.push((p, key, v.clone())),
+                ("-index", None) => {
+                    a.index.insert(key, v.clone());
+                }
+                ("-index-descriptor", None) => {
+                    a.index_descriptor.insert(key, v.clone());
+                }
+                _ => return Err(invalid()),
+            }
+        }
+        Ok(a)
+    }
+
+    fn for_platform(
+        list: &[(Option<String>, String, String)],
+        platform: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let m: BTreeMap<String, String> = list
+            .iter()
+            .filter(|(p, _, _)| p.as_deref().is_none_or(|p| p == platform))
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
+        (!m.is_empty()).then_some(m)
+    }
+
+    /// Puts the manifest annotations into `image`'s manifest (re-encoding it,
+    /// so its digest changes) and the descriptor annotations on its descriptor.
+    pub fn apply_to_image(&self, image: &mut AssembledImage) -> Result<(), Error> {
+        let platform = image
+            .manifest_desc
+            .platform
+            .as_ref()
+            .map(|p| match p.variant.as_deref().filter(|v| !v.is_empty()) {
+                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                None => format!("{}/{}", p.os, p.architecture),
+            })
+            .unwrap_or_default();
+        if let Some(m) = Self::for_platform(&self.manifest, &platform) {
+            let mut manifest: Manifest =
+                serde_json::from_slice(&image.manifest).map_err(|source| Error::EncodeJson {
+                    what: "image manifest",
+                    source,
+                })?;
+            manifest.annotations.get_or_insert_default().extend(m);
+            image.manifest = serde_json::to_vec(&manifest).map_err(|source| Error::EncodeJson {
+                what: "image manifest",
+                source,
+            })?;
+            image.manifest_desc.digest = digest::sha256(&image.manifest);
+            image.manifest_desc.size = image.manifest.len() as u64;
+        }
+        if let Some(d) = Self::for_platform(&self.manifest_descriptor, &platform) {
+            image
+                .manifest_desc
+                .annotations
+                .get_or_insert_default()
+                .extend(d);
+        }
+        Ok(())
+    }
+
+    /// Puts the index annotations into `index` (re-encoding it) and on its descriptor.
+    pub fn apply_to_index(&self, index: &mut AssembledIndex) -> Result<(), Error> {
+        let encode_err = |source| Error::EncodeJson {
+            what: "image index",
+            source,
+        };
+        if !self.index.is_empty() {
+            let mut i: kiln_oci::Index =
+                serde_json::from_slice(&index.index).map_err(encode_err)?;
+            i.annotations
+                .get_or_insert_default()
+                .extend(self.index.clone());
+            index.index = serde_json::to_vec(&i).map_err(encode_err)?;
+            index.desc.digest = digest::sha256(&index.index);
+            index.desc.size = index.index.len() as u64;
+        }
+        if !self.index_descriptor.is_empty() {
+            index
+                .desc
+                .annotations
+                .get_or_insert_default()
+                .extend(self.index_descriptor.clone());
+        }
+        Ok(())
+    }
+}
+
 /// The layer options of an image/oci/docker export from BuildKit's attrs: `compression`,
 /// `compression-level`, `force-compression`, and `rewrite-timestamp` with
 /// `source-date-epoch`.
@@ -443,7 +573,8 @@ pub(crate) async fn build(
         None => with_build_time(&req.image_config, now_epoch())?,
     };
     let image_config = mark_empty_layers(&image_config, &empty)?;
-    let image = assemble_image(&image_config, &layers, media, &blob_dir)?;
+    let mut image = assemble_image(&image_config, &layers, media, &blob_dir)?;
+    Annotations::from_attrs(&req.attrs)?.apply_to_image(&mut image)?;
     let config_path = image.blob_path(&image.config_desc.digest);
     tokio::fs::write(&config_path, &image.config)
         .await
@@ -840,6 +971,59 @@ mod tests {
             digest_name("127.0.0.1:5000/a/b:v1", "sha256:abc"),
             "127.0.0.1:5000/a/b@sha256:abc"
         );
+    }
+
+    #[test]
+    fn annotations_from_attrs_land_on_the_manifest_its_descriptor_and_the_index() {
+        let attrs: BTreeMap<String, String> = [
+            ("annotation.org.opencontainers.image.title", "app"),
+            ("annotation-manifest[linux/arm64].only", "arm"),
+            ("annotation-manifest-descriptor.d", "desc"),
+            ("annotation-index.i", "idx"),
+            ("annotation-index-descriptor.id", "idx-desc"),
+            ("push", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let ann = Annotations::from_attrs(&attrs).expect("parse");
+        let mut img = assemble_image(
+            b"{\"os\":\"linux\",\"architecture\":\"amd64\"}",
+            &[layer(1)],
+            MediaTypes::Oci,
+            Path::new("/b"),
+        )
+        .expect("assemble");
+        let before = img.manifest_desc.digest.clone();
+        ann.apply_to_image(&mut img).expect("annotate");
+        let m: serde_json::Value = serde_json::from_slice(&img.manifest).expect("manifest");
+        assert_eq!(m["annotations"]["org.opencontainers.image.title"], "app");
+        assert!(m["annotations"].get("only").is_none(), "arm64 only");
+        assert_ne!(img.manifest_desc.digest, before);
+        assert_eq!(img.manifest_desc.digest, digest::sha256(&img.manifest));
+        assert_eq!(
+            img.manifest_desc.annotations.as_ref().expect("desc")["d"],
+            "desc"
+        );
+        let mut index = assemble_index(vec![img], MediaTypes::Oci).expect("index");
+        ann.apply_to_index(&mut index).expect("annotate index");
+        let i: serde_json::Value = serde_json::from_slice(&index.index).expect("index");
+        assert_eq!(i["annotations"]["i"], "idx");
+        assert_eq!(i["manifests"][0]["annotations"]["d"], "desc");
+        assert_eq!(index.desc.digest, digest::sha256(&index.index));
+        assert_eq!(
+            index.desc.annotations.as_ref().expect("desc")["id"],
+            "idx-desc"
+        );
+        for bad in [
+            "annotation",
+            "annotation.",
+            "annotation-bogus.k",
+            "annotation-index[linux/amd64].k",
+        ] {
+            let attrs = [(bad.to_string(), "v".to_string())].into_iter().collect();
+            assert!(Annotations::from_attrs(&attrs).is_err(), "{bad}");
+        }
     }
 
     #[test]

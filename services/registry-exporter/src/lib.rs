@@ -426,7 +426,8 @@ impl Exporter {
             };
             images.push(image::build(&one, worker, tmp, progress, push).await?);
         }
-        let index = image::assemble_index(images, image::media_types_of(&req.attrs))?;
+        let mut index = image::assemble_index(images, image::media_types_of(&req.attrs))?;
+        image::Annotations::from_attrs(&req.attrs)?.apply_to_index(&mut index)?;
         let mut response = index.response();
         let names = names(&req.attrs);
         if req.kind == "image" {
