@@ -224,6 +224,14 @@ fn encode(rec: &CacheRecord) -> Result<Vec<u8>, Error> {
     })
 }
 
+/// Non-durable commits are made durable by the next durable one or when the
+/// database closes; a crash before that loses them (never a half of one).
+fn set_durability(txn: &mut redb::WriteTransaction, durability: redb::Durability) {
+    if let Err(e) = txn.set_durability(durability) {
+        tracing::debug!(error = %e, "commit stays durable");
+    }
+}
+
 impl RedbStore {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<RedbStore, Error> {
@@ -235,9 +243,16 @@ impl RedbStore {
         }
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
         let s = RedbStore { db };
-        s.write("create tables", |_, _| Ok(()))?;
-        s.aux_write("create tables", HISTORY, |_| Ok(()))?;
-        s.aux_write("create tables", STEPS, |_| Ok(()))?;
+        s.write("create tables", redb::Durability::Immediate, |_, _| Ok(()))?;
+        s.aux_write(
+            "create tables",
+            HISTORY,
+            redb::Durability::Immediate,
+            |_| Ok(()),
+        )?;
+        s.aux_write("create tables", STEPS, redb::Durability::Immediate, |_| {
+            Ok(())
+        })?;
         Ok(s)
     }
 
@@ -245,10 +260,12 @@ impl RedbStore {
         &self,
         op: &'static str,
         table: redb::TableDefinition<&str, &[u8]>,
+        durability: redb::Durability,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let e = db_err(op);
-        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let mut txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        set_durability(&mut txn, durability);
         {
             let mut t = txn.open_table(table).map_err(|x| e(x.into()))?;
             f(&mut t)?;
@@ -272,10 +289,12 @@ impl RedbStore {
     fn write<T>(
         &self,
         op: &'static str,
+        durability: redb::Durability,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>, &mut redb::Table<&str, &str>) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let e = db_err(op);
-        let txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let mut txn = self.db.begin_write().map_err(|x| e(x.into()))?;
+        set_durability(&mut txn, durability);
         let out = {
             let mut records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
             let mut keys = txn.open_table(KEYS).map_err(|x| e(x.into()))?;
@@ -289,11 +308,12 @@ impl RedbStore {
         &self,
         op: &'static str,
         id: &str,
+        durability: redb::Durability,
         f: impl FnOnce(&mut CacheRecord, &mut redb::Table<&str, &str>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         use redb::ReadableTable;
         let e = db_err(op);
-        self.write(op, |records, keys| {
+        self.write(op, durability, |records, keys| {
             let rec = match records.get(id).map_err(|x| e(x.into()))? {
                 Some(v) => decode(id, v.value())?,
                 None => return Ok(()),
@@ -331,7 +351,7 @@ impl CacheStore for RedbStore {
     fn put(&self, record: &CacheRecord) -> Result<(), Error> {
         let e = db_err("put");
         let bytes = encode(record)?;
-        self.write("put", |records, keys| {
+        self.write("put", redb::Durability::Immediate, |records, keys| {
             records
                 .insert(record.id.as_str(), bytes.as_slice())
                 .map_err(|x| e(x.into()))?;
@@ -345,7 +365,7 @@ impl CacheStore for RedbStore {
 
     fn link(&self, id: &str, key: &str) -> Result<(), Error> {
         let e = db_err("link");
-        self.update("link", id, |rec, keys| {
+        self.update("link", id, redb::Durability::Immediate, |rec, keys| {
             if !rec.links.iter().any(|l| l == key) {
                 rec.links.push(key.to_string());
             }
@@ -357,7 +377,9 @@ impl CacheStore for RedbStore {
     }
 
     fn touch(&self, id: &str) -> Result<(), Error> {
-        self.update("touch", id, |rec, _| {
+        // usage statistics only (prune order): losing the last ones in a crash is harmless,
+        // and a cached step does no fsync
+        self.update("touch", id, redb::Durability::None, |rec, _| {
             rec.last_used = unix_nanos();
             rec.usage_count += 1;
             Ok(())
@@ -367,7 +389,7 @@ impl CacheStore for RedbStore {
     fn remove(&self, id: &str) -> Result<(), Error> {
         use redb::ReadableTable;
         let e = db_err("remove");
-        self.write("remove", |records, keys| {
+        self.write("remove", redb::Durability::Immediate, |records, keys| {
             let rec = match records.remove(id).map_err(|x| e(x.into()))? {
                 Some(v) => decode(id, v.value())?,
                 None => return Ok(()),
@@ -399,7 +421,7 @@ impl CacheStore for RedbStore {
     }
 
     fn set_size(&self, id: &str, size: i64) -> Result<(), Error> {
-        self.update("set size", id, |rec, _| {
+        self.update("set size", id, redb::Durability::Immediate, |rec, _| {
             rec.size = Some(size);
             Ok(())
         })
@@ -409,7 +431,7 @@ impl CacheStore for RedbStore {
         use redb::{ReadableTable, ReadableTableMetadata};
         let bytes = serde_json::to_vec(rec).map_err(json_err("history", &rec.r#ref))?;
         let e = db_err("put history");
-        self.aux_write("put history", HISTORY, |t| {
+        self.aux_write("put history", HISTORY, redb::Durability::Immediate, |t| {
             t.insert(rec.r#ref.as_str(), bytes.as_slice())
                 .map_err(|x| e(x.into()))?;
             let n = t.len().map_err(|x| e(x.into()))? as usize;
@@ -452,7 +474,9 @@ impl CacheStore for RedbStore {
     fn put_step(&self, shape: &str, rec: &StepRecord) -> Result<(), Error> {
         let bytes = serde_json::to_vec(rec).map_err(json_err("step", shape))?;
         let e = db_err("put step");
-        self.aux_write("put step", STEPS, |t| {
+        // what went into a step's key, for explanations: losing the last ones in a crash
+        // only makes a later miss unexplained, and a step does one fsync (its record) not two
+        self.aux_write("put step", STEPS, redb::Durability::None, |t| {
             t.insert(shape, bytes.as_slice()).map_err(|x| e(x.into()))?;
             Ok(())
         })

@@ -583,6 +583,7 @@ impl<W: Worker> Step<W> {
 
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
     async fn execute(self) -> Result<Outcome, Failure> {
+        let t0 = std::time::Instant::now();
         if self.lookup
             && let Some(rec) = self.usable(&self.key).await?
         {
@@ -655,6 +656,7 @@ impl<W: Worker> Step<W> {
                 .progress
                 .status(&vdigest, id, current, total, completed),
         });
+        let t_lookup = t0.elapsed();
         let _permit = match &self.cache.limit {
             Some(s) => Some(s.clone().acquire_owned().await.map_err(|e| {
                 self.fail(format!("parallelism limit: {e}"), tonic::Code::Internal)
@@ -681,6 +683,7 @@ impl<W: Worker> Step<W> {
                 Error::Vertex { message, code, .. } => self.fail(message, code),
                 other => self.fail(other.to_string(), tonic::Code::Unknown),
             })?;
+        let t_run = t0.elapsed();
         if let Some(rec) = record {
             let (shape, store) = (self.shape.clone(), self.cache.store().clone());
             if let Ok(Err(e)) =
@@ -720,6 +723,14 @@ impl<W: Worker> Step<W> {
                 tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
             }
         }
+        tracing::debug!(
+            target: "kiln_timing",
+            "step {}: lookup {} ms, worker run {} ms, records {} ms",
+            self.digest,
+            t_lookup.as_millis(),
+            (t_run - t_lookup).as_millis(),
+            (t0.elapsed() - t_run).as_millis()
+        );
         Ok(Outcome {
             done: Arc::new(Done { outputs, keys, why }),
             cached: false,

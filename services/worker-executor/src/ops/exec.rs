@@ -439,6 +439,7 @@ fn prepare(
         .meta
         .as_ref()
         .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    let t0 = std::time::Instant::now();
     let bundle = tempfile::Builder::new()
         .prefix("exec-")
         .tempdir_in(tmp)
@@ -469,7 +470,7 @@ fn prepare(
                 let parent = input_ref(inputs, m.input)?;
                 let path = if m.output >= 0 || !m.readonly {
                     let staging = store.prepare()?;
-                    let mounted = store.mount_rw(parent.as_deref(), &staging)?;
+                    let mounted = store.mount_rw_volatile(parent.as_deref(), &staging)?;
                     let path = mounted.path().to_path_buf();
                     if is_root {
                         p.root_writable = Some(p.writable.len());
@@ -558,6 +559,7 @@ fn prepare(
     if p.rootfs.as_os_str().is_empty() {
         return Err(Error::InvalidOp("exec has no root mount".into()));
     }
+    let t_mounts = t0.elapsed();
     let identity = users::resolve_user(&p.rootfs, &meta.user)?;
     for dest in runc::SYSTEM_MOUNTS
         .iter()
@@ -600,6 +602,12 @@ fn prepare(
     spec.save(&config)
         .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
     p.spec = spec;
+    tracing::debug!(
+        target: "kiln_timing",
+        "exec prepare: mounts {} ms, user/stubs/bundle {} ms",
+        t_mounts.as_millis(),
+        (t0.elapsed() - t_mounts).as_millis()
+    );
     Ok(p)
 }
 
@@ -635,16 +643,29 @@ fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
         .unwrap_or(0)
         .max(0) as usize;
     let mut outputs = vec![None; n];
+    let t0 = std::time::Instant::now();
+    let (mut t_unmount, mut t_commit) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     for (i, w) in p.writable.into_iter().enumerate() {
+        let t = std::time::Instant::now();
         w.mounted.unmount()?;
+        t_unmount += t.elapsed();
         if Some(i) == p.root_writable {
             remove_stubs(&w.staging.diff(), &p.stubs);
         }
         if w.output >= 0 {
+            let t = std::time::Instant::now();
             let id = store.commit(w.staging, w.parent.as_deref(), Kind::Built, None)?;
+            t_commit += t.elapsed();
             outputs[w.output as usize] = Some(id);
         }
     }
+    tracing::debug!(
+        target: "kiln_timing",
+        "exec finish: unmount {} ms, sync+commit {} ms, total {} ms",
+        t_unmount.as_millis(),
+        t_commit.as_millis(),
+        t0.elapsed().as_millis()
+    );
     Ok(outputs)
 }
 
@@ -693,6 +714,7 @@ pub async fn run(
                 .await?,
         );
     }
+    let t0 = std::time::Instant::now();
     let store = w.store().clone();
     let root = w.config().root.clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
@@ -708,11 +730,13 @@ pub async fn run(
         )
     })
     .await??;
+    let t_prepared = t0.elapsed();
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
     let code = w
         .executor
         .run(&id, prepared.bundle.path(), &prepared.spec, events)
         .await?;
+    let t_ran = t0.elapsed();
     drop(agents);
     let valid = if meta.valid_exit_codes.is_empty() {
         vec![0]
@@ -726,7 +750,15 @@ pub async fn run(
         });
     }
     let store = w.store().clone();
-    tokio::task::spawn_blocking(move || finish(&store, prepared)).await?
+    let out = tokio::task::spawn_blocking(move || finish(&store, prepared)).await??;
+    tracing::debug!(
+        target: "kiln_timing",
+        "exec {id}: prepare {} ms, run {} ms, finish {} ms",
+        t_prepared.as_millis(),
+        (t_ran - t_prepared).as_millis(),
+        (t0.elapsed() - t_ran).as_millis()
+    );
+    Ok(out)
 }
 
 /// The build's client session, reached through the solver's broker; `None`

@@ -6,6 +6,16 @@
 //! * `staging/<id>/{diff,work}`: snapshots being written. A staging dir is renamed into
 //!   `snapshots/` only after its meta.json is complete, so a crash never leaves a half
 //!   snapshot visible; leftovers are removed when the store opens.
+//!
+//! Durability without an fsync per snapshot: a commit records in meta.json the boot
+//! (`/proc/sys/kernel/random/boot_id`) and the boot-clock time it was written at. A
+//! background thread `syncfs`es the store's filesystem every few seconds when something
+//! was committed, then records in `synced` the boot and the time the sync started.
+//! When the store opens after a reboot, every snapshot written during an earlier boot
+//! after that boot's last recorded sync (or whose meta.json is unreadable) may have lost
+//! content in the crash, so it is removed, with its children; the solver's records that
+//! name it then fail their existence check and the steps run again. Within one boot
+//! (a killed daemon), the page cache still holds everything written, so nothing is lost.
 
 pub mod overlay;
 
@@ -50,6 +60,112 @@ pub struct Meta {
     /// does not determine it (local sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_key: Option<String>,
+    /// When the snapshot was committed (see the module doc); absent in snapshots
+    /// committed with an fsync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<Written>,
+}
+
+/// A boot and a time on its boot clock (`CLOCK_BOOTTIME`, nanoseconds).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub boot: String,
+    pub at: u64,
+}
+
+impl Written {
+    /// This boot, now.
+    pub fn now() -> Written {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: t is a valid timespec the call writes into.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
+        let at = if rc == 0 {
+            t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+        } else {
+            0
+        };
+        Written {
+            boot: boot_id(),
+            at,
+        }
+    }
+}
+
+/// The kernel's id of this boot (empty when unknown: then nothing counts as same-boot).
+fn boot_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
+}
+
+/// How often the background thread syncs the store's filesystem after commits.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a snapshot committed at `written` survived the end of its boot: it was
+/// written in this boot, or before a sync recorded in `synced` for its boot.
+fn durable(written: &Written, synced: Option<&Written>) -> bool {
+    let here = boot_id();
+    (!here.is_empty() && written.boot == here)
+        || synced.is_some_and(|s| s.boot == written.boot && written.at < s.at)
+}
+
+/// syncfs(2) of the filesystem holding `dir`.
+fn syncfs(dir: &Path) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let d = std::fs::File::open(dir).map_err(Error::io("open", dir))?;
+    #[allow(unsafe_code)]
+    // SAFETY: syncfs takes a file descriptor we own for the duration of the call.
+    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
+    if rc != 0 {
+        return Err(Error::io("syncfs", dir)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Syncs the store's filesystem and records it in `synced_file`.
+fn sync_now(root: &Path, synced_file: &Path) -> Result<()> {
+    let start = Written::now();
+    syncfs(root)?;
+    let bytes = serde_json::to_vec(&start).map_err(|source| Error::SnapshotMeta {
+        id: "synced".into(),
+        source,
+    })?;
+    write_atomic(synced_file, &bytes)
+}
+
+/// Syncs every [`SYNC_INTERVAL`] while something was committed since the last sync;
+/// ends when the store (every clone of it) is gone.
+fn spawn_syncer(
+    root: PathBuf,
+    synced_file: PathBuf,
+    dirty: std::sync::Weak<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let spawned = std::thread::Builder::new()
+        .name("snapshot-sync".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(SYNC_INTERVAL);
+                let Some(flag) = dirty.upgrade() else { return };
+                if flag.swap(false, Ordering::AcqRel)
+                    && let Err(e) = sync_now(&root, &synced_file)
+                {
+                    flag.store(true, Ordering::Release);
+                    tracing::warn!(error = %e, "sync snapshots");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "start the snapshot sync thread");
+    }
 }
 
 /// A snapshot being written: its `diff` dir is an overlay upper (or a plain dir).
@@ -86,6 +202,8 @@ pub struct Store {
     snapshots: PathBuf,
     staging: PathBuf,
     mnt: PathBuf,
+    /// Something was committed since the last sync (see the module doc).
+    dirty: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Checks that a ref is a snapshot id we could have produced (no path tricks).
@@ -111,10 +229,13 @@ impl Store {
     /// Opens (creating) the store under `root` and discards unfinished snapshots, and
     /// the mounts a killed worker left under `root`.
     pub fn open(root: &Path) -> Result<Store> {
+        // absolute, so overlay options stay valid from any working directory
+        let root = &std::path::absolute(root).map_err(Error::io("resolve", root))?;
         let s = Store {
             snapshots: root.join("snapshots"),
             staging: root.join("staging"),
             mnt: root.join("mnt"),
+            dirty: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         overlay::unmount_all_under(root);
         if let Ok(rd) = std::fs::read_dir(&s.mnt) {
@@ -128,6 +249,19 @@ impl Store {
         for d in [&s.snapshots, &s.staging, &s.mnt] {
             std::fs::create_dir_all(d).map_err(Error::io("create", d))?;
         }
+        let synced_file = root.join("synced");
+        let synced: Option<Written> = std::fs::read(&synced_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if synced.as_ref().is_none_or(|w| w.boot != boot_id()) {
+            s.drop_lost(synced.as_ref())?;
+            sync_now(root, &synced_file)?;
+        }
+        spawn_syncer(
+            root.to_path_buf(),
+            synced_file,
+            std::sync::Arc::downgrade(&s.dirty),
+        );
         Ok(s)
     }
 
@@ -166,16 +300,62 @@ impl Store {
             blob,
             layers: BTreeMap::new(),
             content_key: staging.content_key.take(),
+            written: Some(Written::now()),
         };
         let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
             id: meta.id.clone(),
             source,
         })?;
-        write_atomic(&staging.dir.join("meta.json"), &bytes)?;
+        // no fsync: the background sync and the check on open after a reboot make
+        // it safe (see the module doc)
+        let path = staging.dir.join("meta.json");
+        std::fs::write(&path, &bytes).map_err(Error::io("write", &path))?;
         let dest = self.snapshots.join(&staging.id);
         std::fs::rename(&staging.dir, &dest).map_err(Error::io("commit snapshot", &dest))?;
         staging.committed = true;
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
         Ok(staging.id.clone())
+    }
+
+    /// After a reboot: removes the snapshots that may have lost content (see the
+    /// module doc) and their descendants.
+    fn drop_lost(&self, synced: Option<&Written>) -> Result<()> {
+        let mut parents: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut lost: Vec<String> = Vec::new();
+        let rd = std::fs::read_dir(&self.snapshots).map_err(Error::io("read", &self.snapshots))?;
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            match self.meta(&id) {
+                Ok(m) if m.written.as_ref().is_none_or(|w| durable(w, synced)) => {
+                    parents.insert(id, m.parent);
+                }
+                _ => lost.push(id),
+            }
+        }
+        // descendants of a lost snapshot are lost too
+        let mut gone: std::collections::BTreeSet<String> = lost.iter().cloned().collect();
+        loop {
+            let more: Vec<String> = parents
+                .iter()
+                .filter(|(id, p)| {
+                    !gone.contains(*id) && p.as_ref().is_some_and(|p| gone.contains(p))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            gone.extend(more);
+        }
+        for id in &gone {
+            tracing::warn!(
+                id,
+                "removing a snapshot written before a crash and never synced"
+            );
+            let d = self.snapshots.join(id);
+            std::fs::remove_dir_all(&d).map_err(Error::io("remove lost snapshot", &d))?;
+        }
+        Ok(())
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -245,6 +425,22 @@ impl Store {
 
     /// Mounts the chain ending at `parent` with `staging` as the writable upper.
     pub fn mount_rw(&self, parent: Option<&str>, staging: &Staging) -> Result<Mounted> {
+        self.mount_upper(parent, staging, false)
+    }
+
+    /// Like [`Store::mount_rw`], but the unmount does not sync the upper's whole
+    /// filesystem (overlayfs `volatile`): the snapshot committed from it is made
+    /// durable like every other one (see the module doc).
+    pub fn mount_rw_volatile(&self, parent: Option<&str>, staging: &Staging) -> Result<Mounted> {
+        self.mount_upper(parent, staging, true)
+    }
+
+    fn mount_upper(
+        &self,
+        parent: Option<&str>,
+        staging: &Staging,
+        volatile: bool,
+    ) -> Result<Mounted> {
         let (diff, work) = (staging.diff(), staging.work());
         overlay::mount(
             &self.mnt,
@@ -252,6 +448,7 @@ impl Store {
             Some(Upper {
                 diff: &diff,
                 work: &work,
+                volatile,
             }),
         )
     }
@@ -304,6 +501,61 @@ mod tests {
             "read-only bind"
         );
         assert_eq!(store.chain(Some(&id2)).expect("chain").len(), 2);
+    }
+
+    #[test]
+    fn after_a_reboot_snapshots_written_after_the_last_sync_are_removed_with_children() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(tmp.path()).expect("open");
+        let commit = |parent: Option<&str>| {
+            let st = store.prepare().expect("prepare");
+            std::fs::write(st.diff().join("f"), "x").expect("write");
+            store.commit(st, parent, Kind::Built, None).expect("commit")
+        };
+        let old = commit(None);
+        let unsynced = commit(None);
+        let child = commit(Some(&unsynced));
+        let legacy = commit(None);
+        // as if written during an earlier boot whose last sync started at t=100
+        let rewrite = |id: &str, written: Option<Written>| {
+            let mut m = store.meta(id).expect("meta");
+            m.written = written;
+            store.update_meta(&m).expect("update");
+        };
+        let earlier = |at| {
+            Some(Written {
+                boot: "earlier-boot".into(),
+                at,
+            })
+        };
+        rewrite(&old, earlier(50));
+        rewrite(&unsynced, earlier(150));
+        rewrite(&legacy, None);
+        std::fs::write(
+            tmp.path().join("synced"),
+            serde_json::to_vec(&earlier(100)).expect("json"),
+        )
+        .expect("write synced");
+        drop(store);
+        let store = Store::open(tmp.path()).expect("reopen");
+        assert!(store.meta(&old).is_ok(), "synced before the crash");
+        assert!(store.meta(&legacy).is_ok(), "committed with an fsync");
+        assert!(matches!(
+            store.meta(&unsynced),
+            Err(Error::SnapshotNotFound { .. })
+        ));
+        assert!(
+            !store.dir(&child).exists(),
+            "a child of a lost snapshot goes too"
+        );
+        // the sync on open is recorded for this boot: a second open keeps everything
+        let synced: Written =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("synced")).expect("synced"))
+                .expect("json");
+        assert_eq!(synced.boot, boot_id());
+        drop(store);
+        let store = Store::open(tmp.path()).expect("reopen");
+        assert!(store.meta(&old).is_ok());
     }
 
     #[test]

@@ -100,63 +100,133 @@ pub fn unmount_all_under(dir: &Path) {
 pub struct Upper<'a> {
     pub diff: &'a Path,
     pub work: &'a Path,
+    /// Mount with overlayfs' `volatile` option: the unmount then skips the sync of the
+    /// whole upper filesystem (the store syncs in the background, see
+    /// [`super`]). Ignored where the kernel lacks it.
+    pub volatile: bool,
 }
 
 /// Longest overlay option string passed straight to mount(2); the kernel
 /// copies one page of it.
 const MAX_MOUNT_DATA: usize = 3500;
 
-/// Mounts an overlay whose lowers are named by links `0`, `1`, ... in a
-/// scratch dir next to `target`, with `mount(8)` run in that dir so the
-/// relative names resolve there. The links are removed once mounted (the
-/// mount holds the directories themselves).
-fn mount_with_short_lowers(
-    target: &Path,
-    lowers: &[PathBuf],
-    upper: Option<Upper<'_>>,
-    flags: MsFlags,
-) -> Result<()> {
-    let links = target.with_extension("lowers");
-    std::fs::create_dir_all(&links).map_err(Error::io("create lower links", &links))?;
-    let mut names = Vec::with_capacity(lowers.len());
-    for (i, l) in lowers.iter().enumerate() {
-        let name = format!("{i:x}");
-        std::os::unix::fs::symlink(l, links.join(&name)).map_err(Error::io("link lower", l))?;
-        names.push(name);
-    }
-    let mut data = format!("lowerdir={}", names.join(":"));
+/// Whether the kernel took `volatile` (cleared on the first mount that rejects it).
+static VOLATILE_SUPPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Runs `f` on a short-lived thread whose working directory is `dir`. The thread
+/// first leaves the filesystem context (cwd) it shares with the process, so the
+/// rest of the daemon keeps its own working directory.
+fn in_dir<T: Send>(dir: &Path, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            #[allow(unsafe_code)]
+            // SAFETY: unshare(CLONE_FS) takes no pointers; it only gives this thread its
+            // own copy of cwd/root/umask.
+            let rc = unsafe { libc::unshare(libc::CLONE_FS) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::env::set_current_dir(dir)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("mount thread panicked"))?
+    })
+}
+
+/// The overlay option string: `lowerdir` as given (joined by `:`), the upper, and flags.
+fn overlay_data(lowers: &[String], upper: Option<Upper<'_>>, volatile: bool) -> String {
+    let mut data = format!("lowerdir={}", lowers.join(":"));
     if let Some(u) = upper {
         data.push_str(&format!(
             ",upperdir={},workdir={}",
             u.diff.display(),
             u.work.display()
         ));
+        if volatile {
+            data.push_str(",volatile");
+        }
     }
     data.push_str(",index=off");
-    if flags.contains(MsFlags::MS_RDONLY) {
-        data.push_str(",ro");
-    }
-    let out = std::process::Command::new("mount")
-        .current_dir(&links)
-        .args(["-t", "overlay", "overlay", "-o", &data])
-        .arg(target)
-        .output();
-    let _ = std::fs::remove_dir_all(&links);
-    let out = out.map_err(Error::io("run mount", target))?;
-    if !out.status.success() {
-        return Err(Error::Mount {
-            target: target.to_path_buf(),
-            source: nix::errno::Errno::EINVAL,
-        })
-        .inspect_err(|_| {
-            tracing::warn!(
-                "mount(8) of {}: {}",
-                target.display(),
-                String::from_utf8_lossy(&out.stderr)
+    data
+}
+
+/// mount(2) of an overlay; when `volatile` is rejected by this kernel, again without it.
+fn mount_overlay(
+    target: &Path,
+    lowers: &[String],
+    upper: Option<Upper<'_>>,
+    flags: MsFlags,
+    cwd: Option<&Path>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    let merr = |source| Error::Mount {
+        target: target.to_path_buf(),
+        source,
+    };
+    let want_volatile =
+        upper.is_some_and(|u| u.volatile) && VOLATILE_SUPPORTED.load(Ordering::Relaxed);
+    let attempt = |volatile: bool| -> Result<std::result::Result<(), nix::errno::Errno>> {
+        let data = overlay_data(lowers, upper, volatile);
+        let m = || {
+            nix::mount::mount(
+                Some("overlay"),
+                target,
+                Some("overlay"),
+                flags,
+                Some(data.as_str()),
             )
-        });
+        };
+        match cwd {
+            None => Ok(m()),
+            Some(dir) => in_dir(dir, m).map_err(Error::io("mount overlay from", dir)),
+        }
+    };
+    match attempt(want_volatile)? {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) if want_volatile => {
+            let r = attempt(false)?;
+            if r.is_ok() {
+                tracing::info!("overlayfs has no volatile option here; unmounts sync the upper");
+                VOLATILE_SUPPORTED.store(false, Ordering::Relaxed);
+            }
+            r.map_err(merr)
+        }
+        Err(e) => Err(merr(e)),
     }
-    Ok(())
+}
+
+/// Mounts an overlay whose lowers are named by short relative names: each lower
+/// is opened (`O_PATH`) and named by its descriptor number, resolved from a thread
+/// whose working directory is `/proc/self/fd`. Nothing is written to disk (on a
+/// busy disk, a directory of links to create and remove cost more than the mount);
+/// the descriptors are closed once mounted (the mount holds the directories).
+fn mount_with_short_lowers(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper: Option<Upper<'_>>,
+    flags: MsFlags,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let fds = lowers
+        .iter()
+        .map(|l| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(l)
+                .map_err(Error::io("open lower", l))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = fds.iter().map(|f| f.as_raw_fd().to_string()).collect();
+    mount_overlay(
+        target,
+        &names,
+        upper,
+        flags,
+        Some(Path::new("/proc/self/fd")),
+    )
 }
 
 /// Mounts `lowers` (top first) with an optional writable `upper` under a fresh mountpoint
@@ -209,37 +279,21 @@ pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Re
             .map_err(merr)?;
         }
         (lowers, upper) => {
-            let lowerdir = lowers
+            let flags = if upper.is_none() {
+                MsFlags::MS_RDONLY
+            } else {
+                MsFlags::empty()
+            };
+            let names: Vec<String> = lowers
                 .iter()
                 .map(|p| p.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(":");
-            let mut data = format!("lowerdir={lowerdir}");
-            let mut flags = MsFlags::empty();
-            match upper {
-                Some(u) => {
-                    data.push_str(&format!(
-                        ",upperdir={},workdir={}",
-                        u.diff.display(),
-                        u.work.display()
-                    ));
-                }
-                None => flags |= MsFlags::MS_RDONLY,
-            }
-            data.push_str(",index=off");
-            if data.len() > MAX_MOUNT_DATA {
+                .collect();
+            if overlay_data(&names, upper, true).len() > MAX_MOUNT_DATA {
                 // Mount options must fit in one page: name the lowers by short
-                // relative links instead (as containerd and docker do).
+                // relative names instead (containerd and docker use links).
                 mount_with_short_lowers(&target, lowers, upper, flags)?;
             } else {
-                nix::mount::mount(
-                    Some("overlay"),
-                    &target,
-                    Some("overlay"),
-                    flags,
-                    Some(data.as_str()),
-                )
-                .map_err(merr)?;
+                mount_overlay(&target, &names, upper, flags, None)?;
             }
             m.mounted = true;
         }
@@ -307,6 +361,7 @@ mod tests {
             Some(Upper {
                 diff: &upper,
                 work: &work,
+                volatile: true,
             }),
         )
         .expect("mount");
@@ -317,6 +372,16 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(m.path.join("f119")).expect("top layer"),
             "119"
+        );
+        let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(m.path.to_str().expect("utf-8")))
+            .expect("mounted");
+        assert!(
+            line.contains("volatile")
+                || !VOLATILE_SUPPORTED.load(std::sync::atomic::Ordering::Relaxed),
+            "{line}"
         );
         std::fs::write(m.path.join("new"), "x").expect("write through the overlay");
         drop(m);
