@@ -570,7 +570,15 @@ pub(crate) async fn build(
     }
     let image_config = match epoch {
         Some(e) => with_epoch(&req.image_config, e)?,
-        None => with_build_time(&req.image_config, now_epoch())?,
+        None => {
+            // the solver gives every output of a build the same time
+            let now = req
+                .attrs
+                .get("kiln.build-time")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(now_epoch);
+            with_build_time(&req.image_config, now)?
+        }
     };
     let image_config = mark_empty_layers(&image_config, &empty)?;
     let mut image = assemble_image(&image_config, &layers, media, &blob_dir)?;
@@ -657,6 +665,65 @@ pub(crate) async fn push_all(
     by_digest: bool,
     progress: &mpsc::Sender<String>,
 ) -> Result<Pushed, Error> {
+    let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
+    push_to_names(
+        registry,
+        names,
+        std::slice::from_ref(image),
+        false,
+        top,
+        by_digest,
+        progress,
+    )
+    .await
+}
+
+/// Push a multi-platform image to every name: each platform's blobs and manifest (by
+/// digest), then the index under the tag (or only by digest with `by_digest`).
+pub(crate) async fn push_index(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    index: &AssembledIndex,
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    let top = (index.desc.media_type.as_str(), &index.index);
+    push_to_names(
+        registry,
+        names,
+        &index.images,
+        true,
+        top,
+        by_digest,
+        progress,
+    )
+    .await
+}
+
+/// Push `images` to every name, then the `top` manifest (media type, bytes) under the tag,
+/// or only by digest with `by_digest`. With `children`, each image's own manifest is pushed
+/// by digest first (the images of an index).
+async fn push_to_names(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    images: &[AssembledImage],
+    children: bool,
+    (top_type, top): (&str, &Vec<u8>),
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    let push_manifest = |r: kiln_registry::Reference, media_type: String, bytes: Vec<u8>| {
+        let registry = registry.clone();
+        async move {
+            registry
+                .push_manifest(&r, &media_type, bytes)
+                .await
+                .map_err(|source| Error::PushManifest {
+                    reference: r.to_string(),
+                    source: Box::new(source),
+                })
+        }
+    };
     let mut done: Vec<kiln_registry::Reference> = Vec::new();
     let mut counts = Pushed::default();
     for name in names {
@@ -672,15 +739,18 @@ pub(crate) async fn push_all(
         let _ = progress.try_send(format!("pushing {r}"));
         let from = done
             .iter()
-            .find(|d| d.registry == r.registry && d.repository != r.repository);
-        push_blobs(registry, &r, image, from, &mut counts).await?;
-        registry
-            .push_manifest(&r, &image.manifest_desc.media_type, image.manifest.clone())
-            .await
-            .map_err(|source| Error::PushManifest {
-                reference: r.to_string(),
-                source: Box::new(source),
-            })?;
+            .find(|d| d.registry == r.registry && d.repository != r.repository)
+            .cloned();
+        let mut pinned = r.clone();
+        pinned.tag = None;
+        for image in images {
+            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
+            if children {
+                let media_type = image.manifest_desc.media_type.clone();
+                push_manifest(pinned.clone(), media_type, image.manifest.clone()).await?;
+            }
+        }
+        push_manifest(r.clone(), top_type.to_string(), top.clone()).await?;
         done.push(r);
     }
     Ok(counts)
@@ -729,60 +799,6 @@ async fn push_blobs(
         }
     }
     Ok(())
-}
-
-/// Push a multi-platform image to every name: each platform's blobs and manifest (by
-/// digest), then the index under the tag (or only by digest with `by_digest`).
-pub(crate) async fn push_index(
-    registry: &kiln_registry::Client,
-    names: &[String],
-    index: &AssembledIndex,
-    by_digest: bool,
-    progress: &mpsc::Sender<String>,
-) -> Result<Pushed, Error> {
-    let mut done: Vec<kiln_registry::Reference> = Vec::new();
-    let mut counts = Pushed::default();
-    for name in names {
-        let mut r =
-            kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
-                reference: name.to_string(),
-                source: Box::new(source),
-            })?;
-        if by_digest {
-            r.tag = None;
-        }
-        r.digest = None;
-        let _ = progress.try_send(format!("pushing {r}"));
-        let from = done
-            .iter()
-            .find(|d| d.registry == r.registry && d.repository != r.repository)
-            .cloned();
-        let mut pinned = r.clone();
-        pinned.tag = None;
-        for image in &index.images {
-            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
-            registry
-                .push_manifest(
-                    &pinned,
-                    &image.manifest_desc.media_type,
-                    image.manifest.clone(),
-                )
-                .await
-                .map_err(|source| Error::PushManifest {
-                    reference: pinned.to_string(),
-                    source: Box::new(source),
-                })?;
-        }
-        registry
-            .push_manifest(&r, &index.desc.media_type, index.index.clone())
-            .await
-            .map_err(|source| Error::PushManifest {
-                reference: r.to_string(),
-                source: Box::new(source),
-            })?;
-        done.push(r);
-    }
-    Ok(counts)
 }
 
 #[cfg(test)]

@@ -576,6 +576,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .cloned()
             .unwrap_or_else(|| default_image_config(&self.config));
         let mut response = BTreeMap::new();
+        // one build time for every output, so a build gives one image digest
+        let build_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for (i, exp) in req.exporters.iter().enumerate() {
             let name = match exp.r#type.as_str() {
                 "image" => "exporting to image".to_string(),
@@ -605,7 +610,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                         worker: self.worker.address(),
                         r#ref: result.clone(),
                         r#type: exp.r#type.clone(),
-                        attrs: exporter_attrs(&exp.attrs, &req.frontend_attrs),
+                        attrs: exporter_attrs(&exp.attrs, &req.frontend_attrs, build_time),
                         image_config: image_config.clone(),
                         index: i as u32,
                         platforms: platforms.clone(),
@@ -727,11 +732,17 @@ fn default_image_config(config: &Config) -> Vec<u8> {
 
 /// An exporter's attrs plus what the build's frontend attrs imply for it:
 /// `build-arg:SOURCE_DATE_EPOCH` becomes `source-date-epoch`, as in BuildKit.
+/// Exporter attr carrying the build's time (unix seconds) for image configs
+/// without SOURCE_DATE_EPOCH.
+pub const BUILD_TIME_ATTR: &str = "kiln.build-time";
+
 fn exporter_attrs(
     attrs: &BTreeMap<String, String>,
     frontend_attrs: &BTreeMap<String, String>,
+    build_time: u64,
 ) -> BTreeMap<String, String> {
     let mut out = attrs.clone();
+    out.insert(BUILD_TIME_ATTR.to_string(), build_time.to_string());
     if let Some(epoch) = frontend_attrs
         .get("build-arg:SOURCE_DATE_EPOCH")
         .filter(|v| !v.is_empty())
@@ -750,13 +761,13 @@ mod exporter_attr_tests {
     fn source_date_epoch_build_arg_reaches_the_exporter() {
         let fe: BTreeMap<String, String> =
             [("build-arg:SOURCE_DATE_EPOCH".to_string(), "42".to_string())].into();
-        let out = exporter_attrs(&BTreeMap::new(), &fe);
+        let out = exporter_attrs(&BTreeMap::new(), &fe, 1);
         assert_eq!(out.get("source-date-epoch").map(String::as_str), Some("42"));
         // an explicit exporter attr wins
         let own: BTreeMap<String, String> =
             [("source-date-epoch".to_string(), "7".to_string())].into();
         assert_eq!(
-            exporter_attrs(&own, &fe)
+            exporter_attrs(&own, &fe, 1)
                 .get("source-date-epoch")
                 .map(String::as_str),
             Some("7")
