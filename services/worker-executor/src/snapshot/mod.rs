@@ -442,15 +442,26 @@ impl Store {
         volatile: bool,
     ) -> Result<Mounted> {
         let (diff, work) = (staging.diff(), staging.work());
-        overlay::mount(
+        let t0 = std::time::Instant::now();
+        let lowers = self.lowers(parent)?;
+        let t_chain = t0.elapsed();
+        let m = overlay::mount(
             &self.mnt,
-            &self.lowers(parent)?,
+            &lowers,
             Some(Upper {
                 diff: &diff,
                 work: &work,
                 volatile,
             }),
-        )
+        );
+        tracing::debug!(
+            target: "kiln_timing",
+            "overlay of {} lowers: chain {} ms, mount {} ms",
+            lowers.len(),
+            t_chain.as_millis(),
+            (t0.elapsed() - t_chain).as_millis()
+        );
+        m
     }
 }
 
