@@ -257,7 +257,9 @@ pub async fn local(
         .join("local")
         // one persistent copy per client dir (the session's shared key):
         // two projects never sync over each other's files
-        .join(sha256_hex(format!("{name}\0{hint}\0{shared_key}").as_bytes()));
+        .join(sha256_hex(
+            format!("{name}\0{hint}\0{shared_key}").as_bytes(),
+        ));
     std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
     let lock = w.local_lock(&dir);
     let _guard = lock.lock().await;
