@@ -81,7 +81,23 @@ pub mod gomode {
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
     include: Option<GlobSet>,
+    /// per include pattern: its leading components without glob characters,
+    /// and whether anything (a glob) follows them
+    include_prefixes: Vec<(Vec<String>, bool)>,
     exclude: Option<(GlobSet, Vec<(bool, GlobSet)>)>,
+}
+
+/// A pattern's leading literal components and whether a glob follows them.
+fn literal_prefix(pattern: &str) -> (Vec<String>, bool) {
+    let mut lit = Vec::new();
+    let mut parts = pattern.split('/').filter(|c| !c.is_empty() && *c != ".");
+    for c in parts.by_ref() {
+        if c.contains(['*', '?', '[', '{', '\\']) {
+            return (lit, true);
+        }
+        lit.push(c.to_string());
+    }
+    (lit, false)
 }
 
 fn glob(p: &str) -> Result<GlobSet, Error> {
@@ -107,6 +123,7 @@ impl Filter {
     /// Include patterns select paths (and everything under them); exclude
     /// patterns follow .dockerignore rules (`!` re-includes, last match wins).
     pub fn new(include: &[String], exclude: &[String]) -> Result<Self, Error> {
+        let include_prefixes = include.iter().map(|p| literal_prefix(p)).collect();
         let include = if include.is_empty() {
             None
         } else {
@@ -138,7 +155,11 @@ impl Filter {
             }
             Some((GlobSet::empty(), rules))
         };
-        Ok(Filter { include, exclude })
+        Ok(Filter {
+            include,
+            include_prefixes,
+            exclude,
+        })
     }
 
     fn excluded(&self, rel: &str) -> bool {
@@ -179,9 +200,17 @@ impl Filter {
             .is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
     }
 
-    fn include_below(&self, _rel: &str) -> bool {
-        // Conservative: walk directories; files decide.
-        true
+    /// Whether directory `rel` may hold a path an include pattern selects: it
+    /// lies on the way to a pattern's literal prefix, or under the prefix of
+    /// a pattern that goes on with a glob. Other directories are not walked
+    /// (a Dockerfile sync does not walk the whole context).
+    fn include_below(&self, rel: &str) -> bool {
+        let r: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+        self.include_prefixes.iter().any(|(lit, glob_follows)| {
+            let n = r.len().min(lit.len());
+            r[..n].iter().zip(&lit[..n]).all(|(a, b)| *a == b.as_str())
+                && (r.len() < lit.len() || *glob_follows)
+        })
     }
 }
 
@@ -883,6 +912,28 @@ mod tests {
         assert!(!dest.path().join("top.tmp").exists());
         assert!(!dest.path().join("root.txt").exists());
         assert!(dest.path().join("a/keep.txt").exists());
+    }
+
+    #[test]
+    fn include_patterns_walk_only_directories_that_can_hold_a_match() {
+        let f = Filter::new(&["Dockerfile".into()], &[]).expect("filter");
+        assert!(f.matches("Dockerfile", false));
+        assert!(!f.matches("src", true), "no pattern reaches into src");
+        let f = Filter::new(&["src/app/main.go".into(), "docs/*.md".into()], &[]).expect("filter");
+        assert!(f.matches("src", true));
+        assert!(f.matches("src/app", true));
+        assert!(!f.matches("src/lib", true));
+        assert!(f.matches("docs", true));
+        assert!(
+            f.matches("docs/sub", true),
+            "a glob may reach below its prefix"
+        );
+        assert!(!f.matches("vendor", true));
+        let f = Filter::new(&["*/main.go".into()], &[]).expect("filter");
+        assert!(
+            f.matches("anything", true),
+            "a leading glob reaches everywhere"
+        );
     }
 
     #[test]
