@@ -140,7 +140,6 @@ impl Worker {
         }
         let root = std::fs::canonicalize(root).map_err(Error::io("canonicalize", root))?;
         let config = Config { root, ..config };
-        let store = snapshot::Store::open(&config.root)?;
         let id_file = config.root.join("worker-id");
         let id = match std::fs::read_to_string(&id_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
@@ -156,7 +155,10 @@ impl Worker {
                 source,
             }
         })?;
+        // containers a killed worker left are stopped before its unfinished
+        // snapshots are cleared
         let executor = ops::exec::Executor::from_config(&config, &id);
+        let store = snapshot::Store::open(&config.root)?;
         Ok(Worker {
             id,
             store,

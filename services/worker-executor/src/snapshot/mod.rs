@@ -243,8 +243,22 @@ impl Store {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+        // Unfinished snapshots of an earlier run go. The staging dir is moved
+        // aside first: a step the killed worker started may still be writing
+        // into it until its container is reaped, and must not make this start
+        // fail. What cannot be removed now goes on a later start.
         if s.staging.exists() {
-            std::fs::remove_dir_all(&s.staging).map_err(Error::io("clear staging", &s.staging))?;
+            let aside = root.join(format!("staging.old-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::rename(&s.staging, &aside).map_err(Error::io("clear staging", &s.staging))?;
+        }
+        if let Ok(rd) = std::fs::read_dir(root) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("staging.old-")
+                    && let Err(err) = std::fs::remove_dir_all(e.path())
+                {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "left for a later start");
+                }
+            }
         }
         for d in [&s.snapshots, &s.staging, &s.mnt] {
             std::fs::create_dir_all(d).map_err(Error::io("create", d))?;
@@ -468,6 +482,32 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_clears_unfinished_snapshots_of_an_earlier_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        let left = root.join("staging/abc/diff/deep");
+        std::fs::create_dir_all(&left).expect("mkdir");
+        std::fs::write(left.join("f"), "half written").expect("write");
+        std::fs::create_dir_all(root.join("staging.old-1/x")).expect("mkdir");
+        let _s = Store::open(root).expect("open");
+        let names: Vec<String> = std::fs::read_dir(root)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("staging.old-")),
+            "{names:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(root.join("staging"))
+                .expect("staging")
+                .count(),
+            0
+        );
+    }
 
     #[test]
     fn overlay_chain_shows_upper_over_lower_and_records_whiteouts() {
