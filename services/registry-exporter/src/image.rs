@@ -655,49 +655,54 @@ pub(crate) struct Pushed {
 /// Blobs pushed at once.
 const PUSH_CONCURRENCY: usize = 4;
 
-/// Push the image to every name: blobs (HEAD first, then a mount from a repository pushed
-/// before on the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), then the
-/// manifest under the tag, or only by digest with `by_digest`.
-pub(crate) async fn push_all(
-    registry: &kiln_registry::Client,
-    names: &[String],
-    image: &AssembledImage,
-    by_digest: bool,
-    progress: &mpsc::Sender<String>,
-) -> Result<Pushed, Error> {
-    let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
-    push_to_names(
-        registry,
-        names,
-        std::slice::from_ref(image),
-        false,
-        top,
-        by_digest,
-        progress,
-    )
-    .await
+/// What an image export pushes: one image, or a multi-platform index.
+#[derive(Clone, Copy)]
+pub(crate) enum Pushable<'a> {
+    Image(&'a AssembledImage),
+    Index(&'a AssembledIndex),
 }
 
-/// Push a multi-platform image to every name: each platform's blobs and manifest (by
-/// digest), then the index under the tag (or only by digest with `by_digest`).
-pub(crate) async fn push_index(
+impl Pushable<'_> {
+    /// The digest of the top manifest (the image's or the index's).
+    pub(crate) fn digest(&self) -> &str {
+        match self {
+            Pushable::Image(i) => &i.manifest_desc.digest,
+            Pushable::Index(i) => &i.desc.digest,
+        }
+    }
+}
+
+/// Push to every name: blobs (HEAD first, then a mount from a repository pushed before on
+/// the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), an index's
+/// per-platform manifests by digest, then the top manifest under the tag, or only by digest
+/// with `by_digest`.
+pub(crate) async fn push(
     registry: &kiln_registry::Client,
     names: &[String],
-    index: &AssembledIndex,
+    what: Pushable<'_>,
     by_digest: bool,
     progress: &mpsc::Sender<String>,
 ) -> Result<Pushed, Error> {
-    let top = (index.desc.media_type.as_str(), &index.index);
-    push_to_names(
-        registry,
-        names,
-        &index.images,
-        true,
-        top,
-        by_digest,
-        progress,
-    )
-    .await
+    match what {
+        Pushable::Image(image) => {
+            let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
+            let images = std::slice::from_ref(image);
+            push_to_names(registry, names, images, false, top, by_digest, progress).await
+        }
+        Pushable::Index(index) => {
+            let top = (index.desc.media_type.as_str(), &index.index);
+            push_to_names(
+                registry,
+                names,
+                &index.images,
+                true,
+                top,
+                by_digest,
+                progress,
+            )
+            .await
+        }
+    }
 }
 
 /// Push `images` to every name, then the `top` manifest (media type, bytes) under the tag,

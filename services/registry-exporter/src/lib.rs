@@ -239,6 +239,45 @@ impl Exporter {
 
     /// The registry client for a push to `names`: with the client's session credentials for
     /// each registry host and, with `insecure`, TLS verification off for those hosts.
+    /// An image export's `image.name` response (`name@digest` with `push-by-digest`) and,
+    /// with `push`, the push itself.
+    async fn name_and_push(
+        &self,
+        req: &ExportRequest,
+        client: &impl ClientSink,
+        progress: &mpsc::Sender<String>,
+        what: image::Pushable<'_>,
+        push: bool,
+        response: &mut BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let names = names(&req.attrs);
+        let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
+        if !names.is_empty() {
+            let shown: Vec<String> = if by_digest {
+                names
+                    .iter()
+                    .map(|n| image::digest_name(n, what.digest()))
+                    .collect()
+            } else {
+                names.clone()
+            };
+            response.insert("image.name".into(), shown.join(","));
+        }
+        if push {
+            let insecure = bool_attr(&req.attrs, "registry.insecure", false);
+            let registry = self.push_client(&names, client, insecure).await?;
+            let pushed = image::push(&registry, &names, what, by_digest, progress).await?;
+            let _ = progress.try_send(format!(
+                "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
+                names.len(),
+                pushed.uploaded,
+                pushed.existed,
+                pushed.mounted
+            ));
+        }
+        Ok(())
+    }
+
     async fn push_client(
         &self,
         names: &[String],
@@ -313,37 +352,9 @@ impl Exporter {
                 let names = names(&req.attrs);
                 match req.kind.as_str() {
                     "image" => {
-                        let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
-                        if !names.is_empty() {
-                            let shown: Vec<String> = if by_digest {
-                                names
-                                    .iter()
-                                    .map(|n| image::digest_name(n, &image.manifest_desc.digest))
-                                    .collect()
-                            } else {
-                                names.clone()
-                            };
-                            response.insert("image.name".into(), shown.join(","));
-                        }
-                        if push {
-                            let registry = self
-                                .push_client(
-                                    &names,
-                                    client,
-                                    bool_attr(&req.attrs, "registry.insecure", false),
-                                )
-                                .await?;
-                            let pushed =
-                                image::push_all(&registry, &names, &image, by_digest, progress)
-                                    .await?;
-                            let _ = progress.try_send(format!(
-                                "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
-                                names.len(),
-                                pushed.uploaded,
-                                pushed.existed,
-                                pushed.mounted
-                            ));
-                        }
+                        let what = image::Pushable::Image(&image);
+                        self.name_and_push(req, client, progress, what, push, &mut response)
+                            .await?;
                     }
                     kind => {
                         if !names.is_empty() {
@@ -353,12 +364,7 @@ impl Exporter {
                         let order = output::blob_order(std::slice::from_ref(&image));
                         let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
                         let stream = output::archive_stream(kind == "docker", &image, &names, rx)?;
-                        let (pumped, sent) = tokio::join!(
-                            output::pump_blobs(worker, &order, tx),
-                            client.send_file(req.index, stream)
-                        );
-                        sent?;
-                        pumped?;
+                        send_archive(worker, client, req.index, &order, tx, stream).await?;
                     }
                 }
                 Ok(response)
@@ -431,36 +437,9 @@ impl Exporter {
         let mut response = index.response();
         let names = names(&req.attrs);
         if req.kind == "image" {
-            let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
-            if !names.is_empty() {
-                let shown: Vec<String> = if by_digest {
-                    names
-                        .iter()
-                        .map(|n| image::digest_name(n, &index.desc.digest))
-                        .collect()
-                } else {
-                    names.clone()
-                };
-                response.insert("image.name".into(), shown.join(","));
-            }
-            if push {
-                let registry = self
-                    .push_client(
-                        &names,
-                        client,
-                        bool_attr(&req.attrs, "registry.insecure", false),
-                    )
-                    .await?;
-                let pushed =
-                    image::push_index(&registry, &names, &index, by_digest, progress).await?;
-                let _ = progress.try_send(format!(
-                    "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
-                    names.len(),
-                    pushed.uploaded,
-                    pushed.existed,
-                    pushed.mounted
-                ));
-            }
+            let what = image::Pushable::Index(&index);
+            self.name_and_push(req, client, progress, what, push, &mut response)
+                .await?;
         } else {
             if !names.is_empty() {
                 response.insert("image.name".into(), names.join(","));
@@ -469,15 +448,27 @@ impl Exporter {
             let order = output::blob_order(&index.images);
             let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
             let stream = output::index_archive_stream(&index, &names, rx)?;
-            let (pumped, sent) = tokio::join!(
-                output::pump_blobs(worker, &order, tx),
-                client.send_file(req.index, stream)
-            );
-            sent?;
-            pumped?;
+            send_archive(worker, client, req.index, &order, tx, stream).await?;
         }
         Ok(response)
     }
+}
+
+/// Sends a tarball to the client while the worker's blobs in `order` are fed into it.
+async fn send_archive(
+    worker: &impl WorkerFs,
+    client: &impl ClientSink,
+    exporter_id: u32,
+    order: &[kiln_oci::Descriptor],
+    feed: mpsc::Sender<output::FeedItem>,
+    stream: FileData,
+) -> Result<(), Error> {
+    let (pumped, sent) = tokio::join!(
+        output::pump_blobs(worker, order, feed),
+        client.send_file(exporter_id, stream)
+    );
+    sent?;
+    pumped
 }
 
 /// The platform of this host in OCI terms.
