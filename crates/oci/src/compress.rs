@@ -634,22 +634,7 @@ mod tests {
         let blob = gz.finish().expect("finish");
         assert!(blob.len() < data.len(), "text half compresses");
         // a plain (single-member) gzip decoder reads it: it is one member, not several
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&blob[..])
-            .read_to_end(&mut plain)
-            .expect("gunzip");
-        assert_eq!(plain, data);
-        if Path::new("/usr/bin/gzip").exists() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let p = dir.path().join("x.gz");
-            fs::write(&p, &blob).expect("write");
-            let st = std::process::Command::new("/usr/bin/gzip")
-                .arg("-t")
-                .arg(&p)
-                .status()
-                .expect("gzip -t");
-            assert!(st.success(), "gzip -t accepts the stream");
-        }
+        assert_gunzips_to(&blob, &data);
         // deterministic
         let mut again = ParallelGzEncoder::new(Vec::new(), 1);
         again.write_all(&data).expect("write");
@@ -659,6 +644,32 @@ mod tests {
             .finish()
             .expect("empty");
         assert_eq!(unpack(empty), Vec::<u8>::new());
+    }
+
+    /// `blob` is one gzip stream of `data` for a single-member decoder and for GNU gzip
+    /// (`gzip -t` accepts it, `gzip -dc` gives `data` back).
+    fn assert_gunzips_to(blob: &[u8], data: &[u8]) {
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(blob)
+            .read_to_end(&mut plain)
+            .expect("gunzip");
+        assert_eq!(plain, data);
+        if Path::new("/usr/bin/gzip").exists() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("x.gz");
+            fs::write(&p, blob).expect("write");
+            let gzip = |flag: &str| {
+                std::process::Command::new("/usr/bin/gzip")
+                    .arg(flag)
+                    .arg(&p)
+                    .output()
+                    .expect("gzip")
+            };
+            assert!(gzip("-t").status.success(), "gzip -t accepts the stream");
+            let out = gzip("-dc");
+            assert!(out.status.success(), "gzip reads it");
+            assert_eq!(out.stdout, data);
+        }
     }
 
     #[test]
@@ -680,23 +691,7 @@ mod tests {
         assert!(!looks_incompressible(
             &data[random_half..random_half + GZ_BLOCK]
         ));
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&blob[..])
-            .read_to_end(&mut plain)
-            .expect("gunzip");
-        assert_eq!(plain, data);
-        if Path::new("/usr/bin/gzip").exists() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let p = dir.path().join("x.gz");
-            fs::write(&p, &blob).expect("write");
-            let out = std::process::Command::new("/usr/bin/gzip")
-                .arg("-dc")
-                .arg(&p)
-                .output()
-                .expect("gzip -dc");
-            assert!(out.status.success(), "gzip reads stored blocks");
-            assert_eq!(out.stdout, data);
-        }
+        assert_gunzips_to(&blob, &data);
         // same input, same bytes
         let mut again = ParallelGzEncoder::new(Vec::new(), 6);
         again.write_all(&data).expect("write");
