@@ -384,11 +384,9 @@ pub(crate) mod testutil {
 
     /// Commits a snapshot whose diff is filled by `fill`.
     pub fn snapshot(w: &Worker, parent: Option<&str>, fill: impl FnOnce(&Path)) -> String {
-        let st = w.store().prepare().expect("prepare");
+        let st = w.store().prepare(parent).expect("prepare");
         fill(&st.diff());
-        w.store()
-            .commit(st, parent, Kind::Built, None)
-            .expect("commit")
+        w.store().commit(st, Kind::Built, None).expect("commit")
     }
 
     /// A busybox rootfs (static busybox from the host) with /etc/passwd and /etc/group.

@@ -297,7 +297,6 @@ impl Drop for TmpfsGuard {
 /// A mount whose writes become an output snapshot.
 struct Writable {
     output: i64,
-    parent: Option<String>,
     staging: Staging,
     mounted: Mounted,
 }
@@ -469,7 +468,7 @@ fn prepare(
             MountType::Bind => {
                 let parent = input_ref(inputs, m.input)?;
                 let path = if m.output >= 0 || !m.readonly {
-                    let staging = store.prepare()?;
+                    let staging = store.prepare(parent.as_deref())?;
                     let mounted = store.mount_rw_volatile(parent.as_deref(), &staging)?;
                     let path = mounted.path().to_path_buf();
                     if is_root {
@@ -477,7 +476,6 @@ fn prepare(
                     }
                     p.writable.push(Writable {
                         output: m.output,
-                        parent,
                         staging,
                         mounted,
                     });
@@ -654,7 +652,7 @@ fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
         }
         if w.output >= 0 {
             let t = std::time::Instant::now();
-            let id = store.commit(w.staging, w.parent.as_deref(), Kind::Built, None)?;
+            let id = store.commit(w.staging, Kind::Built, None)?;
             t_commit += t.elapsed();
             outputs[w.output as usize] = Some(id);
         }

@@ -13,20 +13,15 @@ use std::path::{Path, PathBuf};
 
 /// A mutable view: a staging snapshot over `parent`, mounted.
 struct WorkView {
-    parent: Option<String>,
     staging: Staging,
     mounted: Mounted,
 }
 
 impl WorkView {
     fn new(store: &Store, parent: Option<String>) -> Result<WorkView> {
-        let staging = store.prepare()?;
+        let staging = store.prepare(parent.as_deref())?;
         let mounted = store.mount_rw(parent.as_deref(), &staging)?;
-        Ok(WorkView {
-            parent,
-            staging,
-            mounted,
-        })
+        Ok(WorkView { staging, mounted })
     }
 
     fn commit(self, store: &Store) -> Result<String> {
@@ -58,7 +53,7 @@ impl WorkView {
                 started.elapsed().as_millis()
             );
         }
-        store.commit(self.staging, self.parent.as_deref(), Kind::Built, None)
+        store.commit(self.staging, Kind::Built, None)
     }
 }
 
@@ -139,7 +134,7 @@ fn run_blocking(
             let parent = super::input_ref(inputs, a.input)?;
             let started = std::time::Instant::now();
             if let Some(st) = direct_copy(store, parent.as_deref(), &src_real, c)? {
-                let id = store.commit(st, parent.as_deref(), Kind::Built, None)?;
+                let id = store.commit(st, Kind::Built, None)?;
                 tracing::debug!(
                     target: "kiln_timing",
                     "file action {k}: copied into a new upper with hard links in {} ms",
@@ -339,7 +334,7 @@ fn direct_copy(
     let Some((rel, dirs)) = plan.map_err(err)? else {
         return Ok(None);
     };
-    let st = store.prepare()?;
+    let st = store.prepare(parent)?;
     let upper = st.diff();
     for (d, md) in &dirs {
         let p = upper.join(d);
@@ -1086,7 +1081,7 @@ mod tests {
             std::path::Path::new("sub/f")
         );
         // a RUN-like write over the layer goes to a new upper (copy-up)
-        let st = w.store().prepare().expect("prepare");
+        let st = w.store().prepare(Some(&out)).expect("prepare");
         let m = w.store().mount_rw(Some(&out), &st).expect("mount");
         std::fs::write(m.path().join("ctx/sub/f"), "overwritten").expect("write");
         std::fs::OpenOptions::new()

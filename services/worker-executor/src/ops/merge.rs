@@ -89,10 +89,10 @@ pub async fn diff(
 fn rebase(store: &Store, layers: &[Meta], base: Option<String>) -> Result<String> {
     let mut parent = base;
     for layer in layers {
-        let st = store.prepare()?;
+        let st = store.prepare(parent.as_deref())?;
         clone_tree(&store.diff_dir(&layer.id), &st.diff())
             .map_err(Error::io("clone layer", store.diff_dir(&layer.id)))?;
-        let id = store.commit(st, parent.as_deref(), layer.kind, layer.blob.clone())?;
+        let id = store.commit(st, layer.kind, layer.blob.clone())?;
         if !layer.layers.is_empty() {
             let mut meta = store.meta(&id)?;
             meta.layers = layer.layers.clone();
@@ -180,13 +180,13 @@ fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
 fn compare(store: &Store, lower: Option<&str>, upper: Option<&str>) -> Result<String> {
     let lo = store.mount_ro(lower)?;
     let up = store.mount_ro(upper)?;
-    let st = store.prepare()?;
+    let st = store.prepare(None)?;
     let diff = st.diff();
     compare_dir(lo.path(), up.path(), &diff, Path::new(""))
         .map_err(Error::io("diff", up.path()))?;
     lo.unmount()?;
     up.unmount()?;
-    store.commit(st, None, Kind::Built, None)
+    store.commit(st, Kind::Built, None)
 }
 
 fn same(a: &std::fs::Metadata, pa: &Path, b: &std::fs::Metadata, pb: &Path) -> bool {

@@ -153,7 +153,7 @@ pub async fn image(
         let store = store.clone();
         let p = parent.clone();
         let id = tokio::task::spawn_blocking(move || -> Result<String> {
-            let st = store.prepare()?;
+            let st = store.prepare(p.as_deref())?;
             let m = store.mount_rw(p.as_deref(), &st)?;
             let layer = |source| Error::Layer {
                 digest: desc.digest.clone(),
@@ -165,7 +165,6 @@ pub async fn image(
             m.unmount()?;
             store.commit(
                 st,
-                p.as_deref(),
                 Kind::Image,
                 Some(LayerBlob {
                     descriptor: desc,
@@ -319,7 +318,7 @@ pub async fn local(
                 // the synced dir's files are only ever replaced (a new inode
                 // renamed over the path), never rewritten, so the snapshot
                 // can share them: hard links, not copies
-                let mut st = store.prepare()?;
+                let mut st = store.prepare(None)?;
                 let opts = fscopy::CopyOpts {
                     link_files: true,
                     ..Default::default()
@@ -327,7 +326,7 @@ pub async fn local(
                 fscopy::copy_entry(&dir, &st.diff(), &opts)
                     .map_err(Error::io("snapshot local dir", &dir))?;
                 st.content_key = Some(key.clone());
-                let id = store.commit(st, None, Kind::Local, None)?;
+                let id = store.commit(st, Kind::Local, None)?;
                 let tmp = last.with_extension("last.tmp");
                 std::fs::write(&tmp, format!("{key}\n{id}\n"))
                     .map_err(Error::io("write", &tmp))?;
@@ -419,7 +418,7 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
             .prefix("git-home-")
             .tempdir_in(&tmp_root)
             .map_err(Error::io("create", &tmp_root))?;
-        let mut st = store.prepare()?;
+        let mut st = store.prepare(None)?;
         let work = home.path().join("checkout");
         std::fs::create_dir(&work).map_err(Error::io("create", &work))?;
         let g = |args: &[&str]| git_cmd(&work, home.path(), args).map_err(with_remote);
@@ -490,7 +489,7 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
         fscopy::copy_entry(&src, &st.diff(), &fscopy::CopyOpts::default())
             .map_err(Error::io("copy checkout", &src))?;
         st.content_key = Some(format!("git:{commit}:{keep_git_dir}:{subdir}"));
-        store.commit(st, None, Kind::Built, None)
+        store.commit(st, Kind::Built, None)
     })
     .await?
 }
@@ -550,7 +549,7 @@ pub async fn http(w: &Worker, url: &str, attrs: &BTreeMap<String, String>) -> Re
         .get(reqwest::header::LAST_MODIFIED)
         .and_then(|v| v.to_str().ok())
         .and_then(httpdate_to_unix);
-    let mut st = w.store().prepare()?;
+    let mut st = w.store().prepare(None)?;
     let path = st.diff().join(&filename);
     let mut hasher = sha2::Sha256::new();
     {
@@ -574,7 +573,7 @@ pub async fn http(w: &Worker, url: &str, attrs: &BTreeMap<String, String>) -> Re
     fscopy::set_meta(&path, (uid, gid), Some(perm), times).map_err(Error::io("chmod", &path))?;
     st.content_key = Some(format!("http:{digest}:{filename}:{perm:o}:{uid}:{gid}"));
     let store = w.store().clone();
-    tokio::task::spawn_blocking(move || store.commit(st, None, Kind::Built, None)).await?
+    tokio::task::spawn_blocking(move || store.commit(st, Kind::Built, None)).await?
 }
 
 /// Parses an RFC 7231 date ("Sun, 06 Nov 1994 08:49:37 GMT") to unix seconds.

@@ -173,6 +173,8 @@ fn spawn_syncer(
 pub struct Staging {
     id: String,
     dir: PathBuf,
+    /// the snapshot this one is a diff over
+    parent: Option<String>,
     committed: bool,
     /// recorded in the snapshot's metadata at commit
     pub content_key: Option<String>,
@@ -279,13 +281,14 @@ impl Store {
         Ok(s)
     }
 
-    /// Starts a new snapshot.
-    pub fn prepare(&self) -> Result<Staging> {
+    /// Starts a new snapshot, a diff over `parent`.
+    pub fn prepare(&self, parent: Option<&str>) -> Result<Staging> {
         let id = uuid::Uuid::new_v4().to_string();
         let dir = self.staging.join(&id);
         let st = Staging {
             id,
             dir,
+            parent: parent.map(str::to_string),
             committed: false,
             content_key: None,
         };
@@ -299,7 +302,6 @@ impl Store {
     pub fn commit(
         &self,
         mut staging: Staging,
-        parent: Option<&str>,
         kind: Kind,
         blob: Option<LayerBlob>,
     ) -> Result<String> {
@@ -309,7 +311,7 @@ impl Store {
         }
         let meta = Meta {
             id: staging.id.clone(),
-            parent: parent.map(str::to_string),
+            parent: staging.parent.clone(),
             kind,
             blob,
             layers: BTreeMap::new(),
@@ -513,12 +515,12 @@ mod tests {
     fn overlay_chain_shows_upper_over_lower_and_records_whiteouts() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = Store::open(tmp.path()).expect("open");
-        let s1 = store.prepare().expect("prepare");
+        let s1 = store.prepare(None).expect("prepare");
         std::fs::write(s1.diff().join("a"), "1").expect("write");
         std::fs::write(s1.diff().join("b"), "1").expect("write");
-        let id1 = store.commit(s1, None, Kind::Built, None).expect("commit");
+        let id1 = store.commit(s1, Kind::Built, None).expect("commit");
 
-        let s2 = store.prepare().expect("prepare");
+        let s2 = store.prepare(Some(&id1)).expect("prepare");
         let m = store.mount_rw(Some(&id1), &s2).expect("mount");
         assert_eq!(
             std::fs::read_to_string(m.path().join("a")).expect("read"),
@@ -531,9 +533,7 @@ mod tests {
         use std::os::unix::fs::FileTypeExt;
         let wh = std::fs::symlink_metadata(upper.join("b")).expect("whiteout");
         assert!(wh.file_type().is_char_device());
-        let id2 = store
-            .commit(s2, Some(&id1), Kind::Built, None)
-            .expect("commit");
+        let id2 = store.commit(s2, Kind::Built, None).expect("commit");
         assert!(!upper.exists(), "staging dir moved away");
 
         let ro = store.mount_ro(Some(&id2)).expect("mount ro");
@@ -559,9 +559,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = Store::open(tmp.path()).expect("open");
         let commit = |parent: Option<&str>| {
-            let st = store.prepare().expect("prepare");
+            let st = store.prepare(parent).expect("prepare");
             std::fs::write(st.diff().join("f"), "x").expect("write");
-            store.commit(st, parent, Kind::Built, None).expect("commit")
+            store.commit(st, Kind::Built, None).expect("commit")
         };
         let old = commit(None);
         let unsynced = commit(None);
@@ -613,7 +613,7 @@ mod tests {
     fn uncommitted_snapshots_vanish() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = Store::open(tmp.path()).expect("open");
-        let s = store.prepare().expect("prepare");
+        let s = store.prepare(None).expect("prepare");
         let dir = s.diff();
         drop(s);
         assert!(!dir.exists());
