@@ -78,6 +78,8 @@ pub enum Error {
         #[source]
         source: tonic::Status,
     },
+    #[error("containerd snapshot {key}: {reason}")]
+    ContainerdSnapshot { key: String, reason: String },
     #[error("process {args:?} did not complete successfully: exit code: {code}")]
     ExitCode { args: String, code: i32 },
     #[error("unable to find user {user}: {reason}")]

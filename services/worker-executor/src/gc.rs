@@ -7,7 +7,7 @@
 
 use crate::Worker;
 use crate::error::{Error, Result};
-use crate::snapshot::{Kind, Meta};
+use crate::snapshot::{Kind, Meta, Store};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -125,6 +125,16 @@ fn size_from(dir: &Path, min_depth: usize, seen: &mut HashSet<(u64, u64)>) -> i6
         total += (md.blocks() * 512) as i64;
     }
     total
+}
+
+/// Allocated bytes of a committed snapshot: kiln's dir (meta.json, `diff`) and, on the
+/// containerd backend, the containerd dir `diff` links to.
+fn snapshot_size(store: &Store, m: &Meta, seen: &mut HashSet<(u64, u64)>) -> i64 {
+    let own = size_from(&store.dir(&m.id), 0, seen);
+    match &m.containerd {
+        Some(c) => own + size_from(&c.dir, 0, seen),
+        None => own,
+    }
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -314,7 +324,7 @@ impl Worker {
             let mut snapshots: Vec<SnapshotUsage> = metas
                 .into_iter()
                 .map(|(created, m)| SnapshotUsage {
-                    size: size_from(&store.dir(&m.id), 0, &mut seen),
+                    size: snapshot_size(&store, &m, &mut seen),
                     created,
                     id: m.id,
                     parent: m.parent,
@@ -388,7 +398,6 @@ impl Worker {
         let before = if before <= 0 { i64::MAX } else { before };
         let metas = self.all_metas()?;
         let store = self.store().clone();
-        let root = self.config().root.clone();
         let blobs = self.blobs_dir();
         let keep: Vec<String> = keep.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -409,21 +418,38 @@ impl Worker {
                     next = by_id.get(id.as_str()).and_then(|m| m.parent.clone());
                 }
             }
+            // children before their parents (containerd refuses the other order)
+            let depth = |id: &str| {
+                let (mut d, mut next) = (0usize, by_id.get(id).and_then(|m| m.parent.as_deref()));
+                while let Some(p) = next.filter(|_| d <= by_id.len()) {
+                    d += 1;
+                    next = by_id.get(p).and_then(|m| m.parent.as_deref());
+                }
+                d
+            };
+            let mut doomed: Vec<(usize, &Meta)> = metas
+                .iter()
+                .filter(|m| !live.contains(&m.id))
+                .map(|m| (depth(&m.id), m))
+                .collect();
+            doomed.sort_by_key(|d| std::cmp::Reverse(d.0));
             let mut removed = Vec::new();
-            for m in metas.iter().filter(|m| !live.contains(&m.id)) {
+            for (_, m) in doomed {
                 let dir = store.dir(&m.id);
                 let usage = SnapshotUsage {
                     id: m.id.clone(),
                     parent: m.parent.clone(),
                     kind: m.kind,
-                    size: disk_size(&store.dir(&m.id)),
+                    size: snapshot_size(&store, m, &mut HashSet::new()),
                     created: created(&dir),
                     cache_mount: None,
                 };
-                let gone = root.join("staging").join(format!("pruned-{}", m.id));
-                std::fs::rename(&dir, &gone).map_err(Error::io("prune snapshot", &dir))?;
-                std::fs::remove_dir_all(&gone).map_err(Error::io("remove", &gone))?;
-                removed.push(usage);
+                if store.remove(&m.id)? {
+                    removed.push(usage);
+                } else {
+                    // a step running on it holds it: it stays, with its blobs
+                    live.insert(m.id.clone());
+                }
             }
             let mut wanted: HashSet<String> = HashSet::new();
             for m in metas.iter().filter(|m| live.contains(&m.id)) {

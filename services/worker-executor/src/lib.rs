@@ -1,5 +1,5 @@
 //! worker-executor: the kiln worker. It holds filesystem snapshots (overlayfs layers on
-//! local disk), runs single LLB ops on them (image and local sources, exec through runc or
+//! local disk, in kiln's own store or in containerd's snapshotter), runs single LLB ops on them (image and local sources, exec through runc or
 //! as containerd tasks (see [`containerd`]), file ops) and exports snapshots as layer blobs
 //! or whole-filesystem tars.
 //!
@@ -156,9 +156,13 @@ impl Worker {
             }
         })?;
         // containers a killed worker left are stopped before its unfinished
-        // snapshots are cleared
+        // snapshots are cleared (runc: here; containerd: when the snapshotter connects)
         let executor = ops::exec::Executor::from_config(&config, &id);
-        let store = snapshot::Store::open(&config.root)?;
+        let containerd = match &config.containerd {
+            Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
+            None => None,
+        };
+        let store = snapshot::Store::open_with(&config.root, containerd)?;
         Ok(Worker {
             id,
             store,

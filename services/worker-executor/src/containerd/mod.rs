@@ -9,7 +9,9 @@
 //! run that is abandoned (the future dropped on cancel) kills the task first.
 //!
 //! Every request carries the configured namespace in the `containerd-namespace` gRPC
-//! metadata. Snapshots are not kept in containerd: they stay in kiln's own store.
+//! metadata. Snapshots live in containerd's snapshotter too (see
+//! [`crate::snapshot::containerd`]); the rootfs of a task is still the overlay kiln
+//! mounts from the chain's snapshot dirs, so containers are created without a snapshot.
 
 mod fifo;
 
@@ -38,8 +40,9 @@ pub struct ContainerdConfig {
     pub address: PathBuf,
     /// containerd namespace for kiln's containers (default "kiln").
     pub namespace: String,
-    /// Snapshotter named in containers (default "overlayfs"); kiln's own snapshot store
-    /// still holds every snapshot.
+    /// The snapshotter that holds the worker's snapshots (default "overlayfs"; kiln reads
+    /// and writes the snapshot dirs itself, so it must be an overlay-style snapshotter
+    /// whose mounts name an `upperdir`, or a bind mount for a snapshot without parent).
     pub snapshotter: String,
 }
 
@@ -54,8 +57,8 @@ impl ContainerdConfig {
     }
 }
 
-/// Label naming the worker that created a container (its worker id).
-const WORKER_LABEL: &str = "kiln.worker";
+/// Label naming the worker that created a container or snapshot (its worker id).
+pub(crate) const WORKER_LABEL: &str = "kiln.worker";
 
 /// Runs exec steps as containerd tasks. Connects on first use, and then first removes
 /// the containers an earlier run of this worker left behind.
@@ -72,7 +75,7 @@ fn cerr(op: &'static str, id: &str) -> impl FnOnce(tonic::Status) -> Error {
 }
 
 /// Request with the namespace in its metadata.
-fn req<T>(namespace: &str, t: T) -> tonic::Request<T> {
+pub(crate) fn req<T>(namespace: &str, t: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(t);
     if let Ok(v) = namespace.parse() {
         r.metadata_mut().insert("containerd-namespace", v);
@@ -101,40 +104,11 @@ impl Containerd {
                 let ch = containerd_client::connect(&address)
                     .await
                     .map_err(|source| Error::ContainerdConnect { address, source })?;
-                self.reap(&ch).await;
+                reap(&ch, &self.config.namespace, &self.worker_id).await;
                 Ok(ch)
             })
             .await
             .cloned()
-    }
-
-    /// Kills and deletes this worker's containers left by an earlier run (a crashed or
-    /// killed kilnd never ran their cleanup).
-    async fn reap(&self, ch: &Channel) {
-        let ns = &self.config.namespace;
-        let filter = format!("labels.\"{WORKER_LABEL}\"=={}", self.worker_id);
-        let listed = ContainersClient::new(ch.clone())
-            .list(req(
-                ns,
-                ListContainersRequest {
-                    filters: vec![filter],
-                },
-            ))
-            .await;
-        let containers = match listed {
-            Ok(r) => r.into_inner().containers,
-            Err(e) => {
-                tracing::warn!(error = %e, "list containerd containers");
-                return;
-            }
-        };
-        for c in containers {
-            tracing::info!(
-                id = c.id,
-                "removing a containerd container left by an earlier run"
-            );
-            remove(ch.clone(), ns.clone(), c.id, TaskState::Running, true).await;
-        }
     }
 
     /// Runs `spec` as container `id`, streaming output as `Event::Log`; returns the exit
@@ -244,6 +218,34 @@ impl Containerd {
             t0.elapsed().as_millis()
         );
         Ok(status as i32)
+    }
+}
+
+/// Kills and deletes the containers labelled with `worker_id` in `ns` that an earlier
+/// run left behind (a crashed or killed kilnd never ran their cleanup).
+pub(crate) async fn reap(ch: &Channel, ns: &str, worker_id: &str) {
+    let filter = format!("labels.\"{WORKER_LABEL}\"=={worker_id}");
+    let listed = ContainersClient::new(ch.clone())
+        .list(req(
+            ns,
+            ListContainersRequest {
+                filters: vec![filter],
+            },
+        ))
+        .await;
+    let containers = match listed {
+        Ok(r) => r.into_inner().containers,
+        Err(e) => {
+            tracing::warn!(error = %e, "list containerd containers");
+            return;
+        }
+    };
+    for c in containers {
+        tracing::info!(
+            id = c.id,
+            "removing a containerd container left by an earlier run"
+        );
+        remove(ch.clone(), ns.to_string(), c.id, TaskState::Running, true).await;
     }
 }
 

@@ -16,7 +16,19 @@
 //! content in the crash, so it is removed, with its children; the solver's records that
 //! name it then fail their existence check and the steps run again. Within one boot
 //! (a killed daemon), the page cache still holds everything written, so nothing is lost.
+//!
+//! With containerd (`[worker.containerd]`, [`Store::open_with`]) the snapshot dirs live
+//! in containerd's snapshotter (see [`containerd`]): a staging snapshot is an active
+//! containerd snapshot whose upper dir is the diff, and a committed one is a containerd
+//! snapshot too, with the same parent. kiln's `snapshots/<id>/` then holds meta.json
+//! and `diff`, a symlink to containerd's dir, so everything that reads a snapshot by path
+//! works the same on both backends. The order of a commit is containerd's first, then
+//! kiln's rename; a crash in between leaves a containerd snapshot no kiln meta names,
+//! which the next open removes with every staging snapshot of this worker (and drops
+//! the kiln snapshots containerd does not hold). The background sync covers the
+//! filesystem of containerd's snapshot dirs too.
 
+pub mod containerd;
 pub mod overlay;
 
 use crate::error::{Error, Result};
@@ -24,6 +36,7 @@ pub use overlay::{Mounted, Upper};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 /// Where a snapshot's content came from.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +77,18 @@ pub struct Meta {
     /// committed with an fsync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written: Option<Written>,
+    /// Where containerd holds the snapshot (the containerd backend only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containerd: Option<ContainerdRef>,
+}
+
+/// A committed snapshot in containerd's snapshotter.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ContainerdRef {
+    /// containerd's name of the snapshot (`kiln/<id>`)
+    pub name: String,
+    /// its filesystem dir (what `diff` links to)
+    pub dir: PathBuf,
 }
 
 /// A boot and a time on its boot clock (`CLOCK_BOOTTIME`, nanoseconds).
@@ -130,10 +155,23 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Syncs the store's filesystem and records it in `synced_file`.
-fn sync_now(root: &Path, synced_file: &Path) -> Result<()> {
+/// Whether two paths are on the same filesystem (unknown counts as different).
+fn same_fs(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Syncs the store's filesystem (and `also`'s, containerd's snapshot dirs, when it is
+/// another one) and records it in `synced_file`.
+fn sync_now(root: &Path, also: Option<&Path>, synced_file: &Path) -> Result<()> {
     let start = Written::now();
     syncfs(root)?;
+    if let Some(d) = also.filter(|d| !same_fs(root, d)) {
+        syncfs(d)?;
+    }
     let bytes = serde_json::to_vec(&start).map_err(|source| Error::SnapshotMeta {
         id: "synced".into(),
         source,
@@ -145,6 +183,7 @@ fn sync_now(root: &Path, synced_file: &Path) -> Result<()> {
 /// ends when the store (every clone of it) is gone.
 fn spawn_syncer(
     root: PathBuf,
+    also: Arc<OnceLock<PathBuf>>,
     synced_file: PathBuf,
     dirty: std::sync::Weak<std::sync::atomic::AtomicBool>,
 ) {
@@ -156,7 +195,7 @@ fn spawn_syncer(
                 std::thread::sleep(SYNC_INTERVAL);
                 let Some(flag) = dirty.upgrade() else { return };
                 if flag.swap(false, Ordering::AcqRel)
-                    && let Err(e) = sync_now(&root, &synced_file)
+                    && let Err(e) = sync_now(&root, also.get().map(PathBuf::as_path), &synced_file)
                 {
                     flag.store(true, Ordering::Release);
                     tracing::warn!(error = %e, "sync snapshots");
@@ -172,28 +211,55 @@ fn spawn_syncer(
 #[derive(Debug)]
 pub struct Staging {
     id: String,
+    /// kiln's dir of the snapshot (with the containerd backend, made at commit)
     dir: PathBuf,
     /// the snapshot this one is a diff over
     parent: Option<String>,
     committed: bool,
     /// recorded in the snapshot's metadata at commit
     pub content_key: Option<String>,
+    /// the active containerd snapshot holding the diff (the containerd backend)
+    active: Option<Active>,
+}
+
+/// An active snapshot in containerd.
+#[derive(Debug)]
+struct Active {
+    snapshots: Arc<containerd::Snapshots>,
+    key: String,
+    dirs: containerd::UpperDirs,
 }
 
 impl Staging {
     pub fn diff(&self) -> PathBuf {
-        self.dir.join("diff")
+        match &self.active {
+            Some(a) => a.dirs.diff.clone(),
+            None => self.dir.join("diff"),
+        }
     }
     pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
+        match &self.active {
+            Some(a) => a.dirs.work.clone(),
+            None => self.dir.join("work"),
+        }
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.committed
-            && let Err(e) = std::fs::remove_dir_all(&self.dir)
-        {
+        if self.committed {
+            return;
+        }
+        if let Some(a) = &self.active {
+            if let Err(e) = a.snapshots.remove(&a.key) {
+                tracing::warn!(key = a.key, error = %e, "remove staging snapshot");
+            }
+            if let Err(e) = std::fs::remove_dir_all(&self.dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "remove staging snapshot");
+            }
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "remove staging snapshot");
         }
     }
@@ -205,7 +271,11 @@ pub struct Store {
     staging: PathBuf,
     mnt: PathBuf,
     /// Something was committed since the last sync (see the module doc).
-    dirty: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// containerd's snapshotter, which holds the snapshot dirs (the containerd backend)
+    containerd: Option<Arc<containerd::Snapshots>>,
+    /// A dir on the filesystem of containerd's snapshot dirs, once known (synced too).
+    containerd_fs: Arc<OnceLock<PathBuf>>,
 }
 
 /// Checks that a ref is a snapshot id we could have produced (no path tricks).
@@ -231,13 +301,21 @@ impl Store {
     /// Opens (creating) the store under `root` and discards unfinished snapshots, and
     /// the mounts a killed worker left under `root`.
     pub fn open(root: &Path) -> Result<Store> {
+        Store::open_with(root, None)
+    }
+
+    /// Like [`Store::open`]; with `containerd`, snapshots are kept in its snapshotter
+    /// (see the module doc), and what an earlier run left there is removed.
+    pub fn open_with(root: &Path, containerd: Option<containerd::Snapshots>) -> Result<Store> {
         // absolute, so overlay options stay valid from any working directory
         let root = &std::path::absolute(root).map_err(Error::io("resolve", root))?;
         let s = Store {
             snapshots: root.join("snapshots"),
             staging: root.join("staging"),
             mnt: root.join("mnt"),
-            dirty: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            containerd: containerd.map(Arc::new),
+            containerd_fs: Arc::new(OnceLock::new()),
         };
         overlay::unmount_all_under(root);
         if let Ok(rd) = std::fs::read_dir(&s.mnt) {
@@ -269,28 +347,97 @@ impl Store {
         let synced: Option<Written> = std::fs::read(&synced_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        if synced.as_ref().is_none_or(|w| w.boot != boot_id()) {
+        let rebooted = synced.as_ref().is_none_or(|w| w.boot != boot_id());
+        if rebooted {
             s.drop_lost(synced.as_ref())?;
-            sync_now(root, &synced_file)?;
+        }
+        if let Some(ctr) = &s.containerd {
+            s.reconcile(ctr)?;
+        }
+        if rebooted {
+            sync_now(
+                root,
+                s.containerd_fs.get().map(PathBuf::as_path),
+                &synced_file,
+            )?;
         }
         spawn_syncer(
             root.to_path_buf(),
+            s.containerd_fs.clone(),
             synced_file,
-            std::sync::Arc::downgrade(&s.dirty),
+            Arc::downgrade(&s.dirty),
         );
         Ok(s)
+    }
+
+    /// The containerd backend: removes what an earlier run left in containerd, and drops
+    /// the kiln snapshots containerd does not hold (made on the runc backend, or lost
+    /// with containerd's state).
+    fn reconcile(&self, ctr: &containerd::Snapshots) -> Result<()> {
+        let rd = std::fs::read_dir(&self.snapshots).map_err(Error::io("read", &self.snapshots))?;
+        let kiln: std::collections::BTreeSet<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let held: std::collections::BTreeSet<String> = ctr
+            .reconcile(&|id| kiln.contains(id))?
+            .into_iter()
+            .collect();
+        for id in kiln.difference(&held) {
+            tracing::warn!(id, "dropping a snapshot containerd does not hold");
+            let d = self.snapshots.join(id);
+            std::fs::remove_dir_all(&d).map_err(Error::io("remove snapshot", &d))?;
+        }
+        if let Some(m) = held.iter().find_map(|id| self.meta(id).ok()) {
+            self.learn_containerd_fs(m.containerd.as_ref().map(|c| c.dir.as_path()));
+        }
+        Ok(())
+    }
+
+    /// Remembers the filesystem of containerd's snapshot dirs from one snapshot's dir
+    /// (`.../snapshots/<n>/fs`) for the background sync.
+    fn learn_containerd_fs(&self, dir: Option<&Path>) {
+        if self.containerd_fs.get().is_none()
+            && let Some(d) = dir.and_then(Path::parent).and_then(Path::parent)
+        {
+            let _ = self.containerd_fs.set(d.to_path_buf());
+        }
+    }
+
+    /// containerd's snapshotter, when the store keeps its snapshots there.
+    pub fn containerd(&self) -> Option<&containerd::Snapshots> {
+        self.containerd.as_deref()
     }
 
     /// Starts a new snapshot, a diff over `parent`.
     pub fn prepare(&self, parent: Option<&str>) -> Result<Staging> {
         let id = uuid::Uuid::new_v4().to_string();
         let dir = self.staging.join(&id);
+        if let Some(ctr) = &self.containerd {
+            let key = ctr.staging_key(&id);
+            let parent_name = parent.map(containerd::Snapshots::name);
+            let dirs = ctr.prepare(&key, parent_name.as_deref())?;
+            self.learn_containerd_fs(Some(&dirs.diff));
+            return Ok(Staging {
+                id,
+                dir,
+                parent: parent.map(str::to_string),
+                committed: false,
+                content_key: None,
+                active: Some(Active {
+                    snapshots: ctr.clone(),
+                    key,
+                    dirs,
+                }),
+            });
+        }
         let st = Staging {
             id,
             dir,
             parent: parent.map(str::to_string),
             committed: false,
             content_key: None,
+            active: None,
         };
         for d in [st.diff(), st.work()] {
             std::fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
@@ -305,6 +452,9 @@ impl Store {
         kind: Kind,
         blob: Option<LayerBlob>,
     ) -> Result<String> {
+        if staging.active.is_some() {
+            return self.commit_containerd(staging, kind, blob);
+        }
         let work = staging.work();
         if work.exists() {
             std::fs::remove_dir_all(&work).map_err(Error::io("remove workdir", &work))?;
@@ -317,6 +467,7 @@ impl Store {
             layers: BTreeMap::new(),
             content_key: staging.content_key.take(),
             written: Some(Written::now()),
+            containerd: None,
         };
         let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
             id: meta.id.clone(),
@@ -331,6 +482,89 @@ impl Store {
         staging.committed = true;
         self.dirty.store(true, std::sync::atomic::Ordering::Release);
         Ok(staging.id.clone())
+    }
+
+    /// [`Store::commit`] on the containerd backend: containerd's commit, then kiln's
+    /// meta.json and `diff` link, renamed into `snapshots/`.
+    fn commit_containerd(
+        &self,
+        mut staging: Staging,
+        kind: Kind,
+        blob: Option<LayerBlob>,
+    ) -> Result<String> {
+        let Some(active) = staging.active.as_ref() else {
+            return Err(Error::ContainerdSnapshot {
+                key: staging.id.clone(),
+                reason: "not a containerd staging snapshot".into(),
+            });
+        };
+        let name = containerd::Snapshots::name(&staging.id);
+        let (snapshots, dir) = (active.snapshots.clone(), active.dirs.diff.clone());
+        snapshots.commit(&name, &active.key)?;
+        // the active snapshot is gone now: nothing left for the drop to remove
+        staging.committed = true;
+        let meta = Meta {
+            id: staging.id.clone(),
+            parent: staging.parent.clone(),
+            kind,
+            blob,
+            layers: BTreeMap::new(),
+            content_key: staging.content_key.take(),
+            written: Some(Written::now()),
+            containerd: Some(ContainerdRef {
+                name: name.clone(),
+                dir: dir.clone(),
+            }),
+        };
+        let written = (|| -> Result<()> {
+            let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
+                id: meta.id.clone(),
+                source,
+            })?;
+            std::fs::create_dir_all(&staging.dir).map_err(Error::io("create", &staging.dir))?;
+            let path = staging.dir.join("meta.json");
+            std::fs::write(&path, &bytes).map_err(Error::io("write", &path))?;
+            let link = staging.dir.join("diff");
+            std::os::unix::fs::symlink(&dir, &link).map_err(Error::io("link", &link))?;
+            let dest = self.snapshots.join(&staging.id);
+            std::fs::rename(&staging.dir, &dest).map_err(Error::io("commit snapshot", &dest))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&staging.dir);
+            if let Err(e) = snapshots.remove(&name) {
+                tracing::warn!(name, error = %e, "remove a snapshot kiln failed to commit");
+            }
+            return Err(e);
+        }
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        Ok(staging.id.clone())
+    }
+
+    /// Removes the committed snapshot `id`, whose children must be gone. kiln's dir is
+    /// first moved into `staging/` (cleared at start), so a crash never leaves half of
+    /// it visible. Returns `false`, keeping it, when containerd refuses because a
+    /// snapshot still being written has it as its parent.
+    pub fn remove(&self, id: &str) -> Result<bool> {
+        check_id(id)?;
+        let dir = self.dir(id);
+        let aside = self.staging.join(format!("pruned-{id}"));
+        std::fs::rename(&dir, &aside).map_err(Error::io("prune snapshot", &dir))?;
+        if let Some(ctr) = &self.containerd
+            && let Err(e) = ctr.remove(&containerd::Snapshots::name(id))
+        {
+            std::fs::rename(&aside, &dir).map_err(Error::io("restore snapshot", &dir))?;
+            return match e {
+                Error::Containerd { source, .. }
+                    if source.code() == tonic::Code::FailedPrecondition =>
+                {
+                    tracing::info!(id, error = %source, "snapshot in use: kept");
+                    Ok(false)
+                }
+                e => Err(e),
+            };
+        }
+        std::fs::remove_dir_all(&aside).map_err(Error::io("remove", &aside))?;
+        Ok(true)
     }
 
     /// After a reboot: removes the snapshots that may have lost content (see the
@@ -378,8 +612,22 @@ impl Store {
         self.snapshots.join(id)
     }
 
+    /// The dir holding snapshot `id`'s own files (containerd's dir on that backend:
+    /// `diff` is a link to it).
     pub fn diff_dir(&self, id: &str) -> PathBuf {
-        self.snapshots.join(id).join("diff")
+        let diff = self.snapshots.join(id).join("diff");
+        match std::fs::read_link(&diff) {
+            Ok(target) => target,
+            Err(_) => diff,
+        }
+    }
+
+    /// [`Store::diff_dir`] of a snapshot whose meta is at hand.
+    fn diff_dir_of(&self, m: &Meta) -> PathBuf {
+        match &m.containerd {
+            Some(c) => c.dir.clone(),
+            None => self.snapshots.join(&m.id).join("diff"),
+        }
     }
 
     pub fn meta(&self, id: &str) -> Result<Meta> {
@@ -430,7 +678,7 @@ impl Store {
         Ok(self
             .chain(top)?
             .iter()
-            .map(|m| self.diff_dir(&m.id))
+            .map(|m| self.diff_dir_of(m))
             .collect())
     }
 
