@@ -1,7 +1,8 @@
 //! Stress: 20 concurrent builds with exec steps on one kilnd, a quarter of them
 //! cancelled mid-step by killing the client. Afterwards the worker must hold no mounts,
-//! no containers (runc or containerd), no step processes, no staging snapshots and no
-//! bundles.
+//! no containers (runc or containerd), no step processes, no staging snapshots (in kiln's
+//! store or active in containerd's snapshotter), no containerd snapshots kiln does not
+//! know, and no bundles.
 
 use kiln_integration_tests::{Backend, BuildContext, Daemon, Topology, bin_dir, dockerfile_args};
 use std::path::{Path, PathBuf};
@@ -105,6 +106,26 @@ fn leaks(
             };
             v.push(("containerd tasks", ctr("tasks")));
             v.push(("containerd containers", ctr("containers")));
+            // snapshots: none still being written, and every committed one is kiln's
+            let rows =
+                lines_of(Command::new("ctr").args(["-a", address, "-n", ns, "snapshots", "ls"]));
+            let (mut active, mut unknown) = (Vec::new(), Vec::new());
+            for row in rows.iter().skip(1) {
+                let f: Vec<&str> = row.split_whitespace().collect();
+                let (Some(name), Some(kind)) = (f.first(), f.last()) else {
+                    continue;
+                };
+                if *kind != "Committed" {
+                    active.push(row.clone());
+                } else if !name
+                    .strip_prefix("kiln/")
+                    .is_some_and(|id| worker.join("snapshots").join(id).join("meta.json").exists())
+                {
+                    unknown.push(row.clone());
+                }
+            }
+            v.push(("containerd active snapshots", active));
+            v.push(("containerd snapshots kiln does not know", unknown));
         }
     }
     v.retain(|(_, l)| !l.is_empty());
@@ -325,6 +346,13 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
         left.iter().any(|(kind, _)| *kind == "processes"),
         "a killed kilnd leaves its step running: {left:?}"
     );
+    if ns.is_some() {
+        assert!(
+            left.iter()
+                .any(|(kind, _)| *kind == "containerd active snapshots"),
+            "and its step's snapshot active in containerd: {left:?}"
+        );
+    }
     let k2 = Kilnd::start(dir.path(), &config_path, 2);
     // containerd's leftovers go when the worker first connects: run a step
     let log = dir.path().join("kiln-2.log");

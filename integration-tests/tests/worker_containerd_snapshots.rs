@@ -1,0 +1,158 @@
+//! On the containerd backend the worker's snapshots live in containerd's snapshotter:
+//! a build leaves committed `kiln/<id>` snapshots whose containerd parents are kiln's,
+//! the outputs read them right, and `kiln prune` removes them from containerd.
+
+use kiln_integration_tests::{Backend, BuildContext, Daemon, Topology, dockerfile_args};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One row of `ctr snapshots ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    parent: String,
+    kind: String,
+}
+
+/// The snapshots of `namespace`, by name.
+fn snapshots(address: &str, namespace: &str) -> BTreeMap<String, Row> {
+    let out = Command::new("ctr")
+        .args(["-a", address, "-n", namespace, "snapshots", "ls"])
+        .output()
+        .expect("ctr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (name, kind) = (f.first()?, f.last()?);
+            let parent = if f.len() == 3 { f[1] } else { "" };
+            Some((
+                name.to_string(),
+                Row {
+                    parent: parent.to_string(),
+                    kind: kind.to_string(),
+                },
+            ))
+        })
+        .collect()
+}
+
+fn meta(worker: &Path, id: &str) -> serde_json::Value {
+    let p = worker.join("snapshots").join(id).join("meta.json");
+    serde_json::from_slice(&std::fs::read(&p).expect("meta.json")).expect("json")
+}
+
+#[test]
+fn a_build_keeps_its_snapshots_in_containerd_and_prune_removes_them() {
+    let Some(backend) = Backend::containerd() else {
+        return;
+    };
+    let Backend::Containerd { address } = &backend else {
+        return;
+    };
+    let d = Daemon::start_on(Topology::AllInOne, &backend, "").expect("daemon");
+    let ns = d.containerd_namespace.clone().expect("namespace");
+    let worker: PathBuf = d.dir.path().join("root/all/worker");
+    let c = BuildContext::new("FROM busybox\nRUN echo hi > /hello\nCOPY f /f\n").expect("ctx");
+    c.file("f", "copied\n").expect("write");
+    let mut args = dockerfile_args();
+    args.extend(["--output", "type=local,dest=out"]);
+    let out = d.build(c.path(), &args).expect("build");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/hello")).expect("hello"),
+        "hi\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/f")).expect("f"),
+        "copied\n"
+    );
+    assert!(c.path().join("out/bin/busybox").exists(), "base layer");
+    // the image export reads the layers from containerd's dirs
+    let mut args = dockerfile_args();
+    args.extend(["--output", "type=oci,dest=img.tar"]);
+    let out = d.build(c.path(), &args).expect("build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = kiln_integration_tests::tar_names(&c.path().join("img.tar")).expect("tar");
+    assert!(names.iter().any(|n| n == "index.json"), "{names:?}");
+
+    let listed = snapshots(address, &ns);
+    assert!(!listed.is_empty());
+    let mut ids = Vec::new();
+    for (name, row) in &listed {
+        assert_eq!(row.kind, "Committed", "{name}: {listed:?}");
+        let id = name
+            .strip_prefix("kiln/")
+            .unwrap_or_else(|| panic!("{name} is not kiln's"));
+        // containerd's parent is kiln's parent
+        let m = meta(&worker, id);
+        let parent = m["parent"].as_str().map(|p| format!("kiln/{p}"));
+        assert_eq!(Some(row.parent.clone()).filter(|p| !p.is_empty()), parent);
+        // kiln's diff is containerd's dir
+        let diff = std::fs::read_link(worker.join("snapshots").join(id).join("diff"))
+            .expect("diff is a link");
+        assert!(
+            diff.to_string_lossy()
+                .contains("io.containerd.snapshotter.v1.overlayfs/snapshots/"),
+            "{}",
+            diff.display()
+        );
+        ids.push(id.to_string());
+    }
+    // the COPY's snapshot holds /f, its parent the RUN's /hello, down to the base
+    let copy = ids
+        .iter()
+        .find(|id| {
+            worker.join("snapshots").join(id).join("diff/f").exists()
+                && meta(&worker, id)["kind"] == "built"
+        })
+        .expect("the COPY's snapshot");
+    let run = meta(&worker, copy)["parent"]
+        .as_str()
+        .expect("parent")
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(worker.join("snapshots").join(&run).join("diff/hello"))
+            .expect("the RUN's diff"),
+        "hi\n"
+    );
+    assert_eq!(
+        listed[&format!("kiln/{copy}")].parent,
+        format!("kiln/{run}")
+    );
+    let base = meta(&worker, &run)["parent"]
+        .as_str()
+        .expect("parent")
+        .to_string();
+    assert_eq!(meta(&worker, &base)["kind"], "image");
+
+    let out = d.kiln(c.path(), &["prune"]).expect("prune");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = snapshots(address, &ns);
+    assert!(left.is_empty(), "left in containerd: {left:?}");
+    assert_eq!(
+        std::fs::read_dir(worker.join("snapshots"))
+            .expect("snapshots")
+            .count(),
+        0
+    );
+}
