@@ -156,3 +156,72 @@ fn a_build_keeps_its_snapshots_in_containerd_and_prune_removes_them() {
         0
     );
 }
+
+/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
+fn parse_size(s: &str) -> f64 {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let mult = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other:?} in {s:?}"),
+    };
+    n.parse::<f64>().expect("number") * mult
+}
+
+#[test]
+fn du_adds_up_to_the_disk_of_kilns_and_containerds_dirs() {
+    let Some(backend) = Backend::containerd() else {
+        return;
+    };
+    let d = Daemon::start_on(Topology::AllInOne, &backend, "").expect("daemon");
+    let worker: PathBuf = d.dir.path().join("root/all/worker");
+    let c = BuildContext::new(
+        "FROM busybox\nRUN head -c 300000 /dev/urandom > /big\nCOPY f /f\nRUN cp /f /g\n",
+    )
+    .expect("ctx");
+    c.file("f", &"x".repeat(100_000)).expect("write");
+    let out = d.build(c.path(), &dockerfile_args()).expect("build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.kiln(c.path(), &["du"]).expect("du");
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let listed = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("Total:"))
+        .map(|t| parse_size(t.trim()))
+        .unwrap_or_else(|| panic!("no total in:\n{listing}"));
+    // kiln's dirs and, for each snapshot, containerd's dir of it (fs and work), in one
+    // du so a hard-linked file counts once
+    let mut dirs: Vec<PathBuf> = ["snapshots", "content", "cache-mounts"]
+        .iter()
+        .map(|s| worker.join(s))
+        .filter(|p| p.exists())
+        .collect();
+    for e in std::fs::read_dir(worker.join("snapshots")).expect("snapshots") {
+        let id = e.expect("entry").file_name().to_string_lossy().to_string();
+        let m = meta(&worker, &id);
+        let fs = PathBuf::from(m["containerd"]["dir"].as_str().expect("containerd dir"));
+        dirs.push(fs.parent().expect("snapshot dir").to_path_buf());
+    }
+    let du = Command::new("du")
+        .args(["-s", "-c", "--block-size=1"])
+        .args(&dirs)
+        .output()
+        .expect("du");
+    let on_disk: f64 = String::from_utf8_lossy(&du.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("du total");
+    assert!(
+        (listed - on_disk).abs() <= on_disk * 0.01,
+        "kiln du total {listed} vs {on_disk} bytes on disk:\n{listing}"
+    );
+}

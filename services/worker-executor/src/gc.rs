@@ -128,13 +128,18 @@ fn size_from(dir: &Path, min_depth: usize, seen: &mut HashSet<(u64, u64)>) -> i6
 }
 
 /// Allocated bytes of a committed snapshot: kiln's dir (meta.json, `diff`) and, on the
-/// containerd backend, the containerd dir `diff` links to.
+/// containerd backend, containerd's dir of it (the overlayfs snapshotter's `<n>/`,
+/// holding `fs`, which `diff` links to, and the overlay's `work`).
 fn snapshot_size(store: &Store, m: &Meta, seen: &mut HashSet<(u64, u64)>) -> i64 {
     let own = size_from(&store.dir(&m.id), 0, seen);
-    match &m.containerd {
-        Some(c) => own + size_from(&c.dir, 0, seen),
-        None => own,
-    }
+    let Some(c) = &m.containerd else {
+        return own;
+    };
+    let theirs = match c.dir.parent() {
+        Some(p) if c.dir.file_name().is_some_and(|n| n == "fs") => p,
+        _ => c.dir.as_path(),
+    };
+    own + size_from(theirs, 0, seen)
 }
 
 fn kind_name(k: Kind) -> &'static str {
