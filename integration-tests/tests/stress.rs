@@ -354,7 +354,8 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
         );
     }
     let k2 = Kilnd::start(dir.path(), &config_path, 2);
-    // containerd's leftovers go when the worker first connects: run a step
+    // a restarted worker has removed the leftovers (containerd's when it connected, at
+    // start) and still builds
     let log = dir.path().join("kiln-2.log");
     let st = build(dir.path(), "FROM busybox\nRUN true\n", &log)
         .wait()
