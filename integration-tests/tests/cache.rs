@@ -634,3 +634,80 @@ fn layers_built_before_a_context_change_keep_their_files() {
         .mode();
     assert_eq!(mode & 0o777, 0o644);
 }
+
+/// The bytes a build's plain output says went over for the build context
+/// (`#N transferring context: 12.3kB done`; the last one: the first is the
+/// `.dockerignore`).
+fn context_transferred(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .rfind(|l| l.contains(" transferring context: "))
+        .unwrap_or_else(|| panic!("no context transfer in:\n{out}"));
+    let size = line
+        .split(" transferring context: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("size");
+    parse_size(size)
+}
+
+#[test]
+fn a_changed_file_is_all_that_goes_over_also_after_a_kill_9() {
+    // kilnd keeps the last synced copy of a context and asks only for what
+    // changed; that copy becomes the build's context snapshot and is made
+    // again afterwards, and a daemon killed before that still syncs
+    // incrementally on its next start
+    let mut d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nCOPY ctx/ /ctx/\n").expect("ctx");
+    let chunk = "0123456789abcdef".repeat(256); // 4 KiB
+    for i in 0..50 {
+        c.file(&format!("ctx/f{i:02}"), &format!("{i}{chunk}"))
+            .expect("write");
+    }
+    let outs = tempfile::tempdir().expect("tmp");
+    let read = |n: &str, p: &str| std::fs::read_to_string(outs.path().join(n).join(p)).expect(p);
+    let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert!(context_transferred(&first) >= 50.0 * 4096.0, "{first}");
+    c.file("ctx/f07", "seven\n").expect("write");
+    let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    assert_eq!(context_transferred(&second), 6.0, "{second}");
+    assert_eq!(read("2", "ctx/f07"), "seven\n");
+    assert_eq!(read("2", "ctx/f08"), format!("8{chunk}"));
+    // killed before the synced copy was made again (what a kill can leave:
+    // no copy, a half-made one next to it)
+    d.stop(false);
+    let local = d.root().join("worker/local");
+    let mut copies = 0;
+    for e in std::fs::read_dir(&local).expect("local dirs").flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "last") {
+            let copy = p.with_extension("");
+            if copy.join("ctx").exists() {
+                std::fs::remove_dir_all(&copy).expect("remove copy");
+                std::fs::create_dir_all(copy.with_extension("relink").join("ctx")).expect("half");
+                copies += 1;
+            }
+        }
+    }
+    assert_eq!(copies, 1, "one synced copy of the context");
+    d.spawn();
+    c.file("ctx/f08", "eight!\n").expect("write");
+    let third = d.build(c.path(), &["--output", &out_arg(&outs.path().join("3"))]);
+    assert_eq!(context_transferred(&third), 7.0, "{third}");
+    assert_eq!(read("3", "ctx/f07"), "seven\n");
+    assert_eq!(read("3", "ctx/f08"), "eight!\n");
+    assert_eq!(
+        std::fs::read_dir(outs.path().join("3/ctx"))
+            .expect("ctx")
+            .count(),
+        50
+    );
+    // the earlier builds' layers kept their files
+    let fourth = {
+        c.file("ctx/f07", &format!("7{chunk}")).expect("write");
+        c.file("ctx/f08", &format!("8{chunk}")).expect("write");
+        d.build(c.path(), &["--output", &out_arg(&outs.path().join("4"))])
+    };
+    assert!(is_cached(&fourth, "COPY ctx/"), "{fourth}");
+    assert_eq!(read("4", "ctx/f07"), format!("7{chunk}"));
+}

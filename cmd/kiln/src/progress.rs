@@ -133,14 +133,19 @@ impl Printer {
                 let mut err = std::io::stderr().lock();
                 self.switch_to(&mut err, &st.vertex);
                 let n = self.state(&st.vertex).number;
-                let _ = writeln!(
-                    err,
-                    "#{} {} {} / {} done",
-                    n,
-                    st.name,
-                    human_bytes(st.current),
-                    human_bytes(st.total)
-                );
+                let _ = if st.total > 0 {
+                    writeln!(
+                        err,
+                        "#{} {} {} / {} done",
+                        n,
+                        st.name,
+                        human_bytes(st.current),
+                        human_bytes(st.total)
+                    )
+                } else {
+                    // a transfer of unknown size: what went over
+                    writeln!(err, "#{} {} {} done", n, st.name, human_bytes(st.current))
+                };
             }
         }
         for l in msg.logs {

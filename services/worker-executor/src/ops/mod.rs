@@ -25,6 +25,7 @@ pub async fn run_op(
     for id in req.inputs.iter().flatten() {
         w.store().meta(id)?;
     }
+    let _busy = Busy::start();
     match &req.op.op {
         Some(Op::Source(s)) => Ok(vec![
             source::run(w, s, req.op.platform.as_ref(), &req, &events).await?,
@@ -50,4 +51,46 @@ pub(crate) fn input_ref(inputs: &[Option<String>], index: i64) -> Result<Option<
             inputs.len()
         ))
     })
+}
+
+/// How many ops and layer computations are running in this process, for
+/// housekeeping that should wait for a quiet moment ([`wait_quiet`]).
+static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts as running while alive.
+pub(crate) struct Busy(());
+
+impl Busy {
+    pub(crate) fn start() -> Busy {
+        BUSY.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Blocks until nothing has been running for `quiet`, `urgent()` says to go
+/// on, or `max` has passed.
+pub(crate) fn wait_quiet(
+    quiet: std::time::Duration,
+    max: std::time::Duration,
+    urgent: impl Fn() -> bool,
+) {
+    let started = std::time::Instant::now();
+    let mut idle_since: Option<std::time::Instant> = None;
+    while started.elapsed() < max && !urgent() {
+        if BUSY.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= quiet {
+                return;
+            }
+        } else {
+            idle_since = None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

@@ -21,9 +21,16 @@ pub async fn run(
     if let Some(r) = s.identifier.strip_prefix("docker-image://") {
         image(w, r, platform, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
-        local(w, name, &s.attrs, session_id, &req.session_shared_key)
-            .await
-            .map(Some)
+        local(
+            w,
+            name,
+            &s.attrs,
+            session_id,
+            &req.session_shared_key,
+            events,
+        )
+        .await
+        .map(Some)
     } else if let Some(rest) = s.identifier.strip_prefix("git://") {
         git(w, rest, &s.attrs).await.map(Some)
     } else if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
@@ -228,13 +235,15 @@ fn json_list(attrs: &BTreeMap<String, String>, key: &str) -> Result<Vec<String>>
     }
 }
 
-/// Syncs the client's local dir `name` into a persistent dir and snapshots a copy of it.
+/// Syncs the client's local dir `name` into a persistent dir, which then becomes a snapshot
+/// (see [`relink_synced_dir`]); reports the bytes that went over as `transferring NAME:`.
 pub async fn local(
     w: &Worker,
     name: &str,
     attrs: &BTreeMap<String, String>,
     session_id: &str,
     shared_key: &str,
+    events: &mpsc::Sender<Event>,
 ) -> Result<String> {
     let session = attrs
         .get("local.session")
@@ -259,9 +268,22 @@ pub async fn local(
         .join(sha256_hex(
             format!("{name}\0{hint}\0{shared_key}").as_bytes(),
         ));
-    std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-    let lock = w.local_lock(&dir);
-    let _guard = lock.lock().await;
+    WANTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.clone());
+    let guard = w.local_lock(&dir).lock_owned().await;
+    {
+        let mut wanted = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = wanted.iter().position(|d| *d == dir) {
+            wanted.swap_remove(i);
+        }
+    }
+    // a killed daemon may have left the synced dir half re-linked: start it
+    // again from the last snapshot (or, failing that, sync everything)
+    let store = w.store().clone();
+    let (d, st) = (dir.clone(), store.clone());
+    tokio::task::spawn_blocking(move || restore_synced_dir(&st, &d)).await??;
     let opts = kiln_session::SyncOptions {
         include_patterns: json_list(attrs, "local.includepattern")?,
         exclude_patterns: json_list(attrs, "local.excludepatterns")?,
@@ -283,7 +305,14 @@ pub async fn local(
         .await
         .map_err(sess)?;
     let synced = started.elapsed();
-    let store = w.store().clone();
+    let _ = events
+        .send(Event::Progress {
+            id: format!("transferring {name}:"),
+            current: received.bytes as i64,
+            total: 0,
+            completed: true,
+        })
+        .await;
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
         use crate::contenthash;
@@ -315,23 +344,33 @@ pub async fn local(
         let (id, how) = match reused {
             Some(id) => (id, "reused"),
             None => {
-                // the synced dir's files are only ever replaced (a new inode
+                // The synced dir's files are only ever replaced (a new inode
                 // renamed over the path), never rewritten, so the snapshot
-                // can share them: hard links, not copies
+                // and the synced dir can share them. The synced dir itself
+                // becomes the snapshot's content (a rename), and a linked
+                // copy of it is made again for the next sync off this
+                // build's path (see `relink_synced_dir`).
                 let mut st = store.prepare(None)?;
-                let opts = fscopy::CopyOpts {
-                    link_files: true,
-                    ..Default::default()
-                };
-                fscopy::copy_entry(&dir, &st.diff(), &opts)
-                    .map_err(Error::io("snapshot local dir", &dir))?;
+                let moved = std::fs::rename(&dir, st.diff()).is_ok();
+                if !moved {
+                    // another filesystem: link (or copy) the files over
+                    fscopy::copy_entry(&dir, &st.diff(), &link_opts())
+                        .map_err(Error::io("snapshot local dir", &dir))?;
+                }
                 st.content_key = Some(key.clone());
                 let id = store.commit(st, Kind::Local, None)?;
                 let tmp = last.with_extension("last.tmp");
                 std::fs::write(&tmp, format!("{key}\n{id}\n"))
                     .map_err(Error::io("write", &tmp))?;
                 std::fs::rename(&tmp, &last).map_err(Error::io("rename", &last))?;
-                (id, "new, hard-linked")
+                if moved {
+                    let from = std::fs::canonicalize(store.diff_dir(&id))
+                        .map_err(Error::io("resolve", store.diff_dir(&id)))?;
+                    relink_synced_dir(from, dir.clone(), guard);
+                    (id, "new, moved in")
+                } else {
+                    (id, "new, hard-linked")
+                }
             }
         };
         contenthash::remember_snapshot(&id, sums.clone());
@@ -356,6 +395,103 @@ pub async fn local(
         Ok(id)
     })
     .await?
+}
+
+fn link_opts() -> fscopy::CopyOpts {
+    fscopy::CopyOpts {
+        link_files: true,
+        ..Default::default()
+    }
+}
+
+/// Where a synced dir is re-linked before it takes its place.
+fn relinking(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.with_extension("relink")
+}
+
+/// Synced dirs a local source is waiting to lock.
+static WANTED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes `dir` again, after its content moved into a snapshot: a copy of the
+/// snapshot's diff `from` with its files hard-linked (the same inodes, so the
+/// per-file digests of the last sync still hold for it). Runs on a thread of
+/// its own at the lowest CPU priority, holding the dir's lock (`guard`), once
+/// the worker is quiet (the build that made the snapshot has usually ended),
+/// or at once when a sync of the same dir waits for it.
+fn relink_synced_dir(
+    from: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("local-relink".into())
+        .spawn(move || {
+            #[allow(unsafe_code)]
+            // SAFETY: setpriority on this thread (who 0 = the calling thread's id).
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+            super::wait_quiet(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(10),
+                || {
+                    WANTED
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&dir)
+                },
+            );
+            let started = std::time::Instant::now();
+            let tmp = relinking(&dir);
+            let _ = std::fs::remove_dir_all(&tmp);
+            let res = fscopy::copy_entry(&from, &tmp, &link_opts())
+                .and_then(|()| std::fs::rename(&tmp, &dir));
+            match res {
+                Ok(()) => tracing::debug!(
+                    target: "kiln_timing",
+                    "synced dir {} re-linked in {} ms",
+                    dir.display(),
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => {
+                    // the next sync starts from an empty dir: slower, not wrong
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    tracing::warn!(dir = %dir.display(), error = %e, "re-link synced dir");
+                }
+            }
+            drop(guard);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "start the synced dir re-link thread");
+    }
+}
+
+/// Before a sync: when `dir` is missing (its re-link was cut short by a
+/// killed daemon), makes it again from the snapshot named in its `.last`
+/// record, so the sync stays incremental; otherwise an empty dir.
+fn restore_synced_dir(store: &snapshot::Store, dir: &std::path::Path) -> Result<()> {
+    let tmp = relinking(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(Error::io("remove", &tmp))?;
+    }
+    if dir.exists() {
+        return Ok(());
+    }
+    let last = std::fs::read_to_string(dir.with_extension("last")).unwrap_or_default();
+    let from = last
+        .lines()
+        .nth(1)
+        .filter(|id| store.meta(id).is_ok_and(|m| m.kind == Kind::Local))
+        .and_then(|id| std::fs::canonicalize(store.diff_dir(id)).ok());
+    if let Some(from) = from
+        && fscopy::copy_entry(&from, &tmp, &link_opts())
+            .and_then(|()| std::fs::rename(&tmp, dir))
+            .is_ok()
+    {
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(dir).map_err(Error::io("create", dir))
 }
 
 /// Runs `git ARGS` in `dir` with no user or system config and no prompts.
