@@ -204,7 +204,9 @@ pub fn recompress_blob(
 
 /// Stream an uncompressed layer tar, written by `produce`, into a compressed blob.
 ///
-/// `out` is a directory (blob named by its digest hex, written atomically) or a file path.
+/// `out` is a directory (blob named by its digest hex, renamed into place when complete) or a
+/// file path. The blob is not synced to disk: a caller that records it somewhere durable
+/// syncs it first ([`sync_file`]), which it can do off its critical path.
 /// gzip is block-parallel and zstd multi-threaded over all cores; the output does not depend
 /// on the number of cores. Returns (diff id, blob descriptor with the OCI media type).
 pub fn write_layer_blob(
@@ -257,7 +259,7 @@ pub fn write_layer_blob(
         };
         let (file, digest, size) = blob.finish().map_err(err)?;
         let diff_id = diff_id.unwrap_or_else(|| digest.clone());
-        file.sync_all().map_err(err)?;
+        drop(file);
         Ok::<_, Error>((digest, size, diff_id))
     })();
     let (digest, size, diff_id) = match result {
@@ -558,6 +560,16 @@ pub fn compress_stream(
         }
     };
     Ok(counted.finish().2)
+}
+
+/// fsync(2) of a file written earlier (a blob from [`write_layer_blob`]).
+pub fn sync_file(path: &Path) -> Result<(), Error> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::CompressLayer {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

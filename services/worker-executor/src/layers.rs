@@ -1,6 +1,8 @@
 //! Layer blobs of a snapshot chain: image layers keep their original blob (or are
 //! recompressed with `force`); built snapshots are turned into a compressed layer blob
-//! streamed straight from their overlay upper dir (memoized in meta by the layer options).
+//! streamed straight from their overlay upper dir, and memoized in meta by the layer
+//! options once the blob is synced to disk (on a thread of its own, so an export does not
+//! wait for the disk).
 //! Layers of one chain are compressed in parallel on blocking threads; gzip and zstd are
 //! themselves multi-threaded (see `kiln_oci::write_layer_blob`).
 
@@ -45,6 +47,7 @@ pub(crate) async fn layer_chain(
     let options = layer_options(compression_spec)?;
     let key = options.spec();
     let _guard = w.layers_lock.lock().await;
+    let _busy = crate::ops::Busy::start();
     let store = w.store.clone();
     let blobs = w.config.root.join("content/blobs/sha256");
     let top = r.map(str::to_string);
@@ -56,6 +59,7 @@ pub(crate) async fn layer_chain(
             .enumerate()
             .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
                 (_, Some(memo)) => Plan::Ready(Box::new(memo.clone())),
+                _ if let Some(memo) = pending_memo(&meta.id, &key) => Plan::Ready(Box::new(memo)),
                 (Some(b), None)
                     if !options.force
                         || Compression::from_media_type(&b.descriptor.media_type)
@@ -98,6 +102,7 @@ pub(crate) async fn layer_chain(
             computed.extend(results);
         }
         let mut out = Vec::new();
+        let mut fresh = Vec::new();
         let mut computed = computed.into_iter();
         for plan in plans {
             let blob = match plan {
@@ -108,17 +113,84 @@ pub(crate) async fn layer_chain(
                         .ok_or_else(|| Error::Compression("layer result missing".into()))?;
                     debug_assert_eq!(i, j);
                     let blob = res?;
-                    let mut meta = chain[i].clone();
-                    meta.layers.insert(key.clone(), blob.clone());
-                    store.update_meta(&meta)?;
+                    fresh.push((chain[i].id.clone(), blob.clone()));
                     blob
                 }
             };
             out.push(blob);
         }
+        memoize(store, blobs, key, fresh);
         Ok(out)
     })
     .await?
+}
+
+/// Layer blobs written by this process whose memo is not recorded yet, by
+/// (snapshot id, layer options).
+type Pending = std::collections::HashMap<(String, String), Option<LayerBlob>>;
+static PENDING: std::sync::Mutex<Option<Pending>> = std::sync::Mutex::new(None);
+/// Held while a snapshot's meta.json is read, changed and written again.
+static MEMO_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn pending_memo(id: &str, key: &str) -> Option<Option<LayerBlob>> {
+    let g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref()?.get(&(id.to_string(), key.to_string())).cloned()
+}
+
+/// Records the layer blobs just computed in their snapshots' meta.json, on a
+/// thread of its own: each blob is synced to disk first, so a memo never
+/// names a blob a crash could have lost, and the export that made them does
+/// not wait for the disk. Until then the blobs are served from [`PENDING`].
+fn memoize(
+    store: crate::snapshot::Store,
+    blobs: std::path::PathBuf,
+    key: String,
+    fresh: Vec<(String, Option<LayerBlob>)>,
+) {
+    if fresh.is_empty() {
+        return;
+    }
+    {
+        let mut g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        let map = g.get_or_insert_with(Default::default);
+        for (id, blob) in &fresh {
+            map.insert((id.clone(), key.clone()), blob.clone());
+        }
+    }
+    let record = move || {
+        for (id, blob) in fresh {
+            let synced = match &blob {
+                Some(b) => kiln_oci::sync_file(
+                    &blobs.join(b.descriptor.digest.trim_start_matches("sha256:")),
+                )
+                .map_err(|source| Error::Layer {
+                    digest: b.descriptor.digest.clone(),
+                    source,
+                }),
+                None => Ok(()),
+            };
+            let res = synced.and_then(|()| {
+                let _w = MEMO_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+                let mut meta = store.meta(&id)?;
+                meta.layers.insert(key.clone(), blob);
+                store.update_meta(&meta)
+            });
+            if let Err(e) = res {
+                // without the memo the layer is computed again next time
+                tracing::debug!(snapshot = %id, error = %e, "layer memo not recorded");
+            }
+            let mut g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(map) = g.as_mut() {
+                map.remove(&(id, key.clone()));
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("layer-memo".into())
+        .spawn(record)
+    {
+        tracing::warn!(error = %e, "start the layer memo thread");
+    }
 }
 
 /// The non-empty layer blobs of the chain of `r`, root first.
@@ -159,10 +231,19 @@ fn compute(
     if dir_is_empty(&diff)? {
         return Ok(None);
     }
+    let started = std::time::Instant::now();
     let (diff_id, descriptor) = kiln_oci::write_layer_blob(blobs, options, |w| {
         kiln_oci::layer::diff_overlay_upper_clamped(&diff, w, options.clamp_mtime)
     })
     .map_err(layer_err)?;
+    tracing::debug!(
+        target: "kiln_timing",
+        "layer of snapshot {}: {} bytes ({}) in {} ms",
+        meta.id,
+        descriptor.size,
+        options.spec(),
+        started.elapsed().as_millis()
+    );
     Ok(Some(LayerBlob {
         descriptor,
         diff_id,
