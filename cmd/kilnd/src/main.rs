@@ -7,6 +7,7 @@
 //! over real gRPC, exactly as they do across hosts.
 
 mod config;
+mod memory;
 mod serve;
 
 use anyhow::Context;
@@ -57,8 +58,20 @@ struct Args {
 const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
 const DEFAULT_ROOT: &str = "/var/lib/kiln";
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // before the runtime's threads start allocating
+    memory::keep_small();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kilnd: start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(daemon());
+}
+
+async fn daemon() {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

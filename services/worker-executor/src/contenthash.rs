@@ -289,7 +289,7 @@ pub fn paths(root: &Path, selectors: &[Selector]) -> Result<String> {
     paths_with(root, selectors, None).map(|(d, _)| d)
 }
 
-/// [`paths`] in the mounted view `root` of the single snapshot `snapshot`:
+/// [`paths`] in the view `root` of the snapshot `snapshot` (mounted, or its diff dir):
 /// files whose digest the snapshot was lent ([`remember_snapshot`]) are not
 /// read again.
 pub fn paths_in(

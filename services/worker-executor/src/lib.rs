@@ -231,10 +231,23 @@ impl Worker {
         let top = r.map(str::to_string);
         let store = self.blocking_store();
         tokio::task::spawn_blocking(move || {
-            let m = store.mount_ro(top.as_deref())?;
-            let digest = contenthash::paths_in(m.path(), &selectors, top.as_deref());
-            m.unmount()?;
-            let (digest, stats) = digest?;
+            // one snapshot with no parent is its own view: no mount needed
+            let single = match top.as_deref() {
+                Some(id) if store.meta(id)?.parent.is_none() => {
+                    let d = store.diff_dir(id);
+                    Some(std::fs::canonicalize(&d).map_err(Error::io("resolve", &d))?)
+                }
+                _ => None,
+            };
+            let (digest, stats) = match single {
+                Some(dir) => contenthash::paths_in(&dir, &selectors, top.as_deref())?,
+                None => {
+                    let m = store.mount_ro(top.as_deref())?;
+                    let digest = contenthash::paths_in(m.path(), &selectors, top.as_deref());
+                    m.unmount()?;
+                    digest?
+                }
+            };
             tracing::debug!(target: "kiln_timing", ?stats, "checksum of {top:?}");
             Ok(digest)
         })
