@@ -359,7 +359,12 @@ fn direct_copy(
         link_files: true,
         ..Default::default()
     };
-    fscopy::copy_entry(&src, &upper.join(&rel), &opts).map_err(err)?;
+    if opts.filter.is_none() {
+        // the destination is new and empty: every core can link at once
+        fscopy::link_tree(&src, &upper.join(&rel)).map_err(err)?;
+    } else {
+        fscopy::copy_entry(&src, &upper.join(&rel), &opts).map_err(err)?;
+    }
     Ok(Some(st))
 }
 

@@ -354,7 +354,7 @@ pub async fn local(
                 let moved = std::fs::rename(&dir, st.diff()).is_ok();
                 if !moved {
                     // another filesystem: link (or copy) the files over
-                    fscopy::copy_entry(&dir, &st.diff(), &link_opts())
+                    fscopy::link_tree(&dir, &st.diff())
                         .map_err(Error::io("snapshot local dir", &dir))?;
                 }
                 st.content_key = Some(key.clone());
@@ -397,13 +397,6 @@ pub async fn local(
     .await?
 }
 
-fn link_opts() -> fscopy::CopyOpts {
-    fscopy::CopyOpts {
-        link_files: true,
-        ..Default::default()
-    }
-}
-
 /// Where a synced dir is re-linked before it takes its place.
 fn relinking(dir: &std::path::Path) -> std::path::PathBuf {
     dir.with_extension("relink")
@@ -444,8 +437,7 @@ fn relink_synced_dir(
             let started = std::time::Instant::now();
             let tmp = relinking(&dir);
             let _ = std::fs::remove_dir_all(&tmp);
-            let res = fscopy::copy_entry(&from, &tmp, &link_opts())
-                .and_then(|()| std::fs::rename(&tmp, &dir));
+            let res = fscopy::link_tree(&from, &tmp).and_then(|()| std::fs::rename(&tmp, &dir));
             match res {
                 Ok(()) => tracing::debug!(
                     target: "kiln_timing",
@@ -484,7 +476,7 @@ fn restore_synced_dir(store: &snapshot::Store, dir: &std::path::Path) -> Result<
         .filter(|id| store.meta(id).is_ok_and(|m| m.kind == Kind::Local))
         .and_then(|id| std::fs::canonicalize(store.diff_dir(id)).ok());
     if let Some(from) = from
-        && fscopy::copy_entry(&from, &tmp, &link_opts())
+        && fscopy::link_tree(&from, &tmp)
             .and_then(|()| std::fs::rename(&tmp, dir))
             .is_ok()
     {
