@@ -61,7 +61,10 @@ const DEFAULT_ROOT: &str = "/var/lib/kiln";
 fn main() {
     // before the runtime's threads start allocating
     memory::keep_small();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kilnd: start the runtime: {e}");

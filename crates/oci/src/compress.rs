@@ -111,6 +111,31 @@ impl LayerOptions {
         }
     }
 
+    /// The layer options of an image, oci or docker export from its attrs (BuildKit's
+    /// names): `compression` (default gzip), `compression-level`, `force-compression`,
+    /// and `rewrite-timestamp` with `source-date-epoch` (else the forwarded
+    /// `build-arg:SOURCE_DATE_EPOCH`). The error is the key whose value is invalid.
+    pub fn from_export_attrs(
+        attrs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<LayerOptions, String> {
+        let name = attrs
+            .get("compression")
+            .map(String::as_str)
+            .unwrap_or("gzip");
+        let compression = Compression::from_name(name).ok_or("compression")?;
+        let mut o = LayerOptions::new(compression);
+        if let Some(l) = attrs.get("compression-level").filter(|l| !l.is_empty()) {
+            o.level = Some(l.parse().map_err(|_| "compression-level")?);
+        }
+        o.force = export_bool(attrs, "force-compression");
+        if export_bool(attrs, "rewrite-timestamp") {
+            o.clamp_mtime = source_date_epoch(attrs)?;
+        }
+        // the same validation a worker applies to the spec
+        LayerOptions::parse(&o.spec()).map_err(|_| "compression-level")?;
+        Ok(o)
+    }
+
     /// The level actually used.
     pub fn effective_level(&self) -> i32 {
         self.level
@@ -560,6 +585,24 @@ pub fn compress_stream(
         }
     };
     Ok(counted.finish().2)
+}
+
+/// A boolean export attr: `true`, `1` or empty (present) is true.
+fn export_bool(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> bool {
+    matches!(attrs.get(key).map(String::as_str), Some("true" | "1" | ""))
+}
+
+/// `SOURCE_DATE_EPOCH` of an export: the attr `source-date-epoch`, else the frontend's
+/// `build-arg:SOURCE_DATE_EPOCH`. The error is the key whose value is not a number.
+pub fn source_date_epoch(
+    attrs: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<u64>, String> {
+    for key in ["source-date-epoch", "build-arg:SOURCE_DATE_EPOCH"] {
+        if let Some(v) = attrs.get(key).filter(|v| !v.is_empty()) {
+            return v.trim().parse().map(Some).map_err(|_| key.to_string());
+        }
+    }
+    Ok(None)
 }
 
 /// fsync(2) of a file written earlier (a blob from [`write_layer_blob`]).

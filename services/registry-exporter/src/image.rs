@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use futures::StreamExt;
 use kiln_oci::{
-    Compression, Descriptor, History, ImageConfig, LayerOptions, Manifest, Platform, RootFs,
-    digest, media_types,
+    Descriptor, History, ImageConfig, LayerOptions, Manifest, Platform, RootFs, digest, media_types,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -325,44 +324,23 @@ impl Annotations {
     }
 }
 
-/// The layer options of an image/oci/docker export from BuildKit's attrs: `compression`,
-/// `compression-level`, `force-compression`, and `rewrite-timestamp` with
-/// `source-date-epoch`.
+/// The layer options of an image/oci/docker export from its attrs
+/// ([`LayerOptions::from_export_attrs`]).
 pub fn layer_options(attrs: &BTreeMap<String, String>) -> Result<LayerOptions, Error> {
-    let invalid = |key: &str| Error::InvalidAttr {
-        key: key.to_string(),
-        value: attrs.get(key).cloned().unwrap_or_default(),
-    };
-    let name = attrs
-        .get("compression")
-        .map(String::as_str)
-        .unwrap_or("gzip");
-    let compression = Compression::from_name(name).ok_or_else(|| invalid("compression"))?;
-    let mut o = LayerOptions::new(compression);
-    if let Some(l) = attrs.get("compression-level").filter(|l| !l.is_empty()) {
-        o.level = Some(l.parse().map_err(|_| invalid("compression-level"))?);
-    }
-    o.force = bool_attr(attrs, "force-compression", false);
-    if bool_attr(attrs, "rewrite-timestamp", false) {
-        o.clamp_mtime = source_date_epoch(attrs)?;
-    }
-    // the same validation the worker applies
-    LayerOptions::parse(&o.spec()).map_err(|_| invalid("compression-level"))?;
-    Ok(o)
+    LayerOptions::from_export_attrs(attrs).map_err(|key| invalid_attr(attrs, &key))
 }
 
 /// `SOURCE_DATE_EPOCH` for this export: the exporter attr `source-date-epoch`, else the
 /// frontend's `build-arg:SOURCE_DATE_EPOCH` when the solver forwards it.
 pub fn source_date_epoch(attrs: &BTreeMap<String, String>) -> Result<Option<u64>, Error> {
-    for key in ["source-date-epoch", "build-arg:SOURCE_DATE_EPOCH"] {
-        if let Some(v) = attrs.get(key).filter(|v| !v.is_empty()) {
-            return v.trim().parse().map(Some).map_err(|_| Error::InvalidAttr {
-                key: key.to_string(),
-                value: v.clone(),
-            });
-        }
+    kiln_oci::source_date_epoch(attrs).map_err(|key| invalid_attr(attrs, &key))
+}
+
+fn invalid_attr(attrs: &BTreeMap<String, String>, key: &str) -> Error {
+    Error::InvalidAttr {
+        key: key.to_string(),
+        value: attrs.get(key).cloned().unwrap_or_default(),
     }
-    Ok(None)
 }
 
 /// Marks as `empty_layer` the history entries whose snapshot had an empty

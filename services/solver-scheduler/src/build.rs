@@ -57,6 +57,9 @@ pub struct Build {
     scope: Mutex<String>,
     /// the client session's shared key (its context dir)
     shared_key: Mutex<String>,
+    /// The layer options of the build's image export, when it has one: the
+    /// layers of the result's chain are computed as its steps finish.
+    pub eager_layers: Option<String>,
 }
 
 /// Frontend attr asking for cache-miss explanations.
@@ -86,6 +89,15 @@ impl Build {
                 .collect(),
             scope: Mutex::new(String::new()),
             shared_key: Mutex::new(String::new()),
+            eager_layers: req
+                .exporters
+                .iter()
+                .find(|e| matches!(e.r#type.as_str(), "image" | "oci" | "docker"))
+                .and_then(|e| {
+                    let attrs = exporter_attrs(&e.attrs, &req.frontend_attrs, 0);
+                    kiln_oci::LayerOptions::from_export_attrs(&attrs).ok()
+                })
+                .map(|o| o.spec()),
         }
     }
 

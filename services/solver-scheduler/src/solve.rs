@@ -738,6 +738,52 @@ impl<W: Worker> Step<W> {
     }
 }
 
+/// The exec and file ops whose output (the index given) is a new layer of the
+/// result's image: the result, then each exec's root mount input and each
+/// file op's base input, down to a source or another kind of op.
+fn image_chain(graph: &kiln_llb::Graph) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    let mut next = graph.result.clone();
+    while let Some(at) = next.take() {
+        let Some(v) = graph.get(&at.digest) else {
+            break;
+        };
+        if !matches!(v.op.op, Some(OpKind::Exec(_) | OpKind::File(_)))
+            || out.insert(v.digest.clone(), at.index).is_some()
+        {
+            break;
+        }
+        let input = |i: i64| (i >= 0).then(|| v.op.inputs.get(i as usize).cloned())?;
+        next = match &v.op.op {
+            Some(OpKind::Exec(e)) => e
+                .mounts
+                .iter()
+                .find(|m| m.dest == "/" && m.output == at.index)
+                .and_then(|m| input(m.input)),
+            Some(OpKind::File(f)) => {
+                // the action writing this output, then back through the
+                // actions it builds on to one of the op's inputs
+                let n = v.op.inputs.len() as i64;
+                let mut a = f.actions.iter().find(|a| a.output == at.index);
+                let mut found = None;
+                for _ in 0..f.actions.len() {
+                    match a {
+                        Some(x) if x.input >= n => a = f.actions.get((x.input - n) as usize),
+                        Some(x) => {
+                            found = input(x.input);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                found
+            }
+            _ => None,
+        };
+    }
+    out
+}
+
 /// Solves `def` for `build` and returns the worker ref of its result
 /// (empty for scratch).
 pub async fn solve<W: Worker>(
@@ -751,6 +797,12 @@ pub async fn solve<W: Worker>(
         return Ok(String::new());
     };
     let mut futs: HashMap<String, VertexFuture> = HashMap::new();
+    // with an image export, each layer of the result is computed as soon as
+    // its step has run, alongside the steps after it
+    let eager: Arc<HashMap<String, i64>> = Arc::new(match build.eager_layers {
+        Some(_) => image_chain(&graph),
+        None => HashMap::new(),
+    });
     let snippets: HashMap<String, String> = graph
         .vertices
         .iter()
@@ -804,7 +856,13 @@ pub async fn solve<W: Worker>(
         let cache = cache.clone();
         let build = build.clone();
         let vertex_digest = v.digest.clone();
+        let eager = eager.clone();
         let fut = async move {
+            let layers_of = eager
+                .get(&v.digest)
+                .copied()
+                .zip(build.eager_layers.clone());
+            let layer_worker = worker.clone();
             let name = vertex_name(&v.op, &v.metadata);
             let mut done_inputs = Vec::new();
             let mut input_from = Vec::new();
@@ -870,7 +928,20 @@ pub async fn solve<W: Worker>(
             match res {
                 Ok(o) => {
                     pv.cached = o.cached || !leader;
+                    let ran = !pv.cached;
                     build.progress.vertex(pv);
+                    if let Some((index, spec)) = layers_of
+                        && ran
+                    {
+                        let r = o.done.output(index).0;
+                        if !r.is_empty() {
+                            tokio::spawn(async move {
+                                if let Err(e) = layer_worker.prepare_layers(&r, &spec).await {
+                                    tracing::debug!(error = %e, "layers ahead of the export");
+                                }
+                            });
+                        }
+                    }
                     Ok(o.done)
                 }
                 Err(mut f) => {
@@ -915,6 +986,8 @@ mod tests {
         cancelled: AtomicUsize,
         running: AtomicUsize,
         max_running: AtomicUsize,
+        /// (ref, layer options) of every prepare_layers call
+        layers: Mutex<Vec<(String, String)>>,
     }
 
     struct CountDrop<'a>(&'a AtomicUsize, bool);
@@ -997,6 +1070,13 @@ mod tests {
         }
         async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
             Ok(WorkerUsage::default())
+        }
+        async fn prepare_layers(&self, r: &str, spec: &str) -> Result<(), Error> {
+            self.layers
+                .lock()
+                .expect("lock")
+                .push((r.to_string(), spec.to_string()));
+            Ok(())
         }
     }
 
@@ -1109,6 +1189,55 @@ mod tests {
         )
         .await
         .expect("solve")
+    }
+
+    #[tokio::test]
+    async fn with_an_image_export_the_result_layers_are_prepared_as_their_steps_finish() {
+        let w = Arc::new(FakeWorker::default());
+        w.set("/a.txt", "a");
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let def = copy_then_run("cat /a.txt");
+        let graph = kiln_llb::load(&def).expect("load");
+        let chain = image_chain(&graph);
+        let name = |d: &String| graph.get(d).map(|v| vertex_name(&v.op, &v.metadata));
+        let mut names: Vec<_> = chain.keys().filter_map(name).collect();
+        names.sort();
+        assert_eq!(names, ["copy", "run"], "sources are not new layers");
+        let with_export = |id: &str| {
+            Arc::new(Build::new(
+                &BuildRequest {
+                    id: id.into(),
+                    exporters: vec![crate::build::ExporterSpec {
+                        r#type: "image".into(),
+                        attrs: [("compression".to_string(), "zstd".to_string())].into(),
+                    }],
+                    ..Default::default()
+                },
+                false,
+            ))
+        };
+        let result = solve(w.clone(), cache.clone(), with_export("b1"), &def)
+            .await
+            .expect("solve");
+        let prepared = || w.layers.lock().expect("lock").clone();
+        for _ in 0..100 {
+            if prepared().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = prepared();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|(_, spec)| spec == "zstd"), "{got:?}");
+        assert!(got.iter().any(|(r, _)| *r == result), "{got:?}");
+        // cached steps have their layers already; a build without an image
+        // export asks for none
+        solve(w.clone(), cache.clone(), with_export("b2"), &def)
+            .await
+            .expect("solve");
+        solve_once(&w, &cache, &copy_then_run("cat /a.txt && true"), false).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(prepared().len(), 2, "{:?}", prepared());
     }
 
     #[tokio::test]

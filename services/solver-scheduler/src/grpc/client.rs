@@ -145,6 +145,19 @@ impl peer::Worker for GrpcWorker {
             .collect())
     }
 
+    async fn prepare_layers(&self, r: &str, spec: &str) -> Result<(), Error> {
+        let req = tonic::Request::new(wk::LayersRequest {
+            r#ref: r.to_string(),
+            compression: spec.to_string(),
+        });
+        self.client
+            .clone()
+            .layers(req)
+            .await
+            .map_err(|s| Error::Worker(format!("layers: {}", s.message())))?;
+        Ok(())
+    }
+
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
         let mut req = tonic::Request::new(wk::ExistsRequest {
             refs: refs.to_vec(),
