@@ -231,7 +231,7 @@ pub fn recompress_blob(
 ///
 /// `out` is a directory (blob named by its digest hex, renamed into place when complete) or a
 /// file path. The blob is not synced to disk: a caller that records it somewhere durable
-/// syncs it first ([`sync_file`]), which it can do off its critical path.
+/// makes sure it is on disk first, which it can do off its critical path.
 /// gzip is block-parallel and zstd multi-threaded over all cores; the output does not depend
 /// on the number of cores. Returns (diff id, blob descriptor with the OCI media type).
 pub fn write_layer_blob(
@@ -603,16 +603,6 @@ pub fn source_date_epoch(
         }
     }
     Ok(None)
-}
-
-/// fsync(2) of a file written earlier (a blob from [`write_layer_blob`]).
-pub fn sync_file(path: &Path) -> Result<(), Error> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| Error::CompressLayer {
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 #[cfg(test)]

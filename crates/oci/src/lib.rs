@@ -14,7 +14,7 @@ pub mod layout;
 
 pub use compress::{
     Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, compress_layer,
-    compress_stream, recompress_blob, source_date_epoch, sync_file, write_layer_blob,
+    compress_stream, recompress_blob, source_date_epoch, write_layer_blob,
 };
 pub use error::Error;
 pub use image::{

@@ -1,8 +1,7 @@
 //! Layer blobs of a snapshot chain: image layers keep their original blob (or are
 //! recompressed with `force`); built snapshots are turned into a compressed layer blob
-//! streamed straight from their overlay upper dir, and memoized in meta by the layer
-//! options once the blob is synced to disk (on a thread of its own, so an export does not
-//! wait for the disk).
+//! streamed straight from their overlay upper dir, and memoized by the layer options once
+//! the store's background sync has put the blob on disk (see [`memoize`]).
 //! Layers of one chain are compressed in parallel on blocking threads; gzip and zstd are
 //! themselves multi-threaded (see `kiln_oci::write_layer_blob`).
 
@@ -119,7 +118,7 @@ pub(crate) async fn layer_chain(
             };
             out.push(blob);
         }
-        memoize(store, blobs, key, fresh);
+        memoize(store, key, fresh);
         Ok(out)
     })
     .await?
@@ -129,7 +128,10 @@ pub(crate) async fn layer_chain(
 /// (snapshot id, layer options).
 type Pending = std::collections::HashMap<(String, String), Option<LayerBlob>>;
 static PENDING: std::sync::Mutex<Option<Pending>> = std::sync::Mutex::new(None);
-/// Held while a snapshot's meta.json is read, changed and written again.
+/// How long a layer memo waits for the store's background sync of its blob.
+const MEMO_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Held while a snapshot's layer memo is read, changed and written again.
 static MEMO_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn pending_memo(id: &str, key: &str) -> Option<Option<LayerBlob>> {
@@ -137,16 +139,12 @@ fn pending_memo(id: &str, key: &str) -> Option<Option<LayerBlob>> {
     g.as_ref()?.get(&(id.to_string(), key.to_string())).cloned()
 }
 
-/// Records the layer blobs just computed in their snapshots' meta.json, on a
-/// thread of its own: each blob is synced to disk first, so a memo never
-/// names a blob a crash could have lost, and the export that made them does
-/// not wait for the disk. Until then the blobs are served from [`PENDING`].
-fn memoize(
-    store: crate::snapshot::Store,
-    blobs: std::path::PathBuf,
-    key: String,
-    fresh: Vec<(String, Option<LayerBlob>)>,
-) {
+/// Records the layer blobs just computed in their snapshots' memos, on a
+/// thread of its own, once the store's background sync has put the blobs on
+/// disk: a memo never names a blob a crash could have lost, and neither the
+/// export nor the steps running meanwhile wait for the disk. Until then the
+/// blobs are served from [`PENDING`].
+fn memoize(store: crate::snapshot::Store, key: String, fresh: Vec<(String, Option<LayerBlob>)>) {
     if fresh.is_empty() {
         return;
     }
@@ -158,23 +156,19 @@ fn memoize(
         }
     }
     let record = move || {
+        // one background sync of the store covers every blob written so far
+        let synced = store.wait_synced(MEMO_SYNC_TIMEOUT);
         for (id, blob) in fresh {
-            let synced = match &blob {
-                Some(b) => kiln_oci::sync_file(
-                    &blobs.join(b.descriptor.digest.trim_start_matches("sha256:")),
-                )
-                .map_err(|source| Error::Layer {
-                    digest: b.descriptor.digest.clone(),
-                    source,
-                }),
-                None => Ok(()),
-            };
-            let res = synced.and_then(|()| {
+            let res = if !synced {
+                // not known to be on disk: no memo, the next export computes it
+                Err(Error::Compression("no sync of the layer blob".into()))
+            } else {
                 let _w = MEMO_WRITE.lock().unwrap_or_else(|e| e.into_inner());
-                let mut meta = store.meta(&id)?;
-                meta.layers.insert(key.clone(), blob);
-                store.update_meta(&meta)
-            });
+                store.meta(&id).and_then(|mut meta| {
+                    meta.layers.insert(key.clone(), blob);
+                    store.update_meta(&meta)
+                })
+            };
             if let Err(e) = res {
                 // without the memo the layer is computed again next time
                 tracing::debug!(snapshot = %id, error = %e, "layer memo not recorded");

@@ -1,8 +1,8 @@
 //! The snapshot store: immutable filesystem layers chained by parent id.
 //!
 //! Layout under the worker root:
-//! * `snapshots/<id>/{diff,meta.json}`: committed snapshots (immutable; the
-//!   `layers` memo in meta.json is the only thing ever rewritten);
+//! * `snapshots/<id>/{diff,meta.json,layers.json}`: committed snapshots (immutable;
+//!   `layers.json`, the memo of the snapshot's layer blobs, is the only file rewritten);
 //! * `staging/<id>/{diff,work}`: snapshots being written. A staging dir is renamed into
 //!   `snapshots/` only after its meta.json is complete, so a crash never leaves a half
 //!   snapshot visible; leftovers are removed when the store opens.
@@ -131,6 +131,9 @@ fn boot_id() -> String {
     .clone()
 }
 
+/// The file next to a snapshot's meta.json holding its layer memo.
+const LAYERS_MEMO: &str = "layers.json";
+
 /// How often the background thread syncs the store's filesystem after commits.
 const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -186,6 +189,7 @@ fn spawn_syncer(
     also: Arc<OnceLock<PathBuf>>,
     synced_file: PathBuf,
     dirty: std::sync::Weak<std::sync::atomic::AtomicBool>,
+    syncs: Arc<Syncs>,
 ) {
     use std::sync::atomic::Ordering;
     let spawned = std::thread::Builder::new()
@@ -194,17 +198,29 @@ fn spawn_syncer(
             loop {
                 std::thread::sleep(SYNC_INTERVAL);
                 let Some(flag) = dirty.upgrade() else { return };
-                if flag.swap(false, Ordering::AcqRel)
-                    && let Err(e) = sync_now(&root, also.get().map(PathBuf::as_path), &synced_file)
-                {
-                    flag.store(true, Ordering::Release);
-                    tracing::warn!(error = %e, "sync snapshots");
+                if flag.swap(false, Ordering::AcqRel) {
+                    let n = syncs.started.fetch_add(1, Ordering::AcqRel) + 1;
+                    match sync_now(&root, also.get().map(PathBuf::as_path), &synced_file) {
+                        Ok(()) => syncs.done.store(n, Ordering::Release),
+                        Err(e) => {
+                            flag.store(true, Ordering::Release);
+                            tracing::warn!(error = %e, "sync snapshots");
+                        }
+                    }
                 }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "start the snapshot sync thread");
     }
+}
+
+/// Background syncs of the store: how many started, and the number of the
+/// last one that completed.
+#[derive(Debug, Default)]
+struct Syncs {
+    started: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
 }
 
 /// A snapshot being written: its `diff` dir is an overlay upper (or a plain dir).
@@ -272,6 +288,7 @@ pub struct Store {
     mnt: PathBuf,
     /// Something was committed since the last sync (see the module doc).
     dirty: Arc<std::sync::atomic::AtomicBool>,
+    syncs: Arc<Syncs>,
     /// containerd's snapshotter, which holds the snapshot dirs (the containerd backend)
     containerd: Option<Arc<containerd::Snapshots>>,
     /// A dir on the filesystem of containerd's snapshot dirs, once known (synced too).
@@ -314,6 +331,7 @@ impl Store {
             staging: root.join("staging"),
             mnt: root.join("mnt"),
             dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            syncs: Arc::default(),
             containerd: containerd.map(Arc::new),
             containerd_fs: Arc::new(OnceLock::new()),
         };
@@ -366,6 +384,7 @@ impl Store {
             s.containerd_fs.clone(),
             synced_file,
             Arc::downgrade(&s.dirty),
+            s.syncs.clone(),
         );
         Ok(s)
     }
@@ -646,20 +665,50 @@ impl Store {
                 });
             }
         };
-        serde_json::from_slice(&bytes).map_err(|source| Error::SnapshotMeta {
-            id: id.to_string(),
-            source,
-        })
+        let mut meta: Meta =
+            serde_json::from_slice(&bytes).map_err(|source| Error::SnapshotMeta {
+                id: id.to_string(),
+                source,
+            })?;
+        // the layer memo; an unreadable one is as good as none
+        if let Ok(b) = std::fs::read(self.dir(id).join(LAYERS_MEMO))
+            && let Ok(memo) = serde_json::from_slice::<BTreeMap<String, Option<LayerBlob>>>(&b)
+        {
+            meta.layers.extend(memo);
+        }
+        Ok(meta)
     }
 
-    /// Rewrites a committed snapshot's meta.json (only the memo fields may change).
+    /// Records a committed snapshot's layer memo (`meta.layers`) next to its meta.json,
+    /// which never changes after the commit. Not synced: the memo must only name blobs
+    /// already on disk ([`Store::wait_synced`]); losing it in a crash costs a recompute.
     pub fn update_meta(&self, meta: &Meta) -> Result<()> {
         check_id(&meta.id)?;
-        let bytes = serde_json::to_vec_pretty(meta).map_err(|source| Error::SnapshotMeta {
+        let bytes = serde_json::to_vec(&meta.layers).map_err(|source| Error::SnapshotMeta {
             id: meta.id.clone(),
             source,
         })?;
-        write_atomic(&self.dir(&meta.id).join("meta.json"), &bytes)
+        let path = self.dir(&meta.id).join(LAYERS_MEMO);
+        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&tmp, &bytes).map_err(Error::io("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(Error::io("rename", &path))
+    }
+
+    /// Asks for a background sync of the store's filesystem and waits (at most
+    /// `timeout`) until one that started after this call has completed: what was
+    /// written before it is then on disk. False on timeout.
+    pub fn wait_synced(&self, timeout: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let after = self.syncs.started.load(Ordering::Acquire);
+        self.dirty.store(true, Ordering::Release);
+        let started = std::time::Instant::now();
+        while self.syncs.done.load(Ordering::Acquire) <= after {
+            if started.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
     }
 
     /// The chain ending at `top`, top first. `None` (scratch) is the empty chain.
@@ -732,6 +781,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_memo_lives_beside_meta_and_waits_for_a_sync() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(tmp.path()).expect("open");
+        let st = s.prepare(None).expect("prepare");
+        std::fs::write(st.diff().join("f"), "x").expect("write");
+        let id = s.commit(st, Kind::Built, None).expect("commit");
+        let meta_json = std::fs::read(s.dir(&id).join("meta.json")).expect("meta");
+        let mut m = s.meta(&id).expect("meta");
+        m.layers.insert("gzip".into(), None);
+        s.update_meta(&m).expect("memo");
+        // meta.json is never rewritten; the memo reads back
+        assert_eq!(
+            std::fs::read(s.dir(&id).join("meta.json")).expect("meta"),
+            meta_json
+        );
+        assert_eq!(s.meta(&id).expect("meta").layers.get("gzip"), Some(&None));
+        // an unreadable memo is no memo, not a broken snapshot
+        std::fs::write(s.dir(&id).join(LAYERS_MEMO), "{trunc").expect("write");
+        assert!(s.meta(&id).expect("meta").layers.is_empty());
+        // a sync asked for now completes
+        assert!(s.wait_synced(SYNC_INTERVAL * 3));
+    }
 
     #[test]
     fn opening_clears_unfinished_snapshots_of_an_earlier_run() {
@@ -819,7 +892,8 @@ mod tests {
         let rewrite = |id: &str, written: Option<Written>| {
             let mut m = store.meta(id).expect("meta");
             m.written = written;
-            store.update_meta(&m).expect("update");
+            let bytes = serde_json::to_vec(&m).expect("json");
+            write_atomic(&store.dir(id).join("meta.json"), &bytes).expect("rewrite");
         };
         let earlier = |at| {
             Some(Written {
