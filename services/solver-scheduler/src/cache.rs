@@ -200,7 +200,59 @@ fn json_err(what: &str, key: &str) -> impl Fn(serde_json::Error) -> Error {
 
 /// Cache records in a redb database file.
 pub struct RedbStore {
-    db: redb::Database,
+    db: std::sync::Arc<redb::Database>,
+    /// A record was committed without an fsync since the last durable commit.
+    unsynced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if self.unsynced.load(std::sync::atomic::Ordering::Acquire)
+            && let Err(e) = self
+                .db
+                .begin_write()
+                .map_err(redb::Error::from)
+                .and_then(|t| t.commit().map_err(redb::Error::from))
+        {
+            tracing::warn!(error = %e, "durable commit of cache records on close");
+        }
+    }
+}
+
+/// How soon after a step's record a durable commit covers it (group commit):
+/// a daemon killed within this window loses the newest records (never a part
+/// of one); the steps they describe run again.
+const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Commits durably every [`GROUP_COMMIT`] while records were committed without
+/// an fsync; ends with the database.
+fn spawn_group_committer(
+    db: std::sync::Weak<redb::Database>,
+    unsynced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let spawned = std::thread::Builder::new()
+        .name("cache-commit".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(GROUP_COMMIT);
+                let Some(db) = db.upgrade() else { return };
+                if !unsynced.swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+                let res = db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+                    // an empty durable commit makes every commit before it durable
+                    txn.commit().map_err(redb::Error::from)
+                });
+                if let Err(e) = res {
+                    unsynced.store(true, Ordering::Release);
+                    tracing::warn!(error = %e, "durable commit of cache records");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "start the cache commit thread");
+    }
 }
 
 fn db_err(op: &'static str) -> impl Fn(redb::Error) -> Error {
@@ -242,7 +294,11 @@ impl RedbStore {
             })?;
         }
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
-        let s = RedbStore { db };
+        let s = RedbStore {
+            db: std::sync::Arc::new(db),
+            unsynced: std::sync::Arc::default(),
+        };
+        spawn_group_committer(std::sync::Arc::downgrade(&s.db), s.unsynced.clone());
         s.write("create tables", redb::Durability::Immediate, |_, _| Ok(()))?;
         s.aux_write(
             "create tables",
@@ -301,6 +357,11 @@ impl RedbStore {
             f(&mut records, &mut keys)?
         };
         txn.commit().map_err(|x| e(x.into()))?;
+        if matches!(durability, redb::Durability::None) {
+            // after the commit, so the group commit that clears it covers it
+            self.unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(out)
     }
 
@@ -351,7 +412,8 @@ impl CacheStore for RedbStore {
     fn put(&self, record: &CacheRecord) -> Result<(), Error> {
         let e = db_err("put");
         let bytes = encode(record)?;
-        self.write("put", redb::Durability::Immediate, |records, keys| {
+        // durable within GROUP_COMMIT, so a step does not wait for the disk
+        self.write("put", redb::Durability::None, |records, keys| {
             records
                 .insert(record.id.as_str(), bytes.as_slice())
                 .map_err(|x| e(x.into()))?;
@@ -365,7 +427,7 @@ impl CacheStore for RedbStore {
 
     fn link(&self, id: &str, key: &str) -> Result<(), Error> {
         let e = db_err("link");
-        self.update("link", id, redb::Durability::Immediate, |rec, keys| {
+        self.update("link", id, redb::Durability::None, |rec, keys| {
             if !rec.links.iter().any(|l| l == key) {
                 rec.links.push(key.to_string());
             }

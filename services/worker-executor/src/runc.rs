@@ -399,6 +399,7 @@ impl Runc {
 
     /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
     pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
+        let t0 = std::time::Instant::now();
         std::fs::create_dir_all(&self.state).map_err(Error::io("create", &self.state))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.arg("--root")
@@ -428,13 +429,22 @@ impl Runc {
             .stderr
             .take()
             .map(|e| tokio::spawn(pump(e, 2, events.clone())));
+        let t_spawned = t0.elapsed();
         let status = child.wait().await.map_err(|source| Error::RuncStart {
             runc: self.binary.clone(),
             source,
         })?;
+        let t_exited = t0.elapsed();
         for h in [out, err].into_iter().flatten() {
             let _ = h.await;
         }
+        tracing::debug!(
+            target: "kiln_timing",
+            "runc {id}: spawned {} us, exited {} us, output drained {} us",
+            t_spawned.as_micros(),
+            t_exited.as_micros(),
+            t0.elapsed().as_micros()
+        );
         guard.armed = false;
         drop(guard);
         // 128+signal like a shell when the process was killed.
