@@ -276,9 +276,7 @@ impl Worker {
 
     /// Whether each ref and its whole parent chain are committed here.
     pub fn exists(&self, refs: &[String]) -> Vec<bool> {
-        refs.iter()
-            .map(|r| self.store().chain(Some(r)).is_ok())
-            .collect()
+        refs.iter().map(|r| self.store().chain_exists(r)).collect()
     }
 
     fn all_metas(&self) -> Result<Vec<Meta>> {

@@ -289,6 +289,8 @@ pub struct Store {
     /// Something was committed since the last sync (see the module doc).
     dirty: Arc<std::sync::atomic::AtomicBool>,
     syncs: Arc<Syncs>,
+    /// Parent of each snapshot read so far (ids are never reused, so a link never changes).
+    parents: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
     /// containerd's snapshotter, which holds the snapshot dirs (the containerd backend)
     containerd: Option<Arc<containerd::Snapshots>>,
     /// A dir on the filesystem of containerd's snapshot dirs, once known (synced too).
@@ -332,6 +334,7 @@ impl Store {
             mnt: root.join("mnt"),
             dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             syncs: Arc::default(),
+            parents: Arc::default(),
             containerd: containerd.map(Arc::new),
             containerd_fs: Arc::new(OnceLock::new()),
         };
@@ -707,6 +710,37 @@ impl Store {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
+    }
+
+    /// Whether `top` and its whole parent chain are committed here: a stat of each
+    /// meta.json, with parent links read once and kept in memory.
+    pub fn chain_exists(&self, top: &str) -> bool {
+        let mut next = Some(top.to_string());
+        while let Some(id) = next.take() {
+            if check_id(&id).is_err() || !self.dir(&id).join("meta.json").exists() {
+                return false;
+            }
+            let known = self
+                .parents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            next = match known {
+                Some(parent) => parent,
+                None => match self.meta(&id) {
+                    Ok(m) => {
+                        self.parents
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id, m.parent.clone());
+                        m.parent
+                    }
+                    Err(_) => return false,
+                },
+            };
         }
         true
     }
