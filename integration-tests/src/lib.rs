@@ -422,3 +422,17 @@ pub fn is_cached(progress: &str, needle: &str) -> bool {
     step_number(progress, needle)
         .is_some_and(|n| progress.lines().any(|l| l == format!("#{n} CACHED")))
 }
+
+/// `12.3MB` → bytes (decimal units, as `kiln du` and the progress output print them).
+pub fn parse_size(s: &str) -> f64 {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let mult = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other:?} in {s:?}"),
+    };
+    n.parse::<f64>().expect("number") * mult
+}

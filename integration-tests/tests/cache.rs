@@ -2,7 +2,9 @@
 //! crashes, content checksums of only the paths a step reads, deduplication
 //! of concurrent builds, and `kiln du` / `kiln prune`.
 
-use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, is_cached, registry};
+use kiln_integration_tests::{
+    BuildContext, bin_dir, dockerfile_args, is_cached, parse_size, registry,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -152,20 +154,6 @@ impl Drop for Kilnd {
         self.stop(false);
         kiln_integration_tests::unmount_under(self.dir.path());
     }
-}
-
-/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
-fn parse_size(s: &str) -> f64 {
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let mult = match unit {
-        "B" => 1.0,
-        "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        other => panic!("unit {other:?} in {s:?}"),
-    };
-    n.parse::<f64>().expect("number") * mult
 }
 
 fn out_arg(dir: &Path) -> String {

@@ -3,7 +3,9 @@
 //! --keep-storage/--filter`, GC policies from kilnd.toml, `max-parallelism`,
 //! build history and `kiln build --explain-cache`.
 
-use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, is_cached};
+use kiln_integration_tests::{
+    BuildContext, Daemon, Topology, dockerfile_args, is_cached, parse_size,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -38,20 +40,6 @@ fn build(d: &Daemon, ctx: &Path, extra: &[&str]) -> String {
 
 fn worker_root(d: &Daemon) -> PathBuf {
     d.dir.path().join("root/all/worker")
-}
-
-/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
-fn parse_size(s: &str) -> f64 {
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let mult = match unit {
-        "B" => 1.0,
-        "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        other => panic!("unit {other:?} in {s:?}"),
-    };
-    n.parse::<f64>().expect("number") * mult
 }
 
 fn du_total(listing: &str) -> f64 {

@@ -2,7 +2,9 @@
 //! a build leaves committed `kiln/<id>` snapshots whose containerd parents are kiln's,
 //! the outputs read them right, and `kiln prune` removes them from containerd.
 
-use kiln_integration_tests::{Backend, BuildContext, Daemon, Topology, dockerfile_args};
+use kiln_integration_tests::{
+    Backend, BuildContext, Daemon, Topology, dockerfile_args, parse_size,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,20 +157,6 @@ fn a_build_keeps_its_snapshots_in_containerd_and_prune_removes_them() {
             .count(),
         0
     );
-}
-
-/// `12.3MB` → bytes (decimal units, as `kiln du` prints them).
-fn parse_size(s: &str) -> f64 {
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let mult = match unit {
-        "B" => 1.0,
-        "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        other => panic!("unit {other:?} in {s:?}"),
-    };
-    n.parse::<f64>().expect("number") * mult
 }
 
 #[test]

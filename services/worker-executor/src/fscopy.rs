@@ -237,6 +237,19 @@ pub fn set_meta(
     .map_err(nix_io)
 }
 
+/// [`set_meta`] with the owner, mode and times of `md`.
+pub fn set_meta_like(path: &Path, md: &std::fs::Metadata) -> io::Result<()> {
+    set_meta(
+        path,
+        (md.uid(), md.gid()),
+        Some(md.mode()),
+        (
+            TimeSpec::new(md.atime(), md.atime_nsec()),
+            TimeSpec::new(md.mtime(), md.mtime_nsec()),
+        ),
+    )
+}
+
 /// Time pair for `set_meta` from a nanosecond timestamp.
 pub fn timespec(nanos: i64) -> (TimeSpec, TimeSpec) {
     let t = TimeSpec::new(
@@ -369,15 +382,7 @@ pub fn link_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let mut dirs = shared.dirs.into_inner().unwrap_or_else(|e| e.into_inner());
     dirs.sort_by_key(|(d, _)| std::cmp::Reverse(d.components().count()));
     for (d, md) in dirs {
-        set_meta(
-            &d,
-            (md.uid(), md.gid()),
-            Some(md.mode()),
-            (
-                TimeSpec::new(md.atime(), md.atime_nsec()),
-                TimeSpec::new(md.mtime(), md.mtime_nsec()),
-            ),
-        )?;
+        set_meta_like(&d, &md)?;
     }
     Ok(())
 }
@@ -463,15 +468,7 @@ pub fn link_deferred(
         let md = std::fs::symlink_metadata(&dst).ok();
         std::fs::copy(&src, &dst)?;
         let md = md.unwrap_or(smd);
-        set_meta(
-            &dst,
-            (md.uid(), md.gid()),
-            Some(md.mode()),
-            (
-                TimeSpec::new(md.atime(), md.atime_nsec()),
-                TimeSpec::new(md.mtime(), md.mtime_nsec()),
-            ),
-        )?;
+        set_meta_like(&dst, &md)?;
         stats.copied += 1;
     }
     Ok(stats)

@@ -340,15 +340,7 @@ fn direct_copy(
         let p = upper.join(d);
         std::fs::create_dir(&p).map_err(err)?;
         match md {
-            Some(m) => fscopy::set_meta(
-                &p,
-                (m.uid(), m.gid()),
-                Some(m.mode()),
-                (
-                    TimeSpec::new(m.atime(), m.atime_nsec()),
-                    TimeSpec::new(m.mtime(), m.mtime_nsec()),
-                ),
-            ),
+            Some(m) => fscopy::set_meta_like(&p, m),
             None => times_of(&p, None).and_then(|t| fscopy::set_meta(&p, (0, 0), Some(0o755), t)),
         }
         .map_err(err)?;

@@ -247,6 +247,29 @@ struct Active {
 }
 
 impl Staging {
+    /// The meta.json of the snapshot this staging snapshot commits to (written now).
+    fn meta_json(
+        &mut self,
+        kind: Kind,
+        blob: Option<LayerBlob>,
+        containerd: Option<ContainerdRef>,
+    ) -> Result<Vec<u8>> {
+        let meta = Meta {
+            id: self.id.clone(),
+            parent: self.parent.clone(),
+            kind,
+            blob,
+            layers: BTreeMap::new(),
+            content_key: self.content_key.take(),
+            written: Some(Written::now()),
+            containerd,
+        };
+        serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
+            id: meta.id.clone(),
+            source,
+        })
+    }
+
     pub fn diff(&self) -> PathBuf {
         match &self.active {
             Some(a) => a.dirs.diff.clone(),
@@ -481,20 +504,7 @@ impl Store {
         if work.exists() {
             std::fs::remove_dir_all(&work).map_err(Error::io("remove workdir", &work))?;
         }
-        let meta = Meta {
-            id: staging.id.clone(),
-            parent: staging.parent.clone(),
-            kind,
-            blob,
-            layers: BTreeMap::new(),
-            content_key: staging.content_key.take(),
-            written: Some(Written::now()),
-            containerd: None,
-        };
-        let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
-            id: meta.id.clone(),
-            source,
-        })?;
+        let bytes = staging.meta_json(kind, blob, None)?;
         // no fsync: the background sync and the check on open after a reboot make
         // it safe (see the module doc)
         let path = staging.dir.join("meta.json");
@@ -525,24 +535,16 @@ impl Store {
         snapshots.commit(&name, &active.key)?;
         // the active snapshot is gone now: nothing left for the drop to remove
         staging.committed = true;
-        let meta = Meta {
-            id: staging.id.clone(),
-            parent: staging.parent.clone(),
+        let bytes = staging.meta_json(
             kind,
             blob,
-            layers: BTreeMap::new(),
-            content_key: staging.content_key.take(),
-            written: Some(Written::now()),
-            containerd: Some(ContainerdRef {
+            Some(ContainerdRef {
                 name: name.clone(),
                 dir: dir.clone(),
             }),
-        };
+        );
         let written = (|| -> Result<()> {
-            let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::SnapshotMeta {
-                id: meta.id.clone(),
-                source,
-            })?;
+            let bytes = bytes?;
             std::fs::create_dir_all(&staging.dir).map_err(Error::io("create", &staging.dir))?;
             let path = staging.dir.join("meta.json");
             std::fs::write(&path, &bytes).map_err(Error::io("write", &path))?;
