@@ -624,18 +624,19 @@ fn layers_built_before_a_context_change_keep_their_files() {
 }
 
 /// The bytes a build's plain output says went over for the build context
-/// (`#N transferring context: 12.3kB done`; the last one: the first is the
-/// `.dockerignore`).
+/// (`#N transferring context: 12.3kB done` of the `#N [internal] load build
+/// context` step; the `.dockerignore` load reports one too).
 fn context_transferred(out: &str) -> f64 {
-    let line = out
+    let n = out
         .lines()
-        .rfind(|l| l.contains(" transferring context: "))
-        .unwrap_or_else(|| panic!("no context transfer in:\n{out}"));
-    let size = line
-        .split(" transferring context: ")
-        .nth(1)
+        .find_map(|l| l.strip_suffix(" [internal] load build context"))
+        .unwrap_or_else(|| panic!("no context step in:\n{out}"));
+    let prefix = format!("{n} transferring context: ");
+    let size = out
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|r| r.split_whitespace().next())
-        .expect("size");
+        .unwrap_or_else(|| panic!("no context transfer in:\n{out}"));
     parse_size(size)
 }
 

@@ -215,6 +215,13 @@ fn spawn_syncer(
     }
 }
 
+/// Where a committed snapshot sits in its chain.
+#[derive(Debug, Clone)]
+struct Link {
+    parent: Option<String>,
+    dir: PathBuf,
+}
+
 /// Background syncs of the store: how many started, and the number of the
 /// last one that completed.
 #[derive(Debug, Default)]
@@ -312,8 +319,9 @@ pub struct Store {
     /// Something was committed since the last sync (see the module doc).
     dirty: Arc<std::sync::atomic::AtomicBool>,
     syncs: Arc<Syncs>,
-    /// Parent of each snapshot read so far (ids are never reused, so a link never changes).
-    parents: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
+    /// Parent and diff dir of each snapshot read so far (ids are never reused, so
+    /// neither ever changes).
+    links: Arc<std::sync::Mutex<std::collections::HashMap<String, Link>>>,
     /// containerd's snapshotter, which holds the snapshot dirs (the containerd backend)
     containerd: Option<Arc<containerd::Snapshots>>,
     /// A dir on the filesystem of containerd's snapshot dirs, once known (synced too).
@@ -357,7 +365,7 @@ impl Store {
             mnt: root.join("mnt"),
             dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             syncs: Arc::default(),
-            parents: Arc::default(),
+            links: Arc::default(),
             containerd: containerd.map(Arc::new),
             containerd_fs: Arc::new(OnceLock::new()),
         };
@@ -716,6 +724,29 @@ impl Store {
         true
     }
 
+    /// The parent and diff dir of `id`, from memory after the first read.
+    fn link(&self, id: &str) -> Result<Link> {
+        let known = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        if let Some(l) = known {
+            return Ok(l);
+        }
+        let m = self.meta(id)?;
+        let l = Link {
+            dir: self.diff_dir_of(&m),
+            parent: m.parent,
+        };
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), l.clone());
+        Ok(l)
+    }
+
     /// Whether `top` and its whole parent chain are committed here: a stat of each
     /// meta.json, with parent links read once and kept in memory.
     pub fn chain_exists(&self, top: &str) -> bool {
@@ -724,25 +755,10 @@ impl Store {
             if check_id(&id).is_err() || !self.dir(&id).join("meta.json").exists() {
                 return false;
             }
-            let known = self
-                .parents
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&id)
-                .cloned();
-            next = match known {
-                Some(parent) => parent,
-                None => match self.meta(&id) {
-                    Ok(m) => {
-                        self.parents
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(id, m.parent.clone());
-                        m.parent
-                    }
-                    Err(_) => return false,
-                },
-            };
+            match self.link(&id) {
+                Ok(l) => next = l.parent,
+                Err(_) => return false,
+            }
         }
         true
     }
@@ -759,12 +775,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The diff dirs of the chain ending at `top`, top first.
     fn lowers(&self, top: Option<&str>) -> Result<Vec<PathBuf>> {
-        Ok(self
-            .chain(top)?
-            .iter()
-            .map(|m| self.diff_dir_of(m))
-            .collect())
+        let mut out = Vec::new();
+        let mut next = top.map(str::to_string);
+        while let Some(id) = next.take() {
+            check_id(&id)?;
+            if !self.dir(&id).join("meta.json").exists() {
+                return Err(Error::SnapshotNotFound { id });
+            }
+            let l = self.link(&id)?;
+            out.push(l.dir);
+            next = l.parent;
+        }
+        Ok(out)
     }
 
     /// Mounts the chain ending at `top` read-only.
