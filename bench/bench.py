@@ -103,6 +103,13 @@ def rm_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def settle():
+    """After a reset: the freed space and any dirty pages reach the disk, so a
+    cold build does not pay for the cleanup before it (every builder alike)."""
+    os.sync()
+    time.sleep(0.5)
+
+
 # scenario 6b pushes here: one loopback port for the whole run (so kilnd's config
 # can name it), its storage emptied between pushes so no builder finds blobs there.
 PUSH_REG = f"127.0.0.1:{free_port()}"
@@ -264,6 +271,7 @@ class Kiln(Builder):
 
     def reset(self):
         self.stop()
+        settle()
         self.start()
 
     def daemon_pids(self):
@@ -342,6 +350,7 @@ class Docker(Builder):
         if ids:
             run([self.docker, "rmi", "-f", *sorted(set(ids))], env=self.env, check=False)
         self._docker("builder", "prune", "-af")
+        settle()
 
     def daemon_pids(self):
         # BuildKit runs inside dockerd; containerd is dockerd's child (managed).
@@ -413,6 +422,7 @@ class Buildah(Builder):
     def reset(self):
         run(self.base + ["rm", "-a"], env=self.env, check=False)
         run(self.base + ["rmi", "-af"], env=self.env, check=False)
+        settle()
 
     def export_oci(self, d, tag, dest):
         t = self.build(d, tag)
@@ -458,6 +468,7 @@ class Buildctl(Builder):
 
     def reset(self):
         run([self.bin, "--addr", self.addr, "prune", "--all"], check=False)
+        settle()
 
     def daemon_pids(self):
         return [self.pid] if self.pid else []
