@@ -35,7 +35,8 @@ pub struct Grpc {
 pub struct Worker {
     #[serde(default)]
     pub oci: OciWorker,
-    /// `[worker.containerd]`: run exec steps as containerd tasks.
+    /// `[worker.containerd]`: run exec steps as containerd tasks and keep snapshots in
+    /// containerd's snapshotter.
     #[serde(default)]
     pub containerd: ContainerdWorker,
 }
