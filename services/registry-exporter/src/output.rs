@@ -63,15 +63,8 @@ pub(crate) async fn pump_blobs(
     tx: mpsc::Sender<FeedItem>,
 ) -> Result<(), Error> {
     for d in order {
-        let stream = match worker.read_blob(&d.digest).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string())).await;
-                return Err(e);
-            }
-        };
-        if !pump_one(stream, &tx).await? {
-            return Ok(());
+        if !pump_opened(worker.read_blob(&d.digest).await, &tx).await? {
+            break;
         }
     }
     Ok(())
@@ -84,18 +77,25 @@ pub(crate) async fn pump_fs(
     tx: mpsc::Sender<FeedItem>,
 ) -> Result<(), Error> {
     for p in platforms.iter().filter(|p| !p.reference.is_empty()) {
-        let stream = match worker.export_fs(&p.reference).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string())).await;
-                return Err(e);
-            }
-        };
-        if !pump_one(stream, &tx).await? {
-            return Ok(());
+        if !pump_opened(worker.export_fs(&p.reference).await, &tx).await? {
+            break;
         }
     }
     Ok(())
+}
+
+/// [`pump_one`] of a stream just opened; an error opening it is sent on, then returned.
+async fn pump_opened(
+    opened: Result<crate::ByteStream, Error>,
+    tx: &mpsc::Sender<FeedItem>,
+) -> Result<bool, Error> {
+    match opened {
+        Ok(stream) => pump_one(stream, tx).await,
+        Err(e) => {
+            let _ = tx.send(Err(e.to_string())).await;
+            Err(e)
+        }
+    }
 }
 
 /// Sends one stream and its end marker; false when the reader went away.

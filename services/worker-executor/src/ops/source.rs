@@ -402,6 +402,19 @@ fn relinking(dir: &std::path::Path) -> std::path::PathBuf {
     dir.with_extension("relink")
 }
 
+/// Makes `dir` a hard-linked copy of `from`: built beside it, then renamed in, so a
+/// killed daemon leaves either no `dir` or a whole one (and a half-made copy that
+/// the next attempt removes).
+fn link_in(from: &std::path::Path, dir: &std::path::Path) -> std::io::Result<()> {
+    let tmp = relinking(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = fscopy::link_tree(from, &tmp).and_then(|()| std::fs::rename(&tmp, dir));
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
 /// Synced dirs a local source is waiting to lock.
 static WANTED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
@@ -435,10 +448,7 @@ fn relink_synced_dir(
                 },
             );
             let started = std::time::Instant::now();
-            let tmp = relinking(&dir);
-            let _ = std::fs::remove_dir_all(&tmp);
-            let res = fscopy::link_tree(&from, &tmp).and_then(|()| std::fs::rename(&tmp, &dir));
-            match res {
+            match link_in(&from, &dir) {
                 Ok(()) => tracing::debug!(
                     target: "kiln_timing",
                     "synced dir {} re-linked in {} ms",
@@ -447,7 +457,6 @@ fn relink_synced_dir(
                 ),
                 Err(e) => {
                     // the next sync starts from an empty dir: slower, not wrong
-                    let _ = std::fs::remove_dir_all(&tmp);
                     tracing::warn!(dir = %dir.display(), error = %e, "re-link synced dir");
                 }
             }
@@ -476,13 +485,10 @@ fn restore_synced_dir(store: &snapshot::Store, dir: &std::path::Path) -> Result<
         .filter(|id| store.meta(id).is_ok_and(|m| m.kind == Kind::Local))
         .and_then(|id| std::fs::canonicalize(store.diff_dir(id)).ok());
     if let Some(from) = from
-        && fscopy::link_tree(&from, &tmp)
-            .and_then(|()| std::fs::rename(&tmp, dir))
-            .is_ok()
+        && link_in(&from, dir).is_ok()
     {
         return Ok(());
     }
-    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(dir).map_err(Error::io("create", dir))
 }
 

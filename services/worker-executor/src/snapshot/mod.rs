@@ -750,17 +750,7 @@ impl Store {
     /// Whether `top` and its whole parent chain are committed here: a stat of each
     /// meta.json, with parent links read once and kept in memory.
     pub fn chain_exists(&self, top: &str) -> bool {
-        let mut next = Some(top.to_string());
-        while let Some(id) = next.take() {
-            if check_id(&id).is_err() || !self.dir(&id).join("meta.json").exists() {
-                return false;
-            }
-            match self.link(&id) {
-                Ok(l) => next = l.parent,
-                Err(_) => return false,
-            }
-        }
-        true
+        self.lowers(Some(top)).is_ok()
     }
 
     /// The chain ending at `top`, top first. `None` (scratch) is the empty chain.
@@ -775,7 +765,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The diff dirs of the chain ending at `top`, top first.
+    /// The diff dirs of the chain ending at `top`, top first; an error when a snapshot
+    /// of it is gone (a stat of each meta.json, parent links from memory).
     fn lowers(&self, top: Option<&str>) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         let mut next = top.map(str::to_string);
