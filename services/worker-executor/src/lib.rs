@@ -9,6 +9,7 @@
 //! names tonic or the generated `kiln.worker.v1` types is [`grpc`].
 
 pub mod cachemount;
+pub mod cgwarm;
 pub mod containerd;
 pub mod contenthash;
 pub mod error;

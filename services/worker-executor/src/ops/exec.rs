@@ -713,6 +713,8 @@ pub async fn run(
         );
     }
     let t0 = std::time::Instant::now();
+    // from here until the container has run, runc's cgroup attach finds the fast path
+    let warm = crate::cgwarm::hold();
     let store = w.store().clone();
     let root = w.config().root.clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
@@ -734,6 +736,7 @@ pub async fn run(
         .executor
         .run(&id, prepared.bundle.path(), &prepared.spec, events)
         .await?;
+    drop(warm);
     let t_ran = t0.elapsed();
     drop(agents);
     let valid = if meta.valid_exit_codes.is_empty() {
