@@ -80,13 +80,14 @@ fn leaks(
             "bundles",
             entries(&worker.join("tmp"))
                 .into_iter()
+                .chain(entries(&worker.join("runtime")))
                 .filter(|n| n.starts_with("exec-"))
                 .collect(),
         ),
     ];
     match backend {
         Backend::Runc => {
-            let state = worker.join("runc");
+            let state = worker.join("runtime/runc");
             let listed = if state.exists() {
                 lines_of(
                     Command::new("runc")
@@ -351,6 +352,11 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
             left.iter()
                 .any(|(kind, _)| *kind == "containerd active snapshots"),
             "and its step's snapshot active in containerd: {left:?}"
+        );
+    } else {
+        assert!(
+            left.iter().any(|(kind, _)| *kind == "runc containers"),
+            "and its container in runc's state (the worker's runtime dir): {left:?}"
         );
     }
     let k2 = Kilnd::start(dir.path(), &config_path, 2);

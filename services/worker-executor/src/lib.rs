@@ -20,6 +20,7 @@ pub mod layers;
 pub mod ops;
 pub mod rootpath;
 pub mod runc;
+pub mod runtimedir;
 pub mod snapshot;
 pub mod untar;
 pub mod users;
@@ -37,7 +38,8 @@ use tokio::sync::mpsc;
 /// Worker configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// State directory: snapshots, content store, local-source dirs, runc state.
+    /// State directory: snapshots, content store, local-source dirs (runc state and
+    /// bundles are in its `runtime`, see [`runtimedir`]).
     pub root: PathBuf,
     /// Address of solver-scheduler's SessionBroker, used to reach client sessions
     /// (`unix:///path`, `tcp://host:port`).
@@ -116,6 +118,8 @@ pub struct Worker {
     local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Where exec steps run: runc or containerd.
     executor: ops::exec::Executor,
+    /// runc state and step bundles (on a tmpfs when there is one).
+    runtime: runtimedir::RuntimeDir,
 }
 
 impl std::fmt::Debug for Worker {
@@ -158,7 +162,8 @@ impl Worker {
         })?;
         // containers a killed worker left are stopped before its unfinished
         // snapshots are cleared (runc: here; containerd: when the snapshotter connects)
-        let executor = ops::exec::Executor::from_config(&config, &id);
+        let runtime = runtimedir::RuntimeDir::open(&config.root)?;
+        let executor = ops::exec::Executor::from_config(&config, &id, &runtime);
         let containerd = match &config.containerd {
             Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
             None => None,
@@ -173,6 +178,7 @@ impl Worker {
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             local_locks: std::sync::Mutex::new(HashMap::new()),
             executor,
+            runtime,
             config,
         })
     }
@@ -189,6 +195,11 @@ impl Worker {
     /// Platforms this worker can run.
     pub fn platforms(&self) -> Vec<kiln_oci::Platform> {
         vec![kiln_oci::Platform::host()]
+    }
+
+    /// Where runc's state and the bundles of running steps are.
+    pub fn runtime(&self) -> &runtimedir::RuntimeDir {
+        &self.runtime
     }
 
     pub fn store(&self) -> &snapshot::Store {

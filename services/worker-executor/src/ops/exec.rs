@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 /// the same for every executor.
 #[derive(Debug)]
 pub enum Executor {
-    /// `runc run` of the bundle, under `<root>/runc`.
+    /// `runc run` of the bundle, with runc's state in the worker's runtime dir.
     Runc(Runc),
     /// A containerd container and task (runc shim) with the bundle's spec.
     Containerd(Containerd),
@@ -26,24 +26,36 @@ pub enum Executor {
 impl Executor {
     /// The executor `config` selects for the worker `worker_id`. Containers and bundles
     /// an earlier run of this worker left behind are removed (containerd's on connect).
-    pub fn from_config(config: &crate::Config, worker_id: &str) -> Executor {
+    pub fn from_config(
+        config: &crate::Config,
+        worker_id: &str,
+        runtime: &crate::runtimedir::RuntimeDir,
+    ) -> Executor {
+        let runc_at = |state: PathBuf| Runc {
+            binary: config.runc.clone(),
+            state,
+        };
         let executor = match &config.containerd {
             Some(c) => Executor::Containerd(Containerd::new(c.clone(), worker_id)),
             None => {
-                let runc = Runc {
-                    binary: config.runc.clone(),
-                    state: config.root.join("runc"),
-                };
+                // state an older kiln kept on disk, under the root
+                let legacy = config.root.join("runc");
+                if legacy.exists() {
+                    runc_at(legacy.clone()).reap();
+                    let _ = std::fs::remove_dir_all(&legacy);
+                }
+                let runc = runc_at(runtime.runc_state());
                 runc.reap();
                 Executor::Runc(runc)
             }
         };
         // bundles of steps a killed worker was running (their mounts are gone already:
         // the snapshot store detached everything under the root when it opened)
-        let tmp = config.root.join("tmp");
-        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("exec-") {
-                let _ = std::fs::remove_dir_all(e.path());
+        for dir in [config.root.join("tmp"), runtime.path().to_path_buf()] {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("exec-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
         executor
@@ -262,7 +274,8 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
     Ok(out)
 }
 
-/// A tmpfs mounted over a directory (the bundle, when it holds secrets); unmounted on drop.
+/// A tmpfs mounted over a directory (a bundle that holds secrets, when the runtime dir is
+/// on disk); unmounted on drop.
 struct TmpfsGuard {
     path: PathBuf,
 }
@@ -313,7 +326,8 @@ struct Prepared {
     stubs: Vec<PathBuf>,
     /// Cache mount dirs in use by this run.
     _leases: Vec<Lease>,
-    /// A tmpfs over the bundle when it holds secrets (dropped before `bundle`).
+    /// A tmpfs over a bundle that holds secrets on a disk runtime dir (dropped before
+    /// `bundle`).
     _bundle_tmpfs: Option<TmpfsGuard>,
     bundle: tempfile::TempDir,
     /// The runtime spec written to the bundle's config.json.
@@ -427,7 +441,7 @@ fn resolv_conf() -> Vec<u8> {
 
 fn prepare(
     store: &Store,
-    tmp: &Path,
+    runtime: &crate::runtimedir::RuntimeDir,
     e: &pb::ExecOp,
     inputs: &[Option<String>],
     mut leases: HashMap<usize, Lease>,
@@ -441,9 +455,10 @@ fn prepare(
     let t0 = std::time::Instant::now();
     let bundle = tempfile::Builder::new()
         .prefix("exec-")
-        .tempdir_in(tmp)
-        .map_err(Error::io("create bundle", tmp))?;
-    let bundle_tmpfs = if secrets.is_empty() {
+        .tempdir_in(runtime.path())
+        .map_err(Error::io("create bundle", runtime.path()))?;
+    // secrets never touch a disk: the runtime dir is a tmpfs, or one goes over the bundle
+    let bundle_tmpfs = if secrets.is_empty() || runtime.is_tmpfs() {
         None
     } else {
         Some(TmpfsGuard::mount(bundle.path())?)
@@ -716,12 +731,12 @@ pub async fn run(
     // from here until the container has run, runc's cgroup attach finds the fast path
     let warm = crate::cgwarm::hold();
     let store = w.store().clone();
-    let root = w.config().root.clone();
+    let runtime = w.runtime().clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
     let prepared = tokio::task::spawn_blocking(move || {
         prepare(
             &store,
-            &root.join("tmp"),
+            &runtime,
             &e2,
             &inputs2,
             leases,
