@@ -98,6 +98,18 @@ def umount_under(path):
         subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
+def terminate(proc, secs):
+    """SIGTERM, then SIGKILL after `secs`; waits for the exit."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(secs)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def rm_tree(path):
     umount_under(path)
     shutil.rmtree(path, ignore_errors=True)
@@ -297,13 +309,7 @@ class Kiln(Builder):
         wait_for(lambda: os.path.exists(self.sock), 30, "kilnd socket")
 
     def stop_daemon(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         if self.logf:
             self.logf.close()
         umount_under(self.root)
@@ -388,13 +394,7 @@ class Docker(Builder):
         self.note = f"dockerd {out.stdout.decode().strip()} (BuildKit built in), --bridge=none, builds with --network host"
 
     def stop_daemon(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)
         umount_under(self.dir)
 
     def _docker(self, *a, timeout=1800):
