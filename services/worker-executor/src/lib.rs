@@ -163,6 +163,8 @@ impl Worker {
         // containers a killed worker left are stopped before its unfinished
         // snapshots are cleared (runc: here; containerd: when the snapshotter connects)
         let runtime = runtimedir::RuntimeDir::open(&config.root)?;
+        // its first write may wait a grace period: here, not in the first step
+        cgwarm::global();
         let executor = ops::exec::Executor::from_config(&config, &id, &runtime);
         let containerd = match &config.containerd {
             Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
