@@ -5,7 +5,7 @@
 //! directories there (a bundle's four, runc's four), and on an ext4 that has just deleted
 //! a lot, every file made is slow.
 //!
-//! The dir is `/run/kiln/<hash of the root>` when `/run` is a tmpfs, else
+//! The dir is `/run/kiln-<hash of the root>` when `/run` is a tmpfs, else
 //! `/dev/shm/kiln-<hash>`; it must be a directory of this user that nobody else can
 //! enter (`/dev/shm` is world-writable). When neither works it is `<root>/runtime` on
 //! disk. `<root>/runtime` is always the way to it (a symlink to the tmpfs dir). A tmpfs
@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+/// The name of a runtime dir on a tmpfs: this and a hash of the worker's root.
+const PREFIX: &str = "kiln-";
 
 /// Where a worker's runc state and bundles live.
 #[derive(Debug, Clone)]
@@ -40,17 +43,7 @@ impl RuntimeDir {
             if !is_tmpfs(base) {
                 continue;
             }
-            let dir = if base.ends_with("run") {
-                match private_dir(&base.join("kiln")) {
-                    Ok(()) => base.join("kiln").join(&hash),
-                    Err(e) => {
-                        tracing::warn!(dir = %base.join("kiln").display(), "not used for runc state: {e}");
-                        continue;
-                    }
-                }
-            } else {
-                base.join(format!("kiln-{hash}"))
-            };
+            let dir = base.join(format!("{PREFIX}{hash}"));
             if let Err(e) = private_dir(&dir) {
                 tracing::warn!(dir = %dir.display(), "not used for runc state: {e}");
                 continue;
@@ -101,7 +94,10 @@ impl RuntimeDir {
 fn sweep(parent: &Path, keep: &Path) {
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
         let dir = e.path();
-        if dir == keep || private_dir_ok(&dir).is_err() {
+        if dir == keep
+            || !e.file_name().to_string_lossy().starts_with(PREFIX)
+            || private_dir_ok(&dir).is_err()
+        {
             continue;
         }
         let Ok(root) = std::fs::read(dir.join("root")) else {
