@@ -484,7 +484,7 @@ fn prepare(
                 let parent = input_ref(inputs, m.input)?;
                 let path = if m.output >= 0 || !m.readonly {
                     let staging = store.prepare(parent.as_deref())?;
-                    let mounted = store.mount_rw_volatile(parent.as_deref(), &staging)?;
+                    let mounted = store.mount_rw_volatile(&staging)?;
                     let path = mounted.path().to_path_buf();
                     if is_root {
                         p.root_writable = Some(p.writable.len());

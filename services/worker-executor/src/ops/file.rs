@@ -20,7 +20,7 @@ struct WorkView {
 impl WorkView {
     fn new(store: &Store, parent: Option<String>) -> Result<WorkView> {
         let staging = store.prepare(parent.as_deref())?;
-        let mounted = store.mount_rw(parent.as_deref(), &staging)?;
+        let mounted = store.mount_rw(&staging)?;
         Ok(WorkView { staging, mounted })
     }
 
@@ -1079,7 +1079,7 @@ mod tests {
         );
         // a RUN-like write over the layer goes to a new upper (copy-up)
         let st = w.store().prepare(Some(&out)).expect("prepare");
-        let m = w.store().mount_rw(Some(&out), &st).expect("mount");
+        let m = w.store().mount_rw(&st).expect("mount");
         std::fs::write(m.path().join("ctx/sub/f"), "overwritten").expect("write");
         std::fs::OpenOptions::new()
             .append(true)

@@ -161,7 +161,7 @@ pub async fn image(
         let p = parent.clone();
         let id = tokio::task::spawn_blocking(move || -> Result<String> {
             let st = store.prepare(p.as_deref())?;
-            let m = store.mount_rw(p.as_deref(), &st)?;
+            let m = store.mount_rw(&st)?;
             let layer = |source| Error::Layer {
                 digest: desc.digest.clone(),
                 source,

@@ -787,27 +787,22 @@ impl Store {
         overlay::mount(&self.mnt, &self.lowers(top)?, None)
     }
 
-    /// Mounts the chain ending at `parent` with `staging` as the writable upper.
-    pub fn mount_rw(&self, parent: Option<&str>, staging: &Staging) -> Result<Mounted> {
-        self.mount_upper(parent, staging, false)
+    /// Mounts the chain `staging` is prepared over with `staging` as the writable upper.
+    pub fn mount_rw(&self, staging: &Staging) -> Result<Mounted> {
+        self.mount_upper(staging, false)
     }
 
     /// Like [`Store::mount_rw`], but the unmount does not sync the upper's whole
     /// filesystem (overlayfs `volatile`): the snapshot committed from it is made
     /// durable like every other one (see the module doc).
-    pub fn mount_rw_volatile(&self, parent: Option<&str>, staging: &Staging) -> Result<Mounted> {
-        self.mount_upper(parent, staging, true)
+    pub fn mount_rw_volatile(&self, staging: &Staging) -> Result<Mounted> {
+        self.mount_upper(staging, true)
     }
 
-    fn mount_upper(
-        &self,
-        parent: Option<&str>,
-        staging: &Staging,
-        volatile: bool,
-    ) -> Result<Mounted> {
+    fn mount_upper(&self, staging: &Staging, volatile: bool) -> Result<Mounted> {
         let (diff, work) = (staging.diff(), staging.work());
         let t0 = std::time::Instant::now();
-        let lowers = self.lowers(parent)?;
+        let lowers = self.lowers(staging.parent.as_deref())?;
         let t_chain = t0.elapsed();
         let m = overlay::mount(
             &self.mnt,
@@ -893,7 +888,7 @@ mod tests {
         let id1 = store.commit(s1, Kind::Built, None).expect("commit");
 
         let s2 = store.prepare(Some(&id1)).expect("prepare");
-        let m = store.mount_rw(Some(&id1), &s2).expect("mount");
+        let m = store.mount_rw(&s2).expect("mount");
         assert_eq!(
             std::fs::read_to_string(m.path().join("a")).expect("read"),
             "1"
