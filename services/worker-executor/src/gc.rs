@@ -7,7 +7,7 @@
 
 use crate::Worker;
 use crate::error::{Error, Result};
-use crate::snapshot::{Kind, Meta, Store};
+use crate::snapshot::{Kind, Meta, Store, chain_depth};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -422,18 +422,11 @@ impl Worker {
                 }
             }
             // children before their parents (containerd refuses the other order)
-            let depth = |id: &str| {
-                let (mut d, mut next) = (0usize, by_id.get(id).and_then(|m| m.parent.as_deref()));
-                while let Some(p) = next.filter(|_| d <= by_id.len()) {
-                    d += 1;
-                    next = by_id.get(p).and_then(|m| m.parent.as_deref());
-                }
-                d
-            };
+            let parent_of = |id: &str| by_id.get(id).and_then(|m| m.parent.as_deref());
             let mut doomed: Vec<(usize, &Meta)> = metas
                 .iter()
                 .filter(|m| !live.contains(&m.id))
-                .map(|m| (depth(&m.id), m))
+                .map(|m| (chain_depth(&m.id, parent_of, by_id.len()), m))
                 .collect();
             doomed.sort_by_key(|d| std::cmp::Reverse(d.0));
             let mut removed = Vec::new();

@@ -298,17 +298,7 @@ impl Snapshots {
             .filter(|i| !i.parent.is_empty())
             .map(|i| (i.name.clone(), i.parent.clone()))
             .collect();
-        let depth = |name: &str| {
-            let (mut n, mut d) = (name.to_string(), 0usize);
-            while let Some(p) = parents.get(&n) {
-                d += 1;
-                n = p.clone();
-                if d > parents.len() {
-                    break;
-                }
-            }
-            d
-        };
+        let parent_of = |n: &str| parents.get(n).map(String::as_str);
         let mut held = Vec::new();
         let mut gone: Vec<(usize, String)> = Vec::new();
         for i in &listed {
@@ -316,7 +306,10 @@ impl Snapshots {
                 Some(id) if i.kind == Kind::Committed as i32 && known(id) => {
                     held.push(id.to_string())
                 }
-                _ => gone.push((depth(&i.name), i.name.clone())),
+                _ => gone.push((
+                    super::chain_depth(&i.name, parent_of, parents.len()),
+                    i.name.clone(),
+                )),
             }
         }
         gone.sort_by_key(|g| std::cmp::Reverse(g.0));

@@ -328,6 +328,22 @@ pub struct Store {
     containerd_fs: Arc<OnceLock<PathBuf>>,
 }
 
+/// How many ancestors `id` has, following `parent_of`; stops after `limit` steps, so a
+/// cycle in bad metadata cannot hang. Removing deepest first takes children before
+/// their parents.
+pub(crate) fn chain_depth<'a>(
+    id: &'a str,
+    parent_of: impl Fn(&'a str) -> Option<&'a str>,
+    limit: usize,
+) -> usize {
+    let (mut depth, mut next) = (0, parent_of(id));
+    while let Some(p) = next.filter(|_| depth <= limit) {
+        depth += 1;
+        next = parent_of(p);
+    }
+    depth
+}
+
 /// Checks that a ref is a snapshot id we could have produced (no path tricks).
 pub fn check_id(id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_ok() && !id.contains('/') {
@@ -827,6 +843,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_depth_counts_ancestors_and_ends_on_a_cycle() {
+        let parents: std::collections::HashMap<&str, &str> =
+            [("c", "b"), ("b", "a"), ("x", "y"), ("y", "x")].into();
+        let parent_of = |id: &str| parents.get(id).copied();
+        assert_eq!(chain_depth("a", parent_of, 4), 0);
+        assert_eq!(chain_depth("c", parent_of, 4), 2);
+        assert!(chain_depth("x", parent_of, 4) <= 5);
+    }
 
     #[test]
     fn layer_memo_lives_beside_meta_and_waits_for_a_sync() {
