@@ -127,8 +127,8 @@ impl LayerOptions {
         if let Some(l) = attrs.get("compression-level").filter(|l| !l.is_empty()) {
             o.level = Some(l.parse().map_err(|_| "compression-level")?);
         }
-        o.force = export_bool(attrs, "force-compression");
-        if export_bool(attrs, "rewrite-timestamp") {
+        o.force = bool_attr(attrs, "force-compression", false);
+        if bool_attr(attrs, "rewrite-timestamp", false) {
             o.clamp_mtime = source_date_epoch(attrs)?;
         }
         // the same validation a worker applies to the spec
@@ -587,9 +587,18 @@ pub fn compress_stream(
     Ok(counted.finish().2)
 }
 
-/// A boolean export attr: `true`, `1` or empty (present) is true.
-fn export_bool(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> bool {
-    matches!(attrs.get(key).map(String::as_str), Some("true" | "1" | ""))
+/// A boolean export attr: `true`, `1` or empty (present) is true, `false` or `0` false,
+/// anything else (or absent) `default`.
+pub fn bool_attr(
+    attrs: &std::collections::BTreeMap<String, String>,
+    key: &str,
+    default: bool,
+) -> bool {
+    match attrs.get(key).map(String::as_str) {
+        Some("true" | "1" | "") => true,
+        Some("false" | "0") => false,
+        _ => default,
+    }
 }
 
 /// `SOURCE_DATE_EPOCH` of an export: the attr `source-date-epoch`, else the frontend's

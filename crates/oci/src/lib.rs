@@ -13,7 +13,7 @@ pub mod layer;
 pub mod layout;
 
 pub use compress::{
-    Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, compress_layer,
+    Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, bool_attr, compress_layer,
     compress_stream, recompress_blob, source_date_epoch, write_layer_blob,
 };
 pub use error::Error;

@@ -13,7 +13,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::{Error, ExportRequest, WorkerFs, bool_attr, host_platform};
+use crate::{Error, ExportRequest, WorkerFs, host_platform};
+use kiln_oci::bool_attr;
 
 /// A layer blob as the worker describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]

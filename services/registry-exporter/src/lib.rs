@@ -13,7 +13,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::Stream;
-use kiln_oci::Platform;
+use kiln_oci::{Platform, bool_attr};
 use kiln_registry::{Reference, RegistryConfig};
 use tokio::sync::mpsc;
 
@@ -487,14 +487,6 @@ fn names(attrs: &BTreeMap<String, String>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, default: bool) -> bool {
-    match attrs.get(key).map(String::as_str) {
-        Some("true") | Some("1") | Some("") => true,
-        Some("false") | Some("0") => false,
-        _ => default,
-    }
 }
 
 #[cfg(test)]

@@ -208,15 +208,17 @@ pub struct RedbStore {
 impl Drop for RedbStore {
     fn drop(&mut self) {
         if self.unsynced.load(std::sync::atomic::Ordering::Acquire)
-            && let Err(e) = self
-                .db
-                .begin_write()
-                .map_err(redb::Error::from)
-                .and_then(|t| t.commit().map_err(redb::Error::from))
+            && let Err(e) = durable_commit(&self.db)
         {
             tracing::warn!(error = %e, "durable commit of cache records on close");
         }
     }
+}
+
+/// An empty durable commit: it makes every commit before it durable.
+fn durable_commit(db: &redb::Database) -> Result<(), redb::Error> {
+    db.begin_write()?.commit()?;
+    Ok(())
 }
 
 /// How soon after a step's record a durable commit covers it (group commit):
@@ -240,11 +242,7 @@ fn spawn_group_committer(
                 if !unsynced.swap(false, Ordering::AcqRel) {
                     continue;
                 }
-                let res = db.begin_write().map_err(redb::Error::from).and_then(|txn| {
-                    // an empty durable commit makes every commit before it durable
-                    txn.commit().map_err(redb::Error::from)
-                });
-                if let Err(e) = res {
+                if let Err(e) = durable_commit(&db) {
                     unsynced.store(true, Ordering::Release);
                     tracing::warn!(error = %e, "durable commit of cache records");
                 }
