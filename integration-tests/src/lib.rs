@@ -436,3 +436,44 @@ pub fn parse_size(s: &str) -> f64 {
     };
     n.parse::<f64>().expect("number") * mult
 }
+
+/// One snapshot as `ctr snapshots ls` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtrSnapshot {
+    /// the parent's name, empty for none
+    pub parent: String,
+    /// `Committed` or `Active`
+    pub kind: String,
+}
+
+/// The snapshots in containerd namespace `namespace`, by name (`ctr snapshots ls`).
+pub fn containerd_snapshots(
+    address: &str,
+    namespace: &str,
+) -> std::collections::BTreeMap<String, CtrSnapshot> {
+    let out = Command::new("ctr")
+        .args(["-a", address, "-n", namespace, "snapshots", "ls"])
+        .output()
+        .expect("ctr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (name, kind) = (f.first()?, f.last()?);
+            let parent = if f.len() == 3 { f[1] } else { "" };
+            Some((
+                name.to_string(),
+                CtrSnapshot {
+                    parent: parent.to_string(),
+                    kind: kind.to_string(),
+                },
+            ))
+        })
+        .collect()
+}

@@ -108,21 +108,16 @@ fn leaks(
             v.push(("containerd tasks", ctr("tasks")));
             v.push(("containerd containers", ctr("containers")));
             // snapshots: none still being written, and every committed one is kiln's
-            let rows =
-                lines_of(Command::new("ctr").args(["-a", address, "-n", ns, "snapshots", "ls"]));
             let (mut active, mut unknown) = (Vec::new(), Vec::new());
-            for row in rows.iter().skip(1) {
-                let f: Vec<&str> = row.split_whitespace().collect();
-                let (Some(name), Some(kind)) = (f.first(), f.last()) else {
-                    continue;
-                };
-                if *kind != "Committed" {
-                    active.push(row.clone());
+            for (name, snap) in kiln_integration_tests::containerd_snapshots(address, ns) {
+                let row = format!("{name} {snap:?}");
+                if snap.kind != "Committed" {
+                    active.push(row);
                 } else if !name
                     .strip_prefix("kiln/")
                     .is_some_and(|id| worker.join("snapshots").join(id).join("meta.json").exists())
                 {
-                    unknown.push(row.clone());
+                    unknown.push(row);
                 }
             }
             v.push(("containerd active snapshots", active));

@@ -3,47 +3,11 @@
 //! the outputs read them right, and `kiln prune` removes them from containerd.
 
 use kiln_integration_tests::{
-    Backend, BuildContext, Daemon, Topology, dockerfile_args, parse_size,
+    Backend, BuildContext, Daemon, Topology, containerd_snapshots as snapshots, dockerfile_args,
+    parse_size,
 };
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// One row of `ctr snapshots ls`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Row {
-    parent: String,
-    kind: String,
-}
-
-/// The snapshots of `namespace`, by name.
-fn snapshots(address: &str, namespace: &str) -> BTreeMap<String, Row> {
-    let out = Command::new("ctr")
-        .args(["-a", address, "-n", namespace, "snapshots", "ls"])
-        .output()
-        .expect("ctr");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (name, kind) = (f.first()?, f.last()?);
-            let parent = if f.len() == 3 { f[1] } else { "" };
-            Some((
-                name.to_string(),
-                Row {
-                    parent: parent.to_string(),
-                    kind: kind.to_string(),
-                },
-            ))
-        })
-        .collect()
-}
 
 fn meta(worker: &Path, id: &str) -> serde_json::Value {
     let p = worker.join("snapshots").join(id).join("meta.json");
