@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "moby/secrets/v1/secrets.proto",
         "moby/sshforward/v1/ssh.proto",
         "moby/buildkit/v1/types/worker.proto",
+        "moby/buildkit/v1/apicaps/caps.proto",
+        "google/rpc/status.proto",
         "moby/buildkit/v1/control.proto",
         "moby/buildkit/v1/frontend/gateway.proto",
         "grpc/health/v1/health.proto",

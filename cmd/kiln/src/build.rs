@@ -112,6 +112,11 @@ pub struct BuildArgs {
     /// Image name to give the result, as --output type=image,name=TAG (short form)
     #[arg(long, short = 't')]
     tag: Vec<String>,
+    /// Run the frontend in the daemon (one Control.Solve naming it), as clients
+    /// did before client-side frontends; by default kiln runs it through the
+    /// daemon's LLBBridge, as buildctl does
+    #[arg(long)]
+    daemon_frontend: bool,
     /// Context directory: `kiln build DIR` is the short form of
     /// `--frontend dockerfile.v0 --local context=DIR --local dockerfile=DIR`
     dir: Option<PathBuf>,
@@ -240,11 +245,12 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         args.outputs
             .push(format!("type=image,\"name={}\"", args.tag.join(",")));
     }
-    let Some(frontend) = args.frontend.clone() else {
-        bail!(
-            "nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR) or a directory"
-        );
+    // no frontend: an LLB definition (a marshaled pb.Definition) on stdin, as buildctl reads it
+    let definition = match &args.frontend {
+        Some(_) => None,
+        None => Some(read_definition()?),
     };
+    let frontend = args.frontend.clone().unwrap_or_default();
 
     expose_named_context_dirs(&mut args)?;
 
@@ -360,20 +366,47 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         misses
     });
 
-    let req = SolveRequest {
-        r#ref: build_ref,
+    let direct = args.daemon_frontend;
+    let mut req = SolveRequest {
+        r#ref: build_ref.clone(),
         session: session_id,
-        frontend,
-        frontend_attrs,
+        frontend_attrs: frontend_attrs.clone(),
         exporters,
         entitlements: args.allow.clone(),
         ..Default::default()
     };
-    let result = ControlClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
-        .solve(req)
-        .await;
+    let result = if direct {
+        req.frontend = frontend;
+        req.definition = definition;
+        control(&channel).solve(req).await
+    } else {
+        // as buildctl: the workers, then the build's Solve kept open while the
+        // frontend runs here through the daemon's LLBBridge
+        control(&channel)
+            .list_workers(kiln_proto::moby::buildkit::v1::ListWorkersRequest::default())
+            .await
+            .map_err(|s| anyhow::anyhow!("list workers: {}", s.message()))?;
+        let solve = tokio::spawn({
+            let ch = channel.clone();
+            async move { control(&ch).solve(req).await }
+        });
+        let gw = crate::gateway::Gateway::new(channel.clone(), &build_ref);
+        let frontend_req = FrontendSolve {
+            definition,
+            frontend,
+            frontend_opt: frontend_attrs,
+        };
+        if let Err(e) = gw.run(frontend_req).await {
+            // the daemon fails the build with the frontend's error; show its source lines here
+            if let Some(src) = e.source_lines() {
+                eprintln!("{src}");
+            }
+        }
+        match solve.await {
+            Ok(r) => r,
+            Err(e) => bail!("build task: {e}"),
+        }
+    };
     let misses = printer.await.unwrap_or_default();
     if args.explain_cache {
         eprint!("{}", misses.render());
@@ -396,4 +429,40 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;
     }
     Ok(())
+}
+
+/// A Control client for big messages (definitions, exporter responses).
+fn control(ch: &tonic::transport::Channel) -> ControlClient<tonic::transport::Channel> {
+    ControlClient::new(ch.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// What the client-side frontend asks the daemon to solve.
+pub struct FrontendSolve {
+    pub definition: Option<kiln_proto::pb::Definition>,
+    pub frontend: String,
+    pub frontend_opt: BTreeMap<String, String>,
+}
+
+/// Reads a marshaled `pb.Definition` from stdin (`kiln build < def.llb`).
+fn read_definition() -> anyhow::Result<kiln_proto::pb::Definition> {
+    use prost::Message;
+    use std::io::{IsTerminal, Read};
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!(
+            "nothing to build: give --frontend dockerfile.v0 (with --local context=DIR --local dockerfile=DIR), a directory, or pipe an LLB definition to stdin"
+        );
+    }
+    let mut buf = Vec::new();
+    stdin
+        .read_to_end(&mut buf)
+        .context("read the LLB definition from stdin")?;
+    let def = kiln_proto::pb::Definition::decode(buf.as_slice())
+        .context("stdin does not hold an LLB definition (a marshaled pb.Definition)")?;
+    if def.def.is_empty() {
+        bail!("empty definition sent to build: give --frontend instead");
+    }
+    Ok(def)
 }

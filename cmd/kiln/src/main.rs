@@ -4,6 +4,7 @@
 mod build;
 mod debug;
 mod du;
+mod gateway;
 mod progress;
 
 use clap::{Parser, Subcommand};

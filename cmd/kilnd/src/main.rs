@@ -214,8 +214,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .add_service(worker_executor::grpc::server(worker))
                 .add_service(frontend_gateway::grpc::server::server(frontend))
                 .add_service(registry_exporter::grpc::server(exporter));
+            // clients get Control and, for frontends they run themselves, LLBBridge
             let public_router = tonic::transport::Server::builder()
-                .add_service(solver_scheduler::grpc::control_server(solver.clone()));
+                .add_service(solver_scheduler::grpc::control_server(solver.clone()))
+                .add_service(solver_scheduler::grpc::client_bridge_server(solver.clone()));
             tracing::info!(
                 "kilnd all-in-one listening on {} (root {})",
                 s.addr,

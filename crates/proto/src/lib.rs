@@ -24,6 +24,13 @@ pub mod health {
     tonic::include_proto!("grpc.health.v1");
 }
 
+/// `google.rpc.Status`, the error of an LLBBridge Return or process exit.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
 pub mod moby {
     pub mod sshforward {
         pub mod v1 {
@@ -43,6 +50,9 @@ pub mod moby {
             }
             pub mod frontend {
                 tonic::include_proto!("moby.buildkit.v1.frontend");
+            }
+            pub mod apicaps {
+                tonic::include_proto!("moby.buildkit.v1.apicaps");
             }
         }
         pub mod secrets {

@@ -214,7 +214,8 @@ impl Filter {
     }
 }
 
-fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
+/// fsutil's metadata of an entry named `rel`.
+pub fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
     Stat {
         path: rel.to_string(),
         mode: gomode::from_unix(md.mode()),

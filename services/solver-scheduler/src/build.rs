@@ -34,6 +34,43 @@ pub struct BuildRequest {
     pub exporters: Vec<ExporterSpec>,
     /// entitlements the client asked for (network.host, security.insecure)
     pub entitlements: Vec<String>,
+    /// definitions the client hands its frontend (LLBBridge `Inputs`)
+    pub frontend_inputs: BTreeMap<String, pb::Definition>,
+    /// who asked for the build (the client certificate's identity on a TLS
+    /// listener, empty otherwise): only they may drive its client-side frontend
+    pub owner: String,
+}
+
+impl BuildRequest {
+    /// The client runs the frontend itself (buildctl, buildx): no frontend and
+    /// no definition, the result comes through LLBBridge `Return`.
+    pub fn client_frontend(&self) -> bool {
+        self.frontend.is_empty() && self.definition.is_none()
+    }
+}
+
+/// What a frontend hands over for export: result refs (ids in the build's
+/// [`Build::solve_ref`] table) and metadata (image configs, `refs.platforms`).
+#[derive(Debug, Clone, Default)]
+pub struct FrontendResult {
+    /// the single result (empty id: scratch)
+    pub r#ref: Option<String>,
+    /// a multi-platform result: platform id -> ref id
+    pub refs: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, Vec<u8>>,
+}
+
+/// A result handed to a frontend, solved when something needs its snapshot
+/// (a read, an `Evaluate`, the export), once.
+struct BuildRef {
+    def: pb::Definition,
+    snapshot: tokio::sync::OnceCell<String>,
+}
+
+/// The client side of a build whose frontend runs in the client.
+struct ClientFrontend {
+    /// takes the result of LLBBridge `Return` (once)
+    result: Mutex<Option<tokio::sync::oneshot::Sender<Result<FrontendResult, Error>>>>,
 }
 
 /// A build in flight.
@@ -48,7 +85,13 @@ pub struct Build {
     /// false once the build has ended
     pub active: AtomicBool,
     /// results handed to the frontend, by id
-    refs: Mutex<HashMap<String, String>>,
+    refs: Mutex<HashMap<String, Arc<BuildRef>>>,
+    /// set when the client runs the frontend (see [`BuildRequest::client_frontend`])
+    client_frontend: Option<ClientFrontend>,
+    /// definitions for the frontend (LLBBridge `Inputs`)
+    pub frontend_inputs: BTreeMap<String, pb::Definition>,
+    /// see [`BuildRequest::owner`]
+    pub owner: String,
     /// the client asked for cache-miss explanations (`explain-cache` attr)
     pub explain: bool,
     /// names of the build's build args
@@ -68,7 +111,30 @@ pub const EXPLAIN_CACHE_ATTR: &str = "explain-cache";
 impl Build {
     /// A build of `req`, starting now.
     pub fn new(req: &BuildRequest, no_cache: bool) -> Build {
-        Build {
+        Self::with_client_frontend(req, no_cache).0
+    }
+
+    /// A build of `req`, and when its frontend runs in the client, where the
+    /// result of LLBBridge `Return` arrives.
+    fn with_client_frontend(
+        req: &BuildRequest,
+        no_cache: bool,
+    ) -> (
+        Build,
+        Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
+    ) {
+        let (client_frontend, rx) = if req.client_frontend() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (
+                Some(ClientFrontend {
+                    result: Mutex::new(Some(tx)),
+                }),
+                Some(rx),
+            )
+        } else {
+            (None, None)
+        };
+        let b = Build {
             id: req.id.clone(),
             session_id: req.session_id.clone(),
             no_cache,
@@ -77,6 +143,9 @@ impl Build {
             started: unix_nanos(),
             active: AtomicBool::new(true),
             refs: Mutex::new(HashMap::new()),
+            client_frontend,
+            frontend_inputs: req.frontend_inputs.clone(),
+            owner: req.owner.clone(),
             explain: req
                 .frontend_attrs
                 .get(EXPLAIN_CACHE_ATTR)
@@ -98,7 +167,8 @@ impl Build {
                     kiln_oci::LayerOptions::from_export_attrs(&attrs).ok()
                 })
                 .map(|o| o.spec()),
-        }
+        };
+        (b, rx)
     }
 
     /// The project identity steps of this build are recorded under.
@@ -120,19 +190,60 @@ impl Build {
             .unwrap_or_default()
     }
 
-    pub fn add_ref(&self, worker_ref: String) -> String {
+    /// Keeps `def` as a result of this build, solved when first needed.
+    /// Returns its id (empty for an empty definition: scratch).
+    pub fn add_ref(&self, def: pb::Definition) -> String {
+        if def.def.is_empty() {
+            return String::new();
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         if let Ok(mut m) = self.refs.lock() {
-            m.insert(id.clone(), worker_ref);
+            m.insert(
+                id.clone(),
+                Arc::new(BuildRef {
+                    def,
+                    snapshot: tokio::sync::OnceCell::new(),
+                }),
+            );
         }
         id
     }
-    pub fn worker_ref(&self, id: &str) -> Result<String, Error> {
+
+    fn build_ref(&self, id: &str) -> Result<Arc<BuildRef>, Error> {
         self.refs
             .lock()
             .ok()
             .and_then(|m| m.get(id).cloned())
             .ok_or_else(|| Error::UnknownRef(id.to_string()))
+    }
+
+    /// The definition a result id stands for.
+    pub fn ref_definition(&self, id: &str) -> Result<pb::Definition, Error> {
+        if id.is_empty() {
+            return Ok(pb::Definition::default());
+        }
+        Ok(self.build_ref(id)?.def.clone())
+    }
+
+    /// Whether the client runs this build's frontend and has not returned yet.
+    pub fn awaits_client_frontend(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+            && self
+                .client_frontend
+                .as_ref()
+                .is_some_and(|c| c.result.lock().is_ok_and(|r| r.is_some()))
+    }
+
+    /// Hands the client-side frontend's result (or error) to the build.
+    pub fn finish_client_frontend(&self, r: Result<FrontendResult, Error>) -> Result<(), Error> {
+        let tx = self
+            .client_frontend
+            .as_ref()
+            .and_then(|c| c.result.lock().ok().and_then(|mut t| t.take()))
+            .ok_or_else(|| Error::NotForwarded(self.id.clone()))?;
+        // a build that already ended drops the receiver; nothing is waiting
+        let _ = tx.send(r);
+        Ok(())
     }
 }
 
@@ -188,14 +299,30 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         }
     }
 
-    fn register(&self, req: &BuildRequest) -> Arc<Build> {
+    fn register(
+        &self,
+        req: &BuildRequest,
+    ) -> Result<
+        (
+            Arc<Build>,
+            Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
+        ),
+        Error,
+    > {
         let no_cache = req.frontend_attrs.contains_key("no-cache");
-        let b = Arc::new(Build::new(req, no_cache));
+        let (b, rx) = Build::with_client_frontend(req, no_cache);
+        let b = Arc::new(b);
         if let Ok(mut m) = self.builds.lock() {
+            // a build id is the client's; another client cannot take over a running build
+            if m.get(&req.id)
+                .is_some_and(|o| o.active.load(Ordering::SeqCst))
+            {
+                return Err(Error::DuplicateBuild(req.id.clone()));
+            }
             m.insert(req.id.clone(), b.clone());
         }
         self.builds_changed.notify_waiters();
-        b
+        Ok((b, rx))
     }
 
     /// The build with `id`, waiting a little for a Solve that is about to
@@ -220,12 +347,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         req: BuildRequest,
     ) -> Result<BTreeMap<String, String>, Error> {
         self.start_gc();
-        let build = self.register(&req);
+        let (build, returned) = self.register(&req)?;
         let _end = BuildEnd {
             solver: self.clone(),
             build: build.clone(),
         };
-        let r = self.run_build(&build, &req).await;
+        let r = self.run_build(&build, &req, returned).await;
         self.record_history(&build, &req, &r).await;
         r
     }
@@ -519,6 +646,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         &self,
         build: &Arc<Build>,
         req: &BuildRequest,
+        returned: Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
     ) -> Result<BTreeMap<String, String>, Error> {
         // steps are recorded per project: the client's session key (its
         // context dir), the target and the Dockerfile name
@@ -540,32 +668,17 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             attr("target"),
             attr("filename")
         ));
-        let (definition, metadata, refs) = if req.frontend.is_empty() {
-            (
-                req.definition.clone().unwrap_or_default(),
-                BTreeMap::new(),
-                BTreeMap::new(),
-            )
-        } else {
-            let out = self
-                .frontend
-                .solve(
-                    &build.id,
-                    &req.frontend,
-                    &req.frontend_attrs,
-                    &req.session_id,
-                )
-                .await?;
-            (out.definition, out.metadata, out.refs)
+        let result = match returned {
+            // the client runs the frontend and hands its result over through LLBBridge
+            Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
+            None => self.frontend_result(build, req).await?,
         };
+        let metadata = result.metadata;
         // a multi-platform result: every platform solved (together), exported as one
-        let ordered = platform_order(&metadata, refs);
-        let solved = futures::future::try_join_all(
-            ordered
-                .iter()
-                .map(|(_, def)| self.solve_definition(build, def)),
-        )
-        .await?;
+        let ordered = platform_order(&metadata, result.refs);
+        let solved =
+            futures::future::try_join_all(ordered.iter().map(|(_, id)| self.solve_ref(build, id)))
+                .await?;
         let platforms: Vec<PlatformJob> = ordered
             .into_iter()
             .zip(solved)
@@ -579,7 +692,8 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             })
             .collect();
         let result = if platforms.is_empty() {
-            self.solve_definition(build, &definition).await?
+            self.solve_ref(build, result.r#ref.as_deref().unwrap_or_default())
+                .await?
         } else {
             String::new()
         };
@@ -646,7 +760,62 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         Ok(response)
     }
 
-    /// Solves a definition within a build (also used by LLBBridge.Solve).
+    /// The result of a build's frontend run here: the definition of the
+    /// request itself, or what the named frontend made of it.
+    async fn frontend_result(
+        &self,
+        build: &Build,
+        req: &BuildRequest,
+    ) -> Result<FrontendResult, Error> {
+        if req.frontend.is_empty() {
+            let def = req.definition.clone().unwrap_or_default();
+            return Ok(FrontendResult {
+                r#ref: Some(build.add_ref(def)),
+                ..Default::default()
+            });
+        }
+        self.run_frontend(build, &req.frontend, &req.frontend_attrs)
+            .await
+    }
+
+    /// Runs `frontend` with `attrs` for a build; its definitions become results
+    /// of the build (solved when needed).
+    pub async fn run_frontend(
+        &self,
+        build: &Build,
+        frontend: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<FrontendResult, Error> {
+        let out = self
+            .frontend
+            .solve(&build.id, frontend, attrs, &build.session_id)
+            .await?;
+        let refs: BTreeMap<String, String> = out
+            .refs
+            .into_iter()
+            .map(|(platform, def)| (platform, build.add_ref(def)))
+            .collect();
+        Ok(FrontendResult {
+            r#ref: refs.is_empty().then(|| build.add_ref(out.definition)),
+            refs,
+            metadata: out.metadata,
+        })
+    }
+
+    /// The snapshot of a result of the build (solving it the first time);
+    /// empty for scratch.
+    pub async fn solve_ref(&self, build: &Arc<Build>, id: &str) -> Result<String, Error> {
+        if id.is_empty() {
+            return Ok(String::new());
+        }
+        let r = build.build_ref(id)?;
+        r.snapshot
+            .get_or_try_init(|| self.solve_definition(build, &r.def))
+            .await
+            .cloned()
+    }
+
+    /// Solves a definition within a build.
     pub async fn solve_definition(
         &self,
         build: &Arc<Build>,
@@ -700,12 +869,12 @@ fn export_vertex_digest(build_id: &str, index: usize) -> String {
     )
 }
 
-/// The definitions of a multi-platform result in the order of the frontend's
+/// The results of a multi-platform result in the order of the frontend's
 /// `refs.platforms` list (`{"platforms":[{"id":..}]}`), then any it did not list.
 fn platform_order(
     metadata: &BTreeMap<String, Vec<u8>>,
-    mut refs: BTreeMap<String, pb::Definition>,
-) -> Vec<(String, pb::Definition)> {
+    mut refs: BTreeMap<String, String>,
+) -> Vec<(String, String)> {
     let listed: Vec<String> = metadata
         .get("refs.platforms")
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
@@ -719,8 +888,8 @@ fn platform_order(
         .unwrap_or_default();
     let mut out = Vec::new();
     for id in listed {
-        if let Some(def) = refs.remove(&id) {
-            out.push((id, def));
+        if let Some(r) = refs.remove(&id) {
+            out.push((id, r));
         }
     }
     out.extend(refs);

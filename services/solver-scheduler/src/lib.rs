@@ -68,6 +68,12 @@ pub enum Error {
     NoSession(String),
     #[error("no result with id {0:?} in this build")]
     UnknownRef(String),
+    #[error("build {0:?} is not waiting for a client-side frontend")]
+    NotForwarded(String),
+    #[error("a build with id {0:?} is already running")]
+    DuplicateBuild(String),
+    #[error("{message}")]
+    ClientFrontend { message: String, code: tonic::Code },
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
     #[error("frontend {frontend}: {message}")]
@@ -131,8 +137,11 @@ impl From<Error> for tonic::Status {
             | Error::UnknownExporter(_)
             | Error::Filter { .. } => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
-            Error::NoSession(_) => tonic::Code::FailedPrecondition,
-            Error::Frontend { code, .. } | Error::Vertex { code, .. } => *code,
+            Error::NoSession(_) | Error::NotForwarded(_) => tonic::Code::FailedPrecondition,
+            Error::DuplicateBuild(_) => tonic::Code::AlreadyExists,
+            Error::Frontend { code, .. }
+            | Error::Vertex { code, .. }
+            | Error::ClientFrontend { code, .. } => *code,
             Error::Cancelled => tonic::Code::Cancelled,
             Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
             Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,

@@ -2,6 +2,7 @@
 //! are gRPC clients in `grpc::client`.
 
 use crate::Error;
+pub use kiln_proto::fsutil::types::Stat;
 use kiln_proto::pb;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -52,8 +53,31 @@ pub trait Worker: Send + Sync + 'static {
         op: RunOp,
         events: Arc<dyn Fn(RunEvent) + Send + Sync>,
     ) -> impl Future<Output = Result<RunOutputs, Error>> + Send;
-    fn read_file(&self, r: &str, path: &str)
-    -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    /// `length` bytes (0: to the end) from `offset` of a file in ref `r`.
+    fn read_file(
+        &self,
+        r: &str,
+        path: &str,
+        offset: i64,
+        length: i64,
+    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    /// The entries of a directory in ref `r` (names matching `include` when set).
+    fn read_dir(
+        &self,
+        r: &str,
+        path: &str,
+        include: &str,
+    ) -> impl Future<Output = Result<Vec<Stat>, Error>> + Send {
+        let _ = (r, path, include);
+        std::future::ready(Err(Error::Worker(
+            "this worker cannot list directories".into(),
+        )))
+    }
+    /// The metadata of one path in ref `r`.
+    fn stat_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Stat, Error>> + Send {
+        let _ = (r, path);
+        std::future::ready(Err(Error::Worker("this worker cannot stat files".into())))
+    }
     /// Digest of the content at `selectors` in ref `r`.
     fn checksum(
         &self,

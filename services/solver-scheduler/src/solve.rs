@@ -1030,7 +1030,13 @@ mod tests {
                 content_keys,
             })
         }
-        async fn read_file(&self, _r: &str, _path: &str) -> Result<Vec<u8>, Error> {
+        async fn read_file(
+            &self,
+            _r: &str,
+            _path: &str,
+            _o: i64,
+            _l: i64,
+        ) -> Result<Vec<u8>, Error> {
             Ok(vec![])
         }
         async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {

@@ -219,18 +219,105 @@ impl Worker {
         ops::run_op(self, req, events).await
     }
 
-    /// Reads a file inside a ref's filesystem (the path cannot escape the root).
-    pub async fn read_file(&self, r: Option<&str>, path: &str) -> Result<Vec<u8>> {
-        let top = r.map(str::to_string);
+    /// Reads `length` bytes (all, when `None`) from `offset` of a file inside a ref's
+    /// filesystem (the path cannot escape the root). At most [`READ_FILE_LIMIT`] bytes
+    /// come back in one read: a longer read is refused, not buffered.
+    pub async fn read_file(
+        &self,
+        r: Option<&str>,
+        path: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek};
         let path = path.to_string();
+        self.in_ref(r, move |root| {
+            let p = rootpath::resolve(root, &path, true).map_err(Error::io("resolve", &path))?;
+            let mut f = std::fs::File::open(&p).map_err(Error::io("read", &path))?;
+            let size = f.metadata().map_err(Error::io("stat", &path))?.len();
+            let want = length.unwrap_or(size.saturating_sub(offset));
+            if want.min(size.saturating_sub(offset)) > READ_FILE_LIMIT {
+                return Err(Error::file(
+                    "read",
+                    &path,
+                    format!(
+                        "{want} bytes asked for at once; read at most {READ_FILE_LIMIT} per call"
+                    ),
+                ));
+            }
+            f.seek(std::io::SeekFrom::Start(offset))
+                .map_err(Error::io("seek", &path))?;
+            let mut data = Vec::new();
+            f.take(want)
+                .read_to_end(&mut data)
+                .map_err(Error::io("read", &path))?;
+            Ok(data)
+        })
+        .await
+    }
+
+    /// The entries of a directory inside a ref (sorted by name; names matching
+    /// `include`, a shell pattern, when given), with fsutil's metadata.
+    pub async fn read_dir(
+        &self,
+        r: Option<&str>,
+        path: &str,
+        include: &str,
+    ) -> Result<Vec<kiln_proto::fsutil::types::Stat>> {
+        let pattern = if include.is_empty() {
+            None
+        } else {
+            Some(
+                globset::Glob::new(include)
+                    .map_err(|e| Error::file("read dir", include, e))?
+                    .compile_matcher(),
+            )
+        };
+        let path = path.to_string();
+        self.in_ref(r, move |root| {
+            let dir = rootpath::resolve(root, &path, true).map_err(Error::io("resolve", &path))?;
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(Error::io("read dir", &path))? {
+                let e = e.map_err(Error::io("read dir", &path))?;
+                let name = e.file_name().to_string_lossy().to_string();
+                if pattern.as_ref().is_some_and(|m| !m.is_match(&name)) {
+                    continue;
+                }
+                out.push(stat_entry(&e.path(), &name)?);
+            }
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+            Ok(out)
+        })
+        .await
+    }
+
+    /// fsutil's metadata of one path inside a ref (a final symlink is not followed).
+    pub async fn stat_file(
+        &self,
+        r: Option<&str>,
+        path: &str,
+    ) -> Result<kiln_proto::fsutil::types::Stat> {
+        let path = path.to_string();
+        self.in_ref(r, move |root| {
+            let p = rootpath::resolve(root, &path, false).map_err(Error::io("resolve", &path))?;
+            stat_entry(&p, path.trim_start_matches('/'))
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread with a read-only view of ref `r` (scratch when `None`).
+    async fn in_ref<T: Send + 'static>(
+        &self,
+        r: Option<&str>,
+        f: impl FnOnce(&std::path::Path) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let top = r.map(str::to_string);
         let w = self.blocking_store();
         tokio::task::spawn_blocking(move || {
             let m = w.mount_ro(top.as_deref())?;
-            let p =
-                rootpath::resolve(m.path(), &path, true).map_err(Error::io("resolve", &path))?;
-            let data = std::fs::read(&p).map_err(Error::io("read", &path))?;
+            let out = f(m.path());
             m.unmount()?;
-            Ok(data)
+            out
         })
         .await?
     }
@@ -444,4 +531,23 @@ pub(crate) mod testutil {
             std::fs::write(d.join("etc/group"), "root:x:0:\nalice:x:1001:\n").expect("group");
         })
     }
+}
+
+/// The most one ReadFile call returns (it travels as one gRPC message).
+pub const READ_FILE_LIMIT: u64 = 16 << 20;
+
+/// fsutil's metadata of `path` (not following a final symlink), named `name`.
+fn stat_entry(path: &std::path::Path, name: &str) -> Result<kiln_proto::fsutil::types::Stat> {
+    let md = std::fs::symlink_metadata(path).map_err(Error::io("stat", path))?;
+    let link = if md.file_type().is_symlink() {
+        Some(
+            std::fs::read_link(path)
+                .map_err(Error::io("read link", path))?
+                .to_string_lossy()
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    Ok(kiln_session::filesync::stat_of(name, &md, link))
 }

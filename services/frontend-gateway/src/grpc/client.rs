@@ -74,7 +74,7 @@ impl Bridge for GrpcBridge {
         let from_result = resp.result.and_then(|r| match r.result {
             Some(result::Result::Ref(r)) => Some(r.id),
             Some(result::Result::RefDeprecated(id)) => Some(id),
-            Some(result::Result::Refs(_)) | None => None,
+            Some(result::Result::Refs(_) | result::Result::RefsDeprecated(_)) | None => None,
         });
         Ok(from_result.unwrap_or(resp.r#ref))
     }
@@ -91,6 +91,7 @@ impl Bridge for GrpcBridge {
                 r#ref: reference.to_string(),
                 file_path: path.to_string(),
                 range: None,
+                mount_index: 0,
             },
             Some(CALL_TIMEOUT),
         )?;
@@ -137,6 +138,7 @@ impl Bridge for GrpcBridge {
 
 #[cfg(test)]
 mod tests {
+    use kiln_proto::moby::buildkit::v1::frontend as fe;
     use std::sync::{Arc, Mutex};
 
     use kiln_proto::moby::buildkit::v1::frontend::{
@@ -222,6 +224,87 @@ mod tests {
 
         async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PongResponse>, Status> {
             Ok(Response::new(PongResponse::default()))
+        }
+
+        // the calls kiln's Dockerfile frontend does not make
+        async fn resolve_source_meta(
+            &self,
+            _r: Request<fe::ResolveSourceMetaRequest>,
+        ) -> Result<Response<fe::ResolveSourceMetaResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn read_dir(
+            &self,
+            _r: Request<fe::ReadDirRequest>,
+        ) -> Result<Response<fe::ReadDirResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn stat_file(
+            &self,
+            _r: Request<fe::StatFileRequest>,
+        ) -> Result<Response<fe::StatFileResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn evaluate(
+            &self,
+            _r: Request<fe::EvaluateRequest>,
+        ) -> Result<Response<fe::EvaluateResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn r#return(
+            &self,
+            _r: Request<fe::ReturnRequest>,
+        ) -> Result<Response<fe::ReturnResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn inputs(
+            &self,
+            _r: Request<fe::InputsRequest>,
+        ) -> Result<Response<fe::InputsResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn new_container(
+            &self,
+            _r: Request<fe::NewContainerRequest>,
+        ) -> Result<Response<fe::NewContainerResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn release_container(
+            &self,
+            _r: Request<fe::ReleaseContainerRequest>,
+        ) -> Result<Response<fe::ReleaseContainerResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        type ExecProcessStream = tokio_stream::Empty<Result<fe::ExecMessage, Status>>;
+        async fn exec_process(
+            &self,
+            _r: Request<tonic::Streaming<fe::ExecMessage>>,
+        ) -> Result<Response<Self::ExecProcessStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn read_file_container(
+            &self,
+            _r: Request<ReadFileRequest>,
+        ) -> Result<Response<ReadFileResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn read_dir_container(
+            &self,
+            _r: Request<fe::ReadDirRequest>,
+        ) -> Result<Response<fe::ReadDirResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn stat_file_container(
+            &self,
+            _r: Request<fe::StatFileRequest>,
+        ) -> Result<Response<fe::StatFileResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn warn(
+            &self,
+            _r: Request<fe::WarnRequest>,
+        ) -> Result<Response<fe::WarnResponse>, Status> {
+            Err(Status::unimplemented("fake"))
         }
     }
 

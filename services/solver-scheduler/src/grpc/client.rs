@@ -3,7 +3,7 @@
 use crate::Error;
 use crate::peer::{
     self, ExportJob, FrontendOutput, PathEntry, ResolvedImage, RunEvent, RunOp, RunOutputs,
-    Selector, SnapshotUsage, WorkerUsage,
+    Selector, SnapshotUsage, Stat, WorkerUsage,
 };
 use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
 use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
@@ -95,10 +95,18 @@ impl peer::Worker for GrpcWorker {
             .ok_or_else(|| Error::Worker(format!("{name}: worker ended the run without outputs")))
     }
 
-    async fn read_file(&self, r: &str, path: &str) -> Result<Vec<u8>, Error> {
+    async fn read_file(
+        &self,
+        r: &str,
+        path: &str,
+        offset: i64,
+        length: i64,
+    ) -> Result<Vec<u8>, Error> {
         let mut req = tonic::Request::new(wk::ReadFileRequest {
             r#ref: r.to_string(),
             path: path.to_string(),
+            offset,
+            length,
         });
         req.set_timeout(Duration::from_secs(60));
         let resp = self
@@ -108,6 +116,39 @@ impl peer::Worker for GrpcWorker {
             .await
             .map_err(|s| Error::Worker(s.message().to_string()))?;
         Ok(resp.into_inner().data)
+    }
+
+    async fn read_dir(&self, r: &str, path: &str, include: &str) -> Result<Vec<Stat>, Error> {
+        let mut req = tonic::Request::new(wk::ReadDirRequest {
+            r#ref: r.to_string(),
+            path: path.to_string(),
+            include_pattern: include.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(60));
+        let resp = self
+            .client
+            .clone()
+            .read_dir(req)
+            .await
+            .map_err(|s| Error::Worker(s.message().to_string()))?;
+        Ok(resp.into_inner().entries)
+    }
+
+    async fn stat_file(&self, r: &str, path: &str) -> Result<Stat, Error> {
+        let mut req = tonic::Request::new(wk::StatFileRequest {
+            r#ref: r.to_string(),
+            path: path.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(60));
+        let resp = self
+            .client
+            .clone()
+            .stat_file(req)
+            .await
+            .map_err(|s| Error::Worker(s.message().to_string()))?;
+        resp.into_inner()
+            .stat
+            .ok_or_else(|| Error::Worker(format!("stat {path}: the worker sent no metadata")))
     }
 
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {

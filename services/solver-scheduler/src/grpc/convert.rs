@@ -30,6 +30,8 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
         frontend_attrs: r.frontend_attrs,
         exporters,
         entitlements: r.entitlements,
+        frontend_inputs: r.frontend_inputs,
+        owner: String::new(),
     }
 }
 

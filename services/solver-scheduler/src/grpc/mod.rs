@@ -6,7 +6,7 @@ pub mod client;
 mod convert;
 pub mod server;
 
-pub use server::{bridge_server, broker_server, control_server};
+pub use server::{bridge_server, broker_server, client_bridge_server, control_server};
 
 /// gRPC metadata key carrying the build id on LLBBridge calls.
 pub const BUILD_ID_KEY: &str = "kiln-build-id";

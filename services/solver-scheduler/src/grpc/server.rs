@@ -2,7 +2,7 @@
 
 use super::{BUILD_ID_KEY, convert};
 use crate::Error;
-use crate::build::Solver;
+use crate::build::{FrontendResult, Solver};
 use crate::peer::{Exporter, Frontend, Worker};
 use crate::session::Session;
 use crate::usage::Filter;
@@ -14,6 +14,7 @@ use kiln_proto::moby::buildkit::v1::frontend::{
 };
 use kiln_proto::moby::buildkit::v1::{self as ctl, control_server, types};
 use kiln_session::headers;
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,7 +139,9 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         &self,
         request: Request<ctl::SolveRequest>,
     ) -> Result<Response<ctl::SolveResponse>, Status> {
-        let req = convert::build_request(request.into_inner());
+        let owner = caller_identity(&request);
+        let mut req = convert::build_request(request.into_inner());
+        req.owner = owner;
         if req.id.is_empty() {
             return Err(Status::invalid_argument("solve request has no ref"));
         }
@@ -232,32 +235,8 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         &self,
         _r: Request<ctl::ListWorkersRequest>,
     ) -> Result<Response<ctl::ListWorkersResponse>, Status> {
-        let platforms = self
-            .solver
-            .config
-            .platforms
-            .iter()
-            .map(|p| {
-                let mut it = p.split('/');
-                kiln_proto::pb::Platform {
-                    os: it.next().unwrap_or_default().to_string(),
-                    architecture: it.next().unwrap_or_default().to_string(),
-                    variant: it.next().unwrap_or_default().to_string(),
-                    ..Default::default()
-                }
-            })
-            .collect();
         Ok(Response::new(ctl::ListWorkersResponse {
-            record: vec![types::WorkerRecord {
-                id: self.solver.worker.address(),
-                labels: [(
-                    "org.mobyproject.buildkit.worker.executor".to_string(),
-                    "oci".to_string(),
-                )]
-                .into(),
-                platforms,
-                ..Default::default()
-            }],
+            record: worker_records(&self.solver),
         }))
     }
 
@@ -337,27 +316,246 @@ impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker
     }
 }
 
-/// Serves `moby.buildkit.v1.frontend.LLBBridge` to frontends.
+/// Serves `moby.buildkit.v1.frontend.LLBBridge`: to kiln's frontend service on
+/// the internal listener, and on the client listener to clients that run their
+/// frontend themselves (buildctl, buildx, BuildKit's Go client).
 pub struct BridgeService<W, F, E> {
     solver: Arc<Solver<W, F, E>>,
+    edge: Edge,
 }
 
-pub fn bridge_server<W: Worker, F: Frontend, E: Exporter>(
+/// Which listener a [`BridgeService`] answers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// kiln's own services: any build, named by `kiln-build-id`
+    Internal,
+    /// clients: only a build waiting for its client-side frontend, named by
+    /// `buildkit-controlapi-buildid`, and only for the client that started it
+    Client,
+}
+
+fn bridge<W: Worker, F: Frontend, E: Exporter>(
     solver: Arc<Solver<W, F, E>>,
+    edge: Edge,
 ) -> llb_bridge_server::LlbBridgeServer<BridgeService<W, F, E>> {
-    llb_bridge_server::LlbBridgeServer::new(BridgeService { solver })
+    llb_bridge_server::LlbBridgeServer::new(BridgeService { solver, edge })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
 
+/// LLBBridge for kiln's frontend service (internal listener only).
+pub fn bridge_server<W: Worker, F: Frontend, E: Exporter>(
+    solver: Arc<Solver<W, F, E>>,
+) -> llb_bridge_server::LlbBridgeServer<BridgeService<W, F, E>> {
+    bridge(solver, Edge::Internal)
+}
+
+/// LLBBridge for clients' own frontends (the client listener).
+pub fn client_bridge_server<W: Worker, F: Frontend, E: Exporter>(
+    solver: Arc<Solver<W, F, E>>,
+) -> llb_bridge_server::LlbBridgeServer<BridgeService<W, F, E>> {
+    bridge(solver, Edge::Client)
+}
+
+/// The identity of the client that made a call: the SHA-256 of its TLS
+/// certificate, empty on a listener without client certificates.
+pub fn caller_identity<T>(r: &Request<T>) -> String {
+    let _ = r;
+    String::new()
+}
+
+/// gRPC metadata naming the build an LLBBridge call belongs to, as BuildKit's
+/// clients send it.
+const CLIENT_BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
+
 impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
     async fn build<T>(&self, r: &Request<T>) -> Result<Arc<crate::build::Build>, Status> {
-        let id = first_md(r.metadata(), BUILD_ID_KEY);
-        self.solver
-            .build(&id, Duration::from_secs(1))
+        let md = r.metadata();
+        let id = match self.edge {
+            Edge::Internal => Some(first_md(md, BUILD_ID_KEY))
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| first_md(md, CLIENT_BUILD_ID_KEY)),
+            Edge::Client => first_md(md, CLIENT_BUILD_ID_KEY),
+        };
+        if id.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "LLBBridge call without a build id ({CLIENT_BUILD_ID_KEY} metadata)"
+            )));
+        }
+        let build = self
+            .solver
+            .build(&id, Duration::from_secs(3))
             .await
-            .map_err(Status::from)
+            .map_err(Status::from)?;
+        if self.edge == Edge::Client {
+            if !build.awaits_client_frontend() {
+                return Err(Status::from(Error::NotForwarded(id)));
+            }
+            if caller_identity(r) != build.owner {
+                return Err(Status::permission_denied(format!(
+                    "build {id:?} was started by another client"
+                )));
+            }
+        }
+        Ok(build)
     }
+
+    /// A result id's snapshot (solved now if it was not yet).
+    async fn snapshot(&self, build: &Arc<crate::build::Build>, id: &str) -> Result<String, Status> {
+        self.solver.solve_ref(build, id).await.map_err(Status::from)
+    }
+}
+
+/// LLBBridge capabilities kiln has (Ping). A client checks these before it
+/// uses a call or an LLB feature, so only what works is listed.
+const FRONTEND_CAPS: &[&str] = &[
+    "solve.base",
+    "solve.inlinereturn",
+    "resolveimage",
+    "resolveimage.resolvemode",
+    "readfile",
+    "return",
+    "returnmap",
+    "readdir",
+    "statfile",
+    "proto.refarray",
+    "reference.output",
+    "frontend.inputs",
+    "gateway.solve.metadata",
+    "gateway.solve.evaluate",
+    "gateway.evaluate",
+    "gateway.warnings",
+    "frontend.caps",
+];
+
+const LLB_CAPS: &[&str] = &[
+    "source.image",
+    "source.image.resolvemode",
+    "source.local",
+    "source.local.unique",
+    "source.local.sessionid",
+    "source.local.includepatterns",
+    "source.local.followpaths",
+    "source.local.excludepatterns",
+    "source.local.sharedkeyhint",
+    "source.git",
+    "source.git.keepgitdir",
+    "source.git.fullurl",
+    "source.git.checksum",
+    "source.http",
+    "source.http.checksum",
+    "source.http.perm",
+    "soruce.http.uidgid",
+    "source.buildop.llbfilename",
+    "exec.meta.base",
+    "exec.meta.network",
+    "exec.meta.network.proxy",
+    "exec.meta.proxyenv",
+    "exec.meta.security",
+    "exec.meta.setsdefaultpath",
+    "exec.mount.bind",
+    "exec.mount.bind.readwrite-nooutput",
+    "exec.mount.cache",
+    "exec.mount.cache.sharing",
+    "exec.mount.selector",
+    "exec.mount.tmpfs",
+    "exec.mount.tmpfs.size",
+    "exec.mount.secret",
+    "exec.mount.ssh",
+    "exec.secretenv",
+    "exec.validexitcode",
+    "file.base",
+    "file.rm.wildcard",
+    "file.copy.includeexcludepatterns",
+    "file.copy.requiredpaths",
+    "file.rm.nofollowsymlink",
+    "file.copy.alwaysreplaceexistingdestpaths",
+    "file.copy.modestring",
+    "file.symlink.create",
+    "constraints",
+    "platform",
+    "meta.ignorecache",
+    "meta.description",
+    "meta.exportcache",
+    "mergeop",
+    "diffop",
+    "exporter.image.annotations",
+    "exporter.sourcedateepoch",
+    "exporter.multiple",
+];
+
+fn caps(ids: &[&str]) -> Vec<kiln_proto::moby::buildkit::v1::apicaps::ApiCap> {
+    ids.iter()
+        .map(|id| kiln_proto::moby::buildkit::v1::apicaps::ApiCap {
+            id: id.to_string(),
+            enabled: true,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// A frontend's result as LLBBridge hands it to the frontend: refs with the
+/// definitions they stand for.
+fn wire_result(build: &crate::build::Build, r: &FrontendResult) -> Result<fe::Result, Status> {
+    let wire_ref = |id: &str| -> Result<fe::Ref, Status> {
+        Ok(fe::Ref {
+            id: id.to_string(),
+            def: Some(build.ref_definition(id).map_err(Status::from)?),
+        })
+    };
+    let result = if r.refs.is_empty() {
+        FeResult::Ref(wire_ref(r.r#ref.as_deref().unwrap_or_default())?)
+    } else {
+        FeResult::Refs(fe::RefMap {
+            refs: r
+                .refs
+                .iter()
+                .map(|(k, id)| Ok((k.clone(), wire_ref(id)?)))
+                .collect::<Result<_, Status>>()?,
+        })
+    };
+    Ok(fe::Result {
+        result: Some(result),
+        metadata: r.metadata.clone(),
+    })
+}
+
+/// What a frontend returns (Return, or a `final` Solve), in the solver's terms.
+fn returned_result(r: fe::Result) -> FrontendResult {
+    let mut out = FrontendResult {
+        metadata: r.metadata,
+        ..Default::default()
+    };
+    match r.result {
+        Some(FeResult::RefDeprecated(id)) => out.r#ref = Some(id),
+        Some(FeResult::Ref(x)) => out.r#ref = Some(x.id),
+        Some(FeResult::RefsDeprecated(m)) => out.refs = m.refs,
+        Some(FeResult::Refs(m)) => out.refs = m.refs.into_iter().map(|(k, x)| (k, x.id)).collect(),
+        None => out.r#ref = Some(String::new()),
+    }
+    out
+}
+
+/// Metadata of a `final` Solve (an old client's return): a JSON object of
+/// base64 values, as Go marshals `map[string][]byte`.
+fn exporter_attr_metadata(attr: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, Status> {
+    use base64::Engine;
+    if attr.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let m: BTreeMap<String, serde_json::Value> = serde_json::from_slice(attr)
+        .map_err(|e| Status::invalid_argument(format!("exporter attributes: {e}")))?;
+    Ok(m.into_iter()
+        .map(|(k, v)| {
+            let bytes = match &v {
+                serde_json::Value::String(s) => base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .unwrap_or_else(|_| s.clone().into_bytes()),
+                other => other.to_string().into_bytes(),
+            };
+            (k, bytes)
+        })
+        .collect())
 }
 
 #[tonic::async_trait]
@@ -368,34 +566,39 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     ) -> Result<Response<fe::ResolveImageConfigResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
-        let started = crate::progress::now();
-        let name = format!("[internal] load metadata for {}", r.r#ref);
-        let digest = format!(
-            "sha256:{}",
-            hex_sha(&format!("resolve:{}:{}", build.id, r.r#ref))
-        );
-        let res = self
-            .solver
-            .exporter()
-            .resolve(&r.r#ref, r.platform, &build.session_id)
-            .await;
-        build.progress.vertex(ctl::Vertex {
-            digest,
-            name,
-            started: Some(started),
-            completed: Some(crate::progress::now()),
-            error: res
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-            ..Default::default()
-        });
-        let res = res.map_err(Status::from)?;
+        let res = resolve_with_progress(&self.solver, &build, &r.r#ref, r.platform).await?;
         Ok(Response::new(fe::ResolveImageConfigResponse {
             digest: res.digest,
             config: res.config,
             r#ref: res.reference,
+        }))
+    }
+
+    async fn resolve_source_meta(
+        &self,
+        request: Request<fe::ResolveSourceMetaRequest>,
+    ) -> Result<Response<fe::ResolveSourceMetaResponse>, Status> {
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let mut source = r
+            .source
+            .ok_or_else(|| Status::invalid_argument("ResolveSourceMeta without a source"))?;
+        let Some(image) = source.identifier.strip_prefix("docker-image://") else {
+            // nothing to pin for other sources
+            return Ok(Response::new(fe::ResolveSourceMetaResponse {
+                source: Some(source),
+                ..Default::default()
+            }));
+        };
+        let res = resolve_with_progress(&self.solver, &build, image, r.platform).await?;
+        source.identifier = format!("docker-image://{}", res.reference);
+        Ok(Response::new(fe::ResolveSourceMetaResponse {
+            source: Some(source),
+            image: Some(fe::ResolveSourceImageResponse {
+                digest: res.digest,
+                config: res.config,
+            }),
+            ..Default::default()
         }))
     }
 
@@ -404,19 +607,49 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         request: Request<fe::SolveRequest>,
     ) -> Result<Response<fe::SolveResponse>, Status> {
         let build = self.build(&request).await?;
-        let def = request.into_inner().definition.unwrap_or_default();
-        let worker_ref = self
-            .solver
-            .solve_definition(&build, &def)
-            .await
-            .map_err(Status::from)?;
-        let id = build.add_ref(worker_ref);
+        let r = request.into_inner();
+        let result = if r.frontend.is_empty() {
+            FrontendResult {
+                r#ref: Some(build.add_ref(r.definition.unwrap_or_default())),
+                ..Default::default()
+            }
+        } else {
+            self.solver
+                .run_frontend(&build, &r.frontend, &r.frontend_opt)
+                .await
+                .map_err(Status::from)?
+        };
+        if r.evaluate || r.r#final {
+            let ids: Vec<&str> = result
+                .refs
+                .values()
+                .map(String::as_str)
+                .chain(result.r#ref.as_deref())
+                .collect();
+            for id in ids {
+                self.snapshot(&build, id).await?;
+            }
+        }
+        let wire = wire_result(&build, &result)?;
+        if r.r#final {
+            // an old client's return: this result is what the build exports
+            let mut done = result.clone();
+            done.metadata
+                .extend(exporter_attr_metadata(&r.exporter_attr)?);
+            build
+                .finish_client_frontend(Ok(done))
+                .map_err(Status::from)?;
+        }
+        if !r.allow_result_return {
+            // a client from before results: the ref id alone
+            return Ok(Response::new(fe::SolveResponse {
+                r#ref: result.r#ref.unwrap_or_default(),
+                result: None,
+            }));
+        }
         Ok(Response::new(fe::SolveResponse {
             r#ref: String::new(),
-            result: Some(fe::Result {
-                result: Some(FeResult::Ref(fe::Ref { id, def: None })),
-                metadata: Default::default(),
-            }),
+            result: Some(wire),
         }))
     }
 
@@ -426,31 +659,235 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     ) -> Result<Response<fe::ReadFileResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
-        let worker_ref = build.worker_ref(&r.r#ref).map_err(Status::from)?;
-        let mut data = self
+        let snapshot = self.snapshot(&build, &r.r#ref).await?;
+        let (offset, length) = r
+            .range
+            .map(|x| (x.offset.max(0), x.length.max(0)))
+            .unwrap_or((0, 0));
+        let data = self
             .solver
             .worker
-            .read_file(&worker_ref, &r.file_path)
+            .read_file(&snapshot, &r.file_path, offset, length)
             .await
             .map_err(Status::from)?;
-        if let Some(range) = r.range {
-            let start = (range.offset.max(0) as usize).min(data.len());
-            let end = if range.length > 0 {
-                (start + range.length as usize).min(data.len())
-            } else {
-                data.len()
-            };
-            data = data[start..end].to_vec();
-        }
         Ok(Response::new(fe::ReadFileResponse { data }))
+    }
+
+    async fn read_dir(
+        &self,
+        request: Request<fe::ReadDirRequest>,
+    ) -> Result<Response<fe::ReadDirResponse>, Status> {
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let snapshot = self.snapshot(&build, &r.r#ref).await?;
+        let entries = self
+            .solver
+            .worker
+            .read_dir(&snapshot, &r.dir_path, &r.include_pattern)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::ReadDirResponse { entries }))
+    }
+
+    async fn stat_file(
+        &self,
+        request: Request<fe::StatFileRequest>,
+    ) -> Result<Response<fe::StatFileResponse>, Status> {
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let snapshot = self.snapshot(&build, &r.r#ref).await?;
+        let stat = self
+            .solver
+            .worker
+            .stat_file(&snapshot, &r.path)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::StatFileResponse { stat: Some(stat) }))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<fe::EvaluateRequest>,
+    ) -> Result<Response<fe::EvaluateResponse>, Status> {
+        let build = self.build(&request).await?;
+        self.snapshot(&build, &request.into_inner().r#ref).await?;
+        Ok(Response::new(fe::EvaluateResponse {}))
     }
 
     async fn ping(
         &self,
-        _r: Request<fe::PingRequest>,
+        request: Request<fe::PingRequest>,
     ) -> Result<Response<fe::PongResponse>, Status> {
-        Ok(Response::new(fe::PongResponse::default()))
+        self.build(&request).await?;
+        Ok(Response::new(fe::PongResponse {
+            frontend_api_caps: caps(FRONTEND_CAPS),
+            llb_caps: caps(LLB_CAPS),
+            workers: worker_records(&self.solver),
+        }))
     }
+
+    async fn r#return(
+        &self,
+        request: Request<fe::ReturnRequest>,
+    ) -> Result<Response<fe::ReturnResponse>, Status> {
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let result = match (r.error, r.result) {
+            (Some(e), _) if e.code != 0 => Err(Error::ClientFrontend {
+                message: e.message,
+                code: tonic::Code::from(e.code),
+            }),
+            (_, Some(res)) => Ok(returned_result(res)),
+            (_, None) => Ok(FrontendResult {
+                r#ref: Some(String::new()),
+                ..Default::default()
+            }),
+        };
+        build.finish_client_frontend(result).map_err(Status::from)?;
+        Ok(Response::new(fe::ReturnResponse {}))
+    }
+
+    async fn inputs(
+        &self,
+        request: Request<fe::InputsRequest>,
+    ) -> Result<Response<fe::InputsResponse>, Status> {
+        let build = self.build(&request).await?;
+        Ok(Response::new(fe::InputsResponse {
+            definitions: build.frontend_inputs.clone(),
+        }))
+    }
+
+    async fn warn(
+        &self,
+        request: Request<fe::WarnRequest>,
+    ) -> Result<Response<fe::WarnResponse>, Status> {
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        build.progress.push(ctl::StatusResponse {
+            warnings: vec![ctl::VertexWarning {
+                vertex: r.digest,
+                level: r.level,
+                short: r.short,
+                detail: r.detail,
+                url: r.url,
+                info: r.info,
+                ranges: r.ranges,
+            }],
+            ..Default::default()
+        });
+        Ok(Response::new(fe::WarnResponse {}))
+    }
+
+    async fn new_container(
+        &self,
+        _r: Request<fe::NewContainerRequest>,
+    ) -> Result<Response<fe::NewContainerResponse>, Status> {
+        Err(no_containers())
+    }
+
+    async fn release_container(
+        &self,
+        _r: Request<fe::ReleaseContainerRequest>,
+    ) -> Result<Response<fe::ReleaseContainerResponse>, Status> {
+        Err(no_containers())
+    }
+
+    type ExecProcessStream = BoxStream<fe::ExecMessage>;
+    async fn exec_process(
+        &self,
+        _r: Request<Streaming<fe::ExecMessage>>,
+    ) -> Result<Response<Self::ExecProcessStream>, Status> {
+        Err(no_containers())
+    }
+
+    async fn read_file_container(
+        &self,
+        _r: Request<fe::ReadFileRequest>,
+    ) -> Result<Response<fe::ReadFileResponse>, Status> {
+        Err(no_containers())
+    }
+
+    async fn read_dir_container(
+        &self,
+        _r: Request<fe::ReadDirRequest>,
+    ) -> Result<Response<fe::ReadDirResponse>, Status> {
+        Err(no_containers())
+    }
+
+    async fn stat_file_container(
+        &self,
+        _r: Request<fe::StatFileRequest>,
+    ) -> Result<Response<fe::StatFileResponse>, Status> {
+        Err(no_containers())
+    }
+}
+
+/// The answer to the container calls, which Ping does not announce.
+fn no_containers() -> Status {
+    Status::unimplemented(
+        "kiln does not run interactive containers through LLBBridge yet (capability gateway.exec)",
+    )
+}
+
+/// Resolves an image config for a build's frontend, shown as a step.
+async fn resolve_with_progress<W: Worker, F: Frontend, E: Exporter>(
+    solver: &Solver<W, F, E>,
+    build: &crate::build::Build,
+    reference: &str,
+    platform: Option<kiln_proto::pb::Platform>,
+) -> Result<crate::peer::ResolvedImage, Status> {
+    let started = crate::progress::now();
+    let digest = format!(
+        "sha256:{}",
+        hex_sha(&format!("resolve:{}:{}", build.id, reference))
+    );
+    let res = solver
+        .exporter()
+        .resolve(reference, platform, &build.session_id)
+        .await;
+    build.progress.vertex(ctl::Vertex {
+        digest,
+        name: format!("[internal] load metadata for {reference}"),
+        started: Some(started),
+        completed: Some(crate::progress::now()),
+        error: res
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    });
+    res.map_err(Status::from)
+}
+
+/// The workers ListWorkers and Ping report.
+fn worker_records<W: Worker, F: Frontend, E: Exporter>(
+    solver: &Solver<W, F, E>,
+) -> Vec<types::WorkerRecord> {
+    let platforms = solver
+        .config
+        .platforms
+        .iter()
+        .map(|p| {
+            let mut it = p.split('/');
+            kiln_proto::pb::Platform {
+                os: it.next().unwrap_or_default().to_string(),
+                architecture: it.next().unwrap_or_default().to_string(),
+                variant: it.next().unwrap_or_default().to_string(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    vec![types::WorkerRecord {
+        id: solver.worker.address(),
+        labels: [(
+            "org.mobyproject.buildkit.worker.executor".to_string(),
+            "oci".to_string(),
+        )]
+        .into(),
+        platforms,
+        ..Default::default()
+    }]
 }
 
 fn hex_sha(s: &str) -> String {

@@ -130,9 +130,42 @@ impl wpb::worker_server::Worker for WorkerService {
         let req = req.into_inner();
         let data = self
             .core
-            .read_file(convert::ref_from_wire(&req.r#ref).as_deref(), &req.path)
+            .read_file(
+                convert::ref_from_wire(&req.r#ref).as_deref(),
+                &req.path,
+                req.offset.max(0) as u64,
+                (req.length > 0).then_some(req.length as u64),
+            )
             .await?;
         Ok(Response::new(wpb::ReadFileResponse { data }))
+    }
+
+    async fn read_dir(
+        &self,
+        req: Request<wpb::ReadDirRequest>,
+    ) -> Result<Response<wpb::ReadDirResponse>, Status> {
+        let req = req.into_inner();
+        let entries = self
+            .core
+            .read_dir(
+                convert::ref_from_wire(&req.r#ref).as_deref(),
+                &req.path,
+                &req.include_pattern,
+            )
+            .await?;
+        Ok(Response::new(wpb::ReadDirResponse { entries }))
+    }
+
+    async fn stat_file(
+        &self,
+        req: Request<wpb::StatFileRequest>,
+    ) -> Result<Response<wpb::StatFileResponse>, Status> {
+        let req = req.into_inner();
+        let stat = self
+            .core
+            .stat_file(convert::ref_from_wire(&req.r#ref).as_deref(), &req.path)
+            .await?;
+        Ok(Response::new(wpb::StatFileResponse { stat: Some(stat) }))
     }
 
     async fn layers(
