@@ -60,6 +60,8 @@ impl Bridge for GrpcBridge {
             SolveRequest {
                 definition: Some(definition),
                 allow_result_return: true,
+                // the frontend reads what it solves (or shows it as a step): now
+                evaluate: true,
                 ..Default::default()
             },
             None,

@@ -1,0 +1,622 @@
+//! Client-side frontends, as BuildKit's clients run them: `buildctl build` and
+//! buildx send `Control.Solve` with no frontend and no definition, keep it open,
+//! and drive the build through the daemon's LLBBridge on the same connection,
+//! naming the build in `buildkit-controlapi-buildid` metadata; `Return` hands
+//! the result over and the daemon exports it. These tests make exactly those
+//! calls against a real kilnd.
+
+use kiln_integration_tests::{BuildContext, Daemon, Topology, bin_dir, dockerfile_args};
+use kiln_proto::moby::buildkit::v1::frontend::{
+    self as fe, llb_bridge_client::LlbBridgeClient, result::Result as FeResult,
+};
+use kiln_proto::moby::buildkit::v1::{
+    Exporter, ListWorkersRequest, SolveRequest, StatusRequest, StatusResponse,
+    control_client::ControlClient,
+};
+use kiln_proto::pb;
+use kiln_session::attachable::{self, Attachables, OutputTarget};
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
+
+/// An LLB definition that makes `/dir/hello.txt` ("hello gateway") and
+/// `/dir/notes.md` on scratch with one FileOp.
+fn files_definition() -> pb::Definition {
+    let action = |input: i64, output: i64, a: pb::file_action::Action| pb::FileAction {
+        input,
+        secondary_input: -1,
+        output,
+        action: Some(a),
+    };
+    let mkfile = |path: &str, data: &str| {
+        pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+            path: path.into(),
+            mode: 0o644,
+            data: data.as_bytes().to_vec(),
+            ..Default::default()
+        })
+    };
+    let op = pb::Op {
+        op: Some(pb::op::Op::File(pb::FileOp {
+            actions: vec![
+                action(
+                    -1,
+                    -1,
+                    pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                        path: "/dir".into(),
+                        mode: 0o755,
+                        make_parents: true,
+                        ..Default::default()
+                    }),
+                ),
+                action(0, -1, mkfile("/dir/hello.txt", "hello gateway")),
+                action(1, 0, mkfile("/dir/notes.md", "notes")),
+            ],
+        })),
+        platform: Some(pb::Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut b = kiln_llb::DefinitionBuilder::new();
+    let out = b.add(op, pb::OpMetadata::default());
+    b.finish(Some(out))
+}
+
+/// One build driven the way BuildKit's Go client drives it.
+struct ClientBuild {
+    channel: Channel,
+    build_id: String,
+    solve: tokio::task::JoinHandle<Result<BTreeMap<String, String>, tonic::Status>>,
+    status: tokio::task::JoinHandle<Vec<StatusResponse>>,
+    _session: attachable::SessionHandle,
+}
+
+impl ClientBuild {
+    /// Attaches a session with `att`, lists workers and starts the build's
+    /// `Control.Solve` with no frontend and no definition.
+    async fn start(
+        addr: &str,
+        att: Attachables,
+        exporters: Vec<Exporter>,
+        inputs: BTreeMap<String, pb::Definition>,
+    ) -> ClientBuild {
+        let channel = kiln_session::dial::connect(addr).await.expect("connect");
+        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        let build_id = uuid::Uuid::new_v4().simple().to_string();
+        let session = attachable::attach(channel.clone(), &session_id, "test", "", att)
+            .await
+            .expect("session");
+        let workers = ControlClient::new(channel.clone())
+            .list_workers(ListWorkersRequest::default())
+            .await
+            .expect("list workers")
+            .into_inner();
+        assert!(!workers.record.is_empty(), "ListWorkers lists no worker");
+        let req = SolveRequest {
+            r#ref: build_id.clone(),
+            session: session_id,
+            exporters,
+            frontend_inputs: inputs,
+            ..Default::default()
+        };
+        let mut ctl = ControlClient::new(channel.clone());
+        let solve = tokio::spawn(async move {
+            ctl.solve(req)
+                .await
+                .map(|r| r.into_inner().exporter_response.into_iter().collect())
+        });
+        let mut st = ControlClient::new(channel.clone());
+        let id = build_id.clone();
+        let status = tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Ok(resp) = st.status(StatusRequest { r#ref: id }).await {
+                let mut s = resp.into_inner();
+                while let Ok(Some(m)) = s.message().await {
+                    out.push(m);
+                }
+            }
+            out
+        });
+        ClientBuild {
+            channel,
+            build_id,
+            solve,
+            status,
+            _session: session,
+        }
+    }
+
+    fn bridge(&self) -> LlbBridgeClient<Channel> {
+        LlbBridgeClient::new(self.channel.clone())
+    }
+
+    fn req<T>(&self, m: T) -> tonic::Request<T> {
+        with_build_id(m, &self.build_id)
+    }
+}
+
+fn with_build_id<T>(m: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert(BUILD_ID_KEY, id.parse().expect("metadata value"));
+    r
+}
+
+fn single_ref(r: Option<fe::Result>) -> fe::Ref {
+    match r.and_then(|r| r.result) {
+        Some(FeResult::Ref(r)) => r,
+        other => panic!("expected one ref, got {other:?}"),
+    }
+}
+
+fn has_cap(caps: &[kiln_proto::moby::buildkit::v1::apicaps::ApiCap], id: &str) -> bool {
+    caps.iter().any(|c| c.id == id && c.enabled)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut att = Attachables::default();
+    att.outputs
+        .insert(0, OutputTarget::Dir(out.path().to_path_buf()));
+    let input = files_definition();
+    let b = ClientBuild::start(
+        &d.addr,
+        att,
+        vec![Exporter {
+            r#type: "local".into(),
+            attrs: Default::default(),
+        }],
+        [("named".to_string(), input.clone())].into(),
+    )
+    .await;
+    let mut gw = b.bridge();
+
+    // Ping: the client reads the capabilities before anything else
+    let pong = gw
+        .ping(b.req(fe::PingRequest {}))
+        .await
+        .expect("ping")
+        .into_inner();
+    for cap in [
+        "return",
+        "readdir",
+        "statfile",
+        "gateway.evaluate",
+        "frontend.inputs",
+    ] {
+        assert!(
+            has_cap(&pong.frontend_api_caps, cap),
+            "Ping lacks {cap}: {pong:?}"
+        );
+    }
+    assert!(has_cap(&pong.llb_caps, "file.base"), "{pong:?}");
+    // what kiln cannot do is not announced
+    assert!(!has_cap(&pong.frontend_api_caps, "gateway.exec"));
+    assert!(!pong.workers.is_empty());
+
+    // Inputs: the definitions of Control.Solve's FrontendInputs
+    let inputs = gw
+        .inputs(b.req(fe::InputsRequest {}))
+        .await
+        .expect("inputs")
+        .into_inner();
+    assert_eq!(inputs.definitions.get("named"), Some(&input));
+
+    // Solve a definition: a ref that stands for it
+    let solved = gw
+        .solve(b.req(fe::SolveRequest {
+            definition: Some(input.clone()),
+            allow_result_return: true,
+            allow_result_array_ref: true,
+            ..Default::default()
+        }))
+        .await
+        .expect("solve")
+        .into_inner();
+    let r = single_ref(solved.result);
+    assert!(!r.id.is_empty());
+    assert_eq!(
+        r.def.as_ref(),
+        Some(&input),
+        "the ref carries its definition"
+    );
+
+    gw.evaluate(b.req(fe::EvaluateRequest {
+        r#ref: r.id.clone(),
+    }))
+    .await
+    .expect("evaluate");
+
+    let names = |entries: &[kiln_proto::fsutil::types::Stat]| -> Vec<String> {
+        entries.iter().map(|e| e.path.clone()).collect()
+    };
+    let dir = gw
+        .read_dir(b.req(fe::ReadDirRequest {
+            r#ref: r.id.clone(),
+            dir_path: "/dir".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("read dir")
+        .into_inner();
+    assert_eq!(names(&dir.entries), ["hello.txt", "notes.md"]);
+    let txt = gw
+        .read_dir(b.req(fe::ReadDirRequest {
+            r#ref: r.id.clone(),
+            dir_path: "dir".into(),
+            include_pattern: "*.txt".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("read dir with a pattern")
+        .into_inner();
+    assert_eq!(names(&txt.entries), ["hello.txt"]);
+
+    let st = gw
+        .stat_file(b.req(fe::StatFileRequest {
+            r#ref: r.id.clone(),
+            path: "/dir/hello.txt".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("stat")
+        .into_inner()
+        .stat
+        .expect("stat answer");
+    assert_eq!(st.size, 13);
+    assert_eq!(st.mode & 0o777, 0o644);
+    assert_eq!(st.mode >> 31, 0, "a regular file, in Go's FileMode bits");
+    let dst = gw
+        .stat_file(b.req(fe::StatFileRequest {
+            r#ref: r.id.clone(),
+            path: "/dir".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("stat dir")
+        .into_inner()
+        .stat
+        .expect("stat answer");
+    assert_eq!(dst.mode >> 31, 1, "a directory has Go's ModeDir bit");
+
+    let part = gw
+        .read_file(b.req(fe::ReadFileRequest {
+            r#ref: r.id.clone(),
+            file_path: "/dir/hello.txt".into(),
+            range: Some(fe::FileRange {
+                offset: 6,
+                length: 7,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect("read file range")
+        .into_inner();
+    assert_eq!(part.data, b"gateway");
+    // a path cannot leave the result's root
+    let escape = gw
+        .read_file(b.req(fe::ReadFileRequest {
+            r#ref: r.id.clone(),
+            file_path: "../../../../etc/hostname".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert!(escape.is_err(), "read outside the result: {escape:?}");
+
+    gw.warn(b.req(fe::WarnRequest {
+        level: 1,
+        short: b"a warning from the frontend".to_vec(),
+        ..Default::default()
+    }))
+    .await
+    .expect("warn");
+
+    gw.r#return(b.req(fe::ReturnRequest {
+        result: Some(fe::Result {
+            result: Some(FeResult::Ref(r.clone())),
+            metadata: Default::default(),
+        }),
+        error: None,
+    }))
+    .await
+    .expect("return");
+    b.solve
+        .await
+        .expect("solve task")
+        .expect("the build's Solve succeeds once the result is returned");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("dir/hello.txt")).expect("exported file"),
+        "hello gateway"
+    );
+    let progress = b.status.await.expect("status task");
+    assert!(
+        progress
+            .iter()
+            .flat_map(|s| &s.warnings)
+            .any(|w| w.short == b"a warning from the frontend"),
+        "the warning reaches the client's progress"
+    );
+
+    // the build is over: its id no longer opens LLBBridge
+    let late = gw
+        .ping(with_build_id(fe::PingRequest {}, &b.build_id))
+        .await;
+    assert_eq!(
+        late.expect_err("ping after return").code(),
+        tonic::Code::FailedPrecondition
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dockerfile_frontend_through_llbbridge_and_its_errors_fail_the_build() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ctx = BuildContext::new("FROM busybox\nRUN echo from-run > /made\n").expect("context");
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut att = Attachables::default();
+    att.dirs.insert("context".into(), ctx.path().to_path_buf());
+    att.dirs
+        .insert("dockerfile".into(), ctx.path().to_path_buf());
+    att.outputs
+        .insert(0, OutputTarget::Dir(out.path().to_path_buf()));
+    let b = ClientBuild::start(
+        &d.addr,
+        att,
+        vec![Exporter {
+            r#type: "local".into(),
+            attrs: Default::default(),
+        }],
+        BTreeMap::new(),
+    )
+    .await;
+    let mut gw = b.bridge();
+    gw.ping(b.req(fe::PingRequest {})).await.expect("ping");
+    let solved = gw
+        .solve(b.req(fe::SolveRequest {
+            frontend: "dockerfile.v0".into(),
+            allow_result_return: true,
+            allow_result_array_ref: true,
+            ..Default::default()
+        }))
+        .await
+        .expect("dockerfile frontend")
+        .into_inner();
+    let res = solved.result.expect("result");
+    assert!(
+        res.metadata.contains_key("containerimage.config"),
+        "the image config comes with the result: {:?}",
+        res.metadata.keys().collect::<Vec<_>>()
+    );
+    let r = single_ref(Some(res.clone()));
+    let made = gw
+        .read_file(b.req(fe::ReadFileRequest {
+            r#ref: r.id.clone(),
+            file_path: "/made".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("read the RUN's output")
+        .into_inner();
+    assert_eq!(made.data, b"from-run\n");
+    gw.r#return(b.req(fe::ReturnRequest {
+        result: Some(res),
+        error: None,
+    }))
+    .await
+    .expect("return");
+    b.solve.await.expect("task").expect("build");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("made")).expect("exported"),
+        "from-run\n"
+    );
+
+    // a frontend error: the client returns it and the build's Solve fails with it
+    let bad = BuildContext::new("FROM busybox\nFROBNICATE now\n").expect("context");
+    let mut att = Attachables::default();
+    att.dirs.insert("context".into(), bad.path().to_path_buf());
+    att.dirs
+        .insert("dockerfile".into(), bad.path().to_path_buf());
+    let b = ClientBuild::start(&d.addr, att, vec![], BTreeMap::new()).await;
+    let mut gw = b.bridge();
+    let err = gw
+        .solve(b.req(fe::SolveRequest {
+            frontend: "dockerfile.v0".into(),
+            allow_result_return: true,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("unknown instruction");
+    assert!(
+        err.message().contains("FROBNICATE") || err.message().contains("unknown instruction"),
+        "{err:?}"
+    );
+    gw.r#return(b.req(fe::ReturnRequest {
+        result: None,
+        error: Some(kiln_proto::google::rpc::Status {
+            code: err.code() as i32,
+            message: err.message().to_string(),
+            details: vec![],
+        }),
+    }))
+    .await
+    .expect("return the error");
+    let failed = b.solve.await.expect("task").expect_err("the build fails");
+    assert_eq!(failed.message(), err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llbbridge_on_the_client_listener_only_serves_builds_waiting_for_their_client() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ch = kiln_session::dial::connect(&d.addr).await.expect("connect");
+    let mut gw = LlbBridgeClient::new(ch);
+    // no build id at all
+    let none = gw.ping(fe::PingRequest {}).await.expect_err("no build id");
+    assert_eq!(none.code(), tonic::Code::InvalidArgument, "{none:?}");
+    // a build id nobody started
+    let t = Instant::now();
+    let unknown = gw
+        .solve(with_build_id(
+            fe::SolveRequest {
+                definition: Some(files_definition()),
+                ..Default::default()
+            },
+            "no-such-build",
+        ))
+        .await
+        .expect_err("unknown build");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn raw_llb_on_stdin_builds_like_buildctl() {
+    use prost::Message;
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let def = files_definition().encode_to_vec();
+    let mut child = Command::new(bin_dir().join("kiln"))
+        .args(["--addr", &d.addr, "build", "--progress", "plain"])
+        .args(["--output", "type=local,dest=out"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&def).expect("write definition");
+    }
+    let out = child.wait_with_output().expect("kiln");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out/dir/notes.md")).expect("exported"),
+        "notes"
+    );
+    // not a definition: a clear error, nothing built
+    let mut child = Command::new(bin_dir().join("kiln"))
+        .args(["--addr", &d.addr, "build"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"FROM busybox\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("kiln");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("LLB definition"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether a build step with `marker` in its command line is running.
+fn step_running(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                    args.len() >= 2 && args[0].ends_with(b"sleep") && args[1] == marker.as_bytes()
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn a_client_that_goes_away_mid_build_leaves_nothing_running_and_prune_empties_the_cache() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let marker = "37.25";
+    let ctx = BuildContext::new(&format!(
+        "FROM busybox\nRUN echo one > /one\nRUN echo started && sleep {marker}\n"
+    ))
+    .expect("context");
+    let mut args = vec!["--addr", d.addr.as_str(), "build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    args.extend(["--output", "type=local,dest=out"]);
+    let mut child = Command::new(bin_dir().join("kiln"))
+        .args(&args)
+        .current_dir(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln");
+    let t = Instant::now();
+    while !step_running(marker) && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(step_running(marker), "the step never started\n{}", d.logs());
+    child.kill().expect("kill the client");
+    let _ = child.wait();
+    let t = Instant::now();
+    while step_running(marker) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !step_running(marker),
+        "the cancelled build's step still runs\n{}",
+        d.logs()
+    );
+    // no build is left running, so prune takes everything
+    let du_items = || -> Vec<String> {
+        let du = d.kiln(ctx.path(), &["du"]).expect("du");
+        String::from_utf8_lossy(&du.stdout)
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("ID") || l.starts_with("Reclaimable:") || l.starts_with("Total:"))
+                    && !l.trim().is_empty()
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        !du_items().is_empty(),
+        "the cancelled build cached its first steps"
+    );
+    let out = d.kiln(ctx.path(), &["prune", "--all"]).expect("prune");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = du_items();
+    assert!(
+        left.is_empty(),
+        "prune --all left cache behind after a cancelled build: {left:?}"
+    );
+}
+
+#[test]
+fn the_daemon_side_frontend_path_still_builds_for_older_clients() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ctx = BuildContext::new("FROM busybox\nRUN echo direct > /how\n").expect("context");
+    let mut args = vec!["--daemon-frontend"];
+    args.extend(dockerfile_args());
+    args.extend(["--output", "type=local,dest=out"]);
+    d.build(ctx.path(), &args).expect("build");
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("out/how")).expect("exported"),
+        "direct\n"
+    );
+}
