@@ -278,6 +278,29 @@ impl Daemon {
         Ok(out)
     }
 
+    /// Packages the frontend binary `bin` (in [`bin_dir`]) as a frontend image
+    /// with `scripts/frontend-image.sh`, built by this daemon and pushed to the
+    /// test registry as `kiln/NAME:test`; returns its reference.
+    pub fn frontend_image(&self, bin: &str, name: &str) -> Result<String> {
+        let reference = format!("{}/kiln/{name}:test", registry());
+        let out = Command::new("sh")
+            .arg(repo_root().join("scripts/frontend-image.sh"))
+            .arg(bin_dir().join(bin))
+            .arg(&reference)
+            .env("KILN", bin_dir().join("kiln"))
+            .env("KILN_ARGS", format!("--addr {}", self.addr))
+            .output()
+            .context("run scripts/frontend-image.sh")?;
+        if !out.status.success() {
+            bail!(
+                "frontend image {reference}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+        }
+        Ok(reference)
+    }
+
     /// Runs `kiln build` and fails with its output unless it succeeded.
     pub fn build(&self, cwd: &Path, args: &[&str]) -> Result<Output> {
         let mut full = vec!["build", "--progress", "plain"];

@@ -62,3 +62,26 @@ pub async fn connect(addr: &str) -> Result<Channel, Error> {
         }
     }
 }
+
+/// A gRPC channel over this process's stdin and stdout: how a frontend image
+/// reaches LLBBridge (the daemon serves it on the other ends of the pipes).
+/// One connection only; it is not made again once it breaks.
+pub fn stdio() -> Channel {
+    let pipes = std::sync::Arc::new(std::sync::Mutex::new(Some(tokio::io::join(
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+    ))));
+    Endpoint::from_static("http://stdio").connect_with_connector_lazy(tower::service_fn(
+        move |_: Uri| {
+            let io = pipes.lock().ok().and_then(|mut p| p.take());
+            async move {
+                io.map(TokioIo::new).ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "the stdio connection to LLBBridge is gone",
+                    )
+                })
+            }
+        },
+    ))
+}

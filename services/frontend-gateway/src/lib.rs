@@ -33,6 +33,11 @@ const DEFAULT_FILENAME: &str = "Dockerfile";
 /// Client-side local directory holding the build context.
 const CONTEXT_LOCAL: &str = "context";
 const DOCKERIGNORE: &str = ".dockerignore";
+/// The frontend that runs frontend images.
+const GATEWAY_FRONTEND: &str = "gateway.v0";
+/// Options naming the frontend image and the `# syntax=` line that chose it.
+const SOURCE_OPT: &str = "source";
+const CMDLINE_OPT: &str = "cmdline";
 
 /// A build request addressed to a frontend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,6 +124,24 @@ pub trait Bridge: Send + Sync + 'static {
         reference: &str,
         platform: &Platform,
     ) -> impl Future<Output = Result<ResolvedConfig, BridgeError>> + Send;
+
+    /// Runs another frontend (e.g. `gateway.v0` with a `source` image) with
+    /// `opts` and returns its result as definitions.
+    fn solve_frontend(
+        &self,
+        build_id: &str,
+        frontend: &str,
+        opts: BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<FrontendOutput, BridgeError>> + Send {
+        let _ = (build_id, opts);
+        let frontend = frontend.to_string();
+        async move {
+            Err(BridgeError {
+                kind: BridgeErrorKind::Failed,
+                message: format!("this bridge cannot run frontend {frontend}"),
+            })
+        }
+    }
 }
 
 /// Why a frontend request failed.
@@ -148,6 +171,12 @@ pub enum Error {
     Convert { source: dockerfile2llb::Error },
     #[error("invalid option context:{name}: {reason}")]
     InvalidNamedContext { name: String, reason: String },
+    #[error("frontend image {image}")]
+    FrontendImage {
+        image: String,
+        #[source]
+        source: BridgeError,
+    },
     #[error("encode image config")]
     EncodeImageConfig {
         #[source]
@@ -179,6 +208,20 @@ impl<B: Bridge> Gateway<B> {
     async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
         let mut opts = convert_options(req)?;
         let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
+        if !opts.syntax_followed
+            && let Some((image, cmdline)) =
+                dockerfile2llb::frontend_image(&dockerfile, &opts.build_args)
+        {
+            // `# syntax=IMAGE`: that frontend image builds this Dockerfile
+            let mut fwd = req.attrs.clone();
+            fwd.insert(SOURCE_OPT.to_string(), image.clone());
+            fwd.insert(CMDLINE_OPT.to_string(), cmdline);
+            return self
+                .bridge
+                .solve_frontend(&req.build_id, GATEWAY_FRONTEND, fwd)
+                .await
+                .map_err(|source| Error::FrontendImage { image, source });
+        }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
             // (the Dockerfile alone, synced apart from the build's own copy)
@@ -385,6 +428,7 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
         filename: attr("filename")
             .map_or(DEFAULT_FILENAME, String::as_str)
             .to_string(),
+        syntax_followed: req.attrs.contains_key(CMDLINE_OPT),
     })
 }
 

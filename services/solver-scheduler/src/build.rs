@@ -263,6 +263,8 @@ pub struct Solver<W, F, E> {
 }
 
 const IMAGE_CONFIG_KEY: &str = "containerimage.config";
+/// The worker label naming its executor, as BuildKit's workers carry it.
+pub const WORKER_EXECUTOR_LABEL: &str = "org.mobyproject.buildkit.worker.executor";
 
 impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     /// A solver whose result cache lives in `config.cache_db` (in memory
@@ -643,7 +645,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     }
 
     async fn run_build(
-        &self,
+        self: &Arc<Self>,
         build: &Arc<Build>,
         req: &BuildRequest,
         returned: Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
@@ -763,8 +765,8 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     /// The result of a build's frontend run here: the definition of the
     /// request itself, or what the named frontend made of it.
     async fn frontend_result(
-        &self,
-        build: &Build,
+        self: &Arc<Self>,
+        build: &Arc<Build>,
         req: &BuildRequest,
     ) -> Result<FrontendResult, Error> {
         if req.frontend.is_empty() {
@@ -774,18 +776,27 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 ..Default::default()
             });
         }
-        self.run_frontend(build, &req.frontend, &req.frontend_attrs)
-            .await
+        self.run_frontend(
+            build,
+            &req.frontend,
+            &req.frontend_attrs,
+            req.frontend_inputs.clone(),
+        )
+        .await
     }
 
-    /// Runs `frontend` with `attrs` for a build; its definitions become results
-    /// of the build (solved when needed).
+    /// Runs `frontend` with `attrs` (and `inputs`, for frontend images) for a
+    /// build; its definitions become results of the build (solved when needed).
     pub async fn run_frontend(
-        &self,
-        build: &Build,
+        self: &Arc<Self>,
+        build: &Arc<Build>,
         frontend: &str,
         attrs: &BTreeMap<String, String>,
+        inputs: BTreeMap<String, pb::Definition>,
     ) -> Result<FrontendResult, Error> {
+        if frontend == crate::frontend_image::GATEWAY_FRONTEND {
+            return crate::frontend_image::solve(self, build, attrs, inputs).await;
+        }
         let out = self
             .frontend
             .solve(&build.id, frontend, attrs, &build.session_id)
@@ -822,6 +833,78 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         def: &pb::Definition,
     ) -> Result<String, Error> {
         solve::solve(self.worker.clone(), self.cache.clone(), build.clone(), def).await
+    }
+
+    /// Resolves an image reference to its digest and config for a build, shown
+    /// as a step of the build.
+    pub async fn resolve_image(
+        &self,
+        build: &Build,
+        reference: &str,
+        platform: Option<pb::Platform>,
+    ) -> Result<crate::peer::ResolvedImage, Error> {
+        use sha2::{Digest, Sha256};
+        let started = now();
+        let digest = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("resolve:{}:{reference}", build.id)))
+        );
+        let res = self
+            .exporter
+            .resolve(reference, platform, &build.session_id)
+            .await;
+        build.progress.vertex(ProgressVertex {
+            digest,
+            name: format!("[internal] load metadata for {reference}"),
+            started: Some(started),
+            completed: Some(now()),
+            error: res
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        });
+        res
+    }
+
+    /// The platforms the workers run.
+    pub fn worker_platforms(&self) -> Vec<pb::Platform> {
+        self.config
+            .platforms
+            .iter()
+            .map(|p| {
+                let mut it = p.split('/');
+                pb::Platform {
+                    os: it.next().unwrap_or_default().to_string(),
+                    architecture: it.next().unwrap_or_default().to_string(),
+                    variant: it.next().unwrap_or_default().to_string(),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    /// The workers as a frontend image reads them (`BUILDKIT_WORKERS`: a JSON
+    /// list of `{ID, Labels, Platforms}`).
+    pub fn workers_json(&self) -> String {
+        let platforms: Vec<serde_json::Value> = self
+            .worker_platforms()
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::json!({"os": p.os, "architecture": p.architecture});
+                if !p.variant.is_empty() {
+                    v["variant"] = p.variant.clone().into();
+                }
+                v
+            })
+            .collect();
+        serde_json::json!([{
+            "ID": self.worker.address(),
+            "Labels": {WORKER_EXECUTOR_LABEL: "oci"},
+            "Platforms": platforms,
+        }])
+        .to_string()
     }
 
     pub fn frontend(&self) -> &F {

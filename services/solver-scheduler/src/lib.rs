@@ -13,6 +13,7 @@
 pub mod build;
 pub mod cache;
 pub mod explain;
+pub mod frontend_image;
 pub mod grpc;
 pub mod history;
 pub mod peer;
@@ -74,6 +75,8 @@ pub enum Error {
     DuplicateBuild(String),
     #[error("{message}")]
     ClientFrontend { message: String, code: tonic::Code },
+    #[error("frontend image {image}: {message}")]
+    FrontendImage { image: String, message: String },
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
     #[error("frontend {frontend}: {message}")]
@@ -146,6 +149,7 @@ impl From<Error> for tonic::Status {
             Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
             Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,
             Error::Resolve { .. } => tonic::Code::NotFound,
+            Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
         };
         tonic::Status::new(code, e.to_string())
     }

@@ -73,6 +73,19 @@ pub trait Worker: Send + Sync + 'static {
             "this worker cannot list directories".into(),
         )))
     }
+    /// Runs an interactive process on the worker (see [`ExecSpec`]): `input`
+    /// feeds it, `events` gets its output as it comes. Returns the exit code.
+    fn exec(
+        &self,
+        spec: ExecSpec,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+        events: tokio::sync::mpsc::Sender<ExecEvent>,
+    ) -> impl Future<Output = Result<i32, Error>> + Send {
+        let _ = (spec, input, events);
+        std::future::ready(Err(Error::Worker(
+            "this worker cannot run interactive processes".into(),
+        )))
+    }
     /// The metadata of one path in ref `r`.
     fn stat_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Stat, Error>> + Send {
         let _ = (r, path);
@@ -111,6 +124,39 @@ pub trait Worker: Send + Sync + 'static {
         keep: &[String],
         before: i64,
     ) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+}
+
+/// An interactive process: a frontend image's entrypoint, or a process in an
+/// LLBBridge container. Nothing it writes is kept.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// its process (meta), mounts, network and security mode
+    pub op: pb::ExecOp,
+    /// the refs its mounts' inputs name (empty: scratch)
+    pub inputs: Vec<String>,
+    pub session_id: String,
+    pub entitlements: Vec<String>,
+    /// whether it reads stdin
+    pub stdin: bool,
+}
+
+/// What goes to an interactive process.
+#[derive(Debug, Clone)]
+pub enum ExecInput {
+    Stdin(bytes::Bytes),
+    /// no more stdin
+    Eof,
+    /// e.g. "SIGTERM"
+    Signal(String),
+}
+
+/// What an interactive process reports while it runs.
+#[derive(Debug, Clone)]
+pub enum ExecEvent {
+    /// the container is being started
+    Started,
+    /// output: fd 1 stdout, 2 stderr
+    Output { fd: u32, data: bytes::Bytes },
 }
 
 /// A path an op reads from one of its inputs.

@@ -219,6 +219,27 @@ impl Worker {
         ops::run_op(self, req, events).await
     }
 
+    /// Runs an interactive process: `exec`'s meta in a container over its mounts
+    /// (inputs are refs of this worker), stdio streamed; nothing it writes is
+    /// kept. `started` fires once the container is being created. Returns the
+    /// exit code; dropping the future kills the process.
+    pub async fn exec(
+        &self,
+        exec: &pb::ExecOp,
+        inputs: &[Option<String>],
+        session_id: &str,
+        entitlements: &[String],
+        stdio: runc::Stdio,
+        started: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<i32> {
+        let cx = ops::exec::ExecContext {
+            inputs,
+            session_id,
+            entitlements,
+        };
+        ops::exec::run_interactive(self, exec, &cx, stdio, started).await
+    }
+
     /// Reads `length` bytes (all, when `None`) from `offset` of a file inside a ref's
     /// filesystem (the path cannot escape the root). At most [`READ_FILE_LIMIT`] bytes
     /// come back in one read: a longer read is refused, not buffered.

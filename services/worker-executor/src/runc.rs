@@ -4,6 +4,7 @@
 use crate::Event;
 use crate::error::{Error, Result};
 use crate::users::Identity;
+use bytes::Bytes;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
     Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
@@ -367,6 +368,21 @@ async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event
     }
 }
 
+/// Sends what `r` yields as it comes, as output of `fd`.
+async fn pump_chunks(mut r: impl AsyncRead + Unpin, fd: u32, output: mpsc::Sender<(u32, Bytes)>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                // keep reading when nobody listens: the process never blocks on a pipe
+                let _ = output.send((fd, Bytes::copy_from_slice(&buf[..n]))).await;
+            }
+        }
+    }
+}
+
 impl Runc {
     /// Kills and deletes containers a previous run of this worker left in its private
     /// state dir (a crashed or killed kilnd never ran their guards).
@@ -397,9 +413,14 @@ impl Runc {
         }
     }
 
-    /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
-    pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
-        let t0 = std::time::Instant::now();
+    /// `runc run --bundle B ID` with piped stdio, under a guard that kills and
+    /// deletes the container unless disarmed.
+    fn spawn(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdin: bool,
+    ) -> Result<(tokio::process::Child, ContainerGuard<'_>)> {
         std::fs::create_dir_all(&self.state).map_err(Error::io("create", &self.state))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.arg("--root")
@@ -408,19 +429,45 @@ impl Runc {
             .arg("--bundle")
             .arg(bundle)
             .arg(id)
-            .stdin(std::process::Stdio::null())
+            .stdin(if stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| Error::RuncStart {
+        let child = cmd.spawn().map_err(|source| Error::RuncStart {
             runc: self.binary.clone(),
             source,
         })?;
-        let mut guard = ContainerGuard {
-            runc: self,
-            id: id.to_string(),
-            armed: true,
-        };
+        Ok((
+            child,
+            ContainerGuard {
+                runc: self,
+                id: id.to_string(),
+                armed: true,
+            },
+        ))
+    }
+
+    /// Waits for runc and returns the process's exit code (128+signal like a
+    /// shell when it was killed).
+    async fn wait(&self, child: &mut tokio::process::Child) -> Result<i32> {
+        let status = child.wait().await.map_err(|source| Error::RuncStart {
+            runc: self.binary.clone(),
+            source,
+        })?;
+        Ok(status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        }))
+    }
+
+    /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
+    pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
+        let t0 = std::time::Instant::now();
+        let (mut child, mut guard) = self.spawn(id, bundle, false)?;
         let out = child
             .stdout
             .take()
@@ -430,10 +477,7 @@ impl Runc {
             .take()
             .map(|e| tokio::spawn(pump(e, 2, events.clone())));
         let t_spawned = t0.elapsed();
-        let status = child.wait().await.map_err(|source| Error::RuncStart {
-            runc: self.binary.clone(),
-            source,
-        })?;
+        let code = self.wait(&mut child).await?;
         let t_exited = t0.elapsed();
         for h in [out, err].into_iter().flatten() {
             let _ = h.await;
@@ -447,12 +491,77 @@ impl Runc {
         );
         guard.armed = false;
         drop(guard);
-        // 128+signal like a shell when the process was killed.
-        Ok(status.code().unwrap_or_else(|| {
-            use std::os::unix::process::ExitStatusExt;
-            128 + status.signal().unwrap_or(0)
-        }))
+        Ok(code)
     }
+
+    /// `runc run --bundle B ID` of an interactive process: its stdin fed from
+    /// `stdio.stdin`, its output sent as it comes, signals delivered with
+    /// `runc kill`. Returns the exit code.
+    pub async fn run_stdio(&self, id: &str, bundle: &Path, stdio: Stdio) -> Result<i32> {
+        use tokio::io::AsyncWriteExt;
+        let Stdio {
+            stdin,
+            output,
+            mut signals,
+        } = stdio;
+        let (mut child, mut guard) = self.spawn(id, bundle, stdin.is_some())?;
+        let feed = match (child.stdin.take(), stdin) {
+            (Some(mut pipe), Some(mut rx)) => Some(tokio::spawn(async move {
+                while let Some(b) = rx.recv().await {
+                    if pipe.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                // the sender is gone: the process reads end of file
+                let _ = pipe.shutdown().await;
+            })),
+            _ => None,
+        };
+        let out = child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(pump_chunks(r, 1, output.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(pump_chunks(r, 2, output.clone())));
+        let code = loop {
+            tokio::select! {
+                code = self.wait(&mut child) => break code?,
+                Some(sig) = signals.recv() => {
+                    let _ = tokio::process::Command::new(&self.binary)
+                        .arg("--root")
+                        .arg(&self.state)
+                        .args(["kill", id, sig.trim_start_matches("SIG")])
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .await;
+                }
+            }
+        };
+        for h in [out, err].into_iter().flatten() {
+            let _ = h.await;
+        }
+        if let Some(f) = feed {
+            f.abort();
+        }
+        guard.armed = false;
+        drop(guard);
+        Ok(code)
+    }
+}
+
+/// The stdio of an interactive process.
+pub struct Stdio {
+    /// bytes for its stdin (`None`: it reads /dev/null); the end of the
+    /// channel closes its stdin
+    pub stdin: Option<mpsc::Receiver<Bytes>>,
+    /// what it writes: (1 stdout | 2 stderr, bytes)
+    pub output: mpsc::Sender<(u32, Bytes)>,
+    /// signals to deliver ("SIGTERM", "KILL")
+    pub signals: mpsc::Receiver<String>,
 }
 
 #[cfg(test)]

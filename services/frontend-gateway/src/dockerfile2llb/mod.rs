@@ -24,7 +24,7 @@ use std::future::Future;
 use kiln_dockerfile::{ArgDecl, Command, Instruction, Lex};
 use kiln_llb::pb;
 
-pub use syntax::syntax_note;
+pub use syntax::{frontend_image, syntax_note};
 
 use copy::CopySource;
 use ops::{ContextSource, OpId, Ops, metadata};
@@ -51,6 +51,9 @@ pub struct ConvertOptions {
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// `.dockerignore` patterns of named local contexts, by local dir name.
     pub local_excludes: BTreeMap<String, Vec<String>>,
+    /// The request came through the frontend image the Dockerfile names
+    /// (BuildKit's `cmdline` option is set): its `# syntax=` is not followed again.
+    pub syntax_followed: bool,
 }
 
 /// What a named context (`--opt context:NAME=VALUE`) points at.
@@ -332,7 +335,9 @@ pub async fn convert<R: ImageResolver>(
     }
     let text = String::from_utf8_lossy(dockerfile);
     let df = kiln_dockerfile::parse(&text)?;
-    syntax::check(&df.directives, &opts.build_args)?;
+    if !opts.syntax_followed {
+        syntax::check(&df.directives, &opts.build_args)?;
+    }
     let lex = Lex::new(df.directives.escape);
 
     // Global (meta) ARGs, usable in FROM.

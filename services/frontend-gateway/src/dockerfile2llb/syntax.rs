@@ -1,7 +1,8 @@
 //! `# syntax=<image>` and the `BUILDKIT_SYNTAX` build arg (which wins): the
-//! frontend image a Dockerfile asks for. kiln has no gateway for frontend
-//! images: `docker/dockerfile` (any tag or digest) is built by the built-in
-//! frontend, any other image is refused.
+//! frontend image a Dockerfile asks for. `docker/dockerfile` (any tag or
+//! digest) is built by the built-in frontend; any other image is run as a
+//! frontend image (`gateway.v0`), which gets the request with `source` and
+//! `cmdline` set.
 
 use std::collections::BTreeMap;
 
@@ -63,6 +64,19 @@ pub(crate) fn check(
         line,
         reference,
     })
+}
+
+/// The frontend image a Dockerfile asks for, when it is not the Dockerfile
+/// frontend: (image reference, the directive's whole value as `cmdline`).
+pub fn frontend_image(
+    dockerfile: &[u8],
+    build_args: &BTreeMap<String, String>,
+) -> Option<(String, String)> {
+    let text = String::from_utf8_lossy(dockerfile);
+    let ast = kiln_dockerfile::parse_ast(&text).ok()?;
+    let (cmdline, _) = requested(&ast.directives, build_args)?;
+    let reference = cmdline.split_whitespace().next()?.to_string();
+    (!is_dockerfile_frontend(&reference)).then_some((reference, cmdline))
 }
 
 /// The progress note for a Dockerfile that names the Dockerfile frontend

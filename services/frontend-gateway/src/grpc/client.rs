@@ -11,7 +11,7 @@ use kiln_proto::moby::buildkit::v1::frontend::{
 use tonic::transport::Channel;
 
 use super::convert::{bridge_error, platform_to_pb};
-use crate::{Bridge, BridgeError, BridgeErrorKind, ResolvedConfig};
+use crate::{Bridge, BridgeError, BridgeErrorKind, FrontendOutput, ResolvedConfig};
 
 /// gRPC metadata key carrying the build id on every bridge call.
 pub const BUILD_ID_HEADER: &str = "kiln-build-id";
@@ -50,6 +50,53 @@ fn request<T>(
 }
 
 impl Bridge for GrpcBridge {
+    async fn solve_frontend(
+        &self,
+        build_id: &str,
+        frontend: &str,
+        opts: std::collections::BTreeMap<String, String>,
+    ) -> Result<FrontendOutput, BridgeError> {
+        let req = request(
+            build_id,
+            SolveRequest {
+                frontend: frontend.to_string(),
+                frontend_opt: opts,
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+            None,
+        )?;
+        let resp = self
+            .client
+            .clone()
+            .solve(req)
+            .await
+            .map_err(|s| bridge_error("solve", s))?
+            .into_inner();
+        let res = resp.result.unwrap_or_default();
+        let def = |r: kiln_proto::moby::buildkit::v1::frontend::Ref| r.def.unwrap_or_default();
+        let mut out = FrontendOutput {
+            metadata: res.metadata,
+            ..Default::default()
+        };
+        match res.result {
+            Some(result::Result::Ref(r)) => out.definition = def(r),
+            Some(result::Result::Refs(m)) => {
+                out.refs = m.refs.into_iter().map(|(k, r)| (k, def(r))).collect();
+                out.definition = out.refs.values().next().cloned().unwrap_or_default();
+            }
+            Some(result::Result::RefDeprecated(_) | result::Result::RefsDeprecated(_)) => {
+                return Err(BridgeError {
+                    kind: BridgeErrorKind::Failed,
+                    message: format!("frontend {frontend} returned refs without definitions"),
+                });
+            }
+            None => {}
+        }
+        Ok(out)
+    }
+
     async fn solve(
         &self,
         build_id: &str,

@@ -85,9 +85,9 @@ impl From<Error> for Status {
             | Error::InvalidPlatform { .. }
             | Error::InvalidNamedContext { .. }
             | Error::Convert { .. } => Code::InvalidArgument,
-            Error::LoadDockerfile { source, .. } | Error::ReadDockerfile { source, .. } => {
-                bridge_code(source.kind)
-            }
+            Error::LoadDockerfile { source, .. }
+            | Error::ReadDockerfile { source, .. }
+            | Error::FrontendImage { source, .. } => bridge_code(source.kind),
             Error::MissingDockerfileRef { .. } | Error::EncodeImageConfig { .. } => Code::Internal,
         };
         Status::new(code, chain(&e))

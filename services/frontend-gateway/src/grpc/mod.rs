@@ -1,6 +1,7 @@
 //! The gRPC edge: the only module naming tonic or generated protobuf types.
 //!
 //! * [`server`] serves `kiln.frontend.v1.Frontend` over a [`Gateway`].
+//! * [`image`] runs the Dockerfile frontend as a frontend image, on stdio.
 //! * [`client::GrpcBridge`] is the [`crate::Bridge`] over the solver's
 //!   `moby.buildkit.v1.frontend.LLBBridge`.
 
@@ -14,6 +15,7 @@ use crate::Gateway;
 
 pub mod client;
 mod convert;
+pub mod image;
 pub mod server;
 
 pub use server::{FrontendService, server};

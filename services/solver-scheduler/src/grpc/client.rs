@@ -2,8 +2,8 @@
 
 use crate::Error;
 use crate::peer::{
-    self, ExportJob, FrontendOutput, PathEntry, ResolvedImage, RunEvent, RunOp, RunOutputs,
-    Selector, SnapshotUsage, Stat, WorkerUsage,
+    self, ExecEvent, ExecInput, ExecSpec, ExportJob, FrontendOutput, PathEntry, ResolvedImage,
+    RunEvent, RunOp, RunOutputs, Selector, SnapshotUsage, Stat, WorkerUsage,
 };
 use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient};
 use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
@@ -132,6 +132,65 @@ impl peer::Worker for GrpcWorker {
             .await
             .map_err(|s| Error::Worker(s.message().to_string()))?;
         Ok(resp.into_inner().entries)
+    }
+
+    async fn exec(
+        &self,
+        spec: ExecSpec,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+        events: tokio::sync::mpsc::Sender<ExecEvent>,
+    ) -> Result<i32, Error> {
+        use futures::StreamExt;
+        use prost::Message;
+        use wk::{exec_input::Input, exec_output::Output};
+        let start = wk::ExecInput {
+            input: Some(Input::Start(wk::ExecStart {
+                exec_op: spec.op.encode_to_vec(),
+                inputs: spec.inputs,
+                session_id: spec.session_id,
+                entitlements: spec.entitlements,
+                stdin: spec.stdin,
+            })),
+        };
+        let rest = tokio_stream::wrappers::ReceiverStream::new(input).map(|i| wk::ExecInput {
+            input: Some(match i {
+                ExecInput::Stdin(b) => Input::Stdin(b.to_vec()),
+                ExecInput::Eof => Input::StdinEof(true),
+                ExecInput::Signal(s) => Input::Signal(s),
+            }),
+        });
+        let outbound = futures::stream::iter([start]).chain(rest);
+        let mut stream = self
+            .client
+            .clone()
+            .exec(outbound)
+            .await
+            .map_err(|s| Error::Worker(format!("exec: {}", s.message())))?
+            .into_inner();
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| Error::Worker(format!("exec: {}", s.message())))?
+        {
+            match msg.output {
+                Some(Output::Started(_)) => {
+                    let _ = events.send(ExecEvent::Started).await;
+                }
+                Some(Output::Data(d)) => {
+                    let _ = events
+                        .send(ExecEvent::Output {
+                            fd: d.fd,
+                            data: bytes::Bytes::from(d.data),
+                        })
+                        .await;
+                }
+                Some(Output::Exit(x)) => return Ok(x.code),
+                None => {}
+            }
+        }
+        Err(Error::Worker(
+            "exec: the worker ended the call without an exit code".into(),
+        ))
     }
 
     async fn stat_file(&self, r: &str, path: &str) -> Result<Stat, Error> {

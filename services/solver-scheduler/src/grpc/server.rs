@@ -324,14 +324,58 @@ pub struct BridgeService<W, F, E> {
     edge: Edge,
 }
 
-/// Which listener a [`BridgeService`] answers on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whom a [`BridgeService`] answers.
+#[derive(Clone)]
 enum Edge {
     /// kiln's own services: any build, named by `kiln-build-id`
     Internal,
     /// clients: only a build waiting for its client-side frontend, named by
     /// `buildkit-controlapi-buildid`, and only for the client that started it
     Client,
+    /// a frontend image, on its own connection (its stdio): its build only
+    Container(Arc<FrontendCall>),
+}
+
+/// One run of a frontend image: the build it works for, the inputs it is
+/// given and what it returned.
+pub struct FrontendCall {
+    build: Arc<crate::build::Build>,
+    inputs: BTreeMap<String, kiln_proto::pb::Definition>,
+    result: std::sync::Mutex<Option<Result<FrontendResult, Error>>>,
+}
+
+impl FrontendCall {
+    pub fn new(
+        build: Arc<crate::build::Build>,
+        inputs: BTreeMap<String, kiln_proto::pb::Definition>,
+    ) -> Arc<FrontendCall> {
+        Arc::new(FrontendCall {
+            build,
+            inputs,
+            result: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// What the frontend returned, if it did.
+    pub fn take_result(&self) -> Option<Result<FrontendResult, Error>> {
+        self.result.lock().ok().and_then(|mut r| r.take())
+    }
+}
+
+/// Serves LLBBridge for a frontend image's run on `conn` (its stdio) until
+/// `shutdown` resolves.
+pub async fn serve_frontend_bridge<W: Worker, F: Frontend, E: Exporter>(
+    solver: Arc<Solver<W, F, E>>,
+    call: Arc<FrontendCall>,
+    conn: kiln_session::hijack::Conn,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming =
+        futures::stream::iter([Ok::<_, std::io::Error>(conn)]).chain(futures::stream::pending());
+    tonic::transport::Server::builder()
+        .add_service(bridge(solver, Edge::Container(call)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
 }
 
 fn bridge<W: Worker, F: Frontend, E: Exporter>(
@@ -371,11 +415,12 @@ const CLIENT_BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
 impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
     async fn build<T>(&self, r: &Request<T>) -> Result<Arc<crate::build::Build>, Status> {
         let md = r.metadata();
-        let id = match self.edge {
+        let id = match &self.edge {
             Edge::Internal => Some(first_md(md, BUILD_ID_KEY))
                 .filter(|id| !id.is_empty())
                 .unwrap_or_else(|| first_md(md, CLIENT_BUILD_ID_KEY)),
             Edge::Client => first_md(md, CLIENT_BUILD_ID_KEY),
+            Edge::Container(call) => return Ok(call.build.clone()),
         };
         if id.is_empty() {
             return Err(Status::invalid_argument(format!(
@@ -387,7 +432,7 @@ impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
             .build(&id, Duration::from_secs(3))
             .await
             .map_err(Status::from)?;
-        if self.edge == Edge::Client {
+        if matches!(self.edge, Edge::Client) {
             if !build.awaits_client_frontend() {
                 return Err(Status::from(Error::NotForwarded(id)));
             }
@@ -398,6 +443,24 @@ impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
             }
         }
         Ok(build)
+    }
+
+    /// Hands a frontend's result to whoever waits for it: the frontend image's
+    /// run, or the build whose client runs the frontend.
+    fn deliver(
+        &self,
+        build: &crate::build::Build,
+        r: Result<FrontendResult, Error>,
+    ) -> Result<(), Status> {
+        match &self.edge {
+            Edge::Container(call) => {
+                if let Ok(mut slot) = call.result.lock() {
+                    *slot = Some(r);
+                }
+                Ok(())
+            }
+            _ => build.finish_client_frontend(r).map_err(Status::from),
+        }
     }
 
     /// A result id's snapshot (solved now if it was not yet).
@@ -566,7 +629,11 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     ) -> Result<Response<fe::ResolveImageConfigResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
-        let res = resolve_with_progress(&self.solver, &build, &r.r#ref, r.platform).await?;
+        let res = self
+            .solver
+            .resolve_image(&build, &r.r#ref, r.platform)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(fe::ResolveImageConfigResponse {
             digest: res.digest,
             config: res.config,
@@ -590,7 +657,11 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
                 ..Default::default()
             }));
         };
-        let res = resolve_with_progress(&self.solver, &build, image, r.platform).await?;
+        let res = self
+            .solver
+            .resolve_image(&build, image, r.platform)
+            .await
+            .map_err(Status::from)?;
         source.identifier = format!("docker-image://{}", res.reference);
         Ok(Response::new(fe::ResolveSourceMetaResponse {
             source: Some(source),
@@ -615,7 +686,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
             }
         } else {
             self.solver
-                .run_frontend(&build, &r.frontend, &r.frontend_opt)
+                .run_frontend(&build, &r.frontend, &r.frontend_opt, r.frontend_inputs)
                 .await
                 .map_err(Status::from)?
         };
@@ -732,6 +803,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     ) -> Result<Response<fe::ReturnResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
+        tracing::debug!(build = %build.id, error = ?r.error, "frontend returned");
         let result = match (r.error, r.result) {
             (Some(e), _) if e.code != 0 => Err(Error::ClientFrontend {
                 message: e.message,
@@ -743,7 +815,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
                 ..Default::default()
             }),
         };
-        build.finish_client_frontend(result).map_err(Status::from)?;
+        self.deliver(&build, result)?;
         Ok(Response::new(fe::ReturnResponse {}))
     }
 
@@ -752,9 +824,11 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         request: Request<fe::InputsRequest>,
     ) -> Result<Response<fe::InputsResponse>, Status> {
         let build = self.build(&request).await?;
-        Ok(Response::new(fe::InputsResponse {
-            definitions: build.frontend_inputs.clone(),
-        }))
+        let definitions = match &self.edge {
+            Edge::Container(call) => call.inputs.clone(),
+            _ => build.frontend_inputs.clone(),
+        };
+        Ok(Response::new(fe::InputsResponse { definitions }))
     }
 
     async fn warn(
@@ -829,71 +903,18 @@ fn no_containers() -> Status {
     )
 }
 
-/// Resolves an image config for a build's frontend, shown as a step.
-async fn resolve_with_progress<W: Worker, F: Frontend, E: Exporter>(
-    solver: &Solver<W, F, E>,
-    build: &crate::build::Build,
-    reference: &str,
-    platform: Option<kiln_proto::pb::Platform>,
-) -> Result<crate::peer::ResolvedImage, Status> {
-    let started = crate::progress::now();
-    let digest = format!(
-        "sha256:{}",
-        hex_sha(&format!("resolve:{}:{}", build.id, reference))
-    );
-    let res = solver
-        .exporter()
-        .resolve(reference, platform, &build.session_id)
-        .await;
-    build.progress.vertex(ctl::Vertex {
-        digest,
-        name: format!("[internal] load metadata for {reference}"),
-        started: Some(started),
-        completed: Some(crate::progress::now()),
-        error: res
-            .as_ref()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
-        ..Default::default()
-    });
-    res.map_err(Status::from)
-}
-
 /// The workers ListWorkers and Ping report.
 fn worker_records<W: Worker, F: Frontend, E: Exporter>(
     solver: &Solver<W, F, E>,
 ) -> Vec<types::WorkerRecord> {
-    let platforms = solver
-        .config
-        .platforms
-        .iter()
-        .map(|p| {
-            let mut it = p.split('/');
-            kiln_proto::pb::Platform {
-                os: it.next().unwrap_or_default().to_string(),
-                architecture: it.next().unwrap_or_default().to_string(),
-                variant: it.next().unwrap_or_default().to_string(),
-                ..Default::default()
-            }
-        })
-        .collect();
     vec![types::WorkerRecord {
         id: solver.worker.address(),
         labels: [(
-            "org.mobyproject.buildkit.worker.executor".to_string(),
+            crate::build::WORKER_EXECUTOR_LABEL.to_string(),
             "oci".to_string(),
         )]
         .into(),
-        platforms,
+        platforms: solver.worker_platforms(),
         ..Default::default()
     }]
-}
-
-fn hex_sha(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }

@@ -123,6 +123,103 @@ impl wpb::worker_server::Worker for WorkerService {
         }))
     }
 
+    type ExecStream = TaskStream<wpb::ExecOutput>;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<wpb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        use prost::Message;
+        use wpb::{exec_input::Input, exec_output::Output};
+        let mut inbound = req.into_inner();
+        let Some(Input::Start(start)) = inbound.message().await?.and_then(|m| m.input) else {
+            return Err(Status::invalid_argument(
+                "an exec starts with its start message",
+            ));
+        };
+        let op = crate::pb::ExecOp::decode(start.exec_op.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("exec op: {e}")))?;
+        let core = self.core.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+        let (sig_tx, sig_rx) = mpsc::channel::<String>(4);
+        let (out_tx, mut out_rx) = mpsc::channel::<(u32, Bytes)>(64);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            // the caller's input: stdin and signals, until it ends or says eof
+            let input = tokio::spawn(async move {
+                let mut stdin = Some(stdin_tx);
+                while let Ok(Some(m)) = inbound.message().await {
+                    match m.input {
+                        Some(Input::Stdin(b)) => {
+                            if let Some(s) = &stdin {
+                                let _ = s.send(Bytes::from(b)).await;
+                            }
+                        }
+                        Some(Input::StdinEof(_)) => stdin = None,
+                        Some(Input::Signal(sig)) => {
+                            let _ = sig_tx.send(sig).await;
+                        }
+                        Some(Input::Start(_)) | None => {}
+                    }
+                }
+            });
+            let fwd_tx = tx.clone();
+            let fwd = tokio::spawn(async move {
+                if started_rx.await.is_ok() {
+                    let _ = fwd_tx
+                        .send(Ok(wpb::ExecOutput {
+                            output: Some(Output::Started(wpb::ExecStarted {})),
+                        }))
+                        .await;
+                }
+                while let Some((fd, data)) = out_rx.recv().await {
+                    let msg = wpb::ExecOutput {
+                        output: Some(Output::Data(wpb::ExecData {
+                            fd,
+                            data: data.to_vec(),
+                        })),
+                    };
+                    if fwd_tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let inputs: Vec<Option<String>> = start
+                .inputs
+                .iter()
+                .map(|r| convert::ref_from_wire(r))
+                .collect();
+            let stdio = crate::runc::Stdio {
+                stdin: start.stdin.then_some(stdin_rx),
+                output: out_tx,
+                signals: sig_rx,
+            };
+            let res = core
+                .exec(
+                    &op,
+                    &inputs,
+                    &start.session_id,
+                    &start.entitlements,
+                    stdio,
+                    started_tx,
+                )
+                .await;
+            let _ = fwd.await;
+            input.abort();
+            let msg = res
+                .map(|code| wpb::ExecOutput {
+                    output: Some(Output::Exit(wpb::ExecExit { code })),
+                })
+                .map_err(Status::from);
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(TaskStream {
+            rx,
+            task: task.abort_handle(),
+        }))
+    }
+
     async fn read_file(
         &self,
         req: Request<wpb::ReadFileRequest>,

@@ -682,25 +682,30 @@ fn finish(store: &Store, p: Prepared) -> Result<Vec<Option<String>>> {
     Ok(outputs)
 }
 
-pub async fn run(
+/// What an exec needs from its request: the refs its mounts name, the build's
+/// session and the entitlements it was granted.
+pub struct ExecContext<'a> {
+    pub inputs: &'a [Option<String>],
+    pub session_id: &'a str,
+    pub entitlements: &'a [String],
+}
+
+/// Checks entitlements, fetches secrets and agents, acquires cache mounts and
+/// prepares the bundle (mounts, spec) of an exec.
+async fn prepare_exec(
     w: &Worker,
     e: &pb::ExecOp,
-    req: &RunRequest,
-    events: &mpsc::Sender<Event>,
-) -> Result<Vec<Option<String>>> {
-    let inputs = &req.inputs;
-    let meta = e
-        .meta
-        .clone()
-        .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    cx: &ExecContext<'_>,
+) -> Result<(Prepared, SshAgents)> {
+    let inputs = cx.inputs;
     if e.network == NetMode::Host as i32 {
-        check_entitlement(w, &req.entitlements, ENTITLEMENT_NETWORK_HOST)?;
+        check_entitlement(w, cx.entitlements, ENTITLEMENT_NETWORK_HOST)?;
     }
     if e.security == SecurityMode::Insecure as i32 {
-        check_entitlement(w, &req.entitlements, ENTITLEMENT_SECURITY_INSECURE)?;
+        check_entitlement(w, cx.entitlements, ENTITLEMENT_SECURITY_INSECURE)?;
     }
-    let secrets = fetch_secrets(w, e, &req.session_id).await?;
-    let agents = ssh_agents(w, e, &req.session_id).await?;
+    let secrets = fetch_secrets(w, e, cx.session_id).await?;
+    let agents = ssh_agents(w, e, cx.session_id).await?;
     let ssh_sockets = agents.sockets.clone();
     let mut leases = HashMap::new();
     for (i, m) in e.mounts.iter().enumerate() {
@@ -727,9 +732,6 @@ pub async fn run(
                 .await?,
         );
     }
-    let t0 = std::time::Instant::now();
-    // from here until the container has run, runc's cgroup attach finds the fast path
-    let warm = crate::cgwarm::hold();
     let store = w.store().clone();
     let runtime = w.runtime().clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
@@ -745,6 +747,60 @@ pub async fn run(
         )
     })
     .await??;
+    Ok((prepared, agents))
+}
+
+/// Runs an interactive process (a frontend image, an LLBBridge container) with
+/// its stdio streamed; what it writes to its mounts is dropped. Returns the exit
+/// code. Dropping the future kills and removes the container.
+pub async fn run_interactive(
+    w: &Worker,
+    e: &pb::ExecOp,
+    cx: &ExecContext<'_>,
+    stdio: crate::runc::Stdio,
+    started: tokio::sync::oneshot::Sender<()>,
+) -> Result<i32> {
+    let (prepared, agents) = prepare_exec(w, e, cx).await?;
+    let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
+    let _ = started.send(());
+    let code = match &w.executor {
+        Executor::Runc(r) => r.run_stdio(&id, prepared.bundle.path(), stdio).await?,
+        Executor::Containerd(_) => {
+            return Err(Error::UnsupportedOp(
+                "interactive processes (frontend images, gateway containers) run on the runc executor only"
+                    .into(),
+            ));
+        }
+    };
+    drop(agents);
+    // nothing an interactive process writes is kept
+    tokio::task::spawn_blocking(move || drop(prepared)).await?;
+    Ok(code)
+}
+
+pub async fn run(
+    w: &Worker,
+    e: &pb::ExecOp,
+    req: &RunRequest,
+    events: &mpsc::Sender<Event>,
+) -> Result<Vec<Option<String>>> {
+    let meta = e
+        .meta
+        .clone()
+        .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
+    let t0 = std::time::Instant::now();
+    // from here until the container has run, runc's cgroup attach finds the fast path
+    let warm = crate::cgwarm::hold();
+    let (prepared, agents) = prepare_exec(
+        w,
+        e,
+        &ExecContext {
+            inputs: &req.inputs,
+            session_id: &req.session_id,
+            entitlements: &req.entitlements,
+        },
+    )
+    .await?;
     let t_prepared = t0.elapsed();
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
     let code = w
