@@ -71,7 +71,9 @@ pub fn registry() -> String {
 pub enum Topology {
     /// one `kilnd` hosting all four services
     AllInOne,
-    /// one `kilnd --role X` per service, talking gRPC over unix sockets
+    /// one `kilnd --role X` per service, talking gRPC over unix sockets; the
+    /// solver-scheduler serves clients on its `--addr` and the other services on
+    /// `--internal-addr`
     Split,
 }
 
@@ -224,7 +226,8 @@ impl Daemon {
                 children.push(c);
             }
             Topology::Split => {
-                let solver = format!("unix://{}", sock("solver").display());
+                // the other roles reach the solver on its internal listener
+                let solver = format!("unix://{}", sock("solver-internal").display());
                 let peer = |flag: &str, name: &str| {
                     [
                         format!("--{flag}"),
@@ -244,6 +247,7 @@ impl Daemon {
                 extra.extend(peer("worker-addr", "worker-executor"));
                 extra.extend(peer("frontend-addr", "frontend-gateway"));
                 extra.extend(peer("exporter-addr", "registry-exporter"));
+                extra.extend(peer("internal-addr", "solver-internal"));
                 let s = sock("solver");
                 let (mut c, log) = spawn(
                     &common(&s, Some("solver-scheduler"), &extra),
