@@ -270,6 +270,56 @@ impl Daemon {
         })
     }
 
+    /// One all-in-one `kilnd` whose client listener is `addr` (e.g.
+    /// `tcp://127.0.0.1:PORT`), started with the extra flags `args` (e.g.
+    /// `--tlscert`); ready once it logs that it listens.
+    pub fn start_listening(addr: &str, args: &[&str]) -> Result<Daemon> {
+        let reg = registry();
+        let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
+        let config = dir.path().join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+            ),
+        )?;
+        let log = dir.path().join("kilnd.log");
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .args(["--addr", addr])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start kilnd")?;
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("listening on") {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("kilnd exited with {st}: {text}");
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                bail!("kilnd did not listen on {addr} in time: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // the log line comes just before the listeners bind
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Daemon {
+            dir,
+            addr: addr.to_string(),
+            containerd_namespace: None,
+            children: vec![child],
+        })
+    }
+
     /// Runs `kiln ARGS` against this daemon in `cwd`.
     pub fn kiln(&self, cwd: &Path, args: &[&str]) -> Result<Output> {
         let out = Command::new(bin_dir().join("kiln"))
