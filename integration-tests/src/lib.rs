@@ -71,7 +71,9 @@ pub fn registry() -> String {
 pub enum Topology {
     /// one `kilnd` hosting all four services
     AllInOne,
-    /// one `kilnd --role X` per service, talking gRPC over unix sockets
+    /// one `kilnd --role X` per service, talking gRPC over unix sockets; the
+    /// solver-scheduler serves clients on its `--addr` and the other services on
+    /// `--internal-addr`
     Split,
 }
 
@@ -224,7 +226,8 @@ impl Daemon {
                 children.push(c);
             }
             Topology::Split => {
-                let solver = format!("unix://{}", sock("solver").display());
+                // the other roles reach the solver on its internal listener
+                let solver = format!("unix://{}", sock("solver-internal").display());
                 let peer = |flag: &str, name: &str| {
                     [
                         format!("--{flag}"),
@@ -244,6 +247,7 @@ impl Daemon {
                 extra.extend(peer("worker-addr", "worker-executor"));
                 extra.extend(peer("frontend-addr", "frontend-gateway"));
                 extra.extend(peer("exporter-addr", "registry-exporter"));
+                extra.extend(peer("internal-addr", "solver-internal"));
                 let s = sock("solver");
                 let (mut c, log) = spawn(
                     &common(&s, Some("solver-scheduler"), &extra),
@@ -263,6 +267,56 @@ impl Daemon {
             containerd_namespace: matches!(backend, Backend::Containerd { .. })
                 .then_some(namespace),
             children,
+        })
+    }
+
+    /// One all-in-one `kilnd` whose client listener is `addr` (e.g.
+    /// `tcp://127.0.0.1:PORT`), started with the extra flags `args` (e.g.
+    /// `--tlscert`); ready once it logs that it listens.
+    pub fn start_listening(addr: &str, args: &[&str]) -> Result<Daemon> {
+        let reg = registry();
+        let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
+        let config = dir.path().join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
+            ),
+        )?;
+        let log = dir.path().join("kilnd.log");
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .args(["--addr", addr])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start kilnd")?;
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("listening on") {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("kilnd exited with {st}: {text}");
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                bail!("kilnd did not listen on {addr} in time: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // the log line comes just before the listeners bind
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Daemon {
+            dir,
+            addr: addr.to_string(),
+            containerd_namespace: None,
+            children: vec![child],
         })
     }
 

@@ -209,7 +209,7 @@ fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
+pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()> {
     // short form
     if let Some(dir) = args.dir.take() {
         if args.frontend.is_none() {
@@ -331,7 +331,7 @@ pub async fn run(addr: &str, mut args: BuildArgs) -> anyhow::Result<()> {
         exporters.push(Exporter { r#type: ty, attrs });
     }
 
-    let channel = kiln_session::dial::connect(addr).await?;
+    let channel = addr.connect().await?;
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let build_ref = uuid::Uuid::new_v4().simple().to_string();
     let shared_key = att

@@ -59,8 +59,11 @@ fn status(r: &BuildHistoryRecord) -> &'static str {
     }
 }
 
-async fn records(addr: &str, req: BuildHistoryRequest) -> anyhow::Result<Vec<BuildHistoryRecord>> {
-    let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+async fn records(
+    addr: &crate::Daemon,
+    req: BuildHistoryRequest,
+) -> anyhow::Result<Vec<BuildHistoryRecord>> {
+    let mut c = ControlClient::new(addr.connect().await?);
     let mut s = c
         .listen_build_history(req)
         .await
@@ -73,10 +76,10 @@ async fn records(addr: &str, req: BuildHistoryRequest) -> anyhow::Result<Vec<Bui
     Ok(out)
 }
 
-pub async fn run(addr: &str, what: DebugCommand) -> anyhow::Result<()> {
+pub async fn run(addr: &crate::Daemon, what: DebugCommand) -> anyhow::Result<()> {
     match what {
         DebugCommand::Info => {
-            let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+            let mut c = ControlClient::new(addr.connect().await?);
             let v = c
                 .info(InfoRequest {})
                 .await?
@@ -86,7 +89,7 @@ pub async fn run(addr: &str, what: DebugCommand) -> anyhow::Result<()> {
             println!("BuildKit: {} {} {}", v.package, v.version, v.revision);
         }
         DebugCommand::Workers => {
-            let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+            let mut c = ControlClient::new(addr.connect().await?);
             let w = c
                 .list_workers(ListWorkersRequest { filter: vec![] })
                 .await?

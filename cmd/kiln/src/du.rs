@@ -165,8 +165,8 @@ fn print_verbose(records: &[UsageRecord]) {
     }
 }
 
-pub async fn du(addr: &str, args: DuArgs) -> anyhow::Result<()> {
-    let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+pub async fn du(addr: &crate::Daemon, args: DuArgs) -> anyhow::Result<()> {
+    let mut c = ControlClient::new(addr.connect().await?);
     let records = c
         .disk_usage(DiskUsageRequest {
             filter: args.filter.clone(),
@@ -193,8 +193,8 @@ pub async fn du(addr: &str, args: DuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn prune(addr: &str, args: PruneArgs) -> anyhow::Result<()> {
-    let mut c = ControlClient::new(kiln_session::dial::connect(addr).await?);
+pub async fn prune(addr: &crate::Daemon, args: PruneArgs) -> anyhow::Result<()> {
+    let mut c = ControlClient::new(addr.connect().await?);
     let keep_duration = match args.keep_duration {
         Some(d) => i64::try_from(d.as_nanos()).context("keep-duration too long")?,
         None => 0,

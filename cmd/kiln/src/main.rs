@@ -7,7 +7,10 @@ mod du;
 mod gateway;
 mod progress;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kiln_session::tls::ClientTls;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Build container images with kilnd")]
@@ -15,6 +18,21 @@ struct Cli {
     /// Daemon address (unix:///path or tcp://host:port)
     #[arg(long, global = true, env = "KILN_HOST")]
     addr: Option<String>,
+    /// CA certificate to verify the daemon with (tcp:// addresses)
+    #[arg(long, global = true, value_name = "FILE")]
+    tlscacert: Option<PathBuf>,
+    /// Client certificate (tcp:// addresses)
+    #[arg(long, global = true, value_name = "FILE")]
+    tlscert: Option<PathBuf>,
+    /// Client private key (tcp:// addresses)
+    #[arg(long, global = true, value_name = "FILE")]
+    tlskey: Option<PathBuf>,
+    /// Server name to verify the daemon's certificate for (default: the address's host)
+    #[arg(long, global = true, value_name = "NAME")]
+    tlsservername: Option<String>,
+    /// Directory holding ca.pem, cert.pem and key.pem (or ca.crt, tls.crt, tls.key)
+    #[arg(long, global = true, value_name = "DIR")]
+    tlsdir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,10 +59,60 @@ fn daemon_addr(flag: Option<String>) -> String {
         .unwrap_or_else(|| "unix:///run/kiln/kilnd.sock".to_string())
 }
 
+/// The daemon to talk to: its address and, for `tcp://`, the TLS settings.
+pub struct Daemon {
+    addr: String,
+    tls: Option<ClientTls>,
+}
+
+impl Daemon {
+    /// A gRPC channel to the daemon; with TLS, the handshake has been made.
+    pub async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(kiln_session::dial::connect_with(&self.addr, self.tls.as_ref()).await?)
+    }
+}
+
+impl std::fmt::Display for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// buildctl's TLS flags: `--tlsdir`, or the files one by one; TLS is on when
+/// any of them is given.
+fn client_tls(cli: &Cli) -> anyhow::Result<Option<ClientTls>> {
+    let files = cli.tlscacert.is_some() || cli.tlscert.is_some() || cli.tlskey.is_some();
+    let mut tls = match &cli.tlsdir {
+        Some(_) if files => {
+            anyhow::bail!("--tlsdir and --tlscacert/--tlscert/--tlskey cannot be given together")
+        }
+        Some(dir) => ClientTls::from_dir(dir).context("--tlsdir")?,
+        None if files => ClientTls {
+            ca: cli.tlscacert.clone(),
+            cert: cli.tlscert.clone(),
+            key: cli.tlskey.clone(),
+            server_name: None,
+        },
+        None => return Ok(None),
+    };
+    tls.server_name = cli.tlsservername.clone();
+    Ok(Some(tls))
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let addr = daemon_addr(cli.addr);
+    let tls = match client_tls(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let addr = Daemon {
+        addr: daemon_addr(cli.addr),
+        tls,
+    };
     let r = match cli.command {
         Command::Build(args) => build::run(&addr, *args).await,
         Command::Du(args) => du::du(&addr, args).await,

@@ -29,6 +29,21 @@ pub struct FileConfig {
 pub struct Grpc {
     #[serde(default)]
     pub address: Vec<String>,
+    /// `[grpc.tls]`: TLS on the client listener's `tcp://` addresses
+    #[serde(default)]
+    pub tls: GrpcTls,
+}
+
+/// buildkitd.toml's `[grpc.tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTls {
+    /// server certificate (PEM)
+    pub cert: Option<PathBuf>,
+    /// server private key (PEM)
+    pub key: Option<PathBuf>,
+    /// with a CA, clients must present a certificate it signed
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +201,8 @@ impl OciWorker {
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Peers {
+    /// the solver-scheduler's internal address (SessionBroker, LLBBridge); with
+    /// `--role solver-scheduler` it is where that role serves them
     pub solver: Option<String>,
     pub worker: Option<String>,
     pub frontend: Option<String>,
@@ -301,6 +318,27 @@ keepDuration = "48h"
         .expect("parses");
         assert!(bad.worker.oci.gc_policies().is_err());
         assert!(toml::from_str::<FileConfig>("[[worker.oci.gcpolicy]]\nkeepBites = 1\n").is_err());
+    }
+
+    #[test]
+    fn grpc_tls_reads_buildkitd_keys() {
+        let c: FileConfig = toml::from_str(
+            "[grpc]\naddress = [\"tcp://0.0.0.0:1234\"]\n[grpc.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.grpc.tls.cert.as_deref(),
+            Some(std::path::Path::new("/c.pem"))
+        );
+        assert_eq!(
+            c.grpc.tls.key.as_deref(),
+            Some(std::path::Path::new("/k.pem"))
+        );
+        assert_eq!(
+            c.grpc.tls.ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert!(toml::from_str::<FileConfig>("[grpc.tls]\ncertificate = \"/c\"\n").is_err());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `kilnd`: the kiln daemon. With no `--role` it hosts all four services in
 //! one process; `--role NAME` runs one of them, pointed at its peers.
 //!
-//! All-in-one layout: the client API (Control) listens on `--addr`; the
-//! internal services (SessionBroker, LLBBridge, Worker, Frontend, Exporter)
-//! listen on `<root>/internal.sock`, and the services reach each other there
-//! over real gRPC, exactly as they do across hosts.
+//! All-in-one layout: the client API (Control, and LLBBridge for client-side
+//! frontends) listens on `--addr`; the internal services (SessionBroker,
+//! LLBBridge, Worker, Frontend, Exporter) listen on `<root>/internal.sock`, and
+//! the services reach each other there over real gRPC, exactly as they do
+//! across hosts. `--role solver-scheduler` splits the same way: the client API
+//! on `--addr`, SessionBroker and the internal LLBBridge on `--internal-addr`.
+//! Only the client listener serves TLS (`--tlscert/--tlskey/--tlscacert`).
 
 mod config;
 mod memory;
@@ -35,6 +38,19 @@ struct Args {
     /// Config file (TOML, buildkitd.toml keys)
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Internal listener of --role solver-scheduler (SessionBroker, LLBBridge for
+    /// kiln's services); the other roles' --solver-addr
+    #[arg(long)]
+    internal_addr: Option<String>,
+    /// TLS certificate of the client listener (tcp:// only)
+    #[arg(long, value_name = "FILE")]
+    tlscert: Option<PathBuf>,
+    /// TLS private key of the client listener
+    #[arg(long, value_name = "FILE")]
+    tlskey: Option<PathBuf>,
+    /// CA whose client certificates the client listener requires (mutual TLS)
+    #[arg(long, value_name = "FILE")]
+    tlscacert: Option<PathBuf>,
     /// Run one service only
     #[arg(long, value_enum)]
     role: Option<Role>,
@@ -94,6 +110,8 @@ struct Settings {
     root: PathBuf,
     file: config::FileConfig,
     peers: config::Peers,
+    /// the client listener's TLS, files read
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
@@ -116,12 +134,31 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     peers.worker = args.worker_addr.clone().or(peers.worker);
     peers.frontend = args.frontend_addr.clone().or(peers.frontend);
     peers.exporter = args.exporter_addr.clone().or(peers.exporter);
+    let t = &file.grpc.tls;
+    let tls = kiln_session::tls::ServerTls::from_parts(
+        args.tlscert.clone().or_else(|| t.cert.clone()),
+        args.tlskey.clone().or_else(|| t.key.clone()),
+        args.tlscacert.clone().or_else(|| t.ca.clone()),
+    )?
+    .map(|t| t.config())
+    .transpose()?;
     Ok(Settings {
         addr,
         root,
         file,
         peers,
+        tls,
     })
+}
+
+/// Where `--role solver-scheduler` serves the internal APIs: `--internal-addr`,
+/// else `[peers] solver` (where the other roles reach it), unless that is the
+/// client listener itself (the layout before the split).
+fn internal_addr(args: &Args, s: &Settings) -> Option<String> {
+    args.internal_addr
+        .clone()
+        .or_else(|| s.peers.solver.clone())
+        .filter(|a| *a != s.addr)
 }
 
 fn need(v: &Option<String>, flag: &str, role: &str) -> anyhow::Result<String> {
@@ -201,6 +238,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let s = settings(&args)?;
     std::fs::create_dir_all(&s.root).with_context(|| format!("create {}", s.root.display()))?;
     let shutdown = serve::shutdown_signal();
+    if let Some(role @ (Role::WorkerExecutor | Role::FrontendGateway | Role::RegistryExporter)) =
+        args.role
+        && s.tls.is_some()
+    {
+        tracing::warn!(
+            "tls settings apply to the client listener only; --role {} serves {} plain",
+            role.to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default(),
+            s.addr
+        );
+    }
     match args.role {
         None => {
             let internal = format!("unix://{}", s.root.join("internal.sock").display());
@@ -225,7 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             let (a, b) = tokio::join!(
                 serve::serve(internal_router, &internal, shutdown.clone()),
-                serve::serve(public_router, &s.addr, shutdown.clone()),
+                serve::serve_client(public_router, &s.addr, s.tls.clone(), shutdown.clone()),
             );
             a?;
             b?;
@@ -239,12 +288,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &need(&s.peers.exporter, "--exporter-addr", role)?,
             )
             .await?;
-            let router = tonic::transport::Server::builder()
-                .add_service(solver_scheduler::grpc::control_server(solver.clone()))
-                .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
-                .add_service(solver_scheduler::grpc::bridge_server(solver));
-            tracing::info!("kilnd {role} listening on {}", s.addr);
-            serve::serve(router, &s.addr, shutdown).await?;
+            let client_router = tonic::transport::Server::builder()
+                .add_service(solver_scheduler::grpc::control_server(solver.clone()));
+            let internal_services = (
+                solver_scheduler::grpc::broker_server(solver.clone()),
+                solver_scheduler::grpc::bridge_server(solver.clone()),
+            );
+            match internal_addr(&args, &s) {
+                Some(internal) => {
+                    let client_router = client_router
+                        .add_service(solver_scheduler::grpc::client_bridge_server(solver));
+                    let internal_router = tonic::transport::Server::builder()
+                        .add_service(internal_services.0)
+                        .add_service(internal_services.1);
+                    tracing::info!(
+                        "kilnd {role} listening on {} (internal: {internal})",
+                        s.addr
+                    );
+                    let (a, b) = tokio::join!(
+                        serve::serve(internal_router, &internal, shutdown.clone()),
+                        serve::serve_client(client_router, &s.addr, s.tls.clone(), shutdown),
+                    );
+                    a?;
+                    b?;
+                }
+                None => {
+                    anyhow::ensure!(
+                        s.tls.is_none(),
+                        "--role {role} with tls needs --internal-addr: the session broker \
+                         and the internal LLBBridge are never served on a tls client listener"
+                    );
+                    tracing::warn!(
+                        "kilnd {role}: no --internal-addr, so the session broker and the internal \
+                         LLBBridge are served on the client listener {}; give --internal-addr \
+                         and point the other roles' --solver-addr at it",
+                        s.addr
+                    );
+                    // one LLBBridge per path: the internal one, as before the split
+                    let router = client_router
+                        .add_service(internal_services.0)
+                        .add_service(internal_services.1);
+                    serve::serve(router, &s.addr, shutdown).await?;
+                }
+            }
         }
         Some(Role::WorkerExecutor) => {
             let worker = worker_core(

@@ -1,9 +1,18 @@
 //! Listening on unix or TCP addresses, and shutting down on a signal.
+//!
+//! The client listener of a daemon with a certificate serves TLS on `tcp://`
+//! ([`serve_client`]): each connection's handshake runs in its own task, the
+//! client's certificates reach every request as tonic's `TlsConnectInfo`, and a
+//! client speaking plain HTTP/2 gets a gRPC error saying TLS is required.
 
 use anyhow::Context;
 use futures_shutdown::Shutdown;
 use kiln_session::dial::Addr;
 use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend, GrpcWorker};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::Router;
 
 /// The solver as kilnd wires it: every peer over gRPC.
@@ -78,4 +87,112 @@ pub async fn serve(router: Router, addr: &str, shutdown: Shutdown) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+/// How long a client may take to start and finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a plain-text client of a TLS listener is told.
+const TLS_REQUIRED: &str = "this kilnd listener requires tls: connect with --tlscacert, --tlscert \
+                            and --tlskey (or --tlsdir)";
+
+/// Serves a client listener: TLS on `tcp://` when `tls` is given, plain
+/// otherwise (a unix socket is always plain, as buildkitd's is).
+pub async fn serve_client(
+    router: Router,
+    addr: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    match (Addr::parse(addr)?, tls) {
+        (Addr::Tcp(hostport), Some(config)) => {
+            let l = TcpListener::bind(&hostport)
+                .await
+                .with_context(|| format!("listen on {hostport}"))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let accept = tokio::spawn(async move {
+                loop {
+                    let (tcp, peer) = match l.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!("accept on {hostport}: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_tls(&acceptor, tcp))
+                            .await
+                        {
+                            Ok(Ok(Some(stream))) => {
+                                let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
+                            }
+                            Ok(Ok(None)) => {
+                                tracing::info!("refused plain-text client {peer}: tls required")
+                            }
+                            Ok(Err(e)) => tracing::warn!("tls handshake with {peer}: {e}"),
+                            Err(_) => tracing::warn!("tls handshake with {peer}: timed out"),
+                        }
+                    });
+                }
+            });
+            let served = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    shutdown.wait(),
+                )
+                .await
+                .with_context(|| format!("serve {addr}"));
+            accept.abort();
+            served
+        }
+        (Addr::Unix(_), Some(_)) => {
+            tracing::warn!("tls is not used on {addr}: unix sockets are plain");
+            serve(router, addr, shutdown).await
+        }
+        (_, None) => serve(router, addr, shutdown).await,
+    }
+}
+
+/// Completes the TLS handshake of a new connection; `None` for a client that
+/// spoke plain HTTP/2 and was told TLS is required.
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+) -> std::io::Result<Option<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let _ = tcp.set_nodelay(true);
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 {
+        return Ok(None);
+    }
+    // 0x16: a TLS handshake record; anything else is answered as plain HTTP/2
+    if first[0] != 0x16 {
+        refuse_plain(tcp).await;
+        return Ok(None);
+    }
+    Ok(Some(acceptor.accept(tcp).await?))
+}
+
+/// Answers every call of a plain HTTP/2 connection with gRPC's UNAVAILABLE
+/// and [`TLS_REQUIRED`], so the client's user reads why.
+async fn refuse_plain(tcp: TcpStream) {
+    let peer: Option<SocketAddr> = tcp.peer_addr().ok();
+    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+        return;
+    };
+    while let Some(Ok((_, mut respond))) = conn.accept().await {
+        let answer = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", TLS_REQUIRED)
+            .body(());
+        if let Ok(answer) = answer
+            && respond.send_response(answer, true).is_err()
+        {
+            tracing::debug!("answer plain-text client {peer:?}: connection gone");
+        }
+    }
 }

@@ -2,8 +2,10 @@
 //! `http://host:port`.
 
 use crate::Error;
+use crate::tls::{ClientTls, Connector};
 use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Where a service listens.
@@ -37,8 +39,42 @@ impl Addr {
 }
 
 /// Opens a gRPC channel to `addr`. The connection is made lazily and
-/// re-made after failures.
+/// re-made after failures. Service-to-service connections use this.
 pub async fn connect(addr: &str) -> Result<Channel, Error> {
+    connect_with(addr, None).await
+}
+
+/// Opens a gRPC channel to `addr`, over TLS with `tls` for a `tcp://` address
+/// (a unix socket is always plain, as with buildctl). With TLS the first
+/// connection is made here, so a refused handshake is reported by this call
+/// with its reason; later ones are made when needed.
+pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, Error> {
+    if let (Addr::Tcp(host), Some(tls)) = (Addr::parse(addr)?, tls) {
+        let connector = Connector::new(tls, &host)?;
+        let first = connector.connect(&host).await?;
+        // the connection just checked serves the first request
+        let first = Arc::new(Mutex::new(Some(first)));
+        let ep = Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })?;
+        return Ok(
+            ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let (connector, host) = (connector.clone(), host.clone());
+                let ready = first.lock().ok().and_then(|mut f| f.take());
+                async move {
+                    let conn = match ready {
+                        Some(c) => c,
+                        None => connector
+                            .connect(&host)
+                            .await
+                            .map_err(std::io::Error::other)?,
+                    };
+                    Ok::<_, std::io::Error>(TokioIo::new(conn))
+                }
+            })),
+        );
+    }
     match Addr::parse(addr)? {
         Addr::Tcp(host) => {
             let ep =

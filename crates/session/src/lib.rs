@@ -17,6 +17,7 @@ pub mod dial;
 pub mod filesync;
 pub mod hijack;
 pub mod raw;
+pub mod tls;
 
 mod client;
 
@@ -86,6 +87,35 @@ pub enum Error {
     },
     #[error("path {0:?} escapes the destination")]
     Escape(String),
+    #[error("connect to {addr}")]
+    Dial {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tls handshake with {addr}: {reason}")]
+    TlsHandshake { addr: String, reason: String },
+    #[error("read tls {what} {path}: {reason}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("tls directory {dir} has no {names}")]
+    TlsDir { dir: PathBuf, names: String },
+    #[error("tls certificate {cert} and key {key}")]
+    TlsKeyPair {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    #[error("tls settings: {0}")]
+    TlsIncomplete(&'static str),
+    #[error("no system ca certificates to verify the daemon with (give --tlscacert)")]
+    TlsNoRoots,
+    #[error("tls protocol versions")]
+    TlsSetup(#[source] Box<rustls::Error>),
 }
 
 impl Error {

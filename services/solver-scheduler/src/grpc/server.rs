@@ -404,8 +404,17 @@ pub fn client_bridge_server<W: Worker, F: Frontend, E: Exporter>(
 /// The identity of the client that made a call: the SHA-256 of its TLS
 /// certificate, empty on a listener without client certificates.
 pub fn caller_identity<T>(r: &Request<T>) -> String {
-    let _ = r;
-    String::new()
+    use sha2::Digest;
+    // kilnd's TLS listener hands tonic rustls streams, whose certificates tonic
+    // puts in each request's extensions
+    let certs = r.peer_certs();
+    match certs.as_deref().and_then(|c| c.first()) {
+        Some(leaf) => sha2::Sha256::digest(leaf.as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        None => String::new(),
+    }
 }
 
 /// gRPC metadata naming the build an LLBBridge call belongs to, as BuildKit's
