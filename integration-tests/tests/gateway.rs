@@ -199,7 +199,7 @@ async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export()
     }
     assert!(has_cap(&pong.llb_caps, "file.base"), "{pong:?}");
     // what kiln cannot do is not announced
-    assert!(!has_cap(&pong.frontend_api_caps, "gateway.exec"));
+    assert!(!has_cap(&pong.frontend_api_caps, "gateway.exec.filesystem"));
     assert!(!pong.workers.is_empty());
 
     // Inputs: the definitions of Control.Solve's FrontendInputs
@@ -619,4 +619,160 @@ fn the_daemon_side_frontend_path_still_builds_for_older_clients() {
         std::fs::read_to_string(ctx.path().join("out/how")).expect("exported"),
         "direct\n"
     );
+}
+
+fn image_definition(reference: &str) -> pb::Definition {
+    let op = pb::Op {
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: format!("docker-image://{reference}"),
+            attrs: Default::default(),
+        })),
+        ..Default::default()
+    };
+    let mut b = kiln_llb::DefinitionBuilder::new();
+    let out = b.add(op, pb::OpMetadata::default());
+    b.finish(Some(out))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frontend_runs_processes_in_containers_over_its_results() {
+    use fe::exec_message::Input as Msg;
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let b = ClientBuild::start(&d.addr, Attachables::default(), vec![], BTreeMap::new()).await;
+    let mut gw = b.bridge();
+    let pong = gw
+        .ping(b.req(fe::PingRequest {}))
+        .await
+        .expect("ping")
+        .into_inner();
+    assert!(has_cap(&pong.frontend_api_caps, "gateway.exec"));
+    let solve = |def: pb::Definition| fe::SolveRequest {
+        definition: Some(def),
+        allow_result_return: true,
+        ..Default::default()
+    };
+    let root = single_ref(
+        gw.solve(b.req(solve(image_definition("docker.io/library/busybox:latest"))))
+            .await
+            .expect("busybox")
+            .into_inner()
+            .result,
+    );
+    let files = single_ref(
+        gw.solve(b.req(solve(files_definition())))
+            .await
+            .expect("files")
+            .into_inner()
+            .result,
+    );
+    gw.new_container(b.req(fe::NewContainerRequest {
+        container_id: "c1".into(),
+        mounts: vec![
+            pb::Mount {
+                dest: "/".into(),
+                result_id: root.id.clone(),
+                ..Default::default()
+            },
+            pb::Mount {
+                dest: "/data".into(),
+                result_id: files.id.clone(),
+                readonly: true,
+                ..Default::default()
+            },
+        ],
+        network: pb::NetMode::None as i32,
+        ..Default::default()
+    }))
+    .await
+    .expect("new container");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let send = |m: Msg| fe::ExecMessage {
+        process_id: "p1".into(),
+        input: Some(m),
+    };
+    tx.send(send(Msg::Init(fe::InitMessage {
+        container_id: "c1".into(),
+        meta: Some(pb::Meta {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /data/dir/hello.txt; read x; echo \" got $x\"; echo oops >&2; touch /data/no 2>/dev/null || echo read-only; exit 3"
+                    .into(),
+            ],
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            ..Default::default()
+        }),
+        fds: vec![0, 1, 2],
+        ..Default::default()
+    })))
+    .await
+    .expect("init");
+    tx.send(send(Msg::File(fe::FdMessage {
+        fd: 0,
+        eof: false,
+        data: b"typed\n".to_vec(),
+    })))
+    .await
+    .expect("stdin");
+    tx.send(send(Msg::File(fe::FdMessage {
+        fd: 0,
+        eof: true,
+        data: vec![],
+    })))
+    .await
+    .expect("stdin eof");
+    let mut stream = gw
+        .exec_process(b.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect("exec process")
+        .into_inner();
+    let (mut stdout, mut stderr, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    let mut exit = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(m) = tokio::time::timeout_at(deadline.into(), stream.message())
+        .await
+        .expect("the process reports in time")
+        .expect("exec stream")
+    {
+        assert_eq!(m.process_id, "p1");
+        match m.input.expect("message") {
+            Msg::Started(_) => order.push("started"),
+            Msg::File(f) if f.eof => order.push(if f.fd == 1 { "eof1" } else { "eof2" }),
+            Msg::File(f) if f.fd == 1 => stdout.extend(f.data),
+            Msg::File(f) => stderr.extend(f.data),
+            Msg::Exit(x) => {
+                order.push("exit");
+                exit = Some(x.code);
+            }
+            Msg::Done(_) => {
+                order.push("done");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "hello gateway got typed\nread-only\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&stderr), "oops\n");
+    assert_eq!(exit, Some(3));
+    assert_eq!(order.first(), Some(&"started"));
+    assert_eq!(&order[order.len() - 2..], ["exit", "done"]);
+    drop(tx);
+
+    gw.release_container(b.req(fe::ReleaseContainerRequest {
+        container_id: "c1".into(),
+    }))
+    .await
+    .expect("release");
+    let again = gw
+        .release_container(b.req(fe::ReleaseContainerRequest {
+            container_id: "c1".into(),
+        }))
+        .await
+        .expect_err("released twice");
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    b.solve.abort();
 }

@@ -67,6 +67,19 @@ struct BuildRef {
     snapshot: tokio::sync::OnceCell<String>,
 }
 
+/// A container a frontend made (LLBBridge `NewContainer`): its mounts over the
+/// build's results, in which `ExecProcess` runs processes.
+#[derive(Debug, Clone, Default)]
+pub struct Container {
+    /// mounts whose `input` indexes `inputs`
+    pub mounts: Vec<pb::Mount>,
+    /// worker snapshots of the mounted results (empty: scratch)
+    pub inputs: Vec<String>,
+    pub network: i32,
+    pub extra_hosts: Vec<pb::HostIp>,
+    pub hostname: String,
+}
+
 /// The client side of a build whose frontend runs in the client.
 struct ClientFrontend {
     /// takes the result of LLBBridge `Return` (once)
@@ -90,6 +103,8 @@ pub struct Build {
     client_frontend: Option<ClientFrontend>,
     /// definitions for the frontend (LLBBridge `Inputs`)
     pub frontend_inputs: BTreeMap<String, pb::Definition>,
+    /// containers the frontend made, by id
+    containers: Mutex<HashMap<String, Container>>,
     /// see [`BuildRequest::owner`]
     pub owner: String,
     /// the client asked for cache-miss explanations (`explain-cache` attr)
@@ -145,6 +160,7 @@ impl Build {
             refs: Mutex::new(HashMap::new()),
             client_frontend,
             frontend_inputs: req.frontend_inputs.clone(),
+            containers: Mutex::new(HashMap::new()),
             owner: req.owner.clone(),
             explain: req
                 .frontend_attrs
@@ -225,6 +241,42 @@ impl Build {
         Ok(self.build_ref(id)?.def.clone())
     }
 
+    /// Keeps a container the frontend made; its id must be new.
+    pub fn add_container(&self, id: &str, c: Container) -> Result<(), Error> {
+        let mut m = self
+            .containers
+            .lock()
+            .map_err(|_| Error::Container(id.to_string(), "containers lock poisoned".into()))?;
+        if m.len() >= MAX_CONTAINERS {
+            return Err(Error::Container(
+                id.to_string(),
+                format!("a build holds at most {MAX_CONTAINERS} containers"),
+            ));
+        }
+        if m.contains_key(id) {
+            return Err(Error::Container(id.to_string(), "already exists".into()));
+        }
+        m.insert(id.to_string(), c);
+        Ok(())
+    }
+
+    pub fn container(&self, id: &str) -> Result<Container, Error> {
+        self.containers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .ok_or_else(|| Error::Container(id.to_string(), "not created, or released".into()))
+    }
+
+    pub fn release_container(&self, id: &str) -> Result<(), Error> {
+        self.containers
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(id))
+            .map(|_| ())
+            .ok_or_else(|| Error::Container(id.to_string(), "not created, or released".into()))
+    }
+
     /// Whether the client runs this build's frontend and has not returned yet.
     pub fn awaits_client_frontend(&self) -> bool {
         self.active.load(Ordering::SeqCst)
@@ -263,6 +315,8 @@ pub struct Solver<W, F, E> {
 }
 
 const IMAGE_CONFIG_KEY: &str = "containerimage.config";
+/// Containers one build's frontend may hold at once.
+const MAX_CONTAINERS: usize = 64;
 /// The worker label naming its executor, as BuildKit's workers carry it.
 pub const WORKER_EXECUTOR_LABEL: &str = "org.mobyproject.buildkit.worker.executor";
 

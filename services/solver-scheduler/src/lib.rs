@@ -77,6 +77,8 @@ pub enum Error {
     ClientFrontend { message: String, code: tonic::Code },
     #[error("frontend image {image}: {message}")]
     FrontendImage { image: String, message: String },
+    #[error("container {0:?}: {1}")]
+    Container(String, String),
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
     #[error("frontend {frontend}: {message}")]
@@ -150,6 +152,7 @@ impl From<Error> for tonic::Status {
             Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,
             Error::Resolve { .. } => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
+            Error::Container(..) => tonic::Code::NotFound,
         };
         tonic::Status::new(code, e.to_string())
     }

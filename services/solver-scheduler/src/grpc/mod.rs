@@ -3,6 +3,7 @@
 //! peers. The only module that names tonic or generated types.
 
 pub mod client;
+mod container;
 mod convert;
 pub mod server;
 

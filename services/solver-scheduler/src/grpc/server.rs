@@ -498,6 +498,10 @@ const FRONTEND_CAPS: &[&str] = &[
     "gateway.evaluate",
     "gateway.warnings",
     "frontend.caps",
+    "gateway.exec",
+    "gateway.exec.extrahosts",
+    "gateway.exec.secretenv",
+    "gateway.exec.signals",
 ];
 
 const LLB_CAPS: &[&str] = &[
@@ -863,24 +867,77 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
 
     async fn new_container(
         &self,
-        _r: Request<fe::NewContainerRequest>,
+        request: Request<fe::NewContainerRequest>,
     ) -> Result<Response<fe::NewContainerResponse>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        if r.container_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "NewContainer without a ContainerID",
+            ));
+        }
+        let mut c = crate::build::Container {
+            network: r.network,
+            extra_hosts: r.extra_hosts,
+            hostname: r.hostname,
+            ..Default::default()
+        };
+        for mut m in r.mounts {
+            // a mount names a result of the build by id (or none: scratch)
+            m.input = if m.result_id.is_empty() {
+                -1
+            } else {
+                c.inputs.push(self.snapshot(&build, &m.result_id).await?);
+                c.inputs.len() as i64 - 1
+            };
+            // what a container writes is never kept
+            m.output = -1;
+            c.mounts.push(m);
+        }
+        if !c.mounts.iter().any(|m| m.dest == "/") {
+            return Err(Status::invalid_argument(format!(
+                "container {:?} has no root mount",
+                r.container_id
+            )));
+        }
+        build
+            .add_container(&r.container_id, c)
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::NewContainerResponse {}))
     }
 
     async fn release_container(
         &self,
-        _r: Request<fe::ReleaseContainerRequest>,
+        request: Request<fe::ReleaseContainerRequest>,
     ) -> Result<Response<fe::ReleaseContainerResponse>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        build
+            .release_container(&request.into_inner().container_id)
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::ReleaseContainerResponse {}))
     }
 
     type ExecProcessStream = BoxStream<fe::ExecMessage>;
     async fn exec_process(
         &self,
-        _r: Request<Streaming<fe::ExecMessage>>,
+        request: Request<Streaming<fe::ExecMessage>>,
     ) -> Result<Response<Self::ExecProcessStream>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<fe::ExecMessage, Status>>(64);
+        let task = tokio::spawn(crate::grpc::container::serve_processes(
+            self.solver.clone(),
+            build,
+            inbound,
+            tx,
+        ));
+        let guard = AbortOnDrop(task.abort_handle());
+        // the processes end with the call
+        let out = ReceiverStream::new(rx).map(move |m| {
+            let _ = &guard;
+            m
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn read_file_container(
@@ -905,10 +962,10 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     }
 }
 
-/// The answer to the container calls, which Ping does not announce.
+/// The answer to the container filesystem calls, which Ping does not announce.
 fn no_containers() -> Status {
     Status::unimplemented(
-        "kiln does not run interactive containers through LLBBridge yet (capability gateway.exec)",
+        "kiln does not read container filesystems through LLBBridge yet (capability gateway.exec.filesystem)",
     )
 }
 
