@@ -6,7 +6,7 @@ PROFILE_DIR := target/debug
 BIN := $(PROFILE_DIR)
 DEMO_DIR ?= /tmp/kiln-demo
 
-.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean bench
+.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean bench frontend-image
 
 all: build
 
@@ -39,6 +39,13 @@ demo-stop:
 QUICK ?=
 bench:
 	QUICK=$(QUICK) sh bench/run.sh
+
+# kiln's Dockerfile frontend as a frontend image, built by kiln (the kilnd
+# KILN_HOST names) and pushed: make frontend-image FRONTEND_IMAGE=REGISTRY/NAME:TAG
+FRONTEND_IMAGE ?=
+frontend-image: build
+	@test -n "$(FRONTEND_IMAGE)" || { echo "give FRONTEND_IMAGE=REGISTRY/NAME:TAG"; exit 1; }
+	KILN=$(BIN)/kiln sh scripts/frontend-image.sh $(BIN)/kiln-frontend "$(FRONTEND_IMAGE)"
 
 clean:
 	$(CARGO) clean
