@@ -45,6 +45,20 @@ fn a_test_frontend_image_turns_json_commands_into_a_build() {
         "{progress}"
     );
 
+    // a frontend that stays after returning its result is stopped, and the build ends
+    ctx.file(
+        "commands.json",
+        r#"{"base": "busybox", "run": ["echo late > /late"], "linger": true}"#,
+    )
+    .expect("commands");
+    let t = std::time::Instant::now();
+    build_out(&d, &ctx, &["--frontend", "gateway.v0", "--opt", &source]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("out/late")).expect("out/late"),
+        "late\n"
+    );
+
     // a failing request: the frontend's own error reaches the client
     ctx.file("commands.json", "not json").expect("commands");
     let mut args = vec!["build", "--frontend", "gateway.v0", "--opt", &source];

@@ -584,8 +584,10 @@ fn a_client_that_goes_away_mid_build_leaves_nothing_running_and_prune_empties_th
         String::from_utf8_lossy(&du.stdout)
             .lines()
             .filter(|l| {
-                !(l.starts_with("ID") || l.starts_with("Reclaimable:") || l.starts_with("Total:"))
-                    && !l.trim().is_empty()
+                !(l.starts_with("ID")
+                    || l.starts_with("Reclaimable:")
+                    || l.starts_with("Total:")
+                    || l.trim().is_empty())
             })
             .map(str::to_string)
             .collect()

@@ -58,10 +58,12 @@ fn run_step(cmd: &str) -> pb::Op {
     }
 }
 
+/// Builds the commands; `Ok((result, linger))`, `linger` when commands.json asks
+/// the frontend to stay running after it returned (to test that it is stopped).
 async fn build(
     c: &mut LlbBridgeClient<tonic::transport::Channel>,
     session: &str,
-) -> Result<fe::Result, String> {
+) -> Result<(fe::Result, bool), String> {
     let local = source(
         "local://dockerfile".into(),
         [
@@ -127,18 +129,22 @@ async fn build(
     result
         .metadata
         .insert("containerimage.config".into(), resolved.config);
-    Ok(result)
+    Ok((result, spec["linger"].as_bool().unwrap_or(false)))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let session = std::env::var("BUILDKIT_SESSION_ID").unwrap_or_default();
     let mut c = LlbBridgeClient::new(kiln_session::dial::stdio());
+    let mut linger = false;
     let ret = match build(&mut c, &session).await {
-        Ok(result) => fe::ReturnRequest {
-            result: Some(result),
-            error: None,
-        },
+        Ok((result, l)) => {
+            linger = l;
+            fe::ReturnRequest {
+                result: Some(result),
+                error: None,
+            }
+        }
         Err(message) => fe::ReturnRequest {
             result: None,
             error: Some(RpcStatus {
@@ -151,6 +157,9 @@ async fn main() {
     if let Err(e) = c.r#return(ret).await {
         eprintln!("json frontend: return: {}", e.message());
         std::process::exit(1);
+    }
+    if linger {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
     // the runtime would wait for the thread blocked reading stdin
     std::process::exit(0);

@@ -80,6 +80,9 @@ pub struct Container {
     pub hostname: String,
 }
 
+/// Where a client-side frontend's result (LLBBridge `Return`) arrives.
+type Returned = tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>;
+
 /// The client side of a build whose frontend runs in the client.
 struct ClientFrontend {
     /// takes the result of LLBBridge `Return` (once)
@@ -355,16 +358,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         }
     }
 
-    fn register(
-        &self,
-        req: &BuildRequest,
-    ) -> Result<
-        (
-            Arc<Build>,
-            Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
-        ),
-        Error,
-    > {
+    fn register(&self, req: &BuildRequest) -> Result<(Arc<Build>, Option<Returned>), Error> {
         let no_cache = req.frontend_attrs.contains_key("no-cache");
         let (b, rx) = Build::with_client_frontend(req, no_cache);
         let b = Arc::new(b);
@@ -702,7 +696,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         self: &Arc<Self>,
         build: &Arc<Build>,
         req: &BuildRequest,
-        returned: Option<tokio::sync::oneshot::Receiver<Result<FrontendResult, Error>>>,
+        returned: Option<Returned>,
     ) -> Result<BTreeMap<String, String>, Error> {
         // steps are recorded per project: the client's session key (its
         // context dir), the target and the Dockerfile name

@@ -25,6 +25,8 @@ const CAPS_LABEL: &str = "moby.buildkit.frontend.caps";
 /// Frontend option listing the capabilities a request needs of the frontend.
 const CAPS_OPT: &str = "frontend.caps";
 const INPUTS_CAP: &str = "moby.buildkit.frontend.inputs";
+/// How long a frontend may run on after returning its result.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The parts of an image config a frontend image runs by.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -236,8 +238,21 @@ async fn run_frontend_process<W: Worker, F: Frontend, E: Exporter>(
         },
     );
     let worker = solver.worker.clone();
+    let waiter = call.clone();
     let run = async move {
-        let code = worker.exec(spec, in_rx, ev_tx).await;
+        let exec = worker.exec(spec, in_rx, ev_tx);
+        // a frontend that has returned gets a moment to exit, then is killed
+        let lingering = async {
+            waiter.returned.notified().await;
+            tokio::time::sleep(EXIT_GRACE).await;
+        };
+        let code = tokio::select! {
+            code = exec => code,
+            () = lingering => Err(image_error(
+                image,
+                format!("still running {} s after returning its result: killed", EXIT_GRACE.as_secs()),
+            )),
+        };
         tracing::debug!(?code, "frontend image process ended");
         let _ = done_tx.send(());
         code

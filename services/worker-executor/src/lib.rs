@@ -481,6 +481,25 @@ impl Worker {
     }
 }
 
+/// The most one ReadFile call returns (it travels as one gRPC message).
+pub const READ_FILE_LIMIT: u64 = 16 << 20;
+
+/// fsutil's metadata of `path` (not following a final symlink), named `name`.
+fn stat_entry(path: &std::path::Path, name: &str) -> Result<kiln_proto::fsutil::types::Stat> {
+    let md = std::fs::symlink_metadata(path).map_err(Error::io("stat", path))?;
+    let link = if md.file_type().is_symlink() {
+        Some(
+            std::fs::read_link(path)
+                .map_err(Error::io("read link", path))?
+                .to_string_lossy()
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    Ok(kiln_session::filesync::stat_of(name, &md, link))
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
@@ -552,23 +571,4 @@ pub(crate) mod testutil {
             std::fs::write(d.join("etc/group"), "root:x:0:\nalice:x:1001:\n").expect("group");
         })
     }
-}
-
-/// The most one ReadFile call returns (it travels as one gRPC message).
-pub const READ_FILE_LIMIT: u64 = 16 << 20;
-
-/// fsutil's metadata of `path` (not following a final symlink), named `name`.
-fn stat_entry(path: &std::path::Path, name: &str) -> Result<kiln_proto::fsutil::types::Stat> {
-    let md = std::fs::symlink_metadata(path).map_err(Error::io("stat", path))?;
-    let link = if md.file_type().is_symlink() {
-        Some(
-            std::fs::read_link(path)
-                .map_err(Error::io("read link", path))?
-                .to_string_lossy()
-                .to_string(),
-        )
-    } else {
-        None
-    };
-    Ok(kiln_session::filesync::stat_of(name, &md, link))
 }

@@ -342,6 +342,8 @@ pub struct FrontendCall {
     build: Arc<crate::build::Build>,
     inputs: BTreeMap<String, kiln_proto::pb::Definition>,
     result: std::sync::Mutex<Option<Result<FrontendResult, Error>>>,
+    /// notified once the frontend has returned
+    pub returned: tokio::sync::Notify,
 }
 
 impl FrontendCall {
@@ -353,6 +355,7 @@ impl FrontendCall {
             build,
             inputs,
             result: std::sync::Mutex::new(None),
+            returned: tokio::sync::Notify::new(),
         })
     }
 
@@ -466,6 +469,7 @@ impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
                 if let Ok(mut slot) = call.result.lock() {
                     *slot = Some(r);
                 }
+                call.returned.notify_one();
                 Ok(())
             }
             _ => build.finish_client_frontend(r).map_err(Status::from),
