@@ -1,5 +1,5 @@
 //! Checks the encoder and loader against BuildKit v0.32.2's own output
-//! (`/work/shared/fixtures/llb`, see its README).
+//! (`testdata/llb`, see its README).
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +8,7 @@ use prost::Message;
 use serde_json::Value;
 
 fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/llb");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/llb");
     assert!(
         dir.join("index.json").is_file(),
         "LLB fixtures not found at {} (expected the shared fixtures checkout next to the repo)",

@@ -296,7 +296,7 @@ where
 mod tests {
     use super::*;
 
-    /// shared/fixtures/llb/image-configs/busybox-latest.config.json
+    /// testdata/llb/image-configs/busybox-latest.config.json
     const BUSYBOX: &str = r#"{"created":"2000-01-01T00:00:00Z","architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:4d864a48afdcdb82ea28cadb4d24caa0856e8c48658990e60db318af5f4ccd16"]},"history":[{"created":"2000-01-01T00:00:00Z","created_by":"busybox-static 1:1.35.0-4+deb12u1+b1 rootfs"}]}"#;
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::*;
 
 fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/llb")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/llb")
 }
 
 fn read_json(path: &Path) -> Value {
