@@ -108,6 +108,8 @@ pub struct Build {
     pub frontend_inputs: BTreeMap<String, pb::Definition>,
     /// containers the frontend made, by id
     containers: Mutex<HashMap<String, Container>>,
+    /// the first frontend run for the build (its history names it)
+    frontend_run: Mutex<String>,
     /// see [`BuildRequest::owner`]
     pub owner: String,
     /// the client asked for cache-miss explanations (`explain-cache` attr)
@@ -164,6 +166,7 @@ impl Build {
             client_frontend,
             frontend_inputs: req.frontend_inputs.clone(),
             containers: Mutex::new(HashMap::new()),
+            frontend_run: Mutex::new(String::new()),
             owner: req.owner.clone(),
             explain: req
                 .frontend_attrs
@@ -415,7 +418,16 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     ) {
         let rec = HistoryRecord {
             r#ref: build.id.clone(),
-            frontend: req.frontend.clone(),
+            // a client-side frontend's build names the frontend it ran through LLBBridge
+            frontend: if req.frontend.is_empty() {
+                build
+                    .frontend_run
+                    .lock()
+                    .map(|f| f.clone())
+                    .unwrap_or_default()
+            } else {
+                req.frontend.clone()
+            },
             frontend_attrs: req.frontend_attrs.clone(),
             created: build.started,
             completed: unix_nanos(),
@@ -842,6 +854,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         attrs: &BTreeMap<String, String>,
         inputs: BTreeMap<String, pb::Definition>,
     ) -> Result<FrontendResult, Error> {
+        if let Ok(mut f) = build.frontend_run.lock()
+            && f.is_empty()
+        {
+            f.push_str(frontend);
+        }
         if frontend == crate::frontend_image::GATEWAY_FRONTEND {
             return crate::frontend_image::solve(self, build, attrs, inputs).await;
         }
