@@ -464,6 +464,17 @@ pub fn tar_names(archive: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// Mount points under `dir` in this mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Runs a command and returns stdout, failing with stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;

@@ -5,7 +5,9 @@
 //! the result over and the daemon exports it. These tests make exactly those
 //! calls against a real kilnd.
 
-use kiln_integration_tests::{BuildContext, Daemon, Topology, bin_dir, dockerfile_args};
+use kiln_integration_tests::{
+    BuildContext, Daemon, Topology, bin_dir, dockerfile_args, mounts_under,
+};
 use kiln_proto::moby::buildkit::v1::frontend::{
     self as fe, llb_bridge_client::LlbBridgeClient, result::Result as FeResult,
 };
@@ -199,7 +201,7 @@ async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export()
     }
     assert!(has_cap(&pong.llb_caps, "file.base"), "{pong:?}");
     // what kiln cannot do is not announced
-    assert!(!has_cap(&pong.frontend_api_caps, "gateway.exec.filesystem"));
+    assert!(!has_cap(&pong.frontend_api_caps, "source.metaresolver"));
     assert!(!pong.workers.is_empty());
 
     // Inputs: the definitions of Control.Solve's FrontendInputs
@@ -636,9 +638,86 @@ fn image_definition(reference: &str) -> pb::Definition {
     b.finish(Some(out))
 }
 
+/// Runs `sh -c script` as process `pid` in container `c1` through
+/// ExecProcess: (stdout, stderr, exit code, the order of the messages).
+async fn run_process(
+    b: &ClientBuild,
+    pid: &str,
+    script: &str,
+    stdin: Option<&[u8]>,
+) -> (String, String, Option<u32>, Vec<&'static str>) {
+    use fe::exec_message::Input as Msg;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let send = |m: Msg| fe::ExecMessage {
+        process_id: pid.into(),
+        input: Some(m),
+    };
+    let fds = if stdin.is_some() {
+        vec![0, 1, 2]
+    } else {
+        vec![1, 2]
+    };
+    tx.send(send(Msg::Init(fe::InitMessage {
+        container_id: "c1".into(),
+        meta: Some(pb::Meta {
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            ..Default::default()
+        }),
+        fds,
+        ..Default::default()
+    })))
+    .await
+    .expect("init");
+    if let Some(data) = stdin {
+        for (data, eof) in [(data.to_vec(), false), (vec![], true)] {
+            tx.send(send(Msg::File(fe::FdMessage { fd: 0, eof, data })))
+                .await
+                .expect("stdin");
+        }
+    }
+    let mut stream = b
+        .bridge()
+        .exec_process(b.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect("exec process")
+        .into_inner();
+    let (mut stdout, mut stderr, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    let mut exit = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(m) = tokio::time::timeout_at(deadline.into(), stream.message())
+        .await
+        .expect("the process reports in time")
+        .expect("exec stream")
+    {
+        assert_eq!(m.process_id, pid);
+        match m.input.expect("message") {
+            Msg::Started(_) => order.push("started"),
+            Msg::File(f) if f.eof => order.push(if f.fd == 1 { "eof1" } else { "eof2" }),
+            Msg::File(f) if f.fd == 1 => stdout.extend(f.data),
+            Msg::File(f) => stderr.extend(f.data),
+            Msg::Exit(x) => {
+                order.push("exit");
+                exit = Some(x.code);
+            }
+            Msg::Done(_) => {
+                order.push("done");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(tx);
+    (
+        String::from_utf8_lossy(&stdout).to_string(),
+        String::from_utf8_lossy(&stderr).to_string(),
+        exit,
+        order,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frontend_runs_processes_in_containers_over_its_results() {
-    use fe::exec_message::Input as Msg;
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let b = ClientBuild::start(&d.addr, Attachables::default(), vec![], BTreeMap::new()).await;
     let mut gw = b.bridge();
@@ -688,81 +767,58 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
     .await
     .expect("new container");
 
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let send = |m: Msg| fe::ExecMessage {
-        process_id: "p1".into(),
-        input: Some(m),
-    };
-    tx.send(send(Msg::Init(fe::InitMessage {
-        container_id: "c1".into(),
-        meta: Some(pb::Meta {
-            args: vec![
-                "sh".into(),
-                "-c".into(),
-                "cat /data/dir/hello.txt; read x; echo \" got $x\"; echo oops >&2; touch /data/no 2>/dev/null || echo read-only; exit 3"
-                    .into(),
-            ],
-            env: vec!["PATH=/bin:/usr/bin".into()],
-            ..Default::default()
-        }),
-        fds: vec![0, 1, 2],
-        ..Default::default()
-    })))
-    .await
-    .expect("init");
-    tx.send(send(Msg::File(fe::FdMessage {
-        fd: 0,
-        eof: false,
-        data: b"typed\n".to_vec(),
-    })))
-    .await
-    .expect("stdin");
-    tx.send(send(Msg::File(fe::FdMessage {
-        fd: 0,
-        eof: true,
-        data: vec![],
-    })))
-    .await
-    .expect("stdin eof");
-    let mut stream = gw
-        .exec_process(b.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
-        .await
-        .expect("exec process")
-        .into_inner();
-    let (mut stdout, mut stderr, mut order) = (Vec::new(), Vec::new(), Vec::new());
-    let mut exit = None;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Some(m) = tokio::time::timeout_at(deadline.into(), stream.message())
-        .await
-        .expect("the process reports in time")
-        .expect("exec stream")
-    {
-        assert_eq!(m.process_id, "p1");
-        match m.input.expect("message") {
-            Msg::Started(_) => order.push("started"),
-            Msg::File(f) if f.eof => order.push(if f.fd == 1 { "eof1" } else { "eof2" }),
-            Msg::File(f) if f.fd == 1 => stdout.extend(f.data),
-            Msg::File(f) => stderr.extend(f.data),
-            Msg::Exit(x) => {
-                order.push("exit");
-                exit = Some(x.code);
-            }
-            Msg::Done(_) => {
-                order.push("done");
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(
-        String::from_utf8_lossy(&stdout),
-        "hello gateway got typed\nread-only\n"
-    );
-    assert_eq!(String::from_utf8_lossy(&stderr), "oops\n");
+    let (stdout, stderr, exit, order) = run_process(
+        &b,
+        "p1",
+        "cat /data/dir/hello.txt; read x; echo \" got $x\"; echo oops >&2; touch /data/no 2>/dev/null || echo read-only; echo kept > /tmp/made; exit 3",
+        Some(b"typed\n"),
+    )
+    .await;
+    assert_eq!(stdout, "hello gateway got typed\nread-only\n");
+    assert_eq!(stderr, "oops\n");
     assert_eq!(exit, Some(3));
     assert_eq!(order.first(), Some(&"started"));
     assert_eq!(&order[order.len() - 2..], ["exit", "done"]);
-    drop(tx);
+
+    // a second process in the same container sees what the first wrote
+    let (stdout, _, exit, _) = run_process(&b, "p2", "cat /tmp/made", None).await;
+    assert_eq!((stdout.as_str(), exit), ("kept\n", Some(0)));
+    // and so do the container filesystem calls (mount 0 is the root, 1 /data)
+    let made = gw
+        .read_file_container(b.req(fe::ReadFileRequest {
+            r#ref: "c1".into(),
+            file_path: "/tmp/made".into(),
+            mount_index: 0,
+            ..Default::default()
+        }))
+        .await
+        .expect("read file in container")
+        .into_inner();
+    assert_eq!(made.data, b"kept\n");
+    let listed = gw
+        .read_dir_container(b.req(fe::ReadDirRequest {
+            r#ref: "c1".into(),
+            dir_path: "/dir".into(),
+            mount_index: 1,
+            ..Default::default()
+        }))
+        .await
+        .expect("read dir in container")
+        .into_inner();
+    let names: Vec<&str> = listed.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, ["hello.txt", "notes.md"]);
+    let st = gw
+        .stat_file_container(b.req(fe::StatFileRequest {
+            r#ref: "c1".into(),
+            path: "/tmp/made".into(),
+            mount_index: 0,
+        }))
+        .await
+        .expect("stat in container")
+        .into_inner()
+        .stat
+        .expect("stat");
+    assert_eq!(st.size, 5);
 
     gw.release_container(b.req(fe::ReleaseContainerRequest {
         container_id: "c1".into(),
@@ -776,5 +832,25 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
         .await
         .expect_err("released twice");
     assert_eq!(again.code(), tonic::Code::NotFound);
+
+    // a container left to the build is released when the build ends
+    gw.new_container(b.req(fe::NewContainerRequest {
+        container_id: "c2".into(),
+        mounts: vec![pb::Mount {
+            dest: "/".into(),
+            result_id: root.id.clone(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }))
+    .await
+    .expect("second container");
+    assert!(!mounts_under(d.dir.path()).is_empty());
     b.solve.abort();
+    drop(b);
+    let t = Instant::now();
+    while !mounts_under(d.dir.path()).is_empty() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mounts_under(d.dir.path()), Vec::<String>::new());
 }

@@ -4,7 +4,9 @@
 //! store or active in containerd's snapshotter), no containerd snapshots kiln does not
 //! know, and no bundles.
 
-use kiln_integration_tests::{Backend, BuildContext, Daemon, Topology, bin_dir, dockerfile_args};
+use kiln_integration_tests::{
+    Backend, BuildContext, Daemon, Topology, bin_dir, dockerfile_args, mounts_under,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,17 +26,6 @@ fn sleepers(marker: &str) -> Vec<String> {
         }
     }
     out
-}
-
-/// Mount points under `dir` in this mount namespace.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let prefix = dir.display().to_string();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix))
-        .map(str::to_string)
-        .collect()
 }
 
 fn entries(dir: &Path) -> Vec<String> {

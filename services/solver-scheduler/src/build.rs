@@ -67,15 +67,12 @@ struct BuildRef {
     snapshot: tokio::sync::OnceCell<String>,
 }
 
-/// A container a frontend made (LLBBridge `NewContainer`): its mounts over the
-/// build's results, in which `ExecProcess` runs processes.
+/// A container a frontend made (LLBBridge `NewContainer`): its mounts,
+/// prepared on the worker, in which `ExecProcess` runs processes.
 #[derive(Debug, Clone, Default)]
 pub struct Container {
-    /// mounts whose `input` indexes `inputs`
-    pub mounts: Vec<pb::Mount>,
-    /// worker snapshots of the mounted results (empty: scratch)
-    pub inputs: Vec<String>,
-    pub network: i32,
+    /// the worker's id for it
+    pub worker_id: String,
     pub extra_hosts: Vec<pb::HostIp>,
     pub hostname: String,
 }
@@ -281,6 +278,14 @@ impl Build {
             .and_then(|mut m| m.remove(id))
             .map(|_| ())
             .ok_or_else(|| Error::Container(id.to_string(), "not created, or released".into()))
+    }
+
+    /// Every container the build still holds (released when it ends).
+    fn take_containers(&self) -> Vec<Container> {
+        self.containers
+            .lock()
+            .map(|mut m| m.drain().map(|(_, c)| c).collect())
+            .unwrap_or_default()
     }
 
     /// Whether the client runs this build's frontend and has not returned yet.
@@ -993,6 +998,19 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
     fn drop(&mut self) {
         self.build.active.store(false, Ordering::SeqCst);
         self.build.progress.close();
+        let containers = self.build.take_containers();
+        if !containers.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let worker = self.solver.worker.clone();
+            rt.spawn(async move {
+                for c in containers {
+                    if let Err(e) = worker.release_container(&c.worker_id).await {
+                        tracing::warn!(container = %c.worker_id, error = %e, "release container");
+                    }
+                }
+            });
+        }
         self.solver.gc_soon();
         let solver = self.solver.clone();
         let id = self.build.id.clone();

@@ -119,6 +119,7 @@ pub async fn solve<W: Worker, F: Frontend, E: Exporter>(
         session_id: build.session_id.clone(),
         entitlements: Vec::new(),
         stdin: true,
+        container: None,
     };
     run_frontend_process(solver, build, source, spec, inputs).await
 }

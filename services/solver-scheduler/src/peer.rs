@@ -53,18 +53,18 @@ pub trait Worker: Send + Sync + 'static {
         op: RunOp,
         events: Arc<dyn Fn(RunEvent) + Send + Sync>,
     ) -> impl Future<Output = Result<RunOutputs, Error>> + Send;
-    /// `length` bytes (0: to the end) from `offset` of a file in ref `r`.
+    /// `length` bytes (0: to the end) from `offset` of a file in `r`.
     fn read_file(
         &self,
-        r: &str,
+        r: FsTarget<'_>,
         path: &str,
         offset: i64,
         length: i64,
     ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
-    /// The entries of a directory in ref `r` (names matching `include` when set).
+    /// The entries of a directory in `r` (names matching `include` when set).
     fn read_dir(
         &self,
-        r: &str,
+        r: FsTarget<'_>,
         path: &str,
         include: &str,
     ) -> impl Future<Output = Result<Vec<Stat>, Error>> + Send {
@@ -72,6 +72,19 @@ pub trait Worker: Send + Sync + 'static {
         std::future::ready(Err(Error::Worker(
             "this worker cannot list directories".into(),
         )))
+    }
+    /// Prepares an LLBBridge container's mounts on the worker (`spec.op`'s
+    /// mounts over `spec.inputs`); returns the worker's id for it.
+    fn new_container(&self, spec: ExecSpec) -> impl Future<Output = Result<String, Error>> + Send {
+        let _ = spec;
+        std::future::ready(Err(Error::Worker(
+            "this worker cannot hold containers".into(),
+        )))
+    }
+    /// Unmounts and discards a container.
+    fn release_container(&self, id: &str) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = id;
+        std::future::ready(Ok(()))
     }
     /// Runs an interactive process on the worker (see [`ExecSpec`]): `input`
     /// feeds it, `events` gets its output as it comes. Returns the exit code.
@@ -86,8 +99,12 @@ pub trait Worker: Send + Sync + 'static {
             "this worker cannot run interactive processes".into(),
         )))
     }
-    /// The metadata of one path in ref `r`.
-    fn stat_file(&self, r: &str, path: &str) -> impl Future<Output = Result<Stat, Error>> + Send {
+    /// The metadata of one path in `r`.
+    fn stat_file(
+        &self,
+        r: FsTarget<'_>,
+        path: &str,
+    ) -> impl Future<Output = Result<Stat, Error>> + Send {
         let _ = (r, path);
         std::future::ready(Err(Error::Worker("this worker cannot stat files".into())))
     }
@@ -138,6 +155,28 @@ pub struct ExecSpec {
     pub entitlements: Vec<String>,
     /// whether it reads stdin
     pub stdin: bool,
+    /// run in this worker container (then only `op`'s meta, security mode and
+    /// secret env count)
+    pub container: Option<String>,
+}
+
+/// What a file call reads on a worker.
+#[derive(Debug, Clone, Copy)]
+pub enum FsTarget<'a> {
+    /// a snapshot (empty: scratch)
+    Ref(&'a str),
+    /// mount `mount` of a worker container, as its processes left it
+    Container { id: &'a str, mount: u32 },
+}
+
+impl<'a> FsTarget<'a> {
+    /// The wire fields: (ref, container id, mount index).
+    pub fn parts(self) -> (&'a str, &'a str, u32) {
+        match self {
+            FsTarget::Ref(r) => (r, "", 0),
+            FsTarget::Container { id, mount } => ("", id, mount),
+        }
+    }
 }
 
 /// What goes to an interactive process.

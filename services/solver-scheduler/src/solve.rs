@@ -1032,7 +1032,7 @@ mod tests {
         }
         async fn read_file(
             &self,
-            _r: &str,
+            _r: crate::peer::FsTarget<'_>,
             _path: &str,
             _o: i64,
             _l: i64,

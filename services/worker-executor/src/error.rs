@@ -19,6 +19,8 @@ pub enum Error {
     },
     #[error("snapshot {id} not found")]
     SnapshotNotFound { id: String },
+    #[error("container {id} not found (never made, or released)")]
+    ContainerNotFound { id: String },
     #[error("invalid snapshot id {id:?}")]
     InvalidRef { id: String },
     #[error("snapshot {id} metadata: {source}")]
@@ -133,7 +135,9 @@ impl From<Error> for tonic::Status {
         use tonic::Status;
         let msg = e.to_string();
         match e {
-            Error::SnapshotNotFound { .. } | Error::BlobNotFound { .. } => Status::not_found(msg),
+            Error::SnapshotNotFound { .. }
+            | Error::BlobNotFound { .. }
+            | Error::ContainerNotFound { .. } => Status::not_found(msg),
             Error::InvalidRef { .. }
             | Error::DecodeOp(_)
             | Error::InvalidOp(_)

@@ -120,6 +120,8 @@ pub struct Worker {
     executor: ops::exec::Executor,
     /// runc state and step bundles (on a tmpfs when there is one).
     runtime: runtimedir::RuntimeDir,
+    /// LLBBridge containers, by id: mounts kept until released
+    containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -181,6 +183,7 @@ impl Worker {
             local_locks: std::sync::Mutex::new(HashMap::new()),
             executor,
             runtime,
+            containers: std::sync::Mutex::new(HashMap::new()),
             config,
         })
     }
@@ -240,12 +243,91 @@ impl Worker {
         ops::exec::run_interactive(self, exec, &cx, stdio, started).await
     }
 
+    /// Prepares an LLBBridge container: `exec`'s mounts (inputs are refs of this
+    /// worker), kept until [`Self::release_container`]. Returns its id.
+    pub async fn new_container(
+        &self,
+        exec: &pb::ExecOp,
+        inputs: &[Option<String>],
+        session_id: &str,
+        entitlements: &[String],
+    ) -> Result<String> {
+        let cx = ops::exec::ExecContext {
+            inputs,
+            session_id,
+            entitlements,
+        };
+        let c = ops::exec::new_container(self, exec, &cx).await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        self.containers
+            .lock()
+            .map_err(|_| Error::InvalidOp("containers lock poisoned".into()))?
+            .insert(id.clone(), Arc::new(c));
+        Ok(id)
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<ops::exec::Container>> {
+        self.containers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .ok_or_else(|| Error::ContainerNotFound { id: id.to_string() })
+    }
+
+    /// Unmounts and discards a container (its running processes keep their
+    /// mounts until they end).
+    pub async fn release_container(&self, id: &str) -> Result<()> {
+        let c = self
+            .containers
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(id))
+            .ok_or_else(|| Error::ContainerNotFound { id: id.to_string() })?;
+        tokio::task::spawn_blocking(move || drop(c)).await?;
+        Ok(())
+    }
+
+    /// Runs a process (`meta`) in a container, stdio streamed; returns its exit code.
+    #[allow(clippy::too_many_arguments)] // one process: where, what, how, its stdio
+    pub async fn exec_in_container(
+        &self,
+        id: &str,
+        meta: &pb::Meta,
+        secretenv: &[pb::SecretEnv],
+        session_id: &str,
+        security: i32,
+        stdio: runc::Stdio,
+        started: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<i32> {
+        let c = self.container(id)?;
+        ops::exec::run_in_container(
+            self, &c, meta, secretenv, session_id, security, stdio, started,
+        )
+        .await
+    }
+
+    /// The host path of a container's mount, for reading it as it is now.
+    fn container_mount(
+        &self,
+        id: &str,
+        mount: u32,
+    ) -> Result<(Arc<ops::exec::Container>, PathBuf)> {
+        let c = self.container(id)?;
+        let path = c
+            .mount_path(mount as usize)
+            .ok_or_else(|| {
+                Error::InvalidOp(format!("container {id} has no mount {mount} to read"))
+            })?
+            .to_path_buf();
+        Ok((c, path))
+    }
+
     /// Reads `length` bytes (all, when `None`) from `offset` of a file inside a ref's
     /// filesystem (the path cannot escape the root). At most [`READ_FILE_LIMIT`] bytes
     /// come back in one read: a longer read is refused, not buffered.
     pub async fn read_file(
         &self,
-        r: Option<&str>,
+        r: FsTarget<'_>,
         path: &str,
         offset: u64,
         length: Option<u64>,
@@ -281,7 +363,7 @@ impl Worker {
     /// `include`, a shell pattern, when given), with fsutil's metadata.
     pub async fn read_dir(
         &self,
-        r: Option<&str>,
+        r: FsTarget<'_>,
         path: &str,
         include: &str,
     ) -> Result<Vec<kiln_proto::fsutil::types::Stat>> {
@@ -315,7 +397,7 @@ impl Worker {
     /// fsutil's metadata of one path inside a ref (a final symlink is not followed).
     pub async fn stat_file(
         &self,
-        r: Option<&str>,
+        r: FsTarget<'_>,
         path: &str,
     ) -> Result<kiln_proto::fsutil::types::Stat> {
         let path = path.to_string();
@@ -326,21 +408,35 @@ impl Worker {
         .await
     }
 
-    /// Runs `f` on a blocking thread with a read-only view of ref `r` (scratch when `None`).
+    /// Runs `f` on a blocking thread with a view of `target`: a read-only
+    /// mount of a ref (scratch when `None`), or a container's mount as it is.
     async fn in_ref<T: Send + 'static>(
         &self,
-        r: Option<&str>,
+        target: FsTarget<'_>,
         f: impl FnOnce(&std::path::Path) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let top = r.map(str::to_string);
-        let w = self.blocking_store();
-        tokio::task::spawn_blocking(move || {
-            let m = w.mount_ro(top.as_deref())?;
-            let out = f(m.path());
-            m.unmount()?;
-            out
-        })
-        .await?
+        match target {
+            FsTarget::Ref(r) => {
+                let top = r.map(str::to_string);
+                let w = self.blocking_store();
+                tokio::task::spawn_blocking(move || {
+                    let m = w.mount_ro(top.as_deref())?;
+                    let out = f(m.path());
+                    m.unmount()?;
+                    out
+                })
+                .await?
+            }
+            FsTarget::Container { id, mount } => {
+                let (c, root) = self.container_mount(id, mount)?;
+                tokio::task::spawn_blocking(move || {
+                    let out = f(&root);
+                    drop(c);
+                    out
+                })
+                .await?
+            }
+        }
     }
 
     /// Digest of what `selectors` reach in a ref's filesystem (see
@@ -479,6 +575,15 @@ impl Worker {
         };
         map.entry(dir.to_path_buf()).or_default().clone()
     }
+}
+
+/// What a file read looks into.
+#[derive(Debug, Clone, Copy)]
+pub enum FsTarget<'a> {
+    /// a ref's filesystem (`None`: scratch)
+    Ref(Option<&'a str>),
+    /// mount `mount` of an LLBBridge container, as its processes left it
+    Container { id: &'a str, mount: u32 },
 }
 
 /// The most one ReadFile call returns (it travels as one gRPC message).

@@ -41,7 +41,7 @@ impl ExtraMount {
 }
 
 /// What to run and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ProcessSpec {
     pub args: Vec<String>,
     pub env: Vec<String>,

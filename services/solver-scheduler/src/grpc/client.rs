@@ -1,6 +1,7 @@
 //! The solver's peers over gRPC.
 
 use crate::Error;
+use crate::peer::FsTarget;
 use crate::peer::{
     self, ExecEvent, ExecInput, ExecSpec, ExportJob, FrontendOutput, PathEntry, ResolvedImage,
     RunEvent, RunOp, RunOutputs, Selector, SnapshotUsage, Stat, WorkerUsage,
@@ -97,16 +98,19 @@ impl peer::Worker for GrpcWorker {
 
     async fn read_file(
         &self,
-        r: &str,
+        r: FsTarget<'_>,
         path: &str,
         offset: i64,
         length: i64,
     ) -> Result<Vec<u8>, Error> {
+        let (r, container, mount) = r.parts();
         let mut req = tonic::Request::new(wk::ReadFileRequest {
             r#ref: r.to_string(),
             path: path.to_string(),
             offset,
             length,
+            container_id: container.to_string(),
+            mount_index: mount,
         });
         req.set_timeout(Duration::from_secs(60));
         let resp = self
@@ -118,11 +122,19 @@ impl peer::Worker for GrpcWorker {
         Ok(resp.into_inner().data)
     }
 
-    async fn read_dir(&self, r: &str, path: &str, include: &str) -> Result<Vec<Stat>, Error> {
+    async fn read_dir(
+        &self,
+        r: FsTarget<'_>,
+        path: &str,
+        include: &str,
+    ) -> Result<Vec<Stat>, Error> {
+        let (r, container, mount) = r.parts();
         let mut req = tonic::Request::new(wk::ReadDirRequest {
             r#ref: r.to_string(),
             path: path.to_string(),
             include_pattern: include.to_string(),
+            container_id: container.to_string(),
+            mount_index: mount,
         });
         req.set_timeout(Duration::from_secs(60));
         let resp = self
@@ -132,6 +144,31 @@ impl peer::Worker for GrpcWorker {
             .await
             .map_err(|s| Error::Worker(s.message().to_string()))?;
         Ok(resp.into_inner().entries)
+    }
+
+    async fn new_container(&self, spec: ExecSpec) -> Result<String, Error> {
+        use prost::Message;
+        let resp = self
+            .client
+            .clone()
+            .new_container(wk::NewContainerRequest {
+                exec_op: spec.op.encode_to_vec(),
+                inputs: spec.inputs,
+                session_id: spec.session_id,
+                entitlements: spec.entitlements,
+            })
+            .await
+            .map_err(|s| Error::Worker(format!("new container: {}", s.message())))?;
+        Ok(resp.into_inner().id)
+    }
+
+    async fn release_container(&self, id: &str) -> Result<(), Error> {
+        self.client
+            .clone()
+            .release_container(wk::ReleaseContainerRequest { id: id.to_string() })
+            .await
+            .map_err(|s| Error::Worker(format!("release container {id}: {}", s.message())))?;
+        Ok(())
     }
 
     async fn exec(
@@ -150,6 +187,7 @@ impl peer::Worker for GrpcWorker {
                 session_id: spec.session_id,
                 entitlements: spec.entitlements,
                 stdin: spec.stdin,
+                container_id: spec.container.unwrap_or_default(),
             })),
         };
         let rest = tokio_stream::wrappers::ReceiverStream::new(input).map(|i| wk::ExecInput {
@@ -193,10 +231,13 @@ impl peer::Worker for GrpcWorker {
         ))
     }
 
-    async fn stat_file(&self, r: &str, path: &str) -> Result<Stat, Error> {
+    async fn stat_file(&self, r: FsTarget<'_>, path: &str) -> Result<Stat, Error> {
+        let (r, container, mount) = r.parts();
         let mut req = tonic::Request::new(wk::StatFileRequest {
             r#ref: r.to_string(),
             path: path.to_string(),
+            container_id: container.to_string(),
+            mount_index: mount,
         });
         req.set_timeout(Duration::from_secs(60));
         let resp = self

@@ -1,7 +1,8 @@
 //! LLBBridge `ExecProcess`: processes in the containers a frontend made
 //! (`NewContainer`), as `buildx build --invoke` and `buildx debug` run them.
 //! One call carries any number of processes, told apart by `ProcessID`; each
-//! runs on the worker (`Worker.Exec`) over the container's mounts, with stdin
+//! runs on the worker (`Worker.Exec` in the worker's container, so processes
+//! of one container see each other's writes), with stdin
 //! from `File{fd: 0}` messages and its output sent back as `File{fd: 1|2}`,
 //! then `File{EOF}` per output, `Exit{code}` and `Done`, in BuildKit's order.
 //! There is no terminal: `Tty` is run as plain pipes and `Resize` is ignored.
@@ -107,22 +108,18 @@ fn process_spec(build: &Build, init: &fe::InitMessage) -> Result<ExecSpec, Error
         meta.hostname = c.hostname.clone();
     }
     meta.extra_hosts.extend(c.extra_hosts.iter().cloned());
-    if meta.cwd.is_empty() {
-        meta.cwd = "/".into();
-    }
     Ok(ExecSpec {
         op: pb::ExecOp {
             meta: Some(meta),
-            mounts: c.mounts,
-            network: c.network,
             security: init.security,
             secretenv: init.secretenv.clone(),
             ..Default::default()
         },
-        inputs: c.inputs,
+        inputs: Vec::new(),
         session_id: build.session_id.clone(),
         entitlements: build.entitlements.clone(),
         stdin: init.fds.contains(&0),
+        container: Some(c.worker_id),
     })
 }
 

@@ -3,7 +3,7 @@
 use super::{BUILD_ID_KEY, convert};
 use crate::Error;
 use crate::build::{FrontendResult, Solver};
-use crate::peer::{Exporter, Frontend, Worker};
+use crate::peer::{Exporter, Frontend, FsTarget, Worker};
 use crate::session::Session;
 use crate::usage::Filter;
 use bytes::Bytes;
@@ -506,6 +506,7 @@ const FRONTEND_CAPS: &[&str] = &[
     "gateway.exec.extrahosts",
     "gateway.exec.secretenv",
     "gateway.exec.signals",
+    "gateway.exec.filesystem",
 ];
 
 const LLB_CAPS: &[&str] = &[
@@ -755,7 +756,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let data = self
             .solver
             .worker
-            .read_file(&snapshot, &r.file_path, offset, length)
+            .read_file(FsTarget::Ref(&snapshot), &r.file_path, offset, length)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(fe::ReadFileResponse { data }))
@@ -771,7 +772,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let entries = self
             .solver
             .worker
-            .read_dir(&snapshot, &r.dir_path, &r.include_pattern)
+            .read_dir(FsTarget::Ref(&snapshot), &r.dir_path, &r.include_pattern)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(fe::ReadDirResponse { entries }))
@@ -787,7 +788,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let stat = self
             .solver
             .worker
-            .stat_file(&snapshot, &r.path)
+            .stat_file(FsTarget::Ref(&snapshot), &r.path)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(fe::StatFileResponse { stat: Some(stat) }))
@@ -880,33 +881,62 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
                 "NewContainer without a ContainerID",
             ));
         }
-        let mut c = crate::build::Container {
+        if build.container(&r.container_id).is_ok() {
+            return Err(Status::already_exists(format!(
+                "container {:?} already exists",
+                r.container_id
+            )));
+        }
+        let mut op = kiln_proto::pb::ExecOp {
+            // each process brings its own meta; this one only prepares the mounts
+            meta: Some(kiln_proto::pb::Meta {
+                cwd: "/".into(),
+                ..Default::default()
+            }),
             network: r.network,
-            extra_hosts: r.extra_hosts,
-            hostname: r.hostname,
             ..Default::default()
         };
+        let mut inputs = Vec::new();
         for mut m in r.mounts {
             // a mount names a result of the build by id (or none: scratch)
             m.input = if m.result_id.is_empty() {
                 -1
             } else {
-                c.inputs.push(self.snapshot(&build, &m.result_id).await?);
-                c.inputs.len() as i64 - 1
+                inputs.push(self.snapshot(&build, &m.result_id).await?);
+                inputs.len() as i64 - 1
             };
             // what a container writes is never kept
             m.output = -1;
-            c.mounts.push(m);
+            op.mounts.push(m);
         }
-        if !c.mounts.iter().any(|m| m.dest == "/") {
+        if !op.mounts.iter().any(|m| m.dest == "/") {
             return Err(Status::invalid_argument(format!(
                 "container {:?} has no root mount",
                 r.container_id
             )));
         }
-        build
-            .add_container(&r.container_id, c)
+        let worker_id = self
+            .solver
+            .worker
+            .new_container(crate::peer::ExecSpec {
+                op,
+                inputs,
+                session_id: build.session_id.clone(),
+                entitlements: build.entitlements.clone(),
+                stdin: false,
+                container: None,
+            })
+            .await
             .map_err(Status::from)?;
+        let c = crate::build::Container {
+            worker_id: worker_id.clone(),
+            extra_hosts: r.extra_hosts,
+            hostname: r.hostname,
+        };
+        if let Err(e) = build.add_container(&r.container_id, c) {
+            let _ = self.solver.worker.release_container(&worker_id).await;
+            return Err(Status::from(e));
+        }
         Ok(Response::new(fe::NewContainerResponse {}))
     }
 
@@ -915,8 +945,13 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         request: Request<fe::ReleaseContainerRequest>,
     ) -> Result<Response<fe::ReleaseContainerResponse>, Status> {
         let build = self.build(&request).await?;
-        build
-            .release_container(&request.into_inner().container_id)
+        let id = request.into_inner().container_id;
+        let c = build.container(&id).map_err(Status::from)?;
+        build.release_container(&id).map_err(Status::from)?;
+        self.solver
+            .worker
+            .release_container(&c.worker_id)
+            .await
             .map_err(Status::from)?;
         Ok(Response::new(fe::ReleaseContainerResponse {}))
     }
@@ -946,31 +981,68 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
 
     async fn read_file_container(
         &self,
-        _r: Request<fe::ReadFileRequest>,
+        request: Request<fe::ReadFileRequest>,
     ) -> Result<Response<fe::ReadFileResponse>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let c = build.container(&r.r#ref).map_err(Status::from)?;
+        let (offset, length) = r
+            .range
+            .map(|x| (x.offset.max(0), x.length.max(0)))
+            .unwrap_or((0, 0));
+        let target = container_mount(&c, r.mount_index)?;
+        let data = self
+            .solver
+            .worker
+            .read_file(target, &r.file_path, offset, length)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::ReadFileResponse { data }))
     }
 
     async fn read_dir_container(
         &self,
-        _r: Request<fe::ReadDirRequest>,
+        request: Request<fe::ReadDirRequest>,
     ) -> Result<Response<fe::ReadDirResponse>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let c = build.container(&r.r#ref).map_err(Status::from)?;
+        let target = container_mount(&c, r.mount_index)?;
+        let entries = self
+            .solver
+            .worker
+            .read_dir(target, &r.dir_path, &r.include_pattern)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::ReadDirResponse { entries }))
     }
 
     async fn stat_file_container(
         &self,
-        _r: Request<fe::StatFileRequest>,
+        request: Request<fe::StatFileRequest>,
     ) -> Result<Response<fe::StatFileResponse>, Status> {
-        Err(no_containers())
+        let build = self.build(&request).await?;
+        let r = request.into_inner();
+        let c = build.container(&r.r#ref).map_err(Status::from)?;
+        let target = container_mount(&c, r.mount_index)?;
+        let stat = self
+            .solver
+            .worker
+            .stat_file(target, &r.path)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(fe::StatFileResponse { stat: Some(stat) }))
     }
 }
 
-/// The answer to the container filesystem calls, which Ping does not announce.
-fn no_containers() -> Status {
-    Status::unimplemented(
-        "kiln does not read container filesystems through LLBBridge yet (capability gateway.exec.filesystem)",
-    )
+/// A container's mount as the worker names it.
+fn container_mount(c: &crate::build::Container, mount: i32) -> Result<FsTarget<'_>, Status> {
+    let mount = u32::try_from(mount)
+        .map_err(|_| Status::invalid_argument(format!("mount index {mount}")))?;
+    Ok(FsTarget::Container {
+        id: &c.worker_id,
+        mount,
+    })
 }
 
 /// The workers ListWorkers and Ping report.

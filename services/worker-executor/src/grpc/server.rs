@@ -58,6 +58,18 @@ fn chunks(mut rx: mpsc::Receiver<crate::Result<Bytes>>) -> TaskStream<wpb::Chunk
     }
 }
 
+/// What a file call reads: a container's mount when it names one, else a ref.
+fn fs_target<'a>(r: &'a str, container: &'a str, mount: u32) -> crate::FsTarget<'a> {
+    if container.is_empty() {
+        crate::FsTarget::Ref((!r.is_empty()).then_some(r))
+    } else {
+        crate::FsTarget::Container {
+            id: container,
+            mount,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl wpb::worker_server::Worker for WorkerService {
     async fn info(
@@ -195,8 +207,8 @@ impl wpb::worker_server::Worker for WorkerService {
                 output: out_tx,
                 signals: sig_rx,
             };
-            let res = core
-                .exec(
+            let res = if start.container_id.is_empty() {
+                core.exec(
                     &op,
                     &inputs,
                     &start.session_id,
@@ -204,7 +216,19 @@ impl wpb::worker_server::Worker for WorkerService {
                     stdio,
                     started_tx,
                 )
-                .await;
+                .await
+            } else {
+                core.exec_in_container(
+                    &start.container_id,
+                    &op.meta.clone().unwrap_or_default(),
+                    &op.secretenv,
+                    &start.session_id,
+                    op.security,
+                    stdio,
+                    started_tx,
+                )
+                .await
+            };
             let _ = fwd.await;
             input.abort();
             let msg = res
@@ -220,6 +244,34 @@ impl wpb::worker_server::Worker for WorkerService {
         }))
     }
 
+    async fn new_container(
+        &self,
+        req: Request<wpb::NewContainerRequest>,
+    ) -> Result<Response<wpb::NewContainerResponse>, Status> {
+        use prost::Message;
+        let req = req.into_inner();
+        let op = crate::pb::ExecOp::decode(req.exec_op.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("exec op: {e}")))?;
+        let inputs: Vec<Option<String>> = req
+            .inputs
+            .iter()
+            .map(|r| convert::ref_from_wire(r))
+            .collect();
+        let id = self
+            .core
+            .new_container(&op, &inputs, &req.session_id, &req.entitlements)
+            .await?;
+        Ok(Response::new(wpb::NewContainerResponse { id }))
+    }
+
+    async fn release_container(
+        &self,
+        req: Request<wpb::ReleaseContainerRequest>,
+    ) -> Result<Response<wpb::ReleaseContainerResponse>, Status> {
+        self.core.release_container(&req.into_inner().id).await?;
+        Ok(Response::new(wpb::ReleaseContainerResponse {}))
+    }
+
     async fn read_file(
         &self,
         req: Request<wpb::ReadFileRequest>,
@@ -228,7 +280,7 @@ impl wpb::worker_server::Worker for WorkerService {
         let data = self
             .core
             .read_file(
-                convert::ref_from_wire(&req.r#ref).as_deref(),
+                fs_target(&req.r#ref, &req.container_id, req.mount_index),
                 &req.path,
                 req.offset.max(0) as u64,
                 (req.length > 0).then_some(req.length as u64),
@@ -245,7 +297,7 @@ impl wpb::worker_server::Worker for WorkerService {
         let entries = self
             .core
             .read_dir(
-                convert::ref_from_wire(&req.r#ref).as_deref(),
+                fs_target(&req.r#ref, &req.container_id, req.mount_index),
                 &req.path,
                 &req.include_pattern,
             )
@@ -260,7 +312,10 @@ impl wpb::worker_server::Worker for WorkerService {
         let req = req.into_inner();
         let stat = self
             .core
-            .stat_file(convert::ref_from_wire(&req.r#ref).as_deref(), &req.path)
+            .stat_file(
+                fs_target(&req.r#ref, &req.container_id, req.mount_index),
+                &req.path,
+            )
             .await?;
         Ok(Response::new(wpb::StatFileResponse { stat: Some(stat) }))
     }

@@ -332,6 +332,11 @@ struct Prepared {
     bundle: tempfile::TempDir,
     /// The runtime spec written to the bundle's config.json.
     spec: oci_spec::runtime::Spec,
+    /// What the spec was made of: another process over the same mounts (an
+    /// LLBBridge container's) gets its own spec from it.
+    process: ProcessSpec,
+    /// The host path of each bind mount, by mount index (the root's is the rootfs).
+    mount_paths: HashMap<usize, PathBuf>,
 }
 
 /// The first missing component of `dest` inside `root`, and every path below it down to
@@ -473,6 +478,8 @@ fn prepare(
         _bundle_tmpfs: bundle_tmpfs,
         bundle,
         spec: oci_spec::runtime::Spec::default(),
+        process: ProcessSpec::default(),
+        mount_paths: HashMap::new(),
     };
     let mut extra = Vec::new();
     let mut mounts: Vec<(usize, &pb::Mount)> = e.mounts.iter().enumerate().collect();
@@ -502,10 +509,12 @@ fn prepare(
                     path
                 };
                 if is_root {
+                    p.mount_paths.insert(index, path.clone());
                     p.rootfs = path;
                 } else {
                     let source = rootpath::resolve(&path, &m.selector, true)
                         .map_err(Error::io("resolve", &m.selector))?;
+                    p.mount_paths.insert(index, source.clone());
                     extra.push(ExtraMount::Bind {
                         dest: m.dest.clone(),
                         source,
@@ -597,7 +606,7 @@ fn prepare(
             .unwrap_or_default(),
     );
     env.extend(secrets.env.iter().cloned());
-    let spec = runc::spec(&ProcessSpec {
+    let process = ProcessSpec {
         args: meta.args.clone(),
         env,
         cwd: meta.cwd.clone(),
@@ -610,11 +619,9 @@ fn prepare(
         mounts: extra,
         resolv_conf: resolv,
         hosts,
-    })?;
-    let config = p.bundle.path().join("config.json");
-    spec.save(&config)
-        .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
-    p.spec = spec;
+    };
+    p.spec = write_spec(p.bundle.path(), &process)?;
+    p.process = process;
     tracing::debug!(
         target: "kiln_timing",
         "exec prepare: mounts {} ms, user/stubs/bundle {} ms",
@@ -622,6 +629,15 @@ fn prepare(
         (t0.elapsed() - t_mounts).as_millis()
     );
     Ok(p)
+}
+
+/// Writes the runtime spec of `process` as the bundle's config.json.
+fn write_spec(bundle: &Path, process: &ProcessSpec) -> Result<oci_spec::runtime::Spec> {
+    let spec = runc::spec(process)?;
+    let config = bundle.join("config.json");
+    spec.save(&config)
+        .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
+    Ok(spec)
 }
 
 /// Writes a secret file with the mount's owner and mode (on the bundle's tmpfs).
@@ -748,6 +764,96 @@ async fn prepare_exec(
     })
     .await??;
     Ok((prepared, agents))
+}
+
+/// An LLBBridge container: mounts prepared once, in which processes run one
+/// after another or side by side (each a runc container over the same rootfs,
+/// so they see each other's writes). Dropping it unmounts and discards.
+pub struct Container {
+    prepared: Prepared,
+    /// the exec op it was made from (its network and security mode)
+    op: pb::ExecOp,
+    _agents: SshAgents,
+}
+
+impl Container {
+    /// The host path of mount `index` (0 is usually the root).
+    pub fn mount_path(&self, index: usize) -> Option<&Path> {
+        self.prepared.mount_paths.get(&index).map(PathBuf::as_path)
+    }
+}
+
+/// Prepares a container's mounts (`e`'s meta is not run).
+pub async fn new_container(w: &Worker, e: &pb::ExecOp, cx: &ExecContext<'_>) -> Result<Container> {
+    if matches!(w.executor, Executor::Containerd(_)) {
+        return Err(Error::UnsupportedOp(
+            "LLBBridge containers run on the runc executor only".into(),
+        ));
+    }
+    let (prepared, agents) = prepare_exec(w, e, cx).await?;
+    Ok(Container {
+        prepared,
+        op: e.clone(),
+        _agents: agents,
+    })
+}
+
+/// Runs a process with `meta` in a container, stdio streamed. Returns its
+/// exit code; dropping the future kills it.
+#[allow(clippy::too_many_arguments)] // one process: what, where, how, and its stdio
+pub async fn run_in_container(
+    w: &Worker,
+    c: &Container,
+    meta: &pb::Meta,
+    secretenv: &[pb::SecretEnv],
+    session_id: &str,
+    security: i32,
+    stdio: crate::runc::Stdio,
+    started: tokio::sync::oneshot::Sender<()>,
+) -> Result<i32> {
+    let Executor::Runc(runc) = &w.executor else {
+        return Err(Error::UnsupportedOp(
+            "LLBBridge containers run on the runc executor only".into(),
+        ));
+    };
+    if security == SecurityMode::Insecure as i32 && c.op.security != security {
+        return Err(Error::Entitlement {
+            entitlement: ENTITLEMENT_SECURITY_INSECURE.into(),
+            reason: "a process cannot be more privileged than its container".into(),
+        });
+    }
+    let base = &c.prepared.process;
+    let identity = users::resolve_user(&base.rootfs, &meta.user)?;
+    let secrets = fetch_secrets(
+        w,
+        &pb::ExecOp {
+            secretenv: secretenv.to_vec(),
+            ..Default::default()
+        },
+        session_id,
+    )
+    .await?;
+    let mut env = meta.env.clone();
+    env.extend(secrets.env.iter().cloned());
+    let process = ProcessSpec {
+        args: meta.args.clone(),
+        env,
+        cwd: if meta.cwd.is_empty() {
+            "/".into()
+        } else {
+            meta.cwd.clone()
+        },
+        identity,
+        ..base.clone()
+    };
+    let bundle = tempfile::Builder::new()
+        .prefix("exec-")
+        .tempdir_in(w.runtime().path())
+        .map_err(Error::io("create bundle", w.runtime().path()))?;
+    write_spec(bundle.path(), &process)?;
+    let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
+    let _ = started.send(());
+    runc.run_stdio(&id, bundle.path(), stdio).await
 }
 
 /// Runs an interactive process (a frontend image, an LLBBridge container) with
