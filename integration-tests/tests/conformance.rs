@@ -24,6 +24,15 @@
 //!
 //! Each group test collects every failing case and reports them all at the end.
 //!
+//! Every group also runs with kiln's Dockerfile frontend as a frontend image
+//! (`kiln-frontend`, packaged by `scripts/frontend-image.sh` and pushed once per
+//! daemon), in one of three [`Mode`]s: `conformance_<group>` uses the built-in
+//! `dockerfile.v0`, `conformance_<group>_via_gateway_image` builds with
+//! `--frontend gateway.v0 --opt source=IMAGE`, and
+//! `conformance_<group>_via_syntax_image` (`parser`, `stages`, `errors`, `run`) puts
+//! `# syntax=IMAGE` on top of each Dockerfile. In the image modes every build
+//! must show that the image ran; [`skip_reason`] says which cases do not apply.
+//!
 //! The `remote` group runs next to a loopback `git daemon`, a git smart-HTTP
 //! server and a plain HTTP server; `{{NAME}}` in a case's `Dockerfile` and
 //! `expect.txt` is replaced by [`Remotes::vars`] (`{{GIT}}`, `{{GIT_HTTP}}`,
@@ -82,6 +91,14 @@ impl Case {
                 Check::ConfigEq(..) | Check::ConfigHas(..) | Check::ConfigAbsent(..)
             )
         })
+    }
+    /// The Dockerfile's name in the context (`--opt filename=`, else `Dockerfile`).
+    fn dockerfile_name(&self) -> String {
+        self.args
+            .iter()
+            .find_map(|a| a.strip_prefix("filename="))
+            .unwrap_or("Dockerfile")
+            .to_string()
     }
     /// Every `error ~` text; the build must fail when there is one.
     fn expected_errors(&self) -> Vec<&str> {
@@ -294,7 +311,92 @@ fn oci_config(tar_path: &Path) -> Result<Value, String> {
     }
 }
 
-fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), String> {
+/// How the Dockerfile frontend runs a group's cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `--frontend dockerfile.v0`: kilnd's built-in Dockerfile frontend
+    BuiltIn,
+    /// `--frontend gateway.v0 --opt source=IMAGE`: `kiln-frontend` as a frontend image
+    Gateway,
+    /// `--frontend dockerfile.v0` with `# syntax=IMAGE` prepended to the
+    /// Dockerfile: the built-in frontend hands the build to that image
+    Syntax,
+}
+
+/// The frontend of a group run: the mode and, for the image modes, the
+/// `kiln-frontend` image reference.
+struct Frontend {
+    mode: Mode,
+    image: String,
+}
+
+/// Cases that differ by design when the Dockerfile frontend runs as a
+/// frontend image: (mode, `group/case`, reason).
+const IMAGE_SKIPS: &[(Mode, &str, &str)] = &[(
+    Mode::Syntax,
+    "errors/empty-dockerfile",
+    "the case is an empty Dockerfile: with `# syntax=` on top it is no longer empty",
+)];
+
+/// Why `case` does not apply in `mode`, if it does not.
+///
+/// Besides [`IMAGE_SKIPS`], the `# syntax=IMAGE` mode skips, by rule, cases
+/// that name a frontend themselves: a Dockerfile with its own `# syntax=`
+/// directive (a second one would be a duplicate directive, and the case is
+/// about that directive) and a `BUILDKIT_SYNTAX` build arg (it overrides the
+/// directive, so the image would not run).
+fn skip_reason(mode: Mode, group: &str, name: &str, case: &Case) -> Option<String> {
+    let id = format!("{group}/{name}");
+    if let Some((_, _, why)) = IMAGE_SKIPS.iter().find(|(m, c, _)| *m == mode && *c == id) {
+        return Some(why.to_string());
+    }
+    if mode != Mode::Syntax {
+        return None;
+    }
+    if case
+        .args
+        .iter()
+        .any(|a| a.starts_with("build-arg:BUILDKIT_SYNTAX="))
+    {
+        return Some("sets BUILDKIT_SYNTAX, which overrides # syntax=".into());
+    }
+    let dockerfile = std::fs::read_to_string(case.dir.join(case.dockerfile_name())).ok()?;
+    dockerfile
+        .lines()
+        .take_while(|l| l.trim_start().starts_with('#'))
+        .any(|l| {
+            let d = l.trim_start().trim_start_matches('#').trim_start();
+            d.to_ascii_lowercase().starts_with("syntax")
+                && d["syntax".len()..].trim_start().starts_with('=')
+        })
+        .then(|| "has its own # syntax= directive".into())
+}
+
+/// `Dockerfile:N` → `Dockerfile:N+1` in an expected text: in the `# syntax=`
+/// mode the prepended directive moves every line down by one.
+fn shift_lines(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("Dockerfile:") {
+        let (head, tail) = rest.split_at(i + "Dockerfile:".len());
+        out.push_str(head);
+        let digits = tail.len() - tail.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + 1).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn run_case(
+    d: &Daemon,
+    case: &Case,
+    vars: &[(String, String)],
+    frontend: &Frontend,
+) -> Result<(), String> {
     let work = tempfile::Builder::new()
         .prefix("kiln-conf-")
         .tempdir()
@@ -308,10 +410,30 @@ fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), St
         std::fs::write(&df, substitute(&text, vars))
             .map_err(|e| format!("write Dockerfile: {e}"))?;
     }
+    if frontend.mode == Mode::Syntax {
+        let df = ctx.join(case.dockerfile_name());
+        let text = std::fs::read_to_string(&df).map_err(|e| format!("read Dockerfile: {e}"))?;
+        std::fs::write(&df, format!("# syntax={}\n{text}", frontend.image))
+            .map_err(|e| format!("write Dockerfile: {e}"))?;
+    }
     let out_dir = work.path().join("out");
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
-    args.extend(dockerfile_args().iter().map(|s| s.to_string()));
+    match frontend.mode {
+        Mode::BuiltIn | Mode::Syntax => {
+            args.extend(dockerfile_args().iter().map(|s| s.to_string()))
+        }
+        Mode::Gateway => args.extend([
+            "--frontend".to_string(),
+            "gateway.v0".into(),
+            "--opt".into(),
+            format!("source={}", frontend.image),
+            "--local".into(),
+            "context=.".into(),
+            "--local".into(),
+            "dockerfile=.".into(),
+        ]),
+    }
     args.extend(case.args.iter().cloned());
     if case.needs_fs() {
         args.push("--output".into());
@@ -328,6 +450,14 @@ fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), St
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(12)..].join("\n    ")
     };
+    // the image built the case (not the built-in frontend)
+    let ran = format!("[internal] frontend {}", frontend.image);
+    if frontend.mode != Mode::BuiltIn && !stderr.contains(&ran) {
+        return Err(format!(
+            "the frontend image did not run (no {ran:?}):\n    {}",
+            tail(&stderr)
+        ));
+    }
     let errors = case.expected_errors();
     if !errors.is_empty() {
         if out.status.success() {
@@ -439,16 +569,17 @@ fn run_case(d: &Daemon, case: &Case, vars: &[(String, String)]) -> Result<(), St
     Err(problems.join("\n    "))
 }
 
-fn run_group(group: &str) {
-    run_group_with(group, &[]);
+fn run_group(group: &str, mode: Mode) {
+    run_group_with(group, &[], mode);
 }
 
-fn run_group_with(group: &str, vars: &[(String, String)]) {
-    run_group_on(group, vars, "");
+fn run_group_with(group: &str, vars: &[(String, String)], mode: Mode) {
+    run_group_on(group, vars, "", mode);
 }
 
-/// Runs a group on a daemon whose kilnd.toml starts with `daemon_config`.
-fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str) {
+/// Runs a group on a daemon whose kilnd.toml starts with `daemon_config`,
+/// with the Dockerfile frontend run as `mode` says.
+fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mode: Mode) {
     let dir = conformance_dir().join(group);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -463,74 +594,103 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str) {
         names.retain(|n| n.contains(&only));
     }
     let d = Daemon::start_with_config(Topology::AllInOne, daemon_config).expect("daemon");
+    let image = match mode {
+        Mode::BuiltIn => String::new(),
+        Mode::Gateway | Mode::Syntax => d
+            .frontend_image("kiln-frontend", "dockerfile-frontend")
+            .expect("frontend image"),
+    };
+    let frontend = Frontend { mode, image };
     let mut failures = Vec::new();
+    let (mut passed, mut skipped) = (0, 0);
     for name in &names {
-        let result = parse_expect(&dir.join(name), vars).and_then(|case| run_case(&d, &case, vars));
-        match result {
-            Ok(()) => eprintln!("ok    {group}/{name}"),
+        let case = parse_expect(&dir.join(name), vars).map(|mut case| {
+            if mode == Mode::Syntax {
+                for c in &mut case.checks {
+                    if let Check::Error(s) | Check::Log(s) = c {
+                        *s = shift_lines(s);
+                    }
+                }
+            }
+            case
+        });
+        if let Some(why) = case
+            .as_ref()
+            .ok()
+            .and_then(|c| skip_reason(mode, group, name, c))
+        {
+            eprintln!("skip  {group}/{name}: {why}");
+            skipped += 1;
+            continue;
+        }
+        match case.and_then(|case| run_case(&d, &case, vars, &frontend)) {
+            Ok(()) => {
+                eprintln!("ok    {group}/{name}");
+                passed += 1;
+            }
             Err(e) => {
                 eprintln!("FAIL  {group}/{name}");
                 failures.push(format!("{group}/{name}:\n    {e}"));
             }
         }
     }
+    eprintln!(
+        "{group} ({mode:?}): {passed} passed, {} failed, {skipped} skipped",
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
-        "{} of {} {group} cases failed:\n\n{}\n",
+        "{} of {} {group} cases failed ({mode:?}):\n\n{}\n",
         failures.len(),
         names.len(),
         failures.join("\n\n")
     );
 }
 
-#[test]
-fn conformance_parser() {
-    run_group("parser");
+/// One test per group and mode: `conformance_<group>` (built-in),
+/// `conformance_<group>_via_gateway_image`, and for the groups listed with
+/// `syntax`, `conformance_<group>_via_syntax_image`.
+macro_rules! group_tests {
+    ($($group:ident($run:expr) $gateway:ident $(syntax $syntax:ident)?;)*) => {$(
+        #[test]
+        fn $group() {
+            $run(Mode::BuiltIn);
+        }
+        #[test]
+        fn $gateway() {
+            $run(Mode::Gateway);
+        }
+        $(
+            #[test]
+            fn $syntax() {
+                $run(Mode::Syntax);
+            }
+        )?
+    )*};
 }
 
-#[test]
-fn conformance_expansion() {
-    run_group("expansion");
+group_tests! {
+    conformance_parser(|m| run_group("parser", m)) conformance_parser_via_gateway_image
+        syntax conformance_parser_via_syntax_image;
+    conformance_expansion(|m| run_group("expansion", m)) conformance_expansion_via_gateway_image;
+    conformance_args(|m| run_group("args", m)) conformance_args_via_gateway_image;
+    conformance_stages(|m| run_group("stages", m)) conformance_stages_via_gateway_image
+        syntax conformance_stages_via_syntax_image;
+    conformance_metadata(|m| run_group("metadata", m)) conformance_metadata_via_gateway_image;
+    conformance_copy(|m| run_group("copy", m)) conformance_copy_via_gateway_image;
+    conformance_dockerignore(|m| run_group("dockerignore", m))
+        conformance_dockerignore_via_gateway_image;
+    conformance_contexts(|m| run_group("contexts", m)) conformance_contexts_via_gateway_image;
+    conformance_errors(|m| run_group("errors", m)) conformance_errors_via_gateway_image
+        syntax conformance_errors_via_syntax_image;
+    conformance_run(run_group_run) conformance_run_via_gateway_image
+        syntax conformance_run_via_syntax_image;
+    conformance_remote(run_group_remote) conformance_remote_via_gateway_image;
 }
 
-#[test]
-fn conformance_args() {
-    run_group("args");
-}
-
-#[test]
-fn conformance_stages() {
-    run_group("stages");
-}
-
-#[test]
-fn conformance_metadata() {
-    run_group("metadata");
-}
-
-#[test]
-fn conformance_copy() {
-    run_group("copy");
-}
-
-#[test]
-fn conformance_dockerignore() {
-    run_group("dockerignore");
-}
-
-#[test]
-fn conformance_contexts() {
-    run_group("contexts");
-}
-
-#[test]
-fn conformance_errors() {
-    run_group("errors");
-}
-
-#[test]
-fn conformance_run() {
-    // an agent for `--mount=type=ssh` cases (`arg --ssh default={{SSH_SOCK}}`)
+/// The `run` group: its daemon allows `network.host` and `security.insecure`,
+/// and an `ssh-agent` serves `--mount=type=ssh` cases (`{{SSH_SOCK}}`).
+fn run_group_run(mode: Mode) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("agent.sock");
     let _agent = Child(
@@ -549,13 +709,14 @@ fn conformance_run() {
         "run",
         &vars,
         "insecure-entitlements = [\"network.host\", \"security.insecure\"]",
+        mode,
     );
 }
 
-#[test]
-fn conformance_remote() {
+/// The `remote` group, next to loopback git and HTTP servers.
+fn run_group_remote(mode: Mode) {
     let remotes = Remotes::start();
-    run_group_with("remote", &remotes.vars);
+    run_group_with("remote", &remotes.vars, mode);
 }
 
 /// A child process killed when dropped.
