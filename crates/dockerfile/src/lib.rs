@@ -25,7 +25,7 @@ pub use instructions::{
     Run, Stage, parse, parse_command,
 };
 pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_size};
-pub use parser::{Ast, Directives, Heredoc, Node, parse_ast};
+pub use parser::{Ast, Directives, Heredoc, Node, parse_ast, parse_directives};
 pub use shell::{EnvLookup, Lex};
 
 /// Everything that can go wrong while parsing or expanding a Dockerfile.

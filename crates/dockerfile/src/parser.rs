@@ -109,15 +109,21 @@ fn parse_directive(line: &str) -> Option<(String, String)> {
     Some((key.to_ascii_lowercase(), value.trim().to_string()))
 }
 
-/// Parses `src` into directives and nodes.
-pub fn parse_ast(src: &str) -> Result<Ast, Error> {
+/// The parser directives at the top of a Dockerfile (`# syntax=`, `# escape=`,
+/// `# check=`), read without parsing the rest, as a frontend is chosen before
+/// the Dockerfile is parsed.
+pub fn parse_directives(src: &str) -> Result<Directives, Error> {
     let lines: Vec<&str> = src
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .collect();
+    directives_of(&lines).map(|(d, _)| d)
+}
+
+/// The directives of `lines` and how many lines they take.
+fn directives_of(lines: &[&str]) -> Result<(Directives, usize), Error> {
     let mut directives = Directives::default();
     let mut i = 0;
-
     // Directives: only at the very top; the first other line ends them.
     let mut seen: Vec<String> = Vec::new();
     while i < lines.len() {
@@ -161,6 +167,16 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
         seen.push(key);
         i += 1;
     }
+    Ok((directives, i))
+}
+
+/// Parses `src` into directives and nodes.
+pub fn parse_ast(src: &str) -> Result<Ast, Error> {
+    let lines: Vec<&str> = src
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect();
+    let (directives, mut i) = directives_of(&lines)?;
 
     let escape = directives.escape;
     let mut nodes = Vec::new();

@@ -171,9 +171,10 @@ pub enum Error {
     Convert { source: dockerfile2llb::Error },
     #[error("invalid option context:{name}: {reason}")]
     InvalidNamedContext { name: String, reason: String },
-    #[error("frontend image {image}")]
+    /// `origin` names the directive or build arg that asked for the image.
+    #[error("{origin}")]
     FrontendImage {
-        image: String,
+        origin: String,
         #[source]
         source: BridgeError,
     },
@@ -209,18 +210,20 @@ impl<B: Bridge> Gateway<B> {
         let mut opts = convert_options(req)?;
         let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
         if !opts.syntax_followed
-            && let Some((image, cmdline)) =
-                dockerfile2llb::frontend_image(&dockerfile, &opts.build_args)
+            && let Some(image) = dockerfile2llb::frontend_image(&dockerfile, &opts.build_args)
         {
             // `# syntax=IMAGE`: that frontend image builds this Dockerfile
             let mut fwd = req.attrs.clone();
-            fwd.insert(SOURCE_OPT.to_string(), image.clone());
-            fwd.insert(CMDLINE_OPT.to_string(), cmdline);
+            fwd.insert(SOURCE_OPT.to_string(), image.reference.clone());
+            fwd.insert(CMDLINE_OPT.to_string(), image.cmdline.clone());
             return self
                 .bridge
                 .solve_frontend(&req.build_id, GATEWAY_FRONTEND, fwd)
                 .await
-                .map_err(|source| Error::FrontendImage { image, source });
+                .map_err(|source| Error::FrontendImage {
+                    origin: image.origin,
+                    source,
+                });
         }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex

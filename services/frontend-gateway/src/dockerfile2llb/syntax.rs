@@ -50,10 +50,7 @@ pub(crate) fn check(
     let Some((reference, line)) = requested(directives, build_args) else {
         return Ok(None);
     };
-    let origin = match line {
-        Some(line) => format!("Dockerfile:{line}: # syntax={reference}"),
-        None => format!("build-arg {SYNTAX_ARG}={reference}"),
-    };
+    let origin = origin(&reference, line);
     if is_dockerfile_frontend(&reference) {
         return Ok(Some(format!(
             "[internal] {origin}: building with kiln's built-in Dockerfile frontend"
@@ -66,25 +63,51 @@ pub(crate) fn check(
     })
 }
 
+/// A frontend image a Dockerfile asks for (not the Dockerfile frontend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendImage {
+    pub reference: String,
+    /// the directive's whole value, BuildKit's `cmdline` option
+    pub cmdline: String,
+    /// where it was named: `Dockerfile:1: # syntax=IMAGE` or `build-arg BUILDKIT_SYNTAX=IMAGE`
+    pub origin: String,
+}
+
 /// The frontend image a Dockerfile asks for, when it is not the Dockerfile
-/// frontend: (image reference, the directive's whole value as `cmdline`).
+/// frontend. Only the directives are read: a Dockerfile kiln cannot parse still
+/// reaches the frontend it names.
 pub fn frontend_image(
     dockerfile: &[u8],
     build_args: &BTreeMap<String, String>,
-) -> Option<(String, String)> {
+) -> Option<FrontendImage> {
     let text = String::from_utf8_lossy(dockerfile);
-    let ast = kiln_dockerfile::parse_ast(&text).ok()?;
-    let (cmdline, _) = requested(&ast.directives, build_args)?;
+    let directives = kiln_dockerfile::parse_directives(&text).ok()?;
+    let (cmdline, line) = requested(&directives, build_args)?;
     let reference = cmdline.split_whitespace().next()?.to_string();
-    (!is_dockerfile_frontend(&reference)).then_some((reference, cmdline))
+    if is_dockerfile_frontend(&reference) {
+        return None;
+    }
+    Some(FrontendImage {
+        origin: origin(&cmdline, line),
+        reference,
+        cmdline,
+    })
+}
+
+/// Where a frontend was named, as errors and notes say it.
+fn origin(reference: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("Dockerfile:{line}: # syntax={reference}"),
+        None => format!("build-arg {SYNTAX_ARG}={reference}"),
+    }
 }
 
 /// The progress note for a Dockerfile that names the Dockerfile frontend
 /// image (None when it names none, or another image: `convert` refuses that).
 pub fn syntax_note(dockerfile: &[u8], build_args: &BTreeMap<String, String>) -> Option<String> {
     let text = String::from_utf8_lossy(dockerfile);
-    let ast = kiln_dockerfile::parse_ast(&text).ok()?;
-    check(&ast.directives, build_args).ok().flatten()
+    let directives = kiln_dockerfile::parse_directives(&text).ok()?;
+    check(&directives, build_args).ok().flatten()
 }
 
 #[cfg(test)]

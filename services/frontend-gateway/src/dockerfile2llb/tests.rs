@@ -1032,3 +1032,28 @@ async fn ssh_auth_sock_is_the_first_ssh_mount_unless_set() {
         1
     );
 }
+
+#[test]
+fn a_frontend_image_is_found_in_a_dockerfile_kiln_cannot_parse() {
+    let none = std::collections::BTreeMap::new();
+    let df = b"# syntax=registry.example/fe:1 --flag\nFROM busybox\nRUN <<EOF\nnever ends\n";
+    let img = super::frontend_image(df, &none).expect("the image it names");
+    assert_eq!(img.reference, "registry.example/fe:1");
+    assert_eq!(img.cmdline, "registry.example/fe:1 --flag");
+    assert_eq!(
+        img.origin,
+        "Dockerfile:1: # syntax=registry.example/fe:1 --flag"
+    );
+    let arg = std::collections::BTreeMap::from([(
+        "BUILDKIT_SYNTAX".to_string(),
+        "registry.example/other:2".to_string(),
+    )]);
+    let img = super::frontend_image(df, &arg).expect("the build arg wins");
+    assert_eq!(
+        img.origin,
+        "build-arg BUILDKIT_SYNTAX=registry.example/other:2"
+    );
+    // the Dockerfile frontend is built in
+    assert!(super::frontend_image(b"# syntax=docker/dockerfile:1.7\nFROM x\n", &none).is_none());
+    assert!(super::frontend_image(b"FROM x\n", &none).is_none());
+}
