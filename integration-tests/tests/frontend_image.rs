@@ -127,3 +127,26 @@ fn kilns_dockerfile_frontend_as_an_image_builds_by_gateway_and_by_syntax() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Dockerfile:3"), "{err}");
 }
+
+#[test]
+fn frontend_images_run_on_a_containerd_worker_too() {
+    let Some(backend) = kiln_integration_tests::Backend::containerd() else {
+        return;
+    };
+    let d = Daemon::start_on(Topology::AllInOne, &backend, "").expect("daemon");
+    let image = d
+        .frontend_image("kiln-test-json-frontend", "json-frontend")
+        .expect("frontend image");
+    let ctx = BuildContext::new("").expect("context");
+    ctx.file(
+        "commands.json",
+        r#"{"base": "busybox", "run": ["echo on-containerd > /where"]}"#,
+    )
+    .expect("commands");
+    let source = format!("source={image}");
+    build_out(&d, &ctx, &["--frontend", "gateway.v0", "--opt", &source]);
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("out/where")).expect("out/where"),
+        "on-containerd\n"
+    );
+}

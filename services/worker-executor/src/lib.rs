@@ -120,6 +120,8 @@ pub struct Worker {
     executor: ops::exec::Executor,
     /// runc state and step bundles (on a tmpfs when there is one).
     runtime: runtimedir::RuntimeDir,
+    /// runs interactive processes (frontend images, LLBBridge containers)
+    interactive: runc::Runc,
     /// LLBBridge containers, by id: mounts kept until released
     containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
 }
@@ -168,6 +170,7 @@ impl Worker {
         // its first write may wait a grace period: here, not in the first step
         cgwarm::global();
         let executor = ops::exec::Executor::from_config(&config, &id, &runtime);
+        let interactive = executor.interactive(&config, &runtime);
         let containerd = match &config.containerd {
             Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
             None => None,
@@ -183,6 +186,7 @@ impl Worker {
             local_locks: std::sync::Mutex::new(HashMap::new()),
             executor,
             runtime,
+            interactive,
             containers: std::sync::Mutex::new(HashMap::new()),
             config,
         })

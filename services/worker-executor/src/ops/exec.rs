@@ -61,6 +61,27 @@ impl Executor {
         executor
     }
 
+    /// The runc that runs interactive processes (frontend images, LLBBridge
+    /// containers) with their stdio streamed: the runc executor's own, or on the
+    /// containerd executor runc directly, with its state in the runtime dir.
+    pub fn interactive(
+        &self,
+        config: &crate::Config,
+        runtime: &crate::runtimedir::RuntimeDir,
+    ) -> Runc {
+        match self {
+            Executor::Runc(r) => r.clone(),
+            Executor::Containerd(_) => {
+                let r = Runc {
+                    binary: config.runc.clone(),
+                    state: runtime.runc_state(),
+                };
+                r.reap();
+                r
+            }
+        }
+    }
+
     /// Runs the bundle at `bundle` (its config.json is `spec`) as container `id`;
     /// returns the exit code. Dropping the future kills and removes the container.
     async fn run(
@@ -785,11 +806,6 @@ impl Container {
 
 /// Prepares a container's mounts (`e`'s meta is not run).
 pub async fn new_container(w: &Worker, e: &pb::ExecOp, cx: &ExecContext<'_>) -> Result<Container> {
-    if matches!(w.executor, Executor::Containerd(_)) {
-        return Err(Error::UnsupportedOp(
-            "LLBBridge containers run on the runc executor only".into(),
-        ));
-    }
     let (prepared, agents) = prepare_exec(w, e, cx).await?;
     Ok(Container {
         prepared,
@@ -811,11 +827,6 @@ pub async fn run_in_container(
     stdio: crate::runc::Stdio,
     started: tokio::sync::oneshot::Sender<()>,
 ) -> Result<i32> {
-    let Executor::Runc(runc) = &w.executor else {
-        return Err(Error::UnsupportedOp(
-            "LLBBridge containers run on the runc executor only".into(),
-        ));
-    };
     if security == SecurityMode::Insecure as i32 && c.op.security != security {
         return Err(Error::Entitlement {
             entitlement: ENTITLEMENT_SECURITY_INSECURE.into(),
@@ -853,7 +864,7 @@ pub async fn run_in_container(
     write_spec(bundle.path(), &process)?;
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
     let _ = started.send(());
-    runc.run_stdio(&id, bundle.path(), stdio).await
+    w.interactive.run_stdio(&id, bundle.path(), stdio).await
 }
 
 /// Runs an interactive process (a frontend image, an LLBBridge container) with
@@ -869,15 +880,10 @@ pub async fn run_interactive(
     let (prepared, agents) = prepare_exec(w, e, cx).await?;
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
     let _ = started.send(());
-    let code = match &w.executor {
-        Executor::Runc(r) => r.run_stdio(&id, prepared.bundle.path(), stdio).await?,
-        Executor::Containerd(_) => {
-            return Err(Error::UnsupportedOp(
-                "interactive processes (frontend images, gateway containers) run on the runc executor only"
-                    .into(),
-            ));
-        }
-    };
+    let code = w
+        .interactive
+        .run_stdio(&id, prepared.bundle.path(), stdio)
+        .await?;
     drop(agents);
     // nothing an interactive process writes is kept
     tokio::task::spawn_blocking(move || drop(prepared)).await?;
