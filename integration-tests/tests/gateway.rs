@@ -626,16 +626,7 @@ fn the_daemon_side_frontend_path_still_builds_for_older_clients() {
 }
 
 fn image_definition(reference: &str) -> pb::Definition {
-    let op = pb::Op {
-        op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: format!("docker-image://{reference}"),
-            attrs: Default::default(),
-        })),
-        ..Default::default()
-    };
-    let mut b = kiln_llb::DefinitionBuilder::new();
-    let out = b.add(op, pb::OpMetadata::default());
-    b.finish(Some(out))
+    kiln_llb::source_definition(&format!("docker-image://{reference}"), BTreeMap::new())
 }
 
 /// Runs `sh -c script` as process `pid` in container `c1` through

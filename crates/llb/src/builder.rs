@@ -20,6 +20,24 @@ pub struct DefinitionBuilder {
     infos: Vec<pb::SourceInfo>,
 }
 
+/// A definition of one source op and nothing else (`docker-image://REF`,
+/// `local://NAME`, ...).
+pub fn source_definition(
+    identifier: &str,
+    attrs: std::collections::BTreeMap<String, String>,
+) -> pb::Definition {
+    let op = pb::Op {
+        op: Some(pb::op::Op::Source(pb::SourceOp {
+            identifier: identifier.to_string(),
+            attrs,
+        })),
+        ..Default::default()
+    };
+    let mut b = DefinitionBuilder::new();
+    let out = b.add(op, pb::OpMetadata::default());
+    b.finish(Some(out))
+}
+
 impl DefinitionBuilder {
     pub fn new() -> Self {
         Self::default()

@@ -80,7 +80,13 @@ pub async fn solve<W: Worker, F: Frontend, E: Exporter>(
         None => resolved.reference.clone(),
     };
     let rootfs = solver
-        .solve_ref(build, &build.add_ref(image_definition(&pinned)))
+        .solve_ref(
+            build,
+            &build.add_ref(kiln_llb::source_definition(
+                &format!("docker-image://{pinned}"),
+                BTreeMap::new(),
+            )),
+        )
         .await?;
     let mut env = run.env.unwrap_or_default();
     for (i, (k, v)) in attrs.iter().enumerate() {
@@ -157,20 +163,6 @@ fn check_caps(
         )),
         None => Ok(()),
     }
-}
-
-/// A definition of the image `reference` alone.
-fn image_definition(reference: &str) -> pb::Definition {
-    let op = pb::Op {
-        op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: format!("docker-image://{reference}"),
-            attrs: Default::default(),
-        })),
-        ..Default::default()
-    };
-    let mut b = kiln_llb::DefinitionBuilder::new();
-    let out = b.add(op, pb::OpMetadata::default());
-    b.finish(Some(out))
 }
 
 /// Runs the frontend's process with LLBBridge served on its stdio, its stderr

@@ -30,6 +30,22 @@ impl GrpcBridge {
             client: LlbBridgeClient::new(channel),
         }
     }
+
+    /// One LLBBridge Solve for the build (no deadline: it runs as long as the build needs).
+    async fn solve_request(
+        &self,
+        build_id: &str,
+        msg: SolveRequest,
+    ) -> Result<kiln_proto::moby::buildkit::v1::frontend::SolveResponse, BridgeError> {
+        let req = request(build_id, msg, None)?;
+        Ok(self
+            .client
+            .clone()
+            .solve(req)
+            .await
+            .map_err(|s| bridge_error("solve", s))?
+            .into_inner())
+    }
 }
 
 fn request<T>(
@@ -56,24 +72,18 @@ impl Bridge for GrpcBridge {
         frontend: &str,
         opts: std::collections::BTreeMap<String, String>,
     ) -> Result<FrontendOutput, BridgeError> {
-        let req = request(
-            build_id,
-            SolveRequest {
-                frontend: frontend.to_string(),
-                frontend_opt: opts,
-                allow_result_return: true,
-                allow_result_array_ref: true,
-                ..Default::default()
-            },
-            None,
-        )?;
         let resp = self
-            .client
-            .clone()
-            .solve(req)
-            .await
-            .map_err(|s| bridge_error("solve", s))?
-            .into_inner();
+            .solve_request(
+                build_id,
+                SolveRequest {
+                    frontend: frontend.to_string(),
+                    frontend_opt: opts,
+                    allow_result_return: true,
+                    allow_result_array_ref: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
         let res = resp.result.unwrap_or_default();
         let def = |r: kiln_proto::moby::buildkit::v1::frontend::Ref| r.def.unwrap_or_default();
         let mut out = FrontendOutput {
@@ -102,24 +112,18 @@ impl Bridge for GrpcBridge {
         build_id: &str,
         definition: pb::Definition,
     ) -> Result<String, BridgeError> {
-        let req = request(
-            build_id,
-            SolveRequest {
-                definition: Some(definition),
-                allow_result_return: true,
-                // the frontend reads what it solves (or shows it as a step): now
-                evaluate: true,
-                ..Default::default()
-            },
-            None,
-        )?;
         let resp = self
-            .client
-            .clone()
-            .solve(req)
-            .await
-            .map_err(|s| bridge_error("solve", s))?
-            .into_inner();
+            .solve_request(
+                build_id,
+                SolveRequest {
+                    definition: Some(definition),
+                    allow_result_return: true,
+                    // the frontend reads what it solves (or shows it as a step): now
+                    evaluate: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
         let from_result = resp.result.and_then(|r| match r.result {
             Some(result::Result::Ref(r)) => Some(r.id),
             Some(result::Result::RefDeprecated(id)) => Some(id),
