@@ -9,7 +9,13 @@ use tokio::sync::Notify;
 pub struct Progress {
     state: Mutex<(Vec<StatusResponse>, bool)>,
     changed: Notify,
+    /// log bytes kept so far, by vertex (a step's log is clipped at [`LOG_LIMIT`])
+    logged: Mutex<std::collections::HashMap<String, usize>>,
 }
+
+/// The most log a step keeps, as BuildKit clips it; the rest is dropped with a note.
+pub const LOG_LIMIT: usize = 2 << 20;
+const CLIP_NOTE: &[u8] = b"\n[output clipped, log limit 2MiB reached]\n";
 
 pub fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now())
@@ -30,7 +36,23 @@ impl Progress {
         });
     }
 
-    pub fn log(&self, vertex: &str, stream: i64, msg: Vec<u8>) {
+    pub fn log(&self, vertex: &str, stream: i64, mut msg: Vec<u8>) {
+        {
+            let Ok(mut logged) = self.logged.lock() else {
+                return;
+            };
+            let kept = logged.entry(vertex.to_string()).or_insert(0);
+            if *kept >= LOG_LIMIT {
+                return;
+            }
+            if *kept + msg.len() >= LOG_LIMIT {
+                msg.truncate(LOG_LIMIT - *kept);
+                msg.extend_from_slice(CLIP_NOTE);
+                *kept = LOG_LIMIT;
+            } else {
+                *kept += msg.len();
+            }
+        }
         self.push(StatusResponse {
             logs: vec![VertexLog {
                 vertex: vertex.to_string(),
@@ -88,5 +110,31 @@ impl Progress {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_steps_log_is_clipped_at_the_limit_with_buildkits_note() {
+        let p = Progress::default();
+        for _ in 0..5 {
+            p.log("v1", 1, vec![b'x'; 1 << 20]);
+        }
+        p.log("v2", 1, b"other step\n".to_vec());
+        let bytes = |v: &str| -> Vec<u8> {
+            p.all()
+                .iter()
+                .flat_map(|r| &r.logs)
+                .filter(|l| l.vertex == v)
+                .flat_map(|l| l.msg.clone())
+                .collect()
+        };
+        let v1 = bytes("v1");
+        assert_eq!(v1.len(), LOG_LIMIT + CLIP_NOTE.len());
+        assert!(v1.ends_with(b"[output clipped, log limit 2MiB reached]\n"));
+        assert_eq!(bytes("v2"), b"other step\n");
     }
 }

@@ -354,17 +354,37 @@ impl Drop for ContainerGuard<'_> {
     }
 }
 
+/// The longest piece of a line a step's log carries at once: output without
+/// newlines is sent in pieces, never gathered whole.
+const LOG_LINE_MAX: usize = 64 * 1024;
+
 async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event>) {
     let mut r = BufReader::new(r);
+    let mut line = Vec::new();
     loop {
-        let mut line = Vec::new();
-        match r.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                // Keep reading even when nobody listens, so the process never blocks on a pipe.
-                let _ = events.send(Event::Log { stream, data: line }).await;
-            }
+        let buf = match r.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        let (take, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let take = take.min(LOG_LINE_MAX - line.len());
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if complete || line.len() >= LOG_LINE_MAX {
+            // Keep reading even when nobody listens, so the process never blocks on a pipe.
+            let _ = events
+                .send(Event::Log {
+                    stream,
+                    data: std::mem::take(&mut line),
+                })
+                .await;
         }
+    }
+    if !line.is_empty() {
+        let _ = events.send(Event::Log { stream, data: line }).await;
     }
 }
 

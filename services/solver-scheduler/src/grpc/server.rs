@@ -297,20 +297,46 @@ impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker
             }
         });
         let outbound = futures::stream::iter(first_msg).chain(rest);
-        let responses = kiln_session::raw::call(
-            session.channel.clone(),
-            &first.method,
-            &first.metadata,
-            outbound,
-        )
-        .await
-        .map_err(Status::from)?;
-        let out = responses.map(|r| {
-            r.map(|b| ForwardFrame {
-                message: b.to_vec(),
-                has_message: true,
-                ..Default::default()
-            })
+        // Answer at once and forward in a task: a session server may send its
+        // response headers only with its first message (Go's gRPC does), and a
+        // FileSend receiver sends nothing until the caller's first packet, which
+        // the caller sends only once this call has answered.
+        let (tx, rx) = mpsc::channel::<Result<ForwardFrame, Status>>(32);
+        let method = first.method.clone();
+        let metadata = first.metadata.clone();
+        let task = tokio::spawn(async move {
+            let responses = match kiln_session::raw::call(
+                session.channel.clone(),
+                &method,
+                &metadata,
+                outbound,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+            };
+            let mut responses = responses.map(|r| {
+                r.map(|b| ForwardFrame {
+                    message: b.to_vec(),
+                    has_message: true,
+                    ..Default::default()
+                })
+            });
+            while let Some(r) = responses.next().await {
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let guard = AbortOnDrop(task.abort_handle());
+        // the forwarded call ends with this one
+        let out = ReceiverStream::new(rx).map(move |m| {
+            let _ = &guard;
+            m
         });
         Ok(Response::new(Box::pin(out)))
     }
