@@ -373,7 +373,23 @@ impl tonic::server::StreamingService<Bytes> for FileSend {
                     let _ = tx.send(Err(Status::from(e))).await;
                 }
             });
-            Ok(Response::new(ReceiverStream::new(rx)))
+            // Answer (send headers) with the first message back, or when the transfer
+            // ends, as BuildKit's clients do: a daemon must not wait for the headers
+            // before it sends.
+            let mut rx: mpsc::Receiver<Result<Bytes, Status>> = rx;
+            let first = rx.recv().await;
+            let (fwd_tx, fwd_rx) = mpsc::channel(64);
+            if let Some(first) = first {
+                let _ = fwd_tx.send(first).await;
+                tokio::spawn(async move {
+                    while let Some(m) = rx.recv().await {
+                        if fwd_tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Ok(Response::new(ReceiverStream::new(fwd_rx)))
         })
     }
 }
