@@ -845,3 +845,53 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
     }
     assert_eq!(mounts_under(d.dir.path()), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_export_and_attestations_that_kiln_cannot_do_yet_are_warned_about() {
+    use kiln_proto::moby::buildkit::v1::{CacheOptions, CacheOptionsEntry};
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let channel = kiln_session::dial::connect(&d.addr).await.expect("connect");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut ctl = ControlClient::new(channel.clone());
+    let req = SolveRequest {
+        r#ref: id.clone(),
+        definition: Some(files_definition()),
+        frontend_attrs: [("attest:provenance".to_string(), "mode=min".to_string())].into(),
+        cache: Some(CacheOptions {
+            exports: vec![CacheOptionsEntry {
+                r#type: "registry".into(),
+                attrs: [("ref".to_string(), "127.0.0.1:1/cache".to_string())].into(),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let solve = tokio::spawn(async move { ctl.solve(req).await });
+    let mut st = ControlClient::new(channel)
+        .status(StatusRequest { r#ref: id })
+        .await
+        .expect("status")
+        .into_inner();
+    let mut warnings = Vec::new();
+    while let Ok(Some(m)) = st.message().await {
+        warnings.extend(
+            m.warnings
+                .iter()
+                .map(|w| String::from_utf8_lossy(&w.short).to_string()),
+        );
+    }
+    solve
+        .await
+        .expect("task")
+        .expect("the build itself succeeds");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("build cache") && w.contains("export type=registry")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("attest:provenance")),
+        "{warnings:?}"
+    );
+}

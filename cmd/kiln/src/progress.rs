@@ -61,6 +61,8 @@ pub struct Printer {
     partial: HashMap<String, String>,
     start: Instant,
     drawn_lines: usize,
+    /// warnings about the build, printed at the end as buildctl does
+    warnings: Vec<String>,
 }
 
 impl Printer {
@@ -73,6 +75,7 @@ impl Printer {
             partial: HashMap::new(),
             start: Instant::now(),
             drawn_lines: 0,
+            warnings: Vec::new(),
         }
     }
 
@@ -108,6 +111,10 @@ impl Printer {
         if self.mode == Mode::RawJson {
             eprintln!("{}", raw_json(&msg));
             return;
+        }
+        for w in &msg.warnings {
+            self.warnings
+                .push(String::from_utf8_lossy(&w.short).trim_end().to_string());
         }
         for v in msg.vertexes {
             let st = self.state(&v.digest);
@@ -271,6 +278,11 @@ impl Printer {
                 }
             }
             Mode::Quiet | Mode::RawJson => {}
+        }
+        if self.mode != Mode::RawJson {
+            for w in &self.warnings {
+                eprintln!("WARNING: {w}");
+            }
         }
     }
 }

@@ -432,6 +432,11 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
             .map_or(DEFAULT_FILENAME, String::as_str)
             .to_string(),
         syntax_followed: req.attrs.contains_key(CMDLINE_OPT),
+        labels: req
+            .attrs
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("label:").map(|k| (k.to_string(), v.clone())))
+            .collect(),
     })
 }
 

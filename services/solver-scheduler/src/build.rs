@@ -36,6 +36,9 @@ pub struct BuildRequest {
     pub entitlements: Vec<String>,
     /// definitions the client hands its frontend (LLBBridge `Inputs`)
     pub frontend_inputs: BTreeMap<String, pb::Definition>,
+    /// remote cache the client asked for (`--export-cache`/`--import-cache`), as
+    /// `export type=registry`; kiln does not do it yet and says so
+    pub cache: Vec<String>,
     /// who asked for the build (the client certificate's identity on a TLS
     /// listener, empty otherwise): only they may drive its client-side frontend
     pub owner: String,
@@ -728,6 +731,20 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         };
         if let Ok(mut k) = build.shared_key.lock() {
             k.clone_from(&shared_key);
+        }
+        for c in &req.cache {
+            build.progress.warn(&format!(
+                "kiln does not import or export build cache yet: {c} is ignored"
+            ));
+        }
+        for k in req
+            .frontend_attrs
+            .keys()
+            .filter(|k| k.starts_with("attest:"))
+        {
+            build.progress.warn(&format!(
+                "kiln does not make attestations yet: {k} is ignored"
+            ));
         }
         let attr = |k: &str| req.frontend_attrs.get(k).cloned().unwrap_or_default();
         build.set_scope(format!(

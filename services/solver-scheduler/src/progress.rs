@@ -64,6 +64,19 @@ impl Progress {
         });
     }
 
+    /// A warning about the build as a whole (clients print it after the build).
+    pub fn warn(&self, short: &str) {
+        tracing::warn!("{short}");
+        self.push(StatusResponse {
+            warnings: vec![kiln_proto::moby::buildkit::v1::VertexWarning {
+                level: 1,
+                short: short.as_bytes().to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+
     /// Byte progress of a sub-task of `vertex` (e.g. a layer download).
     pub fn status(&self, vertex: &str, id: String, current: i64, total: i64, completed: bool) {
         let t = now();

@@ -51,6 +51,8 @@ pub struct ConvertOptions {
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// `.dockerignore` patterns of named local contexts, by local dir name.
     pub local_excludes: BTreeMap<String, Vec<String>>,
+    /// `--opt label:KEY=VALUE`: labels set on the image over the Dockerfile's.
+    pub labels: BTreeMap<String, String>,
     /// The request came through the frontend image the Dockerfile names
     /// (BuildKit's `cmdline` option is set): its `# syntax=` is not followed again.
     pub syntax_followed: bool,
@@ -796,6 +798,13 @@ pub async fn convert<R: ImageResolver>(
     image_config.variant = opts.platform.variant.clone().filter(|v| !v.is_empty());
     image_config.rootfs = kiln_oci::RootFs::default();
     image_config.created = None;
+    if !opts.labels.is_empty() {
+        image_config
+            .config
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .extend(opts.labels.clone());
+    }
     if let Some(epoch) = opts
         .build_args
         .get("SOURCE_DATE_EPOCH")

@@ -1057,3 +1057,19 @@ fn a_frontend_image_is_found_in_a_dockerfile_kiln_cannot_parse() {
     assert!(super::frontend_image(b"# syntax=docker/dockerfile:1.7\nFROM x\n", &none).is_none());
     assert!(super::frontend_image(b"FROM x\n", &none).is_none());
 }
+
+#[tokio::test]
+async fn label_options_are_set_on_the_image_over_the_dockerfiles() {
+    let mut opts = options();
+    opts.labels = BTreeMap::from([
+        ("a".to_string(), "from-opt".to_string()),
+        ("org.example".to_string(), "yes".to_string()),
+    ]);
+    let (c, _) = run("FROM busybox\nLABEL a=1 b=2\n", &opts)
+        .await
+        .expect("convert");
+    let labels = c.image_config.config.labels.expect("labels");
+    assert_eq!(labels.get("a").map(String::as_str), Some("from-opt"));
+    assert_eq!(labels.get("b").map(String::as_str), Some("2"));
+    assert_eq!(labels.get("org.example").map(String::as_str), Some("yes"));
+}
