@@ -156,7 +156,7 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             Ok(resp) => Ok(Response::new(ctl::SolveResponse {
                 exporter_response: resp,
             })),
-            Err(e) => Err(Status::from(e)),
+            Err(e) => Err(build_failure(e)),
         }
     }
 
@@ -166,9 +166,11 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         request: Request<ctl::StatusRequest>,
     ) -> Result<Response<Self::StatusStream>, Status> {
         let id = request.into_inner().r#ref;
+        // a client asks as it starts its Solve; a build unknown this long after is
+        // none (BuildKit gives up after about as long)
         let build = self
             .solver
-            .build(&id, Duration::from_secs(30))
+            .build(&id, Duration::from_secs(6))
             .await
             .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(64);
@@ -252,6 +254,21 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             }),
         }))
     }
+}
+
+/// A failed build as its client gets it: a failed step or frontend is
+/// `Unknown` as in BuildKit (clients print any other code before the message),
+/// with its message and source-lines trailer.
+fn build_failure(e: Error) -> Status {
+    let build_error = matches!(
+        e,
+        Error::Vertex { .. } | Error::Frontend { .. } | Error::ClientFrontend { .. }
+    );
+    let s = Status::from(e);
+    if build_error && s.code() != tonic::Code::Cancelled {
+        return Status::with_metadata(tonic::Code::Unknown, s.message(), s.metadata().clone());
+    }
+    s
 }
 
 /// Serves `kiln.session.v1.SessionBroker`: forwards calls to sessions.
@@ -1083,6 +1100,11 @@ fn worker_records<W: Worker, F: Frontend, E: Exporter>(
         )]
         .into(),
         platforms: solver.worker_platforms(),
+        buildkit_version: Some(types::BuildkitVersion {
+            package: "kiln".into(),
+            version: VERSION.into(),
+            revision: String::new(),
+        }),
         ..Default::default()
     }]
 }
