@@ -210,7 +210,8 @@ async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export()
         .await
         .expect("inputs")
         .into_inner();
-    assert_eq!(inputs.definitions.get("named"), Some(&input));
+    let named = inputs.definitions.get("named").expect("the named input");
+    assert_eq!((&named.def, &named.metadata), (&input.def, &input.metadata));
 
     // Solve a definition: a ref that stands for it
     let solved = gw
@@ -225,10 +226,14 @@ async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export()
         .into_inner();
     let r = single_ref(solved.result);
     assert!(!r.id.is_empty());
-    assert_eq!(
-        r.def.as_ref(),
-        Some(&input),
-        "the ref carries its definition"
+    let def = r.def.as_ref().expect("the ref carries its definition");
+    assert_eq!((&def.def, &def.metadata), (&input.def, &input.metadata));
+    // no location entry without locations: a Go client would decode it as nil
+    assert!(
+        def.source
+            .iter()
+            .flat_map(|s| s.locations.values())
+            .all(|l| !l.locations.is_empty())
     );
 
     gw.evaluate(b.req(fe::EvaluateRequest {
@@ -380,6 +385,21 @@ async fn dockerfile_frontend_through_llbbridge_and_its_errors_fail_the_build() {
     .await;
     let mut gw = b.bridge();
     gw.ping(b.req(fe::PingRequest {})).await.expect("ping");
+    // subrequests (buildx --print/--call) are refused, not built
+    let sub = gw
+        .solve(b.req(fe::SolveRequest {
+            frontend: "dockerfile.v0".into(),
+            frontend_opt: [("requestid".to_string(), "frontend.outline".to_string())].into(),
+            allow_result_return: true,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("a subrequest");
+    assert!(
+        sub.message()
+            .contains("unsupported request frontend.outline"),
+        "{sub:?}"
+    );
     let solved = gw
         .solve(b.req(fe::SolveRequest {
             frontend: "dockerfile.v0".into(),
@@ -636,6 +656,7 @@ async fn run_process(
     pid: &str,
     script: &str,
     stdin: Option<&[u8]>,
+    tty: bool,
 ) -> (String, String, Option<u32>, Vec<&'static str>) {
     use fe::exec_message::Input as Msg;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -656,6 +677,7 @@ async fn run_process(
             ..Default::default()
         }),
         fds,
+        tty,
         ..Default::default()
     })))
     .await
@@ -690,6 +712,11 @@ async fn run_process(
             Msg::Exit(x) => {
                 order.push("exit");
                 exit = Some(x.code);
+                // BuildKit's clients read the error of any exit but 0
+                assert_eq!(
+                    x.error.map(|e| e.message),
+                    (x.code != 0).then(|| format!("exit code: {}", x.code))
+                );
             }
             Msg::Done(_) => {
                 order.push("done");
@@ -763,6 +790,7 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
         "p1",
         "cat /data/dir/hello.txt; read x; echo \" got $x\"; echo oops >&2; touch /data/no 2>/dev/null || echo read-only; echo kept > /tmp/made; exit 3",
         Some(b"typed\n"),
+        false,
     )
     .await;
     assert_eq!(stdout, "hello gateway got typed\nread-only\n");
@@ -772,8 +800,16 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
     assert_eq!(&order[order.len() - 2..], ["exit", "done"]);
 
     // a second process in the same container sees what the first wrote
-    let (stdout, _, exit, _) = run_process(&b, "p2", "cat /tmp/made", None).await;
+    let (stdout, _, exit, _) = run_process(&b, "p2", "cat /tmp/made", None, false).await;
     assert_eq!((stdout.as_str(), exit), ("kept\n", Some(0)));
+    // with Tty the process has a terminal, and its stderr comes on the same stream
+    let (stdout, stderr, exit, _) = run_process(&b, "p3", "tty; echo on-err >&2", None, true).await;
+    assert!(
+        stdout.starts_with("/dev/pts/"),
+        "{stdout:?} {stderr:?} {exit:?}"
+    );
+    assert!(stdout.contains("on-err"), "{stdout:?}");
+    assert_eq!((stderr.as_str(), exit), ("", Some(0)));
     // and so do the container filesystem calls (mount 0 is the root, 1 /data)
     let made = gw
         .read_file_container(b.req(fe::ReadFileRequest {

@@ -38,6 +38,8 @@ const GATEWAY_FRONTEND: &str = "gateway.v0";
 /// Options naming the frontend image and the `# syntax=` line that chose it.
 const SOURCE_OPT: &str = "source";
 const CMDLINE_OPT: &str = "cmdline";
+/// The option naming a subrequest (`frontend.outline`, `frontend.targets`, ...).
+const REQUEST_ID_OPT: &str = "requestid";
 
 /// A build request addressed to a frontend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -171,6 +173,8 @@ pub enum Error {
     Convert { source: dockerfile2llb::Error },
     #[error("invalid option context:{name}: {reason}")]
     InvalidNamedContext { name: String, reason: String },
+    #[error("unsupported request {request}: kiln's Dockerfile frontend answers no subrequests yet")]
+    UnsupportedSubrequest { request: String },
     /// `origin` names the directive or build arg that asked for the image.
     #[error("{origin}")]
     FrontendImage {
@@ -207,6 +211,13 @@ impl<B: Bridge> Gateway<B> {
     }
 
     async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
+        // BuildKit's subrequests (`--call outline|targets|check`, `--print`) are not
+        // answered yet: say so instead of building
+        if let Some(request) = req.attrs.get(REQUEST_ID_OPT) {
+            return Err(Error::UnsupportedSubrequest {
+                request: request.clone(),
+            });
+        }
         let mut opts = convert_options(req)?;
         let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
         if !opts.syntax_followed

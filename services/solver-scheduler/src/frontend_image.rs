@@ -126,6 +126,7 @@ pub async fn solve<W: Worker, F: Frontend, E: Exporter>(
         entitlements: Vec::new(),
         stdin: true,
         container: None,
+        tty: false,
     };
     run_frontend_process(solver, build, source, spec, inputs).await
 }

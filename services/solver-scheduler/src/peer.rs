@@ -158,6 +158,8 @@ pub struct ExecSpec {
     /// run in this worker container (then only `op`'s meta, security mode and
     /// secret env count)
     pub container: Option<String>,
+    /// on a terminal (in a container only)
+    pub tty: bool,
 }
 
 /// What a file call reads on a worker.

@@ -65,10 +65,22 @@ impl Progress {
     }
 
     /// A warning about the build as a whole (clients print it after the build).
+    /// It hangs on a step of its own: clients drop warnings of steps they never saw.
     pub fn warn(&self, short: &str) {
+        const VERTEX: &str =
+            "sha256:0000000000000000000000000000000000000000000000000000000000000001";
         tracing::warn!("{short}");
+        let t = now();
         self.push(StatusResponse {
+            vertexes: vec![Vertex {
+                digest: VERTEX.into(),
+                name: "[internal] build options".into(),
+                started: Some(t),
+                completed: Some(t),
+                ..Default::default()
+            }],
             warnings: vec![kiln_proto::moby::buildkit::v1::VertexWarning {
+                vertex: VERTEX.into(),
                 level: 1,
                 short: short.as_bytes().to_vec(),
                 ..Default::default()

@@ -291,23 +291,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs a process (`meta`) in a container, stdio streamed; returns its exit code.
-    #[allow(clippy::too_many_arguments)] // one process: where, what, how, its stdio
+    /// Runs a process in a container, stdio streamed; returns its exit code.
     pub async fn exec_in_container(
         &self,
         id: &str,
-        meta: &pb::Meta,
-        secretenv: &[pb::SecretEnv],
-        session_id: &str,
-        security: i32,
+        process: &ops::exec::ContainerProcess<'_>,
         stdio: runc::Stdio,
         started: tokio::sync::oneshot::Sender<()>,
     ) -> Result<i32> {
         let c = self.container(id)?;
-        ops::exec::run_in_container(
-            self, &c, meta, secretenv, session_id, security, stdio, started,
-        )
-        .await
+        ops::exec::run_in_container(self, &c, process, stdio, started).await
     }
 
     /// The host path of a container's mount, for reading it as it is now.

@@ -57,6 +57,9 @@ pub struct ProcessSpec {
     pub mounts: Vec<ExtraMount>,
     pub resolv_conf: PathBuf,
     pub hosts: PathBuf,
+    /// A terminal: runc, run in the foreground, puts the process on a pty and
+    /// copies between it and runc's own stdio (stderr then comes with stdout).
+    pub terminal: bool,
 }
 
 fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount> {
@@ -175,7 +178,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         user = user.additional_gids(p.identity.additional_gids.clone());
     }
     let process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(p.terminal)
         .args(p.args.clone())
         .env(env)
         .cwd(cwd)
@@ -440,6 +443,7 @@ impl Runc {
         id: &str,
         bundle: &Path,
         stdin: bool,
+        terminal: Option<std::os::fd::OwnedFd>,
     ) -> Result<(tokio::process::Child, ContainerGuard<'_>)> {
         std::fs::create_dir_all(&self.state).map_err(Error::io("create", &self.state))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
@@ -449,14 +453,39 @@ impl Runc {
             .arg("--bundle")
             .arg(bundle)
             .arg(id)
-            .stdin(if stdin {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        match terminal {
+            // runc in the foreground with a terminal spec wants its own stdio to be
+            // its controlling terminal: the slave end of our pty, in a new session
+            Some(slave) => {
+                let dup = |fd: &std::os::fd::OwnedFd| {
+                    fd.try_clone()
+                        .map(std::process::Stdio::from)
+                        .map_err(Error::io("dup", "pty"))
+                };
+                cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+                // SAFETY: only async-signal-safe calls between fork and exec
+                #[allow(unsafe_code)]
+                unsafe {
+                    cmd.pre_exec(|| {
+                        nix::unistd::setsid()?;
+                        if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            None => {
+                cmd.stdin(if stdin {
+                    std::process::Stdio::piped()
+                } else {
+                    std::process::Stdio::null()
+                })
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            }
+        }
         let child = cmd.spawn().map_err(|source| Error::RuncStart {
             runc: self.binary.clone(),
             source,
@@ -487,7 +516,7 @@ impl Runc {
     /// `runc run --bundle B ID`, streaming output as `Event::Log`; returns the exit code.
     pub async fn run(&self, id: &str, bundle: &Path, events: &mpsc::Sender<Event>) -> Result<i32> {
         let t0 = std::time::Instant::now();
-        let (mut child, mut guard) = self.spawn(id, bundle, false)?;
+        let (mut child, mut guard) = self.spawn(id, bundle, false, None)?;
         let out = child
             .stdout
             .take()
@@ -518,29 +547,56 @@ impl Runc {
     /// `stdio.stdin`, its output sent as it comes, signals delivered with
     /// `runc kill`. Returns the exit code.
     pub async fn run_stdio(&self, id: &str, bundle: &Path, stdio: Stdio) -> Result<i32> {
-        use tokio::io::AsyncWriteExt;
         let Stdio {
             stdin,
             output,
             mut signals,
+            tty,
         } = stdio;
-        let (mut child, mut guard) = self.spawn(id, bundle, stdin.is_some())?;
-        let feed = match (child.stdin.take(), stdin) {
-            (Some(mut pipe), Some(mut rx)) => Some(tokio::spawn(async move {
-                while let Some(b) = rx.recv().await {
-                    if pipe.write_all(&b).await.is_err() {
-                        return;
-                    }
-                }
-                // the sender is gone: the process reads end of file
-                let _ = pipe.shutdown().await;
-            })),
-            _ => None,
+        // on a terminal, runc's stdio is a pty of ours: the process's output is
+        // read from its master end, its input written there
+        let pty = if tty {
+            Some(
+                nix::pty::openpty(None, None)
+                    .map_err(|e| Error::Spec(format!("open a pty: {e}")))?,
+            )
+        } else {
+            None
         };
-        let out = child
-            .stdout
-            .take()
-            .map(|r| tokio::spawn(pump_chunks(r, 1, output.clone())));
+        let (master, slave) = match pty {
+            Some(p) => (Some(p.master), Some(p.slave)),
+            None => (None, None),
+        };
+        let (mut child, mut guard) = self.spawn(id, bundle, stdin.is_some(), slave)?;
+        let mut feed = None;
+        let out;
+        match master {
+            Some(master) => {
+                let master = std::fs::File::from(master);
+                let writer = master.try_clone().map_err(Error::io("dup", "pty master"))?;
+                out = Some(tokio::spawn(pump_chunks(
+                    tokio::fs::File::from_std(master),
+                    1,
+                    output.clone(),
+                )));
+                if let Some(rx) = stdin {
+                    feed = Some(tokio::spawn(feed_stdin(
+                        tokio::fs::File::from_std(writer),
+                        rx,
+                    )));
+                }
+            }
+            None => {
+                if let (Some(pipe), Some(rx)) = (child.stdin.take(), stdin) {
+                    feed = Some(tokio::spawn(feed_stdin(pipe, rx)));
+                }
+                out = child
+                    .stdout
+                    .take()
+                    .map(|r| tokio::spawn(pump_chunks(r, 1, output.clone())));
+            }
+        }
+        // runc's own messages, and the process's stderr without a terminal
         let err = child
             .stderr
             .take()
@@ -582,6 +638,21 @@ pub struct Stdio {
     pub output: mpsc::Sender<(u32, Bytes)>,
     /// signals to deliver ("SIGTERM", "KILL")
     pub signals: mpsc::Receiver<String>,
+    /// on a pseudo-terminal (the spec says `terminal`): stdout and stderr
+    /// come as one stream, fd 1
+    pub tty: bool,
+}
+
+/// Writes what arrives to `w` (a stdin pipe or a pty), closing it when the
+/// sender is gone so the process reads end of file.
+async fn feed_stdin(mut w: impl tokio::io::AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(b) = rx.recv().await {
+        if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 #[cfg(test)]
@@ -603,6 +674,7 @@ mod tests {
             mounts: vec![],
             resolv_conf: PathBuf::from("/b/resolv.conf"),
             hosts: PathBuf::from("/b/hosts"),
+            terminal: false,
         };
         let s = spec(&p).expect("spec");
         let linux = s.linux().as_ref().expect("linux");

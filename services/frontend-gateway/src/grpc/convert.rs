@@ -81,6 +81,7 @@ fn chain(e: &Error) -> String {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
+            Error::UnsupportedSubrequest { .. } => Code::Unimplemented,
             Error::UnsupportedFrontend { .. }
             | Error::InvalidPlatform { .. }
             | Error::InvalidNamedContext { .. }

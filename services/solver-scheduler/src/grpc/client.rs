@@ -188,6 +188,7 @@ impl peer::Worker for GrpcWorker {
                 entitlements: spec.entitlements,
                 stdin: spec.stdin,
                 container_id: spec.container.unwrap_or_default(),
+                tty: spec.tty,
             })),
         };
         let rest = tokio_stream::wrappers::ReceiverStream::new(input).map(|i| wk::ExecInput {

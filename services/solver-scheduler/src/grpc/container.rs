@@ -5,7 +5,8 @@
 //! of one container see each other's writes), with stdin
 //! from `File{fd: 0}` messages and its output sent back as `File{fd: 1|2}`,
 //! then `File{EOF}` per output, `Exit{code}` and `Done`, in BuildKit's order.
-//! There is no terminal: `Tty` is run as plain pipes and `Resize` is ignored.
+//! With `Tty` the process gets a pseudo-terminal (stdout and stderr arrive as
+//! one stream on fd 1); `Resize` is not applied yet.
 
 use crate::Error;
 use crate::build::{Build, Solver};
@@ -120,6 +121,7 @@ fn process_spec(build: &Build, init: &fe::InitMessage) -> Result<ExecSpec, Error
         entitlements: build.entitlements.clone(),
         stdin: init.fds.contains(&0),
         container: Some(c.worker_id),
+        tty: init.tty,
     })
 }
 
@@ -168,7 +170,12 @@ async fn run_process<W: Worker, F: Frontend, E: Exporter>(
             }
             fe::ExitMessage {
                 code: code as u32,
-                error: None,
+                // BuildKit's clients read the error of any exit but 0
+                error: (code != 0).then(|| kiln_proto::google::rpc::Status {
+                    code: tonic::Code::Unknown as i32,
+                    message: format!("exit code: {code}"),
+                    details: vec![],
+                }),
             }
         }
         Err(e) => fe::ExitMessage {

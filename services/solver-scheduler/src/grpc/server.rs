@@ -624,7 +624,9 @@ fn wire_result(build: &crate::build::Build, r: &FrontendResult) -> Result<fe::Re
     let wire_ref = |id: &str| -> Result<fe::Ref, Status> {
         Ok(fe::Ref {
             id: id.to_string(),
-            def: Some(build.ref_definition(id).map_err(Status::from)?),
+            def: Some(without_empty_locations(
+                build.ref_definition(id).map_err(Status::from)?,
+            )),
         })
     };
     let result = if r.refs.is_empty() {
@@ -642,6 +644,17 @@ fn wire_result(build: &crate::build::Build, r: &FrontendResult) -> Result<fe::Re
         result: Some(result),
         metadata: r.metadata.clone(),
     })
+}
+
+/// `def` without the empty source-location entries it may hold. BuildKit writes
+/// those with an empty value; protobuf (prost) leaves the empty value out, and a
+/// Go client decodes the entry as a nil value it then dereferences (buildx
+/// `--invoke` panicked). An absent entry means the same and is safe.
+fn without_empty_locations(mut def: kiln_proto::pb::Definition) -> kiln_proto::pb::Definition {
+    if let Some(src) = &mut def.source {
+        src.locations.retain(|_, l| !l.locations.is_empty());
+    }
+    def
 }
 
 /// What a frontend returns (Return, or a `final` Solve), in the solver's terms.
@@ -749,7 +762,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
             self.solver
                 .run_frontend(&build, &r.frontend, &r.frontend_opt, r.frontend_inputs)
                 .await
-                .map_err(Status::from)?
+                .map_err(build_failure)?
         };
         if r.evaluate || r.r#final {
             let ids: Vec<&str> = result
@@ -888,7 +901,10 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let definitions = match &self.edge {
             Edge::Container(call) => call.inputs.clone(),
             _ => build.frontend_inputs.clone(),
-        };
+        }
+        .into_iter()
+        .map(|(k, d)| (k, without_empty_locations(d)))
+        .collect();
         Ok(Response::new(fe::InputsResponse { definitions }))
     }
 
@@ -968,6 +984,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
                 entitlements: build.entitlements.clone(),
                 stdin: false,
                 container: None,
+                tty: false,
             })
             .await
             .map_err(Status::from)?;

@@ -206,6 +206,7 @@ impl wpb::worker_server::Worker for WorkerService {
                 stdin: start.stdin.then_some(stdin_rx),
                 output: out_tx,
                 signals: sig_rx,
+                tty: start.tty && !start.container_id.is_empty(),
             };
             let res = if start.container_id.is_empty() {
                 core.exec(
@@ -218,16 +219,16 @@ impl wpb::worker_server::Worker for WorkerService {
                 )
                 .await
             } else {
-                core.exec_in_container(
-                    &start.container_id,
-                    &op.meta.clone().unwrap_or_default(),
-                    &op.secretenv,
-                    &start.session_id,
-                    op.security,
-                    stdio,
-                    started_tx,
-                )
-                .await
+                let meta = op.meta.clone().unwrap_or_default();
+                let process = crate::ops::exec::ContainerProcess {
+                    meta: &meta,
+                    secretenv: &op.secretenv,
+                    session_id: &start.session_id,
+                    security: op.security,
+                    tty: start.tty,
+                };
+                core.exec_in_container(&start.container_id, &process, stdio, started_tx)
+                    .await
             };
             let _ = fwd.await;
             input.abort();

@@ -640,6 +640,7 @@ fn prepare(
         mounts: extra,
         resolv_conf: resolv,
         hosts,
+        terminal: false,
     };
     p.spec = write_spec(p.bundle.path(), &process)?;
     p.process = process;
@@ -816,17 +817,31 @@ pub async fn new_container(w: &Worker, e: &pb::ExecOp, cx: &ExecContext<'_>) -> 
 
 /// Runs a process with `meta` in a container, stdio streamed. Returns its
 /// exit code; dropping the future kills it.
-#[allow(clippy::too_many_arguments)] // one process: what, where, how, and its stdio
+/// A process to run in a container.
+pub struct ContainerProcess<'a> {
+    pub meta: &'a pb::Meta,
+    pub secretenv: &'a [pb::SecretEnv],
+    /// the session secrets come from
+    pub session_id: &'a str,
+    pub security: i32,
+    /// on a pseudo-terminal
+    pub tty: bool,
+}
+
 pub async fn run_in_container(
     w: &Worker,
     c: &Container,
-    meta: &pb::Meta,
-    secretenv: &[pb::SecretEnv],
-    session_id: &str,
-    security: i32,
+    p: &ContainerProcess<'_>,
     stdio: crate::runc::Stdio,
     started: tokio::sync::oneshot::Sender<()>,
 ) -> Result<i32> {
+    let ContainerProcess {
+        meta,
+        secretenv,
+        session_id,
+        security,
+        tty,
+    } = *p;
     if security == SecurityMode::Insecure as i32 && c.op.security != security {
         return Err(Error::Entitlement {
             entitlement: ENTITLEMENT_SECURITY_INSECURE.into(),
@@ -855,6 +870,7 @@ pub async fn run_in_container(
             meta.cwd.clone()
         },
         identity,
+        terminal: tty,
         ..base.clone()
     };
     let bundle = tempfile::Builder::new()
