@@ -663,9 +663,25 @@ fn a_changed_file_is_all_that_goes_over_also_after_a_kill_9() {
     assert_eq!(read("2", "ctx/f07"), "seven\n");
     assert_eq!(read("2", "ctx/f08"), format!("8{chunk}"));
     // killed before the synced copy was made again (what a kill can leave:
-    // no copy, a half-made one next to it)
-    d.stop(false);
+    // no copy, a half-made one next to it): the copy is made once the worker
+    // is quiet, so wait for it (a loaded machine is slow), then undo it
     let local = d.root().join("worker/local");
+    let made = || {
+        std::fs::read_dir(&local)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let p = e.path();
+                p.extension().is_some_and(|x| x == "last")
+                    && p.with_extension("").join("ctx").exists()
+            })
+    };
+    let t = std::time::Instant::now();
+    while !made() && t.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.stop(false);
     let mut copies = 0;
     for e in std::fs::read_dir(&local).expect("local dirs").flatten() {
         let p = e.path();
