@@ -267,31 +267,27 @@ async fn raw_llbbridge_calls_read_a_solved_definition_and_return_it_for_export()
         .into_inner();
     assert_eq!(names(&txt.entries), ["hello.txt"]);
 
-    let st = gw
-        .stat_file(b.req(fe::StatFileRequest {
+    let stat = |path: &str| {
+        let mut gw = gw.clone();
+        let req = b.req(fe::StatFileRequest {
             r#ref: r.id.clone(),
-            path: "/dir/hello.txt".into(),
+            path: path.into(),
             ..Default::default()
-        }))
-        .await
-        .expect("stat")
-        .into_inner()
-        .stat
-        .expect("stat answer");
+        });
+        async move {
+            gw.stat_file(req)
+                .await
+                .expect("stat")
+                .into_inner()
+                .stat
+                .expect("stat answer")
+        }
+    };
+    let st = stat("/dir/hello.txt").await;
     assert_eq!(st.size, 13);
     assert_eq!(st.mode & 0o777, 0o644);
     assert_eq!(st.mode >> 31, 0, "a regular file, in Go's FileMode bits");
-    let dst = gw
-        .stat_file(b.req(fe::StatFileRequest {
-            r#ref: r.id.clone(),
-            path: "/dir".into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("stat dir")
-        .into_inner()
-        .stat
-        .expect("stat answer");
+    let dst = stat("/dir").await;
     assert_eq!(dst.mode >> 31, 1, "a directory has Go's ModeDir bit");
 
     let part = gw
