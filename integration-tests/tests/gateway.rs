@@ -524,6 +524,46 @@ fn raw_llb_on_stdin_builds_like_buildctl() {
         std::fs::read_to_string(dir.path().join("out/dir/notes.md")).expect("exported"),
         "notes"
     );
+    // an output index from the client never sizes anything: a clear error, and
+    // the daemon goes on
+    let mut huge = files_definition();
+    {
+        use prost::Message;
+        let mut op = pb::Op::decode(huge.def[0].as_slice()).expect("op");
+        if let Some(pb::op::Op::File(f)) = &mut op.op {
+            f.actions[2].output = 1 << 40;
+        }
+        huge.def[0] = op.encode_to_vec();
+        // the terminal op names the changed op by its new digest
+        let dgst = kiln_llb::digest(&huge.def[0]);
+        let mut terminal = pb::Op::decode(huge.def[1].as_slice()).expect("terminal");
+        terminal.inputs[0].digest = dgst.clone();
+        huge.def[1] = terminal.encode_to_vec();
+        huge.metadata.clear();
+        huge.source = None;
+    }
+    let mut child = Command::new(bin_dir().join("kiln"))
+        .args(["--addr", &d.addr, "build", "--progress", "plain"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&huge.encode_to_vec()).expect("write");
+    }
+    let out = child.wait_with_output().expect("kiln");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("output index 1099511627776"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alive = d.kiln(dir.path(), &["debug", "workers"]).expect("kiln");
+    assert!(alive.status.success(), "kilnd went down:\n{}", d.logs());
+
     // not a definition: a clear error, nothing built
     let mut child = Command::new(bin_dir().join("kiln"))
         .args(["--addr", &d.addr, "build"])

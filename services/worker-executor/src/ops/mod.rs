@@ -6,6 +6,7 @@ pub mod merge;
 pub mod source;
 
 use crate::error::{Error, Result};
+use crate::pb;
 use crate::pb::op::Op;
 use crate::{Event, RunRequest, Worker};
 use tokio::sync::mpsc;
@@ -25,6 +26,7 @@ pub async fn run_op(
     for id in req.inputs.iter().flatten() {
         w.store().meta(id)?;
     }
+    check_outputs(&req.op)?;
     let _busy = Busy::start();
     match &req.op.op {
         Some(Op::Source(s)) => Ok(vec![
@@ -38,6 +40,30 @@ pub async fn run_op(
         Some(Op::Passthrough(_)) => Err(Error::UnsupportedOp("passthrough".into())),
         None => Err(Error::InvalidOp("op has no body".into())),
     }
+}
+
+/// Output indexes come from the client: each must be `-1` (none) or name one of
+/// the op's own outputs (at most one per mount or file action), used once, so an
+/// index never sizes anything.
+fn check_outputs(op: &pb::Op) -> Result<()> {
+    let (kind, outputs): (&str, Vec<i64>) = match &op.op {
+        Some(Op::Exec(e)) => ("exec mount", e.mounts.iter().map(|m| m.output).collect()),
+        Some(Op::File(f)) => ("file action", f.actions.iter().map(|a| a.output).collect()),
+        _ => return Ok(()),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, o) in outputs.iter().enumerate() {
+        if *o == -1 {
+            continue;
+        }
+        if *o < 0 || *o as usize >= outputs.len() || !seen.insert(*o) {
+            return Err(Error::InvalidOp(format!(
+                "{kind} {i}: output index {o} is not one of the op's {} outputs (or is used twice)",
+                outputs.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The ref of input `index` (`-1` or out of range handled by the caller as scratch).
@@ -92,5 +118,37 @@ pub(crate) fn wait_quiet(
             idle_since = None;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    fn file_op(outputs: &[i64]) -> pb::Op {
+        pb::Op {
+            op: Some(Op::File(pb::FileOp {
+                actions: outputs
+                    .iter()
+                    .map(|o| pb::FileAction {
+                        input: -1,
+                        secondary_input: -1,
+                        output: *o,
+                        action: None,
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn output_indexes_must_name_the_ops_own_outputs() {
+        assert!(check_outputs(&file_op(&[-1, 0])).is_ok());
+        assert!(check_outputs(&file_op(&[1, 0])).is_ok());
+        for bad in [&[1i64 << 40][..], &[0, 0], &[-2], &[2, -1]] {
+            let e = check_outputs(&file_op(bad)).expect_err("refused");
+            assert!(e.to_string().contains("output index"), "{e}");
+        }
     }
 }
