@@ -237,6 +237,12 @@ async fn solver_core(
 async fn run(args: Args) -> anyhow::Result<()> {
     let s = settings(&args)?;
     std::fs::create_dir_all(&s.root).with_context(|| format!("create {}", s.root.display()))?;
+    // build contexts, secrets in bundles and snapshots are kilnd's alone
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("make {} private", s.root.display()))?;
+    }
     let shutdown = serve::shutdown_signal();
     if let Some(role @ (Role::WorkerExecutor | Role::FrontendGateway | Role::RegistryExporter)) =
         args.role

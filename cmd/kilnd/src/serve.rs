@@ -64,6 +64,12 @@ pub async fn serve(router: Router, addr: &str, shutdown: Shutdown) -> anyhow::Re
             let _ = std::fs::remove_file(&path);
             let l = tokio::net::UnixListener::bind(&path)
                 .with_context(|| format!("listen on {}", path.display()))?;
+            // kilnd's user and group may connect, whatever the umask (as buildkitd's 0660)
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+                    .with_context(|| format!("set the mode of {}", path.display()))?;
+            }
             router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(l),

@@ -23,11 +23,22 @@ pub struct SessionManager {
 }
 
 impl SessionManager {
-    pub fn insert(&self, s: Session) {
-        if let Ok(mut m) = self.sessions.lock() {
-            m.insert(s.id.clone(), s);
-        }
+    /// Adds a session; false (and nothing changes) when its id is taken: one
+    /// client cannot take over another's session.
+    pub fn insert(&self, s: Session) -> bool {
+        let added = match self.sessions.lock() {
+            Ok(mut m) if !m.contains_key(&s.id) => {
+                m.insert(s.id.clone(), s);
+                true
+            }
+            _ => false,
+        };
         self.changed.notify_waiters();
+        added
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.sessions.lock().is_ok_and(|m| m.contains_key(id))
     }
 
     pub fn remove(&self, id: &str) {
@@ -56,5 +67,28 @@ impl SessionManager {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, name: &str) -> Session {
+        Session {
+            id: id.into(),
+            name: name.into(),
+            shared_key: String::new(),
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_session_id_is_not_taken_over() {
+        let m = SessionManager::default();
+        assert!(m.insert(session("s1", "first")));
+        assert!(!m.insert(session("s1", "intruder")));
+        let s = m.get("s1", Duration::ZERO).await.expect("session");
+        assert_eq!(s.name, "first");
     }
 }

@@ -332,9 +332,19 @@ impl Worker {
         use std::io::{Read, Seek};
         let path = path.to_string();
         self.in_ref(r, move |root| {
+            use std::os::unix::fs::OpenOptionsExt;
             let p = rootpath::resolve(root, &path, true).map_err(Error::io("resolve", &path))?;
-            let mut f = std::fs::File::open(&p).map_err(Error::io("read", &path))?;
-            let size = f.metadata().map_err(Error::io("stat", &path))?.len();
+            // a FIFO or a device would block or never end: regular files only
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&p)
+                .map_err(Error::io("read", &path))?;
+            let md = f.metadata().map_err(Error::io("stat", &path))?;
+            if !md.is_file() {
+                return Err(Error::file("read", &path, "not a regular file"));
+            }
+            let size = md.len();
             let want = length.unwrap_or(size.saturating_sub(offset));
             if want.min(size.saturating_sub(offset)) > READ_FILE_LIMIT {
                 return Err(Error::file(

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::rootpath;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Who a process runs as, or who owns a file.
@@ -24,11 +25,29 @@ struct GroupEntry {
     members: Vec<String>,
 }
 
+/// The most of /etc/passwd or /etc/group read: an image decides what is there.
+const MAX_USERS_FILE: u64 = 4 << 20;
+
+/// `file` in `root` when it is a regular file of sane size; empty otherwise (an
+/// image's /etc/passwd may be a FIFO or a device that never ends).
 fn read_in_root(root: &Path, file: &str) -> String {
-    rootpath::resolve(root, file, true)
-        .ok()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default()
+    use std::io::Read;
+    let Ok(p) = rootpath::resolve(root, file, true) else {
+        return String::new();
+    };
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&p)
+    else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = f.take(MAX_USERS_FILE).read_to_string(&mut s);
+    s
 }
 
 fn passwd(root: &Path) -> Vec<PasswdEntry> {
@@ -150,6 +169,23 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_passwd_that_is_a_fifo_is_not_read_forever() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(tmp.path().join("etc")).expect("mkdir");
+        nix::unistd::mkfifo(
+            &tmp.path().join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        let t = std::time::Instant::now();
+        let e = resolve_user(tmp.path(), "alice").expect_err("no such user");
+        assert!(e.to_string().contains("alice"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // a number needs no file
+        assert_eq!(resolve_user(tmp.path(), "1000").expect("uid").uid, 1000);
+    }
 
     #[test]
     fn resolves_names_ids_and_groups() {

@@ -205,6 +205,11 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         let name = first_md(md, headers::SESSION_NAME);
         let shared_key = first_md(md, headers::SESSION_SHAREDKEY);
         let sessions = self.solver.sessions.clone();
+        if sessions.contains(&id) {
+            return Err(Status::already_exists(format!(
+                "a session with id {id:?} is already attached"
+            )));
+        }
         let end_id = id.clone();
         let end_sessions = sessions.clone();
         let incoming = request
@@ -220,12 +225,17 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         let attach_id = id.clone();
         tokio::spawn(async move {
             match kiln_session::hijack::channel(conn).await {
-                Ok(channel) => attach_sessions.insert(Session {
-                    id: attach_id,
-                    name,
-                    shared_key,
-                    channel,
-                }),
+                Ok(channel) => {
+                    let added = attach_sessions.insert(Session {
+                        id: attach_id.clone(),
+                        name,
+                        shared_key,
+                        channel,
+                    });
+                    if !added {
+                        tracing::warn!("session {attach_id}: the id is taken; not attached");
+                    }
+                }
                 Err(e) => tracing::warn!("session {attach_id}: {e}"),
             }
         });
