@@ -47,7 +47,20 @@ pub async fn run_op(
 /// index never sizes anything.
 fn check_outputs(op: &pb::Op) -> Result<()> {
     let (kind, outputs): (&str, Vec<i64>) = match &op.op {
-        Some(Op::Exec(e)) => ("exec mount", e.mounts.iter().map(|m| m.output).collect()),
+        // only bind mounts have outputs (others' `output` is not looked at)
+        Some(Op::Exec(e)) => (
+            "exec mount",
+            e.mounts
+                .iter()
+                .map(|m| {
+                    if m.mount_type == pb::MountType::Bind as i32 {
+                        m.output
+                    } else {
+                        -1
+                    }
+                })
+                .collect(),
+        ),
         Some(Op::File(f)) => ("file action", f.actions.iter().map(|a| a.output).collect()),
         _ => return Ok(()),
     };
@@ -150,5 +163,33 @@ mod output_tests {
             let e = check_outputs(&file_op(bad)).expect_err("refused");
             assert!(e.to_string().contains("output index"), "{e}");
         }
+    }
+
+    #[test]
+    fn only_bind_mounts_have_outputs() {
+        let mount = |output: i64, t: pb::MountType| pb::Mount {
+            output,
+            mount_type: t as i32,
+            ..Default::default()
+        };
+        let exec = |mounts| pb::Op {
+            op: Some(Op::Exec(pb::ExecOp {
+                mounts,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        // a secret mount's output (0 by default) is not an output
+        let ok = exec(vec![
+            mount(0, pb::MountType::Bind),
+            mount(0, pb::MountType::Secret),
+            mount(0, pb::MountType::Ssh),
+        ]);
+        assert!(check_outputs(&ok).is_ok());
+        let bad = exec(vec![
+            mount(0, pb::MountType::Bind),
+            mount(0, pb::MountType::Bind),
+        ]);
+        assert!(check_outputs(&bad).is_err());
     }
 }
