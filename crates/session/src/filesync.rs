@@ -421,6 +421,27 @@ pub fn contained(dest: &Path, rel: &str) -> Result<PathBuf, Error> {
     Ok(out)
 }
 
+/// [`contained`], and every directory on the way from `dest` to the entry is a
+/// real directory here: an entry never reaches beyond `dest` through a symlink
+/// the sender made earlier (a context's `a -> /etc` then `a/passwd`), and a
+/// parent that did not arrive as a directory is refused.
+pub fn beneath(dest: &Path, rel: &str) -> Result<PathBuf, Error> {
+    let target = contained(dest, rel)?;
+    let mut dir = dest.to_path_buf();
+    let parts: Vec<_> = Path::new(rel)
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    for c in &parts[..parts.len().saturating_sub(1)] {
+        dir.push(c);
+        match dir.symlink_metadata() {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(Error::Escape(rel.to_string())),
+        }
+    }
+    Ok(target)
+}
+
 fn same_file(md: &std::fs::Metadata, st: &Stat) -> bool {
     md.is_file()
         && md.len() as i64 == st.size
@@ -532,7 +553,7 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                         st.path
                     )));
                 }
-                let target = contained(dest, &st.path)?;
+                let target = beneath(dest, &st.path)?;
                 if let std::collections::hash_map::Entry::Vacant(e) = open.entry(p.id) {
                     let tmp = target.with_file_name(format!(
                         ".kiln-recv-{}",
@@ -541,7 +562,14 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                             .map(|n| n.to_string_lossy().to_string())
                             .unwrap_or_default()
                     ));
-                    let f = tokio::fs::File::create(&tmp)
+                    // a new file of ours, never one the sender placed (an entry named
+                    // like the temporary file, a symlink, is removed, not followed)
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    let f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&tmp)
                         .await
                         .map_err(Error::io("create", &tmp))?;
                     e.insert((f, tmp));
@@ -641,7 +669,7 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
     }
     let mut wanted = Vec::new();
     for (id, st) in stats.iter().enumerate() {
-        let target = contained(dest, &st.path)?;
+        let target = beneath(dest, &st.path)?;
         let existing = target.symlink_metadata().ok();
         let kind = st.mode & gomode::TYPE;
         let same_owner = existing
@@ -713,8 +741,8 @@ fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
     for st in stats {
         let kind = st.mode & gomode::TYPE;
         if kind == 0 && !st.linkname.is_empty() {
-            let target = contained(dest, &st.path)?;
-            let source = contained(dest, &st.linkname)?;
+            let target = beneath(dest, &st.path)?;
+            let source = beneath(dest, &st.linkname)?;
             let _ = std::fs::remove_file(&target);
             std::fs::hard_link(&source, &target).map_err(Error::io("link", &target))?;
         }
@@ -723,7 +751,7 @@ fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
     // a directory that already has it is left alone (no inode write)
     for st in stats.iter().rev() {
         if st.mode & gomode::TYPE == gomode::DIR {
-            let target = contained(dest, &st.path)?;
+            let target = beneath(dest, &st.path)?;
             let current = target.symlink_metadata().ok();
             if current.is_some_and(|m| {
                 m.is_dir()
@@ -773,6 +801,113 @@ mod tests {
             ChanConn { tx: a_tx, rx: b_rx },
             ChanConn { tx: b_tx, rx: a_rx },
         )
+    }
+
+    /// A sender that says exactly what a test wants: the stat list, then the
+    /// data of every file the receiver asks for.
+    async fn crafted_send(conn: &mut ChanConn, stats: Vec<Stat>, data: &[u8]) {
+        for st in stats {
+            let _ = conn
+                .send(Packet {
+                    r#type: PacketType::PacketStat as i32,
+                    stat: Some(st),
+                    ..Default::default()
+                })
+                .await;
+        }
+        let _ = conn
+            .send(Packet {
+                r#type: PacketType::PacketStat as i32,
+                ..Default::default()
+            })
+            .await;
+        while let Ok(Some(p)) = conn.recv().await {
+            if p.r#type == PacketType::PacketReq as i32 {
+                for d in [data.to_vec(), vec![]] {
+                    let _ = conn
+                        .send(Packet {
+                            r#type: PacketType::PacketData as i32,
+                            id: p.id,
+                            data: d,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            } else if p.r#type == PacketType::PacketFin as i32 {
+                let _ = conn
+                    .send(Packet {
+                        r#type: PacketType::PacketFin as i32,
+                        ..Default::default()
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+
+    fn stat(path: &str, mode: u32, link: &str) -> Stat {
+        Stat {
+            path: path.into(),
+            mode,
+            linkname: link.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_context_cannot_write_through_its_own_symlinks() {
+        let outside = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        // `a -> OUTSIDE`, then `a/pwned`: refused, nothing written outside
+        let (mut a, mut b) = pair();
+        let out = outside.path().display().to_string();
+        let stats = vec![
+            stat("a", gomode::SYMLINK | 0o777, &out),
+            stat("a/pwned", 0o644, ""),
+        ];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"owned").await });
+        let r = receive(&mut b, dest.path()).await;
+        drop(b);
+        let _ = sender.await;
+        assert!(matches!(r, Err(Error::Escape(_))), "{r:?}");
+        assert!(!outside.path().join("pwned").exists());
+
+        // a symlink named like the receiver's temporary file is not followed
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "untouched").expect("write");
+        let (mut a, mut b) = pair();
+        let stats = vec![
+            stat(
+                ".kiln-recv-f",
+                gomode::SYMLINK | 0o777,
+                &victim.display().to_string(),
+            ),
+            stat("f", 0o644, ""),
+        ];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"data").await });
+        receive(&mut b, dest.path()).await.expect("receive");
+        let _ = sender.await;
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "untouched"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("f")).expect("f"),
+            "data"
+        );
+
+        // a hard link cannot name a file through a symlink either
+        let (mut a, mut b) = pair();
+        let stats = vec![
+            stat("s", gomode::SYMLINK | 0o777, &out),
+            stat("h", 0o644, "s/victim"),
+        ];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"").await });
+        let r = receive(&mut b, dest.path()).await;
+        drop(b);
+        let _ = sender.await;
+        assert!(matches!(r, Err(Error::Escape(_))), "{r:?}");
+        assert!(!dest.path().join("h").exists());
     }
 
     async fn transfer(src: &Path, dest: &Path, filter: Filter) -> ReceiveStats {
