@@ -693,6 +693,7 @@ async fn run_process(
     script: &str,
     stdin: Option<&[u8]>,
     tty: bool,
+    resize: Option<(u32, u32)>,
 ) -> (String, String, Option<u32>, Vec<&'static str>) {
     use fe::exec_message::Input as Msg;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -718,6 +719,11 @@ async fn run_process(
     })))
     .await
     .expect("init");
+    if let Some((rows, cols)) = resize {
+        tx.send(send(Msg::Resize(fe::ResizeMessage { rows, cols })))
+            .await
+            .expect("resize");
+    }
     if let Some(data) = stdin {
         for (data, eof) in [(data.to_vec(), false), (vec![], true)] {
             tx.send(send(Msg::File(fe::FdMessage { fd: 0, eof, data })))
@@ -827,6 +833,7 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
         "cat /data/dir/hello.txt; read x; echo \" got $x\"; echo oops >&2; touch /data/no 2>/dev/null || echo read-only; echo kept > /tmp/made; exit 3",
         Some(b"typed\n"),
         false,
+        None,
     )
     .await;
     assert_eq!(stdout, "hello gateway got typed\nread-only\n");
@@ -836,16 +843,21 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
     assert_eq!(&order[order.len() - 2..], ["exit", "done"]);
 
     // a second process in the same container sees what the first wrote
-    let (stdout, _, exit, _) = run_process(&b, "p2", "cat /tmp/made", None, false).await;
+    let (stdout, _, exit, _) = run_process(&b, "p2", "cat /tmp/made", None, false, None).await;
     assert_eq!((stdout.as_str(), exit), ("kept\n", Some(0)));
     // with Tty the process has a terminal, and its stderr comes on the same stream
-    let (stdout, stderr, exit, _) = run_process(&b, "p3", "tty; echo on-err >&2", None, true).await;
+    let (stdout, stderr, exit, _) =
+        run_process(&b, "p3", "tty; echo on-err >&2", None, true, None).await;
     assert!(
         stdout.starts_with("/dev/pts/"),
         "{stdout:?} {stderr:?} {exit:?}"
     );
     assert!(stdout.contains("on-err"), "{stdout:?}");
     assert_eq!((stderr.as_str(), exit), ("", Some(0)));
+    // Resize sets the terminal's size
+    let (stdout, _, exit, _) =
+        run_process(&b, "p4", "sleep 1; stty size", None, true, Some((33, 101))).await;
+    assert_eq!((stdout.trim(), exit), ("33 101", Some(0)));
     // and so do the container filesystem calls (mount 0 is the root, 1 /data)
     let made = gw
         .read_file_container(b.req(fe::ReadFileRequest {

@@ -189,6 +189,8 @@ pub enum ExecInput {
     Eof,
     /// e.g. "SIGTERM"
     Signal(String),
+    /// the terminal's new size: rows, columns
+    Resize(u32, u32),
 }
 
 /// What an interactive process reports while it runs.

@@ -552,6 +552,7 @@ impl Runc {
             output,
             mut signals,
             tty,
+            mut resize,
         } = stdio;
         // on a terminal, runc's stdio is a pty of ours: the process's output is
         // read from its master end, its input written there
@@ -570,10 +571,12 @@ impl Runc {
         let (mut child, mut guard) = self.spawn(id, bundle, stdin.is_some(), slave)?;
         let mut feed = None;
         let out;
+        let mut sizer = None;
         match master {
             Some(master) => {
                 let master = std::fs::File::from(master);
                 let writer = master.try_clone().map_err(Error::io("dup", "pty master"))?;
+                sizer = Some(master.try_clone().map_err(Error::io("dup", "pty master"))?);
                 out = Some(tokio::spawn(pump_chunks(
                     tokio::fs::File::from_std(master),
                     1,
@@ -615,6 +618,11 @@ impl Runc {
                         .status()
                         .await;
                 }
+                Some((rows, cols)) = resize.recv() => {
+                    if let Some(m) = &sizer {
+                        set_window_size(m, rows, cols);
+                    }
+                }
             }
         };
         for h in [out, err].into_iter().flatten() {
@@ -641,6 +649,26 @@ pub struct Stdio {
     /// on a pseudo-terminal (the spec says `terminal`): stdout and stderr
     /// come as one stream, fd 1
     pub tty: bool,
+    /// new sizes of the terminal (rows, columns); ignored without one
+    pub resize: mpsc::Receiver<(u32, u32)>,
+}
+
+/// Sets the size of the pty whose master is `master`. runc, whose terminal is
+/// the slave, gets SIGWINCH and passes the size on to the process's terminal.
+fn set_window_size(master: &std::fs::File, rows: u32, cols: u32) {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows.min(u16::MAX as u32) as u16,
+        ws_col: cols.min(u16::MAX as u32) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on an open fd
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        tracing::debug!("resize the terminal: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// Writes what arrives to `w` (a stdin pipe or a pty), closing it when the

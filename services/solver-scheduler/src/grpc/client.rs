@@ -196,6 +196,7 @@ impl peer::Worker for GrpcWorker {
                 ExecInput::Stdin(b) => Input::Stdin(b.to_vec()),
                 ExecInput::Eof => Input::StdinEof(true),
                 ExecInput::Signal(s) => Input::Signal(s),
+                ExecInput::Resize(rows, cols) => Input::Resize(wk::ExecResize { rows, cols }),
             }),
         });
         let outbound = futures::stream::iter([start]).chain(rest);

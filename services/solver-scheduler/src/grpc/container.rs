@@ -6,7 +6,7 @@
 //! from `File{fd: 0}` messages and its output sent back as `File{fd: 1|2}`,
 //! then `File{EOF}` per output, `Exit{code}` and `Done`, in BuildKit's order.
 //! With `Tty` the process gets a pseudo-terminal (stdout and stderr arrive as
-//! one stream on fd 1); `Resize` is not applied yet.
+//! one stream on fd 1) that `Resize` resizes.
 
 use crate::Error;
 use crate::build::{Build, Solver};
@@ -78,8 +78,7 @@ pub async fn serve_processes<W: Worker, F: Frontend, E: Exporter>(
                 }
             }
             Some(Msg::Signal(s)) => ExecInput::Signal(s.name),
-            // no terminal: nothing to resize
-            Some(Msg::Resize(_)) => continue,
+            Some(Msg::Resize(r)) => ExecInput::Resize(r.rows, r.cols),
             _ => continue,
         };
         match stdins.get(&pid) {

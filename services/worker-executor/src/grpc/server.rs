@@ -155,6 +155,7 @@ impl wpb::worker_server::Worker for WorkerService {
         let (tx, rx) = mpsc::channel(64);
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
         let (sig_tx, sig_rx) = mpsc::channel::<String>(4);
+        let (resize_tx, resize_rx) = mpsc::channel::<(u32, u32)>(4);
         let (out_tx, mut out_rx) = mpsc::channel::<(u32, Bytes)>(64);
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
@@ -171,6 +172,9 @@ impl wpb::worker_server::Worker for WorkerService {
                         Some(Input::StdinEof(_)) => stdin = None,
                         Some(Input::Signal(sig)) => {
                             let _ = sig_tx.send(sig).await;
+                        }
+                        Some(Input::Resize(r)) => {
+                            let _ = resize_tx.send((r.rows, r.cols)).await;
                         }
                         Some(Input::Start(_)) | None => {}
                     }
@@ -207,6 +211,7 @@ impl wpb::worker_server::Worker for WorkerService {
                 output: out_tx,
                 signals: sig_rx,
                 tty: start.tty && !start.container_id.is_empty(),
+                resize: resize_rx,
             };
             let res = if start.container_id.is_empty() {
                 core.exec(
