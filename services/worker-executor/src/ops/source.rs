@@ -102,6 +102,13 @@ pub async fn image(
         reference: r.to_string(),
         reason: "config has no rootfs.diff_ids".into(),
     })?;
+    // an image's diff_ids name paths of the layer index: only real digests
+    if let Some(bad) = ids.iter().find(|d| kiln_oci::digest::hex_part(d).is_none()) {
+        return Err(Error::Image {
+            reference: r.to_string(),
+            reason: format!("rootfs.diff_ids holds {bad:?}, which is not a sha256 digest"),
+        });
+    }
     let layers = resolved.manifest.layers.clone();
     if ids.len() != layers.len() {
         return Err(Error::Image {
