@@ -1,5 +1,5 @@
 //! Converter tests: BuildKit's own output for the Dockerfile fixtures in
-//! `shared/fixtures/llb/dockerfile/*` is the expectation, plus targeted cases.
+//! `testdata/llb/dockerfile/*` (in the repo) is the expectation, plus targeted cases.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

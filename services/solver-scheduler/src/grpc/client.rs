@@ -104,21 +104,19 @@ impl peer::Worker for GrpcWorker {
         length: i64,
     ) -> Result<Vec<u8>, Error> {
         let (r, container, mount) = r.parts();
-        let mut req = tonic::Request::new(wk::ReadFileRequest {
-            r#ref: r.to_string(),
-            path: path.to_string(),
-            offset,
-            length,
-            container_id: container.to_string(),
-            mount_index: mount,
-        });
-        req.set_timeout(Duration::from_secs(60));
         let resp = self
             .client
             .clone()
-            .read_file(req)
+            .read_file(file_call(wk::ReadFileRequest {
+                r#ref: r.to_string(),
+                path: path.to_string(),
+                offset,
+                length,
+                container_id: container.to_string(),
+                mount_index: mount,
+            }))
             .await
-            .map_err(|s| Error::Worker(s.message().to_string()))?;
+            .map_err(worker_error)?;
         Ok(resp.into_inner().data)
     }
 
@@ -129,20 +127,18 @@ impl peer::Worker for GrpcWorker {
         include: &str,
     ) -> Result<Vec<Stat>, Error> {
         let (r, container, mount) = r.parts();
-        let mut req = tonic::Request::new(wk::ReadDirRequest {
-            r#ref: r.to_string(),
-            path: path.to_string(),
-            include_pattern: include.to_string(),
-            container_id: container.to_string(),
-            mount_index: mount,
-        });
-        req.set_timeout(Duration::from_secs(60));
         let resp = self
             .client
             .clone()
-            .read_dir(req)
+            .read_dir(file_call(wk::ReadDirRequest {
+                r#ref: r.to_string(),
+                path: path.to_string(),
+                include_pattern: include.to_string(),
+                container_id: container.to_string(),
+                mount_index: mount,
+            }))
             .await
-            .map_err(|s| Error::Worker(s.message().to_string()))?;
+            .map_err(worker_error)?;
         Ok(resp.into_inner().entries)
     }
 
@@ -235,19 +231,17 @@ impl peer::Worker for GrpcWorker {
 
     async fn stat_file(&self, r: FsTarget<'_>, path: &str) -> Result<Stat, Error> {
         let (r, container, mount) = r.parts();
-        let mut req = tonic::Request::new(wk::StatFileRequest {
-            r#ref: r.to_string(),
-            path: path.to_string(),
-            container_id: container.to_string(),
-            mount_index: mount,
-        });
-        req.set_timeout(Duration::from_secs(60));
         let resp = self
             .client
             .clone()
-            .stat_file(req)
+            .stat_file(file_call(wk::StatFileRequest {
+                r#ref: r.to_string(),
+                path: path.to_string(),
+                container_id: container.to_string(),
+                mount_index: mount,
+            }))
             .await
-            .map_err(|s| Error::Worker(s.message().to_string()))?;
+            .map_err(worker_error)?;
         resp.into_inner()
             .stat
             .ok_or_else(|| Error::Worker(format!("stat {path}: the worker sent no metadata")))
@@ -525,4 +519,16 @@ fn checksum_request(r: &str, selectors: &[Selector], entries: bool) -> wk::Check
             .collect(),
         entries,
     }
+}
+
+/// A worker file call (read, list, stat) with its deadline.
+fn file_call<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(Duration::from_secs(60));
+    req
+}
+
+/// A worker's refusal, with its message.
+fn worker_error(s: tonic::Status) -> Error {
+    Error::Worker(s.message().to_string())
 }
