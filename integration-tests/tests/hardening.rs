@@ -112,3 +112,132 @@ fn an_image_whose_diff_ids_are_paths_writes_nothing_outside_the_root() {
     let ok = d.kiln(ctx.path(), &["debug", "workers"]).expect("kiln");
     assert!(ok.status.success(), "{}", d.logs());
 }
+
+/// busybox's first `rootfs.diff_ids` entry, as the test registry serves it.
+fn busybox_diff_id() -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--config", "--tls-verify=false"])
+        .arg(format!("docker://{}/library/busybox:latest", registry()))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).expect("config json");
+    config["rootfs"]["diff_ids"][0]
+        .as_str()
+        .expect("a diff_id")
+        .to_string()
+}
+
+#[test]
+fn an_image_claiming_another_images_layer_poisons_no_later_build() {
+    let claimed = busybox_diff_id();
+    let image = push_image_claiming(&claimed, "evil/diffid-claim");
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    // the attacker's build pulls first: its layer is not what it claims
+    let evil = BuildContext::new(&format!("FROM {image}\nRUN cat /hello\n")).expect("context");
+    let out = d.kiln(evil.path(), &args).expect("kiln");
+    assert!(!out.status.success(), "{}", d.logs());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("rootfs.diff_ids names {claimed}")),
+        "{err}"
+    );
+    // the next build from the real image gets the real image's files
+    let victim = BuildContext::new(
+        "FROM busybox\nRUN test ! -e /hello && test -x /bin/busybox && echo real-busybox\n",
+    )
+    .expect("context");
+    let out = d.kiln(victim.path(), &args).expect("kiln");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("real-busybox"));
+}
+
+/// Runs `kiln build` with `def` on stdin (raw LLB, as `buildctl build` reads it).
+fn build_raw_llb(d: &Daemon, def: &kiln_proto::pb::Definition) -> std::process::Output {
+    use prost::Message;
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+        .args(["--addr", &d.addr, "build", "--progress", "plain"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    let bytes = def.encode_to_vec();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&bytes));
+    let out = child.wait_with_output().expect("kiln");
+    writer.join().expect("writer").expect("write definition");
+    out
+}
+
+#[test]
+fn a_100000_op_chain_is_walked_without_taking_kilnd_down() {
+    use kiln_proto::pb;
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let mut b = kiln_llb::DefinitionBuilder::new();
+    // the bottom of the chain names an image that does not exist, so the walk
+    // goes through every op without running 100,000 steps
+    let missing = format!("docker-image://{}/nothing/here:none", registry());
+    let mut top = b.add(
+        pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: missing,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        pb::OpMetadata::default(),
+    );
+    for i in 0..100_000 {
+        top = b.add(
+            pb::Op {
+                inputs: vec![top],
+                op: Some(pb::op::Op::File(pb::FileOp {
+                    actions: vec![pb::FileAction {
+                        input: 0,
+                        secondary_input: -1,
+                        output: 0,
+                        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                            path: format!("/d{i}"),
+                            mode: 0o755,
+                            ..Default::default()
+                        })),
+                    }],
+                })),
+                ..Default::default()
+            },
+            pb::OpMetadata::default(),
+        );
+    }
+    let def = b.finish(Some(top));
+    assert_eq!(def.def.len(), 100_002);
+    let out = build_raw_llb(&d, &def);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("nothing/here"), "{err}\n{}", d.logs());
+    // kilnd is still up and builds
+    let ctx = BuildContext::new("FROM busybox\nRUN echo still-serving\n").expect("context");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let ok = d.kiln(ctx.path(), &args).expect("kiln");
+    assert!(
+        ok.status.success(),
+        "kilnd went down:\n{}\n{}",
+        String::from_utf8_lossy(&ok.stderr),
+        d.logs()
+    );
+}

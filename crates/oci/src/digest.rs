@@ -55,6 +55,42 @@ impl<W: Write> Write for DigestWriter<W> {
     }
 }
 
+/// Read adapter that hashes (sha256) and counts everything read through it.
+pub struct DigestReader<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<R: io::Read> DigestReader<R> {
+    pub fn new(inner: R) -> Self {
+        DigestReader {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// Reads what is left of the stream, then returns the "sha256:<hex>" digest and
+    /// the byte count of all of it.
+    pub fn finish(mut self) -> io::Result<(String, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.size,
+        ))
+    }
+}
+
+impl<R: io::Read> io::Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +110,16 @@ mod tests {
         assert_eq!(digest, sha256(b"hello world"));
         assert!(hex_part(&digest).is_some());
         assert!(hex_part("sha256:../../etc").is_none());
+    }
+
+    #[test]
+    fn digest_reader_hashes_what_was_read_and_the_rest() {
+        let mut r = DigestReader::new(&b"hello world"[..]);
+        let mut head = [0u8; 5];
+        io::Read::read_exact(&mut r, &mut head).expect("read");
+        assert_eq!(&head, b"hello");
+        let (digest, size) = r.finish().expect("finish");
+        assert_eq!(size, 11);
+        assert_eq!(digest, sha256(b"hello world"));
     }
 }

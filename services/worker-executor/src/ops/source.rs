@@ -166,6 +166,7 @@ pub async fn image(
         }
         let store = store.clone();
         let p = parent.clone();
+        let reference_name = r.to_string();
         let id = tokio::task::spawn_blocking(move || -> Result<String> {
             let st = store.prepare(p.as_deref())?;
             let m = store.mount_rw(&st)?;
@@ -175,7 +176,23 @@ pub async fn image(
             };
             let f = std::fs::File::open(&blob).map_err(Error::io("open", &blob))?;
             let reader = kiln_oci::layer::decompress(f).map_err(layer)?;
-            kiln_oci::layer::apply(reader, m.path()).map_err(layer)?;
+            // the layer's content is hashed as it is applied and must be what the
+            // config claims, or another image's layer could be passed off under its
+            // diff_id (and found by every later pull of that image through `index`)
+            let mut hashed = kiln_oci::digest::DigestReader::new(reader);
+            kiln_oci::layer::apply(&mut hashed, m.path()).map_err(layer)?;
+            let (content, _) = hashed
+                .finish()
+                .map_err(|source| layer(kiln_oci::Error::ReadLayer { source }))?;
+            if content != diff_id {
+                return Err(Error::Image {
+                    reference: reference_name.clone(),
+                    reason: format!(
+                        "layer {} holds content {content}, but the config's rootfs.diff_ids names {diff_id}",
+                        desc.digest
+                    ),
+                });
+            }
             m.unmount()?;
             store.commit(
                 st,
