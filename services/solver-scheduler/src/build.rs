@@ -371,7 +371,10 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     fn register(&self, req: &BuildRequest) -> Result<(Arc<Build>, Option<Returned>), Error> {
         let no_cache = req.frontend_attrs.contains_key("no-cache");
-        let (b, rx) = Build::with_client_frontend(req, no_cache);
+        let (mut b, rx) = Build::with_client_frontend(req, no_cache);
+        // a build's logs past its memory budget go beside the cache database
+        let spill = self.config.cache_db.as_deref().and_then(|p| p.parent());
+        b.progress = Progress::spilling_to(spill.map(|p| p.to_path_buf()));
         let b = Arc::new(b);
         if let Ok(mut m) = self.builds.lock() {
             // a build id is the client's; another client cannot take over a running build
@@ -441,7 +444,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             completed: unix_nanos(),
             error: r.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             exporter_response: r.as_ref().cloned().unwrap_or_default(),
-            steps: steps_from_progress(&build.progress.all()),
+            steps: steps_from_progress(&build.progress.vertices()),
         };
         if let Err(e) = self.cache.with_store(move |s| s.put_history(&rec)).await {
             tracing::warn!(build = %build.id, error = %e, "build history not recorded");

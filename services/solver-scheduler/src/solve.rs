@@ -741,6 +741,31 @@ impl<W: Worker> Step<W> {
 /// The exec and file ops whose output (the index given) is a new layer of the
 /// result's image: the result, then each exec's root mount input and each
 /// file op's base input, down to a source or another kind of op.
+/// The vertices `top` depends on, itself included.
+fn reachable(graph: &kiln_llb::Graph, top: &str) -> std::collections::HashSet<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![top.to_string()];
+    while let Some(d) = stack.pop() {
+        if let Some(v) = graph.get(&d)
+            && seen.insert(d)
+        {
+            stack.extend(v.op.inputs.iter().map(|i| i.digest.clone()));
+        }
+    }
+    seen
+}
+
+/// Tasks aborted when the solve that spawned them ends or is dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 fn image_chain(graph: &kiln_llb::Graph) -> HashMap<String, i64> {
     let mut out = HashMap::new();
     let mut next = graph.result.clone();
@@ -834,7 +859,15 @@ pub async fn solve<W: Worker>(
             )
         })
         .collect();
+    // only what the result needs runs; each vertex is a task of its own that awaits
+    // its inputs' tasks, so no poll or drop nests deeper than one level however long
+    // the chain (a 100,000-op chain would otherwise overflow the stack)
+    let needed = reachable(&graph, &result.digest);
+    let mut tasks = AbortOnDrop(Vec::new());
     for v in graph.vertices {
+        if !needed.contains(&v.digest) {
+            continue;
+        }
         let snippet = snippets.get(&v.digest).cloned();
         let shape = shapes.get(&v.digest).cloned().unwrap_or_default();
         let input_names: Vec<(String, bool)> =
@@ -952,6 +985,18 @@ pub async fn solve<W: Worker>(
                     Err(f)
                 }
             }
+        };
+        let task = tokio::spawn(fut);
+        tasks.0.push(task.abort_handle());
+        let fut = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Failure {
+                    name: String::new(),
+                    message: format!("step task ended: {e}"),
+                    code: tonic::Code::Internal,
+                    snippet: None,
+                })
+            })
         }
         .boxed()
         .shared();
@@ -1375,9 +1420,8 @@ mod tests {
         };
         let lines = |b: &Build| -> Vec<String> {
             b.progress
-                .all()
+                .logs()
                 .iter()
-                .flat_map(|m| m.logs.iter())
                 .map(|l| String::from_utf8_lossy(&l.msg).trim_end().to_string())
                 .filter(|l| l.starts_with(EXPLAIN_PREFIX))
                 .collect()
