@@ -371,6 +371,20 @@ impl Daemon {
         Ok(out)
     }
 
+    /// The largest resident set size any of the daemon's processes has had, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok())
+            .filter_map(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Everything the daemon processes logged.
     pub fn logs(&self) -> String {
         let mut s = String::new();

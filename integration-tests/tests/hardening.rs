@@ -241,3 +241,34 @@ fn a_100000_op_chain_is_walked_without_taking_kilnd_down() {
         d.logs()
     );
 }
+
+#[test]
+fn a_step_writing_1gib_without_a_newline_is_clipped_and_costs_no_memory() {
+    let mut backends = vec![kiln_integration_tests::Backend::Runc];
+    backends.extend(kiln_integration_tests::Backend::containerd());
+    for backend in backends {
+        let d = Daemon::start_on(Topology::AllInOne, &backend, "").expect("daemon");
+        let ctx = BuildContext::new(
+            "FROM busybox\nRUN head -c 1073741824 /dev/zero | tr '\\0' x && echo >&2 wrote\"\"-it\n",
+        )
+        .expect("context");
+        let mut args = vec!["build", "--progress", "plain"];
+        args.extend(dockerfile_args());
+        let out = d.kiln(ctx.path(), &args).expect("kiln");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{backend:?}: {}", d.logs());
+        assert!(
+            err.contains("[output clipped, log limit 2MiB reached]"),
+            "{backend:?}: no clip note"
+        );
+        // the step ran to its end; only its log was clipped
+        assert!(!err.contains("wrote-it"), "{backend:?}: log past the clip");
+        let peak = d.peak_rss_kib();
+        assert!(
+            peak > 0 && peak < 300 * 1024,
+            "{backend:?}: kilnd peaked at {peak} KiB"
+        );
+        let ok = d.kiln(ctx.path(), &["debug", "workers"]).expect("kiln");
+        assert!(ok.status.success(), "{backend:?}: {}", d.logs());
+    }
+}

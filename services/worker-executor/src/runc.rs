@@ -360,34 +360,69 @@ impl Drop for ContainerGuard<'_> {
 /// The longest piece of a line a step's log carries at once: output without
 /// newlines is sent in pieces, never gathered whole.
 const LOG_LINE_MAX: usize = 64 * 1024;
+/// Log bytes of one output stream of a step sent on; the rest is read and dropped
+/// (the solver keeps 2 MiB of a step's log, so more would only cross the network).
+const STREAM_LOG_FORWARD: usize = 2 << 20;
+
+/// A step's output stream cut into log lines of at most [`LOG_LINE_MAX`] bytes, of
+/// which the first [`STREAM_LOG_FORWARD`] bytes are handed out.
+#[derive(Default)]
+pub(crate) struct LogLines {
+    line: Vec<u8>,
+    sent: usize,
+}
+
+impl LogLines {
+    /// Takes what it can of `buf`: how much it took, and a line to send, if one ended.
+    pub(crate) fn take(&mut self, buf: &[u8]) -> (usize, Option<Vec<u8>>) {
+        let (n, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let n = n.min(LOG_LINE_MAX - self.line.len());
+        self.line.extend_from_slice(&buf[..n]);
+        if complete || self.line.len() >= LOG_LINE_MAX {
+            (n, self.emit())
+        } else {
+            (n, None)
+        }
+    }
+
+    /// What is left once the stream has ended.
+    pub(crate) fn finish(&mut self) -> Option<Vec<u8>> {
+        if self.line.is_empty() {
+            return None;
+        }
+        self.emit()
+    }
+
+    fn emit(&mut self) -> Option<Vec<u8>> {
+        let line = std::mem::take(&mut self.line);
+        if self.sent >= STREAM_LOG_FORWARD {
+            return None;
+        }
+        self.sent += line.len();
+        Some(line)
+    }
+}
 
 async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event>) {
     let mut r = BufReader::new(r);
-    let mut line = Vec::new();
+    let mut lines = LogLines::default();
     loop {
         let buf = match r.fill_buf().await {
             Ok([]) | Err(_) => break,
             Ok(b) => b,
         };
-        let (take, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        let take = take.min(LOG_LINE_MAX - line.len());
-        line.extend_from_slice(&buf[..take]);
-        r.consume(take);
-        if complete || line.len() >= LOG_LINE_MAX {
+        let (took, line) = lines.take(buf);
+        r.consume(took);
+        if let Some(data) = line {
             // Keep reading even when nobody listens, so the process never blocks on a pipe.
-            let _ = events
-                .send(Event::Log {
-                    stream,
-                    data: std::mem::take(&mut line),
-                })
-                .await;
+            let _ = events.send(Event::Log { stream, data }).await;
         }
     }
-    if !line.is_empty() {
-        let _ = events.send(Event::Log { stream, data: line }).await;
+    if let Some(data) = lines.finish() {
+        let _ = events.send(Event::Log { stream, data }).await;
     }
 }
 
@@ -732,5 +767,32 @@ mod tests {
         assert!(linux.masked_paths().as_ref().is_none_or(|m| m.is_empty()));
         let ns = linux.namespaces().as_ref().expect("namespaces");
         assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+    }
+
+    #[test]
+    fn log_lines_are_cut_at_newlines_and_the_line_max_and_stop_past_the_stream_budget() {
+        let mut lines = LogLines::default();
+        let mut sent = Vec::new();
+        let mut feed = |lines: &mut LogLines, mut buf: &[u8]| {
+            while !buf.is_empty() {
+                let (n, line) = lines.take(buf);
+                buf = &buf[n..];
+                sent.extend(line);
+            }
+        };
+        feed(&mut lines, b"one\ntw");
+        feed(&mut lines, b"o\n");
+        // no newline: pieces of LOG_LINE_MAX, the first STREAM_LOG_FORWARD bytes only
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..8 {
+            feed(&mut lines, &chunk);
+        }
+        sent.extend(lines.finish());
+        assert_eq!(sent[0], b"one\n");
+        assert_eq!(sent[1], b"two\n");
+        assert!(sent[2..].iter().all(|l| l.len() == LOG_LINE_MAX));
+        let total: usize = sent.iter().map(Vec::len).sum();
+        assert!(total >= STREAM_LOG_FORWARD, "{total}");
+        assert!(total <= STREAM_LOG_FORWARD + LOG_LINE_MAX, "{total}");
     }
 }

@@ -1,5 +1,6 @@
 //! The stdio FIFOs of a containerd task: created here, opened for writing by the shim,
-//! read line by line into [`Event::Log`]s.
+//! read line by line (lines cut and clipped as [`crate::runc::LogLines`] does) into
+//! [`Event::Log`]s.
 
 use crate::Event;
 use crate::error::{Error, Result};
@@ -37,15 +38,21 @@ impl Reader {
                 }
             };
             let mut r = std::io::BufReader::new(f);
+            let mut lines = crate::runc::LogLines::default();
             loop {
-                let mut line = Vec::new();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        // keep reading even when nobody listens, so the shim never blocks
-                        let _ = events.blocking_send(Event::Log { stream, data: line });
-                    }
+                let buf = match r.fill_buf() {
+                    Ok([]) | Err(_) => break,
+                    Ok(b) => b,
+                };
+                let (took, line) = lines.take(buf);
+                r.consume(took);
+                if let Some(data) = line {
+                    // keep reading even when nobody listens, so the shim never blocks
+                    let _ = events.blocking_send(Event::Log { stream, data });
                 }
+            }
+            if let Some(data) = lines.finish() {
+                let _ = events.blocking_send(Event::Log { stream, data });
             }
         });
         Ok(Reader { handle })
