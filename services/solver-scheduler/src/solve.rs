@@ -178,26 +178,34 @@ impl From<Failure> for Error {
     }
 }
 
+/// The most lines of a vertex's range a snippet shows (the client sends the ranges).
+const SNIPPET_LINES: i64 = 10;
+/// The most bytes of one source line a snippet shows.
+const SNIPPET_LINE_BYTES: usize = 512;
+
 /// The source lines a vertex came from, BuildKit style:
 /// `Dockerfile:4`, a rule, the lines around it with `>>>` marking the
-/// vertex's lines, a rule.
-pub fn source_snippet(graph: &kiln_llb::Graph, digest: &str) -> Option<String> {
-    let source = graph.source.as_ref()?;
-    let loc = graph.locations(digest).first()?;
+/// vertex's lines, a rule. Ranges are clamped to the file and to
+/// [`SNIPPET_LINES`], lines to [`SNIPPET_LINE_BYTES`].
+pub fn source_snippet(source: &pb::Source, digest: &str) -> Option<String> {
+    let loc = source.locations.get(digest)?.locations.first()?;
     let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
     let range = loc.ranges.first()?;
-    let (start, end) = (
-        range.start.as_ref()?.line,
-        range.end.as_ref().map(|p| p.line).unwrap_or(0),
-    );
-    let end = end.max(start);
     let text = String::from_utf8_lossy(&info.data);
     let lines: Vec<&str> = text.lines().collect();
+    let count = lines.len() as i64;
+    let start = i64::from(range.start.as_ref()?.line);
+    if start < 1 || start > count.max(1) {
+        return None;
+    }
+    let end =
+        i64::from(range.end.as_ref().map(|p| p.line).unwrap_or(0)).clamp(start, count.max(start));
+    let shown_end = end.min(start + SNIPPET_LINES - 1);
     let first = (start - 2).max(1);
-    let last = (end + 2).min(lines.len() as i32);
+    let last = (shown_end + 2).min(count);
     let mut out = format!(
         "{}:{}\n--------------------\n",
-        info.filename,
+        info.filename.chars().take(256).collect::<String>(),
         if start == end {
             start.to_string()
         } else {
@@ -206,8 +214,15 @@ pub fn source_snippet(graph: &kiln_llb::Graph, digest: &str) -> Option<String> {
     );
     for n in first..=last {
         let line = lines.get((n - 1) as usize).copied().unwrap_or("");
+        let mut cut = line.len().min(SNIPPET_LINE_BYTES);
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
         let mark = if n >= start && n <= end { ">>>" } else { "   " };
-        out.push_str(&format!(" {n:>3} | {mark} {line}\n"));
+        out.push_str(&format!(" {n:>3} | {mark} {}\n", &line[..cut]));
+        if n == shown_end && shown_end < end {
+            out.push_str(&format!("     | >>> ({} more lines)\n", end - shown_end));
+        }
     }
     out.push_str("--------------------");
     Some(out)
@@ -376,7 +391,6 @@ struct Step<W> {
     inputs: Vec<(String, String)>,
     def_key: String,
     key: String,
-    snippet: Option<String>,
     pv: ProgressVertex,
     /// the step's identity across builds (cache-miss explanations)
     shape: String,
@@ -391,7 +405,7 @@ impl<W: Worker> Step<W> {
             name: self.name.clone(),
             message,
             code,
-            snippet: self.snippet.clone(),
+            snippet: None,
         }
     }
 
@@ -828,11 +842,8 @@ pub async fn solve<W: Worker>(
         Some(_) => image_chain(&graph),
         None => HashMap::new(),
     });
-    let snippets: HashMap<String, String> = graph
-        .vertices
-        .iter()
-        .filter_map(|v| source_snippet(&graph, &v.digest).map(|s| (v.digest.clone(), s)))
-        .collect();
+    // snippets are made for the step that fails, not ahead for every step
+    let source = graph.source.clone().map(Arc::new);
     let scope = build.scope();
     let names: HashMap<String, (String, bool)> = graph
         .vertices
@@ -868,7 +879,7 @@ pub async fn solve<W: Worker>(
         if !needed.contains(&v.digest) {
             continue;
         }
-        let snippet = snippets.get(&v.digest).cloned();
+        let source = source.clone();
         let shape = shapes.get(&v.digest).cloned().unwrap_or_default();
         let input_names: Vec<(String, bool)> =
             v.op.inputs
@@ -942,7 +953,6 @@ pub async fn solve<W: Worker>(
                 inputs: done_inputs,
                 def_key,
                 key: key.clone(),
-                snippet: snippet.clone(),
                 pv: pv.clone(),
                 shape,
                 input_from,
@@ -981,7 +991,7 @@ pub async fn solve<W: Worker>(
                     pv.error = f.message.clone();
                     build.progress.vertex(pv);
                     f.name = name;
-                    f.snippet = snippet;
+                    f.snippet = source.and_then(|s| source_snippet(&s, &v.digest));
                     Err(f)
                 }
             }
@@ -1555,5 +1565,52 @@ mod tests {
             e.meta.as_mut().expect("meta").args[2] = "false".into();
         }
         assert_ne!(base, definition_key(&other), "the command still counts");
+    }
+
+    #[test]
+    fn snippets_clamp_the_clients_ranges() {
+        let source = |start: i32, end: i32, lines: usize| {
+            let data: String = (1..=lines).map(|n| format!("line {n}\n")).collect();
+            let mut s = pb::Source {
+                infos: vec![pb::SourceInfo {
+                    filename: "Dockerfile".into(),
+                    data: data.into_bytes(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            s.locations.insert(
+                "v".into(),
+                pb::Locations {
+                    locations: vec![pb::Location {
+                        source_index: 0,
+                        ranges: vec![pb::Range {
+                            start: Some(pb::Position {
+                                line: start,
+                                character: 0,
+                            }),
+                            end: Some(pb::Position {
+                                line: end,
+                                character: 0,
+                            }),
+                        }],
+                    }],
+                },
+            );
+            s
+        };
+        let ok = source_snippet(&source(3, 3, 5), "v").expect("snippet");
+        assert!(ok.starts_with("Dockerfile:3\n"), "{ok}");
+        assert!(ok.contains("   3 | >>> line 3"), "{ok}");
+        assert!(ok.contains("   5 |     line 5"), "{ok}");
+        // whole-file and past-the-end ranges show a bounded number of lines
+        let long = source_snippet(&source(1, i32::MAX, 100_000), "v").expect("snippet");
+        assert!(long.lines().count() < 20, "{long}");
+        assert!(long.contains("more lines"), "{long}");
+        for (start, end) in [(i32::MIN, i32::MAX), (i32::MAX, i32::MIN), (0, 0), (-5, 2)] {
+            assert!(source_snippet(&source(start, end, 5), "v").is_none());
+        }
+        assert!(source_snippet(&source(6, 9, 5), "v").is_none());
+        assert!(source_snippet(&source(5, i32::MAX, 5), "v").is_some());
     }
 }
