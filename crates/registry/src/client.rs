@@ -25,6 +25,12 @@ application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json";
 const MAX_MANIFEST: usize = 8 << 20;
 const MAX_CONFIG: usize = 32 << 20;
+/// A token endpoint's answer is a small JSON object.
+const MAX_TOKEN_BODY: usize = 1 << 20;
+/// Of an error response, only this much is read (its start says what went wrong).
+const MAX_ERROR_BODY: usize = 4 << 10;
+/// A request whose response sends nothing for this long fails (and is retried).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const TRIES: u32 = 4;
 /// Downloads of one blob from one endpoint when its body breaks off.
 const BODY_TRIES: u32 = 2;
@@ -104,6 +110,8 @@ impl Client {
         let builder = || {
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(30))
+                // a registry that stops sending fails the request instead of holding it
+                .read_timeout(READ_TIMEOUT)
                 .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
         };
         let http = builder()
@@ -693,12 +701,17 @@ impl Client {
     ) -> Result<Response, Error> {
         let http = self.http_for(ep);
         let key = (ep.host.clone(), scope.to_string());
-        let mut authed_once = false;
+        // credentials and tokens go only to the registry itself, never to an upload
+        // location (or any URL) a registry names on another host
+        let own = same_origin(url, &ep.base);
+        let mut authed_once = !own;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut rb = build(http.request(method.clone(), url));
-            let cached = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned());
+            let cached = own
+                .then(|| self.tokens.lock().ok().and_then(|t| t.get(&key).cloned()))
+                .flatten();
             if let Some(auth) = cached {
                 rb = rb.header(AUTHORIZATION, auth);
             }
@@ -822,7 +835,12 @@ impl Client {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let body: TokenResponse = resp.json().await.map_err(terr)?;
+        let bytes = read_limited(resp, realm, MAX_TOKEN_BODY).await?;
+        let body: TokenResponse =
+            serde_json::from_slice(&bytes).map_err(|source| Error::DecodeToken {
+                realm: realm.to_string(),
+                source,
+            })?;
         let token = body
             .token
             .or(body.access_token)
@@ -831,6 +849,14 @@ impl Client {
                 realm: realm.to_string(),
             })?;
         Ok(format!("Bearer {token}"))
+    }
+}
+
+/// Whether `url` is on the scheme, host and port of `base`.
+fn same_origin(url: &str, base: &str) -> bool {
+    match (Url::parse(url), Url::parse(base)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
     }
 }
 
@@ -903,12 +929,21 @@ async fn expect_status(
     if ok.contains(&status) {
         return Ok(resp);
     }
-    let body = resp.text().await.unwrap_or_default();
+    // the start of the body is enough to say what went wrong; the rest is never read
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while body.len() < MAX_ERROR_BODY {
+        match stream.next().await {
+            Some(Ok(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
     Err(Error::Status {
         method: method.to_string(),
         url: url.to_string(),
         status: status.as_u16(),
-        body: body.chars().take(512).collect(),
+        body: String::from_utf8_lossy(&body).chars().take(512).collect(),
     })
 }
 

@@ -29,6 +29,11 @@ pub enum Error {
         realm: String,
         source: reqwest::Error,
     },
+    #[error("token response from {realm} is not JSON")]
+    DecodeToken {
+        realm: String,
+        source: serde_json::Error,
+    },
     #[error("token response from {realm} has no token")]
     TokenMissing { realm: String },
     #[error("{url}: response larger than {limit} bytes")]
