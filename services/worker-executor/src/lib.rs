@@ -108,8 +108,10 @@ pub struct Worker {
     id: String,
     store: snapshot::Store,
     registry: kiln_registry::Client,
-    /// Serializes image pulls so a base is fetched and unpacked once.
-    pull_lock: tokio::sync::Mutex<()>,
+    /// Locks of image pulls, by what they guard: one pull per image reference, one
+    /// download per blob, one unpack per layer chain; unrelated pulls never wait on
+    /// each other (a slow registry holds up only its own images).
+    pull_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serializes layer blob computation (memoized in snapshot meta).
     layers_lock: tokio::sync::Mutex<()>,
     /// Persistent `type=cache` mount dirs.
@@ -180,7 +182,7 @@ impl Worker {
             id,
             store,
             registry,
-            pull_lock: tokio::sync::Mutex::new(()),
+            pull_locks: std::sync::Mutex::new(HashMap::new()),
             layers_lock: tokio::sync::Mutex::new(()),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             local_locks: std::sync::Mutex::new(HashMap::new()),
@@ -573,6 +575,19 @@ impl Worker {
     /// A handle on the snapshot store usable from blocking threads.
     fn blocking_store(&self) -> snapshot::Store {
         self.store.clone()
+    }
+
+    /// The pull lock named `key` (see `pull_locks`).
+    fn pull_lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = match self.pull_locks.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if map.len() > 1024 {
+            // locks nobody holds or waits for
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        map.entry(key).or_default().clone()
     }
 
     fn local_lock(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {

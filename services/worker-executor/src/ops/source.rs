@@ -81,7 +81,11 @@ pub async fn image(
     };
     let reference = kiln_registry::Reference::parse(r).map_err(reg)?;
     let plat = oci_platform(platform);
-    let _pull = w.pull_lock.lock().await;
+    // concurrent pulls of one image wait for the first (its layers are then found)
+    let _pull = w
+        .pull_lock(format!("image {r} {plat:?}"))
+        .lock_owned()
+        .await;
     // a private registry: the client's credentials, asked through its session
     let registry =
         match kiln_session::credentials_via(&w.config().broker, session_id, &reference.registry)
@@ -141,9 +145,14 @@ pub async fn image(
         let needed = !blob.exists() && !index.exists();
         let (registry, reference, desc) = (registry.clone(), reference.clone(), desc.clone());
         let events = events.clone();
+        let lock = w.pull_lock(format!("blob {}", desc.digest));
         fetches.push(async move {
             if needed {
-                fetch_layer(&registry, &reference, &desc, &blob, &events).await?;
+                // another image's pull may be fetching the same blob
+                let _blob = lock.lock_owned().await;
+                if !blob.exists() {
+                    fetch_layer(&registry, &reference, &desc, &blob, &events).await?;
+                }
             }
             Ok::<_, Error>(blob)
         });
@@ -155,6 +164,11 @@ pub async fn image(
             Some(b) => b?,
             None => w.blob_path(&desc.digest)?,
         };
+        // one unpack of a layer chain at a time, whichever image it came with
+        let _layer = w
+            .pull_lock(format!("layer {}", index.display()))
+            .lock_owned()
+            .await;
         if let Ok(id) = std::fs::read_to_string(&index)
             && store.meta(id.trim()).is_ok_and(|m| m.parent == parent)
         {
@@ -162,7 +176,13 @@ pub async fn image(
             continue;
         }
         if !blob.exists() {
-            fetch_layer(&registry, &reference, &desc, &blob, events).await?;
+            let _blob = w
+                .pull_lock(format!("blob {}", desc.digest))
+                .lock_owned()
+                .await;
+            if !blob.exists() {
+                fetch_layer(&registry, &reference, &desc, &blob, events).await?;
+            }
         }
         let store = store.clone();
         let p = parent.clone();
