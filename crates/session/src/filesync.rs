@@ -1249,9 +1249,7 @@ mod tests {
             "the file list holds more than 50 entries (the limit is 50)"
         );
         assert!(!dest.join("g0").exists());
-        // the default is generous
         assert_eq!(Limits::default().entries, MAX_ENTRIES);
-        assert!(MAX_ENTRIES >= 1_000_000);
         assert_only_dest(canary.path());
     }
 
