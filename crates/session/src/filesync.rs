@@ -616,6 +616,13 @@ async fn receive_limited(
         .await?;
     }
     let mut open: HashMap<u32, (tokio::fs::File, PathBuf)> = HashMap::new();
+    let nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        // seeded from the OS's randomness: the sender cannot guess it
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
     let mut pending: HashSet<u32> = wanted.iter().copied().collect();
     while !pending.is_empty() {
         let p = conn
@@ -644,16 +651,10 @@ async fn receive_limited(
                     });
                 }
                 if let std::collections::hash_map::Entry::Vacant(e) = open.entry(p.id) {
-                    let tmp = target.with_file_name(format!(
-                        ".kiln-recv-{}",
-                        target
-                            .file_name()
-                            .map(|n| n.to_string_lossy().to_string())
-                            .unwrap_or_default()
-                    ));
-                    // a new file of ours, never one the sender placed (an entry named
-                    // like the temporary file, a symlink, is removed, not followed)
-                    let _ = tokio::fs::remove_file(&tmp).await;
+                    // a new file of ours beside the target, named so that no entry of
+                    // the sender can be it (and short: the target's name may be 255
+                    // bytes); never a path the sender placed, never followed
+                    let tmp = target.with_file_name(format!(".kiln-recv-{nonce:016x}-{}", p.id));
                     let f = tokio::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -1334,6 +1335,31 @@ mod tests {
         let ok = format!("{}f", "d/".repeat(MAX_PATH_DEPTH - 1));
         assert!(check_path(&ok).is_ok());
         assert!(check_path(&"y".repeat(MAX_PATH_LEN)).is_ok());
+        assert_only_dest(canary.path());
+    }
+
+    #[tokio::test]
+    async fn every_sent_file_arrives_whatever_its_name() {
+        let (canary, dest) = canary();
+        let long = "n".repeat(255);
+        let names = ["x", ".kiln-recv-x", long.as_str(), ".kiln-recv-0", "y"];
+        let (mut a, mut b) = pair();
+        let stats: Vec<Stat> = names.iter().map(|n| stat(n, 0o644, "")).collect();
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"sent").await });
+        let got = receive(&mut b, &dest).await.expect("receive");
+        let _ = sender.await;
+        assert_eq!(got.transferred, names.len());
+        let mut have: Vec<String> = std::fs::read_dir(&dest)
+            .expect("dest")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        have.sort();
+        let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        want.sort();
+        assert_eq!(have, want, "exactly the sent entries");
+        for n in names {
+            assert_eq!(std::fs::read(dest.join(n)).expect(n), b"sent");
+        }
         assert_only_dest(canary.path());
     }
 
