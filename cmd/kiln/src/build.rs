@@ -337,7 +337,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let shared_key = att
         .dirs
         .get("context")
-        .map(|p| p.to_string_lossy().to_string())
+        .map(|p| shared_key(p))
         .unwrap_or_default();
     let _session = attachable::attach(channel.clone(), &session_id, "kiln", &shared_key, att)
         .await
@@ -432,6 +432,72 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
 }
 
 /// A Control client for big messages (definitions, exporter responses).
+/// The session's shared key for the context dir `dir`: kilnd keeps one synced copy of
+/// a context per key, so it must be this client's alone. The dir's path joined with a
+/// random id kept private in this user's state dir (`$XDG_STATE_HOME/kiln/node-id`): a
+/// client elsewhere with a context at the same path (`/src` in CI) cannot name, or plant
+/// files in, this client's copy. Without a place for the id, a fresh key per build (the
+/// context is then sent whole).
+fn shared_key(dir: &std::path::Path) -> String {
+    let id = node_id().unwrap_or_else(|e| {
+        eprintln!("warning: no kiln node id ({e:#}); sending the whole context");
+        uuid::Uuid::new_v4().simple().to_string()
+    });
+    format!("{}:{id}", dir.display())
+}
+
+fn node_id() -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let state = match std::env::var_os("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".local/state")
+        }
+    };
+    let dir = state.join("kiln");
+    let path = dir.join("node-id");
+    let valid = |s: &str| s.len() >= 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(s) = std::fs::read_to_string(&path)
+        && valid(s.trim())
+    {
+        return Ok(s.trim().to_string());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let id = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let tmp = dir.join(format!("node-id.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(id.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    // the first of concurrent clients wins; the others read its id
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&tmp);
+            Ok(id)
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&tmp);
+            let s = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            if valid(s.trim()) {
+                Ok(s.trim().to_string())
+            } else {
+                anyhow::bail!("{} does not hold a node id", path.display())
+            }
+        }
+    }
+}
+
 fn control(ch: &tonic::transport::Channel) -> ControlClient<tonic::transport::Channel> {
     ControlClient::new(ch.clone())
         .max_decoding_message_size(64 << 20)

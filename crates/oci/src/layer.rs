@@ -310,8 +310,13 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String,
     if let Some(exts) = entry.pax_extensions()? {
         for ext in exts {
             let ext = ext?;
+            // overlayfs's own xattrs are kiln's to set: a layer does not steer the
+            // overlay mounts its snapshot takes part in (as `diff_overlay_upper`
+            // never writes them)
             if let Ok(key) = ext.key()
                 && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+                && !name.starts_with("trusted.overlay.")
+                && !name.starts_with("user.overlay.")
             {
                 out.push((name.to_string(), ext.value_bytes().to_vec()));
             }
@@ -698,6 +703,150 @@ mod tests {
             ],
             &[],
         );
+    }
+
+    /// `build`, with PAX xattrs on the entry named `on`.
+    fn build_with_xattrs(entries: &[E], on: &str, xattrs: &[(&str, &[u8])]) -> Vec<u8> {
+        let plain = build(entries);
+        let mut ar = tar::Archive::new(&plain[..]);
+        let mut b = tar::Builder::new(Vec::new());
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let h = e.header().clone();
+            if e.path().expect("path").to_str() == Some(on) {
+                b.append_pax_extensions(
+                    xattrs
+                        .iter()
+                        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), *v)),
+                )
+                .expect("pax");
+            }
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).expect("data");
+            b.append(&h, &data[..]).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    /// An outside dir with a file and a directory, for the attacks to aim at.
+    fn outside() -> tempfile::TempDir {
+        let o = tempfile::tempdir().expect("outside");
+        fs::write(o.path().join("victim"), b"untouched").expect("victim");
+        fs::create_dir(o.path().join("dir")).expect("dir");
+        fs::write(o.path().join("dir/keep"), b"keep").expect("keep");
+        o
+    }
+
+    fn assert_outside_untouched(o: &Path) {
+        assert_eq!(names(o), ["dir", "dir/keep", "victim"]);
+        assert_eq!(fs::read(o.join("victim")).expect("victim"), b"untouched");
+        assert!(
+            xattr::list(o.join("victim"))
+                .expect("list")
+                .next()
+                .is_none()
+        );
+        assert!(xattr::list(o.join("dir")).expect("list").next().is_none());
+    }
+
+    #[test]
+    fn apply_never_reaches_through_symlinks_up_or_out() {
+        let o = outside();
+        let out = o.path().to_str().expect("utf8");
+        let depth = "../".repeat(16);
+        let up = format!("{depth}{}", out.trim_start_matches('/'));
+        let below = |l: &str, rest: &str| format!("{l}/{}/{rest}", out.trim_start_matches('/'));
+        // `a -> ../../..` then `a/<outside>/victim`, in one layer and across layers
+        let climb = depth.clone();
+        let (a_victim, a_new) = (below("a", "victim"), below("a", "new"));
+        let cases: Vec<(Vec<E>, Vec<E>)> = vec![
+            (
+                vec![],
+                vec![
+                    E::Symlink("a", &climb),
+                    E::File(&a_victim, b"evil", 0o644, 0),
+                ],
+            ),
+            (
+                vec![E::Symlink("a", &climb)],
+                vec![E::File(&a_new, b"evil", 0o644, 0)],
+            ),
+            // a whiteout and an opaque marker below a symlink to the outside dir
+            (
+                vec![E::Symlink("w", out)],
+                vec![E::File("w/.wh.victim", b"", 0o644, 0)],
+            ),
+            (
+                vec![E::Symlink("w", &up)],
+                vec![E::File("w/.wh..wh..opq", b"", 0o644, 0)],
+            ),
+            // a directory entry below a symlink
+            (vec![E::Symlink("d", out)], vec![E::Dir("d/dir", 0o777)]),
+            // a hard link to a file reached through a symlink, in the same layer
+            (
+                vec![],
+                vec![E::Symlink("s", &up), E::Hardlink("h", "s/victim")],
+            ),
+        ];
+        for (lower, layer) in &cases {
+            assert_unsafe(layer, lower);
+            assert_outside_untouched(o.path());
+        }
+        // a hard link to a symlink links the symlink, never its target
+        let root = tempfile::tempdir().expect("root");
+        let victim = o.path().join("victim");
+        let layer = build(&[
+            E::Symlink("s", victim.to_str().expect("utf8")),
+            E::Hardlink("h", "s"),
+        ]);
+        apply(&layer[..], root.path()).expect("apply");
+        assert!(
+            fs::symlink_metadata(root.path().join("h"))
+                .expect("h")
+                .file_type()
+                .is_symlink()
+        );
+        // and rewriting `h` later replaces the link, not the file it names
+        apply(&build(&[E::File("h", b"evil", 0o644, 0)])[..], root.path()).expect("apply");
+        assert_outside_untouched(o.path());
+    }
+
+    #[test]
+    fn apply_sets_xattrs_on_symlinks_themselves_and_drops_overlay_xattrs() {
+        let o = outside();
+        let root = tempfile::tempdir().expect("root");
+        let victim = o.path().join("victim");
+        // xattrs on a symlink to an outside file: set on the link (or refused by the
+        // filesystem), never on the file
+        let layer = build_with_xattrs(
+            &[E::Symlink("l", victim.to_str().expect("utf8"))],
+            "l",
+            &[("user.pwned", b"1"), ("trusted.pwned", b"1")],
+        );
+        let _ = apply(&layer[..], root.path());
+        assert_outside_untouched(o.path());
+        // overlayfs's xattrs are not taken from a layer
+        let layer = build_with_xattrs(
+            &[E::Dir("d", 0o755)],
+            "d",
+            &[
+                ("trusted.overlay.opaque", b"y"),
+                ("trusted.overlay.redirect", b"/elsewhere"),
+                ("user.overlay.opaque", b"y"),
+                ("user.kept", b"k"),
+            ],
+        );
+        apply(&layer[..], root.path()).expect("apply");
+        let d = root.path().join("d");
+        let mut got: Vec<String> = xattr::list(&d)
+            .expect("list")
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["user.kept"]);
     }
 
     #[test]

@@ -17,6 +17,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DATA_CHUNK: usize = 32 * 1024;
 
+/// The most entries one transfer may list. Far beyond any real context (a
+/// large monorepo holds a few hundred thousand files); a sender that lists
+/// more is refused before its list can fill the receiver's memory.
+pub const MAX_ENTRIES: usize = 10_000_000;
+/// The most files a receiver holds open at once: a sender may interleave the
+/// data of several files, but not start ever more files without ending any.
+pub const MAX_OPEN_FILES: usize = 1024;
+/// The longest path an entry (or a hard link's target) may have, in bytes:
+/// Linux's `PATH_MAX`.
+pub const MAX_PATH_LEN: usize = 4096;
+/// The most components an entry's path may have. Trees are walked and copied
+/// recursively; no real context nests directories this deep.
+pub const MAX_PATH_DEPTH: usize = 1024;
+
 /// One side of a DiffCopy call.
 pub trait PacketConn: Send {
     fn send(&mut self, p: Packet) -> impl std::future::Future<Output = Result<(), Error>> + Send;
@@ -442,6 +456,33 @@ pub fn beneath(dest: &Path, rel: &str) -> Result<PathBuf, Error> {
     Ok(target)
 }
 
+/// Refuses a wire path longer than [`MAX_PATH_LEN`] or deeper than [`MAX_PATH_DEPTH`].
+fn check_path(rel: &str) -> Result<(), Error> {
+    if rel.len() > MAX_PATH_LEN {
+        let shown: String = rel.chars().take(64).collect();
+        return Err(Error::Limit {
+            what: format!(
+                "entry path {shown:?}... is {} bytes long, more than {MAX_PATH_LEN}",
+                rel.len()
+            ),
+            limit: MAX_PATH_LEN,
+        });
+    }
+    let depth = Path::new(rel)
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .count();
+    if depth > MAX_PATH_DEPTH {
+        return Err(Error::Limit {
+            what: format!(
+                "entry path {rel:?} is {depth} directories deep, more than {MAX_PATH_DEPTH}"
+            ),
+            limit: MAX_PATH_DEPTH,
+        });
+    }
+    Ok(())
+}
+
 fn same_file(md: &std::fs::Metadata, st: &Stat) -> bool {
     md.is_file()
         && md.len() as i64 == st.size
@@ -497,6 +538,30 @@ pub struct ReceiveStats {
 /// Makes `dest` mirror the sender's tree, asking only for files whose
 /// metadata differs from what `dest` already holds.
 pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveStats, Error> {
+    receive_limited(conn, dest, Limits::default()).await
+}
+
+/// The receiver's bounds on one transfer (the `MAX_*` constants; tests lower them).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    entries: usize,
+    open_files: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            entries: MAX_ENTRIES,
+            open_files: MAX_OPEN_FILES,
+        }
+    }
+}
+
+async fn receive_limited(
+    conn: &mut impl PacketConn,
+    dest: &Path,
+    limits: Limits,
+) -> Result<ReceiveStats, Error> {
     tokio::fs::create_dir_all(dest)
         .await
         .map_err(Error::io("mkdir", dest))?;
@@ -509,7 +574,22 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketStat) => match p.stat {
                 None => break,
-                Some(st) => stats.push(st),
+                Some(st) => {
+                    if stats.len() == limits.entries {
+                        return Err(Error::Limit {
+                            what: format!(
+                                "the file list holds more than {} entries",
+                                limits.entries
+                            ),
+                            limit: limits.entries,
+                        });
+                    }
+                    check_path(&st.path)?;
+                    if !st.linkname.is_empty() && st.mode & gomode::TYPE == 0 {
+                        check_path(&st.linkname)?;
+                    }
+                    stats.push(st);
+                }
             },
             Ok(PacketType::PacketErr) => {
                 return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
@@ -536,6 +616,13 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
         .await?;
     }
     let mut open: HashMap<u32, (tokio::fs::File, PathBuf)> = HashMap::new();
+    let nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        // seeded from the OS's randomness: the sender cannot guess it
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
     let mut pending: HashSet<u32> = wanted.iter().copied().collect();
     while !pending.is_empty() {
         let p = conn
@@ -554,17 +641,20 @@ pub async fn receive(conn: &mut impl PacketConn, dest: &Path) -> Result<ReceiveS
                     )));
                 }
                 let target = beneath(dest, &st.path)?;
+                if open.len() == limits.open_files && !open.contains_key(&p.id) {
+                    return Err(Error::Limit {
+                        what: format!(
+                            "the sender has more than {} files open at once (starting {})",
+                            limits.open_files, st.path
+                        ),
+                        limit: limits.open_files,
+                    });
+                }
                 if let std::collections::hash_map::Entry::Vacant(e) = open.entry(p.id) {
-                    let tmp = target.with_file_name(format!(
-                        ".kiln-recv-{}",
-                        target
-                            .file_name()
-                            .map(|n| n.to_string_lossy().to_string())
-                            .unwrap_or_default()
-                    ));
-                    // a new file of ours, never one the sender placed (an entry named
-                    // like the temporary file, a symlink, is removed, not followed)
-                    let _ = tokio::fs::remove_file(&tmp).await;
+                    // a new file of ours beside the target, named so that no entry of
+                    // the sender can be it (and short: the target's name may be 255
+                    // bytes); never a path the sender placed, never followed
+                    let tmp = target.with_file_name(format!(".kiln-recv-{nonce:016x}-{}", p.id));
                     let f = tokio::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -730,8 +820,18 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
             }
             result.changed |= wanted.last() == Some(&(id as u32));
         } else {
-            // devices, fifos, sockets are not part of build contexts
+            // devices, fifos, sockets are not part of build contexts; nothing an
+            // earlier sync left stays at their path
             tracing::debug!("skipping special file {}", st.path);
+            if let Some(m) = &existing {
+                if m.is_dir() {
+                    std::fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
+                } else {
+                    std::fs::remove_file(&target).map_err(Error::io("remove", &target))?;
+                }
+                result.removed += 1;
+                result.changed = true;
+            }
         }
     }
     Ok((wanted, result, stats))
@@ -1092,5 +1192,193 @@ mod tests {
             gomode::SETUID | 0o755
         );
         assert_eq!(gomode::unix_perm(gomode::SETUID | 0o755), 0o4755);
+    }
+
+    /// A canary directory holding only `dest`: whatever a test sends, nothing else
+    /// may appear in it.
+    fn canary() -> (tempfile::TempDir, PathBuf) {
+        let canary = tempfile::tempdir().expect("tmp");
+        let dest = canary.path().join("dest");
+        (canary, dest)
+    }
+
+    fn assert_only_dest(canary: &Path) {
+        let names: Vec<_> = std::fs::read_dir(canary)
+            .expect("canary")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(
+            names.iter().all(|n| n == "dest"),
+            "written outside the destination: {names:?}"
+        );
+    }
+
+    fn limit_of(r: Result<ReceiveStats, Error>) -> (usize, String) {
+        match r {
+            Err(e @ Error::Limit { limit, .. }) => (limit, e.to_string()),
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_list_longer_than_the_entry_limit_is_refused() {
+        let (canary, dest) = canary();
+        let limits = Limits {
+            entries: 50,
+            ..Limits::default()
+        };
+        // exactly at the limit: received
+        let (mut a, mut b) = pair();
+        let stats: Vec<Stat> = (0..50).map(|i| stat(&format!("f{i}"), 0o644, "")).collect();
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"x").await });
+        let got = receive_limited(&mut b, &dest, limits)
+            .await
+            .expect("50 entries");
+        let _ = sender.await;
+        assert_eq!(got.entries, 50);
+        // one more: refused with the limit named, before any request
+        let (mut a, mut b) = pair();
+        let stats: Vec<Stat> = (0..51).map(|i| stat(&format!("g{i}"), 0o644, "")).collect();
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"x").await });
+        let r = receive_limited(&mut b, &dest, limits).await;
+        drop(b);
+        let _ = sender.await;
+        let (limit, msg) = limit_of(r);
+        assert_eq!(limit, 50);
+        assert_eq!(
+            msg,
+            "the file list holds more than 50 entries (the limit is 50)"
+        );
+        assert!(!dest.join("g0").exists());
+        assert_eq!(Limits::default().entries, MAX_ENTRIES);
+        assert_only_dest(canary.path());
+    }
+
+    #[tokio::test]
+    async fn a_sender_cannot_hold_more_than_the_open_file_limit() {
+        let (canary, dest) = canary();
+        let n = MAX_OPEN_FILES + 1;
+        let (mut a, mut b) = pair();
+        let sender = tokio::spawn(async move {
+            for i in 0..n {
+                let _ = a
+                    .send(Packet {
+                        r#type: PacketType::PacketStat as i32,
+                        stat: Some(stat(&format!("f{i}"), 0o644, "")),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            let _ = a
+                .send(Packet {
+                    r#type: PacketType::PacketStat as i32,
+                    ..Default::default()
+                })
+                .await;
+            // every file is started, none is ended
+            let mut ids = Vec::new();
+            while ids.len() < n {
+                match a.recv().await {
+                    Ok(Some(p)) if p.r#type == PacketType::PacketReq as i32 => ids.push(p.id),
+                    _ => return,
+                }
+            }
+            for id in ids {
+                let sent = a
+                    .send(Packet {
+                        r#type: PacketType::PacketData as i32,
+                        id,
+                        data: b"partial".to_vec(),
+                        ..Default::default()
+                    })
+                    .await;
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let r = receive(&mut b, &dest).await;
+        drop(b);
+        let _ = sender.await;
+        let (limit, msg) = limit_of(r);
+        assert_eq!(limit, MAX_OPEN_FILES);
+        assert!(
+            msg.starts_with(&format!(
+                "the sender has more than {MAX_OPEN_FILES} files open at once"
+            )) && msg.ends_with(&format!("(the limit is {MAX_OPEN_FILES})")),
+            "{msg}"
+        );
+        assert_only_dest(canary.path());
+    }
+
+    #[tokio::test]
+    async fn paths_longer_or_deeper_than_the_limits_are_refused() {
+        let (canary, dest) = canary();
+        let long = "x".repeat(MAX_PATH_LEN + 1);
+        let deep = format!("{}f", "d/".repeat(MAX_PATH_DEPTH));
+        let link_to_long = stat("h", 0o644, &long);
+        for (stats, limit) in [
+            (vec![stat(&long, 0o644, "")], MAX_PATH_LEN),
+            (vec![stat(&deep, 0o644, "")], MAX_PATH_DEPTH),
+            (vec![link_to_long], MAX_PATH_LEN),
+        ] {
+            let (mut a, mut b) = pair();
+            let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"x").await });
+            let r = receive(&mut b, &dest).await;
+            drop(b);
+            let _ = sender.await;
+            let (got, msg) = limit_of(r);
+            assert_eq!(got, limit, "{msg}");
+            assert!(msg.ends_with(&format!("(the limit is {limit})")), "{msg}");
+        }
+        // at the depth limit a path is fine
+        let ok = format!("{}f", "d/".repeat(MAX_PATH_DEPTH - 1));
+        assert!(check_path(&ok).is_ok());
+        assert!(check_path(&"y".repeat(MAX_PATH_LEN)).is_ok());
+        assert_only_dest(canary.path());
+    }
+
+    #[tokio::test]
+    async fn every_sent_file_arrives_whatever_its_name() {
+        let (canary, dest) = canary();
+        let long = "n".repeat(255);
+        let names = ["x", ".kiln-recv-x", long.as_str(), ".kiln-recv-0", "y"];
+        let (mut a, mut b) = pair();
+        let stats: Vec<Stat> = names.iter().map(|n| stat(n, 0o644, "")).collect();
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"sent").await });
+        let got = receive(&mut b, &dest).await.expect("receive");
+        let _ = sender.await;
+        assert_eq!(got.transferred, names.len());
+        let mut have: Vec<String> = std::fs::read_dir(&dest)
+            .expect("dest")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        have.sort();
+        let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        want.sort();
+        assert_eq!(have, want, "exactly the sent entries");
+        for n in names {
+            assert_eq!(std::fs::read(dest.join(n)).expect(n), b"sent");
+        }
+        assert_only_dest(canary.path());
+    }
+
+    #[tokio::test]
+    async fn a_special_file_leaves_nothing_of_an_earlier_sync_at_its_path() {
+        let (canary, dest) = canary();
+        let (mut a, mut b) = pair();
+        let stats = vec![stat("app", 0o644, "")];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"planted").await });
+        receive(&mut b, &dest).await.expect("first sync");
+        let _ = sender.await;
+        // the next sender has a fifo there: the earlier file does not stay
+        let (mut a, mut b) = pair();
+        let stats = vec![stat("app", gomode::NAMED_PIPE | 0o644, "")];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"").await });
+        let got = receive(&mut b, &dest).await.expect("second sync");
+        let _ = sender.await;
+        assert!(!dest.join("app").exists(), "planted file stayed");
+        assert!(got.changed);
+        assert_only_dest(canary.path());
     }
 }

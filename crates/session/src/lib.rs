@@ -87,6 +87,10 @@ pub enum Error {
     },
     #[error("path {0:?} escapes the destination")]
     Escape(String),
+    /// A file transfer that goes beyond one of the receiver's limits
+    /// (`filesync::MAX_*`): `what` says what went beyond it.
+    #[error("{what} (the limit is {limit})")]
+    Limit { what: String, limit: usize },
     #[error("connect to {addr}")]
     Dial {
         addr: String,
@@ -136,6 +140,7 @@ impl From<Error> for tonic::Status {
                 tonic::Status::invalid_argument(e.to_string())
             }
             Error::Connect { .. } => tonic::Status::unavailable(e.to_string()),
+            Error::Limit { .. } => tonic::Status::resource_exhausted(e.to_string()),
             _ => tonic::Status::internal(e.to_string()),
         }
     }

@@ -203,7 +203,13 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             return Err(Status::invalid_argument("session has no id"));
         }
         let name = first_md(md, headers::SESSION_NAME);
-        let shared_key = first_md(md, headers::SESSION_SHAREDKEY);
+        // The shared key names the client's dir (the worker keeps one synced copy of a
+        // context per key): a client with a certificate gets keys of its own, so another
+        // client sending the same key never shares, or plants files in, its copy.
+        let shared_key = scoped_shared_key(
+            &caller_identity(&request),
+            &first_md(md, headers::SESSION_SHAREDKEY),
+        );
         let sessions = self.solver.sessions.clone();
         if sessions.contains(&id) {
             return Err(Status::already_exists(format!(
@@ -470,6 +476,16 @@ pub fn caller_identity<T>(r: &Request<T>) -> String {
             .map(|b| format!("{b:02x}"))
             .collect(),
         None => String::new(),
+    }
+}
+
+/// A session's shared key as the rest of kiln sees it: the client's key,
+/// qualified by the caller's identity when it has one.
+fn scoped_shared_key(identity: &str, key: &str) -> String {
+    if identity.is_empty() {
+        key.to_string()
+    } else {
+        format!("{identity}/{key}")
     }
 }
 
