@@ -272,3 +272,60 @@ fn a_step_writing_1gib_without_a_newline_is_clipped_and_costs_no_memory() {
         assert!(ok.status.success(), "{backend:?}: {}", d.logs());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llb_naming_another_clients_session_reads_nothing_of_it() {
+    use kiln_proto::pb;
+    use kiln_session::attachable::{self, Attachables};
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    // a client with a context attached, as during its own build
+    let victim = tempfile::tempdir().expect("tmp");
+    std::fs::write(victim.path().join("secret.txt"), "victim's").expect("write");
+    let mut att = Attachables::default();
+    att.dirs
+        .insert("context".into(), victim.path().to_path_buf());
+    let victim_session = uuid::Uuid::new_v4().simple().to_string();
+    let channel = kiln_session::dial::connect(&d.addr).await.expect("connect");
+    let _held = attachable::attach(channel, &victim_session, "victim", "", att)
+        .await
+        .expect("session");
+    // another client's raw LLB names that session for its local source
+    let mut b = kiln_llb::DefinitionBuilder::new();
+    let src = b.add(
+        pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: "local://context".into(),
+                attrs: [("local.session".to_string(), victim_session.clone())].into(),
+            })),
+            ..Default::default()
+        },
+        pb::OpMetadata::default(),
+    );
+    let def = b.finish(Some(src));
+    let out = tempfile::tempdir().expect("tmp");
+    let (addr, dest) = (d.addr.clone(), out.path().join("stolen"));
+    let result = tokio::task::spawn_blocking(move || {
+        use prost::Message;
+        use std::io::Write;
+        let mut child = Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+            .args(["--addr", &addr, "build", "--progress", "plain", "--output"])
+            .arg(format!("type=local,dest={}", dest.display()))
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kiln");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&def.encode_to_vec()).expect("write");
+        drop(stdin);
+        child.wait_with_output().expect("kiln")
+    })
+    .await
+    .expect("join");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{err}");
+    assert!(err.contains("not this build's"), "{err}");
+    assert!(
+        !out.path().join("stolen/secret.txt").exists(),
+        "another client's context was read"
+    );
+}

@@ -67,6 +67,10 @@ pub enum Error {
     UnknownBuild(String),
     #[error("no session {0:?} attached")]
     NoSession(String),
+    #[error(
+        "local source {name:?} names session {session:?}, which is not this build's: a build reads only its own client's files"
+    )]
+    ForeignSession { name: String, session: String },
     #[error("no result with id {0:?} in this build")]
     UnknownRef(String),
     #[error("build {0:?} is not waiting for a client-side frontend")]
@@ -142,6 +146,7 @@ impl From<Error> for tonic::Status {
             | Error::UnknownExporter(_)
             | Error::Filter { .. } => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
+            Error::ForeignSession { .. } => tonic::Code::PermissionDenied,
             Error::NoSession(_) | Error::NotForwarded(_) => tonic::Code::FailedPrecondition,
             Error::DuplicateBuild(_) => tonic::Code::AlreadyExists,
             Error::Frontend { code, .. }

@@ -835,6 +835,20 @@ pub async fn solve<W: Worker>(
     let Some(result) = graph.result.clone() else {
         return Ok(String::new());
     };
+    // the LLB names the session a local source syncs from: only this build's own
+    for v in &graph.vertices {
+        if let Some(OpKind::Source(s)) = &v.op.op
+            && is_local_source(&v.op)
+            && let Some(session) = s.attrs.get("local.session")
+            && !session.is_empty()
+            && *session != build.session_id
+        {
+            return Err(Error::ForeignSession {
+                name: s.identifier.trim_start_matches("local://").to_string(),
+                session: session.clone(),
+            });
+        }
+    }
     let mut futs: HashMap<String, VertexFuture> = HashMap::new();
     // with an image export, each layer of the result is computed as soon as
     // its step has run, alongside the steps after it
