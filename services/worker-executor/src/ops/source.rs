@@ -600,14 +600,31 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
         let work = home.path().join("checkout");
         std::fs::create_dir(&work).map_err(Error::io("create", &work))?;
         let g = |args: &[&str]| git_cmd(&work, home.path(), args).map_err(with_remote);
+        // the ref and remote come from the build: never options to git (a ref like
+        // `--upload-pack=CMD` would run CMD on the worker's host)
+        if git_ref.starts_with('-') || remote.starts_with('-') {
+            return Err(Error::Git {
+                remote: err_remote.clone(),
+                reason: format!("ref {git_ref:?} or remote starts with '-'"),
+            });
+        }
         g(&["init", "-q"])?;
-        g(&["remote", "add", "origin", &remote])?;
+        g(&["remote", "add", "--end-of-options", "origin", &remote])?;
         let want = if git_ref.is_empty() {
             "HEAD"
         } else {
             git_ref.as_str()
         };
-        let shallow = g(&["fetch", "-q", "--depth", "1", "--no-tags", "origin", want]);
+        let shallow = g(&[
+            "fetch",
+            "-q",
+            "--depth",
+            "1",
+            "--no-tags",
+            "--end-of-options",
+            "origin",
+            want,
+        ]);
         if shallow.is_err() {
             if !is_commit_sha(want) {
                 shallow?;
@@ -617,10 +634,11 @@ pub async fn git(w: &Worker, rest: &str, attrs: &BTreeMap<String, String>) -> Re
                 "fetch",
                 "-q",
                 "--tags",
+                "--end-of-options",
                 "origin",
                 "+refs/heads/*:refs/remotes/origin/*",
             ])?;
-            g(&["checkout", "-q", want])?;
+            g(&["checkout", "-q", "--end-of-options", want])?;
         } else {
             g(&["checkout", "-q", "FETCH_HEAD"])?;
         }
@@ -967,6 +985,13 @@ mod tests {
         )
         .await;
         assert!(ok.is_ok(), "{ok:?}");
+
+        // a ref that reads as an option runs nothing on the host
+        let marker = tmp.path().join("ran-on-the-host");
+        let evil = format!("--upload-pack=touch {}", marker.display());
+        let err = source(&w, &format!("{ident}#{evil}"), attrs(&[])).await;
+        assert!(err.is_err(), "{err:?}");
+        assert!(!marker.exists(), "the ref ran a command");
     }
 
     #[tokio::test]
