@@ -329,3 +329,43 @@ async fn llb_naming_another_clients_session_reads_nothing_of_it() {
         "another client's context was read"
     );
 }
+
+/// Whether any file under `dir` holds `needle`.
+fn any_file_holds(dir: &Path, needle: &[u8]) -> Option<std::path::PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file()
+                && let Ok(bytes) = std::fs::read(e.path())
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                return Some(e.path());
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn build_args_are_not_kept_in_history() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
+    // (an ARG the Dockerfile declares is in its RUNs' environment, and so in their
+    // definitions, as with any builder; this one is passed but not declared)
+    let ctx = BuildContext::new("FROM busybox\nRUN echo built\n").expect("ctx");
+    let arg = format!("NPM_TOKEN={token}");
+    let mut args = vec!["build", "--progress", "plain", "--build-arg", &arg];
+    args.extend(dockerfile_args());
+    let out = d.kiln(ctx.path(), &args).expect("kiln");
+    assert!(out.status.success(), "{}", d.logs());
+    let hist = d.kiln(ctx.path(), &["debug", "histories"]).expect("kiln");
+    assert!(String::from_utf8_lossy(&hist.stdout).contains("Completed"));
+    // nothing kilnd keeps (history, cache, logs) holds the value
+    assert_eq!(any_file_holds(d.dir.path(), token.as_bytes()), None);
+}

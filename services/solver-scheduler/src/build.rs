@@ -125,6 +125,16 @@ pub struct Build {
     pub eager_layers: Option<String>,
 }
 
+/// A build's frontend attrs as its history keeps them: build args are left out (they
+/// often carry tokens, and history outlives the build and is listed to every client).
+fn history_attrs(attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .filter(|(k, _)| !k.starts_with("build-arg:"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Frontend attr asking for cache-miss explanations.
 pub const EXPLAIN_CACHE_ATTR: &str = "explain-cache";
 
@@ -439,7 +449,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             } else {
                 req.frontend.clone()
             },
-            frontend_attrs: req.frontend_attrs.clone(),
+            frontend_attrs: history_attrs(&req.frontend_attrs),
             created: build.started,
             completed: unix_nanos(),
             error: r.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
