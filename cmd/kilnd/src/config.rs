@@ -32,6 +32,10 @@ pub struct Grpc {
     /// `[grpc.tls]`: TLS on the client listener's `tcp://` addresses
     #[serde(default)]
     pub tls: GrpcTls,
+    /// owner of the unix sockets (buildkitd.toml's `[grpc] uid`)
+    pub uid: Option<u32>,
+    /// group of the unix sockets (buildkitd.toml's `[grpc] gid`; `--group` wins)
+    pub gid: Option<u32>,
 }
 
 /// buildkitd.toml's `[grpc.tls]`.

@@ -51,6 +51,9 @@ struct Args {
     /// CA whose client certificates the client listener requires (mutual TLS)
     #[arg(long, value_name = "FILE")]
     tlscacert: Option<PathBuf>,
+    /// Group (name or gid) owning kilnd's unix sockets, so its members may connect
+    #[arg(long)]
+    group: Option<String>,
     /// Run one service only
     #[arg(long, value_enum)]
     role: Option<Role>,
@@ -142,6 +145,11 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     )?
     .map(|t| t.config())
     .transpose()?;
+    let gid = match &args.group {
+        Some(g) => Some(group_id(g)?),
+        None => file.grpc.gid,
+    };
+    serve::set_socket_owner(file.grpc.uid, gid);
     Ok(Settings {
         addr,
         root,
@@ -149,6 +157,18 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         peers,
         tls,
     })
+}
+
+/// A group given by name (from the host's group database) or number.
+fn group_id(g: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(grp)) => Ok(grp.gid.as_raw()),
+        Ok(None) => anyhow::bail!("--group {g:?}: no such group"),
+        Err(e) => anyhow::bail!("--group {g:?}: {e}"),
+    }
 }
 
 /// Where `--role solver-scheduler` serves the internal APIs: `--internal-addr`,

@@ -54,6 +54,14 @@ pub fn shutdown_signal() -> Shutdown {
     Shutdown(rx)
 }
 
+/// The user and group kilnd's unix sockets are given (`--group`, `[grpc] uid/gid`).
+static SOCKET_OWNER: std::sync::OnceLock<(Option<u32>, Option<u32>)> = std::sync::OnceLock::new();
+
+/// Sets the owner of the unix sockets kilnd listens on from now on.
+pub fn set_socket_owner(uid: Option<u32>, gid: Option<u32>) {
+    let _ = SOCKET_OWNER.set((uid, gid));
+}
+
 pub async fn serve(router: Router, addr: &str, shutdown: Shutdown) -> anyhow::Result<()> {
     match Addr::parse(addr)? {
         Addr::Unix(path) => {
@@ -69,6 +77,11 @@ pub async fn serve(router: Router, addr: &str, shutdown: Shutdown) -> anyhow::Re
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
                     .with_context(|| format!("set the mode of {}", path.display()))?;
+                let (uid, gid) = SOCKET_OWNER.get().copied().unwrap_or_default();
+                if uid.is_some() || gid.is_some() {
+                    std::os::unix::fs::chown(&path, uid, gid)
+                        .with_context(|| format!("set the owner of {}", path.display()))?;
+                }
             }
             router
                 .serve_with_incoming_shutdown(
