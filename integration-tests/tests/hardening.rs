@@ -369,3 +369,23 @@ fn build_args_are_not_kept_in_history() {
     // nothing kilnd keeps (history, cache, logs) holds the value
     assert_eq!(any_file_holds(d.dir.path(), token.as_bytes()), None);
 }
+
+#[test]
+fn a_steps_rootfs_keeps_set_id_files_working() {
+    // kiln's own views of snapshots are nosuid,nodev; a step's rootfs is not, or
+    // set-id programs of the image (su, ping, sudo) would stop working in RUN
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ctx = BuildContext::new(
+        "FROM busybox\nRUN awk '$5 == \"/\" {print \"root-opts=\" $6}' /proc/self/mountinfo && awk '$5 == \"/\"' /proc/self/mountinfo | grep -v nosuid\n",
+    )
+    .expect("context");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let out = d.kiln(ctx.path(), &args).expect("kiln");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root-opts="));
+}

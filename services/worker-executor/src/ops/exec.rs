@@ -512,7 +512,7 @@ fn prepare(
                 let parent = input_ref(inputs, m.input)?;
                 let path = if m.output >= 0 || !m.readonly {
                     let staging = store.prepare(parent.as_deref())?;
-                    let mounted = store.mount_rw_volatile(&staging)?;
+                    let mounted = store.mount_rw_for_step(&staging)?;
                     let path = mounted.path().to_path_buf();
                     if is_root {
                         p.root_writable = Some(p.writable.len());
@@ -524,7 +524,7 @@ fn prepare(
                     });
                     path
                 } else {
-                    let mounted = store.mount_ro(parent.as_deref())?;
+                    let mounted = store.mount_ro_for_step(parent.as_deref())?;
                     let path = mounted.path().to_path_buf();
                     p._readonly.push(mounted);
                     path

@@ -409,7 +409,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir1.join("a")).expect("a"), "1");
 
         let s2 = s.prepare(Some(&id1)).expect("prepare");
-        let m = s.mount_rw_volatile(&s2).expect("mount");
+        let m = s.mount_rw_for_step(&s2).expect("mount");
         std::fs::write(m.path().join("a"), "2").expect("write");
         std::fs::remove_file(m.path().join("b")).expect("rm");
         m.unmount().expect("unmount");

@@ -32,6 +32,7 @@ pub mod containerd;
 pub mod overlay;
 
 use crate::error::{Error, Result};
+use nix::mount::MsFlags;
 pub use overlay::{Mounted, Upper};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -345,6 +346,9 @@ pub(crate) fn chain_depth<'a>(
 }
 
 /// Checks that a ref is a snapshot id we could have produced (no path tricks).
+/// Mount flags of the views kiln reads and writes itself (never a step's).
+const HOST_VIEW: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
 pub fn check_id(id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_ok() && !id.contains('/') {
         Ok(())
@@ -798,24 +802,33 @@ impl Store {
         Ok(out)
     }
 
-    /// Mounts the chain ending at `top` read-only.
+    /// Mounts the chain ending at `top` read-only, for kiln itself to read:
+    /// `nosuid,nodev`, so no set-id file or device node of a build is live on the host.
     pub fn mount_ro(&self, top: Option<&str>) -> Result<Mounted> {
-        overlay::mount(&self.mnt, &self.lowers(top)?, None)
+        overlay::mount(&self.mnt, &self.lowers(top)?, None, HOST_VIEW)
     }
 
-    /// Mounts the chain `staging` is prepared over with `staging` as the writable upper.
+    /// Mounts the chain ending at `top` read-only for a step's container, where set-id
+    /// files work as in the image (runc mounts it into the step's own namespace).
+    pub fn mount_ro_for_step(&self, top: Option<&str>) -> Result<Mounted> {
+        overlay::mount(&self.mnt, &self.lowers(top)?, None, MsFlags::empty())
+    }
+
+    /// Mounts the chain `staging` is prepared over with `staging` as the writable
+    /// upper, for kiln itself to write (`nosuid,nodev`).
     pub fn mount_rw(&self, staging: &Staging) -> Result<Mounted> {
-        self.mount_upper(staging, false)
+        self.mount_upper(staging, false, HOST_VIEW)
     }
 
-    /// Like [`Store::mount_rw`], but the unmount does not sync the upper's whole
-    /// filesystem (overlayfs `volatile`): the snapshot committed from it is made
-    /// durable like every other one (see the module doc).
-    pub fn mount_rw_volatile(&self, staging: &Staging) -> Result<Mounted> {
-        self.mount_upper(staging, true)
+    /// A step's writable mount: like [`Store::mount_rw`] but with set-id files and
+    /// devices working, and the unmount does not sync the upper's whole filesystem
+    /// (overlayfs `volatile`): the snapshot committed from it is made durable like
+    /// every other one (see the module doc).
+    pub fn mount_rw_for_step(&self, staging: &Staging) -> Result<Mounted> {
+        self.mount_upper(staging, true, MsFlags::empty())
     }
 
-    fn mount_upper(&self, staging: &Staging, volatile: bool) -> Result<Mounted> {
+    fn mount_upper(&self, staging: &Staging, volatile: bool, extra: MsFlags) -> Result<Mounted> {
         let (diff, work) = (staging.diff(), staging.work());
         let t0 = std::time::Instant::now();
         let lowers = self.lowers(staging.parent.as_deref())?;
@@ -828,6 +841,7 @@ impl Store {
                 work: &work,
                 volatile,
             }),
+            extra,
         );
         tracing::debug!(
             target: "kiln_timing",

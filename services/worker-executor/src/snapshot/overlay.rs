@@ -236,7 +236,14 @@ fn mount_with_short_lowers(
 /// * no lowers, an upper: the upper directory itself (nothing to merge);
 /// * one lower, no upper: a read-only bind mount of that lower;
 /// * otherwise an overlay mount (read-only when there is no upper).
-pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Result<Mounted> {
+///
+/// `extra` flags (e.g. `MS_NOSUID | MS_NODEV`) apply to whatever is mounted.
+pub fn mount(
+    mnt_dir: &Path,
+    lowers: &[PathBuf],
+    upper: Option<Upper<'_>>,
+    extra: MsFlags,
+) -> Result<Mounted> {
     if lowers.is_empty()
         && let Some(u) = upper
     {
@@ -273,17 +280,18 @@ pub fn mount(mnt_dir: &Path, lowers: &[PathBuf], upper: Option<Upper<'_>>) -> Re
                 None::<&str>,
                 &target,
                 None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra,
                 None::<&str>,
             )
             .map_err(merr)?;
         }
         (lowers, upper) => {
-            let flags = if upper.is_none() {
-                MsFlags::MS_RDONLY
-            } else {
-                MsFlags::empty()
-            };
+            let flags = extra
+                | if upper.is_none() {
+                    MsFlags::MS_RDONLY
+                } else {
+                    MsFlags::empty()
+                };
             let names: Vec<String> = lowers
                 .iter()
                 .map(|p| p.to_string_lossy().into_owned())
@@ -363,6 +371,7 @@ mod tests {
                 work: &work,
                 volatile: true,
             }),
+            MsFlags::empty(),
         )
         .expect("mount");
         assert_eq!(
@@ -387,7 +396,18 @@ mod tests {
         drop(m);
         assert!(upper.join("new").exists(), "writes land in the upper");
         // read-only, no upper
-        let m = mount(&mnt, &lowers, None).expect("mount ro");
+        let m =
+            mount(&mnt, &lowers, None, MsFlags::MS_NOSUID | MsFlags::MS_NODEV).expect("mount ro");
         assert!(std::fs::write(m.path.join("nope"), "x").is_err());
+        let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(m.path.to_str().expect("utf-8")))
+            .expect("mounted");
+        let opts = line.split(' ').nth(5).unwrap_or_default();
+        assert!(
+            opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"),
+            "{line}"
+        );
     }
 }
