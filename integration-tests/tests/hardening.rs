@@ -389,3 +389,23 @@ fn a_steps_rootfs_keeps_set_id_files_working() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("root-opts="));
 }
+
+#[test]
+fn an_etc_passwd_that_is_a_device_node_is_not_read_forever() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    // /dev/zero as /etc/passwd: reading it for USER's name would never end
+    let ctx = BuildContext::new(
+        "FROM busybox\nRUN rm /etc/passwd && mknod /etc/passwd c 1 5\nUSER someone\nRUN id\n",
+    )
+    .expect("context");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let started = std::time::Instant::now();
+    let out = d.kiln(ctx.path(), &args).expect("kiln");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("someone"), "{err}");
+    let ok = d.kiln(ctx.path(), &["debug", "workers"]).expect("kiln");
+    assert!(ok.status.success(), "{}", d.logs());
+}
