@@ -57,7 +57,17 @@ impl Graph {
 
 /// Decodes every op, checks that each input refers to an earlier op, and finds
 /// the result through the terminal op. An empty definition is scratch.
+/// The most ops one definition may hold (a chain of this many builds; more would
+/// only be a way to make the daemon hold gigabytes of vertices).
+pub const MAX_OPS: usize = 1_000_000;
+
 pub fn load(def: &pb::Definition) -> Result<Graph, Error> {
+    if def.def.len() > MAX_OPS {
+        return Err(Error::TooManyOps {
+            count: def.def.len(),
+            limit: MAX_OPS,
+        });
+    }
     let mut graph = Graph {
         source: def.source.clone(),
         ..Graph::default()
@@ -182,5 +192,15 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(load(&def), Err(Error::DecodeOp { index: 0, .. })));
+    }
+
+    #[test]
+    fn too_many_ops_is_refused_by_count() {
+        let def = pb::Definition {
+            def: vec![Vec::new(); MAX_OPS + 1],
+            ..Default::default()
+        };
+        let err = load(&def).expect_err("too many");
+        assert!(err.to_string().contains("the limit is 1000000"), "{err}");
     }
 }

@@ -36,6 +36,9 @@ pub enum Error {
     /// An op names an input that is not an earlier op of the definition.
     #[error("op {digest} refers to input {input} which is not an earlier op")]
     UnknownInput { digest: String, input: String },
+    /// More ops than a definition may hold (`MAX_OPS`).
+    #[error("definition holds {count} ops; the limit is {limit}")]
+    TooManyOps { count: usize, limit: usize },
     /// The last `def` entry is not a terminal op (no body, exactly one input).
     #[error("last op {digest} of definition is not a terminal op: {reason}")]
     InvalidTerminal {
