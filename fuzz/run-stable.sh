@@ -1,10 +1,16 @@
 #!/bin/sh
-# Stable-toolchain fuzzing of kiln_dockerfile::parse + expansion, without
-# libFuzzer: `fuzz/run-stable.sh [SECONDS]` (default 600). Not run by CI.
-# With a nightly toolchain and cargo-fuzz, prefer:
-#   cd fuzz && cargo +nightly fuzz run parse_and_expand -- -max_total_time=600
+# Stable-toolchain fuzzing without libFuzzer (fuzz/README.md):
+#   fuzz/run-stable.sh [--target NAME|all] [--seconds N] [--seed S] ...
+#   fuzz/run-stable.sh --target NAME --reproduce FILE
+#   fuzz/run-stable.sh SECONDS [SEED]     (the dockerfile target)
+# Builds in the workspace's target dir with the workspace's Cargo.lock, so the
+# dependencies the workspace build compiled are reused. PROFILE=release for
+# long runs (a separate, slower build).
 set -eu
-cd "$(dirname "$0")"
-secs="${1:-600}"
-cargo build --release --bin stable_fuzz
-exec ./target/release/stable_fuzz "$secs" "${SEED:-$(date +%s)}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cp "$root/Cargo.lock" "$root/fuzz/Cargo.lock"
+profile="${PROFILE:-debug}"
+flag=""
+[ "$profile" = release ] && flag="--release"
+CARGO_TARGET_DIR="$root/target" cargo build -q $flag --manifest-path "$root/fuzz/Cargo.toml" --bin stable_fuzz
+exec "$root/target/$profile/stable_fuzz" "$@"

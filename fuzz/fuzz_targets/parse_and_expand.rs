@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    kiln_dockerfile_fuzz::exercise(data);
+    kiln_fuzz::exercise(data);
 });

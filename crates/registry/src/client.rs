@@ -1016,6 +1016,20 @@ fn parse_challenge(header: &str) -> Option<Auth> {
     }
 }
 
+/// What [`parse_challenge`] makes of a `WWW-Authenticate` value, for the fuzz
+/// targets (`fuzz/`): `Bearer realm=… service=… scope=…`, `Basic`, or `None`.
+#[doc(hidden)]
+pub fn describe_challenge(header: &str) -> Option<String> {
+    parse_challenge(header).map(|a| match a {
+        Auth::Bearer {
+            realm,
+            service,
+            scope,
+        } => format!("Bearer realm={realm:?} service={service:?} scope={scope:?}"),
+        Auth::Basic => "Basic".to_string(),
+    })
+}
+
 /// Standard base64 (RFC 4648 with padding) for basic-auth headers.
 mod base64_lite {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -10,7 +10,7 @@ mod config;
 mod error;
 mod reference;
 
-pub use client::{Client, Credentials, PushOutcome, Resolved};
+pub use client::{Client, Credentials, PushOutcome, Resolved, describe_challenge};
 pub use config::{HostConfig, RegistryConfig, is_loopback};
 pub use error::Error;
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API_HOST, Reference};

@@ -44,8 +44,9 @@ pub async fn run_op(
 
 /// Output indexes come from the client: each must be `-1` (none) or name one of
 /// the op's own outputs (at most one per mount or file action), used once, so an
-/// index never sizes anything.
-fn check_outputs(op: &pb::Op) -> Result<()> {
+/// index never sizes anything. Public for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn check_outputs(op: &pb::Op) -> Result<()> {
     let (kind, outputs): (&str, Vec<i64>) = match &op.op {
         // only bind mounts have outputs (others' `output` is not looked at)
         Some(Op::Exec(e)) => (

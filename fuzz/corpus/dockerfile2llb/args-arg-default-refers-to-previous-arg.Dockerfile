@@ -1,0 +1,4 @@
+FROM busybox
+ARG A=x
+ARG B=${A}y
+RUN echo $B > /out

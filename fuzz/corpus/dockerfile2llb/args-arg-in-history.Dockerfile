@@ -1,0 +1,3 @@
+FROM busybox
+ARG A=1
+RUN true

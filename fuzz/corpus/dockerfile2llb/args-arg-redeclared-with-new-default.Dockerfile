@@ -1,0 +1,4 @@
+ARG V=global
+FROM busybox
+ARG V=local
+RUN echo $V > /out

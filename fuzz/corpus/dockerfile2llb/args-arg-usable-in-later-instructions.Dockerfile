@@ -1,0 +1,4 @@
+FROM busybox
+ARG DIR=/made
+WORKDIR $DIR
+ENV FROM_ARG=$DIR

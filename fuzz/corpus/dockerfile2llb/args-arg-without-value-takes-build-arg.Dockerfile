@@ -1,0 +1,3 @@
+FROM busybox
+ARG A
+RUN echo "[$A]" > /out

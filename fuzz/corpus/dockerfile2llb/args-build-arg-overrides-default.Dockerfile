@@ -1,0 +1,3 @@
+FROM busybox
+ARG A=def
+RUN echo $A > /out

@@ -1,0 +1,3 @@
+ARG TAG=doesnotexist
+FROM busybox:$TAG
+RUN echo ok > /ok

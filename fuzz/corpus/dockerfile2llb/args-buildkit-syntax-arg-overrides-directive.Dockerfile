@@ -1,0 +1,3 @@
+# syntax=example.com/fe:1
+FROM busybox
+RUN echo ok > /ok

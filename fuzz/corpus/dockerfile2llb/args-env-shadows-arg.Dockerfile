@@ -1,0 +1,4 @@
+FROM busybox
+ARG A=arg
+ENV A=env
+RUN echo $A > /out

@@ -1,0 +1,4 @@
+ARG G=glob
+FROM busybox
+ARG G
+RUN echo "[$G]" > /b

@@ -1,0 +1,2 @@
+FROM --platform=$BUILDPLATFORM busybox
+RUN echo ok > /ok

@@ -1,0 +1,3 @@
+FROM busybox
+ARG HTTP_PROXY
+RUN echo $HTTP_PROXY > /p

@@ -1,0 +1,2 @@
+FROM --platform=$TARGETPLATFORM busybox
+RUN echo ok > /ok

@@ -1,0 +1,2 @@
+FROM extra
+COPY a.txt /a.txt

@@ -1,0 +1,2 @@
+FROM scratch
+ADD --unpack=false archive.tar.gz /x/

@@ -1,0 +1,2 @@
+FROM scratch
+COPY --chmod=0600 a.txt /m.txt

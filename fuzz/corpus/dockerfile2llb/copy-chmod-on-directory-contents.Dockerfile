@@ -1,0 +1,2 @@
+FROM scratch
+COPY --chmod=0750 dir /d/

@@ -1,0 +1,2 @@
+FROM scratch
+COPY --chmod=u=rwx,go=rx a.txt /s.txt

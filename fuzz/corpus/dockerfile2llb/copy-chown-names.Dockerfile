@@ -1,0 +1,2 @@
+FROM busybox
+COPY --chown=user:user a.txt /c.txt

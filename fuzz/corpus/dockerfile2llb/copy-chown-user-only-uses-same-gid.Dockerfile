@@ -1,0 +1,2 @@
+FROM busybox
+COPY --chown=1 a.txt /c.txt

@@ -1,0 +1,3 @@
+FROM busybox
+RUN echo old > /a.txt
+COPY a.txt /a.txt

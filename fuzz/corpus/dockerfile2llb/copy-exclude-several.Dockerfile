@@ -1,0 +1,2 @@
+FROM scratch
+COPY --exclude=**/*.log --exclude=dir . /e/

@@ -1,0 +1,3 @@
+FROM busybox
+RUN mkdir /existing
+COPY a.txt /existing

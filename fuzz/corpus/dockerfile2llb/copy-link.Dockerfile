@@ -1,0 +1,3 @@
+FROM busybox
+COPY --link a.txt /l.txt
+RUN cat /l.txt > /l2.txt

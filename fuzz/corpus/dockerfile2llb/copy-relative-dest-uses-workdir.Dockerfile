@@ -1,0 +1,4 @@
+FROM busybox
+WORKDIR /app
+COPY a.txt .
+COPY b.txt rel/

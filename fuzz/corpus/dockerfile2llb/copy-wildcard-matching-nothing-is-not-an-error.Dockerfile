@@ -1,0 +1,2 @@
+FROM scratch
+COPY package*.json optional.tx[t] /app/

@@ -1,0 +1,3 @@
+FROM scratch
+COPY ?.txt /q/
+COPY [a].txt /c/

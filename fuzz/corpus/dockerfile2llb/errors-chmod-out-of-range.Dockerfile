@@ -1,0 +1,2 @@
+FROM scratch
+COPY --chmod=17777 a.txt /

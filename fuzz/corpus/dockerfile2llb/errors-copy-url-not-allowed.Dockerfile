@@ -1,0 +1,2 @@
+FROM busybox
+COPY http://example.com/x /x

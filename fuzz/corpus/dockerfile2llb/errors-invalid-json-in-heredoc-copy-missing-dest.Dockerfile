@@ -1,0 +1,4 @@
+FROM busybox
+COPY <<EOF
+x
+EOF

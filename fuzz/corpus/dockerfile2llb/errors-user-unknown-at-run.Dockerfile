@@ -1,0 +1,3 @@
+FROM busybox
+USER nosuchuser
+RUN true

@@ -1,0 +1,3 @@
+FROM busybox
+ENV A=x
+CMD echo $A

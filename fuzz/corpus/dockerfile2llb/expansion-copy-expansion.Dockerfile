@@ -1,0 +1,3 @@
+FROM busybox
+ENV F=a.txt DEST=/dst
+COPY $F ${DEST}/

@@ -1,0 +1,3 @@
+FROM busybox
+ENV E=""
+ENV U=${UNSET:-def} F=${E:-def2} G=${E-def3} H=${UNSET-def4}

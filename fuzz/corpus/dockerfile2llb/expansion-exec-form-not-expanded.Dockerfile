@@ -1,0 +1,4 @@
+FROM busybox
+ENV A=x
+CMD ["echo", "$A"]
+ENTRYPOINT ["$A"]

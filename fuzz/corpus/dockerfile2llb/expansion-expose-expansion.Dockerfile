@@ -1,0 +1,3 @@
+FROM busybox
+ENV P=8080
+EXPOSE $P 53/udp

@@ -1,0 +1,3 @@
+FROM busybox
+ARG V=1.0
+LABEL version=$V "quoted key"="v $V"

@@ -1,0 +1,3 @@
+FROM busybox
+ENV A=inner
+ENV B=${UNSET:-${A}}

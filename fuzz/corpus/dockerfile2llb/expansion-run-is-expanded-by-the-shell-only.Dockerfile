@@ -1,0 +1,4 @@
+FROM busybox
+ENV A=fromenv
+RUN echo '$A' > /single
+RUN echo $A > /shell

@@ -1,0 +1,3 @@
+FROM busybox
+ENV S=SIGUSR1
+STOPSIGNAL $S

@@ -1,0 +1,3 @@
+FROM busybox
+ENV U=1000
+USER $U:$U

@@ -1,0 +1,3 @@
+FROM busybox
+ENV D=/data
+WORKDIR $D/sub

@@ -1,0 +1,2 @@
+FROM busybox
+EXPOSE 7000-7002/udp

@@ -1,0 +1,3 @@
+FROM busybox
+LABEL a=1
+WORKDIR /w

@@ -1,0 +1,4 @@
+FROM busybox
+LABEL a=1 \
+      b=2 \
+      c="3 4"

@@ -1,0 +1,4 @@
+FROM busybox AS base
+LABEL a=1 b=1
+FROM base
+LABEL b=2

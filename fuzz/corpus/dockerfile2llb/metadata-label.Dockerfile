@@ -1,0 +1,3 @@
+FROM busybox
+LABEL a=1 b="two words"
+LABEL "c d"=e

@@ -1,0 +1,2 @@
+FROM busybox
+MAINTAINER someone <s@example.com>

@@ -1,0 +1,3 @@
+FROM busybox AS base
+ONBUILD COPY a.txt /from-onbuild.txt
+FROM base

@@ -1,0 +1,3 @@
+FROM busybox AS base
+ONBUILD RUN true
+FROM base

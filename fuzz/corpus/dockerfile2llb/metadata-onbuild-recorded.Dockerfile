@@ -1,0 +1,3 @@
+FROM busybox
+ONBUILD RUN echo x
+ONBUILD COPY . /app

@@ -1,0 +1,2 @@
+FROM busybox
+SHELL sh -c

@@ -1,0 +1,3 @@
+FROM busybox
+USER user
+RUN whoami > /tmp/who

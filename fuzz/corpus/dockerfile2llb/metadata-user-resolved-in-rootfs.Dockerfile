@@ -1,0 +1,3 @@
+FROM busybox
+USER nobody
+RUN id -u > /tmp/uid

@@ -1,0 +1,4 @@
+FROM busybox AS base
+VOLUME /data
+FROM base
+VOLUME ["/logs", "/cache"]

@@ -1,0 +1,3 @@
+FROM busybox
+USER 1000:1000
+WORKDIR /w

@@ -1,0 +1,5 @@
+FROM busybox
+WORKDIR /a
+WORKDIR b
+WORKDIR c
+RUN pwd > /pwd

@@ -1,0 +1,3 @@
+# check=skip=all
+FROM busybox
+RUN echo ok > /ok

@@ -1,0 +1,4 @@
+FROM busybox
+RUN echo a \
+# a comment between continuation lines
+    b > /out

@@ -1,0 +1,6 @@
+# leading comment
+
+FROM busybox
+   # indented comment
+
+RUN echo ok > /ok

@@ -1,0 +1,2 @@
+FROM busybox
+RUN ["/bin/sh", "-c", "echo json > /out"]

@@ -1,0 +1,5 @@
+FROM busybox
+RUN cat <<EOF > /cat.txt
+hello
+world
+EOF

@@ -1,0 +1,5 @@
+FROM scratch
+ARG NAME=world
+COPY <<EOF /greet
+hello $NAME
+EOF

@@ -1,0 +1,7 @@
+FROM busybox
+RUN <<-EOF
+	echo tab > /tab
+	EOF
+COPY <<-EOT /t.txt
+	indented
+	EOT

@@ -1,0 +1,4 @@
+FROM busybox
+RUN <<-EOT sh -e
+	echo tabbed > /out
+	EOT

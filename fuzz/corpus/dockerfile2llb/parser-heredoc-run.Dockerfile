@@ -1,0 +1,5 @@
+FROM busybox
+RUN <<EOF
+echo one > /one
+echo two > /two
+EOF

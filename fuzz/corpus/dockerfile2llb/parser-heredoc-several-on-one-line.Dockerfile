@@ -1,0 +1,6 @@
+FROM busybox
+COPY <<A <<B /dir/
+foo
+A
+bar
+B

@@ -1,0 +1,5 @@
+FROM busybox
+RUN <<EOF
+#!/bin/sh
+echo shebang > /sb
+EOF

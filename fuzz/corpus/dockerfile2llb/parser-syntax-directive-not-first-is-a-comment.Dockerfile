@@ -1,0 +1,3 @@
+FROM busybox
+# syntax=example.com/frontend:1
+RUN echo ok > /ok

@@ -1,0 +1,2 @@
+FROM scratch
+ADD {{GIT}}/repo.git#main /src

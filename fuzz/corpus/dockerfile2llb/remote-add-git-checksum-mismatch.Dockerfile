@@ -1,0 +1,2 @@
+FROM scratch
+ADD --checksum={{COMMIT1}} {{GIT}}/repo.git#main /r

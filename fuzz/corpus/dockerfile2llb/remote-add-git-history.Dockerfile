@@ -1,0 +1,2 @@
+FROM busybox
+ADD {{GIT}}/repo.git#main /r

@@ -1,0 +1,2 @@
+FROM scratch
+ADD --keep-git-dir=true {{GIT}}/repo.git#main /r

@@ -1,0 +1,2 @@
+FROM scratch
+ADD {{GIT_HTTP}}/repo.git#main:sub /r

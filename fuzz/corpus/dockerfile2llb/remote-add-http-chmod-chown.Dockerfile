@@ -1,0 +1,2 @@
+FROM busybox
+ADD --chmod=644 --chown=7:8 {{HTTP}}/data.txt /x

@@ -1,0 +1,2 @@
+FROM scratch
+COPY {{GIT}}/repo.git /r

@@ -1,0 +1,2 @@
+FROM busybox
+RUN mkdir -p /m && mount -t tmpfs none /m

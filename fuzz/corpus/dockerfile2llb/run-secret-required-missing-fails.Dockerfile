@@ -1,0 +1,2 @@
+FROM busybox
+RUN --mount=type=secret,id=needed,required=true true

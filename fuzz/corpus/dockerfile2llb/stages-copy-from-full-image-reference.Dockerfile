@@ -1,0 +1,2 @@
+FROM scratch
+COPY --from=docker.io/library/busybox:latest /bin/busybox /bb

@@ -1,0 +1,2 @@
+FROM scratch
+COPY --from=busybox /bin/busybox /bb

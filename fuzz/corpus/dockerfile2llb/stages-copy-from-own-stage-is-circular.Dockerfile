@@ -1,0 +1,2 @@
+FROM busybox AS a
+COPY --from=a /bin/busybox /x

@@ -1,0 +1,4 @@
+FROM busybox
+RUN echo zero > /z
+FROM busybox
+COPY --from=0 /z /z

@@ -1,0 +1,4 @@
+FROM busybox AS base
+RUN echo x > /gone
+FROM base
+RUN rm /gone

@@ -1,0 +1,4 @@
+FROM busybox AS Build
+RUN echo b > /b
+FROM busybox
+COPY --from=BUILD /b /b

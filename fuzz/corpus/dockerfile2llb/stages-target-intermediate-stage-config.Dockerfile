@@ -1,0 +1,4 @@
+FROM busybox AS first
+ENV STAGE=first
+FROM busybox
+ENV STAGE=last

@@ -1,0 +1,4 @@
+FROM busybox AS broken
+RUN exit 1
+FROM busybox
+RUN echo ok > /ok
