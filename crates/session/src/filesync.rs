@@ -853,6 +853,11 @@ fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
         if st.mode & gomode::TYPE == gomode::DIR {
             let target = beneath(dest, &st.path)?;
             let current = target.symlink_metadata().ok();
+            // only a real directory gets a directory's metadata: a later entry of
+            // the same name (a symlink) is not followed to chmod its target
+            if !current.as_ref().is_some_and(|m| m.is_dir()) {
+                continue;
+            }
             if current.is_some_and(|m| {
                 m.is_dir()
                     && gomode::from_unix(m.mode()) == st.mode
@@ -1008,6 +1013,32 @@ mod tests {
         let _ = sender.await;
         assert!(matches!(r, Err(Error::Escape(_))), "{r:?}");
         assert!(!dest.path().join("h").exists());
+    }
+
+    #[tokio::test]
+    async fn a_dir_replaced_by_a_symlink_of_the_same_name_does_not_chmod_its_target() {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        // `a` as a dir with mode 0777, then `a -> OUTSIDE`: the dir's metadata is
+        // set last, and must not land on what the symlink names
+        let (mut a, mut b) = pair();
+        let stats = vec![
+            stat("a", gomode::DIR | 0o777, ""),
+            stat(
+                "a",
+                gomode::SYMLINK | 0o777,
+                &outside.path().display().to_string(),
+            ),
+        ];
+        let sender = tokio::spawn(async move { crafted_send(&mut a, stats, b"").await });
+        let _ = receive(&mut b, dest.path()).await;
+        drop(b);
+        let _ = sender.await;
+        let mode = std::fs::metadata(outside.path()).expect("stat").mode() & 0o7777;
+        assert_eq!(mode, 0o700, "the symlink's target was chmodded to {mode:o}");
     }
 
     async fn transfer(src: &Path, dest: &Path, filter: Filter) -> ReceiveStats {
