@@ -146,30 +146,90 @@ impl IgnoreMatcher {
     }
 }
 
-/// Whether some path starting with `segs` could match `pattern`.
+/// Whether some path starting with `segs` could match `pattern`. A table over
+/// (pattern position, path position), so `**` runs cost no more than a
+/// product of lengths.
 fn prefix_may_match(pattern: &[String], segs: &[&str]) -> bool {
-    match (pattern.first(), segs.first()) {
-        (_, None) => true,
-        (None, Some(_)) => false,
-        (Some(p), Some(_)) if p == "**" => {
-            prefix_may_match(&pattern[1..], segs) || prefix_may_match(pattern, &segs[1..])
-        }
-        (Some(p), Some(s)) => match_component(p, s) && prefix_may_match(&pattern[1..], &segs[1..]),
+    let (np, ns) = (pattern.len(), segs.len());
+    // may[i][j]: some path starting with segs[j..] could match pattern[i..]
+    let mut may = vec![vec![false; ns + 1]; np + 1];
+    for row in may.iter_mut() {
+        row[ns] = true;
     }
+    for i in (0..np).rev() {
+        for j in (0..ns).rev() {
+            may[i][j] = if pattern[i] == "**" {
+                may[i + 1][j] || may[i][j + 1]
+            } else {
+                may[i + 1][j + 1] && match_component(&pattern[i], segs[j])
+            };
+        }
+    }
+    may[0][0]
 }
 
 /// Matches whole path components; a `**` component matches zero or more.
 fn match_segments(pattern: &[String], segs: &[&str]) -> bool {
-    match pattern.first() {
-        None => segs.is_empty(),
-        Some(p) if p == "**" => {
-            (0..=segs.len()).any(|skip| match_segments(&pattern[1..], &segs[skip..]))
+    let tokens: Vec<Token<&String>> = pattern
+        .iter()
+        .map(|p| {
+            if p == "**" {
+                Token::Star
+            } else {
+                Token::One(p)
+            }
+        })
+        .collect();
+    match_tokens(&tokens, segs, |p, s| match_component(p, s))
+}
+
+/// A pattern element: `*` (any run) or something matching exactly one item.
+enum Token<T> {
+    Star,
+    One(T),
+}
+
+/// Wildcard matching with one backtrack point (the last star): when the
+/// items after a star fail, the star takes one more item. Equivalent to
+/// trying every split, in at most `tokens × items` steps instead of
+/// exponentially many for patterns with many stars (`**********.md`).
+fn match_tokens<T, I: Copy>(tokens: &[Token<T>], items: &[I], one: impl Fn(&T, I) -> bool) -> bool {
+    let (mut t, mut i) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    loop {
+        match tokens.get(t) {
+            Some(Token::Star) => {
+                star = Some((t, i));
+                t += 1;
+                continue;
+            }
+            Some(Token::One(p)) if i < items.len() && one(p, items[i]) => {
+                t += 1;
+                i += 1;
+                continue;
+            }
+            None if i == items.len() => return true,
+            _ => {}
         }
-        Some(p) => match segs.first() {
-            Some(s) => match_component(p, s) && match_segments(&pattern[1..], &segs[1..]),
-            None => false,
-        },
+        match star {
+            Some((st, si)) if si < items.len() => {
+                star = Some((st, si + 1));
+                t = st + 1;
+                i = si + 1;
+            }
+            _ => return false,
+        }
     }
+}
+
+/// One character of a component pattern.
+enum CharMatch {
+    Any,
+    Lit(char),
+    /// a class body (after `[`, through `]`)
+    Class(Vec<char>),
+    /// a malformed class: matches nothing
+    Never,
 }
 
 /// Go `filepath.Match` for one component: `*`, `?`, `[...]` / `[^...]` with
@@ -177,26 +237,46 @@ fn match_segments(pattern: &[String], segs: &[&str]) -> bool {
 fn match_component(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    match_from(&p, &n)
+    let mut tokens = Vec::new();
+    let mut k = 0;
+    while k < p.len() {
+        let c = p[k];
+        k += 1;
+        tokens.push(match c {
+            '*' => Token::Star,
+            '?' => Token::One(CharMatch::Any),
+            '[' => match class_len(&p[k..]) {
+                Some(used) => {
+                    let body = p[k..k + used].to_vec();
+                    k += used;
+                    Token::One(CharMatch::Class(body))
+                }
+                None => {
+                    // nothing after it can be reached
+                    tokens.push(Token::One(CharMatch::Never));
+                    break;
+                }
+            },
+            '\\' if k < p.len() => {
+                k += 1;
+                Token::One(CharMatch::Lit(p[k - 1]))
+            }
+            c => Token::One(CharMatch::Lit(c)),
+        });
+    }
+    match_tokens(&tokens, &n, |m, ch| match m {
+        CharMatch::Any => true,
+        CharMatch::Lit(c) => *c == ch,
+        CharMatch::Class(body) => match_class(body, ch).is_some_and(|(ok, _)| ok),
+        CharMatch::Never => false,
+    })
 }
 
-fn match_from(p: &[char], n: &[char]) -> bool {
-    let Some(&c) = p.first() else {
-        return n.is_empty();
-    };
-    match c {
-        '*' => (0..=n.len()).any(|k| match_from(&p[1..], &n[k..])),
-        '?' => !n.is_empty() && match_from(&p[1..], &n[1..]),
-        '[' => {
-            let Some(&ch) = n.first() else { return false };
-            match match_class(&p[1..], ch) {
-                Some((ok, used)) => ok && match_from(&p[1 + used..], &n[1..]),
-                None => false,
-            }
-        }
-        '\\' if p.len() > 1 => n.first() == Some(&p[1]) && match_from(&p[2..], &n[1..]),
-        _ => n.first() == Some(&c) && match_from(&p[1..], &n[1..]),
-    }
+/// The length of a class body (after `[`, through `]`), whatever it matches;
+/// None when it is malformed.
+fn class_len(p: &[char]) -> Option<usize> {
+    // a class's extent does not depend on the character tested
+    match_class(p, '\0').map(|(_, used)| used)
 }
 
 /// Matches `ch` against a class body (after `[`); returns (matched, chars
@@ -244,6 +324,53 @@ fn match_class(p: &[char], ch: char) -> Option<(bool, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_with_many_stars_match_without_backtracking_forever() {
+        // each of these took exponential time (hours) with a recursive matcher
+        let started = std::time::Instant::now();
+        let stars = format!("{}.md", "*".repeat(40));
+        assert!(m(&[&stars]).excluded("README.md"));
+        assert!(!m(&[&stars]).excluded(&format!("{}x", "a".repeat(60))));
+        let deep = format!("{}x", "**/".repeat(30));
+        let path = format!("{}y", "a/".repeat(40));
+        assert!(!m(&[&deep]).excluded(&path));
+        assert!(m(&[&deep]).excluded(&format!("{}x", "a/".repeat(40))));
+        let reinclude = format!("!{}x", "**/".repeat(30));
+        assert!(m(&["a", &reinclude]).may_reinclude_below(&path));
+        assert!(!m(&["a", "!b/c"]).may_reinclude_below("a"));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn component_matching_keeps_go_semantics() {
+        for (pattern, name, want) in [
+            ("*.md", "a.md", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("?x", "ax", true),
+            ("?x", "x", false),
+            ("[a-c]z", "bz", true),
+            ("[^a-c]z", "bz", false),
+            ("[!a-c]z", "dz", true),
+            ("\\*", "*", true),
+            ("\\*", "a", false),
+            ("a\\", "a\\", true),
+            ("*[", "a", false),
+            ("[]]", "]", true),
+            (
+                "*a*a*a*a*a*a*a*a*a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                false,
+            ),
+        ] {
+            assert_eq!(match_component(pattern, name), want, "{pattern:?} {name:?}");
+        }
+    }
 
     #[test]
     fn reading_cleans_and_skips_comments() {
