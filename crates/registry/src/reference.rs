@@ -73,6 +73,13 @@ impl Reference {
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
+        // the registry becomes a URL's host, picks plain HTTP for loopback
+        // hosts and the client's credentials: only a real host[:port]
+        if !valid_host(&registry) {
+            return Err(bad(
+                "registry must be a host name or [IPv6] address with an optional :port",
+            ));
+        }
         let registry = match registry.as_str() {
             "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
             _ => registry,
@@ -172,11 +179,85 @@ impl std::str::FromStr for Reference {
     }
 }
 
+/// Docker's grammar for a reference's registry: domain components
+/// (alphanumerics and inner `-`) joined by `.`, or a bracketed IPv6 address,
+/// then an optional numeric port.
+fn valid_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => {
+            let Some((addr, after)) = rest.split_once(']') else {
+                return false;
+            };
+            if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+                return false;
+            }
+            match after {
+                "" => return true,
+                p => match p.strip_prefix(':') {
+                    Some(port) => (None, Some(port)),
+                    None => return false,
+                },
+            }
+        }
+        None => match host.rsplit_once(':') {
+            Some((n, p)) => (Some(n), Some(p)),
+            None => (Some(host), None),
+        },
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = name.is_none_or(|n| {
+        !n.is_empty()
+            && n.split('.').all(|c| {
+                !c.is_empty()
+                    && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !c.starts_with('-')
+                    && !c.ends_with('-')
+            })
+    });
+    port_ok && name_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const D: &str = "sha256:4d864a48afdcdb82ea28cadb4d24caa0856e8c48658990e60db318af5f4ccd16";
+
+    #[test]
+    fn the_registry_must_be_a_host_and_port() {
+        for ok in [
+            "localhost:5000/x",
+            "127.0.0.1:5000/a/b:c",
+            "[::1]:5000/y:z",
+            "[fe80::1]/y",
+            "my-registry.Example.com:443/team/app",
+        ] {
+            assert!(Reference::parse(ok).is_ok(), "{ok}");
+        }
+        // each of these made a URL whose host is not the registry named
+        // (`127.0.0.1@evil.com` also counted as loopback: plain HTTP)
+        for bad in [
+            "127.0.0.1@evil.com/x",
+            "evil.com#.x/y",
+            "a.b?x=y/repo",
+            "user:pw@host.com/x",
+            "registry.ex\u{e9}mple.com:443/team/app",
+            "a..b/x",
+            "-a.com/x",
+            "a.com:/x",
+            "a.com:80a/x",
+            ":5000/x",
+            "[::1/x",
+            "[::1]x/y",
+        ] {
+            let e = Reference::parse(bad).expect_err(bad);
+            // an `@` is taken for a digest's separator first
+            assert!(
+                bad.contains('@') || e.to_string().contains("registry must be a host"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn normalises_like_docker() {
