@@ -139,10 +139,21 @@ impl Reference {
     /// Docker's short form: `busybox:latest`, `user/app:v1`, `127.0.0.1:5000/x:y`.
     pub fn familiar(&self) -> String {
         let name = if self.registry == DOCKER_HUB {
-            self.repository
-                .strip_prefix("library/")
-                .unwrap_or(&self.repository)
-                .to_string()
+            // `library/` goes only in front of a one-component name: the short
+            // form of `library/a/b` is itself (`a/b` would be `docker.io/a/b`)
+            let short = match self.repository.strip_prefix("library/") {
+                Some(short) if !short.contains('/') => short,
+                _ => &self.repository,
+            };
+            // a first component that looks like a host would be read as the registry
+            let first = short.split('/').next().unwrap_or("");
+            if short.contains('/')
+                && (first.contains('.') || first.contains(':') || first == "localhost")
+            {
+                self.name()
+            } else {
+                short.to_string()
+            }
         } else {
             self.name()
         };
@@ -256,6 +267,22 @@ mod tests {
                 bad.contains('@') || e.to_string().contains("registry must be a host"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn the_familiar_form_names_the_same_image() {
+        for (full, short) in [
+            ("docker.io/library/busybox:latest", "busybox:latest"),
+            ("docker.io/library/a/b:c", "library/a/b:c"),
+            ("docker.io/user/app:v1", "user/app:v1"),
+            ("docker.io/localhost/x:y", "docker.io/localhost/x:y"),
+            ("docker.io/a.b/c:d", "docker.io/a.b/c:d"),
+            ("127.0.0.1:5000/library/x:y", "127.0.0.1:5000/library/x:y"),
+        ] {
+            let r = Reference::parse(full).expect("parse");
+            assert_eq!(r.familiar(), short);
+            assert_eq!(Reference::parse(&r.familiar()).expect("reparse"), r);
         }
     }
 
