@@ -17,3 +17,13 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast -- --test-threads 2
 fi
+# Fuzz every parser of untrusted input for a short while (fuzz/README.md):
+# FUZZ_SECONDS per target (default 10; 0 skips), built in this target dir with
+# this Cargo.lock so the workspace build's dependencies are reused.
+fuzz_secs="${FUZZ_SECONDS:-10}"
+if [ "$fuzz_secs" != 0 ]; then
+  cp Cargo.lock fuzz/Cargo.lock
+  CARGO_TARGET_DIR="$(pwd)/target" cargo build --manifest-path fuzz/Cargo.toml --bin stable_fuzz
+  # a failure saves its input under fuzz/crashes/<target>/ and prints how to reproduce it
+  target/debug/stable_fuzz --target all --seconds "$fuzz_secs" --seed "${FUZZ_SEED:-$(date +%s)}"
+fi
