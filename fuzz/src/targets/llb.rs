@@ -160,7 +160,9 @@ pub fn run(data: &[u8]) {
         for v in &graph.vertices {
             let _ = worker_executor::ops::check_outputs(&v.op);
             let _ = solver_scheduler::solve::input_selectors(&v.op);
-            let _ = solver_scheduler::solve::source_snippet(&graph, &v.digest);
+            if let Some(source) = &graph.source {
+                let _ = solver_scheduler::solve::source_snippet(source, &v.digest);
+            }
             let _ = solver_scheduler::solve::vertex_name(&v.op, &v.metadata);
             // what the worker parses from a copy before it touches a file
             if let Some(OpKind::File(f)) = &v.op.op {
