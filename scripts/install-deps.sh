@@ -6,6 +6,9 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have protoc || need="$need protobuf-compiler"
 [ -e /usr/include/google/protobuf/timestamp.proto ] || need="$need libprotobuf-dev"
 have runc || need="$need runc"
+# bridge network mode: veth pairs on kiln's bridge, NAT and host isolation rules
+have ip || need="$need iproute2"
+have iptables || need="$need iptables"
 have containerd || need="$need containerd"
 [ -x /usr/bin/docker-registry ] || need="$need docker-registry"
 [ -x /bin/busybox ] || need="$need busybox-static"

@@ -52,6 +52,18 @@ pub struct GrpcTls {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Worker {
+    /// What exec steps get for a network: "auto" (default: "bridge" when it can be set
+    /// up, else "host"), "host", "bridge" or "none" (buildkitd's `networkMode`, here for
+    /// both executors; `[worker.oci]`/`[worker.containerd]` `networkMode` are read too).
+    #[serde(rename = "networkMode")]
+    pub network_mode: Option<String>,
+    /// bridge mode: the bridge's name (default "kiln0")
+    #[serde(rename = "bridgeName")]
+    pub bridge_name: Option<String>,
+    /// bridge mode: the steps' subnet (default "10.213.0.0/16"; the bridge gets its
+    /// first address)
+    #[serde(rename = "bridgeSubnet")]
+    pub bridge_subnet: Option<String>,
     #[serde(default)]
     pub oci: OciWorker,
     /// `[worker.containerd]`: run exec steps as containerd tasks and keep snapshots in
@@ -71,6 +83,9 @@ pub struct ContainerdWorker {
     pub namespace: Option<String>,
     /// snapshotter (default "overlayfs")
     pub snapshotter: Option<String>,
+    /// buildkitd's place for `[worker] networkMode`
+    #[serde(rename = "networkMode")]
+    pub network_mode: Option<String>,
 }
 
 impl ContainerdWorker {
@@ -111,6 +126,9 @@ pub struct OciWorker {
     /// at most this many steps run at once, across builds
     #[serde(rename = "max-parallelism")]
     pub max_parallelism: Option<usize>,
+    /// buildkitd's place for `[worker] networkMode`
+    #[serde(rename = "networkMode")]
+    pub network_mode: Option<String>,
 }
 
 /// A size: a number (its unit depends on the key) or a string with a unit.
@@ -199,6 +217,36 @@ impl OciWorker {
                 })
             })
             .collect()
+    }
+}
+
+impl Worker {
+    /// The steps' network settings: `flag` (`--network-mode`) over `[worker]` over
+    /// `[worker.oci]`/`[worker.containerd]`; bad values are errors naming the key.
+    pub fn network(
+        &self,
+        flag: Option<&str>,
+    ) -> anyhow::Result<worker_executor::network::NetworkConfig> {
+        use worker_executor::network::{NetworkConfig, NetworkMode, Subnet};
+        let mut c = NetworkConfig::default();
+        let mode = flag
+            .or(self.network_mode.as_deref())
+            .or(self.oci.network_mode.as_deref())
+            .or(self.containerd.network_mode.as_deref());
+        if let Some(m) = mode {
+            c.mode = m
+                .parse::<NetworkMode>()
+                .map_err(|e| anyhow::anyhow!("[worker] networkMode: {e}"))?;
+        }
+        if let Some(b) = &self.bridge_name {
+            c.bridge = b.clone();
+        }
+        if let Some(s) = &self.bridge_subnet {
+            c.subnet = s
+                .parse::<Subnet>()
+                .map_err(|e| anyhow::anyhow!("[worker] bridgeSubnet: {e}"))?;
+        }
+        Ok(c)
     }
 }
 
@@ -343,6 +391,45 @@ keepDuration = "48h"
             Some(std::path::Path::new("/ca.pem"))
         );
         assert!(toml::from_str::<FileConfig>("[grpc.tls]\ncertificate = \"/c\"\n").is_err());
+    }
+
+    #[test]
+    fn network_mode_reads_worker_keys_and_the_flag_wins() {
+        use worker_executor::network::NetworkMode;
+        let c: FileConfig = toml::from_str("").expect("parses");
+        let n = c.worker.network(None).expect("network");
+        assert_eq!(n.mode, NetworkMode::Auto);
+        assert_eq!(
+            (n.bridge.as_str(), n.subnet.to_string().as_str()),
+            ("kiln0", "10.213.0.0/16")
+        );
+        let c: FileConfig = toml::from_str(
+            "[worker]\nnetworkMode = \"bridge\"\nbridgeName = \"kb1\"\nbridgeSubnet = \"10.99.0.0/24\"\n",
+        )
+        .expect("parses");
+        let n = c.worker.network(None).expect("network");
+        assert_eq!(n.mode, NetworkMode::Bridge);
+        assert_eq!(
+            (n.bridge.as_str(), n.subnet.to_string().as_str()),
+            ("kb1", "10.99.0.0/24")
+        );
+        assert_eq!(
+            c.worker.network(Some("host")).expect("network").mode,
+            NetworkMode::Host
+        );
+        let c: FileConfig =
+            toml::from_str("[worker.oci]\nnetworkMode = \"none\"\n").expect("parses");
+        assert_eq!(
+            c.worker.network(None).expect("network").mode,
+            NetworkMode::None
+        );
+        let c: FileConfig = toml::from_str("[worker]\nnetworkMode = \"cni\"\n").expect("parses");
+        let e = c.worker.network(None).expect_err("cni").to_string();
+        assert!(e.contains("networkMode") && e.contains("cni"), "{e}");
+        let c: FileConfig =
+            toml::from_str("[worker]\nbridgeSubnet = \"10.99.0.1/24\"\n").expect("parses");
+        let e = c.worker.network(None).expect_err("host bits").to_string();
+        assert!(e.contains("bridgeSubnet"), "{e}");
     }
 
     #[test]

@@ -69,6 +69,10 @@ struct Args {
     /// registry-exporter address (for solver-scheduler)
     #[arg(long)]
     exporter_addr: Option<String>,
+    /// What exec steps get for a network: auto (bridge when it can be set up, else
+    /// host), host, bridge or none; overrides `[worker] networkMode`
+    #[arg(long, alias = "oci-worker-net", value_name = "MODE")]
+    network_mode: Option<String>,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -115,6 +119,8 @@ struct Settings {
     peers: config::Peers,
     /// the client listener's TLS, files read
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// `--network-mode`
+    network_mode: Option<String>,
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
@@ -156,6 +162,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         file,
         peers,
         tls,
+        network_mode: args.network_mode.clone(),
     })
 }
 
@@ -202,6 +209,7 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     }
     c.insecure_entitlements = s.file.insecure_entitlements.clone();
     c.containerd = s.file.worker.containerd.to_config()?;
+    c.network = s.file.worker.network(s.network_mode.as_deref())?;
     Ok(Arc::new(
         worker_executor::Worker::new(c).context("start worker")?,
     ))

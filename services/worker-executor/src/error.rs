@@ -61,6 +61,8 @@ pub enum Error {
     },
     #[error("runtime spec: {0}")]
     Spec(String),
+    #[error("step network: {0}")]
+    Network(String),
     #[error("start runc {runc}: {source}")]
     RuncStart {
         runc: PathBuf,

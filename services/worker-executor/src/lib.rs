@@ -17,10 +17,12 @@ pub mod fscopy;
 pub mod gc;
 pub mod grpc;
 pub mod layers;
+pub mod network;
 pub mod ops;
 pub mod rootpath;
 pub mod runc;
 pub mod runtimedir;
+pub mod seccomp;
 pub mod snapshot;
 pub mod untar;
 pub mod users;
@@ -54,6 +56,8 @@ pub struct Config {
     /// Run exec steps as containerd tasks instead of with runc directly
     /// (kilnd.toml `[worker.containerd]`).
     pub containerd: Option<containerd::ContainerdConfig>,
+    /// What exec steps get for a network (kilnd.toml `[worker] networkMode`).
+    pub network: network::NetworkConfig,
 }
 
 impl Config {
@@ -66,6 +70,7 @@ impl Config {
             runc: PathBuf::from("runc"),
             insecure_entitlements: Vec::new(),
             containerd: None,
+            network: network::NetworkConfig::default(),
         }
     }
 }
@@ -124,6 +129,8 @@ pub struct Worker {
     runtime: runtimedir::RuntimeDir,
     /// runs interactive processes (frontend images, LLBBridge containers)
     interactive: runc::Runc,
+    /// what steps get for a network (the worker's mode, resolved at start)
+    networking: network::Networking,
     /// LLBBridge containers, by id: mounts kept until released
     containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
 }
@@ -178,6 +185,7 @@ impl Worker {
             None => None,
         };
         let store = snapshot::Store::open_with(&config.root, containerd)?;
+        let networking = network::Networking::start(&config.network)?;
         Ok(Worker {
             id,
             store,
@@ -189,6 +197,7 @@ impl Worker {
             executor,
             runtime,
             interactive,
+            networking,
             containers: std::sync::Mutex::new(HashMap::new()),
             config,
         })
@@ -211,6 +220,11 @@ impl Worker {
     /// Where runc's state and the bundles of running steps are.
     pub fn runtime(&self) -> &runtimedir::RuntimeDir {
         &self.runtime
+    }
+
+    /// What steps get for a network.
+    pub fn networking(&self) -> &network::Networking {
+        &self.networking
     }
 
     pub fn store(&self) -> &snapshot::Store {

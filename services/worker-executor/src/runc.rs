@@ -40,6 +40,18 @@ impl ExtraMount {
     }
 }
 
+/// Which network namespace a container gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Network {
+    /// The host's (kilnd's) own.
+    #[default]
+    Host,
+    /// A fresh one with only loopback.
+    Loopback,
+    /// The namespace bind-mounted at this path (a step's on kiln's bridge).
+    Join(PathBuf),
+}
+
 /// What to run and how.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessSpec {
@@ -48,8 +60,8 @@ pub struct ProcessSpec {
     pub cwd: String,
     pub identity: Identity,
     pub hostname: String,
-    /// A fresh network namespace with only loopback (NetMode NONE) instead of the host's.
-    pub isolated_network: bool,
+    /// The network namespace the process runs in.
+    pub network: Network,
     /// `security.insecure`: every capability, no masked or read-only paths, writable /sys.
     pub privileged: bool,
     pub rootfs: PathBuf,
@@ -162,6 +174,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
     } else {
         default_caps.into_iter().collect()
     };
+    let bounding_caps: Vec<Capability> = caps.iter().copied().collect();
     let mut env = p.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
@@ -274,19 +287,32 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         });
     }
 
-    let mut ns_types = vec![
+    let ns_types = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
     ];
-    if p.isolated_network {
-        ns_types.push(LinuxNamespaceType::Network);
-    }
-    let namespaces = ns_types
+    let mut namespaces = ns_types
         .into_iter()
         .map(|t| LinuxNamespaceBuilder::default().typ(t).build().map_err(se))
         .collect::<Result<Vec<_>>>()?;
+    match &p.network {
+        Network::Host => {}
+        Network::Loopback => namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .build()
+                .map_err(se)?,
+        ),
+        Network::Join(path) => namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(path)
+                .build()
+                .map_err(se)?,
+        ),
+    }
     let defaults = oci_spec::runtime::Linux::default();
     let mut linux = LinuxBuilder::default().namespaces(namespaces);
     if p.privileged {
@@ -299,6 +325,8 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         if let Some(r) = defaults.readonly_paths() {
             linux = linux.readonly_paths(r.clone());
         }
+        // security.insecure lifts the syscall filter with the rest
+        linux = linux.seccomp(crate::seccomp::default_profile(&bounding_caps)?);
     }
     let linux = linux.build().map_err(se)?;
 
@@ -730,7 +758,7 @@ mod tests {
             cwd: String::new(),
             identity: Identity::default(),
             hostname: String::new(),
-            isolated_network: true,
+            network: Network::Loopback,
             privileged: false,
             rootfs: PathBuf::from("/r"),
             readonly_rootfs: false,
@@ -757,7 +785,7 @@ mod tests {
         };
         assert_eq!(caps(&s), 14);
         p.privileged = true;
-        p.isolated_network = false;
+        p.network = Network::Host;
         let s = spec(&p).expect("spec");
         assert_eq!(
             caps(&s) as u32,
@@ -767,6 +795,57 @@ mod tests {
         assert!(linux.masked_paths().as_ref().is_none_or(|m| m.is_empty()));
         let ns = linux.namespaces().as_ref().expect("namespaces");
         assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+        assert!(linux.seccomp().is_none(), "security.insecure lifts seccomp");
+    }
+
+    #[test]
+    fn step_spec_joins_its_network_and_filters_syscalls() {
+        let p = ProcessSpec {
+            args: vec!["true".into()],
+            network: Network::Join(PathBuf::from("/run/kiln-net/kiln0/10.213.0.2.ns")),
+            rootfs: PathBuf::from("/r"),
+            ..Default::default()
+        };
+        let s = spec(&p).expect("spec");
+        let linux = s.linux().as_ref().expect("linux");
+        let net: Vec<_> = linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .filter(|n| n.typ() == LinuxNamespaceType::Network)
+            .collect();
+        assert_eq!(net.len(), 1);
+        assert_eq!(
+            net[0].path().as_deref(),
+            Some(Path::new("/run/kiln-net/kiln0/10.213.0.2.ns"))
+        );
+        let seccomp = linux.seccomp().as_ref().expect("a seccomp profile");
+        assert_eq!(
+            seccomp.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
+        // the profile follows the step's capabilities: no CAP_SYS_ADMIN, no mount
+        let names: Vec<&String> = seccomp
+            .syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|r| r.names())
+            .collect();
+        assert!(names.iter().any(|n| *n == "chroot"));
+        assert!(!names.iter().any(|n| *n == "mount"));
+        // the spec as runc reads it
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(
+            json["linux"]["seccomp"]["defaultAction"],
+            serde_json::json!("SCMP_ACT_ERRNO")
+        );
+        assert!(
+            json["linux"]["namespaces"]
+                .as_array()
+                .expect("namespaces")
+                .iter()
+                .any(|n| n["type"] == "network" && n["path"] == "/run/kiln-net/kiln0/10.213.0.2.ns")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use crate::cachemount::{Lease, Sharing};
 use crate::containerd::Containerd;
 use crate::error::{Error, Result};
+use crate::network::{self, Networking};
 use crate::ops::input_ref;
 use crate::pb::{self, MountType, NetMode, SecurityMode};
 use crate::runc::{self, ExtraMount, ProcessSpec, Runc};
@@ -358,6 +359,8 @@ struct Prepared {
     process: ProcessSpec,
     /// The host path of each bind mount, by mount index (the root's is the rootfs).
     mount_paths: HashMap<usize, PathBuf>,
+    /// The step's network namespace on the bridge, removed when this drops.
+    _network: Option<network::StepNetwork>,
 }
 
 /// The first missing component of `dest` inside `root`, and every path below it down to
@@ -458,16 +461,46 @@ fn xattr_opaque(p: &Path) -> bool {
     n > 0
 }
 
-fn resolv_conf() -> Vec<u8> {
-    std::fs::read("/etc/resolv.conf")
+/// The step's `/etc/resolv.conf`: the host's; in a network of its own without the
+/// host's loopback nameservers.
+fn resolv_conf(own_network: bool) -> Vec<u8> {
+    let host = std::fs::read("/etc/resolv.conf")
         .ok()
         .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| b"nameserver 8.8.8.8\nnameserver 8.8.4.4\n".to_vec())
+        .unwrap_or_else(|| b"nameserver 8.8.8.8\nnameserver 8.8.4.4\n".to_vec());
+    if own_network {
+        network::bridge_resolv_conf(&String::from_utf8_lossy(&host)).into_bytes()
+    } else {
+        host
+    }
 }
 
+/// The network namespace of an exec: `--network=host` and `--network=none` as asked,
+/// otherwise what the worker's network mode gives (on the bridge: a namespace of its own,
+/// made here and removed when the returned guard drops).
+fn step_network(
+    networking: &Networking,
+    mode: i32,
+) -> Result<(runc::Network, Option<network::StepNetwork>)> {
+    Ok(match NetMode::try_from(mode).unwrap_or(NetMode::Unset) {
+        NetMode::Host => (runc::Network::Host, None),
+        NetMode::None => (runc::Network::Loopback, None),
+        NetMode::Unset => match networking {
+            Networking::Host => (runc::Network::Host, None),
+            Networking::None => (runc::Network::Loopback, None),
+            Networking::Bridge(b) => {
+                let n = b.attach()?;
+                (runc::Network::Join(n.path().to_path_buf()), Some(n))
+            }
+        },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     store: &Store,
     runtime: &crate::runtimedir::RuntimeDir,
+    networking: &Networking,
     e: &pb::ExecOp,
     inputs: &[Option<String>],
     mut leases: HashMap<usize, Lease>,
@@ -479,6 +512,18 @@ fn prepare(
         .as_ref()
         .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
     let t0 = std::time::Instant::now();
+    // a bridge network is made while the mounts are (a dropped handle's network is
+    // removed when its thread ends)
+    let timed = |networking: &Networking, mode: i32| {
+        let t = std::time::Instant::now();
+        step_network(networking, mode).map(|n| (n, t.elapsed()))
+    };
+    let net_job = (matches!(networking, Networking::Bridge(_))
+        && e.network == NetMode::Unset as i32)
+        .then(|| {
+            let networking = networking.clone();
+            std::thread::spawn(move || timed(&networking, NetMode::Unset as i32))
+        });
     let bundle = tempfile::Builder::new()
         .prefix("exec-")
         .tempdir_in(runtime.path())
@@ -501,6 +546,7 @@ fn prepare(
         spec: oci_spec::runtime::Spec::default(),
         process: ProcessSpec::default(),
         mount_paths: HashMap::new(),
+        _network: None,
     };
     let mut extra = Vec::new();
     let mut mounts: Vec<(usize, &pb::Mount)> = e.mounts.iter().enumerate().collect();
@@ -611,8 +657,18 @@ fn prepare(
     {
         p.stubs.extend(missing_components(&p.rootfs, dest));
     }
+    let t_wait = std::time::Instant::now();
+    let ((net, step_net), t_net) = match net_job {
+        Some(job) => job
+            .join()
+            .map_err(|_| Error::Network("network setup thread panicked".into()))??,
+        None => timed(networking, e.network)?,
+    };
+    let t_wait = t_wait.elapsed();
+    p._network = step_net;
     let resolv = p.bundle.path().join("resolv.conf");
-    std::fs::write(&resolv, resolv_conf()).map_err(Error::io("write", &resolv))?;
+    std::fs::write(&resolv, resolv_conf(net != runc::Network::Host))
+        .map_err(Error::io("write", &resolv))?;
     let hosts = p.bundle.path().join("hosts");
     let mut hosts_data = runc::HOSTS.to_string();
     for h in &meta.extra_hosts {
@@ -633,7 +689,7 @@ fn prepare(
         cwd: meta.cwd.clone(),
         identity,
         hostname: meta.hostname.clone(),
-        isolated_network: e.network == NetMode::None as i32,
+        network: net,
         privileged: e.security == SecurityMode::Insecure as i32,
         rootfs: p.rootfs.clone(),
         readonly_rootfs: p.root_writable.is_none(),
@@ -646,9 +702,11 @@ fn prepare(
     p.process = process;
     tracing::debug!(
         target: "kiln_timing",
-        "exec prepare: mounts {} ms, user/stubs/bundle {} ms",
+        "exec prepare: mounts {} ms, network {} us (waited {} us), user/stubs/bundle {} ms",
         t_mounts.as_millis(),
-        (t0.elapsed() - t_mounts).as_millis()
+        t_net.as_micros(),
+        t_wait.as_micros(),
+        (t0.elapsed() - t_mounts - t_wait).as_millis()
     );
     Ok(p)
 }
@@ -772,11 +830,13 @@ async fn prepare_exec(
     }
     let store = w.store().clone();
     let runtime = w.runtime().clone();
+    let networking = w.networking().clone();
     let (e2, inputs2) = (e.clone(), inputs.to_vec());
     let prepared = tokio::task::spawn_blocking(move || {
         prepare(
             &store,
             &runtime,
+            &networking,
             &e2,
             &inputs2,
             leases,
