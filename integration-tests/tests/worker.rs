@@ -24,8 +24,8 @@ fn secrets_reach_the_step_as_file_and_env_but_never_the_image_or_logs() {
 }
 
 #[test]
-fn network_none_has_only_loopback_and_default_is_the_host_network() {
-    worker_cases::network_none_has_only_loopback_and_default_is_the_host_network(&Backend::Runc);
+fn network_none_has_only_loopback_and_host_mode_is_the_host_network() {
+    worker_cases::network_none_has_only_loopback_and_host_mode_is_the_host_network(&Backend::Runc);
 }
 
 #[test]

@@ -27,9 +27,9 @@ fn secrets_reach_the_step_as_file_and_env_but_never_the_image_or_logs() {
 }
 
 #[test]
-fn network_none_has_only_loopback_and_default_is_the_host_network() {
+fn network_none_has_only_loopback_and_host_mode_is_the_host_network() {
     if let Some(b) = Backend::containerd() {
-        worker_cases::network_none_has_only_loopback_and_default_is_the_host_network(&b);
+        worker_cases::network_none_has_only_loopback_and_host_mode_is_the_host_network(&b);
     }
 }
 

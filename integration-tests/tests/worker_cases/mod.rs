@@ -227,9 +227,11 @@ impl Drop for HostHttp {
     }
 }
 
-pub fn network_none_has_only_loopback_and_default_is_the_host_network(b: &Backend) {
+pub fn network_none_has_only_loopback_and_host_mode_is_the_host_network(b: &Backend) {
     let http = HostHttp::start();
-    let d = Daemon::start_on(Topology::AllInOne, b, "").expect("daemon");
+    // network mode host: steps share the host's network, its loopback included
+    let d = Daemon::start_on(Topology::AllInOne, b, "[worker]\nnetworkMode = \"host\"")
+        .expect("daemon");
     let c = BuildContext::new(&format!(
         "FROM busybox\n\
          RUN --network=none sh -c 'mkdir -p /www && echo in-sandbox > /www/index.html && httpd -p 127.0.0.1:8099 -h /www && sleep 0.3; wget -q -O /loopback http://127.0.0.1:8099/index.html; if wget -q -O - http://127.0.0.1:{p}/ ; then echo reached > /none-host; else echo blocked > /none-host; fi; rm -rf /www'\n\
