@@ -405,22 +405,8 @@ fn a_killed_kilnds_step_networks_are_swept_at_the_next_start() {
     let d = Daemon::start_with_config(Topology::AllInOne, BRIDGE).expect("daemon");
     let pid = kilnd_pid(&d);
     let c = BuildContext::new("FROM busybox\nRUN sleep 3\n").expect("context");
-    let mut build = Command::new(kiln_integration_tests::bin_dir().join("kiln"))
-        .args(["--addr", &d.addr, "build", "--no-cache"])
-        .args(dockerfile_args())
-        .current_dir(c.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kiln build");
-    let t = Instant::now();
-    let ip = loop {
-        if let Some(ip) = lease_held_by(pid) {
-            break ip;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "no step network");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut build = spawn_build(&d, &c);
+    let ip = running_step_ip(pid, &mut build);
     let veth = Path::new("/sys/class/net").join(format!(
         "kv{:08x}",
         u32::from(ip.parse::<Ipv4Addr>().expect("ip"))
@@ -462,5 +448,53 @@ fn bridge_mode_on_containerd_joins_the_step_network() {
     assert_eq!(read(&out, "host"), "blocked\n");
     assert_eq!(loopback.accepted(), 0);
     assert_eq!(read(&out, "mode"), "Seccomp:\t2\n");
+    still_serves(&d);
+}
+
+/// `kiln build --no-cache` of `c` on `d`, in the background.
+fn spawn_build(d: &Daemon, c: &BuildContext) -> std::process::Child {
+    Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+        .args(["--addr", &d.addr, "build", "--no-cache"])
+        .args(dockerfile_args())
+        .current_dir(c.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln build")
+}
+
+/// The address of the step network kilnd `pid` holds, once `build` has a step running.
+fn running_step_ip(pid: u32, build: &mut std::process::Child) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some(ip) = lease_held_by(pid) {
+            return ip;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = build.kill();
+            let _ = build.wait();
+            panic!("no step network");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_failed_or_cancelled_steps_network_is_removed() {
+    let d = Daemon::start_with_config(Topology::AllInOne, BRIDGE).expect("daemon");
+    let pid = kilnd_pid(&d);
+    // a step that fails
+    let c = BuildContext::new("FROM busybox\nRUN sleep 1; exit 3\n").expect("context");
+    let mut build = spawn_build(&d, &c);
+    let ip = running_step_ip(pid, &mut build);
+    assert!(!build.wait().expect("wait").success(), "the step fails");
+    wait_until_removed(&ip);
+    // a build whose client goes away mid-step
+    let c = BuildContext::new("FROM busybox\nRUN sleep 60\n").expect("context");
+    let mut build = spawn_build(&d, &c);
+    let ip = running_step_ip(pid, &mut build);
+    build.kill().expect("cancel the build");
+    let _ = build.wait();
+    wait_until_removed(&ip);
     still_serves(&d);
 }
