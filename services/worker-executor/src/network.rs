@@ -359,6 +359,14 @@ impl Bridge {
         }
         // no IPv6 on the bridge: steps get IPv4 only, and no link-local way to the host
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // a fixed MAC: a bridge that has none takes its ports' lowest, so it would change
+        // as steps come and go, under the ARP caches of running steps
+        let mac = bridge_mac(name);
+        let have_mac =
+            std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
+        if have_mac.trim() != mac {
+            tool("ip", &["link", "set", name, "address", &mac])?;
+        }
         tool("ip", &["link", "set", name, "up"])?;
         let fwd = "/proc/sys/net/ipv4/ip_forward";
         if std::fs::read_to_string(fwd)
@@ -561,6 +569,16 @@ impl Bridge {
         );
         Ok(())
     }
+}
+
+/// The bridge's MAC: locally administered, from its name.
+fn bridge_mac(name: &str) -> String {
+    // FNV-1a: the same on every build of kiln
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, c| {
+        (h ^ u32::from(c)).wrapping_mul(0x0100_0193)
+    });
+    let b = h.to_be_bytes();
+    format!("02:6b:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
 /// Runs `f` on a thread of its own (namespace changes stay there) and waits for it.
