@@ -78,7 +78,10 @@ impl Outside {
         let host = Ipv4Addr::new(198, 18, a, b + 1);
         let addr = Ipv4Addr::new(198, 18, a, b + 2);
         let veth = format!("kso{:x}", id);
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         sh(&format!(
             "ip netns add {name} && ip link add {veth} type veth peer name eth0 netns {name} && \
              ip addr add {host}/30 dev {veth} && ip link set {veth} up && \
@@ -88,6 +91,8 @@ impl Outside {
         let listener = Command::new("ip")
             .args(["netns", "exec", &name, "/bin/busybox", "nc", "-l", "-p"])
             .arg(port.to_string())
+            // a stdin that stays open: at its end nc would stop reading the connection
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -411,7 +416,15 @@ fn a_killed_kilnds_step_networks_are_swept_at_the_next_start() {
         "kv{:08x}",
         u32::from(ip.parse::<Ipv4Addr>().expect("ip"))
     ));
-    assert!(veth.exists(), "the running step has its veth");
+    // the lease is taken first, the veth made next
+    let t = Instant::now();
+    while !veth.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the running step has its veth"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // kill -9: nothing of kilnd's runs any more
     sh(&format!("kill -9 {pid}"));
     let _ = build.wait();
