@@ -229,14 +229,22 @@ impl Worker {
     ) -> anyhow::Result<worker_executor::network::NetworkConfig> {
         use worker_executor::network::{NetworkConfig, NetworkMode, Subnet};
         let mut c = NetworkConfig::default();
-        let mode = flag
-            .or(self.network_mode.as_deref())
-            .or(self.oci.network_mode.as_deref())
-            .or(self.containerd.network_mode.as_deref());
-        if let Some(m) = mode {
+        let mode = flag.map(|m| ("--network-mode", m)).or_else(|| {
+            [
+                ("[worker] networkMode", &self.network_mode),
+                ("[worker.oci] networkMode", &self.oci.network_mode),
+                (
+                    "[worker.containerd] networkMode",
+                    &self.containerd.network_mode,
+                ),
+            ]
+            .into_iter()
+            .find_map(|(key, v)| v.as_deref().map(|m| (key, m)))
+        });
+        if let Some((key, m)) = mode {
             c.mode = m
                 .parse::<NetworkMode>()
-                .map_err(|e| anyhow::anyhow!("[worker] networkMode: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         }
         if let Some(b) = &self.bridge_name {
             c.bridge = b.clone();
@@ -425,7 +433,19 @@ keepDuration = "48h"
         );
         let c: FileConfig = toml::from_str("[worker]\nnetworkMode = \"cni\"\n").expect("parses");
         let e = c.worker.network(None).expect_err("cni").to_string();
-        assert!(e.contains("networkMode") && e.contains("cni"), "{e}");
+        assert!(
+            e.contains("[worker] networkMode") && e.contains("cni"),
+            "{e}"
+        );
+        let e = c
+            .worker
+            .network(Some("bridged"))
+            .expect_err("flag")
+            .to_string();
+        assert!(
+            e.starts_with("--network-mode") && e.contains("bridged"),
+            "{e}"
+        );
         let c: FileConfig =
             toml::from_str("[worker]\nbridgeSubnet = \"10.99.0.1/24\"\n").expect("parses");
         let e = c.worker.network(None).expect_err("host bits").to_string();
