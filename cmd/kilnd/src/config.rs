@@ -247,6 +247,8 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         }
         if let Some(b) = &self.bridge_name {
+            worker_executor::network::check_bridge_name(b)
+                .map_err(|e| anyhow::anyhow!("[worker] bridgeName: {e}"))?;
             c.bridge = b.clone();
         }
         if let Some(s) = &self.bridge_subnet {
@@ -450,6 +452,10 @@ keepDuration = "48h"
             toml::from_str("[worker]\nbridgeSubnet = \"10.99.0.1/24\"\n").expect("parses");
         let e = c.worker.network(None).expect_err("host bits").to_string();
         assert!(e.contains("bridgeSubnet"), "{e}");
+        let c: FileConfig =
+            toml::from_str("[worker]\nbridgeName = \"a-much-too-long-name\"\n").expect("parses");
+        let e = c.worker.network(None).expect_err("long name").to_string();
+        assert!(e.contains("bridgeName") && e.contains("15"), "{e}");
     }
 
     #[test]

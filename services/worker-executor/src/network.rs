@@ -183,14 +183,22 @@ impl Networking {
         }
         Ok(n)
     }
+}
 
-    pub fn mode(&self) -> NetworkMode {
-        match self {
-            Networking::Host => NetworkMode::Host,
-            Networking::None => NetworkMode::None,
-            Networking::Bridge(_) => NetworkMode::Bridge,
-        }
+/// A bridge name kiln accepts: an interface name (at most 15 bytes) that also fits its
+/// iptables chain names.
+pub fn check_bridge_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "bridge name {name:?}: 1 to 15 letters, digits, '-' or '_'"
+        ));
     }
+    Ok(())
 }
 
 /// Where leases and namespace mounts live (host-wide: kilnds share the bridge).
@@ -305,16 +313,7 @@ impl Bridge {
     /// kilnd left. The error says what is missing.
     pub fn setup(config: &NetworkConfig) -> std::result::Result<Bridge, String> {
         let name = &config.bridge;
-        if name.is_empty()
-            || name.len() > 15
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!(
-                "bridge name {name:?}: 1 to 15 letters, digits, '-' or '_'"
-            ));
-        }
+        check_bridge_name(name)?;
         let subnet = config.subnet;
         for t in ["ip", "iptables"] {
             if Command::new(t)
@@ -668,10 +667,6 @@ impl StepNetwork {
             .as_ref()
             .map(|l| l.ns.as_path())
             .unwrap_or(Path::new(""))
-    }
-
-    pub fn address(&self) -> Option<Ipv4Addr> {
-        self.lease.as_ref().map(|l| l.ip)
     }
 }
 
