@@ -384,10 +384,14 @@ const ARCH_ALLOWED: &[&str] = &[
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const ARCH_ALLOWED: &[&str] = &[];
 
-/// The architectures the filter covers (the native one and its compat modes).
+/// The architectures the filter covers: the native one and its 32-bit compat mode.
+/// Not x32: no image ships x32 binaries, its syscalls then meet the filter's bad-arch
+/// action, and its rules made runc's filter build the slowest part of starting a step
+/// (runc 1.1 with libseccomp 2.5: 14 ms of a 50 ms `runc run` on the test VM, against
+/// 4 ms for x86_64 and x86 together).
 fn arches() -> Vec<Arch> {
     if cfg!(target_arch = "x86_64") {
-        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86]
     } else if cfg!(target_arch = "aarch64") {
         vec![Arch::ScmpArchArm, Arch::ScmpArchAarch64]
     } else {
@@ -558,7 +562,9 @@ mod tests {
         let p = default_profile(&[Capability::Chown, Capability::SysChroot]).expect("profile");
         assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActErrno);
         assert_eq!(p.default_errno_ret(), Some(libc::EPERM as u32));
-        assert!(!p.architectures().as_ref().expect("arches").is_empty());
+        let arches = p.architectures().as_ref().expect("arches");
+        assert!(!arches.is_empty());
+        assert!(!arches.contains(&Arch::ScmpArchX32));
         assert_eq!(allowed(&p, "read").len(), 1);
         assert_eq!(allowed(&p, "chroot").len(), 1);
         for denied in [
