@@ -325,6 +325,25 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // the echo comes before the shell starts `sleep`: wait for the process itself
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    String::from_utf8_lossy(&c).contains(&format!("sleep\0{marker}"))
+                })
+            })
+    };
+    while !sleeping() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the step's sleep did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     k.kill();
     let _ = client.kill();
     let _ = client.wait();
