@@ -991,10 +991,17 @@ pub async fn run(
     .await?;
     let t_prepared = t0.elapsed();
     let id = format!("kiln-{}", uuid::Uuid::new_v4().simple());
-    let code = w
-        .executor
-        .run(&id, prepared.bundle.path(), &prepared.spec, events)
-        .await?;
+    // containerd keeps every container's spec in its database: a step with secrets in
+    // its environment runs with runc directly, its spec only in the runtime dir
+    let code = if !e.secretenv.is_empty() && matches!(w.executor, Executor::Containerd(_)) {
+        w.interactive
+            .run(&id, prepared.bundle.path(), events)
+            .await?
+    } else {
+        w.executor
+            .run(&id, prepared.bundle.path(), &prepared.spec, events)
+            .await?
+    };
     drop(warm);
     let t_ran = t0.elapsed();
     drop(agents);
