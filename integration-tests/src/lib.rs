@@ -579,3 +579,63 @@ pub fn containerd_snapshots(
         })
         .collect()
 }
+
+/// Pushes an image to the test registry as `REGISTRY/NAME:1`, through an OCI layout
+/// and skopeo: `layers` are (media type, blob), `diff_ids` what its config claims
+/// (crafted images: they need not match the layers). Returns the reference.
+pub fn push_oci_image(name: &str, layers: &[(&str, Vec<u8>)], diff_ids: &[String]) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("mkdir");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("layout");
+    let blob = |data: &[u8]| -> (String, usize) {
+        let digest = kiln_llb::digest(data);
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::write(layout.join("blobs/sha256").join(hex), data).expect("blob");
+        (digest, data.len())
+    };
+    let descs: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(media_type, data)| {
+            let (digest, size) = blob(data);
+            serde_json::json!({"mediaType": media_type, "digest": digest, "size": size})
+        })
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (cd, cs) = blob(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cd, "size": cs},
+        "layers": descs,
+    });
+    let (md, ms) = blob(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": md, "size": ms,
+                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).expect("index");
+    let reference = format!("{}/{name}:1", registry());
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:1", layout.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "push the crafted image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reference
+}

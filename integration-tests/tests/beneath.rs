@@ -3,7 +3,7 @@
 //! synced context of another client. Each test aims at a canary directory on the host
 //! and ends by checking that the canary is as it was and that kilnd still builds.
 
-use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, registry, run};
+use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, run};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -130,71 +130,15 @@ fn raw_tar(entries: &[E]) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    let tmp = tempfile::NamedTempFile::new().expect("tmp");
-    std::fs::write(tmp.path(), data).expect("write");
-    let out = run(Command::new("sha256sum").arg(tmp.path())).expect("sha256sum");
-    out.split_whitespace().next().expect("digest").to_string()
-}
-
 /// Pushes an image whose layers are the given uncompressed tars to the test registry
 /// as `REGISTRY/NAME:1`.
 fn push_layers(name: &str, layers: &[Vec<u8>]) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let layout = dir.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("mkdir");
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .expect("layout");
-    let blob = |data: &[u8]| -> (String, usize) {
-        let hex = sha256_hex(data);
-        std::fs::write(layout.join("blobs/sha256").join(&hex), data).expect("blob");
-        (format!("sha256:{hex}"), data.len())
-    };
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in layers {
-        let (digest, size) = blob(l);
-        diff_ids.push(digest.clone());
-        descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": digest, "size": size}));
-    }
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
-    let (cd, cs) = blob(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cd, "size": cs},
-        "layers": descs,
-    });
-    let (md, ms) = blob(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": md, "size": ms,
-                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).expect("index");
-    let reference = format!("{}/{name}:1", registry());
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:1", layout.display()))
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "push the crafted image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    reference
+    let blobs: Vec<(&str, Vec<u8>)> = layers
+        .iter()
+        .map(|l| ("application/vnd.oci.image.layer.v1.tar", l.clone()))
+        .collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| kiln_llb::digest(l)).collect();
+    kiln_integration_tests::push_oci_image(name, &blobs, &diff_ids)
 }
 
 #[test]

@@ -5,38 +5,10 @@ use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, re
 use std::path::Path;
 use std::process::Command;
 
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_string()
-}
-
-/// Writes `data` as a blob of the OCI layout at `dir`; returns (digest, size).
-fn blob(dir: &Path, data: &[u8]) -> (String, usize) {
-    let tmp = dir.join("blob.tmp");
-    std::fs::write(&tmp, data).expect("write blob");
-    let hex = sha256_of(&tmp);
-    std::fs::rename(&tmp, dir.join("blobs/sha256").join(&hex)).expect("place blob");
-    (format!("sha256:{hex}"), data.len())
-}
-
 /// Pushes a one-layer image whose config claims `diff_id` to the test registry
 /// as `REGISTRY/NAME:1`; returns the reference.
 fn push_image_claiming(diff_id: &str, name: &str) -> String {
     let dir = tempfile::tempdir().expect("tmp");
-    let layout = dir.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("mkdir");
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .expect("layout");
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files).expect("mkdir");
     std::fs::write(files.join("hello"), "hi\n").expect("write");
@@ -50,43 +22,14 @@ fn push_image_claiming(diff_id: &str, name: &str) -> String {
         .status()
         .expect("tar");
     assert!(st.success());
-    let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer).expect("layer"));
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    });
-    let (config_digest, config_size) = blob(&layout, config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = blob(&layout, manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": manifest_digest, "size": manifest_size,
-                       "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).expect("index");
-    let reference = format!("{}/{name}:1", registry());
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:1", layout.display()))
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "push the crafted image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    reference
+    kiln_integration_tests::push_oci_image(
+        name,
+        &[(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            std::fs::read(&layer).expect("layer"),
+        )],
+        &[diff_id.to_string()],
+    )
 }
 
 #[test]
