@@ -201,41 +201,39 @@ impl Progress {
         });
     }
 
-    /// Every log line kept in memory so far (tests).
-    #[cfg(test)]
-    pub fn logs(&self) -> Vec<VertexLog> {
+    /// `pick` of each response kept in memory (spilled ones are only logs).
+    fn in_memory<T>(&self, pick: impl Fn(&StatusResponse) -> Option<T>) -> Vec<T> {
         self.state
             .lock()
             .map(|s| {
                 s.kept
                     .iter()
                     .filter_map(|k| match k {
-                        Kept::Memory(r) => Some(r.logs.clone()),
+                        Kept::Memory(r) => pick(r),
                         Kept::Spilled { .. } => None,
                     })
-                    .flatten()
                     .collect()
             })
             .unwrap_or_default()
     }
 
+    /// Every log line kept in memory so far (tests).
+    #[cfg(test)]
+    pub fn logs(&self) -> Vec<VertexLog> {
+        self.in_memory(|r| Some(r.logs.clone()))
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The step records so far (no logs: they can be large).
     pub fn vertices(&self) -> Vec<StatusResponse> {
-        self.state
-            .lock()
-            .map(|s| {
-                s.kept
-                    .iter()
-                    .filter_map(|k| match k {
-                        Kept::Memory(r) if !r.vertexes.is_empty() => Some(StatusResponse {
-                            vertexes: r.vertexes.clone(),
-                            ..Default::default()
-                        }),
-                        _ => None,
-                    })
-                    .collect()
+        self.in_memory(|r| {
+            (!r.vertexes.is_empty()).then(|| StatusResponse {
+                vertexes: r.vertexes.clone(),
+                ..Default::default()
             })
-            .unwrap_or_default()
+        })
     }
 
     pub fn close(&self) {
