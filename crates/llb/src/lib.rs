@@ -16,12 +16,8 @@ pub use builder::{DefinitionBuilder, source_definition};
 pub use graph::{Graph, Vertex, load};
 pub use marshal::{marshal_definition, marshal_op};
 
-use sha2::{Digest as _, Sha256};
-
 /// `"sha256:<hex>"` of `bytes`: the digest BuildKit gives an op (`digest.FromBytes`).
-pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
+pub use kiln_digest::sha256 as digest;
 
 /// Why a definition could not be loaded.
 #[derive(Debug, thiserror::Error)]

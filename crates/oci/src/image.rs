@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Platform;
+
 /// Media types of manifests, indexes, configs and layers (OCI and Docker v2 schema 2).
 pub mod media_types {
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -50,27 +52,6 @@ pub struct Descriptor {
     pub urls: Option<Vec<String>>,
 }
 
-/// The platform an image or index entry is for.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-    #[serde(
-        rename = "os.version",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub os_version: Option<String>,
-    #[serde(
-        rename = "os.features",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub os_features: Option<Vec<String>>,
-}
-
 /// `secs` since the Unix epoch as an RFC 3339 UTC timestamp
 /// (`1970-01-01T00:00:00Z`), the form image configs use for `created`.
 pub fn rfc3339(secs: i64) -> String {
@@ -92,52 +73,6 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// GOARCH-style name of the architecture kiln was built for (`amd64`, `arm64`, ...).
-pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
-
-impl Platform {
-    /// linux on the architecture kiln runs on.
-    pub fn host() -> Self {
-        Platform::new("linux", host_architecture(), None)
-    }
-
-    pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Self {
-        Platform {
-            architecture: architecture.to_string(),
-            os: os.to_string(),
-            variant: variant.map(str::to_string),
-            ..Default::default()
-        }
-    }
-
-    /// Whether an index entry's platform satisfies this (wanted) platform.
-    /// An empty wanted variant matches any variant; arm64 treats a missing variant as "v8".
-    pub fn matches(&self, candidate: &Platform) -> bool {
-        if self.os != candidate.os || self.architecture != candidate.architecture {
-            return false;
-        }
-        let norm = |p: &Platform| -> Option<String> {
-            match (p.architecture.as_str(), p.variant.as_deref()) {
-                ("arm64", None) => Some("v8".to_string()),
-                (_, Some("")) => None,
-                (_, v) => v.map(str::to_string),
-            }
-        };
-        match norm(self) {
-            None => true,
-            Some(v) => norm(candidate).as_deref() == Some(v.as_str()),
-        }
-    }
 }
 
 /// An image manifest (OCI or Docker schema 2).

@@ -6,11 +6,13 @@
 //! run the heavy functions (tar, compression, hashing) on `spawn_blocking`.
 
 mod compress;
-pub mod digest;
 mod error;
 mod image;
+/// sha256 digests (the `kiln-digest` crate), where kiln-oci's users expect them.
+pub use kiln_digest as digest;
 pub mod layer;
 pub mod layout;
+mod platform;
 
 pub use compress::{
     Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, bool_attr, compress_layer,
@@ -19,6 +21,6 @@ pub use compress::{
 pub use error::Error;
 pub use image::{
     ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, ContainerConfig, Descriptor,
-    EmptyObject, History, ImageConfig, Index, Manifest, Platform, RootFs, host_architecture,
-    media_types, rfc3339,
+    EmptyObject, History, ImageConfig, Index, Manifest, RootFs, media_types, rfc3339,
 };
+pub use platform::{Platform, PlatformError, host_architecture};

@@ -3,9 +3,14 @@
 //! This is the only crate that runs code generation. The BuildKit-compatible
 //! edge (`pb`, `moby.*`, `fsutil.types`) keeps BuildKit's package names and
 //! field numbers; `kiln.*` are the internal service-to-service protocols.
-//! No logic lives here.
+//! No logic lives here except [`status`], the wire form of an error (its
+//! cause chain and BuildKit's `errdefs` details), which every service's gRPC
+//! edge shares.
 
-#![allow(clippy::all, missing_docs)]
+#![allow(clippy::all, missing_docs, reason = "generated code")]
+
+#[warn(clippy::all)]
+pub mod status;
 
 /// LLB: `pb.Op`, `pb.Definition` and friends.
 pub mod pb {

@@ -1,4 +1,7 @@
-//! sha256 digests of byte streams.
+//! sha256 content digests, the one place kiln computes and checks them:
+//! `sha256:<64 lowercase hex>` strings of byte slices and of streams being
+//! written or read, and the strict check every digest from outside (a
+//! manifest, a client, an LLB definition) passes before it names a file.
 
 use std::io::{self, Write};
 
@@ -7,6 +10,11 @@ use sha2::{Digest as _, Sha256};
 /// "sha256:<hex>" of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The 64 lowercase hex characters of the sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// The hex part of a "sha256:<hex>" digest, checked to be 64 lowercase hex chars.
