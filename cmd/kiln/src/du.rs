@@ -38,58 +38,18 @@ pub struct PruneArgs {
     verbose: bool,
 }
 
-/// `24h`, `90m`, `1h30m`, `45s`, `2d`.
+/// `--keep-duration`: a Go duration, as buildctl takes it (`24h`, `90m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        num.clear();
-        total += n * match c {
-            'd' => 86_400,
-            'h' => 3_600,
-            'm' => 60,
-            's' => 1,
-            _ => {
-                return Err(format!(
-                    "invalid duration unit {c:?} in {s:?} (use d, h, m, s)"
-                ));
-            }
-        };
-    }
-    if !num.is_empty() {
-        return Err(format!("duration {s:?} needs a unit (d, h, m, s)"));
-    }
-    Ok(Duration::from_secs(total))
+    kiln_units::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// `--keep-storage`: megabytes as buildctl takes them, or a size with a unit.
+/// `--keep-storage`: megabytes as buildctl takes them, or a size with a unit
+/// (`2GB`, `512m`; powers of 1024, as sizes are everywhere else).
 pub fn parse_storage(s: &str) -> Result<i64, String> {
-    let t = s.trim();
-    if let Ok(mb) = t.parse::<f64>() {
-        return Ok((mb * 1e6) as i64);
+    match s.trim().parse::<f64>() {
+        Ok(mb) if mb >= 0.0 => Ok((mb * 1e6) as i64),
+        _ => kiln_units::parse_size(s).map_err(|e| e.to_string()),
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: f64 = n.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" | "ki" => 1024.0,
-        "mib" | "mi" => 1024.0 * 1024.0,
-        "gib" | "gi" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
-    };
-    Ok((n * mult) as i64)
 }
 
 /// Decimal sizes as Docker prints them: `12.3MB`.
@@ -233,14 +193,15 @@ mod tests {
     #[test]
     fn durations_and_sizes_read_like_buildctl() {
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("48h"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("10").is_err());
+        assert!(parse_duration("2d").is_err(), "not a Go duration");
         assert!(parse_duration("3w").is_err());
         assert_eq!(human_size(512), "512B");
         assert_eq!(human_size(12_300_000), "12.3MB");
         assert_eq!(human_size(2_000), "2kB");
         assert_eq!(parse_storage("10"), Ok(10_000_000));
-        assert_eq!(parse_storage("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_storage("2GB"), Ok(2 << 30));
         assert_eq!(parse_storage("1MiB"), Ok(1 << 20));
         assert!(parse_storage("lots").is_err());
     }

@@ -143,9 +143,7 @@ impl SizeValue {
     fn bytes(&self, number_unit: i64) -> anyhow::Result<i64> {
         match self {
             SizeValue::Number(n) => Ok(n * number_unit),
-            SizeValue::Text(t) => {
-                solver_scheduler::usage::parse_size(t).map_err(|e| anyhow::anyhow!(e))
-            }
+            SizeValue::Text(t) => Ok(kiln_units::parse_size(t)?),
         }
     }
 }
@@ -205,7 +203,7 @@ impl OciWorker {
                     None => None,
                     Some(DurationValue::Seconds(s)) => Some(std::time::Duration::from_secs(*s)),
                     Some(DurationValue::Text(t)) => Some(
-                        solver_scheduler::usage::parse_duration(t)
+                        kiln_units::parse_config_duration(t)
                             .map_err(|e| anyhow::anyhow!("gcpolicy keepDuration: {e}"))?,
                     ),
                 };
@@ -360,7 +358,7 @@ keepDuration = "48h"
         let p = c.worker.oci.gc_policies().expect("policies");
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].keep_bytes, 512_000_000);
-        assert_eq!(p[1].keep_bytes, 1_000_000_000);
+        assert_eq!(p[1].keep_bytes, 1 << 30, "go-units: GB is 1024^3");
         assert!(p[1].all && !p[0].all);
         assert_eq!(
             p[0].keep_duration,

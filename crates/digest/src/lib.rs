@@ -27,26 +27,53 @@ pub fn hex_part(digest: &str) -> Option<&str> {
     .then_some(hex)
 }
 
+/// A sha256 digest computed piece by piece, with the byte count, for
+/// streams read in chunks (a blob downloading, a layer being written).
+#[derive(Clone, Default)]
+pub struct Hasher {
+    sha: Sha256,
+    size: u64,
+}
+
+impl Hasher {
+    pub fn new() -> Self {
+        Hasher::default()
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.size += bytes.len() as u64;
+    }
+
+    /// Bytes hashed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The "sha256:<hex>" digest of everything hashed.
+    pub fn finish(self) -> String {
+        format!("sha256:{}", hex::encode(self.sha.finalize()))
+    }
+}
+
 /// Write adapter that hashes (sha256) and counts everything written through it.
 pub struct DigestWriter<W> {
     inner: W,
-    hasher: Sha256,
-    size: u64,
+    hasher: Hasher,
 }
 
 impl<W> DigestWriter<W> {
     pub fn new(inner: W) -> Self {
         DigestWriter {
             inner,
-            hasher: Sha256::new(),
-            size: 0,
+            hasher: Hasher::new(),
         }
     }
 
     /// Returns the inner writer, the "sha256:<hex>" digest and the byte count.
     pub fn finish(self) -> (W, String, u64) {
-        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        (self.inner, digest, self.size)
+        let size = self.hasher.size();
+        (self.inner, self.hasher.finish(), size)
     }
 }
 
@@ -54,7 +81,6 @@ impl<W: Write> Write for DigestWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
-        self.size += n as u64;
         Ok(n)
     }
 
@@ -66,16 +92,14 @@ impl<W: Write> Write for DigestWriter<W> {
 /// Read adapter that hashes (sha256) and counts everything read through it.
 pub struct DigestReader<R> {
     inner: R,
-    hasher: Sha256,
-    size: u64,
+    hasher: Hasher,
 }
 
 impl<R: io::Read> DigestReader<R> {
     pub fn new(inner: R) -> Self {
         DigestReader {
             inner,
-            hasher: Sha256::new(),
-            size: 0,
+            hasher: Hasher::new(),
         }
     }
 
@@ -83,10 +107,8 @@ impl<R: io::Read> DigestReader<R> {
     /// the byte count of all of it.
     pub fn finish(mut self) -> io::Result<(String, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-            self.size,
-        ))
+        let size = self.hasher.size();
+        Ok((self.hasher.finish(), size))
     }
 }
 
@@ -94,7 +116,6 @@ impl<R: io::Read> io::Read for DigestReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.size += n as u64;
         Ok(n)
     }
 }

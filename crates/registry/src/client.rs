@@ -13,7 +13,6 @@ use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::reference::{DOCKER_HUB, DOCKER_HUB_API_HOST};
@@ -252,7 +251,7 @@ impl Client {
         platform: &Platform,
     ) -> Result<Resolved, Error> {
         let (mut media_type, mut bytes) = self.get_manifest(ep, r, r.object()).await?;
-        let mut digest = sha256(&bytes);
+        let mut digest = kiln_oci::digest::sha256(&bytes);
         if let Some(want) = &r.digest
             && *want != digest
         {
@@ -275,10 +274,10 @@ impl Client {
                 .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
                 .ok_or_else(|| Error::NoMatchingPlatform {
                     reference: r.to_string(),
-                    platform: format_platform(platform),
+                    platform: platform.to_string(),
                 })?;
             let (mt, b) = self.get_manifest(ep, r, &chosen.digest).await?;
-            let got = sha256(&b);
+            let got = kiln_oci::digest::sha256(&b);
             if got != chosen.digest {
                 return Err(Error::DigestMismatch {
                     what: "manifest",
@@ -373,7 +372,7 @@ impl Client {
             .await?;
         let resp = expect_status(resp, "GET", &url, &[StatusCode::OK]).await?;
         let bytes = read_limited(resp, &url, limit).await?;
-        let got = sha256(&bytes);
+        let got = kiln_oci::digest::sha256(&bytes);
         if got != digest {
             return Err(Error::DigestMismatch {
                 what: "blob",
@@ -432,7 +431,7 @@ impl Client {
             source,
         };
         let mut file = tokio::fs::File::create(&tmp).await.map_err(werr)?;
-        let mut hasher = Sha256::new();
+        let mut hasher = kiln_oci::digest::Hasher::new();
         let mut size: u64 = 0;
         let mut stream = resp.bytes_stream();
         let result: Result<(), Error> = async {
@@ -455,7 +454,7 @@ impl Client {
         }
         .await;
         drop(file);
-        let actual_digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let actual_digest = hasher.finish();
         let check = result.and_then(|()| {
             if size != desc.size || actual_digest != desc.digest {
                 Err(Error::BlobMismatch {
@@ -669,7 +668,7 @@ impl Client {
         media_type: &str,
         bytes: Vec<u8>,
     ) -> Result<String, Error> {
-        let digest = sha256(&bytes);
+        let digest = kiln_oci::digest::sha256(&bytes);
         let ep = self.endpoint(&r.registry);
         let object = r.tag.as_deref().unwrap_or(&digest);
         let url = format!("{}/v2/{}/manifests/{}", ep.base, r.repository, object);
@@ -788,12 +787,10 @@ impl Client {
     }
 
     fn basic_header(&self, host: &str) -> Option<String> {
-        use base64_lite::encode;
+        use base64::Engine as _;
         let (user, pass) = self.credentials.as_ref()?(host)?;
-        Some(format!(
-            "Basic {}",
-            encode(format!("{user}:{pass}").as_bytes())
-        ))
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        Some(format!("Basic {encoded}"))
     }
 
     async fn fetch_token(
@@ -895,21 +892,10 @@ fn push_scope(r: &Reference) -> String {
     format!("repository:{}:pull,push", r.repository)
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
 fn tmp_path(dest: &Path) -> PathBuf {
     let mut s = dest.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
-}
-
-fn format_platform(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) => format!("{}/{}/{}", p.os, p.architecture, v),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
 }
 
 async fn backoff(attempt: u32) {
@@ -1030,31 +1016,6 @@ pub fn describe_challenge(header: &str) -> Option<String> {
     })
 }
 
-/// Standard base64 (RFC 4648 with padding) for basic-auth headers.
-mod base64_lite {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(input: &[u8]) -> String {
-        let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1079,13 +1040,6 @@ mod tests {
             Some(Auth::Basic)
         ));
         assert!(parse_challenge("Negotiate").is_none());
-    }
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64_lite::encode(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64_lite::encode(b"a"), "YQ==");
-        assert_eq!(base64_lite::encode(b"ab"), "YWI=");
     }
 
     #[test]

@@ -34,14 +34,10 @@ impl Reference {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad("digest is not sha256"))?;
-                if hex.len() != 64
-                    || !hex
-                        .bytes()
-                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                {
+                if !d.starts_with("sha256:") {
+                    return Err(bad("digest is not sha256"));
+                }
+                if kiln_oci::digest::hex_part(d).is_none() {
                     return Err(bad("malformed digest"));
                 }
                 (r, Some(d.to_string()))
