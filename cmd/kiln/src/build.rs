@@ -3,7 +3,7 @@
 use crate::progress::{Mode, Printer};
 use anyhow::{Context, bail};
 use kiln_proto::moby::buildkit::v1::{
-    Exporter, SolveRequest, StatusRequest, control_client::ControlClient,
+    Exporter, SolveRequest, SolveResponse, StatusRequest, control_client::ControlClient,
 };
 use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;
@@ -210,7 +210,76 @@ fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()> {
-    // short form
+    apply_shorthands(&mut args);
+    // no frontend: an LLB definition (a marshaled pb.Definition) on stdin, as buildctl reads it
+    let definition = match &args.frontend {
+        Some(_) => None,
+        None => Some(read_definition()?),
+    };
+    let frontend = args.frontend.clone().unwrap_or_default();
+    expose_named_context_dirs(&mut args)?;
+    let mut att = attachables(&args)?;
+    let frontend_attrs = frontend_attrs(&args)?;
+    let exporters = exporters(&args, &mut att)?;
+
+    let channel = addr.connect().await?;
+    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let build_ref = uuid::Uuid::new_v4().simple().to_string();
+    let shared_key = att
+        .dirs
+        .get("context")
+        .map(|p| shared_key(p))
+        .unwrap_or_default();
+    let _session = attachable::attach(channel.clone(), &session_id, "kiln", &shared_key, att)
+        .await
+        .with_context(|| format!("open session with {addr}"))?;
+    let printer = spawn_printer(&channel, &build_ref, Mode::parse(&args.progress)?);
+
+    let req = SolveRequest {
+        r#ref: build_ref.clone(),
+        session: session_id,
+        frontend_attrs: frontend_attrs.clone(),
+        exporters,
+        entitlements: args.allow.clone(),
+        ..Default::default()
+    };
+    let frontend_req = FrontendSolve {
+        definition,
+        frontend,
+        frontend_opt: frontend_attrs,
+    };
+    let result = if args.daemon_frontend {
+        solve_in_daemon(&channel, req, frontend_req).await
+    } else {
+        solve_with_local_frontend(&channel, &build_ref, req, frontend_req).await?
+    };
+    let misses = printer.await.unwrap_or_default();
+    if args.explain_cache {
+        eprint!("{}", misses.render());
+    }
+    let resp = match result {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if let Some(src) = s
+                .metadata()
+                .get_bin(ERROR_SOURCE_KEY)
+                .and_then(|v| v.to_bytes().ok())
+            {
+                eprintln!("{}", String::from_utf8_lossy(&src));
+            }
+            bail!("failed to solve: {}", s.message())
+        }
+    };
+    if let Some(f) = &args.metadata_file {
+        let json = serde_json::to_string_pretty(&resp.exporter_response)?;
+        std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// `kiln build DIR`, `-f`, `--build-arg`, `--target` and `-t` as the
+/// `--local`/`--opt`/`--output` values they stand for.
+fn apply_shorthands(args: &mut BuildArgs) {
     if let Some(dir) = args.dir.take() {
         if args.frontend.is_none() {
             args.frontend = Some("dockerfile.v0".into());
@@ -245,15 +314,11 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
         args.outputs
             .push(format!("type=image,\"name={}\"", args.tag.join(",")));
     }
-    // no frontend: an LLB definition (a marshaled pb.Definition) on stdin, as buildctl reads it
-    let definition = match &args.frontend {
-        Some(_) => None,
-        None => Some(read_definition()?),
-    };
-    let frontend = args.frontend.clone().unwrap_or_default();
+}
 
-    expose_named_context_dirs(&mut args)?;
-
+/// What the session serves: local dirs, secrets, ssh agents (outputs are
+/// added by [`exporters`]).
+fn attachables(args: &BuildArgs) -> anyhow::Result<Attachables> {
     let mut att = Attachables::default();
     for l in &args.locals {
         let (name, path) = split_kv(l, "--local")?;
@@ -286,17 +351,27 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
             bail!("invalid --allow {e:?}: expected network.host or security.insecure");
         }
     }
-    let mut frontend_attrs = BTreeMap::new();
+    Ok(att)
+}
+
+fn frontend_attrs(args: &BuildArgs) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut attrs = BTreeMap::new();
     for o in &args.opts {
         let (k, v) = split_kv(o, "--opt")?;
-        frontend_attrs.insert(k, v);
+        attrs.insert(k, v);
     }
     if args.explain_cache {
-        frontend_attrs.insert(EXPLAIN_CACHE_ATTR.into(), "true".into());
+        attrs.insert(EXPLAIN_CACHE_ATTR.into(), "true".into());
     }
     if args.no_cache {
-        frontend_attrs.insert("no-cache".into(), String::new());
+        attrs.insert("no-cache".into(), String::new());
     }
+    Ok(attrs)
+}
+
+/// The `--output`s as the daemon's exporters; the session receives what
+/// goes to a local dir or file.
+fn exporters(args: &BuildArgs, att: &mut Attachables) -> anyhow::Result<Vec<Exporter>> {
     let mut exporters = Vec::new();
     for (i, o) in args.outputs.iter().enumerate() {
         let (ty, mut attrs) = parse_output(o)?;
@@ -330,23 +405,18 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
         };
         exporters.push(Exporter { r#type: ty, attrs });
     }
+    Ok(exporters)
+}
 
-    let channel = addr.connect().await?;
-    let session_id = uuid::Uuid::new_v4().simple().to_string();
-    let build_ref = uuid::Uuid::new_v4().simple().to_string();
-    let shared_key = att
-        .dirs
-        .get("context")
-        .map(|p| shared_key(p))
-        .unwrap_or_default();
-    let _session = attachable::attach(channel.clone(), &session_id, "kiln", &shared_key, att)
-        .await
-        .with_context(|| format!("open session with {addr}"))?;
-
-    let mode = Mode::parse(&args.progress)?;
+/// Prints the build's progress until it ends; yields the cache misses seen.
+fn spawn_printer(
+    channel: &tonic::transport::Channel,
+    build_ref: &str,
+    mode: Mode,
+) -> tokio::task::JoinHandle<Explanations> {
     let mut status_client = ControlClient::new(channel.clone());
-    let status_ref = build_ref.clone();
-    let printer = tokio::spawn(async move {
+    let status_ref = build_ref.to_string();
+    tokio::spawn(async move {
         let mut p = Printer::new(mode);
         let mut misses = Explanations::default();
         match status_client
@@ -364,71 +434,49 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
         }
         p.finish();
         misses
-    });
+    })
+}
 
-    let direct = args.daemon_frontend;
-    let mut req = SolveRequest {
-        r#ref: build_ref.clone(),
-        session: session_id,
-        frontend_attrs: frontend_attrs.clone(),
-        exporters,
-        entitlements: args.allow.clone(),
-        ..Default::default()
-    };
-    let result = if direct {
-        req.frontend = frontend;
-        req.definition = definition;
-        control(&channel).solve(req).await
-    } else {
-        // as buildctl: the workers, then the build's Solve kept open while the
-        // frontend runs here through the daemon's LLBBridge
-        control(&channel)
-            .list_workers(kiln_proto::moby::buildkit::v1::ListWorkersRequest::default())
-            .await
-            .map_err(|s| anyhow::anyhow!("list workers: {}", s.message()))?;
-        let solve = tokio::spawn({
-            let ch = channel.clone();
-            async move { control(&ch).solve(req).await }
-        });
-        let gw = crate::gateway::Gateway::new(channel.clone(), &build_ref);
-        let frontend_req = FrontendSolve {
-            definition,
-            frontend,
-            frontend_opt: frontend_attrs,
-        };
-        if let Err(e) = gw.run(frontend_req).await {
-            // the daemon fails the build with the frontend's error; show its source lines here
-            if let Some(src) = e.source_lines() {
-                eprintln!("{src}");
-            }
+type SolveResult = Result<tonic::Response<SolveResponse>, tonic::Status>;
+
+/// An older client's way: the daemon runs the frontend named in the request.
+async fn solve_in_daemon(
+    channel: &tonic::transport::Channel,
+    mut req: SolveRequest,
+    frontend: FrontendSolve,
+) -> SolveResult {
+    req.frontend = frontend.frontend;
+    req.definition = frontend.definition;
+    control(channel).solve(req).await
+}
+
+/// As buildctl: the workers, then the build's Solve kept open while the
+/// frontend runs here through the daemon's LLBBridge.
+async fn solve_with_local_frontend(
+    channel: &tonic::transport::Channel,
+    build_ref: &str,
+    req: SolveRequest,
+    frontend: FrontendSolve,
+) -> anyhow::Result<SolveResult> {
+    control(channel)
+        .list_workers(kiln_proto::moby::buildkit::v1::ListWorkersRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("list workers: {}", s.message()))?;
+    let solve = tokio::spawn({
+        let ch = channel.clone();
+        async move { control(&ch).solve(req).await }
+    });
+    let gw = crate::gateway::Gateway::new(channel.clone(), build_ref);
+    if let Err(e) = gw.run(frontend).await {
+        // the daemon fails the build with the frontend's error; show its source lines here
+        if let Some(src) = e.source_lines() {
+            eprintln!("{src}");
         }
-        match solve.await {
-            Ok(r) => r,
-            Err(e) => bail!("build task: {e}"),
-        }
-    };
-    let misses = printer.await.unwrap_or_default();
-    if args.explain_cache {
-        eprint!("{}", misses.render());
     }
-    let resp = match result {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            if let Some(src) = s
-                .metadata()
-                .get_bin(ERROR_SOURCE_KEY)
-                .and_then(|v| v.to_bytes().ok())
-            {
-                eprintln!("{}", String::from_utf8_lossy(&src));
-            }
-            bail!("failed to solve: {}", s.message())
-        }
-    };
-    if let Some(f) = &args.metadata_file {
-        let json = serde_json::to_string_pretty(&resp.exporter_response)?;
-        std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;
+    match solve.await {
+        Ok(r) => Ok(r),
+        Err(e) => bail!("build task: {e}"),
     }
-    Ok(())
 }
 
 /// A Control client for big messages (definitions, exporter responses).

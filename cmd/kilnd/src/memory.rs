@@ -13,7 +13,10 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 /// trimming thread.
 #[cfg(target_env = "gnu")]
 pub fn keep_small() {
-    #[allow(unsafe_code)]
+    #[allow(
+        unsafe_code,
+        reason = "glibc's mallopt has no safe wrapper (not in nix)"
+    )]
     // SAFETY: mallopt only changes allocator parameters; called before other
     // threads allocate.
     unsafe {
@@ -25,7 +28,10 @@ pub fn keep_small() {
         .spawn(|| {
             loop {
                 std::thread::sleep(TRIM_EVERY);
-                #[allow(unsafe_code)]
+                #[allow(
+                    unsafe_code,
+                    reason = "glibc's malloc_trim has no safe wrapper (not in nix)"
+                )]
                 // SAFETY: malloc_trim is thread-safe and has no preconditions.
                 unsafe {
                     libc::malloc_trim(0);
