@@ -30,7 +30,9 @@
 //! `dockerfile.v0`, `conformance_<group>_via_gateway_image` builds with
 //! `--frontend gateway.v0 --opt source=IMAGE`, and
 //! `conformance_<group>_via_syntax_image` (`parser`, `stages`, `errors`, `run`) puts
-//! `# syntax=IMAGE` on top of each Dockerfile. In the image modes every build
+//! `# syntax=IMAGE` on top of each Dockerfile. `conformance_<group>_split_topology`
+//! runs every group with the built-in frontend on one `kilnd --role` per service,
+//! so each case also crosses the services' gRPC APIs. In the image modes every build
 //! must show that the image ran; [`skip_reason`] says which cases do not apply.
 //!
 //! The `remote` group runs next to a loopback `git daemon`, a git smart-HTTP
@@ -321,6 +323,23 @@ enum Mode {
     /// `--frontend dockerfile.v0` with `# syntax=IMAGE` prepended to the
     /// Dockerfile: the built-in frontend hands the build to that image
     Syntax,
+    /// the built-in frontend, with each service its own `kilnd --role`
+    /// talking gRPC to the others ([`Topology::Split`])
+    Split,
+}
+
+impl Mode {
+    fn topology(self) -> Topology {
+        match self {
+            Mode::Split => Topology::Split,
+            Mode::BuiltIn | Mode::Gateway | Mode::Syntax => Topology::AllInOne,
+        }
+    }
+
+    /// Whether a `kiln-frontend` image runs the Dockerfile frontend.
+    fn image(self) -> bool {
+        matches!(self, Mode::Gateway | Mode::Syntax)
+    }
 }
 
 /// The frontend of a group run: the mode and, for the image modes, the
@@ -420,7 +439,7 @@ fn run_case(
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
     match frontend.mode {
-        Mode::BuiltIn | Mode::Syntax => {
+        Mode::BuiltIn | Mode::Syntax | Mode::Split => {
             args.extend(dockerfile_args().iter().map(|s| s.to_string()))
         }
         Mode::Gateway => args.extend([
@@ -452,7 +471,7 @@ fn run_case(
     };
     // the image built the case (not the built-in frontend)
     let ran = format!("[internal] frontend {}", frontend.image);
-    if frontend.mode != Mode::BuiltIn && !stderr.contains(&ran) {
+    if frontend.mode.image() && !stderr.contains(&ran) {
         return Err(format!(
             "the frontend image did not run (no {ran:?}):\n    {}",
             tail(&stderr)
@@ -593,10 +612,10 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mod
     if let Ok(only) = std::env::var("KILN_CONFORMANCE_CASE") {
         names.retain(|n| n.contains(&only));
     }
-    let d = Daemon::start_with_config(Topology::AllInOne, daemon_config).expect("daemon");
-    let image = match mode {
-        Mode::BuiltIn => String::new(),
-        Mode::Gateway | Mode::Syntax => d
+    let d = Daemon::start_with_config(mode.topology(), daemon_config).expect("daemon");
+    let image = match mode.image() {
+        false => String::new(),
+        true => d
             .frontend_image("kiln-frontend", "dockerfile-frontend")
             .expect("frontend image"),
     };
@@ -647,14 +666,19 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mod
     );
 }
 
-/// One test per group and mode: `conformance_<group>` (built-in),
+/// One test per group and mode: `conformance_<group>` (built-in, all-in-one),
+/// `conformance_<group>_split_topology` (built-in, one kilnd per service),
 /// `conformance_<group>_via_gateway_image`, and for the groups listed with
 /// `syntax`, `conformance_<group>_via_syntax_image`.
 macro_rules! group_tests {
-    ($($group:ident($run:expr) $gateway:ident $(syntax $syntax:ident)?;)*) => {$(
+    ($($group:ident($run:expr) $split:ident $gateway:ident $(syntax $syntax:ident)?;)*) => {$(
         #[test]
         fn $group() {
             $run(Mode::BuiltIn);
+        }
+        #[test]
+        fn $split() {
+            $run(Mode::Split);
         }
         #[test]
         fn $gateway() {
@@ -670,22 +694,32 @@ macro_rules! group_tests {
 }
 
 group_tests! {
-    conformance_parser(|m| run_group("parser", m)) conformance_parser_via_gateway_image
+    conformance_parser(|m| run_group("parser", m)) conformance_parser_split_topology
+        conformance_parser_via_gateway_image
         syntax conformance_parser_via_syntax_image;
-    conformance_expansion(|m| run_group("expansion", m)) conformance_expansion_via_gateway_image;
-    conformance_args(|m| run_group("args", m)) conformance_args_via_gateway_image;
-    conformance_stages(|m| run_group("stages", m)) conformance_stages_via_gateway_image
+    conformance_expansion(|m| run_group("expansion", m)) conformance_expansion_split_topology
+        conformance_expansion_via_gateway_image;
+    conformance_args(|m| run_group("args", m)) conformance_args_split_topology
+        conformance_args_via_gateway_image;
+    conformance_stages(|m| run_group("stages", m)) conformance_stages_split_topology
+        conformance_stages_via_gateway_image
         syntax conformance_stages_via_syntax_image;
-    conformance_metadata(|m| run_group("metadata", m)) conformance_metadata_via_gateway_image;
-    conformance_copy(|m| run_group("copy", m)) conformance_copy_via_gateway_image;
-    conformance_dockerignore(|m| run_group("dockerignore", m))
+    conformance_metadata(|m| run_group("metadata", m)) conformance_metadata_split_topology
+        conformance_metadata_via_gateway_image;
+    conformance_copy(|m| run_group("copy", m)) conformance_copy_split_topology
+        conformance_copy_via_gateway_image;
+    conformance_dockerignore(|m| run_group("dockerignore", m)) conformance_dockerignore_split_topology
         conformance_dockerignore_via_gateway_image;
-    conformance_contexts(|m| run_group("contexts", m)) conformance_contexts_via_gateway_image;
-    conformance_errors(|m| run_group("errors", m)) conformance_errors_via_gateway_image
+    conformance_contexts(|m| run_group("contexts", m)) conformance_contexts_split_topology
+        conformance_contexts_via_gateway_image;
+    conformance_errors(|m| run_group("errors", m)) conformance_errors_split_topology
+        conformance_errors_via_gateway_image
         syntax conformance_errors_via_syntax_image;
-    conformance_run(run_group_run) conformance_run_via_gateway_image
+    conformance_run(run_group_run) conformance_run_split_topology
+        conformance_run_via_gateway_image
         syntax conformance_run_via_syntax_image;
-    conformance_remote(run_group_remote) conformance_remote_via_gateway_image;
+    conformance_remote(run_group_remote) conformance_remote_split_topology
+        conformance_remote_via_gateway_image;
 }
 
 /// The `run` group: its daemon allows `network.host` and `security.insecure`,
