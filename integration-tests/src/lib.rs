@@ -461,6 +461,53 @@ pub fn tar_entry(archive: &Path, name: &str) -> Result<Vec<u8>> {
     bail!("{name} not in {}", archive.display())
 }
 
+/// The (first) image of an OCI layout tarball: its manifest and config.
+pub struct OciImage {
+    pub manifest: serde_json::Value,
+    pub config: serde_json::Value,
+}
+
+/// Reads the image of an OCI layout tarball: index.json, nested indexes
+/// followed through their first entry, down to a manifest and its config.
+pub fn oci_image(tar_path: &Path) -> Result<OciImage> {
+    use std::io::Read;
+    let mut files = std::collections::BTreeMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(tar_path)?);
+    for e in a.entries()? {
+        let mut e = e?;
+        let p = e
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        // layers are not read: only the JSON documents are wanted
+        if p == "index.json" || e.size() < 1 << 20 {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v)?;
+            files.insert(p, v);
+        }
+    }
+    let json = |p: &str| -> Result<serde_json::Value> {
+        let data = files
+            .get(p)
+            .with_context(|| format!("{p} not in the oci tarball"))?;
+        serde_json::from_slice(data).with_context(|| format!("{p} is not JSON"))
+    };
+    let blob = |d: &serde_json::Value| -> Result<serde_json::Value> {
+        let digest = d["digest"].as_str().context("descriptor without digest")?;
+        json(&format!("blobs/{}", digest.replacen(':', "/", 1)))
+    };
+    let mut doc = json("index.json")?;
+    while let Some(first) = doc.pointer("/manifests/0").cloned() {
+        doc = blob(&first)?;
+    }
+    let config = blob(&doc["config"])?;
+    Ok(OciImage {
+        manifest: doc,
+        config,
+    })
+}
+
 /// Names of all entries in a tar archive.
 pub fn tar_names(archive: &Path) -> Result<Vec<String>> {
     let mut a = tar::Archive::new(std::fs::File::open(archive)?);

@@ -487,11 +487,39 @@ fn fifty_chained_runs_stack_fifty_layers() {
         df.push_str(&format!("RUN echo step-{i} >> /log\n"));
     }
     let c = BuildContext::new(&df).expect("context");
-    d.build(c.path(), &args(&["--output", "type=local,dest=out"]))
-        .expect("build");
+    d.build(
+        c.path(),
+        &args(&[
+            "--output",
+            "type=local,dest=out",
+            "--output",
+            "type=oci,dest=img.tar",
+        ]),
+    )
+    .expect("build");
     let log = read(c.path().join("out/log"));
     assert_eq!(log.lines().count(), 50);
     assert_eq!(log.lines().last(), Some("step-49"));
+    // one layer per RUN on top of busybox's, each RUN in the history
+    let img = kiln_integration_tests::oci_image(&c.path().join("img.tar")).expect("oci image");
+    let base = 1;
+    let layers = img.manifest["layers"].as_array().expect("layers").len();
+    assert_eq!(layers, base + 50, "{}", img.manifest);
+    let diff_ids = img.config["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids");
+    assert_eq!(diff_ids.len(), layers);
+    let runs = img.config["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|h| {
+            h["created_by"]
+                .as_str()
+                .is_some_and(|c| c.contains("echo step-"))
+        })
+        .count();
+    assert_eq!(runs, 50);
 }
 
 #[test]

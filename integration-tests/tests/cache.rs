@@ -3,7 +3,7 @@
 //! of concurrent builds, and `kiln du` / `kiln prune`.
 
 use kiln_integration_tests::{
-    BuildContext, bin_dir, dockerfile_args, is_cached, parse_size, registry,
+    BuildContext, bin_dir, dockerfile_args, is_cached, parse_size, registry, step_number,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -285,37 +285,62 @@ fn concurrent_identical_builds_run_the_slow_step_once() {
     // pull the base first so both builds reach the slow RUN together
     let warm = BuildContext::new("FROM busybox\nRUN true\n").expect("ctx");
     d.build(warm.path(), &[]);
-    let c = BuildContext::new("FROM busybox\nRUN sleep 2 && echo shared-step-$((40+2))\n")
+    let c = BuildContext::new("FROM busybox\nRUN sleep 3 && echo shared-step-$((40+2))\n")
         .expect("ctx");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
-    let timed = |cmd: &mut Command| {
-        let start = Instant::now();
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln");
-        (start, child)
-    };
-    let all = Instant::now();
-    let (s1, c1) = timed(&mut d.kiln(c.path(), &args));
-    let (s2, c2) = timed(&mut d.kiln(c.path(), &args));
-    let o1 = c1.wait_with_output().expect("kiln");
-    let t1 = s1.elapsed();
-    let o2 = c2.wait_with_output().expect("kiln");
-    let t2 = s2.elapsed();
-    let wall = all.elapsed();
-    let e1 = d.check(o1, "first build");
-    let e2 = d.check(o2, "second build");
+    let mut first = d
+        .kiln(c.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    // The second build starts only once the first one's step is running, so
+    // it can neither run the step itself (no in-flight dedup) nor find it
+    // finished in the cache (builds serialised) without the test noticing.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = first.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("RUN sleep 3") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the first build never started its step ({e})\n{}", d.logs()),
+        }
+    }
+    let second = d.kiln(c.path(), &args).output().expect("kiln");
+    let status = first.wait().expect("kiln");
+    let e1 = reader.join().expect("reader");
+    assert!(status.success(), "first build failed:\n{e1}");
+    let e2 = d.check(second, "second build");
     let ran = [&e1, &e2]
         .iter()
         .filter(|e| e.contains("shared-step-42"))
         .count();
     assert_eq!(ran, 1, "exactly one build ran the step:\n{e1}\n----\n{e2}");
+    // The second build joined the running step: it waited for it, not for a
+    // cache record written after it.
     assert!(
-        wall < t1 + t2,
-        "builds overlapped: wall {wall:?}, each {t1:?} + {t2:?}"
+        step_number(&e2, "RUN sleep 3").is_some(),
+        "the second build shows the step:\n{e2}"
+    );
+    assert!(
+        !is_cached(&e2, "RUN sleep 3"),
+        "the second build found the step cached instead of sharing it:\n{e2}"
     );
 }
 

@@ -267,50 +267,9 @@ fn copy_context(src: &Path, dst: &Path) -> std::io::Result<()> {
 
 /// The image config inside an OCI layout tarball.
 fn oci_config(tar_path: &Path) -> Result<Value, String> {
-    use std::io::Read;
-    let mut files = std::collections::BTreeMap::new();
-    let mut a = tar::Archive::new(std::fs::File::open(tar_path).map_err(|e| e.to_string())?);
-    for e in a.entries().map_err(|e| e.to_string())? {
-        let mut e = e.map_err(|e| e.to_string())?;
-        let p = e
-            .path()
-            .map_err(|e| e.to_string())?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
-        let mut v = Vec::new();
-        e.read_to_end(&mut v).map_err(|e| e.to_string())?;
-        files.insert(p, v);
-    }
-    let blob = |digest: &str| -> Result<Value, String> {
-        let p = format!("blobs/{}", digest.replacen(':', "/", 1));
-        let data = files
-            .get(&p)
-            .ok_or_else(|| format!("{p} not in the oci tarball"))?;
-        serde_json::from_slice(data).map_err(|e| format!("{p}: {e}"))
-    };
-    let index: Value = serde_json::from_slice(files.get("index.json").ok_or("no index.json")?)
-        .map_err(|e| e.to_string())?;
-    let mut desc = pointer(&index, "/manifests/0")
-        .ok_or("empty index")?
-        .clone();
-    // follow nested indexes down to a manifest
-    loop {
-        let digest = desc["digest"]
-            .as_str()
-            .ok_or("descriptor without digest")?
-            .to_string();
-        let doc = blob(&digest)?;
-        if let Some(m) = pointer(&doc, "/manifests/0") {
-            desc = m.clone();
-            continue;
-        }
-        let cfg = doc["config"]["digest"]
-            .as_str()
-            .ok_or("manifest without config")?
-            .to_string();
-        return blob(&cfg);
-    }
+    kiln_integration_tests::oci_image(tar_path)
+        .map(|i| i.config)
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// How the Dockerfile frontend runs a group's cases.
