@@ -151,8 +151,11 @@ pub trait Bridge: Send + Sync + 'static {
 pub enum Error {
     #[error("frontend {frontend:?} is not supported (only {DOCKERFILE_FRONTEND})")]
     UnsupportedFrontend { frontend: String },
-    #[error("invalid platform {value:?}: expected os/arch[/variant]")]
-    InvalidPlatform { value: String },
+    #[error("invalid platform {value:?}")]
+    InvalidPlatform {
+        value: String,
+        source: kiln_oci::PlatformError,
+    },
     #[error("load Dockerfile {filename} from session {session_id}")]
     LoadDockerfile {
         filename: String,
@@ -170,9 +173,12 @@ pub enum Error {
     },
     /// The converter's message names the Dockerfile line (`Dockerfile:LINE`).
     #[error(transparent)]
-    Convert { source: dockerfile2llb::Error },
-    #[error("invalid option context:{name}: {reason}")]
-    InvalidNamedContext { name: String, reason: String },
+    Convert(Box<ConvertError>),
+    #[error("invalid option context:{name}")]
+    InvalidNamedContext {
+        name: String,
+        source: dockerfile2llb::NamedContextError,
+    },
     #[error("unsupported request {request}: kiln's Dockerfile frontend answers no subrequests yet")]
     UnsupportedSubrequest { request: String },
     /// `origin` names the directive or build arg that asked for the image.
@@ -187,6 +193,41 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// For the converter, through [`dockerfile2llb::ResolveError`].
+    #[error("resolve image config for {reference}")]
+    ResolveImageConfig {
+        reference: String,
+        source: BridgeError,
+    },
+    /// For the converter, through [`dockerfile2llb::ResolveError`].
+    #[error("parse image config of {reference}")]
+    ParseImageConfig {
+        reference: String,
+        source: serde_json::Error,
+    },
+}
+
+/// A Dockerfile that did not convert, kept with the error so the gRPC edge
+/// can point at its lines (BuildKit's `errdefs.Source`).
+#[derive(Debug)]
+pub struct ConvertError {
+    /// The Dockerfile's name as the client gave it.
+    pub filename: String,
+    pub dockerfile: Vec<u8>,
+    pub error: dockerfile2llb::Error,
+}
+
+/// Shows as the converter's error (which names the line); its causes are the error's.
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for ConvertError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
 }
 
 /// Serves frontend requests, reaching the solver through `B`.
@@ -281,10 +322,19 @@ impl<B: Bridge> Gateway<B> {
             build_id: &req.build_id,
         };
         let platforms = target_platforms(req)?;
-        if platforms.len() < 2 {
-            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
+        let convert = async |opts: &dockerfile2llb::ConvertOptions| {
+            dockerfile2llb::convert(&dockerfile, opts, &resolver)
                 .await
-                .map_err(|source| Error::Convert { source })?;
+                .map_err(|error| {
+                    Error::Convert(Box::new(ConvertError {
+                        filename: opts.filename.clone(),
+                        dockerfile: dockerfile.clone(),
+                        error,
+                    }))
+                })
+        };
+        if platforms.len() < 2 {
+            let converted = convert(&opts).await?;
             let config = serde_json::to_vec(&converted.image_config)
                 .map_err(|source| Error::EncodeImageConfig { source })?;
             return Ok(FrontendOutput {
@@ -298,14 +348,12 @@ impl<B: Bridge> Gateway<B> {
         let mut out = FrontendOutput::default();
         let mut listed = Vec::new();
         for platform in platforms {
-            let id = platform_id(&platform);
+            let id = platform.to_string();
             let opts = dockerfile2llb::ConvertOptions {
                 platform: platform.clone(),
                 ..opts.clone()
             };
-            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
-                .await
-                .map_err(|source| Error::Convert { source })?;
+            let converted = convert(&opts).await?;
             let config = serde_json::to_vec(&converted.image_config)
                 .map_err(|source| Error::EncodeImageConfig { source })?;
             out.metadata
@@ -422,10 +470,10 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
     let mut named_contexts = BTreeMap::new();
     for (k, v) in &req.attrs {
         if let Some(name) = k.strip_prefix("context:") {
-            let ctx = dockerfile2llb::NamedContext::parse(v).map_err(|reason| {
+            let ctx = dockerfile2llb::NamedContext::parse(v).map_err(|source| {
                 Error::InvalidNamedContext {
                     name: name.to_string(),
-                    reason,
+                    source,
                 }
             })?;
             named_contexts.insert(name.to_string(), ctx);
@@ -466,27 +514,14 @@ fn target_platforms(req: &FrontendRequest) -> Result<Vec<Platform>, Error> {
     Ok(out)
 }
 
-/// `os/arch[/variant]`, the id of a platform in `refs.platforms`.
-fn platform_id(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
-        _ => format!("{}/{}", p.os, p.architecture),
-    }
-}
-
-/// `os/arch[/variant]`; of a comma-separated list only the first is used.
+/// A platform specifier (containerd's rules: `linux/amd64`, `arm64`,
+/// `linux/arm/v7`); of a comma-separated list only the first is used.
 fn parse_platform(value: &str) -> Result<Platform, Error> {
     let first = value.split(',').next().unwrap_or_default().trim();
-    let parts: Vec<&str> = first.split('/').collect();
-    match parts.as_slice() {
-        [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform::new(os, arch, None)),
-        [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
-            Ok(Platform::new(os, arch, Some(variant)))
-        }
-        _ => Err(Error::InvalidPlatform {
-            value: value.to_string(),
-        }),
-    }
+    Platform::parse(first).map_err(|source| Error::InvalidPlatform {
+        value: value.to_string(),
+        source,
+    })
 }
 
 /// linux on the architecture kiln runs on, named the OCI way.
@@ -558,14 +593,20 @@ impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<dockerfile2llb::ResolvedImage, String> {
+    ) -> Result<dockerfile2llb::ResolvedImage, dockerfile2llb::ResolveError> {
         let resolved = self
             .bridge
             .resolve_image_config(self.build_id, reference, platform)
             .await
-            .map_err(|e| format!("resolve image config for {reference}: {e}"))?;
-        let config: ImageConfig = serde_json::from_slice(&resolved.config)
-            .map_err(|e| format!("parse image config of {reference}: {e}"))?;
+            .map_err(|source| Error::ResolveImageConfig {
+                reference: reference.to_string(),
+                source,
+            })?;
+        let config: ImageConfig =
+            serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
+                reference: reference.to_string(),
+                source,
+            })?;
         Ok(dockerfile2llb::ResolvedImage {
             canonical_ref: if resolved.canonical_ref.is_empty() {
                 reference.to_string()
@@ -710,9 +751,9 @@ mod tests {
 
     #[test]
     fn malformed_platform_is_rejected() {
-        for bad in ["linux", "linux/", "/amd64", "a/b/c/d"] {
+        for bad in ["linux/", "/amd64", "a/b/c/d", "nosuchos", "linux/$x"] {
             match convert_options(&request(&[("platform", bad)])) {
-                Err(Error::InvalidPlatform { value }) => assert_eq!(value, bad),
+                Err(Error::InvalidPlatform { value, .. }) => assert_eq!(value, bad),
                 other => panic!("{bad}: expected InvalidPlatform, got {:?}", other.err()),
             }
         }
@@ -866,7 +907,7 @@ mod tests {
         };
         let gateway = Gateway::new(bridge);
         let err = run(gateway.solve(request(&[]))).expect_err("invalid Dockerfile");
-        assert!(matches!(err, Error::Convert { .. }), "{err:?}");
+        assert!(matches!(err, Error::Convert(_)), "{err:?}");
         assert!(err.to_string().contains("Dockerfile:2"), "{err}");
     }
 
