@@ -39,7 +39,7 @@ pub use syntax::{frontend_image, syntax_note};
 use dispatch::{DispatchContext, Stages};
 use ops::{ContextSource, Lines, OpId, Ops, metadata};
 use plan::{ImageUse, Plan, ResolvedBase};
-use stage::to_pb_platform;
+pub(crate) use stage::to_pb_platform;
 
 /// What to build.
 #[derive(Debug, Clone, Default)]

@@ -244,7 +244,12 @@ impl Plan {
     }
 
     /// What `from=NAME` names: a stage by index or name, a named context, else an image.
-    fn named_from(&mut self, name: &str, line: usize, opts: &ConvertOptions) -> Result<From, Error> {
+    fn named_from(
+        &mut self,
+        name: &str,
+        line: usize,
+        opts: &ConvertOptions,
+    ) -> Result<From, Error> {
         let invalid_index = || Error::InvalidStageIndex {
             line,
             index: name.to_string(),

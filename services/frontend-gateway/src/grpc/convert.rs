@@ -2,7 +2,6 @@
 //! error → `tonic::Status` mapping.
 
 use kiln_llb::pb;
-use kiln_oci::Platform;
 use kiln_proto::kiln::frontend::v1 as proto;
 use kiln_proto::status::{self, Details, SourceLocation};
 use tonic::{Code, Status};
@@ -27,16 +26,6 @@ impl From<FrontendOutput> for proto::FrontendResult {
             metadata: o.metadata,
             refs: o.refs,
         }
-    }
-}
-
-pub(crate) fn platform_to_pb(p: &Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone().unwrap_or_default(),
-        os_version: p.os_version.clone().unwrap_or_default(),
-        os_features: p.os_features.clone().unwrap_or_default(),
     }
 }
 
@@ -120,6 +109,8 @@ fn dockerfile_location(c: &ConvertError) -> Details {
 
 #[cfg(test)]
 mod tests {
+    use kiln_oci::Platform;
+
     use super::*;
 
     #[test]
