@@ -278,27 +278,45 @@ impl<B: Bridge> Gateway<B> {
                 });
         }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
-            // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
-            // (the Dockerfile alone, synced apart from the build's own copy)
-            let include = std::slice::from_ref(&opts.filename);
-            let def = local_source_definition(
-                &req.session_id,
-                DOCKERFILE_LOCAL,
-                "dockerfile-syntax",
-                include,
-                &note,
-            );
-            if let Err(e) = self.bridge.solve(&req.build_id, def).await {
-                tracing::warn!("{note}: {e}");
-            }
+            self.show_syntax_note(req, &opts.filename, &note).await;
         }
+        self.load_excludes(req, &reference, &mut opts).await;
+        self.convert(req, &dockerfile, &opts).await
+    }
+
+    /// `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
+    /// (the Dockerfile alone, synced apart from the build's own copy).
+    async fn show_syntax_note(&self, req: &FrontendRequest, filename: &str, note: &str) {
+        let include = [filename.to_string()];
+        let def = local_source_definition(
+            &req.session_id,
+            DOCKERFILE_LOCAL,
+            "dockerfile-syntax",
+            &include,
+            note,
+        );
+        if let Err(e) = self.bridge.solve(&req.build_id, def).await {
+            tracing::warn!("{note}: {e}");
+        }
+    }
+
+    /// The `.dockerignore` patterns of the build context and of each named
+    /// local context (which honours its own, as in BuildKit).
+    async fn load_excludes(
+        &self,
+        req: &FrontendRequest,
+        dockerfile_ref: &str,
+        opts: &mut dockerfile2llb::ConvertOptions,
+    ) {
+        let patterns = |ignore: Vec<u8>| {
+            kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore))
+        };
         if let Some(ignore) = self
-            .load_dockerignore(req, &reference, &opts.filename)
+            .load_dockerignore(req, dockerfile_ref, &opts.filename)
             .await
         {
-            opts.excludes = kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
+            opts.excludes = patterns(ignore);
         }
-        // Named local contexts honour their own .dockerignore, as in BuildKit.
         let dirs: Vec<String> = opts
             .named_contexts
             .values()
@@ -312,39 +330,47 @@ impl<B: Bridge> Gateway<B> {
                 continue;
             }
             if let Some(ignore) = self.load_context_dockerignore(req, &dir).await {
-                let patterns =
-                    kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
-                opts.local_excludes.insert(dir, patterns);
+                opts.local_excludes.insert(dir, patterns(ignore));
             }
         }
+    }
+
+    /// Converts the Dockerfile for each target platform: one result, or one
+    /// ref per platform (TARGETPLATFORM and friends are that platform's,
+    /// BUILDPLATFORM stays this host's).
+    async fn convert(
+        &self,
+        req: &FrontendRequest,
+        dockerfile: &[u8],
+        opts: &dockerfile2llb::ConvertOptions,
+    ) -> Result<FrontendOutput, Error> {
         let resolver = BridgeResolver {
             bridge: &self.bridge,
             build_id: &req.build_id,
         };
-        let platforms = target_platforms(req)?;
         let convert = async |opts: &dockerfile2llb::ConvertOptions| {
-            dockerfile2llb::convert(&dockerfile, opts, &resolver)
+            let converted = dockerfile2llb::convert(dockerfile, opts, &resolver)
                 .await
                 .map_err(|error| {
                     Error::Convert(Box::new(ConvertError {
                         filename: opts.filename.clone(),
-                        dockerfile: dockerfile.clone(),
+                        dockerfile: dockerfile.to_vec(),
                         error,
                     }))
-                })
-        };
-        if platforms.len() < 2 {
-            let converted = convert(&opts).await?;
+                })?;
             let config = serde_json::to_vec(&converted.image_config)
                 .map_err(|source| Error::EncodeImageConfig { source })?;
+            Ok::<_, Error>((converted.definition, config))
+        };
+        let platforms = target_platforms(req)?;
+        if platforms.len() < 2 {
+            let (definition, config) = convert(opts).await?;
             return Ok(FrontendOutput {
-                definition: converted.definition,
+                definition,
                 metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
                 refs: BTreeMap::new(),
             });
         }
-        // one solve per platform: TARGETPLATFORM and friends are that platform's,
-        // BUILDPLATFORM stays this host's
         let mut out = FrontendOutput::default();
         let mut listed = Vec::new();
         for platform in platforms {
@@ -353,15 +379,13 @@ impl<B: Bridge> Gateway<B> {
                 platform: platform.clone(),
                 ..opts.clone()
             };
-            let converted = convert(&opts).await?;
-            let config = serde_json::to_vec(&converted.image_config)
-                .map_err(|source| Error::EncodeImageConfig { source })?;
+            let (definition, config) = convert(&opts).await?;
             out.metadata
                 .insert(format!("{META_IMAGE_CONFIG}/{id}"), config);
             if out.refs.is_empty() {
-                out.definition = converted.definition.clone();
+                out.definition = definition.clone();
             }
-            out.refs.insert(id.clone(), converted.definition);
+            out.refs.insert(id.clone(), definition);
             listed.push(serde_json::json!({"id": id, "platform": platform}));
         }
         let exptypes = serde_json::to_vec(&serde_json::json!({ "platforms": listed }))
@@ -731,6 +755,10 @@ mod tests {
             ])
         );
         assert_eq!(opts.platform, Platform::new("linux", "arm64", Some("v8")));
+        // containerd's normalisation; of a list only the first
+        let listed = convert_options(&request(&[("platform", "Linux/X86_64,linux/arm64")]))
+            .expect("valid platform");
+        assert_eq!(listed.platform, Platform::new("linux", "amd64", None));
         assert_eq!(opts.filename, "ci/Dockerfile.ci");
         assert_eq!(opts.session_id, "sess-1");
     }
