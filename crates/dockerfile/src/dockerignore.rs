@@ -7,6 +7,8 @@
 //! the client's file sender applies them. The matcher here lets the frontend
 //! tell a user that a COPY source they name is excluded.
 
+use crate::clean_path;
+
 /// Parses a `.dockerignore` into patterns: `#` comment lines and blank lines
 /// dropped, whitespace trimmed, each pattern cleaned (`./a/../b` -> `b`) and
 /// made relative (leading `/` removed), `!` kept in front.
@@ -27,7 +29,7 @@ pub fn parse_dockerignore(text: &str) -> Vec<String> {
         }
         let mut cleaned = String::new();
         if !pattern.is_empty() {
-            cleaned = clean(pattern);
+            cleaned = clean_path(pattern);
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }
@@ -39,31 +41,6 @@ pub fn parse_dockerignore(text: &str) -> Vec<String> {
         });
     }
     out
-}
-
-/// Go's `filepath.Clean` for `/`-separated paths.
-fn clean(p: &str) -> String {
-    let rooted = p.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in p.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                if parts.last().is_some_and(|l| *l != "..") {
-                    parts.pop();
-                } else if !rooted {
-                    parts.push("..");
-                }
-            }
-            s => parts.push(s),
-        }
-    }
-    let joined = parts.join("/");
-    match (rooted, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".to_string(),
-        (false, false) => joined,
-    }
 }
 
 /// One pattern: its path components and whether it re-includes.
@@ -89,7 +66,7 @@ impl IgnoreMatcher {
                     Some(rest) => (true, rest),
                     None => (false, p.as_str()),
                 };
-                let body = clean(body);
+                let body = clean_path(body);
                 let body = body.trim_start_matches('/');
                 if body.is_empty() || body == "." {
                     return None;
@@ -111,7 +88,7 @@ impl IgnoreMatcher {
     /// Whether `path` (relative or absolute, `/`-separated) is excluded: the
     /// last pattern matching it or one of its parents decides.
     pub fn excluded(&self, path: &str) -> bool {
-        let path = clean(path);
+        let path = clean_path(path);
         let segs: Vec<&str> = path
             .trim_start_matches('/')
             .split('/')
@@ -133,7 +110,7 @@ impl IgnoreMatcher {
     /// Whether some `!` pattern could re-include a path below `dir`, so an
     /// excluded `dir` may still have content.
     pub fn may_reinclude_below(&self, dir: &str) -> bool {
-        let dir = clean(dir);
+        let dir = clean_path(dir);
         let segs: Vec<&str> = dir
             .trim_start_matches('/')
             .split('/')

@@ -967,10 +967,26 @@ mod tests {
         }
     }
 
+    /// Checks each (input, rendering) case, reporting every failure at once.
+    fn check_table(cases: &[(&str, &str)]) {
+        let mut failures = Vec::new();
+        for (input, want) in cases {
+            let got = check(input);
+            if &got != want {
+                failures.push(format!("input {input:?}\n  want {want}\n  got  {got}"));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
     #[test]
-    fn instruction_table() {
-        let cases: &[(&str, &str)] = &[
-            // RUN
+    fn run_table() {
+        check_table(&[
             ("RUN echo hi", r#"RUN shell "echo hi""#),
             ("run echo hi", r#"RUN shell "echo hi""#),
             ("Run   echo   hi  ", r#"RUN shell "echo   hi""#),
@@ -1046,7 +1062,12 @@ mod tests {
                 "RUN echo \\\n  a && \\\n  b",
                 r#"RUN shell "echo   a &&   b""#,
             ),
-            // COPY / ADD
+        ]);
+    }
+
+    #[test]
+    fn copy_add_table() {
+        check_table(&[
             ("COPY a b", r#"COPY ["a"] -> "b""#),
             ("COPY a b c/", r#"COPY ["a", "b"] -> "c/""#),
             ("copy   a   /x", r#"COPY ["a"] -> "/x""#),
@@ -1107,7 +1128,12 @@ mod tests {
                 "ADD --from=x a b",
                 "ERR Dockerfile:2: unknown flag: from for ADD",
             ),
-            // ENV / LABEL / ARG
+        ]);
+    }
+
+    #[test]
+    fn env_label_arg_table() {
+        check_table(&[
             ("ENV a=b", r#"ENV a="b""#),
             ("ENV a=b c=d", r#"ENV a="b" c="d""#),
             ("ENV a b", r#"ENV ~a="b""#),
@@ -1143,7 +1169,12 @@ mod tests {
                 "ARG =x",
                 "ERR Dockerfile:2: ARG: ARG names can not be blank",
             ),
-            // simple ones
+        ]);
+    }
+
+    #[test]
+    fn simple_instruction_table() {
+        check_table(&[
             ("WORKDIR /app", r#"WORKDIR "/app""#),
             ("WORKDIR a b", r#"WORKDIR "a b""#),
             (
@@ -1217,7 +1248,12 @@ mod tests {
                 "ONBUILD FROM x",
                 "ERR Dockerfile:2: ONBUILD: FROM isn't allowed as an ONBUILD trigger",
             ),
-            // errors and odd input
+        ]);
+    }
+
+    #[test]
+    fn odd_input_table() {
+        check_table(&[
             ("FOO bar", "ERR Dockerfile:2: unknown instruction: FOO"),
             ("\n\nbogus", "ERR Dockerfile:4: unknown instruction: BOGUS"),
             ("# just a comment", "<none>"),
@@ -1226,20 +1262,7 @@ mod tests {
             ("ENV --x=1 a=b", "ERR Dockerfile:2: unknown flag: x for ENV"),
             ("RUN \u{1F600}", "RUN shell \"\u{1F600}\""),
             ("RUN a\r\nRUN b\r\n", r#"RUN shell "b""#),
-        ];
-        let mut failures = Vec::new();
-        for (input, want) in cases {
-            let got = check(input);
-            if &got != want {
-                failures.push(format!("input {input:?}\n  want {want}\n  got  {got}"));
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "{} failures:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        ]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod dockerignore;
 mod instructions;
 mod mount;
 mod parser;
+mod path;
 mod shell;
 #[cfg(test)]
 mod tests;
@@ -24,8 +25,9 @@ pub use instructions::{
     ArgDecl, Command, CommandLine, Copy, Dockerfile, Healthcheck, Instruction, KeyValue, Location,
     Run, Stage, parse, parse_command,
 };
-pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_size};
+pub use mount::{MountError, MountType, RunMount, Sharing, parse_mount};
 pub use parser::{Ast, Directives, Heredoc, Node, parse_ast, parse_directives};
+pub use path::clean_path;
 pub use shell::{EnvLookup, Lex};
 
 /// Everything that can go wrong while parsing or expanding a Dockerfile.

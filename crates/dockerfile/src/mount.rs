@@ -39,8 +39,33 @@ pub struct RunMount {
     pub env: Option<String>,
 }
 
+/// A `--mount` value BuildKit would refuse, in BuildKit's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    #[error("extraneous or missing \" in quoted-field")]
+    Quotes,
+    #[error("unsupported mount type {0:?}")]
+    UnsupportedType(String),
+    #[error("invalid field '{0}' must be a key=value pair")]
+    NotKeyValue(String),
+    /// A boolean or size that does not parse.
+    #[error("invalid value for {key}: {value}")]
+    InvalidValue { key: String, value: String },
+    /// A mode, uid or gid that does not parse.
+    #[error("invalid value {value:?} for {key}")]
+    InvalidNumber { key: String, value: String },
+    #[error("unsupported sharing value {0:?}")]
+    UnsupportedSharing(String),
+    #[error("unexpected key '{key}' in '{field}'")]
+    UnexpectedKey { key: String, field: String },
+    #[error("mount target is required")]
+    MissingTarget,
+    #[error("one of id or target must be specified for secret mounts")]
+    MissingSecretId,
+}
+
 /// Splits a CSV line honouring double quotes (Go's encoding/csv, one record).
-fn csv_fields(s: &str) -> Result<Vec<String>, String> {
+fn csv_fields(s: &str) -> Result<Vec<String>, MountError> {
     let mut fields = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
@@ -61,49 +86,27 @@ fn csv_fields(s: &str) -> Result<Vec<String>, String> {
         }
     }
     if in_quotes {
-        return Err("extraneous or missing \" in quoted-field".to_string());
+        return Err(MountError::Quotes);
     }
     fields.push(cur);
     Ok(fields)
 }
 
-fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, MountError> {
     match v {
         None | Some("true") | Some("1") => Ok(true),
         Some("false") | Some("0") => Ok(false),
-        Some(other) => Err(format!("invalid value for {key}: {other}")),
+        Some(other) => Err(MountError::InvalidValue {
+            key: key.to_string(),
+            value: other.to_string(),
+        }),
     }
 }
 
-/// Parses a size like `32m`, `1g`, `1024` (binary units, like go-units RAMInBytes).
-pub fn parse_size(s: &str) -> Result<i64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let t = t.strip_suffix('i').unwrap_or(t);
-    let (num, mult): (&str, i64) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        Some('p') => (&t[..t.len() - 1], 1 << 50),
-        _ => (t, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid size: {s:?}"))?;
-    if n < 0.0 {
-        return Err(format!("invalid size: {s:?}"));
-    }
-    Ok((n * mult as f64) as i64)
-}
-
-/// Parses one `--mount` value.
-pub fn parse_mount(spec: &str) -> Result<RunMount, String> {
-    let fields = csv_fields(spec)?;
+/// The mount type a `--mount` value names (`bind` when none).
+fn mount_type(fields: &[String]) -> Result<MountType, MountError> {
     let mut kind = MountType::Bind;
-    // Type first: it decides defaults.
-    for f in &fields {
+    for f in fields {
         if let Some(("type", v)) = f.split_once('=').map(|(k, v)| (k.trim(), v)) {
             kind = match v.to_ascii_lowercase().as_str() {
                 "bind" => MountType::Bind,
@@ -111,10 +114,18 @@ pub fn parse_mount(spec: &str) -> Result<RunMount, String> {
                 "tmpfs" => MountType::Tmpfs,
                 "secret" => MountType::Secret,
                 "ssh" => MountType::Ssh,
-                other => return Err(format!("unsupported mount type {other:?}")),
+                other => return Err(MountError::UnsupportedType(other.to_string())),
             };
         }
     }
+    Ok(kind)
+}
+
+/// Parses one `--mount` value.
+pub fn parse_mount(spec: &str) -> Result<RunMount, MountError> {
+    let fields = csv_fields(spec)?;
+    // Type first: it decides defaults.
+    let kind = mount_type(&fields)?;
     let mut m = RunMount {
         kind,
         target: None,
@@ -132,54 +143,75 @@ pub fn parse_mount(spec: &str) -> Result<RunMount, String> {
     };
     for f in fields {
         let f = f.trim();
-        if f.is_empty() {
-            continue;
-        }
-        let (key, value) = match f.split_once('=') {
-            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v)),
-            None => (f.to_ascii_lowercase(), None),
-        };
-        let need = |v: Option<&str>| -> Result<String, String> {
-            v.map(str::to_string)
-                .ok_or_else(|| format!("invalid field '{f}' must be a key=value pair"))
-        };
-        let num = |v: Option<&str>, radix: u32| -> Result<u32, String> {
-            let v = need(v)?;
-            u32::from_str_radix(&v, radix).map_err(|_| format!("invalid value {v:?} for {key}"))
-        };
-        match key.as_str() {
-            "type" => {}
-            "target" | "dst" | "destination" => m.target = Some(need(value)?),
-            "source" | "src" => m.source = Some(need(value)?),
-            "from" => m.from = Some(need(value)?),
-            "id" => m.id = Some(need(value)?),
-            "readonly" | "ro" => m.readonly = parse_bool(&key, value)?,
-            "readwrite" | "rw" => m.readonly = !parse_bool(&key, value)?,
-            "required" => m.required = parse_bool(&key, value)?,
-            "sharing" => {
-                m.sharing = match need(value)?.to_ascii_lowercase().as_str() {
-                    "shared" => Sharing::Shared,
-                    "private" => Sharing::Private,
-                    "locked" => Sharing::Locked,
-                    other => return Err(format!("unsupported sharing value {other:?}")),
-                }
-            }
-            "mode" => m.mode = Some(num(value, 8)?),
-            "uid" => m.uid = Some(num(value, 10)?),
-            "gid" => m.gid = Some(num(value, 10)?),
-            "size" => m.size = Some(parse_size(&need(value)?)?),
-            "env" => m.env = Some(need(value)?),
-            other => return Err(format!("unexpected key '{other}' in '{f}'")),
+        if !f.is_empty() {
+            set_field(&mut m, f)?;
         }
     }
     let needs_target = matches!(kind, MountType::Bind | MountType::Cache | MountType::Tmpfs);
     if needs_target && m.target.as_deref().is_none_or(str::is_empty) {
-        return Err("mount target is required".to_string());
+        return Err(MountError::MissingTarget);
     }
     if kind == MountType::Secret && m.id.is_none() && m.target.is_none() {
-        return Err("one of id or target must be specified for secret mounts".to_string());
+        return Err(MountError::MissingSecretId);
     }
     Ok(m)
+}
+
+/// Applies one `key[=value]` field.
+fn set_field(m: &mut RunMount, f: &str) -> Result<(), MountError> {
+    let (key, value) = match f.split_once('=') {
+        Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v)),
+        None => (f.to_ascii_lowercase(), None),
+    };
+    let need = |v: Option<&str>| -> Result<String, MountError> {
+        v.map(str::to_string)
+            .ok_or_else(|| MountError::NotKeyValue(f.to_string()))
+    };
+    let num = |v: Option<&str>, radix: u32| -> Result<u32, MountError> {
+        let v = need(v)?;
+        u32::from_str_radix(&v, radix).map_err(|_| MountError::InvalidNumber {
+            key: key.clone(),
+            value: v,
+        })
+    };
+    match key.as_str() {
+        "type" => {}
+        "target" | "dst" | "destination" => m.target = Some(need(value)?),
+        "source" | "src" => m.source = Some(need(value)?),
+        "from" => m.from = Some(need(value)?),
+        "id" => m.id = Some(need(value)?),
+        "readonly" | "ro" => m.readonly = parse_bool(&key, value)?,
+        "readwrite" | "rw" => m.readonly = !parse_bool(&key, value)?,
+        "required" => m.required = parse_bool(&key, value)?,
+        "sharing" => {
+            m.sharing = match need(value)?.to_ascii_lowercase().as_str() {
+                "shared" => Sharing::Shared,
+                "private" => Sharing::Private,
+                "locked" => Sharing::Locked,
+                other => return Err(MountError::UnsupportedSharing(other.to_string())),
+            }
+        }
+        "mode" => m.mode = Some(num(value, 8)?),
+        "uid" => m.uid = Some(num(value, 10)?),
+        "gid" => m.gid = Some(num(value, 10)?),
+        "size" => {
+            // BuildKit: go-units' RAMInBytes, its error replaced by the value
+            let v = need(value)?;
+            let size = kiln_units::parse_size(&v).map_err(|_| MountError::InvalidValue {
+                key: key.clone(),
+                value: v,
+            })?;
+            m.size = Some(size);
+        }
+        "env" => m.env = Some(need(value)?),
+        other => {
+            return Err(MountError::UnexpectedKey {
+                key: other.to_string(),
+                field: f.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -243,7 +275,15 @@ mod tests {
             ),
             (
                 "type=tmpfs,target=/t,size=lots",
-                "ERR invalid size: \"lots\"",
+                "ERR invalid value for size: lots",
+            ),
+            (
+                "type=tmpfs,target=/t,size=1.5GiB",
+                "Tmpfs target=/t rw shared size=1610612736",
+            ),
+            (
+                "type=tmpfs,target=/t,size=-1m",
+                "ERR invalid value for size: -1m",
             ),
             (
                 "\"type=bind",

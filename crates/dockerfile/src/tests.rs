@@ -130,11 +130,32 @@ fn check(body: &str) -> String {
     }
 }
 
+/// Checks each (Dockerfile lines after `FROM scratch`, rendering) case, with
+/// `ERR substring` for errors, reporting every failure at once.
+fn check_table(cases: &[(&str, &str)]) {
+    let mut failures = Vec::new();
+    for (input, want) in cases {
+        let got = check(input);
+        let ok = match want.strip_prefix("ERR ") {
+            Some(sub) => got.starts_with("ERR ") && got.contains(sub),
+            None => &got == want,
+        };
+        if !ok {
+            failures.push(format!("{input:?}\n   want {want}\n    got {got}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
 #[test]
-fn instruction_table() {
-    // (Dockerfile lines after `FROM scratch`, rendering; `ERR substring` for errors)
-    let cases: &[(&str, &str)] = &[
-        // RUN
+fn run_instructions() {
+    check_table(&[
         ("RUN echo hi", "RUN shell:echo hi"),
         ("run echo hi", "RUN shell:echo hi"),
         ("RUN   echo   spaced  ", "RUN shell:echo   spaced"),
@@ -177,7 +198,12 @@ fn instruction_table() {
             "RUN shell:cat <<A <<B doc:A=\"a\\n\" doc:B=\"b\\n\"",
         ),
         ("RUN <<EOF\nnever ends", "ERR unterminated heredoc"),
-        // COPY / ADD
+    ]);
+}
+
+#[test]
+fn copy_add_instructions() {
+    check_table(&[
         ("COPY a b", "COPY a -> b"),
         ("COPY a b c/", "COPY a,b -> c/"),
         ("COPY [\"a b\", \"c\"]", "COPY a b -> c"),
@@ -225,7 +251,12 @@ fn instruction_table() {
             "ADD --chown=1 --chmod=600 a b",
             "ADD a -> b chown=1 chmod=600",
         ),
-        // ENV / LABEL
+    ]);
+}
+
+#[test]
+fn env_label_instructions() {
+    check_table(&[
         ("ENV A=1", "ENV A=\"1\""),
         ("ENV A=1 B=2", "ENV A=\"1\" B=\"2\""),
         ("ENV A 1", "ENV A=\"1\""),
@@ -240,14 +271,24 @@ fn instruction_table() {
         ("LABEL \"a b\"=c", "LABEL \"a b\"=\"c\""),
         ("LABEL a=1 b=2", "LABEL a=\"1\" b=\"2\""),
         ("LABEL a b", "LABEL a=\"b\""),
-        // ARG
+    ]);
+}
+
+#[test]
+fn arg_instructions() {
+    check_table(&[
         ("ARG A", "ARG A"),
         ("ARG A=1", "ARG A=\"1\""),
         ("ARG A=1 B", "ARG A=\"1\" B"),
         ("ARG A=", "ARG A=\"\""),
         ("ARG A=$B", "ARG A=\"$B\""),
         ("ARG", "ERR ARG"),
-        // WORKDIR / USER / STOPSIGNAL / MAINTAINER
+    ]);
+}
+
+#[test]
+fn workdir_user_stopsignal_maintainer() {
+    check_table(&[
         ("WORKDIR /a", "WORKDIR /a"),
         ("WORKDIR rel", "WORKDIR rel"),
         ("WORKDIR $D", "WORKDIR $D"),
@@ -258,7 +299,12 @@ fn instruction_table() {
         ("STOPSIGNAL SIGKILL", "STOPSIGNAL SIGKILL"),
         ("STOPSIGNAL 9", "STOPSIGNAL 9"),
         ("MAINTAINER a <b@c>", "MAINTAINER a <b@c>"),
-        // CMD / ENTRYPOINT / SHELL
+    ]);
+}
+
+#[test]
+fn cmd_entrypoint_shell() {
+    check_table(&[
         ("CMD echo hi", "CMD shell:echo hi"),
         ("CMD [\"echo\", \"hi\"]", "CMD exec:[\"echo\", \"hi\"]"),
         ("CMD []", "CMD exec:[]"),
@@ -276,7 +322,12 @@ fn instruction_table() {
             "SHELL [\"/bin/bash\", \"-c\"]",
         ),
         ("SHELL /bin/bash -c", "ERR SHELL"),
-        // EXPOSE / VOLUME
+    ]);
+}
+
+#[test]
+fn expose_volume() {
+    check_table(&[
         ("EXPOSE 80", "EXPOSE [\"80\"]"),
         ("EXPOSE 80/tcp 53/udp", "EXPOSE [\"80/tcp\", \"53/udp\"]"),
         ("EXPOSE", "ERR EXPOSE"),
@@ -284,7 +335,12 @@ fn instruction_table() {
         ("VOLUME /a /b", "VOLUME [\"/a\", \"/b\"]"),
         ("VOLUME [\"/a\", \"/b\"]", "VOLUME [\"/a\", \"/b\"]"),
         ("VOLUME", "ERR VOLUME"),
-        // HEALTHCHECK
+    ]);
+}
+
+#[test]
+fn healthcheck_instructions() {
+    check_table(&[
         ("HEALTHCHECK NONE", "HEALTHCHECK [\"NONE\"]"),
         (
             "HEALTHCHECK CMD true",
@@ -301,36 +357,28 @@ fn instruction_table() {
         ("HEALTHCHECK --bogus=1 CMD x", "ERR unknown flag"),
         ("HEALTHCHECK NONE extra", "ERR HEALTHCHECK"),
         ("HEALTHCHECK", "ERR HEALTHCHECK"),
-        // ONBUILD
+    ]);
+}
+
+#[test]
+fn onbuild_instructions() {
+    check_table(&[
         ("ONBUILD RUN echo hi", "ONBUILD RUN shell:echo hi"),
         ("ONBUILD COPY . /app", "ONBUILD COPY . -> /app"),
         ("ONBUILD ONBUILD RUN x", "ERR ONBUILD"),
         ("ONBUILD FROM busybox", "ERR ONBUILD"),
         ("ONBUILD MAINTAINER x", "ERR ONBUILD"),
-        // unknown / several
+    ]);
+}
+
+#[test]
+fn unknown_and_several_instructions() {
+    check_table(&[
         ("NOPE x", "ERR unknown instruction"),
         ("RUN a\nRUN b", "RUN shell:a\nRUN shell:b"),
         ("# comment\nRUN a", "RUN shell:a"),
         ("\n\n  RUN a  \n\n", "RUN shell:a"),
-    ];
-    let mut failures = Vec::new();
-    for (input, want) in cases {
-        let got = check(input);
-        let ok = match want.strip_prefix("ERR ") {
-            Some(sub) => got.starts_with("ERR ") && got.contains(sub),
-            None => &got == want,
-        };
-        if !ok {
-            failures.push(format!("{input:?}\n   want {want}\n    got {got}"));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    ]);
 }
 
 #[test]

@@ -151,8 +151,11 @@ pub trait Bridge: Send + Sync + 'static {
 pub enum Error {
     #[error("frontend {frontend:?} is not supported (only {DOCKERFILE_FRONTEND})")]
     UnsupportedFrontend { frontend: String },
-    #[error("invalid platform {value:?}: expected os/arch[/variant]")]
-    InvalidPlatform { value: String },
+    #[error("invalid platform {value:?}")]
+    InvalidPlatform {
+        value: String,
+        source: kiln_oci::PlatformError,
+    },
     #[error("load Dockerfile {filename} from session {session_id}")]
     LoadDockerfile {
         filename: String,
@@ -170,9 +173,12 @@ pub enum Error {
     },
     /// The converter's message names the Dockerfile line (`Dockerfile:LINE`).
     #[error(transparent)]
-    Convert { source: dockerfile2llb::Error },
-    #[error("invalid option context:{name}: {reason}")]
-    InvalidNamedContext { name: String, reason: String },
+    Convert(Box<ConvertError>),
+    #[error("invalid option context:{name}")]
+    InvalidNamedContext {
+        name: String,
+        source: dockerfile2llb::NamedContextError,
+    },
     #[error("unsupported request {request}: kiln's Dockerfile frontend answers no subrequests yet")]
     UnsupportedSubrequest { request: String },
     /// `origin` names the directive or build arg that asked for the image.
@@ -187,6 +193,41 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// For the converter, through [`dockerfile2llb::ResolveError`].
+    #[error("resolve image config for {reference}")]
+    ResolveImageConfig {
+        reference: String,
+        source: BridgeError,
+    },
+    /// For the converter, through [`dockerfile2llb::ResolveError`].
+    #[error("parse image config of {reference}")]
+    ParseImageConfig {
+        reference: String,
+        source: serde_json::Error,
+    },
+}
+
+/// A Dockerfile that did not convert, kept with the error so the gRPC edge
+/// can point at its lines (BuildKit's `errdefs.Source`).
+#[derive(Debug)]
+pub struct ConvertError {
+    /// The Dockerfile's name as the client gave it.
+    pub filename: String,
+    pub dockerfile: Vec<u8>,
+    pub error: dockerfile2llb::Error,
+}
+
+/// Shows as the converter's error (which names the line); its causes are the error's.
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for ConvertError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
 }
 
 /// Serves frontend requests, reaching the solver through `B`.
@@ -237,27 +278,45 @@ impl<B: Bridge> Gateway<B> {
                 });
         }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
-            // `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
-            // (the Dockerfile alone, synced apart from the build's own copy)
-            let include = std::slice::from_ref(&opts.filename);
-            let def = local_source_definition(
-                &req.session_id,
-                DOCKERFILE_LOCAL,
-                "dockerfile-syntax",
-                include,
-                &note,
-            );
-            if let Err(e) = self.bridge.solve(&req.build_id, def).await {
-                tracing::warn!("{note}: {e}");
-            }
+            self.show_syntax_note(req, &opts.filename, &note).await;
         }
+        self.load_excludes(req, &reference, &mut opts).await;
+        self.convert(req, &dockerfile, &opts).await
+    }
+
+    /// `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
+    /// (the Dockerfile alone, synced apart from the build's own copy).
+    async fn show_syntax_note(&self, req: &FrontendRequest, filename: &str, note: &str) {
+        let include = [filename.to_string()];
+        let def = local_source_definition(
+            &req.session_id,
+            DOCKERFILE_LOCAL,
+            "dockerfile-syntax",
+            &include,
+            note,
+        );
+        if let Err(e) = self.bridge.solve(&req.build_id, def).await {
+            tracing::warn!("{note}: {e}");
+        }
+    }
+
+    /// The `.dockerignore` patterns of the build context and of each named
+    /// local context (which honours its own, as in BuildKit).
+    async fn load_excludes(
+        &self,
+        req: &FrontendRequest,
+        dockerfile_ref: &str,
+        opts: &mut dockerfile2llb::ConvertOptions,
+    ) {
+        let patterns = |ignore: Vec<u8>| {
+            kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore))
+        };
         if let Some(ignore) = self
-            .load_dockerignore(req, &reference, &opts.filename)
+            .load_dockerignore(req, dockerfile_ref, &opts.filename)
             .await
         {
-            opts.excludes = kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
+            opts.excludes = patterns(ignore);
         }
-        // Named local contexts honour their own .dockerignore, as in BuildKit.
         let dirs: Vec<String> = opts
             .named_contexts
             .values()
@@ -271,49 +330,62 @@ impl<B: Bridge> Gateway<B> {
                 continue;
             }
             if let Some(ignore) = self.load_context_dockerignore(req, &dir).await {
-                let patterns =
-                    kiln_dockerfile::parse_dockerignore(&String::from_utf8_lossy(&ignore));
-                opts.local_excludes.insert(dir, patterns);
+                opts.local_excludes.insert(dir, patterns(ignore));
             }
         }
+    }
+
+    /// Converts the Dockerfile for each target platform: one result, or one
+    /// ref per platform (TARGETPLATFORM and friends are that platform's,
+    /// BUILDPLATFORM stays this host's).
+    async fn convert(
+        &self,
+        req: &FrontendRequest,
+        dockerfile: &[u8],
+        opts: &dockerfile2llb::ConvertOptions,
+    ) -> Result<FrontendOutput, Error> {
         let resolver = BridgeResolver {
             bridge: &self.bridge,
             build_id: &req.build_id,
         };
-        let platforms = target_platforms(req)?;
-        if platforms.len() < 2 {
-            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
+        let convert = async |opts: &dockerfile2llb::ConvertOptions| {
+            let converted = dockerfile2llb::convert(dockerfile, opts, &resolver)
                 .await
-                .map_err(|source| Error::Convert { source })?;
+                .map_err(|error| {
+                    Error::Convert(Box::new(ConvertError {
+                        filename: opts.filename.clone(),
+                        dockerfile: dockerfile.to_vec(),
+                        error,
+                    }))
+                })?;
             let config = serde_json::to_vec(&converted.image_config)
                 .map_err(|source| Error::EncodeImageConfig { source })?;
+            Ok::<_, Error>((converted.definition, config))
+        };
+        let platforms = target_platforms(req)?;
+        if platforms.len() < 2 {
+            let (definition, config) = convert(opts).await?;
             return Ok(FrontendOutput {
-                definition: converted.definition,
+                definition,
                 metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
                 refs: BTreeMap::new(),
             });
         }
-        // one solve per platform: TARGETPLATFORM and friends are that platform's,
-        // BUILDPLATFORM stays this host's
         let mut out = FrontendOutput::default();
         let mut listed = Vec::new();
         for platform in platforms {
-            let id = platform_id(&platform);
+            let id = platform.to_string();
             let opts = dockerfile2llb::ConvertOptions {
                 platform: platform.clone(),
                 ..opts.clone()
             };
-            let converted = dockerfile2llb::convert(&dockerfile, &opts, &resolver)
-                .await
-                .map_err(|source| Error::Convert { source })?;
-            let config = serde_json::to_vec(&converted.image_config)
-                .map_err(|source| Error::EncodeImageConfig { source })?;
+            let (definition, config) = convert(&opts).await?;
             out.metadata
                 .insert(format!("{META_IMAGE_CONFIG}/{id}"), config);
             if out.refs.is_empty() {
-                out.definition = converted.definition.clone();
+                out.definition = definition.clone();
             }
-            out.refs.insert(id.clone(), converted.definition);
+            out.refs.insert(id.clone(), definition);
             listed.push(serde_json::json!({"id": id, "platform": platform}));
         }
         let exptypes = serde_json::to_vec(&serde_json::json!({ "platforms": listed }))
@@ -422,10 +494,10 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
     let mut named_contexts = BTreeMap::new();
     for (k, v) in &req.attrs {
         if let Some(name) = k.strip_prefix("context:") {
-            let ctx = dockerfile2llb::NamedContext::parse(v).map_err(|reason| {
+            let ctx = dockerfile2llb::NamedContext::parse(v).map_err(|source| {
                 Error::InvalidNamedContext {
                     name: name.to_string(),
-                    reason,
+                    source,
                 }
             })?;
             named_contexts.insert(name.to_string(), ctx);
@@ -466,27 +538,14 @@ fn target_platforms(req: &FrontendRequest) -> Result<Vec<Platform>, Error> {
     Ok(out)
 }
 
-/// `os/arch[/variant]`, the id of a platform in `refs.platforms`.
-fn platform_id(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
-        _ => format!("{}/{}", p.os, p.architecture),
-    }
-}
-
-/// `os/arch[/variant]`; of a comma-separated list only the first is used.
+/// A platform specifier (containerd's rules: `linux/amd64`, `arm64`,
+/// `linux/arm/v7`); of a comma-separated list only the first is used.
 fn parse_platform(value: &str) -> Result<Platform, Error> {
     let first = value.split(',').next().unwrap_or_default().trim();
-    let parts: Vec<&str> = first.split('/').collect();
-    match parts.as_slice() {
-        [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform::new(os, arch, None)),
-        [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
-            Ok(Platform::new(os, arch, Some(variant)))
-        }
-        _ => Err(Error::InvalidPlatform {
-            value: value.to_string(),
-        }),
-    }
+    Platform::parse(first).map_err(|source| Error::InvalidPlatform {
+        value: value.to_string(),
+        source,
+    })
 }
 
 /// linux on the architecture kiln runs on, named the OCI way.
@@ -558,14 +617,20 @@ impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<dockerfile2llb::ResolvedImage, String> {
+    ) -> Result<dockerfile2llb::ResolvedImage, dockerfile2llb::ResolveError> {
         let resolved = self
             .bridge
             .resolve_image_config(self.build_id, reference, platform)
             .await
-            .map_err(|e| format!("resolve image config for {reference}: {e}"))?;
-        let config: ImageConfig = serde_json::from_slice(&resolved.config)
-            .map_err(|e| format!("parse image config of {reference}: {e}"))?;
+            .map_err(|source| Error::ResolveImageConfig {
+                reference: reference.to_string(),
+                source,
+            })?;
+        let config: ImageConfig =
+            serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
+                reference: reference.to_string(),
+                source,
+            })?;
         Ok(dockerfile2llb::ResolvedImage {
             canonical_ref: if resolved.canonical_ref.is_empty() {
                 reference.to_string()
@@ -690,6 +755,10 @@ mod tests {
             ])
         );
         assert_eq!(opts.platform, Platform::new("linux", "arm64", Some("v8")));
+        // containerd's normalisation; of a list only the first
+        let listed = convert_options(&request(&[("platform", "Linux/X86_64,linux/arm64")]))
+            .expect("valid platform");
+        assert_eq!(listed.platform, Platform::new("linux", "amd64", None));
         assert_eq!(opts.filename, "ci/Dockerfile.ci");
         assert_eq!(opts.session_id, "sess-1");
     }
@@ -710,9 +779,9 @@ mod tests {
 
     #[test]
     fn malformed_platform_is_rejected() {
-        for bad in ["linux", "linux/", "/amd64", "a/b/c/d"] {
+        for bad in ["linux/", "/amd64", "a/b/c/d", "nosuchos", "linux/$x"] {
             match convert_options(&request(&[("platform", bad)])) {
-                Err(Error::InvalidPlatform { value }) => assert_eq!(value, bad),
+                Err(Error::InvalidPlatform { value, .. }) => assert_eq!(value, bad),
                 other => panic!("{bad}: expected InvalidPlatform, got {:?}", other.err()),
             }
         }
@@ -866,7 +935,7 @@ mod tests {
         };
         let gateway = Gateway::new(bridge);
         let err = run(gateway.solve(request(&[]))).expect_err("invalid Dockerfile");
-        assert!(matches!(err, Error::Convert { .. }), "{err:?}");
+        assert!(matches!(err, Error::Convert(_)), "{err:?}");
         assert!(err.to_string().contains("Dockerfile:2"), "{err}");
     }
 

@@ -1,13 +1,15 @@
-//! COPY / ADD (local sources) -> one FileOp with a chain of copy actions, and
-//! WORKDIR -> a mkdir FileOp.
+//! COPY / ADD (local sources, git, HTTP, heredocs) -> one FileOp with a
+//! chain of copy actions (merged onto the stage for `--link`), and WORKDIR ->
+//! a mkdir FileOp.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
-use kiln_dockerfile::{Command, Copy, Lex};
+use kiln_dockerfile::{Command, Copy, Heredoc, Lex};
 use kiln_llb::pb;
 
+use super::dispatch::DispatchContext;
 use super::git::GitRef;
-use super::ops::{OpId, Ops, metadata};
+use super::ops::{Lines, OpId, Ops, metadata};
 use super::run::uppercase_cmd;
 use super::stage::{StageState, chown_opt, clean_path, dest_path, normalize_workdir};
 use super::{Error, line_of};
@@ -21,11 +23,46 @@ pub(crate) enum CopySource {
     State(Option<OpId>),
 }
 
+/// COPY, or ADD (which also fetches URLs and git refs and unpacks archives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyKind {
+    Copy,
+    Add,
+}
+
+impl CopyKind {
+    fn keyword(self) -> &'static str {
+        match self {
+            CopyKind::Copy => "COPY",
+            CopyKind::Add => "ADD",
+        }
+    }
+}
+
+/// `--chmod` as a copy action takes it: an octal mode or a symbolic spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chmod {
+    /// -1 when not given or symbolic.
+    mode: i32,
+    /// The symbolic spec (`u=rwx,go=rx`), empty otherwise.
+    mode_str: String,
+}
+
+impl Chmod {
+    const UNSET: Chmod = Chmod {
+        mode: -1,
+        mode_str: String::new(),
+    };
+}
+
 /// `--chmod`: octal gives a mode, a symbolic spec (`u=rwx,go=rx`) a mode string.
-fn parse_chmod(spec: &str) -> Option<(i32, String)> {
+fn parse_chmod(spec: &str) -> Option<Chmod> {
     if spec.chars().all(|c| c.is_ascii_digit()) {
         return match u32::from_str_radix(spec, 8) {
-            Ok(m) if m <= 0o7777 => i32::try_from(m).ok().map(|m| (m, String::new())),
+            Ok(m) if m <= 0o7777 => i32::try_from(m).ok().map(|mode| Chmod {
+                mode,
+                mode_str: String::new(),
+            }),
             _ => None,
         };
     }
@@ -37,7 +74,10 @@ fn parse_chmod(spec: &str) -> Option<(i32, String)> {
         let mut chars = rest.chars();
         matches!(chars.next(), Some('+' | '-' | '=')) && chars.all(|c| "rwxXstugo+-=".contains(c))
     });
-    valid.then(|| (0, spec.to_string()))
+    valid.then(|| Chmod {
+        mode: 0,
+        mode_str: spec.to_string(),
+    })
 }
 
 fn is_http(src: &str) -> bool {
@@ -71,214 +111,277 @@ fn file_op(actions: Vec<pb::FileAction>) -> pb::Op {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dispatch(
-    ops: &mut Ops,
-    lex: &Lex,
-    st: &mut StageState,
-    copy: &Copy,
-    is_add: bool,
-    source: CopySource,
-    ctx_paths: &mut BTreeSet<String>,
-    ignore: &kiln_dockerfile::IgnoreMatcher,
-    cmd: &Command,
-) -> Result<(), Error> {
-    let line = line_of(cmd);
-    let lines = (cmd.location.start_line, cmd.location.end_line);
-    let kw = if is_add { "ADD" } else { "COPY" };
-    let invalid = |reason: String| Error::InvalidInstruction {
-        line,
-        instruction: kw.to_string(),
-        reason,
-    };
-    if !is_add && copy.sources.iter().any(|s| is_git(s)) {
-        return Err(invalid("source can't be a git ref for COPY".to_string()));
+/// The checks BuildKit makes before a COPY/ADD is converted; the reason on failure.
+fn validate(copy: &Copy, kind: CopyKind) -> Result<(), String> {
+    if kind == CopyKind::Copy && copy.sources.iter().any(|s| is_git(s)) {
+        return Err("source can't be a git ref for COPY".to_string());
     }
-    if !is_add && copy.sources.iter().any(|s| is_http(s)) {
-        return Err(invalid("source can't be a URL for COPY".to_string()));
+    if kind == CopyKind::Copy && copy.sources.iter().any(|s| is_http(s)) {
+        return Err("source can't be a URL for COPY".to_string());
     }
     if copy.checksum.is_some() {
         if copy.sources.len() != 1 {
-            return Err(invalid(
-                "checksum can't be specified for multiple sources".to_string(),
-            ));
+            return Err("checksum can't be specified for multiple sources".to_string());
         }
         if !is_http(&copy.sources[0]) && !is_git(&copy.sources[0]) {
-            return Err(invalid(
-                "checksum can't be specified for non-HTTP(S) or git sources".to_string(),
+            return Err("checksum can't be specified for non-HTTP(S) or git sources".to_string());
+        }
+    }
+    Ok(())
+}
+
+/// A source the .dockerignore removes from the context can only fail; say
+/// why now instead of a bare "not found" from the worker.
+fn check_not_ignored(
+    copy: &Copy,
+    source: CopySource,
+    ignore: &kiln_dockerfile::IgnoreMatcher,
+) -> Result<(), String> {
+    if !matches!(source, CopySource::Context) || ignore.is_empty() {
+        return Ok(());
+    }
+    for src in copy.sources.iter().filter(|s| !is_http(s) && !is_git(s)) {
+        let path = clean_path(src);
+        if !has_wildcard(&path) && ignore.excluded(&path) && !ignore.may_reinclude_below(&path) {
+            return Err(format!(
+                "failed to compute cache key: {path:?}: not found: the path is excluded by .dockerignore"
             ));
         }
     }
-    let (mode, mode_str) = match &copy.chmod {
+    Ok(())
+}
+
+/// One copy action of the FileOp and the input it reads.
+struct PlannedCopy {
+    secondary_input: i64,
+    action: pb::FileActionCopy,
+}
+
+/// One COPY/ADD being turned into a FileOp.
+struct CopyOp<'a> {
+    copy: &'a Copy,
+    kind: CopyKind,
+    lines: Lines,
+    /// The step's progress name (`[stage 2/3] COPY a b`).
+    progress: String,
+    dest: String,
+    owner: Option<pb::ChownOpt>,
+    chmod: Chmod,
+    /// The FileOp's inputs: the destination state first (none for --link),
+    /// then each distinct source.
+    inputs: Vec<OpId>,
+    /// The destination's input index, -1 for scratch.
+    dest_input: i64,
+    planned: Vec<PlannedCopy>,
+}
+
+impl<'a> CopyOp<'a> {
+    /// The input index of `id`, added on first use; -1 for scratch.
+    fn input_index(&mut self, id: Option<OpId>) -> i64 {
+        let Some(id) = id else {
+            return -1;
+        };
+        let pos = match self.inputs.iter().position(|i| *i == id) {
+            Some(p) => p,
+            None => {
+                self.inputs.push(id);
+                self.inputs.len() - 1
+            }
+        };
+        i64::try_from(pos).unwrap_or(i64::MAX)
+    }
+
+    /// A copy of `src` (in the input `from`) to the destination, with the
+    /// options every source shares.
+    fn plan(&mut self, from: Option<OpId>, src: String) -> &mut pb::FileActionCopy {
+        let secondary_input = self.input_index(from);
+        self.planned.push(PlannedCopy {
+            secondary_input,
+            action: pb::FileActionCopy {
+                src,
+                dest: self.dest.clone(),
+                owner: self.owner.clone(),
+                mode: self.chmod.mode,
+                create_dest_path: true,
+                timestamp: -1,
+                mode_str: self.chmod.mode_str.clone(),
+                ..Default::default()
+            },
+        });
+        let last = self.planned.len() - 1;
+        &mut self.planned[last].action
+    }
+
+    /// ADD of a git ref: a git source, copied from its root.
+    fn plan_git(&mut self, ops: &mut Ops, git: &GitRef) {
+        let (op, caps) = git.source_op(self.copy.keep_git_dir, self.copy.checksum.as_deref());
+        let md = metadata(&[("llb.customname", self.progress.as_str())], &caps);
+        let repo = ops.push(op, Vec::new(), md, Some(self.lines));
+        self.plan(Some(repo), "/".to_string());
+    }
+
+    /// ADD of a URL: an HTTP source saved under the URL's file name.
+    fn plan_http(&mut self, ops: &mut Ops, url: &str) {
+        let filename = http_filename(url);
+        let mut attrs = BTreeMap::new();
+        let mut caps = vec!["source.http"];
+        if let Some(sum) = &self.copy.checksum {
+            attrs.insert("http.checksum".to_string(), sum.clone());
+            caps.push("source.http.checksum");
+        }
+        attrs.insert("http.filename".to_string(), filename.clone());
+        let op = pb::Op {
+            constraints: Some(pb::WorkerConstraints::default()),
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: url.to_string(),
+                attrs,
+            })),
+            ..Default::default()
+        };
+        let md = metadata(
+            &[
+                ("com.docker.dockerfile.v1.command", ""),
+                ("llb.customname", self.progress.as_str()),
+            ],
+            &caps,
+        );
+        let http = ops.push(op, Vec::new(), md, Some(self.lines));
+        self.plan(Some(http), clean_path(&filename));
+    }
+
+    /// A path (wildcards allowed) of the build context or of another state.
+    fn plan_local(&mut self, cx: &mut DispatchContext, src: &str, source: CopySource) {
+        let state = match source {
+            CopySource::Context => {
+                cx.ctx_paths.insert(clean_path(src));
+                Some(cx.ops.context())
+            }
+            CopySource::State(s) => s,
+        };
+        let (src_path, include) = match (self.copy.parents, src.split_once("/./")) {
+            (false, _) => (clean_path(src), Vec::new()),
+            (true, Some((parent, pattern))) => (clean_path(parent), vec![relative(pattern)]),
+            (true, None) => ("/".to_string(), vec![relative(src)]),
+        };
+        let unpack = self.kind == CopyKind::Add && self.copy.unpack != Some(false);
+        let exclude = self.copy.exclude.clone();
+        let action = self.plan(state, src_path);
+        action.follow_symlink = true;
+        action.dir_copy_contents = true;
+        action.attempt_unpack_docker_compatibility = unpack;
+        action.allow_wildcard = true;
+        action.allow_empty_wildcard = true;
+        action.include_patterns = include;
+        action.exclude_patterns = exclude;
+    }
+
+    /// A heredoc source: an inline file made first, then copied.
+    fn plan_heredoc(&mut self, ops: &mut Ops, doc: &Heredoc, data: String) {
+        let path = clean_path(&doc.name);
+        let mkfile = pb::FileAction {
+            input: -1,
+            secondary_input: -1,
+            output: 0,
+            action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                path: path.clone(),
+                mode: 0o644,
+                data: data.into_bytes(),
+                owner: None,
+                timestamp: -1,
+            })),
+        };
+        let md = metadata(
+            &[("llb.customname", "[internal] preparing inline document")],
+            &["file.base"],
+        );
+        let file = ops.push(file_op(vec![mkfile]), Vec::new(), md, Some(self.lines));
+        self.plan(Some(file), path);
+    }
+
+    /// The FileOp: each action applies to the previous one's output, the last is the result.
+    fn file_op(self, ops: &mut Ops, link_group: Option<pb::ProgressGroup>) -> OpId {
+        let n_inputs = i64::try_from(self.inputs.len()).unwrap_or(i64::MAX);
+        let last = self.planned.len() - 1;
+        let dest_input = self.dest_input;
+        let actions = self
+            .planned
+            .into_iter()
+            .enumerate()
+            .map(|(k, planned)| pb::FileAction {
+                input: if k == 0 {
+                    dest_input
+                } else {
+                    n_inputs + i64::try_from(k - 1).unwrap_or(0)
+                },
+                secondary_input: planned.secondary_input,
+                output: if k == last { 0 } else { -1 },
+                action: Some(pb::file_action::Action::Copy(planned.action)),
+            })
+            .collect();
+        let mut md = metadata(
+            &[("llb.customname", self.progress.as_str())],
+            &["file.base"],
+        );
+        md.progress_group = link_group;
+        ops.push(file_op(actions), self.inputs, md, Some(self.lines))
+    }
+}
+
+/// A path relative to the root of its source (`--parents` include patterns).
+fn relative(pattern: &str) -> String {
+    clean_path(pattern).trim_start_matches('/').to_string()
+}
+
+pub(crate) fn dispatch(
+    cx: &mut DispatchContext,
+    st: &mut StageState,
+    cmd: &Command,
+    copy: &Copy,
+    kind: CopyKind,
+    source: CopySource,
+) -> Result<(), Error> {
+    let line = line_of(cmd);
+    let invalid = |reason: String| Error::InvalidInstruction {
+        line,
+        instruction: kind.keyword().to_string(),
+        reason,
+    };
+    validate(copy, kind).map_err(invalid)?;
+    let chmod = match &copy.chmod {
         Some(spec) => parse_chmod(spec).ok_or_else(|| {
             invalid(format!(
                 "invalid chmod parameter: '{spec}'. it should be octal string and between 0 and 07777"
             ))
         })?,
-        None => (-1, String::new()),
+        None => Chmod::UNSET,
     };
-    if matches!(source, CopySource::Context) && !ignore.is_empty() {
-        // A source the .dockerignore removes from the context can only fail;
-        // say why now instead of a bare "not found" from the worker.
-        for src in copy.sources.iter().filter(|s| !is_http(s) && !is_git(s)) {
-            let path = clean_path(src);
-            if !has_wildcard(&path) && ignore.excluded(&path) && !ignore.may_reinclude_below(&path)
-            {
-                return Err(invalid(format!(
-                    "failed to compute cache key: {path:?}: not found: the path is excluded by .dockerignore"
-                )));
-            }
-        }
-    }
-    let dest = dest_path(&st.cwd, &copy.dest);
+    check_not_ignored(copy, source, &cx.ignore).map_err(invalid)?;
     let link = copy.link && copy.chmod.is_none();
-
-    let name_text = lex
-        .process_word(&cmd.original, &st.env)
-        .unwrap_or_else(|_| cmd.original.clone());
-    let name = uppercase_cmd(&name_text);
+    let name = uppercase_cmd(
+        &cx.lex
+            .process_word(&cmd.original, &st.env)
+            .unwrap_or_else(|_| cmd.original.clone()),
+    );
     let progress = st.progress_name(&name);
-
-    // Inputs: the destination state first (scratch for --link), then each distinct source.
-    let mut inputs: Vec<OpId> = Vec::new();
     let base = if link { None } else { st.state };
-    let dest_input: i64 = match base {
-        Some(id) => {
-            inputs.push(id);
-            0
-        }
-        None => -1,
+    let dest_input = if base.is_some() { 0 } else { -1 };
+    let mut op = CopyOp {
+        copy,
+        kind,
+        lines: Lines::of(cmd),
+        progress,
+        dest: dest_path(&st.cwd, &copy.dest),
+        owner: copy.chown.as_deref().and_then(|c| chown_opt(c, dest_input)),
+        chmod,
+        inputs: base.into_iter().collect(),
+        dest_input,
+        planned: Vec::new(),
     };
-    let index_of = |inputs: &mut Vec<OpId>, id: Option<OpId>| -> i64 {
-        match id {
-            None => -1,
-            Some(id) => {
-                let pos = match inputs.iter().position(|i| *i == id) {
-                    Some(p) => p,
-                    None => {
-                        inputs.push(id);
-                        inputs.len() - 1
-                    }
-                };
-                i64::try_from(pos).unwrap_or(i64::MAX)
-            }
-        }
-    };
-    let owner = copy.chown.as_deref().and_then(|c| chown_opt(c, dest_input));
-
-    // (secondary input, copy action) per source.
-    let mut planned: Vec<(i64, pb::FileActionCopy)> = Vec::new();
     for src in &copy.sources {
-        if let Some(git) = GitRef::parse(src) {
-            let (op, caps) = git.source_op(copy.keep_git_dir, copy.checksum.as_deref());
-            let md = metadata(&[("llb.customname", progress.as_str())], &caps);
-            let repo = ops.push(op, Vec::new(), md, Some(lines));
-            let secondary = index_of(&mut inputs, Some(repo));
-            planned.push((
-                secondary,
-                pb::FileActionCopy {
-                    src: "/".to_string(),
-                    dest: dest.clone(),
-                    owner: owner.clone(),
-                    mode,
-                    create_dest_path: true,
-                    timestamp: -1,
-                    mode_str: mode_str.clone(),
-                    ..Default::default()
-                },
-            ));
-            continue;
-        }
-        if is_http(src) {
-            let filename = http_filename(src);
-            let mut attrs = std::collections::BTreeMap::new();
-            if let Some(sum) = &copy.checksum {
-                attrs.insert("http.checksum".to_string(), sum.clone());
-            }
-            attrs.insert("http.filename".to_string(), filename.clone());
-            let mut caps = vec!["source.http"];
-            if copy.checksum.is_some() {
-                caps.push("source.http.checksum");
-            }
-            let http = ops.push(
-                pb::Op {
-                    constraints: Some(pb::WorkerConstraints::default()),
-                    op: Some(pb::op::Op::Source(pb::SourceOp {
-                        identifier: src.clone(),
-                        attrs,
-                    })),
-                    ..Default::default()
-                },
-                Vec::new(),
-                metadata(
-                    &[
-                        ("com.docker.dockerfile.v1.command", ""),
-                        ("llb.customname", progress.as_str()),
-                    ],
-                    &caps,
-                ),
-                Some(lines),
-            );
-            let secondary = index_of(&mut inputs, Some(http));
-            planned.push((
-                secondary,
-                pb::FileActionCopy {
-                    src: clean_path(&filename),
-                    dest: dest.clone(),
-                    owner: owner.clone(),
-                    mode,
-                    create_dest_path: true,
-                    timestamp: -1,
-                    mode_str: mode_str.clone(),
-                    ..Default::default()
-                },
-            ));
-            continue;
-        }
-        let src_state = match source {
-            CopySource::Context => Some(ops.context()),
-            CopySource::State(s) => s,
-        };
-        let secondary = index_of(&mut inputs, src_state);
-        let (src_path, include) = if copy.parents {
-            match src.split_once("/./") {
-                Some((parent, pattern)) => (
-                    clean_path(parent),
-                    vec![clean_path(pattern).trim_start_matches('/').to_string()],
-                ),
-                None => (
-                    "/".to_string(),
-                    vec![clean_path(src).trim_start_matches('/').to_string()],
-                ),
-            }
-        } else {
-            (clean_path(src), Vec::new())
-        };
-        planned.push((
-            secondary,
-            pb::FileActionCopy {
-                src: src_path,
-                dest: dest.clone(),
-                owner: owner.clone(),
-                mode,
-                follow_symlink: true,
-                dir_copy_contents: true,
-                attempt_unpack_docker_compatibility: is_add && copy.unpack != Some(false),
-                create_dest_path: true,
-                allow_wildcard: true,
-                allow_empty_wildcard: true,
-                timestamp: -1,
-                include_patterns: include,
-                exclude_patterns: copy.exclude.clone(),
-                mode_str: mode_str.clone(),
-                ..Default::default()
-            },
-        ));
-        match source {
-            CopySource::Context => {
-                ctx_paths.insert(clean_path(src));
-            }
-            CopySource::State(_) => {}
+        match GitRef::parse(src) {
+            Some(git) => op.plan_git(&mut cx.ops, &git),
+            None if is_http(src) => op.plan_http(&mut cx.ops, src),
+            None => op.plan_local(cx, src, source),
         }
     }
     let heredoc_lex = Lex::new('\\').skip_quotes(true);
@@ -287,100 +390,54 @@ pub(crate) fn dispatch(
         if doc.expand {
             data = heredoc_lex
                 .process_word(&data, &st.env)
-                .map_err(|e| Error::Expand { line, source: e })?;
+                .map_err(|source| Error::Expand { line, source })?;
         }
-        let path = clean_path(&doc.name);
-        let file = ops.push(
-            file_op(vec![pb::FileAction {
-                input: -1,
-                secondary_input: -1,
-                output: 0,
-                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                    path: path.clone(),
-                    mode: 0o644,
-                    data: data.into_bytes(),
-                    owner: None,
-                    timestamp: -1,
-                })),
-            }]),
-            Vec::new(),
-            metadata(
-                &[("llb.customname", "[internal] preparing inline document")],
-                &["file.base"],
-            ),
-            Some(lines),
-        );
-        let secondary = index_of(&mut inputs, Some(file));
-        planned.push((
-            secondary,
-            pb::FileActionCopy {
-                src: path,
-                dest: dest.clone(),
-                owner: owner.clone(),
-                mode,
-                create_dest_path: true,
-                timestamp: -1,
-                mode_str: mode_str.clone(),
-                ..Default::default()
-            },
-        ));
+        op.plan_heredoc(&mut cx.ops, doc, data);
     }
-    if planned.is_empty() {
-        return Err(invalid(format!("{kw} requires at least two arguments")));
+    if op.planned.is_empty() {
+        return Err(invalid(format!(
+            "{} requires at least two arguments",
+            kind.keyword()
+        )));
     }
+    st.state = Some(if link {
+        link_onto(&mut cx.ops, st, op, &name)
+    } else {
+        op.file_op(&mut cx.ops, None)
+    });
+    st.commit(history(copy, kind), true);
+    Ok(())
+}
 
-    let n_inputs = i64::try_from(inputs.len()).unwrap_or(i64::MAX);
-    let last = planned.len() - 1;
-    let actions = planned
-        .into_iter()
-        .enumerate()
-        .map(|(k, (secondary, action))| pb::FileAction {
-            input: if k == 0 {
-                dest_input
-            } else {
-                n_inputs + i64::try_from(k - 1).unwrap_or(0)
-            },
-            secondary_input: secondary,
-            output: if k == last { 0 } else { -1 },
-            action: Some(pb::file_action::Action::Copy(action)),
-        })
-        .collect();
-
-    let mut file_md = metadata(&[("llb.customname", progress.as_str())], &["file.base"]);
-    if link {
-        file_md.progress_group = Some(pb::ProgressGroup {
-            id: format!("link-{}-{}", lines.0, st.cmd_index),
-            name: progress.clone(),
-            weak: true,
-        });
-    }
-    let id = ops.push(file_op(actions), inputs, file_md, Some(lines));
-    st.state = match (link, st.state) {
-        (true, Some(base)) => {
-            let link_name = st.progress_name_again(&format!("LINK {name}"));
-            let mut md = metadata(&[("llb.customname", link_name.as_str())], &["mergeop"]);
-            md.progress_group = Some(pb::ProgressGroup {
-                id: format!("link-{}-{}", lines.0, st.cmd_index),
-                name: progress.clone(),
-                weak: false,
-            });
-            Some(ops.push(
-                pb::Op {
-                    constraints: Some(pb::WorkerConstraints::default()),
-                    op: Some(pb::op::Op::Merge(pb::MergeOp {
-                        inputs: vec![pb::MergeInput { input: 0 }, pb::MergeInput { input: 1 }],
-                    })),
-                    ..Default::default()
-                },
-                vec![base, id],
-                md,
-                Some(lines),
-            ))
-        }
-        _ => Some(id),
+/// `COPY --link`: the files are copied onto scratch and merged onto the stage.
+fn link_onto(ops: &mut Ops, st: &StageState, op: CopyOp, name: &str) -> OpId {
+    let lines = op.lines;
+    let group = |weak| pb::ProgressGroup {
+        id: format!("link-{}-{}", lines.start, st.cmd_index),
+        name: op.progress.clone(),
+        weak,
     };
+    let (copy_group, merge_group) = (group(true), group(false));
+    let copied = op.file_op(ops, Some(copy_group));
+    let Some(base) = st.state else {
+        return copied;
+    };
+    let link_name = st.progress_name_again(&format!("LINK {name}"));
+    let mut md = metadata(&[("llb.customname", link_name.as_str())], &["mergeop"]);
+    md.progress_group = Some(merge_group);
+    let merge = pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::Merge(pb::MergeOp {
+            inputs: vec![pb::MergeInput { input: 0 }, pb::MergeInput { input: 1 }],
+        })),
+        ..Default::default()
+    };
+    ops.push(merge, vec![base, copied], md, Some(lines))
+}
 
-    let mut msg = kw.to_string();
+/// The history entry of a COPY/ADD (`COPY --chown=1:1 a b /dst`).
+fn history(copy: &Copy, kind: CopyKind) -> String {
+    let mut msg = kind.keyword().to_string();
     if copy.parents {
         msg.push_str(" --parents");
     }
@@ -399,66 +456,46 @@ pub(crate) fn dispatch(
     }
     msg.push(' ');
     msg.push_str(&copy.dest);
-    st.commit(msg, true);
-    Ok(())
+    msg
 }
 
 /// WORKDIR: set the dir and create it (mkdir -p, owned by USER when set).
-pub(crate) fn workdir(
-    ops: &mut Ops,
-    lex: &Lex,
-    st: &mut StageState,
-    path: &str,
-    cmd: &Command,
-) -> Result<(), Error> {
+pub(crate) fn workdir(cx: &mut DispatchContext, st: &mut StageState, cmd: &Command, path: &str) {
     let wd = normalize_workdir(&st.cwd, path);
     st.cwd = wd.clone();
     st.image.config.working_dir = wd.clone();
     if wd == "/" {
         st.commit_empty(format!("WORKDIR {wd}"));
-        return Ok(());
+        return;
     }
-    let mut inputs = Vec::new();
-    let input = match st.state {
-        Some(id) => {
-            inputs.push(id);
-            0
-        }
-        None => -1,
-    };
+    let inputs: Vec<OpId> = st.state.into_iter().collect();
+    let input = if inputs.is_empty() { -1 } else { 0 };
     let owner = chown_opt(&st.user.clone(), input);
-    let name_text = lex
+    let name_text = cx
+        .lex
         .process_word(&cmd.original, &st.env)
         .unwrap_or_else(|_| cmd.original.clone());
     let progress = st.progress_name(&uppercase_cmd(&name_text));
-    let id = ops.push(
-        pb::Op {
-            constraints: Some(pb::WorkerConstraints::default()),
-            op: Some(pb::op::Op::File(pb::FileOp {
-                actions: vec![pb::FileAction {
-                    input,
-                    secondary_input: -1,
-                    output: 0,
-                    action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
-                        path: wd.clone(),
-                        mode: 0o755,
-                        make_parents: true,
-                        owner,
-                        timestamp: -1,
-                    })),
-                }],
-            })),
-            ..Default::default()
-        },
-        inputs,
-        metadata(&[("llb.customname", progress.as_str())], &["file.base"]),
-        Some((cmd.location.start_line, cmd.location.end_line)),
-    );
+    let mkdir = pb::FileAction {
+        input,
+        secondary_input: -1,
+        output: 0,
+        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+            path: wd.clone(),
+            mode: 0o755,
+            make_parents: true,
+            owner,
+            timestamp: -1,
+        })),
+    };
+    let md = metadata(&[("llb.customname", progress.as_str())], &["file.base"]);
+    let id = cx
+        .ops
+        .push(file_op(vec![mkdir]), inputs, md, Some(Lines::of(cmd)));
     st.state = Some(id);
     st.commit(format!("WORKDIR {wd}"), false);
     // WORKDIR adds a layer but BuildKit records it without the " # buildkit" suffix.
     if let Some(h) = st.image.history.last_mut() {
         h.empty_layer = None;
     }
-    Ok(())
 }

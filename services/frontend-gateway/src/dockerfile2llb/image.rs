@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use kiln_dockerfile::{CommandLine, Healthcheck, KeyValue};
 use kiln_oci::EmptyObject;
 
+use super::Error;
 use super::stage::{StageState, go_quote_list};
 
 /// What went wrong, for [`super::Error::InvalidInstruction`].
@@ -180,81 +181,6 @@ pub(crate) fn maintainer(st: &mut StageState, who: &str) {
     st.commit_empty(format!("MAINTAINER {who}"));
 }
 
-/// Go duration strings (`30s`, `1m30s`, `500ms`) in nanoseconds.
-pub(crate) fn parse_duration(s: &str) -> Result<i64, Reason> {
-    let bad = || format!("invalid duration {s:?}");
-    if s == "0" {
-        return Ok(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_end] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total += n * mult;
-        rest = &rest[unit_end..];
-    }
-    Ok(total as i64)
-}
-
-/// Go's `time.Duration.String()`.
-pub(crate) fn go_duration(ns: i64) -> String {
-    if ns == 0 {
-        return "0s".to_string();
-    }
-    let neg = ns < 0;
-    let u = ns.unsigned_abs();
-    let frac = |v: u64, unit: u64| -> String {
-        let whole = v / unit;
-        let rest = v % unit;
-        if rest == 0 {
-            return whole.to_string();
-        }
-        let digits = unit.to_string().len() - 1;
-        let f = format!("{rest:0digits$}");
-        format!("{whole}.{}", f.trim_end_matches('0'))
-    };
-    let out = if u < 1_000 {
-        format!("{u}ns")
-    } else if u < 1_000_000 {
-        format!("{}\u{b5}s", frac(u, 1_000))
-    } else if u < 1_000_000_000 {
-        format!("{}ms", frac(u, 1_000_000))
-    } else {
-        let h = u / 3_600_000_000_000;
-        let m = (u / 60_000_000_000) % 60;
-        let sec = u % 60_000_000_000;
-        let mut out = String::new();
-        if h > 0 {
-            out.push_str(&format!("{h}h"));
-        }
-        if h > 0 || m > 0 {
-            out.push_str(&format!("{m}m"));
-        }
-        out.push_str(&format!("{}s", frac(sec, 1_000_000_000)));
-        out
-    };
-    if neg { format!("-{out}") } else { out }
-}
-
 /// Go's `%q` of an integer: a quoted rune literal.
 fn go_quote_rune(n: u32) -> String {
     let body = match char::from_u32(n) {
@@ -274,27 +200,50 @@ fn go_quote_rune(n: u32) -> String {
     format!("'{body}'")
 }
 
-pub(crate) fn healthcheck(st: &mut StageState, hc: &Healthcheck) -> Result<(), Reason> {
+/// A HEALTHCHECK duration flag in nanoseconds (0 when not given).
+fn healthcheck_duration(
+    value: Option<&str>,
+    flag: &'static str,
+    key: &str,
+    line: usize,
+) -> Result<i64, Error> {
+    let Some(value) = value else {
+        return Ok(0);
+    };
+    let ns = kiln_units::parse_go_duration(value)
+        .map_err(|source| Error::InvalidHealthcheckDuration { line, flag, source })?;
+    if ns < 0 {
+        return Err(Error::InvalidInstruction {
+            line,
+            instruction: "HEALTHCHECK".to_string(),
+            reason: format!("{key} in HEALTHCHECK cannot be negative"),
+        });
+    }
+    if ns != 0 && ns < 1_000_000 {
+        return Err(Error::InvalidInstruction {
+            line,
+            instruction: "HEALTHCHECK".to_string(),
+            reason: format!("{key} in HEALTHCHECK cannot be less than 1ms"),
+        });
+    }
+    Ok(ns)
+}
+
+pub(crate) fn healthcheck(st: &mut StageState, hc: &Healthcheck, line: usize) -> Result<(), Error> {
     let mut obj = serde_json::Map::new();
     obj.insert("Test".to_string(), serde_json::json!(hc.test));
     let mut durations = Vec::new();
-    for (key, value) in [
-        ("Interval", &hc.interval),
-        ("Timeout", &hc.timeout),
-        ("StartPeriod", &hc.start_period),
-        ("StartInterval", &hc.start_interval),
+    for (flag, key, value) in [
+        ("interval", "Interval", &hc.interval),
+        ("timeout", "Timeout", &hc.timeout),
+        ("start-period", "StartPeriod", &hc.start_period),
+        ("start-interval", "StartInterval", &hc.start_interval),
     ] {
-        let ns = match value {
-            Some(v) => parse_duration(v)?,
-            None => 0,
-        };
-        if ns != 0 && ns < 1_000_000 {
-            return Err(format!("{key} in HEALTHCHECK cannot be less than 1ms"));
-        }
+        let ns = healthcheck_duration(value.as_deref(), flag, key, line)?;
         if ns != 0 {
             obj.insert(key.to_string(), serde_json::json!(ns));
         }
-        durations.push(format!("\"{}\"", go_duration(ns)));
+        durations.push(format!("\"{}\"", kiln_units::format_go_duration(ns)));
     }
     if let Some(r) = hc.retries.filter(|r| *r > 0) {
         obj.insert("Retries".to_string(), serde_json::json!(r));
@@ -320,18 +269,18 @@ pub(crate) fn onbuild(st: &mut StageState, expression: &str) {
 /// `|N K=V ... args` as BuildKit's runCommandString.
 pub(crate) fn run_command_string(st: &StageState, args: &[String]) -> String {
     let mut pairs: Vec<(String, String)> = Vec::new();
-    for (key, value) in &st.build_args {
+    for arg in &st.build_args {
         let v = st
             .env
             .iter()
             .rev()
-            .find(|(k, _)| k == key)
+            .find(|(k, _)| *k == arg.key)
             .map(|(_, v)| v.clone())
-            .or_else(|| value.clone())
+            .or_else(|| arg.value.clone())
             .unwrap_or_default();
-        match pairs.iter_mut().find(|(k, _)| k == key) {
-            Some(p) => p.1 = v,
-            None => pairs.push((key.clone(), v)),
+        match pairs.iter_mut().find(|(k, _)| *k == arg.key) {
+            Some((_, value)) => *value = v,
+            None => pairs.push((arg.key.clone(), v)),
         }
     }
     let mut parts: Vec<String> = Vec::new();
@@ -363,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn signals_and_durations() {
+    fn signals_and_runes() {
         assert!(
             valid_signal("SIGTERM")
                 && valid_signal("term")
@@ -371,23 +320,6 @@ mod tests {
                 && valid_signal("SIGRTMIN+3")
         );
         assert!(!valid_signal("SIGFOO") && !valid_signal("0") && !valid_signal(""));
-        assert_eq!(parse_duration("30s"), Ok(30_000_000_000));
-        assert_eq!(parse_duration("1m30s"), Ok(90_000_000_000));
-        assert_eq!(parse_duration("500ms"), Ok(500_000_000));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("").is_err());
-        for (ns, want) in [
-            (0, "0s"),
-            (30_000_000_000, "30s"),
-            (90_000_000_000, "1m30s"),
-            (3_600_000_000_000, "1h0m0s"),
-            (1_500_000_000, "1.5s"),
-            (500_000_000, "500ms"),
-            (1_500, "1.5\u{b5}s"),
-            (7, "7ns"),
-        ] {
-            assert_eq!(go_duration(ns), want);
-        }
         assert_eq!(go_quote_rune(3), "'\\x03'");
         assert_eq!(go_quote_rune(65), "'A'");
     }

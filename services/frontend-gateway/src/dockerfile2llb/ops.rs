@@ -12,6 +12,42 @@ use kiln_llb::{DefinitionBuilder, pb};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct OpId(usize);
 
+/// The Dockerfile lines (1-based, inclusive) an op comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lines {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Lines {
+    /// The lines as a source map range (whole lines: character 0).
+    pub(crate) fn range(self) -> pb::Range {
+        let position = |line: usize| pb::Position {
+            line: i32::try_from(line).unwrap_or(i32::MAX),
+            character: 0,
+        };
+        pb::Range {
+            start: Some(position(self.start)),
+            end: Some(position(self.end)),
+        }
+    }
+
+    pub(crate) fn one(line: usize) -> Lines {
+        Lines {
+            start: line,
+            end: line,
+        }
+    }
+
+    /// The lines of an instruction, continuations and heredocs included.
+    pub(crate) fn of(cmd: &kiln_dockerfile::Command) -> Lines {
+        Lines {
+            start: cmd.location.start_line,
+            end: cmd.location.end_line,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Kind {
     Op(Box<pb::Op>),
@@ -24,8 +60,7 @@ struct Node {
     kind: Kind,
     inputs: Vec<OpId>,
     metadata: pb::OpMetadata,
-    /// Dockerfile lines (start, end) the op comes from.
-    lines: Option<(usize, usize)>,
+    lines: Option<Lines>,
 }
 
 /// What the build context source needs to know.
@@ -62,7 +97,7 @@ impl Ops {
         op: pb::Op,
         inputs: Vec<OpId>,
         metadata: pb::OpMetadata,
-        lines: Option<(usize, usize)>,
+        lines: Option<Lines>,
     ) -> OpId {
         self.nodes.push(Node {
             kind: Kind::Op(Box::new(op)),
@@ -217,18 +252,9 @@ impl Ops {
             let meta_from = last_meta.get(&dgst).copied().unwrap_or(id);
             let metadata = self.nodes[meta_from].metadata.clone();
             let locations = match self.nodes[id].lines {
-                Some((start, end)) => vec![pb::Location {
+                Some(lines) => vec![pb::Location {
                     source_index,
-                    ranges: vec![pb::Range {
-                        start: Some(pb::Position {
-                            line: i32::try_from(start).unwrap_or(i32::MAX),
-                            character: 0,
-                        }),
-                        end: Some(pb::Position {
-                            line: i32::try_from(end).unwrap_or(i32::MAX),
-                            character: 0,
-                        }),
-                    }],
+                    ranges: vec![lines.range()],
                 }],
                 None => Vec::new(),
             };

@@ -2,27 +2,28 @@
 //! `docker.io/library/busybox:latest`), as `reference.ParseNormalizedNamed`
 //! followed by `TagNameOnly` does it in BuildKit.
 
-/// Normalises `s`; the error is a reason for an invalid reference.
-pub(crate) fn normalize(s: &str) -> Result<String, String> {
+/// Why a reference is not a valid image name (distribution/reference's wording).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("invalid reference format")]
+    InvalidFormat,
+    #[error("invalid reference format: invalid digest")]
+    InvalidDigest,
+    #[error("invalid reference format: repository name must be lowercase")]
+    Uppercase,
+}
+
+/// Normalises `s` (`busybox` -> `docker.io/library/busybox:latest`).
+pub(crate) fn normalize(s: &str) -> Result<String, ReferenceError> {
     if s.is_empty() {
-        return Err("invalid reference format".to_string());
+        return Err(ReferenceError::InvalidFormat);
     }
     let (name_tag, digest) = match s.split_once('@') {
         Some((n, d)) => (n, Some(d)),
         None => (s, None),
     };
-    if let Some(d) = digest {
-        let valid = d.split_once(':').is_some_and(|(alg, hex)| {
-            !alg.is_empty()
-                && alg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c))
-                && hex.len() >= 32
-                && hex.chars().all(|c| c.is_ascii_hexdigit())
-        });
-        if !valid {
-            return Err("invalid reference format: invalid digest".to_string());
-        }
+    if digest.is_some_and(|d| kiln_digest::hex_part(d).is_none()) {
+        return Err(ReferenceError::InvalidDigest);
     }
     let last_slash = name_tag.rfind('/').map_or(0, |p| p + 1);
     let (name, tag) = match name_tag[last_slash..].rfind(':') {
@@ -43,7 +44,7 @@ pub(crate) fn normalize(s: &str) -> Result<String, String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !ok {
-            return Err("invalid reference format".to_string());
+            return Err(ReferenceError::InvalidFormat);
         }
     }
     let (domain, path) = match name.split_once('/') {
@@ -66,11 +67,11 @@ pub(crate) fn normalize(s: &str) -> Result<String, String> {
         path
     };
     if path.is_empty() {
-        return Err("invalid reference format".to_string());
+        return Err(ReferenceError::InvalidFormat);
     }
     for component in path.split('/') {
         if component.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err("invalid reference format: repository name must be lowercase".to_string());
+            return Err(ReferenceError::Uppercase);
         }
         let ok = !component.is_empty()
             && component
@@ -85,7 +86,7 @@ pub(crate) fn normalize(s: &str) -> Result<String, String> {
                 .last()
                 .is_some_and(|c| c.is_ascii_alphanumeric());
         if !ok {
-            return Err("invalid reference format".to_string());
+            return Err(ReferenceError::InvalidFormat);
         }
     }
     let mut out = format!("{domain}/{path}");
@@ -111,7 +112,7 @@ mod tests {
     #[test]
     fn normalize_table() {
         let d = "sha256:53ac7b30790c6a5d02bdec3263363b09b0a3ed2102917dbc2f97a1b2e98143e9";
-        let cases: Vec<(String, Result<String, String>)> = vec![
+        let cases: Vec<(String, Result<String, ReferenceError>)> = vec![
             (
                 "busybox".into(),
                 Ok("docker.io/library/busybox:latest".into()),
@@ -147,17 +148,21 @@ mod tests {
                 format!("busybox:1@{d}"),
                 Ok(format!("docker.io/library/busybox:1@{d}")),
             ),
-            (
-                "BusyBox".into(),
-                Err("invalid reference format: repository name must be lowercase".into()),
-            ),
-            ("busybox:".into(), Err("invalid reference format".into())),
+            ("BusyBox".into(), Err(ReferenceError::Uppercase)),
+            ("busybox:".into(), Err(ReferenceError::InvalidFormat)),
             (
                 "busybox@sha256:xyz".into(),
-                Err("invalid reference format: invalid digest".into()),
+                Err(ReferenceError::InvalidDigest),
             ),
-            ("".into(), Err("invalid reference format".into())),
-            ("a//b".into(), Err("invalid reference format".into())),
+            (
+                format!(
+                    "busybox@{}",
+                    d.to_ascii_uppercase().replace("SHA256", "sha256")
+                ),
+                Err(ReferenceError::InvalidDigest),
+            ),
+            ("".into(), Err(ReferenceError::InvalidFormat)),
+            ("a//b".into(), Err(ReferenceError::InvalidFormat)),
         ];
         for (input, want) in cases {
             assert_eq!(normalize(&input), want, "input {input:?}");

@@ -1,15 +1,15 @@
 //! RUN -> ExecOp (root mount on the stage state, env/cwd/user from the stage).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use kiln_dockerfile::{Command, CommandLine, Lex, Run, parse_mount};
+use kiln_dockerfile::{Command, CommandLine, Heredoc, Run, RunMount, parse_mount};
 use kiln_llb::pb;
 
 use super::copy::CopySource;
-use super::mount::{self, ExecMounts};
-
+use super::dispatch::DispatchContext;
 use super::image::{run_command_string, with_shell};
-use super::ops::{Ops, metadata};
+use super::mount::{ExecMounts, InputMount};
+use super::ops::{Lines, Ops, metadata};
 use super::stage::StageState;
 use super::{Error, line_of};
 
@@ -59,116 +59,115 @@ pub(crate) fn proxy_env(build_args: &BTreeMap<String, String>) -> Option<pb::Pro
     any.then_some(pe)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dispatch(
-    ops: &mut Ops,
-    lex: &Lex,
-    st: &mut StageState,
+/// `--network` and `--security` of a RUN.
+struct Modes {
+    network: pb::NetMode,
+    security: pb::SecurityMode,
+}
+
+impl Modes {
+    fn of(run: &Run, line: usize) -> Result<Modes, Error> {
+        let invalid = |reason: String| Error::InvalidInstruction {
+            line,
+            instruction: "RUN".to_string(),
+            reason,
+        };
+        let network = match run.network.as_deref() {
+            None | Some("default") => pb::NetMode::Unset,
+            Some("none") => pb::NetMode::None,
+            Some("host") => pb::NetMode::Host,
+            Some(other) => return Err(invalid(format!("unsupported network mode {other:?}"))),
+        };
+        let security = match run.security.as_deref() {
+            None | Some("sandbox") => pb::SecurityMode::Sandbox,
+            Some("insecure") => pb::SecurityMode::Insecure,
+            Some(other) => return Err(invalid(format!("unsupported security mode {other:?}"))),
+        };
+        Ok(Modes { network, security })
+    }
+
+    /// The caps an exec with these modes needs beyond the base ones.
+    fn caps(&self) -> impl Iterator<Item = &'static str> {
+        let network = (self.network != pb::NetMode::Unset).then_some("exec.meta.network");
+        let security = (self.security != pb::SecurityMode::Sandbox).then_some("exec.meta.security");
+        network.into_iter().chain(security)
+    }
+}
+
+/// The `--mount`s of a RUN, expanded and parsed.
+fn mount_specs(
+    cx: &DispatchContext,
+    st: &StageState,
     run: &Run,
-    sources: &[CopySource],
-    ctx_paths: &mut BTreeSet<String>,
-    proxy_env: Option<pb::ProxyEnv>,
-    cmd: &Command,
-) -> Result<(), Error> {
-    let line = line_of(cmd);
-    let lines = (cmd.location.start_line, cmd.location.end_line);
+    line: usize,
+) -> Result<Vec<RunMount>, Error> {
     let mut specs = Vec::new();
     for raw in &run.mounts {
-        let expanded = lex
+        let expanded = cx
+            .lex
             .process_word(raw, &st.env)
-            .map_err(|e| Error::Expand { line, source: e })?;
-        specs.push(
-            parse_mount(&expanded).map_err(|reason| Error::InvalidInstruction {
-                line,
-                instruction: "RUN".to_string(),
-                reason,
-            })?,
-        );
+            .map_err(|source| Error::Expand { line, source })?;
+        specs.push(parse_mount(&expanded).map_err(|source| Error::InvalidMount { line, source })?);
     }
-    if !run.devices.is_empty() {
-        return Err(Error::Unsupported {
-            line,
-            feature: "RUN --device".to_string(),
-        });
-    }
-    let network = match run.network.as_deref() {
-        None | Some("default") => pb::NetMode::Unset,
-        Some("none") => pb::NetMode::None,
-        Some("host") => pb::NetMode::Host,
-        Some(other) => {
-            return Err(Error::InvalidInstruction {
-                line,
-                instruction: "RUN".to_string(),
-                reason: format!("unsupported network mode {other:?}"),
-            });
-        }
-    };
-    let security = match run.security.as_deref() {
-        None | Some("sandbox") => pb::SecurityMode::Sandbox,
-        Some("insecure") => pb::SecurityMode::Insecure,
-        Some(other) => {
-            return Err(Error::InvalidInstruction {
-                line,
-                instruction: "RUN".to_string(),
-                reason: format!("unsupported security mode {other:?}"),
-            });
-        }
-    };
+    Ok(specs)
+}
 
-    let mut customname = cmd.original.clone();
-    let mut mounts = ExecMounts::default();
-    mounts.ordinary.push((
-        pb::Mount {
-            dest: "/".to_string(),
-            output: 0,
+/// A heredoc script with a shebang: made as a file, mounted at `/dev/pipes/`.
+fn heredoc_script(ops: &mut Ops, doc: &Heredoc, data: String, lines: Lines) -> InputMount {
+    let mkfile = pb::FileAction {
+        input: -1,
+        secondary_input: -1,
+        output: 0,
+        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+            path: format!("/{}", doc.name),
+            mode: 0o755,
+            data: data.into_bytes(),
+            owner: None,
+            timestamp: -1,
+        })),
+    };
+    let op = pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::File(pb::FileOp {
+            actions: vec![mkfile],
+        })),
+        ..Default::default()
+    };
+    let md = metadata(
+        &[("llb.customname", "[internal] preparing inline document")],
+        &["file.base"],
+    );
+    let file = ops.push(op, Vec::new(), md, Some(lines));
+    InputMount {
+        mount: pb::Mount {
+            selector: "/".to_string(),
+            dest: "/dev/pipes/".to_string(),
+            output: -1,
+            readonly: true,
             ..Default::default()
         },
-        st.state,
-    ));
-    let args: Vec<String> = match (&run.cmd, run.heredocs.first()) {
+        state: Some(file),
+    }
+}
+
+/// The exec's args, and the progress name's text (the RUN line, with the
+/// first line of a lone heredoc).
+fn args(
+    ops: &mut Ops,
+    st: &StageState,
+    cmd: &Command,
+    run: &Run,
+    mounts: &mut ExecMounts,
+) -> (Vec<String>, String) {
+    let mut customname = cmd.original.clone();
+    let args = match (&run.cmd, run.heredocs.first()) {
         (CommandLine::Shell(s), Some(first)) if is_single_heredoc(s) => {
             customname.push_str(&format!(" ({})", summarize_heredoc(&first.data)));
             let data = first.content();
             if data.starts_with("#!") {
                 // A script with a shebang: mount it and run it.
-                let file = ops.push(
-                    pb::Op {
-                        constraints: Some(pb::WorkerConstraints::default()),
-                        op: Some(pb::op::Op::File(pb::FileOp {
-                            actions: vec![pb::FileAction {
-                                input: -1,
-                                secondary_input: -1,
-                                output: 0,
-                                action: Some(pb::file_action::Action::Mkfile(
-                                    pb::FileActionMkFile {
-                                        path: format!("/{}", first.name),
-                                        mode: 0o755,
-                                        data: data.into_bytes(),
-                                        owner: None,
-                                        timestamp: -1,
-                                    },
-                                )),
-                            }],
-                        })),
-                        ..Default::default()
-                    },
-                    Vec::new(),
-                    metadata(
-                        &[("llb.customname", "[internal] preparing inline document")],
-                        &["file.base"],
-                    ),
-                    Some((cmd.location.start_line, cmd.location.end_line)),
-                );
-                mounts.ordinary.push((
-                    pb::Mount {
-                        selector: "/".to_string(),
-                        dest: "/dev/pipes/".to_string(),
-                        output: -1,
-                        readonly: true,
-                        ..Default::default()
-                    },
-                    Some(file),
-                ));
+                let script = heredoc_script(ops, first, data, Lines::of(cmd));
+                mounts.ordinary.push(script);
                 with_shell(st, &[format!("/dev/pipes/{}", first.name)])
             } else {
                 with_shell(st, &[data])
@@ -186,14 +185,41 @@ pub(crate) fn dispatch(
         (CommandLine::Shell(s), None) => with_shell(st, std::slice::from_ref(s)),
         (CommandLine::Exec(v), _) => v.clone(),
     };
+    (args, customname)
+}
 
-    let name_lex = lex.raw_quotes(true).skip_unset_env(true);
+pub(crate) fn dispatch(
+    cx: &mut DispatchContext,
+    st: &mut StageState,
+    cmd: &Command,
+    run: &Run,
+    sources: &[CopySource],
+) -> Result<(), Error> {
+    let line = line_of(cmd);
+    let specs = mount_specs(cx, st, run, line)?;
+    if !run.devices.is_empty() {
+        return Err(Error::Unsupported {
+            line,
+            feature: "RUN --device".to_string(),
+        });
+    }
+    let modes = Modes::of(run, line)?;
+    let mut mounts = ExecMounts::default();
+    mounts.ordinary.push(InputMount {
+        mount: pb::Mount {
+            dest: "/".to_string(),
+            output: 0,
+            ..Default::default()
+        },
+        state: st.state,
+    });
+    let (args, customname) = args(&mut cx.ops, st, cmd, run, &mut mounts);
+    let name_lex = cx.lex.raw_quotes(true).skip_unset_env(true);
     let expanded = name_lex
         .process_word(&customname, &st.env)
         .unwrap_or(customname);
     let progress = st.progress_name(&uppercase_cmd(&expanded));
-
-    mount::add(ops, st, &specs, sources, ctx_paths, lines, &mut mounts);
+    mounts.add(cx, st, &specs, sources, Lines::of(cmd));
     let mut env = st.env.clone();
     for (k, v) in &mounts.env {
         // an SSH_AUTH_SOCK the Dockerfile sets itself wins
@@ -201,28 +227,13 @@ pub(crate) fn dispatch(
             env.push((k.clone(), v.clone()));
         }
     }
-    let secret_env = std::mem::take(&mut mounts.secret_env);
-    let mount_caps = std::mem::take(&mut mounts.caps);
-    let (inputs, mounts) = mount::layout(mounts);
-    let op = pb::Op {
-        platform: Some(st.pb_platform()),
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::Exec(pb::ExecOp {
-            meta: Some(pb::Meta {
-                args: args.clone(),
-                env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                cwd: st.cwd.clone(),
-                user: st.user.clone(),
-                remove_mount_stubs_recursive: true,
-                proxy_env,
-                ..Default::default()
-            }),
-            mounts,
-            network: network as i32,
-            security: security as i32,
-            secretenv: secret_env,
-            ..Default::default()
-        })),
+    let meta = pb::Meta {
+        args: args.clone(),
+        env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd: st.cwd.clone(),
+        user: st.user.clone(),
+        remove_mount_stubs_recursive: true,
+        proxy_env: proxy_env(&cx.opts.build_args),
         ..Default::default()
     };
     let mut caps = vec![
@@ -230,13 +241,23 @@ pub(crate) fn dispatch(
         "exec.meta.setsdefaultpath",
         "exec.mount.bind",
     ];
-    if network != pb::NetMode::Unset {
-        caps.push("exec.meta.network");
-    }
-    if security != pb::SecurityMode::Sandbox {
-        caps.push("exec.meta.security");
-    }
-    caps.extend(mount_caps);
+    caps.extend(modes.caps());
+    caps.extend(std::mem::take(&mut mounts.caps));
+    let secretenv = std::mem::take(&mut mounts.secret_env);
+    let (inputs, mounts) = mounts.layout();
+    let op = pb::Op {
+        platform: Some(st.pb_platform()),
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::Exec(pb::ExecOp {
+            meta: Some(meta),
+            mounts,
+            network: modes.network as i32,
+            security: modes.security as i32,
+            secretenv,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
     let md = metadata(
         &[
             ("com.docker.dockerfile.v1.command", cmd.original.as_str()),
@@ -244,8 +265,7 @@ pub(crate) fn dispatch(
         ],
         &caps,
     );
-    let id = ops.push(op, inputs, md, Some(lines));
-    st.state = Some(id);
+    st.state = Some(cx.ops.push(op, inputs, md, Some(Lines::of(cmd))));
     let history = format!("RUN {}", run_command_string(st, &args));
     st.commit(history, true);
     Ok(())

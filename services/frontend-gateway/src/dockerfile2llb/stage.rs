@@ -11,6 +11,13 @@ pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub(crate) const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 
+/// An ARG declared in a stage, with its value (None: declared without one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StageArg {
+    pub key: String,
+    pub value: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct StageState {
     /// Name shown in progress (`builder`, `stage-1`), empty for single-stage builds.
@@ -24,7 +31,7 @@ pub(crate) struct StageState {
     pub platform: Platform,
     pub image: ImageConfig,
     /// ARGs declared in this stage (and its base stages), with their values.
-    pub build_args: Vec<(String, Option<String>)>,
+    pub build_args: Vec<StageArg>,
     pub cmd_index: usize,
     pub cmd_total: usize,
     /// A CMD was given in this stage (ENTRYPOINT then keeps it).
@@ -174,19 +181,9 @@ pub(crate) fn empty_image(platform: &Platform) -> ImageConfig {
     img
 }
 
-/// Lexically cleans an absolute slash path (Go's path.Clean for rooted paths).
+/// `p` as an absolute, lexically clean path (`bin/` is `/bin`, `.` is `/`).
 pub(crate) fn clean_path(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in p.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    kiln_dockerfile::clean_path(&format!("/{p}"))
 }
 
 /// WORKDIR semantics: relative paths join onto the current dir.

@@ -39,7 +39,7 @@ impl ImageResolver for FakeResolver {
         &self,
         reference: &str,
         _platform: &kiln_oci::Platform,
-    ) -> impl Future<Output = Result<ResolvedImage, String>> + Send {
+    ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send {
         self.calls
             .lock()
             .expect("calls lock")
@@ -61,7 +61,7 @@ impl ImageResolver for FakeResolver {
                 }
             });
         let reference = reference.to_string();
-        async move { found.ok_or_else(|| format!("{reference}: not found")) }
+        async move { found.ok_or_else(|| format!("{reference}: not found").into()) }
     }
 }
 
@@ -167,7 +167,7 @@ async fn check_fixture(name: &str) {
         .as_str()
         .filter(|p| !p.starts_with("implicit"))
     {
-        opts.platform = parse_platform(p).expect("fixture platform");
+        opts.platform = kiln_oci::Platform::parse(p).expect("fixture platform");
     }
     if let Some(t) = convert_json["target"].as_str() {
         opts.target = Some(t.to_string());
@@ -687,10 +687,11 @@ async fn metadata_instructions() {
     );
 }
 
+/// The error's whole chain, as the gRPC edge sends it.
 async fn err(df: &str) -> String {
     match run(df, &options()).await {
         Ok(_) => panic!("expected an error for {df:?}"),
-        Err(e) => e.to_string(),
+        Err(e) => kiln_proto::status::chain(&e),
     }
 }
 
@@ -746,8 +747,20 @@ async fn errors_name_the_line() {
             "Dockerfile:1: base name ($NOPE) should not be blank",
         ),
         (
-            "FROM --platform=windows busybox\n",
-            "Dockerfile:1: failed to parse platform windows: \"windows\": unknown operating system or architecture",
+            "FROM --platform=nosuchos busybox\n",
+            "Dockerfile:1: failed to parse platform nosuchos: \"nosuchos\": unknown operating system or architecture",
+        ),
+        (
+            "FROM busybox\nHEALTHCHECK --interval=5 CMD true\n",
+            "Dockerfile:2: HEALTHCHECK --interval: missing unit in duration \"5\" (use ns, us, ms, s, m or h)",
+        ),
+        (
+            "FROM busybox\nHEALTHCHECK --timeout=10us CMD true\n",
+            "Dockerfile:2: HEALTHCHECK: Timeout in HEALTHCHECK cannot be less than 1ms",
+        ),
+        (
+            "FROM busybox\nRUN --mount=type=tmpfs,target=/t,size=lots true\n",
+            "Dockerfile:2: RUN: invalid value for size: lots",
         ),
         (
             "FROM Busybox\n",

@@ -10,7 +10,8 @@ use kiln_proto::moby::buildkit::v1::frontend::{
 };
 use tonic::transport::Channel;
 
-use super::convert::{bridge_error, platform_to_pb};
+use super::convert::bridge_error;
+use crate::dockerfile2llb::to_pb_platform;
 use crate::{Bridge, BridgeError, BridgeErrorKind, FrontendOutput, ResolvedConfig};
 
 /// gRPC metadata key carrying the build id on every bridge call.
@@ -167,7 +168,7 @@ impl Bridge for GrpcBridge {
             build_id,
             ResolveImageConfigRequest {
                 r#ref: reference.to_string(),
-                platform: Some(platform_to_pb(platform)),
+                platform: Some(to_pb_platform(platform)),
                 resolve_mode: "default".to_string(),
                 log_name: format!("[internal] load metadata for {reference}"),
                 ..Default::default()
@@ -203,8 +204,17 @@ mod tests {
 
     use super::*;
 
-    /// (method, kiln-build-id header, grpc-timeout header present)
-    type Seen = Arc<Mutex<Vec<(&'static str, Option<String>, bool)>>>;
+    /// A call the fake solver received.
+    #[derive(Debug, PartialEq)]
+    struct SeenCall {
+        method: &'static str,
+        /// The kiln-build-id header.
+        build_id: Option<String>,
+        /// Whether a grpc-timeout header (a deadline) came with it.
+        has_deadline: bool,
+    }
+
+    type Seen = Arc<Mutex<Vec<SeenCall>>>;
 
     struct FakeSolver {
         seen: Seen,
@@ -212,13 +222,17 @@ mod tests {
 
     impl FakeSolver {
         fn record<T>(&self, method: &'static str, req: &Request<T>) {
-            let id = req
+            let build_id = req
                 .metadata()
                 .get(BUILD_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let timeout = req.metadata().get("grpc-timeout").is_some();
-            self.seen.lock().expect("lock").push((method, id, timeout));
+            let has_deadline = req.metadata().get("grpc-timeout").is_some();
+            self.seen.lock().expect("lock").push(SeenCall {
+                method,
+                build_id,
+                has_deadline,
+            });
         }
     }
 
@@ -403,13 +417,17 @@ mod tests {
         assert_eq!(resolved.canonical_ref, "docker.io/library/busybox:latest");
         assert_eq!(resolved.digest, "sha256:abc");
 
-        let id = Some("b-1".to_string());
+        let call = |method, has_deadline| SeenCall {
+            method,
+            build_id: Some("b-1".to_string()),
+            has_deadline,
+        };
         assert_eq!(
             *seen.lock().expect("lock"),
             [
-                ("solve", id.clone(), false),
-                ("read_file", id.clone(), true),
-                ("resolve", id, true)
+                call("solve", false),
+                call("read_file", true),
+                call("resolve", true)
             ]
         );
     }

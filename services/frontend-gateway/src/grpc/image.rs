@@ -12,6 +12,7 @@ use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::moby::buildkit::v1::frontend::{
     self as fe, llb_bridge_client::LlbBridgeClient, result::Result as FeResult,
 };
+use prost::Message as _;
 use tonic::transport::Channel;
 
 use crate::{DOCKERFILE_FRONTEND, FrontendOutput, FrontendRequest, Gateway};
@@ -60,13 +61,18 @@ pub async fn run(channel: Channel, req: FrontendRequest) -> Result<(), tonic::St
     Ok(())
 }
 
+/// The error as the daemon gets it, with the status details (the Dockerfile
+/// location of a conversion error) kept.
 fn error_return(s: tonic::Status) -> fe::ReturnRequest {
+    let details = RpcStatus::decode(s.details())
+        .map(|st| st.details)
+        .unwrap_or_default();
     fe::ReturnRequest {
         result: None,
         error: Some(RpcStatus {
             code: s.code() as i32,
             message: s.message().to_string(),
-            details: vec![],
+            details,
         }),
     }
 }
@@ -114,6 +120,26 @@ async fn solve_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_returned_to_the_daemon_keeps_its_details() {
+        let details = kiln_proto::status::Details {
+            vertex: Some("sha256:abc".into()),
+            sources: Vec::new(),
+        };
+        let status = details.attach(tonic::Status::invalid_argument("Dockerfile:2: RUN"));
+        let ret = error_return(status);
+        let error = ret.error.expect("an error");
+        assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+        assert_eq!(error.message, "Dockerfile:2: RUN");
+        assert_eq!(error.details.len(), 1);
+        assert_eq!(
+            error.details[0].type_url,
+            kiln_proto::status::VERTEX_TYPE_URL
+        );
+        let plain = error_return(tonic::Status::internal("x"));
+        assert!(plain.error.expect("an error").details.is_empty());
+    }
 
     #[test]
     fn options_and_session_come_from_buildkits_environment() {
