@@ -218,6 +218,9 @@ pub struct Dockerfile {
 /// Parses and types a whole Dockerfile. Fails on an empty file (no FROM).
 pub fn parse(src: &str) -> Result<Dockerfile, Error> {
     let ast = parse_ast(src)?;
+    if ast.nodes.is_empty() {
+        return Err(Error::NoInstructions);
+    }
     let mut meta_args = Vec::new();
     let mut stages: Vec<Stage> = Vec::new();
     for node in &ast.nodes {
@@ -612,8 +615,8 @@ fn parse_copy(node: &Node, is_add: bool) -> Result<Copy, Error> {
         return Err(invalid(
             node,
             format!(
-                "{kw} requires at least two arguments, but only {} provided",
-                words.len()
+                "{kw} requires at least two arguments, but only one was provided. \
+                 Destination could not be determined"
             ),
         ));
     }
@@ -1103,11 +1106,11 @@ mod tests {
             ),
             (
                 "COPY a",
-                "ERR Dockerfile:2: COPY: COPY requires at least two arguments, but only 1 provided",
+                "ERR Dockerfile:2: COPY: COPY requires at least two arguments, but only one was provided. Destination could not be determined",
             ),
             (
                 "COPY",
-                "ERR Dockerfile:2: COPY: COPY requires at least two arguments, but only 0 provided",
+                "ERR Dockerfile:2: COPY: COPY requires at least two arguments, but only one was provided. Destination could not be determined",
             ),
             (
                 "COPY <<EOF /etc/x\nk=v\nEOF",
@@ -1310,11 +1313,8 @@ mod tests {
     #[test]
     fn whole_file_errors() {
         let cases: &[(&str, &str)] = &[
-            ("", "dockerfile contains no stages to build"),
-            (
-                "# only comments\n",
-                "dockerfile contains no stages to build",
-            ),
+            ("", "file with no instructions"),
+            ("# only comments\n", "file with no instructions"),
             ("ARG x\n", "dockerfile contains no stages to build"),
             (
                 "RUN x\nFROM a",

@@ -58,6 +58,8 @@ pub enum Error {
     UnterminatedHeredoc { line: usize, delimiter: String },
     #[error("Dockerfile:{line}: no build stage in current context: {instruction} before FROM")]
     InstructionBeforeFrom { line: usize, instruction: String },
+    #[error("file with no instructions")]
+    NoInstructions,
     #[error("dockerfile contains no stages to build")]
     NoStages,
     #[error("failed to process {word:?}: {reason}")]
@@ -74,7 +76,7 @@ impl Error {
             | Error::InvalidDirective { line, .. }
             | Error::UnterminatedHeredoc { line, .. }
             | Error::InstructionBeforeFrom { line, .. } => Some(*line),
-            Error::NoStages | Error::Expand { .. } => None,
+            Error::NoInstructions | Error::NoStages | Error::Expand { .. } => None,
         }
     }
 }

@@ -407,8 +407,8 @@ fn directive_and_stage_table() {
         ("FROM", "ERR FROM"),
         ("FROM a AS", "ERR FROM"),
         ("FROM a b c", "ERR FROM"),
-        ("", "ERR stage"),
-        ("# only a comment", "ERR stage"),
+        ("", "ERR file with no instructions"),
+        ("# only a comment", "ERR file with no instructions"),
         ("ARG A\nRUN x\nFROM a", "ERR before FROM"),
         ("FROM a\r\nRUN x\r\n", "escape=\\ | a"),
     ];

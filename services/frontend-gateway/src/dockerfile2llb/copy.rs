@@ -396,7 +396,8 @@ pub(crate) fn dispatch(
     }
     if op.planned.is_empty() {
         return Err(invalid(format!(
-            "{} requires at least two arguments",
+            "{} requires at least two arguments, but only one was provided. \
+             Destination could not be determined",
             kind.keyword()
         )));
     }

@@ -164,7 +164,7 @@ pub(crate) fn valid_signal(s: &str) -> bool {
 
 pub(crate) fn stop_signal(st: &mut StageState, signal: &str) -> Result<(), Reason> {
     if !valid_signal(signal) {
-        return Err(format!("Invalid signal: {signal}"));
+        return Err(format!("invalid signal: {signal}"));
     }
     st.image.config.stop_signal = Some(signal.to_string());
     st.commit_empty(format!("STOPSIGNAL {signal}"));
