@@ -260,13 +260,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let resp = match result {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            if let Some(src) = s
-                .metadata()
-                .get_bin(ERROR_SOURCE_KEY)
-                .and_then(|v| v.to_bytes().ok())
-            {
-                eprintln!("{}", String::from_utf8_lossy(&src));
-            }
+            print_sources(&s);
             bail!("failed to solve: {}", s.message())
         }
     };
@@ -408,6 +402,21 @@ fn exporters(args: &BuildArgs, att: &mut Attachables) -> anyhow::Result<Vec<Expo
     Ok(exporters)
 }
 
+/// Prints the source lines a failure points at, as buildctl does.
+fn print_sources(status: &tonic::Status) {
+    let mut printed = crate::source::render_all(status);
+    // kilnd before status details: the rendered lines in a trailer
+    if printed.is_empty()
+        && let Some(v) = status.metadata().get_bin(ERROR_SOURCE_KEY)
+        && let Ok(b) = v.to_bytes()
+    {
+        printed.push(String::from_utf8_lossy(&b).to_string());
+    }
+    for s in printed {
+        eprintln!("{s}");
+    }
+}
+
 /// Prints the build's progress until it ends; yields the cache misses seen.
 fn spawn_printer(
     channel: &tonic::transport::Channel,
@@ -467,13 +476,17 @@ async fn solve_with_local_frontend(
         async move { control(&ch).solve(req).await }
     });
     let gw = crate::gateway::Gateway::new(channel.clone(), build_ref);
-    if let Err(e) = gw.run(frontend).await {
-        // the daemon fails the build with the frontend's error; show its source lines here
-        if let Some(src) = e.source_lines() {
-            eprintln!("{src}");
-        }
-    }
+    let frontend_failure = gw.run(frontend).await.err();
     match solve.await {
+        // the daemon fails the build with the frontend's error; where the
+        // build's status lost its source lines, the frontend's still has them
+        Ok(Err(s)) if !s.details().is_empty() => Ok(Err(s)),
+        Ok(Err(s)) => match frontend_failure {
+            Some(f) if !f.0.details().is_empty() => {
+                Ok(Err(kiln_proto::status::Details::of(&f.0).attach(s)))
+            }
+            _ => Ok(Err(s)),
+        },
         Ok(r) => Ok(r),
         Err(e) => bail!("build task: {e}"),
     }

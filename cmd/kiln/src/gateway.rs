@@ -9,12 +9,11 @@ use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::moby::buildkit::v1::frontend::{
     PingRequest, ReturnRequest, SolveRequest, llb_bridge_client::LlbBridgeClient,
 };
+use prost::Message as _;
 use tonic::transport::Channel;
 
 /// gRPC metadata naming the build an LLBBridge call belongs to.
 const BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
-/// gRPC trailer in which kilnd sends the source lines of a failed step.
-const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
 /// The capability of answering a frontend's result with `Return` (older
 /// daemons take it as a `final` Solve instead).
 const CAP_RETURN: &str = "return";
@@ -28,15 +27,6 @@ pub struct Gateway {
 /// Why the frontend failed: the daemon's answer.
 #[derive(Debug)]
 pub struct FrontendError(pub tonic::Status);
-
-impl FrontendError {
-    /// The source lines (e.g. of the Dockerfile) the daemon attached, if any.
-    pub fn source_lines(&self) -> Option<String> {
-        let v = self.0.metadata().get_bin(ERROR_SOURCE_KEY)?;
-        let b = v.to_bytes().ok()?;
-        Some(String::from_utf8_lossy(&b).to_string())
-    }
-}
 
 impl Gateway {
     pub fn new(channel: Channel, build_id: &str) -> Gateway {
@@ -98,10 +88,14 @@ impl Gateway {
             Err(status) => (
                 ReturnRequest {
                     result: None,
+                    // the frontend's own status, details (its Dockerfile
+                    // location) included, as buildctl returns it
                     error: Some(RpcStatus {
                         code: status.code() as i32,
                         message: status.message().to_string(),
-                        details: vec![],
+                        details: RpcStatus::decode(status.details())
+                            .map(|s| s.details)
+                            .unwrap_or_default(),
                     }),
                 },
                 Err(FrontendError(status)),

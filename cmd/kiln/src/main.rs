@@ -6,6 +6,7 @@ mod debug;
 mod du;
 mod gateway;
 mod progress;
+mod source;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
