@@ -9,20 +9,32 @@
 //! It never touches files or registries itself: workers, frontends and the
 //! exporter are peers reached through the small traits in [`peer`], whose
 //! real implementations are gRPC clients (`grpc::client`).
+//!
+//! Where things are: [`solver`] runs builds (frontend, solve, export) and
+//! [`build`] holds one build's state; [`solve`] schedules an LLB graph's
+//! vertices, [`step`] runs one, [`inflight`] shares a running vertex between
+//! builds and [`cache`] holds the result records and how cache keys are made;
+//! [`usage`] and [`gc`] are `du`, prune and GC; [`explain`] says why a step
+//! ran; [`frontend_image`] runs frontend images; [`grpc`] is the wire.
 
 pub mod build;
 pub mod cache;
 pub mod explain;
 pub mod frontend_image;
+pub mod gc;
 pub mod grpc;
 pub mod history;
+pub mod inflight;
 pub mod peer;
 pub mod progress;
 pub mod session;
 pub mod solve;
+pub mod solver;
+pub mod step;
 pub mod usage;
 
-pub use build::{BuildRequest, Solver};
+pub use build::BuildRequest;
+pub use solver::Solver;
 
 use std::time::Duration;
 
@@ -109,6 +121,8 @@ pub enum Error {
     Session(#[from] kiln_session::Error),
     #[error("build cancelled")]
     Cancelled,
+    #[error("cache store task")]
+    StoreTask { source: tokio::task::JoinError },
     #[error("cache store {op}: {source}")]
     CacheStore {
         op: &'static str,
@@ -154,7 +168,9 @@ impl From<Error> for tonic::Status {
             | Error::ClientFrontend { code, .. } => *code,
             Error::Cancelled => tonic::Code::Cancelled,
             Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
-            Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,
+            Error::CacheStore { .. } | Error::CacheRecord { .. } | Error::StoreTask { .. } => {
+                tonic::Code::Internal
+            }
             Error::Resolve { .. } => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
             Error::Container(..) => tonic::Code::NotFound,

@@ -9,8 +9,9 @@
 //! one stream on fd 1) that `Resize` resizes.
 
 use crate::Error;
-use crate::build::{Build, Solver};
+use crate::build::Build;
 use crate::peer::{ExecEvent, ExecInput, ExecSpec, Exporter, Frontend, Worker};
+use crate::solver::Solver;
 use kiln_proto::moby::buildkit::v1::frontend::{self as fe, exec_message::Input as Msg};
 use kiln_proto::pb;
 use std::collections::HashMap;

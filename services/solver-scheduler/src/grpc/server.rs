@@ -2,9 +2,10 @@
 
 use super::{BUILD_ID_KEY, convert};
 use crate::Error;
-use crate::build::{FrontendResult, Solver};
+use crate::build::FrontendResult;
 use crate::peer::{Exporter, Frontend, FsTarget, Worker};
 use crate::session::Session;
+use crate::solver::Solver;
 use crate::usage::Filter;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -1138,7 +1139,7 @@ fn worker_records<W: Worker, F: Frontend, E: Exporter>(
     vec![types::WorkerRecord {
         id: solver.worker.address(),
         labels: [(
-            crate::build::WORKER_EXECUTOR_LABEL.to_string(),
+            crate::solver::WORKER_EXECUTOR_LABEL.to_string(),
             "oci".to_string(),
         )]
         .into(),

@@ -1,5 +1,6 @@
-//! The result cache: which worker refs hold the outputs of a vertex with a
-//! given cache key.
+//! Cache records and their storage: which worker refs hold the outputs of
+//! a vertex with a given cache key, and beside them the build history and
+//! step records (what went into a step's key, for `--explain-cache`).
 //!
 //! A [`CacheRecord`] is one result (a vertex run once). Several cache keys
 //! may lead to it: the definition ("fast") key of the run that produced it,
