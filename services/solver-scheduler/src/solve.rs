@@ -6,6 +6,7 @@
 use crate::Error;
 use crate::build::Build;
 use crate::cache::key::{definition_key, digest_of};
+use crate::inflight::Joined;
 use crate::peer::Worker;
 use crate::progress::now;
 use crate::step::{Done, Failure, Step, is_local_source};
@@ -19,8 +20,6 @@ use std::sync::Arc;
 pub use crate::cache::Cache;
 pub use crate::cache::key::input_selectors;
 pub use crate::step::{EXPLAIN_PREFIX, source_snippet, vertex_name};
-
-type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
 
 /// The exec and file ops whose output (the index given) is a new layer of the
 /// result's image: the result, then each exec's root mount input and each
@@ -93,6 +92,44 @@ fn image_chain(graph: &kiln_llb::Graph) -> HashMap<String, i64> {
     out
 }
 
+/// A step's name as the steps after it name their inputs, and whether it is
+/// a local source.
+#[derive(Clone, Default)]
+struct Label {
+    name: String,
+    local: bool,
+}
+
+/// Where an input of a step came from (cache-miss explanations).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct InputOrigin {
+    /// the name of the step that produced it
+    pub(crate) step: String,
+    /// that step is a local source (its files are listed, not its definition)
+    pub(crate) local: bool,
+    /// that step's first reason for running in this build (none: cached)
+    pub(crate) why: Option<String>,
+}
+
+/// A vertex's output, once its task is done.
+type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
+
+/// What the vertex tasks of one solve share.
+struct GraphRun<W> {
+    worker: Arc<W>,
+    cache: Arc<Cache>,
+    build: Arc<Build>,
+    /// with an image export: the vertices whose output (the index) is a
+    /// layer of the result, computed as soon as its step has run
+    eager: HashMap<String, i64>,
+    /// the definition's source map (snippets are made for the step that
+    /// fails, not ahead for every step)
+    source: Option<pb::Source>,
+    labels: HashMap<String, Label>,
+    /// each vertex's identity across builds (see [`crate::explain::shape`])
+    shapes: HashMap<String, String>,
+}
+
 /// Solves `def` for `build` and returns the worker ref of its result
 /// (empty for scratch).
 pub async fn solve<W: Worker>(
@@ -105,7 +142,48 @@ pub async fn solve<W: Worker>(
     let Some(result) = graph.result.clone() else {
         return Ok(String::new());
     };
-    // the LLB names the session a local source syncs from: only this build's own
+    check_local_sessions(&graph, &build)?;
+    let needed = reachable(&graph, &result.digest);
+    let run = Arc::new(GraphRun::new(worker, cache, build, &graph));
+    // only what the result needs runs; each vertex is a task of its own that awaits
+    // its inputs' tasks, so no poll or drop nests deeper than one level however long
+    // the chain (a 100,000-op chain would otherwise overflow the stack)
+    let mut tasks = AbortOnDrop(Vec::new());
+    let mut futs: HashMap<String, VertexFuture> = HashMap::new();
+    for v in graph.vertices {
+        if !needed.contains(&v.digest) {
+            continue;
+        }
+        let inputs: Vec<(VertexFuture, i64)> =
+            v.op.inputs
+                .iter()
+                .map(|i| {
+                    futs.get(&i.digest)
+                        .cloned()
+                        .map(|f| (f, i.index))
+                        .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
+                })
+                .collect::<Result<_, _>>()?;
+        let digest = v.digest.clone();
+        let task = tokio::spawn(run.clone().vertex(v, inputs));
+        tasks.0.push(task.abort_handle());
+        let fut = async move {
+            task.await
+                .unwrap_or_else(|e| Err(Failure::task_ended("step task", &e)))
+        };
+        futs.insert(digest, fut.boxed().shared());
+    }
+    let fut = futs
+        .get(&result.digest)
+        .cloned()
+        .ok_or_else(|| Error::MissingVertex(result.digest.clone()))?;
+    drop(futs);
+    let done = fut.await.map_err(Error::from)?;
+    Ok(done.output(result.index).r#ref)
+}
+
+/// The LLB names the session a local source syncs from: only this build's own.
+fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Error> {
     for v in &graph.vertices {
         if let Some(OpKind::Source(s)) = &v.op.op
             && is_local_source(&v.op)
@@ -119,184 +197,167 @@ pub async fn solve<W: Worker>(
             });
         }
     }
-    let mut futs: HashMap<String, VertexFuture> = HashMap::new();
-    // with an image export, each layer of the result is computed as soon as
-    // its step has run, alongside the steps after it
-    let eager: Arc<HashMap<String, i64>> = Arc::new(match build.eager_layers {
-        Some(_) => image_chain(&graph),
-        None => HashMap::new(),
-    });
-    // snippets are made for the step that fails, not ahead for every step
-    let source = graph.source.clone().map(Arc::new);
-    let scope = build.scope();
-    let names: HashMap<String, (String, bool)> = graph
-        .vertices
-        .iter()
-        .map(|v| {
-            // a local source is named by its local dir ("context")
-            let name = match &v.op.op {
-                Some(OpKind::Source(s)) if is_local_source(&v.op) => {
-                    s.identifier.trim_start_matches("local://").to_string()
-                }
-                _ => vertex_name(&v.op, &v.metadata),
-            };
-            (v.digest.clone(), (name, is_local_source(&v.op)))
-        })
-        .collect();
-    let shapes: HashMap<String, String> = graph
-        .vertices
-        .iter()
-        .map(|v| {
-            let name = names.get(&v.digest).map(|n| n.0.as_str()).unwrap_or("");
-            (
-                v.digest.clone(),
-                crate::explain::shape(&scope, &graph, &v.digest, &v.op, name),
-            )
-        })
-        .collect();
-    // only what the result needs runs; each vertex is a task of its own that awaits
-    // its inputs' tasks, so no poll or drop nests deeper than one level however long
-    // the chain (a 100,000-op chain would otherwise overflow the stack)
-    let needed = reachable(&graph, &result.digest);
-    let mut tasks = AbortOnDrop(Vec::new());
-    for v in graph.vertices {
-        if !needed.contains(&v.digest) {
-            continue;
-        }
-        let source = source.clone();
-        let shape = shapes.get(&v.digest).cloned().unwrap_or_default();
-        let input_names: Vec<(String, bool)> =
-            v.op.inputs
-                .iter()
-                .map(|i| names.get(&i.digest).cloned().unwrap_or_default())
-                .collect();
-        let inputs: Vec<(VertexFuture, i64)> =
-            v.op.inputs
-                .iter()
-                .map(|i| {
-                    futs.get(&i.digest)
-                        .cloned()
-                        .map(|f| (f, i.index))
-                        .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
-                })
-                .collect::<Result<_, _>>()?;
-        let worker = worker.clone();
-        let cache = cache.clone();
-        let build = build.clone();
-        let vertex_digest = v.digest.clone();
-        let eager = eager.clone();
-        let fut = async move {
-            let layers_of = eager
-                .get(&v.digest)
-                .copied()
-                .zip(build.eager_layers.clone());
-            let layer_worker = worker.clone();
-            let name = vertex_name(&v.op, &v.metadata);
-            let mut done_inputs = Vec::new();
-            let mut input_from = Vec::new();
-            for (r, (from, local)) in futures::future::join_all(inputs.iter().map(|(f, idx)| {
-                let f = f.clone();
-                let idx = *idx;
-                async move { f.await.map(|d| (d.output(idx), d.why.first().cloned())) }
-            }))
-            .await
-            .into_iter()
-            .zip(input_names)
-            {
-                let (out, why) = r?;
-                done_inputs.push(out);
-                input_from.push((from, local, why));
-            }
-            let input_digests: Vec<String> = v.op.inputs.iter().map(|i| i.digest.clone()).collect();
-            let def_key = definition_key(&v.op);
-            let mut parts: Vec<&str> = vec![def_key.as_str()];
-            for (_, key) in &done_inputs {
-                parts.push(key.as_str());
-            }
-            let key = digest_of(&parts);
-            let local = is_local_source(&v.op);
-            let lookup = !v.metadata.ignore_cache && !build.no_cache && !local;
-            let started = now();
-            let mut pv = ProgressVertex {
-                digest: v.digest.clone(),
-                inputs: input_digests,
-                name: name.clone(),
-                started: Some(started),
-                ..Default::default()
-            };
-            let step = Step {
-                worker,
-                cache: cache.clone(),
-                build: build.clone(),
-                digest: v.digest.clone(),
-                op: v.op.clone(),
-                op_bytes: v.bytes.clone(),
-                name: name.clone(),
-                ignore_cache: v.metadata.ignore_cache,
-                lookup,
-                inputs: done_inputs,
-                def_key,
-                key: key.clone(),
-                pv: pv.clone(),
-                shape,
-                input_from,
-            };
-            // identical vertices of concurrent builds run once; vertices
-            // that must not be shared run in this build's own task
-            let crate::inflight::Joined { flight, leader } = if lookup {
-                cache.join(&key, move || step.execute().boxed())
-            } else {
-                cache.join(&format!("unshared:{}", uuid::Uuid::new_v4()), move || {
-                    step.execute().boxed()
-                })
-            };
-            let res = flight.fut.clone().await;
-            pv.completed = Some(now());
-            match res {
-                Ok(o) => {
-                    pv.cached = o.cached || !leader;
-                    let ran = !pv.cached;
-                    build.progress.vertex(pv);
-                    if let Some((index, spec)) = layers_of
-                        && ran
-                    {
-                        let r = o.done.output(index).0;
-                        if !r.is_empty() {
-                            tokio::spawn(async move {
-                                if let Err(e) = layer_worker.prepare_layers(&r, &spec).await {
-                                    tracing::debug!(error = %e, "layers ahead of the export");
-                                }
-                            });
-                        }
+    Ok(())
+}
+
+impl<W: Worker> GraphRun<W> {
+    fn new(worker: Arc<W>, cache: Arc<Cache>, build: Arc<Build>, graph: &kiln_llb::Graph) -> Self {
+        let labels: HashMap<String, Label> = graph
+            .vertices
+            .iter()
+            .map(|v| {
+                let local = is_local_source(&v.op);
+                // a local source is named by its local dir ("context")
+                let name = match &v.op.op {
+                    Some(OpKind::Source(s)) if local => {
+                        s.identifier.trim_start_matches("local://").to_string()
                     }
-                    Ok(o.done)
-                }
-                Err(mut f) => {
-                    pv.error = f.message.clone();
-                    build.progress.vertex(pv);
-                    f.name = name;
-                    f.snippet = source.and_then(|s| source_snippet(&s, &v.digest));
-                    Err(f)
-                }
-            }
+                    _ => vertex_name(&v.op, &v.metadata),
+                };
+                (v.digest.clone(), Label { name, local })
+            })
+            .collect();
+        let scope = build.scope();
+        let shapes = graph
+            .vertices
+            .iter()
+            .map(|v| {
+                let name = labels.get(&v.digest).map(|l| l.name.as_str()).unwrap_or("");
+                let shape = crate::explain::shape(&scope, graph, &v.digest, &v.op, name);
+                (v.digest.clone(), shape)
+            })
+            .collect();
+        let eager = match build.eager_layers {
+            Some(_) => image_chain(graph),
+            None => HashMap::new(),
         };
-        let task = tokio::spawn(fut);
-        tasks.0.push(task.abort_handle());
-        let fut = async move {
-            task.await
-                .unwrap_or_else(|e| Err(Failure::task_ended("step task", &e)))
+        GraphRun {
+            worker,
+            cache,
+            build,
+            eager,
+            source: graph.source.clone(),
+            labels,
+            shapes,
         }
-        .boxed()
-        .shared();
-        futs.insert(vertex_digest, fut);
     }
-    let fut = futs
-        .get(&result.digest)
-        .cloned()
-        .ok_or_else(|| Error::MissingVertex(result.digest.clone()))?;
-    drop(futs);
-    let done = fut.await.map_err(Error::from)?;
-    Ok(done.output(result.index).0)
+
+    /// One vertex, once its inputs are done: looked up or run (shared with
+    /// concurrent builds that need the same key), shown in the build's
+    /// progress, and on failure named with the source lines it came from.
+    async fn vertex(
+        self: Arc<Self>,
+        v: kiln_llb::Vertex,
+        inputs: Vec<(VertexFuture, i64)>,
+    ) -> Result<Arc<Done>, Failure> {
+        let name = vertex_name(&v.op, &v.metadata);
+        let step = self.step(&v, name.clone(), inputs).await?;
+        let mut pv = step.pv.clone();
+        // identical vertices of concurrent builds run once; vertices
+        // that must not be shared run in this build's own task
+        let key = if step.lookup {
+            step.key.clone()
+        } else {
+            format!("unshared:{}", uuid::Uuid::new_v4())
+        };
+        let Joined { flight, leader } = self.cache.join(&key, move || step.execute().boxed());
+        let res = flight.fut.clone().await;
+        pv.completed = Some(now());
+        match res {
+            Ok(o) => {
+                pv.cached = o.cached || !leader;
+                let ran = !pv.cached;
+                self.build.progress.vertex(pv);
+                if ran {
+                    self.prepare_layers(&v.digest, &o.done);
+                }
+                Ok(o.done)
+            }
+            Err(mut f) => {
+                pv.error = f.message.clone();
+                self.build.progress.vertex(pv);
+                f.name = name;
+                f.snippet = self
+                    .source
+                    .as_ref()
+                    .and_then(|s| source_snippet(s, &v.digest));
+                Err(f)
+            }
+        }
+    }
+
+    /// The step of `v` once its inputs are done, with its cache key.
+    async fn step(
+        &self,
+        v: &kiln_llb::Vertex,
+        name: String,
+        inputs: Vec<(VertexFuture, i64)>,
+    ) -> Result<Step<W>, Failure> {
+        let outputs = futures::future::join_all(inputs.into_iter().map(|(f, idx)| async move {
+            f.await.map(|d| (d.output(idx), d.why.first().cloned()))
+        }))
+        .await;
+        let mut done_inputs = Vec::new();
+        let mut input_from = Vec::new();
+        for (r, i) in outputs.into_iter().zip(&v.op.inputs) {
+            let (out, why) = r?;
+            done_inputs.push(out);
+            let label = self.labels.get(&i.digest).cloned().unwrap_or_default();
+            input_from.push(InputOrigin {
+                step: label.name,
+                local: label.local,
+                why,
+            });
+        }
+        let def_key = definition_key(&v.op);
+        let mut parts: Vec<&str> = vec![def_key.as_str()];
+        parts.extend(done_inputs.iter().map(|i| i.key.as_str()));
+        let key = digest_of(&parts);
+        let local = is_local_source(&v.op);
+        let pv = ProgressVertex {
+            digest: v.digest.clone(),
+            inputs: v.op.inputs.iter().map(|i| i.digest.clone()).collect(),
+            name: name.clone(),
+            started: Some(now()),
+            ..Default::default()
+        };
+        Ok(Step {
+            worker: self.worker.clone(),
+            cache: self.cache.clone(),
+            build: self.build.clone(),
+            digest: v.digest.clone(),
+            op: v.op.clone(),
+            op_bytes: v.bytes.clone(),
+            name,
+            ignore_cache: v.metadata.ignore_cache,
+            lookup: !v.metadata.ignore_cache && !self.build.no_cache && !local,
+            inputs: done_inputs,
+            def_key,
+            key,
+            pv,
+            shape: self.shapes.get(&v.digest).cloned().unwrap_or_default(),
+            input_from,
+        })
+    }
+
+    /// With an image export, the layer a step that ran makes is computed
+    /// now, alongside the steps after it. Best effort and not tied to this
+    /// solve: the export, after it, is what uses the layer.
+    fn prepare_layers(&self, digest: &str, done: &Done) {
+        let (Some(index), Some(spec)) = (self.eager.get(digest), &self.build.eager_layers) else {
+            return;
+        };
+        let r = done.output(*index).r#ref;
+        if r.is_empty() {
+            return;
+        }
+        let (worker, spec) = (self.worker.clone(), spec.clone());
+        tokio::spawn(async move {
+            if let Err(e) = worker.prepare_layers(&r, &spec).await {
+                tracing::debug!(error = %e, "layers ahead of the export");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -180,20 +180,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         req: &BuildRequest,
         returned: Option<Returned>,
     ) -> Result<BTreeMap<String, String>, Error> {
-        // steps are recorded per project: the client's session key (its
-        // context dir), the target and the Dockerfile name
-        let shared_key = if req.session_id.is_empty() {
-            String::new()
-        } else {
-            self.sessions
-                .get(&req.session_id, Duration::from_secs(1))
-                .await
-                .map(|s| s.shared_key)
-                .unwrap_or_default()
-        };
-        if let Ok(mut k) = build.shared_key.lock() {
-            k.clone_from(&shared_key);
-        }
+        self.set_scope(build, req).await;
         for c in &req.cache {
             build.progress.warn(&format!(
                 "kiln does not import or export build cache yet: {c} is ignored"
@@ -208,19 +195,56 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 "kiln does not make attestations yet: {k} is ignored"
             ));
         }
+        let result = match returned {
+            // the client runs the frontend and hands its result over through LLBBridge
+            Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
+            None => self.frontend_result(build, req).await?,
+        };
+        let solved = self.solve_result(build, result).await?;
+        let mut response = BTreeMap::new();
+        // one build time for every output, so a build gives one image digest
+        let build_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for (i, exp) in req.exporters.iter().enumerate() {
+            let attrs = exporter_attrs(&exp.attrs, &req.frontend_attrs, build_time);
+            response.extend(self.export(build, req, &solved, i, attrs).await?);
+        }
+        Ok(response)
+    }
+
+    /// Records steps per project: the client's session key (its context
+    /// dir), the target and the Dockerfile name.
+    async fn set_scope(&self, build: &Build, req: &BuildRequest) {
+        let shared_key = if req.session_id.is_empty() {
+            String::new()
+        } else {
+            self.sessions
+                .get(&req.session_id, Duration::from_secs(1))
+                .await
+                .map(|s| s.shared_key)
+                .unwrap_or_default()
+        };
+        if let Ok(mut k) = build.shared_key.lock() {
+            k.clone_from(&shared_key);
+        }
         let attr = |k: &str| req.frontend_attrs.get(k).cloned().unwrap_or_default();
         build.set_scope(format!(
             "{shared_key}\0{}\0{}",
             attr("target"),
             attr("filename")
         ));
-        let result = match returned {
-            // the client runs the frontend and hands its result over through LLBBridge
-            Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
-            None => self.frontend_result(build, req).await?,
-        };
+    }
+
+    /// The frontend's result solved: its single ref, or every platform of a
+    /// multi-platform result (together), with their image configs.
+    async fn solve_result(
+        &self,
+        build: &Arc<Build>,
+        result: FrontendResult,
+    ) -> Result<Solved, Error> {
         let metadata = result.metadata;
-        // a multi-platform result: every platform solved (together), exported as one
         let ordered = platform_order(&metadata, result.refs);
         let solved =
             futures::future::try_join_all(ordered.iter().map(|(_, id)| self.solve_ref(build, id)))
@@ -237,7 +261,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 r#ref: r,
             })
             .collect();
-        let result = if platforms.is_empty() {
+        let r#ref = if platforms.is_empty() {
             self.solve_ref(build, result.r#ref.as_deref().unwrap_or_default())
                 .await?
         } else {
@@ -247,63 +271,59 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .get(IMAGE_CONFIG_KEY)
             .cloned()
             .unwrap_or_else(|| default_image_config(&self.config));
-        let mut response = BTreeMap::new();
-        // one build time for every output, so a build gives one image digest
-        let build_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        for (i, exp) in req.exporters.iter().enumerate() {
-            let name = match exp.r#type.as_str() {
-                "image" => "exporting to image".to_string(),
-                "oci" | "docker" => format!("exporting to {} image format", exp.r#type),
-                "local" => "exporting to client directory".to_string(),
-                "tar" => "exporting to client tarball".to_string(),
-                other => return Err(Error::UnknownExporter(other.to_string())),
-            };
-            let vdigest = export_vertex_digest(&build.id, i);
-            let mut pv = ProgressVertex {
-                digest: vdigest.clone(),
-                name,
-                started: Some(now()),
-                ..Default::default()
-            };
-            build.progress.vertex(pv.clone());
-            let pb = build.clone();
-            let vd = vdigest.clone();
-            let status: Arc<dyn Fn(String) + Send + Sync> =
-                Arc::new(move |s: String| pb.progress.log(&vd, 1, format!("{s}\n").into_bytes()));
-            let r = self
-                .exporter
-                .export(
-                    ExportJob {
-                        build_id: build.id.clone(),
-                        session_id: req.session_id.clone(),
-                        worker: self.worker.address(),
-                        r#ref: result.clone(),
-                        r#type: exp.r#type.clone(),
-                        attrs: exporter_attrs(&exp.attrs, &req.frontend_attrs, build_time),
-                        image_config: image_config.clone(),
-                        index: i as u32,
-                        platforms: platforms.clone(),
-                    },
-                    status,
-                )
-                .await;
-            pv.completed = Some(now());
-            match r {
-                Ok(resp) => {
-                    build.progress.vertex(pv);
-                    response.extend(resp);
-                }
-                Err(e) => {
-                    pv.error = e.to_string();
-                    build.progress.vertex(pv);
-                    return Err(e);
-                }
-            }
+        Ok(Solved {
+            r#ref,
+            image_config,
+            platforms,
+        })
+    }
+
+    /// Runs exporter `index` of the build, shown as a step of its own.
+    async fn export(
+        &self,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+        solved: &Solved,
+        index: usize,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        let kind = req.exporters[index].r#type.clone();
+        let name = match kind.as_str() {
+            "image" => "exporting to image".to_string(),
+            "oci" | "docker" => format!("exporting to {kind} image format"),
+            "local" => "exporting to client directory".to_string(),
+            "tar" => "exporting to client tarball".to_string(),
+            other => return Err(Error::UnknownExporter(other.to_string())),
+        };
+        let vdigest = export_vertex_digest(&build.id, index);
+        let mut pv = ProgressVertex {
+            digest: vdigest.clone(),
+            name,
+            started: Some(now()),
+            ..Default::default()
+        };
+        build.progress.vertex(pv.clone());
+        let pb = build.clone();
+        let status: Arc<dyn Fn(String) + Send + Sync> =
+            Arc::new(move |s: String| pb.progress.log(&vdigest, 1, format!("{s}\n").into_bytes()));
+        let job = ExportJob {
+            build_id: build.id.clone(),
+            session_id: req.session_id.clone(),
+            worker: self.worker.address(),
+            r#ref: solved.r#ref.clone(),
+            r#type: kind,
+            attrs,
+            image_config: solved.image_config.clone(),
+            index: index as u32,
+            platforms: solved.platforms.clone(),
+        };
+        let r = self.exporter.export(job, status).await;
+        pv.completed = Some(now());
+        if let Err(e) = &r {
+            pv.error = e.to_string();
         }
-        Ok(response)
+        build.progress.vertex(pv);
+        r
     }
 
     /// The result of a build's frontend run here: the definition of the
@@ -473,6 +493,16 @@ fn history_attrs(attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .filter(|(k, _)| !k.starts_with("build-arg:"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// A build's result, solved, as its exporters take it.
+struct Solved {
+    /// the single result's ref (empty for scratch or a multi-platform result)
+    r#ref: String,
+    /// the single result's image config
+    image_config: Vec<u8>,
+    /// a multi-platform result, in the frontend's order
+    platforms: Vec<PlatformJob>,
 }
 
 /// Ends a build when its Solve finishes or is dropped: closes its progress

@@ -9,6 +9,7 @@ use crate::cache::key::{digest_of, input_selectors};
 use crate::cache::{Cache, CacheRecord, unix_nanos};
 use crate::explain::{FileFact, InputRecord, StepRecord};
 use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
+use crate::solve::InputOrigin;
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
 use std::sync::Arc;
@@ -31,13 +32,21 @@ pub struct Done {
     pub why: Vec<String>,
 }
 
+/// One output of a finished vertex, as a step reading it sees it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Output {
+    /// the worker ref holding it (empty: scratch)
+    pub(crate) r#ref: String,
+    pub(crate) key: String,
+}
+
 impl Done {
-    pub(crate) fn output(&self, index: i64) -> (String, String) {
+    pub(crate) fn output(&self, index: i64) -> Output {
         let i = usize::try_from(index).unwrap_or(usize::MAX);
-        (
-            self.outputs.refs.get(i).cloned().unwrap_or_default(),
-            self.keys.get(i).cloned().unwrap_or_default(),
-        )
+        Output {
+            r#ref: self.outputs.refs.get(i).cloned().unwrap_or_default(),
+            key: self.keys.get(i).cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -181,15 +190,14 @@ pub(crate) struct Step<W> {
     pub(crate) ignore_cache: bool,
     /// look results up (false with --no-cache / ignore_cache)
     pub(crate) lookup: bool,
-    pub(crate) inputs: Vec<(String, String)>,
+    pub(crate) inputs: Vec<Output>,
     pub(crate) def_key: String,
     pub(crate) key: String,
     pub(crate) pv: ProgressVertex,
     /// the step's identity across builds (cache-miss explanations)
     pub(crate) shape: String,
-    /// per input: name of the step that produced it, whether that is a
-    /// local source, and its first reason for running in this build
-    pub(crate) input_from: Vec<(String, bool, Option<String>)>,
+    /// per input: the step that produced it (cache-miss explanations)
+    pub(crate) input_from: Vec<InputOrigin>,
 }
 
 impl<W: Worker> Step<W> {
@@ -251,7 +259,7 @@ impl<W: Worker> Step<W> {
             return Ok(None);
         }
         let mut parts = vec![self.def_key.clone()];
-        for ((r, key), sel) in self.inputs.iter().zip(sels) {
+        for (Output { r#ref: r, key }, sel) in self.inputs.iter().zip(sels) {
             match sel {
                 Some(sel) if !r.is_empty() => {
                     let digest = match self.cache.memo(r, &sel) {
@@ -295,11 +303,11 @@ impl<W: Worker> Step<W> {
     async fn step_record(&self) -> StepRecord {
         let sels = input_selectors(&self.op);
         let mut inputs = Vec::new();
-        for (i, ((r, key), sel)) in self.inputs.iter().zip(sels).enumerate() {
+        for (i, (Output { r#ref: r, key }, sel)) in self.inputs.iter().zip(sels).enumerate() {
             let (from, from_local) = self
                 .input_from
                 .get(i)
-                .map(|x| (x.0.clone(), x.1))
+                .map(|x| (x.step.clone(), x.local))
                 .unwrap_or_default();
             let content = sel
                 .as_ref()
@@ -373,7 +381,7 @@ impl<W: Worker> Step<W> {
         let lacks = prev.is_none_or(|p| {
             p.inputs.iter().enumerate().any(|(i, inp)| {
                 let reads = sels.get(i).is_some_and(Option::is_some)
-                    || self.input_from.get(i).is_some_and(|x| x.1);
+                    || self.input_from.get(i).is_some_and(|x| x.local);
                 reads && inp.files.is_none()
             })
         });
@@ -391,6 +399,46 @@ impl<W: Worker> Step<W> {
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
     pub(crate) async fn execute(self) -> Result<Outcome, Failure> {
         let t0 = std::time::Instant::now();
+        let content_key = match self.lookup().await? {
+            Lookup::Hit(rec) => {
+                self.backfill_record().await;
+                return Ok(self.hit(rec));
+            }
+            Lookup::Miss { content_key } => content_key,
+        };
+        self.build.progress.vertex(self.pv.clone());
+        let local = is_local_source(&self.op);
+        let (record, why) = if local {
+            (None, vec![])
+        } else {
+            let (rec, why) = self.explain_miss().await;
+            (Some(rec), why)
+        };
+        let t_lookup = t0.elapsed();
+        let outputs = self.run().await?;
+        let t_run = t0.elapsed();
+        if let Some(rec) = record {
+            self.put_step_record(rec).await;
+        }
+        let keys = self.record(&outputs, content_key).await;
+        tracing::debug!(
+            target: "kiln_timing",
+            "step {}: lookup {} ms, worker run {} ms, records {} ms",
+            self.digest,
+            t_lookup.as_millis(),
+            (t_run - t_lookup).as_millis(),
+            (t0.elapsed() - t_run).as_millis()
+        );
+        Ok(Outcome {
+            done: Arc::new(Done { outputs, keys, why }),
+            cached: false,
+        })
+    }
+
+    /// A usable record under the fast key (marked used), else under the
+    /// content key (linked to the fast key too, so the next lookup needs no
+    /// checksum).
+    async fn lookup(&self) -> Result<Lookup, Failure> {
         if self.lookup
             && let Some(rec) = self.usable(&self.key).await?
         {
@@ -399,8 +447,7 @@ impl<W: Worker> Step<W> {
                 .with_store(move |s| s.touch(&id))
                 .await
                 .map_err(|e| self.store_err(e))?;
-            self.backfill_record().await;
-            return Ok(self.hit(rec));
+            return Ok(Lookup::Hit(rec));
         }
         let content_key = if self.ignore_cache {
             None
@@ -416,42 +463,42 @@ impl<W: Worker> Step<W> {
                 .with_store(move |s| s.link(&id, &key))
                 .await
                 .map_err(|e| self.store_err(e))?;
-            self.backfill_record().await;
-            return Ok(self.hit(rec));
+            return Ok(Lookup::Hit(rec));
         }
-        let build = self.build.clone();
-        build.progress.vertex(self.pv.clone());
-        let local = is_local_source(&self.op);
-        let (record, why) = if local {
-            (None, vec![])
+        Ok(Lookup::Miss { content_key })
+    }
+
+    /// What went into the key of a step about to run, and why it runs (the
+    /// first reason; all of them are logged when the build asked).
+    async fn explain_miss(&self) -> (StepRecord, Vec<String>) {
+        let rec = self.step_record().await;
+        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+        let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let mut why = if self.lookup {
+            crate::explain::explain(prev.as_ref(), &rec, &|i| {
+                self.input_from.get(i).and_then(|x| x.why.clone())
+            })
         } else {
-            let rec = self.step_record().await;
-            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-            let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-            let mut why = if self.lookup {
-                crate::explain::explain(prev.as_ref(), &rec, &|i| {
-                    self.input_from.get(i).and_then(|x| x.2.clone())
-                })
-            } else {
-                vec!["cache lookups are off (--no-cache or ignore-cache)".to_string()]
-            };
-            if self.build.explain {
-                for w in &why {
-                    build.progress.log(
-                        &self.digest,
-                        2,
-                        format!("{EXPLAIN_PREFIX}{w}\n").into_bytes(),
-                    );
-                }
-            }
-            why.truncate(1);
-            (Some(rec), why)
+            vec!["cache lookups are off (--no-cache or ignore-cache)".to_string()]
         };
-        let vdigest = self.digest.clone();
+        if self.build.explain {
+            for w in &why {
+                let line = format!("{EXPLAIN_PREFIX}{w}\n").into_bytes();
+                self.build.progress.log(&self.digest, 2, line);
+            }
+        }
+        why.truncate(1);
+        (rec, why)
+    }
+
+    /// Runs the step on the worker (within the parallelism limit), its
+    /// logs and progress going to the build's progress.
+    async fn run(&self) -> Result<RunOutputs, Failure> {
+        let (build, vdigest) = (self.build.clone(), self.digest.clone());
         let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
             RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
             RunEvent::Progress {
@@ -463,42 +510,40 @@ impl<W: Worker> Step<W> {
                 .progress
                 .status(&vdigest, id, current, total, completed),
         });
-        let t_lookup = t0.elapsed();
         let _permit = match &self.cache.limit {
             Some(s) => Some(s.clone().acquire_owned().await.map_err(|e| {
                 self.fail(format!("parallelism limit: {e}"), tonic::Code::Internal)
             })?),
             None => None,
         };
-        let outputs = self
-            .worker
-            .run(
-                RunOp {
-                    build_id: self.build.id.clone(),
-                    session_id: self.build.session_id.clone(),
-                    session_shared_key: self.build.shared_key(),
-                    digest: self.digest.clone(),
-                    op_bytes: self.op_bytes.clone(),
-                    inputs: self.inputs.iter().map(|(r, _)| r.clone()).collect(),
-                    name: self.name.clone(),
-                    entitlements: self.build.entitlements.clone(),
-                },
-                events,
-            )
-            .await
-            .map_err(|e| match e {
-                Error::Vertex { message, code, .. } => self.fail(message, code),
-                other => self.fail(other.to_string(), tonic::Code::Unknown),
-            })?;
-        let t_run = t0.elapsed();
-        if let Some(rec) = record {
-            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
-            {
-                tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
-            }
+        let op = RunOp {
+            build_id: self.build.id.clone(),
+            session_id: self.build.session_id.clone(),
+            session_shared_key: self.build.shared_key(),
+            digest: self.digest.clone(),
+            op_bytes: self.op_bytes.clone(),
+            inputs: self.inputs.iter().map(|i| i.r#ref.clone()).collect(),
+            name: self.name.clone(),
+            entitlements: self.build.entitlements.clone(),
+        };
+        self.worker.run(op, events).await.map_err(|e| match e {
+            Error::Vertex { message, code, .. } => self.fail(message, code),
+            other => self.fail(other.to_string(), tonic::Code::Unknown),
+        })
+    }
+
+    async fn put_step_record(&self, rec: StepRecord) {
+        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
+        {
+            tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
         }
+    }
+
+    /// The cache keys of the step's outputs, and its result recorded under
+    /// the fast and content keys (not for local sources or ignore-cache).
+    async fn record(&self, outputs: &RunOutputs, content_key: Option<String>) -> Vec<String> {
+        let local = is_local_source(&self.op);
         let base = content_key.clone().unwrap_or_else(|| self.key.clone());
         let keys: Vec<String> = (0..outputs.refs.len())
             .map(
@@ -510,39 +555,39 @@ impl<W: Worker> Step<W> {
                 },
             )
             .collect();
-        if !self.ignore_cache && !local {
-            let now = unix_nanos();
-            let mut links = vec![self.key.clone()];
-            links.extend(content_key.filter(|ck| *ck != self.key));
-            let rec = CacheRecord {
-                id: base,
-                worker: self.worker.address(),
-                refs: outputs.refs.clone(),
-                output_keys: keys.clone(),
-                links,
-                description: self.name.clone(),
-                created: now,
-                last_used: now,
-                usage_count: 1,
-                size: None,
-            };
-            if let Err(e) = self.cache.with_store(move |s| s.put(&rec)).await {
-                tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
-            }
+        if self.ignore_cache || local {
+            return keys;
         }
-        tracing::debug!(
-            target: "kiln_timing",
-            "step {}: lookup {} ms, worker run {} ms, records {} ms",
-            self.digest,
-            t_lookup.as_millis(),
-            (t_run - t_lookup).as_millis(),
-            (t0.elapsed() - t_run).as_millis()
-        );
-        Ok(Outcome {
-            done: Arc::new(Done { outputs, keys, why }),
-            cached: false,
-        })
+        let now = unix_nanos();
+        let mut links = vec![self.key.clone()];
+        links.extend(content_key.filter(|ck| *ck != self.key));
+        let rec = CacheRecord {
+            id: base,
+            worker: self.worker.address(),
+            refs: outputs.refs.clone(),
+            output_keys: keys.clone(),
+            links,
+            description: self.name.clone(),
+            created: now,
+            last_used: now,
+            usage_count: 1,
+            size: None,
+        };
+        if let Err(e) = self.cache.with_store(move |s| s.put(&rec)).await {
+            tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
+        }
+        keys
     }
+}
+
+/// What a step's lookup found.
+enum Lookup {
+    Hit(CacheRecord),
+    /// nothing usable: the step runs (its content key, when it has one, is
+    /// recorded with the result)
+    Miss {
+        content_key: Option<String>,
+    },
 }
 
 #[cfg(test)]
