@@ -85,9 +85,18 @@ fn oldest_first(mut v: Vec<HistoryRecord>) -> Vec<HistoryRecord> {
 /// Cache records in memory (tests, or a daemon without a state dir).
 #[derive(Default)]
 pub struct MemoryStore {
-    inner: Mutex<(BTreeMap<String, CacheRecord>, HashMap<String, String>)>,
+    inner: Mutex<MemoryRecords>,
     history: Mutex<BTreeMap<String, HistoryRecord>>,
     steps: Mutex<HashMap<String, StepRecord>>,
+}
+
+/// The records of a [`MemoryStore`] and the keys leading to them.
+#[derive(Default)]
+struct MemoryRecords {
+    /// by record id
+    records: BTreeMap<String, CacheRecord>,
+    /// cache key -> record id
+    keys: HashMap<String, String>,
 }
 
 impl MemoryStore {
@@ -99,7 +108,7 @@ impl MemoryStore {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let (records, keys) = &mut *g;
+        let MemoryRecords { records, keys } = &mut *g;
         f(records, keys)
     }
 }
