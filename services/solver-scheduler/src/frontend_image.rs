@@ -271,7 +271,7 @@ async fn run_frontend_process<W: Worker, F: Frontend, E: Exporter>(
     };
     pv.completed = Some(progress::now());
     if let Err(e) = &result {
-        pv.error = e.to_string();
+        pv.error = kiln_proto::status::chain(e);
     }
     build.progress.vertex(pv);
     result

@@ -13,13 +13,14 @@ use crate::step::{Done, Failure, Step, is_local_source};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
+use kiln_proto::status::Details;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 // fuzz/ reaches these through `solve`
 pub use crate::cache::Cache;
 pub use crate::cache::key::input_selectors;
-pub use crate::step::{EXPLAIN_PREFIX, source_snippet, vertex_name};
+pub use crate::step::{EXPLAIN_PREFIX, source_location, source_snippet, vertex_name};
 
 /// The exec and file ops whose output (the index given) is a new layer of the
 /// result's image: the result, then each exec's root mount input and each
@@ -277,10 +278,15 @@ impl<W: Worker> GraphRun<W> {
                 pv.error = f.message.clone();
                 self.build.progress.vertex(pv);
                 f.name = name;
-                f.snippet = self
-                    .source
-                    .as_ref()
-                    .and_then(|s| source_snippet(s, &v.digest));
+                f.details = Details {
+                    vertex: Some(v.digest.clone()),
+                    sources: self
+                        .source
+                        .as_ref()
+                        .and_then(|s| source_location(s, &v.digest))
+                        .into_iter()
+                        .collect(),
+                };
                 Err(f)
             }
         }

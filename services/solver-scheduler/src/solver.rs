@@ -14,6 +14,7 @@ use crate::solve::{self, Cache};
 use crate::{Config, Error};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb;
+use kiln_proto::status::chain;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -147,7 +148,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             frontend_attrs: history_attrs(&req.frontend_attrs),
             created: build.started,
             completed: unix_nanos(),
-            error: r.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            error: r.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
             exporter_response: r.as_ref().cloned().unwrap_or_default(),
             steps: steps_from_progress(&build.progress.vertices()),
         };
@@ -320,7 +321,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         let r = self.exporter.export(job, status).await;
         pv.completed = Some(now());
         if let Err(e) = &r {
-            pv.error = e.to_string();
+            pv.error = chain(e);
         }
         build.progress.vertex(pv);
         r
@@ -412,12 +413,8 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         reference: &str,
         platform: Option<pb::Platform>,
     ) -> Result<crate::peer::ResolvedImage, Error> {
-        use sha2::{Digest, Sha256};
         let started = now();
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("resolve:{}:{reference}", build.id)))
-        );
+        let digest = kiln_digest::sha256(format!("resolve:{}:{reference}", build.id).as_bytes());
         let res = self
             .exporter
             .resolve(reference, platform, &build.session_id)
@@ -427,11 +424,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             name: format!("[internal] load metadata for {reference}"),
             started: Some(started),
             completed: Some(now()),
-            error: res
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
+            error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
             ..Default::default()
         });
         res
@@ -546,12 +539,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
 
 /// Progress id of the export step `index` of a build.
 fn export_vertex_digest(build_id: &str, index: usize) -> String {
-    use sha2::{Digest, Sha256};
-    let h = Sha256::digest(format!("export:{build_id}:{index}").as_bytes());
-    format!(
-        "sha256:{}",
-        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    kiln_digest::sha256(format!("export:{build_id}:{index}").as_bytes())
 }
 
 /// The results of a multi-platform result in the order of the frontend's

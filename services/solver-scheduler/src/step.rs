@@ -12,6 +12,7 @@ use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
 use crate::solve::InputOrigin;
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
+use kiln_proto::status::{Details, SourceLocation, chain};
 use std::sync::Arc;
 
 /// The result of a step as the builds waiting for it see it.
@@ -55,7 +56,8 @@ pub(crate) struct Failure {
     pub(crate) name: String,
     pub(crate) message: String,
     pub(crate) code: tonic::Code,
-    pub(crate) snippet: Option<String>,
+    /// the step's digest and source lines, once known
+    pub(crate) details: Details,
 }
 
 impl Failure {
@@ -71,7 +73,7 @@ impl Failure {
             name: String::new(),
             message,
             code,
-            snippet: None,
+            details: Details::default(),
         }
     }
 }
@@ -82,7 +84,7 @@ impl From<Failure> for Error {
             name: f.name,
             message: f.message,
             code: f.code,
-            snippet: f.snippet,
+            details: f.details,
         }
     }
 }
@@ -99,16 +101,10 @@ const SNIPPET_LINE_BYTES: usize = 512;
 pub fn source_snippet(source: &pb::Source, digest: &str) -> Option<String> {
     let loc = source.locations.get(digest)?.locations.first()?;
     let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
-    let range = loc.ranges.first()?;
     let text = String::from_utf8_lossy(&info.data);
     let lines: Vec<&str> = text.lines().collect();
     let count = lines.len() as i64;
-    let start = i64::from(range.start.as_ref()?.line);
-    if start < 1 || start > count.max(1) {
-        return None;
-    }
-    let end =
-        i64::from(range.end.as_ref().map(|p| p.line).unwrap_or(0)).clamp(start, count.max(start));
+    let (start, end) = clamp_range(loc.ranges.first()?, count)?;
     let shown_end = end.min(start + SNIPPET_LINES - 1);
     let first = (start - 2).max(1);
     let last = (shown_end + 2).min(count);
@@ -135,6 +131,54 @@ pub fn source_snippet(source: &pb::Source, digest: &str) -> Option<String> {
     }
     out.push_str("--------------------");
     Some(out)
+}
+
+/// A range's first and last line within a file of `count` lines: `None`
+/// when it starts outside the file, its end clamped to the file.
+fn clamp_range(range: &pb::Range, count: i64) -> Option<(i64, i64)> {
+    let start = i64::from(range.start.as_ref()?.line);
+    if start < 1 || start > count.max(1) {
+        return None;
+    }
+    let end =
+        i64::from(range.end.as_ref().map(|p| p.line).unwrap_or(0)).clamp(start, count.max(start));
+    Some((start, end))
+}
+
+/// Where a vertex came from, for the status details of its failure
+/// (BuildKit's `errdefs.Source`): the source file and the vertex's ranges,
+/// clamped as [`source_snippet`] clamps them.
+pub fn source_location(source: &pb::Source, digest: &str) -> Option<SourceLocation> {
+    let loc = source.locations.get(digest)?.locations.first()?;
+    let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
+    let count = String::from_utf8_lossy(&info.data).lines().count() as i64;
+    let line = |l: i64, at: &Option<pb::Position>| pb::Position {
+        line: i32::try_from(l).unwrap_or(i32::MAX),
+        character: at.as_ref().map(|p| p.character.max(0)).unwrap_or(0),
+    };
+    let ranges: Vec<pb::Range> = loc
+        .ranges
+        .iter()
+        .filter_map(|r| {
+            let (start, end) = clamp_range(r, count)?;
+            Some(pb::Range {
+                start: Some(line(start, &r.start)),
+                end: Some(line(end, &r.end)),
+            })
+        })
+        .collect();
+    if ranges.is_empty() {
+        return None;
+    }
+    Some(SourceLocation {
+        info: pb::SourceInfo {
+            filename: info.filename.chars().take(256).collect(),
+            data: info.data.clone(),
+            language: info.language.clone(),
+            definition: None,
+        },
+        ranges,
+    })
 }
 
 /// Prefix of the log lines that explain why a step ran (`--explain-cache`).
@@ -206,12 +250,12 @@ impl<W: Worker> Step<W> {
             name: self.name.clone(),
             message,
             code,
-            snippet: None,
+            details: Details::default(),
         }
     }
 
     fn store_err(&self, e: Error) -> Failure {
-        self.fail(e.to_string(), tonic::Code::Internal)
+        self.fail(chain(&e), tonic::Code::Internal)
     }
 
     /// A record that may be used: its refs still exist on the worker.
@@ -267,7 +311,7 @@ impl<W: Worker> Step<W> {
                         None => {
                             let d = self.worker.checksum(r, &sel).await.map_err(|e| {
                                 self.fail(
-                                    format!("failed to compute cache key: {e}"),
+                                    format!("failed to compute cache key: {}", chain(&e)),
                                     tonic::Code::Unknown,
                                 )
                             })?;
@@ -639,5 +683,12 @@ mod tests {
         }
         assert!(source_snippet(&source(6, 9, 5), "v").is_none());
         assert!(source_snippet(&source(5, i32::MAX, 5), "v").is_some());
+        // the status details carry the same lines
+        let loc = source_location(&source(3, i32::MAX, 5), "v").expect("location");
+        assert_eq!(loc.info.filename, "Dockerfile");
+        let r = &loc.ranges[0];
+        let lines = (r.start.map(|p| p.line), r.end.map(|p| p.line));
+        assert_eq!(lines, (Some(3), Some(5)), "clamped to the file");
+        assert!(source_location(&source(6, 9, 5), "v").is_none());
     }
 }

@@ -183,7 +183,7 @@ async fn run_process<W: Worker, F: Frontend, E: Exporter>(
             code: 255,
             error: Some(kiln_proto::google::rpc::Status {
                 code: tonic::Code::Unknown as i32,
-                message: e.to_string(),
+                message: kiln_proto::status::chain(&e),
                 details: vec![],
             }),
         },
