@@ -97,7 +97,11 @@ impl ClientSink for kiln_session::SessionClient {
         match kiln_session::SessionClient::credentials(self, host).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(host, "asking the client for credentials: {e}");
+                tracing::warn!(
+                    host,
+                    "asking the client for credentials: {}",
+                    kiln_proto::status::chain(&e)
+                );
                 None
             }
         }

@@ -73,7 +73,7 @@ async fn pump_opened(
     match opened {
         Ok(stream) => pump_one(stream, tx).await,
         Err(e) => {
-            let _ = tx.send(Err(e.to_string())).await;
+            let _ = tx.send(Err(kiln_proto::status::chain(&e))).await;
             Err(e)
         }
     }
@@ -92,7 +92,7 @@ async fn pump_one(
                 }
             }
             Err(e) => {
-                let _ = tx.send(Err(e.to_string())).await;
+                let _ = tx.send(Err(kiln_proto::status::chain(&e))).await;
                 return Err(e);
             }
         }
@@ -262,8 +262,9 @@ pub(super) fn spawn_writer(
             })
         });
         if let Err(e) = result {
-            tracing::warn!("{op}: {e}");
-            let _ = err_tx.blocking_send(Err(std::io::Error::other(format!("{op}: {e}"))));
+            let message = kiln_proto::status::chain(&e);
+            tracing::warn!("{message}");
+            let _ = err_tx.blocking_send(Err(std::io::Error::other(message)));
         }
     });
     Box::new(StreamReader::new(ReceiverStream::new(rx)))
@@ -300,7 +301,7 @@ impl Read for BlockingStreamReader {
         while self.chunk.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(c)) => self.chunk = c,
-                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Some(Err(e)) => return Err(std::io::Error::other(kiln_proto::status::chain(&e))),
                 None => return Ok(0),
             }
         }

@@ -46,7 +46,7 @@ async fn fs_tar_stream(worker: &impl WorkerFs, reference: &str) -> Result<FileDa
     let stream = worker
         .export_fs(reference)
         .await?
-        .map(|c| c.map_err(|e| std::io::Error::other(e.to_string())));
+        .map(|c| c.map_err(|e| std::io::Error::other(kiln_proto::status::chain(&e))));
     Ok(Box::new(StreamReader::new(stream)))
 }
 
