@@ -13,17 +13,16 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::Stream;
-use kiln_oci::{Platform, bool_attr};
+use kiln_oci::Platform;
 use kiln_registry::{Reference, RegistryConfig};
-use tokio::sync::mpsc;
 
+mod assemble;
 mod error;
+mod exporter;
 pub mod grpc;
-mod image;
-mod output;
 
+pub use assemble::{AssembledImage, AssembledIndex, LayerBlob, MediaTypes, assemble_image};
 pub use error::Error;
-pub use image::{AssembledImage, AssembledIndex, LayerBlob, MediaTypes, assemble_image};
 
 /// Settings of the exporter service.
 #[derive(Clone, Debug, Default)]
@@ -98,7 +97,11 @@ impl ClientSink for kiln_session::SessionClient {
         match kiln_session::SessionClient::credentials(self, host).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(host, "asking the client for credentials: {e}");
+                tracing::warn!(
+                    host,
+                    "asking the client for credentials: {}",
+                    kiln_proto::status::chain(&e)
+                );
                 None
             }
         }
@@ -155,9 +158,6 @@ pub struct ResolvedConfig {
     /// Raw config JSON.
     pub config: Vec<u8>,
 }
-
-/// How long a push waits for the client session to answer a credentials request.
-const CREDENTIALS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The exporter core.
 pub struct Exporter {
@@ -236,239 +236,6 @@ impl Exporter {
             config: resolved.config,
         })
     }
-
-    /// The registry client for a push to `names`: with the client's session credentials for
-    /// each registry host and, with `insecure`, TLS verification off for those hosts.
-    /// An image export's `image.name` response (`name@digest` with `push-by-digest`) and,
-    /// with `push`, the push itself.
-    async fn name_and_push(
-        &self,
-        req: &ExportRequest,
-        client: &impl ClientSink,
-        progress: &mpsc::Sender<String>,
-        what: image::Pushable<'_>,
-        push: bool,
-        response: &mut BTreeMap<String, String>,
-    ) -> Result<(), Error> {
-        let names = names(&req.attrs);
-        let by_digest = bool_attr(&req.attrs, "push-by-digest", false);
-        if !names.is_empty() {
-            let shown: Vec<String> = if by_digest {
-                names
-                    .iter()
-                    .map(|n| image::digest_name(n, what.digest()))
-                    .collect()
-            } else {
-                names.clone()
-            };
-            response.insert("image.name".into(), shown.join(","));
-        }
-        if push {
-            let insecure = bool_attr(&req.attrs, "registry.insecure", false);
-            let registry = self.push_client(&names, client, insecure).await?;
-            let pushed = image::push(&registry, &names, what, by_digest, progress).await?;
-            let _ = progress.try_send(format!(
-                "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
-                names.len(),
-                pushed.uploaded,
-                pushed.existed,
-                pushed.mounted
-            ));
-        }
-        Ok(())
-    }
-
-    async fn push_client(
-        &self,
-        names: &[String],
-        client: &impl ClientSink,
-        insecure: bool,
-    ) -> Result<kiln_registry::Client, Error> {
-        let mut hosts: Vec<String> = Vec::new();
-        for n in names {
-            let r = Reference::parse(n).map_err(|source| Error::ParseReference {
-                reference: n.clone(),
-                source: Box::new(source),
-            })?;
-            if !hosts.contains(&r.registry) {
-                hosts.push(r.registry);
-            }
-        }
-        let mut creds = BTreeMap::new();
-        let mut registry = self.registry.clone();
-        for host in &hosts {
-            let asked = tokio::time::timeout(CREDENTIALS_TIMEOUT, client.credentials(host)).await;
-            match asked {
-                Ok(Some(c)) => {
-                    creds.insert(host.clone(), c);
-                }
-                Ok(None) => {}
-                Err(_) => tracing::warn!(host, "session did not answer the credentials request"),
-            }
-            if insecure {
-                registry = registry.with_insecure_host(host);
-            }
-        }
-        if !creds.is_empty() {
-            let creds = std::sync::Arc::new(creds);
-            registry = registry
-                .with_credentials(std::sync::Arc::new(move |h: &str| creds.get(h).cloned()));
-        }
-        Ok(registry)
-    }
-
-    /// Run one export. Status lines go to `progress`; returns the exporter response map.
-    pub async fn export(
-        &self,
-        req: &ExportRequest,
-        worker: &impl WorkerFs,
-        client: &impl ClientSink,
-        progress: &mpsc::Sender<String>,
-    ) -> Result<BTreeMap<String, String>, Error> {
-        tokio::fs::create_dir_all(&self.config.work_dir)
-            .await
-            .map_err(|source| Error::Io {
-                op: "create work dir",
-                path: self.config.work_dir.clone(),
-                source,
-            })?;
-        let tmp = tempfile::Builder::new()
-            .prefix("export-")
-            .tempdir_in(&self.config.work_dir)
-            .map_err(|source| Error::Io {
-                op: "create temp dir",
-                path: self.config.work_dir.clone(),
-                source,
-            })?;
-        match req.kind.as_str() {
-            "image" | "oci" | "docker" if !req.platforms.is_empty() => {
-                self.export_multi(req, worker, client, progress, tmp.path())
-                    .await
-            }
-            "image" | "oci" | "docker" => {
-                let push = req.kind == "image" && bool_attr(&req.attrs, "push", false);
-                let image = image::build(req, worker, tmp.path(), progress, push).await?;
-                let mut response = image.response();
-                let names = names(&req.attrs);
-                match req.kind.as_str() {
-                    "image" => {
-                        let what = image::Pushable::Image(&image);
-                        self.name_and_push(req, client, progress, what, push, &mut response)
-                            .await?;
-                    }
-                    kind => {
-                        if !names.is_empty() {
-                            response.insert("image.name".into(), names.join(","));
-                        }
-                        let _ = progress.try_send(format!("sending {kind} tarball"));
-                        let order = output::blob_order(std::slice::from_ref(&image));
-                        let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
-                        let stream = output::archive_stream(kind == "docker", &image, &names, rx)?;
-                        send_archive(worker, client, req.index, &order, tx, stream).await?;
-                    }
-                }
-                Ok(response)
-            }
-            "tar" => {
-                let _ = progress.try_send("sending filesystem tarball".to_string());
-                if req.platforms.is_empty() {
-                    let stream = output::fs_tar_stream(worker, &req.reference).await?;
-                    client.send_file(req.index, stream).await?;
-                } else {
-                    let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
-                    let stream = output::fs_tar_multi(&req.platforms, rx);
-                    let (pumped, sent) = tokio::join!(
-                        output::pump_fs(worker, &req.platforms, tx),
-                        client.send_file(req.index, stream)
-                    );
-                    sent?;
-                    pumped?;
-                }
-                Ok(BTreeMap::new())
-            }
-            "local" => {
-                let _ = progress.try_send("copying files to client".to_string());
-                let dir = tmp.path().join("rootfs");
-                if req.platforms.is_empty() {
-                    output::fs_dir(worker, &req.reference, &dir).await?;
-                } else {
-                    for p in &req.platforms {
-                        output::fs_dir(worker, &p.reference, &dir.join(p.dir_name())).await?;
-                    }
-                }
-                client.send_dir(req.index, &dir).await?;
-                Ok(BTreeMap::new())
-            }
-            other => Err(Error::UnknownExporter {
-                kind: other.to_string(),
-            }),
-        }
-    }
-}
-
-impl Exporter {
-    /// An image index (or Docker manifest list) with one manifest per platform, pushed or
-    /// sent as an OCI layout; the docker tarball refuses it, as BuildKit's does.
-    async fn export_multi(
-        &self,
-        req: &ExportRequest,
-        worker: &impl WorkerFs,
-        client: &impl ClientSink,
-        progress: &mpsc::Sender<String>,
-        tmp: &Path,
-    ) -> Result<BTreeMap<String, String>, Error> {
-        if req.kind == "docker" {
-            return Err(Error::DockerMultiPlatform);
-        }
-        let push = req.kind == "image" && bool_attr(&req.attrs, "push", false);
-        let mut images = Vec::new();
-        for p in &req.platforms {
-            let _ = progress.try_send(format!("exporting {}", p.id));
-            let one = ExportRequest {
-                reference: p.reference.clone(),
-                image_config: p.image_config.clone(),
-                platforms: Vec::new(),
-                ..req.clone()
-            };
-            images.push(image::build(&one, worker, tmp, progress, push).await?);
-        }
-        let mut index = image::assemble_index(images, image::media_types_of(&req.attrs))?;
-        image::Annotations::from_attrs(&req.attrs)?.apply_to_index(&mut index)?;
-        let mut response = index.response();
-        let names = names(&req.attrs);
-        if req.kind == "image" {
-            let what = image::Pushable::Index(&index);
-            self.name_and_push(req, client, progress, what, push, &mut response)
-                .await?;
-        } else {
-            if !names.is_empty() {
-                response.insert("image.name".into(), names.join(","));
-            }
-            let _ = progress.try_send("sending oci tarball".to_string());
-            let order = output::blob_order(&index.images);
-            let (tx, rx) = mpsc::channel(output::FEED_CHUNKS);
-            let stream = output::index_archive_stream(&index, &names, rx)?;
-            send_archive(worker, client, req.index, &order, tx, stream).await?;
-        }
-        Ok(response)
-    }
-}
-
-/// Sends a tarball to the client while the worker's blobs in `order` are fed into it.
-async fn send_archive(
-    worker: &impl WorkerFs,
-    client: &impl ClientSink,
-    exporter_id: u32,
-    order: &[kiln_oci::Descriptor],
-    feed: mpsc::Sender<output::FeedItem>,
-    stream: FileData,
-) -> Result<(), Error> {
-    let (pumped, sent) = tokio::join!(
-        output::pump_blobs(worker, order, feed),
-        client.send_file(exporter_id, stream)
-    );
-    sent?;
-    pumped
 }
 
 /// The platform of this host in OCI terms.
@@ -476,24 +243,12 @@ pub fn host_platform() -> Platform {
     Platform::host()
 }
 
-fn names(attrs: &BTreeMap<String, String>) -> Vec<String> {
-    attrs
-        .get("name")
-        .map(|n| {
-            n.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::Mutex;
+    use tokio::sync::mpsc;
 
     use kiln_oci::{Descriptor, digest::sha256, media_types};
 

@@ -6,8 +6,9 @@
 //! an HTTP/2 connection on which the solver serves LLBBridge for the build. The
 //! frontend hands its result over with `Return` and exits.
 
-use crate::build::{Build, FrontendResult, Solver};
+use crate::build::{Build, FrontendResult};
 use crate::peer::{ExecEvent, ExecInput, ExecSpec, Exporter, Frontend, Worker};
+use crate::solver::Solver;
 use crate::{Error, progress};
 use bytes::Bytes;
 use kiln_proto::moby::buildkit::v1 as ctl;
@@ -270,7 +271,7 @@ async fn run_frontend_process<W: Worker, F: Frontend, E: Exporter>(
     };
     pv.completed = Some(progress::now());
     if let Err(e) = &result {
-        pv.error = e.to_string();
+        pv.error = kiln_proto::status::chain(e);
     }
     build.progress.vertex(pv);
     result

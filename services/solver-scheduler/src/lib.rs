@@ -9,21 +9,34 @@
 //! It never touches files or registries itself: workers, frontends and the
 //! exporter are peers reached through the small traits in [`peer`], whose
 //! real implementations are gRPC clients (`grpc::client`).
+//!
+//! Where things are: [`solver`] runs builds (frontend, solve, export) and
+//! [`build`] holds one build's state; [`solve`] schedules an LLB graph's
+//! vertices, [`step`] runs one, [`inflight`] shares a running vertex between
+//! builds and [`cache`] holds the result records and how cache keys are made;
+//! [`usage`] and [`gc`] are `du`, prune and GC; [`explain`] says why a step
+//! ran; [`frontend_image`] runs frontend images; [`grpc`] is the wire.
 
 pub mod build;
 pub mod cache;
 pub mod explain;
 pub mod frontend_image;
+pub mod gc;
 pub mod grpc;
 pub mod history;
+pub mod inflight;
 pub mod peer;
 pub mod progress;
 pub mod session;
 pub mod solve;
+pub mod solver;
+pub mod step;
 pub mod usage;
 
-pub use build::{BuildRequest, Solver};
+pub use build::BuildRequest;
+pub use solver::Solver;
 
+use kiln_proto::status::Details;
 use std::time::Duration;
 
 /// How the solver is set up.
@@ -57,9 +70,40 @@ impl Default for Config {
     }
 }
 
+/// A peer's failure as it arrived over gRPC: its code, its whole message
+/// (the peer joined its causes before sending it) and the step and source
+/// location it carried in the status details.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Remote {
+    pub code: tonic::Code,
+    pub message: String,
+    pub details: Details,
+}
+
+impl Remote {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
+        Remote {
+            code,
+            message: message.into(),
+            details: Details::default(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Remote {
+    fn from(s: tonic::Status) -> Self {
+        Remote {
+            code: s.code(),
+            message: s.message().to_string(),
+            details: Details::of(&s),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid definition: {0}")]
+    #[error("invalid definition")]
     Definition(#[from] kiln_llb::Error),
     #[error("definition refers to a vertex it does not contain: {0}")]
     MissingVertex(String),
@@ -77,39 +121,71 @@ pub enum Error {
     NotForwarded(String),
     #[error("a build with id {0:?} is already running")]
     DuplicateBuild(String),
-    #[error("{message}")]
-    ClientFrontend { message: String, code: tonic::Code },
+    /// The frontend the client runs returned an error (LLBBridge `Return`).
+    #[error(transparent)]
+    ClientFrontend(Remote),
     #[error("frontend image {image}: {message}")]
     FrontendImage { image: String, message: String },
     #[error("container {0:?}: {1}")]
     Container(String, String),
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
-    #[error("frontend {frontend}: {message}")]
+    /// The frontend service failed (its details, where a step or a
+    /// Dockerfile line is known, pass on to the client).
+    #[error("frontend {frontend}")]
     Frontend {
         frontend: String,
-        message: String,
-        code: tonic::Code,
+        #[source]
+        source: Remote,
     },
+    /// A step of the build failed: `message` is what the client reads (the
+    /// worker's, or the whole chain of a failure here), `details` the
+    /// step's digest and the source lines it came from.
     #[error("{message}")]
     Vertex {
         name: String,
         message: String,
         code: tonic::Code,
-        /// the source lines (e.g. of the Dockerfile) the vertex came from
-        snippet: Option<String>,
+        details: Details,
     },
-    #[error("export to {exporter}: {message}")]
-    Export { exporter: String, message: String },
-    #[error("worker: {0}")]
-    Worker(String),
-    #[error("resolve image config for {reference}: {message}")]
-    Resolve { reference: String, message: String },
-    #[error("session: {0}")]
+    #[error("export to {exporter}")]
+    Export {
+        exporter: String,
+        #[source]
+        source: Remote,
+    },
+    #[error("export to {exporter}: the exporter ended without a result")]
+    ExportNoResult { exporter: String },
+    /// A step the worker ran (or could not run) failed; its message as the
+    /// worker gave it.
+    #[error(transparent)]
+    Run(Remote),
+    /// Another worker call failed.
+    #[error("worker {op}")]
+    Worker {
+        op: String,
+        #[source]
+        source: Remote,
+    },
+    /// The worker answered a call in a way the protocol does not allow.
+    #[error("worker {op}: {problem}")]
+    WorkerReply { op: String, problem: &'static str },
+    /// A worker without this call (only the gRPC worker has them all).
+    #[error("this worker cannot {0}")]
+    Unsupported(&'static str),
+    #[error("resolve image config for {reference}")]
+    Resolve {
+        reference: String,
+        #[source]
+        source: Remote,
+    },
+    #[error("session")]
     Session(#[from] kiln_session::Error),
     #[error("build cancelled")]
     Cancelled,
-    #[error("cache store {op}: {source}")]
+    #[error("cache store task")]
+    StoreTask { source: tokio::task::JoinError },
+    #[error("cache store {op}")]
     CacheStore {
         op: &'static str,
         #[source]
@@ -117,48 +193,124 @@ pub enum Error {
     },
     #[error("filter {filter:?}: {message}")]
     Filter { filter: String, message: String },
+    #[error("duration in filter {filter:?}")]
+    FilterDuration {
+        filter: String,
+        source: kiln_units::Error,
+    },
     #[error("cache record {id}: {message}")]
     CacheRecord { id: String, message: String },
 }
 
-/// gRPC trailer carrying the source lines of a failed step (binary value).
-pub const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
+impl Error {
+    /// The status details the error carries: a failed step's digest and
+    /// source lines, or what a frontend sent.
+    pub fn details(&self) -> Option<&Details> {
+        match self {
+            Error::Vertex { details, .. } => Some(details),
+            Error::Frontend { source, .. } | Error::ClientFrontend(source) => Some(&source.details),
+            _ => None,
+        }
+    }
+}
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if let Error::Vertex {
-            snippet: Some(snippet),
-            message,
-            code,
-            ..
-        } = &e
-        {
-            let mut md = tonic::metadata::MetadataMap::new();
-            md.insert_bin(
-                ERROR_SOURCE_KEY,
-                tonic::metadata::MetadataValue::from_bytes(snippet.as_bytes()),
-            );
-            return tonic::Status::with_metadata(*code, message.clone(), md);
-        }
         let code = match &e {
             Error::Definition(_)
             | Error::MissingVertex(_)
             | Error::UnknownExporter(_)
-            | Error::Filter { .. } => tonic::Code::InvalidArgument,
+            | Error::Filter { .. }
+            | Error::FilterDuration { .. } => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
             Error::ForeignSession { .. } => tonic::Code::PermissionDenied,
             Error::NoSession(_) | Error::NotForwarded(_) => tonic::Code::FailedPrecondition,
             Error::DuplicateBuild(_) => tonic::Code::AlreadyExists,
-            Error::Frontend { code, .. }
-            | Error::Vertex { code, .. }
-            | Error::ClientFrontend { code, .. } => *code,
+            Error::Vertex { code, .. } => *code,
+            Error::Frontend { source, .. } | Error::ClientFrontend(source) | Error::Run(source) => {
+                source.code
+            }
             Error::Cancelled => tonic::Code::Cancelled,
-            Error::Session(_) | Error::Worker(_) | Error::Export { .. } => tonic::Code::Unknown,
-            Error::CacheStore { .. } | Error::CacheRecord { .. } => tonic::Code::Internal,
+            Error::Session(_)
+            | Error::Worker { .. }
+            | Error::WorkerReply { .. }
+            | Error::Export { .. }
+            | Error::ExportNoResult { .. } => tonic::Code::Unknown,
+            Error::Unsupported(_) => tonic::Code::Unimplemented,
+            Error::CacheStore { .. } | Error::CacheRecord { .. } | Error::StoreTask { .. } => {
+                tonic::Code::Internal
+            }
             Error::Resolve { .. } => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
             Error::Container(..) => tonic::Code::NotFound,
         };
-        tonic::Status::new(code, e.to_string())
+        let status = kiln_proto::status::from_error(code, &e);
+        match e.details() {
+            Some(details) => details.attach(status),
+            None => status,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::status::SourceLocation;
+
+    fn details() -> Details {
+        Details {
+            vertex: Some("sha256:abc".into()),
+            sources: vec![SourceLocation {
+                info: kiln_proto::pb::SourceInfo {
+                    filename: "Dockerfile".into(),
+                    data: b"FROM busybox\nRUN false\n".to_vec(),
+                    ..Default::default()
+                },
+                ranges: vec![],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_failed_step_and_a_frontend_failure_carry_their_details() {
+        let step = Error::Vertex {
+            name: "RUN false".into(),
+            message: "process did not complete successfully: exit code: 1".into(),
+            code: tonic::Code::Unknown,
+            details: details(),
+        };
+        let s = tonic::Status::from(step);
+        assert_eq!(
+            s.message(),
+            "process did not complete successfully: exit code: 1"
+        );
+        assert_eq!(Details::of(&s), details());
+        // a frontend's details pass through the solver unchanged, its message
+        // keeps the frontend's whole text
+        let from_frontend = Remote::from(details().attach(tonic::Status::invalid_argument(
+            "dockerfile parse error on line 2: unknown instruction: RUNN",
+        )));
+        let s = tonic::Status::from(Error::Frontend {
+            frontend: "dockerfile.v0".into(),
+            source: from_frontend,
+        });
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "frontend dockerfile.v0: dockerfile parse error on line 2: unknown instruction: RUNN"
+        );
+        assert_eq!(Details::of(&s), details());
+    }
+
+    #[test]
+    fn a_worker_error_keeps_its_whole_message() {
+        let e = Error::Worker {
+            op: "checksum r1".into(),
+            source: tonic::Status::unavailable("dial worker: connection refused").into(),
+        };
+        assert_eq!(
+            tonic::Status::from(e).message(),
+            "worker checksum r1: dial worker: connection refused"
+        );
     }
 }

@@ -69,17 +69,13 @@ pub trait Worker: Send + Sync + 'static {
         include: &str,
     ) -> impl Future<Output = Result<Vec<Stat>, Error>> + Send {
         let _ = (r, path, include);
-        std::future::ready(Err(Error::Worker(
-            "this worker cannot list directories".into(),
-        )))
+        std::future::ready(Err(Error::Unsupported("list directories")))
     }
     /// Prepares an LLBBridge container's mounts on the worker (`spec.op`'s
     /// mounts over `spec.inputs`); returns the worker's id for it.
     fn new_container(&self, spec: ExecSpec) -> impl Future<Output = Result<String, Error>> + Send {
         let _ = spec;
-        std::future::ready(Err(Error::Worker(
-            "this worker cannot hold containers".into(),
-        )))
+        std::future::ready(Err(Error::Unsupported("hold containers")))
     }
     /// Unmounts and discards a container.
     fn release_container(&self, id: &str) -> impl Future<Output = Result<(), Error>> + Send {
@@ -95,9 +91,7 @@ pub trait Worker: Send + Sync + 'static {
         events: tokio::sync::mpsc::Sender<ExecEvent>,
     ) -> impl Future<Output = Result<i32, Error>> + Send {
         let _ = (spec, input, events);
-        std::future::ready(Err(Error::Worker(
-            "this worker cannot run interactive processes".into(),
-        )))
+        std::future::ready(Err(Error::Unsupported("run interactive processes")))
     }
     /// The metadata of one path in `r`.
     fn stat_file(
@@ -106,7 +100,7 @@ pub trait Worker: Send + Sync + 'static {
         path: &str,
     ) -> impl Future<Output = Result<Stat, Error>> + Send {
         let _ = (r, path);
-        std::future::ready(Err(Error::Worker("this worker cannot stat files".into())))
+        std::future::ready(Err(Error::Unsupported("stat files")))
     }
     /// Digest of the content at `selectors` in ref `r`.
     fn checksum(

@@ -1,756 +1,26 @@
-//! Running an LLB graph: every vertex once, each as soon as its inputs are
-//! done (so independent vertices run in parallel), results reused by cache
-//! key.
-//!
-//! A vertex's cache key is the digest of its op bytes combined with the
-//! cache keys of the input outputs it reads. Outputs whose content the
-//! definition does not determine (local sources) are keyed by the content
-//! digest the worker reports.
+//! Solving an LLB graph: every vertex the result needs runs once, each as
+//! soon as its inputs are done (so independent vertices run in parallel),
+//! each in a task of its own; see [`crate::step`] for one vertex and
+//! [`crate::cache`] for the keys that let results be reused.
 
 use crate::Error;
 use crate::build::Build;
-use crate::cache::{CacheRecord, CacheStore, unix_nanos};
-use crate::explain::{FileFact, InputRecord, StepRecord};
-use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
+use crate::cache::key::{definition_key, digest_of};
+use crate::inflight::Joined;
+use crate::peer::Worker;
 use crate::progress::now;
+use crate::step::{Done, Failure, Step, is_local_source};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
-use sha2::{Digest, Sha256};
+use kiln_proto::status::Details;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
-/// The result cache: records in a [`CacheStore`], vertices running now
-/// (shared by every build that needs the same cache key) and memoized
-/// content checksums (snapshots are immutable).
-pub struct Cache {
-    store: Arc<dyn CacheStore>,
-    inflight: Mutex<HashMap<String, Weak<InFlight>>>,
-    checksums: Mutex<HashMap<(String, Vec<Selector>), String>>,
-    /// `max-parallelism`: permits for steps running on workers
-    limit: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-/// A vertex being computed; dropped (and its task aborted) when no build
-/// waits for it any more.
-struct InFlight {
-    fut: Shared<BoxFuture<'static, Result<Outcome, Failure>>>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-#[derive(Clone)]
-struct Outcome {
-    done: Arc<Done>,
-    cached: bool,
-}
-
-impl Cache {
-    pub fn new(store: Arc<dyn CacheStore>) -> Self {
-        Cache {
-            store,
-            inflight: Mutex::new(HashMap::new()),
-            checksums: Mutex::new(HashMap::new()),
-            limit: None,
-        }
-    }
-
-    /// At most `n` steps run on workers at once (cache lookups do not count).
-    pub fn with_parallelism(mut self, n: Option<usize>) -> Self {
-        self.limit = n
-            .filter(|n| *n > 0)
-            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
-        self
-    }
-
-    pub fn store(&self) -> &Arc<dyn CacheStore> {
-        &self.store
-    }
-
-    /// Runs `f` on the store in a blocking thread (redb commits fsync).
-    pub async fn with_store<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn CacheStore) -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Error> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|e| Error::Worker(format!("cache store task: {e}")))?
-    }
-
-    /// Joins the computation of `key` if one is running, else starts `start`.
-    /// Returns the shared computation and whether this caller started it.
-    fn join(
-        &self,
-        key: &str,
-        start: impl FnOnce() -> BoxFuture<'static, Result<Outcome, Failure>>,
-    ) -> (Arc<InFlight>, bool) {
-        let mut map = match self.inflight.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(f) = map.get(key).and_then(Weak::upgrade) {
-            return (f, false);
-        }
-        map.retain(|_, w| w.strong_count() > 0);
-        let handle = tokio::spawn(start());
-        let task = handle.abort_handle();
-        let fut = async move {
-            handle.await.unwrap_or_else(|e| {
-                Err(Failure {
-                    name: String::new(),
-                    message: if e.is_cancelled() {
-                        "build cancelled".into()
-                    } else {
-                        format!("vertex task: {e}")
-                    },
-                    code: tonic::Code::Cancelled,
-                    snippet: None,
-                })
-            })
-        }
-        .boxed()
-        .shared();
-        let f = Arc::new(InFlight { fut, task });
-        map.insert(key.to_string(), Arc::downgrade(&f));
-        (f, true)
-    }
-
-    fn memo(&self, r: &str, sel: &[Selector]) -> Option<String> {
-        self.checksums
-            .lock()
-            .ok()?
-            .get(&(r.to_string(), sel.to_vec()))
-            .cloned()
-    }
-
-    fn remember(&self, r: &str, sel: &[Selector], digest: &str) {
-        if let Ok(mut m) = self.checksums.lock() {
-            if m.len() > 10_000 {
-                m.clear();
-            }
-            m.insert((r.to_string(), sel.to_vec()), digest.to_string());
-        }
-    }
-}
-
-/// A finished vertex: the worker refs of its outputs and one cache key per
-/// output.
-#[derive(Debug)]
-pub struct Done {
-    pub outputs: RunOutputs,
-    pub keys: Vec<String>,
-    /// why the step ran in this build (empty when cached)
-    pub why: Vec<String>,
-}
-
-impl Done {
-    fn output(&self, index: i64) -> (String, String) {
-        let i = usize::try_from(index).unwrap_or(usize::MAX);
-        (
-            self.outputs.refs.get(i).cloned().unwrap_or_default(),
-            self.keys.get(i).cloned().unwrap_or_default(),
-        )
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Failure {
-    name: String,
-    message: String,
-    code: tonic::Code,
-    snippet: Option<String>,
-}
-
-impl From<Failure> for Error {
-    fn from(f: Failure) -> Self {
-        Error::Vertex {
-            name: f.name,
-            message: f.message,
-            code: f.code,
-            snippet: f.snippet,
-        }
-    }
-}
-
-/// The most lines of a vertex's range a snippet shows (the client sends the ranges).
-const SNIPPET_LINES: i64 = 10;
-/// The most bytes of one source line a snippet shows.
-const SNIPPET_LINE_BYTES: usize = 512;
-
-/// The source lines a vertex came from, BuildKit style:
-/// `Dockerfile:4`, a rule, the lines around it with `>>>` marking the
-/// vertex's lines, a rule. Ranges are clamped to the file and to
-/// [`SNIPPET_LINES`], lines to [`SNIPPET_LINE_BYTES`].
-pub fn source_snippet(source: &pb::Source, digest: &str) -> Option<String> {
-    let loc = source.locations.get(digest)?.locations.first()?;
-    let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
-    let range = loc.ranges.first()?;
-    let text = String::from_utf8_lossy(&info.data);
-    let lines: Vec<&str> = text.lines().collect();
-    let count = lines.len() as i64;
-    let start = i64::from(range.start.as_ref()?.line);
-    if start < 1 || start > count.max(1) {
-        return None;
-    }
-    let end =
-        i64::from(range.end.as_ref().map(|p| p.line).unwrap_or(0)).clamp(start, count.max(start));
-    let shown_end = end.min(start + SNIPPET_LINES - 1);
-    let first = (start - 2).max(1);
-    let last = (shown_end + 2).min(count);
-    let mut out = format!(
-        "{}:{}\n--------------------\n",
-        info.filename.chars().take(256).collect::<String>(),
-        if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        }
-    );
-    for n in first..=last {
-        let line = lines.get((n - 1) as usize).copied().unwrap_or("");
-        let mut cut = line.len().min(SNIPPET_LINE_BYTES);
-        while !line.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let mark = if n >= start && n <= end { ">>>" } else { "   " };
-        out.push_str(&format!(" {n:>3} | {mark} {}\n", &line[..cut]));
-        if n == shown_end && shown_end < end {
-            out.push_str(&format!("     | >>> ({} more lines)\n", end - shown_end));
-        }
-    }
-    out.push_str("--------------------");
-    Some(out)
-}
-
-/// Prefix of the log lines that explain why a step ran (`--explain-cache`).
-pub const EXPLAIN_PREFIX: &str = "explain-cache: ";
-
-type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
-
-fn sha(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0u8]);
-    }
-    format!("sha256:{}", hex_encode(&h.finalize()))
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A name for progress output: the frontend's custom name, else one
-/// derived from the op.
-pub fn vertex_name(op: &pb::Op, md: &pb::OpMetadata) -> String {
-    if let Some(n) = md.description.get("llb.customname") {
-        return n.clone();
-    }
-    match &op.op {
-        Some(OpKind::Source(s)) => s.identifier.clone(),
-        Some(OpKind::Exec(e)) => e
-            .meta
-            .as_ref()
-            .map(|m| m.args.join(" "))
-            .unwrap_or_default(),
-        Some(OpKind::File(f)) => {
-            let kinds: Vec<&str> = f
-                .actions
-                .iter()
-                .map(|a| match &a.action {
-                    Some(pb::file_action::Action::Copy(_)) => "copy",
-                    Some(pb::file_action::Action::Mkfile(_)) => "mkfile",
-                    Some(pb::file_action::Action::Mkdir(_)) => "mkdir",
-                    Some(pb::file_action::Action::Rm(_)) => "rm",
-                    Some(pb::file_action::Action::Symlink(_)) => "symlink",
-                    None => "?",
-                })
-                .collect();
-            kinds.join(", ")
-        }
-        Some(OpKind::Merge(_)) => "merge".into(),
-        Some(OpKind::Diff(_)) => "diff".into(),
-        _ => "op".into(),
-    }
-}
-
-/// The part of an op's cache key that comes from its definition: the op
-/// without its input digests (inputs count through their own cache keys) and
-/// without attributes that name the client session rather than content.
-fn definition_key(op: &pb::Op) -> String {
-    use prost::Message;
-    let mut op = op.clone();
-    op.inputs.iter_mut().for_each(|i| i.digest.clear());
-    match &mut op.op {
-        Some(OpKind::Source(s)) => {
-            for k in ["local.session", "local.unique", "local.sharedkeyhint"] {
-                s.attrs.remove(k);
-            }
-        }
-        // proxy settings say how to reach the network, not what the step
-        // produces: changing them re-runs nothing
-        Some(OpKind::Exec(e)) => {
-            if let Some(m) = e.meta.as_mut() {
-                m.proxy_env = None;
-            }
-        }
-        _ => {}
-    }
-    sha(&[&hex_encode(&op.encode_to_vec())])
-}
-
-fn is_local_source(op: &pb::Op) -> bool {
-    matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("local://"))
-}
-
-fn abs_path(p: &str) -> String {
-    if p.starts_with('/') {
-        p.to_string()
-    } else {
-        format!("/{p}")
-    }
-}
-
-/// Per input of `op`: the paths the op reads from it, when it reads only
-/// those paths (copy sources, read-only bind mounts with a selector); `None`
-/// when it depends on the whole input.
-pub fn input_selectors(op: &pb::Op) -> Vec<Option<Vec<Selector>>> {
-    let n = op.inputs.len();
-    let mut whole = vec![false; n];
-    let mut sel: Vec<Vec<Selector>> = vec![Vec::new(); n];
-    let slot = |i: i64| usize::try_from(i).ok().filter(|i| *i < n);
-    match &op.op {
-        Some(OpKind::File(f)) => {
-            for a in &f.actions {
-                if let Some(i) = slot(a.input) {
-                    whole[i] = true;
-                }
-                if let Some(i) = slot(a.secondary_input) {
-                    match &a.action {
-                        Some(pb::file_action::Action::Copy(c)) => sel[i].push(Selector {
-                            path: abs_path(&c.src),
-                            wildcard: c.allow_wildcard,
-                            follow_links: c.follow_symlink,
-                        }),
-                        _ => whole[i] = true,
-                    }
-                }
-            }
-        }
-        Some(OpKind::Exec(e)) => {
-            for m in &e.mounts {
-                let Some(i) = slot(m.input) else { continue };
-                let bind = m.mount_type == pb::MountType::Bind as i32;
-                if bind && m.readonly && m.output < 0 && !m.selector.is_empty() && m.selector != "/"
-                {
-                    sel[i].push(Selector {
-                        path: abs_path(&m.selector),
-                        wildcard: false,
-                        follow_links: true,
-                    });
-                } else {
-                    whole[i] = true;
-                }
-            }
-        }
-        _ => whole.iter_mut().for_each(|w| *w = true),
-    }
-    whole
-        .into_iter()
-        .zip(sel)
-        .map(|(w, mut s)| {
-            if w || s.is_empty() {
-                None
-            } else {
-                s.sort();
-                s.dedup();
-                Some(s)
-            }
-        })
-        .collect()
-}
-
-/// What one vertex needs to run, owned so it can run in its own task.
-struct Step<W> {
-    worker: Arc<W>,
-    cache: Arc<Cache>,
-    build: Arc<Build>,
-    digest: String,
-    op: pb::Op,
-    op_bytes: Vec<u8>,
-    name: String,
-    ignore_cache: bool,
-    /// look results up (false with --no-cache / ignore_cache)
-    lookup: bool,
-    inputs: Vec<(String, String)>,
-    def_key: String,
-    key: String,
-    pv: ProgressVertex,
-    /// the step's identity across builds (cache-miss explanations)
-    shape: String,
-    /// per input: name of the step that produced it, whether that is a
-    /// local source, and its first reason for running in this build
-    input_from: Vec<(String, bool, Option<String>)>,
-}
-
-impl<W: Worker> Step<W> {
-    fn fail(&self, message: String, code: tonic::Code) -> Failure {
-        Failure {
-            name: self.name.clone(),
-            message,
-            code,
-            snippet: None,
-        }
-    }
-
-    fn store_err(&self, e: Error) -> Failure {
-        self.fail(e.to_string(), tonic::Code::Internal)
-    }
-
-    /// A record that may be used: its refs still exist on the worker.
-    /// A record whose refs are gone is removed.
-    async fn usable(&self, key: &str) -> Result<Option<CacheRecord>, Failure> {
-        let k = key.to_string();
-        let Some(rec) = self
-            .cache
-            .with_store(move |s| s.get(&k))
-            .await
-            .map_err(|e| self.store_err(e))?
-        else {
-            return Ok(None);
-        };
-        let refs: Vec<String> = rec.refs.iter().filter(|r| !r.is_empty()).cloned().collect();
-        let present = if refs.is_empty() {
-            true
-        } else {
-            match self.worker.exists(&refs).await {
-                Ok(v) => v.len() == refs.len() && v.iter().all(|x| *x),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "cache hit not verified; running the step");
-                    return Ok(None);
-                }
-            }
-        };
-        if !present {
-            tracing::info!(key, record = %rec.id, "cached result is gone from the worker; dropping the record");
-            let id = rec.id.clone();
-            self.cache
-                .with_store(move |s| s.remove(&id))
-                .await
-                .map_err(|e| self.store_err(e))?;
-            return Ok(None);
-        }
-        Ok(Some(rec))
-    }
-
-    /// The content key: like the fast key, but inputs the op reads only at
-    /// some paths count through a checksum of those paths. `None` when the
-    /// op reads every input whole.
-    async fn content_key(&self) -> Result<Option<String>, Failure> {
-        let sels = input_selectors(&self.op);
-        if sels.iter().all(Option::is_none) {
-            return Ok(None);
-        }
-        let mut parts = vec![self.def_key.clone()];
-        for ((r, key), sel) in self.inputs.iter().zip(sels) {
-            match sel {
-                Some(sel) if !r.is_empty() => {
-                    let digest = match self.cache.memo(r, &sel) {
-                        Some(d) => d,
-                        None => {
-                            let d = self.worker.checksum(r, &sel).await.map_err(|e| {
-                                self.fail(
-                                    format!("failed to compute cache key: {e}"),
-                                    tonic::Code::Unknown,
-                                )
-                            })?;
-                            self.cache.remember(r, &sel, &d);
-                            d
-                        }
-                    };
-                    parts.push(format!("content:{digest}"));
-                }
-                _ => parts.push(key.clone()),
-            }
-        }
-        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        Ok(Some(sha(&refs)))
-    }
-
-    fn hit(&self, rec: CacheRecord) -> Outcome {
-        Outcome {
-            done: Arc::new(Done {
-                outputs: RunOutputs {
-                    refs: rec.refs,
-                    content_keys: vec![],
-                },
-                keys: rec.output_keys,
-                why: vec![],
-            }),
-            cached: true,
-        }
-    }
-
-    /// What went into this step's cache key (see [`crate::explain`]); the
-    /// files it reads are listed only when the build asked for explanations.
-    async fn step_record(&self) -> StepRecord {
-        let sels = input_selectors(&self.op);
-        let mut inputs = Vec::new();
-        for (i, ((r, key), sel)) in self.inputs.iter().zip(sels).enumerate() {
-            let (from, from_local) = self
-                .input_from
-                .get(i)
-                .map(|x| (x.0.clone(), x.1))
-                .unwrap_or_default();
-            let content = sel
-                .as_ref()
-                .filter(|_| !r.is_empty())
-                .and_then(|s| self.cache.memo(r, s));
-            let list = sel.or_else(|| {
-                from_local.then(|| {
-                    vec![Selector {
-                        path: "/".into(),
-                        wildcard: false,
-                        follow_links: false,
-                    }]
-                })
-            });
-            let files = match list {
-                Some(sel) if self.build.explain && !r.is_empty() => {
-                    match self.worker.path_entries(r, &sel).await {
-                        Ok(entries) => Some(
-                            entries
-                                .into_iter()
-                                .map(|e| {
-                                    (
-                                        e.path,
-                                        FileFact {
-                                            content: e.content,
-                                            mode: e.mode,
-                                            uid: e.uid,
-                                            gid: e.gid,
-                                        },
-                                    )
-                                })
-                                .collect(),
-                        ),
-                        Err(e) => {
-                            tracing::warn!(vertex = %self.digest, error = %e, "paths not listed");
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
-            inputs.push(InputRecord {
-                key: key.clone(),
-                from,
-                content,
-                files,
-            });
-        }
-        StepRecord {
-            name: self.name.clone(),
-            op: crate::explain::op_facts(&self.op),
-            inputs,
-            build_args: self.build.build_args.clone(),
-        }
-    }
-
-    /// On a hit in a build that asked for explanations: records the step
-    /// with the files it reads when its stored record has none (it last ran
-    /// without `--explain-cache`), so its next miss can name files.
-    async fn backfill_record(&self) {
-        if !self.build.explain || is_local_source(&self.op) {
-            return;
-        }
-        let sels = input_selectors(&self.op);
-        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-        let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        let lacks = prev.is_none_or(|p| {
-            p.inputs.iter().enumerate().any(|(i, inp)| {
-                let reads = sels.get(i).is_some_and(Option::is_some)
-                    || self.input_from.get(i).is_some_and(|x| x.1);
-                reads && inp.files.is_none()
-            })
-        });
-        if !lacks {
-            return;
-        }
-        let rec = self.step_record().await;
-        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
-        {
-            tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
-        }
-    }
-
-    /// Looks the vertex up (fast key, then content key) and runs it on a miss.
-    async fn execute(self) -> Result<Outcome, Failure> {
-        let t0 = std::time::Instant::now();
-        if self.lookup
-            && let Some(rec) = self.usable(&self.key).await?
-        {
-            let id = rec.id.clone();
-            self.cache
-                .with_store(move |s| s.touch(&id))
-                .await
-                .map_err(|e| self.store_err(e))?;
-            self.backfill_record().await;
-            return Ok(self.hit(rec));
-        }
-        let content_key = if self.ignore_cache {
-            None
-        } else {
-            self.content_key().await?
-        };
-        if self.lookup
-            && let Some(ck) = &content_key
-            && let Some(rec) = self.usable(ck).await?
-        {
-            let (id, key) = (rec.id.clone(), self.key.clone());
-            self.cache
-                .with_store(move |s| s.link(&id, &key))
-                .await
-                .map_err(|e| self.store_err(e))?;
-            self.backfill_record().await;
-            return Ok(self.hit(rec));
-        }
-        let build = self.build.clone();
-        build.progress.vertex(self.pv.clone());
-        let local = is_local_source(&self.op);
-        let (record, why) = if local {
-            (None, vec![])
-        } else {
-            let rec = self.step_record().await;
-            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-            let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-            let mut why = if self.lookup {
-                crate::explain::explain(prev.as_ref(), &rec, &|i| {
-                    self.input_from.get(i).and_then(|x| x.2.clone())
-                })
-            } else {
-                vec!["cache lookups are off (--no-cache or ignore-cache)".to_string()]
-            };
-            if self.build.explain {
-                for w in &why {
-                    build.progress.log(
-                        &self.digest,
-                        2,
-                        format!("{EXPLAIN_PREFIX}{w}\n").into_bytes(),
-                    );
-                }
-            }
-            why.truncate(1);
-            (Some(rec), why)
-        };
-        let vdigest = self.digest.clone();
-        let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
-            RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
-            RunEvent::Progress {
-                id,
-                current,
-                total,
-                completed,
-            } => build
-                .progress
-                .status(&vdigest, id, current, total, completed),
-        });
-        let t_lookup = t0.elapsed();
-        let _permit = match &self.cache.limit {
-            Some(s) => Some(s.clone().acquire_owned().await.map_err(|e| {
-                self.fail(format!("parallelism limit: {e}"), tonic::Code::Internal)
-            })?),
-            None => None,
-        };
-        let outputs = self
-            .worker
-            .run(
-                RunOp {
-                    build_id: self.build.id.clone(),
-                    session_id: self.build.session_id.clone(),
-                    session_shared_key: self.build.shared_key(),
-                    digest: self.digest.clone(),
-                    op_bytes: self.op_bytes.clone(),
-                    inputs: self.inputs.iter().map(|(r, _)| r.clone()).collect(),
-                    name: self.name.clone(),
-                    entitlements: self.build.entitlements.clone(),
-                },
-                events,
-            )
-            .await
-            .map_err(|e| match e {
-                Error::Vertex { message, code, .. } => self.fail(message, code),
-                other => self.fail(other.to_string(), tonic::Code::Unknown),
-            })?;
-        let t_run = t0.elapsed();
-        if let Some(rec) = record {
-            let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
-            {
-                tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
-            }
-        }
-        let base = content_key.clone().unwrap_or_else(|| self.key.clone());
-        let keys: Vec<String> = (0..outputs.refs.len())
-            .map(
-                |i| match outputs.content_keys.get(i).filter(|k| !k.is_empty()) {
-                    Some(ck) => sha(&[self.def_key.as_str(), ck.as_str()]),
-                    // content unknown: nothing downstream may be reused
-                    None if local => sha(&[&uuid::Uuid::new_v4().to_string()]),
-                    None => sha(&[base.as_str(), &i.to_string()]),
-                },
-            )
-            .collect();
-        if !self.ignore_cache && !local {
-            let now = unix_nanos();
-            let mut links = vec![self.key.clone()];
-            links.extend(content_key.filter(|ck| *ck != self.key));
-            let rec = CacheRecord {
-                id: base,
-                worker: self.worker.address(),
-                refs: outputs.refs.clone(),
-                output_keys: keys.clone(),
-                links,
-                description: self.name.clone(),
-                created: now,
-                last_used: now,
-                usage_count: 1,
-                size: None,
-            };
-            if let Err(e) = self.cache.with_store(move |s| s.put(&rec)).await {
-                tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
-            }
-        }
-        tracing::debug!(
-            target: "kiln_timing",
-            "step {}: lookup {} ms, worker run {} ms, records {} ms",
-            self.digest,
-            t_lookup.as_millis(),
-            (t_run - t_lookup).as_millis(),
-            (t0.elapsed() - t_run).as_millis()
-        );
-        Ok(Outcome {
-            done: Arc::new(Done { outputs, keys, why }),
-            cached: false,
-        })
-    }
-}
+// fuzz/ reaches these through `solve`
+pub use crate::cache::Cache;
+pub use crate::cache::key::input_selectors;
+pub use crate::step::{EXPLAIN_PREFIX, source_location, source_snippet, vertex_name};
 
 /// The exec and file ops whose output (the index given) is a new layer of the
 /// result's image: the result, then each exec's root mount input and each
@@ -823,6 +93,44 @@ fn image_chain(graph: &kiln_llb::Graph) -> HashMap<String, i64> {
     out
 }
 
+/// A step's name as the steps after it name their inputs, and whether it is
+/// a local source.
+#[derive(Clone, Default)]
+struct Label {
+    name: String,
+    local: bool,
+}
+
+/// Where an input of a step came from (cache-miss explanations).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct InputOrigin {
+    /// the name of the step that produced it
+    pub(crate) step: String,
+    /// that step is a local source (its files are listed, not its definition)
+    pub(crate) local: bool,
+    /// that step's first reason for running in this build (none: cached)
+    pub(crate) why: Option<String>,
+}
+
+/// A vertex's output, once its task is done.
+type VertexFuture = Shared<BoxFuture<'static, Result<Arc<Done>, Failure>>>;
+
+/// What the vertex tasks of one solve share.
+struct GraphRun<W> {
+    worker: Arc<W>,
+    cache: Arc<Cache>,
+    build: Arc<Build>,
+    /// with an image export: the vertices whose output (the index) is a
+    /// layer of the result, computed as soon as its step has run
+    eager: HashMap<String, i64>,
+    /// the definition's source map (snippets are made for the step that
+    /// fails, not ahead for every step)
+    source: Option<pb::Source>,
+    labels: HashMap<String, Label>,
+    /// each vertex's identity across builds (see [`crate::explain::shape`])
+    shapes: HashMap<String, String>,
+}
+
 /// Solves `def` for `build` and returns the worker ref of its result
 /// (empty for scratch).
 pub async fn solve<W: Worker>(
@@ -835,7 +143,48 @@ pub async fn solve<W: Worker>(
     let Some(result) = graph.result.clone() else {
         return Ok(String::new());
     };
-    // the LLB names the session a local source syncs from: only this build's own
+    check_local_sessions(&graph, &build)?;
+    let needed = reachable(&graph, &result.digest);
+    let run = Arc::new(GraphRun::new(worker, cache, build, &graph));
+    // only what the result needs runs; each vertex is a task of its own that awaits
+    // its inputs' tasks, so no poll or drop nests deeper than one level however long
+    // the chain (a 100,000-op chain would otherwise overflow the stack)
+    let mut tasks = AbortOnDrop(Vec::new());
+    let mut futs: HashMap<String, VertexFuture> = HashMap::new();
+    for v in graph.vertices {
+        if !needed.contains(&v.digest) {
+            continue;
+        }
+        let inputs: Vec<(VertexFuture, i64)> =
+            v.op.inputs
+                .iter()
+                .map(|i| {
+                    futs.get(&i.digest)
+                        .cloned()
+                        .map(|f| (f, i.index))
+                        .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
+                })
+                .collect::<Result<_, _>>()?;
+        let digest = v.digest.clone();
+        let task = tokio::spawn(run.clone().vertex(v, inputs));
+        tasks.0.push(task.abort_handle());
+        let fut = async move {
+            task.await
+                .unwrap_or_else(|e| Err(Failure::task_ended("step task", &e)))
+        };
+        futs.insert(digest, fut.boxed().shared());
+    }
+    let fut = futs
+        .get(&result.digest)
+        .cloned()
+        .ok_or_else(|| Error::MissingVertex(result.digest.clone()))?;
+    drop(futs);
+    let done = fut.await.map_err(Error::from)?;
+    Ok(done.output(result.index).r#ref)
+}
+
+/// The LLB names the session a local source syncs from: only this build's own.
+fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Error> {
     for v in &graph.vertices {
         if let Some(OpKind::Source(s)) = &v.op.op
             && is_local_source(&v.op)
@@ -849,199 +198,184 @@ pub async fn solve<W: Worker>(
             });
         }
     }
-    let mut futs: HashMap<String, VertexFuture> = HashMap::new();
-    // with an image export, each layer of the result is computed as soon as
-    // its step has run, alongside the steps after it
-    let eager: Arc<HashMap<String, i64>> = Arc::new(match build.eager_layers {
-        Some(_) => image_chain(&graph),
-        None => HashMap::new(),
-    });
-    // snippets are made for the step that fails, not ahead for every step
-    let source = graph.source.clone().map(Arc::new);
-    let scope = build.scope();
-    let names: HashMap<String, (String, bool)> = graph
-        .vertices
-        .iter()
-        .map(|v| {
-            // a local source is named by its local dir ("context")
-            let name = match &v.op.op {
-                Some(OpKind::Source(s)) if is_local_source(&v.op) => {
-                    s.identifier.trim_start_matches("local://").to_string()
-                }
-                _ => vertex_name(&v.op, &v.metadata),
-            };
-            (v.digest.clone(), (name, is_local_source(&v.op)))
-        })
-        .collect();
-    let shapes: HashMap<String, String> = graph
-        .vertices
-        .iter()
-        .map(|v| {
-            let name = names.get(&v.digest).map(|n| n.0.as_str()).unwrap_or("");
-            (
-                v.digest.clone(),
-                crate::explain::shape(&scope, &graph, &v.digest, &v.op, name),
-            )
-        })
-        .collect();
-    // only what the result needs runs; each vertex is a task of its own that awaits
-    // its inputs' tasks, so no poll or drop nests deeper than one level however long
-    // the chain (a 100,000-op chain would otherwise overflow the stack)
-    let needed = reachable(&graph, &result.digest);
-    let mut tasks = AbortOnDrop(Vec::new());
-    for v in graph.vertices {
-        if !needed.contains(&v.digest) {
-            continue;
-        }
-        let source = source.clone();
-        let shape = shapes.get(&v.digest).cloned().unwrap_or_default();
-        let input_names: Vec<(String, bool)> =
-            v.op.inputs
-                .iter()
-                .map(|i| names.get(&i.digest).cloned().unwrap_or_default())
-                .collect();
-        let inputs: Vec<(VertexFuture, i64)> =
-            v.op.inputs
-                .iter()
-                .map(|i| {
-                    futs.get(&i.digest)
-                        .cloned()
-                        .map(|f| (f, i.index))
-                        .ok_or_else(|| Error::MissingVertex(i.digest.clone()))
-                })
-                .collect::<Result<_, _>>()?;
-        let worker = worker.clone();
-        let cache = cache.clone();
-        let build = build.clone();
-        let vertex_digest = v.digest.clone();
-        let eager = eager.clone();
-        let fut = async move {
-            let layers_of = eager
-                .get(&v.digest)
-                .copied()
-                .zip(build.eager_layers.clone());
-            let layer_worker = worker.clone();
-            let name = vertex_name(&v.op, &v.metadata);
-            let mut done_inputs = Vec::new();
-            let mut input_from = Vec::new();
-            for (r, (from, local)) in futures::future::join_all(inputs.iter().map(|(f, idx)| {
-                let f = f.clone();
-                let idx = *idx;
-                async move { f.await.map(|d| (d.output(idx), d.why.first().cloned())) }
-            }))
-            .await
-            .into_iter()
-            .zip(input_names)
-            {
-                let (out, why) = r?;
-                done_inputs.push(out);
-                input_from.push((from, local, why));
-            }
-            let input_digests: Vec<String> = v.op.inputs.iter().map(|i| i.digest.clone()).collect();
-            let def_key = definition_key(&v.op);
-            let mut parts: Vec<&str> = vec![def_key.as_str()];
-            for (_, key) in &done_inputs {
-                parts.push(key.as_str());
-            }
-            let key = sha(&parts);
-            let local = is_local_source(&v.op);
-            let lookup = !v.metadata.ignore_cache && !build.no_cache && !local;
-            let started = now();
-            let mut pv = ProgressVertex {
-                digest: v.digest.clone(),
-                inputs: input_digests,
-                name: name.clone(),
-                started: Some(started),
-                ..Default::default()
-            };
-            let step = Step {
-                worker,
-                cache: cache.clone(),
-                build: build.clone(),
-                digest: v.digest.clone(),
-                op: v.op.clone(),
-                op_bytes: v.bytes.clone(),
-                name: name.clone(),
-                ignore_cache: v.metadata.ignore_cache,
-                lookup,
-                inputs: done_inputs,
-                def_key,
-                key: key.clone(),
-                pv: pv.clone(),
-                shape,
-                input_from,
-            };
-            // identical vertices of concurrent builds run once; vertices
-            // that must not be shared run in this build's own task
-            let (flight, leader) = if lookup {
-                cache.join(&key, move || step.execute().boxed())
-            } else {
-                cache.join(&format!("unshared:{}", uuid::Uuid::new_v4()), move || {
-                    step.execute().boxed()
-                })
-            };
-            let res = flight.fut.clone().await;
-            pv.completed = Some(now());
-            match res {
-                Ok(o) => {
-                    pv.cached = o.cached || !leader;
-                    let ran = !pv.cached;
-                    build.progress.vertex(pv);
-                    if let Some((index, spec)) = layers_of
-                        && ran
-                    {
-                        let r = o.done.output(index).0;
-                        if !r.is_empty() {
-                            tokio::spawn(async move {
-                                if let Err(e) = layer_worker.prepare_layers(&r, &spec).await {
-                                    tracing::debug!(error = %e, "layers ahead of the export");
-                                }
-                            });
-                        }
+    Ok(())
+}
+
+impl<W: Worker> GraphRun<W> {
+    fn new(worker: Arc<W>, cache: Arc<Cache>, build: Arc<Build>, graph: &kiln_llb::Graph) -> Self {
+        let labels: HashMap<String, Label> = graph
+            .vertices
+            .iter()
+            .map(|v| {
+                let local = is_local_source(&v.op);
+                // a local source is named by its local dir ("context")
+                let name = match &v.op.op {
+                    Some(OpKind::Source(s)) if local => {
+                        s.identifier.trim_start_matches("local://").to_string()
                     }
-                    Ok(o.done)
-                }
-                Err(mut f) => {
-                    pv.error = f.message.clone();
-                    build.progress.vertex(pv);
-                    f.name = name;
-                    f.snippet = source.and_then(|s| source_snippet(&s, &v.digest));
-                    Err(f)
-                }
-            }
-        };
-        let task = tokio::spawn(fut);
-        tasks.0.push(task.abort_handle());
-        let fut = async move {
-            task.await.unwrap_or_else(|e| {
-                Err(Failure {
-                    name: String::new(),
-                    message: format!("step task ended: {e}"),
-                    code: tonic::Code::Internal,
-                    snippet: None,
-                })
+                    _ => vertex_name(&v.op, &v.metadata),
+                };
+                (v.digest.clone(), Label { name, local })
             })
+            .collect();
+        let scope = build.scope();
+        let shapes = graph
+            .vertices
+            .iter()
+            .map(|v| {
+                let name = labels.get(&v.digest).map(|l| l.name.as_str()).unwrap_or("");
+                let shape = crate::explain::shape(&scope, graph, &v.digest, &v.op, name);
+                (v.digest.clone(), shape)
+            })
+            .collect();
+        let eager = match build.eager_layers {
+            Some(_) => image_chain(graph),
+            None => HashMap::new(),
+        };
+        GraphRun {
+            worker,
+            cache,
+            build,
+            eager,
+            source: graph.source.clone(),
+            labels,
+            shapes,
         }
-        .boxed()
-        .shared();
-        futs.insert(vertex_digest, fut);
     }
-    let fut = futs
-        .get(&result.digest)
-        .cloned()
-        .ok_or_else(|| Error::MissingVertex(result.digest.clone()))?;
-    drop(futs);
-    let done = fut.await.map_err(Error::from)?;
-    Ok(done.output(result.index).0)
+
+    /// One vertex, once its inputs are done: looked up or run (shared with
+    /// concurrent builds that need the same key), shown in the build's
+    /// progress, and on failure named with the source lines it came from.
+    async fn vertex(
+        self: Arc<Self>,
+        v: kiln_llb::Vertex,
+        inputs: Vec<(VertexFuture, i64)>,
+    ) -> Result<Arc<Done>, Failure> {
+        let name = vertex_name(&v.op, &v.metadata);
+        let step = self.step(&v, name.clone(), inputs).await?;
+        let mut pv = step.pv.clone();
+        // identical vertices of concurrent builds run once; vertices
+        // that must not be shared run in this build's own task
+        let key = if step.lookup {
+            step.key.clone()
+        } else {
+            format!("unshared:{}", uuid::Uuid::new_v4())
+        };
+        let Joined { flight, leader } = self.cache.join(&key, move || step.execute().boxed());
+        let res = flight.fut.clone().await;
+        pv.completed = Some(now());
+        match res {
+            Ok(o) => {
+                pv.cached = o.cached || !leader;
+                let ran = !pv.cached;
+                self.build.progress.vertex(pv);
+                if ran {
+                    self.prepare_layers(&v.digest, &o.done);
+                }
+                Ok(o.done)
+            }
+            Err(mut f) => {
+                pv.error = f.message.clone();
+                self.build.progress.vertex(pv);
+                f.name = name;
+                f.details = Details {
+                    vertex: Some(v.digest.clone()),
+                    sources: self
+                        .source
+                        .as_ref()
+                        .and_then(|s| source_location(s, &v.digest))
+                        .into_iter()
+                        .collect(),
+                };
+                Err(f)
+            }
+        }
+    }
+
+    /// The step of `v` once its inputs are done, with its cache key.
+    async fn step(
+        &self,
+        v: &kiln_llb::Vertex,
+        name: String,
+        inputs: Vec<(VertexFuture, i64)>,
+    ) -> Result<Step<W>, Failure> {
+        let outputs = futures::future::join_all(inputs.into_iter().map(|(f, idx)| async move {
+            f.await.map(|d| (d.output(idx), d.why.first().cloned()))
+        }))
+        .await;
+        let mut done_inputs = Vec::new();
+        let mut input_from = Vec::new();
+        for (r, i) in outputs.into_iter().zip(&v.op.inputs) {
+            let (out, why) = r?;
+            done_inputs.push(out);
+            let label = self.labels.get(&i.digest).cloned().unwrap_or_default();
+            input_from.push(InputOrigin {
+                step: label.name,
+                local: label.local,
+                why,
+            });
+        }
+        let def_key = definition_key(&v.op);
+        let mut parts: Vec<&str> = vec![def_key.as_str()];
+        parts.extend(done_inputs.iter().map(|i| i.key.as_str()));
+        let key = digest_of(&parts);
+        let local = is_local_source(&v.op);
+        let pv = ProgressVertex {
+            digest: v.digest.clone(),
+            inputs: v.op.inputs.iter().map(|i| i.digest.clone()).collect(),
+            name: name.clone(),
+            started: Some(now()),
+            ..Default::default()
+        };
+        Ok(Step {
+            worker: self.worker.clone(),
+            cache: self.cache.clone(),
+            build: self.build.clone(),
+            digest: v.digest.clone(),
+            op: v.op.clone(),
+            op_bytes: v.bytes.clone(),
+            name,
+            ignore_cache: v.metadata.ignore_cache,
+            lookup: !v.metadata.ignore_cache && !self.build.no_cache && !local,
+            inputs: done_inputs,
+            def_key,
+            key,
+            pv,
+            shape: self.shapes.get(&v.digest).cloned().unwrap_or_default(),
+            input_from,
+        })
+    }
+
+    /// With an image export, the layer a step that ran makes is computed
+    /// now, alongside the steps after it. Best effort and not tied to this
+    /// solve: the export, after it, is what uses the layer.
+    fn prepare_layers(&self, digest: &str, done: &Done) {
+        let (Some(index), Some(spec)) = (self.eager.get(digest), &self.build.eager_layers) else {
+            return;
+        };
+        let r = done.output(*index).r#ref;
+        if r.is_empty() {
+            return;
+        }
+        let (worker, spec) = (self.worker.clone(), spec.clone());
+        tokio::spawn(async move {
+            if let Err(e) = worker.prepare_layers(&r, &spec).await {
+                tracing::debug!(error = %e, "layers ahead of the export");
+            }
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::build::BuildRequest;
+    use crate::cache::key::input_selectors;
     use crate::cache::{MemoryStore, RedbStore};
     use crate::peer::WorkerUsage;
+    use crate::peer::{RunEvent, RunOp, RunOutputs, Selector};
     use std::collections::{BTreeMap, HashSet};
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -1115,7 +449,9 @@ mod tests {
                 .iter()
                 .map(|s| format!("{}={:?}", s.path, files.get(&s.path)))
                 .collect();
-            Ok(sha(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
+            Ok(digest_of(
+                &parts.iter().map(String::as_str).collect::<Vec<_>>(),
+            ))
         }
         async fn path_entries(
             &self,
@@ -1553,78 +889,5 @@ mod tests {
         let sels = input_selectors(&exec);
         assert!(sels[0].is_none());
         assert_eq!(sels[1].as_ref().map(|s| s[0].path.as_str()), Some("/app"));
-    }
-
-    #[test]
-    fn proxy_settings_are_not_part_of_a_steps_definition_key() {
-        let exec = |proxy: Option<&str>| pb::Op {
-            op: Some(OpKind::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
-                    proxy_env: proxy.map(|p| pb::ProxyEnv {
-                        http_proxy: p.into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let base = definition_key(&exec(None));
-        assert_eq!(base, definition_key(&exec(Some("http://a:1"))));
-        assert_eq!(base, definition_key(&exec(Some("http://b:2"))));
-        let mut other = exec(None);
-        if let Some(OpKind::Exec(e)) = &mut other.op {
-            e.meta.as_mut().expect("meta").args[2] = "false".into();
-        }
-        assert_ne!(base, definition_key(&other), "the command still counts");
-    }
-
-    #[test]
-    fn snippets_clamp_the_clients_ranges() {
-        let source = |start: i32, end: i32, lines: usize| {
-            let data: String = (1..=lines).map(|n| format!("line {n}\n")).collect();
-            let mut s = pb::Source {
-                infos: vec![pb::SourceInfo {
-                    filename: "Dockerfile".into(),
-                    data: data.into_bytes(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            s.locations.insert(
-                "v".into(),
-                pb::Locations {
-                    locations: vec![pb::Location {
-                        source_index: 0,
-                        ranges: vec![pb::Range {
-                            start: Some(pb::Position {
-                                line: start,
-                                character: 0,
-                            }),
-                            end: Some(pb::Position {
-                                line: end,
-                                character: 0,
-                            }),
-                        }],
-                    }],
-                },
-            );
-            s
-        };
-        let ok = source_snippet(&source(3, 3, 5), "v").expect("snippet");
-        assert!(ok.starts_with("Dockerfile:3\n"), "{ok}");
-        assert!(ok.contains("   3 | >>> line 3"), "{ok}");
-        assert!(ok.contains("   5 |     line 5"), "{ok}");
-        // whole-file and past-the-end ranges show a bounded number of lines
-        let long = source_snippet(&source(1, i32::MAX, 100_000), "v").expect("snippet");
-        assert!(long.lines().count() < 20, "{long}");
-        assert!(long.contains("more lines"), "{long}");
-        for (start, end) in [(i32::MIN, i32::MAX), (i32::MAX, i32::MIN), (0, 0), (-5, 2)] {
-            assert!(source_snippet(&source(start, end, 5), "v").is_none());
-        }
-        assert!(source_snippet(&source(6, 9, 5), "v").is_none());
-        assert!(source_snippet(&source(5, i32::MAX, 5), "v").is_some());
     }
 }

@@ -7,7 +7,8 @@
 //! match if any does. A cond is `key==value` (or `key=value`), `key!=value`,
 //! `key~=regex`, or a bare `key` for the flags `inuse`, `shared`, `private`,
 //! `mutable`, `immutable`. Keys: `id`, `type`, `description`, `parents`,
-//! plus `until=<duration>` (only items last used longer ago than that).
+//! plus `until=<duration>` (a Go duration, `24h`: only items last used
+//! longer ago than that).
 
 use crate::Error;
 use std::time::Duration;
@@ -102,7 +103,13 @@ impl Filter {
                     if op != Op::Eq {
                         return Err(bad(f, "until takes a duration: until=24h"));
                     }
-                    out.until = Some(parse_duration(&value).map_err(|m| bad(f, &m))?);
+                    let until = kiln_units::parse_duration(&value).map_err(|source| {
+                        Error::FilterDuration {
+                            filter: f.to_string(),
+                            source,
+                        }
+                    })?;
+                    out.until = Some(until);
                     continue;
                 }
                 let known = if op == Op::Flag {
@@ -230,66 +237,8 @@ pub fn select(items: &[UsageItem], opts: &PruneOptions, now: i64) -> Vec<UsageIt
     out
 }
 
-/// `24h`, `90m`, `1h30m`, `45s`, `2d`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let mut total = Duration::ZERO;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let mut unit = c.to_string();
-        while let Some(n) = chars.peek().filter(|n| n.is_ascii_alphabetic()) {
-            unit.push(*n);
-            chars.next();
-        }
-        let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        num.clear();
-        let secs = match unit.as_str() {
-            "d" => 86_400.0,
-            "h" => 3_600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 0.001,
-            _ => return Err(format!("invalid duration unit {unit:?} in {s:?}")),
-        };
-        total += Duration::from_secs_f64(n * secs);
-    }
-    if !num.is_empty() {
-        return Err(format!("duration {s:?} needs a unit (d, h, m, s)"));
-    }
-    Ok(total)
-}
-
-/// Sizes as buildkitd.toml writes them: `10GB`, `512MB`, `1.5GiB`, `4096`
-/// (bytes), decimal and binary units.
-pub fn parse_size(s: &str) -> Result<i64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: f64 = n.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "ki" | "kib" => 1024.0,
-        "mi" | "mib" => 1024f64.powi(2),
-        "gi" | "gib" => 1024f64.powi(3),
-        "ti" | "tib" => 1024f64.powi(4),
-        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
-    };
-    Ok((n * mult) as i64)
-}
+/// kilnd.toml's GC values are read with these (cmd/kilnd names them here).
+pub use kiln_units::{parse_duration, parse_size};
 
 #[cfg(test)]
 mod tests {
@@ -384,14 +333,14 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1.5kb"), Ok(1500));
-        assert!(parse_size("3 parsecs").is_err());
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("10").is_err());
+    fn until_takes_a_go_duration() {
+        assert_eq!(f(&["until=1h30m"]).until, Some(Duration::from_secs(5400)));
+        assert_eq!(f(&["until=500ms"]).until, Some(Duration::from_millis(500)));
+        let err = Filter::parse(&["until=10".to_string()]).expect_err("no unit");
+        assert!(matches!(err, Error::FilterDuration { .. }), "{err}");
+        assert!(
+            Filter::parse(&["until=2d".to_string()]).is_err(),
+            "Go has no days"
+        );
     }
 }

@@ -128,20 +128,8 @@ impl From<Error> for Status {
             | Error::Oci { .. }
             | Error::Join { .. } => Code::Internal,
         };
-        Status::new(code, error_chain(&e))
+        kiln_proto::status::from_error(code, &e)
     }
-}
-
-/// "a: b: c" from an error and its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 #[cfg(test)]

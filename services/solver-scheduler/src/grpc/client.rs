@@ -17,12 +17,12 @@ use tonic::transport::Channel;
 
 const MAX_MESSAGE: usize = 64 << 20;
 
-fn status_error(what: &str, s: tonic::Status) -> Error {
-    Error::Vertex {
-        name: what.to_string(),
-        message: s.message().to_string(),
-        code: s.code(),
-        snippet: None,
+/// A failed worker call: `op` names it, the status keeps the worker's whole message.
+fn worker_call(op: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
+    let op = op.into();
+    move |s| Error::Worker {
+        op,
+        source: s.into(),
     }
 }
 
@@ -68,10 +68,10 @@ impl peer::Worker for GrpcWorker {
                 entitlements: op.entitlements,
             })
             .await
-            .map_err(|s| status_error(&name, s))?
+            .map_err(|s| Error::Run(s.into()))?
             .into_inner();
         let mut outputs = None;
-        while let Some(ev) = stream.message().await.map_err(|s| status_error(&name, s))? {
+        while let Some(ev) = stream.message().await.map_err(|s| Error::Run(s.into()))? {
             match ev.event {
                 Some(wk::run_event::Event::Log(l)) => events(RunEvent::Log {
                     stream: l.stream,
@@ -92,8 +92,10 @@ impl peer::Worker for GrpcWorker {
                 None => {}
             }
         }
-        outputs
-            .ok_or_else(|| Error::Worker(format!("{name}: worker ended the run without outputs")))
+        outputs.ok_or_else(|| Error::WorkerReply {
+            op: format!("run {name}"),
+            problem: "the run ended without outputs",
+        })
     }
 
     async fn read_file(
@@ -116,7 +118,7 @@ impl peer::Worker for GrpcWorker {
                 mount_index: mount,
             }))
             .await
-            .map_err(worker_error)?;
+            .map_err(worker_call(format!("read {path}")))?;
         Ok(resp.into_inner().data)
     }
 
@@ -138,7 +140,7 @@ impl peer::Worker for GrpcWorker {
                 mount_index: mount,
             }))
             .await
-            .map_err(worker_error)?;
+            .map_err(worker_call(format!("list {path}")))?;
         Ok(resp.into_inner().entries)
     }
 
@@ -154,7 +156,7 @@ impl peer::Worker for GrpcWorker {
                 entitlements: spec.entitlements,
             })
             .await
-            .map_err(|s| Error::Worker(format!("new container: {}", s.message())))?;
+            .map_err(worker_call("new container"))?;
         Ok(resp.into_inner().id)
     }
 
@@ -163,7 +165,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .release_container(wk::ReleaseContainerRequest { id: id.to_string() })
             .await
-            .map_err(|s| Error::Worker(format!("release container {id}: {}", s.message())))?;
+            .map_err(worker_call(format!("release container {id}")))?;
         Ok(())
     }
 
@@ -201,13 +203,9 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .exec(outbound)
             .await
-            .map_err(|s| Error::Worker(format!("exec: {}", s.message())))?
+            .map_err(worker_call("exec"))?
             .into_inner();
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| Error::Worker(format!("exec: {}", s.message())))?
-        {
+        while let Some(msg) = stream.message().await.map_err(worker_call("exec"))? {
             match msg.output {
                 Some(Output::Started(_)) => {
                     let _ = events.send(ExecEvent::Started).await;
@@ -224,9 +222,10 @@ impl peer::Worker for GrpcWorker {
                 None => {}
             }
         }
-        Err(Error::Worker(
-            "exec: the worker ended the call without an exit code".into(),
-        ))
+        Err(Error::WorkerReply {
+            op: "exec".into(),
+            problem: "the call ended without an exit code",
+        })
     }
 
     async fn stat_file(&self, r: FsTarget<'_>, path: &str) -> Result<Stat, Error> {
@@ -241,10 +240,11 @@ impl peer::Worker for GrpcWorker {
                 mount_index: mount,
             }))
             .await
-            .map_err(worker_error)?;
-        resp.into_inner()
-            .stat
-            .ok_or_else(|| Error::Worker(format!("stat {path}: the worker sent no metadata")))
+            .map_err(worker_call(format!("stat {path}")))?;
+        resp.into_inner().stat.ok_or_else(|| Error::WorkerReply {
+            op: format!("stat {path}"),
+            problem: "no metadata in the answer",
+        })
     }
 
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
@@ -255,7 +255,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .checksum(req)
             .await
-            .map_err(|s| Error::Worker(format!("checksum {r}: {}", s.message())))?;
+            .map_err(worker_call(format!("checksum {r}")))?;
         Ok(resp.into_inner().digest)
     }
 
@@ -267,7 +267,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .checksum(req)
             .await
-            .map_err(|s| Error::Worker(format!("list paths of {r}: {}", s.message())))?;
+            .map_err(worker_call(format!("list paths of {r}")))?;
         Ok(resp
             .into_inner()
             .entries
@@ -291,7 +291,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .layers(req)
             .await
-            .map_err(|s| Error::Worker(format!("layers: {}", s.message())))?;
+            .map_err(worker_call("layers"))?;
         Ok(())
     }
 
@@ -305,7 +305,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .exists(req)
             .await
-            .map_err(|s| Error::Worker(format!("exists: {}", s.message())))?;
+            .map_err(worker_call("exists"))?;
         Ok(resp.into_inner().exists)
     }
 
@@ -319,7 +319,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .usage(req)
             .await
-            .map_err(|s| Error::Worker(format!("usage: {}", s.message())))?
+            .map_err(worker_call("usage"))?
             .into_inner();
         Ok(WorkerUsage {
             snapshots: r.snapshots.into_iter().map(snapshot_usage).collect(),
@@ -338,7 +338,7 @@ impl peer::Worker for GrpcWorker {
             .clone()
             .prune(req)
             .await
-            .map_err(|s| Error::Worker(format!("prune: {}", s.message())))?
+            .map_err(worker_call("prune"))?
             .into_inner();
         Ok(WorkerUsage {
             snapshots: r.removed.into_iter().map(snapshot_usage).collect(),
@@ -392,8 +392,7 @@ impl peer::Frontend for GrpcFrontend {
             .await
             .map_err(|s| Error::Frontend {
                 frontend: frontend.to_string(),
-                message: s.message().to_string(),
-                code: s.code(),
+                source: s.into(),
             })?
             .into_inner();
         Ok(FrontendOutput {
@@ -438,7 +437,7 @@ impl peer::Exporter for GrpcExporter {
             .await
             .map_err(|s| Error::Resolve {
                 reference: reference.to_string(),
-                message: s.message().to_string(),
+                source: s.into(),
             })?
             .into_inner();
         Ok(ResolvedImage {
@@ -479,7 +478,7 @@ impl peer::Exporter for GrpcExporter {
             .await
             .map_err(|s| Error::Export {
                 exporter: exporter.clone(),
-                message: s.message().to_string(),
+                source: s.into(),
             })?
             .into_inner();
         let mut response = None;
@@ -494,15 +493,12 @@ impl peer::Exporter for GrpcExporter {
                 Err(s) => {
                     return Err(Error::Export {
                         exporter,
-                        message: s.message().to_string(),
+                        source: s.into(),
                     });
                 }
             }
         }
-        response.ok_or_else(|| Error::Export {
-            exporter,
-            message: "exporter ended without a result".into(),
-        })
+        response.ok_or_else(|| Error::ExportNoResult { exporter })
     }
 }
 
@@ -526,9 +522,4 @@ fn file_call<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(Duration::from_secs(60));
     req
-}
-
-/// A worker's refusal, with its message.
-fn worker_error(s: tonic::Status) -> Error {
-    Error::Worker(s.message().to_string())
 }

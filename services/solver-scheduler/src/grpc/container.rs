@@ -9,8 +9,9 @@
 //! one stream on fd 1) that `Resize` resizes.
 
 use crate::Error;
-use crate::build::{Build, Solver};
+use crate::build::Build;
 use crate::peer::{ExecEvent, ExecInput, ExecSpec, Exporter, Frontend, Worker};
+use crate::solver::Solver;
 use kiln_proto::moby::buildkit::v1::frontend::{self as fe, exec_message::Input as Msg};
 use kiln_proto::pb;
 use std::collections::HashMap;
@@ -182,7 +183,7 @@ async fn run_process<W: Worker, F: Frontend, E: Exporter>(
             code: 255,
             error: Some(kiln_proto::google::rpc::Status {
                 code: tonic::Code::Unknown as i32,
-                message: e.to_string(),
+                message: kiln_proto::status::chain(&e),
                 details: vec![],
             }),
         },

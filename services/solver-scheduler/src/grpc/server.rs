@@ -2,9 +2,10 @@
 
 use super::{BUILD_ID_KEY, convert};
 use crate::Error;
-use crate::build::{FrontendResult, Solver};
+use crate::build::FrontendResult;
 use crate::peer::{Exporter, Frontend, FsTarget, Worker};
 use crate::session::Session;
+use crate::solver::Solver;
 use crate::usage::Filter;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -274,15 +275,17 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
 
 /// A failed build as its client gets it: a failed step or frontend is
 /// `Unknown` as in BuildKit (clients print any other code before the message),
-/// with its message and source-lines trailer.
+/// with its message and the step and source lines in the status details.
 fn build_failure(e: Error) -> Status {
     let build_error = matches!(
         e,
-        Error::Vertex { .. } | Error::Frontend { .. } | Error::ClientFrontend { .. }
+        Error::Vertex { .. } | Error::Frontend { .. } | Error::ClientFrontend(_)
     );
+    let details = e.details().cloned().unwrap_or_default();
     let s = Status::from(e);
     if build_error && s.code() != tonic::Code::Cancelled {
-        return Status::with_metadata(tonic::Code::Unknown, s.message(), s.metadata().clone());
+        let s = Status::with_metadata(tonic::Code::Unknown, s.message(), s.metadata().clone());
+        return details.attach(s);
     }
     s
 }
@@ -466,15 +469,11 @@ pub fn client_bridge_server<W: Worker, F: Frontend, E: Exporter>(
 /// The identity of the client that made a call: the SHA-256 of its TLS
 /// certificate, empty on a listener without client certificates.
 pub fn caller_identity<T>(r: &Request<T>) -> String {
-    use sha2::Digest;
     // kilnd's TLS listener hands tonic rustls streams, whose certificates tonic
     // puts in each request's extensions
     let certs = r.peer_certs();
     match certs.as_deref().and_then(|c| c.first()) {
-        Some(leaf) => sha2::Sha256::digest(leaf.as_ref())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        Some(leaf) => kiln_digest::sha256_hex(leaf.as_ref()),
         None => String::new(),
     }
 }
@@ -905,10 +904,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let r = request.into_inner();
         tracing::debug!(build = %build.id, error = ?r.error, "frontend returned");
         let result = match (r.error, r.result) {
-            (Some(e), _) if e.code != 0 => Err(Error::ClientFrontend {
-                message: e.message,
-                code: tonic::Code::from(e.code),
-            }),
+            (Some(e), _) if e.code != 0 => Err(Error::ClientFrontend(convert::remote(e))),
             (_, Some(res)) => Ok(returned_result(res)),
             (_, None) => Ok(FrontendResult {
                 r#ref: Some(String::new()),
@@ -1138,7 +1134,7 @@ fn worker_records<W: Worker, F: Frontend, E: Exporter>(
     vec![types::WorkerRecord {
         id: solver.worker.address(),
         labels: [(
-            crate::build::WORKER_EXECUTOR_LABEL.to_string(),
+            crate::solver::WORKER_EXECUTOR_LABEL.to_string(),
             "oci".to_string(),
         )]
         .into(),

@@ -1,5 +1,6 @@
-//! The result cache: which worker refs hold the outputs of a vertex with a
-//! given cache key.
+//! Cache records and their storage: which worker refs hold the outputs of
+//! a vertex with a given cache key, and beside them the build history and
+//! step records (what went into a step's key, for `--explain-cache`).
 //!
 //! A [`CacheRecord`] is one result (a vertex run once). Several cache keys
 //! may lead to it: the definition ("fast") key of the run that produced it,
@@ -84,9 +85,18 @@ fn oldest_first(mut v: Vec<HistoryRecord>) -> Vec<HistoryRecord> {
 /// Cache records in memory (tests, or a daemon without a state dir).
 #[derive(Default)]
 pub struct MemoryStore {
-    inner: Mutex<(BTreeMap<String, CacheRecord>, HashMap<String, String>)>,
+    inner: Mutex<MemoryRecords>,
     history: Mutex<BTreeMap<String, HistoryRecord>>,
     steps: Mutex<HashMap<String, StepRecord>>,
+}
+
+/// The records of a [`MemoryStore`] and the keys leading to them.
+#[derive(Default)]
+struct MemoryRecords {
+    /// by record id
+    records: BTreeMap<String, CacheRecord>,
+    /// cache key -> record id
+    keys: HashMap<String, String>,
 }
 
 impl MemoryStore {
@@ -98,7 +108,7 @@ impl MemoryStore {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let (records, keys) = &mut *g;
+        let MemoryRecords { records, keys } = &mut *g;
         f(records, keys)
     }
 }

@@ -1,5 +1,6 @@
-//! Image assembly: layers from the worker + the frontend's config -> config and manifest
-//! blobs; pushing the result to registries.
+//! Image assembly, shared by the `image`, `oci` and `docker` exporters: the layers of a
+//! worker ref plus the frontend's image config become config and manifest blobs (and, for a
+//! multi-platform result, an index). Pushing and archiving live with their exporters.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -611,180 +612,6 @@ async fn fetch_layer(
     Ok(())
 }
 
-/// `name` without its tag, pinned to `digest` (`push-by-digest`).
-pub(crate) fn digest_name(name: &str, digest: &str) -> String {
-    match kiln_registry::Reference::parse(name) {
-        Ok(mut r) => {
-            r.tag = None;
-            r.digest = Some(digest.to_string());
-            r.to_string()
-        }
-        Err(_) => format!("{name}@{digest}"),
-    }
-}
-
-/// Blob counts of a push.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Pushed {
-    pub uploaded: usize,
-    pub existed: usize,
-    pub mounted: usize,
-}
-
-/// Blobs pushed at once.
-const PUSH_CONCURRENCY: usize = 4;
-
-/// What an image export pushes: one image, or a multi-platform index.
-#[derive(Clone, Copy)]
-pub(crate) enum Pushable<'a> {
-    Image(&'a AssembledImage),
-    Index(&'a AssembledIndex),
-}
-
-impl Pushable<'_> {
-    /// The digest of the top manifest (the image's or the index's).
-    pub(crate) fn digest(&self) -> &str {
-        match self {
-            Pushable::Image(i) => &i.manifest_desc.digest,
-            Pushable::Index(i) => &i.desc.digest,
-        }
-    }
-}
-
-/// Push to every name: blobs (HEAD first, then a mount from a repository pushed before on
-/// the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), an index's
-/// per-platform manifests by digest, then the top manifest under the tag, or only by digest
-/// with `by_digest`.
-pub(crate) async fn push(
-    registry: &kiln_registry::Client,
-    names: &[String],
-    what: Pushable<'_>,
-    by_digest: bool,
-    progress: &mpsc::Sender<String>,
-) -> Result<Pushed, Error> {
-    match what {
-        Pushable::Image(image) => {
-            let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
-            let images = std::slice::from_ref(image);
-            push_to_names(registry, names, images, false, top, by_digest, progress).await
-        }
-        Pushable::Index(index) => {
-            let top = (index.desc.media_type.as_str(), &index.index);
-            push_to_names(
-                registry,
-                names,
-                &index.images,
-                true,
-                top,
-                by_digest,
-                progress,
-            )
-            .await
-        }
-    }
-}
-
-/// Push `images` to every name, then the `top` manifest (media type, bytes) under the tag,
-/// or only by digest with `by_digest`. With `children`, each image's own manifest is pushed
-/// by digest first (the images of an index).
-async fn push_to_names(
-    registry: &kiln_registry::Client,
-    names: &[String],
-    images: &[AssembledImage],
-    children: bool,
-    (top_type, top): (&str, &Vec<u8>),
-    by_digest: bool,
-    progress: &mpsc::Sender<String>,
-) -> Result<Pushed, Error> {
-    let push_manifest = |r: kiln_registry::Reference, media_type: String, bytes: Vec<u8>| {
-        let registry = registry.clone();
-        async move {
-            registry
-                .push_manifest(&r, &media_type, bytes)
-                .await
-                .map_err(|source| Error::PushManifest {
-                    reference: r.to_string(),
-                    source: Box::new(source),
-                })
-        }
-    };
-    let mut done: Vec<kiln_registry::Reference> = Vec::new();
-    let mut counts = Pushed::default();
-    for name in names {
-        let mut r =
-            kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
-                reference: name.to_string(),
-                source: Box::new(source),
-            })?;
-        if by_digest {
-            r.tag = None;
-        }
-        r.digest = None;
-        let _ = progress.try_send(format!("pushing {r}"));
-        let from = done
-            .iter()
-            .find(|d| d.registry == r.registry && d.repository != r.repository)
-            .cloned();
-        let mut pinned = r.clone();
-        pinned.tag = None;
-        for image in images {
-            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
-            if children {
-                let media_type = image.manifest_desc.media_type.clone();
-                push_manifest(pinned.clone(), media_type, image.manifest.clone()).await?;
-            }
-        }
-        push_manifest(r.clone(), top_type.to_string(), top.clone()).await?;
-        done.push(r);
-    }
-    Ok(counts)
-}
-
-/// Push an image's layers and config to `r` (HEAD, mount from `from`, upload; up to
-/// `PUSH_CONCURRENCY` at once), counting what happened.
-async fn push_blobs(
-    registry: &kiln_registry::Client,
-    r: &kiln_registry::Reference,
-    image: &AssembledImage,
-    from: Option<&kiln_registry::Reference>,
-    counts: &mut Pushed,
-) -> Result<(), Error> {
-    use futures::stream::{self, StreamExt as _, TryStreamExt as _};
-    use kiln_registry::PushOutcome;
-    // owned futures: the export task must stay Send for any lifetime
-    let jobs: Vec<_> = image
-        .layers
-        .iter()
-        .chain(std::iter::once(&image.config_desc))
-        .map(|desc| {
-            let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
-            let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
-            async move {
-                registry
-                    .push_blob_from(&r, &desc, &path, from.as_ref())
-                    .await
-                    .map_err(|source| Error::PushBlob {
-                        reference: r.to_string(),
-                        digest: desc.digest.clone(),
-                        source: Box::new(source),
-                    })
-            }
-        })
-        .collect();
-    let outcomes: Vec<PushOutcome> = stream::iter(jobs)
-        .buffer_unordered(PUSH_CONCURRENCY)
-        .try_collect()
-        .await?;
-    for o in outcomes {
-        match o {
-            PushOutcome::Exists => counts.existed += 1,
-            PushOutcome::Mounted => counts.mounted += 1,
-            PushOutcome::Uploaded | PushOutcome::UploadedChunked => counts.uploaded += 1,
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -967,10 +794,6 @@ mod tests {
             Some(7)
         );
         assert!(source_date_epoch(&attrs(&[("source-date-epoch", "soon")])).is_err());
-        assert_eq!(
-            digest_name("127.0.0.1:5000/a/b:v1", "sha256:abc"),
-            "127.0.0.1:5000/a/b@sha256:abc"
-        );
     }
 
     #[test]

@@ -1,0 +1,270 @@
+//! The `image` exporter: the assembled image (or multi-platform index) named in the
+//! exporter response and, with `push=true`, pushed to every name, with the client's
+//! registry credentials from its session.
+
+use std::collections::BTreeMap;
+
+use kiln_oci::bool_attr;
+use kiln_registry::Reference;
+use tokio::sync::mpsc;
+
+use super::{Assembled, Job};
+use crate::assemble::AssembledImage;
+use crate::{ClientSink, Error, WorkerFs};
+
+/// How long a push waits for the client session to answer a credentials request.
+const CREDENTIALS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(super) async fn export<W: WorkerFs, C: ClientSink>(
+    job: &Job<'_, W, C>,
+) -> Result<BTreeMap<String, String>, Error> {
+    let push = bool_attr(&job.req.attrs, "push", false);
+    let assembled = job.assemble(push).await?;
+    let mut response = assembled.response();
+    let names = job.names();
+    let by_digest = bool_attr(&job.req.attrs, "push-by-digest", false);
+    if !names.is_empty() {
+        let shown: Vec<String> = if by_digest {
+            names
+                .iter()
+                .map(|n| digest_name(n, assembled.digest()))
+                .collect()
+        } else {
+            names.clone()
+        };
+        response.insert("image.name".into(), shown.join(","));
+    }
+    if push {
+        let insecure = bool_attr(&job.req.attrs, "registry.insecure", false);
+        let registry = push_client(job, &names, insecure).await?;
+        let pushed = self::push(&registry, &names, &assembled, by_digest, job.progress).await?;
+        let _ = job.progress.try_send(format!(
+            "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
+            names.len(),
+            pushed.uploaded,
+            pushed.existed,
+            pushed.mounted
+        ));
+    }
+    Ok(response)
+}
+
+impl Assembled {
+    /// The digest of the top manifest (the image's or the index's).
+    fn digest(&self) -> &str {
+        match self {
+            Assembled::Image(i) => &i.manifest_desc.digest,
+            Assembled::Index(i) => &i.desc.digest,
+        }
+    }
+}
+
+/// The registry client for a push to `names`: with the client's session credentials for
+/// each registry host and, with `insecure`, TLS verification off for those hosts.
+async fn push_client<W: WorkerFs, C: ClientSink>(
+    job: &Job<'_, W, C>,
+    names: &[String],
+    insecure: bool,
+) -> Result<kiln_registry::Client, Error> {
+    let mut hosts: Vec<String> = Vec::new();
+    for n in names {
+        let r = Reference::parse(n).map_err(|source| Error::ParseReference {
+            reference: n.clone(),
+            source: Box::new(source),
+        })?;
+        if !hosts.contains(&r.registry) {
+            hosts.push(r.registry);
+        }
+    }
+    let mut creds = BTreeMap::new();
+    let mut registry = job.exporter.registry().clone();
+    for host in &hosts {
+        let asked = tokio::time::timeout(CREDENTIALS_TIMEOUT, job.client.credentials(host)).await;
+        match asked {
+            Ok(Some(c)) => {
+                creds.insert(host.clone(), c);
+            }
+            Ok(None) => {}
+            Err(_) => tracing::warn!(host, "session did not answer the credentials request"),
+        }
+        if insecure {
+            registry = registry.with_insecure_host(host);
+        }
+    }
+    if !creds.is_empty() {
+        let creds = std::sync::Arc::new(creds);
+        registry =
+            registry.with_credentials(std::sync::Arc::new(move |h: &str| creds.get(h).cloned()));
+    }
+    Ok(registry)
+}
+
+/// `name` without its tag, pinned to `digest` (`push-by-digest`).
+fn digest_name(name: &str, digest: &str) -> String {
+    match kiln_registry::Reference::parse(name) {
+        Ok(mut r) => {
+            r.tag = None;
+            r.digest = Some(digest.to_string());
+            r.to_string()
+        }
+        Err(_) => format!("{name}@{digest}"),
+    }
+}
+
+/// Blob counts of a push.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Pushed {
+    pub uploaded: usize,
+    pub existed: usize,
+    pub mounted: usize,
+}
+
+/// Blobs pushed at once.
+const PUSH_CONCURRENCY: usize = 4;
+
+/// Push to every name: blobs (HEAD first, then a mount from a repository pushed before on
+/// the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), an index's
+/// per-platform manifests by digest, then the top manifest under the tag, or only by digest
+/// with `by_digest`.
+async fn push(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    what: &Assembled,
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    match what {
+        Assembled::Image(image) => {
+            let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
+            let images = std::slice::from_ref(image.as_ref());
+            push_to_names(registry, names, images, false, top, by_digest, progress).await
+        }
+        Assembled::Index(index) => {
+            let top = (index.desc.media_type.as_str(), &index.index);
+            push_to_names(
+                registry,
+                names,
+                &index.images,
+                true,
+                top,
+                by_digest,
+                progress,
+            )
+            .await
+        }
+    }
+}
+
+/// Push `images` to every name, then the `top` manifest (media type, bytes) under the tag,
+/// or only by digest with `by_digest`. With `children`, each image's own manifest is pushed
+/// by digest first (the images of an index).
+async fn push_to_names(
+    registry: &kiln_registry::Client,
+    names: &[String],
+    images: &[AssembledImage],
+    children: bool,
+    (top_type, top): (&str, &Vec<u8>),
+    by_digest: bool,
+    progress: &mpsc::Sender<String>,
+) -> Result<Pushed, Error> {
+    let push_manifest = |r: kiln_registry::Reference, media_type: String, bytes: Vec<u8>| {
+        let registry = registry.clone();
+        async move {
+            registry
+                .push_manifest(&r, &media_type, bytes)
+                .await
+                .map_err(|source| Error::PushManifest {
+                    reference: r.to_string(),
+                    source: Box::new(source),
+                })
+        }
+    };
+    let mut done: Vec<kiln_registry::Reference> = Vec::new();
+    let mut counts = Pushed::default();
+    for name in names {
+        let mut r =
+            kiln_registry::Reference::parse(name).map_err(|source| Error::ParseReference {
+                reference: name.to_string(),
+                source: Box::new(source),
+            })?;
+        if by_digest {
+            r.tag = None;
+        }
+        r.digest = None;
+        let _ = progress.try_send(format!("pushing {r}"));
+        let from = done
+            .iter()
+            .find(|d| d.registry == r.registry && d.repository != r.repository)
+            .cloned();
+        let mut pinned = r.clone();
+        pinned.tag = None;
+        for image in images {
+            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
+            if children {
+                let media_type = image.manifest_desc.media_type.clone();
+                push_manifest(pinned.clone(), media_type, image.manifest.clone()).await?;
+            }
+        }
+        push_manifest(r.clone(), top_type.to_string(), top.clone()).await?;
+        done.push(r);
+    }
+    Ok(counts)
+}
+
+/// Push an image's layers and config to `r` (HEAD, mount from `from`, upload; up to
+/// `PUSH_CONCURRENCY` at once), counting what happened.
+async fn push_blobs(
+    registry: &kiln_registry::Client,
+    r: &kiln_registry::Reference,
+    image: &AssembledImage,
+    from: Option<&kiln_registry::Reference>,
+    counts: &mut Pushed,
+) -> Result<(), Error> {
+    use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+    use kiln_registry::PushOutcome;
+    // owned futures: the export task must stay Send for any lifetime
+    let jobs: Vec<_> = image
+        .layers
+        .iter()
+        .chain(std::iter::once(&image.config_desc))
+        .map(|desc| {
+            let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
+            let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
+            async move {
+                registry
+                    .push_blob_from(&r, &desc, &path, from.as_ref())
+                    .await
+                    .map_err(|source| Error::PushBlob {
+                        reference: r.to_string(),
+                        digest: desc.digest.clone(),
+                        source: Box::new(source),
+                    })
+            }
+        })
+        .collect();
+    let outcomes: Vec<PushOutcome> = stream::iter(jobs)
+        .buffer_unordered(PUSH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    for o in outcomes {
+        match o {
+            PushOutcome::Exists => counts.existed += 1,
+            PushOutcome::Mounted => counts.mounted += 1,
+            PushOutcome::Uploaded | PushOutcome::UploadedChunked => counts.uploaded += 1,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_by_digest_names_drop_the_tag() {
+        assert_eq!(
+            digest_name("127.0.0.1:5000/a/b:v1", "sha256:abc"),
+            "127.0.0.1:5000/a/b@sha256:abc"
+        );
+    }
+}

@@ -1,0 +1,585 @@
+//! The solver: the daemon's builds from Solve to export. It registers a
+//! build, runs its frontend (here, or in the client through LLBBridge),
+//! solves the results the frontend hands over ([`crate::solve`]) and runs
+//! the build's exporters; it also serves the results and images frontends
+//! ask for while they run. Disk use, prune and GC are in [`crate::gc`].
+
+use crate::build::{Build, BuildRequest, FrontendResult, Returned, exporter_attrs};
+use crate::cache::{CacheStore, MemoryStore, RedbStore, unix_nanos};
+use crate::history::{HistoryRecord, steps_from_progress};
+use crate::peer::{ExportJob, Exporter, Frontend, PlatformJob, Worker};
+use crate::progress::{Progress, now};
+use crate::session::SessionManager;
+use crate::solve::{self, Cache};
+use crate::{Config, Error};
+use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
+use kiln_proto::pb;
+use kiln_proto::status::chain;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The solver: builds, sessions, the result cache and the peers.
+pub struct Solver<W, F, E> {
+    pub config: Config,
+    pub sessions: Arc<SessionManager>,
+    pub(crate) builds: Mutex<HashMap<String, Arc<Build>>>,
+    pub(crate) builds_changed: Notify,
+    pub(crate) cache: Arc<Cache>,
+    pub worker: Arc<W>,
+    pub(crate) frontend: Arc<F>,
+    pub(crate) exporter: Arc<E>,
+    pub(crate) prune_lock: tokio::sync::Mutex<()>,
+    pub(crate) gc_started: AtomicBool,
+    pub(crate) gc_pending: AtomicBool,
+}
+
+const IMAGE_CONFIG_KEY: &str = "containerimage.config";
+/// The worker label naming its executor, as BuildKit's workers carry it.
+pub const WORKER_EXECUTOR_LABEL: &str = "org.mobyproject.buildkit.worker.executor";
+
+impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
+    /// A solver whose result cache lives in `config.cache_db` (in memory
+    /// when unset).
+    pub fn new(config: Config, worker: W, frontend: F, exporter: E) -> Result<Self, Error> {
+        let store: Arc<dyn CacheStore> = match &config.cache_db {
+            Some(path) => Arc::new(RedbStore::open(path)?),
+            None => Arc::new(MemoryStore::default()),
+        };
+        Ok(Self::with_store(config, store, worker, frontend, exporter))
+    }
+
+    /// A solver over a given cache store.
+    pub fn with_store(
+        config: Config,
+        store: Arc<dyn CacheStore>,
+        worker: W,
+        frontend: F,
+        exporter: E,
+    ) -> Self {
+        let parallelism = config.max_parallelism;
+        Solver {
+            config,
+            sessions: Arc::new(SessionManager::default()),
+            builds: Mutex::new(HashMap::new()),
+            builds_changed: Notify::new(),
+            cache: Arc::new(Cache::new(store).with_parallelism(parallelism)),
+            worker: Arc::new(worker),
+            frontend: Arc::new(frontend),
+            exporter: Arc::new(exporter),
+            prune_lock: tokio::sync::Mutex::new(()),
+            gc_started: AtomicBool::new(false),
+            gc_pending: AtomicBool::new(false),
+        }
+    }
+
+    fn register(&self, req: &BuildRequest) -> Result<(Arc<Build>, Option<Returned>), Error> {
+        let no_cache = req.frontend_attrs.contains_key("no-cache");
+        let (mut b, rx) = Build::with_client_frontend(req, no_cache);
+        // a build's logs past its memory budget go beside the cache database
+        let spill = self.config.cache_db.as_deref().and_then(|p| p.parent());
+        b.progress = Progress::spilling_to(spill.map(|p| p.to_path_buf()));
+        let b = Arc::new(b);
+        if let Ok(mut m) = self.builds.lock() {
+            // a build id is the client's; another client cannot take over a running build
+            if m.get(&req.id)
+                .is_some_and(|o| o.active.load(Ordering::SeqCst))
+            {
+                return Err(Error::DuplicateBuild(req.id.clone()));
+            }
+            m.insert(req.id.clone(), b.clone());
+        }
+        self.builds_changed.notify_waiters();
+        Ok((b, rx))
+    }
+
+    /// The build with `id`, waiting a little for a Solve that is about to
+    /// register it (clients call Status and Solve concurrently).
+    pub async fn build(&self, id: &str, wait: Duration) -> Result<Arc<Build>, Error> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.builds_changed.notified();
+            if let Some(b) = self.builds.lock().ok().and_then(|m| m.get(id).cloned()) {
+                return Ok(b);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::UnknownBuild(id.to_string()));
+            }
+        }
+    }
+
+    /// Runs a whole build: frontend, solve, exporters. Dropping the future
+    /// cancels the build: its vertices stop unless another build shares them.
+    pub async fn solve(
+        self: &Arc<Self>,
+        req: BuildRequest,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        self.start_gc();
+        let (build, returned) = self.register(&req)?;
+        let _end = BuildEnd {
+            solver: self.clone(),
+            build: build.clone(),
+        };
+        let r = self.run_build(&build, &req, returned).await;
+        self.record_history(&build, &req, &r).await;
+        r
+    }
+
+    async fn record_history(
+        &self,
+        build: &Build,
+        req: &BuildRequest,
+        r: &Result<BTreeMap<String, String>, Error>,
+    ) {
+        let rec = HistoryRecord {
+            r#ref: build.id.clone(),
+            // a client-side frontend's build names the frontend it ran through LLBBridge
+            frontend: if req.frontend.is_empty() {
+                build
+                    .frontend_run
+                    .lock()
+                    .map(|f| f.clone())
+                    .unwrap_or_default()
+            } else {
+                req.frontend.clone()
+            },
+            frontend_attrs: history_attrs(&req.frontend_attrs),
+            created: build.started,
+            completed: unix_nanos(),
+            error: r.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
+            exporter_response: r.as_ref().cloned().unwrap_or_default(),
+            steps: steps_from_progress(&build.progress.vertices()),
+        };
+        if let Err(e) = self.cache.with_store(move |s| s.put_history(&rec)).await {
+            tracing::warn!(build = %build.id, error = %e, "build history not recorded");
+        }
+    }
+
+    /// Finished builds, oldest first.
+    pub async fn history(&self) -> Result<Vec<HistoryRecord>, Error> {
+        self.cache.with_store(|s| s.list_history()).await
+    }
+
+    /// Builds running now: (ref, started unix ns).
+    pub fn active_builds(&self) -> Vec<(String, i64)> {
+        self.builds
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|b| b.active.load(Ordering::SeqCst))
+                    .map(|b| (b.id.clone(), b.started))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn run_build(
+        self: &Arc<Self>,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+        returned: Option<Returned>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        self.set_scope(build, req).await;
+        for c in &req.cache {
+            build.progress.warn(&format!(
+                "kiln does not import or export build cache yet: {c} is ignored"
+            ));
+        }
+        for k in req
+            .frontend_attrs
+            .keys()
+            .filter(|k| k.starts_with("attest:"))
+        {
+            build.progress.warn(&format!(
+                "kiln does not make attestations yet: {k} is ignored"
+            ));
+        }
+        let result = match returned {
+            // the client runs the frontend and hands its result over through LLBBridge
+            Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
+            None => self.frontend_result(build, req).await?,
+        };
+        let solved = self.solve_result(build, result).await?;
+        let mut response = BTreeMap::new();
+        // one build time for every output, so a build gives one image digest
+        let build_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for (i, exp) in req.exporters.iter().enumerate() {
+            let attrs = exporter_attrs(&exp.attrs, &req.frontend_attrs, build_time);
+            response.extend(self.export(build, req, &solved, i, attrs).await?);
+        }
+        Ok(response)
+    }
+
+    /// Records steps per project: the client's session key (its context
+    /// dir), the target and the Dockerfile name.
+    async fn set_scope(&self, build: &Build, req: &BuildRequest) {
+        let shared_key = if req.session_id.is_empty() {
+            String::new()
+        } else {
+            self.sessions
+                .get(&req.session_id, Duration::from_secs(1))
+                .await
+                .map(|s| s.shared_key)
+                .unwrap_or_default()
+        };
+        if let Ok(mut k) = build.shared_key.lock() {
+            k.clone_from(&shared_key);
+        }
+        let attr = |k: &str| req.frontend_attrs.get(k).cloned().unwrap_or_default();
+        build.set_scope(format!(
+            "{shared_key}\0{}\0{}",
+            attr("target"),
+            attr("filename")
+        ));
+    }
+
+    /// The frontend's result solved: its single ref, or every platform of a
+    /// multi-platform result (together), with their image configs.
+    async fn solve_result(
+        &self,
+        build: &Arc<Build>,
+        result: FrontendResult,
+    ) -> Result<Solved, Error> {
+        let metadata = result.metadata;
+        let ordered = platform_order(&metadata, result.refs);
+        let solved =
+            futures::future::try_join_all(ordered.iter().map(|(_, id)| self.solve_ref(build, id)))
+                .await?;
+        let platforms: Vec<PlatformJob> = ordered
+            .into_iter()
+            .zip(solved)
+            .map(|((id, _), r)| PlatformJob {
+                image_config: metadata
+                    .get(&format!("{IMAGE_CONFIG_KEY}/{id}"))
+                    .cloned()
+                    .unwrap_or_default(),
+                id,
+                r#ref: r,
+            })
+            .collect();
+        let r#ref = if platforms.is_empty() {
+            self.solve_ref(build, result.r#ref.as_deref().unwrap_or_default())
+                .await?
+        } else {
+            String::new()
+        };
+        let image_config = metadata
+            .get(IMAGE_CONFIG_KEY)
+            .cloned()
+            .unwrap_or_else(|| default_image_config(&self.config));
+        Ok(Solved {
+            r#ref,
+            image_config,
+            platforms,
+        })
+    }
+
+    /// Runs exporter `index` of the build, shown as a step of its own.
+    async fn export(
+        &self,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+        solved: &Solved,
+        index: usize,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        let kind = req.exporters[index].r#type.clone();
+        let name = match kind.as_str() {
+            "image" => "exporting to image".to_string(),
+            "oci" | "docker" => format!("exporting to {kind} image format"),
+            "local" => "exporting to client directory".to_string(),
+            "tar" => "exporting to client tarball".to_string(),
+            other => return Err(Error::UnknownExporter(other.to_string())),
+        };
+        let vdigest = export_vertex_digest(&build.id, index);
+        let mut pv = ProgressVertex {
+            digest: vdigest.clone(),
+            name,
+            started: Some(now()),
+            ..Default::default()
+        };
+        build.progress.vertex(pv.clone());
+        let pb = build.clone();
+        let status: Arc<dyn Fn(String) + Send + Sync> =
+            Arc::new(move |s: String| pb.progress.log(&vdigest, 1, format!("{s}\n").into_bytes()));
+        let job = ExportJob {
+            build_id: build.id.clone(),
+            session_id: req.session_id.clone(),
+            worker: self.worker.address(),
+            r#ref: solved.r#ref.clone(),
+            r#type: kind,
+            attrs,
+            image_config: solved.image_config.clone(),
+            index: index as u32,
+            platforms: solved.platforms.clone(),
+        };
+        let r = self.exporter.export(job, status).await;
+        pv.completed = Some(now());
+        if let Err(e) = &r {
+            pv.error = chain(e);
+        }
+        build.progress.vertex(pv);
+        r
+    }
+
+    /// The result of a build's frontend run here: the definition of the
+    /// request itself, or what the named frontend made of it.
+    async fn frontend_result(
+        self: &Arc<Self>,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+    ) -> Result<FrontendResult, Error> {
+        if req.frontend.is_empty() {
+            let def = req.definition.clone().unwrap_or_default();
+            return Ok(FrontendResult {
+                r#ref: Some(build.add_ref(def)),
+                ..Default::default()
+            });
+        }
+        self.run_frontend(
+            build,
+            &req.frontend,
+            &req.frontend_attrs,
+            req.frontend_inputs.clone(),
+        )
+        .await
+    }
+
+    /// Runs `frontend` with `attrs` (and `inputs`, for frontend images) for a
+    /// build; its definitions become results of the build (solved when needed).
+    pub async fn run_frontend(
+        self: &Arc<Self>,
+        build: &Arc<Build>,
+        frontend: &str,
+        attrs: &BTreeMap<String, String>,
+        inputs: BTreeMap<String, pb::Definition>,
+    ) -> Result<FrontendResult, Error> {
+        if let Ok(mut f) = build.frontend_run.lock()
+            && f.is_empty()
+        {
+            f.push_str(frontend);
+        }
+        if frontend == crate::frontend_image::GATEWAY_FRONTEND {
+            return crate::frontend_image::solve(self, build, attrs, inputs).await;
+        }
+        let out = self
+            .frontend
+            .solve(&build.id, frontend, attrs, &build.session_id)
+            .await?;
+        let refs: BTreeMap<String, String> = out
+            .refs
+            .into_iter()
+            .map(|(platform, def)| (platform, build.add_ref(def)))
+            .collect();
+        Ok(FrontendResult {
+            r#ref: refs.is_empty().then(|| build.add_ref(out.definition)),
+            refs,
+            metadata: out.metadata,
+        })
+    }
+
+    /// The snapshot of a result of the build (solving it the first time);
+    /// empty for scratch.
+    pub async fn solve_ref(&self, build: &Arc<Build>, id: &str) -> Result<String, Error> {
+        if id.is_empty() {
+            return Ok(String::new());
+        }
+        let r = build.build_ref(id)?;
+        r.snapshot
+            .get_or_try_init(|| self.solve_definition(build, &r.def))
+            .await
+            .cloned()
+    }
+
+    /// Solves a definition within a build.
+    pub async fn solve_definition(
+        &self,
+        build: &Arc<Build>,
+        def: &pb::Definition,
+    ) -> Result<String, Error> {
+        solve::solve(self.worker.clone(), self.cache.clone(), build.clone(), def).await
+    }
+
+    /// Resolves an image reference to its digest and config for a build, shown
+    /// as a step of the build.
+    pub async fn resolve_image(
+        &self,
+        build: &Build,
+        reference: &str,
+        platform: Option<pb::Platform>,
+    ) -> Result<crate::peer::ResolvedImage, Error> {
+        let started = now();
+        let digest = kiln_digest::sha256(format!("resolve:{}:{reference}", build.id).as_bytes());
+        let res = self
+            .exporter
+            .resolve(reference, platform, &build.session_id)
+            .await;
+        build.progress.vertex(ProgressVertex {
+            digest,
+            name: format!("[internal] load metadata for {reference}"),
+            started: Some(started),
+            completed: Some(now()),
+            error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
+            ..Default::default()
+        });
+        res
+    }
+
+    /// The platforms the workers run.
+    pub fn worker_platforms(&self) -> Vec<pb::Platform> {
+        self.config
+            .platforms
+            .iter()
+            .map(|p| {
+                let mut it = p.split('/');
+                pb::Platform {
+                    os: it.next().unwrap_or_default().to_string(),
+                    architecture: it.next().unwrap_or_default().to_string(),
+                    variant: it.next().unwrap_or_default().to_string(),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    /// The workers as a frontend image reads them (`BUILDKIT_WORKERS`: a JSON
+    /// list of `{ID, Labels, Platforms}`).
+    pub fn workers_json(&self) -> String {
+        let platforms: Vec<serde_json::Value> = self
+            .worker_platforms()
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::json!({"os": p.os, "architecture": p.architecture});
+                if !p.variant.is_empty() {
+                    v["variant"] = p.variant.clone().into();
+                }
+                v
+            })
+            .collect();
+        serde_json::json!([{
+            "ID": self.worker.address(),
+            "Labels": {WORKER_EXECUTOR_LABEL: "oci"},
+            "Platforms": platforms,
+        }])
+        .to_string()
+    }
+
+    pub fn frontend(&self) -> &F {
+        &self.frontend
+    }
+
+    pub fn exporter(&self) -> &E {
+        &self.exporter
+    }
+}
+
+/// A build's frontend attrs as its history keeps them: build args are left out (they
+/// often carry tokens, and history outlives the build and is listed to every client).
+fn history_attrs(attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .filter(|(k, _)| !k.starts_with("build-arg:"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A build's result, solved, as its exporters take it.
+struct Solved {
+    /// the single result's ref (empty for scratch or a multi-platform result)
+    r#ref: String,
+    /// the single result's image config
+    image_config: Vec<u8>,
+    /// a multi-platform result, in the frontend's order
+    platforms: Vec<PlatformJob>,
+}
+
+/// Ends a build when its Solve finishes or is dropped: closes its progress
+/// and forgets it a minute later (late Status subscribers still get the
+/// whole history).
+struct BuildEnd<W: Worker, F: Frontend, E: Exporter> {
+    solver: Arc<Solver<W, F, E>>,
+    build: Arc<Build>,
+}
+
+impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
+    fn drop(&mut self) {
+        self.build.active.store(false, Ordering::SeqCst);
+        self.build.progress.close();
+        let containers = self.build.take_containers();
+        if !containers.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let worker = self.solver.worker.clone();
+            rt.spawn(async move {
+                for c in containers {
+                    if let Err(e) = worker.release_container(&c.worker_id).await {
+                        tracing::warn!(container = %c.worker_id, error = %e, "release container");
+                    }
+                }
+            });
+        }
+        self.solver.gc_soon();
+        let solver = self.solver.clone();
+        let id = self.build.id.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Ok(mut m) = solver.builds.lock() {
+                    m.remove(&id);
+                }
+            });
+        }
+    }
+}
+
+/// Progress id of the export step `index` of a build.
+fn export_vertex_digest(build_id: &str, index: usize) -> String {
+    kiln_digest::sha256(format!("export:{build_id}:{index}").as_bytes())
+}
+
+/// The results of a multi-platform result in the order of the frontend's
+/// `refs.platforms` list (`{"platforms":[{"id":..}]}`), then any it did not list.
+fn platform_order(
+    metadata: &BTreeMap<String, Vec<u8>>,
+    mut refs: BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let listed: Vec<String> = metadata
+        .get("refs.platforms")
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| {
+            v.get("platforms")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|p| p.get("id")?.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for id in listed {
+        if let Some(r) = refs.remove(&id) {
+            out.push((id, r));
+        }
+    }
+    out.extend(refs);
+    out
+}
+
+fn default_image_config(config: &Config) -> Vec<u8> {
+    let platform = config.platforms.first().cloned().unwrap_or_default();
+    let mut parts = platform.split('/');
+    let os = parts.next().unwrap_or("linux");
+    let arch = parts.next().unwrap_or("amd64");
+    serde_json::json!({
+        "architecture": arch,
+        "os": os,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    })
+    .to_string()
+    .into_bytes()
+}
