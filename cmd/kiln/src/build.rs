@@ -61,8 +61,6 @@ impl Explanations {
     }
 }
 
-/// gRPC trailer in which kilnd sends the source lines of a failed step.
-const ERROR_SOURCE_KEY: &str = "kiln-error-source-bin";
 
 #[derive(clap::Args, Debug)]
 pub struct BuildArgs {
@@ -404,15 +402,7 @@ fn exporters(args: &BuildArgs, att: &mut Attachables) -> anyhow::Result<Vec<Expo
 
 /// Prints the source lines a failure points at, as buildctl does.
 fn print_sources(status: &tonic::Status) {
-    let mut printed = crate::source::render_all(status);
-    // kilnd before status details: the rendered lines in a trailer
-    if printed.is_empty()
-        && let Some(v) = status.metadata().get_bin(ERROR_SOURCE_KEY)
-        && let Ok(b) = v.to_bytes()
-    {
-        printed.push(String::from_utf8_lossy(&b).to_string());
-    }
-    for s in printed {
+    for s in crate::source::render_all(status) {
         eprintln!("{s}");
     }
 }

@@ -77,15 +77,15 @@ impl Worker for NullWorker {
     ) -> Result<RunOutputs, Error> {
         // what the worker's Run does before running anything
         let decoded = pb::Op::decode(op.op_bytes.as_slice())
-            .map_err(|e| Error::Worker(format!("decode op: {e}")))?;
+            .map_err(|e| invalid(format!("decode op: {e}")))?;
         if op.inputs.len() != decoded.inputs.len() {
-            return Err(Error::Worker(format!(
+            return Err(invalid(format!(
                 "{} inputs for an op with {}",
                 op.inputs.len(),
                 decoded.inputs.len()
             )));
         }
-        worker_executor::ops::check_outputs(&decoded).map_err(|e| Error::Worker(e.to_string()))?;
+        worker_executor::ops::check_outputs(&decoded).map_err(|e| invalid(e.to_string()))?;
         let refs: Vec<String> = (0..output_count(&decoded))
             .map(|i| format!("{}-{i}", op.digest))
             .collect();
@@ -101,7 +101,7 @@ impl Worker for NullWorker {
         _offset: i64,
         _length: i64,
     ) -> Result<Vec<u8>, Error> {
-        Err(Error::Worker("no files here".into()))
+        Err(Error::Unsupported("reading files of the fuzz worker"))
     }
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
         Ok(kiln_oci::digest::sha256(
@@ -129,6 +129,11 @@ impl Worker for NullWorker {
     async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
         Ok(WorkerUsage::default())
     }
+}
+
+/// A worker's refusal of a bad op, as the real worker sends it.
+fn invalid(message: String) -> Error {
+    Error::Run(solver_scheduler::Remote::new(tonic::Code::InvalidArgument, message))
 }
 
 fn build(id: &str, eager: bool) -> Arc<solver_scheduler::build::Build> {

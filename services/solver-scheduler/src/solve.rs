@@ -266,10 +266,11 @@ impl<W: Worker> GraphRun<W> {
         pv.completed = Some(now());
         match res {
             Ok(o) => {
-                pv.cached = o.cached || !leader;
-                let ran = !pv.cached;
+                // a build that joined a running step shows it as it ran,
+                // as BuildKit shows a vertex shared by several builds
+                pv.cached = o.cached;
                 self.build.progress.vertex(pv);
-                if ran {
+                if leader && !o.cached {
                     self.prepare_layers(&v.digest, &o.done);
                 }
                 Ok(o.done)

@@ -238,7 +238,6 @@ pub fn select(items: &[UsageItem], opts: &PruneOptions, now: i64) -> Vec<UsageIt
 }
 
 /// kilnd.toml's GC values are read with these (cmd/kilnd names them here).
-pub use kiln_units::{parse_duration, parse_size};
 
 #[cfg(test)]
 mod tests {
