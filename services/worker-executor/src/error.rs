@@ -100,6 +100,26 @@ pub enum Error {
     SshAgent { id: String, reason: String },
     #[error("secret {id}: {reason}")]
     Secret { id: String, reason: String },
+    #[error("local source {name:?} without a session")]
+    NoSession { name: String },
+    #[error("source attribute {key}")]
+    SourceAttr {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("git source {remote}: run git")]
+    GitRun {
+        remote: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http source {url}")]
+    HttpRequest {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("git source {remote}: {reason}")]
     Git { remote: String, reason: String },
     #[error("http source {url}: {reason}")]
@@ -143,6 +163,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidRef { .. }
             | Error::DecodeOp(_)
             | Error::InvalidOp(_)
+            | Error::NoSession { .. }
+            | Error::SourceAttr { .. }
             | Error::InputCount { .. }
             | Error::InvalidDigest { .. }
             | Error::Compression(_) => Status::invalid_argument(msg),
@@ -152,7 +174,10 @@ impl From<Error> for tonic::Status {
             }
             Error::Registry { .. } | Error::Session { .. } => Status::unavailable(msg),
             Error::Entitlement { .. } => Status::permission_denied(msg),
-            Error::Git { .. } | Error::Http { .. } => Status::failed_precondition(msg),
+            Error::Git { .. }
+            | Error::GitRun { .. }
+            | Error::Http { .. }
+            | Error::HttpRequest { .. } => Status::failed_precondition(msg),
             Error::Secret { .. } | Error::SshAgent { .. } => Status::failed_precondition(msg),
             _ => Status::internal(msg),
         }

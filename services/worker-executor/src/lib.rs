@@ -33,7 +33,7 @@ pub use snapshot::LayerBlob;
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -121,8 +121,10 @@ pub struct Worker {
     layers_lock: tokio::sync::Mutex<()>,
     /// Persistent `type=cache` mount dirs.
     cache_mounts: cachemount::CacheMounts,
-    /// One lock per persistent local-source dir.
-    local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The persistent dirs local sources sync into.
+    synced_dirs: ops::source::local::SyncedDirs,
+    /// Per-file digest tables of synced dirs and the snapshots made from them.
+    sums: Arc<contenthash::SumTables>,
     /// Where exec steps run: runc or containerd.
     executor: ops::exec::Executor,
     /// runc state and step bundles (on a tmpfs when there is one).
@@ -193,7 +195,8 @@ impl Worker {
             pull_locks: std::sync::Mutex::new(HashMap::new()),
             layers_lock: tokio::sync::Mutex::new(()),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
-            local_locks: std::sync::Mutex::new(HashMap::new()),
+            synced_dirs: Default::default(),
+            sums: Default::default(),
             executor,
             runtime,
             interactive,
@@ -471,6 +474,7 @@ impl Worker {
     ) -> Result<String> {
         let top = r.map(str::to_string);
         let store = self.blocking_store();
+        let lent = r.and_then(|id| self.sums.snapshot(id));
         tokio::task::spawn_blocking(move || {
             // one snapshot with no parent is its own view: no mount needed
             let single = match top.as_deref() {
@@ -481,10 +485,10 @@ impl Worker {
                 _ => None,
             };
             let (digest, stats) = match single {
-                Some(dir) => contenthash::paths_in(&dir, &selectors, top.as_deref())?,
+                Some(dir) => contenthash::paths_in(&dir, &selectors, lent.as_deref())?,
                 None => {
                     let m = store.mount_ro(top.as_deref())?;
-                    let digest = contenthash::paths_in(m.path(), &selectors, top.as_deref());
+                    let digest = contenthash::paths_in(m.path(), &selectors, lent.as_deref());
                     m.unmount()?;
                     digest?
                 }
@@ -511,12 +515,9 @@ impl Worker {
 
     /// The file of a blob in the content store.
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| Error::InvalidDigest {
-                digest: digest.to_string(),
-            })?;
+        let hex = kiln_digest::hex_part(digest).ok_or_else(|| Error::InvalidDigest {
+            digest: digest.to_string(),
+        })?;
         Ok(self.config.root.join("content/blobs/sha256").join(hex))
     }
 
@@ -603,14 +604,6 @@ impl Worker {
         }
         map.entry(key).or_default().clone()
     }
-
-    fn local_lock(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = match self.local_locks.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.entry(dir.to_path_buf()).or_default().clone()
-    }
 }
 
 /// What a file read looks into.
@@ -682,7 +675,11 @@ pub(crate) mod testutil {
     }
 
     /// Commits a snapshot whose diff is filled by `fill`.
-    pub fn snapshot(w: &Worker, parent: Option<&str>, fill: impl FnOnce(&Path)) -> String {
+    pub fn snapshot(
+        w: &Worker,
+        parent: Option<&str>,
+        fill: impl FnOnce(&std::path::Path),
+    ) -> String {
         let st = w.store().prepare(parent).expect("prepare");
         fill(&st.diff());
         w.store().commit(st, Kind::Built, None).expect("commit")
