@@ -321,8 +321,8 @@ fn paths_with(
         hs.h.update(b"selector\0");
         hs.h.update(full.as_bytes());
         hs.h.update([0, sel.wildcard as u8, sel.follow_links as u8]);
-        let matches = if sel.wildcard && has_glob(&full) {
-            glob(root, &full)?
+        let matches = if sel.wildcard && crate::wildcard::has_wildcards(&full) {
+            crate::wildcard::expand(root, &full)?
         } else {
             vec![full]
         };
@@ -341,49 +341,6 @@ fn paths_with(
     }
     let (digest, stats, _) = hs.finish();
     Ok((digest, stats))
-}
-
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Expands a wildcard path inside `root` one component at a time (as the
-/// file op's copy does); returns in-root absolute paths, sorted.
-fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
-    let mut bases = vec![String::new()];
-    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
-        if !has_glob(comp) {
-            bases = bases.into_iter().map(|b| format!("{b}/{comp}")).collect();
-            continue;
-        }
-        let m = globset::GlobBuilder::new(comp)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| Error::InvalidOp(format!("checksum pattern {pattern:?}: {e}")))?
-            .compile_matcher();
-        let mut next = Vec::new();
-        for b in &bases {
-            let dir = crate::rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
-                .map_err(Error::io("resolve", b))?;
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut names: Vec<String> = rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| m.is_match(n))
-                .collect();
-            names.sort();
-            next.extend(names.into_iter().map(|n| format!("{b}/{n}")));
-        }
-        bases = next;
-    }
-    let mut out: Vec<String> = bases
-        .into_iter()
-        .map(|b| if b.is_empty() { "/".to_string() } else { b })
-        .collect();
-    out.sort();
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -457,6 +414,22 @@ mod tests {
             outside,
             "reads <root>/etc/hostname"
         );
+    }
+
+    #[test]
+    fn an_unrelated_directory_leaves_a_wildcard_digest_alone() {
+        let a = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(a.path().join("src1")).expect("mkdir");
+        std::fs::write(a.path().join("src1/go.mod"), "m").expect("write");
+        std::fs::write(a.path().join("a.txt"), "a").expect("write");
+        let sels = [sel("*.txt", true), sel("src*/go.mod", true)];
+        let k = paths(a.path(), &sels).expect("checksum");
+        // neither names a `.txt` file nor holds a go.mod
+        std::fs::create_dir(a.path().join("src2")).expect("mkdir");
+        std::fs::create_dir(a.path().join("unrelated")).expect("mkdir");
+        assert_eq!(paths(a.path(), &sels).expect("checksum"), k);
+        std::fs::write(a.path().join("src2/go.mod"), "m").expect("write");
+        assert_ne!(paths(a.path(), &sels).expect("checksum"), k);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Error {
     InputCount { want: usize, got: usize },
     #[error("invalid op: {0}")]
     InvalidOp(String),
+    #[error("syntax error in pattern {pattern:?}")]
+    Pattern { pattern: String },
     #[error("unsupported source {identifier:?}")]
     UnsupportedSource { identifier: String },
     #[error("registry {reference}: {source}")]
@@ -165,6 +167,7 @@ impl From<Error> for tonic::Status {
             | Error::InvalidOp(_)
             | Error::NoSession { .. }
             | Error::SourceAttr { .. }
+            | Error::Pattern { .. }
             | Error::InputCount { .. }
             | Error::InvalidDigest { .. }
             | Error::Compression(_) => Status::invalid_argument(msg),

@@ -26,6 +26,7 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod untar;
 pub mod users;
+pub mod wildcard;
 
 pub use error::{Error, Result};
 pub use kiln_llb::pb;

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::fscopy::{self, CopyOpts};
 use crate::pb::{self, file_action::Action, user_opt::User};
 use crate::snapshot::{Kind, Mounted, Staging, Store};
-use crate::{Worker, rootpath, users};
+use crate::{Worker, rootpath, users, wildcard};
 use nix::sys::time::TimeSpec;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -281,7 +281,7 @@ fn direct_copy(
     c: &pb::FileActionCopy,
 ) -> Result<Option<Staging>> {
     if !c.dir_copy_contents
-        || (c.allow_wildcard && has_glob(&c.src))
+        || (c.allow_wildcard && wildcard::has_wildcards(&c.src))
         || !c.required_paths.is_empty()
         || !c.create_dest_path
     {
@@ -440,57 +440,6 @@ fn mkdir_all(
     Ok(())
 }
 
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Expands a wildcard path inside `root`; returns in-root absolute paths, sorted.
-fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
-    let mut bases = vec![String::new()];
-    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
-        let mut next = Vec::new();
-        if has_glob(comp) {
-            let m = globset::GlobBuilder::new(comp)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| Error::file("copy", pattern, e))?
-                .compile_matcher();
-            for b in &bases {
-                let dir = rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
-                    .map_err(|e| Error::file("copy", pattern, e))?;
-                let Ok(rd) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                let mut names: Vec<String> = rd
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
-                names.sort();
-                next.extend(
-                    names
-                        .into_iter()
-                        .filter(|n| m.is_match(n))
-                        .map(|n| format!("{b}/{n}")),
-                );
-            }
-        } else {
-            next = bases.into_iter().map(|b| format!("{b}/{comp}")).collect();
-        }
-        bases = next;
-    }
-    let mut out: Vec<String> = bases
-        .into_iter()
-        .map(|b| if b.is_empty() { "/".to_string() } else { b })
-        .filter(|b| {
-            rootpath::resolve(root, b, false)
-                .map(|p| std::fs::symlink_metadata(p).is_ok())
-                .unwrap_or(false)
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 /// The input index of a by-name owner of `a`, if any.
 fn named_user_input(a: &pb::FileAction) -> Option<i64> {
     let owner = match a.action.as_ref()? {
@@ -562,8 +511,8 @@ fn apply_deferring(
                 .map_err(io("mkfile", &m.path))
         }
         Some(Action::Rm(r)) => {
-            let paths = if r.allow_wildcard && has_glob(&r.path) {
-                glob(root, &abs(&r.path))?
+            let paths = if r.allow_wildcard && wildcard::has_wildcards(&r.path) {
+                wildcard::expand(root, &r.path)?
             } else {
                 vec![abs(&r.path)]
             };
@@ -610,8 +559,8 @@ fn copy(
             return Err(Error::file("copy", req, "required path not found"));
         }
     }
-    let srcs = if c.allow_wildcard && has_glob(&c.src) {
-        let m = glob(src_root, &abs(&c.src))?;
+    let srcs = if c.allow_wildcard && wildcard::has_wildcards(&c.src) {
+        let m = wildcard::expand(src_root, &c.src)?;
         if m.is_empty() && !c.allow_empty_wildcard {
             return Err(Error::file("copy", &c.src, "no matches found"));
         }
