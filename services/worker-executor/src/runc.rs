@@ -527,8 +527,11 @@ impl Runc {
                         .map_err(Error::io("dup", "pty"))
                 };
                 cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+                #[allow(
+                    unsafe_code,
+                    reason = "pre_exec is unsafe; TIOCSCTTY has no safe wrapper in nix"
+                )]
                 // SAFETY: only async-signal-safe calls between fork and exec
-                #[allow(unsafe_code)]
                 unsafe {
                     cmd.pre_exec(|| {
                         nix::unistd::setsid()?;
@@ -726,8 +729,8 @@ fn set_window_size(master: &std::fs::File, rows: u32, cols: u32) {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
+    #[allow(unsafe_code, reason = "TIOCSWINSZ has no safe wrapper in nix")]
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on an open fd
-    #[allow(unsafe_code)]
     let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if r < 0 {
         tracing::debug!("resize the terminal: {}", std::io::Error::last_os_error());

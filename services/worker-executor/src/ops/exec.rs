@@ -443,22 +443,7 @@ fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
 }
 
 fn xattr_opaque(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut buf = [0u8; 8];
-    #[allow(unsafe_code)]
-    // SAFETY: c is a valid NUL-terminated path and buf is a writable buffer of the given size.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    n > 0
+    xattr::get(p, "trusted.overlay.opaque").is_ok_and(|v| v.is_some_and(|v| !v.is_empty()))
 }
 
 /// The step's `/etc/resolv.conf`: the host's; in a network of its own without the
