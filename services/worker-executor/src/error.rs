@@ -130,8 +130,13 @@ pub enum Error {
     InvalidDigest { digest: String },
     #[error("blob {digest} not found")]
     BlobNotFound { digest: String },
-    #[error("unsupported compression {0:?}")]
-    Compression(String),
+    #[error("layer options")]
+    LayerOptions {
+        #[source]
+        source: kiln_oci::Error,
+    },
+    #[error("layer of snapshot {id}: its thread panicked")]
+    LayerPanicked { id: String },
     #[error("background task: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -170,7 +175,7 @@ impl From<Error> for tonic::Status {
             | Error::Pattern { .. }
             | Error::InputCount { .. }
             | Error::InvalidDigest { .. }
-            | Error::Compression(_) => Status::invalid_argument(msg),
+            | Error::LayerOptions { .. } => Status::invalid_argument(msg),
             Error::UnsupportedOp(_) | Error::UnsupportedSource { .. } => Status::unimplemented(msg),
             Error::ExitCode { .. } | Error::User { .. } | Error::FileAction { .. } => {
                 Status::failed_precondition(msg)

@@ -117,9 +117,11 @@ pub struct Worker {
     /// Locks of image pulls, by what they guard: one pull per image reference, one
     /// download per blob, one unpack per layer chain; unrelated pulls never wait on
     /// each other (a slow registry holds up only its own images).
-    pull_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Serializes layer blob computation (memoized in snapshot meta).
-    layers_lock: tokio::sync::Mutex<()>,
+    pull_locks: KeyedLocks,
+    /// One lock per snapshot and layer options: a layer blob is computed once.
+    layer_locks: KeyedLocks,
+    /// Records computed layer blobs in snapshot meta (see [`layers::MemoWriter`]).
+    memo: Arc<layers::MemoWriter>,
     /// Persistent `type=cache` mount dirs.
     cache_mounts: cachemount::CacheMounts,
     /// The persistent dirs local sources sync into.
@@ -188,13 +190,15 @@ impl Worker {
             None => None,
         };
         let store = snapshot::Store::open_with(&config.root, containerd)?;
+        let memo = Arc::new(layers::MemoWriter::start(store.clone()));
         let networking = network::Networking::start(&config.network)?;
         Ok(Worker {
             id,
             store,
             registry,
-            pull_locks: std::sync::Mutex::new(HashMap::new()),
-            layers_lock: tokio::sync::Mutex::new(()),
+            pull_locks: KeyedLocks::default(),
+            layer_locks: KeyedLocks::default(),
+            memo,
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             synced_dirs: Default::default(),
             sums: Default::default(),
@@ -595,10 +599,17 @@ impl Worker {
 
     /// The pull lock named `key` (see `pull_locks`).
     fn pull_lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = match self.pull_locks.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        self.pull_locks.get(key)
+    }
+}
+
+/// Async locks by name, made on first use.
+#[derive(Debug, Default)]
+struct KeyedLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 1024 {
             // locks nobody holds or waits for
             map.retain(|_, l| Arc::strong_count(l) > 1);
