@@ -403,7 +403,10 @@ impl Worker {
         } else {
             Some(
                 globset::Glob::new(include)
-                    .map_err(|e| Error::file("read dir", include, e))?
+                    .map_err(|source| Error::ReadDirPattern {
+                        pattern: include.to_string(),
+                        source,
+                    })?
                     .compile_matcher(),
             )
         };

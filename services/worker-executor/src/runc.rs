@@ -81,7 +81,7 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount>
         .source(source)
         .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .build()
-        .map_err(|e| Error::Spec(e.to_string()))
+        .map_err(|source| Error::Spec { source })
 }
 
 /// Every Linux capability with its number, for privileged (`security.insecure`) runs.
@@ -146,7 +146,7 @@ pub const SYSTEM_MOUNTS: &[&str] = &["/proc", "/dev", "/sys", "/etc/resolv.conf"
 
 /// Builds the OCI runtime config for `p`.
 pub fn spec(p: &ProcessSpec) -> Result<Spec> {
-    let se = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
+    let se = |source: oci_spec::OciSpecError| Error::Spec { source };
     use Capability::*;
     let default_caps = [
         Chown,
@@ -623,10 +623,7 @@ impl Runc {
         // on a terminal, runc's stdio is a pty of ours: the process's output is
         // read from its master end, its input written there
         let pty = if tty {
-            Some(
-                nix::pty::openpty(None, None)
-                    .map_err(|e| Error::Spec(format!("open a pty: {e}")))?,
-            )
+            Some(nix::pty::openpty(None, None).map_err(|source| Error::Pty { source })?)
         } else {
             None
         };

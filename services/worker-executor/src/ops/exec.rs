@@ -163,7 +163,10 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
     };
     let client = session_client(w, session_id)
         .await
-        .map_err(|e| secret_err("*", e.to_string()))?;
+        .map_err(|source| Error::SecretSession {
+            id: "*".into(),
+            source,
+        })?;
     let mut cache: HashMap<String, Option<Vec<u8>>> = HashMap::new();
     let mut get = async |id: &str, optional: bool| -> Result<Option<Vec<u8>>> {
         if !cache.contains_key(id) {
@@ -172,7 +175,10 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
                 Some(c) => c
                     .get_secret(id)
                     .await
-                    .map_err(|e| secret_err(id, e.to_string()))?,
+                    .map_err(|source| Error::SecretSession {
+                        id: id.to_string(),
+                        source,
+                    })?,
                 None => None,
             };
             tracing::debug!(id, found = v.is_some(), "fetched secret");
@@ -236,7 +242,10 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
     };
     let client = session_client(w, session_id)
         .await
-        .map_err(|e| ssh_err("*", e.to_string()))?;
+        .map_err(|source| Error::SshAgentSession {
+            id: "*".into(),
+            source,
+        })?;
     let tmp = w.config().root.join("tmp");
     let dir = tempfile::Builder::new()
         .prefix("ssh-")
@@ -252,7 +261,10 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
             Some(c) => c
                 .check_ssh_agent(&id)
                 .await
-                .map_err(|e| ssh_err(&id, e.to_string()))?,
+                .map_err(|source| Error::SshAgentSession {
+                    id: id.clone(),
+                    source,
+                })?,
             None => false,
         };
         let Some(client) = client.clone().filter(|_| present) else {
@@ -608,9 +620,9 @@ fn prepare(
                     continue; // optional and missing
                 };
                 let file = p.bundle.path().join(format!("secret-{index}"));
-                write_secret(&file, data, &opt).map_err(|e| Error::Secret {
+                write_secret(&file, data, &opt).map_err(|source| Error::SecretWrite {
                     id: opt.id.clone(),
-                    reason: e.to_string(),
+                    source,
                 })?;
                 extra.push(ExtraMount::Bind {
                     dest: m.dest.clone(),
@@ -700,8 +712,10 @@ fn prepare(
 fn write_spec(bundle: &Path, process: &ProcessSpec) -> Result<oci_spec::runtime::Spec> {
     let spec = runc::spec(process)?;
     let config = bundle.join("config.json");
-    spec.save(&config)
-        .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
+    spec.save(&config).map_err(|source| Error::SpecSave {
+        path: config.clone(),
+        source,
+    })?;
     Ok(spec)
 }
 

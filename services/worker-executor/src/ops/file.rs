@@ -287,7 +287,7 @@ fn direct_copy(
     {
         return Ok(None);
     }
-    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let err = |e: std::io::Error| Error::file_io("copy", &c.src)(e);
     let Ok(src) = rootpath::resolve(src_real, &abs(&c.src), c.follow_symlink) else {
         return Ok(None);
     };
@@ -485,7 +485,7 @@ fn apply_deferring(
 ) -> Result<()> {
     let user_db = users_root.unwrap_or(root);
     fn io<'a>(action: &'static str, path: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
-        move |e| Error::file(action, path, e)
+        Error::file_io(action, path)
     }
     match a.action.as_ref() {
         None => Err(Error::InvalidOp("file action has no body".into())),
@@ -525,7 +525,7 @@ fn apply_deferring(
                 };
                 match res {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && r.allow_not_found => {}
-                    Err(e) => return Err(Error::file("rm", &r.path, e)),
+                    Err(e) => return Err(Error::file_io("rm", &r.path)(e)),
                     Ok(()) => {}
                 }
             }
@@ -550,9 +550,9 @@ fn copy(
     c: &pb::FileActionCopy,
     mut deferred: Option<&mut Vec<fscopy::Deferred>>,
 ) -> Result<()> {
-    let empty = tempfile::tempdir().map_err(|e| Error::file("copy", &c.src, e))?;
+    let empty = tempfile::tempdir().map_err(Error::file_io("copy", &c.src))?;
     let src_root = secondary.unwrap_or(empty.path());
-    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let err = |e: std::io::Error| Error::file_io("copy", &c.src)(e);
     for req in &c.required_paths {
         let p = rootpath::resolve(src_root, &abs(req), false).map_err(err)?;
         if std::fs::symlink_metadata(&p).is_err() {
