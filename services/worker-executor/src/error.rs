@@ -273,7 +273,11 @@ mod tests {
         let e = Error::io("open", "/x/blob")(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
         ));
-        assert_eq!(e.to_string(), "open /x/blob", "a message never repeats its source");
+        assert_eq!(
+            e.to_string(),
+            "open /x/blob",
+            "a message never repeats its source"
+        );
         let st = tonic::Status::from(e);
         assert_eq!(st.message(), "open /x/blob: connection refused");
     }
