@@ -741,3 +741,32 @@ fn a_changed_file_is_all_that_goes_over_also_after_a_kill_9() {
     assert!(is_cached(&fourth, "COPY ctx/"), "{fourth}");
     assert_eq!(read("4", "ctx/f07"), format!("7{chunk}"));
 }
+
+#[test]
+fn an_unrelated_directory_added_to_the_context_keeps_a_wildcard_copy_cached() {
+    let d = Kilnd::start();
+    let c = BuildContext::new(
+        "FROM busybox\nCOPY *.txt /d/\nCOPY sub*/x.txt /e/\nRUN ls /d /e && echo wildcard-copy-$((40+2))\n",
+    )
+    .expect("ctx");
+    c.file("a.txt", "a\n").expect("write");
+    c.file("b.txt", "b\n").expect("write");
+    c.file("sub1/x.txt", "x\n").expect("write");
+    let outs = tempfile::tempdir().expect("tmp");
+    let first = d.build(c.path(), &["--output", &out_arg(&outs.path().join("1"))]);
+    assert!(first.contains("wildcard-copy-42"), "{first}");
+    // neither pattern names anything in these
+    c.file("unrelated/notes.md", "n\n").expect("write");
+    c.file("sub2/y.md", "y\n").expect("write");
+    let second = d.build(c.path(), &["--output", &out_arg(&outs.path().join("2"))]);
+    for step in ["COPY *.txt", "COPY sub*/x.txt", "wildcard-copy"] {
+        assert!(
+            is_cached(&second, step),
+            "{step} cached after an unrelated directory was added:\n{second}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(outs.path().join("2/e/x.txt")).expect("read"),
+        "x\n"
+    );
+}

@@ -33,8 +33,14 @@ type Instances = HashMap<(String, usize), Arc<RwLock<()>>>;
 
 #[derive(Debug)]
 enum Hold {
-    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
-    Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+    Shared(
+        #[allow(dead_code, reason = "held, never read: the lock lasts while it does")]
+        OwnedRwLockReadGuard<()>,
+    ),
+    Exclusive(
+        #[allow(dead_code, reason = "held, never read: the lock lasts while it does")]
+        OwnedRwLockWriteGuard<()>,
+    ),
 }
 
 /// One use of a cache instance; the instance is free again when this drops.

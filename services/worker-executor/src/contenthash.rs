@@ -6,7 +6,7 @@
 //! A file's content counts through its sha256, so a [`FileSums`] table of
 //! per-file digests lets a rehash skip every file that did not change: the
 //! local source keeps one per synced directory ([`tree_cached`]) and lends it
-//! to the snapshot made from that sync ([`remember_snapshot`]), whose
+//! to the snapshot made from that sync ([`SumTables::remember_snapshot`]), whose
 //! checksums then read only what is new ([`paths_in`]).
 
 use crate::error::{Error, Result};
@@ -228,45 +228,51 @@ pub fn tree_cached(root: &Path, known: &FileSums) -> Result<(String, HashStats, 
     Ok((digest, stats, sums))
 }
 
-/// The last table of every synced directory (taken out while it syncs).
-static DIRS: Mutex<Option<HashMap<PathBuf, Arc<FileSums>>>> = Mutex::new(None);
-/// The table each recent local snapshot was made (or reused) with.
-static SNAPSHOTS: Mutex<Vec<(String, Arc<FileSums>)>> = Mutex::new(Vec::new());
 /// How many snapshots keep a table (the newest ones).
 const SNAPSHOT_TABLES: usize = 4;
 
-/// Takes the table of a synced directory out of the registry: call before
-/// the directory changes, give it back with [`put_dir_sums`] once it has been
-/// rehashed. A directory whose sync failed is simply never given back.
-pub fn take_dir_sums(dir: &Path) -> Arc<FileSums> {
-    let mut g = DIRS.lock().unwrap_or_else(|e| e.into_inner());
-    g.get_or_insert_with(HashMap::new)
-        .remove(dir)
-        .unwrap_or_default()
+/// The digest tables a worker keeps between passes: the last table of every
+/// synced directory (taken out while it syncs) and the table each recent local
+/// snapshot was made (or reused) with. Owned by the worker: tables describe its
+/// own directories and snapshots.
+#[derive(Debug, Default)]
+pub struct SumTables {
+    dirs: Mutex<HashMap<PathBuf, Arc<FileSums>>>,
+    snapshots: Mutex<Vec<(String, Arc<FileSums>)>>,
 }
 
-pub fn put_dir_sums(dir: &Path, sums: Arc<FileSums>) {
-    let mut g = DIRS.lock().unwrap_or_else(|e| e.into_inner());
-    g.get_or_insert_with(HashMap::new)
-        .insert(dir.to_path_buf(), sums);
-}
-
-/// Lends `sums` to the committed, immutable snapshot `id`, whose files are
-/// (mostly) the same inodes: its checksums ([`paths_in`]) reuse the digests
-/// of files whose inode, size and mtime match. A snapshot holds its inodes,
-/// so a matching inode number there is the very file that was hashed.
-pub fn remember_snapshot(id: &str, sums: Arc<FileSums>) {
-    let mut g = SNAPSHOTS.lock().unwrap_or_else(|e| e.into_inner());
-    g.retain(|(s, _)| s != id);
-    g.push((id.to_string(), sums));
-    if g.len() > SNAPSHOT_TABLES {
-        g.remove(0);
+impl SumTables {
+    /// Takes the table of a synced directory out: call before the directory
+    /// changes, give it back with [`Self::put_dir`] once it has been rehashed.
+    /// A directory whose sync failed is simply never given back.
+    pub fn take_dir(&self, dir: &Path) -> Arc<FileSums> {
+        let mut g = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        g.remove(dir).unwrap_or_default()
     }
-}
 
-fn snapshot_sums(id: &str) -> Option<Arc<FileSums>> {
-    let g = SNAPSHOTS.lock().unwrap_or_else(|e| e.into_inner());
-    g.iter().find(|(s, _)| s == id).map(|(_, t)| t.clone())
+    pub fn put_dir(&self, dir: &Path, sums: Arc<FileSums>) {
+        let mut g = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        g.insert(dir.to_path_buf(), sums);
+    }
+
+    /// Lends `sums` to the committed, immutable snapshot `id`, whose files are
+    /// (mostly) the same inodes: its checksums ([`paths_in`]) reuse the digests
+    /// of files whose inode, size and mtime match. A snapshot holds its inodes,
+    /// so a matching inode number there is the very file that was hashed.
+    pub fn remember_snapshot(&self, id: &str, sums: Arc<FileSums>) {
+        let mut g = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|(s, _)| s != id);
+        g.push((id.to_string(), sums));
+        if g.len() > SNAPSHOT_TABLES {
+            g.remove(0);
+        }
+    }
+
+    /// The table lent to snapshot `id`, if any.
+    pub fn snapshot(&self, id: &str) -> Option<Arc<FileSums>> {
+        let g = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().find(|(s, _)| s == id).map(|(_, t)| t.clone())
+    }
 }
 
 /// A path an op reads inside a root.
@@ -289,16 +295,15 @@ pub fn paths(root: &Path, selectors: &[Selector]) -> Result<String> {
     paths_with(root, selectors, None).map(|(d, _)| d)
 }
 
-/// [`paths`] in the view `root` of the snapshot `snapshot` (mounted, or its diff dir):
-/// files whose digest the snapshot was lent ([`remember_snapshot`]) are not
-/// read again.
+/// [`paths`] in the view `root` of a snapshot (mounted, or its diff dir):
+/// files whose digest the snapshot was lent ([`SumTables::remember_snapshot`])
+/// are not read again.
 pub fn paths_in(
     root: &Path,
     selectors: &[Selector],
-    snapshot: Option<&str>,
+    lent: Option<&FileSums>,
 ) -> Result<(String, HashStats)> {
-    let sums = snapshot.and_then(snapshot_sums);
-    paths_with(root, selectors, sums.as_deref())
+    paths_with(root, selectors, lent)
 }
 
 fn paths_with(
@@ -316,8 +321,8 @@ fn paths_with(
         hs.h.update(b"selector\0");
         hs.h.update(full.as_bytes());
         hs.h.update([0, sel.wildcard as u8, sel.follow_links as u8]);
-        let matches = if sel.wildcard && has_glob(&full) {
-            glob(root, &full)?
+        let matches = if sel.wildcard && crate::wildcard::has_wildcards(&full) {
+            crate::wildcard::expand(root, &full)?
         } else {
             vec![full]
         };
@@ -336,49 +341,6 @@ fn paths_with(
     }
     let (digest, stats, _) = hs.finish();
     Ok((digest, stats))
-}
-
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Expands a wildcard path inside `root` one component at a time (as the
-/// file op's copy does); returns in-root absolute paths, sorted.
-fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
-    let mut bases = vec![String::new()];
-    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
-        if !has_glob(comp) {
-            bases = bases.into_iter().map(|b| format!("{b}/{comp}")).collect();
-            continue;
-        }
-        let m = globset::GlobBuilder::new(comp)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| Error::InvalidOp(format!("checksum pattern {pattern:?}: {e}")))?
-            .compile_matcher();
-        let mut next = Vec::new();
-        for b in &bases {
-            let dir = crate::rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
-                .map_err(Error::io("resolve", b))?;
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut names: Vec<String> = rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| m.is_match(n))
-                .collect();
-            names.sort();
-            next.extend(names.into_iter().map(|n| format!("{b}/{n}")));
-        }
-        bases = next;
-    }
-    let mut out: Vec<String> = bases
-        .into_iter()
-        .map(|b| if b.is_empty() { "/".to_string() } else { b })
-        .collect();
-    out.sort();
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -452,6 +414,22 @@ mod tests {
             outside,
             "reads <root>/etc/hostname"
         );
+    }
+
+    #[test]
+    fn an_unrelated_directory_leaves_a_wildcard_digest_alone() {
+        let a = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(a.path().join("src1")).expect("mkdir");
+        std::fs::write(a.path().join("src1/go.mod"), "m").expect("write");
+        std::fs::write(a.path().join("a.txt"), "a").expect("write");
+        let sels = [sel("*.txt", true), sel("src*/go.mod", true)];
+        let k = paths(a.path(), &sels).expect("checksum");
+        // neither names a `.txt` file nor holds a go.mod
+        std::fs::create_dir(a.path().join("src2")).expect("mkdir");
+        std::fs::create_dir(a.path().join("unrelated")).expect("mkdir");
+        assert_eq!(paths(a.path(), &sels).expect("checksum"), k);
+        std::fs::write(a.path().join("src2/go.mod"), "m").expect("write");
+        assert_ne!(paths(a.path(), &sels).expect("checksum"), k);
     }
 
     #[test]
@@ -555,10 +533,11 @@ mod tests {
             .expect("link");
         }
         std::fs::write(snap.path().join("ctx/f3"), "3").expect("w");
-        let id = format!("test-{}", uuid::Uuid::new_v4());
-        remember_snapshot(&id, Arc::new(sums));
+        let tables = SumTables::default();
+        tables.remember_snapshot("snap", Arc::new(sums));
+        let lent_sums = tables.snapshot("snap");
         let sel = [sel("/ctx", false)];
-        let (lent, stats) = paths_in(snap.path(), &sel, Some(&id)).expect("checksum");
+        let (lent, stats) = paths_in(snap.path(), &sel, lent_sums.as_deref()).expect("checksum");
         assert_eq!((stats.files, stats.read), (4, 1));
         let (plain, stats) = paths_in(snap.path(), &sel, None).expect("checksum");
         assert_eq!((lent.as_str(), stats.read), (plain.as_str(), 4));

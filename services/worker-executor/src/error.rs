@@ -4,14 +4,14 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("mount {target}: {source}")]
+    #[error("mount {target}")]
     Mount {
         target: PathBuf,
         #[source]
@@ -23,13 +23,13 @@ pub enum Error {
     ContainerNotFound { id: String },
     #[error("invalid snapshot id {id:?}")]
     InvalidRef { id: String },
-    #[error("snapshot {id} metadata: {source}")]
+    #[error("snapshot {id} metadata")]
     SnapshotMeta {
         id: String,
         #[source]
         source: serde_json::Error,
     },
-    #[error("decode op: {0}")]
+    #[error("decode op")]
     DecodeOp(#[from] prost::DecodeError),
     #[error("unsupported op: {0}")]
     UnsupportedOp(String),
@@ -37,9 +37,11 @@ pub enum Error {
     InputCount { want: usize, got: usize },
     #[error("invalid op: {0}")]
     InvalidOp(String),
+    #[error("syntax error in pattern {pattern:?}")]
+    Pattern { pattern: String },
     #[error("unsupported source {identifier:?}")]
     UnsupportedSource { identifier: String },
-    #[error("registry {reference}: {source}")]
+    #[error("registry {reference}")]
     Registry {
         reference: String,
         #[source]
@@ -47,35 +49,54 @@ pub enum Error {
     },
     #[error("image {reference}: {reason}")]
     Image { reference: String, reason: String },
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
         digest: String,
         #[source]
         source: kiln_oci::Error,
     },
-    #[error("session sync of local {name:?}: {source}")]
+    #[error("session sync of local {name:?}")]
     Session {
         name: String,
         #[source]
         source: kiln_session::Error,
     },
-    #[error("runtime spec: {0}")]
-    Spec(String),
+    #[error("runtime spec")]
+    Spec {
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("write runtime spec {path}")]
+    SpecSave {
+        path: PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("encode runtime spec")]
+    SpecEncode {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("open a pty")]
+    Pty {
+        #[source]
+        source: nix::Error,
+    },
     #[error("step network: {0}")]
     Network(String),
-    #[error("start runc {runc}: {source}")]
+    #[error("start runc {runc}")]
     RuncStart {
         runc: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("connect to containerd at {address}: {source}")]
+    #[error("connect to containerd at {address}")]
     ContainerdConnect {
         address: PathBuf,
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("containerd {op} {id}: {source}")]
+    #[error("containerd {op} {id}")]
     Containerd {
         op: &'static str,
         id: String,
@@ -94,12 +115,63 @@ pub enum Error {
         path: String,
         reason: String,
     },
+    #[error("{action} {path}")]
+    FileIo {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read dir pattern {pattern:?}")]
+    ReadDirPattern {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
     #[error("entitlement {entitlement}: {reason}")]
     Entitlement { entitlement: String, reason: String },
+    #[error("ssh agent {id}")]
+    SshAgentSession {
+        id: String,
+        #[source]
+        source: kiln_session::Error,
+    },
+    #[error("secret {id}")]
+    SecretSession {
+        id: String,
+        #[source]
+        source: kiln_session::Error,
+    },
+    #[error("secret {id}: write it for the step")]
+    SecretWrite {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("ssh agent {id}: {reason}")]
     SshAgent { id: String, reason: String },
     #[error("secret {id}: {reason}")]
     Secret { id: String, reason: String },
+    #[error("local source {name:?} without a session")]
+    NoSession { name: String },
+    #[error("source attribute {key}")]
+    SourceAttr {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("git source {remote}: run git")]
+    GitRun {
+        remote: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http source {url}")]
+    HttpRequest {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("git source {remote}: {reason}")]
     Git { remote: String, reason: String },
     #[error("http source {url}: {reason}")]
@@ -108,9 +180,14 @@ pub enum Error {
     InvalidDigest { digest: String },
     #[error("blob {digest} not found")]
     BlobNotFound { digest: String },
-    #[error("unsupported compression {0:?}")]
-    Compression(String),
-    #[error("background task: {0}")]
+    #[error("layer options")]
+    LayerOptions {
+        #[source]
+        source: kiln_oci::Error,
+    },
+    #[error("layer of snapshot {id}: its thread panicked")]
+    LayerPanicked { id: String },
+    #[error("background task")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -121,6 +198,19 @@ impl Error {
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
+    }
+
+    /// A file action's IO failure on `path` (as the build named it).
+    pub(crate) fn file_io(
+        action: &'static str,
+        path: &str,
+    ) -> impl Fn(std::io::Error) -> Error + Clone + use<> {
+        let path = path.to_string();
+        move |source| Error::FileIo {
+            action,
+            path: path.clone(),
+            source,
+        }
     }
 
     pub(crate) fn file(action: &'static str, path: &str, reason: impl ToString) -> Error {
@@ -134,29 +224,61 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
+        use tonic::Code;
+        let code = match &e {
             Error::SnapshotNotFound { .. }
             | Error::BlobNotFound { .. }
-            | Error::ContainerNotFound { .. } => Status::not_found(msg),
+            | Error::ContainerNotFound { .. } => Code::NotFound,
             Error::InvalidRef { .. }
             | Error::DecodeOp(_)
             | Error::InvalidOp(_)
+            | Error::NoSession { .. }
+            | Error::SourceAttr { .. }
+            | Error::Pattern { .. }
+            | Error::ReadDirPattern { .. }
             | Error::InputCount { .. }
             | Error::InvalidDigest { .. }
-            | Error::Compression(_) => Status::invalid_argument(msg),
-            Error::UnsupportedOp(_) | Error::UnsupportedSource { .. } => Status::unimplemented(msg),
-            Error::ExitCode { .. } | Error::User { .. } | Error::FileAction { .. } => {
-                Status::failed_precondition(msg)
-            }
-            Error::Registry { .. } | Error::Session { .. } => Status::unavailable(msg),
-            Error::Entitlement { .. } => Status::permission_denied(msg),
-            Error::Git { .. } | Error::Http { .. } => Status::failed_precondition(msg),
-            Error::Secret { .. } | Error::SshAgent { .. } => Status::failed_precondition(msg),
-            _ => Status::internal(msg),
-        }
+            | Error::LayerOptions { .. } => Code::InvalidArgument,
+            Error::UnsupportedOp(_) | Error::UnsupportedSource { .. } => Code::Unimplemented,
+            Error::ExitCode { .. }
+            | Error::User { .. }
+            | Error::FileAction { .. }
+            | Error::FileIo { .. } => Code::FailedPrecondition,
+            Error::Registry { .. } | Error::Session { .. } => Code::Unavailable,
+            Error::Entitlement { .. } => Code::PermissionDenied,
+            Error::Git { .. }
+            | Error::GitRun { .. }
+            | Error::Http { .. }
+            | Error::HttpRequest { .. } => Code::FailedPrecondition,
+            Error::Secret { .. }
+            | Error::SecretSession { .. }
+            | Error::SecretWrite { .. }
+            | Error::SshAgent { .. }
+            | Error::SshAgentSession { .. } => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        // the whole cause chain, not just the top message
+        kiln_proto::status::from_error(code, &e)
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_carries_the_whole_cause_chain_once() {
+        let e = Error::io("open", "/x/blob")(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        ));
+        assert_eq!(
+            e.to_string(),
+            "open /x/blob",
+            "a message never repeats its source"
+        );
+        let st = tonic::Status::from(e);
+        assert_eq!(st.message(), "open /x/blob: connection refused");
+    }
+}

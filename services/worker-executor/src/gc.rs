@@ -198,22 +198,8 @@ pub fn entries_under(
         } else {
             format!("/{}", sel.path)
         };
-        let starts: Vec<String> = if sel.wildcard && full.contains(['*', '?', '[']) {
-            let m = globset::GlobBuilder::new(&full)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| Error::InvalidOp(format!("pattern {full:?}: {e}")))?
-                .compile_matcher();
-            walkdir::WalkDir::new(root)
-                .min_depth(1)
-                .into_iter()
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let rel = e.path().strip_prefix(root).ok()?;
-                    let p = format!("/{}", rel.to_string_lossy());
-                    m.is_match(&p).then_some(p)
-                })
-                .collect()
+        let starts: Vec<String> = if sel.wildcard && crate::wildcard::has_wildcards(&full) {
+            crate::wildcard::expand(root, &full)?
         } else {
             vec![full]
         };

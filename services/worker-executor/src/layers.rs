@@ -12,6 +12,7 @@ use bytes::Bytes;
 use kiln_oci::{Compression, LayerOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 const CHUNK: usize = 64 * 1024;
@@ -19,7 +20,7 @@ const CHUNK: usize = 64 * 1024;
 /// Parse the `compression` field of a Layers request: a compression name or a
 /// `kiln_oci::LayerOptions` spec (`zstd;level=9;force;epoch=N`).
 fn layer_options(spec: &str) -> Result<LayerOptions> {
-    LayerOptions::parse(spec).map_err(|_| Error::Compression(spec.to_string()))
+    LayerOptions::parse(spec).map_err(|source| Error::LayerOptions { source })
 }
 
 fn dir_is_empty(dir: &Path) -> Result<bool> {
@@ -38,6 +39,11 @@ enum Plan {
 
 /// The layer blob of every snapshot of the chain of `r`, root first; `None`
 /// for a snapshot whose diff is empty.
+///
+/// Each snapshot's layer (per layer options) is computed once: its lock is
+/// held while the chain's layers are planned and computed, taken root first
+/// so chains sharing snapshots never wait on each other in a cycle; unrelated
+/// chains go at once.
 pub(crate) async fn layer_chain(
     w: &Worker,
     r: Option<&str>,
@@ -45,145 +51,214 @@ pub(crate) async fn layer_chain(
 ) -> Result<Vec<Option<LayerBlob>>> {
     let options = layer_options(compression_spec)?;
     let key = options.spec();
-    let _guard = w.layers_lock.lock().await;
+    let store = w.store.clone();
+    let top = r.map(str::to_string);
+    let mut chain = tokio::task::spawn_blocking(move || store.chain(top.as_deref())).await??;
+    chain.reverse();
+    let mut held = Vec::with_capacity(chain.len());
+    for meta in &chain {
+        let lock = w.layer_locks.get(format!("{} {key}", meta.id));
+        held.push(lock.lock_owned().await);
+    }
     let _busy = crate::ops::Busy::start();
     let store = w.store.clone();
     let blobs = w.config.root.join("content/blobs/sha256");
-    let top = r.map(str::to_string);
+    let memo = w.memo.clone();
     tokio::task::spawn_blocking(move || {
-        let mut chain = store.chain(top.as_deref())?;
-        chain.reverse();
-        let plans: Vec<Plan> = chain
-            .iter()
-            .enumerate()
-            .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
-                (_, Some(memo)) => Plan::Ready(Box::new(memo.clone())),
-                _ if let Some(memo) = pending_memo(&meta.id, &key) => Plan::Ready(Box::new(memo)),
-                (Some(b), None)
-                    if !options.force
-                        || Compression::from_media_type(&b.descriptor.media_type)
-                            == options.compression =>
-                {
-                    Plan::Ready(Box::new(Some(b.clone())))
-                }
-                _ => Plan::Compute(i),
-            })
-            .collect();
-        let todo: Vec<usize> = plans
-            .iter()
-            .filter_map(|p| match p {
-                Plan::Compute(i) => Some(*i),
-                Plan::Ready(_) => None,
-            })
-            .collect();
-        // a few layers at once; each one already uses every core for compression
-        let mut computed: Vec<(usize, Result<Option<LayerBlob>>)> = Vec::new();
-        for batch in todo.chunks(4) {
-            let results: Vec<(usize, Result<Option<LayerBlob>>)> = std::thread::scope(|s| {
-                let handles: Vec<_> = batch
-                    .iter()
-                    .map(|&i| {
-                        let meta = &chain[i];
-                        let (store, blobs) = (&store, &blobs);
-                        (i, s.spawn(move || compute(store, meta, blobs, &options)))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(i, h)| {
-                        let r = h.join().unwrap_or_else(|_| {
-                            Err(Error::Compression("layer thread panicked".into()))
-                        });
-                        (i, r)
-                    })
-                    .collect()
-            });
-            computed.extend(results);
-        }
-        let mut out = Vec::new();
-        let mut fresh = Vec::new();
-        let mut computed = computed.into_iter();
-        for plan in plans {
-            let blob = match plan {
-                Plan::Ready(b) => *b,
-                Plan::Compute(i) => {
-                    let (j, res) = computed
-                        .next()
-                        .ok_or_else(|| Error::Compression("layer result missing".into()))?;
-                    debug_assert_eq!(i, j);
-                    let blob = res?;
-                    fresh.push((chain[i].id.clone(), blob.clone()));
-                    blob
-                }
-            };
-            out.push(blob);
-        }
-        memoize(store, key, fresh);
+        let out = compute_chain(&store, &chain, &blobs, &options, &memo)?;
+        drop(held);
         Ok(out)
     })
     .await?
 }
 
-/// Layer blobs written by this process whose memo is not recorded yet, by
+/// [`layer_chain`] with the chain's metas (root first) in hand and its locks held.
+fn compute_chain(
+    store: &crate::snapshot::Store,
+    chain: &[Meta],
+    blobs: &Path,
+    options: &LayerOptions,
+    memo: &MemoWriter,
+) -> Result<Vec<Option<LayerBlob>>> {
+    let key = options.spec();
+    let plans: Vec<Plan> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
+            (_, Some(m)) => Plan::Ready(Box::new(m.clone())),
+            _ if let Some(m) = memo.pending(&meta.id, &key) => Plan::Ready(Box::new(m)),
+            (Some(b), None)
+                if !options.force
+                    || Compression::from_media_type(&b.descriptor.media_type)
+                        == options.compression =>
+            {
+                Plan::Ready(Box::new(Some(b.clone())))
+            }
+            _ => Plan::Compute(i),
+        })
+        .collect();
+    let todo: Vec<usize> = plans
+        .iter()
+        .filter_map(|p| match p {
+            Plan::Compute(i) => Some(*i),
+            Plan::Ready(_) => None,
+        })
+        .collect();
+    let mut computed = compute_all(store, chain, &todo, blobs, options).into_iter();
+    let mut out = Vec::new();
+    let mut fresh = Vec::new();
+    for plan in plans {
+        let blob = match plan {
+            Plan::Ready(b) => *b,
+            Plan::Compute(i) => {
+                let (j, res) = computed.next().expect("one result per layer computed");
+                debug_assert_eq!(i, j);
+                let blob = res?;
+                fresh.push((chain[i].id.clone(), blob.clone()));
+                blob
+            }
+        };
+        out.push(blob);
+    }
+    memo.record(key, fresh);
+    Ok(out)
+}
+
+/// Computes the layers of `chain[i]` for each `i` of `todo`, a few at once
+/// (each one already uses every core for compression); results in `todo`'s order.
+fn compute_all(
+    store: &crate::snapshot::Store,
+    chain: &[Meta],
+    todo: &[usize],
+    blobs: &Path,
+    options: &LayerOptions,
+) -> Vec<(usize, Result<Option<LayerBlob>>)> {
+    let mut computed = Vec::new();
+    for batch in todo.chunks(4) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&i| {
+                    (
+                        i,
+                        s.spawn(move || compute(store, &chain[i], blobs, options)),
+                    )
+                })
+                .collect();
+            for (i, h) in handles {
+                let id = chain[i].id.clone();
+                computed.push((i, h.join().unwrap_or(Err(Error::LayerPanicked { id }))));
+            }
+        });
+    }
+    computed
+}
+
+/// Layer blobs written by this worker whose memo is not recorded yet, by
 /// (snapshot id, layer options).
 type Pending = std::collections::HashMap<(String, String), Option<LayerBlob>>;
-static PENDING: std::sync::Mutex<Option<Pending>> = std::sync::Mutex::new(None);
+
 /// How long a layer memo waits for the store's background sync of its blob.
 const MEMO_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Held while a snapshot's layer memo is read, changed and written again.
-static MEMO_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn pending_memo(id: &str, key: &str) -> Option<Option<LayerBlob>> {
-    let g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    g.as_ref()?.get(&(id.to_string(), key.to_string())).cloned()
+/// Layers just computed, to be recorded in their snapshots' memos under `key`.
+struct MemoBatch {
+    key: String,
+    fresh: Vec<(String, Option<LayerBlob>)>,
 }
 
-/// Records the layer blobs just computed in their snapshots' memos, on a
-/// thread of its own, once the store's background sync has put the blobs on
-/// disk: a memo never names a blob a crash could have lost, and neither the
-/// export nor the steps running meanwhile wait for the disk. Until then the
-/// blobs are served from [`PENDING`].
-fn memoize(store: crate::snapshot::Store, key: String, fresh: Vec<(String, Option<LayerBlob>)>) {
-    if fresh.is_empty() {
-        return;
-    }
-    {
-        let mut g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-        let map = g.get_or_insert_with(Default::default);
-        for (id, blob) in &fresh {
-            map.insert((id.clone(), key.clone()), blob.clone());
+/// Records the layer blobs computed by a worker in their snapshots' memos, on
+/// one long-lived thread fed by a channel, once the store's background sync has
+/// put the blobs on disk: a memo never names a blob a crash could have lost, and
+/// neither the export nor the steps running meanwhile wait for the disk. Until
+/// then the blobs are served from `pending`. The thread is the only writer of
+/// memos; it ends once the worker (the sender) is gone and the queue is done.
+#[derive(Debug)]
+pub(crate) struct MemoWriter {
+    pending: Arc<Mutex<Pending>>,
+    tx: std::sync::mpsc::Sender<MemoBatch>,
+    _thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemoWriter {
+    pub(crate) fn start(store: crate::snapshot::Store) -> MemoWriter {
+        let pending: Arc<Mutex<Pending>> = Default::default();
+        let (tx, rx) = std::sync::mpsc::channel::<MemoBatch>();
+        let p = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("layer-memo".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // one background sync of the store covers every blob written so far
+                    let batches: Vec<MemoBatch> =
+                        std::iter::once(first).chain(rx.try_iter()).collect();
+                    let synced = store.wait_synced(MEMO_SYNC_TIMEOUT);
+                    for b in batches {
+                        write_memos(&store, &p, b, synced);
+                    }
+                }
+            });
+        let thread = thread
+            .inspect_err(|e| tracing::warn!(error = %e, "start the layer memo thread"))
+            .ok();
+        MemoWriter {
+            pending,
+            tx,
+            _thread: thread,
         }
     }
-    let record = move || {
-        // one background sync of the store covers every blob written so far
-        let synced = store.wait_synced(MEMO_SYNC_TIMEOUT);
-        for (id, blob) in fresh {
-            let res = if !synced {
-                // not known to be on disk: no memo, the next export computes it
-                Err(Error::Compression("no sync of the layer blob".into()))
-            } else {
-                let _w = MEMO_WRITE.lock().unwrap_or_else(|e| e.into_inner());
-                store.meta(&id).and_then(|mut meta| {
-                    meta.layers.insert(key.clone(), blob);
-                    store.update_meta(&meta)
-                })
-            };
+
+    fn pending(&self, id: &str, key: &str) -> Option<Option<LayerBlob>> {
+        let g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&(id.to_string(), key.to_string())).cloned()
+    }
+
+    /// Queues the layers just computed (served from `pending` until recorded).
+    fn record(&self, key: String, fresh: Vec<(String, Option<LayerBlob>)>) {
+        if fresh.is_empty() {
+            return;
+        }
+        {
+            let mut g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, blob) in &fresh {
+                g.insert((id.clone(), key.clone()), blob.clone());
+            }
+        }
+        let batch = MemoBatch { key, fresh };
+        if let Err(std::sync::mpsc::SendError(batch)) = self.tx.send(batch) {
+            // no writer thread: no memo, the next export computes the layers again
+            let mut g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, _) in batch.fresh {
+                g.remove(&(id, batch.key.clone()));
+            }
+        }
+    }
+}
+
+/// Writes one batch of memos (when their blobs are known to be on disk) and
+/// takes them out of `pending`.
+fn write_memos(
+    store: &crate::snapshot::Store,
+    pending: &Mutex<Pending>,
+    b: MemoBatch,
+    synced: bool,
+) {
+    for (id, blob) in b.fresh {
+        // not known to be on disk: no memo, the next export computes it
+        if synced {
+            let res = store.meta(&id).and_then(|mut meta| {
+                meta.layers.insert(b.key.clone(), blob);
+                store.update_meta(&meta)
+            });
             if let Err(e) = res {
                 // without the memo the layer is computed again next time
                 tracing::debug!(snapshot = %id, error = %e, "layer memo not recorded");
             }
-            let mut g = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(map) = g.as_mut() {
-                map.remove(&(id, key.clone()));
-            }
+        } else {
+            tracing::debug!(snapshot = %id, "layer memo not recorded: no sync of the blob");
         }
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("layer-memo".into())
-        .spawn(record)
-    {
-        tracing::warn!(error = %e, "start the layer memo thread");
+        let mut g = pending.lock().unwrap_or_else(|e| e.into_inner());
+        g.remove(&(id, b.key.clone()));
     }
 }
 

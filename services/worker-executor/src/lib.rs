@@ -26,6 +26,7 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod untar;
 pub mod users;
+pub mod wildcard;
 
 pub use error::{Error, Result};
 pub use kiln_llb::pb;
@@ -33,7 +34,7 @@ pub use snapshot::LayerBlob;
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -116,13 +117,17 @@ pub struct Worker {
     /// Locks of image pulls, by what they guard: one pull per image reference, one
     /// download per blob, one unpack per layer chain; unrelated pulls never wait on
     /// each other (a slow registry holds up only its own images).
-    pull_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Serializes layer blob computation (memoized in snapshot meta).
-    layers_lock: tokio::sync::Mutex<()>,
+    pull_locks: KeyedLocks,
+    /// One lock per snapshot and layer options: a layer blob is computed once.
+    layer_locks: KeyedLocks,
+    /// Records computed layer blobs in snapshot meta (see [`layers::MemoWriter`]).
+    memo: Arc<layers::MemoWriter>,
     /// Persistent `type=cache` mount dirs.
     cache_mounts: cachemount::CacheMounts,
-    /// One lock per persistent local-source dir.
-    local_locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The persistent dirs local sources sync into.
+    synced_dirs: ops::source::local::SyncedDirs,
+    /// Per-file digest tables of synced dirs and the snapshots made from them.
+    sums: Arc<contenthash::SumTables>,
     /// Where exec steps run: runc or containerd.
     executor: ops::exec::Executor,
     /// runc state and step bundles (on a tmpfs when there is one).
@@ -185,15 +190,18 @@ impl Worker {
             None => None,
         };
         let store = snapshot::Store::open_with(&config.root, containerd)?;
+        let memo = Arc::new(layers::MemoWriter::start(store.clone()));
         let networking = network::Networking::start(&config.network)?;
         Ok(Worker {
             id,
             store,
             registry,
-            pull_locks: std::sync::Mutex::new(HashMap::new()),
-            layers_lock: tokio::sync::Mutex::new(()),
+            pull_locks: KeyedLocks::default(),
+            layer_locks: KeyedLocks::default(),
+            memo,
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
-            local_locks: std::sync::Mutex::new(HashMap::new()),
+            synced_dirs: Default::default(),
+            sums: Default::default(),
             executor,
             runtime,
             interactive,
@@ -395,7 +403,10 @@ impl Worker {
         } else {
             Some(
                 globset::Glob::new(include)
-                    .map_err(|e| Error::file("read dir", include, e))?
+                    .map_err(|source| Error::ReadDirPattern {
+                        pattern: include.to_string(),
+                        source,
+                    })?
                     .compile_matcher(),
             )
         };
@@ -471,6 +482,7 @@ impl Worker {
     ) -> Result<String> {
         let top = r.map(str::to_string);
         let store = self.blocking_store();
+        let lent = r.and_then(|id| self.sums.snapshot(id));
         tokio::task::spawn_blocking(move || {
             // one snapshot with no parent is its own view: no mount needed
             let single = match top.as_deref() {
@@ -481,10 +493,10 @@ impl Worker {
                 _ => None,
             };
             let (digest, stats) = match single {
-                Some(dir) => contenthash::paths_in(&dir, &selectors, top.as_deref())?,
+                Some(dir) => contenthash::paths_in(&dir, &selectors, lent.as_deref())?,
                 None => {
                     let m = store.mount_ro(top.as_deref())?;
-                    let digest = contenthash::paths_in(m.path(), &selectors, top.as_deref());
+                    let digest = contenthash::paths_in(m.path(), &selectors, lent.as_deref());
                     m.unmount()?;
                     digest?
                 }
@@ -511,12 +523,9 @@ impl Worker {
 
     /// The file of a blob in the content store.
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| Error::InvalidDigest {
-                digest: digest.to_string(),
-            })?;
+        let hex = kiln_digest::hex_part(digest).ok_or_else(|| Error::InvalidDigest {
+            digest: digest.to_string(),
+        })?;
         Ok(self.config.root.join("content/blobs/sha256").join(hex))
     }
 
@@ -593,23 +602,22 @@ impl Worker {
 
     /// The pull lock named `key` (see `pull_locks`).
     fn pull_lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = match self.pull_locks.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        self.pull_locks.get(key)
+    }
+}
+
+/// Async locks by name, made on first use.
+#[derive(Debug, Default)]
+struct KeyedLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 1024 {
             // locks nobody holds or waits for
             map.retain(|_, l| Arc::strong_count(l) > 1);
         }
         map.entry(key).or_default().clone()
-    }
-
-    fn local_lock(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = match self.local_locks.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.entry(dir.to_path_buf()).or_default().clone()
     }
 }
 
@@ -682,7 +690,11 @@ pub(crate) mod testutil {
     }
 
     /// Commits a snapshot whose diff is filled by `fill`.
-    pub fn snapshot(w: &Worker, parent: Option<&str>, fill: impl FnOnce(&Path)) -> String {
+    pub fn snapshot(
+        w: &Worker,
+        parent: Option<&str>,
+        fill: impl FnOnce(&std::path::Path),
+    ) -> String {
         let st = w.store().prepare(parent).expect("prepare");
         fill(&st.diff());
         w.store().commit(st, Kind::Built, None).expect("commit")

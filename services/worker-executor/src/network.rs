@@ -19,9 +19,10 @@
 //! lock next (a worker sweeps every unlocked lease when it starts).
 
 use crate::error::{Error, Result};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sched::CloneFlags;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -286,25 +287,25 @@ fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-/// A whole-file exclusive lock (released when the fd closes).
-fn lock(path: &Path, wait: bool) -> std::io::Result<Option<OwnedFd>> {
+/// A whole-file exclusive lock (released when dropped); `None` when another
+/// holds it and `wait` is false.
+fn lock(path: &Path, wait: bool) -> std::io::Result<Option<Flock<std::fs::File>>> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(path)?;
-    let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
-    // SAFETY: flock on an fd we own
-    #[allow(unsafe_code)]
-    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(None);
-        }
-        return Err(e);
+    let arg = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(f, arg) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e.into()),
     }
-    Ok(Some(f.into()))
 }
 
 impl Bridge {
@@ -452,12 +453,11 @@ impl Bridge {
     fn try_lease(&self, ip: Ipv4Addr) -> std::io::Result<Option<Lease>> {
         let path = self.dir.join(ip.to_string());
         loop {
-            let Some(fd) = lock(&path, false)? else {
+            let Some(held) = lock(&path, false)? else {
                 return Ok(None);
             };
             // the holder before us may have removed the file while we waited for it
             use std::os::unix::fs::MetadataExt;
-            let held = std::fs::File::from(fd);
             let same = match (held.metadata(), std::fs::metadata(&path)) {
                 (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
                 _ => false,
@@ -466,7 +466,7 @@ impl Bridge {
                 continue;
             }
             let lease = Lease {
-                _fd: held.into(),
+                _lock: held,
                 path: path.clone(),
                 ns: self.dir.join(format!("{ip}.ns")),
                 veth: Self::veth(ip),
@@ -519,11 +519,8 @@ impl Bridge {
         std::fs::File::create(ns).map_err(|e| format!("create {}: {e}", ns.display()))?;
         // a new namespace, pinned by a bind mount; its loopback up
         in_thread(|| {
-            // SAFETY: unshare of this thread's network namespace only
-            #[allow(unsafe_code)]
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("unshare: {}", std::io::Error::last_os_error()));
-            }
+            // this thread's network namespace only
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
             nix::mount::mount(
                 Some("/proc/thread-self/ns/net"),
                 ns,
@@ -548,11 +545,8 @@ impl Bridge {
         let (ip, mask, gw) = (lease.ip, self.subnet.netmask(), self.subnet.gateway());
         in_thread(|| {
             let f = std::fs::File::open(ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
-            // SAFETY: setns of this thread's network namespace only
-            #[allow(unsafe_code)]
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("setns: {}", std::io::Error::last_os_error()));
-            }
+            // this thread's network namespace only
+            nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
             // IPv4 only (and no link-local way to the host)
             let _ = std::fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
             ifconfig::address("eth0", ip, mask)?;
@@ -618,10 +612,10 @@ fn ip_batch(batch: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// An address leased to one step (the lock is held while the fd is open).
+/// An address leased to one step (held while the lock is).
 #[derive(Debug)]
 struct Lease {
-    _fd: OwnedFd,
+    _lock: Flock<std::fs::File>,
     path: PathBuf,
     ns: PathBuf,
     veth: String,
@@ -714,24 +708,26 @@ pub fn bridge_resolv_conf(host: &str) -> String {
 
 /// The few interface settings a step's namespace needs, with the classic ioctls (no netlink).
 mod ifconfig {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
     use std::net::Ipv4Addr;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     fn socket() -> Result<OwnedFd, String> {
-        // SAFETY: plain socket(2); the fd is owned right away
-        #[allow(unsafe_code)]
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(format!("socket: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns
-        #[allow(unsafe_code)]
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        nix::sys::socket::socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))
     }
 
     fn ifreq(name: &str) -> libc::ifreq {
+        #[allow(
+            unsafe_code,
+            reason = "std::mem::zeroed of a C struct; nix has no ifreq"
+        )]
         // SAFETY: ifreq is plain old data; all zeroes is valid
-        #[allow(unsafe_code)]
         let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
         for (d, s) in r
             .ifr_name
@@ -752,16 +748,22 @@ mod ifconfig {
             },
             sin_zero: [0; 8],
         };
+        #[allow(
+            unsafe_code,
+            reason = "a sockaddr_in read as the sockaddr the SIOCSIF* ioctls take"
+        )]
         // SAFETY: sockaddr_in and sockaddr have the same size; a sockaddr is its bytes
-        #[allow(unsafe_code)]
         unsafe {
             std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
         }
     }
 
     fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+        #[allow(
+            unsafe_code,
+            reason = "the SIOC* interface ioctls have no safe wrapper in nix"
+        )]
         // SAFETY: `arg` is the struct `req` reads or writes, valid for the call
-        #[allow(unsafe_code)]
         let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
         if r < 0 {
             return Err(format!("{what}: {}", std::io::Error::last_os_error()));
@@ -778,8 +780,8 @@ mod ifconfig {
             &mut r,
             &format!("get flags of {name}"),
         )?;
+        #[allow(unsafe_code, reason = "reads a union member of libc's ifreq")]
         // SAFETY: SIOCGIFFLAGS filled the flags member
-        #[allow(unsafe_code)]
         unsafe {
             r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         }

@@ -81,7 +81,7 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount>
         .source(source)
         .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .build()
-        .map_err(|e| Error::Spec(e.to_string()))
+        .map_err(|source| Error::Spec { source })
 }
 
 /// Every Linux capability with its number, for privileged (`security.insecure`) runs.
@@ -146,7 +146,32 @@ pub const SYSTEM_MOUNTS: &[&str] = &["/proc", "/dev", "/sys", "/etc/resolv.conf"
 
 /// Builds the OCI runtime config for `p`.
 pub fn spec(p: &ProcessSpec) -> Result<Spec> {
-    let se = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
+    let caps = capabilities(p.privileged);
+    let mut spec = Spec::default();
+    spec.set_process(Some(process(p, caps.clone())?));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(&p.rootfs)
+            .readonly(p.readonly_rootfs)
+            .build()
+            .map_err(spec_err)?,
+    ));
+    spec.set_hostname(Some(if p.hostname.is_empty() {
+        DEFAULT_HOSTNAME.to_string()
+    } else {
+        p.hostname.clone()
+    }));
+    spec.set_mounts(Some(mounts(p)?));
+    spec.set_linux(Some(linux(p, &caps)?));
+    Ok(spec)
+}
+
+fn spec_err(source: oci_spec::OciSpecError) -> Error {
+    Error::Spec { source }
+}
+
+/// Docker's default capabilities; with `privileged`, all the process may hold.
+fn capabilities(privileged: bool) -> oci_spec::runtime::Capabilities {
     use Capability::*;
     let default_caps = [
         Chown,
@@ -164,7 +189,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         Kill,
         AuditWrite,
     ];
-    let caps: oci_spec::runtime::Capabilities = if p.privileged {
+    if privileged {
         let bounding = bounding_set();
         ALL_CAPS
             .iter()
@@ -173,8 +198,15 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
             .collect()
     } else {
         default_caps.into_iter().collect()
-    };
-    let bounding_caps: Vec<Capability> = caps.iter().copied().collect();
+    }
+}
+
+/// The spec's process: `p`'s args, environment (PATH by default), cwd and user.
+fn process(
+    p: &ProcessSpec,
+    caps: oci_spec::runtime::Capabilities,
+) -> Result<oci_spec::runtime::Process> {
+    let se = spec_err;
     let mut env = p.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
@@ -190,7 +222,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
     if !p.identity.additional_gids.is_empty() {
         user = user.additional_gids(p.identity.additional_gids.clone());
     }
-    let process = ProcessBuilder::default()
+    ProcessBuilder::default()
         .terminal(p.terminal)
         .args(p.args.clone())
         .env(env)
@@ -206,8 +238,11 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         )
         .no_new_privileges(!p.privileged)
         .build()
-        .map_err(se)?;
+        .map_err(se)
+}
 
+/// The system mounts every container gets, then `p`'s own.
+fn mounts(p: &ProcessSpec) -> Result<Vec<oci_spec::runtime::Mount>> {
     let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
@@ -286,7 +321,17 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
             }
         });
     }
+    Ok(mounts)
+}
 
+/// Namespaces (a network one unless the host's), masked and read-only paths and the
+/// seccomp profile, all lifted for a privileged process but its namespaces.
+fn linux(
+    p: &ProcessSpec,
+    caps: &oci_spec::runtime::Capabilities,
+) -> Result<oci_spec::runtime::Linux> {
+    let se = spec_err;
+    let bounding_caps: Vec<Capability> = caps.iter().copied().collect();
     let ns_types = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
@@ -328,25 +373,7 @@ pub fn spec(p: &ProcessSpec) -> Result<Spec> {
         // security.insecure lifts the syscall filter with the rest
         linux = linux.seccomp(crate::seccomp::default_profile(&bounding_caps)?);
     }
-    let linux = linux.build().map_err(se)?;
-
-    let mut spec = Spec::default();
-    spec.set_process(Some(process));
-    spec.set_root(Some(
-        RootBuilder::default()
-            .path(&p.rootfs)
-            .readonly(p.readonly_rootfs)
-            .build()
-            .map_err(se)?,
-    ));
-    spec.set_hostname(Some(if p.hostname.is_empty() {
-        DEFAULT_HOSTNAME.to_string()
-    } else {
-        p.hostname.clone()
-    }));
-    spec.set_mounts(Some(mounts));
-    spec.set_linux(Some(linux));
-    Ok(spec)
+    linux.build().map_err(se)
 }
 
 /// Runs bundles with the runc binary.
@@ -527,8 +554,11 @@ impl Runc {
                         .map_err(Error::io("dup", "pty"))
                 };
                 cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+                #[allow(
+                    unsafe_code,
+                    reason = "pre_exec is unsafe; TIOCSCTTY has no safe wrapper in nix"
+                )]
                 // SAFETY: only async-signal-safe calls between fork and exec
-                #[allow(unsafe_code)]
                 unsafe {
                     cmd.pre_exec(|| {
                         nix::unistd::setsid()?;
@@ -620,10 +650,7 @@ impl Runc {
         // on a terminal, runc's stdio is a pty of ours: the process's output is
         // read from its master end, its input written there
         let pty = if tty {
-            Some(
-                nix::pty::openpty(None, None)
-                    .map_err(|e| Error::Spec(format!("open a pty: {e}")))?,
-            )
+            Some(nix::pty::openpty(None, None).map_err(|source| Error::Pty { source })?)
         } else {
             None
         };
@@ -726,8 +753,8 @@ fn set_window_size(master: &std::fs::File, rows: u32, cols: u32) {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
+    #[allow(unsafe_code, reason = "TIOCSWINSZ has no safe wrapper in nix")]
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on an open fd
-    #[allow(unsafe_code)]
     let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if r < 0 {
         tracing::debug!("resize the terminal: {}", std::io::Error::last_os_error());

@@ -481,7 +481,7 @@ fn rule(
     args: Vec<(usize, u64, u64, LinuxSeccompOperator)>,
     errno: Option<u32>,
 ) -> Result<LinuxSyscall> {
-    let se = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
+    let se = |source: oci_spec::OciSpecError| Error::Spec { source };
     let mut b = LinuxSyscallBuilder::default()
         .names(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .action(action);
@@ -541,7 +541,7 @@ pub fn default_profile(caps: &[Capability]) -> Result<LinuxSeccomp> {
         .architectures(arches())
         .syscalls(syscalls)
         .build()
-        .map_err(|e| Error::Spec(e.to_string()))
+        .map_err(|source| Error::Spec { source })
 }
 
 #[cfg(test)]

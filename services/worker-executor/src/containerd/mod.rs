@@ -123,8 +123,7 @@ impl Containerd {
         let t0 = std::time::Instant::now();
         let ch = self.channel().await?;
         let ns = self.config.namespace.as_str();
-        let spec_json =
-            serde_json::to_vec(spec).map_err(|e| Error::Spec(format!("encode spec: {e}")))?;
+        let spec_json = serde_json::to_vec(spec).map_err(|source| Error::SpecEncode { source })?;
         let (stdout, stderr) = (fifo_dir.join("stdout"), fifo_dir.join("stderr"));
         let out = fifo::Reader::spawn(&stdout, 1, events.clone())?;
         let err = fifo::Reader::spawn(&stderr, 2, events.clone())?;

@@ -150,7 +150,7 @@ impl wpb::worker_server::Worker for WorkerService {
             ));
         };
         let op = crate::pb::ExecOp::decode(start.exec_op.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("exec op: {e}")))?;
+            .map_err(|e| Status::from(crate::Error::DecodeOp(e)))?;
         let core = self.core.clone();
         let (tx, rx) = mpsc::channel(64);
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
@@ -257,7 +257,7 @@ impl wpb::worker_server::Worker for WorkerService {
         use prost::Message;
         let req = req.into_inner();
         let op = crate::pb::ExecOp::decode(req.exec_op.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("exec op: {e}")))?;
+            .map_err(|e| Status::from(crate::Error::DecodeOp(e)))?;
         let inputs: Vec<Option<String>> = req
             .inputs
             .iter()

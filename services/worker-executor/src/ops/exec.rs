@@ -163,7 +163,10 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
     };
     let client = session_client(w, session_id)
         .await
-        .map_err(|e| secret_err("*", e.to_string()))?;
+        .map_err(|source| Error::SecretSession {
+            id: "*".into(),
+            source,
+        })?;
     let mut cache: HashMap<String, Option<Vec<u8>>> = HashMap::new();
     let mut get = async |id: &str, optional: bool| -> Result<Option<Vec<u8>>> {
         if !cache.contains_key(id) {
@@ -172,7 +175,10 @@ async fn fetch_secrets(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<S
                 Some(c) => c
                     .get_secret(id)
                     .await
-                    .map_err(|e| secret_err(id, e.to_string()))?,
+                    .map_err(|source| Error::SecretSession {
+                        id: id.to_string(),
+                        source,
+                    })?,
                 None => None,
             };
             tracing::debug!(id, found = v.is_some(), "fetched secret");
@@ -236,7 +242,10 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
     };
     let client = session_client(w, session_id)
         .await
-        .map_err(|e| ssh_err("*", e.to_string()))?;
+        .map_err(|source| Error::SshAgentSession {
+            id: "*".into(),
+            source,
+        })?;
     let tmp = w.config().root.join("tmp");
     let dir = tempfile::Builder::new()
         .prefix("ssh-")
@@ -252,7 +261,10 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
             Some(c) => c
                 .check_ssh_agent(&id)
                 .await
-                .map_err(|e| ssh_err(&id, e.to_string()))?,
+                .map_err(|source| Error::SshAgentSession {
+                    id: id.clone(),
+                    source,
+                })?,
             None => false,
         };
         let Some(client) = client.clone().filter(|_| present) else {
@@ -443,22 +455,7 @@ fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
 }
 
 fn xattr_opaque(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut buf = [0u8; 8];
-    #[allow(unsafe_code)]
-    // SAFETY: c is a valid NUL-terminated path and buf is a writable buffer of the given size.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    n > 0
+    xattr::get(p, "trusted.overlay.opaque").is_ok_and(|v| v.is_some_and(|v| !v.is_empty()))
 }
 
 /// The step's `/etc/resolv.conf`: the host's; in a network of its own without the
@@ -496,17 +493,37 @@ fn step_network(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prepare(
-    store: &Store,
-    runtime: &crate::runtimedir::RuntimeDir,
-    networking: &Networking,
-    e: &pb::ExecOp,
-    inputs: &[Option<String>],
-    mut leases: HashMap<usize, Lease>,
+/// What a step's mounts and process are made from, gathered (asynchronously)
+/// before the blocking [`prepare`].
+struct StepParts {
+    exec: pb::ExecOp,
+    inputs: Vec<Option<String>>,
+    /// acquired cache mounts, by mount index
+    leases: HashMap<usize, Lease>,
     secrets: Secrets,
+    /// forwarded ssh agent sockets, by mount index
     ssh_sockets: HashMap<usize, PathBuf>,
-) -> Result<Prepared> {
+}
+
+/// The parts of the worker a step is prepared with.
+struct StepHost {
+    store: Store,
+    runtime: crate::runtimedir::RuntimeDir,
+    networking: Networking,
+}
+
+/// A step's network, made on a thread of its own while the mounts are, and how
+/// long it took.
+type NetworkJob = std::thread::JoinHandle<Result<(StepNet, std::time::Duration)>>;
+type StepNet = (runc::Network, Option<network::StepNetwork>);
+
+fn timed_network(networking: &Networking, mode: i32) -> Result<(StepNet, std::time::Duration)> {
+    let t = std::time::Instant::now();
+    step_network(networking, mode).map(|n| (n, t.elapsed()))
+}
+
+fn prepare(host: &StepHost, mut parts: StepParts) -> Result<Prepared> {
+    let e = parts.exec.clone();
     let meta = e
         .meta
         .as_ref()
@@ -514,137 +531,14 @@ fn prepare(
     let t0 = std::time::Instant::now();
     // a bridge network is made while the mounts are (a dropped handle's network is
     // removed when its thread ends)
-    let timed = |networking: &Networking, mode: i32| {
-        let t = std::time::Instant::now();
-        step_network(networking, mode).map(|n| (n, t.elapsed()))
-    };
-    let net_job = (matches!(networking, Networking::Bridge(_))
+    let net_job: Option<NetworkJob> = (matches!(host.networking, Networking::Bridge(_))
         && e.network == NetMode::Unset as i32)
         .then(|| {
-            let networking = networking.clone();
-            std::thread::spawn(move || timed(&networking, NetMode::Unset as i32))
+            let networking = host.networking.clone();
+            std::thread::spawn(move || timed_network(&networking, NetMode::Unset as i32))
         });
-    let bundle = tempfile::Builder::new()
-        .prefix("exec-")
-        .tempdir_in(runtime.path())
-        .map_err(Error::io("create bundle", runtime.path()))?;
-    // secrets never touch a disk: the runtime dir is a tmpfs, or one goes over the bundle
-    let bundle_tmpfs = if secrets.is_empty() || runtime.is_tmpfs() {
-        None
-    } else {
-        Some(TmpfsGuard::mount(bundle.path())?)
-    };
-    let mut p = Prepared {
-        writable: Vec::new(),
-        _readonly: Vec::new(),
-        rootfs: PathBuf::new(),
-        root_writable: None,
-        stubs: Vec::new(),
-        _leases: Vec::new(),
-        _bundle_tmpfs: bundle_tmpfs,
-        bundle,
-        spec: oci_spec::runtime::Spec::default(),
-        process: ProcessSpec::default(),
-        mount_paths: HashMap::new(),
-        _network: None,
-    };
-    let mut extra = Vec::new();
-    let mut mounts: Vec<(usize, &pb::Mount)> = e.mounts.iter().enumerate().collect();
-    mounts.sort_by_key(|(_, m)| m.dest != "/");
-    for (index, m) in mounts {
-        let is_root = m.dest == "/";
-        match MountType::try_from(m.mount_type).unwrap_or(MountType::Bind) {
-            MountType::Bind => {
-                let parent = input_ref(inputs, m.input)?;
-                let path = if m.output >= 0 || !m.readonly {
-                    let staging = store.prepare(parent.as_deref())?;
-                    let mounted = store.mount_rw_for_step(&staging)?;
-                    let path = mounted.path().to_path_buf();
-                    if is_root {
-                        p.root_writable = Some(p.writable.len());
-                    }
-                    p.writable.push(Writable {
-                        output: m.output,
-                        staging,
-                        mounted,
-                    });
-                    path
-                } else {
-                    let mounted = store.mount_ro_for_step(parent.as_deref())?;
-                    let path = mounted.path().to_path_buf();
-                    p._readonly.push(mounted);
-                    path
-                };
-                if is_root {
-                    p.mount_paths.insert(index, path.clone());
-                    p.rootfs = path;
-                } else {
-                    let source = rootpath::resolve(&path, &m.selector, true)
-                        .map_err(Error::io("resolve", &m.selector))?;
-                    p.mount_paths.insert(index, source.clone());
-                    extra.push(ExtraMount::Bind {
-                        dest: m.dest.clone(),
-                        source,
-                        readonly: m.readonly,
-                    });
-                }
-            }
-            MountType::Tmpfs => extra.push(ExtraMount::Tmpfs {
-                dest: m.dest.clone(),
-                size: m.tmpfs_opt.map(|t| t.size),
-            }),
-            MountType::Cache => {
-                let lease = leases.remove(&index).ok_or_else(|| {
-                    Error::InvalidOp(format!("cache mount {} not acquired", m.dest))
-                })?;
-                if lease.fresh() && m.input >= 0 {
-                    // seed a new cache from the mount's input (`from=`, or the
-                    // frontend's mkdir carrying uid/gid/mode)
-                    let base = input_ref(inputs, m.input)?;
-                    let src = store.mount_ro(base.as_deref())?;
-                    let from = rootpath::resolve(src.path(), &m.selector, true)
-                        .map_err(Error::io("resolve", &m.selector))?;
-                    if std::fs::symlink_metadata(&from).is_ok_and(|md| md.is_dir()) {
-                        fscopy::copy_entry(&from, lease.dir(), &fscopy::CopyOpts::default())
-                            .map_err(Error::io("seed cache mount", lease.dir()))?;
-                    }
-                    src.unmount()?;
-                }
-                extra.push(ExtraMount::Bind {
-                    dest: m.dest.clone(),
-                    source: lease.dir().to_path_buf(),
-                    readonly: m.readonly,
-                });
-                p._leases.push(lease);
-            }
-            MountType::Secret => {
-                let opt = m.secret_opt.clone().unwrap_or_default();
-                let Some(Some(data)) = secrets.files.get(&index) else {
-                    continue; // optional and missing
-                };
-                let file = p.bundle.path().join(format!("secret-{index}"));
-                write_secret(&file, data, &opt).map_err(|e| Error::Secret {
-                    id: opt.id.clone(),
-                    reason: e.to_string(),
-                })?;
-                extra.push(ExtraMount::Bind {
-                    dest: m.dest.clone(),
-                    source: file,
-                    readonly: true,
-                });
-            }
-            MountType::Ssh => {
-                let Some(sock) = ssh_sockets.get(&index) else {
-                    continue; // optional and absent
-                };
-                extra.push(ExtraMount::Bind {
-                    dest: m.dest.clone(),
-                    source: sock.clone(),
-                    readonly: false,
-                });
-            }
-        }
-    }
+    let mut p = Prepared::new(&host.runtime, !parts.secrets.is_empty())?;
+    let extra = p.mount_all(&host.store, &mut parts)?;
     if p.rootfs.as_os_str().is_empty() {
         return Err(Error::InvalidOp("exec has no root mount".into()));
     }
@@ -662,19 +556,11 @@ fn prepare(
         Some(job) => job
             .join()
             .map_err(|_| Error::Network("network setup thread panicked".into()))??,
-        None => timed(networking, e.network)?,
+        None => timed_network(&host.networking, e.network)?,
     };
     let t_wait = t_wait.elapsed();
     p._network = step_net;
-    let resolv = p.bundle.path().join("resolv.conf");
-    std::fs::write(&resolv, resolv_conf(net != runc::Network::Host))
-        .map_err(Error::io("write", &resolv))?;
-    let hosts = p.bundle.path().join("hosts");
-    let mut hosts_data = runc::HOSTS.to_string();
-    for h in &meta.extra_hosts {
-        hosts_data.push_str(&format!("{}\t{}\n", h.ip, h.host));
-    }
-    std::fs::write(&hosts, hosts_data).map_err(Error::io("write", &hosts))?;
+    let (resolv_conf, hosts) = p.write_etc_files(meta, &net)?;
     let mut env = meta.env.clone();
     env.extend(
         meta.proxy_env
@@ -682,7 +568,7 @@ fn prepare(
             .map(proxy_env_list)
             .unwrap_or_default(),
     );
-    env.extend(secrets.env.iter().cloned());
+    env.extend(parts.secrets.env.iter().cloned());
     let process = ProcessSpec {
         args: meta.args.clone(),
         env,
@@ -694,7 +580,7 @@ fn prepare(
         rootfs: p.rootfs.clone(),
         readonly_rootfs: p.root_writable.is_none(),
         mounts: extra,
-        resolv_conf: resolv,
+        resolv_conf,
         hosts,
         terminal: false,
     };
@@ -711,12 +597,187 @@ fn prepare(
     Ok(p)
 }
 
+impl Prepared {
+    /// An empty step in a new bundle under the runtime dir.
+    fn new(runtime: &crate::runtimedir::RuntimeDir, with_secrets: bool) -> Result<Prepared> {
+        let bundle = tempfile::Builder::new()
+            .prefix("exec-")
+            .tempdir_in(runtime.path())
+            .map_err(Error::io("create bundle", runtime.path()))?;
+        // secrets never touch a disk: the runtime dir is a tmpfs, or one goes over the bundle
+        let bundle_tmpfs = if !with_secrets || runtime.is_tmpfs() {
+            None
+        } else {
+            Some(TmpfsGuard::mount(bundle.path())?)
+        };
+        Ok(Prepared {
+            writable: Vec::new(),
+            _readonly: Vec::new(),
+            rootfs: PathBuf::new(),
+            root_writable: None,
+            stubs: Vec::new(),
+            _leases: Vec::new(),
+            _bundle_tmpfs: bundle_tmpfs,
+            bundle,
+            spec: oci_spec::runtime::Spec::default(),
+            process: ProcessSpec::default(),
+            mount_paths: HashMap::new(),
+            _network: None,
+        })
+    }
+
+    /// Makes every mount of the step, the root first; returns those the runtime
+    /// spec adds over the rootfs.
+    fn mount_all(&mut self, store: &Store, parts: &mut StepParts) -> Result<Vec<ExtraMount>> {
+        let mut extra = Vec::new();
+        let exec = parts.exec.clone();
+        let mut mounts: Vec<(usize, &pb::Mount)> = exec.mounts.iter().enumerate().collect();
+        mounts.sort_by_key(|(_, m)| m.dest != "/");
+        for (index, m) in mounts {
+            let dest = m.dest.clone();
+            match MountType::try_from(m.mount_type).unwrap_or(MountType::Bind) {
+                MountType::Bind => {
+                    if let Some(bind) = self.bind(store, &parts.inputs, index, m)? {
+                        extra.push(bind);
+                    }
+                }
+                MountType::Tmpfs => extra.push(ExtraMount::Tmpfs {
+                    dest,
+                    size: m.tmpfs_opt.map(|t| t.size),
+                }),
+                MountType::Cache => {
+                    let lease = parts.leases.remove(&index).ok_or_else(|| {
+                        Error::InvalidOp(format!("cache mount {} not acquired", m.dest))
+                    })?;
+                    seed_cache(store, &parts.inputs, m, &lease)?;
+                    extra.push(ExtraMount::Bind {
+                        dest,
+                        source: lease.dir().to_path_buf(),
+                        readonly: m.readonly,
+                    });
+                    self._leases.push(lease);
+                }
+                MountType::Secret => {
+                    let opt = m.secret_opt.clone().unwrap_or_default();
+                    let Some(Some(data)) = parts.secrets.files.get(&index) else {
+                        continue; // optional and missing
+                    };
+                    let file = self.bundle.path().join(format!("secret-{index}"));
+                    write_secret(&file, data, &opt).map_err(|source| Error::SecretWrite {
+                        id: opt.id.clone(),
+                        source,
+                    })?;
+                    extra.push(ExtraMount::Bind {
+                        dest,
+                        source: file,
+                        readonly: true,
+                    });
+                }
+                MountType::Ssh => {
+                    let Some(sock) = parts.ssh_sockets.get(&index) else {
+                        continue; // optional and absent
+                    };
+                    extra.push(ExtraMount::Bind {
+                        dest,
+                        source: sock.clone(),
+                        readonly: false,
+                    });
+                }
+            }
+        }
+        Ok(extra)
+    }
+
+    /// A bind mount of an input: writable (over a new upper) when it has an output
+    /// or is not read-only. The root becomes the rootfs; any other is returned.
+    fn bind(
+        &mut self,
+        store: &Store,
+        inputs: &[Option<String>],
+        index: usize,
+        m: &pb::Mount,
+    ) -> Result<Option<ExtraMount>> {
+        let is_root = m.dest == "/";
+        let parent = input_ref(inputs, m.input)?;
+        let path = if m.output >= 0 || !m.readonly {
+            let staging = store.prepare(parent.as_deref())?;
+            let mounted = store.mount_rw_for_step(&staging)?;
+            let path = mounted.path().to_path_buf();
+            if is_root {
+                self.root_writable = Some(self.writable.len());
+            }
+            self.writable.push(Writable {
+                output: m.output,
+                staging,
+                mounted,
+            });
+            path
+        } else {
+            let mounted = store.mount_ro_for_step(parent.as_deref())?;
+            let path = mounted.path().to_path_buf();
+            self._readonly.push(mounted);
+            path
+        };
+        if is_root {
+            self.mount_paths.insert(index, path.clone());
+            self.rootfs = path;
+            return Ok(None);
+        }
+        let source = rootpath::resolve(&path, &m.selector, true)
+            .map_err(Error::io("resolve", &m.selector))?;
+        self.mount_paths.insert(index, source.clone());
+        Ok(Some(ExtraMount::Bind {
+            dest: m.dest.clone(),
+            source,
+            readonly: m.readonly,
+        }))
+    }
+
+    /// The step's resolv.conf and hosts files, written into the bundle.
+    fn write_etc_files(&self, meta: &pb::Meta, net: &runc::Network) -> Result<(PathBuf, PathBuf)> {
+        let resolv = self.bundle.path().join("resolv.conf");
+        std::fs::write(&resolv, resolv_conf(*net != runc::Network::Host))
+            .map_err(Error::io("write", &resolv))?;
+        let hosts = self.bundle.path().join("hosts");
+        let mut hosts_data = runc::HOSTS.to_string();
+        for h in &meta.extra_hosts {
+            hosts_data.push_str(&format!("{}\t{}\n", h.ip, h.host));
+        }
+        std::fs::write(&hosts, hosts_data).map_err(Error::io("write", &hosts))?;
+        Ok((resolv, hosts))
+    }
+}
+
+/// Seeds a new cache mount from the mount's input (`from=`, or the frontend's
+/// mkdir carrying uid/gid/mode).
+fn seed_cache(
+    store: &Store,
+    inputs: &[Option<String>],
+    m: &pb::Mount,
+    lease: &Lease,
+) -> Result<()> {
+    if !lease.fresh() || m.input < 0 {
+        return Ok(());
+    }
+    let base = input_ref(inputs, m.input)?;
+    let src = store.mount_ro(base.as_deref())?;
+    let from = rootpath::resolve(src.path(), &m.selector, true)
+        .map_err(Error::io("resolve", &m.selector))?;
+    if std::fs::symlink_metadata(&from).is_ok_and(|md| md.is_dir()) {
+        fscopy::copy_entry(&from, lease.dir(), &fscopy::CopyOpts::default())
+            .map_err(Error::io("seed cache mount", lease.dir()))?;
+    }
+    src.unmount()
+}
+
 /// Writes the runtime spec of `process` as the bundle's config.json.
 fn write_spec(bundle: &Path, process: &ProcessSpec) -> Result<oci_spec::runtime::Spec> {
     let spec = runc::spec(process)?;
     let config = bundle.join("config.json");
-    spec.save(&config)
-        .map_err(|e| Error::Spec(format!("write {}: {e}", config.display())))?;
+    spec.save(&config).map_err(|source| Error::SpecSave {
+        path: config.clone(),
+        source,
+    })?;
     Ok(spec)
 }
 
@@ -828,23 +889,19 @@ async fn prepare_exec(
                 .await?,
         );
     }
-    let store = w.store().clone();
-    let runtime = w.runtime().clone();
-    let networking = w.networking().clone();
-    let (e2, inputs2) = (e.clone(), inputs.to_vec());
-    let prepared = tokio::task::spawn_blocking(move || {
-        prepare(
-            &store,
-            &runtime,
-            &networking,
-            &e2,
-            &inputs2,
-            leases,
-            secrets,
-            ssh_sockets,
-        )
-    })
-    .await??;
+    let host = StepHost {
+        store: w.store().clone(),
+        runtime: w.runtime().clone(),
+        networking: w.networking().clone(),
+    };
+    let parts = StepParts {
+        exec: e.clone(),
+        inputs: inputs.to_vec(),
+        leases,
+        secrets,
+        ssh_sockets,
+    };
+    let prepared = tokio::task::spawn_blocking(move || prepare(&host, parts)).await??;
     Ok((prepared, agents))
 }
 

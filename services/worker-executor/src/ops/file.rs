@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::fscopy::{self, CopyOpts};
 use crate::pb::{self, file_action::Action, user_opt::User};
 use crate::snapshot::{Kind, Mounted, Staging, Store};
-use crate::{Worker, rootpath, users};
+use crate::{Worker, rootpath, users, wildcard};
 use nix::sys::time::TimeSpec;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -114,24 +114,68 @@ fn run_blocking(
             }
         }
     }
-    let mut results: Vec<Option<ActionResult>> = Vec::new();
-    let mut outputs: Vec<Option<String>> = Vec::new();
+    let mut run = FileRun {
+        store,
+        inputs,
+        uses,
+        results: Vec::new(),
+        outputs: Vec::new(),
+    };
     for (k, a) in f.actions.iter().enumerate() {
-        let prior = |idx: i64| -> Result<usize> {
-            let j = (idx - n_in) as usize;
-            if j >= k {
-                return Err(Error::InvalidOp(format!(
-                    "action {k} refers to later action {j}"
-                )));
-            }
-            Ok(j)
-        };
+        run.action(k, a)?;
+    }
+    Ok(run.outputs)
+}
+
+/// The actions of one file op as they run: each reads the op's inputs or the
+/// results of earlier actions (index `inputs.len() + j` is action `j`'s).
+struct FileRun<'a> {
+    store: &'a Store,
+    inputs: &'a [Option<String>],
+    /// how many later actions read each action's result
+    uses: Vec<usize>,
+    /// each action's result, `None` once taken over by the one action reading it
+    results: Vec<Option<ActionResult>>,
+    outputs: Vec<Option<String>>,
+}
+
+impl FileRun<'_> {
+    fn n_in(&self) -> i64 {
+        self.inputs.len() as i64
+    }
+
+    /// The earlier action whose result index `idx` names (for action `k`).
+    fn prior(&self, k: usize, idx: i64) -> Result<usize> {
+        let j = (idx - self.n_in()) as usize;
+        if j >= k {
+            return Err(Error::InvalidOp(format!(
+                "action {k} refers to later action {j}"
+            )));
+        }
+        Ok(j)
+    }
+
+    fn consumed(k: usize, j: usize) -> Error {
+        Error::InvalidOp(format!("action {k}: result of action {j} already consumed"))
+    }
+
+    fn output(&mut self, a: &pb::FileAction, id: String) {
+        let o = a.output as usize;
+        if self.outputs.len() <= o {
+            self.outputs.resize(o + 1, None);
+        }
+        self.outputs[o] = Some(id.clone());
+        self.results.push(Some(ActionResult::Committed(id)));
+    }
+
+    fn action(&mut self, k: usize, a: &pb::FileAction) -> Result<()> {
+        let store = self.store;
         // a plain copy of a directory into a new or empty directory: the
         // layer is built straight in a new upper, its files hard-linked
-        if let Some(src_real) = link_source(store, a, inputs)
+        if let Some(src_real) = link_source(store, a, self.inputs)
             && let Some(Action::Copy(c)) = a.action.as_ref()
         {
-            let parent = super::input_ref(inputs, a.input)?;
+            let parent = super::input_ref(self.inputs, a.input)?;
             let started = std::time::Instant::now();
             if let Some(st) = direct_copy(store, parent.as_deref(), &src_real, c)? {
                 let id = store.commit(st, Kind::Built, None)?;
@@ -140,91 +184,23 @@ fn run_blocking(
                     "file action {k}: copied into a new upper with hard links in {} ms",
                     started.elapsed().as_millis()
                 );
-                let o = a.output as usize;
-                if outputs.len() <= o {
-                    outputs.resize(o + 1, None);
-                }
-                outputs[o] = Some(id.clone());
-                results.push(Some(ActionResult::Committed(id)));
-                continue;
+                self.output(a, id);
+                return Ok(());
             }
         }
-        // The view this action writes to.
-        let view = if a.input < n_in {
-            WorkView::new(store, super::input_ref(inputs, a.input)?)?
+        let view = self.view(k, a)?;
+        // the root a copy reads from
+        let (secondary, secondary_mount) = if a.secondary_input < 0 {
+            (None, None)
         } else {
-            let j = prior(a.input)?;
-            uses[j] -= 1;
-            match results[j].take() {
-                Some(ActionResult::Working(v)) if uses[j] == 0 => v,
-                Some(ActionResult::Working(v)) => {
-                    let id = v.commit(store)?;
-                    results[j] = Some(ActionResult::Committed(id.clone()));
-                    WorkView::new(store, Some(id))?
-                }
-                Some(ActionResult::Committed(id)) => {
-                    results[j] = Some(ActionResult::Committed(id.clone()));
-                    WorkView::new(store, Some(id))?
-                }
-                None => {
-                    return Err(Error::InvalidOp(format!(
-                        "action {k}: result of action {j} already consumed"
-                    )));
-                }
-            }
-        };
-        // The root a copy reads from.
-        let mut secondary_mount = None;
-        let secondary: Option<PathBuf> = if a.secondary_input < 0 {
-            None
-        } else if a.secondary_input < n_in {
-            let m = store.mount_ro(super::input_ref(inputs, a.secondary_input)?.as_deref())?;
-            let p = m.path().to_path_buf();
-            secondary_mount = Some(m);
-            Some(p)
-        } else {
-            let j = prior(a.secondary_input)?;
-            uses[j] = uses[j].saturating_sub(1);
-            match &results[j] {
-                Some(ActionResult::Working(v)) => Some(v.mounted.path().to_path_buf()),
-                Some(ActionResult::Committed(id)) => {
-                    let m = store.mount_ro(Some(id))?;
-                    let p = m.path().to_path_buf();
-                    secondary_mount = Some(m);
-                    Some(p)
-                }
-                None => {
-                    return Err(Error::InvalidOp(format!(
-                        "action {k}: result of action {j} already consumed"
-                    )));
-                }
-            }
+            self.read_root(k, a.secondary_input, true)?
         };
         // a user name looked up in another input's /etc/passwd (NamedUserOpt.input)
-        let mut user_mount = None;
-        let user_root: Option<PathBuf> = match named_user_input(a) {
-            Some(idx) if idx >= 0 && idx != a.input => {
-                if idx < n_in {
-                    let m = store.mount_ro(super::input_ref(inputs, idx)?.as_deref())?;
-                    let p = m.path().to_path_buf();
-                    user_mount = Some(m);
-                    Some(p)
-                } else {
-                    match results.get(prior(idx)?).and_then(|r| r.as_ref()) {
-                        Some(ActionResult::Working(v)) => Some(v.mounted.path().to_path_buf()),
-                        Some(ActionResult::Committed(id)) => {
-                            let m = store.mount_ro(Some(id))?;
-                            let p = m.path().to_path_buf();
-                            user_mount = Some(m);
-                            Some(p)
-                        }
-                        None => None,
-                    }
-                }
-            }
-            _ => None,
+        let (user_root, user_mount) = match named_user_input(a) {
+            Some(idx) if idx >= 0 && idx != a.input => self.read_root(k, idx, false)?,
+            _ => (None, None),
         };
-        let mut link = match (link_source(store, a, inputs), &secondary) {
+        let mut link = match (link_source(store, a, self.inputs), &secondary) {
             (Some(src_real), Some(src_view)) => Some(LinkPlan {
                 src_view: src_view.clone(),
                 src_real,
@@ -250,17 +226,65 @@ fn run_blocking(
         );
         if a.output >= 0 {
             let id = view.commit_linking(store, link.as_ref())?;
-            let o = a.output as usize;
-            if outputs.len() <= o {
-                outputs.resize(o + 1, None);
-            }
-            outputs[o] = Some(id.clone());
-            results.push(Some(ActionResult::Committed(id)));
+            self.output(a, id);
         } else {
-            results.push(Some(ActionResult::Working(view)));
+            self.results.push(Some(ActionResult::Working(view)));
+        }
+        Ok(())
+    }
+
+    /// The view action `k` writes to: over an input, or the earlier action's view
+    /// itself when `k` is its last reader.
+    fn view(&mut self, k: usize, a: &pb::FileAction) -> Result<WorkView> {
+        let store = self.store;
+        if a.input < self.n_in() {
+            return WorkView::new(store, super::input_ref(self.inputs, a.input)?);
+        }
+        let j = self.prior(k, a.input)?;
+        self.uses[j] -= 1;
+        match self.results[j].take() {
+            Some(ActionResult::Working(v)) if self.uses[j] == 0 => Ok(v),
+            Some(ActionResult::Working(v)) => {
+                let id = v.commit(store)?;
+                self.results[j] = Some(ActionResult::Committed(id.clone()));
+                WorkView::new(store, Some(id))
+            }
+            Some(ActionResult::Committed(id)) => {
+                self.results[j] = Some(ActionResult::Committed(id.clone()));
+                WorkView::new(store, Some(id))
+            }
+            None => Err(Self::consumed(k, j)),
         }
     }
-    Ok(outputs)
+
+    /// A root action `k` reads (index `idx`): an input or an earlier action's
+    /// result, with the read-only mount that keeps it when one was made. A
+    /// `secondary` read counts as a use and needs the result to be there.
+    fn read_root(
+        &mut self,
+        k: usize,
+        idx: i64,
+        secondary: bool,
+    ) -> Result<(Option<PathBuf>, Option<Mounted>)> {
+        let store = self.store;
+        let mount = |id: Option<&str>| -> Result<(Option<PathBuf>, Option<Mounted>)> {
+            let m = store.mount_ro(id)?;
+            Ok((Some(m.path().to_path_buf()), Some(m)))
+        };
+        if idx < self.n_in() {
+            return mount(super::input_ref(self.inputs, idx)?.as_deref());
+        }
+        let j = self.prior(k, idx)?;
+        if secondary {
+            self.uses[j] = self.uses[j].saturating_sub(1);
+        }
+        match self.results.get(j).and_then(|r| r.as_ref()) {
+            Some(ActionResult::Working(v)) => Ok((Some(v.mounted.path().to_path_buf()), None)),
+            Some(ActionResult::Committed(id)) => mount(Some(id)),
+            None if secondary => Err(Self::consumed(k, j)),
+            None => Ok((None, None)),
+        }
+    }
 }
 
 /// The directories a direct copy makes, with their metadata in the parent
@@ -281,13 +305,13 @@ fn direct_copy(
     c: &pb::FileActionCopy,
 ) -> Result<Option<Staging>> {
     if !c.dir_copy_contents
-        || (c.allow_wildcard && has_glob(&c.src))
+        || (c.allow_wildcard && wildcard::has_wildcards(&c.src))
         || !c.required_paths.is_empty()
         || !c.create_dest_path
     {
         return Ok(None);
     }
-    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let err = |e: std::io::Error| Error::file_io("copy", &c.src)(e);
     let Ok(src) = rootpath::resolve(src_real, &abs(&c.src), c.follow_symlink) else {
         return Ok(None);
     };
@@ -440,57 +464,6 @@ fn mkdir_all(
     Ok(())
 }
 
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Expands a wildcard path inside `root`; returns in-root absolute paths, sorted.
-fn glob(root: &Path, pattern: &str) -> Result<Vec<String>> {
-    let mut bases = vec![String::new()];
-    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
-        let mut next = Vec::new();
-        if has_glob(comp) {
-            let m = globset::GlobBuilder::new(comp)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| Error::file("copy", pattern, e))?
-                .compile_matcher();
-            for b in &bases {
-                let dir = rootpath::resolve(root, if b.is_empty() { "/" } else { b }, true)
-                    .map_err(|e| Error::file("copy", pattern, e))?;
-                let Ok(rd) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                let mut names: Vec<String> = rd
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
-                names.sort();
-                next.extend(
-                    names
-                        .into_iter()
-                        .filter(|n| m.is_match(n))
-                        .map(|n| format!("{b}/{n}")),
-                );
-            }
-        } else {
-            next = bases.into_iter().map(|b| format!("{b}/{comp}")).collect();
-        }
-        bases = next;
-    }
-    let mut out: Vec<String> = bases
-        .into_iter()
-        .map(|b| if b.is_empty() { "/".to_string() } else { b })
-        .filter(|b| {
-            rootpath::resolve(root, b, false)
-                .map(|p| std::fs::symlink_metadata(p).is_ok())
-                .unwrap_or(false)
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 /// The input index of a by-name owner of `a`, if any.
 fn named_user_input(a: &pb::FileAction) -> Option<i64> {
     let owner = match a.action.as_ref()? {
@@ -536,7 +509,7 @@ fn apply_deferring(
 ) -> Result<()> {
     let user_db = users_root.unwrap_or(root);
     fn io<'a>(action: &'static str, path: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
-        move |e| Error::file(action, path, e)
+        Error::file_io(action, path)
     }
     match a.action.as_ref() {
         None => Err(Error::InvalidOp("file action has no body".into())),
@@ -562,8 +535,8 @@ fn apply_deferring(
                 .map_err(io("mkfile", &m.path))
         }
         Some(Action::Rm(r)) => {
-            let paths = if r.allow_wildcard && has_glob(&r.path) {
-                glob(root, &abs(&r.path))?
+            let paths = if r.allow_wildcard && wildcard::has_wildcards(&r.path) {
+                wildcard::expand(root, &r.path)?
             } else {
                 vec![abs(&r.path)]
             };
@@ -576,7 +549,7 @@ fn apply_deferring(
                 };
                 match res {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && r.allow_not_found => {}
-                    Err(e) => return Err(Error::file("rm", &r.path, e)),
+                    Err(e) => return Err(Error::file_io("rm", &r.path)(e)),
                     Ok(()) => {}
                 }
             }
@@ -601,17 +574,17 @@ fn copy(
     c: &pb::FileActionCopy,
     mut deferred: Option<&mut Vec<fscopy::Deferred>>,
 ) -> Result<()> {
-    let empty = tempfile::tempdir().map_err(|e| Error::file("copy", &c.src, e))?;
+    let empty = tempfile::tempdir().map_err(Error::file_io("copy", &c.src))?;
     let src_root = secondary.unwrap_or(empty.path());
-    let err = |e: std::io::Error| Error::file("copy", &c.src, e);
+    let err = |e: std::io::Error| Error::file_io("copy", &c.src)(e);
     for req in &c.required_paths {
         let p = rootpath::resolve(src_root, &abs(req), false).map_err(err)?;
         if std::fs::symlink_metadata(&p).is_err() {
             return Err(Error::file("copy", req, "required path not found"));
         }
     }
-    let srcs = if c.allow_wildcard && has_glob(&c.src) {
-        let m = glob(src_root, &abs(&c.src))?;
+    let srcs = if c.allow_wildcard && wildcard::has_wildcards(&c.src) {
+        let m = wildcard::expand(src_root, &c.src)?;
         if m.is_empty() && !c.allow_empty_wildcard {
             return Err(Error::file("copy", &c.src, "no matches found"));
         }

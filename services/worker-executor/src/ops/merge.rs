@@ -130,47 +130,15 @@ pub fn clone_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Copies the extended attributes of `src` to `dst` (neither followed when a
+/// symlink); attributes that cannot be read are skipped.
 fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let cs = std::ffi::CString::new(src.as_os_str().as_bytes())?;
-    let cd = std::ffi::CString::new(dst.as_os_str().as_bytes())?;
-    let mut names = vec![0u8; 4096];
-    #[allow(unsafe_code)]
-    // SAFETY: cs is NUL-terminated; names is a writable buffer of the given length.
-    let n = unsafe { libc::llistxattr(cs.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
+    let Ok(names) = xattr::list(src) else {
         return Ok(());
-    }
-    names.truncate(n as usize);
-    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let cname = std::ffi::CString::new(name)?;
-        let mut val = vec![0u8; 64 * 1024];
-        #[allow(unsafe_code)]
-        // SAFETY: all pointers are valid for the given lengths; names are NUL-terminated.
-        let len = unsafe {
-            libc::lgetxattr(
-                cs.as_ptr(),
-                cname.as_ptr(),
-                val.as_mut_ptr().cast(),
-                val.len(),
-            )
-        };
-        if len < 0 {
-            continue;
-        }
-        #[allow(unsafe_code)]
-        // SAFETY: as above; val holds `len` initialised bytes.
-        let rc = unsafe {
-            libc::lsetxattr(
-                cd.as_ptr(),
-                cname.as_ptr(),
-                val.as_ptr().cast(),
-                len as usize,
-                0,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
+    };
+    for name in names {
+        if let Ok(Some(value)) = xattr::get(src, &name) {
+            xattr::set(dst, &name, &value)?;
         }
     }
     Ok(())
@@ -285,23 +253,7 @@ fn copy_dir_node(src: &Path, dst: &Path, md: &std::fs::Metadata) -> std::io::Res
 }
 
 fn set_opaque(p: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
-    #[allow(unsafe_code)]
-    // SAFETY: c and the attribute name are NUL-terminated; the value is 1 valid byte.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    xattr::set(p, "trusted.overlay.opaque", b"y")
 }
 
 #[cfg(test)]

@@ -102,18 +102,9 @@ pub struct Written {
 impl Written {
     /// This boot, now.
     pub fn now() -> Written {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        #[allow(unsafe_code)]
-        // SAFETY: t is a valid timespec the call writes into.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
-        let at = if rc == 0 {
-            t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-        } else {
-            0
-        };
+        let at = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+            t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+        });
         Written {
             boot: boot_id(),
             at,
@@ -148,15 +139,8 @@ fn durable(written: &Written, synced: Option<&Written>) -> bool {
 
 /// syncfs(2) of the filesystem holding `dir`.
 fn syncfs(dir: &Path) -> Result<()> {
-    use std::os::unix::io::AsRawFd;
     let d = std::fs::File::open(dir).map_err(Error::io("open", dir))?;
-    #[allow(unsafe_code)]
-    // SAFETY: syncfs takes a file descriptor we own for the duration of the call.
-    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
-    if rc != 0 {
-        return Err(Error::io("syncfs", dir)(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    nix::unistd::syncfs(&d).map_err(|e| Error::io("syncfs", dir)(e.into()))
 }
 
 /// Whether two paths are on the same filesystem (unknown counts as different).

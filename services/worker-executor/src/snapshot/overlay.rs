@@ -119,13 +119,8 @@ static VOLATILE_SUPPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::At
 fn in_dir<T: Send>(dir: &Path, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            #[allow(unsafe_code)]
-            // SAFETY: unshare(CLONE_FS) takes no pointers; it only gives this thread its
-            // own copy of cwd/root/umask.
-            let rc = unsafe { libc::unshare(libc::CLONE_FS) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // this thread's own copy of cwd/root/umask
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)?;
             std::env::set_current_dir(dir)?;
             Ok(f())
         })

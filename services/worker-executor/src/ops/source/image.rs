@@ -1,0 +1,322 @@
+//! `docker-image://` sources: pulled with kiln-registry, one snapshot per layer, found
+//! again by chain id (`<root>/image-layers/<chain id>` names the layer's snapshot).
+
+use crate::error::{Error, Result};
+use crate::snapshot::{self, Kind, LayerBlob};
+use crate::{Event, Worker, pb};
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// Image layers downloaded at once by one pull.
+const PULL_CONCURRENCY: usize = 3;
+
+/// The platform a source op asks for; the worker's default (linux/amd64) when it names none.
+fn oci_platform(p: Option<&pb::Platform>) -> kiln_oci::Platform {
+    match p.filter(|p| !p.os.is_empty() && !p.architecture.is_empty()) {
+        Some(p) => kiln_oci::Platform::new(
+            &p.os,
+            &p.architecture,
+            Some(p.variant.as_str()).filter(|v| !v.is_empty()),
+        )
+        .normalized(),
+        None => kiln_oci::Platform::new("linux", "amd64", None),
+    }
+}
+
+fn diff_ids(config: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(config).ok()?;
+    v.get("rootfs")?
+        .get("diff_ids")?
+        .as_array()?
+        .iter()
+        .map(|d| d.as_str().map(str::to_string))
+        .collect()
+}
+
+/// One layer of the image being pulled.
+struct ChainLayer {
+    desc: kiln_oci::Descriptor,
+    diff_id: String,
+    /// the cache index file naming the layer's snapshot (by chain id)
+    index: PathBuf,
+}
+
+/// One image pull: the registry (with the client's credentials) and where progress goes.
+struct Pull<'a> {
+    w: &'a Worker,
+    /// the reference as the build wrote it
+    name: &'a str,
+    registry: kiln_registry::Client,
+    reference: kiln_registry::Reference,
+    events: &'a mpsc::Sender<Event>,
+}
+
+/// Pulls and unpacks an image; returns the top layer's snapshot (`None` for no layers).
+pub(super) async fn image(
+    w: &Worker,
+    r: &str,
+    platform: Option<&pb::Platform>,
+    session_id: &str,
+    events: &mpsc::Sender<Event>,
+) -> Result<Option<String>> {
+    let reg = |source| Error::Registry {
+        reference: r.to_string(),
+        source,
+    };
+    let reference = kiln_registry::Reference::parse(r).map_err(reg)?;
+    let plat = oci_platform(platform);
+    // concurrent pulls of one image wait for the first (its layers are then found)
+    let _pull = w.pull_lock(format!("image {r} {plat}")).lock_owned().await;
+    let pull = Pull {
+        w,
+        name: r,
+        registry: registry_for(w, session_id, &reference).await,
+        reference,
+        events,
+    };
+    let resolved = pull
+        .registry
+        .resolve(&pull.reference, &plat)
+        .await
+        .map_err(reg)?;
+    let chain = pull.chain(&resolved)?;
+    // missing blobs download up to PULL_CONCURRENCY at a time, ahead of the unpacking,
+    // which goes in order as each arrives
+    let mut fetched = futures::stream::iter(pull.prefetches(&chain)?).buffered(PULL_CONCURRENCY);
+    let mut parent: Option<String> = None;
+    for layer in chain {
+        let blob = match fetched.next().await {
+            Some(b) => b?,
+            None => w.blob_path(&layer.desc.digest)?,
+        };
+        parent = Some(pull.unpack(layer, blob, parent).await?);
+    }
+    Ok(parent)
+}
+
+/// The worker's registry client; for a private registry, with the client's
+/// credentials, asked through its session.
+async fn registry_for(
+    w: &Worker,
+    session_id: &str,
+    reference: &kiln_registry::Reference,
+) -> kiln_registry::Client {
+    match kiln_session::credentials_via(&w.config().broker, session_id, &reference.registry).await {
+        Some(c) => {
+            let host = reference.registry.clone();
+            w.registry
+                .clone()
+                .with_credentials(std::sync::Arc::new(move |h: &str| {
+                    (h == host).then(|| c.clone())
+                }))
+        }
+        None => w.registry.clone(),
+    }
+}
+
+impl Pull<'_> {
+    fn image_error(&self, reason: String) -> Error {
+        Error::Image {
+            reference: self.name.to_string(),
+            reason,
+        }
+    }
+
+    /// The layers of a resolved image, bottom first, with their chain ids' index paths.
+    fn chain(&self, resolved: &kiln_registry::Resolved) -> Result<Vec<ChainLayer>> {
+        let ids = diff_ids(&resolved.config)
+            .ok_or_else(|| self.image_error("config has no rootfs.diff_ids".into()))?;
+        // an image's diff_ids name paths of the layer index: only real digests
+        if let Some(bad) = ids.iter().find(|d| kiln_digest::hex_part(d).is_none()) {
+            return Err(self.image_error(format!(
+                "rootfs.diff_ids holds {bad:?}, which is not a sha256 digest"
+            )));
+        }
+        let layers = &resolved.manifest.layers;
+        if ids.len() != layers.len() {
+            return Err(self.image_error(format!(
+                "{} layers but {} diff_ids",
+                layers.len(),
+                ids.len()
+            )));
+        }
+        let mut chain = Vec::new();
+        let mut chain_id: Option<String> = None;
+        for (desc, diff_id) in layers.iter().zip(ids) {
+            let cid = match &chain_id {
+                None => diff_id.clone(),
+                Some(c) => kiln_digest::sha256(format!("{c} {diff_id}").as_bytes()),
+            };
+            let index = self
+                .w
+                .config()
+                .root
+                .join("image-layers")
+                .join(cid.trim_start_matches("sha256:"));
+            chain_id = Some(cid);
+            chain.push(ChainLayer {
+                desc: desc.clone(),
+                diff_id,
+                index,
+            });
+        }
+        Ok(chain)
+    }
+
+    /// One download per layer whose blob and snapshot are both missing, in chain order;
+    /// each resolves to the blob's path.
+    fn prefetches(
+        &self,
+        chain: &[ChainLayer],
+    ) -> Result<Vec<impl Future<Output = Result<PathBuf>> + use<>>> {
+        let mut fetches = Vec::new();
+        for layer in chain {
+            let blob = self.w.blob_path(&layer.desc.digest)?;
+            let needed = !blob.exists() && !layer.index.exists();
+            let (registry, reference) = (self.registry.clone(), self.reference.clone());
+            let (desc, events) = (layer.desc.clone(), self.events.clone());
+            let lock = self.w.pull_lock(format!("blob {}", desc.digest));
+            fetches.push(async move {
+                if needed {
+                    // another image's pull may be fetching the same blob
+                    let _blob = lock.lock_owned().await;
+                    if !blob.exists() {
+                        fetch_layer(&registry, &reference, &desc, &blob, &events).await?;
+                    }
+                }
+                Ok::<_, Error>(blob)
+            });
+        }
+        Ok(fetches)
+    }
+
+    /// The snapshot of `layer` over `parent`: found through its index, or unpacked
+    /// from `blob` (downloaded first when another pull has not left it).
+    async fn unpack(
+        &self,
+        layer: ChainLayer,
+        blob: PathBuf,
+        parent: Option<String>,
+    ) -> Result<String> {
+        let store = self.w.store().clone();
+        // one unpack of a layer chain at a time, whichever image it came with
+        let _layer = self
+            .w
+            .pull_lock(format!("layer {}", layer.index.display()))
+            .lock_owned()
+            .await;
+        if let Ok(id) = std::fs::read_to_string(&layer.index)
+            && store.meta(id.trim()).is_ok_and(|m| m.parent == parent)
+        {
+            return Ok(id.trim().to_string());
+        }
+        if !blob.exists() {
+            let _blob = self
+                .w
+                .pull_lock(format!("blob {}", layer.desc.digest))
+                .lock_owned()
+                .await;
+            if !blob.exists() {
+                fetch_layer(
+                    &self.registry,
+                    &self.reference,
+                    &layer.desc,
+                    &blob,
+                    self.events,
+                )
+                .await?;
+            }
+        }
+        let index = layer.index.clone();
+        let name = self.name.to_string();
+        let id = tokio::task::spawn_blocking(move || {
+            apply_layer(&store, layer, &blob, parent.as_deref(), &name)
+        })
+        .await??;
+        snapshot::write_atomic(&index, id.as_bytes())?;
+        Ok(id)
+    }
+}
+
+/// Applies the layer blob `blob` over `parent` into a new snapshot, checking that
+/// its content is the config's diff_id.
+fn apply_layer(
+    store: &snapshot::Store,
+    layer: ChainLayer,
+    blob: &Path,
+    parent: Option<&str>,
+    reference: &str,
+) -> Result<String> {
+    let st = store.prepare(parent)?;
+    let m = store.mount_rw(&st)?;
+    let layer_err = |source| Error::Layer {
+        digest: layer.desc.digest.clone(),
+        source,
+    };
+    let f = std::fs::File::open(blob).map_err(Error::io("open", blob))?;
+    let reader = kiln_oci::layer::decompress(f).map_err(layer_err)?;
+    // the layer's content is hashed as it is applied and must be what the
+    // config claims, or another image's layer could be passed off under its
+    // diff_id (and found by every later pull of that image through `index`)
+    let mut hashed = kiln_digest::DigestReader::new(reader);
+    kiln_oci::layer::apply(&mut hashed, m.path()).map_err(layer_err)?;
+    let (content, _) = hashed
+        .finish()
+        .map_err(|source| layer_err(kiln_oci::Error::ReadLayer { source }))?;
+    if content != layer.diff_id {
+        return Err(Error::Image {
+            reference: reference.to_string(),
+            reason: format!(
+                "layer {} holds content {content}, but the config's rootfs.diff_ids names {}",
+                layer.desc.digest, layer.diff_id
+            ),
+        });
+    }
+    m.unmount()?;
+    store.commit(
+        st,
+        Kind::Image,
+        Some(LayerBlob {
+            descriptor: layer.desc,
+            diff_id: layer.diff_id,
+        }),
+    )
+}
+
+/// Downloads one layer blob to `blob` (through a temp file), with progress events.
+async fn fetch_layer(
+    registry: &kiln_registry::Client,
+    reference: &kiln_registry::Reference,
+    desc: &kiln_oci::Descriptor,
+    blob: &Path,
+    events: &mpsc::Sender<Event>,
+) -> Result<()> {
+    let total = desc.size as i64;
+    let _ = events
+        .send(Event::Progress {
+            id: desc.digest.clone(),
+            current: 0,
+            total,
+            completed: false,
+        })
+        .await;
+    let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
+    if let Err(source) = registry.fetch_blob(reference, desc, &tmp).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Registry {
+            reference: reference.to_string(),
+            source,
+        });
+    }
+    std::fs::rename(&tmp, blob).map_err(Error::io("rename", blob))?;
+    let _ = events
+        .send(Event::Progress {
+            id: desc.digest.clone(),
+            current: total,
+            total,
+            completed: true,
+        })
+        .await;
+    Ok(())
+}
