@@ -61,7 +61,6 @@ impl Explanations {
     }
 }
 
-
 #[derive(clap::Args, Debug)]
 pub struct BuildArgs {
     /// Frontend to use (dockerfile.v0)

@@ -3,12 +3,14 @@
 //! This is the only crate that runs code generation. The BuildKit-compatible
 //! edge (`pb`, `moby.*`, `fsutil.types`) keeps BuildKit's package names and
 //! field numbers; `kiln.*` are the internal service-to-service protocols.
-//! No logic lives here except [`status`], the wire form of an error (its
-//! cause chain and BuildKit's `errdefs` details), which every service's gRPC
-//! edge shares.
+//! No logic lives here except the wire forms every service's gRPC edge
+//! shares: [`status`] (an error's cause chain and BuildKit's `errdefs`
+//! details) and [`layers`] (layer options).
 
 #![allow(clippy::all, missing_docs, reason = "generated code")]
 
+#[warn(clippy::all)]
+pub mod layers;
 #[warn(clippy::all)]
 pub mod status;
 

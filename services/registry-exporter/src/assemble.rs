@@ -519,7 +519,7 @@ pub(crate) async fn build(
     let chain = if req.reference.is_empty() {
         Vec::new()
     } else {
-        worker.layers(&req.reference, &options.spec()).await?
+        worker.layers(&req.reference, &options).await?
     };
     // snapshots with an empty diff have no blob (an empty digest here); the
     // history entries they stand for become empty_layer

@@ -47,7 +47,7 @@ pub trait WorkerFs: Send + Sync {
     fn layers(
         &self,
         reference: &str,
-        compression: &str,
+        options: &kiln_oci::LayerOptions,
     ) -> impl Future<Output = Result<Vec<LayerBlob>, Error>> + Send;
     /// The bytes of one blob named by digest.
     fn read_blob(&self, digest: &str) -> impl Future<Output = Result<ByteStream, Error>> + Send;
@@ -300,7 +300,7 @@ mod tests {
         async fn layers(
             &self,
             reference: &str,
-            _compression: &str,
+            _options: &kiln_oci::LayerOptions,
         ) -> Result<Vec<LayerBlob>, Error> {
             assert_eq!(reference, "ref1");
             Ok(vec![self.layer.clone()])

@@ -117,7 +117,7 @@ pub struct Build {
     pub(crate) shared_key: Mutex<String>,
     /// The layer options of the build's image export, when it has one: the
     /// layers of the result's chain are computed as its steps finish.
-    pub eager_layers: Option<String>,
+    pub eager_layers: Option<kiln_oci::LayerOptions>,
 }
 
 /// Frontend attr asking for cache-miss explanations.
@@ -182,8 +182,7 @@ impl Build {
                 .and_then(|e| {
                     let attrs = exporter_attrs(&e.attrs, &req.frontend_attrs, 0);
                     kiln_oci::LayerOptions::from_export_attrs(&attrs).ok()
-                })
-                .map(|o| o.spec()),
+                }),
         };
         (b, rx)
     }

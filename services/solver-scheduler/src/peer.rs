@@ -120,13 +120,13 @@ pub trait Worker: Send + Sync + 'static {
     /// Disk usage of the given snapshots (all when empty).
     fn usage(&self, refs: &[String]) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
     /// Has the worker compute (and keep) the layer blobs of ref `r`'s chain with the
-    /// layer options `spec`, ahead of an export that will ask for them.
+    /// layer `options`, ahead of an export that will ask for them.
     fn prepare_layers(
         &self,
         r: &str,
-        spec: &str,
+        options: &kiln_oci::LayerOptions,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        let _ = (r, spec);
+        let _ = (r, options);
         std::future::ready(Ok(()))
     }
     /// Removes snapshots created before `before` (unix ns) that `keep` does not reach.

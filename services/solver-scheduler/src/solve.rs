@@ -351,16 +351,17 @@ impl<W: Worker> GraphRun<W> {
     /// now, alongside the steps after it. Best effort and not tied to this
     /// solve: the export, after it, is what uses the layer.
     fn prepare_layers(&self, digest: &str, done: &Done) {
-        let (Some(index), Some(spec)) = (self.eager.get(digest), &self.build.eager_layers) else {
+        let (Some(index), Some(options)) = (self.eager.get(digest), &self.build.eager_layers)
+        else {
             return;
         };
         let r = done.output(*index).r#ref;
         if r.is_empty() {
             return;
         }
-        let (worker, spec) = (self.worker.clone(), spec.clone());
+        let (worker, options) = (self.worker.clone(), *options);
         tokio::spawn(async move {
-            if let Err(e) = worker.prepare_layers(&r, &spec).await {
+            if let Err(e) = worker.prepare_layers(&r, &options).await {
                 tracing::debug!(error = %e, "layers ahead of the export");
             }
         });
@@ -483,11 +484,15 @@ mod tests {
         async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
             Ok(WorkerUsage::default())
         }
-        async fn prepare_layers(&self, r: &str, spec: &str) -> Result<(), Error> {
+        async fn prepare_layers(
+            &self,
+            r: &str,
+            options: &kiln_oci::LayerOptions,
+        ) -> Result<(), Error> {
             self.layers
                 .lock()
                 .expect("lock")
-                .push((r.to_string(), spec.to_string()));
+                .push((r.to_string(), options.spec()));
             Ok(())
         }
     }

@@ -17,12 +17,6 @@ use tokio::sync::mpsc;
 
 const CHUNK: usize = 64 * 1024;
 
-/// Parse the `compression` field of a Layers request: a compression name or a
-/// `kiln_oci::LayerOptions` spec (`zstd;level=9;force;epoch=N`).
-fn layer_options(spec: &str) -> Result<LayerOptions> {
-    LayerOptions::parse(spec).map_err(|source| Error::LayerOptions { source })
-}
-
 fn dir_is_empty(dir: &Path) -> Result<bool> {
     Ok(std::fs::read_dir(dir)
         .map_err(Error::io("read dir", dir))?
@@ -47,9 +41,9 @@ enum Plan {
 pub(crate) async fn layer_chain(
     w: &Worker,
     r: Option<&str>,
-    compression_spec: &str,
+    options: &LayerOptions,
 ) -> Result<Vec<Option<LayerBlob>>> {
-    let options = layer_options(compression_spec)?;
+    let options = *options;
     let key = options.spec();
     let store = w.store.clone();
     let top = r.map(str::to_string);
@@ -266,9 +260,9 @@ fn write_memos(
 pub(crate) async fn layers(
     w: &Worker,
     r: Option<&str>,
-    compression_spec: &str,
+    options: &LayerOptions,
 ) -> Result<Vec<LayerBlob>> {
-    Ok(layer_chain(w, r, compression_spec)
+    Ok(layer_chain(w, r, options)
         .await?
         .into_iter()
         .flatten()

@@ -508,17 +508,21 @@ impl Worker {
     }
 
     /// The layer blobs of a ref's chain, root first (computed and memoized on first use).
-    pub async fn layers(&self, r: Option<&str>, compression: &str) -> Result<Vec<LayerBlob>> {
-        layers::layers(self, r, compression).await
+    pub async fn layers(
+        &self,
+        r: Option<&str>,
+        options: &kiln_oci::LayerOptions,
+    ) -> Result<Vec<LayerBlob>> {
+        layers::layers(self, r, options).await
     }
 
     /// One entry per snapshot of the chain (root first), `None` for an empty diff.
     pub async fn layer_chain(
         &self,
         r: Option<&str>,
-        compression: &str,
+        options: &kiln_oci::LayerOptions,
     ) -> Result<Vec<Option<LayerBlob>>> {
-        layers::layer_chain(self, r, compression).await
+        layers::layer_chain(self, r, options).await
     }
 
     /// The file of a blob in the content store.

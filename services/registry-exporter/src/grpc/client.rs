@@ -61,13 +61,17 @@ impl GrpcWorker {
 }
 
 impl WorkerFs for GrpcWorker {
-    async fn layers(&self, reference: &str, compression: &str) -> Result<Vec<LayerBlob>, Error> {
+    async fn layers(
+        &self,
+        reference: &str,
+        options: &kiln_oci::LayerOptions,
+    ) -> Result<Vec<LayerBlob>, Error> {
         let resp = self
             .client
             .clone()
             .layers(wpb::LayersRequest {
                 r#ref: reference.to_string(),
-                compression: compression.to_string(),
+                options: Some(options.into()),
             })
             .await
             .map_err(|s| self.err("layers", reference, s))?;

@@ -282,10 +282,10 @@ impl peer::Worker for GrpcWorker {
             .collect())
     }
 
-    async fn prepare_layers(&self, r: &str, spec: &str) -> Result<(), Error> {
+    async fn prepare_layers(&self, r: &str, options: &kiln_oci::LayerOptions) -> Result<(), Error> {
         let req = tonic::Request::new(wk::LayersRequest {
             r#ref: r.to_string(),
-            compression: spec.to_string(),
+            options: Some(options.into()),
         });
         self.client
             .clone()

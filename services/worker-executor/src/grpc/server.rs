@@ -331,12 +331,11 @@ impl wpb::worker_server::Worker for WorkerService {
         req: Request<wpb::LayersRequest>,
     ) -> Result<Response<wpb::LayersResponse>, Status> {
         let req = req.into_inner();
+        let options = kiln_oci::LayerOptions::try_from(&req.options.unwrap_or_default())
+            .map_err(|e| kiln_proto::status::from_error(tonic::Code::InvalidArgument, &e))?;
         let layers = self
             .core
-            .layer_chain(
-                convert::ref_from_wire(&req.r#ref).as_deref(),
-                &req.compression,
-            )
+            .layer_chain(convert::ref_from_wire(&req.r#ref).as_deref(), &options)
             .await?;
         Ok(Response::new(wpb::LayersResponse {
             layers: layers

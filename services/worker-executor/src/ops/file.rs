@@ -840,7 +840,10 @@ mod tests {
         let chain = w.store().chain(Some(&out)).expect("chain");
         assert_eq!(chain.last().map(|m| m.id.clone()), Some(dest));
 
-        let layers = w.layers(Some(&out), "gzip").await.expect("layers");
+        let layers = w
+            .layers(Some(&out), &kiln_oci::LayerOptions::default())
+            .await
+            .expect("layers");
         assert_eq!(layers.len(), chain.len());
         let top = layers.last().expect("top layer");
         assert_eq!(
@@ -869,7 +872,9 @@ mod tests {
             );
         }
         assert_eq!(
-            w.layers(Some(&out), "gzip").await.expect("memoized"),
+            w.layers(Some(&out), &kiln_oci::LayerOptions::default())
+                .await
+                .expect("memoized"),
             layers
         );
     }
