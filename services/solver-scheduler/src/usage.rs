@@ -237,8 +237,6 @@ pub fn select(items: &[UsageItem], opts: &PruneOptions, now: i64) -> Vec<UsageIt
     out
 }
 
-/// kilnd.toml's GC values are read with these (cmd/kilnd names them here).
-
 #[cfg(test)]
 mod tests {
     use super::*;
