@@ -90,6 +90,35 @@ fn groups(root: &Path) -> Vec<GroupEntry> {
         .collect()
 }
 
+/// The ids a file op's `--chown` names get, as BuildKit gives them: a user
+/// name is looked up in `root`'s /etc/passwd (uid and its gid), a group name
+/// in /etc/group; a name that is not there (or no file) leaves the ids at 0,
+/// without an error. Numbers are taken as they are.
+pub fn chown_ids(root: &Path, user: Option<&str>, group: Option<&str>) -> (u32, u32) {
+    let (mut uid, mut gid) = (0, 0);
+    if let Some(name) = user {
+        match name.parse::<u32>() {
+            Ok(n) => (uid, gid) = (n, n),
+            Err(_) => {
+                if let Some(e) = passwd(root).into_iter().find(|e| e.name == name) {
+                    (uid, gid) = (e.uid, e.gid);
+                }
+            }
+        }
+    }
+    if let Some(name) = group {
+        match name.parse::<u32>() {
+            Ok(n) => gid = n,
+            Err(_) => {
+                if let Some(g) = groups(root).into_iter().find(|g| g.name == name) {
+                    gid = g.gid;
+                }
+            }
+        }
+    }
+    (uid, gid)
+}
+
 /// The uid of `name` (a user name or a number) in `root`'s /etc/passwd.
 pub fn lookup_uid(root: &Path, name: &str) -> Result<u32> {
     if let Ok(n) = name.parse() {
@@ -201,6 +230,14 @@ mod tests {
             "root:x:0:\nalice:x:1001:\nwheel:x:10:alice\n",
         )
         .expect("write");
+        // --chown: BuildKit's lookups, where a missing name is root
+        let c = |u, g| chown_ids(tmp.path(), u, g);
+        assert_eq!(c(Some("alice"), None), (1000, 1001));
+        assert_eq!(c(Some("alice"), Some("wheel")), (1000, 10));
+        assert_eq!(c(Some("nobody-here"), None), (0, 0));
+        assert_eq!(c(Some("alice"), Some("nobody-here")), (1000, 1001));
+        assert_eq!(c(Some("7"), Some("8")), (7, 8));
+        assert_eq!(c(None, Some("wheel")), (0, 10));
         let r = |s: &str| resolve_user(tmp.path(), s);
         assert_eq!(r("").expect("empty"), Identity::default());
         assert_eq!(

@@ -396,27 +396,21 @@ fn timestamp(t: i64) -> Option<i64> {
     (t >= 0).then_some(t)
 }
 
-/// Resolves a ChownOpt in `root` (the destination rootfs).
+/// Resolves a ChownOpt in `root` (the destination rootfs) as BuildKit does:
+/// names missing from its passwd/group files are root's ids, not an error.
 fn owner(root: &Path, o: Option<&pb::ChownOpt>) -> Result<Option<(u32, u32)>> {
     let Some(o) = o else { return Ok(None) };
-    let mut ids: Option<(u32, u32)> = None;
-    if let Some(u) = o.user.as_ref().and_then(|u| u.user.as_ref()) {
-        ids = Some(match u {
-            User::ById(id) => (*id, *id),
-            User::ByName(n) => {
-                let id = users::resolve_user(root, &n.name)?;
-                (id.uid, id.gid)
-            }
-        });
+    let user = o.user.as_ref().and_then(|u| u.user.as_ref());
+    let group = o.group.as_ref().and_then(|g| g.user.as_ref());
+    if user.is_none() && group.is_none() {
+        return Ok(None);
     }
-    if let Some(g) = o.group.as_ref().and_then(|g| g.user.as_ref()) {
-        let gid = match g {
-            User::ById(id) => *id,
-            User::ByName(n) => users::lookup_gid(root, &n.name)?,
-        };
-        ids = Some((ids.map(|i| i.0).unwrap_or(0), gid));
-    }
-    Ok(ids)
+    let name = |u: &User| match u {
+        User::ById(id) => id.to_string(),
+        User::ByName(n) => n.name.clone(),
+    };
+    let (user, group) = (user.map(name), group.map(name));
+    Ok(Some(users::chown_ids(root, user.as_deref(), group.as_deref())))
 }
 
 fn times_of(path: &Path, ts: Option<i64>) -> std::io::Result<(TimeSpec, TimeSpec)> {
