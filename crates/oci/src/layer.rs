@@ -618,52 +618,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    enum E<'a> {
-        Dir(&'a str, u32),
-        File(&'a str, &'a [u8], u32, u64),
-        Symlink(&'a str, &'a str),
-        Hardlink(&'a str, &'a str),
-    }
-
-    /// Build a tar, writing names raw so `..` and absolute names survive.
-    fn build(entries: &[E]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for e in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o777);
-            h.set_uid(0);
-            h.set_gid(0);
-            let (name, data): (&str, &[u8]) = match e {
-                E::Dir(n, mode) => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_mode(*mode);
-                    (n, b"")
-                }
-                E::File(n, d, mode, uid) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_mode(*mode);
-                    h.set_uid(*uid);
-                    h.set_gid(*uid);
-                    (n, d)
-                }
-                E::Symlink(n, t) | E::Hardlink(n, t) => {
-                    h.set_entry_type(if matches!(e, E::Symlink(..)) {
-                        tar::EntryType::Symlink
-                    } else {
-                        tar::EntryType::Link
-                    });
-                    h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
-                    (n, b"")
-                }
-            };
-            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-            h.set_size(data.len() as u64);
-            h.set_mtime(1_000_000);
-            h.set_cksum();
-            b.append(&h, data).expect("append");
-        }
-        b.into_inner().expect("finish")
-    }
+    use crate::raw_tar::{RawEntry as E, raw_tar as build};
 
     fn names(dir: &Path) -> Vec<String> {
         let mut out: Vec<String> = walkdir::WalkDir::new(dir)
