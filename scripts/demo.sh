@@ -3,6 +3,7 @@
 # to DIR/hello.oci.tar and DIR/hello-rootfs/.
 set -eu
 cd "$(dirname "$0")/.."
+. scripts/local-kilnd.sh
 dir=$1
 if [ "${2:-}" = stop ]; then
   [ -f "$dir/kilnd.pid" ] && kill "$(cat "$dir/kilnd.pid")" 2>/dev/null || true
@@ -17,18 +18,10 @@ sh scripts/registry.sh stop "$dir/registry"
 reg=$(sh scripts/registry.sh start "$dir/registry")
 sh scripts/seed-busybox.sh "$reg"
 sock="$dir/kilnd.sock"
-cat > "$dir/kilnd.toml" <<TOML
-root = "$dir/root"
-[grpc]
-address = ["unix://$sock"]
-[registry."docker.io"]
-mirrors = ["$reg"]
-[registry."$reg"]
-http = true
-TOML
+kilnd_toml "$dir/root" "$sock" "$reg" > "$dir/kilnd.toml"
 ./target/debug/kilnd --config "$dir/kilnd.toml" > "$dir/kilnd.log" 2>&1 &
 echo $! > "$dir/kilnd.pid"
-for i in $(seq 1 50); do [ -S "$sock" ] && break; sleep 0.1; done
+wait_for_socket "$sock"
 export KILN_HOST="unix://$sock"
 kiln=./target/debug/kiln
 echo "== kiln build (OCI image tarball + local rootfs) =="

@@ -14,24 +14,19 @@
 set -eu
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
+. scripts/local-kilnd.sh
 REPS=${1:-3}
 BIN=${BENCH_KILN_BIN_DIR:-$REPO/target/release}
 TMP=$(mktemp -d /tmp/kiln-ctxbench-XXXXXX)
 cleanup() {
   [ -n "${KPID:-}" ] && kill "$KPID" 2>/dev/null && wait "$KPID" 2>/dev/null || true
   [ -n "${OWNREG:-}" ] && sh scripts/registry.sh stop "$TMP/reg" >/dev/null 2>&1 || true
-  grep -o ' /[^ ]*' /proc/mounts | grep "^ $TMP" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  unmount_under "$TMP"
   [ -n "${BENCH_KEEP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT INT TERM
 
-if [ -n "${KILN_TEST_REGISTRY:-}" ]; then
-  REG=$KILN_TEST_REGISTRY
-else
-  OWNREG=1
-  REG=$(sh scripts/registry.sh start "$TMP/reg")
-  sh scripts/seed-busybox.sh "$REG" >/dev/null
-fi
+use_test_registry "$TMP/reg"
 
 # the same generator as bench/bench.py (10,000 files in 100 dirs, ~200 MB)
 python3 - "$TMP/in" "${QUICK:-}" <<'PY'
@@ -51,18 +46,10 @@ with open(f"{d}/Dockerfile", "w") as f:
     f.write("FROM busybox\nCOPY ctx/ /ctx/\nRUN find /ctx -type f | wc -l > /count && du -sk /ctx > /size\n")
 PY
 
-cat > "$TMP/kilnd.toml" <<EOF
-root = "$TMP/root"
-[grpc]
-address = ["unix://$TMP/kilnd.sock"]
-[registry."docker.io"]
-mirrors = ["$REG"]
-[registry."$REG"]
-http = true
-EOF
+kilnd_toml "$TMP/root" "$TMP/kilnd.sock" "$REG" > "$TMP/kilnd.toml"
 KILN_LOG=${KILN_LOG:-info,kiln_timing=debug} "$BIN/kilnd" --config "$TMP/kilnd.toml" >> "$TMP/kilnd.log" 2>&1 &
 KPID=$!
-for i in $(seq 1 100); do [ -S "$TMP/kilnd.sock" ] && break; sleep 0.1; done
+wait_for_socket "$TMP/kilnd.sock"
 
 OUT=${BENCH_KILN_OUTPUT:-type=image,name=bench/big,compression=uncompressed}
 build() {

@@ -16,6 +16,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
+. scripts/local-kilnd.sh
 REPS=${1:-3}
 BIN=${BENCH_KILN_BIN_DIR:-$REPO/target/release}
 TMP=$(mktemp -d /tmp/kiln-execbench-XXXXXX)
@@ -24,18 +25,12 @@ cleanup() {
   [ -n "${KPID:-}" ] && kill "$KPID" 2>/dev/null && wait "$KPID" 2>/dev/null || true
   [ -n "${OWNREG:-}" ] && sh scripts/registry.sh stop "$TMP/reg" >/dev/null 2>&1 || true
   sh scripts/containerd.sh stop "$TMP/containerd" >/dev/null 2>&1 || true
-  grep -o ' /[^ ]*' /proc/mounts | grep "^ $TMP" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  unmount_under "$TMP"
   [ -n "${BENCH_KEEP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT INT TERM
 
-if [ -n "${KILN_TEST_REGISTRY:-}" ]; then
-  REG=$KILN_TEST_REGISTRY
-else
-  OWNREG=1
-  REG=$(sh scripts/registry.sh start "$TMP/reg")
-  sh scripts/seed-busybox.sh "$REG" >/dev/null
-fi
+use_test_registry "$TMP/reg"
 
 now() { python3 -c 'import time; print(time.monotonic())'; }
 
@@ -79,15 +74,7 @@ PY
 echo "| backend | rep | wall 1 step (s) | wall $STEPS steps (s) | per step (ms) | step median (ms, n) |"
 echo "|---|---|---|---|---|---|"
 for backend in ${BENCH_BACKENDS:-runc containerd}; do
-  cat > "$TMP/kilnd.toml" <<EOF
-root = "$TMP/root-$backend"
-[grpc]
-address = ["unix://$TMP/kilnd.sock"]
-[registry."docker.io"]
-mirrors = ["$REG"]
-[registry."$REG"]
-http = true
-EOF
+  kilnd_toml "$TMP/root-$backend" "$TMP/kilnd.sock" "$REG" > "$TMP/kilnd.toml"
   if [ "$backend" = containerd ]; then
     sock=$(sh scripts/containerd.sh start "$TMP/containerd")
     printf '[worker.containerd]\nenabled = true\naddress = "%s"\n' "$sock" >> "$TMP/kilnd.toml"
@@ -95,7 +82,7 @@ EOF
   rm -f "$TMP/kilnd.sock"
   "$BIN/kilnd" --config "$TMP/kilnd.toml" > "$TMP/kilnd-$backend.log" 2>&1 &
   KPID=$!
-  for i in $(seq 1 100); do [ -S "$TMP/kilnd.sock" ] && break; sleep 0.1; done
+  wait_for_socket "$TMP/kilnd.sock"
   build warm 1 > /dev/null  # pulls and unpacks busybox once
   for rep in $(seq 1 "$REPS"); do
     w1=$(build one 1)

@@ -10,6 +10,7 @@
 # -p kilnd), else ./target/debug.
 set -eu
 cd "$(dirname "$0")/../.."
+. scripts/local-kilnd.sh
 size=${1:-1024}
 bin=target/release
 [ -x "$bin/kilnd" ] && [ -x "$bin/kiln" ] || bin=target/debug
@@ -18,7 +19,7 @@ work=$(mktemp -d /tmp/kiln-bench-export.XXXXXX)
 cleanup() {
   [ -f "$work/kilnd.pid" ] && kill "$(cat "$work/kilnd.pid")" 2>/dev/null || true
   sleep 0.5
-  grep -o " $work[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  unmount_under "$work"
   sh scripts/registry.sh stop "$work/registry"
   rm -rf "$work"
 }
@@ -51,7 +52,7 @@ http = true
 TOML
 "$bin/kilnd" --config "$work/kilnd.toml" --root "$work/root" --addr "unix://$work/kilnd.sock" > "$work/kilnd.log" 2>&1 &
 echo $! > "$work/kilnd.pid"
-for i in $(seq 1 100); do [ -S "$work/kilnd.sock" ] && break; sleep 0.1; done
+wait_for_socket "$work/kilnd.sock"
 export KILN_HOST="unix://$work/kilnd.sock"
 
 now() { python3 -c 'import time; print(time.time())'; }

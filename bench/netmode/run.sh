@@ -10,6 +10,7 @@
 # Uses ./target/release binaries when present, else ./target/debug.
 set -eu
 cd "$(dirname "$0")/../.."
+. scripts/local-kilnd.sh
 steps=${1:-20}
 rounds=${2:-5}
 reg=${KILN_TEST_REGISTRY:?set KILN_TEST_REGISTRY to a registry seeded with busybox}
@@ -20,7 +21,7 @@ pid=""
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   sleep 0.5
-  grep -o " $work[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  unmount_under "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -30,7 +31,7 @@ mkdir -p "$work/ctx"
   i=0
   while [ $i -lt "$steps" ]; do i=$((i + 1)); echo "RUN true $i"; done
 } > "$work/ctx/Dockerfile"
-printf '[registry."docker.io"]\nmirrors = ["%s"]\n[registry."%s"]\nhttp = true\n' "$reg" "$reg" > "$work/kilnd.toml"
+registry_mirror_toml "$reg" > "$work/kilnd.toml"
 echo "| mode | median build (ms) | per RUN step (ms) |"
 echo "|---|---|---|"
 for mode in host none bridge; do

@@ -157,6 +157,157 @@ fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
     )
 }
 
+/// kilnd.toml lines that make the test registry docker.io's mirror, over plain HTTP.
+pub fn registry_mirror_toml() -> String {
+    let reg = registry();
+    format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n")
+}
+
+/// Starts an all-in-one kilnd with `config` and its state under `root`, listening on the
+/// unix socket `sock` (a stale one is removed first), its stderr in `log`; returns once it
+/// listens.
+pub fn spawn_kilnd(config: &Path, root: &Path, sock: &Path, log: &Path) -> Result<Child> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(bin_dir().join("kilnd"))
+        .arg("--config")
+        .arg(config)
+        .arg("--root")
+        .arg(root)
+        .arg("--addr")
+        .arg(format!("unix://{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("start kilnd")?;
+    if let Err(e) = wait_for_socket(sock, &mut child, log) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
+/// One all-in-one kilnd on a state dir that outlives it, so a test can stop it (SIGTERM
+/// or SIGKILL) and start another on the same root, which [`Daemon`] cannot. Killed, and
+/// whatever it left mounted detached, on drop.
+pub struct Restartable {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// Daemons started so far; the n-th logs to `kilnd-n.log`.
+    starts: usize,
+}
+
+impl Restartable {
+    /// A kilnd with the test registry as docker.io's mirror.
+    pub fn start() -> Restartable {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-restart-it-")
+            .tempdir()
+            .expect("tmp");
+        std::fs::write(dir.path().join("kilnd.toml"), registry_mirror_toml()).expect("config");
+        let mut k = Restartable {
+            dir,
+            child: None,
+            starts: 0,
+        };
+        k.spawn();
+        k
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.path().join("kilnd.sock")
+    }
+
+    pub fn addr(&self) -> String {
+        format!("unix://{}", self.sock().display())
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// Starts a daemon on the state dir (after [`Restartable::stop`]).
+    pub fn spawn(&mut self) {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("kilnd-{}.log", self.starts));
+        let config = self.dir.path().join("kilnd.toml");
+        let child = spawn_kilnd(&config, &self.root(), &self.sock(), &log).expect("start kilnd");
+        self.child = Some(child);
+    }
+
+    /// Stops the daemon: SIGTERM (up to 10 s) when `graceful`, then SIGKILL.
+    pub fn stop(&mut self, graceful: bool) {
+        if let Some(mut c) = self.child.take() {
+            if graceful {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .status();
+                let start = Instant::now();
+                while c.try_wait().ok().flatten().is_none()
+                    && start.elapsed() < Duration::from_secs(10)
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon (see [`Restartable::stop`]) and starts another on the same root.
+    pub fn restart(&mut self, graceful: bool) {
+        self.stop(graceful);
+        self.spawn();
+    }
+
+    /// `kiln ARGS` against this daemon, in `cwd`.
+    pub fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("kiln"));
+        c.arg("--addr").arg(self.addr()).args(args).current_dir(cwd);
+        c
+    }
+
+    /// `kiln build --progress plain` of the Dockerfile in `ctx`; returns stderr.
+    pub fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let mut args = vec!["build", "--progress", "plain"];
+        args.extend(dockerfile_args());
+        args.extend_from_slice(extra);
+        let out = self.kiln(ctx, &args).output().expect("run kiln");
+        self.check(out, "kiln build")
+    }
+
+    /// Stderr of `out`, which must have succeeded (else the daemons' logs are shown).
+    pub fn check(&self, out: Output, what: &str) -> String {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{err}\n{}\n--- daemon logs ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            self.logs()
+        );
+        err
+    }
+
+    /// The logs of every daemon started so far.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("kilnd-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n== restart ==\n")
+    }
+}
+
+impl Drop for Restartable {
+    fn drop(&mut self) {
+        self.stop(false);
+        unmount_under(self.dir.path());
+    }
+}
+
 impl Daemon {
     pub fn start(topology: Topology) -> Result<Daemon> {
         Daemon::start_with_config(topology, "")
@@ -170,7 +321,6 @@ impl Daemon {
 
     /// Like `start_with_config`, with exec steps running on `backend`.
     pub fn start_on(topology: Topology, backend: &Backend, extra: &str) -> Result<Daemon> {
-        let reg = registry();
         let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
         let config = dir.path().join("kilnd.toml");
         let namespace = dir
@@ -184,7 +334,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "{extra}\n[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n{}",
+                "{extra}\n{}{}",
+                registry_mirror_toml(),
                 backend.config(&namespace)
             ),
         )?;
@@ -274,15 +425,9 @@ impl Daemon {
     /// `tcp://127.0.0.1:PORT`), started with the extra flags `args` (e.g.
     /// `--tlscert`); ready once it logs that it listens.
     pub fn start_listening(addr: &str, args: &[&str]) -> Result<Daemon> {
-        let reg = registry();
         let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
         let config = dir.path().join("kilnd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
-            ),
-        )?;
+        std::fs::write(&config, registry_mirror_toml())?;
         let log = dir.path().join("kilnd.log");
         let mut child = Command::new(bin_dir().join("kilnd"))
             .arg("--config")
@@ -600,16 +745,8 @@ pub fn containerd_snapshots(
     address: &str,
     namespace: &str,
 ) -> std::collections::BTreeMap<String, CtrSnapshot> {
-    let out = Command::new("ctr")
-        .args(["-a", address, "-n", namespace, "snapshots", "ls"])
-        .output()
-        .expect("ctr");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    run(Command::new("ctr").args(["-a", address, "-n", namespace, "snapshots", "ls"]))
+        .expect("ctr")
         .lines()
         .skip(1)
         .filter_map(|l| {

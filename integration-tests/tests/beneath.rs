@@ -4,6 +4,7 @@
 //! and ends by checking that the canary is as it was and that kilnd still builds.
 
 use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, run};
+use kiln_oci::raw_tar::{RawEntry as E, raw_tar};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,49 +88,6 @@ fn assert_still_builds(d: &Daemon) {
     );
 }
 
-/// A raw tar: names and link names are written as given, so `..`, absolute names and
-/// entries below symlinks survive.
-enum E<'a> {
-    Dir(&'a str),
-    File(&'a str, &'a str),
-    Symlink(&'a str, &'a str),
-    Hardlink(&'a str, &'a str),
-}
-
-fn raw_tar(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_mtime(1_000_000);
-        let (name, data): (&str, &[u8]) = match e {
-            E::Dir(n) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                (n, b"")
-            }
-            E::File(n, d) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                (n, d.as_bytes())
-            }
-            E::Symlink(n, t) | E::Hardlink(n, t) => {
-                h.set_entry_type(if matches!(e, E::Symlink(..)) {
-                    tar::EntryType::Symlink
-                } else {
-                    tar::EntryType::Link
-                });
-                h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
-                (n, b"")
-            }
-        };
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        b.append(&h, data).expect("append");
-    }
-    b.into_inner().expect("tar")
-}
-
 /// Pushes an image whose layers are the given uncompressed tars to the test registry
 /// as `REGISTRY/NAME:1`.
 fn push_layers(name: &str, layers: &[Vec<u8>]) -> String {
@@ -153,7 +111,7 @@ fn image_layers_cannot_write_through_symlinks() {
             "lower-symlink",
             vec![
                 raw_tar(&[E::Symlink("a", &c)]),
-                raw_tar(&[E::File("a/pwned", "x")]),
+                raw_tar(&[E::File("a/pwned", b"x", 0o644, 0)]),
             ],
         ),
         // the same layer: `b -> ../../..` then `b/<canary>/pwned`
@@ -161,7 +119,12 @@ fn image_layers_cannot_write_through_symlinks() {
             "same-layer-dotdot",
             vec![raw_tar(&[
                 E::Symlink("b", &up),
-                E::File(&format!("b/{}/pwned", c.trim_start_matches('/'))[..], "x"),
+                E::File(
+                    &format!("b/{}/pwned", c.trim_start_matches('/'))[..],
+                    b"x",
+                    0o644,
+                    0,
+                ),
             ])],
         ),
         // a whiteout and an opaque marker below a symlink
@@ -169,7 +132,10 @@ fn image_layers_cannot_write_through_symlinks() {
             "whiteout",
             vec![
                 raw_tar(&[E::Symlink("w", &c)]),
-                raw_tar(&[E::File("w/.wh.sentinel", ""), E::File("w/.wh..wh..opq", "")]),
+                raw_tar(&[
+                    E::File("w/.wh.sentinel", b"", 0o644, 0),
+                    E::File("w/.wh..wh..opq", b"", 0o644, 0),
+                ]),
             ],
         ),
         // a hard link whose target is reached through a symlink
@@ -181,7 +147,10 @@ fn image_layers_cannot_write_through_symlinks() {
             ])],
         ),
         // `..` climbing out
-        ("dotdot", vec![raw_tar(&[E::Dir("d"), E::File(&up, "x")])]),
+        (
+            "dotdot",
+            vec![raw_tar(&[E::Dir("d", 0o755), E::File(&up, b"x", 0o644, 0)])],
+        ),
     ];
     for (name, layers) in cases {
         let image = push_layers(&format!("beneath/{name}"), &layers);
@@ -255,9 +224,9 @@ fn add_archives_unpack_inside_their_destination() {
     };
     // an entry climbing out, and one below the archive's own symlink to the host
     for (i, entries) in [
-        vec![E::File(&up[..], "x")],
-        vec![E::Symlink("a", &c), E::File("a/pwned", "x")],
-        vec![E::Symlink("b", &up), E::File("b/pwned", "x")],
+        vec![E::File(&up[..], b"x", 0o644, 0)],
+        vec![E::Symlink("a", &c), E::File("a/pwned", b"x", 0o644, 0)],
+        vec![E::Symlink("b", &up), E::File("b/pwned", b"x", 0o644, 0)],
         vec![E::Symlink("s", &c), E::Hardlink("h", "s/sentinel")],
     ]
     .iter()
@@ -275,7 +244,11 @@ fn add_archives_unpack_inside_their_destination() {
         "FROM busybox\nRUN mkdir -p {c} && ln -s {c} /dest\nADD ok.tar /dest/\n"
     ))
     .expect("ctx");
-    write_tar(&ctx, "ok.tar", &[E::File("pwned", "in the image")]);
+    write_tar(
+        &ctx,
+        "ok.tar",
+        &[E::File("pwned", b"in the image", 0o644, 0)],
+    );
     let out = build_local(&d, ctx.path());
     assert_eq!(
         std::fs::read_to_string(out.path().join(c.trim_start_matches('/')).join("pwned"))

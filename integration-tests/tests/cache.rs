@@ -3,157 +3,17 @@
 //! of concurrent builds, and `kiln du` / `kiln prune`.
 
 use kiln_integration_tests::{
-    BuildContext, bin_dir, dockerfile_args, is_cached, parse_size, registry, step_number,
+    BuildContext, Restartable as Kilnd, dockerfile_args, is_cached, parse_size, step_number,
 };
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// An all-in-one kilnd on a state dir that outlives it, so a second daemon
-/// can start on the same root.
-struct Kilnd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    starts: usize,
-}
-
-impl Kilnd {
-    fn start() -> Kilnd {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-cache-it-")
-            .tempdir()
-            .expect("tmp");
-        let reg = registry();
-        std::fs::write(
-            dir.path().join("kilnd.toml"),
-            format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"),
-        )
-        .expect("config");
-        let mut k = Kilnd {
-            dir,
-            child: None,
-            starts: 0,
-        };
-        k.spawn();
-        k
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("kilnd.sock")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.sock());
-        self.starts += 1;
-        let log = self.dir.path().join(format!("kilnd-{}.log", self.starts));
-        let mut child = Command::new(bin_dir().join("kilnd"))
-            .arg("--config")
-            .arg(self.dir.path().join("kilnd.toml"))
-            .arg("--root")
-            .arg(self.root())
-            .arg("--addr")
-            .arg(format!("unix://{}", self.sock().display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start kilnd");
-        let start = Instant::now();
-        while !self.sock().exists() {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "kilnd exited with {st}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "kilnd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child = Some(child);
-    }
-
-    /// Stops the daemon: SIGTERM when `graceful`, else SIGKILL.
-    fn stop(&mut self, graceful: bool) {
-        if let Some(mut c) = self.child.take() {
-            if graceful {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .status();
-                let start = Instant::now();
-                while c.try_wait().ok().flatten().is_none()
-                    && start.elapsed() < Duration::from_secs(10)
-                {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self, graceful: bool) {
-        self.stop(graceful);
-        self.spawn();
-    }
-
-    fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(bin_dir().join("kiln"));
-        c.arg("--addr")
-            .arg(format!("unix://{}", self.sock().display()))
-            .args(args)
-            .current_dir(cwd);
-        c
-    }
-
-    /// `kiln build --progress plain` of the Dockerfile in `ctx`; returns stderr.
-    fn build(&self, ctx: &Path, extra: &[&str]) -> String {
-        let mut args = vec!["build", "--progress", "plain"];
-        args.extend(dockerfile_args());
-        args.extend_from_slice(extra);
-        let out = self.kiln(ctx, &args).output().expect("run kiln");
-        self.check(out, "kiln build")
-    }
-
-    fn check(&self, out: Output, what: &str) -> String {
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            out.status.success(),
-            "{what} failed:\n{err}\n{}\n--- daemon logs ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            self.logs()
-        );
-        err
-    }
-
-    fn logs(&self) -> String {
-        (1..=self.starts)
-            .map(|i| {
-                std::fs::read_to_string(self.dir.path().join(format!("kilnd-{i}.log")))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join("\n== restart ==\n")
-    }
-
-    fn snapshots(&self) -> usize {
-        std::fs::read_dir(self.root().join("worker/snapshots"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Kilnd {
-    fn drop(&mut self) {
-        self.stop(false);
-        kiln_integration_tests::unmount_under(self.dir.path());
-    }
+/// Snapshots in the worker's store.
+fn snapshots(d: &Kilnd) -> usize {
+    std::fs::read_dir(d.root().join("worker/snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn out_arg(dir: &Path) -> String {
@@ -375,7 +235,7 @@ fn du_lists_records_and_prune_empties_them() {
         rows.iter().any(|r| r.contains("kB")),
         "the RUN's 300 kB show up:\n{listed}"
     );
-    let before = d.snapshots();
+    let before = snapshots(&d);
     assert!(before >= 2);
     // the sizes add up to what the worker holds on disk
     let total = listed
@@ -424,7 +284,7 @@ fn du_lists_records_and_prune_empties_them() {
         "{after}"
     );
     assert!(after.contains("Total:\t\t0B"), "{after}");
-    assert_eq!(d.snapshots(), 0, "the worker removed the snapshots");
+    assert_eq!(snapshots(&d), 0, "the worker removed the snapshots");
     // the next build runs again and is correct
     let again = d.build(c.path(), &[]);
     assert!(!is_cached(&again, "RUN"), "{again}");

@@ -4,7 +4,7 @@
 //! build history and `kiln build --explain-cache`.
 
 use kiln_integration_tests::{
-    BuildContext, Daemon, Topology, dockerfile_args, is_cached, parse_size,
+    BuildContext, Daemon, Restartable, Topology, dockerfile_args, is_cached, parse_size,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -425,93 +425,6 @@ fn explain_cache_names_the_changed_file_mode_build_arg_and_base_digest() {
     );
 }
 
-/// An all-in-one kilnd on a state dir that outlives it (to restart it).
-struct Restartable {
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl Restartable {
-    fn start() -> Restartable {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-admin-it-")
-            .tempdir()
-            .expect("tmp");
-        let reg = kiln_integration_tests::registry();
-        std::fs::write(
-            dir.path().join("kilnd.toml"),
-            format!("[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"),
-        )
-        .expect("config");
-        let mut r = Restartable { dir, child: None };
-        r.spawn();
-        r
-    }
-
-    fn addr(&self) -> String {
-        format!("unix://{}", self.dir.path().join("k.sock").display())
-    }
-
-    fn spawn(&mut self) {
-        let sock = self.dir.path().join("k.sock");
-        let _ = std::fs::remove_file(&sock);
-        let log = self.dir.path().join("kilnd.log");
-        let mut child = Command::new(kiln_integration_tests::bin_dir().join("kilnd"))
-            .arg("--config")
-            .arg(self.dir.path().join("kilnd.toml"))
-            .arg("--root")
-            .arg(self.dir.path().join("root"))
-            .arg("--addr")
-            .arg(self.addr())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("kilnd");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(
-                child.try_wait().ok().flatten().is_none(),
-                "kilnd exited: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "kilnd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child = Some(child);
-    }
-
-    fn restart(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.spawn();
-    }
-
-    fn kiln(&self, cwd: &Path, args: &[&str]) -> Output {
-        Command::new(kiln_integration_tests::bin_dir().join("kiln"))
-            .arg("--addr")
-            .arg(self.addr())
-            .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("kiln")
-    }
-}
-
-impl Drop for Restartable {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        kiln_integration_tests::unmount_under(self.dir.path());
-    }
-}
-
 #[test]
 fn build_history_lists_builds_with_their_steps_across_a_restart() {
     let mut d = Restartable::start();
@@ -524,7 +437,7 @@ fn build_history_lists_builds_with_their_steps_across_a_restart() {
         let mut args = vec!["build", "--progress", "plain"];
         args.extend(dockerfile_args());
         args.extend(["--opt", file]);
-        d.kiln(c.path(), &args)
+        d.kiln(c.path(), &args).output().expect("kiln")
     };
     for _ in 0..2 {
         let out = build(&d, "filename=ok.Dockerfile");
@@ -532,8 +445,11 @@ fn build_history_lists_builds_with_their_steps_across_a_restart() {
     }
     let bad = build(&d, "filename=bad.Dockerfile");
     assert!(!bad.status.success());
-    d.restart();
-    let out = d.kiln(c.path(), &["debug", "histories"]);
+    d.restart(false);
+    let out = d
+        .kiln(c.path(), &["debug", "histories"])
+        .output()
+        .expect("kiln");
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout).to_string();
     let rows: Vec<Vec<String>> = listing
@@ -555,7 +471,10 @@ fn build_history_lists_builds_with_their_steps_across_a_restart() {
         "{listing}"
     );
     let detail = |r: &str| {
-        let out = d.kiln(c.path(), &["debug", "history", r]);
+        let out = d
+            .kiln(c.path(), &["debug", "history", r])
+            .output()
+            .expect("kiln");
         assert!(out.status.success(), "{}", text(&out));
         String::from_utf8_lossy(&out.stdout).to_string()
     };
@@ -582,7 +501,10 @@ fn build_history_lists_builds_with_their_steps_across_a_restart() {
             .any(|l| l.contains("RUN false") && l.contains("ERROR")),
         "{failed}"
     );
-    let unknown = d.kiln(c.path(), &["debug", "history", "nope"]);
+    let unknown = d
+        .kiln(c.path(), &["debug", "history", "nope"])
+        .output()
+        .expect("kiln");
     assert!(!unknown.status.success());
 }
 

@@ -3,9 +3,9 @@
 //! push-by-digest.
 
 use anyhow::{Context, Result, bail};
-use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, run};
+use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, run, spawn_kilnd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// A docker-registry with its own config, data and access log.
@@ -97,27 +97,7 @@ impl Kilnd {
         std::fs::write(&config, toml)?;
         let sock = dir.path().join("kilnd.sock");
         let log = dir.path().join("kilnd.log");
-        let mut child = Command::new(bin_dir().join("kilnd"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--addr")
-            .arg(format!("unix://{}", sock.display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("start kilnd")?;
-        let start = Instant::now();
-        while !sock.exists() {
-            if let Some(st) = child.try_wait()? {
-                bail!("kilnd exited {st}: {}", std::fs::read_to_string(&log)?);
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("kilnd did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = spawn_kilnd(&config, &dir.path().join("root"), &sock, &log)?;
         Ok(Kilnd {
             addr: format!("unix://{}", sock.display()),
             dir,

@@ -5,7 +5,8 @@
 //! know, and no bundles.
 
 use kiln_integration_tests::{
-    Backend, BuildContext, Daemon, Topology, bin_dir, dockerfile_args, mounts_under,
+    Backend, BuildContext, Daemon, Topology, bin_dir, dockerfile_args, mounts_under, run,
+    spawn_kilnd,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,13 +40,8 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 fn lines_of(cmd: &mut Command) -> Vec<String> {
-    let out = cmd.output().expect("run listing command");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    run(cmd)
+        .expect("listing command")
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -208,33 +204,9 @@ struct Kilnd {
 
 impl Kilnd {
     fn start(dir: &Path, config: &Path, n: usize) -> Kilnd {
-        let sock = dir.join("kilnd.sock");
-        let _ = std::fs::remove_file(&sock);
         let log = dir.join(format!("kilnd-{n}.log"));
-        let mut child = Command::new(bin_dir().join("kilnd"))
-            .arg("--config")
-            .arg(config)
-            .arg("--root")
-            .arg(dir.join("root/all"))
-            .arg("--addr")
-            .arg(format!("unix://{}", sock.display()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
+        let child = spawn_kilnd(config, &dir.join("root/all"), &dir.join("kilnd.sock"), &log)
             .expect("kilnd");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(
-                child.try_wait().expect("try_wait").is_none(),
-                "kilnd exited: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "kilnd did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Kilnd { child }
     }
 

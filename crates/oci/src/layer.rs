@@ -27,165 +27,238 @@ const OVERLAY_OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overla
 /// naming the entry; absolute entry names and hardlink targets are taken relative to `root`.
 pub fn apply(reader: impl Read, root: &Path) -> Result<(), Error> {
     let mut archive = tar::Archive::new(reader);
-    let mut written: HashSet<PathBuf> = HashSet::new();
-    let mut dir_times: Vec<(PathBuf, u64)> = Vec::new();
+    let mut applied = Applied::default();
     let entries = archive
         .entries()
         .map_err(|source| Error::ReadLayer { source })?;
     for entry in entries {
         let mut entry = entry.map_err(|source| Error::ReadLayer { source })?;
-        let raw = entry
-            .path()
-            .map_err(|source| Error::ReadLayer { source })?
-            .into_owned();
-        let name = raw.display().to_string();
-        let rel = clean_path(&raw).ok_or_else(|| Error::UnsafeEntry {
-            entry: name.clone(),
-            reason: "path has a `..` component",
-        })?;
-        if rel.as_os_str().is_empty() {
-            // The root itself ("./"): keep the existing root's metadata.
-            continue;
-        }
-        let apply_err = |source: io::Error| Error::ApplyEntry {
-            entry: name.clone(),
-            source,
-        };
-        let parent = prepare_parent(root, &rel, &name, &mut written)?;
-        let file_name = rel
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        apply_entry(&mut entry, root, &mut applied)?;
+    }
+    // Directory mtimes last: creating children changes them.
+    for (path, mtime) in applied.dir_times.iter().rev() {
+        set_times(path, *mtime).map_err(apply_err(&path.display().to_string()))?;
+    }
+    Ok(())
+}
 
-        if file_name == WHITEOUT_OPAQUE {
-            clear_opaque(&parent, &written).map_err(apply_err)?;
-            continue;
-        }
-        if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(Error::UnsafeEntry {
-                    entry: name,
-                    reason: "malformed whiteout",
-                });
-            }
-            remove_any(&parent.join(hidden)).map_err(apply_err)?;
-            continue;
-        }
+/// What applying a layer has done so far.
+#[derive(Default)]
+struct Applied {
+    /// Paths this layer wrote (an opaque whiteout in the same layer keeps them).
+    written: HashSet<PathBuf>,
+    /// Directories with their mtimes, set once every entry is applied.
+    dir_times: Vec<(PathBuf, u64)>,
+}
 
-        let path = root.join(&rel);
+/// Where an entry lands: its name in the layer (for errors), the root and its path there.
+struct EntryTarget<'a> {
+    name: &'a str,
+    root: &'a Path,
+    path: PathBuf,
+}
+
+/// The metadata an entry's header (and pax xattrs) give the file it writes.
+struct EntryMeta {
+    header: tar::Header,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl EntryMeta {
+    fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Self> {
         let header = entry.header().clone();
         let kind = header.entry_type();
         // Blank numeric fields read as 0, like Go's archive/tar.
         let default_mode = if kind.is_dir() { 0o755 } else { 0o644 };
-        let mode = header.mode().unwrap_or(default_mode) & 0o7777;
-        let uid = header.uid().unwrap_or(0);
-        let gid = header.gid().unwrap_or(0);
-        let mtime = header.mtime().unwrap_or(0);
-        let xattrs = pax_xattrs(&mut entry).map_err(apply_err)?;
-        let existing = fs::symlink_metadata(&path).ok();
-
-        if kind.is_dir() {
-            match &existing {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    remove_any(&path).map_err(apply_err)?;
-                    fs::create_dir(&path).map_err(apply_err)?;
-                }
-                None => fs::create_dir(&path).map_err(apply_err)?,
-            }
-            written.insert(path.clone());
-            set_owner_mode_xattrs(&path, uid, gid, Some(mode), &xattrs).map_err(apply_err)?;
-            dir_times.push((path, mtime));
-            continue;
-        }
-
-        if existing.is_some() {
-            remove_any(&path).map_err(apply_err)?;
-        }
-        if kind.is_hard_link() {
-            let target = entry
-                .link_name()
-                .map_err(apply_err)?
-                .ok_or_else(|| Error::UnsafeEntry {
-                    entry: name.clone(),
-                    reason: "hardlink without target",
-                })?
-                .into_owned();
-            let target_rel = clean_path(&target).ok_or_else(|| Error::UnsafeEntry {
-                entry: name.clone(),
-                reason: "hardlink target has a `..` component",
-            })?;
-            check_parent(root, &target_rel, &name)?;
-            let target_path = root.join(&target_rel);
-            if target_rel.as_os_str().is_empty()
-                || fs::symlink_metadata(&target_path)
-                    .map(|m| m.is_dir())
-                    .unwrap_or(false)
-            {
-                return Err(Error::UnsafeEntry {
-                    entry: name,
-                    reason: "hardlink target is a directory",
-                });
-            }
-            fs::hard_link(&target_path, &path).map_err(apply_err)?;
-            written.insert(path);
-            continue;
-        }
-        if kind.is_symlink() {
-            let target = entry
-                .link_name()
-                .map_err(apply_err)?
-                .ok_or_else(|| Error::UnsafeEntry {
-                    entry: name.clone(),
-                    reason: "symlink without target",
-                })?
-                .into_owned();
-            std::os::unix::fs::symlink(&target, &path).map_err(apply_err)?;
-            set_owner_mode_xattrs(&path, uid, gid, None, &xattrs).map_err(apply_err)?;
-            set_times(&path, mtime).map_err(apply_err)?;
-            written.insert(path);
-            continue;
-        }
-        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            let (sflag, dev) = if kind.is_fifo() {
-                (SFlag::S_IFIFO, 0)
-            } else {
-                let major = header.device_major().map_err(apply_err)?.unwrap_or(0);
-                let minor = header.device_minor().map_err(apply_err)?.unwrap_or(0);
-                let flag = if kind.is_character_special() {
-                    SFlag::S_IFCHR
-                } else {
-                    SFlag::S_IFBLK
-                };
-                (flag, nix::sys::stat::makedev(major.into(), minor.into()))
-            };
-            nix::sys::stat::mknod(&path, sflag, Mode::from_bits_truncate(0o600), dev)
-                .map_err(|e| apply_err(io::Error::from(e)))?;
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            let mut f = File::options()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(apply_err)?;
-            io::copy(&mut entry, &mut f).map_err(apply_err)?;
-        } else {
-            // pax/gnu metadata entries are consumed by the tar crate; anything else is skipped.
-            continue;
-        }
-        set_owner_mode_xattrs(&path, uid, gid, Some(mode), &xattrs).map_err(apply_err)?;
-        set_times(&path, mtime).map_err(apply_err)?;
-        written.insert(path);
+        Ok(EntryMeta {
+            mode: header.mode().unwrap_or(default_mode) & 0o7777,
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            mtime: header.mtime().unwrap_or(0),
+            xattrs: pax_xattrs(entry)?,
+            kind,
+            header,
+        })
     }
-    // Directory mtimes last: creating children changes them.
-    for (path, mtime) in dir_times.iter().rev() {
-        set_times(path, *mtime).map_err(|source| Error::ApplyEntry {
-            entry: path.display().to_string(),
-            source,
-        })?;
+}
+
+/// An `ApplyEntry` error naming `entry`.
+fn apply_err(entry: &str) -> impl Fn(io::Error) -> Error + '_ {
+    move |source| Error::ApplyEntry {
+        entry: entry.to_string(),
+        source,
     }
+}
+
+/// One entry: a whiteout removes what it names, anything else is written.
+fn apply_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    root: &Path,
+    applied: &mut Applied,
+) -> Result<(), Error> {
+    let raw = entry
+        .path()
+        .map_err(|source| Error::ReadLayer { source })?
+        .into_owned();
+    let name = raw.display().to_string();
+    let rel = clean_path(&raw).ok_or_else(|| Error::UnsafeEntry {
+        entry: name.clone(),
+        reason: "path has a `..` component",
+    })?;
+    if rel.as_os_str().is_empty() {
+        // The root itself ("./"): keep the existing root's metadata.
+        return Ok(());
+    }
+    let parent = prepare_parent(root, &rel, &name, &mut applied.written)?;
+    let file_name = rel
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+
+    if file_name == WHITEOUT_OPAQUE {
+        return clear_opaque(&parent, &applied.written).map_err(apply_err(&name));
+    }
+    if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(Error::UnsafeEntry {
+                entry: name,
+                reason: "malformed whiteout",
+            });
+        }
+        return remove_any(&parent.join(hidden)).map_err(apply_err(&name));
+    }
+    let target = EntryTarget {
+        name: &name,
+        root,
+        path: root.join(&rel),
+    };
+    write_entry(entry, target, applied)
+}
+
+/// Writes a non-whiteout entry, replacing whatever lower layers left at its path.
+fn write_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    at: EntryTarget<'_>,
+    applied: &mut Applied,
+) -> Result<(), Error> {
+    let err = apply_err(at.name);
+    let meta = EntryMeta::read(entry).map_err(&err)?;
+    let existing = fs::symlink_metadata(&at.path).ok();
+    if meta.kind.is_dir() {
+        match &existing {
+            Some(m) if m.is_dir() => {}
+            Some(_) => {
+                remove_any(&at.path).map_err(&err)?;
+                fs::create_dir(&at.path).map_err(&err)?;
+            }
+            None => fs::create_dir(&at.path).map_err(&err)?,
+        }
+        applied.written.insert(at.path.clone());
+        set_owner_mode_xattrs(&at.path, meta.uid, meta.gid, Some(meta.mode), &meta.xattrs)
+            .map_err(&err)?;
+        applied.dir_times.push((at.path, meta.mtime));
+        return Ok(());
+    }
+
+    if existing.is_some() {
+        remove_any(&at.path).map_err(&err)?;
+    }
+    if meta.kind.is_hard_link() {
+        hard_link(entry, &at)?;
+    } else if meta.kind.is_symlink() {
+        let target = link_target(entry, at.name, "symlink without target")?;
+        std::os::unix::fs::symlink(&target, &at.path).map_err(&err)?;
+        set_owner_mode_xattrs(&at.path, meta.uid, meta.gid, None, &meta.xattrs).map_err(&err)?;
+        set_times(&at.path, meta.mtime).map_err(&err)?;
+    } else if write_node(entry, &at.path, &meta).map_err(&err)? {
+        set_owner_mode_xattrs(&at.path, meta.uid, meta.gid, Some(meta.mode), &meta.xattrs)
+            .map_err(&err)?;
+        set_times(&at.path, meta.mtime).map_err(&err)?;
+    } else {
+        // pax/gnu metadata entries are consumed by the tar crate; anything else is skipped.
+        return Ok(());
+    }
+    applied.written.insert(at.path);
     Ok(())
+}
+
+/// The target a hardlink or symlink entry names; `missing` is the reason when it has none.
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    name: &str,
+    missing: &'static str,
+) -> Result<PathBuf, Error> {
+    Ok(entry
+        .link_name()
+        .map_err(apply_err(name))?
+        .ok_or_else(|| Error::UnsafeEntry {
+            entry: name.to_string(),
+            reason: missing,
+        })?
+        .into_owned())
+}
+
+/// A hardlink to a file already under the root (its target taken relative to the root).
+fn hard_link<R: Read>(entry: &tar::Entry<'_, R>, at: &EntryTarget<'_>) -> Result<(), Error> {
+    let target = link_target(entry, at.name, "hardlink without target")?;
+    let target_rel = clean_path(&target).ok_or_else(|| Error::UnsafeEntry {
+        entry: at.name.to_string(),
+        reason: "hardlink target has a `..` component",
+    })?;
+    check_parent(at.root, &target_rel, at.name)?;
+    let target_path = at.root.join(&target_rel);
+    if target_rel.as_os_str().is_empty()
+        || fs::symlink_metadata(&target_path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+    {
+        return Err(Error::UnsafeEntry {
+            entry: at.name.to_string(),
+            reason: "hardlink target is a directory",
+        });
+    }
+    fs::hard_link(&target_path, &at.path).map_err(apply_err(at.name))
+}
+
+/// A device, fifo or regular file at `path` (mode 0600 until its metadata is set); false
+/// for entry kinds that write nothing.
+fn write_node<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    path: &Path,
+    meta: &EntryMeta,
+) -> io::Result<bool> {
+    let kind = meta.kind;
+    if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+        let (sflag, dev) = if kind.is_fifo() {
+            (SFlag::S_IFIFO, 0)
+        } else {
+            let major = meta.header.device_major()?.unwrap_or(0);
+            let minor = meta.header.device_minor()?.unwrap_or(0);
+            let flag = if kind.is_character_special() {
+                SFlag::S_IFCHR
+            } else {
+                SFlag::S_IFBLK
+            };
+            (flag, nix::sys::stat::makedev(major.into(), minor.into()))
+        };
+        nix::sys::stat::mknod(path, sflag, Mode::from_bits_truncate(0o600), dev)?;
+    } else if kind.is_file() || kind == tar::EntryType::Continuous {
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        io::copy(entry, &mut f)?;
+    } else {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// A relative path of only normal components; `None` when it has a `..`.
@@ -545,52 +618,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    enum E<'a> {
-        Dir(&'a str, u32),
-        File(&'a str, &'a [u8], u32, u64),
-        Symlink(&'a str, &'a str),
-        Hardlink(&'a str, &'a str),
-    }
-
-    /// Build a tar, writing names raw so `..` and absolute names survive.
-    fn build(entries: &[E]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for e in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o777);
-            h.set_uid(0);
-            h.set_gid(0);
-            let (name, data): (&str, &[u8]) = match e {
-                E::Dir(n, mode) => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_mode(*mode);
-                    (n, b"")
-                }
-                E::File(n, d, mode, uid) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_mode(*mode);
-                    h.set_uid(*uid);
-                    h.set_gid(*uid);
-                    (n, d)
-                }
-                E::Symlink(n, t) | E::Hardlink(n, t) => {
-                    h.set_entry_type(if matches!(e, E::Symlink(..)) {
-                        tar::EntryType::Symlink
-                    } else {
-                        tar::EntryType::Link
-                    });
-                    h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
-                    (n, b"")
-                }
-            };
-            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-            h.set_size(data.len() as u64);
-            h.set_mtime(1_000_000);
-            h.set_cksum();
-            b.append(&h, data).expect("append");
-        }
-        b.into_inner().expect("finish")
-    }
+    use crate::raw_tar::{RawEntry as E, raw_tar as build};
 
     fn names(dir: &Path) -> Vec<String> {
         let mut out: Vec<String> = walkdir::WalkDir::new(dir)

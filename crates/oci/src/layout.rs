@@ -345,9 +345,40 @@ mod tests {
         }
     }
 
+    impl Built {
+        /// Adds the layer, config and manifest blobs.
+        fn add_blobs(&self, w: &mut OciLayoutWriter<fs::File>) {
+            w.add_blob_file(&self.layer, &self.layer_path)
+                .expect("layer");
+            w.add_blob_bytes(&self.config_desc.digest, &self.config)
+                .expect("config");
+            w.add_blob_bytes(&self.manifest_desc.digest, &self.manifest)
+                .expect("manifest");
+        }
+    }
+
     fn tool(name: &str) -> Option<std::path::PathBuf> {
         let p = Path::new("/usr/bin").join(name);
         p.exists().then_some(p)
+    }
+
+    /// `skopeo inspect ARGS` as JSON; None (the check skipped) without skopeo.
+    fn skopeo_inspect(args: &[&str]) -> Option<serde_json::Value> {
+        let Some(skopeo) = tool("skopeo") else {
+            eprintln!("skopeo missing: skipped");
+            return None;
+        };
+        let o = Command::new(skopeo)
+            .arg("inspect")
+            .args(args)
+            .output()
+            .expect("skopeo");
+        assert!(
+            o.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Some(serde_json::from_slice(&o.stdout).expect("skopeo json"))
     }
 
     #[test]
@@ -357,11 +388,7 @@ mod tests {
         let tar_path = out.path().join("image.tar");
         let mut w =
             OciLayoutWriter::new(fs::File::create(&tar_path).expect("create")).expect("new");
-        w.add_blob_file(&img.layer, &img.layer_path).expect("layer");
-        w.add_blob_bytes(&img.config_desc.digest, &img.config)
-            .expect("config");
-        w.add_blob_bytes(&img.manifest_desc.digest, &img.manifest)
-            .expect("manifest");
+        img.add_blobs(&mut w);
         w.finish(vec![index_entry(
             &img.manifest_desc,
             Some("docker.io/library/kiln-test:v1"),
@@ -411,22 +438,9 @@ mod tests {
         } else {
             eprintln!("umoci missing: skipped");
         }
-        if let Some(skopeo) = tool("skopeo") {
-            let o = Command::new(skopeo)
-                .arg("inspect")
-                .arg(format!("oci-archive:{}", tar_path.display()))
-                .output()
-                .expect("skopeo");
-            assert!(
-                o.status.success(),
-                "skopeo: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+        if let Some(v) = skopeo_inspect(&[&format!("oci-archive:{}", tar_path.display())]) {
             assert_eq!(v["Digest"], img.manifest_desc.digest.as_str());
             assert_eq!(v["Layers"][0], img.layer.digest.as_str());
-        } else {
-            eprintln!("skopeo missing: skipped");
         }
     }
 
@@ -437,11 +451,7 @@ mod tests {
         let tar_path = out.path().join("docker.tar");
         let mut w =
             DockerArchiveWriter::new(fs::File::create(&tar_path).expect("create")).expect("new");
-        w.add_blob_file(&img.layer, &img.layer_path).expect("layer");
-        w.add_blob_bytes(&img.config_desc.digest, &img.config)
-            .expect("config");
-        w.add_blob_bytes(&img.manifest_desc.digest, &img.manifest)
-            .expect("manifest");
+        img.add_blobs(&mut w.inner);
         w.finish(
             &img.manifest_desc,
             &img.config_desc.digest,
@@ -464,23 +474,10 @@ mod tests {
             img.config
         );
 
-        if let Some(skopeo) = tool("skopeo") {
-            let o = Command::new(skopeo)
-                .arg("inspect")
-                .arg("--config")
-                .arg(format!("docker-archive:{}", tar_path.display()))
-                .output()
-                .expect("skopeo");
-            assert!(
-                o.status.success(),
-                "skopeo: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+        let archive = format!("docker-archive:{}", tar_path.display());
+        if let Some(v) = skopeo_inspect(&["--config", &archive]) {
             let ours: serde_json::Value = serde_json::from_slice(&img.config).expect("config json");
             assert_eq!(v["rootfs"], ours["rootfs"]);
-        } else {
-            eprintln!("skopeo missing: skipped");
         }
     }
 

@@ -13,6 +13,8 @@ pub use kiln_digest as digest;
 pub mod layer;
 pub mod layout;
 mod platform;
+#[cfg(any(test, feature = "raw-tar"))]
+pub mod raw_tar;
 
 pub use compress::{
     Compression, DEFAULT_GZIP_LEVEL, LayerOptions, ParallelGzEncoder, bool_attr, compress_layer,

@@ -561,25 +561,12 @@ impl Client {
             while offset < size {
                 let len = self.chunk_size.min(size - offset);
                 // each attempt streams the range from the file again: no chunk in memory
-                let first = open_range(&src_path, offset)?;
-                let first = Mutex::new(Some(first));
+                let body = RangeBody::open(&src_path, offset, len)?;
                 let range = format!("{}-{}", offset, offset + len - 1);
                 let url = location.clone();
                 let resp = self
                     .send(&ep, &scope, Method::PATCH, &url, &|rb| {
-                        let f = first
-                            .lock()
-                            .ok()
-                            .and_then(|mut g| g.take())
-                            .or_else(|| open_range(&src_path, offset).ok());
-                        let rb = rb
-                            .header(CONTENT_TYPE, "application/octet-stream")
-                            .header(CONTENT_LENGTH, len)
-                            .header("Content-Range", range.as_str());
-                        match f {
-                            Some(f) => rb.body(file_body(f, len)),
-                            None => rb,
-                        }
+                        body.attach(rb).header("Content-Range", range.as_str())
                     })
                     .await?;
                 let resp = expect_status(resp, "PATCH", &url, &[StatusCode::ACCEPTED]).await?;
@@ -603,26 +590,9 @@ impl Client {
         }
         let put = with_digest(&location, &desc.digest)?;
         // The body is re-opened per attempt so retries stream the file again.
-        let file = std::fs::File::open(&src_path).map_err(|source| Error::ReadBlob {
-            path: src_path.clone(),
-            source,
-        })?;
-        let file = Mutex::new(Some(file));
+        let body = RangeBody::open(&src_path, 0, size)?;
         let resp = self
-            .send(&ep, &scope, Method::PUT, &put, &|rb| {
-                let f = file
-                    .lock()
-                    .ok()
-                    .and_then(|mut g| g.take())
-                    .or_else(|| std::fs::File::open(&src_path).ok());
-                let rb = rb
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(CONTENT_LENGTH, size);
-                match f {
-                    Some(f) => rb.body(file_body(f, size)),
-                    None => rb,
-                }
-            })
+            .send(&ep, &scope, Method::PUT, &put, &|rb| body.attach(rb))
             .await?;
         expect_status(
             resp,
@@ -875,6 +845,45 @@ fn open_range(path: &Path, offset: u64) -> Result<std::fs::File, Error> {
     let mut f = std::fs::File::open(path).map_err(rerr)?;
     f.seek(std::io::SeekFrom::Start(offset)).map_err(rerr)?;
     Ok(f)
+}
+
+/// `len` bytes of a blob file from `offset`, as an upload body: opened once up front (a file
+/// that cannot be read fails before any request) and again for each retry.
+struct RangeBody {
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+    first: Mutex<Option<std::fs::File>>,
+}
+
+impl RangeBody {
+    fn open(path: &Path, offset: u64, len: u64) -> Result<Self, Error> {
+        let first = open_range(path, offset)?;
+        Ok(RangeBody {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            first: Mutex::new(Some(first)),
+        })
+    }
+
+    /// `rb` with this range as its octet-stream body (no body when the file cannot be
+    /// opened again: the registry then rejects the short upload).
+    fn attach(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let f = self
+            .first
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .or_else(|| open_range(&self.path, self.offset).ok());
+        let rb = rb
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, self.len);
+        match f {
+            Some(f) => rb.body(file_body(f, self.len)),
+            None => rb,
+        }
+    }
 }
 
 /// A request body streaming `len` bytes of `f` from its position, 1 MiB at a time.

@@ -13,4 +13,4 @@ mod reference;
 pub use client::{Client, Credentials, PushOutcome, Resolved, describe_challenge};
 pub use config::{HostConfig, RegistryConfig, is_loopback};
 pub use error::Error;
-pub use reference::{DOCKER_HUB, DOCKER_HUB_API_HOST, Reference};
+pub use reference::{DOCKER_HUB, DOCKER_HUB_API_HOST, Reference, is_registry_host};

@@ -71,7 +71,7 @@ impl Reference {
         };
         // the registry becomes a URL's host, picks plain HTTP for loopback
         // hosts and the client's credentials: only a real host[:port]
-        if !valid_host(&registry) {
+        if !is_registry_host(&registry) {
             return Err(bad(
                 "registry must be a host name or [IPv6] address with an optional :port",
             ));
@@ -189,7 +189,7 @@ impl std::str::FromStr for Reference {
 /// Docker's grammar for a reference's registry: domain components
 /// (alphanumerics and inner `-`) joined by `.`, or a bracketed IPv6 address,
 /// then an optional numeric port.
-fn valid_host(host: &str) -> bool {
+pub fn is_registry_host(host: &str) -> bool {
     let (name, port) = match host.strip_prefix('[') {
         Some(rest) => {
             let Some((addr, after)) = rest.split_once(']') else {

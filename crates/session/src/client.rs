@@ -22,6 +22,15 @@ pub struct SyncOptions {
     pub follow_paths: Vec<String>,
 }
 
+/// How the client answered a unary call through the session.
+enum Reply {
+    Message(Vec<u8>),
+    /// The call ended without a reply.
+    None,
+    /// The client does not have what was asked for (or does not serve the method).
+    Absent,
+}
+
 /// A handle on one client session.
 #[derive(Clone, Debug)]
 pub struct SessionClient {
@@ -202,6 +211,33 @@ impl SessionClient {
         Ok(stats)
     }
 
+    /// A unary call through the session: `req`, then the client's one reply. A call that
+    /// fails with a code in `absent` means the client does not have what was asked for.
+    async fn unary(
+        &self,
+        method: &'static str,
+        req: &impl Message,
+        absent: &[tonic::Code],
+    ) -> Result<Reply, Error> {
+        let is_absent =
+            |e: &Error| matches!(e, Error::Call { status, .. } if absent.contains(&status.code()));
+        let mut conn = match self
+            .open_with(method, BTreeMap::new(), Some(req.encode_to_vec()))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if is_absent(&e) => return Ok(Reply::Absent),
+            Err(e) => return Err(e),
+        };
+        conn.tx = None;
+        match conn.recv_bytes().await {
+            Ok(Some(b)) => Ok(Reply::Message(b)),
+            Ok(None) => Ok(Reply::None),
+            Err(e) if is_absent(&e) => Ok(Reply::Absent),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Secrets.GetSecret: the value of the client's secret `id`; `None` when the
     /// client does not have it.
     pub async fn get_secret(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
@@ -210,28 +246,13 @@ impl SessionClient {
             id: id.to_string(),
             annotations: BTreeMap::new(),
         };
-        let mut conn = match self
-            .open_with(
-                methods::SECRETS_GETSECRET,
-                BTreeMap::new(),
-                Some(req.encode_to_vec()),
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        };
-        conn.tx = None;
-        let first = match conn.recv_bytes().await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Err(Error::Protocol(format!("secret {id}: no response"))),
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+        let reply = self
+            .unary(methods::SECRETS_GETSECRET, &req, &[tonic::Code::NotFound])
+            .await?;
+        let first = match reply {
+            Reply::Message(b) => b,
+            Reply::None => return Err(Error::Protocol(format!("secret {id}: no response"))),
+            Reply::Absent => return Ok(None),
         };
         let resp = GetSecretResponse::decode(first.as_slice())
             .map_err(|e| Error::Protocol(format!("secret {id}: bad response: {e}")))?;
@@ -245,26 +266,10 @@ impl SessionClient {
         let req = CredentialsRequest {
             host: host.to_string(),
         };
-        let absent =
-            |code: tonic::Code| matches!(code, tonic::Code::NotFound | tonic::Code::Unimplemented);
-        let mut conn = match self
-            .open_with(
-                methods::AUTH_CREDENTIALS,
-                BTreeMap::new(),
-                Some(req.encode_to_vec()),
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(Error::Call { status, .. }) if absent(status.code()) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        conn.tx = None;
-        let first = match conn.recv_bytes().await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Ok(None),
-            Err(Error::Call { status, .. }) if absent(status.code()) => return Ok(None),
-            Err(e) => return Err(e),
+        let absent = [tonic::Code::NotFound, tonic::Code::Unimplemented];
+        let Reply::Message(first) = self.unary(methods::AUTH_CREDENTIALS, &req, &absent).await?
+        else {
+            return Ok(None);
         };
         let resp = CredentialsResponse::decode(first.as_slice())
             .map_err(|e| Error::Protocol(format!("credentials for {host}: bad response: {e}")))?;
@@ -278,26 +283,13 @@ impl SessionClient {
     pub async fn check_ssh_agent(&self, id: &str) -> Result<bool, Error> {
         use kiln_proto::moby::sshforward::v1::CheckAgentRequest;
         let req = CheckAgentRequest { id: id.to_string() };
-        let mut conn = match self
-            .open_with(
-                methods::SSH_CHECKAGENT,
-                BTreeMap::new(),
-                Some(req.encode_to_vec()),
-            )
-            .await
+        match self
+            .unary(methods::SSH_CHECKAGENT, &req, &[tonic::Code::NotFound])
+            .await?
         {
-            Ok(c) => c,
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        };
-        conn.tx = None;
-        match conn.recv_bytes().await {
-            Ok(Some(_)) => Ok(true),
-            Ok(None) => Err(Error::Protocol(format!("ssh agent {id}: no response"))),
-            Err(Error::Call { status, .. }) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(e) => Err(e),
+            Reply::Message(_) => Ok(true),
+            Reply::None => Err(Error::Protocol(format!("ssh agent {id}: no response"))),
+            Reply::Absent => Ok(false),
         }
     }
 

@@ -54,10 +54,7 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
         let first = connector.connect(&host).await?;
         // the connection just checked serves the first request
         let first = Arc::new(Mutex::new(Some(first)));
-        let ep = Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
-            addr: addr.into(),
-            reason: e.to_string(),
-        })?;
+        let ep = tcp_endpoint(addr, &host)?;
         return Ok(
             ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                 let (connector, host) = (connector.clone(), host.clone());
@@ -76,14 +73,7 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
         );
     }
     match Addr::parse(addr)? {
-        Addr::Tcp(host) => {
-            let ep =
-                Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
-                    addr: addr.into(),
-                    reason: e.to_string(),
-                })?;
-            Ok(ep.connect_lazy())
-        }
+        Addr::Tcp(host) => Ok(tcp_endpoint(addr, &host)?.connect_lazy()),
         Addr::Unix(path) => {
             let ep = Endpoint::from_static("http://kiln.sock");
             Ok(
@@ -97,6 +87,14 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
             )
         }
     }
+}
+
+/// The gRPC endpoint for `host` (`addr` with its scheme, for the error).
+fn tcp_endpoint(addr: &str, host: &str) -> Result<Endpoint, Error> {
+    Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
+        addr: addr.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// A gRPC channel over this process's stdin and stdout: how a frontend image

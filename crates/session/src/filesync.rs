@@ -565,43 +565,7 @@ async fn receive_limited(
     tokio::fs::create_dir_all(dest)
         .await
         .map_err(Error::io("mkdir", dest))?;
-    let mut stats: Vec<Stat> = Vec::new();
-    loop {
-        let p = conn
-            .recv()
-            .await?
-            .ok_or_else(|| Error::Protocol("stream closed before the file list ended".into()))?;
-        match PacketType::try_from(p.r#type) {
-            Ok(PacketType::PacketStat) => match p.stat {
-                None => break,
-                Some(st) => {
-                    if stats.len() == limits.entries {
-                        return Err(Error::Limit {
-                            what: format!(
-                                "the file list holds more than {} entries",
-                                limits.entries
-                            ),
-                            limit: limits.entries,
-                        });
-                    }
-                    check_path(&st.path)?;
-                    if !st.linkname.is_empty() && st.mode & gomode::TYPE == 0 {
-                        check_path(&st.linkname)?;
-                    }
-                    stats.push(st);
-                }
-            },
-            Ok(PacketType::PacketErr) => {
-                return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
-            }
-            _ => {
-                return Err(Error::Protocol(format!(
-                    "unexpected packet type {} in file list",
-                    p.r#type
-                )));
-            }
-        }
-    }
+    let stats = receive_file_list(conn, limits).await?;
     let dest_owned = dest.to_path_buf();
     let (wanted, mut result, stats) =
         tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
@@ -615,77 +579,14 @@ async fn receive_limited(
         })
         .await?;
     }
-    let mut open: HashMap<u32, (tokio::fs::File, PathBuf)> = HashMap::new();
-    let nonce = {
-        use std::hash::{BuildHasher, Hasher};
-        // seeded from the OS's randomness: the sender cannot guess it
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-    };
-    let mut pending: HashSet<u32> = wanted.iter().copied().collect();
-    while !pending.is_empty() {
+    let mut files = IncomingFiles::new(dest, &stats, limits.open_files, &wanted);
+    while !files.pending.is_empty() {
         let p = conn
             .recv()
             .await?
             .ok_or_else(|| Error::Protocol("stream closed during file data".into()))?;
         match PacketType::try_from(p.r#type) {
-            Ok(PacketType::PacketData) => {
-                let st = stats
-                    .get(p.id as usize)
-                    .ok_or_else(|| Error::Protocol(format!("data for unknown id {}", p.id)))?;
-                if !pending.contains(&p.id) {
-                    return Err(Error::Protocol(format!(
-                        "data for file {} that was not requested",
-                        st.path
-                    )));
-                }
-                let target = beneath(dest, &st.path)?;
-                if open.len() == limits.open_files && !open.contains_key(&p.id) {
-                    return Err(Error::Limit {
-                        what: format!(
-                            "the sender has more than {} files open at once (starting {})",
-                            limits.open_files, st.path
-                        ),
-                        limit: limits.open_files,
-                    });
-                }
-                if let std::collections::hash_map::Entry::Vacant(e) = open.entry(p.id) {
-                    // a new file of ours beside the target, named so that no entry of
-                    // the sender can be it (and short: the target's name may be 255
-                    // bytes); never a path the sender placed, never followed
-                    let tmp = target.with_file_name(format!(".kiln-recv-{nonce:016x}-{}", p.id));
-                    let f = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&tmp)
-                        .await
-                        .map_err(Error::io("create", &tmp))?;
-                    e.insert((f, tmp));
-                }
-                if p.data.is_empty() {
-                    let (mut f, tmp) = open.remove(&p.id).expect("file was opened above");
-                    f.flush().await.map_err(Error::io("write", &tmp))?;
-                    drop(f);
-                    let st2 = st.clone();
-                    let target2 = target.clone();
-                    tokio::task::spawn_blocking(move || -> Result<(), Error> {
-                        set_meta(&tmp, &st2, false)?;
-                        std::fs::rename(&tmp, &target2).map_err(Error::io("rename", &target2))
-                    })
-                    .await
-                    .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
-                    pending.remove(&p.id);
-                    result.transferred += 1;
-                } else {
-                    let (f, tmp) = open.get_mut(&p.id).expect("file was opened above");
-                    f.write_all(&p.data)
-                        .await
-                        .map_err(Error::io("write", tmp.clone()))?;
-                    result.bytes += p.data.len() as u64;
-                }
-            }
+            Ok(PacketType::PacketData) => files.data(p, &mut result).await?,
             Ok(PacketType::PacketErr) => {
                 return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
             }
@@ -714,6 +615,148 @@ async fn receive_limited(
         }
     }
     Ok(result)
+}
+
+/// The sender's file list, up to the empty stat that ends it; every path checked.
+async fn receive_file_list(conn: &mut impl PacketConn, limits: Limits) -> Result<Vec<Stat>, Error> {
+    let mut stats: Vec<Stat> = Vec::new();
+    loop {
+        let p = conn
+            .recv()
+            .await?
+            .ok_or_else(|| Error::Protocol("stream closed before the file list ended".into()))?;
+        match PacketType::try_from(p.r#type) {
+            Ok(PacketType::PacketStat) => match p.stat {
+                None => return Ok(stats),
+                Some(st) => {
+                    if stats.len() == limits.entries {
+                        return Err(Error::Limit {
+                            what: format!(
+                                "the file list holds more than {} entries",
+                                limits.entries
+                            ),
+                            limit: limits.entries,
+                        });
+                    }
+                    check_path(&st.path)?;
+                    if !st.linkname.is_empty() && st.mode & gomode::TYPE == 0 {
+                        check_path(&st.linkname)?;
+                    }
+                    stats.push(st);
+                }
+            },
+            Ok(PacketType::PacketErr) => {
+                return Err(Error::Peer(String::from_utf8_lossy(&p.data).to_string()));
+            }
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected packet type {} in file list",
+                    p.r#type
+                )));
+            }
+        }
+    }
+}
+
+/// A file being received: written to `tmp`, renamed onto its target when complete.
+struct OpenFile {
+    file: tokio::fs::File,
+    tmp: PathBuf,
+}
+
+/// The requested files' contents as they arrive: each goes to a new temporary file beside
+/// its target and is renamed into place (with its metadata) when its empty packet ends it.
+struct IncomingFiles<'a> {
+    dest: &'a Path,
+    stats: &'a [Stat],
+    max_open: usize,
+    /// Requested and not complete yet.
+    pending: HashSet<u32>,
+    open: HashMap<u32, OpenFile>,
+    /// Part of every temporary name; seeded from the OS's randomness, so the sender
+    /// cannot guess it.
+    nonce: u64,
+}
+
+impl<'a> IncomingFiles<'a> {
+    fn new(dest: &'a Path, stats: &'a [Stat], max_open: usize, wanted: &[u32]) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        IncomingFiles {
+            dest,
+            stats,
+            max_open,
+            pending: wanted.iter().copied().collect(),
+            open: HashMap::new(),
+            nonce: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        }
+    }
+
+    /// One data packet: more of a file's content, or (empty) its end.
+    async fn data(&mut self, p: Packet, result: &mut ReceiveStats) -> Result<(), Error> {
+        let st = self
+            .stats
+            .get(p.id as usize)
+            .ok_or_else(|| Error::Protocol(format!("data for unknown id {}", p.id)))?;
+        if !self.pending.contains(&p.id) {
+            return Err(Error::Protocol(format!(
+                "data for file {} that was not requested",
+                st.path
+            )));
+        }
+        let target = beneath(self.dest, &st.path)?;
+        if !self.open.contains_key(&p.id) {
+            let file = self.open_tmp(p.id, st, &target).await?;
+            self.open.insert(p.id, file);
+        }
+        if p.data.is_empty() {
+            let OpenFile { mut file, tmp } =
+                self.open.remove(&p.id).expect("file was opened above");
+            file.flush().await.map_err(Error::io("write", &tmp))?;
+            drop(file);
+            let st = st.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                set_meta(&tmp, &st, false)?;
+                std::fs::rename(&tmp, &target).map_err(Error::io("rename", &target))
+            })
+            .await
+            .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+            self.pending.remove(&p.id);
+            result.transferred += 1;
+        } else {
+            let OpenFile { file, tmp } = self.open.get_mut(&p.id).expect("file was opened above");
+            file.write_all(&p.data)
+                .await
+                .map_err(Error::io("write", tmp.clone()))?;
+            result.bytes += p.data.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// A new file of ours beside `target`, named so that no entry of the sender can be it
+    /// (and short: the target's name may be 255 bytes); never a path the sender placed,
+    /// never followed.
+    async fn open_tmp(&self, id: u32, st: &Stat, target: &Path) -> Result<OpenFile, Error> {
+        if self.open.len() == self.max_open {
+            return Err(Error::Limit {
+                what: format!(
+                    "the sender has more than {} files open at once (starting {})",
+                    self.max_open, st.path
+                ),
+                limit: self.max_open,
+            });
+        }
+        let tmp = target.with_file_name(format!(".kiln-recv-{:016x}-{id}", self.nonce));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .await
+            .map_err(Error::io("create", &tmp))?;
+        Ok(OpenFile { file, tmp })
+    }
 }
 
 /// Brings the tree to the sender's shape except for file contents: removes

@@ -3,50 +3,17 @@
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
+
+use crate::replay::Replay;
 
 const PIPE_BUFFER: usize = 256 * 1024;
 const CHUNK: usize = 32 * 1024;
 
 /// One end of a hijacked session stream: bytes written here leave as
 /// messages, incoming messages can be read here.
-pub struct Conn {
-    inner: DuplexStream,
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
+pub type Conn = Replay<DuplexStream>;
 
 /// Joins an incoming message stream and an outgoing message sender into a
 /// [`Conn`]. Pump tasks run until either side closes.
@@ -91,7 +58,7 @@ where
             }
         }
     });
-    Conn { inner: ours }
+    Replay::new(Vec::new(), ours)
 }
 
 /// A gRPC channel whose single connection is `conn` (the daemon side of a

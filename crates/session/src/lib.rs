@@ -17,11 +17,13 @@ pub mod dial;
 pub mod filesync;
 pub mod hijack;
 pub mod raw;
+mod replay;
 pub mod tls;
 
 mod client;
 
 pub use client::{SessionClient, SyncOptions, credentials_via};
+pub use replay::Replay;
 
 use std::path::PathBuf;
 

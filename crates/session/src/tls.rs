@@ -7,14 +7,13 @@
 //! needs a global crypto provider.
 
 use crate::Error;
+use crate::replay::Replay;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// How long a client waits for the daemon's first bytes after the handshake, to
@@ -57,25 +56,18 @@ impl ClientTls {
     }
 
     fn config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca {
-            Some(ca) => {
-                for c in certificates(ca, "ca certificate")? {
-                    roots.add(c).map_err(|e| Error::TlsFile {
-                        what: "ca certificate",
-                        path: ca.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
-            }
+        let roots = match &self.ca {
+            Some(ca) => ca_roots(ca)?,
             None => {
+                let mut roots = rustls::RootCertStore::empty();
                 let native = rustls_native_certs::load_native_certs();
                 roots.add_parsable_certificates(native.certs);
                 if roots.is_empty() {
                     return Err(Error::TlsNoRoots);
                 }
+                roots
             }
-        }
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::TlsSetup(Box::new(e)))?
@@ -141,14 +133,7 @@ impl ServerTls {
             .map_err(|e| Error::TlsSetup(Box::new(e)))?;
         let builder = match &self.ca {
             Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in certificates(ca, "ca certificate")? {
-                    roots.add(c).map_err(|e| Error::TlsFile {
-                        what: "ca certificate",
-                        path: ca.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
+                let roots = ca_roots(ca)?;
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     provider(),
@@ -238,7 +223,10 @@ impl Connector {
     /// Connects, completes the handshake and waits for the daemon's first bytes,
     /// so that a refused certificate is reported here and not as a broken
     /// HTTP/2 connection later.
-    pub(crate) async fn connect(&self, hostport: &str) -> Result<Replay, Error> {
+    pub(crate) async fn connect(
+        &self,
+        hostport: &str,
+    ) -> Result<Replay<tokio_rustls::client::TlsStream<TcpStream>>, Error> {
         let handshake = |reason: String| Error::TlsHandshake {
             addr: hostport.to_string(),
             reason,
@@ -263,10 +251,7 @@ impl Connector {
             Err(_) => 0,
         };
         first.truncate(n);
-        Ok(Replay {
-            first,
-            inner: Box::new(tls),
-        })
+        Ok(Replay::new(first, tls))
     }
 
     /// What went wrong in a handshake, in terms of the client's settings.
@@ -311,63 +296,25 @@ impl Connector {
     }
 }
 
+/// The certificates in the PEM file `ca`, as trust roots.
+fn ca_roots(ca: &Path) -> Result<rustls::RootCertStore, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certificates(ca, "ca certificate")? {
+        roots.add(c).map_err(|e| Error::TlsFile {
+            what: "ca certificate",
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
 fn host_of(hostport: &str) -> &str {
     let host = match hostport.rsplit_once(':') {
         Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
         _ => hostport,
     };
     host.trim_start_matches('[').trim_end_matches(']')
-}
-
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-/// A connection that first gives back the bytes read while checking it.
-pub(crate) struct Replay {
-    first: Vec<u8>,
-    inner: Box<dyn Io>,
-}
-
-impl AsyncRead for Replay {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            buf.put_slice(&self.first[..n]);
-            self.first.drain(..n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Replay {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 #[cfg(test)]

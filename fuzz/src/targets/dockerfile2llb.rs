@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use frontend_gateway::dockerfile2llb::{
-    ConvertOptions, ImageResolver, NamedContext, ResolvedImage, convert,
+    ConvertOptions, ImageResolver, NamedContext, ResolveError, ResolvedImage, convert,
 };
 
 use crate::Target;
@@ -47,9 +47,9 @@ impl ImageResolver for Fixed {
         &self,
         reference: &str,
         _platform: &kiln_oci::Platform,
-    ) -> Result<ResolvedImage, String> {
+    ) -> Result<ResolvedImage, ResolveError> {
         if reference.contains("missing") {
-            return Err(format!("{reference}: not found"));
+            return Err(format!("{reference}: not found").into());
         }
         let config = match &self.0 {
             Some(c) => c.clone(),
@@ -61,7 +61,7 @@ impl ImageResolver for Fixed {
                 } else {
                     BUSYBOX
                 };
-                serde_json::from_str(json).map_err(|e| e.to_string())?
+                serde_json::from_str(json)?
             }
         };
         Ok(ResolvedImage {

@@ -79,41 +79,6 @@ fn seeds() -> Vec<Vec<u8>> {
     SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect()
 }
 
-/// Docker's reference grammar for the registry part: domain components
-/// (alphanumerics, inner `-`) joined by `.`, or a bracketed IPv6 address,
-/// then an optional numeric port.
-pub fn valid_registry_host(host: &str) -> bool {
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
-        let Some((addr, after)) = rest.split_once(']') else {
-            return false;
-        };
-        if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
-            return false;
-        }
-        match after {
-            "" => return true,
-            p => match p.strip_prefix(':') {
-                Some(port) => ("x", Some(port)),
-                None => return false,
-            },
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((n, p)) => (n, Some(p)),
-            None => (host, None),
-        }
-    };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    let name_ok = !name.is_empty()
-        && name.split('.').all(|c| {
-            !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !c.starts_with('-')
-                && !c.ends_with('-')
-        });
-    port_ok && name_ok
-}
-
 pub fn run(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     for line in text.split('\n') {
@@ -124,7 +89,8 @@ pub fn run(data: &[u8]) {
             continue;
         };
         assert!(
-            valid_registry_host(&r.registry),
+            // normalisation (index.docker.io -> docker.io) comes after the parser's check
+            kiln_registry::is_registry_host(&r.registry),
             "{line:?} parsed with registry {:?}, which is not a host[:port]",
             r.registry
         );

@@ -17,6 +17,8 @@ use std::future::Future;
 use kiln_llb::{DefinitionBuilder, pb};
 use kiln_oci::{ImageConfig, Platform};
 
+use crate::dockerfile2llb::source_op;
+
 pub mod dockerfile2llb;
 pub mod grpc;
 
@@ -583,14 +585,7 @@ fn local_source_definition(
         ),
         ("local.includepattern".to_string(), include),
     ]);
-    let op = pb::Op {
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: format!("local://{name}"),
-            attrs,
-        })),
-        ..Default::default()
-    };
+    let op = source_op(format!("local://{name}"), attrs);
     let metadata = pb::OpMetadata {
         description: BTreeMap::from([("llb.customname".to_string(), progress_name.to_string())]),
         caps: BTreeMap::from([

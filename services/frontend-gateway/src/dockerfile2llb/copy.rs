@@ -9,7 +9,7 @@ use kiln_llb::pb;
 
 use super::dispatch::DispatchContext;
 use super::git::GitRef;
-use super::ops::{Lines, OpId, Ops, metadata};
+use super::ops::{Lines, OpId, Ops, file_op, inline_document, metadata, source_op};
 use super::run::uppercase_cmd;
 use super::stage::{StageState, chown_opt, clean_path, dest_path, normalize_workdir};
 use super::{Error, line_of};
@@ -101,14 +101,6 @@ fn http_filename(url: &str) -> String {
 
 fn has_wildcard(path: &str) -> bool {
     path.contains(['*', '?', '['])
-}
-
-fn file_op(actions: Vec<pb::FileAction>) -> pb::Op {
-    pb::Op {
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::File(pb::FileOp { actions })),
-        ..Default::default()
-    }
 }
 
 /// The checks BuildKit makes before a COPY/ADD is converted; the reason on failure.
@@ -230,14 +222,7 @@ impl<'a> CopyOp<'a> {
             caps.push("source.http.checksum");
         }
         attrs.insert("http.filename".to_string(), filename.clone());
-        let op = pb::Op {
-            constraints: Some(pb::WorkerConstraints::default()),
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: url.to_string(),
-                attrs,
-            })),
-            ..Default::default()
-        };
+        let op = source_op(url.to_string(), attrs);
         let md = metadata(
             &[
                 ("com.docker.dockerfile.v1.command", ""),
@@ -278,23 +263,7 @@ impl<'a> CopyOp<'a> {
     /// A heredoc source: an inline file made first, then copied.
     fn plan_heredoc(&mut self, ops: &mut Ops, doc: &Heredoc, data: String) {
         let path = clean_path(&doc.name);
-        let mkfile = pb::FileAction {
-            input: -1,
-            secondary_input: -1,
-            output: 0,
-            action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                path: path.clone(),
-                mode: 0o644,
-                data: data.into_bytes(),
-                owner: None,
-                timestamp: -1,
-            })),
-        };
-        let md = metadata(
-            &[("llb.customname", "[internal] preparing inline document")],
-            &["file.base"],
-        );
-        let file = ops.push(file_op(vec![mkfile]), Vec::new(), md, Some(self.lines));
+        let file = inline_document(ops, path.clone(), 0o644, data, self.lines);
         self.plan(Some(file), path);
     }
 

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use kiln_llb::pb;
 
+use super::ops::source_op;
+
 /// A git source named in an ADD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GitRef {
@@ -148,14 +150,7 @@ impl GitRef {
             caps.push("source.git.mountsshsock");
         }
         caps.sort_unstable();
-        let op = pb::Op {
-            constraints: Some(pb::WorkerConstraints::default()),
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: self.identifier(),
-                attrs,
-            })),
-            ..Default::default()
-        };
+        let op = source_op(self.identifier(), attrs);
         (op, caps)
     }
 }

@@ -37,6 +37,7 @@ pub use reference::ReferenceError;
 pub use syntax::{frontend_image, syntax_note};
 
 use dispatch::{DispatchContext, Stages};
+pub(crate) use ops::source_op;
 use ops::{ContextSource, Lines, OpId, Ops, metadata};
 use plan::{ImageUse, Plan, ResolvedBase};
 pub(crate) use stage::to_pb_platform;
@@ -381,12 +382,7 @@ async fn resolve_image<R: ImageResolver>(
 fn image_source_op(ops: &mut Ops, image: &ImageUse, pinned: &str) -> OpId {
     let op = pb::Op {
         platform: Some(to_pb_platform(&image.platform)),
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: format!("docker-image://{pinned}"),
-            attrs: BTreeMap::new(),
-        })),
-        ..Default::default()
+        ..source_op(format!("docker-image://{pinned}"), BTreeMap::new())
     };
     let md = metadata(
         &[

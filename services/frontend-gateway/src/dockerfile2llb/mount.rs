@@ -8,7 +8,7 @@ use kiln_llb::pb;
 
 use super::copy::CopySource;
 use super::dispatch::DispatchContext;
-use super::ops::{Lines, OpId, Ops, metadata};
+use super::ops::{Lines, OpId, Ops, file_op, metadata};
 use super::stage::{StageState, chown_opt, clean_path};
 
 /// A mount that reads a state (None: scratch), before input indexes are assigned.
@@ -65,6 +65,21 @@ impl ExecMounts {
         }
     }
 
+    /// Adds an ordinary mount that reads `state` and writes no output of its own (-1),
+    /// with the selector cap when it mounts a path inside its input.
+    fn push_input(&mut self, mount: pb::Mount, state: Option<OpId>) {
+        if !mount.selector.is_empty() {
+            self.caps.insert("exec.mount.selector");
+        }
+        self.ordinary.push(InputMount {
+            mount: pb::Mount {
+                output: -1,
+                ..mount
+            },
+            state,
+        });
+    }
+
     fn bind(&mut self, cx: &mut DispatchContext, m: &RunMount, source: CopySource, dest: String) {
         let state = match source {
             CopySource::Context => {
@@ -75,19 +90,13 @@ impl ExecMounts {
             CopySource::State(s) => s,
         };
         let selector = m.source.as_deref().map(clean_path).unwrap_or_default();
-        if !selector.is_empty() {
-            self.caps.insert("exec.mount.selector");
-        }
-        self.ordinary.push(InputMount {
-            mount: pb::Mount {
-                selector,
-                dest,
-                output: -1,
-                readonly: m.readonly,
-                ..Default::default()
-            },
-            state,
-        });
+        let mount = pb::Mount {
+            selector,
+            dest,
+            readonly: m.readonly,
+            ..Default::default()
+        };
+        self.push_input(mount, state);
     }
 
     fn cache(
@@ -107,9 +116,6 @@ impl ExecMounts {
             }
             _ => (None, String::new()),
         };
-        if !selector.is_empty() {
-            self.caps.insert("exec.mount.selector");
-        }
         self.caps.insert("exec.mount.cache");
         self.caps.insert("exec.mount.cache.sharing");
         let id = format!("/{}", m.id.clone().unwrap_or_else(|| dest.clone()));
@@ -118,11 +124,10 @@ impl ExecMounts {
             Sharing::Private => pb::CacheSharingOpt::Private,
             Sharing::Locked => pb::CacheSharingOpt::Locked,
         };
-        self.ordinary.push(InputMount {
-            mount: pb::Mount {
+        self.push_input(
+            pb::Mount {
                 selector,
                 dest,
-                output: -1,
                 readonly: m.readonly,
                 mount_type: pb::MountType::Cache as i32,
                 cache_opt: Some(pb::CacheOpt {
@@ -132,7 +137,7 @@ impl ExecMounts {
                 ..Default::default()
             },
             state,
-        });
+        );
     }
 
     fn tmpfs(&mut self, m: &RunMount, dest: String) {
@@ -140,18 +145,17 @@ impl ExecMounts {
         if m.size.is_some() {
             self.caps.insert("exec.mount.tmpfs.size");
         }
-        self.ordinary.push(InputMount {
-            mount: pb::Mount {
+        self.push_input(
+            pb::Mount {
                 dest,
-                output: -1,
                 mount_type: pb::MountType::Tmpfs as i32,
                 tmpfs_opt: Some(pb::TmpfsOpt {
                     size: m.size.unwrap_or(0),
                 }),
                 ..Default::default()
             },
-            state: None,
-        });
+            None,
+        );
     }
 
     fn secret(&mut self, m: &RunMount, dest: Option<String>) {
@@ -259,13 +263,6 @@ fn cache_permissions(ops: &mut Ops, m: &RunMount, lines: Lines) -> OpId {
             timestamp: -1,
         })),
     };
-    let op = pb::Op {
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::File(pb::FileOp {
-            actions: vec![mkdir],
-        })),
-        ..Default::default()
-    };
     let md = metadata(
         &[(
             "llb.customname",
@@ -273,5 +270,5 @@ fn cache_permissions(ops: &mut Ops, m: &RunMount, lines: Lines) -> OpId {
         )],
         &["file.base"],
     );
-    ops.push(op, Vec::new(), md, Some(lines))
+    ops.push(file_op(vec![mkdir]), Vec::new(), md, Some(lines))
 }

@@ -90,6 +90,51 @@ pub(crate) fn metadata(description: &[(&str, &str)], caps: &[&str]) -> pb::OpMet
     }
 }
 
+/// A SourceOp reading `identifier` (`docker-image://…`, `local://…`, a git or http URL).
+pub(crate) fn source_op(identifier: String, attrs: BTreeMap<String, String>) -> pb::Op {
+    pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
+        ..Default::default()
+    }
+}
+
+/// A FileOp running `actions` in order.
+pub(crate) fn file_op(actions: Vec<pb::FileAction>) -> pb::Op {
+    pb::Op {
+        constraints: Some(pb::WorkerConstraints::default()),
+        op: Some(pb::op::Op::File(pb::FileOp { actions })),
+        ..Default::default()
+    }
+}
+
+/// An inline document (a heredoc) made as the file `path` (with `mode`) in scratch.
+pub(crate) fn inline_document(
+    ops: &mut Ops,
+    path: String,
+    mode: i32,
+    data: String,
+    lines: Lines,
+) -> OpId {
+    let mkfile = pb::FileAction {
+        input: -1,
+        secondary_input: -1,
+        output: 0,
+        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+            path,
+            mode,
+            data: data.into_bytes(),
+            owner: None,
+            timestamp: -1,
+        })),
+    };
+    let md = metadata(
+        &[("llb.customname", "[internal] preparing inline document")],
+        &["file.base"],
+    );
+    ops.push(file_op(vec![mkfile]), Vec::new(), md, Some(lines))
+}
+
 impl Ops {
     /// Records `op` (its `inputs` field is filled in at the end from `inputs`).
     pub(crate) fn push(
@@ -170,14 +215,7 @@ impl Ops {
             attrs.insert("local.session".to_string(), session_id.to_string());
         }
         attrs.insert("local.sharedkeyhint".to_string(), dir.to_string());
-        let op = pb::Op {
-            constraints: Some(pb::WorkerConstraints::default()),
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: format!("local://{dir}"),
-                attrs,
-            })),
-            ..Default::default()
-        };
+        let op = source_op(format!("local://{dir}"), attrs);
         let name = format!("[context {dir}] load from client");
         self.push(
             op,
@@ -289,12 +327,5 @@ fn context_op(context: &ContextSource) -> pb::Op {
         attrs.insert("local.session".to_string(), context.session_id.clone());
     }
     attrs.insert("local.sharedkeyhint".to_string(), "context".to_string());
-    pb::Op {
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::Source(pb::SourceOp {
-            identifier: "local://context".to_string(),
-            attrs,
-        })),
-        ..Default::default()
-    }
+    source_op("local://context".to_string(), attrs)
 }

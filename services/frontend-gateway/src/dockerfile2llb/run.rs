@@ -9,7 +9,7 @@ use super::copy::CopySource;
 use super::dispatch::DispatchContext;
 use super::image::{run_command_string, with_shell};
 use super::mount::{ExecMounts, InputMount};
-use super::ops::{Lines, Ops, metadata};
+use super::ops::{Lines, Ops, inline_document, metadata};
 use super::stage::StageState;
 use super::{Error, line_of};
 
@@ -114,30 +114,7 @@ fn mount_specs(
 
 /// A heredoc script with a shebang: made as a file, mounted at `/dev/pipes/`.
 fn heredoc_script(ops: &mut Ops, doc: &Heredoc, data: String, lines: Lines) -> InputMount {
-    let mkfile = pb::FileAction {
-        input: -1,
-        secondary_input: -1,
-        output: 0,
-        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-            path: format!("/{}", doc.name),
-            mode: 0o755,
-            data: data.into_bytes(),
-            owner: None,
-            timestamp: -1,
-        })),
-    };
-    let op = pb::Op {
-        constraints: Some(pb::WorkerConstraints::default()),
-        op: Some(pb::op::Op::File(pb::FileOp {
-            actions: vec![mkfile],
-        })),
-        ..Default::default()
-    };
-    let md = metadata(
-        &[("llb.customname", "[internal] preparing inline document")],
-        &["file.base"],
-    );
-    let file = ops.push(op, Vec::new(), md, Some(lines));
+    let file = inline_document(ops, format!("/{}", doc.name), 0o755, data, lines);
     InputMount {
         mount: pb::Mount {
             selector: "/".to_string(),

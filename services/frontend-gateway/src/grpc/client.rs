@@ -236,143 +236,98 @@ mod tests {
         }
     }
 
-    #[tonic::async_trait]
-    impl LlbBridge for FakeSolver {
-        async fn resolve_image_config(
-            &self,
-            req: Request<ResolveImageConfigRequest>,
-        ) -> Result<Response<ResolveImageConfigResponse>, Status> {
-            self.record("resolve", &req);
-            let r = req.into_inner();
-            let platform = r.platform.unwrap_or_default();
-            Ok(Response::new(ResolveImageConfigResponse {
-                digest: "sha256:abc".into(),
-                config: format!("{}/{}", platform.os, platform.architecture).into_bytes(),
-                r#ref: format!("docker.io/library/{}:latest", r.r#ref),
-            }))
-        }
-
-        async fn solve(
-            &self,
-            req: Request<SolveRequest>,
-        ) -> Result<Response<SolveResponse>, Status> {
-            self.record("solve", &req);
-            let ops = req.into_inner().definition.map_or(0, |d| d.def.len());
-            Ok(Response::new(SolveResponse {
-                r#ref: String::new(),
-                result: Some(BridgeResult {
-                    result: Some(result::Result::Ref(
-                        kiln_proto::moby::buildkit::v1::frontend::Ref {
-                            id: format!("ref-{ops}"),
-                            def: None,
-                        },
-                    )),
-                    metadata: Default::default(),
-                }),
-            }))
-        }
-
-        async fn read_file(
-            &self,
-            req: Request<ReadFileRequest>,
-        ) -> Result<Response<ReadFileResponse>, Status> {
-            self.record("read_file", &req);
-            let r = req.into_inner();
-            if r.file_path != "Dockerfile" {
-                return Err(Status::not_found(format!(
-                    "open {}: no such file",
-                    r.file_path
-                )));
+    /// `impl LlbBridge for FakeSolver`: the calls written out, then every call kiln's
+    /// Dockerfile frontend does not make, answering `unimplemented`.
+    macro_rules! fake_solver {
+        ({ $($made:tt)* } not made: $($call:ident($req:ty) -> $resp:ty;)*) => {
+            #[tonic::async_trait]
+            impl LlbBridge for FakeSolver {
+                $($made)*
+                $(
+                    async fn $call(&self, _r: Request<$req>) -> Result<Response<$resp>, Status> {
+                        Err(Status::unimplemented("fake"))
+                    }
+                )*
             }
-            Ok(Response::new(ReadFileResponse {
-                data: format!("from {}", r.r#ref).into_bytes(),
-            }))
-        }
+        };
+    }
 
-        async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PongResponse>, Status> {
-            Ok(Response::new(PongResponse::default()))
-        }
+    fake_solver! {
+        {
+            async fn resolve_image_config(
+                &self,
+                req: Request<ResolveImageConfigRequest>,
+            ) -> Result<Response<ResolveImageConfigResponse>, Status> {
+                self.record("resolve", &req);
+                let r = req.into_inner();
+                let platform = r.platform.unwrap_or_default();
+                Ok(Response::new(ResolveImageConfigResponse {
+                    digest: "sha256:abc".into(),
+                    config: format!("{}/{}", platform.os, platform.architecture).into_bytes(),
+                    r#ref: format!("docker.io/library/{}:latest", r.r#ref),
+                }))
+            }
 
-        // the calls kiln's Dockerfile frontend does not make
-        async fn resolve_source_meta(
-            &self,
-            _r: Request<fe::ResolveSourceMetaRequest>,
-        ) -> Result<Response<fe::ResolveSourceMetaResponse>, Status> {
-            Err(Status::unimplemented("fake"))
+            async fn solve(
+                &self,
+                req: Request<SolveRequest>,
+            ) -> Result<Response<SolveResponse>, Status> {
+                self.record("solve", &req);
+                let ops = req.into_inner().definition.map_or(0, |d| d.def.len());
+                Ok(Response::new(SolveResponse {
+                    r#ref: String::new(),
+                    result: Some(BridgeResult {
+                        result: Some(result::Result::Ref(
+                            kiln_proto::moby::buildkit::v1::frontend::Ref {
+                                id: format!("ref-{ops}"),
+                                def: None,
+                            },
+                        )),
+                        metadata: Default::default(),
+                    }),
+                }))
+            }
+
+            async fn read_file(
+                &self,
+                req: Request<ReadFileRequest>,
+            ) -> Result<Response<ReadFileResponse>, Status> {
+                self.record("read_file", &req);
+                let r = req.into_inner();
+                if r.file_path != "Dockerfile" {
+                    return Err(Status::not_found(format!(
+                        "open {}: no such file",
+                        r.file_path
+                    )));
+                }
+                Ok(Response::new(ReadFileResponse {
+                    data: format!("from {}", r.r#ref).into_bytes(),
+                }))
+            }
+
+            async fn ping(
+                &self,
+                _: Request<PingRequest>,
+            ) -> Result<Response<PongResponse>, Status> {
+                Ok(Response::new(PongResponse::default()))
+            }
+
+            type ExecProcessStream = tokio_stream::Empty<Result<fe::ExecMessage, Status>>;
         }
-        async fn read_dir(
-            &self,
-            _r: Request<fe::ReadDirRequest>,
-        ) -> Result<Response<fe::ReadDirResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn stat_file(
-            &self,
-            _r: Request<fe::StatFileRequest>,
-        ) -> Result<Response<fe::StatFileResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn evaluate(
-            &self,
-            _r: Request<fe::EvaluateRequest>,
-        ) -> Result<Response<fe::EvaluateResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn r#return(
-            &self,
-            _r: Request<fe::ReturnRequest>,
-        ) -> Result<Response<fe::ReturnResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn inputs(
-            &self,
-            _r: Request<fe::InputsRequest>,
-        ) -> Result<Response<fe::InputsResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn new_container(
-            &self,
-            _r: Request<fe::NewContainerRequest>,
-        ) -> Result<Response<fe::NewContainerResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn release_container(
-            &self,
-            _r: Request<fe::ReleaseContainerRequest>,
-        ) -> Result<Response<fe::ReleaseContainerResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        type ExecProcessStream = tokio_stream::Empty<Result<fe::ExecMessage, Status>>;
-        async fn exec_process(
-            &self,
-            _r: Request<tonic::Streaming<fe::ExecMessage>>,
-        ) -> Result<Response<Self::ExecProcessStream>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn read_file_container(
-            &self,
-            _r: Request<ReadFileRequest>,
-        ) -> Result<Response<ReadFileResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn read_dir_container(
-            &self,
-            _r: Request<fe::ReadDirRequest>,
-        ) -> Result<Response<fe::ReadDirResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn stat_file_container(
-            &self,
-            _r: Request<fe::StatFileRequest>,
-        ) -> Result<Response<fe::StatFileResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn warn(
-            &self,
-            _r: Request<fe::WarnRequest>,
-        ) -> Result<Response<fe::WarnResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
+        not made:
+        resolve_source_meta(fe::ResolveSourceMetaRequest) -> fe::ResolveSourceMetaResponse;
+        read_dir(fe::ReadDirRequest) -> fe::ReadDirResponse;
+        stat_file(fe::StatFileRequest) -> fe::StatFileResponse;
+        evaluate(fe::EvaluateRequest) -> fe::EvaluateResponse;
+        r#return(fe::ReturnRequest) -> fe::ReturnResponse;
+        inputs(fe::InputsRequest) -> fe::InputsResponse;
+        new_container(fe::NewContainerRequest) -> fe::NewContainerResponse;
+        release_container(fe::ReleaseContainerRequest) -> fe::ReleaseContainerResponse;
+        exec_process(tonic::Streaming<fe::ExecMessage>) -> Self::ExecProcessStream;
+        read_file_container(ReadFileRequest) -> ReadFileResponse;
+        read_dir_container(fe::ReadDirRequest) -> fe::ReadDirResponse;
+        stat_file_container(fe::StatFileRequest) -> fe::StatFileResponse;
+        warn(fe::WarnRequest) -> fe::WarnResponse;
     }
 
     async fn start_solver(seen: Seen) -> Channel {
