@@ -147,7 +147,7 @@ fn build(id: &str, eager: bool) -> Arc<solver_scheduler::build::Build> {
         false,
     );
     if eager {
-        b.eager_layers = Some("compression=gzip".into());
+        b.eager_layers = Some(kiln_oci::LayerOptions::default());
     }
     Arc::new(b)
 }

@@ -410,7 +410,11 @@ fn owner(root: &Path, o: Option<&pb::ChownOpt>) -> Result<Option<(u32, u32)>> {
         User::ByName(n) => n.name.clone(),
     };
     let (user, group) = (user.map(name), group.map(name));
-    Ok(Some(users::chown_ids(root, user.as_deref(), group.as_deref())))
+    Ok(Some(users::chown_ids(
+        root,
+        user.as_deref(),
+        group.as_deref(),
+    )))
 }
 
 fn times_of(path: &Path, ts: Option<i64>) -> std::io::Result<(TimeSpec, TimeSpec)> {
