@@ -4,6 +4,9 @@
 //! ([`serve_client`]): each connection's handshake runs in its own task, the
 //! client's certificates reach every request as tonic's `TlsConnectInfo`, and a
 //! client speaking plain HTTP/2 gets a gRPC error saying TLS is required.
+//! The SessionBroker and the internal APIs listen elsewhere, always plain:
+//! `<root>/internal.sock`, or the solver-scheduler's `--internal-addr` (a role
+//! started without one keeps a single listener, with a warning, never with TLS).
 
 use anyhow::Context;
 use futures_shutdown::Shutdown;

@@ -1,5 +1,11 @@
 //! The executor: an OCI runtime bundle (config.json from `oci-spec`) run with the `runc`
-//! binary, stdout/stderr streamed line by line.
+//! binary, stdout/stderr streamed line by line. The containerd executor runs the same
+//! spec. `run_stdio` runs an interactive process with its stdin, stdout and stderr
+//! streamed and signals delivered: `Worker.Exec`, for frontend images and LLBBridge
+//! containers, always with runc directly (on the containerd executor too); it prepares
+//! mounts as an `ExecOp` does and keeps nothing it wrote. `Worker.NewContainer` keeps
+//! such mounts for an LLBBridge container, whose processes are runc containers over the
+//! same rootfs, until `ReleaseContainer`.
 
 use crate::Event;
 use crate::error::{Error, Result};
