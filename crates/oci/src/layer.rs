@@ -106,7 +106,7 @@ fn apply_entry<R: Read>(
         .map_err(|source| Error::ReadLayer { source })?
         .into_owned();
     let name = raw.display().to_string();
-    let rel = clean_path(&raw).ok_or_else(|| Error::UnsafeEntry {
+    let rel = relative_within_root(&raw).ok_or_else(|| Error::UnsafeEntry {
         entry: name.clone(),
         reason: "path has a `..` component",
     })?;
@@ -207,7 +207,7 @@ fn link_target<R: Read>(
 /// A hardlink to a file already under the root (its target taken relative to the root).
 fn hard_link<R: Read>(entry: &tar::Entry<'_, R>, at: &EntryTarget<'_>) -> Result<(), Error> {
     let target = link_target(entry, at.name, "hardlink without target")?;
-    let target_rel = clean_path(&target).ok_or_else(|| Error::UnsafeEntry {
+    let target_rel = relative_within_root(&target).ok_or_else(|| Error::UnsafeEntry {
         entry: at.name.to_string(),
         reason: "hardlink target has a `..` component",
     })?;
@@ -261,9 +261,10 @@ fn write_node<R: Read>(
     Ok(true)
 }
 
-/// A relative path of only normal components; `None` when it has a `..`.
+/// A layer entry's path as one relative to the root it is applied to: only normal
+/// components, `None` when it has a `..` (a containment check, not a cleaner).
 /// Leading `/` and `.` components are dropped.
-fn clean_path(p: &Path) -> Option<PathBuf> {
+fn relative_within_root(p: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
