@@ -133,7 +133,7 @@ impl Worker for NullWorker {
 
 /// A worker's refusal of a bad op, as the real worker sends it.
 fn invalid(message: String) -> Error {
-    Error::Run(solver_scheduler::Remote::new(tonic::Code::InvalidArgument, message))
+    Error::Run(kiln_proto::status::Remote::new(tonic::Code::InvalidArgument, message))
 }
 
 fn build(id: &str, eager: bool) -> Arc<solver_scheduler::build::Build> {

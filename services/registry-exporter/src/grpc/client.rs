@@ -41,7 +41,7 @@ impl GrpcWorker {
         Error::Worker {
             op,
             target: format!("{target} on {}", self.addr),
-            message: format!("{}: {}", status.code(), status.message()),
+            source: status.into(),
         }
     }
 

@@ -117,9 +117,8 @@ impl From<Error> for Status {
             Error::ResolveImage { source, .. }
             | Error::PushBlob { source, .. }
             | Error::PushManifest { source, .. } => registry_code(source),
-            Error::DialWorker { .. } | Error::DialBroker { .. } | Error::Worker { .. } => {
-                Code::Unavailable
-            }
+            Error::DialWorker { .. } | Error::DialBroker { .. } => Code::Unavailable,
+            Error::Worker { source, .. } => source.code,
             Error::Session { .. } => Code::Unavailable,
             Error::LayerMismatch { .. } => Code::DataLoss,
             Error::RegistryClient { .. }
