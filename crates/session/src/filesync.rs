@@ -345,7 +345,10 @@ pub async fn send(conn: &mut impl PacketConn, src: &Path, filter: &Filter) -> Re
     let filter_owned = filter.clone();
     let entries = tokio::task::spawn_blocking(move || walk(&src_owned, &filter_owned))
         .await
-        .map_err(|e| Error::Protocol(format!("walk task: {e}")))??;
+        .map_err(|source| Error::Task {
+            task: "walk",
+            source,
+        })??;
     for (id, (_, st)) in entries.iter().enumerate() {
         conn.send(Packet {
             r#type: PacketType::PacketStat as i32,
@@ -570,7 +573,10 @@ async fn receive_limited(
     let (wanted, mut result, stats) =
         tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
             .await
-            .map_err(|e| Error::Protocol(format!("prepare task: {e}")))??;
+            .map_err(|source| Error::Task {
+                task: "prepare",
+                source,
+            })??;
     for id in &wanted {
         conn.send(Packet {
             r#type: PacketType::PacketReq as i32,
@@ -602,7 +608,10 @@ async fn receive_limited(
     let dest_owned = dest.to_path_buf();
     tokio::task::spawn_blocking(move || finish(&dest_owned, &stats))
         .await
-        .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+        .map_err(|source| Error::Task {
+            task: "finish",
+            source,
+        })??;
     conn.send(Packet {
         r#type: PacketType::PacketFin as i32,
         ..Default::default()
@@ -721,7 +730,10 @@ impl<'a> IncomingFiles<'a> {
                 std::fs::rename(&tmp, &target).map_err(Error::io("rename", &target))
             })
             .await
-            .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+            .map_err(|source| Error::Task {
+                task: "finish",
+                source,
+            })??;
             self.pending.remove(&p.id);
             result.transferred += 1;
         } else {
