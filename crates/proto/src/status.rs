@@ -22,19 +22,29 @@ pub const SOURCE_TYPE_URL: &str = "github.com/moby/buildkit/errdefs.Source+json"
 
 /// `error: cause: cause…`, each message once (a message never repeats its source).
 pub fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        // A message that already quotes its source (a foreign crate's habit)
-        // is not repeated.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+    Chain(e).to_string()
+}
+
+/// Displays an error with all its causes, as [`chain`] does: what a log line
+/// prints (`tracing::warn!(error = %Chain(&e), …)`).
+pub struct Chain<'a>(pub &'a dyn Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            // A message that already quotes its source (a foreign crate's habit)
+            // is not repeated.
+            if !out.ends_with(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = c.source();
         }
-        cause = c.source();
+        f.write_str(&out)
     }
-    out
 }
 
 /// A status whose message is `e` and all its causes.

@@ -362,7 +362,7 @@ impl<W: Worker> GraphRun<W> {
         let (worker, options) = (self.worker.clone(), *options);
         tokio::spawn(async move {
             if let Err(e) = worker.prepare_layers(&r, &options).await {
-                tracing::debug!(error = %e, "layers ahead of the export");
+                tracing::debug!(error = %kiln_proto::status::Chain(&e), "layers ahead of the export");
             }
         });
     }

@@ -274,7 +274,7 @@ impl Worker {
             match self.store().meta(&id) {
                 Ok(m) => out.push(m),
                 Err(err) => {
-                    tracing::warn!(snapshot = %id, error = %err, "skipping unreadable snapshot")
+                    tracing::warn!(snapshot = %id, error = %kiln_proto::status::Chain(&err), "skipping unreadable snapshot")
                 }
             }
         }

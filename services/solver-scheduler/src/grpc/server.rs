@@ -243,7 +243,9 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
                         tracing::warn!("session {attach_id}: the id is taken; not attached");
                     }
                 }
-                Err(e) => tracing::warn!("session {attach_id}: {e}"),
+                Err(e) => {
+                    tracing::warn!(error = %kiln_proto::status::Chain(&e), "session {attach_id}")
+                }
             }
         });
         let out = ReceiverStream::new(out_rx).map(|b| Ok(ctl::BytesMessage { data: b.to_vec() }));

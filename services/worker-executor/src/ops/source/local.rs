@@ -313,13 +313,13 @@ fn relink_synced_dir(
                 ),
                 Err(e) => {
                     // the next sync starts from an empty dir: slower, not wrong
-                    tracing::warn!(dir = %dir.display(), error = %e, "re-link synced dir");
+                    tracing::warn!(dir = %dir.display(), error = %kiln_proto::status::Chain(&e), "re-link synced dir");
                 }
             }
             drop(guard);
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "start the synced dir re-link thread");
+        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the synced dir re-link thread");
     }
 }
 
