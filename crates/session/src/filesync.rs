@@ -570,13 +570,16 @@ async fn receive_limited(
         .map_err(Error::io("mkdir", dest))?;
     let stats = receive_file_list(conn, limits).await?;
     let dest_owned = dest.to_path_buf();
-    let (wanted, mut result, stats) =
-        tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
-            .await
-            .map_err(|source| Error::Task {
-                task: "prepare",
-                source,
-            })??;
+    let Prepared {
+        wanted,
+        mut result,
+        stats,
+    } = tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
+        .await
+        .map_err(|source| Error::Task {
+            task: "prepare",
+            source,
+        })??;
     for id in &wanted {
         conn.send(Packet {
             r#type: PacketType::PacketReq as i32,
@@ -771,9 +774,19 @@ impl<'a> IncomingFiles<'a> {
     }
 }
 
+/// The receiving tree once [`prepare`] has shaped it.
+struct Prepared {
+    /// ids (indexes into `stats`) of the files whose contents to request
+    wanted: Vec<u32>,
+    /// what has changed so far
+    result: ReceiveStats,
+    /// the sender's file list, handed back
+    stats: Vec<Stat>,
+}
+
 /// Brings the tree to the sender's shape except for file contents: removes
 /// what is gone, creates dirs and symlinks, and lists the files to request.
-fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec<Stat>), Error> {
+fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<Prepared, Error> {
     let mut result = ReceiveStats {
         entries: stats.len(),
         ..Default::default()
@@ -889,7 +902,11 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
             }
         }
     }
-    Ok((wanted, result, stats))
+    Ok(Prepared {
+        wanted,
+        result,
+        stats,
+    })
 }
 
 fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {
