@@ -54,7 +54,7 @@ pub(crate) async fn layer_chain(
         let lock = w.layer_locks.get(format!("{} {key}", meta.id));
         held.push(lock.lock_owned().await);
     }
-    let _busy = crate::ops::Busy::start();
+    let _busy = w.activity.start();
     let store = w.store.clone();
     let blobs = w.config.root.join("content/blobs/sha256");
     let memo = w.memo.clone();

@@ -136,6 +136,9 @@ pub struct Worker {
     interactive: runc::Runc,
     /// what steps get for a network (the worker's mode, resolved at start)
     networking: network::Networking,
+    /// ops and layer computations running now, for housekeeping that waits
+    /// for a quiet moment
+    activity: ops::Activity,
     /// LLBBridge containers, by id: mounts kept until released
     containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
 }
@@ -206,6 +209,7 @@ impl Worker {
             runtime,
             interactive,
             networking,
+            activity: ops::Activity::default(),
             containers: std::sync::Mutex::new(HashMap::new()),
             config,
         })
