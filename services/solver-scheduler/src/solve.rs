@@ -39,8 +39,20 @@ fn reachable(graph: &kiln_llb::Graph, top: &str) -> std::collections::HashSet<St
     seen
 }
 
-/// Tasks aborted when the solve that spawned them ends or is dropped.
-struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+/// Tasks aborted when the solve or call that spawned them ends or is dropped.
+#[derive(Default)]
+pub(crate) struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    /// Aborts `task` when dropped.
+    pub(crate) fn new(task: tokio::task::AbortHandle) -> Self {
+        AbortOnDrop(vec![task])
+    }
+
+    pub(crate) fn push(&mut self, task: tokio::task::AbortHandle) {
+        self.0.push(task);
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -149,7 +161,7 @@ pub async fn solve<W: Worker>(
     // only what the result needs runs; each vertex is a task of its own that awaits
     // its inputs' tasks, so no poll or drop nests deeper than one level however long
     // the chain (a 100,000-op chain would otherwise overflow the stack)
-    let mut tasks = AbortOnDrop(Vec::new());
+    let mut tasks = AbortOnDrop::default();
     let mut futs: HashMap<String, VertexFuture> = HashMap::new();
     for v in graph.vertices {
         if !needed.contains(&v.digest) {
@@ -167,7 +179,7 @@ pub async fn solve<W: Worker>(
                 .collect::<Result<_, _>>()?;
         let digest = v.digest.clone();
         let task = tokio::spawn(run.clone().vertex(v, inputs));
-        tasks.0.push(task.abort_handle());
+        tasks.push(task.abort_handle());
         let fut = async move {
             task.await
                 .unwrap_or_else(|e| Err(Failure::task_ended("step task", &e)))
