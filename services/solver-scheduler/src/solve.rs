@@ -386,7 +386,6 @@ mod tests {
     use crate::build::BuildRequest;
     use crate::cache::key::input_selectors;
     use crate::cache::{MemoryStore, RedbStore};
-    use crate::peer::WorkerUsage;
     use crate::peer::{RunEvent, RunOp, RunOutputs, Selector};
     use std::collections::{BTreeMap, HashSet};
     use std::sync::Mutex;
@@ -447,15 +446,6 @@ mod tests {
                 content_keys,
             })
         }
-        async fn read_file(
-            &self,
-            _r: crate::peer::FsTarget<'_>,
-            _path: &str,
-            _o: i64,
-            _l: i64,
-        ) -> Result<Vec<u8>, Error> {
-            Ok(vec![])
-        }
         async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {
             self.checksums.fetch_add(1, Ordering::SeqCst);
             let files = self.files.lock().expect("lock");
@@ -489,12 +479,6 @@ mod tests {
         async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
             let held = self.refs.lock().expect("lock");
             Ok(refs.iter().map(|r| held.contains(r)).collect())
-        }
-        async fn usage(&self, _refs: &[String]) -> Result<WorkerUsage, Error> {
-            Ok(WorkerUsage::default())
-        }
-        async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
-            Ok(WorkerUsage::default())
         }
         async fn prepare_layers(
             &self,
