@@ -556,24 +556,14 @@ mod tests {
             ..Default::default()
         };
         let copied = b.add(copy, named("copy"));
-        let exec = pb::Op {
-            inputs: vec![copied],
-            op: Some(OpKind::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: vec!["sh".into(), "-c".into(), cmd.into()],
-                    cwd: "/".into(),
-                    ..Default::default()
-                }),
-                mounts: vec![pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
+        let exec = kiln_llb::exec_op(
+            copied,
+            pb::Meta {
+                args: vec!["sh".into(), "-c".into(), cmd.into()],
+                cwd: "/".into(),
                 ..Default::default()
-            })),
-            ..Default::default()
-        };
+            },
+        );
         let out = b.add(exec, named("run"));
         b.finish(Some(out))
     }

@@ -116,11 +116,7 @@ impl<'a> Hasher<'a> {
                 tree: None,
             }
         });
-        (
-            self.h.finish(),
-            self.stats,
-            out,
-        )
+        (self.h.finish(), self.stats, out)
     }
 
     fn content(&mut self, path: &Path, key: &[u8], md: &std::fs::Metadata) -> Result<[u8; 32]> {
