@@ -132,7 +132,7 @@ impl ExporterClient {
             .clone()
             .resolve_image_config(xpb::ResolveRequest {
                 r#ref: reference.to_string(),
-                platform: platform.map(convert::platform_to_pb),
+                platform: platform.map(kiln_proto::pb::Platform::from),
                 session_id: String::new(),
             })
             .await?

@@ -25,16 +25,6 @@ pub fn platform_from_pb(p: Option<pb::Platform>) -> Option<kiln_oci::Platform> {
     })
 }
 
-pub fn platform_to_pb(p: &kiln_oci::Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone().unwrap_or_default(),
-        os_version: p.os_version.clone().unwrap_or_default(),
-        os_features: p.os_features.clone().unwrap_or_default(),
-    }
-}
-
 pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
     ExportRequest {
         build_id: r.build_id,
@@ -155,7 +145,7 @@ mod tests {
     #[test]
     fn platform_round_trip() {
         let p = kiln_oci::Platform::new("linux", "arm", Some("v7"));
-        assert_eq!(platform_from_pb(Some(platform_to_pb(&p))), Some(p));
+        assert_eq!(platform_from_pb(Some(pb::Platform::from(&p))), Some(p));
         assert_eq!(platform_from_pb(Some(pb::Platform::default())), None);
     }
 }
