@@ -101,7 +101,7 @@ impl PacketConn for ServerConn<Packet> {
     async fn recv(&mut self) -> Result<Option<Packet>, Error> {
         self.rx.message().await.map_err(|status| Error::Call {
             method: "FileSync/DiffCopy".into(),
-            source: status.into(),
+            source: Box::new(status.into()),
         })
     }
 }
@@ -301,7 +301,7 @@ impl PacketConn for RawConn {
             Ok(None) => Ok(None),
             Err(status) => Err(Error::Call {
                 method: "FileSend/DiffCopy".into(),
-                source: status.into(),
+                source: Box::new(status.into()),
             }),
         }
     }
@@ -326,7 +326,7 @@ async fn receive_output(target: OutputTarget, mut conn: RawConn) -> Result<(), E
             };
             while let Some(b) = conn.rx.message().await.map_err(|status| Error::Call {
                 method: "FileSend/DiffCopy".into(),
-                source: status.into(),
+                source: Box::new(status.into()),
             })? {
                 let m = BytesMessage::decode(b).map_err(|source| Error::Decode {
                     what: "exported file data".into(),
@@ -474,7 +474,7 @@ pub async fn attach(
         .await
         .map_err(|status| Error::Call {
             method: "Control/Session".into(),
-            source: status.into(),
+            source: Box::new(status.into()),
         })?;
     let incoming = resp.into_inner().map(|r| r.map(|m| Bytes::from(m.data)));
     let conn = hijack::join(incoming, out_tx);

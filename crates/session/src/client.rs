@@ -68,7 +68,7 @@ impl Forwarded {
                 Err(status) => {
                     return Err(Error::Call {
                         method: self.method.into(),
-                        source: status.into(),
+                        source: Box::new(status.into()),
                     });
                 }
             }
@@ -174,7 +174,7 @@ impl SessionClient {
             .await
             .map_err(|status| Error::Call {
                 method: method.into(),
-                source: status.into(),
+                source: Box::new(status.into()),
             })?;
         Ok(Forwarded {
             method,

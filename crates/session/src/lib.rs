@@ -70,7 +70,7 @@ pub enum Error {
     Call {
         method: String,
         #[source]
-        source: kiln_proto::status::Remote,
+        source: Box<kiln_proto::status::Remote>,
     },
     /// The other end broke the protocol (the message says how).
     #[error("file transfer: {0}")]

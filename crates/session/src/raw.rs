@@ -54,10 +54,10 @@ pub async fn call(
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| crate::Error::Call {
         method: method.into(),
-        source: kiln_proto::status::Remote::new(
+        source: Box::new(kiln_proto::status::Remote::new(
             tonic::Code::Unavailable,
             kiln_proto::status::chain(&e),
-        ),
+        )),
     })?;
     let mut req = tonic::Request::new(outbound);
     for (k, v) in metadata {
@@ -75,7 +75,7 @@ pub async fn call(
         .await
         .map_err(|status| crate::Error::Call {
             method: method.into(),
-            source: status.into(),
+            source: Box::new(status.into()),
         })?;
     Ok(resp.into_inner())
 }
