@@ -39,7 +39,7 @@ pub fn keep_small() {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "start the malloc-trim thread");
+        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the malloc-trim thread");
     }
 }
 

@@ -138,7 +138,7 @@ pub async fn serve_client(
                     let (tcp, peer) = match l.accept().await {
                         Ok(c) => c,
                         Err(e) => {
-                            tracing::warn!("accept on {hostport}: {e}");
+                            tracing::warn!(error = %kiln_proto::status::Chain(&e), "accept on {hostport}");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
@@ -154,7 +154,9 @@ pub async fn serve_client(
                             Ok(Ok(None)) => {
                                 tracing::info!("refused plain-text client {peer}: tls required")
                             }
-                            Ok(Err(e)) => tracing::warn!("tls handshake with {peer}: {e}"),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %kiln_proto::status::Chain(&e), "tls handshake with {peer}")
+                            }
                             Err(_) => tracing::warn!("tls handshake with {peer}: timed out"),
                         }
                     });

@@ -38,6 +38,26 @@ pub fn source_definition(
     b.finish(Some(out))
 }
 
+/// An exec op running `meta` on `root` as its root filesystem, whose changes
+/// are its one output (`llb.Image(…).Run(…)` without extra mounts). Platform,
+/// network and the rest go on the op it returns.
+pub fn exec_op(root: pb::Input, meta: pb::Meta) -> pb::Op {
+    pb::Op {
+        inputs: vec![root],
+        op: Some(pb::op::Op::Exec(pb::ExecOp {
+            meta: Some(meta),
+            mounts: vec![pb::Mount {
+                input: 0,
+                dest: "/".into(),
+                output: 0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 impl DefinitionBuilder {
     pub fn new() -> Self {
         Self::default()
@@ -170,29 +190,20 @@ mod tests {
     }
 
     fn exec(root: pb::Input, args: &[&str]) -> pb::Op {
+        let meta = pb::Meta {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            cwd: "/".into(),
+            remove_mount_stubs_recursive: true,
+            ..Default::default()
+        };
         pb::Op {
-            inputs: vec![root],
             platform: Some(pb::Platform {
                 architecture: "amd64".into(),
                 os: "linux".into(),
                 ..Default::default()
             }),
             constraints: Some(Default::default()),
-            op: Some(pb::op::Op::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: args.iter().map(|s| s.to_string()).collect(),
-                    cwd: "/".into(),
-                    remove_mount_stubs_recursive: true,
-                    ..Default::default()
-                }),
-                mounts: vec![pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
+            ..exec_op(root, meta)
         }
     }
 

@@ -12,7 +12,7 @@ mod builder;
 mod graph;
 pub mod marshal;
 
-pub use builder::{DefinitionBuilder, source_definition};
+pub use builder::{DefinitionBuilder, exec_op, source_definition};
 pub use graph::{Graph, Vertex, load};
 pub use marshal::{marshal_definition, marshal_op};
 

@@ -5,12 +5,15 @@
 //! field numbers; `kiln.*` are the internal service-to-service protocols.
 //! No logic lives here except the wire forms every service's gRPC edge
 //! shares: [`status`] (an error's cause chain and BuildKit's `errdefs`
-//! details) and [`layers`] (layer options).
+//! details), [`layers`] (layer options) and [`platform`] (kiln-oci's
+//! `Platform` as a `pb.Platform`).
 
 #![allow(clippy::all, missing_docs, reason = "generated code")]
 
 #[warn(clippy::all)]
 pub mod layers;
+#[warn(clippy::all)]
+pub mod platform;
 #[warn(clippy::all)]
 pub mod status;
 

@@ -22,24 +22,72 @@ pub const SOURCE_TYPE_URL: &str = "github.com/moby/buildkit/errdefs.Source+json"
 
 /// `error: cause: cause…`, each message once (a message never repeats its source).
 pub fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        // A message that already quotes its source (a foreign crate's habit)
-        // is not repeated.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+    Chain(e).to_string()
+}
+
+/// Displays an error with all its causes, as [`chain`] does: what a log line
+/// prints (`tracing::warn!(error = %Chain(&e), …)`).
+pub struct Chain<'a>(pub &'a dyn Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            // A message that already quotes its source (a foreign crate's habit)
+            // is not repeated.
+            if !out.ends_with(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = c.source();
         }
-        cause = c.source();
+        f.write_str(&out)
     }
-    out
 }
 
 /// A status whose message is `e` and all its causes.
 pub fn from_error(code: tonic::Code, e: &dyn Error) -> tonic::Status {
     tonic::Status::new(code, chain(e))
+}
+
+/// A peer's failure as it arrived over gRPC: its code, its whole message
+/// (the peer joined its causes before sending it) and the step and source
+/// location it carried in the status details. Its message is the peer's,
+/// unchanged; [`Remote::into_status`] sends it on with code and details.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Remote {
+    pub code: tonic::Code,
+    pub message: String,
+    pub details: Details,
+}
+
+impl Remote {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
+        Remote {
+            code,
+            message: message.into(),
+            details: Details::default(),
+        }
+    }
+
+    /// The status the peer sent, passed on: its code, message and details.
+    pub fn into_status(self) -> tonic::Status {
+        self.details
+            .attach(tonic::Status::new(self.code, self.message))
+    }
+}
+
+impl From<tonic::Status> for Remote {
+    fn from(s: tonic::Status) -> Self {
+        Remote {
+            code: s.code(),
+            message: s.message().to_string(),
+            details: Details::of(&s),
+        }
+    }
 }
 
 /// Lines of a source file (a Dockerfile) an error points at.
@@ -264,6 +312,15 @@ mod tests {
             v["ranges"][0]["start"].get("character").is_none(),
             "omitempty"
         );
+    }
+
+    #[test]
+    fn a_remote_error_passes_on_its_code_message_and_details() {
+        let sent = location().attach(tonic::Status::not_found("no such image"));
+        let back = Remote::from(sent).into_status();
+        assert_eq!(back.code(), tonic::Code::NotFound);
+        assert_eq!(back.message(), "no such image");
+        assert_eq!(Details::of(&back), location());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 mod client;
 mod config;
 mod error;
+#[cfg(feature = "local-registry")]
+pub mod local_registry;
 mod reference;
 
 pub use client::{Client, Credentials, PushOutcome, Resolved, describe_challenge};

@@ -1,69 +1,10 @@
 //! Push/resolve/fetch against a real `docker-registry` (distribution) on loopback.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use kiln_oci::{Descriptor, Index, Manifest, Platform, digest::sha256, media_types};
+use kiln_registry::local_registry::LocalRegistry;
 use kiln_registry::{Client, HostConfig, Reference, RegistryConfig};
-
-const BIN: &str = "/usr/bin/docker-registry";
-
-struct Registry {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_registry() -> Option<Registry> {
-    if !Path::new(BIN).exists() {
-        eprintln!("{BIN} missing: skipped");
-        return None;
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .expect("config");
-    let child = Command::new(BIN)
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn registry");
-    let reg = Registry {
-        child,
-        addr,
-        _dir: dir,
-    };
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&reg.addr).await.is_ok() {
-            return Some(reg);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("registry did not start on {}", reg.addr);
-}
 
 struct Image {
     layer: Descriptor,
@@ -130,7 +71,7 @@ async fn push(client: &Client, r: &Reference, img: &Image, dir: &Path) -> String
 
 #[tokio::test]
 async fn push_resolve_fetch_round_trip() {
-    let Some(reg) = start_registry().await else {
+    let Some(reg) = LocalRegistry::start().await else {
         return;
     };
     let work = tempfile::tempdir().expect("work");
@@ -197,7 +138,7 @@ async fn push_resolve_fetch_round_trip() {
 
 #[tokio::test]
 async fn index_is_resolved_to_the_platform_and_mirrors_are_tried_first() {
-    let Some(reg) = start_registry().await else {
+    let Some(reg) = LocalRegistry::start().await else {
         return;
     };
     let work = tempfile::tempdir().expect("work");
@@ -282,7 +223,7 @@ async fn index_is_resolved_to_the_platform_and_mirrors_are_tried_first() {
 
 #[tokio::test]
 async fn large_blobs_go_up_in_streamed_chunks() {
-    let Some(reg) = start_registry().await else {
+    let Some(reg) = LocalRegistry::start().await else {
         return;
     };
     let work = tempfile::tempdir().expect("work");

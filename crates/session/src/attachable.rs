@@ -101,7 +101,7 @@ impl PacketConn for ServerConn<Packet> {
     async fn recv(&mut self) -> Result<Option<Packet>, Error> {
         self.rx.message().await.map_err(|status| Error::Call {
             method: "FileSync/DiffCopy".into(),
-            status,
+            source: Box::new(status.into()),
         })
     }
 }
@@ -294,13 +294,14 @@ impl PacketConn for RawConn {
     }
     async fn recv(&mut self) -> Result<Option<Packet>, Error> {
         match self.rx.message().await {
-            Ok(Some(b)) => Packet::decode(b)
-                .map(Some)
-                .map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
+            Ok(Some(b)) => Packet::decode(b).map(Some).map_err(|source| Error::Decode {
+                what: "file transfer packet".into(),
+                source,
+            }),
             Ok(None) => Ok(None),
             Err(status) => Err(Error::Call {
                 method: "FileSend/DiffCopy".into(),
-                status,
+                source: Box::new(status.into()),
             }),
         }
     }
@@ -325,10 +326,12 @@ async fn receive_output(target: OutputTarget, mut conn: RawConn) -> Result<(), E
             };
             while let Some(b) = conn.rx.message().await.map_err(|status| Error::Call {
                 method: "FileSend/DiffCopy".into(),
-                status,
+                source: Box::new(status.into()),
             })? {
-                let m = BytesMessage::decode(b)
-                    .map_err(|e| Error::Protocol(format!("bad message: {e}")))?;
+                let m = BytesMessage::decode(b).map_err(|source| Error::Decode {
+                    what: "exported file data".into(),
+                    source,
+                })?;
                 out.write_all(&m.data)
                     .await
                     .map_err(Error::io("write", &path))?;
@@ -471,7 +474,7 @@ pub async fn attach(
         .await
         .map_err(|status| Error::Call {
             method: "Control/Session".into(),
-            status,
+            source: Box::new(status.into()),
         })?;
     let incoming = resp.into_inner().map(|r| r.map(|m| Bytes::from(m.data)));
     let conn = hijack::join(incoming, out_tx);

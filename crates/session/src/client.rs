@@ -68,7 +68,7 @@ impl Forwarded {
                 Err(status) => {
                     return Err(Error::Call {
                         method: self.method.into(),
-                        status,
+                        source: Box::new(status.into()),
                     });
                 }
             }
@@ -85,7 +85,10 @@ impl PacketConn for Forwarded {
             None => Ok(None),
             Some(b) => Packet::decode(b.as_slice())
                 .map(Some)
-                .map_err(|e| Error::Protocol(format!("bad packet: {e}"))),
+                .map_err(|source| Error::Decode {
+                    what: "session packet".into(),
+                    source,
+                }),
         }
     }
 }
@@ -171,7 +174,7 @@ impl SessionClient {
             .await
             .map_err(|status| Error::Call {
                 method: method.into(),
-                status,
+                source: Box::new(status.into()),
             })?;
         Ok(Forwarded {
             method,
@@ -220,7 +223,7 @@ impl SessionClient {
         absent: &[tonic::Code],
     ) -> Result<Reply, Error> {
         let is_absent =
-            |e: &Error| matches!(e, Error::Call { status, .. } if absent.contains(&status.code()));
+            |e: &Error| matches!(e, Error::Call { source, .. } if absent.contains(&source.code));
         let mut conn = match self
             .open_with(method, BTreeMap::new(), Some(req.encode_to_vec()))
             .await
@@ -254,8 +257,10 @@ impl SessionClient {
             Reply::None => return Err(Error::Protocol(format!("secret {id}: no response"))),
             Reply::Absent => return Ok(None),
         };
-        let resp = GetSecretResponse::decode(first.as_slice())
-            .map_err(|e| Error::Protocol(format!("secret {id}: bad response: {e}")))?;
+        let resp = GetSecretResponse::decode(first.as_slice()).map_err(|source| Error::Decode {
+            what: format!("secret {id}"),
+            source,
+        })?;
         Ok(Some(resp.data))
     }
 
@@ -271,8 +276,11 @@ impl SessionClient {
         else {
             return Ok(None);
         };
-        let resp = CredentialsResponse::decode(first.as_slice())
-            .map_err(|e| Error::Protocol(format!("credentials for {host}: bad response: {e}")))?;
+        let resp =
+            CredentialsResponse::decode(first.as_slice()).map_err(|source| Error::Decode {
+                what: format!("credentials for {host}"),
+                source,
+            })?;
         if resp.username.is_empty() && resp.secret.is_empty() {
             return Ok(None);
         }
@@ -332,8 +340,10 @@ impl SessionClient {
             }
         });
         while let Some(b) = fwd.recv_bytes().await? {
-            let m = SshBytes::decode(b.as_slice())
-                .map_err(|e| Error::Protocol(format!("ssh forward: {e}")))?;
+            let m = SshBytes::decode(b.as_slice()).map_err(|source| Error::Decode {
+                what: "ssh forward".into(),
+                source,
+            })?;
             if wr.write_all(&m.data).await.is_err() {
                 break;
             }

@@ -345,7 +345,10 @@ pub async fn send(conn: &mut impl PacketConn, src: &Path, filter: &Filter) -> Re
     let filter_owned = filter.clone();
     let entries = tokio::task::spawn_blocking(move || walk(&src_owned, &filter_owned))
         .await
-        .map_err(|e| Error::Protocol(format!("walk task: {e}")))??;
+        .map_err(|source| Error::Task {
+            task: "walk",
+            source,
+        })??;
     for (id, (_, st)) in entries.iter().enumerate() {
         conn.send(Packet {
             r#type: PacketType::PacketStat as i32,
@@ -567,10 +570,16 @@ async fn receive_limited(
         .map_err(Error::io("mkdir", dest))?;
     let stats = receive_file_list(conn, limits).await?;
     let dest_owned = dest.to_path_buf();
-    let (wanted, mut result, stats) =
-        tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
-            .await
-            .map_err(|e| Error::Protocol(format!("prepare task: {e}")))??;
+    let Prepared {
+        wanted,
+        mut result,
+        stats,
+    } = tokio::task::spawn_blocking(move || prepare(&dest_owned, stats))
+        .await
+        .map_err(|source| Error::Task {
+            task: "prepare",
+            source,
+        })??;
     for id in &wanted {
         conn.send(Packet {
             r#type: PacketType::PacketReq as i32,
@@ -602,7 +611,10 @@ async fn receive_limited(
     let dest_owned = dest.to_path_buf();
     tokio::task::spawn_blocking(move || finish(&dest_owned, &stats))
         .await
-        .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+        .map_err(|source| Error::Task {
+            task: "finish",
+            source,
+        })??;
     conn.send(Packet {
         r#type: PacketType::PacketFin as i32,
         ..Default::default()
@@ -721,7 +733,10 @@ impl<'a> IncomingFiles<'a> {
                 std::fs::rename(&tmp, &target).map_err(Error::io("rename", &target))
             })
             .await
-            .map_err(|e| Error::Protocol(format!("finish task: {e}")))??;
+            .map_err(|source| Error::Task {
+                task: "finish",
+                source,
+            })??;
             self.pending.remove(&p.id);
             result.transferred += 1;
         } else {
@@ -759,9 +774,19 @@ impl<'a> IncomingFiles<'a> {
     }
 }
 
+/// The receiving tree once [`prepare`] has shaped it.
+struct Prepared {
+    /// ids (indexes into `stats`) of the files whose contents to request
+    wanted: Vec<u32>,
+    /// what has changed so far
+    result: ReceiveStats,
+    /// the sender's file list, handed back
+    stats: Vec<Stat>,
+}
+
 /// Brings the tree to the sender's shape except for file contents: removes
 /// what is gone, creates dirs and symlinks, and lists the files to request.
-fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec<Stat>), Error> {
+fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<Prepared, Error> {
     let mut result = ReceiveStats {
         entries: stats.len(),
         ..Default::default()
@@ -877,7 +902,11 @@ fn prepare(dest: &Path, stats: Vec<Stat>) -> Result<(Vec<u32>, ReceiveStats, Vec
             }
         }
     }
-    Ok((wanted, result, stats))
+    Ok(Prepared {
+        wanted,
+        result,
+        stats,
+    })
 }
 
 fn finish(dest: &Path, stats: &[Stat]) -> Result<(), Error> {

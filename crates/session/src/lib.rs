@@ -59,29 +59,52 @@ pub mod methods {
 pub enum Error {
     #[error("invalid address {addr:?}: {reason}")]
     Address { addr: String, reason: String },
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}")]
     Connect {
         addr: String,
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("session call {method}: {status}")]
+    /// A session call failed; the status the other end sent.
+    #[error("session call {method}")]
     Call {
         method: String,
-        status: tonic::Status,
+        #[source]
+        source: Box<kiln_proto::status::Remote>,
     },
+    /// The other end broke the protocol (the message says how).
     #[error("file transfer: {0}")]
     Protocol(String),
+    /// A message from the other end that does not decode.
+    #[error("decode {what}")]
+    Decode {
+        what: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A blocking task of a transfer panicked or was cancelled.
+    #[error("{task} task")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("invalid session method {method:?}")]
+    Method {
+        method: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
     #[error("error from peer: {0}")]
     Peer(String),
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid pattern {pattern:?}: {source}")]
+    #[error("invalid pattern {pattern:?}")]
     Pattern {
         pattern: String,
         #[source]
@@ -136,14 +159,16 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        match &e {
-            Error::Call { status, .. } => tonic::Status::new(status.code(), e.to_string()),
-            Error::Address { .. } | Error::Pattern { .. } | Error::Escape(_) => {
-                tonic::Status::invalid_argument(e.to_string())
-            }
-            Error::Connect { .. } => tonic::Status::unavailable(e.to_string()),
-            Error::Limit { .. } => tonic::Status::resource_exhausted(e.to_string()),
-            _ => tonic::Status::internal(e.to_string()),
-        }
+        let code = match &e {
+            Error::Call { source, .. } => source.code,
+            Error::Address { .. }
+            | Error::Pattern { .. }
+            | Error::Escape(_)
+            | Error::Method { .. } => tonic::Code::InvalidArgument,
+            Error::Connect { .. } => tonic::Code::Unavailable,
+            Error::Limit { .. } => tonic::Code::ResourceExhausted,
+            _ => tonic::Code::Internal,
+        };
+        kiln_proto::status::from_error(code, &e)
     }
 }

@@ -46,12 +46,18 @@ pub async fn call(
     metadata: &std::collections::BTreeMap<String, String>,
     outbound: impl futures::Stream<Item = Bytes> + Send + 'static,
 ) -> Result<tonic::Streaming<Bytes>, crate::Error> {
-    let path = http::uri::PathAndQuery::try_from(method)
-        .map_err(|e| crate::Error::Protocol(format!("bad method {method:?}: {e}")))?;
+    let path =
+        http::uri::PathAndQuery::try_from(method).map_err(|source| crate::Error::Method {
+            method: method.into(),
+            source,
+        })?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| crate::Error::Call {
         method: method.into(),
-        status: Status::unavailable(e.to_string()),
+        source: Box::new(kiln_proto::status::Remote::new(
+            tonic::Code::Unavailable,
+            kiln_proto::status::chain(&e),
+        )),
     })?;
     let mut req = tonic::Request::new(outbound);
     for (k, v) in metadata {
@@ -69,7 +75,7 @@ pub async fn call(
         .await
         .map_err(|status| crate::Error::Call {
             method: method.into(),
-            status,
+            source: Box::new(status.into()),
         })?;
     Ok(resp.into_inner())
 }

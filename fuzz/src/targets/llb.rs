@@ -15,9 +15,7 @@ use kiln_llb::pb;
 use kiln_llb::pb::op::Op as OpKind;
 use prost::Message;
 use solver_scheduler::Error;
-use solver_scheduler::peer::{
-    FsTarget, PathEntry, RunEvent, RunOp, RunOutputs, Selector, Worker, WorkerUsage,
-};
+use solver_scheduler::peer::{PathEntry, RunEvent, RunOp, RunOutputs, Selector, Worker};
 
 use crate::{Rng, Target, mutate};
 
@@ -94,15 +92,6 @@ impl Worker for NullWorker {
             refs,
         })
     }
-    async fn read_file(
-        &self,
-        _r: FsTarget<'_>,
-        _path: &str,
-        _offset: i64,
-        _length: i64,
-    ) -> Result<Vec<u8>, Error> {
-        Err(Error::Unsupported("reading files of the fuzz worker"))
-    }
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
         Ok(kiln_oci::digest::sha256(
             format!("{r}{selectors:?}").as_bytes(),
@@ -123,17 +112,14 @@ impl Worker for NullWorker {
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
         Ok(vec![true; refs.len()])
     }
-    async fn usage(&self, _refs: &[String]) -> Result<WorkerUsage, Error> {
-        Ok(WorkerUsage::default())
-    }
-    async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
-        Ok(WorkerUsage::default())
-    }
 }
 
 /// A worker's refusal of a bad op, as the real worker sends it.
 fn invalid(message: String) -> Error {
-    Error::Run(solver_scheduler::Remote::new(tonic::Code::InvalidArgument, message))
+    Error::Run(kiln_proto::status::Remote::new(
+        tonic::Code::InvalidArgument,
+        message,
+    ))
 }
 
 fn build(id: &str, eager: bool) -> Arc<solver_scheduler::build::Build> {

@@ -30,31 +30,21 @@ fn source(identifier: String, attrs: BTreeMap<String, String>) -> pb::Op {
     }
 }
 
+/// `sh -c CMD` on the previous op (its root input is set by [`definition`]).
 fn run_step(cmd: &str) -> pb::Op {
+    let meta = pb::Meta {
+        args: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    };
     pb::Op {
-        op: Some(pb::op::Op::Exec(pb::ExecOp {
-            meta: Some(pb::Meta {
-                args: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
-                env: vec![
-                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ],
-                cwd: "/".into(),
-                ..Default::default()
-            }),
-            mounts: vec![pb::Mount {
-                input: 0,
-                dest: "/".into(),
-                output: 0,
-                ..Default::default()
-            }],
-            ..Default::default()
-        })),
         platform: Some(pb::Platform {
             os: "linux".into(),
             architecture: "amd64".into(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..kiln_llb::exec_op(pb::Input::default(), meta)
     }
 }
 

@@ -298,7 +298,7 @@ impl<B: Bridge> Gateway<B> {
             note,
         );
         if let Err(e) = self.bridge.solve(&req.build_id, def).await {
-            tracing::warn!("{note}: {e}");
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "{note}");
         }
     }
 

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use kiln_oci::{
     Descriptor, History, ImageConfig, LayerOptions, Manifest, Platform, RootFs, digest, media_types,
 };
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -591,16 +590,15 @@ async fn fetch_layer(
     };
     let mut stream = worker.read_blob(&desc.digest).await?;
     let mut file = tokio::fs::File::create(&path).await.map_err(werr)?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+    let mut hasher = kiln_oci::digest::Hasher::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         hasher.update(&chunk);
-        size += chunk.len() as u64;
         file.write_all(&chunk).await.map_err(werr)?;
     }
     file.flush().await.map_err(werr)?;
-    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+    let size = hasher.size();
+    let actual = hasher.finish();
     if actual != desc.digest || size != desc.size {
         return Err(Error::LayerMismatch {
             digest: desc.digest.clone(),

@@ -41,11 +41,12 @@ pub enum Error {
         addr: String,
         source: Box<kiln_session::Error>,
     },
-    #[error("worker {op} {target}: {message}")]
+    /// A worker call failed; the worker's own status, passed on.
+    #[error("worker {op} {target}")]
     Worker {
         op: &'static str,
         target: String,
-        message: String,
+        source: kiln_proto::status::Remote,
     },
     #[error(
         "layer {digest} from worker has digest {actual} and size {size}, expected size {expected_size}"

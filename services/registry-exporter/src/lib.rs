@@ -473,40 +473,11 @@ mod tests {
 
     #[tokio::test]
     async fn image_export_pushes_to_a_registry() {
-        let bin = Path::new("/usr/bin/docker-registry");
-        if !bin.exists() {
-            eprintln!("docker-registry missing: skipped");
+        let Some(registry) = kiln_registry::local_registry::LocalRegistry::start().await else {
             return;
-        }
+        };
+        let addr = &registry.addr;
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let cfg = dir.path().join("config.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("config");
-        let mut child = std::process::Command::new(bin)
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("registry");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
         let ex = exporter(dir.path(), RegistryConfig::default());
         let (w, sink) = (FakeWorker::new(), FakeSink::default());
         let (ptx, _prx) = mpsc::channel(64);
@@ -536,8 +507,6 @@ mod tests {
                 kind: String::new(),
             }),
         };
-        let _ = child.kill();
-        let _ = child.wait();
         let resp = result.expect("export image");
         assert_eq!(resp["image.name"], names);
         let resolved = resolved.expect("resolve pushed image");

@@ -12,7 +12,6 @@
 
 use kiln_proto::pb::{self, op::Op as OpKind};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A file an op reads, as recorded.
@@ -68,11 +67,11 @@ pub fn shape(
         Some(OpKind::Diff(_)) => "diff",
         _ => "other",
     };
-    let mut h = Sha256::new();
+    let mut h = kiln_digest::Hasher::new();
     h.update(scope.as_bytes());
-    h.update([0]);
+    h.update(&[0]);
     h.update(kind.as_bytes());
-    h.update([0]);
+    h.update(&[0]);
     let loc = graph.locations(digest).first().and_then(|loc| {
         let info = graph
             .source
@@ -91,11 +90,7 @@ pub fn shape(
         Some(l) => h.update(l.as_bytes()),
         None => h.update(name.as_bytes()),
     }
-    format!("sha256:{}", hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    h.finish()
 }
 
 /// Facts about an op's own definition (not its inputs), by name.

@@ -180,7 +180,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             match s.gc().await {
                 Ok(n) if n > 0 => tracing::info!(items = n, "gc"),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "gc"),
+                Err(e) => tracing::warn!(error = %kiln_proto::status::Chain(&e), "gc"),
             }
         });
     }

@@ -36,7 +36,7 @@ pub mod usage;
 pub use build::BuildRequest;
 pub use solver::Solver;
 
-use kiln_proto::status::Details;
+use kiln_proto::status::{Details, Remote};
 use std::time::Duration;
 
 /// How the solver is set up.
@@ -66,37 +66,6 @@ impl Default for Config {
             gc: vec![],
             gc_interval: Duration::from_secs(60),
             max_parallelism: None,
-        }
-    }
-}
-
-/// A peer's failure as it arrived over gRPC: its code, its whole message
-/// (the peer joined its causes before sending it) and the step and source
-/// location it carried in the status details.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct Remote {
-    pub code: tonic::Code,
-    pub message: String,
-    pub details: Details,
-}
-
-impl Remote {
-    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
-        Remote {
-            code,
-            message: message.into(),
-            details: Details::default(),
-        }
-    }
-}
-
-impl From<tonic::Status> for Remote {
-    fn from(s: tonic::Status) -> Self {
-        Remote {
-            code: s.code(),
-            message: s.message().to_string(),
-            details: Details::of(&s),
         }
     }
 }

@@ -60,7 +60,10 @@ pub trait Worker: Send + Sync + 'static {
         path: &str,
         offset: i64,
         length: i64,
-    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send {
+        let _ = (r, path, offset, length);
+        std::future::ready(Err(Error::Unsupported("read files")))
+    }
     /// The entries of a directory in `r` (names matching `include` when set).
     fn read_dir(
         &self,
@@ -118,7 +121,10 @@ pub trait Worker: Send + Sync + 'static {
     /// Whether each ref (with its parent chain) is still held.
     fn exists(&self, refs: &[String]) -> impl Future<Output = Result<Vec<bool>, Error>> + Send;
     /// Disk usage of the given snapshots (all when empty).
-    fn usage(&self, refs: &[String]) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+    fn usage(&self, refs: &[String]) -> impl Future<Output = Result<WorkerUsage, Error>> + Send {
+        let _ = refs;
+        std::future::ready(Err(Error::Unsupported("report disk usage")))
+    }
     /// Has the worker compute (and keep) the layer blobs of ref `r`'s chain with the
     /// layer `options`, ahead of an export that will ask for them.
     fn prepare_layers(
@@ -134,7 +140,10 @@ pub trait Worker: Send + Sync + 'static {
         &self,
         keep: &[String],
         before: i64,
-    ) -> impl Future<Output = Result<WorkerUsage, Error>> + Send;
+    ) -> impl Future<Output = Result<WorkerUsage, Error>> + Send {
+        let _ = (keep, before);
+        std::future::ready(Err(Error::Unsupported("prune")))
+    }
 }
 
 /// An interactive process: a frontend image's entrypoint, or a process in an

@@ -125,7 +125,7 @@ impl Progress {
             match tempfile::tempfile_in(&dir) {
                 Ok(f) => s.spill = Some(f),
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "build log spill file");
+                    tracing::warn!(dir = %dir.display(), error = %kiln_proto::status::Chain(&e), "build log spill file");
                     return None;
                 }
             }
@@ -134,7 +134,7 @@ impl Progress {
         let offset = s.spill_len;
         let f = s.spill.as_ref()?;
         if let Err(e) = f.write_all_at(&bytes, offset) {
-            tracing::warn!(error = %e, "build log spill");
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "build log spill");
             return None;
         }
         s.spill_len += bytes.len() as u64;

@@ -39,8 +39,20 @@ fn reachable(graph: &kiln_llb::Graph, top: &str) -> std::collections::HashSet<St
     seen
 }
 
-/// Tasks aborted when the solve that spawned them ends or is dropped.
-struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+/// Tasks aborted when the solve or call that spawned them ends or is dropped.
+#[derive(Default)]
+pub(crate) struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    /// Aborts `task` when dropped.
+    pub(crate) fn new(task: tokio::task::AbortHandle) -> Self {
+        AbortOnDrop(vec![task])
+    }
+
+    pub(crate) fn push(&mut self, task: tokio::task::AbortHandle) {
+        self.0.push(task);
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -149,7 +161,7 @@ pub async fn solve<W: Worker>(
     // only what the result needs runs; each vertex is a task of its own that awaits
     // its inputs' tasks, so no poll or drop nests deeper than one level however long
     // the chain (a 100,000-op chain would otherwise overflow the stack)
-    let mut tasks = AbortOnDrop(Vec::new());
+    let mut tasks = AbortOnDrop::default();
     let mut futs: HashMap<String, VertexFuture> = HashMap::new();
     for v in graph.vertices {
         if !needed.contains(&v.digest) {
@@ -167,7 +179,7 @@ pub async fn solve<W: Worker>(
                 .collect::<Result<_, _>>()?;
         let digest = v.digest.clone();
         let task = tokio::spawn(run.clone().vertex(v, inputs));
-        tasks.0.push(task.abort_handle());
+        tasks.push(task.abort_handle());
         let fut = async move {
             task.await
                 .unwrap_or_else(|e| Err(Failure::task_ended("step task", &e)))
@@ -362,7 +374,7 @@ impl<W: Worker> GraphRun<W> {
         let (worker, options) = (self.worker.clone(), *options);
         tokio::spawn(async move {
             if let Err(e) = worker.prepare_layers(&r, &options).await {
-                tracing::debug!(error = %e, "layers ahead of the export");
+                tracing::debug!(error = %kiln_proto::status::Chain(&e), "layers ahead of the export");
             }
         });
     }
@@ -374,7 +386,6 @@ mod tests {
     use crate::build::BuildRequest;
     use crate::cache::key::input_selectors;
     use crate::cache::{MemoryStore, RedbStore};
-    use crate::peer::WorkerUsage;
     use crate::peer::{RunEvent, RunOp, RunOutputs, Selector};
     use std::collections::{BTreeMap, HashSet};
     use std::sync::Mutex;
@@ -435,15 +446,6 @@ mod tests {
                 content_keys,
             })
         }
-        async fn read_file(
-            &self,
-            _r: crate::peer::FsTarget<'_>,
-            _path: &str,
-            _o: i64,
-            _l: i64,
-        ) -> Result<Vec<u8>, Error> {
-            Ok(vec![])
-        }
         async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {
             self.checksums.fetch_add(1, Ordering::SeqCst);
             let files = self.files.lock().expect("lock");
@@ -477,12 +479,6 @@ mod tests {
         async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
             let held = self.refs.lock().expect("lock");
             Ok(refs.iter().map(|r| held.contains(r)).collect())
-        }
-        async fn usage(&self, _refs: &[String]) -> Result<WorkerUsage, Error> {
-            Ok(WorkerUsage::default())
-        }
-        async fn prune(&self, _keep: &[String], _before: i64) -> Result<WorkerUsage, Error> {
-            Ok(WorkerUsage::default())
         }
         async fn prepare_layers(
             &self,
@@ -560,24 +556,14 @@ mod tests {
             ..Default::default()
         };
         let copied = b.add(copy, named("copy"));
-        let exec = pb::Op {
-            inputs: vec![copied],
-            op: Some(OpKind::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: vec!["sh".into(), "-c".into(), cmd.into()],
-                    cwd: "/".into(),
-                    ..Default::default()
-                }),
-                mounts: vec![pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
+        let exec = kiln_llb::exec_op(
+            copied,
+            pb::Meta {
+                args: vec!["sh".into(), "-c".into(), cmd.into()],
+                cwd: "/".into(),
                 ..Default::default()
-            })),
-            ..Default::default()
-        };
+            },
+        );
         let out = b.add(exec, named("run"));
         b.finish(Some(out))
     }

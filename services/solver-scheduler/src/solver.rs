@@ -153,7 +153,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             steps: steps_from_progress(&build.progress.vertices()),
         };
         if let Err(e) = self.cache.with_store(move |s| s.put_history(&rec)).await {
-            tracing::warn!(build = %build.id, error = %e, "build history not recorded");
+            tracing::warn!(build = %build.id, error = %kiln_proto::status::Chain(&e), "build history not recorded");
         }
     }
 
@@ -518,7 +518,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
             rt.spawn(async move {
                 for c in containers {
                     if let Err(e) = worker.release_container(&c.worker_id).await {
-                        tracing::warn!(container = %c.worker_id, error = %e, "release container");
+                        tracing::warn!(container = %c.worker_id, error = %kiln_proto::status::Chain(&e), "release container");
                     }
                 }
             });

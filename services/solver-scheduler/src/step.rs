@@ -277,7 +277,7 @@ impl<W: Worker> Step<W> {
             match self.worker.exists(&refs).await {
                 Ok(v) => v.len() == refs.len() && v.iter().all(|x| *x),
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "cache hit not verified; running the step");
+                    tracing::warn!(key, error = %kiln_proto::status::Chain(&e), "cache hit not verified; running the step");
                     return Ok(None);
                 }
             }
@@ -386,7 +386,7 @@ impl<W: Worker> Step<W> {
                                 .collect(),
                         ),
                         Err(e) => {
-                            tracing::warn!(vertex = %self.digest, error = %e, "paths not listed");
+                            tracing::warn!(vertex = %self.digest, error = %kiln_proto::status::Chain(&e), "paths not listed");
                             None
                         }
                     }
@@ -436,7 +436,7 @@ impl<W: Worker> Step<W> {
         let (shape, store) = (self.shape.clone(), self.cache.store().clone());
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
         {
-            tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
+            tracing::warn!(vertex = %self.digest, error = %kiln_proto::status::Chain(&e), "step inputs not recorded");
         }
     }
 
@@ -580,7 +580,7 @@ impl<W: Worker> Step<W> {
         let (shape, store) = (self.shape.clone(), self.cache.store().clone());
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.put_step(&shape, &rec)).await
         {
-            tracing::warn!(vertex = %self.digest, error = %e, "step inputs not recorded");
+            tracing::warn!(vertex = %self.digest, error = %kiln_proto::status::Chain(&e), "step inputs not recorded");
         }
     }
 
@@ -618,7 +618,7 @@ impl<W: Worker> Step<W> {
             size: None,
         };
         if let Err(e) = self.cache.with_store(move |s| s.put(&rec)).await {
-            tracing::warn!(vertex = %self.digest, error = %e, "result not cached");
+            tracing::warn!(vertex = %self.digest, error = %kiln_proto::status::Chain(&e), "result not cached");
         }
         keys
     }

@@ -7,7 +7,6 @@
 //! new one when all are busy.
 
 use crate::error::{Error, Result};
-use sha2::Digest;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,7 +107,7 @@ impl CacheMounts {
             Some(b) => format!("{id}\0{b}"),
             None => id.to_string(),
         };
-        let key = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+        let key = kiln_digest::sha256_hex(name.as_bytes());
         // the id, for `du` (the dir name is its digest)
         let id_file = self.root.join(&key).join("id");
         if !id_file.exists() {

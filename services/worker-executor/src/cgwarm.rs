@@ -123,7 +123,7 @@ impl Inner {
                 }
             }
             if let Err(e) = self.write() {
-                tracing::debug!(procs = %self.procs.display(), "cgroup warm write failed: {e}");
+                tracing::debug!(procs = %self.procs.display(), error = %kiln_proto::status::Chain(&e), "cgroup warm write failed");
             }
             std::thread::sleep(PERIOD);
         }

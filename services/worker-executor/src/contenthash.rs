@@ -90,7 +90,7 @@ pub struct HashStats {
 /// Feeds entries into a digest; reuses `known` content digests and records
 /// every file's digest into `out` when given.
 struct Hasher<'a> {
-    h: Sha256,
+    h: kiln_digest::Hasher,
     buf: Vec<u8>,
     known: Option<&'a FileSums>,
     out: Option<Vec<SumEntry>>,
@@ -100,7 +100,7 @@ struct Hasher<'a> {
 impl<'a> Hasher<'a> {
     fn new(known: Option<&'a FileSums>, record: bool) -> Self {
         Hasher {
-            h: Sha256::new(),
+            h: kiln_digest::Hasher::new(),
             buf: Vec::new(),
             known,
             out: record.then(Vec::new),
@@ -116,11 +116,7 @@ impl<'a> Hasher<'a> {
                 tree: None,
             }
         });
-        (
-            format!("sha256:{}", hex::encode(self.h.finalize())),
-            self.stats,
-            out,
-        )
+        (self.h.finish(), self.stats, out)
     }
 
     fn content(&mut self, path: &Path, key: &[u8], md: &std::fs::Metadata) -> Result<[u8; 32]> {
@@ -176,7 +172,7 @@ impl<'a> Hasher<'a> {
                 .symlink_metadata()
                 .map_err(Error::io("stat", entry.path()))?;
             self.h.update(rel.as_os_str().as_encoded_bytes());
-            self.h.update([0]);
+            self.h.update(&[0]);
             self.h.update(
                 format!(
                     "{:o} {} {} {}",
@@ -187,7 +183,7 @@ impl<'a> Hasher<'a> {
                 )
                 .as_bytes(),
             );
-            self.h.update([0]);
+            self.h.update(&[0]);
             if md.file_type().is_symlink() {
                 let t = std::fs::read_link(entry.path())
                     .map_err(Error::io("readlink", entry.path()))?;
@@ -200,9 +196,9 @@ impl<'a> Hasher<'a> {
                     .as_os_str()
                     .as_encoded_bytes();
                 let sum = self.content(entry.path(), key, &md)?;
-                self.h.update(sum);
+                self.h.update(&sum);
             }
-            self.h.update([0xff]);
+            self.h.update(&[0xff]);
         }
         Ok(())
     }
@@ -320,7 +316,7 @@ fn paths_with(
         };
         hs.h.update(b"selector\0");
         hs.h.update(full.as_bytes());
-        hs.h.update([0, sel.wildcard as u8, sel.follow_links as u8]);
+        hs.h.update(&[0, sel.wildcard as u8, sel.follow_links as u8]);
         let matches = if sel.wildcard && crate::wildcard::has_wildcards(&full) {
             crate::wildcard::expand(root, &full)?
         } else {
@@ -329,7 +325,7 @@ fn paths_with(
         for m in matches {
             hs.h.update(b"match\0");
             hs.h.update(m.as_bytes());
-            hs.h.update([0]);
+            hs.h.update(&[0]);
             let p = crate::rootpath::resolve(root, &m, sel.follow_links)
                 .map_err(Error::io("resolve", &m))?;
             match p.symlink_metadata() {

@@ -82,8 +82,53 @@ pub enum Error {
         #[source]
         source: nix::Error,
     },
-    #[error("step network: {0}")]
-    Network(String),
+    /// Bridge mode could not be set up (see [`crate::network`]).
+    #[error("bridge mode")]
+    BridgeMode {
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("bridge name {name:?}: 1 to 15 letters, digits, '-' or '_'")]
+    BridgeName { name: String },
+    #[error(
+        "bridge {bridge} has address {have}, not {gateway} (the subnet {subnet}'s gateway): another subnet is configured for it"
+    )]
+    BridgeAddress {
+        bridge: String,
+        have: String,
+        gateway: String,
+        subnet: String,
+    },
+    #[error("{tool} not found (install {package})")]
+    NetworkToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("run {program}")]
+    NetworkToolStart {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A network tool (`ip`, `iptables`) failed; `output` is what it said.
+    #[error("{command}: {output}")]
+    NetworkTool { command: String, output: String },
+    #[error("{op}")]
+    NetworkSys {
+        op: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("every address of {subnet} on bridge {bridge} is in use")]
+    NoStepAddress { subnet: String, bridge: String },
+    #[error("set up the step network {ip}")]
+    StepNetwork {
+        ip: std::net::Ipv4Addr,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("network setup thread panicked")]
+    NetworkThreadPanicked,
     #[error("start runc {runc}")]
     RuncStart {
         runc: PathBuf,

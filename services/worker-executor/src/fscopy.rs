@@ -461,7 +461,9 @@ pub fn link_deferred(
                     stats.linked += 1;
                     continue;
                 }
-                Err(e) => tracing::debug!("link {}: {e}; copying", dst.display()),
+                Err(e) => {
+                    tracing::debug!(error = %kiln_proto::status::Chain(&e), "link {}: copying", dst.display())
+                }
             }
         }
         // copy the bytes, keeping the placeholder's metadata

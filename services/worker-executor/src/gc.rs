@@ -170,19 +170,11 @@ pub struct PathEntry {
 }
 
 fn file_digest(p: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).map_err(Error::io("open", p))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(Error::io("read", p))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    let f = std::fs::File::open(p).map_err(Error::io("open", p))?;
+    let (digest, _) = kiln_digest::DigestReader::new(f)
+        .finish()
+        .map_err(Error::io("read", p))?;
+    Ok(digest)
 }
 
 /// Every entry under `root` that `selectors` reach (a wildcard matches
@@ -274,7 +266,7 @@ impl Worker {
             match self.store().meta(&id) {
                 Ok(m) => out.push(m),
                 Err(err) => {
-                    tracing::warn!(snapshot = %id, error = %err, "skipping unreadable snapshot")
+                    tracing::warn!(snapshot = %id, error = %kiln_proto::status::Chain(&err), "skipping unreadable snapshot")
                 }
             }
         }

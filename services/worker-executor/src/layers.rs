@@ -54,7 +54,7 @@ pub(crate) async fn layer_chain(
         let lock = w.layer_locks.get(format!("{} {key}", meta.id));
         held.push(lock.lock_owned().await);
     }
-    let _busy = crate::ops::Busy::start();
+    let _busy = w.activity.start();
     let store = w.store.clone();
     let blobs = w.config.root.join("content/blobs/sha256");
     let memo = w.memo.clone();
@@ -193,7 +193,7 @@ impl MemoWriter {
                 }
             });
         let thread = thread
-            .inspect_err(|e| tracing::warn!(error = %e, "start the layer memo thread"))
+            .inspect_err(|e| tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the layer memo thread"))
             .ok();
         MemoWriter {
             pending,
@@ -246,7 +246,7 @@ fn write_memos(
             });
             if let Err(e) = res {
                 // without the memo the layer is computed again next time
-                tracing::debug!(snapshot = %id, error = %e, "layer memo not recorded");
+                tracing::debug!(snapshot = %id, error = %kiln_proto::status::Chain(&e), "layer memo not recorded");
             }
         } else {
             tracing::debug!(snapshot = %id, "layer memo not recorded: no sync of the blob");

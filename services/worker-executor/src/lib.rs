@@ -136,6 +136,9 @@ pub struct Worker {
     interactive: runc::Runc,
     /// what steps get for a network (the worker's mode, resolved at start)
     networking: network::Networking,
+    /// ops and layer computations running now, for housekeeping that waits
+    /// for a quiet moment
+    activity: ops::Activity,
     /// LLBBridge containers, by id: mounts kept until released
     containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
 }
@@ -206,6 +209,7 @@ impl Worker {
             runtime,
             interactive,
             networking,
+            activity: ops::Activity::default(),
             containers: std::sync::Mutex::new(HashMap::new()),
             config,
         })
@@ -659,30 +663,21 @@ pub(crate) mod testutil {
 
     /// An exec op running `script` with /bin/sh on input 0 as its rootfs.
     pub fn exec_op(script: &str, user: &str, valid: Vec<i32>) -> crate::pb::Op {
-        crate::pb::Op {
-            inputs: vec![crate::pb::Input {
-                digest: "sha256:root".into(),
-                index: 0,
-            }],
-            op: Some(crate::pb::op::Op::Exec(crate::pb::ExecOp {
-                meta: Some(crate::pb::Meta {
-                    args: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                    env: vec!["PATH=/bin".into()],
-                    cwd: "/".into(),
-                    user: user.into(),
-                    valid_exit_codes: valid,
-                    ..Default::default()
-                }),
-                mounts: vec![crate::pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
+        let root = crate::pb::Input {
+            digest: "sha256:root".into(),
+            index: 0,
+        };
+        kiln_llb::exec_op(
+            root,
+            crate::pb::Meta {
+                args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/".into(),
+                user: user.into(),
+                valid_exit_codes: valid,
                 ..Default::default()
-            })),
-            ..Default::default()
-        }
+            },
+        )
     }
 
     use crate::snapshot::Kind;

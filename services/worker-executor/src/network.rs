@@ -159,14 +159,19 @@ impl Networking {
         let n = match config.mode {
             NetworkMode::Host => Networking::Host,
             NetworkMode::None => Networking::None,
-            NetworkMode::Bridge => Networking::Bridge(Arc::new(
-                Bridge::setup(config).map_err(|e| Error::Network(format!("bridge mode: {e}")))?,
-            )),
+            NetworkMode::Bridge => {
+                Networking::Bridge(Arc::new(Bridge::setup(config).map_err(|e| {
+                    Error::BridgeMode {
+                        source: Box::new(e),
+                    }
+                })?))
+            }
             NetworkMode::Auto => match Bridge::setup(config) {
                 Ok(b) => Networking::Bridge(Arc::new(b)),
                 Err(e) => {
                     tracing::warn!(
-                        "network mode auto: bridge unavailable ({e}); steps use the host's network"
+                        error = %kiln_proto::status::Chain(&e),
+                        "network mode auto: bridge unavailable; steps use the host's network"
                     );
                     Networking::Host
                 }
@@ -188,16 +193,16 @@ impl Networking {
 
 /// A bridge name kiln accepts: an interface name (at most 15 bytes) that also fits its
 /// iptables chain names.
-pub fn check_bridge_name(name: &str) -> std::result::Result<(), String> {
+pub fn check_bridge_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 15
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(format!(
-            "bridge name {name:?}: 1 to 15 letters, digits, '-' or '_'"
-        ));
+        return Err(Error::BridgeName {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -217,29 +222,23 @@ pub struct Bridge {
 }
 
 /// Runs `ip`, `iptables` or another tool; an error names the command and what it said.
-fn tool(program: &str, args: &[&str]) -> std::result::Result<String, String> {
+fn tool(program: &'static str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("run {program}: {e}"))?;
+        .map_err(|source| Error::NetworkToolStart { program, source })?;
     if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(Error::NetworkTool {
+            command: format!("{program} {}", args.join(" ")),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `iptables [-t table] -C rule` or else `-A`/`-I` it.
-fn ensure_rule(
-    table: &str,
-    chain: &str,
-    rule: &[&str],
-    insert: bool,
-) -> std::result::Result<(), String> {
+fn ensure_rule(table: &str, chain: &str, rule: &[&str], insert: bool) -> Result<()> {
     let with = |op: &str| {
         let mut v = vec!["-w", "-t", table, op, chain];
         if op == "-I" {
@@ -259,11 +258,7 @@ fn ensure_rule(
 }
 
 /// Makes `chain` hold exactly `rules` (flushed and refilled only when it differs).
-fn ensure_chain(
-    table: &str,
-    chain: &str,
-    rules: &[Vec<String>],
-) -> std::result::Result<(), String> {
+fn ensure_chain(table: &str, chain: &str, rules: &[Vec<String>]) -> Result<()> {
     let _ = tool("iptables", &["-w", "-t", table, "-N", chain]);
     let listed = tool("iptables", &["-w", "-t", table, "-S", chain])?;
     let want: Vec<String> = rules
@@ -312,7 +307,7 @@ impl Bridge {
     /// Creates (or finds) the bridge with the subnet's gateway address, enables
     /// forwarding and puts kiln's iptables rules in place; then sweeps leases a killed
     /// kilnd left. The error says what is missing.
-    pub fn setup(config: &NetworkConfig) -> std::result::Result<Bridge, String> {
+    pub fn setup(config: &NetworkConfig) -> Result<Bridge> {
         let name = &config.bridge;
         check_bridge_name(name)?;
         let subnet = config.subnet;
@@ -324,18 +319,17 @@ impl Bridge {
                 .status()
                 .is_err()
             {
-                return Err(format!(
-                    "{t} not found (install {})",
-                    if t == "ip" { "iproute2" } else { "iptables" }
-                ));
+                return Err(Error::NetworkToolMissing {
+                    tool: t,
+                    package: if t == "ip" { "iproute2" } else { "iptables" },
+                });
             }
         }
         let dir = Path::new(STATE_DIR).join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         // one kilnd at a time sets up the shared bridge and rules
         let lock_path = Path::new(STATE_DIR).join(format!("{name}.lock"));
-        let _setup =
-            lock(&lock_path, true).map_err(|e| format!("lock {}: {e}", lock_path.display()))?;
+        let _setup = lock(&lock_path, true).map_err(Error::io("lock", &lock_path))?;
 
         let gw = format!("{}/{}", subnet.gateway(), subnet.prefix);
         if !Path::new("/sys/class/net").join(name).exists() {
@@ -351,9 +345,12 @@ impl Bridge {
             .collect();
         if !have.contains(&gw.as_str()) {
             if let Some(other) = have.first() {
-                return Err(format!(
-                    "bridge {name} has address {other}, not {gw} (the subnet {subnet}'s gateway): another subnet is configured for it"
-                ));
+                return Err(Error::BridgeAddress {
+                    bridge: name.clone(),
+                    have: other.to_string(),
+                    gateway: gw,
+                    subnet: subnet.to_string(),
+                });
             }
             tool("ip", &["addr", "add", &gw, "dev", name])?;
         }
@@ -373,7 +370,7 @@ impl Bridge {
             .map(|s| s.trim() != "1")
             .unwrap_or(true)
         {
-            std::fs::write(fwd, "1").map_err(|e| format!("enable IPv4 forwarding ({fwd}): {e}"))?;
+            std::fs::write(fwd, "1").map_err(Error::io("enable IPv4 forwarding in", fwd))?;
             tracing::info!("enabled IPv4 forwarding for bridge {name}");
         }
 
@@ -493,34 +490,32 @@ impl Bridge {
                     break;
                 }
                 Ok(None) => continue,
-                Err(e) => {
-                    return Err(Error::Network(format!(
-                        "lease an address in {}: {e}",
-                        self.dir.display()
-                    )));
-                }
+                Err(e) => return Err(Error::io("lease an address in", &self.dir)(e)),
             }
         }
-        let lease = lease.ok_or_else(|| {
-            Error::Network(format!(
-                "every address of {} on bridge {} is in use",
-                self.subnet, self.name
-            ))
+        let lease = lease.ok_or_else(|| Error::NoStepAddress {
+            subnet: self.subnet.to_string(),
+            bridge: self.name.clone(),
         })?;
         // on failure the lease's drop removes what was made
-        self.configure(&lease)
-            .map_err(|e| Error::Network(format!("set up the step network {}: {e}", lease.ip)))?;
+        self.configure(&lease).map_err(|e| Error::StepNetwork {
+            ip: lease.ip,
+            source: Box::new(e),
+        })?;
         Ok(StepNetwork { lease: Some(lease) })
     }
 
-    fn configure(&self, lease: &Lease) -> std::result::Result<(), String> {
+    fn configure(&self, lease: &Lease) -> Result<()> {
         let ns = &lease.ns;
         let t0 = std::time::Instant::now();
-        std::fs::File::create(ns).map_err(|e| format!("create {}: {e}", ns.display()))?;
+        std::fs::File::create(ns).map_err(Error::io("create", ns))?;
         // a new namespace, pinned by a bind mount; its loopback up
         in_thread(|| {
             // this thread's network namespace only
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|source| Error::NetworkSys {
+                op: "unshare".into(),
+                source,
+            })?;
             nix::mount::mount(
                 Some("/proc/thread-self/ns/net"),
                 ns,
@@ -528,7 +523,10 @@ impl Bridge {
                 nix::mount::MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .map_err(|e| format!("bind the namespace to {}: {e}", ns.display()))?;
+            .map_err(|source| Error::Mount {
+                target: ns.clone(),
+                source,
+            })?;
             ifconfig::up("lo")
         })?;
         // the veth pair: `eth0` inside, `kv…` on the bridge, isolated from other steps
@@ -544,9 +542,14 @@ impl Bridge {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{v}/disable_ipv6"), "1");
         let (ip, mask, gw) = (lease.ip, self.subnet.netmask(), self.subnet.gateway());
         in_thread(|| {
-            let f = std::fs::File::open(ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
+            let f = std::fs::File::open(ns).map_err(Error::io("open", ns))?;
             // this thread's network namespace only
-            nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+            nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                Error::NetworkSys {
+                    op: format!("enter {}", ns.display()),
+                    source,
+                }
+            })?;
             // IPv4 only (and no link-local way to the host)
             let _ = std::fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
             ifconfig::address("eth0", ip, mask)?;
@@ -575,18 +578,22 @@ fn bridge_mac(name: &str) -> String {
 }
 
 /// Runs `f` on a thread of its own (namespace changes stay there) and waits for it.
-fn in_thread<F>(f: F) -> std::result::Result<(), String>
+fn in_thread<F>(f: F) -> Result<()>
 where
-    F: FnOnce() -> std::result::Result<(), String> + Send,
+    F: FnOnce() -> Result<()> + Send,
 {
     std::thread::scope(|s| {
         s.spawn(f)
             .join()
-            .unwrap_or_else(|_| Err("network setup thread panicked".into()))
+            .unwrap_or(Err(Error::NetworkThreadPanicked))
     })
 }
 
-fn ip_batch(batch: &str) -> std::result::Result<(), String> {
+fn ip_batch(batch: &str) -> Result<()> {
+    let start = |source| Error::NetworkToolStart {
+        program: "ip",
+        source,
+    };
     use std::io::Write;
     let mut child = Command::new("ip")
         .args(["-batch", "-"])
@@ -594,20 +601,16 @@ fn ip_batch(batch: &str) -> std::result::Result<(), String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("run ip: {e}"))?;
+        .map_err(start)?;
     if let Some(mut i) = child.stdin.take() {
-        i.write_all(batch.as_bytes())
-            .map_err(|e| format!("write to ip: {e}"))?;
+        i.write_all(batch.as_bytes()).map_err(start)?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("run ip: {e}"))?;
+    let out = child.wait_with_output().map_err(start)?;
     if !out.status.success() {
-        return Err(format!(
-            "ip -batch ({}): {}",
-            batch.trim().replace('\n', "; "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(Error::NetworkTool {
+            command: format!("ip -batch ({})", batch.trim().replace('\n', "; ")),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -628,7 +631,7 @@ impl Lease {
         if Path::new("/sys/class/net").join(&self.veth).exists()
             && let Err(e) = tool("ip", &["link", "del", &self.veth])
         {
-            tracing::warn!("remove step network {}: {e}", self.ip);
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "remove step network {}", self.ip);
         }
         if self.ns.exists() {
             let _ = nix::mount::umount2(&self.ns, nix::mount::MntFlags::MNT_DETACH);
@@ -712,14 +715,19 @@ mod ifconfig {
     use std::net::Ipv4Addr;
     use std::os::fd::{AsRawFd, OwnedFd};
 
-    fn socket() -> Result<OwnedFd, String> {
+    use crate::error::{Error, Result};
+
+    fn socket() -> Result<OwnedFd> {
         nix::sys::socket::socket(
             AddressFamily::Inet,
             SockType::Datagram,
             SockFlag::SOCK_CLOEXEC,
             None,
         )
-        .map_err(|e| format!("socket: {e}"))
+        .map_err(|source| Error::NetworkSys {
+            op: "open an interface socket".into(),
+            source,
+        })
     }
 
     fn ifreq(name: &str) -> libc::ifreq {
@@ -758,7 +766,7 @@ mod ifconfig {
         }
     }
 
-    fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<()> {
         #[allow(
             unsafe_code,
             reason = "the SIOC* interface ioctls have no safe wrapper in nix"
@@ -766,12 +774,15 @@ mod ifconfig {
         // SAFETY: `arg` is the struct `req` reads or writes, valid for the call
         let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
         if r < 0 {
-            return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+            return Err(Error::NetworkSys {
+                op: what.to_string(),
+                source: nix::Error::last(),
+            });
         }
         Ok(())
     }
 
-    pub fn up(name: &str) -> Result<(), String> {
+    pub fn up(name: &str) -> Result<()> {
         let s = socket()?;
         let mut r = ifreq(name);
         ioctl(
@@ -788,7 +799,7 @@ mod ifconfig {
         ioctl(&s, libc::SIOCSIFFLAGS, &mut r, &format!("set {name} up"))
     }
 
-    pub fn address(name: &str, ip: Ipv4Addr, mask: Ipv4Addr) -> Result<(), String> {
+    pub fn address(name: &str, ip: Ipv4Addr, mask: Ipv4Addr) -> Result<()> {
         let s = socket()?;
         let mut r = ifreq(name);
         r.ifr_ifru.ifru_addr = sockaddr(ip);
@@ -826,7 +837,7 @@ mod ifconfig {
         rt_irtt: libc::c_ushort,
     }
 
-    pub fn default_route(gw: Ipv4Addr) -> Result<(), String> {
+    pub fn default_route(gw: Ipv4Addr) -> Result<()> {
         let s = socket()?;
         let any = Ipv4Addr::UNSPECIFIED;
         let mut rt = RtEntry {

@@ -45,7 +45,7 @@ impl RuntimeDir {
             }
             let dir = base.join(format!("{PREFIX}{hash}"));
             if let Err(e) = private_dir(&dir) {
-                tracing::warn!(dir = %dir.display(), "not used for runc state: {e}");
+                tracing::warn!(dir = %dir.display(), error = %kiln_proto::status::Chain(&e), "not used for runc state");
                 continue;
             }
             point_link(&link, &dir)?;

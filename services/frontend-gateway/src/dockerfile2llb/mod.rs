@@ -40,7 +40,6 @@ use dispatch::{DispatchContext, Stages};
 pub(crate) use ops::source_op;
 use ops::{ContextSource, Lines, OpId, Ops, metadata};
 use plan::{ImageUse, Plan, ResolvedBase};
-pub(crate) use stage::to_pb_platform;
 
 /// What to build.
 #[derive(Debug, Clone, Default)]
@@ -381,7 +380,7 @@ async fn resolve_image<R: ImageResolver>(
 /// this plain one.
 fn image_source_op(ops: &mut Ops, image: &ImageUse, pinned: &str) -> OpId {
     let op = pb::Op {
-        platform: Some(to_pb_platform(&image.platform)),
+        platform: Some(pb::Platform::from(&image.platform)),
         ..source_op(format!("docker-image://{pinned}"), BTreeMap::new())
     };
     let md = metadata(

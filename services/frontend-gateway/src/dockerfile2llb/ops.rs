@@ -63,7 +63,8 @@ struct Node {
     lines: Option<Lines>,
 }
 
-/// What the build context source needs to know.
+/// What a local source (the build context, or a named `local:` context)
+/// needs to know.
 pub(crate) struct ContextSource {
     pub session_id: String,
     /// Paths (absolute, from COPY/ADD sources) the build reads from the context.
@@ -198,24 +199,22 @@ impl Ops {
 
     /// A named local context (`context:NAME=local:DIR`): the client's dir DIR.
     pub(crate) fn named_local(&mut self, dir: &str, session_id: &str, excludes: &[String]) -> OpId {
-        let mut attrs = BTreeMap::new();
         let mut caps = vec![
             "source.local",
             "source.local.sessionid",
             "source.local.sharedkeyhint",
         ];
         if !excludes.is_empty() {
-            attrs.insert(
-                "local.excludepatterns".to_string(),
-                serde_json::to_string(excludes).unwrap_or_else(|_| "[]".to_string()),
-            );
             caps.insert(1, "source.local.excludepatterns");
         }
-        if !session_id.is_empty() {
-            attrs.insert("local.session".to_string(), session_id.to_string());
-        }
-        attrs.insert("local.sharedkeyhint".to_string(), dir.to_string());
-        let op = source_op(format!("local://{dir}"), attrs);
+        let op = local_op(
+            dir,
+            &ContextSource {
+                session_id: session_id.to_string(),
+                paths: BTreeSet::new(),
+                excludes: excludes.to_vec(),
+            },
+        );
         let name = format!("[context {dir}] load from client");
         self.push(
             op,
@@ -304,10 +303,16 @@ impl Ops {
 }
 
 fn context_op(context: &ContextSource) -> pb::Op {
+    local_op("context", context)
+}
+
+/// `local://NAME`: the client's dir NAME (its shared key hint too), as much of
+/// it as `source` says.
+fn local_op(name: &str, source: &ContextSource) -> pb::Op {
     let mut attrs = BTreeMap::new();
-    // BuildKit's normalizeContextPaths: "/" anywhere means the whole context.
-    if !context.paths.is_empty() && !context.paths.contains("/") {
-        let paths: Vec<String> = context
+    // BuildKit's normalizeContextPaths: "/" anywhere means the whole dir.
+    if !source.paths.is_empty() && !source.paths.contains("/") {
+        let paths: Vec<String> = source
             .paths
             .iter()
             .map(|p| p.trim_start_matches('/').to_string())
@@ -317,15 +322,15 @@ fn context_op(context: &ContextSource) -> pb::Op {
             serde_json::to_string(&paths).unwrap_or_else(|_| "[]".to_string()),
         );
     }
-    if !context.excludes.is_empty() {
+    if !source.excludes.is_empty() {
         attrs.insert(
             "local.excludepatterns".to_string(),
-            serde_json::to_string(&context.excludes).unwrap_or_else(|_| "[]".to_string()),
+            serde_json::to_string(&source.excludes).unwrap_or_else(|_| "[]".to_string()),
         );
     }
-    if !context.session_id.is_empty() {
-        attrs.insert("local.session".to_string(), context.session_id.clone());
+    if !source.session_id.is_empty() {
+        attrs.insert("local.session".to_string(), source.session_id.clone());
     }
-    attrs.insert("local.sharedkeyhint".to_string(), "context".to_string());
-    source_op("local://context".to_string(), attrs)
+    attrs.insert("local.sharedkeyhint".to_string(), name.to_string());
+    source_op(format!("local://{name}"), attrs)
 }

@@ -134,7 +134,7 @@ impl StageState {
     }
 
     pub(crate) fn pb_platform(&self) -> pb::Platform {
-        to_pb_platform(&self.platform)
+        pb::Platform::from(&self.platform)
     }
 
     /// Appends a history entry; `layer` ops get the ` # buildkit` suffix.
@@ -155,16 +155,6 @@ impl StageState {
     /// Commits a metadata-only history entry (empty_layer: true).
     pub(crate) fn commit_empty(&mut self, created_by: String) {
         self.commit(created_by, false);
-    }
-}
-
-pub(crate) fn to_pb_platform(p: &Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone().unwrap_or_default(),
-        os_version: p.os_version.clone().unwrap_or_default(),
-        os_features: p.os_features.clone().unwrap_or_default(),
     }
 }
 

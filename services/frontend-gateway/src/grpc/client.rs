@@ -11,7 +11,6 @@ use kiln_proto::moby::buildkit::v1::frontend::{
 use tonic::transport::Channel;
 
 use super::convert::bridge_error;
-use crate::dockerfile2llb::to_pb_platform;
 use crate::{Bridge, BridgeError, BridgeErrorKind, FrontendOutput, ResolvedConfig};
 
 /// gRPC metadata key carrying the build id on every bridge call.
@@ -168,7 +167,7 @@ impl Bridge for GrpcBridge {
             build_id,
             ResolveImageConfigRequest {
                 r#ref: reference.to_string(),
-                platform: Some(to_pb_platform(platform)),
+                platform: Some(pb::Platform::from(platform)),
                 resolve_mode: "default".to_string(),
                 log_name: format!("[internal] load metadata for {reference}"),
                 ..Default::default()

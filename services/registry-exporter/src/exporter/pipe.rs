@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_oci::Descriptor;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
@@ -164,8 +163,7 @@ impl LayerSource {
         }
         Some(VerifyingReader {
             inner: FeedReader::new(&mut self.feed),
-            hasher: Sha256::new(),
-            size: 0,
+            hasher: kiln_oci::digest::Hasher::new(),
             desc: desc.clone(),
         })
     }
@@ -174,8 +172,7 @@ impl LayerSource {
 /// Checks the bytes it passes on against a descriptor, failing at the end on a mismatch.
 pub(super) struct VerifyingReader<R> {
     inner: R,
-    hasher: Sha256,
-    size: u64,
+    hasher: kiln_oci::digest::Hasher,
     desc: Descriptor,
 }
 
@@ -183,20 +180,20 @@ impl<R: Read> Read for VerifyingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
-            if actual != self.desc.digest || self.size != self.desc.size {
+            let size = self.hasher.size();
+            let actual = self.hasher.clone().finish();
+            if actual != self.desc.digest || size != self.desc.size {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
                         "layer {} from the worker is {actual} ({} bytes), expected {} bytes",
-                        self.desc.digest, self.size, self.desc.size
+                        self.desc.digest, size, self.desc.size
                     ),
                 ));
             }
             return Ok(0);
         }
         self.hasher.update(&buf[..n]);
-        self.size += n as u64;
         Ok(n)
     }
 }

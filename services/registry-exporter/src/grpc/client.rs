@@ -41,7 +41,7 @@ impl GrpcWorker {
         Error::Worker {
             op,
             target: format!("{target} on {}", self.addr),
-            message: format!("{}: {}", status.code(), status.message()),
+            source: status.into(),
         }
     }
 
@@ -132,7 +132,7 @@ impl ExporterClient {
             .clone()
             .resolve_image_config(xpb::ResolveRequest {
                 r#ref: reference.to_string(),
-                platform: platform.map(convert::platform_to_pb),
+                platform: platform.map(kiln_proto::pb::Platform::from),
                 session_id: String::new(),
             })
             .await?

@@ -25,16 +25,6 @@ pub fn platform_from_pb(p: Option<pb::Platform>) -> Option<kiln_oci::Platform> {
     })
 }
 
-pub fn platform_to_pb(p: &kiln_oci::Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone().unwrap_or_default(),
-        os_version: p.os_version.clone().unwrap_or_default(),
-        os_features: p.os_features.clone().unwrap_or_default(),
-    }
-}
-
 pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
     ExportRequest {
         build_id: r.build_id,
@@ -117,9 +107,8 @@ impl From<Error> for Status {
             Error::ResolveImage { source, .. }
             | Error::PushBlob { source, .. }
             | Error::PushManifest { source, .. } => registry_code(source),
-            Error::DialWorker { .. } | Error::DialBroker { .. } | Error::Worker { .. } => {
-                Code::Unavailable
-            }
+            Error::DialWorker { .. } | Error::DialBroker { .. } => Code::Unavailable,
+            Error::Worker { source, .. } => source.code,
             Error::Session { .. } => Code::Unavailable,
             Error::LayerMismatch { .. } => Code::DataLoss,
             Error::RegistryClient { .. }
@@ -156,7 +145,7 @@ mod tests {
     #[test]
     fn platform_round_trip() {
         let p = kiln_oci::Platform::new("linux", "arm", Some("v7"));
-        assert_eq!(platform_from_pb(Some(platform_to_pb(&p))), Some(p));
+        assert_eq!(platform_from_pb(Some(pb::Platform::from(&p))), Some(p));
         assert_eq!(platform_from_pb(Some(pb::Platform::default())), None);
     }
 }

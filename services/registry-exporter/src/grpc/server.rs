@@ -139,7 +139,7 @@ impl ExporterRpc for ExporterService {
                     })),
                 }),
                 Err(e) => {
-                    tracing::warn!(error = %e, "export failed");
+                    tracing::warn!(error = %kiln_proto::status::Chain(&e), "export failed");
                     Err(Status::from(e))
                 }
             };

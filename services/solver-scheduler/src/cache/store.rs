@@ -220,7 +220,7 @@ impl Drop for RedbStore {
         if self.unsynced.load(std::sync::atomic::Ordering::Acquire)
             && let Err(e) = durable_commit(&self.db)
         {
-            tracing::warn!(error = %e, "durable commit of cache records on close");
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "durable commit of cache records on close");
         }
     }
 }
@@ -254,12 +254,12 @@ fn spawn_group_committer(
                 }
                 if let Err(e) = durable_commit(&db) {
                     unsynced.store(true, Ordering::Release);
-                    tracing::warn!(error = %e, "durable commit of cache records");
+                    tracing::warn!(error = %kiln_proto::status::Chain(&e), "durable commit of cache records");
                 }
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "start the cache commit thread");
+        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the cache commit thread");
     }
 }
 
@@ -288,7 +288,7 @@ fn encode(rec: &CacheRecord) -> Result<Vec<u8>, Error> {
 /// database closes; a crash before that loses them (never a half of one).
 fn set_durability(txn: &mut redb::WriteTransaction, durability: redb::Durability) {
     if let Err(e) = txn.set_durability(durability) {
-        tracing::debug!(error = %e, "commit stays durable");
+        tracing::debug!(error = %kiln_proto::status::Chain(&e), "commit stays durable");
     }
 }
 

@@ -109,14 +109,17 @@ impl peer::Worker for GrpcWorker {
         let resp = self
             .client
             .clone()
-            .read_file(file_call(wk::ReadFileRequest {
-                r#ref: r.to_string(),
-                path: path.to_string(),
-                offset,
-                length,
-                container_id: container.to_string(),
-                mount_index: mount,
-            }))
+            .read_file(with_deadline(
+                wk::ReadFileRequest {
+                    r#ref: r.to_string(),
+                    path: path.to_string(),
+                    offset,
+                    length,
+                    container_id: container.to_string(),
+                    mount_index: mount,
+                },
+                FILE_CALL,
+            ))
             .await
             .map_err(worker_call(format!("read {path}")))?;
         Ok(resp.into_inner().data)
@@ -132,13 +135,16 @@ impl peer::Worker for GrpcWorker {
         let resp = self
             .client
             .clone()
-            .read_dir(file_call(wk::ReadDirRequest {
-                r#ref: r.to_string(),
-                path: path.to_string(),
-                include_pattern: include.to_string(),
-                container_id: container.to_string(),
-                mount_index: mount,
-            }))
+            .read_dir(with_deadline(
+                wk::ReadDirRequest {
+                    r#ref: r.to_string(),
+                    path: path.to_string(),
+                    include_pattern: include.to_string(),
+                    container_id: container.to_string(),
+                    mount_index: mount,
+                },
+                FILE_CALL,
+            ))
             .await
             .map_err(worker_call(format!("list {path}")))?;
         Ok(resp.into_inner().entries)
@@ -233,12 +239,15 @@ impl peer::Worker for GrpcWorker {
         let resp = self
             .client
             .clone()
-            .stat_file(file_call(wk::StatFileRequest {
-                r#ref: r.to_string(),
-                path: path.to_string(),
-                container_id: container.to_string(),
-                mount_index: mount,
-            }))
+            .stat_file(with_deadline(
+                wk::StatFileRequest {
+                    r#ref: r.to_string(),
+                    path: path.to_string(),
+                    container_id: container.to_string(),
+                    mount_index: mount,
+                },
+                FILE_CALL,
+            ))
             .await
             .map_err(worker_call(format!("stat {path}")))?;
         resp.into_inner().stat.ok_or_else(|| Error::WorkerReply {
@@ -248,8 +257,7 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
-        let mut req = tonic::Request::new(checksum_request(r, selectors, false));
-        req.set_timeout(Duration::from_secs(600));
+        let req = with_deadline(checksum_request(r, selectors, false), TREE_CALL);
         let resp = self
             .client
             .clone()
@@ -260,8 +268,7 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn path_entries(&self, r: &str, selectors: &[Selector]) -> Result<Vec<PathEntry>, Error> {
-        let mut req = tonic::Request::new(checksum_request(r, selectors, true));
-        req.set_timeout(Duration::from_secs(600));
+        let req = with_deadline(checksum_request(r, selectors, true), TREE_CALL);
         let resp = self
             .client
             .clone()
@@ -296,10 +303,12 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
-        let mut req = tonic::Request::new(wk::ExistsRequest {
-            refs: refs.to_vec(),
-        });
-        req.set_timeout(Duration::from_secs(30));
+        let req = with_deadline(
+            wk::ExistsRequest {
+                refs: refs.to_vec(),
+            },
+            Duration::from_secs(30),
+        );
         let resp = self
             .client
             .clone()
@@ -310,10 +319,12 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn usage(&self, refs: &[String]) -> Result<WorkerUsage, Error> {
-        let mut req = tonic::Request::new(wk::UsageRequest {
-            refs: refs.to_vec(),
-        });
-        req.set_timeout(Duration::from_secs(600));
+        let req = with_deadline(
+            wk::UsageRequest {
+                refs: refs.to_vec(),
+            },
+            TREE_CALL,
+        );
         let r = self
             .client
             .clone()
@@ -328,11 +339,13 @@ impl peer::Worker for GrpcWorker {
     }
 
     async fn prune(&self, keep: &[String], before: i64) -> Result<WorkerUsage, Error> {
-        let mut req = tonic::Request::new(wk::PruneRequest {
-            keep: keep.to_vec(),
-            before,
-        });
-        req.set_timeout(Duration::from_secs(600));
+        let req = with_deadline(
+            wk::PruneRequest {
+                keep: keep.to_vec(),
+                before,
+            },
+            TREE_CALL,
+        );
         let r = self
             .client
             .clone()
@@ -424,12 +437,14 @@ impl peer::Exporter for GrpcExporter {
         platform: Option<pb::Platform>,
         session_id: &str,
     ) -> Result<ResolvedImage, Error> {
-        let mut req = tonic::Request::new(ex::ResolveRequest {
-            r#ref: reference.to_string(),
-            platform,
-            session_id: session_id.to_string(),
-        });
-        req.set_timeout(Duration::from_secs(120));
+        let req = with_deadline(
+            ex::ResolveRequest {
+                r#ref: reference.to_string(),
+                platform,
+                session_id: session_id.to_string(),
+            },
+            Duration::from_secs(120),
+        );
         let r = self
             .client
             .clone()
@@ -517,9 +532,14 @@ fn checksum_request(r: &str, selectors: &[Selector], entries: bool) -> wk::Check
     }
 }
 
-/// A worker file call (read, list, stat) with its deadline.
-fn file_call<T>(msg: T) -> tonic::Request<T> {
+/// A call's deadline: a worker file call (read, list, stat).
+const FILE_CALL: Duration = Duration::from_secs(60);
+/// A call that walks trees or the whole store (checksum, usage, prune).
+const TREE_CALL: Duration = Duration::from_secs(600);
+
+/// `msg` as a request that gives up after `deadline`.
+fn with_deadline<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.set_timeout(Duration::from_secs(60));
+    req.set_timeout(deadline);
     req
 }

@@ -127,10 +127,10 @@ pub fn history_record(h: &HistoryRecord) -> BuildHistoryRecord {
 
 /// A `google.rpc.Status` a client sent (LLBBridge `Return`), with the step
 /// and source details it carries.
-pub fn remote(st: kiln_proto::google::rpc::Status) -> crate::Remote {
+pub fn remote(st: kiln_proto::google::rpc::Status) -> kiln_proto::status::Remote {
     use prost::Message;
     let code = tonic::Code::from(st.code);
     let message = st.message.clone();
     let status = tonic::Status::with_details(code, message, st.encode_to_vec().into());
-    crate::Remote::from(status)
+    kiln_proto::status::Remote::from(status)
 }

@@ -5,6 +5,7 @@ use crate::Error;
 use crate::build::FrontendResult;
 use crate::peer::{Exporter, Frontend, FsTarget, Worker};
 use crate::session::Session;
+use crate::solve::AbortOnDrop;
 use crate::solver::Solver;
 use crate::usage::Filter;
 use bytes::Bytes;
@@ -38,15 +39,6 @@ pub fn control_server<W: Worker, F: Frontend, E: Exporter>(
     control_server::ControlServer::new(ControlService { solver })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn first_md(md: &tonic::metadata::MetadataMap, key: &str) -> String {
@@ -149,7 +141,7 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
         let solver = self.solver.clone();
         // a client that goes away (this call is dropped) cancels its build
         let task = tokio::spawn(async move { solver.solve(req).await });
-        let _cancel = AbortOnDrop(task.abort_handle());
+        let _cancel = AbortOnDrop::new(task.abort_handle());
         let r = task
             .await
             .map_err(|e| Status::internal(format!("build task: {e}")))?;
@@ -243,7 +235,9 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
                         tracing::warn!("session {attach_id}: the id is taken; not attached");
                     }
                 }
-                Err(e) => tracing::warn!("session {attach_id}: {e}"),
+                Err(e) => {
+                    tracing::warn!(error = %kiln_proto::status::Chain(&e), "session {attach_id}")
+                }
             }
         });
         let out = ReceiverStream::new(out_rx).map(|b| Ok(ctl::BytesMessage { data: b.to_vec() }));
@@ -368,7 +362,7 @@ impl<W: Worker, F: Frontend, E: Exporter> session_broker_server::SessionBroker
                 }
             }
         });
-        let guard = AbortOnDrop(task.abort_handle());
+        let guard = AbortOnDrop::new(task.abort_handle());
         // the forwarded call ends with this one
         let out = ReceiverStream::new(rx).map(move |m| {
             let _ = &guard;
@@ -1052,7 +1046,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
             inbound,
             tx,
         ));
-        let guard = AbortOnDrop(task.abort_handle());
+        let guard = AbortOnDrop::new(task.abort_handle());
         // the processes end with the call
         let out = ReceiverStream::new(rx).map(move |m| {
             let _ = &guard;

@@ -33,7 +33,7 @@ impl Reader {
             let f = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "open stdio fifo");
+                    tracing::warn!(path = %path.display(), error = %kiln_proto::status::Chain(&e), "open stdio fifo");
                     return;
                 }
             };

@@ -235,7 +235,7 @@ pub(crate) async fn reap(ch: &Channel, ns: &str, worker_id: &str) {
     let containers = match listed {
         Ok(r) => r.into_inner().containers,
         Err(e) => {
-            tracing::warn!(error = %e, "list containerd containers");
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "list containerd containers");
             return;
         }
     };
@@ -315,7 +315,7 @@ async fn remove(ch: Channel, ns: String, id: String, task: TaskState, container:
             ))
             .await;
         if let Err(e) = killed {
-            tracing::debug!(id, error = %e, "kill abandoned containerd task");
+            tracing::debug!(id, error = %kiln_proto::status::Chain(&e), "kill abandoned containerd task");
         }
         let wait = tasks.wait(req(
             &ns,
@@ -337,14 +337,14 @@ async fn remove(ch: Channel, ns: String, id: String, task: TaskState, container:
             .await
         && e.code() != tonic::Code::NotFound
     {
-        tracing::warn!(id, error = %e, "delete containerd task");
+        tracing::warn!(id, error = %kiln_proto::status::Chain(&e), "delete containerd task");
     }
     if container
         && let Err(e) = ContainersClient::new(ch)
             .delete(req(&ns, DeleteContainerRequest { id: id.clone() }))
             .await
     {
-        tracing::warn!(id, error = %e, "delete containerd container");
+        tracing::warn!(id, error = %kiln_proto::status::Chain(&e), "delete containerd container");
     }
 }
 

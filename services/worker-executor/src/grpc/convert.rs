@@ -64,13 +64,3 @@ pub fn layer(l: LayerBlob) -> wpb::Layer {
         empty: false,
     }
 }
-
-pub fn platform(p: kiln_oci::Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture,
-        os: p.os,
-        variant: p.variant.unwrap_or_default(),
-        os_version: String::new(),
-        os_features: Vec::new(),
-    }
-}

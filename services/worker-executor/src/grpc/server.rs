@@ -82,7 +82,7 @@ impl wpb::worker_server::Worker for WorkerService {
                 .core
                 .platforms()
                 .into_iter()
-                .map(convert::platform)
+                .map(|p| kiln_proto::pb::Platform::from(&p))
                 .collect(),
             labels: [(
                 "org.mobyproject.buildkit.worker.executor".to_string(),

@@ -296,7 +296,7 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
                 let (client, id) = (client.clone(), id.clone());
                 conns.spawn(async move {
                     if let Err(e) = client.forward_ssh_agent(&id, conn).await {
-                        tracing::debug!(id, error = %e, "ssh agent forward");
+                        tracing::debug!(id, error = %kiln_proto::status::Chain(&e), "ssh agent forward");
                     }
                 });
             }
@@ -336,7 +336,7 @@ impl TmpfsGuard {
 impl Drop for TmpfsGuard {
     fn drop(&mut self) {
         if let Err(e) = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %self.path.display(), error = %e, "unmount secrets tmpfs");
+            tracing::warn!(path = %self.path.display(), error = %kiln_proto::status::Chain(&e), "unmount secrets tmpfs");
         }
     }
 }
@@ -553,9 +553,7 @@ fn prepare(host: &StepHost, mut parts: StepParts) -> Result<Prepared> {
     }
     let t_wait = std::time::Instant::now();
     let ((net, step_net), t_net) = match net_job {
-        Some(job) => job
-            .join()
-            .map_err(|_| Error::Network("network setup thread panicked".into()))??,
+        Some(job) => job.join().map_err(|_| Error::NetworkThreadPanicked)??,
         None => timed_network(&host.networking, e.network)?,
     };
     let t_wait = t_wait.elapsed();

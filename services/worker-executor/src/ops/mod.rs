@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::pb;
 use crate::pb::op::Op;
 use crate::{Event, RunRequest, Worker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 /// Runs one op on refs of its inputs; returns one ref per output (`None` = scratch).
@@ -27,7 +29,7 @@ pub async fn run_op(
         w.store().meta(id)?;
     }
     check_outputs(&req.op)?;
-    let _busy = Busy::start();
+    let _busy = w.activity.start();
     match &req.op.op {
         Some(Op::Source(s)) => Ok(vec![
             source::run(w, s, req.op.platform.as_ref(), &req, &events).await?,
@@ -93,45 +95,47 @@ pub(crate) fn input_ref(inputs: &[Option<String>], index: i64) -> Result<Option<
     })
 }
 
-/// How many ops and layer computations are running in this process, for
-/// housekeeping that should wait for a quiet moment ([`wait_quiet`]).
-static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// How many ops and layer computations are running on a worker, for
+/// housekeeping that should wait for a quiet moment ([`Activity::wait_quiet`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Activity(Arc<AtomicUsize>);
 
 /// Counts as running while alive.
-pub(crate) struct Busy(());
+pub(crate) struct Busy<'a>(&'a AtomicUsize);
 
-impl Busy {
-    pub(crate) fn start() -> Busy {
-        BUSY.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Busy(())
+impl Activity {
+    pub(crate) fn start(&self) -> Busy<'_> {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Busy(&self.0)
     }
-}
 
-impl Drop for Busy {
-    fn drop(&mut self) {
-        BUSY.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// Blocks until nothing has been running for `quiet`, `urgent()` says to go
-/// on, or `max` has passed.
-pub(crate) fn wait_quiet(
-    quiet: std::time::Duration,
-    max: std::time::Duration,
-    urgent: impl Fn() -> bool,
-) {
-    let started = std::time::Instant::now();
-    let mut idle_since: Option<std::time::Instant> = None;
-    while started.elapsed() < max && !urgent() {
-        if BUSY.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            let since = *idle_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= quiet {
-                return;
+    /// Blocks until nothing has been running for `quiet`, `urgent()` says to
+    /// go on, or `max` has passed.
+    pub(crate) fn wait_quiet(
+        &self,
+        quiet: std::time::Duration,
+        max: std::time::Duration,
+        urgent: impl Fn() -> bool,
+    ) {
+        let started = std::time::Instant::now();
+        let mut idle_since: Option<std::time::Instant> = None;
+        while started.elapsed() < max && !urgent() {
+            if self.0.load(Ordering::Acquire) == 0 {
+                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= quiet {
+                    return;
+                }
+            } else {
+                idle_since = None;
             }
-        } else {
-            idle_since = None;
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -319,7 +319,7 @@ impl Snapshots {
                 "removing a containerd snapshot an earlier run left behind"
             );
             if let Err(e) = self.remove(name) {
-                tracing::warn!(name = name.as_str(), error = %e, "remove leftover containerd snapshot");
+                tracing::warn!(name = name.as_str(), error = %kiln_proto::status::Chain(&e), "remove leftover containerd snapshot");
             }
         }
         Ok(held)

@@ -189,14 +189,14 @@ fn spawn_syncer(
                         Ok(()) => syncs.done.store(n, Ordering::Release),
                         Err(e) => {
                             flag.store(true, Ordering::Release);
-                            tracing::warn!(error = %e, "sync snapshots");
+                            tracing::warn!(error = %kiln_proto::status::Chain(&e), "sync snapshots");
                         }
                     }
                 }
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "start the snapshot sync thread");
+        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the snapshot sync thread");
     }
 }
 
@@ -283,15 +283,15 @@ impl Drop for Staging {
         }
         if let Some(a) = &self.active {
             if let Err(e) = a.snapshots.remove(&a.key) {
-                tracing::warn!(key = a.key, error = %e, "remove staging snapshot");
+                tracing::warn!(key = a.key, error = %kiln_proto::status::Chain(&e), "remove staging snapshot");
             }
             if let Err(e) = std::fs::remove_dir_all(&self.dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "remove staging snapshot");
+                tracing::warn!(dir = %self.dir.display(), error = %kiln_proto::status::Chain(&e), "remove staging snapshot");
             }
         } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "remove staging snapshot");
+            tracing::warn!(dir = %self.dir.display(), error = %kiln_proto::status::Chain(&e), "remove staging snapshot");
         }
     }
 }
@@ -392,7 +392,7 @@ impl Store {
                 if e.file_name().to_string_lossy().starts_with("staging.old-")
                     && let Err(err) = std::fs::remove_dir_all(e.path())
                 {
-                    tracing::warn!(dir = %e.path().display(), error = %err, "left for a later start");
+                    tracing::warn!(dir = %e.path().display(), error = %kiln_proto::status::Chain(&err), "left for a later start");
                 }
             }
         }
@@ -568,7 +568,7 @@ impl Store {
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&staging.dir);
             if let Err(e) = snapshots.remove(&name) {
-                tracing::warn!(name, error = %e, "remove a snapshot kiln failed to commit");
+                tracing::warn!(name, error = %kiln_proto::status::Chain(&e), "remove a snapshot kiln failed to commit");
             }
             return Err(e);
         }
@@ -593,7 +593,7 @@ impl Store {
                 Error::Containerd { source, .. }
                     if source.code() == tonic::Code::FailedPrecondition =>
                 {
-                    tracing::info!(id, error = %source, "snapshot in use: kept");
+                    tracing::info!(id, error = %kiln_proto::status::Chain(&source), "snapshot in use: kept");
                     Ok(false)
                 }
                 e => Err(e),

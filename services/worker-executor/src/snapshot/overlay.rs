@@ -44,7 +44,7 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Err(e) = self.release() {
-            tracing::warn!(error = %e, "release mount");
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "release mount");
         }
     }
 }
@@ -90,7 +90,9 @@ pub fn unmount_all_under(dir: &Path) {
             Ok(()) => {
                 tracing::info!(mount = %m.display(), "unmounted a mount left by an earlier run")
             }
-            Err(e) => tracing::warn!(mount = %m.display(), error = %e, "unmount stale mount"),
+            Err(e) => {
+                tracing::warn!(mount = %m.display(), error = %kiln_proto::status::Chain(&e), "unmount stale mount")
+            }
         }
     }
 }

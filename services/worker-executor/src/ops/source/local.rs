@@ -125,6 +125,7 @@ pub(super) async fn local(
         guard,
         wanted: w.synced_dirs.wanted.clone(),
         sums: w.sums.clone(),
+        activity: w.activity.clone(),
     };
     tokio::task::spawn_blocking(move || synced.snapshot(&store)).await?
 }
@@ -163,6 +164,7 @@ struct Synced {
     guard: tokio::sync::OwnedMutexGuard<()>,
     wanted: Arc<Mutex<Vec<PathBuf>>>,
     sums: Arc<contenthash::SumTables>,
+    activity: crate::ops::Activity,
 }
 
 impl Synced {
@@ -185,7 +187,13 @@ impl Synced {
             Some(id) => (id, "reused"),
             None => match self.commit(store, &key, &last)? {
                 (id, Some(moved_from)) => {
-                    relink_synced_dir(moved_from, self.dir.clone(), self.guard, self.wanted);
+                    relink_synced_dir(
+                        moved_from,
+                        self.dir.clone(),
+                        self.guard,
+                        self.wanted,
+                        self.activity,
+                    );
                     (id, "new, moved in")
                 }
                 (id, None) => (id, "new, hard-linked"),
@@ -295,12 +303,13 @@ fn relink_synced_dir(
     dir: PathBuf,
     guard: tokio::sync::OwnedMutexGuard<()>,
     wanted: Arc<Mutex<Vec<PathBuf>>>,
+    activity: crate::ops::Activity,
 ) {
     let spawned = std::thread::Builder::new()
         .name("local-relink".into())
         .spawn(move || {
             lowest_priority();
-            super::super::wait_quiet(Duration::from_millis(100), Duration::from_secs(10), || {
+            activity.wait_quiet(Duration::from_millis(100), Duration::from_secs(10), || {
                 lock_list(&wanted).contains(&dir)
             });
             let started = Instant::now();
@@ -313,13 +322,13 @@ fn relink_synced_dir(
                 ),
                 Err(e) => {
                     // the next sync starts from an empty dir: slower, not wrong
-                    tracing::warn!(dir = %dir.display(), error = %e, "re-link synced dir");
+                    tracing::warn!(dir = %dir.display(), error = %kiln_proto::status::Chain(&e), "re-link synced dir");
                 }
             }
             drop(guard);
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "start the synced dir re-link thread");
+        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the synced dir re-link thread");
     }
 }
 
