@@ -195,8 +195,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// For the converter, through [`dockerfile2llb::ResolveError`].
-    #[error("resolve image config for {reference}")]
+    /// For the converter, through [`dockerfile2llb::ResolveError`], whose
+    /// message names the image.
+    #[error("llbbridge ResolveImageConfig")]
     ResolveImageConfig {
         reference: String,
         source: BridgeError,

@@ -142,12 +142,9 @@ pub enum Error {
     /// A worker without this call (only the gRPC worker has them all).
     #[error("this worker cannot {0}")]
     Unsupported(&'static str),
-    #[error("resolve image config for {reference}")]
-    Resolve {
-        reference: String,
-        #[source]
-        source: Remote,
-    },
+    /// The exporter's answer to a resolve, which names the image itself.
+    #[error(transparent)]
+    Resolve(Remote),
     #[error("session")]
     Session(#[from] kiln_session::Error),
     #[error("build cancelled")]
@@ -209,7 +206,7 @@ impl From<Error> for tonic::Status {
             Error::CacheStore { .. } | Error::CacheRecord { .. } | Error::StoreTask { .. } => {
                 tonic::Code::Internal
             }
-            Error::Resolve { .. } => tonic::Code::NotFound,
+            Error::Resolve(_) => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
             Error::Container(..) => tonic::Code::NotFound,
         };

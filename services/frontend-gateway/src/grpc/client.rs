@@ -43,7 +43,7 @@ impl GrpcBridge {
             .clone()
             .solve(req)
             .await
-            .map_err(|s| bridge_error("solve", s))?
+            .map_err(bridge_error)?
             .into_inner())
     }
 }
@@ -153,7 +153,7 @@ impl Bridge for GrpcBridge {
             .clone()
             .read_file(req)
             .await
-            .map_err(|s| bridge_error("read file", s))?;
+            .map_err(bridge_error)?;
         Ok(resp.into_inner().data)
     }
 
@@ -179,7 +179,7 @@ impl Bridge for GrpcBridge {
             .clone()
             .resolve_image_config(req)
             .await
-            .map_err(|s| bridge_error("resolve image config", s))?
+            .map_err(bridge_error)?
             .into_inner();
         Ok(ResolvedConfig {
             digest: resp.digest,

@@ -29,8 +29,9 @@ impl From<FrontendOutput> for proto::FrontendResult {
     }
 }
 
-/// A failed LLBBridge call, keeping the solver's message.
-pub(crate) fn bridge_error(call: &str, status: Status) -> BridgeError {
+/// A failed LLBBridge call, keeping the solver's message (the error that
+/// wraps it names the call).
+pub(crate) fn bridge_error(status: Status) -> BridgeError {
     let kind = match status.code() {
         Code::NotFound => BridgeErrorKind::NotFound,
         Code::InvalidArgument | Code::FailedPrecondition => BridgeErrorKind::InvalidArgument,
@@ -40,7 +41,7 @@ pub(crate) fn bridge_error(call: &str, status: Status) -> BridgeError {
     };
     BridgeError {
         kind,
-        message: format!("llbbridge {call}: {}", status.message()),
+        message: status.message().to_string(),
     }
 }
 
@@ -117,16 +118,13 @@ mod tests {
     fn read_failure_keeps_code_and_message_chain() {
         let e = Error::ReadDockerfile {
             filename: "Dockerfile".into(),
-            source: bridge_error(
-                "read file",
-                Status::not_found("open Dockerfile: no such file"),
-            ),
+            source: bridge_error(Status::not_found("open Dockerfile: no such file")),
         };
         let s = Status::from(e);
         assert_eq!(s.code(), Code::NotFound);
         assert_eq!(
             s.message(),
-            "read Dockerfile Dockerfile: llbbridge read file: open Dockerfile: no such file"
+            "read Dockerfile Dockerfile: open Dockerfile: no such file"
         );
     }
 

@@ -213,10 +213,23 @@ pub struct RedbStore {
     db: std::sync::Arc<redb::Database>,
     /// A record was committed without an fsync since the last durable commit.
     unsynced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The group-commit thread, stopped and joined when the store closes, so
+    /// the database is closed (and can be opened again) once the store is gone.
+    committer: Option<GroupCommitter>,
+}
+
+struct GroupCommitter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Drop for RedbStore {
     fn drop(&mut self) {
+        if let Some(c) = self.committer.take() {
+            c.stop.store(true, std::sync::atomic::Ordering::Release);
+            c.thread.thread().unpark();
+            let _ = c.thread.join();
+        }
         if self.unsynced.load(std::sync::atomic::Ordering::Acquire)
             && let Err(e) = durable_commit(&self.db)
         {
@@ -237,18 +250,22 @@ fn durable_commit(db: &redb::Database) -> Result<(), redb::Error> {
 const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Commits durably every [`GROUP_COMMIT`] while records were committed without
-/// an fsync; ends with the database.
+/// an fsync; ends when told to stop (the store closing).
 fn spawn_group_committer(
-    db: std::sync::Weak<redb::Database>,
+    db: std::sync::Arc<redb::Database>,
     unsynced: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
+) -> Option<GroupCommitter> {
     use std::sync::atomic::Ordering;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let spawned = std::thread::Builder::new()
         .name("cache-commit".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(GROUP_COMMIT);
-                let Some(db) = db.upgrade() else { return };
+                std::thread::park_timeout(GROUP_COMMIT);
+                if stopped.load(Ordering::Acquire) {
+                    return;
+                }
                 if !unsynced.swap(false, Ordering::AcqRel) {
                     continue;
                 }
@@ -258,8 +275,12 @@ fn spawn_group_committer(
                 }
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the cache commit thread");
+    match spawned {
+        Ok(thread) => Some(GroupCommitter { stop, thread }),
+        Err(e) => {
+            tracing::warn!(error = %kiln_proto::status::Chain(&e), "start the cache commit thread");
+            None
+        }
     }
 }
 
@@ -302,11 +323,14 @@ impl RedbStore {
             })?;
         }
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
+        let db = std::sync::Arc::new(db);
+        let unsynced = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let committer = spawn_group_committer(db.clone(), unsynced.clone());
         let s = RedbStore {
-            db: std::sync::Arc::new(db),
-            unsynced: std::sync::Arc::default(),
+            db,
+            unsynced,
+            committer,
         };
-        spawn_group_committer(std::sync::Arc::downgrade(&s.db), s.unsynced.clone());
         s.write("create tables", redb::Durability::Immediate, |_, _| Ok(()))?;
         s.aux_write(
             "create tables",

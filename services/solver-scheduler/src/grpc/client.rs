@@ -450,10 +450,7 @@ impl peer::Exporter for GrpcExporter {
             .clone()
             .resolve_image_config(req)
             .await
-            .map_err(|s| Error::Resolve {
-                reference: reference.to_string(),
-                source: s.into(),
-            })?
+            .map_err(|s| Error::Resolve(s.into()))?
             .into_inner();
         Ok(ResolvedImage {
             reference: r.r#ref,
