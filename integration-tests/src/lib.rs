@@ -588,6 +588,18 @@ pub fn dockerfile_args() -> Vec<&'static str> {
 
 /// Reads one file out of a tar archive.
 pub fn tar_entry(archive: &Path, name: &str) -> Result<Vec<u8>> {
+    let mut found = None;
+    read_tar(archive, |p, _| p == name, |_, data| found = Some(data))?;
+    found.with_context(|| format!("{name} not in {}", archive.display()))
+}
+
+/// Reads the entries of a tar archive whose (`./`-less) path and size `want`
+/// accepts, handing each to `got` with its contents.
+fn read_tar(
+    archive: &Path,
+    want: impl Fn(&str, i64) -> bool,
+    mut got: impl FnMut(String, Vec<u8>),
+) -> Result<()> {
     use std::io::Read;
     let mut a = tar::Archive::new(std::fs::File::open(archive)?);
     for e in a.entries()? {
@@ -597,13 +609,13 @@ pub fn tar_entry(archive: &Path, name: &str) -> Result<Vec<u8>> {
             .to_string_lossy()
             .trim_start_matches("./")
             .to_string();
-        if p == name {
+        if want(&p, e.size() as i64) {
             let mut v = Vec::new();
             e.read_to_end(&mut v)?;
-            return Ok(v);
+            got(p, v);
         }
     }
-    bail!("{name} not in {}", archive.display())
+    Ok(())
 }
 
 /// The (first) image of an OCI layout tarball: its manifest and config.
@@ -615,23 +627,15 @@ pub struct OciImage {
 /// Reads the image of an OCI layout tarball: index.json, nested indexes
 /// followed through their first entry, down to a manifest and its config.
 pub fn oci_image(tar_path: &Path) -> Result<OciImage> {
-    use std::io::Read;
     let mut files = std::collections::BTreeMap::new();
-    let mut a = tar::Archive::new(std::fs::File::open(tar_path)?);
-    for e in a.entries()? {
-        let mut e = e?;
-        let p = e
-            .path()?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
-        // layers are not read: only the JSON documents are wanted
-        if p == "index.json" || e.size() < 1 << 20 {
-            let mut v = Vec::new();
-            e.read_to_end(&mut v)?;
-            files.insert(p, v);
-        }
-    }
+    // layers are not read: only the JSON documents are wanted
+    read_tar(
+        tar_path,
+        |p, size| p == "index.json" || size < 1 << 20,
+        |p, data| {
+            files.insert(p, data);
+        },
+    )?;
     let json = |p: &str| -> Result<serde_json::Value> {
         let data = files
             .get(p)

@@ -416,12 +416,7 @@ impl<W: Worker> Step<W> {
             return;
         }
         let sels = input_selectors(&self.op);
-        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-        let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+        let prev = self.previous_record().await;
         let lacks = prev.is_none_or(|p| {
             p.inputs.iter().enumerate().any(|(i, inp)| {
                 let reads = sels.get(i).is_some_and(Option::is_some)
@@ -512,16 +507,21 @@ impl<W: Worker> Step<W> {
         Ok(Lookup::Miss { content_key })
     }
 
+    /// What went into this step's key the last time it ran, if recorded.
+    async fn previous_record(&self) -> Option<StepRecord> {
+        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
+        tokio::task::spawn_blocking(move || store.get_step(&shape))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+    }
+
     /// What went into the key of a step about to run, and why it runs (the
     /// first reason; all of them are logged when the build asked).
     async fn explain_miss(&self) -> (StepRecord, Vec<String>) {
         let rec = self.step_record().await;
-        let (shape, store) = (self.shape.clone(), self.cache.store().clone());
-        let prev = tokio::task::spawn_blocking(move || store.get_step(&shape))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+        let prev = self.previous_record().await;
         let mut why = if self.lookup {
             crate::explain::explain(prev.as_ref(), &rec, &|i| {
                 self.input_from.get(i).and_then(|x| x.why.clone())
