@@ -20,7 +20,7 @@ use std::sync::Arc;
 // fuzz/ reaches these through `solve`
 pub use crate::cache::Cache;
 pub use crate::cache::key::input_selectors;
-pub use crate::step::{EXPLAIN_PREFIX, source_location, source_snippet, vertex_name};
+pub use crate::step::{EXPLAIN_PREFIX, source_location, vertex_name};
 
 /// The exec and file ops whose output (the index given) is a new layer of the
 /// result's image: the result, then each exec's root mount input and each

@@ -89,50 +89,6 @@ impl From<Failure> for Error {
     }
 }
 
-/// The most lines of a vertex's range a snippet shows (the client sends the ranges).
-const SNIPPET_LINES: i64 = 10;
-/// The most bytes of one source line a snippet shows.
-const SNIPPET_LINE_BYTES: usize = 512;
-
-/// The source lines a vertex came from, BuildKit style:
-/// `Dockerfile:4`, a rule, the lines around it with `>>>` marking the
-/// vertex's lines, a rule. Ranges are clamped to the file and to
-/// [`SNIPPET_LINES`], lines to [`SNIPPET_LINE_BYTES`].
-pub fn source_snippet(source: &pb::Source, digest: &str) -> Option<String> {
-    let loc = source.locations.get(digest)?.locations.first()?;
-    let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
-    let text = String::from_utf8_lossy(&info.data);
-    let lines: Vec<&str> = text.lines().collect();
-    let count = lines.len() as i64;
-    let (start, end) = clamp_range(loc.ranges.first()?, count)?;
-    let shown_end = end.min(start + SNIPPET_LINES - 1);
-    let first = (start - 2).max(1);
-    let last = (shown_end + 2).min(count);
-    let mut out = format!(
-        "{}:{}\n--------------------\n",
-        info.filename.chars().take(256).collect::<String>(),
-        if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        }
-    );
-    for n in first..=last {
-        let line = lines.get((n - 1) as usize).copied().unwrap_or("");
-        let mut cut = line.len().min(SNIPPET_LINE_BYTES);
-        while !line.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let mark = if n >= start && n <= end { ">>>" } else { "   " };
-        out.push_str(&format!(" {n:>3} | {mark} {}\n", &line[..cut]));
-        if n == shown_end && shown_end < end {
-            out.push_str(&format!("     | >>> ({} more lines)\n", end - shown_end));
-        }
-    }
-    out.push_str("--------------------");
-    Some(out)
-}
-
 /// A range's first and last line within a file of `count` lines: `None`
 /// when it starts outside the file, its end clamped to the file.
 fn clamp_range(range: &pb::Range, count: i64) -> Option<(i64, i64)> {
@@ -147,7 +103,8 @@ fn clamp_range(range: &pb::Range, count: i64) -> Option<(i64, i64)> {
 
 /// Where a vertex came from, for the status details of its failure
 /// (BuildKit's `errdefs.Source`): the source file and the vertex's ranges,
-/// clamped as [`source_snippet`] clamps them.
+/// clamped to the file (the client renders them; `kiln`'s `source.rs`
+/// also bounds how many lines it prints).
 pub fn source_location(source: &pb::Source, digest: &str) -> Option<SourceLocation> {
     let loc = source.locations.get(digest)?.locations.first()?;
     let info = source.infos.get(usize::try_from(loc.source_index).ok()?)?;
@@ -639,7 +596,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snippets_clamp_the_clients_ranges() {
+    fn locations_clamp_the_clients_ranges() {
         let source = |start: i32, end: i32, lines: usize| {
             let data: String = (1..=lines).map(|n| format!("line {n}\n")).collect();
             let mut s = pb::Source {
@@ -670,25 +627,24 @@ mod tests {
             );
             s
         };
-        let ok = source_snippet(&source(3, 3, 5), "v").expect("snippet");
-        assert!(ok.starts_with("Dockerfile:3\n"), "{ok}");
-        assert!(ok.contains("   3 | >>> line 3"), "{ok}");
-        assert!(ok.contains("   5 |     line 5"), "{ok}");
-        // whole-file and past-the-end ranges show a bounded number of lines
-        let long = source_snippet(&source(1, i32::MAX, 100_000), "v").expect("snippet");
-        assert!(long.lines().count() < 20, "{long}");
-        assert!(long.contains("more lines"), "{long}");
+        let lines = |loc: &SourceLocation| {
+            let r = &loc.ranges[0];
+            (r.start.map(|p| p.line), r.end.map(|p| p.line))
+        };
+        let ok = source_location(&source(3, 3, 5), "v").expect("location");
+        assert_eq!(lines(&ok), (Some(3), Some(3)));
+        // whole-file and past-the-end ranges end at the file's last line
+        let long = source_location(&source(1, i32::MAX, 100_000), "v").expect("location");
+        assert_eq!(lines(&long), (Some(1), Some(100_000)));
         for (start, end) in [(i32::MIN, i32::MAX), (i32::MAX, i32::MIN), (0, 0), (-5, 2)] {
-            assert!(source_snippet(&source(start, end, 5), "v").is_none());
+            assert!(source_location(&source(start, end, 5), "v").is_none());
         }
-        assert!(source_snippet(&source(6, 9, 5), "v").is_none());
-        assert!(source_snippet(&source(5, i32::MAX, 5), "v").is_some());
+        assert!(source_location(&source(6, 9, 5), "v").is_none());
+        assert!(source_location(&source(5, i32::MAX, 5), "v").is_some());
         // the status details carry the same lines
         let loc = source_location(&source(3, i32::MAX, 5), "v").expect("location");
         assert_eq!(loc.info.filename, "Dockerfile");
-        let r = &loc.ranges[0];
-        let lines = (r.start.map(|p| p.line), r.end.map(|p| p.line));
-        assert_eq!(lines, (Some(3), Some(5)), "clamped to the file");
+        assert_eq!(lines(&loc), (Some(3), Some(5)), "clamped to the file");
         assert!(source_location(&source(6, 9, 5), "v").is_none());
     }
 }
