@@ -152,7 +152,7 @@ pub fn run(data: &[u8]) {
             let _ = worker_executor::ops::check_outputs(&v.op);
             let _ = solver_scheduler::solve::input_selectors(&v.op);
             if let Some(source) = &graph.source {
-                let _ = solver_scheduler::solve::source_snippet(source, &v.digest);
+                let _ = solver_scheduler::solve::source_location(source, &v.digest);
             }
             let _ = solver_scheduler::solve::vertex_name(&v.op, &v.metadata);
             // what the worker parses from a copy before it touches a file
