@@ -22,6 +22,28 @@ pub struct FileConfig {
     /// Addresses of the other services when running one `--role`.
     #[serde(default)]
     pub peers: Peers,
+    /// `[farm]`: workers joining a scheduler, and how the scheduler treats them.
+    #[serde(default)]
+    pub farm: Farm,
+}
+
+/// `[farm]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Farm {
+    /// a worker: the scheduler's internal address to join (`--join`)
+    pub join: Option<String>,
+    /// a worker: the address the scheduler, the exporter and other workers
+    /// reach its Worker API at (`--advertise-addr`; default: its `--addr`)
+    pub advertise: Option<String>,
+    /// a worker: steps it runs at once (`--capacity`; default: its CPUs)
+    pub capacity: Option<u32>,
+    /// a worker: how long leaving waits for its running steps (default 10m)
+    pub drain_timeout: Option<String>,
+    /// the scheduler: a worker silent this long is dropped (default 10s)
+    pub keepalive_timeout: Option<String>,
+    /// the scheduler: runs of a step whose worker was lost (default 3)
+    pub retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +151,10 @@ pub struct OciWorker {
     /// buildkitd's place for `[worker] networkMode`
     #[serde(rename = "networkMode")]
     pub network_mode: Option<String>,
+    /// labels the worker carries (`--oci-worker-labels`): LLB worker
+    /// constraints select workers by them
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A size: a number (its unit depends on the key) or a string with a unit.

@@ -10,11 +10,13 @@
 //! Only the client listener serves TLS (`--tlscert/--tlskey/--tlscacert`).
 
 mod config;
+mod farm;
 mod memory;
 mod serve;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use solver_scheduler::grpc::client::GrpcWorker;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -73,6 +75,23 @@ struct Args {
     /// host), host, bridge or none; overrides `[worker] networkMode`
     #[arg(long, alias = "oci-worker-net", value_name = "MODE")]
     network_mode: Option<String>,
+    /// worker-executor: join the farm of the solver-scheduler at this internal
+    /// address (its --internal-addr); also the worker's --solver-addr
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// worker-executor: the address others reach this worker at (default --addr)
+    #[arg(long, value_name = "ADDR")]
+    advertise_addr: Option<String>,
+    /// worker-executor: a label for LLB worker constraints, KEY=VALUE (repeatable)
+    #[arg(
+        long = "oci-worker-labels",
+        alias = "worker-label",
+        value_name = "KEY=VALUE"
+    )]
+    worker_labels: Vec<String>,
+    /// worker-executor in a farm: steps it runs at once (default: its CPUs)
+    #[arg(long)]
+    capacity: Option<u32>,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -239,15 +258,12 @@ async fn frontend_core(
 
 async fn solver_core(
     s: &Settings,
-    worker: &str,
+    home: Option<(solver_scheduler::farm::members::Registration, GrpcWorker)>,
     frontend: &str,
     exporter: &str,
 ) -> anyhow::Result<Arc<serve::Solver>> {
-    use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend, GrpcWorker};
-    let w = GrpcWorker::new(
-        worker.to_string(),
-        kiln_session::dial::connect(worker).await?,
-    );
+    use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend};
+    let w = farm::farm(&s.file, home)?;
     let f = GrpcFrontend::new(kiln_session::dial::connect(frontend).await?);
     let e = GrpcExporter::new(kiln_session::dial::connect(exporter).await?);
     let config = solver_scheduler::Config {
@@ -260,6 +276,52 @@ async fn solver_core(
     Ok(Arc::new(
         solver_scheduler::Solver::new(config, w, f, e).context("start solver")?,
     ))
+}
+
+/// `--worker-addr`'s worker as the scheduler's home member: its id and
+/// platforms asked with `Info` (its address stands for its id while it does
+/// not answer yet).
+async fn remote_home(
+    address: &str,
+) -> anyhow::Result<(solver_scheduler::farm::members::Registration, GrpcWorker)> {
+    use kiln_proto::kiln::worker::v1::{InfoRequest, worker_client::WorkerClient};
+    let ch = kiln_session::dial::connect(address).await?;
+    let info = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        WorkerClient::new(ch.clone()).info(InfoRequest {}),
+    )
+    .await;
+    let (id, platforms, labels) = match info {
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            let platforms = r
+                .platforms
+                .iter()
+                .map(|p| {
+                    kiln_oci::Platform::new(
+                        &p.os,
+                        &p.architecture,
+                        Some(p.variant.as_str()).filter(|v| !v.is_empty()),
+                    )
+                })
+                .collect();
+            (r.id, platforms, r.labels.into_iter().collect())
+        }
+        _ => (
+            address
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect(),
+            vec![kiln_oci::Platform::host()],
+            Default::default(),
+        ),
+    };
+    let mut labels: std::collections::BTreeMap<String, String> = labels;
+    labels
+        .entry(solver_scheduler::solver::WORKER_EXECUTOR_LABEL.to_string())
+        .or_insert_with(|| "oci".to_string());
+    let reg = farm::home_registration(id, address, platforms, labels);
+    Ok((reg, GrpcWorker::new(address.to_string(), ch)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -287,16 +349,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
         None => {
             let internal = format!("unix://{}", s.root.join("internal.sock").display());
-            let solver = solver_core(&s, &internal, &internal, &internal).await?;
             let worker = worker_core(&s, internal.clone())?;
+            let home = farm::home_registration(
+                worker.id().to_string(),
+                &internal,
+                worker.platforms(),
+                farm::labels(&s.file, &args.worker_labels)?,
+            );
+            let home_client = GrpcWorker::new(
+                internal.clone(),
+                kiln_session::dial::connect(&internal).await?,
+            );
+            let solver = solver_core(&s, Some((home, home_client)), &internal, &internal).await?;
             let exporter = exporter_core(&s, internal.clone())?;
             let frontend = frontend_core(&internal).await?;
             let internal_router = tonic::transport::Server::builder()
                 .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
                 .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
+                .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()))
                 .add_service(worker_executor::grpc::server(worker))
                 .add_service(frontend_gateway::grpc::server::server(frontend))
                 .add_service(registry_exporter::grpc::server(exporter));
+            // workers on other hosts join here (and reach the session broker)
+            let farm_listener = args.internal_addr.clone().map(|addr| {
+                let router = tonic::transport::Server::builder()
+                    .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
+                    .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
+                    .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()));
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { serve::serve(router, &addr, shutdown).await })
+            });
             // clients get Control and, for frontends they run themselves, LLBBridge
             let public_router = tonic::transport::Server::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()))
@@ -312,12 +394,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             a?;
             b?;
+            if let Some(l) = farm_listener {
+                l.await.context("farm listener")??;
+            }
         }
         Some(Role::SolverScheduler) => {
             let role = "solver-scheduler";
+            // without --worker-addr, every worker joins (--join)
+            let home = match &s.peers.worker {
+                Some(w) => Some(remote_home(w).await?),
+                None => None,
+            };
             let solver = solver_core(
                 &s,
-                &need(&s.peers.worker, "--worker-addr", role)?,
+                home,
                 &need(&s.peers.frontend, "--frontend-addr", role)?,
                 &need(&s.peers.exporter, "--exporter-addr", role)?,
             )
@@ -327,6 +417,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let internal_services = (
                 solver_scheduler::grpc::broker_server(solver.clone()),
                 solver_scheduler::grpc::bridge_server(solver.clone()),
+                solver_scheduler::grpc::farm_server(solver.worker.clone()),
             );
             match internal_addr(&args, &s) {
                 Some(internal) => {
@@ -334,7 +425,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         .add_service(solver_scheduler::grpc::client_bridge_server(solver));
                     let internal_router = tonic::transport::Server::builder()
                         .add_service(internal_services.0)
-                        .add_service(internal_services.1);
+                        .add_service(internal_services.1)
+                        .add_service(internal_services.2);
                     tracing::info!(
                         "kilnd {role} listening on {} (internal: {internal})",
                         s.addr
@@ -361,20 +453,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     // one LLBBridge per path: the internal one, as before the split
                     let router = client_router
                         .add_service(internal_services.0)
-                        .add_service(internal_services.1);
+                        .add_service(internal_services.1)
+                        .add_service(internal_services.2);
                     serve::serve(router, &s.addr, shutdown).await?;
                 }
             }
         }
         Some(Role::WorkerExecutor) => {
+            let join = args.join.clone().or_else(|| s.file.farm.join.clone());
+            let solver = s.peers.solver.clone().or_else(|| join.clone());
             let worker = worker_core(
                 &s,
-                need(&s.peers.solver, "--solver-addr", "worker-executor")?,
+                need(&solver, "--solver-addr (or --join)", "worker-executor")?,
             )?;
             let router = tonic::transport::Server::builder()
-                .add_service(worker_executor::grpc::server(worker));
+                .add_service(worker_executor::grpc::server(worker.clone()));
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
-            serve::serve(router, &s.addr, shutdown).await?;
+            match join {
+                None => serve::serve(router, &s.addr, shutdown).await?,
+                Some(join) => {
+                    let config = farm::join_config(
+                        &s.file,
+                        &join,
+                        &s.addr,
+                        args.advertise_addr.as_deref(),
+                        args.capacity,
+                        farm::labels(&s.file, &args.worker_labels)?,
+                    )?;
+                    // on a signal the worker drains (finishes its steps, takes
+                    // no new ones), then stops serving
+                    let leave = shutdown.0.clone();
+                    let (stop, stopped) = tokio::sync::watch::channel(false);
+                    let joined = tokio::spawn(async move {
+                        worker_executor::join::join(worker, config, leave).await;
+                        let _ = stop.send(true);
+                    });
+                    serve::serve(router, &s.addr, serve::Shutdown(stopped)).await?;
+                    joined.abort();
+                }
+            }
         }
         Some(Role::FrontendGateway) => {
             let frontend =

@@ -9,7 +9,7 @@
 //! started without one keeps a single listener, with a warning, never with TLS).
 
 use anyhow::Context;
-use futures_shutdown::Shutdown;
+pub use futures_shutdown::Shutdown;
 use kiln_session::dial::Addr;
 use solver_scheduler::grpc::client::{GrpcExporter, GrpcFrontend, GrpcWorker};
 use std::net::SocketAddr;
@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::Router;
 
 /// The solver as kilnd wires it: every peer over gRPC.
-pub type Solver = solver_scheduler::Solver<GrpcWorker, GrpcFrontend, GrpcExporter>;
+pub type Solver =
+    solver_scheduler::Solver<solver_scheduler::farm::Farm<GrpcWorker>, GrpcFrontend, GrpcExporter>;
 
 mod futures_shutdown {
     use tokio::sync::watch;

@@ -74,6 +74,11 @@ pub mod moby {
 }
 
 pub mod kiln {
+    pub mod farm {
+        pub mod v1 {
+            tonic::include_proto!("kiln.farm.v1");
+        }
+    }
     pub mod frontend {
         pub mod v1 {
             tonic::include_proto!("kiln.frontend.v1");

@@ -72,6 +72,12 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
             })),
         );
     }
+    connect_lazy(addr)
+}
+
+/// A plain gRPC channel to `addr` that connects when first used (and again
+/// after a connection breaks).
+pub fn connect_lazy(addr: &str) -> Result<Channel, Error> {
     match Addr::parse(addr)? {
         Addr::Tcp(host) => Ok(tcp_endpoint(addr, &host)?.connect_lazy()),
         Addr::Unix(path) => {
@@ -91,10 +97,13 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
 
 /// The gRPC endpoint for `host` (`addr` with its scheme, for the error).
 fn tcp_endpoint(addr: &str, host: &str) -> Result<Endpoint, Error> {
-    Endpoint::from_shared(format!("http://{host}")).map_err(|e| Error::Address {
-        addr: addr.into(),
-        reason: e.to_string(),
-    })
+    Endpoint::from_shared(format!("http://{host}"))
+        // an unreachable host (a partitioned farm worker) fails a call, not hangs it
+        .map(|e| e.connect_timeout(std::time::Duration::from_secs(5)))
+        .map_err(|e| Error::Address {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })
 }
 
 /// A gRPC channel over this process's stdin and stdout: how a frontend image

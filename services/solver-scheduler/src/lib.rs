@@ -20,6 +20,7 @@
 pub mod build;
 pub mod cache;
 pub mod explain;
+pub mod farm;
 pub mod frontend_image;
 pub mod gc;
 pub mod grpc;
@@ -129,6 +130,17 @@ pub enum Error {
     /// worker gave it.
     #[error(transparent)]
     Run(Remote),
+    /// A worker could not be reached: its connection broke or was refused
+    /// (not a failure the worker reported).
+    #[error("worker {op}: connection lost")]
+    Unreachable {
+        op: String,
+        #[source]
+        source: Remote,
+    },
+    /// The farm could not place or keep a step.
+    #[error("{0}")]
+    Farm(String),
     /// Another worker call failed.
     #[error("worker {op}")]
     Worker {
@@ -171,6 +183,15 @@ pub enum Error {
 impl Error {
     /// The status details the error carries: a failed step's digest and
     /// source lines, or what a frontend sent.
+    /// Whether the worker was lost rather than the call failing on its own.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } => true,
+            Error::Worker { source, .. } => source.code == tonic::Code::Unavailable,
+            _ => false,
+        }
+    }
+
     pub fn details(&self) -> Option<&Details> {
         match self {
             Error::Vertex { details, .. } => Some(details),
@@ -200,6 +221,7 @@ impl From<Error> for tonic::Status {
             Error::Session(_)
             | Error::Worker { .. }
             | Error::WorkerReply { .. }
+            | Error::Unreachable { .. }
             | Error::Export { .. }
             | Error::ExportNoResult { .. } => tonic::Code::Unknown,
             Error::Unsupported(_) => tonic::Code::Unimplemented,
@@ -209,6 +231,7 @@ impl From<Error> for tonic::Status {
             Error::Resolve(_) => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
             Error::Container(..) => tonic::Code::NotFound,
+            Error::Farm(_) => tonic::Code::Unavailable,
         };
         let status = kiln_proto::status::from_error(code, &e);
         match e.details() {

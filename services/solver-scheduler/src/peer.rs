@@ -43,6 +43,30 @@ pub struct RunOp {
 pub struct RunOutputs {
     pub refs: Vec<String>,
     pub content_keys: Vec<String>,
+    /// the id of the worker that ran it (empty: the only one)
+    pub worker: String,
+}
+
+/// One worker as `ListWorkers` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub address: String,
+    pub platforms: Vec<kiln_oci::Platform>,
+    pub labels: BTreeMap<String, String>,
+    /// "ready" or "draining"
+    pub state: String,
+    pub running: u32,
+    pub capacity: u32,
+    pub version: String,
+}
+
+/// What an import moved.
+#[derive(Debug, Clone, Default)]
+pub struct Imported {
+    /// the ref on the importing worker
+    pub r#ref: String,
+    pub bytes_moved: u64,
 }
 
 pub trait Worker: Send + Sync + 'static {
@@ -134,6 +158,23 @@ pub trait Worker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Error>> + Send {
         let _ = (r, options);
         std::future::ready(Ok(()))
+    }
+    /// Copies the ref `r` of the worker at `peer` into this worker.
+    fn import(&self, peer: &str, r: &str) -> impl Future<Output = Result<Imported, Error>> + Send {
+        let _ = (peer, r);
+        std::future::ready(Err(Error::Unsupported("import from other workers")))
+    }
+    /// The workers behind this one (a farm's members); empty: just this one.
+    fn workers(&self) -> Vec<WorkerInfo> {
+        vec![]
+    }
+    /// One worker's address and its refs for `refs` (moved there as needed):
+    /// what an exporter reads from.
+    fn gather(
+        &self,
+        refs: &[String],
+    ) -> impl Future<Output = Result<(String, Vec<String>), Error>> + Send {
+        std::future::ready(Ok((self.address(), refs.to_vec())))
     }
     /// Removes snapshots created before `before` (unix ns) that `keep` does not reach.
     fn prune(

@@ -444,6 +444,7 @@ mod tests {
             Ok(RunOutputs {
                 refs: vec![r],
                 content_keys,
+                ..Default::default()
             })
         }
         async fn checksum(&self, _r: &str, selectors: &[Selector]) -> Result<String, Error> {

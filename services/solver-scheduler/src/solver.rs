@@ -307,18 +307,29 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         let pb = build.clone();
         let status: Arc<dyn Fn(String) + Send + Sync> =
             Arc::new(move |s: String| pb.progress.log(&vdigest, 1, format!("{s}\n").into_bytes()));
-        let job = ExportJob {
-            build_id: build.id.clone(),
-            session_id: req.session_id.clone(),
-            worker: self.worker.address(),
-            r#ref: solved.r#ref.clone(),
-            r#type: kind,
-            attrs,
-            image_config: solved.image_config.clone(),
-            index: index as u32,
-            platforms: solved.platforms.clone(),
-        };
-        let r = self.exporter.export(job, status).await;
+        let r = async {
+            // the exporter reads from one worker: the results are brought there
+            let mut refs = vec![solved.r#ref.clone()];
+            refs.extend(solved.platforms.iter().map(|p| p.r#ref.clone()));
+            let (worker, mut local) = self.worker.gather(&refs).await?;
+            let mut platforms = solved.platforms.clone();
+            for (p, r) in platforms.iter_mut().zip(local.drain(1..)) {
+                p.r#ref = r;
+            }
+            let job = ExportJob {
+                build_id: build.id.clone(),
+                session_id: req.session_id.clone(),
+                worker,
+                r#ref: local.pop().unwrap_or_default(),
+                r#type: kind,
+                attrs,
+                image_config: solved.image_config.clone(),
+                index: index as u32,
+                platforms,
+            };
+            self.exporter.export(job, status).await
+        }
+        .await;
         pv.completed = Some(now());
         if let Err(e) = &r {
             pv.error = chain(e);
@@ -430,43 +441,50 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         res
     }
 
-    /// The platforms the workers run.
-    pub fn worker_platforms(&self) -> Vec<pb::Platform> {
-        self.config
-            .platforms
-            .iter()
-            .map(|p| {
-                let mut it = p.split('/');
-                pb::Platform {
-                    os: it.next().unwrap_or_default().to_string(),
-                    architecture: it.next().unwrap_or_default().to_string(),
-                    variant: it.next().unwrap_or_default().to_string(),
-                    ..Default::default()
-                }
-            })
-            .collect()
+    /// The workers as `ListWorkers` lists them: a farm's members, or the one
+    /// worker with the configured platforms.
+    pub fn worker_infos(&self) -> Vec<crate::peer::WorkerInfo> {
+        let members = self.worker.workers();
+        if !members.is_empty() {
+            return members;
+        }
+        vec![crate::peer::WorkerInfo {
+            id: self.worker.address(),
+            address: self.worker.address(),
+            platforms: self
+                .config
+                .platforms
+                .iter()
+                .filter_map(|p| kiln_oci::Platform::parse(p).ok())
+                .collect(),
+            labels: [(WORKER_EXECUTOR_LABEL.to_string(), "oci".to_string())].into(),
+            state: "ready".into(),
+            ..Default::default()
+        }]
     }
 
     /// The workers as a frontend image reads them (`BUILDKIT_WORKERS`: a JSON
     /// list of `{ID, Labels, Platforms}`).
     pub fn workers_json(&self) -> String {
-        let platforms: Vec<serde_json::Value> = self
-            .worker_platforms()
+        let workers: Vec<serde_json::Value> = self
+            .worker_infos()
             .iter()
-            .map(|p| {
-                let mut v = serde_json::json!({"os": p.os, "architecture": p.architecture});
-                if !p.variant.is_empty() {
-                    v["variant"] = p.variant.clone().into();
-                }
-                v
+            .map(|w| {
+                let platforms: Vec<serde_json::Value> = w
+                    .platforms
+                    .iter()
+                    .map(|p| {
+                        let mut v = serde_json::json!({"os": p.os, "architecture": p.architecture});
+                        if let Some(variant) = &p.variant {
+                            v["variant"] = variant.clone().into();
+                        }
+                        v
+                    })
+                    .collect();
+                serde_json::json!({"ID": w.id, "Labels": w.labels, "Platforms": platforms})
             })
             .collect();
-        serde_json::json!([{
-            "ID": self.worker.address(),
-            "Labels": {WORKER_EXECUTOR_LABEL: "oci"},
-            "Platforms": platforms,
-        }])
-        .to_string()
+        serde_json::Value::from(workers).to_string()
     }
 
     pub fn frontend(&self) -> &F {

@@ -291,6 +291,7 @@ impl<W: Worker> Step<W> {
                 outputs: RunOutputs {
                     refs: rec.refs,
                     content_keys: vec![],
+                    worker: String::new(),
                 },
                 keys: rec.output_keys,
                 why: vec![],

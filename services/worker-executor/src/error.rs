@@ -221,6 +221,14 @@ pub enum Error {
     Git { remote: String, reason: String },
     #[error("http source {url}: {reason}")]
     Http { url: String, reason: String },
+    /// Another worker of the farm failed a call (an import's layers or blobs).
+    #[error("worker {peer}: {op}")]
+    Peer {
+        peer: String,
+        op: String,
+        #[source]
+        source: tonic::Status,
+    },
     #[error("invalid digest {digest:?}")]
     InvalidDigest { digest: String },
     #[error("blob {digest} not found")]
@@ -300,6 +308,9 @@ impl From<Error> for tonic::Status {
             | Error::SecretWrite { .. }
             | Error::SshAgent { .. }
             | Error::SshAgentSession { .. } => Code::FailedPrecondition,
+            // the farm tells a holder it cannot reach from a step that failed
+            Error::Peer { source, .. } if source.code() == Code::NotFound => Code::NotFound,
+            Error::Peer { .. } => Code::Unavailable,
             _ => Code::Internal,
         };
         // the whole cause chain, not just the top message

@@ -16,6 +16,8 @@ pub mod error;
 pub mod fscopy;
 pub mod gc;
 pub mod grpc;
+pub mod import;
+pub mod join;
 pub mod layers;
 pub mod network;
 pub mod ops;
@@ -122,6 +124,10 @@ pub struct Worker {
     layer_locks: KeyedLocks,
     /// Records computed layer blobs in snapshot meta (see [`layers::MemoWriter`]).
     memo: Arc<layers::MemoWriter>,
+    /// Clients of the other workers of the farm (imports).
+    peers: import::Peers,
+    /// Steps (`run`) in progress, as the farm is told.
+    steps: ops::Activity,
     /// Persistent `type=cache` mount dirs.
     cache_mounts: cachemount::CacheMounts,
     /// The persistent dirs local sources sync into.
@@ -202,6 +208,8 @@ impl Worker {
             pull_locks: KeyedLocks::default(),
             layer_locks: KeyedLocks::default(),
             memo,
+            peers: Default::default(),
+            steps: ops::Activity::default(),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
             synced_dirs: Default::default(),
             sums: Default::default(),
@@ -222,6 +230,18 @@ impl Worker {
     /// A stable id for this worker (kept in `<root>/worker-id`).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Steps running now.
+    pub fn running_steps(&self) -> usize {
+        self.steps.count()
+    }
+
+    /// Bytes free on the filesystem of the worker's root.
+    pub fn free_disk(&self) -> u64 {
+        nix::sys::statvfs::statvfs(&self.config.root)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .unwrap_or(0)
     }
 
     /// Platforms this worker can run.
@@ -251,6 +271,7 @@ impl Worker {
         req: RunRequest,
         events: mpsc::Sender<Event>,
     ) -> Result<Vec<Option<String>>> {
+        let _step = self.steps.start();
         ops::run_op(self, req, events).await
     }
 

@@ -26,6 +26,22 @@ fn worker_call(op: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
     }
 }
 
+/// A failed `Run`: the worker's own failure, or `Unreachable` when the call
+/// broke in transport (the status was made here, from a connection error, not
+/// sent by the worker).
+fn run_failure(name: &str) -> impl Fn(tonic::Status) -> Error + '_ {
+    move |s| {
+        if std::error::Error::source(&s).is_some() {
+            Error::Unreachable {
+                op: format!("run {name}"),
+                source: s.into(),
+            }
+        } else {
+            Error::Run(s.into())
+        }
+    }
+}
+
 /// A worker-executor reached over gRPC.
 #[derive(Clone)]
 pub struct GrpcWorker {
@@ -68,10 +84,10 @@ impl peer::Worker for GrpcWorker {
                 entitlements: op.entitlements,
             })
             .await
-            .map_err(|s| Error::Run(s.into()))?
+            .map_err(run_failure(&name))?
             .into_inner();
         let mut outputs = None;
-        while let Some(ev) = stream.message().await.map_err(|s| Error::Run(s.into()))? {
+        while let Some(ev) = stream.message().await.map_err(run_failure(&name))? {
             match ev.event {
                 Some(wk::run_event::Event::Log(l)) => events(RunEvent::Log {
                     stream: l.stream,
@@ -81,6 +97,7 @@ impl peer::Worker for GrpcWorker {
                     outputs = Some(RunOutputs {
                         refs: o.refs,
                         content_keys: o.content_keys,
+                        worker: String::new(),
                     })
                 }
                 Some(wk::run_event::Event::Progress(p)) => events(RunEvent::Progress {
@@ -95,6 +112,33 @@ impl peer::Worker for GrpcWorker {
         outputs.ok_or_else(|| Error::WorkerReply {
             op: format!("run {name}"),
             problem: "the run ended without outputs",
+        })
+    }
+
+    async fn import(&self, peer: &str, r: &str) -> Result<peer::Imported, Error> {
+        let resp = self
+            .client
+            .clone()
+            .import(wk::ImportRequest {
+                peer: peer.to_string(),
+                r#ref: r.to_string(),
+            })
+            .await
+            .map_err(|s| {
+                let op = format!("import {r} from {peer}");
+                if std::error::Error::source(&s).is_some() {
+                    Error::Unreachable {
+                        op,
+                        source: s.into(),
+                    }
+                } else {
+                    worker_call(op)(s)
+                }
+            })?
+            .into_inner();
+        Ok(peer::Imported {
+            r#ref: resp.r#ref,
+            bytes_moved: resp.bytes_moved.max(0) as u64,
         })
     }
 

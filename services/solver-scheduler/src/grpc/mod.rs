@@ -5,8 +5,10 @@
 pub mod client;
 mod container;
 mod convert;
+pub mod farm;
 pub mod server;
 
+pub use farm::farm_server;
 pub use server::{bridge_server, broker_server, client_bridge_server, control_server};
 
 /// gRPC metadata key carrying the build id on LLBBridge calls.

@@ -1125,19 +1125,42 @@ fn container_mount(c: &crate::build::Container, mount: i32) -> Result<FsTarget<'
 fn worker_records<W: Worker, F: Frontend, E: Exporter>(
     solver: &Solver<W, F, E>,
 ) -> Vec<types::WorkerRecord> {
-    vec![types::WorkerRecord {
-        id: solver.worker.address(),
-        labels: [(
-            crate::solver::WORKER_EXECUTOR_LABEL.to_string(),
-            "oci".to_string(),
-        )]
-        .into(),
-        platforms: solver.worker_platforms(),
-        buildkit_version: Some(types::BuildkitVersion {
-            package: "kiln".into(),
-            version: VERSION.into(),
-            revision: String::new(),
-        }),
-        ..Default::default()
-    }]
+    solver
+        .worker_infos()
+        .into_iter()
+        .map(|w| {
+            let mut labels = w.labels;
+            labels
+                .entry(crate::solver::WORKER_EXECUTOR_LABEL.to_string())
+                .or_insert_with(|| "oci".to_string());
+            // the farm's view of the worker, beside the labels it registered
+            labels.insert("kiln.worker.state".into(), w.state);
+            if !w.address.is_empty() {
+                labels.insert("kiln.worker.address".into(), w.address);
+            }
+            if w.capacity > 0 {
+                labels.insert("kiln.worker.capacity".into(), w.capacity.to_string());
+                labels.insert("kiln.worker.running".into(), w.running.to_string());
+            }
+            types::WorkerRecord {
+                id: w.id,
+                labels,
+                platforms: w
+                    .platforms
+                    .iter()
+                    .map(kiln_proto::pb::Platform::from)
+                    .collect(),
+                buildkit_version: Some(types::BuildkitVersion {
+                    package: "kiln".into(),
+                    version: if w.version.is_empty() {
+                        VERSION.into()
+                    } else {
+                        w.version
+                    },
+                    revision: String::new(),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect()
 }

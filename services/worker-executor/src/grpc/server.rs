@@ -440,6 +440,25 @@ impl wpb::worker_server::Worker for WorkerService {
             blobs_removed_size: u.blobs_size,
         }))
     }
+
+    async fn import(
+        &self,
+        req: Request<wpb::ImportRequest>,
+    ) -> Result<Response<wpb::ImportResponse>, Status> {
+        let req = req.into_inner();
+        let done = self
+            .core
+            .import(
+                &req.peer,
+                convert::ref_from_wire(&req.r#ref).as_deref().unwrap_or(""),
+            )
+            .await?;
+        Ok(Response::new(wpb::ImportResponse {
+            r#ref: done.r#ref.unwrap_or_default(),
+            bytes_moved: done.bytes_moved as i64,
+            layers_moved: done.layers_moved,
+        }))
+    }
 }
 
 fn snapshot_usage(s: &crate::gc::SnapshotUsage) -> wpb::SnapshotUsage {

@@ -104,6 +104,11 @@ pub(crate) struct Activity(Arc<AtomicUsize>);
 pub(crate) struct Busy<'a>(&'a AtomicUsize);
 
 impl Activity {
+    /// How many are running now.
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
     pub(crate) fn start(&self) -> Busy<'_> {
         self.0.fetch_add(1, Ordering::AcqRel);
         Busy(&self.0)

@@ -248,32 +248,7 @@ fn apply_layer(
     parent: Option<&str>,
     reference: &str,
 ) -> Result<String> {
-    let st = store.prepare(parent)?;
-    let m = store.mount_rw(&st)?;
-    let layer_err = |source| Error::Layer {
-        digest: layer.desc.digest.clone(),
-        source,
-    };
-    let f = std::fs::File::open(blob).map_err(Error::io("open", blob))?;
-    let reader = kiln_oci::layer::decompress(f).map_err(layer_err)?;
-    // the layer's content is hashed as it is applied and must be what the
-    // config claims, or another image's layer could be passed off under its
-    // diff_id (and found by every later pull of that image through `index`)
-    let mut hashed = kiln_digest::DigestReader::new(reader);
-    kiln_oci::layer::apply(&mut hashed, m.path()).map_err(layer_err)?;
-    let (content, _) = hashed
-        .finish()
-        .map_err(|source| layer_err(kiln_oci::Error::ReadLayer { source }))?;
-    if content != layer.diff_id {
-        return Err(Error::Image {
-            reference: reference.to_string(),
-            reason: format!(
-                "layer {} holds content {content}, but the config's rootfs.diff_ids names {}",
-                layer.desc.digest, layer.diff_id
-            ),
-        });
-    }
-    m.unmount()?;
+    let st = unpack_verified(store, &layer.desc, &layer.diff_id, blob, parent, reference)?;
     store.commit(
         st,
         Kind::Image,
@@ -282,6 +257,44 @@ fn apply_layer(
             diff_id: layer.diff_id,
         }),
     )
+}
+
+/// Unpacks the layer blob `blob` (`desc`) over `parent` into a staging snapshot,
+/// checking that its uncompressed content is `diff_id`: another layer must never
+/// be passed off under a diff_id, since later pulls and imports find snapshots
+/// by chain id. `source` names where the layer came from in errors.
+pub(crate) fn unpack_verified(
+    store: &snapshot::Store,
+    desc: &kiln_oci::Descriptor,
+    diff_id: &str,
+    blob: &Path,
+    parent: Option<&str>,
+    source: &str,
+) -> Result<snapshot::Staging> {
+    let st = store.prepare(parent)?;
+    let m = store.mount_rw(&st)?;
+    let layer_err = |source| Error::Layer {
+        digest: desc.digest.clone(),
+        source,
+    };
+    let f = std::fs::File::open(blob).map_err(Error::io("open", blob))?;
+    let reader = kiln_oci::layer::decompress(f).map_err(layer_err)?;
+    let mut hashed = kiln_digest::DigestReader::new(reader);
+    kiln_oci::layer::apply(&mut hashed, m.path()).map_err(layer_err)?;
+    let (content, _) = hashed
+        .finish()
+        .map_err(|source| layer_err(kiln_oci::Error::ReadLayer { source }))?;
+    if content != diff_id {
+        return Err(Error::Image {
+            reference: source.to_string(),
+            reason: format!(
+                "layer {} holds content {content}, but the config's rootfs.diff_ids names {diff_id}",
+                desc.digest
+            ),
+        });
+    }
+    m.unmount()?;
+    Ok(st)
 }
 
 /// Downloads one layer blob to `blob` (through a temp file), with progress events.

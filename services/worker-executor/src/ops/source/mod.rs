@@ -3,7 +3,7 @@
 
 mod git;
 mod http;
-mod image;
+pub(crate) mod image;
 pub mod local;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,277 @@
+//! Imports: a ref another worker of the farm holds, copied here by digest.
+//!
+//! The holder is asked for its chain's layers (`Layers`, uncompressed where it
+//! must make a blob, a base image's own blob where it has one), and each layer
+//! this worker lacks is read with `ReadBlob`, verified against its digest as it
+//! is written to the content store, unpacked with its diff_id checked, and
+//! indexed by chain id (the same `image-layers/` index image pulls use), so a
+//! layer moves to a worker once however many steps or images want it, and a
+//! base image this worker pulled itself is never moved. Concurrent imports of
+//! one layer wait for the first (per-chain-id and per-blob locks).
+//!
+//! An imported built layer keeps its uncompressed blob as the memo of its
+//! uncompressed layer, and no compressed blob: an export from here compresses
+//! it from its files, exactly as the holder would have.
+
+use crate::Worker;
+use crate::error::{Error, Result};
+use crate::ops::source::image::unpack_verified;
+use crate::snapshot::{Kind, LayerBlob};
+use kiln_oci::{Compression, Descriptor, LayerOptions};
+use kiln_proto::kiln::worker::v1 as wpb;
+use kiln_proto::kiln::worker::v1::worker_client::WorkerClient;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use tonic::transport::Channel;
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Imported {
+    /// the ref here (`None`: the peer's ref was scratch or all empty layers over scratch)
+    pub r#ref: Option<String>,
+    pub bytes_moved: u64,
+    pub layers_moved: u32,
+}
+
+/// gRPC clients of the other workers, by address (channels are shared and lazy).
+#[derive(Debug, Default)]
+pub(crate) struct Peers(std::sync::Mutex<HashMap<String, WorkerClient<Channel>>>);
+
+impl Peers {
+    async fn get(&self, addr: &str) -> Result<WorkerClient<Channel>> {
+        if let Some(c) = self.0.lock().ok().and_then(|m| m.get(addr).cloned()) {
+            return Ok(c);
+        }
+        let c = crate::grpc::client::connect(addr)
+            .await
+            .map_err(|source| Error::Peer {
+                peer: addr.to_string(),
+                op: "connect".into(),
+                source: tonic::Status::unavailable(kiln_proto::status::chain(&source)),
+            })?;
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(addr.to_string(), c.clone());
+        }
+        Ok(c)
+    }
+
+    fn forget(&self, addr: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(addr);
+        }
+    }
+}
+
+/// How a holder is asked for layers to move: no compression where it must
+/// make a blob (compression is slower than most links), its own blob where
+/// one exists.
+fn transfer_options() -> LayerOptions {
+    LayerOptions::new(Compression::Uncompressed)
+}
+
+impl Worker {
+    /// Copies `peer`'s ref `r` into this worker (see the module doc).
+    pub async fn import(&self, peer: &str, r: &str) -> Result<Imported> {
+        let mut client = self.peers.get(peer).await?;
+        let peer_err = |op: &str| {
+            let op = format!("{op} {r}");
+            move |source| Error::Peer {
+                peer: peer.to_string(),
+                op,
+                source,
+            }
+        };
+        let layers = client
+            .layers(wpb::LayersRequest {
+                r#ref: r.to_string(),
+                options: Some((&transfer_options()).into()),
+            })
+            .await
+            .map_err(|s| {
+                if s.code() == tonic::Code::Unavailable {
+                    self.peers.forget(peer);
+                }
+                peer_err("layers")(s)
+            })?
+            .into_inner()
+            .layers;
+        let mut done = Imported::default();
+        let mut parent: Option<String> = None;
+        let mut chain_id: Option<String> = None;
+        for l in layers {
+            let link = if l.empty {
+                "empty".to_string()
+            } else {
+                l.diff_id.clone()
+            };
+            if !l.empty && kiln_digest::hex_part(&l.diff_id).is_none() {
+                return Err(Error::Image {
+                    reference: format!("{peer} {r}"),
+                    reason: format!("the peer's layer names diff_id {:?}", l.diff_id),
+                });
+            }
+            let cid = match &chain_id {
+                None if !l.empty => l.diff_id.clone(),
+                None => kiln_digest::sha256(b"empty"),
+                Some(c) => kiln_digest::sha256(format!("{c} {link}").as_bytes()),
+            };
+            let index = self
+                .config()
+                .root
+                .join("image-layers")
+                .join(cid.trim_start_matches("sha256:"));
+            chain_id = Some(cid);
+            let _layer = self
+                .pull_lock(format!("layer {}", index.display()))
+                .lock_owned()
+                .await;
+            if let Ok(id) = std::fs::read_to_string(&index)
+                && self
+                    .store()
+                    .meta(id.trim())
+                    .is_ok_and(|m| m.parent == parent)
+            {
+                parent = Some(id.trim().to_string());
+                continue;
+            }
+            let id = if l.empty {
+                let store = self.store().clone();
+                let p = parent.clone();
+                tokio::task::spawn_blocking(move || -> Result<String> {
+                    let st = store.prepare(p.as_deref())?;
+                    let id = store.commit(st, Kind::Built, None)?;
+                    let mut meta = store.meta(&id)?;
+                    meta.layers.insert(transfer_options().spec(), None);
+                    store.update_meta(&meta)?;
+                    Ok(id)
+                })
+                .await??
+            } else {
+                let desc = Descriptor {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.clone(),
+                    size: l.size as u64,
+                    ..Default::default()
+                };
+                let blob = self.blob_path(&desc.digest)?;
+                if !blob.exists() {
+                    let _blob = self
+                        .pull_lock(format!("blob {}", desc.digest))
+                        .lock_owned()
+                        .await;
+                    if !blob.exists() {
+                        let n =
+                            fetch_blob(&mut client, &desc, &blob)
+                                .await
+                                .map_err(|e| match e {
+                                    FetchError::Peer(s) => peer_err("read blob of")(s),
+                                    FetchError::Local(e) => e,
+                                })?;
+                        done.bytes_moved += n;
+                        done.layers_moved += 1;
+                    }
+                }
+                let store = self.store().clone();
+                let (p, source) = (parent.clone(), format!("{peer} {r}"));
+                let diff_id = l.diff_id.clone();
+                tokio::task::spawn_blocking(move || -> Result<String> {
+                    let st =
+                        unpack_verified(&store, &desc, &diff_id, &blob, p.as_deref(), &source)?;
+                    let kept = LayerBlob {
+                        descriptor: desc.clone(),
+                        diff_id,
+                    };
+                    if Compression::from_media_type(&desc.media_type) == Compression::Uncompressed {
+                        // a built layer: its uncompressed blob is its memo, not its origin
+                        let id = store.commit(st, Kind::Built, None)?;
+                        let mut meta = store.meta(&id)?;
+                        meta.layers.insert(transfer_options().spec(), Some(kept));
+                        store.update_meta(&meta)?;
+                        Ok(id)
+                    } else {
+                        store.commit(st, Kind::Image, Some(kept))
+                    }
+                })
+                .await??
+            };
+            crate::snapshot::write_atomic(&index, id.as_bytes())?;
+            parent = Some(id);
+        }
+        done.r#ref = parent;
+        Ok(done)
+    }
+}
+
+enum FetchError {
+    Peer(tonic::Status),
+    Local(Error),
+}
+
+/// Streams blob `desc` from a peer into `blob` (through a temp file), checking its
+/// digest and size; returns the bytes read. Writing and hashing run on a
+/// blocking thread while the next chunks arrive.
+async fn fetch_blob(
+    client: &mut WorkerClient<Channel>,
+    desc: &Descriptor,
+    blob: &Path,
+) -> std::result::Result<u64, FetchError> {
+    let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+    let writer = {
+        let tmp = tmp.clone();
+        tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
+            let f = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+            let mut hasher = kiln_digest::Hasher::new();
+            let mut n = 0u64;
+            for chunk in rx {
+                n += chunk.len() as u64;
+                hasher.update(&chunk);
+                f.write_all(&chunk).map_err(Error::io("write", &tmp))?;
+            }
+            f.flush().map_err(Error::io("write", &tmp))?;
+            Ok((n, hasher.finish()))
+        })
+    };
+    let received = async {
+        let mut stream = client
+            .read_blob(wpb::ReadBlobRequest {
+                digest: desc.digest.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            n += chunk.data.len() as u64;
+            // more than the layer's size: stop reading, the check below fails
+            if n > desc.size || tx.send(chunk.data.into()).is_err() {
+                break;
+            }
+        }
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    drop(tx);
+    let written = writer.await.map_err(Error::from).and_then(|r| r);
+    let r = match (received, written) {
+        (Err(s), _) => Err(FetchError::Peer(s)),
+        (_, Err(e)) => Err(FetchError::Local(e)),
+        (Ok(()), Ok((n, got))) if n != desc.size || got != desc.digest => {
+            Err(FetchError::Local(Error::Image {
+                reference: desc.digest.clone(),
+                reason: format!(
+                    "the peer sent {n} bytes with digest {got}, not the {} bytes of the layer",
+                    desc.size
+                ),
+            }))
+        }
+        (Ok(()), Ok((n, _))) => std::fs::rename(&tmp, blob)
+            .map(|()| n)
+            .map_err(|e| FetchError::Local(Error::io("rename", blob)(e))),
+    };
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
