@@ -259,6 +259,27 @@ impl<W: Worker> Farm<W> {
         Ok((member.worker.clone(), local.to_string()))
     }
 
+    /// The worker holding `r` and its ref there; a result whose worker is
+    /// gone is made again first (when the farm knows how it was made).
+    async fn holder(&self, r: &str) -> Result<(Arc<W>, String), Error> {
+        let current = self.current(r);
+        match self.locate(&current) {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                let known = self
+                    .lineage
+                    .lock()
+                    .map(|l| l.made.contains_key(&current))
+                    .unwrap_or(false);
+                if !known {
+                    return Err(e);
+                }
+                let again = self.remake(&current).await?;
+                self.locate(&again)
+            }
+        }
+    }
+
     /// The latest ref of a result that may have been made again.
     fn current(&self, r: &str) -> String {
         let mut r = r.to_string();
@@ -709,7 +730,7 @@ impl<W: Worker> Worker for Farm<W> {
     ) -> Result<Vec<u8>, Error> {
         match r {
             FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.locate(r)?;
+                let (w, local) = self.holder(r).await?;
                 w.read_file(FsTarget::Ref(&local), path, offset, length)
                     .await
             }
@@ -735,7 +756,7 @@ impl<W: Worker> Worker for Farm<W> {
     ) -> Result<Vec<Stat>, Error> {
         match r {
             FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.locate(r)?;
+                let (w, local) = self.holder(r).await?;
                 w.read_dir(FsTarget::Ref(&local), path, include).await
             }
             FsTarget::Container { id, mount } => {
@@ -750,7 +771,7 @@ impl<W: Worker> Worker for Farm<W> {
     async fn stat_file(&self, r: FsTarget<'_>, path: &str) -> Result<Stat, Error> {
         match r {
             FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.locate(r)?;
+                let (w, local) = self.holder(r).await?;
                 w.stat_file(FsTarget::Ref(&local), path).await
             }
             FsTarget::Container { id, mount } => {
@@ -802,12 +823,12 @@ impl<W: Worker> Worker for Farm<W> {
     }
 
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
-        let (w, local) = self.locate(r)?;
+        let (w, local) = self.holder(r).await?;
         w.checksum(&local, selectors).await
     }
 
     async fn path_entries(&self, r: &str, selectors: &[Selector]) -> Result<Vec<PathEntry>, Error> {
-        let (w, local) = self.locate(r)?;
+        let (w, local) = self.holder(r).await?;
         w.path_entries(&local, selectors).await
     }
 
@@ -871,7 +892,7 @@ impl<W: Worker> Worker for Farm<W> {
     }
 
     async fn prepare_layers(&self, r: &str, options: &kiln_oci::LayerOptions) -> Result<(), Error> {
-        let (w, local) = self.locate(r)?;
+        let (w, local) = self.holder(r).await?;
         w.prepare_layers(&local, options).await
     }
 
