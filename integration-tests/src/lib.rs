@@ -5,6 +5,8 @@
 //! `make test` starts one registry for the whole run and passes it in
 //! `KILN_TEST_REGISTRY`; run alone, a test starts its own.
 
+pub mod farm;
+
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

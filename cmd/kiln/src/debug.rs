@@ -13,8 +13,15 @@ use kiln_proto::moby::buildkit::v1::{
 
 #[derive(Subcommand)]
 pub enum DebugCommand {
-    /// List the daemon's workers
-    Workers,
+    /// List the daemon's workers (a farm's members)
+    Workers {
+        /// each worker's labels, version and, in a farm, state and load
+        #[arg(short, long)]
+        verbose: bool,
+        /// only workers matching a filter, e.g. labels.zone==b (repeatable: any)
+        #[arg(long)]
+        filter: Vec<String>,
+    },
     /// Show the daemon's version
     Info,
     /// List past builds: ref, start, duration, status, steps (total, cached, failed)
@@ -88,13 +95,15 @@ pub async fn run(addr: &crate::Daemon, what: DebugCommand) -> anyhow::Result<()>
                 .unwrap_or_default();
             println!("BuildKit: {} {} {}", v.package, v.version, v.revision);
         }
-        DebugCommand::Workers => {
+        DebugCommand::Workers { verbose, filter } => {
             let mut c = ControlClient::new(addr.connect().await?);
             let w = c
-                .list_workers(ListWorkersRequest { filter: vec![] })
+                .list_workers(ListWorkersRequest { filter })
                 .await?
                 .into_inner();
-            println!("ID\tPLATFORMS");
+            if !verbose {
+                println!("ID\tPLATFORMS");
+            }
             for r in w.record {
                 let p: Vec<String> = r
                     .platforms
@@ -112,7 +121,21 @@ pub async fn run(addr: &crate::Daemon, what: DebugCommand) -> anyhow::Result<()>
                         )
                     })
                     .collect();
-                println!("{}\t{}", r.id, p.join(","));
+                if !verbose {
+                    println!("{}\t{}", r.id, p.join(","));
+                    continue;
+                }
+                // buildctl's layout of `debug workers -v`
+                println!("ID:\t\t{}", r.id);
+                println!("Platforms:\t{}", p.join(","));
+                if let Some(v) = &r.buildkit_version {
+                    println!("BuildKit:\t{} {} {}", v.package, v.version, v.revision);
+                }
+                println!("Labels:");
+                for (k, v) in &r.labels {
+                    println!("\t{k}:\t{v}");
+                }
+                println!();
             }
         }
         DebugCommand::Histories => {

@@ -246,10 +246,18 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
 
     async fn list_workers(
         &self,
-        _r: Request<ctl::ListWorkersRequest>,
+        r: Request<ctl::ListWorkersRequest>,
     ) -> Result<Response<ctl::ListWorkersResponse>, Status> {
+        // containerd's filter grammar, as BuildKit filters its workers
+        let filters = r
+            .into_inner()
+            .filter
+            .iter()
+            .map(|f| crate::farm::place::Filter::parse(f))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
         Ok(Response::new(ctl::ListWorkersResponse {
-            record: worker_records(&self.solver),
+            record: worker_records(&self.solver, &filters),
         }))
     }
 
@@ -886,7 +894,7 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         Ok(Response::new(fe::PongResponse {
             frontend_api_caps: caps(FRONTEND_CAPS),
             llb_caps: caps(LLB_CAPS),
-            workers: worker_records(&self.solver),
+            workers: worker_records(&self.solver, &[]),
         }))
     }
 
@@ -1124,10 +1132,22 @@ fn container_mount(c: &crate::build::Container, mount: i32) -> Result<FsTarget<'
 /// The workers ListWorkers and Ping report.
 fn worker_records<W: Worker, F: Frontend, E: Exporter>(
     solver: &Solver<W, F, E>,
+    filters: &[crate::farm::place::Filter],
 ) -> Vec<types::WorkerRecord> {
     solver
         .worker_infos()
         .into_iter()
+        .filter(|w| {
+            let c = crate::farm::place::Candidate {
+                id: &w.id,
+                platforms: &w.platforms,
+                labels: &w.labels,
+                running: 0,
+                capacity: 1,
+                holds: 0,
+            };
+            filters.is_empty() || filters.iter().any(|f| f.matches(&c))
+        })
         .map(|w| {
             let mut labels = w.labels;
             labels

@@ -1,0 +1,365 @@
+//! A farm of real processes on one host: a solver-scheduler (with its
+//! internal listener on loopback TCP), a frontend-gateway, a
+//! registry-exporter and N worker-executors that join the scheduler, each
+//! worker with its own root, TCP address and labels. Faults are signals:
+//! SIGKILL is a crashed host, SIGSTOP a partition (nothing sent or answered
+//! until SIGCONT), SIGTERM the drain a preStop hook starts.
+
+use crate::{bin_dir, registry_mirror_toml, run, unmount_under, wait_for_socket};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback (bound, then released for the daemon to take).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub struct FarmWorker {
+    child: Option<Child>,
+    pub addr: String,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl FarmWorker {
+    /// The worker's id (kept in its root once it started).
+    pub fn id(&self) -> String {
+        std::fs::read_to_string(self.root.join("worker/worker-id"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+}
+
+pub struct ProcessFarm {
+    pub dir: tempfile::TempDir,
+    /// the client listener of the scheduler
+    pub addr: String,
+    /// where workers join
+    pub internal: String,
+    config: PathBuf,
+    services: Vec<Child>,
+    pub workers: Vec<FarmWorker>,
+}
+
+impl ProcessFarm {
+    /// A scheduler, frontend and exporter, and one worker per entry of
+    /// `workers` (its extra flags, e.g. `--oci-worker-labels zone=a`), each
+    /// with 2 step slots; returns once every worker has joined.
+    pub fn start(workers: &[&[&str]], extra_config: &str) -> Result<ProcessFarm> {
+        let dir = tempfile::Builder::new().prefix("kiln-farm-").tempdir()?;
+        let config = dir.path().join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n[farm]\nkeepalive-timeout = \"3s\"\n{extra_config}\n",
+                registry_mirror_toml()
+            ),
+        )?;
+        let internal = format!("tcp://127.0.0.1:{}", free_port()?);
+        let mut farm = ProcessFarm {
+            addr: format!("unix://{}", dir.path().join("scheduler.sock").display()),
+            internal: internal.clone(),
+            config,
+            services: vec![],
+            workers: vec![],
+            dir,
+        };
+        for role in ["frontend-gateway", "registry-exporter"] {
+            let sock = farm.dir.path().join(format!("{role}.sock"));
+            let args = farm.common(
+                role,
+                &format!("unix://{}", sock.display()),
+                &["--solver-addr", &internal],
+            );
+            farm.spawn_service(role, &args, &sock)?;
+        }
+        let peer = |r: &str| {
+            format!(
+                "unix://{}",
+                farm.dir.path().join(format!("{r}.sock")).display()
+            )
+        };
+        let sock = farm.dir.path().join("scheduler.sock");
+        let args = farm.common(
+            "solver-scheduler",
+            &format!("unix://{}", sock.display()),
+            &[
+                "--internal-addr",
+                &internal,
+                "--frontend-addr",
+                &peer("frontend-gateway"),
+                "--exporter-addr",
+                &peer("registry-exporter"),
+            ],
+        );
+        farm.spawn_service("solver-scheduler", &args, &sock)?;
+        for (i, extra) in workers.iter().enumerate() {
+            let addr = format!("tcp://127.0.0.1:{}", free_port()?);
+            let root = farm.dir.path().join(format!("w{i}"));
+            let mut args = vec![
+                "--config".to_string(),
+                farm.config.display().to_string(),
+                "--root".into(),
+                root.display().to_string(),
+                "--addr".into(),
+                addr.clone(),
+                "--role".into(),
+                "worker-executor".into(),
+                "--join".into(),
+                internal.clone(),
+                "--capacity".into(),
+                "2".into(),
+                // one host, many workers: steps share its network
+                "--network-mode".into(),
+                "host".into(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            farm.workers.push(FarmWorker {
+                child: None,
+                addr,
+                log: farm.dir.path().join(format!("w{i}.log")),
+                root,
+                args,
+            });
+            farm.start_worker(i)?;
+        }
+        farm.wait_workers(workers.len(), Duration::from_secs(30))?;
+        Ok(farm)
+    }
+
+    fn common(&self, role: &str, addr: &str, extra: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "--config".to_string(),
+            self.config.display().to_string(),
+            "--root".into(),
+            self.dir.path().join(role).display().to_string(),
+            "--addr".into(),
+            addr.to_string(),
+            "--role".into(),
+            role.to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn spawn_service(&mut self, role: &str, args: &[String], sock: &Path) -> Result<()> {
+        let log = self.dir.path().join(format!("{role}.log"));
+        let mut child = Command::new(bin_dir().join("kilnd"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start kilnd")?;
+        wait_for_socket(sock, &mut child, &log)?;
+        self.services.push(child);
+        Ok(())
+    }
+
+    /// Starts worker `i` (again, after it was killed or left).
+    pub fn start_worker(&mut self, i: usize) -> Result<()> {
+        let w = &mut self.workers[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&w.log)?;
+        w.child = Some(
+            Command::new(bin_dir().join("kilnd"))
+                .args(&w.args)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("start worker")?,
+        );
+        Ok(())
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.workers[i].pid() {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), pid.to_string()])
+                .status();
+        }
+    }
+
+    /// A crashed host: SIGKILL, and the process reaped.
+    pub fn kill_worker(&mut self, i: usize) {
+        self.signal(i, "CONT");
+        if let Some(mut c) = self.workers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A partition: the worker neither sends nor answers until [`Self::resume_worker`].
+    pub fn freeze_worker(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    pub fn resume_worker(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    /// The preStop path: SIGTERM, the worker drains and exits.
+    pub fn drain_worker(&self, i: usize) {
+        self.signal(i, "TERM");
+    }
+
+    /// Waits for worker `i`'s process to end; its exit status.
+    pub fn wait_worker_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        let Some(c) = self.workers[i].child.as_mut() else {
+            bail!("worker {i} is not running");
+        };
+        while start.elapsed() < timeout {
+            if let Some(st) = c.try_wait()? {
+                self.workers[i].child = None;
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("worker {i} did not exit within {timeout:?}")
+    }
+
+    /// `kiln debug workers`, one line per worker: (id, rest of the line).
+    pub fn listed_workers(&self) -> Result<Vec<String>> {
+        let out =
+            run(Command::new(bin_dir().join("kiln"))
+                .args(["--addr", &self.addr, "debug", "workers"]))?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect())
+    }
+
+    /// Waits until `n` workers are listed.
+    pub fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let listed = self.listed_workers().unwrap_or_default();
+            if listed.len() == n {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{} workers listed after {timeout:?}, not {n}: {listed:?}\n{}",
+                    listed.len(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `kiln --addr <scheduler> ARGS` in `cwd`.
+    pub fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("kiln"));
+        c.args(["--addr", &self.addr]).args(args).current_dir(cwd);
+        c
+    }
+
+    /// `kiln build --progress plain ARGS .` in `cwd`, started (not waited for).
+    pub fn spawn_build(&self, cwd: &Path, args: &[&str]) -> Result<Child> {
+        let mut c = self.kiln(cwd, &["build", "--progress", "plain"]);
+        c.args(args)
+            .arg(".")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(c.spawn()?)
+    }
+
+    /// Every service's and worker's log.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut logs: Vec<_> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.sort();
+            for p in logs {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                out.push_str(&format!("== {}\n", p.display()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The worker ids a build's plain progress says its steps were placed on,
+/// by vertex name: (step name, worker id).
+pub fn placements(progress: &str) -> Vec<(String, String)> {
+    let mut names = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for line in progress.lines() {
+        let Some((num, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        if let Some(w) = rest.strip_prefix("placed on worker ") {
+            let w = w.split_whitespace().next().unwrap_or_default().to_string();
+            let name = names.get(num).cloned().unwrap_or_default();
+            out.push((name, w));
+        } else if num.starts_with('#') && !names.contains_key(num) {
+            // a vertex's first line is its name
+            names.insert(num.to_string(), rest.to_string());
+        }
+    }
+    out
+}
+
+/// The sum of the bytes a build's progress says were moved between workers.
+pub fn bytes_moved(progress: &str) -> u64 {
+    progress
+        .lines()
+        .filter_map(|l| {
+            let i = l.find(" bytes moved")?;
+            l[..i].rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+impl Drop for ProcessFarm {
+    fn drop(&mut self) {
+        for i in 0..self.workers.len() {
+            self.kill_worker(i);
+        }
+        for c in &mut self.services {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Output of a finished build child, checked for success.
+pub fn finished(child: Child, farm: &ProcessFarm) -> Result<String> {
+    let out: Output = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("build failed:\n{text}\n{}", farm.logs());
+    }
+    Ok(text)
+}

@@ -1,0 +1,290 @@
+//! The build farm as real processes on one host (`kiln_integration_tests::farm`):
+//! a scheduler, a frontend, an exporter and three workers that join it over
+//! loopback TCP. One build's steps run on all of them; a worker killed,
+//! partitioned or drained mid-build costs the build nothing but time.
+
+use kiln_integration_tests::farm::{ProcessFarm, bytes_moved, finished, placements};
+use std::path::Path;
+use std::time::Duration;
+
+/// `n` independent stages, each `sleep SECS` and writing `/outN`, and a final
+/// stage copying every `/outN` into `/out/`.
+fn stages_dockerfile(n: usize, secs: u32) -> String {
+    let mut d = String::new();
+    for i in 0..n {
+        d.push_str(&format!(
+            "FROM busybox AS s{i}\nRUN sleep {secs} && echo stage{i} > /out{i}\n"
+        ));
+    }
+    d.push_str("FROM busybox\n");
+    for i in 0..n {
+        d.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
+    }
+    d
+}
+
+fn context(dockerfile: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+    dir
+}
+
+fn three_workers() -> ProcessFarm {
+    ProcessFarm::start(
+        &[
+            &["--oci-worker-labels", "zone=a"],
+            &["--oci-worker-labels", "zone=b"],
+            &["--oci-worker-labels", "zone=c"],
+        ],
+        "",
+    )
+    .expect("farm")
+}
+
+fn assert_outputs(dir: &Path, n: usize) {
+    for i in 0..n {
+        let got = std::fs::read_to_string(dir.join(format!("out/out/out{i}")))
+            .unwrap_or_else(|e| panic!("out{i} missing from the image: {e}"));
+        assert_eq!(got, format!("stage{i}\n"));
+    }
+}
+
+/// The RUN steps' workers.
+fn run_workers(progress: &str) -> Vec<String> {
+    placements(progress)
+        .into_iter()
+        .filter(|(name, _)| name.contains(" RUN "))
+        .map(|(_, w)| w)
+        .collect()
+}
+
+#[test]
+fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
+    let farm = three_workers();
+    let listed = farm.listed_workers().expect("workers");
+    for w in &farm.workers {
+        assert!(
+            listed.contains(&w.id()),
+            "{} not listed: {listed:?}",
+            w.id()
+        );
+    }
+    let ctx = context(&stages_dockerfile(12, 1));
+    let build = farm
+        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    let progress = finished(build, &farm).expect("build");
+    assert_outputs(ctx.path(), 12);
+    let used = run_workers(&progress);
+    assert_eq!(used.len(), 12, "one placement per RUN:\n{progress}");
+    for w in &farm.workers {
+        assert!(
+            used.contains(&w.id()),
+            "no step ran on worker {}: {used:?}\n{progress}",
+            w.id()
+        );
+    }
+    // the final stage's worker fetched the other stages' results from their workers
+    assert!(bytes_moved(&progress) > 0, "{progress}");
+    // `kiln debug workers` shows labels and state
+    let out = farm
+        .kiln(ctx.path(), &["debug", "workers", "-v"])
+        .output()
+        .expect("kiln");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("zone") && text.contains("ready"), "{text}");
+}
+
+#[test]
+fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
+    let mut farm = three_workers();
+    let ctx = context(&stages_dockerfile(6, 4));
+    let build = farm
+        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    // every worker runs two of the stages by now
+    std::thread::sleep(Duration::from_millis(2500));
+    let killed = farm.workers[1].id();
+    farm.kill_worker(1);
+    let progress = finished(build, &farm).expect("the build survives a lost worker");
+    assert_outputs(ctx.path(), 6);
+    assert!(
+        progress.contains(&format!("worker {killed} lost"))
+            && progress.contains("the step runs again elsewhere"),
+        "{progress}"
+    );
+    // the farm lists the two left; the worker comes back under its id
+    farm.wait_workers(2, Duration::from_secs(10))
+        .expect("dropped");
+    farm.start_worker(1).expect("restart");
+    farm.wait_workers(3, Duration::from_secs(20))
+        .expect("rejoined");
+    assert!(farm.listed_workers().expect("workers").contains(&killed));
+}
+
+#[test]
+fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() {
+    let farm = three_workers();
+    let ctx = context(&stages_dockerfile(6, 4));
+    let build = farm
+        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    std::thread::sleep(Duration::from_millis(2500));
+    let cut = farm.workers[2].id();
+    farm.freeze_worker(2);
+    let progress = finished(build, &farm);
+    farm.resume_worker(2);
+    let progress = progress.expect("the build survives a partition");
+    assert_outputs(ctx.path(), 6);
+    assert!(
+        progress.contains(&format!("worker {cut} was dropped from the farm")),
+        "{progress}"
+    );
+    farm.wait_workers(3, Duration::from_secs(20))
+        .expect("the worker rejoins when the partition heals");
+}
+
+#[test]
+fn farm_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
+    let mut farm = three_workers();
+    // 9 stages on 6 slots: a second wave starts once the first ends
+    let ctx = context(&stages_dockerfile(9, 3));
+    let build = farm
+        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    std::thread::sleep(Duration::from_millis(1500));
+    let drained = farm.workers[0].id();
+    farm.drain_worker(0);
+    let progress = finished(build, &farm).expect("build");
+    assert_outputs(ctx.path(), 9);
+    assert!(
+        !progress.contains("runs again elsewhere"),
+        "a drained worker's steps finish where they run:\n{progress}"
+    );
+    let on_drained = run_workers(&progress)
+        .iter()
+        .filter(|w| **w == drained)
+        .count();
+    assert!(
+        on_drained <= 2,
+        "the drained worker got {on_drained} steps, more than its 2 slots held when it drained:\n{progress}"
+    );
+    let st = farm
+        .wait_worker_exit(0, Duration::from_secs(30))
+        .expect("the drained worker exits");
+    assert!(st.success(), "{st}");
+    farm.wait_workers(2, Duration::from_secs(10))
+        .expect("gone from the list");
+}
+
+#[test]
+fn farm_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
+    let farm = three_workers();
+    let mut d = String::new();
+    for i in 0..6 {
+        d.push_str(&format!(
+            "FROM busybox AS s{i}\nCOPY a{i} /a{i}\nRUN cat /a{i} > /out{i}\n"
+        ));
+    }
+    d.push_str("FROM busybox\n");
+    for i in 0..6 {
+        d.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
+    }
+    let ctx = context(&d);
+    for i in 0..6 {
+        std::fs::write(ctx.path().join(format!("a{i}")), format!("stage{i}\n")).expect("file");
+    }
+    let first = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("first build");
+    assert_outputs(ctx.path(), 6);
+    std::fs::write(ctx.path().join("a3"), "three\n").expect("changed");
+    let second = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out2"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("second build");
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("out2/out/out3")).expect("out3"),
+        "three\n"
+    );
+    let ran = run_workers(&second);
+    assert_eq!(
+        placements(&second)
+            .iter()
+            .filter(|(n, _)| n.contains(" RUN "))
+            .map(|(n, _)| n.clone())
+            .collect::<Vec<_>>(),
+        vec!["[s3 3/3] RUN cat /a3 > /out3".to_string()],
+        "only the changed stage runs again:\n{second}"
+    );
+    assert_eq!(ran.len(), 1);
+    let (b1, b2) = (bytes_moved(&first), bytes_moved(&second));
+    assert!(
+        b2 < 64 * 1024,
+        "the rebuild moved {b2} bytes (the first build {b1}): only the changed stage's layer should move\n{second}"
+    );
+}
+
+#[test]
+fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
+    use kiln_proto::pb;
+    use prost::Message;
+    let farm = three_workers();
+    let labelled = farm.workers[1].id();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for n in 0..4 {
+        let mut b = kiln_llb::DefinitionBuilder::new();
+        let image = b.add(
+            pb::Op {
+                op: Some(pb::op::Op::Source(pb::SourceOp {
+                    identifier: "docker-image://docker.io/library/busybox:latest".into(),
+                    attrs: Default::default(),
+                })),
+                ..Default::default()
+            },
+            pb::OpMetadata::default(),
+        );
+        let mut run = kiln_llb::exec_op(
+            image,
+            pb::Meta {
+                args: vec!["sh".into(), "-c".into(), format!("echo {n} > /n")],
+                cwd: "/".into(),
+                env: vec!["PATH=/bin:/usr/bin".into()],
+                ..Default::default()
+            },
+        );
+        run.constraints = Some(pb::WorkerConstraints {
+            filter: vec!["labels.zone==b".into()],
+        });
+        let out = b.add(run, pb::OpMetadata::default());
+        let def = b.finish(Some(out)).encode_to_vec();
+        let mut child = farm
+            .kiln(dir.path(), &["build", "--progress", "plain"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kiln");
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(&def)
+                .expect("definition");
+        }
+        let progress = finished(child, &farm).expect("build");
+        let on: Vec<String> = placements(&progress)
+            .into_iter()
+            .filter(|(name, _)| name.contains("echo"))
+            .map(|(_, w)| w)
+            .collect();
+        assert_eq!(on, vec![labelled.clone()], "{progress}");
+    }
+}
