@@ -996,3 +996,6 @@ impl<W: Worker> Farm<W> {
             .ok_or_else(|| Error::Farm("no worker in the farm".into()))
     }
 }
+
+#[cfg(test)]
+mod tests;

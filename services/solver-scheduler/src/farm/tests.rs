@@ -1,0 +1,256 @@
+//! The farm over fake workers: placement, loss, re-make and drain, without
+//! processes (the process farm is `integration-tests/tests/farm.rs`).
+
+use super::members::Registration;
+use super::*;
+use std::sync::atomic::AtomicBool;
+
+/// One fake worker's state, shared by every client of its address.
+#[derive(Default)]
+pub(crate) struct FakeState {
+    pub refs: Mutex<HashSet<String>>,
+    pub runs: Mutex<Vec<String>>,
+    pub dead: AtomicBool,
+}
+
+/// The fake farm's "network": address -> worker state.
+pub(crate) type Net = Arc<Mutex<HashMap<String, Arc<FakeState>>>>;
+
+pub(crate) struct Fake {
+    address: String,
+    net: Net,
+    state: Arc<FakeState>,
+}
+
+impl Worker for Fake {
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn run(
+        &self,
+        op: RunOp,
+        _events: Arc<dyn Fn(RunEvent) + Send + Sync>,
+    ) -> Result<RunOutputs, Error> {
+        if self.state.dead.load(Ordering::SeqCst) {
+            return Err(Error::Unreachable {
+                op: format!("run {}", op.name),
+                source: kiln_proto::status::Remote::new(
+                    tonic::Code::Unavailable,
+                    "connection refused",
+                ),
+            });
+        }
+        self.state.runs.lock().unwrap().push(op.name.clone());
+        {
+            let held = self.state.refs.lock().unwrap();
+            for i in op.inputs.iter().filter(|i| !i.is_empty()) {
+                assert!(held.contains(i), "input {i} is not on {}", self.address);
+            }
+        }
+        if op.name.contains("fail") {
+            return Err(Error::Run(kiln_proto::status::Remote::new(
+                tonic::Code::Unknown,
+                "process \"false\" did not complete successfully: exit code: 1",
+            )));
+        }
+        let r = uuid::Uuid::new_v4().to_string();
+        self.state.refs.lock().unwrap().insert(r.clone());
+        Ok(RunOutputs {
+            refs: vec![r],
+            ..Default::default()
+        })
+    }
+
+    async fn import(&self, peer: &str, r: &str) -> Result<crate::peer::Imported, Error> {
+        let holder = self.net.lock().unwrap().get(peer).cloned();
+        match holder {
+            Some(h) if !h.dead.load(Ordering::SeqCst) && h.refs.lock().unwrap().contains(r) => {
+                let copy = format!("copy-of-{r}");
+                self.state.refs.lock().unwrap().insert(copy.clone());
+                Ok(crate::peer::Imported {
+                    r#ref: copy,
+                    bytes_moved: 100,
+                })
+            }
+            _ => Err(Error::Worker {
+                op: format!("import {r}"),
+                source: kiln_proto::status::Remote::new(
+                    tonic::Code::Unavailable,
+                    "peer unreachable",
+                ),
+            }),
+        }
+    }
+
+    async fn checksum(&self, _r: &str, _s: &[Selector]) -> Result<String, Error> {
+        Ok("sha256:0".into())
+    }
+
+    async fn path_entries(&self, _r: &str, _s: &[Selector]) -> Result<Vec<PathEntry>, Error> {
+        Ok(vec![])
+    }
+
+    async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
+        let held = self.state.refs.lock().unwrap();
+        Ok(refs.iter().map(|r| held.contains(r)).collect())
+    }
+}
+
+pub(crate) fn fake_farm(config: FarmConfig) -> (Farm<Fake>, Net) {
+    let net: Net = Default::default();
+    let n = net.clone();
+    let connect: Connect<Fake> = Arc::new(move |address: &str| {
+        let state = n
+            .lock()
+            .unwrap()
+            .entry(address.to_string())
+            .or_default()
+            .clone();
+        Ok(Fake {
+            address: address.to_string(),
+            net: n.clone(),
+            state,
+        })
+    });
+    (Farm::new(config, connect), net)
+}
+
+pub(crate) fn reg(id: &str, capacity: usize) -> Registration {
+    Registration {
+        id: id.into(),
+        address: format!("tcp://{id}:1"),
+        platforms: vec![kiln_oci::Platform::new("linux", "amd64", None)],
+        labels: Default::default(),
+        capacity,
+        free_disk: 0,
+        version: String::new(),
+    }
+}
+
+/// An exec op (busybox-less: the fake does not look at it).
+pub(crate) fn op(name: &str, inputs: Vec<String>) -> RunOp {
+    use prost::Message;
+    let op = pb::Op {
+        op: Some(pb::op::Op::Exec(pb::ExecOp::default())),
+        ..Default::default()
+    };
+    RunOp {
+        build_id: "b".into(),
+        session_id: String::new(),
+        session_shared_key: String::new(),
+        digest: format!("sha256:{name}"),
+        op_bytes: op.encode_to_vec(),
+        inputs,
+        name: name.into(),
+        entitlements: vec![],
+    }
+}
+
+fn quiet() -> Arc<dyn Fn(RunEvent) + Send + Sync> {
+    Arc::new(|_| {})
+}
+
+fn config() -> FarmConfig {
+    FarmConfig {
+        wait_for_worker: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+fn state(net: &Net, id: &str) -> Arc<FakeState> {
+    net.lock().unwrap()[&format!("tcp://{id}:1")].clone()
+}
+
+#[tokio::test]
+async fn a_step_whose_worker_is_lost_runs_elsewhere_but_its_own_failure_is_not_retried() {
+    let (farm, net) = fake_farm(config());
+    let ga = farm.register(reg("a", 2)).unwrap();
+    farm.register(reg("b", 2)).unwrap();
+    // a dies: the step placed there (the lowest id, both idle) runs on b
+    state(&net, "a").dead.store(true, Ordering::SeqCst);
+    let out = farm.run(op("one", vec![]), quiet()).await.expect("run");
+    assert_eq!(out.worker, "b");
+    assert!(out.refs[0].ends_with("@b"), "{:?}", out.refs);
+    farm.drop_worker("a", ga, "test");
+    // a step that fails on its own fails once
+    let e = farm.run(op("fail", vec![]), quiet()).await.unwrap_err();
+    assert!(e.to_string().contains("exit code: 1"), "{e}");
+    let runs = state(&net, "b").runs.lock().unwrap().clone();
+    assert_eq!(runs, vec!["one".to_string(), "fail".to_string()]);
+}
+
+#[tokio::test]
+async fn a_result_only_a_dropped_worker_held_is_made_again_for_its_consumer() {
+    let (farm, net) = fake_farm(config());
+    let ga = farm.register(reg("a", 2)).unwrap();
+    let first = farm.run(op("first", vec![]), quiet()).await.expect("run");
+    farm.register(reg("b", 2)).unwrap();
+    farm.drop_worker("a", ga, "test");
+    assert_eq!(
+        farm.exists(&first.refs).await.unwrap(),
+        vec![false],
+        "a ref on a gone worker is a miss, not an error"
+    );
+    let second = farm
+        .run(op("second", first.refs.clone()), quiet())
+        .await
+        .expect("run");
+    assert_eq!(second.worker, "b");
+    let runs = state(&net, "b").runs.lock().unwrap().clone();
+    assert_eq!(runs, vec!["first".to_string(), "second".to_string()]);
+}
+
+#[tokio::test]
+async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
+    let (farm, net) = fake_farm(config());
+    farm.register(reg("a", 1)).unwrap();
+    farm.register(reg("b", 4)).unwrap();
+    let first = farm.run(op("first", vec![]), quiet()).await.expect("run");
+    // the worker holding the input wins over the idle one
+    let holder = first.worker.clone();
+    let second = farm
+        .run(op("second", first.refs.clone()), quiet())
+        .await
+        .expect("run");
+    assert_eq!(second.worker, holder);
+    // a worker that drains gets no new step: its input moves to the other one
+    let other = if holder == "a" { "b" } else { "a" };
+    let generation = farm.members.lock().unwrap().by_id[&holder].generation;
+    farm.drain(&holder, generation);
+    let third = farm
+        .run(op("third", second.refs.clone()), quiet())
+        .await
+        .expect("run");
+    assert_eq!(third.worker, other);
+    assert_eq!(farm.bytes_moved(), 100);
+    assert!(
+        state(&net, other)
+            .refs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.starts_with("copy-of-"))
+    );
+}
+
+#[tokio::test]
+async fn a_step_no_worker_can_run_fails_with_what_it_asked_for() {
+    let (farm, _net) = fake_farm(config());
+    farm.register(reg("a", 1)).unwrap();
+    let mut o = op("gpu", vec![]);
+    {
+        use prost::Message;
+        let mut p = pb::Op::decode(o.op_bytes.as_slice()).unwrap();
+        p.constraints = Some(pb::WorkerConstraints {
+            filter: vec!["labels.gpu==a100".into()],
+        });
+        o.op_bytes = p.encode_to_vec();
+    }
+    let e = farm.run(o, quiet()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no worker in the farm can run this step (1 worker constraint filter(s))"),
+        "{e}"
+    );
+}
