@@ -61,6 +61,9 @@ impl Default for FarmConfig {
 /// Makes the client of a worker that joined, from its address.
 pub type Connect<W> = Arc<dyn Fn(&str) -> Result<W, Error> + Send + Sync>;
 
+/// How often a step waiting for a busy farm looks again without being woken.
+const BUSY_RECHECK: Duration = Duration::from_millis(250);
+
 /// How many results' lineage the farm keeps (oldest forgotten first).
 const LINEAGE: usize = 1 << 16;
 
@@ -70,12 +73,49 @@ struct Made {
     output: usize,
 }
 
+/// The lineage of recent results, least recently made or used forgotten first.
 #[derive(Default)]
 struct Lineage {
-    made: HashMap<String, Made>,
-    order: VecDeque<String>,
+    /// ref -> what made it, and when it was last made or used
+    made: HashMap<String, (Made, u64)>,
+    /// (ref, stamp) in stamp order; an entry whose stamp is no longer the
+    /// ref's is stale
+    order: VecDeque<(String, u64)>,
+    stamp: u64,
     /// a result made again after its worker was lost: old ref -> new ref
     again: HashMap<String, String>,
+}
+
+impl Lineage {
+    fn insert(&mut self, r: String, made: Made) {
+        self.stamp += 1;
+        self.order.push_back((r.clone(), self.stamp));
+        self.made.insert(r, (made, self.stamp));
+        self.trim();
+    }
+
+    /// `r` was used: it is forgotten last.
+    fn touch(&mut self, r: &str) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        if let Some((_, s)) = self.made.get_mut(r) {
+            *s = stamp;
+            self.order.push_back((r.to_string(), stamp));
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        while self.made.len() > LINEAGE || self.order.len() > 2 * LINEAGE {
+            let Some((r, stamp)) = self.order.pop_front() else {
+                return;
+            };
+            if self.made.get(&r).is_some_and(|(_, s)| *s == stamp) {
+                self.made.remove(&r);
+                self.again.remove(&r);
+            }
+        }
+    }
 }
 
 /// The farm (see the module doc).
@@ -92,6 +132,39 @@ pub struct Farm<W> {
     /// one re-make of a lost result at a time
     remaking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     moved: AtomicU64,
+    /// how long placement decisions took (see [`Farm::placement_micros`])
+    decisions: Histogram,
+}
+
+/// Counts of durations by whole microsecond, up to 10 ms (longer ones in the last).
+struct Histogram(Vec<AtomicU64>);
+
+impl Histogram {
+    const MAX_MICROS: usize = 10_000;
+
+    fn new() -> Self {
+        Histogram((0..=Self::MAX_MICROS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn record(&self, d: Duration) {
+        let us = (d.as_micros() as usize).min(Self::MAX_MICROS);
+        self.0[us].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (count, the `q` quantile in microseconds)
+    fn quantile(&self, q: f64) -> (u64, u64) {
+        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        let want = ((total as f64) * q).ceil() as u64;
+        let mut seen = 0;
+        for (us, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want.max(1) {
+                return (total, us as u64);
+            }
+        }
+        (total, Self::MAX_MICROS as u64)
+    }
 }
 
 /// A step slot on a member, held while the step runs there.
@@ -110,7 +183,9 @@ impl<W> Drop for Slot<'_, W> {
         {
             member.running = member.running.saturating_sub(1);
         }
-        self.farm.changed.notify_waiters();
+        // one freed slot wakes one waiting step (a queue of thousands is not
+        // woken whole); a waiter it does not suit looks again soon
+        self.farm.changed.notify_one();
     }
 }
 
@@ -141,7 +216,13 @@ impl<W: Worker> Farm<W> {
             copies: Mutex::new(HashMap::new()),
             remaking: Mutex::new(HashMap::new()),
             moved: AtomicU64::new(0),
+            decisions: Histogram::new(),
         }
+    }
+
+    /// Placement decisions so far and the `q` quantile of their duration (µs).
+    pub fn placement_micros(&self, q: f64) -> (u64, u64) {
+        self.decisions.quantile(q)
     }
 
     /// A farm whose home member is `worker` (the daemon's own; never dropped).
@@ -307,10 +388,16 @@ impl<W: Worker> Farm<W> {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let started = std::time::Instant::now();
             let outcome = self.try_acquire(want, inputs, avoid);
+            self.decisions.record(started.elapsed());
             match outcome {
                 Ok(slot) => return Ok(slot),
-                Err(NoWorker::AllBusy) => notified.await,
+                Err(NoWorker::AllBusy) => {
+                    // a slot freed for a step this one cannot use is passed on
+                    // by the periodic look
+                    let _ = tokio::time::timeout(BUSY_RECHECK, notified).await;
+                }
                 Err(NoWorker::NoMatch) => {
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
                         return Err(Error::Farm(format!(
@@ -493,7 +580,7 @@ impl<W: Worker> Farm<W> {
                 .lineage
                 .lock()
                 .ok()
-                .and_then(|l| l.made.get(r).map(|m| (m.op.clone(), m.output)));
+                .and_then(|l| l.made.get(r).map(|(m, _)| (m.op.clone(), m.output)));
             let Some((op, output)) = made else {
                 return Err(Error::Farm(format!(
                     "the worker holding {r} is gone, and the farm does not know how it was made"
@@ -517,21 +604,17 @@ impl<W: Worker> Farm<W> {
         let Ok(mut l) = self.lineage.lock() else {
             return;
         };
+        for input in &op.inputs {
+            l.touch(input);
+        }
         for (i, r) in refs.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            l.made.insert(
+            l.insert(
                 r.clone(),
                 Made {
                     op: op.clone(),
                     output: i,
                 },
             );
-            l.order.push_back(r.clone());
-        }
-        while l.order.len() > LINEAGE {
-            if let Some(old) = l.order.pop_front() {
-                l.made.remove(&old);
-                l.again.remove(&old);
-            }
         }
     }
 

@@ -254,3 +254,127 @@ async fn a_step_no_worker_can_run_fails_with_what_it_asked_for() {
         "{e}"
     );
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One simulated farm run: `workers` fake workers with 4 slots each, `steps`
+/// steps queued at once (half of them reading one of 1,000 earlier results),
+/// keepalives from every worker every 100 ms, and 1% of the workers lost
+/// halfway. Returns a line of figures.
+async fn simulate(workers: usize, steps: usize) -> String {
+    let (farm, net) = fake_farm(FarmConfig {
+        wait_for_worker: Duration::from_secs(5),
+        ..Default::default()
+    });
+    let farm = Arc::new(farm);
+    let mut generations = Vec::new();
+    for i in 0..workers {
+        generations.push(farm.register(reg(&format!("w{i:04}"), 4)).unwrap());
+    }
+    let mut seeds = Vec::new();
+    for i in 0..1000 {
+        let out = farm
+            .run(op(&format!("seed{i}"), vec![]), quiet())
+            .await
+            .unwrap();
+        seeds.push(out.refs[0].clone());
+    }
+    let keepalives = {
+        let farm = farm.clone();
+        let generations = generations.clone();
+        tokio::spawn(async move {
+            loop {
+                for (i, g) in generations.iter().enumerate() {
+                    farm.heard(&format!("w{i:04}"), *g, 1, 1 << 30);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let before = rss_kib();
+    let (placed_before, _) = farm.placement_micros(0.5);
+    let started = std::time::Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..steps {
+        let farm = farm.clone();
+        let inputs = if i % 2 == 0 {
+            vec![seeds[i % seeds.len()].clone()]
+        } else {
+            vec![]
+        };
+        let done = done.clone();
+        tasks.spawn(async move {
+            let r = farm.run(op(&format!("step{i}"), inputs), quiet()).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            r.map(|_| ())
+        });
+    }
+    let queued_rss = rss_kib();
+    // 1% of the workers are lost halfway
+    while done.load(Ordering::Relaxed) < steps as u64 / 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in (0..workers).step_by(100) {
+        state(&net, &format!("w{i:04}"))
+            .dead
+            .store(true, Ordering::SeqCst);
+        farm.drop_worker(&format!("w{i:04}"), generations[i], "simulated loss");
+    }
+    let mut failed = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if failed == 0 {
+                    println!("first failure: {e}");
+                }
+                failed += 1;
+            }
+            Err(e) => {
+                if failed == 0 {
+                    println!("first failure: {e}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    let wall = started.elapsed();
+    keepalives.abort();
+    let (placed, p50) = farm.placement_micros(0.5);
+    let (_, p99) = farm.placement_micros(0.99);
+    let decisions = placed - placed_before;
+    assert_eq!(failed, 0, "every step ends on a live worker");
+    format!(
+        "workers {workers}, steps {steps}: {:.0} steps/s placed and run, {decisions} placement decisions, p50 {p50} µs, p99 {p99} µs, wall {:.2} s, RSS +{} MiB with all steps queued",
+        steps as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64(),
+        queued_rss.saturating_sub(before) / 1024
+    )
+}
+
+/// The scheduler past this machine (`bench/farm/run.sh` runs it in release
+/// mode): placement rate, decision latency and the memory of a queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/farm/run.sh"]
+async fn simulated_farm_of_a_thousand_workers() {
+    let workers = std::env::var("KILN_SIM_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let steps = std::env::var("KILN_SIM_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    println!("SIM {}", simulate(workers, steps / 10).await);
+    println!("SIM {}", simulate(workers, steps).await);
+}
