@@ -81,7 +81,7 @@ pub fn connect_lazy(addr: &str) -> Result<Channel, Error> {
     match Addr::parse(addr)? {
         Addr::Tcp(host) => Ok(tcp_endpoint(addr, &host)?.connect_lazy()),
         Addr::Unix(path) => {
-            let ep = Endpoint::from_static("http://kiln.sock");
+            let ep = with_windows(Endpoint::from_static("http://kiln.sock"));
             Ok(
                 ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
@@ -95,11 +95,18 @@ pub fn connect_lazy(addr: &str) -> Result<Channel, Error> {
     }
 }
 
+/// HTTP/2 receive windows big enough for bulk data (blobs, layers, files):
+/// with the 64 KiB default every 64 KiB received waits for a round trip.
+fn with_windows(e: Endpoint) -> Endpoint {
+    e.initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+}
+
 /// The gRPC endpoint for `host` (`addr` with its scheme, for the error).
 fn tcp_endpoint(addr: &str, host: &str) -> Result<Endpoint, Error> {
     Endpoint::from_shared(format!("http://{host}"))
         // an unreachable host (a partitioned farm worker) fails a call, not hangs it
-        .map(|e| e.connect_timeout(std::time::Duration::from_secs(5)))
+        .map(|e| with_windows(e.connect_timeout(std::time::Duration::from_secs(5))))
         .map_err(|e| Error::Address {
             addr: addr.into(),
             reason: e.to_string(),

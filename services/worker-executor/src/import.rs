@@ -73,6 +73,7 @@ fn transfer_options() -> LayerOptions {
 impl Worker {
     /// Copies `peer`'s ref `r` into this worker (see the module doc).
     pub async fn import(&self, peer: &str, r: &str) -> Result<Imported> {
+        let started = std::time::Instant::now();
         let mut client = self.peers.get(peer).await?;
         let peer_err = |op: &str| {
             let op = format!("{op} {r}");
@@ -96,6 +97,8 @@ impl Worker {
             })?
             .into_inner()
             .layers;
+        let listed = started.elapsed();
+        let mut fetching = std::time::Duration::ZERO;
         let mut done = Imported::default();
         let mut parent: Option<String> = None;
         let mut chain_id: Option<String> = None;
@@ -161,6 +164,7 @@ impl Worker {
                         .lock_owned()
                         .await;
                     if !blob.exists() {
+                        let t = std::time::Instant::now();
                         let n =
                             fetch_blob(&mut client, &desc, &blob)
                                 .await
@@ -170,6 +174,7 @@ impl Worker {
                                 })?;
                         done.bytes_moved += n;
                         done.layers_moved += 1;
+                        fetching += t.elapsed();
                     }
                 }
                 let store = self.store().clone();
@@ -199,6 +204,19 @@ impl Worker {
             parent = Some(id);
         }
         done.r#ref = parent;
+        if done.bytes_moved > 0 {
+            let total = started.elapsed();
+            tracing::info!(
+                peer,
+                r,
+                bytes = done.bytes_moved,
+                layers = done.layers_moved,
+                total_ms = total.as_millis() as u64,
+                holder_layers_ms = listed.as_millis() as u64,
+                fetch_ms = fetching.as_millis() as u64,
+                "imported"
+            );
+        }
         Ok(done)
     }
 }
@@ -217,7 +235,7 @@ async fn fetch_blob(
     blob: &Path,
 ) -> std::result::Result<u64, FetchError> {
     let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
     let writer = {
         let tmp = tmp.clone();
         tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
@@ -225,7 +243,7 @@ async fn fetch_blob(
             let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
             let mut hasher = kiln_digest::Hasher::new();
             let mut n = 0u64;
-            for chunk in rx {
+            while let Some(chunk) = rx.blocking_recv() {
                 n += chunk.len() as u64;
                 hasher.update(&chunk);
                 f.write_all(&chunk).map_err(Error::io("write", &tmp))?;
@@ -245,7 +263,7 @@ async fn fetch_blob(
         while let Some(chunk) = stream.message().await? {
             n += chunk.data.len() as u64;
             // more than the layer's size: stop reading, the check below fails
-            if n > desc.size || tx.send(chunk.data.into()).is_err() {
+            if n > desc.size || tx.send(chunk.data.into()).await.is_err() {
                 break;
             }
         }

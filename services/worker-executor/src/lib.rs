@@ -560,9 +560,9 @@ impl Worker {
 
     /// Streams a blob in 64 KiB chunks.
     pub async fn read_blob(&self, digest: &str) -> Result<mpsc::Receiver<Result<Bytes>>> {
-        use tokio::io::AsyncReadExt;
+        use std::io::Read;
         let path = self.blob_path(digest)?;
-        let mut f = match tokio::fs::File::open(&path).await {
+        let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::BlobNotFound {
@@ -577,24 +577,41 @@ impl Worker {
                 });
             }
         };
+        // read on a blocking thread in big chunks: a blob may be gigabytes
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        tokio::task::spawn_blocking(move || {
             loop {
-                let mut buf = vec![0u8; 64 * 1024];
-                let item = match f.read(&mut buf).await {
-                    Ok(0) => return,
-                    Ok(n) => {
+                let mut buf = vec![0u8; BLOB_CHUNK];
+                let mut n = 0;
+                let item = loop {
+                    match f.read(&mut buf[n..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            n += k;
+                            if n == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            break Err(Error::Io {
+                                op: "read",
+                                path: path.clone(),
+                                source: e,
+                            });
+                        }
+                    }
+                };
+                let item = match item {
+                    Ok(()) if n == 0 => return,
+                    Ok(()) => {
                         buf.truncate(n);
                         Ok(Bytes::from(buf))
                     }
-                    Err(e) => Err(Error::Io {
-                        op: "read",
-                        path: path.clone(),
-                        source: e,
-                    }),
+                    Err(e) => Err(e),
                 };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
+                let last = item.as_ref().map_or(true, |b| b.len() < BLOB_CHUNK);
+                if tx.blocking_send(item).is_err() || last {
                     return;
                 }
             }
@@ -634,6 +651,9 @@ impl Worker {
         self.pull_locks.get(key)
     }
 }
+
+/// The size of the chunks a blob is streamed in.
+const BLOB_CHUNK: usize = 1 << 20;
 
 /// Async locks by name, made on first use.
 #[derive(Debug, Default)]
