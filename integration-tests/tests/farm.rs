@@ -288,3 +288,98 @@ fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
         assert_eq!(on, vec![labelled.clone()], "{progress}");
     }
 }
+
+/// A CA and one certificate for 127.0.0.1 that every service of the farm uses
+/// as server and client, and a certificate from another CA.
+fn farm_pki(dir: &Path) {
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-ec", script])
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    sh("for ca in ca other-ca; do
+          openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj \"/CN=kiln farm $ca\" -keyout $ca.key -out $ca.pem 2>/dev/null
+        done
+        for leaf in farm:ca stranger:other-ca; do
+          name=${leaf%%:*}; ca=${leaf#*:}
+          openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -subj \"/CN=kiln farm $name\" -keyout $name.key -out $name.csr 2>/dev/null
+          printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > $name.ext
+          openssl x509 -req -in $name.csr -CA $ca.pem -CAkey $ca.key -CAcreateserial -days 2 \
+            -extfile $name.ext -out $name.pem 2>/dev/null
+        done");
+}
+
+#[test]
+fn farm_services_authenticate_each_other_with_mutual_tls() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    farm_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let farm = ProcessFarm::start(
+        &[&[], &[]],
+        &format!(
+            "[farm.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            p("ca.pem"),
+            p("farm.pem"),
+            p("farm.key")
+        ),
+    )
+    .expect("a farm over mutual TLS");
+    let ctx = context(&stages_dockerfile(4, 1));
+    let progress = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("build");
+    assert_outputs(ctx.path(), 4);
+    assert_eq!(run_workers(&progress).len(), 4, "{progress}");
+    // a worker takes no call from a client without the farm's certificate:
+    // neither plain nor with another CA's certificate
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use kiln_proto::kiln::worker::v1::{InfoRequest, worker_client::WorkerClient};
+        let worker = farm.workers[0].addr.clone();
+        let plain = kiln_session::dial::connect_lazy(&worker).expect("channel");
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            WorkerClient::new(plain).info(InfoRequest {}),
+        )
+        .await
+        .expect("an answer");
+        assert!(r.is_err(), "a plain client was served: {r:?}");
+        let stranger = kiln_session::tls::ClientTls {
+            ca: Some(pki.path().join("ca.pem")),
+            cert: Some(pki.path().join("stranger.pem")),
+            key: Some(pki.path().join("stranger.key")),
+            server_name: None,
+        };
+        let r = match kiln_session::dial::connect_with(&worker, Some(&stranger)).await {
+            Err(e) => Err(e.to_string()),
+            Ok(ch) => WorkerClient::new(ch)
+                .info(InfoRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string()),
+        };
+        assert!(r.is_err(), "a certificate of another CA was accepted");
+        // the farm's own certificate is
+        let ours = kiln_session::tls::ClientTls {
+            ca: Some(pki.path().join("ca.pem")),
+            cert: Some(pki.path().join("farm.pem")),
+            key: Some(pki.path().join("farm.key")),
+            server_name: None,
+        };
+        let ch = kiln_session::dial::connect_with(&worker, Some(&ours))
+            .await
+            .expect("connect");
+        WorkerClient::new(ch)
+            .info(InfoRequest {})
+            .await
+            .expect("the farm's certificate is served");
+    });
+}

@@ -44,6 +44,9 @@ pub struct Farm {
     pub keepalive_timeout: Option<String>,
     /// the scheduler: runs of a step whose worker was lost (default 3)
     pub retries: Option<u32>,
+    /// `[farm.tls]`: mutual TLS between kiln's services on `tcp://`
+    #[serde(default)]
+    pub tls: GrpcTls,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,33 @@ fn duration(key: &str, v: &Option<String>, default: Duration) -> anyhow::Result<
     }
 }
 
+/// `[farm.tls]`: when set, kiln's services speak mutual TLS to each other on
+/// `tcp://`: this process dials with the certificate, and its internal
+/// listeners require one the CA signed. Returns the listeners' config.
+pub fn internal_tls(
+    file: &FileConfig,
+) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let t = &file.farm.tls;
+    if t.cert.is_none() && t.key.is_none() && t.ca.is_none() {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key), Some(ca)) = (&t.cert, &t.key, &t.ca) else {
+        anyhow::bail!("[farm.tls] needs cert, key and ca: the services authenticate each other");
+    };
+    kiln_session::dial::set_internal_tls(kiln_session::tls::ClientTls {
+        ca: Some(ca.clone()),
+        cert: Some(cert.clone()),
+        key: Some(key.clone()),
+        server_name: None,
+    });
+    let server = kiln_session::tls::ServerTls {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: Some(ca.clone()),
+    };
+    Ok(Some(server.config().context("[farm.tls]")?))
+}
+
 /// How the scheduler treats its workers.
 pub fn config(file: &FileConfig) -> anyhow::Result<FarmConfig> {
     let d = FarmConfig::default();

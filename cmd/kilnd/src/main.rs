@@ -7,7 +7,9 @@
 //! the services reach each other there over real gRPC, exactly as they do
 //! across hosts. `--role solver-scheduler` splits the same way: the client API
 //! on `--addr`, SessionBroker and the internal LLBBridge on `--internal-addr`.
-//! Only the client listener serves TLS (`--tlscert/--tlskey/--tlscacert`).
+//! The client listener serves TLS with `--tlscert/--tlskey/--tlscacert`; the
+//! internal listeners on `tcp://` serve mutual TLS with `[farm.tls]`, which
+//! also becomes every service-to-service connection's identity.
 
 mod config;
 mod farm;
@@ -138,6 +140,8 @@ struct Settings {
     peers: config::Peers,
     /// the client listener's TLS, files read
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// `[farm.tls]`: the internal listeners' mutual TLS on `tcp://`
+    internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// `--network-mode`
     network_mode: Option<String>,
 }
@@ -175,12 +179,14 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         None => file.grpc.gid,
     };
     serve::set_socket_owner(file.grpc.uid, gid);
+    let internal_tls = farm::internal_tls(&file)?;
     Ok(Settings {
         addr,
         root,
         file,
         peers,
         tls,
+        internal_tls,
         network_mode: args.network_mode.clone(),
     })
 }
@@ -377,7 +383,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
                     .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()));
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { serve::serve(router, &addr, shutdown).await })
+                let tls = s.internal_tls.clone();
+                tokio::spawn(async move { serve::serve_internal(router, &addr, tls, shutdown).await })
             });
             // clients get Control and, for frontends they run themselves, LLBBridge
             let public_router = tonic::transport::Server::builder()
@@ -432,7 +439,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         s.addr
                     );
                     let (a, b) = tokio::join!(
-                        serve::serve(internal_router, &internal, shutdown.clone()),
+                        serve::serve_internal(internal_router, &internal, s.internal_tls.clone(), shutdown.clone()),
                         serve::serve_client(client_router, &s.addr, s.tls.clone(), shutdown),
                     );
                     a?;
@@ -470,7 +477,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .add_service(worker_executor::grpc::server(worker.clone()));
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
             match join {
-                None => serve::serve(router, &s.addr, shutdown).await?,
+                None => serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?,
                 Some(join) => {
                     let config = farm::join_config(
                         &s.file,
@@ -488,7 +495,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         worker_executor::join::join(worker, config, leave).await;
                         let _ = stop.send(true);
                     });
-                    serve::serve(router, &s.addr, serve::Shutdown(stopped)).await?;
+                    serve::serve_internal(router, &s.addr, s.internal_tls.clone(), serve::Shutdown(stopped))
+                        .await?;
                     joined.abort();
                 }
             }
@@ -499,7 +507,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let router = tonic::transport::Server::builder()
                 .add_service(frontend_gateway::grpc::server::server(frontend));
             tracing::info!("kilnd frontend-gateway listening on {}", s.addr);
-            serve::serve(router, &s.addr, shutdown).await?;
+            serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
         Some(Role::RegistryExporter) => {
             let exporter = exporter_core(
@@ -509,7 +517,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let router = tonic::transport::Server::builder()
                 .add_service(registry_exporter::grpc::server(exporter));
             tracing::info!("kilnd registry-exporter listening on {}", s.addr);
-            serve::serve(router, &s.addr, shutdown).await?;
+            serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
     }
     Ok(())

@@ -121,6 +121,20 @@ const TLS_REQUIRED: &str = "this kilnd listener requires tls: connect with --tls
 
 /// Serves a client listener: TLS on `tcp://` when `tls` is given, plain
 /// otherwise (a unix socket is always plain, as buildkitd's is).
+/// An internal listener: mutual TLS on `tcp://` when `[farm.tls]` is set (the
+/// peer must show a certificate the farm's CA signed), plain otherwise.
+pub async fn serve_internal(
+    router: Router,
+    addr: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    match (Addr::parse(addr)?, tls) {
+        (Addr::Tcp(_), Some(tls)) => serve_client(router, addr, Some(tls), shutdown).await,
+        _ => serve(router, addr, shutdown).await,
+    }
+}
+
 pub async fn serve_client(
     router: Router,
     addr: &str,

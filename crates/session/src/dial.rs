@@ -38,10 +38,21 @@ impl Addr {
     }
 }
 
+/// The TLS identity kiln's services use with each other (`[farm.tls]`), set
+/// once at start: then every service-to-service `tcp://` connection is mutual TLS.
+static INTERNAL_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+
+/// Makes every later [`connect`]/[`connect_lazy`] to a `tcp://` address use
+/// `tls` (a certificate the other services' CA signed, and that CA).
+pub fn set_internal_tls(tls: ClientTls) {
+    let _ = INTERNAL_TLS.set(tls);
+}
+
 /// Opens a gRPC channel to `addr`. The connection is made lazily and
-/// re-made after failures. Service-to-service connections use this.
+/// re-made after failures. Service-to-service connections use this (over
+/// mutual TLS once [`set_internal_tls`] was called).
 pub async fn connect(addr: &str) -> Result<Channel, Error> {
-    connect_with(addr, None).await
+    connect_with(addr, INTERNAL_TLS.get()).await
 }
 
 /// Opens a gRPC channel to `addr`, over TLS with `tls` for a `tcp://` address
@@ -78,6 +89,23 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
 /// A plain gRPC channel to `addr` that connects when first used (and again
 /// after a connection breaks).
 pub fn connect_lazy(addr: &str) -> Result<Channel, Error> {
+    if let (Addr::Tcp(host), Some(tls)) = (Addr::parse(addr)?, INTERNAL_TLS.get()) {
+        let connector = Connector::new(tls, &host)?;
+        return Ok(
+            tcp_endpoint(addr, &host)?.connect_with_connector_lazy(tower::service_fn(
+                move |_: Uri| {
+                    let (connector, host) = (connector.clone(), host.clone());
+                    async move {
+                        let conn = connector
+                            .connect(&host)
+                            .await
+                            .map_err(std::io::Error::other)?;
+                        Ok::<_, std::io::Error>(TokioIo::new(conn))
+                    }
+                },
+            )),
+        );
+    }
     match Addr::parse(addr)? {
         Addr::Tcp(host) => Ok(tcp_endpoint(addr, &host)?.connect_lazy()),
         Addr::Unix(path) => {

@@ -2,9 +2,9 @@
 //! `buildctl --tlscacert/--tlscert/--tlskey/--tlsservername/--tlsdir` and the
 //! server side of `buildkitd --tlscert/--tlskey/--tlscacert`.
 //!
-//! Only the client-facing listener speaks TLS; service-to-service connections
-//! stay plain. Both sides use rustls with ring, passed explicitly, so no process
-//! needs a global crypto provider.
+//! Service-to-service connections are plain unless kilnd's `[farm.tls]` gives
+//! them an identity too (`dial::set_internal_tls`). Both sides use rustls with
+//! ring, passed explicitly, so no process needs a global crypto provider.
 
 use crate::Error;
 use crate::replay::Replay;
