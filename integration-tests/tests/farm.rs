@@ -86,6 +86,31 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
     }
     // the final stage's worker fetched the other stages' results from their workers
     assert!(bytes_moved(&progress) > 0, "{progress}");
+    // the build history says which worker ran which step
+    let histories = farm
+        .kiln(ctx.path(), &["debug", "histories"])
+        .output()
+        .expect("kiln");
+    let listed = String::from_utf8_lossy(&histories.stdout).to_string();
+    let last = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .last()
+        .expect("a build in the history")
+        .to_string();
+    let history = farm
+        .kiln(ctx.path(), &["debug", "history", &last])
+        .output()
+        .expect("kiln");
+    let history = String::from_utf8_lossy(&history.stdout).to_string();
+    for w in &farm.workers {
+        assert!(
+            history
+                .lines()
+                .any(|l| l.contains(" RUN ") && l.ends_with(&format!("on {}", w.id()))),
+            "{history}"
+        );
+    }
     // `kiln debug workers` shows labels and state
     let out = farm
         .kiln(ctx.path(), &["debug", "workers", "-v"])
@@ -298,7 +323,11 @@ fn farm_pki(dir: &Path) {
             .current_dir(dir)
             .output()
             .expect("sh");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     sh("for ca in ca other-ca; do
           openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \

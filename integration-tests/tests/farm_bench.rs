@@ -57,8 +57,11 @@ fn bench_twelve_stages_on_one_two_and_three_workers() {
     for _ in 0..reps() {
         for (n, f) in farms.iter().enumerate() {
             let t = Instant::now();
-            let progress = finished(f.spawn_build(ctx.path(), &["--no-cache"]).expect("build"), f)
-                .expect("build");
+            let progress = finished(
+                f.spawn_build(ctx.path(), &["--no-cache"]).expect("build"),
+                f,
+            )
+            .expect("build");
             let secs = t.elapsed().as_secs_f64();
             let runs = placements(&progress)
                 .iter()
@@ -175,7 +178,10 @@ fn bench_one_gib_snapshot_between_two_workers() {
     use kiln_proto::pb;
     use prost::Message;
     let farm = ProcessFarm::start(
-        &[&["--oci-worker-labels", "zone=a"], &["--oci-worker-labels", "zone=b"]],
+        &[
+            &["--oci-worker-labels", "zone=a"],
+            &["--oci-worker-labels", "zone=b"],
+        ],
         "",
     )
     .expect("farm");
@@ -198,7 +204,10 @@ fn bench_one_gib_snapshot_between_two_workers() {
             image.clone(),
             &mut b,
             "a",
-            &format!("head -c 1073741824 /dev/urandom > /big # {rep}-{}", std::process::id()),
+            &format!(
+                "head -c 1073741824 /dev/urandom > /big # {rep}-{}",
+                std::process::id()
+            ),
             vec![],
             vec![],
         );
@@ -210,7 +219,8 @@ fn bench_one_gib_snapshot_between_two_workers() {
             readonly: true,
             ..Default::default()
         };
-        let read = constrained_definition(image, &mut b, "b", "wc -c /in/big", vec![mount], vec![big]);
+        let read =
+            constrained_definition(image, &mut b, "b", "wc -c /in/big", vec![mount], vec![big]);
         let def = b.finish(Some(read)).encode_to_vec();
         let mut child = farm
             .kiln(dir.path(), &["build", "--progress", "plain"])
@@ -253,7 +263,9 @@ fn bench_one_gib_snapshot_between_two_workers() {
         let raw = raw_loopback(1 << 30);
         rows.push((bytes, total, holder, fetch, raw));
     }
-    println!("| rep | moved | import total | holder makes the blob | fetch (verified) | import rate | raw loopback | ratio (target ≥ 0.7) |");
+    println!(
+        "| rep | moved | import total | holder makes the blob | fetch (verified) | import rate | raw loopback | ratio (target ≥ 0.7) |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for (i, (bytes, total, holder, fetch, raw)) in rows.iter().enumerate() {
         let rate = bytes / total;

@@ -211,7 +211,11 @@ pub async fn run(addr: &crate::Daemon, what: DebugCommand) -> anyhow::Result<()>
                         "INCOMPLETE".to_string()
                     }
                 };
-                println!("#{} {}\t{}", i + 1, s.name, state);
+                if s.worker.is_empty() {
+                    println!("#{} {}\t{}", i + 1, s.name, state);
+                } else {
+                    println!("#{} {}\t{}\ton {}", i + 1, s.name, state, s.worker);
+                }
             }
         }
     }

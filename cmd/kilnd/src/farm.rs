@@ -38,9 +38,7 @@ fn duration(key: &str, v: &Option<String>, default: Duration) -> anyhow::Result<
 /// `[farm.tls]`: when set, kiln's services speak mutual TLS to each other on
 /// `tcp://`: this process dials with the certificate, and its internal
 /// listeners require one the CA signed. Returns the listeners' config.
-pub fn internal_tls(
-    file: &FileConfig,
-) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+pub fn internal_tls(file: &FileConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
     let t = &file.farm.tls;
     if t.cert.is_none() && t.key.is_none() && t.ca.is_none() {
         return Ok(None);

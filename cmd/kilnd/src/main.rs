@@ -384,7 +384,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()));
                 let shutdown = shutdown.clone();
                 let tls = s.internal_tls.clone();
-                tokio::spawn(async move { serve::serve_internal(router, &addr, tls, shutdown).await })
+                tokio::spawn(
+                    async move { serve::serve_internal(router, &addr, tls, shutdown).await },
+                )
             });
             // clients get Control and, for frontends they run themselves, LLBBridge
             let public_router = tonic::transport::Server::builder()
@@ -439,7 +441,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         s.addr
                     );
                     let (a, b) = tokio::join!(
-                        serve::serve_internal(internal_router, &internal, s.internal_tls.clone(), shutdown.clone()),
+                        serve::serve_internal(
+                            internal_router,
+                            &internal,
+                            s.internal_tls.clone(),
+                            shutdown.clone()
+                        ),
                         serve::serve_client(client_router, &s.addr, s.tls.clone(), shutdown),
                     );
                     a?;
@@ -477,7 +484,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .add_service(worker_executor::grpc::server(worker.clone()));
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
             match join {
-                None => serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?,
+                None => {
+                    serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?
+                }
                 Some(join) => {
                     let config = farm::join_config(
                         &s.file,
@@ -495,8 +504,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         worker_executor::join::join(worker, config, leave).await;
                         let _ = stop.send(true);
                     });
-                    serve::serve_internal(router, &s.addr, s.internal_tls.clone(), serve::Shutdown(stopped))
-                        .await?;
+                    serve::serve_internal(
+                        router,
+                        &s.addr,
+                        s.internal_tls.clone(),
+                        serve::Shutdown(stopped),
+                    )
+                    .await?;
                     joined.abort();
                 }
             }

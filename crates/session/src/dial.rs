@@ -52,7 +52,8 @@ pub fn set_internal_tls(tls: ClientTls) {
 /// re-made after failures. Service-to-service connections use this (over
 /// mutual TLS once [`set_internal_tls`] was called).
 pub async fn connect(addr: &str) -> Result<Channel, Error> {
-    connect_with(addr, INTERNAL_TLS.get()).await
+    // lazy either way: a service may start before the peer it dials
+    connect_lazy(addr)
 }
 
 /// Opens a gRPC channel to `addr`, over TLS with `tls` for a `tcp://` address

@@ -20,7 +20,13 @@ pub struct HistoryStep {
     pub started: i64,
     pub completed: i64,
     pub error: String,
+    /// the farm worker it was placed on (its progress says `placed on worker ID`)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker: String,
 }
+
+/// The progress status a farm adds to a step it placed: `placed on worker ID`.
+pub const PLACED_ON: &str = "placed on worker ";
 
 /// One finished build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -76,6 +82,12 @@ pub fn steps_from_progress(msgs: &[StatusResponse]) -> Vec<HistoryStep> {
         }
         if !v.error.is_empty() {
             s.error = v.error.clone();
+        }
+    }
+    for st in msgs.iter().flat_map(|m| m.statuses.iter()) {
+        if let (Some(w), Some(s)) = (st.id.strip_prefix(PLACED_ON), by_digest.get_mut(&st.vertex)) {
+            // the last placement: a step that ran again elsewhere names where it ended
+            s.worker = w.to_string();
         }
     }
     order

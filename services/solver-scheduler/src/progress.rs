@@ -229,8 +229,16 @@ impl Progress {
     /// The step records so far (no logs: they can be large).
     pub fn vertices(&self) -> Vec<StatusResponse> {
         self.in_memory(|r| {
-            (!r.vertexes.is_empty()).then(|| StatusResponse {
+            // and the farm's placements (statuses), which the history keeps
+            let placed: Vec<_> = r
+                .statuses
+                .iter()
+                .filter(|s| s.id.starts_with(crate::history::PLACED_ON))
+                .cloned()
+                .collect();
+            (!r.vertexes.is_empty() || !placed.is_empty()).then(|| StatusResponse {
                 vertexes: r.vertexes.clone(),
+                statuses: placed,
                 ..Default::default()
             })
         })

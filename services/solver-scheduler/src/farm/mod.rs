@@ -634,7 +634,7 @@ impl<W: Worker> Farm<W> {
                     let inputs = self.localize(&slot, &op.inputs, &events).await?;
                     if self.shows_placement() {
                         events(RunEvent::Progress {
-                            id: format!("placed on worker {}", slot.id),
+                            id: format!("{}{}", crate::history::PLACED_ON, slot.id),
                             current: 0,
                             total: 0,
                             completed: true,

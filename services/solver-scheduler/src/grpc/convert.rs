@@ -120,6 +120,7 @@ pub fn history_record(h: &HistoryRecord) -> BuildHistoryRecord {
                 started: ts(s.started),
                 completed: ts(s.completed),
                 error: s.error.clone(),
+                worker: s.worker.clone(),
             })
             .collect(),
     }
