@@ -164,9 +164,9 @@ pub trait Worker: Send + Sync + 'static {
         let _ = (peer, r);
         std::future::ready(Err(Error::Unsupported("import from other workers")))
     }
-    /// The workers behind this one (a farm's members); empty: just this one.
-    fn workers(&self) -> Vec<WorkerInfo> {
-        vec![]
+    /// The workers behind this one (a farm's members); `None`: just this one.
+    fn workers(&self) -> Option<Vec<WorkerInfo>> {
+        None
     }
     /// One worker's address and its refs for `refs` (moved there as needed):
     /// what an exporter reads from.

@@ -444,8 +444,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     /// The workers as `ListWorkers` lists them: a farm's members, or the one
     /// worker with the configured platforms.
     pub fn worker_infos(&self) -> Vec<crate::peer::WorkerInfo> {
-        let members = self.worker.workers();
-        if !members.is_empty() {
+        if let Some(members) = self.worker.workers() {
             return members;
         }
         vec![crate::peer::WorkerInfo {

@@ -7,7 +7,8 @@
 //! (a partition), is dropped and dialled again, so a worker that comes back
 //! re-registers under the same id and its snapshots are usable again. When the
 //! worker is told to leave it sends `GoingAway` (the scheduler places nothing
-//! more on it), waits for its running steps to finish, and returns.
+//! more on it), waits for the scheduler's `Drained` (nothing placed on it still
+//! runs) and for its own running steps, and returns.
 
 use crate::Worker;
 use kiln_proto::kiln::farm::v1::{self as fpb, farm_client::FarmClient};
@@ -139,20 +140,26 @@ async fn session(worker: &Worker, config: &JoinConfig, leave: &mut watch::Receiv
                     })),
                 };
                 let _ = tx.send(going).await;
-                // keep the stream (and its keepalives) up while the steps finish
-                let drained = drain(worker, config);
-                tokio::pin!(drained);
+                // keep the stream (and its keepalives) up until the scheduler
+                // says nothing it placed here still runs (steps it placed may
+                // not have reached this worker yet)
+                let deadline = tokio::time::Instant::now() + config.drain_timeout;
                 loop {
                     tokio::select! {
-                        _ = &mut drained => return Ended::Left,
+                        _ = tokio::time::sleep_until(deadline) => break,
                         _ = tick.tick() => { let _ = tx.send(keepalive(worker)).await; }
-                        m = inbound.message() => if !matches!(m, Ok(Some(_))) {
+                        m = inbound.message() => match m {
+                            Ok(Some(fpb::SchedulerMessage {
+                                message: Some(fpb::scheduler_message::Message::Drained(_)),
+                            })) => break,
+                            Ok(Some(_)) => {}
                             // the scheduler is gone: nothing more to tell it
-                            drained.as_mut().await;
-                            return Ended::Left;
+                            _ => break,
                         },
                     }
                 }
+                drain(worker, config).await;
+                return Ended::Left;
             }
         }
     }

@@ -291,6 +291,14 @@ impl<W: Worker> Farm<W> {
         self.changed.notify_waiters();
     }
 
+    /// Steps placed on worker `id` that have not ended (`None`: not a member).
+    pub fn running_on(&self, id: &str) -> Option<usize> {
+        self.members
+            .lock()
+            .ok()
+            .and_then(|m| m.by_id.get(id).map(|mm| mm.running))
+    }
+
     /// Drops a worker (its stream ended or went silent); its steps run elsewhere.
     pub fn drop_worker(&self, id: &str, generation: u64, why: &str) {
         let removed = self
@@ -1020,9 +1028,9 @@ impl<W: Worker> Worker for Farm<W> {
         Ok(total)
     }
 
-    fn workers(&self) -> Vec<WorkerInfo> {
+    fn workers(&self) -> Option<Vec<WorkerInfo>> {
         let Ok(m) = self.members.lock() else {
-            return vec![];
+            return Some(vec![]);
         };
         let mut v: Vec<WorkerInfo> = m
             .by_id
@@ -1039,7 +1047,7 @@ impl<W: Worker> Worker for Farm<W> {
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
+        Some(v)
     }
 
     async fn gather(&self, refs: &[String]) -> Result<(String, Vec<String>), Error> {

@@ -92,8 +92,12 @@ fn better(a: &Candidate<'_>, b: &Candidate<'_>) -> bool {
     if a.holds != b.holds {
         return a.holds > b.holds;
     }
-    // running/capacity compared without division
-    let (la, lb) = (a.running * b.capacity.max(1), b.running * a.capacity.max(1));
+    // running/capacity compared without division (nor overflow: the home
+    // worker's capacity is unbounded)
+    let (la, lb) = (
+        a.running as u128 * b.capacity.max(1) as u128,
+        b.running as u128 * a.capacity.max(1) as u128,
+    );
     if la != lb {
         return la < lb;
     }
@@ -274,6 +278,15 @@ mod tests {
         assert_eq!(choose(&cs, &Want::default()), Ok(2), "b is full; c is idle");
         let cs = [cand("a", &amd, &none, 2, 0), cand("b", &amd, &none, 2, 0)];
         assert_eq!(choose(&cs, &Want::default()), Err(NoWorker::AllBusy));
+        // an unbounded worker (the daemon's own) with steps running beside a joined one
+        let mut home = cand("home", &amd, &none, 3, 0);
+        home.capacity = usize::MAX;
+        let cs = [home, cand("w", &amd, &none, 1, 0)];
+        assert_eq!(
+            choose(&cs, &Want::default()),
+            Ok(0),
+            "3 of unbounded is less loaded than 1 of 2"
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ fn registration(r: fpb::Register) -> Result<Registration, Status> {
     })
 }
 
+/// How often a draining worker's steps are looked at.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 type JoinStream = Pin<Box<dyn Stream<Item = Result<fpb::SchedulerMessage, Status>> + Send>>;
 
 fn message(m: fpb::scheduler_message::Message) -> Result<fpb::SchedulerMessage, Status> {
@@ -107,8 +110,24 @@ impl<W: Worker> farm_server::Farm for FarmService<W> {
             )))
             .await;
         tokio::spawn(async move {
+            let mut draining = false;
+            let mut told_drained = false;
             let why = loop {
-                let m = match tokio::time::timeout(config.timeout, inbound.message()).await {
+                // a draining worker is told once nothing placed on it still runs
+                if draining && !told_drained && farm.running_on(&id) == Some(0) {
+                    told_drained = true;
+                    let drained = fpb::scheduler_message::Message::Drained(fpb::Drained {});
+                    if tx.send(message(drained)).await.is_err() {
+                        break "stream closed".to_string();
+                    }
+                }
+                let wait = if draining && !told_drained {
+                    DRAIN_POLL
+                } else {
+                    config.timeout
+                };
+                let m = match tokio::time::timeout(wait, inbound.message()).await {
+                    Err(_) if wait == DRAIN_POLL => continue,
                     Err(_) => break format!("no keepalive for {:?}", config.timeout),
                     Ok(Err(s)) => break format!("stream broke: {}", s.message()),
                     Ok(Ok(None)) => break "it left".to_string(),
@@ -128,6 +147,7 @@ impl<W: Worker> farm_server::Farm for FarmService<W> {
                     Some(fpb::worker_message::Message::GoingAway(g)) => {
                         tracing::info!(worker = %id, reason = %g.reason, "worker going away");
                         farm.drain(&id, generation);
+                        draining = true;
                     }
                     Some(fpb::worker_message::Message::Register(_)) | None => {}
                 }
