@@ -47,6 +47,8 @@ pub struct ProcessFarm {
     pub internal: String,
     config: PathBuf,
     services: Vec<Child>,
+    /// how the scheduler was started (the last of `services`)
+    scheduler_args: Vec<String>,
     pub workers: Vec<FarmWorker>,
 }
 
@@ -70,6 +72,7 @@ impl ProcessFarm {
             internal: internal.clone(),
             config,
             services: vec![],
+            scheduler_args: vec![],
             workers: vec![],
             dir,
         };
@@ -102,6 +105,7 @@ impl ProcessFarm {
             ],
         );
         farm.spawn_service("solver-scheduler", &args, &sock)?;
+        farm.scheduler_args = args;
         for (i, extra) in workers.iter().enumerate() {
             let addr = format!("tcp://127.0.0.1:{}", free_port()?);
             let root = farm.dir.path().join(format!("w{i}"));
@@ -162,6 +166,19 @@ impl ProcessFarm {
         wait_for_socket(sock, &mut child, &log)?;
         self.services.push(child);
         Ok(())
+    }
+
+    /// Kills the scheduler (SIGKILL) and starts it again on the same root and
+    /// addresses; returns once it listens (its workers join again by themselves).
+    pub fn restart_scheduler(&mut self) -> Result<()> {
+        if let Some(mut c) = self.services.pop() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let sock = self.dir.path().join("scheduler.sock");
+        let _ = std::fs::remove_file(&sock);
+        let args = self.scheduler_args.clone();
+        self.spawn_service("solver-scheduler", &args, &sock)
     }
 
     /// Starts worker `i` (again, after it was killed or left).

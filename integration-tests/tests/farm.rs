@@ -256,6 +256,46 @@ fn farm_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
 }
 
 #[test]
+fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_the_workers() {
+    let mut farm = three_workers();
+    let ctx = context(&stages_dockerfile(6, 2));
+    let first = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("first build");
+    assert_eq!(run_workers(&first).len(), 6);
+    // a build in flight when the scheduler dies gets an error, not a hang
+    let ctx2 = context(&stages_dockerfile(6, 5).replace("echo stage", "echo again"));
+    let doomed = farm
+        .spawn_build(ctx2.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    std::thread::sleep(Duration::from_millis(2000));
+    farm.restart_scheduler().expect("restart");
+    let out = doomed.wait_with_output().expect("kiln");
+    assert!(!out.status.success(), "a build survived its scheduler's death?");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error"), "{err}");
+    // the workers join the new scheduler; the first build again is all cached
+    farm.wait_workers(3, Duration::from_secs(30)).expect("rejoined");
+    let again = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out2"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("retried build");
+    assert!(run_workers(&again).is_empty(), "no step runs again:\n{again}");
+    assert!(again.matches("CACHED").count() >= 6, "{again}");
+    for i in 0..6 {
+        assert_eq!(
+            std::fs::read_to_string(ctx.path().join(format!("out2/out/out{i}"))).expect("out"),
+            format!("stage{i}\n")
+        );
+    }
+}
+
+#[test]
 fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
     use kiln_proto::pb;
     use prost::Message;
