@@ -274,18 +274,25 @@ fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_t
     std::thread::sleep(Duration::from_millis(2000));
     farm.restart_scheduler().expect("restart");
     let out = doomed.wait_with_output().expect("kiln");
-    assert!(!out.status.success(), "a build survived its scheduler's death?");
+    assert!(
+        !out.status.success(),
+        "a build survived its scheduler's death?"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("error"), "{err}");
     // the workers join the new scheduler; the first build again is all cached
-    farm.wait_workers(3, Duration::from_secs(30)).expect("rejoined");
+    farm.wait_workers(3, Duration::from_secs(30))
+        .expect("rejoined");
     let again = finished(
         farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out2"])
             .expect("build"),
         &farm,
     )
     .expect("retried build");
-    assert!(run_workers(&again).is_empty(), "no step runs again:\n{again}");
+    assert!(
+        run_workers(&again).is_empty(),
+        "no step runs again:\n{again}"
+    );
     assert!(again.matches("CACHED").count() >= 6, "{again}");
     for i in 0..6 {
         assert_eq!(

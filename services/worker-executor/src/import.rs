@@ -158,6 +158,7 @@ impl Worker {
                     ..Default::default()
                 };
                 let blob = self.blob_path(&desc.digest)?;
+                let mut staged = None;
                 if !blob.exists() {
                     let _blob = self
                         .pull_lock(format!("blob {}", desc.digest))
@@ -165,13 +166,17 @@ impl Worker {
                         .await;
                     if !blob.exists() {
                         let t = std::time::Instant::now();
-                        let n =
-                            fetch_blob(&mut client, &desc, &blob)
-                                .await
-                                .map_err(|e| match e {
-                                    FetchError::Peer(s) => peer_err("read blob of")(s),
-                                    FetchError::Local(e) => e,
-                                })?;
+                        // an uncompressed layer (its digest is its diff_id) is
+                        // unpacked as it arrives, and kept only once verified
+                        let unpack = (desc.digest == l.diff_id)
+                            .then(|| (self.store().clone(), parent.clone()));
+                        let (n, st) = fetch_blob(&mut client, &desc, &blob, unpack)
+                            .await
+                            .map_err(|e| match e {
+                                FetchError::Peer(s) => peer_err("read blob of")(s),
+                                FetchError::Local(e) => e,
+                            })?;
+                        staged = st;
                         done.bytes_moved += n;
                         done.layers_moved += 1;
                         fetching += t.elapsed();
@@ -181,8 +186,12 @@ impl Worker {
                 let (p, source) = (parent.clone(), format!("{peer} {r}"));
                 let diff_id = l.diff_id.clone();
                 tokio::task::spawn_blocking(move || -> Result<String> {
-                    let st =
-                        unpack_verified(&store, &desc, &diff_id, &blob, p.as_deref(), &source)?;
+                    let st = match staged {
+                        Some(st) => st,
+                        None => {
+                            unpack_verified(&store, &desc, &diff_id, &blob, p.as_deref(), &source)?
+                        }
+                    };
                     let kept = LayerBlob {
                         descriptor: desc.clone(),
                         diff_id,
@@ -226,30 +235,73 @@ enum FetchError {
     Local(Error),
 }
 
+/// The bytes of a blob as they arrive: read by a layer's unpacking (or drained),
+/// each byte also written to the blob's file and hashed.
+struct Tee {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    pending: bytes::Bytes,
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: kiln_digest::Hasher,
+    n: u64,
+}
+
+impl std::io::Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.pending = b,
+                None => return Ok(0),
+            }
+        }
+        let k = buf.len().min(self.pending.len());
+        let chunk = self.pending.split_to(k);
+        self.hasher.update(&chunk);
+        self.file.write_all(&chunk)?;
+        self.n += k as u64;
+        buf[..k].copy_from_slice(&chunk);
+        Ok(k)
+    }
+}
+
 /// Streams blob `desc` from a peer into `blob` (through a temp file), checking its
 /// digest and size; returns the bytes read. Writing and hashing run on a
-/// blocking thread while the next chunks arrive.
+/// blocking thread while the next chunks arrive; with `unpack` (the store and
+/// the parent) the blob, an uncompressed layer, is also unpacked on the way
+/// into a staging snapshot, returned only when the digest is right.
 async fn fetch_blob(
     client: &mut WorkerClient<Channel>,
     desc: &Descriptor,
     blob: &Path,
-) -> std::result::Result<u64, FetchError> {
+    unpack: Option<(crate::snapshot::Store, Option<String>)>,
+) -> std::result::Result<(u64, Option<crate::snapshot::Staging>), FetchError> {
     let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
     let writer = {
-        let tmp = tmp.clone();
-        tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
+        let (tmp, digest) = (tmp.clone(), desc.digest.clone());
+        tokio::task::spawn_blocking(move || -> Result<_> {
             let f = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
-            let mut hasher = kiln_digest::Hasher::new();
-            let mut n = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                n += chunk.len() as u64;
-                hasher.update(&chunk);
-                f.write_all(&chunk).map_err(Error::io("write", &tmp))?;
-            }
-            f.flush().map_err(Error::io("write", &tmp))?;
-            Ok((n, hasher.finish()))
+            let mut tee = Tee {
+                rx,
+                pending: bytes::Bytes::new(),
+                file: std::io::BufWriter::with_capacity(1 << 20, f),
+                hasher: kiln_digest::Hasher::new(),
+                n: 0,
+            };
+            let staged = match unpack {
+                Some((store, parent)) => {
+                    let st = store.prepare(parent.as_deref())?;
+                    let m = store.mount_rw(&st)?;
+                    kiln_oci::layer::apply(&mut tee, m.path())
+                        .map_err(|source| Error::Layer { digest, source })?;
+                    m.unmount()?;
+                    Some(st)
+                }
+                None => None,
+            };
+            // the rest (all of it, or a tar's trailing padding)
+            std::io::copy(&mut tee, &mut std::io::sink()).map_err(Error::io("write", &tmp))?;
+            tee.file.flush().map_err(Error::io("write", &tmp))?;
+            Ok((tee.n, tee.hasher.finish(), staged))
         })
     };
     let received = async {
@@ -275,7 +327,7 @@ async fn fetch_blob(
     let r = match (received, written) {
         (Err(s), _) => Err(FetchError::Peer(s)),
         (_, Err(e)) => Err(FetchError::Local(e)),
-        (Ok(()), Ok((n, got))) if n != desc.size || got != desc.digest => {
+        (Ok(()), Ok((n, got, _))) if n != desc.size || got != desc.digest => {
             Err(FetchError::Local(Error::Image {
                 reference: desc.digest.clone(),
                 reason: format!(
@@ -284,8 +336,8 @@ async fn fetch_blob(
                 ),
             }))
         }
-        (Ok(()), Ok((n, _))) => std::fs::rename(&tmp, blob)
-            .map(|()| n)
+        (Ok(()), Ok((n, _, staged))) => std::fs::rename(&tmp, blob)
+            .map(|()| (n, staged))
             .map_err(|e| FetchError::Local(Error::io("rename", blob)(e))),
     };
     if r.is_err() {
