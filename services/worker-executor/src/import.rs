@@ -345,3 +345,114 @@ async fn fetch_blob(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::{snapshot, worker};
+    use std::sync::Arc;
+
+    /// Serves `w`'s Worker API on a loopback port; its address.
+    async fn serve(w: Arc<crate::Worker>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::grpc::server(w))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        format!("tcp://{addr}")
+    }
+
+    fn read(w: &crate::Worker, r: &str, path: &str) -> Vec<u8> {
+        let m = w.store().mount_ro(Some(r)).expect("mount");
+        let data = std::fs::read(m.path().join(path)).expect("read");
+        m.unmount().expect("unmount");
+        data
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ref_moves_between_workers_verified_and_once() {
+        let (_ta, a) = worker();
+        let a = Arc::new(a);
+        let base = snapshot(&a, None, |d| {
+            std::fs::write(d.join("base"), b"base layer").expect("write");
+        });
+        let top = snapshot(&a, Some(&base), |d| {
+            std::fs::write(d.join("top"), vec![7u8; 3 << 20]).expect("write");
+            std::os::unix::fs::symlink("top", d.join("link")).expect("symlink");
+        });
+        let peer = serve(a.clone()).await;
+        let (_tb, b) = worker();
+        let got = b.import(&peer, &top).await.expect("import");
+        let here = got.r#ref.clone().expect("a ref");
+        assert_eq!(got.layers_moved, 2);
+        assert!(got.bytes_moved > 3 << 20, "{got:?}");
+        assert_eq!(read(&b, &here, "base"), b"base layer");
+        assert_eq!(read(&b, &here, "top"), vec![7u8; 3 << 20]);
+        assert_eq!(
+            std::fs::read_link(b.store().dir(&here).join("diff/link")).expect("link"),
+            std::path::Path::new("top")
+        );
+        // the same content hashes the same on both workers (cache keys agree)
+        let sel = vec![crate::contenthash::Selector {
+            path: "/".into(),
+            wildcard: false,
+            follow_links: false,
+        }];
+        let (ha, hb) = (
+            a.checksum(Some(&top), sel.clone()).await.expect("checksum"),
+            b.checksum(Some(&here), sel).await.expect("checksum"),
+        );
+        assert_eq!(ha, hb);
+        // again: nothing moves, the same snapshot is found by chain id
+        let again = b.import(&peer, &top).await.expect("import");
+        assert_eq!(
+            (again.bytes_moved, again.r#ref.as_deref()),
+            (0, Some(here.as_str()))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_sending_other_bytes_than_its_layer_is_refused_and_leaves_nothing() {
+        let (_ta, a) = worker();
+        let a = Arc::new(a);
+        let top = snapshot(&a, None, |d| {
+            std::fs::write(d.join("f"), b"the real content").expect("write");
+        });
+        // the holder makes its blob, then the blob is changed under it
+        let layers = crate::layers::layer_chain(
+            &a,
+            Some(&top),
+            &kiln_oci::LayerOptions::new(kiln_oci::Compression::Uncompressed),
+        )
+        .await
+        .expect("layers");
+        let blob = layers[0].as_ref().expect("a blob");
+        let path = a.blob_path(&blob.descriptor.digest).expect("path");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"real")
+            .expect("content in the tar");
+        bytes[at..at + 4].copy_from_slice(b"fake");
+        std::fs::write(&path, &bytes).expect("tamper");
+        let peer = serve(a.clone()).await;
+        let (_tb, b) = worker();
+        let e = b.import(&peer, &top).await.expect_err("refused");
+        assert!(
+            kiln_proto::status::chain(&e).contains("the peer sent"),
+            "{}",
+            kiln_proto::status::chain(&e)
+        );
+        // no blob, no snapshot, no index entry
+        assert!(!b.blob_path(&blob.descriptor.digest).expect("path").exists());
+        assert!(b.store().chain(None).map(|c| c.is_empty()).unwrap_or(true));
+        let staging = b.config().root.join("staging");
+        let left: Vec<_> = std::fs::read_dir(&staging)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
