@@ -6,7 +6,8 @@
 //! the real solver (`solver_scheduler::solve::solve`: cache keys, selectors,
 //! explanations, eager layer chains, shared vertices) against a worker that
 //! runs nothing: each op it gets is decoded and checked as the real worker
-//! does, and gets one made-up ref per output. The definition is solved twice
+//! does, and gets one made-up ref per output. Each op's worker constraints
+//! are parsed and placed as the farm does. The definition is solved twice
 //! on one cache, so the second solve takes the cache-hit paths.
 
 use std::sync::Arc;
@@ -44,6 +45,11 @@ const TOKENS: &[&[u8]] = &[
     b"*",
     b"**",
     b"llb.customname",
+    b"labels.\"",
+    b"==",
+    b"!=",
+    b"id==",
+    b"platforms==linux/amd64",
     b"local.sharedkeyhint",
     b"image.recordtype",
 ];
@@ -90,6 +96,7 @@ impl Worker for NullWorker {
         Ok(RunOutputs {
             content_keys: refs.iter().map(|r| format!("key-{r}")).collect(),
             refs,
+            ..Default::default()
         })
     }
     async fn checksum(&self, r: &str, selectors: &[Selector]) -> Result<String, Error> {
@@ -155,6 +162,21 @@ pub fn run(data: &[u8]) {
                 let _ = solver_scheduler::solve::source_location(source, &v.digest);
             }
             let _ = solver_scheduler::solve::vertex_name(&v.op, &v.metadata);
+            // the farm's placement reads the op's platform and worker-constraint
+            // filters (containerd's filter grammar, from the client)
+            if let Ok(want) = solver_scheduler::farm::want_of_op(&v.op) {
+                let platforms = [kiln_oci::Platform::host()];
+                let labels = [("zone".to_string(), "a".to_string())].into();
+                let c = solver_scheduler::farm::place::Candidate {
+                    id: "w",
+                    platforms: &platforms,
+                    labels: &labels,
+                    running: 0,
+                    capacity: 1,
+                    holds: 0,
+                };
+                let _ = solver_scheduler::farm::place::choose(&[c], &want);
+            }
             // what the worker parses from a copy before it touches a file
             if let Some(OpKind::File(f)) = &v.op.op {
                 for a in &f.actions {

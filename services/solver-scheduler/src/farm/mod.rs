@@ -765,6 +765,11 @@ pub fn want_of(op_bytes: &[u8]) -> Result<Want, Error> {
     use prost::Message;
     let op =
         pb::Op::decode(op_bytes).map_err(|e| Error::Farm(format!("decode the step's op: {e}")))?;
+    want_of_op(&op)
+}
+
+/// [`want_of`] for a decoded op (its constraint filters come from the client).
+pub fn want_of_op(op: &pb::Op) -> Result<Want, Error> {
     let platform = match (&op.op, &op.platform) {
         (Some(pb::op::Op::Exec(_)), Some(p)) if !p.os.is_empty() && !p.architecture.is_empty() => {
             Some(
