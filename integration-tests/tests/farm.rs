@@ -94,8 +94,8 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
     let listed = String::from_utf8_lossy(&histories.stdout).to_string();
     let last = listed
         .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .last()
+        .rev()
+        .find_map(|l| l.split_whitespace().next())
         .expect("a build in the history")
         .to_string();
     let history = farm

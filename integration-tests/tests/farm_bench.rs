@@ -242,8 +242,8 @@ fn bench_one_gib_snapshot_between_two_workers() {
         let log = strip_ansi(&std::fs::read_to_string(&farm.workers[1].log).expect("log"));
         let line = log
             .lines()
-            .filter(|l| l.contains("imported") && l.contains("bytes=10737"))
-            .last()
+            .rev()
+            .find(|l| l.contains("imported") && l.contains("bytes=10737"))
             .unwrap_or_else(|| panic!("no import logged:\n{log}"))
             .to_string();
         let field = |k: &str| -> f64 {

@@ -240,7 +240,7 @@ impl Worker {
     /// Bytes free on the filesystem of the worker's root.
     pub fn free_disk(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.config.root)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0)
     }
 

@@ -304,17 +304,17 @@ mod tests {
         assert_eq!(choose(&cs, &want), Ok(1));
         let want = Want {
             platform: None,
-            filters: vec![Filter::parse(r#"labels."org.example.gpu"==a100"#).unwrap()],
+            filters: vec![Filter::parse(r#"labels."org.example.gpu"==a100"#).expect("ok")],
         };
         assert_eq!(choose(&cs, &want), Ok(1));
         let want = Want {
             platform: None,
-            filters: vec![Filter::parse("labels.\"org.example.gpu\"!=a100,id==a").unwrap()],
+            filters: vec![Filter::parse("labels.\"org.example.gpu\"!=a100,id==a").expect("ok")],
         };
         assert_eq!(choose(&cs, &want), Ok(0));
         let want = Want {
             platform: None,
-            filters: vec![Filter::parse("id==nowhere").unwrap()],
+            filters: vec![Filter::parse("id==nowhere").expect("ok")],
         };
         assert_eq!(choose(&cs, &want), Err(NoWorker::NoMatch));
         // a platform no worker runs: any worker may try, as one worker would
@@ -327,17 +327,17 @@ mod tests {
 
     #[test]
     fn bad_filters_say_what_is_wrong() {
-        assert!(Filter::parse("labels.x~=y").unwrap_err().contains("~="));
+        assert!(Filter::parse("labels.x~=y").expect_err("an error").contains("~="));
         assert!(
             Filter::parse("hostname==x")
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("unknown field")
         );
         assert!(
             Filter::parse("labels.\"x==y")
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("quote")
         );
-        assert!(Filter::parse("id==a,,id==b").unwrap_err().contains("empty"));
+        assert!(Filter::parse("id==a,,id==b").expect_err("an error").contains("empty"));
     }
 }

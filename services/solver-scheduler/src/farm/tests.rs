@@ -41,9 +41,9 @@ impl Worker for Fake {
                 ),
             });
         }
-        self.state.runs.lock().unwrap().push(op.name.clone());
+        self.state.runs.lock().expect("lock").push(op.name.clone());
         {
-            let held = self.state.refs.lock().unwrap();
+            let held = self.state.refs.lock().expect("lock");
             for i in op.inputs.iter().filter(|i| !i.is_empty()) {
                 assert!(held.contains(i), "input {i} is not on {}", self.address);
             }
@@ -55,7 +55,7 @@ impl Worker for Fake {
             )));
         }
         let r = uuid::Uuid::new_v4().to_string();
-        self.state.refs.lock().unwrap().insert(r.clone());
+        self.state.refs.lock().expect("lock").insert(r.clone());
         Ok(RunOutputs {
             refs: vec![r],
             ..Default::default()
@@ -63,11 +63,11 @@ impl Worker for Fake {
     }
 
     async fn import(&self, peer: &str, r: &str) -> Result<crate::peer::Imported, Error> {
-        let holder = self.net.lock().unwrap().get(peer).cloned();
+        let holder = self.net.lock().expect("lock").get(peer).cloned();
         match holder {
-            Some(h) if !h.dead.load(Ordering::SeqCst) && h.refs.lock().unwrap().contains(r) => {
+            Some(h) if !h.dead.load(Ordering::SeqCst) && h.refs.lock().expect("lock").contains(r) => {
                 let copy = format!("copy-of-{r}");
-                self.state.refs.lock().unwrap().insert(copy.clone());
+                self.state.refs.lock().expect("lock").insert(copy.clone());
                 Ok(crate::peer::Imported {
                     r#ref: copy,
                     bytes_moved: 100,
@@ -92,7 +92,7 @@ impl Worker for Fake {
     }
 
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
-        let held = self.state.refs.lock().unwrap();
+        let held = self.state.refs.lock().expect("lock");
         Ok(refs.iter().map(|r| held.contains(r)).collect())
     }
 }
@@ -103,7 +103,7 @@ pub(crate) fn fake_farm(config: FarmConfig) -> (Farm<Fake>, Net) {
     let connect: Connect<Fake> = Arc::new(move |address: &str| {
         let state = n
             .lock()
-            .unwrap()
+            .expect("ok")
             .entry(address.to_string())
             .or_default()
             .clone();
@@ -159,14 +159,14 @@ fn config() -> FarmConfig {
 }
 
 fn state(net: &Net, id: &str) -> Arc<FakeState> {
-    net.lock().unwrap()[&format!("tcp://{id}:1")].clone()
+    net.lock().expect("lock")[&format!("tcp://{id}:1")].clone()
 }
 
 #[tokio::test]
 async fn a_step_whose_worker_is_lost_runs_elsewhere_but_its_own_failure_is_not_retried() {
     let (farm, net) = fake_farm(config());
-    let ga = farm.register(reg("a", 2)).unwrap();
-    farm.register(reg("b", 2)).unwrap();
+    let ga = farm.register(reg("a", 2)).expect("ok");
+    farm.register(reg("b", 2)).expect("ok");
     // a dies: the step placed there (the lowest id, both idle) runs on b
     state(&net, "a").dead.store(true, Ordering::SeqCst);
     let out = farm.run(op("one", vec![]), quiet()).await.expect("run");
@@ -174,21 +174,21 @@ async fn a_step_whose_worker_is_lost_runs_elsewhere_but_its_own_failure_is_not_r
     assert!(out.refs[0].ends_with("@b"), "{:?}", out.refs);
     farm.drop_worker("a", ga, "test");
     // a step that fails on its own fails once
-    let e = farm.run(op("fail", vec![]), quiet()).await.unwrap_err();
+    let e = farm.run(op("fail", vec![]), quiet()).await.expect_err("an error");
     assert!(e.to_string().contains("exit code: 1"), "{e}");
-    let runs = state(&net, "b").runs.lock().unwrap().clone();
+    let runs = state(&net, "b").runs.lock().expect("lock").clone();
     assert_eq!(runs, vec!["one".to_string(), "fail".to_string()]);
 }
 
 #[tokio::test]
 async fn a_result_only_a_dropped_worker_held_is_made_again_for_its_consumer() {
     let (farm, net) = fake_farm(config());
-    let ga = farm.register(reg("a", 2)).unwrap();
+    let ga = farm.register(reg("a", 2)).expect("ok");
     let first = farm.run(op("first", vec![]), quiet()).await.expect("run");
-    farm.register(reg("b", 2)).unwrap();
+    farm.register(reg("b", 2)).expect("ok");
     farm.drop_worker("a", ga, "test");
     assert_eq!(
-        farm.exists(&first.refs).await.unwrap(),
+        farm.exists(&first.refs).await.expect("ok"),
         vec![false],
         "a ref on a gone worker is a miss, not an error"
     );
@@ -197,15 +197,15 @@ async fn a_result_only_a_dropped_worker_held_is_made_again_for_its_consumer() {
         .await
         .expect("run");
     assert_eq!(second.worker, "b");
-    let runs = state(&net, "b").runs.lock().unwrap().clone();
+    let runs = state(&net, "b").runs.lock().expect("lock").clone();
     assert_eq!(runs, vec!["first".to_string(), "second".to_string()]);
 }
 
 #[tokio::test]
 async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
     let (farm, net) = fake_farm(config());
-    farm.register(reg("a", 1)).unwrap();
-    farm.register(reg("b", 4)).unwrap();
+    farm.register(reg("a", 1)).expect("ok");
+    farm.register(reg("b", 4)).expect("ok");
     let first = farm.run(op("first", vec![]), quiet()).await.expect("run");
     // the worker holding the input wins over the idle one
     let holder = first.worker.clone();
@@ -216,7 +216,7 @@ async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
     assert_eq!(second.worker, holder);
     // a worker that drains gets no new step: its input moves to the other one
     let other = if holder == "a" { "b" } else { "a" };
-    let generation = farm.members.lock().unwrap().by_id[&holder].generation;
+    let generation = farm.members.lock().expect("lock").by_id[&holder].generation;
     farm.drain(&holder, generation);
     let third = farm
         .run(op("third", second.refs.clone()), quiet())
@@ -228,7 +228,7 @@ async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
         state(&net, other)
             .refs
             .lock()
-            .unwrap()
+            .expect("ok")
             .iter()
             .any(|r| r.starts_with("copy-of-"))
     );
@@ -237,17 +237,17 @@ async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
 #[tokio::test]
 async fn a_step_no_worker_can_run_fails_with_what_it_asked_for() {
     let (farm, _net) = fake_farm(config());
-    farm.register(reg("a", 1)).unwrap();
+    farm.register(reg("a", 1)).expect("ok");
     let mut o = op("gpu", vec![]);
     {
         use prost::Message;
-        let mut p = pb::Op::decode(o.op_bytes.as_slice()).unwrap();
+        let mut p = pb::Op::decode(o.op_bytes.as_slice()).expect("ok");
         p.constraints = Some(pb::WorkerConstraints {
             filter: vec!["labels.gpu==a100".into()],
         });
         o.op_bytes = p.encode_to_vec();
     }
-    let e = farm.run(o, quiet()).await.unwrap_err();
+    let e = farm.run(o, quiet()).await.expect_err("an error");
     assert!(
         e.to_string()
             .contains("no worker in the farm can run this step (1 worker constraint filter(s))"),
@@ -278,14 +278,14 @@ async fn simulate(workers: usize, steps: usize) -> String {
     let farm = Arc::new(farm);
     let mut generations = Vec::new();
     for i in 0..workers {
-        generations.push(farm.register(reg(&format!("w{i:04}"), 4)).unwrap());
+        generations.push(farm.register(reg(&format!("w{i:04}"), 4)).expect("ok"));
     }
     let mut seeds = Vec::new();
     for i in 0..1000 {
         let out = farm
             .run(op(&format!("seed{i}"), vec![]), quiet())
             .await
-            .unwrap();
+            .expect("ok");
         seeds.push(out.refs[0].clone());
     }
     let keepalives = {
