@@ -327,7 +327,11 @@ mod tests {
 
     #[test]
     fn bad_filters_say_what_is_wrong() {
-        assert!(Filter::parse("labels.x~=y").expect_err("an error").contains("~="));
+        assert!(
+            Filter::parse("labels.x~=y")
+                .expect_err("an error")
+                .contains("~=")
+        );
         assert!(
             Filter::parse("hostname==x")
                 .expect_err("an error")
@@ -338,6 +342,10 @@ mod tests {
                 .expect_err("an error")
                 .contains("quote")
         );
-        assert!(Filter::parse("id==a,,id==b").expect_err("an error").contains("empty"));
+        assert!(
+            Filter::parse("id==a,,id==b")
+                .expect_err("an error")
+                .contains("empty")
+        );
     }
 }

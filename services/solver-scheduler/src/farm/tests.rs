@@ -65,7 +65,9 @@ impl Worker for Fake {
     async fn import(&self, peer: &str, r: &str) -> Result<crate::peer::Imported, Error> {
         let holder = self.net.lock().expect("lock").get(peer).cloned();
         match holder {
-            Some(h) if !h.dead.load(Ordering::SeqCst) && h.refs.lock().expect("lock").contains(r) => {
+            Some(h)
+                if !h.dead.load(Ordering::SeqCst) && h.refs.lock().expect("lock").contains(r) =>
+            {
                 let copy = format!("copy-of-{r}");
                 self.state.refs.lock().expect("lock").insert(copy.clone());
                 Ok(crate::peer::Imported {
@@ -174,7 +176,10 @@ async fn a_step_whose_worker_is_lost_runs_elsewhere_but_its_own_failure_is_not_r
     assert!(out.refs[0].ends_with("@b"), "{:?}", out.refs);
     farm.drop_worker("a", ga, "test");
     // a step that fails on its own fails once
-    let e = farm.run(op("fail", vec![]), quiet()).await.expect_err("an error");
+    let e = farm
+        .run(op("fail", vec![]), quiet())
+        .await
+        .expect_err("an error");
     assert!(e.to_string().contains("exit code: 1"), "{e}");
     let runs = state(&net, "b").runs.lock().expect("lock").clone();
     assert_eq!(runs, vec!["one".to_string(), "fail".to_string()]);
