@@ -262,6 +262,38 @@ impl ProcessFarm {
             .collect())
     }
 
+    /// Waits until the farm has a step placed on worker `i` (its
+    /// `kiln.worker.running` label in `kiln debug workers -v`).
+    pub fn wait_running(&self, i: usize, timeout: Duration) -> Result<()> {
+        let id = self.workers[i].id();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let out = run(Command::new(bin_dir().join("kiln")).args([
+                "--addr",
+                &self.addr,
+                "debug",
+                "workers",
+                "-v",
+                "--filter",
+                &format!("id=={id}"),
+            ]))
+            .unwrap_or_default();
+            let running = out
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("kiln.worker.running:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            if running > 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "no step ran on worker {i} within {timeout:?}\n{}",
+            self.logs()
+        )
+    }
+
     /// Waits until `n` workers are listed.
     pub fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
         let start = Instant::now();
