@@ -262,34 +262,39 @@ impl ProcessFarm {
             .collect())
     }
 
-    /// Waits until the farm has a step placed on worker `i` (its
-    /// `kiln.worker.running` label in `kiln debug workers -v`).
-    pub fn wait_running(&self, i: usize, timeout: Duration) -> Result<()> {
+    /// Steps the farm has placed on worker `i` now (its `kiln.worker.running`
+    /// label in `kiln debug workers -v`).
+    pub fn running_on(&self, i: usize) -> u32 {
         let id = self.workers[i].id();
+        let out = run(Command::new(bin_dir().join("kiln")).args([
+            "--addr",
+            &self.addr,
+            "debug",
+            "workers",
+            "-v",
+            "--filter",
+            &format!("id=={id}"),
+        ]))
+        .unwrap_or_default();
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("kiln.worker.running:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until every worker has a step placed on it at once: a build's
+    /// wide part runs (its first steps, loading the Dockerfile and pulling
+    /// the base, run on one worker).
+    pub fn wait_all_running(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            let out = run(Command::new(bin_dir().join("kiln")).args([
-                "--addr",
-                &self.addr,
-                "debug",
-                "workers",
-                "-v",
-                "--filter",
-                &format!("id=={id}"),
-            ]))
-            .unwrap_or_default();
-            let running = out
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("kiln.worker.running:"))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            if running > 0 {
+            if (0..self.workers.len()).all(|i| self.running_on(i) > 0) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!(
-            "no step ran on worker {i} within {timeout:?}\n{}",
+            "the workers never all ran steps at once within {timeout:?}\n{}",
             self.logs()
         )
     }

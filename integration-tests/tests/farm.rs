@@ -127,10 +127,9 @@ fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
     let build = farm
         .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    // worker 1 runs a step (and the stages take 4 s)
-    farm.wait_running(1, Duration::from_secs(30))
-        .expect("a step on worker 1");
-    std::thread::sleep(Duration::from_millis(500));
+    // every worker runs stages now (they take 4 s)
+    farm.wait_all_running(Duration::from_secs(30))
+        .expect("steps everywhere");
     let killed = farm.workers[1].id();
     farm.kill_worker(1);
     let progress = finished(build, &farm).expect("the build survives a lost worker");
@@ -156,9 +155,8 @@ fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() 
     let build = farm
         .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    farm.wait_running(2, Duration::from_secs(30))
-        .expect("a step on worker 2");
-    std::thread::sleep(Duration::from_millis(500));
+    farm.wait_all_running(Duration::from_secs(30))
+        .expect("steps everywhere");
     let cut = farm.workers[2].id();
     farm.freeze_worker(2);
     let progress = finished(build, &farm);
@@ -181,10 +179,9 @@ fn farm_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
     let build = farm
         .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    farm.wait_running(0, Duration::from_secs(30))
-        .expect("a step on worker 0");
-    // past the base image's pull: the first wave of RUNs is placed
-    std::thread::sleep(Duration::from_millis(1000));
+    // the first wave of RUNs runs on every worker
+    farm.wait_all_running(Duration::from_secs(30))
+        .expect("steps everywhere");
     let drained = farm.workers[0].id();
     farm.drain_worker(0);
     let progress = finished(build, &farm).expect("build");
@@ -278,8 +275,7 @@ fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_t
     let doomed = farm
         .spawn_build(ctx2.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    farm.wait_running(0, Duration::from_secs(30))
-        .or_else(|_| farm.wait_running(1, Duration::from_secs(5)))
+    farm.wait_all_running(Duration::from_secs(30))
         .expect("the build runs");
     farm.restart_scheduler().expect("restart");
     let out = doomed.wait_with_output().expect("kiln");

@@ -88,9 +88,9 @@ impl RuntimeDir {
     }
 }
 
-/// Removes the runtime dirs beside `keep` whose worker root is gone (no `runtime` link
-/// back to them) and that hold no runc container: what test and CI runs leave on the
-/// tmpfs. Only private dirs of this user are touched.
+/// Removes the runtime dirs beside `keep` whose worker root is gone and that hold no
+/// runc container: what test and CI runs leave on the tmpfs. Only private dirs of this
+/// user are touched.
 fn sweep(parent: &Path, keep: &Path) {
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
         let dir = e.path();
@@ -104,8 +104,11 @@ fn sweep(parent: &Path, keep: &Path) {
             continue; // not a runtime dir
         };
         let root = PathBuf::from(std::ffi::OsStr::from_bytes(&root));
-        if std::fs::read_link(root.join("runtime")).is_ok_and(|t| t == dir) {
-            continue; // its worker is still there
+        // its worker's root is still there: the worker may be running, or
+        // starting (between making this dir and linking it), or killed and
+        // about to clean up itself
+        if root.exists() || std::fs::read_link(root.join("runtime")).is_ok_and(|t| t == dir) {
+            continue;
         }
         let containers = std::fs::read_dir(dir.join("runc"))
             .map(|d| d.count())
