@@ -42,8 +42,6 @@ pub(crate) struct Member<W> {
     pub state: State,
     /// steps the farm placed on it that have not ended
     pub running: usize,
-    /// steps the worker reported running at its last keepalive
-    pub reported_running: u32,
     /// changes with each registration: a stream's end drops only its own
     pub generation: u64,
     /// turns true when this generation is dropped: its steps stop waiting
@@ -103,7 +101,6 @@ impl<W> Members<W> {
                 worker,
                 state: State::Ready,
                 running,
-                reported_running: 0,
                 generation,
                 lost,
                 home,

@@ -268,13 +268,12 @@ impl<W: Worker> Farm<W> {
         Ok(generation)
     }
 
-    /// A keepalive from a worker: what it reports.
-    pub fn heard(&self, id: &str, generation: u64, running: u32, free_disk: u64) {
+    /// A keepalive from a worker: the free disk it reports.
+    pub fn heard(&self, id: &str, generation: u64, free_disk: u64) {
         if let Ok(mut m) = self.members.lock()
             && let Some(member) = m.by_id.get_mut(id)
             && member.generation == generation
         {
-            member.reported_running = running;
             member.reg.free_disk = free_disk;
         }
     }

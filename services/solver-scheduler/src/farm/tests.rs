@@ -299,7 +299,7 @@ async fn simulate(workers: usize, steps: usize) -> String {
         tokio::spawn(async move {
             loop {
                 for (i, g) in generations.iter().enumerate() {
-                    farm.heard(&format!("w{i:04}"), *g, 1, 1 << 30);
+                    farm.heard(&format!("w{i:04}"), *g, 1 << 30);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -135,7 +135,7 @@ impl<W: Worker> farm_server::Farm for FarmService<W> {
                 };
                 match m.message {
                     Some(fpb::worker_message::Message::Keepalive(k)) => {
-                        farm.heard(&id, generation, k.running, k.free_disk);
+                        farm.heard(&id, generation, k.free_disk);
                         let reply = fpb::scheduler_message::Message::Keepalive(fpb::Keepalive {
                             running: 0,
                             free_disk: 0,
