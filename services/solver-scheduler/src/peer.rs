@@ -57,6 +57,7 @@ pub struct WorkerInfo {
     /// "ready" or "draining"
     pub state: String,
     pub running: u32,
+    /// steps at once (0: unbounded)
     pub capacity: u32,
     pub version: String,
 }

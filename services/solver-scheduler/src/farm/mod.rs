@@ -1046,7 +1046,8 @@ impl<W: Worker> Worker for Farm<W> {
                 labels: mm.reg.labels.clone(),
                 state: mm.state.name().to_string(),
                 running: mm.running as u32,
-                capacity: mm.reg.capacity as u32,
+                // 0: unbounded (the home worker)
+                capacity: u32::try_from(mm.reg.capacity).unwrap_or(0),
                 version: mm.reg.version.clone(),
             })
             .collect();

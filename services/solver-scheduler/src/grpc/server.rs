@@ -1160,8 +1160,8 @@ fn worker_records<W: Worker, F: Frontend, E: Exporter>(
             }
             if w.capacity > 0 {
                 labels.insert("kiln.worker.capacity".into(), w.capacity.to_string());
-                labels.insert("kiln.worker.running".into(), w.running.to_string());
             }
+            labels.insert("kiln.worker.running".into(), w.running.to_string());
             types::WorkerRecord {
                 id: w.id,
                 labels,
