@@ -300,17 +300,7 @@ async fn remote_home(
     let (id, platforms, labels) = match info {
         Ok(Ok(r)) => {
             let r = r.into_inner();
-            let platforms = r
-                .platforms
-                .iter()
-                .map(|p| {
-                    kiln_oci::Platform::new(
-                        &p.os,
-                        &p.architecture,
-                        Some(p.variant.as_str()).filter(|v| !v.is_empty()),
-                    )
-                })
-                .collect();
+            let platforms = r.platforms.iter().map(kiln_oci::Platform::from).collect();
             (r.id, platforms, r.labels.into_iter().collect())
         }
         _ => (

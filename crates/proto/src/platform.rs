@@ -13,3 +13,17 @@ impl From<&kiln_oci::Platform> for pb::Platform {
         }
     }
 }
+
+/// An LLB platform as kiln-oci's (empty variant, version and features: none).
+impl From<&pb::Platform> for kiln_oci::Platform {
+    fn from(p: &pb::Platform) -> Self {
+        let mut out = kiln_oci::Platform::new(
+            &p.os,
+            &p.architecture,
+            Some(p.variant.as_str()).filter(|v| !v.is_empty()),
+        );
+        out.os_version = Some(p.os_version.clone()).filter(|v| !v.is_empty());
+        out.os_features = Some(p.os_features.clone()).filter(|f| !f.is_empty());
+        out
+    }
+}

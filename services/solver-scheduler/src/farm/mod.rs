@@ -771,14 +771,7 @@ pub fn want_of(op_bytes: &[u8]) -> Result<Want, Error> {
 pub fn want_of_op(op: &pb::Op) -> Result<Want, Error> {
     let platform = match (&op.op, &op.platform) {
         (Some(pb::op::Op::Exec(_)), Some(p)) if !p.os.is_empty() && !p.architecture.is_empty() => {
-            Some(
-                kiln_oci::Platform::new(
-                    &p.os,
-                    &p.architecture,
-                    Some(p.variant.as_str()).filter(|v| !v.is_empty()),
-                )
-                .normalized(),
-            )
+            Some(kiln_oci::Platform::from(p).normalized())
         }
         _ => None,
     };

@@ -47,14 +47,7 @@ fn registration(r: fpb::Register) -> Result<Registration, Status> {
     let platforms = r
         .platforms
         .iter()
-        .map(|p| {
-            kiln_oci::Platform::new(
-                &p.os,
-                &p.architecture,
-                Some(p.variant.as_str()).filter(|v| !v.is_empty()),
-            )
-            .normalized()
-        })
+        .map(|p| kiln_oci::Platform::from(p).normalized())
         .collect();
     Ok(Registration {
         id: r.id,
