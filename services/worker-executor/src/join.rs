@@ -60,7 +60,7 @@ pub async fn join(worker: Arc<Worker>, config: JoinConfig, mut leave: watch::Rec
         }
         tokio::select! {
             _ = tokio::time::sleep(RETRY) => {}
-            _ = leave.changed() => {}
+            Ok(()) = leave.changed() => {}
         }
     }
 }
@@ -133,7 +133,7 @@ async fn session(worker: &Worker, config: &JoinConfig, leave: &mut watch::Receiv
                     return Ended::Lost("the stream closed".into());
                 }
             }
-            _ = leave.changed() => {
+            Ok(()) = leave.changed() => {
                 let going = fpb::WorkerMessage {
                     message: Some(fpb::worker_message::Message::GoingAway(fpb::GoingAway {
                         reason: "the worker is shutting down".into(),
