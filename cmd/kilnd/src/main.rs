@@ -374,9 +374,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()));
                 let shutdown = shutdown.clone();
                 let tls = s.internal_tls.clone();
-                tokio::spawn(
-                    async move { serve::serve_internal(router, &addr, tls, shutdown).await },
-                )
+                tokio::spawn(async move { serve::serve_client(router, &addr, tls, shutdown).await })
             });
             // clients get Control and, for frontends they run themselves, LLBBridge
             let public_router = tonic::transport::Server::builder()
@@ -431,7 +429,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         s.addr
                     );
                     let (a, b) = tokio::join!(
-                        serve::serve_internal(
+                        serve::serve_client(
                             internal_router,
                             &internal,
                             s.internal_tls.clone(),
@@ -475,7 +473,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
             match join {
                 None => {
-                    serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?
+                    serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?
                 }
                 Some(join) => {
                     let config = farm::join_config(
@@ -494,7 +492,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         worker_executor::join::join(worker, config, leave).await;
                         let _ = stop.send(true);
                     });
-                    serve::serve_internal(
+                    serve::serve_client(
                         router,
                         &s.addr,
                         s.internal_tls.clone(),
@@ -511,7 +509,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let router = tonic::transport::Server::builder()
                 .add_service(frontend_gateway::grpc::server::server(frontend));
             tracing::info!("kilnd frontend-gateway listening on {}", s.addr);
-            serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
+            serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
         Some(Role::RegistryExporter) => {
             let exporter = exporter_core(
@@ -521,7 +519,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let router = tonic::transport::Server::builder()
                 .add_service(registry_exporter::grpc::server(exporter));
             tracing::info!("kilnd registry-exporter listening on {}", s.addr);
-            serve::serve_internal(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
+            serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
     }
     Ok(())

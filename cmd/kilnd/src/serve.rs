@@ -119,22 +119,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const TLS_REQUIRED: &str = "this kilnd listener requires tls: connect with --tlscacert, --tlscert \
                             and --tlskey (or --tlsdir)";
 
-/// Serves a client listener: TLS on `tcp://` when `tls` is given, plain
-/// otherwise (a unix socket is always plain, as buildkitd's is).
-/// An internal listener: mutual TLS on `tcp://` when `[farm.tls]` is set (the
-/// peer must show a certificate the farm's CA signed), plain otherwise.
-pub async fn serve_internal(
-    router: Router,
-    addr: &str,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    match (Addr::parse(addr)?, tls) {
-        (Addr::Tcp(_), Some(tls)) => serve_client(router, addr, Some(tls), shutdown).await,
-        _ => serve(router, addr, shutdown).await,
-    }
-}
-
+/// Serves a listener: TLS on `tcp://` when `tls` is given, plain otherwise (a
+/// unix socket is always plain, as buildkitd's is). The client listener gets
+/// `[grpc.tls]`; the internal ones `[farm.tls]`, whose config requires a
+/// client certificate the farm's CA signed.
 pub async fn serve_client(
     router: Router,
     addr: &str,
