@@ -335,6 +335,20 @@ impl ProcessFarm {
         Ok(c.spawn()?)
     }
 
+    /// `kiln build --progress plain` of a marshaled LLB definition on stdin
+    /// (as buildctl takes one) in `cwd`; its progress once it succeeded.
+    pub fn build_definition(&self, cwd: &Path, definition: &[u8]) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kiln(cwd, &["build", "--progress", "plain"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(definition)?;
+        finished(child, self)
+    }
+
     /// Every service's and worker's log.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -357,6 +371,51 @@ impl ProcessFarm {
         }
         out
     }
+}
+
+/// Adds busybox (`docker-image://`) to an LLB definition being built.
+pub fn busybox(b: &mut kiln_llb::DefinitionBuilder) -> kiln_proto::pb::Input {
+    use kiln_proto::pb;
+    b.add(
+        pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: "docker-image://docker.io/library/busybox:latest".into(),
+                attrs: Default::default(),
+            })),
+            ..Default::default()
+        },
+        pb::OpMetadata::default(),
+    )
+}
+
+/// Adds `sh -c CMD` over `root`, for workers labelled `zone=ZONE` only (LLB
+/// worker constraints), with `mounts` of further `inputs` (input 1 on).
+pub fn constrained_exec(
+    b: &mut kiln_llb::DefinitionBuilder,
+    root: kiln_proto::pb::Input,
+    zone: &str,
+    cmd: &str,
+    mounts: Vec<kiln_proto::pb::Mount>,
+    inputs: Vec<kiln_proto::pb::Input>,
+) -> kiln_proto::pb::Input {
+    use kiln_proto::pb;
+    let mut run = kiln_llb::exec_op(
+        root,
+        pb::Meta {
+            args: vec!["sh".into(), "-c".into(), cmd.into()],
+            cwd: "/".into(),
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            ..Default::default()
+        },
+    );
+    run.inputs.extend(inputs);
+    if let Some(pb::op::Op::Exec(e)) = &mut run.op {
+        e.mounts.extend(mounts);
+    }
+    run.constraints = Some(pb::WorkerConstraints {
+        filter: vec![format!("labels.zone=={zone}")],
+    });
+    b.add(run, pb::OpMetadata::default())
 }
 
 /// The worker ids a build's plain progress says its steps were placed on,

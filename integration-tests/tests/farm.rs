@@ -3,7 +3,9 @@
 //! loopback TCP. One build's steps run on all of them; a worker killed,
 //! partitioned or drained mid-build costs the build nothing but time.
 
-use kiln_integration_tests::farm::{ProcessFarm, bytes_moved, finished, placements};
+use kiln_integration_tests::farm::{
+    ProcessFarm, busybox, bytes_moved, constrained_exec, finished, placements,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -120,19 +122,32 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
     assert!(text.contains("zone") && text.contains("ready"), "{text}");
 }
 
-#[test]
-fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
-    let mut farm = three_workers();
-    let ctx = context(&stages_dockerfile(6, 4));
+/// Builds `n` stages of `secs` each, and once every worker runs one, does
+/// `fault` to the farm; the context and the build's outcome.
+fn build_through(
+    farm: &mut ProcessFarm,
+    n: usize,
+    secs: u32,
+    fault: impl FnOnce(&mut ProcessFarm),
+) -> (tempfile::TempDir, anyhow::Result<String>) {
+    let ctx = context(&stages_dockerfile(n, secs));
     let build = farm
         .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    // every worker runs stages now (they take 4 s)
     farm.wait_all_running(Duration::from_secs(30))
         .expect("steps everywhere");
+    fault(farm);
+    let progress = finished(build, farm);
+    (ctx, progress)
+}
+
+#[test]
+fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
+    let mut farm = three_workers();
     let killed = farm.workers[1].id();
-    farm.kill_worker(1);
-    let progress = finished(build, &farm).expect("the build survives a lost worker");
+    // every worker runs stages when worker 1 dies (they take 4 s)
+    let (ctx, progress) = build_through(&mut farm, 6, 4, |f| f.kill_worker(1));
+    let progress = progress.expect("the build survives a lost worker");
     assert_outputs(ctx.path(), 6);
     assert!(
         progress.contains(&format!("worker {killed} lost"))
@@ -150,16 +165,9 @@ fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
 
 #[test]
 fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() {
-    let farm = three_workers();
-    let ctx = context(&stages_dockerfile(6, 4));
-    let build = farm
-        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
-        .expect("build");
-    farm.wait_all_running(Duration::from_secs(30))
-        .expect("steps everywhere");
+    let mut farm = three_workers();
     let cut = farm.workers[2].id();
-    farm.freeze_worker(2);
-    let progress = finished(build, &farm);
+    let (ctx, progress) = build_through(&mut farm, 6, 4, |f| f.freeze_worker(2));
     farm.resume_worker(2);
     let progress = progress.expect("the build survives a partition");
     assert_outputs(ctx.path(), 6);
@@ -174,17 +182,11 @@ fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() 
 #[test]
 fn farm_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
     let mut farm = three_workers();
-    // 9 stages on 6 slots: a second wave starts once the first ends
-    let ctx = context(&stages_dockerfile(9, 3));
-    let build = farm
-        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
-        .expect("build");
-    // the first wave of RUNs runs on every worker
-    farm.wait_all_running(Duration::from_secs(30))
-        .expect("steps everywhere");
     let drained = farm.workers[0].id();
-    farm.drain_worker(0);
-    let progress = finished(build, &farm).expect("build");
+    // 9 stages on 6 slots: a second wave starts once the first ends; the
+    // drain comes while the first wave runs on every worker
+    let (ctx, progress) = build_through(&mut farm, 9, 3, |f| f.drain_worker(0));
+    let progress = progress.expect("build");
     assert_outputs(ctx.path(), 9);
     assert!(
         !progress.contains("runs again elsewhere"),
@@ -309,54 +311,23 @@ fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_t
 
 #[test]
 fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
-    use kiln_proto::pb;
     use prost::Message;
     let farm = three_workers();
     let labelled = farm.workers[1].id();
     let dir = tempfile::tempdir().expect("tempdir");
     for n in 0..4 {
         let mut b = kiln_llb::DefinitionBuilder::new();
-        let image = b.add(
-            pb::Op {
-                op: Some(pb::op::Op::Source(pb::SourceOp {
-                    identifier: "docker-image://docker.io/library/busybox:latest".into(),
-                    attrs: Default::default(),
-                })),
-                ..Default::default()
-            },
-            pb::OpMetadata::default(),
-        );
-        let mut run = kiln_llb::exec_op(
+        let image = busybox(&mut b);
+        let out = constrained_exec(
+            &mut b,
             image,
-            pb::Meta {
-                args: vec!["sh".into(), "-c".into(), format!("echo {n} > /n")],
-                cwd: "/".into(),
-                env: vec!["PATH=/bin:/usr/bin".into()],
-                ..Default::default()
-            },
+            "b",
+            &format!("echo {n} > /n"),
+            vec![],
+            vec![],
         );
-        run.constraints = Some(pb::WorkerConstraints {
-            filter: vec!["labels.zone==b".into()],
-        });
-        let out = b.add(run, pb::OpMetadata::default());
         let def = b.finish(Some(out)).encode_to_vec();
-        let mut child = farm
-            .kiln(dir.path(), &["build", "--progress", "plain"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("kiln");
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(&def)
-                .expect("definition");
-        }
-        let progress = finished(child, &farm).expect("build");
+        let progress = farm.build_definition(dir.path(), &def).expect("build");
         let on: Vec<String> = placements(&progress)
             .into_iter()
             .filter(|(name, _)| name.contains("echo"))

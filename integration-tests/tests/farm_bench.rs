@@ -7,7 +7,7 @@
 //!   one worker's label, its consumer to the other's), against the raw TCP
 //!   throughput of the same link (loopback) measured in the same run.
 
-use kiln_integration_tests::farm::{ProcessFarm, finished, placements};
+use kiln_integration_tests::farm::{ProcessFarm, busybox, constrained_exec, finished, placements};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -144,34 +144,6 @@ fn raw_loopback(bytes: usize) -> f64 {
     got as f64 / t.elapsed().as_secs_f64()
 }
 
-fn constrained_definition(
-    image: kiln_proto::pb::Input,
-    b: &mut kiln_llb::DefinitionBuilder,
-    zone: &str,
-    cmd: &str,
-    extra: Vec<kiln_proto::pb::Mount>,
-    inputs: Vec<kiln_proto::pb::Input>,
-) -> kiln_proto::pb::Input {
-    use kiln_proto::pb;
-    let mut run = kiln_llb::exec_op(
-        image,
-        pb::Meta {
-            args: vec!["sh".into(), "-c".into(), cmd.into()],
-            cwd: "/".into(),
-            env: vec!["PATH=/bin:/usr/bin".into()],
-            ..Default::default()
-        },
-    );
-    run.inputs.extend(inputs);
-    if let Some(pb::op::Op::Exec(e)) = &mut run.op {
-        e.mounts.extend(extra);
-    }
-    run.constraints = Some(pb::WorkerConstraints {
-        filter: vec![format!("labels.zone=={zone}")],
-    });
-    b.add(run, pb::OpMetadata::default())
-}
-
 #[test]
 #[ignore = "a benchmark: bench/farm/run.sh"]
 fn bench_one_gib_snapshot_between_two_workers() {
@@ -189,20 +161,11 @@ fn bench_one_gib_snapshot_between_two_workers() {
     let mut rows = Vec::new();
     for rep in 0..reps() {
         let mut b = kiln_llb::DefinitionBuilder::new();
-        let image = b.add(
-            pb::Op {
-                op: Some(pb::op::Op::Source(pb::SourceOp {
-                    identifier: "docker-image://docker.io/library/busybox:latest".into(),
-                    attrs: Default::default(),
-                })),
-                ..Default::default()
-            },
-            pb::OpMetadata::default(),
-        );
+        let image = busybox(&mut b);
         // 1 GiB of incompressible bytes, made on zone a (a new nonce each rep)
-        let big = constrained_definition(
-            image.clone(),
+        let big = constrained_exec(
             &mut b,
+            image.clone(),
             "a",
             &format!(
                 "head -c 1073741824 /dev/urandom > /big # {rep}-{}",
@@ -219,23 +182,9 @@ fn bench_one_gib_snapshot_between_two_workers() {
             readonly: true,
             ..Default::default()
         };
-        let read =
-            constrained_definition(image, &mut b, "b", "wc -c /in/big", vec![mount], vec![big]);
+        let read = constrained_exec(&mut b, image, "b", "wc -c /in/big", vec![mount], vec![big]);
         let def = b.finish(Some(read)).encode_to_vec();
-        let mut child = farm
-            .kiln(dir.path(), &["build", "--progress", "plain"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("kiln");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(&def)
-            .expect("definition");
-        let progress = finished(child, &farm).expect("build");
+        let progress = farm.build_definition(dir.path(), &def).expect("build");
         assert!(progress.contains("1073741824"), "{progress}");
         // the importing worker logs the import's figures
         std::thread::sleep(Duration::from_millis(200));
