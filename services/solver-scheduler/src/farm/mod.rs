@@ -816,24 +816,8 @@ impl<W: Worker> Worker for Farm<W> {
         offset: i64,
         length: i64,
     ) -> Result<Vec<u8>, Error> {
-        match r {
-            FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.holder(r).await?;
-                w.read_file(FsTarget::Ref(&local), path, offset, length)
-                    .await
-            }
-            FsTarget::Container { id, mount } => {
-                let (w, local) = self.container(id)?;
-                w.read_file(
-                    FsTarget::Container { id: &local, mount },
-                    path,
-                    offset,
-                    length,
-                )
-                .await
-            }
-            FsTarget::Ref(_) => self.any()?.read_file(r, path, offset, length).await,
-        }
+        let (w, t) = self.fs_target(r).await?;
+        w.read_file(t.as_target(), path, offset, length).await
     }
 
     async fn read_dir(
@@ -842,33 +826,13 @@ impl<W: Worker> Worker for Farm<W> {
         path: &str,
         include: &str,
     ) -> Result<Vec<Stat>, Error> {
-        match r {
-            FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.holder(r).await?;
-                w.read_dir(FsTarget::Ref(&local), path, include).await
-            }
-            FsTarget::Container { id, mount } => {
-                let (w, local) = self.container(id)?;
-                w.read_dir(FsTarget::Container { id: &local, mount }, path, include)
-                    .await
-            }
-            FsTarget::Ref(_) => self.any()?.read_dir(r, path, include).await,
-        }
+        let (w, t) = self.fs_target(r).await?;
+        w.read_dir(t.as_target(), path, include).await
     }
 
     async fn stat_file(&self, r: FsTarget<'_>, path: &str) -> Result<Stat, Error> {
-        match r {
-            FsTarget::Ref(r) if !r.is_empty() => {
-                let (w, local) = self.holder(r).await?;
-                w.stat_file(FsTarget::Ref(&local), path).await
-            }
-            FsTarget::Container { id, mount } => {
-                let (w, local) = self.container(id)?;
-                w.stat_file(FsTarget::Container { id: &local, mount }, path)
-                    .await
-            }
-            FsTarget::Ref(_) => self.any()?.stat_file(r, path).await,
-        }
+        let (w, t) = self.fs_target(r).await?;
+        w.stat_file(t.as_target(), path).await
     }
 
     async fn new_container(&self, spec: ExecSpec) -> Result<String, Error> {
@@ -1067,7 +1031,38 @@ impl<W: Worker> Worker for Farm<W> {
     }
 }
 
+/// A file call's target on the worker that holds it.
+enum LocalTarget {
+    Ref(String),
+    Container(String, u32),
+}
+
+impl LocalTarget {
+    fn as_target(&self) -> FsTarget<'_> {
+        match self {
+            LocalTarget::Ref(r) => FsTarget::Ref(r),
+            LocalTarget::Container(id, mount) => FsTarget::Container { id, mount: *mount },
+        }
+    }
+}
+
 impl<W: Worker> Farm<W> {
+    /// The worker a file call on `r` goes to, and `r` as that worker names it
+    /// (scratch: any worker).
+    async fn fs_target(&self, r: FsTarget<'_>) -> Result<(Arc<W>, LocalTarget), Error> {
+        match r {
+            FsTarget::Ref(r) if !r.is_empty() => {
+                let (w, local) = self.holder(r).await?;
+                Ok((w, LocalTarget::Ref(local)))
+            }
+            FsTarget::Container { id, mount } => {
+                let (w, local) = self.container(id)?;
+                Ok((w, LocalTarget::Container(local, mount)))
+            }
+            FsTarget::Ref(_) => Ok((self.any()?, LocalTarget::Ref(String::new()))),
+        }
+    }
+
     fn container(&self, id: &str) -> Result<(Arc<W>, String), Error> {
         let (owner, local) = container_target(self.home.as_deref(), id);
         let w = owner.and_then(|o| self.worker_of(o)).ok_or_else(|| {
