@@ -18,6 +18,132 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// A farm a test drives, whatever it runs on (processes on one host, or
+/// containers on a private network): its client address, its workers, and
+/// the faults a test does to them.
+pub trait Farm {
+    /// The scheduler's client address (`kiln --addr`).
+    fn addr(&self) -> &str;
+    fn worker_count(&self) -> usize;
+    /// Worker `i`'s id, as the farm lists it.
+    fn worker_id(&self, i: usize) -> String;
+    /// Every service's and worker's log (the end of it).
+    fn logs(&self) -> String;
+    /// A crashed host.
+    fn kill_worker(&mut self, i: usize);
+    /// Starts worker `i` again on its root, after it was killed or left.
+    fn start_worker(&mut self, i: usize) -> Result<()>;
+    /// A partition: the worker neither sends nor answers until [`Farm::heal_worker`].
+    fn cut_worker(&mut self, i: usize);
+    fn heal_worker(&mut self, i: usize);
+    /// The preStop path: SIGTERM, the worker drains and exits.
+    fn drain_worker(&mut self, i: usize);
+    /// Waits for worker `i` to end; whether it exited successfully.
+    fn wait_worker_exit(&mut self, i: usize, timeout: Duration) -> Result<bool>;
+
+    /// `kiln debug workers`, one line per worker: (id, rest of the line).
+    fn listed_workers(&self) -> Result<Vec<String>> {
+        let out = run(Command::new(bin_dir().join("kiln")).args([
+            "--addr",
+            self.addr(),
+            "debug",
+            "workers",
+        ]))?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect())
+    }
+
+    /// Steps the farm has placed on worker `i` now (its `kiln.worker.running`
+    /// label in `kiln debug workers -v`).
+    fn running_on(&self, i: usize) -> u32 {
+        let id = self.worker_id(i);
+        let out = run(Command::new(bin_dir().join("kiln")).args([
+            "--addr",
+            self.addr(),
+            "debug",
+            "workers",
+            "-v",
+            "--filter",
+            &format!("id=={id}"),
+        ]))
+        .unwrap_or_default();
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("kiln.worker.running:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until every worker has a step placed on it at once: a build's
+    /// wide part runs (its first steps, loading the Dockerfile and pulling
+    /// the base, run on one worker).
+    fn wait_all_running(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if (0..self.worker_count()).all(|i| self.running_on(i) > 0) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "the workers never all ran steps at once within {timeout:?}\n{}",
+            self.logs()
+        )
+    }
+
+    /// Waits until `n` workers are listed.
+    fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let listed = self.listed_workers().unwrap_or_default();
+            if listed.len() == n {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{} workers listed after {timeout:?}, not {n}: {listed:?}\n{}",
+                    listed.len(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `kiln --addr <scheduler> ARGS` in `cwd`.
+    fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("kiln"));
+        c.args(["--addr", self.addr()]).args(args).current_dir(cwd);
+        c
+    }
+
+    /// `kiln build --progress plain ARGS .` in `cwd`, started (not waited for).
+    fn spawn_build(&self, cwd: &Path, args: &[&str]) -> Result<Child> {
+        let mut c = self.kiln(cwd, &["build", "--progress", "plain"]);
+        c.args(args)
+            .arg(".")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(c.spawn()?)
+    }
+
+    /// `kiln build --progress plain` of a marshaled LLB definition on stdin
+    /// (as buildctl takes one) in `cwd`; its progress once it succeeded.
+    fn build_definition(&self, cwd: &Path, definition: &[u8]) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kiln(cwd, &["build", "--progress", "plain"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(definition)?;
+        finished(child, self)
+    }
+}
+
 pub struct FarmWorker {
     child: Option<Child>,
     pub addr: String,
@@ -181,8 +307,31 @@ impl ProcessFarm {
         self.spawn_service("solver-scheduler", &args, &sock)
     }
 
-    /// Starts worker `i` (again, after it was killed or left).
-    pub fn start_worker(&mut self, i: usize) -> Result<()> {
+    fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.workers[i].pid() {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Faults are signals: SIGKILL a crash, SIGSTOP/SIGCONT a partition and its
+/// end, SIGTERM a drain.
+impl Farm for ProcessFarm {
+    fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn worker_id(&self, i: usize) -> String {
+        self.workers[i].id()
+    }
+
+    fn start_worker(&mut self, i: usize) -> Result<()> {
         let w = &mut self.workers[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -199,16 +348,7 @@ impl ProcessFarm {
         Ok(())
     }
 
-    fn signal(&self, i: usize, sig: &str) {
-        if let Some(pid) = self.workers[i].pid() {
-            let _ = Command::new("kill")
-                .args([format!("-{sig}"), pid.to_string()])
-                .status();
-        }
-    }
-
-    /// A crashed host: SIGKILL, and the process reaped.
-    pub fn kill_worker(&mut self, i: usize) {
+    fn kill_worker(&mut self, i: usize) {
         self.signal(i, "CONT");
         if let Some(mut c) = self.workers[i].child.take() {
             let _ = c.kill();
@@ -216,26 +356,19 @@ impl ProcessFarm {
         }
     }
 
-    /// A partition: the worker neither sends nor answers until [`Self::resume_worker`].
-    pub fn freeze_worker(&self, i: usize) {
+    fn cut_worker(&mut self, i: usize) {
         self.signal(i, "STOP");
     }
 
-    pub fn resume_worker(&self, i: usize) {
+    fn heal_worker(&mut self, i: usize) {
         self.signal(i, "CONT");
     }
 
-    /// The preStop path: SIGTERM, the worker drains and exits.
-    pub fn drain_worker(&self, i: usize) {
+    fn drain_worker(&mut self, i: usize) {
         self.signal(i, "TERM");
     }
 
-    /// Waits for worker `i`'s process to end; its exit status.
-    pub fn wait_worker_exit(
-        &mut self,
-        i: usize,
-        timeout: Duration,
-    ) -> Result<std::process::ExitStatus> {
+    fn wait_worker_exit(&mut self, i: usize, timeout: Duration) -> Result<bool> {
         let start = Instant::now();
         let Some(c) = self.workers[i].child.as_mut() else {
             bail!("worker {i} is not running");
@@ -243,114 +376,14 @@ impl ProcessFarm {
         while start.elapsed() < timeout {
             if let Some(st) = c.try_wait()? {
                 self.workers[i].child = None;
-                return Ok(st);
+                return Ok(st.success());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("worker {i} did not exit within {timeout:?}")
     }
 
-    /// `kiln debug workers`, one line per worker: (id, rest of the line).
-    pub fn listed_workers(&self) -> Result<Vec<String>> {
-        let out =
-            run(Command::new(bin_dir().join("kiln"))
-                .args(["--addr", &self.addr, "debug", "workers"]))?;
-        Ok(out
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect())
-    }
-
-    /// Steps the farm has placed on worker `i` now (its `kiln.worker.running`
-    /// label in `kiln debug workers -v`).
-    pub fn running_on(&self, i: usize) -> u32 {
-        let id = self.workers[i].id();
-        let out = run(Command::new(bin_dir().join("kiln")).args([
-            "--addr",
-            &self.addr,
-            "debug",
-            "workers",
-            "-v",
-            "--filter",
-            &format!("id=={id}"),
-        ]))
-        .unwrap_or_default();
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix("kiln.worker.running:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(0)
-    }
-
-    /// Waits until every worker has a step placed on it at once: a build's
-    /// wide part runs (its first steps, loading the Dockerfile and pulling
-    /// the base, run on one worker).
-    pub fn wait_all_running(&self, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if (0..self.workers.len()).all(|i| self.running_on(i) > 0) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "the workers never all ran steps at once within {timeout:?}\n{}",
-            self.logs()
-        )
-    }
-
-    /// Waits until `n` workers are listed.
-    pub fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let listed = self.listed_workers().unwrap_or_default();
-            if listed.len() == n {
-                return Ok(());
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "{} workers listed after {timeout:?}, not {n}: {listed:?}\n{}",
-                    listed.len(),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// `kiln --addr <scheduler> ARGS` in `cwd`.
-    pub fn kiln(&self, cwd: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(bin_dir().join("kiln"));
-        c.args(["--addr", &self.addr]).args(args).current_dir(cwd);
-        c
-    }
-
-    /// `kiln build --progress plain ARGS .` in `cwd`, started (not waited for).
-    pub fn spawn_build(&self, cwd: &Path, args: &[&str]) -> Result<Child> {
-        let mut c = self.kiln(cwd, &["build", "--progress", "plain"]);
-        c.args(args)
-            .arg(".")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Ok(c.spawn()?)
-    }
-
-    /// `kiln build --progress plain` of a marshaled LLB definition on stdin
-    /// (as buildctl takes one) in `cwd`; its progress once it succeeded.
-    pub fn build_definition(&self, cwd: &Path, definition: &[u8]) -> Result<String> {
-        use std::io::Write;
-        let mut child = self
-            .kiln(cwd, &["build", "--progress", "plain"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().context("stdin")?.write_all(definition)?;
-        finished(child, self)
-    }
-
-    /// Every service's and worker's log.
-    pub fn logs(&self) -> String {
+    fn logs(&self) -> String {
         let mut out = String::new();
         if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
             let mut logs: Vec<_> = rd
@@ -361,16 +394,22 @@ impl ProcessFarm {
             logs.sort();
             for p in logs {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                out.push_str(&format!("== {}\n", p.display()));
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
+                out.push_str(&format!("== {}\n{}", p.display(), tail(&text, 40)));
             }
         }
         out
     }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    let mut out = String::new();
+    for l in lines.into_iter().rev() {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 /// Adds busybox (`docker-image://`) to an LLB definition being built.
@@ -464,7 +503,7 @@ impl Drop for ProcessFarm {
 }
 
 /// Output of a finished build child, checked for success.
-pub fn finished(child: Child, farm: &ProcessFarm) -> Result<String> {
+pub fn finished(child: Child, farm: &(impl Farm + ?Sized)) -> Result<String> {
     let out: Output = child.wait_with_output()?;
     let text = format!(
         "{}{}",

@@ -5,6 +5,7 @@
 //! `make test` starts one registry for the whole run and passes it in
 //! `KILN_TEST_REGISTRY`; run alone, a test starts its own.
 
+pub mod container_farm;
 pub mod farm;
 
 use anyhow::{Context, Result, bail};

@@ -1,10 +1,14 @@
-//! The build farm as real processes on one host (`kiln_integration_tests::farm`):
-//! a scheduler, a frontend, an exporter and three workers that join it over
-//! loopback TCP. One build's steps run on all of them; a worker killed,
-//! partitioned or drained mid-build costs the build nothing but time.
+//! The build farm, twice: as real processes on one host
+//! (`kiln_integration_tests::farm`: a scheduler, a frontend, an exporter and
+//! three workers joining it over loopback TCP), and as containers of kiln's
+//! own image on a private Docker network (`container_farm`, each service its
+//! own host). One build's steps run on all the workers; a worker killed,
+//! partitioned or drained mid-build costs the build nothing but time. Each
+//! behaviour is one generic body run on both.
 
+use kiln_integration_tests::container_farm::{ContainerFarm, docker_available};
 use kiln_integration_tests::farm::{
-    ProcessFarm, busybox, bytes_moved, constrained_exec, finished, placements,
+    Farm, ProcessFarm, busybox, bytes_moved, constrained_exec, finished, placements,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -31,16 +35,19 @@ fn context(dockerfile: &str) -> tempfile::TempDir {
     dir
 }
 
+const ZONES: [&[&str]; 3] = [
+    &["--oci-worker-labels", "zone=a"],
+    &["--oci-worker-labels", "zone=b"],
+    &["--oci-worker-labels", "zone=c"],
+];
+
 fn three_workers() -> ProcessFarm {
-    ProcessFarm::start(
-        &[
-            &["--oci-worker-labels", "zone=a"],
-            &["--oci-worker-labels", "zone=b"],
-            &["--oci-worker-labels", "zone=c"],
-        ],
-        "",
-    )
-    .expect("farm")
+    ProcessFarm::start(&ZONES, "").expect("farm")
+}
+
+/// Three workers as containers, or `None` (skipped) without a Docker engine.
+fn three_containers() -> Option<ContainerFarm> {
+    docker_available().then(|| ContainerFarm::start(&ZONES).expect("container farm"))
 }
 
 fn assert_outputs(dir: &Path, n: usize) {
@@ -62,28 +69,39 @@ fn run_workers(progress: &str) -> Vec<String> {
 
 #[test]
 fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
-    let farm = three_workers();
+    stages_run_on_every_worker(&three_workers());
+}
+
+#[test]
+fn farm_containers_run_independent_stages_on_every_worker_and_build_the_whole_image() {
+    if let Some(farm) = three_containers() {
+        stages_run_on_every_worker(&farm);
+    }
+}
+
+fn worker_ids(farm: &impl Farm) -> Vec<String> {
+    (0..farm.worker_count())
+        .map(|i| farm.worker_id(i))
+        .collect()
+}
+
+fn stages_run_on_every_worker(farm: &impl Farm) {
     let listed = farm.listed_workers().expect("workers");
-    for w in &farm.workers {
-        assert!(
-            listed.contains(&w.id()),
-            "{} not listed: {listed:?}",
-            w.id()
-        );
+    for w in worker_ids(farm) {
+        assert!(listed.contains(&w), "{w} not listed: {listed:?}");
     }
     let ctx = context(&stages_dockerfile(12, 1));
     let build = farm
         .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
         .expect("build");
-    let progress = finished(build, &farm).expect("build");
+    let progress = finished(build, farm).expect("build");
     assert_outputs(ctx.path(), 12);
     let used = run_workers(&progress);
     assert_eq!(used.len(), 12, "one placement per RUN:\n{progress}");
-    for w in &farm.workers {
+    for w in worker_ids(farm) {
         assert!(
-            used.contains(&w.id()),
-            "no step ran on worker {}: {used:?}\n{progress}",
-            w.id()
+            used.contains(&w),
+            "no step ran on worker {w}: {used:?}\n{progress}"
         );
     }
     // the final stage's worker fetched the other stages' results from their workers
@@ -105,11 +123,11 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
         .output()
         .expect("kiln");
     let history = String::from_utf8_lossy(&history.stdout).to_string();
-    for w in &farm.workers {
+    for w in worker_ids(farm) {
         assert!(
             history
                 .lines()
-                .any(|l| l.contains(" RUN ") && l.ends_with(&format!("on {}", w.id()))),
+                .any(|l| l.contains(" RUN ") && l.ends_with(&format!("on {w}"))),
             "{history}"
         );
     }
@@ -124,11 +142,11 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
 
 /// Builds `n` stages of `secs` each, and once every worker runs one, does
 /// `fault` to the farm; the context and the build's outcome.
-fn build_through(
-    farm: &mut ProcessFarm,
+fn build_through<F: Farm>(
+    farm: &mut F,
     n: usize,
     secs: u32,
-    fault: impl FnOnce(&mut ProcessFarm),
+    fault: impl FnOnce(&mut F),
 ) -> (tempfile::TempDir, anyhow::Result<String>) {
     let ctx = context(&stages_dockerfile(n, secs));
     let build = farm
@@ -137,16 +155,26 @@ fn build_through(
     farm.wait_all_running(Duration::from_secs(30))
         .expect("steps everywhere");
     fault(farm);
-    let progress = finished(build, farm);
+    let progress = finished(build, &*farm);
     (ctx, progress)
 }
 
 #[test]
 fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
-    let mut farm = three_workers();
-    let killed = farm.workers[1].id();
+    killed_worker(&mut three_workers());
+}
+
+#[test]
+fn farm_containers_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
+    if let Some(mut farm) = three_containers() {
+        killed_worker(&mut farm);
+    }
+}
+
+fn killed_worker(farm: &mut impl Farm) {
+    let killed = farm.worker_id(1);
     // every worker runs stages when worker 1 dies (they take 4 s)
-    let (ctx, progress) = build_through(&mut farm, 6, 4, |f| f.kill_worker(1));
+    let (ctx, progress) = build_through(farm, 6, 4, |f| f.kill_worker(1));
     let progress = progress.expect("the build survives a lost worker");
     assert_outputs(ctx.path(), 6);
     assert!(
@@ -165,10 +193,20 @@ fn farm_steps_of_a_killed_worker_run_elsewhere_and_the_build_succeeds() {
 
 #[test]
 fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() {
-    let mut farm = three_workers();
-    let cut = farm.workers[2].id();
-    let (ctx, progress) = build_through(&mut farm, 6, 4, |f| f.freeze_worker(2));
-    farm.resume_worker(2);
+    partitioned_worker(&mut three_workers());
+}
+
+#[test]
+fn farm_containers_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() {
+    if let Some(mut farm) = three_containers() {
+        partitioned_worker(&mut farm);
+    }
+}
+
+fn partitioned_worker(farm: &mut impl Farm) {
+    let cut = farm.worker_id(2);
+    let (ctx, progress) = build_through(farm, 6, 4, |f| f.cut_worker(2));
+    farm.heal_worker(2);
     let progress = progress.expect("the build survives a partition");
     assert_outputs(ctx.path(), 6);
     assert!(
@@ -181,11 +219,21 @@ fn farm_partitioned_worker_is_dropped_after_the_keepalive_timeout_and_rejoins() 
 
 #[test]
 fn farm_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
-    let mut farm = three_workers();
-    let drained = farm.workers[0].id();
+    drained_worker(&mut three_workers());
+}
+
+#[test]
+fn farm_containers_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
+    if let Some(mut farm) = three_containers() {
+        drained_worker(&mut farm);
+    }
+}
+
+fn drained_worker(farm: &mut impl Farm) {
+    let drained = farm.worker_id(0);
     // 9 stages on 6 slots: a second wave starts once the first ends; the
     // drain comes while the first wave runs on every worker
-    let (ctx, progress) = build_through(&mut farm, 9, 3, |f| f.drain_worker(0));
+    let (ctx, progress) = build_through(farm, 9, 3, |f| f.drain_worker(0));
     let progress = progress.expect("build");
     assert_outputs(ctx.path(), 9);
     assert!(
@@ -200,17 +248,27 @@ fn farm_drained_worker_finishes_its_steps_and_takes_no_new_ones() {
         on_drained <= 2,
         "the drained worker got {on_drained} steps, more than its 2 slots held when it drained:\n{progress}"
     );
-    let st = farm
+    let ok = farm
         .wait_worker_exit(0, Duration::from_secs(30))
         .expect("the drained worker exits");
-    assert!(st.success(), "{st}");
+    assert!(ok, "the drained worker failed:\n{}", farm.logs());
     farm.wait_workers(2, Duration::from_secs(10))
         .expect("gone from the list");
 }
 
 #[test]
 fn farm_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
-    let farm = three_workers();
+    rebuild_one_stage(&three_workers());
+}
+
+#[test]
+fn farm_containers_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
+    if let Some(farm) = three_containers() {
+        rebuild_one_stage(&farm);
+    }
+}
+
+fn rebuild_one_stage(farm: &impl Farm) {
     let mut d = String::new();
     for i in 0..6 {
         d.push_str(&format!(
@@ -228,7 +286,7 @@ fn farm_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
     let first = finished(
         farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
             .expect("build"),
-        &farm,
+        farm,
     )
     .expect("first build");
     assert_outputs(ctx.path(), 6);
@@ -236,7 +294,7 @@ fn farm_rebuild_after_one_stage_changes_runs_and_moves_only_that_stage() {
     let second = finished(
         farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out2"])
             .expect("build"),
-        &farm,
+        farm,
     )
     .expect("second build");
     assert_eq!(
@@ -311,9 +369,19 @@ fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_t
 
 #[test]
 fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
+    constrained_step(&three_workers());
+}
+
+#[test]
+fn farm_containers_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
+    if let Some(farm) = three_containers() {
+        constrained_step(&farm);
+    }
+}
+
+fn constrained_step(farm: &impl Farm) {
     use prost::Message;
-    let farm = three_workers();
-    let labelled = farm.workers[1].id();
+    let labelled = farm.worker_id(1);
     let dir = tempfile::tempdir().expect("tempdir");
     for n in 0..4 {
         let mut b = kiln_llb::DefinitionBuilder::new();

@@ -7,7 +7,9 @@
 //!   one worker's label, its consumer to the other's), against the raw TCP
 //!   throughput of the same link (loopback) measured in the same run.
 
-use kiln_integration_tests::farm::{ProcessFarm, busybox, constrained_exec, finished, placements};
+use kiln_integration_tests::farm::{
+    Farm, ProcessFarm, busybox, constrained_exec, finished, placements,
+};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
