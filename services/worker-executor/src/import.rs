@@ -197,11 +197,14 @@ impl Worker {
                         diff_id,
                     };
                     if Compression::from_media_type(&desc.media_type) == Compression::Uncompressed {
-                        // a built layer: its uncompressed blob is its memo, not its origin
+                        // a built layer: its uncompressed blob, where kept, is its
+                        // memo, not its origin
                         let id = store.commit(st, Kind::Built, None)?;
-                        let mut meta = store.meta(&id)?;
-                        meta.layers.insert(transfer_options().spec(), Some(kept));
-                        store.update_meta(&meta)?;
+                        if blob.exists() {
+                            let mut meta = store.meta(&id)?;
+                            meta.layers.insert(transfer_options().spec(), Some(kept));
+                            store.update_meta(&meta)?;
+                        }
                         Ok(id)
                     } else {
                         store.commit(st, Kind::Image, Some(kept))
@@ -240,7 +243,8 @@ enum FetchError {
 struct Tee {
     rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     pending: bytes::Bytes,
-    file: std::io::BufWriter<std::fs::File>,
+    /// the blob's file; none when the blob is unpacked as it arrives
+    file: Option<std::io::BufWriter<std::fs::File>>,
     hasher: kiln_digest::Hasher,
     n: u64,
 }
@@ -256,18 +260,22 @@ impl std::io::Read for Tee {
         let k = buf.len().min(self.pending.len());
         let chunk = self.pending.split_to(k);
         self.hasher.update(&chunk);
-        self.file.write_all(&chunk)?;
+        if let Some(f) = &mut self.file {
+            f.write_all(&chunk)?;
+        }
         self.n += k as u64;
         buf[..k].copy_from_slice(&chunk);
         Ok(k)
     }
 }
 
-/// Streams blob `desc` from a peer into `blob` (through a temp file), checking its
-/// digest and size; returns the bytes read. Writing and hashing run on a
-/// blocking thread while the next chunks arrive; with `unpack` (the store and
-/// the parent) the blob, an uncompressed layer, is also unpacked on the way
-/// into a staging snapshot, returned only when the digest is right.
+/// Streams blob `desc` from a peer, checking its digest and size; returns the
+/// bytes read. Hashing (and writing) run on a blocking thread while the next
+/// chunks arrive. Without `unpack` the blob is kept in `blob` (through a temp
+/// file); with `unpack` (the store and the parent) the blob, an uncompressed
+/// layer, is unpacked on the way into a staging snapshot, returned only when
+/// the digest is right, and not kept: the snapshot is what was wanted, and
+/// writing the blob too would double the bytes written.
 async fn fetch_blob(
     client: &mut WorkerClient<Channel>,
     desc: &Descriptor,
@@ -275,15 +283,22 @@ async fn fetch_blob(
     unpack: Option<(crate::snapshot::Store, Option<String>)>,
 ) -> std::result::Result<(u64, Option<crate::snapshot::Staging>), FetchError> {
     let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
+    let keep = unpack.is_none();
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
     let writer = {
         let (tmp, digest) = (tmp.clone(), desc.digest.clone());
         tokio::task::spawn_blocking(move || -> Result<_> {
-            let f = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
+            let file = match keep {
+                true => Some(std::io::BufWriter::with_capacity(
+                    1 << 20,
+                    std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?,
+                )),
+                false => None,
+            };
             let mut tee = Tee {
                 rx,
                 pending: bytes::Bytes::new(),
-                file: std::io::BufWriter::with_capacity(1 << 20, f),
+                file,
                 hasher: kiln_digest::Hasher::new(),
                 n: 0,
             };
@@ -300,7 +315,9 @@ async fn fetch_blob(
             };
             // the rest (all of it, or a tar's trailing padding)
             std::io::copy(&mut tee, &mut std::io::sink()).map_err(Error::io("write", &tmp))?;
-            tee.file.flush().map_err(Error::io("write", &tmp))?;
+            if let Some(f) = &mut tee.file {
+                f.flush().map_err(Error::io("write", &tmp))?;
+            }
             Ok((tee.n, tee.hasher.finish(), staged))
         })
     };
@@ -336,11 +353,12 @@ async fn fetch_blob(
                 ),
             }))
         }
+        (Ok(()), Ok((n, _, staged))) if !keep => Ok((n, staged)),
         (Ok(()), Ok((n, _, staged))) => std::fs::rename(&tmp, blob)
             .map(|()| (n, staged))
             .map_err(|e| FetchError::Local(Error::io("rename", blob)(e))),
     };
-    if r.is_err() {
+    if r.is_err() && keep {
         let _ = std::fs::remove_file(&tmp);
     }
     r
@@ -412,31 +430,67 @@ mod tests {
             (again.bytes_moved, again.r#ref.as_deref()),
             (0, Some(here.as_str()))
         );
+        // built layers are streamed from the holder's snapshot and unpacked as
+        // they arrive: no blob was written on either side
+        for w in [&*a, &b] {
+            let blobs: Vec<_> = std::fs::read_dir(w.config().root.join("content/blobs/sha256"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(blobs.is_empty(), "{blobs:?}");
+        }
+    }
+
+    /// Commits on `w` an image-layer snapshot (over `parent`) from a gzip blob of
+    /// the files `fill` writes, kept in its content store; the blob's descriptor.
+    fn image_layer(
+        w: &crate::Worker,
+        parent: Option<&str>,
+        fill: impl FnOnce(&std::path::Path),
+    ) -> (String, kiln_oci::Descriptor) {
+        let src = tempfile::tempdir().expect("tempdir");
+        fill(src.path());
+        let blobs = w.config().root.join("content/blobs/sha256");
+        std::fs::create_dir_all(&blobs).expect("blobs");
+        let (diff_id, desc) = kiln_oci::write_layer_blob(
+            &blobs,
+            &kiln_oci::LayerOptions::new(kiln_oci::Compression::Gzip),
+            |out| kiln_oci::layer::tar_dir(src.path(), out),
+        )
+        .expect("blob");
+        let blob = w.blob_path(&desc.digest).expect("path");
+        let st = crate::ops::source::image::unpack_verified(
+            w.store(),
+            &desc,
+            &diff_id,
+            &blob,
+            parent,
+            "test",
+        )
+        .expect("unpack");
+        let kept = crate::snapshot::LayerBlob {
+            descriptor: desc.clone(),
+            diff_id,
+        };
+        let id = w
+            .store()
+            .commit(st, crate::snapshot::Kind::Image, Some(kept))
+            .expect("commit");
+        (id, desc)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_sending_other_bytes_than_its_layer_is_refused_and_leaves_nothing() {
         let (_ta, a) = worker();
         let a = Arc::new(a);
-        let top = snapshot(&a, None, |d| {
-            std::fs::write(d.join("f"), b"the real content").expect("write");
+        // an image layer, whose gzip blob the holder keeps and sends as it is;
+        // the blob is changed under it
+        let (top, desc) = image_layer(&a, None, |d| {
+            std::fs::write(d.join("f"), vec![42u8; 1 << 16]).expect("write");
         });
-        // the holder makes its blob, then the blob is changed under it
-        let layers = crate::layers::layer_chain(
-            &a,
-            Some(&top),
-            &kiln_oci::LayerOptions::new(kiln_oci::Compression::Uncompressed),
-        )
-        .await
-        .expect("layers");
-        let blob = layers[0].as_ref().expect("a blob");
-        let path = a.blob_path(&blob.descriptor.digest).expect("path");
+        let path = a.blob_path(&desc.digest).expect("path");
         let mut bytes = std::fs::read(&path).expect("read");
-        let at = bytes
-            .windows(4)
-            .position(|w| w == b"real")
-            .expect("content in the tar");
-        bytes[at..at + 4].copy_from_slice(b"fake");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0xff;
         std::fs::write(&path, &bytes).expect("tamper");
         let peer = serve(a.clone()).await;
         let (_tb, b) = worker();
@@ -447,7 +501,7 @@ mod tests {
             kiln_proto::status::chain(&e)
         );
         // no blob, no snapshot, no index entry
-        assert!(!b.blob_path(&blob.descriptor.digest).expect("path").exists());
+        assert!(!b.blob_path(&desc.digest).expect("path").exists());
         assert!(b.store().chain(None).map(|c| c.is_empty()).unwrap_or(true));
         let staging = b.config().root.join("staging");
         let left: Vec<_> = std::fs::read_dir(&staging)

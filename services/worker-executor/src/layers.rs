@@ -58,8 +58,9 @@ pub(crate) async fn layer_chain(
     let store = w.store.clone();
     let blobs = w.config.root.join("content/blobs/sha256");
     let memo = w.memo.clone();
+    let streamed = w.streamed.clone();
     tokio::task::spawn_blocking(move || {
-        let out = compute_chain(&store, &chain, &blobs, &options, &memo)?;
+        let out = compute_chain(&store, &chain, &blobs, &options, &memo, &streamed)?;
         drop(held);
         Ok(out)
     })
@@ -73,6 +74,7 @@ fn compute_chain(
     blobs: &Path,
     options: &LayerOptions,
     memo: &MemoWriter,
+    streamed: &Streamed,
 ) -> Result<Vec<Option<LayerBlob>>> {
     let key = options.spec();
     let plans: Vec<Plan> = chain
@@ -98,7 +100,7 @@ fn compute_chain(
             Plan::Ready(_) => None,
         })
         .collect();
-    let mut computed = compute_all(store, chain, &todo, blobs, options).into_iter();
+    let mut computed = compute_all(store, chain, &todo, blobs, options, streamed).into_iter();
     let mut out = Vec::new();
     let mut fresh = Vec::new();
     for plan in plans {
@@ -108,7 +110,10 @@ fn compute_chain(
                 let (j, res) = computed.next().expect("one result per layer computed");
                 debug_assert_eq!(i, j);
                 let blob = res?;
-                fresh.push((chain[i].id.clone(), blob.clone()));
+                // a streamed layer has no blob to remember
+                if !streams(&chain[i], options) {
+                    fresh.push((chain[i].id.clone(), blob.clone()));
+                }
                 blob
             }
         };
@@ -126,6 +131,7 @@ fn compute_all(
     todo: &[usize],
     blobs: &Path,
     options: &LayerOptions,
+    streamed: &Streamed,
 ) -> Vec<(usize, Result<Option<LayerBlob>>)> {
     let mut computed = Vec::new();
     for batch in todo.chunks(4) {
@@ -135,7 +141,7 @@ fn compute_all(
                 .map(|&i| {
                     (
                         i,
-                        s.spawn(move || compute(store, &chain[i], blobs, options)),
+                        s.spawn(move || compute(store, &chain[i], blobs, options, streamed)),
                     )
                 })
                 .collect();
@@ -269,13 +275,75 @@ pub(crate) async fn layers(
         .collect())
 }
 
-/// The layer blob of one snapshot: its base blob recompressed (force), or its overlay diff
-/// tarred and compressed in one stream; `None` for an empty diff.
+/// Whether the layer of `meta` is streamed rather than stored: the
+/// uncompressed layer of a built snapshot (as moved between workers) is its
+/// overlay diff tarred, which costs a read of the diff; storing it would cost
+/// a write of all of it, for a blob read once.
+fn streams(meta: &Meta, options: &LayerOptions) -> bool {
+    meta.blob.is_none() && options.compression == Compression::Uncompressed
+}
+
+/// Uncompressed layers of built snapshots that are streamed, not stored (see
+/// [`streams`]): by digest, the snapshot and mtime clamp that make their
+/// bytes again. Entered when the layer is computed (`Layers`), so a worker
+/// that restarted in between answers a read with "not found" and the reader
+/// asks for the layers again.
+#[derive(Debug, Default)]
+pub(crate) struct Streamed(Mutex<std::collections::HashMap<String, (String, Option<u64>)>>);
+
+/// How many streamed layers are remembered; past it the oldest are asked for again.
+const STREAMED_MAX: usize = 65_536;
+
+impl Streamed {
+    fn insert(&self, digest: String, snapshot: String, clamp: Option<u64>) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.len() >= STREAMED_MAX {
+            g.clear();
+        }
+        g.insert(digest, (snapshot, clamp));
+    }
+
+    /// The snapshot (and mtime clamp) whose diff is the streamed layer `digest`.
+    pub(crate) fn get(&self, digest: &str) -> Option<(String, Option<u64>)> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(digest).cloned()
+    }
+}
+
+/// Streams the layer `digest` entered in `streamed`: the snapshot's overlay
+/// diff tarred again, in `chunk`-byte pieces. Its bytes are the ones hashed
+/// when it was computed, as a committed snapshot does not change; the reader
+/// checks the digest anyway.
+pub(crate) fn stream_layer(
+    store: &crate::snapshot::Store,
+    snapshot: &str,
+    clamp: Option<u64>,
+    digest: &str,
+    tx: mpsc::Sender<Result<Bytes>>,
+    chunk: usize,
+) {
+    let diff = store.diff_dir(snapshot);
+    let mut w = ChannelWriter::with_chunk(tx.clone(), chunk);
+    let res = kiln_oci::layer::diff_overlay_upper_clamped(&diff, &mut w, clamp)
+        .map_err(|source| Error::Layer {
+            digest: digest.to_string(),
+            source,
+        })
+        .and_then(|()| w.flush_chunk());
+    if let Err(e) = res {
+        let _ = tx.blocking_send(Err(e));
+    }
+}
+
+/// The layer blob of one snapshot: its base blob recompressed (force), its
+/// overlay diff tarred and compressed in one stream, or (uncompressed) only
+/// hashed and streamed when read; `None` for an empty diff.
 fn compute(
     store: &crate::snapshot::Store,
     meta: &Meta,
     blobs: &Path,
     options: &LayerOptions,
+    streamed: &Streamed,
 ) -> Result<Option<LayerBlob>> {
     let layer_err = |source| Error::Layer {
         digest: format!("snapshot {}", meta.id),
@@ -295,6 +363,22 @@ fn compute(
         return Ok(None);
     }
     let started = std::time::Instant::now();
+    if streams(meta, options) {
+        let mut w = kiln_digest::DigestWriter::new(std::io::sink());
+        kiln_oci::layer::diff_overlay_upper_clamped(&diff, &mut w, options.clamp_mtime)
+            .map_err(layer_err)?;
+        let (_, digest, size) = w.finish();
+        streamed.insert(digest.clone(), meta.id.clone(), options.clamp_mtime);
+        return Ok(Some(LayerBlob {
+            descriptor: kiln_oci::Descriptor {
+                media_type: Compression::Uncompressed.oci_media_type().to_string(),
+                digest: digest.clone(),
+                size,
+                ..Default::default()
+            },
+            diff_id: digest,
+        }));
+    }
     let (diff_id, descriptor) = kiln_oci::write_layer_blob(blobs, options, |w| {
         kiln_oci::layer::diff_overlay_upper_clamped(&diff, w, options.clamp_mtime)
     })
@@ -317,13 +401,20 @@ fn compute(
 pub struct ChannelWriter {
     tx: mpsc::Sender<Result<Bytes>>,
     buf: Vec<u8>,
+    chunk: usize,
 }
 
 impl ChannelWriter {
     pub fn new(tx: mpsc::Sender<Result<Bytes>>) -> Self {
+        Self::with_chunk(tx, CHUNK)
+    }
+
+    /// Sends `chunk`-byte pieces.
+    pub fn with_chunk(tx: mpsc::Sender<Result<Bytes>>, chunk: usize) -> Self {
         ChannelWriter {
             tx,
-            buf: Vec::with_capacity(CHUNK),
+            buf: Vec::with_capacity(chunk),
+            chunk,
         }
     }
 
@@ -336,7 +427,10 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(self.chunk),
+        ));
         self.tx
             .blocking_send(Ok(chunk))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver went away"))
@@ -345,9 +439,9 @@ impl ChannelWriter {
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
+        let n = data.len().min(self.chunk - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= self.chunk {
             self.send()?;
         }
         Ok(n)

@@ -124,6 +124,8 @@ pub struct Worker {
     layer_locks: KeyedLocks,
     /// Records computed layer blobs in snapshot meta (see [`layers::MemoWriter`]).
     memo: Arc<layers::MemoWriter>,
+    /// Uncompressed layers streamed from their snapshots (see [`layers::Streamed`]).
+    streamed: Arc<layers::Streamed>,
     /// Clients of the other workers of the farm (imports).
     peers: import::Peers,
     /// Steps (`run`) in progress, as the farm is told.
@@ -208,6 +210,7 @@ impl Worker {
             pull_locks: KeyedLocks::default(),
             layer_locks: KeyedLocks::default(),
             memo,
+            streamed: Default::default(),
             peers: Default::default(),
             steps: ops::Activity::default(),
             cache_mounts: cachemount::CacheMounts::new(config.root.join("cache-mounts")),
@@ -565,6 +568,14 @@ impl Worker {
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some((snapshot, clamp)) = self.streamed.get(digest) {
+                    let (tx, rx) = mpsc::channel(4);
+                    let (store, digest) = (self.store.clone(), digest.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        layers::stream_layer(&store, &snapshot, clamp, &digest, tx, BLOB_CHUNK)
+                    });
+                    return Ok(rx);
+                }
                 return Err(Error::BlobNotFound {
                     digest: digest.to_string(),
                 });
