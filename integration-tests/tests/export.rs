@@ -3,7 +3,9 @@
 //! push-by-digest.
 
 use anyhow::{Context, Result, bail};
-use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, run, spawn_kilnd};
+use kiln_integration_tests::{
+    BuildContext, bin_dir, dockerfile_args, oci_image, run, spawn_kilnd, tar_entry,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -455,6 +457,65 @@ fn a_rebuild_that_changes_nothing_uploads_no_layer() -> Result<()> {
             "layer {l} was uploaded again:\n{new_part}"
         );
     }
+    Ok(())
+}
+
+/// An uncompressed export streams each built layer from its snapshot (nothing
+/// is stored for it): the tarball's layer is a plain tar whose digest is right
+/// and which holds the files, the second export the same bytes.
+#[test]
+fn uncompressed_export_streams_built_layers_with_the_right_digest() -> Result<()> {
+    let d = Kilnd::start(&kiln_integration_tests::registry_mirror_toml())?;
+    let ctx = BuildContext::new(
+        "FROM busybox\nRUN mkdir /d && echo streamed > /d/f && head -c 300000 /dev/zero > /d/z\n",
+    )?;
+    let home = tempfile::tempdir()?;
+    let mut layers = Vec::new();
+    for dest in ["a.tar", "b.tar"] {
+        d.build_ok(
+            ctx.path(),
+            &format!("type=oci,dest={dest},compression=uncompressed"),
+            home.path(),
+        )?;
+        let tar = ctx.path().join(dest);
+        let img = oci_image(&tar)?;
+        let top = img.manifest["layers"]
+            .as_array()
+            .and_then(|l| l.last())
+            .context("a layer")?
+            .clone();
+        assert_eq!(
+            top["mediaType"], "application/vnd.oci.image.layer.v1.tar",
+            "{top}"
+        );
+        let digest = top["digest"].as_str().context("digest")?.to_string();
+        let blob = tar_entry(&tar, &format!("blobs/sha256/{}", &digest[7..]))?;
+        assert_eq!(
+            kiln_digest::sha256(&blob),
+            digest,
+            "the streamed layer's bytes are its digest"
+        );
+        assert_eq!(top["size"].as_u64(), Some(blob.len() as u64));
+        let mut a = tar::Archive::new(&blob[..]);
+        let names: Vec<String> = a
+            .entries()?
+            .flatten()
+            .filter_map(|e| e.path().ok().map(|p| p.display().to_string()))
+            .collect();
+        assert!(
+            names.iter().any(|n| n.trim_end_matches('/') == "d/f"),
+            "{names:?}"
+        );
+        let diff_ids = img.config["rootfs"]["diff_ids"]
+            .as_array()
+            .context("diff_ids")?;
+        assert_eq!(
+            diff_ids.last().and_then(|v| v.as_str()),
+            Some(digest.as_str())
+        );
+        layers.push(digest);
+    }
+    assert_eq!(layers[0], layers[1]);
     Ok(())
 }
 
