@@ -254,11 +254,26 @@ fn write_node<R: Read>(
             .create_new(true)
             .mode(0o600)
             .open(path)?;
-        io::copy(entry, &mut f)?;
+        copy_content(entry, &mut f, meta.header.size().unwrap_or(0))?;
     } else {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Copies a file's `size` bytes of content in pieces of up to 1 MiB: a big
+/// file costs a few hundred writes, not one per 8 KiB.
+fn copy_content(from: &mut impl Read, to: &mut File, size: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; size.clamp(1, 1 << 20) as usize];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
 }
 
 /// A layer entry's path as one relative to the root it is applied to: only normal

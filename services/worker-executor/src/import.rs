@@ -239,13 +239,14 @@ enum FetchError {
 }
 
 /// The bytes of a blob as they arrive: read by a layer's unpacking (or drained),
-/// each byte also written to the blob's file and hashed.
+/// each chunk also handed to a hashing thread (so hashing overlaps the
+/// unpacking's writes) and written to the blob's file where it is kept.
 struct Tee {
     rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     pending: bytes::Bytes,
     /// the blob's file; none when the blob is unpacked as it arrives
     file: Option<std::io::BufWriter<std::fs::File>>,
-    hasher: kiln_digest::Hasher,
+    hash: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
     n: u64,
 }
 
@@ -253,20 +254,45 @@ impl std::io::Read for Tee {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.pending.is_empty() {
             match self.rx.blocking_recv() {
-                Some(b) => self.pending = b,
+                Some(b) => {
+                    self.n += b.len() as u64;
+                    if let Some(f) = &mut self.file {
+                        f.write_all(&b)?;
+                    }
+                    if let Some(h) = &self.hash {
+                        h.send(b.clone()).map_err(|_| {
+                            std::io::Error::other("the blob's hashing thread ended")
+                        })?;
+                    }
+                    self.pending = b;
+                }
                 None => return Ok(0),
             }
         }
         let k = buf.len().min(self.pending.len());
         let chunk = self.pending.split_to(k);
-        self.hasher.update(&chunk);
-        if let Some(f) = &mut self.file {
-            f.write_all(&chunk)?;
-        }
-        self.n += k as u64;
         buf[..k].copy_from_slice(&chunk);
         Ok(k)
     }
+}
+
+/// A thread hashing the chunks sent to it; its digest once the sender is dropped.
+fn hashing_thread() -> Result<(
+    std::sync::mpsc::SyncSender<bytes::Bytes>,
+    std::thread::JoinHandle<String>,
+)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
+    let h = std::thread::Builder::new()
+        .name("blob-hash".into())
+        .spawn(move || {
+            let mut hasher = kiln_digest::Hasher::new();
+            for b in rx {
+                hasher.update(&b);
+            }
+            hasher.finish()
+        })
+        .map_err(Error::io("spawn", "blob-hash thread"))?;
+    Ok((tx, h))
 }
 
 /// Streams blob `desc` from a peer, checking its digest and size; returns the
@@ -295,11 +321,12 @@ async fn fetch_blob(
                 )),
                 false => None,
             };
+            let (hash, hashing) = hashing_thread()?;
             let mut tee = Tee {
                 rx,
                 pending: bytes::Bytes::new(),
                 file,
-                hasher: kiln_digest::Hasher::new(),
+                hash: Some(hash),
                 n: 0,
             };
             let staged = match unpack {
@@ -318,7 +345,12 @@ async fn fetch_blob(
             if let Some(f) = &mut tee.file {
                 f.flush().map_err(Error::io("write", &tmp))?;
             }
-            Ok((tee.n, tee.hasher.finish(), staged))
+            drop(tee.hash.take());
+            let digest = hashing.join().map_err(|_| Error::Image {
+                reference: tmp.display().to_string(),
+                reason: "the blob's hashing thread panicked".into(),
+            })?;
+            Ok((tee.n, digest, staged))
         })
     };
     let received = async {
