@@ -296,8 +296,8 @@ fn hashing_thread() -> Result<(
 }
 
 /// Streams blob `desc` from a peer, checking its digest and size; returns the
-/// bytes read. Hashing (and writing) run on a blocking thread while the next
-/// chunks arrive. Without `unpack` the blob is kept in `blob` (through a temp
+/// bytes read. Unpacking (or writing) runs on a blocking thread and hashing
+/// on another while the next chunks arrive. Without `unpack` the blob is kept in `blob` (through a temp
 /// file); with `unpack` (the store and the parent) the blob, an uncompressed
 /// layer, is unpacked on the way into a staging snapshot, returned only when
 /// the digest is right, and not kept: the snapshot is what was wanted, and

@@ -285,13 +285,14 @@ fn streams(meta: &Meta, options: &LayerOptions) -> bool {
 
 /// Uncompressed layers of built snapshots that are streamed, not stored (see
 /// [`streams`]): by digest, the snapshot and mtime clamp that make their
-/// bytes again. Entered when the layer is computed (`Layers`), so a worker
-/// that restarted in between answers a read with "not found" and the reader
-/// asks for the layers again.
+/// bytes again. Entered when the layer is computed (`Layers`, which every
+/// import asks first); a worker that restarted between the two answers the
+/// read with "not found", and that import fails.
 #[derive(Debug, Default)]
 pub(crate) struct Streamed(Mutex<std::collections::HashMap<String, (String, Option<u64>)>>);
 
-/// How many streamed layers are remembered; past it the oldest are asked for again.
+/// How many streamed layers are remembered; past it the map starts over (the
+/// next `Layers` of a forgotten one enters it again).
 const STREAMED_MAX: usize = 65_536;
 
 impl Streamed {
