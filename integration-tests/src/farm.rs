@@ -301,6 +301,35 @@ impl ProcessFarm {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.start_scheduler()
+    }
+
+    /// Sends the scheduler SIGTERM and waits up to `timeout` for it to exit;
+    /// whether it exited successfully (start it again with [`Self::start_scheduler`]).
+    pub fn terminate_scheduler(&mut self, timeout: Duration) -> Result<bool> {
+        let Some(mut c) = self.services.pop() else {
+            bail!("no scheduler running");
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!(
+            "the scheduler did not exit within {timeout:?} of SIGTERM\n{}",
+            self.logs()
+        )
+    }
+
+    /// Starts the scheduler on its root and addresses; returns once it listens.
+    pub fn start_scheduler(&mut self) -> Result<()> {
         let sock = self.dir.path().join("scheduler.sock");
         let _ = std::fs::remove_file(&sock);
         let args = self.scheduler_args.clone();

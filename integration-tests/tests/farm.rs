@@ -367,6 +367,30 @@ fn farm_scheduler_restart_fails_the_build_clearly_and_the_retry_is_served_from_t
     }
 }
 
+/// SIGTERM (a rolling update of the scheduler) stops it promptly although its
+/// workers' streams never end by themselves; the workers stay up and join the
+/// next scheduler, whose builds use them.
+#[test]
+fn farm_scheduler_stops_on_sigterm_with_workers_joined_and_they_join_the_next() {
+    let mut farm = ProcessFarm::start(&[&[], &[]], "").expect("farm");
+    let ok = farm
+        .terminate_scheduler(Duration::from_secs(10))
+        .expect("the scheduler exits");
+    assert!(ok, "the scheduler failed on SIGTERM:\n{}", farm.logs());
+    farm.start_scheduler().expect("start again");
+    farm.wait_workers(2, Duration::from_secs(20))
+        .expect("the workers join the new scheduler");
+    let ctx = context(&stages_dockerfile(4, 0));
+    let progress = finished(
+        farm.spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+            .expect("build"),
+        &farm,
+    )
+    .expect("build");
+    assert_outputs(ctx.path(), 4);
+    assert_eq!(run_workers(&progress).len(), 4, "{progress}");
+}
+
 #[test]
 fn farm_step_constrained_to_a_label_runs_only_on_the_worker_with_it() {
     constrained_step(&three_workers());

@@ -262,6 +262,16 @@ async fn frontend_core(
     )))
 }
 
+/// Ends every worker's farm stream once kilnd is told to shut down, so the
+/// internal listener's graceful shutdown is not held up by them.
+fn close_farm_on(shutdown: &serve::Shutdown, solver: &std::sync::Arc<serve::Solver>) {
+    let (shutdown, farm) = (shutdown.clone(), solver.worker.clone());
+    tokio::spawn(async move {
+        shutdown.wait().await;
+        farm.close();
+    });
+}
+
 async fn solver_core(
     s: &Settings,
     home: Option<(solver_scheduler::farm::members::Registration, GrpcWorker)>,
@@ -357,6 +367,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 kiln_session::dial::connect(&internal).await?,
             );
             let solver = solver_core(&s, Some((home, home_client)), &internal, &internal).await?;
+            close_farm_on(&shutdown, &solver);
             let exporter = exporter_core(&s, internal.clone())?;
             let frontend = frontend_core(&internal).await?;
             let internal_router = tonic::transport::Server::builder()
@@ -409,6 +420,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &need(&s.peers.exporter, "--exporter-addr", role)?,
             )
             .await?;
+            close_farm_on(&shutdown, &solver);
             let client_router = tonic::transport::Server::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()));
             let internal_services = (

@@ -134,6 +134,8 @@ pub struct Farm<W> {
     moved: AtomicU64,
     /// how long placement decisions took (see [`Farm::placement_micros`])
     decisions: Histogram,
+    /// set when the scheduler shuts down: every worker's stream ends
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// Counts of durations by whole microsecond, up to 10 ms (longer ones in the last).
@@ -217,7 +219,21 @@ impl<W: Worker> Farm<W> {
             remaking: Mutex::new(HashMap::new()),
             moved: AtomicU64::new(0),
             decisions: Histogram::new(),
+            closing: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// The scheduler is shutting down: every worker's `Join` stream ends (the
+    /// workers dial again, to whichever scheduler comes up), so the server's
+    /// graceful shutdown does not wait on streams that never end by themselves.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Farm::close`] was called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Placement decisions so far and the `q` quantile of their duration (µs).

@@ -119,7 +119,11 @@ impl<W: Worker> farm_server::Farm for FarmService<W> {
                 } else {
                     config.timeout
                 };
-                let m = match tokio::time::timeout(wait, inbound.message()).await {
+                let next = tokio::select! {
+                    m = tokio::time::timeout(wait, inbound.message()) => m,
+                    () = farm.closed() => break "the scheduler shut down".to_string(),
+                };
+                let m = match next {
                     Err(_) if wait == DRAIN_POLL => continue,
                     Err(_) => break format!("no keepalive for {:?}", config.timeout),
                     Ok(Err(s)) => break format!("stream broke: {}", s.message()),
