@@ -282,9 +282,8 @@ pub async fn convert<R: ImageResolver>(
     let mut plan = Plan::new(&df, opts, &lex, &global_args)?;
     let (reachable, needed_images) = plan.reachable();
     let mut cx = DispatchContext::new(opts, lex, global_args);
-    for k in needed_images {
-        resolve_image(&mut plan.images[k], resolver, &mut cx.ops).await?;
-    }
+    let needed_images: Vec<usize> = needed_images.into_iter().collect();
+    resolve_images(&mut plan.images, &needed_images, resolver, &mut cx.ops).await?;
     let mut stages = Stages {
         df: &df,
         plan: &plan,
@@ -339,21 +338,50 @@ fn source_info(dockerfile: &[u8], opts: &ConvertOptions) -> pb::SourceInfo {
     }
 }
 
-/// Resolves a planned image and records its source op (none for an image
-/// without layers, which is scratch).
-async fn resolve_image<R: ImageResolver>(
-    image: &mut ImageUse,
+/// Resolves the planned images `needed` (indexes into `images`) and records
+/// their source ops, in order. Each distinct image (reference and platform)
+/// is resolved once, and all of them at once: many stages `FROM` one base ask
+/// the registry one question, not one per stage in turn.
+async fn resolve_images<R: ImageResolver>(
+    images: &mut [ImageUse],
+    needed: &[usize],
     resolver: &R,
     ops: &mut Ops,
 ) -> Result<(), Error> {
-    let resolved = resolver
-        .resolve(&image.reference, &image.platform)
-        .await
-        .map_err(|source| Error::ResolveImage {
-            line: image.line,
-            reference: image.reference.clone(),
+    let mut distinct: Vec<usize> = Vec::new();
+    let mut of_image = Vec::with_capacity(needed.len());
+    for &k in needed {
+        let same = distinct.iter().position(|&d| {
+            images[d].reference == images[k].reference && images[d].platform == images[k].platform
+        });
+        of_image.push(same.unwrap_or_else(|| {
+            distinct.push(k);
+            distinct.len() - 1
+        }));
+    }
+    let results = futures::future::join_all(
+        distinct
+            .iter()
+            .map(|&d| resolver.resolve(&images[d].reference, &images[d].platform)),
+    )
+    .await;
+    let mut resolved = Vec::with_capacity(results.len());
+    for (r, &d) in results.into_iter().zip(&distinct) {
+        resolved.push(r.map_err(|source| Error::ResolveImage {
+            line: images[d].line,
+            reference: images[d].reference.clone(),
             source,
-        })?;
+        })?);
+    }
+    for (&k, &i) in needed.iter().zip(&of_image) {
+        record_image(&mut images[k], resolved[i].clone(), ops);
+    }
+    Ok(())
+}
+
+/// Records a resolved image's source op (none for an image without layers,
+/// which is scratch).
+fn record_image(image: &mut ImageUse, resolved: ResolvedImage, ops: &mut Ops) {
     let config = resolved.config;
     let is_scratch = config.rootfs.diff_ids.is_empty()
         && config.history.iter().all(|h| h.empty_layer == Some(true));
@@ -372,7 +400,6 @@ async fn resolve_image<R: ImageResolver>(
         Some(image_source_op(ops, image, &pinned))
     };
     image.resolved = Some(ResolvedBase { state, config });
-    Ok(())
 }
 
 /// The `docker-image://` source op of `image` pinned to a digest. Its

@@ -1086,3 +1086,33 @@ async fn label_options_are_set_on_the_image_over_the_dockerfiles() {
     assert_eq!(labels.get("b").map(String::as_str), Some("2"));
     assert_eq!(labels.get("org.example").map(String::as_str), Some("yes"));
 }
+
+/// Many stages on one base ask the resolver once per distinct image (and
+/// platform), not once per stage; each stage still gets its base.
+#[tokio::test]
+async fn each_distinct_base_image_is_resolved_once() {
+    let mut df = String::new();
+    for i in 0..6 {
+        df.push_str(&format!("FROM busybox AS s{i}\nRUN echo {i} > /o\n"));
+    }
+    df.push_str("FROM debian:bookworm AS d\nRUN true\nFROM busybox\n");
+    for i in 0..6 {
+        df.push_str(&format!("COPY --from=s{i} /o /o{i}\n"));
+    }
+    df.push_str("COPY --from=d /etc/hostname /h\n");
+    let resolver = FakeResolver::new();
+    let c = convert(df.as_bytes(), &options(), &resolver)
+        .await
+        .expect("convert");
+    let mut calls = resolver.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        [
+            "docker.io/library/busybox:latest",
+            "docker.io/library/debian:bookworm"
+        ]
+    );
+    let g = kiln_llb::load(&c.definition).expect("load");
+    assert_eq!(exec_metas(&g).len(), 7, "every stage's RUN is there");
+}
