@@ -82,7 +82,7 @@ fn bench_twelve_stages_on_one_two_and_three_workers() {
     let t1 = median(times[0].clone());
     // every worker here shares this machine's cores: the stages' CPU parts of
     // one wave share them too, which N hosts would not
-    let cpu = stage_cpu_seconds();
+    let cpu = stage_alone_seconds(&farms[0]) - 2.0;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let ideal = |workers: usize| -> f64 {
         let slots = 2 * workers;
@@ -95,7 +95,7 @@ fn bench_twelve_stages_on_one_two_and_three_workers() {
             .sum()
     };
     println!(
-        "one stage's CPU part alone: {cpu:.2} s; {cores} cores shared by every worker of a farm"
+        "| one stage alone, past its `sleep 2` (a RUN with nothing beside it): {cpu:.2} s; {cores} cores shared by every worker of a farm |"
     );
     println!();
     println!(
@@ -120,21 +120,33 @@ fn bench_twelve_stages_on_one_two_and_three_workers() {
     }
 }
 
-/// Seconds one stage's CPU-bound part takes alone on this machine (the same
-/// busybox the stages run, median of 3).
-fn stage_cpu_seconds() -> f64 {
+/// Seconds one stage's RUN takes with nothing beside it on `farm` (its
+/// container, `sleep 2` and CPU part; median of 3 cold runs).
+fn stage_alone_seconds(farm: &ProcessFarm) -> f64 {
+    let ctx = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN sleep 2 && head -c 67108864 /dev/zero | sha256sum > /out\n",
+    )
+    .expect("Dockerfile");
     let times = (0..3)
         .map(|_| {
-            let t = Instant::now();
-            let st = std::process::Command::new("sh")
-                .args([
-                    "-c",
-                    "head -c 67108864 /dev/zero | /bin/busybox sha256sum >/dev/null",
-                ])
-                .status()
-                .expect("sh");
-            assert!(st.success());
-            t.elapsed().as_secs_f64()
+            let progress = finished(
+                farm.spawn_build(ctx.path(), &["--no-cache"])
+                    .expect("build"),
+                farm,
+            )
+            .expect("build");
+            let n = kiln_integration_tests::step_number(&progress, "RUN sleep 2").expect("the RUN");
+            progress
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!("#{n} DONE "))?
+                        .strip_suffix('s')?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no DONE time for #{n}:\n{progress}"))
         })
         .collect();
     median(times)
