@@ -510,6 +510,44 @@ mod tests {
         (id, desc)
     }
 
+    /// A built layer is hashed once (its snapshot does not change) and
+    /// streamed from the diff on every read: bytes that no longer match the
+    /// digest the holder gave are refused, and nothing is left behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_layer_whose_bytes_changed_under_its_holder_is_refused() {
+        let (_ta, a) = worker();
+        let a = Arc::new(a);
+        let top = snapshot(&a, None, |d| {
+            std::fs::write(d.join("f"), b"the real content").expect("write");
+        });
+        let opts = kiln_oci::LayerOptions::new(kiln_oci::Compression::Uncompressed);
+        let first = crate::layers::layer_chain(&a, Some(&top), &opts)
+            .await
+            .expect("layers");
+        std::fs::write(a.store().diff_dir(&top).join("f"), b"the fake content").expect("tamper");
+        let again = crate::layers::layer_chain(&a, Some(&top), &opts)
+            .await
+            .expect("layers");
+        assert_eq!(
+            first[0].as_ref().map(|b| &b.descriptor.digest),
+            again[0].as_ref().map(|b| &b.descriptor.digest),
+            "the layer is hashed once"
+        );
+        let peer = serve(a.clone()).await;
+        let (_tb, b) = worker();
+        let e = b.import(&peer, &top).await.expect_err("refused");
+        assert!(
+            kiln_proto::status::chain(&e).contains("the peer sent"),
+            "{}",
+            kiln_proto::status::chain(&e)
+        );
+        assert!(b.store().chain(None).map(|c| c.is_empty()).unwrap_or(true));
+        let left: Vec<_> = std::fs::read_dir(b.config().root.join("staging"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_sending_other_bytes_than_its_layer_is_refused_and_leaves_nothing() {
         let (_ta, a) = worker();

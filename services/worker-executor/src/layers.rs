@@ -83,6 +83,11 @@ fn compute_chain(
         .map(|(i, meta)| match (&meta.blob, meta.layers.get(&key)) {
             (_, Some(m)) => Plan::Ready(Box::new(m.clone())),
             _ if let Some(m) = memo.pending(&meta.id, &key) => Plan::Ready(Box::new(m)),
+            _ if streams(meta, options)
+                && let Some(b) = streamed.of_snapshot(&meta.id, options.clamp_mtime) =>
+            {
+                Plan::Ready(Box::new(Some(b)))
+            }
             (Some(b), None)
                 if !options.force
                     || Compression::from_media_type(&b.descriptor.media_type)
@@ -288,26 +293,42 @@ fn streams(meta: &Meta, options: &LayerOptions) -> bool {
 /// bytes again. Entered when the layer is computed (`Layers`, which every
 /// import asks first); a worker that restarted between the two answers the
 /// read with "not found", and that import fails.
+/// A committed snapshot's diff does not change, so its layer is hashed once
+/// and every later `Layers` (another worker importing it) answers at once.
 #[derive(Debug, Default)]
-pub(crate) struct Streamed(Mutex<std::collections::HashMap<String, (String, Option<u64>)>>);
+pub(crate) struct Streamed(Mutex<StreamedMaps>);
 
-/// How many streamed layers are remembered; past it the map starts over (the
-/// next `Layers` of a forgotten one enters it again).
+#[derive(Debug, Default)]
+pub(crate) struct StreamedMaps {
+    by_digest: std::collections::HashMap<String, (String, Option<u64>)>,
+    by_snapshot: std::collections::HashMap<(String, Option<u64>), LayerBlob>,
+}
+
+/// How many streamed layers are remembered; past it the maps start over (the
+/// next `Layers` of a forgotten one hashes it again).
 const STREAMED_MAX: usize = 65_536;
 
 impl Streamed {
-    fn insert(&self, digest: String, snapshot: String, clamp: Option<u64>) {
+    fn insert(&self, blob: &LayerBlob, snapshot: String, clamp: Option<u64>) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.len() >= STREAMED_MAX {
-            g.clear();
+        if g.by_digest.len() >= STREAMED_MAX {
+            *g = StreamedMaps::default();
         }
-        g.insert(digest, (snapshot, clamp));
+        g.by_digest
+            .insert(blob.descriptor.digest.clone(), (snapshot.clone(), clamp));
+        g.by_snapshot.insert((snapshot, clamp), blob.clone());
     }
 
     /// The snapshot (and mtime clamp) whose diff is the streamed layer `digest`.
     pub(crate) fn get(&self, digest: &str) -> Option<(String, Option<u64>)> {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.get(digest).cloned()
+        g.by_digest.get(digest).cloned()
+    }
+
+    /// The streamed layer of `snapshot` (with mtime clamp), if already hashed.
+    fn of_snapshot(&self, snapshot: &str, clamp: Option<u64>) -> Option<LayerBlob> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.by_snapshot.get(&(snapshot.to_string(), clamp)).cloned()
     }
 }
 
@@ -369,8 +390,7 @@ fn compute(
         kiln_oci::layer::diff_overlay_upper_clamped(&diff, &mut w, options.clamp_mtime)
             .map_err(layer_err)?;
         let (_, digest, size) = w.finish();
-        streamed.insert(digest.clone(), meta.id.clone(), options.clamp_mtime);
-        return Ok(Some(LayerBlob {
+        let blob = LayerBlob {
             descriptor: kiln_oci::Descriptor {
                 media_type: Compression::Uncompressed.oci_media_type().to_string(),
                 digest: digest.clone(),
@@ -378,7 +398,9 @@ fn compute(
                 ..Default::default()
             },
             diff_id: digest,
-        }));
+        };
+        streamed.insert(&blob, meta.id.clone(), options.clamp_mtime);
+        return Ok(Some(blob));
     }
     let (diff_id, descriptor) = kiln_oci::write_layer_blob(blobs, options, |w| {
         kiln_oci::layer::diff_overlay_upper_clamped(&diff, w, options.clamp_mtime)
