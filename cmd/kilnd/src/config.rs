@@ -44,6 +44,9 @@ pub struct Farm {
     pub keepalive_timeout: Option<String>,
     /// the scheduler: runs of a step whose worker was lost (default 3)
     pub retries: Option<u32>,
+    /// the scheduler: a worker reporting less free disk gets steps only when
+    /// no other can take them (a size, "1GB"; a number is MB; default 1GiB; 0: off)
+    pub min_free_disk: Option<SizeValue>,
     /// `[farm.tls]`: mutual TLS between kiln's services on `tcp://`
     #[serde(default)]
     pub tls: GrpcTls,
@@ -169,7 +172,7 @@ pub enum SizeValue {
 }
 
 impl SizeValue {
-    fn bytes(&self, number_unit: i64) -> anyhow::Result<i64> {
+    pub fn bytes(&self, number_unit: i64) -> anyhow::Result<i64> {
         match self {
             SizeValue::Number(n) => Ok(n * number_unit),
             SizeValue::Text(t) => Ok(kiln_units::parse_size(t)?),

@@ -73,6 +73,11 @@ pub fn config(file: &FileConfig) -> anyhow::Result<FarmConfig> {
         keepalive_interval: (timeout / 4).max(Duration::from_millis(100)),
         timeout,
         retries: file.farm.retries.unwrap_or(d.retries),
+        min_free_disk: match &file.farm.min_free_disk {
+            Some(v) => u64::try_from(v.bytes(1 << 20).context("[farm] min-free-disk")?)
+                .context("[farm] min-free-disk is negative")?,
+            None => d.min_free_disk,
+        },
         ..d
     })
 }
@@ -144,4 +149,27 @@ pub fn join_config(
             Duration::from_secs(600),
         )?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn farm_config(toml_text: &str) -> anyhow::Result<FarmConfig> {
+        let file: FileConfig = toml::from_str(toml_text)?;
+        config(&file)
+    }
+
+    #[test]
+    fn min_free_disk_is_a_size_a_number_of_megabytes_or_off() {
+        let d = farm_config("").expect("default");
+        assert_eq!(d.min_free_disk, 1 << 30);
+        let n = farm_config("[farm]\nmin-free-disk = 512\n").expect("number");
+        assert_eq!(n.min_free_disk, 512 << 20);
+        let s = farm_config("[farm]\nmin-free-disk = \"2GiB\"\n").expect("size");
+        assert_eq!(s.min_free_disk, 2 << 30);
+        let off = farm_config("[farm]\nmin-free-disk = 0\n").expect("off");
+        assert_eq!(off.min_free_disk, 0);
+        assert!(farm_config("[farm]\nmin-free-disk = -1\n").is_err());
+    }
 }

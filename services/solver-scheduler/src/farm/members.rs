@@ -51,7 +51,9 @@ pub(crate) struct Member<W> {
 }
 
 impl<W> Member<W> {
-    pub fn candidate(&self, holds: usize) -> Candidate<'_> {
+    /// What placement knows of the member; `min_free_disk` 0 (or a worker
+    /// that reports none) never counts as short of disk.
+    pub fn candidate(&self, holds: usize, min_free_disk: u64) -> Candidate<'_> {
         Candidate {
             id: &self.reg.id,
             platforms: &self.reg.platforms,
@@ -59,6 +61,7 @@ impl<W> Member<W> {
             running: self.running,
             capacity: self.reg.capacity,
             holds,
+            low_disk: self.reg.free_disk > 0 && self.reg.free_disk < min_free_disk,
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct FarmConfig {
     pub retries: u32,
     /// how long a step waits for a worker that matches it to join
     pub wait_for_worker: Duration,
+    /// a worker reporting less free disk gets steps only when no other can
+    /// take them (0: disk is not looked at)
+    pub min_free_disk: u64,
 }
 
 impl Default for FarmConfig {
@@ -54,6 +57,7 @@ impl Default for FarmConfig {
             timeout: Duration::from_secs(10),
             retries: 3,
             wait_for_worker: Duration::from_secs(30),
+            min_free_disk: 1 << 30,
         }
     }
 }
@@ -465,7 +469,7 @@ impl<W: Worker> Farm<W> {
                         *o == Some(id) || copies.get(*r).is_some_and(|c| c.contains_key(id))
                     })
                     .count();
-                mm.candidate(holds)
+                mm.candidate(holds, self.config.min_free_disk)
             })
             .collect();
         let i = place::choose(&candidates, want)?;

@@ -3,10 +3,11 @@
 //! A step may run on a worker that is ready (not draining or gone), that
 //! matches the LLB op's `WorkerConstraints` filters, and — for an exec op —
 //! that runs the op's platform (when no worker of the farm runs it, any may
-//! try, as a single worker would). Among those with a free step slot, the one
-//! already holding the most of the step's inputs wins (no bytes to move),
-//! then the least loaded (running / capacity), then the lowest id, so the
-//! choice is deterministic.
+//! try, as a single worker would). Among those with a free step slot, a
+//! worker with enough free disk beats one short of it (a full disk fails the
+//! step itself, which is not retried), then the one already holding the most
+//! of the step's inputs wins (no bytes to move), then the least loaded
+//! (running / capacity), then the lowest id, so the choice is deterministic.
 //!
 //! Constraint filters use containerd's filter grammar, as BuildKit's worker
 //! filters do: a filter is `,`-separated conditions that must all hold, and
@@ -27,6 +28,8 @@ pub struct Candidate<'a> {
     pub capacity: usize,
     /// how many of the step's inputs it holds
     pub holds: usize,
+    /// its last reported free disk is below the farm's `min-free-disk`
+    pub low_disk: bool,
 }
 
 /// What a step asks of its worker.
@@ -87,8 +90,12 @@ pub fn choose(candidates: &[Candidate<'_>], want: &Want) -> Result<usize, NoWork
     }
 }
 
-/// Whether `a` beats `b`: more inputs held, then lower load, then lower id.
+/// Whether `a` beats `b`: enough free disk, then more inputs held, then
+/// lower load, then lower id.
 fn better(a: &Candidate<'_>, b: &Candidate<'_>) -> bool {
+    if a.low_disk != b.low_disk {
+        return !a.low_disk;
+    }
     if a.holds != b.holds {
         return a.holds > b.holds;
     }
@@ -257,7 +264,23 @@ mod tests {
             running,
             capacity: 2,
             holds,
+            low_disk: false,
         }
+    }
+
+    #[test]
+    fn a_worker_short_of_disk_is_chosen_only_when_no_other_can_take_the_step() {
+        let amd = [kiln_oci::Platform::new("linux", "amd64", None)];
+        let none = BTreeMap::new();
+        let mut full = cand("a", &amd, &none, 0, 2);
+        full.low_disk = true;
+        // it holds the inputs and is idle, yet the one with disk wins
+        let cs = [full.clone(), cand("b", &amd, &none, 1, 0)];
+        assert_eq!(choose(&cs, &Want::default()), Ok(1));
+        // the other busy: the full one still takes the step
+        let mut busy = cand("b", &amd, &none, 2, 0);
+        busy.low_disk = false;
+        assert_eq!(choose(&[full, busy], &Want::default()), Ok(0));
     }
 
     #[test]

@@ -1145,6 +1145,7 @@ fn worker_records<W: Worker, F: Frontend, E: Exporter>(
                 running: 0,
                 capacity: 1,
                 holds: 0,
+                low_disk: false,
             };
             filters.is_empty() || filters.iter().any(|f| f.matches(&c))
         })
