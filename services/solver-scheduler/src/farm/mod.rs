@@ -361,10 +361,29 @@ impl<W: Worker> Farm<W> {
                 "no worker holds {r}: its worker is not in the farm"
             ))
         };
-        let owner = owner.ok_or_else(gone)?;
-        let m = self.members.lock().map_err(|_| gone())?;
-        let member = m.by_id.get(owner).ok_or_else(gone)?;
-        Ok((member.worker.clone(), local.to_string()))
+        if let Some(w) = owner.and_then(|o| self.worker_of(o)) {
+            return Ok((w, local.to_string()));
+        }
+        self.stand_in(r)
+            .map(|(_, w, local)| (w, local))
+            .ok_or_else(gone)
+    }
+
+    /// A copy of `r` an import left on a worker still in the farm (the one
+    /// with the lowest id): what serves `r` once its own worker is gone, so
+    /// it need not be made again.
+    fn stand_in(&self, r: &str) -> Option<(String, Arc<W>, String)> {
+        let mut held: Vec<(String, String)> = self
+            .copies
+            .lock()
+            .ok()?
+            .get(r)?
+            .iter()
+            .map(|(id, local)| (id.clone(), local.clone()))
+            .collect();
+        held.sort();
+        held.into_iter()
+            .find_map(|(id, local)| Some((id.clone(), self.worker_of(&id)?, local)))
     }
 
     /// The worker holding `r` and its ref there; a result whose worker is
@@ -907,8 +926,19 @@ impl<W: Worker> Worker for Farm<W> {
     async fn exists(&self, refs: &[String]) -> Result<Vec<bool>, Error> {
         let mut out = vec![false; refs.len()];
         for (owner, group) in self.by_member(refs) {
-            // a ref whose worker is gone does not exist: a miss, never an error
+            // a ref whose worker is gone exists where a copy of it does;
+            // without one it is a miss, never an error
             let Some(w) = owner.as_deref().and_then(|o| self.worker_of(o)) else {
+                for (i, _) in &group {
+                    if let Some((id, w, local)) = self.stand_in(&refs[*i]) {
+                        match w.exists(std::slice::from_ref(&local)).await {
+                            Ok(found) => out[*i] = found.first().copied().unwrap_or(false),
+                            Err(e) => {
+                                tracing::warn!(worker = id, error = %kiln_proto::status::Chain(&e), "worker unreachable: its copy counts as missing");
+                            }
+                        }
+                    }
+                }
                 continue;
             };
             let locals: Vec<String> = group.iter().map(|(_, l)| l.clone()).collect();

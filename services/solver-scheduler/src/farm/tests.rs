@@ -207,6 +207,35 @@ async fn a_result_only_a_dropped_worker_held_is_made_again_for_its_consumer() {
 }
 
 #[tokio::test]
+async fn a_copy_on_a_live_worker_serves_a_result_whose_worker_is_gone() {
+    let (farm, net) = fake_farm(config());
+    let ga = farm.register(reg("a", 2)).expect("ok");
+    let first = farm.run(op("first", vec![]), quiet()).await.expect("run");
+    assert_eq!(first.worker, "a");
+    farm.register(reg("b", 2)).expect("ok");
+    // a drains: the consumer runs on b, which imports a copy of the result
+    farm.drain("a", ga);
+    let second = farm
+        .run(op("second", first.refs.clone()), quiet())
+        .await
+        .expect("run");
+    assert_eq!(second.worker, "b");
+    farm.drop_worker("a", ga, "test");
+    // the result's worker is gone, its copy on b is not: a hit, not a re-make
+    assert_eq!(farm.exists(&first.refs).await.expect("ok"), vec![true]);
+    let third = farm
+        .run(op("third", first.refs.clone()), quiet())
+        .await
+        .expect("run");
+    assert_eq!(third.worker, "b");
+    let runs = state(&net, "b").runs.lock().expect("lock").clone();
+    assert_eq!(runs, vec!["second".to_string(), "third".to_string()]);
+    // the copy gone too (b pruned it): a miss again
+    state(&net, "b").refs.lock().expect("lock").clear();
+    assert_eq!(farm.exists(&first.refs).await.expect("ok"), vec![false]);
+}
+
+#[tokio::test]
 async fn inputs_move_to_the_step_and_affinity_keeps_chains_together() {
     let (farm, net) = fake_farm(config());
     farm.register(reg("a", 1)).expect("ok");
