@@ -6,7 +6,7 @@ PROFILE_DIR := target/debug
 BIN := $(PROFILE_DIR)
 DEMO_DIR ?= /tmp/kiln-demo
 
-.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean bench frontend-image
+.PHONY: all build deps test unit-test integration-test demo demo-stop lint clean bench frontend-image images
 
 all: build
 
@@ -46,6 +46,17 @@ FRONTEND_IMAGE ?=
 frontend-image: build
 	@test -n "$(FRONTEND_IMAGE)" || { echo "give FRONTEND_IMAGE=REGISTRY/NAME:TAG"; exit 1; }
 	KILN=$(BIN)/kiln sh scripts/frontend-image.sh $(BIN)/kiln-frontend "$(FRONTEND_IMAGE)"
+
+# kiln's own images (kilnd with runc, and kiln), built by kiln from
+# deploy/images/Dockerfile on a base of this machine's Debian packages, pushed
+# to REGISTRY and loaded into Docker when an engine answers:
+# make images REGISTRY=HOST:PORT [TAG=...]
+REGISTRY ?=
+TAG ?=
+images: deps
+	@test -n "$(REGISTRY)" || { echo "give REGISTRY=HOST:PORT"; exit 1; }
+	$(CARGO) build --release -p kilnd -p kiln
+	sh scripts/images.sh "$(REGISTRY)" $(TAG)
 
 clean:
 	$(CARGO) clean

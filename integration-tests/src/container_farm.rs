@@ -4,12 +4,14 @@
 //! worker with a volume for its root. A registry container on the same
 //! network, seeded with busybox, is the farm's `docker.io` mirror.
 //!
-//! The images are built by kiln itself (`scripts/binaries-image.sh`, on an
-//! all-in-one kilnd on this host): kilnd with runc and the libraries both
-//! load, busybox for the preStop-style drain and reading a worker's id, and a
-//! registry image; `kiln build --output type=docker` writes each as a tarball
-//! that `docker load` takes. They are tagged by what they hold, so a second
-//! farm with the same binaries reuses them.
+//! The images are built by kiln itself, on an all-in-one kilnd on this host:
+//! kiln's own kilnd image as `make images` makes it (`scripts/images.sh` from
+//! `deploy/images/Dockerfile`, with the binaries under test: kilnd, runc,
+//! the C library, CA roots and busybox, which the tests use to read a
+//! worker's id), and a registry image (`scripts/binaries-image.sh`); each is
+//! written by `kiln build --output type=docker` and `docker load`ed. They are
+//! tagged by what they hold, so a second farm with the same binaries reuses
+//! them.
 //!
 //! Faults are what a host and its network do: `docker kill` (a crash),
 //! `docker network disconnect`/`connect` (a partition and its end, the
@@ -142,19 +144,23 @@ fn content_tag(files: &[PathBuf]) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// kiln's farm image and the registry image, built by kiln and loaded into
-/// the engine unless it has them already: (kilnd image, registry image).
+/// kiln's own kilnd image (`scripts/images.sh`, from the binaries under
+/// test) and the registry image, built by kiln and loaded into the engine
+/// unless it has them already: (kilnd image, registry image). Their tags
+/// start with `test-`; older `test-` tags are removed, nothing else is.
 pub fn farm_images() -> Result<(String, String)> {
-    let kilnd = bin_dir().join("kilnd");
     let programs = [
-        kilnd.clone(),
+        bin_dir().join("kilnd"),
+        bin_dir().join("kiln"),
+        repo_root().join("deploy/images/Dockerfile"),
+        repo_root().join("scripts/images.sh"),
         PathBuf::from("/usr/sbin/runc"),
         PathBuf::from("/bin/busybox"),
         PathBuf::from("/usr/bin/docker-registry"),
         PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
     ];
-    let tag = content_tag(&programs);
-    let kilnd_image = format!("kiln-test/kilnd:{tag}");
+    let tag = format!("test-{}", content_tag(&programs));
+    let kilnd_image = format!("kiln/kilnd:{tag}");
     let registry_image = format!("kiln-test/registry:{tag}");
     if docker(&["image", "inspect", &kilnd_image]).is_ok()
         && docker(&["image", "inspect", &registry_image]).is_ok()
@@ -162,6 +168,24 @@ pub fn farm_images() -> Result<(String, String)> {
         return Ok((kilnd_image, registry_image));
     }
     let daemon = Daemon::start(Topology::AllInOne)?;
+    let kiln_args = format!("--addr {}", daemon.addr);
+    // kiln's own images, as `make images` makes them
+    let out = Command::new("sh")
+        .arg(repo_root().join("scripts/images.sh"))
+        .arg(crate::registry())
+        .arg(&tag)
+        .env("KILN_BIN_DIR", bin_dir())
+        .env("KILN_ARGS", &kiln_args)
+        .output()
+        .context("run scripts/images.sh")?;
+    if !out.status.success() {
+        bail!(
+            "scripts/images.sh: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.logs()
+        );
+    }
+    // the registry the farm pulls from, as a container beside it
     let dir = tempfile::tempdir()?;
     let registry_config = dir.path().join("config.yml");
     std::fs::write(
@@ -170,55 +194,36 @@ pub fn farm_images() -> Result<(String, String)> {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: /var/lib/registry\nhttp:\n  addr: 0.0.0.0:{REGISTRY_PORT}\n"
         ),
     )?;
-    let images: [(&str, &str, Vec<String>); 2] = [
-        (
-            &kilnd_image,
-            "/usr/bin/kilnd",
-            vec![
-                format!("{}:/usr/bin/kilnd", kilnd.display()),
-                "/usr/sbin/runc".into(),
-                "/bin/busybox".into(),
-                // the system's CA roots, which kilnd's registry client loads
-                "/etc/ssl/certs/ca-certificates.crt".into(),
-            ],
-        ),
-        (
-            &registry_image,
-            "/usr/bin/docker-registry",
-            vec![
-                "/usr/bin/docker-registry".into(),
-                format!(
-                    "{}:/etc/docker/registry/config.yml",
-                    registry_config.display()
-                ),
-            ],
-        ),
-    ];
-    for (name, entry, files) in images {
-        let tar = dir.path().join("image.tar");
-        let out = Command::new("sh")
-            .arg(repo_root().join("scripts/binaries-image.sh"))
-            .arg(format!("type=docker,name={name},dest={}", tar.display()))
-            .arg(entry)
-            .args(&files)
-            .env("KILN", bin_dir().join("kiln"))
-            .env("KILN_ARGS", format!("--addr {}", daemon.addr))
-            .env("STRIP", "1")
-            .output()
-            .context("run scripts/binaries-image.sh")?;
-        if !out.status.success() {
-            bail!(
-                "image {name}: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                daemon.logs()
-            );
-        }
-        docker(&["load", "-i", &tar.display().to_string()])?;
-        std::fs::remove_file(&tar)?;
-        // images of older binaries go (one still used by a container stays)
-        let repo = name.split(':').next().unwrap_or_default();
+    let tar = dir.path().join("image.tar");
+    let out = Command::new("sh")
+        .arg(repo_root().join("scripts/binaries-image.sh"))
+        .arg(format!(
+            "type=docker,name={registry_image},dest={}",
+            tar.display()
+        ))
+        .arg("/usr/bin/docker-registry")
+        .arg("/usr/bin/docker-registry")
+        .arg(format!(
+            "{}:/etc/docker/registry/config.yml",
+            registry_config.display()
+        ))
+        .env("KILN", bin_dir().join("kiln"))
+        .env("KILN_ARGS", &kiln_args)
+        .output()
+        .context("run scripts/binaries-image.sh")?;
+    if !out.status.success() {
+        bail!(
+            "image {registry_image}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.logs()
+        );
+    }
+    docker(&["load", "-i", &tar.display().to_string()])?;
+    // images of older binaries go (one still used by a container stays)
+    for repo in ["kiln/kilnd", "kiln/kiln", "kiln-test/registry"] {
         for old in docker(&["images", repo, "--format", "{{.Repository}}:{{.Tag}}"])?.lines() {
-            if old != name {
+            let old_tag = old.rsplit(':').next().unwrap_or_default();
+            if old_tag.starts_with("test-") && old_tag != tag {
                 let _ = docker(&["rmi", old]);
             }
         }
@@ -236,6 +241,8 @@ pub struct ContainerFarm {
     workers: Vec<(String, String)>,
     /// the kilnd.toml every service reads (bind-mounted)
     dir: tempfile::TempDir,
+    /// kiln's client image (`kiln/kiln`, made beside kilnd's)
+    kiln_image: String,
 }
 
 impl ContainerFarm {
@@ -257,6 +264,7 @@ impl ContainerFarm {
             workers: vec![],
             prefix: prefix.clone(),
             dir,
+            kiln_image: image.replacen("kiln/kilnd:", "kiln/kiln:", 1),
         };
         docker(&["network", "create", "--internal", &farm.network])?;
         let registry = farm.name("registry");
@@ -410,6 +418,24 @@ impl ContainerFarm {
     /// Worker `i`'s container name.
     pub fn worker_name(&self, i: usize) -> &str {
         &self.workers[i].0
+    }
+
+    /// `kiln ARGS` run from kiln's client image in a container on the farm's
+    /// network, reaching the scheduler by its name (as a CI job in a pod
+    /// would); its stdout.
+    pub fn kiln_in_container(&self, args: &[&str]) -> Result<String> {
+        let addr = format!("tcp://{}:{CLIENT_PORT}", self.name("scheduler"));
+        let mut all = vec![
+            "run",
+            "--rm",
+            "--network",
+            &self.network,
+            &self.kiln_image,
+            "--addr",
+            &addr,
+        ];
+        all.extend_from_slice(args);
+        docker(&all)
     }
 }
 

@@ -76,6 +76,13 @@ fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
 fn farm_containers_run_independent_stages_on_every_worker_and_build_the_whole_image() {
     if let Some(farm) = three_containers() {
         stages_run_on_every_worker(&farm);
+        // kiln's client image, on the farm's network, sees every worker
+        let listed = farm
+            .kiln_in_container(&["debug", "workers"])
+            .expect("kiln from its image");
+        for w in worker_ids(&farm) {
+            assert!(listed.contains(&w), "{w} not listed:\n{listed}");
+        }
     }
 }
 

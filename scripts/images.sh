@@ -1,0 +1,83 @@
+#!/bin/sh
+# kiln's own images, built by kiln from deploy/images/Dockerfile: kilnd (with
+# runc, for workers) and kiln, on a base made from the Debian packages
+# installed on this machine (nothing is pulled).
+#   scripts/images.sh REGISTRY [TAG]
+# pushes REGISTRY/kiln/kilnd:TAG and REGISTRY/kiln/kiln:TAG (TAG: the git
+# commit) and, when a Docker engine answers, loads them as kiln/kilnd:TAG and
+# kiln/kiln:TAG. A registry on 127.0.0.1/localhost is spoken to over plain HTTP.
+# KILN_BIN_DIR: where kilnd and kiln are (default target/release);
+# KILN_ARGS: how kiln reaches a kilnd (default: one started here for the build).
+set -eu
+cd "$(dirname "$0")/.."
+reg=$1
+tag=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo latest)}
+bin=${KILN_BIN_DIR:-target/release}
+work=$(mktemp -d /tmp/kiln-images.XXXXXX)
+. scripts/local-kilnd.sh
+cleanup() {
+  [ -n "${kpid:-}" ] && kill "$kpid" 2>/dev/null && sleep 0.5
+  unmount_under "$work"
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+ctx=$work/ctx
+root=$ctx/debian
+mkdir -p "$root/usr/bin" "$root/usr/sbin" "$root/usr/lib" "$root/usr/lib64" "$root/etc/ssl/certs" \
+  "$root/tmp" "$root/var/lib/kiln" "$root/root" "$ctx/bin"
+chmod 1777 "$root/tmp"
+# merged /usr, as Debian has it
+for d in bin sbin lib lib64; do ln -s "usr/$d" "$root/$d"; done
+# each package's installed files (not its docs), at their real paths
+for pkg in libc6 libgcc-s1 libseccomp2 runc busybox-static; do
+  dpkg -L "$pkg" | while read -r f; do
+    case "$f" in /usr/share/doc/*|/usr/share/man/*|/usr/share/lintian/*|/usr/share/locale/*) continue ;; esac
+    [ -d "$f" ] && [ ! -L "$f" ] && continue
+    [ -e "$f" ] || [ -L "$f" ] || continue
+    dir=$(realpath "$(dirname "$f")")
+    mkdir -p "$root$dir"
+    cp -a "$f" "$root$dir/"
+  done
+done
+for applet in sh cat ls mkdir mount umount ps kill sleep env; do
+  ln -sf busybox "$root/usr/bin/$applet"
+done
+cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$root/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+for b in kilnd kiln; do
+  cp "$bin/$b" "$ctx/bin/$b"
+  strip --strip-debug "$ctx/bin/$b" 2>/dev/null || true
+done
+cp deploy/images/Dockerfile "$ctx/Dockerfile"
+
+case "$reg" in
+127.0.0.1:*|localhost:*|127.0.0.1|localhost) http="[registry.\"$reg\"]
+http = true" ;;
+*) http= ;;
+esac
+if [ -z "${KILN_ARGS:-}" ]; then
+  printf 'root = "%s"\n[grpc]\naddress = ["unix://%s"]\n%s\n' "$work/root" "$work/kilnd.sock" "$http" > "$work/kilnd.toml"
+  "$bin/kilnd" --config "$work/kilnd.toml" > "$work/kilnd.log" 2>&1 &
+  kpid=$!
+  wait_for_socket "$work/kilnd.sock"
+  KILN_ARGS="--addr unix://$work/kilnd.sock"
+fi
+docker_ok=
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then docker_ok=1; fi
+for target in kilnd kiln; do
+  # shellcheck disable=SC2086
+  "$bin/kiln" $KILN_ARGS build --progress plain --frontend dockerfile.v0 --opt target="$target" \
+    --local context="$ctx" --local dockerfile="$ctx" \
+    --output "type=image,name=$reg/kiln/$target:$tag,push=true" >&2
+  echo "pushed $reg/kiln/$target:$tag"
+  if [ -n "$docker_ok" ]; then
+    # shellcheck disable=SC2086
+    "$bin/kiln" $KILN_ARGS build --progress plain --frontend dockerfile.v0 --opt target="$target" \
+      --local context="$ctx" --local dockerfile="$ctx" \
+      --output "type=docker,name=kiln/$target:$tag,dest=$work/$target.tar" >&2
+    docker load -i "$work/$target.tar" >&2
+    echo "loaded kiln/$target:$tag"
+  fi
+done
