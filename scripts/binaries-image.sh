@@ -5,7 +5,7 @@
 #   scripts/binaries-image.sh OUTPUT ENTRYPOINT SRC[:DEST]...
 # OUTPUT is a `kiln build --output` value; ENTRYPOINT the image's entrypoint
 # (a path in the image); each SRC is copied to DEST in the image (default:
-# SRC's own path). STRIP=1 strips debug info from the copied programs.
+# SRC's own path).
 # kiln reaches kilnd as usual (KILN_HOST / BUILDKIT_HOST / --addr via
 # KILN_ARGS); KILN names the kiln binary (default: kiln on PATH).
 set -eu
@@ -24,7 +24,6 @@ for spec in "$@"; do
   [ "$spec" = "$src" ] && dest=$src
   mkdir -p "$root$(dirname "$dest")"
   cp -L "$src" "$root$dest"
-  if [ "${STRIP:-}" = 1 ]; then strip --strip-debug "$root$dest" 2>/dev/null || true; fi
   # the dynamic loader and every library ldd resolves (none for a static program)
   { ldd "$src" 2>/dev/null || true; } |
     awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u |
