@@ -174,6 +174,7 @@ pub fn run(data: &[u8]) {
                     running: 0,
                     capacity: 1,
                     holds: 0,
+                    low_disk: false,
                 };
                 let _ = solver_scheduler::farm::place::choose(&[c], &want);
             }
