@@ -535,17 +535,7 @@ mod tests {
         );
         let peer = serve(a.clone()).await;
         let (_tb, b) = worker();
-        let e = b.import(&peer, &top).await.expect_err("refused");
-        assert!(
-            kiln_proto::status::chain(&e).contains("the peer sent"),
-            "{}",
-            kiln_proto::status::chain(&e)
-        );
-        assert!(b.store().chain(None).map(|c| c.is_empty()).unwrap_or(true));
-        let left: Vec<_> = std::fs::read_dir(b.config().root.join("staging"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "{left:?}");
+        refused_leaving_nothing(&b, &peer, &top).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,17 +554,22 @@ mod tests {
         std::fs::write(&path, &bytes).expect("tamper");
         let peer = serve(a.clone()).await;
         let (_tb, b) = worker();
-        let e = b.import(&peer, &top).await.expect_err("refused");
+        refused_leaving_nothing(&b, &peer, &top).await;
+        // nor its blob
+        assert!(!b.blob_path(&desc.digest).expect("path").exists());
+    }
+
+    /// `b`'s import of `top` from `peer` fails on the bytes the peer sent, and
+    /// leaves no snapshot, index entry or staging directory behind.
+    async fn refused_leaving_nothing(b: &crate::Worker, peer: &str, top: &str) {
+        let e = b.import(peer, top).await.expect_err("refused");
         assert!(
             kiln_proto::status::chain(&e).contains("the peer sent"),
             "{}",
             kiln_proto::status::chain(&e)
         );
-        // no blob, no snapshot, no index entry
-        assert!(!b.blob_path(&desc.digest).expect("path").exists());
         assert!(b.store().chain(None).map(|c| c.is_empty()).unwrap_or(true));
-        let staging = b.config().root.join("staging");
-        let left: Vec<_> = std::fs::read_dir(&staging)
+        let left: Vec<_> = std::fs::read_dir(b.config().root.join("staging"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "{left:?}");
