@@ -168,23 +168,8 @@ pub fn farm_images() -> Result<(String, String)> {
         return Ok((kilnd_image, registry_image));
     }
     let daemon = Daemon::start(Topology::AllInOne)?;
-    let kiln_args = format!("--addr {}", daemon.addr);
     // kiln's own images, as `make images` makes them
-    let out = Command::new("sh")
-        .arg(repo_root().join("scripts/images.sh"))
-        .arg(crate::registry())
-        .arg(&tag)
-        .env("KILN_BIN_DIR", bin_dir())
-        .env("KILN_ARGS", &kiln_args)
-        .output()
-        .context("run scripts/images.sh")?;
-    if !out.status.success() {
-        bail!(
-            "scripts/images.sh: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            daemon.logs()
-        );
-    }
+    daemon.script("images.sh", &[&crate::registry(), &tag])?;
     // the registry the farm pulls from, as a container beside it
     let dir = tempfile::tempdir()?;
     let registry_config = dir.path().join("config.yml");
@@ -195,29 +180,18 @@ pub fn farm_images() -> Result<(String, String)> {
         ),
     )?;
     let tar = dir.path().join("image.tar");
-    let out = Command::new("sh")
-        .arg(repo_root().join("scripts/binaries-image.sh"))
-        .arg(format!(
-            "type=docker,name={registry_image},dest={}",
-            tar.display()
-        ))
-        .arg("/usr/bin/docker-registry")
-        .arg("/usr/bin/docker-registry")
-        .arg(format!(
-            "{}:/etc/docker/registry/config.yml",
-            registry_config.display()
-        ))
-        .env("KILN", bin_dir().join("kiln"))
-        .env("KILN_ARGS", &kiln_args)
-        .output()
-        .context("run scripts/binaries-image.sh")?;
-    if !out.status.success() {
-        bail!(
-            "image {registry_image}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            daemon.logs()
-        );
-    }
+    daemon.script(
+        "binaries-image.sh",
+        &[
+            &format!("type=docker,name={registry_image},dest={}", tar.display()),
+            "/usr/bin/docker-registry",
+            "/usr/bin/docker-registry",
+            &format!(
+                "{}:/etc/docker/registry/config.yml",
+                registry_config.display()
+            ),
+        ],
+    )?;
     docker(&["load", "-i", &tar.display().to_string()])?;
     // images of older binaries go (one still used by a container stays)
     for repo in ["kiln/kilnd", "kiln/kiln", "kiln-test/registry"] {

@@ -485,22 +485,32 @@ impl Daemon {
     /// test registry as `kiln/NAME:test`; returns its reference.
     pub fn frontend_image(&self, bin: &str, name: &str) -> Result<String> {
         let reference = format!("{}/kiln/{name}:test", registry());
+        let bin = bin_dir().join(bin).display().to_string();
+        self.script("frontend-image.sh", &[&bin, &reference])?;
+        Ok(reference)
+    }
+
+    /// Runs `scripts/SCRIPT ARGS` with this daemon as its kilnd (`KILN`,
+    /// `KILN_ARGS`, `KILN_BIN_DIR` set); an error with its stderr and the
+    /// daemon's logs when it fails.
+    pub fn script(&self, script: &str, args: &[&str]) -> Result<()> {
         let out = Command::new("sh")
-            .arg(repo_root().join("scripts/frontend-image.sh"))
-            .arg(bin_dir().join(bin))
-            .arg(&reference)
+            .arg(repo_root().join("scripts").join(script))
+            .args(args)
             .env("KILN", bin_dir().join("kiln"))
+            .env("KILN_BIN_DIR", bin_dir())
             .env("KILN_ARGS", format!("--addr {}", self.addr))
             .output()
-            .context("run scripts/frontend-image.sh")?;
+            .with_context(|| format!("run scripts/{script}"))?;
         if !out.status.success() {
             bail!(
-                "frontend image {reference}: {}\n{}",
+                "scripts/{script} {}: {}\n{}",
+                args.join(" "),
                 String::from_utf8_lossy(&out.stderr),
                 self.logs()
             );
         }
-        Ok(reference)
+        Ok(())
     }
 
     /// Runs `kiln build` and fails with its output unless it succeeded.
