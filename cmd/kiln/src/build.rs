@@ -3,7 +3,7 @@
 use crate::progress::{Mode, Printer};
 use anyhow::{Context, bail};
 use kiln_proto::moby::buildkit::v1::{
-    Exporter, SolveRequest, SolveResponse, StatusRequest, control_client::ControlClient,
+    CacheOptions, CacheOptionsEntry, Exporter, SolveRequest, SolveResponse, StatusRequest, control_client::ControlClient,
 };
 use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;
@@ -85,6 +85,14 @@ pub struct BuildArgs {
     /// (build arg, context file, base image digest, input step)
     #[arg(long)]
     explain_cache: bool,
+    /// Export build cache: type=registry,ref=REF[,mode=min|max], type=inline
+    /// (a bare REF means type=registry,ref=REF)
+    #[arg(long = "export-cache", value_name = "type=TYPE,KEY=VALUE")]
+    export_cache: Vec<String>,
+    /// Import build cache: type=registry,ref=REF (a bare REF means
+    /// type=registry,ref=REF); several may be given
+    #[arg(long = "import-cache", value_name = "type=TYPE,KEY=VALUE")]
+    import_cache: Vec<String>,
     /// Secret exposed to the build: id=ID,src=PATH or id=ID,env=VAR (id=ID alone reads $ID)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     secrets: Vec<String>,
@@ -137,6 +145,54 @@ fn parse_output(s: &str) -> anyhow::Result<(String, BTreeMap<String, String>)> {
         .remove("type")
         .with_context(|| format!("output {s:?} has no type="))?;
     Ok((ty, attrs))
+}
+
+/// Parses one `--export-cache`/`--import-cache` value as buildctl does: CSV
+/// fields with `type=` required, keys lower-cased; a value without `type=` is
+/// a registry reference (`type=registry,ref=VALUE`).
+fn parse_cache_entry(s: &str, flag: &str) -> anyhow::Result<CacheOptionsEntry> {
+    if !s.contains("type=") {
+        return Ok(CacheOptionsEntry {
+            r#type: "registry".into(),
+            attrs: [("ref".to_string(), s.to_string())].into(),
+        });
+    }
+    let mut entry = CacheOptionsEntry::default();
+    for field in split_csv(s) {
+        let (k, v) = split_kv(&field, &format!("{flag} field"))?;
+        match k.to_lowercase().as_str() {
+            "type" => entry.r#type = v,
+            k => {
+                entry.attrs.insert(k.to_string(), v);
+            }
+        }
+    }
+    if entry.r#type.is_empty() {
+        bail!("{flag} {s:?} requires type=<type>");
+    }
+    Ok(entry)
+}
+
+/// The build's `CacheOptions` (none when no cache flag is given).
+fn cache_options(args: &BuildArgs) -> anyhow::Result<Option<CacheOptions>> {
+    if args.export_cache.is_empty() && args.import_cache.is_empty() {
+        return Ok(None);
+    }
+    let exports = args
+        .export_cache
+        .iter()
+        .map(|s| parse_cache_entry(s, "--export-cache"))
+        .collect::<anyhow::Result<_>>()?;
+    let imports = args
+        .import_cache
+        .iter()
+        .map(|s| parse_cache_entry(s, "--import-cache"))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Some(CacheOptions {
+        exports,
+        imports,
+        ..Default::default()
+    }))
 }
 
 /// Parses `id=foo,src=path` / `id=foo,env=VAR` (buildctl's --secret).
@@ -218,6 +274,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let mut att = attachables(&args)?;
     let frontend_attrs = frontend_attrs(&args)?;
     let exporters = exporters(&args, &mut att)?;
+    let cache = cache_options(&args)?;
 
     let channel = addr.connect().await?;
     let session_id = uuid::Uuid::new_v4().simple().to_string();
@@ -238,6 +295,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
         frontend_attrs: frontend_attrs.clone(),
         exporters,
         entitlements: args.allow.clone(),
+        cache,
         ..Default::default()
     };
     let frontend_req = FrontendSolve {

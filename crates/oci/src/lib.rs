@@ -5,6 +5,7 @@
 //! This crate is pure: no tokio, no network. Everything here is synchronous; async callers
 //! run the heavy functions (tar, compression, hashing) on `spawn_blocking`.
 
+pub mod cache_config;
 mod compress;
 mod error;
 mod image;
