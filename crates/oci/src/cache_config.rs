@@ -221,6 +221,145 @@ impl CacheConfig {
     }
 }
 
+/// Builds a cache config, each layer (blob on a parent) and each record
+/// (digest with inputs) once; a record added again gains the other's results.
+#[derive(Debug, Default)]
+pub struct Builder {
+    config: CacheConfig,
+    layers: std::collections::HashMap<(String, i64), i64>,
+    records: std::collections::HashMap<(String, Vec<Vec<(String, i64)>>), usize>,
+}
+
+impl Builder {
+    /// The index of layer `blob` on `parent` (-1: none).
+    pub fn layer(&mut self, blob: &str, parent: i64, annotations: Option<LayerAnnotations>) -> i64 {
+        let key = (blob.to_string(), parent);
+        if let Some(i) = self.layers.get(&key) {
+            return *i;
+        }
+        let i = self.config.layers.len() as i64;
+        self.config.layers.push(CacheLayer {
+            blob: blob.to_string(),
+            parent_index: parent,
+            annotations,
+        });
+        self.layers.insert(key, i);
+        i
+    }
+
+    /// The index of record `digest` with `inputs` (links sorted), its
+    /// `results` added to any it had.
+    pub fn record(
+        &mut self,
+        digest: &str,
+        mut inputs: Vec<Vec<CacheInput>>,
+        results: Vec<CacheResult>,
+    ) -> usize {
+        for links in &mut inputs {
+            links.sort_by(|a, b| (a.link_index, &a.selector).cmp(&(b.link_index, &b.selector)));
+            links.dedup();
+        }
+        let key = (
+            digest.to_string(),
+            inputs
+                .iter()
+                .map(|l| l.iter().map(|x| (x.selector.clone(), x.link_index)).collect())
+                .collect(),
+        );
+        let i = match self.records.get(&key) {
+            Some(i) => *i,
+            None => {
+                let i = self.config.records.len();
+                self.config.records.push(CacheRecord {
+                    digest: digest.to_string(),
+                    inputs,
+                    ..Default::default()
+                });
+                self.records.insert(key, i);
+                i
+            }
+        };
+        let rec = &mut self.config.records[i];
+        for r in results {
+            if !rec.results.iter().any(|x| x.layer_index == r.layer_index) {
+                rec.results.push(r);
+            }
+        }
+        i
+    }
+
+    /// Adds every layer and record of `other` (a checked config).
+    pub fn merge(&mut self, other: &CacheConfig) {
+        let mut layer_map: Vec<i64> = Vec::with_capacity(other.layers.len());
+        // parents come first in any config this builder wrote; others are
+        // mapped in chain order
+        let mut mapped: std::collections::HashMap<usize, i64> = Default::default();
+        for i in 0..other.layers.len() {
+            for l in other.chain(i as i64) {
+                if mapped.contains_key(&l) {
+                    continue;
+                }
+                let layer = &other.layers[l];
+                let parent = usize::try_from(layer.parent_index)
+                    .ok()
+                    .and_then(|p| mapped.get(&p).copied())
+                    .unwrap_or(-1);
+                let n = self.layer(&layer.blob, parent, layer.annotations.clone());
+                mapped.insert(l, n);
+            }
+            layer_map.push(mapped.get(&i).copied().unwrap_or(-1));
+        }
+        let mut rec_map: Vec<Option<usize>> = vec![None; other.records.len()];
+        for start in 0..other.records.len() {
+            // inputs first (check() refused cycles)
+            let mut stack = vec![(start, false)];
+            while let Some((r, expanded)) = stack.pop() {
+                if rec_map[r].is_some() {
+                    continue;
+                }
+                let rec = &other.records[r];
+                let links = rec.inputs.iter().flatten().filter_map(|l| usize::try_from(l.link_index).ok());
+                if !expanded {
+                    stack.push((r, true));
+                    stack.extend(links.filter(|l| rec_map.get(*l).is_some_and(Option::is_none)).map(|l| (l, false)));
+                    continue;
+                }
+                let inputs = rec
+                    .inputs
+                    .iter()
+                    .map(|links| {
+                        links
+                            .iter()
+                            .filter_map(|l| {
+                                let to = rec_map.get(usize::try_from(l.link_index).ok()?)?.as_ref()?;
+                                Some(CacheInput {
+                                    selector: l.selector.clone(),
+                                    link_index: *to as i64,
+                                })
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let results = rec
+                    .results
+                    .iter()
+                    .filter_map(|x| {
+                        Some(CacheResult {
+                            layer_index: *layer_map.get(usize::try_from(x.layer_index).ok()?)?,
+                            created_at: x.created_at.clone(),
+                        })
+                    })
+                    .collect();
+                rec_map[r] = Some(self.record(&rec.digest, inputs, results));
+            }
+        }
+    }
+
+    pub fn finish(self) -> CacheConfig {
+        self.config
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +448,35 @@ mod tests {
         c.records[1].inputs[0][0].link_index = 1;
         refused(c, "out of range");
         assert!(CacheConfig::parse(b"{\"layers\":7}").is_err());
+    }
+
+    #[test]
+    fn merging_keeps_both_writers_records_and_each_layer_once() {
+        let mut a = Builder::default();
+        let l0 = a.layer(D1, -1, None);
+        let l1 = a.layer(D2, l0, None);
+        let root = a.record(D1, vec![], vec![]);
+        let link = |i: usize| vec![vec![CacheInput { selector: String::new(), link_index: i as i64 }]];
+        let res = |l: i64| vec![CacheResult { layer_index: l, created_at: zero_time() }];
+        a.record(D2, link(root), res(l1));
+        let first = a.finish();
+        let mut b = Builder::default();
+        let m0 = b.layer(D2, -1, None);
+        let root = b.record(D1, vec![], vec![]);
+        b.record(D2, link(root), res(m0));
+        b.record(D1, link(root), vec![]);
+        let second = b.finish();
+        let mut m = Builder::default();
+        m.merge(&second);
+        m.merge(&first);
+        m.merge(&first);
+        let merged = m.finish();
+        merged.check().expect("merged config is sound");
+        assert_eq!(merged.layers.len(), 3, "D2 alone and D2 on D1 are two chains");
+        assert_eq!(merged.records.len(), 3);
+        let run = merged.records.iter().find(|r| r.digest == D2).expect("record");
+        assert_eq!(run.results.len(), 2, "both writers' results kept");
+        let chains: Vec<Vec<usize>> = run.results.iter().map(|r| merged.chain(r.layer_index)).collect();
+        assert!(chains.iter().any(|c| c.len() == 2) && chains.iter().any(|c| c.len() == 1));
     }
 }

@@ -314,6 +314,48 @@ impl Client {
         })
     }
 
+    /// The manifest (or index) `r` names, as (media type, bytes), checked
+    /// against its digest when `r` pins one. Tries mirrors first.
+    pub async fn fetch_manifest(&self, r: &Reference) -> Result<(String, Vec<u8>), Error> {
+        let mut last = None;
+        for ep in self.pull_endpoints(r) {
+            match self.get_manifest(&ep, r, r.object()).await {
+                Ok((mt, bytes)) => {
+                    let got = kiln_oci::digest::sha256(&bytes);
+                    if let Some(want) = r.digest.as_ref().filter(|w| **w != got) {
+                        return Err(Error::DigestMismatch {
+                            what: "manifest",
+                            reference: r.to_string(),
+                            expected: want.clone(),
+                            actual: got,
+                        });
+                    }
+                    return Ok((mt, bytes));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+    }
+
+    /// A small blob of `r`'s repository (a config), read whole up to
+    /// `limit` bytes and verified. Tries mirrors first.
+    pub async fn fetch_small_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let mut last = None;
+        for ep in self.pull_endpoints(r) {
+            match self.get_small_blob(&ep, r, digest, limit).await {
+                Ok(b) => return Ok(b),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+    }
+
     /// GET a manifest; returns (media type, bytes). The media type comes from the body's
     /// `mediaType` or else the Content-Type header.
     async fn get_manifest(

@@ -45,7 +45,7 @@ impl MediaTypes {
             MediaTypes::Docker => media_types::DOCKER_CONFIG,
         }
     }
-    fn layer(self, given: &str) -> String {
+    pub(crate) fn layer(self, given: &str) -> String {
         if given.ends_with("zstd") {
             return media_types::OCI_LAYER_ZSTD.into();
         }
@@ -573,7 +573,7 @@ pub(crate) async fn build(
     Ok(image)
 }
 
-async fn fetch_layer(
+pub(crate) async fn fetch_layer(
     worker: &impl WorkerFs,
     desc: &Descriptor,
     blob_dir: &Path,

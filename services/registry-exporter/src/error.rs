@@ -84,6 +84,8 @@ pub enum Error {
         reference: String,
         source: Box<kiln_registry::Error>,
     },
+    #[error("build cache {reference}: {reason}")]
+    Cache { reference: String, reason: String },
     #[error("background task for {op} failed")]
     Join {
         op: &'static str,

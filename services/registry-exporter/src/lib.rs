@@ -17,6 +17,7 @@ use kiln_oci::Platform;
 use kiln_registry::{Reference, RegistryConfig};
 
 mod assemble;
+pub mod cache;
 mod error;
 mod exporter;
 pub mod grpc;
@@ -127,6 +128,8 @@ pub struct ExportRequest {
     /// A multi-platform result, in the frontend's order; when non-empty `reference` and
     /// `image_config` are unused.
     pub platforms: Vec<PlatformRef>,
+    /// The build's cache records (`cache/registry` exports).
+    pub cache: Vec<cache::CacheNode>,
 }
 
 /// One platform of a multi-platform result.

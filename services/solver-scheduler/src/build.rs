@@ -31,9 +31,9 @@ pub struct BuildRequest {
     pub entitlements: Vec<String>,
     /// definitions the client hands its frontend (LLBBridge `Inputs`)
     pub frontend_inputs: BTreeMap<String, pb::Definition>,
-    /// remote cache the client asked for (`--export-cache`/`--import-cache`), as
-    /// `export type=registry`; kiln does not do it yet and says so
-    pub cache: Vec<String>,
+    /// build caches to write (`--export-cache`) and read (`--import-cache`)
+    pub cache_exports: Vec<crate::remote::CacheEntry>,
+    pub cache_imports: Vec<crate::remote::CacheEntry>,
     /// who asked for the build (the client certificate's identity on a TLS
     /// listener, empty otherwise): only they may drive its client-side frontend
     pub owner: String,
@@ -118,6 +118,9 @@ pub struct Build {
     /// The layer options of the build's image export, when it has one: the
     /// layers of the result's chain are computed as its steps finish.
     pub eager_layers: Option<kiln_oci::LayerOptions>,
+    /// the build's remote cache (`None`: it neither imports nor exports
+    /// one), set before its steps start: solves wait for its imports
+    pub remote: tokio::sync::SetOnce<Option<Arc<crate::remote::Remote>>>,
 }
 
 /// Frontend attr asking for cache-miss explanations.
@@ -183,6 +186,11 @@ impl Build {
                     let attrs = exporter_attrs(&e.attrs, &req.frontend_attrs, 0);
                     kiln_oci::LayerOptions::from_export_attrs(&attrs).ok()
                 }),
+            remote: if req.cache_exports.is_empty() && req.cache_imports.is_empty() {
+                tokio::sync::SetOnce::new_with(Some(None))
+            } else {
+                tokio::sync::SetOnce::new()
+            },
         };
         (b, rx)
     }

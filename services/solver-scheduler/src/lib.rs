@@ -28,6 +28,7 @@ pub mod history;
 pub mod inflight;
 pub mod peer;
 pub mod progress;
+pub mod remote;
 pub mod session;
 pub mod solve;
 pub mod solver;
@@ -85,6 +86,8 @@ pub enum Error {
         "local source {name:?} names session {session:?}, which is not this build's: a build reads only its own client's files"
     )]
     ForeignSession { name: String, session: String },
+    #[error("source {0:?}: only kiln itself loads imported build caches")]
+    CacheSource(String),
     #[error("no result with id {0:?} in this build")]
     UnknownRef(String),
     #[error("build {0:?} is not waiting for a client-side frontend")]
@@ -100,6 +103,9 @@ pub enum Error {
     Container(String, String),
     #[error("unsupported exporter {0:?}")]
     UnknownExporter(String),
+    /// A cache export or import the client asked for is not valid.
+    #[error("{0}")]
+    CacheOption(String),
     /// The frontend service failed (its details, where a step or a
     /// Dockerfile line is known, pass on to the client).
     #[error("frontend {frontend}")]
@@ -207,10 +213,11 @@ impl From<Error> for tonic::Status {
             Error::Definition(_)
             | Error::MissingVertex(_)
             | Error::UnknownExporter(_)
+            | Error::CacheOption(_)
             | Error::Filter { .. }
             | Error::FilterDuration { .. } => tonic::Code::InvalidArgument,
             Error::UnknownBuild(_) | Error::UnknownRef(_) => tonic::Code::NotFound,
-            Error::ForeignSession { .. } => tonic::Code::PermissionDenied,
+            Error::ForeignSession { .. } | Error::CacheSource(_) => tonic::Code::PermissionDenied,
             Error::NoSession(_) | Error::NotForwarded(_) => tonic::Code::FailedPrecondition,
             Error::DuplicateBuild(_) => tonic::Code::AlreadyExists,
             Error::Vertex { code, .. } => *code,

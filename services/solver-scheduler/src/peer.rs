@@ -315,6 +315,8 @@ pub struct ExportJob {
     pub index: u32,
     /// A multi-platform result, in the frontend's order (`r#ref` is then unused).
     pub platforms: Vec<PlatformJob>,
+    /// the records a cache export writes, or an image embeds (inline cache)
+    pub cache: Option<kiln_proto::kiln::exporter::v1::CacheGraph>,
 }
 
 /// One platform of a multi-platform export.
@@ -346,4 +348,13 @@ pub trait Exporter: Send + Sync + 'static {
         job: ExportJob,
         status: Arc<dyn Fn(String) + Send + Sync>,
     ) -> impl Future<Output = Result<BTreeMap<String, String>, Error>> + Send;
+    /// An imported build cache (`--import-cache` entry of `type` with
+    /// `attrs`): its cache config (every layer described) and the repository
+    /// its blobs come from.
+    fn resolve_cache(
+        &self,
+        r#type: &str,
+        attrs: &BTreeMap<String, String>,
+        session_id: &str,
+    ) -> impl Future<Output = Result<(Vec<u8>, String), Error>> + Send;
 }

@@ -9,6 +9,7 @@ use crate::cache::key::{definition_key, digest_of};
 use crate::inflight::Joined;
 use crate::peer::Worker;
 use crate::progress::now;
+use crate::remote::plan as remote;
 use crate::step::{Done, Failure, Step, is_local_source};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
@@ -141,6 +142,9 @@ struct GraphRun<W> {
     labels: HashMap<String, Label>,
     /// each vertex's identity across builds (see [`crate::explain::shape`])
     shapes: HashMap<String, String>,
+    /// the build's remote cache, when it imports or exports one
+    remote: Option<Arc<crate::remote::Remote>>,
+    remote_outs: remote::Outs,
 }
 
 /// Solves `def` for `build` and returns the worker ref of its result
@@ -157,7 +161,8 @@ pub async fn solve<W: Worker>(
     };
     check_local_sessions(&graph, &build)?;
     let needed = reachable(&graph, &result.digest);
-    let run = Arc::new(GraphRun::new(worker, cache, build, &graph));
+    let remote = build.remote.wait().await.clone();
+    let run = Arc::new(GraphRun::new(worker, cache, build, remote, &graph));
     // only what the result needs runs; each vertex is a task of its own that awaits
     // its inputs' tasks, so no poll or drop nests deeper than one level however long
     // the chain (a 100,000-op chain would otherwise overflow the stack)
@@ -192,12 +197,28 @@ pub async fn solve<W: Worker>(
         .ok_or_else(|| Error::MissingVertex(result.digest.clone()))?;
     drop(futs);
     let done = fut.await.map_err(Error::from)?;
+    if let Some(r) = &run.remote
+        && let Some(node) = run
+            .remote_outs
+            .lock()
+            .ok()
+            .and_then(|o| o.get(&(result.digest.clone(), result.index)).and_then(|x| x.node))
+        && let Ok(mut tops) = r.tops.lock()
+    {
+        tops.push(node);
+    }
     Ok(done.output(result.index).r#ref)
 }
 
-/// The LLB names the session a local source syncs from: only this build's own.
+/// The LLB names the session a local source syncs from: only this build's
+/// own; and no source loads an imported cache (only the solver makes those).
 fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Error> {
     for v in &graph.vertices {
+        if let Some(OpKind::Source(s)) = &v.op.op
+            && s.identifier.starts_with(remote::CACHE_SCHEME)
+        {
+            return Err(Error::CacheSource(s.identifier.clone()));
+        }
         if let Some(OpKind::Source(s)) = &v.op.op
             && is_local_source(&v.op)
             && let Some(session) = s.attrs.get("local.session")
@@ -214,7 +235,13 @@ fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Er
 }
 
 impl<W: Worker> GraphRun<W> {
-    fn new(worker: Arc<W>, cache: Arc<Cache>, build: Arc<Build>, graph: &kiln_llb::Graph) -> Self {
+    fn new(
+        worker: Arc<W>,
+        cache: Arc<Cache>,
+        build: Arc<Build>,
+        remote: Option<Arc<crate::remote::Remote>>,
+        graph: &kiln_llb::Graph,
+    ) -> Self {
         let labels: HashMap<String, Label> = graph
             .vertices
             .iter()
@@ -247,6 +274,8 @@ impl<W: Worker> GraphRun<W> {
         GraphRun {
             worker,
             cache,
+            remote,
+            remote_outs: remote::Outs::default(),
             build,
             eager,
             source: graph.source.clone(),
@@ -264,7 +293,7 @@ impl<W: Worker> GraphRun<W> {
         inputs: Vec<(VertexFuture, i64)>,
     ) -> Result<Arc<Done>, Failure> {
         let name = vertex_name(&v.op, &v.metadata);
-        let step = self.step(&v, name.clone(), inputs).await?;
+        let (step, plan) = self.step(&v, name.clone(), inputs).await?;
         let mut pv = step.pv.clone();
         // identical vertices of concurrent builds run once; vertices
         // that must not be shared run in this build's own task
@@ -284,6 +313,9 @@ impl<W: Worker> GraphRun<W> {
                 self.build.progress.vertex(pv);
                 if leader && !o.cached {
                     self.prepare_layers(&v.digest, &o.done);
+                }
+                if let (Some(r), Some(plan)) = (&self.remote, &plan) {
+                    remote::record(r, &self.remote_outs, &v.digest, plan, &o.done.outputs.refs);
                 }
                 Ok(o.done)
             }
@@ -311,7 +343,7 @@ impl<W: Worker> GraphRun<W> {
         v: &kiln_llb::Vertex,
         name: String,
         inputs: Vec<(VertexFuture, i64)>,
-    ) -> Result<Step<W>, Failure> {
+    ) -> Result<(Step<W>, Option<remote::Plan>), Failure> {
         let outputs = futures::future::join_all(inputs.into_iter().map(|(f, idx)| async move {
             f.await.map(|d| (d.output(idx), d.why.first().cloned()))
         }))
@@ -333,6 +365,17 @@ impl<W: Worker> GraphRun<W> {
         parts.extend(done_inputs.iter().map(|i| i.key.as_str()));
         let key = digest_of(&parts);
         let local = is_local_source(&v.op);
+        let plan = match &self.remote {
+            Some(r) => {
+                let (w, c) = (self.worker.as_ref(), self.cache.as_ref());
+                remote::plan(r, &self.remote_outs, w, c, &v.op, &done_inputs).await
+            }
+            None => None,
+        };
+        let remote_hit = match (&self.remote, &plan) {
+            (Some(r), Some(p)) => remote::hit(r, &v.op, p),
+            _ => None,
+        };
         let pv = ProgressVertex {
             digest: v.digest.clone(),
             inputs: v.op.inputs.iter().map(|i| i.digest.clone()).collect(),
@@ -340,7 +383,7 @@ impl<W: Worker> GraphRun<W> {
             started: Some(now()),
             ..Default::default()
         };
-        Ok(Step {
+        Ok((Step {
             worker: self.worker.clone(),
             cache: self.cache.clone(),
             build: self.build.clone(),
@@ -356,7 +399,8 @@ impl<W: Worker> GraphRun<W> {
             pv,
             shape: self.shapes.get(&v.digest).cloned().unwrap_or_default(),
             input_from,
-        })
+            remote_hit,
+        }, plan))
     }
 
     /// With an image export, the layer a step that ran makes is computed

@@ -182,10 +182,21 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         returned: Option<Returned>,
     ) -> Result<BTreeMap<String, String>, Error> {
         self.set_scope(build, req).await;
-        for c in &req.cache {
-            build.progress.warn(&format!(
-                "kiln does not import or export build cache yet: {c} is ignored"
-            ));
+        let cache_exports = match crate::remote::export_specs(&req.cache_exports)
+            .and_then(|s| crate::remote::check_imports(&req.cache_imports).map(|()| s))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // solves waiting for the imports go on (and end with the build)
+                let _ = build.remote.set(None);
+                return Err(e);
+            }
+        };
+        if build.remote.get().is_none() {
+            let imports = self.import_caches(build, req).await;
+            let _ = build
+                .remote
+                .set(Some(Arc::new(crate::remote::Remote::new(imports))));
         }
         for k in req
             .frontend_attrs
@@ -212,7 +223,132 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             let attrs = exporter_attrs(&exp.attrs, &req.frontend_attrs, build_time);
             response.extend(self.export(build, req, &solved, i, attrs).await?);
         }
+        for spec in &cache_exports {
+            self.export_cache(build, req, spec).await?;
+        }
         Ok(response)
+    }
+
+    /// The build's `--import-cache` entries read (through the exporter); one
+    /// that cannot be read is shown as failed and the build goes on without it.
+    async fn import_caches(
+        &self,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+    ) -> Vec<crate::remote::graph::Imported> {
+        let reads = req.cache_imports.iter().enumerate().map(|(i, e)| async move {
+            let what = e.attr("ref").or(e.attr("src")).unwrap_or_default();
+            let mut pv = ProgressVertex {
+                digest: kiln_digest::sha256(format!("{}\0import-cache\0{i}", build.id).as_bytes()),
+                name: format!("importing cache manifest from {what}"),
+                started: Some(now()),
+                ..Default::default()
+            };
+            build.progress.vertex(pv.clone());
+            let r = self
+                .exporter
+                .resolve_cache(&e.r#type, &e.attrs, &req.session_id)
+                .await
+                .and_then(|(config, repo)| {
+                    kiln_oci::cache_config::CacheConfig::parse(&config)
+                        .map(|c| crate::remote::graph::Imported::new(c, repo))
+                        .map_err(|err| Error::CacheOption(format!("cache {what}: {err}")))
+                });
+            pv.completed = Some(now());
+            if let Err(err) = &r {
+                pv.error = chain(err);
+            }
+            build.progress.vertex(pv);
+            r.ok()
+        });
+        futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// One `--export-cache` entry, shown as a step of its own; with
+    /// `ignore-error=true` a failure is a warning.
+    async fn export_cache(
+        &self,
+        build: &Arc<Build>,
+        req: &BuildRequest,
+        spec: &crate::remote::ExportSpec,
+    ) -> Result<(), Error> {
+        let Some(Some(remote)) = build.remote.get() else {
+            return Ok(());
+        };
+        let kind = match spec.entry.r#type.as_str() {
+            "registry" => "cache/registry",
+            // inline records travel with the image export
+            _ => return Ok(()),
+        };
+        let vdigest = kiln_digest::sha256(
+            format!("{}\0export-cache\0{}", build.id, spec.entry.attr("ref").unwrap_or_default())
+                .as_bytes(),
+        );
+        let mut pv = ProgressVertex {
+            digest: vdigest.clone(),
+            name: format!("exporting cache to {}", spec.entry.r#type),
+            started: Some(now()),
+            ..Default::default()
+        };
+        build.progress.vertex(pv.clone());
+        let pb = build.clone();
+        let log_digest = vdigest.clone();
+        let status: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |s: String| {
+            pb.progress
+                .log(&log_digest, 1, format!("{s}\n").into_bytes())
+        });
+        let r = async {
+            let mut graph = remote.export_graph(spec.mode);
+            let refs: Vec<String> = graph
+                .nodes
+                .iter()
+                .map(|n| n.r#ref.clone())
+                .filter(|r| !r.is_empty())
+                .collect();
+            let (worker, local) = self.worker.gather(&refs).await?;
+            let moved: HashMap<String, String> = refs.into_iter().zip(local).collect();
+            for n in &mut graph.nodes {
+                if let Some(l) = moved.get(&n.r#ref) {
+                    n.r#ref.clone_from(l);
+                }
+            }
+            let job = ExportJob {
+                build_id: build.id.clone(),
+                session_id: req.session_id.clone(),
+                worker,
+                r#ref: String::new(),
+                r#type: kind.to_string(),
+                attrs: spec.entry.attrs.clone(),
+                image_config: Vec::new(),
+                index: 0,
+                platforms: Vec::new(),
+                cache: Some(graph),
+            };
+            self.exporter.export(job, status).await
+        }
+        .await;
+        pv.completed = Some(now());
+        let out = match r {
+            Ok(_) => Ok(()),
+            Err(e) if spec.ignore_error => {
+                build.progress.log(
+                    &vdigest,
+                    2,
+                    format!("cache export failed (ignore-error=true): {}\n", chain(&e)).into_bytes(),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                pv.error = chain(&e);
+                Err(e)
+            }
+        };
+        build.progress.vertex(pv);
+        out
     }
 
     /// Records steps per project: the client's session key (its context
@@ -326,6 +462,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 image_config: solved.image_config.clone(),
                 index: index as u32,
                 platforms,
+                cache: None,
             };
             self.exporter.export(job, status).await
         }

@@ -199,6 +199,8 @@ pub(crate) struct Step<W> {
     pub(crate) shape: String,
     /// per input: the step that produced it (cache-miss explanations)
     pub(crate) input_from: Vec<InputOrigin>,
+    /// an imported result to load on a local miss
+    pub(crate) remote_hit: Option<crate::remote::plan::Hit>,
 }
 
 impl<W: Worker> Step<W> {
@@ -403,6 +405,28 @@ impl<W: Worker> Step<W> {
             }
             Lookup::Miss { content_key } => content_key,
         };
+        if self.lookup
+            && let Some(hit) = &self.remote_hit
+        {
+            let op = crate::remote::plan::load_op(hit, self.op.platform.clone());
+            match self.run(op, Vec::new()).await {
+                Ok(outputs) => {
+                    let keys = self.record(&outputs, content_key).await;
+                    return Ok(Outcome {
+                        done: Arc::new(Done {
+                            outputs,
+                            keys,
+                            why: vec![],
+                        }),
+                        cached: true,
+                    });
+                }
+                Err(f) => {
+                    let line = format!("imported cache not loaded, running the step: {}\n", f.message);
+                    self.build.progress.log(&self.digest, 2, line.into_bytes());
+                }
+            }
+        }
         self.build.progress.vertex(self.pv.clone());
         let local = is_local_source(&self.op);
         let (record, why) = if local {
@@ -412,7 +436,8 @@ impl<W: Worker> Step<W> {
             (Some(rec), why)
         };
         let t_lookup = t0.elapsed();
-        let outputs = self.run().await?;
+        let inputs = self.inputs.iter().map(|i| i.r#ref.clone()).collect();
+        let outputs = self.run(self.op_bytes.clone(), inputs).await?;
         let t_run = t0.elapsed();
         if let Some(rec) = record {
             self.put_step_record(rec).await;
@@ -497,9 +522,10 @@ impl<W: Worker> Step<W> {
         (rec, why)
     }
 
-    /// Runs the step on the worker (within the parallelism limit), its
-    /// logs and progress going to the build's progress.
-    async fn run(&self) -> Result<RunOutputs, Failure> {
+    /// Runs `op_bytes` (the step's op, or the op loading its imported
+    /// result) on the worker (within the parallelism limit), its logs and
+    /// progress going to the build's progress.
+    async fn run(&self, op_bytes: Vec<u8>, inputs: Vec<String>) -> Result<RunOutputs, Failure> {
         let (build, vdigest) = (self.build.clone(), self.digest.clone());
         let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
             RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
@@ -523,8 +549,8 @@ impl<W: Worker> Step<W> {
             session_id: self.build.session_id.clone(),
             session_shared_key: self.build.shared_key(),
             digest: self.digest.clone(),
-            op_bytes: self.op_bytes.clone(),
-            inputs: self.inputs.iter().map(|i| i.r#ref.clone()).collect(),
+            op_bytes,
+            inputs,
             name: self.name.clone(),
             entitlements: self.build.entitlements.clone(),
         };

@@ -61,7 +61,7 @@ impl Assembled {
 
 /// The registry client for a push to `names`: with the client's session credentials for
 /// each registry host and, with `insecure`, TLS verification off for those hosts.
-async fn push_client<W: WorkerFs, C: ClientSink>(
+pub(super) async fn push_client<W: WorkerFs, C: ClientSink>(
     job: &Job<'_, W, C>,
     names: &[String],
     insecure: bool,

@@ -2,12 +2,14 @@
 //! - [`image`]: the image (or multi-platform index) named and pushed to registries;
 //! - [`oci`] and [`docker`]: the image as an OCI-layout or docker-archive tarball;
 //! - [`tar`]: the result's filesystem as a tarball;
-//! - [`local`]: the result's filesystem as a directory on the client.
+//! - [`local`]: the result's filesystem as a directory on the client;
+//! - [`cache`]: the build's cache records and their layers, to a registry.
 //!
 //! Tarballs and directories go to the client session; [`pipe`] streams the worker's bytes
 //! into them without writing them to disk. Adding a backend is a file here and an arm in
 //! [`Exporter::export`].
 
+mod cache;
 mod docker;
 mod image;
 mod local;
@@ -75,6 +77,7 @@ impl Exporter {
             "docker" => docker::export(&job).await,
             "tar" => tar::export(&job).await,
             "local" => local::export(&job).await,
+            "cache/registry" => cache::export(&job).await,
             other => Err(Error::UnknownExporter {
                 kind: other.to_string(),
             }),

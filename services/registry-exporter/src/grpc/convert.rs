@@ -44,6 +44,29 @@ pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
                 image_config: p.image_config,
             })
             .collect(),
+        cache: r
+            .cache
+            .map(|g| {
+                g.nodes
+                    .into_iter()
+                    .map(|n| crate::cache::CacheNode {
+                        digest: n.digest,
+                        inputs: n
+                            .inputs
+                            .into_iter()
+                            .map(|i| {
+                                i.links
+                                    .into_iter()
+                                    .map(|l| (l.selector, l.node as usize))
+                                    .collect()
+                            })
+                            .collect(),
+                        reference: n.r#ref,
+                        created: n.created,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -66,6 +89,30 @@ pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
                 image_config: p.image_config.clone(),
             })
             .collect(),
+        cache: (!r.cache.is_empty()).then(|| xpb::CacheGraph {
+            nodes: r
+                .cache
+                .iter()
+                .map(|n| xpb::CacheNode {
+                    digest: n.digest.clone(),
+                    inputs: n
+                        .inputs
+                        .iter()
+                        .map(|links| xpb::CacheNodeInput {
+                            links: links
+                                .iter()
+                                .map(|(selector, node)| xpb::CacheNodeLink {
+                                    selector: selector.clone(),
+                                    node: u32::try_from(*node).unwrap_or(u32::MAX),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                    r#ref: n.reference.clone(),
+                    created: n.created,
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -102,7 +149,8 @@ impl From<Error> for Status {
             Error::ParseReference { .. }
             | Error::UnknownExporter { .. }
             | Error::InvalidAttr { .. }
-            | Error::DecodeImageConfig { .. } => Code::InvalidArgument,
+            | Error::DecodeImageConfig { .. }
+            | Error::Cache { .. } => Code::InvalidArgument,
             Error::DockerMultiPlatform => Code::Unimplemented,
             Error::ResolveImage { source, .. }
             | Error::PushBlob { source, .. }

@@ -83,6 +83,32 @@ impl ExporterRpc for ExporterService {
         }))
     }
 
+    async fn resolve_cache(
+        &self,
+        request: Request<xpb::ResolveCacheRequest>,
+    ) -> Result<Response<xpb::ResolveCacheResponse>, Status> {
+        let req = request.into_inner();
+        if req.r#type != "registry" {
+            return Err(Status::unimplemented(format!(
+                "kiln cannot import a build cache of type {:?} yet",
+                req.r#type
+            )));
+        }
+        let reference = req.attrs.get("ref").cloned().unwrap_or_default();
+        let host = kiln_registry::Reference::parse(&reference)
+            .map(|r| r.registry)
+            .unwrap_or_default();
+        let credentials =
+            kiln_session::credentials_via(&self.core.config().broker, &req.session_id, &host).await;
+        let resolved = self.core.resolve_cache(&reference, credentials).await?;
+        let config = serde_json::to_vec(&resolved.config)
+            .map_err(|e| Status::internal(format!("encode cache config: {e}")))?;
+        Ok(Response::new(xpb::ResolveCacheResponse {
+            config,
+            r#ref: resolved.repository,
+        }))
+    }
+
     type ExportStream = ReceiverStream<Result<xpb::ExportEvent, Status>>;
 
     async fn export(

@@ -475,6 +475,30 @@ impl GrpcExporter {
 }
 
 impl peer::Exporter for GrpcExporter {
+    async fn resolve_cache(
+        &self,
+        r#type: &str,
+        attrs: &BTreeMap<String, String>,
+        session_id: &str,
+    ) -> Result<(Vec<u8>, String), Error> {
+        let req = with_deadline(
+            ex::ResolveCacheRequest {
+                r#type: r#type.to_string(),
+                attrs: attrs.clone().into_iter().collect(),
+                session_id: session_id.to_string(),
+            },
+            Duration::from_secs(120),
+        );
+        let r = self
+            .client
+            .clone()
+            .resolve_cache(req)
+            .await
+            .map_err(|s| Error::Resolve(s.into()))?
+            .into_inner();
+        Ok((r.config, r.r#ref))
+    }
+
     async fn resolve(
         &self,
         reference: &str,
@@ -530,6 +554,7 @@ impl peer::Exporter for GrpcExporter {
                         image_config: p.image_config,
                     })
                     .collect(),
+                cache: job.cache,
             })
             .await
             .map_err(|s| Error::Export {

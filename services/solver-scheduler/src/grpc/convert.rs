@@ -22,22 +22,10 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
             attrs: r.exporter_attrs_deprecated,
         });
     }
-    let mut cache = Vec::new();
-    if let Some(c) = &r.cache {
-        for (what, entries) in [("export", &c.exports), ("import", &c.imports)] {
-            for e in entries {
-                cache.push(format!("{what} type={}", e.r#type));
-            }
-        }
-        if !c.export_ref_deprecated.is_empty() {
-            cache.push(format!("export {}", c.export_ref_deprecated));
-        }
-        for r in &c.import_refs_deprecated {
-            cache.push(format!("import {r}"));
-        }
-    }
+    let (cache_exports, cache_imports) = crate::remote::cache_entries(r.cache.unwrap_or_default());
     BuildRequest {
-        cache,
+        cache_exports,
+        cache_imports,
         id: r.r#ref,
         session_id: r.session,
         definition: r.definition,

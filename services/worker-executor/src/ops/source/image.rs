@@ -80,20 +80,67 @@ pub(super) async fn image(
         .resolve(&pull.reference, &plat)
         .await
         .map_err(reg)?;
-    let chain = pull.chain(&resolved)?;
-    // missing blobs download up to PULL_CONCURRENCY at a time, ahead of the unpacking,
-    // which goes in order as each arrives
-    let mut fetched = futures::stream::iter(pull.prefetches(&chain)?).buffered(PULL_CONCURRENCY);
-    let mut parent: Option<String> = None;
-    for layer in chain {
-        let blob = match fetched.next().await {
-            Some(b) => b?,
-            None => w.blob_path(&layer.desc.digest)?,
-        };
-        parent = Some(pull.unpack(layer, blob, parent).await?);
+    let ids = diff_ids(&resolved.config)
+        .ok_or_else(|| pull.image_error("config has no rootfs.diff_ids".into()))?;
+    let layers = &resolved.manifest.layers;
+    if ids.len() != layers.len() {
+        return Err(pull.image_error(format!(
+            "{} layers but {} diff_ids",
+            layers.len(),
+            ids.len()
+        )));
     }
-    Ok(parent)
+    pull.layers(layers.iter().cloned().zip(ids).collect()).await
 }
+
+/// A layer chain from a build cache (`kiln-cache://REPOSITORY`, the layers
+/// as JSON in [`CACHE_LAYERS_ATTR`]): pulled and unpacked as an image's
+/// layers are, each verified against its diffID; returns the top layer's
+/// snapshot. Only the scheduler makes these ops (it refuses them from clients).
+pub(super) async fn cache_layers(
+    w: &Worker,
+    repository: &str,
+    attrs: &std::collections::BTreeMap<String, String>,
+    session_id: &str,
+    events: &mpsc::Sender<Event>,
+) -> Result<Option<String>> {
+    let reg = |source| Error::Registry {
+        reference: repository.to_string(),
+        source,
+    };
+    let reference = kiln_registry::Reference::parse(repository).map_err(reg)?;
+    let pull = Pull {
+        w,
+        name: repository,
+        registry: registry_for(w, session_id, &reference).await,
+        reference,
+        events,
+    };
+    let layers: Vec<kiln_oci::Descriptor> = attrs
+        .get(CACHE_LAYERS_ATTR)
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .map_err(|e| pull.image_error(format!("cache layers: {e}")))?
+        .unwrap_or_default();
+    let mut chain = Vec::new();
+    for l in layers {
+        let diff_id = l
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(UNCOMPRESSED_ANNOTATION))
+            .cloned()
+            .ok_or_else(|| pull.image_error(format!("cache layer {} has no diffID", l.digest)))?;
+        chain.push((l, diff_id));
+    }
+    let _pull = w.pull_lock(format!("cache {repository}")).lock_owned().await;
+    pull.layers(chain).await
+}
+
+/// The attr of a `kiln-cache://` source listing its layers (descriptors with
+/// the diffID in [`UNCOMPRESSED_ANNOTATION`]).
+pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
+/// The annotation naming a layer's diffID, as containerd names it.
+pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
 
 /// The worker's registry client; for a private registry, with the client's
 /// credentials, asked through its session.
@@ -123,27 +170,35 @@ impl Pull<'_> {
         }
     }
 
-    /// The layers of a resolved image, bottom first, with their chain ids' index paths.
-    fn chain(&self, resolved: &kiln_registry::Resolved) -> Result<Vec<ChainLayer>> {
-        let ids = diff_ids(&resolved.config)
-            .ok_or_else(|| self.image_error("config has no rootfs.diff_ids".into()))?;
-        // an image's diff_ids name paths of the layer index: only real digests
-        if let Some(bad) = ids.iter().find(|d| kiln_digest::hex_part(d).is_none()) {
-            return Err(self.image_error(format!(
-                "rootfs.diff_ids holds {bad:?}, which is not a sha256 digest"
-            )));
+    /// Pulls and unpacks `layers` (descriptor and diffID, bottom first);
+    /// returns the top layer's snapshot (`None` for no layers).
+    async fn layers(&self, layers: Vec<(kiln_oci::Descriptor, String)>) -> Result<Option<String>> {
+        let chain = self.chain(layers)?;
+        // missing blobs download up to PULL_CONCURRENCY at a time, ahead of the unpacking,
+        // which goes in order as each arrives
+        let mut fetched = futures::stream::iter(self.prefetches(&chain)?).buffered(PULL_CONCURRENCY);
+        let mut parent: Option<String> = None;
+        for layer in chain {
+            let blob = match fetched.next().await {
+                Some(b) => b?,
+                None => self.w.blob_path(&layer.desc.digest)?,
+            };
+            parent = Some(self.unpack(layer, blob, parent).await?);
         }
-        let layers = &resolved.manifest.layers;
-        if ids.len() != layers.len() {
+        Ok(parent)
+    }
+
+    /// `layers` (descriptor and diffID, bottom first) with their chain ids' index paths.
+    fn chain(&self, layers: Vec<(kiln_oci::Descriptor, String)>) -> Result<Vec<ChainLayer>> {
+        // diffIDs name paths of the layer index: only real digests
+        if let Some((_, bad)) = layers.iter().find(|(_, d)| kiln_digest::hex_part(d).is_none()) {
             return Err(self.image_error(format!(
-                "{} layers but {} diff_ids",
-                layers.len(),
-                ids.len()
+                "diffID {bad:?} is not a sha256 digest"
             )));
         }
         let mut chain = Vec::new();
         let mut chain_id: Option<String> = None;
-        for (desc, diff_id) in layers.iter().zip(ids) {
+        for (desc, diff_id) in layers {
             let cid = match &chain_id {
                 None => diff_id.clone(),
                 Some(c) => kiln_digest::sha256(format!("{c} {diff_id}").as_bytes()),
@@ -156,7 +211,7 @@ impl Pull<'_> {
                 .join(cid.trim_start_matches("sha256:"));
             chain_id = Some(cid);
             chain.push(ChainLayer {
-                desc: desc.clone(),
+                desc,
                 diff_id,
                 index,
             });

@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 use crate::{Event, Worker, pb};
 use tokio::sync::mpsc;
 
+/// The scheme of a layer chain pulled from an imported build cache.
+pub const CACHE_SCHEME: &str = "kiln-cache://";
+
 pub async fn run(
     w: &Worker,
     s: &pb::SourceOp,
@@ -20,6 +23,8 @@ pub async fn run(
     let session_id = req.session_id.as_str();
     if let Some(r) = s.identifier.strip_prefix("docker-image://") {
         image::image(w, r, platform, session_id, events).await
+    } else if let Some(repo) = s.identifier.strip_prefix(CACHE_SCHEME) {
+        image::cache_layers(w, repo, &s.attrs, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
         let src = local::LocalSource {
             name,

@@ -1,0 +1,287 @@
+//! Build cache kept outside the daemon (`--export-cache`, `--import-cache`),
+//! in BuildKit's format so either side can read what the other wrote.
+//!
+//! Every vertex output a build solves gets a BuildKit record key
+//! ([`keys`]): the digest of its op's cache map and output index, linked to
+//! the records of its inputs (with the op's selector), plus, for inputs
+//! read only at some paths, a record of their content. A build collects
+//! these as a [`graph::Graph`]; a cache export hands the graph to the
+//! exporter, which writes the results' layers and the cache config. An
+//! import is read before the build's steps look it up: a step that misses
+//! locally but matches an imported record with a result pulls that layer
+//! chain instead of running ([`graph::Imported`]).
+
+pub mod graph;
+pub mod keys;
+pub mod plan;
+
+use crate::Error;
+use kiln_proto::moby::buildkit::v1::{CacheOptions, CacheOptionsEntry};
+use std::collections::BTreeMap;
+
+/// One `--export-cache` or `--import-cache` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheEntry {
+    pub r#type: String,
+    pub attrs: BTreeMap<String, String>,
+}
+
+impl CacheEntry {
+    pub fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn from_proto(e: CacheOptionsEntry) -> CacheEntry {
+        CacheEntry {
+            r#type: e.r#type,
+            attrs: e.attrs.into_iter().collect(),
+        }
+    }
+
+    fn registry(r: String, mut attrs: BTreeMap<String, String>) -> CacheEntry {
+        attrs.insert("ref".into(), r);
+        CacheEntry {
+            r#type: "registry".into(),
+            attrs,
+        }
+    }
+}
+
+/// A Solve's cache exports and imports, the deprecated single-ref fields
+/// turned into registry entries as BuildKit turns them.
+pub fn cache_entries(c: CacheOptions) -> (Vec<CacheEntry>, Vec<CacheEntry>) {
+    let mut exports: Vec<CacheEntry> = c.exports.into_iter().map(CacheEntry::from_proto).collect();
+    if !c.export_ref_deprecated.is_empty() {
+        let attrs = c.export_attrs_deprecated.into_iter().collect();
+        exports.push(CacheEntry::registry(c.export_ref_deprecated, attrs));
+    }
+    let mut imports: Vec<CacheEntry> = c.imports.into_iter().map(CacheEntry::from_proto).collect();
+    for r in c.import_refs_deprecated {
+        imports.push(CacheEntry::registry(r, BTreeMap::new()));
+    }
+    (exports, imports)
+}
+
+/// Which results a cache export carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// the final result's layers only (every record is still written, so
+    /// the steps under it can be matched)
+    #[default]
+    Min,
+    /// every step's result
+    Max,
+}
+
+/// A cache export, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub entry: CacheEntry,
+    pub mode: Mode,
+    /// a failed export is a warning, not a failed build
+    pub ignore_error: bool,
+}
+
+fn bool_attr(e: &CacheEntry, k: &str) -> Result<bool, Error> {
+    match e.attrs.get(k).map(String::as_str) {
+        None => Ok(false),
+        Some("") | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(v) => Err(Error::CacheOption(format!(
+            "{k}={v:?} in cache {} is not a boolean",
+            e.r#type
+        ))),
+    }
+}
+
+/// The build's cache exports, checked: known types, required attributes,
+/// a valid mode, no entry twice, at most one inline.
+pub fn export_specs(entries: &[CacheEntry]) -> Result<Vec<ExportSpec>, Error> {
+    let mut out: Vec<ExportSpec> = Vec::new();
+    for e in entries {
+        match e.r#type.as_str() {
+            "registry" if e.attr("ref").is_none() => {
+                return Err(Error::CacheOption(
+                    "registry cache exporter requires ref".into(),
+                ));
+            }
+            "local" if e.attr("dest").is_none() => {
+                return Err(Error::CacheOption("local cache exporter requires dest".into()));
+            }
+            "registry" | "local" | "inline" => {}
+            other => {
+                return Err(Error::CacheOption(format!(
+                    "unknown cache exporter: {other:?} (registry, local, inline)"
+                )));
+            }
+        }
+        let mode = match e.attrs.get("mode").map(String::as_str) {
+            None | Some("") | Some("min") => Mode::Min,
+            Some("max") => Mode::Max,
+            Some(m) => {
+                return Err(Error::CacheOption(format!(
+                    "mode={m:?} in cache {}: expected min or max",
+                    e.r#type
+                )));
+            }
+        };
+        let spec = ExportSpec {
+            entry: e.clone(),
+            mode,
+            ignore_error: bool_attr(e, "ignore-error")?,
+        };
+        if e.r#type == "inline" && out.iter().any(|s| s.entry.r#type == "inline") {
+            continue;
+        }
+        let same = |s: &ExportSpec| match e.r#type.as_str() {
+            "registry" => s.entry.r#type == "registry" && s.entry.attr("ref") == e.attr("ref"),
+            _ => s.entry == *e,
+        };
+        if out.iter().any(same) {
+            return Err(Error::CacheOption(format!(
+                "duplicate cache exports [{}]",
+                e.r#type
+            )));
+        }
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// The build's cache imports, checked.
+pub fn check_imports(entries: &[CacheEntry]) -> Result<(), Error> {
+    for e in entries {
+        match e.r#type.as_str() {
+            "registry" if e.attr("ref").is_none() => {
+                return Err(Error::CacheOption(
+                    "registry cache importer requires ref".into(),
+                ));
+            }
+            "local" if e.attr("src").is_none() => {
+                return Err(Error::CacheOption("local cache importer requires src".into()));
+            }
+            "registry" | "local" => {}
+            other => {
+                return Err(Error::CacheOption(format!(
+                    "unknown cache importer: {other:?} (registry, local)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(t: &str, attrs: &[(&str, &str)]) -> CacheEntry {
+        CacheEntry {
+            r#type: t.into(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn deprecated_refs_become_registry_entries() {
+        let (ex, im) = cache_entries(CacheOptions {
+            export_ref_deprecated: "r/c:1".into(),
+            export_attrs_deprecated: [("mode".to_string(), "max".to_string())].into(),
+            import_refs_deprecated: vec!["r/a".into(), "r/b".into()],
+            ..Default::default()
+        });
+        assert_eq!(ex, vec![entry("registry", &[("mode", "max"), ("ref", "r/c:1")])]);
+        assert_eq!(
+            im,
+            vec![
+                entry("registry", &[("ref", "r/a")]),
+                entry("registry", &[("ref", "r/b")])
+            ]
+        );
+    }
+
+    #[test]
+    fn exports_are_checked_as_buildkit_checks_them() {
+        let ok = export_specs(&[
+            entry("registry", &[("ref", "r/c"), ("mode", "max")]),
+            entry("inline", &[]),
+            entry("inline", &[("mode", "min")]),
+        ])
+        .expect("valid");
+        assert_eq!(ok.len(), 2, "a second inline export is dropped");
+        assert_eq!(ok[0].mode, Mode::Max);
+        assert_eq!(ok[1].mode, Mode::Min);
+        let err = |entries: &[CacheEntry], says: &str| {
+            let e = export_specs(entries).expect_err(says).to_string();
+            assert!(e.contains(says), "{e:?} should say {says:?}");
+        };
+        err(&[entry("registry", &[])], "requires ref");
+        err(&[entry("local", &[])], "requires dest");
+        err(&[entry("s4", &[])], "unknown cache exporter");
+        err(&[entry("registry", &[("ref", "r"), ("mode", "all")])], "expected min or max");
+        err(
+            &[entry("registry", &[("ref", "r")]), entry("registry", &[("ref", "r"), ("mode", "max")])],
+            "duplicate cache exports",
+        );
+        err(&[entry("inline", &[("ignore-error", "maybe")])], "not a boolean");
+        assert!(check_imports(&[entry("registry", &[("ref", "r")])]).is_ok());
+        assert!(check_imports(&[entry("inline", &[])]).is_err());
+        assert!(check_imports(&[entry("local", &[])]).is_err());
+    }
+}
+
+/// A build's remote-cache state: the records its steps made (for export)
+/// and the caches it imported (for lookups).
+#[derive(Debug, Default)]
+pub struct Remote {
+    pub graph: std::sync::Mutex<graph::Graph>,
+    pub imports: Vec<graph::Imported>,
+    /// the records of the build's results (what an export starts from)
+    pub tops: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Remote {
+    pub fn new(imports: Vec<graph::Imported>) -> Remote {
+        Remote {
+            imports,
+            ..Default::default()
+        }
+    }
+
+    /// The records an export in `mode` writes, for the exporter.
+    pub fn export_graph(&self, mode: Mode) -> kiln_proto::kiln::exporter::v1::CacheGraph {
+        use kiln_proto::kiln::exporter::v1 as xpb;
+        let tops = self.tops.lock().map(|t| t.clone()).unwrap_or_default();
+        let nodes = self
+            .graph
+            .lock()
+            .map(|g| g.export(&tops, mode))
+            .unwrap_or_default();
+        xpb::CacheGraph {
+            nodes: nodes
+                .into_iter()
+                .map(|n| xpb::CacheNode {
+                    digest: n.digest,
+                    inputs: n
+                        .inputs
+                        .into_iter()
+                        .map(|links| xpb::CacheNodeInput {
+                            links: links
+                                .into_iter()
+                                .map(|l| xpb::CacheNodeLink {
+                                    selector: l.selector,
+                                    node: u32::try_from(l.node).unwrap_or(u32::MAX),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                    r#ref: n.r#ref,
+                    created: n.created,
+                })
+                .collect(),
+        }
+    }
+}
