@@ -207,7 +207,8 @@ pub async fn solve<W: Worker>(
     {
         tops.push(node);
     }
-    Ok(done.output(result.index).r#ref)
+    // a result matched in an imported cache is loaded now: the caller reads it
+    done.output(result.index).resolve().await.map_err(Error::from)
 }
 
 /// The LLB names the session a local source syncs from: only this build's
@@ -315,7 +316,8 @@ impl<W: Worker> GraphRun<W> {
                     self.prepare_layers(&v.digest, &o.done);
                 }
                 if let (Some(r), Some(plan)) = (&self.remote, &plan) {
-                    remote::record(r, &self.remote_outs, &v.digest, plan, &o.done.outputs.refs);
+                    let lazy = o.done.lazy.clone();
+                    remote::record(r, &self.remote_outs, &v.digest, plan, &o.done.outputs.refs, lazy);
                 }
                 Ok(o.done)
             }

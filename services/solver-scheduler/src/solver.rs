@@ -302,7 +302,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 .log(&log_digest, 1, format!("{s}\n").into_bytes())
         });
         let r = async {
-            let mut graph = remote.export_graph(spec.mode);
+            let mut graph = remote.export_graph(spec.mode).await?;
             let refs: Vec<String> = graph
                 .nodes
                 .iter()
@@ -664,6 +664,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
     fn drop(&mut self) {
         self.build.active.store(false, Ordering::SeqCst);
         self.build.progress.close();
+        // imported results not loaded hold the build: let both go
+        if let Some(Some(r)) = self.build.remote.get()
+            && let Ok(mut l) = r.lazy.lock()
+        {
+            l.clear();
+        }
         let containers = self.build.take_containers();
         if !containers.is_empty()
             && let Ok(rt) = tokio::runtime::Handle::try_current()

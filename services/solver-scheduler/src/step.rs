@@ -13,6 +13,8 @@ use crate::solve::InputOrigin;
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
 use kiln_proto::status::{Details, SourceLocation, chain};
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use std::sync::Arc;
 
 /// The result of a step as the builds waiting for it see it.
@@ -31,14 +33,32 @@ pub struct Done {
     pub keys: Vec<String>,
     /// why the step ran in this build (empty when cached)
     pub why: Vec<String>,
+    /// a result matched in an imported cache, loaded only when something
+    /// reads it (its ref is then empty until loaded)
+    pub(crate) lazy: Option<Lazy>,
 }
 
+/// The load of an imported result: the worker ref, once some step, export
+/// or read needs it (shared by all of them, run once).
+pub(crate) type Lazy = Shared<BoxFuture<'static, Result<String, Failure>>>;
+
 /// One output of a finished vertex, as a step reading it sees it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Output {
-    /// the worker ref holding it (empty: scratch)
+    /// the worker ref holding it (empty: scratch, or not loaded yet)
     pub(crate) r#ref: String,
     pub(crate) key: String,
+    pub(crate) lazy: Option<Lazy>,
+}
+
+impl Output {
+    /// The worker ref, loading an imported result first.
+    pub(crate) async fn resolve(&self) -> Result<String, Failure> {
+        match &self.lazy {
+            Some(l) => l.clone().await,
+            None => Ok(self.r#ref.clone()),
+        }
+    }
 }
 
 impl Done {
@@ -47,6 +67,7 @@ impl Done {
         Output {
             r#ref: self.outputs.refs.get(i).cloned().unwrap_or_default(),
             key: self.keys.get(i).cloned().unwrap_or_default(),
+            lazy: self.lazy.clone().filter(|_| i == 0),
         }
     }
 }
@@ -261,8 +282,17 @@ impl<W: Worker> Step<W> {
         if sels.iter().all(Option::is_none) {
             return Ok(None);
         }
+        // an imported input not loaded yet is not read for a key
+        if self
+            .inputs
+            .iter()
+            .zip(&sels)
+            .any(|(i, s)| s.is_some() && i.lazy.is_some())
+        {
+            return Ok(None);
+        }
         let mut parts = vec![self.def_key.clone()];
-        for (Output { r#ref: r, key }, sel) in self.inputs.iter().zip(sels) {
+        for (Output { r#ref: r, key, .. }, sel) in self.inputs.iter().zip(sels) {
             match sel {
                 Some(sel) if !r.is_empty() => {
                     let digest = match self.cache.memo(r, &sel) {
@@ -297,6 +327,7 @@ impl<W: Worker> Step<W> {
                 },
                 keys: rec.output_keys,
                 why: vec![],
+                lazy: None,
             }),
             cached: true,
         }
@@ -307,7 +338,7 @@ impl<W: Worker> Step<W> {
     async fn step_record(&self) -> StepRecord {
         let sels = input_selectors(&self.op);
         let mut inputs = Vec::new();
-        for (i, (Output { r#ref: r, key }, sel)) in self.inputs.iter().zip(sels).enumerate() {
+        for (i, (Output { r#ref: r, key, .. }, sel)) in self.inputs.iter().zip(sels).enumerate() {
             let (from, from_local) = self
                 .input_from
                 .get(i)
@@ -395,6 +426,31 @@ impl<W: Worker> Step<W> {
         }
     }
 
+    /// Loads an imported result (its layers, pulled by the worker) and
+    /// records it; when that fails, runs the step instead.
+    async fn load(self, hit: crate::remote::plan::Hit, content_key: Option<String>) -> Result<String, Failure> {
+        let op = crate::remote::plan::load_op(&hit, self.op.platform.clone());
+        let outputs = match self.run(op, Vec::new()).await {
+            Ok(mut o) => {
+                o.content_keys.clear();
+                o
+            }
+            Err(f) => {
+                let line = format!("imported cache not loaded, running the step: {}\n", f.message);
+                self.build.progress.log(&self.digest, 2, line.into_bytes());
+                let inputs = self.input_refs().await?;
+                self.run(self.op_bytes.clone(), inputs).await?
+            }
+        };
+        self.record(&outputs, content_key).await;
+        Ok(outputs.refs.first().cloned().unwrap_or_default())
+    }
+
+    /// The worker refs of the inputs, imported results loaded.
+    async fn input_refs(&self) -> Result<Vec<String>, Failure> {
+        futures::future::try_join_all(self.inputs.iter().map(Output::resolve)).await
+    }
+
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
     pub(crate) async fn execute(self) -> Result<Outcome, Failure> {
         let t0 = std::time::Instant::now();
@@ -406,26 +462,26 @@ impl<W: Worker> Step<W> {
             Lookup::Miss { content_key } => content_key,
         };
         if self.lookup
-            && let Some(hit) = &self.remote_hit
+            && let Some(hit) = self.remote_hit.clone()
         {
-            let op = crate::remote::plan::load_op(hit, self.op.platform.clone());
-            match self.run(op, Vec::new()).await {
-                Ok(outputs) => {
-                    let keys = self.record(&outputs, content_key).await;
-                    return Ok(Outcome {
-                        done: Arc::new(Done {
-                            outputs,
-                            keys,
-                            why: vec![],
-                        }),
-                        cached: true,
-                    });
-                }
-                Err(f) => {
-                    let line = format!("imported cache not loaded, running the step: {}\n", f.message);
-                    self.build.progress.log(&self.digest, 2, line.into_bytes());
-                }
-            }
+            // keyed as a step that ran (so later steps' keys do not depend on
+            // whether it was imported); loaded when read
+            let base = content_key.clone().unwrap_or_else(|| self.key.clone());
+            let keys = vec![digest_of(&[base.as_str(), "0"])];
+            let load = async move { self.load(hit, content_key).await }.boxed().shared();
+            return Ok(Outcome {
+                done: Arc::new(Done {
+                    outputs: RunOutputs {
+                        refs: vec![String::new()],
+                        content_keys: vec![],
+                        worker: String::new(),
+                    },
+                    keys,
+                    why: vec![],
+                    lazy: Some(load),
+                }),
+                cached: true,
+            });
         }
         self.build.progress.vertex(self.pv.clone());
         let local = is_local_source(&self.op);
@@ -436,7 +492,7 @@ impl<W: Worker> Step<W> {
             (Some(rec), why)
         };
         let t_lookup = t0.elapsed();
-        let inputs = self.inputs.iter().map(|i| i.r#ref.clone()).collect();
+        let inputs = self.input_refs().await?;
         let outputs = self.run(self.op_bytes.clone(), inputs).await?;
         let t_run = t0.elapsed();
         if let Some(rec) = record {
@@ -452,7 +508,12 @@ impl<W: Worker> Step<W> {
             (t0.elapsed() - t_run).as_millis()
         );
         Ok(Outcome {
-            done: Arc::new(Done { outputs, keys, why }),
+            done: Arc::new(Done {
+                outputs,
+                keys,
+                why,
+                lazy: None,
+            }),
             cached: false,
         })
     }

@@ -22,6 +22,8 @@ pub struct Node {
     pub r#ref: String,
     /// unix nanoseconds
     pub created: i64,
+    /// in an export: the mode keeps its result
+    pub wants_result: bool,
 }
 
 /// The records a build's steps made, each once.
@@ -54,6 +56,7 @@ impl Graph {
             inputs: key.1.clone(),
             r#ref: String::new(),
             created: 0,
+            wants_result: false,
         });
         self.index.insert(key, n);
         n
@@ -76,8 +79,8 @@ impl Graph {
     /// The records an export of `tops` (the build's results) writes: every
     /// record they depend on, results kept per `mode` (only on `tops` for
     /// min); a record without inputs never carries a result. Links are
-    /// renumbered into the returned list.
-    pub fn export(&self, tops: &[usize], mode: Mode) -> Vec<Node> {
+    /// renumbered into the returned list, returned with each one's id here.
+    pub fn export(&self, tops: &[usize], mode: Mode) -> (Vec<Node>, Vec<usize>) {
         let mut keep: Vec<usize> = Vec::new();
         let mut seen = HashSet::new();
         let mut stack: Vec<usize> = tops.to_vec();
@@ -91,7 +94,8 @@ impl Graph {
         keep.sort();
         let renumber: HashMap<usize, usize> =
             keep.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-        keep.iter()
+        let nodes = keep
+            .iter()
             .map(|n| {
                 let node = &self.nodes[*n];
                 let with_result = !node.inputs.is_empty()
@@ -119,9 +123,11 @@ impl Graph {
                         String::new()
                     },
                     created: node.created,
+                    wants_result: with_result,
                 }
             })
-            .collect()
+            .collect();
+        (nodes, keep)
     }
 }
 
@@ -269,18 +275,18 @@ mod tests {
         g.set_result(base, "r-base", 1);
         g.set_result(a, "r-a", 2);
         g.set_result(b, "r-b", 3);
-        let min = g.export(&[b], Mode::Min);
+        let (min, _) = g.export(&[b], Mode::Min);
         assert_eq!(min.len(), 3);
         let refs: Vec<&str> = min.iter().map(|n| n.r#ref.as_str()).collect();
         assert_eq!(refs, vec!["", "", "r-b"]);
-        let max = g.export(&[b], Mode::Max);
+        let (max, _) = g.export(&[b], Mode::Max);
         let refs: Vec<&str> = max.iter().map(|n| n.r#ref.as_str()).collect();
         assert_eq!(refs, vec!["", "r-a", "r-b"], "a root never carries a result");
         assert_eq!(max[2].inputs, vec![vec![link("", 1)]]);
         // a record the results do not depend on is not written
         let other = g.add("sha256:c".into(), vec![vec![link("", base)]]);
-        assert!(g.export(&[b], Mode::Max).iter().all(|n| n.digest != "sha256:c"));
-        assert_eq!(g.export(&[other], Mode::Max).len(), 2);
+        assert!(g.export(&[b], Mode::Max).0.iter().all(|n| n.digest != "sha256:c"));
+        assert_eq!(g.export(&[other], Mode::Max).0.len(), 2);
     }
 
     fn imported() -> Imported {

@@ -235,12 +235,14 @@ mod tests {
 
 /// A build's remote-cache state: the records its steps made (for export)
 /// and the caches it imported (for lookups).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Remote {
     pub graph: std::sync::Mutex<graph::Graph>,
     pub imports: Vec<graph::Imported>,
     /// the records of the build's results (what an export starts from)
     pub tops: std::sync::Mutex<Vec<usize>>,
+    /// records whose result is an imported one not loaded yet
+    pub(crate) lazy: std::sync::Mutex<std::collections::HashMap<usize, crate::step::Lazy>>,
 }
 
 impl Remote {
@@ -251,16 +253,32 @@ impl Remote {
         }
     }
 
-    /// The records an export in `mode` writes, for the exporter.
-    pub fn export_graph(&self, mode: Mode) -> kiln_proto::kiln::exporter::v1::CacheGraph {
+    /// The records an export in `mode` writes, for the exporter; imported
+    /// results it carries are loaded first.
+    pub async fn export_graph(
+        &self,
+        mode: Mode,
+    ) -> Result<kiln_proto::kiln::exporter::v1::CacheGraph, Error> {
         use kiln_proto::kiln::exporter::v1 as xpb;
         let tops = self.tops.lock().map(|t| t.clone()).unwrap_or_default();
-        let nodes = self
+        let (mut nodes, ids) = self
             .graph
             .lock()
             .map(|g| g.export(&tops, mode))
             .unwrap_or_default();
-        xpb::CacheGraph {
+        let lazy: Vec<(usize, crate::step::Lazy)> = match self.lazy.lock() {
+            Ok(m) => ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| nodes[*i].wants_result)
+                .filter_map(|(i, id)| Some((i, m.get(id)?.clone())))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (i, l) in lazy {
+            nodes[i].r#ref = l.await.map_err(Error::from)?;
+        }
+        Ok(xpb::CacheGraph {
             nodes: nodes
                 .into_iter()
                 .map(|n| xpb::CacheNode {
@@ -282,6 +300,6 @@ impl Remote {
                     created: n.created,
                 })
                 .collect(),
-        }
+        })
     }
 }

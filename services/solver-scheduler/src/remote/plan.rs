@@ -7,7 +7,7 @@ use super::keys::{self, CacheMap};
 use super::Remote;
 use crate::cache::Cache;
 use crate::peer::{Selector, Worker};
-use crate::step::Output;
+use crate::step::{Lazy, Output};
 use kiln_proto::pb::{self, op::Op as OpKind};
 use prost::Message as _;
 use std::collections::HashMap;
@@ -67,7 +67,7 @@ pub(crate) async fn plan<W: Worker>(
             .and_then(|o| o.get(&(inp.digest.clone(), inp.index)).cloned())
             .unwrap_or_default();
         let content = match &dep.content {
-            Some(sels) if !out.r#ref.is_empty() => checksum(worker, cache, &out.r#ref, sels)
+            Some(sels) if !out.r#ref.is_empty() && out.lazy.is_none() => checksum(worker, cache, &out.r#ref, sels)
                 .await
                 .map(|c| keys::content_record(&c)),
             _ => None,
@@ -161,8 +161,16 @@ pub(crate) fn hit(remote: &Remote, op: &pb::Op, plan: &Plan) -> Option<Hit> {
 }
 
 /// Records the outputs of a finished vertex (`refs`, by output index) in
-/// the build's graph and in `outs`.
-pub(crate) fn record(remote: &Remote, outs: &Outs, digest: &str, plan: &Plan, refs: &[String]) {
+/// the build's graph and in `outs`; an imported result not loaded yet
+/// (`lazy`, output 0) is loaded only if an export wants it.
+pub(crate) fn record(
+    remote: &Remote,
+    outs: &Outs,
+    digest: &str,
+    plan: &Plan,
+    refs: &[String],
+    lazy: Option<Lazy>,
+) {
     let now = crate::cache::unix_nanos();
     for (i, r) in refs.iter().enumerate() {
         let output = i as i64;
@@ -172,6 +180,11 @@ pub(crate) fn record(remote: &Remote, outs: &Outs, digest: &str, plan: &Plan, re
             g.set_result(n, r, now);
             Some(n)
         });
+        if let (Some(n), Some(l), 0) = (node, &lazy, i)
+            && let Ok(mut m) = remote.lazy.lock()
+        {
+            m.insert(n, l.clone());
+        }
         let matched = matches(&remote.imports, &plan.cm, output, &plan.inputs);
         if let Ok(mut o) = outs.lock() {
             o.insert((digest.to_string(), output), Out { node, matched });
