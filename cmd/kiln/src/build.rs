@@ -3,7 +3,8 @@
 use crate::progress::{Mode, Printer};
 use anyhow::{Context, bail};
 use kiln_proto::moby::buildkit::v1::{
-    CacheOptions, CacheOptionsEntry, Exporter, SolveRequest, SolveResponse, StatusRequest, control_client::ControlClient,
+    CacheOptions, CacheOptionsEntry, Exporter, SolveRequest, SolveResponse, StatusRequest,
+    control_client::ControlClient,
 };
 use kiln_session::attachable::{self, Attachables, OutputTarget, SecretSource};
 use std::collections::BTreeMap;

@@ -46,7 +46,11 @@ pub struct CacheLayer {
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct LayerAnnotations {
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     #[serde(default, rename = "diffID", skip_serializing_if = "String::is_empty")]
     pub diff_id: String,
@@ -128,16 +132,25 @@ impl CacheConfig {
         let layer_err = |index, reason: String| CacheConfigError::Layer { index, reason };
         for (i, l) in self.layers.iter().enumerate() {
             if crate::digest::hex_part(&l.blob).is_none() {
-                return Err(layer_err(i, format!("blob {:?} is not a sha256 digest", l.blob)));
+                return Err(layer_err(
+                    i,
+                    format!("blob {:?} is not a sha256 digest", l.blob),
+                ));
             }
             if l.parent_index < -1 || l.parent_index >= nl {
-                return Err(layer_err(i, format!("parent {} out of range", l.parent_index)));
+                return Err(layer_err(
+                    i,
+                    format!("parent {} out of range", l.parent_index),
+                ));
             }
             if let Some(a) = &l.annotations
                 && !a.diff_id.is_empty()
                 && crate::digest::hex_part(&a.diff_id).is_none()
             {
-                return Err(layer_err(i, format!("diffID {:?} is not a sha256 digest", a.diff_id)));
+                return Err(layer_err(
+                    i,
+                    format!("diffID {:?} is not a sha256 digest", a.diff_id),
+                ));
             }
         }
         // parents: following them from any layer ends within nl steps
@@ -160,7 +173,10 @@ impl CacheConfig {
             }
             for res in &r.results {
                 if res.layer_index < 0 || res.layer_index >= nl {
-                    return Err(rec_err(i, format!("layer {} out of range", res.layer_index)));
+                    return Err(rec_err(
+                        i,
+                        format!("layer {} out of range", res.layer_index),
+                    ));
                 }
             }
             for c in &r.chained_results {
@@ -170,7 +186,10 @@ impl CacheConfig {
             }
             for input in r.inputs.iter().flatten() {
                 if input.link_index < 0 || input.link_index >= nr || input.link_index == i as i64 {
-                    return Err(rec_err(i, format!("input link {} out of range", input.link_index)));
+                    return Err(rec_err(
+                        i,
+                        format!("input link {} out of range", input.link_index),
+                    ));
                 }
             }
         }
@@ -263,7 +282,11 @@ impl Builder {
             digest.to_string(),
             inputs
                 .iter()
-                .map(|l| l.iter().map(|x| (x.selector.clone(), x.link_index)).collect())
+                .map(|l| {
+                    l.iter()
+                        .map(|x| (x.selector.clone(), x.link_index))
+                        .collect()
+                })
                 .collect(),
         );
         let i = match self.records.get(&key) {
@@ -318,10 +341,18 @@ impl Builder {
                     continue;
                 }
                 let rec = &other.records[r];
-                let links = rec.inputs.iter().flatten().filter_map(|l| usize::try_from(l.link_index).ok());
+                let links = rec
+                    .inputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|l| usize::try_from(l.link_index).ok());
                 if !expanded {
                     stack.push((r, true));
-                    stack.extend(links.filter(|l| rec_map.get(*l).is_some_and(Option::is_none)).map(|l| (l, false)));
+                    stack.extend(
+                        links
+                            .filter(|l| rec_map.get(*l).is_some_and(Option::is_none))
+                            .map(|l| (l, false)),
+                    );
                     continue;
                 }
                 let inputs = rec
@@ -331,7 +362,8 @@ impl Builder {
                         links
                             .iter()
                             .filter_map(|l| {
-                                let to = rec_map.get(usize::try_from(l.link_index).ok()?)?.as_ref()?;
+                                let to =
+                                    rec_map.get(usize::try_from(l.link_index).ok()?)?.as_ref()?;
                                 Some(CacheInput {
                                     selector: l.selector.clone(),
                                     link_index: *to as i64,
@@ -410,7 +442,10 @@ mod tests {
     fn writes_buildkits_field_names_and_omits_what_go_omits() {
         let json = serde_json::to_string(&two_layers()).expect("json");
         // layer 1's parent 0 is omitted, as Go's omitempty does; -1 is written
-        assert!(json.contains(&format!(r#"{{"blob":"{D1}","parent":-1}}"#)), "{json}");
+        assert!(
+            json.contains(&format!(r#"{{"blob":"{D1}","parent":-1}}"#)),
+            "{json}"
+        );
         assert!(json.contains(&format!(r#"{{"blob":"{D2}"}}"#)), "{json}");
         assert!(json.contains(r#""inputs":[[{"link":0}]]"#), "{json}");
         assert!(json.contains(r#""layers":[{"layer":1,"createdAt":"0001-01-01T00:00:00Z"}]"#));
@@ -456,8 +491,18 @@ mod tests {
         let l0 = a.layer(D1, -1, None);
         let l1 = a.layer(D2, l0, None);
         let root = a.record(D1, vec![], vec![]);
-        let link = |i: usize| vec![vec![CacheInput { selector: String::new(), link_index: i as i64 }]];
-        let res = |l: i64| vec![CacheResult { layer_index: l, created_at: zero_time() }];
+        let link = |i: usize| {
+            vec![vec![CacheInput {
+                selector: String::new(),
+                link_index: i as i64,
+            }]]
+        };
+        let res = |l: i64| {
+            vec![CacheResult {
+                layer_index: l,
+                created_at: zero_time(),
+            }]
+        };
         a.record(D2, link(root), res(l1));
         let first = a.finish();
         let mut b = Builder::default();
@@ -472,11 +517,23 @@ mod tests {
         m.merge(&first);
         let merged = m.finish();
         merged.check().expect("merged config is sound");
-        assert_eq!(merged.layers.len(), 3, "D2 alone and D2 on D1 are two chains");
+        assert_eq!(
+            merged.layers.len(),
+            3,
+            "D2 alone and D2 on D1 are two chains"
+        );
         assert_eq!(merged.records.len(), 3);
-        let run = merged.records.iter().find(|r| r.digest == D2).expect("record");
+        let run = merged
+            .records
+            .iter()
+            .find(|r| r.digest == D2)
+            .expect("record");
         assert_eq!(run.results.len(), 2, "both writers' results kept");
-        let chains: Vec<Vec<usize>> = run.results.iter().map(|r| merged.chain(r.layer_index)).collect();
+        let chains: Vec<Vec<usize>> = run
+            .results
+            .iter()
+            .map(|r| merged.chain(r.layer_index))
+            .collect();
         assert!(chains.iter().any(|c| c.len() == 2) && chains.iter().any(|c| c.len() == 1));
     }
 }

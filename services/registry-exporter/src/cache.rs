@@ -125,8 +125,8 @@ pub(crate) async fn read_cache(
             }
         }
     } else {
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| cache_err(r, format!("manifest: {e}")))?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| cache_err(r, format!("manifest: {e}")))?;
         if m.config.media_type == CACHE_CONFIG_MEDIA_TYPE {
             (m.config.clone(), m.layers, None)
         } else {
@@ -171,7 +171,10 @@ fn inline(
     let v: serde_json::Value =
         serde_json::from_slice(config).map_err(|e| cache_err(r, format!("image config: {e}")))?;
     let Some(encoded) = v.get(INLINE_CACHE_KEY).and_then(|x| x.as_str()) else {
-        return Err(cache_err(r, "neither a cache manifest nor an image with an inline cache"));
+        return Err(cache_err(
+            r,
+            "neither a cache manifest nor an image with an inline cache",
+        ));
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
@@ -204,10 +207,11 @@ fn annotate(config: &mut CacheConfig, descs: &[Descriptor], diff_ids: &HashMap<S
         let Some(diff_id) = diff_id.filter(|x| kiln_oci::digest::hex_part(x).is_some()) else {
             continue;
         };
-        let media_type = match media_types::is_manifest(&d.media_type) || media_types::is_index(&d.media_type) {
-            true => continue,
-            false => d.media_type.clone(),
-        };
+        let media_type =
+            match media_types::is_manifest(&d.media_type) || media_types::is_index(&d.media_type) {
+                true => continue,
+                false => d.media_type.clone(),
+            };
         l.annotations = Some(LayerAnnotations {
             media_type,
             diff_id,

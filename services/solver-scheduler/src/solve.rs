@@ -198,17 +198,19 @@ pub async fn solve<W: Worker>(
     drop(futs);
     let done = fut.await.map_err(Error::from)?;
     if let Some(r) = &run.remote
-        && let Some(node) = run
-            .remote_outs
-            .lock()
-            .ok()
-            .and_then(|o| o.get(&(result.digest.clone(), result.index)).and_then(|x| x.node))
+        && let Some(node) = run.remote_outs.lock().ok().and_then(|o| {
+            o.get(&(result.digest.clone(), result.index))
+                .and_then(|x| x.node)
+        })
         && let Ok(mut tops) = r.tops.lock()
     {
         tops.push(node);
     }
     // a result matched in an imported cache is loaded now: the caller reads it
-    done.output(result.index).resolve().await.map_err(Error::from)
+    done.output(result.index)
+        .resolve()
+        .await
+        .map_err(Error::from)
 }
 
 /// The LLB names the session a local source syncs from: only this build's
@@ -317,7 +319,14 @@ impl<W: Worker> GraphRun<W> {
                 }
                 if let (Some(r), Some(plan)) = (&self.remote, &plan) {
                     let lazy = o.done.lazy.clone();
-                    remote::record(r, &self.remote_outs, &v.digest, plan, &o.done.outputs.refs, lazy);
+                    remote::record(
+                        r,
+                        &self.remote_outs,
+                        &v.digest,
+                        plan,
+                        &o.done.outputs.refs,
+                        lazy,
+                    );
                 }
                 Ok(o.done)
             }
@@ -375,7 +384,7 @@ impl<W: Worker> GraphRun<W> {
             None => None,
         };
         let remote_hit = match (&self.remote, &plan) {
-            (Some(r), Some(p)) => remote::hit(r, &v.op, p),
+            (Some(r), Some(p)) => remote::matched(r, &v.op, p),
             _ => None,
         };
         let pv = ProgressVertex {
@@ -385,24 +394,27 @@ impl<W: Worker> GraphRun<W> {
             started: Some(now()),
             ..Default::default()
         };
-        Ok((Step {
-            worker: self.worker.clone(),
-            cache: self.cache.clone(),
-            build: self.build.clone(),
-            digest: v.digest.clone(),
-            op: v.op.clone(),
-            op_bytes: v.bytes.clone(),
-            name,
-            ignore_cache: v.metadata.ignore_cache,
-            lookup: !v.metadata.ignore_cache && !self.build.no_cache && !local,
-            inputs: done_inputs,
-            def_key,
-            key,
-            pv,
-            shape: self.shapes.get(&v.digest).cloned().unwrap_or_default(),
-            input_from,
-            remote_hit,
-        }, plan))
+        Ok((
+            Step {
+                worker: self.worker.clone(),
+                cache: self.cache.clone(),
+                build: self.build.clone(),
+                digest: v.digest.clone(),
+                op: v.op.clone(),
+                op_bytes: v.bytes.clone(),
+                name,
+                ignore_cache: v.metadata.ignore_cache,
+                lookup: !v.metadata.ignore_cache && !self.build.no_cache && !local,
+                inputs: done_inputs,
+                def_key,
+                key,
+                pv,
+                shape: self.shapes.get(&v.digest).cloned().unwrap_or_default(),
+                input_from,
+                remote_hit,
+            },
+            plan,
+        ))
     }
 
     /// With an image export, the layer a step that ran makes is computed
@@ -639,6 +651,20 @@ mod tests {
         )
         .await
         .expect("solve")
+    }
+
+    #[tokio::test]
+    async fn a_client_cannot_name_the_source_that_loads_imported_layers() {
+        let w = Arc::new(FakeWorker::default());
+        let cache = Arc::new(Cache::new(Arc::new(MemoryStore::default())));
+        let mut b = kiln_llb::DefinitionBuilder::new();
+        let src = source(&mut b, "kiln-cache://registry.example/cache", "evil");
+        let def = b.finish(Some(src));
+        let err = solve(w.clone(), cache, build("evil", false), &def)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, Error::CacheSource(_)), "{err}");
+        assert!(w.runs().is_empty(), "nothing ran");
     }
 
     #[tokio::test]

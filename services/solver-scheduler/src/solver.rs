@@ -236,31 +236,37 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         build: &Arc<Build>,
         req: &BuildRequest,
     ) -> Vec<crate::remote::graph::Imported> {
-        let reads = req.cache_imports.iter().enumerate().map(|(i, e)| async move {
-            let what = e.attr("ref").or(e.attr("src")).unwrap_or_default();
-            let mut pv = ProgressVertex {
-                digest: kiln_digest::sha256(format!("{}\0import-cache\0{i}", build.id).as_bytes()),
-                name: format!("importing cache manifest from {what}"),
-                started: Some(now()),
-                ..Default::default()
-            };
-            build.progress.vertex(pv.clone());
-            let r = self
-                .exporter
-                .resolve_cache(&e.r#type, &e.attrs, &req.session_id)
-                .await
-                .and_then(|(config, repo)| {
-                    kiln_oci::cache_config::CacheConfig::parse(&config)
-                        .map(|c| crate::remote::graph::Imported::new(c, repo))
-                        .map_err(|err| Error::CacheOption(format!("cache {what}: {err}")))
-                });
-            pv.completed = Some(now());
-            if let Err(err) = &r {
-                pv.error = chain(err);
-            }
-            build.progress.vertex(pv);
-            r.ok()
-        });
+        let reads = req
+            .cache_imports
+            .iter()
+            .enumerate()
+            .map(|(i, e)| async move {
+                let what = e.attr("ref").or(e.attr("src")).unwrap_or_default();
+                let mut pv = ProgressVertex {
+                    digest: kiln_digest::sha256(
+                        format!("{}\0import-cache\0{i}", build.id).as_bytes(),
+                    ),
+                    name: format!("importing cache manifest from {what}"),
+                    started: Some(now()),
+                    ..Default::default()
+                };
+                build.progress.vertex(pv.clone());
+                let r = self
+                    .exporter
+                    .resolve_cache(&e.r#type, &e.attrs, &req.session_id)
+                    .await
+                    .and_then(|(config, repo)| {
+                        kiln_oci::cache_config::CacheConfig::parse(&config)
+                            .map(|c| crate::remote::graph::Imported::new(c, repo))
+                            .map_err(|err| Error::CacheOption(format!("cache {what}: {err}")))
+                    });
+                pv.completed = Some(now());
+                if let Err(err) = &r {
+                    pv.error = chain(err);
+                }
+                build.progress.vertex(pv);
+                r.ok()
+            });
         futures::future::join_all(reads)
             .await
             .into_iter()
@@ -285,8 +291,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             _ => return Ok(()),
         };
         let vdigest = kiln_digest::sha256(
-            format!("{}\0export-cache\0{}", build.id, spec.entry.attr("ref").unwrap_or_default())
-                .as_bytes(),
+            format!(
+                "{}\0export-cache\0{}",
+                build.id,
+                spec.entry.attr("ref").unwrap_or_default()
+            )
+            .as_bytes(),
         );
         let mut pv = ProgressVertex {
             digest: vdigest.clone(),
@@ -338,7 +348,8 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 build.progress.log(
                     &vdigest,
                     2,
-                    format!("cache export failed (ignore-error=true): {}\n", chain(&e)).into_bytes(),
+                    format!("cache export failed (ignore-error=true): {}\n", chain(&e))
+                        .into_bytes(),
                 );
                 Ok(())
             }

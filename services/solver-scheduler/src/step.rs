@@ -10,11 +10,11 @@ use crate::cache::{Cache, CacheRecord, unix_nanos};
 use crate::explain::{FileFact, InputRecord, StepRecord};
 use crate::peer::{RunEvent, RunOp, RunOutputs, Selector, Worker};
 use crate::solve::InputOrigin;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
 use kiln_proto::status::{Details, SourceLocation, chain};
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use std::sync::Arc;
 
 /// The result of a step as the builds waiting for it see it.
@@ -220,8 +220,8 @@ pub(crate) struct Step<W> {
     pub(crate) shape: String,
     /// per input: the step that produced it (cache-miss explanations)
     pub(crate) input_from: Vec<InputOrigin>,
-    /// an imported result to load on a local miss
-    pub(crate) remote_hit: Option<crate::remote::plan::Hit>,
+    /// what an imported cache knows of the step, used on a local miss
+    pub(crate) remote_hit: Option<crate::remote::plan::Matched>,
 }
 
 impl<W: Worker> Step<W> {
@@ -426,20 +426,51 @@ impl<W: Worker> Step<W> {
         }
     }
 
-    /// Loads an imported result (its layers, pulled by the worker) and
-    /// records it; when that fails, runs the step instead.
-    async fn load(self, hit: crate::remote::plan::Hit, content_key: Option<String>) -> Result<String, Failure> {
-        let op = crate::remote::plan::load_op(&hit, self.op.platform.clone());
-        let outputs = match self.run(op, Vec::new()).await {
-            Ok(mut o) => {
-                o.content_keys.clear();
-                o
+    /// A step an imported cache knew, once something reads its result:
+    /// the imported result loaded (its layers, pulled by the worker), or the
+    /// step run when there is none or it cannot be loaded; recorded either way.
+    async fn deferred(
+        self,
+        matched: crate::remote::plan::Matched,
+        content_key: Option<String>,
+    ) -> Result<String, Failure> {
+        let loaded = match &matched {
+            crate::remote::plan::Matched::Result(hit) => {
+                let op = crate::remote::plan::load_op(hit, self.op.platform.clone());
+                match self.run(op, Vec::new()).await {
+                    Ok(mut o) => {
+                        o.content_keys.clear();
+                        Some(o)
+                    }
+                    Err(f) => {
+                        let line = format!(
+                            "imported cache not loaded, running the step: {}\n",
+                            f.message
+                        );
+                        self.build.progress.log(&self.digest, 2, line.into_bytes());
+                        None
+                    }
+                }
             }
-            Err(f) => {
-                let line = format!("imported cache not loaded, running the step: {}\n", f.message);
-                self.build.progress.log(&self.digest, 2, line.into_bytes());
-                let inputs = self.input_refs().await?;
-                self.run(self.op_bytes.clone(), inputs).await?
+            crate::remote::plan::Matched::Key => None,
+        };
+        let outputs = match loaded {
+            Some(o) => o,
+            None => {
+                // shown again, running now
+                let mut pv = self.pv.clone();
+                pv.started = Some(crate::progress::now());
+                self.build.progress.vertex(pv.clone());
+                let r = match self.input_refs().await {
+                    Ok(inputs) => self.run(self.op_bytes.clone(), inputs).await,
+                    Err(f) => Err(f),
+                };
+                pv.completed = Some(crate::progress::now());
+                if let Err(f) = &r {
+                    pv.error.clone_from(&f.message);
+                }
+                self.build.progress.vertex(pv);
+                r?
             }
         };
         self.record(&outputs, content_key).await;
@@ -468,7 +499,9 @@ impl<W: Worker> Step<W> {
             // whether it was imported); loaded when read
             let base = content_key.clone().unwrap_or_else(|| self.key.clone());
             let keys = vec![digest_of(&[base.as_str(), "0"])];
-            let load = async move { self.load(hit, content_key).await }.boxed().shared();
+            let load = async move { self.deferred(hit, content_key).await }
+                .boxed()
+                .shared();
             return Ok(Outcome {
                 done: Arc::new(Done {
                     outputs: RunOutputs {

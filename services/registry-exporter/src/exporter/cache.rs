@@ -26,13 +26,14 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     job: &Job<'_, W, C>,
 ) -> Result<BTreeMap<String, String>, Error> {
     let attrs = &job.req.attrs;
-    let reference = attrs
-        .get("ref")
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Error::InvalidAttr {
-            key: "ref".into(),
-            value: String::new(),
-        })?;
+    let reference =
+        attrs
+            .get("ref")
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| Error::InvalidAttr {
+                key: "ref".into(),
+                value: String::new(),
+            })?;
     let r = parse_ref(reference)?;
     let insecure = bool_attr(attrs, "registry.insecure", false);
     let registry = push_client(job, std::slice::from_ref(reference), insecure).await?;
@@ -60,8 +61,8 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         .collect();
     let chains = stream::iter(reads)
         .buffered(CONCURRENCY)
-    .try_collect::<Vec<_>>()
-    .await?;
+        .try_collect::<Vec<_>>()
+        .await?;
     let mut records: Vec<usize> = Vec::with_capacity(job.req.cache.len());
     for (n, chain) in job.req.cache.iter().zip(chains) {
         let created = kiln_oci::rfc3339(n.created / 1_000_000_000);
@@ -125,13 +126,16 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
                     && !blobs.contains_key(&l.blob)
                 {
                     let size = u64::try_from(a.size).unwrap_or(0);
-                    let d = layer_descriptor(&a.media_type, &l.blob, size, &a.diff_id, &a.created_at);
+                    let d =
+                        layer_descriptor(&a.media_type, &l.blob, size, &a.diff_id, &a.created_at);
                     blobs.insert(l.blob.clone(), d);
                 }
             }
             merged.merge(&existing);
         }
-        Err(e) => tracing::debug!(reference, error = %kiln_proto::status::Chain(&e), "no cache to merge with"),
+        Err(e) => {
+            tracing::debug!(reference, error = %kiln_proto::status::Chain(&e), "no cache to merge with")
+        }
     }
     merged.merge(&ours);
     let config = merged.finish();
@@ -143,31 +147,36 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         .filter_map(|l| blobs.get(&l.blob).cloned())
         .collect();
     let total = ours_blobs.len();
-    let uploads: Vec<_> = ours_blobs.iter().map(|d| {
-        let (registry, r) = (registry.clone(), r.clone());
-        async move {
-            let push_err = |source| Error::PushBlob {
-                reference: r.to_string(),
-                digest: d.digest.clone(),
-                source: Box::new(source),
-            };
-            if registry.blob_exists(&r, &d.digest).await.map_err(push_err)? {
-                return Ok(false);
+    let uploads: Vec<_> = ours_blobs
+        .iter()
+        .map(|d| {
+            let (registry, r) = (registry.clone(), r.clone());
+            async move {
+                let push_err = |source| Error::PushBlob {
+                    reference: r.to_string(),
+                    digest: d.digest.clone(),
+                    source: Box::new(source),
+                };
+                if registry
+                    .blob_exists(&r, &d.digest)
+                    .await
+                    .map_err(push_err)?
+                {
+                    return Ok(false);
+                }
+                let _ = job.progress.try_send(format!("writing layer {}", d.digest));
+                assemble::fetch_layer(job.worker, d, job.tmp).await?;
+                let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
+                registry.push_blob(&r, d, &path).await.map_err(push_err)?;
+                let _ = tokio::fs::remove_file(&path).await;
+                Ok::<bool, Error>(true)
             }
-            let _ = job
-                .progress
-                .try_send(format!("writing layer {}", d.digest));
-            assemble::fetch_layer(job.worker, d, job.tmp).await?;
-            let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
-            registry.push_blob(&r, d, &path).await.map_err(push_err)?;
-            let _ = tokio::fs::remove_file(&path).await;
-            Ok::<bool, Error>(true)
-        }
-    }).collect();
+        })
+        .collect();
     let outcomes: Vec<bool> = stream::iter(uploads)
-    .buffer_unordered(CONCURRENCY)
-    .try_collect()
-    .await?;
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
     let uploaded = outcomes.iter().filter(|x| **x).count();
 
     // the config, then the manifest naming it

@@ -98,8 +98,8 @@ impl Graph {
             .iter()
             .map(|n| {
                 let node = &self.nodes[*n];
-                let with_result = !node.inputs.is_empty()
-                    && (mode == Mode::Max || tops.contains(n));
+                let with_result =
+                    !node.inputs.is_empty() && (mode == Mode::Max || tops.contains(n));
                 Node {
                     digest: node.digest.clone(),
                     inputs: node
@@ -172,7 +172,11 @@ impl Imported {
     /// when it has several); `None` without one.
     pub fn result(&self, i: usize) -> Option<Vec<kiln_oci::Descriptor>> {
         let r = self.record(i)?;
-        let chain: Vec<usize> = match r.results.iter().max_by(|a, b| a.created_at.cmp(&b.created_at)) {
+        let chain: Vec<usize> = match r
+            .results
+            .iter()
+            .max_by(|a, b| a.created_at.cmp(&b.created_at))
+        {
             Some(res) => self.config.chain(res.layer_index),
             None => r
                 .chained_results
@@ -193,11 +197,7 @@ impl Imported {
                     digest: layer.blob.clone(),
                     size: u64::try_from(a.size).ok()?,
                     annotations: Some(
-                        [(
-                            "containerd.io/uncompressed".to_string(),
-                            a.diff_id.clone(),
-                        )]
-                        .into(),
+                        [("containerd.io/uncompressed".to_string(), a.diff_id.clone())].into(),
                     ),
                     ..Default::default()
                 })
@@ -271,7 +271,11 @@ mod tests {
         let base = g.add("sha256:base".into(), vec![]);
         let a = g.add("sha256:a".into(), vec![vec![link("", base)]]);
         let b = g.add("sha256:b".into(), vec![vec![link("", a)]]);
-        assert_eq!(g.add("sha256:a".into(), vec![vec![link("", base)]]), a, "added once");
+        assert_eq!(
+            g.add("sha256:a".into(), vec![vec![link("", base)]]),
+            a,
+            "added once"
+        );
         g.set_result(base, "r-base", 1);
         g.set_result(a, "r-a", 2);
         g.set_result(b, "r-b", 3);
@@ -281,11 +285,20 @@ mod tests {
         assert_eq!(refs, vec!["", "", "r-b"]);
         let (max, _) = g.export(&[b], Mode::Max);
         let refs: Vec<&str> = max.iter().map(|n| n.r#ref.as_str()).collect();
-        assert_eq!(refs, vec!["", "r-a", "r-b"], "a root never carries a result");
+        assert_eq!(
+            refs,
+            vec!["", "r-a", "r-b"],
+            "a root never carries a result"
+        );
         assert_eq!(max[2].inputs, vec![vec![link("", 1)]]);
         // a record the results do not depend on is not written
         let other = g.add("sha256:c".into(), vec![vec![link("", base)]]);
-        assert!(g.export(&[b], Mode::Max).0.iter().all(|n| n.digest != "sha256:c"));
+        assert!(
+            g.export(&[b], Mode::Max)
+                .0
+                .iter()
+                .all(|n| n.digest != "sha256:c")
+        );
         assert_eq!(g.export(&[other], Mode::Max).0.len(), 2);
     }
 
@@ -376,9 +389,18 @@ mod tests {
             matched,
             content: None,
         };
-        assert_eq!(matches(&imports, &run, 0, &[on(image.clone())]), vec![(0, 1)]);
-        assert!(matches(&imports, &run, 0, &[on(vec![])]).is_empty(), "another base");
-        assert!(matches(&imports, &run, 1, &[on(image)]).is_empty(), "another output");
+        assert_eq!(
+            matches(&imports, &run, 0, &[on(image.clone())]),
+            vec![(0, 1)]
+        );
+        assert!(
+            matches(&imports, &run, 0, &[on(vec![])]).is_empty(),
+            "another base"
+        );
+        assert!(
+            matches(&imports, &run, 1, &[on(image)]).is_empty(),
+            "another output"
+        );
         // the result: the chain ending at layer 1, with diffIDs
         let layers = imports[0].result(1).expect("result");
         assert_eq!(layers.len(), 2);
@@ -397,7 +419,12 @@ mod tests {
             content: None,
         };
         assert_eq!(
-            matches(&imports, &copy, 0, &[dest.clone(), by_content("sha256:files")]),
+            matches(
+                &imports,
+                &copy,
+                0,
+                &[dest.clone(), by_content("sha256:files")]
+            ),
             vec![(0, 3)]
         );
         assert!(matches(&imports, &copy, 0, &[dest, by_content("sha256:other")]).is_empty());

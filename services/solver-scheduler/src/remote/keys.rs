@@ -252,8 +252,8 @@ fn exec(e: &pb::ExecOp, p: &kiln_oci::Platform, n: usize) -> CacheMap {
     for m in &mut op.mounts {
         m.selector.clear();
         if let Some(c) = m.cache_opt.as_mut() {
-            let default_id = c.id == m.dest
-                || c.id.split_once('/').is_some_and(|(_, rest)| rest == m.dest);
+            let default_id =
+                c.id == m.dest || c.id.split_once('/').is_some_and(|(_, rest)| rest == m.dest);
             if !(default_id && c.sharing == 0) {
                 c.id.clear();
                 c.sharing = 0;
@@ -413,10 +413,16 @@ fn mount_json(m: &pb::Mount) -> String {
         x
     };
     if let Some(c) = &m.secret_opt {
-        o.raw("secretOpt", &secretish(&c.id, c.uid, c.gid, c.mode, c.optional));
+        o.raw(
+            "secretOpt",
+            &secretish(&c.id, c.uid, c.gid, c.mode, c.optional),
+        );
     }
     if let Some(c) = &m.ssh_opt {
-        o.raw("SSHOpt", &secretish(&c.id, c.uid, c.gid, c.mode, c.optional));
+        o.raw(
+            "SSHOpt",
+            &secretish(&c.id, c.uid, c.gid, c.mode, c.optional),
+        );
     }
     o.str("resultID", &m.result_id, false);
     o.int("contentCache", i64::from(m.content_cache));
@@ -852,7 +858,10 @@ mod tests {
             });
         }
         assert_eq!(cache_map(&other).map(|c| c.digest), Some(cm.digest.clone()));
-        assert_ne!(cache_map(&run_op("echo ho")).map(|c| c.digest), Some(cm.digest));
+        assert_ne!(
+            cache_map(&run_op("echo ho")).map(|c| c.digest),
+            Some(cm.digest)
+        );
     }
 
     #[test]
@@ -949,7 +958,9 @@ mod tests {
             }),
             ..Default::default()
         };
-        let k0 = kiln_digest::sha256(format!(r#"{{"Digest":"{d}","OS":"linux","Arch":"amd64"}}"#).as_bytes());
+        let k0 = kiln_digest::sha256(
+            format!(r#"{{"Digest":"{d}","OS":"linux","Arch":"amd64"}}"#).as_bytes(),
+        );
         let want = kiln_digest::sha256(format!("buildkit.source.v0:{k0}").as_bytes());
         assert_eq!(cache_map(&op).map(|c| c.digest), Some(want));
         assert_eq!(

@@ -28,7 +28,10 @@ pub struct CacheEntry {
 
 impl CacheEntry {
     pub fn attr(&self, k: &str) -> Option<&str> {
-        self.attrs.get(k).map(String::as_str).filter(|v| !v.is_empty())
+        self.attrs
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     fn from_proto(e: CacheOptionsEntry) -> CacheEntry {
@@ -106,7 +109,9 @@ pub fn export_specs(entries: &[CacheEntry]) -> Result<Vec<ExportSpec>, Error> {
                 ));
             }
             "local" if e.attr("dest").is_none() => {
-                return Err(Error::CacheOption("local cache exporter requires dest".into()));
+                return Err(Error::CacheOption(
+                    "local cache exporter requires dest".into(),
+                ));
             }
             "registry" | "local" | "inline" => {}
             other => {
@@ -158,7 +163,9 @@ pub fn check_imports(entries: &[CacheEntry]) -> Result<(), Error> {
                 ));
             }
             "local" if e.attr("src").is_none() => {
-                return Err(Error::CacheOption("local cache importer requires src".into()));
+                return Err(Error::CacheOption(
+                    "local cache importer requires src".into(),
+                ));
             }
             "registry" | "local" => {}
             other => {
@@ -193,7 +200,10 @@ mod tests {
             import_refs_deprecated: vec!["r/a".into(), "r/b".into()],
             ..Default::default()
         });
-        assert_eq!(ex, vec![entry("registry", &[("mode", "max"), ("ref", "r/c:1")])]);
+        assert_eq!(
+            ex,
+            vec![entry("registry", &[("mode", "max"), ("ref", "r/c:1")])]
+        );
         assert_eq!(
             im,
             vec![
@@ -221,12 +231,21 @@ mod tests {
         err(&[entry("registry", &[])], "requires ref");
         err(&[entry("local", &[])], "requires dest");
         err(&[entry("s4", &[])], "unknown cache exporter");
-        err(&[entry("registry", &[("ref", "r"), ("mode", "all")])], "expected min or max");
         err(
-            &[entry("registry", &[("ref", "r")]), entry("registry", &[("ref", "r"), ("mode", "max")])],
+            &[entry("registry", &[("ref", "r"), ("mode", "all")])],
+            "expected min or max",
+        );
+        err(
+            &[
+                entry("registry", &[("ref", "r")]),
+                entry("registry", &[("ref", "r"), ("mode", "max")]),
+            ],
             "duplicate cache exports",
         );
-        err(&[entry("inline", &[("ignore-error", "maybe")])], "not a boolean");
+        err(
+            &[entry("inline", &[("ignore-error", "maybe")])],
+            "not a boolean",
+        );
         assert!(check_imports(&[entry("registry", &[("ref", "r")])]).is_ok());
         assert!(check_imports(&[entry("inline", &[])]).is_err());
         assert!(check_imports(&[entry("local", &[])]).is_err());

@@ -2,9 +2,9 @@
 //! of its records (for export), the imported records it matches (for
 //! lookups), and the op that loads an imported result instead of running.
 
+use super::Remote;
 use super::graph::{InputMatch, Link, ROOT_SELECTOR, matches};
 use super::keys::{self, CacheMap};
-use super::Remote;
 use crate::cache::Cache;
 use crate::peer::{Selector, Worker};
 use crate::step::{Lazy, Output};
@@ -67,9 +67,11 @@ pub(crate) async fn plan<W: Worker>(
             .and_then(|o| o.get(&(inp.digest.clone(), inp.index)).cloned())
             .unwrap_or_default();
         let content = match &dep.content {
-            Some(sels) if !out.r#ref.is_empty() && out.lazy.is_none() => checksum(worker, cache, &out.r#ref, sels)
-                .await
-                .map(|c| keys::content_record(&c)),
+            Some(sels) if !out.r#ref.is_empty() && out.lazy.is_none() => {
+                checksum(worker, cache, &out.r#ref, sels)
+                    .await
+                    .map(|c| keys::content_record(&c))
+            }
             _ => None,
         };
         let mut l = Vec::new();
@@ -143,21 +145,35 @@ fn outputs(op: &pb::Op) -> Option<usize> {
     }
 }
 
-/// An imported result for `op` (with one output) that `plan` matches.
-pub(crate) fn hit(remote: &Remote, op: &pb::Op, plan: &Plan) -> Option<Hit> {
+/// What an imported cache knows of a step.
+#[derive(Debug, Clone)]
+pub enum Matched {
+    /// its result, to load instead of running it
+    Result(Hit),
+    /// its key only: it runs if something reads its result (a later step
+    /// may be found with a result and make it unneeded)
+    Key,
+}
+
+/// What the imported caches know of `op` (with one output) whose inputs
+/// are `plan`'s.
+pub(crate) fn matched(remote: &Remote, op: &pb::Op, plan: &Plan) -> Option<Matched> {
     if outputs(op) != Some(1) {
         return None;
     }
-    matches(&remote.imports, &plan.cm, 0, &plan.inputs)
-        .into_iter()
-        .find_map(|(k, r)| {
-            let imp = remote.imports.get(k)?;
-            let layers = imp.result(r).filter(|l| !l.is_empty())?;
-            Some(Hit {
-                repository: imp.repo.clone(),
-                layers,
-            })
+    let found = matches(&remote.imports, &plan.cm, 0, &plan.inputs);
+    if found.is_empty() {
+        return None;
+    }
+    let hit = found.into_iter().find_map(|(k, r)| {
+        let imp = remote.imports.get(k)?;
+        let layers = imp.result(r).filter(|l| !l.is_empty())?;
+        Some(Hit {
+            repository: imp.repo.clone(),
+            layers,
         })
+    });
+    Some(hit.map_or(Matched::Key, Matched::Result))
 }
 
 /// Records the outputs of a finished vertex (`refs`, by output index) in

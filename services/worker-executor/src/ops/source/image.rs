@@ -132,7 +132,10 @@ pub(super) async fn cache_layers(
             .ok_or_else(|| pull.image_error(format!("cache layer {} has no diffID", l.digest)))?;
         chain.push((l, diff_id));
     }
-    let _pull = w.pull_lock(format!("cache {repository}")).lock_owned().await;
+    let _pull = w
+        .pull_lock(format!("cache {repository}"))
+        .lock_owned()
+        .await;
     pull.layers(chain).await
 }
 
@@ -176,7 +179,8 @@ impl Pull<'_> {
         let chain = self.chain(layers)?;
         // missing blobs download up to PULL_CONCURRENCY at a time, ahead of the unpacking,
         // which goes in order as each arrives
-        let mut fetched = futures::stream::iter(self.prefetches(&chain)?).buffered(PULL_CONCURRENCY);
+        let mut fetched =
+            futures::stream::iter(self.prefetches(&chain)?).buffered(PULL_CONCURRENCY);
         let mut parent: Option<String> = None;
         for layer in chain {
             let blob = match fetched.next().await {
@@ -191,10 +195,11 @@ impl Pull<'_> {
     /// `layers` (descriptor and diffID, bottom first) with their chain ids' index paths.
     fn chain(&self, layers: Vec<(kiln_oci::Descriptor, String)>) -> Result<Vec<ChainLayer>> {
         // diffIDs name paths of the layer index: only real digests
-        if let Some((_, bad)) = layers.iter().find(|(_, d)| kiln_digest::hex_part(d).is_none()) {
-            return Err(self.image_error(format!(
-                "diffID {bad:?} is not a sha256 digest"
-            )));
+        if let Some((_, bad)) = layers
+            .iter()
+            .find(|(_, d)| kiln_digest::hex_part(d).is_none())
+        {
+            return Err(self.image_error(format!("diffID {bad:?} is not a sha256 digest")));
         }
         let mut chain = Vec::new();
         let mut chain_id: Option<String> = None;

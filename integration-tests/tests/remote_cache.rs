@@ -1,0 +1,276 @@
+//! Build cache through a registry (`--export-cache`/`--import-cache
+//! type=registry`): a daemon whose state was wiped rebuilds from it without
+//! running a step and makes the same image; `mode=min` keeps only the
+//! result, `mode=max` every step's; the cache is BuildKit's format; writers
+//! of one ref keep each other's records.
+
+use kiln_integration_tests::{BuildContext, Restartable as Kilnd, is_cached, registry};
+use std::collections::BTreeMap;
+
+const DOCKERFILE: &str = "FROM busybox AS base
+RUN echo one > /one && echo ran-one-$((40+2))
+FROM base AS mid
+RUN echo mid > /mid && echo ran-mid-$((40+2))
+FROM busybox
+COPY --from=mid /mid /mid
+COPY hello.txt /hello.txt
+RUN cat /mid /hello.txt > /all && echo ran-all-$((40+2))
+";
+
+const STEPS: [&str; 5] = [
+    "RUN echo one",
+    "RUN echo mid",
+    "COPY --from=mid",
+    "COPY hello.txt",
+    "RUN cat /mid",
+];
+
+/// A tag no earlier run used (the registry may outlive a test run).
+fn fresh(name: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{name}-{}-{t}", std::process::id())
+}
+
+/// Stops the daemon, removes its whole state and starts a new one.
+fn wipe(d: &mut Kilnd) {
+    d.stop(true);
+    kiln_integration_tests::unmount_under(d.dir.path());
+    std::fs::remove_dir_all(d.root()).expect("remove kilnd root");
+    d.spawn();
+}
+
+fn context(hello: &str) -> BuildContext {
+    let c = BuildContext::new(DOCKERFILE).expect("ctx");
+    c.file("hello.txt", hello).expect("write");
+    c
+}
+
+/// `kiln build` of `c` with `extra`, its image pushed as `image`; returns
+/// the progress and the image digest.
+fn build(d: &Kilnd, c: &BuildContext, image: &str, extra: &[&str]) -> (String, String) {
+    let meta = c.path().join("meta.json");
+    let out = format!("type=image,name={image},push=true");
+    let mut args = vec![
+        "--build-arg",
+        "SOURCE_DATE_EPOCH=1700000000",
+        "--output",
+        &out,
+        "--metadata-file",
+        meta.to_str().expect("path"),
+    ];
+    args.extend_from_slice(extra);
+    let progress = d.build(c.path(), &args);
+    let m: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&meta).expect("metadata")).expect("json");
+    let digest = m["containerimage.digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    (progress, digest)
+}
+
+fn get(url: &str, accept: &str) -> Vec<u8> {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "-H", &format!("Accept: {accept}"), url])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The cache config at `reference` (`repo:tag` on the test registry).
+fn cache_config(repo_tag: &str) -> serde_json::Value {
+    let (repo, tag) = repo_tag.rsplit_once(':').expect("tag");
+    let reg = registry();
+    let m: serde_json::Value = serde_json::from_slice(&get(
+        &format!("http://{reg}/v2/{repo}/manifests/{tag}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    ))
+    .expect("manifest");
+    assert_eq!(
+        m["config"]["mediaType"], "application/vnd.buildkit.cacheconfig.v0",
+        "{m}"
+    );
+    let config = m["config"]["digest"].as_str().expect("config digest");
+    // every layer the config names is in the manifest, with its diffID
+    let c: serde_json::Value = serde_json::from_slice(&get(
+        &format!("http://{reg}/v2/{repo}/blobs/{config}"),
+        "*/*",
+    ))
+    .expect("config");
+    let listed: Vec<&str> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            assert!(
+                l["annotations"]["containerd.io/uncompressed"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("sha256:")),
+                "{l}"
+            );
+            l["digest"].as_str().expect("digest")
+        })
+        .collect();
+    for l in c["layers"].as_array().expect("config layers") {
+        assert!(listed.contains(&l["blob"].as_str().expect("blob")), "{l}");
+    }
+    c
+}
+
+fn results(config: &serde_json::Value) -> usize {
+    config["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r.get("layers").is_some())
+        .count()
+}
+
+#[test]
+fn a_wiped_daemon_rebuilds_from_a_registry_cache_without_running_a_step() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let tag = fresh("max");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let export = format!("type=registry,ref={cache},mode=max");
+    let (first, digest) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-app:a"),
+        &["--export-cache", &export],
+    );
+    assert!(first.contains("ran-all-42"), "{first}");
+    assert!(first.contains("exporting cache to registry"), "{first}");
+    let config = cache_config(&format!("kiln-it/remote-cache:{tag}"));
+    assert!(
+        results(&config) >= 5,
+        "max keeps every step's result: {config}"
+    );
+
+    wipe(&mut d);
+    let import = format!("type=registry,ref={cache}");
+    let (second, digest2) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-app:b"),
+        &["--import-cache", &import],
+    );
+    for s in STEPS {
+        assert!(
+            is_cached(&second, s),
+            "{s} CACHED from the registry:\n{second}"
+        );
+    }
+    for r in ["ran-one-42", "ran-mid-42", "ran-all-42"] {
+        assert!(!second.contains(r), "no step ran:\n{second}");
+    }
+    assert_eq!(digest, digest2, "the same image");
+    assert!(
+        !second.contains("imported cache not loaded"),
+        "every import loaded:\n{second}"
+    );
+
+    // a change in the last stage: with max the other stages stay cached
+    wipe(&mut d);
+    let changed = context("changed\n");
+    let (third, _) = build(
+        &d,
+        &changed,
+        &format!("{reg}/kiln-it/remote-app:c"),
+        &["--import-cache", &import],
+    );
+    for s in ["RUN echo one", "RUN echo mid", "COPY --from=mid"] {
+        assert!(is_cached(&third, s), "{s} CACHED:\n{third}");
+    }
+    assert!(third.contains("ran-all-42"), "{third}");
+    assert!(!third.contains("ran-mid-42"), "{third}");
+}
+
+#[test]
+fn mode_min_keeps_only_the_result_and_writers_merge() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let tag = fresh("min");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let export = format!("type=registry,ref={cache}");
+    let (_, digest) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-min:a"),
+        &["--export-cache", &export],
+    );
+    let config = cache_config(&format!("kiln-it/remote-cache:{tag}"));
+    assert_eq!(results(&config), 1, "min: the result only: {config}");
+
+    // unchanged: every step matches its key, the result is pulled
+    wipe(&mut d);
+    let import = format!("type=registry,ref={cache}");
+    let (same, digest2) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-min:b"),
+        &["--import-cache", &import],
+    );
+    for s in STEPS {
+        assert!(is_cached(&same, s), "{s} CACHED:\n{same}");
+    }
+    for r in ["ran-one-42", "ran-mid-42", "ran-all-42"] {
+        assert!(!same.contains(r), "no step ran:\n{same}");
+    }
+    assert_eq!(digest, digest2);
+
+    // changed: the intermediate stages have no result to load, so they run
+    wipe(&mut d);
+    let changed = context("changed\n");
+    let both = format!("type=registry,ref={cache}");
+    let (run, _) = build(
+        &d,
+        &changed,
+        &format!("{reg}/kiln-it/remote-min:c"),
+        &["--import-cache", &import, "--export-cache", &both],
+    );
+    assert!(run.contains("ran-mid-42"), "{run}");
+    // the second writer's records join the first's: both results are there
+    let merged = cache_config(&format!("kiln-it/remote-cache:{tag}"));
+    assert_eq!(results(&merged), 2, "both writers' results: {merged}");
+    wipe(&mut d);
+    let (again, _) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-min:d"),
+        &["--import-cache", &import],
+    );
+    assert!(
+        is_cached(&again, "RUN cat /mid"),
+        "the first writer's result is kept:\n{again}"
+    );
+}
+
+#[test]
+fn a_bad_cache_ref_is_a_failed_import_not_a_failed_build() {
+    let d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let import = format!("type=registry,ref={reg}/kiln-it/no-such-cache:x");
+    let (progress, _) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-none:a"),
+        &["--import-cache", &import],
+    );
+    assert!(
+        progress.contains("importing cache manifest from"),
+        "{progress}"
+    );
+    assert!(progress.contains("ran-all-42"), "{progress}");
+}
