@@ -446,6 +446,20 @@ pub(crate) fn media_types_of(attrs: &BTreeMap<String, String>) -> MediaTypes {
     }
 }
 
+/// `image_config` with an inline build cache (`moby.buildkit.cache.v0`).
+fn with_inline_cache(image_config: &[u8], inline: &str) -> Result<Vec<u8>, Error> {
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    v.insert(
+        kiln_oci::cache_config::INLINE_CACHE_KEY.to_string(),
+        serde_json::Value::String(inline.to_string()),
+    );
+    serde_json::to_vec(&v).map_err(|source| Error::EncodeJson {
+        what: "image config",
+        source,
+    })
+}
+
 /// The images of a multi-platform result and the index listing them.
 #[derive(Clone, Debug)]
 pub struct AssembledIndex {
@@ -560,6 +574,15 @@ pub(crate) async fn build(
         }
     };
     let image_config = mark_empty_layers(&image_config, &empty)?;
+    let image_config = if req.cache.is_empty() {
+        image_config
+    } else {
+        let blobs: Vec<String> = layers.iter().map(|l| l.descriptor.digest.clone()).collect();
+        match crate::cache::inline_records(&req.cache, &blobs, worker, &options).await? {
+            Some(inline) => with_inline_cache(&image_config, &inline)?,
+            None => image_config,
+        }
+    };
     let mut image = assemble_image(&image_config, &layers, media, &blob_dir)?;
     Annotations::from_attrs(&req.attrs)?.apply_to_image(&mut image)?;
     let config_path = image.blob_path(&image.config_desc.digest);

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
 use kiln_oci::cache_config::{
-    CACHE_CONFIG_MEDIA_TYPE, CacheConfig, INLINE_CACHE_KEY, LayerAnnotations, MAX_CACHE_CONFIG,
-    zero_time,
+    CACHE_CONFIG_MEDIA_TYPE, CacheConfig, CacheInput, CacheLayer, CacheRecord, CacheResult,
+    INLINE_CACHE_KEY, LayerAnnotations, MAX_CACHE_CONFIG, zero_time,
 };
 use kiln_oci::{Descriptor, Index, Manifest, media_types};
 use kiln_registry::Reference;
@@ -160,8 +160,9 @@ fn inline_diff_ids(config: &[u8]) -> Vec<String> {
 }
 
 /// The inline cache of an image: its config's `moby.buildkit.cache.v0`
-/// (base64 of a cache config), the layers described by the manifest and the
-/// config's diffIDs.
+/// (base64 of the cache's records, whose result layers are positions in
+/// the image's layers; a whole cache config is read too), the layers
+/// described by the manifest and the config's diffIDs.
 fn inline(
     r: &Reference,
     config: &[u8],
@@ -171,15 +172,30 @@ fn inline(
     let v: serde_json::Value =
         serde_json::from_slice(config).map_err(|e| cache_err(r, format!("image config: {e}")))?;
     let Some(encoded) = v.get(INLINE_CACHE_KEY).and_then(|x| x.as_str()) else {
-        return Err(cache_err(
-            r,
-            "neither a cache manifest nor an image with an inline cache",
-        ));
+        return Err(cache_err(r, "neither a cache manifest nor an image with an inline cache"));
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|e| cache_err(r, format!("inline cache: {e}")))?;
-    let mut cache = CacheConfig::parse(&bytes).map_err(|e| cache_err(r, e.to_string()))?;
+    let mut cache = if bytes.first() == Some(&b'[') {
+        let records: Vec<CacheRecord> = serde_json::from_slice(&bytes)
+            .map_err(|e| cache_err(r, format!("inline cache: {e}")))?;
+        CacheConfig {
+            layers: layers
+                .iter()
+                .enumerate()
+                .map(|(i, d)| CacheLayer {
+                    blob: d.digest.clone(),
+                    parent_index: i as i64 - 1,
+                    annotations: None,
+                })
+                .collect(),
+            records,
+        }
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| cache_err(r, format!("inline cache: {e}")))?
+    };
+    cache.check().map_err(|e| cache_err(r, e.to_string()))?;
     let by_blob: HashMap<String, String> = layers
         .iter()
         .zip(diff_ids)
@@ -187,6 +203,65 @@ fn inline(
         .collect();
     annotate(&mut cache, layers, &by_blob);
     Ok(cache)
+}
+
+/// The inline cache of an image whose layers are `image` (bottom first):
+/// the records of `nodes`, each result whose layer chain the image starts
+/// with given as its top layer's position (base64 of the records' JSON,
+/// as image configs carry it). `None` when no result is in the image.
+pub(crate) async fn inline_records(
+    nodes: &[CacheNode],
+    image: &[String],
+    worker: &impl crate::WorkerFs,
+    options: &kiln_oci::LayerOptions,
+) -> Result<Option<String>, Error> {
+    let mut records = Vec::with_capacity(nodes.len());
+    let mut any = false;
+    for n in nodes {
+        let mut results = Vec::new();
+        if !n.reference.is_empty() {
+            let chain: Vec<String> = worker
+                .layers(&n.reference, options)
+                .await?
+                .into_iter()
+                .map(|l| l.descriptor.digest)
+                .filter(|d| !d.is_empty())
+                .collect();
+            if !chain.is_empty() && image.starts_with(&chain) {
+                results.push(CacheResult {
+                    layer_index: chain.len() as i64 - 1,
+                    created_at: kiln_oci::rfc3339(n.created / 1_000_000_000),
+                });
+                any = true;
+            }
+        }
+        records.push(CacheRecord {
+            results,
+            digest: n.digest.clone(),
+            inputs: n
+                .inputs
+                .iter()
+                .map(|links| {
+                    links
+                        .iter()
+                        .map(|(selector, node)| CacheInput {
+                            selector: selector.clone(),
+                            link_index: *node as i64,
+                        })
+                        .collect()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    if !any {
+        return Ok(None);
+    }
+    let json = serde_json::to_vec(&records).map_err(|source| Error::EncodeJson {
+        what: "inline cache",
+        source,
+    })?;
+    Ok(Some(base64::engine::general_purpose::STANDARD.encode(json)))
 }
 
 /// Describes every layer of `config` listed in `descs` (diffIDs from their

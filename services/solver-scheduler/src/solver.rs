@@ -312,7 +312,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 .log(&log_digest, 1, format!("{s}\n").into_bytes())
         });
         let r = async {
-            let mut graph = remote.export_graph(spec.mode).await?;
+            let mut graph = remote.export_graph(spec.mode, true).await?;
             let refs: Vec<String> = graph
                 .nodes
                 .iter()
@@ -458,7 +458,23 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             // the exporter reads from one worker: the results are brought there
             let mut refs = vec![solved.r#ref.clone()];
             refs.extend(solved.platforms.iter().map(|p| p.r#ref.clone()));
+            // an inline cache: the records go into the image's config
+            let inline = matches!(kind.as_str(), "image" | "oci" | "docker")
+                && solved.platforms.is_empty()
+                && req.cache_exports.iter().any(|e| e.r#type == "inline");
+            let mut cache = match (inline, build.remote.get()) {
+                (true, Some(Some(r))) => Some(r.export_graph(crate::remote::Mode::Max, false).await?),
+                _ => None,
+            };
+            let nodes = cache.as_ref().map_or(0, |c| c.nodes.len());
+            refs.extend(cache.iter().flat_map(|c| c.nodes.iter().map(|n| n.r#ref.clone())));
             let (worker, mut local) = self.worker.gather(&refs).await?;
+            let node_refs = local.split_off(local.len() - nodes);
+            if let Some(c) = cache.as_mut() {
+                for (n, r) in c.nodes.iter_mut().zip(node_refs) {
+                    n.r#ref = r;
+                }
+            }
             let mut platforms = solved.platforms.clone();
             for (p, r) in platforms.iter_mut().zip(local.drain(1..)) {
                 p.r#ref = r;
@@ -473,7 +489,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 image_config: solved.image_config.clone(),
                 index: index as u32,
                 platforms,
-                cache: None,
+                cache,
             };
             self.exporter.export(job, status).await
         }

@@ -269,6 +269,7 @@ impl Ops {
                 .iter()
                 .filter_map(|i| done.get(&i.0).cloned())
                 .collect();
+            dedupe_inputs(&mut op);
             let dgst = kiln_llb::digest(&kiln_llb::marshal_op(&op));
             done.insert(
                 id,
@@ -300,6 +301,53 @@ impl Ops {
         let result = done.get(&result.0).cloned();
         builder.finish(result)
     }
+}
+
+/// Inputs that are the same vertex output become one, as BuildKit's LLB
+/// marshalling merges them for exec and file ops (two stages `FROM` the same
+/// image, copied one into the other, read one input): the LLB, and so the
+/// cache keys, are BuildKit's.
+fn dedupe_inputs(op: &mut pb::Op) {
+    let n = op.inputs.len();
+    let mut uniq: Vec<pb::Input> = Vec::with_capacity(n);
+    let mut map: Vec<i64> = Vec::with_capacity(n);
+    for i in &op.inputs {
+        let pos = match uniq.iter().position(|u| u == i) {
+            Some(p) => p,
+            None => {
+                uniq.push(i.clone());
+                uniq.len() - 1
+            }
+        };
+        map.push(i64::try_from(pos).unwrap_or(i64::MAX));
+    }
+    if uniq.len() == n {
+        return;
+    }
+    let (n, m) = (n as i64, uniq.len() as i64);
+    // an index below n names an input; from n on, an earlier action's output
+    let remap = |x: i64| match x {
+        x if x < 0 => x,
+        x if x < n => map[x as usize],
+        x => x - n + m,
+    };
+    match &mut op.op {
+        Some(pb::op::Op::Exec(e)) => {
+            for mount in &mut e.mounts {
+                if mount.input < n {
+                    mount.input = remap(mount.input);
+                }
+            }
+        }
+        Some(pb::op::Op::File(f)) => {
+            for a in &mut f.actions {
+                a.input = remap(a.input);
+                a.secondary_input = remap(a.secondary_input);
+            }
+        }
+        _ => return,
+    }
+    op.inputs = uniq;
 }
 
 fn context_op(context: &ContextSource) -> pb::Op {

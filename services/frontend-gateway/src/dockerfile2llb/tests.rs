@@ -419,6 +419,21 @@ async fn busybox_run_shell_exec_and_cmd() {
 }
 
 #[tokio::test]
+async fn a_copy_between_stages_of_one_image_reads_one_input() {
+    // both stages are the same vertex: BuildKit's LLB names it once
+    let df = "FROM busybox AS src\nFROM busybox\nCOPY --from=src /bin/busybox /copied\n";
+    let (_, g) = ok(df).await;
+    let copy = g
+        .vertices
+        .iter()
+        .find(|v| matches!(v.op.op, Some(pb::op::Op::File(_))))
+        .expect("the COPY");
+    assert_eq!(copy.op.inputs.len(), 1, "{:?}", copy.op.inputs);
+    let actions = file_actions(&g);
+    assert_eq!((actions[0].input, actions[0].secondary_input), (0, 0));
+}
+
+#[tokio::test]
 async fn multistage_copy_from_name_and_index() {
     let df = "FROM busybox AS one\nRUN echo 1 > /one\n\nFROM scratch AS two\nCOPY --from=one /one /a\nCOPY --from=0 /one /b/\nFROM two\nCOPY --from=1 /a /c\n";
     let (c, g) = ok(df).await;

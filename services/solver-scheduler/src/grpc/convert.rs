@@ -22,7 +22,9 @@ pub fn build_request(r: SolveRequest) -> BuildRequest {
             attrs: r.exporter_attrs_deprecated,
         });
     }
-    let (cache_exports, cache_imports) = crate::remote::cache_entries(r.cache.unwrap_or_default());
+    let (mut cache_exports, cache_imports) =
+        crate::remote::cache_entries(r.cache.unwrap_or_default());
+    crate::remote::inline_from_build_arg(&r.frontend_attrs, &mut cache_exports);
     BuildRequest {
         cache_exports,
         cache_imports,

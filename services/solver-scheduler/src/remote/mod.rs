@@ -65,6 +65,23 @@ pub fn cache_entries(c: CacheOptions) -> (Vec<CacheEntry>, Vec<CacheEntry>) {
     (exports, imports)
 }
 
+/// The build arg `BUILDKIT_INLINE_CACHE=1` asks for an inline cache, as
+/// `--export-cache type=inline` does (Docker's and buildx's way to ask).
+pub fn inline_from_build_arg(
+    frontend_attrs: &BTreeMap<String, String>,
+    exports: &mut Vec<CacheEntry>,
+) {
+    let on = frontend_attrs
+        .get("build-arg:BUILDKIT_INLINE_CACHE")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "t"));
+    if on && !exports.iter().any(|e| e.r#type == "inline") {
+        exports.push(CacheEntry {
+            r#type: "inline".into(),
+            attrs: BTreeMap::new(),
+        });
+    }
+}
+
 /// Which results a cache export carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -273,10 +290,12 @@ impl Remote {
     }
 
     /// The records an export in `mode` writes, for the exporter; imported
-    /// results it carries are loaded first.
+    /// results it carries are loaded first, unless `load` is false (then
+    /// they are written without a result).
     pub async fn export_graph(
         &self,
         mode: Mode,
+        load: bool,
     ) -> Result<kiln_proto::kiln::exporter::v1::CacheGraph, Error> {
         use kiln_proto::kiln::exporter::v1 as xpb;
         let tops = self.tops.lock().map(|t| t.clone()).unwrap_or_default();
@@ -289,7 +308,7 @@ impl Remote {
             Ok(m) => ids
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| nodes[*i].wants_result)
+                .filter(|(i, _)| load && nodes[*i].wants_result)
                 .filter_map(|(i, id)| Some((i, m.get(id)?.clone())))
                 .collect(),
             Err(_) => Vec::new(),

@@ -202,6 +202,14 @@ pub(crate) fn record(
             m.insert(n, l.clone());
         }
         let matched = matches(&remote.imports, &plan.cm, output, &plan.inputs);
+        tracing::debug!(
+            vertex = digest,
+            output,
+            record = %keys::root_key(&plan.cm.digest, output),
+            links = ?plan.links,
+            matched = matched.len(),
+            "remote cache record"
+        );
         if let Ok(mut o) = outs.lock() {
             o.insert((digest.to_string(), output), Out { node, matched });
         }
