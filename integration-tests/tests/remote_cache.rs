@@ -274,3 +274,112 @@ fn a_bad_cache_ref_is_a_failed_import_not_a_failed_build() {
     );
     assert!(progress.contains("ran-all-42"), "{progress}");
 }
+
+/// `docker ARGS` with BuildKit (Docker's own client, which builds with the
+/// engine's embedded BuildKit when DOCKER_BUILDKIT=1); stderr on failure.
+fn docker_buildkit(dir: &std::path::Path, args: &[&str]) -> String {
+    let docker = if std::path::Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    };
+    let out = std::process::Command::new(docker)
+        .args(args)
+        .current_dir(dir)
+        .env("DOCKER_BUILDKIT", "1")
+        .output()
+        .expect("docker");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "docker {}:\n{text}", args.join(" "));
+    text
+}
+
+/// A Dockerfile whose steps no build on the engine ran before (`token`),
+/// whose keys BuildKit of any version computes alike: copies between stages
+/// of one image.
+fn interop_dockerfile(token: &str) -> BuildContext {
+    let reg = registry();
+    BuildContext::new(&format!(
+        "FROM {reg}/library/busybox:latest AS src\nFROM {reg}/library/busybox:latest\nCOPY --from=src /bin/busybox /copied-{token}\nCOPY --from=src /etc/passwd /etc/passwd-{token}\n"
+    ))
+    .expect("ctx")
+}
+
+#[test]
+fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
+    if !kiln_integration_tests::container_farm::docker_available() {
+        return;
+    }
+    let reg = registry();
+    let d = Kilnd::start();
+
+    // kiln writes an inline cache; the engine's BuildKit builds from it
+    let token = fresh("k2d");
+    let c = interop_dockerfile(&token);
+    let image = format!("{reg}/kiln-it/inline-from-kiln:{token}");
+    let out = format!("type=image,name={image},push=true");
+    d.build(
+        c.path(),
+        &["--export-cache", "type=inline", "--output", &out],
+    );
+    let local_tag = format!("kiln-it-k2d:{token}");
+    let built = docker_buildkit(
+        c.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--cache-from",
+            &image,
+            "-t",
+            &local_tag,
+            ".",
+        ],
+    );
+    for step in [
+        "COPY --from=src /bin/busybox",
+        "COPY --from=src /etc/passwd",
+    ] {
+        assert!(
+            is_cached(&built, step),
+            "{step} CACHED in the engine's BuildKit:\n{built}"
+        );
+    }
+
+    // the engine's BuildKit writes one (BUILDKIT_INLINE_CACHE=1); kiln builds from it
+    let token = fresh("d2k");
+    let c = interop_dockerfile(&token);
+    let image = format!("{reg}/kiln-it/inline-from-docker:{token}");
+    docker_buildkit(
+        c.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            "BUILDKIT_INLINE_CACHE=1",
+            "-t",
+            &image,
+            ".",
+        ],
+    );
+    docker_buildkit(c.path(), &["push", &image]);
+    let import = format!("type=registry,ref={image}");
+    let progress = d.build(c.path(), &["--import-cache", &import]);
+    for step in [
+        "COPY --from=src /bin/busybox",
+        "COPY --from=src /etc/passwd",
+    ] {
+        assert!(
+            is_cached(&progress, step),
+            "{step} CACHED in kiln:\n{progress}"
+        );
+    }
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", "-f", &local_tag, &image])
+        .output();
+}

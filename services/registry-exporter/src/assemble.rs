@@ -448,8 +448,8 @@ pub(crate) fn media_types_of(attrs: &BTreeMap<String, String>) -> MediaTypes {
 
 /// `image_config` with an inline build cache (`moby.buildkit.cache.v0`).
 fn with_inline_cache(image_config: &[u8], inline: &str) -> Result<Vec<u8>, Error> {
-    let mut v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(image_config).map_err(|source| Error::DecodeImageConfig { source })?;
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(image_config)
+        .map_err(|source| Error::DecodeImageConfig { source })?;
     v.insert(
         kiln_oci::cache_config::INLINE_CACHE_KEY.to_string(),
         serde_json::Value::String(inline.to_string()),

@@ -172,7 +172,10 @@ fn inline(
     let v: serde_json::Value =
         serde_json::from_slice(config).map_err(|e| cache_err(r, format!("image config: {e}")))?;
     let Some(encoded) = v.get(INLINE_CACHE_KEY).and_then(|x| x.as_str()) else {
-        return Err(cache_err(r, "neither a cache manifest nor an image with an inline cache"));
+        return Err(cache_err(
+            r,
+            "neither a cache manifest nor an image with an inline cache",
+        ));
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)

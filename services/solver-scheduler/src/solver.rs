@@ -463,11 +463,17 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 && solved.platforms.is_empty()
                 && req.cache_exports.iter().any(|e| e.r#type == "inline");
             let mut cache = match (inline, build.remote.get()) {
-                (true, Some(Some(r))) => Some(r.export_graph(crate::remote::Mode::Max, false).await?),
+                (true, Some(Some(r))) => {
+                    Some(r.export_graph(crate::remote::Mode::Max, false).await?)
+                }
                 _ => None,
             };
             let nodes = cache.as_ref().map_or(0, |c| c.nodes.len());
-            refs.extend(cache.iter().flat_map(|c| c.nodes.iter().map(|n| n.r#ref.clone())));
+            refs.extend(
+                cache
+                    .iter()
+                    .flat_map(|c| c.nodes.iter().map(|n| n.r#ref.clone())),
+            );
             let (worker, mut local) = self.worker.gather(&refs).await?;
             let node_refs = local.split_off(local.len() - nodes);
             if let Some(c) = cache.as_mut() {
