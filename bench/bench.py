@@ -47,7 +47,12 @@ TARGETS = {
     "8b daemon peak RSS over 7 (MiB)": 0.3,
     "8c daemon idle RSS before 2 (MiB)": 0.3,
     "8d daemon idle RSS after 7 (MiB)": 0.3,
+    "9a 20 steps on a wiped daemon, cache imported": 0.5,
 }
+
+# scenario 9's Dockerfile has this many steps after FROM, each checked CACHED on import
+RC_STEPS = 20
+CACHED_LINE = re.compile(rb"^#\d+ CACHED$", re.M)
 
 
 def log(msg):
@@ -357,6 +362,29 @@ class Kiln(Builder):
     def push(self, d, tag, ref):
         return self._build(d, [f"type=image,name={ref},push=true"])
 
+    def _plain(self, d, extra):
+        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "plain",
+               "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}", *extra]
+        t, p = run(cmd)
+        return t, p.stderr
+
+    def cache_export(self, d, repo):
+        """Builds d and writes its cache (mode=max) to repo; returns the ref to import."""
+        ref = f"{repo}:cache"
+        self._plain(d, ["--export-cache", f"type=registry,ref={ref},mode=max"])
+        return ref
+
+    def cache_import(self, d, ref):
+        """Builds d importing ref; returns (seconds, steps shown CACHED)."""
+        out = kiln_output()
+        outputs = [] if out == "none" else ["--output", f"type=image,name=bench/rc,compression={out}"]
+        t, err = self._plain(d, ["--import-cache", f"type=registry,ref={ref}", *outputs])
+        return t, len(CACHED_LINE.findall(err))
+
+    def cached_export_max(self, d, ref):
+        """The cached build of d, its cache written (mode=max) to ref: seconds."""
+        return self._plain(d, ["--export-cache", f"type=registry,ref={ref},mode=max"])[0]
+
 
 class Docker(Builder):
     name = "docker"
@@ -436,6 +464,18 @@ class Docker(Builder):
     def push(self, d, tag, ref):
         t = self.build(d, ref)
         return t + self._docker("push", "-q", ref)[0]
+
+    def cache_export(self, d, repo):
+        """Builds d with an inline cache (docker 20.10 writes no other) and pushes it."""
+        ref = f"{repo}:inline"
+        self._docker("build", "--network", "host", "-q", "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", ref, d)
+        self._docker("push", "-q", ref)
+        return ref
+
+    def cache_import(self, d, ref):
+        t, p = self._docker("build", "--network", "host", "--progress", "plain", "--cache-from", ref,
+                            "-t", "bench/rc", d)
+        return t, len(CACHED_LINE.findall(p.stderr))
 
     def stop(self):
         self.stop_daemon()
@@ -585,6 +625,17 @@ def gen_inputs(tmp, q):
           f"RUN head -c {q4}m /dev/urandom > /r2\n"
           f"RUN yes 'kiln bench compressible line 0123456789' | head -c {q4}m > /t1\n"
           f"RUN seq 1 100000000 | head -c {q4}m > /t2\n")
+    # 9 remote cache: 20 steps (RUNs writing ~256 KiB each, and COPYs)
+    c = d["rc"] = os.path.join(tmp, "in/rc")
+    for i in range(5):
+        write(f"{c}/src/f{i}.txt", f"remote cache file {i}\n" * 500)
+    steps = []
+    for i in range(RC_STEPS):
+        if i % 4 == 3:
+            steps.append(f"COPY src/f{i // 4}.txt /copied/f{i}.txt\n")
+        else:
+            steps.append(f"RUN head -c 262144 /dev/urandom > /r{i} && echo {i} >> /steps\n")
+    write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(steps))
     # 7 concurrency: one Dockerfile built 16 times at once
     c = d["conc"] = os.path.join(tmp, "in/conc")
     for i in range(50):
@@ -778,6 +829,60 @@ class Bench:
                 self.record("8b daemon peak RSS over 7 (MiB)", b, peaks[b.name] / 1024, "MiB")
         self.idle_after("8d daemon idle RSS after 7 (MiB)")
 
+    def s9_remote_cache(self):
+        """A 20-step build on a wiped daemon from a cache in a registry (kiln:
+        registry cache, mode=max; docker 20.10: its inline cache, the only one it
+        writes), and the cost of writing kiln's mode=max cache against pushing
+        the image."""
+        d = self.inp["rc"]
+        imp = "9a 20 steps on a wiped daemon, cache imported"
+        pr = PushRegistry(self.tmp)
+        pr.start()
+        try:
+            refs = {}
+            for b in self.b:  # the cache, written once (not timed)
+                if not hasattr(b, "cache_import"):
+                    continue
+                try:
+                    b.reset()
+                    refs[b.name] = b.cache_export(d, f"{PUSH_REG}/bench/rc-{b.name}")
+                except Exception as e:  # noqa: BLE001
+                    self.fail(imp, b, e)
+
+            def from_cache(b, rep):
+                if b.name not in refs:
+                    return None
+                b.reset()
+                t, cached = b.cache_import(d, refs[b.name])
+                if cached < RC_STEPS:
+                    raise RuntimeError(f"only {cached} of {RC_STEPS} steps CACHED from the imported cache")
+                return t
+            self.each(imp, from_cache)
+
+            # export cost, on a warm daemon: a fresh ref (or repo) per rep, so every blob is uploaded
+            def export_max(b, rep):
+                if not isinstance(b, Kiln):
+                    return None
+                b.build(d, "bench/rc")
+                return b.cached_export_max(d, f"{PUSH_REG}/bench/rcx-{rep}-{time.time_ns()}:cache")
+            self.each("9b cached build + cache export mode=max", export_max)
+
+            def push(b, rep):
+                if not hasattr(b, "cache_import"):
+                    return None
+                b.build(d, "bench/rc")
+                return b.push(d, "bench/rc", f"{PUSH_REG}/bench/rcp-{b.name}-{rep}-{time.time_ns()}:v")
+            self.each("9c cached build + image push", push)
+            k = self.results.get("9b cached build + cache export mode=max", {}).get("kiln")
+            kp = self.results.get("9c cached build + image push", {}).get("kiln")
+            if isinstance(k, list) and k and isinstance(kp, list) and kp:
+                self.extra.append(
+                    "### 9 remote cache\n\nkiln's mode=max cache export (9b) against its own image push (9c) "
+                    f"of the same cached build: {statistics.median(k) / statistics.median(kp):.2f}×. "
+                    "docker 20.10 cannot export a registry cache (that needs buildx), so 9b has no peer.\n")
+        finally:
+            pr.stop()
+
     def idle_after(self, scen):
         time.sleep(3)
         for b in self.b:
@@ -835,7 +940,7 @@ def main():
     ap.add_argument("--reps", type=int, default=int(os.environ.get("BENCH_REPS", "0") or 0))
     ap.add_argument("--peers", default=os.environ.get("BENCH_PEERS", "docker,buildah,buildctl"),
                     help="comma list of peers to try (docker, buildah, buildctl)")
-    ap.add_argument("--scenarios", default=os.environ.get("BENCH_SCENARIOS", "1,2,4,5,6,7"),
+    ap.add_argument("--scenarios", default=os.environ.get("BENCH_SCENARIOS", "1,2,4,5,6,7,9"),
                     help="comma list (2 also runs 3 and 8a; 7 also runs 8b/8c)")
     a = ap.parse_args()
     global BUILD_TIMEOUT
@@ -898,7 +1003,7 @@ def main():
         bench = Bench(builders, inputs, reps, a.quick, tmp, reg)
         t0 = time.monotonic()
         steps = [("1", bench.s1_cold), ("2", bench.s2_s3_big), ("4", bench.s4_par), ("5", bench.s5_chain),
-                 ("7", bench.s7_conc), ("6", bench.s6_export)]
+                 ("7", bench.s7_conc), ("6", bench.s6_export), ("9", bench.s9_remote_cache)]
         for key, fn in steps:
             if key in scen:
                 log(f"== scenario {key}")

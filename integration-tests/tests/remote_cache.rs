@@ -383,3 +383,34 @@ fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
         .args(["rmi", "-f", &local_tag, &image])
         .output();
 }
+
+#[test]
+fn kilnd_toml_names_caches_every_build_exports_and_imports() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let tag = fresh("daemon");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    d.stop(true);
+    let config = d.dir.path().join("kilnd.toml");
+    let mut toml = std::fs::read_to_string(&config).expect("kilnd.toml");
+    toml.push_str(&format!(
+        "[[remote-cache.import]]\ntype = \"registry\"\nref = \"{cache}\"\n\n[[remote-cache.export]]\ntype = \"registry\"\nref = \"{cache}\"\nmode = \"max\"\n"
+    ));
+    std::fs::write(&config, toml).expect("write kilnd.toml");
+    d.spawn();
+    // no cache flag: the daemon's export writes it (its import finds nothing yet, and says so)
+    let c = context("hello\n");
+    let (first, digest) = build(&d, &c, &format!("{reg}/kiln-it/remote-daemon:a"), &[]);
+    assert!(first.contains("exporting cache to registry"), "{first}");
+    assert!(results(&cache_config(&format!("kiln-it/remote-cache:{tag}"))) >= 5);
+    // a new daemon with the same kilnd.toml builds from it
+    wipe(&mut d);
+    let (second, digest2) = build(&d, &c, &format!("{reg}/kiln-it/remote-daemon:b"), &[]);
+    for s in STEPS {
+        assert!(
+            is_cached(&second, s),
+            "{s} CACHED from the daemon's cache:\n{second}"
+        );
+    }
+    assert_eq!(digest, digest2);
+}

@@ -25,6 +25,21 @@ pub struct FileConfig {
     /// `[farm]`: workers joining a scheduler, and how the scheduler treats them.
     #[serde(default)]
     pub farm: Farm,
+    /// `[[remote-cache.import]]` / `[[remote-cache.export]]`: build caches every
+    /// build imports and exports, each a table as `--import-cache`/`--export-cache`
+    /// takes it (`type = "registry"`, `ref = "…"`, `mode = "max"`).
+    #[serde(default, rename = "remote-cache")]
+    pub remote_cache: RemoteCache,
+}
+
+/// `[remote-cache]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCache {
+    #[serde(default)]
+    pub import: Vec<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub export: Vec<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[farm]`.
@@ -366,6 +381,18 @@ http = true
             toml::from_str("[worker.containerd]\naddress = \"/x\"\n").expect("parses");
         assert!(c.worker.containerd.to_config().expect("valid").is_none());
         assert!(toml::from_str::<FileConfig>("[worker.containerd]\nadress = \"/x\"\n").is_err());
+    }
+
+    #[test]
+    fn remote_cache_tables_name_each_cache_as_the_flags_do() {
+        let c: FileConfig = toml::from_str(
+            "[[remote-cache.import]]\ntype = \"registry\"\nref = \"r/cache:main\"\n\n[[remote-cache.export]]\ntype = \"registry\"\nref = \"r/cache:main\"\nmode = \"max\"\n",
+        )
+        .expect("parse");
+        assert_eq!(c.remote_cache.import.len(), 1);
+        assert_eq!(c.remote_cache.export[0]["mode"], "max");
+        assert_eq!(c.remote_cache.export[0]["type"], "registry");
+        assert!(toml::from_str::<FileConfig>("[remote-cache]\nimports = []\n").is_err());
     }
 
     #[test]

@@ -287,11 +287,32 @@ async fn solver_core(
         cache_db: Some(s.root.join("solver").join("cache.redb")),
         gc: s.file.worker.oci.gc_policies()?,
         max_parallelism: s.file.worker.oci.max_parallelism,
+        cache_imports: cache_entries(&s.file.remote_cache.import)?,
+        cache_exports: cache_entries(&s.file.remote_cache.export)?,
         ..Default::default()
     };
+    solver_scheduler::remote::export_specs(&config.cache_exports)
+        .and_then(|_| solver_scheduler::remote::check_imports(&config.cache_imports))
+        .context("kilnd.toml [remote-cache]")?;
     Ok(Arc::new(
         solver_scheduler::Solver::new(config, w, f, e).context("start solver")?,
     ))
+}
+
+/// kilnd.toml's default caches, checked as a build's own are.
+fn cache_entries(
+    tables: &[std::collections::BTreeMap<String, String>],
+) -> anyhow::Result<Vec<solver_scheduler::remote::CacheEntry>> {
+    tables
+        .iter()
+        .map(|t| {
+            let e = solver_scheduler::remote::CacheEntry::from_table(t.clone());
+            if e.r#type.is_empty() {
+                anyhow::bail!("kilnd.toml [[remote-cache]] entry {t:?} has no type");
+            }
+            Ok(e)
+        })
+        .collect()
 }
 
 /// `--worker-addr`'s worker as the scheduler's home member: its id and

@@ -57,6 +57,10 @@ pub struct Config {
     pub gc_interval: Duration,
     /// at most this many steps run on workers at once, across builds
     pub max_parallelism: Option<usize>,
+    /// build caches every build imports and exports besides its own
+    /// (`[[remote-cache.import]]`, `[[remote-cache.export]]` in kilnd.toml)
+    pub cache_imports: Vec<remote::CacheEntry>,
+    pub cache_exports: Vec<remote::CacheEntry>,
 }
 
 impl Default for Config {
@@ -68,6 +72,8 @@ impl Default for Config {
             gc: vec![],
             gc_interval: Duration::from_secs(60),
             max_parallelism: None,
+            cache_imports: vec![],
+            cache_exports: vec![],
         }
     }
 }

@@ -114,9 +114,15 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     /// cancels the build: its vertices stop unless another build shares them.
     pub async fn solve(
         self: &Arc<Self>,
-        req: BuildRequest,
+        mut req: BuildRequest,
     ) -> Result<BTreeMap<String, String>, Error> {
         self.start_gc();
+        crate::remote::add_defaults(
+            &mut req.cache_imports,
+            &mut req.cache_exports,
+            &self.config.cache_imports,
+            &self.config.cache_exports,
+        );
         let (build, returned) = self.register(&req)?;
         let _end = BuildEnd {
             solver: self.clone(),

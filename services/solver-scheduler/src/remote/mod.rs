@@ -27,6 +27,12 @@ pub struct CacheEntry {
 }
 
 impl CacheEntry {
+    /// An entry from a table of kilnd.toml: `type` and the attributes.
+    pub fn from_table(mut t: BTreeMap<String, String>) -> CacheEntry {
+        let r#type = t.remove("type").unwrap_or_default();
+        CacheEntry { r#type, attrs: t }
+    }
+
     pub fn attr(&self, k: &str) -> Option<&str> {
         self.attrs
             .get(k)
@@ -79,6 +85,34 @@ pub fn inline_from_build_arg(
             r#type: "inline".into(),
             attrs: BTreeMap::new(),
         });
+    }
+}
+
+/// The daemon's default caches added to a build's own: every import not
+/// already asked for, and every export to a place the build does not write.
+pub fn add_defaults(
+    imports: &mut Vec<CacheEntry>,
+    exports: &mut Vec<CacheEntry>,
+    default_imports: &[CacheEntry],
+    default_exports: &[CacheEntry],
+) {
+    for d in default_imports {
+        if !imports.contains(d) {
+            imports.push(d.clone());
+        }
+    }
+    for d in default_exports {
+        let same_place = |e: &CacheEntry| {
+            e.r#type == d.r#type
+                && match e.r#type.as_str() {
+                    "registry" => e.attr("ref") == d.attr("ref"),
+                    "local" => e.attr("dest") == d.attr("dest"),
+                    _ => true,
+                }
+        };
+        if !exports.iter().any(same_place) {
+            exports.push(d.clone());
+        }
     }
 }
 
