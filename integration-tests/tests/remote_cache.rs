@@ -414,3 +414,44 @@ fn kilnd_toml_names_caches_every_build_exports_and_imports() {
     }
     assert_eq!(digest, digest2);
 }
+
+#[test]
+fn an_imported_result_is_not_admitted_into_the_daemons_own_cache() {
+    // a shared daemon: one client's import must not decide what another's
+    // build gets for the same step
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let tag = fresh("isolated");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let c = BuildContext::new(
+        "FROM busybox\nRUN head -c 16 /dev/urandom | od -x > /rand && echo ran-rand-$((40+2))\n",
+    )
+    .expect("ctx");
+    let out = tempfile::tempdir().expect("tmp");
+    let dest = |n: &str| format!("type=local,dest={}", out.path().join(n).display());
+    let export = format!("type=registry,ref={cache},mode=max");
+    d.build(
+        c.path(),
+        &["--export-cache", &export, "--output", &dest("exported")],
+    );
+    let exported = std::fs::read(out.path().join("exported/rand")).expect("rand");
+    wipe(&mut d);
+    let import = format!("type=registry,ref={cache}");
+    let imported = d.build(
+        c.path(),
+        &["--import-cache", &import, "--output", &dest("imported")],
+    );
+    assert!(is_cached(&imported, "RUN head -c 16"), "{imported}");
+    assert_eq!(
+        std::fs::read(out.path().join("imported/rand")).expect("rand"),
+        exported,
+        "the imported result"
+    );
+    // the next build without the import runs the step itself
+    let own = d.build(c.path(), &["--output", &dest("own")]);
+    assert!(own.contains("ran-rand-42"), "the step ran:\n{own}");
+    assert_ne!(
+        std::fs::read(out.path().join("own/rand")).expect("rand"),
+        exported
+    );
+}

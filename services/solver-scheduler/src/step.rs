@@ -427,8 +427,9 @@ impl<W: Worker> Step<W> {
     }
 
     /// A step an imported cache knew, once something reads its result:
-    /// the imported result loaded (its layers, pulled by the worker), or the
-    /// step run when there is none or it cannot be loaded; recorded either way.
+    /// the imported result loaded (its layers, pulled by the worker; used by
+    /// this build only, never recorded in the daemon's cache), or the step
+    /// run when there is none or it cannot be loaded (recorded).
     async fn deferred(
         self,
         matched: crate::remote::plan::Matched,
@@ -438,10 +439,7 @@ impl<W: Worker> Step<W> {
             crate::remote::plan::Matched::Result(hit) => {
                 let op = crate::remote::plan::load_op(hit, self.op.platform.clone());
                 match self.run(op, Vec::new()).await {
-                    Ok(mut o) => {
-                        o.content_keys.clear();
-                        Some(o)
-                    }
+                    Ok(o) => Some(o),
                     Err(f) => {
                         let line = format!(
                             "imported cache not loaded, running the step: {}\n",
@@ -455,7 +453,7 @@ impl<W: Worker> Step<W> {
             crate::remote::plan::Matched::Key => None,
         };
         let outputs = match loaded {
-            Some(o) => o,
+            Some(o) => return Ok(o.refs.first().cloned().unwrap_or_default()),
             None => {
                 // shown again, running now
                 let mut pv = self.pv.clone();
@@ -495,10 +493,19 @@ impl<W: Worker> Step<W> {
         if self.lookup
             && let Some(hit) = self.remote_hit.clone()
         {
-            // keyed as a step that ran (so later steps' keys do not depend on
-            // whether it was imported); loaded when read
+            // a step that will run is keyed as one that ran; an imported
+            // result by its layers too, so what is built on it is recorded
+            // under keys only that same content reaches (an import cannot
+            // poison other builds' cache)
             let base = content_key.clone().unwrap_or_else(|| self.key.clone());
-            let keys = vec![digest_of(&[base.as_str(), "0"])];
+            let keys = match &hit {
+                crate::remote::plan::Matched::Key => vec![digest_of(&[base.as_str(), "0"])],
+                crate::remote::plan::Matched::Result(h) => {
+                    let mut parts = vec![base.as_str(), "imported"];
+                    parts.extend(h.layers.iter().map(|l| l.digest.as_str()));
+                    vec![digest_of(&parts)]
+                }
+            };
             let load = async move { self.deferred(hit, content_key).await }
                 .boxed()
                 .shared();
