@@ -240,13 +240,16 @@ impl CacheConfig {
     }
 }
 
+/// A record's identity: its digest and its inputs' (selector, link) pairs.
+type RecordKey = (String, Vec<Vec<(String, i64)>>);
+
 /// Builds a cache config, each layer (blob on a parent) and each record
 /// (digest with inputs) once; a record added again gains the other's results.
 #[derive(Debug, Default)]
 pub struct Builder {
     config: CacheConfig,
     layers: std::collections::HashMap<(String, i64), i64>,
-    records: std::collections::HashMap<(String, Vec<Vec<(String, i64)>>), usize>,
+    records: std::collections::HashMap<RecordKey, usize>,
 }
 
 impl Builder {
