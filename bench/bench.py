@@ -404,8 +404,11 @@ class Docker(Builder):
 
     def start(self):
         self.gen += 1
+        # its own (empty) daemon.json: the machine's may set data-root too
+        cfg = os.path.join(self.dir, "daemon.json")
+        write(cfg, "{}\n")
         self.proc = subprocess.Popen(
-            ["dockerd", "--data-root", os.path.join(self.dir, f"data{self.gen}"),
+            ["dockerd", "--config-file", cfg, "--data-root", os.path.join(self.dir, f"data{self.gen}"),
              "--exec-root", os.path.join(self.dir, "exec"), "-H", f"unix://{self.sock}",
              "--pidfile", os.path.join(self.dir, "dockerd.pid"),
              "--bridge=none", "--iptables=false", "--ip6tables=false",
