@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kiln/worker/v1/worker.proto",
         "kiln/exporter/v1/exporter.proto",
         "kiln/farm/v1/farm.proto",
+        "containerd/services/content/v1/content.proto",
     ];
     let paths: Vec<_> = files.iter().map(|f| root.join(f)).collect();
     for p in &paths {

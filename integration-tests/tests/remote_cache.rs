@@ -455,3 +455,70 @@ fn an_imported_result_is_not_admitted_into_the_daemons_own_cache() {
         exported
     );
 }
+
+#[test]
+fn a_local_cache_directory_round_trips_through_the_client_session() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cache = dir.path().join("cache");
+    let export = format!("type=local,dest={},mode=max", cache.display());
+    let (_, digest) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-local:a"),
+        &["--export-cache", &export],
+    );
+    // an OCI layout: the cache manifest tagged `latest` in index.json, its blobs beside it
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).expect("index.json"))
+            .expect("json");
+    let m = &index["manifests"][0];
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    let hex = m["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cache.join("blobs/sha256").join(&hex)).expect("manifest blob"),
+    )
+    .expect("manifest");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.buildkit.cacheconfig.v0"
+    );
+    for l in manifest["layers"].as_array().expect("layers") {
+        let h = l["digest"]
+            .as_str()
+            .expect("digest")
+            .trim_start_matches("sha256:");
+        assert!(
+            cache.join("blobs/sha256").join(h).exists(),
+            "layer {h} written"
+        );
+    }
+
+    wipe(&mut d);
+    let import = format!("type=local,src={}", cache.display());
+    let (second, digest2) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-local:b"),
+        &["--import-cache", &import],
+    );
+    for s in STEPS {
+        assert!(
+            is_cached(&second, s),
+            "{s} CACHED from the directory:\n{second}"
+        );
+    }
+    for r in ["ran-one-42", "ran-mid-42", "ran-all-42"] {
+        assert!(!second.contains(r), "no step ran:\n{second}");
+    }
+    assert_eq!(digest, digest2, "the same image");
+}

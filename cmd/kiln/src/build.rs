@@ -86,11 +86,11 @@ pub struct BuildArgs {
     /// (build arg, context file, base image digest, input step)
     #[arg(long)]
     explain_cache: bool,
-    /// Export build cache: type=registry,ref=REF[,mode=min|max], type=inline
+    /// Export build cache: type=registry,ref=REF[,mode=min|max], type=local,dest=DIR, type=inline
     /// (a bare REF means type=registry,ref=REF)
     #[arg(long = "export-cache", value_name = "type=TYPE,KEY=VALUE")]
     export_cache: Vec<String>,
-    /// Import build cache: type=registry,ref=REF (a bare REF means
+    /// Import build cache: type=registry,ref=REF, type=local,src=DIR (a bare REF means
     /// type=registry,ref=REF); several may be given
     #[arg(long = "import-cache", value_name = "type=TYPE,KEY=VALUE")]
     import_cache: Vec<String>,
@@ -174,26 +174,104 @@ fn parse_cache_entry(s: &str, flag: &str) -> anyhow::Result<CacheOptionsEntry> {
     Ok(entry)
 }
 
-/// The build's `CacheOptions` (none when no cache flag is given).
-fn cache_options(args: &BuildArgs) -> anyhow::Result<Option<CacheOptions>> {
+/// A local cache directory whose `index.json` tags the exported cache.
+type LocalCacheTag = (PathBuf, String);
+
+/// The build's `CacheOptions` (none when no cache flag is given). Local cache
+/// directories are served on the session (in `att`); an import finds its
+/// manifest through the directory's `index.json` (tag `latest` unless
+/// `tag=` or `digest=` says otherwise), and an export is tagged there after
+/// the build (returned).
+fn cache_options(
+    args: &BuildArgs,
+    att: &mut Attachables,
+) -> anyhow::Result<(Option<CacheOptions>, Vec<LocalCacheTag>)> {
     if args.export_cache.is_empty() && args.import_cache.is_empty() {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
-    let exports = args
-        .export_cache
-        .iter()
-        .map(|s| parse_cache_entry(s, "--export-cache"))
-        .collect::<anyhow::Result<_>>()?;
-    let imports = args
-        .import_cache
-        .iter()
-        .map(|s| parse_cache_entry(s, "--import-cache"))
-        .collect::<anyhow::Result<_>>()?;
-    Ok(Some(CacheOptions {
-        exports,
-        imports,
-        ..Default::default()
-    }))
+    let store = |dir: &str| format!("{}{dir}", kiln_session::content::LOCAL_PREFIX);
+    let mut tags = Vec::new();
+    let mut exports = Vec::new();
+    for s in &args.export_cache {
+        let e = parse_cache_entry(s, "--export-cache")?;
+        if e.r#type == "local" {
+            let dest = e
+                .attrs
+                .get("dest")
+                .filter(|d| !d.is_empty())
+                .with_context(|| {
+                    format!("--export-cache {s:?}: local cache exporter requires dest")
+                })?;
+            std::fs::create_dir_all(dest).with_context(|| format!("create {dest}"))?;
+            att.content.stores.insert(store(dest), PathBuf::from(dest));
+            let tag = e
+                .attrs
+                .get("tag")
+                .cloned()
+                .unwrap_or_else(|| "latest".into());
+            tags.push((PathBuf::from(dest), tag));
+        }
+        exports.push(e);
+    }
+    let mut imports = Vec::new();
+    for s in &args.import_cache {
+        let mut e = parse_cache_entry(s, "--import-cache")?;
+        if e.r#type == "local" {
+            let src = e
+                .attrs
+                .get("src")
+                .filter(|d| !d.is_empty())
+                .cloned()
+                .with_context(|| {
+                    format!("--import-cache {s:?}: local cache importer requires src")
+                })?;
+            if e.attrs.get("digest").is_none_or(String::is_empty) {
+                let tag = e
+                    .attrs
+                    .get("tag")
+                    .cloned()
+                    .unwrap_or_else(|| "latest".into());
+                match kiln_session::content::tagged(std::path::Path::new(&src), &tag) {
+                    Some(d) => {
+                        e.attrs.insert("digest".into(), d);
+                    }
+                    None => {
+                        eprintln!(
+                            "warning: local cache import at {src} skipped: no cache tagged {tag:?} in its index.json"
+                        );
+                        continue;
+                    }
+                }
+            }
+            att.content.stores.insert(store(&src), PathBuf::from(&src));
+        }
+        imports.push(e);
+    }
+    Ok((
+        Some(CacheOptions {
+            exports,
+            imports,
+            ..Default::default()
+        }),
+        tags,
+    ))
+}
+
+/// Tags the exported cache manifest (the `cache.manifest` response) in each
+/// local cache directory's `index.json`.
+fn tag_local_caches(
+    response: &std::collections::BTreeMap<String, String>,
+    tags: &[LocalCacheTag],
+) -> anyhow::Result<()> {
+    let Some(desc) = response.get("cache.manifest") else {
+        return Ok(());
+    };
+    let desc: serde_json::Value = serde_json::from_str(desc).context("cache.manifest")?;
+    for (dir, tag) in tags {
+        kiln_session::content::tag_in_index(dir, &desc, tag)
+            .with_context(|| format!("tag the cache in {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Parses `id=foo,src=path` / `id=foo,env=VAR` (buildctl's --secret).
@@ -275,7 +353,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let mut att = attachables(&args)?;
     let frontend_attrs = frontend_attrs(&args)?;
     let exporters = exporters(&args, &mut att)?;
-    let cache = cache_options(&args)?;
+    let (cache, local_caches) = cache_options(&args, &mut att)?;
 
     let channel = addr.connect().await?;
     let session_id = uuid::Uuid::new_v4().simple().to_string();
@@ -320,6 +398,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
             bail!("failed to solve: {}", s.message())
         }
     };
+    tag_local_caches(&resp.exporter_response, &local_caches)?;
     if let Some(f) = &args.metadata_file {
         let json = serde_json::to_string_pretty(&resp.exporter_response)?;
         std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;

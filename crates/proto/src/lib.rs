@@ -41,6 +41,18 @@ pub mod google {
     }
 }
 
+/// containerd's content store API: a client's local build-cache directory,
+/// served on its session.
+pub mod containerd {
+    pub mod services {
+        pub mod content {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+    }
+}
+
 pub mod moby {
     pub mod sshforward {
         pub mod v1 {

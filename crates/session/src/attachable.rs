@@ -74,6 +74,8 @@ pub struct Attachables {
     pub secrets: BTreeMap<String, SecretSource>,
     /// SSH agent sockets by id (`--ssh default=$SSH_AUTH_SOCK`)
     pub ssh: BTreeMap<String, PathBuf>,
+    /// local build-cache directories (`--export-cache`/`--import-cache type=local`)
+    pub content: crate::content::LocalStores,
 }
 
 fn md_values(req_md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
@@ -466,7 +468,15 @@ pub async fn attach(
         crate::methods::SSH_CHECKAGENT,
         crate::methods::SSH_FORWARDAGENT,
         crate::methods::AUTH_CREDENTIALS,
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        (!att.content.stores.is_empty())
+            .then_some(crate::methods::CONTENT)
+            .into_iter()
+            .flatten()
+            .copied(),
+    ) {
         put(md, headers::SESSION_METHOD, m);
     }
     let resp = ControlClient::new(control)
@@ -494,7 +504,8 @@ pub async fn attach(
         .add_service(
             kiln_proto::moby::filesync::v1::auth_server::AuthServer::new(crate::auth::Auth),
         )
-        .add_service(health_server::HealthServer::new(Health));
+        .add_service(health_server::HealthServer::new(Health))
+        .add_service(crate::content::server(att.content));
     let incoming = futures::stream::once(async move { Ok::<_, std::io::Error>(conn) })
         .chain(futures::stream::pending());
     let task = tokio::spawn(async move {

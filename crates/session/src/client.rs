@@ -222,10 +222,20 @@ impl SessionClient {
         req: &impl Message,
         absent: &[tonic::Code],
     ) -> Result<Reply, Error> {
+        self.unary_with(method, BTreeMap::new(), req, absent).await
+    }
+
+    async fn unary_with(
+        &self,
+        method: &'static str,
+        metadata: BTreeMap<String, String>,
+        req: &impl Message,
+        absent: &[tonic::Code],
+    ) -> Result<Reply, Error> {
         let is_absent =
             |e: &Error| matches!(e, Error::Call { source, .. } if absent.contains(&source.code));
         let mut conn = match self
-            .open_with(method, BTreeMap::new(), Some(req.encode_to_vec()))
+            .open_with(method, metadata, Some(req.encode_to_vec()))
             .await
         {
             Ok(c) => c,
@@ -350,6 +360,170 @@ impl SessionClient {
         }
         up.abort();
         Ok(())
+    }
+
+    fn store_md(store: &str) -> BTreeMap<String, String> {
+        let mut md = BTreeMap::new();
+        md.insert(crate::content::STORE_ID.to_string(), store.to_string());
+        md
+    }
+
+    /// Content.Info in the client's content store `store`: the blob's size;
+    /// `None` when the store does not have it.
+    pub async fn content_size(&self, store: &str, digest: &str) -> Result<Option<u64>, Error> {
+        use kiln_proto::containerd::services::content::v1::{InfoRequest, InfoResponse};
+        let req = InfoRequest {
+            digest: digest.to_string(),
+        };
+        let absent = [tonic::Code::NotFound];
+        let reply = self
+            .unary_with(methods::CONTENT_INFO, Self::store_md(store), &req, &absent)
+            .await?;
+        let Reply::Message(b) = reply else {
+            return Ok(None);
+        };
+        let resp = InfoResponse::decode(b.as_slice()).map_err(|source| Error::Decode {
+            what: format!("content info {digest}"),
+            source,
+        })?;
+        Ok(resp.info.and_then(|i| u64::try_from(i.size).ok()))
+    }
+
+    /// Content.Read of a whole blob from the client's store `store`, each
+    /// chunk handed to `sink` in order; at most `limit` bytes.
+    pub async fn content_read(
+        &self,
+        store: &str,
+        digest: &str,
+        limit: u64,
+        mut sink: impl FnMut(&[u8]) -> Result<(), Error> + Send,
+    ) -> Result<u64, Error> {
+        use kiln_proto::containerd::services::content::v1::{
+            ReadContentRequest, ReadContentResponse,
+        };
+        let req = ReadContentRequest {
+            digest: digest.to_string(),
+            offset: 0,
+            size: 0,
+        };
+        let mut conn = self
+            .open_with(
+                methods::CONTENT_READ,
+                Self::store_md(store),
+                Some(req.encode_to_vec()),
+            )
+            .await?;
+        conn.tx = None;
+        let mut read = 0u64;
+        while let Some(b) = conn.recv_bytes().await? {
+            let m = ReadContentResponse::decode(b.as_slice()).map_err(|source| Error::Decode {
+                what: format!("content {digest}"),
+                source,
+            })?;
+            if u64::try_from(m.offset).ok() != Some(read) {
+                return Err(Error::Protocol(format!(
+                    "content {digest}: chunk at offset {}, expected {read}",
+                    m.offset
+                )));
+            }
+            read += m.data.len() as u64;
+            if read > limit {
+                return Err(Error::Protocol(format!(
+                    "content {digest}: more than the {limit} bytes expected"
+                )));
+            }
+            sink(&m.data)?;
+        }
+        Ok(read)
+    }
+
+    /// Content.Write of a blob into the client's store `store` from `r`
+    /// (`size` bytes, digest `digest`): false when the store already has it.
+    pub async fn content_write(
+        &self,
+        store: &str,
+        digest: &str,
+        size: u64,
+        mut r: impl AsyncRead + Unpin + Send,
+    ) -> Result<bool, Error> {
+        use kiln_proto::containerd::services::content::v1::{
+            WriteAction, WriteContentRequest, WriteContentResponse,
+        };
+        let total = i64::try_from(size).unwrap_or(i64::MAX);
+        let stat = WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: digest.to_string(),
+            total,
+            expected: digest.to_string(),
+            ..Default::default()
+        };
+        let mut conn = self
+            .open(methods::CONTENT_WRITE, Self::store_md(store))
+            .await?;
+        let exists = |e: &Error| matches!(e, Error::Call { source, .. } if source.code == tonic::Code::AlreadyExists);
+        let ask = async |conn: &mut Forwarded, req: WriteContentRequest| {
+            conn.send_bytes(req.encode_to_vec()).await?;
+            let b = conn
+                .recv_bytes()
+                .await?
+                .ok_or_else(|| Error::Protocol(format!("content write {digest}: no answer")))?;
+            WriteContentResponse::decode(b.as_slice()).map_err(|source| Error::Decode {
+                what: format!("content write {digest}"),
+                source,
+            })
+        };
+        match ask(&mut conn, stat).await {
+            Ok(_) => {}
+            Err(e) if exists(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0i64;
+        loop {
+            let n = r
+                .read(&mut buf)
+                .await
+                .map_err(Error::io("read", format!("blob {digest}")))?;
+            if n == 0 {
+                break;
+            }
+            let resp = ask(
+                &mut conn,
+                WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    offset,
+                    data: buf[..n].to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            offset += n as i64;
+            if resp.offset != offset {
+                return Err(Error::Protocol(format!(
+                    "content write {digest}: store at offset {}, sent {offset}",
+                    resp.offset
+                )));
+            }
+        }
+        let resp = ask(
+            &mut conn,
+            WriteContentRequest {
+                action: WriteAction::Commit as i32,
+                total,
+                offset,
+                expected: digest.to_string(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        if resp.digest != digest {
+            return Err(Error::Protocol(format!(
+                "content write {digest}: the store committed {}",
+                resp.digest
+            )));
+        }
+        conn.tx = None;
+        Ok(true)
     }
 
     fn exporter_md(exporter_id: u32) -> BTreeMap<String, String> {

@@ -13,6 +13,7 @@
 
 pub mod attachable;
 pub mod auth;
+pub mod content;
 pub mod dial;
 pub mod filesync;
 pub mod hijack;
@@ -53,6 +54,21 @@ pub mod methods {
     pub const SSH_CHECKAGENT: &str = "/moby.sshforward.v1.SSH/CheckAgent";
     pub const SSH_FORWARDAGENT: &str = "/moby.sshforward.v1.SSH/ForwardAgent";
     pub const AUTH_CREDENTIALS: &str = "/moby.filesync.v1.Auth/Credentials";
+    pub const CONTENT_INFO: &str = "/containerd.services.content.v1.Content/Info";
+    pub const CONTENT_READ: &str = "/containerd.services.content.v1.Content/Read";
+    pub const CONTENT_WRITE: &str = "/containerd.services.content.v1.Content/Write";
+    /// Every method of the content service a client serves for local caches.
+    pub const CONTENT: &[&str] = &[
+        CONTENT_INFO,
+        "/containerd.services.content.v1.Content/Update",
+        "/containerd.services.content.v1.Content/List",
+        "/containerd.services.content.v1.Content/Delete",
+        CONTENT_READ,
+        "/containerd.services.content.v1.Content/Status",
+        "/containerd.services.content.v1.Content/ListStatuses",
+        CONTENT_WRITE,
+        "/containerd.services.content.v1.Content/Abort",
+    ];
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -153,6 +153,55 @@ pub(crate) async fn read_cache(
     Ok(config)
 }
 
+/// The cache in the client's content store `store` (`local:DIR`) whose
+/// manifest (or index) is `digest`: a manifest or an index naming a cache
+/// config, read through the client's session.
+pub async fn read_local_cache(
+    client: &impl crate::ClientSink,
+    store: &str,
+    digest: &str,
+) -> Result<CacheConfig, Error> {
+    let err = |reason: String| Error::Cache {
+        reference: format!("{store}@{digest}"),
+        reason,
+    };
+    let bytes = client.content_read(store, digest, 8 << 20).await?;
+    if kiln_oci::digest::sha256(&bytes) != digest {
+        return Err(err("the manifest does not match its digest".into()));
+    }
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        manifests: Option<Vec<Descriptor>>,
+        #[serde(default)]
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+    }
+    let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| err(format!("manifest: {e}")))?;
+    let (config_desc, layers) = match (peek.manifests, peek.config) {
+        (Some(mut all), _) => {
+            let i = all
+                .iter()
+                .rposition(|d| d.media_type == CACHE_CONFIG_MEDIA_TYPE)
+                .ok_or_else(|| err("an index without a cache config".into()))?;
+            let config = all.remove(i);
+            (config, all)
+        }
+        (None, Some(c)) if c.media_type == CACHE_CONFIG_MEDIA_TYPE => (c, peek.layers),
+        _ => return Err(err("not a cache manifest".into())),
+    };
+    let bytes = client
+        .content_read(store, &config_desc.digest, MAX_CACHE_CONFIG as u64)
+        .await?;
+    if kiln_oci::digest::sha256(&bytes) != config_desc.digest {
+        return Err(err("the cache config does not match its digest".into()));
+    }
+    let mut config = CacheConfig::parse(&bytes).map_err(|e| err(e.to_string()))?;
+    annotate(&mut config, &layers, &HashMap::new());
+    Ok(config)
+}
+
 fn inline_diff_ids(config: &[u8]) -> Vec<String> {
     serde_json::from_slice::<kiln_oci::ImageConfig>(config)
         .map(|c| c.rootfs.diff_ids)

@@ -84,6 +84,12 @@ pub enum Error {
         reference: String,
         source: Box<kiln_registry::Error>,
     },
+    #[error("write blob {digest} of the build cache to {target}")]
+    CacheWrite {
+        target: String,
+        digest: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("build cache {reference}: {reason}")]
     Cache { reference: String, reason: String },
     #[error("background task for {op} failed")]

@@ -75,6 +75,49 @@ pub trait ClientSink: Send + Sync {
         let _ = host;
         async { None }
     }
+    /// The size of blob `digest` in the client's content store `store`
+    /// (`local:DIR`, a local build cache); `None` when it lacks it.
+    fn content_size(
+        &self,
+        store: &str,
+        digest: &str,
+    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send {
+        let _ = digest;
+        let store = store.to_string();
+        async move { Err(no_store(&store)) }
+    }
+    /// Blob `digest` of the client's content store `store`, read whole (at
+    /// most `limit` bytes): small blobs only (manifests, configs).
+    fn content_read(
+        &self,
+        store: &str,
+        digest: &str,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send {
+        let _ = (digest, limit);
+        let store = store.to_string();
+        async move { Err(no_store(&store)) }
+    }
+    /// Writes blob `digest` (`size` bytes from `data`) into the client's
+    /// content store `store`.
+    fn content_write(
+        &self,
+        store: &str,
+        digest: &str,
+        size: u64,
+        data: FileData,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = (digest, size, data);
+        let store = store.to_string();
+        async move { Err(no_store(&store)) }
+    }
+}
+
+pub(crate) fn no_store(store: &str) -> Error {
+    Error::Cache {
+        reference: store.to_string(),
+        reason: "the build has no client session to write it to".into(),
+    }
 }
 
 impl ClientSink for kiln_session::SessionClient {
@@ -91,6 +134,42 @@ impl ClientSink for kiln_session::SessionClient {
             .await
             .map_err(|source| Error::Session {
                 op: "send directory",
+                source: Box::new(source),
+            })
+    }
+    async fn content_size(&self, store: &str, digest: &str) -> Result<Option<u64>, Error> {
+        kiln_session::SessionClient::content_size(self, store, digest)
+            .await
+            .map_err(|source| Error::Session {
+                op: "look up a blob in the client's cache directory",
+                source: Box::new(source),
+            })
+    }
+    async fn content_read(&self, store: &str, digest: &str, limit: u64) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        kiln_session::SessionClient::content_read(self, store, digest, limit, |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .await
+        .map_err(|source| Error::Session {
+            op: "read a blob from the client's cache directory",
+            source: Box::new(source),
+        })?;
+        Ok(out)
+    }
+    async fn content_write(
+        &self,
+        store: &str,
+        digest: &str,
+        size: u64,
+        data: FileData,
+    ) -> Result<(), Error> {
+        kiln_session::SessionClient::content_write(self, store, digest, size, data)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Session {
+                op: "write a blob into the client's cache directory",
                 source: Box::new(source),
             })
     }

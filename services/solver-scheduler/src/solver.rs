@@ -230,7 +230,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             response.extend(self.export(build, req, &solved, i, attrs).await?);
         }
         for spec in &cache_exports {
-            self.export_cache(build, req, spec).await?;
+            response.extend(self.export_cache(build, req, spec).await?);
         }
         Ok(response)
     }
@@ -287,14 +287,15 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         build: &Arc<Build>,
         req: &BuildRequest,
         spec: &crate::remote::ExportSpec,
-    ) -> Result<(), Error> {
+    ) -> Result<BTreeMap<String, String>, Error> {
         let Some(Some(remote)) = build.remote.get() else {
-            return Ok(());
+            return Ok(BTreeMap::new());
         };
         let kind = match spec.entry.r#type.as_str() {
             "registry" => "cache/registry",
+            "local" => "cache/local",
             // inline records travel with the image export
-            _ => return Ok(()),
+            _ => return Ok(BTreeMap::new()),
         };
         let vdigest = kiln_digest::sha256(
             format!(
@@ -306,7 +307,10 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         );
         let mut pv = ProgressVertex {
             digest: vdigest.clone(),
-            name: format!("exporting cache to {}", spec.entry.r#type),
+            name: match kind {
+                "cache/local" => "exporting cache to client directory".to_string(),
+                _ => format!("exporting cache to {}", spec.entry.r#type),
+            },
             started: Some(now()),
             ..Default::default()
         };
@@ -349,7 +353,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         .await;
         pv.completed = Some(now());
         let out = match r {
-            Ok(_) => Ok(()),
+            Ok(resp) => Ok(resp),
             Err(e) if spec.ignore_error => {
                 build.progress.log(
                     &vdigest,
@@ -357,7 +361,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                     format!("cache export failed (ignore-error=true): {}\n", chain(&e))
                         .into_bytes(),
                 );
-                Ok(())
+                Ok(BTreeMap::new())
             }
             Err(e) => {
                 pv.error = chain(&e);

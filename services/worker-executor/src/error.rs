@@ -61,6 +61,12 @@ pub enum Error {
         #[source]
         source: kiln_session::Error,
     },
+    #[error("{op}")]
+    CacheSession {
+        op: &'static str,
+        #[source]
+        source: kiln_session::Error,
+    },
     #[error("runtime spec")]
     Spec {
         #[source]

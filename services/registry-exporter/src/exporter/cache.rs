@@ -1,9 +1,11 @@
-//! The `cache/registry` exporter (`--export-cache type=registry,ref=R`): the
-//! build's cache records and their results' layers, merged with what the
-//! ref already holds (so several writers of one ref keep each other's
-//! records), pushed as a manifest whose config is the cache config, or with
-//! `image-manifest=false` as an index listing the layers and the config.
-//! Only blobs the registry lacks are read from the worker and uploaded.
+//! The cache exporters: `cache/registry` (`--export-cache type=registry,ref=R`)
+//! and `cache/local` (`type=local,dest=DIR`, written into the client's
+//! directory through its session's content store). Both write the build's
+//! cache records and their results' layers as a manifest whose config is the
+//! cache config, or with `image-manifest=false` as an index listing the layers
+//! and the config; a registry ref's records are merged with what it already
+//! holds (so several writers of one ref keep each other's records). Only blobs
+//! the target lacks are read from the worker and written.
 
 use std::collections::BTreeMap;
 
@@ -22,21 +24,133 @@ use crate::{ClientSink, Error, WorkerFs};
 /// Blobs read and pushed at once.
 const CONCURRENCY: usize = 4;
 
+/// Where a cache is written.
+enum Target<'a, C> {
+    Registry {
+        registry: kiln_registry::Client,
+        r: kiln_registry::Reference,
+    },
+    /// the client's content store `local:DIR`
+    Local { client: &'a C, store: String },
+}
+
+impl<C: ClientSink> Target<'_, C> {
+    fn name(&self) -> String {
+        match self {
+            Target::Registry { r, .. } => r.to_string(),
+            Target::Local { store, .. } => store.clone(),
+        }
+    }
+
+    fn write_err(&self, digest: &str, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
+        Error::CacheWrite {
+            target: self.name(),
+            digest: digest.to_string(),
+            source,
+        }
+    }
+
+    async fn has(&self, digest: &str) -> Result<bool, Error> {
+        match self {
+            Target::Registry { registry, r } => registry
+                .blob_exists(r, digest)
+                .await
+                .map_err(|e| self.write_err(digest, Box::new(e))),
+            Target::Local { client, store } => {
+                Ok(client.content_size(store, digest).await?.is_some())
+            }
+        }
+    }
+
+    /// Writes blob `desc` from the file `path`.
+    async fn put(&self, desc: &Descriptor, path: &std::path::Path) -> Result<(), Error> {
+        match self {
+            Target::Registry { registry, r } => registry
+                .push_blob(r, desc, path)
+                .await
+                .map(|_| ())
+                .map_err(|e| self.write_err(&desc.digest, Box::new(e))),
+            Target::Local { client, store } => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|source| Error::Io {
+                        op: "open blob",
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                client
+                    .content_write(store, &desc.digest, desc.size, Box::new(file))
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// Writes the top manifest.
+    async fn put_manifest(
+        &self,
+        media_type: &str,
+        bytes: Vec<u8>,
+        tmp: &std::path::Path,
+    ) -> Result<(), Error> {
+        match self {
+            Target::Registry { registry, r } => registry
+                .push_manifest(r, media_type, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|source| Error::PushManifest {
+                    reference: r.to_string(),
+                    source: Box::new(source),
+                }),
+            Target::Local { .. } => {
+                let desc = Descriptor {
+                    media_type: media_type.to_string(),
+                    digest: kiln_oci::digest::sha256(&bytes),
+                    size: bytes.len() as u64,
+                    ..Default::default()
+                };
+                let path = tmp.join("cache-manifest");
+                tokio::fs::write(&path, &bytes)
+                    .await
+                    .map_err(|source| Error::Io {
+                        op: "write cache manifest",
+                        path: path.clone(),
+                        source,
+                    })?;
+                self.put(&desc, &path).await
+            }
+        }
+    }
+}
+
 pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     job: &Job<'_, W, C>,
 ) -> Result<BTreeMap<String, String>, Error> {
     let attrs = &job.req.attrs;
-    let reference =
+    let required = |key: &str| {
         attrs
-            .get("ref")
+            .get(key)
             .filter(|r| !r.is_empty())
             .ok_or_else(|| Error::InvalidAttr {
-                key: "ref".into(),
+                key: key.into(),
                 value: String::new(),
-            })?;
-    let r = parse_ref(reference)?;
-    let insecure = bool_attr(attrs, "registry.insecure", false);
-    let registry = push_client(job, std::slice::from_ref(reference), insecure).await?;
+            })
+    };
+    let target = if job.req.kind == "cache/local" {
+        let dest = required("dest")?;
+        Target::Local {
+            client: job.client,
+            store: format!("{}{dest}", kiln_session::content::LOCAL_PREFIX),
+        }
+    } else {
+        let reference = required("ref")?;
+        let insecure = bool_attr(attrs, "registry.insecure", false);
+        Target::Registry {
+            registry: push_client(job, std::slice::from_ref(reference), insecure).await?,
+            r: parse_ref(reference)?,
+        }
+    };
+    let reference = target.name();
     let options = assemble::layer_options(attrs)?;
     let media = assemble::media_types_of(attrs);
     let say = |s: String| {
@@ -115,7 +229,14 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
 
     // what the ref holds already stays (its blobs are there)
     let mut merged = Builder::default();
-    match read_cache(&registry, &r).await {
+    let existing = match &target {
+        Target::Registry { registry, r } => read_cache(registry, r).await,
+        Target::Local { .. } => Err(Error::Cache {
+            reference: reference.clone(),
+            reason: "a client directory is written whole".into(),
+        }),
+    };
+    match existing {
         Ok(existing) => {
             say(format!(
                 "merging with the {} records at {reference}",
@@ -147,30 +268,19 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         .filter_map(|l| blobs.get(&l.blob).cloned())
         .collect();
     let total = ours_blobs.len();
+    let target = &target;
     let uploads: Vec<_> = ours_blobs
         .iter()
-        .map(|d| {
-            let (registry, r) = (registry.clone(), r.clone());
-            async move {
-                let push_err = |source| Error::PushBlob {
-                    reference: r.to_string(),
-                    digest: d.digest.clone(),
-                    source: Box::new(source),
-                };
-                if registry
-                    .blob_exists(&r, &d.digest)
-                    .await
-                    .map_err(push_err)?
-                {
-                    return Ok(false);
-                }
-                let _ = job.progress.try_send(format!("writing layer {}", d.digest));
-                assemble::fetch_layer(job.worker, d, job.tmp).await?;
-                let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
-                registry.push_blob(&r, d, &path).await.map_err(push_err)?;
-                let _ = tokio::fs::remove_file(&path).await;
-                Ok::<bool, Error>(true)
+        .map(|d| async move {
+            if target.has(&d.digest).await? {
+                return Ok(false);
             }
+            let _ = job.progress.try_send(format!("writing layer {}", d.digest));
+            assemble::fetch_layer(job.worker, d, job.tmp).await?;
+            let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
+            target.put(d, &path).await?;
+            let _ = tokio::fs::remove_file(&path).await;
+            Ok::<bool, Error>(true)
         })
         .collect();
     let outcomes: Vec<bool> = stream::iter(uploads)
@@ -199,14 +309,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
             path: config_path.clone(),
             source,
         })?;
-    registry
-        .push_blob(&r, &config_desc, &config_path)
-        .await
-        .map_err(|source| Error::PushBlob {
-            reference: r.to_string(),
-            digest: config_desc.digest.clone(),
-            source: Box::new(source),
-        })?;
+    target.put(&config_desc, &config_path).await?;
     let mut layers: Vec<Descriptor> = config
         .layers
         .iter()
@@ -244,19 +347,24 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         what: "cache manifest",
         source,
     })?;
-    let digest = kiln_oci::digest::sha256(&manifest);
+    let manifest_desc = Descriptor {
+        media_type: media_type.to_string(),
+        digest: kiln_oci::digest::sha256(&manifest),
+        size: manifest.len() as u64,
+        ..Default::default()
+    };
+    let digest = manifest_desc.digest.clone();
     say(format!("writing cache manifest {digest}"));
-    registry
-        .push_manifest(&r, media_type, manifest)
-        .await
-        .map_err(|source| Error::PushManifest {
-            reference: r.to_string(),
-            source: Box::new(source),
-        })?;
+    target.put_manifest(media_type, manifest, job.tmp).await?;
     say(format!(
         "cache exported to {reference}: {} records, {} layers ({uploaded} of {total} uploaded)",
         config.records.len(),
         config.layers.len()
     ));
-    Ok(BTreeMap::from([("cache.digest".to_string(), digest)]))
+    // the client tags it in a local directory's index.json
+    let desc = serde_json::to_string(&manifest_desc).map_err(|source| Error::EncodeJson {
+        what: "cache manifest descriptor",
+        source,
+    })?;
+    Ok(BTreeMap::from([("cache.manifest".to_string(), desc)]))
 }

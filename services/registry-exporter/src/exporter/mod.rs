@@ -77,7 +77,7 @@ impl Exporter {
             "docker" => docker::export(&job).await,
             "tar" => tar::export(&job).await,
             "local" => local::export(&job).await,
-            "cache/registry" => cache::export(&job).await,
+            "cache/registry" | "cache/local" => cache::export(&job).await,
             other => Err(Error::UnknownExporter {
                 kind: other.to_string(),
             }),

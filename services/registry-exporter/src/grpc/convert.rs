@@ -157,7 +157,7 @@ impl From<Error> for Status {
             | Error::PushManifest { source, .. } => registry_code(source),
             Error::DialWorker { .. } | Error::DialBroker { .. } => Code::Unavailable,
             Error::Worker { source, .. } => source.code,
-            Error::Session { .. } => Code::Unavailable,
+            Error::Session { .. } | Error::CacheWrite { .. } => Code::Unavailable,
             Error::LayerMismatch { .. } => Code::DataLoss,
             Error::RegistryClient { .. }
             | Error::EncodeJson { .. }

@@ -48,6 +48,30 @@ impl ClientSink for Sink {
             Sink::None => None,
         }
     }
+    async fn content_size(&self, store: &str, digest: &str) -> Result<Option<u64>, Error> {
+        match self {
+            Sink::Session(s) => ClientSink::content_size(s, store, digest).await,
+            Sink::None => Err(crate::no_store(store)),
+        }
+    }
+    async fn content_read(&self, store: &str, digest: &str, limit: u64) -> Result<Vec<u8>, Error> {
+        match self {
+            Sink::Session(s) => ClientSink::content_read(s, store, digest, limit).await,
+            Sink::None => Err(crate::no_store(store)),
+        }
+    }
+    async fn content_write(
+        &self,
+        store: &str,
+        digest: &str,
+        size: u64,
+        data: crate::FileData,
+    ) -> Result<(), Error> {
+        match self {
+            Sink::Session(s) => ClientSink::content_write(s, store, digest, size, data).await,
+            Sink::None => Err(crate::no_store(store)),
+        }
+    }
 }
 
 fn status_event(s: String) -> xpb::ExportEvent {
@@ -88,9 +112,31 @@ impl ExporterRpc for ExporterService {
         request: Request<xpb::ResolveCacheRequest>,
     ) -> Result<Response<xpb::ResolveCacheResponse>, Status> {
         let req = request.into_inner();
+        if req.r#type == "local" {
+            let src = req.attrs.get("src").cloned().unwrap_or_default();
+            let digest = req.attrs.get("digest").cloned().unwrap_or_default();
+            if digest.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "local cache import from {src} requires the digest of its manifest (the client reads it from index.json)"
+                )));
+            }
+            let store = format!("{}{src}", kiln_session::content::LOCAL_PREFIX);
+            let broker = &self.core.config().broker;
+            let channel = kiln_session::dial::connect(broker).await.map_err(|e| {
+                Status::unavailable(format!("connect to session broker {broker}: {e}"))
+            })?;
+            let session = kiln_session::SessionClient::new(channel, req.session_id.clone());
+            let config = crate::cache::read_local_cache(&session, &store, &digest).await?;
+            let config = serde_json::to_vec(&config)
+                .map_err(|e| Status::internal(format!("encode cache config: {e}")))?;
+            return Ok(Response::new(xpb::ResolveCacheResponse {
+                config,
+                r#ref: store,
+            }));
+        }
         if req.r#type != "registry" {
             return Err(Status::unimplemented(format!(
-                "kiln cannot import a build cache of type {:?} yet",
+                "kiln cannot import a build cache of type {:?}",
                 req.r#type
             )));
         }

@@ -47,9 +47,23 @@ struct Pull<'a> {
     w: &'a Worker,
     /// the reference as the build wrote it
     name: &'a str,
-    registry: kiln_registry::Client,
-    reference: kiln_registry::Reference,
+    from: BlobSource,
     events: &'a mpsc::Sender<Event>,
+}
+
+/// Where a pull's blobs come from.
+#[derive(Clone)]
+enum BlobSource {
+    Registry {
+        registry: kiln_registry::Client,
+        reference: kiln_registry::Reference,
+    },
+    /// a content store the client serves on its session (`local:DIR`, a
+    /// local build cache)
+    Session {
+        client: kiln_session::SessionClient,
+        store: String,
+    },
 }
 
 /// Pulls and unpacks an image; returns the top layer's snapshot (`None` for no layers).
@@ -68,18 +82,17 @@ pub(super) async fn image(
     let plat = oci_platform(platform);
     // concurrent pulls of one image wait for the first (its layers are then found)
     let _pull = w.pull_lock(format!("image {r} {plat}")).lock_owned().await;
+    let registry = registry_for(w, session_id, &reference).await;
+    let resolved = registry.resolve(&reference, &plat).await.map_err(reg)?;
     let pull = Pull {
         w,
         name: r,
-        registry: registry_for(w, session_id, &reference).await,
-        reference,
+        from: BlobSource::Registry {
+            registry,
+            reference,
+        },
         events,
     };
-    let resolved = pull
-        .registry
-        .resolve(&pull.reference, &plat)
-        .await
-        .map_err(reg)?;
     let ids = diff_ids(&resolved.config)
         .ok_or_else(|| pull.image_error("config has no rootfs.diff_ids".into()))?;
     let layers = &resolved.manifest.layers;
@@ -104,16 +117,33 @@ pub(super) async fn cache_layers(
     session_id: &str,
     events: &mpsc::Sender<Event>,
 ) -> Result<Option<String>> {
-    let reg = |source| Error::Registry {
-        reference: repository.to_string(),
-        source,
+    let from = if repository.starts_with(kiln_session::content::LOCAL_PREFIX) {
+        let broker = &w.config().broker;
+        let channel = kiln_session::dial::connect(broker)
+            .await
+            .map_err(|source| Error::CacheSession {
+                op: "connect to the session broker",
+                source,
+            })?;
+        BlobSource::Session {
+            client: kiln_session::SessionClient::new(channel, session_id.to_string()),
+            store: repository.to_string(),
+        }
+    } else {
+        let reg = |source| Error::Registry {
+            reference: repository.to_string(),
+            source,
+        };
+        let reference = kiln_registry::Reference::parse(repository).map_err(reg)?;
+        BlobSource::Registry {
+            registry: registry_for(w, session_id, &reference).await,
+            reference,
+        }
     };
-    let reference = kiln_registry::Reference::parse(repository).map_err(reg)?;
     let pull = Pull {
         w,
         name: repository,
-        registry: registry_for(w, session_id, &reference).await,
-        reference,
+        from,
         events,
     };
     let layers: Vec<kiln_oci::Descriptor> = attrs
@@ -234,7 +264,7 @@ impl Pull<'_> {
         for layer in chain {
             let blob = self.w.blob_path(&layer.desc.digest)?;
             let needed = !blob.exists() && !layer.index.exists();
-            let (registry, reference) = (self.registry.clone(), self.reference.clone());
+            let from = self.from.clone();
             let (desc, events) = (layer.desc.clone(), self.events.clone());
             let lock = self.w.pull_lock(format!("blob {}", desc.digest));
             fetches.push(async move {
@@ -242,7 +272,7 @@ impl Pull<'_> {
                     // another image's pull may be fetching the same blob
                     let _blob = lock.lock_owned().await;
                     if !blob.exists() {
-                        fetch_layer(&registry, &reference, &desc, &blob, &events).await?;
+                        fetch_layer(&from, &desc, &blob, &events).await?;
                     }
                 }
                 Ok::<_, Error>(blob)
@@ -278,14 +308,7 @@ impl Pull<'_> {
                 .lock_owned()
                 .await;
             if !blob.exists() {
-                fetch_layer(
-                    &self.registry,
-                    &self.reference,
-                    &layer.desc,
-                    &blob,
-                    self.events,
-                )
-                .await?;
+                fetch_layer(&self.from, &layer.desc, &blob, self.events).await?;
             }
         }
         let index = layer.index.clone();
@@ -365,10 +388,45 @@ pub(crate) fn unpack_verified(
     Ok(st)
 }
 
+/// Reads blob `desc` from the client's content store `store` into `dest`,
+/// checking its size and digest.
+async fn fetch_from_session(
+    client: &kiln_session::SessionClient,
+    store: &str,
+    desc: &kiln_oci::Descriptor,
+    dest: &Path,
+) -> Result<()> {
+    use std::io::Write as _;
+    let file = std::fs::File::create(dest).map_err(Error::io("create", dest))?;
+    let mut out = kiln_digest::DigestWriter::new(std::io::BufWriter::new(file));
+    client
+        .content_read(store, &desc.digest, desc.size, |b| {
+            out.write_all(b)
+                .map_err(|e| kiln_session::Error::Protocol(format!("write blob: {e}")))
+        })
+        .await
+        .map_err(|source| Error::CacheSession {
+            op: "read a blob of the client's cache directory",
+            source,
+        })?;
+    let (w, digest, size) = out.finish();
+    w.into_inner()
+        .map_err(|e| Error::io("write", dest)(e.into_error()))?;
+    if digest != desc.digest || size != desc.size {
+        return Err(Error::Image {
+            reference: store.to_string(),
+            reason: format!(
+                "blob {} holds {digest} ({size} bytes), expected {} bytes",
+                desc.digest, desc.size
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Downloads one layer blob to `blob` (through a temp file), with progress events.
 async fn fetch_layer(
-    registry: &kiln_registry::Client,
-    reference: &kiln_registry::Reference,
+    from: &BlobSource,
     desc: &kiln_oci::Descriptor,
     blob: &Path,
     events: &mpsc::Sender<Event>,
@@ -383,12 +441,24 @@ async fn fetch_layer(
         })
         .await;
     let tmp = blob.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-    if let Err(source) = registry.fetch_blob(reference, desc, &tmp).await {
+    let fetched = match from {
+        BlobSource::Registry {
+            registry,
+            reference,
+        } => registry
+            .fetch_blob(reference, desc, &tmp)
+            .await
+            .map_err(|source| Error::Registry {
+                reference: reference.to_string(),
+                source,
+            }),
+        BlobSource::Session { client, store } => {
+            fetch_from_session(client, store, desc, &tmp).await
+        }
+    };
+    if let Err(e) = fetched {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Registry {
-            reference: reference.to_string(),
-            source,
-        });
+        return Err(e);
     }
     std::fs::rename(&tmp, blob).map_err(Error::io("rename", blob))?;
     let _ = events
