@@ -422,3 +422,236 @@ pub fn server(stores: LocalStores) -> cpb::content_server::ContentServer<LocalSt
     cpb::content_server::ContentServer::from_arc(Arc::new(stores))
         .max_decoding_message_size(64 << 20)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cpb::content_client::ContentClient;
+    use tonic::transport::Channel;
+
+    async fn serve(dir: &Path) -> ContentClient<Channel> {
+        let mut stores = LocalStores::default();
+        stores.stores.insert(
+            format!("{LOCAL_PREFIX}{}", dir.display()),
+            dir.to_path_buf(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server(stores))
+                .serve_with_incoming(incoming),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        ContentClient::new(channel)
+    }
+
+    fn with_store<T>(dir: &Path, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        let id = format!("{LOCAL_PREFIX}{}", dir.display());
+        r.metadata_mut()
+            .insert(STORE_ID, id.parse().expect("header"));
+        r
+    }
+
+    fn req(
+        action: WriteAction,
+        offset: i64,
+        data: &[u8],
+        expected: &str,
+        total: i64,
+    ) -> cpb::WriteContentRequest {
+        cpb::WriteContentRequest {
+            action: action as i32,
+            r#ref: "r1".into(),
+            total,
+            expected: expected.into(),
+            offset,
+            data: data.to_vec(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    async fn write(
+        client: &mut ContentClient<Channel>,
+        dir: &Path,
+        msgs: Vec<cpb::WriteContentRequest>,
+    ) -> Result<Vec<cpb::WriteContentResponse>, Status> {
+        let mut out = client
+            .write(with_store(dir, futures::stream::iter(msgs)))
+            .await?
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = out.message().await? {
+            got.push(m);
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn blobs_are_written_committed_by_digest_and_read_back() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut c = serve(dir.path()).await;
+        let data = b"cache layer bytes";
+        let digest = kiln_digest::sha256(data);
+        let n = data.len() as i64;
+        let replies = write(
+            &mut c,
+            dir.path(),
+            vec![
+                req(WriteAction::Stat, 0, b"", &digest, n),
+                req(WriteAction::Write, 0, &data[..5], "", 0),
+                req(WriteAction::Write, 5, &data[5..], "", 0),
+                req(WriteAction::Commit, n, b"", &digest, n),
+            ],
+        )
+        .await
+        .expect("write");
+        assert_eq!(replies.len(), 4, "every message is answered");
+        assert_eq!(replies[2].offset, n);
+        assert_eq!(replies[3].digest, digest);
+        let path = blob_path(dir.path(), &digest).expect("path");
+        assert_eq!(std::fs::read(&path).expect("blob"), data);
+        let info = c
+            .info(with_store(
+                dir.path(),
+                cpb::InfoRequest {
+                    digest: digest.clone(),
+                },
+            ))
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.info.expect("info").size, n);
+        let mut read = c
+            .read(with_store(
+                dir.path(),
+                cpb::ReadContentRequest {
+                    digest: digest.clone(),
+                    offset: 6,
+                    size: 0,
+                },
+            ))
+            .await
+            .expect("read")
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = read.message().await.expect("chunk") {
+            got.extend(m.data);
+        }
+        assert_eq!(got, &data[6..]);
+        // written again: the store says it has it, before any byte moves
+        let again = write(
+            &mut c,
+            dir.path(),
+            vec![req(WriteAction::Stat, 0, b"", &digest, n)],
+        )
+        .await;
+        assert_eq!(
+            again.expect_err("exists").code(),
+            tonic::Code::AlreadyExists
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_writes_and_names_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut c = serve(dir.path()).await;
+        let data = b"other bytes";
+        let wrong = kiln_digest::sha256(b"not these");
+        let n = data.len() as i64;
+        let err = write(
+            &mut c,
+            dir.path(),
+            vec![
+                req(WriteAction::Stat, 0, b"", &wrong, n),
+                req(WriteAction::Write, 0, data, "", 0),
+                req(WriteAction::Commit, n, b"", &wrong, n),
+            ],
+        )
+        .await
+        .expect_err("digest mismatch");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        let err = write(
+            &mut c,
+            dir.path(),
+            vec![
+                req(WriteAction::Stat, 0, b"", "", 0),
+                req(WriteAction::Write, 3, data, "", 0),
+            ],
+        )
+        .await
+        .expect_err("a gap");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let left: Vec<_> = walk(dir.path());
+        assert!(
+            left.is_empty(),
+            "nothing committed or left in ingest: {left:?}"
+        );
+        // digests name files: only real ones
+        let err = c
+            .info(with_store(
+                dir.path(),
+                cpb::InfoRequest {
+                    digest: "sha256:../../etc/passwd".into(),
+                },
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // a store the client does not serve
+        let err = c
+            .info(with_store(
+                Path::new("/etc"),
+                cpb::InfoRequest { digest: wrong },
+            ))
+            .await
+            .expect_err("unknown store");
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_tag_in_index_json_is_replaced_and_found() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d1 = serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": kiln_digest::sha256(b"1"), "size": 1});
+        let d2 = serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": kiln_digest::sha256(b"2"), "size": 1});
+        tag_in_index(dir.path(), &d1, "latest").expect("tag");
+        tag_in_index(dir.path(), &d1, "v1").expect("tag");
+        tag_in_index(dir.path(), &d2, "latest").expect("retag");
+        assert_eq!(
+            tagged(dir.path(), "latest"),
+            d2["digest"].as_str().map(str::to_string)
+        );
+        assert_eq!(
+            tagged(dir.path(), "v1"),
+            d1["digest"].as_str().map(str::to_string)
+        );
+        assert_eq!(tagged(dir.path(), "v2"), None);
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).expect("index"))
+                .expect("json");
+        assert_eq!(index["manifests"].as_array().map(Vec::len), Some(2));
+        assert!(dir.path().join("oci-layout").exists());
+    }
+}
