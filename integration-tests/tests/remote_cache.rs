@@ -350,6 +350,37 @@ fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
         );
     }
 
+    // kiln writes a registry cache in the index form BuildKit before v0.21 reads
+    let token = fresh("k2d-index");
+    let c = interop_dockerfile(&token);
+    let cache = format!("{reg}/kiln-it/index-cache-from-kiln:{token}");
+    let export =
+        format!("type=registry,ref={cache},mode=max,image-manifest=false,oci-mediatypes=false");
+    d.build(c.path(), &["--export-cache", &export]);
+    let index_tag = format!("kiln-it-k2d-index:{token}");
+    let built = docker_buildkit(
+        c.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--cache-from",
+            &cache,
+            "-t",
+            &index_tag,
+            ".",
+        ],
+    );
+    for step in [
+        "COPY --from=src /bin/busybox",
+        "COPY --from=src /etc/passwd",
+    ] {
+        assert!(
+            is_cached(&built, step),
+            "{step} CACHED in the engine's BuildKit:\n{built}"
+        );
+    }
+
     // the engine's BuildKit writes one (BUILDKIT_INLINE_CACHE=1); kiln builds from it
     let token = fresh("d2k");
     let c = interop_dockerfile(&token);
@@ -380,7 +411,7 @@ fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
         );
     }
     let _ = std::process::Command::new("docker")
-        .args(["rmi", "-f", &local_tag, &image])
+        .args(["rmi", "-f", &local_tag, &index_tag, &image])
         .output();
 }
 
