@@ -553,3 +553,58 @@ fn a_local_cache_directory_round_trips_through_the_client_session() {
     }
     assert_eq!(digest, digest2, "the same image");
 }
+
+#[test]
+fn a_farm_builds_from_a_cache_another_farm_wrote() {
+    use kiln_integration_tests::farm::{Farm, ProcessFarm, finished};
+    // (Farm: spawn_build)
+    let reg = registry();
+    let tag = fresh("farm");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let mut df = String::new();
+    for i in 0..3 {
+        df.push_str(&format!(
+            "FROM busybox AS s{i}\nRUN echo stage{i} > /out{i} && echo ran-stage-$((40+{i}))\n"
+        ));
+    }
+    df.push_str("FROM busybox\n");
+    for i in 0..3 {
+        df.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
+    }
+    let ctx = BuildContext::new(&df).expect("ctx");
+    let workers: [&[&str]; 2] = [
+        &["--oci-worker-labels", "zone=a"],
+        &["--oci-worker-labels", "zone=b"],
+    ];
+    let export = format!("type=registry,ref={cache},mode=max");
+    {
+        let farm = ProcessFarm::start(&workers, "").expect("farm");
+        let b = farm
+            .spawn_build(ctx.path(), &["--export-cache", &export])
+            .expect("build");
+        let progress = finished(b, &farm).expect("first farm builds");
+        assert!(progress.contains("ran-stage-41"), "{progress}");
+    }
+    // a new farm, nothing cached on any worker: every step comes from the cache
+    let farm = ProcessFarm::start(&workers, "").expect("farm");
+    let import = format!("type=registry,ref={cache}");
+    let b = farm
+        .spawn_build(
+            ctx.path(),
+            &["--import-cache", &import, "--output", "type=local,dest=out"],
+        )
+        .expect("build");
+    let progress = finished(b, &farm).expect("second farm builds");
+    for i in 0..3 {
+        assert!(
+            !progress.contains(&format!("ran-stage-{}", 40 + i)),
+            "{progress}"
+        );
+        assert!(
+            is_cached(&progress, &format!("COPY --from=s{i}")),
+            "{progress}"
+        );
+        let got = std::fs::read_to_string(ctx.path().join(format!("out/out/out{i}"))).expect("out");
+        assert_eq!(got, format!("stage{i}\n"));
+    }
+}
