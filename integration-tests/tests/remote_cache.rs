@@ -557,7 +557,6 @@ fn a_local_cache_directory_round_trips_through_the_client_session() {
 #[test]
 fn a_farm_builds_from_a_cache_another_farm_wrote() {
     use kiln_integration_tests::farm::{Farm, ProcessFarm, finished};
-    // (Farm: spawn_build)
     let reg = registry();
     let tag = fresh("farm");
     let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
