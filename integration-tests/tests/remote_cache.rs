@@ -309,6 +309,33 @@ fn interop_dockerfile(token: &str) -> BuildContext {
     .expect("ctx")
 }
 
+/// The engine's BuildKit builds `c` (tagged `tag`) with `--cache-from
+/// cache`: both copies CACHED.
+fn engine_builds_from_cache(c: &BuildContext, cache: &str, tag: &str) {
+    let built = docker_buildkit(
+        c.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--cache-from",
+            cache,
+            "-t",
+            tag,
+            ".",
+        ],
+    );
+    for step in [
+        "COPY --from=src /bin/busybox",
+        "COPY --from=src /etc/passwd",
+    ] {
+        assert!(
+            is_cached(&built, step),
+            "{step} CACHED in the engine's BuildKit:\n{built}"
+        );
+    }
+}
+
 #[test]
 fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
     if !kiln_integration_tests::container_farm::docker_available() {
@@ -327,28 +354,7 @@ fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
         &["--export-cache", "type=inline", "--output", &out],
     );
     let local_tag = format!("kiln-it-k2d:{token}");
-    let built = docker_buildkit(
-        c.path(),
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--cache-from",
-            &image,
-            "-t",
-            &local_tag,
-            ".",
-        ],
-    );
-    for step in [
-        "COPY --from=src /bin/busybox",
-        "COPY --from=src /etc/passwd",
-    ] {
-        assert!(
-            is_cached(&built, step),
-            "{step} CACHED in the engine's BuildKit:\n{built}"
-        );
-    }
+    engine_builds_from_cache(&c, &image, &local_tag);
 
     // kiln writes a registry cache in the index form BuildKit before v0.21 reads
     let token = fresh("k2d-index");
@@ -358,28 +364,7 @@ fn caches_cross_between_kiln_and_the_docker_engines_buildkit() {
         format!("type=registry,ref={cache},mode=max,image-manifest=false,oci-mediatypes=false");
     d.build(c.path(), &["--export-cache", &export]);
     let index_tag = format!("kiln-it-k2d-index:{token}");
-    let built = docker_buildkit(
-        c.path(),
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--cache-from",
-            &cache,
-            "-t",
-            &index_tag,
-            ".",
-        ],
-    );
-    for step in [
-        "COPY --from=src /bin/busybox",
-        "COPY --from=src /etc/passwd",
-    ] {
-        assert!(
-            is_cached(&built, step),
-            "{step} CACHED in the engine's BuildKit:\n{built}"
-        );
-    }
+    engine_builds_from_cache(&c, &cache, &index_tag);
 
     // the engine's BuildKit writes one (BUILDKIT_INLINE_CACHE=1); kiln builds from it
     let token = fresh("d2k");

@@ -82,46 +82,37 @@ pub fn cache_map(op: &pb::Op) -> Option<CacheMap> {
         OpKind::Exec(e) => Some(exec(e, &platform(op), n)),
         OpKind::File(f) => Some(file(f, n)),
         OpKind::Merge(m) => {
-            let mut j = String::new();
-            {
-                let mut o = Obj::new(&mut j);
-                o.str("Type", "buildkit.merge.v0", true);
-                let mut inner = String::new();
-                {
-                    let mut mo = Obj::new(&mut inner);
-                    let items: Vec<String> = m.inputs.iter().map(|i| input_obj(i.input)).collect();
-                    mo.raw_list("inputs", &items);
-                }
-                o.raw("Merge", &inner);
-            }
-            Some(CacheMap {
-                digest: kiln_digest::sha256(j.as_bytes()),
-                deps: vec![Dep::default(); n],
-            })
+            let items: Vec<String> = m.inputs.iter().map(|i| input_obj(i.input)).collect();
+            Some(typed_map("buildkit.merge.v0", "Merge", n, |o| {
+                o.raw_list("inputs", &items)
+            }))
         }
-        OpKind::Diff(d) => {
-            let mut j = String::new();
-            {
-                let mut o = Obj::new(&mut j);
-                o.str("Type", "buildkit.diff.v0", true);
-                let mut inner = String::new();
-                {
-                    let mut dobj = Obj::new(&mut inner);
-                    if let Some(l) = &d.lower {
-                        dobj.raw("lower", &input_obj(l.input));
-                    }
-                    if let Some(u) = &d.upper {
-                        dobj.raw("upper", &input_obj(u.input));
-                    }
-                }
-                o.raw("Diff", &inner);
+        OpKind::Diff(d) => Some(typed_map("buildkit.diff.v0", "Diff", n, |o| {
+            if let Some(l) = &d.lower {
+                o.raw("lower", &input_obj(l.input));
             }
-            Some(CacheMap {
-                digest: kiln_digest::sha256(j.as_bytes()),
-                deps: vec![Dep::default(); n],
-            })
-        }
+            if let Some(u) = &d.upper {
+                o.raw("upper", &input_obj(u.input));
+            }
+        })),
         _ => None,
+    }
+}
+
+/// The cache map of an op hashed as `{"Type":ty,"Field":{…}}` whose `n`
+/// inputs are read whole.
+fn typed_map(ty: &str, field: &str, n: usize, fill: impl FnOnce(&mut Obj<'_>)) -> CacheMap {
+    let mut inner = String::new();
+    fill(&mut Obj::new(&mut inner));
+    let mut j = String::new();
+    {
+        let mut o = Obj::new(&mut j);
+        o.str("Type", ty, true);
+        o.raw(field, &inner);
+    }
+    CacheMap {
+        digest: kiln_digest::sha256(j.as_bytes()),
+        deps: vec![Dep::default(); n],
     }
 }
 
