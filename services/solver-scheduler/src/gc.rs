@@ -31,6 +31,20 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .unwrap_or(0)
     }
 
+    /// Imported results running builds loaded (in no record, but in use).
+    fn loaded_imports(&self) -> Vec<String> {
+        self.builds
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|b| b.active.load(Ordering::SeqCst))
+                    .filter_map(|b| b.remote.get().cloned().flatten())
+                    .flat_map(|r| r.loaded.lock().map(|l| l.clone()).unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Everything the build cache holds on the worker, one item per cache
     /// record (sized by its output snapshots' own diffs), snapshot no record
     /// names (image layers under records, local-source copies, intermediate
@@ -250,12 +264,13 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             }
         }
         // shared snapshots stay exactly as long as a kept item reaches them
-        let keep: Vec<String> = items
+        let mut keep: Vec<String> = items
             .iter()
             .filter(|i| !gone_ids.contains(i.id.as_str()))
             .filter(|i| !i.shared || matches!(i.target, Target::Record(_)))
             .flat_map(|i| i.refs.iter().cloned())
             .collect();
+        keep.extend(self.loaded_imports());
         self.worker.prune(&keep, in_use_from).await?;
         Ok(gone)
     }

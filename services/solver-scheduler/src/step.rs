@@ -453,7 +453,15 @@ impl<W: Worker> Step<W> {
             crate::remote::plan::Matched::Key => None,
         };
         let outputs = match loaded {
-            Some(o) => return Ok(o.refs.first().cloned().unwrap_or_default()),
+            Some(o) => {
+                let r = o.refs.first().cloned().unwrap_or_default();
+                if let Some(Some(remote)) = self.build.remote.get()
+                    && let Ok(mut l) = remote.loaded.lock()
+                {
+                    l.push(r.clone());
+                }
+                return Ok(r);
+            }
             None => {
                 // shown again, running now
                 let mut pv = self.pv.clone();

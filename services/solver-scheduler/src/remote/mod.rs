@@ -313,6 +313,9 @@ pub struct Remote {
     pub tops: std::sync::Mutex<Vec<usize>>,
     /// records whose result is an imported one not loaded yet
     pub(crate) lazy: std::sync::Mutex<std::collections::HashMap<usize, crate::step::Lazy>>,
+    /// imported results loaded: in use while the build runs, though no
+    /// record holds them (GC keeps them)
+    pub loaded: std::sync::Mutex<Vec<String>>,
 }
 
 impl Remote {
