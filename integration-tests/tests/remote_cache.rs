@@ -273,6 +273,105 @@ fn a_bad_cache_ref_is_a_failed_import_not_a_failed_build() {
         "{progress}"
     );
     assert!(progress.contains("ran-all-42"), "{progress}");
+    // a cache that cannot be written fails the build, unless ignore-error=true
+    let unwritable = "type=registry,ref=127.0.0.1:1/kiln-it/nowhere:x";
+    let out = d
+        .kiln(
+            c.path(),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                ".",
+                "--export-cache",
+                unwritable,
+            ],
+        )
+        .output()
+        .expect("kiln");
+    assert!(
+        !out.status.success(),
+        "an export that fails fails the build"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exporting cache to registry"), "{err}");
+    let ignored = format!("{unwritable},ignore-error=true");
+    let progress = d.build(c.path(), &["--export-cache", &ignored]);
+    assert!(
+        progress.contains("cache export failed (ignore-error=true)"),
+        "{progress}"
+    );
+    // options kiln does not know are refused, naming them
+    for (flag, bad, says) in [
+        ("--export-cache", "type=gha", "unknown cache exporter"),
+        (
+            "--export-cache",
+            format!("type=registry,ref={reg}/x:y,mode=most").as_str(),
+            "mode=\"most\"",
+        ),
+        ("--import-cache", "type=registry", "requires ref"),
+    ] {
+        let out = d
+            .kiln(c.path(), &["build", "--progress", "plain", ".", flag, bad])
+            .output()
+            .expect("kiln");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{flag} {bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_cache_in_index_form_is_read_as_its_manifest_form_is() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let tag = fresh("index");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let export =
+        format!("type=registry,ref={cache},mode=max,image-manifest=false,compression=zstd");
+    build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-index:a"),
+        &["--export-cache", &export],
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-fsS",
+            "-H",
+            "Accept: application/vnd.oci.image.index.v1+json",
+            &format!("http://{reg}/v2/kiln-it/remote-cache/manifests/{tag}"),
+        ])
+        .output()
+        .expect("curl");
+    let index: serde_json::Value = serde_json::from_slice(&out.stdout).expect("index");
+    let manifests = index["manifests"].as_array().expect("manifests");
+    assert_eq!(
+        manifests.last().map(|m| m["mediaType"].clone()),
+        Some(serde_json::json!("application/vnd.buildkit.cacheconfig.v0")),
+        "the config last: {index}"
+    );
+    // the layers the build made are zstd (busybox's own stays as pulled)
+    assert!(
+        manifests[1..manifests.len() - 1]
+            .iter()
+            .all(|m| m["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"),
+        "{index}"
+    );
+    wipe(&mut d);
+    let import = format!("type=registry,ref={cache}");
+    let (progress, _) = build(
+        &d,
+        &c,
+        &format!("{reg}/kiln-it/remote-index:b"),
+        &["--import-cache", &import],
+    );
+    for s in STEPS {
+        assert!(is_cached(&progress, s), "{s} CACHED:\n{progress}");
+    }
 }
 
 /// `docker ARGS` with BuildKit (Docker's own client, which builds with the
