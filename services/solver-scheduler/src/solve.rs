@@ -299,8 +299,10 @@ impl<W: Worker> GraphRun<W> {
         let (step, plan) = self.step(&v, name.clone(), inputs).await?;
         let mut pv = step.pv.clone();
         // identical vertices of concurrent builds run once; vertices
-        // that must not be shared run in this build's own task
-        let key = if step.lookup {
+        // that must not be shared run in this build's own task, and so do
+        // steps this build's imports know (another build must not take an
+        // imported result for its own)
+        let key = if step.lookup && step.remote_hit.is_none() {
             step.key.clone()
         } else {
             format!("unshared:{}", uuid::Uuid::new_v4())
