@@ -691,3 +691,41 @@ fn a_farm_builds_from_a_cache_another_farm_wrote() {
         assert_eq!(got, format!("stage{i}\n"));
     }
 }
+
+#[test]
+fn cache_mounts_travel_with_a_cache_when_asked() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let tag = fresh("mounts");
+    let cache = format!("{reg}/kiln-it/remote-cache:{tag}");
+    let id = format!("kiln-it-{tag}");
+    let c = BuildContext::new(&format!(
+        "FROM busybox\nARG RUNID\nRUN --mount=type=cache,id={id},target=/c sh -c 'echo \"run $RUNID\" >> /c/log; cp /c/log /log'\n"
+    ))
+    .expect("ctx");
+    let out = tempfile::tempdir().expect("tmp");
+    let run = |d: &Kilnd, n: u32, extra: &[&str]| -> String {
+        let dest = format!(
+            "type=local,dest={}",
+            out.path().join(n.to_string()).display()
+        );
+        let arg = format!("RUNID={n}");
+        let mut args = vec!["--build-arg", &arg, "--output", &dest];
+        args.extend_from_slice(extra);
+        d.build(c.path(), &args);
+        std::fs::read_to_string(out.path().join(n.to_string()).join("log")).expect("log")
+    };
+    let export = format!("type=registry,ref={cache},mode=max,cache-mounts=true");
+    assert_eq!(run(&d, 1, &["--export-cache", &export]), "run 1\n");
+    // a new daemon seeds its (empty) cache mount from the cache
+    wipe(&mut d);
+    let import = format!("type=registry,ref={cache},cache-mounts=true");
+    assert_eq!(run(&d, 2, &["--import-cache", &import]), "run 1\nrun 2\n");
+    // it is opt-in: without the attribute the mount starts empty
+    wipe(&mut d);
+    let plain = format!("type=registry,ref={cache}");
+    assert_eq!(run(&d, 3, &["--import-cache", &plain]), "run 3\n");
+    // and a mount that holds files already is left as it is
+    let again = run(&d, 4, &["--import-cache", &import]);
+    assert_eq!(again, "run 3\nrun 4\n");
+}

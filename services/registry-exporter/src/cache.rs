@@ -25,6 +25,24 @@ use crate::{Error, Exporter};
 pub const UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// The annotation BuildKit gives a cache layer's creation time.
 pub const CREATED_AT: &str = "buildkit/createdat";
+/// The annotation naming the cache mount a layer holds (kiln's own: layers a
+/// cache config does not name, which BuildKit passes over).
+pub const MOUNT_ID: &str = "kiln.cachemount.id";
+
+/// The cache-mount layers among a cache manifest's descriptors.
+fn mounts_of(descs: &[Descriptor]) -> Vec<Descriptor> {
+    descs
+        .iter()
+        .filter(|d| {
+            d.annotations.as_ref().is_some_and(|a| {
+                a.contains_key(MOUNT_ID)
+                    && a.get(UNCOMPRESSED)
+                        .is_some_and(|u| kiln_oci::digest::hex_part(u).is_some())
+            })
+        })
+        .cloned()
+        .collect()
+}
 
 /// One record of a build's cache, as the solver hands it over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,6 +63,8 @@ pub struct ResolvedCache {
     pub config: CacheConfig,
     /// the repository its blobs are pulled from
     pub repository: String,
+    /// the cache-mount layers it carries
+    pub mounts: Vec<Descriptor>,
 }
 
 impl Exporter {
@@ -67,13 +87,14 @@ impl Exporter {
             }
             None => self.registry().clone(),
         };
-        let config = read_cache(&registry, &r).await?;
+        let (config, mounts) = read_cache(&registry, &r).await?;
         let mut repo = r.clone();
         repo.tag = None;
         repo.digest = None;
         Ok(ResolvedCache {
             config,
             repository: repo.to_string(),
+            mounts,
         })
     }
 }
@@ -97,7 +118,7 @@ fn cache_err(reference: &Reference, reason: impl Into<String>) -> Error {
 pub(crate) async fn read_cache(
     registry: &kiln_registry::Client,
     r: &Reference,
-) -> Result<CacheConfig, Error> {
+) -> Result<(CacheConfig, Vec<Descriptor>), Error> {
     let fetch = |e| Error::ResolveImage {
         reference: r.to_string(),
         source: Box::new(e),
@@ -121,7 +142,8 @@ pub(crate) async fn read_cache(
                 let platform = crate::host_platform();
                 let resolved = registry.resolve(r, &platform).await.map_err(fetch)?;
                 let diff_ids = inline_diff_ids(&resolved.config);
-                return inline(r, &resolved.config, &resolved.manifest.layers, diff_ids);
+                let c = inline(r, &resolved.config, &resolved.manifest.layers, diff_ids)?;
+                return Ok((c, Vec::new()));
             }
         }
     } else {
@@ -139,7 +161,7 @@ pub(crate) async fn read_cache(
         }
     };
     if let Some((config, diff_ids)) = inline_diff_ids {
-        return inline(r, &config, &layers, diff_ids);
+        return Ok((inline(r, &config, &layers, diff_ids)?, Vec::new()));
     }
     if config_desc.size > MAX_CACHE_CONFIG as u64 {
         return Err(cache_err(r, "cache config too large"));
@@ -150,7 +172,7 @@ pub(crate) async fn read_cache(
         .map_err(fetch)?;
     let mut config = CacheConfig::parse(&bytes).map_err(|e| cache_err(r, e.to_string()))?;
     annotate(&mut config, &layers, &HashMap::new());
-    Ok(config)
+    Ok((config, mounts_of(&layers)))
 }
 
 /// The cache in the client's content store `store` (`local:DIR`) whose
@@ -160,7 +182,7 @@ pub async fn read_local_cache(
     client: &impl crate::ClientSink,
     store: &str,
     digest: &str,
-) -> Result<CacheConfig, Error> {
+) -> Result<(CacheConfig, Vec<Descriptor>), Error> {
     let err = |reason: String| Error::Cache {
         reference: format!("{store}@{digest}"),
         reason,
@@ -199,7 +221,7 @@ pub async fn read_local_cache(
     }
     let mut config = CacheConfig::parse(&bytes).map_err(|e| err(e.to_string()))?;
     annotate(&mut config, &layers, &HashMap::new());
-    Ok(config)
+    Ok((config, mounts_of(&layers)))
 }
 
 fn inline_diff_ids(config: &[u8]) -> Vec<String> {

@@ -209,6 +209,8 @@ pub struct ExportRequest {
     pub platforms: Vec<PlatformRef>,
     /// The build's cache records (`cache/registry` exports).
     pub cache: Vec<cache::CacheNode>,
+    /// Cache mounts written with them: (id, worker ref of a snapshot of it).
+    pub cache_mounts: Vec<(String, String)>,
 }
 
 /// One platform of a multi-platform result.

@@ -349,12 +349,13 @@ pub trait Exporter: Send + Sync + 'static {
         status: Arc<dyn Fn(String) + Send + Sync>,
     ) -> impl Future<Output = Result<BTreeMap<String, String>, Error>> + Send;
     /// An imported build cache (`--import-cache` entry of `type` with
-    /// `attrs`): its cache config (every layer described) and the repository
-    /// its blobs come from.
+    /// `attrs`): its cache config (every layer described), the repository
+    /// its blobs come from, and the cache mounts it carries (a JSON array of
+    /// layer descriptors).
     fn resolve_cache(
         &self,
         r#type: &str,
         attrs: &BTreeMap<String, String>,
         session_id: &str,
-    ) -> impl Future<Output = Result<(Vec<u8>, String), Error>> + Send;
+    ) -> impl Future<Output = Result<(Vec<u8>, String, Vec<u8>), Error>> + Send;
 }

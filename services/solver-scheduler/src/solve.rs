@@ -218,7 +218,7 @@ pub async fn solve<W: Worker>(
 fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Error> {
     for v in &graph.vertices {
         if let Some(OpKind::Source(s)) = &v.op.op
-            && s.identifier.starts_with(remote::CACHE_SCHEME)
+            && s.identifier.starts_with(remote::INTERNAL_PREFIX)
         {
             return Err(Error::CacheSource(s.identifier.clone()));
         }
@@ -378,6 +378,11 @@ impl<W: Worker> GraphRun<W> {
         parts.extend(done_inputs.iter().map(|i| i.key.as_str()));
         let key = digest_of(&parts);
         let local = is_local_source(&v.op);
+        if let Some(r) = &self.remote
+            && let Ok(mut ids) = r.cache_mounts.lock()
+        {
+            ids.extend(remote::cache_mount_ids(&v.op));
+        }
         let plan = match &self.remote {
             Some(r) => {
                 let (w, c) = (self.worker.as_ref(), self.cache.as_ref());

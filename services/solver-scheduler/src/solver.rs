@@ -235,6 +235,111 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         Ok(response)
     }
 
+    /// Seeds this worker's cache mounts from the layers an import carries
+    /// (`mounts`: a JSON array of descriptors) when they are empty.
+    async fn seed_cache_mounts(
+        &self,
+        build: &Arc<Build>,
+        vdigest: &str,
+        repo: &str,
+        mounts: &[u8],
+    ) -> Result<(), Error> {
+        use crate::remote::plan;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let layers: Vec<kiln_oci::Descriptor> = serde_json::from_slice(mounts)
+            .map_err(|e| Error::CacheOption(format!("cache mounts of {repo}: {e}")))?;
+        for l in layers {
+            let Some(id) = l
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(plan::MOUNT_ID_ANNOTATION))
+                .cloned()
+            else {
+                continue;
+            };
+            let attrs = BTreeMap::from([
+                (plan::MOUNT_REPOSITORY_ATTR.to_string(), repo.to_string()),
+                (
+                    plan::CACHE_LAYERS_ATTR.to_string(),
+                    serde_json::to_string(&[&l]).unwrap_or_default(),
+                ),
+            ]);
+            let op = plan::internal_op(format!("{}{id}", plan::MOUNT_IMPORT_SCHEME), attrs);
+            self.run_internal(build, vdigest, op, &format!("cache mount {id}"))
+                .await?;
+            build
+                .progress
+                .log(vdigest, 1, format!("cache mount {id}\n").into_bytes());
+        }
+        Ok(())
+    }
+
+    /// Snapshots of the cache mounts the build's steps used, for an export
+    /// with `cache-mounts=true` (`vdigest`: the export's progress vertex).
+    async fn snapshot_cache_mounts(
+        &self,
+        build: &Arc<Build>,
+        remote: &crate::remote::Remote,
+        vdigest: &str,
+    ) -> Result<Vec<kiln_proto::kiln::exporter::v1::CacheMountRef>, Error> {
+        use crate::remote::plan;
+        let ids: Vec<String> = remote
+            .cache_mounts
+            .lock()
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for id in ids {
+            let op = plan::internal_op(
+                format!("{}{id}", plan::MOUNT_EXPORT_SCHEME),
+                BTreeMap::new(),
+            );
+            let r = self
+                .run_internal(build, vdigest, op, &format!("cache mount {id}"))
+                .await?;
+            build
+                .progress
+                .log(vdigest, 1, format!("cache mount {id}\n").into_bytes());
+            out.push(kiln_proto::kiln::exporter::v1::CacheMountRef { id, r#ref: r });
+        }
+        Ok(out)
+    }
+
+    /// Runs an op only kiln makes (a cache mount's snapshot or seed) on the
+    /// worker for `build`; its result ref.
+    async fn run_internal(
+        &self,
+        build: &Arc<Build>,
+        vdigest: &str,
+        op_bytes: Vec<u8>,
+        name: &str,
+    ) -> Result<String, Error> {
+        let op = crate::peer::RunOp {
+            build_id: build.id.clone(),
+            session_id: build.session_id.clone(),
+            session_shared_key: build.shared_key(),
+            digest: vdigest.to_string(),
+            op_bytes,
+            inputs: Vec::new(),
+            name: name.to_string(),
+            entitlements: Vec::new(),
+        };
+        let (pb, d) = (build.clone(), vdigest.to_string());
+        let events: Arc<dyn Fn(crate::peer::RunEvent) + Send + Sync> = Arc::new(move |e| match e {
+            crate::peer::RunEvent::Log { stream, data } => pb.progress.log(&d, stream, data),
+            crate::peer::RunEvent::Progress {
+                id,
+                current,
+                total,
+                completed,
+            } => pb.progress.status(&d, id, current, total, completed),
+        });
+        let out = self.worker.run(op, events).await?;
+        Ok(out.refs.first().cloned().unwrap_or_default())
+    }
+
     /// The build's `--import-cache` entries read (through the exporter); one
     /// that cannot be read is shown as failed and the build goes on without it.
     async fn import_caches(
@@ -257,15 +362,20 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                     ..Default::default()
                 };
                 build.progress.vertex(pv.clone());
-                let r = self
-                    .exporter
-                    .resolve_cache(&e.r#type, &e.attrs, &req.session_id)
-                    .await
-                    .and_then(|(config, repo)| {
-                        kiln_oci::cache_config::CacheConfig::parse(&config)
-                            .map(|c| crate::remote::graph::Imported::new(c, repo))
-                            .map_err(|err| Error::CacheOption(format!("cache {what}: {err}")))
-                    });
+                let r = async {
+                    let (config, repo, mounts) = self
+                        .exporter
+                        .resolve_cache(&e.r#type, &e.attrs, &req.session_id)
+                        .await?;
+                    let config = kiln_oci::cache_config::CacheConfig::parse(&config)
+                        .map_err(|err| Error::CacheOption(format!("cache {what}: {err}")))?;
+                    if crate::remote::bool_attr(e, "cache-mounts")? {
+                        self.seed_cache_mounts(build, &pv.digest, &repo, &mounts)
+                            .await?;
+                    }
+                    Ok::<_, Error>(crate::remote::graph::Imported::new(config, repo))
+                }
+                .await;
                 pv.completed = Some(now());
                 if let Err(err) = &r {
                     pv.error = chain(err);
@@ -323,17 +433,26 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         });
         let r = async {
             let mut graph = remote.export_graph(spec.mode, true).await?;
+            if spec.cache_mounts {
+                graph.mounts = self.snapshot_cache_mounts(build, remote, &vdigest).await?;
+            }
             let refs: Vec<String> = graph
                 .nodes
                 .iter()
                 .map(|n| n.r#ref.clone())
+                .chain(graph.mounts.iter().map(|m| m.r#ref.clone()))
                 .filter(|r| !r.is_empty())
                 .collect();
             let (worker, local) = self.worker.gather(&refs).await?;
             let moved: HashMap<String, String> = refs.into_iter().zip(local).collect();
-            for n in &mut graph.nodes {
-                if let Some(l) = moved.get(&n.r#ref) {
-                    n.r#ref.clone_from(l);
+            for r in graph
+                .nodes
+                .iter_mut()
+                .map(|n| &mut n.r#ref)
+                .chain(graph.mounts.iter_mut().map(|m| &mut m.r#ref))
+            {
+                if let Some(l) = moved.get(r.as_str()) {
+                    r.clone_from(l);
                 }
             }
             let job = ExportJob {

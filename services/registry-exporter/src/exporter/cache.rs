@@ -230,7 +230,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     // what the ref holds already stays (its blobs are there)
     let mut merged = Builder::default();
     let existing = match &target {
-        Target::Registry { registry, r } => read_cache(registry, r).await,
+        Target::Registry { registry, r } => read_cache(registry, r).await.map(|(c, _)| c),
         Target::Local { .. } => Err(Error::Cache {
             reference: reference.clone(),
             reason: "a client directory is written whole".into(),
@@ -289,6 +289,44 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         .await?;
     let uploaded = outcomes.iter().filter(|x| **x).count();
 
+    // cache mounts (`cache-mounts=true`): a layer each, named by its id, which
+    // the cache config does not name (BuildKit passes such layers over)
+    let mut mount_layers = Vec::new();
+    for (id, r) in &job.req.cache_mounts {
+        let chain = job.worker.layers(r, options).await?;
+        let Some(l) = chain
+            .into_iter()
+            .rev()
+            .find(|l| !l.descriptor.digest.is_empty())
+        else {
+            continue; // an empty cache mount
+        };
+        let created = kiln_oci::rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        );
+        let mut d = layer_descriptor(
+            &media.layer(&l.descriptor.media_type),
+            &l.descriptor.digest,
+            l.descriptor.size,
+            &l.diff_id,
+            &created,
+        );
+        if let Some(a) = d.annotations.as_mut() {
+            a.insert(crate::cache::MOUNT_ID.to_string(), id.clone());
+        }
+        if !target.has(&d.digest).await? {
+            say(format!("writing cache mount {id} {}", d.digest));
+            assemble::fetch_layer(job.worker, &d, job.tmp).await?;
+            let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
+            target.put(&d, &path).await?;
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        mount_layers.push(d);
+    }
+
     // the config, then the manifest naming it
     let config_bytes = serde_json::to_vec(&config).map_err(|source| Error::EncodeJson {
         what: "cache config",
@@ -316,6 +354,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         .filter_map(|l| blobs.get(&l.blob).cloned())
         .collect();
     layers.dedup_by(|a, b| a.digest == b.digest);
+    layers.extend(mount_layers);
     let (media_type, manifest) = if bool_attr(&job.req.attrs, "image-manifest", true) {
         let mt = match media {
             MediaTypes::Oci => media_types::OCI_MANIFEST,

@@ -44,6 +44,16 @@ pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
                 image_config: p.image_config,
             })
             .collect(),
+        cache_mounts: r
+            .cache
+            .as_ref()
+            .map(|g| {
+                g.mounts
+                    .iter()
+                    .map(|m| (m.id.clone(), m.r#ref.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
         cache: r
             .cache
             .map(|g| {
@@ -110,6 +120,14 @@ pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
                         .collect(),
                     r#ref: n.reference.clone(),
                     created: n.created,
+                })
+                .collect(),
+            mounts: r
+                .cache_mounts
+                .iter()
+                .map(|(id, r)| xpb::CacheMountRef {
+                    id: id.clone(),
+                    r#ref: r.clone(),
                 })
                 .collect(),
         }),

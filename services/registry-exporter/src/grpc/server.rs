@@ -74,6 +74,23 @@ impl ClientSink for Sink {
     }
 }
 
+fn resolved_cache(
+    config: &kiln_oci::cache_config::CacheConfig,
+    repository: String,
+    mounts: &[kiln_oci::Descriptor],
+) -> Result<Response<xpb::ResolveCacheResponse>, Status> {
+    let encode = |e: serde_json::Error| Status::internal(format!("encode cache config: {e}"));
+    Ok(Response::new(xpb::ResolveCacheResponse {
+        config: serde_json::to_vec(config).map_err(encode)?,
+        r#ref: repository,
+        mounts: if mounts.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(mounts).map_err(encode)?
+        },
+    }))
+}
+
 fn status_event(s: String) -> xpb::ExportEvent {
     xpb::ExportEvent {
         event: Some(xpb::export_event::Event::Status(s)),
@@ -126,13 +143,9 @@ impl ExporterRpc for ExporterService {
                 Status::unavailable(format!("connect to session broker {broker}: {e}"))
             })?;
             let session = kiln_session::SessionClient::new(channel, req.session_id.clone());
-            let config = crate::cache::read_local_cache(&session, &store, &digest).await?;
-            let config = serde_json::to_vec(&config)
-                .map_err(|e| Status::internal(format!("encode cache config: {e}")))?;
-            return Ok(Response::new(xpb::ResolveCacheResponse {
-                config,
-                r#ref: store,
-            }));
+            let (config, mounts) =
+                crate::cache::read_local_cache(&session, &store, &digest).await?;
+            return resolved_cache(&config, store, &mounts);
         }
         if req.r#type != "registry" {
             return Err(Status::unimplemented(format!(
@@ -147,12 +160,7 @@ impl ExporterRpc for ExporterService {
         let credentials =
             kiln_session::credentials_via(&self.core.config().broker, &req.session_id, &host).await;
         let resolved = self.core.resolve_cache(&reference, credentials).await?;
-        let config = serde_json::to_vec(&resolved.config)
-            .map_err(|e| Status::internal(format!("encode cache config: {e}")))?;
-        Ok(Response::new(xpb::ResolveCacheResponse {
-            config,
-            r#ref: resolved.repository,
-        }))
+        resolved_cache(&resolved.config, resolved.repository, &resolved.mounts)
     }
 
     type ExportStream = ReceiverStream<Result<xpb::ExportEvent, Status>>;

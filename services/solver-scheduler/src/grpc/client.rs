@@ -480,7 +480,7 @@ impl peer::Exporter for GrpcExporter {
         r#type: &str,
         attrs: &BTreeMap<String, String>,
         session_id: &str,
-    ) -> Result<(Vec<u8>, String), Error> {
+    ) -> Result<(Vec<u8>, String, Vec<u8>), Error> {
         let req = with_deadline(
             ex::ResolveCacheRequest {
                 r#type: r#type.to_string(),
@@ -496,7 +496,7 @@ impl peer::Exporter for GrpcExporter {
             .await
             .map_err(|s| Error::Resolve(s.into()))?
             .into_inner();
-        Ok((r.config, r.r#ref))
+        Ok((r.config, r.r#ref, r.mounts))
     }
 
     async fn resolve(

@@ -134,9 +134,11 @@ pub struct ExportSpec {
     pub mode: Mode,
     /// a failed export is a warning, not a failed build
     pub ignore_error: bool,
+    /// the build's cache mounts are written too (`cache-mounts=true`)
+    pub cache_mounts: bool,
 }
 
-fn bool_attr(e: &CacheEntry, k: &str) -> Result<bool, Error> {
+pub(crate) fn bool_attr(e: &CacheEntry, k: &str) -> Result<bool, Error> {
     match e.attrs.get(k).map(String::as_str) {
         None => Ok(false),
         Some("") | Some("true") | Some("1") => Ok(true),
@@ -185,6 +187,7 @@ pub fn export_specs(entries: &[CacheEntry]) -> Result<Vec<ExportSpec>, Error> {
             entry: e.clone(),
             mode,
             ignore_error: bool_attr(e, "ignore-error")?,
+            cache_mounts: bool_attr(e, "cache-mounts")?,
         };
         if e.r#type == "inline" && out.iter().any(|s| s.entry.r#type == "inline") {
             continue;
@@ -225,6 +228,7 @@ pub fn check_imports(entries: &[CacheEntry]) -> Result<(), Error> {
                 )));
             }
         }
+        bool_attr(e, "cache-mounts")?;
     }
     Ok(())
 }
@@ -316,6 +320,8 @@ pub struct Remote {
     /// imported results loaded: in use while the build runs, though no
     /// record holds them (GC keeps them)
     pub loaded: std::sync::Mutex<Vec<String>>,
+    /// the ids of the cache mounts the build's steps use
+    pub cache_mounts: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Remote {
@@ -375,6 +381,7 @@ impl Remote {
                     created: n.created,
                 })
                 .collect(),
+            mounts: Vec::new(),
         })
     }
 }

@@ -18,6 +18,45 @@ use std::sync::Mutex;
 pub const CACHE_SCHEME: &str = "kiln-cache://";
 /// Its attr listing the layers (descriptors with their diffIDs).
 pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
+/// What every source only kiln makes starts with (clients may not name one).
+pub const INTERNAL_PREFIX: &str = "kiln-cache";
+/// A snapshot of a cache mount, and a cache mount seeded from a layer.
+pub const MOUNT_EXPORT_SCHEME: &str = "kiln-cachemount-export://";
+pub const MOUNT_IMPORT_SCHEME: &str = "kiln-cachemount-import://";
+/// The mount import's attr naming where its layer comes from.
+pub const MOUNT_REPOSITORY_ATTR: &str = "kiln.cache.repository";
+/// The annotation naming a cache mount's id on its layer.
+pub const MOUNT_ID_ANNOTATION: &str = "kiln.cachemount.id";
+
+/// The cache mounts `op` uses that are keyed by id alone (not seeded from
+/// an input).
+pub fn cache_mount_ids(op: &pb::Op) -> Vec<String> {
+    let Some(OpKind::Exec(e)) = &op.op else {
+        return Vec::new();
+    };
+    e.mounts
+        .iter()
+        .filter(|m| m.mount_type == pb::MountType::Cache as i32 && m.input < 0)
+        .map(
+            |m| match m.cache_opt.as_ref().filter(|c| !c.id.is_empty()) {
+                Some(c) => c.id.clone(),
+                None => m.dest.clone(),
+            },
+        )
+        .collect()
+}
+
+/// A source op only kiln makes.
+pub fn internal_op(
+    identifier: String,
+    attrs: std::collections::BTreeMap<String, String>,
+) -> Vec<u8> {
+    pb::Op {
+        op: Some(OpKind::Source(pb::SourceOp { identifier, attrs })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
 
 /// A vertex output's place in the remote cache.
 #[derive(Debug, Clone, Default)]

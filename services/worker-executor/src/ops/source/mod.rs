@@ -1,6 +1,7 @@
 //! Source ops, one backend per child: `docker-image://` ([`image`]), `local://`
 //! ([`local`]), `git://` ([`git`]) and `http(s)://` ([`http`]).
 
+mod cachemount;
 mod git;
 mod http;
 pub(crate) mod image;
@@ -25,6 +26,10 @@ pub async fn run(
         image::image(w, r, platform, session_id, events).await
     } else if let Some(repo) = s.identifier.strip_prefix(CACHE_SCHEME) {
         image::cache_layers(w, repo, &s.attrs, session_id, events).await
+    } else if let Some(id) = s.identifier.strip_prefix(cachemount::EXPORT_SCHEME) {
+        cachemount::export(w, id).await
+    } else if let Some(id) = s.identifier.strip_prefix(cachemount::IMPORT_SCHEME) {
+        cachemount::import(w, id, &s.attrs, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
         let src = local::LocalSource {
             name,
