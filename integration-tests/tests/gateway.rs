@@ -931,11 +931,13 @@ async fn a_frontend_runs_processes_in_containers_over_its_results() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn cache_export_and_attestations_that_kiln_cannot_do_yet_are_warned_about() {
+async fn solve_cache_options_export_a_cache_and_attestations_are_warned_about() {
+    // CacheOptions as buildctl sends them: an entry per export, attrs as given
     use kiln_proto::moby::buildkit::v1::{CacheOptions, CacheOptionsEntry};
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let channel = kiln_session::dial::connect(&d.addr).await.expect("connect");
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let reg = kiln_integration_tests::registry();
     let mut ctl = ControlClient::new(channel.clone());
     let req = SolveRequest {
         r#ref: id.clone(),
@@ -944,7 +946,11 @@ async fn cache_export_and_attestations_that_kiln_cannot_do_yet_are_warned_about(
         cache: Some(CacheOptions {
             exports: vec![CacheOptionsEntry {
                 r#type: "registry".into(),
-                attrs: [("ref".to_string(), "127.0.0.1:1/cache".to_string())].into(),
+                attrs: [
+                    ("ref".to_string(), format!("{reg}/kiln-it/solve-cache:{id}")),
+                    ("mode".to_string(), "max".to_string()),
+                ]
+                .into(),
             }],
             ..Default::default()
         }),
@@ -952,27 +958,34 @@ async fn cache_export_and_attestations_that_kiln_cannot_do_yet_are_warned_about(
     };
     let solve = tokio::spawn(async move { ctl.solve(req).await });
     let mut st = ControlClient::new(channel)
-        .status(StatusRequest { r#ref: id })
+        .status(StatusRequest { r#ref: id.clone() })
         .await
         .expect("status")
         .into_inner();
     let mut warnings = Vec::new();
+    let mut vertices = Vec::new();
     while let Ok(Some(m)) = st.message().await {
         warnings.extend(
             m.warnings
                 .iter()
                 .map(|w| String::from_utf8_lossy(&w.short).to_string()),
         );
+        vertices.extend(m.vertexes.iter().map(|v| v.name.clone()));
     }
-    solve
+    let resp = solve
         .await
         .expect("task")
-        .expect("the build itself succeeds");
+        .expect("the build succeeds")
+        .into_inner();
     assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("build cache") && w.contains("export type=registry")),
-        "{warnings:?}"
+        vertices.iter().any(|v| v == "exporting cache to registry"),
+        "{vertices:?}"
+    );
+    let desc: serde_json::Value =
+        serde_json::from_str(&resp.exporter_response["cache.manifest"]).expect("cache.manifest");
+    assert_eq!(
+        desc["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
     );
     assert!(
         warnings.iter().any(|w| w.contains("attest:provenance")),
