@@ -116,6 +116,13 @@ fn typed_map(ty: &str, field: &str, n: usize, fill: impl FnOnce(&mut Obj<'_>)) -
     }
 }
 
+/// A JSON object as `fill` writes it.
+fn obj(fill: impl FnOnce(&mut Obj<'_>)) -> String {
+    let mut s = String::new();
+    fill(&mut Obj::new(&mut s));
+    s
+}
+
 fn input_obj(input: i64) -> String {
     let mut s = String::new();
     Obj::new(&mut s).int("input", input);
@@ -302,12 +309,10 @@ fn exec_json(e: &pb::ExecOp) -> String {
                 .extra_hosts
                 .iter()
                 .map(|h| {
-                    let mut x = String::new();
-                    let mut ho = Obj::new(&mut x);
-                    ho.str("Host", &h.host, false);
-                    ho.str("IP", &h.ip, false);
-                    drop(ho);
-                    x
+                    obj(|o| {
+                        o.str("Host", &h.host, false);
+                        o.str("IP", &h.ip, false);
+                    })
                 })
                 .collect();
             mo.raw_list("extraHosts", &hosts);
@@ -316,13 +321,11 @@ fn exec_json(e: &pb::ExecOp) -> String {
                 .ulimit
                 .iter()
                 .map(|u| {
-                    let mut x = String::new();
-                    let mut uo = Obj::new(&mut x);
-                    uo.str("Name", &u.name, false);
-                    uo.int("Soft", u.soft);
-                    uo.int("Hard", u.hard);
-                    drop(uo);
-                    x
+                    obj(|o| {
+                        o.str("Name", &u.name, false);
+                        o.int("Soft", u.soft);
+                        o.int("Hard", u.hard);
+                    })
                 })
                 .collect();
             mo.raw_list("ulimit", &ulimits);
@@ -341,13 +344,11 @@ fn exec_json(e: &pb::ExecOp) -> String {
         .secretenv
         .iter()
         .map(|se| {
-            let mut x = String::new();
-            let mut so = Obj::new(&mut x);
-            so.str("ID", &se.id, false);
-            so.str("name", &se.name, false);
-            so.bool("optional", se.optional);
-            drop(so);
-            x
+            obj(|o| {
+                o.str("ID", &se.id, false);
+                o.str("name", &se.name, false);
+                o.bool("optional", se.optional);
+            })
         })
         .collect();
     o.raw_list("secretenv", &secretenv);
@@ -355,12 +356,10 @@ fn exec_json(e: &pb::ExecOp) -> String {
         .cdi_devices
         .iter()
         .map(|d| {
-            let mut x = String::new();
-            let mut co = Obj::new(&mut x);
-            co.str("name", &d.name, false);
-            co.bool("optional", d.optional);
-            drop(co);
-            x
+            obj(|o| {
+                o.str("name", &d.name, false);
+                o.bool("optional", d.optional);
+            })
         })
         .collect();
     o.raw_list("cdiDevices", &cdi);
@@ -378,30 +377,23 @@ fn mount_json(m: &pb::Mount) -> String {
     o.bool("readonly", m.readonly);
     o.int("mountType", i64::from(m.mount_type));
     if let Some(t) = &m.tmpfs_opt {
-        let mut x = String::new();
-        Obj::new(&mut x).int("size", t.size);
-        o.raw("TmpfsOpt", &x);
+        o.raw("TmpfsOpt", &obj(|x| x.int("size", t.size)));
     }
     if let Some(c) = &m.cache_opt {
-        let mut x = String::new();
-        {
-            let mut co = Obj::new(&mut x);
+        let x = obj(|co| {
             co.str("ID", &c.id, false);
             co.int("sharing", i64::from(c.sharing));
-        }
+        });
         o.raw("cacheOpt", &x);
     }
     let secretish = |id: &str, uid: u32, gid: u32, mode: u32, optional: bool| {
-        let mut x = String::new();
-        {
-            let mut so = Obj::new(&mut x);
+        obj(|so| {
             so.str("ID", id, false);
             so.int("uid", i64::from(uid));
             so.int("gid", i64::from(gid));
             so.int("mode", i64::from(mode));
             so.bool("optional", optional);
-        }
-        x
+        })
     };
     if let Some(c) = &m.secret_opt {
         o.raw(
@@ -429,12 +421,10 @@ fn user_json(u: &pb::UserOpt) -> String {
         let mut io = Obj::new(&mut inner);
         match &u.user {
             Some(User::ByName(n)) => {
-                let mut x = String::new();
-                {
-                    let mut no = Obj::new(&mut x);
+                let x = obj(|no| {
                     no.str("name", &n.name, false);
                     no.int("input", n.input);
-                }
+                });
                 io.raw("byName", &x);
             }
             Some(User::ById(id)) => io.int("byId", i64::from(*id)),
