@@ -43,6 +43,7 @@ pub fn all_targets() -> Vec<Target> {
         targets::filesync::target(),
         targets::image::target(),
         targets::reference::target(),
+        targets::cache_config::target(),
         targets::dockerignore::target(),
         targets::dockerfile2llb::target(),
         dockerfile::target(),

@@ -1,5 +1,6 @@
 //! The targets, one module each.
 
+pub mod cache_config;
 pub mod dockerfile2llb;
 pub mod dockerignore;
 pub mod filesync;
