@@ -178,6 +178,15 @@ fn a_wiped_daemon_rebuilds_from_a_registry_cache_without_running_a_step() {
         !second.contains("imported cache not loaded"),
         "every import loaded:\n{second}"
     );
+    // pushed to a repository of the cache's registry: the layers are mounted
+    // from the cache, only the config is uploaded
+    let fresh_repo = format!("{reg}/kiln-it/remote-mounted-{}:v", fresh("repo"));
+    let (mounted, digest3) = build(&d, &c, &fresh_repo, &["--import-cache", &import]);
+    assert_eq!(digest, digest3);
+    assert!(
+        mounted.contains("1 blobs uploaded, 0 already present"),
+        "layers mounted from the cache:\n{mounted}"
+    );
 
     // a change in the last stage: with max the other stages stay cached
     wipe(&mut d);

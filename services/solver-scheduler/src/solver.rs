@@ -614,6 +614,21 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             for (p, r) in platforms.iter_mut().zip(local.drain(1..)) {
                 p.r#ref = r;
             }
+            let mut attrs = attrs;
+            // an image's layers may be in an imported cache on its registry
+            // (the solver's attr alone: a client's is dropped)
+            attrs.remove(MOUNT_FROM_ATTR);
+            if let Some(Some(r)) = build.remote.get() {
+                let repos: Vec<&str> = r
+                    .imports
+                    .iter()
+                    .map(|i| i.repo.as_str())
+                    .filter(|repo| !repo.starts_with(crate::remote::plan::LOCAL_STORE_PREFIX))
+                    .collect();
+                if kind == "image" && !repos.is_empty() {
+                    attrs.insert(MOUNT_FROM_ATTR.to_string(), repos.join(","));
+                }
+            }
             let job = ExportJob {
                 build_id: build.id.clone(),
                 session_id: req.session_id.clone(),
@@ -858,6 +873,10 @@ impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
         }
     }
 }
+
+/// The exporter attr naming repositories an image's blobs may be mounted
+/// from (the registry exporter's `kiln.mount-from`).
+const MOUNT_FROM_ATTR: &str = "kiln.mount-from";
 
 /// Progress id of the export step `index` of a build.
 fn export_vertex_digest(build_id: &str, index: usize) -> String {

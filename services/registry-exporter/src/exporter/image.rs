@@ -37,7 +37,12 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     if push {
         let insecure = bool_attr(&job.req.attrs, "registry.insecure", false);
         let registry = push_client(job, &names, insecure).await?;
-        let pushed = self::push(&registry, &names, &assembled, by_digest, job.progress).await?;
+        let dest = Dest {
+            names: &names,
+            mount_from: mount_sources(&job.req.attrs),
+            by_digest,
+        };
+        let pushed = self::push(&registry, &dest, &assembled, job.progress).await?;
         let _ = job.progress.try_send(format!(
             "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
             names.len(),
@@ -122,35 +127,50 @@ struct Pushed {
 /// Blobs pushed at once.
 const PUSH_CONCURRENCY: usize = 4;
 
+/// The exporter attr naming repositories (comma-separated) that may hold the
+/// image's layers already: the build's imported caches, mounted from when
+/// they are on the push's registry.
+pub const MOUNT_FROM_ATTR: &str = "kiln.mount-from";
+
+/// Where a push goes.
+struct Dest<'a> {
+    names: &'a [String],
+    /// repositories blobs may be mounted from (besides names pushed before)
+    mount_from: Vec<kiln_registry::Reference>,
+    /// only by digest (`push-by-digest`)
+    by_digest: bool,
+}
+
+fn mount_sources(attrs: &BTreeMap<String, String>) -> Vec<kiln_registry::Reference> {
+    attrs
+        .get(MOUNT_FROM_ATTR)
+        .map(|v| {
+            v.split(',')
+                .filter_map(|r| kiln_registry::Reference::parse(r.trim()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Push to every name: blobs (HEAD first, then a mount from a repository pushed before on
-/// the same registry, then an upload; up to `PUSH_CONCURRENCY` at once), an index's
+/// the same registry or from an imported cache there, then an upload; up to `PUSH_CONCURRENCY` at once), an index's
 /// per-platform manifests by digest, then the top manifest under the tag, or only by digest
 /// with `by_digest`.
 async fn push(
     registry: &kiln_registry::Client,
-    names: &[String],
+    dest: &Dest<'_>,
     what: &Assembled,
-    by_digest: bool,
     progress: &mpsc::Sender<String>,
 ) -> Result<Pushed, Error> {
     match what {
         Assembled::Image(image) => {
             let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
             let images = std::slice::from_ref(image.as_ref());
-            push_to_names(registry, names, images, false, top, by_digest, progress).await
+            push_to_names(registry, dest, images, false, top, progress).await
         }
         Assembled::Index(index) => {
             let top = (index.desc.media_type.as_str(), &index.index);
-            push_to_names(
-                registry,
-                names,
-                &index.images,
-                true,
-                top,
-                by_digest,
-                progress,
-            )
-            .await
+            push_to_names(registry, dest, &index.images, true, top, progress).await
         }
     }
 }
@@ -160,13 +180,13 @@ async fn push(
 /// by digest first (the images of an index).
 async fn push_to_names(
     registry: &kiln_registry::Client,
-    names: &[String],
+    dest: &Dest<'_>,
     images: &[AssembledImage],
     children: bool,
     (top_type, top): (&str, &Vec<u8>),
-    by_digest: bool,
     progress: &mpsc::Sender<String>,
 ) -> Result<Pushed, Error> {
+    let (names, by_digest) = (dest.names, dest.by_digest);
     let push_manifest = |r: kiln_registry::Reference, media_type: String, bytes: Vec<u8>| {
         let registry = registry.clone();
         async move {
@@ -179,7 +199,8 @@ async fn push_to_names(
                 })
         }
     };
-    let mut done: Vec<kiln_registry::Reference> = Vec::new();
+    // names pushed before come last, so they are tried first
+    let mut done: Vec<kiln_registry::Reference> = dest.mount_from.clone();
     let mut counts = Pushed::default();
     for name in names {
         let mut r =
@@ -194,6 +215,7 @@ async fn push_to_names(
         let _ = progress.try_send(format!("pushing {r}"));
         let from = done
             .iter()
+            .rev()
             .find(|d| d.registry == r.registry && d.repository != r.repository)
             .cloned();
         let mut pinned = r.clone();

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 pub const CACHE_SCHEME: &str = "kiln-cache://";
 /// Its attr listing the layers (descriptors with their diffIDs).
 pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
+/// The repository of an import from a client's directory (not a registry).
+pub const LOCAL_STORE_PREFIX: &str = "local:";
 /// What every source only kiln makes starts with (clients may not name one).
 pub const INTERNAL_PREFIX: &str = "kiln-cache";
 /// A snapshot of a cache mount, and a cache mount seeded from a layer.
