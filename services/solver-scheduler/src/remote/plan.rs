@@ -176,12 +176,14 @@ async fn checksum<W: Worker>(
     }
 }
 
-/// How many outputs `op` has, when it makes files (not a source or build).
+/// How many outputs `op` has (`None`: a build op, never deferred). Of the
+/// sources only pinned images have keys, so only they are matched: a base
+/// image an import knows is pulled only if a step that runs reads it.
 fn outputs(op: &pb::Op) -> Option<usize> {
     match op.op.as_ref()? {
         OpKind::Exec(e) => Some(e.mounts.iter().filter(|m| m.output >= 0).count()),
         OpKind::File(f) => Some(f.actions.iter().filter(|a| a.output >= 0).count()),
-        OpKind::Merge(_) | OpKind::Diff(_) => Some(1),
+        OpKind::Merge(_) | OpKind::Diff(_) | OpKind::Source(_) => Some(1),
         _ => None,
     }
 }
