@@ -178,14 +178,20 @@ fn a_wiped_daemon_rebuilds_from_a_registry_cache_without_running_a_step() {
         !second.contains("imported cache not loaded"),
         "every import loaded:\n{second}"
     );
-    // pushed to a repository of the cache's registry: the layers are mounted
-    // from the cache, only the config is uploaded
+    // a fully cached build pushed to the cache's registry moves no layer: none
+    // is pulled (not even the base image), each is mounted from the cache,
+    // only the config is uploaded
+    wipe(&mut d);
     let fresh_repo = format!("{reg}/kiln-it/remote-mounted-{}:v", fresh("repo"));
     let (mounted, digest3) = build(&d, &c, &fresh_repo, &["--import-cache", &import]);
     assert_eq!(digest, digest3);
     assert!(
-        mounted.contains("1 blobs uploaded, 0 already present"),
+        mounted.contains("1 blobs uploaded, 0 already present, 4 mounted"),
         "layers mounted from the cache:\n{mounted}"
+    );
+    assert!(
+        !mounted.contains("fetching layer") && !mounted.contains("MB / "),
+        "no layer pulled:\n{mounted}"
     );
 
     // a change in the last stage: with max the other stages stay cached

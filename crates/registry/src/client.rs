@@ -542,6 +542,48 @@ impl Client {
         }
     }
 
+    /// Mounts blob `digest` into `r` from `from` (another repository of the
+    /// same registry): true when the registry did; false when it could not
+    /// (the blob is not there, or the registry does not mount).
+    pub async fn mount_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        from: &Reference,
+    ) -> Result<bool, Error> {
+        if from.registry != r.registry || from.repository == r.repository {
+            return Ok(false);
+        }
+        let scope = format!("{} repository:{}:pull", push_scope(r), from.repository);
+        let ep = self.endpoint(&r.registry);
+        let url = format!(
+            "{}/v2/{}/blobs/uploads/?mount={digest}&from={}",
+            ep.base, r.repository, from.repository
+        );
+        let resp = self
+            .send(&ep, &scope, Method::POST, &url, &|rb| {
+                rb.header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let resp = expect_status(
+            resp,
+            "POST",
+            &url,
+            &[StatusCode::ACCEPTED, StatusCode::CREATED],
+        )
+        .await?;
+        if resp.status() == StatusCode::CREATED {
+            return Ok(true);
+        }
+        // an upload was started instead: cancel it (best effort)
+        if let Ok(location) = self.location(&resp, &url, r, digest) {
+            let _ = self
+                .send(&ep, &scope, Method::DELETE, &location, &|rb| rb)
+                .await;
+        }
+        Ok(false)
+    }
+
     /// Upload a blob from the file `src` unless the repository already has it (HEAD).
     pub async fn push_blob(
         &self,

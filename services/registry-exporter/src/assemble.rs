@@ -529,11 +529,31 @@ pub(crate) async fn build(
     let media = media_types_of(&req.attrs);
     let options = layer_options(&req.attrs)?;
     let epoch = source_date_epoch(&req.attrs)?;
-    let chain = if req.reference.is_empty() {
-        Vec::new()
-    } else {
-        worker.layers(&req.reference, &options).await?
+    let chain = match &req.remote {
+        // an imported result: its layers stay in the registry (the push mounts
+        // or copies them from there)
+        Some(remote) => remote
+            .layers
+            .iter()
+            .map(|d| LayerBlob {
+                descriptor: Descriptor {
+                    media_type: d.media_type.clone(),
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    ..Default::default()
+                },
+                diff_id: d
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::cache::UNCOMPRESSED))
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        None if req.reference.is_empty() => Vec::new(),
+        None => worker.layers(&req.reference, &options).await?,
     };
+    let fetch_blobs = fetch_blobs && req.remote.is_none();
     // snapshots with an empty diff have no blob (an empty digest here); the
     // history entries they stand for become empty_layer
     let empty: Vec<bool> = chain

@@ -211,6 +211,18 @@ pub struct ExportRequest {
     pub cache: Vec<cache::CacheNode>,
     /// Cache mounts written with them: (id, worker ref of a snapshot of it).
     pub cache_mounts: Vec<(String, String)>,
+    /// The result is an imported one no worker holds: its layers, in a
+    /// registry repository (an image push mounts or copies them from there).
+    pub remote: Option<RemoteLayers>,
+}
+
+/// Layers of a result that live in a registry, not on the worker.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteLayers {
+    /// the repository holding them
+    pub repository: String,
+    /// bottom first, each with its diffID (`containerd.io/uncompressed`)
+    pub layers: Vec<kiln_oci::Descriptor>,
 }
 
 /// One platform of a multi-platform result.

@@ -317,6 +317,8 @@ pub struct ExportJob {
     pub platforms: Vec<PlatformJob>,
     /// the records a cache export writes, or an image embeds (inline cache)
     pub cache: Option<kiln_proto::kiln::exporter::v1::CacheGraph>,
+    /// the result is an imported one not loaded: its layers in a registry
+    pub remote: Option<kiln_proto::kiln::exporter::v1::RemoteLayers>,
 }
 
 /// One platform of a multi-platform export.

@@ -155,9 +155,32 @@ pub async fn solve<W: Worker>(
     build: Arc<Build>,
     def: &pb::Definition,
 ) -> Result<String, Error> {
+    match solve_unloaded(worker, cache, build, def).await? {
+        SolvedTop::Ref(r) => Ok(r),
+        SolvedTop::Imported { load, .. } => load.await.map_err(Error::from),
+    }
+}
+
+/// A solved result: a worker ref, or an imported result not loaded yet.
+pub(crate) enum SolvedTop {
+    Ref(String),
+    Imported {
+        hit: remote::Hit,
+        load: crate::step::Lazy,
+    },
+}
+
+/// Like [`solve`], but a result found in an imported cache is returned
+/// unloaded (an image push can mount its layers without pulling them).
+pub(crate) async fn solve_unloaded<W: Worker>(
+    worker: Arc<W>,
+    cache: Arc<Cache>,
+    build: Arc<Build>,
+    def: &pb::Definition,
+) -> Result<SolvedTop, Error> {
     let graph = kiln_llb::load(def)?;
     let Some(result) = graph.result.clone() else {
-        return Ok(String::new());
+        return Ok(SolvedTop::Ref(String::new()));
     };
     check_local_sessions(&graph, &build)?;
     let needed = reachable(&graph, &result.digest);
@@ -206,11 +229,11 @@ pub async fn solve<W: Worker>(
     {
         tops.push(node);
     }
-    // a result matched in an imported cache is loaded now: the caller reads it
-    done.output(result.index)
-        .resolve()
-        .await
-        .map_err(Error::from)
+    let out = done.output(result.index);
+    match (out.lazy.clone(), done.imported.clone()) {
+        (Some(load), Some(hit)) if result.index == 0 => Ok(SolvedTop::Imported { hit, load }),
+        _ => out.resolve().await.map(SolvedTop::Ref).map_err(Error::from),
+    }
 }
 
 /// The LLB names the session a local source syncs from: only this build's

@@ -218,7 +218,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
             None => self.frontend_result(build, req).await?,
         };
-        let solved = self.solve_result(build, result).await?;
+        // a single image push (and nothing else reading the result) may
+        // push an imported result without loading it
+        let defer = cache_exports.is_empty()
+            && matches!(req.exporters.as_slice(), [e] if e.r#type == "image"
+                && e.attrs.get("push").is_some_and(|v| v == "true" || v == "1"));
+        let solved = self.solve_result(build, result, defer).await?;
         let mut response = BTreeMap::new();
         // one build time for every output, so a build gives one image digest
         let build_time = std::time::SystemTime::now()
@@ -466,6 +471,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 index: 0,
                 platforms: Vec::new(),
                 cache: Some(graph),
+                remote: None,
             };
             self.exporter.export(job, status).await
         }
@@ -520,6 +526,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         &self,
         build: &Arc<Build>,
         result: FrontendResult,
+        defer: bool,
     ) -> Result<Solved, Error> {
         let metadata = result.metadata;
         let ordered = platform_order(&metadata, result.refs);
@@ -538,11 +545,14 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 r#ref: r,
             })
             .collect();
-        let r#ref = if platforms.is_empty() {
-            self.solve_ref(build, result.r#ref.as_deref().unwrap_or_default())
-                .await?
-        } else {
-            String::new()
+        let id = result.r#ref.as_deref().unwrap_or_default();
+        let (r#ref, imported) = match (platforms.is_empty(), defer) {
+            (false, _) => (String::new(), None),
+            (true, false) => (self.solve_ref(build, id).await?, None),
+            (true, true) => match self.solve_ref_unloaded(build, id).await? {
+                solve::SolvedTop::Ref(r) => (r, None),
+                solve::SolvedTop::Imported { hit, load } => (String::new(), Some((hit, load))),
+            },
         };
         let image_config = metadata
             .get(IMAGE_CONFIG_KEY)
@@ -550,6 +560,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .unwrap_or_else(|| default_image_config(&self.config));
         Ok(Solved {
             r#ref,
+            imported,
             image_config,
             platforms,
         })
@@ -584,8 +595,28 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         let status: Arc<dyn Fn(String) + Send + Sync> =
             Arc::new(move |s: String| pb.progress.log(&vdigest, 1, format!("{s}\n").into_bytes()));
         let r = async {
+            // an imported result not loaded: an image push takes its layers
+            // from the registry; anything else loads it
+            let (top, remote) = match &solved.imported {
+                Some((hit, _))
+                    if kind == "image"
+                        && !hit
+                            .repository
+                            .starts_with(crate::remote::plan::LOCAL_STORE_PREFIX) =>
+                {
+                    let layers = serde_json::to_vec(&hit.layers)
+                        .map_err(|e| Error::CacheOption(format!("imported layers: {e}")))?;
+                    let remote = kiln_proto::kiln::exporter::v1::RemoteLayers {
+                        repository: hit.repository.clone(),
+                        layers,
+                    };
+                    (String::new(), Some(remote))
+                }
+                Some((_, load)) => (load.clone().await.map_err(Error::from)?, None),
+                None => (solved.r#ref.clone(), None),
+            };
             // the exporter reads from one worker: the results are brought there
-            let mut refs = vec![solved.r#ref.clone()];
+            let mut refs = vec![top];
             refs.extend(solved.platforms.iter().map(|p| p.r#ref.clone()));
             // an inline cache: the records go into the image's config
             let inline = matches!(kind.as_str(), "image" | "oci" | "docker")
@@ -640,6 +671,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 index: index as u32,
                 platforms,
                 cache,
+                remote,
             };
             self.exporter.export(job, status).await
         }
@@ -719,6 +751,33 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .get_or_try_init(|| self.solve_definition(build, &r.def))
             .await
             .cloned()
+    }
+
+    /// Like [`Solver::solve_ref`], but a result found in an imported cache
+    /// is returned unloaded (and not remembered as the ref's snapshot).
+    async fn solve_ref_unloaded(
+        &self,
+        build: &Arc<Build>,
+        id: &str,
+    ) -> Result<solve::SolvedTop, Error> {
+        if id.is_empty() {
+            return Ok(solve::SolvedTop::Ref(String::new()));
+        }
+        let r = build.build_ref(id)?;
+        if let Some(s) = r.snapshot.get() {
+            return Ok(solve::SolvedTop::Ref(s.clone()));
+        }
+        let solved = solve::solve_unloaded(
+            self.worker.clone(),
+            self.cache.clone(),
+            build.clone(),
+            &r.def,
+        )
+        .await?;
+        if let solve::SolvedTop::Ref(s) = &solved {
+            let _ = r.snapshot.set(s.clone());
+        }
+        Ok(solved)
     }
 
     /// Solves a definition within a build.
@@ -823,6 +882,9 @@ fn history_attrs(attrs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 struct Solved {
     /// the single result's ref (empty for scratch or a multi-platform result)
     r#ref: String,
+    /// the single result when it is an imported one not loaded (`r#ref` is
+    /// then empty): an image push mounts its layers instead
+    imported: Option<(crate::remote::plan::Hit, crate::step::Lazy)>,
     /// the single result's image config
     image_config: Vec<u8>,
     /// a multi-platform result, in the frontend's order

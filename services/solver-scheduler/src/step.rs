@@ -36,6 +36,8 @@ pub struct Done {
     /// a result matched in an imported cache, loaded only when something
     /// reads it (its ref is then empty until loaded)
     pub(crate) lazy: Option<Lazy>,
+    /// the imported result `lazy` loads (its layers), when it is one
+    pub(crate) imported: Option<crate::remote::plan::Hit>,
 }
 
 /// The load of an imported result: the worker ref, once some step, export
@@ -328,6 +330,7 @@ impl<W: Worker> Step<W> {
                 keys: rec.output_keys,
                 why: vec![],
                 lazy: None,
+                imported: None,
             }),
             cached: true,
         }
@@ -514,6 +517,10 @@ impl<W: Worker> Step<W> {
                     vec![digest_of(&parts)]
                 }
             };
+            let imported = match &hit {
+                crate::remote::plan::Matched::Result(h) => Some(h.clone()),
+                crate::remote::plan::Matched::Key => None,
+            };
             let load = async move { self.deferred(hit, content_key).await }
                 .boxed()
                 .shared();
@@ -527,6 +534,7 @@ impl<W: Worker> Step<W> {
                     keys,
                     why: vec![],
                     lazy: Some(load),
+                    imported,
                 }),
                 cached: true,
             });
@@ -561,6 +569,7 @@ impl<W: Worker> Step<W> {
                 keys,
                 why,
                 lazy: None,
+                imported: None,
             }),
             cached: false,
         })

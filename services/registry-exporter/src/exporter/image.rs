@@ -41,6 +41,11 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
             names: &names,
             mount_from: mount_sources(&job.req.attrs),
             by_digest,
+            remote: job
+                .req
+                .remote
+                .as_ref()
+                .and_then(|rl| kiln_registry::Reference::parse(&rl.repository).ok()),
         };
         let pushed = self::push(&registry, &dest, &assembled, job.progress).await?;
         let _ = job.progress.try_send(format!(
@@ -139,6 +144,8 @@ struct Dest<'a> {
     mount_from: Vec<kiln_registry::Reference>,
     /// only by digest (`push-by-digest`)
     by_digest: bool,
+    /// where the layers of an imported result are (none on this machine)
+    remote: Option<kiln_registry::Reference>,
 }
 
 fn mount_sources(attrs: &BTreeMap<String, String>) -> Vec<kiln_registry::Reference> {
@@ -221,7 +228,8 @@ async fn push_to_names(
         let mut pinned = r.clone();
         pinned.tag = None;
         for image in images {
-            push_blobs(registry, &r, image, from.as_ref(), &mut counts).await?;
+            let remote = dest.remote.as_ref();
+            push_blobs(registry, &r, image, from.as_ref(), remote, &mut counts).await?;
             if children {
                 let media_type = image.manifest_desc.media_type.clone();
                 push_manifest(pinned.clone(), media_type, image.manifest.clone()).await?;
@@ -240,6 +248,7 @@ async fn push_blobs(
     r: &kiln_registry::Reference,
     image: &AssembledImage,
     from: Option<&kiln_registry::Reference>,
+    remote: Option<&kiln_registry::Reference>,
     counts: &mut Pushed,
 ) -> Result<(), Error> {
     use futures::stream::{self, StreamExt as _, TryStreamExt as _};
@@ -251,16 +260,36 @@ async fn push_blobs(
         .chain(std::iter::once(&image.config_desc))
         .map(|desc| {
             let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
+            let remote = remote.cloned();
             let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
             async move {
+                let err = |source| Error::PushBlob {
+                    reference: r.to_string(),
+                    digest: desc.digest.clone(),
+                    source: Box::new(source),
+                };
+                if let Some(remote) = remote.as_ref().filter(|_| !path.exists()) {
+                    // a layer of an imported result, still in its registry:
+                    // there already, mounted from there, or copied through here
+                    if registry.blob_exists(&r, &desc.digest).await.map_err(err)? {
+                        return Ok(PushOutcome::Exists);
+                    }
+                    if registry
+                        .mount_blob(&r, &desc.digest, remote)
+                        .await
+                        .map_err(err)?
+                    {
+                        return Ok(PushOutcome::Mounted);
+                    }
+                    registry
+                        .fetch_blob(remote, &desc, &path)
+                        .await
+                        .map_err(err)?;
+                }
                 registry
                     .push_blob_from(&r, &desc, &path, from.as_ref())
                     .await
-                    .map_err(|source| Error::PushBlob {
-                        reference: r.to_string(),
-                        digest: desc.digest.clone(),
-                        source: Box::new(source),
-                    })
+                    .map_err(err)
             }
         })
         .collect();

@@ -44,6 +44,10 @@ pub fn export_request_from_pb(r: xpb::ExportRequest) -> ExportRequest {
                 image_config: p.image_config,
             })
             .collect(),
+        remote: r.remote.map(|rl| crate::RemoteLayers {
+            repository: rl.repository,
+            layers: serde_json::from_slice(&rl.layers).unwrap_or_default(),
+        }),
         cache_mounts: r
             .cache
             .as_ref()
@@ -130,6 +134,10 @@ pub fn export_request_to_pb(r: &ExportRequest) -> xpb::ExportRequest {
                     r#ref: r.clone(),
                 })
                 .collect(),
+        }),
+        remote: r.remote.as_ref().map(|rl| xpb::RemoteLayers {
+            repository: rl.repository.clone(),
+            layers: serde_json::to_vec(&rl.layers).unwrap_or_default(),
         }),
     }
 }

@@ -555,6 +555,7 @@ impl peer::Exporter for GrpcExporter {
                     })
                     .collect(),
                 cache: job.cache,
+                remote: job.remote,
             })
             .await
             .map_err(|s| Error::Export {
