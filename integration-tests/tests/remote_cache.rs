@@ -744,3 +744,38 @@ fn cache_mounts_travel_with_a_cache_when_asked() {
     let again = run(&d, 4, &["--import-cache", &import]);
     assert_eq!(again, "run 3\nrun 4\n");
 }
+
+#[test]
+fn an_inline_cache_rebuilds_the_image_on_a_wiped_daemon() {
+    let mut d = Kilnd::start();
+    let reg = registry();
+    let c = context("hello\n");
+    let image = format!("{reg}/kiln-it/remote-inline:{}", fresh("inline"));
+    let (first, digest) = build(&d, &c, &image, &["--export-cache", "type=inline"]);
+    assert!(first.contains("ran-all-42"), "{first}");
+    wipe(&mut d);
+    let import = format!("type=registry,ref={image}");
+    let again = format!("{reg}/kiln-it/remote-inline-again:{}", fresh("inline"));
+    let (second, digest2) = build(&d, &c, &again, &["--import-cache", &import]);
+    for s in STEPS {
+        assert!(
+            is_cached(&second, s),
+            "{s} CACHED from the image's inline cache:\n{second}"
+        );
+    }
+    for r in ["ran-one-42", "ran-mid-42", "ran-all-42"] {
+        assert!(!second.contains(r), "no step ran:\n{second}");
+    }
+    // the same layers (the first image's config also carries the cache)
+    let layers = |name: &str, digest: &str| {
+        let path = name.split_once('/').map(|(_, p)| p).unwrap_or(name);
+        let repo = path.rsplit_once(':').map(|(r, _)| r).unwrap_or(path);
+        let m: serde_json::Value = serde_json::from_slice(&get(
+            &format!("http://{reg}/v2/{repo}/manifests/{digest}"),
+            "application/vnd.oci.image.manifest.v1+json",
+        ))
+        .expect("manifest");
+        m["layers"].clone()
+    };
+    assert_eq!(layers(&image, &digest), layers(&again, &digest2));
+}
