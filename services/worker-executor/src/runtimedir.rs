@@ -51,8 +51,10 @@ impl RuntimeDir {
             point_link(&link, &dir)?;
             let owner = dir.join("root");
             if std::fs::read(&owner).ok().as_deref() != Some(root.as_os_str().as_encoded_bytes()) {
-                std::fs::write(&owner, root.as_os_str().as_encoded_bytes())
-                    .map_err(Error::io("write", &owner))?;
+                // whole or not at all: another worker's sweep must never read a
+                // half-written root (an empty path does not exist: it would
+                // remove this live worker's dir)
+                crate::snapshot::write_atomic(&owner, root.as_os_str().as_encoded_bytes())?;
             }
             if let Some(parent) = dir.parent() {
                 sweep(parent, &dir);
@@ -103,6 +105,9 @@ fn sweep(parent: &Path, keep: &Path) {
         let Ok(root) = std::fs::read(dir.join("root")) else {
             continue; // not a runtime dir
         };
+        if root.is_empty() {
+            continue; // being made (an older kiln wrote it in place)
+        }
         let root = PathBuf::from(std::ffi::OsStr::from_bytes(&root));
         // its worker's root is still there: the worker may be running, or
         // starting (between making this dir and linking it), or killed and
@@ -238,14 +243,21 @@ mod tests {
         };
         let (g, b) = (open(&gone), open(&busy));
         std::fs::create_dir_all(b.runc_state().join("kiln-abc")).expect("container state");
+        // a worker that has made its dir and not yet written its root whole
+        let starting =
+            Path::new("/dev/shm").join(format!("{PREFIX}test-{}", uuid::Uuid::new_v4().simple()));
+        private_dir(&starting).expect("dir");
+        std::fs::write(starting.join("root"), b"").expect("empty root");
         drop(gone);
         drop(busy);
         let l = open(&live);
         assert!(!g.path().exists(), "gone worker's dir kept");
         assert!(b.path().exists(), "dir with a container swept");
         assert!(l.path().exists());
+        assert!(starting.exists(), "a starting worker's dir swept");
         std::fs::remove_dir_all(b.path()).expect("clean");
         std::fs::remove_dir_all(l.path()).expect("clean");
+        std::fs::remove_dir_all(&starting).expect("clean");
     }
 
     #[test]
