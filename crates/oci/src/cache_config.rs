@@ -20,6 +20,30 @@ pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.buildkit.cacheconfig.
 pub const INLINE_CACHE_KEY: &str = "moby.buildkit.cache.v0";
 /// The largest cache config accepted.
 pub const MAX_CACHE_CONFIG: usize = 64 << 20;
+/// The annotation naming a layer's diffID (containerd's).
+pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
+/// The annotation BuildKit gives a cache layer's creation time.
+pub const CREATED_AT_ANNOTATION: &str = "buildkit/createdat";
+/// The annotation naming the cache mount a layer holds (kiln's own: a layer
+/// the cache config does not name, which BuildKit passes over).
+pub const MOUNT_ID_ANNOTATION: &str = "kiln.cachemount.id";
+
+/// The sources only kiln makes, which the scheduler hands its workers to
+/// load imported caches (clients may not name them: all start with
+/// [`sources::INTERNAL_PREFIX`]).
+pub mod sources {
+    /// What every one of them starts with.
+    pub const INTERNAL_PREFIX: &str = "kiln-cache";
+    /// A layer chain pulled from an imported cache (`kiln-cache://REPOSITORY`).
+    pub const CACHE_SCHEME: &str = "kiln-cache://";
+    /// Its layers: a JSON array of descriptors with their diffIDs.
+    pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
+    /// A snapshot of cache mount ID, and cache mount ID seeded from a layer.
+    pub const MOUNT_EXPORT_SCHEME: &str = "kiln-cachemount-export://";
+    pub const MOUNT_IMPORT_SCHEME: &str = "kiln-cachemount-import://";
+    /// The mount import's repository (or `local:DIR` store).
+    pub const MOUNT_REPOSITORY_ATTR: &str = "kiln.cache.repository";
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheConfig {

@@ -21,13 +21,10 @@ use kiln_registry::Reference;
 
 use crate::{Error, Exporter};
 
-/// The annotation naming a layer's diffID.
-pub const UNCOMPRESSED: &str = "containerd.io/uncompressed";
-/// The annotation BuildKit gives a cache layer's creation time.
-pub const CREATED_AT: &str = "buildkit/createdat";
-/// The annotation naming the cache mount a layer holds (kiln's own: layers a
-/// cache config does not name, which BuildKit passes over).
-pub const MOUNT_ID: &str = "kiln.cachemount.id";
+pub use kiln_oci::cache_config::{
+    CREATED_AT_ANNOTATION as CREATED_AT, MOUNT_ID_ANNOTATION as MOUNT_ID,
+    UNCOMPRESSED_ANNOTATION as UNCOMPRESSED,
+};
 
 /// The cache-mount layers among a cache manifest's descriptors.
 fn mounts_of(descs: &[Descriptor]) -> Vec<Descriptor> {

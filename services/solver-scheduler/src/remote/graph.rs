@@ -197,7 +197,11 @@ impl Imported {
                     digest: layer.blob.clone(),
                     size: u64::try_from(a.size).ok()?,
                     annotations: Some(
-                        [("containerd.io/uncompressed".to_string(), a.diff_id.clone())].into(),
+                        [(
+                            kiln_oci::cache_config::UNCOMPRESSED_ANNOTATION.to_string(),
+                            a.diff_id.clone(),
+                        )]
+                        .into(),
                     ),
                     ..Default::default()
                 })

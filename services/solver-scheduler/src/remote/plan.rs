@@ -13,22 +13,13 @@ use prost::Message as _;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// The scheme of the source op that loads an imported result; the worker
-/// knows it, and the scheduler refuses it from clients.
-pub const CACHE_SCHEME: &str = "kiln-cache://";
-/// Its attr listing the layers (descriptors with their diffIDs).
-pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
+pub use kiln_oci::cache_config::MOUNT_ID_ANNOTATION;
+pub use kiln_oci::cache_config::sources::{
+    CACHE_LAYERS_ATTR, CACHE_SCHEME, INTERNAL_PREFIX, MOUNT_EXPORT_SCHEME, MOUNT_IMPORT_SCHEME,
+    MOUNT_REPOSITORY_ATTR,
+};
 /// The repository of an import from a client's directory (not a registry).
-pub const LOCAL_STORE_PREFIX: &str = "local:";
-/// What every source only kiln makes starts with (clients may not name one).
-pub const INTERNAL_PREFIX: &str = "kiln-cache";
-/// A snapshot of a cache mount, and a cache mount seeded from a layer.
-pub const MOUNT_EXPORT_SCHEME: &str = "kiln-cachemount-export://";
-pub const MOUNT_IMPORT_SCHEME: &str = "kiln-cachemount-import://";
-/// The mount import's attr naming where its layer comes from.
-pub const MOUNT_REPOSITORY_ATTR: &str = "kiln.cache.repository";
-/// The annotation naming a cache mount's id on its layer.
-pub const MOUNT_ID_ANNOTATION: &str = "kiln.cachemount.id";
+pub use kiln_session::content::LOCAL_PREFIX as LOCAL_STORE_PREFIX;
 
 /// The cache mounts `op` uses that are keyed by id alone (not seeded from
 /// an input).

@@ -14,11 +14,7 @@ use crate::{Event, Worker};
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 
-pub const EXPORT_SCHEME: &str = "kiln-cachemount-export://";
-pub const IMPORT_SCHEME: &str = "kiln-cachemount-import://";
-/// The import's attr naming the repository (or `local:DIR` store) its layer
-/// comes from; the layer itself is in [`super::image::CACHE_LAYERS_ATTR`].
-pub const REPOSITORY_ATTR: &str = "kiln.cache.repository";
+use kiln_oci::cache_config::sources::MOUNT_REPOSITORY_ATTR as REPOSITORY_ATTR;
 
 /// A snapshot of cache mount `id`, taken while no step writes to it.
 pub(super) async fn export(w: &Worker, id: &str) -> Result<Option<String>> {

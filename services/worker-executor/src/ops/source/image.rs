@@ -169,11 +169,8 @@ pub(super) async fn cache_layers(
     pull.layers(chain).await
 }
 
-/// The attr of a `kiln-cache://` source listing its layers (descriptors with
-/// the diffID in [`UNCOMPRESSED_ANNOTATION`]).
-pub const CACHE_LAYERS_ATTR: &str = "kiln.cache.layers";
-/// The annotation naming a layer's diffID, as containerd names it.
-pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
+use kiln_oci::cache_config::UNCOMPRESSED_ANNOTATION;
+use kiln_oci::cache_config::sources::CACHE_LAYERS_ATTR;
 
 /// The worker's registry client; for a private registry, with the client's
 /// credentials, asked through its session.

@@ -11,8 +11,7 @@ use crate::error::{Error, Result};
 use crate::{Event, Worker, pb};
 use tokio::sync::mpsc;
 
-/// The scheme of a layer chain pulled from an imported build cache.
-pub const CACHE_SCHEME: &str = "kiln-cache://";
+use kiln_oci::cache_config::sources::{CACHE_SCHEME, MOUNT_EXPORT_SCHEME, MOUNT_IMPORT_SCHEME};
 
 pub async fn run(
     w: &Worker,
@@ -26,9 +25,9 @@ pub async fn run(
         image::image(w, r, platform, session_id, events).await
     } else if let Some(repo) = s.identifier.strip_prefix(CACHE_SCHEME) {
         image::cache_layers(w, repo, &s.attrs, session_id, events).await
-    } else if let Some(id) = s.identifier.strip_prefix(cachemount::EXPORT_SCHEME) {
+    } else if let Some(id) = s.identifier.strip_prefix(MOUNT_EXPORT_SCHEME) {
         cachemount::export(w, id).await
-    } else if let Some(id) = s.identifier.strip_prefix(cachemount::IMPORT_SCHEME) {
+    } else if let Some(id) = s.identifier.strip_prefix(MOUNT_IMPORT_SCHEME) {
         cachemount::import(w, id, &s.attrs, session_id, events).await
     } else if let Some(name) = s.identifier.strip_prefix("local://") {
         let src = local::LocalSource {
