@@ -73,17 +73,7 @@ impl Exporter {
         credentials: Option<(String, String)>,
     ) -> Result<ResolvedCache, Error> {
         let r = parse_ref(reference)?;
-        let registry = match credentials {
-            Some(c) => {
-                let host = r.registry.clone();
-                self.registry()
-                    .clone()
-                    .with_credentials(std::sync::Arc::new(move |h: &str| {
-                        (h == host).then(|| c.clone())
-                    }))
-            }
-            None => self.registry().clone(),
-        };
+        let registry = self.registry_as(&r, credentials);
         let (config, mounts) = read_cache(&registry, &r).await?;
         let mut repo = r.clone();
         repo.tag = None;

@@ -279,6 +279,26 @@ impl Exporter {
         &self.registry
     }
 
+    /// The registry client, with `credentials` (the client's) for `r`'s
+    /// registry when given.
+    pub(crate) fn registry_as(
+        &self,
+        r: &Reference,
+        credentials: Option<(String, String)>,
+    ) -> kiln_registry::Client {
+        match credentials {
+            Some(c) => {
+                let host = r.registry.clone();
+                self.registry
+                    .clone()
+                    .with_credentials(std::sync::Arc::new(move |h: &str| {
+                        (h == host).then(|| c.clone())
+                    }))
+            }
+            None => self.registry.clone(),
+        }
+    }
+
     /// Resolve `reference` for `platform` (default: this host's) to its manifest digest and config.
     pub async fn resolve_image_config(
         &self,
@@ -302,17 +322,7 @@ impl Exporter {
             source: Box::new(source),
         })?;
         let platform = platform.unwrap_or_else(host_platform);
-        let registry = match credentials {
-            Some(c) => {
-                let host = r.registry.clone();
-                self.registry
-                    .clone()
-                    .with_credentials(std::sync::Arc::new(move |h: &str| {
-                        (h == host).then(|| c.clone())
-                    }))
-            }
-            None => self.registry.clone(),
-        };
+        let registry = self.registry_as(&r, credentials);
         let resolved =
             registry
                 .resolve(&r, &platform)
