@@ -331,16 +331,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             name: name.to_string(),
             entitlements: Vec::new(),
         };
-        let (pb, d) = (build.clone(), vdigest.to_string());
-        let events: Arc<dyn Fn(crate::peer::RunEvent) + Send + Sync> = Arc::new(move |e| match e {
-            crate::peer::RunEvent::Log { stream, data } => pb.progress.log(&d, stream, data),
-            crate::peer::RunEvent::Progress {
-                id,
-                current,
-                total,
-                completed,
-            } => pb.progress.status(&d, id, current, total, completed),
-        });
+        let events = crate::step::run_events(build, vdigest);
         let out = self.worker.run(op, events).await?;
         Ok(out.refs.first().cloned().unwrap_or_default())
     }
@@ -430,12 +421,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             ..Default::default()
         };
         build.progress.vertex(pv.clone());
-        let pb = build.clone();
-        let log_digest = vdigest.clone();
-        let status: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |s: String| {
-            pb.progress
-                .log(&log_digest, 1, format!("{s}\n").into_bytes())
-        });
+        let status = crate::step::status_lines(build, &vdigest);
         let r = async {
             let mut graph = remote.export_graph(spec.mode, true).await?;
             if spec.cache_mounts {
@@ -591,9 +577,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             ..Default::default()
         };
         build.progress.vertex(pv.clone());
-        let pb = build.clone();
-        let status: Arc<dyn Fn(String) + Send + Sync> =
-            Arc::new(move |s: String| pb.progress.log(&vdigest, 1, format!("{s}\n").into_bytes()));
+        let status = crate::step::status_lines(build, &vdigest);
         let r = async {
             // an imported result not loaded: an image push takes its layers
             // from the registry; anything else loads it

@@ -644,18 +644,7 @@ impl<W: Worker> Step<W> {
     /// result) on the worker (within the parallelism limit), its logs and
     /// progress going to the build's progress.
     async fn run(&self, op_bytes: Vec<u8>, inputs: Vec<String>) -> Result<RunOutputs, Failure> {
-        let (build, vdigest) = (self.build.clone(), self.digest.clone());
-        let events: Arc<dyn Fn(RunEvent) + Send + Sync> = Arc::new(move |e| match e {
-            RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
-            RunEvent::Progress {
-                id,
-                current,
-                total,
-                completed,
-            } => build
-                .progress
-                .status(&vdigest, id, current, total, completed),
-        });
+        let events = run_events(&self.build, &self.digest);
         let _permit = match &self.cache.limit {
             Some(s) => Some(s.clone().acquire_owned().await.map_err(|e| {
                 self.fail(format!("parallelism limit: {e}"), tonic::Code::Internal)
@@ -724,6 +713,32 @@ impl<W: Worker> Step<W> {
         }
         keys
     }
+}
+
+/// A worker run's logs and progress, shown under vertex `digest` of `build`.
+pub(crate) fn run_events(build: &Arc<Build>, digest: &str) -> Arc<dyn Fn(RunEvent) + Send + Sync> {
+    let (build, vdigest) = (build.clone(), digest.to_string());
+    Arc::new(move |e| match e {
+        RunEvent::Log { stream, data } => build.progress.log(&vdigest, stream, data),
+        RunEvent::Progress {
+            id,
+            current,
+            total,
+            completed,
+        } => build
+            .progress
+            .status(&vdigest, id, current, total, completed),
+    })
+}
+
+/// A status line sink shown as log lines of vertex `digest` of `build`.
+pub(crate) fn status_lines(build: &Arc<Build>, digest: &str) -> Arc<dyn Fn(String) + Send + Sync> {
+    let (build, vdigest) = (build.clone(), digest.to_string());
+    Arc::new(move |s: String| {
+        build
+            .progress
+            .log(&vdigest, 1, format!("{s}\n").into_bytes())
+    })
 }
 
 /// What a step's lookup found.
