@@ -229,19 +229,34 @@ impl Client {
         eps
     }
 
-    /// tag or digest -> (index ->) platform manifest -> config. Tries mirrors first.
-    pub async fn resolve(&self, r: &Reference, platform: &Platform) -> Result<Resolved, Error> {
+    /// `f` at each endpoint `r` is pulled from (mirrors first) until one
+    /// answers; else the last error.
+    async fn on_pull_endpoints<T, F: Future<Output = Result<T, Error>>>(
+        &self,
+        r: &Reference,
+        f: impl Fn(Endpoint) -> F,
+    ) -> Result<T, Error> {
         let mut last = None;
         for ep in self.pull_endpoints(r) {
-            match self.resolve_at(&ep, r, platform).await {
-                Ok(res) => return Ok(res),
+            let base = ep.base.clone();
+            match f(ep).await {
+                Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep.base, reference = %r, error = %e, "resolve failed");
+                    tracing::debug!(endpoint = %base, reference = %r, error = %e, "pull endpoint failed");
                     last = Some(e);
                 }
             }
         }
         Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+    }
+
+    /// tag or digest -> (index ->) platform manifest -> config. Tries mirrors first.
+    pub async fn resolve(&self, r: &Reference, platform: &Platform) -> Result<Resolved, Error> {
+        self.on_pull_endpoints(
+            r,
+            |ep| async move { self.resolve_at(&ep, r, platform).await },
+        )
+        .await
     }
 
     async fn resolve_at(
@@ -317,25 +332,21 @@ impl Client {
     /// The manifest (or index) `r` names, as (media type, bytes), checked
     /// against its digest when `r` pins one. Tries mirrors first.
     pub async fn fetch_manifest(&self, r: &Reference) -> Result<(String, Vec<u8>), Error> {
-        let mut last = None;
-        for ep in self.pull_endpoints(r) {
-            match self.get_manifest(&ep, r, r.object()).await {
-                Ok((mt, bytes)) => {
-                    let got = kiln_oci::digest::sha256(&bytes);
-                    if let Some(want) = r.digest.as_ref().filter(|w| **w != got) {
-                        return Err(Error::DigestMismatch {
-                            what: "manifest",
-                            reference: r.to_string(),
-                            expected: want.clone(),
-                            actual: got,
-                        });
-                    }
-                    return Ok((mt, bytes));
-                }
-                Err(e) => last = Some(e),
-            }
+        let (mt, bytes) = self
+            .on_pull_endpoints(r, |ep| async move {
+                self.get_manifest(&ep, r, r.object()).await
+            })
+            .await?;
+        let got = kiln_oci::digest::sha256(&bytes);
+        if let Some(want) = r.digest.as_ref().filter(|w| **w != got) {
+            return Err(Error::DigestMismatch {
+                what: "manifest",
+                reference: r.to_string(),
+                expected: want.clone(),
+                actual: got,
+            });
         }
-        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+        Ok((mt, bytes))
     }
 
     /// A small blob of `r`'s repository (a config), read whole up to
@@ -346,14 +357,10 @@ impl Client {
         digest: &str,
         limit: usize,
     ) -> Result<Vec<u8>, Error> {
-        let mut last = None;
-        for ep in self.pull_endpoints(r) {
-            match self.get_small_blob(&ep, r, digest, limit).await {
-                Ok(b) => return Ok(b),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::Url { url: r.to_string() }))
+        self.on_pull_endpoints(r, |ep| async move {
+            self.get_small_blob(&ep, r, digest, limit).await
+        })
+        .await
     }
 
     /// GET a manifest; returns (media type, bytes). The media type comes from the body's
