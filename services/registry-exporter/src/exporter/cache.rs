@@ -109,17 +109,47 @@ impl<C: ClientSink> Target<'_, C> {
                     size: bytes.len() as u64,
                     ..Default::default()
                 };
-                let path = tmp.join("cache-manifest");
-                tokio::fs::write(&path, &bytes)
+                self.put_bytes(&desc, &bytes, &tmp.join("cache-manifest"))
                     .await
-                    .map_err(|source| Error::Io {
-                        op: "write cache manifest",
-                        path: path.clone(),
-                        source,
-                    })?;
-                self.put(&desc, &path).await
             }
         }
+    }
+
+    /// Writes blob `desc` (`bytes`) through the file `path`.
+    async fn put_bytes(
+        &self,
+        desc: &Descriptor,
+        bytes: &[u8],
+        path: &std::path::Path,
+    ) -> Result<(), Error> {
+        tokio::fs::write(path, bytes)
+            .await
+            .map_err(|source| Error::Io {
+                op: "write cache blob",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        self.put(desc, path).await
+    }
+
+    /// Copies layer `d` from the worker (through `tmp`) unless the target has
+    /// it, saying `what` first; whether it was written.
+    async fn copy_from_worker<W: WorkerFs>(
+        &self,
+        worker: &W,
+        d: &Descriptor,
+        tmp: &std::path::Path,
+        say: impl Fn(),
+    ) -> Result<bool, Error> {
+        if self.has(&d.digest).await? {
+            return Ok(false);
+        }
+        say();
+        assemble::fetch_layer(worker, d, tmp).await?;
+        let path = tmp.join(d.digest.trim_start_matches("sha256:"));
+        self.put(d, &path).await?;
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(true)
     }
 }
 
@@ -272,15 +302,10 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     let uploads: Vec<_> = ours_blobs
         .iter()
         .map(|d| async move {
-            if target.has(&d.digest).await? {
-                return Ok(false);
-            }
-            let _ = job.progress.try_send(format!("writing layer {}", d.digest));
-            assemble::fetch_layer(job.worker, d, job.tmp).await?;
-            let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
-            target.put(d, &path).await?;
-            let _ = tokio::fs::remove_file(&path).await;
-            Ok::<bool, Error>(true)
+            let say = || {
+                let _ = job.progress.try_send(format!("writing layer {}", d.digest));
+            };
+            target.copy_from_worker(job.worker, d, job.tmp, say).await
         })
         .collect();
     let outcomes: Vec<bool> = stream::iter(uploads)
@@ -317,13 +342,10 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         if let Some(a) = d.annotations.as_mut() {
             a.insert(crate::cache::MOUNT_ID.to_string(), id.clone());
         }
-        if !target.has(&d.digest).await? {
-            say(format!("writing cache mount {id} {}", d.digest));
-            assemble::fetch_layer(job.worker, &d, job.tmp).await?;
-            let path = job.tmp.join(d.digest.trim_start_matches("sha256:"));
-            target.put(&d, &path).await?;
-            let _ = tokio::fs::remove_file(&path).await;
-        }
+        let announce = || say(format!("writing cache mount {id} {}", d.digest));
+        target
+            .copy_from_worker(job.worker, &d, job.tmp, announce)
+            .await?;
         mount_layers.push(d);
     }
 
@@ -339,15 +361,9 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
         ..Default::default()
     };
     say(format!("writing config {}", config_desc.digest));
-    let config_path = job.tmp.join("cache-config");
-    tokio::fs::write(&config_path, &config_bytes)
-        .await
-        .map_err(|source| Error::Io {
-            op: "write cache config",
-            path: config_path.clone(),
-            source,
-        })?;
-    target.put(&config_desc, &config_path).await?;
+    target
+        .put_bytes(&config_desc, &config_bytes, &job.tmp.join("cache-config"))
+        .await?;
     let mut layers: Vec<Descriptor> = config
         .layers
         .iter()
