@@ -150,29 +150,36 @@ pub(crate) fn bool_attr(e: &CacheEntry, k: &str) -> Result<bool, Error> {
     }
 }
 
+/// Checks that `e` is of a type in `known` ((type, the attribute it
+/// requires)); `what` is "exporter" or "importer".
+fn check_type(e: &CacheEntry, what: &str, known: &[(&str, Option<&str>)]) -> Result<(), Error> {
+    match known.iter().find(|(t, _)| *t == e.r#type) {
+        Some((t, Some(attr))) if e.attr(attr).is_none() => Err(Error::CacheOption(format!(
+            "{t} cache {what} requires {attr}"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            let types: Vec<&str> = known.iter().map(|(t, _)| *t).collect();
+            Err(Error::CacheOption(format!(
+                "unknown cache {what}: {:?} ({})",
+                e.r#type,
+                types.join(", ")
+            )))
+        }
+    }
+}
+
 /// The build's cache exports, checked: known types, required attributes,
 /// a valid mode, no entry twice, at most one inline.
 pub fn export_specs(entries: &[CacheEntry]) -> Result<Vec<ExportSpec>, Error> {
     let mut out: Vec<ExportSpec> = Vec::new();
     for e in entries {
-        match e.r#type.as_str() {
-            "registry" if e.attr("ref").is_none() => {
-                return Err(Error::CacheOption(
-                    "registry cache exporter requires ref".into(),
-                ));
-            }
-            "local" if e.attr("dest").is_none() => {
-                return Err(Error::CacheOption(
-                    "local cache exporter requires dest".into(),
-                ));
-            }
-            "registry" | "local" | "inline" => {}
-            other => {
-                return Err(Error::CacheOption(format!(
-                    "unknown cache exporter: {other:?} (registry, local, inline)"
-                )));
-            }
-        }
+        let known = [
+            ("registry", Some("ref")),
+            ("local", Some("dest")),
+            ("inline", None),
+        ];
+        check_type(e, "exporter", &known)?;
         let mode = match e.attrs.get("mode").map(String::as_str) {
             None | Some("") | Some("min") => Mode::Min,
             Some("max") => Mode::Max,
@@ -210,24 +217,11 @@ pub fn export_specs(entries: &[CacheEntry]) -> Result<Vec<ExportSpec>, Error> {
 /// The build's cache imports, checked.
 pub fn check_imports(entries: &[CacheEntry]) -> Result<(), Error> {
     for e in entries {
-        match e.r#type.as_str() {
-            "registry" if e.attr("ref").is_none() => {
-                return Err(Error::CacheOption(
-                    "registry cache importer requires ref".into(),
-                ));
-            }
-            "local" if e.attr("src").is_none() => {
-                return Err(Error::CacheOption(
-                    "local cache importer requires src".into(),
-                ));
-            }
-            "registry" | "local" => {}
-            other => {
-                return Err(Error::CacheOption(format!(
-                    "unknown cache importer: {other:?} (registry, local)"
-                )));
-            }
-        }
+        check_type(
+            e,
+            "importer",
+            &[("registry", Some("ref")), ("local", Some("src"))],
+        )?;
         bool_attr(e, "cache-mounts")?;
     }
     Ok(())
