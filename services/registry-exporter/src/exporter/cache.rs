@@ -292,9 +292,13 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     let config = merged.finish();
 
     // upload the layers the registry lacks
+    // each blob once: one blob may sit in several chains (on other parents),
+    // and two copies of it at once would share (and remove) one temp file
+    let mut seen = std::collections::HashSet::new();
     let ours_blobs: Vec<Descriptor> = ours
         .layers
         .iter()
+        .filter(|l| seen.insert(l.blob.as_str()))
         .filter_map(|l| blobs.get(&l.blob).cloned())
         .collect();
     let total = ours_blobs.len();
