@@ -9,6 +9,8 @@ trap cleanup EXIT INT TERM
 reg=$(sh scripts/registry.sh start "$work/registry")
 sh scripts/seed-busybox.sh "$reg" >/dev/null
 export KILN_TEST_REGISTRY="$reg"
+# deploy/: the Kubernetes manifests build and validate offline, certs.sh works
+sh scripts/check-deploy.sh
 ctrd=$(sh scripts/containerd.sh start "$work/containerd")
 export KILN_TEST_CONTAINERD="$ctrd"
 export KILN_BIN_DIR="$(pwd)/target/debug"
