@@ -51,7 +51,7 @@ if ! have_kv; then
   mkdir -p "$py"
   # --target: no venv needed, and Debian's "externally managed" python allows it
   if ! PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --upgrade \
-    --target "$py" "kubernetes-validate==$kv_version"; then
+    --target "$py" "kubernetes-validate==$kv_version" "tomli; python_version < '3.11'"; then
     echo "check-deploy: pip could not install kubernetes-validate==$kv_version into $py" \
       "(no network?); the manifests are NOT validated" >&2
     exit 1
@@ -111,7 +111,13 @@ done
 # every kilnd.toml the overlays ship is TOML
 for t in deploy/kilnd.toml deploy/kubernetes/*/*/kilnd.toml deploy/kubernetes/*/kilnd.toml; do
   [ -f "$t" ] || continue
-  python3 -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$t" 2>"$work/toml.err" || {
+  PYTHONPATH=$py python3 -c '
+import sys
+try:
+    import tomllib
+except ImportError:
+    import tomli as tomllib
+tomllib.load(open(sys.argv[1], "rb"))' "$t" 2>"$work/toml.err" || {
     cat "$work/toml.err" >&2
     fail "$t: not TOML"
   }
