@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 const CLIENT_PORT: u16 = 7000;
 const INTERNAL_PORT: u16 = 7100;
 const SERVICE_PORT: u16 = 7200;
-const REGISTRY_PORT: u16 = 5000;
+/// The registry image's port (`farm_images`).
+pub const REGISTRY_PORT: u16 = 5000;
 
 /// Whether the container farm tests can run: `KILN_TEST_DOCKER=1` (scripts/test.sh
 /// sets it when a Docker engine answers). Without it they are skipped, saying so.
@@ -109,7 +110,7 @@ pub fn missing_caps(cap_bnd_hex: &str) -> Vec<&'static str> {
 /// `docker run` flags giving a worker what runc inside it needs: every
 /// capability this host's bounding set has (the engine can give no more),
 /// no seccomp/AppArmor profile, /proc and /sys unmasked.
-fn worker_security_flags() -> Vec<String> {
+pub fn worker_security_flags() -> Vec<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let bnd = status
         .lines()
@@ -414,7 +415,7 @@ impl ContainerFarm {
 }
 
 /// Seeds busybox into the registry at `addr` (scripts/seed-busybox.sh).
-fn seed_busybox(addr: &str) -> Result<()> {
+pub fn seed_busybox(addr: &str) -> Result<()> {
     let start = Instant::now();
     loop {
         let out = Command::new("sh")
