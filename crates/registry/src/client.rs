@@ -491,6 +491,7 @@ impl Client {
                     source,
                 })?;
                 size += chunk.len() as u64;
+                kiln_metrics::PULLED_BYTES.add(&[], chunk.len() as f64);
                 if size > desc.size {
                     break;
                 }
@@ -647,6 +648,7 @@ impl Client {
         let src_path: PathBuf = src.to_path_buf();
         let size = desc.size;
         self.uploads.fetch_add(1, Ordering::Relaxed);
+        kiln_metrics::PUSHED_BYTES.add(&[], size as f64);
         if size > self.chunk_size {
             let mut offset = 0u64;
             while offset < size {

@@ -246,6 +246,8 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             }
         }
         tracing::info!(items = all.len(), "pruned");
+        kiln_metrics::GC_RUNS.inc(&[]);
+        kiln_metrics::GC_REMOVED.add(&[], all.len() as f64);
         Ok(all)
     }
 

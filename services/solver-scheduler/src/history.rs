@@ -23,10 +23,27 @@ pub struct HistoryStep {
     /// the farm worker it was placed on (its progress says `placed on worker ID`)
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker: String,
+    /// bytes its inputs moved from other workers (`input … bytes moved`)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_moved: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// How much an `input … from worker ID: N bytes moved` status moved.
+fn moved(status_id: &str) -> Option<u64> {
+    let rest = status_id.strip_prefix("input ")?;
+    let n = rest.strip_suffix(MOVED)?.rsplit_once(": ")?.1;
+    n.parse().ok()
 }
 
 /// The progress status a farm adds to a step it placed: `placed on worker ID`.
 pub const PLACED_ON: &str = "placed on worker ";
+/// The end of the status a farm adds for an input it moved to the step's
+/// worker: `input REF from worker ID: N bytes moved`.
+pub const MOVED: &str = " bytes moved";
 
 /// One finished build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -88,6 +105,11 @@ pub fn steps_from_progress(msgs: &[StatusResponse]) -> Vec<HistoryStep> {
         if let (Some(w), Some(s)) = (st.id.strip_prefix(PLACED_ON), by_digest.get_mut(&st.vertex)) {
             // the last placement: a step that ran again elsewhere names where it ended
             s.worker = w.to_string();
+        }
+        if let (Some(n), Some(s)) = (moved(&st.id), by_digest.get_mut(&st.vertex))
+            && st.completed.is_some()
+        {
+            s.bytes_moved += n;
         }
     }
     order

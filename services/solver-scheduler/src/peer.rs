@@ -60,6 +60,8 @@ pub struct WorkerInfo {
     /// steps at once (0: unbounded)
     pub capacity: u32,
     pub version: String,
+    /// free disk under its root, as it last reported (0: not known)
+    pub free_disk: u64,
 }
 
 /// What an import moved.
@@ -73,6 +75,10 @@ pub struct Imported {
 pub trait Worker: Send + Sync + 'static {
     /// gRPC address other services use to reach this worker.
     fn address(&self) -> String;
+    /// The id of the worker a bare ref (no `@WORKER`) is on, when known.
+    fn home_id(&self) -> Option<String> {
+        None
+    }
     fn run(
         &self,
         op: RunOp,

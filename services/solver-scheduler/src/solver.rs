@@ -124,11 +124,17 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             &self.config.cache_exports,
         );
         let (build, returned) = self.register(&req)?;
-        let _end = BuildEnd {
+        let mut end = BuildEnd {
             solver: self.clone(),
             build: build.clone(),
+            status: "canceled",
         };
         let r = self.run_build(&build, &req, returned).await;
+        end.status = match &r {
+            Ok(_) => "succeeded",
+            Err(Error::Cancelled) => "canceled",
+            Err(_) => "failed",
+        };
         self.record_history(&build, &req, &r).await;
         r
     }
@@ -166,6 +172,23 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
     /// Finished builds, oldest first.
     pub async fn history(&self) -> Result<Vec<HistoryRecord>, Error> {
         self.cache.with_store(|s| s.list_history()).await
+    }
+
+    /// A running build as its history record will read, so far: its steps
+    /// with their state now (`completed` 0 while it runs).
+    pub fn running_record(&self, id: &str) -> Option<HistoryRecord> {
+        let b = self.builds.lock().ok()?.get(id).cloned()?;
+        if !b.active.load(Ordering::SeqCst) {
+            return None;
+        }
+        let frontend = b.frontend_run.lock().map(|f| f.clone()).unwrap_or_default();
+        Some(HistoryRecord {
+            r#ref: b.id.clone(),
+            frontend,
+            created: b.started,
+            steps: steps_from_progress(&b.progress.vertices()),
+            ..Default::default()
+        })
     }
 
     /// Builds running now: (ref, started unix ns).
@@ -881,11 +904,16 @@ struct Solved {
 struct BuildEnd<W: Worker, F: Frontend, E: Exporter> {
     solver: Arc<Solver<W, F, E>>,
     build: Arc<Build>,
+    /// how the build ended, for the metrics (a dropped Solve: canceled)
+    status: &'static str,
 }
 
 impl<W: Worker, F: Frontend, E: Exporter> Drop for BuildEnd<W, F, E> {
     fn drop(&mut self) {
         self.build.active.store(false, Ordering::SeqCst);
+        kiln_metrics::BUILDS.inc(&[self.status]);
+        let secs = (unix_nanos() - self.build.started).max(0) as f64 / 1e9;
+        kiln_metrics::BUILD_DURATION.observe(&[self.status], secs);
         self.build.progress.close();
         // imported results not loaded hold the build: let both go
         if let Some(Some(r)) = self.build.remote.get()

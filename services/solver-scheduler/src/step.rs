@@ -202,6 +202,20 @@ pub(crate) fn is_local_source(op: &pb::Op) -> bool {
     matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("local://"))
 }
 
+/// An op's kind as the metrics label it.
+pub(crate) fn op_kind(op: &pb::Op) -> &'static str {
+    match &op.op {
+        Some(OpKind::Exec(_)) => "exec",
+        Some(OpKind::Source(_)) => "source",
+        Some(OpKind::File(_)) => "file",
+        Some(OpKind::Build(_)) => "build",
+        Some(OpKind::Merge(_)) => "merge",
+        Some(OpKind::Diff(_)) => "diff",
+        Some(OpKind::Passthrough(_)) => "passthrough",
+        None => "none",
+    }
+}
+
 /// What one vertex needs to run, owned so it can run in its own task.
 pub(crate) struct Step<W> {
     pub(crate) worker: Arc<W>,
@@ -492,7 +506,24 @@ impl<W: Worker> Step<W> {
     }
 
     /// Looks the vertex up (fast key, then content key) and runs it on a miss.
+    /// Runs the step or finds it cached, counting it in the metrics.
     pub(crate) async fn execute(self) -> Result<Outcome, Failure> {
+        let kind = op_kind(&self.op);
+        let t0 = std::time::Instant::now();
+        let r = self.execute_uncounted().await;
+        match &r {
+            Ok(o) if !o.cached => {
+                kiln_metrics::STEPS.inc(&[kind, "miss"]);
+                kiln_metrics::STEP_DURATION.observe(&[kind], t0.elapsed().as_secs_f64());
+            }
+            Ok(o) if o.done.lazy.is_some() => kiln_metrics::STEPS.inc(&[kind, "remote"]),
+            Ok(_) => kiln_metrics::STEPS.inc(&[kind, "hit"]),
+            Err(_) => kiln_metrics::STEP_FAILURES.inc(&[kind]),
+        }
+        r
+    }
+
+    async fn execute_uncounted(self) -> Result<Outcome, Failure> {
         let t0 = std::time::Instant::now();
         let content_key = match self.lookup().await? {
             Lookup::Hit(rec) => {

@@ -173,6 +173,37 @@ impl Histogram {
     }
 }
 
+/// A step looking for a slot: counted in `kiln_queue_length` while it
+/// waits, its wait observed in `kiln_queue_wait_seconds` when it ends.
+struct Queued {
+    since: std::time::Instant,
+    waiting: bool,
+}
+
+impl Queued {
+    fn new() -> Queued {
+        Queued {
+            since: std::time::Instant::now(),
+            waiting: false,
+        }
+    }
+
+    fn waiting(&mut self) {
+        if !std::mem::replace(&mut self.waiting, true) {
+            kiln_metrics::QUEUE_LENGTH.add(&[], 1.0);
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if self.waiting {
+            kiln_metrics::QUEUE_LENGTH.add(&[], -1.0);
+        }
+        kiln_metrics::QUEUE_WAIT.observe(&[], self.since.elapsed().as_secs_f64());
+    }
+}
+
 /// A step slot on a member, held while the step runs there.
 struct Slot<'a, W> {
     farm: &'a Farm<W>,
@@ -430,6 +461,7 @@ impl<W: Worker> Farm<W> {
         avoid: &HashSet<String>,
     ) -> Result<Slot<'_, W>, Error> {
         let deadline = tokio::time::Instant::now() + self.config.wait_for_worker;
+        let mut queued = Queued::new();
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -440,6 +472,7 @@ impl<W: Worker> Farm<W> {
             match outcome {
                 Ok(slot) => return Ok(slot),
                 Err(NoWorker::AllBusy) => {
+                    queued.waiting();
                     // a slot freed for a step this one cannot use is passed on
                     // by the periodic look
                     let _ = tokio::time::timeout(BUSY_RECHECK, notified).await;
@@ -567,12 +600,14 @@ impl<W: Worker> Farm<W> {
             match slot.worker.import(&address, local).await {
                 Ok(done) => {
                     self.moved.fetch_add(done.bytes_moved, Ordering::Relaxed);
+                    kiln_metrics::MOVED_BYTES.add(&[], done.bytes_moved as f64);
                     if self.shows_placement() {
                         events(RunEvent::Progress {
                             id: format!(
-                                "input {} from worker {holder}: {} bytes moved",
+                                "input {} from worker {holder}: {}{}",
                                 short(local),
-                                done.bytes_moved
+                                done.bytes_moved,
+                                crate::history::MOVED
                             ),
                             current: done.bytes_moved as i64,
                             total: done.bytes_moved as i64,
@@ -832,6 +867,10 @@ fn container_target<'a>(farm_home: Option<&'a str>, id: &'a str) -> (Option<&'a 
 }
 
 impl<W: Worker> Worker for Farm<W> {
+    fn home_id(&self) -> Option<String> {
+        self.home.clone()
+    }
+
     fn address(&self) -> String {
         let home = self.home.as_deref().and_then(|h| self.worker_of(h));
         match home {
@@ -1056,6 +1095,7 @@ impl<W: Worker> Worker for Farm<W> {
                 // 0: unbounded (the home worker)
                 capacity: u32::try_from(mm.reg.capacity).unwrap_or(0),
                 version: mm.reg.version.clone(),
+                free_disk: mm.reg.free_disk,
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
