@@ -21,6 +21,9 @@ have openssl || need="$need openssl"
 have ssh-agent || need="$need openssh-client"
 have git || need="$need git"
 have python3 || need="$need python3"
+# the observability tests: a real Prometheus scrapes kilnd, a headless browser opens the dashboard
+have prometheus || need="$need prometheus"
+have chromium || need="$need chromium"
 if [ -n "$need" ]; then
   echo "installing:$need"
   SUDO=""

@@ -30,6 +30,9 @@ pub struct FileConfig {
     /// takes it (`type = "registry"`, `ref = "…"`, `mode = "max"`).
     #[serde(default, rename = "remote-cache")]
     pub remote_cache: RemoteCache,
+    /// `[debug]`: the debug listener's address.
+    #[serde(default)]
+    pub debug: Debug,
 }
 
 /// `[remote-cache]`.
@@ -79,6 +82,17 @@ pub struct Grpc {
     pub uid: Option<u32>,
     /// group of the unix sockets (buildkitd.toml's `[grpc] gid`; `--group` wins)
     pub gid: Option<u32>,
+    /// buildkitd.toml's `[grpc] debugAddress`: the debug listener (`[debug] address`)
+    #[serde(rename = "debugAddress")]
+    pub debug_address: Option<String>,
+}
+
+/// `[debug]`: the debug listener (metrics, health, the farm dashboard).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debug {
+    /// `host:port` (`--debugaddr` wins)
+    pub address: Option<String>,
 }
 
 /// buildkitd.toml's `[grpc.tls]`.

@@ -12,6 +12,8 @@
 //! also becomes every service-to-service connection's identity.
 
 mod config;
+mod dashboard;
+mod debug;
 mod farm;
 mod memory;
 mod serve;
@@ -94,6 +96,10 @@ struct Args {
     /// worker-executor in a farm: steps it runs at once (default: its CPUs)
     #[arg(long)]
     capacity: Option<u32>,
+    /// Debug listener, HOST:PORT: Prometheus /metrics, health (HTTP /healthz
+    /// and gRPC grpc.health.v1), and on a scheduler the farm dashboard at /
+    #[arg(long, value_name = "ADDR")]
+    debugaddr: Option<String>,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -201,6 +207,37 @@ fn group_id(g: &str) -> anyhow::Result<u32> {
         Ok(None) => anyhow::bail!("--group {g:?}: no such group"),
         Err(e) => anyhow::bail!("--group {g:?}: {e}"),
     }
+}
+
+/// Starts the debug listener when `--debugaddr` (or `[debug] address`, or
+/// `[grpc] debugAddress`) names one; it serves until the process ends.
+async fn start_debug(
+    args: &Args,
+    s: &Settings,
+    solver: Option<Arc<serve::Solver>>,
+    stopping: &serve::Shutdown,
+) -> anyhow::Result<()> {
+    let addr = args
+        .debugaddr
+        .clone()
+        .or_else(|| s.file.debug.address.clone())
+        .or_else(|| s.file.grpc.debug_address.clone());
+    let Some(addr) = addr.filter(|a| !a.is_empty()) else {
+        return Ok(());
+    };
+    let role = args
+        .role
+        .and_then(|r| r.to_possible_value())
+        .map_or("all-in-one".to_string(), |v| v.get_name().to_string());
+    let role: &'static str = match role.as_str() {
+        "solver-scheduler" => "solver-scheduler",
+        "worker-executor" => "worker-executor",
+        "frontend-gateway" => "frontend-gateway",
+        "registry-exporter" => "registry-exporter",
+        _ => "all-in-one",
+    };
+    debug::listen(&addr, debug::Debug::new(role, solver, stopping.clone())).await?;
+    Ok(())
 }
 
 /// Where `--role solver-scheduler` serves the internal APIs: `--internal-addr`,
@@ -389,6 +426,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             let solver = solver_core(&s, Some((home, home_client)), &internal, &internal).await?;
             close_farm_on(&shutdown, &solver);
+            start_debug(&args, &s, Some(solver.clone()), &shutdown).await?;
             let exporter = exporter_core(&s, internal.clone())?;
             let frontend = frontend_core(&internal).await?;
             let internal_router = tonic::transport::Server::builder()
@@ -442,6 +480,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?;
             close_farm_on(&shutdown, &solver);
+            start_debug(&args, &s, Some(solver.clone()), &shutdown).await?;
             let client_router = tonic::transport::Server::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()));
             let internal_services = (
@@ -495,6 +534,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Some(Role::WorkerExecutor) => {
+            start_debug(&args, &s, None, &shutdown).await?;
             let join = args.join.clone().or_else(|| s.file.farm.join.clone());
             let solver = s.peers.solver.clone().or_else(|| join.clone());
             let worker = worker_core(
@@ -537,6 +577,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Some(Role::FrontendGateway) => {
+            start_debug(&args, &s, None, &shutdown).await?;
             let frontend =
                 frontend_core(&need(&s.peers.solver, "--solver-addr", "frontend-gateway")?).await?;
             let router = tonic::transport::Server::builder()
@@ -545,6 +586,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
         Some(Role::RegistryExporter) => {
+            start_debug(&args, &s, None, &shutdown).await?;
             let exporter = exporter_core(
                 &s,
                 need(&s.peers.solver, "--solver-addr", "registry-exporter")?,
