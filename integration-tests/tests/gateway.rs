@@ -17,10 +17,10 @@ use kiln_proto::moby::buildkit::v1::{
 };
 use kiln_proto::pb;
 use kiln_session::attachable::{self, Attachables, OutputTarget};
+use kiln_session::dial::Channel;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 const BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
 

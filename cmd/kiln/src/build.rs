@@ -546,7 +546,7 @@ fn print_sources(status: &tonic::Status) {
 
 /// Prints the build's progress until it ends; yields the cache misses seen.
 fn spawn_printer(
-    channel: &tonic::transport::Channel,
+    channel: &kiln_session::dial::Channel,
     build_ref: &str,
     mode: Mode,
 ) -> tokio::task::JoinHandle<Explanations> {
@@ -577,7 +577,7 @@ type SolveResult = Result<tonic::Response<SolveResponse>, tonic::Status>;
 
 /// An older client's way: the daemon runs the frontend named in the request.
 async fn solve_in_daemon(
-    channel: &tonic::transport::Channel,
+    channel: &kiln_session::dial::Channel,
     mut req: SolveRequest,
     frontend: FrontendSolve,
 ) -> SolveResult {
@@ -589,7 +589,7 @@ async fn solve_in_daemon(
 /// As buildctl: the workers, then the build's Solve kept open while the
 /// frontend runs here through the daemon's LLBBridge.
 async fn solve_with_local_frontend(
-    channel: &tonic::transport::Channel,
+    channel: &kiln_session::dial::Channel,
     build_ref: &str,
     req: SolveRequest,
     frontend: FrontendSolve,
@@ -686,7 +686,7 @@ fn node_id() -> anyhow::Result<String> {
     }
 }
 
-fn control(ch: &tonic::transport::Channel) -> ControlClient<tonic::transport::Channel> {
+fn control(ch: &kiln_session::dial::Channel) -> ControlClient<kiln_session::dial::Channel> {
     ControlClient::new(ch.clone())
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)

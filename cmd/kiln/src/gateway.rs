@@ -9,8 +9,8 @@ use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::moby::buildkit::v1::frontend::{
     PingRequest, ReturnRequest, SolveRequest, llb_bridge_client::LlbBridgeClient,
 };
+use kiln_session::dial::Channel;
 use prost::Message as _;
-use tonic::transport::Channel;
 
 /// gRPC metadata naming the build an LLBBridge call belongs to.
 const BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";

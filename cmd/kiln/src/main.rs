@@ -68,7 +68,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// A gRPC channel to the daemon; with TLS, the handshake has been made.
-    pub async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+    pub async fn connect(&self) -> anyhow::Result<kiln_session::dial::Channel> {
         Ok(kiln_session::dial::connect_with(&self.addr, self.tls.as_ref()).await?)
     }
 }
@@ -100,9 +100,56 @@ fn client_tls(cli: &Cli) -> anyhow::Result<Option<ClientTls>> {
     Ok(Some(tls))
 }
 
+/// The caller's trace context from `TRACEPARENT` (and `TRACESTATE`), as
+/// the environment carries it to a command: sent on every call to the
+/// daemon, so the build's spans join the caller's trace.
+static TRACE_CONTEXT: std::sync::OnceLock<Vec<(&'static str, http::HeaderValue)>> =
+    std::sync::OnceLock::new();
+
+fn trace_parent() {
+    let Some(parent) = std::env::var("TRACEPARENT")
+        .ok()
+        .filter(|v| valid_traceparent(v.trim()))
+    else {
+        return;
+    };
+    let mut headers = Vec::new();
+    if let Ok(v) = http::HeaderValue::from_str(parent.trim()) {
+        headers.push(("traceparent", v));
+    }
+    if let Some(v) = std::env::var("TRACESTATE")
+        .ok()
+        .and_then(|v| http::HeaderValue::from_str(v.trim()).ok())
+    {
+        headers.push(("tracestate", v));
+    }
+    let _ = TRACE_CONTEXT.set(headers);
+    kiln_session::dial::set_request_hook(|h| {
+        for (k, v) in TRACE_CONTEXT.get().into_iter().flatten() {
+            h.insert(*k, v.clone());
+        }
+    });
+}
+
+/// W3C trace context's `VERSION-TRACEID-SPANID-FLAGS` (hex, ids not all zero).
+fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && nonzero(parts[1])
+        && hex(parts[2], 16)
+        && nonzero(parts[2])
+        && hex(parts[3], 2)
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    trace_parent();
     let tls = match client_tls(&cli) {
         Ok(t) => t,
         Err(e) => {

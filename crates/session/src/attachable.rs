@@ -440,7 +440,7 @@ impl Drop for SessionHandle {
 
 /// Opens `Control.Session` on `control` and serves `att` on it.
 pub async fn attach(
-    control: tonic::transport::Channel,
+    control: crate::dial::Channel,
     session_id: &str,
     name: &str,
     shared_key: &str,

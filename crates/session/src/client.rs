@@ -1,6 +1,7 @@
 //! Reaching a client session from any kiln service, through the solver's
 //! `SessionBroker`.
 
+use crate::dial::Channel;
 use crate::filesync::{self, Filter, PacketConn, ReceiveStats};
 use crate::{Error, headers, methods};
 use kiln_proto::fsutil::types::Packet;
@@ -12,7 +13,6 @@ use std::path::Path;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Options of a FileSync transfer.
 #[derive(Debug, Clone, Default)]

@@ -1,12 +1,14 @@
 //! Addresses of kiln services: `unix:///path`, `tcp://host:port` or
-//! `http://host:port`.
+//! `http://host:port`, and the [`Channel`] every service-to-service call
+//! goes through (it adds the caller's trace context to each request once
+//! [`set_request_hook`] was called).
 
 use crate::Error;
 use crate::tls::{ClientTls, Connector};
 use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
 
 /// Where a service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,47 @@ impl Addr {
     }
 }
 
+/// A gRPC channel between kiln's services: tonic's, with the process's
+/// request hook (see [`set_request_hook`]) run on each request's headers.
+#[derive(Clone, Debug)]
+pub struct Channel(tonic::transport::Channel);
+
+impl From<tonic::transport::Channel> for Channel {
+    fn from(c: tonic::transport::Channel) -> Self {
+        Channel(c)
+    }
+}
+
+/// Called with the headers of every request a [`Channel`] sends, set once at
+/// start: kilnd puts the current span's W3C trace context there.
+static REQUEST_HOOK: std::sync::OnceLock<fn(&mut http::HeaderMap)> = std::sync::OnceLock::new();
+
+/// Makes every [`Channel`] call `hook` on each request's headers before
+/// sending it (nothing is called while none is set).
+pub fn set_request_hook(hook: fn(&mut http::HeaderMap)) {
+    let _ = REQUEST_HOOK.set(hook);
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(hook) = REQUEST_HOOK.get() {
+            hook(request.headers_mut());
+        }
+        self.0.call(request)
+    }
+}
+
 /// The TLS identity kiln's services use with each other (`[farm.tls]`), set
 /// once at start: then every service-to-service `tcp://` connection is mutual TLS.
 static INTERNAL_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
@@ -61,6 +104,13 @@ pub async fn connect(addr: &str) -> Result<Channel, Error> {
 /// connection is made here, so a refused handshake is reported by this call
 /// with its reason; later ones are made when needed.
 pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, Error> {
+    raw_connect_with(addr, tls).await.map(Channel)
+}
+
+async fn raw_connect_with(
+    addr: &str,
+    tls: Option<&ClientTls>,
+) -> Result<tonic::transport::Channel, Error> {
     if let (Addr::Tcp(host), Some(tls)) = (Addr::parse(addr)?, tls) {
         let connector = Connector::new(tls, &host)?;
         let first = connector.connect(&host).await?;
@@ -84,12 +134,16 @@ pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel
             })),
         );
     }
-    connect_lazy(addr)
+    raw_connect_lazy(addr)
 }
 
 /// A plain gRPC channel to `addr` that connects when first used (and again
 /// after a connection breaks).
 pub fn connect_lazy(addr: &str) -> Result<Channel, Error> {
+    raw_connect_lazy(addr).map(Channel)
+}
+
+fn raw_connect_lazy(addr: &str) -> Result<tonic::transport::Channel, Error> {
     if let (Addr::Tcp(host), Some(tls)) = (Addr::parse(addr)?, INTERNAL_TLS.get()) {
         let connector = Connector::new(tls, &host)?;
         return Ok(
@@ -146,6 +200,10 @@ fn tcp_endpoint(addr: &str, host: &str) -> Result<Endpoint, Error> {
 /// reaches LLBBridge (the daemon serves it on the other ends of the pipes).
 /// One connection only; it is not made again once it breaks.
 pub fn stdio() -> Channel {
+    Channel(raw_stdio())
+}
+
+fn raw_stdio() -> tonic::transport::Channel {
     let pipes = std::sync::Arc::new(std::sync::Mutex::new(Some(tokio::io::join(
         tokio::io::stdin(),
         tokio::io::stdout(),

@@ -51,7 +51,7 @@ fn run_step(cmd: &str) -> pb::Op {
 /// Builds the commands; `Ok((result, linger))`, `linger` when commands.json asks
 /// the frontend to stay running after it returned (to test that it is stopped).
 async fn build(
-    c: &mut LlbBridgeClient<tonic::transport::Channel>,
+    c: &mut LlbBridgeClient<kiln_session::dial::Channel>,
     session: &str,
 ) -> Result<(fe::Result, bool), String> {
     let local = source(

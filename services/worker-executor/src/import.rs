@@ -20,10 +20,10 @@ use crate::snapshot::{Kind, LayerBlob};
 use kiln_oci::{Compression, Descriptor, LayerOptions};
 use kiln_proto::kiln::worker::v1 as wpb;
 use kiln_proto::kiln::worker::v1::worker_client::WorkerClient;
+use kiln_session::dial::Channel;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use tonic::transport::Channel;
 
 /// What an import did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

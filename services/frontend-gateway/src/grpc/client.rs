@@ -8,7 +8,7 @@ use kiln_proto::moby::buildkit::v1::frontend::{
     ReadFileRequest, ResolveImageConfigRequest, SolveRequest, llb_bridge_client::LlbBridgeClient,
     result,
 };
-use tonic::transport::Channel;
+use kiln_session::dial::Channel;
 
 use super::convert::bridge_error;
 use crate::{Bridge, BridgeError, BridgeErrorKind, FrontendOutput, ResolvedConfig};
@@ -344,6 +344,7 @@ mod tests {
             .connect()
             .await
             .expect("connect")
+            .into()
     }
 
     #[tokio::test]

@@ -12,8 +12,8 @@ use kiln_proto::google::rpc::Status as RpcStatus;
 use kiln_proto::moby::buildkit::v1::frontend::{
     self as fe, llb_bridge_client::LlbBridgeClient, result::Result as FeResult,
 };
+use kiln_session::dial::Channel;
 use prost::Message as _;
-use tonic::transport::Channel;
 
 use crate::{DOCKERFILE_FRONTEND, FrontendOutput, FrontendRequest, Gateway};
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tonic::transport::Channel;
+use kiln_session::dial::Channel;
 
 use crate::Gateway;
 

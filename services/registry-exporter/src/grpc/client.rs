@@ -5,8 +5,8 @@ use futures::{StreamExt, TryStreamExt};
 use kiln_proto::kiln::exporter::v1 as xpb;
 use kiln_proto::kiln::worker::v1 as wpb;
 use kiln_proto::kiln::worker::v1::worker_client::WorkerClient;
+use kiln_session::dial::Channel;
 use std::collections::BTreeMap;
-use tonic::transport::Channel;
 
 use super::convert;
 use crate::{ByteStream, Error, ExportRequest, LayerBlob, ResolvedConfig, WorkerFs};

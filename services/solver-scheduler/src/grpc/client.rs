@@ -10,10 +10,10 @@ use kiln_proto::kiln::exporter::v1::{self as ex, exporter_client::ExporterClient
 use kiln_proto::kiln::frontend::v1::{FrontendRequest, frontend_client::FrontendClient};
 use kiln_proto::kiln::worker::v1::{self as wk, worker_client::WorkerClient};
 use kiln_proto::pb;
+use kiln_session::dial::Channel;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 
 const MAX_MESSAGE: usize = 64 << 20;
 

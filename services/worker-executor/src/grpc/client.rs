@@ -1,7 +1,7 @@
 //! Connecting to a remote worker.
 
 use kiln_proto::kiln::worker::v1::worker_client::WorkerClient;
-use tonic::transport::Channel;
+use kiln_session::dial::Channel;
 
 /// A gRPC client for the worker at `addr` (`unix:///path`, `tcp://host:port`).
 pub async fn connect(addr: &str) -> Result<WorkerClient<Channel>, kiln_session::Error> {
