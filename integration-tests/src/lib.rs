@@ -324,6 +324,16 @@ impl Daemon {
 
     /// Like `start_with_config`, with exec steps running on `backend`.
     pub fn start_on(topology: Topology, backend: &Backend, extra: &str) -> Result<Daemon> {
+        Daemon::start_with_env(topology, backend, extra, &[])
+    }
+
+    /// Like `start_on`, every process given the environment variables `env`.
+    pub fn start_with_env(
+        topology: Topology,
+        backend: &Backend,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("kiln-it-").tempdir()?;
         let config = dir.path().join("kilnd.toml");
         let namespace = dir
@@ -349,6 +359,7 @@ impl Daemon {
             let log = dir.path().join(log_name);
             let child = Command::new(&kilnd)
                 .args(args)
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?)
                 .spawn()

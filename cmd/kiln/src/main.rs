@@ -172,3 +172,27 @@ async fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod trace_tests {
+    use super::valid_traceparent;
+
+    #[test]
+    fn traceparent_is_checked() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        // all-zero ids, a bad version, short fields
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"
+        ));
+        assert!(!valid_traceparent(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent("00-4bf92f35-00f067aa0ba902b7-01"));
+        assert!(!valid_traceparent(""));
+    }
+}

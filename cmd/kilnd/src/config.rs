@@ -33,6 +33,9 @@ pub struct FileConfig {
     /// `[debug]`: the debug listener's address.
     #[serde(default)]
     pub debug: Debug,
+    /// `[otel]`: where traces go when no `OTEL_*` variable says (see `telemetry`).
+    #[serde(default)]
+    pub otel: crate::telemetry::OtelConfig,
 }
 
 /// `[remote-cache]`.

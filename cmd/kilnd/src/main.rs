@@ -17,6 +17,7 @@ mod debug;
 mod farm;
 mod memory;
 mod serve;
+mod telemetry;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -126,14 +127,22 @@ fn main() {
 
 async fn daemon() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = run(args).await {
+    // `[otel]` of the config, if it reads (run() reports it when not)
+    let otel = args
+        .config
+        .as_deref()
+        .and_then(|p| config::load(p).ok())
+        .map(|c| c.otel)
+        .unwrap_or_default();
+    let role = args
+        .role
+        .and_then(|r| r.to_possible_value())
+        .map_or("all-in-one".to_string(), |v| v.get_name().to_string());
+    let telemetry = telemetry::init(&args.log, &otel, &role);
+    let r = run(args).await;
+    telemetry.shutdown().await;
+    if let Err(e) = r {
         eprintln!("kilnd: {e:#}");
         std::process::exit(1);
     }
@@ -429,7 +438,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             start_debug(&args, &s, Some(solver.clone()), &shutdown).await?;
             let exporter = exporter_core(&s, internal.clone())?;
             let frontend = frontend_core(&internal).await?;
-            let internal_router = tonic::transport::Server::builder()
+            let internal_router = serve::builder()
                 .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
                 .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
                 .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()))
@@ -438,7 +447,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .add_service(registry_exporter::grpc::server(exporter));
             // workers on other hosts join here (and reach the session broker)
             let farm_listener = args.internal_addr.clone().map(|addr| {
-                let router = tonic::transport::Server::builder()
+                let router = serve::builder()
                     .add_service(solver_scheduler::grpc::broker_server(solver.clone()))
                     .add_service(solver_scheduler::grpc::bridge_server(solver.clone()))
                     .add_service(solver_scheduler::grpc::farm_server(solver.worker.clone()));
@@ -447,7 +456,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::spawn(async move { serve::serve_client(router, &addr, tls, shutdown).await })
             });
             // clients get Control and, for frontends they run themselves, LLBBridge
-            let public_router = tonic::transport::Server::builder()
+            let public_router = serve::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()))
                 .add_service(solver_scheduler::grpc::client_bridge_server(solver.clone()));
             tracing::info!(
@@ -481,7 +490,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
             close_farm_on(&shutdown, &solver);
             start_debug(&args, &s, Some(solver.clone()), &shutdown).await?;
-            let client_router = tonic::transport::Server::builder()
+            let client_router = serve::builder()
                 .add_service(solver_scheduler::grpc::control_server(solver.clone()));
             let internal_services = (
                 solver_scheduler::grpc::broker_server(solver.clone()),
@@ -492,7 +501,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(internal) => {
                     let client_router = client_router
                         .add_service(solver_scheduler::grpc::client_bridge_server(solver));
-                    let internal_router = tonic::transport::Server::builder()
+                    let internal_router = serve::builder()
                         .add_service(internal_services.0)
                         .add_service(internal_services.1)
                         .add_service(internal_services.2);
@@ -541,8 +550,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &s,
                 need(&solver, "--solver-addr (or --join)", "worker-executor")?,
             )?;
-            let router = tonic::transport::Server::builder()
-                .add_service(worker_executor::grpc::server(worker.clone()));
+            let router =
+                serve::builder().add_service(worker_executor::grpc::server(worker.clone()));
             tracing::info!("kilnd worker-executor listening on {}", s.addr);
             match join {
                 None => {
@@ -580,8 +589,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             start_debug(&args, &s, None, &shutdown).await?;
             let frontend =
                 frontend_core(&need(&s.peers.solver, "--solver-addr", "frontend-gateway")?).await?;
-            let router = tonic::transport::Server::builder()
-                .add_service(frontend_gateway::grpc::server::server(frontend));
+            let router =
+                serve::builder().add_service(frontend_gateway::grpc::server::server(frontend));
             tracing::info!("kilnd frontend-gateway listening on {}", s.addr);
             serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }
@@ -591,8 +600,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &s,
                 need(&s.peers.solver, "--solver-addr", "registry-exporter")?,
             )?;
-            let router = tonic::transport::Server::builder()
-                .add_service(registry_exporter::grpc::server(exporter));
+            let router = serve::builder().add_service(registry_exporter::grpc::server(exporter));
             tracing::info!("kilnd registry-exporter listening on {}", s.addr);
             serve::serve_client(router, &s.addr, s.internal_tls.clone(), shutdown).await?;
         }

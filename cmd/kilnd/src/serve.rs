@@ -16,7 +16,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::Router;
+
+/// A tonic router whose every call gets a span (see [`crate::telemetry`]).
+pub type Router = tonic::transport::server::Router<
+    tower::layer::util::Stack<crate::telemetry::GrpcTraceLayer, tower::layer::util::Identity>,
+>;
+
+/// `tonic::transport::Server::builder()` with a span per call.
+pub fn builder() -> tonic::transport::Server<
+    tower::layer::util::Stack<crate::telemetry::GrpcTraceLayer, tower::layer::util::Identity>,
+> {
+    tonic::transport::Server::builder().layer(crate::telemetry::GrpcTraceLayer)
+}
 
 /// The solver as kilnd wires it: every peer over gRPC.
 pub type Solver =

@@ -121,12 +121,31 @@ pub struct Build {
     /// the build's remote cache (`None`: it neither imports nor exports
     /// one), set before its steps start: solves wait for its imports
     pub remote: tokio::sync::SetOnce<Option<Arc<crate::remote::Remote>>>,
+    /// the build's root span (`Control.Solve`'s) while that call runs,
+    /// parent of the work the client's own LLBBridge calls start
+    span: Mutex<Option<tracing::Span>>,
 }
 
 /// Frontend attr asking for cache-miss explanations.
 pub const EXPLAIN_CACHE_ATTR: &str = "explain-cache";
 
 impl Build {
+    /// The build's root span ([`tracing::Span::none`] once its call ended).
+    pub fn span(&self) -> tracing::Span {
+        self.span
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Lets the root span end (the build is kept a while after its call).
+    pub fn end_span(&self) {
+        if let Ok(mut s) = self.span.lock() {
+            s.take();
+        }
+    }
+
     /// A build of `req`, starting now.
     pub fn new(req: &BuildRequest, no_cache: bool) -> Build {
         Self::with_client_frontend(req, no_cache).0
@@ -178,6 +197,7 @@ impl Build {
                 .collect(),
             scope: Mutex::new(String::new()),
             shared_key: Mutex::new(String::new()),
+            span: Mutex::new(Some(tracing::Span::current())),
             eager_layers: req
                 .exporters
                 .iter()

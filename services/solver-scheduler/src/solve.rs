@@ -17,6 +17,7 @@ use kiln_proto::pb::{self, op::Op as OpKind};
 use kiln_proto::status::Details;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 // fuzz/ reaches these through `solve`
 pub use crate::cache::Cache;
@@ -206,7 +207,7 @@ pub(crate) async fn solve_unloaded<W: Worker>(
                 })
                 .collect::<Result<_, _>>()?;
         let digest = v.digest.clone();
-        let task = tokio::spawn(run.clone().vertex(v, inputs));
+        let task = tokio::spawn(run.clone().vertex(v, inputs).in_current_span());
         tasks.push(task.abort_handle());
         let fut = async move {
             task.await
@@ -319,7 +320,20 @@ impl<W: Worker> GraphRun<W> {
         inputs: Vec<(VertexFuture, i64)>,
     ) -> Result<Arc<Done>, Failure> {
         let name = vertex_name(&v.op, &v.metadata);
-        let (step, plan) = self.step(&v, name.clone(), inputs).await?;
+        // the step's span in the build's trace (made only while traces are exported)
+        let span = tracing::info_span!(
+            target: "kiln_trace",
+            "step",
+            otel.name = %name,
+            kiln.vertex.digest = %v.digest,
+            kiln.vertex.name = %name,
+            kiln.cached = tracing::field::Empty,
+            kiln.worker = tracing::field::Empty,
+        );
+        let (step, plan) = self
+            .step(&v, name.clone(), inputs)
+            .instrument(span.clone())
+            .await?;
         let mut pv = step.pv.clone();
         // identical vertices of concurrent builds run once; vertices
         // that must not be shared run in this build's own task, and so do
@@ -330,11 +344,17 @@ impl<W: Worker> GraphRun<W> {
         } else {
             format!("unshared:{}", uuid::Uuid::new_v4())
         };
-        let Joined { flight, leader } = self.cache.join(&key, move || step.execute().boxed());
-        let res = flight.fut.clone().await;
+        let exec_span = span.clone();
+        let home = self.worker.home_id();
+        let Joined { flight, leader } = self
+            .cache
+            .join(&key, move || step.execute().instrument(exec_span).boxed());
+        let res = flight.fut.clone().instrument(span.clone()).await;
         pv.completed = Some(now());
         match res {
             Ok(o) => {
+                span.record("kiln.cached", o.cached);
+                span.record("kiln.worker", step_worker(&o.done, home.as_deref()));
                 // a build that joined a running step shows it as it ran,
                 // as BuildKit shows a vertex shared by several builds
                 pv.cached = o.cached;
@@ -465,6 +485,24 @@ impl<W: Worker> GraphRun<W> {
                 tracing::debug!(error = %kiln_proto::status::Chain(&e), "layers ahead of the export");
             }
         });
+    }
+}
+
+/// The worker holding a step's result: where it ran, else where its first
+/// output is (the home worker's refs are bare).
+fn step_worker(done: &Done, home: Option<&str>) -> String {
+    if !done.outputs.worker.is_empty() {
+        return done.outputs.worker.clone();
+    }
+    let on = done
+        .outputs
+        .refs
+        .iter()
+        .find(|r| !r.is_empty())
+        .map(|r| crate::farm::split_ref(r).0);
+    match on {
+        Some(Some(w)) => w.to_string(),
+        _ => home.unwrap_or_default().to_string(),
     }
 }
 

@@ -17,6 +17,16 @@ pub struct ExporterService {
     core: Arc<Exporter>,
 }
 
+/// `tokio::spawn` in the current span (the call's, so the work's own calls
+/// stay in its trace).
+fn spawn_traced<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(f))
+}
+
 impl ExporterService {
     pub fn new(core: Arc<Exporter>) -> Self {
         ExporterService { core }
@@ -172,7 +182,7 @@ impl ExporterRpc for ExporterService {
         let req = convert::export_request_from_pb(request.into_inner());
         let core = self.core.clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
+        spawn_traced(async move {
             let span = tracing::info_span!("export", build_id = %req.build_id, kind = %req.kind);
             let _ = span;
             let result = async {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -139,12 +140,18 @@ impl<W: Worker, F: Frontend, E: Exporter> control_server::Control for ControlSer
             return Err(Status::invalid_argument("solve request has no ref"));
         }
         let solver = self.solver.clone();
-        // a client that goes away (this call is dropped) cancels its build
-        let task = tokio::spawn(async move { solver.solve(req).await });
+        let id = req.id.clone();
+        // a client that goes away (this call is dropped) cancels its build;
+        // this call's span is the build's root span
+        let task = tokio::spawn(async move { solver.solve(req).await }.in_current_span());
         let _cancel = AbortOnDrop::new(task.abort_handle());
         let r = task
             .await
-            .map_err(|e| Status::internal(format!("build task: {e}")))?;
+            .map_err(|e| Status::internal(format!("build task: {e}")));
+        if let Ok(b) = self.solver.build(&id, Duration::ZERO).await {
+            b.end_span();
+        }
+        let r = r?;
         match r {
             Ok(resp) => Ok(Response::new(ctl::SolveResponse {
                 exporter_response: resp,
@@ -495,6 +502,57 @@ fn scoped_shared_key(identity: &str, key: &str) -> String {
 const CLIENT_BUILD_ID_KEY: &str = "buildkit-controlapi-buildid";
 
 impl<W: Worker, F: Frontend, E: Exporter> BridgeService<W, F, E> {
+    /// LLBBridge `Solve` of `build`.
+    async fn solve_in(
+        &self,
+        build: Arc<crate::build::Build>,
+        r: fe::SolveRequest,
+    ) -> Result<Response<fe::SolveResponse>, Status> {
+        let result = if r.frontend.is_empty() {
+            FrontendResult {
+                r#ref: Some(build.add_ref(r.definition.unwrap_or_default())),
+                ..Default::default()
+            }
+        } else {
+            self.solver
+                .run_frontend(&build, &r.frontend, &r.frontend_opt, r.frontend_inputs)
+                .await
+                .map_err(build_failure)?
+        };
+        if r.evaluate || r.r#final {
+            let ids: Vec<&str> = result
+                .refs
+                .values()
+                .map(String::as_str)
+                .chain(result.r#ref.as_deref())
+                .collect();
+            for id in ids {
+                self.snapshot(&build, id).await?;
+            }
+        }
+        let wire = wire_result(&build, &result)?;
+        if r.r#final {
+            // an old client's return: this result is what the build exports
+            let mut done = result.clone();
+            done.metadata
+                .extend(exporter_attr_metadata(&r.exporter_attr)?);
+            build
+                .finish_client_frontend(Ok(done))
+                .map_err(Status::from)?;
+        }
+        if !r.allow_result_return {
+            // a client from before results: the ref id alone
+            return Ok(Response::new(fe::SolveResponse {
+                r#ref: result.r#ref.unwrap_or_default(),
+                result: None,
+            }));
+        }
+        Ok(Response::new(fe::SolveResponse {
+            r#ref: String::new(),
+            result: Some(wire),
+        }))
+    }
+
     async fn build<T>(&self, r: &Request<T>) -> Result<Arc<crate::build::Build>, Status> {
         let md = r.metadata();
         let id = match &self.edge {
@@ -779,50 +837,19 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         request: Request<fe::SolveRequest>,
     ) -> Result<Response<fe::SolveResponse>, Status> {
         let build = self.build(&request).await?;
-        let r = request.into_inner();
-        let result = if r.frontend.is_empty() {
-            FrontendResult {
-                r#ref: Some(build.add_ref(r.definition.unwrap_or_default())),
-                ..Default::default()
-            }
-        } else {
-            self.solver
-                .run_frontend(&build, &r.frontend, &r.frontend_opt, r.frontend_inputs)
-                .await
-                .map_err(build_failure)?
+        // the client's own frontend works in the build's trace
+        let span = match self.edge {
+            Edge::Client => tracing::info_span!(
+                target: "kiln_trace",
+                parent: &build.span(),
+                "LLBBridge.Solve",
+                otel.name = "LLBBridge.Solve (client frontend)",
+            ),
+            _ => tracing::Span::current(),
         };
-        if r.evaluate || r.r#final {
-            let ids: Vec<&str> = result
-                .refs
-                .values()
-                .map(String::as_str)
-                .chain(result.r#ref.as_deref())
-                .collect();
-            for id in ids {
-                self.snapshot(&build, id).await?;
-            }
-        }
-        let wire = wire_result(&build, &result)?;
-        if r.r#final {
-            // an old client's return: this result is what the build exports
-            let mut done = result.clone();
-            done.metadata
-                .extend(exporter_attr_metadata(&r.exporter_attr)?);
-            build
-                .finish_client_frontend(Ok(done))
-                .map_err(Status::from)?;
-        }
-        if !r.allow_result_return {
-            // a client from before results: the ref id alone
-            return Ok(Response::new(fe::SolveResponse {
-                r#ref: result.r#ref.unwrap_or_default(),
-                result: None,
-            }));
-        }
-        Ok(Response::new(fe::SolveResponse {
-            r#ref: String::new(),
-            result: Some(wire),
-        }))
+        self.solve_in(build, request.into_inner())
+            .instrument(span)
+            .await
     }
 
     async fn read_file(

@@ -40,6 +40,16 @@ impl<T> Drop for TaskStream<T> {
     }
 }
 
+/// `tokio::spawn` in the current span (the call's, so the work's own calls
+/// stay in its trace).
+fn spawn_traced<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(f))
+}
+
 fn chunks(mut rx: mpsc::Receiver<crate::Result<Bytes>>) -> TaskStream<wpb::Chunk> {
     let (tx, out) = mpsc::channel(4);
     let task = tokio::spawn(async move {
@@ -101,7 +111,7 @@ impl wpb::worker_server::Worker for WorkerService {
         let req = convert::run_request(req.into_inner())?;
         let core = self.core.clone();
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(async move {
+        let task = spawn_traced(async move {
             let (etx, mut erx) = mpsc::channel(64);
             let fwd_tx = tx.clone();
             let fwd = tokio::spawn(async move {
@@ -158,7 +168,7 @@ impl wpb::worker_server::Worker for WorkerService {
         let (resize_tx, resize_rx) = mpsc::channel::<(u32, u32)>(4);
         let (out_tx, mut out_rx) = mpsc::channel::<(u32, Bytes)>(64);
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
+        let task = spawn_traced(async move {
             // the caller's input: stdin and signals, until it ends or says eof
             let input = tokio::spawn(async move {
                 let mut stdin = Some(stdin_tx);
