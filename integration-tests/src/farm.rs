@@ -171,6 +171,8 @@ pub struct ProcessFarm {
     pub addr: String,
     /// where workers join
     pub internal: String,
+    /// the scheduler's debug listener (metrics, the farm dashboard), host:port
+    pub debug: String,
     config: PathBuf,
     services: Vec<Child>,
     /// how the scheduler was started (the last of `services`)
@@ -193,9 +195,11 @@ impl ProcessFarm {
             ),
         )?;
         let internal = format!("tcp://127.0.0.1:{}", free_port()?);
+        let debug = format!("127.0.0.1:{}", free_port()?);
         let mut farm = ProcessFarm {
             addr: format!("unix://{}", dir.path().join("scheduler.sock").display()),
             internal: internal.clone(),
+            debug: debug.clone(),
             config,
             services: vec![],
             scheduler_args: vec![],
@@ -228,6 +232,8 @@ impl ProcessFarm {
                 &peer("frontend-gateway"),
                 "--exporter-addr",
                 &peer("registry-exporter"),
+                "--debugaddr",
+                &debug,
             ],
         );
         farm.spawn_service("solver-scheduler", &args, &sock)?;

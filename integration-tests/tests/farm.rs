@@ -69,7 +69,65 @@ fn run_workers(progress: &str) -> Vec<String> {
 
 #[test]
 fn farm_runs_independent_stages_on_every_worker_and_builds_the_whole_image() {
-    stages_run_on_every_worker(&three_workers());
+    let farm = three_workers();
+    stages_run_on_every_worker(&farm);
+    dashboard_shows_the_build_per_worker(&farm);
+}
+
+/// `curl -s URL`'s body.
+fn http_get(url: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "-m", "20", url])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "GET {url} failed");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The scheduler's dashboard and metrics after [`stages_run_on_every_worker`]:
+/// the build's steps on each worker's lane, what moved, every worker's slots.
+fn dashboard_shows_the_build_per_worker(farm: &ProcessFarm) {
+    let base = format!("http://{}", farm.debug);
+    let overview: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("{base}/api/farm"))).expect("farm json");
+    let id = overview["recent"][0]["ref"]
+        .as_str()
+        .expect("a recent build");
+    let workers: Vec<&str> = overview["workers"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(workers.len(), 3, "{overview}");
+    let build: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("{base}/api/builds/{id}"))).expect("build json");
+    let steps = build["steps"].as_array().expect("steps");
+    let moved: u64 = steps.iter().filter_map(|s| s["bytes_moved"].as_u64()).sum();
+    assert!(moved > 0, "the final stage's inputs moved: {build}");
+    let page = http_get(&format!("{base}/build/{id}"));
+    for w in &workers {
+        let ran_there = steps.iter().filter(|s| s["worker"] == *w).count();
+        assert!(ran_there > 0, "no step on {w}: {build}");
+        assert!(
+            page.contains(&format!("<td colspan=\"2\">{w} · {ran_there} steps</td>")),
+            "the timeline has {w}'s lane with its {ran_there} steps:\n{page}"
+        );
+    }
+    let metrics = http_get(&format!("{base}/metrics"));
+    for w in &workers {
+        assert!(
+            metrics.contains(&format!("kiln_worker_capacity{{worker=\"{w}\"}} 2\n")),
+            "{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("kiln_workers{state=\"ready\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_steps_total{kind=\"exec\",cache=\"miss\"} 12\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("kiln_moved_bytes_total 0\n"), "{metrics}");
 }
 
 #[test]

@@ -169,4 +169,31 @@ mod tests {
             (1, 2, 1)
         );
     }
+
+    #[test]
+    fn steps_keep_their_placement_and_the_bytes_their_inputs_moved() {
+        use kiln_proto::moby::buildkit::v1::VertexStatus;
+        let status = |id: String, completed| VertexStatus {
+            id,
+            vertex: "d".into(),
+            completed,
+            ..Default::default()
+        };
+        let msgs = vec![StatusResponse {
+            vertexes: vec![Vertex {
+                digest: "d".into(),
+                ..Default::default()
+            }],
+            statuses: vec![
+                status(format!("{PLACED_ON}w1"), ts(1)),
+                status(format!("input abc from worker w2: 100{MOVED}"), ts(1)),
+                status(format!("input def from worker w3: 23{MOVED}"), ts(1)),
+                // not finished yet: not counted
+                status(format!("input ghi from worker w3: 5{MOVED}"), None),
+            ],
+            ..Default::default()
+        }];
+        let steps = steps_from_progress(&msgs);
+        assert_eq!((steps[0].worker.as_str(), steps[0].bytes_moved), ("w1", 123));
+    }
 }

@@ -229,11 +229,14 @@ impl Progress {
     /// The step records so far (no logs: they can be large).
     pub fn vertices(&self) -> Vec<StatusResponse> {
         self.in_memory(|r| {
-            // and the farm's placements (statuses), which the history keeps
+            // and the farm's placements and moves (statuses), which the history keeps
             let placed: Vec<_> = r
                 .statuses
                 .iter()
-                .filter(|s| s.id.starts_with(crate::history::PLACED_ON))
+                .filter(|s| {
+                    s.id.starts_with(crate::history::PLACED_ON)
+                        || s.id.ends_with(crate::history::MOVED)
+                })
                 .cloned()
                 .collect();
             (!r.vertexes.is_empty() || !placed.is_empty()).then(|| StatusResponse {
