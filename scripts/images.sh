@@ -1,11 +1,11 @@
 #!/bin/sh
 # kiln's own images, built by kiln from deploy/images/Dockerfile: kilnd (with
-# runc, for workers) and kiln, on a base made from the Debian packages
+# runc, for workers), kilnd-containerd (a worker running steps through a
+# containerd of its own) and kiln, on a base made from the Debian packages
 # installed on this machine (nothing is pulled).
 #   scripts/images.sh REGISTRY [TAG]
-# pushes REGISTRY/kiln/kilnd:TAG and REGISTRY/kiln/kiln:TAG (TAG: the git
-# commit) and, when a Docker engine answers, loads them as kiln/kilnd:TAG and
-# kiln/kiln:TAG. A registry on 127.0.0.1/localhost is spoken to over plain HTTP.
+# pushes REGISTRY/kiln/NAME:TAG for each (TAG: the git commit) and, when a
+# Docker engine answers, loads them as kiln/NAME:TAG. A registry on 127.0.0.1/localhost is spoken to over plain HTTP.
 # KILN_BIN_DIR: where kilnd and kiln are (default target/release);
 # KILN_ARGS: how kiln reaches a kilnd (default: one started here for the build).
 set -eu
@@ -51,6 +51,12 @@ for b in kilnd kiln; do
   strip --strip-debug "$ctx/bin/$b" 2>/dev/null || true
 done
 cp deploy/images/Dockerfile "$ctx/Dockerfile"
+# the kilnd-containerd image: containerd's binaries and the entrypoint starting it
+mkdir -p "$ctx/containerd/usr/bin"
+for b in containerd containerd-shim-runc-v2 ctr; do
+  cp "$(command -v "$b")" "$ctx/containerd/usr/bin/$b"
+done
+cp deploy/images/kilnd-containerd "$ctx/containerd/usr/bin/kilnd-containerd"
 
 case "$reg" in
 127.0.0.1:*|localhost:*|127.0.0.1|localhost) http="[registry.\"$reg\"]
@@ -66,7 +72,8 @@ if [ -z "${KILN_ARGS:-}" ]; then
 fi
 docker_ok=
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then docker_ok=1; fi
-for target in kilnd kiln; do
+# KILN_IMAGE_TARGETS: which images (default all three)
+for target in ${KILN_IMAGE_TARGETS:-kilnd kilnd-containerd kiln}; do
   # shellcheck disable=SC2086
   "$bin/kiln" $KILN_ARGS build --progress plain --frontend dockerfile.v0 --opt target="$target" \
     --local context="$ctx" --local dockerfile="$ctx" \

@@ -155,6 +155,8 @@ pub fn farm_images() -> Result<(String, String)> {
         bin_dir().join("kiln"),
         repo_root().join("deploy/images/Dockerfile"),
         repo_root().join("scripts/images.sh"),
+        repo_root().join("deploy/images/kilnd-containerd"),
+        PathBuf::from("/usr/bin/containerd"),
         PathBuf::from("/usr/sbin/runc"),
         PathBuf::from("/bin/busybox"),
         PathBuf::from("/usr/bin/docker-registry"),
@@ -195,7 +197,12 @@ pub fn farm_images() -> Result<(String, String)> {
     )?;
     docker(&["load", "-i", &tar.display().to_string()])?;
     // images of older binaries go (one still used by a container stays)
-    for repo in ["kiln/kilnd", "kiln/kiln", "kiln-test/registry"] {
+    for repo in [
+        "kiln/kilnd",
+        "kiln/kilnd-containerd",
+        "kiln/kiln",
+        "kiln-test/registry",
+    ] {
         for old in docker(&["images", repo, "--format", "{{.Repository}}:{{.Tag}}"])?.lines() {
             let old_tag = old.rsplit(':').next().unwrap_or_default();
             if old_tag.starts_with("test-") && old_tag != tag {

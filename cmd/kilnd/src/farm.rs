@@ -20,9 +20,15 @@ pub fn labels(file: &FileConfig, flags: &[String]) -> anyhow::Result<BTreeMap<St
         anyhow::ensure!(!k.is_empty(), "--oci-worker-labels {f:?}: an empty key");
         labels.insert(k.to_string(), v.to_string());
     }
+    // what executes steps, as BuildKit's workers say it
+    let executor = if file.worker.containerd.enabled {
+        "containerd"
+    } else {
+        "oci"
+    };
     labels
         .entry(solver_scheduler::solver::WORKER_EXECUTOR_LABEL.to_string())
-        .or_insert_with(|| "oci".to_string());
+        .or_insert_with(|| executor.to_string());
     Ok(labels)
 }
 

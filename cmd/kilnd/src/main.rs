@@ -80,6 +80,10 @@ struct Args {
     /// host), host, bridge or none; overrides `[worker] networkMode`
     #[arg(long, alias = "oci-worker-net", value_name = "MODE")]
     network_mode: Option<String>,
+    /// Run exec steps as tasks of the containerd at this socket (enables
+    /// `[worker.containerd]` with this address)
+    #[arg(long, value_name = "ADDR")]
+    containerd_worker_addr: Option<String>,
     /// worker-executor: join the farm of the solver-scheduler at this internal
     /// address (its --internal-addr); also the worker's --solver-addr
     #[arg(long, value_name = "ADDR")]
@@ -162,10 +166,14 @@ struct Settings {
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
-    let file = match &args.config {
+    let mut file = match &args.config {
         Some(p) => config::load(p)?,
         None => config::FileConfig::default(),
     };
+    if let Some(a) = &args.containerd_worker_addr {
+        file.worker.containerd.enabled = true;
+        file.worker.containerd.address = Some(a.clone());
+    }
     let addr = args
         .addr
         .clone()
