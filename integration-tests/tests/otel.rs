@@ -258,17 +258,31 @@ fn split_build_is_one_trace_under_the_clients_span() {
     let in_trace = |g: &Got| hex(&g.span.trace_id) == trace_id;
     let got = wait_for(
         &spans,
-        "spans of all four roles in the build's trace",
+        "spans of all four roles in the build's trace, each span's parent in it",
         |all| {
             let roles: BTreeSet<&str> = all
                 .iter()
                 .filter(|g| in_trace(g))
                 .map(|g| g.role.as_str())
                 .collect();
+            // every span's parent arrived too (processes export on their own)
+            let ids: BTreeSet<&[u8]> = all
+                .iter()
+                .filter(|g| in_trace(g))
+                .map(|g| g.span.span_id.as_slice())
+                .collect();
+            let closed = all.iter().filter(|g| in_trace(g)).all(|g| {
+                hex(&g.span.parent_span_id) == client_span
+                    || ids.contains(g.span.parent_span_id.as_slice())
+            });
             ROLES.iter().all(|r| roles.contains(r))
                 && all
                     .iter()
                     .any(|g| in_trace(g) && g.span.name.contains("Control/Solve"))
+                && all
+                    .iter()
+                    .any(|g| in_trace(g) && g.span.name.ends_with("Frontend/Solve"))
+                && closed
         },
     );
     let trace: Vec<&Got> = got.iter().filter(|g| in_trace(g)).collect();
@@ -282,6 +296,21 @@ fn split_build_is_one_trace_under_the_clients_span() {
         .expect("Control.Solve's span");
     assert_eq!(root.role, "solver-scheduler");
     assert_eq!(hex(&root.span.parent_span_id), client_span);
+    // the frontend ran under the build's root (through the client's LLBBridge.Solve)
+    let parent_of = |id: &[u8]| {
+        trace
+            .iter()
+            .find(|g| g.span.span_id == id)
+            .map(|g| g.span.parent_span_id.clone())
+    };
+    let frontend = trace
+        .iter()
+        .find(|g| g.role == "frontend-gateway" && g.span.name.ends_with("Frontend/Solve"))
+        .expect("the frontend's span");
+    let mut at = frontend.span.parent_span_id.clone();
+    while at != root.span.span_id {
+        at = parent_of(&at).unwrap_or_else(|| panic!("the frontend's span is not under the root"));
+    }
     // one span per step: its vertex, whether it was cached, its worker
     let steps: Vec<&&Got> = trace
         .iter()

@@ -112,6 +112,10 @@ pub fn init(log: &str, file: &OtelConfig, role: &str) -> Telemetry {
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("kilnd"))
+            // where a span was made and on which thread say little here
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
             .with_filter(filter(log, "info"))
     });
     tracing_subscriber::registry().with(fmt).with(otel).init();
@@ -271,6 +275,9 @@ fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     {
@@ -327,17 +334,64 @@ where
         Box::pin(
             async move {
                 let resp = fut.await?;
-                Ok(resp.map(|body| Traced { body, _span: held }))
+                // a trailers-only answer (most failures) has its status here
+                record_status(&held, resp.headers());
+                Ok(resp.map(|body| Traced { body, span: held }))
             }
             .instrument(span),
         )
     }
 }
 
-/// A response body holding its call's span open until it is dropped.
+/// A call's gRPC status (from its headers or trailers) on its span.
+fn record_status(span: &tracing::Span, headers: &http::HeaderMap) {
+    let Some(code) = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+        if let Some(m) = headers.get("grpc-message") {
+            span.record(
+                "otel.status_message",
+                percent_decoded(m.as_bytes()).as_str(),
+            );
+        }
+    }
+}
+
+/// `grpc-message` as sent: percent-encoded UTF-8.
+fn percent_decoded(b: &[u8]) -> String {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A response body holding its call's span open until it is dropped, and
+/// putting the status its trailers carry on it.
 pub struct Traced<B> {
     body: B,
-    _span: tracing::Span,
+    span: tracing::Span,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Traced<B> {
@@ -348,7 +402,13 @@ impl<B: http_body::Body + Unpin> http_body::Body for Traced<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame
+            && let Some(trailers) = f.trailers_ref()
+        {
+            record_status(&self.span, trailers);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -357,5 +417,45 @@ impl<B: http_body::Body + Unpin> http_body::Body for Traced<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_percent_decoded() {
+        assert_eq!(
+            percent_decoded(b"read%20a.txt:%20no%20such%20file%"),
+            "read a.txt: no such file%"
+        );
+        assert_eq!(percent_decoded("caf%C3%A9".as_bytes()), "café");
+    }
+
+    #[test]
+    fn context_goes_out_and_comes_back_in_headers() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap_or(TraceId::INVALID),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+        let mut headers = http::HeaderMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut headers));
+        assert_eq!(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        let back = TraceContextPropagator::new().extract(&HeaderExtractor(&headers));
+        assert_eq!(
+            back.span().span_context().span_id(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID)
+        );
     }
 }

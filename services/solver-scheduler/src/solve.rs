@@ -329,6 +329,8 @@ impl<W: Worker> GraphRun<W> {
             kiln.vertex.name = %name,
             kiln.cached = tracing::field::Empty,
             kiln.worker = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
         );
         let (step, plan) = self
             .step(&v, name.clone(), inputs)
@@ -376,6 +378,8 @@ impl<W: Worker> GraphRun<W> {
                 Ok(o.done)
             }
             Err(mut f) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_message", f.message.as_str());
                 pv.error = f.message.clone();
                 self.build.progress.vertex(pv);
                 f.name = name;
