@@ -220,6 +220,8 @@ fn start(topology: Topology, env: &[(&'static str, String)]) -> Daemon {
 fn build_traced(d: &Daemon, ctx: &BuildContext, traceparent: &str) {
     let mut args = vec!["--addr", d.addr.as_str(), "build", "--progress", "plain"];
     args.extend(dockerfile_args());
+    // an export: the exporter reads the result from the worker
+    args.extend(["--output", "type=tar,dest=out.tar"]);
     let out = Command::new(bin_dir().join("kiln"))
         .args(&args)
         .env("TRACEPARENT", traceparent)
@@ -282,6 +284,9 @@ fn split_build_is_one_trace_under_the_clients_span() {
                 && all
                     .iter()
                     .any(|g| in_trace(g) && g.span.name.ends_with("Frontend/Solve"))
+                && all
+                    .iter()
+                    .any(|g| in_trace(g) && g.span.name.ends_with("Exporter/Export"))
                 && closed
         },
     );
@@ -307,10 +312,35 @@ fn split_build_is_one_trace_under_the_clients_span() {
         .iter()
         .find(|g| g.role == "frontend-gateway" && g.span.name.ends_with("Frontend/Solve"))
         .expect("the frontend's span");
-    let mut at = frontend.span.parent_span_id.clone();
-    while at != root.span.span_id {
-        at = parent_of(&at).unwrap_or_else(|| panic!("the frontend's span is not under the root"));
-    }
+    let under = |g: &Got, top: &Got| {
+        let mut at = g.span.parent_span_id.clone();
+        while at != top.span.span_id {
+            match parent_of(&at) {
+                Some(p) => at = p,
+                None => return false,
+            }
+        }
+        true
+    };
+    assert!(
+        under(frontend, root),
+        "the frontend's span is not under the root"
+    );
+    // the export: under the root, and the worker's calls it made under it
+    let export = trace
+        .iter()
+        .find(|g| g.role == "registry-exporter" && g.span.name.ends_with("Exporter/Export"))
+        .expect("the exporter's span");
+    assert!(
+        under(export, root),
+        "the export's span is not under the root"
+    );
+    assert!(
+        trace
+            .iter()
+            .any(|g| g.role == "worker-executor" && under(g, export)),
+        "no worker call under the export"
+    );
     // one span per step: its vertex, whether it was cached, its worker
     let steps: Vec<&&Got> = trace
         .iter()
