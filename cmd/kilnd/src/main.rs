@@ -33,6 +33,17 @@ enum Role {
     RegistryExporter,
 }
 
+/// The role as its flag names it; `all-in-one` without one.
+fn role_name(role: Option<Role>) -> &'static str {
+    match role {
+        None => "all-in-one",
+        Some(Role::FrontendGateway) => "frontend-gateway",
+        Some(Role::SolverScheduler) => "solver-scheduler",
+        Some(Role::WorkerExecutor) => "worker-executor",
+        Some(Role::RegistryExporter) => "registry-exporter",
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "kilnd", version, about = "The kiln build daemon")]
 struct Args {
@@ -139,11 +150,7 @@ async fn daemon() {
         .and_then(|p| config::load(p).ok())
         .map(|c| c.otel)
         .unwrap_or_default();
-    let role = args
-        .role
-        .and_then(|r| r.to_possible_value())
-        .map_or("all-in-one".to_string(), |v| v.get_name().to_string());
-    let telemetry = telemetry::init(&args.log, &otel, &role);
+    let telemetry = telemetry::init(&args.log, &otel, role_name(args.role));
     let r = run(args).await;
     telemetry.shutdown().await;
     if let Err(e) = r {
@@ -242,18 +249,8 @@ async fn start_debug(
     let Some(addr) = addr.filter(|a| !a.is_empty()) else {
         return Ok(());
     };
-    let role = args
-        .role
-        .and_then(|r| r.to_possible_value())
-        .map_or("all-in-one".to_string(), |v| v.get_name().to_string());
-    let role: &'static str = match role.as_str() {
-        "solver-scheduler" => "solver-scheduler",
-        "worker-executor" => "worker-executor",
-        "frontend-gateway" => "frontend-gateway",
-        "registry-exporter" => "registry-exporter",
-        _ => "all-in-one",
-    };
-    debug::listen(&addr, debug::Debug::new(role, solver, stopping.clone())).await?;
+    let d = debug::Debug::new(role_name(args.role), solver, stopping.clone());
+    debug::listen(&addr, d).await?;
     Ok(())
 }
 
@@ -421,9 +418,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(
             "tls settings apply to the client listener only; --role {} serves {} plain",
-            role.to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default(),
+            role_name(Some(role)),
             s.addr
         );
     }
