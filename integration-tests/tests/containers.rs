@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// The port kilnd listens on inside its container.
 const CLIENT_PORT: u16 = 1234;
+/// Its `--debugaddr` port (metrics, health).
+const DEBUG_PORT: u16 = 6060;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -91,6 +93,18 @@ fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// The body of `GET url` (curl, bounded), which must answer 2xx.
+fn http_get(url: &str) -> Result<String> {
+    let out = run_bounded(
+        Command::new("curl").args(["-sSf", "-m", "20", url]),
+        Duration::from_secs(30),
+    )?;
+    if !out.status.success() {
+        bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// `kiln --addr ADDR build --progress plain` of the Dockerfile in `ctx` with
@@ -331,6 +345,8 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
         &network,
         "--publish",
         &format!("127.0.0.1::{CLIENT_PORT}"),
+        "--publish",
+        &format!("127.0.0.1::{DEBUG_PORT}"),
         "--volume",
         &format!("{volume}:/var/lib/kiln"),
         "--volume",
@@ -354,6 +370,8 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
             "/etc/kiln/kilnd.toml",
             "--addr",
             &format!("tcp://0.0.0.0:{CLIENT_PORT}"),
+            "--debugaddr",
+            &format!("0.0.0.0:{DEBUG_PORT}"),
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -410,6 +428,14 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
     assert!(ran.contains_key("srv/uid"), "{:?}", ran.keys());
     let history = img.config["history"].to_string();
     assert!(history.contains("RUN"), "{history}");
+    // its debug port, published too: ready, and counting the step it ran
+    let debug = format!("http://127.0.0.1:{}", published_port(&kilnd, DEBUG_PORT)?);
+    assert_eq!(http_get(&format!("{debug}/healthz"))?, "ok\n");
+    let metrics = http_get(&format!("{debug}/metrics"))?;
+    assert!(
+        metrics.contains("kiln_steps_total{kind=\"exec\",cache=\"miss\"} 1\n"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -443,6 +469,8 @@ struct ComposeFarm {
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
     addr: String,
+    /// the scheduler's published debug address, `http://127.0.0.1:PORT`
+    debug: String,
     /// worker containers' ids, and each one's kiln worker id
     workers: Vec<(String, String)>,
 }
@@ -484,6 +512,50 @@ impl ComposeFarm {
             .collect())
     }
 
+    /// The host port `service`'s `port` is published on.
+    fn port(&self, service: &str, port: u16) -> Result<u16> {
+        let out = self.compose(
+            &["port", service, &port.to_string()],
+            Duration::from_secs(60),
+        )?;
+        out.trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("{service}'s port {port}: {out:?}"))
+    }
+
+    /// Waits until each container of `services` is healthy (its
+    /// healthcheck: the debug port's /healthz).
+    fn wait_healthy(&self, services: &[&str], timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut states = String::new();
+        while start.elapsed() < timeout {
+            states.clear();
+            let mut all = true;
+            for service in services {
+                for id in self.containers(service)? {
+                    let state = docker(&[
+                        "inspect",
+                        "-f",
+                        "{{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                        &id,
+                    ])?;
+                    all &= state.trim() == "healthy";
+                    states.push_str(&format!("{service} {id}: {}\n", state.trim()));
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        bail!(
+            "not all healthy within {timeout:?}:\n{states}\n{}",
+            self.logs()
+        )
+    }
+
     /// The farm with `workers` replicas of the worker service; returns once
     /// each has joined.
     fn start(workers: usize) -> Result<Option<ComposeFarm>> {
@@ -518,8 +590,9 @@ impl ComposeFarm {
             dir,
             env: vec![
                 ("KILN_IMAGE".into(), image),
-                // a free port on loopback
+                // free ports on loopback
                 ("KILN_PORT".into(), String::new()),
+                ("KILN_DEBUG_PORT".into(), String::new()),
                 ("KILN_BIND".into(), "127.0.0.1".into()),
                 (
                     "KILN_REGISTRY_MIRROR".into(),
@@ -528,6 +601,7 @@ impl ComposeFarm {
                 ("KILN_WORKERS".into(), workers.to_string()),
             ],
             addr: String::new(),
+            debug: String::new(),
             workers: vec![],
         };
         // `down` (the drop) from here on, whatever `up` managed
@@ -545,17 +619,8 @@ impl ComposeFarm {
         ])?;
         let ip = ip.split_whitespace().next().context("registry address")?;
         seed_busybox(&format!("{ip}:{REGISTRY_PORT}"))?;
-        let port = farm.compose(
-            &["port", "scheduler", &CLIENT_PORT.to_string()],
-            Duration::from_secs(60),
-        )?;
-        let port = port
-            .trim()
-            .rsplit(':')
-            .next()
-            .context("published port")?
-            .to_string();
-        farm.addr = format!("tcp://127.0.0.1:{port}");
+        farm.addr = format!("tcp://127.0.0.1:{}", farm.port("scheduler", CLIENT_PORT)?);
+        farm.debug = format!("http://127.0.0.1:{}", farm.port("scheduler", DEBUG_PORT)?);
         farm.wait_workers(workers, Duration::from_secs(90))?;
         for id in farm.containers("worker")? {
             let worker_id = docker(&[
@@ -713,5 +778,19 @@ fn compose_farm_with_two_workers_builds_from_the_host_on_both() -> Result<()> {
     // the last stage's worker fetched the others' results from the worker
     // that made them, at the address it advertised (its hostname)
     assert!(bytes_moved(&progress) > 0, "{progress}");
+    // every service's healthcheck passes; the scheduler's metrics, on its
+    // published debug port, count both workers and the build's RUN steps
+    farm.wait_healthy(
+        &["scheduler", "frontend", "exporter", "worker"],
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(http_get(&format!("{}/healthz", farm.debug))?, "ok\n");
+    let metrics = http_get(&format!("{}/metrics", farm.debug))?;
+    for line in [
+        "kiln_workers{state=\"ready\"} 2\n".to_string(),
+        format!("kiln_steps_total{{kind=\"exec\",cache=\"miss\"}} {n}\n"),
+    ] {
+        assert!(metrics.contains(&line), "{line:?} not in:\n{metrics}");
+    }
     Ok(())
 }
