@@ -286,14 +286,15 @@ fn kilnd_security_flags(image: &str) -> Vec<String> {
     }
 }
 
-/// The Dockerfile both tests build from this host: a file of the context
-/// copied in, and a RUN step reading it, whose results only running it makes.
+/// A file of the all-in-one test's context, which its COPY step copies in
+/// and its RUN step reads.
 const GREETING: &str = "hello from the host\n";
 
 /// The all-in-one image as a container: root on a volume, client port
 /// published on loopback, docker.io mirrored to a registry container; kiln
 /// on the host builds through that port, and the image and files it gets
-/// back hold what the COPY and RUN steps made.
+/// back hold what the COPY and RUN steps made; the published debug port
+/// says it is ready and counts the step.
 #[test]
 fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() -> Result<()> {
     if !docker_available() {
@@ -740,7 +741,8 @@ fn stages_dockerfile(n: usize) -> String {
 
 /// The Compose farm with two workers: both join (`kiln debug workers`), and
 /// a build from this host through the scheduler's published port spreads
-/// its RUN steps over both and returns every stage's file.
+/// its RUN steps over both and returns every stage's file; every service
+/// turns healthy and the scheduler's metrics count the workers and steps.
 #[test]
 fn compose_farm_with_two_workers_builds_from_the_host_on_both() -> Result<()> {
     if !docker_available() {
