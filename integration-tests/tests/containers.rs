@@ -301,6 +301,30 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
         return Ok(());
     }
     let (image, registry_image) = farm_images()?;
+    all_in_one_in_docker(&image, &registry_image, "kilnd", "oci")
+}
+
+/// The same with the kilnd-containerd image: its entrypoint starts a
+/// containerd of its own beside kilnd, and the steps run as that
+/// containerd's tasks on its snapshotter.
+#[test]
+fn containerd_image_in_docker_runs_steps_through_its_own_containerd() -> Result<()> {
+    if !docker_available() {
+        return Ok(());
+    }
+    let (image, registry_image) = farm_images()?;
+    let image = image.replacen("kiln/kilnd:", "kiln/kilnd-containerd:", 1);
+    all_in_one_in_docker(&image, &registry_image, "kilnd-containerd", "containerd")
+}
+
+/// `image` run as the all-in-one daemon through `entrypoint` (kilnd's flags
+/// after it), built through from this host; its worker says `executor`.
+fn all_in_one_in_docker(
+    image: &str,
+    registry_image: &str,
+    entrypoint: &str,
+    executor: &str,
+) -> Result<()> {
     let prefix = unique("kiln-aio");
     let mut things = DockerThings::default();
     let network = format!("{prefix}-net");
@@ -315,7 +339,7 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
         &registry,
         "--network",
         &network,
-        &registry_image,
+        registry_image,
         "serve",
         "/etc/docker/registry/config.yml",
     ])?;
@@ -358,15 +382,18 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(kilnd_security_flags(&image));
+    args.extend(kilnd_security_flags(image));
+    // the cgroups writable for runc (a no-op when privileged), then kilnd
+    let script = format!(
+        "for m in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \"$m\" 2>/dev/null; done; exec {entrypoint} \"$@\""
+    );
     args.extend(
         [
-            image.as_str(),
+            image,
             "sh",
             "-c",
-            // the cgroups writable for runc (a no-op when privileged), then kilnd
-            "for m in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \"$m\" 2>/dev/null; done; exec kilnd \"$@\"",
-            "kilnd",
+            &script,
+            entrypoint,
             "--config",
             "/etc/kiln/kilnd.toml",
             "--addr",
@@ -381,6 +408,17 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
     let addr = format!("tcp://127.0.0.1:{}", published_port(&kilnd, CLIENT_PORT)?);
     let logs = || container_logs(&[kilnd.clone(), registry.clone()]);
     wait_workers(&addr, 1, Duration::from_secs(60), logs)?;
+    let workers = run_bounded(
+        Command::new(bin_dir().join("kiln")).args(["--addr", &addr, "debug", "workers", "-v"]),
+        Duration::from_secs(20),
+    )?;
+    let workers = String::from_utf8_lossy(&workers.stdout).to_string();
+    assert!(
+        workers.contains(&format!(
+            "org.mobyproject.buildkit.worker.executor:\t{executor}\n"
+        )),
+        "{workers}"
+    );
 
     let ctx = BuildContext::new(
         "FROM busybox\nCOPY greeting.txt /srv/greeting.txt\nRUN wc -c < /srv/greeting.txt > /srv/size && id -u > /srv/uid\n",
@@ -437,6 +475,21 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
         metrics.contains("kiln_steps_total{kind=\"exec\",cache=\"miss\"} 1\n"),
         "{metrics}"
     );
+    if executor == "containerd" {
+        // the results are snapshots of the containerd inside
+        let snapshots = docker(&[
+            "exec",
+            &kilnd,
+            "ctr",
+            "--address",
+            "/run/kiln-containerd/containerd.sock",
+            "--namespace",
+            "kiln",
+            "snapshots",
+            "ls",
+        ])?;
+        assert!(snapshots.lines().count() >= 3, "{snapshots}");
+    }
     Ok(())
 }
 
