@@ -194,6 +194,9 @@ mod tests {
             ..Default::default()
         }];
         let steps = steps_from_progress(&msgs);
-        assert_eq!((steps[0].worker.as_str(), steps[0].bytes_moved), ("w1", 123));
+        assert_eq!(
+            (steps[0].worker.as_str(), steps[0].bytes_moved),
+            ("w1", 123)
+        );
     }
 }
