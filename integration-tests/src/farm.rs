@@ -11,6 +11,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// `n` independent stages, each `sleep SECS` and writing `/outN`, and a final
+/// stage copying every `/outN` into `/out/`: a build a farm spreads.
+pub fn stages_dockerfile(n: usize, secs: u32) -> String {
+    let mut d = String::new();
+    for i in 0..n {
+        d.push_str(&format!(
+            "FROM busybox AS s{i}\nRUN sleep {secs} && echo stage{i} > /out{i}\n"
+        ));
+    }
+    d.push_str("FROM busybox\n");
+    for i in 0..n {
+        d.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
+    }
+    d
+}
+
 /// A free TCP port on loopback (bound, then released for the daemon to take).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

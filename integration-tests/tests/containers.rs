@@ -16,7 +16,7 @@ use kiln_integration_tests::container_farm::{
     REGISTRY_PORT, docker, docker_available, farm_images, missing_caps, seed_busybox,
     worker_security_flags,
 };
-use kiln_integration_tests::farm::{Farm, bytes_moved, placements, tail};
+use kiln_integration_tests::farm::{Farm, bytes_moved, placements, stages_dockerfile, tail};
 use kiln_integration_tests::{BuildContext, bin_dir, dockerfile_args, is_cached, oci_image};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -776,22 +776,6 @@ impl Drop for ComposeFarm {
     }
 }
 
-/// `n` independent stages, each a RUN step writing `/outN`, and a final
-/// stage copying every `/outN` into `/out/`.
-fn stages_dockerfile(n: usize) -> String {
-    let mut d = String::new();
-    for i in 0..n {
-        d.push_str(&format!(
-            "FROM busybox AS s{i}\nRUN sleep 1 && echo stage{i} > /out{i}\n"
-        ));
-    }
-    d.push_str("FROM busybox\n");
-    for i in 0..n {
-        d.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
-    }
-    d
-}
-
 /// The Compose farm with two workers: both join (`kiln debug workers`), and
 /// a build from this host through the scheduler's published port spreads
 /// its RUN steps over both and returns every stage's file; every service
@@ -810,7 +794,7 @@ fn compose_farm_with_two_workers_builds_from_the_host_on_both() -> Result<()> {
         assert!(listed.contains(id), "{id} not listed: {listed:?}");
     }
     let n = 6;
-    let ctx = BuildContext::new(&stages_dockerfile(n))?;
+    let ctx = BuildContext::new(&stages_dockerfile(n, 1))?;
     let progress = kiln_build(&farm.addr, ctx.path(), &["type=local,dest=out"], || {
         farm.logs()
     })?;

@@ -9,25 +9,10 @@
 use kiln_integration_tests::container_farm::{ContainerFarm, docker_available};
 use kiln_integration_tests::farm::{
     Farm, ProcessFarm, busybox, bytes_moved, constrained_exec, finished, placements,
+    stages_dockerfile,
 };
 use std::path::Path;
 use std::time::Duration;
-
-/// `n` independent stages, each `sleep SECS` and writing `/outN`, and a final
-/// stage copying every `/outN` into `/out/`.
-fn stages_dockerfile(n: usize, secs: u32) -> String {
-    let mut d = String::new();
-    for i in 0..n {
-        d.push_str(&format!(
-            "FROM busybox AS s{i}\nRUN sleep {secs} && echo stage{i} > /out{i}\n"
-        ));
-    }
-    d.push_str("FROM busybox\n");
-    for i in 0..n {
-        d.push_str(&format!("COPY --from=s{i} /out{i} /out/\n"));
-    }
-    d
-}
 
 fn context(dockerfile: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -59,14 +59,7 @@ pub fn shape(
     op: &pb::Op,
     name: &str,
 ) -> String {
-    let kind = match &op.op {
-        Some(OpKind::Exec(_)) => "exec",
-        Some(OpKind::Source(_)) => "source",
-        Some(OpKind::File(_)) => "file",
-        Some(OpKind::Merge(_)) => "merge",
-        Some(OpKind::Diff(_)) => "diff",
-        _ => "other",
-    };
+    let kind = crate::step::op_kind(op);
     let mut h = kiln_digest::Hasher::new();
     h.update(scope.as_bytes());
     h.update(&[0]);
