@@ -205,11 +205,12 @@ impl<'a> CopyOp<'a> {
     }
 
     /// ADD of a git ref: a git source, copied from its root.
-    fn plan_git(&mut self, ops: &mut Ops, git: &GitRef) {
-        let (op, caps) = git.source_op(self.copy.keep_git_dir, self.copy.checksum.as_deref());
+    fn plan_git(&mut self, ops: &mut Ops, git: &GitRef) -> Result<(), String> {
+        let (op, caps) = git.source_op(self.copy.keep_git_dir, self.copy.checksum.as_deref())?;
         let md = metadata(&[("llb.customname", self.progress.as_str())], &caps);
         let repo = ops.push(op, Vec::new(), md, Some(self.lines));
         self.plan(Some(repo), "/".to_string());
+        Ok(())
     }
 
     /// ADD of a URL: an HTTP source saved under the URL's file name.
@@ -348,7 +349,7 @@ pub(crate) fn dispatch(
     };
     for src in &copy.sources {
         match GitRef::parse(src) {
-            Some(git) => op.plan_git(&mut cx.ops, &git),
+            Some(git) => op.plan_git(&mut cx.ops, &git).map_err(invalid)?,
             None if is_http(src) => op.plan_http(&mut cx.ops, src),
             None => op.plan_local(cx, src, source),
         }

@@ -38,7 +38,7 @@ pub async fn run(
         };
         local::local(w, src, events).await.map(Some)
     } else if let Some(rest) = s.identifier.strip_prefix("git://") {
-        git::git(w, rest, &s.attrs).await.map(Some)
+        git::git(w, rest, &s.attrs, session_id).await.map(Some)
     } else if s.identifier.starts_with("http://") || s.identifier.starts_with("https://") {
         http::http(w, &s.identifier, &s.attrs).await.map(Some)
     } else {
