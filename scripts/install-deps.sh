@@ -2,6 +2,8 @@
 # Installs what building and testing kiln needs, when missing (Debian).
 set -eu
 need=""
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
 have() { command -v "$1" >/dev/null 2>&1; }
 have protoc || need="$need protobuf-compiler"
 [ -e /usr/include/google/protobuf/timestamp.proto ] || need="$need libprotobuf-dev"
@@ -24,10 +26,25 @@ have python3 || need="$need python3"
 # the observability tests: a real Prometheus scrapes kilnd, a headless browser opens the dashboard
 have prometheus || need="$need prometheus"
 have chromium || need="$need chromium"
+# multi-platform builds: RUN steps of other architectures through QEMU user-mode
+# emulation (scripts/binfmt.sh registers its handlers with binfmt_misc)
+have qemu-aarch64-static || need="$need qemu-user-static"
+have update-binfmts || need="$need binfmt-support"
 if [ -n "$need" ]; then
   echo "installing:$need"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+fi
+# busybox-static of the seeded busybox index's second platform (arm64; amd64 on
+# arm64 hosts), for scripts/seed-busybox.sh; kept in /var/cache/kiln
+foreign=arm64
+[ "$(dpkg --print-architecture)" = arm64 ] && foreign=amd64
+if ! ls /var/cache/kiln/busybox-static_*_"$foreign".deb >/dev/null 2>&1; then
+  echo "downloading busybox-static:$foreign"
+  if ! dpkg --print-foreign-architectures | grep -qx "$foreign"; then
+    $SUDO dpkg --add-architecture "$foreign"
+  fi
+  $SUDO apt-get update -qq
+  $SUDO mkdir -p /var/cache/kiln
+  (cd /var/cache/kiln && $SUDO apt-get download -qq -o APT::Sandbox::User=root "busybox-static:$foreign")
 fi

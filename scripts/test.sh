@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d /tmp/kiln-test.XXXXXX)
 cleanup() { sh scripts/registry.sh stop "$work/registry"; sh scripts/containerd.sh stop "$work/containerd"; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
+# multi-platform tests: the kernel runs foreign binaries through QEMU (fails loudly if it cannot)
+sh scripts/binfmt.sh
 reg=$(sh scripts/registry.sh start "$work/registry")
 sh scripts/seed-busybox.sh "$reg" >/dev/null
 export KILN_TEST_REGISTRY="$reg"

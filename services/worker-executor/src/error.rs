@@ -33,6 +33,12 @@ pub enum Error {
     DecodeOp(#[from] prost::DecodeError),
     #[error("unsupported op: {0}")]
     UnsupportedOp(String),
+    #[error("cannot run {platform} steps on this {host} worker: {reason}")]
+    NoEmulator {
+        platform: String,
+        host: String,
+        reason: String,
+    },
     #[error("op has {got} inputs but {want} refs were given")]
     InputCount { want: usize, got: usize },
     #[error("invalid op: {0}")]
@@ -302,7 +308,8 @@ impl From<Error> for tonic::Status {
             Error::ExitCode { .. }
             | Error::User { .. }
             | Error::FileAction { .. }
-            | Error::FileIo { .. } => Code::FailedPrecondition,
+            | Error::FileIo { .. }
+            | Error::NoEmulator { .. } => Code::FailedPrecondition,
             Error::Registry { .. } | Error::Session { .. } => Code::Unavailable,
             Error::Entitlement { .. } => Code::PermissionDenied,
             Error::Git { .. }

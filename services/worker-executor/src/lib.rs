@@ -12,6 +12,7 @@ pub mod cachemount;
 pub mod cgwarm;
 pub mod containerd;
 pub mod contenthash;
+pub mod emulation;
 pub mod error;
 pub mod fscopy;
 pub mod gc;
@@ -149,6 +150,8 @@ pub struct Worker {
     activity: ops::Activity,
     /// LLBBridge containers, by id: mounts kept until released
     containers: std::sync::Mutex<HashMap<String, Arc<ops::exec::Container>>>,
+    /// the host's platform and the emulated ones (binfmt_misc)
+    emulation: emulation::Emulation,
 }
 
 impl std::fmt::Debug for Worker {
@@ -222,6 +225,7 @@ impl Worker {
             networking,
             activity: ops::Activity::default(),
             containers: std::sync::Mutex::new(HashMap::new()),
+            emulation: emulation::Emulation::default(),
             config,
         })
     }
@@ -247,9 +251,15 @@ impl Worker {
             .unwrap_or(0)
     }
 
-    /// Platforms this worker can run.
+    /// Platforms this worker can run: the host's, then those emulated through
+    /// binfmt_misc (see [`emulation`]).
     pub fn platforms(&self) -> Vec<kiln_oci::Platform> {
-        vec![kiln_oci::Platform::host()]
+        self.emulation.platforms()
+    }
+
+    /// Whether this worker can run steps of `platform` (see [`emulation`]).
+    pub fn can_run(&self, platform: &kiln_oci::Platform) -> Result<()> {
+        self.emulation.check(platform)
     }
 
     /// Where runc's state and the bundles of running steps are.

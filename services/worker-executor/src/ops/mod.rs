@@ -34,7 +34,17 @@ pub async fn run_op(
         Some(Op::Source(s)) => Ok(vec![
             source::run(w, s, req.op.platform.as_ref(), &req, &events).await?,
         ]),
-        Some(Op::Exec(e)) => exec::run(w, e, &req, &events).await,
+        Some(Op::Exec(e)) => {
+            // a foreign platform needs an emulator: say so before the container starts
+            if let Some(p) = &req.op.platform {
+                w.can_run(&kiln_oci::Platform::new(
+                    &p.os,
+                    &p.architecture,
+                    Some(p.variant.as_str()).filter(|v| !v.is_empty()),
+                ))?;
+            }
+            exec::run(w, e, &req, &events).await
+        }
         Some(Op::File(f)) => file::run(w, f, &req.inputs).await,
         Some(Op::Merge(m)) => merge::merge(w, m, &req.inputs).await,
         Some(Op::Diff(d)) => merge::diff(w, d, &req.inputs).await,
