@@ -28,6 +28,10 @@ pub struct CopyOpts {
     /// overlay; with no owner, mode or timestamp override (the link shares
     /// the source's metadata).
     pub link_files: bool,
+    /// A directory that already exists at the destination keeps its owner
+    /// and mode (BuildKit's copier sets them only on directories it
+    /// creates); its times become the source's.
+    pub keep_existing_dirs: bool,
 }
 
 /// Include/exclude patterns over paths relative to the copy source
@@ -582,17 +586,28 @@ fn copy_rec(
         )
         .map_err(nix_io)?;
     }
-    let owner = opts.owner.unwrap_or((md.uid(), md.gid()));
-    let mode = match &opts.mode_str {
-        Some(ms) => Some(ms.apply(md.mode(), ft.is_dir())),
-        None => opts.mode.or(Some(md.mode())),
-    };
     let times = match opts.timestamp {
         Some(t) => timespec(t),
         None => (
             TimeSpec::new(md.atime(), md.atime_nsec()),
             TimeSpec::new(md.mtime(), md.mtime_nsec()),
         ),
+    };
+    if ft.is_dir() && opts.keep_existing_dirs && existing.as_ref().is_some_and(|e| e.is_dir()) {
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            dst,
+            &times.0,
+            &times.1,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(nix_io)?;
+        return Ok(true);
+    }
+    let owner = opts.owner.unwrap_or((md.uid(), md.gid()));
+    let mode = match &opts.mode_str {
+        Some(ms) => Some(ms.apply(md.mode(), ft.is_dir())),
+        None => opts.mode.or(Some(md.mode())),
     };
     set_meta(dst, owner, mode, times)?;
     Ok(true)

@@ -373,13 +373,29 @@ fn direct_copy(
         filter,
         always_replace: c.always_replace_existing_dest_paths,
         link_files: true,
+        keep_existing_dirs: true,
         ..Default::default()
     };
+    let top = upper.join(&rel);
+    // as BuildKit: the destination directory keeps the owner and mode it had
+    // (0755 root's when the copy made it), only its times are the source's
+    let top_md = std::fs::symlink_metadata(&top).map_err(err)?;
     if opts.filter.is_none() {
         // the destination is new and empty: every core can link at once
-        fscopy::link_tree(&src, &upper.join(&rel)).map_err(err)?;
+        fscopy::link_tree(&src, &top).map_err(err)?;
+        let src_md = std::fs::symlink_metadata(&src).map_err(err)?;
+        fscopy::set_meta(
+            &top,
+            (top_md.uid(), top_md.gid()),
+            Some(top_md.mode()),
+            (
+                TimeSpec::new(src_md.atime(), src_md.atime_nsec()),
+                TimeSpec::new(src_md.mtime(), src_md.mtime_nsec()),
+            ),
+        )
+        .map_err(err)?;
     } else {
-        fscopy::copy_entry(&src, &upper.join(&rel), &opts).map_err(err)?;
+        fscopy::copy_entry(&src, &top, &opts).map_err(err)?;
     }
     Ok(Some(st))
 }
@@ -604,8 +620,37 @@ fn copy(
         filter: fscopy::Filter::new(&c.include_patterns, &c.exclude_patterns).map_err(err)?,
         always_replace: c.always_replace_existing_dest_paths,
         link_files: false,
+        keep_existing_dirs: true,
     };
-    let dest_is_dir_hint = c.dest.ends_with('/') || c.dest.ends_with("/.");
+    // BuildKit (fsutil copy.Copy): the destination's directory (the
+    // destination itself when it ends in `/` or `/.`) is made first, then for
+    // each source the directory the entry goes into; both with the octal
+    // mode, else 0755, and the owner. Directories that exist are left alone.
+    let dir_mode = match (&opts.mode_str, opts.mode) {
+        (None, Some(m)) => m & 0o7777,
+        _ => 0o755,
+    };
+    let dest_abs = abs(&c.dest);
+    let last = dest_abs.rsplit('/').next().unwrap_or("");
+    let ensure = if last.is_empty() || last == "." {
+        dest_abs.clone()
+    } else {
+        dest_abs[..dest_abs.len() - last.len()].to_string()
+    };
+    if !c.create_dest_path {
+        let d = rootpath::resolve(root, &dest_abs, true).map_err(err)?;
+        if !d.parent().is_none_or(|p| p.is_dir()) {
+            return Err(Error::file(
+                "copy",
+                &c.dest,
+                "destination directory does not exist",
+            ));
+        }
+    }
+    let ensure = rootpath::resolve(root, &ensure, true).map_err(err)?;
+    if ensure.starts_with(root) {
+        mkdir_all(root, &ensure, dir_mode, own, opts.timestamp).map_err(err)?;
+    }
     for src in srcs {
         let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
         let src_md = std::fs::symlink_metadata(&src_path).map_err(|e| match e.kind() {
@@ -619,15 +664,12 @@ fn copy(
             && src_md.is_file()
             && let Some(kind) = crate::untar::archive_kind(&src_path).map_err(err)?
         {
-            let dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
+            let dst = rootpath::resolve(root, &dest_abs, true).map_err(err)?;
             mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
             crate::untar::unpack(&src_path, kind, root, &dst, &opts).map_err(err)?;
             continue;
         }
-        let mut dst = rootpath::resolve(root, &abs(&c.dest), true).map_err(err)?;
-        if dest_is_dir_hint && c.create_dest_path {
-            mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
-        }
+        let mut dst = rootpath::resolve(root, &dest_abs, true).map_err(err)?;
         let dst_md = std::fs::metadata(&dst).ok();
         let src_is_dir = src_md.is_dir();
         if (!c.dir_copy_contents && src_is_dir && dst_md.is_some())
@@ -639,21 +681,13 @@ fn copy(
                 .unwrap_or_default();
             dst.push(base);
         }
-        let target = if src_is_dir && !c.dir_copy_contents {
+        let target = if c.dir_copy_contents && src_is_dir && dst_md.is_none() {
             Some(dst.as_path())
         } else {
             dst.parent()
         };
         if let Some(t) = target.filter(|t| t.starts_with(root)) {
-            if c.create_dest_path {
-                mkdir_all(root, t, 0o755, own, opts.timestamp).map_err(err)?;
-            } else if !t.exists() && t != dst.as_path() {
-                return Err(Error::file(
-                    "copy",
-                    &c.dest,
-                    "destination directory does not exist",
-                ));
-            }
+            mkdir_all(root, t, dir_mode, own, opts.timestamp).map_err(err)?;
         }
         match deferred.as_deref_mut() {
             Some(list) => {
