@@ -21,6 +21,8 @@ have htpasswd || need="$need apache2-utils"
 have zstd || need="$need zstd"
 have openssl || need="$need openssl"
 have ssh-agent || need="$need openssh-client"
+# the remote conformance group fetches git over ssh from a loopback sshd
+[ -x /usr/sbin/sshd ] || need="$need openssh-server"
 have git || need="$need git"
 have python3 || need="$need python3"
 # the observability tests: a real Prometheus scrapes kilnd, a headless browser opens the dashboard

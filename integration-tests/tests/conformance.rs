@@ -36,9 +36,12 @@
 //! must show that the image ran; [`skip_reason`] says which cases do not apply.
 //!
 //! The `remote` group runs next to a loopback `git daemon`, a git smart-HTTP
-//! server and a plain HTTP server; `{{NAME}}` in a case's `Dockerfile` and
-//! `expect.txt` is replaced by [`Remotes::vars`] (`{{GIT}}`, `{{GIT_HTTP}}`,
-//! `{{HTTP}}`, `{{COMMIT1}}`, `{{COMMIT2}}`, `{{DATA_SHA256}}`).
+//! server, a plain HTTP server, a dumb-HTTP git server (static files, some behind
+//! a token) and an `sshd` that serves the repository to a key in a test
+//! `ssh-agent`; `{{NAME}}` in a case's `Dockerfile` and `expect.txt` is replaced
+//! by [`Remotes::vars`] (`{{GIT}}`, `{{GIT_HTTP}}`, `{{HTTP}}`, `{{GIT_DUMB}}`,
+//! `{{DUMB_HOST}}`, `{{TOKEN_FILE}}`, `{{HEADER_FILE}}`, `{{GIT_SSH}}`,
+//! `{{SSH_AGENT}}`, `{{COMMIT1}}`, `{{COMMIT2}}`, `{{DATA_SHA256}}`).
 
 use kiln_integration_tests::{Daemon, Topology, dockerfile_args};
 use serde_json::Value;
@@ -762,6 +765,16 @@ fn run_tool(dir: &Path, prog: &str, args: &[&str]) -> String {
 /// `sub/a.txt` = `first\n` and tag `v1`; commit 2 changes `sub/a.txt` to
 /// `second\n` and adds `sub/link -> a.txt`. The HTTP root has `data.txt`
 /// (`payload\n`) and `files.tar` (holding `inner.txt`).
+///
+/// `{{GIT_DUMB}}` is a static HTTP server (no git on the server: it cannot do
+/// shallow fetches) with `repo.git` after `git update-server-info`, and the same
+/// under `private/`, which answers 401 unless the request carries
+/// `Authorization: basic base64(x-access-token:TOKEN)`; `{{TOKEN_FILE}}` holds
+/// TOKEN, `{{HEADER_FILE}}` that whole header value, `{{DUMB_HOST}}` is the
+/// server's `host:port`. `{{GIT_SSH}}/repo.git` is the repository over ssh: an
+/// `sshd` whose only command is `git-upload-pack` of that repository, for the
+/// key held by the `ssh-agent` at `{{SSH_AGENT}}` (`kiln build --ssh
+/// default={{SSH_AGENT}}`).
 struct Remotes {
     _dir: tempfile::TempDir,
     _servers: Vec<Child>,
@@ -866,6 +879,8 @@ impl Remotes {
                 "loopback server",
             );
         }
+        let (dumb_server, dumb_vars) = dumb_http(dir.path(), &bare);
+        let (ssh_servers, ssh_vars) = ssh_server(dir.path(), &base);
         let vars = [
             ("GIT", format!("git://127.0.0.1:{git_port}")),
             (
@@ -878,12 +893,233 @@ impl Remotes {
             ("DATA_SHA256", sha),
         ]
         .into_iter()
+        .chain(dumb_vars)
+        .chain(ssh_vars)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        let mut servers = vec![daemon, http, dumb_server];
+        servers.extend(ssh_servers);
         Remotes {
             _dir: dir,
-            _servers: vec![daemon, http],
+            _servers: servers,
             vars,
         }
     }
+}
+
+/// The token the dumb server's `private/` wants.
+const GIT_TOKEN: &str = "kiln-test-token";
+
+/// A static HTTP server (python's, with a token check on `private/`) over a dir
+/// with `repo.git` and `private/repo.git`, copies of `bare` after
+/// `git update-server-info`.
+fn dumb_http(tmp: &Path, bare: &Path) -> (Child, Vec<(&'static str, String)>) {
+    let root = tmp.join("dumb");
+    std::fs::create_dir_all(root.join("private")).expect("mkdir");
+    for to in [root.join("repo.git"), root.join("private/repo.git")] {
+        run_tool(
+            tmp,
+            "git",
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                bare.to_str().expect("utf8"),
+                to.to_str().expect("utf8"),
+            ],
+        );
+        run_tool(&to, "git", &["update-server-info"]);
+    }
+    let script = tmp.join("dumb-http.py");
+    std::fs::write(
+        &script,
+        r#"import base64, functools, http.server, sys
+token = open(sys.argv[2]).read().strip()
+want = base64.b64encode(("x-access-token:" + token).encode()).decode()
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/private/"):
+            scheme, _, cred = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "basic" or cred != want:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="kiln"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        super().do_GET()
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Handler, directory=sys.argv[3])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"#,
+    )
+    .expect("write");
+    let token_file = tmp.join("token");
+    std::fs::write(&token_file, GIT_TOKEN).expect("write");
+    let header_file = tmp.join("header");
+    std::fs::write(
+        &header_file,
+        format!(
+            "basic {}",
+            run_tool(
+                tmp,
+                "sh",
+                &[
+                    "-c",
+                    &format!("printf %s x-access-token:{GIT_TOKEN} | base64 -w0")
+                ]
+            )
+        ),
+    )
+    .expect("write");
+    let port = free_port();
+    let server = Child(
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&token_file)
+            .arg(&root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 dumb http server"),
+    );
+    wait_for(
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "dumb http server",
+    );
+    let vars = vec![
+        ("GIT_DUMB", format!("http://127.0.0.1:{port}")),
+        ("DUMB_HOST", format!("127.0.0.1:{port}")),
+        ("TOKEN_FILE", token_file.display().to_string()),
+        ("HEADER_FILE", header_file.display().to_string()),
+    ];
+    (server, vars)
+}
+
+/// An `sshd` on loopback (its own host key and config) that lets one key in and
+/// runs nothing but `git-upload-pack` of `base/repo.git`, and an `ssh-agent`
+/// holding that key.
+fn ssh_server(tmp: &Path, base: &Path) -> (Vec<Child>, Vec<(&'static str, String)>) {
+    let sshd = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "{} missing: install openssh-server (scripts/install-deps.sh)",
+        sshd.display()
+    );
+    let dir = tmp.join("ssh");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let keygen = |name: &str| {
+        let key = dir.join(name);
+        run_tool(
+            &dir,
+            "ssh-keygen",
+            &[
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                key.to_str().expect("utf8"),
+            ],
+        );
+        key
+    };
+    let host_key = keygen("host_key");
+    let client_key = keygen("client_key");
+    let authorized = dir.join("authorized_keys");
+    std::fs::copy(client_key.with_extension("pub"), &authorized).expect("copy");
+    let repo = base.join("repo.git");
+    let only = dir.join("only-upload-pack");
+    std::fs::write(
+        &only,
+        format!(
+            r#"#!/bin/sh
+case "$SSH_ORIGINAL_COMMAND" in
+"git-upload-pack '{repo}'") exec git-shell -c "$SSH_ORIGINAL_COMMAND" ;;
+*) echo "only git-upload-pack of {repo}" >&2; exit 1 ;;
+esac
+"#,
+            repo = repo.display()
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(&only, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let user = run_tool(&dir, "id", &["-un"]);
+    let port = free_port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile none
+             AuthorizedKeysFile {authorized}
+StrictModes no
+UsePAM no
+             PasswordAuthentication no
+KbdInteractiveAuthentication no
+             PermitRootLogin prohibit-password
+AllowUsers {user}
+             DisableForwarding yes
+PermitTTY no
+ForceCommand {only}
+",
+            host_key = host_key.display(),
+            authorized = authorized.display(),
+            only = only.display(),
+        ),
+    )
+    .expect("write");
+    // sshd started by root wants its privilege separation dir (made by the
+    // service unit on a booted system)
+    std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+    let server = Child(
+        std::process::Command::new(sshd)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sshd"),
+    );
+    let sock = dir.join("agent.sock");
+    let agent = Child(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent"),
+    );
+    wait_for(|| sock.exists(), "ssh-agent");
+    let added = std::process::Command::new("ssh-add")
+        .arg("-q")
+        .arg(&client_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .expect("ssh-add");
+    assert!(
+        added.status.success(),
+        "ssh-add: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    wait_for(
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "sshd",
+    );
+    let vars = vec![
+        (
+            "GIT_SSH",
+            format!("ssh://{user}@127.0.0.1:{port}{}", base.display()),
+        ),
+        ("SSH_AGENT", sock.display().to_string()),
+    ];
+    (vec![server, agent], vars)
 }
