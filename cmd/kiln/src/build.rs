@@ -123,6 +123,14 @@ pub struct BuildArgs {
     /// daemon's LLBBridge, as buildctl does
     #[arg(long)]
     daemon_frontend: bool,
+    /// Ask the frontend instead of building: check (its build checks), targets,
+    /// outline, subrequests.describe; `,format=json` prints the raw result,
+    /// `,ignorestatus=true` exits 0 whatever the checks found
+    #[arg(long, value_name = "NAME[,format=json]")]
+    call: Option<String>,
+    /// Short for --call=check
+    #[arg(long)]
+    check: bool,
     /// Context directory: `kiln build DIR` is the short form of
     /// `--frontend dockerfile.v0 --local context=DIR --local dockerfile=DIR`
     dir: Option<PathBuf>,
@@ -343,6 +351,11 @@ fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
 
 pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()> {
     apply_shorthands(&mut args);
+    let call = call_func(&args)?;
+    if call.is_some() {
+        // a subrequest builds nothing, so nothing is exported
+        args.outputs.clear();
+    }
     // no frontend: an LLB definition (a marshaled pb.Definition) on stdin, as buildctl reads it
     let definition = match &args.frontend {
         Some(_) => None,
@@ -351,7 +364,10 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let frontend = args.frontend.clone().unwrap_or_default();
     expose_named_context_dirs(&mut args)?;
     let mut att = attachables(&args)?;
-    let frontend_attrs = frontend_attrs(&args)?;
+    let mut frontend_attrs = frontend_attrs(&args)?;
+    if let Some(c) = &call {
+        frontend_attrs.insert("requestid".into(), format!("frontend.{}", c.name));
+    }
     let exporters = exporters(&args, &mut att)?;
     let (cache, local_caches) = cache_options(&args, &mut att)?;
 
@@ -403,7 +419,115 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
         let json = serde_json::to_string_pretty(&resp.exporter_response)?;
         std::fs::write(f, json).with_context(|| format!("write {}", f.display()))?;
     }
+    if let Some(c) = &call {
+        let out = call_output(c, &resp.exporter_response)?;
+        print!("{}", out.text);
+        if let Some(e) = out.error {
+            bail!("{e}");
+        }
+        if out.status != 0 {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(out.status);
+        }
+    }
     Ok(())
+}
+
+/// A `--call` as buildx reads it: a name (`check` is `lint`) and options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CallFunc {
+    name: String,
+    json: bool,
+    ignore_status: bool,
+}
+
+/// The `--call`/`--check` asked for; None for a plain build (`--call build`).
+fn call_func(args: &BuildArgs) -> anyhow::Result<Option<CallFunc>> {
+    let spec = match (&args.call, args.check) {
+        (Some(c), _) => c.clone(),
+        (None, true) => "check".to_string(),
+        (None, false) => return Ok(None),
+    };
+    let mut f = CallFunc {
+        name: String::new(),
+        json: false,
+        ignore_status: false,
+    };
+    for field in split_csv(&spec) {
+        match field.split_once('=') {
+            Some(("format", v)) => f.json = v == "json",
+            Some(("ignorestatus", v)) => {
+                f.ignore_status = matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True");
+            }
+            Some(_) => bail!("invalid print field: {field}"),
+            None if f.name.is_empty() => f.name = field,
+            None => bail!("invalid print value: {spec}"),
+        }
+    }
+    if f.name == "check" {
+        f.name = "lint".into();
+    }
+    Ok((f.name != "build").then_some(f))
+}
+
+/// What a `--call` prints.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct CallOutput {
+    text: String,
+    /// `result.statuscode` unless `ignorestatus`
+    status: i32,
+    /// the Dockerfile did not parse: the check fails with this
+    error: Option<String>,
+}
+
+/// What buildx prints for a `--call` from the result metadata.
+fn call_output(c: &CallFunc, res: &BTreeMap<String, String>) -> anyhow::Result<CallOutput> {
+    let get = |k: &str| res.get(k).map(String::as_str);
+    let mut out = String::new();
+    if c.json {
+        if let Some(j) = get("result.json") {
+            out.push_str(j);
+            out.push('\n');
+        }
+    } else if c.name == "lint" {
+        let results: serde_json::Value = serde_json::from_str(get("result.json").unwrap_or("{}"))
+            .context("decode result.json")?;
+        let warnings = results["warnings"].as_array().map_or(0, Vec::len);
+        match warnings {
+            0 => {}
+            1 => out.push_str("Check complete, 1 warning has been found!\n"),
+            n => out.push_str(&format!("Check complete, {n} warnings have been found!\n")),
+        }
+        out.push_str(get("result.txt").unwrap_or_default());
+        if let Some(e) = results.get("buildError") {
+            if warnings > 0 {
+                out.push('\n');
+            }
+            let error = Some(e["message"].as_str().unwrap_or_default().to_string());
+            return Ok(CallOutput {
+                text: out,
+                status: 0,
+                error,
+            });
+        }
+        if warnings == 0 {
+            out.push_str("Check complete, no warnings found.\n");
+        }
+    } else if let Some(t) = get("result.txt") {
+        out.push_str(t);
+    } else {
+        out.push_str(&format!("{} {res:?}\n", c.name));
+    }
+    let status = match get("result.statuscode") {
+        Some(v) if !c.ignore_status => v.trim().parse().unwrap_or(0),
+        _ => 0,
+    };
+    Ok(CallOutput {
+        text: out,
+        status,
+        error: None,
+    })
 }
 
 /// `kiln build DIR`, `-f`, `--build-arg`, `--target` and `-t` as the

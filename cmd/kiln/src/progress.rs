@@ -61,7 +61,8 @@ pub struct Printer {
     partial: HashMap<String, String>,
     start: Instant,
     drawn_lines: usize,
-    /// warnings about the build, printed at the end as buildctl does
+    /// warnings about the build (build checks, ignored options), counted and
+    /// listed at the end as buildx does
     warnings: Vec<String>,
 }
 
@@ -279,12 +280,23 @@ impl Printer {
             }
             Mode::Quiet | Mode::RawJson => {}
         }
-        if self.mode != Mode::RawJson {
-            for w in &self.warnings {
-                eprintln!("WARNING: {w}");
-            }
+        if !matches!(self.mode, Mode::RawJson | Mode::Quiet) && !self.warnings.is_empty() {
+            eprint!("{}", warnings_summary(&self.warnings));
         }
     }
+}
+
+/// `N warnings found:` and one ` - SHORT` line per warning, after a blank line.
+fn warnings_summary(warnings: &[String]) -> String {
+    let count = match warnings.len() {
+        1 => "1 warning found".to_string(),
+        n => format!("{n} warnings found"),
+    };
+    let mut out = format!("\n {count}:\n");
+    for w in warnings {
+        out.push_str(&format!(" - {w}\n"));
+    }
+    out
 }
 
 /// Sizes as BuildKit prints them: decimal units, two decimals (`1.09MB`).

@@ -21,6 +21,7 @@ use crate::dockerfile2llb::source_op;
 
 pub mod dockerfile2llb;
 pub mod grpc;
+pub mod subrequest;
 
 /// The only frontend served so far.
 pub const DOCKERFILE_FRONTEND: &str = "dockerfile.v0";
@@ -80,6 +81,22 @@ pub struct ResolvedConfig {
     pub canonical_ref: String,
 }
 
+/// A warning about the build, attached to one of its steps (a build check
+/// hangs on the step that loaded the Dockerfile).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildWarning {
+    /// The step's vertex digest.
+    pub vertex: String,
+    pub level: i64,
+    /// One line (`Rule: message (line N)`).
+    pub short: String,
+    pub detail: Vec<String>,
+    pub url: String,
+    /// The file the warning points into, and where.
+    pub source: Option<pb::SourceInfo>,
+    pub ranges: Vec<pb::Range>,
+}
+
 /// How a bridge call failed, as far as the caller needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeErrorKind {
@@ -128,6 +145,16 @@ pub trait Bridge: Send + Sync + 'static {
         reference: &str,
         platform: &Platform,
     ) -> impl Future<Output = Result<ResolvedConfig, BridgeError>> + Send;
+
+    /// Shows a warning in the build's progress (BuildKit's LLBBridge `Warn`).
+    fn warn(
+        &self,
+        build_id: &str,
+        warning: BuildWarning,
+    ) -> impl Future<Output = Result<(), BridgeError>> + Send {
+        let _ = (build_id, warning);
+        async { Ok(()) }
+    }
 
     /// Runs another frontend (e.g. `gateway.v0` with a `source` image) with
     /// `opts` and returns its result as definitions.
@@ -181,8 +208,14 @@ pub enum Error {
         name: String,
         source: dockerfile2llb::NamedContextError,
     },
-    #[error("unsupported request {request}: kiln's Dockerfile frontend answers no subrequests yet")]
+    #[error("unsupported request {request}")]
     UnsupportedSubrequest { request: String },
+    /// A `# check=` directive or `BUILDKIT_DOCKERFILE_CHECK` that does not parse.
+    #[error("{0}")]
+    CheckOptions(String),
+    /// `check=error=true` and a build check fired.
+    #[error("{0}")]
+    LintViolation(String),
     /// `origin` names the directive or build arg that asked for the image.
     #[error("{origin}")]
     FrontendImage {
@@ -255,15 +288,8 @@ impl<B: Bridge> Gateway<B> {
     }
 
     async fn solve_dockerfile(&self, req: &FrontendRequest) -> Result<FrontendOutput, Error> {
-        // BuildKit's subrequests (`--call outline|targets|check`, `--print`) are not
-        // answered yet: say so instead of building
-        if let Some(request) = req.attrs.get(REQUEST_ID_OPT) {
-            return Err(Error::UnsupportedSubrequest {
-                request: request.clone(),
-            });
-        }
         let mut opts = convert_options(req)?;
-        let (dockerfile, reference) = self.load_dockerfile(req, &opts.filename).await?;
+        let (dockerfile, reference, vertex) = self.load_dockerfile(req, &opts.filename).await?;
         if !opts.syntax_followed
             && let Some(image) = dockerfile2llb::frontend_image(&dockerfile, &opts.build_args)
         {
@@ -280,11 +306,70 @@ impl<B: Bridge> Gateway<B> {
                     source,
                 });
         }
+        let checks = check_config(&dockerfile, &opts)?;
+        if let Some(request) = req.attrs.get(REQUEST_ID_OPT) {
+            return answer_subrequest(request, &dockerfile, &opts.filename, checks);
+        }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             self.show_syntax_note(req, &opts.filename, &note).await;
         }
+        let violation = match checks {
+            Ok(config) => {
+                self.run_checks(req, &dockerfile, &opts, &vertex, &config)
+                    .await
+            }
+            Err(message) => return Err(Error::CheckOptions(message)),
+        };
         self.load_excludes(req, &reference, &mut opts).await;
-        self.convert(req, &dockerfile, &opts).await
+        let out = self.convert(req, &dockerfile, &opts).await?;
+        match violation {
+            Some(message) => Err(Error::LintViolation(message)),
+            None => Ok(out),
+        }
+    }
+
+    /// Runs the build checks and shows each warning on the step that loaded
+    /// the Dockerfile; with `error=true` and warnings, the message failing
+    /// the build. A Dockerfile that does not parse is left to the converter.
+    async fn run_checks(
+        &self,
+        req: &FrontendRequest,
+        dockerfile: &[u8],
+        opts: &dockerfile2llb::ConvertOptions,
+        vertex: &str,
+        config: &dockerfile2llb::lint::CheckConfig,
+    ) -> Option<String> {
+        let text = String::from_utf8_lossy(dockerfile);
+        let df = kiln_dockerfile::parse(&text).ok()?;
+        let warnings = dockerfile2llb::lint::check(&text, &df, config);
+        let source = pb::SourceInfo {
+            filename: opts.filename.clone(),
+            data: dockerfile.to_vec(),
+            definition: Some(dockerfile_source_definition(&req.session_id, &opts.filename).0),
+            language: "Dockerfile".to_string(),
+        };
+        for w in &warnings {
+            let position = |line: usize| pb::Position {
+                line: line as i32,
+                character: 0,
+            };
+            let warning = BuildWarning {
+                vertex: vertex.to_string(),
+                level: 1,
+                short: w.short(),
+                detail: vec![w.rule.description.to_string()],
+                url: w.rule.url.to_string(),
+                source: Some(source.clone()),
+                ranges: vec![pb::Range {
+                    start: Some(position(w.start_line)),
+                    end: Some(position(w.end_line)),
+                }],
+            };
+            if let Err(e) = self.bridge.warn(&req.build_id, warning).await {
+                tracing::warn!(error = %kiln_proto::status::Chain(&e), "build check warning not shown");
+            }
+        }
+        config.violation(&warnings)
     }
 
     /// `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
@@ -451,8 +536,8 @@ impl<B: Bridge> Gateway<B> {
         &self,
         req: &FrontendRequest,
         filename: &str,
-    ) -> Result<(Vec<u8>, String), Error> {
-        let definition = dockerfile_source_definition(&req.session_id, filename);
+    ) -> Result<(Vec<u8>, String, String), Error> {
+        let (definition, vertex) = dockerfile_source_definition(&req.session_id, filename);
         let reference = self
             .bridge
             .solve(&req.build_id, definition)
@@ -475,8 +560,83 @@ impl<B: Bridge> Gateway<B> {
                 filename: filename.to_string(),
                 source,
             })?;
-        Ok((data, reference))
+        Ok((data, reference, vertex))
     }
+}
+
+/// The build checks' config: `BUILDKIT_DOCKERFILE_CHECK`, else `# check=`;
+/// an error message when it does not parse.
+fn check_config(
+    dockerfile: &[u8],
+    opts: &dockerfile2llb::ConvertOptions,
+) -> Result<Result<dockerfile2llb::lint::CheckConfig, String>, Error> {
+    let arg = opts
+        .build_args
+        .get("BUILDKIT_DOCKERFILE_CHECK")
+        .map(String::as_str);
+    // BuildKit rejects a bad build arg before anything else
+    if let Some(v) = arg {
+        dockerfile2llb::lint::CheckConfig::of_build(None, Some(v)).map_err(Error::CheckOptions)?;
+    }
+    let directive = kiln_dockerfile::parse_directives(&String::from_utf8_lossy(dockerfile))
+        .ok()
+        .and_then(|d| d.check);
+    Ok(dockerfile2llb::lint::CheckConfig::of_build(
+        directive.as_deref(),
+        arg,
+    ))
+}
+
+/// Answers a subrequest (`requestid`) about the Dockerfile.
+fn answer_subrequest(
+    request: &str,
+    dockerfile: &[u8],
+    filename: &str,
+    checks: Result<dockerfile2llb::lint::CheckConfig, String>,
+) -> Result<FrontendOutput, Error> {
+    let text = String::from_utf8_lossy(dockerfile);
+    let metadata = match request {
+        subrequest::DESCRIBE => subrequest::describe(),
+        subrequest::TARGETS => {
+            let df = kiln_dockerfile::parse(&text).map_err(|error| {
+                Error::Convert(Box::new(ConvertError {
+                    filename: filename.to_string(),
+                    dockerfile: dockerfile.to_vec(),
+                    error: error.into(),
+                }))
+            })?;
+            subrequest::targets(dockerfile, &df)
+        }
+        subrequest::LINT => {
+            let parsed = match checks {
+                Err(message) => Err((message, None)),
+                Ok(config) => match kiln_dockerfile::parse(&text) {
+                    Ok(df) => {
+                        return Ok(FrontendOutput {
+                            metadata: subrequest::lint(dockerfile, filename, Ok(&df), &config),
+                            ..Default::default()
+                        });
+                    }
+                    Err(e) => Err((e.to_string(), e.line())),
+                },
+            };
+            subrequest::lint(
+                dockerfile,
+                filename,
+                parsed,
+                &dockerfile2llb::lint::CheckConfig::default(),
+            )
+        }
+        other => {
+            return Err(Error::UnsupportedSubrequest {
+                request: other.to_string(),
+            });
+        }
+    };
+    Ok(FrontendOutput {
+        metadata,
+        ..Default::default()
+    })
 }
 
 /// Maps `dockerfile.v0` attrs onto converter options.
@@ -557,15 +717,22 @@ pub fn default_platform() -> Platform {
 }
 
 /// A definition with a single local source reading the Dockerfile (and its
-/// own ignore file) from the client's `dockerfile` dir.
-fn dockerfile_source_definition(session_id: &str, filename: &str) -> pb::Definition {
-    local_source_definition(
+/// own ignore file) from the client's `dockerfile` dir, and the digest of
+/// that source's step.
+fn dockerfile_source_definition(session_id: &str, filename: &str) -> (pb::Definition, String) {
+    let def = local_source_definition(
         session_id,
         DOCKERFILE_LOCAL,
         DOCKERFILE_LOCAL,
         &[filename.to_string(), format!("{filename}.dockerignore")],
         "[internal] load build definition from Dockerfile",
-    )
+    );
+    let vertex = def
+        .def
+        .first()
+        .map(|op| kiln_llb::digest(op))
+        .unwrap_or_default();
+    (def, vertex)
 }
 
 /// A definition with a single local source syncing only `include` of the

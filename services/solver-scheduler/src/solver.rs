@@ -241,6 +241,11 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             Some(rx) => rx.await.map_err(|_| Error::Cancelled)??,
             None => self.frontend_result(build, req).await?,
         };
+        if req.frontend_attrs.contains_key(REQUEST_ID_ATTR) {
+            // a subrequest (`--call targets`, `requestid=frontend.lint`) answers
+            // with metadata: nothing is solved or exported
+            return Ok(subrequest_response(&result.metadata));
+        }
         // a single image push (and nothing else reading the result) may
         // push an imported result without loading it
         let defer = cache_exports.is_empty()
@@ -997,4 +1002,18 @@ fn default_image_config(config: &Config) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
+}
+
+/// The frontend option naming a subrequest.
+const REQUEST_ID_ATTR: &str = "requestid";
+
+/// A subrequest's answer as the build's response: its result metadata
+/// (`result.json`, `result.txt`, `result.statuscode`, `version`) and, as
+/// BuildKit passes on from any result, the `frontend.*` keys.
+fn subrequest_response(metadata: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, String> {
+    metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("result.") || k.starts_with("frontend.") || *k == "version")
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect()
 }

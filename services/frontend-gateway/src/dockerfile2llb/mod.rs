@@ -19,6 +19,7 @@ mod copy;
 mod dispatch;
 mod git;
 mod image;
+pub mod lint;
 mod mount;
 mod ops;
 mod plan;

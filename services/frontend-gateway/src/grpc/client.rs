@@ -66,6 +66,21 @@ fn request<T>(
 }
 
 impl Bridge for GrpcBridge {
+    async fn warn(&self, build_id: &str, w: crate::BuildWarning) -> Result<(), BridgeError> {
+        let msg = kiln_proto::moby::buildkit::v1::frontend::WarnRequest {
+            digest: w.vertex,
+            level: w.level,
+            short: w.short.into_bytes(),
+            detail: w.detail.into_iter().map(String::into_bytes).collect(),
+            url: w.url,
+            info: w.source,
+            ranges: w.ranges,
+        };
+        let req = request(build_id, msg, Some(CALL_TIMEOUT))?;
+        self.client.clone().warn(req).await.map_err(bridge_error)?;
+        Ok(())
+    }
+
     async fn solve_frontend(
         &self,
         build_id: &str,

@@ -62,7 +62,9 @@ impl From<Error> for Status {
             Error::UnsupportedFrontend { .. }
             | Error::InvalidPlatform { .. }
             | Error::InvalidNamedContext { .. }
+            | Error::CheckOptions(_)
             | Error::Convert(_) => Code::InvalidArgument,
+            Error::LintViolation(_) => Code::Unknown,
             Error::LoadDockerfile { source, .. }
             | Error::ReadDockerfile { source, .. }
             | Error::FrontendImage { source, .. }
