@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use kiln_integration_tests::{
-    BuildContext, Daemon, Topology, dockerfile_args, oci_image, tar_entry,
+    Backend, BuildContext, Daemon, Topology, dockerfile_args, oci_image, tar_entry,
 };
 use std::path::Path;
 
@@ -135,6 +135,32 @@ fn run_step_of_another_platform_runs_emulated() -> Result<()> {
     let img = oci_image(&dir.join("img.tar"))?;
     assert_eq!(img.config["architecture"], arch, "{}", img.config);
     assert_eq!(img.config["os"], "linux");
+    Ok(())
+}
+
+/// The same with the worker in a process of its own, and on the containerd
+/// executor: the kernel starts the emulator whatever runs the step.
+#[test]
+fn emulated_steps_run_split_and_on_containerd() -> Result<()> {
+    let (plat, _, machine) = foreign();
+    let mut daemons = vec![("split", Daemon::start(Topology::Split)?)];
+    if let Some(backend) = Backend::containerd() {
+        daemons.push((
+            "containerd",
+            Daemon::start_on(Topology::AllInOne, &backend, "")?,
+        ));
+    }
+    for (what, d) in &daemons {
+        let ctx = BuildContext::new(DOCKERFILE)?;
+        let opt = format!("platform={plat}");
+        built(
+            d,
+            ctx.path(),
+            &["--opt", &opt, "--output", "type=local,dest=out"],
+        )?;
+        let got = std::fs::read_to_string(ctx.path().join("out/arch")).context("/arch")?;
+        assert_eq!(got.trim(), machine, "{what}");
+    }
     Ok(())
 }
 

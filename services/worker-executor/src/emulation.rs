@@ -8,7 +8,14 @@
 //! inside a step's root, where the interpreter's path does not exist. (BuildKit
 //! checks the same by running a tiny binary of each architecture in a chroot.)
 //! Nothing else is needed at run time: the kernel starts the emulator for
-//! every foreign binary a step executes.
+//! every foreign binary a step executes. An amd64 host also runs i386
+//! binaries itself when its kernel has IA-32 emulation, which the worker checks
+//! once by running a tiny i386 program, as BuildKit does.
+//!
+//! The worker lists (Info, a farm registration, `ListWorkers`) the host's
+//! platform, then those of BuildKit's list ([`LISTED`]) it runs, in BuildKit's
+//! order and normal form: `linux/arm64`, `linux/riscv64`, `linux/386`,
+//! `linux/arm/v7`, `linux/arm/v6`, ...
 //!
 //! An exec step whose platform is neither the host's nor emulated fails
 //! before its container starts, saying what is missing and how to fix it,
@@ -19,6 +26,13 @@ use std::path::{Path, PathBuf};
 
 /// Where binfmt_misc is mounted.
 pub const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The architectures a worker lists when an emulator runs them, in the order
+/// BuildKit's worker lists them.
+pub const LISTED: &[&str] = &[
+    "amd64", "arm64", "riscv64", "ppc64", "ppc64le", "s390x", "386", "mips64le", "mips64",
+    "loong64", "arm",
+];
 
 /// One registered binfmt_misc handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +86,10 @@ impl Binfmt {
         }
     }
 
-    /// The emulated platforms: usable handlers' architectures other than the host's,
-    /// in BuildKit's normal form (`linux/arm64`; arm as `linux/arm/v7` and `linux/arm/v6`).
+    /// The emulated platforms: those of BuildKit's list ([`LISTED`]) a usable
+    /// handler runs, other than the host's, in its order and normal form
+    /// (`linux/arm64`; arm as `linux/arm/v7` and `linux/arm/v6`). Steps of the other
+    /// architectures a handler runs (`mips`, `ppc`, ...) run too; they are not listed.
     pub fn platforms(&self, host: &Platform) -> Vec<Platform> {
         let Binfmt::Mounted {
             enabled: true,
@@ -82,26 +98,21 @@ impl Binfmt {
         else {
             return Vec::new();
         };
+        let usable = |arch: &str| {
+            handlers
+                .iter()
+                .any(|h| h.enabled && h.fix_binary && h.architecture.as_deref() == Some(arch))
+        };
         let mut out: Vec<Platform> = Vec::new();
-        for h in handlers.iter().filter(|h| h.enabled && h.fix_binary) {
-            let Some(arch) = h.architecture.as_deref() else {
-                continue;
-            };
-            if arch == host.architecture {
+        for arch in LISTED {
+            if *arch == host.architecture || !usable(arch) {
                 continue;
             }
-            let ps = if arch == "arm" {
-                vec![
-                    Platform::new("linux", "arm", Some("v7")),
-                    Platform::new("linux", "arm", Some("v6")),
-                ]
+            if *arch == "arm" {
+                out.push(Platform::new("linux", "arm", Some("v7")));
+                out.push(Platform::new("linux", "arm", Some("v6")));
             } else {
-                vec![Platform::new("linux", arch, None)]
-            };
-            for p in ps {
-                if !out.contains(&p) {
-                    out.push(p);
-                }
+                out.push(Platform::new("linux", arch, None));
             }
         }
         out
@@ -257,40 +268,123 @@ pub fn elf_architecture(magic: &[u8]) -> Option<&'static str> {
     })
 }
 
-/// The architectures the host runs without an emulator.
-fn native(host: &Platform, want: &Platform) -> bool {
-    want.architecture == host.architecture
-        // an amd64 kernel runs i386 binaries itself (IA-32 emulation): not refused
-        || (host.architecture == "amd64" && want.architecture == "386")
+/// An i386 program that exits 0: an ELF header, one program header loading the
+/// file at 0x08048000, and `mov eax, 1; xor ebx, ebx; int 0x80`.
+fn i386_exit0() -> Vec<u8> {
+    const BASE: u32 = 0x0804_8000;
+    const CODE: [u8; 9] = [0xb8, 0x01, 0x00, 0x00, 0x00, 0x31, 0xdb, 0xcd, 0x80];
+    let size = (52 + 32 + CODE.len()) as u32;
+    let mut b = Vec::with_capacity(size as usize);
+    b.extend_from_slice(b"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00");
+    b.extend_from_slice(&2u16.to_le_bytes()); // e_type: executable
+    b.extend_from_slice(&3u16.to_le_bytes()); // e_machine: i386
+    b.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    b.extend_from_slice(&(BASE + 52 + 32).to_le_bytes()); // e_entry
+    b.extend_from_slice(&52u32.to_le_bytes()); // e_phoff
+    b.extend_from_slice(&0u32.to_le_bytes()); // e_shoff
+    b.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    b.extend_from_slice(&52u16.to_le_bytes()); // e_ehsize
+    b.extend_from_slice(&32u16.to_le_bytes()); // e_phentsize
+    b.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    b.extend_from_slice(&[0; 6]); // no section headers
+    b.extend_from_slice(&1u32.to_le_bytes()); // p_type: load
+    b.extend_from_slice(&0u32.to_le_bytes()); // p_offset
+    b.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
+    b.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
+    b.extend_from_slice(&size.to_le_bytes()); // p_filesz
+    b.extend_from_slice(&size.to_le_bytes()); // p_memsz
+    b.extend_from_slice(&5u32.to_le_bytes()); // p_flags: read, execute
+    b.extend_from_slice(&0x1000u32.to_le_bytes()); // p_align
+    b.extend_from_slice(&CODE);
+    b
+}
+
+/// Whether this kernel runs i386 binaries (an amd64 kernel with IA-32
+/// emulation, or a registered emulator): runs [`i386_exit0`] from `scratch`,
+/// as BuildKit runs its check binaries.
+fn runs_i386(scratch: &Path) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = scratch.join(format!("check-386-{}", uuid::Uuid::new_v4().simple()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&i386_exit0()));
+    let mut ok = false;
+    if written.is_ok() {
+        // a process forked elsewhere may hold the file open for writing a moment
+        for _ in 0..20 {
+            match std::process::Command::new(&path)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+            {
+                Ok(st) => {
+                    ok = st.success();
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    ok
 }
 
 /// Platforms a worker runs and the check of an exec step's platform, over
 /// binfmt_misc at one place.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Emulation {
     dir: PathBuf,
     host: Platform,
-}
-
-impl Default for Emulation {
-    fn default() -> Self {
-        Emulation::new(BINFMT_MISC)
-    }
+    /// where the i386 check program is written
+    scratch: PathBuf,
+    /// whether an amd64 host runs i386 binaries (checked once)
+    i386: std::sync::OnceLock<bool>,
 }
 
 impl Emulation {
-    pub fn new(dir: impl Into<PathBuf>) -> Emulation {
+    /// Over binfmt_misc at `dir` (normally [`BINFMT_MISC`]); checks write to `scratch`.
+    pub fn new(dir: impl Into<PathBuf>, scratch: impl Into<PathBuf>) -> Emulation {
         Emulation {
             dir: dir.into(),
             host: Platform::host(),
+            scratch: scratch.into(),
+            i386: std::sync::OnceLock::new(),
         }
     }
 
-    /// The host's platform first, then the emulated ones (read now: handlers
-    /// registered after the worker started count).
+    /// Whether the host runs `want`'s binaries without an emulator of binfmt_misc.
+    fn native(&self, want: &Platform) -> bool {
+        want.architecture == self.host.architecture || self.runs_i386(want)
+    }
+
+    fn runs_i386(&self, want: &Platform) -> bool {
+        self.host.architecture == "amd64"
+            && want.architecture == "386"
+            && *self.i386.get_or_init(|| runs_i386(&self.scratch))
+    }
+
+    /// The host's platform first, then those it runs natively (linux/386 on an
+    /// amd64 host that runs it) or emulated, in BuildKit's order (read now:
+    /// handlers registered after the worker started count).
     pub fn platforms(&self) -> Vec<Platform> {
         let mut out = vec![self.host.clone()];
         out.extend(Binfmt::read(&self.dir).platforms(&self.host));
+        let i386 = Platform::new("linux", "386", None);
+        if !out.contains(&i386) && self.runs_i386(&i386) {
+            out.push(i386);
+        }
+        let rank = |p: &Platform| LISTED.iter().position(|a| *a == p.architecture);
+        if let Some(rest) = out.get_mut(1..) {
+            rest.sort_by_key(rank);
+        }
         out
     }
 
@@ -307,7 +401,7 @@ impl Emulation {
                 reason: "this worker runs linux steps only".into(),
             });
         }
-        if native(&self.host, &want) {
+        if self.native(&want) {
             return Ok(());
         }
         match Binfmt::read(&self.dir).missing(&want, &self.dir) {
@@ -330,6 +424,7 @@ mod tests {
     const S390X: &str = "enabled\ninterpreter /usr/libexec/qemu-binfmt/s390x-binfmt-P\nflags: PF\noffset 0\nmagic 7f454c4602020100000000000000000000020016\nmask fffffffffffffffcfffffffffffffffffffeffff\n";
     const PPC64LE: &str = "enabled\ninterpreter /x\nflags: PF\noffset 0\nmagic 7f454c4602010100000000000000000002001500\nmask fffffffffffffffcfffffffffffffffffeffff00\n";
     const MIPSN32: &str = "enabled\ninterpreter /x\nflags: PF\noffset 0\nmagic 7f454c46010201000000000000000000000200080000000000000000000000000000000000000020\nmask ffffffffffffff00fefffffffffffffffffeffff0000000000000000000000000000000000000020\n";
+    const MIPS: &str = "enabled\ninterpreter /x\nflags: PF\noffset 0\nmagic 7f454c46010201000000000000000000000200080000000000000000000000000000000000000000\nmask ffffffffffffff00fefffffffffffffffffeffff0000000000000000000000000000000000000020\n";
     const LOONG: &str = "enabled\ninterpreter /x\nflags: PF\noffset 0\nmagic 7f454c4602010100000000000000000002000201\nmask fffffffffffffffc00fffffffffffffffeffffff\n";
     const PYTHON: &str =
         "enabled\ninterpreter /usr/bin/python3.11\nflags: \noffset 0\nmagic a70d0d0a\n";
@@ -346,6 +441,7 @@ mod tests {
         assert_eq!(arch(PPC64LE).as_deref(), Some("ppc64le"));
         assert_eq!(arch(LOONG).as_deref(), Some("loong64"));
         assert_eq!(arch(MIPSN32), None);
+        assert_eq!(arch(MIPS).as_deref(), Some("mips"));
         assert_eq!(arch(PYTHON), None);
         let h = parse_handler("qemu-aarch64", AARCH64);
         assert!(h.enabled && h.fix_binary);
@@ -372,23 +468,19 @@ mod tests {
         let d = dir_with(&[
             ("qemu-aarch64", AARCH64),
             ("qemu-arm", ARM),
+            ("qemu-mips", MIPS),
             ("qemu-s390x", &S390X.replace("enabled", "disabled")),
             ("qemu-ppc64le", &PPC64LE.replace("flags: PF", "flags: P")),
             ("python3.11", PYTHON),
         ]);
-        let mut e = Emulation::new(d.path());
+        let mut e = Emulation::new(d.path(), d.path());
         e.host = Platform::new("linux", "amd64", None);
+        e.i386 = std::sync::OnceLock::from(false);
         assert_eq!(
             plats(&e),
             vec!["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6"]
         );
-        for ok in [
-            "linux/arm64",
-            "linux/arm/v7",
-            "linux/arm",
-            "linux/amd64",
-            "linux/386",
-        ] {
+        for ok in ["linux/arm64", "linux/arm/v7", "linux/arm", "linux/amd64"] {
             let p = Platform::parse(ok).expect("platform");
             assert!(e.check(&p).is_ok(), "{ok}");
         }
@@ -411,13 +503,28 @@ mod tests {
         );
         assert!(riscv.contains("qemu-user-static"), "{riscv}");
         assert!(err("windows/amd64").contains("linux steps only"));
+        // an amd64 kernel without IA-32 emulation and no i386 handler
+        assert!(err("linux/386").contains("no binfmt_misc handler runs 386"));
+        e.i386 = std::sync::OnceLock::from(true);
+        assert!(e.check(&Platform::new("linux", "386", None)).is_ok());
+        assert_eq!(
+            plats(&e),
+            [
+                "linux/amd64",
+                "linux/arm64",
+                "linux/386",
+                "linux/arm/v7",
+                "linux/arm/v6"
+            ]
+        );
     }
 
     #[test]
     fn nothing_is_emulated_when_binfmt_misc_is_not_mounted_or_disabled() {
         let d = tempfile::tempdir().expect("tempdir");
-        let mut e = Emulation::new(d.path().join("none"));
+        let mut e = Emulation::new(d.path().join("none"), d.path());
         e.host = Platform::new("linux", "amd64", None);
+        e.i386 = std::sync::OnceLock::from(false);
         assert_eq!(plats(&e), vec!["linux/amd64"]);
         let p = Platform::parse("linux/arm64").expect("platform");
         let msg = e.check(&p).err().map(|e| e.to_string()).unwrap_or_default();
@@ -426,10 +533,23 @@ mod tests {
 
         let d = dir_with(&[("qemu-aarch64", AARCH64)]);
         std::fs::write(d.path().join("status"), "disabled\n").expect("status");
-        let mut e = Emulation::new(d.path());
+        let mut e = Emulation::new(d.path(), d.path());
         e.host = Platform::new("linux", "amd64", None);
+        e.i386 = std::sync::OnceLock::from(false);
         assert_eq!(plats(&e), vec!["linux/amd64"]);
         let msg = e.check(&p).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("binfmt_misc is disabled"), "{msg}");
+    }
+
+    #[test]
+    fn the_i386_check_program_is_an_i386_executable() {
+        let bin = i386_exit0();
+        assert_eq!(bin.len(), 52 + 32 + 9);
+        assert_eq!(elf_architecture(&bin), Some("386"));
+        // on an amd64 host it runs when the kernel has IA-32 emulation (most do);
+        // either way the check answers and leaves nothing behind
+        let d = tempfile::tempdir().expect("tempdir");
+        let _ = runs_i386(d.path());
+        assert_eq!(std::fs::read_dir(d.path()).map(|r| r.count()).ok(), Some(0));
     }
 }

@@ -225,7 +225,7 @@ impl Worker {
             networking,
             activity: ops::Activity::default(),
             containers: std::sync::Mutex::new(HashMap::new()),
-            emulation: emulation::Emulation::default(),
+            emulation: emulation::Emulation::new(emulation::BINFMT_MISC, config.root.join("tmp")),
             config,
         })
     }
