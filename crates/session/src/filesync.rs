@@ -9,6 +9,7 @@
 
 use crate::Error;
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use kiln_dockerfile::IgnoreMatcher;
 use kiln_proto::fsutil::types::{Packet, Stat, packet::PacketType};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -98,7 +99,9 @@ pub struct Filter {
     /// per include pattern: its leading components without glob characters,
     /// and whether anything (a glob) follows them
     include_prefixes: Vec<(Vec<String>, bool)>,
-    exclude: Option<(GlobSet, Vec<(bool, GlobSet)>)>,
+    /// `.dockerignore` rules, matched as BuildKit's patternmatcher does (the
+    /// same matcher the Dockerfile frontend uses)
+    exclude: Option<IgnoreMatcher>,
 }
 
 /// A pattern's leading literal components and whether a glob follows them.
@@ -112,25 +115,6 @@ fn literal_prefix(pattern: &str) -> (Vec<String>, bool) {
         lit.push(c.to_string());
     }
     (lit, false)
-}
-
-fn glob(p: &str) -> Result<GlobSet, Error> {
-    let p = p.trim_start_matches('/').trim_end_matches('/');
-    let mut b = GlobSetBuilder::new();
-    for pat in [p.to_string(), format!("{p}/**")] {
-        let g = globset::GlobBuilder::new(&pat)
-            .literal_separator(true)
-            .build()
-            .map_err(|source| Error::Pattern {
-                pattern: p.into(),
-                source,
-            })?;
-        b.add(g);
-    }
-    b.build().map_err(|source| Error::Pattern {
-        pattern: p.into(),
-        source,
-    })
 }
 
 impl Filter {
@@ -156,19 +140,7 @@ impl Filter {
                 source,
             })?)
         };
-        let exclude = if exclude.is_empty() {
-            None
-        } else {
-            let mut rules = Vec::new();
-            for p in exclude {
-                let (negate, p) = match p.strip_prefix('!') {
-                    Some(rest) => (true, rest),
-                    None => (false, p.as_str()),
-                };
-                rules.push((negate, glob(p)?));
-            }
-            Some((GlobSet::empty(), rules))
-        };
+        let exclude = Some(IgnoreMatcher::new(exclude)).filter(|m| !m.is_empty());
         Ok(Filter {
             include,
             include_prefixes,
@@ -177,16 +149,7 @@ impl Filter {
     }
 
     fn excluded(&self, rel: &str) -> bool {
-        let Some((_, rules)) = &self.exclude else {
-            return false;
-        };
-        let mut out = false;
-        for (negate, set) in rules {
-            if set.is_match(rel) {
-                out = !negate;
-            }
-        }
-        out
+        self.exclude.as_ref().is_some_and(|m| m.excluded(rel))
     }
 
     /// Whether an entry is sent. Directories that lead to an included path
@@ -194,7 +157,7 @@ impl Filter {
     pub fn matches(&self, rel: &str, is_dir: bool) -> bool {
         if self.excluded(rel) {
             // a directory with a re-included child is still walked
-            return is_dir && self.has_reinclude();
+            return is_dir && self.may_reinclude_below(rel);
         }
         match &self.include {
             None => true,
@@ -205,13 +168,13 @@ impl Filter {
     /// An excluded directory that is only walked because a `!` pattern may
     /// re-include something below it: it is sent only if something inside is.
     fn walked_for_reinclude(&self, rel: &str, is_dir: bool) -> bool {
-        is_dir && self.has_reinclude() && self.excluded(rel)
+        is_dir && self.may_reinclude_below(rel) && self.excluded(rel)
     }
 
-    fn has_reinclude(&self) -> bool {
+    fn may_reinclude_below(&self, rel: &str) -> bool {
         self.exclude
             .as_ref()
-            .is_some_and(|(_, r)| r.iter().any(|(n, _)| *n))
+            .is_some_and(|m| m.may_reinclude_below(rel))
     }
 
     /// Whether directory `rel` may hold a path an include pattern selects: it
