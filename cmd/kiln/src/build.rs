@@ -844,3 +844,76 @@ fn read_definition() -> anyhow::Result<kiln_proto::pb::Definition> {
     }
     Ok(def)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(spec: &str) -> anyhow::Result<Option<CallFunc>> {
+        let mut full = vec!["kiln".to_string()];
+        if !spec.is_empty() {
+            full.push(format!("--call={spec}"));
+        }
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BuildArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(full)?;
+        call_func(&cli.args)
+    }
+
+    #[test]
+    fn call_names_as_buildx_reads_them() -> anyhow::Result<()> {
+        assert_eq!(call("")?, None);
+        assert_eq!(call("build")?, None);
+        let c = call("check,format=json")?.context("a call")?;
+        assert_eq!((c.name.as_str(), c.json), ("lint", true));
+        assert_eq!(
+            call("targets")?.map(|c| c.name),
+            Some("targets".to_string())
+        );
+        assert!(call("targets,outline").is_err());
+        assert!(call("targets,colour=red").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn check_output_counts_warnings_and_exits_with_the_status() -> anyhow::Result<()> {
+        let lint = CallFunc {
+            name: "lint".into(),
+            json: false,
+            ignore_status: false,
+        };
+        let res = BTreeMap::from([
+            (
+                "result.json".to_string(),
+                r#"{"warnings":[{"ruleName":"A"},{"ruleName":"B"}],"sources":[]}"#.to_string(),
+            ),
+            ("result.txt".to_string(), "\nWARNING: A\n".to_string()),
+            ("result.statuscode".to_string(), "1".to_string()),
+        ]);
+        let out = call_output(&lint, &res)?;
+        assert_eq!(
+            out.text,
+            "Check complete, 2 warnings have been found!\n\nWARNING: A\n"
+        );
+        assert_eq!((out.status, out.error), (1, None));
+        let clean = BTreeMap::from([
+            (
+                "result.json".to_string(),
+                r#"{"warnings":[],"sources":[]}"#.to_string(),
+            ),
+            ("result.statuscode".to_string(), "0".to_string()),
+        ]);
+        let out = call_output(&lint, &clean)?;
+        assert_eq!(out.text, "Check complete, no warnings found.\n");
+        assert_eq!(out.status, 0);
+        let ignore = CallFunc {
+            ignore_status: true,
+            ..lint
+        };
+        assert_eq!(call_output(&ignore, &res)?.status, 0);
+        Ok(())
+    }
+}

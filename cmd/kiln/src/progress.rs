@@ -382,7 +382,37 @@ pub fn raw_json(msg: &StatusResponse) -> serde_json::Value {
         let v: Vec<Value> = msg
             .warnings
             .iter()
-            .map(|w| json!({"vertex": w.vertex, "level": w.level, "short": base64(&w.short), "url": w.url}))
+            .map(|w| {
+                let mut o = Map::new();
+                o.insert("vertex".into(), json!(w.vertex));
+                o.insert("level".into(), json!(w.level));
+                o.insert("short".into(), json!(base64(&w.short)));
+                if !w.detail.is_empty() {
+                    let d: Vec<String> = w.detail.iter().map(|d| base64(d)).collect();
+                    o.insert("detail".into(), json!(d));
+                }
+                if !w.url.is_empty() {
+                    o.insert("url".into(), json!(w.url));
+                }
+                if let Some(i) = &w.info {
+                    o.insert(
+                        "sourceInfo".into(),
+                        json!({"filename": i.filename, "data": base64(&i.data), "language": i.language}),
+                    );
+                }
+                if !w.ranges.is_empty() {
+                    let pos = |p: &Option<kiln_proto::pb::Position>| {
+                        p.as_ref().map(|p| json!({"line": p.line, "character": p.character}))
+                    };
+                    let r: Vec<Value> = w
+                        .ranges
+                        .iter()
+                        .map(|r| json!({"start": pos(&r.start), "end": pos(&r.end)}))
+                        .collect();
+                    o.insert("range".into(), Value::Array(r));
+                }
+                Value::Object(o)
+            })
             .collect();
         out.insert("warnings".into(), Value::Array(v));
     }
@@ -434,5 +464,17 @@ mod tests {
         assert_eq!(base64(b"abc"), "YWJj");
         assert_eq!(human_bytes(1_088_231), "1.09MB");
         assert_eq!(human_bytes(512), "512B");
+    }
+
+    #[test]
+    fn warnings_are_counted_then_listed() {
+        assert_eq!(
+            warnings_summary(&["A: a (line 1)".to_string()]),
+            "\n 1 warning found:\n - A: a (line 1)\n"
+        );
+        assert_eq!(
+            warnings_summary(&["A".to_string(), "B".to_string()]),
+            "\n 2 warnings found:\n - A\n - B\n"
+        );
     }
 }
