@@ -10,7 +10,10 @@
 //! Nothing else is needed at run time: the kernel starts the emulator for
 //! every foreign binary a step executes. An amd64 host also runs i386
 //! binaries itself when its kernel has IA-32 emulation, which the worker checks
-//! once by running a tiny i386 program, as BuildKit does.
+//! once by running a tiny i386 program, as BuildKit does. Where binfmt_misc is
+//! not mounted (a worker in a container, which still shares its host's
+//! handlers), the worker checks each architecture the same way, running a
+//! tiny `exit(0)` program of it ([`exit0_program`]).
 //!
 //! The worker lists (Info, a farm registration, `ListWorkers`) the host's
 //! platform, then those of BuildKit's list ([`LISTED`]) it runs, in BuildKit's
@@ -124,7 +127,11 @@ impl Binfmt {
         let handlers = match self {
             Binfmt::NotMounted => {
                 return Some(format!(
-                    "binfmt_misc is not mounted at {d} (mount -t binfmt_misc binfmt_misc {d})",
+                    "binfmt_misc is not mounted at {d} and {arch} binaries do not run; \
+                     install QEMU user-mode emulation on the host (Debian: apt-get install \
+                     qemu-user-static binfmt-support; a container shares its host's \
+                     handlers), or mount binfmt_misc (mount -t binfmt_misc binfmt_misc {d}) \
+                     and register an emulator with the F flag",
                     d = dir.display()
                 ));
             }
@@ -268,50 +275,159 @@ pub fn elf_architecture(magic: &[u8]) -> Option<&'static str> {
     })
 }
 
-/// An i386 program that exits 0: an ELF header, one program header loading the
-/// file at 0x08048000, and `mov eax, 1; xor ebx, ebx; int 0x80`.
-fn i386_exit0() -> Vec<u8> {
-    const BASE: u32 = 0x0804_8000;
-    const CODE: [u8; 9] = [0xb8, 0x01, 0x00, 0x00, 0x00, 0x31, 0xdb, 0xcd, 0x80];
-    let size = (52 + 32 + CODE.len()) as u32;
-    let mut b = Vec::with_capacity(size as usize);
-    b.extend_from_slice(b"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00");
-    b.extend_from_slice(&2u16.to_le_bytes()); // e_type: executable
-    b.extend_from_slice(&3u16.to_le_bytes()); // e_machine: i386
-    b.extend_from_slice(&1u32.to_le_bytes()); // e_version
-    b.extend_from_slice(&(BASE + 52 + 32).to_le_bytes()); // e_entry
-    b.extend_from_slice(&52u32.to_le_bytes()); // e_phoff
-    b.extend_from_slice(&0u32.to_le_bytes()); // e_shoff
-    b.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    b.extend_from_slice(&52u16.to_le_bytes()); // e_ehsize
-    b.extend_from_slice(&32u16.to_le_bytes()); // e_phentsize
-    b.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+/// A static program of `arch` that exits 0 (`exit(0)` by system call), for
+/// checking that this kernel runs `arch`'s binaries, as BuildKit's check binaries
+/// do: an ELF header and one program header loading the whole file, then the
+/// code. `None` for architectures without one.
+pub fn exit0_program(arch: &str) -> Option<Vec<u8>> {
+    // (64-bit, little-endian, e_machine, e_flags, load address, code)
+    let (wide, little, machine, flags, base, code): (bool, bool, u16, u32, u64, Vec<u8>) =
+        match arch {
+            // mov eax, 1; xor ebx, ebx; int 0x80
+            "386" => (
+                false,
+                true,
+                3,
+                0,
+                0x0804_8000,
+                vec![0xb8, 1, 0, 0, 0, 0x31, 0xdb, 0xcd, 0x80],
+            ),
+            // mov x0, #0; mov x8, #93; svc #0
+            "arm64" => (
+                true,
+                true,
+                183,
+                0,
+                0x40_0000,
+                words_le(&[0xd280_0000, 0xd280_0ba8, 0xd400_0001]),
+            ),
+            // li a0, 0; li a7, 93; ecall
+            "riscv64" => (
+                true,
+                true,
+                243,
+                0,
+                0x40_0000,
+                words_le(&[0x0000_0513, 0x05d0_0893, 0x0000_0073]),
+            ),
+            // li r3, 0; li r0, 1; sc (ELFv2)
+            "ppc64le" => (
+                true,
+                true,
+                21,
+                2,
+                0x1000_0000,
+                words_le(&[0x3860_0000, 0x3800_0001, 0x4400_0002]),
+            ),
+            // lghi %r2, 0; svc 1
+            "s390x" => (
+                true,
+                false,
+                22,
+                0,
+                0x40_0000,
+                vec![0xa7, 0x29, 0, 0, 0x0a, 0x01],
+            ),
+            // mov r0, #0; mov r7, #1; svc #0 (EABI 5)
+            "arm" => (
+                false,
+                true,
+                40,
+                0x0500_0000,
+                0x1_0000,
+                words_le(&[0xe3a0_0000, 0xe3a0_7001, 0xef00_0000]),
+            ),
+            _ => return None,
+        };
+    let (ehsize, phsize) = if wide { (64u16, 56u16) } else { (52, 32) };
+    let entry = base + u64::from(ehsize) + u64::from(phsize);
+    let size = u64::from(ehsize) + u64::from(phsize) + code.len() as u64;
+    let mut b: Vec<u8> = Vec::with_capacity(size as usize);
+    let u16b = |v: u16| {
+        if little {
+            v.to_le_bytes()
+        } else {
+            v.to_be_bytes()
+        }
+    };
+    let u32b = |v: u32| {
+        if little {
+            v.to_le_bytes()
+        } else {
+            v.to_be_bytes()
+        }
+    };
+    let u64b = |v: u64| {
+        if little {
+            v.to_le_bytes()
+        } else {
+            v.to_be_bytes()
+        }
+    };
+    // a word of the file's class: 4 bytes or 8
+    let word = |v: u64| -> Vec<u8> {
+        if wide {
+            u64b(v).to_vec()
+        } else {
+            u32b(v as u32).to_vec()
+        }
+    };
+    b.extend_from_slice(b"\x7fELF");
+    b.extend_from_slice(&[if wide { 2 } else { 1 }, if little { 1 } else { 2 }, 1]);
+    b.extend_from_slice(&[0; 9]);
+    b.extend_from_slice(&u16b(2)); // e_type: executable
+    b.extend_from_slice(&u16b(machine));
+    b.extend_from_slice(&u32b(1)); // e_version
+    b.extend(word(entry));
+    b.extend(word(u64::from(ehsize))); // e_phoff
+    b.extend(word(0)); // e_shoff
+    b.extend_from_slice(&u32b(flags));
+    b.extend_from_slice(&u16b(ehsize));
+    b.extend_from_slice(&u16b(phsize));
+    b.extend_from_slice(&u16b(1)); // e_phnum
     b.extend_from_slice(&[0; 6]); // no section headers
-    b.extend_from_slice(&1u32.to_le_bytes()); // p_type: load
-    b.extend_from_slice(&0u32.to_le_bytes()); // p_offset
-    b.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
-    b.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
-    b.extend_from_slice(&size.to_le_bytes()); // p_filesz
-    b.extend_from_slice(&size.to_le_bytes()); // p_memsz
-    b.extend_from_slice(&5u32.to_le_bytes()); // p_flags: read, execute
-    b.extend_from_slice(&0x1000u32.to_le_bytes()); // p_align
-    b.extend_from_slice(&CODE);
-    b
+    // the program header: load the file at `base`, readable and executable
+    b.extend_from_slice(&u32b(1));
+    if wide {
+        b.extend_from_slice(&u32b(5)); // p_flags
+        b.extend(word(0)); // p_offset
+        b.extend(word(base)); // p_vaddr
+        b.extend(word(base)); // p_paddr
+        b.extend(word(size)); // p_filesz
+        b.extend(word(size)); // p_memsz
+        b.extend(word(0x1_0000)); // p_align
+    } else {
+        b.extend(word(0));
+        b.extend(word(base));
+        b.extend(word(base));
+        b.extend(word(size));
+        b.extend(word(size));
+        b.extend_from_slice(&u32b(5));
+        b.extend(word(0x1000));
+    }
+    b.extend_from_slice(&code);
+    Some(b)
 }
 
-/// Whether this kernel runs i386 binaries (an amd64 kernel with IA-32
-/// emulation, or a registered emulator): runs [`i386_exit0`] from `scratch`,
-/// as BuildKit runs its check binaries.
-fn runs_i386(scratch: &Path) -> bool {
+fn words_le(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Whether this kernel runs `arch`'s binaries (natively, or through a
+/// registered emulator): runs [`exit0_program`] from `scratch`.
+pub fn runs(arch: &str, scratch: &Path) -> bool {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = scratch.join(format!("check-386-{}", uuid::Uuid::new_v4().simple()));
+    let Some(program) = exit0_program(arch) else {
+        return false;
+    };
+    let path = scratch.join(format!("check-{arch}-{}", uuid::Uuid::new_v4().simple()));
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o700)
         .open(&path)
-        .and_then(|mut f| f.write_all(&i386_exit0()));
+        .and_then(|mut f| f.write_all(&program));
     let mut ok = false;
     if written.is_ok() {
         // a process forked elsewhere may hold the file open for writing a moment
@@ -343,10 +459,12 @@ fn runs_i386(scratch: &Path) -> bool {
 pub struct Emulation {
     dir: PathBuf,
     host: Platform,
-    /// where the i386 check program is written
+    /// where check programs are written
     scratch: PathBuf,
-    /// whether an amd64 host runs i386 binaries (checked once)
-    i386: std::sync::OnceLock<bool>,
+    /// runs an architecture's check program ([`runs`]; tests replace it)
+    prober: fn(&str, &Path) -> bool,
+    /// check results by architecture (each checked once)
+    probed: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl Emulation {
@@ -356,7 +474,21 @@ impl Emulation {
             dir: dir.into(),
             host: Platform::host(),
             scratch: scratch.into(),
-            i386: std::sync::OnceLock::new(),
+            prober: runs,
+            probed: Default::default(),
+        }
+    }
+
+    /// Whether `arch`'s check program runs here (once per architecture).
+    fn probe(&self, arch: &str) -> bool {
+        if exit0_program(arch).is_none() {
+            return false;
+        }
+        match self.probed.lock() {
+            Ok(mut m) => *m
+                .entry(arch.to_string())
+                .or_insert_with(|| (self.prober)(arch, &self.scratch)),
+            Err(_) => (self.prober)(arch, &self.scratch),
         }
     }
 
@@ -365,18 +497,35 @@ impl Emulation {
         want.architecture == self.host.architecture || self.runs_i386(want)
     }
 
+    /// An amd64 kernel with IA-32 emulation runs i386 binaries itself.
     fn runs_i386(&self, want: &Platform) -> bool {
-        self.host.architecture == "amd64"
-            && want.architecture == "386"
-            && *self.i386.get_or_init(|| runs_i386(&self.scratch))
+        self.host.architecture == "amd64" && want.architecture == "386" && self.probe("386")
     }
 
     /// The host's platform first, then those it runs natively (linux/386 on an
     /// amd64 host that runs it) or emulated, in BuildKit's order (read now:
-    /// handlers registered after the worker started count).
+    /// handlers registered after the worker started count). Where binfmt_misc
+    /// is not mounted (a worker in a container: the host's handlers still
+    /// apply), each architecture of [`LISTED`] with a check program is checked
+    /// by running it.
     pub fn platforms(&self) -> Vec<Platform> {
         let mut out = vec![self.host.clone()];
-        out.extend(Binfmt::read(&self.dir).platforms(&self.host));
+        match Binfmt::read(&self.dir) {
+            Binfmt::NotMounted => {
+                for arch in LISTED {
+                    if *arch == self.host.architecture || !self.probe(arch) {
+                        continue;
+                    }
+                    if *arch == "arm" {
+                        out.push(Platform::new("linux", "arm", Some("v7")));
+                        out.push(Platform::new("linux", "arm", Some("v6")));
+                    } else {
+                        out.push(Platform::new("linux", arch, None));
+                    }
+                }
+            }
+            binfmt => out.extend(binfmt.platforms(&self.host)),
+        }
         let i386 = Platform::new("linux", "386", None);
         if !out.contains(&i386) && self.runs_i386(&i386) {
             out.push(i386);
@@ -404,7 +553,11 @@ impl Emulation {
         if self.native(&want) {
             return Ok(());
         }
-        match Binfmt::read(&self.dir).missing(&want, &self.dir) {
+        let binfmt = Binfmt::read(&self.dir);
+        if binfmt == Binfmt::NotMounted && self.probe(&want.architecture) {
+            return Ok(());
+        }
+        match binfmt.missing(&want, &self.dir) {
             None => Ok(()),
             Some(reason) => Err(crate::Error::NoEmulator {
                 platform: want.to_string(),
@@ -475,7 +628,7 @@ mod tests {
         ]);
         let mut e = Emulation::new(d.path(), d.path());
         e.host = Platform::new("linux", "amd64", None);
-        e.i386 = std::sync::OnceLock::from(false);
+        e.prober = |_, _| false;
         assert_eq!(
             plats(&e),
             vec!["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6"]
@@ -505,7 +658,8 @@ mod tests {
         assert!(err("windows/amd64").contains("linux steps only"));
         // an amd64 kernel without IA-32 emulation and no i386 handler
         assert!(err("linux/386").contains("no binfmt_misc handler runs 386"));
-        e.i386 = std::sync::OnceLock::from(true);
+        e.prober = |a, _| a == "386";
+        e.probed = Default::default();
         assert!(e.check(&Platform::new("linux", "386", None)).is_ok());
         assert_eq!(
             plats(&e),
@@ -520,36 +674,63 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_emulated_when_binfmt_misc_is_not_mounted_or_disabled() {
+    fn without_binfmt_misc_only_what_runs_counts() {
         let d = tempfile::tempdir().expect("tempdir");
         let mut e = Emulation::new(d.path().join("none"), d.path());
         e.host = Platform::new("linux", "amd64", None);
-        e.i386 = std::sync::OnceLock::from(false);
+        e.prober = |_, _| false;
         assert_eq!(plats(&e), vec!["linux/amd64"]);
         let p = Platform::parse("linux/arm64").expect("platform");
         let msg = e.check(&p).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("not mounted"), "{msg}");
         assert!(msg.contains("mount -t binfmt_misc"), "{msg}");
+        assert!(msg.contains("qemu-user-static"), "{msg}");
+
+        // unmounted (a worker in a container): what the check programs run counts
+        e.prober = |a, _| a == "arm64" || a == "arm";
+        e.probed = Default::default();
+        assert_eq!(
+            plats(&e),
+            vec!["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6"]
+        );
+        assert!(e.check(&p).is_ok());
+        let s390x = Platform::parse("linux/s390x").expect("platform");
+        let msg = e
+            .check(&s390x)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("s390x binaries do not run"), "{msg}");
 
         let d = dir_with(&[("qemu-aarch64", AARCH64)]);
         std::fs::write(d.path().join("status"), "disabled\n").expect("status");
         let mut e = Emulation::new(d.path(), d.path());
         e.host = Platform::new("linux", "amd64", None);
-        e.i386 = std::sync::OnceLock::from(false);
+        e.prober = |_, _| false;
         assert_eq!(plats(&e), vec!["linux/amd64"]);
         let msg = e.check(&p).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("binfmt_misc is disabled"), "{msg}");
     }
 
     #[test]
-    fn the_i386_check_program_is_an_i386_executable() {
-        let bin = i386_exit0();
-        assert_eq!(bin.len(), 52 + 32 + 9);
-        assert_eq!(elf_architecture(&bin), Some("386"));
-        // on an amd64 host it runs when the kernel has IA-32 emulation (most do);
-        // either way the check answers and leaves nothing behind
+    fn check_programs_are_executables_of_their_architecture_and_run() {
         let d = tempfile::tempdir().expect("tempdir");
-        let _ = runs_i386(d.path());
+        let live = Binfmt::read(Path::new(BINFMT_MISC));
+        let host = Platform::host();
+        for arch in ["386", "arm64", "riscv64", "ppc64le", "s390x", "arm"] {
+            let bin = exit0_program(arch).expect("a program");
+            assert_eq!(elf_architecture(&bin), Some(arch), "{arch}");
+            // where this machine runs the architecture (natively, or through a
+            // registered emulator as under `make test`), the program exits 0
+            let emulated =
+                live.missing(&Platform::new("linux", arch, None), Path::new(BINFMT_MISC));
+            if arch == host.architecture || emulated.is_none() {
+                assert!(runs(arch, d.path()), "{arch} did not run");
+            }
+        }
+        assert_eq!(exit0_program("sparc64"), None);
+        assert!(!runs("sparc64", d.path()));
+        // nothing is left behind
         assert_eq!(std::fs::read_dir(d.path()).map(|r| r.count()).ok(), Some(0));
     }
 }
