@@ -10,7 +10,7 @@ use crate::inflight::Joined;
 use crate::peer::Worker;
 use crate::progress::now;
 use crate::remote::plan as remote;
-use crate::step::{Done, Failure, Step, is_local_source};
+use crate::step::{Done, Failure, Step, is_git_source, is_local_source};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
@@ -458,7 +458,10 @@ impl<W: Worker> GraphRun<W> {
                 op_bytes: v.bytes.clone(),
                 name,
                 ignore_cache: v.metadata.ignore_cache,
-                lookup: !v.metadata.ignore_cache && !self.build.no_cache && !local,
+                lookup: !v.metadata.ignore_cache
+                    && !self.build.no_cache
+                    && !local
+                    && !is_git_source(&v.op),
                 inputs: done_inputs,
                 def_key,
                 key,

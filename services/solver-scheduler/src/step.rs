@@ -202,6 +202,15 @@ pub(crate) fn is_local_source(op: &pb::Op) -> bool {
     matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("local://"))
 }
 
+/// A git source: like BuildKit, which asks the remote what the ref is now (with
+/// the build's own credentials) before it looks the step up, kiln fetches it on
+/// every build, never from the cache by its op, so a moved branch is seen and a
+/// build without the token or agent cannot reuse what another fetched with it;
+/// what is built on it is still cached, keyed by the fetched commit.
+pub(crate) fn is_git_source(op: &pb::Op) -> bool {
+    matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("git://"))
+}
+
 /// An op's kind as the metrics label it.
 pub(crate) fn op_kind(op: &pb::Op) -> &'static str {
     match &op.op {
