@@ -1,4 +1,5 @@
-//! `ADD archive.tar /dest/`: unpacking a local tar (plain or gzip) the way Docker does,
+//! `ADD archive.tar /dest/`: unpacking a local tar (plain, gzip, bzip2, xz or zstd,
+//! told apart by content as moby/go-archive's `DecompressStream` does) the way Docker does,
 //! with every entry kept inside the destination: entry paths are cleaned lexically and
 //! may not climb above the destination, parent symlinks resolve inside the root, and
 //! hard links may only point at entries inside the destination.
@@ -13,6 +14,87 @@ use std::path::{Component, Path, PathBuf};
 pub enum ArchiveKind {
     Tar,
     GzipTar,
+    Bzip2Tar,
+    XzTar,
+    ZstdTar,
+}
+
+/// A decompressing child process (`xz -d`, `bzip2 -d`; go-archive runs
+/// `xz` too): its output, and its exit status checked at the end of it.
+struct ChildReader {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+    done: bool,
+}
+
+impl Read for ChildReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.out.read(buf)?;
+        if n == 0 && !buf.is_empty() && !self.done {
+            self.done = true;
+            let st = self.child.wait()?;
+            if !st.success() {
+                return Err(io::Error::other(format!("decompressing: {st}")));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for ChildReader {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn child_reader(prog: &str, f: std::fs::File) -> io::Result<ChildReader> {
+    let mut child = std::process::Command::new(prog)
+        .args(["-d", "-c", "-q"])
+        .stdin(f)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("{prog}: {e}")))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| io::Error::other(format!("{prog}: no stdout")))?;
+    Ok(ChildReader {
+        child,
+        out,
+        done: false,
+    })
+}
+
+/// The decompressed stream of `f`.
+fn decoder(kind: ArchiveKind, f: std::fs::File) -> io::Result<Box<dyn Read>> {
+    Ok(match kind {
+        ArchiveKind::Tar => Box::new(f),
+        ArchiveKind::GzipTar => Box::new(flate2::read::GzDecoder::new(f)),
+        ArchiveKind::Bzip2Tar => Box::new(child_reader("bzip2", f)?),
+        ArchiveKind::XzTar => Box::new(child_reader("xz", f)?),
+        ArchiveKind::ZstdTar => Box::new(zstd::stream::read::Decoder::new(f)?),
+    })
+}
+
+/// The compression go-archive's `DetectCompression` sees in a file's first bytes.
+fn compression(head: &[u8]) -> ArchiveKind {
+    if head.starts_with(&[0x1f, 0x8b, 0x08]) {
+        ArchiveKind::GzipTar
+    } else if head.starts_with(b"BZh") {
+        ArchiveKind::Bzip2Tar
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        ArchiveKind::XzTar
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || (head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18])
+    {
+        ArchiveKind::ZstdTar
+    } else {
+        ArchiveKind::Tar
+    }
 }
 
 fn is_tar_header(b: &[u8]) -> bool {
@@ -47,18 +129,16 @@ pub fn archive_kind(path: &Path) -> io::Result<Option<ArchiveKind>> {
     std::fs::File::open(path)?
         .take(512)
         .read_to_end(&mut head)?;
-    if head.starts_with(&[0x1f, 0x8b]) {
+    let kind = compression(&head);
+    if kind != ArchiveKind::Tar {
         let mut inner = Vec::with_capacity(512);
         let f = std::fs::File::open(path)?;
-        // a corrupt gzip stream is not an archive: copy the file as is
-        if flate2::read::GzDecoder::new(f)
-            .take(512)
-            .read_to_end(&mut inner)
-            .is_err()
-        {
+        // a corrupt stream is not an archive: the file is copied as is
+        let ok = decoder(kind, f).and_then(|d| d.take(512).read_to_end(&mut inner));
+        if ok.is_err() {
             return Ok(None);
         }
-        return Ok(is_tar_header(&inner).then_some(ArchiveKind::GzipTar));
+        return Ok(is_tar_header(&inner).then_some(kind));
     }
     Ok(is_tar_header(&head).then_some(ArchiveKind::Tar))
 }
@@ -97,10 +177,7 @@ pub fn unpack(
     opts: &CopyOpts,
 ) -> io::Result<()> {
     let f = std::fs::File::open(src)?;
-    let reader: Box<dyn Read> = match kind {
-        ArchiveKind::Tar => Box::new(f),
-        ArchiveKind::GzipTar => Box::new(flate2::read::GzDecoder::new(f)),
-    };
+    let reader = decoder(kind, f)?;
     let dst_in_root = rootpath::in_root_display(root, dst);
     let mut ar = tar::Archive::new(reader);
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();

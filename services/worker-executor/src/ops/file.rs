@@ -648,9 +648,12 @@ fn copy(
         }
     }
     let ensure = rootpath::resolve(root, &ensure, true).map_err(err)?;
-    if ensure.starts_with(root) {
-        mkdir_all(root, &ensure, dir_mode, own, opts.timestamp).map_err(err)?;
-    }
+    // an unpacked archive takes no mode (BuildKit's unpack is given none)
+    let unpack_opts = CopyOpts {
+        mode: None,
+        mode_str: None,
+        ..opts.clone()
+    };
     for src in srcs {
         let src_path = rootpath::resolve(src_root, &src, c.follow_symlink).map_err(err)?;
         let src_md = std::fs::symlink_metadata(&src_path).map_err(|e| match e.kind() {
@@ -666,8 +669,11 @@ fn copy(
         {
             let dst = rootpath::resolve(root, &dest_abs, true).map_err(err)?;
             mkdir_all(root, &dst, 0o755, own, opts.timestamp).map_err(err)?;
-            crate::untar::unpack(&src_path, kind, root, &dst, &opts).map_err(err)?;
+            crate::untar::unpack(&src_path, kind, root, &dst, &unpack_opts).map_err(err)?;
             continue;
+        }
+        if ensure.starts_with(root) {
+            mkdir_all(root, &ensure, dir_mode, own, opts.timestamp).map_err(err)?;
         }
         let mut dst = rootpath::resolve(root, &dest_abs, true).map_err(err)?;
         let dst_md = std::fs::metadata(&dst).ok();
