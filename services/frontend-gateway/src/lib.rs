@@ -308,7 +308,7 @@ impl<B: Bridge> Gateway<B> {
         }
         let checks = check_config(&dockerfile, &opts)?;
         if let Some(request) = req.attrs.get(REQUEST_ID_OPT) {
-            return answer_subrequest(request, &dockerfile, &opts.filename, checks);
+            return answer_subrequest(request, &dockerfile, &opts, checks);
         }
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             self.show_syntax_note(req, &opts.filename, &note).await;
@@ -341,7 +341,8 @@ impl<B: Bridge> Gateway<B> {
     ) -> Option<String> {
         let text = String::from_utf8_lossy(dockerfile);
         let df = kiln_dockerfile::parse(&text).ok()?;
-        let warnings = dockerfile2llb::lint::check(&text, &df, config);
+        let target = opts.target.as_deref().unwrap_or_default();
+        let warnings = dockerfile2llb::lint::check(&text, &df, config, Some(target));
         let source = pb::SourceInfo {
             filename: opts.filename.clone(),
             data: dockerfile.to_vec(),
@@ -591,10 +592,13 @@ fn check_config(
 fn answer_subrequest(
     request: &str,
     dockerfile: &[u8],
-    filename: &str,
+    opts: &dockerfile2llb::ConvertOptions,
     checks: Result<dockerfile2llb::lint::CheckConfig, String>,
 ) -> Result<FrontendOutput, Error> {
     let text = String::from_utf8_lossy(dockerfile);
+    let filename = opts.filename.as_str();
+    // without a target a lint request checks every stage
+    let target = opts.target.as_deref();
     let metadata = match request {
         subrequest::DESCRIBE => subrequest::describe(),
         subrequest::TARGETS => {
@@ -613,7 +617,13 @@ fn answer_subrequest(
                 Ok(config) => match kiln_dockerfile::parse(&text) {
                     Ok(df) => {
                         return Ok(FrontendOutput {
-                            metadata: subrequest::lint(dockerfile, filename, Ok(&df), &config),
+                            metadata: subrequest::lint(
+                                dockerfile,
+                                filename,
+                                Ok(&df),
+                                &config,
+                                target,
+                            ),
                             ..Default::default()
                         });
                     }
@@ -625,6 +635,7 @@ fn answer_subrequest(
                 filename,
                 parsed,
                 &dockerfile2llb::lint::CheckConfig::default(),
+                target,
             )
         }
         other => {

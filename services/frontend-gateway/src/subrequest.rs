@@ -302,10 +302,11 @@ pub fn lint(
     filename: &str,
     parsed: Result<&Dockerfile, (String, Option<usize>)>,
     config: &lint::CheckConfig,
+    target: Option<&str>,
 ) -> Metadata {
     let text = String::from_utf8_lossy(src);
     let warnings: Vec<Warning> = match parsed {
-        Ok(df) => lint::check(&text, df, config),
+        Ok(df) => lint::check(&text, df, config, target),
         Err(_) => Vec::new(),
     };
     let items = warnings
@@ -403,7 +404,13 @@ mod tests {
     fn lint_reports_warnings_with_their_source() {
         let src = b"FROM busybox as base\nRUN true\n";
         let df = kiln_dockerfile::parse(&String::from_utf8_lossy(src)).expect("parse");
-        let m = lint(src, "Dockerfile", Ok(&df), &lint::CheckConfig::default());
+        let m = lint(
+            src,
+            "Dockerfile",
+            Ok(&df),
+            &lint::CheckConfig::default(),
+            None,
+        );
         assert_eq!(text(&m, "result.statuscode"), "1");
         assert_eq!(
             text(&m, "result.txt"),
@@ -425,6 +432,7 @@ mod tests {
             "Dockerfile",
             Ok(&clean),
             &lint::CheckConfig::default(),
+            None,
         );
         assert_eq!(text(&m, "result.statuscode"), "0");
         assert!(text(&m, "result.json").starts_with("{\n  \"warnings\": [],\n"));
@@ -433,6 +441,7 @@ mod tests {
             "Dockerfile",
             Err(("bad".into(), Some(1))),
             &lint::CheckConfig::default(),
+            None,
         );
         assert_eq!(text(&m, "result.statuscode"), "1");
         assert!(text(&m, "result.json").contains("\"buildError\": {\n    \"message\": \"bad\""));

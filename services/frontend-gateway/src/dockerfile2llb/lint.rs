@@ -273,8 +273,17 @@ const BUILTIN_ARGS: &[&str] = &[
 ];
 
 /// Runs every rule `config` enables over `df` (parsed from `src`), in
-/// Dockerfile order.
-pub fn check(src: &str, df: &Dockerfile, config: &CheckConfig) -> Vec<Warning> {
+/// Dockerfile order. The rules about instructions inside stages look at the
+/// stages a build of `target` reaches (`Some("")`: the last stage), as
+/// BuildKit checks them while it converts those; `None` checks every stage
+/// (a lint request without a target).
+pub fn check(
+    src: &str,
+    df: &Dockerfile,
+    config: &CheckConfig,
+    target: Option<&str>,
+) -> Vec<Warning> {
+    let reached = reachable(df, target);
     let mut out = Lints {
         config,
         warnings: Vec::new(),
@@ -288,32 +297,65 @@ pub fn check(src: &str, df: &Dockerfile, config: &CheckConfig) -> Vec<Warning> {
     from_args(df, &mut out);
     let mut shells: HashMap<String, bool> = HashMap::new();
     let mut workdirs: HashMap<String, bool> = HashMap::new();
-    for st in &df.stages {
+    for (i, st) in df.stages.iter().enumerate() {
         let parent = |m: &HashMap<String, bool>| m.get(&st.base.to_ascii_lowercase()).copied();
         let mut shell = parent(&shells).unwrap_or(false);
         let mut workdir = parent(&workdirs).unwrap_or(false);
-        stage_commands(st, &mut shell, &mut workdir, &mut out);
+        if reached.get(i).copied().unwrap_or(true) {
+            stage_commands(st, &mut shell, &mut workdir, &mut out);
+        }
         if let Some(name) = &st.name {
             shells.insert(name.clone(), shell);
             workdirs.insert(name.clone(), workdir);
         }
     }
-    for c in &df.meta_args {
-        if let Instruction::Arg(decls) = &c.instruction {
-            for d in decls {
-                secret_key(
-                    "ARG",
-                    &d.key,
-                    c.location.start_line,
-                    c.location.end_line,
-                    &mut out,
-                );
-            }
-        }
-    }
     out.warnings
         .sort_by_key(|w| (w.start_line, RULES.iter().position(|r| *r == w.rule)));
     out.warnings
+}
+
+/// Which stages a build of `target` reaches: the target, the stages it is
+/// based on, and those its `COPY --from` / `RUN --mount=from=` name.
+fn reachable(df: &Dockerfile, target: Option<&str>) -> Vec<bool> {
+    let n = df.stages.len();
+    let Some(target) = target else {
+        return vec![true; n];
+    };
+    let index = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        df.stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(name.as_str()))
+            .or_else(|| name.parse::<usize>().ok().filter(|i| *i < n))
+    };
+    let start = if target.is_empty() {
+        n.checked_sub(1)
+    } else {
+        index(target)
+    };
+    let mut reached = vec![false; n];
+    let mut todo: Vec<usize> = start.into_iter().collect();
+    while let Some(i) = todo.pop() {
+        if reached[i] {
+            continue;
+        }
+        reached[i] = true;
+        let st = &df.stages[i];
+        let mut deps: Vec<&str> = vec![st.base.as_str()];
+        for c in &st.commands {
+            match &c.instruction {
+                Instruction::Copy(cp) => deps.extend(cp.from.as_deref()),
+                Instruction::Run(run) => {
+                    for m in &run.mounts {
+                        deps.extend(m.split(',').find_map(|kv| kv.trim().strip_prefix("from=")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        todo.extend(deps.into_iter().filter_map(&index).filter(|d| *d != i));
+    }
+    reached
 }
 
 struct Lints<'a> {
@@ -777,7 +819,10 @@ mod tests {
     /// `RuleName: message (line N)` of every warning `src` gets with `config`.
     fn shorts_with(src: &str, config: &CheckConfig) -> Vec<String> {
         let df = kiln_dockerfile::parse(src).expect("parse");
-        check(src, &df, config).iter().map(Warning::short).collect()
+        check(src, &df, config, None)
+            .iter()
+            .map(Warning::short)
+            .collect()
     }
 
     fn shorts(src: &str) -> Vec<String> {
@@ -914,12 +959,12 @@ mod tests {
         let error = CheckConfig::parse("error=true").expect("parse");
         let df = kiln_dockerfile::parse(src).expect("parse");
         assert_eq!(
-            error.violation(&check(src, &df, &error)).as_deref(),
+            error.violation(&check(src, &df, &error, None)).as_deref(),
             Some(
                 "lint violation found for rules: FromAsCasing, MaintainerDeprecated, StageNameCasing"
             )
         );
-        assert_eq!(all.violation(&check(src, &df, &all)), None);
+        assert_eq!(all.violation(&check(src, &df, &all, None)), None);
         assert_eq!(
             CheckConfig::parse("skipp=x"),
             Err("invalid check option \"skipp\"".to_string())
@@ -931,6 +976,33 @@ mod tests {
             CheckConfig::of_build(None, Some("error=maybe")).is_err_and(
                 |e| e.starts_with("failed to parse build-arg:BUILDKIT_DOCKERFILE_CHECK")
             )
+        );
+    }
+
+    #[test]
+    fn a_build_checks_the_instructions_of_the_stages_it_reaches() {
+        let src = "FROM busybox AS a\nMAINTAINER x\nFROM busybox AS b\nCMD run\nFROM a\nCOPY --from=c /x /x\nFROM busybox AS c\nWORKDIR rel\n";
+        let df = kiln_dockerfile::parse(src).expect("parse");
+        let rules = |target| {
+            check(src, &df, &CheckConfig::default(), target)
+                .iter()
+                .map(|w| w.rule.name)
+                .collect::<Vec<_>>()
+        };
+        // the last stage: c only
+        assert_eq!(rules(Some("")), ["WorkdirRelativePath"]);
+        // stage 2 (FROM a) reaches a and c, not b
+        assert_eq!(
+            rules(Some("2")),
+            ["MaintainerDeprecated", "WorkdirRelativePath"]
+        );
+        assert_eq!(
+            rules(None),
+            [
+                "MaintainerDeprecated",
+                "JSONArgsRecommended",
+                "WorkdirRelativePath"
+            ]
         );
     }
 }
