@@ -98,6 +98,35 @@ impl GitSource {
     }
 }
 
+/// Whether git may fetch `remote`: `http(s)://`, `git://`, `ssh://` or scp-style
+/// `user@host:path` (BuildKit's transports); never `file://` or a path on the
+/// worker's host.
+fn supported_transport(remote: &str) -> bool {
+    if let Some((scheme, _)) = remote.split_once("://")
+        && !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "http" | "https" | "git" | "ssh"
+        );
+    }
+    let Some((user, rest)) = remote.split_once('@') else {
+        return false;
+    };
+    let Some((host, _)) = rest.split_once(':') else {
+        return false;
+    };
+    !user.is_empty()
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// The `host[:port]` of an `http(s)://` URL (Go's `url.URL.Host`).
 fn http_host(remote: &str) -> Option<&str> {
     let rest = remote
@@ -384,6 +413,12 @@ pub(super) async fn git(
     if src.git_ref.starts_with('-') || src.remote.starts_with('-') {
         return Err(src.error(format!("ref {:?} or remote starts with '-'", src.git_ref)));
     }
+    if !supported_transport(&src.remote) {
+        return Err(src.error(
+            "not a git transport kiln fetches from (http, https, git, ssh or user@host:path)"
+                .to_string(),
+        ));
+    }
     let store = w.store().clone();
     let tmp_root = w.config().root.join("tmp");
     let home = tempfile::Builder::new()
@@ -477,5 +512,24 @@ mod tests {
         assert!(ssh.auth_secret_names().is_empty());
         assert_eq!(redact("git@h:r.git"), "git@h:r.git");
         assert_eq!(redact("ssh://git@h/r.git"), "ssh://git@h/r.git");
+        for ok in [
+            "https://h/r.git",
+            "HTTP://h/r.git",
+            "git://h/r",
+            "ssh://git@h:2222/r.git",
+            "git@github.com:org/r.git",
+        ] {
+            assert!(supported_transport(ok), "{ok}");
+        }
+        for bad in [
+            "file:///srv/r.git",
+            "/srv/r.git",
+            "../r.git",
+            "ext::sh -c touch% /tmp/x",
+            "h:r.git",
+            "fd::3",
+        ] {
+            assert!(!supported_transport(bad), "{bad}");
+        }
     }
 }
