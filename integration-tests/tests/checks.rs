@@ -152,7 +152,7 @@ fn check_directive_and_build_arg() {
     );
 }
 
-/// `kiln build --call targets|check|subrequests.describe` and `--check`
+/// `kiln build --call targets|check|outline|subrequests.describe` and `--check`
 /// print what buildx prints and exit with the check's status.
 #[test]
 fn call_prints_targets_checks_and_subrequests() {
@@ -193,15 +193,35 @@ fn call_prints_targets_checks_and_subrequests() {
     let out = build(&d, &clean, &["--call", "subrequests.describe"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).starts_with("NAME                 VERSION DESCRIPTION\ntargets "),
+        text(&out.stdout).starts_with("NAME                 VERSION DESCRIPTION\noutline "),
         "{}",
         text(&out.stdout)
     );
 
-    let out = build(&d, &clean, &["--call", "outline"]);
+    let outlined = BuildContext::new(
+        "ARG BASE=busybox\nFROM ${BASE} AS base\nARG GREETING=hi\nRUN --mount=type=secret,id=tok true\nFROM busybox AS unused\nARG NOPE\n",
+    )
+    .expect("context");
+    let out = build(
+        &d,
+        &outlined,
+        &["--call", "outline", "--opt", "target=base"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "TARGET: base\n\n\
+         BUILD ARG   VALUE     DESCRIPTION\n\
+         BASE        busybox   \n\
+         GREETING    hi        \n\n\
+         SECRET   REQUIRED\n\
+         tok      \n\n"
+    );
+
+    let out = build(&d, &clean, &["--call", "convertllb"]);
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("unsupported request frontend.outline"),
+        text(&out.stderr).contains("unsupported request frontend.convertllb"),
         "{}",
         text(&out.stderr)
     );

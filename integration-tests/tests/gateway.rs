@@ -381,11 +381,11 @@ async fn dockerfile_frontend_through_llbbridge_and_its_errors_fail_the_build() {
     .await;
     let mut gw = b.bridge();
     gw.ping(b.req(fe::PingRequest {})).await.expect("ping");
-    // subrequests (buildx --print/--call) are refused, not built
+    // a subrequest kiln's frontend does not answer is refused, not built
     let sub = gw
         .solve(b.req(fe::SolveRequest {
             frontend: "dockerfile.v0".into(),
-            frontend_opt: [("requestid".to_string(), "frontend.outline".to_string())].into(),
+            frontend_opt: [("requestid".to_string(), "frontend.convertllb".to_string())].into(),
             allow_result_return: true,
             ..Default::default()
         }))
@@ -393,7 +393,7 @@ async fn dockerfile_frontend_through_llbbridge_and_its_errors_fail_the_build() {
         .expect_err("a subrequest");
     assert!(
         sub.message()
-            .contains("unsupported request frontend.outline"),
+            .contains("unsupported request frontend.convertllb"),
         "{sub:?}"
     );
     let solved = gw

@@ -213,6 +213,9 @@ pub enum Error {
     /// A `# check=` directive or `BUILDKIT_DOCKERFILE_CHECK` that does not parse.
     #[error("{0}")]
     CheckOptions(String),
+    /// A subrequest that could not be answered (e.g. an unknown target).
+    #[error("{0}")]
+    Subrequest(String),
     /// `check=error=true` and a build check fired.
     #[error("{0}")]
     LintViolation(String),
@@ -601,7 +604,7 @@ fn answer_subrequest(
     let target = opts.target.as_deref();
     let metadata = match request {
         subrequest::DESCRIBE => subrequest::describe(),
-        subrequest::TARGETS => {
+        subrequest::TARGETS | subrequest::OUTLINE => {
             let df = kiln_dockerfile::parse(&text).map_err(|error| {
                 Error::Convert(Box::new(ConvertError {
                     filename: filename.to_string(),
@@ -609,7 +612,17 @@ fn answer_subrequest(
                     error: error.into(),
                 }))
             })?;
-            subrequest::targets(dockerfile, &df)
+            if request == subrequest::TARGETS {
+                subrequest::targets(dockerfile, &df)
+            } else {
+                subrequest::outline(
+                    dockerfile,
+                    &df,
+                    target.unwrap_or_default(),
+                    &opts.build_args,
+                )
+                .map_err(Error::Subrequest)?
+            }
         }
         subrequest::LINT => {
             let parsed = match checks {

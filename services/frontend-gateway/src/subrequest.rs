@@ -13,6 +13,7 @@ use crate::dockerfile2llb::lint::{self, Warning};
 pub const DESCRIBE: &str = "frontend.subrequests.describe";
 pub const TARGETS: &str = "frontend.targets";
 pub const LINT: &str = "frontend.lint";
+pub const OUTLINE: &str = "frontend.outline";
 /// The version every subrequest answers with.
 const VERSION: &str = "1.0.0";
 
@@ -166,6 +167,11 @@ fn definition(
 /// Rows as Go's tabwriter aligns them (padding 1, spaces): every column but
 /// the last padded to its widest cell plus one.
 fn table(rows: &[Vec<String>]) -> String {
+    table_padded(rows, 1)
+}
+
+/// [`table`] with `padding` spaces after each column's widest cell.
+fn table_padded(rows: &[Vec<String>], padding: usize) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; cols];
     for r in rows {
@@ -178,7 +184,7 @@ fn table(rows: &[Vec<String>]) -> String {
         for (i, c) in r.iter().enumerate() {
             out.push_str(c);
             if i + 1 < r.len() {
-                out.push_str(&" ".repeat(widths[i] + 1 - c.chars().count()));
+                out.push_str(&" ".repeat(widths[i] + padding - c.chars().count()));
             }
         }
         out.push('\n');
@@ -197,6 +203,12 @@ fn result(json: String, txt: String) -> Metadata {
 /// `frontend.subrequests.describe`: the subrequests this frontend answers.
 pub fn describe() -> Metadata {
     let all = [
+        (
+            OUTLINE,
+            "List all parameters current build target supports",
+            Some(vec![("target", "Target build stage")]),
+            &["result.json", "result.txt"][..],
+        ),
         (
             TARGETS,
             "List all targets current build supports",
@@ -262,6 +274,219 @@ pub fn targets(src: &[u8], df: &Dockerfile) -> Metadata {
         ("sources", Json::Arr(vec![Json::Str(base64(src))])),
     ]);
     result(json.pretty(), table(&rows))
+}
+
+/// `frontend.outline`: the build args, secrets and SSH agents a build of
+/// `target` (the last stage when empty) uses, from the stages it reaches.
+pub fn outline(
+    src: &[u8],
+    df: &Dockerfile,
+    target: &str,
+    build_args: &BTreeMap<String, String>,
+) -> Result<Metadata, String> {
+    use kiln_dockerfile::{Instruction, MountType};
+    let stage = if target.is_empty() {
+        df.stages.last()
+    } else {
+        let t = target.to_ascii_lowercase();
+        df.stages
+            .iter()
+            .find(|s| s.name.as_deref() == Some(t.as_str()))
+    };
+    let Some(stage) = stage else {
+        return Err(format!("target stage {target:?} could not be found"));
+    };
+    let reached = lint::reachable(df, Some(target));
+    let lex = kiln_dockerfile::Lex::new(df.directives.escape);
+    // global ARGs: value (build arg, else default), line, the ARGs their default uses
+    struct ArgInfo {
+        value: Option<String>,
+        line: (usize, usize),
+        deps: Vec<String>,
+    }
+    let mut globals: BTreeMap<String, ArgInfo> = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for c in &df.meta_args {
+        let kiln_dockerfile::Instruction::Arg(decls) = &c.instruction else {
+            continue;
+        };
+        for d in decls {
+            let (value, deps) = match (build_args.get(&d.key), &d.default) {
+                (Some(v), _) => (Some(v.clone()), Vec::new()),
+                (None, Some(v)) => {
+                    let deps = lint::variables(v)
+                        .into_iter()
+                        .filter(|k| env.contains_key(k))
+                        .collect();
+                    (
+                        Some(lex.process_word(v, &env).unwrap_or_else(|_| v.clone())),
+                        deps,
+                    )
+                }
+                (None, None) => (None, Vec::new()),
+            };
+            if let Some(v) = &value {
+                env.insert(d.key.clone(), v.clone());
+            }
+            globals.insert(
+                d.key.clone(),
+                ArgInfo {
+                    value,
+                    line: (c.location.start_line, c.location.end_line),
+                    deps,
+                },
+            );
+        }
+    }
+    // (name, value, line) of every ARG used, keyed by name
+    let mut args: BTreeMap<String, (Option<String>, (usize, usize))> = BTreeMap::new();
+    let mut used_globals: Vec<String> = Vec::new();
+    let mut secrets: BTreeMap<String, (bool, usize, usize)> = BTreeMap::new();
+    let mut ssh: BTreeMap<String, (bool, usize, usize)> = BTreeMap::new();
+    for (i, st) in df.stages.iter().enumerate() {
+        if !reached.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        for word in [Some(&st.base), st.platform.as_ref()].into_iter().flatten() {
+            used_globals.extend(lint::variables(word));
+        }
+        for c in &st.commands {
+            let lines = (c.location.start_line, c.location.end_line);
+            match &c.instruction {
+                Instruction::Arg(decls) => {
+                    for d in decls {
+                        let given = build_args.get(&d.key).cloned();
+                        if given.is_none() && d.default.is_none() && globals.contains_key(&d.key) {
+                            used_globals.push(d.key.clone());
+                            continue;
+                        }
+                        let value = given.or_else(|| {
+                            d.default
+                                .as_ref()
+                                .map(|v| lex.process_word(v, &env).unwrap_or_else(|_| v.clone()))
+                        });
+                        args.insert(d.key.clone(), (value, lines));
+                    }
+                }
+                Instruction::Run(run) => {
+                    for m in run
+                        .mounts
+                        .iter()
+                        .filter_map(|m| kiln_dockerfile::parse_mount(m).ok())
+                    {
+                        let entry = (m.required, lines.0, lines.1);
+                        match m.kind {
+                            MountType::Secret => {
+                                let id = m.id.clone().or_else(|| {
+                                    m.target
+                                        .as_deref()
+                                        .and_then(|t| t.rsplit('/').next())
+                                        .map(str::to_string)
+                                });
+                                if let Some(id) = id {
+                                    secrets.entry(id).or_insert(entry);
+                                }
+                            }
+                            MountType::Ssh => {
+                                let id = m.id.clone().unwrap_or_else(|| "default".to_string());
+                                ssh.entry(id).or_insert(entry);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    while let Some(k) = used_globals.pop() {
+        if args.contains_key(&k) {
+            continue;
+        }
+        if let Some(g) = globals.get(&k) {
+            args.insert(k.clone(), (g.value.clone(), g.line));
+            used_globals.extend(g.deps.iter().cloned());
+        }
+    }
+    let mut args: Vec<(String, Option<String>, (usize, usize))> =
+        args.into_iter().map(|(k, (v, l))| (k, v, l)).collect();
+    args.sort_by_key(|a| a.2.0);
+    let by_line = |m: BTreeMap<String, (bool, usize, usize)>| {
+        let mut v: Vec<(String, bool, usize, usize)> =
+            m.into_iter().map(|(k, (r, a, b))| (k, r, a, b)).collect();
+        v.sort_by_key(|e| e.2);
+        v
+    };
+    let secrets = by_line(secrets);
+    let ssh = by_line(ssh);
+    let name = stage.name.clone().unwrap_or_default();
+    let needs = |items: &[(String, bool, usize, usize)]| {
+        Json::Arr(
+            items
+                .iter()
+                .map(|(n, r, a, b)| {
+                    omit_empty(vec![
+                        ("name", Json::Str(n.clone())),
+                        ("required", Json::Bool(*r)),
+                        ("location", location(*a, *b)),
+                    ])
+                })
+                .collect(),
+        )
+    };
+    let json = omit_empty(vec![
+        ("name", Json::Str(name.clone())),
+        (
+            "args",
+            Json::Arr(
+                args.iter()
+                    .map(|(k, v, l)| {
+                        omit_empty(vec![
+                            ("name", Json::Str(k.clone())),
+                            ("value", Json::Str(v.clone().unwrap_or_default())),
+                            ("location", location(l.0, l.1)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("secrets", needs(&secrets)),
+        ("ssh", needs(&ssh)),
+        ("sources", Json::Arr(vec![Json::Str(base64(src))])),
+    ]);
+    let mut txt = String::new();
+    if !name.is_empty() {
+        txt.push_str(&table(&[vec!["TARGET:".to_string(), name]]));
+        txt.push('\n');
+    }
+    if !args.is_empty() {
+        let mut rows = vec![vec![
+            "BUILD ARG".to_string(),
+            "VALUE".to_string(),
+            "DESCRIPTION".to_string(),
+        ]];
+        for (k, v, _) in &args {
+            rows.push(vec![
+                k.clone(),
+                v.clone().unwrap_or_default(),
+                String::new(),
+            ]);
+        }
+        txt.push_str(&table_padded(&rows, 3));
+        txt.push('\n');
+    }
+    for (title, items) in [("SECRET", &secrets), ("SSH", &ssh)] {
+        if items.is_empty() {
+            continue;
+        }
+        let mut rows = vec![vec![title.to_string(), "REQUIRED".to_string()]];
+        for (n, r, _, _) in items {
+            rows.push(vec![n.clone(), if *r { "true" } else { "" }.to_string()]);
+        }
+        txt.push_str(&table_padded(&rows, 3));
+        txt.push('\n');
+    }
+    Ok(result(json.pretty(), txt))
 }
 
 /// The source excerpt BuildKit prints around lines `start..=end`:
@@ -452,11 +677,37 @@ mod tests {
         let m = describe();
         assert_eq!(
             text(&m, "result.txt"),
-            "NAME                 VERSION DESCRIPTION\ntargets              1.0.0   List all targets current build supports\nsubrequests.describe 1.0.0   List available subrequest types\n"
+            "NAME                 VERSION DESCRIPTION\noutline              1.0.0   List all parameters current build target supports\ntargets              1.0.0   List all targets current build supports\nsubrequests.describe 1.0.0   List available subrequest types\n"
         );
         let json: serde_json::Value = serde_json::from_str(&text(&m, "result.json")).expect("json");
-        assert_eq!(json[0]["name"], "frontend.targets");
-        assert_eq!(json[0]["opts"], serde_json::json!([]));
-        assert_eq!(json[1]["opts"], serde_json::Value::Null);
+        assert_eq!(json[0]["name"], "frontend.outline");
+        assert_eq!(json[0]["opts"][0]["name"], "target");
+        assert_eq!(json[1]["name"], "frontend.targets");
+        assert_eq!(json[1]["opts"], serde_json::json!([]));
+        assert_eq!(json[2]["opts"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn outline_lists_what_the_target_uses() {
+        let src = b"ARG BASE=busybox\nARG UNUSED=x\nARG TAG=1.${BASE}\nFROM ${BASE} AS base\nARG GREETING=hi\nRUN --mount=type=secret,id=tok,required true\nFROM busybox AS other\nARG NOPE\nFROM base AS final\nRUN --mount=type=ssh true\n";
+        let df = kiln_dockerfile::parse(&String::from_utf8_lossy(src)).expect("parse");
+        let args = BTreeMap::from([("GREETING".to_string(), "hello".to_string())]);
+        let m = outline(src, &df, "", &args).expect("outline");
+        assert_eq!(
+            text(&m, "result.txt"),
+            "TARGET: final\n\n\
+             BUILD ARG   VALUE     DESCRIPTION\n\
+             BASE        busybox   \n\
+             GREETING    hello     \n\n\
+             SECRET   REQUIRED\n\
+             tok      true\n\n\
+             SSH       REQUIRED\n\
+             default   \n\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&text(&m, "result.json")).expect("json");
+        assert_eq!(json["name"], "final");
+        assert_eq!(json["args"][0]["location"]["ranges"][0]["start"]["line"], 1);
+        assert_eq!(json["secrets"][0]["required"], true);
+        assert!(outline(src, &df, "nope", &args).is_err());
     }
 }

@@ -316,7 +316,7 @@ pub fn check(
 
 /// Which stages a build of `target` reaches: the target, the stages it is
 /// based on, and those its `COPY --from` / `RUN --mount=from=` name.
-fn reachable(df: &Dockerfile, target: Option<&str>) -> Vec<bool> {
+pub(crate) fn reachable(df: &Dockerfile, target: Option<&str>) -> Vec<bool> {
     let n = df.stages.len();
     let Some(target) = target else {
         return vec![true; n];
@@ -498,7 +498,7 @@ fn stage_names(df: &Dockerfile, out: &mut Lints) {
 }
 
 /// `$NAME` / `${NAME...}` references in `word`, in order.
-fn variables(word: &str) -> Vec<String> {
+pub(crate) fn variables(word: &str) -> Vec<String> {
     let b = word.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;

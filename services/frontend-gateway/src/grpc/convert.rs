@@ -63,6 +63,7 @@ impl From<Error> for Status {
             | Error::InvalidPlatform { .. }
             | Error::InvalidNamedContext { .. }
             | Error::CheckOptions(_)
+            | Error::Subrequest(_)
             | Error::Convert(_) => Code::InvalidArgument,
             Error::LintViolation(_) => Code::Unknown,
             Error::LoadDockerfile { source, .. }
