@@ -115,8 +115,43 @@ impl Plan {
                 plan.add_command_sources(i, c, cmd, opts)?;
             }
         }
+        plan.add_trigger_deps(df)?;
         plan.check_cycles(df)?;
         Ok(plan)
+    }
+
+    /// The ONBUILD triggers a stage declares run in each stage `FROM` it
+    /// (BuildKit's `initOnBuildTriggers`): the stages a trigger's `COPY
+    /// --from` or `RUN --mount from=` names are needed by those children.
+    fn add_trigger_deps(&mut self, df: &Dockerfile) -> Result<(), Error> {
+        for i in 0..self.stages.len() {
+            let Base::Stage(j) = self.stages[i].base else {
+                continue;
+            };
+            let Some(base) = df.stages.get(j) else {
+                continue;
+            };
+            for cmd in &base.commands {
+                let Instruction::Onbuild(_, inner) = &cmd.instruction else {
+                    continue;
+                };
+                let froms = match inner.as_ref() {
+                    Instruction::Copy(c) => vec![c.from.clone()],
+                    Instruction::Run(r) if !r.mounts.is_empty() => mount_froms(cmd, &r.mounts)?,
+                    _ => continue,
+                };
+                for name in froms.into_iter().flatten() {
+                    let k = name
+                        .parse::<usize>()
+                        .ok()
+                        .or_else(|| self.names.get(&name.to_ascii_lowercase()).copied());
+                    if let Some(k) = k.filter(|k| *k < self.stages.len()) {
+                        self.stages[i].deps.push(From::Stage(k));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn add_stage(
