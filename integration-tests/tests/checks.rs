@@ -142,6 +142,23 @@ fn check_directive_and_build_arg() {
         text(&out.stderr)
     );
 
+    // a COPY of a file .dockerignore leaves out warns (and then fails: the
+    // file is not in the context)
+    let ignored = BuildContext::new("FROM busybox\nCOPY notes.txt /\n").expect("context");
+    ignored
+        .file(".dockerignore", "*.txt\n")
+        .expect("dockerignore");
+    ignored.file("notes.txt", "hidden").expect("file");
+    let out = build(&d, &ignored, &["--progress", "plain"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(
+            " - CopyIgnoredFile: Attempting to Copy file \"notes.txt\" that is excluded by .dockerignore (line 2)"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+
     let bad = BuildContext::new("# check=skipp=all\nFROM busybox\n").expect("context");
     let out = build(&d, &bad, &["--progress", "plain"]);
     assert!(!out.status.success());

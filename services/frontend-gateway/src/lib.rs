@@ -316,14 +316,11 @@ impl<B: Bridge> Gateway<B> {
         if let Some(note) = dockerfile2llb::syntax_note(&dockerfile, &opts.build_args) {
             self.show_syntax_note(req, &opts.filename, &note).await;
         }
-        let violation = match checks {
-            Ok(config) => {
-                self.run_checks(req, &dockerfile, &opts, &vertex, &config)
-                    .await
-            }
-            Err(message) => return Err(Error::CheckOptions(message)),
-        };
+        let config = checks.map_err(Error::CheckOptions)?;
         self.load_excludes(req, &reference, &mut opts).await;
+        let violation = self
+            .run_checks(req, &dockerfile, &opts, &vertex, &config)
+            .await;
         let out = self.convert(req, &dockerfile, &opts).await?;
         match violation {
             Some(message) => Err(Error::LintViolation(message)),
@@ -345,7 +342,13 @@ impl<B: Bridge> Gateway<B> {
         let text = String::from_utf8_lossy(dockerfile);
         let df = kiln_dockerfile::parse(&text).ok()?;
         let target = opts.target.as_deref().unwrap_or_default();
-        let warnings = dockerfile2llb::lint::check(&text, &df, config, Some(target));
+        let mut warnings = dockerfile2llb::lint::check(&text, &df, config, Some(target));
+        warnings.extend(dockerfile2llb::lint::check_copies(
+            &df,
+            config,
+            target,
+            &opts.excludes,
+        ));
         let source = pb::SourceInfo {
             filename: opts.filename.clone(),
             data: dockerfile.to_vec(),

@@ -137,6 +137,13 @@ rule!(
     "expose-invalid-format"
 );
 
+rule!(
+    COPY_IGNORED_FILE,
+    "CopyIgnoredFile",
+    "Attempting to Copy file that is excluded by .dockerignore",
+    "copy-ignored-file"
+);
+
 /// Every rule kiln checks.
 pub const RULES: &[&Rule] = &[
     &STAGE_NAME_CASING,
@@ -157,6 +164,7 @@ pub const RULES: &[&Rule] = &[
     &FROM_PLATFORM_FLAG_CONST_DISALLOWED,
     &EXPOSE_PROTO_CASING,
     &EXPOSE_INVALID_FORMAT,
+    &COPY_IGNORED_FILE,
 ];
 
 /// A rule that fired, on Dockerfile lines `start_line..=end_line` (1-based).
@@ -311,6 +319,68 @@ pub fn check(
     }
     out.warnings
         .sort_by_key(|w| (w.start_line, RULES.iter().position(|r| *r == w.rule)));
+    out.warnings
+}
+
+/// `CopyIgnoredFile`: COPY/ADD sources from the build context that its
+/// `.dockerignore` patterns (`excludes`) leave out, in the stages a build of
+/// `target` reaches. Patterns with a `!` re-inclusion are too hard to judge
+/// statically: then nothing is checked, as in BuildKit.
+pub fn check_copies(
+    df: &Dockerfile,
+    config: &CheckConfig,
+    target: &str,
+    excludes: &[String],
+) -> Vec<Warning> {
+    let mut out = Lints {
+        config,
+        warnings: Vec::new(),
+    };
+    if excludes.is_empty() || excludes.iter().any(|p| p.starts_with('!')) {
+        return out.warnings;
+    }
+    let matcher = kiln_dockerfile::IgnoreMatcher::new(excludes);
+    let root_ignored = excludes
+        .iter()
+        .any(|p| matches!(p.as_str(), "*" | "**" | "**/*"));
+    let reached = reachable(df, Some(target));
+    for (i, st) in df.stages.iter().enumerate() {
+        if !reached.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        for c in &st.commands {
+            let (cp, cmd) = match &c.instruction {
+                Instruction::Copy(cp) => (cp, "Copy"),
+                Instruction::Add(cp) => (cp, "Add"),
+                _ => continue,
+            };
+            if cp.from.is_some() {
+                continue;
+            }
+            for src in &cp.sources {
+                if src.contains("://") || src.starts_with("git@") || src.contains('$') {
+                    continue;
+                }
+                let cleaned = kiln_dockerfile::clean_path(src);
+                let cleaned = cleaned.trim_start_matches('/');
+                let cleaned = if cleaned.is_empty() { "." } else { cleaned };
+                let hit = if cleaned == "." {
+                    root_ignored
+                } else {
+                    matcher.excluded(cleaned)
+                };
+                if hit {
+                    out.run(
+                        &COPY_IGNORED_FILE,
+                        (c.location.start_line, c.location.end_line),
+                        format!(
+                            "Attempting to {cmd} file {cleaned:?} that is excluded by .dockerignore"
+                        ),
+                    );
+                }
+            }
+        }
+    }
     out.warnings
 }
 
@@ -1004,5 +1074,25 @@ mod tests {
                 "WorkdirRelativePath"
             ]
         );
+    }
+
+    #[test]
+    fn copies_of_ignored_files() {
+        let src = "FROM busybox\nCOPY a.txt keep /dst/\nADD ./logs/x.log /\nCOPY --from=busybox /bin /bin\n";
+        let df = kiln_dockerfile::parse(src).expect("parse");
+        let excludes = vec!["*.txt".to_string(), "logs".to_string()];
+        let shorts: Vec<String> = check_copies(&df, &CheckConfig::default(), "", &excludes)
+            .iter()
+            .map(Warning::short)
+            .collect();
+        assert_eq!(
+            shorts,
+            [
+                "CopyIgnoredFile: Attempting to Copy file \"a.txt\" that is excluded by .dockerignore (line 2)",
+                "CopyIgnoredFile: Attempting to Add file \"logs/x.log\" that is excluded by .dockerignore (line 3)",
+            ]
+        );
+        let with_reinclude = vec!["*.txt".to_string(), "!keep.txt".to_string()];
+        assert!(check_copies(&df, &CheckConfig::default(), "", &with_reinclude).is_empty());
     }
 }
