@@ -76,6 +76,10 @@ impl Stages<'_, '_> {
 
     fn dispatch_stage(&mut self, i: usize, stage: &Stage) -> Result<StageState, Error> {
         let mut st = self.base_state(i, stage)?;
+        if self.plan.stages[i].replaced {
+            // a named context of the stage's name is the stage
+            return Ok(st);
+        }
         self.dispatch_triggers(i, stage, &mut st)?;
         for (c, cmd) in stage.commands.iter().enumerate() {
             let sources = self.command_sources(i, c, stage, cmd)?;

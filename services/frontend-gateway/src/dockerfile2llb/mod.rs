@@ -58,8 +58,8 @@ pub struct ConvertOptions {
     /// `.dockerignore` patterns, sent as the build context's
     /// `local.excludepatterns` so excluded files never leave the client.
     pub excludes: Vec<String>,
-    /// Named contexts (`context:NAME=...`): replace `FROM NAME` and
-    /// `COPY --from=NAME` when NAME is not a stage.
+    /// Named contexts (`context:NAME=...`): replace the stage named NAME
+    /// (its instructions are not run), else `FROM NAME` and `COPY --from=NAME`.
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// `.dockerignore` patterns of named local contexts, by local dir name.
     pub local_excludes: BTreeMap<String, Vec<String>>,

@@ -72,6 +72,9 @@ pub(super) struct StagePlan {
     /// By command index: the `from=` of each source of a COPY or of each
     /// mount of a RUN (None reads the build context).
     pub command_sources: BTreeMap<usize, Vec<Option<NamedFrom>>>,
+    /// A named context has the stage's name: it is the stage, whose
+    /// instructions are not run (BuildKit's `toDispatchState`).
+    pub replaced: bool,
 }
 
 #[derive(Debug)]
@@ -111,6 +114,9 @@ impl Plan {
         }
         plan.target = plan.target_index(opts)?;
         for (i, stage) in df.stages.iter().enumerate() {
+            if plan.stages[i].replaced {
+                continue;
+            }
             for (c, cmd) in stage.commands.iter().enumerate() {
                 plan.add_command_sources(i, c, cmd, opts)?;
             }
@@ -128,6 +134,9 @@ impl Plan {
             let Base::Stage(j) = self.stages[i].base else {
                 continue;
             };
+            if self.stages[i].replaced || self.stages[j].replaced {
+                continue;
+            }
             let Some(base) = df.stages.get(j) else {
                 continue;
             };
@@ -186,12 +195,20 @@ impl Plan {
             }
             None => None,
         };
-        let base = self.base_of(&base, stage, platform.as_ref(), opts)?;
+        let replaced = stage
+            .name
+            .as_ref()
+            .is_some_and(|n| opts.named_contexts.contains_key(n));
+        let base = match &stage.name {
+            Some(name) if replaced => self.base_of(name, stage, platform.as_ref(), opts)?,
+            _ => self.base_of(&base, stage, platform.as_ref(), opts)?,
+        };
         self.stages.push(StagePlan {
             base,
             platform,
             deps: Vec::new(),
             command_sources: BTreeMap::new(),
+            replaced,
         });
         if let Some(name) = &stage.name {
             self.names.insert(name.clone(), i);
