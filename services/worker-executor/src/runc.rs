@@ -225,9 +225,13 @@ fn process(
     let mut user = UserBuilder::default()
         .uid(p.identity.uid)
         .gid(p.identity.gid);
-    if !p.identity.additional_gids.is_empty() {
-        user = user.additional_gids(p.identity.additional_gids.clone());
+    // the primary gid is one of the additional gids too (BuildKit's
+    // ensureAdditionalGids)
+    let mut gids = p.identity.additional_gids.clone();
+    if !gids.contains(&p.identity.gid) {
+        gids.insert(0, p.identity.gid);
     }
+    user = user.additional_gids(gids);
     ProcessBuilder::default()
         .terminal(p.terminal)
         .args(p.args.clone())

@@ -152,7 +152,9 @@ pub fn lookup_gid(root: &Path, name: &str) -> Result<u32> {
 /// Resolves an exec user spec: "", "name", "uid", "name:group", "uid:gid". Empty is root.
 pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity> {
     if spec.is_empty() {
-        return Ok(Identity::default());
+        // BuildKit's GetUser: the default user is "0", looked up (for its
+        // groups) like any other, and root when that fails
+        return Ok(resolve_user(root, "0").unwrap_or_default());
     }
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
