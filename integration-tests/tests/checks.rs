@@ -9,7 +9,9 @@
 use std::process::Output;
 
 use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args};
-use kiln_proto::moby::buildkit::v1::{SolveRequest, control_client::ControlClient};
+use kiln_proto::moby::buildkit::v1::{
+    BuildHistoryRequest, SolveRequest, control_client::ControlClient,
+};
 use kiln_session::attachable::{self, Attachables};
 
 fn text(b: &[u8]) -> String {
@@ -99,6 +101,26 @@ fn build_checks_warn_on_the_dockerfile_step_and_kiln_lists_them() {
         ),
         "{stderr}"
     );
+
+    // the build history counts them (BuildKit's numWarnings)
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let counts: Vec<i32> = rt.block_on(async {
+        let channel = kiln_session::dial::connect(&d.addr).await.expect("connect");
+        let mut events = ControlClient::new(channel)
+            .listen_build_history(BuildHistoryRequest {
+                early_exit: true,
+                ..Default::default()
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Some(ev)) = events.message().await {
+            out.extend(ev.record.map(|r| r.num_warnings));
+        }
+        out
+    });
+    assert_eq!(counts, [2, 2], "both builds warned twice");
 }
 
 /// `# check=error=true` fails a build any check fires on, with BuildKit's

@@ -58,6 +58,9 @@ pub struct HistoryRecord {
     pub error: String,
     pub exporter_response: BTreeMap<String, String>,
     pub steps: Vec<HistoryStep>,
+    /// how many warnings the build's progress carried (build checks, ...)
+    #[serde(default)]
+    pub warnings: usize,
 }
 
 impl HistoryRecord {

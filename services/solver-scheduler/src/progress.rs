@@ -226,6 +226,11 @@ impl Progress {
             .collect()
     }
 
+    /// How many warnings the build's progress carried so far.
+    pub fn warning_count(&self) -> usize {
+        self.in_memory(|r| Some(r.warnings.len())).into_iter().sum()
+    }
+
     /// The step records so far (no logs: they can be large).
     pub fn vertices(&self) -> Vec<StatusResponse> {
         self.in_memory(|r| {

@@ -163,6 +163,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             error: r.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
             exporter_response: r.as_ref().cloned().unwrap_or_default(),
             steps: steps_from_progress(&build.progress.vertices()),
+            warnings: build.progress.warning_count(),
         };
         if let Err(e) = self.cache.with_store(move |s| s.put_history(&rec)).await {
             tracing::warn!(build = %build.id, error = %kiln_proto::status::Chain(&e), "build history not recorded");

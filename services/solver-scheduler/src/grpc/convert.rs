@@ -100,6 +100,7 @@ pub fn history_record(h: &HistoryRecord) -> BuildHistoryRecord {
         num_cached_steps: h.cached_steps() as i32,
         num_total_steps: h.steps.len() as i32,
         num_completed_steps: h.completed_steps() as i32,
+        num_warnings: h.warnings as i32,
         kiln_steps: h
             .steps
             .iter()
