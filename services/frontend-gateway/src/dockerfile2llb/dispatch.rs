@@ -190,22 +190,37 @@ impl Stages<'_, '_> {
         Ok(())
     }
 
-    /// Sources of an ONBUILD trigger's COPY --from / RUN --mount from=: only
-    /// stages already built are supported.
-    fn trigger_sources(&self, cmd: &Command, current: usize) -> Result<Vec<CopySource>, Error> {
+    /// Sources of an ONBUILD trigger's COPY --from / RUN --mount from=: an
+    /// earlier stage, an image or a named context (planned by
+    /// `Plan::add_trigger_deps`).
+    fn trigger_sources(&mut self, cmd: &Command, current: usize) -> Result<Vec<CopySource>, Error> {
         let line = line_of(cmd);
         let froms = match &cmd.instruction {
             Instruction::Copy(c) => vec![c.from.clone()],
             Instruction::Run(r) => super::plan::mount_froms(cmd, &r.mounts)?,
             _ => return Ok(Vec::new()),
         };
-        let source = |from: String| {
+        let (plan, states) = (self.plan, &self.states);
+        let mut source = |from: String| {
+            match plan.trigger_froms.get(&(current, from.clone())) {
+                Some(From::Image(k)) => {
+                    return Ok(CopySource::State(
+                        plan.images[*k].resolved.as_ref().and_then(|r| r.state),
+                    ));
+                }
+                Some(From::Local(k)) => {
+                    return Ok(CopySource::State(Some(
+                        self.cx.local_op(*k, &plan.locals[*k]),
+                    )));
+                }
+                _ => {}
+            }
             let index = from
                 .parse::<usize>()
                 .ok()
-                .or_else(|| self.plan.names.get(&from.to_ascii_lowercase()).copied());
+                .or_else(|| plan.names.get(&from.to_ascii_lowercase()).copied());
             match index {
-                Some(j) if j < current => match &self.states[j] {
+                Some(j) if j < current => match &states[j] {
                     Some(s) => Ok(CopySource::State(s.state)),
                     None => Err(Error::Unsupported {
                         line,
@@ -220,7 +235,7 @@ impl Stages<'_, '_> {
         };
         froms
             .into_iter()
-            .map(|from| from.map_or(Ok(CopySource::Context), &source))
+            .map(|from| from.map_or(Ok(CopySource::Context), &mut source))
             .collect()
     }
 

@@ -89,6 +89,9 @@ pub(super) struct Plan {
     pub target: usize,
     /// `COPY --from` images, by reference (one source op each).
     image_by_ref: BTreeMap<String, usize>,
+    /// What the `from=` of a stage's inherited ONBUILD triggers name when it
+    /// is not a stage (an image or a named context), by (stage, name).
+    pub trigger_froms: BTreeMap<(usize, String), From>,
     has_mounts: bool,
 }
 
@@ -107,6 +110,7 @@ impl Plan {
             locals: Vec::new(),
             target: 0,
             image_by_ref: BTreeMap::new(),
+            trigger_froms: BTreeMap::new(),
             has_mounts: false,
         };
         for (i, stage) in df.stages.iter().enumerate() {
@@ -121,7 +125,7 @@ impl Plan {
                 plan.add_command_sources(i, c, cmd, opts)?;
             }
         }
-        plan.add_trigger_deps(df)?;
+        plan.add_trigger_deps(df, opts)?;
         plan.check_cycles(df)?;
         Ok(plan)
     }
@@ -129,7 +133,7 @@ impl Plan {
     /// The ONBUILD triggers a stage declares run in each stage `FROM` it
     /// (BuildKit's `initOnBuildTriggers`): the stages a trigger's `COPY
     /// --from` or `RUN --mount from=` names are needed by those children.
-    fn add_trigger_deps(&mut self, df: &Dockerfile) -> Result<(), Error> {
+    fn add_trigger_deps(&mut self, df: &Dockerfile, opts: &ConvertOptions) -> Result<(), Error> {
         for i in 0..self.stages.len() {
             let Base::Stage(j) = self.stages[i].base else {
                 continue;
@@ -156,6 +160,10 @@ impl Plan {
                         .or_else(|| self.names.get(&name.to_ascii_lowercase()).copied());
                     if let Some(k) = k.filter(|k| *k < self.stages.len()) {
                         self.stages[i].deps.push(From::Stage(k));
+                    } else {
+                        let from = self.named_from(&name, line_of(cmd), opts)?;
+                        self.stages[i].deps.push(from);
+                        self.trigger_froms.insert((i, name), from);
                     }
                 }
             }
