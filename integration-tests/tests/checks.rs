@@ -138,6 +138,19 @@ fn check_directive_and_build_arg() {
         stderr.contains("lint violation found for rules: FromAsCasing"),
         "{stderr}"
     );
+    // --check reports the warnings, then fails as the build would
+    let out = build(&d, &ctx, &["--check"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("Check complete, 1 warning has been found!\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("lint violation found for rules: FromAsCasing"),
+        "{}",
+        text(&out.stderr)
+    );
     // the build arg's config wins over the directive: no error, no rule skipped
     let out = build(
         &d,

@@ -557,6 +557,14 @@ pub fn lint(
             ])]),
         ),
     ];
+    // `error=true` and a check fired: the conversion would fail with this
+    let parsed = match parsed {
+        Ok(_) => match config.violation(&warnings) {
+            Some(message) => Err((message, None)),
+            None => Ok(()),
+        },
+        Err(e) => Err(e),
+    };
     let failed = parsed.is_err();
     if let Err((message, line)) = parsed {
         fields.push((
@@ -709,5 +717,19 @@ mod tests {
         assert_eq!(json["args"][0]["location"]["ranges"][0]["start"]["line"], 1);
         assert_eq!(json["secrets"][0]["required"], true);
         assert!(outline(src, &df, "nope", &args).is_err());
+    }
+
+    #[test]
+    fn lint_with_error_true_reports_the_violation_as_build_error() {
+        let src = b"FROM busybox as base\n";
+        let df = kiln_dockerfile::parse(&String::from_utf8_lossy(src)).expect("parse");
+        let config = lint::CheckConfig::parse("error=true").expect("config");
+        let m = lint(src, "Dockerfile", Ok(&df), &config, None);
+        let json: serde_json::Value = serde_json::from_str(&text(&m, "result.json")).expect("json");
+        assert_eq!(
+            json["buildError"],
+            serde_json::json!({"message": "lint violation found for rules: FromAsCasing", "location": {}})
+        );
+        assert_eq!(json["warnings"][0]["ruleName"], "FromAsCasing");
     }
 }
