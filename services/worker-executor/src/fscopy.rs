@@ -39,19 +39,8 @@ pub struct CopyOpts {
 #[derive(Debug, Clone)]
 pub struct Filter {
     include: Option<globset::GlobSet>,
-    exclude: Vec<(globset::GlobMatcher, bool)>,
-}
-
-fn glob(p: &str) -> io::Result<globset::GlobMatcher> {
-    let p = p
-        .trim_start_matches("./")
-        .trim_start_matches('/')
-        .trim_end_matches('/');
-    globset::GlobBuilder::new(p)
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    /// matched as BuildKit's patternmatcher matches them (as `.dockerignore`)
+    exclude: Option<kiln_dockerfile::IgnoreMatcher>,
 }
 
 impl Filter {
@@ -81,28 +70,15 @@ impl Filter {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             )
         };
-        let exclude = exclude
-            .iter()
-            .map(|p| match p.strip_prefix('!') {
-                Some(rest) => glob(rest).map(|g| (g, false)),
-                None => glob(p).map(|g| (g, true)),
-            })
-            .collect::<io::Result<_>>()?;
+        let exclude = Some(kiln_dockerfile::IgnoreMatcher::new(exclude)).filter(|m| !m.is_empty());
         Ok(Some(Filter { include, exclude }))
     }
 
     /// Is `rel` (or one of its parents) excluded?
     fn excluded(&self, rel: &Path) -> bool {
-        let mut out = false;
-        for (g, excl) in &self.exclude {
-            if rel
-                .ancestors()
-                .any(|a| !a.as_os_str().is_empty() && g.is_match(a))
-            {
-                out = *excl;
-            }
-        }
-        out
+        self.exclude
+            .as_ref()
+            .is_some_and(|m| m.excluded(&rel.to_string_lossy()))
     }
 
     /// Is `rel` (or one of its parents) included?
