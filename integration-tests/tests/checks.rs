@@ -194,6 +194,21 @@ fn check_directive_and_build_arg() {
         text(&out.stderr)
     );
 
+    // UndefinedVar: the base image's env (PATH) and declared ARGs count as defined
+    let vars = BuildContext::new(
+        "FROM busybox\nARG VERSION=1\nARG DECLARED\nENV A=$DECLARED B=$PATH\nWORKDIR /app/$VERSON\n",
+    )
+    .expect("context");
+    let out = build(&d, &vars, &["--progress", "plain"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "\n 1 warning found:\n - UndefinedVar: Usage of undefined variable '$VERSON' (did you mean $VERSION?) (line 5)\n"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+
     let bad = BuildContext::new("# check=skipp=all\nFROM busybox\n").expect("context");
     let out = build(&d, &bad, &["--progress", "plain"]);
     assert!(!out.status.success());

@@ -318,44 +318,40 @@ impl<B: Bridge> Gateway<B> {
         }
         let config = checks.map_err(Error::CheckOptions)?;
         self.load_excludes(req, &reference, &mut opts).await;
-        let violation = self
-            .run_checks(req, &dockerfile, &opts, &vertex, &config)
+        let mut warnings = static_checks(&dockerfile, &opts, &config);
+        self.show_warnings(req, &dockerfile, &opts, &vertex, &warnings)
             .await;
-        let out = self.convert(req, &dockerfile, &opts).await?;
-        match violation {
+        let (out, found) = self.convert(req, &dockerfile, &opts).await?;
+        // the checks made while converting (UndefinedVar)
+        let found: Vec<_> = found
+            .into_iter()
+            .filter(|w| config.enabled(w.rule))
+            .collect();
+        self.show_warnings(req, &dockerfile, &opts, &vertex, &found)
+            .await;
+        warnings.extend(found);
+        match config.violation(&warnings) {
             Some(message) => Err(Error::LintViolation(message)),
             None => Ok(out),
         }
     }
 
-    /// Runs the build checks and shows each warning on the step that loaded
-    /// the Dockerfile; with `error=true` and warnings, the message failing
-    /// the build. A Dockerfile that does not parse is left to the converter.
-    async fn run_checks(
+    /// Shows each build check warning on the step that loaded the Dockerfile.
+    async fn show_warnings(
         &self,
         req: &FrontendRequest,
         dockerfile: &[u8],
         opts: &dockerfile2llb::ConvertOptions,
         vertex: &str,
-        config: &dockerfile2llb::lint::CheckConfig,
-    ) -> Option<String> {
-        let text = String::from_utf8_lossy(dockerfile);
-        let df = kiln_dockerfile::parse(&text).ok()?;
-        let target = opts.target.as_deref().unwrap_or_default();
-        let mut warnings = dockerfile2llb::lint::check(&text, &df, config, Some(target));
-        warnings.extend(dockerfile2llb::lint::check_copies(
-            &df,
-            config,
-            target,
-            &opts.excludes,
-        ));
+        warnings: &[dockerfile2llb::lint::Warning],
+    ) {
         let source = pb::SourceInfo {
             filename: opts.filename.clone(),
             data: dockerfile.to_vec(),
             definition: Some(dockerfile_source_definition(&req.session_id, &opts.filename).0),
             language: "Dockerfile".to_string(),
         };
-        for w in &warnings {
+        for w in warnings {
             let position = |line: usize| pb::Position {
                 line: line as i32,
                 character: 0,
@@ -376,7 +372,6 @@ impl<B: Bridge> Gateway<B> {
                 tracing::warn!(error = %kiln_proto::status::Chain(&e), "build check warning not shown");
             }
         }
-        config.violation(&warnings)
     }
 
     /// `# syntax=docker/dockerfile:...`: say so in the progress as a vertex
@@ -432,13 +427,14 @@ impl<B: Bridge> Gateway<B> {
 
     /// Converts the Dockerfile for each target platform: one result, or one
     /// ref per platform (TARGETPLATFORM and friends are that platform's,
-    /// BUILDPLATFORM stays this host's).
+    /// BUILDPLATFORM stays this host's); with the build checks the first
+    /// platform's conversion found.
     async fn convert(
         &self,
         req: &FrontendRequest,
         dockerfile: &[u8],
         opts: &dockerfile2llb::ConvertOptions,
-    ) -> Result<FrontendOutput, Error> {
+    ) -> Result<(FrontendOutput, Vec<dockerfile2llb::lint::Warning>), Error> {
         let resolver = BridgeResolver {
             bridge: &self.bridge,
             build_id: &req.build_id,
@@ -455,26 +451,29 @@ impl<B: Bridge> Gateway<B> {
                 })?;
             let config = serde_json::to_vec(&converted.image_config)
                 .map_err(|source| Error::EncodeImageConfig { source })?;
-            Ok::<_, Error>((converted.definition, config))
+            Ok::<_, Error>((converted.definition, config, converted.warnings))
         };
         let platforms = target_platforms(req)?;
         if platforms.len() < 2 {
-            let (definition, config) = convert(opts).await?;
-            return Ok(FrontendOutput {
+            let (definition, config, warnings) = convert(opts).await?;
+            let out = FrontendOutput {
                 definition,
                 metadata: BTreeMap::from([(META_IMAGE_CONFIG.to_string(), config)]),
                 refs: BTreeMap::new(),
-            });
+            };
+            return Ok((out, warnings));
         }
         let mut out = FrontendOutput::default();
         let mut listed = Vec::new();
+        let mut first_warnings = None;
         for platform in platforms {
             let id = platform.to_string();
             let opts = dockerfile2llb::ConvertOptions {
                 platform: platform.clone(),
                 ..opts.clone()
             };
-            let (definition, config) = convert(&opts).await?;
+            let (definition, config, warnings) = convert(&opts).await?;
+            first_warnings.get_or_insert(warnings);
             out.metadata
                 .insert(format!("{META_IMAGE_CONFIG}/{id}"), config);
             if out.refs.is_empty() {
@@ -486,7 +485,7 @@ impl<B: Bridge> Gateway<B> {
         let exptypes = serde_json::to_vec(&serde_json::json!({ "platforms": listed }))
             .map_err(|source| Error::EncodeImageConfig { source })?;
         out.metadata.insert(META_PLATFORMS.to_string(), exptypes);
-        Ok(out)
+        Ok((out, first_warnings.unwrap_or_default()))
     }
 
     /// The ignore file, as BuildKit finds it: `<Dockerfile>.dockerignore` next
@@ -569,6 +568,29 @@ impl<B: Bridge> Gateway<B> {
             })?;
         Ok((data, reference, vertex))
     }
+}
+
+/// The build checks that read the Dockerfile (and `.dockerignore`) alone,
+/// for the stages the target reaches; none when it does not parse (the
+/// converter says why).
+fn static_checks(
+    dockerfile: &[u8],
+    opts: &dockerfile2llb::ConvertOptions,
+    config: &dockerfile2llb::lint::CheckConfig,
+) -> Vec<dockerfile2llb::lint::Warning> {
+    let text = String::from_utf8_lossy(dockerfile);
+    let Ok(df) = kiln_dockerfile::parse(&text) else {
+        return Vec::new();
+    };
+    let target = opts.target.as_deref().unwrap_or_default();
+    let mut warnings = dockerfile2llb::lint::check(&text, &df, config, Some(target));
+    warnings.extend(dockerfile2llb::lint::check_copies(
+        &df,
+        config,
+        target,
+        &opts.excludes,
+    ));
+    warnings
 }
 
 /// The build checks' config: `BUILDKIT_DOCKERFILE_CHECK`, else `# check=`;

@@ -28,6 +28,8 @@ pub(crate) struct DispatchContext<'a> {
     pub ignore: IgnoreMatcher,
     /// Source ops of named local contexts, by index into [`Plan::locals`].
     local_ops: BTreeMap<usize, OpId>,
+    /// `UndefinedVar` build checks found while expanding instructions.
+    pub warnings: Vec<super::lint::Warning>,
 }
 
 impl<'a> DispatchContext<'a> {
@@ -40,6 +42,7 @@ impl<'a> DispatchContext<'a> {
             ctx_paths: BTreeSet::new(),
             ignore: IgnoreMatcher::new(&opts.excludes),
             local_ops: BTreeMap::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -301,9 +304,18 @@ fn dispatch(
 ) -> Result<(), Error> {
     let line = line_of(cmd);
     let mut instruction = cmd.instruction.clone();
+    let env = super::lint::Recording::new(&st.env);
     instruction
-        .expand(&cx.lex, &st.env)
+        .expand(&cx.lex, &env)
         .map_err(|source| Error::Expand { line, source })?;
+    let declared: BTreeSet<&str> = st.build_args.iter().map(|a| a.key.as_str()).collect();
+    let keys: Vec<&str> = st.env.iter().map(|(k, _)| k.as_str()).collect();
+    for name in env.missing() {
+        if !declared.contains(name.as_str()) {
+            cx.warnings
+                .push(super::lint::undefined_var(cmd, &name, &keys));
+        }
+    }
     let invalid = |reason: String| Error::InvalidInstruction {
         line,
         instruction: instruction.keyword().to_string(),

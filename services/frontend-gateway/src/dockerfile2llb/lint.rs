@@ -138,6 +138,12 @@ rule!(
 );
 
 rule!(
+    UNDEFINED_VAR,
+    "UndefinedVar",
+    "Variables should be defined before their use",
+    "undefined-var"
+);
+rule!(
     COPY_IGNORED_FILE,
     "CopyIgnoredFile",
     "Attempting to Copy file that is excluded by .dockerignore",
@@ -165,6 +171,7 @@ pub const RULES: &[&Rule] = &[
     &EXPOSE_PROTO_CASING,
     &EXPOSE_INVALID_FORMAT,
     &COPY_IGNORED_FILE,
+    &UNDEFINED_VAR,
 ];
 
 /// A rule that fired, on Dockerfile lines `start_line..=end_line` (1-based).
@@ -382,6 +389,51 @@ pub fn check_copies(
         }
     }
     out.warnings
+}
+
+/// An env lookup that remembers the names it did not find (BuildKit's
+/// unmatched variables of a word expansion).
+pub(crate) struct Recording<'e> {
+    env: &'e [(String, String)],
+    missing: std::cell::RefCell<BTreeSet<String>>,
+}
+
+impl<'e> Recording<'e> {
+    pub(crate) fn new(env: &'e [(String, String)]) -> Self {
+        Recording {
+            env,
+            missing: std::cell::RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    pub(crate) fn missing(&self) -> BTreeSet<String> {
+        self.missing.borrow().clone()
+    }
+}
+
+impl kiln_dockerfile::EnvLookup for Recording<'_> {
+    fn lookup(&self, key: &str) -> Option<String> {
+        let v = self.env.lookup(key);
+        if v.is_none() {
+            self.missing.borrow_mut().insert(key.to_string());
+        }
+        v
+    }
+}
+
+/// `UndefinedVar`: `name`, used by `cmd`, is neither in the stage's env nor
+/// a declared ARG; the closest of `keys` is suggested.
+pub(crate) fn undefined_var(cmd: &kiln_dockerfile::Command, name: &str, keys: &[&str]) -> Warning {
+    let mut message = format!("Usage of undefined variable '${name}'");
+    if let Some(s) = suggest(name, keys.iter().copied()) {
+        message.push_str(&format!(" (did you mean ${s}?)"));
+    }
+    Warning {
+        rule: &UNDEFINED_VAR,
+        message,
+        start_line: cmd.location.start_line,
+        end_line: cmd.location.end_line,
+    }
 }
 
 /// Which stages a build of `target` reaches: the target, the stages it is

@@ -140,6 +140,8 @@ pub struct Converted {
     /// The config of the image the target stage produces (`rootfs.diff_ids`
     /// empty: the exporter fills it).
     pub image_config: kiln_oci::ImageConfig,
+    /// Build checks found while converting (`UndefinedVar`), unfiltered.
+    pub warnings: Vec<lint::Warning>,
 }
 
 /// Why a Dockerfile could not be converted. Errors about a line start with
@@ -309,6 +311,7 @@ pub async fn convert<R: ImageResolver>(
     Ok(Converted {
         definition,
         image_config,
+        warnings: std::mem::take(&mut cx.warnings),
     })
 }
 
