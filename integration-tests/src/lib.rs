@@ -851,3 +851,40 @@ pub fn push_oci_image(name: &str, layers: &[(&str, Vec<u8>)], diff_ids: &[String
     );
     reference
 }
+
+/// A test's own `ssh-agent` (no keys yet) listening at `sock`; killed on drop.
+pub struct SshAgent {
+    child: Child,
+    pub sock: PathBuf,
+}
+
+impl SshAgent {
+    /// Starts one with its socket in `dir`; returns once the socket is there.
+    pub fn start(dir: &Path) -> Result<SshAgent> {
+        let sock = dir.join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start ssh-agent")?;
+        let agent = SshAgent { child, sock };
+        let start = Instant::now();
+        while !agent.sock.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("ssh-agent did not make {}", agent.sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -689,18 +689,8 @@ group_tests! {
 /// and an `ssh-agent` serves `--mount=type=ssh` cases (`{{SSH_SOCK}}`).
 fn run_group_run(mode: Mode) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("agent.sock");
-    let _agent = Child(
-        std::process::Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh-agent"),
-    );
-    wait_for(|| sock.exists(), "ssh-agent");
+    let agent = kiln_integration_tests::SshAgent::start(dir.path()).expect("ssh-agent");
+    let sock = agent.sock.clone();
     let vars = [("SSH_SOCK".to_string(), sock.display().to_string())];
     run_group_on(
         "run",
@@ -779,6 +769,7 @@ fn run_tool(dir: &Path, prog: &str, args: &[&str]) -> String {
 struct Remotes {
     _dir: tempfile::TempDir,
     _servers: Vec<Child>,
+    _agent: kiln_integration_tests::SshAgent,
     vars: Vec<(String, String)>,
 }
 
@@ -881,7 +872,7 @@ impl Remotes {
             );
         }
         let (dumb_server, dumb_vars) = dumb_http(dir.path(), &bare);
-        let (ssh_servers, ssh_vars) = ssh_server(dir.path(), &base);
+        let (sshd, agent, ssh_vars) = ssh_server(dir.path(), &base);
         let vars = [
             ("GIT", format!("git://127.0.0.1:{git_port}")),
             (
@@ -898,11 +889,10 @@ impl Remotes {
         .chain(ssh_vars)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let mut servers = vec![daemon, http, dumb_server];
-        servers.extend(ssh_servers);
         Remotes {
             _dir: dir,
-            _servers: servers,
+            _servers: vec![daemon, http, dumb_server, sshd],
+            _agent: agent,
             vars,
         }
     }
@@ -1001,7 +991,14 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_
 /// An `sshd` on loopback (its own host key and config) that lets one key in and
 /// runs nothing but `git-upload-pack` of `base/repo.git`, and an `ssh-agent`
 /// holding that key.
-fn ssh_server(tmp: &Path, base: &Path) -> (Vec<Child>, Vec<(&'static str, String)>) {
+fn ssh_server(
+    tmp: &Path,
+    base: &Path,
+) -> (
+    Child,
+    kiln_integration_tests::SshAgent,
+    Vec<(&'static str, String)>,
+) {
     let sshd = Path::new("/usr/sbin/sshd");
     assert!(
         sshd.exists(),
@@ -1088,18 +1085,8 @@ ForceCommand {only}
             .spawn()
             .expect("sshd"),
     );
-    let sock = dir.join("agent.sock");
-    let agent = Child(
-        std::process::Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh-agent"),
-    );
-    wait_for(|| sock.exists(), "ssh-agent");
+    let agent = kiln_integration_tests::SshAgent::start(&dir).expect("ssh-agent");
+    let sock = agent.sock.clone();
     let added = std::process::Command::new("ssh-add")
         .arg("-q")
         .arg(&client_key)
@@ -1122,5 +1109,5 @@ ForceCommand {only}
         ),
         ("SSH_AGENT", sock.display().to_string()),
     ];
-    (vec![server, agent], vars)
+    (server, agent, vars)
 }

@@ -557,33 +557,10 @@ pub fn cache_mount_seeded_from_a_stage_and_secrets_in_split_services(b: &Backend
     assert!(files_containing(&out, SECRET.as_bytes()).is_empty());
 }
 
-struct Agent(std::process::Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub fn ssh_mount_forwards_the_clients_agent(b: &Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("agent.sock");
-    let _agent = Agent(
-        std::process::Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh-agent"),
-    );
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed().as_secs() < 10, "ssh-agent did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let agent = kiln_integration_tests::SshAgent::start(dir.path()).expect("ssh-agent");
+    let sock = agent.sock.clone();
     let key = dir.path().join("key");
     let ok = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test-key", "-f"])

@@ -257,16 +257,7 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
         } else {
             opt.id.clone()
         };
-        let present = match &client {
-            Some(c) => c
-                .check_ssh_agent(&id)
-                .await
-                .map_err(|source| Error::SshAgentSession {
-                    id: id.clone(),
-                    source,
-                })?,
-            None => false,
-        };
+        let present = agent_present(client.as_ref(), &id).await?;
         let Some(client) = client.clone().filter(|_| present) else {
             if opt.optional {
                 continue;
@@ -290,22 +281,49 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
         )
         .map_err(Error::io("chmod", &path))?;
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                let (client, id) = (client.clone(), id.clone());
-                conns.spawn(async move {
-                    if let Err(e) = client.forward_ssh_agent(&id, conn).await {
-                        tracing::debug!(id, error = %kiln_proto::status::Chain(&e), "ssh agent forward");
-                    }
-                });
-            }
-        });
+        let task = serve_agent(listener, client, id);
         out.tasks.push(task.abort_handle());
         out.sockets.insert(i, path);
     }
     out._dir = Some(dir);
     Ok(out)
+}
+
+/// Whether the client session forwards the SSH agent `id` (no session: no).
+pub(crate) async fn agent_present(
+    client: Option<&kiln_session::SessionClient>,
+    id: &str,
+) -> Result<bool> {
+    match client {
+        Some(c) => c
+            .check_ssh_agent(id)
+            .await
+            .map_err(|source| Error::SshAgentSession {
+                id: id.to_string(),
+                source,
+            }),
+        None => Ok(false),
+    }
+}
+
+/// Forwards each connection to `listener` to the client's SSH agent `id`,
+/// until the task is aborted.
+pub(crate) fn serve_agent(
+    listener: tokio::net::UnixListener,
+    client: kiln_session::SessionClient,
+    id: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            let (client, id) = (client.clone(), id.clone());
+            conns.spawn(async move {
+                if let Err(e) = client.forward_ssh_agent(&id, conn).await {
+                    tracing::debug!(id, error = %kiln_proto::status::Chain(&e), "ssh agent forward");
+                }
+            });
+        }
+    })
 }
 
 /// A tmpfs mounted over a directory (a bundle that holds secrets, when the runtime dir is

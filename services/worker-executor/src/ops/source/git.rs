@@ -358,16 +358,7 @@ async fn agent_socket(
     dir: &Path,
 ) -> Result<(PathBuf, AbortOnDrop)> {
     let id = src.ssh_sock_id.clone();
-    let present = match client {
-        Some(c) => c
-            .check_ssh_agent(&id)
-            .await
-            .map_err(|source| Error::SshAgentSession {
-                id: id.clone(),
-                source,
-            })?,
-        None => false,
-    };
+    let present = crate::ops::exec::agent_present(client, &id).await?;
     let Some(client) = client.filter(|_| present).cloned() else {
         return Err(src.error(format!(
             "no SSH key {id:?} forwarded from the client (kiln build --ssh {id})"
@@ -375,17 +366,7 @@ async fn agent_socket(
     };
     let path = dir.join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&path).map_err(Error::io("listen", &path))?;
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        while let Ok((conn, _)) = listener.accept().await {
-            let (client, id) = (client.clone(), id.clone());
-            conns.spawn(async move {
-                if let Err(e) = client.forward_ssh_agent(&id, conn).await {
-                    tracing::debug!(id, error = %kiln_proto::status::Chain(&e), "ssh agent forward");
-                }
-            });
-        }
-    });
+    let task = crate::ops::exec::serve_agent(listener, client, id);
     Ok((path, AbortOnDrop(task.abort_handle())))
 }
 
