@@ -294,6 +294,37 @@ fn call_prints_targets_checks_and_subrequests() {
     );
 }
 
+/// `--call targets` and `--call outline` describe stages and build args with
+/// the comment lines right above their FROM or ARG that start with the name.
+#[test]
+fn call_targets_and_outline_show_descriptions_from_comments() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ctx = BuildContext::new(
+        "# syntax=docker/dockerfile:1\n# BASE the image to start from\nARG BASE=busybox\n\n# base sets things up\n# base (only the first such line counts)\nFROM ${BASE} AS base\nRUN true\n# test not this one: an empty comment starts over\n#\nFROM base AS test\n# release is what ships\n\nFROM base AS release\n# WHO who to greet\nARG WHO=world\nRUN echo $WHO\n",
+    )
+    .expect("context");
+    let out = build(&d, &ctx, &["--call", "targets"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "TARGET            DESCRIPTION\nbase              sets things up\ntest              \nrelease (default) is what ships\n"
+    );
+    let out = build(&d, &ctx, &["--call", "outline"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "TARGET:      release\nDESCRIPTION: is what ships\n\n\
+         BUILD ARG   VALUE     DESCRIPTION\n\
+         BASE        busybox   the image to start from\n\
+         WHO         world     who to greet\n\n"
+    );
+    let out = build(&d, &ctx, &["--call", "targets,format=json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["targets"][0]["description"], "sets things up");
+    assert_eq!(json["targets"][1].get("description"), None);
+}
+
 /// A raw `Control.Solve` naming the frontend with `requestid=frontend.lint`
 /// (buildctl's `--opt requestid=frontend.lint`): the response carries
 /// BuildKit's subrequest metadata keys.

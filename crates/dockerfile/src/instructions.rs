@@ -39,6 +39,9 @@ pub struct ArgDecl {
     pub key: String,
     /// The default as written (unexpanded), if any.
     pub default: Option<String>,
+    /// From the comment above the ARG: the text after `KEY ` on the first
+    /// comment line starting so (empty when none), as BuildKit describes args.
+    pub description: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +207,9 @@ pub struct Stage {
     pub original: String,
     pub location: Location,
     pub commands: Vec<Command>,
+    /// From the comment above the FROM: the text after `NAME ` on the first
+    /// comment line starting so (empty when none or unnamed).
+    pub description: String,
 }
 
 /// A typed Dockerfile.
@@ -400,6 +406,10 @@ fn parse_from(node: &Node, location: Location) -> Result<Stage, Error> {
             ));
         }
     }
+    let description = name
+        .as_deref()
+        .map(|n| doc_comment(&node.comments, n))
+        .unwrap_or_default();
     Ok(Stage {
         name,
         base: base.to_string(),
@@ -407,7 +417,21 @@ fn parse_from(node: &Node, location: Location) -> Result<Stage, Error> {
         original: node.original.clone(),
         location,
         commands: Vec::new(),
+        description,
     })
+}
+
+/// BuildKit's getDocComment: the rest of the first comment line that starts
+/// with `name` and a space.
+fn doc_comment(comments: &[String], name: &str) -> String {
+    if name.is_empty() {
+        return String::new();
+    }
+    comments
+        .iter()
+        .find_map(|c| c.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Splits on unquoted whitespace, keeping quotes and escapes (BuildKit's parseWords).
@@ -748,7 +772,12 @@ fn parse_instruction(node: &Node, escape: char) -> Result<Instruction, Error> {
                 if key.is_empty() {
                     return Err(invalid(node, "ARG names can not be blank"));
                 }
-                decls.push(ArgDecl { key, default });
+                let description = doc_comment(&node.comments, &key);
+                decls.push(ArgDecl {
+                    key,
+                    default,
+                    description,
+                });
             }
             Instruction::Arg(decls)
         }
@@ -939,6 +968,20 @@ mod tests {
             let got = parse(input).map(|_| ()).map_err(|e| e.to_string());
             assert_eq!(got, Err(want.to_string()), "input {input:?}");
         }
+    }
+
+    #[test]
+    fn descriptions_come_from_the_comments_above() {
+        let src = "# syntax=docker/dockerfile:1\n# check=skip=all\n# VERSION the version\nARG VERSION=1 OTHER\n\n# nope\n#\n# build builds it\n# build the second line is not it\n\nFROM a AS Build\n# test runs tests\nRUN x \\\n# test between continuation lines\n y\nFROM b AS test\n  # release indented\nFROM c AS release\n# whatever\nFROM d\n";
+        let df = parse(src).expect("parse");
+        let Instruction::Arg(decls) = &df.meta_args[0].instruction else {
+            panic!("not an ARG: {:?}", df.meta_args[0]);
+        };
+        let descs: Vec<&str> = decls.iter().map(|d| d.description.as_str()).collect();
+        assert_eq!(descs, ["the version", ""]);
+        let descs: Vec<&str> = df.stages.iter().map(|s| s.description.as_str()).collect();
+        // `  # release ...` keeps its `#` (BuildKit drops the line's first byte)
+        assert_eq!(descs, ["builds it", "", "", ""]);
     }
 
     #[test]

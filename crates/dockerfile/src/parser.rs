@@ -71,6 +71,12 @@ pub struct Node {
     pub start_line: usize,
     /// 1-based last line (including continuation lines and heredoc bodies).
     pub end_line: usize,
+    /// The comment lines above the instruction (after the previous one), as
+    /// BuildKit keeps them: `#` and the line's first character dropped,
+    /// trimmed; a `#` line with no text starts the list over; blank lines
+    /// and parser directives are not in it, nor comments between continuation
+    /// lines.
+    pub comments: Vec<String>,
 }
 
 /// A parsed Dockerfile before typing.
@@ -180,8 +186,20 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
 
     let escape = directives.escape;
     let mut nodes = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
     while i < lines.len() {
         let first = lines[i];
+        if is_comment(first) {
+            // BuildKit drops the line's first byte, not the `#` (the same
+            // unless the line is indented)
+            let text = first.char_indices().nth(1).map_or("", |(n, _)| &first[n..]);
+            let text = text.trim();
+            if text.is_empty() {
+                comments.clear();
+            } else {
+                comments.push(text.to_string());
+            }
+        }
         if is_blank(first) || is_comment(first) {
             i += 1;
             continue;
@@ -276,6 +294,7 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
             heredocs,
             start_line,
             end_line,
+            comments: std::mem::take(&mut comments),
         });
     }
     Ok(Ast { directives, nodes })

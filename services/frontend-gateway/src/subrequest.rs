@@ -252,6 +252,7 @@ pub fn targets(src: &[u8], df: &Dockerfile) -> Metadata {
         items.push(omit_empty(vec![
             ("name", Json::Str(name.clone())),
             ("default", Json::Bool(i == last)),
+            ("description", Json::Str(st.description.clone())),
             ("base", Json::Str(st.base.clone())),
             (
                 "platform",
@@ -267,7 +268,7 @@ pub fn targets(src: &[u8], df: &Dockerfile) -> Metadata {
             (false, true) => format!("{name} (default)"),
             _ => name,
         };
-        rows.push(vec![shown, String::new()]);
+        rows.push(vec![shown, st.description.clone()]);
     }
     let json = Json::Obj(vec![
         ("targets", Json::Arr(items)),
@@ -303,6 +304,7 @@ pub fn outline(
         value: Option<String>,
         line: (usize, usize),
         deps: Vec<String>,
+        description: String,
     }
     let mut globals: BTreeMap<String, ArgInfo> = BTreeMap::new();
     let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -334,12 +336,14 @@ pub fn outline(
                     value,
                     line: (c.location.start_line, c.location.end_line),
                     deps,
+                    description: d.description.clone(),
                 },
             );
         }
     }
-    // (name, value, line) of every ARG used, keyed by name
-    let mut args: BTreeMap<String, (Option<String>, (usize, usize))> = BTreeMap::new();
+    // (value, lines, description) of every ARG used, keyed by name
+    type ArgUse = (Option<String>, (usize, usize), String);
+    let mut args: BTreeMap<String, ArgUse> = BTreeMap::new();
     let mut used_globals: Vec<String> = Vec::new();
     let mut secrets: BTreeMap<String, (bool, usize, usize)> = BTreeMap::new();
     let mut ssh: BTreeMap<String, (bool, usize, usize)> = BTreeMap::new();
@@ -365,7 +369,7 @@ pub fn outline(
                                 .as_ref()
                                 .map(|v| lex.process_word(v, &env).unwrap_or_else(|_| v.clone()))
                         });
-                        args.insert(d.key.clone(), (value, lines));
+                        args.insert(d.key.clone(), (value, lines, d.description.clone()));
                     }
                 }
                 Instruction::Run(run) => {
@@ -404,12 +408,15 @@ pub fn outline(
             continue;
         }
         if let Some(g) = globals.get(&k) {
-            args.insert(k.clone(), (g.value.clone(), g.line));
+            args.insert(k.clone(), (g.value.clone(), g.line, g.description.clone()));
             used_globals.extend(g.deps.iter().cloned());
         }
     }
-    let mut args: Vec<(String, Option<String>, (usize, usize))> =
-        args.into_iter().map(|(k, (v, l))| (k, v, l)).collect();
+    type ArgRow = (String, Option<String>, (usize, usize), String);
+    let mut args: Vec<ArgRow> = args
+        .into_iter()
+        .map(|(k, (v, l, d))| (k, v, l, d))
+        .collect();
     args.sort_by_key(|a| a.2.0);
     let by_line = |m: BTreeMap<String, (bool, usize, usize)>| {
         let mut v: Vec<(String, bool, usize, usize)> =
@@ -436,13 +443,15 @@ pub fn outline(
     };
     let json = omit_empty(vec![
         ("name", Json::Str(name.clone())),
+        ("description", Json::Str(stage.description.clone())),
         (
             "args",
             Json::Arr(
                 args.iter()
-                    .map(|(k, v, l)| {
+                    .map(|(k, v, l, d)| {
                         omit_empty(vec![
                             ("name", Json::Str(k.clone())),
+                            ("description", Json::Str(d.clone())),
                             ("value", Json::Str(v.clone().unwrap_or_default())),
                             ("location", location(l.0, l.1)),
                         ])
@@ -455,8 +464,18 @@ pub fn outline(
         ("sources", Json::Arr(vec![Json::Str(base64(src))])),
     ]);
     let mut txt = String::new();
-    if !name.is_empty() {
-        txt.push_str(&table(&[vec!["TARGET:".to_string(), name]]));
+    // BuildKit's PrintOutline: a nameless target with a description is `(default)`
+    if !name.is_empty() || !stage.description.is_empty() {
+        let shown = if name.is_empty() {
+            "(default)".to_string()
+        } else {
+            name
+        };
+        let mut rows = vec![vec!["TARGET:".to_string(), shown]];
+        if !stage.description.is_empty() {
+            rows.push(vec!["DESCRIPTION:".to_string(), stage.description.clone()]);
+        }
+        txt.push_str(&table(&rows));
         txt.push('\n');
     }
     if !args.is_empty() {
@@ -465,12 +484,8 @@ pub fn outline(
             "VALUE".to_string(),
             "DESCRIPTION".to_string(),
         ]];
-        for (k, v, _) in &args {
-            rows.push(vec![
-                k.clone(),
-                v.clone().unwrap_or_default(),
-                String::new(),
-            ]);
+        for (k, v, _, d) in &args {
+            rows.push(vec![k.clone(), v.clone().unwrap_or_default(), d.clone()]);
         }
         txt.push_str(&table_padded(&rows, 3));
         txt.push('\n');
@@ -631,6 +646,34 @@ mod tests {
         );
         assert!(json.contains("\"default\": true,\n      \"base\": \"alpine\",\n      \"platform\": \"linux/amd64\""), "{json}");
         assert_eq!(text(&m, "version"), "1.0.0");
+    }
+
+    #[test]
+    fn targets_and_outline_carry_descriptions() {
+        let src = b"# BASE the base image name\nARG BASE=busybox\n# base the base image\nFROM ${BASE} AS base\n# release what ships\nFROM base AS release\n# V a version\nARG V\nRUN echo $V\n";
+        let df = kiln_dockerfile::parse(&String::from_utf8_lossy(src)).expect("parse");
+        let m = targets(src, &df);
+        assert_eq!(
+            text(&m, "result.txt"),
+            "TARGET            DESCRIPTION\nbase              the base image\nrelease (default) what ships\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&text(&m, "result.json")).expect("json");
+        assert_eq!(json["targets"][0]["description"], "the base image");
+        let m = outline(src, &df, "", &BTreeMap::new()).expect("outline");
+        assert_eq!(
+            text(&m, "result.txt"),
+            "TARGET:      release\nDESCRIPTION: what ships\n\n\
+             BUILD ARG   VALUE     DESCRIPTION\n\
+             BASE        busybox   the base image name\n\
+             V                     a version\n\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&text(&m, "result.json")).expect("json");
+        assert_eq!(json["description"], "what ships");
+        assert_eq!(json["args"][0]["description"], "the base image name");
+        let src = b"# x not a stage name\nFROM busybox\n";
+        let df = kiln_dockerfile::parse(&String::from_utf8_lossy(src)).expect("parse");
+        let m = outline(src, &df, "", &BTreeMap::new()).expect("outline");
+        assert_eq!(text(&m, "result.txt"), "");
     }
 
     #[test]
