@@ -5,6 +5,7 @@
 
 use kiln_integration_tests::{
     BuildContext, Daemon, Restartable, Topology, dockerfile_args, is_cached, parse_size,
+    step_number,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -537,4 +538,126 @@ fn ten_concurrent_identical_builds_run_the_step_once() {
         .filter(|o| String::from_utf8_lossy(&o.stderr).contains("ten-way-42"))
         .count();
     assert_eq!(ran, 1, "exactly one build ran the step");
+}
+
+/// `FROM busybox` and `RUN echo N >> /f` for N in 1..=n: a chain of n steps,
+/// each result the parent of the next.
+fn chain_dockerfile(n: usize) -> String {
+    let mut df = String::from("FROM busybox\n");
+    for i in 1..=n {
+        df.push_str(&format!("RUN echo {i} >> /f\n"));
+    }
+    df
+}
+
+/// How many of the chain's `RUN echo N` steps ran (done, not CACHED).
+fn chain_steps_ran(progress: &str, n: usize) -> usize {
+    (1..=n)
+        .filter(|i| {
+            let Some(num) = step_number(progress, &format!("RUN echo {i} >> /f")) else {
+                return false;
+            };
+            let done = format!("#{num} DONE");
+            !is_cached(progress, &format!("RUN echo {i} >> /f"))
+                && progress.lines().any(|l| l.starts_with(&done))
+        })
+        .count()
+}
+
+/// Sum of the sizes in `kiln du`'s `Reclaimable:` line.
+fn du_reclaimable(listing: &str) -> f64 {
+    let r = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("Reclaimable:"))
+        .unwrap_or_else(|| panic!("no reclaimable in:\n{listing}"));
+    parse_size(r.trim())
+}
+
+#[test]
+fn prune_all_empties_a_fifty_step_chain_in_one_call() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(&chain_dockerfile(50)).expect("ctx");
+    let first = build(&d, c.path(), &[]);
+    assert_eq!(chain_steps_ran(&first, 50), 50, "{first}");
+    kiln_ok(&d, c.path(), &["prune", "--all"]);
+    let left = kiln_ok(&d, c.path(), &["du"]);
+    assert!(rows(&left).is_empty(), "one prune --all left:\n{left}");
+    assert_eq!(du_reclaimable(&left), 0.0, "{left}");
+    assert_eq!(du_total(&left), 0.0, "{left}");
+    let again = build(&d, c.path(), &["--output", "type=local,dest=out"]);
+    assert_eq!(
+        chain_steps_ran(&again, 50),
+        50,
+        "the rebuild after prune --all runs every step:\n{again}"
+    );
+    let want: String = (1..=50).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/f")).expect("read"),
+        want
+    );
+}
+
+/// Processes whose command line is exactly `args`.
+fn processes(args: &[&str]) -> usize {
+    let want: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn prune_all_while_a_build_runs_keeps_what_it_uses() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new("").expect("ctx");
+    c.file("chain.Dockerfile", &chain_dockerfile(5))
+        .expect("write");
+    c.file(
+        "slow.Dockerfile",
+        &format!("{}RUN sleep 5.5 && cat /f > /g\n", chain_dockerfile(5)),
+    )
+    .expect("write");
+    let chain = ["--opt", "filename=chain.Dockerfile"];
+    build(&d, c.path(), &chain);
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            build(
+                &d,
+                c.path(),
+                &[
+                    "--opt",
+                    "filename=slow.Dockerfile",
+                    "--output",
+                    "type=local,dest=out",
+                ],
+            )
+        });
+        let start = Instant::now();
+        while processes(&["sleep", "5.5"]) == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the slow step never started:\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kiln_ok(&d, c.path(), &["prune", "--all"]);
+        let slow = slow.join().expect("slow build");
+        assert_eq!(chain_steps_ran(&slow, 5), 0, "{slow}");
+    });
+    let want: String = (1..=5).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        std::fs::read_to_string(c.path().join("out/g")).expect("read"),
+        want,
+        "the running build read the chain it was using"
+    );
+    // what the running build used stayed cached
+    let again = build(&d, c.path(), &chain);
+    assert_eq!(chain_steps_ran(&again, 5), 0, "{again}");
 }

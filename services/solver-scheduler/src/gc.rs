@@ -84,6 +84,19 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 next = parents.get(p).copied();
             }
         }
+        // every snapshot beneath `refs`, not `refs` themselves
+        let beneath = |refs: &[String]| -> Vec<String> {
+            let mut seen: HashSet<&str> = refs.iter().map(String::as_str).collect();
+            let mut out = Vec::new();
+            for r in refs {
+                let mut next = parents.get(r.as_str()).copied();
+                while let Some(p) = next.filter(|p| !p.is_empty() && seen.insert(p)) {
+                    out.push(p.to_string());
+                    next = parents.get(p).copied();
+                }
+            }
+            out
+        };
         let mut items: Vec<UsageItem> = records
             .iter()
             .map(|r| UsageItem {
@@ -107,6 +120,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                     .map(|p| p.to_string())
                     .collect(),
                 refs: r.refs.iter().filter(|x| !x.is_empty()).cloned().collect(),
+                ancestors: beneath(&r.refs),
                 target: Target::Record(r.id.clone()),
             })
             .collect();
@@ -142,6 +156,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                     vec![s.parent.clone()]
                 },
                 refs: vec![s.r#ref.clone()],
+                ancestors: beneath(std::slice::from_ref(&s.r#ref)),
                 target: if mount {
                     Target::CacheMount(s.r#ref.clone())
                 } else {
@@ -164,6 +179,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 mutable: false,
                 parents: vec![],
                 refs: vec![],
+                ancestors: vec![],
                 target: Target::None,
             });
         }
@@ -229,11 +245,12 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
 
     /// Removes what `opts` selects (see [`crate::usage::select`]): cache
     /// records from the store, then on the worker every snapshot no
-    /// remaining item reaches and the selected cache mounts. It measures
-    /// again and goes on while something was removed: removing a record
-    /// frees the records under it, removable in the next round (and under a
-    /// size limit, the store may still be over it). Returns the removed
-    /// items. Prunes run one at a time.
+    /// remaining item reaches and the selected cache mounts. One selection
+    /// takes a whole chain (a step's result with the results and layers
+    /// beneath it that nothing kept holds). It measures again and goes on
+    /// while something was removed (under a size limit the store may still
+    /// be over it; `shared`/`private` filters see the new sharing). Returns
+    /// the removed items. Prunes run one at a time.
     pub async fn prune(&self, opts: &PruneOptions) -> Result<Vec<UsageItem>, Error> {
         let _one = self.prune_lock.lock().await;
         let mut all = Vec::new();
@@ -265,11 +282,10 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
                 self.cache.with_store(move |s| s.remove(&id)).await?;
             }
         }
-        // shared snapshots stay exactly as long as a kept item reaches them
+        // what was not selected stays, with everything beneath it
         let mut keep: Vec<String> = items
             .iter()
             .filter(|i| !gone_ids.contains(i.id.as_str()))
-            .filter(|i| !i.shared || matches!(i.target, Target::Record(_)))
             .flat_map(|i| i.refs.iter().cloned())
             .collect();
         keep.extend(self.loaded_imports());

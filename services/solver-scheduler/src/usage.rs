@@ -45,6 +45,9 @@ pub struct UsageItem {
     /// the worker refs this item keeps (a record's outputs, a snapshot, a
     /// cache mount)
     pub refs: Vec<String>,
+    /// every snapshot beneath `refs` (their parents, transitively, not
+    /// `refs` themselves): what this item holds while it stays
+    pub ancestors: Vec<String>,
     pub target: Target,
 }
 
@@ -203,38 +206,71 @@ pub struct PruneOptions {
 }
 
 /// The items a prune removes, least recently used first: those not in use,
-/// matching the filter, older than `keep_duration`, removable by
-/// themselves, and, under `keep_bytes`, only as many as it takes to bring
-/// the total down to it.
+/// matching the filter, older than `keep_duration`, and, under
+/// `keep_bytes`, only as many as it takes to bring the total down to it.
+/// An item whose snapshots are all beneath an item that stays (the parent
+/// of a kept step's result, an image layer under it) stays with it; one
+/// beneath only items that go goes with them, so a chain of steps goes
+/// whole in one selection (children before their parents).
 pub fn select(items: &[UsageItem], opts: &PruneOptions, now: i64) -> Vec<UsageItem> {
+    use std::collections::HashMap;
     let total: i64 = items.iter().map(|i| i.size).sum();
     if opts.keep_bytes > 0 && total <= opts.keep_bytes {
         return vec![];
     }
-    let mut candidates: Vec<&UsageItem> = items
-        .iter()
-        .filter(|i| !i.in_use && !i.shared && i.target != Target::None)
-        .filter(|i| opts.all || !matches!(i.record_type.as_str(), "internal" | "frontend"))
-        .filter(|i| {
-            opts.keep_duration
-                .is_none_or(|d| i.last_used <= now - d.as_nanos() as i64)
+    let mut candidates: Vec<usize> = (0..items.len())
+        .filter(|&n| {
+            let i = &items[n];
+            !i.in_use
+                && i.target != Target::None
+                && (opts.all || !matches!(i.record_type.as_str(), "internal" | "frontend"))
+                && opts
+                    .keep_duration
+                    .is_none_or(|d| i.last_used <= now - d.as_nanos() as i64)
+                && opts.filter.matches(i, now)
         })
-        .filter(|i| opts.filter.matches(i, now))
         .collect();
-    candidates.sort_by_key(|i| (i.last_used, i.created));
-    if opts.keep_bytes <= 0 {
-        return candidates.into_iter().cloned().collect();
+    candidates.sort_by_key(|&n| (items[n].last_used, items[n].created));
+    // how many remaining items hold each snapshot beneath them
+    let mut holders: HashMap<&str, usize> = HashMap::new();
+    for i in items {
+        for a in &i.ancestors {
+            *holders.entry(a.as_str()).or_default() += 1;
+        }
     }
+    let mut gone = vec![false; items.len()];
     let mut left = total;
     let mut out = Vec::new();
-    for c in candidates {
-        if left <= opts.keep_bytes {
-            break;
+    // each pass removes what nothing remaining holds; the next one what
+    // that freed
+    loop {
+        let mut freed = false;
+        for &n in &candidates {
+            if opts.keep_bytes > 0 && left <= opts.keep_bytes {
+                return out;
+            }
+            let i = &items[n];
+            let held = !i.refs.is_empty()
+                && i.refs
+                    .iter()
+                    .all(|r| holders.get(r.as_str()).is_some_and(|c| *c > 0));
+            if gone[n] || held {
+                continue;
+            }
+            gone[n] = true;
+            freed = true;
+            for a in &i.ancestors {
+                if let Some(c) = holders.get_mut(a.as_str()) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            left -= i.size;
+            out.push(i.clone());
         }
-        left -= c.size;
-        out.push(c.clone());
+        if !freed {
+            return out;
+        }
     }
-    out
 }
 
 #[cfg(test)]
@@ -255,6 +291,7 @@ mod tests {
             mutable: false,
             parents: vec![],
             refs: vec![id.into()],
+            ancestors: vec![],
             target: Target::Record(id.into()),
         }
     }
@@ -327,6 +364,64 @@ mod tests {
             10,
         );
         assert_eq!(ids(recent), ["old", "mid"], "used at 3 is within 8ns of 10");
+    }
+
+    /// A chain of steps: each result's snapshot is the parent of the next
+    /// one's, the first on an image layer no record names.
+    fn chain(n: usize) -> Vec<UsageItem> {
+        let mut items = vec![item("layer", "regular", 10, 0)];
+        items[0].target = Target::Snapshot("layer".into());
+        items[0].shared = true;
+        for k in 1..=n {
+            let mut i = item(&format!("r{k}"), "regular", 10, k as i64);
+            i.ancestors = std::iter::once("layer".to_string())
+                .chain((1..k).map(|j| format!("r{j}")))
+                .collect();
+            i.shared = k < n;
+            items.push(i);
+        }
+        items
+    }
+
+    #[test]
+    fn select_takes_a_whole_chain_at_once_but_not_what_a_kept_item_holds() {
+        let items = chain(50);
+        let all = select(&items, &PruneOptions::default(), 100);
+        assert_eq!(all.len(), 51, "every step and the layer under them");
+        assert_eq!(all[0].id, "r50", "children before their parents");
+        assert_eq!(all[50].id, "layer");
+        // a step in use keeps itself and everything beneath it
+        let mut busy = chain(50);
+        busy[30].in_use = true;
+        let some = select(&busy, &PruneOptions::default(), 100);
+        let ids: Vec<&str> = some.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids.len(), 20, "{ids:?}");
+        assert!(
+            ids.iter()
+                .all(|i| i[1..].parse::<usize>().is_ok_and(|k| k > 30))
+        );
+        // a filter that matches only the bottom of the chain removes nothing
+        let bottom = PruneOptions {
+            filter: f(&["id==r1"]),
+            ..Default::default()
+        };
+        assert!(select(&items, &bottom, 100).is_empty());
+        // one that matches the top: only the top
+        let top = PruneOptions {
+            filter: f(&["id==r50"]),
+            ..Default::default()
+        };
+        assert_eq!(select(&items, &top, 100).len(), 1);
+        // under a size limit, from the top down as far as it takes
+        let limited = PruneOptions {
+            keep_bytes: 455,
+            ..Default::default()
+        };
+        let ids: Vec<String> = select(&items, &limited, 100)
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, ["r50", "r49", "r48", "r47", "r46", "r45"]);
     }
 
     #[test]
