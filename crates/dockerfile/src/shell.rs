@@ -1,6 +1,7 @@
 //! Shell-word expansion as BuildKit's `frontend/dockerfile/shell` lexer does it:
-//! `$v ${v} ${v:-w} ${v-w} ${v:+w} ${v+w} ${v:?w} ${v?w}`, single and double
-//! quotes, and escapes with the Dockerfile's escape character.
+//! `$v ${v} ${v:-w} ${v-w} ${v:+w} ${v+w} ${v:?w} ${v?w}`, the pattern forms
+//! `${v#p} ${v##p} ${v%p} ${v%%p} ${v/p/r} ${v//p/r}` (`*` and `?` wildcards),
+//! single and double quotes, and escapes with the Dockerfile's escape character.
 
 use std::collections::BTreeMap;
 
@@ -98,6 +99,8 @@ struct Word<'a, E: EnvLookup + ?Sized> {
     pos: usize,
     env: &'a E,
     original: &'a str,
+    /// Keep escape characters in the output (the words of `#`, `%` and `/`).
+    raw_escapes: bool,
 }
 
 /// Accumulates words for `process_words`.
@@ -143,6 +146,7 @@ impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
             pos: 0,
             env,
             original: word,
+            raw_escapes: false,
         }
     }
 
@@ -209,6 +213,10 @@ impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
                 }
                 _ if c == self.lex.escape => {
                     self.next();
+                    if self.raw_escapes {
+                        out.push(c);
+                        words.add_raw(&c.to_string());
+                    }
                     match self.next() {
                         None => {}
                         Some(n) => {
@@ -273,6 +281,9 @@ impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
                 }
                 Some(c) if c == self.lex.escape => {
                     self.next();
+                    if self.raw_escapes {
+                        s.push(c);
+                    }
                     match self.peek() {
                         None => {}
                         Some(n) if n == '"' || n == '$' || n == self.lex.escape => {
@@ -331,61 +342,189 @@ impl<'a, E: EnvLookup + ?Sized> Word<'a, E> {
             });
         }
         self.next(); // '{'
-        let name = self.name();
-        if name.is_empty() {
-            return Err(self.err("bad substitution"));
+        match self.peek() {
+            None => return Err(self.err("syntax error: missing '}'")),
+            Some('{' | '}' | ':') => return Err(self.err("syntax error: bad substitution")),
+            Some(_) => {}
         }
-        let value = self.env.lookup(&name);
-        match self.next() {
-            Some('}') => Ok(match value {
-                Some(v) => v,
-                None if self.lex.skip_unset_env => format!("${{{name}}}"),
-                None => String::new(),
-            }),
-            Some(':') => {
-                let modifier = self.next();
-                let (word, _) = self.process_until(Some('}'), false)?;
-                let set_nonempty = value.as_deref().is_some_and(|v| !v.is_empty());
-                match modifier {
-                    Some('-') => Ok(if set_nonempty {
-                        value.unwrap_or_default()
+        let name = self.name();
+        // BuildKit's scanner reads the end of input as U+FFFD in messages.
+        let ch = self.next().unwrap_or('\u{fffd}');
+        match ch {
+            '}' => {
+                let value = self.env.lookup(&name);
+                Ok(match value {
+                    Some(v) => v,
+                    None if self.lex.skip_unset_env => format!("${{{name}}}"),
+                    None => String::new(),
+                })
+            }
+            ':' | '+' | '-' | '?' | '#' | '%' => {
+                let null_is_unset = ch == ':';
+                let (op, modifier) = if null_is_unset {
+                    let m = self.next().unwrap_or('\u{fffd}');
+                    (m, format!(":{m}"))
+                } else {
+                    (ch, ch.to_string())
+                };
+                let raw = matches!(op, '#' | '%');
+                if null_is_unset && raw {
+                    return Err(
+                        self.err(format!("unsupported modifier ({modifier}) in substitution"))
+                    );
+                }
+                let word = self.stop_on('}', raw, "syntax error: missing '}'")?;
+                let value = self.env.lookup(&name);
+                if value.is_none() && self.lex.skip_unset_env {
+                    return Ok(format!("${{{name}{modifier}{word}}}"));
+                }
+                let set = value.is_some();
+                let value = value.unwrap_or_default();
+                let empty = null_is_unset && value.is_empty();
+                let message = |default: &str| {
+                    let m = if word.is_empty() { default } else { &word };
+                    self.err(format!("{name}: {m}"))
+                };
+                match op {
+                    '-' => Ok(if !set || empty { word.clone() } else { value }),
+                    '+' => Ok(if !set || empty {
+                        String::new()
                     } else {
-                        word
+                        word.clone()
                     }),
-                    Some('+') => Ok(if set_nonempty { word } else { String::new() }),
-                    Some('?') => {
-                        if set_nonempty {
-                            Ok(value.unwrap_or_default())
-                        } else if word.is_empty() {
-                            Err(self.err(format!("{name}: is not allowed to be unset")))
+                    '?' if !set => Err(message("is not allowed to be unset")),
+                    '?' if empty => Err(message("is not allowed to be empty")),
+                    '?' => Ok(value),
+                    '#' | '%' => {
+                        let (greedy, pattern) = match word.strip_prefix(op) {
+                            Some(rest) => (true, rest.to_string()),
+                            None => (false, word),
+                        };
+                        if op == '%' {
+                            let reversed = reverse_pattern(&pattern);
+                            let value: String = value.chars().rev().collect();
+                            let trimmed = self.trim_prefix(&reversed, &value, greedy)?;
+                            Ok(trimmed.chars().rev().collect())
                         } else {
-                            Err(self.err(format!("{name}: {word}")))
+                            self.trim_prefix(&pattern, &value, greedy)
                         }
                     }
-                    Some(m) => {
-                        Err(self.err(format!("unsupported modifier (:{m}) in substitution")))
+                    _ => {
+                        Err(self.err(format!("unsupported modifier ({modifier}) in substitution")))
                     }
-                    None => Err(self.err("missing '}'")),
                 }
             }
-            Some(m @ ('-' | '+' | '?')) => {
-                let (word, _) = self.process_until(Some('}'), false)?;
-                match m {
-                    '-' => Ok(value.unwrap_or(word)),
-                    '+' => Ok(if value.is_some() { word } else { String::new() }),
-                    _ => match value {
-                        Some(v) => Ok(v),
-                        None if word.is_empty() => {
-                            Err(self.err(format!("{name}: is not allowed to be unset")))
-                        }
-                        None => Err(self.err(format!("{name}: {word}"))),
-                    },
+            '/' => {
+                let all = self.peek() == Some('/');
+                if all {
+                    self.next();
+                }
+                let pattern = self.stop_on('/', true, "syntax error: missing '/' in ${}")?;
+                let replacement = self.stop_on('}', true, "syntax error: missing '}'")?;
+                let value = self.env.lookup(&name);
+                if value.is_none() && self.lex.skip_unset_env {
+                    return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
+                }
+                let value = value.unwrap_or_default();
+                let re = self.pattern_regex(&pattern, &pattern, true, false)?;
+                if all {
+                    // Go's ReplaceAllString expands `$name` in the replacement, as
+                    // `regex` does.
+                    Ok(re.replace_all(&value, replacement.as_str()).into_owned())
+                } else {
+                    Ok(re
+                        .replace(&value, regex::NoExpand(&replacement))
+                        .into_owned())
                 }
             }
-            Some(m) => Err(self.err(format!("unsupported modifier ({m}) in substitution"))),
-            None => Err(self.err("missing '}'")),
+            _ => Err(self.err(format!("unsupported modifier ({ch}) in substitution"))),
         }
     }
+
+    /// The word of a `${...}` form up to `stop`, escapes kept when `raw`; at the
+    /// end of the input, `at_end` is the error.
+    fn stop_on(&mut self, stop: char, raw: bool, at_end: &str) -> Result<String, Error> {
+        let saved = self.raw_escapes;
+        self.raw_escapes = raw;
+        let r = self.process_until(Some(stop), false);
+        self.raw_escapes = saved;
+        match r {
+            Ok((word, _)) => Ok(word),
+            Err(_) if self.peek().is_none() => Err(self.err(at_end)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `value` without its shortest (longest when `greedy`) prefix matching `pattern`.
+    fn trim_prefix(&self, pattern: &str, value: &str, greedy: bool) -> Result<String, Error> {
+        let re = self.pattern_regex(pattern, pattern, greedy, true)?;
+        Ok(match re.find(value) {
+            Some(m) => value[m.end()..].to_string(),
+            None => value.to_string(),
+        })
+    }
+
+    /// A shell pattern (`*`, `?`, escapes; no bracket expressions) as a regex, as
+    /// BuildKit's `convertShellPatternToRegex` makes it.
+    fn pattern_regex(
+        &self,
+        pattern: &str,
+        shown: &str,
+        greedy: bool,
+        anchored: bool,
+    ) -> Result<regex::Regex, Error> {
+        let invalid =
+            |why: String| self.err(format!("invalid pattern ({shown}) in substitution: {why}"));
+        let mut out = String::with_capacity(pattern.len() + 4);
+        if anchored {
+            out.push('^');
+        }
+        let star = if greedy { ".*" } else { ".*?" };
+        let mut chars = pattern.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '*' => out.push_str(star),
+                '?' => out.push('.'),
+                '\\' => {
+                    if matches!(chars.peek(), Some('}' | '/')) {
+                        continue;
+                    }
+                    match chars.next() {
+                        Some(n @ ('*' | '?' | '\\')) => {
+                            out.push('\\');
+                            out.push(n);
+                        }
+                        Some(n) => return Err(invalid(format!("invalid escape '\\{n}'"))),
+                        None => return Err(invalid("invalid escape '\\'".to_string())),
+                    }
+                }
+                _ => out.push_str(&regex::escape(&c.to_string())),
+            }
+        }
+        regex::Regex::new(&out).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// Reverses a pattern keeping each escape before the character it escapes
+/// (`a\*c` becomes `c\*a`), so a suffix can be found as a prefix.
+fn reverse_pattern(pattern: &str) -> String {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut out = vec![' '; chars.len()];
+    let last = chars.len().saturating_sub(1);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let at = last - i;
+        if c == '\\' && i != last {
+            out[at - 1] = c;
+            out[at] = chars[i + 1];
+            i += 2;
+        } else {
+            out[at] = c;
+            i += 1;
+        }
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -456,16 +595,39 @@ mod tests {
                 "ERR failed to process \"${UNSET?}\": UNSET: is not allowed to be unset",
             ),
             ("${EMPTY?x}", ""),
-            ("${A", "ERR failed to process \"${A\": missing '}'"),
+            (
+                "${A",
+                "ERR failed to process \"${A\": unsupported modifier (\u{fffd}) in substitution",
+            ),
+            (
+                "${",
+                "ERR failed to process \"${\": syntax error: missing '}'",
+            ),
             (
                 "${A:-x",
-                "ERR failed to process \"${A:-x\": unexpected end of statement while looking for matching }",
+                "ERR failed to process \"${A:-x\": syntax error: missing '}'",
             ),
-            ("${}", "ERR failed to process \"${}\": bad substitution"),
             (
-                "${A%x}",
-                "ERR failed to process \"${A%x}\": unsupported modifier (%) in substitution",
+                "${}",
+                "ERR failed to process \"${}\": syntax error: bad substitution",
             ),
+            (
+                "${:-x}",
+                "ERR failed to process \"${:-x}\": syntax error: bad substitution",
+            ),
+            (
+                "${A:x}",
+                "ERR failed to process \"${A:x}\": unsupported modifier (:x) in substitution",
+            ),
+            (
+                "${A:#x}",
+                "ERR failed to process \"${A:#x}\": unsupported modifier (:#) in substitution",
+            ),
+            (
+                "${EMPTY:?}",
+                "ERR failed to process \"${EMPTY:?}\": EMPTY: is not allowed to be empty",
+            ),
+            ("${A%x}", "a"),
             ("'$A'", "$A"),
             ("'a b'", "a b"),
             ("\"$A\"", "a"),
@@ -499,6 +661,78 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn pattern_forms() {
+        let lex = Lex::new('\\');
+        let env: Vec<(String, String)> = [
+            ("P", "/usr/local/lib/x.tar.gz"),
+            ("S", "aabbaa"),
+            ("STARS", "k**v*"),
+            ("Q", "?x?y"),
+            ("RE", "a.b(c)|d"),
+            ("EMPTY", ""),
+            ("N", "b"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let cases: &[(&str, &str)] = &[
+            ("${P#*/}", "usr/local/lib/x.tar.gz"),
+            ("${P##*/}", "x.tar.gz"),
+            ("${P%.*}", "/usr/local/lib/x.tar"),
+            ("${P%%.*}", "/usr/local/lib/x"),
+            ("${P%/*}", "/usr/local/lib"),
+            ("${P#/usr}", "/local/lib/x.tar.gz"),
+            ("${P#nomatch}", "/usr/local/lib/x.tar.gz"),
+            ("${S#a}", "abbaa"),
+            ("${S##a*}", ""),
+            ("${S#?}", "abbaa"),
+            ("${S#$N}", "aabbaa"),
+            ("${S#*$N}", "baa"),
+            ("${S%}", "aabbaa"),
+            ("${S#}", "aabbaa"),
+            ("${STARS%%\\**}", "k"),
+            ("${STARS#k\\*}", "*v*"),
+            ("${Q#\\?}", "x?y"),
+            ("${RE#a.b(c)}", "|d"),
+            ("${RE%|d}", "a.b(c)"),
+            ("${UNSET#x}", ""),
+            ("${EMPTY%%*}", ""),
+            ("${S/b/X}", "aaXbaa"),
+            ("${S//b/X}", "aaXXaa"),
+            (
+                "${S//a}",
+                "ERR failed to process \"${S//a}\": syntax error: missing '/' in ${}",
+            ),
+            ("${S/a*/-}", "-"),
+            ("${S//?a/-}", "-b-a"),
+            ("${P//\\//:}", ":usr:local:lib:x.tar.gz"),
+            ("${P/\\/usr/\\/opt}", "\\/opt/local/lib/x.tar.gz"),
+            ("${S/$EMPTY/>}", ">aabbaa"),
+            ("${S///}", "aabbaa"),
+            ("${UNSET/a/b}", ""),
+            ("${S/b/$N$N}", "aabbbaa"),
+            (
+                "${S#\\x}",
+                "ERR failed to process \"${S#\\\\x}\": invalid pattern (\\x) in substitution: invalid escape '\\x'",
+            ),
+            ("x${S%a}y", "xaabbay"),
+        ];
+        let mut failures = Vec::new();
+        for (word, want) in cases {
+            let got = render(lex.process_word(word, &env));
+            if &got != want {
+                failures.push(format!("word {word:?}: want {want:?} got {got:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let raw = Lex::new('\\').skip_unset_env(true);
+        assert_eq!(
+            render(raw.process_word("${NOPE#a*} ${NOPE//x/y}", &env)),
+            "${NOPE#a*} ${NOPE/x/y}"
+        );
     }
 
     #[test]
