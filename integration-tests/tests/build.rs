@@ -237,6 +237,36 @@ RUN exit 1
     assert_eq!(read(c.path().join("out/base.txt")), "base\n");
 }
 
+/// `kiln build --build-context` as buildx takes it: a directory is synced as
+/// a named context, `docker-image://` replaces a stage.
+#[test]
+fn build_context_flag_names_a_dir_and_replaces_a_stage() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let c = BuildContext::new(
+        "FROM busybox AS base\nRUN echo stage > /marker\n\
+         FROM base AS final\nCOPY --from=extra x.txt /x.txt\n\
+         RUN if [ -e /marker ]; then echo stage; else echo image; fi > /which\n\
+         FROM scratch\nCOPY --from=final /which /x.txt /\n",
+    )
+    .expect("context");
+    c.file("elsewhere/x.txt", "x\n").expect("write");
+    let extra = format!("extra={}", c.path().join("elsewhere").display());
+    d.build(
+        c.path(),
+        &args(&[
+            "--build-context",
+            &extra,
+            "--build-context",
+            "base=docker-image://busybox:latest",
+            "--output",
+            "type=local,dest=out",
+        ]),
+    )
+    .expect("build");
+    assert_eq!(read(c.path().join("out/x.txt")), "x\n");
+    assert_eq!(read(c.path().join("out/which")), "image\n");
+}
+
 #[test]
 fn scratch_image_with_copied_files_only() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");

@@ -115,6 +115,10 @@ pub struct BuildArgs {
     /// Target stage (short form)
     #[arg(long)]
     target: Option<String>,
+    /// Named context, as buildx takes it: NAME=DIR (a local dir, synced),
+    /// NAME=docker-image://REF, a git or http(s) URL, or target:STAGE
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    build_contexts: Vec<String>,
     /// Image name to give the result, as --output type=image,name=TAG (short form)
     #[arg(long, short = 't')]
     tag: Vec<String>,
@@ -351,6 +355,7 @@ fn expose_named_context_dirs(args: &mut BuildArgs) -> anyhow::Result<()> {
 
 pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()> {
     apply_shorthands(&mut args);
+    apply_build_contexts(&mut args)?;
     let call = call_func(&args)?;
     if call.is_some() {
         // a subrequest builds nothing, so nothing is exported
@@ -567,6 +572,55 @@ fn apply_shorthands(args: &mut BuildArgs) {
         args.outputs
             .push(format!("type=image,\"name={}\"", args.tag.join(",")));
     }
+}
+
+/// `--build-context NAME=VALUE` as buildx turns it into frontend options: a
+/// URL, `docker-image://` or `target:` value is passed as `context:NAME`; a
+/// directory is synced as the local dir NAME (`_context`/`_dockerfile` for
+/// those two names) that `context:NAME=local:...` names.
+fn apply_build_contexts(args: &mut BuildArgs) -> anyhow::Result<()> {
+    const PASSED: [&str; 8] = [
+        "docker-image://",
+        "target:",
+        "http://",
+        "https://",
+        "git://",
+        "ssh://",
+        "git@",
+        "github.com/",
+    ];
+    for c in &args.build_contexts {
+        let (name, value) = split_kv(c, "--build-context")?;
+        if name.is_empty() {
+            bail!("--build-context {c}: no name");
+        }
+        if PASSED.iter().any(|p| value.starts_with(p)) {
+            args.opts.push(format!("context:{name}={value}"));
+            continue;
+        }
+        if value.starts_with("oci-layout://") {
+            bail!("--build-context {c}: oci-layout:// contexts are not supported yet");
+        }
+        let meta = std::fs::metadata(&value)
+            .with_context(|| format!("failed to get build context {name}"))?;
+        if !meta.is_dir() {
+            bail!("failed to get build context path {value}: not a directory");
+        }
+        let local = match name.as_str() {
+            "context" | "dockerfile" => format!("_{name}"),
+            _ => name.clone(),
+        };
+        if args
+            .locals
+            .iter()
+            .any(|l| l.split_once('=').is_some_and(|(n, _)| n == local))
+        {
+            bail!("--build-context {c}: a --local named {local:?} already exists");
+        }
+        args.locals.push(format!("{local}={value}"));
+        args.opts.push(format!("context:{name}=local:{local}"));
+    }
+    Ok(())
 }
 
 /// What the session serves: local dirs, secrets, ssh agents (outputs are
@@ -861,6 +915,47 @@ mod tests {
         }
         let cli = <Cli as clap::Parser>::try_parse_from(full)?;
         call_func(&cli.args)
+    }
+
+    #[test]
+    fn build_contexts_become_named_contexts_as_buildx_passes_them() -> anyhow::Result<()> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BuildArgs,
+        }
+        let dir = std::env::temp_dir();
+        let dir = dir.to_string_lossy();
+        let parse = |extra: &[String]| -> anyhow::Result<BuildArgs> {
+            let mut full = vec!["kiln".to_string()];
+            full.extend(extra.iter().cloned());
+            let mut cli = <Cli as clap::Parser>::try_parse_from(full)?;
+            apply_build_contexts(&mut cli.args)?;
+            Ok(cli.args)
+        };
+        let args = parse(&[
+            format!("--build-context=src={dir}"),
+            format!("--build-context=context={dir}"),
+            "--build-context=base=docker-image://busybox:latest".to_string(),
+            "--build-context=repo=https://github.com/moby/buildkit.git".to_string(),
+        ])?;
+        assert_eq!(
+            args.opts,
+            [
+                "context:src=local:src",
+                "context:context=local:_context",
+                "context:base=docker-image://busybox:latest",
+                "context:repo=https://github.com/moby/buildkit.git",
+            ]
+        );
+        assert_eq!(
+            args.locals,
+            [format!("src={dir}"), format!("_context={dir}")]
+        );
+        assert!(parse(&["--build-context=x=/no/such/dir".to_string()]).is_err());
+        assert!(parse(&["--build-context=x".to_string()]).is_err());
+        assert!(parse(&["--build-context=x=oci-layout:///tmp/l".to_string()]).is_err());
+        Ok(())
     }
 
     #[test]
