@@ -46,6 +46,10 @@ pub type Credentials = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Syn
 pub struct Resolved {
     /// The reference, pinned to `manifest_digest`.
     pub reference: Reference,
+    /// Digest of what the reference names: the index of a multi-platform
+    /// image (the digest BuildKit's frontends pin a `FROM` to), else the
+    /// manifest.
+    pub digest: String,
     /// Digest of the platform-specific manifest.
     pub manifest_digest: String,
     pub manifest: Manifest,
@@ -277,6 +281,7 @@ impl Client {
                 actual: digest,
             });
         }
+        let top = digest.clone();
         if media_types::is_index(&media_type) {
             let index: Index =
                 serde_json::from_slice(&bytes).map_err(|source| Error::DecodeManifest {
@@ -321,6 +326,7 @@ impl Client {
             .await?;
         Ok(Resolved {
             reference: r.with_digest(&digest),
+            digest: top,
             manifest_digest: digest,
             manifest,
             manifest_media_type: media_type,

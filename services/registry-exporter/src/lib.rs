@@ -249,7 +249,8 @@ impl PlatformRef {
 pub struct ResolvedConfig {
     /// Canonical reference, e.g. docker.io/library/busybox:latest
     pub reference: String,
-    /// Manifest digest.
+    /// What the reference resolved to: a multi-platform image's index, else
+    /// its manifest.
     pub digest: String,
     /// Raw config JSON.
     pub config: Vec<u8>,
@@ -299,7 +300,8 @@ impl Exporter {
         }
     }
 
-    /// Resolve `reference` for `platform` (default: this host's) to its manifest digest and config.
+    /// Resolve `reference` for `platform` (default: this host's) to its digest
+    /// (an index's, for a multi-platform image) and the platform's config.
     pub async fn resolve_image_config(
         &self,
         reference: &str,
@@ -338,7 +340,9 @@ impl Exporter {
         }
         Ok(ResolvedConfig {
             reference: canonical.to_string(),
-            digest: resolved.manifest_digest,
+            // a multi-platform image is pinned by its index, as BuildKit's
+            // frontend pins it: the same LLB, the same cache keys
+            digest: resolved.digest,
             config: resolved.config,
         })
     }
