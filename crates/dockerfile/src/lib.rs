@@ -26,7 +26,7 @@ pub use instructions::{
     Run, Stage, parse, parse_command,
 };
 pub use mount::{MountError, MountType, RunMount, Sharing, parse_mount};
-pub use parser::{Ast, Directives, Heredoc, Node, parse_ast, parse_directives};
+pub use parser::{Ast, Directives, Heredoc, Node, detect_directives, parse_ast, parse_directives};
 pub use path::clean_path;
 pub use shell::{EnvLookup, Lex};
 

@@ -95,10 +95,13 @@ fn is_blank(line: &str) -> bool {
 }
 
 /// If `line` ends with the escape char followed only by spaces/tabs, return it
-/// without that tail.
+/// without that tail. As in BuildKit, an escaped escape (`\\` at the end) is
+/// not a continuation.
 fn strip_continuation(line: &str, escape: char) -> Option<&str> {
     let trimmed = line.trim_end_matches([' ', '\t']);
-    trimmed.strip_suffix(escape)
+    trimmed
+        .strip_suffix(escape)
+        .filter(|rest| !rest.ends_with(escape))
 }
 
 /// Parses `# key=value`; None when the line is not directive-shaped.
@@ -106,7 +109,9 @@ fn parse_directive(line: &str) -> Option<(String, String)> {
     let rest = line.trim_start().strip_prefix('#')?;
     let (key, value) = rest.split_once('=')?;
     let key = key.trim();
-    if key.is_empty()
+    // BuildKit's directive pattern needs a value: `# escape=` is a comment.
+    if value.is_empty()
+        || key.is_empty()
         || !key.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         || !key.chars().all(|c| c.is_ascii_alphanumeric())
     {
@@ -123,11 +128,25 @@ pub fn parse_directives(src: &str) -> Result<Directives, Error> {
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .collect();
-    directives_of(&lines).map(|(d, _)| d)
+    directives_of(&lines, false).map(|(d, _)| d)
+}
+
+/// The directives as BuildKit reads them to pick a frontend (`DetectSyntax`):
+/// never an error, a repeated directive ends them and an invalid escape token
+/// is left for the frontend to report.
+pub fn detect_directives(src: &str) -> Directives {
+    let lines: Vec<&str> = src
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect();
+    match directives_of(&lines, true) {
+        Ok((d, _)) => d,
+        Err(_) => Directives::default(),
+    }
 }
 
 /// The directives of `lines` and how many lines they take.
-fn directives_of(lines: &[&str]) -> Result<(Directives, usize), Error> {
+fn directives_of(lines: &[&str], lenient: bool) -> Result<(Directives, usize), Error> {
     let mut directives = Directives::default();
     let mut i = 0;
     // Directives: only at the very top; the first other line ends them.
@@ -142,6 +161,9 @@ fn directives_of(lines: &[&str]) -> Result<(Directives, usize), Error> {
             _ => break,
         }
         if seen.contains(&key) {
+            if lenient {
+                break;
+            }
             return Err(Error::InvalidDirective {
                 line,
                 name: key.clone(),
@@ -158,6 +180,7 @@ fn directives_of(lines: &[&str]) -> Result<(Directives, usize), Error> {
                 directives.escape = match value.as_str() {
                     "\\" => '\\',
                     "`" => '`',
+                    _ if lenient => directives.escape,
                     _ => {
                         return Err(Error::InvalidDirective {
                             line,
@@ -182,7 +205,7 @@ pub fn parse_ast(src: &str) -> Result<Ast, Error> {
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .collect();
-    let (directives, mut i) = directives_of(&lines)?;
+    let (directives, mut i) = directives_of(&lines, false)?;
 
     let escape = directives.escape;
     let mut nodes = Vec::new();
@@ -391,6 +414,35 @@ mod tests {
         assert_eq!(ast.nodes[2].keyword, "copy");
         assert_eq!(ast.nodes[2].flags, vec!["--from=x", "--chown=1:2"]);
         assert_eq!(ast.nodes[2].args, "a b");
+    }
+
+    #[test]
+    fn doubled_escape_at_end_is_not_a_continuation() {
+        let ast = parse_ast("FROM a\nRUN a \\\\\nRUN b \\  \n c\n").expect("parse");
+        assert_eq!(ast.nodes.len(), 3);
+        assert_eq!(ast.nodes[1].args, "a \\\\");
+        assert_eq!(ast.nodes[2].args, "b  c");
+        let tick = parse_ast("# escape=`\nFROM a\nRUN a ``\nRUN b\n").expect("parse");
+        assert_eq!(tick.nodes.len(), 3);
+    }
+
+    #[test]
+    fn directive_without_value_is_a_comment() {
+        let ast = parse_ast("# escape=\n# escape=`\nFROM a\nRUN b \\\n c\n").expect("parse");
+        assert_eq!(ast.directives.escape, '\\');
+        assert_eq!(ast.nodes.len(), 2);
+        assert_eq!(ast.nodes[1].args, "b  c");
+    }
+
+    #[test]
+    fn detect_directives_is_lenient() {
+        let src = "# syntax=example.com/fe\n# escape=x\n# escape=`\n# check=skip=all\nFROM a\n";
+        assert!(parse_directives(src).is_err());
+        let d = detect_directives(src);
+        assert_eq!(d.syntax.as_deref(), Some("example.com/fe"));
+        assert_eq!(d.syntax_line, 1);
+        assert_eq!(d.escape, '\\');
+        assert_eq!(d.check, None);
     }
 
     #[test]

@@ -81,7 +81,9 @@ pub fn frontend_image(
     build_args: &BTreeMap<String, String>,
 ) -> Option<FrontendImage> {
     let text = String::from_utf8_lossy(dockerfile);
-    let directives = kiln_dockerfile::parse_directives(&text).ok()?;
+    // as BuildKit's DetectSyntax: directives it cannot accept are the named
+    // frontend's to report
+    let directives = kiln_dockerfile::detect_directives(&text);
     let (cmdline, line) = requested(&directives, build_args)?;
     let reference = cmdline.split_whitespace().next()?.to_string();
     if is_dockerfile_frontend(&reference) {
