@@ -812,7 +812,10 @@ fn parse_instruction(node: &Node, escape: char) -> Result<Instruction, Error> {
         "expose" => {
             no_flags(node)?;
             require_args(node)?;
-            Instruction::Expose(args.split_whitespace().map(str::to_string).collect())
+            // BuildKit sorts the words as written, before expanding them
+            let mut ports: Vec<String> = args.split_whitespace().map(str::to_string).collect();
+            ports.sort();
+            Instruction::Expose(ports)
         }
         "shell" => {
             no_flags(node)?;

@@ -392,7 +392,7 @@ fn cmd_entrypoint_shell() {
 fn expose_volume() {
     check_table(&[
         ("EXPOSE 80", r#"EXPOSE ["80"]"#),
-        ("EXPOSE 80/tcp 53/udp", r#"EXPOSE ["80/tcp", "53/udp"]"#),
+        ("EXPOSE 80/tcp 53/udp", r#"EXPOSE ["53/udp", "80/tcp"]"#),
         (
             "EXPOSE",
             "ERR Dockerfile:2: EXPOSE: EXPOSE requires at least one argument",
@@ -730,7 +730,7 @@ fn simple_instruction_table() {
         (r#"ENTRYPOINT ["/app"]"#, r#"ENTRYPOINT exec:["/app"]"#),
         ("ENTRYPOINT exec /app", "ENTRYPOINT shell:exec /app"),
         ("EXPOSE 80", r#"EXPOSE ["80"]"#),
-        ("EXPOSE 80/tcp 53/udp", r#"EXPOSE ["80/tcp", "53/udp"]"#),
+        ("EXPOSE 80/tcp 53/udp", r#"EXPOSE ["53/udp", "80/tcp"]"#),
         (
             "EXPOSE",
             "ERR Dockerfile:2: EXPOSE: EXPOSE requires at least one argument",

@@ -76,42 +76,85 @@ pub(crate) fn entrypoint(st: &mut StageState, cmd: &CommandLine) {
     st.commit_empty(format!("ENTRYPOINT {}", go_quote_list(&args)));
 }
 
-/// Docker's port specs: `80`, `80/tcp`, `53/udp`, `8000-8002/tcp`.
+/// Port specs as BuildKit's `parsePorts` reads them: `[[ip:]hostPort:]port[-end][/proto]`,
+/// each giving `port/proto` (in the given order, duplicates kept) for the container port.
 pub(crate) fn parse_ports(specs: &[String]) -> Result<Vec<String>, Reason> {
     let mut out = Vec::new();
     for spec in specs {
-        let (ports, proto) = match spec.split_once('/') {
-            Some((p, proto)) => (p, proto.to_ascii_lowercase()),
-            None => (spec.as_str(), "tcp".to_string()),
-        };
-        if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-            return Err(format!("invalid proto: {proto}"));
-        }
-        // An ip:hostPort:containerPort form keeps only the container port.
-        let ports = ports.rsplit(':').next().unwrap_or(ports);
-        let parse = |s: &str| -> Result<u16, Reason> {
-            s.parse::<u16>()
-                .map_err(|_| format!("invalid containerPort: {s}"))
-        };
-        let (start, end) = match ports.split_once('-') {
-            Some((a, b)) => (parse(a)?, parse(b)?),
-            None => {
-                let p = parse(ports)?;
-                (p, p)
-            }
-        };
-        if end < start {
+        out.extend(parse_port(spec)?);
+    }
+    Ok(out)
+}
+
+fn parse_port(raw: &str) -> Result<Vec<String>, Reason> {
+    let parts: Vec<&str> = raw.split(':').collect();
+    let n = parts.len();
+    let (ip, host_port, container) = match n {
+        1 => (String::new(), "", parts[0]),
+        2 => (String::new(), parts[0], parts[1]),
+        _ => (parts[..n - 2].join(":"), parts[n - 2], parts[n - 1]),
+    };
+    let (port, proto) = container.split_once('/').unwrap_or((container, ""));
+    if port.is_empty() {
+        return Err(format!("invalid port: {raw:?}: no port specified"));
+    }
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "" => "tcp".to_string(),
+        p @ ("tcp" | "udp" | "sctp") => p.to_string(),
+        _ => return Err(format!("invalid port: {raw:?}: invalid proto: {proto}")),
+    };
+    let ip = match ip.strip_prefix('[') {
+        Some(rest) => match rest.strip_suffix(']') {
+            Some(inner) => inner.to_string(),
+            None => return Err(format!("invalid IP address {ip}")),
+        },
+        None => ip,
+    };
+    if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("invalid IP address: {ip}"));
+    }
+    let (start, end) = port_range(port).map_err(|_| format!("invalid containerPort: {port}"))?;
+    if !host_port.is_empty() {
+        let (host_start, host_end) =
+            port_range(host_port).map_err(|_| format!("invalid hostPort: {host_port}"))?;
+        if end - start != host_end - host_start && end != start {
             return Err(format!(
-                "invalid range specified for container port: {ports}"
+                "invalid ranges specified for container and host Ports: {port} and {host_port}"
             ));
         }
-        for p in start..=end {
-            out.push(format!("{p}/{proto}"));
+    }
+    Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// `8000` or `8000-9000` (BuildKit's `parsePortRange`).
+fn port_range(ports: &str) -> Result<(i64, i64), ()> {
+    let number = |s: &str| -> Result<i64, ()> {
+        let p = s.parse::<i64>().map_err(|_| ())?;
+        if (0..=65535).contains(&p) {
+            Ok(p)
+        } else {
+            Err(())
+        }
+    };
+    if ports.is_empty() {
+        return Err(());
+    }
+    let (start, end) = match ports.split_once('-') {
+        Some((a, b)) => (a, Some(b)),
+        None => (ports, None),
+    };
+    let first = number(start)?;
+    match end {
+        None => Ok((first, first)),
+        Some(end) if end == start => Ok((first, first)),
+        Some(end) => {
+            let last = number(end)?;
+            if last < first {
+                return Err(());
+            }
+            Ok((first, last))
         }
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
 }
 
 pub(crate) fn expose(st: &mut StageState, specs: &[String]) -> Result<(), Reason> {
@@ -306,9 +349,38 @@ mod tests {
             Ok(vec!["53/udp".to_string(), "80/tcp".to_string()])
         );
         assert_eq!(s(&["7000-7002"]).map(|v| v.len()), Ok(3));
-        assert!(s(&["x"]).is_err());
-        assert!(s(&["80/foo"]).is_err());
-        assert!(s(&["9-8"]).is_err());
+        assert_eq!(
+            s(&[
+                "80/TCP",
+                "8080:81",
+                "127.0.0.1:8082:82/udp",
+                "[::1]:1:2",
+                "80"
+            ]),
+            Ok(["80/tcp", "81/tcp", "82/udp", "2/tcp", "80/tcp"]
+                .map(String::from)
+                .to_vec())
+        );
+        assert_eq!(s(&["x"]), Err("invalid containerPort: x".to_string()));
+        assert_eq!(
+            s(&["80/Foo"]),
+            Err("invalid port: \"80/Foo\": invalid proto: Foo".to_string())
+        );
+        assert_eq!(s(&["9-8"]), Err("invalid containerPort: 9-8".to_string()));
+        assert_eq!(
+            s(&["70000"]),
+            Err("invalid containerPort: 70000".to_string())
+        );
+        assert_eq!(
+            s(&["/udp"]),
+            Err("invalid port: \"/udp\": no port specified".to_string())
+        );
+        assert_eq!(s(&["a:1:2"]), Err("invalid IP address: a".to_string()));
+        assert_eq!(
+            s(&["1-2:3-5"]),
+            Err("invalid ranges specified for container and host Ports: 3-5 and 1-2".to_string())
+        );
+        assert_eq!(s(&["1-3:5"]).map(|v| v.len()), Ok(1));
     }
 
     #[test]

@@ -739,7 +739,7 @@ async fn errors_name_the_line() {
         ),
         (
             "FROM busybox\nEXPOSE 80/foo\n",
-            "Dockerfile:2: EXPOSE: invalid proto: foo",
+            "Dockerfile:2: EXPOSE: invalid port: \"80/foo\": invalid proto: foo",
         ),
         (
             "FROM busybox\nSTOPSIGNAL SIGNOPE\n",
