@@ -144,13 +144,9 @@ pub struct ContainerConfig {
         deserialize_with = "null_as_default"
     )]
     pub env: Vec<String>,
-    #[serde(
-        rename = "Entrypoint",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "Entrypoint", default, skip_serializing_if = "none_or_empty")]
     pub entrypoint: Option<Vec<String>>,
-    #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "Cmd", default, skip_serializing_if = "none_or_empty")]
     pub cmd: Option<Vec<String>>,
     #[serde(rename = "Volumes", default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<BTreeMap<String, EmptyObject>>,
@@ -168,9 +164,9 @@ pub struct ContainerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub stop_signal: Option<String>,
-    #[serde(rename = "Shell", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "Shell", default, skip_serializing_if = "none_or_empty")]
     pub shell: Option<Vec<String>>,
-    #[serde(rename = "OnBuild", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "OnBuild", default, skip_serializing_if = "none_or_empty")]
     pub on_build: Option<Vec<String>>,
     #[serde(
         rename = "Healthcheck",
@@ -180,6 +176,12 @@ pub struct ContainerConfig {
     pub healthcheck: Option<serde_json::Value>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Go's `omitempty` on a slice: an empty list is left out like a missing one
+/// (`CMD []` gives a config without `Cmd`, as BuildKit writes it).
+fn none_or_empty<T>(v: &Option<Vec<T>>) -> bool {
+    v.as_ref().is_none_or(Vec::is_empty)
 }
 
 /// `{}` — the value type of ExposedPorts and Volumes maps.
