@@ -247,7 +247,6 @@ fn go_quote_rune(n: u32) -> String {
 fn healthcheck_duration(
     value: Option<&str>,
     flag: &'static str,
-    key: &str,
     line: usize,
 ) -> Result<i64, Error> {
     let Some(value) = value else {
@@ -255,18 +254,13 @@ fn healthcheck_duration(
     };
     let ns = kiln_units::parse_go_duration(value)
         .map_err(|source| Error::InvalidHealthcheckDuration { line, flag, source })?;
-    if ns < 0 {
-        return Err(Error::InvalidInstruction {
-            line,
-            instruction: "HEALTHCHECK".to_string(),
-            reason: format!("{key} in HEALTHCHECK cannot be negative"),
-        });
-    }
+    // BuildKit's parseOptInterval: anything but 0 under a millisecond (negative
+    // too), named by its flag, whichever flag it is
     if ns != 0 && ns < 1_000_000 {
         return Err(Error::InvalidInstruction {
             line,
             instruction: "HEALTHCHECK".to_string(),
-            reason: format!("{key} in HEALTHCHECK cannot be less than 1ms"),
+            reason: format!("Interval {flag:?} cannot be less than 1ms"),
         });
     }
     Ok(ns)
@@ -282,7 +276,7 @@ pub(crate) fn healthcheck(st: &mut StageState, hc: &Healthcheck, line: usize) ->
         ("start-period", "StartPeriod", &hc.start_period),
         ("start-interval", "StartInterval", &hc.start_interval),
     ] {
-        let ns = healthcheck_duration(value.as_deref(), flag, key, line)?;
+        let ns = healthcheck_duration(value.as_deref(), flag, line)?;
         if ns != 0 {
             obj.insert(key.to_string(), serde_json::json!(ns));
         }

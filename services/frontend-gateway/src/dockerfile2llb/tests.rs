@@ -771,7 +771,7 @@ async fn errors_name_the_line() {
         ),
         (
             "FROM busybox\nHEALTHCHECK --timeout=10us CMD true\n",
-            "Dockerfile:2: HEALTHCHECK: Timeout in HEALTHCHECK cannot be less than 1ms",
+            "Dockerfile:2: HEALTHCHECK: Interval \"timeout\" cannot be less than 1ms",
         ),
         (
             "FROM busybox\nRUN --mount=type=tmpfs,target=/t,size=lots true\n",
