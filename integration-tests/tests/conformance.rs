@@ -797,17 +797,7 @@ impl Remotes {
         git(&["commit", "-q", "-m", "two"]);
         let commit2 = git(&["rev-parse", "HEAD"]);
         let bare = base.join("repo.git");
-        run_tool(
-            dir.path(),
-            "git",
-            &[
-                "clone",
-                "-q",
-                "--bare",
-                work.to_str().expect("utf8"),
-                bare.to_str().expect("utf8"),
-            ],
-        );
+        bare_clone(dir.path(), &work, &bare);
         run_tool(&bare, "git", &["config", "http.receivepack", "false"]);
 
         std::fs::write(www.join("data.txt"), "payload\n").expect("write");
@@ -901,6 +891,21 @@ impl Remotes {
 /// The token the dumb server's `private/` wants.
 const GIT_TOKEN: &str = "kiln-test-token";
 
+/// `git clone --bare FROM TO`, run in `cwd`.
+fn bare_clone(cwd: &Path, from: &Path, to: &Path) {
+    run_tool(
+        cwd,
+        "git",
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            from.to_str().expect("utf8"),
+            to.to_str().expect("utf8"),
+        ],
+    );
+}
+
 /// A static HTTP server (python's, with a token check on `private/`) over a dir
 /// with `repo.git` and `private/repo.git`, copies of `bare` after
 /// `git update-server-info`.
@@ -908,17 +913,7 @@ fn dumb_http(tmp: &Path, bare: &Path) -> (Child, Vec<(&'static str, String)>) {
     let root = tmp.join("dumb");
     std::fs::create_dir_all(root.join("private")).expect("mkdir");
     for to in [root.join("repo.git"), root.join("private/repo.git")] {
-        run_tool(
-            tmp,
-            "git",
-            &[
-                "clone",
-                "-q",
-                "--bare",
-                bare.to_str().expect("utf8"),
-                to.to_str().expect("utf8"),
-            ],
-        );
+        bare_clone(tmp, bare, &to);
         run_tool(&to, "git", &["update-server-info"]);
     }
     let script = tmp.join("dumb-http.py");

@@ -68,18 +68,7 @@ pub async fn farm(role: &'static str, s: &Solver) -> Farm {
         })
         .collect();
     let steps = kiln_metrics::STEPS.total();
-    let ran = [
-        "exec",
-        "source",
-        "file",
-        "build",
-        "merge",
-        "diff",
-        "passthrough",
-    ]
-    .iter()
-    .map(|k| kiln_metrics::STEPS.get(&[k, "miss"]))
-    .sum::<f64>();
+    let ran = kiln_metrics::STEPS.total_where("cache", "miss");
     Farm {
         role,
         workers: s.worker_infos(),

@@ -184,11 +184,24 @@ impl Family {
 
     /// The sum over every label tuple (a histogram: its observations).
     pub fn total(&self) -> f64 {
+        self.sum(|_| true)
+    }
+
+    /// The sum over the label tuples whose `label` is `value`.
+    pub fn total_where(&self, label: &str, value: &str) -> f64 {
+        match self.labels.iter().position(|l| *l == label) {
+            Some(i) => self.sum(|key| key.get(i).is_some_and(|v| v == value)),
+            None => 0.0,
+        }
+    }
+
+    fn sum(&self, want: impl Fn(&[String]) -> bool) -> f64 {
         let Ok(s) = self.samples.lock() else {
             return 0.0;
         };
-        s.values()
-            .map(|v| match v {
+        s.iter()
+            .filter(|(k, _)| want(k))
+            .map(|(_, v)| match v {
                 Value::Number(x) => *x,
                 Value::Histogram(_, _, count) => *count as f64,
             })
@@ -455,6 +468,9 @@ mod tests {
         );
         assert_eq!(C.get(&["exec", "hit"]), 3.0);
         assert_eq!(C.total(), 4.0);
+        assert_eq!(C.total_where("kind", "exec"), 3.0);
+        assert_eq!(C.total_where("cache", "hit"), 3.0);
+        assert_eq!(C.total_where("nope", "hit"), 0.0);
     }
 
     #[test]

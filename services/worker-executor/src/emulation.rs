@@ -106,19 +106,7 @@ impl Binfmt {
                 .iter()
                 .any(|h| h.enabled && h.fix_binary && h.architecture.as_deref() == Some(arch))
         };
-        let mut out: Vec<Platform> = Vec::new();
-        for arch in LISTED {
-            if *arch == host.architecture || !usable(arch) {
-                continue;
-            }
-            if *arch == "arm" {
-                out.push(Platform::new("linux", "arm", Some("v7")));
-                out.push(Platform::new("linux", "arm", Some("v6")));
-            } else {
-                out.push(Platform::new("linux", arch, None));
-            }
-        }
-        out
+        listed_platforms(host, usable)
     }
 
     /// Why `want` (not the host's platform) cannot run; `None` when an emulator runs it.
@@ -511,19 +499,7 @@ impl Emulation {
     pub fn platforms(&self) -> Vec<Platform> {
         let mut out = vec![self.host.clone()];
         match Binfmt::read(&self.dir) {
-            Binfmt::NotMounted => {
-                for arch in LISTED {
-                    if *arch == self.host.architecture || !self.probe(arch) {
-                        continue;
-                    }
-                    if *arch == "arm" {
-                        out.push(Platform::new("linux", "arm", Some("v7")));
-                        out.push(Platform::new("linux", "arm", Some("v6")));
-                    } else {
-                        out.push(Platform::new("linux", arch, None));
-                    }
-                }
-            }
+            Binfmt::NotMounted => out.extend(listed_platforms(&self.host, |a| self.probe(a))),
             binfmt => out.extend(binfmt.platforms(&self.host)),
         }
         let i386 = Platform::new("linux", "386", None);
@@ -566,6 +542,24 @@ impl Emulation {
             }),
         }
     }
+}
+
+/// The platforms of [`LISTED`] other than the host's whose architecture
+/// `usable` accepts, in that order (arm as v7 and v6).
+fn listed_platforms(host: &Platform, usable: impl Fn(&str) -> bool) -> Vec<Platform> {
+    let mut out = Vec::new();
+    for arch in LISTED {
+        if *arch == host.architecture || !usable(arch) {
+            continue;
+        }
+        if *arch == "arm" {
+            out.push(Platform::new("linux", "arm", Some("v7")));
+            out.push(Platform::new("linux", "arm", Some("v6")));
+        } else {
+            out.push(Platform::new("linux", arch, None));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
