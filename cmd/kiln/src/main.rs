@@ -54,10 +54,11 @@ enum Command {
 }
 
 /// The daemon address: --addr, then KILN_HOST (via clap), then
-/// BUILDKIT_HOST, then the default socket.
+/// BUILDKIT_HOST, then the system socket, else a rootless daemon's under
+/// `$XDG_RUNTIME_DIR` when only that one exists.
 fn daemon_addr(flag: Option<String>) -> String {
     flag.or_else(|| std::env::var("BUILDKIT_HOST").ok())
-        .unwrap_or_else(|| "unix:///run/kiln/kilnd.sock".to_string())
+        .unwrap_or_else(kiln_session::dial::default_address)
 }
 
 /// The daemon to talk to: its address and, for `tcp://`, the TLS settings.

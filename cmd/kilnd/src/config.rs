@@ -176,6 +176,8 @@ impl ContainerdWorker {
 pub struct OciWorker {
     /// runc binary
     pub binary: Option<PathBuf>,
+    /// rootless mode (`--rootless`)
+    pub rootless: Option<bool>,
     /// automatic build-cache GC (buildkitd's `gc`)
     pub gc: Option<bool>,
     /// limit of the default GC policy: MB as a number, or "10GB"

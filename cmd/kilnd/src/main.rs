@@ -116,13 +116,49 @@ struct Args {
     /// and gRPC grpc.health.v1), and on a scheduler the farm dashboard at /
     #[arg(long, value_name = "ADDR")]
     debugaddr: Option<String>,
+    /// Rootless mode: kilnd runs as the mapped root of a user namespace made by
+    /// `rootlesskit` for an ordinary user; state under ~/.local/share/kiln, socket
+    /// under $XDG_RUNTIME_DIR/kiln, config ~/.config/kiln/kilnd.toml (the defaults
+    /// whenever kilnd runs in a user namespace for a user other than root)
+    #[arg(long)]
+    rootless: bool,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
 }
 
-const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
 const DEFAULT_ROOT: &str = "/var/lib/kiln";
+
+/// Whether the defaults are a rootless daemon's: `--rootless`, or kilnd runs in a user
+/// namespace for a user other than root (`$USER`, as rootlesskit keeps it).
+fn rootless_defaults(args: &Args) -> bool {
+    args.rootless
+        || (worker_executor::rootless::in_user_namespace()
+            && std::env::var("USER").is_ok_and(|u| !u.is_empty() && u != "root"))
+}
+
+/// `$XDG_<KIND>_HOME/kiln`, else `~/<fallback>/kiln`.
+fn user_dir(xdg: &str, fallback: &str) -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os(xdg).filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("kiln"));
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+    Some(PathBuf::from(home).join(fallback).join("kiln"))
+}
+
+/// The config file: `--config`, else for a rootless daemon
+/// `~/.config/kiln/kilnd.toml` when it exists.
+fn config_path(args: &Args) -> Option<PathBuf> {
+    if let Some(p) = &args.config {
+        return Some(p.clone());
+    }
+    if !rootless_defaults(args) {
+        return None;
+    }
+    user_dir("XDG_CONFIG_HOME", ".config")
+        .map(|d| d.join("kilnd.toml"))
+        .filter(|p| p.exists())
+}
 
 fn main() {
     // before the runtime's threads start allocating
@@ -144,10 +180,8 @@ async fn daemon() {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     // `[otel]` of the config, if it reads (run() reports it when not)
-    let otel = args
-        .config
-        .as_deref()
-        .and_then(|p| config::load(p).ok())
+    let otel = config_path(&args)
+        .and_then(|p| config::load(&p).ok())
         .map(|c| c.otel)
         .unwrap_or_default();
     let telemetry = telemetry::init(&args.log, &otel, role_name(args.role));
@@ -170,12 +204,20 @@ struct Settings {
     internal_tls: Option<Arc<rustls::ServerConfig>>,
     /// `--network-mode`
     network_mode: Option<String>,
+    /// `--rootless` or `[worker.oci] rootless`
+    rootless: bool,
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
-    let mut file = match &args.config {
-        Some(p) => config::load(p)?,
+    let mut file = match config_path(args) {
+        Some(p) => config::load(&p)?,
         None => config::FileConfig::default(),
+    };
+    // as buildkitd: rootless by default in a user namespace for a user other than root
+    let user_defaults = rootless_defaults(args);
+    let rootless = match file.worker.oci.rootless {
+        Some(r) => r || args.rootless,
+        None => user_defaults,
     };
     if let Some(a) = &args.containerd_worker_addr {
         file.worker.containerd.enabled = true;
@@ -185,11 +227,21 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         .addr
         .clone()
         .or_else(|| file.grpc.address.first().cloned())
-        .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+        .or_else(|| {
+            user_defaults
+                .then(kiln_session::dial::user_address)
+                .flatten()
+        })
+        .unwrap_or_else(|| kiln_session::dial::SYSTEM_ADDRESS.to_string());
     let root = args
         .root
         .clone()
         .or_else(|| file.root.clone())
+        .or_else(|| {
+            user_defaults
+                .then(|| user_dir("XDG_DATA_HOME", ".local/share"))
+                .flatten()
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     let mut peers = file.peers.clone();
     peers.solver = args.solver_addr.clone().or(peers.solver);
@@ -218,7 +270,28 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         tls,
         internal_tls,
         network_mode: args.network_mode.clone(),
+        rootless,
     })
+}
+
+/// A worker runs as root, or rootless as the mapped root of a user namespace; anything
+/// else fails here, saying how to start it.
+fn check_privilege(rootless: bool) -> anyhow::Result<()> {
+    if rootless {
+        if let Some(p) = worker_executor::rootless::start_problem() {
+            anyhow::bail!("{p}");
+        }
+        tracing::info!(
+            ids = %worker_executor::rootless::IdMap::uids().describe(),
+            "rootless: root in steps is the user kilnd runs for; other ids map to its subordinate ids"
+        );
+    } else if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "kilnd's worker needs root, or rootless mode: {}",
+            worker_executor::rootless::start_problem().unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// A group given by name (from the host's group database) or number.
@@ -286,6 +359,12 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     c.insecure_entitlements = s.file.insecure_entitlements.clone();
     c.containerd = s.file.worker.containerd.to_config()?;
     c.network = s.file.worker.network(s.network_mode.as_deref())?;
+    c.rootless = s.rootless;
+    if s.rootless && c.containerd.is_some() {
+        anyhow::bail!(
+            "rootless mode runs steps with runc; the containerd worker ([worker.containerd]) is not available rootless"
+        );
+    }
     Ok(Arc::new(
         worker_executor::Worker::new(c).context("start worker")?,
     ))
@@ -404,6 +483,9 @@ async fn remote_home(
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let s = settings(&args)?;
+    if matches!(args.role, None | Some(Role::WorkerExecutor)) {
+        check_privilege(s.rootless)?;
+    }
     std::fs::create_dir_all(&s.root).with_context(|| format!("create {}", s.root.display()))?;
     // build contexts, secrets in bundles and snapshots are kilnd's alone
     {

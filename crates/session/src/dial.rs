@@ -55,6 +55,30 @@ impl From<tonic::transport::Channel> for Channel {
 /// start: kilnd puts the current span's W3C trace context there.
 static REQUEST_HOOK: std::sync::OnceLock<fn(&mut http::HeaderMap)> = std::sync::OnceLock::new();
 
+/// The daemon's socket when kilnd runs as root.
+pub const SYSTEM_ADDRESS: &str = "unix:///run/kiln/kilnd.sock";
+
+/// The socket of a rootless kilnd: `$XDG_RUNTIME_DIR/kiln/kilnd.sock` (the first dir
+/// of the list), or `None` without `XDG_RUNTIME_DIR`.
+pub fn user_address() -> Option<String> {
+    let dirs = std::env::var("XDG_RUNTIME_DIR").ok()?;
+    let dir = dirs.split(':').next().filter(|d| !d.is_empty())?;
+    Some(format!("unix://{dir}/kiln/kilnd.sock"))
+}
+
+/// Where a client finds the daemon when told nothing: the system socket, else a
+/// rootless daemon's ([`user_address`]) when only that one exists.
+pub fn default_address() -> String {
+    let exists = |a: &str| {
+        a.strip_prefix("unix://")
+            .is_some_and(|p| std::path::Path::new(p).exists())
+    };
+    match user_address() {
+        Some(user) if !exists(SYSTEM_ADDRESS) && exists(&user) => user,
+        _ => SYSTEM_ADDRESS.to_string(),
+    }
+}
+
 /// Makes every [`Channel`] call `hook` on each request's headers before
 /// sending it (nothing is called while none is set).
 pub fn set_request_hook(hook: fn(&mut http::HeaderMap)) {

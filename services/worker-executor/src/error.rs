@@ -94,6 +94,9 @@ pub enum Error {
         #[source]
         source: nix::Error,
     },
+    /// What a rootless worker cannot do (see [`crate::rootless`]).
+    #[error("rootless: {0}")]
+    Rootless(String),
     /// Bridge mode could not be set up (see [`crate::network`]).
     #[error("bridge mode")]
     BridgeMode {

@@ -22,6 +22,7 @@ pub mod join;
 pub mod layers;
 pub mod network;
 pub mod ops;
+pub mod rootless;
 pub mod rootpath;
 pub mod runc;
 pub mod runtimedir;
@@ -62,6 +63,11 @@ pub struct Config {
     pub containerd: Option<containerd::ContainerdConfig>,
     /// What exec steps get for a network (kilnd.toml `[worker] networkMode`).
     pub network: network::NetworkConfig,
+    /// Rootless mode (`kilnd --rootless`): the process is the mapped root of a user
+    /// namespace, so steps get no cgroups and no `/sys`, bind mounts keep the flags the
+    /// kernel locks, the network is the daemon's own (or none), and what needs real
+    /// root (`security.insecure`, bridge networking) is refused (see [`rootless`]).
+    pub rootless: bool,
 }
 
 impl Config {
@@ -75,6 +81,7 @@ impl Config {
             insecure_entitlements: Vec::new(),
             containerd: None,
             network: network::NetworkConfig::default(),
+            rootless: false,
         }
     }
 }
@@ -205,7 +212,7 @@ impl Worker {
         };
         let store = snapshot::Store::open_with(&config.root, containerd)?;
         let memo = Arc::new(layers::MemoWriter::start(store.clone()));
-        let networking = network::Networking::start(&config.network)?;
+        let networking = network::Networking::start(&config.network, config.rootless)?;
         Ok(Worker {
             id,
             store,

@@ -154,9 +154,25 @@ pub enum Networking {
 
 impl Networking {
     /// Resolves `config` (setting up the bridge in `bridge` and `auto` mode). `auto`
-    /// falls back to `host` with a warning saying why; `bridge` fails instead.
-    pub fn start(config: &NetworkConfig) -> Result<Networking> {
+    /// falls back to `host` with a warning saying why; `bridge` fails instead. A
+    /// rootless worker cannot make the bridge (it needs root on the host): `auto` is
+    /// the daemon's own network namespace there, as rootlesskit gave it.
+    pub fn start(config: &NetworkConfig, rootless: bool) -> Result<Networking> {
         let n = match config.mode {
+            NetworkMode::Bridge if rootless => {
+                return Err(Error::Rootless(
+                    "bridge network mode needs root on the host; a rootless worker's steps \
+                     use kilnd's own network namespace (mode host: what rootlesskit --net \
+                     gave it) or none"
+                        .into(),
+                ));
+            }
+            NetworkMode::Auto if rootless => {
+                tracing::info!(
+                    "network mode auto, rootless: steps share kilnd's network namespace (rootlesskit's)"
+                );
+                Networking::Host
+            }
             NetworkMode::Host => Networking::Host,
             NetworkMode::None => Networking::None,
             NetworkMode::Bridge => {

@@ -78,6 +78,9 @@ pub struct ProcessSpec {
     /// A terminal: runc, run in the foreground, puts the process on a pty and
     /// copies between it and runc's own stdio (stderr then comes with stdout).
     pub terminal: bool,
+    /// The worker is rootless ([`crate::rootless`]): no `/sys`, and bind mounts keep
+    /// the flags the kernel locks on their sources.
+    pub rootless: bool,
 }
 
 fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount> {
@@ -331,7 +334,37 @@ fn mounts(p: &ProcessSpec) -> Result<Vec<oci_spec::runtime::Mount>> {
             }
         });
     }
+    if p.rootless {
+        rootless_mounts(&mut mounts);
+    }
     Ok(mounts)
+}
+
+/// What a rootless worker's container gets instead: no `/sys` (sysfs cannot be mounted
+/// while the daemon shares a network namespace it does not own), and each bind mount
+/// with the flags the kernel locks on its source's mount.
+fn rootless_mounts(mounts: &mut Vec<Mount>) {
+    mounts.retain(|m| {
+        !(m.destination() == Path::new("/sys") || m.destination().starts_with("/sys/"))
+    });
+    for m in mounts.iter_mut() {
+        let Some(opts) = m.options().clone() else {
+            continue;
+        };
+        if !opts.iter().any(|o| o == "bind" || o == "rbind") {
+            continue;
+        }
+        let Some(source) = m.source().clone() else {
+            continue;
+        };
+        let mut opts = opts;
+        for f in crate::rootless::locked_mount_flags(&source) {
+            if !opts.iter().any(|o| o == f) {
+                opts.push(f.to_string());
+            }
+        }
+        m.set_options(Some(opts));
+    }
 }
 
 /// Namespaces (a network one unless the host's), masked and read-only paths and the
@@ -803,6 +836,7 @@ mod tests {
             resolv_conf: PathBuf::from("/b/resolv.conf"),
             hosts: PathBuf::from("/b/hosts"),
             terminal: false,
+            rootless: false,
         };
         let s = spec(&p).expect("spec");
         let linux = s.linux().as_ref().expect("linux");
@@ -833,6 +867,45 @@ mod tests {
         let ns = linux.namespaces().as_ref().expect("namespaces");
         assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
         assert!(linux.seccomp().is_none(), "security.insecure lifts seccomp");
+    }
+
+    #[test]
+    fn rootless_spec_has_no_sys_and_binds_keep_locked_flags() {
+        let p = ProcessSpec {
+            args: vec!["true".into()],
+            rootfs: PathBuf::from("/r"),
+            // /proc is nosuid,nodev,noexec: a bind of it made in a user namespace
+            // must say so
+            mounts: vec![ExtraMount::Bind {
+                dest: "/m".into(),
+                source: PathBuf::from("/proc/self"),
+                readonly: false,
+            }],
+            resolv_conf: PathBuf::from("/proc/self/status"),
+            hosts: PathBuf::from("/proc/self/status"),
+            rootless: true,
+            ..Default::default()
+        };
+        let s = spec(&p).expect("spec");
+        let mounts = s.mounts().as_ref().expect("mounts");
+        assert!(!mounts.iter().any(|m| m.destination().starts_with("/sys")));
+        for dest in ["/m", "/etc/hosts", "/etc/resolv.conf"] {
+            let m = mounts
+                .iter()
+                .find(|m| m.destination() == Path::new(dest))
+                .expect("bind");
+            let o = m.options().clone().unwrap_or_default();
+            for f in ["nosuid", "nodev", "noexec"] {
+                assert!(o.iter().any(|x| x == f), "{dest}: {o:?}");
+            }
+        }
+        let root = spec(&ProcessSpec {
+            rootless: false,
+            ..p
+        })
+        .expect("spec");
+        let mounts = root.mounts().as_ref().expect("mounts");
+        assert!(mounts.iter().any(|m| m.destination() == Path::new("/sys")));
     }
 
     #[test]

@@ -104,6 +104,14 @@ pub const ENTITLEMENT_SECURITY_INSECURE: &str = "security.insecure";
 
 /// Fails unless both the worker's config and the build request grant `entitlement`.
 fn check_entitlement(w: &Worker, granted: &[String], entitlement: &str) -> Result<()> {
+    if w.config().rootless && entitlement == ENTITLEMENT_SECURITY_INSECURE {
+        return Err(Error::Entitlement {
+            entitlement: entitlement.to_string(),
+            reason: "not available on a rootless worker: a step cannot hold more privilege \
+                than the user kilnd runs as"
+                .into(),
+        });
+    }
     if !w
         .config()
         .insecure_entitlements
@@ -473,7 +481,8 @@ fn remove_stubs(upper: &Path, stubs: &[PathBuf]) {
 }
 
 fn xattr_opaque(p: &Path) -> bool {
-    xattr::get(p, "trusted.overlay.opaque").is_ok_and(|v| v.is_some_and(|v| !v.is_empty()))
+    xattr::get(p, crate::rootless::overlay_opaque_xattr())
+        .is_ok_and(|v| v.is_some_and(|v| !v.is_empty()))
 }
 
 /// The step's `/etc/resolv.conf`: the host's; in a network of its own without the
@@ -528,6 +537,7 @@ struct StepHost {
     store: Store,
     runtime: crate::runtimedir::RuntimeDir,
     networking: Networking,
+    rootless: bool,
 }
 
 /// A step's network, made on a thread of its own while the mounts are, and how
@@ -599,6 +609,7 @@ fn prepare(host: &StepHost, mut parts: StepParts) -> Result<Prepared> {
         resolv_conf,
         hosts,
         terminal: false,
+        rootless: host.rootless,
     };
     p.spec = write_spec(p.bundle.path(), &process)?;
     p.process = process;
@@ -909,6 +920,7 @@ async fn prepare_exec(
         store: w.store().clone(),
         runtime: w.runtime().clone(),
         networking: w.networking().clone(),
+        rootless: w.config().rootless,
     };
     let parts = StepParts {
         exec: e.clone(),

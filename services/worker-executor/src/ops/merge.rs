@@ -253,7 +253,7 @@ fn copy_dir_node(src: &Path, dst: &Path, md: &std::fs::Metadata) -> std::io::Res
 }
 
 fn set_opaque(p: &Path) -> std::io::Result<()> {
-    xattr::set(p, "trusted.overlay.opaque", b"y")
+    xattr::set(p, crate::rootless::overlay_opaque_xattr(), b"y")
 }
 
 #[cfg(test)]

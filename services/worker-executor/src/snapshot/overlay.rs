@@ -145,6 +145,10 @@ fn overlay_data(lowers: &[String], upper: Option<Upper<'_>>, volatile: bool) -> 
         }
     }
     data.push_str(",index=off");
+    if crate::rootless::in_user_namespace() {
+        // trusted.* xattrs are the initial namespace's root's alone
+        data.push_str(",userxattr");
+    }
     data
 }
 

@@ -1,0 +1,180 @@
+//! Rootless mode: kilnd run by an ordinary user as the mapped root of a user namespace
+//! (`rootlesskit kilnd --rootless`).
+//!
+//! Root inside maps to the user, and ids 1.. to the user's subordinate ids
+//! (`/etc/subuid`, `/etc/subgid`), so files a step chowns land on disk owned by those.
+//! What differs from a root worker, and where:
+//! - the OCI spec (`runc.rs`): no `/sys` (sysfs cannot be mounted while the daemon shares
+//!   the host's network namespace), no cgroups (none are delegated), and every bind mount
+//!   repeats the flags the kernel locks on its source's mount ([`locked_mount_flags`]),
+//!   since a mount made in a user namespace may not drop them;
+//! - the network (`network.rs`): the daemon's own namespace (what rootlesskit was given:
+//!   `--net=host`, or slirp4netns/pasta) or none; never the bridge;
+//! - overlays are mounted with `userxattr` (`snapshot/overlay.rs`), so an opaque
+//!   directory is marked [`overlay_opaque_xattr`];
+//! - `security.insecure` is refused: the steps would hold no more than kilnd does;
+//! - an owner outside the mapped ids fails naming the range ([`IdMap::describe`]).
+
+use std::path::Path;
+
+/// One line of `/proc/self/uid_map` or `gid_map`: `count` ids from `inside` map to
+/// `outside` ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
+}
+
+/// The id mapping of this process's user namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdMap {
+    pub ranges: Vec<IdRange>,
+}
+
+impl IdMap {
+    /// Parses the text of `/proc/PID/uid_map`.
+    pub fn parse(text: &str) -> IdMap {
+        let ranges = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace().map(|n| n.parse::<u32>().ok());
+                Some(IdRange {
+                    inside: f.next()??,
+                    outside: f.next()??,
+                    count: f.next()??,
+                })
+            })
+            .collect();
+        IdMap { ranges }
+    }
+
+    /// This process's uid mapping.
+    pub fn uids() -> IdMap {
+        IdMap::parse(&std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default())
+    }
+
+    /// Whether this is the initial user namespace's identity mapping.
+    pub fn is_initial(&self) -> bool {
+        self.ranges
+            == [IdRange {
+                inside: 0,
+                outside: 0,
+                count: u32::MAX,
+            }]
+    }
+
+    /// Whether `id` is mapped.
+    pub fn contains(&self, id: u32) -> bool {
+        self.ranges
+            .iter()
+            .any(|r| id >= r.inside && u64::from(id) < u64::from(r.inside) + u64::from(r.count))
+    }
+
+    /// The mapped ids, `0-65536` style, for messages.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|r| {
+                let last = u64::from(r.inside) + u64::from(r.count) - 1;
+                format!("{}-{last}", r.inside)
+            })
+            .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// Whether this process runs in a user namespace other than the initial one (read
+/// once: a process does not change user namespace).
+pub fn in_user_namespace() -> bool {
+    static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN.get_or_init(|| !IdMap::uids().is_initial())
+}
+
+/// The xattr marking an opaque directory in an overlay upper: the kernel's
+/// `trusted.overlay.opaque`, or in a user namespace, where `trusted.*` is out of reach
+/// and overlays are mounted with `userxattr`, `user.overlay.opaque`.
+pub fn overlay_opaque_xattr() -> &'static str {
+    if in_user_namespace() {
+        "user.overlay.opaque"
+    } else {
+        "trusted.overlay.opaque"
+    }
+}
+
+/// Why kilnd cannot run rootless as it was started, or `None` when it can: it must be
+/// root (uid 0) in a user namespace of its own.
+pub fn start_problem() -> Option<String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    const HOW: &str = "start it as `rootlesskit --net=host --copy-up=/etc kilnd --rootless` \
+        (Debian's rootlesskit and uidmap, with the user's ranges in /etc/subuid and /etc/subgid)";
+    if euid != 0 {
+        return Some(format!(
+            "rootless mode needs kilnd to be the mapped root of a user namespace, but it runs as uid {euid}; {HOW}"
+        ));
+    }
+    if !in_user_namespace() {
+        return Some(format!(
+            "--rootless was given, but kilnd runs as the host's root (no user namespace); run kilnd without --rootless, or {HOW}"
+        ));
+    }
+    None
+}
+
+/// The mount flags of the mount holding `path` that the kernel locks on a mount copied
+/// into a user namespace (`nosuid`, `nodev`, `noexec`, `ro` and the atime ones): a bind
+/// mount of `path` made there must repeat them or the kernel refuses it.
+pub fn locked_mount_flags(path: &Path) -> Vec<&'static str> {
+    use nix::sys::statvfs::FsFlags;
+    let Ok(st) = nix::sys::statvfs::statvfs(path) else {
+        return Vec::new();
+    };
+    let f = st.flags();
+    [
+        (FsFlags::ST_RDONLY, "ro"),
+        (FsFlags::ST_NOSUID, "nosuid"),
+        (FsFlags::ST_NODEV, "nodev"),
+        (FsFlags::ST_NOEXEC, "noexec"),
+        (FsFlags::ST_NOATIME, "noatime"),
+        (FsFlags::ST_NODIRATIME, "nodiratime"),
+        (FsFlags::ST_RELATIME, "relatime"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| f.contains(*flag))
+    .map(|(_, name)| name)
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_maps_parse_and_describe_their_ranges() {
+        let m =
+            IdMap::parse("         0       1001          1\n         1     100000      65536\n");
+        assert!(!m.is_initial());
+        assert!(m.contains(0) && m.contains(1000) && m.contains(65536));
+        assert!(!m.contains(65537));
+        assert_eq!(m.describe(), "0-0, 1-65536");
+        let host = IdMap::parse("         0          0 4294967295\n");
+        assert!(host.is_initial() && host.contains(u32::MAX - 1));
+        assert_eq!(IdMap::parse("").describe(), "none");
+    }
+
+    #[test]
+    fn locked_flags_are_read_from_the_mount_of_the_path() {
+        // /proc is mounted nosuid,nodev,noexec everywhere
+        let f = locked_mount_flags(Path::new("/proc/self"));
+        assert!(
+            f.contains(&"nosuid") && f.contains(&"nodev") && f.contains(&"noexec"),
+            "{f:?}"
+        );
+        assert!(locked_mount_flags(Path::new("/nonexistent/x")).is_empty());
+    }
+}
