@@ -32,6 +32,10 @@ have chromium || need="$need chromium"
 # emulation (scripts/binfmt.sh registers its handlers with binfmt_misc)
 have qemu-aarch64-static || need="$need qemu-user-static"
 have update-binfmts || need="$need binfmt-support"
+# rootless kilnd: rootlesskit makes the user namespace, newuidmap/newgidmap map the
+# user's subordinate ids into it
+have rootlesskit || need="$need rootlesskit"
+have newuidmap || need="$need uidmap"
 if [ -n "$need" ]; then
   echo "installing:$need"
   $SUDO apt-get update -qq

@@ -78,6 +78,104 @@ pub enum Topology {
     /// solver-scheduler serves clients on its `--addr` and the other services on
     /// `--internal-addr`
     Split,
+    /// one all-in-one `kilnd --rootless` run by an unprivileged user
+    /// ([`rootless_user`]) under `rootlesskit --net=host --copy-up=/etc`
+    Rootless,
+}
+
+/// The unprivileged user rootless daemons run as (`scripts/rootless-user.sh` makes it,
+/// with subordinate ids, the first time).
+pub struct RootlessUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+static ROOTLESS_USER: OnceLock<std::result::Result<RootlessUser, String>> = OnceLock::new();
+
+/// The test user of [`Topology::Rootless`].
+pub fn rootless_user() -> Result<&'static RootlessUser> {
+    let u = ROOTLESS_USER.get_or_init(|| {
+        let out = Command::new("sh")
+            .arg(repo_root().join("scripts/rootless-user.sh"))
+            .output()
+            .map_err(|e| format!("scripts/rootless-user.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "scripts/rootless-user.sh: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let id = |flag: &str| -> std::result::Result<u32, String> {
+            let o = Command::new("id")
+                .args([flag, &name])
+                .output()
+                .map_err(|e| e.to_string())?;
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .map_err(|e| format!("id {flag} {name}: {e}"))
+        };
+        Ok(RootlessUser {
+            uid: id("-u")?,
+            gid: id("-g")?,
+            home: PathBuf::from("/home").join(&name),
+            name,
+        })
+    });
+    u.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `kilnd ARGS` as `user` under rootlesskit, as a rootless daemon is started: the
+/// binary copied into `dir` (which becomes the user's), a clean environment (`HOME`,
+/// `USER`, `PATH`, `XDG_RUNTIME_DIR` = `dir`/run, and `env`).
+pub fn rootless_kilnd(
+    user: &RootlessUser,
+    dir: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<Command> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(bin_dir().join("kilnd"), bin.join("kilnd")).context("copy kilnd")?;
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run)?;
+    let st = Command::new("chown")
+        .args(["-R", &format!("{}:{}", user.uid, user.gid)])
+        .arg(dir)
+        .status()?;
+    if !st.success() {
+        bail!("chown {} to {}", dir.display(), user.name);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={}", user.name))
+        .arg(format!("--regid={}", user.name))
+        .arg("--init-groups")
+        .arg("env")
+        .arg("-i")
+        .arg(format!("HOME={}", user.home.display()))
+        .arg(format!("USER={}", user.name))
+        .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .arg(format!("XDG_RUNTIME_DIR={}", run.display()));
+    if let Ok(l) = std::env::var("KILN_LOG") {
+        c.arg(format!("KILN_LOG={l}"));
+    }
+    for (k, v) in env {
+        c.arg(format!("{k}={v}"));
+    }
+    c.arg("rootlesskit")
+        .arg("--state-dir")
+        .arg(dir.join("rootlesskit"))
+        .args(["--net=host", "--copy-up=/etc"])
+        .arg(bin.join("kilnd"))
+        .arg("--rootless")
+        .args(args);
+    Ok(c)
 }
 
 /// Where the worker runs exec steps.
@@ -390,6 +488,21 @@ impl Daemon {
                 wait_for_socket(&s, &mut c, &log)?;
                 children.push(c);
             }
+            Topology::Rootless => {
+                if !matches!(backend, Backend::Runc) {
+                    bail!("a rootless daemon runs steps with runc");
+                }
+                let user = rootless_user()?;
+                let s = sock("kilnd");
+                let log = dir.path().join("kilnd.log");
+                let mut c = rootless_kilnd(user, dir.path(), &common(&s, None, &[]), env)?
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log)?)
+                    .spawn()
+                    .context("start rootlesskit kilnd")?;
+                wait_for_socket(&s, &mut c, &log)?;
+                children.push(c);
+            }
             Topology::Split => {
                 // the other roles reach the solver on its internal listener
                 let solver = format!("unix://{}", sock("solver-internal").display());
@@ -423,7 +536,9 @@ impl Daemon {
             }
         }
         let addr = match topology {
-            Topology::AllInOne => format!("unix://{}", sock("kilnd").display()),
+            Topology::AllInOne | Topology::Rootless => {
+                format!("unix://{}", sock("kilnd").display())
+            }
             Topology::Split => format!("unix://{}", sock("solver").display()),
         };
         Ok(Daemon {

@@ -32,8 +32,10 @@
 //! `conformance_<group>_via_syntax_image` (`parser`, `stages`, `errors`, `run`) puts
 //! `# syntax=IMAGE` on top of each Dockerfile. `conformance_<group>_split_topology`
 //! runs every group with the built-in frontend on one `kilnd --role` per service,
-//! so each case also crosses the services' gRPC APIs. In the image modes every build
-//! must show that the image ran; [`skip_reason`] says which cases do not apply.
+//! so each case also crosses the services' gRPC APIs, and `conformance_<group>_rootless`
+//! on a rootless kilnd (an unprivileged user under rootlesskit), whose outputs, owners
+//! and modes included, must be the same. In the image modes every build must show
+//! that the image ran; [`skip_reason`] says which cases do not apply.
 //!
 //! The `remote` group runs next to a loopback `git daemon`, a git smart-HTTP
 //! server, a plain HTTP server, a dumb-HTTP git server (static files, some behind
@@ -288,12 +290,16 @@ enum Mode {
     /// the built-in frontend, with each service its own `kilnd --role`
     /// talking gRPC to the others ([`Topology::Split`])
     Split,
+    /// the built-in frontend on a rootless kilnd run by an unprivileged user
+    /// ([`Topology::Rootless`]): the same outputs, owners included
+    Rootless,
 }
 
 impl Mode {
     fn topology(self) -> Topology {
         match self {
             Mode::Split => Topology::Split,
+            Mode::Rootless => Topology::Rootless,
             Mode::BuiltIn | Mode::Gateway | Mode::Syntax => Topology::AllInOne,
         }
     }
@@ -312,23 +318,30 @@ struct Frontend {
 }
 
 /// Cases that differ by design when the Dockerfile frontend runs as a
-/// frontend image: (mode, `group/case`, reason).
-const IMAGE_SKIPS: &[(Mode, &str, &str)] = &[(
-    Mode::Syntax,
-    "errors/empty-dockerfile",
-    "the case is an empty Dockerfile: with `# syntax=` on top it is no longer empty",
-)];
+/// frontend image or on a rootless daemon: (mode, `group/case`, reason).
+const SKIPS: &[(Mode, &str, &str)] = &[
+    (
+        Mode::Syntax,
+        "errors/empty-dockerfile",
+        "the case is an empty Dockerfile: with `# syntax=` on top it is no longer empty",
+    ),
+    (
+        Mode::Rootless,
+        "run/security-insecure-with-entitlement",
+        "a rootless worker refuses security.insecure (tests/rootless.rs checks its message)",
+    ),
+];
 
 /// Why `case` does not apply in `mode`, if it does not.
 ///
-/// Besides [`IMAGE_SKIPS`], the `# syntax=IMAGE` mode skips, by rule, cases
+/// Besides [`SKIPS`], the `# syntax=IMAGE` mode skips, by rule, cases
 /// that name a frontend themselves: a Dockerfile with its own `# syntax=`
 /// directive (a second one would be a duplicate directive, and the case is
 /// about that directive) and a `BUILDKIT_SYNTAX` build arg (it overrides the
 /// directive, so the image would not run).
 fn skip_reason(mode: Mode, group: &str, name: &str, case: &Case) -> Option<String> {
     let id = format!("{group}/{name}");
-    if let Some((_, _, why)) = IMAGE_SKIPS.iter().find(|(m, c, _)| *m == mode && *c == id) {
+    if let Some((_, _, why)) = SKIPS.iter().find(|(m, c, _)| *m == mode && *c == id) {
         return Some(why.to_string());
     }
     if mode != Mode::Syntax {
@@ -401,7 +414,7 @@ fn run_case(
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
     match frontend.mode {
-        Mode::BuiltIn | Mode::Syntax | Mode::Split => {
+        Mode::BuiltIn | Mode::Syntax | Mode::Split | Mode::Rootless => {
             args.extend(dockerfile_args().iter().map(|s| s.to_string()))
         }
         Mode::Gateway => args.extend([
@@ -631,10 +644,11 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mod
 
 /// One test per group and mode: `conformance_<group>` (built-in, all-in-one),
 /// `conformance_<group>_split_topology` (built-in, one kilnd per service),
+/// `conformance_<group>_rootless` (built-in, a rootless kilnd),
 /// `conformance_<group>_via_gateway_image`, and for the groups listed with
 /// `syntax`, `conformance_<group>_via_syntax_image`.
 macro_rules! group_tests {
-    ($($group:ident($run:expr) $split:ident $gateway:ident $(syntax $syntax:ident)?;)*) => {$(
+    ($($group:ident($run:expr) $split:ident $rootless:ident $gateway:ident $(syntax $syntax:ident)?;)*) => {$(
         #[test]
         fn $group() {
             $run(Mode::BuiltIn);
@@ -642,6 +656,10 @@ macro_rules! group_tests {
         #[test]
         fn $split() {
             $run(Mode::Split);
+        }
+        #[test]
+        fn $rootless() {
+            $run(Mode::Rootless);
         }
         #[test]
         fn $gateway() {
@@ -657,31 +675,31 @@ macro_rules! group_tests {
 }
 
 group_tests! {
-    conformance_parser(|m| run_group("parser", m)) conformance_parser_split_topology
+    conformance_parser(|m| run_group("parser", m)) conformance_parser_split_topology conformance_parser_rootless
         conformance_parser_via_gateway_image
         syntax conformance_parser_via_syntax_image;
-    conformance_expansion(|m| run_group("expansion", m)) conformance_expansion_split_topology
+    conformance_expansion(|m| run_group("expansion", m)) conformance_expansion_split_topology conformance_expansion_rootless
         conformance_expansion_via_gateway_image;
-    conformance_args(|m| run_group("args", m)) conformance_args_split_topology
+    conformance_args(|m| run_group("args", m)) conformance_args_split_topology conformance_args_rootless
         conformance_args_via_gateway_image;
-    conformance_stages(|m| run_group("stages", m)) conformance_stages_split_topology
+    conformance_stages(|m| run_group("stages", m)) conformance_stages_split_topology conformance_stages_rootless
         conformance_stages_via_gateway_image
         syntax conformance_stages_via_syntax_image;
-    conformance_metadata(|m| run_group("metadata", m)) conformance_metadata_split_topology
+    conformance_metadata(|m| run_group("metadata", m)) conformance_metadata_split_topology conformance_metadata_rootless
         conformance_metadata_via_gateway_image;
-    conformance_copy(|m| run_group("copy", m)) conformance_copy_split_topology
+    conformance_copy(|m| run_group("copy", m)) conformance_copy_split_topology conformance_copy_rootless
         conformance_copy_via_gateway_image;
-    conformance_dockerignore(|m| run_group("dockerignore", m)) conformance_dockerignore_split_topology
+    conformance_dockerignore(|m| run_group("dockerignore", m)) conformance_dockerignore_split_topology conformance_dockerignore_rootless
         conformance_dockerignore_via_gateway_image;
-    conformance_contexts(|m| run_group("contexts", m)) conformance_contexts_split_topology
+    conformance_contexts(|m| run_group("contexts", m)) conformance_contexts_split_topology conformance_contexts_rootless
         conformance_contexts_via_gateway_image;
-    conformance_errors(|m| run_group("errors", m)) conformance_errors_split_topology
+    conformance_errors(|m| run_group("errors", m)) conformance_errors_split_topology conformance_errors_rootless
         conformance_errors_via_gateway_image
         syntax conformance_errors_via_syntax_image;
-    conformance_run(run_group_run) conformance_run_split_topology
+    conformance_run(run_group_run) conformance_run_split_topology conformance_run_rootless
         conformance_run_via_gateway_image
         syntax conformance_run_via_syntax_image;
-    conformance_remote(run_group_remote) conformance_remote_split_topology
+    conformance_remote(run_group_remote) conformance_remote_split_topology conformance_remote_rootless
         conformance_remote_via_gateway_image;
 }
 
