@@ -116,9 +116,15 @@ pub struct BuildArgs {
     #[arg(long)]
     target: Option<String>,
     /// Named context, as buildx takes it: NAME=DIR (a local dir, synced),
-    /// NAME=docker-image://REF, a git or http(s) URL, or target:STAGE
+    /// NAME=docker-image://REF, NAME=oci-layout://DIR[:TAG|@DIGEST], a git
+    /// or http(s) URL, or target:STAGE
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
+    /// OCI layout directory served to the build as the content store NAME,
+    /// which `--opt context:X=oci-layout://NAME@sha256:DIGEST` (or
+    /// `NAME:TAG`, looked up in DIR/index.json) names
+    #[arg(long = "oci-layout", value_name = "NAME=DIR")]
+    oci_layouts: Vec<String>,
     /// Image name to give the result, as --output type=image,name=TAG (short form)
     #[arg(long, short = 't')]
     tag: Vec<String>,
@@ -369,6 +375,7 @@ pub async fn run(addr: &crate::Daemon, mut args: BuildArgs) -> anyhow::Result<()
     let frontend = args.frontend.clone().unwrap_or_default();
     expose_named_context_dirs(&mut args)?;
     let mut att = attachables(&args)?;
+    oci_layout_stores(&mut args, &mut att)?;
     let mut frontend_attrs = frontend_attrs(&args)?;
     if let Some(c) = &call {
         frontend_attrs.insert("requestid".into(), format!("frontend.{}", c.name));
@@ -598,8 +605,22 @@ fn apply_build_contexts(args: &mut BuildArgs) -> anyhow::Result<()> {
             args.opts.push(format!("context:{name}={value}"));
             continue;
         }
-        if value.starts_with("oci-layout://") {
-            bail!("--build-context {c}: oci-layout:// contexts are not supported yet");
+        if let Some(layout) = value.strip_prefix(kiln_session::ocilayout::SCHEME) {
+            // as buildx does: the directory becomes a store of its own, named
+            // at random, and the tag is looked up here
+            let (dir, tag, digest) = split_layout_path(layout);
+            let store = uuid::Uuid::new_v4().simple().to_string();
+            let digest = match digest {
+                Some(d) => d,
+                None => layout_tag(std::path::Path::new(&dir), &tag)
+                    .with_context(|| format!("--build-context {c}"))?,
+            };
+            args.oci_layouts.push(format!("{store}={dir}"));
+            args.opts.push(format!(
+                "context:{name}={}{store}:{tag}@{digest}",
+                kiln_session::ocilayout::SCHEME
+            ));
+            continue;
         }
         let meta = std::fs::metadata(&value)
             .with_context(|| format!("failed to get build context {name}"))?;
@@ -619,6 +640,99 @@ fn apply_build_contexts(args: &mut BuildArgs) -> anyhow::Result<()> {
         }
         args.locals.push(format!("{local}={value}"));
         args.opts.push(format!("context:{name}=local:{local}"));
+    }
+    Ok(())
+}
+
+/// A buildx `oci-layout://` path: the directory, its tag (`latest` when
+/// neither a tag nor a digest is given) and its digest.
+fn split_layout_path(s: &str) -> (String, String, Option<String>) {
+    let mut path = s;
+    let mut digest = None;
+    if let Some((p, d)) = s.rsplit_once('@')
+        && kiln_session::ocilayout::is_digest(d)
+    {
+        path = p;
+        digest = Some(d.to_string());
+    }
+    let mut tag = None;
+    if let Some((p, t)) = path.rsplit_once(':')
+        && !t.is_empty()
+        && t.len() <= 128
+        && !t.starts_with(['.', '-'])
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        path = p;
+        tag = Some(t.to_string());
+    }
+    let tag = tag.unwrap_or_else(|| "latest".to_string());
+    (path.to_string(), tag, digest)
+}
+
+/// The digest `tag` names in the OCI layout `dir` (its `index.json`), or the
+/// layout's one image when no entry has that tag.
+fn layout_tag(dir: &std::path::Path, tag: &str) -> anyhow::Result<String> {
+    if let Some(d) = kiln_session::content::tagged(dir, tag) {
+        return Ok(d);
+    }
+    let path = dir.join("index.json");
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )
+    .with_context(|| format!("parse {}", path.display()))?;
+    let one = match index["manifests"].as_array().map(Vec::as_slice) {
+        Some([one]) => one["digest"].as_str(),
+        _ => None,
+    };
+    match one {
+        Some(d) if kiln_session::ocilayout::is_digest(d) => Ok(d.to_string()),
+        _ => bail!("no image tagged {tag:?} in {}", path.display()),
+    }
+}
+
+/// `--oci-layout NAME=DIR`: each directory served as the content store
+/// `oci:NAME`; a `context:X=oci-layout://NAME:TAG` without a digest gets the
+/// digest the tag names in DIR/index.json.
+fn oci_layout_stores(args: &mut BuildArgs, att: &mut Attachables) -> anyhow::Result<()> {
+    use kiln_session::ocilayout::{self, SCHEME};
+    let mut dirs = BTreeMap::new();
+    for l in &args.oci_layouts {
+        let (name, dir) = split_kv(l, "--oci-layout")?;
+        if name.is_empty() {
+            bail!("oci-layout option must be 'id=path/to/layout', instead had invalid {l}");
+        }
+        let dir = PathBuf::from(&dir)
+            .canonicalize()
+            .with_context(|| format!("oci-layout context at {dir} failed to initialize"))?;
+        if !dir.is_dir() {
+            bail!("oci-layout {name}: {} is not a directory", dir.display());
+        }
+        if dirs.insert(name.clone(), dir.clone()).is_some() {
+            bail!("oci store key {name:?} already exists");
+        }
+        att.content.stores.insert(ocilayout::store_id(&name), dir);
+    }
+    for o in &mut args.opts {
+        let Some((key, value)) = o.split_once('=') else {
+            continue;
+        };
+        let (true, Some(r)) = (key.starts_with("context:"), value.strip_prefix(SCHEME)) else {
+            continue;
+        };
+        let Ok(r) = ocilayout::Reference::parse(r) else {
+            // the frontend says what is wrong with it
+            continue;
+        };
+        if r.digest.is_some() {
+            continue;
+        }
+        let Some(dir) = dirs.get(&r.name) else {
+            continue;
+        };
+        let tag = r.tag.unwrap_or_else(|| "latest".to_string());
+        let digest = layout_tag(dir, &tag).with_context(|| format!("--opt {o}"))?;
+        *o = format!("{key}={SCHEME}{}:{tag}@{digest}", r.name);
     }
     Ok(())
 }

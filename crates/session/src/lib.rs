@@ -17,6 +17,7 @@ pub mod content;
 pub mod dial;
 pub mod filesync;
 pub mod hijack;
+pub mod ocilayout;
 pub mod raw;
 mod replay;
 pub mod tls;
@@ -113,6 +114,9 @@ pub enum Error {
     },
     #[error("error from peer: {0}")]
     Peer(String),
+    /// An OCI layout the client serves that does not hold what was named.
+    #[error("{0}")]
+    Layout(String),
     #[error("{op} {path}")]
     Io {
         op: &'static str,

@@ -146,6 +146,26 @@ pub trait Bridge: Send + Sync + 'static {
         platform: &Platform,
     ) -> impl Future<Output = Result<ResolvedConfig, BridgeError>> + Send;
 
+    /// Resolves the image `reference` (`NAME@sha256:…`) in the OCI layout
+    /// the client serves as its content store `store` (BuildKit's
+    /// `ResolveImageConfig` with the OCI layout resolver).
+    fn resolve_oci_layout_config(
+        &self,
+        build_id: &str,
+        reference: &str,
+        platform: &Platform,
+        store: &str,
+    ) -> impl Future<Output = Result<ResolvedConfig, BridgeError>> + Send {
+        let _ = (build_id, platform, store);
+        let message = format!("oci-layout://{reference}: not served by this bridge");
+        async move {
+            Err(BridgeError {
+                kind: BridgeErrorKind::Failed,
+                message,
+            })
+        }
+    }
+
     /// Shows a warning in the build's progress (BuildKit's LLBBridge `Warn`).
     fn warn(
         &self,
@@ -412,7 +432,8 @@ impl<B: Bridge> Gateway<B> {
             .values()
             .filter_map(|c| match c {
                 dockerfile2llb::NamedContext::Local(dir) => Some(dir.clone()),
-                dockerfile2llb::NamedContext::Image(_) => None,
+                dockerfile2llb::NamedContext::Image(_)
+                | dockerfile2llb::NamedContext::OciLayout { .. } => None,
             })
             .collect();
         for dir in dirs {
@@ -849,6 +870,32 @@ impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
             } else {
                 resolved.canonical_ref
             },
+            digest: resolved.digest,
+            config,
+        })
+    }
+
+    async fn resolve_oci_layout(
+        &self,
+        reference: &str,
+        platform: &Platform,
+        store: &str,
+    ) -> Result<dockerfile2llb::ResolvedImage, dockerfile2llb::ResolveError> {
+        let resolved = self
+            .bridge
+            .resolve_oci_layout_config(self.build_id, reference, platform, store)
+            .await
+            .map_err(|source| Error::ResolveImageConfig {
+                reference: format!("{}{reference}", kiln_session::ocilayout::SCHEME),
+                source,
+            })?;
+        let config: ImageConfig =
+            serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
+                reference: reference.to_string(),
+                source,
+            })?;
+        Ok(dockerfile2llb::ResolvedImage {
+            canonical_ref: reference.to_string(),
             digest: resolved.digest,
             config,
         })

@@ -89,9 +89,16 @@ pub enum Error {
     #[error("no session {0:?} attached")]
     NoSession(String),
     #[error(
-        "local source {name:?} names session {session:?}, which is not this build's: a build reads only its own client's files"
+        "source {name:?} names session {session:?}, which is not this build's: a build reads only its own client's files"
     )]
     ForeignSession { name: String, session: String },
+    /// An image in an OCI layout the client serves (`oci-layout://`).
+    #[error("{reference}")]
+    OciLayout {
+        reference: String,
+        #[source]
+        source: kiln_session::Error,
+    },
     #[error("source {0:?}: only kiln itself loads imported build caches")]
     CacheSource(String),
     #[error("no result with id {0:?} in this build")]
@@ -241,7 +248,7 @@ impl From<Error> for tonic::Status {
             Error::CacheStore { .. } | Error::CacheRecord { .. } | Error::StoreTask { .. } => {
                 tonic::Code::Internal
             }
-            Error::Resolve(_) => tonic::Code::NotFound,
+            Error::Resolve(_) | Error::OciLayout { .. } => tonic::Code::NotFound,
             Error::FrontendImage { .. } => tonic::Code::FailedPrecondition,
             Error::Container(..) => tonic::Code::NotFound,
             Error::Farm(_) => tonic::Code::Unavailable,

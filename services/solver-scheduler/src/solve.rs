@@ -237,8 +237,8 @@ pub(crate) async fn solve_unloaded<W: Worker>(
     }
 }
 
-/// The LLB names the session a local source syncs from: only this build's
-/// own; and no source loads an imported cache (only the solver makes those).
+/// The LLB names the session a local source syncs from (or an OCI layout
+/// source reads from): only this build's own; and no source loads an imported cache (only the solver makes those).
 fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Error> {
     for v in &graph.vertices {
         if let Some(OpKind::Source(s)) = &v.op.op
@@ -246,14 +246,20 @@ fn check_local_sessions(graph: &kiln_llb::Graph, build: &Build) -> Result<(), Er
         {
             return Err(Error::CacheSource(s.identifier.clone()));
         }
+        // an OCI layout is read from a session's content store too
+        let attr = if is_local_source(&v.op) {
+            "local.session"
+        } else {
+            kiln_session::ocilayout::ATTR_SESSION
+        };
         if let Some(OpKind::Source(s)) = &v.op.op
-            && is_local_source(&v.op)
-            && let Some(session) = s.attrs.get("local.session")
+            && (is_local_source(&v.op) || s.identifier.starts_with(kiln_session::ocilayout::SCHEME))
+            && let Some(session) = s.attrs.get(attr)
             && !session.is_empty()
             && *session != build.session_id
         {
             return Err(Error::ForeignSession {
-                name: s.identifier.trim_start_matches("local://").to_string(),
+                name: s.identifier.clone(),
                 session: session.clone(),
             });
         }

@@ -827,6 +827,96 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         res
     }
 
+    /// The config of the image `reference` (`NAME@sha256:…`) in the OCI
+    /// layout `store` the build's client serves (`kiln build --oci-layout`,
+    /// BuildKit's `ResolverTypeOCILayout`). Every blob is checked against
+    /// its digest; a session other than the build's own is refused.
+    pub async fn resolve_oci_layout(
+        &self,
+        build: &Build,
+        reference: &str,
+        platform: Option<pb::Platform>,
+        session_id: &str,
+        store: &str,
+    ) -> Result<crate::peer::ResolvedImage, Error> {
+        if !session_id.is_empty() && session_id != build.session_id {
+            return Err(Error::ForeignSession {
+                name: format!("{}{reference}", kiln_session::ocilayout::SCHEME),
+                session: session_id.to_string(),
+            });
+        }
+        let started = now();
+        let res = self
+            .read_oci_layout(build, reference, platform, store)
+            .await;
+        build.progress.vertex(ProgressVertex {
+            digest: kiln_digest::sha256(
+                format!("resolve-oci:{}:{store}:{reference}", build.id).as_bytes(),
+            ),
+            name: format!("[internal] load metadata for {reference}"),
+            started: Some(started),
+            completed: Some(now()),
+            error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
+            ..Default::default()
+        });
+        res
+    }
+
+    async fn read_oci_layout(
+        &self,
+        build: &Build,
+        reference: &str,
+        platform: Option<pb::Platform>,
+        store: &str,
+    ) -> Result<crate::peer::ResolvedImage, Error> {
+        use kiln_session::ocilayout;
+        let err = |source| Error::OciLayout {
+            reference: format!("{}{reference}", ocilayout::SCHEME),
+            source,
+        };
+        let digest = match reference.rsplit_once('@') {
+            Some((_, d)) if ocilayout::is_digest(d) => d.to_string(),
+            _ => {
+                return Err(err(kiln_session::Error::Layout(format!(
+                    "reference {reference:?} must have a digest"
+                ))));
+            }
+        };
+        if store.is_empty() {
+            return Err(err(kiln_session::Error::Layout(
+                "no store named".to_string(),
+            )));
+        }
+        let session = self
+            .sessions
+            .get(&build.session_id, self.config.session_wait)
+            .await
+            .ok_or_else(|| Error::NoSession(build.session_id.clone()))?;
+        let platform = match platform.filter(|p| !p.os.is_empty()) {
+            Some(p) => kiln_oci::Platform::new(
+                &p.os,
+                &p.architecture,
+                Some(p.variant.as_str()).filter(|v| !v.is_empty()),
+            ),
+            None => kiln_oci::Platform::host(),
+        }
+        .normalized();
+        let store = ocilayout::store_id(store);
+        let channel = session.channel.clone();
+        let read = |d: String, limit: u64| {
+            let (channel, store) = (channel.clone(), store.clone());
+            async move { ocilayout::read_direct(channel, &store, &d, limit).await }
+        };
+        let resolved = ocilayout::resolve(read, &digest, &platform)
+            .await
+            .map_err(err)?;
+        Ok(crate::peer::ResolvedImage {
+            reference: reference.to_string(),
+            digest: resolved.digest,
+            config: resolved.config,
+        })
+    }
+
     /// The workers as `ListWorkers` lists them: a farm's members, or the one
     /// worker with the configured platforms.
     pub fn worker_infos(&self) -> Vec<crate::peer::WorkerInfo> {

@@ -164,7 +164,10 @@ impl Stages<'_, '_> {
                 "FROM {}",
                 source.trim_start_matches("docker-image://")
             ));
-            ops.set_custom_name(id, &name);
+            // an OCI layout's keeps the name BuildKit gives it
+            if !source.starts_with(kiln_session::ocilayout::SCHEME) {
+                ops.set_custom_name(id, &name);
+            }
         }
         Ok(st)
     }

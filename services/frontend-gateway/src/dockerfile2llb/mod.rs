@@ -77,6 +77,9 @@ pub enum NamedContext {
     Local(String),
     /// `docker-image://REF`: an image.
     Image(String),
+    /// `oci-layout://STORE[:TAG]@DIGEST`: an image in the OCI layout the
+    /// client serves as its content store STORE (`kiln build --oci-layout`).
+    OciLayout { store: String, digest: String },
 }
 
 impl NamedContext {
@@ -95,18 +98,41 @@ impl NamedContext {
             }
             return Ok(NamedContext::Image(reference.to_string()));
         }
+        if let Some(r) = value.strip_prefix(kiln_session::ocilayout::SCHEME) {
+            let r = kiln_session::ocilayout::Reference::parse(r).map_err(|e| {
+                NamedContextError::InvalidOciLayout {
+                    value: value_(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let digest = r
+                .digest
+                .ok_or_else(|| NamedContextError::OciLayoutNoDigest {
+                    reference: value[kiln_session::ocilayout::SCHEME.len()..].to_string(),
+                })?;
+            return Ok(NamedContext::OciLayout {
+                store: r.name,
+                digest,
+            });
+        }
         Err(NamedContextError::UnsupportedScheme { value: value_() })
     }
 }
 
-/// A `context:NAME` value that is not `local:DIR` or `docker-image://REF`.
+/// A `context:NAME` value kiln cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NamedContextError {
     #[error("invalid named context {value:?}: empty local name")]
     EmptyLocalName { value: String },
     #[error("invalid named context {value:?}: empty image reference")]
     EmptyImageReference { value: String },
-    #[error("unsupported named context {value:?}: expected local:NAME or docker-image://REF")]
+    #[error("could not parse oci-layout reference in {value:?}: {reason}")]
+    InvalidOciLayout { value: String, reason: String },
+    #[error("oci-layout reference {reference:?} has no digest")]
+    OciLayoutNoDigest { reference: String },
+    #[error(
+        "unsupported named context {value:?}: expected local:NAME, docker-image://REF or oci-layout://STORE@DIGEST"
+    )]
     UnsupportedScheme { value: String },
 }
 
@@ -131,6 +157,19 @@ pub trait ImageResolver: Send + Sync {
         reference: &str,
         platform: &kiln_oci::Platform,
     ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send;
+
+    /// The image `reference` (`NAME@sha256:…`) in the OCI layout the
+    /// client serves as its content store `store`.
+    fn resolve_oci_layout(
+        &self,
+        reference: &str,
+        platform: &kiln_oci::Platform,
+        store: &str,
+    ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send {
+        let _ = (platform, store);
+        let msg = format!("oci-layout://{reference}: OCI layouts cannot be read here");
+        async move { Err(msg.into()) }
+    }
 }
 
 /// The conversion result.
@@ -356,18 +395,27 @@ async fn resolve_images<R: ImageResolver>(
     let mut of_image = Vec::with_capacity(needed.len());
     for &k in needed {
         let same = distinct.iter().position(|&d| {
-            images[d].reference == images[k].reference && images[d].platform == images[k].platform
+            images[d].reference == images[k].reference
+                && images[d].platform == images[k].platform
+                && images[d].oci == images[k].oci
         });
         of_image.push(same.unwrap_or_else(|| {
             distinct.push(k);
             distinct.len() - 1
         }));
     }
-    let results = futures::future::join_all(
-        distinct
-            .iter()
-            .map(|&d| resolver.resolve(&images[d].reference, &images[d].platform)),
-    )
+    let shared: &[ImageUse] = images;
+    let results = futures::future::join_all(distinct.iter().map(|&d| async move {
+        let image = &shared[d];
+        match &image.oci {
+            Some(oci) => {
+                resolver
+                    .resolve_oci_layout(&image.reference, &image.platform, &oci.store)
+                    .await
+            }
+            None => resolver.resolve(&image.reference, &image.platform).await,
+        }
+    }))
     .await;
     let mut resolved = Vec::with_capacity(results.len());
     for (r, &d) in results.into_iter().zip(&distinct) {
@@ -401,9 +449,36 @@ fn record_image(image: &mut ImageUse, resolved: ResolvedImage, ops: &mut Ops) {
         } else {
             format!("{name}@{}", resolved.digest)
         };
-        Some(image_source_op(ops, image, &pinned))
+        match &image.oci {
+            Some(oci) => Some(oci_layout_source_op(ops, image, oci)),
+            None => Some(image_source_op(ops, image, &pinned)),
+        }
     };
     image.resolved = Some(ResolvedBase { state, config });
+}
+
+/// The `oci-layout://` source op of an image in an OCI layout the client
+/// serves, as BuildKit's frontend makes it: named by the context's name and
+/// the digest, reading from the store `oci.store` of session `oci.session`.
+fn oci_layout_source_op(ops: &mut Ops, image: &ImageUse, oci: &plan::OciUse) -> OpId {
+    use kiln_session::ocilayout::{ATTR_SESSION, ATTR_STORE, SCHEME};
+    let attrs = BTreeMap::from([
+        (ATTR_SESSION.to_string(), oci.session_id.clone()),
+        (ATTR_STORE.to_string(), oci.store.clone()),
+    ]);
+    let op = pb::Op {
+        platform: Some(pb::Platform::from(&image.platform)),
+        ..source_op(format!("{SCHEME}{}", image.reference), attrs)
+    };
+    let name = format!("[context {}] OCI load from client", oci.context);
+    let md = metadata(
+        &[
+            ("com.docker.dockerfile.v1.command", image.command.as_str()),
+            ("llb.customname", &name),
+        ],
+        &["source.ocilayout"],
+    );
+    ops.push(op, Vec::new(), md, Some(Lines::one(image.line)))
 }
 
 /// The `docker-image://` source op of `image` pinned to a digest. Its

@@ -12,6 +12,18 @@ use super::args::Args;
 use super::ops::OpId;
 use super::{ConvertOptions, Error, NamedContext, line_of, reference};
 
+/// The reference an `oci-layout://` named context's image goes by (the
+/// context's name pinned to the digest, as BuildKit names it) and where it
+/// is read from.
+fn oci_use(context: &str, store: &str, digest: &str, opts: &ConvertOptions) -> (String, OciUse) {
+    let oci = OciUse {
+        context: context.to_string(),
+        store: store.to_string(),
+        session_id: opts.session_id.clone(),
+    };
+    (format!("{context}@{digest}"), oci)
+}
+
 /// What a stage is built on.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Base {
@@ -59,6 +71,19 @@ pub(super) struct ImageUse {
     /// The FROM line (`com.docker.dockerfile.v1.command`), empty for COPY --from.
     pub command: String,
     pub resolved: Option<ResolvedBase>,
+    /// An image in an OCI layout the client serves, not in a registry.
+    pub oci: Option<OciUse>,
+}
+
+/// Where an `oci-layout://` named context's image is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OciUse {
+    /// the named context (`context:NAME`)
+    pub context: String,
+    /// the client's store (`oci.store`)
+    pub store: String,
+    /// the client's session (`oci.session`)
+    pub session_id: String,
 }
 
 /// One stage of the plan.
@@ -242,11 +267,15 @@ impl Plan {
         if base.eq_ignore_ascii_case("scratch") && named.is_none() {
             return Ok(Base::Scratch);
         }
-        let base = match named {
-            Some(NamedContext::Image(r)) => r.clone(),
-            _ => base.to_string(),
-        };
         let line = stage.location.start_line;
+        let (base, oci) = match named {
+            Some(NamedContext::Image(r)) => (r.clone(), None),
+            Some(NamedContext::OciLayout { store, digest }) => {
+                let (r, oci) = oci_use(base, store, digest, opts);
+                (r, Some(oci))
+            }
+            _ => (base.to_string(), None),
+        };
         let reference = reference::normalize(&base).map_err(|source| Error::InvalidReference {
             line,
             reference: base.clone(),
@@ -258,6 +287,7 @@ impl Plan {
             line,
             command: stage.original.clone(),
             resolved: None,
+            oci,
         });
         Ok(Base::Image(self.images.len() - 1))
     }
@@ -327,28 +357,37 @@ impl Plan {
         if let Some(&j) = self.names.get(&name.to_ascii_lowercase()) {
             return Ok(From::Stage(j));
         }
-        let image = match opts.named_contexts.get(name) {
+        let (image, oci) = match opts.named_contexts.get(name) {
             Some(NamedContext::Local(dir)) => return Ok(From::Local(self.local_index(dir))),
-            Some(NamedContext::Image(r)) => r.clone(),
-            None => name.to_string(),
+            Some(NamedContext::Image(r)) => (r.clone(), None),
+            Some(NamedContext::OciLayout { store, digest }) => {
+                let (r, oci) = oci_use(name, store, digest, opts);
+                (r, Some(oci))
+            }
+            None => (name.to_string(), None),
         };
         let reference = reference::normalize(&image).map_err(|source| Error::InvalidReference {
             line,
             reference: name.to_string(),
             source,
         })?;
-        if let Some(&k) = self.image_by_ref.get(&reference) {
+        let key = match &oci {
+            Some(_) => format!("{}{reference}", kiln_session::ocilayout::SCHEME),
+            None => reference.clone(),
+        };
+        if let Some(&k) = self.image_by_ref.get(&key) {
             return Ok(From::Image(k));
         }
         self.images.push(ImageUse {
-            reference: reference.clone(),
+            reference,
             platform: opts.platform.clone(),
             line,
             command: String::new(),
             resolved: None,
+            oci,
         });
         let k = self.images.len() - 1;
-        self.image_by_ref.insert(reference, k);
+        self.image_by_ref.insert(key, k);
         Ok(From::Image(k))
     }
 

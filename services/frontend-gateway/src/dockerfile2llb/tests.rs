@@ -912,6 +912,127 @@ async fn named_image_context_replaces_the_base_image() {
     assert_eq!(resolver.calls(), ["docker.io/library/busybox:latest"]);
 }
 
+/// Answers OCI layout lookups with busybox's config, recording each.
+struct LayoutResolver {
+    calls: Mutex<Vec<(String, String)>>,
+}
+
+impl ImageResolver for LayoutResolver {
+    fn resolve(
+        &self,
+        reference: &str,
+        _platform: &kiln_oci::Platform,
+    ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send {
+        let reference = reference.to_string();
+        async move { Err(format!("{reference}: not a layout").into()) }
+    }
+
+    fn resolve_oci_layout(
+        &self,
+        reference: &str,
+        _platform: &kiln_oci::Platform,
+        store: &str,
+    ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send {
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .push((reference.to_string(), store.to_string()));
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+            "config": {"Env": ["FROM_LAYOUT=1"], "WorkingDir": "/w"},
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", "b".repeat(64))]}});
+        let resolved = ResolvedImage {
+            canonical_ref: reference.to_string(),
+            digest: reference
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_string())
+                .unwrap_or_default(),
+            config: serde_json::from_value(config).expect("config"),
+        };
+        async move { Ok(resolved) }
+    }
+}
+
+#[tokio::test]
+async fn oci_layout_context_is_an_oci_layout_source_with_the_image_config() {
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let mut opts = options();
+    opts.session_id = "sess".to_string();
+    opts.named_contexts = BTreeMap::from([(
+        "base".to_string(),
+        NamedContext::parse(&format!("oci-layout://src:v1@{digest}")).expect("parses"),
+    )]);
+    let resolver = LayoutResolver {
+        calls: Mutex::new(Vec::new()),
+    };
+    let conv = convert(
+        b"FROM base\nRUN true\nFROM scratch\nCOPY --from=base /a /a\nCOPY --from=0 /b /b\n",
+        &opts,
+        &resolver,
+    )
+    .await
+    .expect("converts");
+    let g = kiln_llb::load(&conv.definition).expect("loads");
+    let reference = format!("docker.io/library/base@{digest}");
+    assert_eq!(
+        resolver.calls.lock().expect("calls").clone(),
+        [(reference.clone(), "src".to_string())],
+        "resolved once for FROM and COPY --from"
+    );
+    let layouts: Vec<&pb::SourceOp> = g
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op.op {
+            Some(pb::op::Op::Source(s)) if s.identifier.starts_with("oci-layout://") => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(layouts.len(), 1, "one source for both uses");
+    assert_eq!(layouts[0].identifier, format!("oci-layout://{reference}"));
+    assert_eq!(
+        layouts[0].attrs,
+        BTreeMap::from([
+            ("oci.session".to_string(), "sess".to_string()),
+            ("oci.store".to_string(), "src".to_string()),
+        ])
+    );
+    let meta = &exec_metas(&g)[0];
+    assert!(
+        meta.env.iter().any(|e| e == "FROM_LAYOUT=1"),
+        "{:?}",
+        meta.env
+    );
+    assert_eq!(meta.cwd, "/w");
+}
+
+#[test]
+fn oci_layout_contexts_need_a_digest_and_a_store_name() {
+    let digest = format!("sha256:{}", "a".repeat(64));
+    assert_eq!(
+        NamedContext::parse(&format!("oci-layout://src@{digest}")),
+        Ok(NamedContext::OciLayout {
+            store: "src".to_string(),
+            digest: digest.clone()
+        })
+    );
+    assert!(matches!(
+        NamedContext::parse("oci-layout://src:v1"),
+        Err(NamedContextError::OciLayoutNoDigest { .. })
+    ));
+    for bad in [
+        "oci-layout://src@sha256:../../etc/passwd".to_string(),
+        format!("oci-layout://../src@{digest}"),
+        format!("oci-layout://@{digest}"),
+    ] {
+        assert!(
+            matches!(
+                NamedContext::parse(&bad),
+                Err(NamedContextError::InvalidOciLayout { .. })
+            ),
+            "{bad}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn source_date_epoch_sets_created_times() {
     let mut opts = options();

@@ -202,6 +202,41 @@ impl Bridge for GrpcBridge {
             canonical_ref: resp.r#ref,
         })
     }
+
+    async fn resolve_oci_layout_config(
+        &self,
+        build_id: &str,
+        reference: &str,
+        platform: &Platform,
+        store: &str,
+    ) -> Result<ResolvedConfig, BridgeError> {
+        let req = request(
+            build_id,
+            ResolveImageConfigRequest {
+                r#ref: reference.to_string(),
+                platform: Some(pb::Platform::from(platform)),
+                log_name: format!("[internal] load metadata for {reference}"),
+                // BuildKit's ResolverTypeOCILayout; the store is the
+                // build's own client's (no session named)
+                resolver_type: 1,
+                store_id: store.to_string(),
+                ..Default::default()
+            },
+            Some(CALL_TIMEOUT),
+        )?;
+        let resp = self
+            .client
+            .clone()
+            .resolve_image_config(req)
+            .await
+            .map_err(bridge_error)?
+            .into_inner();
+        Ok(ResolvedConfig {
+            digest: resp.digest,
+            config: resp.config,
+            canonical_ref: resp.r#ref,
+        })
+    }
 }
 
 #[cfg(test)]

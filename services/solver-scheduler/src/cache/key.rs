@@ -32,7 +32,15 @@ pub(crate) fn definition_key(op: &pb::Op) -> String {
     op.inputs.iter_mut().for_each(|i| i.digest.clear());
     match &mut op.op {
         Some(OpKind::Source(s)) => {
-            for k in ["local.session", "local.unique", "local.sharedkeyhint"] {
+            // which session and store an OCI layout is read from do not
+            // change what it is: its identifier pins the digest
+            for k in [
+                "local.session",
+                "local.unique",
+                "local.sharedkeyhint",
+                kiln_session::ocilayout::ATTR_SESSION,
+                kiln_session::ocilayout::ATTR_STORE,
+            ] {
                 s.attrs.remove(k);
             }
         }

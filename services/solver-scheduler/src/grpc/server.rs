@@ -637,8 +637,12 @@ const FRONTEND_CAPS: &[&str] = &[
     "gateway.exec.filesystem",
 ];
 
+/// BuildKit's `ResolveImageConfigRequest.ResolverType` of an OCI layout.
+const RESOLVER_TYPE_OCI_LAYOUT: i32 = 1;
+
 const LLB_CAPS: &[&str] = &[
     "source.image",
+    "source.ocilayout",
     "source.image.resolvemode",
     "source.local",
     "source.local.unique",
@@ -792,11 +796,16 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
     ) -> Result<Response<fe::ResolveImageConfigResponse>, Status> {
         let build = self.build(&request).await?;
         let r = request.into_inner();
-        let res = self
-            .solver
-            .resolve_image(&build, &r.r#ref, r.platform)
-            .await
-            .map_err(Status::from)?;
+        let res = if r.resolver_type == RESOLVER_TYPE_OCI_LAYOUT {
+            self.solver
+                .resolve_oci_layout(&build, &r.r#ref, r.platform, &r.session_id, &r.store_id)
+                .await
+        } else {
+            self.solver
+                .resolve_image(&build, &r.r#ref, r.platform)
+                .await
+        }
+        .map_err(Status::from)?;
         Ok(Response::new(fe::ResolveImageConfigResponse {
             digest: res.digest,
             config: res.config,
@@ -813,6 +822,29 @@ impl<W: Worker, F: Frontend, E: Exporter> llb_bridge_server::LlbBridge for Bridg
         let mut source = r
             .source
             .ok_or_else(|| Status::invalid_argument("ResolveSourceMeta without a source"))?;
+        if let Some(reference) = source
+            .identifier
+            .strip_prefix(kiln_session::ocilayout::SCHEME)
+        {
+            let attr = |k: &str| source.attrs.get(k).cloned().unwrap_or_default();
+            let (session, store) = (
+                attr(kiln_session::ocilayout::ATTR_SESSION),
+                attr(kiln_session::ocilayout::ATTR_STORE),
+            );
+            let res = self
+                .solver
+                .resolve_oci_layout(&build, reference, r.platform, &session, &store)
+                .await
+                .map_err(Status::from)?;
+            return Ok(Response::new(fe::ResolveSourceMetaResponse {
+                source: Some(source),
+                image: Some(fe::ResolveSourceImageResponse {
+                    digest: res.digest,
+                    config: res.config,
+                }),
+                ..Default::default()
+            }));
+        }
         let Some(image) = source.identifier.strip_prefix("docker-image://") else {
             // nothing to pin for other sources
             return Ok(Response::new(fe::ResolveSourceMetaResponse {

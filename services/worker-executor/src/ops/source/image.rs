@@ -59,7 +59,7 @@ enum BlobSource {
         reference: kiln_registry::Reference,
     },
     /// a content store the client serves on its session (`local:DIR`, a
-    /// local build cache)
+    /// local build cache; `oci:NAME`, an OCI layout)
     Session {
         client: kiln_session::SessionClient,
         store: String,
@@ -167,6 +167,89 @@ pub(super) async fn cache_layers(
         .lock_owned()
         .await;
     pull.layers(chain).await
+}
+
+/// An image in an OCI layout the client serves (`oci-layout://NAME@DIGEST`,
+/// the store in `oci.store`): its index, manifest and config read through
+/// the session broker from the client's content store `oci:STORE`, each
+/// checked against its digest, then its layers pulled and unpacked as an
+/// image's are (found again by chain id, so a layout's layers are read
+/// once). Returns the top layer's snapshot.
+pub(super) async fn oci_layout(
+    w: &Worker,
+    r: &str,
+    attrs: &std::collections::BTreeMap<String, String>,
+    platform: Option<&pb::Platform>,
+    session_id: &str,
+    events: &mpsc::Sender<Event>,
+) -> Result<Option<String>> {
+    use kiln_session::ocilayout::{self, ATTR_LAYER_LIMIT, ATTR_SESSION, ATTR_STORE, SCHEME};
+    let name = format!("{SCHEME}{r}");
+    let err = |reason: String| Error::Image {
+        reference: name.clone(),
+        reason,
+    };
+    let digest = match r.rsplit_once('@') {
+        Some((_, d)) if ocilayout::is_digest(d) => d,
+        _ => return Err(err("the reference must have a sha256 digest".into())),
+    };
+    let store = attrs
+        .get(ATTR_STORE)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| err(format!("no {ATTR_STORE} names the client's store")))?;
+    if let Some(s) = attrs.get(ATTR_SESSION).filter(|s| !s.is_empty())
+        && s != session_id
+    {
+        return Err(err(format!("session {s:?} is not this build's")));
+    }
+    let layer_limit = match attrs.get(ATTR_LAYER_LIMIT) {
+        Some(v) => Some(
+            v.parse::<usize>()
+                .map_err(|_| err(format!("invalid {ATTR_LAYER_LIMIT} {v:?}")))?,
+        ),
+        None => None,
+    };
+    let plat = oci_platform(platform);
+    let store = ocilayout::store_id(store);
+    let channel = kiln_session::dial::connect(&w.config().broker)
+        .await
+        .map_err(|source| Error::CacheSession {
+            op: "connect to the session broker",
+            source,
+        })?;
+    let client = kiln_session::SessionClient::new(channel, session_id.to_string());
+    let _pull = w
+        .pull_lock(format!("oci-layout {digest} {plat}"))
+        .lock_owned()
+        .await;
+    let read = |d: String, limit: u64| {
+        let (client, store) = (client.clone(), store.clone());
+        async move { ocilayout::read_via(&client, &store, &d, limit).await }
+    };
+    let resolved = ocilayout::resolve(read, digest, &plat)
+        .await
+        .map_err(|e| err(kiln_proto::status::chain(&e)))?;
+    let pull = Pull {
+        w,
+        name: &name,
+        from: BlobSource::Session { client, store },
+        events,
+    };
+    let mut ids = diff_ids(&resolved.config)
+        .ok_or_else(|| pull.image_error("config has no rootfs.diff_ids".into()))?;
+    let mut layers = resolved.manifest.layers;
+    if ids.len() != layers.len() {
+        return Err(pull.image_error(format!(
+            "{} layers but {} diff_ids",
+            layers.len(),
+            ids.len()
+        )));
+    }
+    if let Some(n) = layer_limit {
+        layers.truncate(n);
+        ids.truncate(n);
+    }
+    pull.layers(layers.into_iter().zip(ids).collect()).await
 }
 
 use kiln_oci::cache_config::UNCOMPRESSED_ANNOTATION;
@@ -403,7 +486,7 @@ async fn fetch_from_session(
         })
         .await
         .map_err(|source| Error::CacheSession {
-            op: "read a blob of the client's cache directory",
+            op: "read a blob of the client's content store",
             source,
         })?;
     let (w, digest, size) = out.finish();

@@ -1,4 +1,5 @@
-//! Source ops, one backend per child: `docker-image://` ([`image`]), `local://`
+//! Source ops, one backend per child: `docker-image://` and `oci-layout://`
+//! ([`image`]), `local://`
 //! ([`local`]), `git://` ([`git`]) and `http(s)://` ([`http`]).
 
 mod cachemount;
@@ -23,6 +24,8 @@ pub async fn run(
     let session_id = req.session_id.as_str();
     if let Some(r) = s.identifier.strip_prefix("docker-image://") {
         image::image(w, r, platform, session_id, events).await
+    } else if let Some(r) = s.identifier.strip_prefix(kiln_session::ocilayout::SCHEME) {
+        image::oci_layout(w, r, &s.attrs, platform, session_id, events).await
     } else if let Some(repo) = s.identifier.strip_prefix(CACHE_SCHEME) {
         image::cache_layers(w, repo, &s.attrs, session_id, events).await
     } else if let Some(id) = s.identifier.strip_prefix(MOUNT_EXPORT_SCHEME) {
