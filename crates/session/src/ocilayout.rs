@@ -55,7 +55,7 @@ fn bad(msg: String) -> Error {
 /// `config` and `layers`, an index `manifests`).
 enum Document {
     Index(Index),
-    Manifest(Manifest),
+    Manifest(Box<Manifest>),
 }
 
 fn detect(digest: &str, bytes: &[u8]) -> Result<Document, Error> {
@@ -69,7 +69,7 @@ fn detect(digest: &str, bytes: &[u8]) -> Result<Document, Error> {
     }
     if v.get("config").is_some() && v.get("layers").is_some() {
         return serde_json::from_value(v)
-            .map(Document::Manifest)
+            .map(|m| Document::Manifest(Box::new(m)))
             .map_err(decode);
     }
     Err(bad(format!("{digest} is neither an index nor a manifest")))
@@ -117,7 +117,7 @@ where
                 return Ok(Resolved {
                     digest: digest.to_string(),
                     manifest_digest: current,
-                    manifest,
+                    manifest: *manifest,
                     config,
                 });
             }
