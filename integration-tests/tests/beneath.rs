@@ -9,22 +9,32 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A host directory the attacks aim at: `sentinel` (secret content, owned by root, mode
-/// 0644) must stay the only entry, unchanged.
+/// A host directory the attacks aim at: `sentinel` (secret content, mode 0644) must stay
+/// the only entry, unchanged. Owned by root, or for a rootless daemon by the user it
+/// runs as, so the daemon could write there if a path escaped.
 struct Canary {
     dir: tempfile::TempDir,
+    owner: (u32, u32),
 }
 
 const SECRET: &str = "host secret 5c2b";
 
 impl Canary {
-    fn new() -> Canary {
+    fn new(topology: Topology) -> Canary {
         let dir = tempfile::Builder::new()
             .prefix("kiln-canary-")
             .tempdir()
             .expect("canary");
         std::fs::write(dir.path().join("sentinel"), SECRET).expect("sentinel");
-        Canary { dir }
+        let mut owner = (0, 0);
+        if topology == Topology::Rootless {
+            let u = kiln_integration_tests::rootless_user().expect("test user");
+            owner = (u.uid, u.gid);
+            for p in [dir.path().to_path_buf(), dir.path().join("sentinel")] {
+                std::os::unix::fs::lchown(&p, Some(u.uid), Some(u.gid)).expect("chown");
+            }
+        }
+        Canary { dir, owner }
     }
 
     fn path(&self) -> &Path {
@@ -44,7 +54,10 @@ impl Canary {
         let s = self.path().join("sentinel");
         assert_eq!(std::fs::read_to_string(&s).expect("sentinel"), SECRET);
         let md = std::fs::symlink_metadata(&s).expect("sentinel");
-        assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (0, 0, 0o644));
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (self.owner.0, self.owner.1, 0o644)
+        );
         for p in ["/pwned", "/etc/pwned", "/tmp/pwned"] {
             assert!(!Path::new(p).exists(), "{p} written on the host");
         }
@@ -99,12 +112,34 @@ fn push_layers(name: &str, layers: &[Vec<u8>]) -> String {
     kiln_integration_tests::push_oci_image(name, &blobs, &diff_ids)
 }
 
-#[test]
-fn image_layers_cannot_write_through_symlinks() {
-    let canary = Canary::new();
+/// Each probe against a root daemon and against a rootless one.
+macro_rules! on_both {
+    ($($body:ident => $root:ident, $rootless:ident;)*) => {$(
+        #[test]
+        fn $root() {
+            $body(Topology::AllInOne);
+        }
+        #[test]
+        fn $rootless() {
+            $body(Topology::Rootless);
+        }
+    )*};
+}
+
+on_both! {
+    image_layers_cannot_write_through_symlinks_on => image_layers_cannot_write_through_symlinks, image_layers_cannot_write_through_symlinks_rootless;
+    file_ops_resolve_every_path_inside_the_rootfs_on => file_ops_resolve_every_path_inside_the_rootfs, file_ops_resolve_every_path_inside_the_rootfs_rootless;
+    add_archives_unpack_inside_their_destination_on => add_archives_unpack_inside_their_destination, add_archives_unpack_inside_their_destination_rootless;
+    mounts_stay_inside_the_rootfs_and_kilns_root_on => mounts_stay_inside_the_rootfs_and_kilns_root, mounts_stay_inside_the_rootfs_and_kilns_root_rootless;
+    exports_of_an_image_with_host_symlinks_write_nothing_through_them_on => exports_of_an_image_with_host_symlinks_write_nothing_through_them, exports_of_an_image_with_host_symlinks_write_nothing_through_them_rootless;
+    a_client_cannot_plant_files_in_another_clients_synced_context_on => a_client_cannot_plant_files_in_another_clients_synced_context, a_client_cannot_plant_files_in_another_clients_synced_context_rootless;
+}
+
+fn image_layers_cannot_write_through_symlinks_on(topology: Topology) {
+    let canary = Canary::new(topology);
     let c = canary.display();
     let up = format!("{}{}", "../".repeat(12), c.trim_start_matches('/'));
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start(topology).expect("daemon");
     let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
         // a symlink from a lower layer, an entry below it in the next
         (
@@ -165,11 +200,10 @@ fn image_layers_cannot_write_through_symlinks() {
     canary.assert_untouched();
 }
 
-#[test]
-fn file_ops_resolve_every_path_inside_the_rootfs() {
-    let canary = Canary::new();
+fn file_ops_resolve_every_path_inside_the_rootfs_on(topology: Topology) {
+    let canary = Canary::new(topology);
     let c = canary.display();
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start(topology).expect("daemon");
     let up = format!("{}{}", "../".repeat(12), c.trim_start_matches('/'));
     // the rootfs holds symlinks to the host canary, absolute and climbing; COPY, WORKDIR
     // (mkdir) and COPY --chown through them land inside the image
@@ -213,11 +247,10 @@ fn file_ops_resolve_every_path_inside_the_rootfs() {
     canary.assert_untouched();
 }
 
-#[test]
-fn add_archives_unpack_inside_their_destination() {
-    let canary = Canary::new();
+fn add_archives_unpack_inside_their_destination_on(topology: Topology) {
+    let canary = Canary::new(topology);
     let c = canary.display();
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start(topology).expect("daemon");
     let up = format!("{}{}", "../".repeat(12), c.trim_start_matches('/'));
     let write_tar = |ctx: &BuildContext, name: &str, entries: &[E]| {
         std::fs::write(ctx.path().join(name), raw_tar(entries)).expect("tar");
@@ -259,11 +292,10 @@ fn add_archives_unpack_inside_their_destination() {
     canary.assert_untouched();
 }
 
-#[test]
-fn mounts_stay_inside_the_rootfs_and_kilns_root() {
-    let canary = Canary::new();
+fn mounts_stay_inside_the_rootfs_and_kilns_root_on(topology: Topology) {
+    let canary = Canary::new(topology);
     let c = canary.display();
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start(topology).expect("daemon");
     let up = format!("{}{}", "../".repeat(12), c.trim_start_matches('/'));
     let secret = tempfile::NamedTempFile::new().expect("secret");
     std::fs::write(secret.path(), "s3cret").expect("secret");
@@ -324,11 +356,10 @@ fn mounts_stay_inside_the_rootfs_and_kilns_root() {
     canary.assert_untouched();
 }
 
-#[test]
-fn exports_of_an_image_with_host_symlinks_write_nothing_through_them() {
-    let canary = Canary::new();
+fn exports_of_an_image_with_host_symlinks_write_nothing_through_them_on(topology: Topology) {
+    let canary = Canary::new(topology);
     let c = canary.display();
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let d = Daemon::start(topology).expect("daemon");
     let ctx = BuildContext::new(&format!(
         "FROM busybox\nRUN ln -s {c} /a && ln -s {c}/sentinel /s && mkdir /d && echo img > /d/f\n"
     ))
@@ -418,10 +449,9 @@ fn plant_then_build(d: &Daemon, attacker: (&Path, &[String]), victim: (&Path, &[
     );
 }
 
-#[test]
-fn a_client_cannot_plant_files_in_another_clients_synced_context() {
-    let canary = Canary::new();
-    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+fn a_client_cannot_plant_files_in_another_clients_synced_context_on(topology: Topology) {
+    let canary = Canary::new(topology);
+    let d = Daemon::start(topology).expect("daemon");
     let (a, v) = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("v"),
@@ -503,7 +533,7 @@ fn pki(dir: &Path) {
 
 #[test]
 fn a_client_certificate_keeps_its_synced_context_to_itself() {
-    let canary = Canary::new();
+    let canary = Canary::new(Topology::AllInOne);
     let dir = tempfile::tempdir().expect("pki");
     pki(dir.path());
     let p = |n: &str| dir.path().join(n).display().to_string();
