@@ -1,7 +1,8 @@
 //! Rootless kilnd: an unprivileged user runs `rootlesskit --net=host --copy-up=/etc
 //! kilnd --rootless` (the harness's [`Topology::Rootless`]). Root in a step is that
 //! user, other ids its subordinate ids; the images are the same as a root daemon's,
-//! owners included; what needs real root fails saying so; and `kiln` finds the
+//! owners included; what needs real root (or ids the user was not given) fails saying
+//! so; and `kiln` finds the
 //! daemon's socket under `$XDG_RUNTIME_DIR`. (Every conformance group also runs on
 //! a rootless daemon: `conformance_<group>_rootless`.)
 
@@ -235,6 +236,21 @@ fn what_needs_real_root_fails_saying_why() {
     assert!(!out.status.success());
     assert!(
         err.contains("security.insecure: not available on a rootless worker"),
+        "{err}"
+    );
+    // an owner outside the user's subordinate ids
+    let ctx = context(&[
+        ("Dockerfile", "FROM busybox\nCOPY --chown=70000:70000 f /f\n"),
+        ("f", "x\n"),
+    ]);
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let out = d.kiln(ctx.path(), &args).expect("kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("owner 70000:70000 is outside the ids kilnd's user namespace maps")
+            && err.contains("Dockerfile:2"),
         "{err}"
     );
     // the daemon is still there for the next build

@@ -422,7 +422,7 @@ fn set_owner_mode_xattrs(
     xattrs: &[(String, Vec<u8>)],
 ) -> io::Result<()> {
     let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other("uid/gid out of range"));
-    std::os::unix::fs::lchown(path, Some(id(uid)?), Some(id(gid)?))?;
+    crate::idmap::lchown(path, id(uid)?, id(gid)?)?;
     // chmod after chown: chown clears setuid/setgid bits.
     if let Some(mode) = mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode))?;

@@ -8,6 +8,7 @@
 pub mod cache_config;
 mod compress;
 mod error;
+pub mod idmap;
 mod image;
 /// sha256 digests (the `kiln-digest` crate), where kiln-oci's users expect them.
 pub use kiln_digest as digest;

@@ -200,7 +200,7 @@ pub fn set_meta(
     mode: Option<u32>,
     times: (TimeSpec, TimeSpec),
 ) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))?;
+    kiln_oci::idmap::lchown(path, owner.0, owner.1)?;
     let md = std::fs::symlink_metadata(path)?;
     if !md.file_type().is_symlink()
         && let Some(m) = mode

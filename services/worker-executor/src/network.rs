@@ -167,12 +167,7 @@ impl Networking {
                         .into(),
                 ));
             }
-            NetworkMode::Auto if rootless => {
-                tracing::info!(
-                    "network mode auto, rootless: steps share kilnd's network namespace (rootlesskit's)"
-                );
-                Networking::Host
-            }
+            NetworkMode::Auto if rootless => Networking::Host,
             NetworkMode::Host => Networking::Host,
             NetworkMode::None => Networking::None,
             NetworkMode::Bridge => {
@@ -199,6 +194,9 @@ impl Networking {
                 b.name,
                 b.subnet,
                 b.subnet.gateway()
+            ),
+            Networking::Host if rootless => tracing::info!(
+                "network mode host, rootless: steps share kilnd's network namespace (what rootlesskit --net gave it)"
             ),
             Networking::Host => tracing::info!("network mode host: steps share the host's network"),
             Networking::None => tracing::info!("network mode none: steps get loopback only"),

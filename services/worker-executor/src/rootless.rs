@@ -13,81 +13,11 @@
 //! - overlays are mounted with `userxattr` (`snapshot/overlay.rs`), so an opaque
 //!   directory is marked [`overlay_opaque_xattr`];
 //! - `security.insecure` is refused: the steps would hold no more than kilnd does;
-//! - an owner outside the mapped ids fails naming the range ([`IdMap::describe`]).
+//! - an owner outside the mapped ids fails naming the range ([`kiln_oci::idmap::lchown`]).
 
 use std::path::Path;
 
-/// One line of `/proc/self/uid_map` or `gid_map`: `count` ids from `inside` map to
-/// `outside` ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdRange {
-    pub inside: u32,
-    pub outside: u32,
-    pub count: u32,
-}
-
-/// The id mapping of this process's user namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IdMap {
-    pub ranges: Vec<IdRange>,
-}
-
-impl IdMap {
-    /// Parses the text of `/proc/PID/uid_map`.
-    pub fn parse(text: &str) -> IdMap {
-        let ranges = text
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace().map(|n| n.parse::<u32>().ok());
-                Some(IdRange {
-                    inside: f.next()??,
-                    outside: f.next()??,
-                    count: f.next()??,
-                })
-            })
-            .collect();
-        IdMap { ranges }
-    }
-
-    /// This process's uid mapping.
-    pub fn uids() -> IdMap {
-        IdMap::parse(&std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default())
-    }
-
-    /// Whether this is the initial user namespace's identity mapping.
-    pub fn is_initial(&self) -> bool {
-        self.ranges
-            == [IdRange {
-                inside: 0,
-                outside: 0,
-                count: u32::MAX,
-            }]
-    }
-
-    /// Whether `id` is mapped.
-    pub fn contains(&self, id: u32) -> bool {
-        self.ranges
-            .iter()
-            .any(|r| id >= r.inside && u64::from(id) < u64::from(r.inside) + u64::from(r.count))
-    }
-
-    /// The mapped ids, `0-65536` style, for messages.
-    pub fn describe(&self) -> String {
-        let parts: Vec<String> = self
-            .ranges
-            .iter()
-            .map(|r| {
-                let last = u64::from(r.inside) + u64::from(r.count) - 1;
-                format!("{}-{last}", r.inside)
-            })
-            .collect();
-        if parts.is_empty() {
-            "none".into()
-        } else {
-            parts.join(", ")
-        }
-    }
-}
+pub use kiln_oci::idmap::{IdMap, IdRange};
 
 /// Whether this process runs in a user namespace other than the initial one (read
 /// once: a process does not change user namespace).
@@ -153,19 +83,6 @@ pub fn locked_mount_flags(path: &Path) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn id_maps_parse_and_describe_their_ranges() {
-        let m =
-            IdMap::parse("         0       1001          1\n         1     100000      65536\n");
-        assert!(!m.is_initial());
-        assert!(m.contains(0) && m.contains(1000) && m.contains(65536));
-        assert!(!m.contains(65537));
-        assert_eq!(m.describe(), "0-0, 1-65536");
-        let host = IdMap::parse("         0          0 4294967295\n");
-        assert!(host.is_initial() && host.contains(u32::MAX - 1));
-        assert_eq!(IdMap::parse("").describe(), "none");
-    }
 
     #[test]
     fn locked_flags_are_read_from_the_mount_of_the_path() {

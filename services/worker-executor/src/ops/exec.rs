@@ -277,8 +277,7 @@ async fn ssh_agents(w: &Worker, e: &pb::ExecOp, session_id: &str) -> Result<SshA
         };
         let path = dir.path().join(format!("agent-{i}.sock"));
         let listener = tokio::net::UnixListener::bind(&path).map_err(Error::io("listen", &path))?;
-        std::os::unix::fs::lchown(&path, Some(opt.uid), Some(opt.gid))
-            .map_err(Error::io("chown", &path))?;
+        kiln_oci::idmap::lchown(&path, opt.uid, opt.gid).map_err(Error::io("chown", &path))?;
         let mode = if opt.mode == 0 {
             0o600
         } else {
@@ -819,7 +818,7 @@ fn write_secret(path: &Path, data: &[u8], opt: &pb::SecretOpt) -> std::io::Resul
         .open(path)?;
     f.write_all(data)?;
     drop(f);
-    std::os::unix::fs::lchown(path, Some(opt.uid), Some(opt.gid))?;
+    kiln_oci::idmap::lchown(path, opt.uid, opt.gid)?;
     let mode = if opt.mode == 0 {
         0o400
     } else {

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""bench/rootless: the cost of rootless mode. A rootless kilnd (an unprivileged user,
+`rootlesskit --net=host --copy-up=/etc kilnd --rootless`) against a root kilnd, both
+release builds, on bench.py's inputs and scenarios 1 (cold build), 3 (one-file-change
+rebuild of the 10,000-file context) and 5a/5b (50 chained RUN, cold and cached),
+interleaved rep by rep. Every cold rep starts a new daemon on a new root and checks
+in its plain progress that no step was CACHED. Prints a markdown table (medians,
+ratio rootless / root) and writes bench/results/<date>-rootless.md.
+
+    sh bench/rootless/run.sh [REPS]     # QUICK=1: the smaller inputs
+"""
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import bench as B  # noqa: E402  (bench/bench.py: its builders, inputs and scenarios)
+
+CACHED = B.re.compile(r"^#\d+ CACHED$", B.re.M)
+
+
+class Checked(B.Kiln):
+    """kiln with plain progress: a build right after reset() must run every step."""
+
+    cold_next = False
+
+    def reset(self):
+        super().reset()
+        self.cold_next = True
+
+    def build(self, d, tag, args=None, timeout=1800):
+        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "plain",
+               "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}",
+               "--output", f"type=image,name={tag},compression=uncompressed"]
+        for k, v in (args or {}).items():
+            cmd += ["--opt", f"build-arg:{k}={v}"]
+        t, p = B.run(cmd, timeout=timeout)
+        if self.cold_next:
+            self.cold_next = False
+            cached = len(CACHED.findall(p.stderr))
+            if cached:
+                raise RuntimeError(f"{self.name}: a cold build found {cached} step(s) CACHED")
+        return t
+
+
+class Root(Checked):
+    name = "root"
+    is_buildkit = True  # the reference the ratio is read against
+
+
+class Rootless(Checked):
+    name = "rootless"
+
+    def start(self):
+        user = os.environ.get("BENCH_ROOTLESS_USER", "kiln-rootless")
+        pw = pwd.getpwnam(user)
+        self.gen += 1
+        base = os.path.join(self.tmp, f"rl{self.gen}")
+        os.makedirs(os.path.join(base, "bin"), exist_ok=True)
+        os.makedirs(os.path.join(base, "run"), exist_ok=True)
+        self.root = os.path.join(base, "root")
+        self.sock = os.path.join(base, "kilnd.sock")
+        kilnd = os.path.join(base, "bin/kilnd")
+        B.shutil.copy2(self.kilnd, kilnd)
+        cfg = os.path.join(base, "kilnd.toml")
+        with open(cfg, "w") as f:
+            f.write(
+                f'root = "{self.root}"\n[grpc]\naddress = ["unix://{self.sock}"]\n'
+                f'[registry."docker.io"]\nmirrors = ["{self.reg}"]\n'
+                f'[registry."{self.reg}"]\nhttp = true\n'
+            )
+        for dirpath, dirs, files in os.walk(base):
+            for n in [dirpath] + [os.path.join(dirpath, x) for x in dirs + files]:
+                os.lchown(n, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(base, 0o755)
+        self.logf = open(os.path.join(self.tmp, "kilnd-rootless.log"), "ab")
+        env = ["HOME=" + pw.pw_dir, "USER=" + user, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "XDG_RUNTIME_DIR=" + os.path.join(base, "run")]
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "env", "-i", *env,
+             "rootlesskit", "--state-dir", os.path.join(base, "rootlesskit"), "--net=host", "--copy-up=/etc",
+             kilnd, "--rootless", "--config", cfg],
+            stdout=self.logf, stderr=self.logf)
+        B.wait_for(lambda: os.path.exists(self.sock), 30, "rootless kilnd socket")
+
+    def stop(self):
+        self.stop_daemon()
+        for gen in range(1, self.gen + 1):
+            B.rm_tree(os.path.join(self.tmp, f"rl{gen}"))
+
+
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def main():
+    quick = bool(os.environ.get("QUICK"))
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else (1 if quick else 3)
+    tmp = tempfile.mkdtemp(prefix="kiln-rlbench-")
+    os.chmod(tmp, 0o755)
+    reg = subprocess.run(["sh", os.path.join(B.REPO, "scripts/registry.sh"), "start", os.path.join(tmp, "registry")],
+                         stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+    builders = []
+    try:
+        subprocess.run(["sh", os.path.join(B.REPO, "scripts/seed-busybox.sh"), reg], check=True,
+                       stdout=subprocess.DEVNULL)
+        inputs = B.gen_inputs(tmp, quick)
+        builders = [Rootless(tmp, reg), Root(tmp, reg)]
+        bench = B.Bench(builders, inputs, reps, quick, tmp, reg)
+        bench.s1_cold()
+        bench.s2_s3_big()
+        bench.s5_chain()
+        rows = []
+        for scen in ["1 cold build", "3 one-file-change rebuild", "5a 50 chained RUN, cold",
+                     "5b 50 chained RUN, cached"]:
+            r = bench.results.get(scen, {})
+            rl, rt = r.get("rootless"), r.get("root")
+            if not isinstance(rl, list) or not isinstance(rt, list) or not rl or not rt:
+                rows.append(f"| {scen} | {rl} | {rt} | — |")
+                continue
+            rows.append(f"| {scen} | {median(rl):.3f} ({min(rl):.3f}–{max(rl):.3f}) | "
+                        f"{median(rt):.3f} ({min(rt):.3f}–{max(rt):.3f}) | {median(rl) / median(rt):.2f}× |")
+        head = (f"# rootless kilnd against root kilnd, {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}, "
+                f"{os.cpu_count()} cores, {reps} rep(s){', QUICK inputs' if quick else ''}\n\n"
+                "Release builds; the same inputs as bench.py; interleaved rep by rep; every cold rep on a new "
+                "daemon and root, checked to have run every step (no CACHED in its progress). Seconds: median "
+                "(min–max); ratio = rootless / root, the cost of rootless.\n\n"
+                "| scenario | rootless | root | ratio |\n|---|---|---|---|\n")
+        text = head + "\n".join(rows) + "\n"
+        print(text)
+        out = os.path.join(B.REPO, "bench/results", time.strftime("%Y-%m-%d") + "-rootless.md")
+        with open(out, "w") as f:
+            f.write(text)
+    finally:
+        for b in builders:
+            try:
+                b.stop()
+            except Exception as e:  # noqa: BLE001
+                B.log(f"stop {b.name}: {e}")
+        subprocess.run(["sh", os.path.join(B.REPO, "scripts/registry.sh"), "stop", os.path.join(tmp, "registry")],
+                       check=False, stdout=subprocess.DEVNULL)
+        B.rm_tree(tmp)
+
+
+if __name__ == "__main__":
+    main()
