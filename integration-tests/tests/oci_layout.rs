@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, run};
+use kiln_integration_tests::{BuildContext, Daemon, Topology, dockerfile_args, is_cached, run};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -70,8 +70,8 @@ COPY --from=base /hello.txt /copied.txt\n\
 COPY --from=0 /env.txt /pwd.txt /\n";
 
 /// Builds APP with `args` into a fresh dir and checks what the layout's
-/// image gave it.
-fn check_app(d: &Daemon, args: &[&str], what: &str) {
+/// image gave it; returns the build's progress.
+fn check_app(d: &Daemon, args: &[&str], what: &str) -> String {
     let ctx = BuildContext::new(APP).expect("context");
     let out_dir = ctx.path().join("out");
     let dest = format!("type=local,dest={}", out_dir.display());
@@ -92,6 +92,7 @@ fn check_app(d: &Daemon, args: &[&str], what: &str) {
         "/work\n",
         "{what}: the config's WorkingDir"
     );
+    text(&out.stderr)
 }
 
 fn named_contexts_read_the_clients_layout(topology: Topology) {
@@ -103,12 +104,12 @@ fn named_contexts_read_the_clients_layout(topology: Topology) {
     let store = format!("src={}", layout.display());
 
     let by_digest = format!("context:base=oci-layout://src@{digest}");
-    check_app(
+    let _ = check_app(
         &d,
         &["--oci-layout", &store, "--opt", &by_digest],
         "by digest",
     );
-    check_app(
+    let progress = check_app(
         &d,
         &[
             "--oci-layout",
@@ -118,8 +119,12 @@ fn named_contexts_read_the_clients_layout(topology: Topology) {
         ],
         "by tag",
     );
+    // the image is read from the client again, and what is built on it is
+    // cached by its digest
+    assert!(!is_cached(&progress, "OCI load from client"), "{progress}");
+    assert!(is_cached(&progress, "RUN echo"), "{progress}");
     let buildx = format!("base=oci-layout://{}:v1", layout.display());
-    check_app(&d, &["--build-context", &buildx], "--build-context");
+    let _ = check_app(&d, &["--build-context", &buildx], "--build-context");
 
     // a store the client does not serve
     let ctx = BuildContext::new(APP).expect("context");

@@ -10,7 +10,7 @@ use crate::inflight::Joined;
 use crate::peer::Worker;
 use crate::progress::now;
 use crate::remote::plan as remote;
-use crate::step::{Done, Failure, Step, is_git_source, is_local_source};
+use crate::step::{Done, Failure, Step, is_git_source, is_local_source, is_oci_layout_source};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use kiln_proto::moby::buildkit::v1::Vertex as ProgressVertex;
 use kiln_proto::pb::{self, op::Op as OpKind};
@@ -467,7 +467,8 @@ impl<W: Worker> GraphRun<W> {
                 lookup: !v.metadata.ignore_cache
                     && !self.build.no_cache
                     && !local
-                    && !is_git_source(&v.op),
+                    && !is_git_source(&v.op)
+                    && !is_oci_layout_source(&v.op),
                 inputs: done_inputs,
                 def_key,
                 key,

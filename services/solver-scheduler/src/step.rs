@@ -211,6 +211,16 @@ pub(crate) fn is_git_source(op: &pb::Op) -> bool {
     matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with("git://"))
 }
 
+/// An OCI layout source: like BuildKit, which asks the client's store for
+/// the image before it looks the step up, kiln reads the index, manifest
+/// and config from the client on every build, never from the cache by its
+/// op, so a build reuses what another loaded only when its client holds the
+/// image too; its layers are found again by chain id, and what is built on
+/// it is cached by its digest.
+pub(crate) fn is_oci_layout_source(op: &pb::Op) -> bool {
+    matches!(&op.op, Some(OpKind::Source(s)) if s.identifier.starts_with(kiln_session::ocilayout::SCHEME))
+}
+
 /// An op's kind as the metrics label it.
 pub(crate) fn op_kind(op: &pb::Op) -> &'static str {
     match &op.op {
