@@ -42,17 +42,40 @@ TARGETS = {
     "5b 50 chained RUN, cached": 0.5,
     "6a export ~1 GiB to OCI tarball (gzip)": 0.6,
     "6b push ~1 GiB to local registry": 0.6,
-    "7 16 concurrent builds": 0.7,
+    "7a 16 concurrent distinct builds, cold": 0.6,
+    "7b 64 concurrent distinct builds, cold": 0.6,
     "8a daemon peak RSS over 2 (MiB)": 0.3,
-    "8b daemon peak RSS over 7 (MiB)": 0.3,
+    "8b daemon peak RSS over 7a (MiB)": 0.3,
     "8c daemon idle RSS before 2 (MiB)": 0.3,
-    "8d daemon idle RSS after 7 (MiB)": 0.3,
+    "8d daemon idle RSS after 7a (MiB)": 0.3,
     "9a 20 steps on a wiped daemon, cache imported": 0.5,
 }
 
 # scenario 9's Dockerfile has this many steps after FROM, each checked CACHED on import
 RC_STEPS = 20
 CACHED_LINE = re.compile(rb"^#\d+ CACHED$", re.M)
+VERTEX_LINE = re.compile(rb"^#(\d+) (.*)$", re.M)
+
+
+def cached_steps(out):
+    """The steps a BuildKit-style plain progress shows CACHED, leaving out FROM and
+    [internal] vertices (the base image is shared by concurrent builds)."""
+    names, cached = {}, []
+    for m in VERTEX_LINE.finditer(out or b""):
+        n, rest = m.group(1), m.group(2).strip()
+        if n not in names:
+            names[n] = rest
+        elif rest == b"CACHED":
+            cached.append(names[n])
+    return [c.decode(errors="replace") for c in cached
+            if b" FROM " not in b" " + c and not c.startswith(b"[internal]")]
+
+
+def check_ran(who, out):
+    """A cold build's progress must show no step CACHED: its steps really ran."""
+    steps = cached_steps(out)
+    if steps:
+        raise RuntimeError(f"{who}: cold build found {len(steps)} step(s) CACHED, e.g. {steps[0][:60]}")
 
 
 def log(msg):
@@ -241,8 +264,9 @@ class Builder:
     is_buildkit = False
     note = ""
 
-    def build(self, d, tag, args=None, timeout=1800):
-        """Builds d/Dockerfile with context d; returns seconds."""
+    def build(self, d, tag, args=None, timeout=1800, cold=False):
+        """Builds d/Dockerfile with context d; returns seconds. cold: the cache was just
+        emptied, so the build's progress is checked to show no step CACHED."""
         raise NotImplementedError
 
     def reset(self):
@@ -334,16 +358,19 @@ class Kiln(Builder):
     def daemon_pids(self):
         return [self.proc.pid] if self.proc and self.proc.poll() is None else []
 
-    def _build(self, d, outputs, args=None, timeout=1800):
-        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "quiet",
+    def _build(self, d, outputs, args=None, timeout=1800, cold=False):
+        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "plain" if cold else "quiet",
                "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}"]
         for k, v in (args or {}).items():
             cmd += ["--opt", f"build-arg:{k}={v}"]
         for o in outputs:
             cmd += ["--output", o]
-        return run(cmd, timeout=timeout)[0]
+        t, p = run(cmd, timeout=timeout)
+        if cold:
+            check_ran(self.name, p.stderr)
+        return t
 
-    def build(self, d, tag, args=None, timeout=1800):
+    def build(self, d, tag, args=None, timeout=1800, cold=False):
         # type=image without push: the image (layer blobs, config, manifest) is
         # assembled, as docker/buildah commit to their image store. docker -t
         # keeps its layers uncompressed (it tars each new layer once to get its
@@ -353,8 +380,8 @@ class Kiln(Builder):
         # compresses them instead; =none solves without an exporter.
         out = kiln_output()
         if out == "none":
-            return self._build(d, [], args, timeout)
-        return self._build(d, [f"type=image,name={tag},compression={out}"], args, timeout)
+            return self._build(d, [], args, timeout, cold)
+        return self._build(d, [f"type=image,name={tag},compression={out}"], args, timeout, cold)
 
     def export_oci(self, d, tag, dest):
         return self._build(d, [f"type=oci,dest={dest},name={tag}"])
@@ -431,11 +458,14 @@ class Docker(Builder):
     def _docker(self, *a, timeout=1800):
         return run([self.docker, *a], env=self.env, timeout=timeout)
 
-    def build(self, d, tag, args=None, timeout=1800):
-        cmd = ["build", "--network", "host", "-q", "-t", tag]
+    def build(self, d, tag, args=None, timeout=1800, cold=False):
+        cmd = ["build", "--network", "host", *(["--progress", "plain"] if cold else ["-q"]), "-t", tag]
         for k, v in (args or {}).items():
             cmd += ["--build-arg", f"{k}={v}"]
-        return self._docker(*cmd, d, timeout=timeout)[0]
+        t, p = self._docker(*cmd, d, timeout=timeout)
+        if cold:
+            check_ran(self.name, p.stderr)
+        return t
 
     def reset(self):
         # A fresh daemon on a fresh data root, as kiln gets a fresh kilnd and
@@ -512,11 +542,15 @@ class Buildah(Builder):
         v = run(["buildah", "--version"])[1].stdout.decode().strip()
         self.note = f"{v}, --storage-driver {self.base[-1]}, bud --layers --isolation chroot --network host (daemonless: no RSS)"
 
-    def build(self, d, tag, args=None, timeout=1800):
-        cmd = self.base + ["bud", "--layers", "--isolation", "chroot", "--network", "host", "-q", "-t", tag]
+    def build(self, d, tag, args=None, timeout=1800, cold=False):
+        cmd = self.base + ["bud", "--layers", "--isolation", "chroot", "--network", "host",
+                           *([] if cold else ["-q"]), "-t", tag]
         for k, v in (args or {}).items():
             cmd += ["--build-arg", f"{k}={v}"]
-        return run(cmd + ["-f", os.path.join(d, "Dockerfile"), d], env=self.env, timeout=timeout)[0]
+        t, p = run(cmd + ["-f", os.path.join(d, "Dockerfile"), d], env=self.env, timeout=timeout)
+        if cold and b"Using cache" in p.stdout + p.stderr:
+            raise RuntimeError("buildah: cold build used its cache")
+        return t
 
     def reset(self):
         run(self.base + ["rm", "-a"], env=self.env, check=False)
@@ -547,17 +581,20 @@ class Buildctl(Builder):
         self.note = (f"{self.bin} --addr {self.addr} (buildkitd is yours; its config must mirror docker.io "
                      f"to {reg}; set BUILDKITD_PID for RSS)")
 
-    def _build(self, d, outputs, args=None, timeout=1800):
-        cmd = [self.bin, "--addr", self.addr, "build", "--progress", "quiet", "--frontend", "dockerfile.v0",
-               "--local", f"context={d}", "--local", f"dockerfile={d}"]
+    def _build(self, d, outputs, args=None, timeout=1800, cold=False):
+        cmd = [self.bin, "--addr", self.addr, "build", "--progress", "plain" if cold else "quiet",
+               "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}"]
         for k, v in (args or {}).items():
             cmd += ["--opt", f"build-arg:{k}={v}"]
         for o in outputs:
             cmd += ["--output", o]
-        return run(cmd, timeout=timeout)[0]
+        t, p = run(cmd, timeout=timeout)
+        if cold:
+            check_ran(self.name, p.stderr)
+        return t
 
-    def build(self, d, tag, args=None, timeout=1800):
-        return self._build(d, [f"type=image,name={tag}"], args, timeout)
+    def build(self, d, tag, args=None, timeout=1800, cold=False):
+        return self._build(d, [f"type=image,name={tag}"], args, timeout, cold)
 
     def export_oci(self, d, tag, dest):
         return self._build(d, [f"type=oci,dest={dest},name={tag}"])
@@ -639,13 +676,14 @@ def gen_inputs(tmp, q):
         else:
             steps.append(f"RUN head -c 262144 /dev/urandom > /r{i} && echo {i} >> /steps\n")
     write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(steps))
-    # 7 concurrency: one Dockerfile built 16 times at once
+    # 7 concurrency: N distinct builds at once (the ID build arg makes every step after
+    # FROM differ between them)
     c = d["conc"] = os.path.join(tmp, "in/conc")
     for i in range(50):
         write(f"{c}/src/f{i}.txt", f"line {i}\n" * 100)
     write(f"{c}/Dockerfile",
-          "FROM busybox\nCOPY src/ /src/\nRUN cat /src/* | sort > /sorted\nRUN sleep 0.5 && md5sum /sorted > /sum\n"
-          "RUN for i in $(seq 1 200); do echo $i; done > /n\n")
+          "FROM busybox\nARG ID\nRUN echo \"$ID\" > /id\nCOPY src/ /src/\nRUN cat /src/* /id | sort > /sorted\n"
+          "RUN sleep 0.5 && md5sum /sorted > /sum\nRUN for i in $(seq 1 200); do echo $i; done > /n\n")
     return d
 
 
@@ -696,7 +734,7 @@ class Bench:
 
         def f(b, rep):
             b.reset()
-            return b.build(d, "bench/cold")
+            return b.build(d, "bench/cold", cold=True)
         self.each("1 cold build", f)
 
     def s2_s3_big(self):
@@ -741,7 +779,7 @@ class Bench:
 
         def cold(b, rep):
             b.reset()
-            return b.build(d, "bench/chain")
+            return b.build(d, "bench/chain", cold=True)
         self.each("5a 50 chained RUN, cold", cold)
         self.each("5b 50 chained RUN, cached", lambda b, rep: b.build(d, "bench/chain"))
 
@@ -795,9 +833,13 @@ class Bench:
         self.each("6b push ~1 GiB to local registry", push)
 
     def s7_conc(self):
+        """16 and 64 distinct builds at once on an emptied cache; every build is checked
+        to have run its steps (none CACHED)."""
         d = self.inp["conc"]
-        n = 16
-        scen = "7 16 concurrent builds"
+        for n, scen in ((16, "7a 16 concurrent distinct builds, cold"), (64, "7b 64 concurrent distinct builds, cold")):
+            self.conc(d, n, scen, n == 16)
+
+    def conc(self, d, n, scen, mem):
         peaks = {}
 
         def f(b, rep):
@@ -816,7 +858,8 @@ class Bench:
             th.start()
             try:
                 with ThreadPoolExecutor(n) as ex:
-                    futs = [ex.submit(b.build, d, f"bench/conc{i}") for i in range(n)]
+                    futs = [ex.submit(b.build, d, f"bench/conc{i}", {"ID": f"{rep}-{i}"}, 1800, True)
+                            for i in range(n)]
                     for fu in futs:
                         fu.result()
             finally:
@@ -827,10 +870,12 @@ class Bench:
             peaks[b.name] = max(peaks.get(b.name, 0), pk)
             return dt
         self.each(scen, f)
+        if not mem:
+            return
         for b in self.b:
             if b.daemon_pids() and b.name in peaks:
-                self.record("8b daemon peak RSS over 7 (MiB)", b, peaks[b.name] / 1024, "MiB")
-        self.idle_after("8d daemon idle RSS after 7 (MiB)")
+                self.record("8b daemon peak RSS over 7a (MiB)", b, peaks[b.name] / 1024, "MiB")
+        self.idle_after("8d daemon idle RSS after 7a (MiB)")
 
     def s9_remote_cache(self):
         """A 20-step build on a wiped daemon from a cache in a registry (kiln:
