@@ -1,7 +1,8 @@
 #!/bin/sh
 # kiln's own images, built by kiln from deploy/images/Dockerfile: kilnd (with
 # runc, for workers), kilnd-containerd (a worker running steps through a
-# containerd of its own) and kiln, on a base made from the Debian packages
+# containerd of its own), kilnd-rootless (kilnd as an unprivileged user under
+# rootlesskit) and kiln, on a base made from the Debian packages
 # installed on this machine (nothing is pulled).
 #   scripts/images.sh REGISTRY [TAG]
 # pushes REGISTRY/kiln/NAME:TAG for each (TAG: the git commit) and, when a
@@ -29,17 +30,22 @@ mkdir -p "$root/usr/bin" "$root/usr/sbin" "$root/usr/lib" "$root/usr/lib64" "$ro
 chmod 1777 "$root/tmp"
 # merged /usr, as Debian has it
 for d in bin sbin lib lib64; do ln -s "usr/$d" "$root/$d"; done
-# each package's installed files (not its docs), at their real paths
-for pkg in libc6 libgcc-s1 libseccomp2 runc busybox-static; do
-  dpkg -L "$pkg" | while read -r f; do
-    case "$f" in /usr/share/doc/*|/usr/share/man/*|/usr/share/lintian/*|/usr/share/locale/*) continue ;; esac
-    [ -d "$f" ] && [ ! -L "$f" ] && continue
-    [ -e "$f" ] || [ -L "$f" ] || continue
-    dir=$(realpath "$(dirname "$f")")
-    mkdir -p "$root$dir"
-    cp -a "$f" "$root$dir/"
+# each package's installed files (not its docs), at their real paths under $1
+packages() {
+  into=$1
+  shift
+  for pkg in "$@"; do
+    dpkg -L "$pkg" | while read -r f; do
+      case "$f" in /usr/share/doc/*|/usr/share/man/*|/usr/share/lintian/*|/usr/share/locale/*) continue ;; esac
+      [ -d "$f" ] && [ ! -L "$f" ] && continue
+      [ -e "$f" ] || [ -L "$f" ] || continue
+      dir=$(realpath "$(dirname "$f")")
+      mkdir -p "$into$dir"
+      cp -a "$f" "$into$dir/"
+    done
   done
-done
+}
+packages "$root" libc6 libgcc-s1 libseccomp2 runc busybox-static
 for applet in sh cat ls mkdir mount umount ps kill sleep env; do
   ln -sf busybox "$root/usr/bin/$applet"
 done
@@ -57,6 +63,19 @@ for b in containerd containerd-shim-runc-v2 ctr; do
   cp "$(command -v "$b")" "$ctx/containerd/usr/bin/$b"
 done
 cp deploy/images/kilnd-containerd "$ctx/containerd/usr/bin/kilnd-containerd"
+# the kilnd-rootless image: rootlesskit, the set-uid id mappers and their
+# libraries, the user kiln (1000) with 65536 subordinate ids, its dirs
+rl=$ctx/rootless
+packages "$rl" rootlesskit uidmap libaudit1 libselinux1 libcap-ng0 libpcre2-8-0
+rm -f "$rl/usr/bin/rootlesskit-docker-proxy" "$rl/usr/bin/getsubids"
+mkdir -p "$rl/etc"
+printf 'root:x:0:0:root:/root:/bin/sh\nkiln:x:1000:1000:kiln:/home/kiln:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rl/etc/passwd"
+printf 'root:x:0:\nkiln:x:1000:\nnogroup:x:65534:\n' > "$rl/etc/group"
+echo 'kiln:100000:65536' > "$rl/etc/subuid"
+echo 'kiln:100000:65536' > "$rl/etc/subgid"
+cp deploy/images/kilnd-rootless "$rl/usr/bin/kilnd-rootless"
+mkdir -p "$ctx/rootless-home/home/kiln/.local/share/kiln" "$ctx/rootless-home/run/user/1000"
+chmod 700 "$ctx/rootless-home/run/user/1000"
 
 case "$reg" in
 127.0.0.1:*|localhost:*|127.0.0.1|localhost) http="[registry.\"$reg\"]
@@ -72,8 +91,8 @@ if [ -z "${KILN_ARGS:-}" ]; then
 fi
 docker_ok=
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then docker_ok=1; fi
-# KILN_IMAGE_TARGETS: which images (default all three)
-for target in ${KILN_IMAGE_TARGETS:-kilnd kilnd-containerd kiln}; do
+# KILN_IMAGE_TARGETS: which images (default all four)
+for target in ${KILN_IMAGE_TARGETS:-kilnd kilnd-containerd kilnd-rootless kiln}; do
   # shellcheck disable=SC2086
   "$bin/kiln" $KILN_ARGS build --progress plain --frontend dockerfile.v0 --opt target="$target" \
     --local context="$ctx" --local dockerfile="$ctx" \

@@ -156,7 +156,10 @@ pub fn farm_images() -> Result<(String, String)> {
         repo_root().join("deploy/images/Dockerfile"),
         repo_root().join("scripts/images.sh"),
         repo_root().join("deploy/images/kilnd-containerd"),
+        repo_root().join("deploy/images/kilnd-rootless"),
         PathBuf::from("/usr/bin/containerd"),
+        PathBuf::from("/usr/bin/rootlesskit"),
+        PathBuf::from("/usr/bin/newuidmap"),
         PathBuf::from("/usr/sbin/runc"),
         PathBuf::from("/bin/busybox"),
         PathBuf::from("/usr/bin/docker-registry"),
@@ -200,6 +203,7 @@ pub fn farm_images() -> Result<(String, String)> {
     for repo in [
         "kiln/kilnd",
         "kiln/kilnd-containerd",
+        "kiln/kilnd-rootless",
         "kiln/kiln",
         "kiln-test/registry",
     ] {

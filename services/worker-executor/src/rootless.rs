@@ -81,17 +81,44 @@ pub fn locked_mount_flags(path: &Path) -> Vec<&'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A tmpfs mounted `nosuid,nodev,noexec` on a temp dir, unmounted on drop.
+    pub(crate) struct LockedMount(pub tempfile::TempDir);
+
+    impl LockedMount {
+        pub(crate) fn new() -> LockedMount {
+            use nix::mount::MsFlags;
+            let dir = tempfile::tempdir().expect("tmp");
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir.path(),
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .expect("mount tmpfs");
+            LockedMount(dir)
+        }
+    }
+
+    impl Drop for LockedMount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 
     #[test]
     fn locked_flags_are_read_from_the_mount_of_the_path() {
-        // /proc is mounted nosuid,nodev,noexec everywhere
-        let f = locked_mount_flags(Path::new("/proc/self"));
+        let m = LockedMount::new();
+        std::fs::write(m.0.path().join("f"), "x").expect("write");
+        let f = locked_mount_flags(&m.0.path().join("f"));
         assert!(
             f.contains(&"nosuid") && f.contains(&"nodev") && f.contains(&"noexec"),
             "{f:?}"
         );
+        assert!(!f.contains(&"ro"), "{f:?}");
         assert!(locked_mount_flags(Path::new("/nonexistent/x")).is_empty());
     }
 }

@@ -871,18 +871,21 @@ mod tests {
 
     #[test]
     fn rootless_spec_has_no_sys_and_binds_keep_locked_flags() {
+        // sources on a nosuid,nodev,noexec mount: a bind of them made in a user
+        // namespace must say so
+        let locked = crate::rootless::tests::LockedMount::new();
+        let file = locked.0.path().join("f");
+        std::fs::write(&file, "x").expect("write");
         let p = ProcessSpec {
             args: vec!["true".into()],
             rootfs: PathBuf::from("/r"),
-            // /proc is nosuid,nodev,noexec: a bind of it made in a user namespace
-            // must say so
             mounts: vec![ExtraMount::Bind {
                 dest: "/m".into(),
-                source: PathBuf::from("/proc/self"),
+                source: locked.0.path().to_path_buf(),
                 readonly: false,
             }],
-            resolv_conf: PathBuf::from("/proc/self/status"),
-            hosts: PathBuf::from("/proc/self/status"),
+            resolv_conf: file.clone(),
+            hosts: file.clone(),
             rootless: true,
             ..Default::default()
         };
