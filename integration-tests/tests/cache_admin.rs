@@ -661,3 +661,73 @@ fn prune_all_while_a_build_runs_keeps_what_it_uses() {
     let again = build(&d, c.path(), &chain);
     assert_eq!(chain_steps_ran(&again, 5), 0, "{again}");
 }
+
+/// Steps after `FROM` that plain progress shows CACHED.
+fn cached_steps(progress: &str) -> Vec<String> {
+    progress
+        .lines()
+        .filter_map(|l| l.strip_prefix('#')?.strip_suffix(" CACHED"))
+        .filter_map(|n| {
+            let head = format!("#{n} [");
+            progress.lines().find(|l| l.starts_with(&head))
+        })
+        .filter(|l| !l.contains(" FROM "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn sixteen_concurrent_distinct_builds_after_a_prune_each_run_and_output_their_own() {
+    const BUILDS: usize = 16;
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    // the base pulled, then the cache emptied, as a daemon that has built before
+    build(
+        &d,
+        BuildContext::new("FROM busybox\nRUN true\n")
+            .expect("ctx")
+            .path(),
+        &[],
+    );
+    kiln_ok(&d, Path::new("/"), &["prune", "--all"]);
+    let ctxs: Vec<BuildContext> = (0..BUILDS)
+        .map(|i| {
+            let c = BuildContext::new(
+                "FROM busybox\nCOPY src/ /src/\nRUN cat /src/* > /all && sleep 0.2\n\
+                 RUN wc -l < /all > /lines\n",
+            )
+            .expect("ctx");
+            c.file("src/a", &format!("build {i}\n")).expect("write");
+            c.file("src/b", &format!("second file of {i}\n"))
+                .expect("write");
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = ctxs
+            .iter()
+            .map(|c| {
+                let d = &d;
+                s.spawn(move || {
+                    let mut args: Vec<&str> = vec!["build", "--progress", "plain"];
+                    args.extend(dockerfile_args());
+                    args.extend(["--output", "type=local,dest=out"]);
+                    d.kiln(c.path(), &args).expect("kiln")
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("join")).collect()
+    });
+    let took = started.elapsed();
+    for (i, (o, c)) in outs.iter().zip(&ctxs).enumerate() {
+        let progress = text(o);
+        assert!(o.status.success(), "build {i}: {progress}\n{}", d.logs());
+        let cached = cached_steps(&progress);
+        assert!(cached.is_empty(), "build {i} found {cached:?} CACHED");
+        let all = std::fs::read_to_string(c.path().join("out/all")).expect("out/all");
+        assert_eq!(all, format!("build {i}\nsecond file of {i}\n"), "build {i}");
+        let lines = std::fs::read_to_string(c.path().join("out/lines")).expect("out/lines");
+        assert_eq!(lines.trim(), "2", "build {i}");
+    }
+    eprintln!("{BUILDS} concurrent distinct builds took {took:?}");
+}
