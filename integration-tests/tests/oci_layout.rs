@@ -4,8 +4,10 @@
 //! Dockerfile's `FROM base` and `COPY --from=base` read the image from it
 //! (`--opt context:base=oci-layout://NAME@sha256:…`, by tag, and buildx's
 //! `--build-context base=oci-layout://DIR:TAG`), with the image's config
-//! applied; a store the client does not serve, a digest it does not hold
-//! and a reference without a digest fail with an error that says so.
+//! applied, with the frontend on the client's side or in the daemon; a
+//! store the client does not serve, a digest it does not hold and a
+//! reference without a digest fail with an error that says so; raw LLB
+//! naming another client's session or store reads nothing of its layout.
 
 use std::path::Path;
 use std::process::Output;
@@ -123,6 +125,17 @@ fn named_contexts_read_the_clients_layout(topology: Topology) {
     // cached by its digest
     assert!(!is_cached(&progress, "OCI load from client"), "{progress}");
     assert!(is_cached(&progress, "RUN echo"), "{progress}");
+    let _ = check_app(
+        &d,
+        &[
+            "--daemon-frontend",
+            "--oci-layout",
+            &store,
+            "--opt",
+            &by_digest,
+        ],
+        "frontend in the daemon",
+    );
     let buildx = format!("base=oci-layout://{}:v1", layout.display());
     let _ = check_app(&d, &["--build-context", &buildx], "--build-context");
 
@@ -174,4 +187,83 @@ fn oci_layout_named_contexts_all_in_one() {
 #[test]
 fn oci_layout_named_contexts_split_services() {
     named_contexts_read_the_clients_layout(Topology::Split);
+}
+
+/// Raw LLB whose `oci-layout://` source names another client's session (or
+/// a store its own client does not serve) reads nothing of that client's
+/// layout.
+#[tokio::test(flavor = "multi_thread")]
+async fn llb_naming_another_clients_layout_reads_nothing_of_it() {
+    use kiln_proto::pb;
+    use kiln_session::attachable::{self, Attachables};
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let victim = tempfile::tempdir().expect("tmp");
+    let layout = victim.path().join("layout");
+    make_layout(&d, &layout);
+    let digest = layout_digest(&layout);
+    let mut att = Attachables::default();
+    att.content
+        .stores
+        .insert("oci:victim".into(), layout.clone());
+    let victim_session = uuid::Uuid::new_v4().simple().to_string();
+    let channel = kiln_session::dial::connect(&d.addr).await.expect("connect");
+    let _held = attachable::attach(channel, &victim_session, "victim", "", att)
+        .await
+        .expect("session");
+    let attempt = |session: Option<String>| {
+        let mut attrs =
+            std::collections::BTreeMap::from([("oci.store".to_string(), "victim".to_string())]);
+        if let Some(s) = session {
+            attrs.insert("oci.session".to_string(), s);
+        }
+        let mut b = kiln_llb::DefinitionBuilder::new();
+        let src = b.add(
+            pb::Op {
+                op: Some(pb::op::Op::Source(pb::SourceOp {
+                    identifier: format!("oci-layout://docker.io/library/x@{digest}"),
+                    attrs,
+                })),
+                platform: Some(pb::Platform {
+                    os: "linux".into(),
+                    architecture: "amd64".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            pb::OpMetadata::default(),
+        );
+        let def = b.finish(Some(src));
+        let out = tempfile::tempdir().expect("tmp");
+        let (addr, dest) = (d.addr.clone(), out.path().join("stolen"));
+        let result = std::thread::spawn(move || {
+            use prost::Message;
+            use std::io::Write;
+            let mut child =
+                std::process::Command::new(kiln_integration_tests::bin_dir().join("kiln"))
+                    .args(["--addr", &addr, "build", "--progress", "plain", "--output"])
+                    .arg(format!("type=local,dest={}", dest.display()))
+                    .stdin(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("kiln");
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(&def.encode_to_vec()).expect("write");
+            drop(stdin);
+            child.wait_with_output().expect("kiln")
+        })
+        .join()
+        .expect("join");
+        let stolen = out.path().join("stolen/hello.txt").exists();
+        (result, stolen)
+    };
+    let (result, stolen) = attempt(Some(victim_session.clone()));
+    let err = text(&result.stderr);
+    assert!(!result.status.success(), "{err}");
+    assert!(err.contains("not this build's"), "{err}");
+    assert!(!stolen, "another client's layout was read");
+    let (result, stolen) = attempt(None);
+    let err = text(&result.stderr);
+    assert!(!result.status.success(), "{err}");
+    assert!(err.contains("unknown store oci:victim"), "{err}");
+    assert!(!stolen, "another client's layout was read");
 }
