@@ -7,7 +7,8 @@
 #   step's cgroups; an unprivileged container sees them read-only);
 # - with KILN_ADVERTISE_PORT set (workers), the worker advertises
 #   tcp://HOSTNAME:PORT: the container's hostname, which Docker's DNS resolves
-#   on the project network for each replica of a scaled service.
+#   on the project network for each replica of a scaled service;
+# - with KILN_ROOTLESS set (the kilnd-rootless image), kilnd starts rootless.
 set -eu
 config=/etc/kiln/kilnd.toml
 if [ -n "${KILN_REGISTRY_MIRROR:-}" ]; then
@@ -20,5 +21,10 @@ for m in /sys/fs/cgroup /sys/fs/cgroup/*/; do
 done
 if [ -n "${KILN_ADVERTISE_PORT:-}" ]; then
   set -- "$@" --advertise-addr "tcp://$(cat /etc/hostname):$KILN_ADVERTISE_PORT"
+fi
+if [ -n "${KILN_ROOTLESS:-}" ]; then
+  # the kilnd-rootless image: rootlesskit, then kilnd --rootless, its root
+  # under the user's ~/.local/share/kiln (the service's volume)
+  exec /usr/bin/kilnd-rootless --config "$config" "$@"
 fi
 exec /usr/bin/kilnd --config "$config" --root /var/lib/kiln "$@"
