@@ -129,9 +129,16 @@ fn input_obj(input: i64) -> String {
     s
 }
 
-/// A source's cache map digest: images pinned by digest only.
+/// A source's cache map digest: images pinned by digest only (a registry's
+/// or an OCI layout's, whose keys BuildKit makes alike).
 fn source(s: &pb::SourceOp, p: &kiln_oci::Platform) -> Option<String> {
-    let r = s.identifier.strip_prefix("docker-image://")?;
+    let (r, limit_attr) = match s.identifier.strip_prefix("docker-image://") {
+        Some(r) => (r, "image.layerlimit"),
+        None => (
+            s.identifier.strip_prefix(kiln_session::ocilayout::SCHEME)?,
+            kiln_session::ocilayout::ATTR_LAYER_LIMIT,
+        ),
+    };
     let (_, digest) = r.rsplit_once('@')?;
     kiln_digest::hex_part(digest)?;
     let mut j = String::new();
@@ -143,7 +150,7 @@ fn source(s: &pb::SourceOp, p: &kiln_oci::Platform) -> Option<String> {
         o.str("Variant", p.variant.as_deref().unwrap_or(""), false);
         o.str("OSVersion", p.os_version.as_deref().unwrap_or(""), false);
         o.strs("OSFeatures", p.os_features.as_deref().unwrap_or(&[]));
-        if let Some(l) = s.attrs.get("image.layerlimit")
+        if let Some(l) = s.attrs.get(limit_attr)
             && let Ok(l) = l.parse::<i64>()
         {
             o.int_always("Limit", l);
@@ -943,7 +950,7 @@ mod tests {
             format!(r#"{{"Digest":"{d}","OS":"linux","Arch":"amd64"}}"#).as_bytes(),
         );
         let want = kiln_digest::sha256(format!("buildkit.source.v0:{k0}").as_bytes());
-        assert_eq!(cache_map(&op).map(|c| c.digest), Some(want));
+        assert_eq!(cache_map(&op).map(|c| c.digest), Some(want.clone()));
         assert_eq!(
             root_key("sha256:ab", 0),
             kiln_digest::sha256(b"sha256:ab@0")
@@ -957,5 +964,24 @@ mod tests {
             ..Default::default()
         };
         assert!(cache_map(&unpinned).is_none());
+        // an OCI layout's image is keyed alike, whichever session and store
+        // it is read from
+        let layout = |session: &str| pb::Op {
+            op: Some(OpKind::Source(pb::SourceOp {
+                identifier: format!("oci-layout://docker.io/library/base@{d}"),
+                attrs: [
+                    ("oci.session".to_string(), session.to_string()),
+                    ("oci.store".to_string(), session.to_string()),
+                ]
+                .into(),
+            })),
+            platform: op.platform.clone(),
+            ..Default::default()
+        };
+        assert_eq!(cache_map(&layout("s1")).map(|c| c.digest), Some(want));
+        assert_eq!(
+            cache_map(&layout("s1")).map(|c| c.digest),
+            cache_map(&layout("s2")).map(|c| c.digest)
+        );
     }
 }
