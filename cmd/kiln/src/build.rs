@@ -1073,6 +1073,55 @@ mod tests {
     }
 
     #[test]
+    fn oci_layout_paths_and_tags_as_buildx_reads_them() -> anyhow::Result<()> {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let split = split_layout_path;
+        assert_eq!(
+            split("/l/dir"),
+            ("/l/dir".to_string(), "latest".to_string(), None)
+        );
+        assert_eq!(
+            split("/l/dir:v1"),
+            ("/l/dir".to_string(), "v1".to_string(), None)
+        );
+        assert_eq!(
+            split(&format!("/l/dir@{d}")),
+            ("/l/dir".to_string(), "latest".to_string(), Some(d.clone()))
+        );
+        assert_eq!(
+            split(&format!("/l/dir:v1@{d}")),
+            ("/l/dir".to_string(), "v1".to_string(), Some(d.clone()))
+        );
+        // a colon in a directory name that is no tag stays in the path
+        assert_eq!(split("/l/a:b/c").0, "/l/a:b/c");
+
+        let dir = std::env::temp_dir().join(format!("kiln-layout-tags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let index = |manifests: serde_json::Value| {
+            std::fs::write(
+                dir.join("index.json"),
+                serde_json::json!({"schemaVersion": 2, "manifests": manifests}).to_string(),
+            )
+        };
+        let d2 = format!("sha256:{}", "b".repeat(64));
+        index(serde_json::json!([
+            {"digest": d, "annotations": {"org.opencontainers.image.ref.name": "v1"}},
+            {"digest": d2, "annotations": {"io.containerd.image.name": "example.com/x:v2"}},
+        ]))?;
+        assert_eq!(layout_tag(&dir, "v1")?, d);
+        assert!(
+            layout_tag(&dir, "v3").is_err(),
+            "two images, none tagged v3"
+        );
+        index(serde_json::json!([{"digest": d2}]))?;
+        assert_eq!(layout_tag(&dir, "latest")?, d2, "the one image");
+        index(serde_json::json!([{"digest": "sha256:../../x"}]))?;
+        assert!(layout_tag(&dir, "latest").is_err(), "not a digest");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn call_names_as_buildx_reads_them() -> anyhow::Result<()> {
         assert_eq!(call("")?, None);
         assert_eq!(call("build")?, None);
