@@ -166,6 +166,8 @@ pub struct FarmWorker {
     pub root: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// run by the rootless test user under rootlesskit (`--rootless` among its flags)
+    rootless: bool,
 }
 
 impl FarmWorker {
@@ -256,10 +258,24 @@ impl ProcessFarm {
         farm.scheduler_args = args;
         for (i, extra) in workers.iter().enumerate() {
             let addr = format!("tcp://127.0.0.1:{}", free_port()?);
-            let root = farm.dir.path().join(format!("w{i}"));
+            // `--rootless` in a worker's flags: kilnd --rootless as the rootless test
+            // user under rootlesskit, in a dir of its own with its own copy of the config
+            let rootless = extra.contains(&"--rootless");
+            let (root, config) = if rootless {
+                use std::os::unix::fs::PermissionsExt;
+                let home = farm.dir.path().join(format!("w{i}-rootless"));
+                std::fs::create_dir_all(&home)?;
+                let config = home.join("kilnd.toml");
+                std::fs::copy(&farm.config, &config)?;
+                // the user passes through the farm's dir to its own
+                std::fs::set_permissions(farm.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+                (home.join("root"), config)
+            } else {
+                (farm.dir.path().join(format!("w{i}")), farm.config.clone())
+            };
             let mut args = vec![
                 "--config".to_string(),
-                farm.config.display().to_string(),
+                config.display().to_string(),
                 "--root".into(),
                 root.display().to_string(),
                 "--addr".into(),
@@ -274,13 +290,19 @@ impl ProcessFarm {
                 "--network-mode".into(),
                 "host".into(),
             ];
-            args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(
+                extra
+                    .iter()
+                    .filter(|a| **a != "--rootless")
+                    .map(|s| s.to_string()),
+            );
             farm.workers.push(FarmWorker {
                 child: None,
                 addr,
                 log: farm.dir.path().join(format!("w{i}.log")),
                 root,
                 args,
+                rootless,
             });
             farm.start_worker(i)?;
         }
@@ -388,10 +410,16 @@ impl Farm for ProcessFarm {
             .create(true)
             .append(true)
             .open(&w.log)?;
+        let mut cmd = if w.rootless {
+            let home = w.root.parent().context("rootless worker dir")?;
+            crate::rootless_kilnd(crate::rootless_user()?, home, &w.args, &[])?
+        } else {
+            let mut c = Command::new(bin_dir().join("kilnd"));
+            c.args(&w.args);
+            c
+        };
         w.child = Some(
-            Command::new(bin_dir().join("kilnd"))
-                .args(&w.args)
-                .stdout(Stdio::null())
+            cmd.stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
                 .context("start worker")?,

@@ -240,7 +240,10 @@ fn what_needs_real_root_fails_saying_why() {
     );
     // an owner outside the user's subordinate ids
     let ctx = context(&[
-        ("Dockerfile", "FROM busybox\nCOPY --chown=70000:70000 f /f\n"),
+        (
+            "Dockerfile",
+            "FROM busybox\nCOPY --chown=70000:70000 f /f\n",
+        ),
         ("f", "x\n"),
     ]);
     let mut args = vec!["build", "--progress", "plain"];
@@ -356,4 +359,39 @@ fn kiln_finds_a_rootless_daemon_under_xdg_runtime_dir() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert!(err.contains("echo hi"), "{err}");
+}
+
+#[test]
+fn a_rootless_worker_joins_a_farm_beside_a_root_one() {
+    use kiln_integration_tests::farm::{
+        Farm, ProcessFarm, finished, placements, stages_dockerfile,
+    };
+    let user = rootless_user().expect("test user");
+    // worker 0 as root, worker 1 rootless; each with 2 step slots
+    let farm = ProcessFarm::start(&[&[], &["--rootless"]], "").expect("farm");
+    let pid = kilnd_pid(&farm.dir.path().join("w1-rootless"));
+    assert_eq!(
+        proc_id(pid, "Uid:"),
+        user.uid,
+        "the rootless worker's host uid"
+    );
+    let ctx = BuildContext::new(&stages_dockerfile(8, 1)).expect("context");
+    let build = farm
+        .spawn_build(ctx.path(), &["--output", "type=local,dest=out"])
+        .expect("build");
+    let progress = finished(build, &farm).expect("build");
+    for i in 0..8 {
+        let got =
+            std::fs::read_to_string(ctx.path().join(format!("out/out/out{i}"))).unwrap_or_default();
+        assert_eq!(got, format!("stage{i}\n"), "{progress}");
+    }
+    // steps ran on both, and results moved between the root and the rootless one
+    let used: Vec<String> = placements(&progress).into_iter().map(|(_, w)| w).collect();
+    for i in 0..2 {
+        let id = farm.worker_id(i);
+        assert!(
+            used.contains(&id),
+            "no step on worker {i} ({id}): {used:?}\n{progress}"
+        );
+    }
 }
