@@ -216,6 +216,7 @@ fn a_rootless_daemon_makes_the_same_layers_as_a_root_one() {
 
 #[test]
 fn what_needs_real_root_fails_saying_why() {
+    let user = rootless_user().expect("test user");
     // security.insecure, even where the config and the build allow it
     let d = Daemon::start_with_config(
         Topology::Rootless,
@@ -272,8 +273,54 @@ fn what_needs_real_root_fails_saying_why() {
         "{e}"
     );
 
+    // a root where overlayfs cannot be the upper layer (overlayfs itself) fails at
+    // start, saying what rootless snapshots need
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-rootless-ovl-")
+        .tempdir()
+        .expect("tmp");
+    let d = |n: &str| dir.path().join(n);
+    for n in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir_all(d(n)).expect("mkdir");
+    }
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d("lower").display(),
+            d("upper").display(),
+            d("work").display()
+        ))
+        .arg(d("merged"))
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount the overlay");
+    let home = d("merged").join("k");
+    std::fs::create_dir_all(&home).expect("mkdir");
+    let out = rootless_kilnd(
+        user,
+        &home,
+        &[
+            "--root".into(),
+            home.join("root").display().to_string(),
+            "--addr".into(),
+            format!("unix://{}", home.join("kilnd.sock").display()),
+        ],
+        &[],
+    )
+    .expect("command")
+    .output()
+    .expect("kilnd");
+    let _ = Command::new("umount").arg("-l").arg(d("merged")).status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("rootless: overlayfs cannot be mounted in kilnd's user namespace")
+            && err.contains("Linux 5.11 or later"),
+        "{err}"
+    );
+
     // the user's kilnd without rootlesskit says how to start it
-    let user = rootless_user().expect("test user");
     let out = Command::new("setpriv")
         .arg(format!("--reuid={}", user.name))
         .arg(format!("--regid={}", user.name))

@@ -210,6 +210,9 @@ impl Worker {
             Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
             None => None,
         };
+        if config.rootless {
+            rootless::probe_overlay(&config.root.join("tmp"))?;
+        }
         let store = snapshot::Store::open_with(&config.root, containerd)?;
         let memo = Arc::new(layers::MemoWriter::start(store.clone()));
         let networking = network::Networking::start(&config.network, config.rootless)?;

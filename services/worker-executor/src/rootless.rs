@@ -56,6 +56,51 @@ pub fn start_problem() -> Option<String> {
     None
 }
 
+/// Checks, once at start, that overlayfs mounts in this user namespace on `root`'s
+/// filesystem (Linux 5.11 or later, a filesystem overlayfs takes as upper layer):
+/// a lower, an upper with a new file, mounted and unmounted as a step's are.
+pub fn probe_overlay(root: &Path) -> crate::error::Result<()> {
+    use crate::snapshot::overlay::{self, Upper};
+    let fail = |what: String| {
+        crate::error::Error::Rootless(format!(
+            "overlayfs cannot be mounted in kilnd's user namespace on {} ({what}); rootless \
+             snapshots need Linux 5.11 or later and a root on ext4, xfs or another filesystem \
+             overlayfs takes as upper layer (fuse-overlayfs and copying snapshots are not \
+             supported yet)",
+            root.display()
+        ))
+    };
+    std::fs::create_dir_all(root).map_err(|e| fail(e.to_string()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("overlay-probe-")
+        .tempdir_in(root)
+        .map_err(|e| fail(e.to_string()))?;
+    let (lower, diff, work, mnt) = (
+        dir.path().join("lower"),
+        dir.path().join("diff"),
+        dir.path().join("work"),
+        dir.path().join("mnt"),
+    );
+    for d in [&lower, &diff, &work, &mnt] {
+        std::fs::create_dir_all(d).map_err(|e| fail(e.to_string()))?;
+    }
+    let m = overlay::mount(
+        &mnt,
+        std::slice::from_ref(&lower),
+        Some(Upper {
+            diff: &diff,
+            work: &work,
+            volatile: false,
+        }),
+        nix::mount::MsFlags::empty(),
+    )
+    .map_err(|e| fail(kiln_proto::status::Chain(&e).to_string()))?;
+    std::fs::write(m.path().join("probe"), b"x").map_err(|e| fail(e.to_string()))?;
+    m.unmount()
+        .map_err(|e| fail(kiln_proto::status::Chain(&e).to_string()))?;
+    Ok(())
+}
+
 /// The mount flags of the mount holding `path` that the kernel locks on a mount copied
 /// into a user namespace (`nosuid`, `nodev`, `noexec`, `ro` and the atime ones): a bind
 /// mount of `path` made there must repeat them or the kernel refuses it.
