@@ -19,7 +19,8 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     job: &Job<'_, W, C>,
 ) -> Result<BTreeMap<String, String>, Error> {
     let push = bool_attr(&job.req.attrs, "push", false);
-    let assembled = job.assemble(push).await?;
+    // a push copies each layer from the worker as it uploads the ones before (push_blobs)
+    let assembled = job.assemble(false).await?;
     let mut response = assembled.response();
     let names = job.names();
     let by_digest = bool_attr(&job.req.attrs, "push-by-digest", false);
@@ -47,7 +48,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
                 .as_ref()
                 .and_then(|rl| kiln_registry::Reference::parse(&rl.repository).ok()),
         };
-        let pushed = self::push(&registry, &dest, &assembled, job.progress).await?;
+        let pushed = self::push(&registry, job.worker, &dest, &assembled, job.progress).await?;
         let _ = job.progress.try_send(format!(
             "pushed {} names: {} blobs uploaded, {} already present, {} mounted",
             names.len(),
@@ -165,6 +166,7 @@ fn mount_sources(attrs: &BTreeMap<String, String>) -> Vec<kiln_registry::Referen
 /// with `by_digest`.
 async fn push(
     registry: &kiln_registry::Client,
+    worker: &impl WorkerFs,
     dest: &Dest<'_>,
     what: &Assembled,
     progress: &mpsc::Sender<String>,
@@ -173,11 +175,11 @@ async fn push(
         Assembled::Image(image) => {
             let top = (image.manifest_desc.media_type.as_str(), &image.manifest);
             let images = std::slice::from_ref(image.as_ref());
-            push_to_names(registry, dest, images, false, top, progress).await
+            push_to_names(registry, worker, dest, images, false, top, progress).await
         }
         Assembled::Index(index) => {
             let top = (index.desc.media_type.as_str(), &index.index);
-            push_to_names(registry, dest, &index.images, true, top, progress).await
+            push_to_names(registry, worker, dest, &index.images, true, top, progress).await
         }
     }
 }
@@ -187,6 +189,7 @@ async fn push(
 /// by digest first (the images of an index).
 async fn push_to_names(
     registry: &kiln_registry::Client,
+    worker: &impl WorkerFs,
     dest: &Dest<'_>,
     images: &[AssembledImage],
     children: bool,
@@ -229,7 +232,16 @@ async fn push_to_names(
         pinned.tag = None;
         for image in images {
             let remote = dest.remote.as_ref();
-            push_blobs(registry, &r, image, from.as_ref(), remote, &mut counts).await?;
+            push_blobs(
+                registry,
+                worker,
+                &r,
+                image,
+                from.as_ref(),
+                remote,
+                &mut counts,
+            )
+            .await?;
             if children {
                 let media_type = image.manifest_desc.media_type.clone();
                 push_manifest(pinned.clone(), media_type, image.manifest.clone()).await?;
@@ -242,9 +254,11 @@ async fn push_to_names(
 }
 
 /// Push an image's layers and config to `r` (HEAD, mount from `from`, upload; up to
-/// `PUSH_CONCURRENCY` at once), counting what happened.
+/// `PUSH_CONCURRENCY` at once), counting what happened. Layers not yet copied from the
+/// worker are copied one after the other, in order, while the ones before upload.
 async fn push_blobs(
     registry: &kiln_registry::Client,
+    worker: &impl WorkerFs,
     r: &kiln_registry::Reference,
     image: &AssembledImage,
     from: Option<&kiln_registry::Reference>,
@@ -253,6 +267,30 @@ async fn push_blobs(
 ) -> Result<(), Error> {
     use futures::stream::{self, StreamExt as _, TryStreamExt as _};
     use kiln_registry::PushOutcome;
+    // the layers to copy from the worker first: each job waits for its copy
+    let mut copies: Vec<(kiln_oci::Descriptor, Vec<tokio::sync::oneshot::Sender<()>>)> = Vec::new();
+    let mut ready: std::collections::HashMap<String, Vec<_>> = Default::default();
+    for desc in &image.layers {
+        if remote.is_some() || image.blob_path(&desc.digest).exists() {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        ready.entry(desc.digest.clone()).or_default().push(rx);
+        match copies.iter_mut().find(|(d, _)| d.digest == desc.digest) {
+            Some((_, txs)) => txs.push(tx),
+            None => copies.push((desc.clone(), vec![tx])),
+        }
+    }
+    let dir = image.blob_dir.clone();
+    let copy_all = async move {
+        for (desc, txs) in copies {
+            crate::assemble::fetch_layer(worker, &desc, &dir).await?;
+            for tx in txs {
+                let _ = tx.send(());
+            }
+        }
+        Ok::<(), Error>(())
+    };
     // owned futures: the export task must stay Send for any lifetime
     let jobs: Vec<_> = image
         .layers
@@ -262,7 +300,16 @@ async fn push_blobs(
             let (registry, r, from) = (registry.clone(), r.clone(), from.cloned());
             let remote = remote.cloned();
             let (desc, path) = (desc.clone(), image.blob_path(&desc.digest));
+            let copied = ready.get_mut(&desc.digest).and_then(Vec::pop);
             async move {
+                if let Some(copied) = copied {
+                    // the copy failed when its sender is gone: copy_all returns why
+                    copied.await.map_err(|_| Error::Io {
+                        op: "copy layer from the worker",
+                        path: path.clone(),
+                        source: std::io::Error::other("the copy stopped"),
+                    })?;
+                }
                 let err = |source| Error::PushBlob {
                     reference: r.to_string(),
                     digest: desc.digest.clone(),
@@ -293,10 +340,10 @@ async fn push_blobs(
             }
         })
         .collect();
-    let outcomes: Vec<PushOutcome> = stream::iter(jobs)
+    let uploads = stream::iter(jobs)
         .buffer_unordered(PUSH_CONCURRENCY)
-        .try_collect()
-        .await?;
+        .try_collect::<Vec<PushOutcome>>();
+    let ((), outcomes) = futures::future::try_join(copy_all, uploads).await?;
     for o in outcomes {
         match o {
             PushOutcome::Exists => counts.existed += 1,
