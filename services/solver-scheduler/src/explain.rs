@@ -126,7 +126,11 @@ pub fn op_facts(op: &pb::Op) -> BTreeMap<String, String> {
             for (k, v) in &s.attrs {
                 if !matches!(
                     k.as_str(),
-                    "local.session" | "local.unique" | "local.sharedkeyhint"
+                    "local.session"
+                        | "local.unique"
+                        | "local.sharedkeyhint"
+                        | kiln_session::ocilayout::ATTR_SESSION
+                        | kiln_session::ocilayout::ATTR_STORE
                 ) {
                     f.insert(format!("attr:{k}"), v.clone());
                 }

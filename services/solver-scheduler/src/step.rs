@@ -677,6 +677,8 @@ impl<W: Worker> Step<W> {
             crate::explain::explain(prev.as_ref(), &rec, &|i| {
                 self.input_from.get(i).and_then(|x| x.why.clone())
             })
+        } else if is_oci_layout_source(&self.op) && !self.build.no_cache && !self.ignore_cache {
+            vec!["an OCI layout's image is read from the client on every build".to_string()]
         } else {
             vec!["cache lookups are off (--no-cache or ignore-cache)".to_string()]
         };
