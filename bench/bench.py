@@ -334,7 +334,11 @@ class Kiln(Builder):
                 f'[registry."{PUSH_REG}"]\nhttp = true\n'
             )
         self.logf = open(os.path.join(self.tmp, "kilnd.log"), "ab")
-        self.proc = subprocess.Popen([self.kilnd, "--config", cfg], stdout=self.logf, stderr=self.logf)
+        # docker builds with --network host (its daemon has no bridge here), so kiln's
+        # steps share the host's network too unless BENCH_KILN_NETWORK says otherwise
+        net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
+        self.proc = subprocess.Popen([self.kilnd, "--config", cfg, "--network-mode", net],
+                                     stdout=self.logf, stderr=self.logf)
         wait_for(lambda: os.path.exists(self.sock), 30, "kilnd socket")
 
     def stop_daemon(self):
@@ -1013,7 +1017,9 @@ def main():
         kout = ("no --output (solve only)" if kiln_output() == "none"
                 else f"--output type=image,name=\u2026,compression={kiln_output()} (image assembled, not pushed; "
                      "docker -t stores uncompressed layers)")
-        notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, fresh --root for every cold run, "
+        net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
+        notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, --network-mode {net}, "
+                     "fresh --root for every cold run, "
                      f"`kiln build --progress quiet` {kout}")
         if "docker" in peers_wanted:
             try:
