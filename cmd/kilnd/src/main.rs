@@ -285,6 +285,9 @@ fn check_privilege(rootless: bool) -> anyhow::Result<()> {
             ids = %worker_executor::rootless::IdMap::uids().describe(),
             "rootless: root in steps is the user kilnd runs for; other ids map to its subordinate ids"
         );
+        tracing::warn!(
+            "rootless: steps run in kilnd's own cgroup, without cgroups of their own (their memory and CPU are counted, and limited, with kilnd's)"
+        );
     } else if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "kilnd's worker needs root, or rootless mode: {}",
