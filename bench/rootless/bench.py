@@ -4,7 +4,7 @@
 release builds, on bench.py's inputs and scenarios 1 (cold build), 3 (one-file-change
 rebuild of the 10,000-file context) and 5a/5b (50 chained RUN, cold and cached),
 interleaved rep by rep. Every cold rep starts a new daemon on a new root and checks
-in its plain progress that no step was CACHED. Prints a markdown table (medians,
+in its plain progress that no step was CACHED (bench.py's cold check). Prints a markdown table (medians,
 ratio rootless / root) and writes bench/results/<date>-rootless.md.
 
     sh bench/rootless/run.sh [REPS]     # QUICK=1: the smaller inputs
@@ -20,39 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import bench as B  # noqa: E402  (bench/bench.py: its builders, inputs and scenarios)
 
-CACHED = B.re.compile(r"^#\d+ CACHED$", B.re.M)
-
-
-class Checked(B.Kiln):
-    """kiln with plain progress: a build right after reset() must run every step."""
-
-    cold_next = False
-
-    def reset(self):
-        super().reset()
-        self.cold_next = True
-
-    def build(self, d, tag, args=None, timeout=1800):
-        cmd = [self.kiln, "--addr", f"unix://{self.sock}", "build", "--progress", "plain",
-               "--frontend", "dockerfile.v0", "--local", f"context={d}", "--local", f"dockerfile={d}",
-               "--output", f"type=image,name={tag},compression=uncompressed"]
-        for k, v in (args or {}).items():
-            cmd += ["--opt", f"build-arg:{k}={v}"]
-        t, p = B.run(cmd, timeout=timeout)
-        if self.cold_next:
-            self.cold_next = False
-            cached = len(CACHED.findall(p.stderr))
-            if cached:
-                raise RuntimeError(f"{self.name}: a cold build found {cached} step(s) CACHED")
-        return t
-
-
-class Root(Checked):
+class Root(B.Kiln):
     name = "root"
     is_buildkit = True  # the reference the ratio is read against
 
 
-class Rootless(Checked):
+class Rootless(B.Kiln):
     name = "rootless"
 
     def start(self):
