@@ -556,23 +556,82 @@ fn deflate_block(input: &[u8], level: u32) -> io::Result<Vec<u8>> {
     if level == 0 || looks_incompressible(input) {
         return Ok(stored_blocks(input));
     }
-    let lvl = libdeflater::CompressionLvl::new(i32::try_from(level).unwrap_or(6))
-        .map_err(|e| io::Error::other(format!("deflate level {level}: {e:?}")))?;
-    let mut c = libdeflater::Compressor::new(lvl);
-    let mut out = vec![0u8; c.deflate_compress_bound(input.len()) + 8];
-    let n = c
-        .deflate_compress(input, &mut out)
-        .map_err(|e| io::Error::other(format!("deflate: {e:?}")))?;
-    out.truncate(n);
-    let (header, end) = final_block(&out)?;
+    let level = i32::try_from(level).unwrap_or(6);
+    let mut scratch = Scratch::take(level)?;
+    let result = scratch.deflate(input);
+    scratch.give_back();
+    result
+}
+
+/// What deflating a block needs besides its input, kept for the next block (each block runs
+/// on a thread of its own): a compressor for one level, the output buffer libdeflate writes
+/// into (zeroed once, not per block) and the walk's Huffman tables.
+struct Scratch {
+    level: i32,
+    compressor: libdeflater::Compressor,
+    out: Vec<u8>,
+    lit: Huffman,
+    dist: Huffman,
+}
+
+/// Idle [`Scratch`]es; at most [`SCRATCH_KEPT`] are kept.
+static SCRATCH: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
+const SCRATCH_KEPT: usize = 16;
+
+impl Scratch {
+    fn take(level: i32) -> io::Result<Scratch> {
+        {
+            let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = pool.iter().position(|s| s.level == level) {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let lvl = libdeflater::CompressionLvl::new(level)
+            .map_err(|e| io::Error::other(format!("deflate level {level}: {e:?}")))?;
+        Ok(Scratch {
+            level,
+            compressor: libdeflater::Compressor::new(lvl),
+            out: Vec::new(),
+            lit: Huffman::empty(),
+            dist: Huffman::empty(),
+        })
+    }
+
+    fn give_back(self) {
+        let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < SCRATCH_KEPT {
+            pool.push(self);
+        }
+    }
+
+    /// `input` as raw deflate ending with a sync flush (see [`deflate_block`]).
+    fn deflate(&mut self, input: &[u8]) -> io::Result<Vec<u8>> {
+        let bound = self.compressor.deflate_compress_bound(input.len()) + 8;
+        if self.out.len() < bound {
+            self.out.resize(bound, 0);
+        }
+        let n = self
+            .compressor
+            .deflate_compress(input, &mut self.out)
+            .map_err(|e| io::Error::other(format!("deflate: {e:?}")))?;
+        let (header, end) = walk_to_final_block(&self.out[..n], &mut self.lit, &mut self.dist)?;
+        let mut out = Vec::with_capacity(n + 8);
+        out.extend_from_slice(&self.out[..n]);
+        Ok(sync_flushed(out, header, end))
+    }
+}
+
+/// The complete deflate stream `out`, whose final block starts at bit `header` and ends at
+/// bit `end`, made not final and ended by an empty stored block (byte aligned).
+fn sync_flushed(mut out: Vec<u8>, header: usize, end: usize) -> Vec<u8> {
     out[header / 8] &= !(1u8 << (header % 8));
-    if end % 8 != 0 {
+    if !end.is_multiple_of(8) {
         out[end / 8] &= (1u8 << (end % 8)) - 1;
     }
     // an empty stored block: three zero header bits from `end`, padding, LEN 0, NLEN !0
     out.resize((end + 3).div_ceil(8), 0);
     out.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    Ok(out)
+    out
 }
 
 /// A bit reader over a raw deflate stream, least significant bit first, holding up to 64
@@ -827,9 +886,18 @@ fn dynamic_codes(r: &mut Bits, lit: &mut Huffman, dist: &mut Huffman) -> io::Res
 
 /// Where the final block of the complete raw deflate stream `data` starts and where it
 /// ends, in bits from the start.
+#[cfg(test)]
 fn final_block(data: &[u8]) -> io::Result<(usize, usize)> {
+    walk_to_final_block(data, &mut Huffman::empty(), &mut Huffman::empty())
+}
+
+/// [`final_block`] with the tables to build the codes in.
+fn walk_to_final_block(
+    data: &[u8],
+    lit: &mut Huffman,
+    dist: &mut Huffman,
+) -> io::Result<(usize, usize)> {
     let mut r = Bits::new(data);
-    let (mut lit, mut dist) = (Huffman::empty(), Huffman::empty());
     loop {
         let header = r.pos();
         let last = r.read(1) == 1;
@@ -850,11 +918,11 @@ fn final_block(data: &[u8]) -> io::Result<(usize, usize)> {
                 fixed[256..280].fill(7);
                 lit.build(&fixed, length_extra)?;
                 dist.build(&[5u8; 30], distance_extra)?;
-                skip_symbols(&mut r, &lit, &dist)?;
+                skip_symbols(&mut r, lit, dist)?;
             }
             2 => {
-                dynamic_codes(&mut r, &mut lit, &mut dist)?;
-                skip_symbols(&mut r, &lit, &dist)?;
+                dynamic_codes(&mut r, lit, dist)?;
+                skip_symbols(&mut r, lit, dist)?;
             }
             _ => return Err(bad_deflate("reserved block type")),
         }
