@@ -36,6 +36,8 @@ have update-binfmts || need="$need binfmt-support"
 # user's subordinate ids into it
 have rootlesskit || need="$need rootlesskit"
 have newuidmap || need="$need uidmap"
+# rootless snapshots where a kernel cannot mount overlayfs in a user namespace
+have fuse-overlayfs || need="$need fuse-overlayfs"
 if [ -n "$need" ]; then
   echo "installing:$need"
   $SUDO apt-get update -qq

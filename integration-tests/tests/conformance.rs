@@ -293,13 +293,15 @@ enum Mode {
     /// the built-in frontend on a rootless kilnd run by an unprivileged user
     /// ([`Topology::Rootless`]): the same outputs, owners included
     Rootless,
+    /// the same, its snapshots mounted by fuse-overlayfs instead of the kernel
+    RootlessFuse,
 }
 
 impl Mode {
     fn topology(self) -> Topology {
         match self {
             Mode::Split => Topology::Split,
-            Mode::Rootless => Topology::Rootless,
+            Mode::Rootless | Mode::RootlessFuse => Topology::Rootless,
             Mode::BuiltIn | Mode::Gateway | Mode::Syntax => Topology::AllInOne,
         }
     }
@@ -341,7 +343,9 @@ const SKIPS: &[(Mode, &str, &str)] = &[
 /// directive, so the image would not run).
 fn skip_reason(mode: Mode, group: &str, name: &str, case: &Case) -> Option<String> {
     let id = format!("{group}/{name}");
-    if let Some((_, _, why)) = SKIPS.iter().find(|(m, c, _)| *m == mode && *c == id) {
+    // what does not apply rootless does not apply on fuse-overlayfs either
+    let same = |m: Mode| m == mode || (m == Mode::Rootless && mode == Mode::RootlessFuse);
+    if let Some((_, _, why)) = SKIPS.iter().find(|(m, c, _)| same(*m) && *c == id) {
         return Some(why.to_string());
     }
     if mode != Mode::Syntax {
@@ -414,7 +418,7 @@ fn run_case(
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
     match frontend.mode {
-        Mode::BuiltIn | Mode::Syntax | Mode::Split | Mode::Rootless => {
+        Mode::BuiltIn | Mode::Syntax | Mode::Split | Mode::Rootless | Mode::RootlessFuse => {
             args.extend(dockerfile_args().iter().map(|s| s.to_string()))
         }
         Mode::Gateway => args.extend([
@@ -588,7 +592,12 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mod
     if let Ok(only) = std::env::var("KILN_CONFORMANCE_CASE") {
         names.retain(|n| only.split(',').any(|s| n.contains(s)));
     }
-    let d = Daemon::start_with_config(mode.topology(), daemon_config).expect("daemon");
+    let daemon_config = if mode == Mode::RootlessFuse {
+        format!("{daemon_config}\n[worker.oci]\nsnapshotter = \"fuse-overlayfs\"\n")
+    } else {
+        daemon_config.to_string()
+    };
+    let d = Daemon::start_with_config(mode.topology(), &daemon_config).expect("daemon");
     let image = match mode.image() {
         false => String::new(),
         true => d
@@ -701,6 +710,23 @@ group_tests! {
         syntax conformance_run_via_syntax_image;
     conformance_remote(run_group_remote) conformance_remote_split_topology conformance_remote_rootless
         conformance_remote_via_gateway_image;
+}
+
+// The groups that write the most through overlays, also on a rootless daemon whose
+// snapshots fuse-overlayfs mounts (the kernel's overlayfs is what the other modes use).
+#[test]
+fn conformance_copy_rootless_fuse_overlayfs() {
+    run_group("copy", Mode::RootlessFuse);
+}
+
+#[test]
+fn conformance_stages_rootless_fuse_overlayfs() {
+    run_group("stages", Mode::RootlessFuse);
+}
+
+#[test]
+fn conformance_run_rootless_fuse_overlayfs() {
+    run_group_run(Mode::RootlessFuse);
 }
 
 /// The `run` group: its daemon allows `network.host` and `security.insecure`,

@@ -177,41 +177,74 @@ fn diff_ids(tar: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_rootless_daemon_makes_the_same_layers_as_a_root_one() {
-    // owners from COPY --chown and chown in RUN, set-id and sticky modes, links,
-    // whiteouts and an opaque directory: every layer byte for byte the same
+/// A Dockerfile with owners from COPY --chown and chown in RUN, links, whiteouts and
+/// opaque directories, and with `set_id`, set-uid/set-gid modes on files and
+/// directories a later step copies up.
+fn layers_dockerfile(set_id: bool) -> String {
+    let (tool, dir) = if set_id {
+        ("4755", "2750")
+    } else {
+        ("0755", "0750")
+    };
+    format!(
+        "FROM busybox\n\
+         COPY --chown=1000:1000 a.txt /app/a.txt\n\
+         COPY --chmod={tool} tool /app/tool\n\
+         RUN mkdir -p /d/sub /e && echo x > /d/sub/f && echo y > /d/g \\
+         && ln -s /app/a.txt /link && ln /app/tool /app/hard \\
+         && chown -R 65534:65534 /d && chmod {dir} /d && chmod 1777 /e \\
+         && echo z > /e/gone\n\
+         RUN rm -rf /d/sub /e/gone /link && mkdir /d/sub && echo w > /d/sub/new \\
+         && chown 123:456 /d/sub/new\n"
+    )
+}
+
+/// The `rootfs.diff_ids` of `dockerfile` built on `topology` with kilnd.toml `config`
+/// (timestamps rewritten to SOURCE_DATE_EPOCH=0, so equal trees give equal layers).
+fn built_layers(topology: Topology, config: &str, dockerfile: &str) -> Vec<String> {
     let ctx = context(&[
-        (
-            "Dockerfile",
-            "FROM busybox\n\
-             COPY --chown=1000:1000 a.txt /app/a.txt\n\
-             COPY --chmod=4755 tool /app/tool\n\
-             RUN mkdir -p /d/sub /e && echo x > /d/sub/f && echo y > /d/g \
-             && ln -s /app/a.txt /link && ln /app/tool /app/hard \
-             && chown -R 65534:65534 /d && chmod 2750 /d && chmod 1777 /e \
-             && echo z > /e/gone\n\
-             RUN rm -rf /d/sub /e/gone /link && mkdir /d/sub && echo w > /d/sub/new \
-             && chown 123:456 /d/sub/new\n",
-        ),
+        ("Dockerfile", dockerfile),
         ("a.txt", "hello\n"),
         ("tool", "#!/bin/sh\necho tool\n"),
     ]);
-    let build = |topology: Topology| -> Vec<String> {
-        let d = Daemon::start(topology).expect("daemon");
-        let tar = d.dir.path().join("out.tar");
-        let dest = format!("type=oci,dest={},rewrite-timestamp=true", tar.display());
-        build_ok(
-            &d,
-            ctx.path(),
-            &["--opt", "build-arg:SOURCE_DATE_EPOCH=0", "--output", &dest],
-        );
-        diff_ids(&tar)
-    };
-    let root = build(Topology::AllInOne);
-    let rootless = build(Topology::Rootless);
+    let d = Daemon::start_with_config(topology, config).expect("daemon");
+    let tar = d.dir.path().join("out.tar");
+    let dest = format!("type=oci,dest={},rewrite-timestamp=true", tar.display());
+    build_ok(
+        &d,
+        ctx.path(),
+        &["--opt", "build-arg:SOURCE_DATE_EPOCH=0", "--output", &dest],
+    );
+    diff_ids(&tar)
+}
+
+const FUSE: &str = "[worker.oci]\nsnapshotter = \"fuse-overlayfs\"\n";
+
+#[test]
+fn a_rootless_daemon_makes_the_same_layers_as_a_root_one() {
+    // every layer byte for byte the same, set-id modes included
+    let df = layers_dockerfile(true);
+    let root = built_layers(Topology::AllInOne, "", &df);
     assert_eq!(root.len(), 5, "{root:?}");
-    assert_eq!(rootless, root);
+    assert_eq!(built_layers(Topology::Rootless, "", &df), root);
+}
+
+#[test]
+fn fuse_overlayfs_snapshots_make_the_same_layers_but_for_set_id_bits() {
+    // fuse-overlayfs (where a kernel cannot mount overlayfs in a user namespace)
+    // makes the same layers, its opaque marks on new directories removed
+    let df = layers_dockerfile(false);
+    let root = built_layers(Topology::AllInOne, "", &df);
+    assert_eq!(built_layers(Topology::Rootless, FUSE, &df), root);
+    // what it does not keep (README): set-id bits of what it copies up
+    let df = layers_dockerfile(true);
+    let root = built_layers(Topology::AllInOne, "", &df);
+    let fuse = built_layers(Topology::Rootless, FUSE, &df);
+    assert_eq!(fuse[..3], root[..3], "the layers before any copy-up");
+    assert_ne!(
+        fuse[3], root[3],
+        "fuse-overlayfs kept set-id bits on copy-up: update the README"
+    );
 }
 
 #[test]

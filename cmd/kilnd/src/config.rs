@@ -178,6 +178,9 @@ pub struct OciWorker {
     pub binary: Option<PathBuf>,
     /// rootless mode (`--rootless`)
     pub rootless: Option<bool>,
+    /// how snapshots are mounted: auto, overlayfs or fuse-overlayfs
+    /// (`--oci-worker-snapshotter`)
+    pub snapshotter: Option<String>,
     /// automatic build-cache GC (buildkitd's `gc`)
     pub gc: Option<bool>,
     /// limit of the default GC policy: MB as a number, or "10GB"

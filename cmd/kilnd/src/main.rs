@@ -122,6 +122,11 @@ struct Args {
     /// whenever kilnd runs in a user namespace for a user other than root)
     #[arg(long)]
     rootless: bool,
+    /// How snapshots are mounted: auto (overlayfs; for a rootless worker whose kernel
+    /// cannot mount it in a user namespace, fuse-overlayfs), overlayfs or
+    /// fuse-overlayfs; overrides `[worker.oci] snapshotter`
+    #[arg(long = "oci-worker-snapshotter", value_name = "NAME")]
+    snapshotter: Option<String>,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -206,6 +211,8 @@ struct Settings {
     network_mode: Option<String>,
     /// `--rootless` or `[worker.oci] rootless`
     rootless: bool,
+    /// `--oci-worker-snapshotter` or `[worker.oci] snapshotter`
+    snapshotter: worker_executor::snapshot::overlay::Snapshotter,
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
@@ -233,6 +240,13 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
                 .flatten()
         })
         .unwrap_or_else(|| kiln_session::dial::SYSTEM_ADDRESS.to_string());
+    let snapshotter = args
+        .snapshotter
+        .as_deref()
+        .or(file.worker.oci.snapshotter.as_deref())
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{e}"))?;
     let root = args
         .root
         .clone()
@@ -271,6 +285,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         internal_tls,
         network_mode: args.network_mode.clone(),
         rootless,
+        snapshotter,
     })
 }
 
@@ -363,6 +378,7 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     c.containerd = s.file.worker.containerd.to_config()?;
     c.network = s.file.worker.network(s.network_mode.as_deref())?;
     c.rootless = s.rootless;
+    c.snapshotter = s.snapshotter;
     if s.rootless && c.containerd.is_some() {
         anyhow::bail!(
             "rootless mode runs steps with runc; the containerd worker ([worker.containerd]) is not available rootless"

@@ -17,7 +17,23 @@ pub const WHITEOUT_PREFIX: &str = ".wh.";
 /// Opaque-dir marker: hides everything lower layers put in the directory.
 pub const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 
-const OVERLAY_OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+/// The xattrs that mark a directory of an overlay upper opaque: the kernel's (as root,
+/// and in a user namespace with `userxattr`) and fuse-overlayfs's.
+pub const OVERLAY_OPAQUE_XATTRS: [&str; 3] = [
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+];
+
+/// Prefixes of the xattrs the overlay implementations keep for themselves: never taken
+/// from a layer (a layer does not steer the mounts its snapshot takes part in), never
+/// written into one.
+const OVERLAY_XATTR_PREFIXES: [&str; 3] =
+    ["trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."];
+
+fn overlay_xattr(name: &str) -> bool {
+    OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// Apply an uncompressed layer tar onto `root`.
 ///
@@ -404,8 +420,7 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String,
             // never writes them)
             if let Ok(key) = ext.key()
                 && let Some(name) = key.strip_prefix("SCHILY.xattr.")
-                && !name.starts_with("trusted.overlay.")
-                && !name.starts_with("user.overlay.")
+                && !overlay_xattr(name)
             {
                 out.push((name.to_string(), ext.value_bytes().to_vec()));
             }
@@ -466,6 +481,7 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> 
     let mut builder = tar::Builder::new(w);
     builder.follow_symlinks(false);
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut opaque_dirs: HashSet<PathBuf> = HashSet::new();
     let walker = walkdir::WalkDir::new(root)
         .follow_links(false)
         .min_depth(1)
@@ -493,12 +509,22 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> 
         header.set_mtime(mtime);
 
         use std::os::unix::fs::FileTypeExt;
+        let name = rel
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        // fuse-overlayfs marks an opaque dir three ways: the xattr (the entry below
+        // comes from it), a `.wh..wh..opq` file and a whiteout of `.wh..opq`
+        if overlay
+            && name.starts_with(WHITEOUT_PREFIX)
+            && rel.parent().is_some_and(|p| opaque_dirs.contains(p))
+            && ((ft.is_char_device() && meta.rdev() == 0)
+                || (ft.is_file() && name == WHITEOUT_OPAQUE && meta.len() == 0))
+        {
+            continue;
+        }
         if overlay && ft.is_char_device() && meta.rdev() == 0 {
-            let name = rel
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
             let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{name}"));
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(tar::EntryType::Regular);
@@ -519,7 +545,7 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> 
                 .any(|(k, v)| OVERLAY_OPAQUE_XATTRS.contains(&k.as_str()) && v == b"y");
         let kept: Vec<(String, Vec<u8>)> = xattrs
             .into_iter()
-            .filter(|(k, _)| !(k.starts_with("trusted.overlay.") || k.starts_with("user.overlay.")))
+            .filter(|(k, _)| !overlay_xattr(k))
             .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
             .collect();
         if !kept.is_empty() {
@@ -534,6 +560,7 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> 
                 .append_data(&mut header, &rel, io::empty())
                 .map_err(tar_err)?;
             if opaque {
+                opaque_dirs.insert(rel.clone());
                 let mut h = tar::Header::new_gnu();
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(0);
@@ -905,6 +932,50 @@ mod tests {
         assert_unsafe(
             &[E::Symlink("e", "/etc"), E::Hardlink("h", "e/passwd")],
             &[],
+        );
+    }
+
+    #[test]
+    fn diff_of_a_fuse_overlayfs_upper_has_one_opaque_marker_per_dir() {
+        // fuse-overlayfs marks `d` opaque by xattr, a `.wh..wh..opq` file and a
+        // whiteout of `.wh..opq`; `e` only by the file
+        let upper = tempfile::tempdir().expect("upper");
+        let u = upper.path();
+        fs::create_dir(u.join("d")).expect("d");
+        xattr::set(u.join("d"), "user.fuseoverlayfs.opaque", b"y").expect("setxattr");
+        fs::write(u.join("d/.wh..wh..opq"), b"").expect("marker");
+        nix::sys::stat::mknod(
+            &u.join("d/.wh..opq"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o700),
+            0,
+        )
+        .expect("mknod");
+        fs::write(u.join("d/n"), b"n").expect("d/n");
+        fs::create_dir(u.join("e")).expect("e");
+        fs::write(u.join("e/.wh..wh..opq"), b"").expect("marker");
+        let mut out = Vec::new();
+        diff_overlay_upper(u, &mut out).expect("diff");
+        let mut ar = tar::Archive::new(&out[..]);
+        let mut got = Vec::new();
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            // no overlay xattr reaches the layer
+            let xattrs = match e.pax_extensions().expect("pax") {
+                Some(x) => x.count(),
+                None => 0,
+            };
+            got.push((e.path().expect("path").display().to_string(), xattrs));
+        }
+        assert_eq!(
+            got,
+            vec![
+                ("d".to_string(), 0),
+                ("d/.wh..wh..opq".to_string(), 0),
+                ("d/n".to_string(), 0),
+                ("e".to_string(), 0),
+                ("e/.wh..wh..opq".to_string(), 0),
+            ]
         );
     }
 

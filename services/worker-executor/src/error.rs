@@ -94,6 +94,12 @@ pub enum Error {
         #[source]
         source: nix::Error,
     },
+    /// fuse-overlayfs could not mount (see [`crate::snapshot::overlay`]).
+    #[error("fuse-overlayfs mount on {target}: {message}")]
+    FuseOverlay { target: PathBuf, message: String },
+    /// No way to mount snapshots (see [`crate::snapshot::overlay::choose`]).
+    #[error("snapshotter: {0}")]
+    Snapshotter(String),
     /// What a rootless worker cannot do (see [`crate::rootless`]).
     #[error("rootless: {0}")]
     Rootless(String),

@@ -68,6 +68,8 @@ pub struct Config {
     /// kernel locks, the network is the daemon's own (or none), and what needs real
     /// root (`security.insecure`, bridge networking) is refused (see [`rootless`]).
     pub rootless: bool,
+    /// How snapshots are mounted (kilnd.toml `[worker.oci] snapshotter`).
+    pub snapshotter: snapshot::overlay::Snapshotter,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             containerd: None,
             network: network::NetworkConfig::default(),
             rootless: false,
+            snapshotter: snapshot::overlay::Snapshotter::Auto,
         }
     }
 }
@@ -210,8 +213,15 @@ impl Worker {
             Some(c) => Some(snapshot::containerd::Snapshots::connect(c, &id)?),
             None => None,
         };
-        if config.rootless {
-            rootless::probe_overlay(&config.root.join("tmp"))?;
+        let backend = snapshot::overlay::choose(
+            config.snapshotter,
+            &config.root.join("tmp"),
+            config.rootless,
+        )?;
+        if backend == snapshot::overlay::Backend::Fuse && config.containerd.is_some() {
+            return Err(Error::Snapshotter(
+                "fuse-overlayfs snapshots are for runc workers; the containerd worker uses containerd's snapshotter".into(),
+            ));
         }
         let store = snapshot::Store::open_with(&config.root, containerd)?;
         let memo = Arc::new(layers::MemoWriter::start(store.clone()));

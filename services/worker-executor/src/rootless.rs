@@ -11,7 +11,8 @@
 //! - the network (`network.rs`): the daemon's own namespace (what rootlesskit was given:
 //!   `--net=host`, or slirp4netns/pasta) or none; never the bridge;
 //! - overlays are mounted with `userxattr` (`snapshot/overlay.rs`), so an opaque
-//!   directory is marked [`overlay_opaque_xattr`];
+//!   directory is marked [`overlay_opaque_xattr`]; where the kernel cannot mount
+//!   overlayfs in a user namespace, fuse-overlayfs does (`overlay::choose`);
 //! - `security.insecure` is refused: the steps would hold no more than kilnd does;
 //! - an owner outside the mapped ids fails naming the range ([`kiln_oci::idmap::lchown`]).
 
@@ -30,7 +31,9 @@ pub fn in_user_namespace() -> bool {
 /// `trusted.overlay.opaque`, or in a user namespace, where `trusted.*` is out of reach
 /// and overlays are mounted with `userxattr`, `user.overlay.opaque`.
 pub fn overlay_opaque_xattr() -> &'static str {
-    if in_user_namespace() {
+    if crate::snapshot::overlay::backend() == crate::snapshot::overlay::Backend::Fuse {
+        "user.fuseoverlayfs.opaque"
+    } else if in_user_namespace() {
         "user.overlay.opaque"
     } else {
         "trusted.overlay.opaque"
@@ -54,51 +57,6 @@ pub fn start_problem() -> Option<String> {
         ));
     }
     None
-}
-
-/// Checks, once at start, that overlayfs mounts in this user namespace on `root`'s
-/// filesystem (Linux 5.11 or later, a filesystem overlayfs takes as upper layer):
-/// a lower, an upper with a new file, mounted and unmounted as a step's are.
-pub fn probe_overlay(root: &Path) -> crate::error::Result<()> {
-    use crate::snapshot::overlay::{self, Upper};
-    let fail = |what: String| {
-        crate::error::Error::Rootless(format!(
-            "overlayfs cannot be mounted in kilnd's user namespace on {} ({what}); rootless \
-             snapshots need Linux 5.11 or later and a root on ext4, xfs or another filesystem \
-             overlayfs takes as upper layer (fuse-overlayfs and copying snapshots are not \
-             supported yet)",
-            root.display()
-        ))
-    };
-    std::fs::create_dir_all(root).map_err(|e| fail(e.to_string()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("overlay-probe-")
-        .tempdir_in(root)
-        .map_err(|e| fail(e.to_string()))?;
-    let (lower, diff, work, mnt) = (
-        dir.path().join("lower"),
-        dir.path().join("diff"),
-        dir.path().join("work"),
-        dir.path().join("mnt"),
-    );
-    for d in [&lower, &diff, &work, &mnt] {
-        std::fs::create_dir_all(d).map_err(|e| fail(e.to_string()))?;
-    }
-    let m = overlay::mount(
-        &mnt,
-        std::slice::from_ref(&lower),
-        Some(Upper {
-            diff: &diff,
-            work: &work,
-            volatile: false,
-        }),
-        nix::mount::MsFlags::empty(),
-    )
-    .map_err(|e| fail(kiln_proto::status::Chain(&e).to_string()))?;
-    std::fs::write(m.path().join("probe"), b"x").map_err(|e| fail(e.to_string()))?;
-    m.unmount()
-        .map_err(|e| fail(kiln_proto::status::Chain(&e).to_string()))?;
-    Ok(())
 }
 
 /// The mount flags of the mount holding `path` that the kernel locks on a mount copied

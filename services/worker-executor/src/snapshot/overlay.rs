@@ -10,6 +10,9 @@ pub struct Mounted {
     path: PathBuf,
     mounted: bool,
     owned_dir: bool,
+    /// fuse-overlayfs with an upper: (lowers, upper), to unmark the directories it
+    /// made opaque that hide nothing ([`unmark_new_dirs`]) once unmounted
+    fuse_upper: Option<(Vec<PathBuf>, PathBuf)>,
 }
 
 impl Mounted {
@@ -32,6 +35,9 @@ impl Mounted {
                     source,
                 })?;
             self.mounted = false;
+            if let Some((lowers, upper)) = self.fuse_upper.take() {
+                unmark_new_dirs(&upper, &lowers);
+            }
         }
         if self.owned_dir {
             std::fs::remove_dir(&self.path).map_err(Error::io("remove mountpoint", &self.path))?;
@@ -111,6 +117,244 @@ pub struct Upper<'a> {
 /// Longest overlay option string passed straight to mount(2); the kernel
 /// copies one page of it.
 const MAX_MOUNT_DATA: usize = 3500;
+
+/// How overlays are mounted: by the kernel's overlayfs, or by fuse-overlayfs (a
+/// rootless worker whose kernel cannot mount overlayfs in a user namespace, or
+/// `snapshotter = "fuse-overlayfs"`). One per process, chosen when the worker starts
+/// ([`choose`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Kernel,
+    Fuse,
+}
+
+static FUSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The backend mounts use.
+pub fn backend() -> Backend {
+    if FUSE.load(std::sync::atomic::Ordering::Relaxed) {
+        Backend::Fuse
+    } else {
+        Backend::Kernel
+    }
+}
+
+fn set_backend(b: Backend) {
+    FUSE.store(b == Backend::Fuse, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The worker's `snapshotter` setting (buildkitd's `--oci-worker-snapshotter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Snapshotter {
+    /// overlayfs; for a rootless worker whose kernel cannot mount it in a user
+    /// namespace, fuse-overlayfs
+    #[default]
+    Auto,
+    Overlayfs,
+    FuseOverlayfs,
+}
+
+impl std::str::FromStr for Snapshotter {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" | "" => Ok(Snapshotter::Auto),
+            "overlayfs" => Ok(Snapshotter::Overlayfs),
+            "fuse-overlayfs" => Ok(Snapshotter::FuseOverlayfs),
+            "native" => Err(
+                "snapshotter \"native\" (copying snapshots) is not supported; auto, overlayfs or fuse-overlayfs"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "unknown snapshotter {s:?} (auto, overlayfs, fuse-overlayfs)"
+            )),
+        }
+    }
+}
+
+/// Picks how overlays are mounted, checking with a real mount under `probe_dir`
+/// where it matters: a rootless worker's (`probe`) or a chosen fuse-overlayfs.
+pub fn choose(snapshotter: Snapshotter, probe_dir: &Path, rootless: bool) -> Result<Backend> {
+    let try_backend = |b: Backend| -> std::result::Result<(), String> {
+        set_backend(b);
+        probe(probe_dir)
+    };
+    let chosen = match snapshotter {
+        Snapshotter::Overlayfs if !rootless => Backend::Kernel,
+        Snapshotter::Auto if !rootless => Backend::Kernel,
+        Snapshotter::Overlayfs => {
+            try_backend(Backend::Kernel).map_err(|e| snapshotter_error("overlayfs", &e))?;
+            Backend::Kernel
+        }
+        Snapshotter::FuseOverlayfs => {
+            try_backend(Backend::Fuse).map_err(|e| snapshotter_error("fuse-overlayfs", &e))?;
+            Backend::Fuse
+        }
+        Snapshotter::Auto => match try_backend(Backend::Kernel) {
+            Ok(()) => Backend::Kernel,
+            Err(kernel) => match try_backend(Backend::Fuse) {
+                Ok(()) => {
+                    tracing::warn!(
+                        kernel = %kernel,
+                        "overlayfs cannot be mounted in kilnd's user namespace: snapshots use fuse-overlayfs"
+                    );
+                    Backend::Fuse
+                }
+                Err(fuse) => {
+                    set_backend(Backend::Kernel);
+                    return Err(snapshotter_error(
+                        "overlayfs or fuse-overlayfs",
+                        &format!("overlayfs: {kernel}; fuse-overlayfs: {fuse}"),
+                    ));
+                }
+            },
+        },
+    };
+    set_backend(chosen);
+    Ok(chosen)
+}
+
+fn snapshotter_error(what: &str, why: &str) -> Error {
+    Error::Snapshotter(format!(
+        "{what} cannot be mounted here ({why}); rootless snapshots need Linux 5.11 or later \
+         (overlayfs in a user namespace) or fuse-overlayfs with /dev/fuse, and a root on \
+         ext4, xfs or another filesystem overlayfs takes as upper layer (copying snapshots \
+         are not supported)"
+    ))
+}
+
+/// Mounts a lower and an upper under `dir`, writes through it and unmounts, as a step's
+/// mount does.
+fn probe(dir: &Path) -> std::result::Result<(), String> {
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    std::fs::create_dir_all(dir).map_err(|e| s(&e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("overlay-probe-")
+        .tempdir_in(dir)
+        .map_err(|e| s(&e))?;
+    let p = |n: &str| tmp.path().join(n);
+    for n in ["lower", "diff", "work", "mnt"] {
+        std::fs::create_dir_all(p(n)).map_err(|e| s(&e))?;
+    }
+    std::fs::write(p("lower/probe"), b"x").map_err(|e| s(&e))?;
+    let (diff, work) = (p("diff"), p("work"));
+    let m = mount(
+        &p("mnt"),
+        &[p("lower")],
+        Some(Upper {
+            diff: &diff,
+            work: &work,
+            volatile: false,
+        }),
+        MsFlags::empty(),
+    )
+    .map_err(|e| kiln_proto::status::Chain(&e).to_string())?;
+    std::fs::remove_file(m.path().join("probe")).map_err(|e| s(&e))?;
+    m.unmount()
+        .map_err(|e| kiln_proto::status::Chain(&e).to_string())?;
+    // the removal is a whiteout in the upper, as layers read them
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = std::fs::symlink_metadata(diff.join("probe")).map_err(|e| s(&e))?;
+    if !(wh.file_type().is_char_device() && wh.rdev() == 0) {
+        return Err("a removed file left no whiteout in the upper".into());
+    }
+    Ok(())
+}
+
+/// fuse-overlayfs's mount of `lowers` (and `upper`) on `target`; it serves the mount
+/// from a process of its own until unmounted.
+fn mount_fuse(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper: Option<Upper<'_>>,
+    flags: MsFlags,
+) -> Result<()> {
+    let names: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+    let mut opts = format!("lowerdir={}", names.join(":"));
+    if let Some(u) = upper {
+        opts.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.diff.display(),
+            u.work.display()
+        ));
+    }
+    if flags.contains(MsFlags::MS_NOSUID) {
+        opts.push_str(",nosuid");
+    }
+    if flags.contains(MsFlags::MS_NODEV) {
+        opts.push_str(",nodev");
+    }
+    let out = std::process::Command::new("fuse-overlayfs")
+        .arg("-o")
+        .arg(&opts)
+        .arg(target)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::FuseOverlay {
+            target: target.to_path_buf(),
+            message: format!("run fuse-overlayfs (Debian's fuse-overlayfs): {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(Error::FuseOverlay {
+            target: target.to_path_buf(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// fuse-overlayfs marks every directory it creates opaque (an xattr, a `.wh..wh..opq`
+/// file and a whiteout of `.wh..opq`), where the kernel marks only one that replaces a
+/// lower directory. A directory no lower has hides nothing: its marks are removed, so
+/// the diff is the kernel's.
+fn unmark_new_dirs(upper: &Path, lowers: &[PathBuf]) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const XATTR: &str = "user.fuseoverlayfs.opaque";
+    let in_a_lower = |rel: &Path| {
+        lowers.iter().any(|l| {
+            // not through a symlink of the lower
+            let mut cur = l.clone();
+            for c in rel.components() {
+                cur.push(c);
+                match std::fs::symlink_metadata(&cur) {
+                    Ok(m) if m.file_type().is_symlink() => return false,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            true
+        })
+    };
+    let walker = walkdir::WalkDir::new(upper)
+        .follow_links(false)
+        .min_depth(1)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_dir());
+    for e in walker {
+        let dir = e.path();
+        if !xattr::get(dir, XATTR).is_ok_and(|v| v.is_some()) {
+            continue;
+        }
+        let Ok(rel) = dir.strip_prefix(upper) else {
+            continue;
+        };
+        if in_a_lower(rel) {
+            continue;
+        }
+        let _ = xattr::remove(dir, XATTR);
+        let marker = dir.join(kiln_oci::layer::WHITEOUT_OPAQUE);
+        if std::fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let _ = std::fs::remove_file(&marker);
+        }
+        let wh = dir.join(".wh..opq");
+        if std::fs::symlink_metadata(&wh)
+            .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        {
+            let _ = std::fs::remove_file(&wh);
+        }
+    }
+}
 
 /// Whether the kernel took `volatile` (cleared on the first mount that rejects it).
 static VOLATILE_SUPPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -252,6 +496,7 @@ pub fn mount(
             path: u.diff.to_path_buf(),
             mounted: false,
             owned_dir: false,
+            fuse_upper: None,
         });
     }
     let target = mnt_dir.join(uuid::Uuid::new_v4().to_string());
@@ -260,6 +505,7 @@ pub fn mount(
         path: target.clone(),
         mounted: false,
         owned_dir: true,
+        fuse_upper: None,
     };
     let merr = |source| Error::Mount {
         target: target.clone(),
@@ -297,7 +543,10 @@ pub fn mount(
                 .iter()
                 .map(|p| p.to_string_lossy().into_owned())
                 .collect();
-            if overlay_data(&names, upper, true).len() > MAX_MOUNT_DATA {
+            if backend() == Backend::Fuse {
+                mount_fuse(&target, lowers, upper, flags)?;
+                m.fuse_upper = upper.map(|u| (lowers.to_vec(), u.diff.to_path_buf()));
+            } else if overlay_data(&names, upper, true).len() > MAX_MOUNT_DATA {
                 // Mount options must fit in one page: name the lowers by short
                 // relative names instead (containerd and docker use links).
                 mount_with_short_lowers(&target, lowers, upper, flags)?;
