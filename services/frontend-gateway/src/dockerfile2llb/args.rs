@@ -48,15 +48,32 @@ pub(crate) fn platform_args(target: &Platform, build: &Platform) -> Args {
     args
 }
 
-/// The args usable in FROM: the platform ARGs, then each global ARG's build
-/// arg or (expanded) default.
+/// The args usable in FROM: the platform ARGs and `TARGETSTAGE` (the target
+/// stage's name, `default` for an unnamed last stage), each replaced by a
+/// build arg of its name, then each global ARG's build arg or (expanded) default.
 pub(crate) fn global_args(
     df: &Dockerfile,
     lex: &Lex,
     build_args: &BTreeMap<String, String>,
     target: &Platform,
+    target_stage: Option<&str>,
 ) -> Result<Args, Error> {
     let mut args = platform_args(target, &Platform::host());
+    let stage = match target_stage {
+        Some(t) if !t.is_empty() => t.to_string(),
+        _ => df
+            .stages
+            .last()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_else(|| "default".to_string()),
+    };
+    args.set("TARGETSTAGE", &stage);
+    let automatic: Vec<String> = args.pairs().iter().map(|(k, _)| k.clone()).collect();
+    for key in automatic {
+        if let Some(v) = build_args.get(&key) {
+            args.set(&key, v);
+        }
+    }
     for cmd in &df.meta_args {
         let Instruction::Arg(decls) = &cmd.instruction else {
             continue;

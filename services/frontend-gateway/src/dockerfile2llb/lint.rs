@@ -275,8 +275,9 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Args every build defines (BuildKit's platform args).
+/// Args every build defines (the platform args and `TARGETSTAGE`).
 const BUILTIN_ARGS: &[&str] = &[
+    "TARGETSTAGE",
     "TARGETPLATFORM",
     "TARGETOS",
     "TARGETARCH",

@@ -320,7 +320,13 @@ pub async fn convert<R: ImageResolver>(
 ) -> Result<Converted, Error> {
     let df = parse(dockerfile, opts)?;
     let lex = Lex::new(df.directives.escape);
-    let global_args = args::global_args(&df, &lex, &opts.build_args, &opts.platform)?;
+    let global_args = args::global_args(
+        &df,
+        &lex,
+        &opts.build_args,
+        &opts.platform,
+        opts.target.as_deref(),
+    )?;
     let mut plan = Plan::new(&df, opts, &lex, &global_args)?;
     let (reachable, needed_images) = plan.reachable();
     let mut cx = DispatchContext::new(opts, lex, global_args);
