@@ -25,7 +25,7 @@ pub use instructions::{
     ArgDecl, Command, CommandLine, Copy, Dockerfile, Healthcheck, Instruction, KeyValue, Location,
     Run, Stage, parse, parse_command,
 };
-pub use mount::{MountError, MountType, RunMount, Sharing, parse_mount};
+pub use mount::{MountError, MountType, RunMount, Sharing, mount_from, parse_mount};
 pub use parser::{Ast, Directives, Heredoc, Node, detect_directives, parse_ast, parse_directives};
 pub use path::clean_path;
 pub use shell::{EnvLookup, Lex};

@@ -60,6 +60,9 @@ pub enum MountError {
     UnexpectedKey { key: String, field: String },
     #[error("mount target is required")]
     MissingTarget,
+    /// `from=` naming a variable: it is read before any expansion.
+    #[error("'{0}' doesn't support variable expansion, define alias stage instead")]
+    FromExpansion(String),
     #[error("one of id or target must be specified for secret mounts")]
     MissingSecretId,
 }
@@ -119,6 +122,28 @@ fn mount_type(fields: &[String]) -> Result<MountType, MountError> {
         }
     }
     Ok(kind)
+}
+
+/// The `from=` of a `--mount` value as written, read before the value is
+/// expanded (the stages a build needs are known before any stage runs): only
+/// the CSV and a `from=` holding a variable are errors here, the rest waits
+/// for [`parse_mount`] on the expanded value.
+pub fn mount_from(spec: &str) -> Result<Option<String>, MountError> {
+    let mut from = None;
+    for f in csv_fields(spec)? {
+        let Some((key, value)) = f.trim().split_once('=') else {
+            continue;
+        };
+        let key = key.trim().to_ascii_lowercase();
+        if key != "from" {
+            continue;
+        }
+        if value.find('$').is_some_and(|i| i + 1 != value.len()) {
+            return Err(MountError::FromExpansion(key));
+        }
+        from = Some(value.to_string());
+    }
+    Ok(from)
 }
 
 /// Parses one `--mount` value.
@@ -217,6 +242,25 @@ fn set_field(m: &mut RunMount, f: &str) -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_is_read_before_expansion() {
+        let from = |s: &str| match mount_from(s) {
+            Ok(f) => format!("{f:?}"),
+            Err(e) => format!("ERR {e}"),
+        };
+        assert_eq!(from("type=$T,target=$P,from=build"), "Some(\"build\")");
+        assert_eq!(from("type=cache,target=/c"), "None");
+        assert_eq!(from("FROM=a$"), "Some(\"a$\")");
+        assert_eq!(
+            from("from=$stage,target=/x"),
+            "ERR 'from' doesn't support variable expansion, define alias stage instead"
+        );
+        assert_eq!(
+            from("\"from=x"),
+            "ERR extraneous or missing \" in quoted-field"
+        );
+    }
 
     #[test]
     fn mount_table() {

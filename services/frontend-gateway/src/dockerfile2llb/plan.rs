@@ -472,12 +472,10 @@ pub(super) fn mount_froms(cmd: &Command, mounts: &[String]) -> Result<Vec<Option
     mounts
         .iter()
         .map(|m| {
-            kiln_dockerfile::parse_mount(m)
-                .map(|m| m.from)
-                .map_err(|source| Error::InvalidMount {
-                    line: line_of(cmd),
-                    source,
-                })
+            kiln_dockerfile::mount_from(m).map_err(|source| Error::InvalidMount {
+                line: line_of(cmd),
+                source,
+            })
         })
         .collect()
 }
