@@ -249,6 +249,13 @@ impl<'a> CopyOp<'a> {
             (true, Some((parent, pattern))) => (clean_path(parent), vec![relative(pattern)]),
             (true, None) => ("/".to_string(), vec![relative(src)]),
         };
+        // a --parents source without wildcards must exist, as a plain one must
+        let required = match include.first() {
+            Some(pattern) if !has_wildcard(&src_path) && !has_wildcard(pattern) => {
+                vec![clean_path(&format!("{src_path}/{pattern}"))]
+            }
+            _ => Vec::new(),
+        };
         let unpack = self.kind == CopyKind::Add && self.copy.unpack != Some(false);
         let exclude = self.copy.exclude.clone();
         let action = self.plan(state, src_path);
@@ -258,6 +265,7 @@ impl<'a> CopyOp<'a> {
         action.allow_wildcard = true;
         action.allow_empty_wildcard = true;
         action.include_patterns = include;
+        action.required_paths = required;
         action.exclude_patterns = exclude;
     }
 
