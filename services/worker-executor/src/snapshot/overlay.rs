@@ -12,7 +12,7 @@ pub struct Mounted {
     owned_dir: bool,
     /// fuse-overlayfs with an upper: (lowers, upper), to unmark the directories it
     /// made opaque that hide nothing ([`unmark_new_dirs`]) once unmounted
-    fuse_upper: Option<(Vec<PathBuf>, PathBuf)>,
+    fuse_upper: Option<Box<(Vec<PathBuf>, PathBuf)>>,
 }
 
 impl Mounted {
@@ -35,7 +35,8 @@ impl Mounted {
                     source,
                 })?;
             self.mounted = false;
-            if let Some((lowers, upper)) = self.fuse_upper.take() {
+            if let Some(fu) = self.fuse_upper.take() {
+                let (lowers, upper) = *fu;
                 unmark_new_dirs(&upper, &lowers);
             }
         }
@@ -545,7 +546,7 @@ pub fn mount(
                 .collect();
             if backend() == Backend::Fuse {
                 mount_fuse(&target, lowers, upper, flags)?;
-                m.fuse_upper = upper.map(|u| (lowers.to_vec(), u.diff.to_path_buf()));
+                m.fuse_upper = upper.map(|u| Box::new((lowers.to_vec(), u.diff.to_path_buf())));
             } else if overlay_data(&names, upper, true).len() > MAX_MOUNT_DATA {
                 // Mount options must fit in one page: name the lowers by short
                 // relative names instead (containerd and docker use links).
