@@ -392,3 +392,44 @@ async fn control_solve_with_requestid_answers_with_result_metadata() {
     assert_eq!(json["targets"][0]["name"], "base");
     assert_eq!(json["targets"][0]["default"], true);
 }
+
+/// `InvalidBaseImagePlatform`: a stage built for linux/amd64 on an image the
+/// registry has for linux/arm64 only warns, naming the image as written and
+/// both platforms, as BuildKit's does; the build goes on.
+#[test]
+fn a_base_image_of_another_platform_warns() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let reg = kiln_integration_tests::registry();
+    let name = format!("{reg}/kiln-it/arm64-only:{}", std::process::id());
+    let base = BuildContext::new("FROM scratch\nCOPY Dockerfile /df\n").expect("context");
+    let out_arg = format!("type=image,name={name},push=true");
+    let out = build(
+        &d,
+        &base,
+        &["--opt", "platform=linux/arm64", "--output", &out_arg],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let ctx = BuildContext::new(&format!("FROM {name}\nENV foo=bar\n")).expect("context");
+    let out = build(
+        &d,
+        &ctx,
+        &["--progress", "plain", "--opt", "platform=linux/amd64"],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let want = format!(
+        "InvalidBaseImagePlatform: Base image {name} was pulled with platform \"linux/arm64\", expected \"linux/amd64\" for current build (line 1)"
+    );
+    assert!(stderr.contains(&want), "{stderr}");
+
+    // the same image asked for its own platform does not warn
+    let out = build(
+        &d,
+        &ctx,
+        &["--progress", "plain", "--opt", "platform=linux/arm64"],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("InvalidBaseImagePlatform"), "{stderr}");
+}

@@ -150,6 +150,14 @@ rule!(
     "copy-ignored-file"
 );
 
+/// Fired while converting, once the base images are resolved; BuildKit gives
+/// it no documentation page.
+pub const INVALID_BASE_IMAGE_PLATFORM: Rule = Rule {
+    name: "InvalidBaseImagePlatform",
+    description: "Base image platform does not match expected target platform",
+    url: "",
+};
+
 /// Every rule kiln checks.
 pub const RULES: &[&Rule] = &[
     &STAGE_NAME_CASING,
@@ -172,6 +180,7 @@ pub const RULES: &[&Rule] = &[
     &EXPOSE_INVALID_FORMAT,
     &COPY_IGNORED_FILE,
     &UNDEFINED_VAR,
+    &INVALID_BASE_IMAGE_PLATFORM,
 ];
 
 /// A rule that fired, on Dockerfile lines `start_line..=end_line` (1-based).
@@ -435,6 +444,29 @@ pub(crate) fn undefined_var(cmd: &kiln_dockerfile::Command, name: &str, keys: &[
         start_line: cmd.location.start_line,
         end_line: cmd.location.end_line,
     }
+}
+
+/// `InvalidBaseImagePlatform`: the image `FROM name` resolved to is for
+/// `actual` (its config's os and architecture), not the stage's `expected`.
+pub(crate) fn base_image_platform(
+    name: &str,
+    expected: &kiln_oci::Platform,
+    actual: &kiln_oci::Platform,
+    line: usize,
+) -> Option<Warning> {
+    if expected.os == actual.os && expected.architecture == actual.architecture {
+        return None;
+    }
+    Some(Warning {
+        rule: &INVALID_BASE_IMAGE_PLATFORM,
+        message: format!(
+            "Base image {name} was pulled with platform \"{}\", expected \"{}\" for current build",
+            actual.normalized(),
+            expected.normalized()
+        ),
+        start_line: line,
+        end_line: line,
+    })
 }
 
 /// Which stages a build of `target` reaches: the target, the stages it is

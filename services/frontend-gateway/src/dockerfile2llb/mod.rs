@@ -332,6 +332,28 @@ pub async fn convert<R: ImageResolver>(
     let mut cx = DispatchContext::new(opts, lex, global_args);
     let needed_images: Vec<usize> = needed_images.into_iter().collect();
     resolve_images(&mut plan.images, &needed_images, resolver, &mut cx.ops).await?;
+    for &k in &needed_images {
+        let image = &plan.images[k];
+        let Some(resolved) = image.resolved.as_ref() else {
+            continue;
+        };
+        // FROM of an image with layers (COPY --from names no base)
+        if image.command.is_empty() || resolved.state.is_none() {
+            continue;
+        }
+        let actual = kiln_oci::Platform {
+            os: resolved.config.os.clone(),
+            architecture: resolved.config.architecture.clone(),
+            variant: resolved.config.variant.clone(),
+            ..Default::default()
+        };
+        cx.warnings.extend(lint::base_image_platform(
+            &image.written,
+            &image.platform,
+            &actual,
+            image.line,
+        ));
+    }
     let mut stages = Stages {
         df: &df,
         plan: &plan,

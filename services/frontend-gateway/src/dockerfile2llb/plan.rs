@@ -65,6 +65,8 @@ pub(super) struct ResolvedBase {
 pub(super) struct ImageUse {
     /// Normalised reference (`docker.io/library/busybox:latest`).
     pub reference: String,
+    /// The name as the Dockerfile gives it (expanded), for messages.
+    pub written: String,
     pub platform: Platform,
     /// The line naming it, for errors and the source op's location.
     pub line: usize,
@@ -268,6 +270,7 @@ impl Plan {
             return Ok(Base::Scratch);
         }
         let line = stage.location.start_line;
+        let written = base.to_string();
         let (base, oci) = match named {
             Some(NamedContext::Image(r)) => (r.clone(), None),
             Some(NamedContext::OciLayout { store, digest }) => {
@@ -283,6 +286,7 @@ impl Plan {
         })?;
         self.images.push(ImageUse {
             reference,
+            written,
             platform: platform.cloned().unwrap_or_else(|| opts.platform.clone()),
             line,
             command: stage.original.clone(),
@@ -380,6 +384,7 @@ impl Plan {
         }
         self.images.push(ImageUse {
             reference,
+            written: name.to_string(),
             platform: opts.platform.clone(),
             line,
             command: String::new(),

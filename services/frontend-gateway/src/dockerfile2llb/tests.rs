@@ -1252,3 +1252,42 @@ async fn each_distinct_base_image_is_resolved_once() {
     let g = kiln_llb::load(&c.definition).expect("load");
     assert_eq!(exec_metas(&g).len(), 7, "every stage's RUN is there");
 }
+
+/// Resolves every image to a one-layer `linux/arm64` image.
+struct Arm64Resolver;
+
+impl ImageResolver for Arm64Resolver {
+    fn resolve(
+        &self,
+        reference: &str,
+        _platform: &kiln_oci::Platform,
+    ) -> impl Future<Output = Result<ResolvedImage, ResolveError>> + Send {
+        let config = serde_json::json!({"architecture": "arm64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", "c".repeat(64))]}});
+        let resolved = serde_json::from_value(config).map(|config| ResolvedImage {
+            canonical_ref: reference.to_string(),
+            digest: format!("sha256:{}", "d".repeat(64)),
+            config,
+        });
+        async move { resolved.map_err(|e| e.to_string().into()) }
+    }
+}
+
+#[tokio::test]
+async fn a_base_image_of_another_platform_is_a_build_check() {
+    let conv = convert(
+        b"FROM busybox AS a\nRUN true\nFROM --platform=linux/arm64 busybox AS b\nCOPY --from=a / /\nCOPY --from=alpine / /\n",
+        &options(),
+        &Arm64Resolver,
+    )
+    .await
+    .expect("converts");
+    let found: Vec<String> = conv.warnings.iter().map(|w| w.short()).collect();
+    assert_eq!(
+        found,
+        [
+            "InvalidBaseImagePlatform: Base image busybox was pulled with platform \"linux/arm64\", expected \"linux/amd64\" for current build (line 1)"
+        ],
+        "the FROM of an arm64 image in an amd64 stage only"
+    );
+}
