@@ -81,9 +81,7 @@ pub fn frontend_image(
     build_args: &BTreeMap<String, String>,
 ) -> Option<FrontendImage> {
     let text = String::from_utf8_lossy(dockerfile);
-    // as BuildKit's DetectSyntax: directives it cannot accept are the named
-    // frontend's to report
-    let directives = kiln_dockerfile::detect_directives(&text);
+    let directives = detect(&text);
     let (cmdline, line) = requested(&directives, build_args)?;
     let reference = cmdline.split_whitespace().next()?.to_string();
     if is_dockerfile_frontend(&reference) {
@@ -94,6 +92,40 @@ pub fn frontend_image(
         reference,
         cmdline,
     })
+}
+
+/// The `syntax` directive as BuildKit's `DetectSyntax` finds it to pick a
+/// frontend: a first `#!` line is passed over, then come the `# key=value`
+/// directives, else the same written `// key=value`, else the `"syntax"`
+/// string of a JSON object. Directives it cannot accept are the named
+/// frontend's to report, so this is never an error.
+fn detect(text: &str) -> kiln_dockerfile::Directives {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (body, skipped) = if text.starts_with("#!") {
+        (text.split_once('\n').map_or("", |(_, rest)| rest), 1)
+    } else {
+        (text, 0)
+    };
+    let mut found = kiln_dockerfile::detect_directives(body);
+    if found.syntax.is_none() {
+        let slashed: String = body
+            .split('\n')
+            .map_while(|l| l.strip_prefix("//"))
+            .map(|rest| format!("#{rest}\n"))
+            .collect();
+        found = kiln_dockerfile::detect_directives(&slashed);
+    }
+    if found.syntax.is_none()
+        && let Ok(serde_json::Value::Object(map)) = serde_json::from_str(body)
+        && let Some(serde_json::Value::String(v)) = map.get("syntax")
+    {
+        found.syntax = Some(v.clone());
+        found.syntax_line = 1;
+    }
+    if found.syntax.is_some() {
+        found.syntax_line += skipped;
+    }
+    found
 }
 
 /// Where a frontend was named, as errors and notes say it.
@@ -115,6 +147,46 @@ pub fn syntax_note(dockerfile: &[u8], build_args: &BTreeMap<String, String>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syntax_is_detected_in_every_form_buildkit_accepts() {
+        let found = |t: &str| {
+            let d = detect(t);
+            (d.syntax.unwrap_or_default(), d.syntax_line)
+        };
+        let fe = "example.com/fe:1".to_string();
+        assert_eq!(
+            found("# syntax=example.com/fe:1\nFROM a\n"),
+            (fe.clone(), 1)
+        );
+        assert_eq!(
+            found("# escape=`\n# syntax = example.com/fe:1\nFROM a\n"),
+            (fe.clone(), 2)
+        );
+        assert_eq!(
+            found("//syntax=example.com/fe:1\nFROM a\n"),
+            (fe.clone(), 1)
+        );
+        assert_eq!(
+            found("#!/usr/bin/env kiln\n# syntax=example.com/fe:1\nFROM a\n"),
+            (fe.clone(), 2)
+        );
+        assert_eq!(
+            found("#!/bin/x\n// check=skip=all\n// syntax=example.com/fe:1\n"),
+            (fe.clone(), 3)
+        );
+        assert_eq!(
+            found("\u{feff}{\"syntax\": \"example.com/fe:1\", \"x\": 1}"),
+            (fe.clone(), 1)
+        );
+        // a directive only at the top, never mixed prefixes, no JSON non-string
+        assert_eq!(
+            found("FROM a\n# syntax=example.com/fe:1\n"),
+            (String::new(), 0)
+        );
+        assert_eq!(found("# check=skip=all\n// syntax=x\n"), (String::new(), 0));
+        assert_eq!(found("{\"syntax\": 1}"), (String::new(), 0));
+    }
 
     #[test]
     fn dockerfile_frontend_references() {
