@@ -736,7 +736,15 @@ fn convert_options(req: &FrontendRequest) -> Result<dockerfile2llb::ConvertOptio
             named_contexts.insert(name.to_string(), ctx);
         }
     }
+    let hostname = attr("build-arg:BUILDKIT_SANDBOX_HOSTNAME")
+        .or_else(|| attr("hostname"))
+        .cloned()
+        .unwrap_or_default();
     Ok(dockerfile2llb::ConvertOptions {
+        hostname,
+        cache_namespace: attr("build-arg:BUILDKIT_CACHE_MOUNT_NS")
+            .cloned()
+            .unwrap_or_default(),
         named_contexts,
         excludes: Vec::new(),
         local_excludes: BTreeMap::new(),

@@ -68,6 +68,11 @@ pub struct ConvertOptions {
     /// The request came through the frontend image the Dockerfile names
     /// (BuildKit's `cmdline` option is set): its `# syntax=` is not followed again.
     pub syntax_followed: bool,
+    /// The hostname RUN steps see (`hostname`, or the build arg
+    /// `BUILDKIT_SANDBOX_HOSTNAME`); empty: the worker's default.
+    pub hostname: String,
+    /// Put before every cache mount's id (`BUILDKIT_CACHE_MOUNT_NS`).
+    pub cache_namespace: String,
 }
 
 /// What a named context (`--opt context:NAME=VALUE`) points at.

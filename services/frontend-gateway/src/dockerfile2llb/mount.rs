@@ -56,7 +56,8 @@ impl ExecMounts {
             match m.kind {
                 MountType::Bind => self.bind(cx, m, source, dest.unwrap_or_default()),
                 MountType::Cache => {
-                    self.cache(&mut cx.ops, m, source, dest.unwrap_or_default(), lines)
+                    let ns = cx.opts.cache_namespace.clone();
+                    self.cache(&mut cx.ops, m, &ns, source, dest.unwrap_or_default(), lines)
                 }
                 MountType::Tmpfs => self.tmpfs(m, dest.unwrap_or_default()),
                 MountType::Secret => self.secret(m, dest),
@@ -99,10 +100,13 @@ impl ExecMounts {
         self.push_input(mount, state);
     }
 
+    /// A cache mount; its id is `NAMESPACE/ID` (`BUILDKIT_CACHE_MOUNT_NS`,
+    /// empty by default, so `/ID`).
     fn cache(
         &mut self,
         ops: &mut Ops,
         m: &RunMount,
+        namespace: &str,
         source: CopySource,
         dest: String,
         lines: Lines,
@@ -118,7 +122,10 @@ impl ExecMounts {
         };
         self.caps.insert("exec.mount.cache");
         self.caps.insert("exec.mount.cache.sharing");
-        let id = format!("/{}", m.id.clone().unwrap_or_else(|| dest.clone()));
+        let id = format!(
+            "{namespace}/{}",
+            m.id.clone().unwrap_or_else(|| dest.clone())
+        );
         let sharing = match m.sharing {
             Sharing::Shared => pb::CacheSharingOpt::Shared,
             Sharing::Private => pb::CacheSharingOpt::Private,

@@ -211,6 +211,7 @@ pub(crate) fn dispatch(
         user: st.user.clone(),
         remove_mount_stubs_recursive: true,
         proxy_env: proxy_env(&cx.opts.build_args),
+        hostname: cx.opts.hostname.clone(),
         ..Default::default()
     };
     let mut caps = vec![

@@ -1291,3 +1291,31 @@ async fn a_base_image_of_another_platform_is_a_build_check() {
         "the FROM of an arm64 image in an amd64 stage only"
     );
 }
+
+#[tokio::test]
+async fn sandbox_hostname_and_cache_namespace() {
+    let df =
+        "FROM busybox\nRUN --mount=type=cache,target=/c/ --mount=type=cache,id=x,target=/d true\n";
+    let cache_ids = |g: &Graph| -> Vec<String> {
+        g.vertices
+            .iter()
+            .filter_map(|v| match &v.op.op {
+                Some(pb::op::Op::Exec(e)) => Some(e.mounts.clone()),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|m| m.cache_opt.map(|c| c.id))
+            .collect()
+    };
+    let (_, g) = ok(df).await;
+    assert_eq!(exec_metas(&g)[0].hostname, "", "the worker's default");
+    // BuildKit's NAMESPACE + "/" + id, the id defaulting to the cleaned target
+    assert_eq!(cache_ids(&g), ["//c", "/x"]);
+
+    let mut opts = options();
+    opts.hostname = "box".to_string();
+    opts.cache_namespace = "team".to_string();
+    let (_, g) = run(df, &opts).await.expect("converts");
+    assert_eq!(exec_metas(&g)[0].hostname, "box");
+    assert_eq!(cache_ids(&g), ["team//c", "team/x"]);
+}
