@@ -85,7 +85,8 @@ def main():
         subprocess.run(["sh", os.path.join(B.REPO, "scripts/seed-busybox.sh"), reg], check=True,
                        stdout=subprocess.DEVNULL)
         inputs = B.gen_inputs(tmp, quick)
-        builders = [Rootless(tmp, reg), Root(tmp, reg)]
+        for cls in (Rootless, Root):  # each stopped in `finally`, even if the next fails to start
+            builders.append(cls(tmp, reg))
         bench = B.Bench(builders, inputs, reps, quick, tmp, reg)
         bench.s1_cold()
         bench.s2_s3_big()
@@ -104,7 +105,9 @@ def main():
                 f"{os.cpu_count()} cores, {reps} rep(s){', QUICK inputs' if quick else ''}\n\n"
                 "Release builds; the same inputs as bench.py; interleaved rep by rep; every cold rep on a new "
                 "daemon and root, checked to have run every step (no CACHED in its progress). Seconds: median "
-                "(min–max); ratio = rootless / root, the cost of rootless.\n\n"
+                "(min–max); ratio = rootless / root, the cost of rootless. Both daemons' steps share the host's "
+                "network (the root kilnd with bench.py's --network-mode host, the rootless one under "
+                "rootlesskit --net=host).\n\n"
                 "| scenario | rootless | root | ratio |\n|---|---|---|---|\n")
         text = head + "\n".join(rows) + "\n"
         print(text)
