@@ -765,7 +765,12 @@ impl Prepared {
         std::fs::write(&resolv, resolv_conf(*net != runc::Network::Host))
             .map_err(Error::io("write", &resolv))?;
         let hosts = self.bundle.path().join("hosts");
-        let mut hosts_data = runc::HOSTS.to_string();
+        // the step's own hostname, when it has one, is localhost's too
+        let mut hosts_data = if meta.hostname.is_empty() {
+            runc::HOSTS.to_string()
+        } else {
+            runc::HOSTS.replacen(runc::DEFAULT_HOSTNAME, &meta.hostname, 1)
+        };
         for h in &meta.extra_hosts {
             hosts_data.push_str(&format!("{}\t{}\n", h.ip, h.host));
         }
