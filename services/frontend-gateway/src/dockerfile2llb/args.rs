@@ -108,7 +108,10 @@ fn global_value(
         })
 }
 
-/// ARG inside a stage: build arg, else default (expanded), else the global value.
+/// ARG inside a stage: build arg, else default (expanded), else the global
+/// value. Returns the variables a default used that were neither set nor
+/// declared by an earlier ARG of the stage (`UndefinedVar`), each with the
+/// names it could have meant.
 pub(crate) fn arg(
     lex: &Lex,
     st: &mut StageState,
@@ -116,16 +119,24 @@ pub(crate) fn arg(
     build_args: &BTreeMap<String, String>,
     global_args: &Args,
     line: usize,
-) -> Result<(), Error> {
+) -> Result<Vec<(String, Vec<String>)>, Error> {
     let mut commit = Vec::new();
+    let mut undefined = Vec::new();
     for d in decls {
         let value = if let Some(v) = build_args.get(&d.key) {
             Some(v.clone())
         } else if let Some(def) = &d.default {
-            Some(
-                lex.process_word(def, &st.env)
-                    .map_err(|source| Error::Expand { line, source })?,
-            )
+            let env = super::lint::Recording::new(&st.env);
+            let v = lex
+                .process_word(def, &env)
+                .map_err(|source| Error::Expand { line, source })?;
+            let keys: Vec<String> = st.env.iter().map(|(k, _)| k.clone()).collect();
+            for name in env.missing() {
+                if !st.build_args.iter().any(|a| a.key == name) {
+                    undefined.push((name, keys.clone()));
+                }
+            }
+            Some(v)
         } else {
             global_args.get(&d.key).map(str::to_string)
         };
@@ -142,5 +153,5 @@ pub(crate) fn arg(
         });
     }
     st.commit_empty(format!("ARG {}", commit.join(" ")));
-    Ok(())
+    Ok(undefined)
 }

@@ -335,7 +335,12 @@ fn dispatch(
         Instruction::Env(kvs) => image::env(st, kvs),
         Instruction::Arg(decls) => {
             let build_args = &cx.opts.build_args;
-            args::arg(&cx.lex, st, decls, build_args, &cx.global_args, line)?
+            let undefined = args::arg(&cx.lex, st, decls, build_args, &cx.global_args, line)?;
+            for (name, keys) in undefined {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                cx.warnings
+                    .push(super::lint::undefined_var(cmd, &name, &keys));
+            }
         }
         Instruction::User(u) => image::user(st, u),
         Instruction::Cmd(c) => image::cmd(st, c),
