@@ -699,7 +699,10 @@ fn distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `options` to `val` (distance under 3), BuildKit's suggestion.
-fn suggest<'a>(val: &str, options: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(
+    val: &str,
+    options: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best = None;
     let mut min = 3;
     for o in options {

@@ -201,8 +201,9 @@ pub enum Error {
         line: usize,
         source: kiln_dockerfile::Error,
     },
-    #[error("target stage {target:?} could not be found")]
-    TargetNotFound { target: String },
+    /// `hint`: ` (did you mean NAME?)` for the closest stage name, or empty.
+    #[error("target stage {target:?} could not be found{hint}")]
+    TargetNotFound { target: String, hint: String },
     #[error("Dockerfile:{line}: base name ({base}) should not be blank")]
     BlankBaseName { line: usize, base: String },
     #[error("Dockerfile:{line}: failed to parse platform {value}")]
@@ -370,6 +371,7 @@ pub async fn convert<R: ImageResolver>(
         .take()
         .ok_or_else(|| Error::TargetNotFound {
             target: opts.target.clone().unwrap_or_default(),
+            hint: String::new(),
         })?;
     let image_config = final_image_config(target.image, opts)?;
     let context = ContextSource {

@@ -302,7 +302,12 @@ impl Plan {
                 .names
                 .get(&t.to_ascii_lowercase())
                 .copied()
-                .ok_or_else(|| Error::TargetNotFound { target: t.clone() }),
+                .ok_or_else(|| Error::TargetNotFound {
+                    target: t.clone(),
+                    hint: super::lint::suggest(t, self.names.keys().map(String::as_str))
+                        .map(|s| format!(" (did you mean {s}?)"))
+                        .unwrap_or_default(),
+                }),
             _ => Ok(self.stages.len() - 1),
         }
     }
