@@ -365,9 +365,12 @@ pub(crate) fn heredoc_markers(args: &str) -> Vec<(String, bool, bool)> {
     out
 }
 
-/// Parses one word as a heredoc marker.
+/// Parses one word as a heredoc marker; a file descriptor may come first
+/// (`3<<EOF`: the shell gives the body to fd 3).
 pub(crate) fn heredoc_marker(word: &str) -> Option<(String, bool, bool)> {
-    let rest = word.strip_prefix("<<")?;
+    let rest = word
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .strip_prefix("<<")?;
     if rest.starts_with('<') {
         return None;
     }
@@ -397,6 +400,24 @@ pub(crate) fn heredoc_marker(word: &str) -> Option<(String, bool, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heredoc_markers_may_name_a_file_descriptor() {
+        assert_eq!(
+            heredoc_markers("<<EOF 3<<IN1 4<<-'IN2' awk -f - 2>&1 <<<x"),
+            [
+                ("EOF".to_string(), true, false),
+                ("IN1".to_string(), true, false),
+                ("IN2".to_string(), false, true),
+            ]
+        );
+        let ast =
+            parse_ast("FROM a\nRUN <<EOF 3<<IN cat - /proc/self/fd/3\nx\nEOF\ny\nIN\nRUN z\n")
+                .expect("parse");
+        assert_eq!(ast.nodes[1].heredocs.len(), 2);
+        assert_eq!(ast.nodes[1].heredocs[1].data, "y\n");
+        assert_eq!(ast.nodes[2].args, "z");
+    }
 
     #[test]
     fn lines_flags_and_continuations() {

@@ -25,10 +25,13 @@ fn summarize_heredoc(doc: &str) -> String {
     }
 }
 
-/// Whether `cmd` is exactly one heredoc marker (`<<EOF`, `<<-"EOF"`).
+/// Whether `cmd` is exactly one heredoc marker (`<<EOF`, `<<-"EOF"`, `3<<EOF`).
 fn is_single_heredoc(cmd: &str) -> bool {
     let words: Vec<&str> = cmd.split_whitespace().collect();
-    words.len() == 1 && words[0].starts_with("<<")
+    words.len() == 1
+        && words[0]
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .starts_with("<<")
 }
 
 pub(crate) fn uppercase_cmd(s: &str) -> String {
