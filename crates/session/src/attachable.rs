@@ -88,6 +88,71 @@ fn md_values(req_md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// The paths `paths` (relative to `root`) stand for once their symlinks are
+/// followed, as fsutil's `FollowLinks`: every symlink met on the way, in the
+/// path or its parents, and the path through its target (a target leaving
+/// `root` is read from `root`'s top). Links are read literally: a wildcard
+/// in a path is not expanded here.
+fn follow_links(root: &std::path::Path, paths: &[String]) -> Vec<String> {
+    let mut resolved = std::collections::BTreeSet::new();
+    for p in paths {
+        follow_one(root, p, &mut resolved, 0);
+    }
+    resolved.into_iter().collect()
+}
+
+/// `p` cleaned to components below the root (`..` stops at the root).
+fn clean_components(p: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c.to_string()),
+        }
+    }
+    out
+}
+
+fn follow_one(
+    root: &std::path::Path,
+    p: &str,
+    resolved: &mut std::collections::BTreeSet<String>,
+    depth: usize,
+) {
+    let parts = clean_components(p);
+    if depth > 64 || parts.is_empty() {
+        return;
+    }
+    for i in 0..parts.len() {
+        let current = parts[..=i].join("/");
+        let rest = parts[i + 1..].join("/");
+        let link = std::fs::symlink_metadata(root.join(&current))
+            .ok()
+            .filter(|m| m.file_type().is_symlink())
+            .and_then(|_| std::fs::read_link(root.join(&current)).ok());
+        if (rest.is_empty() || link.is_some()) && resolved.contains(&current) {
+            return;
+        }
+        if let Some(target) = link {
+            resolved.insert(current);
+            let target = target.to_string_lossy().into_owned();
+            let base = if target.starts_with('/') {
+                target
+            } else {
+                format!("{}/{target}", parts[..i].join("/"))
+            };
+            follow_one(root, &format!("{base}/{rest}"), resolved, depth + 1);
+            return;
+        }
+        if rest.is_empty() {
+            resolved.insert(current);
+        }
+    }
+}
+
 struct ServerConn<T> {
     tx: mpsc::Sender<Result<T, Status>>,
     rx: Streaming<Packet>,
@@ -130,11 +195,14 @@ impl file_sync_server::FileSync for FileSync {
         let dir = self.dirs.get(&name).cloned().ok_or_else(|| {
             Status::not_found(format!("no local directory named {name:?} in this session"))
         })?;
-        let filter = Filter::new(
-            &md_values(md, headers::INCLUDE_PATTERNS),
-            &md_values(md, headers::EXCLUDE_PATTERNS),
-        )
-        .map_err(Status::from)?;
+        let mut include = md_values(md, headers::INCLUDE_PATTERNS);
+        // a followed path also sends what its symlinks point at (fsutil's
+        // FollowLinks); with no include patterns everything is sent anyway
+        if !include.is_empty() {
+            include.extend(follow_links(&dir, &md_values(md, headers::FOLLOW_PATHS)));
+        }
+        let filter = Filter::new(&include, &md_values(md, headers::EXCLUDE_PATTERNS))
+            .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(64);
         let mut conn = ServerConn {
             tx: tx.clone(),
@@ -514,4 +582,37 @@ pub async fn attach(
         }
     });
     Ok(SessionHandle { task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::follow_links;
+
+    #[test]
+    fn followed_paths_bring_their_symlink_targets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("real/sub")).expect("mkdir");
+        std::fs::write(root.join("Dockerfile.web"), "FROM scratch\n").expect("write");
+        std::fs::write(root.join("real/sub/f"), "x").expect("write");
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, root.join(name)).expect("symlink")
+        };
+        link("Dockerfile.web", "Dockerfile");
+        link("real", "dir");
+        link("../../../real/sub", "up");
+        link("loop", "loop");
+        let paths = |ps: &[&str]| {
+            let ps: Vec<String> = ps.iter().map(|p| p.to_string()).collect();
+            follow_links(root, &ps)
+        };
+        assert_eq!(
+            paths(&["Dockerfile", "Dockerfile.dockerignore"]),
+            ["Dockerfile", "Dockerfile.dockerignore", "Dockerfile.web"]
+        );
+        assert_eq!(paths(&["dir/sub/f"]), ["dir", "real/sub/f"]);
+        assert_eq!(paths(&["/up/f"]), ["real/sub/f", "up"]);
+        assert_eq!(paths(&["loop"]), ["loop"]);
+        assert_eq!(paths(&["plain/file"]), ["plain/file"]);
+    }
 }

@@ -404,6 +404,7 @@ impl<B: Bridge> Gateway<B> {
             "dockerfile-syntax",
             &include,
             note,
+            false,
         );
         if let Err(e) = self.bridge.solve(&req.build_id, def).await {
             tracing::warn!(error = %kiln_proto::status::Chain(&e), "{note}");
@@ -546,6 +547,7 @@ impl<B: Bridge> Gateway<B> {
             &format!("{local}:{DOCKERIGNORE}"),
             &[DOCKERIGNORE.to_string()],
             &progress,
+            true,
         );
         let reference = self.bridge.solve(&req.build_id, definition).await.ok()?;
         if reference.is_empty() {
@@ -579,14 +581,27 @@ impl<B: Bridge> Gateway<B> {
                 filename: filename.to_string(),
             });
         }
-        let data = self
+        let data = match self
             .bridge
             .read_file(&req.build_id, &reference, filename)
             .await
-            .map_err(|source| Error::ReadDockerfile {
-                filename: filename.to_string(),
-                source,
-            })?;
+        {
+            Ok(data) => data,
+            Err(source) => {
+                let lower = match lowercase_dockerfile(filename) {
+                    Some(lower) => {
+                        self.bridge
+                            .read_file(&req.build_id, &reference, &lower)
+                            .await
+                    }
+                    None => Err(source.clone()),
+                };
+                lower.map_err(|_| Error::ReadDockerfile {
+                    filename: filename.to_string(),
+                    source,
+                })?
+            }
+        };
         Ok((data, reference, vertex))
     }
 }
@@ -794,16 +809,35 @@ pub fn default_platform() -> Platform {
     Platform::host()
 }
 
+/// `dockerfile` in the directory of `filename` when its name is `Dockerfile`:
+/// read when there is no `Dockerfile` (moby/moby#10858).
+fn lowercase_dockerfile(filename: &str) -> Option<String> {
+    let (dir, base) = filename.rsplit_once('/').unwrap_or(("", filename));
+    (base == DEFAULT_FILENAME).then(|| {
+        if dir.is_empty() {
+            "dockerfile".to_string()
+        } else {
+            format!("{dir}/dockerfile")
+        }
+    })
+}
+
 /// A definition with a single local source reading the Dockerfile (and its
 /// own ignore file) from the client's `dockerfile` dir, and the digest of
 /// that source's step.
 fn dockerfile_source_definition(session_id: &str, filename: &str) -> (pb::Definition, String) {
+    let mut names = vec![filename.to_string(), format!("{filename}.dockerignore")];
+    if let Some(lower) = lowercase_dockerfile(filename) {
+        names.push(lower);
+    }
+    // followed too: a Dockerfile that is a symlink brings its target
     let def = local_source_definition(
         session_id,
         DOCKERFILE_LOCAL,
         DOCKERFILE_LOCAL,
-        &[filename.to_string(), format!("{filename}.dockerignore")],
+        &names,
         "[internal] load build definition from Dockerfile",
+        true,
     );
     let vertex = def
         .def
@@ -821,25 +855,31 @@ fn local_source_definition(
     shared_key_hint: &str,
     include: &[String],
     progress_name: &str,
+    follow: bool,
 ) -> pb::Definition {
-    let include = serde_json::Value::from(include.to_vec()).to_string();
-    let attrs = BTreeMap::from([
+    let paths = serde_json::Value::from(include.to_vec()).to_string();
+    let mut attrs = BTreeMap::from([
         ("local.session".to_string(), session_id.to_string()),
         (
             "local.sharedkeyhint".to_string(),
             shared_key_hint.to_string(),
         ),
-        ("local.includepattern".to_string(), include),
+        ("local.includepattern".to_string(), paths.clone()),
     ]);
+    let mut caps = BTreeMap::from([
+        ("source.local".to_string(), true),
+        ("source.local.includepatterns".to_string(), true),
+        ("source.local.sharedkeyhint".to_string(), true),
+        ("source.local.sessionid".to_string(), true),
+    ]);
+    if follow {
+        attrs.insert("local.followpaths".to_string(), paths);
+        caps.insert("source.local.followpaths".to_string(), true);
+    }
     let op = source_op(format!("local://{name}"), attrs);
     let metadata = pb::OpMetadata {
         description: BTreeMap::from([("llb.customname".to_string(), progress_name.to_string())]),
-        caps: BTreeMap::from([
-            ("source.local".to_string(), true),
-            ("source.local.includepatterns".to_string(), true),
-            ("source.local.sharedkeyhint".to_string(), true),
-            ("source.local.sessionid".to_string(), true),
-        ]),
+        caps,
         ..Default::default()
     };
     let mut builder = DefinitionBuilder::new();
@@ -1075,10 +1115,11 @@ mod tests {
         assert_eq!(src.identifier, "local://dockerfile");
         assert_eq!(src.attrs["local.session"], "sess-1");
         assert_eq!(src.attrs["local.sharedkeyhint"], "dockerfile");
-        assert_eq!(
-            src.attrs["local.includepattern"],
-            r#"["Dockerfile","Dockerfile.dockerignore"]"#
-        );
+        // the lowercase name is read when there is no Dockerfile; all are
+        // followed through symlinks
+        let names = r#"["Dockerfile","Dockerfile.dockerignore","dockerfile"]"#;
+        assert_eq!(src.attrs["local.includepattern"], names);
+        assert_eq!(src.attrs["local.followpaths"], names);
         assert_eq!(
             gateway.bridge.reads.lock().expect("lock")[0],
             (
