@@ -39,6 +39,10 @@ pub(crate) fn platform_args(target: &Platform, build: &Platform) -> Args {
     for (prefix, p) in [("BUILD", build), ("TARGET", target)] {
         args.set(&format!("{prefix}PLATFORM"), &p.to_string());
         args.set(&format!("{prefix}OS"), &p.os);
+        args.set(
+            &format!("{prefix}OSVERSION"),
+            p.os_version.as_deref().unwrap_or(""),
+        );
         args.set(&format!("{prefix}ARCH"), &p.architecture);
         args.set(
             &format!("{prefix}VARIANT"),
