@@ -12,7 +12,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 . scripts/local-kilnd.sh
 size=${1:-1024}
-bin=target/release
+bin=${BENCH_KILN_BIN_DIR:-target/release}
 [ -x "$bin/kilnd" ] && [ -x "$bin/kiln" ] || bin=target/debug
 command -v zstd >/dev/null || { apt-get update -qq && apt-get install -y -qq zstd >/dev/null; }
 work=$(mktemp -d /tmp/kiln-bench-export.XXXXXX)
