@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/rootless: the cost of rootless mode. A rootless kilnd (an unprivileged user,
-`rootlesskit --net=host --copy-up=/etc kilnd --rootless`) against a root kilnd, both
-release builds, on bench.py's inputs and scenarios 1 (cold build), 3 (one-file-change
+`rootlesskit --net=host --copy-up=/etc kilnd --rootless`), and one whose snapshots
+fuse-overlayfs mounts, against a root kilnd, all release builds, on bench.py's inputs and scenarios 1 (cold build), 3 (one-file-change
 rebuild of the 10,000-file context) and 5a/5b (50 chained RUN, cold and cached),
 interleaved rep by rep. Every cold rep starts a new daemon on a new root and checks
 in its plain progress that no step was CACHED (bench.py's cold check). Prints a markdown table (medians,
@@ -27,12 +27,15 @@ class Root(B.Kiln):
 
 class Rootless(B.Kiln):
     name = "rootless"
+    extra_config = ""
+
+    prefix = "rl"
 
     def start(self):
         user = os.environ.get("BENCH_ROOTLESS_USER", "kiln-rootless")
         pw = pwd.getpwnam(user)
         self.gen += 1
-        base = os.path.join(self.tmp, f"rl{self.gen}")
+        base = os.path.join(self.tmp, f"{self.prefix}{self.gen}")
         os.makedirs(os.path.join(base, "bin"), exist_ok=True)
         os.makedirs(os.path.join(base, "run"), exist_ok=True)
         self.root = os.path.join(base, "root")
@@ -43,6 +46,7 @@ class Rootless(B.Kiln):
         with open(cfg, "w") as f:
             f.write(
                 f'root = "{self.root}"\n[grpc]\naddress = ["unix://{self.sock}"]\n'
+                f'{self.extra_config}'
                 f'[registry."docker.io"]\nmirrors = ["{self.reg}"]\n'
                 f'[registry."{self.reg}"]\nhttp = true\n'
             )
@@ -51,7 +55,7 @@ class Rootless(B.Kiln):
                 os.lchown(n, pw.pw_uid, pw.pw_gid)
         os.chmod(self.tmp, 0o755)
         os.chmod(base, 0o755)
-        self.logf = open(os.path.join(self.tmp, "kilnd-rootless.log"), "ab")
+        self.logf = open(os.path.join(self.tmp, f"kilnd-{self.prefix}.log"), "ab")
         env = ["HOME=" + pw.pw_dir, "USER=" + user, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "XDG_RUNTIME_DIR=" + os.path.join(base, "run")]
         self.proc = subprocess.Popen(
@@ -60,11 +64,23 @@ class Rootless(B.Kiln):
              kilnd, "--rootless", "--config", cfg],
             stdout=self.logf, stderr=self.logf)
         B.wait_for(lambda: os.path.exists(self.sock), 30, "rootless kilnd socket")
+        if self.extra_config and "fuse-overlayfs" in self.extra_config:
+            with open(os.path.join(self.tmp, f"kilnd-{self.prefix}.log"), "rb") as f:
+                if b"snapshots are mounted by fuse-overlayfs" not in f.read():
+                    raise RuntimeError(f"{self.name}: kilnd does not say it mounts with fuse-overlayfs")
 
     def stop(self):
         self.stop_daemon()
         for gen in range(1, self.gen + 1):
-            B.rm_tree(os.path.join(self.tmp, f"rl{gen}"))
+            B.rm_tree(os.path.join(self.tmp, f"{self.prefix}{gen}"))
+
+
+class RootlessFuse(Rootless):
+    """rootless, its snapshots mounted by fuse-overlayfs (where a kernel cannot mount
+    overlayfs in a user namespace)."""
+    name = "rootless, fuse-overlayfs"
+    extra_config = '[worker.oci]\nsnapshotter = "fuse-overlayfs"\n'
+    prefix = "fuse"
 
 
 def median(v):
@@ -85,7 +101,7 @@ def main():
         subprocess.run(["sh", os.path.join(B.REPO, "scripts/seed-busybox.sh"), reg], check=True,
                        stdout=subprocess.DEVNULL)
         inputs = B.gen_inputs(tmp, quick)
-        for cls in (Rootless, Root):  # each stopped in `finally`, even if the next fails to start
+        for cls in (Rootless, Root, RootlessFuse):  # each stopped in `finally`, even if the next fails to start
             builders.append(cls(tmp, reg))
         bench = B.Bench(builders, inputs, reps, quick, tmp, reg)
         bench.s1_cold()
@@ -95,20 +111,20 @@ def main():
         for scen in ["1 cold build", "3 one-file-change rebuild", "5a 50 chained RUN, cold",
                      "5b 50 chained RUN, cached"]:
             r = bench.results.get(scen, {})
-            rl, rt = r.get("rootless"), r.get("root")
-            if not isinstance(rl, list) or not isinstance(rt, list) or not rl or not rt:
-                rows.append(f"| {scen} | {rl} | {rt} | — |")
-                continue
-            rows.append(f"| {scen} | {median(rl):.3f} ({min(rl):.3f}–{max(rl):.3f}) | "
-                        f"{median(rt):.3f} ({min(rt):.3f}–{max(rt):.3f}) | {median(rl) / median(rt):.2f}× |")
+            vals = [r.get(n) for n in ("rootless", "root", RootlessFuse.name)]
+            ok = [isinstance(v, list) and bool(v) for v in vals]
+            cells = [f"{median(v):.3f} ({min(v):.3f}–{max(v):.3f})" if k else str(v) for v, k in zip(vals, ok)]
+            ratio = [f"{median(vals[i]) / median(vals[1]):.2f}×" if ok[i] and ok[1] else "—" for i in (0, 2)]
+            rows.append(f"| {scen} | {' | '.join(cells)} | {ratio[0]} | {ratio[1]} |")
         head = (f"# rootless kilnd against root kilnd, {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}, "
                 f"{os.cpu_count()} cores, {reps} rep(s){', QUICK inputs' if quick else ''}\n\n"
                 "Release builds; the same inputs as bench.py; interleaved rep by rep; every cold rep on a new "
                 "daemon and root, checked to have run every step (no CACHED in its progress). Seconds: median "
-                "(min–max); ratio = rootless / root, the cost of rootless. Both daemons' steps share the host's "
+                "(min–max); ratios to root are the cost of rootless. Every daemon's steps share the host's "
                 "network (the root kilnd with bench.py's --network-mode host, the rootless one under "
                 "rootlesskit --net=host).\n\n"
-                "| scenario | rootless | root | ratio |\n|---|---|---|---|\n")
+                "| scenario | rootless | root | rootless, fuse-overlayfs | rootless / root | fuse-overlayfs / root |\n"
+                "|---|---|---|---|---|---|\n")
         text = head + "\n".join(rows) + "\n"
         print(text)
         out = os.path.join(B.REPO, "bench/results", time.strftime("%Y-%m-%d") + "-rootless.md")

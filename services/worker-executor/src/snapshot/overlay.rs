@@ -212,6 +212,9 @@ pub fn choose(snapshotter: Snapshotter, probe_dir: &Path, rootless: bool) -> Res
         },
     };
     set_backend(chosen);
+    if chosen == Backend::Fuse {
+        tracing::info!("snapshots are mounted by fuse-overlayfs");
+    }
     Ok(chosen)
 }
 
