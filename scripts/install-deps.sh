@@ -38,6 +38,8 @@ have rootlesskit || need="$need rootlesskit"
 have newuidmap || need="$need uidmap"
 # rootless snapshots where a kernel cannot mount overlayfs in a user namespace
 have fuse-overlayfs || need="$need fuse-overlayfs"
+# a rootless daemon's isolated network (rootlesskit --net=slirp4netns)
+have slirp4netns || need="$need slirp4netns"
 if [ -n "$need" ]; then
   echo "installing:$need"
   $SUDO apt-get update -qq

@@ -137,6 +137,17 @@ pub fn rootless_kilnd(
     args: &[String],
     env: &[(&str, &str)],
 ) -> Result<Command> {
+    rootless_kilnd_on("host", user, dir, args, env)
+}
+
+/// [`rootless_kilnd`] with rootlesskit's `--net=NET` (`host`, `slirp4netns`).
+pub fn rootless_kilnd_on(
+    net: &str,
+    user: &RootlessUser,
+    dir: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<Command> {
     use std::os::unix::fs::PermissionsExt;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin)?;
@@ -171,7 +182,8 @@ pub fn rootless_kilnd(
     c.arg("rootlesskit")
         .arg("--state-dir")
         .arg(dir.join("rootlesskit"))
-        .args(["--net=host", "--copy-up=/etc"])
+        .arg(format!("--net={net}"))
+        .arg("--copy-up=/etc")
         .arg(bin.join("kilnd"))
         .arg("--rootless")
         .args(args);

@@ -7,8 +7,8 @@
 //! a rootless daemon: `conformance_<group>_rootless`.)
 
 use kiln_integration_tests::{
-    BuildContext, Daemon, Topology, bin_dir, dockerfile_args, registry_mirror_toml, rootless_kilnd,
-    rootless_user,
+    BuildContext, Daemon, Topology, bin_dir, dockerfile_args, registry, registry_mirror_toml,
+    rootless_kilnd, rootless_kilnd_on, rootless_user,
 };
 use serde_json::Value;
 use std::os::unix::fs::MetadataExt;
@@ -473,5 +473,106 @@ fn a_rootless_worker_joins_a_farm_beside_a_root_one() {
             used.contains(&id),
             "no step on worker {i} ({id}): {used:?}\n{progress}"
         );
+    }
+}
+
+#[test]
+fn under_slirp4netns_steps_get_the_isolated_network_rootlesskit_made() {
+    let user = rootless_user().expect("test user");
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-rootless-slirp-")
+        .tempdir()
+        .expect("tmp");
+    // inside slirp4netns the host's loopback is 10.0.2.2
+    let port = registry()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mirror = format!("10.0.2.2:{port}");
+    let config = dir.path().join("kilnd.toml");
+    std::fs::write(
+        &config,
+        format!("[registry.\"docker.io\"]\nmirrors = [\"{mirror}\"]\n[registry.\"{mirror}\"]\nhttp = true\n"),
+    )
+    .expect("config");
+    let sock = dir.path().join("kilnd.sock");
+    let log = dir.path().join("kilnd.log");
+    let mut child = rootless_kilnd_on(
+        "slirp4netns",
+        user,
+        dir.path(),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--root".into(),
+            dir.path().join("root").display().to_string(),
+            "--addr".into(),
+            format!("unix://{}", sock.display()),
+        ],
+        &[],
+    )
+    .expect("command")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).expect("log"))
+    .spawn()
+    .expect("start");
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "kilnd exited with {st}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM busybox\nRUN ip -o addr > /addrs && ip route > /routes\n",
+    )]);
+    let out = tempfile::tempdir().expect("out");
+    let mut args = vec!["build".to_string(), "--progress".into(), "plain".into()];
+    args.extend(dockerfile_args().iter().map(|s| s.to_string()));
+    args.extend([
+        "--output".into(),
+        format!("type=local,dest={}", out.path().display()),
+    ]);
+    let res = Command::new(bin_dir().join("kiln"))
+        .arg("--addr")
+        .arg(format!("unix://{}", sock.display()))
+        .args(&args)
+        .current_dir(ctx.path())
+        .output()
+        .expect("kiln");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        res.status.success(),
+        "{}\n--- kilnd ---\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let addrs = std::fs::read_to_string(out.path().join("addrs")).expect("addrs");
+    let routes = std::fs::read_to_string(out.path().join("routes")).expect("routes");
+    // slirp4netns's tap device and address, and nothing of the host's
+    assert!(
+        addrs.contains("tap0") && addrs.contains("10.0.2.100/24"),
+        "{addrs}"
+    );
+    assert!(routes.contains("default via 10.0.2.2"), "{routes}");
+    let host = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "-4", "addr"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    for line in host.lines().filter(|l| !l.contains(" lo ")) {
+        let Some(a) = line.split_whitespace().nth(3) else {
+            continue;
+        };
+        assert!(!addrs.contains(a), "the step saw the host's {a}: {addrs}");
     }
 }
