@@ -11,7 +11,6 @@ use kiln_oci::{
     Descriptor, History, ImageConfig, LayerOptions, Manifest, Platform, RootFs, digest, media_types,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 
 use crate::{Error, ExportRequest, WorkerFs, host_platform};
 use kiln_oci::bool_attr;
@@ -516,15 +515,12 @@ pub fn assemble_index(
     })
 }
 
-/// Assemble the image of the request's ref; with `fetch_blobs` the layers are also copied
-/// from the worker into `tmp/blobs` (for a push), else they stay on the worker (tarballs
-/// stream them from there).
+/// Assemble the image of the request's ref. Its layers stay on the worker: tarballs
+/// stream them from there, and a push copies each while the ones before it upload.
 pub(crate) async fn build(
     req: &ExportRequest,
     worker: &impl WorkerFs,
     tmp: &Path,
-    progress: &mpsc::Sender<String>,
-    fetch_blobs: bool,
 ) -> Result<AssembledImage, Error> {
     let media = media_types_of(&req.attrs);
     let options = layer_options(&req.attrs)?;
@@ -553,7 +549,6 @@ pub(crate) async fn build(
         None if req.reference.is_empty() => Vec::new(),
         None => worker.layers(&req.reference, &options).await?,
     };
-    let fetch_blobs = fetch_blobs && req.remote.is_none();
     // snapshots with an empty diff have no blob (an empty digest here); the
     // history entries they stand for become empty_layer
     let empty: Vec<bool> = chain
@@ -572,15 +567,6 @@ pub(crate) async fn build(
             path: blob_dir.clone(),
             source,
         })?;
-    for (i, layer) in layers.iter().enumerate().filter(|_| fetch_blobs) {
-        let _ = progress.try_send(format!(
-            "fetching layer {}/{} {}",
-            i + 1,
-            layers.len(),
-            layer.descriptor.digest
-        ));
-        fetch_layer(worker, &layer.descriptor, &blob_dir).await?;
-    }
     let image_config = match epoch {
         Some(e) => with_epoch(&req.image_config, e)?,
         None => {

@@ -19,7 +19,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     if !job.req.platforms.is_empty() {
         return Err(Error::DockerMultiPlatform);
     }
-    let assembled = job.assemble(false).await?;
+    let assembled = job.assemble().await?;
     let mut response = assembled.response();
     let names = job.names();
     if !names.is_empty() {

@@ -20,7 +20,7 @@ pub(super) async fn export<W: WorkerFs, C: ClientSink>(
 ) -> Result<BTreeMap<String, String>, Error> {
     let push = bool_attr(&job.req.attrs, "push", false);
     // a push copies each layer from the worker as it uploads the ones before (push_blobs)
-    let assembled = job.assemble(false).await?;
+    let assembled = job.assemble().await?;
     let mut response = assembled.response();
     let names = job.names();
     let by_digest = bool_attr(&job.req.attrs, "push-by-digest", false);

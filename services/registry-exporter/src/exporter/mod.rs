@@ -111,12 +111,12 @@ impl Assembled {
 }
 
 impl<W: WorkerFs, C: ClientSink> Job<'_, W, C> {
-    /// The request's image, or with several platforms their index; with `fetch_blobs` the
-    /// layers are also copied from the worker into the scratch dir (for a push).
-    async fn assemble(&self, fetch_blobs: bool) -> Result<Assembled, Error> {
+    /// The request's image, or with several platforms their index (layers stay on the
+    /// worker).
+    async fn assemble(&self) -> Result<Assembled, Error> {
         let req = self.req;
         if req.platforms.is_empty() {
-            let image = assemble::build(req, self.worker, self.tmp, self.progress, fetch_blobs);
+            let image = assemble::build(req, self.worker, self.tmp);
             return Ok(Assembled::Image(Box::new(image.await?)));
         }
         let mut images = Vec::new();
@@ -128,7 +128,7 @@ impl<W: WorkerFs, C: ClientSink> Job<'_, W, C> {
                 platforms: Vec::new(),
                 ..req.clone()
             };
-            let image = assemble::build(&one, self.worker, self.tmp, self.progress, fetch_blobs);
+            let image = assemble::build(&one, self.worker, self.tmp);
             images.push(image.await?);
         }
         let mut index = assemble::assemble_index(images, assemble::media_types_of(&req.attrs))?;

@@ -18,7 +18,7 @@ use crate::{ClientSink, Error, FileData, WorkerFs};
 pub(super) async fn export<W: WorkerFs, C: ClientSink>(
     job: &Job<'_, W, C>,
 ) -> Result<BTreeMap<String, String>, Error> {
-    let assembled = job.assemble(false).await?;
+    let assembled = job.assemble().await?;
     let mut response = assembled.response();
     let names = job.names();
     if !names.is_empty() {
