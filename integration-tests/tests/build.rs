@@ -657,3 +657,105 @@ fn annotations_from_output_attrs_reach_the_pushed_manifest() {
         "the digest covers the annotations"
     );
 }
+
+/// Extended attributes travel as BuildKit's do: the context sends them (fsutil's
+/// Stat.xattrs), COPY keeps them (through a stage too), the layer carries them as PAX
+/// records, and a local export writes them back. A file capability set with `setcap`
+/// is one; it survives the chown a COPY makes.
+#[test]
+fn copy_keeps_extended_attributes_and_file_capabilities() {
+    let d = Daemon::start(Topology::AllInOne).expect("daemon");
+    let ctx = BuildContext::new(
+        "FROM busybox AS b\nCOPY --chown=1000:1000 tool /t\nFROM busybox\nCOPY tool /tool\nCOPY --from=b /t /t2\n",
+    )
+    .expect("ctx");
+    ctx.file("tool", "#!/bin/sh\n").expect("tool");
+    let tool = ctx.path().join("tool");
+    xattr::set(&tool, "user.kiln.note", b"hello").expect("setxattr");
+    let st = Command::new("setcap")
+        .arg("cap_net_raw=ep")
+        .arg(&tool)
+        .status()
+        .expect("setcap");
+    assert!(st.success());
+    let caps = xattr::get(&tool, "security.capability")
+        .expect("getxattr")
+        .expect("a capability");
+    let out = tempfile::tempdir().expect("out");
+    let tar = out.path().join("image.tar");
+    let local = out.path().join("fs");
+    let mut a = vec!["build", "--progress", "plain"];
+    a.extend(dockerfile_args());
+    let o1 = format!("type=local,dest={}", local.display());
+    let o2 = format!("type=oci,dest={},compression=uncompressed", tar.display());
+    a.extend(["--output", &o1, "--output", &o2]);
+    let res = d.kiln(ctx.path(), &a).expect("kiln");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for f in ["tool", "t2"] {
+        let p = local.join(f);
+        assert_eq!(
+            xattr::get(&p, "user.kiln.note").expect("get").as_deref(),
+            Some(&b"hello"[..]),
+            "{f}"
+        );
+        assert_eq!(
+            xattr::get(&p, "security.capability")
+                .expect("get")
+                .as_deref(),
+            Some(caps.as_slice()),
+            "{f}: the file capability"
+        );
+    }
+    // in the image's layers, as PAX records
+    let img = kiln_integration_tests::oci_image(&tar).expect("image");
+    let layers: Vec<String> = img.manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_string))
+        .collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let mut found = 0;
+    for l in &layers[layers.len() - 2..] {
+        let blob = dir
+            .path()
+            .join("blobs/sha256")
+            .join(l.trim_start_matches("sha256:"));
+        let mut ar = tar::Archive::new(std::fs::File::open(&blob).expect("blob"));
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let name = e.path().expect("path").display().to_string();
+            if name != "tool" && name != "t2" {
+                continue;
+            }
+            let keys: Vec<String> = e
+                .pax_extensions()
+                .expect("pax")
+                .map(|x| {
+                    x.filter_map(|r| r.ok())
+                        .filter_map(|r| r.key().ok().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(
+                keys.contains(&"SCHILY.xattr.security.capability".to_string())
+                    && keys.contains(&"SCHILY.xattr.user.kiln.note".to_string()),
+                "{name}: {keys:?}"
+            );
+            found += 1;
+        }
+    }
+    assert_eq!(found, 2, "tool and t2 in the last two layers");
+}

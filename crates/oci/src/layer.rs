@@ -31,7 +31,8 @@ pub const OVERLAY_OPAQUE_XATTRS: [&str; 3] = [
 const OVERLAY_XATTR_PREFIXES: [&str; 3] =
     ["trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."];
 
-fn overlay_xattr(name: &str) -> bool {
+/// Whether `name` is one of the overlay implementations' own xattrs.
+pub fn overlay_xattr(name: &str) -> bool {
     OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 

@@ -193,6 +193,35 @@ impl Filter {
 
 /// fsutil's metadata of an entry named `rel`.
 pub fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
+    stat_with_xattrs(rel, md, link, BTreeMap::new())
+}
+
+/// [`stat_of`] with the entry's extended attributes, as fsutil sends them (read
+/// from `path`, not following a symlink; the overlay implementations' own left out).
+pub fn stat_of_path(path: &Path, rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
+    let mut xattrs = BTreeMap::new();
+    if !md.file_type().is_symlink()
+        && let Ok(names) = xattr::list(path)
+    {
+        for name in names {
+            let n = name.to_string_lossy().into_owned();
+            if kiln_oci::layer::overlay_xattr(&n) {
+                continue;
+            }
+            if let Ok(Some(v)) = xattr::get(path, &name) {
+                xattrs.insert(n, v);
+            }
+        }
+    }
+    stat_with_xattrs(rel, md, link, xattrs)
+}
+
+fn stat_with_xattrs(
+    rel: &str,
+    md: &std::fs::Metadata,
+    link: Option<String>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+) -> Stat {
     Stat {
         path: rel.to_string(),
         mode: gomode::from_unix(md.mode()),
@@ -203,7 +232,7 @@ pub fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat 
         linkname: link.unwrap_or_default(),
         devmajor: 0,
         devminor: 0,
-        xattrs: BTreeMap::new(),
+        xattrs,
     }
 }
 
@@ -253,7 +282,7 @@ fn walk(src: &Path, filter: &Filter) -> Result<Vec<(PathBuf, Stat)>, Error> {
                 inodes.insert(key, rel_s.clone());
             }
         }
-        let mut st = stat_of(&rel_s, &md, link.clone());
+        let mut st = stat_of_path(entry.path(), &rel_s, &md, link.clone());
         if md.is_file() && link.is_some() {
             st.size = 0;
         }
@@ -477,6 +506,16 @@ fn set_meta(path: &Path, st: &Stat, is_link: bool) -> Result<(), Error> {
         st.mod_time.div_euclid(1_000_000_000),
         st.mod_time.rem_euclid(1_000_000_000),
     );
+    if !is_link {
+        // after the owner (a chown clears security.capability); never the overlay
+        // implementations' own, which would steer the mounts this tree takes part in
+        for (k, v) in &st.xattrs {
+            if kiln_oci::layer::overlay_xattr(k) || k == "security.selinux" {
+                continue;
+            }
+            let _ = xattr::set(path, k, v);
+        }
+    }
     let _ = nix::sys::stat::utimensat(
         nix::fcntl::AT_FDCWD,
         path,

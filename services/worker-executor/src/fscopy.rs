@@ -451,6 +451,7 @@ pub fn link_deferred(
         std::fs::copy(&src, &dst)?;
         let md = md.unwrap_or(smd);
         set_meta_like(&dst, &md)?;
+        copy_xattrs(&src, &dst);
         stats.copied += 1;
     }
     Ok(stats)
@@ -586,7 +587,32 @@ fn copy_rec(
         None => opts.mode.or(Some(md.mode())),
     };
     set_meta(dst, owner, mode, times)?;
+    if !ft.is_symlink() {
+        // after the owner: a chown clears security.capability
+        copy_xattrs(src, dst);
+    }
     Ok(true)
+}
+
+/// Copies `src`'s extended attributes to `dst` (neither followed if a symlink), as
+/// BuildKit's copy does: file capabilities (`security.capability`), `user.*` and the
+/// rest, but never the overlay implementations' own. One that cannot be set here (a
+/// `trusted.*` one in a user namespace, a filesystem without xattrs) is left out.
+pub fn copy_xattrs(src: &Path, dst: &Path) {
+    let Ok(names) = xattr::list(src) else {
+        return;
+    };
+    for name in names {
+        let n = name.to_string_lossy();
+        if kiln_oci::layer::overlay_xattr(&n) || n == "security.selinux" {
+            continue;
+        }
+        if let Ok(Some(v)) = xattr::get(src, &name)
+            && let Err(e) = xattr::set(dst, &name, &v)
+        {
+            tracing::debug!(xattr = %n, error = %e, "xattr of {} left out", dst.display());
+        }
+    }
 }
 
 #[cfg(test)]

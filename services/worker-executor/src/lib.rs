@@ -736,7 +736,7 @@ fn stat_entry(path: &std::path::Path, name: &str) -> Result<kiln_proto::fsutil::
     } else {
         None
     };
-    Ok(kiln_session::filesync::stat_of(name, &md, link))
+    Ok(kiln_session::filesync::stat_of_path(path, name, &md, link))
 }
 
 #[cfg(test)]
