@@ -68,6 +68,13 @@ cp deploy/images/kilnd-containerd "$ctx/containerd/usr/bin/kilnd-containerd"
 rl=$ctx/rootless
 packages "$rl" rootlesskit uidmap libaudit1 libselinux1 libcap-ng0 libpcre2-8-0
 rm -f "$rl/usr/bin/rootlesskit-docker-proxy" "$rl/usr/bin/getsubids"
+# the id mappers with file capabilities instead of set-uid root: a set-uid root
+# newuidmap needs CAP_SYS_ADMIN in the container's bounding set to write another
+# namespace's map (it is not the namespace's owner then); with cap_setuid it stays
+# the user and only needs CAP_SETUID, which containers have by default
+chmod 0755 "$rl/usr/bin/newuidmap" "$rl/usr/bin/newgidmap"
+setcap cap_setuid=ep "$rl/usr/bin/newuidmap"
+setcap cap_setgid=ep "$rl/usr/bin/newgidmap"
 mkdir -p "$rl/etc"
 printf 'root:x:0:0:root:/root:/bin/sh\nkiln:x:1000:1000:kiln:/home/kiln:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rl/etc/passwd"
 printf 'root:x:0:\nkiln:x:1000:\nnogroup:x:65534:\n' > "$rl/etc/group"

@@ -36,6 +36,8 @@ have update-binfmts || need="$need binfmt-support"
 # user's subordinate ids into it
 have rootlesskit || need="$need rootlesskit"
 have newuidmap || need="$need uidmap"
+# the kilnd-rootless image's id mappers get file capabilities (scripts/images.sh)
+have setcap || need="$need libcap2-bin"
 # rootless snapshots where a kernel cannot mount overlayfs in a user namespace
 have fuse-overlayfs || need="$need fuse-overlayfs"
 # a rootless daemon's isolated network (rootlesskit --net=slirp4netns)

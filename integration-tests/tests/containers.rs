@@ -304,6 +304,29 @@ fn all_in_one_image_in_docker_builds_from_the_host_through_a_published_port() ->
     all_in_one_in_docker(&image, &registry_image, "kilnd", "oci")
 }
 
+/// The kilnd-rootless image in a container that is not privileged and adds no
+/// capability (seccomp and AppArmor unconfined, /proc unmasked, as deploy/README.md
+/// says): its kilnd is the user kiln under rootlesskit, and it builds the same way.
+#[test]
+fn rootless_image_in_docker_builds_without_a_privileged_container() -> Result<()> {
+    if !docker_available() {
+        return Ok(());
+    }
+    let (image, registry_image) = farm_images()?;
+    let image = image.replacen("kiln/kilnd:", "kiln/kilnd-rootless:", 1);
+    all_in_one_in_docker(&image, &registry_image, "kilnd-rootless", "oci")
+}
+
+/// What `docker run` gives the kilnd-rootless image instead of `--privileged`.
+const ROOTLESS_SECURITY_FLAGS: &[&str] = &[
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "--security-opt",
+    "systempaths=unconfined",
+];
+
 /// The same with the kilnd-containerd image: its entrypoint starts a
 /// containerd of its own beside kilnd, and the steps run as that
 /// containerd's tasks on its snapshotter.
@@ -361,6 +384,12 @@ fn all_in_one_in_docker(
     let volume = format!("{kilnd}-root");
     things.containers.push(kilnd.clone());
     things.volumes.push(volume.clone());
+    let rootless = entrypoint == "kilnd-rootless";
+    let state = if rootless {
+        "/home/kiln/.local/share/kiln"
+    } else {
+        "/var/lib/kiln"
+    };
     let mut args: Vec<String> = [
         "run",
         "-d",
@@ -373,7 +402,7 @@ fn all_in_one_in_docker(
         "--publish",
         &format!("127.0.0.1::{DEBUG_PORT}"),
         "--volume",
-        &format!("{volume}:/var/lib/kiln"),
+        &format!("{volume}:{state}"),
         "--volume",
         &format!("{}:/etc/kiln/kilnd.toml:ro", config.display()),
         "--entrypoint",
@@ -382,8 +411,12 @@ fn all_in_one_in_docker(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(kilnd_security_flags(image));
-    // the cgroups writable for runc (a no-op when privileged), then kilnd
+    if rootless {
+        args.extend(ROOTLESS_SECURITY_FLAGS.iter().map(|s| s.to_string()));
+    } else {
+        args.extend(kilnd_security_flags(image));
+    }
+    // the cgroups writable for runc (a no-op when privileged or rootless), then kilnd
     let script = format!(
         "for m in /sys/fs/cgroup/*/; do mount -o remount,bind,rw \"$m\" 2>/dev/null; done; exec {entrypoint} \"$@\""
     );
@@ -439,6 +472,24 @@ fn all_in_one_in_docker(
     assert_eq!(read("srv/greeting.txt")?, GREETING);
     assert_eq!(read("srv/size")?.trim(), GREETING.len().to_string());
     assert_eq!(read("srv/uid")?.trim(), "0");
+    if rootless {
+        // kilnd is the user kiln, not the container's root
+        let status = docker(&[
+            "exec",
+            &kilnd,
+            "sh",
+            "-c",
+            "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = kilnd ] && cat $p/status; done; true",
+        ])?;
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_string);
+        assert_eq!(uid.as_deref(), Some("1000"), "{status}");
+        let privileged = docker(&["inspect", "-f", "{{.HostConfig.Privileged}}", &kilnd])?;
+        assert_eq!(privileged.trim(), "false");
+    }
     // the image: busybox's layer, then the COPY's, then the RUN's
     let tar = ctx.path().join("image.tar");
     let img = oci_image(&tar)?;
