@@ -295,13 +295,15 @@ enum Mode {
     Rootless,
     /// the same, its snapshots mounted by fuse-overlayfs instead of the kernel
     RootlessFuse,
+    /// the same, its snapshots copied instead of mounted (`snapshotter = "native"`)
+    RootlessNative,
 }
 
 impl Mode {
     fn topology(self) -> Topology {
         match self {
             Mode::Split => Topology::Split,
-            Mode::Rootless | Mode::RootlessFuse => Topology::Rootless,
+            Mode::Rootless | Mode::RootlessFuse | Mode::RootlessNative => Topology::Rootless,
             Mode::BuiltIn | Mode::Gateway | Mode::Syntax => Topology::AllInOne,
         }
     }
@@ -344,7 +346,10 @@ const SKIPS: &[(Mode, &str, &str)] = &[
 fn skip_reason(mode: Mode, group: &str, name: &str, case: &Case) -> Option<String> {
     let id = format!("{group}/{name}");
     // what does not apply rootless does not apply on fuse-overlayfs either
-    let same = |m: Mode| m == mode || (m == Mode::Rootless && mode == Mode::RootlessFuse);
+    let same = |m: Mode| {
+        m == mode
+            || (m == Mode::Rootless && matches!(mode, Mode::RootlessFuse | Mode::RootlessNative))
+    };
     if let Some((_, _, why)) = SKIPS.iter().find(|(m, c, _)| same(*m) && *c == id) {
         return Some(why.to_string());
     }
@@ -418,9 +423,12 @@ fn run_case(
     let out_tar = work.path().join("out.tar");
     let mut args: Vec<String> = vec!["build".into(), "--progress".into(), "plain".into()];
     match frontend.mode {
-        Mode::BuiltIn | Mode::Syntax | Mode::Split | Mode::Rootless | Mode::RootlessFuse => {
-            args.extend(dockerfile_args().iter().map(|s| s.to_string()))
-        }
+        Mode::BuiltIn
+        | Mode::Syntax
+        | Mode::Split
+        | Mode::Rootless
+        | Mode::RootlessFuse
+        | Mode::RootlessNative => args.extend(dockerfile_args().iter().map(|s| s.to_string())),
         Mode::Gateway => args.extend([
             "--frontend".to_string(),
             "gateway.v0".into(),
@@ -592,10 +600,14 @@ fn run_group_on(group: &str, vars: &[(String, String)], daemon_config: &str, mod
     if let Ok(only) = std::env::var("KILN_CONFORMANCE_CASE") {
         names.retain(|n| only.split(',').any(|s| n.contains(s)));
     }
-    let daemon_config = if mode == Mode::RootlessFuse {
-        format!("{daemon_config}\n[worker.oci]\nsnapshotter = \"fuse-overlayfs\"\n")
-    } else {
-        daemon_config.to_string()
+    let daemon_config = match mode {
+        Mode::RootlessFuse => {
+            format!("{daemon_config}\n[worker.oci]\nsnapshotter = \"fuse-overlayfs\"\n")
+        }
+        Mode::RootlessNative => {
+            format!("{daemon_config}\n[worker.oci]\nsnapshotter = \"native\"\n")
+        }
+        _ => daemon_config.to_string(),
     };
     let d = Daemon::start_with_config(mode.topology(), &daemon_config).expect("daemon");
     let image = match mode.image() {
@@ -727,6 +739,22 @@ fn conformance_stages_rootless_fuse_overlayfs() {
 #[test]
 fn conformance_run_rootless_fuse_overlayfs() {
     run_group_run(Mode::RootlessFuse);
+}
+
+// ... and on one whose snapshots are copies (where nothing mounts)
+#[test]
+fn conformance_copy_rootless_native() {
+    run_group("copy", Mode::RootlessNative);
+}
+
+#[test]
+fn conformance_stages_rootless_native() {
+    run_group("stages", Mode::RootlessNative);
+}
+
+#[test]
+fn conformance_run_rootless_native() {
+    run_group_run(Mode::RootlessNative);
 }
 
 /// The `run` group: its daemon allows `network.host` and `security.insecure`,

@@ -219,6 +219,16 @@ fn built_layers(topology: Topology, config: &str, dockerfile: &str) -> Vec<Strin
 }
 
 const FUSE: &str = "[worker.oci]\nsnapshotter = \"fuse-overlayfs\"\n";
+const NATIVE: &str = "[worker.oci]\nsnapshotter = \"native\"\n";
+
+#[test]
+fn copied_snapshots_make_the_same_layers_as_a_root_daemon() {
+    // where nothing mounts, snapshots are copies; a view turned back into an upper
+    // gives the layers an overlay's would, set-id modes included
+    let df = layers_dockerfile(true);
+    let root = built_layers(Topology::AllInOne, "", &df);
+    assert_eq!(built_layers(Topology::Rootless, NATIVE, &df), root);
+}
 
 #[test]
 fn a_rootless_daemon_makes_the_same_layers_as_a_root_one() {
@@ -306,8 +316,9 @@ fn what_needs_real_root_fails_saying_why() {
         "{e}"
     );
 
-    // a root where overlayfs cannot be the upper layer (overlayfs itself) fails at
-    // start, saying what rootless snapshots need
+    // on a root inside an overlayfs nothing works (overlayfs refuses it as upper
+    // layer, fuse-overlayfs and copies cannot make whiteouts there): kilnd tries
+    // each and fails at start saying what rootless snapshots need
     let dir = tempfile::Builder::new()
         .prefix("kiln-rootless-ovl-")
         .tempdir()
@@ -328,27 +339,53 @@ fn what_needs_real_root_fails_saying_why() {
         .status()
         .expect("mount");
     assert!(st.success(), "mount the overlay");
-    let home = d("merged").join("k");
-    std::fs::create_dir_all(&home).expect("mkdir");
-    let out = rootless_kilnd(
-        user,
-        &home,
-        &[
-            "--root".into(),
-            home.join("root").display().to_string(),
-            "--addr".into(),
-            format!("unix://{}", home.join("kilnd.sock").display()),
-        ],
-        &[],
-    )
-    .expect("command")
-    .output()
-    .expect("kilnd");
+    let start_on_overlay =
+        |name: &str, extra: &[&str]| -> (Option<std::process::ExitStatus>, String) {
+            let home = d("merged").join(name);
+            std::fs::create_dir_all(&home).expect("mkdir");
+            let sock = home.join("kilnd.sock");
+            let log = d(&format!("{name}.log"));
+            let mut args = vec![
+                "--root".to_string(),
+                home.join("root").display().to_string(),
+                "--addr".into(),
+                format!("unix://{}", sock.display()),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut child = rootless_kilnd(user, &home, &args, &[])
+                .expect("command")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("kilnd");
+            let start = Instant::now();
+            let mut exited = None;
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(st)) = child.try_wait() {
+                    exited = Some(st);
+                    break;
+                }
+                if sock.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            (exited, std::fs::read_to_string(&log).unwrap_or_default())
+        };
+    let (exited, log) = start_on_overlay("auto", &[]);
+    let (forced, err) = start_on_overlay("forced", &["--oci-worker-snapshotter", "overlayfs"]);
     let _ = Command::new("umount").arg("-l").arg(d("merged")).status();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert!(exited.is_some_and(|s| !s.success()), "{log}");
     assert!(
-        err.contains("rootless: overlayfs cannot be mounted in kilnd's user namespace")
+        log.contains("snapshotter: overlayfs, fuse-overlayfs or copies cannot be mounted here")
+            && log.contains("Linux 5.11 or later"),
+        "{log}"
+    );
+    assert!(forced.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("snapshotter: overlayfs cannot be mounted here")
             && err.contains("Linux 5.11 or later"),
         "{err}"
     );

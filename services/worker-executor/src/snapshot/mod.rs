@@ -29,6 +29,7 @@
 //! filesystem of containerd's snapshot dirs too.
 
 pub mod containerd;
+pub mod copy;
 pub mod overlay;
 
 use crate::error::{Error, Result};

@@ -13,6 +13,9 @@ pub struct Mounted {
     /// fuse-overlayfs with an upper: (lowers, upper), to unmark the directories it
     /// made opaque that hide nothing ([`unmark_new_dirs`]) once unmounted
     fuse_upper: Option<Box<(Vec<PathBuf>, PathBuf)>>,
+    /// a copied view ([`Backend::Copy`]): (lowers, upper), the upper rewritten from
+    /// the view when it is released
+    copied: Option<Box<(Vec<PathBuf>, Option<PathBuf>, super::copy::DirInodes)>>,
 }
 
 impl Mounted {
@@ -27,6 +30,17 @@ impl Mounted {
     }
 
     fn release(&mut self) -> Result<()> {
+        if let Some(c) = self.copied.take() {
+            let (lowers, upper, made) = *c;
+            if let Some(upper) = upper {
+                super::copy::write_diff(&lowers, &self.path, &upper, &made)
+                    .map_err(Error::io("write the diff of a copied view", &self.path))?;
+            }
+            std::fs::remove_dir_all(&self.path)
+                .map_err(Error::io("remove a copied view", &self.path))?;
+            self.owned_dir = false;
+            return Ok(());
+        }
         if self.mounted {
             nix::mount::umount2(&self.path, MntFlags::empty())
                 .or_else(|_| nix::mount::umount2(&self.path, MntFlags::MNT_DETACH))
@@ -127,21 +141,28 @@ const MAX_MOUNT_DATA: usize = 3500;
 pub enum Backend {
     Kernel,
     Fuse,
+    /// no mount at all: views are copies ([`super::copy`])
+    Copy,
 }
 
-static FUSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static BACKEND: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// The backend mounts use.
 pub fn backend() -> Backend {
-    if FUSE.load(std::sync::atomic::Ordering::Relaxed) {
-        Backend::Fuse
-    } else {
-        Backend::Kernel
+    match BACKEND.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Backend::Fuse,
+        2 => Backend::Copy,
+        _ => Backend::Kernel,
     }
 }
 
 fn set_backend(b: Backend) {
-    FUSE.store(b == Backend::Fuse, std::sync::atomic::Ordering::Relaxed);
+    let v = match b {
+        Backend::Kernel => 0,
+        Backend::Fuse => 1,
+        Backend::Copy => 2,
+    };
+    BACKEND.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The worker's `snapshotter` setting (buildkitd's `--oci-worker-snapshotter`).
@@ -153,6 +174,8 @@ pub enum Snapshotter {
     Auto,
     Overlayfs,
     FuseOverlayfs,
+    /// copies instead of mounts: slow, for where nothing else mounts
+    Native,
 }
 
 impl std::str::FromStr for Snapshotter {
@@ -162,12 +185,9 @@ impl std::str::FromStr for Snapshotter {
             "auto" | "" => Ok(Snapshotter::Auto),
             "overlayfs" => Ok(Snapshotter::Overlayfs),
             "fuse-overlayfs" => Ok(Snapshotter::FuseOverlayfs),
-            "native" => Err(
-                "snapshotter \"native\" (copying snapshots) is not supported; auto, overlayfs or fuse-overlayfs"
-                    .into(),
-            ),
+            "native" => Ok(Snapshotter::Native),
             _ => Err(format!(
-                "unknown snapshotter {s:?} (auto, overlayfs, fuse-overlayfs)"
+                "unknown snapshotter {s:?} (auto, overlayfs, fuse-overlayfs, native)"
             )),
         }
     }
@@ -191,6 +211,10 @@ pub fn choose(snapshotter: Snapshotter, probe_dir: &Path, rootless: bool) -> Res
             try_backend(Backend::Fuse).map_err(|e| snapshotter_error("fuse-overlayfs", &e))?;
             Backend::Fuse
         }
+        Snapshotter::Native => {
+            try_backend(Backend::Copy).map_err(|e| snapshotter_error("copied snapshots", &e))?;
+            Backend::Copy
+        }
         Snapshotter::Auto => match try_backend(Backend::Kernel) {
             Ok(()) => Backend::Kernel,
             Err(kernel) => match try_backend(Backend::Fuse) {
@@ -201,19 +225,31 @@ pub fn choose(snapshotter: Snapshotter, probe_dir: &Path, rootless: bool) -> Res
                     );
                     Backend::Fuse
                 }
-                Err(fuse) => {
-                    set_backend(Backend::Kernel);
-                    return Err(snapshotter_error(
-                        "overlayfs or fuse-overlayfs",
-                        &format!("overlayfs: {kernel}; fuse-overlayfs: {fuse}"),
-                    ));
-                }
+                Err(fuse) => match try_backend(Backend::Copy) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            kernel = %kernel,
+                            fuse = %fuse,
+                            "neither overlayfs nor fuse-overlayfs mounts in kilnd's user namespace: snapshots are copied (slow)"
+                        );
+                        Backend::Copy
+                    }
+                    Err(copy) => {
+                        set_backend(Backend::Kernel);
+                        return Err(snapshotter_error(
+                            "overlayfs, fuse-overlayfs or copies",
+                            &format!("overlayfs: {kernel}; fuse-overlayfs: {fuse}; copies: {copy}"),
+                        ));
+                    }
+                },
             },
         },
     };
     set_backend(chosen);
-    if chosen == Backend::Fuse {
-        tracing::info!("snapshots are mounted by fuse-overlayfs");
+    match chosen {
+        Backend::Fuse => tracing::info!("snapshots are mounted by fuse-overlayfs"),
+        Backend::Copy => tracing::info!("snapshots are copied, not mounted (native)"),
+        Backend::Kernel => {}
     }
     Ok(chosen)
 }
@@ -222,8 +258,8 @@ fn snapshotter_error(what: &str, why: &str) -> Error {
     Error::Snapshotter(format!(
         "{what} cannot be mounted here ({why}); rootless snapshots need Linux 5.11 or later \
          (overlayfs in a user namespace) or fuse-overlayfs with /dev/fuse, and a root on \
-         ext4, xfs or another filesystem overlayfs takes as upper layer (copying snapshots \
-         are not supported)"
+         ext4, xfs or another filesystem overlayfs takes as upper layer; `snapshotter = \
+         \"native\"` copies instead"
     ))
 }
 
@@ -501,6 +537,7 @@ pub fn mount(
             mounted: false,
             owned_dir: false,
             fuse_upper: None,
+            copied: None,
         });
     }
     let target = mnt_dir.join(uuid::Uuid::new_v4().to_string());
@@ -510,6 +547,7 @@ pub fn mount(
         mounted: false,
         owned_dir: true,
         fuse_upper: None,
+        copied: None,
     };
     let merr = |source| Error::Mount {
         target: target.clone(),
@@ -535,6 +573,12 @@ pub fn mount(
                 None::<&str>,
             )
             .map_err(merr)?;
+        }
+        (lowers, upper) if backend() == Backend::Copy => {
+            let upper_dir = upper.map(|u| u.diff.to_path_buf());
+            let made = super::copy::materialize(&target, lowers, upper_dir.as_deref())
+                .map_err(Error::io("copy a snapshot chain", &target))?;
+            m.copied = Some(Box::new((lowers.to_vec(), upper_dir, made)));
         }
         (lowers, upper) => {
             let flags = extra
