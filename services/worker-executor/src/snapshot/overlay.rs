@@ -10,12 +10,26 @@ pub struct Mounted {
     path: PathBuf,
     mounted: bool,
     owned_dir: bool,
-    /// fuse-overlayfs with an upper: (lowers, upper), to unmark the directories it
-    /// made opaque that hide nothing ([`unmark_new_dirs`]) once unmounted
-    fuse_upper: Option<Box<(Vec<PathBuf>, PathBuf)>>,
-    /// a copied view ([`Backend::Copy`]): (lowers, upper), the upper rewritten from
-    /// the view when it is released
-    copied: Option<Box<(Vec<PathBuf>, Option<PathBuf>, super::copy::DirInodes)>>,
+    /// what is left to do on release, besides unmounting
+    after: Option<Box<After>>,
+}
+
+/// Work a view leaves for its release.
+#[derive(Debug)]
+enum After {
+    /// fuse-overlayfs with an upper: unmark the directories it made opaque that hide
+    /// nothing ([`unmark_new_dirs`])
+    Fuse {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+    },
+    /// a copied view ([`Backend::Copy`]): the upper rewritten from the view, which
+    /// is then removed
+    Copied {
+        lowers: Vec<PathBuf>,
+        upper: Option<PathBuf>,
+        made: super::copy::DirInodes,
+    },
 }
 
 impl Mounted {
@@ -30,14 +44,19 @@ impl Mounted {
     }
 
     fn release(&mut self) -> Result<()> {
-        if let Some(c) = self.copied.take() {
-            let (lowers, upper, made) = *c;
+        if let Some(After::Copied {
+            lowers,
+            upper,
+            made,
+        }) = self.after.as_deref()
+        {
             if let Some(upper) = upper {
-                super::copy::write_diff(&lowers, &self.path, &upper, &made)
+                super::copy::write_diff(lowers, &self.path, upper, made)
                     .map_err(Error::io("write the diff of a copied view", &self.path))?;
             }
             std::fs::remove_dir_all(&self.path)
                 .map_err(Error::io("remove a copied view", &self.path))?;
+            self.after = None;
             self.owned_dir = false;
             return Ok(());
         }
@@ -49,8 +68,7 @@ impl Mounted {
                     source,
                 })?;
             self.mounted = false;
-            if let Some(fu) = self.fuse_upper.take() {
-                let (lowers, upper) = *fu;
+            if let Some(After::Fuse { lowers, upper }) = self.after.take().map(|a| *a) {
                 unmark_new_dirs(&upper, &lowers);
             }
         }
@@ -536,8 +554,7 @@ pub fn mount(
             path: u.diff.to_path_buf(),
             mounted: false,
             owned_dir: false,
-            fuse_upper: None,
-            copied: None,
+            after: None,
         });
     }
     let target = mnt_dir.join(uuid::Uuid::new_v4().to_string());
@@ -546,8 +563,7 @@ pub fn mount(
         path: target.clone(),
         mounted: false,
         owned_dir: true,
-        fuse_upper: None,
-        copied: None,
+        after: None,
     };
     let merr = |source| Error::Mount {
         target: target.clone(),
@@ -578,7 +594,11 @@ pub fn mount(
             let upper_dir = upper.map(|u| u.diff.to_path_buf());
             let made = super::copy::materialize(&target, lowers, upper_dir.as_deref())
                 .map_err(Error::io("copy a snapshot chain", &target))?;
-            m.copied = Some(Box::new((lowers.to_vec(), upper_dir, made)));
+            m.after = Some(Box::new(After::Copied {
+                lowers: lowers.to_vec(),
+                upper: upper_dir,
+                made,
+            }));
         }
         (lowers, upper) => {
             let flags = extra
@@ -593,7 +613,12 @@ pub fn mount(
                 .collect();
             if backend() == Backend::Fuse {
                 mount_fuse(&target, lowers, upper, flags)?;
-                m.fuse_upper = upper.map(|u| Box::new((lowers.to_vec(), u.diff.to_path_buf())));
+                m.after = upper.map(|u| {
+                    Box::new(After::Fuse {
+                        lowers: lowers.to_vec(),
+                        upper: u.diff.to_path_buf(),
+                    })
+                });
             } else if overlay_data(&names, upper, true).len() > MAX_MOUNT_DATA {
                 // Mount options must fit in one page: name the lowers by short
                 // relative names instead (containerd and docker use links).
