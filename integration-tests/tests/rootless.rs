@@ -29,6 +29,21 @@ fn subordinate(file: &str, user: &str, n: u32) -> u32 {
     start + n - 1
 }
 
+/// Waits (at most 20 s) until `sock` exists or `child` exits; its exit status if it did.
+fn wait_listening(
+    child: &mut std::process::Child,
+    sock: &Path,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// The host pid of the kilnd whose command line names `dir`.
 fn kilnd_pid(dir: &Path) -> u32 {
     let needle = dir.display().to_string();
@@ -358,18 +373,7 @@ fn what_needs_real_root_fails_saying_why() {
                 .stderr(std::fs::File::create(&log).expect("log"))
                 .spawn()
                 .expect("kilnd");
-            let start = Instant::now();
-            let mut exited = None;
-            while start.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(st)) = child.try_wait() {
-                    exited = Some(st);
-                    break;
-                }
-                if sock.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let exited = wait_listening(&mut child, &sock);
             let _ = child.kill();
             let _ = child.wait();
             (exited, std::fs::read_to_string(&log).unwrap_or_default())
@@ -437,15 +441,11 @@ fn kiln_finds_a_rootless_daemon_under_xdg_runtime_dir() {
     .spawn()
     .expect("start");
     let sock = dir.path().join("run/kiln/kilnd.sock");
-    let start = Instant::now();
-    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "kilnd exited with {st}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if let Some(st) = wait_listening(&mut child, &sock) {
+        panic!(
+            "kilnd exited with {st}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
     let logs = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(sock.exists(), "no socket under XDG_RUNTIME_DIR: {logs}");
@@ -554,15 +554,11 @@ fn under_slirp4netns_steps_get_the_isolated_network_rootlesskit_made() {
     .stderr(std::fs::File::create(&log).expect("log"))
     .spawn()
     .expect("start");
-    let start = Instant::now();
-    while !sock.exists() && start.elapsed() < Duration::from_secs(20) {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "kilnd exited with {st}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if let Some(st) = wait_listening(&mut child, &sock) {
+        panic!(
+            "kilnd exited with {st}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
     let ctx = context(&[(
         "Dockerfile",

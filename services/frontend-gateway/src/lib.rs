@@ -887,6 +887,28 @@ fn local_source_definition(
     builder.finish(Some(result))
 }
 
+/// The image a resolve answered for `reference`: its config parsed, named by the
+/// canonical reference when one came back.
+fn resolved_image(
+    reference: &str,
+    resolved: ResolvedConfig,
+) -> Result<dockerfile2llb::ResolvedImage, dockerfile2llb::ResolveError> {
+    let config: ImageConfig =
+        serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
+            reference: reference.to_string(),
+            source,
+        })?;
+    Ok(dockerfile2llb::ResolvedImage {
+        canonical_ref: if resolved.canonical_ref.is_empty() {
+            reference.to_string()
+        } else {
+            resolved.canonical_ref
+        },
+        digest: resolved.digest,
+        config,
+    })
+}
+
 /// Resolves `FROM` images for the converter through the bridge.
 struct BridgeResolver<'a, B> {
     bridge: &'a B,
@@ -907,20 +929,7 @@ impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
                 reference: reference.to_string(),
                 source,
             })?;
-        let config: ImageConfig =
-            serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
-                reference: reference.to_string(),
-                source,
-            })?;
-        Ok(dockerfile2llb::ResolvedImage {
-            canonical_ref: if resolved.canonical_ref.is_empty() {
-                reference.to_string()
-            } else {
-                resolved.canonical_ref
-            },
-            digest: resolved.digest,
-            config,
-        })
+        resolved_image(reference, resolved)
     }
 
     async fn resolve_oci_layout(
@@ -937,16 +946,14 @@ impl<B: Bridge> dockerfile2llb::ImageResolver for BridgeResolver<'_, B> {
                 reference: format!("{}{reference}", kiln_session::ocilayout::SCHEME),
                 source,
             })?;
-        let config: ImageConfig =
-            serde_json::from_slice(&resolved.config).map_err(|source| Error::ParseImageConfig {
-                reference: reference.to_string(),
-                source,
-            })?;
-        Ok(dockerfile2llb::ResolvedImage {
-            canonical_ref: reference.to_string(),
-            digest: resolved.digest,
-            config,
-        })
+        // a layout's image keeps the name the Dockerfile gave it
+        resolved_image(
+            reference,
+            ResolvedConfig {
+                canonical_ref: String::new(),
+                ..resolved
+            },
+        )
     }
 }
 

@@ -816,15 +816,7 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
             .exporter
             .resolve(reference, platform, &build.session_id)
             .await;
-        build.progress.vertex(ProgressVertex {
-            digest,
-            name: format!("[internal] load metadata for {reference}"),
-            started: Some(started),
-            completed: Some(now()),
-            error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
-            ..Default::default()
-        });
-        res
+        metadata_vertex(build, digest, reference, started, res)
     }
 
     /// The config of the image `reference` (`NAME@sha256:…`) in the OCI
@@ -849,17 +841,9 @@ impl<W: Worker, F: Frontend, E: Exporter> Solver<W, F, E> {
         let res = self
             .read_oci_layout(build, reference, platform, store)
             .await;
-        build.progress.vertex(ProgressVertex {
-            digest: kiln_digest::sha256(
-                format!("resolve-oci:{}:{store}:{reference}", build.id).as_bytes(),
-            ),
-            name: format!("[internal] load metadata for {reference}"),
-            started: Some(started),
-            completed: Some(now()),
-            error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
-            ..Default::default()
-        });
-        res
+        let digest =
+            kiln_digest::sha256(format!("resolve-oci:{}:{store}:{reference}", build.id).as_bytes());
+        metadata_vertex(build, digest, reference, started, res)
     }
 
     async fn read_oci_layout(
@@ -1107,4 +1091,24 @@ fn subrequest_response(metadata: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String,
         .filter(|(k, _)| k.starts_with("result.") || k.starts_with("frontend.") || *k == "version")
         .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
         .collect()
+}
+
+/// A resolve shown as a step of the build (`[internal] load metadata for REF`),
+/// failed when it did; passes its result on.
+fn metadata_vertex<T>(
+    build: &Build,
+    digest: String,
+    reference: &str,
+    started: prost_types::Timestamp,
+    res: Result<T, Error>,
+) -> Result<T, Error> {
+    build.progress.vertex(ProgressVertex {
+        digest,
+        name: format!("[internal] load metadata for {reference}"),
+        started: Some(started),
+        completed: Some(now()),
+        error: res.as_ref().err().map(|e| chain(e)).unwrap_or_default(),
+        ..Default::default()
+    });
+    res
 }

@@ -46,6 +46,25 @@ impl GrpcBridge {
             .map_err(bridge_error)?
             .into_inner())
     }
+
+    /// One LLBBridge ResolveImageConfig: the digest, config and canonical reference.
+    async fn resolve_config(
+        &self,
+        req: tonic::Request<ResolveImageConfigRequest>,
+    ) -> Result<ResolvedConfig, BridgeError> {
+        let resp = self
+            .client
+            .clone()
+            .resolve_image_config(req)
+            .await
+            .map_err(bridge_error)?
+            .into_inner();
+        Ok(ResolvedConfig {
+            digest: resp.digest,
+            config: resp.config,
+            canonical_ref: resp.r#ref,
+        })
+    }
 }
 
 fn request<T>(
@@ -189,18 +208,7 @@ impl Bridge for GrpcBridge {
             },
             Some(CALL_TIMEOUT),
         )?;
-        let resp = self
-            .client
-            .clone()
-            .resolve_image_config(req)
-            .await
-            .map_err(bridge_error)?
-            .into_inner();
-        Ok(ResolvedConfig {
-            digest: resp.digest,
-            config: resp.config,
-            canonical_ref: resp.r#ref,
-        })
+        self.resolve_config(req).await
     }
 
     async fn resolve_oci_layout_config(
@@ -224,18 +232,7 @@ impl Bridge for GrpcBridge {
             },
             Some(CALL_TIMEOUT),
         )?;
-        let resp = self
-            .client
-            .clone()
-            .resolve_image_config(req)
-            .await
-            .map_err(bridge_error)?
-            .into_inner();
-        Ok(ResolvedConfig {
-            digest: resp.digest,
-            config: resp.config,
-            canonical_ref: resp.r#ref,
-        })
+        self.resolve_config(req).await
     }
 }
 
