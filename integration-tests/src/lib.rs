@@ -857,6 +857,26 @@ pub fn unmount_under(dir: &Path) {
         .status();
 }
 
+/// `kiln --addr ADDR build --progress plain EXTRA` in `cwd` with a marshaled LLB
+/// definition on stdin (as `buildctl build` reads one); its output.
+pub fn kiln_build_llb(addr: &str, cwd: &Path, definition: Vec<u8>, extra: &[&str]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin_dir().join("kiln"))
+        .args(["--addr", addr, "build", "--progress", "plain"])
+        .args(extra)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&definition));
+    let out = child.wait_with_output().expect("kiln");
+    writer.join().expect("writer").expect("write definition");
+    out
+}
+
 /// The `#N` number, in plain progress, of the step whose name contains `needle`.
 pub fn step_number(progress: &str, needle: &str) -> Option<String> {
     progress.lines().find_map(|l| {

@@ -44,11 +44,16 @@ fn worker_root(d: &Daemon) -> PathBuf {
 }
 
 fn du_total(listing: &str) -> f64 {
-    let total = listing
+    du_line(listing, "Total:")
+}
+
+/// The size on `kiln du`'s line starting with `label`.
+fn du_line(listing: &str, label: &str) -> f64 {
+    let v = listing
         .lines()
-        .find_map(|l| l.strip_prefix("Total:"))
-        .unwrap_or_else(|| panic!("no total in:\n{listing}"));
-    parse_size(total.trim())
+        .find_map(|l| l.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label} in:\n{listing}"));
+    parse_size(v.trim())
 }
 
 /// Table rows of `kiln du` (between the header and the summary lines).
@@ -566,11 +571,7 @@ fn chain_steps_ran(progress: &str, n: usize) -> usize {
 
 /// Sum of the sizes in `kiln du`'s `Reclaimable:` line.
 fn du_reclaimable(listing: &str) -> f64 {
-    let r = listing
-        .lines()
-        .find_map(|l| l.strip_prefix("Reclaimable:"))
-        .unwrap_or_else(|| panic!("no reclaimable in:\n{listing}"));
-    parse_size(r.trim())
+    du_line(listing, "Reclaimable:")
 }
 
 #[test]

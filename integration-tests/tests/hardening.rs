@@ -109,22 +109,8 @@ fn an_image_claiming_another_images_layer_poisons_no_later_build() {
 /// Runs `kiln build` with `def` on stdin (raw LLB, as `buildctl build` reads it).
 fn build_raw_llb(d: &Daemon, def: &kiln_proto::pb::Definition) -> std::process::Output {
     use prost::Message;
-    use std::io::Write;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(kiln_integration_tests::bin_dir().join("kiln"))
-        .args(["--addr", &d.addr, "build", "--progress", "plain"])
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kiln");
-    let bytes = def.encode_to_vec();
-    let mut stdin = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || stdin.write_all(&bytes));
-    let out = child.wait_with_output().expect("kiln");
-    writer.join().expect("writer").expect("write definition");
-    out
+    kiln_integration_tests::kiln_build_llb(&d.addr, dir.path(), def.encode_to_vec(), &[])
 }
 
 #[test]
@@ -249,18 +235,14 @@ async fn llb_naming_another_clients_session_reads_nothing_of_it() {
     let (addr, dest) = (d.addr.clone(), out.path().join("stolen"));
     let result = tokio::task::spawn_blocking(move || {
         use prost::Message;
-        use std::io::Write;
-        let mut child = Command::new(kiln_integration_tests::bin_dir().join("kiln"))
-            .args(["--addr", &addr, "build", "--progress", "plain", "--output"])
-            .arg(format!("type=local,dest={}", dest.display()))
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("kiln");
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(&def.encode_to_vec()).expect("write");
-        drop(stdin);
-        child.wait_with_output().expect("kiln")
+        let output = format!("type=local,dest={}", dest.display());
+        let cwd = std::env::temp_dir();
+        kiln_integration_tests::kiln_build_llb(
+            &addr,
+            &cwd,
+            def.encode_to_vec(),
+            &["--output", &output],
+        )
     })
     .await
     .expect("join");

@@ -237,19 +237,14 @@ async fn llb_naming_another_clients_layout_reads_nothing_of_it() {
         let (addr, dest) = (d.addr.clone(), out.path().join("stolen"));
         let result = std::thread::spawn(move || {
             use prost::Message;
-            use std::io::Write;
-            let mut child =
-                std::process::Command::new(kiln_integration_tests::bin_dir().join("kiln"))
-                    .args(["--addr", &addr, "build", "--progress", "plain", "--output"])
-                    .arg(format!("type=local,dest={}", dest.display()))
-                    .stdin(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .expect("kiln");
-            let mut stdin = child.stdin.take().expect("stdin");
-            stdin.write_all(&def.encode_to_vec()).expect("write");
-            drop(stdin);
-            child.wait_with_output().expect("kiln")
+            let output = format!("type=local,dest={}", dest.display());
+            let cwd = std::env::temp_dir();
+            kiln_integration_tests::kiln_build_llb(
+                &addr,
+                &cwd,
+                def.encode_to_vec(),
+                &["--output", &output],
+            )
         })
         .join()
         .expect("join");

@@ -402,7 +402,7 @@ fn clear_opaque(dir: &Path, written: &HashSet<PathBuf>) -> io::Result<()> {
 }
 
 /// Remove a file, symlink or whole directory tree; missing is fine.
-fn remove_any(path: &Path) -> io::Result<()> {
+pub fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
@@ -622,6 +622,25 @@ fn write_tree(root: &Path, w: impl Write, overlay: bool, clamp: Option<u64>) -> 
             path: root.to_path_buf(),
             source,
         })
+}
+
+/// The extended attributes of `path` (not followed) that belong to its content: all
+/// but the overlay implementations' own, sorted by name; none where the filesystem
+/// keeps none.
+pub fn content_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut all = read_xattrs(path)?;
+    all.retain(|(k, _)| !overlay_xattr(k));
+    Ok(all)
+}
+
+/// Sets the xattr `name` on `path` (not followed), unless it is one kiln never
+/// carries over: the overlay implementations' own (they would steer the mounts the
+/// tree takes part in) and SELinux labels (the host's to give).
+pub fn set_carried_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    if overlay_xattr(name) || name == "security.selinux" {
+        return Ok(());
+    }
+    xattr::set(path, name, value)
 }
 
 fn read_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {

@@ -199,20 +199,14 @@ pub fn stat_of(rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat 
 /// [`stat_of`] with the entry's extended attributes, as fsutil sends them (read
 /// from `path`, not following a symlink; the overlay implementations' own left out).
 pub fn stat_of_path(path: &Path, rel: &str, md: &std::fs::Metadata, link: Option<String>) -> Stat {
-    let mut xattrs = BTreeMap::new();
-    if !md.file_type().is_symlink()
-        && let Ok(names) = xattr::list(path)
-    {
-        for name in names {
-            let n = name.to_string_lossy().into_owned();
-            if kiln_oci::layer::overlay_xattr(&n) {
-                continue;
-            }
-            if let Ok(Some(v)) = xattr::get(path, &name) {
-                xattrs.insert(n, v);
-            }
-        }
-    }
+    let xattrs = if md.file_type().is_symlink() {
+        BTreeMap::new()
+    } else {
+        kiln_oci::layer::content_xattrs(path)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    };
     stat_with_xattrs(rel, md, link, xattrs)
 }
 
@@ -510,10 +504,7 @@ fn set_meta(path: &Path, st: &Stat, is_link: bool) -> Result<(), Error> {
         // after the owner (a chown clears security.capability); never the overlay
         // implementations' own, which would steer the mounts this tree takes part in
         for (k, v) in &st.xattrs {
-            if kiln_oci::layer::overlay_xattr(k) || k == "security.selinux" {
-                continue;
-            }
-            let _ = xattr::set(path, k, v);
+            let _ = kiln_oci::layer::set_carried_xattr(path, k, v);
         }
     }
     let _ = nix::sys::stat::utimensat(

@@ -186,21 +186,13 @@ impl<'a> Hasher<'a> {
             self.h.update(&[0]);
             // extended attributes (file capabilities, user.*) are content too; an
             // entry without any hashes as before
-            if !md.file_type().is_symlink()
-                && let Ok(names) = xattr::list(entry.path())
-            {
-                let mut names: Vec<_> = names
-                    .filter(|n| !kiln_oci::layer::overlay_xattr(&n.to_string_lossy()))
-                    .collect();
-                names.sort();
-                for n in names {
-                    if let Ok(Some(v)) = xattr::get(entry.path(), &n) {
-                        self.h.update(b"x");
-                        self.h.update(n.as_encoded_bytes());
-                        self.h.update(&[0]);
-                        self.h.update(&v);
-                        self.h.update(&[0]);
-                    }
+            if !md.file_type().is_symlink() {
+                for (n, v) in kiln_oci::layer::content_xattrs(entry.path()).unwrap_or_default() {
+                    self.h.update(b"x");
+                    self.h.update(n.as_bytes());
+                    self.h.update(&[0]);
+                    self.h.update(&v);
+                    self.h.update(&[0]);
                 }
             }
             if md.file_type().is_symlink() {

@@ -599,18 +599,9 @@ fn copy_rec(
 /// rest, but never the overlay implementations' own. One that cannot be set here (a
 /// `trusted.*` one in a user namespace, a filesystem without xattrs) is left out.
 pub fn copy_xattrs(src: &Path, dst: &Path) {
-    let Ok(names) = xattr::list(src) else {
-        return;
-    };
-    for name in names {
-        let n = name.to_string_lossy();
-        if kiln_oci::layer::overlay_xattr(&n) || n == "security.selinux" {
-            continue;
-        }
-        if let Ok(Some(v)) = xattr::get(src, &name)
-            && let Err(e) = xattr::set(dst, &name, &v)
-        {
-            tracing::debug!(xattr = %n, error = %e, "xattr of {} left out", dst.display());
+    for (k, v) in kiln_oci::layer::content_xattrs(src).unwrap_or_default() {
+        if let Err(e) = kiln_oci::layer::set_carried_xattr(dst, &k, &v) {
+            tracing::debug!(xattr = %k, error = %e, "xattr of {} left out", dst.display());
         }
     }
 }

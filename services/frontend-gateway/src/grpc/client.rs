@@ -24,6 +24,17 @@ pub struct GrpcBridge {
     client: LlbBridgeClient<Channel>,
 }
 
+/// The ResolveImageConfig request for `reference` on `platform`, shown as BuildKit
+/// shows it (`[internal] load metadata for REF`).
+fn config_request(reference: &str, platform: &Platform) -> ResolveImageConfigRequest {
+    ResolveImageConfigRequest {
+        r#ref: reference.to_string(),
+        platform: Some(pb::Platform::from(platform)),
+        log_name: format!("[internal] load metadata for {reference}"),
+        ..Default::default()
+    }
+}
+
 impl GrpcBridge {
     pub fn new(channel: Channel) -> Self {
         GrpcBridge {
@@ -47,11 +58,14 @@ impl GrpcBridge {
             .into_inner())
     }
 
-    /// One LLBBridge ResolveImageConfig: the digest, config and canonical reference.
+    /// One LLBBridge ResolveImageConfig for the build: the digest, config and
+    /// canonical reference.
     async fn resolve_config(
         &self,
-        req: tonic::Request<ResolveImageConfigRequest>,
+        build_id: &str,
+        msg: ResolveImageConfigRequest,
     ) -> Result<ResolvedConfig, BridgeError> {
+        let req = request(build_id, msg, Some(CALL_TIMEOUT))?;
         let resp = self
             .client
             .clone()
@@ -197,18 +211,14 @@ impl Bridge for GrpcBridge {
         reference: &str,
         platform: &Platform,
     ) -> Result<ResolvedConfig, BridgeError> {
-        let req = request(
+        self.resolve_config(
             build_id,
             ResolveImageConfigRequest {
-                r#ref: reference.to_string(),
-                platform: Some(pb::Platform::from(platform)),
                 resolve_mode: "default".to_string(),
-                log_name: format!("[internal] load metadata for {reference}"),
-                ..Default::default()
+                ..config_request(reference, platform)
             },
-            Some(CALL_TIMEOUT),
-        )?;
-        self.resolve_config(req).await
+        )
+        .await
     }
 
     async fn resolve_oci_layout_config(
@@ -218,21 +228,17 @@ impl Bridge for GrpcBridge {
         platform: &Platform,
         store: &str,
     ) -> Result<ResolvedConfig, BridgeError> {
-        let req = request(
+        self.resolve_config(
             build_id,
             ResolveImageConfigRequest {
-                r#ref: reference.to_string(),
-                platform: Some(pb::Platform::from(platform)),
-                log_name: format!("[internal] load metadata for {reference}"),
                 // BuildKit's ResolverTypeOCILayout; the store is the
                 // build's own client's (no session named)
                 resolver_type: 1,
                 store_id: store.to_string(),
-                ..Default::default()
+                ..config_request(reference, platform)
             },
-            Some(CALL_TIMEOUT),
-        )?;
-        self.resolve_config(req).await
+        )
+        .await
     }
 }
 

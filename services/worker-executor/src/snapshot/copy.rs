@@ -7,6 +7,7 @@
 //! layers are written from it as from a kernel overlay's upper.
 
 use crate::fscopy;
+use kiln_oci::layer::remove_any;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -14,15 +15,6 @@ use std::path::{Path, PathBuf};
 
 fn is_whiteout(md: &std::fs::Metadata) -> bool {
     md.file_type().is_char_device() && md.rdev() == 0
-}
-
-fn remove_any(p: &Path) -> io::Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 fn times(md: &std::fs::Metadata) -> (nix::sys::time::TimeSpec, nix::sys::time::TimeSpec) {
@@ -205,18 +197,6 @@ fn lower_entry(lowers: &[PathBuf], rel: &Path) -> Option<(PathBuf, std::fs::Meta
     None
 }
 
-fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
-    let mut v: Vec<_> = xattr::list(p)
-        .map(|names| {
-            names
-                .filter_map(|n| xattr::get(p, &n).ok().flatten().map(|val| (n, val)))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Whether `a` (at `pa`) and `b` (at `pb`) are the same entry as far as a layer
 /// can tell.
 fn same(pa: &Path, a: &std::fs::Metadata, pb: &Path, b: &std::fs::Metadata) -> bool {
@@ -234,7 +214,8 @@ fn same(pa: &Path, a: &std::fs::Metadata, pb: &Path, b: &std::fs::Metadata) -> b
         && a.rdev() == b.rdev()
         && (!a.file_type().is_symlink()
             || std::fs::read_link(pa).ok() == std::fs::read_link(pb).ok())
-        && (a.file_type().is_symlink() || xattrs(pa) == xattrs(pb))
+        && (a.file_type().is_symlink()
+            || kiln_oci::layer::content_xattrs(pa).ok() == kiln_oci::layer::content_xattrs(pb).ok())
 }
 
 /// Rewrites `upper` as the difference between the chain `lowers` (top first) and
