@@ -657,18 +657,9 @@ def gen_inputs(tmp, q):
     df += "FROM busybox\n" + "".join(f"COPY --from=s{i} /out{i} /out/{i}\n" for i in range(8))
     write(f"{c}/Dockerfile", df)
     # 5 fifty chained RUN echo
-    c = d["chain"] = os.path.join(tmp, "in/chain")
-    write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(f"RUN echo step {i} >> /steps\n" for i in range(50)))
+    d["chain"] = write_chain(os.path.join(tmp, "in/chain"), 50)
     # 6 ~1 GiB image (quick: ~64 MiB): half random, half compressible, 4 layers
-    mib = 64 if q else 1024
-    c = d["big-image"] = os.path.join(tmp, "in/big-image")
-    q4 = mib // 4
-    write(f"{c}/Dockerfile",
-          "FROM busybox\n"
-          f"RUN head -c {q4}m /dev/urandom > /r1\n"
-          f"RUN head -c {q4}m /dev/urandom > /r2\n"
-          f"RUN yes 'kiln bench compressible line 0123456789' | head -c {q4}m > /t1\n"
-          f"RUN seq 1 100000000 | head -c {q4}m > /t2\n")
+    d["big-image"] = write_big_image(os.path.join(tmp, "in/big-image"), 64 if q else 1024)
     # 9 remote cache: 20 steps (RUNs writing ~256 KiB each, and COPYs)
     c = d["rc"] = os.path.join(tmp, "in/rc")
     for i in range(5):
@@ -680,15 +671,38 @@ def gen_inputs(tmp, q):
         else:
             steps.append(f"RUN head -c 262144 /dev/urandom > /r{i} && echo {i} >> /steps\n")
     write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(steps))
-    # 7 concurrency: N distinct builds at once (the ID build arg makes every step after
-    # FROM differ between them)
-    c = d["conc"] = os.path.join(tmp, "in/conc")
+    # 7 concurrency: N distinct builds at once
+    d["conc"] = write_conc(os.path.join(tmp, "in/conc"))
+    return d
+
+
+def write_chain(c, n):
+    """n chained RUN echo steps; returns c."""
+    write(f"{c}/Dockerfile", "FROM busybox\n" + "".join(f"RUN echo step {i} >> /steps\n" for i in range(n)))
+    return c
+
+
+def write_big_image(c, mib):
+    """An image of ~mib MiB in 4 RUN layers: half random, half compressible; returns c."""
+    q4 = mib // 4
+    write(f"{c}/Dockerfile",
+          "FROM busybox\n"
+          f"RUN head -c {q4}m /dev/urandom > /r1\n"
+          f"RUN head -c {q4}m /dev/urandom > /r2\n"
+          f"RUN yes 'kiln bench compressible line 0123456789' | head -c {q4}m > /t1\n"
+          f"RUN seq 1 100000000 | head -c {q4}m > /t2\n")
+    return c
+
+
+def write_conc(c):
+    """The concurrent builds' input: the ID build arg makes every step after FROM differ
+    between builds; returns c."""
     for i in range(50):
         write(f"{c}/src/f{i}.txt", f"line {i}\n" * 100)
     write(f"{c}/Dockerfile",
           "FROM busybox\nARG ID\nRUN echo \"$ID\" > /id\nCOPY src/ /src/\nRUN cat /src/* /id | sort > /sorted\n"
           "RUN sleep 0.5 && md5sum /sorted > /sum\nRUN for i in $(seq 1 200); do echo $i; done > /n\n")
-    return d
+    return c
 
 
 # ---------------------------------------------------------------- scenarios
@@ -986,6 +1000,68 @@ class Bench:
         return "\n".join(lines)
 
 
+def start_builders(tmp, regdir, peers_wanted, quick, builders, notes):
+    """Starts the registry (seeded with busybox) in regdir, kiln, and each wanted peer that
+    can run, appending them to builders (so a caller's cleanup finds whatever started) and
+    their descriptions to notes; returns the registry's address."""
+    reg = subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "start", regdir],
+                         stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+    subprocess.run(["sh", os.path.join(REPO, "scripts/seed-busybox.sh"), reg], check=True,
+                   stdout=subprocess.DEVNULL)
+    log(f"registry {reg} seeded with busybox")
+    builders.append(Kiln(tmp, reg))
+    kout = ("no --output (solve only)" if kiln_output() == "none"
+            else f"--output type=image,name=\u2026,compression={kiln_output()} (image assembled, not pushed; "
+                 "docker -t stores uncompressed layers)")
+    net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
+    notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, --network-mode {net}, "
+                 "fresh --root for every cold run, "
+                 f"`kiln build --progress quiet` {kout}")
+    if "docker" in peers_wanted:
+        try:
+            if not shutil.which("dockerd"):
+                raise RuntimeError("dockerd not installed")
+            builders.append(Docker(tmp, reg))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"docker: NOT USED — dockerd could not run here: {str(e).splitlines()[0]}")
+            log(notes[-1])
+    # QUICK keeps to 5 minutes: buildah (slow on chained RUN) only when it is
+    # the only peer, unless BENCH_PEERS names it.
+    skip_buildah = quick and any(b.name == "docker" for b in builders) and not os.environ.get("BENCH_PEERS")
+    if skip_buildah and shutil.which("buildah"):
+        notes.append("buildah: skipped in QUICK mode (docker's BuildKit ran); BENCH_PEERS=docker,buildah adds it")
+    if "buildah" in peers_wanted and shutil.which("buildah") and not skip_buildah:
+        try:
+            builders.append(Buildah(tmp, reg))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"buildah: NOT USED — {str(e).splitlines()[0]}")
+    if "buildctl" in peers_wanted and os.environ.get("BUILDCTL") and os.environ.get("BUILDKIT_HOST"):
+        builders.append(Buildctl(tmp, reg))
+    bk = [b for b in builders if b.is_buildkit]
+    for b in builders:
+        # targets are kiln / BuildKit; with no BuildKit peer, read them against buildah
+        b.is_buildkit_ref = b.is_buildkit or (not bk and b.name == "buildah")
+        if b.note:
+            notes.append(f"{b.name}: {b.note}")
+    if not bk:
+        notes.append("no BuildKit peer could run: targets are read against buildah instead")
+    if len(builders) < 2:
+        log("no peer builder available; kiln figures only")
+    return reg
+
+
+def stop_builders(builders, tmp, regdir):
+    for b in builders:
+        try:
+            b.stop()
+        except Exception as e:  # noqa: BLE001
+            log(f"stopping {b.name}: {e}")
+    subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "stop", regdir])
+    time.sleep(0.5)
+    if not os.environ.get("BENCH_KEEP"):
+        rm_tree(tmp)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("QUICK")))
@@ -1008,49 +1084,7 @@ def main():
     notes = []
     regdir = os.path.join(tmp, "registry")
     try:
-        reg = subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "start", regdir],
-                             stdout=subprocess.PIPE, check=True).stdout.decode().strip()
-        subprocess.run(["sh", os.path.join(REPO, "scripts/seed-busybox.sh"), reg], check=True,
-                       stdout=subprocess.DEVNULL)
-        log(f"registry {reg} seeded with busybox")
-        builders.append(Kiln(tmp, reg))
-        kout = ("no --output (solve only)" if kiln_output() == "none"
-                else f"--output type=image,name=\u2026,compression={kiln_output()} (image assembled, not pushed; "
-                     "docker -t stores uncompressed layers)")
-        net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
-        notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, --network-mode {net}, "
-                     "fresh --root for every cold run, "
-                     f"`kiln build --progress quiet` {kout}")
-        if "docker" in peers_wanted:
-            try:
-                if not shutil.which("dockerd"):
-                    raise RuntimeError("dockerd not installed")
-                builders.append(Docker(tmp, reg))
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"docker: NOT USED — dockerd could not run here: {str(e).splitlines()[0]}")
-                log(notes[-1])
-        # QUICK keeps to 5 minutes: buildah (slow on chained RUN) only when it is
-        # the only peer, unless BENCH_PEERS names it.
-        skip_buildah = a.quick and any(b.name == "docker" for b in builders) and not os.environ.get("BENCH_PEERS")
-        if skip_buildah and shutil.which("buildah"):
-            notes.append("buildah: skipped in QUICK mode (docker's BuildKit ran); BENCH_PEERS=docker,buildah adds it")
-        if "buildah" in peers_wanted and shutil.which("buildah") and not skip_buildah:
-            try:
-                builders.append(Buildah(tmp, reg))
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"buildah: NOT USED — {str(e).splitlines()[0]}")
-        if "buildctl" in peers_wanted and os.environ.get("BUILDCTL") and os.environ.get("BUILDKIT_HOST"):
-            builders.append(Buildctl(tmp, reg))
-        bk = [b for b in builders if b.is_buildkit]
-        for b in builders:
-            # targets are kiln / BuildKit; with no BuildKit peer, read them against buildah
-            b.is_buildkit_ref = b.is_buildkit or (not bk and b.name == "buildah")
-            if b.note:
-                notes.append(f"{b.name}: {b.note}")
-        if not bk:
-            notes.append("no BuildKit peer could run: targets are read against buildah instead")
-        if len(builders) < 2:
-            log("no peer builder available; kiln figures only")
+        reg = start_builders(tmp, regdir, peers_wanted, a.quick, builders, notes)
 
         inputs = gen_inputs(tmp, a.quick)
         log("inputs generated")
@@ -1091,15 +1125,7 @@ def main():
             f.write(text)
         log(f"wrote {path}")
     finally:
-        for b in builders:
-            try:
-                b.stop()
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping {b.name}: {e}")
-        subprocess.run(["sh", os.path.join(REPO, "scripts/registry.sh"), "stop", regdir])
-        time.sleep(0.5)
-        if not os.environ.get("BENCH_KEEP"):
-            rm_tree(tmp)
+        stop_builders(builders, tmp, regdir)
 
 
 if __name__ == "__main__":
