@@ -28,12 +28,14 @@ import datetime
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench as B  # noqa: E402
 
@@ -42,7 +44,7 @@ LONG = 3600
 
 
 class Curve:
-    def __init__(self, name, env, sizes, kinds, unit, per_unit, label, what):
+    def __init__(self, name, env, sizes, kinds, unit, per_unit, label, what, note=""):
         self.name = name
         self.env = env  # the environment variable overriding the sizes
         self.default = sizes
@@ -51,6 +53,7 @@ class Curve:
         self.per_unit = per_unit  # (seconds, size) -> time per unit of work
         self.label = label  # size -> text
         self.what = what  # the section's title
+        self.note = note  # how to read it
 
     def sizes(self):
         raw = os.environ.get(self.env, "")
@@ -70,9 +73,15 @@ CURVES = [
     Curve("conc", "CURVE_CONC", [16, 32, 64], ["cold"],
           "s / build", lambda t, n: t / n, lambda n: f"{n} builds",
           "concurrency: N distinct builds at once from an emptied cache"),
-    Curve("image", "CURVE_IMAGE_GIB", [1.0, 2.0, 4.0], ["export OCI tarball (gzip)", "push"],
+    Curve("image", "CURVE_IMAGE_GIB", [1.0, 2.0, 4.0],
+          ["export OCI tarball (gzip), first", "export OCI tarball (gzip), again", "push"],
           "s / GiB", lambda t, g: t / g, lambda g: f"{g:g} GiB",
-          "image size: G GiB in 4 RUN layers (half random, half compressible)"),
+          "image size: G GiB in 4 RUN layers (half random, half compressible)",
+          "at each size the image is built once (not timed), then exported once (first: every layer is "
+          "compressed), exported again (the repetitions: a builder that keeps compressed layers, as kiln "
+          "and BuildKit do, reuses them; docker 20.10 has no oci exporter, so its export is a cached build "
+          "+ `docker save | gzip`, which compresses every time), then pushed to an empty registry per push "
+          "(kiln reuses the layers its export compressed; dockerd compresses on every push)"),
 ]
 BY_NAME = {c.name: c for c in CURVES}
 
@@ -82,13 +91,18 @@ def key(curve, kind, size):
 
 
 class CurveBench(B.Bench):
-    """bench.py's Bench, keeping each failure's whole message for the report."""
+    """bench.py's Bench, keeping each failure's whole message and the repetitions that
+    succeeded before it for the report."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.errors = []
+        self.before_fail = {}  # (scenario, builder) -> seconds of the reps before the failure
 
     def fail(self, scen, b, err):
+        done = self.results.get(scen, {}).get(b.name)
+        if isinstance(done, list) and done:
+            self.before_fail[(scen, b.name)] = list(done)
         super().fail(scen, b, err)
         self.errors.append((scen, b.name, str(err)))
 
@@ -173,7 +187,7 @@ def run_conc(bench, curve, n, reps):
 def run_image(bench, curve, g, reps):
     mib = round(g * 1024)
     d = B.write_big_image(os.path.join(bench.tmp, f"in/image-{mib}"), mib)
-    export, push = (key(curve, k, g) for k in curve.kinds)
+    first, export, push = (key(curve, k, g) for k in curve.kinds)
     tag = f"bench/img{mib}"
     out = os.path.join(bench.tmp, "export")
     os.makedirs(out, exist_ok=True)
@@ -181,8 +195,8 @@ def run_image(bench, curve, g, reps):
         try:
             b.build(d, tag, timeout=LONG)
         except Exception as e:  # noqa: BLE001
-            bench.fail(export, b, e)
-            bench.fail(push, b, e)
+            for k in (first, export, push):
+                bench.fail(k, b, e)
     B.settle("image build")
 
     def tarball(b, rep):
@@ -193,6 +207,7 @@ def run_image(bench, curve, g, reps):
             if os.path.exists(dest):
                 B.log(f"  {b.name} tarball {os.path.getsize(dest) >> 20} MiB")
                 os.unlink(dest)
+    bench.each_reps(first, 1, tarball)
     bench.each_reps(export, reps, tarball)
 
     def pushed(b, rep):
@@ -241,6 +256,9 @@ def section(bench, curve, sizes, reps_of, meta):
                     per[n][s] = curve.per_unit(med[n], s)
                     row.append(f"{fmt_s(med[n])} s ({fmt_s(min(v))}–{fmt_s(max(v))})")
                 elif isinstance(v, str):
+                    done = bench.before_fail.get((key(curve, kind, s), n))
+                    if done:
+                        v += f" (in rep {len(done) + 1}; reps before it: {', '.join(fmt_s(x) for x in done)} s)"
                     row.append(v)
                 else:
                     row.append("–")
@@ -298,8 +316,9 @@ def write_report(path, date, sections):
     missing = [c.name for c in CURVES if c.name not in old]
     if missing:
         head += [f"Not measured (yet): {', '.join(missing)}.", ""]
-    body = "".join(f"<!-- curve {c.name} -->\n{old[c.name]}<!-- end curve {c.name} -->\n\n"
-                   for c in CURVES if c.name in old)
+    # the curves in their order, then any other marked section (e.g. notes added by hand)
+    order = [c.name for c in CURVES if c.name in old] + [n for n in old if n not in BY_NAME]
+    body = "".join(f"<!-- curve {n} -->\n{old[n]}<!-- end curve {n} -->\n\n" for n in order)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(head) + "\n" + body.rstrip() + "\n")
@@ -308,7 +327,15 @@ def write_report(path, date, sections):
 # ---------------------------------------------------------------- main
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main():
+    # SIGTERM, or SIGINT even when started in the background, stops the run with the
+    # builders stopped and the work dir removed
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--curves", default=os.environ.get("CURVES", "context,chain,conc,image"),
                     help="comma list of curves: context, chain, conc, image")
@@ -350,6 +377,7 @@ def main():
 
             def reps_of(s, sizes=sizes):
                 return a.reps_largest if a.reps_largest and s == sizes[-1] else a.reps
+            notes_n = ([curve.note] if curve.note else []) + notes
             B.log(f"== curve {n}: {', '.join(curve.label(s) for s in sizes)}")
             load0 = " ".join(open("/proc/loadavg").read().split()[:3])
             t0 = time.monotonic()
@@ -362,7 +390,7 @@ def main():
                 left = sizes[i + 1:]
                 meta = [f"run {started:%Y-%m-%d %H:%M}, took {(time.monotonic() - t0) / 60:.1f} min; kiln tree "
                         f"{rev or '?'}; host {os.cpu_count()} CPUs, kernel {kernel}; load average "
-                        f"{load0} at start, {load1} at end"] + notes
+                        f"{load0} at start, {load1} at end"] + notes_n
                 if left:
                     meta.insert(0, "**incomplete**: the run stopped before "
                                 + ", ".join(curve.label(x) for x in left))
