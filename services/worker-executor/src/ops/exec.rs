@@ -32,10 +32,7 @@ impl Executor {
         worker_id: &str,
         runtime: &crate::runtimedir::RuntimeDir,
     ) -> Executor {
-        let runc_at = |state: PathBuf| Runc {
-            binary: config.runc.clone(),
-            state,
-        };
+        let runc_at = |state: PathBuf| Runc::new(config.runc.clone(), state);
         let executor = match &config.containerd {
             Some(c) => Executor::Containerd(Containerd::new(c.clone(), worker_id)),
             None => {
@@ -73,10 +70,7 @@ impl Executor {
         match self {
             Executor::Runc(r) => r.clone(),
             Executor::Containerd(_) => {
-                let r = Runc {
-                    binary: config.runc.clone(),
-                    state: runtime.runc_state(),
-                };
+                let r = Runc::new(config.runc.clone(), runtime.runc_state());
                 r.reap();
                 r
             }
