@@ -96,7 +96,19 @@ pub struct Client {
     uploads: Arc<AtomicU64>,
     /// Blobs larger than this go up in PATCH chunks of this size.
     chunk_size: u64,
+    /// What a tag's manifest (or index) resolved to for a platform, by its digest.
+    resolved: Arc<Mutex<HashMap<ResolvedKey, Resolved>>>,
 }
+
+/// A resolution by content: (registry, repository, digest of what the reference names,
+/// platform). The platform's manifest and its config are fixed by that digest, so a
+/// later resolve of the same tag that gets the same digest from the registry needs no
+/// more requests. The repository is in the key: the first request of every resolve,
+/// made with the caller's credentials, is what shows the caller may read it.
+type ResolvedKey = (String, String, String, String);
+
+/// Resolutions remembered; past it they start over.
+const RESOLVED_MAX: usize = 1024;
 
 enum Auth {
     Bearer {
@@ -160,6 +172,7 @@ impl Client {
             credentials: None,
             uploads: Arc::default(),
             chunk_size: CHUNK_SIZE,
+            resolved: Arc::default(),
         })
     }
 
@@ -282,6 +295,24 @@ impl Client {
             });
         }
         let top = digest.clone();
+        let key: ResolvedKey = (
+            r.registry.clone(),
+            r.repository.clone(),
+            top.clone(),
+            platform.to_string(),
+        );
+        let known = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(known) = known {
+            return Ok(Resolved {
+                reference: r.with_digest(&known.manifest_digest),
+                ..known
+            });
+        }
         if media_types::is_index(&media_type) {
             let index: Index =
                 serde_json::from_slice(&bytes).map_err(|source| Error::DecodeManifest {
@@ -324,7 +355,7 @@ impl Client {
         let config = self
             .get_small_blob(ep, r, &manifest.config.digest, MAX_CONFIG)
             .await?;
-        Ok(Resolved {
+        let resolved = Resolved {
             reference: r.with_digest(&digest),
             digest: top,
             manifest_digest: digest,
@@ -332,7 +363,13 @@ impl Client {
             manifest_media_type: media_type,
             manifest_bytes: bytes,
             config,
-        })
+        };
+        let mut known = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= RESOLVED_MAX {
+            known.clear();
+        }
+        known.insert(key, resolved.clone());
+        Ok(resolved)
     }
 
     /// The manifest (or index) `r` names, as (media type, bytes), checked

@@ -1,5 +1,6 @@
 //! A registry that works against its client: it names upload locations on another
-//! host, answers with endless error and token bodies. A tiny HTTP/1.1 server on
+//! host, answers with endless error and token bodies, moves a tag between two
+//! resolves and refuses a repository it served before. A tiny HTTP/1.1 server on
 //! loopback plays it; the client under test is kiln's, unchanged.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -208,4 +209,96 @@ async fn an_endless_token_body_is_refused_at_the_limit() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// An image index for linux/amd64 with its manifest and config, served as `tag` of
+/// `team/app` and `team/other`; `moved` switches the tag to a second image and
+/// `locked` refuses `team/other` from then on.
+struct Served {
+    tags: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    moved: std::sync::atomic::AtomicBool,
+    locked: std::sync::atomic::AtomicBool,
+}
+
+fn served_image(n: u8) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["N={n}"]}}}}"#)
+        .into_bytes();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[]}}"#,
+        sha256(&config),
+        config.len()
+    )
+    .into_bytes();
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+        sha256(&manifest),
+        manifest.len()
+    )
+    .into_bytes();
+    (index, manifest, config)
+}
+
+fn serve_tags(state: Arc<Served>) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    use std::sync::atomic::Ordering;
+    serve(Arc::new(move |s: &Seen| {
+        if s.path.starts_with("/v2/team/other/") && state.locked.load(Ordering::SeqCst) {
+            return answer("HTTP/1.1 404 Not Found");
+        }
+        let (index, manifest, config) =
+            &state.tags[usize::from(state.moved.load(Ordering::SeqCst))];
+        let found = |ct: &str, body: &[u8]| Answer {
+            head: format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}"),
+            body: body.to_vec(),
+            endless: false,
+        };
+        let object = s.path.rsplit('/').next().unwrap_or("");
+        if s.path.contains("/manifests/") && object == "1" {
+            found("application/vnd.oci.image.index.v1+json", index)
+        } else if s.path.contains("/manifests/") && object == sha256(manifest) {
+            found("application/vnd.oci.image.manifest.v1+json", manifest)
+        } else if s.path.contains("/blobs/") && object == sha256(config) {
+            found("application/octet-stream", config)
+        } else {
+            answer("HTTP/1.1 404 Not Found")
+        }
+    }))
+}
+
+#[tokio::test]
+async fn a_tag_resolved_again_to_the_same_digest_costs_one_request_and_a_moved_tag_is_followed() {
+    use std::sync::atomic::Ordering;
+    let state = Arc::new(Served {
+        tags: vec![served_image(1), served_image(2)],
+        moved: false.into(),
+        locked: false.into(),
+    });
+    let (registry, seen) = serve_tags(state.clone());
+    let c = client();
+    let amd64 = Platform::new("linux", "amd64", None);
+    let app = Reference::parse(&format!("{registry}/team/app:1")).expect("ref");
+    let requests = || seen.lock().expect("seen").len();
+
+    let first = c.resolve(&app, &amd64).await.expect("resolve");
+    assert_eq!(requests(), 3, "index, manifest, config");
+    let again = c.resolve(&app, &amd64).await.expect("resolve again");
+    assert_eq!(requests(), 4, "only the tag is asked again");
+    assert_eq!(again.digest, first.digest);
+    assert_eq!(again.config, first.config);
+    assert_eq!(again.manifest_digest, first.manifest_digest);
+    assert_eq!(again.reference, first.reference);
+
+    // the tag moves: the new image is resolved whole
+    state.moved.store(true, Ordering::SeqCst);
+    let moved = c.resolve(&app, &amd64).await.expect("resolve moved");
+    assert_eq!(requests(), 7);
+    assert_ne!(moved.digest, first.digest);
+    assert!(String::from_utf8_lossy(&moved.config).contains("N=2"));
+
+    // the same index in another repository is resolved there, whole
+    let other = Reference::parse(&format!("{registry}/team/other:1")).expect("ref");
+    c.resolve(&other, &amd64).await.expect("resolve other");
+    assert_eq!(requests(), 10);
+    // and once that repository refuses, nothing remembered answers for it
+    state.locked.store(true, Ordering::SeqCst);
+    assert!(c.resolve(&other, &amd64).await.is_err());
 }
