@@ -73,7 +73,9 @@ fn child_reader(prog: &str, f: std::fs::File) -> io::Result<ChildReader> {
 fn decoder(kind: ArchiveKind, f: std::fs::File) -> io::Result<Box<dyn Read>> {
     Ok(match kind {
         ArchiveKind::Tar => Box::new(f),
-        ArchiveKind::GzipTar => Box::new(flate2::read::GzDecoder::new(f)),
+        // every member, as Go's gzip reader (and so BuildKit's ADD) reads them: a file of
+        // concatenated gzip streams (`cat a.gz b.gz`, bgzip) is one archive
+        ArchiveKind::GzipTar => Box::new(flate2::read::MultiGzDecoder::new(f)),
         ArchiveKind::Bzip2Tar => Box::new(child_reader("bzip2", f)?),
         ArchiveKind::XzTar => Box::new(child_reader("xz", f)?),
         ArchiveKind::ZstdTar => Box::new(zstd::stream::read::Decoder::new(f)?),
@@ -328,6 +330,55 @@ mod tests {
             b.append(&h, body).expect("append");
         }
         b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn an_archive_in_several_gzip_members_or_zstd_frames_is_unpacked_whole() {
+        use std::io::Write;
+        let tar = tar_with(&[
+            ("first.txt", tar::EntryType::Regular, "one"),
+            ("dir/second.txt", tar::EntryType::Regular, "two"),
+            ("dir/third.txt", tar::EntryType::Regular, "three"),
+        ]);
+        // cut inside the second entry's header: no member holds a whole archive
+        let (a, b) = tar.split_at(1024 + 100);
+        let gzip = |part: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part).expect("gz");
+            e.finish().expect("gz")
+        };
+        let zstd = |part: &[u8]| zstd::stream::encode_all(part, 3).expect("zstd");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (name, kind, blob) in [
+            (
+                "members.tar.gz",
+                ArchiveKind::GzipTar,
+                [gzip(a), gzip(b)].concat(),
+            ),
+            (
+                "frames.tar.zst",
+                ArchiveKind::ZstdTar,
+                [zstd(a), zstd(b)].concat(),
+            ),
+        ] {
+            let src = tmp.path().join(name);
+            std::fs::write(&src, blob).expect("w");
+            assert_eq!(archive_kind(&src).expect("kind"), Some(kind), "{name}");
+            let root = tmp.path().join(format!("root-{name}"));
+            std::fs::create_dir_all(&root).expect("mkdir");
+            unpack(&src, kind, &root, &root, &CopyOpts::default()).expect("unpack");
+            for (path, body) in [
+                ("first.txt", "one"),
+                ("dir/second.txt", "two"),
+                ("dir/third.txt", "three"),
+            ] {
+                assert_eq!(
+                    std::fs::read_to_string(root.join(path)).ok().as_deref(),
+                    Some(body),
+                    "{name}: {path}"
+                );
+            }
+        }
     }
 
     #[test]
