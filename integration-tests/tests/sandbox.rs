@@ -1,6 +1,8 @@
 //! The step sandbox: in bridge network mode a step has its own network, reaches the
-//! outside through NAT and no listener of the host; steps run under the default seccomp
-//! profile unless `security.insecure`; a killed kilnd's step networks are swept. Real
+//! outside through NAT and no listener of the host, and hands it to the next step when
+//! it has ended (unless it was cancelled or `security.insecure`); steps run under the
+//! default seccomp profile unless `security.insecure`; a killed kilnd's step networks
+//! are swept. Real
 //! kilnd, runc (and containerd), iptables and network namespaces.
 
 use kiln_integration_tests::{Backend, BuildContext, Daemon, Topology, dockerfile_args};
@@ -259,8 +261,70 @@ fn bridge_steps_reach_out_through_nat_and_no_host_listener() {
 
     assert_eq!(read(&out, "outside"), "sent\n", "outbound through NAT");
     assert_eq!(outside.received(), "from-step\n");
+    still_serves(&d);
+}
 
-    wait_until_removed(&ip);
+/// The address on eth0 that `RUN` of a build of `d` saw (the build's `RUN` writes
+/// `ip -4 -o addr show dev eth0` to `/addr`).
+fn step_address(d: &Daemon, dockerfile: &str, extra: &[&str]) -> String {
+    let c = BuildContext::new(dockerfile).expect("context");
+    let mut a = vec!["--no-cache", "--output", "type=local,dest=out"];
+    a.extend_from_slice(extra);
+    d.build(c.path(), &args(&a)).expect("build");
+    let addr = read(&c.path().join("out"), "addr");
+    addr.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address on eth0: {addr}"))
+        .to_string()
+}
+
+#[test]
+fn a_finished_steps_network_goes_to_the_next_step_and_an_insecure_steps_is_removed() {
+    let d = Daemon::start_with_config(
+        Topology::AllInOne,
+        &format!("insecure-entitlements = [\"security.insecure\"]\n{BRIDGE}"),
+    )
+    .expect("daemon");
+    let pid = kilnd_pid(&d);
+    let first = step_address(
+        &d,
+        "FROM busybox\nRUN ip -4 -o addr show dev eth0 > /addr\n",
+        &[],
+    );
+    // kept: kilnd still holds its lease, the namespace and the veth are there
+    let veth = Path::new("/sys/class/net").join(format!(
+        "kv{:08x}",
+        u32::from(first.parse::<Ipv4Addr>().expect("ip"))
+    ));
+    assert_eq!(lease_held_by(pid).as_deref(), Some(first.as_str()));
+    assert!(veth.exists() && PathBuf::from(LEASES).join(format!("{first}.ns")).exists());
+    // the next step (of another build) gets it, and it works as a new one does: its
+    // address, route and outbound NAT
+    let mut outside = Outside::start(18081);
+    let again = step_address(
+        &d,
+        &format!(
+            "FROM busybox\nRUN ip -4 -o addr show dev eth0 > /addr; ip route > /route; \
+             echo reused | nc -w 3 {} 18081\n",
+            outside.addr
+        ),
+        &[],
+    );
+    assert_eq!(
+        again, first,
+        "the finished step's network is the next one's"
+    );
+    assert_eq!(outside.received(), "reused\n");
+    // a step that could change its network (CAP_NET_ADMIN) leaves it to nobody
+    let insecure = step_address(
+        &d,
+        "FROM busybox\nRUN --security=insecure ip -4 -o addr show dev eth0 > /addr\n",
+        &["--allow", "security.insecure"],
+    );
+    assert_eq!(insecure, first);
+    wait_until_removed(&insecure);
     still_serves(&d);
 }
 
@@ -493,21 +557,49 @@ fn running_step_ip(pid: u32, build: &mut std::process::Child) -> String {
 }
 
 #[test]
-fn a_failed_or_cancelled_steps_network_is_removed() {
+fn a_cancelled_steps_network_is_removed_and_a_failed_steps_kept() {
     let d = Daemon::start_with_config(Topology::AllInOne, BRIDGE).expect("daemon");
     let pid = kilnd_pid(&d);
-    // a step that fails
+    // a step that fails: its container exited, its network goes to the next step
     let c = BuildContext::new("FROM busybox\nRUN sleep 1; exit 3\n").expect("context");
     let mut build = spawn_build(&d, &c);
     let ip = running_step_ip(pid, &mut build);
     assert!(!build.wait().expect("wait").success(), "the step fails");
-    wait_until_removed(&ip);
-    // a build whose client goes away mid-step
-    let c = BuildContext::new("FROM busybox\nRUN sleep 60\n").expect("context");
+    assert_eq!(lease_held_by(pid).as_deref(), Some(ip.as_str()));
+    // a build whose client goes away mid-step: its container may still be going
+    // away, so its network is removed (the next step takes the kept one)
+    let c = BuildContext::new("FROM busybox\nRUN sleep 61\n").expect("context");
     let mut build = spawn_build(&d, &c);
-    let ip = running_step_ip(pid, &mut build);
+    // the step runs once its process is in a network namespace of the bridge
+    let t = Instant::now();
+    let step_ip = loop {
+        let running = std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .find(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x0061\x00")
+            });
+        if let Some(p) = running {
+            let out = sh(&format!(
+                "nsenter -t {} -n ip -4 -o addr show dev eth0",
+                p.file_name().to_string_lossy()
+            ));
+            if let Some(a) = out
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+            {
+                break a.to_string();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the step runs");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(step_ip, ip, "the kept network went to the next step");
     build.kill().expect("cancel the build");
     let _ = build.wait();
-    wait_until_removed(&ip);
+    wait_until_removed(&step_ip);
     still_serves(&d);
 }

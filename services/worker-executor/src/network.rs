@@ -233,7 +233,12 @@ pub struct Bridge {
     dir: PathBuf,
     /// where the next lease search starts
     cursor: AtomicU32,
+    /// Step networks whose step ended, ready for the next (see [`StepNetwork::reuse`]).
+    idle: std::sync::Mutex<Vec<Lease>>,
 }
+
+/// Step networks kept for reuse, at most.
+const IDLE_MAX: usize = 32;
 
 /// Runs `ip`, `iptables` or another tool; an error names the command and what it said.
 fn tool(program: &'static str, args: &[&str]) -> Result<String> {
@@ -430,6 +435,7 @@ impl Bridge {
             subnet,
             dir,
             cursor: AtomicU32::new(std::process::id().wrapping_mul(2_654_435_761)),
+            idle: Default::default(),
         };
         b.sweep();
         Ok(b)
@@ -491,6 +497,14 @@ impl Bridge {
     /// A network namespace on the bridge for one step: a fresh address, a veth pair,
     /// loopback and the default route. Blocking (a few ms); dropping it tears it down.
     pub fn attach(self: &Arc<Self>) -> Result<StepNetwork> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(lease) = idle else { break };
+            // still whole: its namespace mounted and its veth on the bridge
+            if lease.ns.exists() && Path::new("/sys/class/net").join(&lease.veth).exists() {
+                return Ok(self.step_network(lease));
+            }
+        }
         let n = self.subnet.steps();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         let mut lease = None;
@@ -516,7 +530,15 @@ impl Bridge {
             ip: lease.ip,
             source: Box::new(e),
         })?;
-        Ok(StepNetwork { lease: Some(lease) })
+        Ok(self.step_network(lease))
+    }
+
+    fn step_network(self: &Arc<Self>, lease: Lease) -> StepNetwork {
+        StepNetwork {
+            lease: Some(lease),
+            reuse: None,
+        }
+        .with_bridge(self)
     }
 
     fn configure(&self, lease: &Lease) -> Result<()> {
@@ -663,15 +685,25 @@ impl Drop for Lease {
 }
 
 /// One step's network namespace on the bridge. Dropping it removes the namespace and the
-/// veth pair and frees the address.
+/// veth pair and frees the address, unless [`StepNetwork::reuse`] was called: then the
+/// next step gets it as it is (as BuildKit's pool of CNI namespaces does), which saves
+/// making a namespace and a veth pair and removing them (removals wait for the kernel and
+/// for each other, which slows concurrent builds most).
 /// On a tokio runtime the teardown (removing a veth waits for the kernel, ~10 ms) runs on
 /// a blocking thread, off the step's path.
 #[derive(Debug)]
 pub struct StepNetwork {
     lease: Option<Lease>,
+    /// Where the namespace goes back to when reused.
+    reuse: Option<(Arc<Bridge>, bool)>,
 }
 
 impl StepNetwork {
+    fn with_bridge(mut self, bridge: &Arc<Bridge>) -> StepNetwork {
+        self.reuse = Some((bridge.clone(), false));
+        self
+    }
+
     /// The namespace's path, for the runtime spec.
     pub fn path(&self) -> &Path {
         self.lease
@@ -679,12 +711,33 @@ impl StepNetwork {
             .map(|l| l.ns.as_path())
             .unwrap_or(Path::new(""))
     }
+
+    /// Lets the next step have this namespace once this is dropped. Only for a step
+    /// whose container has exited and been removed (nothing of it is left in the
+    /// namespace) and that could not change the namespace: one without
+    /// `CAP_NET_ADMIN`, i.e. not `security.insecure`.
+    pub fn reuse(&mut self) {
+        if let Some((_, reuse)) = &mut self.reuse {
+            *reuse = true;
+        }
+    }
 }
 
 impl Drop for StepNetwork {
     fn drop(&mut self) {
         let Some(lease) = self.lease.take() else {
             return;
+        };
+        let lease = match self.reuse.take() {
+            Some((bridge, true)) => {
+                let mut idle = bridge.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < IDLE_MAX {
+                    idle.push(lease);
+                    return;
+                }
+                lease
+            }
+            _ => lease,
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {

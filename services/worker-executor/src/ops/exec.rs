@@ -390,8 +390,9 @@ struct Prepared {
     process: ProcessSpec,
     /// The host path of each bind mount, by mount index (the root's is the rootfs).
     mount_paths: HashMap<usize, PathBuf>,
-    /// The step's network namespace on the bridge, removed when this drops.
-    _network: Option<network::StepNetwork>,
+    /// The step's network namespace on the bridge, removed when this drops (or kept
+    /// for the next step, see [`Prepared::ran`]).
+    network: Option<network::StepNetwork>,
 }
 
 /// The first missing component of `dest` inside `root`, and every path below it down to
@@ -578,7 +579,7 @@ fn prepare(host: &StepHost, mut parts: StepParts) -> Result<Prepared> {
         None => timed_network(&host.networking, e.network)?,
     };
     let t_wait = t_wait.elapsed();
-    p._network = step_net;
+    p.network = step_net;
     let (resolv_conf, hosts) = p.write_etc_files(meta, &net)?;
     let mut env = meta.env.clone();
     env.extend(
@@ -618,6 +619,16 @@ fn prepare(host: &StepHost, mut parts: StepParts) -> Result<Prepared> {
 }
 
 impl Prepared {
+    /// Its container has exited and is removed: a bridge network of a step that could
+    /// not change it goes to the next step.
+    fn ran(&mut self) {
+        if !self.process.privileged
+            && let Some(n) = &mut self.network
+        {
+            n.reuse();
+        }
+    }
+
     /// An empty step in a new bundle under the runtime dir.
     fn new(runtime: &crate::runtimedir::RuntimeDir, with_secrets: bool) -> Result<Prepared> {
         let bundle = tempfile::Builder::new()
@@ -642,7 +653,7 @@ impl Prepared {
             spec: oci_spec::runtime::Spec::default(),
             process: ProcessSpec::default(),
             mount_paths: HashMap::new(),
-            _network: None,
+            network: None,
         })
     }
 
@@ -1086,6 +1097,8 @@ pub async fn run(
             .await?
     };
     drop(warm);
+    let mut prepared = prepared;
+    prepared.ran();
     let t_ran = t0.elapsed();
     drop(agents);
     let valid = if meta.valid_exit_codes.is_empty() {
