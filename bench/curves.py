@@ -25,6 +25,7 @@ some curves replaces their sections there and keeps the others.
 
 import argparse
 import datetime
+import hashlib
 import os
 import random
 import re
@@ -370,6 +371,11 @@ def main():
         rev = subprocess.run(["git", "-C", B.REPO, "describe", "--always", "--dirty"],
                              stdout=subprocess.PIPE).stdout.decode().strip()
         kernel = subprocess.run(["uname", "-r"], stdout=subprocess.PIPE).stdout.decode().strip()
+        kilnd = builders[0].kilnd
+        with open(kilnd, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        mtime = datetime.datetime.fromtimestamp(os.path.getmtime(kilnd), datetime.timezone.utc)
+        notes.insert(1, f"kilnd binary {kilnd} (built {mtime:%Y-%m-%d %H:%M} UTC, sha256 {digest}…)")
         bench = CurveBench(builders, {}, a.reps, False, tmp, reg)
         for n in names:
             curve = BY_NAME[n]
