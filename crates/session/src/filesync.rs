@@ -25,6 +25,8 @@ pub const MAX_ENTRIES: usize = 10_000_000;
 /// The most files a receiver holds open at once: a sender may interleave the
 /// data of several files, but not start ever more files without ending any.
 pub const MAX_OPEN_FILES: usize = 1024;
+/// Requests a receiver has out at once (each names a whole file).
+const REQUESTS_AHEAD: usize = 32;
 /// The longest path an entry (or a hard link's target) may have, in bytes:
 /// Linux's `PATH_MAX`.
 pub const MAX_PATH_LEN: usize = 4096;
@@ -573,16 +575,26 @@ async fn receive_limited(
             task: "prepare",
             source,
         })??;
-    for id in &wanted {
-        conn.send(Packet {
-            r#type: PacketType::PacketReq as i32,
-            id: *id,
-            ..Default::default()
-        })
-        .await?;
-    }
-    let mut files = IncomingFiles::new(dest, &stats, limits.open_files, &wanted);
-    while !files.pending.is_empty() {
+    let mut files = IncomingFiles::new(dest, &stats, limits.open_files);
+    let mut to_ask = wanted.iter();
+    loop {
+        // A few requests ahead, never all: the sender answers one request at a time and
+        // reads the next only when that file is sent, and this side reads no data while
+        // it writes requests. With every request written first, a long list fills the
+        // stream's window both ways and each side waits for the other for ever.
+        while files.pending.len() < REQUESTS_AHEAD {
+            let Some(id) = to_ask.next() else { break };
+            conn.send(Packet {
+                r#type: PacketType::PacketReq as i32,
+                id: *id,
+                ..Default::default()
+            })
+            .await?;
+            files.pending.insert(*id);
+        }
+        if files.pending.is_empty() {
+            break;
+        }
         let p = conn
             .recv()
             .await?
@@ -684,13 +696,13 @@ struct IncomingFiles<'a> {
 }
 
 impl<'a> IncomingFiles<'a> {
-    fn new(dest: &'a Path, stats: &'a [Stat], max_open: usize, wanted: &[u32]) -> Self {
+    fn new(dest: &'a Path, stats: &'a [Stat], max_open: usize) -> Self {
         use std::hash::{BuildHasher, Hasher};
         IncomingFiles {
             dest,
             stats,
             max_open,
-            pending: wanted.iter().copied().collect(),
+            pending: HashSet::new(),
             open: HashMap::new(),
             nonce: std::collections::hash_map::RandomState::new()
                 .build_hasher()
@@ -1116,6 +1128,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_context_of_many_files_is_received_whole_without_either_side_waiting_for_ever() {
+        // far more files than either direction of the connection holds packets: a
+        // receiver that asked for every file before reading any stopped both sides
+        let src = tempfile::tempdir().expect("tmp");
+        for i in 0..3000 {
+            let d = src.path().join(format!("d{}", i / 500));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join(format!("f{i}")), format!("file {i}\n")).expect("write");
+        }
+        let dest = tempfile::tempdir().expect("tmp");
+        let filter = Filter::new(&[], &[]).expect("filter");
+        let stats = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            transfer(src.path(), dest.path(), filter),
+        )
+        .await
+        .expect("the transfer ends");
+        assert_eq!(stats.transferred, 3000);
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("d5/f2999")).expect("last file"),
+            "file 2999\n"
+        );
+    }
+
+    #[tokio::test]
     async fn second_sync_transfers_only_the_changed_file() {
         let src = tempfile::tempdir().expect("tmp");
         let dest = tempfile::tempdir().expect("tmp");
@@ -1353,7 +1390,11 @@ mod tests {
     #[tokio::test]
     async fn a_sender_cannot_hold_more_than_the_open_file_limit() {
         let (canary, dest) = canary();
-        let n = MAX_OPEN_FILES + 1;
+        let n = REQUESTS_AHEAD + 8;
+        let limits = Limits {
+            open_files: 8,
+            ..Limits::default()
+        };
         let (mut a, mut b) = pair();
         let sender = tokio::spawn(async move {
             for i in 0..n {
@@ -1371,14 +1412,17 @@ mod tests {
                     ..Default::default()
                 })
                 .await;
-            // every file is started, none is ended
+            // the receiver asks for a few files at a time, never for all of them
             let mut ids = Vec::new();
-            while ids.len() < n {
+            while ids.len() < REQUESTS_AHEAD {
                 match a.recv().await {
                     Ok(Some(p)) if p.r#type == PacketType::PacketReq as i32 => ids.push(p.id),
-                    _ => return,
+                    _ => return 0,
                 }
             }
+            let more = tokio::time::timeout(std::time::Duration::from_millis(200), a.recv()).await;
+            let asked = ids.len() + usize::from(more.is_ok_and(|p| p.is_ok_and(|p| p.is_some())));
+            // every requested file is started, none is ended
             for id in ids {
                 let sent = a
                     .send(Packet {
@@ -1389,19 +1433,23 @@ mod tests {
                     })
                     .await;
                 if sent.is_err() {
-                    return;
+                    break;
                 }
             }
+            asked
         });
-        let r = receive(&mut b, &dest).await;
+        let r = receive_limited(&mut b, &dest, limits).await;
         drop(b);
-        let _ = sender.await;
+        let asked = sender.await.expect("sender");
+        assert_eq!(
+            asked, REQUESTS_AHEAD,
+            "requests out before any file was sent"
+        );
         let (limit, msg) = limit_of(r);
-        assert_eq!(limit, MAX_OPEN_FILES);
+        assert_eq!(limit, 8);
         assert!(
-            msg.starts_with(&format!(
-                "the sender has more than {MAX_OPEN_FILES} files open at once"
-            )) && msg.ends_with(&format!("(the limit is {MAX_OPEN_FILES})")),
+            msg.starts_with("the sender has more than 8 files open at once")
+                && msg.ends_with("(the limit is 8)"),
             "{msg}"
         );
         assert_only_dest(canary.path());
