@@ -368,6 +368,34 @@ impl Restartable {
         }
     }
 
+    /// Sends the daemon `signal` ("TERM", "INT", …).
+    pub fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Whether the daemon has exited, waiting up to `within` for it.
+    pub fn exited(&mut self, within: Duration) -> bool {
+        let Some(c) = &mut self.child else {
+            return true;
+        };
+        let start = Instant::now();
+        loop {
+            if c.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return true;
+            }
+            if start.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the daemon (see [`Restartable::stop`]) and starts another on the same root.
     pub fn restart(&mut self, graceful: bool) {
         self.stop(graceful);

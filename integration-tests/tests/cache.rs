@@ -303,6 +303,56 @@ fn processes(args: &[&str]) -> usize {
 }
 
 #[test]
+fn sigterm_waits_for_a_running_build_and_a_second_one_stops_kilnd_at_once() {
+    let mut d = Kilnd::start();
+    let c = BuildContext::new("FROM busybox\nRUN sleep 53 && echo never\n").expect("ctx");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend(dockerfile_args());
+    let mut client = d
+        .kiln(c.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln");
+    let start = Instant::now();
+    while processes(&["sleep", "53"]) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the step never started:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.signal("TERM");
+    assert!(
+        !d.exited(Duration::from_secs(2)),
+        "the first SIGTERM waits for the running build:\n{}",
+        d.logs()
+    );
+    d.signal("TERM");
+    assert!(
+        d.exited(Duration::from_secs(10)),
+        "a second SIGTERM stops kilnd:\n{}",
+        d.logs()
+    );
+    let _ = client.wait();
+    // as after a crash: a new kilnd on the same root removes the abandoned step's
+    // container and builds
+    d.spawn();
+    let again = BuildContext::new("FROM busybox\nRUN echo after > /after\n").expect("ctx");
+    d.build(again.path(), &[]);
+    let stopped = Instant::now();
+    while processes(&["sleep", "53"]) > 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the abandoned step still runs:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn a_client_that_goes_away_stops_its_running_step() {
     let d = Kilnd::start();
     let c = BuildContext::new("FROM busybox\nRUN sleep 47 && echo never\n").expect("ctx");

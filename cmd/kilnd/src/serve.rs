@@ -63,8 +63,16 @@ pub fn shutdown_signal() -> Shutdown {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: waiting for running builds (a second signal stops at once)");
         let _ = tx.send(true);
+        // builds that never end (a client gone silent) would hold a graceful shutdown
+        // for ever; kilnd's state survives being stopped at any point, as a crash does
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("second signal: stopping now, running builds are abandoned");
+        std::process::exit(1);
     });
     Shutdown(rx)
 }
