@@ -494,8 +494,9 @@ impl Bridge {
         }
     }
 
-    /// A network namespace on the bridge for one step: a fresh address, a veth pair,
-    /// loopback and the default route. Blocking (a few ms); dropping it tears it down.
+    /// A network namespace on the bridge for one step: one an ended step left (see
+    /// [`StepNetwork::reuse`]), else a fresh address, a veth pair, loopback and the
+    /// default route. Blocking (a few ms); dropping it tears it down.
     pub fn attach(self: &Arc<Self>) -> Result<StepNetwork> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -536,9 +537,8 @@ impl Bridge {
     fn step_network(self: &Arc<Self>, lease: Lease) -> StepNetwork {
         StepNetwork {
             lease: Some(lease),
-            reuse: None,
+            reuse: Some((self.clone(), false)),
         }
-        .with_bridge(self)
     }
 
     fn configure(&self, lease: &Lease) -> Result<()> {
@@ -694,16 +694,11 @@ impl Drop for Lease {
 #[derive(Debug)]
 pub struct StepNetwork {
     lease: Option<Lease>,
-    /// Where the namespace goes back to when reused.
+    /// The bridge it goes back to, and whether it may ([`StepNetwork::reuse`]).
     reuse: Option<(Arc<Bridge>, bool)>,
 }
 
 impl StepNetwork {
-    fn with_bridge(mut self, bridge: &Arc<Bridge>) -> StepNetwork {
-        self.reuse = Some((bridge.clone(), false));
-        self
-    }
-
     /// The namespace's path, for the runtime spec.
     pub fn path(&self) -> &Path {
         self.lease
