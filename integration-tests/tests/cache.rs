@@ -302,20 +302,20 @@ fn processes(args: &[&str]) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn sigterm_waits_for_a_running_build_and_a_second_one_stops_kilnd_at_once() {
-    let mut d = Kilnd::start();
-    let c = BuildContext::new("FROM busybox\nRUN sleep 53 && echo never\n").expect("ctx");
+/// `kiln build` on `d` (in the background) of a step `sleep SECS`, once that step runs.
+fn build_sleeping(d: &Kilnd, secs: &str) -> (BuildContext, std::process::Child) {
+    let c =
+        BuildContext::new(&format!("FROM busybox\nRUN sleep {secs} && echo never\n")).expect("ctx");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend(dockerfile_args());
-    let mut client = d
+    let client = d
         .kiln(c.path(), &args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("kiln");
     let start = Instant::now();
-    while processes(&["sleep", "53"]) == 0 {
+    while processes(&["sleep", secs]) == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "the step never started:\n{}",
@@ -323,6 +323,26 @@ fn sigterm_waits_for_a_running_build_and_a_second_one_stops_kilnd_at_once() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    (c, client)
+}
+
+/// Waits (up to 10 s) until no `sleep SECS` runs any more.
+fn wait_until_gone(d: &Kilnd, secs: &str, what: &str) {
+    let stopped = Instant::now();
+    while processes(&["sleep", secs]) > 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "{what}:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_waits_for_a_running_build_and_a_second_one_stops_kilnd_at_once() {
+    let mut d = Kilnd::start();
+    let (_c, mut client) = build_sleeping(&d, "53");
     d.signal("TERM");
     assert!(
         !d.exited(Duration::from_secs(2)),
@@ -341,49 +361,16 @@ fn sigterm_waits_for_a_running_build_and_a_second_one_stops_kilnd_at_once() {
     d.spawn();
     let again = BuildContext::new("FROM busybox\nRUN echo after > /after\n").expect("ctx");
     d.build(again.path(), &[]);
-    let stopped = Instant::now();
-    while processes(&["sleep", "53"]) > 0 {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "the abandoned step still runs:\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_gone(&d, "53", "the abandoned step still runs");
 }
 
 #[test]
 fn a_client_that_goes_away_stops_its_running_step() {
     let d = Kilnd::start();
-    let c = BuildContext::new("FROM busybox\nRUN sleep 47 && echo never\n").expect("ctx");
-    let mut args = vec!["build", "--progress", "plain"];
-    args.extend(dockerfile_args());
-    let mut client = d
-        .kiln(c.path(), &args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kiln");
-    let start = Instant::now();
-    while processes(&["sleep", "47"]) == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the step never started:\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (c, mut client) = build_sleeping(&d, "47");
     let _ = client.kill();
     let _ = client.wait();
-    let stopped = Instant::now();
-    while processes(&["sleep", "47"]) > 0 {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "the step still runs after its client left:\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_gone(&d, "47", "the step still runs after its client left");
     // nothing was cached for the stopped step
     let again = BuildContext::new("FROM busybox\nRUN echo quick\n").expect("ctx");
     d.build(again.path(), &[]);
