@@ -905,6 +905,17 @@ pub fn kiln_build_llb(addr: &str, cwd: &Path, definition: Vec<u8>, extra: &[&str
     out
 }
 
+/// [`kiln_build_llb`] of `definition` exported to the local directory `dest`.
+pub fn kiln_build_llb_to(addr: &str, definition: Vec<u8>, dest: &Path) -> Output {
+    let output = format!("type=local,dest={}", dest.display());
+    kiln_build_llb(
+        addr,
+        &std::env::temp_dir(),
+        definition,
+        &["--output", &output],
+    )
+}
+
 /// The `#N` number, in plain progress, of the step whose name contains `needle`.
 pub fn step_number(progress: &str, needle: &str) -> Option<String> {
     progress.lines().find_map(|l| {

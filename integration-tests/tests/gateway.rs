@@ -499,21 +499,12 @@ fn raw_llb_on_stdin_builds_like_buildctl() {
     let d = Daemon::start(Topology::AllInOne).expect("daemon");
     let dir = tempfile::tempdir().expect("tempdir");
     let def = files_definition().encode_to_vec();
-    let mut child = Command::new(bin_dir().join("kiln"))
-        .args(["--addr", &d.addr, "build", "--progress", "plain"])
-        .args(["--output", "type=local,dest=out"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(&def).expect("write definition");
-    }
-    let out = child.wait_with_output().expect("kiln");
+    let out = kiln_integration_tests::kiln_build_llb(
+        &d.addr,
+        dir.path(),
+        def,
+        &["--output", "type=local,dest=out"],
+    );
     assert!(
         out.status.success(),
         "{}\n{}",

@@ -237,14 +237,7 @@ async fn llb_naming_another_clients_layout_reads_nothing_of_it() {
         let (addr, dest) = (d.addr.clone(), out.path().join("stolen"));
         let result = std::thread::spawn(move || {
             use prost::Message;
-            let output = format!("type=local,dest={}", dest.display());
-            let cwd = std::env::temp_dir();
-            kiln_integration_tests::kiln_build_llb(
-                &addr,
-                &cwd,
-                def.encode_to_vec(),
-                &["--output", &output],
-            )
+            kiln_integration_tests::kiln_build_llb_to(&addr, def.encode_to_vec(), &dest)
         })
         .join()
         .expect("join");
