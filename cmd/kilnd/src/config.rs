@@ -181,6 +181,9 @@ pub struct OciWorker {
     /// how snapshots are mounted: auto, overlayfs or fuse-overlayfs
     /// (`--oci-worker-snapshotter`)
     pub snapshotter: Option<String>,
+    /// what starts exec steps: auto (kiln's own starter, runc where it cannot run),
+    /// native or runc (`--oci-worker-runtime`)
+    pub runtime: Option<String>,
     /// automatic build-cache GC (buildkitd's `gc`)
     pub gc: Option<bool>,
     /// limit of the default GC policy: MB as a number, or "10GB"

@@ -127,6 +127,11 @@ struct Args {
     /// fuse-overlayfs; overrides `[worker.oci] snapshotter`
     #[arg(long = "oci-worker-snapshotter", value_name = "NAME")]
     snapshotter: Option<String>,
+    /// What starts exec steps' containers: auto (kiln's own starter; runc when the
+    /// worker is rootless or the kernel lacks the new mount API), native or runc;
+    /// overrides `[worker.oci] runtime`
+    #[arg(long = "oci-worker-runtime", value_name = "NAME")]
+    runtime: Option<String>,
     /// Log filter, e.g. info or kiln=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -213,6 +218,8 @@ struct Settings {
     rootless: bool,
     /// `--oci-worker-snapshotter` or `[worker.oci] snapshotter`
     snapshotter: worker_executor::snapshot::overlay::Snapshotter,
+    /// `--oci-worker-runtime` or `[worker.oci] runtime`
+    runtime: worker_executor::native::Runtime,
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
@@ -247,6 +254,13 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         .unwrap_or("auto")
         .parse()
         .map_err(|e: String| anyhow::anyhow!("{e}"))?;
+    let runtime = args
+        .runtime
+        .as_deref()
+        .or(file.worker.oci.runtime.as_deref())
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("[worker.oci] runtime: {e}"))?;
     let root = args
         .root
         .clone()
@@ -286,6 +300,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         network_mode: args.network_mode.clone(),
         rootless,
         snapshotter,
+        runtime,
     })
 }
 
@@ -379,6 +394,7 @@ fn worker_core(s: &Settings, broker: String) -> anyhow::Result<Arc<worker_execut
     c.network = s.file.worker.network(s.network_mode.as_deref())?;
     c.rootless = s.rootless;
     c.snapshotter = s.snapshotter;
+    c.runtime = s.runtime;
     if s.rootless && c.containerd.is_some() {
         anyhow::bail!(
             "rootless mode runs steps with runc; the containerd worker ([worker.containerd]) is not available rootless"

@@ -43,6 +43,9 @@ pub enum Error {
     InputCount { want: usize, got: usize },
     #[error("invalid op: {0}")]
     InvalidOp(String),
+    /// Compiling a seccomp profile with libseccomp (see [`crate::seccomp::compile`]).
+    #[error("seccomp filter: {0}")]
+    Seccomp(String),
     #[error("syntax error in pattern {pattern:?}")]
     Pattern { pattern: String },
     #[error("unsupported source {identifier:?}")]

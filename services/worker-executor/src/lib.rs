@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod import;
 pub mod join;
 pub mod layers;
+pub mod native;
 pub mod network;
 pub mod ops;
 pub mod rootless;
@@ -70,6 +71,9 @@ pub struct Config {
     pub rootless: bool,
     /// How snapshots are mounted (kilnd.toml `[worker.oci] snapshotter`).
     pub snapshotter: snapshot::overlay::Snapshotter,
+    /// What starts exec steps' containers without containerd (kilnd.toml
+    /// `[worker.oci] runtime`).
+    pub runtime: native::Runtime,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             network: network::NetworkConfig::default(),
             rootless: false,
             snapshotter: snapshot::overlay::Snapshotter::Auto,
+            runtime: native::Runtime::Auto,
         }
     }
 }
@@ -783,26 +788,28 @@ pub(crate) mod testutil {
 
     /// A busybox rootfs (static busybox from the host) with /etc/passwd and /etc/group.
     pub fn busybox(w: &Worker) -> String {
-        snapshot(w, None, |d| {
-            std::fs::create_dir_all(d.join("bin")).expect("mkdir");
-            std::fs::create_dir_all(d.join("etc")).expect("mkdir");
-            std::fs::copy("/bin/busybox", d.join("bin/busybox")).expect("copy busybox");
-            let list = std::process::Command::new("/bin/busybox")
-                .arg("--list")
-                .output()
-                .expect("busybox --list");
-            for name in String::from_utf8_lossy(&list.stdout).lines() {
-                if name != "busybox" {
-                    std::os::unix::fs::symlink("busybox", d.join("bin").join(name))
-                        .expect("symlink");
-                }
+        snapshot(w, None, busybox_into)
+    }
+
+    /// Fills `d` with a busybox rootfs (see [`busybox`]).
+    pub fn busybox_into(d: &std::path::Path) {
+        std::fs::create_dir_all(d.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(d.join("etc")).expect("mkdir");
+        std::fs::copy("/bin/busybox", d.join("bin/busybox")).expect("copy busybox");
+        let list = std::process::Command::new("/bin/busybox")
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
+        for name in String::from_utf8_lossy(&list.stdout).lines() {
+            if name != "busybox" {
+                std::os::unix::fs::symlink("busybox", d.join("bin").join(name)).expect("symlink");
             }
-            std::fs::write(
-                d.join("etc/passwd"),
-                "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\n",
-            )
-            .expect("passwd");
-            std::fs::write(d.join("etc/group"), "root:x:0:\nalice:x:1001:\n").expect("group");
-        })
+        }
+        std::fs::write(
+            d.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\n",
+        )
+        .expect("passwd");
+        std::fs::write(d.join("etc/group"), "root:x:0:\nalice:x:1001:\n").expect("group");
     }
 }

@@ -94,7 +94,7 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount>
 }
 
 /// Every Linux capability with its number, for privileged (`security.insecure`) runs.
-const ALL_CAPS: &[(&str, u32)] = &[
+pub(crate) const ALL_CAPS: &[(&str, u32)] = &[
     ("CAP_CHOWN", 0),
     ("CAP_DAC_OVERRIDE", 1),
     ("CAP_DAC_READ_SEARCH", 2),
@@ -551,7 +551,7 @@ impl LogLines {
     }
 }
 
-async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event>) {
+pub(crate) async fn pump(r: impl AsyncRead + Unpin, stream: i64, events: mpsc::Sender<Event>) {
     let mut r = BufReader::new(r);
     let mut lines = LogLines::default();
     loop {

@@ -17,6 +17,7 @@ struct PasswdEntry {
     name: String,
     uid: u32,
     gid: u32,
+    home: String,
 }
 
 struct GroupEntry {
@@ -62,6 +63,7 @@ fn passwd(root: &Path) -> Vec<PasswdEntry> {
                 name: f[0].to_string(),
                 uid: f[2].parse().ok()?,
                 gid: f[3].parse().ok()?,
+                home: f.get(5).map(|h| h.to_string()).unwrap_or_default(),
             })
         })
         .collect()
@@ -88,6 +90,16 @@ fn groups(root: &Path) -> Vec<GroupEntry> {
             })
         })
         .collect()
+}
+
+/// The home directory of `uid` in `root`'s /etc/passwd, "/" when it has none: what a
+/// step's `HOME` is when its environment does not set it (as runc sets it).
+pub fn home_of(root: &Path, uid: u32) -> String {
+    passwd(root)
+        .into_iter()
+        .find(|e| e.uid == uid && !e.home.is_empty())
+        .map(|e| e.home)
+        .unwrap_or_else(|| "/".to_string())
 }
 
 /// The ids a file op's `--chown` names get, as BuildKit gives them: a user

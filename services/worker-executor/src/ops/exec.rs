@@ -1,5 +1,5 @@
-//! Exec ops: mount the inputs, write a runc bundle, run it (with runc, or as a containerd
-//! task), commit the writable mounts.
+//! Exec ops: mount the inputs, write a runc bundle, run it (with kiln's own container
+//! starter, runc, or as a containerd task), commit the writable mounts.
 
 use crate::cachemount::{Lease, Sharing};
 use crate::containerd::Containerd;
@@ -22,6 +22,9 @@ pub enum Executor {
     Runc(Runc),
     /// A containerd container and task (runc shim) with the bundle's spec.
     Containerd(Containerd),
+    /// kiln's own container starter, with the bundle's spec (runc for interactive
+    /// processes).
+    Native(crate::native::Native, Runc),
 }
 
 impl Executor {
@@ -44,7 +47,7 @@ impl Executor {
                 }
                 let runc = runc_at(runtime.runc_state());
                 runc.reap();
-                Executor::Runc(runc)
+                native_or(runc, config)
             }
         };
         // bundles of steps a killed worker was running (their mounts are gone already:
@@ -68,7 +71,7 @@ impl Executor {
         runtime: &crate::runtimedir::RuntimeDir,
     ) -> Runc {
         match self {
-            Executor::Runc(r) => r.clone(),
+            Executor::Runc(r) | Executor::Native(_, r) => r.clone(),
             Executor::Containerd(_) => {
                 let r = Runc::new(config.runc.clone(), runtime.runc_state());
                 r.reap();
@@ -89,6 +92,35 @@ impl Executor {
         match self {
             Executor::Runc(r) => r.run(id, bundle, events).await,
             Executor::Containerd(c) => c.run(id, spec, bundle, events).await,
+            Executor::Native(n, _) => n.run(id, spec, events).await,
+        }
+    }
+}
+
+/// kiln's own starter when the config asks for it (or leaves it to kiln) and the host
+/// has what it needs; else `runc`. A rootless worker always uses runc.
+fn native_or(runc: Runc, config: &crate::Config) -> Executor {
+    use crate::native::Runtime;
+    if config.runtime == Runtime::Runc || config.rootless {
+        if config.rootless && config.runtime == Runtime::Native {
+            tracing::warn!(
+                "a rootless worker runs steps with runc ([worker.oci] runtime = \"native\" is for root)"
+            );
+        }
+        return Executor::Runc(runc);
+    }
+    match crate::native::Native::new() {
+        Ok(n) => {
+            tracing::info!("exec steps start with kiln's own container starter");
+            Executor::Native(n, runc)
+        }
+        Err(reason) => {
+            if config.runtime == Runtime::Native {
+                tracing::warn!(%reason, "kiln's own container starter is not available here; steps run with runc");
+            } else {
+                tracing::info!(%reason, "steps run with runc");
+            }
+            Executor::Runc(runc)
         }
     }
 }
@@ -1072,7 +1104,7 @@ pub async fn run(
         .ok_or_else(|| Error::InvalidOp("exec without meta".into()))?;
     let t0 = std::time::Instant::now();
     // from here until the container has run, runc's cgroup attach finds the fast path
-    let warm = crate::cgwarm::hold();
+    let warm = (!matches!(w.executor, Executor::Native(..))).then(crate::cgwarm::hold);
     let (prepared, agents) = prepare_exec(
         w,
         e,
