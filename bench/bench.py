@@ -337,7 +337,10 @@ class Kiln(Builder):
         # docker builds with --network host (its daemon has no bridge here), so kiln's
         # steps share the host's network too unless BENCH_KILN_NETWORK says otherwise
         net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
-        self.proc = subprocess.Popen([self.kilnd, "--config", cfg, "--network-mode", net],
+        # BENCH_KILN_RUNTIME: what starts steps (auto, native or runc; kilnd's default: auto)
+        runtime = os.environ.get("BENCH_KILN_RUNTIME", "") or "auto"
+        self.proc = subprocess.Popen([self.kilnd, "--config", cfg, "--network-mode", net,
+                                      "--oci-worker-runtime", runtime],
                                      stdout=self.logf, stderr=self.logf)
         wait_for(lambda: os.path.exists(self.sock), 30, "kilnd socket")
 
@@ -1014,7 +1017,9 @@ def start_builders(tmp, regdir, peers_wanted, quick, builders, notes):
             else f"--output type=image,name=\u2026,compression={kiln_output()} (image assembled, not pushed; "
                  "docker -t stores uncompressed layers)")
     net = os.environ.get("BENCH_KILN_NETWORK", "") or "host"
+    runtime = os.environ.get("BENCH_KILN_RUNTIME", "") or "auto"
     notes.append(f"kiln: {os.path.relpath(builders[0].kilnd, REPO)}, all-in-one, --network-mode {net}, "
+                 f"--oci-worker-runtime {runtime}, "
                  "fresh --root for every cold run, "
                  f"`kiln build --progress quiet` {kout}")
     if "docker" in peers_wanted:

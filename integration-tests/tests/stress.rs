@@ -248,9 +248,11 @@ fn uuid_like() -> String {
     )
 }
 
-/// kill -9 of kilnd in the middle of a step leaves a running container, its mounts and
-/// its bundle; the next kilnd on the same root removes all of it.
-fn restart_after_crash(backend: &Backend, marker: &str) {
+/// kill -9 of kilnd in the middle of a step leaves a running container (runc's or
+/// containerd's), its mounts and its bundle; the next kilnd on the same root removes all
+/// of it. With kiln's own container starter (`runtime = "native"`) the step's processes
+/// die with kilnd, and the rest is removed the same way.
+fn restart_after_crash(backend: &Backend, marker: &str, runtime: &str) {
     let dir = tempfile::Builder::new()
         .prefix("kiln-crash-")
         .tempdir()
@@ -268,7 +270,10 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
         "[registry.\"docker.io\"]\nmirrors = [\"{reg}\"]\n[registry.\"{reg}\"]\nhttp = true\n"
     );
     let ns = match backend {
-        Backend::Runc => None,
+        Backend::Runc => {
+            config.push_str(&format!("[worker.oci]\nruntime = \"{runtime}\"\n"));
+            None
+        }
         Backend::Containerd { address } => {
             config.push_str(&format!(
                 "[worker.containerd]\nenabled = true\naddress = \"{address}\"\nnamespace = \"{namespace}\"\n"
@@ -319,12 +324,32 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
     k.kill();
     let _ = client.kill();
     let _ = client.wait();
-    let left = leaks(dir.path(), backend, ns, marker);
-    assert!(
-        left.iter().any(|(kind, _)| *kind == "processes"),
-        "a killed kilnd leaves its step running: {left:?}"
-    );
-    if ns.is_some() {
+    let mut left = leaks(dir.path(), backend, ns, marker);
+    if runtime == "native" {
+        // the step's pid 1 gets SIGKILL when kilnd's cloning thread dies
+        let start = Instant::now();
+        while left.iter().any(|(kind, _)| *kind == "processes")
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            left = leaks(dir.path(), backend, ns, marker);
+        }
+        assert!(
+            !left.iter().any(|(kind, _)| *kind == "processes"),
+            "a killed kilnd leaves the step it started running: {left:?}"
+        );
+        assert!(
+            left.iter().any(|(kind, _)| *kind == "mounts"),
+            "(the step's mounts stay until the next kilnd): {left:?}"
+        );
+    } else {
+        assert!(
+            left.iter().any(|(kind, _)| *kind == "processes"),
+            "a killed kilnd leaves its step running: {left:?}"
+        );
+    }
+    if runtime == "native" {
+    } else if ns.is_some() {
         assert!(
             left.iter()
                 .any(|(kind, _)| *kind == "containerd active snapshots"),
@@ -363,12 +388,17 @@ fn restart_after_crash(backend: &Backend, marker: &str) {
 
 #[test]
 fn a_restarted_kilnd_removes_what_a_killed_one_left_on_runc() {
-    restart_after_crash(&Backend::Runc, "77.73");
+    restart_after_crash(&Backend::Runc, "77.73", "runc");
+}
+
+#[test]
+fn a_killed_kilnd_takes_its_native_steps_down_and_the_next_one_cleans_up() {
+    restart_after_crash(&Backend::Runc, "77.75", "native");
 }
 
 #[test]
 fn a_restarted_kilnd_removes_what_a_killed_one_left_on_containerd() {
     if let Some(b) = Backend::containerd() {
-        restart_after_crash(&b, "77.74");
+        restart_after_crash(&b, "77.74", "runc");
     }
 }

@@ -401,10 +401,63 @@ impl Native {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Native {
+        let n = Native {
             spawner: tx,
             filters,
-        })
+        };
+        n.self_test()?;
+        Ok(n)
+    }
+
+    /// Starts one container whose rootfs is empty, with a new network namespace: every
+    /// stage of the set-up must pass and only its exec may fail (nothing to run). A
+    /// host where some stage cannot work (a container without the privileges it needs,
+    /// an LSM that refuses a mount) then uses runc, instead of failing its steps.
+    fn self_test(&self) -> std::result::Result<(), String> {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-start-probe-")
+            .tempdir()
+            .map_err(|e| format!("probe dir: {e}"))?;
+        let rootfs = dir.path().join("rootfs");
+        let (resolv, hosts) = (dir.path().join("resolv.conf"), dir.path().join("hosts"));
+        let made = std::fs::create_dir(&rootfs)
+            .and_then(|()| std::fs::write(&resolv, ""))
+            .and_then(|()| std::fs::write(&hosts, crate::runc::HOSTS));
+        made.map_err(|e| format!("probe dir: {e}"))?;
+        let p = crate::runc::ProcessSpec {
+            args: vec!["kiln-start-probe".into()],
+            env: vec!["PATH=/".into()],
+            rootfs,
+            resolv_conf: resolv,
+            hosts,
+            network: crate::runc::Network::Loopback,
+            ..Default::default()
+        };
+        let spec = crate::runc::spec(&p).map_err(|e| e.to_string())?;
+        let null = || {
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| format!("/dev/null: {e}"))
+        };
+        let (status_r, status_w) = pipe().map_err(|e| e.to_string())?;
+        let plan = self
+            .plan(&spec, null()?, null()?, null()?, status_w)
+            .map_err(|e| e.to_string())?;
+        let pidfd = clone_child(plan).map_err(|e| format!("clone3: {e}"))?;
+        waitid(pidfd.as_raw_fd(), 0).map_err(|e| format!("waitid: {e}"))?;
+        match read_status(&status_r) {
+            Some((stage, _, _)) if stage == Stage::NotFound as u32 => Ok(()),
+            Some(status) => {
+                let dests: Vec<String> = (spec.mounts().iter().flatten())
+                    .map(|m| m.destination().to_string_lossy().into_owned())
+                    .collect();
+                Err(describe(status, &dests, "kiln-start-probe"))
+            }
+            None => Err("the probe ran nothing and reported nothing".into()),
+        }
     }
 
     fn filter(&self, p: &oci_spec::runtime::LinuxSeccomp) -> Result<Arc<crate::seccomp::Bpf>> {
@@ -472,7 +525,8 @@ impl Native {
             t_exited.as_micros(),
             t0.elapsed().as_micros()
         );
-        if let Some(msg) = read_failure(&status_r, &dests, &arg0) {
+        if let Some(status) = read_status(&status_r) {
+            let msg = describe(status, &dests, &arg0);
             let _ = events
                 .send(Event::Log {
                     stream: 2,
@@ -794,6 +848,7 @@ impl Drop for Reaper {
         if self.exited {
             return;
         }
+        tracing::debug!("killing a cancelled step's container");
         #[allow(unsafe_code, reason = "pidfd_send_signal has no wrapper")]
         // SAFETY: a pidfd we own; no siginfo
         unsafe {
@@ -846,8 +901,8 @@ fn waitid(pidfd: RawFd, flags: c_int) -> std::io::Result<Option<i32>> {
     }
 }
 
-/// The child's report, if it failed before its exec: as runc would word it.
-fn read_failure(fd: &OwnedFd, dests: &[String], arg0: &str) -> Option<String> {
+/// The child's report, if it failed before its exec: (stage, errno, index).
+fn read_status(fd: &OwnedFd) -> Option<(u32, i32, usize)> {
     let mut buf = [0u8; 12];
     #[allow(unsafe_code, reason = "a plain read of a pipe")]
     // SAFETY: reads at most 12 bytes into a 12-byte buffer
@@ -860,24 +915,27 @@ fn read_failure(fd: &OwnedFd, dests: &[String], arg0: &str) -> Option<String> {
         b.copy_from_slice(&buf[i..i + 4]);
         u32::from_ne_bytes(b)
     };
-    let (stage, errno, index) = (word(0), word(4) as i32, word(8) as usize);
+    Some((word(0), word(4) as i32, word(8) as usize))
+}
+
+/// What a child's report means, as runc would word it.
+fn describe(status: (u32, i32, usize), dests: &[String], arg0: &str) -> String {
+    let (stage, errno, index) = status;
     let err = std::io::Error::from_raw_os_error(errno);
     let dest = dests.get(index).map(String::as_str).unwrap_or("?");
     let what = match Stage::from_u32(stage) {
         Some(Stage::NotFound) => {
-            return Some(format!(
-                "unable to start container process: exec: {arg0:?}: executable file not found in $PATH"
-            ));
+            format!("exec: {arg0:?}: executable file not found in $PATH")
         }
         Some(Stage::Exec) => format!("exec: {arg0:?}: {err}"),
         Some(Stage::Cwd) => format!("chdir to cwd: {err}"),
         Some(s @ (Stage::MountPoint | Stage::MountTarget | Stage::MountFs | Stage::MountBind)) => {
             format!("mount {dest} ({s:?}): {err}")
         }
-        Some(s) => format!("{s:?}: {err}"),
+        Some(s) => format!("{s:?} (#{index}): {err}"),
         None => format!("stage {stage}: {err}"),
     };
-    Some(format!("unable to start container process: {what}"))
+    format!("unable to start container process: {what}")
 }
 
 /// Clones the child (on the clone thread); returns its pidfd. The plan, with the
@@ -1651,7 +1709,14 @@ mod tests {
                 .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
                 .any(|c| String::from_utf8_lossy(&c).contains(&format!("sleep\0{marker}")))
         };
-        assert!(alive());
+        // the echo can come before the background sleeps have started
+        for _ in 0..100 {
+            if alive() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(alive(), "the step's processes never started");
         drop(run);
         let mut gone = false;
         for _ in 0..100 {
