@@ -138,11 +138,26 @@ const DEV_LINKS: &[(&str, &str)] = &[
     ("/dev/ptmx", "pts/ptmx"),
 ];
 
-/// Where the child was when it failed (reported with errno and an index).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-enum Stage {
-    Stdio = 1,
+/// Declares [`Stage`] and the list of its values.
+macro_rules! stages {
+    ($($name:ident),* $(,)?) => {
+        /// Where the child was when it failed (reported with errno and an index).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u32)]
+        enum Stage {
+            $($name),*
+        }
+
+        impl Stage {
+            fn from_u32(v: u32) -> Option<Stage> {
+                [$(Stage::$name),*].into_iter().find(|s| *s as u32 == v)
+            }
+        }
+    };
+}
+
+stages!(
+    Stdio,
     Session,
     JoinNetwork,
     Propagation,
@@ -166,41 +181,7 @@ enum Stage {
     Seccomp,
     Exec,
     NotFound,
-}
-
-impl Stage {
-    fn from_u32(v: u32) -> Option<Stage> {
-        use Stage::*;
-        [
-            Stdio,
-            Session,
-            JoinNetwork,
-            Propagation,
-            OpenSource,
-            PivotRoot,
-            Loopback,
-            Hostname,
-            MountPoint,
-            MountTarget,
-            MountFs,
-            MountBind,
-            Devices,
-            Mask,
-            Readonly,
-            RootAttrs,
-            Rlimit,
-            Capabilities,
-            User,
-            Cwd,
-            NoNewPrivs,
-            Seccomp,
-            Exec,
-            NotFound,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
-    }
-}
+);
 
 enum MountKind {
     /// A new filesystem: its type, `source`, fsconfig options and mount attributes.
@@ -218,6 +199,10 @@ enum MountKind {
 struct MountPlan {
     /// Every prefix of the destination ("/a", "/a/b", …), made when missing.
     prefixes: Vec<CString>,
+    /// Every prefix of the destination resolved inside the rootfs (symlinks followed as
+    /// the container will follow them), made first: `/cm/x` with `/cm -> /tmp/c` needs
+    /// `/tmp/c` to exist before `/cm/x` can be made. Empty when no symlink is on the way.
+    resolved: Vec<CString>,
     /// The last prefix is a file to make (a bind of a file or socket), not a dir.
     file: bool,
     kind: MountKind,
@@ -288,7 +273,7 @@ fn cpath(p: &Path, what: &str) -> Result<CString> {
 }
 
 /// Every prefix of an absolute path: "/a/b" → ["/a", "/a/b"].
-fn prefixes(dest: &str) -> Result<Vec<CString>> {
+fn prefixes_of(dest: &str) -> Result<Vec<CString>> {
     let mut out = Vec::new();
     let mut cur = String::new();
     for c in dest.split('/').filter(|c| !c.is_empty() && *c != ".") {
@@ -645,12 +630,23 @@ impl Native {
                     attrs,
                 }
             };
-            let prefixes = prefixes(&dest)?;
+            let prefixes = prefixes_of(&dest)?;
             if prefixes.is_empty() {
                 return Err(bad("a mount over /"));
             }
+            let resolved = crate::rootpath::resolve(root.path(), &dest, true)
+                .ok()
+                .and_then(|r| {
+                    let rel = r.strip_prefix(root.path()).ok()?;
+                    Some(format!("/{}", rel.to_string_lossy()))
+                })
+                .filter(|r| r.trim_end_matches('/') != dest.trim_end_matches('/'))
+                .map(|r| prefixes_of(&r))
+                .transpose()?
+                .unwrap_or_default();
             mounts.push(MountPlan {
                 prefixes,
+                resolved,
                 file,
                 kind,
             });
@@ -1095,6 +1091,15 @@ fn child(p: &mut Plan) -> ! {
             0
         );
         for (i, m) in p.mounts.iter().enumerate() {
+            // the path the destination resolves to first (failures show below)
+            let n = m.resolved.len();
+            for (j, pre) in m.resolved.iter().enumerate() {
+                if j + 1 == n && m.file {
+                    libc::mknod(pre.as_ptr(), libc::S_IFREG | 0o644, 0);
+                } else {
+                    libc::mkdir(pre.as_ptr(), 0o755);
+                }
+            }
             let n = m.prefixes.len();
             for (j, pre) in m.prefixes.iter().enumerate() {
                 let r = if j + 1 == n && m.file {
@@ -1607,8 +1612,8 @@ mod tests {
         std::fs::write(src.path().join("marker"), "inside\n").expect("marker");
         // /escape → the host dir, spelled to climb out of the root
         let up = "../".repeat(20);
+        // (its target does not exist in the root: it is made there, as runc makes it)
         let inside = root.join(host.path().strip_prefix("/").expect("absolute"));
-        std::fs::create_dir_all(&inside).expect("mkdir");
         std::os::unix::fs::symlink(
             format!("/{up}{}", host.path().display()),
             root.join("escape"),
