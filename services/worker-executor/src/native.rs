@@ -1613,7 +1613,6 @@ mod tests {
         // /escape → the host dir, spelled to climb out of the root
         let up = "../".repeat(20);
         // (its target does not exist in the root: it is made there, as runc makes it)
-        let inside = root.join(host.path().strip_prefix("/").expect("absolute"));
         std::os::unix::fs::symlink(
             format!("/{up}{}", host.path().display()),
             root.join("escape"),
