@@ -20,7 +20,8 @@
 //!
 //! No device cgroup says which device nodes a step may open, so every mount but the
 //! device binds and devpts is `nodev`: a node a step makes with CAP_MKNOD can be made and
-//! kept in its layer, but not opened. Steps get no cgroup of their own. Killing the
+//! kept in its layer, but not opened. A `security.insecure` step (CAP_SYS_ADMIN, which
+//! could remount anyway) gets no `nodev`, as BuildKit's insecure mode allows every device. Steps get no cgroup of their own. Killing the
 //! container's pid 1 (by pidfd) ends every process in it; so does kilnd's exit
 //! (`PR_SET_PDEATHSIG` of the one thread that clones).
 //!
@@ -81,6 +82,7 @@ const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
 const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x2;
 const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
+const CAP_SYS_ADMIN: u32 = 21;
 
 #[repr(C)]
 struct MountAttr {
@@ -232,6 +234,8 @@ struct Plan {
     masked: Vec<CString>,
     readonly: Vec<CString>,
     readonly_root: bool,
+    /// No mount is made nodev (a step with CAP_SYS_ADMIN).
+    all_devices: bool,
     rlimits: Vec<(c_int, u64, u64)>,
     bounding: u64,
     last_cap: u32,
@@ -563,6 +567,11 @@ impl Native {
                 other => return Err(bad(&format!("namespace {other:?}"))),
             }
         }
+        // a step that may remount (CAP_SYS_ADMIN: `security.insecure`) gets every
+        // device, as BuildKit's insecure mode allows them all: no nodev for it
+        let bounding =
+            cap_mask((process.capabilities().as_ref()).and_then(|c| c.bounding().as_ref()));
+        let all_devices = bounding & (1u64 << CAP_SYS_ADMIN) != 0;
         let mut sources = Vec::new();
         let mut mounts = Vec::new();
         let mut dests = Vec::new();
@@ -595,7 +604,7 @@ impl Native {
                 }
             }
             // devpts holds the ptys; every other mount is nodev (see the module docs)
-            if typ != "devpts" {
+            if typ != "devpts" && !all_devices {
                 attrs |= MOUNT_ATTR_NODEV;
             }
             let mut file = false;
@@ -734,13 +743,14 @@ impl Native {
             masked: to_c(linux.masked_paths())?,
             readonly: to_c(linux.readonly_paths())?,
             readonly_root: root.readonly().unwrap_or(false),
+            all_devices,
             rlimits: process
                 .rlimits()
                 .iter()
                 .flatten()
                 .map(|r| (rlimit_resource(r.typ()), r.soft(), r.hard()))
                 .collect(),
-            bounding: cap_mask(caps.and_then(|c| c.bounding().as_ref())),
+            bounding,
             last_cap: last_cap(),
             effective: cap_mask(caps.and_then(|c| c.effective().as_ref())),
             permitted: cap_mask(caps.and_then(|c| c.permitted().as_ref())),
@@ -1294,7 +1304,7 @@ fn child(p: &mut Plan) -> ! {
             );
         }
         let root = MountAttr {
-            attr_set: MOUNT_ATTR_NODEV
+            attr_set: (if p.all_devices { 0 } else { MOUNT_ATTR_NODEV })
                 | if p.readonly_root {
                     MOUNT_ATTR_RDONLY
                 } else {
@@ -1601,6 +1611,16 @@ mod tests {
         assert!(out.contains("PTS"), "{out}");
         // the node is in the step's filesystem, as with runc
         assert!(std::fs::symlink_metadata(root.join("blk")).is_ok());
+
+        // a security.insecure step may use the nodes it makes
+        let mut p = process(
+            tmp.path(),
+            &root,
+            "mknod /mynull2 c 1 3 && echo x > /mynull2 && echo NULL-OPENED",
+        );
+        p.privileged = true;
+        let (code, out, err) = run(&n, &p).await;
+        assert_eq!((code, out.as_str()), (0, "NULL-OPENED\n"), "{err}");
     }
 
     #[tokio::test]
