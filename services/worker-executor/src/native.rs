@@ -1183,21 +1183,8 @@ fn child(p: &mut Plan) -> ! {
                 }
                 MountKind::Bind { source, attrs } => {
                     let tree = p.trees.get(*source).copied().unwrap_or(-1);
-                    let attr = MountAttr {
-                        attr_set: *attrs,
-                        attr_clr: 0,
-                        propagation: 0,
-                        userns_fd: 0,
-                    };
                     check!(
-                        libc::syscall(
-                            libc::SYS_mount_setattr,
-                            tree,
-                            c"".as_ptr(),
-                            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as c_uint,
-                            &attr as *const MountAttr,
-                            std::mem::size_of::<MountAttr>()
-                        ),
+                        set_attrs(tree, c"", libc::AT_EMPTY_PATH | libc::AT_RECURSIVE, *attrs),
                         Stage::MountBind,
                         i
                     );
@@ -1270,12 +1257,6 @@ fn child(p: &mut Plan) -> ! {
                 }
             }
         }
-        let ro = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
         for (i, path) in p.readonly.iter().enumerate() {
             let r = libc::mount(
                 path.as_ptr(),
@@ -1291,38 +1272,19 @@ fn child(p: &mut Plan) -> ! {
                 fail(st, Stage::Readonly, errno(), i);
             }
             check!(
-                libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    libc::AT_RECURSIVE as c_uint,
-                    &ro as *const MountAttr,
-                    std::mem::size_of::<MountAttr>()
-                ),
+                set_attrs(libc::AT_FDCWD, path, libc::AT_RECURSIVE, MOUNT_ATTR_RDONLY),
                 Stage::Readonly,
                 i
             );
         }
-        let root = MountAttr {
-            attr_set: (if p.all_devices { 0 } else { MOUNT_ATTR_NODEV })
-                | if p.readonly_root {
-                    MOUNT_ATTR_RDONLY
-                } else {
-                    0
-                },
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
+        let root = (if p.all_devices { 0 } else { MOUNT_ATTR_NODEV })
+            | if p.readonly_root {
+                MOUNT_ATTR_RDONLY
+            } else {
+                0
+            };
         check!(
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                libc::AT_FDCWD,
-                c"/".as_ptr(),
-                0 as c_uint,
-                &root as *const MountAttr,
-                std::mem::size_of::<MountAttr>()
-            ),
+            set_attrs(libc::AT_FDCWD, c"/", 0, root),
             Stage::RootAttrs,
             0
         );
@@ -1446,6 +1408,28 @@ fn child(p: &mut Plan) -> ! {
     }
 }
 
+/// `mount_setattr(dirfd, path, flags)` setting the mount attributes `set`.
+fn set_attrs(dirfd: c_int, path: &std::ffi::CStr, flags: c_int, set: u64) -> c_long {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    #[allow(unsafe_code, reason = "mount_setattr has no wrapper")]
+    // SAFETY: a valid C string and struct of the size given
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags as c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    }
+}
+
 /// `openat2(path, O_PATH)` refusing magic links (`/proc/self/fd/N` and the like).
 fn open_in_root(path: &CString) -> c_long {
     let how = OpenHow {
@@ -1536,6 +1520,14 @@ mod tests {
         drop(tx);
         let (out, err) = collect.await.expect("collect");
         (code, out, err)
+    }
+
+    fn bind(dest: &str, source: &Path, readonly: bool) -> ExtraMount {
+        ExtraMount::Bind {
+            dest: dest.into(),
+            source: source.to_path_buf(),
+            readonly,
+        }
     }
 
     fn native() -> Native {
@@ -1643,11 +1635,7 @@ mod tests {
             &root,
             &format!("cat {}/x/marker", host.path().display()),
         );
-        p.mounts.push(ExtraMount::Bind {
-            dest: "/escape/x".into(),
-            source: src.path().to_path_buf(),
-            readonly: true,
-        });
+        p.mounts.push(bind("/escape/x", src.path(), true));
         let (code, out, err) = run(&n, &p).await;
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, "inside\n");
@@ -1663,11 +1651,7 @@ mod tests {
 
         // a target through a magic link is refused, naming the mount
         let mut p = process(tmp.path(), &root, "true");
-        p.mounts.push(ExtraMount::Bind {
-            dest: "/proc/self/cwd/y".into(),
-            source: src.path().to_path_buf(),
-            readonly: true,
-        });
+        p.mounts.push(bind("/proc/self/cwd/y", src.path(), true));
         let (code, _, err) = run(&n, &p).await;
         assert_eq!(code, 1);
         assert!(
@@ -1694,16 +1678,8 @@ mod tests {
             &root,
             "touch /ro/f 2>/dev/null && echo WROTE; touch /rw/f && echo RW",
         );
-        p.mounts.push(ExtraMount::Bind {
-            dest: "/ro".into(),
-            source: src.path().to_path_buf(),
-            readonly: true,
-        });
-        p.mounts.push(ExtraMount::Bind {
-            dest: "/rw".into(),
-            source: src.path().to_path_buf(),
-            readonly: false,
-        });
+        p.mounts.push(bind("/ro", src.path(), true));
+        p.mounts.push(bind("/rw", src.path(), false));
         let (code, out, err) = run(&n, &p).await;
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, "RW\n");
