@@ -386,7 +386,11 @@ impl Native {
                 // which is kilnd's
                 for job in rx {
                     let r = clone_child(job.plan);
-                    let _ = job.reply.send(r);
+                    // a step cancelled while it was being cloned: nobody waits for
+                    // its container, so it is killed here
+                    if let Err(Ok(pidfd)) = job.reply.send(r) {
+                        kill_and_reap(pidfd);
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -855,22 +859,27 @@ impl Drop for Reaper {
             return;
         }
         tracing::debug!("killing a cancelled step's container");
-        #[allow(unsafe_code, reason = "pidfd_send_signal has no wrapper")]
-        // SAFETY: a pidfd we own; no siginfo
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<c_void>(),
-                0,
-            );
-        }
-        // pid 1 gone, the kernel kills the rest of its namespace; reap it off the runtime
-        std::thread::spawn(move || {
-            let _ = waitid(fd.as_raw_fd(), 0);
-        });
+        kill_and_reap(fd);
     }
+}
+
+/// Kills the container whose pid 1 is `pidfd` and reaps it, off the runtime. With its
+/// pid 1 gone, the kernel kills the rest of its pid namespace.
+fn kill_and_reap(pidfd: OwnedFd) {
+    #[allow(unsafe_code, reason = "pidfd_send_signal has no wrapper")]
+    // SAFETY: a pidfd we own; no siginfo
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<c_void>(),
+            0,
+        );
+    }
+    std::thread::spawn(move || {
+        let _ = waitid(pidfd.as_raw_fd(), 0);
+    });
 }
 
 /// `waitid(P_PIDFD)`: Some(exit code or 128+signal) once exited, None if not yet.
@@ -1683,6 +1692,39 @@ mod tests {
         let (code, out, err) = run(&n, &p).await;
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, "RW\n");
+    }
+
+    /// Pids of processes whose command line holds `needle`.
+    fn running(needle: &str) -> bool {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(needle))
+    }
+
+    #[tokio::test]
+    async fn a_step_cancelled_while_it_is_cloned_is_killed_by_the_clone_thread() {
+        let n = native();
+        let (tmp, root) = rootfs();
+        let marker = format!("{}", std::process::id() % 1000 + 5000);
+        let p = process(tmp.path(), &root, &format!("sleep {marker}2"));
+        let spec = crate::runc::spec(&p).expect("spec");
+        let null = || OwnedFd::from(std::fs::File::open("/dev/null").expect("null"));
+        let (_status_r, status_w) = pipe().expect("pipe");
+        let plan = n
+            .plan(&spec, null(), null(), null(), status_w)
+            .expect("plan");
+        // the run that asked for it is gone before the clone answers
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        drop(rx);
+        n.spawner.send(Job { plan, reply }).expect("send");
+        // (left alone, its sleep would be running by now)
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(
+            !running(&format!("sleep\0{marker}2")),
+            "the container of a cancelled clone is left running"
+        );
     }
 
     #[tokio::test]
