@@ -349,6 +349,7 @@ fn restart_after_crash(backend: &Backend, marker: &str, runtime: &str) {
         );
     }
     if runtime == "native" {
+        // no container state: the starter keeps none
     } else if ns.is_some() {
         assert!(
             left.iter()

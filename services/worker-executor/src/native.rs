@@ -58,7 +58,7 @@ impl std::str::FromStr for Runtime {
     fn from_str(s: &str) -> std::result::Result<Runtime, String> {
         match s {
             "auto" | "" => Ok(Runtime::Auto),
-            "native" | "kiln" => Ok(Runtime::Native),
+            "native" => Ok(Runtime::Native),
             "runc" => Ok(Runtime::Runc),
             other => Err(format!("unknown runtime {other:?} (auto, native or runc)")),
         }
@@ -367,7 +367,6 @@ impl Native {
         if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
             return Err("not on this architecture".into());
         }
-        probe_mount_api()?;
         let filters: Arc<FilterCache> = Arc::default();
         let default =
             crate::runc::spec(&crate::runc::ProcessSpec::default()).map_err(|e| e.to_string())?;
@@ -779,37 +778,6 @@ impl Native {
 
 fn receiver(fd: OwnedFd) -> Result<tokio::net::unix::pipe::Receiver> {
     tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(Error::io("pipe", "stdout"))
-}
-
-/// Probes the kernel for what the child uses: the mount API (`fsopen`) and `openat2`.
-fn probe_mount_api() -> std::result::Result<(), String> {
-    let tmpfs = c"tmpfs";
-    #[allow(unsafe_code, reason = "fsopen and openat2 have no wrapper")]
-    // SAFETY: valid C strings and struct; the returned fds are closed at once
-    unsafe {
-        let fd = libc::syscall(libc::SYS_fsopen, tmpfs.as_ptr(), FSOPEN_CLOEXEC);
-        if fd < 0 {
-            return Err(format!("no fsopen: {}", std::io::Error::last_os_error()));
-        }
-        libc::close(fd as c_int);
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: RESOLVE_NO_MAGICLINKS,
-        };
-        let fd = libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c"/".as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        );
-        if fd < 0 {
-            return Err(format!("no openat2: {}", std::io::Error::last_os_error()));
-        }
-        libc::close(fd as c_int);
-    }
-    Ok(())
 }
 
 /// Kills the container unless it was waited for.
@@ -1386,10 +1354,7 @@ fn child(p: &mut Plan) -> ! {
             );
         }
         if let Some(bpf) = &p.seccomp {
-            let prog = libc::sock_fprog {
-                len: bpf.0.len() as u16,
-                filter: bpf.0.as_ptr() as *mut libc::sock_filter,
-            };
+            let prog = bpf.fprog();
             check!(
                 libc::syscall(
                     libc::SYS_seccomp,
@@ -1744,13 +1709,7 @@ mod tests {
             r = &mut run => panic!("the step ended: {r:?}"),
             e = rx.recv() => assert!(matches!(e, Some(Event::Log { .. }))),
         }
-        let alive = || {
-            std::fs::read_dir("/proc")
-                .expect("proc")
-                .flatten()
-                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-                .any(|c| String::from_utf8_lossy(&c).contains(&format!("sleep\0{marker}")))
-        };
+        let alive = || running(&format!("sleep\0{marker}"));
         // the echo can come before the background sleeps have started
         for _ in 0..100 {
             if alive() {
